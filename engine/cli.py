@@ -1,0 +1,49 @@
+"""The ``rast`` command. Each subcommand lives in its own module, which exposes
+``register(subparsers)``; modules keep heavy imports (torch, transformers) inside their run function
+so ``rast --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rast_engine.errors import RastError
+
+# (module, one-line purpose); the module's register() adds the subparser and its defaults(func=...).
+SUBCOMMANDS: tuple[str, ...] = (
+    "rast_engine.commands.generate",
+    "rast_engine.server.cli",
+    "rast_engine.commands.bench",
+    "rast_engine.evaluation.cli",
+    "rast_engine.analysis.cli",
+    "rast_engine.toy.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rast",
+        description="RAST decoding: a large base model steered by small RL-tuned deltas.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (RastError, FileNotFoundError) as exc:
+        print(f"rast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""rast_kernels: fused RAST sampling and paged-attention kernels, embeddable in any serving stack.
+
+    rast_sample(logits, deltas, ...) -> int64 [B]      one token per row, -1 if no token is admissible
+    rast_probs(logits, deltas, ...)  -> float32 [B, V] the exact distribution rast_sample draws from
+
+with z = logits[:, :V] + sum_k w_k * (rl_k[:, :V] - base_k[:, :V]), then temperature, top-k, top-p and
+min-p (HF order). The torch backend (rast_kernels.reference) is the executable spec; the Triton and
+native backends must agree with it.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from rast_kernels.batch import RowParam, Scalar, SamplingBatch, normalize
+
+__all__ = ["rast_sample", "rast_probs", "available_backends", "SamplingBatch"]
+
+BACKENDS = ("torch", "triton", "native")
+
+
+def _native_available() -> bool:
+    from rast_kernels import native
+
+    return native.is_available()
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process; "triton" needs CUDA or TRITON_INTERPRET=1."""
+    import os
+
+    out = ["torch"]
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        out.append("triton")
+    if _native_available():
+        out.append("native")
+    return out
+
+
+def _resolve(backend: str | None, batch: SamplingBatch):
+    if backend is None:
+        if batch.logits.is_cuda:
+            backend = "triton"
+        else:
+            backend = "native" if _native_available() else "torch"
+    if backend == "torch":
+        from rast_kernels import reference as impl
+    elif backend == "triton":
+        from rast_kernels import sampler_triton as impl
+    elif backend == "native":
+        from rast_kernels import native as impl
+
+        if not impl.is_available():
+            raise RuntimeError(f"backend='native' is not built in this install: {impl.unavailable_reason()}")
+        if batch.logits.is_cuda:
+            raise ValueError("backend='native' runs on CPU tensors only; these logits are on CUDA")
+    else:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    return impl
+
+
+def rast_sample(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), *,
+                weights: Union[Scalar, Sequence[Scalar], torch.Tensor] = 1.0, temperature: RowParam = 1.0,
+                top_k: RowParam = 0, top_p: RowParam = 1.0, min_p: RowParam = 0.0, seed: RowParam = 0,
+                offset: RowParam = 0, vocab_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """Draw one token id per row (int64 [B]); -1 for a row with no admissible token."""
+    batch = normalize(logits, deltas, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, seed=seed, offset=offset, vocab_size=vocab_size)
+    return _resolve(backend, batch).sample(batch)
+
+
+def rast_probs(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), *,
+               weights: Union[Scalar, Sequence[Scalar], torch.Tensor] = 1.0, temperature: RowParam = 1.0,
+               top_k: RowParam = 0, top_p: RowParam = 1.0, min_p: RowParam = 0.0,
+               vocab_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """The filtered, renormalised distribution (float32 [B, V]) that rast_sample draws from."""
+    batch = normalize(logits, deltas, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, vocab_size=vocab_size)
+    return _resolve(backend, batch).probs(batch)

@@ -19,3 +19,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def qwen2_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(large_dir, rl_dir, base_dir) tiny random Qwen2 models: large width 128 untied, small 112 tied."""
+    from factories import make_triple
+
+    return make_triple(tmp_path_factory.mktemp("qwen2_triple"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(large_dir, rl_dir, base_dir) tiny random Llama models with llama3 rope scaling."""
+    from factories import make_triple
+
+    return make_triple(tmp_path_factory.mktemp("llama_triple"), "llama")

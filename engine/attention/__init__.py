@@ -1,0 +1,51 @@
+"""Attention backend selection. The GPU backends are imported lazily, only when chosen, so a CPU install
+never imports Triton kernels or flash_attn."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from rast_engine.attention.base import AttentionBackend
+from rast_engine.attention.metadata import AttentionMetadata
+from rast_engine.errors import RastError
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]
+
+
+def _flash_attn_importable() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # a wheel built for another torch/CUDA fails at import, not at find_spec
+        return False
+    return True
+
+
+def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """"auto": flash_attn if it imports on CUDA, else triton on CUDA, else torch."""
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            name = "flash_attn" if _flash_attn_importable() else "triton"
+        else:
+            name = "torch"
+    if name == "torch":
+        from rast_engine.attention.torch_backend import TorchAttention
+
+        return TorchAttention()
+    if name == "triton":
+        from rast_engine.attention.triton_backend import TritonAttention
+
+        return TritonAttention()
+    if name == "flash_attn":
+        if device.type != "cuda":
+            raise RastError(f"attention_backend='flash_attn' needs a CUDA device, got {device}")
+        if not _flash_attn_importable():
+            raise RastError("attention_backend='flash_attn' but the flash_attn package does not import; "
+                            "install the 'flash' extra or use 'triton'")
+        from rast_engine.attention.flash_backend import FlashAttention
+
+        return FlashAttention()
+    raise RastError(f"unknown attention backend {name!r}; expected 'auto', 'torch', 'triton' or 'flash_attn'")

@@ -1,0 +1,160 @@
+"""The one block table of the engine: block ids index every model's KV pool alike.
+
+Invariants:
+- a block with ref_count 0 sits in the free list; the list is LRU, so blocks freed long ago are reused
+  first and a freed block keeps its prefix-cache entry until it is reused;
+- only full blocks whose K/V has been computed are hashed; full blocks are never written again, so a
+  hashed block may be shared by any number of sequences;
+- a partial block is written only when its ref_count is 1: a shared one is first copied
+  (copy-on-write), which happens after an n > 1 fork.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from typing import Optional
+
+from rast_engine.sequence import Sequence
+
+
+def block_hash(parent: bytes, tokens: list[int]) -> bytes:
+    """A hash of the block's tokens chained with every block before it (the whole prefix)."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.free_list: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cached: dict[bytes, int] = {}  # hash -> block id
+        self.hash_of: dict[int, bytes] = {}  # block id -> its hash while it is cached
+        self.prefix_hits = 0  # blocks reused from the prefix cache, for stats and tests
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_list)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_list)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefill ------------------------------------------------------------------------------------
+    def _prefix_hits(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
+        if not self.enable_prefix_caching:
+            return [], []
+        bs = self.block_size
+        # at least one token must be computed to get the last position's logits, and it must not land
+        # in a shared block: so a prompt that is all full hit blocks recomputes its last block
+        max_blocks = (len(seq.token_ids) - 1) // bs
+        blocks: list[int] = []
+        hashes: list[bytes] = []
+        parent = b""
+        for i in range(max_blocks):
+            h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            block = self.cached.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(h)
+            parent = h
+        return blocks, hashes
+
+    def can_allocate(self, seq: Sequence, use_cache: bool = True) -> bool:
+        hits = self._prefix_hits(seq)[0] if use_cache else []
+        fresh = self.blocks_needed(len(seq.token_ids)) - len(hits)
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)  # cached but free: leaves the free list
+        return fresh + revived <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, use_cache: bool = True) -> None:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
+        if not self.can_allocate(seq, use_cache):
+            raise RuntimeError("allocate() without enough free blocks; call can_allocate() first")
+        hits, hashes = self._prefix_hits(seq) if use_cache else ([], [])
+        for b in hits:
+            if self.ref_counts[b] == 0:
+                del self.free_list[b]
+            self.ref_counts[b] += 1
+        self.prefix_hits += len(hits)
+        fresh = [self._take_free() for _ in range(self.blocks_needed(len(seq.token_ids)) - len(hits))]
+        seq.block_table = hits + fresh
+        seq.block_hashes = hashes
+        seq.num_computed_tokens = len(hits) * self.block_size
+
+    def _take_free(self) -> int:
+        block, _ = self.free_list.popitem(last=False)
+        h = self.hash_of.pop(block, None)
+        if h is not None:
+            del self.cached[h]
+        self.ref_counts[block] = 1
+        return block
+
+    # ---- decode -------------------------------------------------------------------------------------
+    def _append_need(self, seq: Sequence) -> int:
+        """0 if the slot of the sequence's uncomputed last token is writable in place, else 1."""
+        index = (len(seq.token_ids) - 1) // self.block_size
+        if index == len(seq.block_table):
+            return 1
+        if index > len(seq.block_table):
+            raise RuntimeError(f"sequence {seq.seq_id} is more than one block ahead of its block table")
+        return 1 if self.ref_counts[seq.block_table[index]] > 1 else 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        return self._append_need(seq) <= self.num_free_blocks
+
+    def append_slot(self, seq: Sequence) -> Optional[tuple[int, int]]:
+        """Make the last token's slot writable; returns (src, dst) when a block must be copied first."""
+        index = (len(seq.token_ids) - 1) // self.block_size
+        if index == len(seq.block_table):
+            seq.block_table.append(self._take_free())
+            return None
+        last = seq.block_table[index]
+        if self.ref_counts[last] == 1:
+            return None
+        fresh = self._take_free()
+        self.ref_counts[last] -= 1
+        seq.block_table[index] = fresh
+        return last, fresh
+
+    # ---- sharing and release ------------------------------------------------------------------------
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        for b in parent.block_table:
+            self.ref_counts[b] += 1
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+
+    def free(self, seq: Sequence) -> None:
+        # tail blocks enter the LRU list first, so a shared prefix outlives the tail that follows it
+        for b in reversed(seq.block_table):
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self.free_list[b] = None
+            elif self.ref_counts[b] < 0:
+                raise RuntimeError(f"block {b} freed more often than it was taken")
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Hash the sequence's blocks that became full and computed, so later prompts can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            seq.block_hashes.append(h)
+            block = seq.block_table[i]
+            if h not in self.cached and block not in self.hash_of:
+                self.cached[h] = block
+                self.hash_of[block] = h

@@ -1,0 +1,64 @@
+"""Console subcommands, and the model/sampling flags that `generate` and `serve` share. Nothing heavy is
+imported at module level, so `rast --help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from rast_engine.errors import RastError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the large base model M: a local HF-format directory")
+    p.add_argument("--small-rl", metavar="P", help="the small RL-tuned model R (with --small-base)")
+    p.add_argument("--small-base", metavar="P", help="R's small base model S (with --small-rl)")
+    p.add_argument("--lam", type=float, default=1.0, help="λ, the strength of R − S (default 1.0)")
+    p.add_argument("--expert", nargs=3, action="append", metavar=("RL", "BASE", "W"), default=None,
+                   help="an extra (RL, base, weight) pair; repeat for an ensemble")
+    p.add_argument("--device", default="auto", help="torch device, e.g. cuda:0 or cpu (default auto)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--max-num-seqs", type=int, default=256, help="largest running batch (default 256)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's, capped by the KV cache)")
+    p.add_argument("--kv-cache-blocks", type=int, default=None, help="force the KV-cache size in blocks")
+    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests (default 0)")
+
+
+def _existing_dir(path: str, flag: str) -> str:
+    if not os.path.isdir(path):
+        raise RastError(f"{flag}: no such model directory: {path}")
+    return path
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    """The LLMEngine the model flags describe; bad paths fail here, before torch is imported."""
+    _existing_dir(args.model, "MODEL")
+    if args.small_rl is not None:
+        _existing_dir(args.small_rl, "--small-rl")
+    if args.small_base is not None:
+        _existing_dir(args.small_base, "--small-base")
+    experts = []
+    for rl, base, weight in args.expert or ():
+        try:
+            w = float(weight)
+        except ValueError:
+            raise RastError(f"--expert {rl} {base} {weight}: the weight must be a number") from None
+        experts.append((_existing_dir(rl, "--expert"), _existing_dir(base, "--expert"), w))
+    from rast_engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(
+        model=args.model, small_rl=args.small_rl, small_base=args.small_base, lam=args.lam,
+        experts=experts or None, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, kv_cache_blocks=args.kv_cache_blocks, seed=args.seed))
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables it (default)")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=None, help="a stop string; repeatable")
+    p.add_argument("--request-seed", type=int, default=None, help="seed of this request's sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")

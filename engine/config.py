@@ -1,0 +1,95 @@
+"""EngineConfig: everything LLM(...) accepts, validated before any model is loaded."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from rast_engine.errors import RastError
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ExpertPair:
+    rl: str
+    base: str
+    weight: float
+
+
+def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RastError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    small_rl: Optional[str] = None
+    small_base: Optional[str] = None
+    lam: float = 1.0
+    experts: Optional[Sequence[tuple[str, str, float]]] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_num_seqs: int = 256
+    max_model_len: Optional[int] = None  # None: the large model's max_position_embeddings (capped by the KV)
+    block_size: int = 16
+    kv_cache_blocks: Optional[int] = None
+    kv_cache_memory: Optional[int] = None  # bytes
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    seed: int = 0
+    max_num_batched_tokens: Optional[int] = None  # per-step token budget; None: max(max_model_len, 2048)
+    enable_prefix_caching: bool = True
+    pairs: list[ExpertPair] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise RastError(f"model must be a local model directory, got {self.model!r}")
+        if (self.small_rl is None) != (self.small_base is None):
+            raise RastError("small_rl and small_base must be given together (the RL model and its base), "
+                            f"got small_rl={self.small_rl!r}, small_base={self.small_base!r}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
+            raise RastError(f"lam must be a finite number, got {self.lam!r}")
+        pairs = [] if self.small_rl is None else [ExpertPair(str(self.small_rl), str(self.small_base),
+                                                             float(self.lam))]
+        for i, entry in enumerate(self.experts or ()):
+            if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+                raise RastError(f"experts[{i}] must be (rl_path, base_path, weight), got {entry!r}")
+            rl, base, weight = entry
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise RastError(f"experts[{i}] weight must be a finite number, got {weight!r}")
+            pairs.append(ExpertPair(str(rl), str(base), float(weight)))
+        self.pairs = pairs
+        if not isinstance(self.device, str):  # a torch.device is accepted in its string form
+            self.device = str(self.device)
+        if self.dtype not in DTYPES:
+            raise RastError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise RastError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_model_len", self.max_model_len, allow_none=True)
+        _positive_int("block_size", self.block_size)
+        _positive_int("kv_cache_blocks", self.kv_cache_blocks, allow_none=True)
+        _positive_int("kv_cache_memory", self.kv_cache_memory, allow_none=True)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        if self.kv_cache_blocks is not None and self.kv_cache_memory is not None:
+            raise RastError("give kv_cache_blocks or kv_cache_memory, not both")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise RastError(f"seed must be an integer, got {self.seed!r}")
+        if (self.max_num_batched_tokens is not None and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len):
+            # a preempted sequence is recomputed in one prefill, so one step must hold a whole sequence
+            raise RastError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                            f"max_model_len ({self.max_model_len})")
+
+    @property
+    def model_paths(self) -> list[str]:
+        """Every model in runner order: the large model, then (rl, base) per pair."""
+        out = [self.model]
+        for p in self.pairs:
+            out += [p.rl, p.base]
+        return out

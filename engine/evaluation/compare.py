@@ -1,0 +1,71 @@
+"""`rast eval compare BASE RAST RL`: the paper's Table 1 recovery rates, in Markdown.
+
+Recovery rate = (acc_RAST − acc_base) / (acc_RL − acc_base), acc = avg pass@1 (paper Eq. 5). Each
+argument is a metrics.json or a folder searched (recursively) for them; runs pair up by their dataset
+name. The Average row holds the mean accuracy of each column and the mean of the defined recovery
+rates (a dataset where RL does not beat the base has no defined rate)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rast_engine.errors import RastError
+from rast_engine.evaluation.runner import METRICS_FILE
+
+
+def load_runs(spec: str) -> dict[str, dict]:
+    """dataset name -> metrics, from one metrics file or every metrics.json under a folder."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(path.rglob(METRICS_FILE))
+        if not files:
+            raise RastError(f"no {METRICS_FILE} under {spec!r}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise RastError(f"{spec!r} is neither a metrics file nor a folder")
+    runs: dict[str, dict] = {}
+    for f in files:
+        try:
+            m = json.loads(f.read_text(encoding="utf-8"))
+            name, _ = m["dataset"], float(m["avg_pass@1"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise RastError(f"{f} is not a metrics file written by rast eval") from None
+        if name in runs:
+            raise RastError(f"two runs of dataset {name!r} under {spec!r}")
+        runs[name] = m
+    return runs
+
+
+def recovery_rate(base: float, rast: float, rl: float) -> float | None:
+    """None when RL does not beat the base: the gap to recover is empty or negative."""
+    gap = rl - base
+    return (rast - base) / gap if gap > 0 else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def compare_table(base_spec: str, rast_spec: str, rl_spec: str) -> str:
+    base, rast, rl = load_runs(base_spec), load_runs(rast_spec), load_runs(rl_spec)
+    names = [n for n in base if n in rast and n in rl]
+    if not names:
+        raise RastError("no dataset appears in all three runs (runs pair up by the 'dataset' field)")
+    rows = ["| Dataset | Base | RAST | RL | RR. (%) |", "|---|---:|---:|---:|---:|"]
+    accs: list[tuple[float, float, float]] = []
+    rates: list[float] = []
+    for name in sorted(names):
+        a, b, c = (float(r[name]["avg_pass@1"]) for r in (base, rast, rl))
+        rr = recovery_rate(a, b, c)
+        accs.append((a, b, c))
+        if rr is not None:
+            rates.append(rr)
+        rows.append(f"| {name} | {_pct(a)} | {_pct(b)} | {_pct(c)} | {_pct(rr)} |")
+    if len(names) > 1:
+        mean = [sum(col) / len(col) for col in zip(*accs)]
+        mean_rr = sum(rates) / len(rates) if rates else None
+        rows.append(f"| **Average** | {_pct(mean[0])} | {_pct(mean[1])} | {_pct(mean[2])} | {_pct(mean_rr)} |")
+    skipped = sorted((set(base) | set(rast) | set(rl)) - set(names))
+    note = f"\n\nSkipped (not in all three runs): {', '.join(skipped)}" if skipped else ""
+    return "Accuracy is avg pass@1 (%) over each run's n samples.\n\n" + "\n".join(rows) + note

@@ -1,0 +1,54 @@
+"""Benchmark files: JSONL, one problem per line, with `problem`, `answer` and an optional `id`."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rast_engine.errors import RastError
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    answer: str
+
+
+def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
+    """Every problem in a JSONL file, in file order. Blank lines are skipped; ids default to the line
+    number and must be unique (they key the saved samples when a run resumes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RastError(f"data file {str(path)!r} does not exist")
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RastError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise RastError(f"{where}: expected a JSON object with 'problem' and 'answer'")
+            missing = [k for k in ("problem", "answer") if k not in row]
+            if missing:
+                raise RastError(f"{where}: missing field(s) {', '.join(missing)} (see docs/eval.md to convert "
+                                "a benchmark file)")
+            if not isinstance(row["problem"], str) or not row["problem"].strip():
+                raise RastError(f"{where}: 'problem' must be a non-empty string")
+            if row["answer"] is None or isinstance(row["answer"], (dict, list)):
+                raise RastError(f"{where}: 'answer' must be a string or a number")
+            pid = str(row.get("id", lineno))
+            if pid in seen:
+                raise RastError(f"{where}: duplicate id {pid!r}")
+            seen.add(pid)
+            problems.append(Problem(pid, row["problem"], str(row["answer"])))
+            if limit is not None and len(problems) >= limit:
+                break
+    if not problems:
+        raise RastError(f"data file {str(path)!r} holds no problems")
+    return problems

@@ -1,0 +1,222 @@
+"""`rast eval`: n samples per problem on the engine, saved as they come, graded, scored and plotted.
+
+Each problem is ONE request with n samples, so its prompt is prefilled once and the n samples share
+the prompt's KV blocks. Requests stream through the engine's step loop (a finished problem makes room
+for the next) and every finished request is appended to samples.jsonl at once; a rerun with the
+same --out resumes from what is saved (the settings that shape the samples must match run.json).
+Each request's seed is a function of (seed, problem id, samples already saved), so a problem draws the
+same samples whatever batch or resume it lands in.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rast_engine.errors import RastError
+from rast_engine.evaluation.data import Problem, load_problems
+from rast_engine.evaluation.grading import extract_answer, is_equivalent
+from rast_engine.evaluation.metrics import GradedSample, compute_metrics
+from rast_engine.evaluation.plots import draw_plots
+from rast_engine.evaluation.templates import load_template, tokenizer_of
+
+SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.json"
+# The settings that shape the samples; a resumed run must agree on all of them.
+_SAMPLE_KEYS = ("model", "small_rl", "small_base", "lam", "template", "n", "temperature", "top_p", "top_k",
+                "min_p", "max_tokens", "stop", "seed")
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    data: str
+    out: str
+    small_rl: str | None = None
+    small_base: str | None = None
+    lam: float = 1.0
+    template: str = "a"
+    n: int = 32
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int = 16384
+    stop: tuple[str, ...] = ()
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    max_inflight: int | None = None  # problems in the engine at once; None: enough for ~512 sequences
+    limit: int | None = None
+    name: str | None = None  # the dataset's name in metrics.json; defaults to the data file's stem
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.small_rl is None) != (self.small_base is None):
+            raise RastError("--small-rl and --small-base go together (ΔR = R − S needs both)")
+        if self.n < 1 or self.max_tokens < 1:
+            raise RastError("--n and --max-tokens must be >= 1")
+        if self.max_inflight is None:
+            # twice the engine's default batch of 256 sequences: a queue that refills it at once
+            self.max_inflight = max(4, -(-512 // self.n))
+        if self.max_inflight < 1:
+            raise RastError("--max-inflight must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise RastError("--limit must be >= 1")
+        self.stop = tuple(self.stop)
+        if self.name is None:
+            self.name = Path(self.data).stem
+
+    def sample_settings(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(d[k]) if k == "stop" else d[k] for k in _SAMPLE_KEYS}
+
+
+def request_seed(seed: int, problem_id: str, done: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(problem_id.encode()) * 131 + done) % (1 << 62)
+
+
+def load_saved(path: Path) -> dict[str, list[dict]]:
+    """Saved samples by problem id. A torn last line (a crash mid-write) is cut off the file; a broken
+    line elsewhere means the file is not ours to guess about."""
+    saved: dict[str, list[dict]] = {}
+    if not path.exists():
+        return saved
+    data = path.read_bytes()
+    lines = data.split(b"\n")  # bytes: only "\n" ends a record (json may hold U+2028 and friends)
+    good = 0  # the byte offset where line i starts: everything before it is whole records
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            rec = json.loads(line)
+            saved.setdefault(str(rec["id"]), []).append(rec)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                with path.open("r+b") as fh:
+                    fh.truncate(good)
+                return saved
+            raise RastError(f"{path}:{i + 1} is not a saved sample; use a fresh --out") from None
+        good += len(line) + 1
+    if data and not data.endswith(b"\n"):  # a whole last record that lost its newline
+        with path.open("ab") as fh:
+            fh.write(b"\n")
+    return saved
+
+
+def _check_run_file(out: Path, cfg: EvalConfig, has_samples: bool) -> None:
+    """Samples already saved must have been drawn with this run's settings; with none saved yet (say a
+    first attempt died on a mistyped model path) the settings are simply (re)written."""
+    run_file = out / RUN_FILE
+    settings = cfg.sample_settings()
+    if has_samples and run_file.exists():
+        before = json.loads(run_file.read_text(encoding="utf-8"))
+        diff = [k for k in _SAMPLE_KEYS if before.get(k) != settings[k]]
+        if diff:
+            raise RastError(f"{out} holds samples drawn with different {', '.join(diff)}; resume with the "
+                            "same settings or use a fresh --out")
+    else:
+        run_file.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def _build_llm(cfg: EvalConfig) -> Any:
+    from rast_engine import LLM
+
+    return LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
+               seed=cfg.seed)
+
+
+def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any]]:
+    recs = []
+    for j, comp in enumerate(out.outputs):
+        answer = extract_answer(comp.text)
+        recs.append({"id": problem.id, "index": first_index + j, "answer": answer, "truth": problem.answer,
+                     "correct": is_equivalent(answer, problem.answer), "num_tokens": len(comp.token_ids),
+                     "finish_reason": comp.finish_reason, "text": comp.text})
+    return recs
+
+
+def _generate(cfg: EvalConfig, todo: list[tuple[Problem, int]], samples_path: Path, log: Any) -> None:
+    """Keeps up to max_inflight problems in the engine and saves each one the moment it finishes, so a
+    long straggler neither idles the batch nor holds back the saving of the others."""
+    from tqdm import tqdm
+
+    from rast_engine import SamplingParams
+
+    template = load_template(cfg.template)
+    stop = list(template.stop) + list(cfg.stop)
+    llm = _build_llm(cfg)
+    engine = llm.engine
+    tokenizer = tokenizer_of(llm)
+    queue = iter(todo)
+    inflight: dict[str, tuple[Problem, int]] = {}
+
+    def submit() -> None:
+        item = next(queue, None)
+        if item is None:
+            return
+        problem, missing = item
+        done = cfg.n - missing
+        params = SamplingParams(n=missing, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                min_p=cfg.min_p, max_tokens=cfg.max_tokens, stop=stop or None,
+                                seed=request_seed(cfg.seed, problem.id, done))
+        rid = f"eval-{problem.id}-{done}"
+        engine.add_request(rid, template.render(problem.problem, tokenizer), params)
+        inflight[rid] = (problem, done)
+
+    bar = tqdm(total=sum(m for _, m in todo), desc=f"eval {cfg.name}", unit="sample", file=log)
+    with samples_path.open("a", encoding="utf-8") as fh:
+        for _ in range(cfg.max_inflight):
+            submit()
+        while inflight:
+            for out in engine.step():
+                if not out.finished or out.request_id not in inflight:
+                    continue
+                problem, done = inflight.pop(out.request_id)
+                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(problem, done, out)))
+                fh.flush()
+                bar.update(len(out.outputs))
+                submit()
+    bar.close()
+
+
+def _still_correct(rec: dict, problem: Problem) -> bool:
+    if rec.get("truth") == problem.answer:
+        return bool(rec["correct"])
+    return is_equivalent(rec["answer"], problem.answer)
+
+
+def run_eval(cfg: EvalConfig, log: Any = sys.stderr) -> dict:
+    """Generates what is missing, then writes metrics.json (and plots); returns the metrics."""
+    problems = load_problems(cfg.data, cfg.limit)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples_path = out / SAMPLES_FILE
+    saved = load_saved(samples_path)
+    _check_run_file(out, cfg, bool(saved))
+    todo = [(p, cfg.n - len(saved.get(p.id, []))) for p in problems if len(saved.get(p.id, [])) < cfg.n]
+    if todo:
+        done = len(problems) - len(todo)
+        print(f"rast eval: {len(problems)} problems, {done} already complete, sampling {len(todo)}", file=log)
+        _generate(cfg, todo, samples_path, log)
+        saved = load_saved(samples_path)
+    else:
+        print(f"rast eval: all {len(problems)} problems already sampled; scoring", file=log)
+
+    graded = []
+    for p in problems:
+        recs = sorted(saved[p.id], key=lambda r: r["index"])[:cfg.n]
+        # a sample saved against another reference answer (the data file was fixed since) is regraded
+        graded.append([GradedSample(r["text"], r["answer"], _still_correct(r, p), int(r["num_tokens"]))
+                       for r in recs])
+    metrics = {"dataset": cfg.name, **compute_metrics(graded), "data": str(cfg.data),
+               "settings": cfg.sample_settings()}
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if cfg.plots:
+        paths = draw_plots(metrics, out)
+        print(f"rast eval: plots {', '.join(map(str, paths))}" if paths
+              else "rast eval: matplotlib is not installed; no plots drawn", file=log)
+    return metrics

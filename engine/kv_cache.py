@@ -1,0 +1,80 @@
+"""Per-model paged KV pools over one block space.
+
+Every model gets ``num_blocks`` blocks of ``block_size`` slots (layout in attention.metadata), so one
+block id names the same tokens in every pool; one block therefore costs the sum of the models' bytes.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+
+from rast_engine.config import EngineConfig
+from rast_engine.errors import RastError
+from rast_engine.models.config import ModelConfig
+
+logger = logging.getLogger("rast")
+
+CPU_DEFAULT_BYTES = 1 << 30  # cap of the CPU default
+CPU_DEFAULT_MIN_TOKENS = 8192
+GPU_MEMORY_FRACTION = 0.9  # of the memory free after the weights are loaded
+GPU_RESERVE_BYTES = 1 << 30  # activations, logits, sampler workspace, CUDA graphs
+
+KVPool = list[tuple[torch.Tensor, torch.Tensor]]  # one (k_cache, v_cache) per layer
+
+
+def bytes_per_block(configs: Sequence[ModelConfig], block_size: int, dtype: torch.dtype) -> int:
+    return block_size * sum(c.kv_bytes_per_token(dtype) for c in configs)
+
+
+def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype,
+                  device: torch.device, max_model_len: int) -> int:
+    """kv_cache_blocks if given, else kv_cache_memory // bytes per block, else a device default."""
+    if config.kv_cache_blocks is not None:
+        return config.kv_cache_blocks
+    per_block = bytes_per_block(configs, config.block_size, dtype)
+    if config.kv_cache_memory is not None:
+        memory = config.kv_cache_memory
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        memory = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES
+    else:
+        tokens = max(4 * max_model_len, CPU_DEFAULT_MIN_TOKENS)
+        memory = min(CPU_DEFAULT_BYTES, tokens * per_block // config.block_size)
+    blocks = memory // per_block
+    if blocks <= 0:
+        raise RastError(f"the KV cache gets {max(memory, 0)} bytes, less than one block "
+                        f"({per_block} bytes for {config.block_size} tokens over all models)")
+    return int(blocks)
+
+
+class KVCache:
+    def __init__(self, configs: Sequence[ModelConfig], num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # zero-filled: slots past a context are masked, but 0 * NaN garbage would still poison a matmul
+        self.pools: list[KVPool] = [
+            [(torch.zeros(c.kv_cache_shape(num_blocks, block_size), dtype=dtype, device=device),
+              torch.zeros(c.kv_cache_shape(num_blocks, block_size), dtype=dtype, device=device))
+             for _ in range(c.num_layers)]
+            for c in configs
+        ]
+        self.bytes = num_blocks * bytes_per_block(configs, block_size, dtype)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]], device: Optional[torch.device] = None) -> None:
+        """Copy-on-write: block dst takes block src's K/V in every layer of every model."""
+        if not copies:
+            return
+        dev = device or self.pools[0][0][0].device
+        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=dev)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=dev)
+        for pool in self.pools:
+            for k_cache, v_cache in pool:
+                k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+                v_cache.index_copy_(0, dst, v_cache.index_select(0, src))

@@ -1,0 +1,91 @@
+"""LLM: the offline entry point (vLLM-style). Builds an LLMEngine and drives it to completion."""
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from rast_engine.config import EngineConfig
+from rast_engine.errors import RastError
+from rast_engine.llm_engine import LLMEngine
+from rast_engine.outputs import RequestOutput, ScoreOutput
+from rast_engine.sampling_params import SamplingParams
+
+Prompt = Union[str, list[int]]
+Params = Optional[Union[SamplingParams, Sequence[SamplingParams]]]
+
+
+class LLM:
+    def __init__(self, model: str, small_rl: Optional[str] = None, small_base: Optional[str] = None, *,
+                 lam: float = 1.0, experts: Optional[Sequence[tuple[str, str, float]]] = None,
+                 device: str = "auto", dtype: str = "auto", max_num_seqs: int = 256,
+                 max_model_len: Optional[int] = None, block_size: int = 16, kv_cache_blocks: Optional[int] = None,
+                 kv_cache_memory: Optional[int] = None, attention_backend: str = "auto",
+                 enforce_eager: bool = False, seed: int = 0) -> None:
+        config = EngineConfig(
+            model=str(model), small_rl=None if small_rl is None else str(small_rl),
+            small_base=None if small_base is None else str(small_base), lam=lam, experts=experts,
+            device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            block_size=block_size, kv_cache_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
+            attention_backend=attention_backend, enforce_eager=enforce_eager, seed=seed,
+        )
+        self.engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - an HF tokenizer
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]], sampling_params: Params = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise RastError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                self.engine.add_request(rid, prompt, p)
+        except RastError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+    def chat(self, conversations: Union[list[dict], list[list[dict]]], sampling_params: Params = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template (with the generation prompt) to each conversation."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise RastError("the tokenizer has no chat template; use generate() with a formatted prompt")
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            # the template writes any BOS itself, so the text is encoded without adding special tokens
+            prompts.append(list(self.tokenizer.encode(text, add_special_tokens=False)))
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return outputs
+
+    def score(self, sequences: list[list[int]], *, output: str = "logprobs") -> list[ScoreOutput]:
+        """Teacher-forced per-position scores; see ScoreOutput."""
+        return self.engine.score(sequences, output)

@@ -1,0 +1,220 @@
+"""LLMEngine: requests in, one scheduled step at a time, cumulative RequestOutputs out.
+
+The synchronous core that LLM, the server's async loop and the eval tools drive. add_request validates
+everything before it touches any state, so a rejected request leaves the engine exactly as it was.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from typing import Union
+
+import torch
+
+from rast_engine.attention import get_attention_backend
+from rast_engine.block_manager import BlockManager
+from rast_engine.config import EngineConfig
+from rast_engine.detokenizer import IncrementalDetokenizer
+from rast_engine.errors import RastError
+from rast_engine.kv_cache import KVCache, num_kv_blocks
+from rast_engine.model_runner import Draw, DrawResult, ModelRunner
+from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
+from rast_engine.sampling_params import SamplingParams, sample_seed
+from rast_engine.scheduler import Scheduler
+from rast_engine.scoring import score_sequences
+from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from rast_engine.triple import load_model_set, resolve_device
+
+logger = logging.getLogger("rast")
+
+MIN_TOKEN_BUDGET = 2048
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        self.device = resolve_device(config.device)
+        attention = get_attention_backend(config.attention_backend, self.device)
+        ms = load_model_set(config, self.device, attention)
+        self.model_set = ms
+        self.tokenizer = ms.tokenizer
+        self.vocab_size = ms.vocab_size
+        dtype = ms.models[0].dtype
+        model_max = min(c.max_position_embeddings for c in ms.configs)
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise RastError(f"max_model_len={config.max_model_len} exceeds the models' "
+                            f"max_position_embeddings ({model_max})")
+        max_len = config.max_model_len or model_max
+        num_blocks = num_kv_blocks(config, ms.configs, dtype, self.device, max_len)
+        capacity = num_blocks * config.block_size
+        if capacity < max_len:
+            if config.max_model_len is not None:
+                raise RastError(f"the KV cache holds {capacity} tokens, fewer than max_model_len={max_len}; "
+                                "give more kv_cache_blocks / kv_cache_memory or a smaller max_model_len")
+            logger.warning("max_model_len capped at the KV capacity: %d tokens", capacity)
+            max_len = capacity
+        self.max_model_len = max_len
+        budget = config.max_num_batched_tokens or max(max_len, MIN_TOKEN_BUDGET)
+        if budget < max_len:  # a preempted sequence is recomputed in one prefill
+            raise RastError(f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_len})")
+        self.kv = KVCache(ms.configs, num_blocks, config.block_size, dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=budget, max_model_len=max_len,
+                                   eos_token_ids=ms.eos_token_ids)
+        self.runner = ModelRunner(ms.models, self.kv, self.vocab_size, config.block_size, self.device,
+                                  enforce_eager=config.enforce_eager)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._arrivals = itertools.count()
+        self._seed_rng = random.Random(config.seed)
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._last_step_s = 0.0
+        logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models),
+                    ", ".join(ms.roles), self.device, str(dtype).replace("torch.", ""),
+                    time.perf_counter() - t0, self.vocab_size)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
+                    num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20, len(ms.models), max_len)
+        logger.info("backends: attention=%s sampler=%s", attention.name, self.runner.sampler)
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RastError("the prompt is empty")
+            return list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise RastError("a prompt must be a string or a list of token ids (ints)")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RastError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return list(prompt)
+
+    def _weights(self, params: SamplingParams) -> list[float]:
+        weights = list(self.model_set.weights)
+        if params.lam is None:
+            return weights
+        if len(weights) != 1:
+            raise RastError(f"lam overrides λ of a single small pair; this engine has {len(weights)} pairs")
+        return [float(params.lam)]
+
+    def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise RastError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.groups:
+            raise RastError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise RastError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        if not ids:
+            raise RastError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RastError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                            "(it must leave room for at least one generated token)")
+        if params.n > self.config.max_num_seqs:
+            raise RastError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {self.vocab_size}")
+        weights = self._weights(params)
+        request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
+                              prompt_token_ids=ids, params=params, request_seed=request_seed,
+                              arrival=next(self._arrivals), weights=weights)
+        group.seqs.append(self._new_sequence(group, 0, list(ids)))
+        self.groups[request_id] = group
+        self.scheduler.add(group.seqs[0])
+        self._prompt_tokens += len(ids)
+
+    def _new_sequence(self, group: SequenceGroup, index: int, token_ids: list[int]) -> Sequence:
+        return Sequence(group=group, index=index, token_ids=token_ids,
+                        seed=sample_seed(group.request_seed, index),
+                        detok=IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids))
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is not None:
+            self.scheduler.abort(group.seqs)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if out is None:
+            if self.groups:  # unreachable while capacity >= max_model_len; never spin silently
+                raise RuntimeError("the scheduler cannot make progress: no request fits in the KV cache")
+            return []
+        draws: list[Draw] = []
+        for row, seq in enumerate(out.seqs):
+            g = seq.group
+            if not g.forked:  # the request's first draw: n samples from its one prefilled row
+                draws += [Draw(row, g.params, g.weights, sample_seed(g.request_seed, j), 0)
+                          for j in range(g.params.n)]
+            else:
+                draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated))
+        results = self.runner.execute(out.seqs, out.is_prefill, out.copies, draws)
+        progressed: dict[str, SequenceGroup] = {}
+        k = 0
+        for seq in out.seqs:
+            seq.num_computed_tokens = len(seq.token_ids)
+            self.block_manager.register_computed(seq)
+            g = seq.group
+            if not g.forked:
+                targets = [seq] + [self._fork(seq, j) for j in range(1, g.params.n)]
+                g.forked = True
+            else:
+                targets = [seq]
+            for target in targets:
+                self._append(target, results[k])
+                k += 1
+            progressed[g.request_id] = g
+        outputs = [g.output() for g in progressed.values()]
+        for g in progressed.values():
+            if g.finished:
+                del self.groups[g.request_id]
+        self._last_step_s = time.perf_counter() - t0
+        return outputs
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        child = self._new_sequence(parent.group, index, list(parent.token_ids))
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(child)
+        parent.group.seqs.append(child)
+        return child
+
+    def _append(self, seq: Sequence, result: DrawResult) -> None:
+        seq.token_ids.append(result.token_id)
+        self._generation_tokens += 1
+        if result.logprobs is not None:
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(result.logprobs)
+            seq.cumulative_logprob += result.logprobs[result.token_id]
+        prev_len = len(seq.output_text)
+        seq.output_text += seq.detok.step(seq.token_ids)
+        reason = self.scheduler.check_stop(seq, prev_len)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    # ---- scoring and stats -------------------------------------------------------------------------
+    def score(self, sequences: list[list[int]], output: str = "logprobs") -> list[ScoreOutput]:
+        return score_sequences(self, sequences, output)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_blocks,
+            prompt_tokens_total=self._prompt_tokens, generation_tokens_total=self._generation_tokens,
+            last_step_s=self._last_step_s,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model_set.models[0].dtype

@@ -1,0 +1,180 @@
+"""One step on device: shared input preparation, every model's forward, one fused RAST sample.
+
+The step is split so the GPU fast path (issue 4) can replace pieces without touching the rest:
+``prepare`` builds the inputs every model shares (token ids, positions, slot mapping, block tables) with
+tensor ops, not a loop per token; ``forward_logits`` is the only place the models run (streams and
+CUDA graphs slot in there); ``sample`` makes one rast_sample call over per-row parameter tensors and
+reads the ids back with one device-to-host copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence as Seq
+
+import torch
+
+import rast_kernels
+from rast_engine.attention.metadata import AttentionMetadata
+from rast_engine.kv_cache import KVCache
+from rast_engine.models.decoder import CausalLM
+from rast_engine.sampling_params import SamplingParams
+from rast_engine.sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    last_index: torch.Tensor  # [B] int64: each sequence's last new token in the flat batch
+
+
+@dataclass
+class Draw:
+    """One token to draw: from the logits of sequence ``row`` (n > 1 forks draw n times from one row)."""
+    row: int
+    params: SamplingParams
+    weights: list[float]  # λ per pair
+    seed: int
+    offset: int  # tokens the sample has generated so far: draws of one sample never share noise
+
+
+@dataclass
+class DrawResult:
+    token_id: int
+    logprobs: Optional[dict[int, float]]  # chosen token first, then the top-k alternatives
+
+
+def sampler_backend(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton"
+    from rast_kernels import native
+
+    return "native" if native.is_available() else "torch"
+
+
+class ModelRunner:
+    def __init__(self, models: list[CausalLM], kv: KVCache, vocab_size: int, block_size: int,
+                 device: torch.device, enforce_eager: bool = True) -> None:
+        self.models = models
+        self.kv = kv
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.device = device
+        self.enforce_eager = enforce_eager  # CPU path is always eager; graphs come with issue 4
+        self.sampler = sampler_backend(device)
+        self.pin = device.type == "cuda"
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.pin:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def prepare(self, seqs: Seq[Sequence], is_prefill: bool) -> StepInputs:
+        """Prefill: each sequence's uncomputed tokens; decode: its one uncomputed (last) token."""
+        bs = self.block_size
+        starts = [s.num_computed_tokens if is_prefill else len(s.token_ids) - 1 for s in seqs]
+        ends = [len(s.token_ids) for s in seqs]
+        ids: list[int] = []
+        for s, a in zip(seqs, starts):
+            ids.extend(s.token_ids[a:])
+        q_lens = torch.tensor([e - a for a, e in zip(starts, ends)], dtype=torch.int64)
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+        torch.cumsum(q_lens, 0, out=cu[1:])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), q_lens)
+        positions = torch.tensor(starts, dtype=torch.int64)[seq_of_token] + (
+            torch.arange(int(cu[-1])) - cu[:-1][seq_of_token])
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                              dtype=torch.int32)
+        slots = tables[seq_of_token, positions // bs].to(torch.int64) * bs + positions % bs
+        meta = AttentionMetadata(
+            is_prefill=is_prefill,
+            slot_mapping=self._to_device(slots),
+            block_tables=self._to_device(tables),
+            context_lens=self._to_device(torch.tensor(ends, dtype=torch.int32)),
+            cu_seqlens_q=self._to_device(cu.to(torch.int32)),
+            max_seqlen_q=int(q_lens.max()),
+            max_seqlen_k=max(ends),
+            block_size=bs,
+        )
+        return StepInputs(
+            input_ids=self._to_device(torch.tensor(ids, dtype=torch.int64)),
+            positions=self._to_device(positions),
+            meta=meta,
+            last_index=self._to_device(cu[1:] - 1),
+        )
+
+    @torch.inference_mode()
+    def forward_logits(self, inputs: StepInputs, rows: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        """Each model's logits [N, width_m] at the token indices ``rows`` (None: every token)."""
+        out = []
+        for model, pool in zip(self.models, self.kv.pools):
+            hidden = model(inputs.input_ids, inputs.positions, inputs.meta, pool)
+            out.append(model.compute_logits(hidden if rows is None else hidden.index_select(0, rows)))
+        return out
+
+    @torch.inference_mode()
+    def execute(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
+                draws: Seq[Draw]) -> list[DrawResult]:
+        self.kv.copy_blocks(copies)
+        inputs = self.prepare(seqs, is_prefill)
+        logits = self.forward_logits(inputs, inputs.last_index)
+        return self.sample(logits, draws)
+
+    def _row_params(self, draws: Seq[Draw], greedy_as_t1: bool = False) -> dict[str, torch.Tensor]:
+        temps = [d.params.temperature for d in draws]
+        if greedy_as_t1:
+            temps = [t if t > 0 else 1.0 for t in temps]
+        return dict(
+            temperature=self._to_device(torch.tensor(temps, dtype=torch.float32)),
+            top_k=self._to_device(torch.tensor([d.params.top_k for d in draws], dtype=torch.int32)),
+            top_p=self._to_device(torch.tensor([d.params.top_p for d in draws], dtype=torch.float32)),
+            min_p=self._to_device(torch.tensor([d.params.min_p for d in draws], dtype=torch.float32)),
+        )
+
+    def sample(self, logits: list[torch.Tensor], draws: Seq[Draw]) -> list[DrawResult]:
+        rows = [d.row for d in draws]
+        if rows != list(range(logits[0].shape[0])):  # n > 1 forks: repeat the parent's row
+            index = self._to_device(torch.tensor(rows, dtype=torch.int64))
+            logits = [t.index_select(0, index) for t in logits]
+        deltas = list(zip(logits[1::2], logits[2::2]))
+        pairs = len(deltas)
+        weights = torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(len(draws), pairs)
+        ids = rast_kernels.rast_sample(
+            logits[0], deltas, weights=self._to_device(weights), **self._row_params(draws),
+            seed=self._to_device(torch.tensor([d.seed for d in draws], dtype=torch.int64)),
+            offset=self._to_device(torch.tensor([d.offset for d in draws], dtype=torch.int64)),
+            vocab_size=self.vocab_size, backend=self.sampler,
+        ).tolist()  # the step's one device-to-host read
+        if any(i < 0 for i in ids):
+            raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")
+        results = [DrawResult(i, None) for i in ids]
+        want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
+        if want:
+            self._logprobs(logits, deltas, weights, draws, ids, want, results)
+        return results
+
+    def _logprobs(self, logits: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],
+                  weights: torch.Tensor, draws: Seq[Draw], ids: list[int], want: list[int],
+                  results: list[DrawResult]) -> None:
+        """Logprobs under the filtered distribution each token was drawn from (greedy rows: T = 1)."""
+        index = self._to_device(torch.tensor(want, dtype=torch.int64))
+        sub = [draws[j] for j in want]
+        probs = rast_kernels.rast_probs(
+            logits[0].index_select(0, index), [(r.index_select(0, index), b.index_select(0, index))
+                                               for r, b in deltas],
+            weights=self._to_device(weights.index_select(0, torch.tensor(want))),
+            **self._row_params(sub, greedy_as_t1=True), vocab_size=self.vocab_size, backend=self.sampler,
+        )
+        logp = probs.log()
+        k = max(d.params.logprobs for d in sub)
+        top_val, top_ids = logp.topk(min(k, logp.shape[1]), dim=1) if k > 0 else (logp[:, :0], logp[:, :0])
+        chosen = logp.gather(1, torch.tensor([ids[j] for j in want], device=logp.device)[:, None])
+        chosen, top_val, top_ids = chosen[:, 0].tolist(), top_val.tolist(), top_ids.long().tolist()
+        for r, (j, d) in enumerate(zip(want, sub)):
+            entry = {ids[j]: chosen[r]}
+            for tid, val in zip(top_ids[r][:d.params.logprobs], top_val[r][:d.params.logprobs]):
+                if val > float("-inf"):  # filtered-out tokens are not alternatives
+                    entry.setdefault(tid, val)
+            results[j].logprobs = entry

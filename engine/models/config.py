@@ -1,0 +1,154 @@
+"""ModelConfig: the architecture facts the engine needs, read from an HF config.json.
+
+Reads both config layouts: transformers 4 (``rope_theta`` + ``rope_scaling``, ``torch_dtype``) as in the
+published checkpoints, and transformers 5 (``rope_parameters``, ``dtype``) as written by save_pretrained.
+Anything the decoder does not implement (sliding window, other rope types, MLP bias, other activations)
+is refused here with a clear message rather than run wrongly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rast_engine.errors import ModelLoadError
+
+ARCHS = {"qwen2": "qwen2", "llama": "llama"}  # model_type -> arch
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int  # the padded width of the embedding and lm_head, not len(tokenizer)
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None  # None (plain rotary) or a llama3 dict with LLAMA3_KEYS
+    tie_word_embeddings: bool
+    attention_bias: bool  # bias on q/k/v (always for Qwen2)
+    o_proj_bias: bool  # bias on o_proj (Llama's attention_bias covers it too; never for Qwen2)
+    max_position_embeddings: int
+    torch_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS.values():
+            raise ModelLoadError(f"unsupported architecture {self.arch!r}; supported: {sorted(ARCHS)}")
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(f"config {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ModelLoadError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ModelLoadError("rms_norm_eps and rope_theta must be positive")
+        if self.rope_scaling is not None:
+            if self.rope_scaling.get("rope_type") != "llama3":
+                raise ModelLoadError(
+                    f"unsupported rope_scaling {self.rope_scaling!r}; only rope_type 'llama3' is implemented"
+                )
+            missing = [k for k in LLAMA3_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ModelLoadError(f"llama3 rope_scaling lacks {missing}")
+            if self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
+                raise ModelLoadError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        model_type = cfg.get("model_type")
+        if model_type not in ARCHS:
+            raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {sorted(ARCHS)}")
+        arch = ARCHS[model_type]
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' is implemented")
+        if cfg.get("mlp_bias", False):
+            raise ModelLoadError("mlp_bias=true is not supported")
+        if cfg.get("use_sliding_window", False):
+            raise ModelLoadError("use_sliding_window=true is not supported")
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            theta, scaling = _rope(cfg)
+            dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+            if dtype_name not in DTYPES:
+                raise ModelLoadError(f"unsupported dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
+            bias = bool(cfg.get("attention_bias", False))
+            return cls(
+                arch=arch,
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                vocab_size=int(cfg["vocab_size"]),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=True if arch == "qwen2" else bias,
+                o_proj_bias=False if arch == "qwen2" else bias,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+                torch_dtype=DTYPES[dtype_name],
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks the required key {e.args[0]!r}") from None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory {str(path)!r} does not exist")
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{str(path)!r} has no config.json; expected an HF-format model directory")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{str(cfg_path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(cfg)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V over all layers for one token: what one cache slot costs this model."""
+        return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+        """Shape of one layer's k_cache (and v_cache); see rast_engine.attention.metadata."""
+        return (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, llama3 scaling or None) from either config layout; 'type' is the old key for rope_type."""
+    params = dict(cfg.get("rope_parameters") or {})
+    legacy = cfg.get("rope_scaling")
+    if legacy:
+        params = {**legacy, **params}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = rope_type
+    return float(theta), scaling

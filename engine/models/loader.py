@@ -1,0 +1,94 @@
+"""load_model: an HF directory (config.json + safetensors, single or sharded) -> CausalLM on a device.
+
+Weights are memory-mapped with safetensors.safe_open and copied tensor by tensor into a model built on
+the meta device, so host memory never holds a second full copy and no random init is paid. Pickle
+checkpoints (*.bin, *.pt) are refused: loading them can run arbitrary code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from rast_engine.attention.base import AttentionBackend
+from rast_engine.errors import ModelLoadError
+from rast_engine.models.config import DTYPES, ModelConfig
+from rast_engine.models.decoder import CausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return cfg.torch_dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unsupported dtype {dtype!r}; use 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (via the shard index when there is one)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{str(index)!r} is not a valid safetensors index: {e}") from None
+        files = {name: path / shard for name, shard in weight_map.items()}
+        absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        if absent:
+            raise ModelLoadError(f"{str(path)!r}: shards listed in {INDEX_FILE} are missing: {absent}")
+        return files
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them)" if pickles else ""
+        raise ModelLoadError(f"{str(path)!r} has no *.safetensors weights{hint}")
+    files: dict[str, Path] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            files.update({name: shard for name in f.keys()})
+    return files
+
+
+@torch.no_grad()
+def load_model(
+    path: str | Path, *, device: str | torch.device, dtype: str | torch.dtype, attention: AttentionBackend
+) -> CausalLM:
+    path = Path(path)
+    cfg = ModelConfig.from_dir(path)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    device = torch.device(device)
+    files = tensor_files(path)
+    with torch.device("meta"):
+        model = CausalLM(cfg, attention, torch_dtype)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each parameter its own storage; re-tie
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.reset_cache()
+
+    slots = model.weight_map()
+    missing = [name for name in slots if name not in files]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{str(path)!r} lacks tensor(s) {shown}")
+    by_file: dict[Path, list[str]] = {}
+    for name in slots:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                param, start, rows = slots[name]
+                target = param.narrow(0, start, rows)
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(target.shape):
+                    raise ModelLoadError(
+                        f"{str(path)!r}: tensor {name} has shape {list(shape)}, "
+                        f"expected {list(target.shape)} from config.json"
+                    )
+                target.copy_(f.get_tensor(name))
+    return model.eval()

@@ -1,0 +1,68 @@
+"""Rotary position embedding (rotate-half convention, as the HF Qwen2 and Llama checkpoints expect).
+
+The cos/sin table is computed once in float32 for every position up to max_position_embeddings and then
+stored in the model dtype, so a step only gathers rows by position: no host sync, graph-capturable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """[head_dim // 2] float32 inverse frequencies, with llama3 scaling applied when given."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling is None:
+        return inv_freq
+    return _llama3(inv_freq, scaling)
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 scaling: wavelengths shorter than old_ctx/high_freq_factor are kept, longer than
+    old_ctx/low_freq_factor are stretched by `factor`, and the band between interpolates linearly in
+    old_ctx/wavelength."""
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_ctx = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_ctx / low, inv_freq / factor, blended)
+    return torch.where(wavelen < old_ctx / high, inv_freq, out)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions = head_dim, max_positions
+        self.theta, self.scaling, self.dtype = theta, scaling, dtype
+        # not persistent: rebuilt by reset_cache() after meta-device construction, never loaded
+        self.register_buffer("cos_sin", torch.empty(max_positions, head_dim, dtype=dtype), persistent=False)
+        if self.cos_sin.device.type != "meta":
+            self.reset_cache()
+
+    @torch.no_grad()
+    def reset_cache(self) -> None:
+        device = self.cos_sin.device
+        inv_freq = inv_frequencies(self.head_dim, self.theta, self.scaling).to(device)
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(positions, inv_freq)  # float32, like the HF reference
+        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(self.dtype)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k), same shapes and dtype."""
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

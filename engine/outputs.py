@@ -1,0 +1,54 @@
+"""What the engine hands back: generation results (vLLM shapes), teacher-forced scores, engine stats."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str]  # "stop" | "length" | None while running
+    cumulative_logprob: Optional[float] = None  # set when the request asked for logprobs
+    # one dict per generated token: {token_id: logprob} holding the chosen token and the top-k
+    # alternatives, under the distribution the token was drawn from (temperature 1 for greedy rows)
+    logprobs: Optional[list[dict[int, float]]] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+
+
+@dataclass
+class ScoreOutput:
+    """Teacher-forced per-position scores of one sequence of length L; row t scores token t+1.
+
+    All float32 on CPU with V the engine's vocabulary; "logits" or log-softmax "logprobs".
+    ``combined`` is Eq. 3 before temperature: large + sum_k w_k (rl_k - base_k), with the engine's λ."""
+    large: torch.Tensor  # [L, V]
+    deltas: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (rl, base) per pair
+    combined: Optional[torch.Tensor] = None  # [L, V]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    last_step_s: float

@@ -1,0 +1,86 @@
+"""Per-request sampling parameters (vLLM names). Validated on construction so a bad value fails at the
+call site with a clear message, never inside a batched step."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from rast_engine.errors import RastError
+
+MASK64 = (1 << 64) - 1
+GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + GOLDEN64) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(request_seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a request: a function of (request_seed, index) only, so a seeded
+    request draws the same tokens in any batch; returned as a signed int64 for the sampler."""
+    x = _splitmix64((request_seed & MASK64) ^ _splitmix64(index))
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    max_tokens: int = 16
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    lam: Optional[float] = None  # overrides the engine's λ for this request (single small pair)
+    logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob plus the top k
+    stop_list: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> RastError:
+            return RastError(f"SamplingParams: {msg}")
+
+        if not _is_int(self.n) or self.n < 1:
+            raise bad(f"n must be an integer >= 1, got {self.n!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise bad(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
+        if self.top_k == -1:
+            self.top_k = 0
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        self.stop_list = list(stop)
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
+            raise bad(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        self.stop_token_ids = list(ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise bad(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad(f"seed must be an integer or None, got {self.seed!r}")
+        if self.lam is not None and (not _is_number(self.lam) or not math.isfinite(self.lam)):
+            raise bad(f"lam must be a finite number or None, got {self.lam!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise bad(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")

@@ -1,0 +1,114 @@
+"""Sequences and requests.
+
+A request (SequenceGroup) starts as one sequence. Its prompt is prefilled once; the first sampling step
+draws its n first tokens from that one row and forks the sequence into n, which share the prompt's
+blocks (copy-on-write). From then on each sequence is scheduled, preempted and finished on its own.
+
+Invariants: ``num_computed_tokens`` tokens have their K/V in the cache at ``block_table``; a sequence in
+decode has exactly one token not yet computed (the last sampled one).
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rast_engine.detokenizer import IncrementalDetokenizer
+from rast_engine.outputs import CompletionOutput, RequestOutput
+from rast_engine.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)  # identity semantics: sequences are compared and removed by object
+class Sequence:
+    group: "SequenceGroup"
+    index: int  # sample index within the request
+    token_ids: list[int]
+    seed: int
+    detok: Optional[IncrementalDetokenizer] = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full computed blocks
+    num_computed_tokens: int = 0
+    output_text: str = ""
+    logprobs: Optional[list[dict[int, float]]] = None
+    cumulative_logprob: float = 0.0
+    finish_reason: Optional[str] = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.group.params
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.group.prompt_token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def fanout(self) -> int:
+        """Running slots this sequence will take once sampled: n for a request not yet forked."""
+        return self.group.params.n if not self.group.forked else 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def reset_for_recompute(self) -> None:
+        """Preemption by recompute: drop the cache state, keep every token and the output so far."""
+        self.status = SequenceStatus.WAITING
+        self.block_table = []
+        self.block_hashes = []
+        self.num_computed_tokens = 0
+
+    def completion(self, holdback: int) -> CompletionOutput:
+        text = self.output_text
+        if not self.finished and holdback > 0:
+            # a stop string may still complete over the last characters: do not show them yet
+            text = text[:max(len(text) - holdback, 0)]
+        want_logprobs = self.params.logprobs is not None
+        return CompletionOutput(
+            index=self.index, text=text, token_ids=list(self.output_token_ids),
+            finish_reason=self.finish_reason,
+            cumulative_logprob=self.cumulative_logprob if want_logprobs else None,
+            logprobs=list(self.logprobs) if want_logprobs and self.logprobs is not None else None,
+        )
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_seed: int
+    arrival: int
+    weights: list[float]  # λ per small pair for this request
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        holdback = max((len(s) for s in self.params.stop_list), default=1) - 1
+        completions = [s.completion(holdback) for s in sorted(self.seqs, key=lambda s: s.index)]
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
+                             prompt_token_ids=list(self.prompt_token_ids), outputs=completions,
+                             finished=self.finished)

@@ -1,0 +1,242 @@
+"""The Starlette app: OpenAI routes over an AsyncEngine. Every failure a client can cause is answered
+with an OpenAI error body and the server keeps serving; a stream or a request whose client goes away
+is aborted in the engine, which frees its KV blocks."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from rast_engine.sampling_params import SamplingParams
+from rast_engine.server.async_engine import AsyncEngine, RequestHandle
+from rast_engine.server.metrics import CONTENT_TYPE, Metrics
+from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from rast_engine.server.responses import Formatter
+
+log = logging.getLogger("rast.server")
+Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
+
+
+class _SSEResponse(StreamingResponse):
+    """A stream that always closes its handle, even when the client leaves before the first byte
+    (Starlette then cancels the body iterator, which may never have started)."""
+
+    def __init__(self, content: AsyncIterator[str], handle: RequestHandle) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.handle = handle
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.handle.__aexit__(None, None, None)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
+            max_tokens=1,  # placeholder: the engine thread sets it once the prompt is tokenised
+            stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            seed=req.seed, lam=req.lam, logprobs=logprobs)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+async def _client_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """(True, result) of `work`, or (False, None) with `work` cancelled if the client leaves first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        stayed = task.done()
+        if not stayed:
+            task.cancel()
+    return (True, task.result()) if stayed else (False, None)
+
+
+class OpenAIServer:
+    def __init__(self, engine: Any, *, model_name: str, api_key: str | None = None,
+                 max_waiting: int = 512, queue_timeout: float | None = None) -> None:
+        self.metrics = Metrics()
+        self.engine = AsyncEngine(engine, max_waiting=max_waiting, queue_timeout=queue_timeout,
+                                  on_step=self.metrics.step_seconds.observe)
+        self.metrics.watch(self.engine)
+        self.model_name = model_name
+        self.api_key = api_key
+        self.tokenizer = engine.tokenizer
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/models", self._wrap("models", self.models, auth=True), methods=["GET"]),
+            Route("/v1/completions", self._wrap("completions", self.completions, auth=True),
+                  methods=["POST"]),
+            Route("/v1/chat/completions", self._wrap("chat", self.chat, auth=True), methods=["POST"]),
+            Route("/health", self._wrap("health", self.health), methods=["GET"]),
+            Route("/metrics", self._wrap("metrics", self.render_metrics), methods=["GET"]),
+        ]
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: Starlette) -> AsyncIterator[None]:
+            self.engine.start()
+            try:
+                yield
+            finally:
+                self.engine.stop()
+
+        async def http_error(_: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)
+            err = APIError(exc.status_code, str(exc.detail), code=str(exc.status_code))
+            return JSONResponse(err.body(), status_code=exc.status_code)
+
+        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+    # ---- plumbing ----
+    def _wrap(self, name: str, fn: Handler, auth: bool = False) -> Handler:
+        async def handler(request: Request) -> Response:
+            try:
+                if auth:
+                    self._authorize(request)
+                response = await fn(request)
+            except APIError as exc:
+                response = JSONResponse(exc.body(), status_code=exc.status)
+            except Exception as exc:  # noqa: BLE001 - a bug answers 500, the server keeps serving
+                log.exception("internal error in %s", name)
+                err = APIError(500, f"internal server error: {exc!r}", type="server_error")
+                response = JSONResponse(err.body(), status_code=500)
+            self.metrics.requests.labels(name, str(response.status_code)).inc()
+            return response
+        return handler
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{self.model_name!r}", param="model", code="model_not_found")
+
+    # ---- routes ----
+    async def models(self, request: Request) -> Response:
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "rast"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(self, request: Request) -> Response:
+        if self.engine.error is not None:
+            raise APIError(503, f"the engine failed: {self.engine.error!r}", type="server_error")
+        return JSONResponse({"status": "ok"})
+
+    async def render_metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def completions(self, request: Request) -> Response:
+        req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
+        self._check_model(req.model)
+        params = _sampling_params(req, req.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
+        fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
+                        req.logprobs)
+        return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
+
+    async def chat(self, request: Request) -> Response:
+        req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
+        self._check_model(req.model)
+        params = _sampling_params(req, req.logprobs_count())
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(req.conversation(), tokenize=False,
+                                                      add_generation_prompt=req.add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error
+            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        # The template already holds the special tokens (BOS etc.); do not add them a second time.
+        handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
+                                    add_special_tokens=False, param="messages")
+        fmt = Formatter("chat", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
+                        req.logprobs_count())
+        return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
+
+    async def _respond(self, request: Request, handle: RequestHandle, fmt: Formatter, stream: bool,
+                       usage_chunk: bool) -> Response:
+        arrival = time.perf_counter()
+        await handle.__aenter__()
+        streaming = False
+        try:
+            # Wait for the first output before answering, so a queue timeout or an engine failure is
+            # still a proper HTTP error rather than a broken stream.
+            stayed, first = await _unless_client_leaves(request, handle.__anext__())
+            if not stayed:
+                return Response(status_code=499)
+            self.metrics.ttft_seconds.observe(time.perf_counter() - arrival)
+            if stream:
+                streaming = True  # the response owns the handle from here and closes it
+                return _SSEResponse(self._events(handle, fmt, first, usage_chunk, arrival), handle)
+            fmt.latest[first.request_id] = first
+            stayed, _ = await _unless_client_leaves(request, self._drain(handle, fmt))
+            if not stayed:
+                return Response(status_code=499)
+        finally:
+            if not streaming:  # aborts whatever is unfinished, e.g. after a disconnect
+                await handle.__aexit__(None, None, None)
+        self.metrics.e2e_seconds.observe(time.perf_counter() - arrival)
+        return JSONResponse(fmt.body())
+
+    @staticmethod
+    async def _drain(handle: RequestHandle, fmt: Formatter) -> None:
+        async for out in handle:
+            fmt.latest[out.request_id] = out
+
+    async def _events(self, handle: RequestHandle, fmt: Formatter, first: Any, usage_chunk: bool,
+                      arrival: float) -> AsyncIterator[str]:
+        try:
+            if fmt.kind == "chat":
+                yield _sse(fmt.role_chunk())
+            out = first
+            while True:
+                chunks = fmt.chunks(out)
+                if handle.done:
+                    if usage_chunk:
+                        chunks.append(fmt.usage_chunk())
+                    elif chunks:  # usage rides on the last chunk when no separate one was asked for
+                        chunks[-1]["usage"] = fmt.usage()
+                for chunk in chunks:
+                    yield _sse(chunk)
+                if handle.done:
+                    break
+                out = await handle.__anext__()
+            self.metrics.e2e_seconds.observe(time.perf_counter() - arrival)
+        except APIError as exc:
+            yield _sse(exc.body())
+        yield "data: [DONE]\n\n"

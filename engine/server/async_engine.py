@@ -1,0 +1,285 @@
+"""The asyncio face of the synchronous LLMEngine: one background thread runs engine.step() in a
+continuous batch while HTTP handlers submit requests and read their outputs from per-request queues.
+
+Invariants:
+- only the engine thread touches the engine and tokenises; handlers talk to it through a command
+  queue, and it answers through loop.call_soon_threadsafe (handlers use the tokenizer read-only:
+  chat-template rendering and decoding single tokens for logprobs);
+- the request-id -> queue table lives on the event loop only, so dispatch needs no lock;
+- a submission is counted in flight from admission until its handle closes; more than
+  max_num_seqs + max_waiting in flight is refused (429) instead of growing an unbounded queue;
+- an exception from step() leaves the engine in an unknown state, so the engine is declared dead:
+  every open request fails and /health turns 503, rather than serving possibly wrong output.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from rast_engine.errors import RastError
+from rast_engine.server.protocol import APIError
+
+log = logging.getLogger("rast.server")
+
+
+@dataclass
+class _Add:
+    request_ids: list[str]
+    prompts: list[str | list[int]]
+    params: Any  # SamplingParams; its max_tokens is replaced per prompt by _fit
+    max_tokens: int | None  # None: up to the end of the context
+    add_special_tokens: bool
+    done: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    def __init__(self, engine: Any, *, max_waiting: int = 512, queue_timeout: float | None = None,
+                 on_step: Callable[[float], None] | None = None) -> None:
+        if max_waiting < 0:
+            raise RastError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len: int = engine.max_model_len
+        self.capacity: int = engine.config.max_num_seqs + max_waiting
+        self.queue_timeout = queue_timeout
+        self.on_step = on_step
+        self.stats = engine.stats()  # snapshot, replaced (never mutated) by the engine thread
+        self.error: BaseException | None = None
+        self.in_flight = 0
+        self._commands: queue.Queue = queue.Queue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle (event loop) ----
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="rast-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    # ---- requests (event loop) ----
+    def submit(self, prompts: list[str | list[int]], params: Any, *, request_id: str,
+               max_tokens: int | None, add_special_tokens: bool = True,
+               param: str = "prompt") -> RequestHandle:
+        if self.error is not None or self._thread is None:
+            raise APIError(503, f"the engine is not running: {self.error}", type="server_error",
+                           code="engine_dead")
+        if self.in_flight >= self.capacity:
+            raise APIError(429, f"server over capacity: {self.in_flight} requests in flight "
+                                f"(limit {self.capacity}); retry later", type="rate_limit_error",
+                           code="over_capacity")
+        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        return RequestHandle(self, ids, prompts, params, max_tokens, add_special_tokens, param)
+
+    def _dispatch(self, outputs: list[Any]) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:  # absent: aborted by its handler after this step began
+                q.put_nowait(out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """The engine thread has ended: fail every open request, and every submission it never read
+        (runs on the event loop, after `error` is set, so no later submit can slip in)."""
+        for q in self._queues.values():
+            q.put_nowait(exc)
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                _settle(cmd.done, APIError(503, f"the engine is not running: {exc}", type="server_error",
+                                           code="engine_dead"))
+
+    # ---- engine thread ----
+    def _post(self, fn: Callable, *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # event loop already closed during shutdown
+            pass
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+            failure: BaseException = RuntimeError("the server is shutting down")
+        except BaseException as exc:  # noqa: BLE001 - reported to every client and to /health
+            log.exception("engine loop failed; the server stops accepting requests")
+            failure = exc
+        self.error = failure
+        self._post(self._fail_all, failure)
+
+    def _serve(self) -> None:
+        stalled = False
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            # Idle: sleep until a command arrives. Stalled (the last step scheduled nothing): wait
+            # briefly for one rather than spin. Otherwise apply whatever is queued and step at once.
+            if not self._drain(block=not busy or stalled, timeout=0.01 if busy else None):
+                return
+            if not self.engine.has_unfinished_requests():
+                self.stats = self.engine.stats()
+                continue
+            t0 = time.perf_counter()
+            outputs = self.engine.step()
+            elapsed = time.perf_counter() - t0
+            self.stats = self.engine.stats()
+            if self.on_step is not None:
+                self.on_step(elapsed)
+            if outputs:
+                self._post(self._dispatch, outputs)
+            stalled = not outputs
+
+    def _drain(self, block: bool, timeout: float | None = None) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        while True:
+            try:
+                cmd = self._commands.get(block=block, timeout=timeout)
+            except queue.Empty:
+                return True
+            block = False
+            if cmd is _STOP:
+                return False
+            if isinstance(cmd, _Abort):
+                for rid in cmd.request_ids:
+                    self.engine.abort_request(rid)
+            else:
+                self._add(cmd)
+
+    def _add(self, cmd: _Add) -> None:
+        added: list[str] = []
+        try:
+            for rid, prompt in zip(cmd.request_ids, cmd.prompts):
+                ids = self._tokenize(prompt, cmd.add_special_tokens)
+                self.engine.add_request(rid, ids, self._fit(cmd.params, cmd.max_tokens, len(ids)))
+                added.append(rid)
+        except RastError as exc:
+            for rid in added:  # all prompts of a submission are admitted, or none
+                self.engine.abort_request(rid)
+            self._post(_settle, cmd.done, exc)
+            return
+        self._post(_settle, cmd.done, None)
+
+    def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return prompt
+
+    def _fit(self, params: Any, max_tokens: int | None, prompt_len: int) -> Any:
+        """OpenAI semantics: the prompt plus max_tokens must fit the context; no max_tokens means
+        'the rest of the context'."""
+        room = self.max_model_len - prompt_len
+        if room <= 0:
+            raise RastError(f"the prompt has {prompt_len} tokens, but the model's context holds "
+                            f"{self.max_model_len}; shorten the prompt")
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens > room:
+            raise RastError(f"the model's context holds {self.max_model_len} tokens, but "
+                            f"{prompt_len + max_tokens} were requested ({prompt_len} in the "
+                            f"prompt, {max_tokens} in max_tokens); lower max_tokens")
+        return dataclasses.replace(params, max_tokens=max_tokens)
+
+
+def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if not fut.done():  # the handler may have been cancelled by a disconnect meanwhile
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+class RequestHandle:
+    """One HTTP request's engine requests. `async with` admits them (RastError -> 400), iteration
+    yields their cumulative RequestOutputs until all finish, and leaving aborts whatever is unfinished
+    (a client disconnect cancels the handler, which lands here)."""
+
+    def __init__(self, owner: AsyncEngine, request_ids: list[str], prompts: list[str | list[int]],
+                 params: Any, max_tokens: int | None, add_special_tokens: bool, param: str) -> None:
+        self._owner = owner
+        self._param = param
+        self.request_ids = request_ids
+        self._prompts = prompts
+        self._params = params
+        self._max_tokens = max_tokens
+        self._add_special_tokens = add_special_tokens
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._unfinished = set(request_ids)
+        self._started = False
+        self._closed = False
+
+    async def __aenter__(self) -> RequestHandle:
+        owner = self._owner
+        owner.in_flight += 1
+        for rid in self.request_ids:
+            owner._queues[rid] = self._queue
+        done = asyncio.get_running_loop().create_future()
+        owner._commands.put(_Add(self.request_ids, self._prompts, self._params, self._max_tokens,
+                                 self._add_special_tokens, done))
+        try:
+            await done
+        except RastError as exc:
+            self._unfinished.clear()
+            await self.__aexit__(None, None, None)
+            raise APIError(400, str(exc), param=self._param) from None
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    @property
+    def done(self) -> bool:
+        return not self._unfinished
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        owner = self._owner
+        for rid in self.request_ids:
+            owner._queues.pop(rid, None)
+        if self._unfinished:
+            owner._commands.put(_Abort(sorted(self._unfinished)))
+            self._unfinished.clear()
+        owner.in_flight -= 1
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        timeout = None if self._started else self._owner.queue_timeout
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"the request waited more than {timeout:g} s without being "
+                                "scheduled; the server is overloaded, retry later",
+                           type="server_error", code="queue_timeout") from None
+        if isinstance(item, BaseException):
+            raise APIError(500, f"the engine failed: {item!r}", type="server_error",
+                           code="engine_error")
+        self._started = True
+        if item.finished:
+            self._unfinished.discard(item.request_id)
+        return item

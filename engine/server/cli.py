@@ -1,0 +1,54 @@
+"""`rast serve`: the OpenAI-compatible HTTP server. Binds loopback unless --host says otherwise."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from rast_engine.commands import add_model_args, build_engine
+from rast_engine.errors import RastError
+
+_DESCRIPTION = """Serve RAST decoding over the OpenAI API: GET /v1/models, POST /v1/completions,
+POST /v1/chat/completions (stream: true for server-sent events), GET /health, GET /metrics (Prometheus).
+Requests may set the extra fields top_k, min_p and lam (λ for this request)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server for RAST decoding",
+                              description=_DESCRIPTION)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("RAST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RAST_API_KEY)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the MODEL path)")
+    p.add_argument("--max-waiting", type=int, default=512,
+                   help="requests allowed to wait beyond --max-num-seqs; more get 429 (default 512)")
+    p.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds a request may wait for its first token before a 503 (default: no limit)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise RastError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_waiting < 0:
+        raise RastError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.queue_timeout is not None and args.queue_timeout <= 0:
+        raise RastError(f"--queue-timeout must be > 0, got {args.queue_timeout}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = build_engine(args)
+    import uvicorn
+
+    from rast_engine.server.app import OpenAIServer
+
+    server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
+                          api_key=args.api_key, max_waiting=args.max_waiting,
+                          queue_timeout=args.queue_timeout)
+    try:
+        uvicorn.run(server.app(), host=args.host, port=args.port, log_level=args.log_level)
+    except OSError as exc:  # port in use, address not available
+        raise RastError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0

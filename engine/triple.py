@@ -1,0 +1,139 @@
+"""Loading the model set (the large model plus one (rl, base) pair per expert) and checking it is one
+decodable whole: every model must read the same token ids, so every tokenizer must be identical.
+
+V, the engine's vocabulary, is min(len(tokenizer), every model's vocab width): padded logit columns
+beyond the tokenizer (Qwen2.5's 151936 vs 152064) are never sampled or scored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rast_engine.attention.base import AttentionBackend
+from rast_engine.config import EngineConfig
+from rast_engine.errors import ModelLoadError, RastError
+from rast_engine.models.config import ModelConfig
+from rast_engine.models.decoder import CausalLM
+from rast_engine.models.loader import load_model
+
+logger = logging.getLogger("rast")
+
+SPECIAL_ATTRS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+@dataclass
+class ModelSet:
+    models: list[CausalLM]  # runner order: large, then rl_k, base_k per pair
+    configs: list[ModelConfig]
+    roles: list[str]
+    tokenizer: Any
+    vocab_size: int
+    eos_token_ids: set[int]
+    weights: list[float]  # the engine's λ per pair
+
+
+def roles(config: EngineConfig) -> list[str]:
+    out = ["model"]
+    for i, _ in enumerate(config.pairs):
+        if i == 0 and config.small_rl is not None:
+            out += ["small_rl", "small_base"]
+        else:
+            k = i - (1 if config.small_rl is not None else 0)
+            out += [f"experts[{k}] rl", f"experts[{k}] base"]
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise RastError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RastError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, large: ModelConfig) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32  # CPU half-precision matmuls are slow and the CPU path is the reference
+    return large.torch_dtype if large.torch_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def load_tokenizer(path: str, role: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError, ValueError, ... for an unusable directory
+        raise ModelLoadError(f"{role} ({path}): cannot load its tokenizer: {e}") from None
+
+
+def tokenizer_difference(a: Any, b: Any) -> str | None:
+    """A short description of how tokenizer b differs from a, or None when they are identical."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        only_a = sorted(set(va) - set(vb))[:3]
+        only_b = sorted(set(vb) - set(va))[:3]
+        moved = sorted(t for t in set(va) & set(vb) if va[t] != vb[t])[:3]
+        parts = [f"vocab sizes {len(va)} vs {len(vb)}"]
+        if only_a:
+            parts.append(f"tokens only in the first: {only_a}")
+        if only_b:
+            parts.append(f"tokens only in the second: {only_b}")
+        if moved:
+            parts.append("different ids for " + ", ".join(f"{t!r} ({va[t]} vs {vb[t]})" for t in moved))
+        return "vocabularies differ: " + "; ".join(parts)
+    for attr in SPECIAL_ATTRS:
+        if getattr(a, attr, None) != getattr(b, attr, None):
+            return f"{attr} differs: {getattr(a, attr, None)!r} vs {getattr(b, attr, None)!r}"
+    if sorted(a.all_special_tokens) != sorted(b.all_special_tokens):
+        return f"special tokens differ: {sorted(a.all_special_tokens)} vs {sorted(b.all_special_tokens)}"
+    return None
+
+
+def eos_token_ids(path: str, tokenizer: Any) -> set[int]:
+    """The tokenizer's eos plus generation_config.json's (Llama-3 instruct lists several)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return {int(i) for i in ids}
+
+
+def load_model_set(config: EngineConfig, device: torch.device, attention: AttentionBackend) -> ModelSet:
+    paths, names = config.model_paths, roles(config)
+    configs: list[ModelConfig] = []
+    for path, role in zip(paths, names):  # every config first: cheap errors before any weight is read
+        if not Path(path).is_dir():
+            raise ModelLoadError(f"{role}: model directory {path!r} does not exist")
+        try:
+            configs.append(ModelConfig.from_dir(path))
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{role}: {e}") from None
+    tokenizers = [load_tokenizer(p, r) for p, r in zip(paths, names)]
+    for path, role, tok in zip(paths[1:], names[1:], tokenizers[1:]):
+        diff = tokenizer_difference(tokenizers[0], tok)
+        if diff is not None:
+            raise ModelLoadError(f"the tokenizer of {role} ({path}) differs from the tokenizer of model "
+                                 f"({paths[0]}): {diff}. All models must share one tokenizer.")
+    dtype = resolve_dtype(config.dtype, device, configs[0])
+    models = []
+    for path, role in zip(paths, names):
+        try:
+            models.append(load_model(path, device=device, dtype=dtype, attention=attention))
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{role}: {e}") from None
+    tokenizer = tokenizers[0]
+    vocab = min([len(tokenizer)] + [c.vocab_size for c in configs])
+    return ModelSet(models=models, configs=configs, roles=names, tokenizer=tokenizer, vocab_size=vocab,
+                    eos_token_ids=eos_token_ids(paths[0], tokenizer), weights=[p.weight for p in config.pairs])

@@ -1,0 +1,319 @@
+"""Paged-KV attention in Triton: cache store, decode (GQA, split-K) and varlen causal prefill.
+
+Layout (see rast_engine.attention.metadata): k_cache, v_cache are [num_blocks, block_size, Hkv, D];
+token j of sequence b lives at block ``block_tables[b, j // block_size]``, row ``j % block_size``.
+Query head h reads KV head ``h // (Hq // Hkv)`` (HF ``repeat_kv`` order).
+
+Algorithm. Every attention kernel walks the keys of one sequence in tiles of BLOCK_N tokens; a tile
+may span several cache blocks, so each token's block id is gathered from the block table (block_size
+need not divide BLOCK_N, nor be a power of two). Softmax is online (running max ``m``, running sum
+``l``, accumulator ``acc``), in the log2 domain, always in float32; only the tile products take the
+input dtype (fp32 uses IEEE dot, never TF32).
+- store_kv_cache: one program per new token copies its [Hkv, D] key and value rows to its slot;
+  slot -1 (CUDA-graph padding, or tokens that must not be cached) stores nothing.
+- decode: one program per (sequence, KV head, split). The G = Hq/Hkv query heads sharing a KV head
+  form the M side of the tile product, so each KV tile is read once for the whole group. With split-K
+  the context is cut into ``num_splits`` equal token ranges; each program writes its partial
+  (m, l, acc) in float32 and a second kernel rescales them by exp2(m_s - max m) and divides once.
+- prefill: one program per (BLOCK_M new tokens, query head, sequence). The new tokens are the
+  sequence's last q_len positions, so token i sits at position ``ctx - q_len + i`` and sees keys
+  [0, that position]: a cached prefix and chunked prefill need no special case. The kernel reads
+  keys from the cache, so the step's K/V must be stored first (the backends do so).
+
+Invariants: no host sync anywhere (split counts depend on shapes only, so CUDA graphs capture it);
+a sequence with context length 0 (batch padding) yields zeros, never NaN; outputs take q's dtype.
+
+Bytes moved (e = element size). decode: 2 * e * Hkv * D * sum_b ctx_b for the KV, which is the
+floor, plus 4 * B * Hq * S * (D + 2) * 2 for split-K partials (S splits; small next to the KV).
+prefill: each (query tile, head) reads the keys up to its causal edge, about
+2 * e * Hq * D * sum_b ceil(q_len_b / BLOCK_M) * (prefix_b + q_len_b / 2); the G heads of one KV
+head hit the same lines, which L2 absorbs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOG2E = 1.4426950408889634
+MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # the interpreter's tl.dot gets bfloat16 wrong (it has no numpy bf16), so it sees float32 there
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_cr, stride_ch, num_kv_heads, head_dim,
+                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    live = (tl.zeros([BLOCK_H, BLOCK_D], tl.int64) + slot) >= 0  # a tensor: the interpreter rejects scalar masks
+    mask = (h < num_kv_heads) & (d < head_dim) & live
+    slot = tl.where(slot >= 0, slot, 0)
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cr + h * stride_ch + d
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(kc_ptr + dst, k, mask=mask)
+    tl.store(vc_ptr + dst, v, mask=mask)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, scale_log2,
+                   stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
+                   num_heads, group, head_dim, tokens_per_split, num_splits,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, ctx)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * group + g
+    gd_mask = (g < group)[:, None] & (d < head_dim)[None, :]
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        page = tl.load(bt_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        off = page * stride_cb + (n % BLOCK_SIZE) * stride_cr + kvh * stride_ch
+        nd_mask = n_mask[:, None] & (d < head_dim)[None, :]
+        dn_mask = (d < head_dim)[:, None] & n_mask[None, :]
+        k_t = tl.load(kc_ptr + off[None, :] + d[:, None], mask=dn_mask, other=0.0)  # [D, N]
+        s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=nd_mask, other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    if SPLIT:
+        row = (b * num_heads + heads) * num_splits + split
+        tl.store(pm_ptr + row, m_i, mask=g < group)
+        tl.store(pl_ptr + row, l_i, mask=g < group)
+        tl.store(pacc_ptr + row[:, None] * head_dim + d[None, :], acc, mask=gd_mask)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptr = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+
+
+@triton.jit
+def _split_reduce_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, stride_ob, stride_oh, num_heads, head_dim,
+                         num_splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < num_splits
+    row = (b * num_heads + h) * num_splits + s
+    m = tl.load(pm_ptr + row, mask=s_mask, other=float("-inf"))
+    l = tl.load(pl_ptr + row, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits (m = -inf) weigh 0
+    total = tl.sum(w * l, 0)
+    acc = tl.load(pacc_ptr + row[:, None] * head_dim + d[None, :],
+                  mask=s_mask[:, None] & (d < head_dim)[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, scale_log2,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
+                    group, head_dim, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    mb = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kvh = h // group
+    q_start = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_start
+    ctx = tl.load(ctx_ptr + b)
+    prefix = ctx - q_len
+    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    pos = prefix + i
+    md_mask = (i < q_len)[:, None] & (d < head_dim)[None, :]
+    rows = (q_start + i).to(tl.int64)[:, None]
+    q = tl.load(q_ptr + rows * stride_qt + h * stride_qh + d[None, :], mask=md_mask, other=0.0)
+    # keys past the tile's last row are causally invisible; a tile wholly past q_len does nothing
+    hi = tl.where(mb * BLOCK_M < q_len, tl.minimum(ctx, prefix + (mb + 1) * BLOCK_M), 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        page = tl.load(bt_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        off = page * stride_cb + (n % BLOCK_SIZE) * stride_cr + kvh * stride_ch
+        nd_mask = n_mask[:, None] & (d < head_dim)[None, :]
+        dn_mask = (d < head_dim)[:, None] & n_mask[None, :]
+        k_t = tl.load(kc_ptr + off[None, :] + d[:, None], mask=dn_mask, other=0.0)  # [D, N]
+        s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
+        s = tl.where(n_mask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=nd_mask, other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptr = out_ptr + rows * stride_ot + h * stride_oh + d[None, :]
+    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=md_mask)
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if not (q.is_cuda or _interpreting()):
+        raise RuntimeError("Triton attention needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache/v_cache must be equal-strided [num_blocks, block_size, Hkv, D], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q and caches must share one of {DTYPES}; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("q and the caches must be contiguous along head_dim")
+    hq, hkv = q.shape[-2], k_cache.shape[2]
+    if q.shape[-1] != k_cache.shape[3] or hq % hkv != 0:
+        raise ValueError(f"q [.., {hq}, {q.shape[-1]}] does not fit a cache with {hkv} KV heads "
+                         f"of dim {k_cache.shape[3]}")
+
+
+def _block_d(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))  # tl.dot needs every side >= 16
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _interpreting() and dtype == torch.bfloat16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
+
+
+def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, Hkv, D] into the paged caches at ``slot_mapping`` [T]; slot -1 is skipped."""
+    _check_cache(k, k_cache, v_cache)
+    if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"k, v must be [T, Hkv, D] matching the cache, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must be [T={k.shape[0]}], got {tuple(slot_mapping.shape)}")
+    if v.stride(-1) != 1:
+        raise ValueError("k and v must be contiguous along head_dim")
+    if k.shape[0] == 0:
+        return
+    hkv, dim = k.shape[1], k.shape[2]
+    _store_kv_kernel[(k.shape[0],)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), hkv, dim,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=_block_d(dim))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits so that batch * Hkv * splits fills about two waves of SMs, each split >= 256 tokens."""
+    programs = max(batch * num_kv_heads, 1)
+    want = triton.cdiv(2 * _num_sms(device), programs)
+    return max(1, min(want, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), 64))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each sequence's cached keys."""
+    _check_cache(q, k_cache, v_cache)
+    batch, hq, dim = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    if block_tables.shape[0] != batch or context_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / context_lens "
+                         f"{tuple(context_lens.shape)} do not match batch {batch}")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    # shared memory per stage is 2 * BLOCK_N * D * e bytes; keep 3 stages well under Hopper's 227 KB
+    block_n = 16 if _interpreting() else (64 if dim * q.element_size() <= 256 else 32)
+    max_context = max(block_tables.shape[1] * block_size, 1)
+    if num_splits is None:
+        num_splits = pick_num_splits(batch, hkv, max_context, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
+    group = hq // hkv
+    split = num_splits > 1
+    if split:
+        pm = torch.empty(batch, hq, num_splits, device=q.device, dtype=torch.float32)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(batch, hq, num_splits, dim, device=q.device, dtype=torch.float32)
+    else:
+        pm = pl = pacc = out  # unused when SPLIT is off
+    block_d = _block_d(dim)
+    _decode_kernel[(batch, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, pm, pl, pacc, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), hq, group, dim, tokens_per_split, num_splits,
+        BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=block_d, SPLIT=split, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4)
+    if split:
+        _split_reduce_kernel[(batch, hq)](
+            pm, pl, pacc, out, out.stride(0), out.stride(1), hq, dim, num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            max_seqlen_q: int, scale: float) -> torch.Tensor:
+    """Causal attention of the new tokens q [T, Hq, D] (varlen by cu_seqlens_q) over the paged cache."""
+    _check_cache(q, k_cache, v_cache)
+    total, hq, dim = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    batch = context_lens.shape[0]
+    if cu_seqlens_q.shape != (batch + 1,) or block_tables.shape[0] != batch:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} / block_tables "
+                         f"{tuple(block_tables.shape)} do not match {batch} sequences")
+    out = torch.empty_like(q)
+    if total == 0 or batch == 0 or max_seqlen_q <= 0:
+        return out.zero_()
+    # q tile plus 2 stages of K and V tiles: 80 KB at D=128 in 16-bit; halved tiles for fp32 or D > 128
+    block_m = block_n = 16 if _interpreting() else (64 if dim * q.element_size() <= 256 else 32)
+    grid = (triton.cdiv(max_seqlen_q, block_m), hq, batch)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), hq // hkv, dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=_block_d(dim), PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4,
+        num_stages=2)
+    return out

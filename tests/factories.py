@@ -1,0 +1,156 @@
+"""Tiny random HF model directories for tests, built offline.
+
+A triple is (large, rl, base): one shared tokenizer, the large model's vocab width differs from the small
+ones' (like Qwen2.5's 152064 vs 151936), both wider than the tokenizer. Weights come from transformers'
+own model classes under a fixed torch seed, then biases and norm weights are perturbed away from HF's
+zero/one init so a model that drops a bias or misreads a norm weight cannot pass the equality tests.
+Init std is raised above HF's 0.02 so attention is peaked and rotary errors change the logits visibly.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+TOKENIZER_VOCAB = 100  # trained size incl. special tokens; must stay below every model's vocab width
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}" + EOS + "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+LLAMA3_SCALING = {  # small factors so the scaled band falls inside head_dim 16 at rope_theta 5e5
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+_ENGLISH = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a small model can steer a large model when they read the same tokens",
+    "what is the answer? let us think step by step.",
+    "the answer is the sum of the two numbers, so we add them.",
+    "hello world! this is a test of the tokenizer, nothing more.",
+    "we solve the problem, then we check the result again.",
+]
+
+
+def _corpus() -> list[str]:
+    lines = list(_ENGLISH)
+    for a in range(0, 30, 3):
+        for b in range(1, 20, 4):
+            lines.append(f"{a} + {b} = {a + b}. {a} * {b} = {a * b}. {a + b} - {b} = {a}")
+    return lines
+
+
+def make_tokenizer(path: str | Path) -> Path:
+    """Train a small byte-level BPE in memory and save it HF-style.
+
+    Byte-level like the real Qwen2.5 and Llama-3 tokenizers: transformers 5 rebuilds a qwen2 directory's
+    tokenizer as Qwen2Tokenizer (byte-level, from vocab and merges) whatever tokenizer.json says, so any
+    other scheme would not round-trip. The alphabet is only the corpus's bytes, to keep the vocab tiny.
+    """
+    path = Path(path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB, special_tokens=[PAD, BOS, EOS, UNK, *ROLE_TOKENS], show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        additional_special_tokens=ROLE_TOKENS,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return path
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def make_model_dir(
+    path: str | Path,
+    arch: str = "qwen2",
+    *,
+    vocab_width: int = 112,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 64,
+    seed: int = 0,
+    tie: bool = True,
+    rope_scaling: dict | None = None,
+    rope_theta: float | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_size: str | int | None = None,
+    max_position_embeddings: int = 512,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write config.json, safetensors weights (sharded if max_shard_size) and a tokenizer to ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        tokenizer_dir = make_tokenizer(path / "_tokenizer")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    if len(tokenizer) > vocab_width:
+        raise ValueError(f"vocab_width {vocab_width} is smaller than the tokenizer ({len(tokenizer)})")
+    common = dict(
+        vocab_size=vocab_width, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
+        max_position_embeddings=max_position_embeddings, initializer_range=0.15, rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "qwen2":
+        if rope_scaling is not None:
+            raise ValueError("the Qwen2 factory does not take rope_scaling")
+        config = Qwen2Config(rope_theta=rope_theta or 1e6, **common)
+        cls = Qwen2ForCausalLM
+    elif arch == "llama":
+        # a copy: LlamaConfig writes rope_theta into the dict it is given
+        scaling = None if rope_scaling is None else dict(rope_scaling)
+        config = LlamaConfig(rope_theta=rope_theta or 5e5, rope_scaling=scaling, **common)
+        cls = LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    _perturb(model, seed)
+    model = model.to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(path), **kwargs)
+    tokenizer.save_pretrained(str(path))
+    if (path / "_tokenizer").exists():
+        shutil.rmtree(path / "_tokenizer")
+    return path
+
+
+def make_triple(root: str | Path, arch: str = "qwen2") -> tuple[Path, Path, Path]:
+    """(large_dir, rl_dir, base_dir): large untied at width 128, small tied at width 112, one tokenizer."""
+    root = Path(root)
+    tok_dir = make_tokenizer(root / "tokenizer")
+    scaling = LLAMA3_SCALING if arch == "llama" else None
+    large = make_model_dir(
+        root / "large", arch, vocab_width=128, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128,
+        seed=1, tie=False, rope_scaling=scaling, tokenizer_dir=tok_dir,
+    )
+    small = dict(vocab_width=112, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, tie=True,
+                 rope_scaling=scaling, tokenizer_dir=tok_dir)
+    rl = make_model_dir(root / "rl", arch, seed=2, **small)
+    base = make_model_dir(root / "base", arch, seed=3, **small)
+    return large, rl, base

@@ -1,0 +1,107 @@
+"""The `rast` console: every subcommand is listed, user mistakes are one line without a traceback,
+`generate` prints what the offline engine generates, `bench` dispatches to bench/<suite>.py."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from factories import make_triple
+
+from rast_engine import LLM, SamplingParams
+from rast_engine.cli import SUBCOMMANDS, build_parser, main
+from rast_engine.commands import bench
+
+ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--kv-cache-blocks", "64"]
+
+
+@pytest.fixture(scope="module")
+def triple(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    return tuple(str(p) for p in make_triple(tmp_path_factory.mktemp("cli-triple")))  # type: ignore[return-value]
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], command: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"rast {command}: error: "), err
+    return err
+
+
+def test_help_lists_every_subcommand() -> None:
+    choices = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"generate", "serve", "bench"} <= set(choices) and len(choices) == len(SUBCOMMANDS)
+    run = subprocess.run([sys.executable, "-m", "rast_engine.cli", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    for name in choices:
+        assert f"    {name} " in run.stdout or f"    {name}\n" in run.stdout, name
+
+
+def test_bad_path_on_the_console_is_one_line() -> None:
+    run = subprocess.run([sys.executable, "-m", "rast_engine.cli", "generate", "/no/such/model", "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip() == "rast generate: error: MODEL: no such model directory: /no/such/model"
+
+
+def test_user_mistakes_are_one_line(capsys: pytest.CaptureFixture[str], triple: tuple[str, str, str],
+                                    tmp_path: Path) -> None:
+    large, rl, base = triple
+    assert "--small-rl" in _one_line_error(capsys, ["serve", large, "--small-rl", "/nope"], "serve")
+    assert "together" in _one_line_error(capsys, ["serve", large, "--small-rl", rl, *ENGINE_FLAGS], "serve")
+    assert "weight" in _one_line_error(capsys, ["generate", large, "--expert", rl, base, "big",
+                                                "--prompt", "hi"], "generate")
+    assert "top_p" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--top-p", "2"], "generate")
+    assert "--port" in _one_line_error(capsys, ["serve", large, "--port", "0"], "serve")
+    assert "one suite" in _one_line_error(capsys, ["bench", "all", "--fast"], "bench")
+
+
+def test_serve_binds_loopback_by_default() -> None:
+    args = build_parser().parse_args(["serve", "m", "--expert", "r1", "b1", "0.5", "--expert", "r2", "b2", "-1"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert args.expert == [["r1", "b1", "0.5"], ["r2", "b2", "-1"]]
+
+
+def test_generate_prints_the_engines_text(capsys: pytest.CaptureFixture[str], triple: tuple[str, str, str]) -> None:
+    large, rl, base = triple
+    prompt = "what is the answer?"
+    oracle = LLM(large, rl, base, lam=0.5, device="cpu", dtype="float32", kv_cache_blocks=64)
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    want = oracle.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].text
+    want_chat = oracle.chat([{"role": "user", "content": prompt}], greedy, use_tqdm=False)[0].outputs[0].text
+    flags = ["--small-rl", rl, "--small-base", base, "--lam", "0.5", "--temperature", "0", "--max-tokens", "10"]
+    assert main(["generate", large, *flags, "--prompt", prompt, *ENGINE_FLAGS]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", large, *flags, "--prompt", prompt, "--chat", *ENGINE_FLAGS]) == 0
+    assert capsys.readouterr().out == want_chat + "\n"
+    # the same pair given as an --expert is the same decoding
+    assert main(["generate", large, "--expert", rl, base, "0.5", "--temperature", "0", "--max-tokens", "10",
+                 "--prompt", prompt, *ENGINE_FLAGS]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_bench_runs_the_suite_script(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    suite_dir = tmp_path / "bench"
+    suite_dir.mkdir()
+    record = tmp_path / "argv.json"
+    (suite_dir / "sampler.py").write_text(
+        f"import json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\nsys.exit(3)\n")
+    monkeypatch.setattr(bench, "bench_dir", lambda: suite_dir)
+    assert main(["bench", "sampler", "--rows", "2", "--cpu"]) == 3  # the script's exit code
+    assert json.loads(record.read_text()) == ["--rows", "2", "--cpu"]
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["bench", "decode"], "bench")
+    assert "decode.py not found" in err and "sampler" in err
+
+
+def test_bench_without_a_checkout(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import rast_engine
+
+    monkeypatch.setattr(rast_engine, "__file__", str(tmp_path / "site" / "rast_engine" / "__init__.py"))
+    monkeypatch.chdir(tmp_path)
+    assert "source checkout" in _one_line_error(capsys, ["bench", "sampler"], "bench")

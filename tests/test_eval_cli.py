@@ -1,0 +1,166 @@
+"""`rast eval` end to end on a tiny triple (checked against a greedy RAST decode in HF transformers),
+resume, refusal of mismatched settings, `rast eval compare`, and the prompt templates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rast_engine.cli import main
+from rast_engine.errors import RastError
+from rast_engine.evaluation import extract_answer, pass_at_k
+from rast_engine.evaluation import runner
+from rast_engine.evaluation.templates import BOXED_INSTRUCTION, TEMPLATE_B, load_template
+
+LAM = 0.5
+MAX_TOKENS = 8
+TEMPLATE = "Q: {input}\nA:"
+PROBLEMS = ["what is 3 + 5?", "the cat sat on the mat. what is 2 * 4?", "add 12 and 9."]
+
+
+@torch.no_grad()
+def hf_rast_greedy(models: list, prompt_ids: list[int], vocab: int, eos: int) -> list[int]:
+    """argmax of z_M + λ (z_R − z_S) over the tokenizer's vocabulary, step by step, up to EOS."""
+    ids = list(prompt_ids)
+    for _ in range(MAX_TOKENS):
+        large, rl, base = (m(torch.tensor([ids])).logits[0, -1, :vocab].double() for m in models)
+        token = int((large + LAM * (rl - base)).argmax())
+        ids.append(token)
+        if token == eos:
+            break
+    return ids[len(prompt_ids):]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path, monkeypatch, capsys) -> None:
+    large, rl, base = qwen2_triple
+    tok = AutoTokenizer.from_pretrained(str(large))
+    vocab = len(tok)
+    models = [AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval() for d in qwen2_triple]
+    expected = []
+    for problem in PROBLEMS:
+        ids = hf_rast_greedy(models, tok(TEMPLATE.replace("{input}", problem))["input_ids"], vocab,
+                             tok.eos_token_id)
+        expected.append(tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    first_answer = extract_answer(expected[0])
+    assert first_answer is not None  # the fixture's greedy text holds a number: problem 0 can be right
+    data = tmp_path / "tiny.jsonl"
+    truths = [first_answer, r"\frac{1}{7}", r"\frac{2}{7}"]
+    data.write_text("".join(json.dumps({"id": f"p{i}", "problem": p, "answer": t}) + "\n"
+                            for i, (p, t) in enumerate(zip(PROBLEMS, truths))))
+    template = tmp_path / "template.txt"
+    template.write_text(TEMPLATE)
+    out = tmp_path / "run"
+    argv = ["eval", "--model", str(large), "--small-rl", str(rl), "--small-base", str(base), "--lam", str(LAM),
+            "--data", str(data), "--template", str(template), "--n", "2", "--temperature", "0",
+            "--max-tokens", str(MAX_TOKENS), "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+
+    assert main(argv + ["--limit", "2"]) == 0
+    samples = out / runner.SAMPLES_FILE
+    recs = _records(samples)
+    assert [(r["id"], r["index"]) for r in recs] == [("p0", 0), ("p0", 1), ("p1", 0), ("p1", 1)]
+    for r in recs:
+        assert r["text"] == expected[int(r["id"][1])]
+        assert r["answer"] == extract_answer(r["text"])
+
+    # A crash mid-run: p1's second sample lost and a torn line left behind. The rerun keeps what was
+    # saved, draws p1's missing sample and p2's two (one problem in flight at a time, so p2 enters the
+    # engine only when p1 is done), and leaves the saved lines untouched.
+    kept = samples.read_text().splitlines(keepends=True)[:3]
+    samples.write_text("".join(kept) + '{"id": "p1", "ind')
+    assert main(argv + ["--max-inflight", "1"]) == 0
+    lines = samples.read_text().splitlines(keepends=True)
+    assert lines[:3] == kept
+    recs = _records(samples)
+    assert [(r["id"], r["index"]) for r in recs[3:]] == [("p1", 1), ("p2", 0), ("p2", 1)]
+    assert sorted((r["id"], r["index"]) for r in recs) == [(f"p{i}", j) for i in range(3) for j in range(2)]
+    for r in recs:
+        assert r["text"] == expected[int(r["id"][1])]
+        assert r["num_tokens"] <= MAX_TOKENS
+        assert r["correct"] == (r["id"] == "p0")
+
+    metrics = json.loads((out / runner.METRICS_FILE).read_text())
+    assert metrics["dataset"] == "tiny" and metrics["n"] == 2 and metrics["num_problems"] == 3
+    assert metrics["avg_pass@1"] == pytest.approx(1 / 3)
+    assert metrics["pass@k"] == pytest.approx({"1": 1 / 3, "2": pass_at_k(2, 2, 2) / 3})
+    assert metrics["maj@k"] == pytest.approx({"1": 1 / 3, "2": 1 / 3})
+    assert metrics["mean_response_tokens"] == pytest.approx(sum(r["num_tokens"] for r in recs) / 6)
+    assert set(metrics["reasoning_words"]) == {"branching_out", "backtracking", "self_verification"}
+    pytest.importorskip("matplotlib")
+    assert (out / "pass_at_k.png").stat().st_size > 0 and (out / "maj_at_k.png").stat().st_size > 0
+
+    # Everything is saved now: a rerun scores without building an engine.
+    def no_engine(cfg: runner.EvalConfig) -> None:
+        raise AssertionError("a complete run must not build an engine")
+
+    monkeypatch.setattr(runner, "_build_llm", no_engine)
+    (out / runner.METRICS_FILE).unlink()
+    assert main(argv) == 0
+    assert json.loads((out / runner.METRICS_FILE).read_text())["avg_pass@1"] == pytest.approx(1 / 3)
+    # A corrected data file regrades the saved samples against the new reference answers.
+    data.write_text(data.read_text().replace(json.dumps(first_answer), json.dumps(r"\frac{3}{7}"), 1))
+    assert main(argv) == 0
+    assert json.loads((out / runner.METRICS_FILE).read_text())["avg_pass@1"] == 0.0
+
+    capsys.readouterr()
+    assert main([a if a != "2" else "3" for a in argv]) == 2  # --n 3 into a folder sampled with n = 2
+    assert "different n" in capsys.readouterr().err
+
+
+def _write_metrics(path: Path, dataset: str, acc: float) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / runner.METRICS_FILE).write_text(json.dumps({"dataset": dataset, "avg_pass@1": acc}))
+
+
+def test_compare_prints_recovery_rates(tmp_path: Path, capsys) -> None:
+    accs = {"math500": (0.2, 0.5, 0.6), "gsm8k": (0.5, 0.55, 0.5), "aime24": (0.1, 0.1, 0.3)}
+    for i, who in enumerate(("base", "rast", "rl")):
+        for name, triple in accs.items():
+            _write_metrics(tmp_path / who / name, name, triple[i])
+    _write_metrics(tmp_path / "rl" / "extra", "minerva", 0.4)
+    assert main(["eval", "compare", str(tmp_path / "base"), str(tmp_path / "rast"), str(tmp_path / "rl")]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:6]]
+            for line in table.splitlines() if line.startswith("| ")}
+    assert rows["math500"] == ["20.0", "50.0", "60.0", "75.0"]   # (0.5 − 0.2) / (0.6 − 0.2)
+    assert rows["aime24"] == ["10.0", "10.0", "30.0", "0.0"]
+    assert rows["gsm8k"][3] == "n/a"                               # RL does not beat the base
+    assert rows["**Average**"] == ["26.7", "38.3", "46.7", "37.5"]  # mean RR of the defined rates
+    assert "minerva" in table.split("Skipped")[1]
+
+    assert main(["eval", "compare", str(tmp_path / "nope"), str(tmp_path / "rast"), str(tmp_path / "rl")]) == 2
+    assert "neither a metrics file nor a folder" in capsys.readouterr().err
+
+
+def test_eval_usage_errors(tmp_path: Path, capsys) -> None:
+    assert main(["eval", "--data", "x.jsonl"]) == 2
+    assert "--model" in capsys.readouterr().err
+    with pytest.raises(RastError, match="go together"):
+        runner.EvalConfig(model="m", data="d", out="o", small_rl="r")
+
+
+def test_templates(qwen2_triple, tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(str(qwen2_triple[0]))
+    chat_ids = load_template("a").render("what is 1 + 1?", tok)
+    text = tok.apply_chat_template([{"role": "user", "content": f"what is 1 + 1?\n{BOXED_INSTRUCTION}"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert chat_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(chat_ids).endswith("<|assistant|>")
+    b = load_template("b")
+    assert b.render("2 + 2?", tok) == tok("Question:\n2 + 2?\nAnswer:\nLet's think step by step.")["input_ids"]
+    assert TEMPLATE_B.replace("{input}", "x") == "Question:\nx\nAnswer:\nLet's think step by step."
+    custom = tmp_path / "t.txt"
+    custom.write_text(r"Solve $\frac{a}{b}$ style: {input} => \boxed{}")
+    assert load_template(str(custom)).render("1 + 1", tok) == tok(r"Solve $\frac{a}{b}$ style: 1 + 1 => \boxed{}")[
+        "input_ids"]
+    custom.write_text("no placeholder")
+    with pytest.raises(RastError, match="placeholder"):
+        load_template(str(custom))
+    with pytest.raises(RastError, match="neither"):
+        load_template(str(tmp_path / "missing.txt"))

@@ -1,0 +1,259 @@
+"""Paged-attention kernels against a naive oracle written here, independently of every backend.
+
+The oracle gathers each sequence's keys through its block table one token at a time, repeats KV heads
+for GQA, and runs an explicit float32 softmax with the causal mask. Without CUDA the kernels run in the
+Triton interpreter on tiny fp32 and bf16 shapes; with CUDA the same cases run natively.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+CASES = [
+    pytest.param("cpu", torch.float32, id="interp-fp32",
+                 marks=pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels compile natively instead")),
+    pytest.param("cpu", torch.bfloat16, id="interp-bf16",
+                 marks=pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels compile natively instead")),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu),
+    pytest.param("cuda", torch.float32, id="cuda-fp32", marks=pytest.mark.gpu),
+]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def paged(context_lens: list[int], block_size: int, spare: int, seed: int) -> tuple[torch.Tensor, int]:
+    """Block tables over a shuffled pool (ids never contiguous by construction), rows padded with 0."""
+    g = torch.Generator().manual_seed(seed)
+    need = [math.ceil(n / block_size) for n in context_lens]
+    num_blocks = sum(need) + spare
+    ids = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(context_lens), max(need), dtype=torch.int32)
+    at = 0
+    for b, k in enumerate(need):
+        table[b, :k] = ids[at:at + k]
+        at += k
+    return table, num_blocks
+
+
+def gather(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
+    bs = cache.shape[1]
+    rows = [cache[int(table_row[j // bs]), j % bs] for j in range(n)]
+    return torch.stack(rows).float() if rows else cache.new_zeros(0, *cache.shape[2:]).float()
+
+
+def oracle(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], q_lens: list[int],
+           scale: float) -> torch.Tensor:
+    """q [T, Hq, D]; keys[b], values[b] [n_b, Hkv, D]: each sequence's last q_lens[b] positions attend."""
+    outs, at = [], 0
+    for k, v, m in zip(keys, values, q_lens):
+        qs = q[at:at + m].float()
+        at += m
+        group = qs.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        n = k.shape[0]
+        scores = torch.einsum("lhd,nhd->hln", qs, k) * scale
+        pos = torch.arange(n - m, n)
+        scores = scores.masked_fill(torch.arange(n)[None, :] > pos[:, None], float("-inf"))
+        outs.append(torch.einsum("hln,nhd->lhd", torch.softmax(scores, dim=-1), v))
+    return torch.cat(outs)
+
+
+def rand(*shape: int, dtype: torch.dtype, device: str, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_store_kv_cache_skips_minus_one(device: str, dtype: torch.dtype) -> None:
+    from rast_kernels.paged_attention import store_kv_cache
+
+    g = torch.Generator().manual_seed(0)
+    num_blocks, bs, hkv, dim, t = 5, 4, 2, 16, 9
+    k_cache = rand(num_blocks, bs, hkv, dim, dtype=dtype, device=device, g=g)
+    v_cache = rand(num_blocks, bs, hkv, dim, dtype=dtype, device=device, g=g)
+    kv = rand(t, 2 * hkv, dim, dtype=dtype, device=device, g=g)
+    k, v = kv[:, :hkv], kv[:, hkv:]  # strided views, as split from a fused projection
+    slots = torch.randperm(num_blocks * bs, generator=g)[:t]
+    slots[[1, 4]] = -1
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            want_k.view(-1, hkv, dim)[s] = k[i]
+            want_v.view(-1, hkv, dim)[s] = v[i]
+    store_kv_cache(k, v, k_cache, v_cache, slots.to(device))
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("hq,hkv,dim,bs,lens,splits", [
+    (4, 2, 32, 4, [37, 5, 20], 1),       # many blocks of 4 per 16-token tile
+    (4, 2, 32, 4, [37, 5, 20], 3),       # split-K; the short sequence leaves later splits empty
+    (3, 1, 16, 16, [50, 1], 4),          # group of 3 (padded to the tile), odd head count
+    (2, 2, 16, 16, [70], None),          # heuristic split choice, plain multi-head
+])
+def test_decode_matches_oracle(device: str, dtype: torch.dtype, hq: int, hkv: int, dim: int, bs: int,
+                               lens: list[int], splits: int | None) -> None:
+    from rast_kernels.paged_attention import paged_decode_attention
+
+    g = torch.Generator().manual_seed(len(lens) * 100 + dim)
+    table, num_blocks = paged(lens, bs, spare=3, seed=1)
+    k_cache = rand(num_blocks, bs, hkv, dim, dtype=dtype, device=device, g=g)
+    v_cache = rand(num_blocks, bs, hkv, dim, dtype=dtype, device=device, g=g)
+    q = rand(len(lens), hq, dim, dtype=dtype, device=device, g=g)
+    scale = dim ** -0.5
+    out = paged_decode_attention(q, k_cache, v_cache, table.to(device), torch.tensor(lens, dtype=torch.int32,
+                                 device=device), scale, num_splits=splits)
+    keys = [gather(k_cache.cpu(), table[b], n) for b, n in enumerate(lens)]
+    values = [gather(v_cache.cpu(), table[b], n) for b, n in enumerate(lens)]
+    want = oracle(q.cpu(), keys, values, [1] * len(lens), scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float().cpu(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_decode_empty_context_gives_zeros(device: str, dtype: torch.dtype) -> None:
+    """CUDA-graph padding rows carry context length 0: their output must be finite zeros."""
+    from rast_kernels.paged_attention import paged_decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    cache = rand(4, 4, 1, 16, dtype=dtype, device=device, g=g)
+    q = rand(2, 2, 16, dtype=dtype, device=device, g=g)
+    table = torch.tensor([[2, 0], [0, 0]], dtype=torch.int32, device=device)
+    lens = torch.tensor([3, 0], dtype=torch.int32, device=device)
+    for splits in (1, 2):
+        out = paged_decode_attention(q, cache, cache, table, lens, 0.25, num_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("hq,hkv,dim,bs,prefix,new", [
+    (4, 2, 16, 4, [0, 0, 0], [19, 3, 8]),    # plain varlen prefill, several 16-row query tiles
+    (4, 1, 32, 16, [21, 0, 16], [6, 9, 17]),  # cached prefixes (prefix hit, chunk) beside a fresh sequence
+])
+def test_prefill_matches_oracle(device: str, dtype: torch.dtype, hq: int, hkv: int, dim: int, bs: int,
+                                prefix: list[int], new: list[int]) -> None:
+    from rast_kernels.paged_attention import paged_prefill_attention, store_kv_cache
+
+    g = torch.Generator().manual_seed(sum(new))
+    lens = [p + n for p, n in zip(prefix, new)]
+    table, num_blocks = paged(lens, bs, spare=2, seed=2)
+    k_cache = rand(num_blocks, bs, hkv, dim, dtype=dtype, device=device, g=g)
+    v_cache = rand(num_blocks, bs, hkv, dim, dtype=dtype, device=device, g=g)
+    t = sum(new)
+    q = rand(t, hq, dim, dtype=dtype, device=device, g=g)
+    k = rand(t, hkv, dim, dtype=dtype, device=device, g=g)
+    v = rand(t, hkv, dim, dtype=dtype, device=device, g=g)
+    keys, values, slots, at = [], [], [], 0
+    for b, (p, n) in enumerate(zip(prefix, new)):
+        keys.append(torch.cat([gather(k_cache.cpu(), table[b], p), k[at:at + n].cpu().float()]))
+        values.append(torch.cat([gather(v_cache.cpu(), table[b], p), v[at:at + n].cpu().float()]))
+        slots += [int(table[b, j // bs]) * bs + j % bs for j in range(p, p + n)]
+        at += n
+    cu = torch.tensor([0] + new, dtype=torch.int32).cumsum(0).to(torch.int32)
+    store_kv_cache(k, v, k_cache, v_cache, torch.tensor(slots, device=device))
+    scale = 0.3
+    out = paged_prefill_attention(q, k_cache, v_cache, table.to(device), torch.tensor(lens, dtype=torch.int32,
+                                  device=device), cu.to(device), max(new), scale)
+    torch.testing.assert_close(out.float().cpu(), oracle(q.cpu(), keys, values, new, scale), **TOL[dtype])
+
+
+def test_rejects_mismatched_inputs() -> None:
+    from rast_kernels.paged_attention import paged_decode_attention, store_kv_cache
+
+    cache = torch.zeros(2, 4, 2, 16)
+    table, lens = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(TypeError, match="share one of"):
+        paged_decode_attention(torch.zeros(1, 4, 16, dtype=torch.float16), cache, cache, table, lens, 1.0)
+    with pytest.raises(ValueError, match="KV heads"):
+        paged_decode_attention(torch.zeros(1, 3, 16), cache, cache, table, lens, 1.0)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        store_kv_cache(torch.zeros(3, 2, 16), torch.zeros(3, 2, 16), cache, cache, torch.zeros(2, dtype=torch.long))
+
+
+def _metadata(prefix: list[int], new: list[int], bs: int, device: str):
+    from rast_engine.attention.metadata import AttentionMetadata
+
+    lens = [p + n for p, n in zip(prefix, new)]
+    table, num_blocks = paged(lens, bs, spare=1, seed=5)
+    slots = [int(table[b, j // bs]) * bs + j % bs for b, (p, n) in enumerate(zip(prefix, new)) for j in range(p, p + n)]
+    cu = torch.tensor([0] + new).cumsum(0).to(torch.int32)
+    meta = AttentionMetadata(
+        is_prefill=max(new) > 1 or sum(prefix) == 0, slot_mapping=torch.tensor(slots, device=device),
+        block_tables=table.to(device), context_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        cu_seqlens_q=cu.to(device), max_seqlen_q=max(new), max_seqlen_k=max(lens), block_size=bs)
+    return meta, num_blocks
+
+
+def _compare_backends(backend, device: str, dtype: torch.dtype, prefix: list[int], new: list[int],
+                      bs: int = 4) -> None:
+    from rast_engine.attention.torch_backend import TorchAttention
+
+    hq, hkv, dim = 4, 2, 16
+    meta, num_blocks = _metadata(prefix, new, bs, device)
+    g = torch.Generator().manual_seed(7)
+    caches = [rand(num_blocks, bs, hkv, dim, dtype=dtype, device=device, g=g) for _ in range(2)]
+    t = sum(new)
+    q, k, v = (rand(t, h, dim, dtype=dtype, device=device, g=g) for h in (hq, hkv, hkv))
+    got_k, got_v = caches[0].clone(), caches[1].clone()
+    got = backend.forward(q, k, v, got_k, got_v, meta, 0.25)
+    want = TorchAttention().forward(q, k, v, caches[0], caches[1], meta, 0.25)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    torch.testing.assert_close(got_k, caches[0], atol=0, rtol=0)
+    torch.testing.assert_close(got_v, caches[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("prefix,new", [([0, 0], [7, 12]), ([9, 0], [4, 6]), ([13, 30], [1, 1])])
+def test_triton_backend_equals_torch_backend(device: str, dtype: torch.dtype, prefix: list[int],
+                                             new: list[int]) -> None:
+    pytest.importorskip("rast_engine.attention.torch_backend")
+    from rast_engine.attention.triton_backend import TritonAttention
+
+    _compare_backends(TritonAttention(num_splits=2 if max(new) == 1 else None), device, dtype, prefix, new)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefix,new", [([0, 0], [7, 12]), ([9, 0], [4, 6]), ([13, 30], [1, 1])])
+def test_flash_backend_equals_torch_backend(prefix: list[int], new: list[int]) -> None:
+    pytest.importorskip("flash_attn")
+    pytest.importorskip("rast_engine.attention.torch_backend")
+    from rast_engine.attention.flash_backend import FlashAttention
+
+    _compare_backends(FlashAttention(), "cuda", torch.bfloat16, prefix, new, bs=256)
+
+
+class FlashSemantics:
+    """flash_attn's two entry points as documented, in plain torch: the causal mask is aligned to the
+    bottom-right corner (query row j of Lq sees keys up to j + Lk - Lq); rows that see nothing give 0."""
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        lq, lk, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+        k, v = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+        s = torch.einsum("lhd,nhd->hln", q.float(), k) * scale
+        s = s.masked_fill(torch.arange(lk)[None, :] > torch.arange(lq)[:, None] + lk - lq, float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, -1))
+        return torch.einsum("hln,nhd->lhd", p, v).to(q.dtype)
+
+    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+        assert causal
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        return torch.cat([self._attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale)
+                          for b in range(len(cq) - 1)])
+
+    def flash_attn_with_kvcache(self, q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal):
+        assert causal
+        out = [self._attend(q[b], gather(k_cache, block_table[b], n), gather(v_cache, block_table[b], n),
+                            softmax_scale) for b, n in enumerate(cache_seqlens.tolist())]
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("prefix,new", [([0, 0], [7, 12]), ([9, 0, 3], [4, 6, 1]), ([13, 30], [1, 1])])
+def test_flash_backend_glue_on_flash_semantics(prefix: list[int], new: list[int]) -> None:
+    """The right-aligned padding for prefix prefill and the decode/varlen dispatch, without flash_attn."""
+    pytest.importorskip("rast_engine.attention.torch_backend")
+    from rast_engine.attention.flash_backend import FlashAttention
+
+    _compare_backends(FlashAttention(FlashSemantics()), "cpu", torch.float32, prefix, new)

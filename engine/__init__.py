@@ -1,12 +1,26 @@
 """rast_engine: a paged-KV decoding engine running a large base model and small (RL, base) pairs in
-lockstep over one block table, sampling softmax((z_M + sum_k λ_k (z_Rk - z_Sk)) / T)."""
+lockstep over one block table, sampling softmax((z_M + sum_k λ_k (z_Rk - z_Sk)) / T).
+
+Exports resolve lazily so that `rast --help` and the CLI's argument parsing never import torch."""
 from __future__ import annotations
 
-from rast_engine.config import EngineConfig
-from rast_engine.llm import LLM
-from rast_engine.llm_engine import LLMEngine
-from rast_engine.outputs import CompletionOutput, EngineStats, RequestOutput, ScoreOutput
-from rast_engine.sampling_params import SamplingParams
+import importlib
+from typing import Any
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine", "EngineConfig",
-           "EngineStats", "ScoreOutput"]
+_EXPORTS = {
+    "LLM": "rast_engine.llm",
+    "LLMEngine": "rast_engine.llm_engine",
+    "EngineConfig": "rast_engine.config",
+    "SamplingParams": "rast_engine.sampling_params",
+    "RequestOutput": "rast_engine.outputs",
+    "CompletionOutput": "rast_engine.outputs",
+    "EngineStats": "rast_engine.outputs",
+    "ScoreOutput": "rast_engine.outputs",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rast_engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

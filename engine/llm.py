@@ -30,12 +30,11 @@ class LLM:
             block_size=block_size, kv_cache_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
             attention_backend=attention_backend, enforce_eager=enforce_eager, seed=seed,
         )
-        self.engine = LLMEngine(config)
+        self.llm_engine = LLMEngine(config)
         self._ids = itertools.count()
 
-    @property
-    def tokenizer(self):  # noqa: ANN201 - an HF tokenizer
-        return self.engine.tokenizer
+    def get_tokenizer(self):  # noqa: ANN201 - an HF tokenizer
+        return self.llm_engine.tokenizer
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], sampling_params: Params = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -53,10 +52,10 @@ class LLM:
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(rid, prompt, p)
+                self.llm_engine.add_request(rid, prompt, p)
         except RastError:
             for rid in ids:
-                self.engine.abort_request(rid)
+                self.llm_engine.abort_request(rid)
             raise
         return self._run(ids, use_tqdm)
 
@@ -65,7 +64,7 @@ class LLM:
         wanted = set(ids)
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while len(done) < len(ids):
-                for out in self.engine.step():
+                for out in self.llm_engine.step():
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         bar.update(1)
@@ -76,16 +75,17 @@ class LLM:
         """Applies the tokenizer's chat template (with the generation prompt) to each conversation."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        tokenizer = self.get_tokenizer()
+        if getattr(tokenizer, "chat_template", None) is None:
             raise RastError("the tokenizer has no chat template; use generate() with a formatted prompt")
         prompts = []
         for conv in conversations:
-            text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
             # the template writes any BOS itself, so the text is encoded without adding special tokens
-            prompts.append(list(self.tokenizer.encode(text, add_special_tokens=False)))
+            prompts.append(list(tokenizer.encode(text, add_special_tokens=False)))
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         return outputs
 
     def score(self, sequences: list[list[int]], *, output: str = "logprobs") -> list[ScoreOutput]:
         """Teacher-forced per-position scores; see ScoreOutput."""
-        return self.engine.score(sequences, output)
+        return self.llm_engine.score(sequences, output)

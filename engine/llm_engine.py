@@ -37,7 +37,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         self.device = resolve_device(config.device)
-        attention = get_attention_backend(config.attention_backend, self.device)
+        attention = get_attention_backend(config.attention_backend, self.device, config.block_size)
         ms = load_model_set(config, self.device, attention)
         self.model_set = ms
         self.tokenizer = ms.tokenizer

@@ -77,7 +77,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
 def test_step_logits_equal_hf_eq3(llm: LLM, qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    runner, steps = llm.engine.runner, []
+    runner, steps = llm.llm_engine.runner, []
     forward, execute = runner.forward_logits, runner.execute
 
     def capture_execute(seqs, is_prefill, copies, draws):  # noqa: ANN001, ANN202
@@ -92,7 +92,7 @@ def test_step_logits_equal_hf_eq3(llm: LLM, qwen2_triple: tuple, monkeypatch: py
     monkeypatch.setattr(runner, "execute", capture_execute)
     monkeypatch.setattr(runner, "forward_logits", capture_forward)
     llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
-    V = llm.engine.vocab_size
+    V = llm.llm_engine.vocab_size
     assert len(steps) == 8 and all(len(seqs) == 2 for seqs, _ in steps)  # one prefill, seven decodes
     for seqs, (large, rl, base) in steps:
         combined = large[:, :V] + LAM * (rl[:, :V] - base[:, :V])
@@ -106,10 +106,10 @@ def test_greedy_equals_hf_reference_loop(arch: str, request: pytest.FixtureReque
     llm = LLM(*map(str, triple), lam=LAM, block_size=4, kv_cache_blocks=64)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     for out in outs:
-        ref = hf_greedy(triple, out.prompt_token_ids, LAM, llm.engine.vocab_size, GREEDY.max_tokens)
+        ref = hf_greedy(triple, out.prompt_token_ids, LAM, llm.llm_engine.vocab_size, GREEDY.max_tokens)
         assert out.outputs[0].token_ids == ref
         assert out.outputs[0].finish_reason == "length"
-    assert llm.engine.stats().kv_blocks_used == 0
+    assert llm.llm_engine.stats().kv_blocks_used == 0
 
 
 def _hf_generate(path: Path, prompt: list[int], steps: int, eos: int, vocab: int) -> list[int]:
@@ -126,10 +126,10 @@ def test_lambda_zero_and_base_alone_equal_hf_generate(qwen2_triple: tuple) -> No
     large, rl, base = map(str, qwen2_triple)
     params = SamplingParams(temperature=0.0, max_tokens=10)
     for llm in (LLM(large, rl, base, lam=0.0, kv_cache_blocks=64), LLM(large, kv_cache_blocks=64)):
-        eos = llm.tokenizer.eos_token_id
+        eos = llm.get_tokenizer().eos_token_id
         for out in llm.generate(PROMPTS, params, use_tqdm=False):
             assert out.outputs[0].token_ids == _hf_generate(qwen2_triple[0], out.prompt_token_ids, 10, eos,
-                                                                   llm.engine.vocab_size)
+                                                                   llm.llm_engine.vocab_size)
 
 
 def test_batch_composition_and_preemption_keep_greedy_outputs(llm: LLM, qwen2_triple: tuple) -> None:
@@ -139,13 +139,13 @@ def test_batch_composition_and_preemption_keep_greedy_outputs(llm: LLM, qwen2_tr
     assert together == alone
     tiny = LLM(*map(str, qwen2_triple), lam=LAM, block_size=4, kv_cache_blocks=10)  # 40 slots for ~80 tokens
     squeezed = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, params, use_tqdm=False)]
-    assert tiny.engine.scheduler.num_preemptions > 0
+    assert tiny.llm_engine.scheduler.num_preemptions > 0
     assert squeezed == alone
-    assert tiny.engine.stats().kv_blocks_used == 0
+    assert tiny.llm_engine.stats().kv_blocks_used == 0
 
 
 def test_n_samples_share_prompt_blocks_and_match_seeded_oracle(llm: LLM, qwen2_triple: tuple) -> None:
-    engine = llm.engine
+    engine = llm.llm_engine
     params = SamplingParams(n=3, temperature=1.0, top_k=20, max_tokens=5, seed=11, ignore_eos=True)
     engine.add_request("fork", PROMPTS[0], params)  # 9 tokens: 2 full blocks + a partial one (copy-on-write)
     first = engine.step()
@@ -177,7 +177,7 @@ def test_seeded_sampling_is_batch_invariant(llm: LLM, qwen2_triple: tuple) -> No
                          [others[0], params, others[1], others[2]], use_tqdm=False)
     assert mixed[1].outputs[0].token_ids == alone
     prompt = mixed[1].prompt_token_ids
-    assert alone == hf_sampled(qwen2_triple, prompt, LAM, llm.engine.vocab_size, 6, sample_seed(1234, 0), params)
+    assert alone == hf_sampled(qwen2_triple, prompt, LAM, llm.llm_engine.vocab_size, 6, sample_seed(1234, 0), params)
 
 
 def test_prefix_cache_hits_keep_outputs(qwen2_triple: tuple) -> None:
@@ -205,22 +205,22 @@ def test_prefix_cache_hits_keep_outputs(qwen2_triple: tuple) -> None:
 def test_request_lam_overrides_engine_lam(llm: LLM, qwen2_triple: tuple) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, lam=-0.5)
     out = llm.generate([PROMPTS[2]], params, use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == hf_greedy(qwen2_triple, out.prompt_token_ids, -0.5, llm.engine.vocab_size, 6)
+    assert out.outputs[0].token_ids == hf_greedy(qwen2_triple, out.prompt_token_ids, -0.5, llm.llm_engine.vocab_size, 6)
 
 
 def test_several_expert_pairs_sum_their_deltas(qwen2_triple: tuple) -> None:
     large, rl, base = map(str, qwen2_triple)
     llm = LLM(large, rl, base, lam=0.5, experts=[(base, rl, 0.2)], kv_cache_blocks=32)
     with pytest.raises(RastError, match="single small pair"):
-        llm.engine.add_request("x", PROMPTS[0], SamplingParams(lam=1.0))
-    ids = llm.tokenizer.encode(PROMPTS[3])
+        llm.llm_engine.add_request("x", PROMPTS[0], SamplingParams(lam=1.0))
+    ids = llm.get_tokenizer().encode(PROMPTS[3])
     res = llm.score([ids], output="logits")[0]
     assert len(res.deltas) == 2
     # (rl - base) * 0.5 + (base - rl) * 0.2 = 0.3 (rl - base)
-    torch.testing.assert_close(res.combined, hf_eq3(qwen2_triple, ids, 0.3, llm.engine.vocab_size),
+    torch.testing.assert_close(res.combined, hf_eq3(qwen2_triple, ids, 0.3, llm.llm_engine.vocab_size),
                                atol=1e-4, rtol=0)
     out = llm.generate([ids], GREEDY, use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == hf_greedy(qwen2_triple, ids, 0.3, llm.engine.vocab_size, GREEDY.max_tokens)
+    assert out.outputs[0].token_ids == hf_greedy(qwen2_triple, ids, 0.3, llm.llm_engine.vocab_size, GREEDY.max_tokens)
 
 
 def test_stop_strings_and_stop_token_ids(llm: LLM) -> None:
@@ -229,7 +229,7 @@ def test_stop_strings_and_stop_token_ids(llm: LLM) -> None:
     text = base.text
     stop = text[5:8]
     assert len(text) > 10 and stop.strip()
-    engine = llm.engine
+    engine = llm.llm_engine
     engine.add_request("s", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
                                                        stop=[stop, "never-there"]))
     seen = []
@@ -250,7 +250,7 @@ def test_logprobs_are_those_of_the_sampling_distribution(llm: LLM, qwen2_triple:
     ids = list(out.prompt_token_ids)
     total = 0.0
     for tok, entry in zip(comp.token_ids, comp.logprobs):
-        ref = torch.log_softmax(hf_eq3(qwen2_triple, ids, LAM, llm.engine.vocab_size)[-1], dim=-1)
+        ref = torch.log_softmax(hf_eq3(qwen2_triple, ids, LAM, llm.llm_engine.vocab_size)[-1], dim=-1)
         assert entry[tok] == pytest.approx(float(ref[tok]), abs=1e-4)
         top = ref.topk(3)
         assert set(top.indices.tolist()) <= set(entry)
@@ -260,8 +260,8 @@ def test_logprobs_are_those_of_the_sampling_distribution(llm: LLM, qwen2_triple:
 
 
 def test_score_equals_hf(llm: LLM, qwen2_triple: tuple) -> None:
-    seqs = [llm.tokenizer.encode(PROMPTS[0]), llm.tokenizer.encode(PROMPTS[3])]
-    V = llm.engine.vocab_size
+    seqs = [llm.get_tokenizer().encode(PROMPTS[0]), llm.get_tokenizer().encode(PROMPTS[3])]
+    V = llm.llm_engine.vocab_size
     for output in ("logits", "logprobs"):
         for ids, res in zip(seqs, llm.score(seqs, output=output)):
             x = torch.tensor([ids])
@@ -275,19 +275,19 @@ def test_score_equals_hf(llm: LLM, qwen2_triple: tuple) -> None:
             torch.testing.assert_close(res.deltas[0][0], ref[1], atol=1e-4, rtol=0)
             torch.testing.assert_close(res.deltas[0][1], ref[2], atol=1e-4, rtol=0)
             torch.testing.assert_close(res.combined, comb, atol=1e-4, rtol=0)
-    assert llm.engine.stats().kv_blocks_used == 0
+    assert llm.llm_engine.stats().kv_blocks_used == 0
 
 
 def test_chat_uses_the_template(llm: LLM) -> None:
     conv = [{"role": "user", "content": "hello world"}]
     out = llm.chat(conv, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)[0]
-    text = llm.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    assert out.prompt_token_ids == llm.tokenizer.encode(text, add_special_tokens=False)
-    assert out.prompt_token_ids[-1] == llm.tokenizer.convert_tokens_to_ids("<|assistant|>")
+    text = llm.get_tokenizer().apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(text, add_special_tokens=False)
+    assert out.prompt_token_ids[-1] == llm.get_tokenizer().convert_tokens_to_ids("<|assistant|>")
 
 
 def test_add_request_rejects_bad_input_without_side_effects(llm: LLM) -> None:
-    engine = llm.engine
+    engine = llm.llm_engine
     engine.add_request("dup", PROMPTS[0], GREEDY)
     before = (engine.stats(), dict(engine.groups), list(engine.scheduler.waiting))
     too_long = [5] * engine.max_model_len

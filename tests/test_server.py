@@ -94,7 +94,7 @@ def test_models_health_and_greedy_completion(srv: Running, oracle: LLM) -> None:
 
 
 def test_batch_prompts_and_token_ids(srv: Running, oracle: LLM) -> None:
-    ids = oracle.tokenizer.encode(PROMPTS[2])
+    ids = oracle.get_tokenizer().encode(PROMPTS[2])
     res = srv.client().completions.create(model=MODEL, prompt=[PROMPTS[1], PROMPTS[3]], max_tokens=6,
                                           temperature=0, n=2)
     want = oracle.generate([PROMPTS[1], PROMPTS[3]], SamplingParams(temperature=0, max_tokens=6, n=2),

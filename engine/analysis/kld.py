@@ -15,7 +15,7 @@ import torch
 from rast_engine.analysis.trajectories import completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import load_problems
-from rast_engine.evaluation.templates import load_template, tokenizer_of
+from rast_engine.evaluation.templates import load_template
 
 
 def token_kld(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -59,7 +59,7 @@ def run_kld(cfg: KldConfig) -> dict[str, Any]:
 
     llm = LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
               seed=cfg.seed)
-    tokenizer = tokenizer_of(llm)
+    tokenizer = llm.get_tokenizer()
     paths = generate_trajectories(llm, load_problems(cfg.data, cfg.limit), load_template(cfg.template),
                                   cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
     positions: list[dict[str, Any]] = []

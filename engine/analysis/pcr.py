@@ -18,7 +18,7 @@ from rast_engine.analysis.trajectories import (Trajectory, completion_rows, free
                                                score_each)
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import load_problems
-from rast_engine.evaluation.templates import load_template, tokenizer_of
+from rast_engine.evaluation.templates import load_template
 
 
 def coverage_mask(rows: torch.Tensor, tokens: list[int]) -> torch.Tensor:
@@ -74,7 +74,7 @@ def run_pcr(cfg: PcrConfig) -> dict[str, Any]:
     free_memory()  # the RL engine is gone; the scorer may now take its memory
     scorer = LLM(cfg.base, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
                  seed=cfg.seed)
-    tokenizer = tokenizer_of(scorer)
+    tokenizer = scorer.get_tokenizer()
     per_traj, missed = [], Counter()
     covered = total = 0
     for traj, s in score_each(scorer, paths):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rast_engine.evaluation.data import Problem
-from rast_engine.evaluation.templates import PromptTemplate, tokenizer_of
+from rast_engine.evaluation.templates import PromptTemplate
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def generate_trajectories(llm: Any, problems: list[Problem], template: PromptTem
     go to SamplingParams (e.g. lam=0.0 to decode with the large model alone)."""
     from rast_engine import SamplingParams
 
-    tokenizer = tokenizer_of(llm)
+    tokenizer = llm.get_tokenizer()
     prompts = [template.render(p.problem, tokenizer) for p in problems]
     sp = SamplingParams(n=1, temperature=temperature, max_tokens=max_tokens, stop=list(template.stop) or None,
                         seed=seed, **params)

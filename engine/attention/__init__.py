@@ -23,12 +23,18 @@ def _flash_attn_importable() -> bool:
     return True
 
 
-def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """"auto": flash_attn if it imports on CUDA, else triton on CUDA, else torch."""
+# flash-attn's paged kernels take cache blocks in multiples of this many tokens.
+FLASH_BLOCK_MULTIPLE = 256
+
+
+def get_attention_backend(name: str, device: torch.device | str, block_size: int) -> AttentionBackend:
+    """"auto": flash_attn if it imports on CUDA and the block size suits its paged kernels, else triton
+    on CUDA, else torch."""
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
-            name = "flash_attn" if _flash_attn_importable() else "triton"
+            flash_ok = block_size % FLASH_BLOCK_MULTIPLE == 0 and _flash_attn_importable()
+            name = "flash_attn" if flash_ok else "triton"
         else:
             name = "torch"
     if name == "torch":
@@ -45,6 +51,9 @@ def get_attention_backend(name: str, device: torch.device | str) -> AttentionBac
         if not _flash_attn_importable():
             raise RastError("attention_backend='flash_attn' but the flash_attn package does not import; "
                             "install the 'flash' extra or use 'triton'")
+        if block_size % FLASH_BLOCK_MULTIPLE:
+            raise RastError(f"attention_backend='flash_attn' needs block_size to be a multiple of "
+                            f"{FLASH_BLOCK_MULTIPLE}, got {block_size}; use 'triton' or a larger block_size")
         from rast_engine.attention.flash_backend import FlashAttention
 
         return FlashAttention()

@@ -21,7 +21,7 @@ from rast_engine.evaluation.data import Problem, load_problems
 from rast_engine.evaluation.grading import extract_answer, is_equivalent
 from rast_engine.evaluation.metrics import GradedSample, compute_metrics
 from rast_engine.evaluation.plots import draw_plots
-from rast_engine.evaluation.templates import load_template, tokenizer_of
+from rast_engine.evaluation.templates import load_template
 
 SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.json"
 # The settings that shape the samples; a resumed run must agree on all of them.
@@ -149,8 +149,8 @@ def _generate(cfg: EvalConfig, todo: list[tuple[Problem, int]], samples_path: Pa
     template = load_template(cfg.template)
     stop = list(template.stop) + list(cfg.stop)
     llm = _build_llm(cfg)
-    engine = llm.engine
-    tokenizer = tokenizer_of(llm)
+    engine = llm.llm_engine
+    tokenizer = llm.get_tokenizer()
     queue = iter(todo)
     inflight: dict[str, tuple[Problem, int]] = {}
 

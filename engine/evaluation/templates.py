@@ -58,8 +58,3 @@ def load_template(spec: str) -> PromptTemplate:
         raise RastError(f"--template must be 'a', 'b' or a template file; {spec!r} is neither")
     return PromptTemplate(str(path), path.read_text(encoding="utf-8"))
 
-
-def tokenizer_of(llm: Any) -> Any:
-    """The engine's HF tokenizer (vLLM's get_tokenizer() where it exists)."""
-    getter = getattr(llm, "get_tokenizer", None)
-    return getter() if callable(getter) else llm.tokenizer

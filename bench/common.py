@@ -1,0 +1,142 @@
+"""Helpers shared by the benchmarks in bench/: where and when a run happened, how fast this machine
+copies memory (the floor every memory-bound kernel is measured against), timing, and the result
+files bench/results/<name>-<device>-<shortsha>.json (+ .png when matplotlib is installed)."""
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3' on CUDA, the CPU model (or 'cpu') otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe short form: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "unknown"
+
+
+def git_sha(short: bool = True) -> str:
+    """The commit of the working tree, with '+dirty' if it has uncommitted changes; 'unknown' outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short" if short else "--verify", "HEAD"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def time_us(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 20) -> float:
+    """Median wall time of fn() in microseconds: CUDA events around each call on GPU (with a cache
+    flush in between, so inputs come from HBM, not L2), a plain perf_counter timer on CPU."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device.type == "cuda":
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+        for _ in range(iters):
+            flush.zero_()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(stop) * 1e3)
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted), the denominator of
+    every 'floor'. On CPU a smaller buffer keeps the measurement quick."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 64 * 2**20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), device, warmup=2, iters=10)
+    return 2 * nbytes / (us * 1e-6)
+
+
+def write_results(name: str, device: torch.device, rows: Sequence[dict], extra: dict | None = None) -> Path:
+    """bench/results/<name>-<device>-<shortsha>.json with device, commit, date, rows (+ extra fields)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dev, sha = device_name(device), git_sha()
+    path = RESULTS / f"{name}-{slug(dev)}-{slug(sha)}.json"
+    payload = {"device": dev, "commit": sha, "date": now(), **(extra or {}), "rows": list(rows)}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def plot(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str,
+         log: bool = True) -> Path | None:
+    """Line plot of {label: [(x, y), ...]} next to the JSON file; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    series = {label: points for label, points in series.items() if points and min(y for _, y in points) > 0}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    out = path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A plain fixed-width text table of the given columns."""
+    cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in cells)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)

@@ -11,10 +11,7 @@ Every configuration is first checked against an explicit float32 softmax on two 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,20 +23,10 @@ if "--quick" in sys.argv or not torch.cuda.is_available():
 
 from rast_kernels.paged_attention import paged_decode_attention, pick_num_splits  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, device_name, write_results  # noqa: E402
+
 SHAPES = {"qwen2.5-7b": (28, 4, 128), "llama-3.1-8b": (32, 8, 128)}  # (Hq, Hkv, head_dim)
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parent, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def time_ms(fn, device: torch.device, iters: int) -> float:
@@ -62,13 +49,6 @@ def time_ms(fn, device: torch.device, iters: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return begin.elapsed_time(end) / iters
-
-
-def copy_bandwidth_gbs(device: torch.device, nbytes: int) -> float:
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, iters=20)
-    return 2 * nbytes / ms / 1e6  # read + write
 
 
 def make_case(batch: int, ctx: int, hq: int, hkv: int, dim: int, block_size: int, dtype: torch.dtype,
@@ -123,27 +103,21 @@ def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU interpreter smoke test on tiny shapes")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/...)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = parser.parse_args()
     if args.quick or not torch.cuda.is_available():
         device, dtype, iters = torch.device("cpu"), torch.float32, 2
         configs = [((4, 2, 16), 1, 40), ((4, 2, 16), 2, 300)]
-        copy_gbs = copy_bandwidth_gbs(device, 1 << 24)
+        copy_gbs = copy_bandwidth(device) / 1e9
     else:
         device, dtype, iters = torch.device("cuda"), torch.bfloat16, 100
         configs = [(m, b, c) for m in SHAPES for b in (1, 8, 32, 128) for c in (1024, 4096, 16384)]
-        copy_gbs = copy_bandwidth_gbs(device, 1 << 30)
+        copy_gbs = copy_bandwidth(device, 1 << 30) / 1e9
     print(f"{device_name(device)}: copy bandwidth {copy_gbs:.1f} GB/s", flush=True)
     rows = run(configs, dtype, device, iters, copy_gbs)
-    report = dict(device=device_name(device), commit=git_sha(), date=datetime.datetime.now().isoformat(),
-                  dtype=str(dtype), copy_gbs=copy_gbs, rows=rows)
-    out = args.out
-    if out is None and device.type == "cuda":
-        out = RESULTS / f"attention-{device_name(device).replace(' ', '_')}-{report['commit']}.json"
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {out}")
+    if args.out is not None or device.type == "cuda":
+        path = write_results("attention", device, rows, dict(dtype=str(dtype), copy_gbs=copy_gbs), args.out)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

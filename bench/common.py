@@ -87,11 +87,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
     return 2 * nbytes / (us * 1e-6)
 
 
-def write_results(name: str, device: torch.device, rows: Sequence[dict], extra: dict | None = None) -> Path:
-    """bench/results/<name>-<device>-<shortsha>.json with device, commit, date, rows (+ extra fields)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, device: torch.device, rows: Sequence[dict], extra: dict | None = None,
+                  out_dir: Path | None = None) -> Path:
+    """<out_dir or bench/results>/<name>-<device>-<shortsha>.json with device, commit, date, rows
+    (+ extra fields)."""
+    out_dir = RESULTS if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     dev, sha = device_name(device), git_sha()
-    path = RESULTS / f"{name}-{slug(dev)}-{slug(sha)}.json"
+    path = out_dir / f"{name}-{slug(dev)}-{slug(sha)}.json"
     payload = {"device": dev, "commit": sha, "date": now(), **(extra or {}), "rows": list(rows)}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

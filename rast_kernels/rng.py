@@ -11,7 +11,7 @@ torch, Triton and C++ implementations produce bit-identical uniforms:
     row_key(s, o)   : s, o taken modulo 2**64 (two's complement for negative ints), split in lo/hi words
                       k = mix(s_lo ^ 0x9E3779B9); k = mix(k ^ s_hi); k = mix(k ^ o_lo); k = mix(k ^ o_hi)
     bits(k, i)      = mix(mix(i ^ k) + k)                     # + wraps modulo 2**32
-    uniform(k, i)   = ((bits >> 8) + 0.5) * 2**-24            # exactly representable, in (0, 1)
+    uniform(k, i)   = ((bits >> 9) + 0.5) * 2**-23            # exactly representable, in (0, 1)
     gumbel(k, i)    = -log(-log(uniform(k, i)))               # float32
 
 The second ``+ k`` keeps rows whose keys differ by an xor mask from sharing noise on permuted tokens.
@@ -24,7 +24,9 @@ MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
 MIX_MUL1 = 0x7FEB352D
 MIX_MUL2 = 0x846CA68B
-UNIFORM_SCALE = 2.0**-24
+# 23 bits plus the half step fit float32's 24-bit significand, so u never rounds to 0 or 1.
+UNIFORM_SHIFT = 9
+UNIFORM_SCALE = 2.0**-23
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,7 @@ def token_uniform(key: torch.Tensor, vocab: int) -> torch.Tensor:
     i = torch.arange(vocab, device=key.device, dtype=torch.int64)[None, :]
     k = key.to(torch.int64)[:, None]
     bits = mix32((mix32(i ^ k) + k) & MASK32)
-    return ((bits >> 8).to(torch.float32) + 0.5) * UNIFORM_SCALE
+    return ((bits >> UNIFORM_SHIFT).to(torch.float32) + 0.5) * UNIFORM_SCALE
 
 
 def token_gumbel(key: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -270,7 +270,7 @@ def _draw(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s,
                 total += tl.where(ok, w, 0.0)
             else:
                 bits = _mix32(_mix32(offs.to(tl.uint32) ^ rkey) + rkey)
-                u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+                u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23, see rng.py
                 score = tl.where(ok, -tl.log(-tl.log(u)) - d, float("-inf"))
                 better = score > best  # strict: lanes see increasing ids, so ties keep the lowest
                 best_i = tl.where(better, offs, best_i)

@@ -1,0 +1,354 @@
+"""Decode throughput and latency of RAST against its floor and its peers (issue 4 item 5).
+
+    python bench/decode.py                      # CUDA: 7B+Δ1.5B, 14B+Δ7B, 32B+Δ7B; batches 1 8 32 128
+    python bench/decode.py --pairings 7b+1.5b --batches 1 32 --quick --profile --out $OUT
+    python bench/decode.py --tiny               # CPU smoke run on tiny configs (automatic without CUDA)
+
+Modes: ``base`` the large model alone in our engine; ``rast-seq`` the forks' design (models one after
+another, eager); ``rast`` streams + CUDA graphs; ``hf-rast`` the peer (three HF transformers models, each
+with its own DynamicCache, run one after another, logits combined and sampled in torch). Weights are
+random with the exact shapes of bench/configs/*.json. Every step is timed on the host after a device
+synchronize, so host overhead counts, as a user sees it. The roofline is the bytes a decode step must
+read (all weights once, every model's KV at the mean context) over the measured copy bandwidth.
+docs/benchmarks.md explains every field.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench.decode_runs import LAM, engine_generate, hf_generate, hf_load, print_profile, profile_engine  # noqa: E402
+
+CONFIGS = ROOT / "bench" / "configs"
+PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
+            "32b+7b": ("qwen2.5-32b", "qwen2.5-7b")}
+MODES = ("base", "rast-seq", "rast", "hf-rast")
+ENGINE_MODES = {"base": dict(enforce_eager=False, model_streams=True, pair=False),
+                "rast-seq": dict(enforce_eager=True, model_streams=False, pair=True),
+                "rast": dict(enforce_eager=False, model_streams=True, pair=True)}
+_TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+              "hidden_act": "silu", "max_position_embeddings": 1024, "tie_word_embeddings": False,
+              "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1}
+# the small pair's vocab is narrower than the large model's, like Qwen2.5-1.5B (151936) vs 7B (152064)
+TINY = {"tiny-large": {**_TINY_BASE, "hidden_size": 128, "intermediate_size": 256, "vocab_size": 512},
+        "tiny-small": {**_TINY_BASE, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 496}}
+GPU_RESERVE_BYTES = 3 << 30  # activations, logits, sampler workspace, CUDA graph pools, allocator slack
+
+
+def import_engine() -> Any:
+    """rast_engine, also from a bare checkout (the GPU image has the repo but not the editable install):
+    engine/ is then registered under its package name, never imported as ``engine``."""
+    if importlib.util.find_spec("rast_engine") is None:
+        spec = importlib.util.spec_from_file_location("rast_engine", ROOT / "engine" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "engine")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["rast_engine"] = module
+        spec.loader.exec_module(module)
+    import rast_engine
+
+    return rast_engine
+
+
+# ---- bytes: what a decode step must read ----------------------------------------------------------
+def param_counts(cfg: dict) -> tuple[int, int]:
+    """(all parameters, parameters one decode step reads). The input embedding is a gather of B rows, so
+    only the lm_head counts as read (the same matrix when tied); every other weight is read once."""
+    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    q, kv = heads * hd, kv_heads * hd
+    qwen = cfg["model_type"] == "qwen2"
+    bias = (q + 2 * kv) if qwen or cfg.get("attention_bias") else 0
+    bias += h if not qwen and cfg.get("attention_bias") else 0
+    layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h + bias
+    body = layers * layer + h  # + final norm
+    tied = cfg.get("tie_word_embeddings", False)
+    return body + vocab * h * (1 if tied else 2), body + vocab * h
+
+
+def kv_bytes_per_token(cfg: dict, elt: int) -> int:
+    heads = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * hd * elt
+
+
+def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, bandwidth: float) -> dict:
+    weights = sum(param_counts(c)[1] for c in cfgs) * elt
+    kv = batch * mean_context * sum(kv_bytes_per_token(c, elt) for c in cfgs)
+    return dict(weight_bytes_read=weights, kv_bytes_read=int(kv), roofline_ms=(weights + kv) / bandwidth * 1e3)
+
+
+# ---- one mode of one pairing ----------------------------------------------------------------------
+class Suite:
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args, self.device = args, device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.elt = torch.empty((), dtype=self.dtype).element_size()
+        self.max_len = args.prompt + args.gen
+        self.bandwidth = common.copy_bandwidth(device)
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.errors: list[dict] = []
+        self.profiles: list[dict] = []
+        self.pairings: dict[str, dict] = {}
+        self.commit = args.commit or common.git_sha()  # once: the tree may be committed while we run
+
+    def fitting(self, mode: str, cfgs: list[dict]) -> tuple[list[int], dict[int, str]]:
+        """The batch sizes whose weights + KV (batch x prompt+gen tokens) + reserve fit in free GPU memory,
+        and why each other one does not. The engine preallocates the KV of its largest batch; the peer's
+        DynamicCache grows by concatenation, so it is given 1.5x its KV."""
+        if self.device.type != "cuda":
+            return list(self.args.batches), {}
+        free, _ = torch.cuda.mem_get_info(self.device)
+        weights = sum(param_counts(c)[0] for c in cfgs) * self.elt
+        per_seq = (1.5 if mode == "hf-rast" else 1.0) * self.max_len * sum(kv_bytes_per_token(c, self.elt)
+                                                                             for c in cfgs)
+        fit, why = [], {}
+        for b in self.args.batches:
+            need = weights + b * per_seq + GPU_RESERVE_BYTES
+            if need <= free:
+                fit.append(b)
+            else:
+                why[b] = (f"needs ~{need / 2**30:.1f} GiB (weights {weights / 2**30:.1f}, KV for {b} x "
+                          f"{self.max_len} tokens, {GPU_RESERVE_BYTES / 2**30:.0f} reserve); {free / 2**30:.1f} free")
+        return fit, why
+
+    def release(self) -> float:
+        gc.collect()
+        if self.device.type != "cuda":
+            return 0.0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(self.device) / 2**30
+
+    def build(self, rast: Any, mode: str, dirs: list[Path], max_batch: int, block_size: int = 16) -> Any:
+        flags, a = ENGINE_MODES[mode], self.args
+        pair = dict(small_rl=str(dirs[1]), small_base=str(dirs[2]), lam=LAM) if flags["pair"] else {}
+        return rast.LLMEngine(rast.EngineConfig(
+            model=str(dirs[0]), **pair, load_format="dummy", dtype=str(self.dtype).replace("torch.", ""),
+            enforce_eager=flags["enforce_eager"], model_streams=flags["model_streams"],
+            block_size=block_size, kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
+            max_num_seqs=max_batch, max_model_len=self.max_len,
+            max_num_batched_tokens=max(max_batch * a.prompt, self.max_len), device=str(self.device)))
+
+    def run_mode(self, mode: str, pairing: str, dirs: list[Path], cfgs: list[dict]) -> None:
+        batches, why = self.fitting(mode, cfgs if mode != "base" else cfgs[:1])
+        for batch, reason in why.items():
+            self.skipped.append(dict(mode=mode, pairing=pairing, batch=batch, reason=reason))
+            print(f"[skip] {pairing} {mode} batch {batch}: {reason}", flush=True)
+        if not batches:
+            return
+        try:
+            self.measure(mode, pairing, dirs, cfgs, batches)
+        except torch.cuda.OutOfMemoryError as e:  # while building: the estimate was short of the truth
+            self.skipped.append(dict(mode=mode, pairing=pairing, reason=f"out of memory while building: {e}"))
+            print(f"[skip] {pairing} {mode}: out of memory while building", flush=True)
+        except Exception as e:  # record and go on: one broken mode must not lose the others' rows
+            self.errors.append(dict(mode=mode, pairing=pairing, error=repr(e)[:500],
+                                    traceback=traceback.format_exc()[-3000:]))
+            print(f"[error] {pairing} {mode}: {e!r}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        left = self.release()  # measure's frame, the only holder of the models, is gone by now
+        if left > 1.0:
+            print(f"[warn] {left:.1f} GiB still allocated after releasing {pairing} {mode}", flush=True)
+
+    def measure(self, mode: str, pairing: str, dirs: list[Path], cfgs: list[dict], batches: list[int]) -> None:
+        a, used = self.args, cfgs if mode != "base" else cfgs[:1]
+        t0 = time.perf_counter()
+        if mode == "hf-rast":
+            models = hf_load(dirs, self.dtype, self.device)
+            vocab = min(c["vocab_size"] for c in cfgs)
+
+            def run(b: int, g: int, tag: str) -> dict:
+                return hf_generate(models, b, a.prompt, g, vocab, self.device)
+        else:
+            rast = import_engine()
+            engine = self.build(rast, mode, dirs, max(batches))
+            vocab = engine.vocab_size
+
+            def run(b: int, g: int, tag: str) -> dict:
+                return engine_generate(engine, rast.SamplingParams, b, a.prompt, g, vocab, tag, self.device)
+        build_s = time.perf_counter() - t0
+        for batch in batches:
+            try:
+                run(batch, a.warmup, f"warm{batch}")  # compiles kernels, captures this batch's graph
+                res = run(batch, a.gen, f"run{batch}")
+            except torch.cuda.OutOfMemoryError as e:
+                self.skipped.append(dict(mode=mode, pairing=pairing, batch=batch, reason=f"out of memory: {e}"))
+                print(f"[skip] {pairing} {mode} batch {batch} and larger: out of memory", flush=True)
+                break
+            mean_ctx = a.prompt + a.gen / 2  # decode step k (1..gen-1) attends over prompt + k tokens
+            row = dict(mode=mode, pairing=pairing, batch=batch, **res, mean_context=mean_ctx,
+                       **roofline_ms(used, self.elt, batch, mean_ctx, self.bandwidth), build_s=build_s)
+            self.rows.append(row)
+            print(f"  {pairing:>8} {mode:>8} b={batch:<4} {row['tokens_per_s']:10.1f} tok/s "
+                  f"{row['step_ms']:8.3f} ms/step (roofline {row['roofline_ms']:.3f})", flush=True)
+            self.flush()
+        if a.profile and mode in a.profile_modes and mode != "hf-rast":
+            prof = profile_engine(engine, rast.SamplingParams, min(a.profile_batch, max(batches)), a.prompt,
+                                  vocab, self.device)
+            self.profiles.append(dict(mode=mode, pairing=pairing, **prof))
+            print_profile(self.profiles[-1])
+
+    # ---- results ----------------------------------------------------------------------------------
+    def compare(self) -> dict:
+        """rast/base per (pairing, batch) and the issue's four targets, where their rows exist."""
+        base = {(r["pairing"], r["batch"]): r for r in self.rows if r["mode"] == "base"}
+        by = {(r["mode"], r["pairing"], r["batch"]): r for r in self.rows}
+        for r in self.rows:
+            r["roofline_frac"] = r["step_ms"] / r["roofline_ms"]
+            b = base.get((r["pairing"], r["batch"]))
+            if b is not None and r["mode"] != "base":
+                r["weight_bytes_ratio"] = r["weight_bytes_read"] / b["weight_bytes_read"]
+                r["time_vs_base"] = r["step_ms"] / b["step_ms"]
+                r["time_vs_base_over_wb"] = r["time_vs_base"] / r["weight_bytes_ratio"]
+        targets = []
+
+        def target(name: str, value: Optional[float], limit: float, at_most: bool) -> None:
+            if value is not None:
+                targets.append(dict(target=name, value=value, limit=limit,
+                                    met=value <= limit if at_most else value >= limit))
+
+        for p in self.pairings:
+            r1, r32 = by.get(("rast", p, 1)), by.get(("rast", p, 32))
+            b32, h32 = by.get(("base", p, 32)), by.get(("hf-rast", p, 32))
+            target(f"{p} b1 rast step / roofline", r1 and r1["roofline_frac"], 1.15, True)
+            target(f"{p} b1 (rast/base) / weight-bytes ratio", r1 and r1.get("time_vs_base_over_wb"), 1.05, True)
+            if p == "7b+1.5b":
+                target(f"{p} b32 rast / base tokens/s", r32 and b32 and r32["tokens_per_s"] / b32["tokens_per_s"],
+                       0.8, False)
+            target(f"{p} b32 rast / hf-rast tokens/s", r32 and h32 and r32["tokens_per_s"] / h32["tokens_per_s"],
+                   10.0, False)
+        return dict(targets=targets)
+
+    def path(self) -> Path:
+        dev = common.device_name(self.device)
+        return Path(self.args.out) / f"decode-{common.slug(dev)}-{common.slug(self.commit)}.json"
+
+    def flush(self) -> Path:
+        """Rewritten after every row, so a run cut off by a time limit keeps what it measured."""
+        import transformers
+        import triton
+
+        a = self.args
+        payload = dict(device=common.device_name(self.device), commit=self.commit,
+                       date=common.now(), copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype),
+                       prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
+                       modes=a.modes, pairings=self.pairings, versions=dict(
+                           torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
+                       **self.compare(), skipped=self.skipped, errors=self.errors, profiles=self.profiles,
+                       rows=self.rows)
+        path = self.path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        return path
+
+
+COLUMNS = ["pairing", "mode", "batch", "tokens_per_s", "step_ms", "step_ms_p90", "ttft_ms", "roofline_ms",
+           "roofline_frac", "time_vs_base", "weight_bytes_ratio", "time_vs_base_over_wb"]
+
+
+def pairing_models(pairing: str) -> tuple[str, str]:
+    """(large, small) config names: bench/configs/<name>.json or TINY."""
+    return ("tiny-large", "tiny-small") if pairing == "tiny" else PAIRINGS[pairing]
+
+
+def materialize(pairing: str, tmp: Path) -> tuple[list[Path], list[dict]]:
+    """config.json of the large model, the RL model and its base (same shapes) in temp dirs."""
+    large, small = pairing_models(pairing)
+    dirs, cfgs = [], []
+    for role, name in (("large", large), ("rl", small), ("base", small)):
+        cfg = TINY[name] if name in TINY else json.loads((CONFIGS / f"{name}.json").read_text())
+        d = tmp / f"{pairing}-{role}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(cfg))
+        dirs.append(d)
+        cfgs.append(cfg)
+    return dirs, cfgs
+
+
+def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.device]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny random configs (automatic without CUDA)")
+    ap.add_argument("--quick", action="store_true", help="fewer generated tokens (32; tiny: 6)")
+    ap.add_argument("--device", default="auto", help="cuda | cpu | auto")
+    ap.add_argument("--pairings", nargs="+", choices=[*PAIRINGS, "tiny"], help="default: all (tiny: tiny)")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--batches", nargs="+", type=int, help="default 1 8 32 128 (tiny: 1 4)")
+    ap.add_argument("--prompt", type=int, help="prompt tokens per request (default 128; tiny 16)")
+    ap.add_argument("--gen", type=int, help="generated tokens per request (default 128; tiny 12)")
+    ap.add_argument("--warmup", type=int, help="tokens generated untimed per batch first (default 8; tiny 3)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps")
+    ap.add_argument("--profile-modes", nargs="+", choices=list(ENGINE_MODES), default=["rast", "rast-seq"])
+    ap.add_argument("--profile-batch", type=int, default=1)
+    ap.add_argument("--out", default=str(common.RESULTS), help="directory of the JSON and PNG")
+    ap.add_argument("--commit", help="commit to record (default: git rev-parse in this checkout)")
+    a = ap.parse_args(argv)
+    name = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    a.tiny = a.tiny or device.type != "cuda"
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny matmuls: threads only add sync overhead, and CI boxes are shared
+    a.pairings = a.pairings or (["tiny"] if a.tiny else list(PAIRINGS))
+    a.batches = sorted(set(a.batches or ([1, 4] if a.tiny else [1, 8, 32, 128])))
+    a.prompt = a.prompt or (16 if a.tiny else 128)
+    a.gen = a.gen or ((6 if a.quick else 12) if a.tiny else (32 if a.quick else 128))
+    a.warmup = a.warmup or (3 if a.tiny else 8)
+    if a.tiny != (a.pairings == ["tiny"]):
+        ap.error("--tiny runs the pairing 'tiny' only, and 'tiny' needs --tiny")
+    if min(a.batches) < 1 or a.prompt < 1 or a.gen < 2 or a.warmup < 2 or a.warmup > a.gen:
+        ap.error("batches and --prompt must be >= 1, --gen >= 2, 2 <= --warmup <= --gen")
+    return a, device
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, device = parse(argv)
+    suite = Suite(args, device)
+    print(f"decode bench on {common.device_name(device)} at {suite.commit}: copy bandwidth "
+          f"{suite.bandwidth / 1e9:.1f} GB/s, prompt {args.prompt}, gen {args.gen}, batches {args.batches}",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="rast-bench-") as tmp:
+        for pairing in args.pairings:
+            dirs, cfgs = materialize(pairing, Path(tmp))
+            read = [param_counts(c)[1] * suite.elt for c in cfgs]
+            large, small = pairing_models(pairing)
+            kv = [kv_bytes_per_token(c, suite.elt) for c in cfgs]
+            suite.pairings[pairing] = dict(large=large, small=small, weight_bytes_base=read[0],
+                                           weight_bytes_rast=sum(read), weight_bytes_ratio=sum(read) / read[0],
+                                           kv_bytes_per_token=kv)
+            for mode in args.modes:
+                suite.run_mode(mode, pairing, dirs, cfgs)
+    path = suite.flush()
+    print(f"\n{common.device_name(device)} @ {suite.commit}  "
+          f"(copy bandwidth {suite.bandwidth / 1e9:.1f} GB/s)")
+    print(common.table(suite.rows, COLUMNS))
+    for t in suite.compare()["targets"]:
+        print(f"target {t['target']}: {t['value']:.3f} (limit {t['limit']}) {'met' if t['met'] else 'MISSED'}")
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in suite.rows:
+        series.setdefault(f"{r['pairing']} {r['mode']}", []).append((r["batch"], r["tokens_per_s"]))
+    png = common.plot(path, series, "batch", "decode tokens/s",
+                      f"decode throughput, {common.device_name(device)} @ {suite.commit}")
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    for s in suite.skipped:
+        print(f"skipped {s}")
+    return 1 if suite.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

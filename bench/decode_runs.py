@@ -1,0 +1,157 @@
+"""One timed generation in each system the decode suite compares, and a profile of a few engine steps.
+
+Our engine is driven through its public API (add_request / step); the peer is three HF transformers models,
+each with its own DynamicCache, run one after another per step with the RAST combination and top-p sampling
+in torch, as proxy-tuning and the RAST repository's HF path do it. Every step ends in a device synchronize
+and is timed on the host clock, so host overhead counts as a user sees it.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import common
+
+LAM = 1.0  # λ of the single small pair in every RAST mode
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(step_s: list[float], first_token_s: float, batch: int, gen: int) -> dict:
+    """Decode figures from the per-step wall times of the steps after the one that produced first tokens."""
+    if not step_s:
+        raise RuntimeError("no decode steps were timed; use --gen >= 2")
+    total = sum(step_s)
+    return dict(tokens_per_s=batch * len(step_s) / total, step_ms=1e3 * total / len(step_s),
+                step_ms_median=1e3 * statistics.median(step_s),
+                step_ms_p90=1e3 * sorted(step_s)[int(0.9 * (len(step_s) - 1))],
+                ttft_ms=1e3 * first_token_s, decode_steps=len(step_s), generated_per_seq=gen)
+
+
+def add_requests(engine: Any, sp_cls: Any, batch: int, prompt: int, gen: int, vocab: int, tag: str) -> None:
+    """``batch`` distinct random prompts (no prefix-cache hits), sampled at T=1, top-p 0.95, no early stop."""
+    rng = torch.Generator().manual_seed(batch * 1000 + prompt + gen)
+    params = sp_cls(temperature=1.0, top_p=0.95, ignore_eos=True, max_tokens=gen)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (prompt,), generator=rng).tolist(), params)
+
+
+def engine_generate(engine: Any, sp_cls: Any, batch: int, prompt: int, gen: int, vocab: int, tag: str,
+                    device: torch.device) -> dict:
+    """Add ``batch`` random prompts at once and step the engine to the end; the step that hands every
+    request its first token is the prefill (TTFT), the rest are decode steps."""
+    add_requests(engine, sp_cls, batch, prompt, gen, vocab, tag)
+    sync(device)
+    start, have_first, first_at, step_s, made, peak = time.perf_counter(), set(), 0.0, [], {}, 0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        sync(device)
+        t1 = time.perf_counter()
+        peak = max(peak, engine.stats().kv_blocks_used)
+        fresh = {o.request_id for o in outs} - have_first
+        if fresh:  # still in prefill: some request got its first token in this step
+            have_first |= fresh
+            first_at = t1 - start
+        elif len(have_first) == batch:
+            step_s.append(t1 - t0)
+        for o in outs:
+            made[o.request_id] = len(o.outputs[0].token_ids)
+    short = {r: n for r, n in made.items() if n != gen}
+    if len(made) != batch or short:
+        raise RuntimeError(f"{tag}: expected {batch} requests x {gen} tokens, got {len(made)} requests, "
+                           f"short ones {dict(list(short.items())[:3])}")
+    return {**summarize(step_s, first_at, batch, gen), "kv_blocks_used_peak": peak}
+
+
+def hf_load(cfg_dirs: list[Path], dtype: torch.dtype, device: torch.device) -> list[Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    models = []
+    for d in cfg_dirs:
+        with torch.device(device):
+            m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d)), dtype=dtype,
+                                                 attn_implementation="sdpa")
+        models.append(m.eval())
+    return models
+
+
+def hf_combine_sample(logits: list[torch.Tensor], vocab: int, gen: torch.Generator, top_p: float = 0.95,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """proxy-tuning's step: z_M + λ(z_R − z_S) over the shared vocab, temperature, top-p, one draw."""
+    z = logits[0][:, :vocab].float() + LAM * (logits[1][:, :vocab].float() - logits[2][:, :vocab].float())
+    probs = torch.softmax(z / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    pick = torch.multinomial(sorted_p, 1, generator=gen)
+    return order.gather(-1, pick)
+
+
+@torch.inference_mode()
+def hf_generate(models: list[Any], batch: int, prompt: int, gen: int, vocab: int, device: torch.device) -> dict:
+    rng = torch.Generator(device=device).manual_seed(batch * 1000 + prompt)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=rng, device=device)
+    sync(device)
+    start = time.perf_counter()
+    outs = [m(input_ids=ids, use_cache=True, logits_to_keep=1) for m in models]  # each makes its own cache
+    caches = [o.past_key_values for o in outs]
+    tok = hf_combine_sample([o.logits[:, -1] for o in outs], vocab, rng)
+    sync(device)
+    first_at, step_s = time.perf_counter() - start, []
+    for _ in range(gen - 1):
+        t0 = time.perf_counter()
+        outs = [m(input_ids=tok, past_key_values=c, use_cache=True) for m, c in zip(models, caches)]
+        tok = hf_combine_sample([o.logits[:, -1] for o in outs], vocab, rng)
+        del outs  # the logits of the step before are dead once sampled
+        sync(device)
+        step_s.append(time.perf_counter() - t0)
+    got = caches[0].get_seq_length()
+    if got != prompt + gen - 1:
+        raise RuntimeError(f"hf-rast: cache holds {got} tokens, expected {prompt + gen - 1}")
+    return summarize(step_s, first_at, batch, gen)
+
+
+# ---- where the time goes --------------------------------------------------------------------------
+def profile_engine(engine: Any, sp_cls: Any, batch: int, prompt: int, vocab: int, device: torch.device,
+                   steps: int = 5, top: int = 15) -> dict:
+    """torch.profiler over ``steps`` decode steps (after the prefill and one warm decode step): the top
+    kernels (ops on CPU) by self time per step, next to the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    add_requests(engine, sp_cls, batch, prompt, steps + 3, vocab, "profile")
+    engine.step()
+    engine.step()
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+        wall = time.perf_counter() - t0
+    while engine.has_unfinished_requests():
+        engine.step()
+    averages = list(prof.key_averages())
+    names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    key = next(n for n in names if averages and hasattr(averages[0], n))  # renamed cuda -> device in torch 2.4+
+    events = [e for e in averages if getattr(e, key) > 0]
+    busy_us = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    kernels = [dict(name=e.key[:90], ms_per_step=getattr(e, key) / 1e3 / steps,
+                    share=getattr(e, key) / busy_us, calls_per_step=e.count / steps) for e in events[:top]]
+    return dict(batch=batch, steps=steps, wall_ms_per_step=wall * 1e3 / steps,
+                busy_ms_per_step=busy_us / 1e3 / steps, time_kind=key, kernels=kernels)
+
+
+def print_profile(p: dict) -> None:
+    print(f"\nprofile {p['pairing']} {p['mode']} batch {p['batch']}: wall {p['wall_ms_per_step']:.3f} ms/step, "
+          f"busy {p['busy_ms_per_step']:.3f} ms/step ({p['time_kind']})")
+    print(common.table(p["kernels"], ["name", "ms_per_step", "share", "calls_per_step"]), flush=True)

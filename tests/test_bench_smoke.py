@@ -1,0 +1,113 @@
+"""bench/decode.py: its CPU tiny mode end to end (as CI runs it), its byte counts against HF transformers'
+own parameter counts and the engine's KV layout, and the peer's RAST sampling step against the formula."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "decode.py"
+
+
+def _load_decode():
+    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+decode = _load_decode()  # puts the repo root on sys.path, so the suite's sibling modules import
+from bench import decode_runs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--quick", "--device", "cpu", "--profile",
+                           "--profile-modes", "rast", "--out", str(out), "--commit", "smoketest"],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = list(out.glob("decode-*-smoketest.json"))
+    assert len(files) == 1, f"expected one result file in {out}, found {sorted(p.name for p in out.iterdir())}"
+    return json.loads(files[0].read_text()), files[0], done.stdout
+
+
+def test_result_file_has_every_mode_and_batch(smoke: tuple[dict, Path, str]) -> None:
+    result, path, stdout = smoke
+    assert result["commit"] == "smoketest" and result["device"] and result["date"]
+    assert result["errors"] == [] and result["skipped"] == []
+    assert result["copy_bandwidth_GBps"] > 0
+    got = {(r["mode"], r["pairing"], r["batch"]) for r in result["rows"]}
+    assert got == {(m, "tiny", b) for m in decode.MODES for b in (1, 4)}
+    assert path.with_suffix(".png").is_file() or importlib.util.find_spec("matplotlib") is None
+    assert "roofline_ms" in stdout and result["device"] in stdout  # the printed table names the device
+
+
+def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
+    result, _, _ = smoke
+    gen, prompt = result["gen_len"], result["prompt_len"]
+    for r in result["rows"]:
+        for key in ("tokens_per_s", "step_ms", "step_ms_median", "ttft_ms", "roofline_ms", "weight_bytes_read",
+                    "kv_bytes_read"):
+            assert r[key] > 0, (key, r)
+        assert r["decode_steps"] == gen - 1  # one prefill step, then one step per further token
+        # tokens/s counts every sequence's token of every decode step over the summed step time
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"], rel=1e-9)
+        assert r["mean_context"] == prompt + gen / 2
+        bw = result["copy_bandwidth_GBps"] * 1e9
+        assert r["roofline_ms"] == pytest.approx((r["weight_bytes_read"] + r["kv_bytes_read"]) / bw * 1e3)
+        if r["mode"] != "base":
+            base = next(b for b in result["rows"] if b["mode"] == "base" and b["batch"] == r["batch"])
+            assert r["time_vs_base"] == pytest.approx(r["step_ms"] / base["step_ms"])
+            assert r["weight_bytes_ratio"] == pytest.approx(result["pairings"]["tiny"]["weight_bytes_ratio"])
+    [prof] = result["profiles"]
+    assert prof["mode"] == "rast" and prof["kernels"] and all(k["ms_per_step"] > 0 for k in prof["kernels"])
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b", "llama-3.1-8b", "tiny-large", "tiny-small"])
+def test_param_counts_match_transformers(name: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = decode.TINY.get(name) or json.loads((decode.CONFIGS / f"{name}.json").read_text())
+    hf_cfg = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    total, read = decode.param_counts(cfg)
+    assert total == model.num_parameters()
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embed
+    assert read == total - (0 if tied else embed.numel())  # everything but the gathered embedding rows
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-14b", "llama-3.1-70b", "tiny-small"])
+def test_kv_bytes_match_the_engine_layout(name: str) -> None:
+    from rast_engine.models.config import ModelConfig
+
+    cfg = decode.TINY.get(name) or json.loads((decode.CONFIGS / f"{name}.json").read_text())
+    for dtype in (torch.bfloat16, torch.float32):
+        elt = torch.empty((), dtype=dtype).element_size()
+        assert decode.kv_bytes_per_token(cfg, elt) == ModelConfig.from_dict(cfg).kv_bytes_per_token(dtype)
+
+
+def test_peer_sampling_is_the_rast_combination() -> None:
+    torch.manual_seed(0)
+    v, b = 40, 6
+    large, rl, base = torch.randn(b, v + 3), torch.randn(b, v), torch.randn(b, v)
+    gen = torch.Generator().manual_seed(1)
+    want = (large[:, :v] + decode_runs.LAM * (rl - base)).argmax(-1, keepdim=True)
+    # top-p that keeps only the most likely token: the draw must be the combined argmax, whatever the noise
+    assert torch.equal(decode_runs.hf_combine_sample([large, rl, base], v, gen, top_p=1e-6), want)
+    # the full distribution: the empirical frequencies follow softmax(combined)
+    probs = torch.softmax(large[:1, :v] + rl[:1] - base[:1], -1)[0]
+    draws = torch.cat([decode_runs.hf_combine_sample([large[:1], rl[:1], base[:1]], v, gen, top_p=1.0)
+                       for _ in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=v).float() / draws.numel()
+    assert (freq - probs).abs().max() < 0.03

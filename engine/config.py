@@ -9,6 +9,8 @@ from rast_engine.errors import RastError
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# "auto": safetensors weights; "dummy": seeded random weights of config.json's shapes, made on the device
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class EngineConfig:
     seed: int = 0
     max_num_batched_tokens: Optional[int] = None  # per-step token budget; None: max(max_model_len, 2048)
     enable_prefix_caching: bool = True
+    load_format: str = "auto"
+    model_streams: bool = True  # CUDA: the large model on one stream, the small models on another
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +74,11 @@ class EngineConfig:
             raise RastError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise RastError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise RastError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        for name in ("model_streams", "enforce_eager", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise RastError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _positive_int("block_size", self.block_size)

@@ -16,6 +16,7 @@ import torch
 from rast_engine.attention import get_attention_backend
 from rast_engine.block_manager import BlockManager
 from rast_engine.config import EngineConfig
+from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, num_kv_blocks
@@ -65,8 +66,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=budget, max_model_len=max_len,
                                    eos_token_ids=ms.eos_token_ids)
+        eager = config.enforce_eager or self.device.type != "cuda"
+        if not eager and attention.name not in CAPTURE_SAFE_ATTENTION:
+            logger.warning("attention backend %r reads lengths on the host and cannot be captured in a CUDA "
+                           "graph; decoding eagerly", attention.name)
+            eager = True
         self.runner = ModelRunner(ms.models, self.kv, self.vocab_size, config.block_size, self.device,
-                                  enforce_eager=config.enforce_eager)
+                                  enforce_eager=eager, model_streams=config.model_streams,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=max_len)
         self.groups: dict[str, SequenceGroup] = {}
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(config.seed)
@@ -78,11 +85,16 @@ class LLMEngine:
                     time.perf_counter() - t0, self.vocab_size)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
                     num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20, len(ms.models), max_len)
-        logger.info("backends: attention=%s sampler=%s", attention.name, self.runner.sampler)
+        logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s", attention.name,
+                    self.runner.sampler, "eager" if eager else "in CUDA graphs",
+                    "on" if self.runner.streams.concurrent else "off")
 
     # ---- requests ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RastError("this engine has no tokenizer (its load_format='dummy' model directories hold "
+                                "no tokenizer files): give prompts as lists of token ids")
             if not prompt:
                 raise RastError("the prompt is empty")
             return list(self.tokenizer.encode(prompt))
@@ -115,6 +127,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise RastError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
                             "(it must leave room for at least one generated token)")
+        if params.stop_list and self.tokenizer is None:
+            raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
+                            "use stop_token_ids")
         if params.n > self.config.max_num_seqs:
             raise RastError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         if params.logprobs is not None and params.logprobs > self.vocab_size:
@@ -132,7 +147,8 @@ class LLMEngine:
     def _new_sequence(self, group: SequenceGroup, index: int, token_ids: list[int]) -> Sequence:
         return Sequence(group=group, index=index, token_ids=token_ids,
                         seed=sample_seed(group.request_seed, index),
-                        detok=IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids))
+                        detok=None if self.tokenizer is None
+                        else IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids))
 
     def abort_request(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)
@@ -198,7 +214,8 @@ class LLMEngine:
             seq.logprobs.append(result.logprobs)
             seq.cumulative_logprob += result.logprobs[result.token_id]
         prev_len = len(seq.output_text)
-        seq.output_text += seq.detok.step(seq.token_ids)
+        if seq.detok is not None:  # without a tokenizer the outputs are token ids only
+            seq.output_text += seq.detok.step(seq.token_ids)
         reason = self.scheduler.check_stop(seq, prev_len)
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -1,10 +1,15 @@
 """One step on device: shared input preparation, every model's forward, one fused RAST sample.
 
-The step is split so the GPU fast path (issue 4) can replace pieces without touching the rest:
-``prepare`` builds the inputs every model shares (token ids, positions, slot mapping, block tables) with
-tensor ops, not a loop per token; ``forward_logits`` is the only place the models run (streams and
-CUDA graphs slot in there); ``sample`` makes one rast_sample call over per-row parameter tensors and
-reads the ids back with one device-to-host copy.
+Prefill: ``prepare`` builds the inputs every model shares (token ids, positions, slot mapping, block
+tables) with tensor ops, not a loop per token; ``forward_logits`` runs the models (large and small on
+two CUDA streams, see model_streams); ``sample`` makes one rast_sample call over per-row parameter
+tensors and reads the ids back with one device-to-host copy.
+
+Decode, the hot path: the batch is written into DecodeBuffers (static device tensors fed from pinned
+staging by a few non_blocking copies), then one step function runs forward_logits and rast_sample on
+them. On CUDA without enforce_eager that function is captured as a CUDA graph per batch-size bucket
+(cuda_graph) and replayed on the padded batch; otherwise it runs eagerly on the batch's rows. Either
+way the step's only device-to-host read is the sampled ids.
 """
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ import torch
 
 import rast_kernels
 from rast_engine.attention.metadata import AttentionMetadata
+from rast_engine.cuda_graph import DecodeGraphs, StepOutput
+from rast_engine.decode_buffers import DecodeBuffers
 from rast_engine.kv_cache import KVCache
+from rast_engine.model_streams import ModelStreams
 from rast_engine.models.decoder import CausalLM
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.sequence import Sequence
@@ -26,7 +34,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
-    last_index: torch.Tensor  # [B] int64: each sequence's last new token in the flat batch
+    last_index: Optional[torch.Tensor] = None  # [B] int64: each sequence's last new token (prefill)
 
 
 @dataclass
@@ -55,15 +63,22 @@ def sampler_backend(device: torch.device) -> str:
 
 class ModelRunner:
     def __init__(self, models: list[CausalLM], kv: KVCache, vocab_size: int, block_size: int,
-                 device: torch.device, enforce_eager: bool = True) -> None:
+                 device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
+                 max_num_seqs: int = 256, max_model_len: int = 2048) -> None:
         self.models = models
         self.kv = kv
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.device = device
-        self.enforce_eager = enforce_eager  # CPU path is always eager; graphs come with issue 4
+        self.max_model_len = max_model_len
         self.sampler = sampler_backend(device)
         self.pin = device.type == "cuda"
+        self.streams = ModelStreams(device, model_streams)
+        self.pairs = (len(models) - 1) // 2
+        self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
+        # CPU is always eager: graphs are a CUDA feature, and the CPU path is the reference
+        self.graphs = (None if enforce_eager or device.type != "cuda" else
+                       DecodeGraphs(self._decode_step, self._pad_all, device, max_num_seqs))
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.pin:
@@ -108,19 +123,56 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs, rows: Optional[torch.Tensor]) -> list[torch.Tensor]:
         """Each model's logits [N, width_m] at the token indices ``rows`` (None: every token)."""
-        out = []
-        for model, pool in zip(self.models, self.kv.pools):
-            hidden = model(inputs.input_ids, inputs.positions, inputs.meta, pool)
-            out.append(model.compute_logits(hidden if rows is None else hidden.index_select(0, rows)))
-        return out
+        return self.streams.forward(self.models, self.kv.pools, inputs.input_ids, inputs.positions,
+                                    inputs.meta, rows)
 
     @torch.inference_mode()
     def execute(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
                 draws: Seq[Draw]) -> list[DrawResult]:
         self.kv.copy_blocks(copies)
+        if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
+            return self.decode(seqs, draws)
         inputs = self.prepare(seqs, is_prefill)
         logits = self.forward_logits(inputs, inputs.last_index)
         return self.sample(logits, draws)
+
+    # ---- decode: static buffers, optional CUDA graph ----------------------------------------------
+    def _decode_step(self, rows: int) -> StepOutput:
+        """Forward and sample on the first ``rows`` static rows; no host sync (graph-capturable)."""
+        b = self.buffers
+        inputs = StepInputs(input_ids=b.input_ids(rows), positions=b.positions(rows),
+                            meta=b.meta(rows, self.max_model_len))
+        logits = self.forward_logits(inputs, None)
+        ids = rast_kernels.rast_sample(logits[0], list(zip(logits[1::2], logits[2::2])), **b.sampling(rows),
+                                       vocab_size=self.vocab_size, backend=self.sampler)
+        return ids, logits
+
+    def _pad_all(self, rows: int) -> None:
+        self.buffers.pad(0, rows)
+        self.buffers.send(rows)
+
+    @torch.inference_mode()
+    def decode(self, seqs: Seq[Sequence], draws: Seq[Draw]) -> list[DrawResult]:
+        """One decode step; draw i samples row i (sequence i)."""
+        n = len(seqs)
+        rows = n if self.graphs is None else self.graphs.bucket(n)
+        if self.graphs is not None:
+            self.graphs.ensure(rows)  # before fill: capture pads the static rows
+        p = [d.params for d in draws]
+        self.buffers.fill(seqs, temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
+                          top_p=[x.top_p for x in p], min_p=[x.min_p for x in p], seeds=[d.seed for d in draws],
+                          offsets=[d.offset for d in draws], weights=[d.weights for d in draws], rows=rows)
+        ids_dev, logits = self._decode_step(rows) if self.graphs is None else self.graphs.replay(rows)
+        ids = ids_dev[:n].tolist()  # the step's one device-to-host read
+        if any(i < 0 for i in ids):
+            raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")
+        results = [DrawResult(i, None) for i in ids]
+        want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
+        if want:
+            logits = [t[:n] for t in logits]
+            weights = torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(n, self.pairs)
+            self._logprobs(logits, list(zip(logits[1::2], logits[2::2])), weights, draws, ids, want, results)
+        return results
 
     def _row_params(self, draws: Seq[Draw], greedy_as_t1: bool = False) -> dict[str, torch.Tensor]:
         temps = [d.params.temperature for d in draws]

@@ -3,6 +3,10 @@ decodable whole: every model must read the same token ids, so every tokenizer mu
 
 V, the engine's vocabulary, is min(len(tokenizer), every model's vocab width): padded logit columns
 beyond the tokenizer (Qwen2.5's 151936 vs 152064) are never sampled or scored.
+
+With load_format="dummy" the directories need only config.json. If none of them has tokenizer files the
+set has no tokenizer (None): prompts must be token ids, V is the smallest vocab width, and eos comes
+from config.json / generation_config.json alone.
 """
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.decoder import CausalLM
 from rast_engine.models.loader import load_model
+from rast_engine.sampling_params import sample_seed
 
 logger = logging.getLogger("rast")
 
 SPECIAL_ATTRS = ("bos_token", "eos_token", "pad_token", "unk_token")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -31,7 +37,7 @@ class ModelSet:
     models: list[CausalLM]  # runner order: large, then rl_k, base_k per pair
     configs: list[ModelConfig]
     roles: list[str]
-    tokenizer: Any
+    tokenizer: Any  # None: a dummy model set without tokenizer files (token-id prompts only)
     vocab_size: int
     eos_token_ids: set[int]
     weights: list[float]  # the engine's λ per pair
@@ -100,14 +106,43 @@ def tokenizer_difference(a: Any, b: Any) -> str | None:
     return None
 
 
+def _id_list(value: Any) -> list[int]:
+    return [] if value is None else [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
 def eos_token_ids(path: str, tokenizer: Any) -> set[int]:
-    """The tokenizer's eos plus generation_config.json's (Llama-3 instruct lists several)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    """The tokenizer's eos (config.json's when there is no tokenizer) plus generation_config.json's
+    (Llama-3 instruct lists several)."""
+    if tokenizer is not None:
+        ids = set(_id_list(tokenizer.eos_token_id))
+    else:
+        ids = set(_id_list(json.loads((Path(path) / "config.json").read_text()).get("eos_token_id")))
     gen = Path(path) / "generation_config.json"
     if gen.is_file():
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(value if isinstance(value, list) else [] if value is None else [value])
-    return {int(i) for i in ids}
+        ids.update(_id_list(json.loads(gen.read_text()).get("eos_token_id")))
+    return ids
+
+
+def has_tokenizer_files(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizers(config: EngineConfig, paths: list[str], names: list[str]) -> list[Any]:
+    """One tokenizer per model; all None for a dummy set whose directories hold no tokenizer at all."""
+    if config.load_format == "dummy":
+        present = [has_tokenizer_files(p) for p in paths]
+        if not any(present):
+            return [None] * len(paths)
+        if not all(present):
+            lacking = [f"{r} ({p})" for p, r, ok in zip(paths, names, present) if not ok]
+            raise ModelLoadError(f"some model directories have tokenizer files and {', '.join(lacking)} "
+                                 "do not; give every model the same tokenizer, or none (token-id prompts)")
+    return [load_tokenizer(p, r) for p, r in zip(paths, names)]
+
+
+def dummy_seed(engine_seed: int, index: int) -> int:
+    """Model ``index`` of the set gets its own weights, even when rl and base share a directory."""
+    return sample_seed(engine_seed, index) & ((1 << 63) - 1)
 
 
 def load_model_set(config: EngineConfig, device: torch.device, attention: AttentionBackend) -> ModelSet:
@@ -120,20 +155,21 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
             configs.append(ModelConfig.from_dir(path))
         except ModelLoadError as e:
             raise ModelLoadError(f"{role}: {e}") from None
-    tokenizers = [load_tokenizer(p, r) for p, r in zip(paths, names)]
+    tokenizers = load_tokenizers(config, paths, names)
     for path, role, tok in zip(paths[1:], names[1:], tokenizers[1:]):
-        diff = tokenizer_difference(tokenizers[0], tok)
+        diff = None if tok is None else tokenizer_difference(tokenizers[0], tok)
         if diff is not None:
             raise ModelLoadError(f"the tokenizer of {role} ({path}) differs from the tokenizer of model "
                                  f"({paths[0]}): {diff}. All models must share one tokenizer.")
     dtype = resolve_dtype(config.dtype, device, configs[0])
     models = []
-    for path, role in zip(paths, names):
+    for i, (path, role) in enumerate(zip(paths, names)):
         try:
-            models.append(load_model(path, device=device, dtype=dtype, attention=attention))
+            models.append(load_model(path, device=device, dtype=dtype, attention=attention,
+                                     load_format=config.load_format, seed=dummy_seed(config.seed, i)))
         except ModelLoadError as e:
             raise ModelLoadError(f"{role}: {e}") from None
     tokenizer = tokenizers[0]
-    vocab = min([len(tokenizer)] + [c.vocab_size for c in configs])
+    vocab = min(([] if tokenizer is None else [len(tokenizer)]) + [c.vocab_size for c in configs])
     return ModelSet(models=models, configs=configs, roles=names, tokenizer=tokenizer, vocab_size=vocab,
                     eos_token_ids=eos_token_ids(paths[0], tokenizer), weights=[p.weight for p in config.pairs])

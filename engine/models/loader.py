@@ -3,6 +3,10 @@
 Weights are memory-mapped with safetensors.safe_open and copied tensor by tensor into a model built on
 the meta device, so host memory never holds a second full copy and no random init is paid. Pickle
 checkpoints (*.bin, *.pt) are refused: loading them can run arbitrary code.
+
+load_format="dummy" needs only config.json: every weight is drawn on the device itself (N(0, 0.02),
+norms 1), from a generator seeded by ``seed``, so benchmarks get the exact shapes and byte counts of a
+real checkpoint without reading one. The same seed gives the same weights on the same device type.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from rast_engine.models.config import DTYPES, ModelConfig
 from rast_engine.models.decoder import CausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
+LOAD_FORMATS = ("auto", "dummy")
+DUMMY_STD = 0.02  # HF's initializer_range for Qwen2 / Llama: activations stay O(1) through the layers
 
 
 def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
@@ -55,21 +61,49 @@ def tensor_files(path: Path) -> dict[str, Path]:
     return files
 
 
-@torch.no_grad()
-def load_model(
-    path: str | Path, *, device: str | torch.device, dtype: str | torch.dtype, attention: AttentionBackend
-) -> CausalLM:
-    path = Path(path)
-    cfg = ModelConfig.from_dir(path)
-    torch_dtype = resolve_dtype(dtype, cfg)
-    device = torch.device(device)
-    files = tensor_files(path)
+def _empty_model(cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype,
+                 device: torch.device) -> CausalLM:
     with torch.device("meta"):
-        model = CausalLM(cfg, attention, torch_dtype)
+        model = CausalLM(cfg, attention, dtype)
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each parameter its own storage; re-tie
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_cache()
+    return model
+
+
+@torch.no_grad()
+def init_dummy_weights(model: CausalLM, seed: int) -> None:
+    """Seeded random weights drawn in place on the model's device and dtype: no host copy, no float32
+    temporary (a 32B model's embedding alone would be 3 GB of it)."""
+    device = model.embed_tokens.weight.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    for name, param in model.named_parameters():  # a tied lm_head is listed once
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, DUMMY_STD, generator=gen)
+
+
+@torch.no_grad()
+def load_model(
+    path: str | Path, *, device: str | torch.device, dtype: str | torch.dtype, attention: AttentionBackend,
+    load_format: str = "auto", seed: int = 0,
+) -> CausalLM:
+    """``seed`` only matters for load_format="dummy"."""
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {LOAD_FORMATS}")
+    path = Path(path)
+    cfg = ModelConfig.from_dir(path)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    device = torch.device(device)
+    if load_format == "dummy":
+        model = _empty_model(cfg, attention, torch_dtype, device)
+        init_dummy_weights(model, seed)
+        return model.eval()
+    files = tensor_files(path)
+    model = _empty_model(cfg, attention, torch_dtype, device)
 
     slots = model.weight_map()
     missing = [name for name in slots if name not in files]

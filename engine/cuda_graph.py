@@ -1,0 +1,86 @@
+"""Whole-step CUDA graphs for decode: every model's forward, compute_logits and the rast_sample call,
+captured once per batch-size bucket and replayed on batches padded up to their bucket.
+
+Invariants:
+- the step reads only DecodeBuffers' static device tensors (inputs and sampling parameters), which
+  the runner fills before each replay; their addresses never change;
+- a bucket is captured lazily, the first time a batch needs it, with every row set to inert padding
+  (slot -1, context 0, greedy): the warm-up run before capture (it compiles the Triton kernels for these
+  shapes and initialises cuBLAS) therefore writes no KV slot, and capture itself executes nothing;
+- all buckets share one memory pool. That is safe because graphs never run concurrently and each
+  replay's outputs (the ids and logits tensors captured with it) are consumed before the next replay;
+- the step may fork onto the model-streams side stream; it joins back before the sampler, as capture
+  requires.
+Prefill (varlen, data-dependent shapes) is never captured.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("rast")
+
+StepOutput = tuple[torch.Tensor, list[torch.Tensor]]  # (sampled ids [rows], logits of every model [rows, V_m])
+SMALL_BUCKETS = (1, 2, 4, 8)
+# attention backends whose decode path has no host sync (TorchAttention reads lengths on the host)
+CAPTURE_SAFE_ATTENTION = ("triton", "flash_attn")
+BUCKET_STEP = 16
+
+
+def batch_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 16, and max_rows itself: padding wastes at most 15 rows (or half
+    of a batch below 8), for about max_rows / 16 graphs."""
+    out = {b for b in SMALL_BUCKETS if b < max_rows}
+    out.update(range(BUCKET_STEP, max_rows, BUCKET_STEP))
+    out.add(max_rows)
+    return sorted(out)
+
+
+class DecodeGraphs:
+    def __init__(self, step: Callable[[int], StepOutput], pad_all: Callable[[int], None],
+                 device: torch.device, max_rows: int) -> None:
+        """``step(rows)`` runs the decode step on the first ``rows`` static rows; ``pad_all(rows)`` makes
+        those rows inert padding on the device."""
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.step, self.pad_all, self.device = step, pad_all, device
+        self.buckets = batch_buckets(max_rows)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, StepOutput] = {}
+        self.pool = None  # the first capture's pool, shared by every later one
+        self.stream = torch.cuda.Stream(device)
+
+    def bucket(self, rows: int) -> int:
+        i = bisect.bisect_left(self.buckets, rows)
+        if i == len(self.buckets):
+            raise ValueError(f"{rows} rows exceed the largest graph bucket {self.buckets[-1]}")
+        return self.buckets[i]
+
+    def ensure(self, rows: int) -> None:
+        """Capture the graph of bucket ``rows`` if it does not exist yet (overwrites the static inputs)."""
+        if rows in self.graphs:
+            return
+        t0 = time.perf_counter()
+        self.pad_all(rows)
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            self.step(rows)  # warm-up: compiles and initialises outside capture
+        current.wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            out = self.step(rows)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[rows], self.outputs[rows] = graph, out
+        logger.info("captured the decode graph of batch bucket %d in %.2f s", rows, time.perf_counter() - t0)
+
+    def replay(self, rows: int) -> StepOutput:
+        """Run bucket ``rows`` on the static inputs as they are now; the outputs are overwritten by the
+        next replay of any bucket."""
+        self.graphs[rows].replay()
+        return self.outputs[rows]

@@ -1,0 +1,56 @@
+"""Every model's forward for one step, with the large model and the small ones on two CUDA streams.
+
+The large model runs on the caller's current stream ("main"); the small models run one after another on
+a side stream. The side stream first waits for main (so it sees this step's inputs and cache copies),
+and main waits for the side stream before returning, so whatever main enqueues next (the sampler) reads
+every model's logits. Nothing here reads a device value on the host, so it also runs inside CUDA-graph
+capture, where the two streams become two concurrent branches of the graph.
+
+The large model is launched first: it is the critical path, and while the host launches the small
+models' kernels the GPU is already busy with it.
+
+Allocator invariant (eager mode): blocks of tensors allocated on the side stream (small activations and
+logits) return to the side stream's pool when freed on the host, possibly before main's sampler has read
+them. That is safe because every step starts with the side stream waiting for main, so no side-stream
+kernel can reuse such a block before main's earlier work is done.
+
+Logits come out of compute_logits in the model dtype (bf16 for a bf16 model), which is what the fused
+sampler reads; nothing here converts or copies a [B, V] tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from rast_engine.attention.metadata import AttentionMetadata
+from rast_engine.kv_cache import KVPool
+from rast_engine.models.decoder import CausalLM
+
+
+def model_logits(model: CausalLM, pool: KVPool, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """[N, width] logits at the flat token indices ``rows`` (None: every token)."""
+    hidden = model(input_ids, positions, meta, pool)
+    return model.compute_logits(hidden if rows is None else hidden.index_select(0, rows))
+
+
+class ModelStreams:
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        # on CPU, or with a single model, there is nothing to overlap: plain sequential forwards
+        self.concurrent = enabled and device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.concurrent else None
+
+    def forward(self, models: Sequence[CausalLM], pools: Sequence[KVPool], input_ids: torch.Tensor,
+                positions: torch.Tensor, meta: AttentionMetadata,
+                rows: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits of every model, in model order (large, then rl_k, base_k per pair)."""
+        if self.side is None or len(models) == 1:
+            return [model_logits(m, p, input_ids, positions, meta, rows) for m, p in zip(models, pools)]
+        main = torch.cuda.current_stream(input_ids.device)
+        self.side.wait_stream(main)
+        large = model_logits(models[0], pools[0], input_ids, positions, meta, rows)
+        with torch.cuda.stream(self.side):
+            small = [model_logits(m, p, input_ids, positions, meta, rows) for m, p in zip(models[1:], pools[1:])]
+        main.wait_stream(self.side)
+        return [large] + small

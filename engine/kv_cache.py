@@ -19,7 +19,8 @@ logger = logging.getLogger("rast")
 CPU_DEFAULT_BYTES = 1 << 30  # cap of the CPU default
 CPU_DEFAULT_MIN_TOKENS = 8192
 GPU_MEMORY_FRACTION = 0.9  # of the memory free after the weights are loaded
-GPU_RESERVE_BYTES = 1 << 30  # activations, logits, sampler workspace, CUDA graphs
+GPU_RESERVE_BYTES = 1 << 30  # logits, sampler workspace, CUDA graphs, allocator slack
+MIN_TOKEN_BUDGET = 2048  # the smallest default per-step token budget
 
 KVPool = list[tuple[torch.Tensor, torch.Tensor]]  # one (k_cache, v_cache) per layer
 
@@ -28,9 +29,20 @@ def bytes_per_block(configs: Sequence[ModelConfig], block_size: int, dtype: torc
     return block_size * sum(c.kv_bytes_per_token(dtype) for c in configs)
 
 
+def activation_bytes(configs: Sequence[ModelConfig], tokens: int, dtype: torch.dtype) -> int:
+    """Peak live activations of a prefill of ``tokens`` tokens with every model running at once (they
+    may share the GPU on separate streams): residual, normed input, q/k/v, attention output and the
+    MLP's gate/up/activation per layer in flight. An upper estimate, kept out of the KV budget."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = sum(4 * c.hidden_size + 3 * c.intermediate_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                    for c in configs)
+    return tokens * per_token * size
+
+
 def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype,
                   device: torch.device, max_model_len: int) -> int:
-    """kv_cache_blocks if given, else kv_cache_memory // bytes per block, else a device default."""
+    """kv_cache_blocks if given, else kv_cache_memory // bytes per block, else a device default that
+    leaves room for the largest prefill the token budget allows."""
     if config.kv_cache_blocks is not None:
         return config.kv_cache_blocks
     per_block = bytes_per_block(configs, config.block_size, dtype)
@@ -38,7 +50,8 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
         memory = config.kv_cache_memory
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        memory = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES
+        budget = config.max_num_batched_tokens or max(max_model_len, MIN_TOKEN_BUDGET)
+        memory = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES - activation_bytes(configs, budget, dtype)
     else:
         tokens = max(4 * max_model_len, CPU_DEFAULT_MIN_TOKENS)
         memory = min(CPU_DEFAULT_BYTES, tokens * per_block // config.block_size)

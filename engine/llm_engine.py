@@ -19,7 +19,7 @@ from rast_engine.config import EngineConfig
 from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
-from rast_engine.kv_cache import KVCache, num_kv_blocks
+from rast_engine.kv_cache import MIN_TOKEN_BUDGET, KVCache, num_kv_blocks
 from rast_engine.model_runner import Draw, DrawResult, ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.sampling_params import SamplingParams, sample_seed
@@ -30,7 +30,6 @@ from rast_engine.triple import load_model_set, resolve_device
 
 logger = logging.getLogger("rast")
 
-MIN_TOKEN_BUDGET = 2048
 
 
 class LLMEngine:

@@ -1,0 +1,221 @@
+"""The vocabulary-split kernels of the Triton sampler: the one read of the inputs (``_stats``, which also
+keeps each chunk's candidates) and the fallback draw (``_draw``, ``_finish``, ``_write_probs``).
+The algorithm and its exactness argument are in rast_kernels.sampler_triton."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BIG = tl.constexpr(2**31 - 1)  # "no index" and "no key": larger than any id and any finite-or-inf key
+
+
+@triton.jit
+def _z(row, offs, mask, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+       PAIRS: tl.constexpr):
+    """z for one block of tokens, accumulated pair by pair exactly as reference.combine does."""
+    row = row.to(tl.int64)  # row * stride overflows int32 beyond 2**31 elements
+    z = tl.load(l_ptr + row * l_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    if PAIRS > 0:
+        w = tl.load(w_ptr + row * PAIRS + 0)
+        r = tl.load(r0 + row * r0s + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b0 + row * b0s + offs, mask=mask, other=0.0).to(tl.float32)
+        z = z + w * (r - b)
+    if PAIRS > 1:
+        w = tl.load(w_ptr + row * PAIRS + 1)
+        r = tl.load(r1 + row * r1s + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b1 + row * b1s + offs, mask=mask, other=0.0).to(tl.float32)
+        z = z + w * (r - b)
+    if PAIRS > 2:
+        w = tl.load(w_ptr + row * PAIRS + 2)
+        r = tl.load(r2 + row * r2s + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b2 + row * b2s + offs, mask=mask, other=0.0).to(tl.float32)
+        z = z + w * (r - b)
+    if PAIRS > 3:
+        w = tl.load(w_ptr + row * PAIRS + 3)
+        r = tl.load(r3 + row * r3s + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b3 + row * b3s + offs, mask=mask, other=0.0).to(tl.float32)
+        z = z + w * (r - b)
+    return z
+
+
+@triton.jit
+def _mix32(x):
+    """lowbias32 on uint32 (rast_kernels.rng.mix32); multiplications wrap modulo 2**32."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _row_key(seed, offset):
+    """rast_kernels.rng.row_key for int64 scalars (two's complement words)."""
+    k = _mix32((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
+    k = _mix32(k ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    k = _mix32(k ^ (offset & 0xFFFFFFFF).to(tl.uint32))
+    return _mix32(k ^ ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32))
+
+
+@triton.jit
+def _gumbel_score(offs, rkey, d):
+    """g_i - d_i with g from the shared counter-based RNG (uniforms bit-identical to rng.py)."""
+    bits = _mix32(_mix32(offs.to(tl.uint32) ^ rkey) + rkey)
+    u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23, see rng.py
+    return -tl.log(-tl.log(u)) - d
+
+
+@triton.jit
+def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+           temp_ptr, margin_ptr, smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr, ncmax_ptr,
+           ncsum_ptr, V, CHUNK, S, PAIRS: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr):
+    """Per chunk: max z (first index), min z, finite count, and the candidates: finite tokens with
+    z >= running max - margin, the first CAP of them stored exactly (id, z). Every other finite token
+    is a non-candidate, summarised by its max z and sum exp(-(m - z)/T) (m: the chunk max)."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    out = row * S + split
+    temp = tl.load(temp_ptr + row)
+    safe_t = tl.where(temp > 0, temp, 1.0)
+    margin = tl.load(margin_ptr + row)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.full([BLOCK], BIG, tl.int32)
+    low = tl.full([BLOCK], float("inf"), tl.float32)
+    cnt = tl.zeros([BLOCK], tl.int32)
+    m_run = float("-inf")
+    nc_max = float("-inf")
+    nc_sum = 0.0
+    taken = 0
+    for start in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, V), BLOCK):
+        offs = start + lanes
+        mask = offs < V
+        z = _z(row, offs, mask, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s,
+               r3, r3s, b3, b3s, w_ptr, PAIRS)
+        ok = mask & (tl.abs(z) < float("inf"))  # false for NaN and +-inf
+        better = ok & (z > best)  # strict: each lane sees increasing ids, so it keeps the first max
+        best_i = tl.where(better, offs, best_i)
+        best = tl.where(better, z, best)
+        low = tl.where(ok, tl.minimum(low, z), low)
+        cnt += ok.to(tl.int32)
+        m_new = tl.maximum(m_run, tl.max(tl.where(ok, z, float("-inf")), axis=0))
+        cand = ok & (z >= m_new - margin)
+        pos = taken + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+        keep = cand & (pos < CAP)
+        tl.store(cid_ptr + out * CAP + pos, offs, mask=keep)
+        tl.store(cz_ptr + out * CAP + pos, z, mask=keep)
+        taken += tl.sum(keep.to(tl.int32), axis=0)
+        spill = ok & (~keep)  # non-candidates, including candidates past the budget
+        nc_max = tl.maximum(nc_max, tl.max(tl.where(spill, z, float("-inf")), axis=0))
+        rescale = tl.where(m_new == m_run, 1.0, tl.exp((m_run - m_new) / safe_t))  # both -inf: no NaN
+        nc_sum = nc_sum * rescale + tl.sum(tl.where(spill, tl.exp((z - m_new) / safe_t), 0.0), axis=0)
+        m_run = m_new
+    m = tl.max(best, axis=0)
+    tl.store(smax_ptr + out, m)
+    tl.store(sidx_ptr + out, tl.min(tl.where(best == m, best_i, BIG), axis=0))
+    tl.store(smin_ptr + out, tl.min(low, axis=0))
+    tl.store(scnt_ptr + out, tl.sum(cnt, axis=0))
+    tl.store(ccnt_ptr + out, taken)
+    tl.store(ncmax_ptr + out, nc_max)
+    tl.store(ncsum_ptr + out, nc_sum)
+
+
+@triton.jit
+def _admissible(row, offs, mask, zmax, temp, top, min_p, l_ptr, l_stride,
+                r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+                PAIRS: tl.constexpr):
+    """(A mask, d, w) for one block: finite, key <= threshold, w >= min_p."""
+    z = _z(row, offs, mask, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s,
+           r3, r3s, b3, b3s, w_ptr, PAIRS)
+    d = tl.math.div_rn(zmax - z, temp)  # IEEE division, as torch: keys match the reference
+    w = tl.exp(-d)
+    ok = mask & (tl.abs(z) < float("inf")) & (d.to(tl.int32, bitcast=True) <= top) & (w >= min_p)
+    return ok, d, w
+
+
+@triton.jit
+def _draw(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+          temp_ptr, minp_ptr, seed_ptr, offset_ptr, zmax_ptr, key_ptr, cnt_ptr, fast_ptr, cscore_ptr, cidx_ptr,
+          V, CHUNK, S, SUM_MASS: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per chunk: the best Gumbel score over A and its id, or (SUM_MASS) the sum of w over A. Rows
+    already drawn from their candidates (fast >= 0) are skipped without reading the row."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.full([BLOCK], BIG, tl.int32)
+    total = tl.zeros([BLOCK], tl.float32)
+    temp = tl.load(temp_ptr + row)
+    todo = (temp > 0) & (tl.load(cnt_ptr + row) > 0)
+    if not SUM_MASS:
+        todo = todo & (tl.load(fast_ptr + row) < 0)
+    if todo:
+        zmax = tl.load(zmax_ptr + row)
+        top = tl.load(key_ptr + row)
+        min_p = tl.load(minp_ptr + row)
+        rkey = _row_key(tl.load(seed_ptr + row), tl.load(offset_ptr + row))
+        for start in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, V), BLOCK):
+            offs = start + lanes
+            mask = offs < V
+            ok, d, w = _admissible(row, offs, mask, zmax, temp, top, min_p, l_ptr, l_stride,
+                                   r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s,
+                                   w_ptr, PAIRS)
+            if SUM_MASS:
+                total += tl.where(ok, w, 0.0)
+            else:
+                score = tl.where(ok, _gumbel_score(offs, rkey, d), float("-inf"))
+                better = score > best  # strict: lanes see increasing ids, so ties keep the lowest
+                best_i = tl.where(better, offs, best_i)
+                best = tl.where(better, score, best)
+    out = row * S + split
+    if SUM_MASS:
+        tl.store(cscore_ptr + out, tl.sum(total, axis=0))
+    else:
+        m = tl.max(best, axis=0)
+        tl.store(cscore_ptr + out, m)
+        tl.store(cidx_ptr + out, tl.min(tl.where(best == m, best_i, BIG), axis=0))
+
+
+@triton.jit
+def _finish(temp_ptr, greedy_ptr, cnt_ptr, fast_ptr, cscore_ptr, cidx_ptr, out_ptr, S, SP: tl.constexpr):
+    """Greedy rows take the mode, empty rows -1, fast rows their candidate draw; the others reduce
+    the S chunk draws in order."""
+    row = tl.program_id(0)
+    parts = tl.arange(0, SP)
+    pmask = parts < S
+    score = tl.load(cscore_ptr + row * S + parts, mask=pmask, other=float("-inf"))
+    m = tl.max(score, axis=0)
+    idx = tl.min(tl.where(pmask & (score == m), tl.load(cidx_ptr + row * S + parts, mask=pmask, other=BIG), BIG),
+                 axis=0)
+    drawn = tl.where(idx == BIG, -1, idx).to(tl.int64)
+    fast = tl.load(fast_ptr + row)
+    drawn = tl.where(fast >= 0, fast, drawn)
+    drawn = tl.where(tl.load(cnt_ptr + row) > 0, drawn, -1)
+    tl.store(out_ptr + row, tl.where(tl.load(temp_ptr + row) > 0, drawn, tl.load(greedy_ptr + row)))
+
+
+@triton.jit
+def _write_probs(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+                 temp_ptr, minp_ptr, zmax_ptr, key_ptr, greedy_ptr, cnt_ptr, cmass_ptr, out_ptr,
+                 V, CHUNK, S, PAIRS: tl.constexpr, BLOCK: tl.constexpr, SP: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    parts = tl.arange(0, SP)
+    total = tl.sum(tl.load(cmass_ptr + row * S + parts, mask=parts < S, other=0.0), axis=0)
+    temp = tl.load(temp_ptr + row)
+    sampling = (temp > 0) & (tl.load(cnt_ptr + row) > 0)
+    greedy = tl.load(greedy_ptr + row)
+    zmax = tl.load(zmax_ptr + row)
+    top = tl.load(key_ptr + row)
+    min_p = tl.load(minp_ptr + row)
+    safe_t = tl.where(sampling, temp, 1.0)
+    for start in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, V), BLOCK):
+        offs = start + lanes
+        mask = offs < V
+        ok, d, w = _admissible(row, offs, mask, zmax, safe_t, top, min_p, l_ptr, l_stride,
+                               r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s,
+                               w_ptr, PAIRS)
+        p = tl.where(ok, w / tl.where(total > 0, total, 1.0), 0.0)
+        p = tl.where(sampling, p, tl.where(offs == greedy, 1.0, 0.0))
+        tl.store(out_ptr + row.to(tl.int64) * V + offs, p, mask=mask)

@@ -1,0 +1,184 @@
+"""The per-row kernel of the Triton sampler: ``_select`` reduces the chunk partials, finds the
+admissible threshold from the candidates when they provably contain it (and then draws the token
+from them), and otherwise runs the exact radix descent over the whole row. The algorithm and its
+exactness argument are in rast_kernels.sampler_triton."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from rast_kernels.sampler_triton_kernels import BIG, _gumbel_score, _row_key, _z
+
+MINP_SLACK = tl.constexpr(1.0 - 2.0**-10)  # >> exp's ulp error: no monotonicity of tl.exp assumed
+
+
+@triton.jit
+def _histogram(row, lo, hi, shift, limit_key, zmax, temp, V,
+               l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+               PAIRS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
+    """(count, mass, min key, max key) per bucket (key - lo) >> shift of finite keys in [lo, hi]."""
+    lanes = tl.arange(0, BLOCK)
+    bins = tl.arange(0, NB)
+    cnt = tl.zeros([NB], tl.int32)
+    mass = tl.zeros([NB], tl.float32)
+    kmin = tl.full([NB], BIG, tl.int32)
+    kmax = tl.full([NB], -1, tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + lanes
+        mask = offs < V
+        z = _z(row, offs, mask, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s,
+               r3, r3s, b3, b3s, w_ptr, PAIRS)
+        d = tl.math.div_rn(zmax - z, temp)  # IEEE division, as torch: keys match the reference
+        key = d.to(tl.int32, bitcast=True)
+        inside = mask & (tl.abs(z) < float("inf")) & (key >= lo) & (key <= hi) & (key <= limit_key)
+        hit = inside[:, None] & (((key - lo) >> shift)[:, None] == bins[None, :])
+        cnt += tl.sum(hit.to(tl.int32), axis=0)
+        mass += tl.sum(tl.where(hit, tl.exp(-d)[:, None], 0.0), axis=0)
+        kmin = tl.minimum(kmin, tl.min(tl.where(hit, key[:, None], BIG), axis=0))
+        kmax = tl.maximum(kmax, tl.max(tl.where(hit, key[:, None], -1), axis=0))
+    return cnt, mass, kmin, kmax
+
+
+@triton.jit
+def _shift_for(width, LOG2_NB: tl.constexpr):
+    """A shift with 1 <= (width >> shift) < NB for width >= 1, so lo and hi land in different buckets.
+    floor(log2(width)) comes from the float32 exponent; if rounding overestimates it by one, the
+    quotient is still >= NB / 4 >= 1."""
+    e = (width.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+    return tl.maximum(e - LOG2_NB + 1, 0)
+
+
+@triton.jit
+def _descent(row, top, k, p, k_on, zmax, temp, V,
+             l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+             PAIRS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr):
+    """The fallback: the exact threshold key by NB-ary radix descent over the whole row (top: the
+    row's largest key). Each pass narrows [lo, hi] to the actual keys of the bucket holding it."""
+    if k_on:
+        lo = 0
+        hi = top
+        below = 0
+        while lo < hi:
+            shift = _shift_for(hi - lo, LOG2_NB)
+            cnt, mass, kmin, kmax = _histogram(row, lo, hi, shift, top, zmax, temp, V, l_ptr, l_stride,
+                                               r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s,
+                                               r3, r3s, b3, b3s, w_ptr, PAIRS, BLOCK, NB)
+            incl = below + tl.cumsum(cnt, axis=0)
+            b = tl.min(tl.where(incl >= k, tl.arange(0, NB), NB), axis=0)
+            pick = tl.arange(0, NB) == b
+            below = tl.sum(tl.where(pick, incl - cnt, 0), axis=0)
+            lo = tl.sum(tl.where(pick, kmin, 0), axis=0)
+            hi = tl.sum(tl.where(pick, kmax, 0), axis=0)
+        top = lo
+    if p < 1.0:
+        lo = 0
+        hi = top
+        below_mass = 0.0
+        limit = -1.0
+        while lo < hi:
+            shift = _shift_for(hi - lo, LOG2_NB)
+            cnt, mass, kmin, kmax = _histogram(row, lo, hi, shift, top, zmax, temp, V, l_ptr, l_stride,
+                                               r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s,
+                                               r3, r3s, b3, b3s, w_ptr, PAIRS, BLOCK, NB)
+            if limit < 0.0:  # the first pass covers every top-k survivor: its mass is Z_K
+                limit = p * tl.sum(mass, axis=0)
+            bins = tl.arange(0, NB)
+            excl = below_mass + tl.sum(tl.where(bins[None, :] < bins[:, None], mass[None, :], 0.0), axis=1)
+            b = tl.max(tl.where((cnt > 0) & (excl < limit), tl.arange(0, NB), -1), axis=0)
+            pick = tl.arange(0, NB) == b
+            below_mass = tl.sum(tl.where(pick, excl, 0.0), axis=0)
+            lo = tl.sum(tl.where(pick, kmin, 0), axis=0)
+            hi = tl.sum(tl.where(pick, kmax, 0), axis=0)
+        top = lo
+    return top
+
+
+@triton.jit
+def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+            smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr, ncmax_ptr, ncsum_ptr,
+            temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, offset_ptr,
+            zmax_ptr, key_ptr, greedy_ptr, cnt_ptr, fast_ptr, V, S,
+            PAIRS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
+            SP: tl.constexpr, CAP: tl.constexpr, DRAW: tl.constexpr):
+    row = tl.program_id(0)
+    parts = tl.arange(0, SP)
+    pmask = parts < S
+    pmax = tl.load(smax_ptr + row * S + parts, mask=pmask, other=float("-inf"))
+    zmax = tl.max(pmax, axis=0)
+    # Every chunk's index is its own first max; the lowest over chunks holding zmax is the row's.
+    greedy = tl.min(tl.where(pmask & (pmax == zmax), tl.load(sidx_ptr + row * S + parts, mask=pmask, other=BIG),
+                             BIG), axis=0)
+    zmin = tl.min(tl.load(smin_ptr + row * S + parts, mask=pmask, other=float("inf")), axis=0)
+    count = tl.sum(tl.load(scnt_ptr + row * S + parts, mask=pmask, other=0), axis=0)
+    temp = tl.load(temp_ptr + row)
+    k = tl.load(topk_ptr + row)
+    p = tl.load(topp_ptr + row)
+    min_p = tl.load(minp_ptr + row)
+    sampling = (temp > 0) & (count > 0)
+    safe_t = tl.where(sampling, temp, 1.0)
+    k_on = (k > 0) & (k < count)
+    p_on = p < 1.0
+
+    # The candidates of all chunks as one [SP, CAP] tile; U = candidates with key < kc, the smallest
+    # key any non-candidate can have, so every token outside U has a key >= kc > every key in U.
+    slot = tl.arange(0, CAP)
+    have = pmask[:, None] & (slot[None, :] < tl.load(ccnt_ptr + row * S + parts, mask=pmask, other=0)[:, None])
+    at = (row * S + parts)[:, None] * CAP + slot[None, :]
+    cz = tl.load(cz_ptr + at, mask=have, other=0.0)
+    cid = tl.load(cid_ptr + at, mask=have, other=0)
+    d = tl.math.div_rn(zmax - cz, safe_t)  # the same d, bit for bit, as every full-row kernel
+    ck = tl.where(have, d.to(tl.int32, bitcast=True), BIG)
+    w = tl.where(have, tl.exp(-d), 0.0)
+    zc = tl.max(tl.load(ncmax_ptr + row * S + parts, mask=pmask, other=float("-inf")), axis=0)
+    kc = tl.where(zc > float("-inf"), tl.math.div_rn(zmax - zc, safe_t).to(tl.int32, bitcast=True), BIG)
+    in_u = ck < kc
+    n_u = tl.sum(tl.sum(in_u.to(tl.int32), axis=1), axis=0)
+    tau = tl.max(tl.max(tl.where(in_u, ck, 0), axis=1), axis=0)
+    if k_on & (n_u >= k):  # the k-th smallest key of the row is the k-th smallest of U
+        lo = 0
+        hi = tau
+        while lo < hi:
+            mid = lo + (hi - lo) // 2
+            enough = tl.sum(tl.sum((in_u & (ck <= mid)).to(tl.int32), axis=1), axis=0) >= k
+            lo = tl.where(enough, lo, mid + 1)
+            hi = tl.where(enough, mid, hi)
+        tau = lo
+    mass_u = tl.sum(tl.sum(tl.where(in_u & (ck <= tau), w, 0.0), axis=1), axis=0)  # U within top-k
+    # Z_K: with top-k on (and n_u >= k) K lies inside U; otherwise K is every finite token.
+    chunk_scale = tl.exp(-tl.math.div_rn(zmax - pmax, safe_t))
+    nc_mass = tl.sum(tl.where(pmask & (pmax > float("-inf")),
+                              tl.load(ncsum_ptr + row * S + parts, mask=pmask, other=0.0) * chunk_scale, 0.0), axis=0)
+    z_k = tl.where(k_on, mass_u, tl.sum(tl.sum(w, axis=1), axis=0) + nc_mass)
+    limit = p * z_k
+    if p_on:  # the largest t with mass(U, key < t) < top_p * Z_K; on keys <= kc that is the row's mass
+        lo = 0
+        hi = tau
+        while lo < hi:
+            mid = lo + (hi - lo + 1) // 2
+            under = tl.sum(tl.sum(tl.where(in_u & (ck < mid), w, 0.0), axis=1), axis=0) < limit
+            lo = tl.where(under, mid, lo)
+            hi = tl.where(under, hi, mid - 1)
+        tau = lo
+    # Every token outside U is excluded: by top-k (k keys of U lie below it), by top-p (U's mass
+    # alone reaches the limit), by min-p (w < min_p at the largest non-candidate), or none exists.
+    minp_out = tl.exp(-tl.math.div_rn(zmax - zc, safe_t)) < min_p * MINP_SLACK
+    others_out = (kc == BIG) | (p_on & (mass_u >= limit)) | minp_out
+    fast = sampling & ((k_on & (n_u >= k)) | ((k_on == 0) & others_out))
+    drawn = -1
+    if DRAW:
+        if fast:  # A lies inside U: the draw over U is the draw over the row, token for token
+            adm = in_u & (ck <= tau) & (w >= min_p)
+            rkey = _row_key(tl.load(seed_ptr + row), tl.load(offset_ptr + row))
+            score = tl.where(adm, _gumbel_score(cid, rkey, d), float("-inf"))
+            best = tl.max(tl.max(score, axis=1), axis=0)
+            drawn = tl.min(tl.min(tl.where(adm & (score == best), cid, BIG), axis=1), axis=0)
+    top = tl.math.div_rn(zmax - zmin, safe_t).to(tl.int32, bitcast=True)  # the largest key of the row
+    tau = tl.where(fast, tau, top)
+    if sampling & (fast == 0) & (k_on | p_on):
+        tau = _descent(row, top, k, p, k_on, zmax, safe_t, V, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s,
+                       r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr, PAIRS, BLOCK, NB, LOG2_NB)
+    tl.store(zmax_ptr + row, zmax)
+    tl.store(greedy_ptr + row, tl.where(count > 0, greedy, -1).to(tl.int64))
+    tl.store(cnt_ptr + row, count)
+    tl.store(key_ptr + row, tau)
+    tl.store(fast_ptr + row, tl.where(fast, drawn, -2).to(tl.int64))

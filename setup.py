@@ -14,15 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Command, find_packages, setup
+from setuptools import Command, find_namespace_packages, setup
 from setuptools.command.build import build
 from setuptools.dist import Distribution
 
 ROOT = Path(__file__).resolve().parent
 LIBRARY = {"win32": "rast_native.dll", "darwin": "librast_native.dylib"}.get(sys.platform, "librast_native.so")
 
-engine_packages = ["rast_engine"] + [f"rast_engine.{p}" for p in find_packages("engine")]
-kernel_packages = ["rast_kernels"] + [f"rast_kernels.{p}" for p in find_packages("rast_kernels")]
+# Namespace discovery also lists the data-only folders (assets/toy/*, evaluation/data), so their files
+# ship as package data without setuptools' "ambiguous configuration" warnings.
+engine_packages = ["rast_engine"] + [f"rast_engine.{p}" for p in find_namespace_packages("engine", exclude=["*__pycache__*"])]
+kernel_packages = ["rast_kernels"] + [f"rast_kernels.{p}" for p in find_namespace_packages("rast_kernels", exclude=["*__pycache__*"])]
 
 
 def _cmake() -> str | None:
@@ -116,5 +118,6 @@ setup(
     packages=kernel_packages + engine_packages,
     package_dir={"rast_engine": "engine", "rast_kernels": "rast_kernels"},
     include_package_data=True,
-    package_data={"rast_engine": ["assets/**/*", "evaluation/data/*.jsonl"], "rast_kernels": ["csrc/*"]},
+    # The toy checkpoints and tokenizers, the eval sample, the C++ sources for a rebuild.
+    package_data={"": ["*.json", "*.jsonl", "*.txt", "*.safetensors", "*.cpp", "*.h"]},
 )

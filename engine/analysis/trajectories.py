@@ -36,12 +36,15 @@ def generate_trajectories(llm: Any, problems: list[Problem], template: PromptTem
     """One path per problem: greedy by default (the paper's setting, free of sampling noise); `params`
     go to SamplingParams (e.g. lam=0.0 to decode with the large model alone)."""
     from rast_engine import SamplingParams
+    from rast_engine.evaluation.runner import request_seed
 
     tokenizer = llm.get_tokenizer()
     prompts = [template.render(p.problem, tokenizer) for p in problems]
-    sp = SamplingParams(n=1, temperature=temperature, max_tokens=max_tokens, stop=list(template.stop) or None,
-                        seed=seed, **params)
-    outputs = llm.generate(prompts, sp, use_tqdm=True)
+    # One seed per problem: a shared seed would give every prompt the same random stream, so sampled
+    # paths would choose their branches together.
+    sps = [SamplingParams(n=1, temperature=temperature, max_tokens=max_tokens, stop=list(template.stop) or None,
+                          seed=request_seed(seed, p.id, 0), **params) for p in problems]
+    outputs = llm.generate(prompts, sps, use_tqdm=True)
     return [Trajectory(p.id, list(o.prompt_token_ids), list(o.outputs[0].token_ids))
             for p, o in zip(problems, outputs)]
 

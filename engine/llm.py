@@ -62,12 +62,17 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
-            while len(done) < len(ids):
-                for out in self.llm_engine.step():
-                    if out.finished and out.request_id in wanted:
-                        done[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+                while len(done) < len(ids):
+                    for out in self.llm_engine.step():
+                        if out.finished and out.request_id in wanted:
+                            done[out.request_id] = out
+                            bar.update(1)
+        except BaseException:  # an error or Ctrl-C: the abandoned requests must not hold the engine
+            for rid in ids:
+                self.llm_engine.abort_request(rid)
+            raise
         return [done[i] for i in ids]
 
     def chat(self, conversations: Union[list[dict], list[list[dict]]], sampling_params: Params = None,

@@ -159,6 +159,12 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, run and sample one batch; the outputs of every request that progressed.
+
+        If the runner raises (or is interrupted) the step is undone: no sequence takes a token and the
+        batch is requeued for recompute, so stepping on gives the outputs of a run that never failed.
+        An error after the runner (detokenising, stop checks) is not undone; the server declares the
+        engine dead on any step error, and LLM.generate aborts its requests."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out is None:
@@ -173,7 +179,11 @@ class LLMEngine:
                           for j in range(g.params.n)]
             else:
                 draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated))
-        results = self.runner.execute(out.seqs, out.is_prefill, out.copies, draws)
+        try:
+            results = self.runner.execute(out.seqs, out.is_prefill, out.copies, draws)
+        except BaseException:
+            self.scheduler.requeue(out.seqs)
+            raise
         progressed: dict[str, SequenceGroup] = {}
         k = 0
         for seq in out.seqs:

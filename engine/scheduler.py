@@ -98,6 +98,16 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Undo a step that failed in the runner: its sequences give their blocks back and wait, in order,
+        at the front of the queue, to be recomputed from their tokens (what the failed step may have
+        written, or failed to copy, is never read)."""
+        for seq in reversed(seqs):
+            self.running.remove(seq)
+            self.bm.free(seq)
+            seq.reset_for_recompute()
+            self.waiting.appendleft(seq)
+
     def check_stop(self, seq: Sequence, prev_text_len: int) -> Optional[str]:
         """The finish reason after the sequence's newest token, if any; trims a matched stop string
         (and what follows it) from ``seq.output_text``. ``prev_text_len`` is the text length before it."""

@@ -57,6 +57,33 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head_dim, stride_cb, stride_cr,
+                 scale_log2, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Folds keys [n0, n0 + BLOCK_N) ∩ [0, end) into the online softmax (m_i, l_i, acc) of the rows of q;
+    # k_base, v_base point at the KV head, bt_row at the sequence's block-table row. CAUSAL: row r sees
+    # only keys n <= pos[r] too. A row that sees no key keeps its state (m_safe keeps -inf from NaN).
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = n < end
+    page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    off = page * stride_cb + (n % BLOCK_SIZE) * stride_cr
+    k_t = tl.load(k_base + off[None, :] + d[:, None], mask=(d < head_dim)[:, None] & n_mask[None, :],
+                  other=0.0)  # [D, N]
+    s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
+    if CAUSAL:
+        s = tl.where(n_mask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+    else:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + off[:, None] + d[None, :], mask=n_mask[:, None] & (d < head_dim)[None, :], other=0.0)
+    return m_new, l_i, acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_cr, stride_ch, num_kv_heads, head_dim,
                      BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -95,23 +122,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < end
-        page = tl.load(bt_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        off = page * stride_cb + (n % BLOCK_SIZE) * stride_cr + kvh * stride_ch
-        nd_mask = n_mask[:, None] & (d < head_dim)[None, :]
-        dn_mask = (d < head_dim)[:, None] & n_mask[None, :]
-        k_t = tl.load(kc_ptr + off[None, :] + d[:, None], mask=dn_mask, other=0.0)  # [D, N]
-        s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=nd_mask, other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _tile_update(q, m_i, l_i, acc, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
+                                     bt_ptr + b * stride_bt, n0, end, end, d, head_dim, stride_cb, stride_cr,
+                                     scale_log2, BLOCK_SIZE, BLOCK_N, False, PRECISION, UPCAST)
     if SPLIT:
         row = (b * num_heads + heads) * num_splits + split
         tl.store(pm_ptr + row, m_i, mask=g < group)
@@ -168,23 +181,9 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, sca
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < hi
-        page = tl.load(bt_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        off = page * stride_cb + (n % BLOCK_SIZE) * stride_cr + kvh * stride_ch
-        nd_mask = n_mask[:, None] & (d < head_dim)[None, :]
-        dn_mask = (d < head_dim)[:, None] & n_mask[None, :]
-        k_t = tl.load(kc_ptr + off[None, :] + d[:, None], mask=dn_mask, other=0.0)  # [D, N]
-        s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
-        s = tl.where(n_mask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=nd_mask, other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _tile_update(q, m_i, l_i, acc, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
+                                     bt_ptr + b * stride_bt, n0, hi, pos, d, head_dim, stride_cb, stride_cr,
+                                     scale_log2, BLOCK_SIZE, BLOCK_N, True, PRECISION, UPCAST)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = out_ptr + rows * stride_ot + h * stride_oh + d[None, :]
     tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=md_mask)
@@ -208,6 +207,15 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 
 def _block_d(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))  # tl.dot needs every side >= 16
+
+
+def tile_size(dim: int, dtype: torch.dtype) -> int:
+    """Keys per tile, and query rows per prefill tile. A stage holds 2 * tile * D * e bytes of K and V,
+    at most 32 KB as the tile halves for fp32 or D > 128: decode's 3 stages, or prefill's 2 beside its
+    q tile, stay well under Hopper's 227 KB. The interpreter's cost grows with the tile, hence 16 there."""
+    if _interpreting():
+        return 16
+    return 64 if dim * dtype.itemsize <= 256 else 32
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -263,8 +271,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    # shared memory per stage is 2 * BLOCK_N * D * e bytes; keep 3 stages well under Hopper's 227 KB
-    block_n = 16 if _interpreting() else (64 if dim * q.element_size() <= 256 else 32)
+    block_n = tile_size(dim, q.dtype)
     max_context = max(block_tables.shape[1] * block_size, 1)
     if num_splits is None:
         num_splits = pick_num_splits(batch, hkv, max_context, q.device)
@@ -307,8 +314,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty_like(q)
     if total == 0 or batch == 0 or max_seqlen_q <= 0:
         return out.zero_()
-    # q tile plus 2 stages of K and V tiles: 80 KB at D=128 in 16-bit; halved tiles for fp32 or D > 128
-    block_m = block_n = 16 if _interpreting() else (64 if dim * q.element_size() <= 256 else 32)
+    block_m = block_n = tile_size(dim, q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), hq, batch)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E,

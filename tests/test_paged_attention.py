@@ -2,7 +2,7 @@
 
 The oracle gathers each sequence's keys through its block table one token at a time, repeats KV heads
 for GQA, and runs an explicit float32 softmax with the causal mask. Without CUDA the kernels run in the
-Triton interpreter on tiny fp32 and bf16 shapes; with CUDA the same cases run natively.
+Triton interpreter on tiny fp32, bf16 and fp16 shapes; with CUDA the same cases run natively.
 """
 from __future__ import annotations
 
@@ -17,10 +17,14 @@ CASES = [
                  marks=pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels compile natively instead")),
     pytest.param("cpu", torch.bfloat16, id="interp-bf16",
                  marks=pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels compile natively instead")),
+    pytest.param("cpu", torch.float16, id="interp-fp16",
+                 marks=pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels compile natively instead")),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=pytest.mark.gpu),
     pytest.param("cuda", torch.float32, id="cuda-fp32", marks=pytest.mark.gpu),
 ]
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+       torch.float16: dict(atol=5e-3, rtol=5e-3)}
 
 
 def paged(context_lens: list[int], block_size: int, spare: int, seed: int) -> tuple[torch.Tensor, int]:

@@ -1,21 +1,12 @@
-"""The Triton interpreter accepts code the compiler rejects (global non-constexpr names, loop-carried
-type changes). Without a GPU, compile every sampler kernel to PTX for sm_90 so CI catches those. The
-compile runs in a subprocess: conftest turns the interpreter on for this process, and interpreted
-kernels cannot be compiled."""
+"""Every sampler kernel compiles to PTX for sm_90 with the interpreter off (see compile_util), so CI
+without a GPU catches code the interpreter accepts and the compiler rejects."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
-import triton
 
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    pytest.skip("this Triton has no ASTSource / GPUTarget compile entry", allow_module_level=True)
+import compile_util
 
 INPUTS = ["l_ptr", "l_stride"] + [f"{n}{i}{s}" for i in range(4) for n in "rb" for s in ("", "s")] + ["w_ptr"]
 ROW = {"temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr": "*fp32", "seed_ptr": "*i64",
@@ -24,6 +15,8 @@ ROW = {"temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr":
        "cidx_ptr": "*i32", "cmass_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "CHUNK": "i32", "S": "i32",
        "margin_ptr": "*fp32", "cid_ptr": "*i32", "cz_ptr": "*fp32", "ccnt_ptr": "*i32", "ncmax_ptr": "*fp32",
        "ncsum_ptr": "*fp32", "fast_ptr": "*i64"}
+
+
 def _kernels() -> list:
     from rast_kernels import sampler_triton as st
 
@@ -55,18 +48,12 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
 def compile_all(dtype: str, pairs: int) -> None:
     for fn, consts in _kernels():
         consts = dict(consts, **({} if fn.__name__ == "_finish" else {"PAIRS": pairs}))
-        src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts),
-                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
-        assert ".entry" in kernel.asm["ptx"], fn.__name__
+        compile_util.compile_ptx(fn, _signature(fn, dtype, consts), consts, enable_fp_fusion=False)
 
 
 @pytest.mark.parametrize("dtype,pairs", [("*bf16", 1), ("*fp32", 0)])
 def test_kernels_compile_for_sm90(dtype: str, pairs: int) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__, dtype, str(pairs)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    compile_util.run_without_interpreter(__file__, dtype, str(pairs))
 
 
 if __name__ == "__main__":

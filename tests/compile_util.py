@@ -1,0 +1,45 @@
+"""Compile Triton kernels to PTX for sm_90 on a machine without a GPU.
+
+The interpreter accepts code the compiler rejects (global non-constexpr names, loop-carried type
+changes, ops a dtype lacks), so kernel tests compile each kernel as well. conftest turns the interpreter
+on for the test process and interpreted kernels cannot be compiled, so the compile runs in a child
+process with TRITON_INTERPRET unset (``run_without_interpreter``)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    pytest.skip("this Triton has no ASTSource / GPUTarget compile entry", allow_module_level=True)
+
+
+def compile_ptx(fn, types: dict[str, str], consts: dict, *, aligned: tuple[str, ...] = (), **options) -> str:
+    """PTX of ``fn`` for sm_90. types maps every runtime argument to a Triton type ("*bf16", "i32");
+    consts gives every constexpr; ``aligned`` arguments are promised divisible by 16, as the launcher
+    promises for 16-byte aligned pointers and integers that are multiples of 16."""
+    missing = [n for n in fn.arg_names if n not in types and n not in consts]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no type or value for {missing}")
+    names = list(fn.arg_names)
+    signature = {n: "constexpr" if n in consts else types[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    assert ".entry" in ptx, fn.__name__
+    return ptx
+
+
+def run_without_interpreter(script: str, *args: str, timeout: float = 300) -> None:
+    """Run ``python script *args`` with the interpreter off; fail with the child's stderr if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -1,0 +1,71 @@
+"""Every paged-attention kernel compiles to PTX for sm_90 with the interpreter off, in the
+configurations the engine launches: bf16 and fp16 at head_dim 64 and 128, fp32 at 128, block_size 16.
+Tile sizes come from the wrappers' own ``tile_size``; what the interpreter tests cannot see (compiler
+rejections) is what this catches. Numerical results on a GPU are checked by test_paged_attention."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import compile_util
+
+BLOCK_SIZE = 16
+BLOCK_G = 16  # the Hq / Hkv groups of the supported models (4 to 8) pad to the 16-row dot minimum
+BLOCK_H = 8  # the most KV heads of the supported models
+CONFIGS = [("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp16", 128), ("fp32", 128)]
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the launcher marks a pointer or an integer divisible by 16 when it is; these always are here:
+# caches and activations are 16-byte aligned and every stride below is a multiple of head_dim
+ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "out_ptr", "pm_ptr", "pl_ptr", "pacc_ptr", "head_dim",
+           "stride_qb", "stride_qh", "stride_qt", "stride_ob", "stride_oh", "stride_ot", "stride_kt", "stride_kh",
+           "stride_vt", "stride_vh", "stride_cb", "stride_cr", "stride_ch")
+
+
+def _types(fn, dtype: str) -> dict[str, str]:
+    """Triton types of fn's runtime arguments: activations and caches in dtype, split-K partials in fp32."""
+    types = {}
+    for name in fn.arg_names:
+        if name in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "out_ptr"):
+            types[name] = f"*{dtype}"
+        elif name in ("pm_ptr", "pl_ptr", "pacc_ptr"):
+            types[name] = "*fp32"
+        elif name in ("bt_ptr", "ctx_ptr", "cu_ptr"):
+            types[name] = "*i32"
+        elif name == "slot_ptr":
+            types[name] = "*i64"
+        elif name == "scale_log2":
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def compile_all(dtype: str, dim: int) -> None:
+    from rast_kernels import paged_attention as pa
+
+    torch_dtype = TORCH_DTYPE[dtype]
+    tile, block_d = pa.tile_size(dim, torch_dtype), pa._block_d(dim)
+    common = dict(BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=tile, BLOCK_D=block_d, PRECISION=pa._precision(torch_dtype),
+                  UPCAST=False)
+    launches = [
+        (pa._store_kv_kernel, dict(BLOCK_SIZE=BLOCK_SIZE, BLOCK_H=BLOCK_H, BLOCK_D=block_d), {}),
+        # without split-K the launcher sees num_splits == 1 and makes it a constant
+        (pa._decode_kernel, dict(common, BLOCK_G=BLOCK_G, SPLIT=False, num_splits=1), dict(num_warps=4)),
+        (pa._decode_kernel, dict(common, BLOCK_G=BLOCK_G, SPLIT=True), dict(num_warps=4)),
+        (pa._split_reduce_kernel, dict(BLOCK_S=64, BLOCK_D=block_d), {}),
+        (pa._prefill_kernel, dict(common, BLOCK_M=tile), dict(num_warps=4, num_stages=2)),
+    ]
+    for fn, consts, options in launches:
+        types = {k: v for k, v in _types(fn, dtype).items() if k not in consts}
+        compile_util.compile_ptx(fn, types, consts, aligned=tuple(n for n in ALIGNED if n in types), **options)
+
+
+@pytest.mark.parametrize("dtype,dim", CONFIGS)
+def test_attention_kernels_compile_for_sm90(dtype: str, dim: int) -> None:
+    compile_util.run_without_interpreter(__file__, dtype, str(dim))
+
+
+if __name__ == "__main__":
+    compile_all(sys.argv[1], int(sys.argv[2]))

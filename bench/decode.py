@@ -236,27 +236,18 @@ class Suite:
                    10.0, False)
         return dict(targets=targets)
 
-    def path(self) -> Path:
-        dev = common.device_name(self.device)
-        return Path(self.args.out) / f"decode-{common.slug(dev)}-{common.slug(self.commit)}.json"
-
     def flush(self) -> Path:
         """Rewritten after every row, so a run cut off by a time limit keeps what it measured."""
         import transformers
         import triton
 
         a = self.args
-        payload = dict(device=common.device_name(self.device), commit=self.commit,
-                       date=common.now(), copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype),
-                       prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
-                       modes=a.modes, pairings=self.pairings, versions=dict(
-                           torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
-                       **self.compare(), skipped=self.skipped, errors=self.errors, profiles=self.profiles,
-                       rows=self.rows)
-        path = self.path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        return path
+        extra = dict(copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype),
+                     prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
+                     modes=a.modes, pairings=self.pairings, versions=dict(
+                         torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
+                     **self.compare(), skipped=self.skipped, errors=self.errors, profiles=self.profiles)
+        return common.write_results("decode", self.device, self.rows, extra, Path(a.out), commit=self.commit)
 
 
 COLUMNS = ["pairing", "mode", "batch", "tokens_per_s", "step_ms", "step_ms_p90", "ttft_ms", "roofline_ms",

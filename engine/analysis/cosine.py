@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rast_engine.analysis.trajectories import completion_rows, generate_trajectories, score_each
+from rast_engine.analysis.trajectories import TrajectorySettings, completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import load_problems
 from rast_engine.evaluation.templates import load_template
@@ -40,23 +40,15 @@ def mean_cosine(delta1: torch.Tensor, delta2: torch.Tensor) -> float:
     return cosine_rows(delta1, delta2).mean().item()
 
 
-@dataclass
-class CosineConfig:
+@dataclass(kw_only=True)
+class CosineConfig(TrajectorySettings):
     model: str
     deltas: list[tuple[str, str]]
-    data: str
-    template: str = "a"
-    max_tokens: int = 1024
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if len(self.deltas) != 2 or any(len(d) != 2 for d in self.deltas):
             raise RastError("give exactly two --delta RL BASE pairs")
-        if self.max_tokens < 1:
-            raise RastError("--max-tokens must be >= 1")
 
 
 def run_cosine(cfg: CosineConfig) -> dict[str, Any]:

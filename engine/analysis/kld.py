@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rast_engine.analysis.trajectories import completion_rows, generate_trajectories, score_each
+from rast_engine.analysis.trajectories import TrajectorySettings, completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import load_problems
 from rast_engine.evaluation.templates import load_template
@@ -33,25 +33,19 @@ def token_kld(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 64) -
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-@dataclass
-class KldConfig:
+@dataclass(kw_only=True)
+class KldConfig(TrajectorySettings):
     model: str
     small_rl: str
     small_base: str
-    data: str
     lam: float = 1.0
-    template: str = "a"
-    max_tokens: int = 1024
     temperature: float = 0.0
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
     top: int = 20
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1 or self.top < 1:
-            raise RastError("--max-tokens and --top must be >= 1")
+        super().__post_init__()
+        if self.top < 1:
+            raise RastError("--top must be >= 1")
 
 
 def run_kld(cfg: KldConfig) -> dict[str, Any]:

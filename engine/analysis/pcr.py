@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from rast_engine.analysis.trajectories import (Trajectory, completion_rows, free_memory, generate_trajectories,
-                                               score_each)
+from rast_engine.analysis.trajectories import (Trajectory, TrajectorySettings, completion_rows, free_memory,
+                                               generate_trajectories, score_each)
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import load_problems
 from rast_engine.evaluation.templates import load_template
@@ -36,27 +36,21 @@ def path_coverage(rows: torch.Tensor, tokens: list[int]) -> float:
     return coverage_mask(rows, tokens).float().mean().item()
 
 
-@dataclass
-class PcrConfig:
+@dataclass(kw_only=True)
+class PcrConfig(TrajectorySettings):
     rl: str
     base: str
-    data: str
     small_rl: str | None = None
     small_base: str | None = None
     lam: float = 1.0
-    template: str = "a"
-    max_tokens: int = 1024
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
     top: int = 20
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.small_rl is None) != (self.small_base is None):
             raise RastError("--small-rl and --small-base go together")
-        if self.max_tokens < 1 or self.top < 0:
-            raise RastError("--max-tokens must be >= 1 and --top >= 0")
+        if self.top < 0:
+            raise RastError("--top must be >= 0")
 
 
 def _rl_paths(cfg: PcrConfig) -> list[Trajectory]:

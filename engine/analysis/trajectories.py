@@ -12,8 +12,25 @@ from typing import Any
 
 import torch
 
+from rast_engine.errors import RastError
 from rast_engine.evaluation.data import Problem
 from rast_engine.evaluation.templates import PromptTemplate
+
+
+@dataclass(kw_only=True)
+class TrajectorySettings:
+    """What every analysis shares: which problems, how they are prompted and decoded, where it runs."""
+    data: str
+    template: str = "a"
+    max_tokens: int = 1024
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise RastError("--max-tokens must be >= 1")
 
 
 @dataclass(frozen=True)

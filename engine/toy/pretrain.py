@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rast_engine.toy.task import Problem, sample_problem
+from rast_engine.toy.task import Problem, sample_problems
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,7 @@ def pretrain(model, tokenizer, cfg: PretrainConfig, exclude: set[tuple[int, int]
     model.train()
     t0 = time.time()
     for step in range(cfg.steps):
-        problems = []
-        while len(problems) < cfg.batch:
-            p = sample_problem(rng)
-            if (p.a, p.b) not in exclude:
-                problems.append(p)
+        problems = sample_problems(rng, cfg.batch, exclude)
         # Two length-homogeneous sub-batches (short direct rows, long careful rows) avoid padding
         # every direct row to careful length; the summed loss is the same as one mixed batch.
         careful, direct = problems[:n_careful], problems[n_careful:]

@@ -13,7 +13,7 @@ import torch
 
 from rast_engine.toy.evaluate import MAX_NEW_TOKENS, prompt_batch
 from rast_engine.toy.sampling import decode_completions, sample
-from rast_engine.toy.task import is_careful, is_correct, sample_problem
+from rast_engine.toy.task import is_careful, is_correct, sample_problems
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,7 @@ def rl_tune(model, tokenizer, cfg: RLConfig, exclude: set[tuple[int, int]], log=
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0 = time.time()
     for step in range(cfg.steps):
-        problems = []
-        while len(problems) < cfg.prompts:
-            p = sample_problem(rng)
-            if (p.a, p.b) not in exclude:
-                problems.append(p)
+        problems = sample_problems(rng, cfg.prompts, exclude)
         flat = [p for p in problems for _ in range(cfg.group)]
         model.eval()
         roll = sample([(model, 1.0)], prompt_batch(tokenizer, flat), eos_id=tokenizer.eos_token_id,

@@ -58,6 +58,16 @@ def sample_problem(rng: random.Random) -> Problem:
     return Problem(rng.randint(lo, hi), rng.randint(lo, hi))
 
 
+def sample_problems(rng: random.Random, count: int, exclude: set[tuple[int, int]]) -> list[Problem]:
+    """``count`` training problems, none of them in ``exclude`` (the held-out set)."""
+    problems: list[Problem] = []
+    while len(problems) < count:
+        p = sample_problem(rng)
+        if (p.a, p.b) not in exclude:
+            problems.append(p)
+    return problems
+
+
 def parse_prompt(prompt: str) -> Problem:
     """Inverse of ``Problem.prompt``; raises ValueError on anything else."""
     if not prompt.endswith("="):

@@ -6,6 +6,9 @@
 with z = logits[:, :V] + sum_k w_k * (rl_k[:, :V] - base_k[:, :V]), then temperature, top-k, top-p and
 min-p (HF order). The torch backend (rast_kernels.reference) is the executable spec; the Triton and
 native backends must agree with it.
+
+Paged KV attention kernels for serving stacks live in rast_kernels.paged_attention (store by slot
+mapping, split-K decode with GQA, varlen prefill over a paged cache).
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     seed: int = 0
-    max_num_batched_tokens: Optional[int] = None  # per-step token budget; None: max(max_model_len, 2048)
+    max_num_batched_tokens: Optional[int] = None  # prefill tokens per step; None: kv_cache.default_token_budget
     enable_prefix_caching: bool = True
     load_format: str = "auto"
     model_streams: bool = True  # CUDA: the large model on one stream, the small models on another
@@ -89,11 +89,6 @@ class EngineConfig:
             raise RastError("give kv_cache_blocks or kv_cache_memory, not both")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RastError(f"seed must be an integer, got {self.seed!r}")
-        if (self.max_num_batched_tokens is not None and self.max_model_len is not None
-                and self.max_num_batched_tokens < self.max_model_len):
-            # a preempted sequence is recomputed in one prefill, so one step must hold a whole sequence
-            raise RastError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                            f"max_model_len ({self.max_model_len})")
 
     @property
     def model_paths(self) -> list[str]:

@@ -21,12 +21,20 @@ CPU_DEFAULT_MIN_TOKENS = 8192
 GPU_MEMORY_FRACTION = 0.9  # of the memory free after the weights are loaded
 GPU_RESERVE_BYTES = 1 << 30  # logits, sampler workspace, CUDA graphs, allocator slack
 MIN_TOKEN_BUDGET = 2048  # the smallest default per-step token budget
+MAX_TOKEN_BUDGET = 8192  # the largest: longer prompts are prefilled in chunks of it
 
 KVPool = list[tuple[torch.Tensor, torch.Tensor]]  # one (k_cache, v_cache) per layer
 
 
 def bytes_per_block(configs: Sequence[ModelConfig], block_size: int, dtype: torch.dtype) -> int:
     return block_size * sum(c.kv_bytes_per_token(dtype) for c in configs)
+
+
+def default_token_budget(max_model_len: int) -> int:
+    """Prefill tokens per step when max_num_batched_tokens is not given. Bounded, because the activations
+    of a prefill of the whole budget are reserved outside the KV cache: a 128k context must not reserve
+    for a 128k-token prefill when chunks of 8k keep the GPU as busy."""
+    return min(max(max_model_len, MIN_TOKEN_BUDGET), MAX_TOKEN_BUDGET)
 
 
 def activation_bytes(configs: Sequence[ModelConfig], tokens: int, dtype: torch.dtype) -> int:
@@ -42,7 +50,8 @@ def activation_bytes(configs: Sequence[ModelConfig], tokens: int, dtype: torch.d
 def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype,
                   device: torch.device, max_model_len: int) -> int:
     """kv_cache_blocks if given, else kv_cache_memory // bytes per block, else a device default that
-    leaves room for the largest prefill the token budget allows."""
+    leaves room for the largest prefill the token budget allows (scoring aside: it prefills whole
+    sequences)."""
     if config.kv_cache_blocks is not None:
         return config.kv_cache_blocks
     per_block = bytes_per_block(configs, config.block_size, dtype)
@@ -50,7 +59,7 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
         memory = config.kv_cache_memory
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = config.max_num_batched_tokens or max(max_model_len, MIN_TOKEN_BUDGET)
+        budget = config.max_num_batched_tokens or default_token_budget(max_model_len)
         memory = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES - activation_bytes(configs, budget, dtype)
     else:
         tokens = max(4 * max_model_len, CPU_DEFAULT_MIN_TOKENS)

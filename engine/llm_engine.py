@@ -19,7 +19,7 @@ from rast_engine.config import EngineConfig
 from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
-from rast_engine.kv_cache import MIN_TOKEN_BUDGET, KVCache, num_kv_blocks
+from rast_engine.kv_cache import KVCache, default_token_budget, num_kv_blocks
 from rast_engine.model_runner import Draw, DrawResult, ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.sampling_params import SamplingParams, sample_seed
@@ -57,9 +57,8 @@ class LLMEngine:
             logger.warning("max_model_len capped at the KV capacity: %d tokens", capacity)
             max_len = capacity
         self.max_model_len = max_len
-        budget = config.max_num_batched_tokens or max(max_len, MIN_TOKEN_BUDGET)
-        if budget < max_len:  # a preempted sequence is recomputed in one prefill
-            raise RastError(f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_len})")
+        # a prompt (or a preempted sequence's recompute) longer than the budget is prefilled in chunks
+        budget = config.max_num_batched_tokens or default_token_budget(max_len)
         self.kv = KVCache(ms.configs, num_blocks, config.block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
@@ -161,6 +160,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run and sample one batch; the outputs of every request that progressed.
 
+        A prompt longer than the token budget takes several steps; only its last chunk samples, so a
+        step may return no output while it prefills.
         If the runner raises (or is interrupted) the step is undone: no sequence takes a token and the
         batch is requeued for recompute, so stepping on gives the outputs of a run that never failed.
         An error after the runner (detokenising, stop checks) is not undone; the server declares the
@@ -173,6 +174,8 @@ class LLMEngine:
             return []
         draws: list[Draw] = []
         for row, seq in enumerate(out.seqs):
+            if seq.num_scheduled_tokens < seq.num_uncomputed:
+                continue  # a prefill chunk short of the sequence's end: nothing to sample yet
             g = seq.group
             if not g.forked:  # the request's first draw: n samples from its one prefilled row
                 draws += [Draw(row, g.params, g.weights, sample_seed(g.request_seed, j), 0)
@@ -187,8 +190,10 @@ class LLMEngine:
         progressed: dict[str, SequenceGroup] = {}
         k = 0
         for seq in out.seqs:
-            seq.num_computed_tokens = len(seq.token_ids)
+            seq.num_computed_tokens += seq.num_scheduled_tokens
             self.block_manager.register_computed(seq)
+            if seq.num_uncomputed:
+                continue
             g = seq.group
             if not g.forked:
                 targets = [seq] + [self._fork(seq, j) for j in range(1, g.params.n)]

@@ -13,7 +13,7 @@ way the step's only device-to-host read is the sampled ids.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence as Seq
 
 import torch
@@ -86,13 +86,17 @@ class ModelRunner:
         return t.to(self.device)
 
     def prepare(self, seqs: Seq[Sequence], is_prefill: bool) -> StepInputs:
-        """Prefill: each sequence's uncomputed tokens; decode: its one uncomputed (last) token."""
+        """Prefill: each sequence's next ``num_scheduled_tokens`` uncomputed tokens (a chunk, or all of
+        them); decode: its one uncomputed (last) token. ``last_index``: each sequence's last new token."""
         bs = self.block_size
         starts = [s.num_computed_tokens if is_prefill else len(s.token_ids) - 1 for s in seqs]
-        ends = [len(s.token_ids) for s in seqs]
+        ends = [a + s.num_scheduled_tokens if is_prefill else a + 1 for s, a in zip(seqs, starts)]
+        bad = [s.seq_id for s, a, e in zip(seqs, starts, ends) if not a < e <= len(s.token_ids)]
+        if bad:
+            raise RuntimeError(f"sequences {bad} are scheduled outside their uncomputed tokens")
         ids: list[int] = []
-        for s, a in zip(seqs, starts):
-            ids.extend(s.token_ids[a:])
+        for s, a, e in zip(seqs, starts, ends):
+            ids.extend(s.token_ids[a:e])
         q_lens = torch.tensor([e - a for a, e in zip(starts, ends)], dtype=torch.int64)
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
         torch.cumsum(q_lens, 0, out=cu[1:])
@@ -129,12 +133,20 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
                 draws: Seq[Draw]) -> list[DrawResult]:
+        """Compute each sequence's scheduled tokens and make the draws. A prefill chunk that does not
+        finish its sequence has no draw, and its logits are not computed."""
         self.kv.copy_blocks(copies)
         if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws)
         inputs = self.prepare(seqs, is_prefill)
-        logits = self.forward_logits(inputs, inputs.last_index)
-        return self.sample(logits, draws)
+        needed = sorted({d.row for d in draws})
+        rows = inputs.last_index
+        if needed != list(range(len(seqs))):
+            rows = rows.index_select(0, self._to_device(torch.tensor(needed, dtype=torch.int64)))
+            remap = {r: i for i, r in enumerate(needed)}
+            draws = [replace(d, row=remap[d.row]) for d in draws]
+        logits = self.forward_logits(inputs, rows)
+        return self.sample(logits, draws) if draws else []
 
     # ---- decode: static buffers, optional CUDA graph ----------------------------------------------
     def _decode_step(self, rows: int) -> StepOutput:

@@ -1,10 +1,14 @@
 """Continuous batching over one block table.
 
-A step is all-prefill (waiting sequences admitted FCFS while the sequence limit, the token budget and the
-free blocks allow) or, when nothing can be admitted, all-decode over every running sequence. When a
-decode slot cannot be found, the most recently admitted sequence is preempted by recompute: its blocks
-are freed and it goes back to the front of the queue with every token it has, so its output is unchanged
-(the sampler's seed and offset depend only on the sequence, never on the batch).
+A step is all-prefill or, when there is nothing to prefill, all-decode over every running sequence.
+A prefill step computes at most ``max_num_batched_tokens`` new tokens: first the next chunk of a
+partially prefilled sequence, then waiting sequences admitted FCFS, whole, while the sequence limit, the
+budget and the free blocks allow. Only a step's first sequence is cut into chunks, so at most one
+sequence is partially prefilled at a time; it holds blocks for all its tokens from admission on, and it
+samples nothing until its last chunk. When a decode slot cannot be found, the most recently admitted
+sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue with
+every token it has (recomputed in chunks like a prompt), so its output is unchanged (the sampler's seed
+and offset depend only on the sequence, never on the batch).
 """
 from __future__ import annotations
 
@@ -21,7 +25,10 @@ class SchedulerOutput:
     seqs: list[Sequence]
     is_prefill: bool
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) block pairs
-    num_batched_tokens: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_scheduled_tokens for s in self.seqs)
 
 
 class Scheduler:
@@ -50,15 +57,21 @@ class Scheduler:
         return out if out.seqs else None
 
     def _schedule_prefill(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
         scheduled: list[Sequence] = []
         tokens = 0
-        slots = len(self.running)
-        while self.waiting:
+        for seq in self.running:  # the partially prefilled one: its blocks and slots are already taken
+            if seq.num_uncomputed > 1 and tokens < budget:
+                seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens)
+                scheduled.append(seq)
+                tokens += seq.num_scheduled_tokens
+        slots = sum(s.fanout for s in self.running)  # an unforked request will take n slots
+        while self.waiting and tokens < budget:
             seq = self.waiting[0]
             if slots + seq.fanout > self.max_num_seqs:
                 break
-            # budget on the full length (an upper bound of the uncached part); the first always fits
-            if scheduled and tokens + len(seq.token_ids) > self.max_num_batched_tokens:
+            # only a step's first sequence is split; the full length bounds the uncached part
+            if scheduled and tokens + len(seq.token_ids) > budget:
                 break
             if not self.bm.can_allocate(seq):
                 break
@@ -67,9 +80,10 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(seq)
-            tokens += len(seq.token_ids) - seq.num_computed_tokens
+            seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens)
+            tokens += seq.num_scheduled_tokens
             slots += seq.fanout
-        return SchedulerOutput(scheduled, True, [], tokens)
+        return SchedulerOutput(scheduled, True, [])
 
     def _schedule_decode(self) -> SchedulerOutput:
         scheduled: list[Sequence] = []
@@ -77,6 +91,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
+            if seq.num_uncomputed != 1:
+                raise RuntimeError(f"sequence {seq.seq_id} has {seq.num_uncomputed} uncomputed tokens in a "
+                                   "decode step; a partial prefill must be finished first")
             while not self.bm.can_append(seq):
                 victim = self.running.pop()  # always behind i, or seq itself
                 self._preempt(victim)
@@ -86,11 +103,12 @@ class Scheduler:
                 copy = self.bm.append_slot(seq)
                 if copy is not None:
                     copies.append(copy)
+                seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
                 i += 1
                 continue
             break
-        return SchedulerOutput(scheduled, False, copies, len(scheduled))
+        return SchedulerOutput(scheduled, False, copies)
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)

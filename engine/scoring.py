@@ -1,7 +1,9 @@
 """Teacher-forced scoring: batched prefills over the paged cache returning every position's scores.
 
 Sequences are packed into prefills under the step token budget and the free blocks; their blocks are
-taken without prefix-cache hits (every position's logits are needed) and freed right after.
+taken without prefix-cache hits (every position's logits are needed) and freed right after. A sequence
+is never chunked: one longer than the budget is scored alone in one prefill, beyond the activation
+memory that kv_cache reserves for the budget.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ def score_sequences(engine: LLMEngine, sequences: list[list[int]], output: str) 
                     raise RastError(f"not enough free KV blocks to score a sequence of {len(seq.token_ids)} "
                                     f"tokens ({bm.num_free_blocks} free blocks of {bm.block_size})")
                 bm.allocate(seq, use_cache=False)
+                seq.num_scheduled_tokens = len(seq.token_ids)
                 batch.append(seq)
                 tokens += len(seq.token_ids)
                 pos += 1

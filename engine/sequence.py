@@ -1,11 +1,14 @@
 """Sequences and requests.
 
-A request (SequenceGroup) starts as one sequence. Its prompt is prefilled once; the first sampling step
-draws its n first tokens from that one row and forks the sequence into n, which share the prompt's
-blocks (copy-on-write). From then on each sequence is scheduled, preempted and finished on its own.
+A request (SequenceGroup) starts as one sequence. Its prompt is prefilled once, in chunks over several
+steps when it exceeds the step's token budget; the first sampling step draws its n first tokens from that
+one row and forks the sequence into n, which share the prompt's blocks (copy-on-write). From then on each sequence is scheduled, preempted and finished on its own.
 
-Invariants: ``num_computed_tokens`` tokens have their K/V in the cache at ``block_table``; a sequence in
-decode has exactly one token not yet computed (the last sampled one).
+Invariants: ``num_computed_tokens`` tokens have their K/V in the cache at ``block_table``; a running
+sequence with more than one uncomputed token is being prefilled in chunks (it already holds blocks for
+all its tokens); one with exactly one uncomputed token decodes it (the last sampled one, or the last
+prompt token when a chunk stopped one short). A token is sampled only by the step that computes the
+sequence's last token.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full computed blocks
     num_computed_tokens: int = 0
+    num_scheduled_tokens: int = 0  # uncomputed tokens the step being run computes (set by the scheduler)
     output_text: str = ""
     logprobs: Optional[list[dict[int, float]]] = None
     cumulative_logprob: float = 0.0
@@ -61,6 +65,10 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
     def fanout(self) -> int:
         """Running slots this sequence will take once sampled: n for a request not yet forked."""
         return self.group.params.n if not self.group.forked else 1
@@ -75,6 +83,7 @@ class Sequence:
         self.block_table = []
         self.block_hashes = []
         self.num_computed_tokens = 0
+        self.num_scheduled_tokens = 0
 
     def completion(self, holdback: int) -> CompletionOutput:
         text = self.output_text

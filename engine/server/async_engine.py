@@ -130,12 +130,11 @@ class AsyncEngine:
         self._post(self._fail_all, failure)
 
     def _serve(self) -> None:
-        stalled = False
         while True:
             busy = self.engine.has_unfinished_requests()
-            # Idle: sleep until a command arrives. Stalled (the last step scheduled nothing): wait
-            # briefly for one rather than spin. Otherwise apply whatever is queued and step at once.
-            if not self._drain(block=not busy or stalled, timeout=0.01 if busy else None):
+            # Idle: sleep until a command arrives. Busy: apply whatever is queued and step at once (a
+            # step always makes progress; a prefill chunk may just have no output to show yet).
+            if not self._drain(block=not busy):
                 return
             if not self.engine.has_unfinished_requests():
                 self.stats = self.engine.stats()
@@ -148,13 +147,12 @@ class AsyncEngine:
                 self.on_step(elapsed)
             if outputs:
                 self._post(self._dispatch, outputs)
-            stalled = not outputs
 
-    def _drain(self, block: bool, timeout: float | None = None) -> bool:
-        """Apply queued commands; False once asked to stop."""
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands (waiting for the first one if ``block``); False once asked to stop."""
         while True:
             try:
-                cmd = self._commands.get(block=block, timeout=timeout)
+                cmd = self._commands.get(block=block)
             except queue.Empty:
                 return True
             block = False

@@ -53,14 +53,6 @@ class DrawResult:
     logprobs: Optional[dict[int, float]]  # chosen token first, then the top-k alternatives
 
 
-def sampler_backend(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "triton"
-    from rast_kernels import native
-
-    return "native" if native.is_available() else "torch"
-
-
 class ModelRunner:
     def __init__(self, models: list[CausalLM], kv: KVCache, vocab_size: int, block_size: int,
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
@@ -71,7 +63,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.max_model_len = max_model_len
-        self.sampler = sampler_backend(device)
+        self.sampler = rast_kernels.default_backend(device)
         self.pin = device.type == "cuda"
         self.streams = ModelStreams(device, model_streams)
         self.pairs = (len(models) - 1) // 2

@@ -18,7 +18,7 @@ import torch
 
 from rast_kernels.batch import RowParam, Scalar, SamplingBatch, normalize
 
-__all__ = ["rast_sample", "rast_probs", "available_backends", "SamplingBatch"]
+__all__ = ["rast_sample", "rast_probs", "available_backends", "default_backend", "SamplingBatch"]
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -41,12 +41,16 @@ def available_backends() -> list[str]:
     return out
 
 
+def default_backend(device: torch.device) -> str:
+    """What backend=None picks for tensors on ``device``: triton on CUDA, else native when built, else torch."""
+    if torch.device(device).type == "cuda":
+        return "triton"
+    return "native" if _native_available() else "torch"
+
+
 def _resolve(backend: str | None, batch: SamplingBatch):
     if backend is None:
-        if batch.logits.is_cuda:
-            backend = "triton"
-        else:
-            backend = "native" if _native_available() else "torch"
+        backend = default_backend(batch.logits.device)
     if backend == "torch":
         from rast_kernels import reference as impl
     elif backend == "triton":

@@ -10,31 +10,28 @@ BIG = tl.constexpr(2**31 - 1)  # "no index" and "no key": larger than any id and
 
 
 @triton.jit
+def _add_pair(z, row, offs, mask, r_ptr, r_stride, b_ptr, b_stride, w_ptr, K: tl.constexpr, PAIRS: tl.constexpr):
+    """z + w_K * (rl_K - base_K) for one block of tokens of one row."""
+    w = tl.load(w_ptr + row * PAIRS + K)
+    r = tl.load(r_ptr + row * r_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + row * b_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    return z + w * (r - b)
+
+
+@triton.jit
 def _z(row, offs, mask, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
        PAIRS: tl.constexpr):
     """z for one block of tokens, accumulated pair by pair exactly as reference.combine does."""
     row = row.to(tl.int64)  # row * stride overflows int32 beyond 2**31 elements
     z = tl.load(l_ptr + row * l_stride + offs, mask=mask, other=0.0).to(tl.float32)
     if PAIRS > 0:
-        w = tl.load(w_ptr + row * PAIRS + 0)
-        r = tl.load(r0 + row * r0s + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b0 + row * b0s + offs, mask=mask, other=0.0).to(tl.float32)
-        z = z + w * (r - b)
+        z = _add_pair(z, row, offs, mask, r0, r0s, b0, b0s, w_ptr, 0, PAIRS)
     if PAIRS > 1:
-        w = tl.load(w_ptr + row * PAIRS + 1)
-        r = tl.load(r1 + row * r1s + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b1 + row * b1s + offs, mask=mask, other=0.0).to(tl.float32)
-        z = z + w * (r - b)
+        z = _add_pair(z, row, offs, mask, r1, r1s, b1, b1s, w_ptr, 1, PAIRS)
     if PAIRS > 2:
-        w = tl.load(w_ptr + row * PAIRS + 2)
-        r = tl.load(r2 + row * r2s + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b2 + row * b2s + offs, mask=mask, other=0.0).to(tl.float32)
-        z = z + w * (r - b)
+        z = _add_pair(z, row, offs, mask, r2, r2s, b2, b2s, w_ptr, 2, PAIRS)
     if PAIRS > 3:
-        w = tl.load(w_ptr + row * PAIRS + 3)
-        r = tl.load(r3 + row * r3s + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b3 + row * b3s + offs, mask=mask, other=0.0).to(tl.float32)
-        z = z + w * (r - b)
+        z = _add_pair(z, row, offs, mask, r3, r3s, b3, b3s, w_ptr, 3, PAIRS)
     return z
 
 

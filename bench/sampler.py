@@ -1,9 +1,9 @@
 """Benchmark of RAST sampling: the fused Triton kernel against the torch reference and against the
 unfused path as vLLM / HF do it (combine, softmax, sort, cumsum, exponential race), plus the native
 CPU backend when built. Inputs are bf16 logits shaped like real LM outputs (Zipf-like, entropy about
-1-4 nats). For each shape it reports the median time, the floor (input bytes / measured copy
-bandwidth), the fraction of the floor reached and the speedups, and writes
-bench/results/sampler-<device>-<shortsha>.json and a PNG plot.
+1-4 nats); each RAST pair is one such row and a perturbed copy of it. For each shape it reports the
+median time, the floor (input bytes / measured copy bandwidth), the fraction of the floor reached
+and the speedups, and writes bench/results/sampler-<device>-<shortsha>.json and a PNG plot.
 
     python bench/sampler.py              # GPU: the full grid; CPU: small shapes
     python bench/sampler.py --quick      # a few-second smoke run (CI)
@@ -33,6 +33,15 @@ def lm_logits(batch: int, vocab: int, device: torch.device, gen: torch.Generator
     z = -slope * torch.log(rank) + 0.5 * torch.randn(batch, vocab, generator=gen)
     order = torch.argsort(torch.rand(batch, vocab, generator=gen), dim=1)
     return torch.gather(z, 1, order).to(torch.bfloat16).to(device)
+
+
+def rast_pair(batch: int, vocab: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rl, base) bf16 logits of a small RL-tuned model and its base: the same LM-like row, the RL side
+    shifted by N(0, 0.5) nats per token, as two checkpoints of one model differ (independent rows
+    would make z flatter than any real combination)."""
+    base = lm_logits(batch, vocab, torch.device("cpu"), gen)
+    rl = (base.float() + 0.5 * torch.randn(batch, vocab, generator=gen)).to(torch.bfloat16)
+    return rl.to(device), base.to(device)
 
 
 def entropy(logits: torch.Tensor) -> float:
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
     for batch, vocab, pairs in itertools.product(grid["batch"], grid["vocab"], grid["pairs"]):
         logits = lm_logits(batch, vocab, device, gen)
         entropies.append(entropy(logits))
-        deltas = [(lm_logits(batch, vocab, device, gen), lm_logits(batch, vocab, device, gen)) for _ in range(pairs)]
+        deltas = [rast_pair(batch, vocab, device, gen) for _ in range(pairs)]
         floor_us = batch * vocab * 2 * (1 + 2 * pairs) / bandwidth * 1e6
         seed = torch.arange(batch, device=device)
         for top_k, min_p in itertools.product(grid["top_k"], grid["min_p"]):

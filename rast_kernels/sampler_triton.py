@@ -7,13 +7,17 @@ every filter keeps the finite tokens with key <= one threshold tau (plus min-p: 
 sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe, no host sync):
 
 1. ``_stats`` (grid B x S, the vocabulary split in S chunks so B = 1 still fills the GPU) reads the
-   inputs once. Per chunk it keeps the max z (first index), min z, finite count, and the
-   *candidates*: finite tokens with z >= (the chunk's running max) - margin, the first CAP of them
-   stored exactly as (id, z) in a [B, S, CAP] scratch. Every other finite token (below the margin
-   or past the budget) is a *non-candidate*, summarised exactly by its max z and approximately by
-   sum exp(-(m - z)/T) (m: chunk max). The margin (d-space, times T) is only a heuristic: exactness
-   never depends on it. With min_p > 0 and no top-k it is -log(min_p) + 0.5 nats, else WIDE nats;
-   rows without any filter store no candidates (they cannot take the fast path).
+   inputs once. Per chunk it keeps the max z (first index), min z, finite count, and up to CAP
+   *candidates*: finite tokens with z >= (the chunk's running max) - margin, stored exactly as
+   (id, z) in a [B, S, CAP] scratch. When a block would overflow the list, ``_evict`` raises the
+   chunk's key floor so that the best 3/4 of the stored and new candidates remain (all CAP in the
+   chunk's last block), compacts the list and moves the rest to the non-candidates: the early, poor
+   tokens that filled the list before the chunk's max was known make room for better ones, so each
+   chunk ends holding its best tokens. Every other finite token is a *non-candidate*, summarised
+   exactly by its max z and approximately by sum exp(-(m - z)/T) (m: chunk max). The margin (d-space,
+   times T) and the floor are heuristics: exactness never depends on them, only on every finite token
+   being either stored or summarised. With min_p > 0 and no top-k the margin is -log(min_p) + 0.5
+   nats, else WIDE nats; rows without any filter store no candidates (they cannot take the fast path).
 2. ``_select`` (grid B) reduces the partials (zmax, greedy id, count), and computes
    kc = key(max non-candidate z): by monotonicity of the rounded d, every non-candidate has key >= kc.
    U = {candidates with key < kc}, so every token outside U has a key larger than every key in U.
@@ -45,7 +49,10 @@ O(B*S) partials, the candidates actually stored (8 bytes each, at most B*S*CAP) 
 in step 2. The fallback adds the descent's per-row passes (about 4-7 with 16 buckets) and one more
 read in ``_draw``, as before. Expected on an H100 (not measured here): the fast path near the HBM
 floor at large B. Whether rows take it depends on the data, WIDE and CAP: sample(batch,
-fast_out=t) reports it per row. Rows with no filter at all always take the fallback.
+fast_out=t) reports it per row, and bench/sampler_fastpath.py measures it on LM-like rows under the
+launch plan of any GPU (interpreted on a CPU: the plan, not the hardware, decides). Rows with no
+filter at all always take the fallback. Evictions cost a short bisection each; with the list refilled
+to 3/4 they are rare (about log_{4/3} of the blocks per chunk on random-order rows).
 
 Bit agreement with the reference: z is computed pair by pair without FMA contraction
 (enable_fp_fusion=False) and d with IEEE division (div_rn), so z, d and the keys are the
@@ -66,7 +73,7 @@ from rast_kernels.reference import combine
 from rast_kernels.sampler_triton_kernels import _draw, _finish, _stats, _write_probs
 from rast_kernels.sampler_triton_select import _select
 
-__all__ = ["sample", "probs"]
+__all__ = ["sample", "probs", "launch_plan"]
 
 MAX_PAIRS = 4  # more pairs are pre-combined in float32 by the reference formula (same rounding)
 WIDE = 10.0  # candidate margin in nats for rows filtered by top-k or top-p (a heuristic, see above)
@@ -82,27 +89,31 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _plan(batch: SamplingBatch, block: int | None, chunk: int | None, cap: int | None) -> tuple[int, int, int, int]:
-    """(BLOCK, CHUNK, S, CAP): chunks are whole blocks; S chunks per row give about 4 programs per
-    SM; CAP (a power of two, candidates kept per chunk) fills a TILE-sized tile in _select."""
-    v = batch.vocab
+def launch_plan(rows: int, vocab: int, sms: int | None, block: int | None = None, chunk: int | None = None,
+                cap: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK, CHUNK, S, CAP) for ``rows`` rows on a GPU with ``sms`` SMs (None: the CPU interpreter):
+    chunks are whole blocks; S chunks per row give about 4 programs per SM; CAP (a power of two,
+    candidates kept per chunk) fills a TILE-sized tile in _select. Any argument given is kept."""
     if block is None:
         block = 128 if _interpreting() else 1024
-    block = min(block, triton.next_power_of_2(v))
+    block = min(block, triton.next_power_of_2(vocab))
     if chunk is None:
-        if batch.logits.is_cuda:
-            sms = torch.cuda.get_device_properties(batch.logits.device).multi_processor_count
-            splits = max(1, min(triton.cdiv(4 * sms, batch.batch), triton.cdiv(v, block)))
-        else:
-            splits = min(4, triton.cdiv(v, block))
-        chunk = triton.cdiv(v, splits)
+        splits = min(4, triton.cdiv(vocab, block)) if sms is None else \
+            max(1, min(triton.cdiv(4 * sms, rows), triton.cdiv(vocab, block)))
+        chunk = triton.cdiv(vocab, splits)
     chunk = triton.cdiv(max(chunk, 1), block) * block
-    splits = triton.cdiv(v, chunk)
+    splits = triton.cdiv(vocab, chunk)
     if cap is None:
         cap = min(triton.next_power_of_2(chunk), max(16, TILE // triton.next_power_of_2(splits)))
     if cap < 1 or cap & (cap - 1):
         raise ValueError(f"cap (candidates per chunk) must be a power of two >= 1, got {cap}")
     return block, chunk, splits, cap
+
+
+def _plan(batch: SamplingBatch, block: int | None, chunk: int | None, cap: int | None) -> tuple[int, int, int, int]:
+    dev = batch.logits.device
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else None
+    return launch_plan(batch.batch, batch.vocab, sms, block, chunk, cap)
 
 
 def _inputs(batch: SamplingBatch) -> tuple[list, int]:

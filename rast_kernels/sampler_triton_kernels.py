@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 BIG = tl.constexpr(2**31 - 1)  # "no index" and "no key": larger than any id and any finite-or-inf key
+EVICT_STEPS = tl.constexpr(12)  # bisection steps of a candidate-floor search (_evict)
 
 
 @triton.jit
@@ -63,16 +64,62 @@ def _gumbel_score(offs, rkey, d):
 
 
 @triton.jit
+def _zkey(z):
+    """float32 -> int32 in the same order (finite and +-inf; NaN never reaches it)."""
+    bits = z.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _evict(cid_ptr, cz_ptr, base, taken, zk, cand, m_new, safe_t, target, CAP: tl.constexpr):
+    """Make room in a chunk's candidate list: the new floor is the smallest key t such that at most
+    ``target`` of (stored candidates, this block's ``cand``) have key >= t. Stored ones below it are
+    compacted away and returned as (max z, sum exp((z - m_new)/T)) for the non-candidate summary."""
+    tl.debug_barrier()  # earlier stores of this program are visible to all its threads
+    slot = tl.arange(0, CAP)
+    stored = slot < taken
+    sz = tl.load(cz_ptr + base + slot, mask=stored, other=float("-inf"))
+    sid = tl.load(cid_ptr + base + slot, mask=stored, other=0)
+    sk = tl.where(stored, _zkey(sz), 2147483647)
+    nk = tl.where(cand, zk, 2147483647)
+    lo = tl.minimum(tl.min(sk, axis=0), tl.min(nk, axis=0)).to(tl.int64)  # everything: > target
+    sk = tl.where(stored, sk, -2147483648)  # absent entries sit below every real key
+    nk = tl.where(cand, nk, -2147483648)
+    hi = tl.maximum(tl.max(sk, axis=0), tl.max(nk, axis=0)).to(tl.int64) + 1  # nothing: <= target
+    # Bisection keeps count(key >= hi) <= target; EVICT_STEPS halvings leave hi within 2**-EVICT_STEPS
+    # of the key range above the true floor, which only costs a few more evictions.
+    for _ in range(EVICT_STEPS):
+        mid = lo + (hi - lo) // 2
+        fits = tl.sum((sk >= mid).to(tl.int32), axis=0) + tl.sum((nk >= mid).to(tl.int32), axis=0) <= target
+        go = lo < hi
+        lo = tl.where(go & ~fits, mid + 1, lo)
+        hi = tl.where(go & fits, mid, hi)
+    floor = hi.to(tl.int32)
+    keep = stored & (sk >= floor)
+    gone = stored & (sk < floor)
+    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.debug_barrier()  # every thread has read the list before any slot is overwritten
+    tl.store(cid_ptr + base + pos, sid, mask=keep)
+    tl.store(cz_ptr + base + pos, sz, mask=keep)
+    gone_max = tl.max(tl.where(gone, sz, float("-inf")), axis=0)
+    gone_sum = tl.sum(tl.where(gone, tl.exp((sz - m_new) / safe_t), 0.0), axis=0)
+    return floor, tl.sum(keep.to(tl.int32), axis=0), gone_max, gone_sum
+
+
+@triton.jit
 def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
            temp_ptr, margin_ptr, smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr, ncmax_ptr,
            ncsum_ptr, V, CHUNK, S, PAIRS: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr):
-    """Per chunk: max z (first index), min z, finite count, and the candidates: finite tokens with
-    z >= running max - margin, the first CAP of them stored exactly (id, z). Every other finite token
-    is a non-candidate, summarised by its max z and sum exp(-(m - z)/T) (m: the chunk max)."""
+    """Per chunk: max z (first index), min z, finite count, and up to CAP candidates stored exactly
+    (id, z): finite tokens with z >= running max - margin and key >= a floor that rises whenever the
+    list would overflow (``_evict`` keeps the best 3/4, or all CAP in the chunk's last block). Every
+    other finite token is a non-candidate, summarised by its max z and sum exp(-(m - z)/T) (m: the
+    chunk max). Invariant: each finite token of the chunk is stored or summarised, never both."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
     out = row * S + split
+    base = out * CAP
     temp = tl.load(temp_ptr + row)
     safe_t = tl.where(temp > 0, temp, 1.0)
     margin = tl.load(margin_ptr + row)
@@ -84,7 +131,9 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
     nc_max = float("-inf")
     nc_sum = 0.0
     taken = 0
-    for start in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, V), BLOCK):
+    floor = tl.full([], -2147483648, tl.int32)  # below every real key
+    end = tl.minimum(split * CHUNK + CHUNK, V)
+    for start in range(split * CHUNK, end, BLOCK):
         offs = start + lanes
         mask = offs < V
         z = _z(row, offs, mask, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s,
@@ -96,16 +145,24 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
         low = tl.where(ok, tl.minimum(low, z), low)
         cnt += ok.to(tl.int32)
         m_new = tl.maximum(m_run, tl.max(tl.where(ok, z, float("-inf")), axis=0))
-        cand = ok & (z >= m_new - margin)
+        nc_sum = nc_sum * tl.where(m_new == m_run, 1.0, tl.exp((m_run - m_new) / safe_t))  # both -inf: no NaN
+        zk = _zkey(z)
+        cand = ok & (z >= m_new - margin) & (zk >= floor)
+        if taken + tl.sum(cand.to(tl.int32), axis=0) > CAP:
+            target = tl.where(start + BLOCK >= end, CAP, CAP - CAP // 4)
+            floor, taken, gone_max, gone_sum = _evict(cid_ptr, cz_ptr, base, taken, zk, cand, m_new, safe_t,
+                                                      target, CAP)
+            nc_max = tl.maximum(nc_max, gone_max)
+            nc_sum += gone_sum
+            cand = cand & (zk >= floor)
         pos = taken + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-        keep = cand & (pos < CAP)
-        tl.store(cid_ptr + out * CAP + pos, offs, mask=keep)
-        tl.store(cz_ptr + out * CAP + pos, z, mask=keep)
+        keep = cand & (pos < CAP)  # always true after _evict; kept so no store can leave the list
+        tl.store(cid_ptr + base + pos, offs, mask=keep)
+        tl.store(cz_ptr + base + pos, z, mask=keep)
         taken += tl.sum(keep.to(tl.int32), axis=0)
-        spill = ok & (~keep)  # non-candidates, including candidates past the budget
+        spill = ok & (~keep)  # non-candidates, including tokens below the floor
         nc_max = tl.maximum(nc_max, tl.max(tl.where(spill, z, float("-inf")), axis=0))
-        rescale = tl.where(m_new == m_run, 1.0, tl.exp((m_run - m_new) / safe_t))  # both -inf: no NaN
-        nc_sum = nc_sum * rescale + tl.sum(tl.where(spill, tl.exp((z - m_new) / safe_t), 0.0), axis=0)
+        nc_sum += tl.sum(tl.where(spill, tl.exp((z - m_new) / safe_t), 0.0), axis=0)
         m_run = m_new
     m = tl.max(best, axis=0)
     tl.store(smax_ptr + out, m)

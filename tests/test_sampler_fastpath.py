@@ -87,14 +87,33 @@ def test_top_k_larger_than_budget() -> None:
     _check(batch, [0, 1, 0], block=32, chunk=128, cap=8)  # 4 chunks x 8 slots < 40
 
 
-def test_spilled_mode_forces_fallback() -> None:
-    """Ascending logits in one chunk: the budget fills with early, poor tokens; the later, better ones
-    spill into the non-candidate summary, so U cannot hold the threshold. Descending: the best come
-    first and the fast path holds."""
+def test_late_winners_evict_early_candidates() -> None:
+    """Ascending logits in one chunk: the budget first fills with early, poor tokens; each overflow
+    raises the chunk's floor and moves them into the non-candidate summary, so the best tokens end up
+    stored and the fast path holds, exactly, in both orders. With top_p = 0.999 the evicted tail
+    carries the missing mass, so only the full-row search can decide."""
     up = torch.linspace(-8.0, 0.0, 256, device=DEVICE)[None, :]
-    logits = torch.cat([up, up.flip(1)]).contiguous()
-    batch = normalize(logits, (), top_p=0.8, min_p=0.01, seed=torch.tensor([3, 4], device=DEVICE))
-    _check(batch, [0, 1], block=16, chunk=256, cap=64)
+    logits = torch.cat([up, up.flip(1), up]).contiguous()
+    top_p = torch.tensor([0.6, 0.6, 0.999], device=DEVICE)
+    batch = normalize(logits, (), top_p=top_p, min_p=0.0, seed=torch.tensor([3, 4, 5], device=DEVICE))
+    _check(batch, [1, 1, 0], block=16, chunk=256, cap=64)
+
+
+def test_repeated_eviction_on_lm_like_rows() -> None:
+    """Zipf-like rows in random token order, many blocks per chunk and a small budget: the floor rises
+    several times per chunk, and every path (top-k, top-p, min-p, RAST pair) still matches the
+    reference token for token and takes the fast path."""
+    gen = torch.Generator().manual_seed(25)
+    b, v = 4, 2048
+    rank = torch.arange(1, v + 1, dtype=torch.float32)
+    z = -1.6 * torch.log(rank) + 0.5 * torch.randn(b, v, generator=gen)
+    logits = torch.gather(z, 1, torch.argsort(torch.rand(b, v, generator=gen), dim=1)).to(DEVICE)
+    base = (torch.randn(b, v, generator=gen) * 2.0).to(DEVICE)
+    rl = base + 0.3 * torch.randn(b, v, generator=gen).to(DEVICE)
+    batch = normalize(logits, [(rl, base)], weights=1.0, top_p=torch.tensor([0.9, 0.95, 1.0, 0.9], device=DEVICE),
+                      top_k=torch.tensor([0, 0, 20, 0], dtype=torch.int32, device=DEVICE),
+                      min_p=torch.tensor([0.0, 0.0, 0.0, 0.05], device=DEVICE), seed=torch.arange(b, device=DEVICE))
+    _check(batch, [1, 1, 1, 1], block=64, chunk=1024, cap=64)
 
 
 def test_min_p_alone_and_unfiltered_rows() -> None:

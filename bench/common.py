@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -36,7 +37,11 @@ def slug(text: str) -> str:
 
 
 def git_sha(short: bool = True) -> str:
-    """The commit of the working tree, with '+dirty' if it has uncommitted changes; 'unknown' outside git."""
+    """The commit of the working tree, with '+dirty' if it has uncommitted changes; 'unknown' outside git.
+    RAST_COMMIT overrides it: a copy of the tree without git metadata (the lent GPU machine) names its
+    commit that way."""
+    if os.environ.get("RAST_COMMIT"):
+        return os.environ["RAST_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short" if short else "--verify", "HEAD"], cwd=root,

@@ -113,10 +113,11 @@ def run(args: argparse.Namespace) -> None:
                 us = time_us(calls[name], device, warmup=args.warmup, iters=args.iters)
                 rows.append(dict(impl=name, batch=batch, vocab=vocab, pairs=pairs, top_k=top_k, min_p=min_p,
                                  us_median=round(us, 2), floor_us=round(floor_us, 2)))
-    report(rows, device, bandwidth, entropies, args.name)
+    report(rows, device, bandwidth, entropies, args.name, args.out)
 
 
-def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: list[float], name: str) -> None:
+def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: list[float], name: str,
+           out: Path | None) -> None:
     key = lambda r: (r["batch"], r["vocab"], r["pairs"], r["top_k"], r["min_p"])  # noqa: E731
     ours = "fused" if device.type == "cuda" else "native"
     base = {(key(r), r["impl"]): r["us_median"] for r in rows}
@@ -134,7 +135,7 @@ def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: 
     path = write_results(name, device, rows, extra=dict(bandwidth_gbs=round(bandwidth / 1e9, 2), top_p=TOP_P,
                                                        temperature=TEMPERATURE,
                                                        entropy_nats=[round(min(entropies), 2),
-                                                                     round(max(entropies), 2)]))
+                                                                     round(max(entropies), 2)]), out_dir=out)
     vmax = max(r["vocab"] for r in rows)
     pmax = max(r["pairs"] for r in rows)
     kmin, mpmin = min(r["top_k"] for r in rows), min(r["min_p"] for r in rows)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--name", default="sampler", help="results file prefix")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = ap.parse_args(argv)
     if args.cpu_target:
         args.cpu = True

@@ -14,6 +14,27 @@ if not HAS_CUDA:
 torch.set_num_threads(1)
 
 
+def _interpreter_problem() -> str | None:
+    """Triton < 3.7's interpreter takes int() of 1-element arrays, which numpy >= 2.3 refuses: every
+    kernel with a tensor loop bound would fail with a TypeError deep inside the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import numpy
+    import triton
+
+    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 3):
+        return (f"Triton {triton.__version__}'s interpreter does not work with numpy {numpy.__version__}: "
+                "install 'numpy<2.3' or triton>=3.7")
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    problem = _interpreter_problem()
+    if problem:
+        raise pytest.UsageError(problem)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if HAS_CUDA:
         return

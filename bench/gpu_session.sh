@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU work of a session that is lent a GPU, in stages that each fit one device command (10 minutes).
+# Run from the repository root on the GPU machine; results and logs go to $OUT (bench/results without it).
+#
+#   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
+#   bash bench/gpu_session.sh kernels <sha>            bench/attention.py, bench/sampler.py, sampler_fastpath.py
+#   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
+#
+# <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
+# one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 7 files, under the 8 that come back.
+set -uo pipefail
+
+stage=${1:?stage: tests | kernels | decode}
+export RAST_COMMIT=${2:?the commit being measured}
+out=${OUT:-bench/results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+log="$out/$stage.log"
+budget=${STAGE_SECONDS:-570}  # the whole stage, inside the device's 600 s per command
+deadline=$((SECONDS + budget))
+left() { echo $((deadline - SECONDS)); }
+
+{
+  echo "stage $stage at commit $RAST_COMMIT"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$log"
+
+case "$stage" in
+  tests)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$log"
+    timeout "$(left)" python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_sampler.py tests/test_paged_attention.py tests/test_gpu_path.py 2>&1 | tee -a "$log"
+    ;;
+  kernels)
+    timeout $(( $(left) / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
+    timeout $(( $(left) * 2 / 3 )) python3 bench/sampler.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(left)" python3 bench/sampler_fastpath.py --out "$out" 2>&1 | tee -a "$log"
+    ;;
+  decode)
+    pairing=${3:?pairing, e.g. 7b+1.5b}
+    timeout "$(left)" python3 bench/decode.py --pairings "$pairing" --profile --commit "$RAST_COMMIT" \
+      --out "$out" 2>&1 | tee -a "$log"
+    ;;
+  *)
+    echo "unknown stage $stage (tests | kernels | decode)" | tee -a "$log"
+    exit 2
+    ;;
+esac

@@ -4,8 +4,13 @@ measured copy bandwidth (the roofline: a decode step reads each cached K/V eleme
     python bench/attention.py            # CUDA: table, and bench/results/attention-<device>-<sha>.json
     python bench/attention.py --quick    # CPU smoke test under TRITON_INTERPRET=1, tiny shapes
 
-Each row is one (model shape, batch, context) with split-K chosen by the heuristic and forced off
-(splits=1), timed as CUDA-graph replays so launch overhead matches the engine's decode step.
+Each row is one (model shape, batch, context, block-table width) with split-K chosen by the heuristic
+and forced off (splits=1), timed as CUDA-graph replays so launch overhead matches the engine's decode
+step. Tight rows have a table exactly as wide as the context. Graph-mode rows mirror the engine under
+CUDA graphs: the table is padded to a long max_model_len (GRAPH_TABLE tokens) around short live
+contexts, so the heuristic's split count comes from the padded width and each sequence fills only the
+splits its own context needs; they also run with a lower per-split floor (min=64) to show whether the
+default floor of 256 tokens leaves the GPU underfilled at short contexts.
 Every configuration is first checked against an explicit float32 softmax on two sequences.
 """
 from __future__ import annotations
@@ -21,12 +26,15 @@ import torch
 if "--quick" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before rast_kernels decorates its kernels
 
-from rast_kernels.paged_attention import paged_decode_attention, pick_num_splits  # noqa: E402
+from rast_kernels.paged_attention import paged_decode_attention  # noqa: E402
+from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_name, write_results  # noqa: E402
 
 SHAPES = {"qwen2.5-7b": (28, 4, 128), "llama-3.1-8b": (32, 8, 128)}  # (Hq, Hkv, head_dim)
+BLOCK_SIZE = 16
+GRAPH_TABLE = 32768  # graph-mode rows: the block table's width in tokens (a long max_model_len)
 
 
 def time_ms(fn, device: torch.device, iters: int) -> float:
@@ -51,12 +59,15 @@ def time_ms(fn, device: torch.device, iters: int) -> float:
     return begin.elapsed_time(end) / iters
 
 
-def make_case(batch: int, ctx: int, hq: int, hkv: int, dim: int, block_size: int, dtype: torch.dtype,
-              device: torch.device) -> tuple:
+def make_case(batch: int, ctx: int, table_tokens: int, hq: int, hkv: int, dim: int, block_size: int,
+              dtype: torch.dtype, device: torch.device) -> tuple:
+    """Caches holding the live blocks only; the table's padding columns are 0, as DecodeBuffers pads."""
     g = torch.Generator().manual_seed(batch * 7919 + ctx)
     per_seq = -(-ctx // block_size)
     num_blocks = batch * per_seq
-    table = torch.randperm(num_blocks, generator=g).view(batch, per_seq).to(torch.int32).to(device)
+    table = torch.zeros(batch, max(per_seq, -(-table_tokens // block_size)), dtype=torch.int32)
+    table[:, :per_seq] = torch.randperm(num_blocks, generator=g).view(batch, per_seq).to(torch.int32)
+    table = table.to(device)
     k_cache = torch.randn(num_blocks, block_size, hkv, dim, dtype=dtype, device=device)
     v_cache = torch.randn_like(k_cache)
     q = torch.randn(batch, hq, dim, dtype=dtype, device=device)
@@ -80,23 +91,30 @@ def check(q, k_cache, v_cache, table, lens, scale: float, out: torch.Tensor) -> 
 
 def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: int, copy_gbs: float) -> list[dict]:
     rows = []
-    for model, batch, ctx in configs:
+    for model, batch, ctx, table_tokens in configs:
         hq, hkv, dim = SHAPES[model] if model in SHAPES else model
-        case = make_case(batch, ctx, hq, hkv, dim, 16, dtype, device)
+        case = make_case(batch, ctx, table_tokens, hq, hkv, dim, BLOCK_SIZE, dtype, device)
         scale = dim ** -0.5
         kv_bytes = 2 * batch * ctx * hkv * dim * case[1].element_size()
-        auto = pick_num_splits(batch, hkv, case[3].shape[1] * 16, device)
-        for splits in sorted({auto, 1} | ({3} if device.type == "cpu" else set())):  # CPU: exercise split-K
-            err = check(*case, scale, paged_decode_attention(*case, scale, num_splits=splits))
+        width = case[3].shape[1] * BLOCK_SIZE
+        runs = {(s, MIN_TOKENS_PER_SPLIT) for s in (pick_num_splits(batch, hkv, width, device), 1)}
+        if device.type == "cpu":
+            runs.add((3, 16))  # exercise split-K on tiny shapes
+        if table_tokens:  # graph mode: the heuristic's splits at a lower floor too
+            runs.add((pick_num_splits(batch, hkv, width, device, 64), 64))
+        for splits, floor in sorted(runs):
+            kw = dict(num_splits=splits, min_tokens_per_split=floor)
+            err = check(*case, scale, paged_decode_attention(*case, scale, **kw))
             tol = 1e-3 if dtype == torch.float32 else 3e-2
             if err > tol:
-                raise AssertionError(f"{model} b={batch} ctx={ctx} splits={splits}: error {err:.3g} > {tol}")
-            ms = time_ms(lambda: paged_decode_attention(*case, scale, num_splits=splits), device, iters)
+                raise AssertionError(f"{model} b={batch} ctx={ctx} table={width} {kw}: error {err:.3g} > {tol}")
+            ms = time_ms(lambda: paged_decode_attention(*case, scale, **kw), device, iters)
             gbs = kv_bytes / ms / 1e6
-            rows.append(dict(model=str(model), batch=batch, context=ctx, splits=splits, ms=ms, kv_gbs=gbs,
-                             frac_of_copy=gbs / copy_gbs, max_abs_err=err))
-            print(f"{str(model):>14} b={batch:<4} ctx={ctx:<6} splits={splits:<3} {ms * 1e3:9.1f} us "
-                  f"{gbs:8.1f} GB/s  {100 * gbs / copy_gbs:5.1f}% of copy", flush=True)
+            rows.append(dict(model=str(model), batch=batch, context=ctx, table_tokens=width, splits=splits,
+                             min_split_tokens=floor, ms=ms, kv_gbs=gbs, frac_of_copy=gbs / copy_gbs,
+                             max_abs_err=err))
+            print(f"{str(model):>14} b={batch:<4} ctx={ctx:<6} table={width:<6} splits={splits:<3} min={floor:<4}"
+                  f"{ms * 1e3:9.1f} us {gbs:8.1f} GB/s  {100 * gbs / copy_gbs:5.1f}% of copy", flush=True)
     return rows
 
 
@@ -107,11 +125,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick or not torch.cuda.is_available():
         device, dtype, iters = torch.device("cpu"), torch.float32, 2
-        configs = [((4, 2, 16), 1, 40), ((4, 2, 16), 2, 300)]
+        configs = [((4, 2, 16), 1, 40, 0), ((4, 2, 16), 2, 300, 0), ((4, 2, 16), 2, 70, 1024)]
         copy_gbs = copy_bandwidth(device) / 1e9
     else:
         device, dtype, iters = torch.device("cuda"), torch.bfloat16, 100
-        configs = [(m, b, c) for m in SHAPES for b in (1, 8, 32, 128) for c in (1024, 4096, 16384)]
+        configs = [(m, b, c, 0) for m in SHAPES for b in (1, 8, 32, 128) for c in (1024, 4096, 16384)]
+        configs += [(m, b, c, GRAPH_TABLE) for m in SHAPES for b in (1, 8, 32) for c in (300, 1024, 4096)]
         copy_gbs = copy_bandwidth(device, 1 << 30) / 1e9
     print(f"{device_name(device)}: copy bandwidth {copy_gbs:.1f} GB/s", flush=True)
     rows = run(configs, dtype, device, iters, copy_gbs)

@@ -48,6 +48,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     load_format: str = "auto"
     model_streams: bool = True  # CUDA: the large model on one stream, the small models on another
+    # CUDA graphs: the largest decode batch captured (None: max_num_seqs); larger batches decode eagerly
+    cuda_graph_max_batch: Optional[int] = None
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +87,7 @@ class EngineConfig:
         _positive_int("kv_cache_blocks", self.kv_cache_blocks, allow_none=True)
         _positive_int("kv_cache_memory", self.kv_cache_memory, allow_none=True)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        _positive_int("cuda_graph_max_batch", self.cuda_graph_max_batch, allow_none=True)
         if self.kv_cache_blocks is not None and self.kv_cache_memory is not None:
             raise RastError("give kv_cache_blocks or kv_cache_memory, not both")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

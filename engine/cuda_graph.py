@@ -4,11 +4,16 @@ captured once per batch-size bucket and replayed on batches padded up to their b
 Invariants:
 - the step reads only DecodeBuffers' static device tensors (inputs and sampling parameters), which
   the runner fills before each replay; their addresses never change;
-- a bucket is captured lazily, the first time a batch needs it, with every row set to inert padding
-  (slot -1, context 0, greedy): the warm-up run before capture (it compiles the Triton kernels for these
-  shapes and initialises cuBLAS) therefore writes no KV slot, and capture itself executes nothing;
-- all buckets share one memory pool. That is safe because graphs never run concurrently and each
-  replay's outputs (the ids and logits tensors captured with it) are consumed before the next replay;
+- every bucket is captured when the runner is built (capture_all), so no serving step pays for
+  compiling or capturing; ``ensure`` stays as a guard for a bucket that is somehow missing. A capture
+  first sets every row to inert padding (slot -1, context 0, greedy): the warm-up run before it (which
+  compiles the Triton kernels for these shapes and initialises cuBLAS) therefore writes no KV slot, and
+  capture itself executes nothing. Because it overwrites the static inputs, a capture never runs
+  between the runner's fill and its replay;
+- batches above the largest bucket (``cuda_graph_max_batch``) run the same step eagerly on their rows;
+- all buckets share one memory pool, captured largest first so the smaller graphs fit in the blocks
+  the largest one reserved. That is safe because graphs never run concurrently and each replay's
+  outputs (the ids and logits tensors captured with it) are consumed before the next replay;
 - the step may fork onto the model-streams side stream; it joins back before the sampler, as capture
   requires.
 Prefill (varlen, data-dependent shapes) is never captured.
@@ -18,7 +23,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -40,6 +45,12 @@ def batch_buckets(max_rows: int) -> list[int]:
     return sorted(out)
 
 
+def pick_bucket(buckets: Sequence[int], rows: int) -> Optional[int]:
+    """The smallest bucket that holds ``rows`` rows, or None when none does (that batch runs eagerly)."""
+    i = bisect.bisect_left(buckets, rows)
+    return buckets[i] if i < len(buckets) else None
+
+
 class DecodeGraphs:
     def __init__(self, step: Callable[[int], StepOutput], pad_all: Callable[[int], None],
                  device: torch.device, max_rows: int) -> None:
@@ -54,11 +65,16 @@ class DecodeGraphs:
         self.pool = None  # the first capture's pool, shared by every later one
         self.stream = torch.cuda.Stream(device)
 
-    def bucket(self, rows: int) -> int:
-        i = bisect.bisect_left(self.buckets, rows)
-        if i == len(self.buckets):
-            raise ValueError(f"{rows} rows exceed the largest graph bucket {self.buckets[-1]}")
-        return self.buckets[i]
+    def bucket(self, rows: int) -> Optional[int]:
+        return pick_bucket(self.buckets, rows)
+
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first (see the pool invariant above)."""
+        t0 = time.perf_counter()
+        for rows in reversed(self.buckets):
+            self.ensure(rows)
+        logger.info("captured %d decode graphs (batch buckets %d..%d) in %.2f s", len(self.buckets),
+                    self.buckets[0], self.buckets[-1], time.perf_counter() - t0)
 
     def ensure(self, rows: int) -> None:
         """Capture the graph of bucket ``rows`` if it does not exist yet (overwrites the static inputs)."""
@@ -77,7 +93,7 @@ class DecodeGraphs:
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[rows], self.outputs[rows] = graph, out
-        logger.info("captured the decode graph of batch bucket %d in %.2f s", rows, time.perf_counter() - t0)
+        logger.debug("captured the decode graph of batch bucket %d in %.2f s", rows, time.perf_counter() - t0)
 
     def replay(self, rows: int) -> StepOutput:
         """Run bucket ``rows`` on the static inputs as they are now; the outputs are overwritten by the

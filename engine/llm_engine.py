@@ -71,7 +71,8 @@ class LLMEngine:
             eager = True
         self.runner = ModelRunner(ms.models, self.kv, self.vocab_size, config.block_size, self.device,
                                   enforce_eager=eager, model_streams=config.model_streams,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=max_len)
+                                  max_num_seqs=config.max_num_seqs, max_model_len=max_len,
+                                  graph_max_batch=config.cuda_graph_max_batch)
         self.groups: dict[str, SequenceGroup] = {}
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(config.seed)
@@ -83,8 +84,11 @@ class LLMEngine:
                     time.perf_counter() - t0, self.vocab_size)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
                     num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20, len(ms.models), max_len)
+        graphs = self.runner.graphs
         logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s", attention.name,
-                    self.runner.sampler, "eager" if eager else "in CUDA graphs",
+                    self.runner.sampler, "eager" if graphs is None else
+                    f"in CUDA graphs up to batch {graphs.buckets[-1]}" + (
+                        ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
                     "on" if self.runner.streams.concurrent else "off")
 
     # ---- requests ----------------------------------------------------------------------------------

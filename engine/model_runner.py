@@ -8,8 +8,9 @@ tensors and reads the ids back with one device-to-host copy.
 Decode, the hot path: the batch is written into DecodeBuffers (static device tensors fed from pinned
 staging by a few non_blocking copies), then one step function runs forward_logits and rast_sample on
 them. On CUDA without enforce_eager that function is captured as a CUDA graph per batch-size bucket
-(cuda_graph) and replayed on the padded batch; otherwise it runs eagerly on the batch's rows. Either
-way the step's only device-to-host read is the sampled ids.
+(cuda_graph), every bucket when the runner is built, and replayed on the batch padded to its bucket;
+otherwise, and for batches above the largest bucket (``graph_max_batch``), it runs eagerly on the
+batch's rows. Either way the step's only device-to-host read is the sampled ids.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class DrawResult:
 class ModelRunner:
     def __init__(self, models: list[CausalLM], kv: KVCache, vocab_size: int, block_size: int,
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
-                 max_num_seqs: int = 256, max_model_len: int = 2048) -> None:
+                 max_num_seqs: int = 256, max_model_len: int = 2048,
+                 graph_max_batch: Optional[int] = None) -> None:
         self.models = models
         self.kv = kv
         self.vocab_size = vocab_size
@@ -70,7 +72,10 @@ class ModelRunner:
         self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
         # CPU is always eager: graphs are a CUDA feature, and the CPU path is the reference
         self.graphs = (None if enforce_eager or device.type != "cuda" else
-                       DecodeGraphs(self._decode_step, self._pad_all, device, max_num_seqs))
+                       DecodeGraphs(self._decode_step, self._pad_all, device,
+                                    min(max_num_seqs, graph_max_batch or max_num_seqs)))
+        if self.graphs is not None:
+            self.graphs.capture_all()  # now, not in the middle of serving
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.pin:
@@ -159,14 +164,15 @@ class ModelRunner:
     def decode(self, seqs: Seq[Sequence], draws: Seq[Draw]) -> list[DrawResult]:
         """One decode step; draw i samples row i (sequence i)."""
         n = len(seqs)
-        rows = n if self.graphs is None else self.graphs.bucket(n)
-        if self.graphs is not None:
-            self.graphs.ensure(rows)  # before fill: capture pads the static rows
+        bucket = None if self.graphs is None else self.graphs.bucket(n)  # None: eager on n rows
+        if bucket is not None:
+            self.graphs.ensure(bucket)  # a guard (all were captured at start); before fill: capture pads rows
+        rows = n if bucket is None else bucket
         p = [d.params for d in draws]
         self.buffers.fill(seqs, temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
                           top_p=[x.top_p for x in p], min_p=[x.min_p for x in p], seeds=[d.seed for d in draws],
                           offsets=[d.offset for d in draws], weights=[d.weights for d in draws], rows=rows)
-        ids_dev, logits = self._decode_step(rows) if self.graphs is None else self.graphs.replay(rows)
+        ids_dev, logits = self._decode_step(rows) if bucket is None else self.graphs.replay(bucket)
         ids = ids_dev[:n].tolist()  # the step's one device-to-host read
         if any(i < 0 for i in ids):
             raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")

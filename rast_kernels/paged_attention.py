@@ -13,18 +13,22 @@ input dtype (fp32 uses IEEE dot, never TF32).
   slot -1 (CUDA-graph padding, or tokens that must not be cached) stores nothing.
 - decode: one program per (sequence, KV head, split). The G = Hq/Hkv query heads sharing a KV head
   form the M side of the tile product, so each KV tile is read once for the whole group. With split-K
-  the context is cut into ``num_splits`` equal token ranges; each program writes its partial
-  (m, l, acc) in float32 and a second kernel rescales them by exp2(m_s - max m) and divides once.
+  (rast_kernels.split_k) the grid has ``num_splits`` splits, a shape decision; each sequence cuts its
+  own context among them on the device (a short one in a wide, graph-padded table uses few, a long one
+  all). Each split holding tokens writes its partial (m, l, acc) in float32 and a second kernel
+  rescales them by exp2(m_s - max m) and divides once.
 - prefill: one program per (BLOCK_M new tokens, query head, sequence). The new tokens are the
   sequence's last q_len positions, so token i sits at position ``ctx - q_len + i`` and sees keys
   [0, that position]: a cached prefix and chunked prefill need no special case. The kernel reads
   keys from the cache, so the step's K/V must be stored first (the backends do so).
 
-Invariants: no host sync anywhere (split counts depend on shapes only, so CUDA graphs capture it);
+Invariants: no host sync anywhere (grids depend on shapes only, so CUDA graphs capture it);
 a sequence with context length 0 (batch padding) yields zeros, never NaN; outputs take q's dtype.
 
 Bytes moved (e = element size). decode: 2 * e * Hkv * D * sum_b ctx_b for the KV, which is the
-floor, plus 4 * B * Hq * S * (D + 2) * 2 for split-K partials (S splits; small next to the KV).
+floor, plus 4 * Hq * (D + 2) * 2 * sum_b S_b for split-K partials, where S_b <= min(S, cdiv(ctx_b, 256))
+counts the splits sequence b fills (a few percent of its KV; empty splits write nothing). A context is
+never read past its length, however wide the (padded) block table.
 prefill: each (query tile, head) reads the keys up to its causal edge, about
 2 * e * Hq * D * sum_b ceil(q_len_b / BLOCK_M) * (prefix_b + q_len_b / 2); the G heads of one KV
 head hit the same lines, which L2 absorbs.
@@ -37,9 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
+from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOG2E = 1.4426950408889634
-MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
 
 
 def _interpreting() -> bool:
@@ -104,15 +109,16 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_k
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, scale_log2,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
-                   num_heads, group, head_dim, tokens_per_split, num_splits,
+                   num_heads, group, head_dim, num_splits, min_tokens,
                    BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
+    tokens_per_split, used = split_plan(ctx, num_splits, min_tokens, BLOCK_N)
     start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, ctx)
+    end = tl.minimum(start + tokens_per_split, ctx)  # an empty split (split >= used) runs no tile
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     heads = kvh * group + g
@@ -127,33 +133,15 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
                                      scale_log2, BLOCK_SIZE, BLOCK_N, False, PRECISION, UPCAST)
     if SPLIT:
         row = (b * num_heads + heads) * num_splits + split
-        tl.store(pm_ptr + row, m_i, mask=g < group)
-        tl.store(pl_ptr + row, l_i, mask=g < group)
-        tl.store(pacc_ptr + row[:, None] * head_dim + d[None, :], acc, mask=gd_mask)
+        # the reduce reads the splits holding tokens only; a tensor: the interpreter rejects scalar masks
+        live = (g < group) & (g * 0 + split < used)
+        tl.store(pm_ptr + row, m_i, mask=live)
+        tl.store(pl_ptr + row, l_i, mask=live)
+        tl.store(pacc_ptr + row[:, None] * head_dim + d[None, :], acc, mask=gd_mask & live[:, None])
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptr = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
         tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
-
-
-@triton.jit
-def _split_reduce_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, stride_ob, stride_oh, num_heads, head_dim,
-                         num_splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = s < num_splits
-    row = (b * num_heads + h) * num_splits + s
-    m = tl.load(pm_ptr + row, mask=s_mask, other=float("-inf"))
-    l = tl.load(pl_ptr + row, mask=s_mask, other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits (m = -inf) weigh 0
-    total = tl.sum(w * l, 0)
-    acc = tl.load(pacc_ptr + row[:, None] * head_dim + d[None, :],
-                  mask=s_mask[:, None] & (d < head_dim)[None, :], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
 @triton.jit
@@ -245,23 +233,13 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         BLOCK_SIZE=k_cache.shape[1], BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=_block_d(dim))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Splits so that batch * Hkv * splits fills about two waves of SMs, each split >= 256 tokens."""
-    programs = max(batch * num_kv_heads, 1)
-    want = triton.cdiv(2 * _num_sms(device), programs)
-    return max(1, min(want, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), 64))
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
-                           num_splits: int | None = None) -> torch.Tensor:
-    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each sequence's cached keys."""
+                           num_splits: int | None = None,
+                           min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each sequence's cached keys.
+    ``num_splits`` (None: from the shapes) sizes the split-K grid; each sequence fills as many splits
+    as its own context allows at >= ``min_tokens_per_split`` tokens apiece (split_k.split_plan)."""
     _check_cache(q, k_cache, v_cache)
     batch, hq, dim = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -273,11 +251,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     block_n = tile_size(dim, q.dtype)
     max_context = max(block_tables.shape[1] * block_size, 1)
-    if num_splits is None:
-        num_splits = pick_num_splits(batch, hkv, max_context, q.device)
+    if min_tokens_per_split < 1:
+        raise ValueError(f"min_tokens_per_split must be >= 1, got {min_tokens_per_split}")
+    if num_splits is None:  # the table width bounds every context, padded or not: a shape, never a value
+        num_splits = pick_num_splits(batch, hkv, max_context, q.device, min_tokens_per_split)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     group = hq // hkv
     split = num_splits > 1
     if split:
@@ -290,13 +269,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, pm, pl, pacc, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), block_tables.stride(0), hq, group, dim, tokens_per_split, num_splits,
+        k_cache.stride(2), block_tables.stride(0), hq, group, dim, num_splits, min_tokens_per_split,
         BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, SPLIT=split, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4)
     if split:
-        _split_reduce_kernel[(batch, hq)](
-            pm, pl, pacc, out, out.stride(0), out.stride(1), hq, dim, num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+        split_reduce_kernel[(batch, hq)](
+            pm, pl, pacc, context_lens, out, out.stride(0), out.stride(1), hq, dim, num_splits,
+            min_tokens_per_split, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n, BLOCK_D=block_d)
     return out
 
 

@@ -43,7 +43,7 @@ def _types(fn, dtype: str) -> dict[str, str]:
 
 
 def compile_all(dtype: str, dim: int) -> None:
-    from rast_kernels import paged_attention as pa
+    from rast_kernels import paged_attention as pa, split_k
 
     torch_dtype = TORCH_DTYPE[dtype]
     tile, block_d = pa.tile_size(dim, torch_dtype), pa._block_d(dim)
@@ -54,7 +54,7 @@ def compile_all(dtype: str, dim: int) -> None:
         # without split-K the launcher sees num_splits == 1 and makes it a constant
         (pa._decode_kernel, dict(common, BLOCK_G=BLOCK_G, SPLIT=False, num_splits=1), dict(num_warps=4)),
         (pa._decode_kernel, dict(common, BLOCK_G=BLOCK_G, SPLIT=True), dict(num_warps=4)),
-        (pa._split_reduce_kernel, dict(BLOCK_S=64, BLOCK_D=block_d), {}),
+        (split_k.split_reduce_kernel, dict(BLOCK_S=split_k.MAX_SPLITS, BLOCK_N=tile, BLOCK_D=block_d), {}),
         (pa._prefill_kernel, dict(common, BLOCK_M=tile), dict(num_warps=4, num_stages=2)),
     ]
     for fn, consts, options in launches:

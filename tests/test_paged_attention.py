@@ -10,6 +10,10 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+from rast_kernels.split_k import split_plan
 
 HAS_CUDA = torch.cuda.is_available()
 CASES = [
@@ -92,7 +96,7 @@ def test_store_kv_cache_skips_minus_one(device: str, dtype: torch.dtype) -> None
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("hq,hkv,dim,bs,lens,splits", [
     (4, 2, 32, 4, [37, 5, 20], 1),       # many blocks of 4 per 16-token tile
-    (4, 2, 32, 4, [37, 5, 20], 3),       # split-K; the short sequence leaves later splits empty
+    (4, 2, 32, 4, [37, 5, 20], 3),       # split-K (16-token floor); the short sequence fills one split
     (3, 1, 16, 16, [50, 1], 4),          # group of 3 (padded to the tile), odd head count
     (2, 2, 16, 16, [70], None),          # heuristic split choice, plain multi-head
 ])
@@ -107,12 +111,76 @@ def test_decode_matches_oracle(device: str, dtype: torch.dtype, hq: int, hkv: in
     q = rand(len(lens), hq, dim, dtype=dtype, device=device, g=g)
     scale = dim ** -0.5
     out = paged_decode_attention(q, k_cache, v_cache, table.to(device), torch.tensor(lens, dtype=torch.int32,
-                                 device=device), scale, num_splits=splits)
+                                 device=device), scale, num_splits=splits, min_tokens_per_split=16)
     keys = [gather(k_cache.cpu(), table[b], n) for b, n in enumerate(lens)]
     values = [gather(v_cache.cpu(), table[b], n) for b, n in enumerate(lens)]
     want = oracle(q.cpu(), keys, values, [1] * len(lens), scale)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float().cpu(), want, **TOL[dtype])
+
+
+@triton.jit
+def _plan_kernel(ctx_ptr, tps_ptr, used_ptr, n, num_splits, min_tokens, BLOCK: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tps, used = split_plan(tl.load(ctx_ptr + i, mask=i < n, other=0), num_splits, min_tokens, BLOCK_N)
+    tl.store(tps_ptr + i, tps, mask=i < n)
+    tl.store(used_ptr + i, used, mask=i < n)
+
+
+@pytest.mark.parametrize("num_splits,min_tokens,block_n", [(1, 256, 64), (3, 1, 16), (8, 16, 16), (64, 256, 64),
+                                                             (5, 100, 32)])
+def test_split_plan_is_the_shortest_tile_aligned_cut(num_splits: int, min_tokens: int, block_n: int) -> None:
+    """Each context is covered by `used` tile-aligned splits, no more than the grid's splits or than
+    cdiv(ctx, min_tokens); its longest split has the fewest tiles any such cut allows (brute force)."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    ctx = torch.arange(0, 1100, dtype=torch.int32)
+    tps, used = torch.empty_like(ctx), torch.empty_like(ctx)
+    ctx_d, tps_d, used_d = ctx.to(device), tps.to(device), used.to(device)
+    _plan_kernel[(1,)](ctx_d, tps_d, used_d, len(ctx), num_splits, min_tokens, BLOCK=2048, BLOCK_N=block_n)
+    for c, t, u in zip(ctx.tolist(), tps_d.tolist(), used_d.tolist()):
+        if c == 0:
+            assert (t, u) == (0, 0)
+            continue
+        allowed = min(num_splits, -(-c // min_tokens))
+        assert t % block_n == 0 and 1 <= u <= allowed and (u - 1) * t < c <= u * t, (c, t, u)
+        fewest = min(-(-(-(-c // k)) // block_n) for k in range(1, allowed + 1))
+        assert t // block_n == fewest, (c, t, u)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_decode_in_a_wide_padded_table(device: str, dtype: torch.dtype) -> None:
+    """A CUDA-graph batch: short and long contexts, and padding rows of context 0, in a block table far
+    wider than any of them, whose padding points at a NaN block. Every split count, from 1 to more than
+    a sequence has tiles, matches the oracle, reads nothing past a context, and gives the same result
+    as the tight table (the split sizes follow each context, not the table width)."""
+    from rast_kernels.paged_attention import paged_decode_attention
+
+    hq, hkv, dim, bs, width = 3, 1, 16, 4, 48
+    lens = [37, 0, 3, 90, 0]
+    g = torch.Generator().manual_seed(11)
+    tight, num_blocks = paged(lens, bs, spare=0, seed=4)
+    wide = torch.full((len(lens), width), num_blocks, dtype=torch.int32)  # the NaN block
+    wide[:, :tight.shape[1]] = tight
+    for b, n in enumerate(lens):
+        wide[b, -(-n // bs):] = num_blocks
+    k_cache = rand(num_blocks + 1, bs, hkv, dim, dtype=dtype, device=device, g=g)
+    v_cache = rand(num_blocks + 1, bs, hkv, dim, dtype=dtype, device=device, g=g)
+    k_cache[num_blocks] = float("nan")
+    v_cache[num_blocks] = float("nan")
+    q = rand(len(lens), hq, dim, dtype=dtype, device=device, g=g)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    keys = [gather(k_cache.cpu(), tight[b], n) for b, n in enumerate(lens)]
+    values = [gather(v_cache.cpu(), tight[b], n) for b, n in enumerate(lens)]
+    want = oracle(q.cpu(), keys, values, [1] * len(lens), 0.25)
+    want[[1, 4]] = 0.0  # softmax over no key: the oracle's NaN, the kernel's zeros
+    for splits, min_tokens in [(1, 256), (3, 16), (7, 1), (24, 1), (None, 16)]:
+        kw = dict(num_splits=splits, min_tokens_per_split=min_tokens)
+        out = paged_decode_attention(q, k_cache, v_cache, wide.to(device), ctx, 0.25, **kw)
+        torch.testing.assert_close(out.float().cpu(), want, **TOL[dtype], msg=f"{kw}")
+        assert torch.equal(out[[1, 4]], torch.zeros_like(out[[1, 4]]))
+        if splits is not None:
+            assert torch.equal(out, paged_decode_attention(q, k_cache, v_cache, tight.to(device), ctx, 0.25, **kw))
 
 
 @pytest.mark.parametrize("device,dtype", CASES)

@@ -5,10 +5,11 @@
     python bench/decode.py --tiny               # CPU smoke run on tiny configs (automatic without CUDA)
 
 Modes: ``base`` the large model alone in our engine; ``rast-seq`` the forks' design (models one after
-another, eager); ``rast`` streams + CUDA graphs; ``hf-rast`` the peer (three HF transformers models, each
+another, eager, outputs processed between steps); ``rast`` streams + CUDA graphs + async outputs; ``hf-rast`` the peer (three HF transformers models, each
 with its own DynamicCache, run one after another, logits combined and sampled in torch). Weights are
-random with the exact shapes of bench/configs/*.json. Every step is timed on the host after a device
-synchronize, so host overhead counts, as a user sees it. The roofline is the bytes a decode step must
+random with the exact shapes of bench/configs/*.json. A step is the host interval between consecutive
+returns of engine.step() (no sync in between, which would undo async outputs), so host overhead counts,
+as a user sees it. The roofline is the bytes a decode step must
 read (all weights once, every model's KV at the mean context) over the measured copy bandwidth.
 docs/benchmarks.md explains every field.
 """
@@ -38,9 +39,9 @@ CONFIGS = ROOT / "bench" / "configs"
 PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
             "32b+7b": ("qwen2.5-32b", "qwen2.5-7b")}
 MODES = ("base", "rast-seq", "rast", "hf-rast")
-ENGINE_MODES = {"base": dict(enforce_eager=False, model_streams=True, pair=False),
-                "rast-seq": dict(enforce_eager=True, model_streams=False, pair=True),
-                "rast": dict(enforce_eager=False, model_streams=True, pair=True)}
+ENGINE_MODES = {"base": dict(enforce_eager=False, model_streams=True, async_output=True, pair=False),
+                "rast-seq": dict(enforce_eager=True, model_streams=False, async_output=False, pair=True),
+                "rast": dict(enforce_eager=False, model_streams=True, async_output=True, pair=True)}
 _TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
               "hidden_act": "silu", "max_position_embeddings": 1024, "tie_word_embeddings": False,
@@ -143,7 +144,8 @@ class Suite:
         return rast.LLMEngine(rast.EngineConfig(
             model=str(dirs[0]), **pair, load_format="dummy", dtype=str(self.dtype).replace("torch.", ""),
             enforce_eager=flags["enforce_eager"], model_streams=flags["model_streams"],
-            block_size=block_size, kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
+            async_output=flags["async_output"], block_size=block_size,
+            kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
             max_num_seqs=max_batch, max_model_len=self.max_len,
             max_num_batched_tokens=max(max_batch * a.prompt, self.max_len), device=str(self.device)))
 

@@ -50,6 +50,9 @@ class EngineConfig:
     model_streams: bool = True  # CUDA: the large model on one stream, the small models on another
     # CUDA graphs: the largest decode batch captured (None: max_num_seqs); larger batches decode eagerly
     cuda_graph_max_batch: Optional[int] = None
+    # detokenise, check stop strings and build a step's outputs while the next step runs on the GPU
+    # (None: on for CUDA). A sequence stopped by a stop string then computes one discarded token.
+    async_output: Optional[bool] = None
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +91,8 @@ class EngineConfig:
         _positive_int("kv_cache_memory", self.kv_cache_memory, allow_none=True)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
         _positive_int("cuda_graph_max_batch", self.cuda_graph_max_batch, allow_none=True)
+        if self.async_output is not None and not isinstance(self.async_output, bool):
+            raise RastError(f"async_output must be True, False or None, got {self.async_output!r}")
         if self.kv_cache_blocks is not None and self.kv_cache_memory is not None:
             raise RastError("give kv_cache_blocks or kv_cache_memory, not both")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -9,7 +9,7 @@ import itertools
 import logging
 import random
 import time
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -20,10 +20,10 @@ from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, default_token_budget, num_kv_blocks
-from rast_engine.model_runner import Draw, DrawResult, ModelRunner
+from rast_engine.model_runner import Draw, DrawResult, ModelRunner, PendingStep
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.sampling_params import SamplingParams, sample_seed
-from rast_engine.scheduler import Scheduler
+from rast_engine.scheduler import Scheduler, SchedulerOutput
 from rast_engine.scoring import score_sequences
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.triple import load_model_set, resolve_device
@@ -79,6 +79,8 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._last_step_s = 0.0
+        self.async_output = self.device.type == "cuda" if config.async_output is None else config.async_output
+        self._in_flight: Optional[tuple[tuple[SchedulerOutput, list[tuple[Sequence, int]]], PendingStep]] = None
         logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models),
                     ", ".join(ms.roles), self.device, str(dtype).replace("torch.", ""),
                     time.perf_counter() - t0, self.vocab_size)
@@ -162,38 +164,82 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one batch; the outputs of every request that progressed.
+        """Run one batch to its sampled tokens; the outputs of every request that progressed.
 
         A prompt longer than the token budget takes several steps; only its last chunk samples, so a
         step may return no output while it prefills.
-        If the runner raises (or is interrupted) the step is undone: no sequence takes a token and the
+        With async_output (CUDA by default) a step waits for the batch in flight, takes its tokens,
+        launches the next batch and only then detokenises, checks stop strings and builds outputs, so
+        host work overlaps the GPU. A sequence stopped by a stop string then is in the next batch: that
+        token is computed and discarded. Freeing its blocks meanwhile is safe: the batch writes only
+        its unhashed blocks, and any later user of them is queued behind it on the device.
+        If the runner raises (or is interrupted) its batch is undone: no sequence takes a token and the
         batch is requeued for recompute, so stepping on gives the outputs of a run that never failed.
         An error after the runner (detokenising, stop checks) is not undone; the server declares the
         engine dead on any step error, and LLM.generate aborts its requests."""
         t0 = time.perf_counter()
+        if self._in_flight is None:
+            self._in_flight = self._launch()
+            if self._in_flight is None:
+                if self.groups:  # unreachable while capacity >= max_model_len; never spin silently
+                    raise RuntimeError("the scheduler cannot make progress: no request fits in the KV cache")
+                return []
+        (out, owners), pending = self._in_flight
+        self._in_flight = None
+        try:
+            results = pending.wait()
+        except BaseException:
+            self.scheduler.requeue([s for s in out.seqs if s.status is SequenceStatus.RUNNING])
+            raise
+        progressed, deferred = self._commit(owners, results)
+        launch_error = None
+        if self.async_output:
+            try:
+                self._in_flight = self._launch()
+            except BaseException as e:  # the batch is requeued; this step's tokens stand
+                launch_error = e
+        outputs = self._outputs(progressed, deferred)
+        self._last_step_s = time.perf_counter() - t0
+        if launch_error is not None:
+            raise launch_error
+        return outputs
+
+    def _launch(self) -> Optional[tuple[tuple[SchedulerOutput, list[tuple[Sequence, int]]], PendingStep]]:
+        """Schedule a batch and start it: (batch, each sequence with its number of draws), pending."""
         out = self.scheduler.schedule()
         if out is None:
-            if self.groups:  # unreachable while capacity >= max_model_len; never spin silently
-                raise RuntimeError("the scheduler cannot make progress: no request fits in the KV cache")
-            return []
+            return None
         draws: list[Draw] = []
+        owners: list[tuple[Sequence, int]] = []
         for row, seq in enumerate(out.seqs):
             if seq.num_scheduled_tokens < seq.num_uncomputed:
+                owners.append((seq, 0))
                 continue  # a prefill chunk short of the sequence's end: nothing to sample yet
-            g = seq.group
+            g, before = seq.group, len(draws)
             if not g.forked:  # the request's first draw: n samples from its one prefilled row
                 draws += [Draw(row, g.params, g.weights, sample_seed(g.request_seed, j), 0)
                           for j in range(g.params.n)]
             else:
                 draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated))
+            owners.append((seq, len(draws) - before))
         try:
-            results = self.runner.execute(out.seqs, out.is_prefill, out.copies, draws)
+            return (out, owners), self.runner.launch(out.seqs, out.is_prefill, out.copies, draws)
         except BaseException:
             self.scheduler.requeue(out.seqs)
             raise
+
+    def _commit(self, owners: list[tuple[Sequence, int]], results: list[DrawResult]
+                ) -> tuple[dict[str, SequenceGroup], list[Sequence]]:
+        """Take a finished batch's tokens. Sequences that stop by token finish now, so the next batch
+        leaves them out; the rest wait in ``deferred`` for their text (async_output only). Sequences
+        that finished or were aborted while the batch ran drop their draws."""
         progressed: dict[str, SequenceGroup] = {}
+        deferred: list[Sequence] = []
         k = 0
-        for seq in out.seqs:
+        for seq, count in owners:
+            mine, k = results[k:k + count], k + count
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
             seq.num_computed_tokens += seq.num_scheduled_tokens
             self.block_manager.register_computed(seq)
             if seq.num_uncomputed:
@@ -204,15 +250,24 @@ class LLMEngine:
                 g.forked = True
             else:
                 targets = [seq]
-            for target in targets:
-                self._append(target, results[k])
-                k += 1
+            for target, result in zip(targets, mine):
+                target.append_token(result.token_id, result.logprobs)
+                self._generation_tokens += 1
+                if self.async_output and not self.scheduler.ends_by_token(target):
+                    deferred.append(target)
+                else:
+                    self._read_text(target)
             progressed[g.request_id] = g
+        return progressed, deferred
+
+    def _outputs(self, progressed: dict[str, SequenceGroup], deferred: list[Sequence]) -> list[RequestOutput]:
+        for seq in deferred:
+            if seq.status is not SequenceStatus.FINISHED:
+                self._read_text(seq)
         outputs = [g.output() for g in progressed.values()]
         for g in progressed.values():
             if g.finished:
-                del self.groups[g.request_id]
-        self._last_step_s = time.perf_counter() - t0
+                self.groups.pop(g.request_id, None)
         return outputs
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
@@ -223,14 +278,8 @@ class LLMEngine:
         parent.group.seqs.append(child)
         return child
 
-    def _append(self, seq: Sequence, result: DrawResult) -> None:
-        seq.token_ids.append(result.token_id)
-        self._generation_tokens += 1
-        if result.logprobs is not None:
-            if seq.logprobs is None:
-                seq.logprobs = []
-            seq.logprobs.append(result.logprobs)
-            seq.cumulative_logprob += result.logprobs[result.token_id]
+    def _read_text(self, seq: Sequence) -> None:
+        """Detokenise the newest token and apply every stop rule."""
         prev_len = len(seq.output_text)
         if seq.detok is not None:  # without a tokenizer the outputs are token ids only
             seq.output_text += seq.detok.step(seq.token_ids)

@@ -54,6 +54,27 @@ class DrawResult:
     logprobs: Optional[dict[int, float]]  # chosen token first, then the top-k alternatives
 
 
+class PendingStep:
+    """A step's draws, maybe still on their way to the host: ``wait()`` returns them, reading the ids
+    (the step's one device-to-host transfer) after the copy's event, once."""
+
+    def __init__(self, results: Optional[list[DrawResult]] = None, *, ids: Optional[torch.Tensor] = None,
+                 event: Optional[torch.cuda.Event] = None) -> None:
+        if (results is None) == (ids is None):
+            raise ValueError("a PendingStep holds either its results or the ids they come from")
+        self._results, self._ids, self._event = results, ids, event
+
+    def wait(self) -> list[DrawResult]:
+        if self._results is None:
+            if self._event is not None:
+                self._event.synchronize()
+            ids = self._ids.tolist()
+            if any(i < 0 for i in ids):
+                raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")
+            self._results = [DrawResult(i, None) for i in ids]
+        return self._results
+
+
 class ModelRunner:
     def __init__(self, models: list[CausalLM], kv: KVCache, vocab_size: int, block_size: int,
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
@@ -76,6 +97,7 @@ class ModelRunner:
                                     min(max_num_seqs, graph_max_batch or max_num_seqs)))
         if self.graphs is not None:
             self.graphs.capture_all()  # now, not in the middle of serving
+        self.ids_host = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=self.pin)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.pin:
@@ -132,6 +154,14 @@ class ModelRunner:
                 draws: Seq[Draw]) -> list[DrawResult]:
         """Compute each sequence's scheduled tokens and make the draws. A prefill chunk that does not
         finish its sequence has no draw, and its logits are not computed."""
+        return self.launch(seqs, is_prefill, copies, draws).wait()
+
+    @torch.inference_mode()
+    def launch(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
+               draws: Seq[Draw]) -> PendingStep:
+        """execute(), except that a CUDA decode step without logprobs returns once it is queued: its ids
+        come back by an asynchronous copy that PendingStep.wait() waits for. Every other step (prefill,
+        logprobs, CPU) is complete on return."""
         self.kv.copy_blocks(copies)
         if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws)
@@ -143,7 +173,7 @@ class ModelRunner:
             remap = {r: i for i, r in enumerate(needed)}
             draws = [replace(d, row=remap[d.row]) for d in draws]
         logits = self.forward_logits(inputs, rows)
-        return self.sample(logits, draws) if draws else []
+        return PendingStep(self.sample(logits, draws) if draws else [])
 
     # ---- decode: static buffers, optional CUDA graph ----------------------------------------------
     def _decode_step(self, rows: int) -> StepOutput:
@@ -161,7 +191,7 @@ class ModelRunner:
         self.buffers.send(rows)
 
     @torch.inference_mode()
-    def decode(self, seqs: Seq[Sequence], draws: Seq[Draw]) -> list[DrawResult]:
+    def decode(self, seqs: Seq[Sequence], draws: Seq[Draw]) -> PendingStep:
         """One decode step; draw i samples row i (sequence i)."""
         n = len(seqs)
         bucket = None if self.graphs is None else self.graphs.bucket(n)  # None: eager on n rows
@@ -173,16 +203,21 @@ class ModelRunner:
                           top_p=[x.top_p for x in p], min_p=[x.min_p for x in p], seeds=[d.seed for d in draws],
                           offsets=[d.offset for d in draws], weights=[d.weights for d in draws], rows=rows)
         ids_dev, logits = self._decode_step(rows) if bucket is None else self.graphs.replay(bucket)
-        ids = ids_dev[:n].tolist()  # the step's one device-to-host read
-        if any(i < 0 for i in ids):
-            raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")
-        results = [DrawResult(i, None) for i in ids]
         want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
+        if self.pin and not want:
+            # one step is in flight at a time (the engine waits before it launches the next), so one
+            # pinned buffer serves every step
+            self.ids_host[:n].copy_(ids_dev[:n], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            return PendingStep(ids=self.ids_host[:n], event=copied)
+        results = PendingStep(ids=ids_dev[:n]).wait()  # the step's one device-to-host read
         if want:
             logits = [t[:n] for t in logits]
             weights = torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(n, self.pairs)
-            self._logprobs(logits, list(zip(logits[1::2], logits[2::2])), weights, draws, ids, want, results)
-        return results
+            self._logprobs(logits, list(zip(logits[1::2], logits[2::2])), weights, draws,
+                           [r.token_id for r in results], want, results)
+        return PendingStep(results)
 
     def _row_params(self, draws: Seq[Draw], greedy_as_t1: bool = False) -> dict[str, torch.Tensor]:
         temps = [d.params.temperature for d in draws]
@@ -203,15 +238,13 @@ class ModelRunner:
         deltas = list(zip(logits[1::2], logits[2::2]))
         pairs = len(deltas)
         weights = torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(len(draws), pairs)
-        ids = rast_kernels.rast_sample(
+        results = PendingStep(ids=rast_kernels.rast_sample(
             logits[0], deltas, weights=self._to_device(weights), **self._row_params(draws),
             seed=self._to_device(torch.tensor([d.seed for d in draws], dtype=torch.int64)),
             offset=self._to_device(torch.tensor([d.offset for d in draws], dtype=torch.int64)),
             vocab_size=self.vocab_size, backend=self.sampler,
-        ).tolist()  # the step's one device-to-host read
-        if any(i < 0 for i in ids):
-            raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")
-        results = [DrawResult(i, None) for i in ids]
+        )).wait()  # the step's one device-to-host read
+        ids = [r.token_id for r in results]
         want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
         if want:
             self._logprobs(logits, deltas, weights, draws, ids, want, results)

@@ -126,6 +126,14 @@ class Scheduler:
             seq.reset_for_recompute()
             self.waiting.appendleft(seq)
 
+    def ends_by_token(self, seq: Sequence) -> bool:
+        """Whether the sequence stops after its newest token for a reason that needs no text: an EOS or
+        stop token, max_tokens or max_model_len (stop strings need the detokenised text)."""
+        params = seq.params
+        token = seq.token_ids[-1]
+        return ((not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
+                or seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len)
+
     def check_stop(self, seq: Sequence, prev_text_len: int) -> Optional[str]:
         """The finish reason after the sequence's newest token, if any; trims a matched stop string
         (and what follows it) from ``seq.output_text``. ``prev_text_len`` is the text length before it."""
@@ -145,10 +153,16 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """Running, or waiting after a preemption (a stop string can be read after the step that
+        preempted it was scheduled, see LLMEngine.step)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.bm.free(seq)
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
-        self.running.remove(seq)
-        self.bm.free(seq)
 
     def abort(self, seqs: Iterable[Sequence]) -> None:
         for seq in seqs:

@@ -77,6 +77,14 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def append_token(self, token_id: int, logprobs: Optional[dict[int, float]]) -> None:
+        self.token_ids.append(token_id)
+        if logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token_id]
+
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: drop the cache state, keep every token and the output so far."""
         self.status = SequenceStatus.WAITING

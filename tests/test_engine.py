@@ -78,18 +78,18 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 def test_step_logits_equal_hf_eq3(llm: LLM, qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     runner, steps = llm.llm_engine.runner, []
-    forward, execute = runner.forward_logits, runner.execute
+    forward, launch = runner.forward_logits, runner.launch
 
-    def capture_execute(seqs, is_prefill, copies, draws):  # noqa: ANN001, ANN202
+    def capture_launch(seqs, is_prefill, copies, draws):  # noqa: ANN001, ANN202
         steps.append([list(s.token_ids) for s in seqs])
-        return execute(seqs, is_prefill, copies, draws)
+        return launch(seqs, is_prefill, copies, draws)
 
     def capture_forward(inputs, rows):  # noqa: ANN001, ANN202
         out = forward(inputs, rows)
         steps[-1] = (steps[-1], [t.clone() for t in out])
         return out
 
-    monkeypatch.setattr(runner, "execute", capture_execute)
+    monkeypatch.setattr(runner, "launch", capture_launch)
     monkeypatch.setattr(runner, "forward_logits", capture_forward)
     llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     V = llm.llm_engine.vocab_size

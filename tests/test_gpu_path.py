@@ -265,6 +265,18 @@ def test_gpu_greedy_rast_equals_cpu_float32(arch: str, request: pytest.FixtureRe
     assert generate(gpu, batch, params) == generate(cpu, batch, params)
 
 
+@pytest.mark.gpu
+def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple) -> None:
+    """Outputs read while the next batch runs (pinned copy + event) equal the synchronous engine's."""
+    kw = dict(dtype="bfloat16", attention_backend="triton")
+    sync_engine = make_engine(qwen2_triple, "cuda", async_output=False, **kw)
+    async_engine = make_engine(qwen2_triple, "cuda", async_output=True, **kw)
+    batch = prompts(6, seed=51)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=5, stop_token_ids=[7, 11])
+    assert generate(async_engine, batch, params) == generate(sync_engine, batch, params)
+    assert async_engine._in_flight is None and async_engine.block_manager.num_used_blocks == 0
+
+
 def _syncs_per_step(engine: LLMEngine, run: Callable[[], None]) -> list[int]:
     counts: list[int] = []
     step = engine.step
@@ -287,13 +299,20 @@ def _syncs_per_step(engine: LLMEngine, run: Callable[[], None]) -> list[int]:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("async_output", [False, True])
 @pytest.mark.parametrize("enforce_eager", [True, False])
-def test_decode_step_reads_the_device_once(qwen2_triple: tuple, enforce_eager: bool) -> None:
+def test_decode_step_reads_the_device_once(qwen2_triple: tuple, enforce_eager: bool, async_output: bool) -> None:
+    """Synchronous: one implicit sync per decode step (the ids' read). async_output reads the ids from
+    pinned memory after an event wait, which the sync debugger may or may not count: at most one."""
     engine = make_engine(qwen2_triple, "cuda", dtype="bfloat16", attention_backend="triton",
-                         enforce_eager=enforce_eager)
+                         enforce_eager=enforce_eager, async_output=async_output)
     batch = prompts(3, seed=41)
     generate(engine, batch, GREEDY)  # compiles the eager path's kernels (graphs were captured at start)
     counts = _syncs_per_step(engine, lambda: generate(engine, batch, GREEDY))
+    assert len(counts) == GREEDY.max_tokens
+    if async_output:
+        assert all(c <= 1 for c in counts[1:]), counts
+        return
     assert len(counts) == GREEDY.max_tokens and counts[1:] == [1] * (len(counts) - 1)
 
 

@@ -20,10 +20,15 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     pytest.skip("this Triton has no ASTSource / GPUTarget compile entry", allow_module_level=True)
 
 
+SM90_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one H100 / H200 block may take
+
+
 def compile_ptx(fn, types: dict[str, str], consts: dict, *, aligned: tuple[str, ...] = (), **options) -> str:
-    """PTX of ``fn`` for sm_90. types maps every runtime argument to a Triton type ("*bf16", "i32");
-    consts gives every constexpr; ``aligned`` arguments are promised divisible by 16, as the launcher
-    promises for 16-byte aligned pointers and integers that are multiples of 16."""
+    """PTX of ``fn`` for sm_90, compiled through ptxas to a cubin. types maps every runtime argument to
+    a Triton type ("*bf16", "i32"); consts gives every constexpr; ``aligned`` arguments are promised
+    divisible by 16, as the launcher promises for 16-byte aligned pointers and integers that are
+    multiples of 16. A kernel that needs more shared memory than a Hopper block has would compile and
+    then fail at launch ("out of resource"), so that is checked here."""
     missing = [n for n in fn.arg_names if n not in types and n not in consts]
     if missing:
         raise ValueError(f"{fn.__name__}: no type or value for {missing}")
@@ -32,8 +37,11 @@ def compile_ptx(fn, types: dict[str, str], consts: dict, *, aligned: tuple[str, 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-    assert ".entry" in ptx, fn.__name__
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    assert ".entry" in ptx and compiled.asm.get("cubin"), fn.__name__
+    shared = compiled.metadata.shared
+    assert shared <= SM90_SHARED_BYTES, f"{fn.__name__} needs {shared} bytes of shared memory per block"
     return ptx
 
 

@@ -1,9 +1,11 @@
 """Continuous batching over one block table.
 
-A step is all-prefill or, when there is nothing to prefill, all-decode over every running sequence.
+A step is a prefill step or, when there is nothing to prefill, all-decode over every running sequence.
 A prefill step computes at most ``max_num_batched_tokens`` new tokens: first the next chunk of a
 partially prefilled sequence, then waiting sequences admitted FCFS, whole, while the sequence limit, the
-budget and the free blocks allow. Only a step's first sequence is cut into chunks, so at most one
+budget and the free blocks allow. Every decoding sequence rides along in it (one token each, budget kept
+for them) when all of them can take a slot, so an arriving prompt does not stall the running ones; the
+attention path reads them as prefills of one token. Only a step's first sequence is cut into chunks, so at most one
 sequence is partially prefilled at a time; it holds blocks for all its tokens from admission on, and it
 samples nothing until its last chunk. When a decode slot cannot be found, the most recently admitted
 sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue with
@@ -57,7 +59,10 @@ class Scheduler:
         return out if out.seqs else None
 
     def _schedule_prefill(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
+        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        budget = self.max_num_batched_tokens - len(decoding)
+        if budget <= 0:  # the decodes alone fill a step: no room to ride along, prefill gets it all
+            budget, decoding = self.max_num_batched_tokens, []
         scheduled: list[Sequence] = []
         tokens = 0
         for seq in self.running:  # the partially prefilled one: its blocks and slots are already taken
@@ -83,7 +88,15 @@ class Scheduler:
             seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens)
             tokens += seq.num_scheduled_tokens
             slots += seq.fanout
-        return SchedulerOutput(scheduled, True, [])
+        copies: list[tuple[int, int]] = []
+        if scheduled and decoding and self.bm.can_append_all(decoding):
+            for seq in decoding:
+                copy = self.bm.append_slot(seq)
+                if copy is not None:
+                    copies.append(copy)
+                seq.num_scheduled_tokens = 1
+            scheduled = decoding + scheduled
+        return SchedulerOutput(scheduled, True, copies)
 
     def _schedule_decode(self) -> SchedulerOutput:
         scheduled: list[Sequence] = []

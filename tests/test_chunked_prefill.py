@@ -97,7 +97,7 @@ def test_forks_and_prefix_cache_share_blocks_under_chunking(qwen2_triple: tuple,
 
 
 def test_preemption_recomputes_in_chunks_with_the_same_output(qwen2_triple: tuple, whole: LLMEngine) -> None:
-    tight = make_engine(qwen2_triple, blocks=16)  # 64 slots for three sequences growing to ~36 tokens
+    tight = make_engine(qwen2_triple, blocks=12)  # 48 slots for three sequences growing to ~36 tokens
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     reqs = {f"r{i}": (p, params) for i, p in enumerate(prompts([21, 24, 22], seed=3))}
     log = record_steps(tight)
@@ -139,4 +139,29 @@ def test_failed_chunk_is_requeued_and_recomputed(qwen2_triple: tuple, whole: LLM
     seq = engine.groups["a"].seqs[0]
     assert seq.status is SequenceStatus.WAITING and seq.block_table == [] and seq.num_computed_tokens == 0
     assert drain(engine) == {"a": run(whole, {"ref": (prompt, params)})["ref"]}
+    assert_clean(engine)
+
+
+def test_arriving_prompt_does_not_stall_running_requests(qwen2_triple: tuple, whole: LLMEngine) -> None:
+    """A long prompt arriving while r0 decodes is prefilled in chunks over several steps, and r0 takes a
+    token in every one of them (it rides along in the prefill steps); both outputs stay the oracle's."""
+    engine = make_engine(qwen2_triple)
+    first, late = prompts([6, 23], seed=8)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=4, ignore_eos=True)
+    engine.add_request("r0", first, params)
+    while not engine.groups["r0"].forked:
+        engine.step()
+    engine.add_request("late", late, params)
+    left = params.max_tokens - engine.groups["r0"].seqs[0].num_generated
+    steps, got = 0, {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps += "r0" not in got
+        for out in outs:
+            if out.finished:
+                got[out.request_id] = [(c.token_ids, c.text, c.finish_reason) for c in out.outputs]
+    assert steps == left  # one token per step, prefill steps included
+    assert len(late) > 2 * BUDGET  # so "late" took several prefill steps while r0 decoded
+    for rid, p in (("r0", first), ("late", late)):
+        assert got[rid] == run(whole, {"ref": (p, params)})["ref"], rid
     assert_clean(engine)

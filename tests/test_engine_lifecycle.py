@@ -270,13 +270,10 @@ def test_failed_step_leaves_the_engine_consistent(qwen2_triple: tuple, oracle: L
     ids = [encode(engine, t) for t in TEXTS[:2]]
     params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=12, ignore_eos=True)
     engine.add_request("a", ids[0], params)
-    prefill = where in ("forward_logits", "sample")
-    if not prefill:
-        engine.step()  # "a" is prefilled and forked: its first decode copies the shared last block
     engine.add_request("b", ids[1], params)
-    if not prefill:
-        engine.step()  # "b" prefilled too: the failing step decodes both
-    if not prefill:  # the failing decode must copy "a"'s shared last block before writing to it
+    if where not in ("forward_logits", "sample"):
+        engine.step()  # both prefilled and forked: the failing step decodes them all
+        # the failing decode must copy each request's shared last block before writing to it
         assert engine.block_manager.ref_counts[engine.groups["a"].seqs[0].block_table[-1]] == 2
     fail(monkeypatch, engine.kv if where == "copy_blocks" else engine.runner, where)
     with pytest.raises(RuntimeError, match="injected"):

@@ -155,3 +155,50 @@ def test_abort_frees_waiting_and_running() -> None:
     sched.add(b)
     sched.abort([a, b])
     assert not sched.has_unfinished() and sched.bm.num_used_blocks == 0
+
+
+def _decoding(sched: Scheduler, rid: str, prompt: list[int], params: SamplingParams | None = None) -> Sequence:
+    """A running sequence past its prefill, its newest token uncomputed."""
+    seq = make_seq(prompt, params, rid=rid)
+    sched.add(seq)
+    out = sched.schedule()
+    assert out.seqs == [seq]
+    run_step_on(sched, out.seqs)
+    return seq
+
+
+def run_step_on(sched: Scheduler, seqs: list[Sequence]) -> None:
+    for seq in seqs:
+        seq.num_computed_tokens += seq.num_scheduled_tokens
+        sched.bm.register_computed(seq)
+        if seq.num_computed_tokens == len(seq.token_ids):
+            seq.token_ids.append(fake_token(seq))
+
+
+def test_decodes_ride_along_with_an_arriving_prefill() -> None:
+    """A prompt arriving while r0 decodes: one step prefills it and decodes r0 (budget kept for r0's
+    token); with too few free blocks for every decode the step is prefill-only; with no room in the
+    budget for prefill after the decodes, the decodes keep the whole budget to themselves."""
+    sched = make_scheduler(num_blocks=64, budget=10)
+    r0 = _decoding(sched, "r0", [3] * 4)
+    r1 = make_seq([5] * 12, rid="r1")
+    sched.add(r1)
+    out = sched.schedule()
+    assert out.is_prefill and out.seqs == [r0, r1]
+    assert r0.num_scheduled_tokens == 1 and r1.num_scheduled_tokens == 9 and out.num_batched_tokens == 10
+    assert len(r0.block_table) * BS >= len(r0.token_ids)  # r0's new token has its slot
+    run_step_on(sched, out.seqs)
+    assert len(r0.token_ids) == 6 and r1.num_computed_tokens == 9
+
+    tight = make_scheduler(num_blocks=3, budget=10)
+    a = _decoding(tight, "a", [3] * 4)  # its next token starts a new block
+    tight.add(make_seq([5] * 6, rid="b"))  # takes the last two blocks
+    out = tight.schedule()
+    assert [s.group.request_id for s in out.seqs] == ["b"] and out.copies == []
+    assert len(a.block_table) == 1  # a got no slot in this step: it waits for a decode step
+
+    small = make_scheduler(num_blocks=64, budget=1)
+    c = _decoding(small, "c", [3])
+    small.add(make_seq([5] * 3, rid="d"))
+    out = small.schedule()
+    assert [s.group.request_id for s in out.seqs] == ["d"] and c not in out.seqs

@@ -10,7 +10,8 @@ Invariants the runner guarantees:
 - the new tokens of a sequence are its last ``q_len`` positions: position p attends to keys [0, p];
 - ``slot_mapping`` has one entry per new token; -1 means "do not store" (padding in CUDA graphs);
 - ``context_lens[b]`` counts all keys of sequence b, cached prefix plus the new tokens;
-- a step is either all-prefill (``is_prefill``; varlen q, possibly with a cached prefix) or
+- a step is either all-prefill (``is_prefill``; varlen q, possibly with a cached prefix; decoding
+  sequences riding along in a prefill step are prefills of q_len 1) or
   all-decode (exactly one new token per sequence, ``cu_seqlens_q`` is then ``arange(B + 1)``).
 """
 from __future__ import annotations

@@ -129,15 +129,6 @@ def _inputs(batch: SamplingBatch) -> tuple[list, int]:
     return args, len(rl)
 
 
-def _margin(batch: SamplingBatch) -> torch.Tensor:
-    """Per-row candidate margin in z units (d-space nats times T); negative stores no candidates."""
-    k_on = (batch.top_k > 0) & (batch.top_k < batch.vocab)
-    min_p = batch.min_p
-    nats = torch.where((min_p > 0) & ~k_on, 0.5 - torch.log(min_p.clamp(min=1e-30)), WIDE)
-    filtered = k_on | (batch.top_p < 1.0) | (min_p > 0)
-    return torch.where(filtered & (batch.temperature > 0), nats * batch.temperature, -1.0).float().contiguous()
-
-
 def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
                       cap: int | None):
     if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
@@ -154,8 +145,9 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     cid = torch.empty(bsz, splits, cap, **i32)
     cz = torch.empty(bsz, splits, cap, **f32)
     temp = batch.temperature.contiguous()
-    _stats[(bsz, splits)](*args, temp, _margin(batch), smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
-                          v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, **_options())
+    _stats[(bsz, splits)](*args, temp, batch.top_k.contiguous(), batch.top_p.contiguous(), batch.min_p.contiguous(),
+                          smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, v, chunk, splits, PAIRS=pairs,
+                          BLOCK=block, CAP=cap, WIDE=WIDE, **_options())
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),
                fast=torch.empty(bsz, device=dev, dtype=torch.int64))

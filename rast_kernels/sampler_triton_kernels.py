@@ -107,9 +107,20 @@ def _evict(cid_ptr, cz_ptr, base, taken, zk, cand, m_new, safe_t, target, CAP: t
 
 
 @triton.jit
+def _margin(temp, top_k, top_p, min_p, V, WIDE: tl.constexpr):
+    """The row's candidate margin in z units (d-space nats times T): -log(min_p) + 0.5 nats for min-p
+    without top-k, else WIDE; -1 (no candidates) for greedy rows and rows without any filter."""
+    k_on = (top_k > 0) & (top_k < V)
+    nats = tl.where((min_p > 0) & ~k_on, 0.5 - tl.log(tl.maximum(min_p, 1e-30)), WIDE)
+    filtered = k_on | (top_p < 1.0) | (min_p > 0)
+    return tl.where(filtered & (temp > 0), nats * temp, -1.0)
+
+
+@triton.jit
 def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
-           temp_ptr, margin_ptr, smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr, ncmax_ptr,
-           ncsum_ptr, V, CHUNK, S, PAIRS: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr):
+           temp_ptr, topk_ptr, topp_ptr, minp_ptr, smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr,
+           ncmax_ptr, ncsum_ptr, V, CHUNK, S, PAIRS: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+           WIDE: tl.constexpr):
     """Per chunk: max z (first index), min z, finite count, and up to CAP candidates stored exactly
     (id, z): finite tokens with z >= running max - margin and key >= a floor that rises whenever the
     list would overflow (``_evict`` keeps the best 3/4, or all CAP in the chunk's last block). Every
@@ -122,7 +133,7 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
     base = out * CAP
     temp = tl.load(temp_ptr + row)
     safe_t = tl.where(temp > 0, temp, 1.0)
-    margin = tl.load(margin_ptr + row)
+    margin = _margin(temp, tl.load(topk_ptr + row), tl.load(topp_ptr + row), tl.load(minp_ptr + row), V, WIDE)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK], BIG, tl.int32)
     low = tl.full([BLOCK], float("inf"), tl.float32)

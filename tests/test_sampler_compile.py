@@ -13,7 +13,7 @@ ROW = {"temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr":
        "offset_ptr": "*i64", "zmax_ptr": "*fp32", "key_ptr": "*i32", "greedy_ptr": "*i64", "cnt_ptr": "*i32",
        "smax_ptr": "*fp32", "sidx_ptr": "*i32", "smin_ptr": "*fp32", "scnt_ptr": "*i32", "cscore_ptr": "*fp32",
        "cidx_ptr": "*i32", "cmass_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "CHUNK": "i32", "S": "i32",
-       "margin_ptr": "*fp32", "cid_ptr": "*i32", "cz_ptr": "*fp32", "ccnt_ptr": "*i32", "ncmax_ptr": "*fp32",
+       "cid_ptr": "*i32", "cz_ptr": "*fp32", "ccnt_ptr": "*i32", "ncmax_ptr": "*fp32",
        "ncsum_ptr": "*fp32", "fast_ptr": "*i64"}
 
 
@@ -21,7 +21,7 @@ def _kernels() -> list:
     from rast_kernels import sampler_triton as st
 
     return [
-        (st._stats, dict(BLOCK=1024, CAP=1024)),
+        (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE)),
         (st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=4, CAP=1024, DRAW=True)),
         (st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=256, CAP=16, DRAW=False)),
         (st._draw, dict(SUM_MASS=False, BLOCK=1024)),

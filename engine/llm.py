@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence, Union
+from dataclasses import fields
+from typing import Any, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
@@ -22,13 +23,20 @@ class LLM:
                  device: str = "auto", dtype: str = "auto", max_num_seqs: int = 256,
                  max_model_len: Optional[int] = None, block_size: int = 16, kv_cache_blocks: Optional[int] = None,
                  kv_cache_memory: Optional[int] = None, attention_backend: str = "auto",
-                 enforce_eager: bool = False, seed: int = 0) -> None:
+                 enforce_eager: bool = False, seed: int = 0, **engine_kwargs: Any) -> None:
+        """engine_kwargs: any other EngineConfig field, as vLLM's LLM takes engine arguments
+        (max_num_batched_tokens, enable_prefix_caching, model_streams, cuda_graph_max_batch,
+        async_output, load_format)."""
+        known = {f.name for f in fields(EngineConfig) if f.init}
+        unknown = sorted(set(engine_kwargs) - known)
+        if unknown:
+            raise RastError(f"unknown LLM argument(s) {unknown}; EngineConfig takes {sorted(known)}")
         config = EngineConfig(
             model=str(model), small_rl=None if small_rl is None else str(small_rl),
             small_base=None if small_base is None else str(small_base), lam=lam, experts=experts,
             device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             block_size=block_size, kv_cache_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
-            attention_backend=attention_backend, enforce_eager=enforce_eager, seed=seed,
+            attention_backend=attention_backend, enforce_eager=enforce_eager, seed=seed, **engine_kwargs,
         )
         self.llm_engine = LLMEngine(config)
         self._ids = itertools.count()

@@ -340,3 +340,15 @@ def test_load_errors_are_clear(qwen2_triple: tuple, tmp_path: Path) -> None:
     tok.save_pretrained(str(other))
     with pytest.raises(ModelLoadError, match=r"small_base.*differs.*zzqq"):
         LLM(str(large), str(rl), str(other))
+
+
+def test_llm_passes_engine_arguments_through(qwen2_triple: tuple) -> None:
+    large, rl, base = map(str, qwen2_triple)
+    llm = LLM(large, rl, base, kv_cache_blocks=64, max_num_batched_tokens=8, enable_prefix_caching=False,
+              async_output=True)
+    cfg = llm.llm_engine.config
+    assert (cfg.max_num_batched_tokens, cfg.enable_prefix_caching, llm.llm_engine.async_output) == (8, False, True)
+    out = llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+    with pytest.raises(RastError, match="unknown LLM argument.*max_batch_size"):
+        LLM(large, max_batch_size=4)

@@ -105,3 +105,20 @@ def test_bench_without_a_checkout(capsys: pytest.CaptureFixture[str], tmp_path: 
     monkeypatch.setattr(rast_engine, "__file__", str(tmp_path / "site" / "rast_engine" / "__init__.py"))
     monkeypatch.chdir(tmp_path)
     assert "source checkout" in _one_line_error(capsys, ["bench", "sampler"], "bench")
+
+
+def test_serving_flags_reach_the_engine(triple: tuple[str, str, str]) -> None:
+    from rast_engine.commands import build_engine
+
+    large, rl, base = triple
+    args = build_parser().parse_args(
+        ["serve", large, "--small-rl", rl, "--small-base", base, *ENGINE_FLAGS, "--block-size", "8",
+         "--max-num-batched-tokens", "32", "--attention-backend", "torch", "--enforce-eager",
+         "--cuda-graph-max-batch", "4", "--no-enable-prefix-caching", "--async-output"])
+    engine = build_engine(args)
+    cfg = engine.config
+    assert (cfg.block_size, cfg.max_num_batched_tokens, cfg.attention_backend, cfg.enforce_eager,
+            cfg.cuda_graph_max_batch, cfg.enable_prefix_caching, engine.async_output) == (
+        8, 32, "torch", True, 4, False, True)
+    defaults = build_parser().parse_args(["serve", large])
+    assert (defaults.enable_prefix_caching, defaults.async_output, defaults.block_size) == (True, None, 16)

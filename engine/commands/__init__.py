@@ -23,6 +23,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="context length (default: the model's, capped by the KV cache)")
     p.add_argument("--kv-cache-blocks", type=int, default=None, help="force the KV-cache size in blocks")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests (default 0)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prefill tokens per step; longer prompts are chunked (default min(max(len, 2048), 8192))")
+    p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton", "flash_attn"))
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--cuda-graph-max-batch", type=int, default=None,
+                   help="largest decode batch captured in a CUDA graph; larger ones run eagerly")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="read a step's outputs while the next runs (default: on with CUDA)")
 
 
 def _existing_dir(path: str, flag: str) -> str:
@@ -50,7 +60,11 @@ def build_engine(args: argparse.Namespace) -> Any:
     return LLMEngine(EngineConfig(
         model=args.model, small_rl=args.small_rl, small_base=args.small_base, lam=args.lam,
         experts=experts or None, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, kv_cache_blocks=args.kv_cache_blocks, seed=args.seed))
+        max_model_len=args.max_model_len, kv_cache_blocks=args.kv_cache_blocks, seed=args.seed,
+        block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        cuda_graph_max_batch=args.cuda_graph_max_batch, enable_prefix_caching=args.enable_prefix_caching,
+        async_output=args.async_output))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -221,9 +221,11 @@ class Suite:
                 r["time_vs_base_over_wb"] = r["time_vs_base"] / r["weight_bytes_ratio"]
         targets = []
 
-        def target(name: str, value: Optional[float], limit: float, at_most: bool) -> None:
+        def target(name: str, value: Optional[float], limit: float, at_most: bool,
+                   bound: Optional[float] = None) -> None:
+            """bound: the best value the rooflines allow, where the target is a ratio of two modes."""
             if value is not None:
-                targets.append(dict(target=name, value=value, limit=limit,
+                targets.append(dict(target=name, value=value, limit=limit, roofline_bound=bound,
                                     met=value <= limit if at_most else value >= limit))
 
         for p in self.pairings:
@@ -232,8 +234,10 @@ class Suite:
             target(f"{p} b1 rast step / roofline", r1 and r1["roofline_frac"], 1.15, True)
             target(f"{p} b1 (rast/base) / weight-bytes ratio", r1 and r1.get("time_vs_base_over_wb"), 1.05, True)
             if p == "7b+1.5b":
+                # both modes read their weights once per step: at best rast runs at base's roofline
+                # over its own (about 0.71 for 7B + 2 x 1.5B, whatever the kernels)
                 target(f"{p} b32 rast / base tokens/s", r32 and b32 and r32["tokens_per_s"] / b32["tokens_per_s"],
-                       0.8, False)
+                       0.8, False, r32 and b32 and b32["roofline_ms"] / r32["roofline_ms"])
             target(f"{p} b32 rast / hf-rast tokens/s", r32 and h32 and r32["tokens_per_s"] / h32["tokens_per_s"],
                    10.0, False)
         return dict(targets=targets)
@@ -331,7 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"(copy bandwidth {suite.bandwidth / 1e9:.1f} GB/s)")
     print(common.table(suite.rows, COLUMNS))
     for t in suite.compare()["targets"]:
-        print(f"target {t['target']}: {t['value']:.3f} (limit {t['limit']}) {'met' if t['met'] else 'MISSED'}")
+        bound = "" if t["roofline_bound"] is None else f", roofline bound {t['roofline_bound']:.3f}"
+        print(f"target {t['target']}: {t['value']:.3f} (limit {t['limit']}{bound}) {'met' if t['met'] else 'MISSED'}")
     series: dict[str, list[tuple[float, float]]] = {}
     for r in suite.rows:
         series.setdefault(f"{r['pairing']} {r['mode']}", []).append((r["batch"], r["tokens_per_s"]))

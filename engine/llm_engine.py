@@ -30,6 +30,9 @@ from rast_engine.triple import load_model_set, resolve_device
 
 logger = logging.getLogger("rast")
 
+# a launched batch: the scheduler's output, each sequence with its number of draws, and its pending ids
+InFlight = tuple[tuple[SchedulerOutput, list[tuple[Sequence, int]]], PendingStep]
+
 
 
 class LLMEngine:
@@ -80,7 +83,7 @@ class LLMEngine:
         self._generation_tokens = 0
         self._last_step_s = 0.0
         self.async_output = self.device.type == "cuda" if config.async_output is None else config.async_output
-        self._in_flight: Optional[tuple[tuple[SchedulerOutput, list[tuple[Sequence, int]]], PendingStep]] = None
+        self._in_flight: Optional[InFlight] = None
         logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models),
                     ", ".join(ms.roles), self.device, str(dtype).replace("torch.", ""),
                     time.perf_counter() - t0, self.vocab_size)
@@ -204,8 +207,8 @@ class LLMEngine:
             raise launch_error
         return outputs
 
-    def _launch(self) -> Optional[tuple[tuple[SchedulerOutput, list[tuple[Sequence, int]]], PendingStep]]:
-        """Schedule a batch and start it: (batch, each sequence with its number of draws), pending."""
+    def _launch(self) -> Optional[InFlight]:
+        """Schedule a batch and start it (None: nothing to run)."""
         out = self.scheduler.schedule()
         if out is None:
             return None

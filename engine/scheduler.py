@@ -5,8 +5,8 @@ A prefill step computes at most ``max_num_batched_tokens`` new tokens: first the
 partially prefilled sequence, then waiting sequences admitted FCFS, whole, while the sequence limit, the
 budget and the free blocks allow. Every decoding sequence rides along in it (one token each, budget kept
 for them) when all of them can take a slot, so an arriving prompt does not stall the running ones; the
-attention path reads them as prefills of one token. Only a step's first sequence is cut into chunks, so at most one
-sequence is partially prefilled at a time; it holds blocks for all its tokens from admission on, and it
+attention path reads them as prefills of one token. Only a step's first sequence is cut into chunks, so
+at most one sequence is partially prefilled at a time; it holds blocks for all its tokens from admission on, and it
 samples nothing until its last chunk. When a decode slot cannot be found, the most recently admitted
 sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue with
 every token it has (recomputed in chunks like a prompt), so its output is unchanged (the sampler's seed
@@ -139,31 +139,33 @@ class Scheduler:
             seq.reset_for_recompute()
             self.waiting.appendleft(seq)
 
+    def _stop_token(self, seq: Sequence) -> bool:
+        params = seq.params
+        token = seq.token_ids[-1]
+        return (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
+
+    def _at_length(self, seq: Sequence) -> bool:
+        return seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len
+
     def ends_by_token(self, seq: Sequence) -> bool:
         """Whether the sequence stops after its newest token for a reason that needs no text: an EOS or
         stop token, max_tokens or max_model_len (stop strings need the detokenised text)."""
-        params = seq.params
-        token = seq.token_ids[-1]
-        return ((not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
-                or seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len)
+        return self._stop_token(seq) or self._at_length(seq)
 
     def check_stop(self, seq: Sequence, prev_text_len: int) -> Optional[str]:
         """The finish reason after the sequence's newest token, if any; trims a matched stop string
         (and what follows it) from ``seq.output_text``. ``prev_text_len`` is the text length before it."""
-        params = seq.params
-        token = seq.token_ids[-1]
-        if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
+        if self._stop_token(seq):
             return "stop"
-        if params.stop_list:
-            longest = max(len(s) for s in params.stop_list)
+        stops = seq.params.stop_list
+        if stops:
+            longest = max(len(s) for s in stops)
             start = max(prev_text_len - longest + 1, 0)
-            hits = [i for i in (seq.output_text.find(s, start) for s in params.stop_list) if i >= 0]
+            hits = [i for i in (seq.output_text.find(s, start) for s in stops) if i >= 0]
             if hits:
                 seq.output_text = seq.output_text[:min(hits)]
                 return "stop"
-        if seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return "length"
-        return None
+        return "length" if self._at_length(seq) else None
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Running, or waiting after a preemption (a stop string can be read after the step that

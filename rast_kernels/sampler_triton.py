@@ -144,20 +144,19 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     sidx, scnt, ccnt = (torch.empty(bsz, splits, **i32) for _ in range(3))
     cid = torch.empty(bsz, splits, cap, **i32)
     cz = torch.empty(bsz, splits, cap, **f32)
-    temp = batch.temperature.contiguous()
-    _stats[(bsz, splits)](*args, temp, batch.top_k.contiguous(), batch.top_p.contiguous(), batch.min_p.contiguous(),
-                          smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, v, chunk, splits, PAIRS=pairs,
-                          BLOCK=block, CAP=cap, WIDE=WIDE, **_options())
+    temp, top_k, top_p, min_p = (t.contiguous() for t in (batch.temperature, batch.top_k, batch.top_p,
+                                                           batch.min_p))
+    _stats[(bsz, splits)](*args, temp, top_k, top_p, min_p, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
+                          v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=WIDE, **_options())
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),
                fast=torch.empty(bsz, device=dev, dtype=torch.int64))
     hist_block = min(256, block) if not _interpreting() else block
     extra = {} if _interpreting() else {"num_warps": 8}
-    _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, temp, batch.top_k.contiguous(),
-                    batch.top_p.contiguous(), batch.min_p.contiguous(), batch.seed.contiguous(),
-                    batch.offset.contiguous(), row["zmax"], row["key"], row["greedy"], row["count"], row["fast"],
-                    v, splits, PAIRS=pairs, BLOCK=hist_block, NB=nb, LOG2_NB=nb.bit_length() - 1,
-                    SP=triton.next_power_of_2(splits), CAP=cap, DRAW=draw, **extra, **_options())
+    _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, temp, top_k, top_p, min_p,
+                    batch.seed.contiguous(), batch.offset.contiguous(), row["zmax"], row["key"], row["greedy"],
+                    row["count"], row["fast"], v, splits, PAIRS=pairs, BLOCK=hist_block, NB=nb,
+                    LOG2_NB=nb.bit_length() - 1, SP=triton.next_power_of_2(splits), CAP=cap, DRAW=draw, **extra, **_options())
     return args, pairs, block, chunk, splits, row
 
 

@@ -71,6 +71,12 @@ def unfused(logits: torch.Tensor, deltas: list, top_k: int, min_p: float, gen: t
     return torch.argmax(probs / race, dim=1)
 
 
+def fused(logits: torch.Tensor, deltas: list, top_k: int, min_p: float, seed: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Our sampler on one shape, as timed (eagerly, and captured by ``graphed``)."""
+    return lambda: rk.rast_sample(logits, deltas, weights=WEIGHT, temperature=TEMPERATURE, top_k=top_k,
+                                  top_p=TOP_P, min_p=min_p, seed=seed, backend="triton")
+
+
 def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """fn captured in a CUDA graph, as the engine's decode step captures the sampler: replay costs one
     launch, so what remains is the kernels' own time. Capture fails loudly on any host sync."""
@@ -116,8 +122,7 @@ def run(args: argparse.Namespace) -> None:
         seed = torch.arange(batch, device=device)
         for top_k, min_p in itertools.product(grid["top_k"], grid["min_p"]):
             calls = {
-                "fused": lambda: rk.rast_sample(logits, deltas, weights=WEIGHT, temperature=TEMPERATURE, top_k=top_k,
-                                                top_p=TOP_P, min_p=min_p, seed=seed, backend="triton"),
+                "fused": fused(logits, deltas, top_k, min_p, seed),
                 "fused-graph": None,  # built below from "fused" once the shapes are known
                 "native": lambda: rk.rast_sample(logits, deltas, weights=WEIGHT, temperature=TEMPERATURE,
                                                  top_k=top_k, top_p=TOP_P, min_p=min_p, seed=seed, backend="native"),

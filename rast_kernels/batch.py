@@ -101,7 +101,11 @@ def _weights(weights: Union[Scalar, Sequence[Scalar], torch.Tensor], batch: int,
             raise ValueError(f"got {len(values)} weights for {pairs} delta pairs")
     if not all(math.isfinite(x) for x in values):
         raise ValueError(f"weights must be finite, got {values}")
-    return torch.tensor(values, dtype=torch.float32).to(device)[None, :].expand(batch, pairs)
+    # fills, not a copy of host data: a CUDA-graph capture can record them (the values frozen into it)
+    out = torch.empty((batch, pairs), dtype=torch.float32, device=device)
+    for k, x in enumerate(values):
+        out[:, k].fill_(x)
+    return out
 
 
 def normalize(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]], *,

@@ -1,0 +1,123 @@
+"""The GPU decode fast path (model streams, whole-step CUDA graphs, padded buckets) on the CPU, under the
+CUDA emulator of tests/cuda_emulator.py: captures record the step and replays re-issue it with host
+values frozen, host reads inside a capture fail, and every cross-stream access must be ordered by a wait.
+Kernels are the GPU configuration's (Triton attention and sampler, interpreted). The same paths run on
+a real device in test_gpu_path.py's `gpu` tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cuda_emulator import EmulatorError, Stream, emulated_cuda
+from rast_engine.cuda_graph import DecodeGraphs
+from rast_engine.model_streams import ModelStreams
+from rast_engine import SamplingParams
+from test_gpu_path import GREEDY, generate, make_engine, prompts
+
+CUDA = torch.device("cuda")  # only a name here: every tensor stays on the CPU
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=11)
+SHORT_GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+FORKED = SamplingParams(n=2, temperature=0.8, max_tokens=4, ignore_eos=True, seed=5)  # copy-on-write first
+
+
+def generate_all(engine, batch: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:  # noqa: ANN001
+    """Every sample's tokens, per prompt."""
+    for i, p in enumerate(batch):
+        engine.add_request(f"r{i}", p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: [c.token_ids for c in o.outputs] for o in engine.step() if o.finished})
+    return [done[f"r{i}"] for i in range(len(batch))]
+
+
+def triton_engine(triple: tuple, **kw):  # noqa: ANN201
+    engine = make_engine(triple, attention_backend="triton", max_num_seqs=8, **kw)
+    engine.runner.sampler = "triton"
+    return engine
+
+
+def test_graph_replay_and_model_streams_equal_the_eager_engine(qwen2_triple: tuple,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One graph, bucket 4, on two streams: a batch of 3 replays it (one padding row), so do two forks of
+    one prompt (their blocks copied first), a batch of 5 runs eagerly on both streams; every sample's
+    tokens equal the eager single-stream engine's."""
+    cases = [(3, SAMPLED), (1, FORKED), (5, SHORT_GREEDY)]
+    reference = triton_engine(qwen2_triple)
+    want = [generate_all(reference, prompts(n, seed=n), p) for n, p in cases]
+    engine = triton_engine(qwen2_triple)
+    runner = engine.runner
+    steps: list[int] = []
+    step = runner._decode_step
+
+    def counted(rows: int):  # noqa: ANN202
+        steps.append(rows)
+        return step(rows)
+
+    runner._decode_step = counted  # the eager path calls it too
+    copies: list = []
+    copy_blocks = runner.kv.copy_blocks
+    runner.kv.copy_blocks = lambda pairs: (copies.extend(pairs), copy_blocks(pairs))
+    with emulated_cuda(monkeypatch) as emu:
+        runner.streams = ModelStreams(CUDA, True)
+        runner.graphs = DecodeGraphs(counted, runner._pad_all, CUDA, max_rows=4)
+        runner.graphs.buckets = [4]  # the interpreter is slow: one bucket (the others are alike)
+        runner.graphs.capture_all()
+        assert steps == [4, 4] and set(runner.graphs.graphs) == {4}  # a warm-up, then the capture
+        got = [generate_all(engine, prompts(n, seed=n), p) for n, p in cases]
+    assert got == want and copies  # the forks copied a block on main before the side stream read it
+    assert emu.replays == SAMPLED.max_tokens - 1 + FORKED.max_tokens - 1
+    assert steps[2:] == [5] * (SHORT_GREEDY.max_tokens - 1)  # only the eager batch ran the Python step
+
+
+def test_torch_attention_cannot_be_captured(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why CAPTURE_SAFE_ATTENTION excludes the torch backend: its decode path reads lengths on the host."""
+    engine = make_engine(qwen2_triple, attention_backend="torch", max_num_seqs=8)
+    runner = engine.runner
+    with emulated_cuda(monkeypatch):
+        graphs = DecodeGraphs(runner._decode_step, runner._pad_all, CUDA, max_rows=2)
+        with pytest.raises(EmulatorError, match="during CUDA-graph capture"):
+            graphs.ensure(2)
+
+
+@pytest.mark.parametrize("dropped", ["side waits for main", "main waits for side"])
+def test_model_streams_without_either_wait_race(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch,
+                                               dropped: str) -> None:
+    """The two waits of ModelStreams.forward are both needed: without the first the small models read
+    the step's inputs before they are written, without the second the sampler reads their logits early."""
+    engine = triton_engine(qwen2_triple)
+    with emulated_cuda(monkeypatch) as emu:
+        engine.runner.streams = streams = ModelStreams(CUDA, True)
+        wait = Stream.wait_stream
+
+        def wait_but_one(self: Stream, other: Stream) -> None:
+            skip = (self is streams.side) if dropped == "side waits for main" else (other is streams.side)
+            if not skip:
+                wait(self, other)
+
+        monkeypatch.setattr(Stream, "wait_stream", wait_but_one)
+        with pytest.raises(EmulatorError, match="race"):
+            generate(engine, prompts(2), GREEDY)
+        assert emu.replays == 0
+
+
+@pytest.mark.parametrize("pairs", [0, 1])
+def test_the_sampler_bench_captures_its_fused_call(monkeypatch: pytest.MonkeyPatch, pairs: int) -> None:
+    """bench/sampler.py's fused-graph rows: the fused call it times, captured as it captures it. With a
+    Python float λ this once copied host data inside the capture, which fails on a GPU."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_sampler", Path(__file__).parent.parent / "bench" / "sampler.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(pairs)
+    logits = bench.lm_logits(3, 256, torch.device("cpu"), gen)
+    deltas = [bench.rast_pair(3, 256, torch.device("cpu"), gen) for _ in range(pairs)]
+    call = bench.fused(logits, deltas, 50, 0.05, torch.arange(3))
+    outputs: list[torch.Tensor] = []
+    with emulated_cuda(monkeypatch) as emu:
+        replay = bench.graphed(lambda: outputs.append(call()), CUDA)
+        assert len(outputs) == 2  # the warm-up and the capture, nothing since
+        logits.copy_(bench.lm_logits(3, 256, torch.device("cpu"), gen))  # new inputs in the static tensors
+        replay()
+    assert emu.replays == 1 and outputs[1].tolist() == call().tolist()

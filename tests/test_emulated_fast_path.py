@@ -121,3 +121,29 @@ def test_the_sampler_bench_captures_its_fused_call(monkeypatch: pytest.MonkeyPat
         logits.copy_(bench.lm_logits(3, 256, torch.device("cpu"), gen))  # new inputs in the static tensors
         replay()
     assert emu.replays == 1 and outputs[1].tolist() == call().tolist()
+
+
+def test_split_k_decode_attention_replays_with_new_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split-K attention as a graph holds it: the split count is frozen at capture, each sequence's
+    share of it follows the context lengths in the static tensor at every replay (here all shrink or
+    grow past the split boundaries); replays equal eager calls on the same inputs."""
+    from rast_kernels.paged_attention import paged_decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    blocks, bs = 24, 4
+    k_cache, v_cache = torch.randn(2, blocks, bs, 2, 16, generator=gen)
+    table = torch.randperm(blocks, generator=gen)[:18].view(3, 6).to(torch.int32)  # 24 tokens per row
+    q, lens = torch.randn(3, 4, 16, generator=gen), torch.tensor([5, 24, 1], dtype=torch.int32)
+    outs: list[torch.Tensor] = []
+    with emulated_cuda(monkeypatch):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(paged_decode_attention(q, k_cache, v_cache, table, lens, 0.25, num_splits=3,
+                                               min_tokens_per_split=4))
+        for new_lens in ([24, 3, 13], [9, 1, 24]):
+            lens.copy_(torch.tensor(new_lens))
+            q.copy_(torch.randn(3, 4, 16, generator=gen))
+            graph.replay()
+            eager = paged_decode_attention(q, k_cache, v_cache, table, lens, 0.25, num_splits=3,
+                                           min_tokens_per_split=4)
+            torch.testing.assert_close(outs[0], eager, atol=0, rtol=0)

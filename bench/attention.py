@@ -26,11 +26,10 @@ import torch
 if "--quick" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before rast_kernels decorates its kernels
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rast_kernels from a bare checkout too
+from bench.common import copy_bandwidth, device_name, write_results  # noqa: E402
 from rast_kernels.paged_attention import paged_decode_attention  # noqa: E402
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_name, write_results  # noqa: E402
 
 SHAPES = {"qwen2.5-7b": (28, 4, 128), "llama-3.1-8b": (32, 8, 128)}  # (Hq, Hkv, head_dim)
 BLOCK_SIZE = 16

@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> None:
                 us = time_us(calls[name], device, warmup=args.warmup, iters=args.iters)
                 rows.append(dict(impl=name, batch=batch, vocab=vocab, pairs=pairs, top_k=top_k, min_p=min_p,
                                  us_median=round(us, 2), floor_us=round(floor_us, 2)))
+        # rewritten after every shape, so a run cut off by a time limit keeps what it measured
+        write_results(args.name, device, rows, extra=dict(partial=True), out_dir=args.out)
     report(rows, device, bandwidth, entropies, args.name, args.out)
 
 

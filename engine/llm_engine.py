@@ -40,6 +40,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":  # streams, events and Triton launches follow the current device
+            torch.cuda.set_device(self.device)
         attention = get_attention_backend(config.attention_backend, self.device, config.block_size)
         ms = load_model_set(config, self.device, attention)
         self.model_set = ms

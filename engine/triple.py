@@ -56,13 +56,17 @@ def roles(config: EngineConfig) -> list[str]:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise RastError(f"unknown device {name!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RastError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise RastError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 

@@ -13,7 +13,8 @@ Invariants:
 - batches above the largest bucket (``cuda_graph_max_batch``) run the same step eagerly on their rows;
 - all buckets share one memory pool, captured largest first so the smaller graphs fit in the blocks
   the largest one reserved. That is safe because graphs never run concurrently and each replay's
-  outputs (the ids and logits tensors captured with it) are consumed before the next replay;
+  outputs (its ids, and the logits in the runner's static buffers, which every bucket shares) are
+  consumed before the next replay;
 - the step may fork onto the model-streams side stream; it joins back before the sampler, as capture
   requires.
 Prefill (varlen, data-dependent shapes) is never captured.

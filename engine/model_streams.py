@@ -15,7 +15,9 @@ them. That is safe because every step starts with the side stream waiting for ma
 kernel can reuse such a block before main's earlier work is done.
 
 Logits come out of compute_logits in the model dtype (bf16 for a bf16 model), which is what the fused
-sampler reads; nothing here converts or copies a [B, V] tensor.
+sampler reads; nothing here converts or copies a [B, V] tensor. Decode steps write them into static
+buffers (``outs``); the side stream overwrites its models' buffers only after waiting for main, so never
+before main's sampler of the previous step has read them.
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ from rast_engine.models.decoder import CausalLM
 
 
 def model_logits(model: CausalLM, pool: KVPool, input_ids: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata, rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """[N, width] logits at the flat token indices ``rows`` (None: every token)."""
+                 meta: AttentionMetadata, rows: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
+    """[N, width] logits at the flat token indices ``rows`` (None: every token), into ``out`` if given."""
     hidden = model(input_ids, positions, meta, pool)
-    return model.compute_logits(hidden if rows is None else hidden.index_select(0, rows))
+    return model.compute_logits(hidden if rows is None else hidden.index_select(0, rows), out)
 
 
 class ModelStreams:
@@ -42,15 +44,18 @@ class ModelStreams:
         self.side = torch.cuda.Stream(device) if self.concurrent else None
 
     def forward(self, models: Sequence[CausalLM], pools: Sequence[KVPool], input_ids: torch.Tensor,
-                positions: torch.Tensor, meta: AttentionMetadata,
-                rows: Optional[torch.Tensor]) -> list[torch.Tensor]:
-        """Logits of every model, in model order (large, then rl_k, base_k per pair)."""
+                positions: torch.Tensor, meta: AttentionMetadata, rows: Optional[torch.Tensor],
+                outs: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
+        """Logits of every model, in model order (large, then rl_k, base_k per pair); written into
+        ``outs`` (one tensor per model) when given."""
+        outs = outs if outs is not None else [None] * len(models)
         if self.side is None or len(models) == 1:
-            return [model_logits(m, p, input_ids, positions, meta, rows) for m, p in zip(models, pools)]
+            return [model_logits(m, p, input_ids, positions, meta, rows, o) for m, p, o in zip(models, pools, outs)]
         main = torch.cuda.current_stream(input_ids.device)
         self.side.wait_stream(main)
-        large = model_logits(models[0], pools[0], input_ids, positions, meta, rows)
+        large = model_logits(models[0], pools[0], input_ids, positions, meta, rows, outs[0])
         with torch.cuda.stream(self.side):
-            small = [model_logits(m, p, input_ids, positions, meta, rows) for m, p in zip(models[1:], pools[1:])]
+            small = [model_logits(m, p, input_ids, positions, meta, rows, o)
+                     for m, p, o in zip(models[1:], pools[1:], outs[1:])]
         main.wait_stream(self.side)
         return [large] + small

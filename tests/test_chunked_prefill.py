@@ -37,9 +37,9 @@ def record_steps(engine: LLMEngine) -> list[tuple[bool, int]]:
     log: list[tuple[bool, int]] = []
     forward = engine.runner.forward_logits
 
-    def logged(inputs, rows):  # noqa: ANN001, ANN202
+    def logged(inputs, rows, outs=None):  # noqa: ANN001, ANN202
         log.append((inputs.meta.is_prefill, inputs.input_ids.shape[0]))
-        return forward(inputs, rows)
+        return forward(inputs, rows, outs)
 
     engine.runner.forward_logits = logged
     return log

@@ -68,6 +68,8 @@ def test_graph_replay_and_model_streams_equal_the_eager_engine(qwen2_triple: tup
         runner.graphs.buckets = [4]  # the interpreter is slow: one bucket (the others are alike)
         runner.graphs.capture_all()
         assert steps == [4, 4] and set(runner.graphs.graphs) == {4}  # a warm-up, then the capture
+        _, logits = runner.graphs.outputs[4]  # the graph's logits are the runner's static buffers
+        assert [t.data_ptr() for t in logits] == [t.data_ptr() for t in runner.step_logits]
         got = [generate_all(engine, prompts(n, seed=n), p) for n, p in cases]
     assert got == want and copies  # the forks copied a block on main before the side stream read it
     assert emu.replays == SAMPLED.max_tokens - 1 + FORKED.max_tokens - 1

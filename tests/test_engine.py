@@ -84,8 +84,8 @@ def test_step_logits_equal_hf_eq3(llm: LLM, qwen2_triple: tuple, monkeypatch: py
         steps.append([list(s.token_ids) for s in seqs])
         return launch(seqs, is_prefill, copies, draws)
 
-    def capture_forward(inputs, rows):  # noqa: ANN001, ANN202
-        out = forward(inputs, rows)
+    def capture_forward(inputs, rows, outs=None):  # noqa: ANN001, ANN202
+        out = forward(inputs, rows, outs)
         steps[-1] = (steps[-1], [t.clone() for t in out])
         return out
 

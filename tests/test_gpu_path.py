@@ -163,8 +163,8 @@ def _record_logits(engine: LLMEngine) -> list[list[torch.Tensor]]:
     runner, calls = engine.runner, []
     forward = runner.forward_logits
 
-    def recording(inputs, rows):  # noqa: ANN001, ANN202
-        out = forward(inputs, rows)
+    def recording(inputs, rows, outs=None):  # noqa: ANN001, ANN202
+        out = forward(inputs, rows, outs)
         calls.append([t.float().cpu() for t in out])
         return out
 

@@ -7,6 +7,8 @@ shape from tensors, so it can be captured in a CUDA graph later.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,9 +113,12 @@ class CausalLM(nn.Module):
             x = layer(x, positions, meta, kv_cache)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab_size] in the model dtype (the padded width; callers slice to V)."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab_size] in the model dtype (the padded width; callers slice to V),
+        written into ``out`` when given (the decode step's static logits, so no [N, V] is allocated)."""
+        if out is None:
+            return self.lm_head(hidden)
+        return torch.mm(hidden, self.lm_head.weight.t(), out=out)
 
     def weight_map(self) -> dict[str, WeightSlot]:
         """HF tensor name -> where it goes. Tied lm_head is absent: it is the embedding."""

@@ -71,10 +71,11 @@ def unfused(logits: torch.Tensor, deltas: list, top_k: int, min_p: float, gen: t
     return torch.argmax(probs / race, dim=1)
 
 
-def fused(logits: torch.Tensor, deltas: list, top_k: int, min_p: float, seed: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Our sampler on one shape, as timed (eagerly, and captured by ``graphed``)."""
+def ours(logits: torch.Tensor, deltas: list, top_k: int, min_p: float, seed: torch.Tensor,
+         backend: str) -> Callable[[], torch.Tensor]:
+    """rast_sample on one shape with one backend, as timed (eagerly, and captured by ``graphed``)."""
     return lambda: rk.rast_sample(logits, deltas, weights=WEIGHT, temperature=TEMPERATURE, top_k=top_k,
-                                  top_p=TOP_P, min_p=min_p, seed=seed, backend="triton")
+                                  top_p=TOP_P, min_p=min_p, seed=seed, backend=backend)
 
 
 def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -122,12 +123,10 @@ def run(args: argparse.Namespace) -> None:
         seed = torch.arange(batch, device=device)
         for top_k, min_p in itertools.product(grid["top_k"], grid["min_p"]):
             calls = {
-                "fused": fused(logits, deltas, top_k, min_p, seed),
+                "fused": ours(logits, deltas, top_k, min_p, seed, "triton"),
                 "fused-graph": None,  # built below from "fused" once the shapes are known
-                "native": lambda: rk.rast_sample(logits, deltas, weights=WEIGHT, temperature=TEMPERATURE,
-                                                 top_k=top_k, top_p=TOP_P, min_p=min_p, seed=seed, backend="native"),
-                "torch": lambda: rk.rast_sample(logits, deltas, weights=WEIGHT, temperature=TEMPERATURE, top_k=top_k,
-                                                top_p=TOP_P, min_p=min_p, seed=seed, backend="torch"),
+                "native": ours(logits, deltas, top_k, min_p, seed, "native"),
+                "torch": ours(logits, deltas, top_k, min_p, seed, "torch"),
                 "unfused": lambda: unfused(logits, deltas, top_k, min_p, cuda_gen),
             }
             if "fused-graph" in names:

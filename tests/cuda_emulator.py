@@ -67,7 +67,7 @@ class Stream:
         return event
 
     def synchronize(self) -> None:
-        self.emu.host_sync(self)
+        self.emu.host_sync()
 
     def query(self) -> bool:
         return True
@@ -88,7 +88,7 @@ class Event:
         (stream or self.emu.current).wait_event(self)
 
     def synchronize(self) -> None:
-        self.emu.host_sync(None)
+        self.emu.host_sync()
 
     def query(self) -> bool:
         return True
@@ -119,6 +119,7 @@ class CudaEmulator(TorchDispatchMode):
         self.streams: list[Stream] = [self.default]
         self.races = AccessLog()
         self.capturing: Optional[Graph] = None
+        self.capture_stream: Optional[Stream] = None  # torch.cuda.graph's default stream, made on first use
         self.in_kernel = False  # the Triton interpreter reads its arguments on the host
         self.replays = 0
 
@@ -144,7 +145,7 @@ class CudaEmulator(TorchDispatchMode):
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: emu.current)
         monkeypatch.setattr(torch.cuda, "stream", self.use_stream)
         monkeypatch.setattr(torch.cuda, "graph", self.graph)
-        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: emu.host_sync(None))
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: emu.host_sync())
         launch = interp.InterpretedFunction.run
 
         def run(fn: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
@@ -178,7 +179,7 @@ class CudaEmulator(TorchDispatchMode):
     def graph(self, graph: Graph, pool: Any = None, stream: Optional[Stream] = None,
               capture_error_mode: str = "global") -> Iterator[None]:
         if stream is None:  # torch captures on a side stream of its own by default
-            stream = self.capture_stream = getattr(self, "capture_stream", None) or torch.cuda.Stream()
+            self.capture_stream = stream = self.capture_stream or torch.cuda.Stream()
         origin = stream
         if origin is self.default:
             raise EmulatorError("CUDA graphs cannot be captured on the default stream")
@@ -200,7 +201,7 @@ class CudaEmulator(TorchDispatchMode):
                 if s.capture is graph:
                     s.capture = None
 
-    def host_sync(self, stream: Optional[Stream]) -> None:
+    def host_sync(self) -> None:
         self.no_capture("a host synchronisation")
 
     def no_capture(self, what: str) -> None:

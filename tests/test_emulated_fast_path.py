@@ -120,7 +120,7 @@ def test_the_sampler_bench_captures_its_fused_call(monkeypatch: pytest.MonkeyPat
     gen = torch.Generator().manual_seed(pairs)
     logits = bench.lm_logits(3, 256, torch.device("cpu"), gen)
     deltas = [bench.rast_pair(3, 256, torch.device("cpu"), gen) for _ in range(pairs)]
-    call = bench.fused(logits, deltas, 50, 0.05, torch.arange(3))
+    call = bench.ours(logits, deltas, 50, 0.05, torch.arange(3), "triton")
     outputs: list[torch.Tensor] = []
     with emulated_cuda(monkeypatch) as emu:
         replay = bench.graphed(lambda: outputs.append(call()), CUDA)

@@ -144,7 +144,7 @@ class Suite:
         return rast.LLMEngine(rast.EngineConfig(
             model=str(dirs[0]), **pair, load_format="dummy", dtype=str(self.dtype).replace("torch.", ""),
             enforce_eager=flags["enforce_eager"], model_streams=flags["model_streams"],
-            async_output=flags["async_output"], block_size=block_size,
+            async_output=flags["async_output"], block_size=block_size, layer_ops=a.layer_ops,
             kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
             max_num_seqs=max_batch, max_model_len=self.max_len,
             max_num_batched_tokens=max(max_batch * a.prompt, self.max_len), device=str(self.device)))
@@ -290,6 +290,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     ap.add_argument("--prompt", type=int, help="prompt tokens per request (default 128; tiny 16)")
     ap.add_argument("--gen", type=int, help="generated tokens per request (default 128; tiny 12)")
     ap.add_argument("--warmup", type=int, help="tokens generated untimed per batch first (default 8; tiny 3)")
+    ap.add_argument("--layer-ops", default="auto", choices=("auto", "torch", "triton"),
+                    help="the engine modes' norms/rotary/activation (auto: fused triton kernels on CUDA)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps")
     ap.add_argument("--profile-modes", nargs="+", choices=list(ENGINE_MODES), default=["rast", "rast-seq"])
     ap.add_argument("--profile-batch", type=int, default=1)

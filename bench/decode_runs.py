@@ -151,10 +151,12 @@ def profile_engine(engine: Any, sp_cls: Any, batch: int, prompt: int, vocab: int
     kernels = [dict(name=e.key[:90], ms_per_step=getattr(e, key) / 1e3 / steps,
                     share=getattr(e, key) / busy_us, calls_per_step=e.count / steps) for e in events[:top]]
     return dict(batch=batch, steps=steps, wall_ms_per_step=wall * 1e3 / steps,
-                busy_ms_per_step=busy_us / 1e3 / steps, time_kind=key, kernels=kernels)
+                busy_ms_per_step=busy_us / 1e3 / steps, launches_per_step=sum(e.count for e in events) / steps,
+                time_kind=key, kernels=kernels)
 
 
 def print_profile(p: dict) -> None:
     print(f"\nprofile {p['pairing']} {p['mode']} batch {p['batch']}: wall {p['wall_ms_per_step']:.3f} ms/step, "
-          f"busy {p['busy_ms_per_step']:.3f} ms/step ({p['time_kind']})")
+          f"busy {p['busy_ms_per_step']:.3f} ms/step ({p['time_kind']}), "
+          f"{p['launches_per_step']:.0f} kernels (CPU: ops) per step")
     print(common.table(p["kernels"], ["name", "ms_per_step", "share", "calls_per_step"]), flush=True)

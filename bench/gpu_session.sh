@@ -32,7 +32,8 @@ case "$stage" in
     python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$log"
     python3 -c "import rast_kernels, rast_engine; print('imports: ok')" 2>&1 | tee -a "$log"
     timeout "$(left)" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-      tests/test_sampler.py tests/test_paged_attention.py tests/test_gpu_path.py 2>&1 | tee -a "$log"
+      tests/test_sampler.py tests/test_paged_attention.py tests/test_layer_kernels.py tests/test_gpu_path.py \
+      2>&1 | tee -a "$log"
     ;;
   kernels)
     timeout $(( $(left) / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"

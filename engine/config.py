@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 from rast_engine.errors import RastError
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+LAYER_OPS = ("auto", "torch", "triton")  # rast_engine.models.layer_ops
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # "auto": safetensors weights; "dummy": seeded random weights of config.json's shapes, made on the device
 LOAD_FORMATS = ("auto", "dummy")
@@ -42,6 +43,7 @@ class EngineConfig:
     kv_cache_blocks: Optional[int] = None
     kv_cache_memory: Optional[int] = None  # bytes
     attention_backend: str = "auto"
+    layer_ops: str = "auto"  # norms, rotary, activation: fused Triton kernels on CUDA, plain torch elsewhere
     enforce_eager: bool = False
     seed: int = 0
     max_num_batched_tokens: Optional[int] = None  # prefill tokens per step; None: kv_cache.default_token_budget
@@ -79,6 +81,8 @@ class EngineConfig:
             raise RastError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise RastError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.layer_ops not in LAYER_OPS:
+            raise RastError(f"layer_ops must be one of {LAYER_OPS}, got {self.layer_ops!r}")
         if self.load_format not in LOAD_FORMATS:
             raise RastError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         for name in ("model_streams", "enforce_eager", "enable_prefix_caching"):

@@ -17,6 +17,7 @@ from rast_engine.attention import get_attention_backend
 from rast_engine.block_manager import BlockManager
 from rast_engine.config import EngineConfig
 from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
+from rast_engine.models.layer_ops import get_layer_ops
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, default_token_budget, num_kv_blocks
@@ -43,7 +44,7 @@ class LLMEngine:
         if self.device.type == "cuda":  # streams, events and Triton launches follow the current device
             torch.cuda.set_device(self.device)
         attention = get_attention_backend(config.attention_backend, self.device, config.block_size)
-        ms = load_model_set(config, self.device, attention)
+        ms = load_model_set(config, self.device, attention, get_layer_ops(config.layer_ops, self.device))
         self.model_set = ms
         self.tokenizer = ms.tokenizer
         self.vocab_size = ms.vocab_size

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rast_engine.attention.base import AttentionBackend
+from rast_engine.models.layer_ops import LayerOps
 from rast_engine.config import EngineConfig
 from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.models.config import ModelConfig
@@ -151,7 +152,8 @@ def dummy_seed(engine_seed: int, index: int) -> int:
     return sample_seed(engine_seed, index) & ((1 << 63) - 1)
 
 
-def load_model_set(config: EngineConfig, device: torch.device, attention: AttentionBackend) -> ModelSet:
+def load_model_set(config: EngineConfig, device: torch.device, attention: AttentionBackend,
+                   ops: LayerOps) -> ModelSet:
     paths, names = config.model_paths, roles(config)
     configs: list[ModelConfig] = []
     for path, role in zip(paths, names):  # every config first: cheap errors before any weight is read
@@ -172,7 +174,7 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
     for i, (path, role) in enumerate(zip(paths, names)):
         try:
             models.append(load_model(path, device=device, dtype=dtype, attention=attention,
-                                     load_format=config.load_format, seed=dummy_seed(config.seed, i)))
+                                     load_format=config.load_format, seed=dummy_seed(config.seed, i), ops=ops))
         except ModelLoadError as e:
             raise ModelLoadError(f"{role}: {e}") from None
     tokenizer = tokenizers[0]

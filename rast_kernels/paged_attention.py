@@ -35,20 +35,15 @@ head hit the same lines, which L2 absorbs.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from rast_kernels.launch import interpreting, require_launchable
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -178,8 +173,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, sca
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    if not (q.is_cuda or _interpreting()):
-        raise RuntimeError("Triton attention needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    require_launchable(q, "Triton attention")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache/v_cache must be equal-strided [num_blocks, block_size, Hkv, D], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -201,13 +195,13 @@ def tile_size(dim: int, dtype: torch.dtype) -> int:
     """Keys per tile, and query rows per prefill tile. A stage holds 2 * tile * D * e bytes of K and V,
     at most 32 KB as the tile halves for fp32 or D > 128: decode's 3 stages, or prefill's 2 beside its
     q tile, stay well under Hopper's 227 KB. The interpreter's cost grows with the tile, hence 16 there."""
-    if _interpreting():
+    if interpreting():
         return 16
     return 64 if dim * dtype.itemsize <= 256 else 32
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    return _interpreting() and dtype == torch.bfloat16
+    return interpreting() and dtype == torch.bfloat16
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -63,12 +63,11 @@ which can flip a near-tie between two Gumbel scores.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from rast_kernels.batch import SamplingBatch
+from rast_kernels.launch import exact_fp_options, interpreting
 from rast_kernels.reference import combine
 from rast_kernels.sampler_triton_kernels import _draw, _finish, _stats, _write_probs
 from rast_kernels.sampler_triton_select import _select
@@ -80,22 +79,13 @@ WIDE = 10.0  # candidate margin in nats for rows filtered by top-k or top-p (a h
 TILE = 4096  # candidates per row held in registers by _select (S * CAP <= TILE up to rounding)
 
 
-def _options() -> dict:
-    """No FMA contraction, so z = logits + w * (rl - base) rounds exactly as the torch reference does."""
-    return {} if _interpreting() else {"enable_fp_fusion": False}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def launch_plan(rows: int, vocab: int, sms: int | None, block: int | None = None, chunk: int | None = None,
                 cap: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK, CHUNK, S, CAP) for ``rows`` rows on a GPU with ``sms`` SMs (None: the CPU interpreter):
     chunks are whole blocks; S chunks per row give about 4 programs per SM; CAP (a power of two,
     candidates kept per chunk) fills a TILE-sized tile in _select. Any argument given is kept."""
     if block is None:
-        block = 128 if _interpreting() else 1024
+        block = 128 if interpreting() else 1024
     block = min(block, triton.next_power_of_2(vocab))
     if chunk is None:
         splits = min(4, triton.cdiv(vocab, block)) if sms is None else \
@@ -132,7 +122,7 @@ def _inputs(batch: SamplingBatch) -> tuple[list, int]:
 def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
                       cap: int | None):
     if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
-        nb = 256 if _interpreting() else 16
+        nb = 256 if interpreting() else 16
     if nb < 4 or nb & (nb - 1):
         raise ValueError(f"nb (histogram buckets) must be a power of two >= 4, got {nb}")
     bsz, v, dev = batch.batch, batch.vocab, batch.logits.device
@@ -147,16 +137,16 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     temp, top_k, top_p, min_p = (t.contiguous() for t in (batch.temperature, batch.top_k, batch.top_p,
                                                            batch.min_p))
     _stats[(bsz, splits)](*args, temp, top_k, top_p, min_p, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
-                          v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=WIDE, **_options())
+                          v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=WIDE, **exact_fp_options())
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),
                fast=torch.empty(bsz, device=dev, dtype=torch.int64))
-    hist_block = min(256, block) if not _interpreting() else block
-    extra = {} if _interpreting() else {"num_warps": 8}
+    hist_block = min(256, block) if not interpreting() else block
+    extra = {} if interpreting() else {"num_warps": 8}
     _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, temp, top_k, top_p, min_p,
                     batch.seed.contiguous(), batch.offset.contiguous(), row["zmax"], row["key"], row["greedy"],
                     row["count"], row["fast"], v, splits, PAIRS=pairs, BLOCK=hist_block, NB=nb,
-                    LOG2_NB=nb.bit_length() - 1, SP=triton.next_power_of_2(splits), CAP=cap, DRAW=draw, **extra, **_options())
+                    LOG2_NB=nb.bit_length() - 1, SP=triton.next_power_of_2(splits), CAP=cap, DRAW=draw, **extra, **exact_fp_options())
     return args, pairs, block, chunk, splits, row
 
 
@@ -172,10 +162,10 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
     temp = batch.temperature.contiguous()
     _draw[(bsz, splits)](*args, temp, batch.min_p.contiguous(), batch.seed.contiguous(), batch.offset.contiguous(),
                          row["zmax"], row["key"], row["count"], row["fast"], cscore, cidx, batch.vocab, chunk, splits,
-                         SUM_MASS=False, PAIRS=pairs, BLOCK=block, **_options())
+                         SUM_MASS=False, PAIRS=pairs, BLOCK=block, **exact_fp_options())
     out = torch.empty(bsz, device=dev, dtype=torch.int64)
     _finish[(bsz,)](temp, row["greedy"], row["count"], row["fast"], cscore, cidx, out, splits,
-                    SP=triton.next_power_of_2(splits), **_options())
+                    SP=triton.next_power_of_2(splits), **exact_fp_options())
     if fast_out is not None:
         fast_out.copy_((row["fast"] >= 0).to(torch.int64))
     return out
@@ -190,9 +180,9 @@ def probs(batch: SamplingBatch, *, block: int | None = None, chunk: int | None =
     temp, min_p = batch.temperature.contiguous(), batch.min_p.contiguous()
     _draw[(bsz, splits)](*args, temp, min_p, batch.seed.contiguous(), batch.offset.contiguous(),
                          row["zmax"], row["key"], row["count"], row["fast"], cmass, cmass, batch.vocab, chunk, splits,
-                         SUM_MASS=True, PAIRS=pairs, BLOCK=block, **_options())
+                         SUM_MASS=True, PAIRS=pairs, BLOCK=block, **exact_fp_options())
     out = torch.empty(bsz, batch.vocab, device=dev, dtype=torch.float32)
     _write_probs[(bsz, splits)](*args, temp, min_p, row["zmax"], row["key"], row["greedy"], row["count"], cmass,
                                 out, batch.vocab, chunk, splits, PAIRS=pairs, BLOCK=block,
-                                SP=triton.next_power_of_2(splits), **_options())
+                                SP=triton.next_power_of_2(splits), **exact_fp_options())
     return out

@@ -1,7 +1,7 @@
 """The GPU decode fast path (model streams, whole-step CUDA graphs, padded buckets) on the CPU, under the
 CUDA emulator of tests/cuda_emulator.py: captures record the step and replays re-issue it with host
 values frozen, host reads inside a capture fail, and every cross-stream access must be ordered by a wait.
-Kernels are the GPU configuration's (Triton attention and sampler, interpreted). The same paths run on
+Kernels are the GPU configuration's (Triton attention, layer ops and sampler, interpreted). The same paths run on
 a real device in test_gpu_path.py's `gpu` tests."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def generate_all(engine, batch: list[list[int]], params: SamplingParams) -> list
 
 
 def triton_engine(triple: tuple, **kw):  # noqa: ANN201
-    engine = make_engine(triple, attention_backend="triton", max_num_seqs=8, **kw)
+    engine = make_engine(triple, attention_backend="triton", layer_ops="triton", max_num_seqs=8, **kw)
     engine.runner.sampler = "triton"
     return engine
 

@@ -20,6 +20,7 @@ from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.attention.torch_backend import TorchAttention, store_kv
 from rast_engine.errors import ModelLoadError
 from rast_engine.models import CausalLM, ModelConfig, load_model
+from rast_engine.models.layer_ops import get_layer_ops
 
 BLOCK = 4
 ATOL = 1e-4
@@ -108,9 +109,12 @@ def run_paged(
     return [torch.cat(rows) for rows in logits]
 
 
+@pytest.mark.parametrize("ops", ["torch", "triton"])
 @pytest.mark.parametrize("splits", [[[9], [6]], [[5, 4], [2, 4]]], ids=["prefill", "cached_prefix"])
-def test_paged_forward_matches_hf(model_dir: Path, splits: list[list[int]]) -> None:
-    model = load_model(model_dir, device="cpu", dtype="float32", attention=TorchAttention())
+def test_paged_forward_matches_hf(model_dir: Path, splits: list[list[int]], ops: str) -> None:
+    """Both LayerOps backends (the fused Triton kernels run in the interpreter here)."""
+    model = load_model(model_dir, device="cpu", dtype="float32", attention=TorchAttention(),
+                       ops=get_layer_ops(ops, "cpu"))
     gen = torch.Generator().manual_seed(1)
     decode_steps = 4
     seqs = [torch.randint(0, 100, (sum(s) + decode_steps,), generator=gen).tolist() for s in splits]

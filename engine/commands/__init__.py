@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Any
 
+from rast_engine.config import LAYER_OPS
 from rast_engine.errors import RastError
 
 
@@ -27,6 +28,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prefill tokens per step; longer prompts are chunked (default min(max(len, 2048), 8192))")
     p.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton", "flash_attn"))
+    p.add_argument("--layer-ops", default="auto", choices=LAYER_OPS,
+                   help="norms, rotary and activation: fused triton kernels (auto on CUDA) or plain torch")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--cuda-graph-max-batch", type=int, default=None,
                    help="largest decode batch captured in a CUDA graph; larger ones run eagerly")
@@ -62,7 +65,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         experts=experts or None, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, kv_cache_blocks=args.kv_cache_blocks, seed=args.seed,
         block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend, layer_ops=args.layer_ops, enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch, enable_prefix_caching=args.enable_prefix_caching,
         async_output=args.async_output))
 

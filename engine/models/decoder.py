@@ -2,20 +2,22 @@
 
 The batch is flat: T tokens of several sequences, described by AttentionMetadata; the attention backend
 owns the paged KV cache. q/k/v and gate/up are fused into one matmul each; `weight_map()` tells the
-loader where each HF tensor lands inside the fused weights. Forward has no host syncs and takes every
-shape from tensors, so it can be captured in a CUDA graph later.
+loader where each HF tensor lands inside the fused weights. The elementwise work goes through a
+LayerOps backend (plain torch, or fused Triton kernels); the residual stream is carried between layers
+so each residual add is fused into the norm after it. Forward has no host syncs and takes every shape
+from tensors, so it can be captured in a CUDA graph later.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rast_engine.attention.base import AttentionBackend
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.models.config import ModelConfig
+from rast_engine.models.layer_ops import LayerOps, TorchLayerOps
 from rast_engine.models.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -23,16 +25,17 @@ WeightSlot = tuple[torch.Tensor, int, int]  # (parameter, first row, rows) an HF
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, ops: LayerOps) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in float32, scale applied after casting back, as the checkpoints were trained
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): HF's residual add, then this norm."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -58,44 +61,56 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 ops: LayerOps) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.self_attn = Attention(cfg, rotary, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
+        meta: AttentionMetadata, kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for the first layer, residual None);
+        returns this layer's MLP output and the residual stream it has not been added to yet."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, positions, meta, kv_cache)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype | None = None
+        self, cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype | None = None,
+        ops: LayerOps | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg
         self.dtype = dtype or cfg.torch_dtype
+        self.ops = ops or TorchLayerOps()
         self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, self.dtype
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, self.dtype, self.ops
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, attention) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, attention, self.ops)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -108,10 +123,10 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[KVCache],  # one (k_cache, v_cache) per layer
     ) -> torch.Tensor:  # [T, hidden], after the final norm
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, meta, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, meta, kv_cache)
+        return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, hidden] -> [N, vocab_size] in the model dtype (the padded width; callers slice to V),

@@ -20,6 +20,7 @@ from rast_engine.attention.base import AttentionBackend
 from rast_engine.errors import ModelLoadError
 from rast_engine.models.config import DTYPES, ModelConfig
 from rast_engine.models.decoder import CausalLM
+from rast_engine.models.layer_ops import LayerOps
 
 INDEX_FILE = "model.safetensors.index.json"
 LOAD_FORMATS = ("auto", "dummy")
@@ -62,9 +63,9 @@ def tensor_files(path: Path) -> dict[str, Path]:
 
 
 def _empty_model(cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype,
-                 device: torch.device) -> CausalLM:
+                 device: torch.device, ops: LayerOps | None) -> CausalLM:
     with torch.device("meta"):
-        model = CausalLM(cfg, attention, dtype)
+        model = CausalLM(cfg, attention, dtype, ops)
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each parameter its own storage; re-tie
         model.lm_head.weight = model.embed_tokens.weight
@@ -89,9 +90,9 @@ def init_dummy_weights(model: CausalLM, seed: int) -> None:
 @torch.no_grad()
 def load_model(
     path: str | Path, *, device: str | torch.device, dtype: str | torch.dtype, attention: AttentionBackend,
-    load_format: str = "auto", seed: int = 0,
+    load_format: str = "auto", seed: int = 0, ops: LayerOps | None = None,
 ) -> CausalLM:
-    """``seed`` only matters for load_format="dummy"."""
+    """``seed`` only matters for load_format="dummy"; ``ops`` defaults to plain torch."""
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {LOAD_FORMATS}")
     path = Path(path)
@@ -99,11 +100,11 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, cfg)
     device = torch.device(device)
     if load_format == "dummy":
-        model = _empty_model(cfg, attention, torch_dtype, device)
+        model = _empty_model(cfg, attention, torch_dtype, device, ops)
         init_dummy_weights(model, seed)
         return model.eval()
     files = tensor_files(path)
-    model = _empty_model(cfg, attention, torch_dtype, device)
+    model = _empty_model(cfg, attention, torch_dtype, device, ops)
 
     slots = model.weight_map()
     missing = [name for name in slots if name not in files]

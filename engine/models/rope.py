@@ -2,6 +2,7 @@
 
 The cos/sin table is computed once in float32 for every position up to max_position_embeddings and then
 stored in the model dtype, so a step only gathers rows by position: no host sync, graph-capturable.
+The rotation itself is the LayerOps backend's (plain torch, or one fused Triton kernel for q and k).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from rast_engine.models.layer_ops import LayerOps
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -37,9 +40,10 @@ def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
-        dtype: torch.dtype,
+        dtype: torch.dtype, ops: LayerOps,
     ) -> None:
         super().__init__()
+        self.ops = ops
         self.head_dim, self.max_positions = head_dim, max_positions
         self.theta, self.scaling, self.dtype = theta, scaling, dtype
         # not persistent: rebuilt by reset_cache() after meta-device construction, never loaded
@@ -59,10 +63,4 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k), same shapes and dtype."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return self.ops.rotary(positions, q, k, self.cos_sin)

@@ -1,0 +1,100 @@
+"""The decoder's elementwise work (RMSNorm with its residual add, rotary embedding, SiLU-and-multiply)
+behind one small interface, so the model has a single code path:
+
+- "torch": HF transformers' formulas in plain PyTorch, about 45 small kernels per layer; the CPU default.
+- "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings; the CUDA default,
+  where at small batch the unfused kernels' launch latency would rival the weight reads.
+
+Both return new tensors and never write their inputs, so either can run inside a CUDA graph capture.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from rast_engine.config import LAYER_OPS
+from rast_engine.errors import RastError
+
+
+class LayerOps(Protocol):
+    name: str
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """weight * x / rms(x): statistics in float32, the product in x's dtype."""
+        ...
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """s = residual + x (in x's dtype) -> (rms_norm(s), s)."""
+        ...
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D]; cos_sin is [positions, D] = [cos | sin]."""
+        ...
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2N] = [gate | up] -> silu(gate) * up."""
+        ...
+
+
+class TorchLayerOps:
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = residual + x
+        return self.rms_norm(s, weight, eps), s
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class TritonLayerOps:
+    name = "triton"
+
+    def __init__(self) -> None:
+        from rast_kernels import layer_ops
+
+        self._k = layer_ops
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._k.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k.add_rms_norm(x, residual, weight, eps)
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k.rotary_embedding(positions, q, k, cos_sin)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._k.silu_and_mul(gate_up)
+
+
+def get_layer_ops(name: str, device: torch.device | str) -> LayerOps:
+    """"auto": triton on CUDA, torch elsewhere. "triton" on a CPU needs TRITON_INTERPRET=1 (tests)."""
+    if name not in LAYER_OPS:
+        raise RastError(f"layer_ops must be one of {LAYER_OPS}, got {name!r}")
+    if name == "auto":
+        name = "triton" if torch.device(device).type == "cuda" else "torch"
+    return TritonLayerOps() if name == "triton" else TorchLayerOps()

@@ -1,0 +1,193 @@
+"""The decoder layer's elementwise work as one Triton kernel each: residual add + RMSNorm, rotary
+embedding of q and k, SiLU-and-multiply.
+
+Why: in plain PyTorch these are about 45 kernels per layer (RMSNorm alone is eight: casts, pow, mean,
+add, rsqrt, two muls). At decode batch 1 each kernel moves a few KB and costs its launch latency, even
+inside a CUDA graph, so on a 28-layer model they add milliseconds to a step whose weight reads take
+about five. Fused, a layer's non-GEMM, non-attention work is four kernels.
+
+Numerics are HF transformers' (Qwen2 / Llama) op by op, not merely close: every intermediate that the
+HF code rounds to the model dtype is rounded here too (``_round``), float32 math stays float32, and
+kernels compile without FMA contraction so a * b + c rounds twice, as two torch ops do.
+What can differ is the RMSNorm sum's reduction order and the last ulp of exp / sqrt, which may flip
+the rounding of an element to the model dtype by one unit.
+
+Shapes: token rows may be strided (views into a fused projection's output); the last dimension must be
+contiguous. Outputs are new contiguous tensors, so nothing aliases an input.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rast_kernels.launch import exact_fp_options, require_launchable
+
+__all__ = ["add_rms_norm", "rms_norm", "rotary_embedding", "silu_and_mul"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """float32 x rounded to nearest-even in the model dtype, kept in float32: what a torch op on ``dtype``
+    tensors stores. bfloat16 rounds on the bits because the Triton interpreter truncates fp32 -> bf16
+    (compiled code rounds to nearest-even); the result is exact in bf16, so the final cast is exact too."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, y_ptr, s_ptr, N, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    dtype = y_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # HF: hidden = residual + hidden, in the model dtype; that sum is the next residual
+        r = tl.load(r_ptr + row * r_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + r, dtype)
+        tl.store(s_ptr + row * N + offs, x.to(dtype), mask=mask)
+    inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * N + offs, _round(w * _round(x * inv_rms, dtype), dtype).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotate_heads(x_ptr, t, stride_t, stride_h, out_ptr, H, cos, sin, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate-half RoPE of one token's H heads: [x1*cos - x2*sin, x2*cos + x1*sin], each product and
+    sum rounded to the model dtype as HF's q * cos + rotate_half(q) * sin rounds them."""
+    dtype = out_ptr.dtype.element_ty
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < H) & (d < HALF)
+    src = x_ptr + t * stride_t + h * stride_h + d
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    lo = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
+    hi = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
+    dst = out_ptr + (t * H + h) * (2 * HALF) + d
+    tl.store(dst, _round(lo, dtype).to(dtype), mask=mask)
+    tl.store(dst + HALF, _round(hi, dtype).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h, pos_ptr, cs_ptr, cs_stride,
+                   q_out, k_out, HQ, HK, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    cos = tl.load(cs_ptr + pos * cs_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * cs_stride + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, t, q_stride_t, q_stride_h, q_out, HQ, cos, sin, HALF, BLOCK_HQ, BLOCK_D)
+    _rotate_heads(k_ptr, t, k_stride_t, k_stride_h, k_out, HK, cos, sin, HALF, BLOCK_HK, BLOCK_D)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, x_stride, y_ptr, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    dtype = y_ptr.dtype.element_ty
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gate = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + N + offs, mask=mask, other=0.0).to(tl.float32)
+    act = _round(gate / (1.0 + tl.exp(-gate)), dtype)  # HF: act_fn(gate) * up, two roundings
+    tl.store(y_ptr + row * N + offs, _round(act * up, dtype).to(dtype), mask=mask)
+
+
+def _check_rows(name: str, x: torch.Tensor, width: int | None = None) -> None:
+    require_launchable(x, "rast_kernels.layer_ops")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [tokens, features], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous along its last dimension")
+    if width is not None and x.shape[1] != width:
+        raise ValueError(f"{name} has {x.shape[1]} features, expected {width}")
+
+
+def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _check_rows("x", x)
+    n = x.shape[1]
+    if weight.shape != (n,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must be [{n}] of x's dtype and device, got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = None
+    if residual is not None:
+        _check_rows("residual", residual, n)
+        if residual.shape[0] != x.shape[0] or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError("residual must match x in tokens, dtype and device")
+        s = torch.empty_like(y)
+    if x.shape[0]:
+        block = triton.next_power_of_2(n)
+        r = x if residual is None else residual
+        _rms_norm_kernel[(x.shape[0],)](x, x.stride(0), r, r.stride(0), weight, y, y if s is None else s, n,
+                                        float(eps), HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                        num_warps=min(16, max(1, block // 512)), **exact_fp_options())
+    return y, s
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """[T, N] -> weight * x / rms(x), statistics in float32 and the product in x's dtype (HF's RMSNorm)."""
+    return _norm_launch(x, weight, eps, None)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = residual + x in x's dtype; returns (rms_norm(s), s): a decoder layer's residual step."""
+    y, s = _norm_launch(x, weight, eps, residual)
+    assert s is not None
+    return y, s
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE. q: [T, Hq, D], k: [T, Hk, D] (heads may be strided views), positions: [T] int,
+    cos_sin: [max_positions, D] = [cos | sin] in q's dtype. Returns new contiguous (q, k)."""
+    require_launchable(q, "rast_kernels.layer_ops")
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must be [T, heads, head_dim] with equal T and head_dim, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    t, hq, dim = q.shape
+    hk = k.shape[1]
+    if dim % 2 or q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError("head_dim must be even and contiguous in q and k")
+    if q.dtype != k.dtype or cos_sin.dtype != q.dtype or q.dtype not in _DTYPES:
+        raise TypeError(f"q, k and cos_sin must share one float dtype, got {q.dtype}, {k.dtype}, {cos_sin.dtype}")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != dim or cos_sin.stride(1) != 1:
+        raise ValueError(f"cos_sin must be [positions, {dim}] contiguous, got {tuple(cos_sin.shape)}")
+    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int [{t}], got {tuple(positions.shape)} {positions.dtype}")
+    q_out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, hk, dim), dtype=k.dtype, device=k.device)
+    if t:
+        half = dim // 2
+        _rotary_kernel[(t,)](q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), positions, cos_sin,
+                             cos_sin.stride(0), q_out, k_out, hq, hk, HALF=half,
+                             BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
+                             BLOCK_D=triton.next_power_of_2(half), num_warps=4, **exact_fp_options())
+    return q_out, k_out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2N] = [gate | up] -> silu(gate) * up, [T, N] (HF's MLP activation, rounded as HF rounds)."""
+    _check_rows("gate_up", gate_up)
+    if gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must have an even width [gate | up], got {gate_up.shape[1]}")
+    t, n = gate_up.shape[0], gate_up.shape[1] // 2
+    y = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
+    if t and n:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, gate_up.stride(0), y, n, BLOCK=block, num_warps=4,
+                                                     **exact_fp_options())
+    return y

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,35 +26,13 @@ if "--quick" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before rast_kernels decorates its kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rast_kernels from a bare checkout too
-from bench.common import copy_bandwidth, device_name, write_results  # noqa: E402
+from bench.common import copy_bandwidth, device_name, graph_time_ms, write_results  # noqa: E402
 from rast_kernels.paged_attention import paged_decode_attention  # noqa: E402
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits  # noqa: E402
 
 SHAPES = {"qwen2.5-7b": (28, 4, 128), "llama-3.1-8b": (32, 8, 128)}  # (Hq, Hkv, head_dim)
 BLOCK_SIZE = 16
 GRAPH_TABLE = 32768  # graph-mode rows: the block table's width in tokens (a long max_model_len)
-
-
-def time_ms(fn, device: torch.device, iters: int) -> float:
-    """Mean milliseconds per call; on CUDA, replays of a graph holding one call."""
-    fn()
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - start) * 1e3 / iters
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / iters
 
 
 def make_case(batch: int, ctx: int, table_tokens: int, hq: int, hkv: int, dim: int, block_size: int,
@@ -107,7 +84,7 @@ def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: i
             tol = 1e-3 if dtype == torch.float32 else 3e-2
             if err > tol:
                 raise AssertionError(f"{model} b={batch} ctx={ctx} table={width} {kw}: error {err:.3g} > {tol}")
-            ms = time_ms(lambda: paged_decode_attention(*case, scale, **kw), device, iters)
+            ms = graph_time_ms(lambda: paged_decode_attention(*case, scale, **kw), device, iters)
             gbs = kv_bytes / ms / 1e6
             rows.append(dict(model=str(model), batch=batch, context=ctx, table_tokens=width, splits=splits,
                              min_split_tokens=floor, ms=ms, kv_gbs=gbs, frac_of_copy=gbs / copy_gbs,

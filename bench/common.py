@@ -4,18 +4,35 @@ files bench/results/<name>-<device>-<shortsha>.json (+ .png when matplotlib is i
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def import_engine() -> Any:
+    """rast_engine, also from a bare checkout (the GPU image has the repo but not the editable install):
+    engine/ is then registered under its package name, never imported as ``engine``."""
+    if importlib.util.find_spec("rast_engine") is None:
+        spec = importlib.util.spec_from_file_location("rast_engine", ROOT / "engine" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "engine")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["rast_engine"] = module
+        spec.loader.exec_module(module)
+    import rast_engine
+
+    return rast_engine
 
 
 def device_name(device: torch.device) -> str:
@@ -79,6 +96,29 @@ def time_us(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
             fn()
             samples.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(samples)
+
+
+def graph_time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Mean milliseconds per call; on CUDA, back-to-back replays of a graph holding one call, so launch
+    overhead is what the engine's captured decode step pays (inputs may sit in L2 between replays)."""
+    fn()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / iters
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / iters
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import sys
@@ -52,21 +51,6 @@ TINY = {"tiny-large": {**_TINY_BASE, "hidden_size": 128, "intermediate_size": 25
 GPU_RESERVE_BYTES = 3 << 30  # activations, logits, sampler workspace, CUDA graph pools, allocator slack
 
 
-def import_engine() -> Any:
-    """rast_engine, also from a bare checkout (the GPU image has the repo but not the editable install):
-    engine/ is then registered under its package name, never imported as ``engine``."""
-    if importlib.util.find_spec("rast_engine") is None:
-        spec = importlib.util.spec_from_file_location("rast_engine", ROOT / "engine" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "engine")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["rast_engine"] = module
-        spec.loader.exec_module(module)
-    import rast_engine
-
-    return rast_engine
-
-
-# ---- bytes: what a decode step must read ----------------------------------------------------------
 def param_counts(cfg: dict) -> tuple[int, int]:
     """(all parameters, parameters one decode step reads). The input embedding is a gather of B rows, so
     only the lm_head counts as read (the same matrix when tied); every other weight is read once."""
@@ -179,7 +163,7 @@ class Suite:
             def run(b: int, g: int, tag: str) -> dict:
                 return hf_generate(models, b, a.prompt, g, vocab, self.device)
         else:
-            rast = import_engine()
+            rast = common.import_engine()
             engine = self.build(rast, mode, dirs, max(batches))
             vocab = engine.vocab_size
 

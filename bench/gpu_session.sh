@@ -3,11 +3,11 @@
 # Run from the repository root on the GPU machine; results and logs go to $OUT (bench/results without it).
 #
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
-#   bash bench/gpu_session.sh kernels <sha>            bench/attention.py, bench/sampler.py, sampler_fastpath.py
+#   bash bench/gpu_session.sh kernels <sha>            bench/attention.py, layer_ops.py, sampler.py, sampler_fastpath.py
 #   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
-# one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 7 files, under the 8 that come back.
+# one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back.
 set -uo pipefail
 
 stage=${1:?stage: tests | kernels | decode}
@@ -37,6 +37,7 @@ case "$stage" in
     ;;
   kernels)
     timeout $(( $(left) / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
+    timeout 90 python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"
     timeout $(( $(left) * 2 / 3 )) python3 bench/sampler.py --out "$out" 2>&1 | tee -a "$log"
     timeout "$(left)" python3 bench/sampler_fastpath.py --out "$out" 2>&1 | tee -a "$log"
     ;;

@@ -1,0 +1,54 @@
+"""bench/layer_ops.py end to end (interpreted on the CPU), and its byte counts against the tensors the
+ops actually read and write."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "layer_ops.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_layer_ops", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_every_op_and_impl(tmp_path: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = tmp_path.glob("layer-ops-*.json")
+    result = json.loads(path.read_text())
+    assert result["commit"] and result["device"] and result["copy_gbs"] > 0
+    rows = result["rows"]
+    assert {(r["op"], r["impl"], r["tokens"]) for r in rows} == {
+        (op, impl, t) for op in ("add_rms_norm", "rotary", "silu_and_mul", "layer") for impl in ("fused", "torch")
+        for t in (1, 5)}
+    for r in rows:
+        assert r["us"] > 0 and r["floor_us"] == pytest.approx(r["bytes"] / (result["copy_gbs"] * 1e3))
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_bytes_are_the_tensors_read_and_written(tokens: int) -> None:
+    bench = _load()
+    shape = (64, 4, 2, 16, 96)
+    t = bench.make_inputs(tokens, shape, torch.bfloat16, torch.device("cpu"))
+    nbytes = lambda *xs: sum(x.numel() * x.element_size() for x in xs)  # noqa: E731
+    norm = nbytes(t["x"], t["residual"], t["weight"]) + 2 * nbytes(t["x"])
+    rotary = 2 * nbytes(t["q"], t["k"]) + tokens * shape[3] * 2
+    silu = nbytes(t["gate_up"]) * 3 // 2
+    assert bench.bytes_moved("add_rms_norm", tokens, shape, 2) == norm
+    assert bench.bytes_moved("rotary", tokens, shape, 2) == rotary
+    assert bench.bytes_moved("silu_and_mul", tokens, shape, 2) == silu
+    assert bench.bytes_moved("layer", tokens, shape, 2) == 2 * norm + rotary + silu

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.decode_runs import LAM, engine_generate, hf_generate, hf_load, print_profile, profile_engine  # noqa: E402
+from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa: E402
 
 CONFIGS = ROOT / "bench" / "configs"
 PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
@@ -49,34 +50,6 @@ _TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num
 TINY = {"tiny-large": {**_TINY_BASE, "hidden_size": 128, "intermediate_size": 256, "vocab_size": 512},
         "tiny-small": {**_TINY_BASE, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 496}}
 GPU_RESERVE_BYTES = 3 << 30  # activations, logits, sampler workspace, CUDA graph pools, allocator slack
-
-
-def param_counts(cfg: dict) -> tuple[int, int]:
-    """(all parameters, parameters one decode step reads). The input embedding is a gather of B rows, so
-    only the lm_head counts as read (the same matrix when tied); every other weight is read once."""
-    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or h // heads
-    q, kv = heads * hd, kv_heads * hd
-    qwen = cfg["model_type"] == "qwen2"
-    bias = (q + 2 * kv) if qwen or cfg.get("attention_bias") else 0
-    bias += h if not qwen and cfg.get("attention_bias") else 0
-    layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h + bias
-    body = layers * layer + h  # + final norm
-    tied = cfg.get("tie_word_embeddings", False)
-    return body + vocab * h * (1 if tied else 2), body + vocab * h
-
-
-def kv_bytes_per_token(cfg: dict, elt: int) -> int:
-    heads = cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * hd * elt
-
-
-def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, bandwidth: float) -> dict:
-    weights = sum(param_counts(c)[1] for c in cfgs) * elt
-    kv = batch * mean_context * sum(kv_bytes_per_token(c, elt) for c in cfgs)
-    return dict(weight_bytes_read=weights, kv_bytes_read=int(kv), roofline_ms=(weights + kv) / bandwidth * 1e3)
 
 
 # ---- one mode of one pairing ----------------------------------------------------------------------

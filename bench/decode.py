@@ -207,10 +207,11 @@ class Suite:
         a = self.args
         extra = dict(copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype),
                      prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
-                     modes=a.modes, pairings=self.pairings, versions=dict(
+                     modes=a.modes, layer_ops=a.layer_ops, pairings=self.pairings, versions=dict(
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
                      **self.compare(), skipped=self.skipped, errors=self.errors, profiles=self.profiles)
-        return common.write_results("decode", self.device, self.rows, extra, Path(a.out), commit=self.commit)
+        name = "decode" if a.layer_ops == "auto" else f"decode-layer-ops-{a.layer_ops}"  # an A/B run apart
+        return common.write_results(name, self.device, self.rows, extra, Path(a.out), commit=self.commit)
 
 
 COLUMNS = ["pairing", "mode", "batch", "tokens_per_s", "step_ms", "step_ms_p90", "ttft_ms", "roofline_ms",

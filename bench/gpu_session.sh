@@ -5,12 +5,14 @@
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
 #   bash bench/gpu_session.sh kernels <sha>            bench/attention.py, layer_ops.py, sampler.py, sampler_fastpath.py
 #   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
+#   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch:
+#                                                      what the fused layer kernels buy, end to end
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back.
 set -uo pipefail
 
-stage=${1:?stage: tests | kernels | decode}
+stage=${1:?stage: tests | kernels | decode | unfused}
 export RAST_COMMIT=${2:?the commit being measured}
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -46,8 +48,13 @@ case "$stage" in
     timeout "$(left)" python3 bench/decode.py --pairings "$pairing" --profile --commit "$RAST_COMMIT" \
       --out "$out" 2>&1 | tee -a "$log"
     ;;
+  unfused)
+    pairing=${3:?pairing, e.g. 7b+1.5b}
+    timeout "$(left)" python3 bench/decode.py --pairings "$pairing" --modes base rast --batches 1 32 \
+      --layer-ops torch --profile --profile-modes rast --commit "$RAST_COMMIT" --out "$out" 2>&1 | tee -a "$log"
+    ;;
   *)
-    echo "unknown stage $stage (tests | kernels | decode)" | tee -a "$log"
+    echo "unknown stage $stage (tests | kernels | decode | unfused)" | tee -a "$log"
     exit 2
     ;;
 esac

@@ -15,6 +15,7 @@ import argparse
 import itertools
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -92,6 +93,20 @@ def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], obje
     return graph.replay
 
 
+def host_us(fn: Callable[[], object], device: torch.device, iters: int = 20) -> float:
+    """Mean host time of one call issued back to back without synchronising: what an eager caller's CPU
+    spends per call (launch arithmetic, allocations, fills, kernel launches). Where it exceeds the
+    kernels' time, an eager caller is host-bound and ``us_median`` measures the host."""
+    fn()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    spent = time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    return spent / iters * 1e6
+
+
 def impls(device: torch.device, only: list[str] | None) -> list[str]:
     names = ["fused", "fused-graph", "torch", "unfused"] if device.type == "cuda" else ["torch", "unfused"]
     if device.type == "cpu" and rk.available_backends().count("native"):
@@ -135,6 +150,8 @@ def run(args: argparse.Namespace) -> None:
                 us = time_us(calls[name], device, warmup=args.warmup, iters=args.iters)
                 rows.append(dict(impl=name, batch=batch, vocab=vocab, pairs=pairs, top_k=top_k, min_p=min_p,
                                  us_median=round(us, 2), floor_us=round(floor_us, 2)))
+                if name == "fused":
+                    rows[-1]["host_us"] = round(host_us(calls[name], device), 2)
         # rewritten after every shape, so a run cut off by a time limit keeps what it measured
         write_results(args.name, device, rows, extra=dict(partial=True), out_dir=args.out)
     report(rows, device, bandwidth, entropies, args.name, args.out)
@@ -154,7 +171,7 @@ def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: 
     print(f"rast sampler benchmark | device: {dev} | commit: {git_sha()} | copy bandwidth {bandwidth / 1e9:.1f} GB/s"
           f" | logits entropy {min(entropies):.2f}-{max(entropies):.2f} nats | T={TEMPERATURE} top_p={TOP_P}")
     cols = ["impl", "batch", "vocab", "pairs", "top_k", "min_p", "us_median", "floor_us", "floor_fraction",
-            "speedup_vs_unfused", "speedup_vs_torch"]
+            "speedup_vs_unfused", "speedup_vs_torch", "host_us"]
     print(table(rows, cols))
     path = write_results(name, device, rows, extra=dict(bandwidth_gbs=round(bandwidth / 1e9, 2), top_p=TOP_P,
                                                        temperature=TEMPERATURE,

@@ -7,8 +7,13 @@ import os
 import torch
 
 
+# how triton.jit decorated the kernels, which it decides once, at import; read once here too (an
+# environment lookup per call costs the eager sampler ~2 µs each, eight times a call)
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETING
 
 
 def exact_fp_options() -> dict:
@@ -20,3 +25,14 @@ def exact_fp_options() -> dict:
 def require_launchable(t: torch.Tensor, what: str) -> None:
     if not (t.is_cuda or interpreting()):
         raise RuntimeError(f"{what} needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; got {t.device}")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python: triton.cdiv is a JIT-aware function costing ~2.7 µs a call on the host,
+    and a sampler call does launch arithmetic a dozen times."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), without triton.next_power_of_2's host cost."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rast_kernels.launch import exact_fp_options, require_launchable
+from rast_kernels.launch import cdiv, exact_fp_options, next_pow2, require_launchable
 
 __all__ = ["add_rms_norm", "rms_norm", "rotary_embedding", "silu_and_mul"]
 
@@ -129,7 +129,7 @@ def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
             raise ValueError("residual must match x in tokens, dtype and device")
         s = torch.empty_like(y)
     if x.shape[0]:
-        block = triton.next_power_of_2(n)
+        block = next_pow2(n)
         r = x if residual is None else residual
         _rms_norm_kernel[(x.shape[0],)](x, x.stride(0), r, r.stride(0), weight, y, y if s is None else s, n,
                                         float(eps), HAS_RESIDUAL=residual is not None, BLOCK=block,
@@ -174,8 +174,8 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         half = dim // 2
         _rotary_kernel[(t,)](q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), positions, cos_sin,
                              cos_sin.stride(0), q_out, k_out, hq, hk, HALF=half,
-                             BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
-                             BLOCK_D=triton.next_power_of_2(half), num_warps=4, **exact_fp_options())
+                             BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
+                             BLOCK_D=next_pow2(half), num_warps=4, **exact_fp_options())
     return q_out, k_out
 
 
@@ -187,7 +187,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     t, n = gate_up.shape[0], gate_up.shape[1] // 2
     y = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     if t and n:
-        block = min(1024, triton.next_power_of_2(n))
-        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, gate_up.stride(0), y, n, BLOCK=block, num_warps=4,
+        block = min(1024, next_pow2(n))
+        _silu_mul_kernel[(t, cdiv(n, block))](gate_up, gate_up.stride(0), y, n, BLOCK=block, num_warps=4,
                                                      **exact_fp_options())
     return y

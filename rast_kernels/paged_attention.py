@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rast_kernels.launch import interpreting, require_launchable
+from rast_kernels.launch import cdiv, interpreting, next_pow2, require_launchable
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -188,7 +188,7 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 
 
 def _block_d(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))  # tl.dot needs every side >= 16
+    return max(16, next_pow2(dim))  # tl.dot needs every side >= 16
 
 
 def tile_size(dim: int, dtype: torch.dtype) -> int:
@@ -224,7 +224,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     _store_kv_kernel[(k.shape[0],)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), hkv, dim,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=_block_d(dim))
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_H=next_pow2(hkv), BLOCK_D=_block_d(dim))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -264,12 +264,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, out, pm, pl, pacc, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), hq, group, dim, num_splits, min_tokens_per_split,
-        BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, SPLIT=split, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4)
     if split:
         split_reduce_kernel[(batch, hq)](
             pm, pl, pacc, context_lens, out, out.stride(0), out.stride(1), hq, dim, num_splits,
-            min_tokens_per_split, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n, BLOCK_D=block_d)
+            min_tokens_per_split, BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, BLOCK_D=block_d)
     return out
 
 
@@ -288,7 +288,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if total == 0 or batch == 0 or max_seqlen_q <= 0:
         return out.zero_()
     block_m = block_n = tile_size(dim, q.dtype)
-    grid = (triton.cdiv(max_seqlen_q, block_m), hq, batch)
+    grid = (cdiv(max_seqlen_q, block_m), hq, batch)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),

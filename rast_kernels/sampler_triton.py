@@ -64,10 +64,9 @@ which can flip a near-tie between two Gumbel scores.
 from __future__ import annotations
 
 import torch
-import triton
 
 from rast_kernels.batch import SamplingBatch
-from rast_kernels.launch import exact_fp_options, interpreting
+from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
 from rast_kernels.reference import combine
 from rast_kernels.sampler_triton_kernels import _draw, _finish, _stats, _write_probs
 from rast_kernels.sampler_triton_select import _select
@@ -86,15 +85,15 @@ def launch_plan(rows: int, vocab: int, sms: int | None, block: int | None = None
     candidates kept per chunk) fills a TILE-sized tile in _select. Any argument given is kept."""
     if block is None:
         block = 128 if interpreting() else 1024
-    block = min(block, triton.next_power_of_2(vocab))
+    block = min(block, next_pow2(vocab))
     if chunk is None:
-        splits = min(4, triton.cdiv(vocab, block)) if sms is None else \
-            max(1, min(triton.cdiv(4 * sms, rows), triton.cdiv(vocab, block)))
-        chunk = triton.cdiv(vocab, splits)
-    chunk = triton.cdiv(max(chunk, 1), block) * block
-    splits = triton.cdiv(vocab, chunk)
+        splits = min(4, cdiv(vocab, block)) if sms is None else \
+            max(1, min(cdiv(4 * sms, rows), cdiv(vocab, block)))
+        chunk = cdiv(vocab, splits)
+    chunk = cdiv(max(chunk, 1), block) * block
+    splits = cdiv(vocab, chunk)
     if cap is None:
-        cap = min(triton.next_power_of_2(chunk), max(16, TILE // triton.next_power_of_2(splits)))
+        cap = min(next_pow2(chunk), max(16, TILE // next_pow2(splits)))
     if cap < 1 or cap & (cap - 1):
         raise ValueError(f"cap (candidates per chunk) must be a power of two >= 1, got {cap}")
     return block, chunk, splits, cap
@@ -146,7 +145,7 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, temp, top_k, top_p, min_p,
                     batch.seed.contiguous(), batch.offset.contiguous(), row["zmax"], row["key"], row["greedy"],
                     row["count"], row["fast"], v, splits, PAIRS=pairs, BLOCK=hist_block, NB=nb,
-                    LOG2_NB=nb.bit_length() - 1, SP=triton.next_power_of_2(splits), CAP=cap, DRAW=draw, **extra, **exact_fp_options())
+                    LOG2_NB=nb.bit_length() - 1, SP=next_pow2(splits), CAP=cap, DRAW=draw, **extra, **exact_fp_options())
     return args, pairs, block, chunk, splits, row
 
 
@@ -165,7 +164,7 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
                          SUM_MASS=False, PAIRS=pairs, BLOCK=block, **exact_fp_options())
     out = torch.empty(bsz, device=dev, dtype=torch.int64)
     _finish[(bsz,)](temp, row["greedy"], row["count"], row["fast"], cscore, cidx, out, splits,
-                    SP=triton.next_power_of_2(splits), **exact_fp_options())
+                    SP=next_pow2(splits), **exact_fp_options())
     if fast_out is not None:
         fast_out.copy_((row["fast"] >= 0).to(torch.int64))
     return out
@@ -184,5 +183,5 @@ def probs(batch: SamplingBatch, *, block: int | None = None, chunk: int | None =
     out = torch.empty(bsz, batch.vocab, device=dev, dtype=torch.float32)
     _write_probs[(bsz, splits)](*args, temp, min_p, row["zmax"], row["key"], row["greedy"], row["count"], cmass,
                                 out, batch.vocab, chunk, splits, PAIRS=pairs, BLOCK=block,
-                                SP=triton.next_power_of_2(splits), **exact_fp_options())
+                                SP=next_pow2(splits), **exact_fp_options())
     return out

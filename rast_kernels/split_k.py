@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rast_kernels.launch import cdiv
+
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
 MAX_SPLITS = 64
 
@@ -74,5 +76,5 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, device: tor
     """Splits so that batch * Hkv * splits fills about two waves of SMs when every sequence is as long
     as ``max_context`` (the table width); each sequence then uses as many as its own length allows."""
     programs = max(batch * num_kv_heads, 1)
-    want = triton.cdiv(2 * _num_sms(device), programs)
-    return max(1, min(want, triton.cdiv(max_context, min_tokens), MAX_SPLITS))
+    want = cdiv(2 * _num_sms(device), programs)
+    return max(1, min(want, cdiv(max_context, min_tokens), MAX_SPLITS))

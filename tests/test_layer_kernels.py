@@ -21,6 +21,7 @@ from factories import make_model_dir
 from rast_engine.attention.triton_backend import TritonAttention
 from rast_engine.models import load_model
 from rast_engine.models.layer_ops import get_layer_ops
+from rast_kernels import launch
 from rast_kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from test_models import BLOCK, make_meta
 
@@ -140,7 +141,7 @@ def test_bad_inputs_are_refused() -> None:
 
 @_interp
 def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(launch, "_INTERPRETING", False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):

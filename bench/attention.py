@@ -15,7 +15,6 @@ Every configuration is first checked against an explicit float32 softmax on two 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ if "--quick" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before rast_kernels decorates its kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rast_kernels from a bare checkout too
-from bench.common import copy_bandwidth, device_name, graph_time_ms, write_results  # noqa: E402
+from bench.common import copy_bandwidth, device_name, graph_time_ms, quick_args, write_results  # noqa: E402
 from rast_kernels.paged_attention import paged_decode_attention  # noqa: E402
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits  # noqa: E402
 
@@ -95,10 +94,7 @@ def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU interpreter smoke test on tiny shapes")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
-    args = parser.parse_args()
+    args = quick_args(__doc__, "CPU interpreter smoke test on tiny shapes")
     if args.quick or not torch.cuda.is_available():
         device, dtype, iters = torch.device("cpu"), torch.float32, 2
         configs = [((4, 2, 16), 1, 40, 0), ((4, 2, 16), 2, 300, 0), ((4, 2, 16), 2, 70, 1024)]

@@ -3,6 +3,7 @@ copies memory (the floor every memory-bound kernel is measured against), timing,
 files bench/results/<name>-<device>-<shortsha>.json (+ .png when matplotlib is installed)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.util
 import json
@@ -96,6 +97,14 @@ def time_us(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
             fn()
             samples.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(samples)
+
+
+def quick_args(doc: str, quick_help: str) -> argparse.Namespace:
+    """The flags of a suite that runs its full grid on CUDA and a smoke grid with --quick (or no CUDA)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
+    return parser.parse_args()
 
 
 def graph_time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:

@@ -14,7 +14,6 @@ GPU the replayed graph runs for real and asynchronously, so launch is its enqueu
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -82,10 +81,7 @@ def measure(engine: Any, sp_cls: Any, batch: int, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run: batches 1 and 4, 10 steps")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
-    args = parser.parse_args()
+    args = common.quick_args(__doc__, "CPU smoke run: batches 1 and 4, 10 steps")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     batches, steps = ([1, 4], 10) if args.quick else ([1, 8, 32, 128], 100)
     torch.set_num_threads(1)

@@ -14,7 +14,6 @@ torch outputs at most one unit of the dtype apart.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,8 @@ if "--quick" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before rast_kernels decorates its kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rast_kernels from a bare checkout too
-from bench.common import copy_bandwidth, device_name, graph_time_ms, import_engine, table, write_results  # noqa: E402
+from bench.common import (copy_bandwidth, device_name, graph_time_ms, import_engine, quick_args, table,  # noqa: E402
+                          write_results)
 
 # (hidden, q heads, kv heads, head_dim, intermediate), from bench/configs
 SHAPES = {"qwen2.5-7b": (3584, 28, 4, 128, 18944), "qwen2.5-1.5b": (1536, 12, 2, 128, 8960)}
@@ -109,10 +109,7 @@ def run(tokens_list: list[int], dtype: torch.dtype, device: torch.device, iters:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU interpreter smoke test on tiny shapes")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
-    args = parser.parse_args()
+    args = quick_args(__doc__, "CPU interpreter smoke test on tiny shapes")
     if args.quick or not torch.cuda.is_available():
         device, dtype, iters, tokens = torch.device("cpu"), torch.float32, 2, [1, 5]
         shapes = {"tiny": (64, 4, 2, 16, 96)}

@@ -2,34 +2,17 @@
 ops actually read and write."""
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "layer_ops.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_layer_ops", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_runs import load_bench, run_bench
 
 
 def test_quick_run_writes_every_op_and_impl(tmp_path: Path) -> None:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (path,) = tmp_path.glob("layer-ops-*.json")
-    result = json.loads(path.read_text())
+    result, _, _ = run_bench("layer_ops.py", tmp_path, "--quick", pattern="layer-ops-*.json",
+                             env={"TRITON_INTERPRET": "1"})
     assert result["commit"] and result["device"] and result["copy_gbs"] > 0
     rows = result["rows"]
     assert {(r["op"], r["impl"], r["tokens"]) for r in rows} == {
@@ -41,7 +24,7 @@ def test_quick_run_writes_every_op_and_impl(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_bytes_are_the_tensors_read_and_written(tokens: int) -> None:
-    bench = _load()
+    bench = load_bench("layer_ops.py")
     shape = (64, 4, 2, 16, 96)
     t = bench.make_inputs(tokens, shape, torch.bfloat16, torch.device("cpu"))
     nbytes = lambda *xs: sum(x.numel() * x.element_size() for x in xs)  # noqa: E731

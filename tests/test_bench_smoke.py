@@ -4,40 +4,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "decode.py"
+from bench_runs import load_bench, run_bench
 
-
-def _load_decode():
-    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-decode = _load_decode()  # puts the repo root on sys.path, so the suite's sibling modules import
+decode = load_bench("decode.py")  # puts the repo root on sys.path, so the suite's sibling modules import
 from bench import decode_runs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
-    out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--quick", "--device", "cpu", "--profile",
-                           "--profile-modes", "rast", "--out", str(out), "--commit", "smoketest"],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    files = list(out.glob("decode-*-smoketest.json"))
-    assert len(files) == 1, f"expected one result file in {out}, found {sorted(p.name for p in out.iterdir())}"
-    return json.loads(files[0].read_text()), files[0], done.stdout
+    return run_bench("decode.py", tmp_path_factory.mktemp("bench"), "--tiny", "--quick", "--device", "cpu",
+                     "--profile", "--profile-modes", "rast", "--commit", "smoketest",
+                     pattern="decode-*-smoketest.json", env={"HF_HUB_OFFLINE": "1"}, timeout=240)
 
 
 def test_result_file_has_every_mode_and_batch(smoke: tuple[dict, Path, str]) -> None:

@@ -88,7 +88,8 @@ def run_paged(
         tables.append(order[at:at + n])
         at += n
     shape = cfg.kv_cache_shape(len(order), BLOCK)
-    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+    caches = [(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
+              for _ in range(cfg.num_layers)]
     done = [0] * len(seqs)
     logits: list[list[torch.Tensor]] = [[] for _ in seqs]
 

@@ -9,6 +9,8 @@
 #   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch:
 #                                                      what the fused layer kernels buy, end to end
 #
+# With the 30 device-minutes of one session (machine start included) run them in this order and stop
+# when the budget runs out: tests, kernels, decode 7b+1.5b, unfused 7b+1.5b, decode 14b+7b.
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back.
 set -uo pipefail

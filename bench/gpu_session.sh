@@ -3,8 +3,8 @@
 # Run from the repository root on the GPU machine; results and logs go to $OUT (bench/results without it).
 #
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
-#   bash bench/gpu_session.sh kernels <sha>            bench/attention.py, layer_ops.py, host_path.py, sampler.py,
-#                                                      sampler_fastpath.py
+#   bash bench/gpu_session.sh kernels <sha>            bench/attention.py, layer_ops.py, sampler.py,
+#                                                      sampler_fastpath.py, host_path.py
 #   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
 #   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch:
 #                                                      what the fused layer kernels buy, end to end
@@ -43,9 +43,9 @@ case "$stage" in
   kernels)
     timeout $(( $(left) / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
     timeout 90 python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"
-    timeout 60 python3 bench/host_path.py --out "$out" 2>&1 | tee -a "$log"
     timeout $(( $(left) * 2 / 3 )) python3 bench/sampler.py --out "$out" 2>&1 | tee -a "$log"
-    timeout "$(left)" python3 bench/sampler_fastpath.py --out "$out" 2>&1 | tee -a "$log"
+    timeout $(( $(left) / 2 )) python3 bench/sampler_fastpath.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(left)" python3 bench/host_path.py --out "$out" 2>&1 | tee -a "$log"  # compiles fp32 kernels
     ;;
   decode)
     pairing=${3:?pairing, e.g. 7b+1.5b}

@@ -17,11 +17,11 @@ from rast_engine.attention import get_attention_backend
 from rast_engine.block_manager import BlockManager
 from rast_engine.config import EngineConfig
 from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
-from rast_engine.models.layer_ops import get_layer_ops
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, default_token_budget, num_kv_blocks
 from rast_engine.model_runner import Draw, DrawResult, ModelRunner, PendingStep
+from rast_engine.models.layer_ops import get_layer_ops
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput

@@ -52,6 +52,8 @@ def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
             assert r["weight_bytes_ratio"] == pytest.approx(result["pairings"]["tiny"]["weight_bytes_ratio"])
     [prof] = result["profiles"]
     assert prof["mode"] == "rast" and prof["kernels"] and all(k["ms_per_step"] > 0 for k in prof["kernels"])
+    # every op of a step counted (CPU: aten ops), at least those the top-kernels table lists
+    assert prof["launches_per_step"] >= sum(k["calls_per_step"] for k in prof["kernels"])
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b", "llama-3.1-8b", "tiny-large", "tiny-small"])

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from rast_kernels.launch import cdiv, exact_fp_options, next_pow2, require_launchable
+from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable
 
 __all__ = ["add_rms_norm", "rms_norm", "rotary_embedding", "silu_and_mul"]
 
@@ -42,8 +43,8 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, y_ptr, s_ptr, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, y_ptr, s_ptr, N, inv_n, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, COMPILED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dtype = y_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
@@ -53,18 +54,23 @@ def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, y_ptr, s_ptr, N, e
         r = tl.load(r_ptr + row * r_stride + offs, mask=mask, other=0.0).to(tl.float32)
         x = _round(x + r, dtype)
         tl.store(s_ptr + row * N + offs, x.to(dtype), mask=mask)
-    inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    sum_sq = tl.sum(x * x, axis=0)
+    if COMPILED:  # torch's CUDA mean multiplies by fp32(1 / N); its CPU mean divides (the interpreter's oracle)
+        mean_sq = sum_sq * inv_n
+    else:
+        mean_sq = sum_sq / N
+    inv_rms = tl.math.rsqrt(mean_sq + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + offs, _round(w * _round(x * inv_rms, dtype), dtype).to(dtype), mask=mask)
 
 
 @triton.jit
-def _rotate_heads(x_ptr, t, stride_t, stride_h, out_ptr, H, cos, sin, HALF: tl.constexpr,
+def _rotate_heads(x_ptr, t, h0, stride_t, stride_h, out_ptr, H, cos, sin, HALF: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rotate-half RoPE of one token's H heads: [x1*cos - x2*sin, x2*cos + x1*sin], each product and
-    sum rounded to the model dtype as HF's q * cos + rotate_half(q) * sin rounds them."""
+    """Rotate-half RoPE of one token's heads [h0, h0 + BLOCK_H) of H: [x1*cos - x2*sin, x2*cos + x1*sin],
+    each product and sum rounded to the model dtype as HF's q * cos + rotate_half(q) * sin rounds them."""
     dtype = out_ptr.dtype.element_ty
-    h = tl.arange(0, BLOCK_H)[:, None]
+    h = h0 + tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < H) & (d < HALF)
     src = x_ptr + t * stride_t + h * stride_h + d
@@ -79,26 +85,42 @@ def _rotate_heads(x_ptr, t, stride_t, stride_h, out_ptr, H, cos, sin, HALF: tl.c
 
 @triton.jit
 def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h, pos_ptr, cs_ptr, cs_stride,
-                   q_out, k_out, HQ, HK, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                   q_out, k_out, HQ, HK, Q_BLOCKS, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr):
+    """Grid (T, q head blocks + k head blocks): a program rotates BLOCK_H heads of one token, so the
+    register tile stays small at 64 heads and a batch-1 step still spreads over several programs."""
     t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)[None, :]
     cos = tl.load(cs_ptr + pos * cs_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, t, q_stride_t, q_stride_h, q_out, HQ, cos, sin, HALF, BLOCK_HQ, BLOCK_D)
-    _rotate_heads(k_ptr, t, k_stride_t, k_stride_h, k_out, HK, cos, sin, HALF, BLOCK_HK, BLOCK_D)
+    if j < Q_BLOCKS:
+        _rotate_heads(q_ptr, t, j * BLOCK_H, q_stride_t, q_stride_h, q_out, HQ, cos, sin, HALF, BLOCK_H, BLOCK_D)
+    else:
+        _rotate_heads(k_ptr, t, (j - Q_BLOCKS) * BLOCK_H, k_stride_t, k_stride_h, k_out, HK, cos, sin, HALF,
+                      BLOCK_H, BLOCK_D)
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, x_stride, y_ptr, N, BLOCK: tl.constexpr):
+def _silu(x, COMPILED: tl.constexpr):
+    """x / (1 + exp(-x)) as torch's CUDA SiLU computes it (full-precision expf, IEEE division); tl.exp
+    and "/" would compile to ex2.approx and div.full, several ulp off. The interpreter (numpy) is exact."""
+    if COMPILED:
+        return tl.math.div_rn(x, 1.0 + libdevice.exp(-x))
+    else:
+        return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, x_stride, y_ptr, N, BLOCK: tl.constexpr, COMPILED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dtype = y_ptr.dtype.element_ty
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     gate = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + N + offs, mask=mask, other=0.0).to(tl.float32)
-    act = _round(gate / (1.0 + tl.exp(-gate)), dtype)  # HF: act_fn(gate) * up, two roundings
+    act = _round(_silu(gate, COMPILED), dtype)  # HF: act_fn(gate) * up, two roundings
     tl.store(y_ptr + row * N + offs, _round(act * up, dtype).to(dtype), mask=mask)
 
 
@@ -118,9 +140,9 @@ def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check_rows("x", x)
     n = x.shape[1]
-    if weight.shape != (n,) or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"weight must be [{n}] of x's dtype and device, got {tuple(weight.shape)} "
-                         f"{weight.dtype} on {weight.device}")
+    if weight.shape != (n,) or weight.dtype != x.dtype or weight.device != x.device or weight.stride(0) != 1:
+        raise ValueError(f"weight must be a contiguous [{n}] of x's dtype and device, got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device} (stride {weight.stride()})")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = None
     if residual is not None:
@@ -132,7 +154,8 @@ def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
         block = next_pow2(n)
         r = x if residual is None else residual
         _rms_norm_kernel[(x.shape[0],)](x, x.stride(0), r, r.stride(0), weight, y, y if s is None else s, n,
-                                        float(eps), HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                        1.0 / n, float(eps), HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                        COMPILED=not interpreting(),
                                         num_warps=min(16, max(1, block // 512)), **exact_fp_options())
     return y, s
 
@@ -153,8 +176,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE. q: [T, Hq, D], k: [T, Hk, D] (heads may be strided views), positions: [T] int,
-    cos_sin: [max_positions, D] = [cos | sin] in q's dtype. Returns new contiguous (q, k)."""
+    cos_sin: [max_positions, D] = [cos | sin] in q's dtype. Returns new contiguous (q, k).
+    Every position must be < max_positions: it is read on the device only (checking it on the host
+    would sync), and the engine guarantees it by capping max_model_len at the table's length."""
     require_launchable(q, "rast_kernels.layer_ops")
+    if not (k.device == positions.device == cos_sin.device == q.device):
+        raise ValueError(f"q, k, positions and cos_sin must share one device, got {q.device}, {k.device}, "
+                         f"{positions.device}, {cos_sin.device}")
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must be [T, heads, head_dim] with equal T and head_dim, got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
@@ -171,11 +199,12 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     q_out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, hk, dim), dtype=k.dtype, device=k.device)
     if t:
-        half = dim // 2
-        _rotary_kernel[(t,)](q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), positions, cos_sin,
-                             cos_sin.stride(0), q_out, k_out, hq, hk, HALF=half,
-                             BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
-                             BLOCK_D=next_pow2(half), num_warps=4, **exact_fp_options())
+        half, block_h = dim // 2, min(8, next_pow2(max(hq, hk)))
+        q_blocks = cdiv(hq, block_h)
+        _rotary_kernel[(t, q_blocks + cdiv(hk, block_h))](
+            q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), positions, cos_sin, cos_sin.stride(0), q_out,
+            k_out, hq, hk, q_blocks, HALF=half, BLOCK_H=block_h, BLOCK_D=next_pow2(half), num_warps=4,
+            **exact_fp_options())
     return q_out, k_out
 
 
@@ -188,6 +217,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     y = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     if t and n:
         block = min(1024, next_pow2(n))
-        _silu_mul_kernel[(t, cdiv(n, block))](gate_up, gate_up.stride(0), y, n, BLOCK=block, num_warps=4,
-                                                     **exact_fp_options())
+        _silu_mul_kernel[(t, cdiv(n, block))](gate_up, gate_up.stride(0), y, n, BLOCK=block,
+                                              COMPILED=not interpreting(), num_warps=4, **exact_fp_options())
     return y

@@ -19,6 +19,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEm
 
 from factories import make_model_dir
 from rast_engine.attention.triton_backend import TritonAttention
+from rast_engine.errors import RastError
 from rast_engine.models import load_model
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_kernels import launch
@@ -84,7 +85,7 @@ def hf_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, config:
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
-@pytest.mark.parametrize("tokens,hq,hk,dim", [(1, 4, 2, 16), (6, 7, 1, 32), (3, 2, 2, 128)])
+@pytest.mark.parametrize("tokens,hq,hk,dim", [(1, 4, 2, 16), (6, 7, 1, 32), (3, 2, 2, 128), (2, 20, 4, 64)])
 def test_rotary_matches_hf(device: str, dtype: torch.dtype, tokens: int, hq: int, hk: int, dim: int) -> None:
     config = Qwen2Config(hidden_size=hq * dim, num_attention_heads=hq, num_key_value_heads=hk,
                          max_position_embeddings=300, rope_theta=10000.0)
@@ -125,6 +126,8 @@ def test_bad_inputs_are_refused() -> None:
         rms_norm(x, torch.ones(7, device=DEV), 1e-6)
     with pytest.raises(ValueError, match="weight must be"):
         rms_norm(x, torch.ones(8, dtype=torch.bfloat16, device=DEV), 1e-6)
+    with pytest.raises(ValueError, match="weight must be a contiguous"):
+        rms_norm(x, torch.ones(16, device=DEV)[::2], 1e-6)
     with pytest.raises(ValueError, match="residual must match"):
         add_rms_norm(x, torch.randn(3, 8, device=DEV), torch.ones(8, device=DEV), 1e-6)
     with pytest.raises(ValueError, match="contiguous along"):
@@ -142,6 +145,8 @@ def test_bad_inputs_are_refused() -> None:
 @_interp
 def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch, "_INTERPRETING", False)
+    with pytest.raises(RastError, match="TRITON_INTERPRET"):
+        get_layer_ops("triton", "cpu")  # at engine construction, not at the first forward
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):

@@ -97,4 +97,10 @@ def get_layer_ops(name: str, device: torch.device | str) -> LayerOps:
         raise RastError(f"layer_ops must be one of {LAYER_OPS}, got {name!r}")
     if name == "auto":
         name = "triton" if torch.device(device).type == "cuda" else "torch"
-    return TritonLayerOps() if name == "triton" else TorchLayerOps()
+    if name == "torch":
+        return TorchLayerOps()
+    from rast_kernels.launch import interpreting
+
+    if torch.device(device).type != "cuda" and not interpreting():
+        raise RastError(f"layer_ops='triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
+    return TritonLayerOps()

@@ -8,9 +8,11 @@ about five. Fused, a layer's non-GEMM, non-attention work is four kernels.
 
 Numerics are HF transformers' (Qwen2 / Llama) op by op, not merely close: every intermediate that the
 HF code rounds to the model dtype is rounded here too (``_round``), float32 math stays float32, and
-kernels compile without FMA contraction so a * b + c rounds twice, as two torch ops do.
-What can differ is the RMSNorm sum's reduction order and the last ulp of exp / sqrt, which may flip
-the rounding of an element to the model dtype by one unit.
+kernels compile without FMA contraction so a * b + c rounds twice, as two torch ops do. Compiled,
+they also use torch's CUDA formulas where Triton's defaults are approximate (full-precision expf and
+IEEE division in SiLU, the mean as sum * fp32(1/N)); interpreted, the CPU ones. What can still differ
+is the RMSNorm sum's reduction order and rsqrt's last ulp, which may flip the rounding of an element
+to the model dtype by one unit.
 
 Shapes: token rows may be strided (views into a fused projection's output); the last dimension must be
 contiguous. Outputs are new contiguous tensors, so nothing aliases an input.

@@ -31,10 +31,10 @@ def _native_available() -> bool:
 
 def available_backends() -> list[str]:
     """Backends usable in this process; "triton" needs CUDA or TRITON_INTERPRET=1."""
-    import os
+    from rast_kernels.launch import interpreting
 
     out = ["torch"]
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if torch.cuda.is_available() or interpreting():
         out.append("triton")
     if _native_available():
         out.append("native")

@@ -126,7 +126,7 @@ class CausalLM(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, meta, kv_cache)
-        return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)
+        return self.norm.add_forward(x, residual)[0]  # ModelConfig has num_layers >= 1: residual is set
 
     def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, hidden] -> [N, vocab_size] in the model dtype (the padded width; callers slice to V),

@@ -210,8 +210,7 @@ class Suite:
                      modes=a.modes, layer_ops=a.layer_ops, pairings=self.pairings, versions=dict(
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
                      **self.compare(), skipped=self.skipped, errors=self.errors, profiles=self.profiles)
-        name = "decode" if a.layer_ops == "auto" else f"decode-layer-ops-{a.layer_ops}"  # an A/B run apart
-        return common.write_results(name, self.device, self.rows, extra, Path(a.out), commit=self.commit)
+        return common.write_results(a.name, self.device, self.rows, extra, Path(a.out), commit=self.commit)
 
 
 COLUMNS = ["pairing", "mode", "batch", "tokens_per_s", "step_ms", "step_ms_p90", "ttft_ms", "roofline_ms",
@@ -255,10 +254,12 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     ap.add_argument("--profile-batch", type=int, default=1)
     ap.add_argument("--out", default=str(common.RESULTS), help="directory of the JSON and PNG")
     ap.add_argument("--commit", help="commit to record (default: git rev-parse in this checkout)")
+    ap.add_argument("--name", help="results file prefix (default decode; decode-layer-ops-<ops> for an A/B run)")
     a = ap.parse_args(argv)
     name = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     a.tiny = a.tiny or device.type != "cuda"
+    a.name = a.name or ("decode" if a.layer_ops == "auto" else f"decode-layer-ops-{a.layer_ops}")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: threads only add sync overhead, and CI boxes are shared
     a.pairings = a.pairings or (["tiny"] if a.tiny else list(PAIRINGS))

@@ -2,29 +2,38 @@
 # The GPU work of a session that is lent a GPU, in stages that each fit one device command (10 minutes).
 # Run from the repository root on the GPU machine; results and logs go to $OUT (bench/results without it).
 #
+# A session has 15 device-minutes, the machine's start (1-2 minutes) included. Run `first`, then at once,
+# while the machine is still warm, `second`; give the machine back after it.
+#
+#   bash bench/gpu_session.sh first   <sha>   (<= 540 s) install the checkout (no deps), the gpu-marked tests
+#                                             (<= 170 s), bench/sampler.py --targets, then bench/decode.py
+#                                             for 7b+1.5b: base, rast, hf-rast at batch 1 and 32, profiled:
+#                                             every shape that issues 2 and 4 set a target on
+#   bash bench/gpu_session.sh second  <sha>   (<= 150 s) 14b+7b base and rast at batch 1 and 32, then rast
+#                                             at batch 1 with --layer-ops torch (what the fused kernels buy)
+#
+# With more device time, the full suites:
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
 #   bash bench/gpu_session.sh kernels <sha>            bench/attention.py, layer_ops.py, sampler.py,
 #                                                      sampler_fastpath.py, host_path.py
 #   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
-#   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch:
-#                                                      what the fused layer kernels buy, end to end
+#   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch
 #
-# With the 30 device-minutes of one session (machine start included) run them in this order and stop
-# when the budget runs out: tests, kernels, decode 7b+1.5b, unfused 7b+1.5b, decode 14b+7b.
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back.
 set -uo pipefail
 
-stage=${1:?stage: tests | kernels | decode | unfused}
+stage=${1:?stage: first | second | tests | kernels | decode | unfused}
 export RAST_COMMIT=${2:?the commit being measured}
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # rast_kernels and bench even without the install
 log="$out/$stage.log"
-budget=${STAGE_SECONDS:-570}  # the whole stage, inside the device's 600 s per command
+case "$stage" in first) default=540 ;; second) default=150 ;; *) default=570 ;; esac
+budget=${STAGE_SECONDS:-$default}  # the whole stage, inside the device's 600 s per command
 deadline=$((SECONDS + budget))
-left() { echo $((deadline - SECONDS)); }
+left() { local l=$((deadline - SECONDS)); echo $((l > 1 ? l : 1)); }  # timeout 0 would mean no limit
 
 {
   echo "stage $stage at commit $RAST_COMMIT"
@@ -32,13 +41,36 @@ left() { echo $((deadline - SECONDS)); }
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$log"
 
+install() {
+  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$log"
+  python3 -c "import rast_kernels, rast_engine; print('imports: ok')" 2>&1 | tee -a "$log"
+}
+gpu_tests() {  # the decode path first: the benchmarks after it mean nothing if it is wrong
+  timeout "$1" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --durations=15 \
+    tests/test_gpu_path.py tests/test_layer_kernels.py tests/test_paged_attention.py tests/test_sampler.py \
+    2>&1 | tee -a "$log"
+}
+decode() {  # decode <seconds> <bench/decode.py arguments...>
+  local seconds=$1
+  shift
+  timeout "$seconds" python3 bench/decode.py --quick --commit "$RAST_COMMIT" --out "$out" "$@" 2>&1 | tee -a "$log"
+}
+
 case "$stage" in
+  first)
+    install
+    gpu_tests $(( $(left) < 170 ? $(left) : 170 ))
+    timeout 75 python3 bench/sampler.py --targets --out "$out" 2>&1 | tee -a "$log"
+    decode "$(left)" --pairings 7b+1.5b --modes base rast hf-rast --batches 1 32 --profile --profile-modes rast
+    ;;
+  second)
+    install
+    decode $(( $(left) * 3 / 5 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
+    decode "$(left)" --pairings 7b+1.5b --modes rast --batches 1 --layer-ops torch
+    ;;
   tests)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$log"
-    python3 -c "import rast_kernels, rast_engine; print('imports: ok')" 2>&1 | tee -a "$log"
-    timeout "$(left)" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-      tests/test_sampler.py tests/test_paged_attention.py tests/test_layer_kernels.py tests/test_gpu_path.py \
-      2>&1 | tee -a "$log"
+    install
+    gpu_tests "$(left)"
     ;;
   kernels)
     timeout $(( $(left) / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
@@ -58,7 +90,7 @@ case "$stage" in
       --layer-ops torch --profile --profile-modes rast --commit "$RAST_COMMIT" --out "$out" 2>&1 | tee -a "$log"
     ;;
   *)
-    echo "unknown stage $stage (tests | kernels | decode | unfused)" | tee -a "$log"
+    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused)" | tee -a "$log"
     exit 2
     ;;
 esac

@@ -8,6 +8,7 @@ and the speedups, and writes bench/results/sampler-<device>-<shortsha>.json and 
     python bench/sampler.py              # GPU: the full grid; CPU: small shapes
     python bench/sampler.py --quick      # a few-second smoke run (CI)
     python bench/sampler.py --cpu-target # CPU: B=8, V=152064, top_p=0.95, native vs torch
+    python bench/sampler.py --targets    # GPU: only the shapes issue 2's targets name (V=152064, K=1)
 """
 from __future__ import annotations
 
@@ -120,6 +121,8 @@ def run(args: argparse.Namespace) -> None:
         grid = dict(batch=[1, 4], vocab=[8192], pairs=[1], top_k=[0, 50], min_p=[0.05])
     elif args.cpu_target:
         grid = dict(batch=[8], vocab=[152064], pairs=[0, 1], top_k=[0], min_p=[0.0])
+    elif args.targets:  # <= 20 us at B <= 32; <= 2x the floor and >= 10x unfused at B = 256
+        grid = dict(batch=[1, 8, 32, 256], vocab=[152064], pairs=[1], top_k=[0], min_p=[0.0])
     elif device.type == "cuda":
         grid = dict(batch=[1, 8, 32, 128, 256], vocab=[32000, 128256, 152064], pairs=[0, 1], top_k=[0, 50],
                     min_p=[0.0, 0.05])
@@ -157,6 +160,27 @@ def run(args: argparse.Namespace) -> None:
     report(rows, device, bandwidth, entropies, args.name, args.out)
 
 
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 2's GPU targets, judged on the rows that exist (V=152064, K=1, top_k=0, min_p=0): at most
+    2x the floor and at least 10x the unfused path at B=256, at most 20 us at B <= 32."""
+    shape = {(r["impl"], r["batch"]): r for r in rows
+             if (r["vocab"], r["pairs"], r["top_k"], r["min_p"]) == (152064, 1, 0, 0.0)}
+    out = []
+    for impl in ("fused", "fused-graph"):
+        big, unf = shape.get((impl, 256)), shape.get(("unfused", 256))
+        if big:
+            out.append(dict(target=f"{impl} B=256 time / floor", value=big["us_median"] / big["floor_us"],
+                            limit=2.0, met=big["us_median"] <= 2 * big["floor_us"]))
+        if big and unf:
+            out.append(dict(target=f"{impl} B=256 speedup vs unfused", value=unf["us_median"] / big["us_median"],
+                            limit=10.0, met=unf["us_median"] >= 10 * big["us_median"]))
+        for b in (1, 8, 32):
+            if (impl, b) in shape:
+                us = shape[(impl, b)]["us_median"]
+                out.append(dict(target=f"{impl} B={b} us", value=us, limit=20.0, met=us <= 20.0))
+    return out
+
+
 def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: list[float], name: str,
            out: Path | None) -> None:
     key = lambda r: (r["batch"], r["vocab"], r["pairs"], r["top_k"], r["min_p"])  # noqa: E731
@@ -173,10 +197,14 @@ def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: 
     cols = ["impl", "batch", "vocab", "pairs", "top_k", "min_p", "us_median", "floor_us", "floor_fraction",
             "speedup_vs_unfused", "speedup_vs_torch", "host_us"]
     print(table(rows, cols))
+    verdicts = targets(rows)
+    for t in verdicts:
+        print(f"target {t['target']}: {t['value']:.2f} (limit {t['limit']}) {'met' if t['met'] else 'MISSED'}")
     path = write_results(name, device, rows, extra=dict(bandwidth_gbs=round(bandwidth / 1e9, 2), top_p=TOP_P,
                                                        temperature=TEMPERATURE,
                                                        entropy_nats=[round(min(entropies), 2),
-                                                                     round(max(entropies), 2)]), out_dir=out)
+                                                                     round(max(entropies), 2)],
+                                                       targets=verdicts), out_dir=out)
     vmax = max(r["vocab"] for r in rows)
     pmax = max(r["pairs"] for r in rows)
     kmin, mpmin = min(r["top_k"] for r in rows), min(r["min_p"] for r in rows)
@@ -194,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few-second smoke run (CI)")
     mode.add_argument("--cpu-target", action="store_true", help="B=8, V=152064, top_p=0.95: native vs torch")
+    mode.add_argument("--targets", action="store_true", help="only the shapes of issue 2's GPU targets")
     ap.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is present")
     ap.add_argument("--impl", nargs="+", choices=["fused", "fused-graph", "native", "torch", "unfused"], help="only these")
     ap.add_argument("--iters", type=int, default=20)

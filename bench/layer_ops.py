@@ -1,6 +1,8 @@
 """Layer-ops benchmark: the fused Triton kernels of rast_kernels.layer_ops against the plain torch ops
 they replace (the engine's two LayerOps backends), per op and for one decode layer's sequence
-(add + RMSNorm, rotary, add + RMSNorm, SiLU-and-multiply), at real model widths.
+(add + RMSNorm, rotary + KV-cache store, add + RMSNorm, SiLU-and-multiply), at real model widths. The
+torch side stores k/v with rast_kernels' store kernel, as the engine's Triton attention backend does;
+the fused side writes them from its rotary kernel (``rotary_store``).
 
     python bench/layer_ops.py            # CUDA: table, and bench/results/layer-ops-<device>-<sha>.json
     python bench/layer_ops.py --quick    # CPU smoke test under TRITON_INTERPRET=1, tiny shapes
@@ -30,7 +32,8 @@ from bench.common import (copy_bandwidth, device_name, graph_time_ms, import_eng
 
 # (hidden, q heads, kv heads, head_dim, intermediate), from bench/configs
 SHAPES = {"qwen2.5-7b": (3584, 28, 4, 128, 18944), "qwen2.5-1.5b": (1536, 12, 2, 128, 8960)}
-OPS = ("add_rms_norm", "rotary", "silu_and_mul", "layer")
+OPS = ("add_rms_norm", "rotary", "rotary_store", "silu_and_mul", "layer")
+BLOCK = 16  # KV-cache block size
 
 
 def make_inputs(tokens: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> dict:
@@ -41,10 +44,25 @@ def make_inputs(tokens: int, shape: tuple, dtype: torch.dtype, device: torch.dev
         return torch.randn(*size, generator=g).to(dtype).to(device)
 
     qkv = rand(tokens, (hq + 2 * hk) * dim)
+    blocks = tokens // BLOCK + 1
     return dict(x=rand(tokens, hidden), residual=rand(tokens, hidden), weight=rand(hidden).abs() + 0.5,
                 q=qkv[:, :hq * dim].view(tokens, hq, dim), k=qkv[:, hq * dim:(hq + hk) * dim].view(tokens, hk, dim),
+                v=qkv[:, (hq + hk) * dim:].view(tokens, hk, dim),
                 positions=torch.randint(0, 4096, (tokens,), generator=g).to(device), cos_sin=rand(4096, dim),
-                gate_up=rand(tokens, 2 * inter))
+                k_cache=rand(blocks, BLOCK, hk, dim), v_cache=rand(blocks, BLOCK, hk, dim),
+                slots=torch.randperm(blocks * BLOCK, generator=g)[:tokens].to(device), gate_up=rand(tokens, 2 * inter))
+
+
+def rotary_store(ops, t: dict) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """The layer's rotary and KV-cache store: one kernel where the ops store k/v, else two."""
+    if ops.stores_kv:
+        return ops.rotary_store_kv(t["positions"], t["q"], t["k"], t["v"], t["cos_sin"], t["k_cache"],
+                                   t["v_cache"], t["slots"])
+    from rast_kernels.paged_attention import store_kv_cache
+
+    q, k = ops.rotary(t["positions"], t["q"], t["k"], t["cos_sin"])
+    store_kv_cache(k, t["v"], t["k_cache"], t["v_cache"], t["slots"])
+    return q, k
 
 
 def op_call(name: str, ops, t: dict) -> Callable[[], object]:  # noqa: ANN001
@@ -53,12 +71,14 @@ def op_call(name: str, ops, t: dict) -> Callable[[], object]:  # noqa: ANN001
         return lambda: ops.add_rms_norm(t["x"], t["residual"], t["weight"], eps)
     if name == "rotary":
         return lambda: ops.rotary(t["positions"], t["q"], t["k"], t["cos_sin"])
+    if name == "rotary_store":
+        return lambda: rotary_store(ops, t)
     if name == "silu_and_mul":
         return lambda: ops.silu_and_mul(t["gate_up"])
 
     def layer() -> object:  # the decode layer's elementwise work between its GEMMs and attention
         h, r = ops.add_rms_norm(t["x"], t["residual"], t["weight"], eps)
-        ops.rotary(t["positions"], t["q"], t["k"], t["cos_sin"])
+        rotary_store(ops, t)
         ops.add_rms_norm(h, r, t["weight"], eps)
         return ops.silu_and_mul(t["gate_up"])
     return layer
@@ -68,8 +88,10 @@ def bytes_moved(name: str, tokens: int, shape: tuple, elt: int) -> int:
     hidden, hq, hk, dim, inter = shape
     norm = (4 * tokens + 1) * hidden * elt  # read x, residual, weight; write y, residual + x
     rotary = (2 * tokens * (hq + hk) * dim + tokens * dim) * elt  # read and write q, k; read cos | sin
+    store = 3 * tokens * hk * dim * elt + 8 * tokens  # read v, write k and v into the cache; read the slots
     silu = 3 * tokens * inter * elt  # read gate | up, write the product
-    return {"add_rms_norm": norm, "rotary": rotary, "silu_and_mul": silu, "layer": 2 * norm + rotary + silu}[name]
+    return {"add_rms_norm": norm, "rotary": rotary, "rotary_store": rotary + store, "silu_and_mul": silu,
+            "layer": 2 * norm + rotary + store + silu}[name]
 
 
 def check(got: object, want: object, dtype: torch.dtype, what: str) -> None:

@@ -1,10 +1,11 @@
 """The decoder layer's elementwise work as one Triton kernel each: residual add + RMSNorm, rotary
-embedding of q and k, SiLU-and-multiply.
+embedding of q and k (optionally writing k and v into the paged KV cache in the same launch),
+SiLU-and-multiply.
 
 Why: in plain PyTorch these are about 45 kernels per layer (RMSNorm alone is eight: casts, pow, mean,
 add, rsqrt, two muls). At decode batch 1 each kernel moves a few KB and costs its launch latency, even
 inside a CUDA graph, so on a 28-layer model they add milliseconds to a step whose weight reads take
-about five. Fused, a layer's non-GEMM, non-attention work is four kernels.
+about five. Fused, a layer's non-GEMM, non-attention work is four kernels, the KV-cache store included.
 
 Numerics are HF transformers' (Qwen2 / Llama) op by op, not merely close: every intermediate that the
 HF code rounds to the model dtype is rounded here too (``_round``), float32 math stays float32, and
@@ -15,7 +16,8 @@ is the RMSNorm sum's reduction order and rsqrt's last ulp, which may flip the ro
 to the model dtype by one unit.
 
 Shapes: token rows may be strided (views into a fused projection's output); the last dimension must be
-contiguous. Outputs are new contiguous tensors, so nothing aliases an input.
+contiguous. Outputs are new contiguous tensors, so nothing aliases an input; the only writes to
+existing memory are the KV-cache slots of rotary_embedding_store_kv.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from triton.language.extra import libdevice
 
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable
 
-__all__ = ["add_rms_norm", "rms_norm", "rotary_embedding", "silu_and_mul"]
+__all__ = ["add_rms_norm", "rms_norm", "rotary_embedding", "rotary_embedding_store_kv", "silu_and_mul"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -67,41 +69,55 @@ def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, y_ptr, s_ptr, N, i
 
 
 @triton.jit
-def _rotate_heads(x_ptr, t, h0, stride_t, stride_h, out_ptr, H, cos, sin, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rotate-half RoPE of one token's heads [h0, h0 + BLOCK_H) of H: [x1*cos - x2*sin, x2*cos + x1*sin],
-    each product and sum rounded to the model dtype as HF's q * cos + rotate_half(q) * sin rounds them."""
-    dtype = out_ptr.dtype.element_ty
-    h = h0 + tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < H) & (d < HALF)
+def _rotate_heads(x_ptr, t, h, d, mask, stride_t, stride_h, cos, sin, dtype: tl.constexpr, HALF: tl.constexpr):
+    """Rotate-half RoPE of one token's heads h: (x1*cos - x2*sin, x2*cos + x1*sin) in the model dtype, each
+    product and sum rounded as HF's q * cos + rotate_half(q) * sin rounds them."""
     src = x_ptr + t * stride_t + h * stride_h + d
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    lo = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
-    hi = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
-    dst = out_ptr + (t * H + h) * (2 * HALF) + d
-    tl.store(dst, _round(lo, dtype).to(dtype), mask=mask)
-    tl.store(dst + HALF, _round(hi, dtype).to(dtype), mask=mask)
+    lo = _round(_round(x1 * cos, dtype) - _round(x2 * sin, dtype), dtype).to(dtype)
+    hi = _round(_round(x2 * cos, dtype) + _round(x1 * sin, dtype), dtype).to(dtype)
+    return lo, hi
 
 
 @triton.jit
 def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h, pos_ptr, cs_ptr, cs_stride,
-                   q_out, k_out, HQ, HK, Q_BLOCKS, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   q_out, k_out, HQ, HK, Q_BLOCKS, v_ptr, v_stride_t, v_stride_h, kc_ptr, vc_ptr, slot_ptr,
+                   c_stride_b, c_stride_r, c_stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr, STORE_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Grid (T, q head blocks + k head blocks): a program rotates BLOCK_H heads of one token, so the
-    register tile stays small at 64 heads and a batch-1 step still spreads over several programs."""
+    register tile stays small at 64 heads and a batch-1 step still spreads over several programs.
+    STORE_KV: a k program also writes its rotated heads and the same heads of v into the paged caches at
+    the token's slot (-1: not stored), the KV-cache store kernel folded into this one."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
+    dtype = q_out.dtype.element_ty
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)[None, :]
     cos = tl.load(cs_ptr + pos * cs_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
     if j < Q_BLOCKS:
-        _rotate_heads(q_ptr, t, j * BLOCK_H, q_stride_t, q_stride_h, q_out, HQ, cos, sin, HALF, BLOCK_H, BLOCK_D)
+        h = j * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+        mask = (h < HQ) & (d < HALF)
+        lo, hi = _rotate_heads(q_ptr, t, h, d, mask, q_stride_t, q_stride_h, cos, sin, dtype, HALF)
+        dst = q_out + (t * HQ + h) * (2 * HALF) + d
     else:
-        _rotate_heads(k_ptr, t, (j - Q_BLOCKS) * BLOCK_H, k_stride_t, k_stride_h, k_out, HK, cos, sin, HALF,
-                      BLOCK_H, BLOCK_D)
+        h = (j - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+        mask = (h < HK) & (d < HALF)
+        lo, hi = _rotate_heads(k_ptr, t, h, d, mask, k_stride_t, k_stride_h, cos, sin, dtype, HALF)
+        dst = k_out + (t * HK + h) * (2 * HALF) + d
+        if STORE_KV:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            live = mask & ((tl.zeros([BLOCK_H, BLOCK_D], tl.int64) + slot) >= 0)  # the interpreter wants a tensor
+            slot = tl.where(slot >= 0, slot, 0)
+            row = (slot // BLOCK_SIZE) * c_stride_b + (slot % BLOCK_SIZE) * c_stride_r + h * c_stride_h + d
+            tl.store(kc_ptr + row, lo, mask=live)
+            tl.store(kc_ptr + row + HALF, hi, mask=live)
+            v_src = v_ptr + t * v_stride_t + h * v_stride_h + d
+            tl.store(vc_ptr + row, tl.load(v_src, mask=live), mask=live)
+            tl.store(vc_ptr + row + HALF, tl.load(v_src + HALF, mask=live), mask=live)
+    tl.store(dst, lo, mask=mask)
+    tl.store(dst + HALF, hi, mask=mask)
 
 
 @triton.jit
@@ -175,12 +191,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return y, s
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE. q: [T, Hq, D], k: [T, Hk, D] (heads may be strided views), positions: [T] int,
-    cos_sin: [max_positions, D] = [cos | sin] in q's dtype. Returns new contiguous (q, k).
-    Every position must be < max_positions: it is read on the device only (checking it on the host
-    would sync), and the engine guarantees it by capping max_model_len at the table's length."""
+def _check_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:
     require_launchable(q, "rast_kernels.layer_ops")
     if not (k.device == positions.device == cos_sin.device == q.device):
         raise ValueError(f"q, k, positions and cos_sin must share one device, got {q.device}, {k.device}, "
@@ -188,8 +199,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must be [T, heads, head_dim] with equal T and head_dim, got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
-    t, hq, dim = q.shape
-    hk = k.shape[1]
+    t, dim = q.shape[0], q.shape[2]
     if dim % 2 or q.stride(2) != 1 or k.stride(2) != 1:
         raise ValueError("head_dim must be even and contiguous in q and k")
     if q.dtype != k.dtype or cos_sin.dtype != q.dtype or q.dtype not in _DTYPES:
@@ -198,16 +208,67 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         raise ValueError(f"cos_sin must be [positions, {dim}] contiguous, got {tuple(cos_sin.shape)}")
     if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be int [{t}], got {tuple(positions.shape)} {positions.dtype}")
+
+
+def _check_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device or v.stride(2) != 1:
+        raise ValueError(f"v must match k in shape, dtype and device, contiguous along head_dim; got "
+                         f"{tuple(v.shape)} {v.dtype} on {v.device} for k {tuple(k.shape)} {k.dtype}")
+    if (k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride()
+            or k_cache.shape[2:] != k.shape[1:] or k_cache.stride(3) != 1):
+        raise ValueError(f"k_cache/v_cache must be equal-strided [num_blocks, block_size, {k.shape[1]}, "
+                         f"{k.shape[2]}] contiguous along head_dim, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if k_cache.dtype != k.dtype or v_cache.dtype != k.dtype or not (k_cache.device == v_cache.device == k.device):
+        raise TypeError(f"the caches must have k's dtype and device, got {k_cache.dtype} on {k_cache.device} "
+                        f"and {v_cache.dtype} on {v_cache.device}")
+    if (slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64)
+            or slot_mapping.device != k.device):
+        raise ValueError(f"slot_mapping must be int [{k.shape[0]}] on {k.device}, got "
+                         f"{tuple(slot_mapping.shape)} {slot_mapping.dtype} on {slot_mapping.device}")
+
+
+def _rotary_launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+                   store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    t, hq, dim = q.shape
+    hk = k.shape[1]
     q_out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, hk, dim), dtype=k.dtype, device=k.device)
-    if t:
-        half, block_h = dim // 2, min(8, next_pow2(max(hq, hk)))
-        q_blocks = cdiv(hq, block_h)
-        _rotary_kernel[(t, q_blocks + cdiv(hk, block_h))](
-            q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), positions, cos_sin, cos_sin.stride(0), q_out,
-            k_out, hq, hk, q_blocks, HALF=half, BLOCK_H=block_h, BLOCK_D=next_pow2(half), num_warps=4,
-            **exact_fp_options())
+    if not t:
+        return q_out, k_out
+    v, k_cache, v_cache, slots = store if store is not None else (k_out, k_out, k_out, positions)
+    cache_strides = k_cache.stride()[:3] if store is not None else (0, 0, 0)
+    half, block_h = dim // 2, min(8, next_pow2(max(hq, hk)))
+    q_blocks = cdiv(hq, block_h)
+    _rotary_kernel[(t, q_blocks + cdiv(hk, block_h))](
+        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), positions, cos_sin, cos_sin.stride(0), q_out,
+        k_out, hq, hk, q_blocks, v, v.stride(0), v.stride(1), k_cache, v_cache, slots, *cache_strides,
+        HALF=half, BLOCK_H=block_h, BLOCK_D=next_pow2(half), STORE_KV=store is not None,
+        BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, num_warps=4, **exact_fp_options())
     return q_out, k_out
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE. q: [T, Hq, D], k: [T, Hk, D] (heads may be strided views), positions: [T] int,
+    cos_sin: [max_positions, D] = [cos | sin] in q's dtype. Returns new contiguous (q, k).
+    Every position must be < max_positions: it is read on the device only (checking it on the host
+    would sync), and the engine guarantees it by capping max_model_len at the table's length."""
+    _check_rotary(positions, q, k, cos_sin)
+    return _rotary_launch(positions, q, k, cos_sin, None)
+
+
+def rotary_embedding_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotary_embedding, and in the same launch the rotated k and v [T, Hk, D] written into the paged
+    caches [num_blocks, block_size, Hk, D] at ``slot_mapping`` [T] (slot -1 is skipped): what
+    rotary_embedding followed by paged_attention.store_kv_cache does, one kernel fewer per layer."""
+    _check_rotary(positions, q, k, cos_sin)
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    return _rotary_launch(positions, q, k, cos_sin, (v, k_cache, v_cache, slot_mapping))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

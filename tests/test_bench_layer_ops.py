@@ -16,7 +16,7 @@ def test_quick_run_writes_every_op_and_impl(tmp_path: Path) -> None:
     assert result["commit"] and result["device"] and result["copy_gbs"] > 0
     rows = result["rows"]
     assert {(r["op"], r["impl"], r["tokens"]) for r in rows} == {
-        (op, impl, t) for op in ("add_rms_norm", "rotary", "silu_and_mul", "layer") for impl in ("fused", "torch")
+        (op, impl, t) for op in ("add_rms_norm", "rotary", "rotary_store", "silu_and_mul", "layer") for impl in ("fused", "torch")
         for t in (1, 5)}
     for r in rows:
         assert r["us"] > 0 and r["floor_us"] == pytest.approx(r["bytes"] / (result["copy_gbs"] * 1e3))
@@ -30,8 +30,10 @@ def test_bytes_are_the_tensors_read_and_written(tokens: int) -> None:
     nbytes = lambda *xs: sum(x.numel() * x.element_size() for x in xs)  # noqa: E731
     norm = nbytes(t["x"], t["residual"], t["weight"]) + 2 * nbytes(t["x"])
     rotary = 2 * nbytes(t["q"], t["k"]) + tokens * shape[3] * 2
+    store = 3 * nbytes(t["v"]) + nbytes(t["slots"])  # read v, write k and v
     silu = nbytes(t["gate_up"]) * 3 // 2
     assert bench.bytes_moved("add_rms_norm", tokens, shape, 2) == norm
     assert bench.bytes_moved("rotary", tokens, shape, 2) == rotary
+    assert bench.bytes_moved("rotary_store", tokens, shape, 2) == rotary + store
     assert bench.bytes_moved("silu_and_mul", tokens, shape, 2) == silu
-    assert bench.bytes_moved("layer", tokens, shape, 2) == 2 * norm + rotary + silu
+    assert bench.bytes_moved("layer", tokens, shape, 2) == 2 * norm + rotary + store + silu

@@ -23,7 +23,7 @@ from rast_engine.errors import RastError
 from rast_engine.models import load_model
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_kernels import launch
-from rast_kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+from rast_kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding, rotary_embedding_store_kv, silu_and_mul
 from test_models import BLOCK, make_meta
 
 HAS_CUDA = torch.cuda.is_available()
@@ -102,6 +102,51 @@ def test_rotary_matches_hf(device: str, dtype: torch.dtype, tokens: int, hq: int
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("tokens,hq,hk,dim,block", [(1, 4, 2, 16, 16), (6, 7, 1, 32, 4), (5, 20, 4, 64, 8)])
+def test_rotary_store_kv_writes_hf_keys_into_the_cache(device: str, dtype: torch.dtype, tokens: int, hq: int,
+                                                       hk: int, dim: int, block: int) -> None:
+    """The fused rotary + KV store: q and k as HF rotates them, and the cache after it as an index
+    assignment of HF's k and the raw v at each token's slot; slot -1 and every other slot untouched."""
+    config = Qwen2Config(hidden_size=hq * dim, num_attention_heads=hq, num_key_value_heads=hk,
+                         max_position_embeddings=300, rope_theta=10000.0)
+    gen = torch.Generator().manual_seed(dim * hq + tokens + block)
+    qkv = torch.randn(tokens, (hq + 2 * hk) * dim, generator=gen).to(dtype).to(device)
+    q, k, v = (x.view(tokens, -1, dim) for x in qkv.split([hq * dim, hk * dim, hk * dim], dim=-1))
+    positions = torch.randint(0, 300, (tokens,), generator=gen).to(device)
+    blocks = tokens // block + 2
+    k_cache = torch.randn(blocks, block, hk, dim, generator=gen).to(dtype).to(device)
+    v_cache = torch.randn(blocks, block, hk, dim, generator=gen).to(dtype).to(device)
+    slots = torch.randperm(blocks * block, generator=gen)[:tokens]
+    slots[tokens // 2] = -1  # a padding row: stored nowhere
+    q_want, k_want, table = hf_rotary(q, k, positions, config)
+    k_flat, v_flat = k_cache.view(-1, hk, dim).clone(), v_cache.view(-1, hk, dim).clone()
+    live = slots >= 0
+    k_flat[slots[live]] = k_want[live.to(device)]
+    v_flat[slots[live]] = v[live.to(device)]
+    q_got, k_got = rotary_embedding_store_kv(positions, q, k, v, table, k_cache, v_cache, slots.to(device))
+    assert_hf_equal(q_got, q_want.contiguous(), min_bit_equal=1.0)
+    assert_hf_equal(k_got, k_want.contiguous(), min_bit_equal=1.0)
+    assert torch.equal(k_cache.view(-1, hk, dim), k_flat) and torch.equal(v_cache.view(-1, hk, dim), v_flat)
+
+
+def test_rotary_store_kv_refuses_a_mismatched_cache() -> None:
+    pos, table = torch.zeros(2, dtype=torch.int64, device=DEV), torch.zeros(10, 4, device=DEV)
+    q, k, v = torch.randn(2, 2, 4, device=DEV), torch.randn(2, 1, 4, device=DEV), torch.randn(2, 1, 4, device=DEV)
+    cache, slots = torch.zeros(3, 4, 1, 4, device=DEV), torch.tensor([0, 5], device=DEV)
+    with pytest.raises(ValueError, match="v must match k"):
+        rotary_embedding_store_kv(pos, q, k, v[:, :, :2], table, cache, cache.clone(), slots)
+    with pytest.raises(ValueError, match="k_cache/v_cache must be"):
+        rotary_embedding_store_kv(pos, q, k, v, table, torch.zeros(3, 4, 2, 4, device=DEV), cache, slots)
+    with pytest.raises(TypeError, match="the caches must have"):
+        rotary_embedding_store_kv(pos, q, k, v, table, cache.half(), cache.half(), slots)
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        rotary_embedding_store_kv(pos, q, k, v, table, cache, cache.clone(), slots[:1])
+    assert torch.equal(cache, torch.zeros_like(cache))  # refused before anything was written
+    q_out, k_out = rotary_embedding_store_kv(pos[:0], q[:0], k[:0], v[:0], table, cache, cache.clone(), slots[:0])
+    assert q_out.shape == (0, 2, 4) and k_out.shape == (0, 1, 4)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("tokens,inter", [(1, 64), (4, 1500)])
 def test_silu_and_mul_matches_hf(device: str, dtype: torch.dtype, tokens: int, inter: int) -> None:
     gen = torch.Generator().manual_seed(inter)
@@ -159,10 +204,10 @@ ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty"}
 
 
 @_interp
-def test_fused_decode_layer_launches_ten_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_decode_layer_launches_nine_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The point of the fusion, counted: a decode step of one Qwen2 layer with the triton layer ops and
-    attention is 4 GEMMs, 2 norms, 1 rotary, 1 KV store, 1 attention and 1 activation kernel, with no
-    other device op (the torch ops issue about 35 more). Aten ops run by the Triton interpreter itself
+    attention is 4 GEMMs, 2 norms, 1 rotary that also stores k/v, 1 attention and 1 activation kernel,
+    with no other device op (the torch ops issue about 35 more). Aten ops run by the Triton interpreter itself
     are not the model's and are not counted."""
     import triton.runtime.interpreter as interp
 
@@ -196,8 +241,8 @@ def test_fused_decode_layer_launches_ten_kernels(tmp_path: Path, monkeypatch: py
         monkeypatch.setattr(interp.InterpretedFunction, "run", run)
         with CountAten():
             model.layers[1](h, residual, positions, meta, caches[1])
-    assert dict(ops) == {"addmm": 1, "mm": 3, "_rms_norm_kernel": 2, "_rotary_kernel": 1, "_store_kv_kernel": 1,
-                         "_decode_kernel": 1, "_silu_mul_kernel": 1}
+    assert dict(ops) == {"addmm": 1, "mm": 3, "_rms_norm_kernel": 2, "_rotary_kernel": 1, "_decode_kernel": 1,
+                         "_silu_mul_kernel": 1}
 
 
 @_interp

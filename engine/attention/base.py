@@ -1,6 +1,8 @@
 """The attention backend interface: store this step's K/V into the paged cache, then attend.
 
-Backends: "torch" (reference, any device), "triton" (GPU kernels in rast_kernels, also runs under
+The cache layout is fixed, [num_blocks, block_size, num_kv_heads, head_dim] per layer, so the store
+can also be done by the layer (rast_kernels.layer_ops.rotary_embedding_store_kv) and only ``attend``
+called. Backends: "torch" (reference, any device), "triton" (GPU kernels in rast_kernels, also runs under
 TRITON_INTERPRET=1), "flash_attn" (when that package imports on CUDA). Every backend must equal the
 torch backend up to floating-point tolerance; tests enforce it.
 """
@@ -26,5 +28,13 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Write k/v at meta.slot_mapping (skipping -1), then causal attention of q over the cache."""
+        """Write k/v at meta.slot_mapping (skipping -1), then ``attend``."""
+        ...
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of q over the cache, which already holds this step's k/v at meta.slot_mapping
+        (a fused rotary + KV-store kernel wrote them); k/v are there for backends that read them directly."""
         ...

@@ -1,6 +1,6 @@
 """FlashAttention backend: the flash_attn package's paged kernels, CUDA only.
 
-K/V are stored with rast_kernels' store_kv_cache (slot -1 skipped), then:
+K/V are stored with rast_kernels' store_kv_cache (slot -1 skipped; or by the layer's fused rotary), then:
 - decode: flash_attn_with_kvcache(q[:, None], block_table, cache_seqlens), graph-capturable;
 - prefill without a cached prefix: flash_attn_varlen_func on this step's k/v directly;
 - prefill with a cached prefix (prefix hits, chunks): flash_attn_with_kvcache on a padded batch in
@@ -44,6 +44,10 @@ class FlashAttention:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k, v, k_cache, v_cache, meta, scale)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if not meta.is_prefill:
             out = self._fa.flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
                                                    block_table=meta.block_tables, softmax_scale=scale, causal=True)

@@ -2,10 +2,12 @@
 behind one small interface, so the model has a single code path:
 
 - "torch": HF transformers' formulas in plain PyTorch, about 45 small kernels per layer; the CPU default.
-- "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings; the CUDA default,
-  where at small batch the unfused kernels' launch latency would rival the weight reads.
+- "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings, the rotary one
+  also writing this step's k/v into the paged cache (``stores_kv``); the CUDA default, where at small
+  batch the unfused kernels' launch latency would rival the weight reads.
 
-Both return new tensors and never write their inputs, so either can run inside a CUDA graph capture.
+Both return new tensors and never write their inputs (rotary_store_kv writes only the cache slots of
+this step's tokens), so either can run inside a CUDA graph capture.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from rast_engine.errors import RastError
 
 class LayerOps(Protocol):
     name: str
+    # True: the layer calls rotary_store_kv and then only the attention backend's ``attend``;
+    # False: rotary, then the backend's ``forward`` (which stores k/v itself)
+    stores_kv: bool
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * x / rms(x): statistics in float32, the product in x's dtype."""
@@ -40,8 +45,17 @@ class LayerOps(Protocol):
         ...
 
 
+class KVStoringLayerOps(LayerOps, Protocol):
+    def rotary_store_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rotary(q, k), with the rotated k and v written into the paged caches at slot_mapping (-1 skipped)."""
+        ...
+
+
 class TorchLayerOps:
     name = "torch"
+    stores_kv = False  # a pure-torch store that skips slot -1 needs a host sync; the backend stores
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
@@ -70,6 +84,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class TritonLayerOps:
     name = "triton"
+    stores_kv = True
 
     def __init__(self) -> None:
         from rast_kernels import layer_ops
@@ -86,6 +101,11 @@ class TritonLayerOps:
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._k.rotary_embedding(positions, q, k, cos_sin)
+
+    def rotary_store_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k.rotary_embedding_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping)
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._k.silu_and_mul(gate_up)

@@ -2,17 +2,18 @@
 
 The cos/sin table is computed once in float32 for every position up to max_position_embeddings and then
 stored in the model dtype, so a step only gathers rows by position: no host sync, graph-capturable.
-The rotation itself is the LayerOps backend's (plain torch, or one fused Triton kernel for q and k).
+The rotation itself is the LayerOps backend's (plain torch, or one fused Triton kernel for q and k that
+can also write k and v into the paged KV cache).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from rast_engine.models.layer_ops import LayerOps
+from rast_engine.models.layer_ops import KVStoringLayerOps, LayerOps
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -64,3 +65,12 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k), same shapes and dtype."""
         return self.ops.rotary(positions, q, k, self.cos_sin)
+
+    def forward_store_kv(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+        v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward, with the rotated k and v written into the paged caches at slot_mapping: only for ops
+        whose ``stores_kv`` is True."""
+        ops = cast(KVStoringLayerOps, self.ops)
+        return ops.rotary_store_kv(positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping)

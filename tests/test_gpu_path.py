@@ -120,9 +120,9 @@ def _step_on_rows(engine: LLMEngine, seqs: list, rows: int) -> tuple[torch.Tenso
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_padded_step_equals_unpadded_and_writes_no_padding_slot(qwen2_triple: tuple, backend: str) -> None:
-    """The exact function CUDA graphs capture, on a batch padded up to its bucket (triton: attention
-    and sampler kernels in the interpreter)."""
-    engine = make_engine(qwen2_triple, attention_backend=backend, max_num_seqs=8)
+    """The exact function CUDA graphs capture, on a batch padded up to its bucket (triton: attention,
+    layer ops with their KV-cache store, and sampler kernels in the interpreter)."""
+    engine = make_engine(qwen2_triple, attention_backend=backend, layer_ops=backend, max_num_seqs=8)
     if backend == "triton":
         engine.runner.sampler = "triton"
     for i, p in enumerate(prompts(3)):
@@ -148,13 +148,17 @@ def test_padded_step_equals_unpadded_and_writes_no_padding_slot(qwen2_triple: tu
 
 
 def test_interpreted_triton_engine_equals_torch_engine(qwen2_triple: tuple) -> None:
-    """The GPU configuration's kernels (triton attention and sampler) through the whole engine, on CPU."""
+    """The GPU configuration's kernels (triton attention, layer ops and sampler) through the whole
+    engine, on CPU: prefill in chunks, prefix-cache hits (the second half repeats the first's prompts)
+    and decode steps, all writing the KV cache through the fused rotary + store kernel."""
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     batch = prompts(3, seed=7)
+    batch += [p + [5, 6, 7] for p in batch]
     ref = generate(make_engine(qwen2_triple, attention_backend="torch"), batch, params)
-    tri = make_engine(qwen2_triple, attention_backend="triton")
+    tri = make_engine(qwen2_triple, attention_backend="triton", layer_ops="triton", max_num_batched_tokens=8)
     tri.runner.sampler = "triton"
     assert generate(tri, batch, params) == ref
+    assert tri.block_manager.prefix_hits > 0
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------

@@ -1,18 +1,23 @@
 """Argument normalisation shared by every sampler backend.
 
 ``rast_sample`` / ``rast_probs`` accept Python scalars or per-row tensors for every parameter. They are
-turned into one ``SamplingBatch`` of per-row device tensors here, once, so each backend (torch
-reference, Triton, native) sees the same validated inputs. Python scalars are validated with clear
-errors. Per-row tensors are not inspected on the host (that would force a device sync and break CUDA
-graphs); they are clamped on the device to their meaningful range instead:
-temperature <= 0 means greedy, top_k <= 0 or >= V means off, top_p is clamped to [tiny, 1],
-min_p to [0, 1].
+validated here, once, into one ``SamplingBatch``, so each backend (torch reference, Triton, native) sees
+the same inputs. Python scalars are validated with clear errors. Per-row tensors are not inspected on
+the host (that would force a device sync and break CUDA graphs); they are clamped to their meaningful
+range instead: temperature <= 0 means greedy, top_k <= 0 or >= V means off, top_p is clamped to
+[tiny, 1], min_p to [0, 1].
+
+Each parameter is kept as given (``RowValue``: the scalar, or the [B] tensor unclamped) and turned
+into a clamped per-row tensor only when a backend asks for it (``SamplingBatch.temperature`` etc.):
+the torch and native backends do; the Triton backend reads the raw values in its first kernel,
+scalars as kernel arguments and tensors clamped in registers, so a call issues no device work besides
+its own kernels (a scalar would cost a fill kernel, a clamp another one, each a launch at batch 1).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence, Union
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence, Union
 
 import torch
 
@@ -20,6 +25,32 @@ Scalar = Union[int, float]
 RowParam = Union[Scalar, torch.Tensor]
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TINY = torch.finfo(torch.float32).tiny
+INT64 = (-2**63, 2**63 - 1)
+
+
+class ParamSpec(NamedTuple):
+    dtype: torch.dtype
+    lo: float  # the clamp range of a float parameter (integer parameters are not clamped)
+    hi: float
+    integral: bool
+
+
+PARAMS = {
+    "temperature": ParamSpec(torch.float32, 0.0, math.inf, False),
+    "top_k": ParamSpec(torch.int32, 0, 0, True),
+    "top_p": ParamSpec(torch.float32, TINY, 1.0, False),
+    "min_p": ParamSpec(torch.float32, 0.0, 1.0, False),
+    "seed": ParamSpec(torch.int64, 0, 0, True),
+    "offset": ParamSpec(torch.int64, 0, 0, True),
+}
+
+
+@dataclass(frozen=True)
+class RowValue:
+    """One validated per-row parameter: ``scalar`` for every row, or ``tensor`` [B] in the parameter's
+    dtype on the logits' device, not yet clamped. Exactly one of them is set."""
+    scalar: Scalar | None
+    tensor: torch.Tensor | None
 
 
 @dataclass
@@ -28,13 +59,44 @@ class SamplingBatch:
     rl: list[torch.Tensor]  # K tensors [B, Vk]
     base: list[torch.Tensor]  # K tensors [B, Vk]
     weights: torch.Tensor  # [B, K] float32
-    temperature: torch.Tensor  # [B] float32; <= 0 is greedy
-    top_k: torch.Tensor  # [B] int32; <= 0 is off
-    top_p: torch.Tensor  # [B] float32 in [tiny, 1]
-    min_p: torch.Tensor  # [B] float32 in [0, 1]
-    seed: torch.Tensor  # [B] int64
-    offset: torch.Tensor  # [B] int64
+    params: dict[str, RowValue]  # one entry per name in PARAMS
     vocab: int  # V: ids >= V are never returned
+    _rows: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def rows(self, name: str) -> torch.Tensor:
+        """The parameter as a clamped [B] tensor of its dtype (made once, on first use)."""
+        if name not in self._rows:
+            spec, value = PARAMS[name], self.params[name]
+            if value.tensor is None:
+                self._rows[name] = torch.full((self.batch,), value.scalar, device=self.logits.device,
+                                              dtype=spec.dtype)
+            else:
+                self._rows[name] = value.tensor if spec.integral else value.tensor.clamp(spec.lo, spec.hi)
+        return self._rows[name]
+
+    @property
+    def temperature(self) -> torch.Tensor:  # [B] float32; <= 0 is greedy
+        return self.rows("temperature")
+
+    @property
+    def top_k(self) -> torch.Tensor:  # [B] int32; <= 0 is off
+        return self.rows("top_k")
+
+    @property
+    def top_p(self) -> torch.Tensor:  # [B] float32 in [tiny, 1]
+        return self.rows("top_p")
+
+    @property
+    def min_p(self) -> torch.Tensor:  # [B] float32 in [0, 1]
+        return self.rows("min_p")
+
+    @property
+    def seed(self) -> torch.Tensor:  # [B] int64
+        return self.rows("seed")
+
+    @property
+    def offset(self) -> torch.Tensor:  # [B] int64
+        return self.rows("offset")
 
     @property
     def batch(self) -> int:
@@ -60,26 +122,32 @@ def _check_logits(name: str, t: torch.Tensor, batch: int | None, device: torch.d
         raise ValueError(f"{name} is on {t.device}, the large model's logits are on {device}")
 
 
-def _row_param(name: str, value: RowParam, batch: int, device: torch.device, dtype: torch.dtype,
-               lo: float, hi: float, integral: bool = False) -> torch.Tensor:
+def _row_value(name: str, value: RowParam, batch: int, device: torch.device, vocab: int) -> RowValue:
+    spec = PARAMS[name]
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
         if value.dim() != 1 or value.shape[0] != batch:
             raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got shape {tuple(value.shape)}")
-        if integral and value.is_floating_point():
+        if spec.integral and value.is_floating_point():
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-        out = value.to(device=device, dtype=dtype)
-        return out if integral else out.clamp(lo, hi)
+        return RowValue(None, value.to(device=device, dtype=spec.dtype))  # a no-op when both already match
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if integral and not float(value).is_integer():
-        raise ValueError(f"{name} must be an integer, got {value}")
-    if not integral and not math.isfinite(value):
+    if spec.integral:
+        if not float(value).is_integer():
+            raise ValueError(f"{name} must be an integer, got {value}")
+        value = int(value)
+        if name == "top_k":  # k <= 0 and k >= V both mean off: the same sampler, and it fits int32
+            return RowValue(min(max(value, 0), vocab), None)
+        if not INT64[0] <= value <= INT64[1]:
+            raise ValueError(f"{name} must fit in int64, got {value}")
+        return RowValue(value, None)
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if not integral and not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return torch.full((batch,), value, device=device, dtype=dtype)
+    if not spec.lo <= value <= spec.hi:
+        raise ValueError(f"{name} must be in [{spec.lo}, {spec.hi}], got {value}")
+    return RowValue(float(value), None)
 
 
 def _weights(weights: Union[Scalar, Sequence[Scalar], torch.Tensor], batch: int, pairs: int,
@@ -131,14 +199,7 @@ def normalize(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.T
     vocab = min(widths)
     if vocab <= 0:
         raise ValueError("the vocabulary is empty")
-    return SamplingBatch(
-        logits=logits, rl=rl, base=base,
-        weights=_weights(weights, batch, len(rl), device),
-        temperature=_row_param("temperature", temperature, batch, device, torch.float32, 0.0, math.inf),
-        top_k=_row_param("top_k", top_k, batch, device, torch.int32, 0, 0, integral=True),
-        top_p=_row_param("top_p", top_p, batch, device, torch.float32, TINY, 1.0),
-        min_p=_row_param("min_p", min_p, batch, device, torch.float32, 0.0, 1.0),
-        seed=_row_param("seed", seed, batch, device, torch.int64, 0, 0, integral=True),
-        offset=_row_param("offset", offset, batch, device, torch.int64, 0, 0, integral=True),
-        vocab=vocab,
-    )
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset)
+    return SamplingBatch(logits=logits, rl=rl, base=base, weights=_weights(weights, batch, len(rl), device),
+                         params={name: _row_value(name, v, batch, device, vocab) for name, v in given.items()},
+                         vocab=vocab)

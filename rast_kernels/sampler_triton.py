@@ -7,7 +7,9 @@ every filter keeps the finite tokens with key <= one threshold tau (plus min-p: 
 sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe, no host sync):
 
 1. ``_stats`` (grid B x S, the vocabulary split in S chunks so B = 1 still fills the GPU) reads the
-   inputs once. Per chunk it keeps the max z (first index), min z, finite count, and up to CAP
+   inputs once. It takes the per-row parameters as given (Python scalars as kernel arguments, tensors
+   clamped in registers) and writes them once for the kernels after it, so a call issues no device
+   work besides these four kernels (a fill per pair when λ is a Python scalar). Per chunk it keeps the max z (first index), min z, finite count, and up to CAP
    *candidates*: finite tokens with z >= (the chunk's running max) - margin, stored exactly as
    (id, z) in a [B, S, CAP] scratch. When a block would overflow the list, ``_evict`` raises the
    chunk's key floor so that the best 3/4 of the stored and new candidates remain (all CAP in the
@@ -65,7 +67,7 @@ from __future__ import annotations
 
 import torch
 
-from rast_kernels.batch import SamplingBatch
+from rast_kernels.batch import PARAMS, SamplingBatch
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
 from rast_kernels.reference import combine
 from rast_kernels.sampler_triton_kernels import _draw, _finish, _stats, _write_probs
@@ -118,6 +120,20 @@ def _inputs(batch: SamplingBatch) -> tuple[list, int]:
     return args, len(rl)
 
 
+def _raw_params(batch: SamplingBatch) -> tuple[list, int]:
+    """_stats' (pointer, scalar) argument pairs of the six per-row parameters, and ROWS, the bitmask of
+    those given as tensors. A tensor's scalar and a scalar's pointer are placeholders it never reads."""
+    args, rows = [], 0
+    for i, name in enumerate(PARAMS):
+        value = batch.params[name]
+        if value.tensor is None:
+            args += [batch.logits, value.scalar]
+        else:
+            args += [value.tensor.contiguous(), 0]
+            rows |= 1 << i
+    return args, rows
+
+
 def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
                       cap: int | None):
     if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
@@ -133,20 +149,23 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     sidx, scnt, ccnt = (torch.empty(bsz, splits, **i32) for _ in range(3))
     cid = torch.empty(bsz, splits, cap, **i32)
     cz = torch.empty(bsz, splits, cap, **f32)
-    temp, top_k, top_p, min_p = (t.contiguous() for t in (batch.temperature, batch.top_k, batch.top_p,
-                                                           batch.min_p))
-    _stats[(bsz, splits)](*args, temp, top_k, top_p, min_p, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
-                          v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=WIDE, **exact_fp_options())
+    pf, pk, pi = torch.empty(3, bsz, **f32), torch.empty(bsz, **i32), torch.empty(2, bsz, device=dev, dtype=torch.int64)
+    raw, rows = _raw_params(batch)
+    _stats[(bsz, splits)](*args, *raw, pf, pk, pi, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
+                          v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=WIDE, ROWS=rows,
+                          **exact_fp_options())
+    params = dict(temperature=pf[0], top_p=pf[1], min_p=pf[2], top_k=pk, seed=pi[0], offset=pi[1])
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),
                fast=torch.empty(bsz, device=dev, dtype=torch.int64))
     hist_block = min(256, block) if not interpreting() else block
     extra = {} if interpreting() else {"num_warps": 8}
-    _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, temp, top_k, top_p, min_p,
-                    batch.seed.contiguous(), batch.offset.contiguous(), row["zmax"], row["key"], row["greedy"],
+    _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, params["temperature"],
+                    params["top_k"], params["top_p"], params["min_p"], params["seed"], params["offset"],
+                    row["zmax"], row["key"], row["greedy"],
                     row["count"], row["fast"], v, splits, PAIRS=pairs, BLOCK=hist_block, NB=nb,
                     LOG2_NB=nb.bit_length() - 1, SP=next_pow2(splits), CAP=cap, DRAW=draw, **extra, **exact_fp_options())
-    return args, pairs, block, chunk, splits, row
+    return args, pairs, block, chunk, splits, row, params
 
 
 def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
@@ -154,13 +173,13 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
     """int64 [B]; block / chunk / nb (histogram buckets) / cap (candidates per chunk) override the
     launch plan, e.g. in tests. fast_out, an int64 [B] tensor, receives 1 for rows that took the
     fast path and 0 otherwise (for tests and benchmarks)."""
-    args, pairs, block, chunk, splits, row = _stats_and_select(batch, True, block, chunk, nb, cap)
+    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap)
     bsz, dev = batch.batch, batch.logits.device
     cscore = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
     cidx = torch.empty(bsz, splits, device=dev, dtype=torch.int32)
-    temp = batch.temperature.contiguous()
-    _draw[(bsz, splits)](*args, temp, batch.min_p.contiguous(), batch.seed.contiguous(), batch.offset.contiguous(),
-                         row["zmax"], row["key"], row["count"], row["fast"], cscore, cidx, batch.vocab, chunk, splits,
+    temp = params["temperature"]
+    _draw[(bsz, splits)](*args, temp, params["min_p"], params["seed"], params["offset"], row["zmax"], row["key"],
+                         row["count"], row["fast"], cscore, cidx, batch.vocab, chunk, splits,
                          SUM_MASS=False, PAIRS=pairs, BLOCK=block, **exact_fp_options())
     out = torch.empty(bsz, device=dev, dtype=torch.int64)
     _finish[(bsz,)](temp, row["greedy"], row["count"], row["fast"], cscore, cidx, out, splits,
@@ -173,12 +192,12 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
 def probs(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
           cap: int | None = None) -> torch.Tensor:
     """float32 [B, V]: w / sum_A w on A (one-hot on the mode for greedy rows, zeros for empty rows)."""
-    args, pairs, block, chunk, splits, row = _stats_and_select(batch, False, block, chunk, nb, cap)
+    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, False, block, chunk, nb, cap)
     bsz, dev = batch.batch, batch.logits.device
     cmass = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
-    temp, min_p = batch.temperature.contiguous(), batch.min_p.contiguous()
-    _draw[(bsz, splits)](*args, temp, min_p, batch.seed.contiguous(), batch.offset.contiguous(),
-                         row["zmax"], row["key"], row["count"], row["fast"], cmass, cmass, batch.vocab, chunk, splits,
+    temp, min_p = params["temperature"], params["min_p"]
+    _draw[(bsz, splits)](*args, temp, min_p, params["seed"], params["offset"], row["zmax"], row["key"],
+                         row["count"], row["fast"], cmass, cmass, batch.vocab, chunk, splits,
                          SUM_MASS=True, PAIRS=pairs, BLOCK=block, **exact_fp_options())
     out = torch.empty(bsz, batch.vocab, device=dev, dtype=torch.float32)
     _write_probs[(bsz, splits)](*args, temp, min_p, row["zmax"], row["key"], row["greedy"], row["count"], cmass,

@@ -1,73 +1,15 @@
 """The vocabulary-split kernels of the Triton sampler: the one read of the inputs (``_stats``, which also
 keeps each chunk's candidates) and the fallback draw (``_draw``, ``_finish``, ``_write_probs``).
-The algorithm and its exactness argument are in rast_kernels.sampler_triton."""
+The algorithm and its exactness argument are in rast_kernels.sampler_triton; the device functions they
+share, in rast_kernels.sampler_triton_common."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-BIG = tl.constexpr(2**31 - 1)  # "no index" and "no key": larger than any id and any finite-or-inf key
+from rast_kernels.sampler_triton_common import BIG, TINY, _clamp, _gumbel_score, _param, _row_key, _z, _zkey
+
 EVICT_STEPS = tl.constexpr(12)  # bisection steps of a candidate-floor search (_evict)
-
-
-@triton.jit
-def _add_pair(z, row, offs, mask, r_ptr, r_stride, b_ptr, b_stride, w_ptr, K: tl.constexpr, PAIRS: tl.constexpr):
-    """z + w_K * (rl_K - base_K) for one block of tokens of one row."""
-    w = tl.load(w_ptr + row * PAIRS + K)
-    r = tl.load(r_ptr + row * r_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + row * b_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    return z + w * (r - b)
-
-
-@triton.jit
-def _z(row, offs, mask, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
-       PAIRS: tl.constexpr):
-    """z for one block of tokens, accumulated pair by pair exactly as reference.combine does."""
-    row = row.to(tl.int64)  # row * stride overflows int32 beyond 2**31 elements
-    z = tl.load(l_ptr + row * l_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    if PAIRS > 0:
-        z = _add_pair(z, row, offs, mask, r0, r0s, b0, b0s, w_ptr, 0, PAIRS)
-    if PAIRS > 1:
-        z = _add_pair(z, row, offs, mask, r1, r1s, b1, b1s, w_ptr, 1, PAIRS)
-    if PAIRS > 2:
-        z = _add_pair(z, row, offs, mask, r2, r2s, b2, b2s, w_ptr, 2, PAIRS)
-    if PAIRS > 3:
-        z = _add_pair(z, row, offs, mask, r3, r3s, b3, b3s, w_ptr, 3, PAIRS)
-    return z
-
-
-@triton.jit
-def _mix32(x):
-    """lowbias32 on uint32 (rast_kernels.rng.mix32); multiplications wrap modulo 2**32."""
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _row_key(seed, offset):
-    """rast_kernels.rng.row_key for int64 scalars (two's complement words)."""
-    k = _mix32((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
-    k = _mix32(k ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
-    k = _mix32(k ^ (offset & 0xFFFFFFFF).to(tl.uint32))
-    return _mix32(k ^ ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32))
-
-
-@triton.jit
-def _gumbel_score(offs, rkey, d):
-    """g_i - d_i with g from the shared counter-based RNG (uniforms bit-identical to rng.py)."""
-    bits = _mix32(_mix32(offs.to(tl.uint32) ^ rkey) + rkey)
-    u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23, see rng.py
-    return -tl.log(-tl.log(u)) - d
-
-
-@triton.jit
-def _zkey(z):
-    """float32 -> int32 in the same order (finite and +-inf; NaN never reaches it)."""
-    bits = z.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
@@ -118,22 +60,37 @@ def _margin(temp, top_k, top_p, min_p, V, WIDE: tl.constexpr):
 
 @triton.jit
 def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
-           temp_ptr, topk_ptr, topp_ptr, minp_ptr, smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr,
+           temp_ptr, temp_v, topk_ptr, topk_v, topp_ptr, topp_v, minp_ptr, minp_v, seed_ptr, seed_v, offset_ptr,
+           offset_v, pf_ptr, pk_ptr, pi_ptr, smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr,
            ncmax_ptr, ncsum_ptr, V, CHUNK, S, PAIRS: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
-           WIDE: tl.constexpr):
+           WIDE: tl.constexpr, ROWS: tl.constexpr):
     """Per chunk: max z (first index), min z, finite count, and up to CAP candidates stored exactly
     (id, z): finite tokens with z >= running max - margin and key >= a floor that rises whenever the
     list would overflow (``_evict`` keeps the best 3/4, or all CAP in the chunk's last block). Every
     other finite token is a non-candidate, summarised by its max z and sum exp(-(m - z)/T) (m: the
-    chunk max). Invariant: each finite token of the chunk is stored or summarised, never both."""
+    chunk max). Invariant: each finite token of the chunk is stored or summarised, never both.
+    The row's parameters come raw (bit i of ROWS: parameter i is a tensor, else a scalar argument) and
+    are clamped here; the chunk-0 program writes them to pf [temperature, top_p, min_p], pk [top_k] and
+    pi [seed, offset] (each [3|1|2, B]), where the later kernels read them."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
     out = row * S + split
     base = out * CAP
-    temp = tl.load(temp_ptr + row)
+    temp = _param(temp_ptr, row, temp_v, ROWS & 1, tl.float32)
+    top_k = _param(topk_ptr, row, topk_v, (ROWS >> 1) & 1, tl.int32)
+    top_p = _clamp(_param(topp_ptr, row, topp_v, (ROWS >> 2) & 1, tl.float32), TINY, 1.0)
+    min_p = _clamp(_param(minp_ptr, row, minp_v, (ROWS >> 3) & 1, tl.float32), 0.0, 1.0)
+    if split == 0:
+        rows = tl.num_programs(0)
+        tl.store(pf_ptr + row, temp)
+        tl.store(pf_ptr + rows + row, top_p)
+        tl.store(pf_ptr + 2 * rows + row, min_p)
+        tl.store(pk_ptr + row, top_k)
+        tl.store(pi_ptr + row, _param(seed_ptr, row, seed_v, (ROWS >> 4) & 1, tl.int64))
+        tl.store(pi_ptr + rows + row, _param(offset_ptr, row, offset_v, (ROWS >> 5) & 1, tl.int64))
     safe_t = tl.where(temp > 0, temp, 1.0)
-    margin = _margin(temp, tl.load(topk_ptr + row), tl.load(topp_ptr + row), tl.load(minp_ptr + row), V, WIDE)
+    margin = _margin(temp, top_k, top_p, min_p, V, WIDE)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK], BIG, tl.int32)
     low = tl.full([BLOCK], float("inf"), tl.float32)

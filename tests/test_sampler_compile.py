@@ -14,14 +14,17 @@ ROW = {"temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr":
        "smax_ptr": "*fp32", "sidx_ptr": "*i32", "smin_ptr": "*fp32", "scnt_ptr": "*i32", "cscore_ptr": "*fp32",
        "cidx_ptr": "*i32", "cmass_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "CHUNK": "i32", "S": "i32",
        "cid_ptr": "*i32", "cz_ptr": "*fp32", "ccnt_ptr": "*i32", "ncmax_ptr": "*fp32",
-       "ncsum_ptr": "*fp32", "fast_ptr": "*i64"}
+       "ncsum_ptr": "*fp32", "fast_ptr": "*i64", "pf_ptr": "*fp32", "pk_ptr": "*i32", "pi_ptr": "*i64",
+       # _stats' raw parameters: tensors as the engine passes them, scalars as Python values arrive
+       "temp_v": "fp32", "topk_v": "i32", "topp_v": "fp32", "minp_v": "fp32", "seed_v": "i64", "offset_v": "i32"}
 
 
 def _kernels() -> list:
     from rast_kernels import sampler_triton as st
 
     return [
-        (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE)),
+        (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b111111)),  # every parameter a tensor
+        (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b010000)),  # scalars, the seed a tensor
         (st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=4, CAP=1024, DRAW=True)),
         (st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=256, CAP=16, DRAW=False)),
         (st._draw, dict(SUM_MASS=False, BLOCK=1024)),

@@ -1,0 +1,117 @@
+"""Per-row sampling parameters on their way into the kernels: Python scalars and tensors mean the same,
+out-of-range tensors are clamped the same way by every backend (the Triton one clamps in its first
+kernel, the others through SamplingBatch), and a Triton call issues no device work besides its own
+kernels. On CPU the Triton backend runs in the interpreter; the same tests run on CUDA under `gpu`."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rast_kernels as rk
+from rast_kernels.batch import normalize
+
+BACKENDS = [b for b in ("triton", "native") if b in rk.available_backends()]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+B, V = 4, 300
+
+
+def _inputs(device: str, seed: int = 0) -> tuple[torch.Tensor, list]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, V, generator=gen) * 3).to(device)
+    deltas = [(torch.randn(B, V + 3, generator=gen).to(device), torch.randn(B, V + 3, generator=gen).to(device))]
+    return logits, deltas
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_tensors_are_clamped_like_the_reference(backend: str, device: str) -> None:
+    if backend == "native" and device == "cuda":
+        pytest.skip("the native backend is CPU only")
+    logits, deltas = _inputs(device)
+    kw = dict(temperature=torch.tensor([-1.0, 0.7, 2.0, 1.0], device=device),
+              top_k=torch.tensor([2**40, -3, 5, 0], device=device),  # int64: converted, not clamped
+              top_p=torch.tensor([1.5, -0.2, 0.8, 0.0], device=device),
+              min_p=torch.tensor([-0.5, 0.1, 2.0, 0.05], device=device))
+    got = rk.rast_probs(logits, deltas, backend=backend, **kw)
+    want = rk.rast_probs(logits, deltas, backend="torch", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # the same rows written in range by hand: what the clamps must amount to
+    inrange = dict(temperature=torch.tensor([0.0, 0.7, 2.0, 1.0], device=device),
+                   top_k=torch.tensor([0, 0, 5, 0], dtype=torch.int32, device=device),
+                   top_p=torch.tensor([1.0, 1.1754943508222875e-38, 0.8, 1.1754943508222875e-38], device=device),
+                   min_p=torch.tensor([0.0, 0.1, 1.0, 0.05], device=device))
+    torch.testing.assert_close(got, rk.rast_probs(logits, deltas, backend="torch", **inrange), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scalars_and_tensors_mean_the_same(backend: str, device: str) -> None:
+    if backend == "native" and device == "cuda":
+        pytest.skip("the native backend is CPU only")
+    logits, deltas = _inputs(device, seed=1)
+    scalars = dict(weights=0.6, temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, seed=7, offset=3)
+    tensors = dict(weights=torch.full((B, 1), 0.6, device=device), temperature=torch.full((B,), 0.9, device=device),
+                   top_k=torch.full((B,), 40, dtype=torch.int32, device=device),
+                   top_p=torch.full((B,), 0.9, device=device), min_p=torch.full((B,), 0.02, device=device),
+                   seed=torch.full((B,), 7, device=device), offset=torch.full((B,), 3, device=device))
+    for name in scalars:  # each parameter alone as a tensor, the others scalars
+        mixed = dict(scalars, **{name: tensors[name]})
+        assert torch.equal(rk.rast_sample(logits, deltas, backend=backend, **mixed),
+                           rk.rast_sample(logits, deltas, backend=backend, **scalars)), name
+    probs = {k: v for k, v in scalars.items() if k not in ("seed", "offset")}
+    torch.testing.assert_close(rk.rast_probs(logits, deltas, backend=backend, **probs),
+                               rk.rast_probs(logits, deltas, backend="torch", **probs), rtol=1e-4, atol=1e-6)
+
+
+def test_scalar_top_k_beyond_the_vocabulary_is_off_and_seeds_must_fit_int64() -> None:
+    logits, deltas = _inputs("cpu", seed=2)
+    off = rk.rast_probs(logits, deltas, top_k=0, top_p=0.9, backend="torch")
+    for k in (V, 10**12, -5):  # k <= 0 and k >= V mean off; 10**12 would not fit the kernels' int32
+        torch.testing.assert_close(rk.rast_probs(logits, deltas, top_k=k, top_p=0.9, backend="torch"), off)
+    with pytest.raises(ValueError, match="seed must fit in int64"):
+        rk.rast_sample(logits, deltas, seed=2**63, backend="torch")
+    assert normalize(logits, deltas, top_k=10**12).params["top_k"].scalar == V
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches (CPU only)")
+def test_a_triton_call_is_its_four_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-row tensors of the engine's dtypes, or scalars with the seed a tensor (the benchmark's call):
+    the parameters cost no device op (before: a clamp per float tensor, a fill per scalar); scalar
+    weights cost one fill per pair. Aten ops the interpreter runs inside a kernel are not counted."""
+    import triton.runtime.interpreter as interpreter
+
+    ops: Counter = Counter()
+    inside = [False]
+
+    class CountAten(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func.overloadpacket.__name__
+            if not inside[0] and name not in ("empty", "empty_strided", "empty_like") and not func.is_view:
+                ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    launch = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        ops[self.fn.__name__] += 1
+        inside[0] = True
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    logits, deltas = _inputs("cpu", seed=3)
+    tensors = dict(weights=torch.full((B, 1), 0.5), temperature=torch.ones(B), top_k=torch.zeros(B, dtype=torch.int32),
+                   top_p=torch.full((B,), 0.9), min_p=torch.zeros(B), seed=torch.arange(B),
+                   offset=torch.zeros(B, dtype=torch.int64))
+    scalars = dict(weights=0.5, temperature=1.0, top_p=0.9, seed=torch.arange(B))
+    kernels = {"_stats": 1, "_select": 1, "_draw": 1, "_finish": 1}
+    for kw, extra in ((tensors, {}), (scalars, {"fill_": 1})):
+        ops.clear()
+        with CountAten():
+            rk.rast_sample(logits, deltas, backend="triton", **kw)
+        assert dict(ops) == {**kernels, **extra}

@@ -8,12 +8,10 @@ flips a large fraction of them by one unit), and no element may differ by more t
 """
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
@@ -24,7 +22,6 @@ from rast_engine.models import load_model
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_kernels import launch
 from rast_kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding, rotary_embedding_store_kv, silu_and_mul
-from test_models import BLOCK, make_meta
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -197,52 +194,6 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         rotary_embedding(torch.zeros(2, dtype=torch.int64), torch.randn(2, 2, 4), torch.randn(2, 1, 4),
                          torch.zeros(10, 4))
-
-
-GEMMS = {"addmm", "mm"}
-ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty"}
-
-
-@_interp
-def test_fused_decode_layer_launches_nine_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The point of the fusion, counted: a decode step of one Qwen2 layer with the triton layer ops and
-    attention is 4 GEMMs, 2 norms, 1 rotary that also stores k/v, 1 attention and 1 activation kernel,
-    with no other device op (the torch ops issue about 35 more). Aten ops run by the Triton interpreter itself
-    are not the model's and are not counted."""
-    import triton.runtime.interpreter as interp
-
-    model = load_model(make_model_dir(tmp_path, layers=2), device="cpu", dtype="bfloat16",
-                       attention=TritonAttention(), ops=get_layer_ops("triton", "cpu"))
-    shape = model.config.kv_cache_shape(4, BLOCK)
-    caches = [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)) for _ in range(2)]
-    meta, positions = make_meta([(5, 1)], [[0, 1]], is_prefill=False)
-    ops: Counter = Counter()
-    inside_kernel = [False]
-
-    class CountAten(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            name = func.overloadpacket.__name__
-            if not inside_kernel[0] and name not in ALLOCATIONS and not func.is_view:
-                ops[name] += 1
-            return func(*args, **(kwargs or {}))
-
-    launch = interp.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        ops[self.fn.__name__] += 1
-        inside_kernel[0] = True
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            inside_kernel[0] = False
-
-    with torch.no_grad():
-        h, residual = model.layers[0](model.embed_tokens(torch.tensor([3])), None, positions, meta, caches[0])
-        monkeypatch.setattr(interp.InterpretedFunction, "run", run)
-        with CountAten():
-            model.layers[1](h, residual, positions, meta, caches[1])
-    assert dict(ops) == {"addmm": 1, "mm": 3, "_rms_norm_kernel": 2, "_rotary_kernel": 1, "_decode_kernel": 1,
-                         "_silu_mul_kernel": 1}
 
 
 @_interp

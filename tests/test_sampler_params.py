@@ -4,13 +4,11 @@ kernel, the others through SamplingBatch), and a Triton call issues no device wo
 kernels. On CPU the Triton backend runs in the interpreter; the same tests run on CUDA under `gpu`."""
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rast_kernels as rk
+from device_ops import count_device_ops
 from rast_kernels.batch import normalize
 
 BACKENDS = [b for b in ("triton", "native") if b in rk.available_backends()]
@@ -80,30 +78,7 @@ def test_scalar_top_k_beyond_the_vocabulary_is_off_and_seeds_must_fit_int64() ->
 def test_a_triton_call_is_its_four_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-row tensors of the engine's dtypes, or scalars with the seed a tensor (the benchmark's call):
     the parameters cost no device op (before: a clamp per float tensor, a fill per scalar); scalar
-    weights cost one fill per pair. Aten ops the interpreter runs inside a kernel are not counted."""
-    import triton.runtime.interpreter as interpreter
-
-    ops: Counter = Counter()
-    inside = [False]
-
-    class CountAten(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            name = func.overloadpacket.__name__
-            if not inside[0] and name not in ("empty", "empty_strided", "empty_like") and not func.is_view:
-                ops[name] += 1
-            return func(*args, **(kwargs or {}))
-
-    launch = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        ops[self.fn.__name__] += 1
-        inside[0] = True
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    weights cost one fill per pair."""
     logits, deltas = _inputs("cpu", seed=3)
     tensors = dict(weights=torch.full((B, 1), 0.5), temperature=torch.ones(B), top_k=torch.zeros(B, dtype=torch.int32),
                    top_p=torch.full((B,), 0.9), min_p=torch.zeros(B), seed=torch.arange(B),
@@ -111,7 +86,6 @@ def test_a_triton_call_is_its_four_kernels(monkeypatch: pytest.MonkeyPatch) -> N
     scalars = dict(weights=0.5, temperature=1.0, top_p=0.9, seed=torch.arange(B))
     kernels = {"_stats": 1, "_select": 1, "_draw": 1, "_finish": 1}
     for kw, extra in ((tensors, {}), (scalars, {"fill_": 1})):
-        ops.clear()
-        with CountAten():
+        with count_device_ops(monkeypatch) as ops:
             rk.rast_sample(logits, deltas, backend="triton", **kw)
         assert dict(ops) == {**kernels, **extra}

@@ -1,0 +1,62 @@
+"""What a decode step runs on the device, counted on the CPU with every kernel interpreted: at batch 1 a
+step's time is its launches, so each stray op is a regression. One Qwen2 layer with the fused layer ops
+and Triton attention is 9 kernels (4 GEMMs, 2 norms, rotary with the KV store, attention, activation;
+the plain torch ops issue about 35 more). A whole RAST step of the engine is, per model, its embedding
+gather, its layers and final norm and lm_head, then the sampler's four kernels: nothing else."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from device_ops import count_device_ops
+from factories import make_model_dir
+from rast_engine import EngineConfig, LLMEngine, SamplingParams
+from rast_engine.attention.triton_backend import TritonAttention
+from rast_engine.models import load_model
+from rast_engine.models.layer_ops import get_layer_ops
+from test_models import BLOCK, make_meta
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches (CPU only)")
+GEMMS = ("linear", "addmm", "mm")  # how a projection dispatches depends on the grad mode and bias
+
+
+def _gemms(ops: Counter) -> int:
+    return sum(ops.pop(name, 0) for name in GEMMS)
+
+
+def test_fused_decode_layer_launches_nine_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model(make_model_dir(tmp_path, layers=2), device="cpu", dtype="bfloat16",
+                       attention=TritonAttention(), ops=get_layer_ops("triton", "cpu"))
+    shape = model.config.kv_cache_shape(4, BLOCK)
+    caches = [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)) for _ in range(2)]
+    meta, positions = make_meta([(5, 1)], [[0, 1]], is_prefill=False)
+    with torch.no_grad():
+        h, residual = model.layers[0](model.embed_tokens(torch.tensor([3])), None, positions, meta, caches[0])
+        with count_device_ops(monkeypatch) as ops:
+            model.layers[1](h, residual, positions, meta, caches[1])
+    assert _gemms(ops) == 4
+    assert dict(ops) == {"_rms_norm_kernel": 2, "_rotary_kernel": 1, "_decode_kernel": 1, "_silu_mul_kernel": 1}
+
+
+def test_rast_decode_step_is_gemms_and_rast_kernels(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    large, rl, base = map(str, qwen2_triple)
+    engine = LLMEngine(EngineConfig(model=large, small_rl=rl, small_base=base, lam=0.6, device="cpu",
+                                    attention_backend="triton", layer_ops="triton", enforce_eager=True,
+                                    block_size=4, kv_cache_blocks=64, max_num_seqs=4, max_model_len=64))
+    engine.runner.sampler = "triton"  # the CUDA default; on the CPU the native sampler would run
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=6, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", [5 + i, 6, 7, 8, 9], params)
+    engine.step()  # prefill
+    engine.step()  # a first decode step: lazy one-time work done
+    with count_device_ops(monkeypatch) as ops:
+        engine.step()
+    layers = [len(m.layers) for m in engine.runner.models]
+    assert len(layers) == 3
+    assert _gemms(ops) == sum(4 * n + 1 for n in layers)  # q/k/v, o, gate/up, down per layer; each lm_head
+    assert dict(ops) == {"embedding": 3, "_rms_norm_kernel": sum(2 * n + 1 for n in layers),
+                         "_rotary_kernel": sum(layers), "_decode_kernel": sum(layers), "_silu_mul_kernel": sum(layers),
+                         "_stats": 1, "_select": 1, "_draw": 1, "_finish": 1}

@@ -130,6 +130,35 @@ def graph_time_ms(fn: Callable[[], object], device: torch.device, iters: int) ->
     return begin.elapsed_time(end) / iters
 
 
+def device_profile(run: Callable[[], object], device: torch.device, calls: int, top: int = 15) -> dict:
+    """torch.profiler over ``calls`` calls of ``run``: wall and busy ms per call, launches per call, and
+    the ``top`` kernels (ops on a CPU) by self device time per call, each with its share of the busy time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        sync(device)
+        wall = time.perf_counter() - t0
+    averages = list(prof.key_averages())
+    names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    key = next((n for n in names if averages and hasattr(averages[0], n)), names[-1])  # cuda -> device in 2.4+
+    events = sorted((e for e in averages if getattr(e, key) > 0), key=lambda e: getattr(e, key), reverse=True)
+    busy_us = sum(getattr(e, key) for e in events)
+    kernels = [dict(name=e.key[:90], ms_per_step=getattr(e, key) / 1e3 / calls,
+                    share=getattr(e, key) / busy_us, calls_per_step=e.count / calls) for e in events[:top]]
+    return dict(wall_ms_per_step=wall * 1e3 / calls, busy_ms_per_step=busy_us / 1e3 / calls,
+                launches_per_step=sum(e.count for e in events) / calls, time_kind=key, kernels=kernels)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
     """Measured device-to-device copy bandwidth in bytes/s (read + write counted), the denominator of
     every 'floor'. On CPU a smaller buffer keeps the measurement quick."""

@@ -15,13 +15,9 @@ from typing import Any
 import torch
 
 from bench import common
+from bench.common import sync
 
 LAM = 1.0  # λ of the single small pair in every RAST mode
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def summarize(step_s: list[float], first_token_s: float, batch: int, gen: int) -> dict:
@@ -127,32 +123,13 @@ def profile_engine(engine: Any, sp_cls: Any, batch: int, prompt: int, vocab: int
                    steps: int = 5, top: int = 15) -> dict:
     """torch.profiler over ``steps`` decode steps (after the prefill and one warm decode step): the top
     kernels (ops on CPU) by self time per step, next to the step's wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
     add_requests(engine, sp_cls, batch, prompt, steps + 3, vocab, "profile")
     engine.step()
     engine.step()
-    cuda = device.type == "cuda"
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        sync(device)
-        wall = time.perf_counter() - t0
+    prof = common.device_profile(engine.step, device, steps, top)
     while engine.has_unfinished_requests():
         engine.step()
-    averages = list(prof.key_averages())
-    names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
-    key = next(n for n in names if averages and hasattr(averages[0], n))  # renamed cuda -> device in torch 2.4+
-    events = [e for e in averages if getattr(e, key) > 0]
-    busy_us = sum(getattr(e, key) for e in events)
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    kernels = [dict(name=e.key[:90], ms_per_step=getattr(e, key) / 1e3 / steps,
-                    share=getattr(e, key) / busy_us, calls_per_step=e.count / steps) for e in events[:top]]
-    return dict(batch=batch, steps=steps, wall_ms_per_step=wall * 1e3 / steps,
-                busy_ms_per_step=busy_us / 1e3 / steps, launches_per_step=sum(e.count for e in events) / steps,
-                time_kind=key, kernels=kernels)
+    return dict(batch=batch, steps=steps, **prof)
 
 
 def print_profile(p: dict) -> None:

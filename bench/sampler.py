@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import copy_bandwidth, device_name, git_sha, plot, table, time_us, write_results  # noqa: E402
+from bench.common import (copy_bandwidth, device_name, device_profile, git_sha, plot, table, time_us,  # noqa: E402
+                          write_results)
 import rast_kernels as rk  # noqa: E402
 
 TOP_P, TEMPERATURE, WEIGHT = 0.95, 1.0, 1.0
@@ -108,6 +109,14 @@ def host_us(fn: Callable[[], object], device: torch.device, iters: int = 20) -> 
     return spent / iters * 1e6
 
 
+def kernel_breakdown(fn: Callable[[], object], device: torch.device, calls: int = 20) -> dict[str, float]:
+    """Device µs per call of each kernel (ops on a CPU) of eager calls, by torch.profiler: where a fused
+    row's time goes. The inputs stay in L2 across calls where they fit, so small-batch kernels read
+    faster than from HBM; the split between kernels is what this is for."""
+    prof = device_profile(fn, device, calls, top=8)
+    return {k["name"]: round(k["ms_per_step"] * 1e3, 2) for k in prof["kernels"]}
+
+
 def impls(device: torch.device, only: list[str] | None) -> list[str]:
     names = ["fused", "fused-graph", "torch", "unfused"] if device.type == "cuda" else ["torch", "unfused"]
     if device.type == "cpu" and rk.available_backends().count("native"):
@@ -155,6 +164,8 @@ def run(args: argparse.Namespace) -> None:
                                  us_median=round(us, 2), floor_us=round(floor_us, 2)))
                 if name == "fused":
                     rows[-1]["host_us"] = round(host_us(calls[name], device), 2)
+                if name in ("fused", "native"):
+                    rows[-1]["kernels_us"] = kernel_breakdown(calls[name], device)
         # rewritten after every shape, so a run cut off by a time limit keeps what it measured
         write_results(args.name, device, rows, extra=dict(partial=True), out_dir=args.out)
     report(rows, device, bandwidth, entropies, args.name, args.out)
@@ -197,6 +208,10 @@ def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: 
     cols = ["impl", "batch", "vocab", "pairs", "top_k", "min_p", "us_median", "floor_us", "floor_fraction",
             "speedup_vs_unfused", "speedup_vs_torch", "host_us"]
     print(table(rows, cols))
+    for r in rows:
+        if "kernels_us" in r and (r["vocab"], r["pairs"]) == (152064, 1):
+            parts = ", ".join(f"{name} {us}" for name, us in r["kernels_us"].items())
+            print(f"{r['impl']} B={r['batch']} top_k={r['top_k']} min_p={r['min_p']} per kernel (us, eager): {parts}")
     verdicts = targets(rows)
     for t in verdicts:
         print(f"target {t['target']}: {t['value']:.2f} (limit {t['limit']}) {'met' if t['met'] else 'MISSED'}")

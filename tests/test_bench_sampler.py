@@ -35,4 +35,6 @@ def test_quick_run_writes_rows_and_no_targets(tmp_path: Path) -> None:
     result, path, stdout = run_bench("sampler.py", tmp_path, "--quick", "--cpu", pattern="sampler-*.json")
     assert result["rows"] and all(r["us_median"] > 0 and r["floor_us"] > 0 for r in result["rows"])
     assert result["targets"] == []  # --quick has no V=152064 shape
+    native = [r for r in result["rows"] if r["impl"] == "native"]
+    assert all(r["kernels_us"] and all(us > 0 for us in r["kernels_us"].values()) for r in native)
     assert result["device"] in stdout

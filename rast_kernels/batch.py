@@ -135,7 +135,7 @@ def _row_value(name: str, value: RowParam, batch: int, device: torch.device, voc
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if spec.integral:
-        if not float(value).is_integer():
+        if isinstance(value, float) and not value.is_integer():  # float(int) could overflow: ints pass as they are
             raise ValueError(f"{name} must be an integer, got {value}")
         value = int(value)
         if name == "top_k":  # k <= 0 and k >= V both mean off: the same sampler, and it fits int32

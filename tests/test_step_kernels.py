@@ -39,6 +39,10 @@ def test_fused_decode_layer_launches_nine_kernels(tmp_path: Path, monkeypatch: p
             model.layers[1](h, residual, positions, meta, caches[1])
     assert _gemms(ops) == 4
     assert dict(ops) == {"_rms_norm_kernel": 2, "_rotary_kernel": 1, "_decode_kernel": 1, "_silu_mul_kernel": 1}
+    wrong = torch.zeros(4, BLOCK * 2, *shape[2:], dtype=torch.bfloat16)  # slots would index other blocks
+    with torch.no_grad(), pytest.raises(ValueError, match="block_size"):
+        model.layers[1](h, residual, positions, meta, (wrong, wrong.clone()))
+    assert not wrong.any()  # refused before the fused store wrote anything
 
 
 def test_rast_decode_step_is_gemms_and_rast_kernels(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:

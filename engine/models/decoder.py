@@ -55,14 +55,14 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if not self.rotary.ops.stores_kv:
-            q, k = self.rotary(positions, q, k)
-            out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        else:
+        if self.rotary.ops.stores_kv:
             if kv_cache[0].shape[1] != meta.block_size:  # before the store: slots index blocks of this size
                 raise ValueError(f"cache block_size {kv_cache[0].shape[1]} != metadata block_size {meta.block_size}")
             q, k = self.rotary.forward_store_kv(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
             out = self.backend.attend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        else:
+            q, k = self.rotary(positions, q, k)
+            out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -25,6 +25,8 @@ def _kernels() -> list:
     return [
         (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b111111)),  # every parameter a tensor
         (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b010000)),  # scalars, the seed a tensor
+        # scalar ints equal to 1 reach the kernel as constexprs (the launcher specialises them)
+        (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0, topk_v=1, seed_v=1, offset_v=1)),
         (st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=4, CAP=1024, DRAW=True)),
         (st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=256, CAP=16, DRAW=False)),
         (st._draw, dict(SUM_MASS=False, BLOCK=1024)),

@@ -9,7 +9,8 @@ sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe,
 1. ``_stats`` (grid B x S, the vocabulary split in S chunks so B = 1 still fills the GPU) reads the
    inputs once. It takes the per-row parameters as given (Python scalars as kernel arguments, tensors
    clamped in registers) and writes them once for the kernels after it, so a call issues no device
-   work besides these four kernels (a fill per pair when λ is a Python scalar). Per chunk it keeps the max z (first index), min z, finite count, and up to CAP
+   work besides these four kernels (a fill per pair when λ is a Python scalar). Per chunk it keeps the
+   max z (first index), min z, finite count, and up to CAP
    *candidates*: finite tokens with z >= (the chunk's running max) - margin, stored exactly as
    (id, z) in a [B, S, CAP] scratch. When a block would overflow the list, ``_evict`` raises the
    chunk's key floor so that the best 3/4 of the stored and new candidates remain (all CAP in the

@@ -36,6 +36,12 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return int(self.context_lens.shape[0])
 
+    def check_cache(self, k_cache: torch.Tensor) -> None:
+        """Slots index blocks of ``block_size`` rows: a cache of another block size would be written at
+        the wrong rows, so whoever stores k/v checks this first."""
+        if k_cache.shape[1] != self.block_size:
+            raise ValueError(f"cache block_size {k_cache.shape[1]} != metadata block_size {self.block_size}")
+
     def __post_init__(self) -> None:
         if self.cu_seqlens_q.shape[0] != self.context_lens.shape[0] + 1:
             raise ValueError("cu_seqlens_q must have one more entry than context_lens")

@@ -22,13 +22,13 @@ class TritonAttention:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        _check_block_size(k_cache, meta)  # before the store: a mismatch would write the wrong slots
+        meta.check_cache(k_cache)
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.attend(q, k, v, k_cache, v_cache, meta, scale)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        _check_block_size(k_cache, meta)
+        meta.check_cache(k_cache)
         if meta.is_prefill:
             return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                            meta.cu_seqlens_q, meta.max_seqlen_q, scale)
@@ -37,8 +37,3 @@ class TritonAttention:
                              f"for {meta.num_seqs} sequences")
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                       num_splits=self.num_splits)
-
-
-def _check_block_size(k_cache: torch.Tensor, meta: AttentionMetadata) -> None:
-    if k_cache.shape[1] != meta.block_size:
-        raise ValueError(f"cache block_size {k_cache.shape[1]} != metadata block_size {meta.block_size}")

@@ -56,8 +56,7 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.rotary.ops.stores_kv:
-            if kv_cache[0].shape[1] != meta.block_size:  # before the store: slots index blocks of this size
-                raise ValueError(f"cache block_size {kv_cache[0].shape[1]} != metadata block_size {meta.block_size}")
+            meta.check_cache(kv_cache[0])
             q, k = self.rotary.forward_store_kv(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
             out = self.backend.attend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         else:

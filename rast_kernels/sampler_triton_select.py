@@ -119,11 +119,13 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     k_on = (k > 0) & (k < count)
     p_on = p < 1.0
 
-    # The candidates of all chunks as one [SP, CAP] tile; U = candidates with key < kc, the smallest
-    # key any non-candidate can have, so every token outside U has a key >= kc > every key in U.
-    slot = tl.arange(0, CAP)
-    have = pmask[:, None] & (slot[None, :] < tl.load(ccnt_ptr + row * S + parts, mask=pmask, other=0)[:, None])
-    at = (row * S + parts)[:, None] * CAP + slot[None, :]
+    # The candidates of all chunks as one flat tile of SP * CAP slots (chunk c's slots at c * CAP, as
+    # stored); U = candidates with key < kc, the smallest key any non-candidate can have, so every
+    # token outside U has a key >= kc > every key in U.
+    slot = tl.arange(0, SP * CAP)
+    part = slot // CAP
+    have = (part < S) & (slot % CAP < tl.load(ccnt_ptr + row * S + part, mask=part < S, other=0))
+    at = row * S * CAP + slot
     cz = tl.load(cz_ptr + at, mask=have, other=0.0)
     cid = tl.load(cid_ptr + at, mask=have, other=0)
     d = tl.math.div_rn(zmax - cz, safe_t)  # the same d, bit for bit, as every full-row kernel
@@ -132,30 +134,30 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     zc = tl.max(tl.load(ncmax_ptr + row * S + parts, mask=pmask, other=float("-inf")), axis=0)
     kc = tl.where(zc > float("-inf"), tl.math.div_rn(zmax - zc, safe_t).to(tl.int32, bitcast=True), BIG)
     in_u = ck < kc
-    n_u = tl.sum(tl.sum(in_u.to(tl.int32), axis=1), axis=0)
-    tau = tl.max(tl.max(tl.where(in_u, ck, 0), axis=1), axis=0)
+    n_u = tl.sum(in_u.to(tl.int32), axis=0)
+    tau = tl.max(tl.where(in_u, ck, 0), axis=0)
     if k_on & (n_u >= k):  # the k-th smallest key of the row is the k-th smallest of U
         lo = 0
         hi = tau
         while lo < hi:
             mid = lo + (hi - lo) // 2
-            enough = tl.sum(tl.sum((in_u & (ck <= mid)).to(tl.int32), axis=1), axis=0) >= k
+            enough = tl.sum((in_u & (ck <= mid)).to(tl.int32), axis=0) >= k
             lo = tl.where(enough, lo, mid + 1)
             hi = tl.where(enough, mid, hi)
         tau = lo
-    mass_u = tl.sum(tl.sum(tl.where(in_u & (ck <= tau), w, 0.0), axis=1), axis=0)  # U within top-k
+    mass_u = tl.sum(tl.where(in_u & (ck <= tau), w, 0.0), axis=0)  # U within top-k
     # Z_K: with top-k on (and n_u >= k) K lies inside U; otherwise K is every finite token.
     chunk_scale = tl.exp(-tl.math.div_rn(zmax - pmax, safe_t))
     nc_mass = tl.sum(tl.where(pmask & (pmax > float("-inf")),
                               tl.load(ncsum_ptr + row * S + parts, mask=pmask, other=0.0) * chunk_scale, 0.0), axis=0)
-    z_k = tl.where(k_on, mass_u, tl.sum(tl.sum(w, axis=1), axis=0) + nc_mass)
+    z_k = tl.where(k_on, mass_u, tl.sum(w, axis=0) + nc_mass)
     limit = p * z_k
     if p_on:  # the largest t with mass(U, key < t) < top_p * Z_K; on keys <= kc that is the row's mass
         lo = 0
         hi = tau
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
-            under = tl.sum(tl.sum(tl.where(in_u & (ck < mid), w, 0.0), axis=1), axis=0) < limit
+            under = tl.sum(tl.where(in_u & (ck < mid), w, 0.0), axis=0) < limit
             lo = tl.where(under, mid, lo)
             hi = tl.where(under, hi, mid - 1)
         tau = lo
@@ -170,8 +172,8 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
             adm = in_u & (ck <= tau) & (w >= min_p)
             rkey = _row_key(tl.load(seed_ptr + row), tl.load(offset_ptr + row))
             score = tl.where(adm, _gumbel_score(cid, rkey, d), float("-inf"))
-            best = tl.max(tl.max(score, axis=1), axis=0)
-            drawn = tl.min(tl.min(tl.where(adm & (score == best), cid, BIG), axis=1), axis=0)
+            best = tl.max(score, axis=0)
+            drawn = tl.min(tl.where(adm & (score == best), cid, BIG), axis=0)
     top = tl.math.div_rn(zmax - zmin, safe_t).to(tl.int32, bitcast=True)  # the largest key of the row
     tau = tl.where(fast, tau, top)
     if sampling & (fast == 0) & (k_on | p_on):

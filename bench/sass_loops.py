@@ -1,0 +1,111 @@
+"""What one round of each loop of the sampler's ``_select`` costs in machine code, on any machine.
+
+``_select`` (one program per row) runs up to 31 rounds of each bisection on its candidate tile at
+every sampled step, so at B <= 32 its sequential rounds, not HBM, are likely what limits the fused
+sampler. This script compiles it for sm_90 (no GPU needed: Triton's ptxas and cuobjdump) under the
+launch plans an H100 gets at B = 1 and 32, and lists every loop of the SASS with its instructions,
+barriers (BAR: each a block-wide wait), shuffles and warp reductions per round, plus registers and
+spill stack. These are static counts, not timings: they rank variants of a loop before a GPU can time
+them. Writes bench/results/sass-select-<shortsha>.json.
+
+    python bench/sass_loops.py [--sms 132] [--num-warps 8]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # interpreted kernels cannot be compiled
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from bench.common import git_sha, now, table  # noqa: E402
+from rast_kernels import sampler_triton  # noqa: E402
+from test_sampler_compile import _signature  # noqa: E402
+
+INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def _tool(name: str) -> str:
+    found = glob.glob(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name))
+    if not found:
+        raise SystemExit(f"this Triton ships no {name}")
+    return found[0]
+
+
+def cubin_of_select(splits: int, cap: int, num_warps: int, pairs: int = 1) -> bytes:
+    """_select compiled for sm_90 as sampler_triton launches it on a GPU (bf16 inputs, DRAW on)."""
+    fn = sampler_triton._select
+    consts = dict(BLOCK=256, NB=16, LOG2_NB=4, SP=triton.next_power_of_2(splits), CAP=cap, DRAW=True, PAIRS=pairs)
+    names = list(fn.arg_names)
+    src = ASTSource(fn=fn, signature=_signature(fn, "*bf16", consts),
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    options = dict(enable_fp_fusion=False, num_warps=num_warps)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+def loops(sass: str) -> list[dict]:
+    """Every backward branch's body: [start, end] and its instruction mix (inner loops also count in
+    the loops around them)."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in map(INSTRUCTION.match, sass.splitlines()) if m]
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    found = []
+    for i, (addr, text) in enumerate(code):
+        target = re.search(r"0x([0-9a-f]+)", text.split("BRA", 1)[1]) if "BRA" in text else None
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            body = [t for _, t in code[index[int(target.group(1), 16)]:i + 1]]
+            found.append(dict(start=hex(int(target.group(1), 16)), end=hex(addr), instructions=len(body),
+                              barriers=sum("BAR" in t for t in body), shuffles=sum("SHFL" in t for t in body),
+                              warp_reductions=sum("REDUX" in t for t in body)))
+    return found
+
+
+def profile(splits: int, cap: int, num_warps: int, workdir: Path) -> dict:
+    cubin = workdir / f"select-{splits}x{cap}.cubin"
+    cubin.write_bytes(cubin_of_select(splits, cap, num_warps))
+    usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    return dict(splits=splits, cap=cap, num_warps=num_warps, registers=regs, spill_stack_bytes=stack,
+                instructions=len([line for line in sass.splitlines() if INSTRUCTION.match(line)]),
+                loops=loops(sass))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU whose launch plans are compiled")
+    ap.add_argument("--num-warps", type=int, default=8, help="warps of _select (sampler_triton uses 8)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plans = []
+    for batch in (1, 32):
+        _, _, splits, cap = sampler_triton.launch_plan(batch, 152064, args.sms, block=1024)
+        with tempfile.TemporaryDirectory() as workdir:
+            plan = dict(batch=batch, **profile(splits, cap, args.num_warps, Path(workdir)))
+        plans.append(plan)
+        print(f"B={batch}: {splits} chunks x {cap} candidates, {plan['registers']} registers, "
+              f"{plan['spill_stack_bytes']} B spill stack, {plan['instructions']} instructions")
+        print(table(plan["loops"], ["start", "end", "instructions", "barriers", "shuffles", "warp_reductions"]))
+    path = args.out / f"sass-select-{git_sha()}.json"
+    path.write_text(json.dumps(dict(kernel="_select", target="sm_90", triton=triton.__version__, commit=git_sha(),
+                                    date=now(), plans=plans), indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

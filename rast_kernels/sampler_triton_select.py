@@ -139,12 +139,13 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     if k_on & (n_u >= k):  # the k-th smallest key of the row is the k-th smallest of U
         lo = 0
         hi = tau
-        while lo < hi:
+        while lo < hi:  # a bisection that stops once exactly k keys are <= mid
             mid = lo + (hi - lo) // 2
-            enough = tl.sum((in_u & (ck <= mid)).to(tl.int32), axis=0) >= k
-            lo = tl.where(enough, lo, mid + 1)
-            hi = tl.where(enough, mid, hi)
-        tau = lo
+            below = tl.sum((in_u & (ck <= mid)).to(tl.int32), axis=0)
+            lo = tl.where(below == k, mid, tl.where(below > k, lo, mid + 1))
+            hi = tl.where(below >= k, mid, hi)
+        # k keys <= lo: the k-th is the largest of them (lo itself when the search ran to the end)
+        tau = tl.max(tl.where(in_u & (ck <= lo), ck, 0), axis=0)
     mass_u = tl.sum(tl.where(in_u & (ck <= tau), w, 0.0), axis=0)  # U within top-k
     # Z_K: with top-k on (and n_u >= k) K lies inside U; otherwise K is every finite token.
     chunk_scale = tl.exp(-tl.math.div_rn(zmax - pmax, safe_t))

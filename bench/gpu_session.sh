@@ -9,8 +9,9 @@
 #                                             (<= 170 s), bench/sampler.py --targets, then bench/decode.py
 #                                             for 7b+1.5b: base, rast, hf-rast at batch 1 and 32, profiled:
 #                                             every shape that issues 2 and 4 set a target on
-#   bash bench/gpu_session.sh second  <sha>   (<= 150 s) 14b+7b base and rast at batch 1 and 32, then rast
-#                                             at batch 1 with --layer-ops torch (what the fused kernels buy)
+#   bash bench/gpu_session.sh second  <sha>   (<= 150 s) 14b+7b base and rast at batch 1 and 32, then
+#                                             7b+1.5b rast-unpaired at batch 1 and 32 (what the paired
+#                                             forward of the small models buys, against first's rast rows)
 #
 # With more device time, the full suites:
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
@@ -67,7 +68,7 @@ case "$stage" in
   second)
     install
     decode $(( $(left) * 3 / 5 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
-    decode "$(left)" --pairings 7b+1.5b --modes rast --batches 1 --layer-ops torch
+    decode "$(left)" --pairings 7b+1.5b --modes rast-unpaired --batches 1 32 --name decode-unpaired
     ;;
   tests)
     install

@@ -2,6 +2,8 @@
 
 Every model gets ``num_blocks`` blocks of ``block_size`` slots (layout in attention.metadata), so one
 block id names the same tokens in every pool; one block therefore costs the sum of the models' bytes.
+A paired (rl, base) forward (models.paired) shares one pool of ``copies`` x num_blocks blocks: model c
+of the pair keeps block b at c * num_blocks + b.
 """
 from __future__ import annotations
 
@@ -73,17 +75,22 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
 
 class KVCache:
     def __init__(self, configs: Sequence[ModelConfig], num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, copies: Optional[Sequence[int]] = None) -> None:
+        """One pool per config, holding copies[i] (default 1) models' blocks of that architecture."""
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.copies = list(copies) if copies is not None else [1] * len(configs)
+        if len(self.copies) != len(configs) or min(self.copies, default=1) < 1:
+            raise ValueError(f"copies must give a positive count per config, got {copies}")
         # zero-filled: slots past a context are masked, but 0 * NaN garbage would still poison a matmul
         self.pools: list[KVPool] = [
-            [(torch.zeros(c.kv_cache_shape(num_blocks, block_size), dtype=dtype, device=device),
-              torch.zeros(c.kv_cache_shape(num_blocks, block_size), dtype=dtype, device=device))
+            [(torch.zeros(c.kv_cache_shape(n * num_blocks, block_size), dtype=dtype, device=device),
+              torch.zeros(c.kv_cache_shape(n * num_blocks, block_size), dtype=dtype, device=device))
              for _ in range(c.num_layers)]
-            for c in configs
+            for c, n in zip(configs, self.copies)
         ]
-        self.bytes = num_blocks * bytes_per_block(configs, block_size, dtype)
+        every_model = [c for c, n in zip(configs, self.copies) for _ in range(n)]
+        self.bytes = num_blocks * bytes_per_block(every_model, block_size, dtype)
 
     @property
     def capacity_tokens(self) -> int:
@@ -96,7 +103,9 @@ class KVCache:
         dev = device or self.pools[0][0][0].device
         src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=dev)
         dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=dev)
-        for pool in self.pools:
+        for pool, n in zip(self.pools, self.copies):
+            shift = torch.arange(n, device=dev)[:, None] * self.num_blocks  # every model's copy of the block
+            src_n, dst_n = (src + shift).flatten(), (dst + shift).flatten()
             for k_cache, v_cache in pool:
-                k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
-                v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+                k_cache.index_copy_(0, dst_n, k_cache.index_select(0, src_n))
+                v_cache.index_copy_(0, dst_n, v_cache.index_select(0, src_n))

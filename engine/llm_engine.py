@@ -22,6 +22,7 @@ from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, default_token_budget, num_kv_blocks
 from rast_engine.model_runner import Draw, DrawResult, ModelRunner, PendingStep
 from rast_engine.models.layer_ops import get_layer_ops
+from rast_engine.models.paired import PairedCausalLM, forward_units
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
@@ -65,7 +66,9 @@ class LLMEngine:
         self.max_model_len = max_len
         # a prompt (or a preempted sequence's recompute) longer than the budget is prefilled in chunks
         budget = config.max_num_batched_tokens or default_token_budget(max_len)
-        self.kv = KVCache(ms.configs, num_blocks, config.block_size, dtype, self.device)
+        units = forward_units(ms.models, config.pair_batching)
+        self.kv = KVCache([u.config for u in units], num_blocks, config.block_size, dtype, self.device,
+                          copies=[u.copies for u in units])
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=budget, max_model_len=max_len,
@@ -75,7 +78,7 @@ class LLMEngine:
             logger.warning("attention backend %r reads lengths on the host and cannot be captured in a CUDA "
                            "graph; decoding eagerly", attention.name)
             eager = True
-        self.runner = ModelRunner(ms.models, self.kv, self.vocab_size, config.block_size, self.device,
+        self.runner = ModelRunner(units, self.kv, self.vocab_size, config.block_size, self.device,
                                   enforce_eager=eager, model_streams=config.model_streams,
                                   max_num_seqs=config.max_num_seqs, max_model_len=max_len,
                                   graph_max_batch=config.cuda_graph_max_batch)
@@ -91,13 +94,15 @@ class LLMEngine:
                     ", ".join(ms.roles), self.device, str(dtype).replace("torch.", ""),
                     time.perf_counter() - t0, self.vocab_size)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
-                    num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20, len(ms.models), max_len)
+                    num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20, len(self.kv.pools), max_len)
         graphs = self.runner.graphs
-        logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s", attention.name,
+        paired = sum(isinstance(u, PairedCausalLM) for u in units)
+        logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s, %d of %d pair(s) batched",
+                    attention.name,
                     self.runner.sampler, "eager" if graphs is None else
                     f"in CUDA graphs up to batch {graphs.buckets[-1]}" + (
                         ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
-                    "on" if self.runner.streams.concurrent else "off")
+                    "on" if self.runner.streams.concurrent else "off", paired, len(config.pairs))
 
     # ---- requests ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:

@@ -25,7 +25,7 @@ from rast_engine.cuda_graph import DecodeGraphs, StepOutput
 from rast_engine.decode_buffers import DecodeBuffers
 from rast_engine.kv_cache import KVCache
 from rast_engine.model_streams import ModelStreams
-from rast_engine.models.decoder import CausalLM
+from rast_engine.models.paired import ForwardUnit
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.sequence import Sequence
 
@@ -76,11 +76,11 @@ class PendingStep:
 
 
 class ModelRunner:
-    def __init__(self, models: list[CausalLM], kv: KVCache, vocab_size: int, block_size: int,
+    def __init__(self, units: list[ForwardUnit], kv: KVCache, vocab_size: int, block_size: int,
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
                  max_num_seqs: int = 256, max_model_len: int = 2048,
                  graph_max_batch: Optional[int] = None) -> None:
-        self.models = models
+        self.units = units  # large model first; each computes ``copies`` of the step's logits
         self.kv = kv
         self.vocab_size = vocab_size
         self.block_size = block_size
@@ -89,12 +89,12 @@ class ModelRunner:
         self.sampler = rast_kernels.default_backend(device)
         self.pin = device.type == "cuda"
         self.streams = ModelStreams(device, model_streams)
-        self.pairs = (len(models) - 1) // 2
+        widths = [(u.config.vocab_size, u.dtype) for u in units for _ in range(u.copies)]  # per model
+        self.pairs = (len(widths) - 1) // 2
         self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
         # every decode step's logits, one [max_num_seqs, width_m] buffer per model: graph buckets share
         # them instead of each holding its own outputs in the pool (about 2 GB at 256 rows, 3 x 152k vocab)
-        self.step_logits = [torch.empty(max_num_seqs, m.config.vocab_size, dtype=m.dtype, device=device)
-                            for m in models]
+        self.step_logits = [torch.empty(max_num_seqs, width, dtype=dtype, device=device) for width, dtype in widths]
         # CPU is always eager: graphs are a CUDA feature, and the CPU path is the reference
         self.graphs = (None if enforce_eager or device.type != "cuda" else
                        DecodeGraphs(self._decode_step, self._pad_all, device,
@@ -152,7 +152,7 @@ class ModelRunner:
                        outs: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
         """Each model's logits [N, width_m] at the token indices ``rows`` (None: every token), written
         into ``outs`` when given."""
-        return self.streams.forward(self.models, self.kv.pools, inputs.input_ids, inputs.positions,
+        return self.streams.forward(self.units, self.kv.pools, inputs.input_ids, inputs.positions,
                                     inputs.meta, rows, outs)
 
     @torch.inference_mode()

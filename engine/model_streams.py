@@ -1,7 +1,7 @@
 """Every model's forward for one step, with the large model and the small ones on two CUDA streams.
 
 The large model runs on the caller's current stream ("main"); the small models run one after another on
-a side stream. The side stream first waits for main (so it sees this step's inputs and cache copies),
+a side stream, each (rl, base) pair as one batched forward where it can (models.paired). The side stream first waits for main (so it sees this step's inputs and cache copies),
 and main waits for the side stream before returning, so whatever main enqueues next (the sampler) reads
 every model's logits. Nothing here reads a device value on the host, so it also runs inside CUDA-graph
 capture, where the two streams become two concurrent branches of the graph.
@@ -21,20 +21,25 @@ before main's sampler of the previous step has read them.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import torch
 
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.kv_cache import KVPool
-from rast_engine.models.decoder import CausalLM
+from rast_engine.models.paired import ForwardUnit, PairedCausalLM
 
 
-def model_logits(model: CausalLM, pool: KVPool, input_ids: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata, rows: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
-    """[N, width] logits at the flat token indices ``rows`` (None: every token), into ``out`` if given."""
-    hidden = model(input_ids, positions, meta, pool)
-    return model.compute_logits(hidden if rows is None else hidden.index_select(0, rows), out)
+def unit_logits(unit: ForwardUnit, pool: KVPool, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata, rows: Optional[torch.Tensor], outs: Sequence[Optional[torch.Tensor]]
+                ) -> list[torch.Tensor]:
+    """The unit's ``copies`` logits [N, width] at the flat token indices ``rows`` (None: every token),
+    into ``outs`` where given."""
+    hidden = unit(input_ids, positions, meta, pool)
+    if isinstance(unit, PairedCausalLM):  # [2, T, hidden]
+        return unit.compute_logits(hidden if rows is None else hidden.index_select(1, rows), list(outs))
+    return [unit.compute_logits(hidden if rows is None else hidden.index_select(0, rows), outs[0])]
 
 
 class ModelStreams:
@@ -43,19 +48,22 @@ class ModelStreams:
         self.concurrent = enabled and device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.concurrent else None
 
-    def forward(self, models: Sequence[CausalLM], pools: Sequence[KVPool], input_ids: torch.Tensor,
+    def forward(self, units: Sequence[ForwardUnit], pools: Sequence[KVPool], input_ids: torch.Tensor,
                 positions: torch.Tensor, meta: AttentionMetadata, rows: Optional[torch.Tensor],
                 outs: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
         """Logits of every model, in model order (large, then rl_k, base_k per pair); written into
-        ``outs`` (one tensor per model) when given."""
-        outs = outs if outs is not None else [None] * len(models)
-        if self.side is None or len(models) == 1:
-            return [model_logits(m, p, input_ids, positions, meta, rows, o) for m, p, o in zip(models, pools, outs)]
+        ``outs`` (one tensor per model) when given. units[0] is the large model."""
+        outs = list(outs) if outs is not None else [None] * sum(u.copies for u in units)
+        ends = list(itertools.accumulate(u.copies for u in units))
+        slices = [outs[end - u.copies:end] for u, end in zip(units, ends)]
+        if self.side is None or len(units) == 1:
+            return [t for u, p, o in zip(units, pools, slices) for t in unit_logits(u, p, input_ids, positions,
+                                                                                    meta, rows, o)]
         main = torch.cuda.current_stream(input_ids.device)
         self.side.wait_stream(main)
-        large = model_logits(models[0], pools[0], input_ids, positions, meta, rows, outs[0])
+        large = unit_logits(units[0], pools[0], input_ids, positions, meta, rows, slices[0])
         with torch.cuda.stream(self.side):
-            small = [model_logits(m, p, input_ids, positions, meta, rows, o)
-                     for m, p, o in zip(models[1:], pools[1:], outs[1:])]
+            small = [t for u, p, o in zip(units[1:], pools[1:], slices[1:])
+                     for t in unit_logits(u, p, input_ids, positions, meta, rows, o)]
         main.wait_stream(self.side)
-        return [large] + small
+        return large + small

@@ -47,8 +47,9 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, y_ptr, s_ptr, N, inv_n, eps,
+def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, w_stride, group_rows, y_ptr, s_ptr, N, inv_n, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, COMPILED: tl.constexpr):
+    """One row; its weight is row ``row // group_rows`` of w (w_stride 0: one weight for every row)."""
     row = tl.program_id(0).to(tl.int64)
     dtype = y_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
@@ -64,7 +65,7 @@ def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, y_ptr, s_ptr, N, i
     else:
         mean_sq = sum_sq / N
     inv_rms = tl.math.rsqrt(mean_sq + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + (row // group_rows) * w_stride + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + offs, _round(w * _round(x * inv_rms, dtype), dtype).to(dtype), mask=mask)
 
 
@@ -158,9 +159,12 @@ def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check_rows("x", x)
     n = x.shape[1]
-    if weight.shape != (n,) or weight.dtype != x.dtype or weight.device != x.device or weight.stride(0) != 1:
-        raise ValueError(f"weight must be a contiguous [{n}] of x's dtype and device, got {tuple(weight.shape)} "
-                         f"{weight.dtype} on {weight.device} (stride {weight.stride()})")
+    groups = weight.shape[0] if weight.dim() == 2 else 1
+    if (weight.shape[-1:] != (n,) or weight.dim() > 2 or weight.dtype != x.dtype or weight.device != x.device
+            or weight.stride(-1) != 1 or x.shape[0] % groups):
+        raise ValueError(f"weight must be [{n}] or [G, {n}] (G dividing the {x.shape[0]} rows), contiguous "
+                         f"along {n}, of x's dtype and device; got {tuple(weight.shape)} {weight.dtype} on "
+                         f"{weight.device} (stride {weight.stride()})")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = None
     if residual is not None:
@@ -171,21 +175,25 @@ def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     if x.shape[0]:
         block = next_pow2(n)
         r = x if residual is None else residual
-        _rms_norm_kernel[(x.shape[0],)](x, x.stride(0), r, r.stride(0), weight, y, y if s is None else s, n,
-                                        1.0 / n, float(eps), HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                        COMPILED=not interpreting(),
+        w_stride = weight.stride(0) if weight.dim() == 2 else 0
+        _rms_norm_kernel[(x.shape[0],)](x, x.stride(0), r, r.stride(0), weight, w_stride, x.shape[0] // groups, y,
+                                        y if s is None else s, n, 1.0 / n, float(eps),
+                                        HAS_RESIDUAL=residual is not None, BLOCK=block, COMPILED=not interpreting(),
                                         num_warps=min(16, max(1, block // 512)), **exact_fp_options())
     return y, s
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """[T, N] -> weight * x / rms(x), statistics in float32 and the product in x's dtype (HF's RMSNorm)."""
+    """[T, N] -> weight * x / rms(x), statistics in float32 and the product in x's dtype (HF's RMSNorm).
+    weight is [N], or [G, N] for G models' rows stacked in x: G consecutive groups of T / G rows, group g
+    normed with weight[g] (an (rl, base) pair run as one batch)."""
     return _norm_launch(x, weight, eps, None)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = residual + x in x's dtype; returns (rms_norm(s), s): a decoder layer's residual step."""
+    """s = residual + x in x's dtype; returns (rms_norm(s), s): a decoder layer's residual step (weight
+    as in rms_norm)."""
     y, s = _norm_launch(x, weight, eps, residual)
     assert s is not None
     return y, s

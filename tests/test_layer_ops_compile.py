@@ -21,7 +21,8 @@ def compile_all(dtype: str) -> None:
     from rast_kernels.launch import next_pow2
 
     ptr, i32, fp32 = f"*{dtype}", "i32", "fp32"
-    norm_types = dict(x_ptr=ptr, x_stride=i32, r_ptr=ptr, r_stride=i32, w_ptr=ptr, y_ptr=ptr, s_ptr=ptr, N=i32,
+    norm_types = dict(x_ptr=ptr, x_stride=i32, r_ptr=ptr, r_stride=i32, w_ptr=ptr, w_stride=i32, group_rows=i32,
+                      y_ptr=ptr, s_ptr=ptr, N=i32,
                       inv_n=fp32, eps=fp32)
     block = next_pow2(HIDDEN)
     for residual in (False, True):

@@ -1,8 +1,10 @@
 """What a decode step runs on the device, counted on the CPU with every kernel interpreted: at batch 1 a
 step's time is its launches, so each stray op is a regression. One Qwen2 layer with the fused layer ops
 and Triton attention is 9 kernels (4 GEMMs, 2 norms, rotary with the KV store, attention, activation;
-the plain torch ops issue about 35 more). A whole RAST step of the engine is, per model, its embedding
-gather, its layers and final norm and lm_head, then the sampler's four kernels: nothing else."""
+the plain torch ops issue about 35 more). A whole RAST step of the engine is the large model's embedding
+gather, layers, final norm and lm_head; the same for the (rl, base) pair run as one forward (a layer is
+9 kernels for both models), plus 10 small ops building its doubled metadata; then the sampler's four
+kernels: nothing else."""
 from __future__ import annotations
 
 from collections import Counter
@@ -17,6 +19,7 @@ from rast_engine import EngineConfig, LLMEngine, SamplingParams
 from rast_engine.attention.triton_backend import TritonAttention
 from rast_engine.models import load_model
 from rast_engine.models.layer_ops import get_layer_ops
+from rast_engine.models.paired import PairedCausalLM
 from test_models import BLOCK, make_meta
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches (CPU only)")
@@ -58,9 +61,15 @@ def test_rast_decode_step_is_gemms_and_rast_kernels(qwen2_triple: tuple, monkeyp
     engine.step()  # a first decode step: lazy one-time work done
     with count_device_ops(monkeypatch) as ops:
         engine.step()
-    layers = [len(m.layers) for m in engine.runner.models]
-    assert len(layers) == 3
-    assert _gemms(ops) == sum(4 * n + 1 for n in layers)  # q/k/v, o, gate/up, down per layer; each lm_head
-    assert dict(ops) == {"embedding": 3, "_rms_norm_kernel": sum(2 * n + 1 for n in layers),
-                         "_rotary_kernel": sum(layers), "_decode_kernel": sum(layers), "_silu_mul_kernel": sum(layers),
+    large, pair = engine.runner.units
+    assert isinstance(pair, PairedCausalLM)  # the (rl, base) pair: one forward over a doubled batch
+    n, m = len(large.layers), len(pair.layers)
+    assert _gemms(ops) == 4 * n + 1 + 2  # q/k/v, o, gate/up, down per layer, lm_head; the pair's 2 lm_heads
+    # the pair's projections are one batched GEMM each (q/k/v with its bias), both models at once
+    assert (ops.pop("baddbmm"), ops.pop("bmm")) == (m, 3 * m)
+    # its metadata for 2B sequences (paired_metadata) and 2T positions: device ops, no host sync
+    assert {k: ops.pop(k) for k in ("repeat", "ge", "where", "add", "cat")} == dict(repeat=2, ge=1, where=1, add=3,
+                                                                                   cat=3)
+    assert dict(ops) == {"embedding": 1, "index": 1, "_rms_norm_kernel": 2 * (n + m) + 2,
+                         "_rotary_kernel": n + m, "_decode_kernel": n + m, "_silu_mul_kernel": n + m,
                          "_stats": 1, "_select": 1, "_draw": 1, "_finish": 1}

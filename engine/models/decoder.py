@@ -41,9 +41,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
-        self.scale = cfg.head_dim ** -0.5
+        self.head_dim, self.q_size, self.kv_size = cfg.head_dim, cfg.q_size, cfg.kv_size
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.rotary, self.backend = rotary, backend
@@ -52,17 +50,23 @@ class Attention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.rotary.ops.stores_kv:
-            meta.check_cache(kv_cache[0])
-            q, k = self.rotary.forward_store_kv(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-            out = self.backend.attend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        else:
-            q, k = self.rotary(positions, q, k)
-            out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = rotate_store_attend(q, k, v, positions, meta, kv_cache, self.rotary, self.backend, self.head_dim)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+
+def rotate_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        meta: AttentionMetadata, kv_cache: KVCache, rotary: RotaryEmbedding,
+                        backend: AttentionBackend, head_dim: int) -> torch.Tensor:
+    """[T, heads * head_dim] projections -> attention output [T, heads, head_dim]: rotary on q and k,
+    this step's k/v into the paged cache, attention over the cached keys."""
+    q, k, v = (x.unflatten(-1, (-1, head_dim)) for x in (q, k, v))
+    scale = head_dim ** -0.5
+    if rotary.ops.stores_kv:
+        meta.check_cache(kv_cache[0])
+        q, k = rotary.forward_store_kv(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        return backend.attend(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
+    q, k = rotary(positions, q, k)
+    return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
 
 
 class MLP(nn.Module):
@@ -101,6 +105,8 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
+    copies = 1  # logits per forward (a PairedCausalLM computes 2)
+
     def __init__(
         self, cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype | None = None,
         ops: LayerOps | None = None,

@@ -27,7 +27,8 @@ class LayerOps(Protocol):
     stores_kv: bool
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """weight * x / rms(x): statistics in float32, the product in x's dtype."""
+        """weight * x / rms(x): statistics in float32, the product in x's dtype. weight [G, N]: x holds G
+        models' rows, G equal consecutive groups, group g taking weight[g] (a paired forward)."""
         ...
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -59,8 +60,10 @@ class TorchLayerOps:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * xf.to(x.dtype)
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        if weight.dim() == 2:
+            return (weight[:, None] * y.view(weight.shape[0], -1, y.shape[-1])).view_as(y)
+        return weight * y
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:

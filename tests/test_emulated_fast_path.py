@@ -45,12 +45,14 @@ def test_graph_replay_and_model_streams_equal_the_eager_engine(qwen2_triple: tup
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """One graph, bucket 4, on two streams: a batch of 3 replays it (one padding row), so do two forks of
     one prompt (their blocks copied first), a batch of 5 runs eagerly on both streams; every sample's
-    tokens equal the eager single-stream engine's."""
+    tokens equal the eager single-stream engine's, which runs the small pair as two forwards where the
+    fast path batches it into one."""
     cases = [(3, SAMPLED), (1, FORKED), (5, SHORT_GREEDY)]
-    reference = triton_engine(qwen2_triple)
+    reference = triton_engine(qwen2_triple, pair_batching=False)
     want = [generate_all(reference, prompts(n, seed=n), p) for n, p in cases]
     engine = triton_engine(qwen2_triple)
     runner = engine.runner
+    assert [u.copies for u in runner.units] == [1, 2]  # the large model, then the paired small pair
     steps: list[int] = []
     step = runner._decode_step
 

@@ -94,12 +94,12 @@ class LLMEngine:
                     ", ".join(ms.roles), self.device, str(dtype).replace("torch.", ""),
                     time.perf_counter() - t0, self.vocab_size)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
-                    num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20, len(self.kv.pools), max_len)
+                    num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20,
+                    len(self.kv.pools), max_len)
         graphs = self.runner.graphs
         paired = sum(isinstance(u, PairedCausalLM) for u in units)
         logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s, %d of %d pair(s) batched",
-                    attention.name,
-                    self.runner.sampler, "eager" if graphs is None else
+                    attention.name, self.runner.sampler, "eager" if graphs is None else
                     f"in CUDA graphs up to batch {graphs.buckets[-1]}" + (
                         ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
                     "on" if self.runner.streams.concurrent else "off", paired, len(config.pairs))

@@ -1,10 +1,11 @@
 """Every model's forward for one step, with the large model and the small ones on two CUDA streams.
 
 The large model runs on the caller's current stream ("main"); the small models run one after another on
-a side stream, each (rl, base) pair as one batched forward where it can (models.paired). The side stream first waits for main (so it sees this step's inputs and cache copies),
-and main waits for the side stream before returning, so whatever main enqueues next (the sampler) reads
-every model's logits. Nothing here reads a device value on the host, so it also runs inside CUDA-graph
-capture, where the two streams become two concurrent branches of the graph.
+a side stream, each (rl, base) pair as one batched forward where it can (models.paired). The side
+stream first waits for main (so it sees this step's inputs and cache copies), and main waits for the
+side stream before returning, so whatever main enqueues next (the sampler) reads every model's logits.
+Nothing here reads a device value on the host, so it also runs inside CUDA-graph capture, where the two
+streams become two concurrent branches of the graph.
 
 The large model is launched first: it is the critical path, and while the host launches the small
 models' kernels the GPU is already busy with it.

@@ -6,8 +6,8 @@
 
 Modes: ``base`` the large model alone in our engine; ``rast-seq`` the forks' design (models one after
 another, eager, outputs processed between steps); ``rast`` streams + CUDA graphs + async outputs, the
-small pair as one batched forward; ``rast-unpaired`` the same with the pair as two forwards (what pair
-batching buys); ``hf-rast`` the peer (three HF transformers models, each
+small pair as one batched forward; ``rast-unstacked`` the same with the pair as two forwards (what
+stacking buys); ``hf-rast`` the peer (three HF transformers models, each
 with its own DynamicCache, run one after another, logits combined and sampled in torch). Weights are
 random with the exact shapes of bench/configs/*.json. A step is the host interval between consecutive
 returns of engine.step() (no sync in between, which would undo async outputs), so host overhead counts,
@@ -40,14 +40,13 @@ from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa
 CONFIGS = ROOT / "bench" / "configs"
 PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
             "32b+7b": ("qwen2.5-32b", "qwen2.5-7b")}
-MODES = ("base", "rast-seq", "rast", "rast-unpaired", "hf-rast")
+MODES = ("base", "rast-seq", "rast", "rast-unstacked", "hf-rast")
 _FAST = dict(enforce_eager=False, model_streams=True, async_output=True)
-# pair: the mode has the small pair; pair_batching: the pair runs as one batched forward (models.paired)
-ENGINE_MODES = {"base": dict(_FAST, pair=False, pair_batching=True),
-                "rast-seq": dict(enforce_eager=True, model_streams=False, async_output=False, pair=True,
-                                 pair_batching=False),
-                "rast": dict(_FAST, pair=True, pair_batching=True),
-                "rast-unpaired": dict(_FAST, pair=True, pair_batching=False)}
+# pair: the mode has the small pair; stack: the pair runs as one batched forward (models.stacked)
+ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
+                "rast-seq": dict(enforce_eager=True, model_streams=False, async_output=False, pair=True, stack=False),
+                "rast": dict(_FAST, pair=True, stack=True),
+                "rast-unstacked": dict(_FAST, pair=True, stack=False)}
 _TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
               "hidden_act": "silu", "max_position_embeddings": 1024, "tie_word_embeddings": False,
@@ -107,7 +106,7 @@ class Suite:
         return rast.LLMEngine(rast.EngineConfig(
             model=str(dirs[0]), **pair, load_format="dummy", dtype=str(self.dtype).replace("torch.", ""),
             enforce_eager=flags["enforce_eager"], model_streams=flags["model_streams"],
-            async_output=flags["async_output"], pair_batching=flags["pair_batching"], block_size=block_size,
+            async_output=flags["async_output"], stack_small_models=flags["stack"], block_size=block_size,
             layer_ops=a.layer_ops,
             kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
             max_num_seqs=max_batch, max_model_len=self.max_len,

@@ -10,7 +10,7 @@
 #                                             for 7b+1.5b: base, rast, hf-rast at batch 1 and 32, profiled:
 #                                             every shape that issues 2 and 4 set a target on
 #   bash bench/gpu_session.sh second  <sha>   (<= 150 s) 14b+7b base and rast at batch 1 and 32, then
-#                                             7b+1.5b rast-unpaired at batch 1 and 32 (what the paired
+#                                             7b+1.5b rast-unstacked at batch 1 and 32 (what the stacked
 #                                             forward of the small models buys, against first's rast rows)
 #
 # With more device time, the full suites:
@@ -68,7 +68,7 @@ case "$stage" in
   second)
     install
     decode $(( $(left) * 3 / 5 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
-    decode "$(left)" --pairings 7b+1.5b --modes rast-unpaired --batches 1 32 --name decode-unpaired
+    decode "$(left)" --pairings 7b+1.5b --modes rast-unstacked --batches 1 32 --name decode-unstacked
     ;;
   tests)
     install

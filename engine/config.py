@@ -50,8 +50,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     load_format: str = "auto"
     model_streams: bool = True  # CUDA: the large model on one stream, the small models on another
-    # each (rl, base) pair of one architecture as one batched forward (models.paired): half the launches
-    pair_batching: bool = True
+    # the distinct small models of one architecture as one batched forward (models.stacked): an (rl, base)
+    # pair launches each kernel once, not twice
+    stack_small_models: bool = True
     # CUDA graphs: the largest decode batch captured (None: max_num_seqs); larger batches decode eagerly
     cuda_graph_max_batch: Optional[int] = None
     # detokenise, check stop strings and build a step's outputs while the next step runs on the GPU
@@ -87,7 +88,7 @@ class EngineConfig:
             raise RastError(f"layer_ops must be one of {LAYER_OPS}, got {self.layer_ops!r}")
         if self.load_format not in LOAD_FORMATS:
             raise RastError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        for name in ("model_streams", "pair_batching", "enforce_eager", "enable_prefix_caching"):
+        for name in ("model_streams", "stack_small_models", "enforce_eager", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise RastError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _positive_int("max_num_seqs", self.max_num_seqs)

@@ -2,8 +2,8 @@
 
 Every model gets ``num_blocks`` blocks of ``block_size`` slots (layout in attention.metadata), so one
 block id names the same tokens in every pool; one block therefore costs the sum of the models' bytes.
-A paired (rl, base) forward (models.paired) shares one pool of ``copies`` x num_blocks blocks: model c
-of the pair keeps block b at c * num_blocks + b.
+Small models stacked into one forward (models.stacked) share one pool of ``copies`` x num_blocks
+blocks: model c of the stack keeps block b at c * num_blocks + b.
 """
 from __future__ import annotations
 

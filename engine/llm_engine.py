@@ -22,7 +22,7 @@ from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, default_token_budget, num_kv_blocks
 from rast_engine.model_runner import Draw, DrawResult, ModelRunner, PendingStep
 from rast_engine.models.layer_ops import get_layer_ops
-from rast_engine.models.paired import PairedCausalLM, forward_units
+from rast_engine.models.stacked import forward_units
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
@@ -55,7 +55,9 @@ class LLMEngine:
             raise RastError(f"max_model_len={config.max_model_len} exceeds the models' "
                             f"max_position_embeddings ({model_max})")
         max_len = config.max_model_len or model_max
-        num_blocks = num_kv_blocks(config, ms.configs, dtype, self.device, max_len)
+        units, roles = forward_units(ms.models, config.stack_small_models)
+        pooled = [u.config for u in units for _ in range(u.copies)]  # one KV per model, not per role
+        num_blocks = num_kv_blocks(config, pooled, dtype, self.device, max_len)
         capacity = num_blocks * config.block_size
         if capacity < max_len:
             if config.max_model_len is not None:
@@ -66,7 +68,6 @@ class LLMEngine:
         self.max_model_len = max_len
         # a prompt (or a preempted sequence's recompute) longer than the budget is prefilled in chunks
         budget = config.max_num_batched_tokens or default_token_budget(max_len)
-        units = forward_units(ms.models, config.pair_batching)
         self.kv = KVCache([u.config for u in units], num_blocks, config.block_size, dtype, self.device,
                           copies=[u.copies for u in units])
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -78,7 +79,7 @@ class LLMEngine:
             logger.warning("attention backend %r reads lengths on the host and cannot be captured in a CUDA "
                            "graph; decoding eagerly", attention.name)
             eager = True
-        self.runner = ModelRunner(units, self.kv, self.vocab_size, config.block_size, self.device,
+        self.runner = ModelRunner(units, roles, self.kv, self.vocab_size, config.block_size, self.device,
                                   enforce_eager=eager, model_streams=config.model_streams,
                                   max_num_seqs=config.max_num_seqs, max_model_len=max_len,
                                   graph_max_batch=config.cuda_graph_max_batch)
@@ -97,12 +98,12 @@ class LLMEngine:
                     num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20,
                     len(self.kv.pools), max_len)
         graphs = self.runner.graphs
-        paired = sum(isinstance(u, PairedCausalLM) for u in units)
-        logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s, %d of %d pair(s) batched",
+        logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s; small models: %s",
                     attention.name, self.runner.sampler, "eager" if graphs is None else
                     f"in CUDA graphs up to batch {graphs.buckets[-1]}" + (
                         ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
-                    "on" if self.runner.streams.concurrent else "off", paired, len(config.pairs))
+                    "on" if self.runner.streams.concurrent else "off",
+                    " + ".join(f"{u.copies} stacked" if u.copies > 1 else "1" for u in units[1:]) or "none")
 
     # ---- requests ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:

@@ -25,7 +25,7 @@ from rast_engine.cuda_graph import DecodeGraphs, StepOutput
 from rast_engine.decode_buffers import DecodeBuffers
 from rast_engine.kv_cache import KVCache
 from rast_engine.model_streams import ModelStreams
-from rast_engine.models.paired import ForwardUnit
+from rast_engine.models.stacked import ForwardUnit
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.sequence import Sequence
 
@@ -76,11 +76,13 @@ class PendingStep:
 
 
 class ModelRunner:
-    def __init__(self, units: list[ForwardUnit], kv: KVCache, vocab_size: int, block_size: int,
+    def __init__(self, units: list[ForwardUnit], roles: list[int], kv: KVCache, vocab_size: int, block_size: int,
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
                  max_num_seqs: int = 256, max_model_len: int = 2048,
                  graph_max_batch: Optional[int] = None) -> None:
-        self.units = units  # large model first; each computes ``copies`` of the step's logits
+        """units: the large model, then the small models' forwards, each giving ``copies`` models' logits;
+        roles: per role (large, then rl and base per pair) the index of its logits among those."""
+        self.units, self.roles = units, roles
         self.kv = kv
         self.vocab_size = vocab_size
         self.block_size = block_size
@@ -90,7 +92,7 @@ class ModelRunner:
         self.pin = device.type == "cuda"
         self.streams = ModelStreams(device, model_streams)
         widths = [(u.config.vocab_size, u.dtype) for u in units for _ in range(u.copies)]  # per model
-        self.pairs = (len(widths) - 1) // 2
+        self.pairs = (len(roles) - 1) // 2
         self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
         # every decode step's logits, one [max_num_seqs, width_m] buffer per model: graph buckets share
         # them instead of each holding its own outputs in the pool (about 2 GB at 256 rows, 3 x 152k vocab)
@@ -150,10 +152,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs, rows: Optional[torch.Tensor],
                        outs: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
-        """Each model's logits [N, width_m] at the token indices ``rows`` (None: every token), written
-        into ``outs`` when given."""
-        return self.streams.forward(self.units, self.kv.pools, inputs.input_ids, inputs.positions,
-                                    inputs.meta, rows, outs)
+        """Each role's logits [N, width_m] at the token indices ``rows`` (None: every token); outs, one
+        per model (not per role: a model filling two roles runs once), receive them when given."""
+        logits = self.streams.forward(self.units, self.kv.pools, inputs.input_ids, inputs.positions,
+                                      inputs.meta, rows, outs)
+        return [logits[i] for i in self.roles]
 
     @torch.inference_mode()
     def execute(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],

@@ -1,7 +1,7 @@
 """Every model's forward for one step, with the large model and the small ones on two CUDA streams.
 
 The large model runs on the caller's current stream ("main"); the small models run one after another on
-a side stream, each (rl, base) pair as one batched forward where it can (models.paired). The side
+a side stream, those of one architecture as one batched forward (models.stacked). The side
 stream first waits for main (so it sees this step's inputs and cache copies), and main waits for the
 side stream before returning, so whatever main enqueues next (the sampler) reads every model's logits.
 Nothing here reads a device value on the host, so it also runs inside CUDA-graph capture, where the two
@@ -29,7 +29,7 @@ import torch
 
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.kv_cache import KVPool
-from rast_engine.models.paired import ForwardUnit, PairedCausalLM
+from rast_engine.models.stacked import ForwardUnit, StackedCausalLM
 
 
 def unit_logits(unit: ForwardUnit, pool: KVPool, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -38,7 +38,7 @@ def unit_logits(unit: ForwardUnit, pool: KVPool, input_ids: torch.Tensor, positi
     """The unit's ``copies`` logits [N, width] at the flat token indices ``rows`` (None: every token),
     into ``outs`` where given."""
     hidden = unit(input_ids, positions, meta, pool)
-    if isinstance(unit, PairedCausalLM):  # [2, T, hidden]
+    if isinstance(unit, StackedCausalLM):  # [copies, T, hidden]
         return unit.compute_logits(hidden if rows is None else hidden.index_select(1, rows), list(outs))
     return [unit.compute_logits(hidden if rows is None else hidden.index_select(0, rows), outs[0])]
 
@@ -52,8 +52,8 @@ class ModelStreams:
     def forward(self, units: Sequence[ForwardUnit], pools: Sequence[KVPool], input_ids: torch.Tensor,
                 positions: torch.Tensor, meta: AttentionMetadata, rows: Optional[torch.Tensor],
                 outs: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
-        """Logits of every model, in model order (large, then rl_k, base_k per pair); written into
-        ``outs`` (one tensor per model) when given. units[0] is the large model."""
+        """Logits of every unit's models in unit order (units[0] is the large model); written into
+        ``outs`` (one tensor per model) when given."""
         outs = list(outs) if outs is not None else [None] * sum(u.copies for u in units)
         ends = list(itertools.accumulate(u.copies for u in units))
         slices = [outs[end - u.copies:end] for u, end in zip(units, ends)]

@@ -1,5 +1,7 @@
 """Loading the model set (the large model plus one (rl, base) pair per expert) and checking it is one
-decodable whole: every model must read the same token ids, so every tokenizer must be identical.
+decodable whole: every model must read the same token ids, so every tokenizer must be identical. A
+directory that fills several roles (one base shared by several RL experts) is loaded once and runs once
+per step.
 
 V, the engine's vocabulary, is min(len(tokenizer), every model's vocab width): padded logit columns
 beyond the tokenizer (Qwen2.5's 151936 vs 152064) are never sampled or scored.
@@ -35,7 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 @dataclass
 class ModelSet:
-    models: list[CausalLM]  # runner order: large, then rl_k, base_k per pair
+    models: list[CausalLM]  # per role: large, then rl_k, base_k per pair (one object per directory)
     configs: list[ModelConfig]
     roles: list[str]
     tokenizer: Any  # None: a dummy model set without tokenizer files (token-id prompts only)
@@ -170,13 +172,19 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
             raise ModelLoadError(f"the tokenizer of {role} ({path}) differs from the tokenizer of model "
                                  f"({paths[0]}): {diff}. All models must share one tokenizer.")
     dtype = resolve_dtype(config.dtype, device, configs[0])
-    models = []
+    models: list[CausalLM] = []
+    loaded: dict[Path, CausalLM] = {}  # a directory filling several roles (a base shared by experts) loads once
     for i, (path, role) in enumerate(zip(paths, names)):
+        key = Path(path).resolve()
+        if config.load_format != "dummy" and key in loaded:  # dummy weights differ per role by design
+            models.append(loaded[key])
+            continue
         try:
             models.append(load_model(path, device=device, dtype=dtype, attention=attention,
                                      load_format=config.load_format, seed=dummy_seed(config.seed, i), ops=ops))
         except ModelLoadError as e:
             raise ModelLoadError(f"{role}: {e}") from None
+        loaded[key] = models[-1]
     tokenizer = tokenizers[0]
     vocab = min(([] if tokenizer is None else [len(tokenizer)]) + [c.vocab_size for c in configs])
     return ModelSet(models=models, configs=configs, roles=names, tokenizer=tokenizer, vocab_size=vocab,

@@ -186,7 +186,7 @@ def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """[T, N] -> weight * x / rms(x), statistics in float32 and the product in x's dtype (HF's RMSNorm).
     weight is [N], or [G, N] for G models' rows stacked in x: G consecutive groups of T / G rows, group g
-    normed with weight[g] (an (rl, base) pair run as one batch)."""
+    normed with weight[g] (several small models run as one batch)."""
     return _norm_launch(x, weight, eps, None)[0]
 
 

@@ -48,11 +48,11 @@ def test_graph_replay_and_model_streams_equal_the_eager_engine(qwen2_triple: tup
     tokens equal the eager single-stream engine's, which runs the small pair as two forwards where the
     fast path batches it into one."""
     cases = [(3, SAMPLED), (1, FORKED), (5, SHORT_GREEDY)]
-    reference = triton_engine(qwen2_triple, pair_batching=False)
+    reference = triton_engine(qwen2_triple, stack_small_models=False)
     want = [generate_all(reference, prompts(n, seed=n), p) for n, p in cases]
     engine = triton_engine(qwen2_triple)
     runner = engine.runner
-    assert [u.copies for u in runner.units] == [1, 2]  # the large model, then the paired small pair
+    assert [u.copies for u in runner.units] == [1, 2]  # the large model, then the pair stacked
     steps: list[int] = []
     step = runner._decode_step
 

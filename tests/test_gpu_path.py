@@ -141,7 +141,7 @@ def test_padded_step_equals_unpadded_and_writes_no_padding_slot(qwen2_triple: tu
     slots = {s.block_table[(len(s.token_ids) - 1) // BS] * BS + (len(s.token_ids) - 1) % BS for s in seqs}
     kv = engine.kv
     for pool0, pool1, pool2, copies in zip(before, after_unpadded, kv.pools, kv.copies):
-        # a paired pool holds each of its models' blocks, num_blocks apart
+        # a stacked pool holds each of its models' blocks, num_blocks apart
         own = {s + c * kv.num_blocks * BS for s in slots for c in range(copies)}
         for (k0, v0), (k1, v1), (k2, v2) in zip(pool0, pool1, pool2):
             changed = ((k0 != k1).flatten(2).any(-1) | (v0 != v1).flatten(2).any(-1)).flatten()

@@ -19,7 +19,7 @@ from rast_engine import EngineConfig, LLMEngine, SamplingParams
 from rast_engine.attention.triton_backend import TritonAttention
 from rast_engine.models import load_model
 from rast_engine.models.layer_ops import get_layer_ops
-from rast_engine.models.paired import PairedCausalLM
+from rast_engine.models.stacked import StackedCausalLM
 from test_models import BLOCK, make_meta
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches (CPU only)")
@@ -62,12 +62,12 @@ def test_rast_decode_step_is_gemms_and_rast_kernels(qwen2_triple: tuple, monkeyp
     with count_device_ops(monkeypatch) as ops:
         engine.step()
     large, pair = engine.runner.units
-    assert isinstance(pair, PairedCausalLM)  # the (rl, base) pair: one forward over a doubled batch
+    assert isinstance(pair, StackedCausalLM)  # the (rl, base) pair: one forward over a doubled batch
     n, m = len(large.layers), len(pair.layers)
     assert _gemms(ops) == 4 * n + 1 + 2  # q/k/v, o, gate/up, down per layer, lm_head; the pair's 2 lm_heads
     # the pair's projections are one batched GEMM each (q/k/v with its bias), both models at once
     assert (ops.pop("baddbmm"), ops.pop("bmm")) == (m, 3 * m)
-    # its metadata for 2B sequences (paired_metadata) and 2T positions: device ops, no host sync
+    # its metadata for 2B sequences (stacked_metadata) and 2T positions: device ops, no host sync
     assert {k: ops.pop(k) for k in ("repeat", "ge", "where", "add", "cat")} == dict(repeat=2, ge=1, where=1, add=3,
                                                                                    cat=3)
     assert dict(ops) == {"embedding": 1, "index": 1, "_rms_norm_kernel": 2 * (n + m) + 2,

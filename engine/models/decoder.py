@@ -105,7 +105,7 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    copies = 1  # logits per forward (a PairedCausalLM computes 2)
+    copies = 1  # models' logits per forward (a StackedCausalLM computes one per model)
 
     def __init__(
         self, cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype | None = None,

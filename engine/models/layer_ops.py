@@ -28,7 +28,7 @@ class LayerOps(Protocol):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * x / rms(x): statistics in float32, the product in x's dtype. weight [G, N]: x holds G
-        models' rows, G equal consecutive groups, group g taking weight[g] (a paired forward)."""
+        models' rows, G equal consecutive groups, group g taking weight[g] (a stacked forward)."""
         ...
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float

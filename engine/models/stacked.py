@@ -1,0 +1,175 @@
+"""Small models of one architecture run as one forward over a repeated batch.
+
+Every model of a RAST step reads the same tokens, so the small models' step is one computation on N sets
+of weights: an (rl, base) pair (N = 2), or the distinct models of several pairs (experts sharing their
+base: N = 3 for two pairs). Run separately, every kernel launches N times (a fused decoder layer is 9
+launches). Stacked:
+- every projection is one batched GEMM over [N, T, ...] (torch.bmm on the stacked weights);
+- every norm, rotary and activation kernel is one launch over N*T rows (norms take [N, hidden] weights);
+- attention is one call over N*B sequences. Copy c's sequences are the given ones with their blocks at
+  c * num_blocks + block in one pool of N x num_blocks blocks (KVCache with copies=N), so block ids,
+  positions and lengths carry over (``stacked_metadata``).
+So 1/N of the launches for the same bytes read: at batch 1, where each small kernel waits on its launch
+rather than on memory, that is most of the small models' cost.
+
+The stacked tensors are the models' own storage: stacking turns each CausalLM's parameters into views of
+them, so nothing is duplicated, and every model still runs alone (tests compare against that).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from rast_engine.attention.metadata import AttentionMetadata
+from rast_engine.kv_cache import KVPool
+from rast_engine.models.decoder import CausalLM, rotate_store_attend
+
+logger = logging.getLogger("rast")
+
+
+def stacking_obstacle(a: CausalLM, b: CausalLM) -> Optional[str]:
+    """Why the two cannot run as one batched forward (None: they can): any difference of shape,
+    numerics (eps, rotary) or backends."""
+    ca, cb = dataclasses.asdict(a.config), dataclasses.asdict(b.config)
+    diff = sorted(k for k in ca if k != "torch_dtype" and ca[k] != cb[k])
+    if diff:
+        return "their configs differ in " + ", ".join(diff)
+    if a.dtype != b.dtype or a.ops.name != b.ops.name:
+        return "their dtypes or layer ops differ"
+    if a.layers[0].self_attn.backend is not b.layers[0].self_attn.backend:
+        return "their attention backends differ"
+    return None
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[N, ...] of the tensors, which become views of it (their old storage is freed: one transient)."""
+    stacked = torch.stack([t.data for t in tensors])
+    for i, t in enumerate(tensors):
+        t.data = stacked[i]
+    return stacked
+
+
+def stacked_metadata(meta: AttentionMetadata, num_blocks: int, copies: int) -> AttentionMetadata:
+    """The step's metadata for copies x B sequences: the B given ones, then per further copy c the same
+    sequences reading blocks offset by c * num_blocks. Device ops only (no host sync), so it runs inside
+    a captured decode step."""
+    slots, tables, cu = meta.slot_mapping, meta.block_tables, meta.cu_seqlens_q
+    stored = slots >= 0  # padding slots (-1) stay padding in every copy
+    tokens = cu[-1:]
+    shifted = range(1, copies)
+    return dataclasses.replace(
+        meta,
+        slot_mapping=torch.cat([slots] + [torch.where(stored, slots + c * num_blocks * meta.block_size, slots)
+                                          for c in shifted]),
+        block_tables=torch.cat([tables] + [tables + c * num_blocks for c in shifted]),
+        context_lens=meta.context_lens.repeat(copies),
+        cu_seqlens_q=torch.cat([cu] + [cu[1:] + (tokens if c == 1 else tokens * c) for c in shifted]),
+    )
+
+
+class StackedLayer(nn.Module):
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        attn = [layer.self_attn for layer in layers]
+        self.in_norm = _stack([layer.input_layernorm.weight for layer in layers])
+        self.post_norm = _stack([layer.post_attention_layernorm.weight for layer in layers])
+        self.qkv = _stack([a.qkv_proj.weight for a in attn])
+        self.qkv_bias = None if attn[0].qkv_proj.bias is None else _stack([a.qkv_proj.bias for a in attn])[:, None]
+        self.o = _stack([a.o_proj.weight for a in attn])
+        self.o_bias = None if attn[0].o_proj.bias is None else _stack([a.o_proj.bias for a in attn])[:, None]
+        self.gate_up = _stack([layer.mlp.gate_up_proj.weight for layer in layers])
+        self.down = _stack([layer.mlp.down_proj.weight for layer in layers])
+        self.eps, self.ops = layers[0].input_layernorm.eps, layers[0].mlp.ops
+        self.q_size, self.kv_size, self.head_dim = attn[0].q_size, attn[0].kv_size, attn[0].head_dim
+        self.rotary, self.backend = attn[0].rotary, attn[0].backend
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N*T, in] rows of N models -> [N*T, out], model m's rows through weight[m] ([N, out, in])."""
+    x = x.view(weight.shape[0], -1, x.shape[-1])
+    y = torch.bmm(x, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias, x, weight.transpose(1, 2))
+    return y.view(-1, y.shape[-1])
+
+
+class StackedCausalLM(nn.Module):
+    """N >= 2 CausalLMs of one architecture (``stacking_obstacle`` None for each against the first) as
+    one module: forward gives every model's final hidden states [N, T, hidden]; compute_logits gives
+    their N logits."""
+
+    def __init__(self, models: list[CausalLM]) -> None:
+        super().__init__()
+        if len(models) < 2 or len({id(m) for m in models}) != len(models):
+            raise ValueError("stacking needs at least two distinct models")
+        for m in models[1:]:
+            reason = stacking_obstacle(models[0], m)
+            if reason is not None:
+                raise ValueError(f"cannot stack these models: {reason}")
+        first = models[0]
+        self.copies = len(models)  # models per KV pool: the pool holds copies x num_blocks blocks
+        self.config, self.dtype, self.ops = first.config, first.dtype, first.ops
+        self.embed = _stack([m.embed_tokens.weight for m in models])
+        # tied lm_head: the same Parameter as the embedding, already a view of self.embed
+        self.lm_head = self.embed if first.config.tie_word_embeddings else _stack([m.lm_head.weight for m in models])
+        self.layers = nn.ModuleList(StackedLayer(list(group)) for group in zip(*(m.layers for m in models)))
+        self.norm = _stack([m.norm.weight for m in models])
+        self.eps = first.norm.eps
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: KVPool) -> torch.Tensor:
+        """Every model's final hidden states [N, T, hidden], on the pool of N x num_blocks blocks."""
+        meta = stacked_metadata(meta, kv_caches[0][0].shape[0] // self.copies, self.copies)
+        positions = positions.repeat(self.copies)
+        x = self.embed[:, input_ids].view(-1, self.config.hidden_size)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            if residual is None:
+                h, residual = self.ops.rms_norm(x, layer.in_norm, layer.eps), x
+            else:
+                h, residual = self.ops.add_rms_norm(x, residual, layer.in_norm, layer.eps)
+            q, k, v = _linear(h, layer.qkv, layer.qkv_bias).split([layer.q_size, layer.kv_size, layer.kv_size], -1)
+            out = rotate_store_attend(q, k, v, positions, meta, kv_cache, layer.rotary, layer.backend,
+                                      layer.head_dim)
+            h, residual = self.ops.add_rms_norm(_linear(out.reshape(-1, layer.q_size), layer.o, layer.o_bias),
+                                                residual, layer.post_norm, layer.eps)
+            x = _linear(self.ops.silu_and_mul(_linear(h, layer.gate_up)), layer.down)
+        hidden = self.ops.add_rms_norm(x, residual, self.norm, self.eps)[0]
+        return hidden.view(self.copies, -1, self.config.hidden_size)
+
+    def compute_logits(self, hidden: torch.Tensor, outs: Optional[list[Optional[torch.Tensor]]] = None
+                       ) -> list[torch.Tensor]:
+        """[N, T, hidden] -> N logits [T, vocab_size] in the model dtype, each written into its ``outs``
+        entry when given (one GEMM per model: the decode step's static logits are separate buffers)."""
+        outs = outs or [None] * self.copies
+        return [torch.mm(h, w.t()) if o is None else torch.mm(h, w.t(), out=o)
+                for h, w, o in zip(hidden, self.lm_head, outs)]
+
+
+ForwardUnit = Union[CausalLM, StackedCausalLM]  # ``copies``: how many models' logits one forward gives
+
+
+def forward_units(models: list[CausalLM], stack: bool) -> tuple[list[ForwardUnit], list[int]]:
+    """What the runner calls, for models in role order (large, then rl and base per pair; a model that
+    fills several roles, such as a base shared by two experts, is one object and runs once): the large
+    model, then the distinct small models, those of one architecture stacked into one unit when
+    ``stack`` is set. Also, per role, the index of its logits among the units' outputs in order."""
+    small: list[CausalLM] = []
+    for m in models[1:]:
+        if m is not models[0] and all(m is not s for s in small):
+            small.append(m)
+    groups: list[list[CausalLM]] = []
+    for m in small:
+        group = next((g for g in groups if stack and stacking_obstacle(g[0], m) is None), None)
+        if group is None:
+            groups.append([m])
+        else:
+            group.append(m)
+    if stack:
+        for g in groups[1:]:
+            logger.info("small models run as %d forwards: %s", len(groups), stacking_obstacle(groups[0][0], g[0]))
+    units: list[ForwardUnit] = [models[0]] + [g[0] if len(g) == 1 else StackedCausalLM(g) for g in groups]
+    order = [models[0]] + [m for g in groups for m in g]
+    return units, [next(i for i, m in enumerate(order) if m is role) for role in models]

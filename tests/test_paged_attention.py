@@ -276,6 +276,32 @@ def _compare_backends(backend, device: str, dtype: torch.dtype, prefix: list[int
     torch.testing.assert_close(got_v, caches[1], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_decodes_the_whole_batch_as_the_oracle(dtype: torch.dtype) -> None:
+    """The reference backend's batched decode (keys read up to the longest context, the rest masked)
+    against the per-sequence oracle: GQA, shuffled blocks, a table wider than any context, and a
+    context-0 row (a padded batch row) that must come out as zeros."""
+    from rast_engine.attention.metadata import AttentionMetadata
+    from rast_engine.attention.torch_backend import TorchAttention
+
+    bs, hq, hkv, dim = 4, 6, 2, 16
+    lens = [9, 1, 0, 14]
+    table, num_blocks = paged([max(n, 1) for n in lens], bs, spare=3, seed=11)
+    table = torch.cat([table, torch.zeros(len(lens), 3, dtype=torch.int32)], dim=1)
+    g = torch.Generator().manual_seed(12)
+    k_cache, v_cache = (rand(num_blocks, bs, hkv, dim, dtype=dtype, device="cpu", g=g) for _ in range(2))
+    q = rand(len(lens), hq, dim, dtype=dtype, device="cpu", g=g)
+    meta = AttentionMetadata(is_prefill=False, slot_mapping=torch.full((len(lens),), -1),
+                             block_tables=table, context_lens=torch.tensor(lens, dtype=torch.int32),
+                             cu_seqlens_q=torch.arange(len(lens) + 1, dtype=torch.int32), max_seqlen_q=1,
+                             max_seqlen_k=64, block_size=bs)
+    got = TorchAttention().attend(q, q, q, k_cache, v_cache, meta, 0.3)
+    want = oracle(q, [gather(k_cache, table[b], n) for b, n in enumerate(lens)],
+                  [gather(v_cache, table[b], n) for b, n in enumerate(lens)], [1] * len(lens), 0.3)
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+    assert not got[2].any()
+
+
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("prefix,new", [([0, 0], [7, 12]), ([9, 0], [4, 6]), ([13, 30], [1, 1])])
 def test_triton_backend_equals_torch_backend(device: str, dtype: torch.dtype, prefix: list[int],

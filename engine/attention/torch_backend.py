@@ -1,5 +1,7 @@
 """TorchAttention: the reference paged attention, plain PyTorch on any device. Correct first, simple:
-one sequence at a time, scores in float32. Every other backend is tested against this one."""
+scores in float32; a prefill one sequence at a time, a decode step (one query per sequence) as one batch
+whose keys are read through the block tables up to the longest context, the rest masked. Every other
+backend is tested against this one."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +27,8 @@ class TorchAttention:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if not meta.is_prefill:
+            return _decode(q, k_cache, v_cache, meta, scale)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         out = torch.empty_like(q)
@@ -45,6 +49,24 @@ class TorchAttention:
             scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
             out[start:end] = (scores.softmax(dim=-1) @ vf).transpose(0, 1).to(q.dtype)
         return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
+    """q [B, H, D], one query per sequence at its last position: every sequence in one batch. A sequence
+    of context 0 (a padding row) attends to nothing and gets zeros."""
+    b, num_heads, dim = q.shape
+    num_kv_heads, bs = k_cache.shape[2], meta.block_size
+    lens = meta.context_lens.long()
+    width = -(-int(lens.max()) // bs) if b else 0  # blocks of the longest context (a host read, as above)
+    blocks = meta.block_tables[:, :width].long()
+    keys = k_cache[blocks].reshape(b, width * bs, num_kv_heads, dim).float()
+    values = v_cache[blocks].reshape(b, width * bs, num_kv_heads, dim).float()
+    qf = q.float().view(b, num_kv_heads, num_heads // num_kv_heads, dim)  # GQA: query heads grouped per kv head
+    scores = torch.einsum("bkgd,bnkd->bkgn", qf, keys) * scale
+    past = torch.arange(width * bs, device=q.device)[None, :] >= lens[:, None]  # [B, keys]: beyond the context
+    probs = scores.masked_fill(past[:, None, None, :], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return torch.einsum("bkgn,bnkd->bkgd", probs, values).reshape(b, num_heads, dim).to(q.dtype)
 
 
 def store_kv(

@@ -34,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from cuda_races import AccessLog, EmulatorError, aten_accesses, is_view, same_bytes, tensors
 
 # ops whose result the host must read (a sync on a GPU), or that copy host data to the device
-HOST_READS = {"_local_scalar_dense", "nonzero", "lift_fresh", "lift_fresh_copy", "masked_select", "unique",
+# (under inference_mode, int(t) and t.item() dispatch aten::item itself, not _local_scalar_dense)
+HOST_READS = {"_local_scalar_dense", "item", "nonzero", "lift_fresh", "lift_fresh_copy", "masked_select", "unique",
               "_unique2", "unique_consecutive", "equal", "is_nonzero"}
 
 

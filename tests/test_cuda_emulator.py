@@ -53,10 +53,11 @@ def test_replay_does_not_run_the_python_that_captured(emu: CudaEmulator) -> None
 @pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: t.tolist(), lambda t: int(t[0]),
                                   lambda t: torch.tensor([1, 2]), lambda t: t.nonzero(),
                                   lambda t: torch.cuda.synchronize()])
-def test_a_host_read_during_capture_raises(emu: CudaEmulator, read) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("inference", [False, True])  # the engine steps under inference_mode
+def test_a_host_read_during_capture_raises(emu: CudaEmulator, read, inference: bool) -> None:  # noqa: ANN001
     t = torch.ones(3)
     read(t)  # allowed outside a capture
-    with pytest.raises(EmulatorError, match="capture"):
+    with torch.inference_mode(inference), pytest.raises(EmulatorError, match="capture"):
         _capture(lambda: read(t))
 
 

@@ -56,6 +56,10 @@ class LLMEngine:
                             f"max_position_embeddings ({model_max})")
         max_len = config.max_model_len or model_max
         units, roles = forward_units(ms.models, config.stack_small_models)
+        if self.device.type == "cuda":
+            # stacking freed the small models' first copies into the allocator's cache; mem_get_info would
+            # count them as used and the KV cache would shrink by the small models' size
+            torch.cuda.empty_cache()
         pooled = [u.config for u in units for _ in range(u.copies)]  # one KV per model, not per role
         num_blocks = num_kv_blocks(config, pooled, dtype, self.device, max_len)
         capacity = num_blocks * config.block_size

@@ -6,8 +6,9 @@
 
 Modes: ``base`` the large model alone in our engine; ``rast-seq`` the forks' design (models one after
 another, eager, outputs processed between steps); ``rast`` streams + CUDA graphs + async outputs, the
-small pair as one batched forward; ``rast-unstacked`` the same with the pair as two forwards (what
-stacking buys); ``hf-rast`` the peer (three HF transformers models, each
+small pair as one batched forward, each step launched before the previous step's ids are read;
+``rast-unstacked`` the same with the pair as two forwards (what stacking buys); ``rast-no-ahead`` the
+same without async scheduling (what launching ahead buys); ``hf-rast`` the peer (three HF transformers models, each
 with its own DynamicCache, run one after another, logits combined and sampled in torch). Weights are
 random with the exact shapes of bench/configs/*.json. A step is the host interval between consecutive
 returns of engine.step() (no sync in between, which would undo async outputs), so host overhead counts,
@@ -40,13 +41,15 @@ from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa
 CONFIGS = ROOT / "bench" / "configs"
 PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
             "32b+7b": ("qwen2.5-32b", "qwen2.5-7b")}
-MODES = ("base", "rast-seq", "rast", "rast-unstacked", "hf-rast")
-_FAST = dict(enforce_eager=False, model_streams=True, async_output=True)
+MODES = ("base", "rast-seq", "rast", "rast-unstacked", "rast-no-ahead", "hf-rast")
+_FAST = dict(enforce_eager=False, model_streams=True, async_output=True, async_scheduling=True)
 # pair: the mode has the small pair; stack: the pair runs as one batched forward (models.stacked)
 ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
-                "rast-seq": dict(enforce_eager=True, model_streams=False, async_output=False, pair=True, stack=False),
+                "rast-seq": dict(enforce_eager=True, model_streams=False, async_output=False, async_scheduling=False,
+                                 pair=True, stack=False),
                 "rast": dict(_FAST, pair=True, stack=True),
-                "rast-unstacked": dict(_FAST, pair=True, stack=False)}
+                "rast-unstacked": dict(_FAST, pair=True, stack=False),
+                "rast-no-ahead": dict(_FAST, async_scheduling=False, pair=True, stack=True)}
 _TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
               "hidden_act": "silu", "max_position_embeddings": 1024, "tie_word_embeddings": False,
@@ -106,7 +109,8 @@ class Suite:
         return rast.LLMEngine(rast.EngineConfig(
             model=str(dirs[0]), **pair, load_format="dummy", dtype=str(self.dtype).replace("torch.", ""),
             enforce_eager=flags["enforce_eager"], model_streams=flags["model_streams"],
-            async_output=flags["async_output"], stack_small_models=flags["stack"], block_size=block_size,
+            async_output=flags["async_output"], async_scheduling=flags["async_scheduling"],
+            stack_small_models=flags["stack"], block_size=block_size,
             layer_ops=a.layer_ops,
             kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
             max_num_seqs=max_batch, max_model_len=self.max_len,
@@ -141,12 +145,13 @@ class Suite:
 
             def run(b: int, g: int, tag: str) -> dict:
                 return hf_generate(models, b, a.prompt, g, vocab, self.device)
-            forwards = len(models)
+            forwards, ahead = len(models), False
         else:
             rast = common.import_engine()
             engine = self.build(rast, mode, dirs, max(batches))
             vocab = engine.vocab_size
             forwards = len(engine.runner.units)  # model forwards per step: 2 when the pair is batched
+            ahead = engine.async_scheduling
 
             def run(b: int, g: int, tag: str) -> dict:
                 return engine_generate(engine, rast.SamplingParams, b, a.prompt, g, vocab, tag, self.device)
@@ -162,7 +167,7 @@ class Suite:
             mean_ctx = a.prompt + a.gen / 2  # decode step k (1..gen-1) attends over prompt + k tokens
             row = dict(mode=mode, pairing=pairing, batch=batch, **res, mean_context=mean_ctx,
                        **roofline_ms(used, self.elt, batch, mean_ctx, self.bandwidth), build_s=build_s,
-                       forwards_per_step=forwards)
+                       forwards_per_step=forwards, async_scheduling=ahead)
             self.rows.append(row)
             print(f"  {pairing:>8} {mode:>8} b={batch:<4} {row['tokens_per_s']:10.1f} tok/s "
                   f"{row['step_ms']:8.3f} ms/step (roofline {row['roofline_ms']:.3f})", flush=True)

@@ -1,16 +1,19 @@
-"""Host work per decode step: the engine's Python between one step's end and the next step's launch,
-during which the GPU idles (with async outputs, detokenising and building outputs overlap the next step
-instead and are reported apart).
+"""Host work per decode step, and the part of it during which the GPU has no step queued and idles.
 
     python bench/host_path.py            # CUDA: table, and bench/results/host-path-<device>-<sha>.json
     python bench/host_path.py --quick    # CPU smoke run
 
 The engine runs the tiny RAST triple of bench/decode.py (random weights, no tokenizer: outputs are token
-ids) with async outputs on, B requests decoding together. Each engine.step() is split into
-`commit` (take the finished step's tokens), `launch` (schedule, fill the step's inputs, replay the
-decode graph: on the critical path with commit) and `outputs` (build the step's outputs while the next
-step runs). On a CPU the decode step itself is stubbed out (its compute is not host overhead there); on a
-GPU the replayed graph runs for real and asynchronously, so launch is its enqueueing only.
+ids) with async outputs on, B requests decoding together, with async scheduling off and on. Each
+engine.step() is split into `launch_ahead` (schedule and launch the next step before this one's ids are
+read), `commit` (take the finished step's tokens), `launch` (schedule, fill the step's inputs, replay
+the decode graph after the commit) and `outputs` (build the step's outputs while the next step runs).
+`critical_us` is the part with no step queued on the device: every `launch`, and a `commit` made with
+nothing in flight. Without async scheduling that is commit + launch at every step; with it, the next
+step is queued first, so only steps that fall back (admissions, preemptions) pay it, and the GPU idles
+only when a whole step's host work (`host_us`) exceeds its device time.
+On a CPU the decode step itself is stubbed out (its compute is not host overhead there); on a GPU the
+replayed graph runs for real and asynchronously, so a launch is its enqueueing only.
 """
 from __future__ import annotations
 
@@ -26,16 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 from bench.decode import materialize  # noqa: E402
 
-PARTS = ("commit", "launch", "outputs")
+PARTS = ("launch_ahead", "commit", "launch", "outputs")
 
 
-def build(device: torch.device, max_batch: int, max_len: int) -> Any:
+def build(device: torch.device, max_batch: int, max_len: int, ahead: bool) -> Any:
     rast = common.import_engine()
     dirs, _ = materialize("tiny", Path(tempfile.mkdtemp()))
     return rast.LLMEngine(rast.EngineConfig(
         model=str(dirs[0]), small_rl=str(dirs[1]), small_base=str(dirs[2]), load_format="dummy",
         device=str(device), max_num_seqs=max_batch, max_model_len=max_len,
-        kv_cache_blocks=max_batch * -(-max_len // 16) + 1, async_output=True))
+        kv_cache_blocks=max_batch * -(-max_len // 16) + 1, async_output=True, async_scheduling=ahead))
 
 
 def stub_decode_step(engine: Any) -> None:
@@ -49,13 +52,18 @@ def stub_decode_step(engine: Any) -> None:
     runner._decode_step = cached
 
 
-def timed(spent: dict[str, float], name: str, fn: Callable) -> Callable:
+def timed(spent: dict[str, float], name: str, fn: Callable, idle: Callable[[], bool]) -> Callable:
+    """``fn`` timed into spent[name], and into spent["critical"] when ``idle()`` held as it started."""
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start, critical = time.perf_counter(), idle()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[name] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            spent[name] += elapsed
+            if critical:
+                spent["critical"] += elapsed
+                spent[f"critical_{name}s"] += 1
     return wrapper
 
 
@@ -65,18 +73,21 @@ def measure(engine: Any, sp_cls: Any, batch: int, steps: int) -> dict:
                            sp_cls(temperature=1.0, top_p=0.95, max_tokens=steps + 3, ignore_eos=True, seed=i))
     for _ in range(3):  # prefill, then a step in flight: the loop below is steady-state decode
         engine.step()
-    spent = dict.fromkeys(PARTS, 0.0)
+    spent = dict.fromkeys(PARTS + ("critical", "critical_commits", "critical_launchs"), 0.0)
     originals = {name: getattr(engine, f"_{name}") for name in PARTS}
+    nothing_queued = {"launch": lambda: True, "commit": lambda: engine._in_flight is None}
     for name, fn in originals.items():
-        setattr(engine, f"_{name}", timed(spent, name, fn))
+        setattr(engine, f"_{name}", timed(spent, name, fn, nothing_queued.get(name, lambda: False)))
     n = 0
     while engine.has_unfinished_requests():
         engine.step()
         n += 1
     for name, fn in originals.items():
         setattr(engine, f"_{name}", fn)
-    row = {f"{name}_us": spent[name] / n * 1e6 for name in PARTS}
-    row.update(batch=batch, steps=n, critical_us=row["commit_us"] + row["launch_us"])
+    row = {f"{name}_us": spent[name] / n * 1e6 for name in PARTS + ("critical",)}
+    row.update(async_scheduling=engine.async_scheduling, batch=batch, steps=n,
+               host_us=sum(row[f"{name}_us"] for name in PARTS),
+               idle_steps=int(spent["critical_commits"]))  # steps whose commit found no step queued
     return row
 
 
@@ -85,13 +96,16 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     batches, steps = ([1, 4], 10) if args.quick else ([1, 8, 32, 128], 100)
     torch.set_num_threads(1)
-    engine = build(device, max(batches), 16 + steps)
-    if device.type == "cpu":
-        stub_decode_step(engine)
     sp_cls = common.import_engine().SamplingParams
-    rows = [measure(engine, sp_cls, b, steps) for b in batches]
+    rows = []
+    for ahead in (False, True):
+        engine = build(device, max(batches), 16 + steps, ahead)
+        if device.type == "cpu":
+            stub_decode_step(engine)
+        rows += [measure(engine, sp_cls, b, steps) for b in batches]
     print(f"engine host work per decode step | {common.device_name(device)} | commit {common.git_sha()}")
-    print(common.table(rows, ["batch", "steps", "commit_us", "launch_us", "critical_us", "outputs_us"]))
+    print(common.table(rows, ["async_scheduling", "batch", "steps", "launch_ahead_us", "commit_us", "launch_us",
+                              "outputs_us", "host_us", "critical_us", "idle_steps"]))
     if args.out is not None or device.type == "cuda":
         path = common.write_results("host-path", device, rows, dict(decode_stubbed=device.type == "cpu"), args.out)
         print(f"wrote {path}")

@@ -151,11 +151,13 @@ class BlockManager:
         seq.block_hashes = []
 
     def register_computed(self, seq: Sequence) -> None:
-        """Hash the sequence's blocks that became full and computed, so later prompts can reuse them."""
+        """Hash the sequence's blocks that became full and computed, so later prompts can reuse them.
+        Tokens counted as computed by a step still in flight (one per pending token, see sequence.py) are
+        left out: that step may yet fail, and its block must not be found by a prompt then."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+        for i in range(len(seq.block_hashes), (seq.num_computed_tokens - seq.num_pending) // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else b""
             h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)

@@ -58,6 +58,10 @@ class EngineConfig:
     # detokenise, check stop strings and build a step's outputs while the next step runs on the GPU
     # (None: on for CUDA). A sequence stopped by a stop string then computes one discarded token.
     async_output: Optional[bool] = None
+    # launch each decode step before the previous step's ids reach the host, which feeds them in on the
+    # device (None: on when async_output is). A sequence stopped by any rule but length then computes
+    # one discarded token.
+    async_scheduling: Optional[bool] = None
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,8 +102,12 @@ class EngineConfig:
         _positive_int("kv_cache_memory", self.kv_cache_memory, allow_none=True)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
         _positive_int("cuda_graph_max_batch", self.cuda_graph_max_batch, allow_none=True)
-        if self.async_output is not None and not isinstance(self.async_output, bool):
-            raise RastError(f"async_output must be True, False or None, got {self.async_output!r}")
+        for name in ("async_output", "async_scheduling"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise RastError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
+        if self.async_scheduling and self.async_output is False:
+            raise RastError("async_scheduling=True needs async_output: a step ahead is launched before the "
+                            "previous step's text is read")
         if self.kv_cache_blocks is not None and self.kv_cache_memory is not None:
             raise RastError("give kv_cache_blocks or kv_cache_memory, not both")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -6,7 +6,7 @@ incomplete UTF-8 sequence (U+FFFD), so the emitted text only ever grows.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 CONTEXT_TOKENS = 5
 
@@ -20,11 +20,12 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def step(self, all_ids: list[int]) -> str:
-        """The new text contributed by the ids appended since the last call (maybe empty)."""
+    def step(self, all_ids: list[int], end: Optional[int] = None) -> str:
+        """The new text contributed by ``all_ids[:end]`` since the last call (maybe empty)."""
+        end = len(all_ids) if end is None else end
         prefix_text = self._decode(all_ids[self.prefix_offset:self.read_offset])
-        full_text = self._decode(all_ids[self.prefix_offset:])
+        full_text = self._decode(all_ids[self.prefix_offset:end])
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(all_ids)
+        self.prefix_offset, self.read_offset = self.read_offset, end
         return full_text[len(prefix_text):]

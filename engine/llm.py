@@ -26,7 +26,7 @@ class LLM:
                  enforce_eager: bool = False, seed: int = 0, **engine_kwargs: Any) -> None:
         """engine_kwargs: any other EngineConfig field, as vLLM's LLM takes engine arguments
         (max_num_batched_tokens, enable_prefix_caching, model_streams, stack_small_models, cuda_graph_max_batch,
-        async_output, load_format)."""
+        async_output, async_scheduling, load_format)."""
         known = {f.name for f in fields(EngineConfig) if f.init}
         unknown = sorted(set(engine_kwargs) - known)
         if unknown:

@@ -9,6 +9,7 @@ import itertools
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -24,6 +25,7 @@ from rast_engine.model_runner import Draw, DrawResult, ModelRunner, PendingStep
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_engine.models.stacked import forward_units
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
+from rast_engine.requests import checked_request
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
 from rast_engine.scoring import score_sequences
@@ -32,9 +34,15 @@ from rast_engine.triple import load_model_set, resolve_device
 
 logger = logging.getLogger("rast")
 
-# a launched batch: the scheduler's output, each sequence with its number of draws, and its pending ids
-InFlight = tuple[tuple[SchedulerOutput, list[tuple[Sequence, int]]], PendingStep]
 
+@dataclass
+class InFlight:
+    """A launched batch: the scheduler's output, each sequence with its number of draws, the step's ids
+    on their way, and whether its sequences hold pending tokens for them (see sequence.py)."""
+    out: SchedulerOutput
+    owners: list[tuple[Sequence, int]]
+    step: PendingStep
+    holds_pending: bool
 
 
 class LLMEngine:
@@ -94,6 +102,10 @@ class LLMEngine:
         self._generation_tokens = 0
         self._last_step_s = 0.0
         self.async_output = self.device.type == "cuda" if config.async_output is None else config.async_output
+        self.async_scheduling = self.async_output if config.async_scheduling is None else config.async_scheduling
+        if self.async_scheduling and not self.async_output:
+            raise RastError("async_scheduling=True needs async_output, which is off on this device by default: "
+                            "give async_output=True too")
         self._in_flight: Optional[InFlight] = None
         logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models),
                     ", ".join(ms.roles), self.device, str(dtype).replace("torch.", ""),
@@ -110,51 +122,8 @@ class LLMEngine:
                     " + ".join(f"{u.copies} stacked" if u.copies > 1 else "1" for u in units[1:]) or "none")
 
     # ---- requests ----------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RastError("this engine has no tokenizer (its load_format='dummy' model directories hold "
-                                "no tokenizer files): give prompts as lists of token ids")
-            if not prompt:
-                raise RastError("the prompt is empty")
-            return list(self.tokenizer.encode(prompt))
-        if not isinstance(prompt, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RastError("a prompt must be a string or a list of token ids (ints)")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RastError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        return list(prompt)
-
-    def _weights(self, params: SamplingParams) -> list[float]:
-        weights = list(self.model_set.weights)
-        if params.lam is None:
-            return weights
-        if len(weights) != 1:
-            raise RastError(f"lam overrides λ of a single small pair; this engine has {len(weights)} pairs")
-        return [float(params.lam)]
-
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams) -> None:
-        if not isinstance(request_id, str) or not request_id:
-            raise RastError(f"request_id must be a non-empty string, got {request_id!r}")
-        if request_id in self.groups:
-            raise RastError(f"request id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise RastError(f"params must be a SamplingParams, got {type(params).__name__}")
-        ids = self._prompt_ids(prompt)
-        if not ids:
-            raise RastError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise RastError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
-                            "(it must leave room for at least one generated token)")
-        if params.stop_list and self.tokenizer is None:
-            raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
-                            "use stop_token_ids")
-        if params.n > self.config.max_num_seqs:
-            raise RastError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {self.vocab_size}")
-        weights = self._weights(params)
+        ids, weights = checked_request(self, request_id, prompt, params)
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
@@ -189,6 +158,10 @@ class LLMEngine:
         host work overlaps the GPU. A sequence stopped by a stop string then is in the next batch: that
         token is computed and discarded. Freeing its blocks meanwhile is safe: the batch writes only
         its unhashed blocks, and any later user of them is queued behind it on the device.
+        With async_scheduling (on with async_output) a decode batch's successor is launched before its
+        ids are waited for, the device feeding each sampled id into the next step, so the GPU runs
+        back to back while the host takes one step's tokens and prepares the next. It falls back to
+        the order above whenever the next batch needs the host to know the tokens (scheduler.py).
         If the runner raises (or is interrupted) its batch is undone: no sequence takes a token and the
         batch is requeued for recompute, so stepping on gives the outputs of a run that never failed.
         An error after the runner (detokenising, stop checks) is not undone; the server declares the
@@ -200,16 +173,21 @@ class LLMEngine:
                 if self.groups:  # unreachable while capacity >= max_model_len; never spin silently
                     raise RuntimeError("the scheduler cannot make progress: no request fits in the KV cache")
                 return []
-        (out, owners), pending = self._in_flight
-        self._in_flight = None
-        try:
-            results = pending.wait()
-        except BaseException:
-            self.scheduler.requeue([s for s in out.seqs if s.status is SequenceStatus.RUNNING])
-            raise
-        progressed, deferred = self._commit(owners, results)
+        batch, self._in_flight = self._in_flight, None
         launch_error = None
-        if self.async_output:
+        if batch.holds_pending:
+            try:
+                self._in_flight = self._launch_ahead(batch)
+            except BaseException as e:  # its sequences are requeued; this batch's other tokens stand
+                launch_error = e
+        try:
+            results = batch.step.wait()
+        except BaseException:
+            self._in_flight = None  # a batch ahead decodes this batch's sequences: it is undone with them
+            self.scheduler.requeue([s for s in batch.out.seqs if s.status is SequenceStatus.RUNNING])
+            raise
+        progressed, deferred = self._commit(batch, results)
+        if self._in_flight is None and self.async_output and launch_error is None:
             try:
                 self._in_flight = self._launch()
             except BaseException as e:  # the batch is requeued; this step's tokens stand
@@ -223,8 +201,17 @@ class LLMEngine:
     def _launch(self) -> Optional[InFlight]:
         """Schedule a batch and start it (None: nothing to run)."""
         out = self.scheduler.schedule()
+        return None if out is None else self._start(out)
+
+    def _launch_ahead(self, batch: InFlight) -> Optional[InFlight]:
+        """Schedule and start the decode step after ``batch`` before its ids are known (None: it must wait)."""
+        out = self.scheduler.schedule_ahead()
         if out is None:
             return None
+        row = {seq: i for i, (seq, _) in enumerate(batch.owners)}  # a decode batch: owner i is row i
+        return self._start(out, feed=[row[s] for s in out.seqs])
+
+    def _start(self, out: SchedulerOutput, feed: Optional[list[int]] = None) -> InFlight:
         draws: list[Draw] = []
         owners: list[tuple[Sequence, int]] = []
         for row, seq in enumerate(out.seqs):
@@ -239,12 +226,18 @@ class LLMEngine:
                 draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated))
             owners.append((seq, len(draws) - before))
         try:
-            return (out, owners), self.runner.launch(out.seqs, out.is_prefill, out.copies, draws)
+            step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed)
         except BaseException:
             self.scheduler.requeue(out.seqs)
             raise
+        # a lazy step is a decode with one draw per sequence; a first draw (unforked group) forks at commit
+        holds = self.async_scheduling and not step.done and all(s.group.forked for s in out.seqs)
+        if holds:
+            for seq in out.seqs:
+                seq.add_pending()
+        return InFlight(out, owners, step, holds)
 
-    def _commit(self, owners: list[tuple[Sequence, int]], results: list[DrawResult]
+    def _commit(self, batch: InFlight, results: list[DrawResult]
                 ) -> tuple[dict[str, SequenceGroup], list[Sequence]]:
         """Take a finished batch's tokens. Sequences that stop by token finish now, so the next batch
         leaves them out; the rest wait in ``deferred`` for their text (async_output only). Sequences
@@ -252,22 +245,28 @@ class LLMEngine:
         progressed: dict[str, SequenceGroup] = {}
         deferred: list[Sequence] = []
         k = 0
-        for seq, count in owners:
+        for seq, count in batch.owners:
             mine, k = results[k:k + count], k + count
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            self.block_manager.register_computed(seq)
-            if seq.num_uncomputed:
-                continue
             g = seq.group
-            if not g.forked:
-                targets = [seq] + [self._fork(seq, j) for j in range(1, g.params.n)]
-                g.forked = True
-            else:
+            if batch.holds_pending:  # computed and counted at launch: only the id was missing
+                seq.resolve_pending(mine[0].token_id)
+                self.block_manager.register_computed(seq)
                 targets = [seq]
-            for target, result in zip(targets, mine):
-                target.append_token(result.token_id, result.logprobs)
+            else:
+                seq.num_computed_tokens += seq.num_scheduled_tokens
+                self.block_manager.register_computed(seq)
+                if seq.num_uncomputed:
+                    continue
+                if not g.forked:
+                    targets = [seq] + [self._fork(seq, j) for j in range(1, g.params.n)]
+                    g.forked = True
+                else:
+                    targets = [seq]
+                for target, result in zip(targets, mine):
+                    target.append_token(result.token_id, result.logprobs)
+            for target in targets:
                 self._generation_tokens += 1
                 if self.async_output and not self.scheduler.ends_by_token(target):
                     deferred.append(target)
@@ -298,7 +297,7 @@ class LLMEngine:
         """Detokenise the newest token and apply every stop rule."""
         prev_len = len(seq.output_text)
         if seq.detok is not None:  # without a tokenizer the outputs are token ids only
-            seq.output_text += seq.detok.step(seq.token_ids)
+            seq.output_text += seq.detok.step(seq.token_ids, seq.num_known)
         reason = self.scheduler.check_stop(seq, prev_len)
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -64,6 +64,11 @@ class PendingStep:
             raise ValueError("a PendingStep holds either its results or the ids they come from")
         self._results, self._ids, self._event = results, ids, event
 
+    @property
+    def done(self) -> bool:
+        """Whether the results are on the host already (a step not in flight)."""
+        return self._results is not None
+
     def wait(self) -> list[DrawResult]:
         if self._results is None:
             if self._event is not None:
@@ -103,7 +108,9 @@ class ModelRunner:
                                     min(max_num_seqs, graph_max_batch or max_num_seqs)))
         if self.graphs is not None:
             self.graphs.capture_all()  # now, not in the middle of serving
-        self.ids_host = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=self.pin)
+        # two steps may be in flight (the engine schedules ahead): each step's ids land in the other half
+        self.ids_host = torch.empty(2, max_num_seqs, dtype=torch.int64, pin_memory=self.pin)
+        self._ids_half = 0
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.pin:
@@ -167,13 +174,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
-               draws: Seq[Draw]) -> PendingStep:
-        """execute(), except that a CUDA decode step without logprobs returns once it is queued: its ids
-        come back by an asynchronous copy that PendingStep.wait() waits for. Every other step (prefill,
-        logprobs, CPU) is complete on return."""
+               draws: Seq[Draw], feed: Optional[Seq[int]] = None) -> PendingStep:
+        """execute(), except that a decode step without logprobs returns once it is queued: its ids come
+        back (on CUDA by an asynchronous copy) when PendingStep.wait() is called. Every other step
+        (prefill, logprobs) is complete on return. ``feed``: see DecodeBuffers.fill (decode only)."""
         self.kv.copy_blocks(copies)
         if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
-            return self.decode(seqs, draws)
+            return self.decode(seqs, draws, feed)
+        if feed is not None:
+            raise RuntimeError("only a decode step with one draw per sequence can take fed input tokens")
         inputs = self.prepare(seqs, is_prefill)
         needed = sorted({d.row for d in draws})
         rows = inputs.last_index
@@ -193,6 +202,7 @@ class ModelRunner:
         logits = self.forward_logits(inputs, None, [t[:rows] for t in self.step_logits])
         ids = rast_kernels.rast_sample(logits[0], list(zip(logits[1::2], logits[2::2])), **b.sampling(rows),
                                        vocab_size=self.vocab_size, backend=self.sampler)
+        b.store_sampled(ids)
         return ids, logits
 
     def _pad_all(self, rows: int) -> None:
@@ -200,7 +210,7 @@ class ModelRunner:
         self.buffers.send(rows)
 
     @torch.inference_mode()
-    def decode(self, seqs: Seq[Sequence], draws: Seq[Draw]) -> PendingStep:
+    def decode(self, seqs: Seq[Sequence], draws: Seq[Draw], feed: Optional[Seq[int]] = None) -> PendingStep:
         """One decode step; draw i samples row i (sequence i)."""
         n = len(seqs)
         bucket = None if self.graphs is None else self.graphs.bucket(n)  # None: eager on n rows
@@ -210,16 +220,19 @@ class ModelRunner:
         p = [d.params for d in draws]
         self.buffers.fill(seqs, temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
                           top_p=[x.top_p for x in p], min_p=[x.min_p for x in p], seeds=[d.seed for d in draws],
-                          offsets=[d.offset for d in draws], weights=[d.weights for d in draws], rows=rows)
+                          offsets=[d.offset for d in draws], weights=[d.weights for d in draws], rows=rows,
+                          feed=feed)
         ids_dev, logits = self._decode_step(rows) if bucket is None else self.graphs.replay(bucket)
         want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
-        if self.pin and not want:
-            # one step is in flight at a time (the engine waits before it launches the next), so one
-            # pinned buffer serves every step
-            self.ids_host[:n].copy_(ids_dev[:n], non_blocking=True)
+        if not want:
+            if not self.pin:  # a graph's output is overwritten by the next replay; an eager step's is its own
+                return PendingStep(ids=ids_dev[:n] if bucket is None else ids_dev[:n].clone())
+            host = self.ids_host[self._ids_half, :n]
+            self._ids_half ^= 1
+            host.copy_(ids_dev[:n], non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
-            return PendingStep(ids=self.ids_host[:n], event=copied)
+            return PendingStep(ids=host, event=copied)
         results = PendingStep(ids=ids_dev[:n]).wait()  # the step's one device-to-host read
         if want:
             logits = [t[:n] for t in logits]

@@ -11,6 +11,11 @@ samples nothing until its last chunk. When a decode slot cannot be found, the mo
 sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue with
 every token it has (recomputed in chunks like a prompt), so its output is unchanged (the sampler's seed
 and offset depend only on the sequence, never on the batch).
+
+``schedule_ahead`` plans the decode step after one still running on the device, whose tokens are
+pending (see sequence.py): only when that step needs nothing the host has yet to learn, i.e. no
+admission and no preemption. Stop checks see known tokens only; a sequence that stops on a pending
+token has one more token computed and discarded.
 """
 from __future__ import annotations
 
@@ -123,6 +128,22 @@ class Scheduler:
             break
         return SchedulerOutput(scheduled, False, copies)
 
+    def schedule_ahead(self) -> Optional[SchedulerOutput]:
+        """The next decode step over the running sequences' pending tokens, or None when it must wait for
+        them: a sequence waits to be admitted or recomputed, a slot would need a preemption, or no
+        sequence may go on. A sequence whose pending token reaches max_tokens or max_model_len stays out."""
+        if self.waiting:
+            return None
+        seqs = [s for s in self.running if not self._at_length(s, pending=True)]
+        if not seqs or any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
+            return None
+        if not self.bm.can_append_all(seqs):
+            return None
+        copies = [c for c in map(self.bm.append_slot, seqs) if c is not None]
+        for seq in seqs:
+            seq.num_scheduled_tokens = 1
+        return SchedulerOutput(seqs, False, copies)
+
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
         seq.reset_for_recompute()
@@ -141,11 +162,13 @@ class Scheduler:
 
     def _stop_token(self, seq: Sequence) -> bool:
         params = seq.params
-        token = seq.token_ids[-1]
+        token = seq.token_ids[seq.num_known - 1]
         return (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
 
-    def _at_length(self, seq: Sequence) -> bool:
-        return seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len
+    def _at_length(self, seq: Sequence, pending: bool = False) -> bool:
+        """Whether the known tokens (with ``pending``: all of them) reach max_tokens or max_model_len."""
+        length = len(seq.token_ids) if pending else seq.num_known
+        return length - seq.num_prompt_tokens >= seq.params.max_tokens or length >= self.max_model_len
 
     def ends_by_token(self, seq: Sequence) -> bool:
         """Whether the sequence stops after its newest token for a reason that needs no text: an EOS or
@@ -176,6 +199,7 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.block_table:
             self.bm.free(seq)
+        seq.drop_pending()
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
 
@@ -187,5 +211,6 @@ class Scheduler:
                 self.waiting.remove(seq)
             if seq.block_table:
                 self.bm.free(seq)
+            seq.drop_pending()
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = seq.finish_reason or "abort"

@@ -9,6 +9,13 @@ sequence with more than one uncomputed token is being prefilled in chunks (it al
 all its tokens); one with exactly one uncomputed token decodes it (the last sampled one, or the last
 prompt token when a chunk stopped one short). A token is sampled only by the step that computes the
 sequence's last token.
+
+Scheduling ahead (LLMEngine, async_scheduling): once a decode step is launched, each of its sequences
+counts the token that step computes as computed, and appends a ``PENDING`` placeholder for the token it
+samples, so the next step can be scheduled and launched before that id reaches the host (the device
+feeds it in). Placeholders are always the last ``num_pending`` entries of ``token_ids``; the ids before
+them are real. Lengths, offsets and slots count them; text, stop checks, outputs and block hashes use
+only real ids.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from rast_engine.outputs import CompletionOutput, RequestOutput
 from rast_engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
+PENDING = -1  # a token sampled on the device whose id the host has not read yet
 
 
 class SequenceStatus(enum.Enum):
@@ -47,6 +55,7 @@ class Sequence:
     logprobs: Optional[list[dict[int, float]]] = None
     cumulative_logprob: float = 0.0
     finish_reason: Optional[str] = None
+    num_pending: int = 0  # trailing PENDING placeholders in token_ids
 
     @property
     def params(self) -> SamplingParams:
@@ -58,11 +67,17 @@ class Sequence:
 
     @property
     def num_generated(self) -> int:
+        """Tokens generated so far, pending ones included (the sampler's offset of the next draw)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def num_known(self) -> int:
+        """Tokens whose ids the host has: all but the pending ones."""
+        return len(self.token_ids) - self.num_pending
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:self.num_known]
 
     @property
     def num_uncomputed(self) -> int:
@@ -85,8 +100,28 @@ class Sequence:
             self.logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token_id]
 
+    def add_pending(self) -> None:
+        """The launched decode step computes the last token and samples the next one on the device."""
+        self.num_computed_tokens += self.num_scheduled_tokens
+        self.token_ids.append(PENDING)
+        self.num_pending += 1
+
+    def resolve_pending(self, token_id: int) -> None:
+        """The oldest pending token's id has arrived."""
+        if not self.num_pending:
+            raise RuntimeError(f"sequence {self.seq_id} has no pending token to resolve")
+        self.token_ids[self.num_known] = token_id
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        """Forget the tokens still on their way: the sequence finished, or is recomputed from its ids."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
+
     def reset_for_recompute(self) -> None:
-        """Preemption by recompute: drop the cache state, keep every token and the output so far."""
+        """Preemption by recompute: drop the cache state, keep every known token and the output so far."""
+        self.drop_pending()
         self.status = SequenceStatus.WAITING
         self.block_table = []
         self.block_hashes = []

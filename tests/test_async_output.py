@@ -23,7 +23,7 @@ def test_overlap_order_launches_before_detokenising(qwen2_triple: tuple, monkeyp
     log: list[str] = []
     launch, detok = engine.runner.launch, IncrementalDetokenizer.step
     monkeypatch.setattr(engine.runner, "launch", lambda *a: (log.append("launch"), launch(*a))[1])
-    monkeypatch.setattr(IncrementalDetokenizer, "step", lambda self, ids: (log.append("text"), detok(self, ids))[1])
+    monkeypatch.setattr(IncrementalDetokenizer, "step", lambda self, *a: (log.append("text"), detok(self, *a))[1])
     engine.add_request("a", encode(engine, TEXTS[0]), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     drain(engine)
     # prefill launched; then per step: next launch, then the text of the batch just taken

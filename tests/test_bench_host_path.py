@@ -9,8 +9,15 @@ from bench_runs import run_bench
 def test_quick_run_splits_each_step(tmp_path: Path) -> None:
     result, _, _ = run_bench("host_path.py", tmp_path, "--quick", pattern="host-path-*.json")
     assert result["decode_stubbed"] and result["commit"] and result["device"]
-    assert [r["batch"] for r in result["rows"]] == [1, 4]
-    for r in result["rows"]:
+    rows = result["rows"]
+    assert [(r["async_scheduling"], r["batch"]) for r in rows] == [(False, 1), (False, 4), (True, 1), (True, 4)]
+    for r in rows:
         assert r["steps"] == 10  # max_tokens = steps + 3, three steps before timing (one is the prefill)
-        assert min(r["commit_us"], r["launch_us"], r["outputs_us"]) > 0
-        assert r["critical_us"] == r["commit_us"] + r["launch_us"]
+        assert min(r["commit_us"], r["outputs_us"]) > 0
+        parts = r["launch_ahead_us"] + r["commit_us"] + r["launch_us"] + r["outputs_us"]
+        assert abs(r["host_us"] - parts) < 1e-6
+        if r["async_scheduling"]:  # every step but the last launched its successor ahead
+            assert r["launch_ahead_us"] > 0 and r["idle_steps"] == 1
+        else:
+            assert r["launch_ahead_us"] == 0 and r["idle_steps"] == r["steps"]
+            assert abs(r["critical_us"] - r["commit_us"] - r["launch_us"]) < 1e-6

@@ -41,7 +41,9 @@ def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
                     "kv_bytes_read"):
             assert r[key] > 0, (key, r)
         assert r["decode_steps"] == gen - 1  # one prefill step, then one step per further token
-        assert r["forwards_per_step"] == {"base": 1, "rast": 2}.get(r["mode"], 3)  # rast stacks rl and base
+        flags = decode.ENGINE_MODES.get(r["mode"], dict(pair=True, stack=False))  # hf-rast: three forwards
+        assert r["forwards_per_step"] == (1 if not flags["pair"] else 2 if flags["stack"] else 3)
+        assert r["async_scheduling"] == flags.get("async_scheduling", False)
         # tokens/s counts every sequence's token of every decode step over the summed step time
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"], rel=1e-9)
         assert r["mean_context"] == prompt + gen / 2

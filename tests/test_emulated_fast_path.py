@@ -78,6 +78,28 @@ def test_graph_replay_and_model_streams_equal_the_eager_engine(qwen2_triple: tup
     assert steps[2:] == [5] * (SHORT_GREEDY.max_tokens - 1)  # only the eager batch ran the Python step
 
 
+def test_async_scheduling_replays_graphs_fed_by_the_previous_replay(qwen2_triple: tuple,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps launched ahead on the fast path: each replay gathers its input ids from the ids the previous
+    replay stored, on the same stream, and the host reads each step's ids after the next is queued.
+    Tokens equal the synchronous eager engine's; the emulator's race checks cover the feed."""
+    reference = triton_engine(qwen2_triple, stack_small_models=False)
+    batch = prompts(3, seed=3)
+    want = generate_all(reference, batch, SAMPLED)
+    engine = triton_engine(qwen2_triple, async_output=True)
+    runner, ahead = engine.runner, []
+    schedule_ahead = engine.scheduler.schedule_ahead
+    engine.scheduler.schedule_ahead = lambda: (lambda out: (ahead.append(out is not None), out)[1])(schedule_ahead())
+    with emulated_cuda(monkeypatch) as emu:
+        runner.streams = ModelStreams(CUDA, True)
+        runner.graphs = DecodeGraphs(runner._decode_step, runner._pad_all, CUDA, max_rows=4)
+        runner.graphs.buckets = [4]
+        runner.graphs.capture_all()
+        got = generate_all(engine, batch, SAMPLED)
+    assert got == want and emu.replays == SAMPLED.max_tokens - 1
+    assert ahead.count(True) == SAMPLED.max_tokens - 2  # every decode step but the first went ahead
+
+
 def test_torch_attention_cannot_be_captured(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """Why CAPTURE_SAFE_ATTENTION excludes the torch backend: its decode path reads lengths on the host."""
     engine = make_engine(qwen2_triple, attention_backend="torch", max_num_seqs=8)

@@ -39,12 +39,14 @@ def summary(out: RequestOutput) -> list[tuple[list[int], str, str]]:
 
 
 def drain(engine: LLMEngine, limit: int = 500) -> dict[str, list]:
-    """Step until no request is left; the final summary of every request that finished."""
+    """Step until no request is left; the final summary of every request that finished. Every output on
+    the way holds real token ids only (never a pending placeholder, see sequence.py)."""
     done: dict[str, list] = {}
     for _ in range(limit):
         if not engine.has_unfinished_requests():
             return done
         for out in engine.step():
+            assert all(t >= 0 for c in out.outputs for t in c.token_ids), out
             if out.finished:
                 assert out.request_id not in done, "a request finished twice"
                 done[out.request_id] = summary(out)

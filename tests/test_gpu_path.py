@@ -19,6 +19,7 @@ from rast_engine import EngineConfig, LLMEngine, SamplingParams
 from rast_engine.cuda_graph import DecodeGraphs, batch_buckets
 from rast_engine.decode_buffers import DecodeBuffers
 from rast_engine.model_streams import ModelStreams
+from rast_engine.sequence import PENDING
 
 LAM = 0.6
 BS = 4  # block size: small, so short sequences span several blocks
@@ -67,12 +68,15 @@ def test_batch_buckets_cover_every_batch() -> None:
 
 
 def test_decode_buffers_follow_block_tables_through_every_change() -> None:
-    """Random appends, copy-on-write of the last block, reassignment and reordering; every fill must
-    equal a from-scratch layout, padding rows must be inert, and the device copy must equal staging."""
+    """Random appends, copy-on-write of the last block, reassignment and reordering, with input tokens
+    known on the host or fed from the previous step's sampled ids; every fill (through alternating
+    staging sets) must equal a from-scratch layout, padding rows must be inert, and the device copy must
+    equal staging."""
     rng = random.Random(0)
     max_rows, width, pairs = 6, 12, 2
     buf = DecodeBuffers(max_rows, width, pairs, BS, torch.device("cpu"), staging=True)
-    seqs = [SimpleNamespace(token_ids=[1] * rng.randrange(1, 9), block_table=[]) for _ in range(max_rows)]
+    seqs = [SimpleNamespace(token_ids=[1] * rng.randrange(1, 9), block_table=[], num_pending=0)
+            for _ in range(max_rows)]
     for s in seqs:
         s.block_table = [rng.randrange(100) for _ in range(-(-len(s.token_ids) // BS))]
     for _ in range(60):
@@ -91,8 +95,18 @@ def test_decode_buffers_follow_block_tables_through_every_change() -> None:
         n, rows = len(batch), rng.randrange(len(batch), max_rows + 1)
         temps = [rng.random() for _ in batch]
         weights = [[rng.random(), -rng.random()] for _ in batch]
+        feed, sampled = None, torch.tensor([rng.randrange(1000) for _ in range(max_rows)])
+        if rng.random() < 0.4:  # the batch's last tokens are pending: fed from the previous step's rows
+            buf.store_sampled(sampled)
+            feed = [rng.randrange(max_rows) for _ in batch]
+            for s in batch:
+                s.token_ids[-1], s.num_pending = PENDING, 1
         buf.fill(batch, temperature=temps, top_k=[3] * n, top_p=[0.5] * n, min_p=[0.1] * n,
-                 seeds=list(range(n)), offsets=[7] * n, weights=weights, rows=rows)
+                 seeds=list(range(n)), offsets=[7] * n, weights=weights, rows=rows, feed=feed)
+        if feed is not None:
+            assert buf.input_ids(rows)[:n].tolist() == [int(sampled[f]) for f in feed]
+            for s, f in zip(batch, feed):
+                s.token_ids[-1], s.num_pending = int(sampled[f]), 0
         meta = buf.meta(rows, width * BS)
         for i, s in enumerate(batch):
             t, pos = s.block_table, len(s.token_ids) - 1
@@ -107,6 +121,10 @@ def test_decode_buffers_follow_block_tables_through_every_change() -> None:
         assert (samp["temperature"][n:] == 0).all() and (samp["top_p"][n:] == 1).all()
         torch.testing.assert_close(samp["weights"][:n], torch.tensor(weights))
         assert (samp["weights"][n:] == 0).all() and samp["weights"].is_contiguous()
+    pending = [SimpleNamespace(token_ids=[PENDING], block_table=[0], num_pending=1)]
+    with pytest.raises(RuntimeError, match="no feed"):  # never a placeholder id read as a token
+        buf.fill(pending, temperature=[1.0], top_k=[0], top_p=[1.0], min_p=[0.0], seeds=[0], offsets=[0],
+                 weights=[[1.0, 1.0]], rows=1)
 
 
 @torch.inference_mode()
@@ -294,11 +312,14 @@ def test_gpu_greedy_rast_equals_cpu_float32(arch: str, request: pytest.FixtureRe
 
 
 @pytest.mark.gpu
-def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple) -> None:
-    """Outputs read while the next batch runs (pinned copy + event) equal the synchronous engine's."""
+@pytest.mark.parametrize("ahead", [False, True])
+def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool) -> None:
+    """Outputs read while the next batch runs (pinned copy + event), and with ``ahead`` each decode step
+    launched before the previous step's ids are read (fed on the device, two steps in flight, double
+    staging and pinned ids), equal the synchronous engine's."""
     kw = dict(dtype="bfloat16", attention_backend="triton")
     sync_engine = make_engine(qwen2_triple, "cuda", async_output=False, **kw)
-    async_engine = make_engine(qwen2_triple, "cuda", async_output=True, **kw)
+    async_engine = make_engine(qwen2_triple, "cuda", async_output=True, async_scheduling=ahead, **kw)
     batch = prompts(6, seed=51)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=5, stop_token_ids=[7, 11])
     assert generate(async_engine, batch, params) == generate(sync_engine, batch, params)

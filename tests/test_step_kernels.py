@@ -4,7 +4,8 @@ and Triton attention is 9 kernels (4 GEMMs, 2 norms, rotary with the KV store, a
 the plain torch ops issue about 35 more). A whole RAST step of the engine is the large model's embedding
 gather, layers, final norm and lm_head; the same for the (rl, base) pair run as one forward (a layer is
 9 kernels for both models), plus 10 small ops building its doubled metadata; then the sampler's four
-kernels: nothing else."""
+kernels, and two copies for token feedback (the input ids gathered through DecodeBuffers' token_src, the
+sampled ids kept for the next step): nothing else."""
 from __future__ import annotations
 
 from collections import Counter
@@ -70,6 +71,6 @@ def test_rast_decode_step_is_gemms_and_rast_kernels(qwen2_triple: tuple, monkeyp
     # its metadata for 2B sequences (stacked_metadata) and 2T positions: device ops, no host sync
     assert {k: ops.pop(k) for k in ("repeat", "ge", "where", "add", "cat")} == dict(repeat=2, ge=1, where=1, add=3,
                                                                                    cat=3)
-    assert dict(ops) == {"embedding": 1, "index": 1, "_rms_norm_kernel": 2 * (n + m) + 2,
+    assert dict(ops) == {"index_select": 1, "copy_": 1, "embedding": 1, "index": 1, "_rms_norm_kernel": 2 * (n + m) + 2,
                          "_rotary_kernel": n + m, "_decode_kernel": n + m, "_silu_mul_kernel": n + m,
                          "_stats": 1, "_select": 1, "_draw": 1, "_finish": 1}

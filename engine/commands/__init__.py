@@ -36,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--async-output", action=argparse.BooleanOptionalAction, default=None,
                    help="read a step's outputs while the next runs (default: on with CUDA)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before the previous step's ids are read (default: with "
+                        "--async-output)")
     p.add_argument("--model-streams", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: the small models on their own stream, beside the large one (default on)")
     p.add_argument("--stack-small-models", action=argparse.BooleanOptionalAction, default=True,
@@ -71,7 +74,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
         attention_backend=args.attention_backend, layer_ops=args.layer_ops, enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch, enable_prefix_caching=args.enable_prefix_caching,
-        async_output=args.async_output, model_streams=args.model_streams,
+        async_output=args.async_output, async_scheduling=args.async_scheduling, model_streams=args.model_streams,
         stack_small_models=args.stack_small_models))
 
 

@@ -1,0 +1,63 @@
+"""Request intake: everything a request must satisfy, checked before the engine changes any state, so a
+rejected request leaves the engine exactly as it was."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Union
+
+from rast_engine.errors import RastError
+from rast_engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from rast_engine.llm_engine import LLMEngine
+
+
+def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
+    if isinstance(prompt, str):
+        if engine.tokenizer is None:
+            raise RastError("this engine has no tokenizer (its load_format='dummy' model directories hold "
+                            "no tokenizer files): give prompts as lists of token ids")
+        if not prompt:
+            raise RastError("the prompt is empty")
+        return list(engine.tokenizer.encode(prompt))
+    if not isinstance(prompt, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise RastError("a prompt must be a string or a list of token ids (ints)")
+    bad = [t for t in prompt if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise RastError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {engine.vocab_size})")
+    return list(prompt)
+
+
+def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
+    """λ per small pair for this request: the engine's, or the request's ``lam`` for a single pair."""
+    weights = list(engine.model_set.weights)
+    if params.lam is None:
+        return weights
+    if len(weights) != 1:
+        raise RastError(f"lam overrides λ of a single small pair; this engine has {len(weights)} pairs")
+    return [float(params.lam)]
+
+
+def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[int]],
+                    params: SamplingParams) -> tuple[list[int], list[float]]:
+    """The prompt's token ids and the request's λ per pair; RastError for anything the engine cannot serve."""
+    if not isinstance(request_id, str) or not request_id:
+        raise RastError(f"request_id must be a non-empty string, got {request_id!r}")
+    if request_id in engine.groups:
+        raise RastError(f"request id {request_id!r} is already in use")
+    if not isinstance(params, SamplingParams):
+        raise RastError(f"params must be a SamplingParams, got {type(params).__name__}")
+    ids = prompt_ids(engine, prompt)
+    if not ids:
+        raise RastError("the prompt is empty")
+    if len(ids) >= engine.max_model_len:
+        raise RastError(f"the prompt has {len(ids)} tokens; max_model_len is {engine.max_model_len} "
+                        "(it must leave room for at least one generated token)")
+    if params.stop_list and engine.tokenizer is None:
+        raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
+                        "use stop_token_ids")
+    if params.n > engine.config.max_num_seqs:
+        raise RastError(f"n={params.n} exceeds max_num_seqs={engine.config.max_num_seqs}")
+    if params.logprobs is not None and params.logprobs > engine.vocab_size:
+        raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
+    return ids, pair_weights(engine, params)

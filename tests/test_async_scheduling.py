@@ -1,0 +1,233 @@
+"""async_scheduling: each decode step is launched before the previous step's ids reach the host, and the
+device feeds those ids in (DecodeBuffers' token_src). The oracle is the synchronous engine (equal to HF
+transformers by test_engine.py): seeded sampling gives the same tokens whatever the batch, so a token
+lost, duplicated, read from the wrong row or kept past a stop shows. Each test also checks that the
+engine ends clean, and drain() that no output ever shows a pending placeholder."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rast_engine import SamplingParams
+from rast_engine.block_manager import block_hash
+from rast_engine.errors import RastError
+from rast_engine.llm_engine import LLMEngine
+from rast_engine.model_runner import PendingStep
+from rast_engine.sequence import PENDING, SequenceStatus
+from test_engine_lifecycle import TEXTS, alone, assert_clean, drain, encode, fail, make_engine, run
+
+
+@pytest.fixture(scope="module")
+def oracle(qwen2_triple: tuple) -> LLMEngine:
+    return make_engine(qwen2_triple, blocks=256, caching=False, async_output=False)
+
+
+def ahead_engine(triple: tuple, **kw: object) -> LLMEngine:
+    engine = make_engine(triple, async_output=True, **kw)
+    assert engine.async_scheduling  # on with async_output by default
+    return engine
+
+
+def count_ahead(engine: LLMEngine) -> list[int]:
+    """Record the size of every batch scheduled ahead."""
+    sizes: list[int] = []
+    schedule_ahead = engine.scheduler.schedule_ahead
+
+    def counted():  # noqa: ANN202
+        out = schedule_ahead()
+        if out is not None:
+            sizes.append(len(out.seqs))
+        return out
+
+    engine.scheduler.schedule_ahead = counted
+    return sizes
+
+
+def mixed_requests(engine: LLMEngine, oracle: LLMEngine) -> dict:
+    ids = [encode(engine, t) for t in TEXTS]
+    free_text = alone(oracle, ids[0], SamplingParams(temperature=1.0, max_tokens=16, seed=5, ignore_eos=True))
+    stop = free_text[0][1].split()[1]
+    return {
+        "stop": (ids[0], SamplingParams(temperature=1.0, max_tokens=16, seed=5, ignore_eos=True, stop=[stop])),
+        "fork": (ids[1], SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=6, stop=[" the", "."])),
+        "eos": (ids[2], SamplingParams(temperature=1.2, max_tokens=20, seed=7, stop_token_ids=[11, 17, 29])),
+        "greedy": (ids[3], SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)),
+        "short": (ids[3], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)),
+    }
+
+
+def test_steps_ahead_equal_the_synchronous_engine(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """Stop strings, stop tokens, forks, max_tokens of 1 and more: every sample equals the oracle's run
+    alone, and all but the first decode step of the batch went ahead."""
+    engine = ahead_engine(qwen2_triple)
+    sizes = count_ahead(engine)
+    requests = mixed_requests(engine, oracle)
+    got = run(engine, requests)
+    assert got["stop"][0][2] == "stop"
+    for rid, (prompt, params) in requests.items():
+        assert got[rid] == alone(oracle, prompt, params), rid
+    assert len(sizes) >= 15 and max(sizes) == 6  # stop, 3 forks, eos, greedy decoding at once
+    assert_clean(engine)
+
+
+def test_ahead_steps_take_their_input_from_the_device(qwen2_triple: tuple, oracle: LLMEngine,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ahead step's input ids exist only on the device: staging holds 0 for them. Without the stored
+    sampled ids the tokens change, so the feed is what carries them."""
+    engine = ahead_engine(qwen2_triple)
+    sizes = count_ahead(engine)
+    prompt = encode(engine, TEXTS[1])
+    params = SamplingParams(temperature=0.9, max_tokens=10, seed=8, ignore_eos=True)
+    engine.add_request("r", prompt, params)
+    for _ in range(3):
+        engine.step()
+    seq = engine.groups["r"].seqs[0]
+    assert seq.num_pending == 1 and seq.token_ids[-1] == PENDING and engine._in_flight.holds_pending
+    assert int(engine.runner.buffers.host["i64"][0, 0]) == 0  # the input id row of the batch ahead
+    assert drain(engine)["r"] == alone(oracle, prompt, params)
+    # token 1 from the prefill, 2 from a decode launched after it; 3..10 ahead; none past max_tokens
+    assert sizes == [1] * 8
+    broken = ahead_engine(qwen2_triple)
+    monkeypatch.setattr(broken.runner.buffers, "store_sampled", lambda ids: None)
+    assert run(broken, {"r": (prompt, params)})["r"] != alone(oracle, prompt, params)
+
+
+def test_admission_and_preemption_fall_back_to_waiting(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """A request arriving mid-run and a KV cache too small for every slot make the next batch wait for
+    the ids (the host must know them to prefill or recompute); outputs stay the oracle's."""
+    tight = ahead_engine(qwen2_triple, blocks=12)
+    sizes = count_ahead(tight)
+    prompts = [encode(tight, t) for t in TEXTS[:3]]
+    requests = {
+        "greedy": (prompts[0], SamplingParams(n=2, temperature=0.0, max_tokens=14, ignore_eos=True, stop=["zz"])),
+        "seeded": (prompts[1], SamplingParams(n=3, temperature=1.0, top_k=30, max_tokens=12, seed=9, stop=[" a"])),
+    }
+    for rid, (ids, params) in requests.items():
+        tight.add_request(rid, ids, params)
+    for _ in range(4):
+        tight.step()
+    late = (prompts[2], SamplingParams(temperature=0.8, max_tokens=10, seed=4, ignore_eos=True))
+    requests["late"] = late
+    got = run(tight, {"late": late})  # drains every request: none finished in the first 4 steps
+    assert tight.scheduler.num_preemptions > 0 and sizes
+    for rid, (ids, params) in requests.items():
+        assert got[rid] == alone(oracle, ids, params), rid
+    assert_clean(tight)
+
+
+def test_logprobs_requests_decode_without_going_ahead(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """Logprobs are computed from the step's logits on the host side of the step: such a batch is read
+    synchronously and the next one waits for it; outputs (logprobs included) equal the oracle's."""
+    engine = ahead_engine(qwen2_triple)
+    sizes = count_ahead(engine)
+    prompt = encode(engine, TEXTS[2])
+    params = SamplingParams(temperature=0.7, max_tokens=6, seed=1, logprobs=2, ignore_eos=True)
+    engine.add_request("lp", prompt, params)
+    out = None
+    while engine.has_unfinished_requests():
+        out = engine.step() or out
+    oracle.add_request("lp", prompt, params)
+    ref = None
+    while oracle.has_unfinished_requests():
+        ref = oracle.step() or ref
+    assert out[0].outputs[0].logprobs == ref[0].outputs[0].logprobs and not sizes
+    assert_clean(engine)
+
+
+def test_blocks_computed_ahead_are_hashed_once_their_ids_are_known(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """Prefix caching over tokens generated ahead: every hashed block holds real ids and its hash is the
+    chained hash of them, and a prompt extending a finished output reuses its blocks with the oracle's
+    result."""
+    engine = ahead_engine(qwen2_triple)
+    prompt = encode(engine, TEXTS[0])
+    first = SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)
+    engine.add_request("a", prompt, first)
+    for _ in range(6):
+        engine.step()
+        for seq in engine.groups["a"].seqs:
+            parent = b""
+            for i, h in enumerate(seq.block_hashes):
+                block = seq.token_ids[i * engine.config.block_size:(i + 1) * engine.config.block_size]
+                assert PENDING not in block and h == block_hash(parent, block)
+                parent = h
+    tokens = drain(engine)["a"][0][0]
+    hits = engine.block_manager.prefix_hits
+    longer, follow = prompt + tokens, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    assert run(engine, {"b": (longer, follow)})["b"] == alone(oracle, longer, follow)
+    assert engine.block_manager.prefix_hits - hits >= (len(longer) - 1) // engine.config.block_size
+    assert_clean(engine)
+
+
+def test_a_block_the_failed_step_ahead_never_wrote_is_never_reused(qwen2_triple: tuple, oracle: LLMEngine,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step ahead that completes a block fails without writing its K/V: the commit before it must not
+    have put that block in the prefix cache, or a prompt extending the sequence would read it."""
+    engine = ahead_engine(qwen2_triple)
+    bs = engine.config.block_size
+    engine.add_request("r", encode(engine, TEXTS[0]), SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    engine.step()
+    engine.step()
+    seq = engine.groups["r"].seqs[0]
+    while len(seq.token_ids) % bs:  # the next step ahead's input token is the last of a block
+        engine.step()
+    last = len(seq.token_ids) - 1
+    monkeypatch.setattr(engine.runner, "launch", lambda *a: PendingStep(ids=torch.tensor([-1])))  # writes nothing
+    engine.step()
+    monkeypatch.undo()
+    assert seq.token_ids[last] != PENDING and seq.num_computed_tokens == last + 1  # counted, id known
+    assert seq.block_table[last // bs] not in engine.block_manager.hash_of  # but not hashed
+    with pytest.raises(RuntimeError, match="admissible"):
+        engine.step()
+    known = list(seq.token_ids)
+    engine.abort_request("r")
+    probe, params = known + [7], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    assert run(engine, {"p": (probe, params)})["p"] == alone(oracle, probe, params)
+    assert_clean(engine)
+
+
+def test_abort_with_two_batches_in_flight(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    engine = ahead_engine(qwen2_triple)
+    ids = encode(engine, TEXTS[0])
+    probe = SamplingParams(temperature=1.0, max_tokens=6, seed=2, ignore_eos=True)
+    engine.add_request("x", ids, SamplingParams(n=2, temperature=1.0, max_tokens=30, seed=1, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine._in_flight.holds_pending
+    engine.abort_request("x")
+    assert run(engine, {"probe": (ids, probe)})["probe"] == alone(oracle, ids, probe)
+    assert_clean(engine)
+
+
+@pytest.mark.parametrize("where", ["ahead launch", "wait"])
+def test_a_failing_step_is_undone_with_the_step_ahead(qwen2_triple: tuple, oracle: LLMEngine,
+                                                      monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The launch of the step ahead fails, or the wait for the batch in flight does: every sequence of
+    both is requeued with its known tokens only, and stepping on gives the run that never failed."""
+    engine = ahead_engine(qwen2_triple)
+    ids = encode(engine, TEXTS[1])
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=9, seed=3, ignore_eos=True, stop=["@@"])
+    engine.add_request("r", ids, params)
+    for _ in range(3):
+        engine.step()
+    assert engine._in_flight.holds_pending
+    if where == "wait":
+        fail(monkeypatch, engine._in_flight.step, "wait")
+    else:
+        fail(monkeypatch, engine.runner, "forward_logits")
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    monkeypatch.undo()
+    seqs = engine.groups["r"].seqs
+    assert all(s.status is SequenceStatus.WAITING and not s.num_pending and PENDING not in s.token_ids
+               for s in seqs)
+    assert engine._in_flight is None
+    assert drain(engine)["r"] == alone(oracle, ids, params)
+    assert_clean(engine)
+
+
+def test_async_scheduling_needs_async_output(qwen2_triple: tuple) -> None:
+    with pytest.raises(RastError, match="async_output"):
+        make_engine(qwen2_triple, async_output=False, async_scheduling=True)
+    with pytest.raises(RastError, match="async_output"):  # off by default on the CPU
+        make_engine(qwen2_triple, async_scheduling=True)
+    assert not make_engine(qwen2_triple, async_output=True, async_scheduling=False).async_scheduling

@@ -90,7 +90,7 @@ def test_stacked_forward_equals_the_models_run_alone(tmp_path: Path, tok_dir: Pa
 def test_stacking_shares_storage_and_outputs_into_given_buffers(tmp_path: Path, tok_dir: Path) -> None:
     rl, base = _models(tmp_path, tok_dir, "qwen2", True, "torch")
     stacked = StackedCausalLM([rl, base])
-    assert rl.layers[1].mlp.down_proj.weight.data_ptr() == stacked.layers[1].down[0].data_ptr()
+    assert rl.layers[1].mlp.down_proj.weight.data_ptr() == stacked.layers[1].mlp.down_proj.weight[0].data_ptr()
     assert base.embed_tokens.weight.data_ptr() == stacked.embed[1].data_ptr()
     assert base.lm_head.weight is base.embed_tokens.weight  # tied: still one tensor
     hidden = torch.randn(2, 3, rl.config.hidden_size)

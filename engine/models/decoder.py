@@ -25,10 +25,11 @@ WeightSlot = tuple[torch.Tensor, int, int]  # (parameter, first row, rows) an HF
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, ops: LayerOps) -> None:
+    def __init__(self, size: int, eps: float, ops: LayerOps, weight: Optional[torch.Tensor] = None) -> None:
+        """``weight``: [size], or [G, size] for rows in G groups (stacked models); default ones."""
         super().__init__()
         self.eps, self.ops = eps, ops
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size)) if weight is None else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
@@ -39,11 +40,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 qkv_proj: Optional[nn.Module] = None, o_proj: Optional[nn.Module] = None) -> None:
+        """The projections default to nn.Linear; models.stacked passes batched ones."""
         super().__init__()
         self.head_dim, self.q_size, self.kv_size = cfg.head_dim, cfg.q_size, cfg.kv_size
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.qkv_proj = qkv_proj if qkv_proj is not None else nn.Linear(
+            cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = o_proj if o_proj is not None else nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.rotary, self.backend = rotary, backend
 
     def forward(
@@ -70,10 +74,13 @@ def rotate_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps, gate_up_proj: Optional[nn.Module] = None,
+                 down_proj: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = gate_up_proj if gate_up_proj is not None else nn.Linear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = down_proj if down_proj is not None else nn.Linear(
+            cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,13 +88,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 ops: LayerOps) -> None:
+    def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
+                 mlp: MLP) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, rotary, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg, ops)
+        self.input_layernorm, self.self_attn = input_layernorm, self_attn
+        self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+              ops: LayerOps) -> DecoderLayer:
+        return cls(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops), Attention(cfg, rotary, backend),
+                   RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops), MLP(cfg, ops))
 
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
@@ -102,6 +113,16 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, positions, meta, kv_cache)
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(h), residual
+
+
+def forward_layers(layers: nn.ModuleList, norm: RMSNorm, x: torch.Tensor, positions: torch.Tensor,
+                   meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
+    """Embeddings [T, hidden] through every layer and the final norm, each residual add fused into the
+    norm after it (ModelConfig has num_layers >= 1, so the residual is set when the final norm runs)."""
+    residual = None
+    for layer, kv_cache in zip(layers, kv_caches, strict=True):
+        x, residual = layer(x, residual, positions, meta, kv_cache)
+    return norm.add_forward(x, residual)[0]
 
 
 class CausalLM(nn.Module):
@@ -119,7 +140,7 @@ class CausalLM(nn.Module):
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, self.dtype, self.ops
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, attention, self.ops)
+        self.layers = nn.ModuleList(DecoderLayer.build(cfg, self.rotary, attention, self.ops)
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -134,10 +155,7 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[KVCache],  # one (k_cache, v_cache) per layer
     ) -> torch.Tensor:  # [T, hidden], after the final norm
-        x, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, positions, meta, kv_cache)
-        return self.norm.add_forward(x, residual)[0]  # ModelConfig has num_layers >= 1: residual is set
+        return forward_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, hidden] -> [N, vocab_size] in the model dtype (the padded width; callers slice to V),

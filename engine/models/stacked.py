@@ -4,7 +4,9 @@ Every model of a RAST step reads the same tokens, so the small models' step is o
 of weights: an (rl, base) pair (N = 2), or the distinct models of several pairs (experts sharing their
 base: N = 3 for two pairs). Run separately, every kernel launches N times (a fused decoder layer is 9
 launches). Stacked:
-- every projection is one batched GEMM over [N, T, ...] (torch.bmm on the stacked weights);
+- every projection is one batched GEMM over [N, T, ...] (torch.bmm on the stacked weights); the layers
+  are the decoder's own DecoderLayer with StackedLinear projections and [N, hidden] norm weights, so the
+  stacked forward is the single model's forward, not a copy of it;
 - every norm, rotary and activation kernel is one launch over N*T rows (norms take [N, hidden] weights);
 - attention is one call over N*B sequences. Copy c's sequences are the given ones with their blocks at
   c * num_blocks + block in one pool of N x num_blocks blocks (KVCache with copies=N), so block ids,
@@ -26,7 +28,8 @@ from torch import nn
 
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.kv_cache import KVPool
-from rast_engine.models.decoder import CausalLM, rotate_store_attend
+from rast_engine.models.config import ModelConfig
+from rast_engine.models.decoder import MLP, Attention, CausalLM, DecoderLayer, RMSNorm, forward_layers
 
 logger = logging.getLogger("rast")
 
@@ -71,28 +74,36 @@ def stacked_metadata(meta: AttentionMetadata, num_blocks: int, copies: int) -> A
     )
 
 
-class StackedLayer(nn.Module):
-    def __init__(self, layers: list[nn.Module]) -> None:
+class StackedLinear(nn.Module):
+    """N nn.Linear of one shape as one: [N*T, in] rows of N models -> [N*T, out], model m's rows through
+    its weight, by one batched GEMM (bias included)."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
         super().__init__()
-        attn = [layer.self_attn for layer in layers]
-        self.in_norm = _stack([layer.input_layernorm.weight for layer in layers])
-        self.post_norm = _stack([layer.post_attention_layernorm.weight for layer in layers])
-        self.qkv = _stack([a.qkv_proj.weight for a in attn])
-        self.qkv_bias = None if attn[0].qkv_proj.bias is None else _stack([a.qkv_proj.bias for a in attn])[:, None]
-        self.o = _stack([a.o_proj.weight for a in attn])
-        self.o_bias = None if attn[0].o_proj.bias is None else _stack([a.o_proj.bias for a in attn])[:, None]
-        self.gate_up = _stack([layer.mlp.gate_up_proj.weight for layer in layers])
-        self.down = _stack([layer.mlp.down_proj.weight for layer in layers])
-        self.eps, self.ops = layers[0].input_layernorm.eps, layers[0].mlp.ops
-        self.q_size, self.kv_size, self.head_dim = attn[0].q_size, attn[0].kv_size, attn[0].head_dim
-        self.rotary, self.backend = attn[0].rotary, attn[0].backend
+        self.weight = _stack([lin.weight for lin in linears])  # [N, out, in]
+        self.bias = None if linears[0].bias is None else _stack([lin.bias for lin in linears])[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, w = x.view(self.weight.shape[0], -1, x.shape[-1]), self.weight.transpose(1, 2)
+        y = torch.bmm(x, w) if self.bias is None else torch.baddbmm(self.bias, x, w)
+        return y.view(-1, y.shape[-1])
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[N*T, in] rows of N models -> [N*T, out], model m's rows through weight[m] ([N, out, in])."""
-    x = x.view(weight.shape[0], -1, x.shape[-1])
-    y = torch.bmm(x, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias, x, weight.transpose(1, 2))
-    return y.view(-1, y.shape[-1])
+def _stacked_norm(norms: list[RMSNorm]) -> RMSNorm:
+    """One norm over N models' rows, in N groups: the kernels take a [N, hidden] weight."""
+    return RMSNorm(norms[0].weight.shape[-1], norms[0].eps, norms[0].ops, weight=_stack([n.weight for n in norms]))
+
+
+def _stacked_layer(layers: list[DecoderLayer], cfg: ModelConfig) -> DecoderLayer:
+    """The models' layers as one DecoderLayer: its forward, unchanged, runs all N."""
+    attn, mlp = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
+    return DecoderLayer(
+        _stacked_norm([layer.input_layernorm for layer in layers]),
+        Attention(cfg, attn[0].rotary, attn[0].backend, qkv_proj=StackedLinear([a.qkv_proj for a in attn]),
+                  o_proj=StackedLinear([a.o_proj for a in attn])),
+        _stacked_norm([layer.post_attention_layernorm for layer in layers]),
+        MLP(cfg, mlp[0].ops, gate_up_proj=StackedLinear([m.gate_up_proj for m in mlp]),
+            down_proj=StackedLinear([m.down_proj for m in mlp])))
 
 
 class StackedCausalLM(nn.Module):
@@ -114,9 +125,9 @@ class StackedCausalLM(nn.Module):
         self.embed = _stack([m.embed_tokens.weight for m in models])
         # tied lm_head: the same Parameter as the embedding, already a view of self.embed
         self.lm_head = self.embed if first.config.tie_word_embeddings else _stack([m.lm_head.weight for m in models])
-        self.layers = nn.ModuleList(StackedLayer(list(group)) for group in zip(*(m.layers for m in models)))
-        self.norm = _stack([m.norm.weight for m in models])
-        self.eps = first.norm.eps
+        self.layers = nn.ModuleList(_stacked_layer(list(group), first.config)
+                                    for group in zip(*(m.layers for m in models)))
+        self.norm = _stacked_norm([m.norm for m in models])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: KVPool) -> torch.Tensor:
@@ -124,19 +135,7 @@ class StackedCausalLM(nn.Module):
         meta = stacked_metadata(meta, kv_caches[0][0].shape[0] // self.copies, self.copies)
         positions = positions.repeat(self.copies)
         x = self.embed[:, input_ids].view(-1, self.config.hidden_size)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            if residual is None:
-                h, residual = self.ops.rms_norm(x, layer.in_norm, layer.eps), x
-            else:
-                h, residual = self.ops.add_rms_norm(x, residual, layer.in_norm, layer.eps)
-            q, k, v = _linear(h, layer.qkv, layer.qkv_bias).split([layer.q_size, layer.kv_size, layer.kv_size], -1)
-            out = rotate_store_attend(q, k, v, positions, meta, kv_cache, layer.rotary, layer.backend,
-                                      layer.head_dim)
-            h, residual = self.ops.add_rms_norm(_linear(out.reshape(-1, layer.q_size), layer.o, layer.o_bias),
-                                                residual, layer.post_norm, layer.eps)
-            x = _linear(self.ops.silu_and_mul(_linear(h, layer.gate_up)), layer.down)
-        hidden = self.ops.add_rms_norm(x, residual, self.norm, self.eps)[0]
+        hidden = forward_layers(self.layers, self.norm, x, positions, meta, kv_caches)
         return hidden.view(self.copies, -1, self.config.hidden_size)
 
     def compute_logits(self, hidden: torch.Tensor, outs: Optional[list[Optional[torch.Tensor]]] = None

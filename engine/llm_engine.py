@@ -230,8 +230,9 @@ class LLMEngine:
         except BaseException:
             self.scheduler.requeue(out.seqs)
             raise
-        # a lazy step is a decode with one draw per sequence; a first draw (unforked group) forks at commit
-        holds = self.async_scheduling and not step.done and all(s.group.forked for s in out.seqs)
+        # a lazy decode step has one draw per sequence; a first draw (unforked group) forks at commit
+        holds = (self.async_scheduling and not out.is_prefill and not step.done
+                 and all(s.group.forked for s in out.seqs))
         if holds:
             for seq in out.seqs:
                 seq.add_pending()

@@ -3,7 +3,7 @@
 Prefill: ``prepare`` builds the inputs every model shares (token ids, positions, slot mapping, block
 tables) with tensor ops, not a loop per token; ``forward_logits`` runs the models (large and small on
 two CUDA streams, see model_streams); ``sample`` makes one rast_sample call over per-row parameter
-tensors and reads the ids back with one device-to-host copy.
+tensors, whose ids the caller reads later with one device-to-host copy.
 
 Decode, the hot path: the batch is written into DecodeBuffers (static device tensors fed from pinned
 staging by a few non_blocking copies), then one step function runs forward_logits and rast_sample on
@@ -108,7 +108,7 @@ class ModelRunner:
                                     min(max_num_seqs, graph_max_batch or max_num_seqs)))
         if self.graphs is not None:
             self.graphs.capture_all()  # now, not in the middle of serving
-        # two steps may be in flight (the engine schedules ahead): each step's ids land in the other half
+        # two halves, see _ids_later
         self.ids_host = torch.empty(2, max_num_seqs, dtype=torch.int64, pin_memory=self.pin)
         self._ids_half = 0
 
@@ -175,9 +175,9 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
                draws: Seq[Draw], feed: Optional[Seq[int]] = None) -> PendingStep:
-        """execute(), except that a decode step without logprobs returns once it is queued: its ids come
-        back (on CUDA by an asynchronous copy) when PendingStep.wait() is called. Every other step
-        (prefill, logprobs) is complete on return. ``feed``: see DecodeBuffers.fill (decode only)."""
+        """execute(), except that a step without logprobs returns once it is queued: its ids come back
+        (on CUDA by an asynchronous copy) when PendingStep.wait() is called. A step with logprobs is
+        complete on return. ``feed``: see DecodeBuffers.fill (decode only)."""
         self.kv.copy_blocks(copies)
         if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws, feed)
@@ -191,7 +191,7 @@ class ModelRunner:
             remap = {r: i for i, r in enumerate(needed)}
             draws = [replace(d, row=remap[d.row]) for d in draws]
         logits = self.forward_logits(inputs, rows)
-        return PendingStep(self.sample(logits, draws) if draws else [])
+        return self.sample(logits, draws) if draws else PendingStep([])
 
     # ---- decode: static buffers, optional CUDA graph ----------------------------------------------
     def _decode_step(self, rows: int) -> StepOutput:
@@ -224,15 +224,8 @@ class ModelRunner:
                           feed=feed)
         ids_dev, logits = self._decode_step(rows) if bucket is None else self.graphs.replay(bucket)
         want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
-        if not want:
-            if not self.pin:  # a graph's output is overwritten by the next replay; an eager step's is its own
-                return PendingStep(ids=ids_dev[:n] if bucket is None else ids_dev[:n].clone())
-            host = self.ids_host[self._ids_half, :n]
-            self._ids_half ^= 1
-            host.copy_(ids_dev[:n], non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            return PendingStep(ids=host, event=copied)
+        if not want:  # a graph's output is overwritten by the next replay; an eager step's is its own
+            return self._ids_later(ids_dev[:n] if bucket is None else ids_dev[:n].clone())
         results = PendingStep(ids=ids_dev[:n]).wait()  # the step's one device-to-host read
         if want:
             logits = [t[:n] for t in logits]
@@ -252,7 +245,22 @@ class ModelRunner:
             min_p=self._to_device(torch.tensor([d.params.min_p for d in draws], dtype=torch.float32)),
         )
 
-    def sample(self, logits: list[torch.Tensor], draws: Seq[Draw]) -> list[DrawResult]:
+    def _ids_later(self, ids: torch.Tensor) -> PendingStep:
+        """The step's ids, read by PendingStep.wait(): on CUDA through an asynchronous copy into pinned
+        memory. Two steps may be in flight (the engine schedules ahead), so each copy lands in the half
+        of ``ids_host`` the previous one did not use."""
+        if not self.pin:
+            return PendingStep(ids=ids)
+        host = self.ids_host[self._ids_half, :ids.shape[0]]
+        self._ids_half ^= 1
+        host.copy_(ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingStep(ids=host, event=copied)
+
+    def sample(self, logits: list[torch.Tensor], draws: Seq[Draw]) -> PendingStep:
+        """One rast_sample call for the draws; without logprobs the ids are read later, by the caller's
+        wait() (the step's one device-to-host read)."""
         rows = [d.row for d in draws]
         if rows != list(range(logits[0].shape[0])):  # n > 1 forks: repeat the parent's row
             index = self._to_device(torch.tensor(rows, dtype=torch.int64))
@@ -260,17 +268,18 @@ class ModelRunner:
         deltas = list(zip(logits[1::2], logits[2::2]))
         pairs = len(deltas)
         weights = torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(len(draws), pairs)
-        results = PendingStep(ids=rast_kernels.rast_sample(
+        ids_dev = rast_kernels.rast_sample(
             logits[0], deltas, weights=self._to_device(weights), **self._row_params(draws),
             seed=self._to_device(torch.tensor([d.seed for d in draws], dtype=torch.int64)),
             offset=self._to_device(torch.tensor([d.offset for d in draws], dtype=torch.int64)),
             vocab_size=self.vocab_size, backend=self.sampler,
-        )).wait()  # the step's one device-to-host read
-        ids = [r.token_id for r in results]
+        )
         want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
-        if want:
-            self._logprobs(logits, deltas, weights, draws, ids, want, results)
-        return results
+        if not want:
+            return self._ids_later(ids_dev)
+        results = PendingStep(ids=ids_dev).wait()
+        self._logprobs(logits, deltas, weights, draws, [r.token_id for r in results], want, results)
+        return PendingStep(results)
 
     def _logprobs(self, logits: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],
                   weights: torch.Tensor, draws: Seq[Draw], ids: list[int], want: list[int],

@@ -21,10 +21,11 @@ from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, default_token_budget, num_kv_blocks
-from rast_engine.model_runner import Draw, DrawResult, ModelRunner, PendingStep
+from rast_engine.model_runner import Draw, ModelRunner
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_engine.models.stacked import forward_units
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
+from rast_engine.pending import DrawResult, PendingStep
 from rast_engine.requests import checked_request
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
@@ -252,7 +253,7 @@ class LLMEngine:
                 continue
             g = seq.group
             if batch.holds_pending:  # computed and counted at launch: only the id was missing
-                seq.resolve_pending(mine[0].token_id)
+                seq.resolve_pending(mine[0].token_id, mine[0].logprobs)
                 self.block_manager.register_computed(seq)
                 targets = [seq]
             else:

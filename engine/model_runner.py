@@ -26,6 +26,7 @@ from rast_engine.decode_buffers import DecodeBuffers
 from rast_engine.kv_cache import KVCache
 from rast_engine.model_streams import ModelStreams
 from rast_engine.models.stacked import ForwardUnit
+from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.sequence import Sequence
 
@@ -46,38 +47,6 @@ class Draw:
     weights: list[float]  # λ per pair
     seed: int
     offset: int  # tokens the sample has generated so far: draws of one sample never share noise
-
-
-@dataclass
-class DrawResult:
-    token_id: int
-    logprobs: Optional[dict[int, float]]  # chosen token first, then the top-k alternatives
-
-
-class PendingStep:
-    """A step's draws, maybe still on their way to the host: ``wait()`` returns them, reading the ids
-    (the step's one device-to-host transfer) after the copy's event, once."""
-
-    def __init__(self, results: Optional[list[DrawResult]] = None, *, ids: Optional[torch.Tensor] = None,
-                 event: Optional[torch.cuda.Event] = None) -> None:
-        if (results is None) == (ids is None):
-            raise ValueError("a PendingStep holds either its results or the ids they come from")
-        self._results, self._ids, self._event = results, ids, event
-
-    @property
-    def done(self) -> bool:
-        """Whether the results are on the host already (a step not in flight)."""
-        return self._results is not None
-
-    def wait(self) -> list[DrawResult]:
-        if self._results is None:
-            if self._event is not None:
-                self._event.synchronize()
-            ids = self._ids.tolist()
-            if any(i < 0 for i in ids):
-                raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")
-            self._results = [DrawResult(i, None) for i in ids]
-        return self._results
 
 
 class ModelRunner:
@@ -175,9 +144,9 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
                draws: Seq[Draw], feed: Optional[Seq[int]] = None) -> PendingStep:
-        """execute(), except that a step without logprobs returns once it is queued: its ids come back
-        (on CUDA by an asynchronous copy) when PendingStep.wait() is called. A step with logprobs is
-        complete on return. ``feed``: see DecodeBuffers.fill (decode only)."""
+        """execute(), except that it returns once the step is queued: its ids (and logprobs) come back,
+        on CUDA by asynchronous copies, when PendingStep.wait() is called. ``feed``: see
+        DecodeBuffers.fill (decode only)."""
         self.kv.copy_blocks(copies)
         if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws, feed)
@@ -223,16 +192,15 @@ class ModelRunner:
                           offsets=[d.offset for d in draws], weights=[d.weights for d in draws], rows=rows,
                           feed=feed)
         ids_dev, logits = self._decode_step(rows) if bucket is None else self.graphs.replay(bucket)
-        want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
-        if not want:  # a graph's output is overwritten by the next replay; an eager step's is its own
-            return self._ids_later(ids_dev[:n] if bucket is None else ids_dev[:n].clone())
-        results = PendingStep(ids=ids_dev[:n]).wait()  # the step's one device-to-host read
-        if want:
+        # a replay's outputs are overwritten by the next replay: on CUDA the copies queued now read them
+        # first; elsewhere (the CUDA emulator) the host reads them later, so it keeps a copy
+        ids = ids_dev[:n].clone() if bucket is not None and not self.pin else ids_dev[:n]
+        logprobs = None
+        if any(d.params.logprobs is not None for d in draws):
             logits = [t[:n] for t in logits]
             weights = torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(n, self.pairs)
-            self._logprobs(logits, list(zip(logits[1::2], logits[2::2])), weights, draws,
-                           [r.token_id for r in results], want, results)
-        return PendingStep(results)
+            logprobs = self._logprobs(logits, list(zip(logits[1::2], logits[2::2])), weights, draws, ids)
+        return self._ids_later(ids, logprobs)
 
     def _row_params(self, draws: Seq[Draw], greedy_as_t1: bool = False) -> dict[str, torch.Tensor]:
         temps = [d.params.temperature for d in draws]
@@ -245,22 +213,22 @@ class ModelRunner:
             min_p=self._to_device(torch.tensor([d.params.min_p for d in draws], dtype=torch.float32)),
         )
 
-    def _ids_later(self, ids: torch.Tensor) -> PendingStep:
-        """The step's ids, read by PendingStep.wait(): on CUDA through an asynchronous copy into pinned
-        memory. Two steps may be in flight (the engine schedules ahead), so each copy lands in the half
-        of ``ids_host`` the previous one did not use."""
+    def _ids_later(self, ids: torch.Tensor, logprobs: Optional[DrawLogprobs] = None) -> PendingStep:
+        """The step's ids (and logprobs), read by PendingStep.wait(): on CUDA through asynchronous copies
+        into pinned memory. Two steps may be in flight (the engine schedules ahead), so each step's ids
+        land in the half of ``ids_host`` the previous step's did not use."""
         if not self.pin:
-            return PendingStep(ids=ids)
+            return PendingStep(ids=ids, logprobs=logprobs)
+        logprobs = None if logprobs is None else logprobs.to_host(pinned=True)
         host = self.ids_host[self._ids_half, :ids.shape[0]]
         self._ids_half ^= 1
         host.copy_(ids, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return PendingStep(ids=host, event=copied)
+        return PendingStep(ids=host, event=copied, logprobs=logprobs)
 
     def sample(self, logits: list[torch.Tensor], draws: Seq[Draw]) -> PendingStep:
-        """One rast_sample call for the draws; without logprobs the ids are read later, by the caller's
-        wait() (the step's one device-to-host read)."""
+        """One rast_sample call for the draws, read later by the caller's wait()."""
         rows = [d.row for d in draws]
         if rows != list(range(logits[0].shape[0])):  # n > 1 forks: repeat the parent's row
             index = self._to_device(torch.tensor(rows, dtype=torch.int64))
@@ -274,17 +242,15 @@ class ModelRunner:
             offset=self._to_device(torch.tensor([d.offset for d in draws], dtype=torch.int64)),
             vocab_size=self.vocab_size, backend=self.sampler,
         )
-        want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
-        if not want:
-            return self._ids_later(ids_dev)
-        results = PendingStep(ids=ids_dev).wait()
-        self._logprobs(logits, deltas, weights, draws, [r.token_id for r in results], want, results)
-        return PendingStep(results)
+        return self._ids_later(ids_dev, self._logprobs(logits, deltas, weights, draws, ids_dev))
 
     def _logprobs(self, logits: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],
-                  weights: torch.Tensor, draws: Seq[Draw], ids: list[int], want: list[int],
-                  results: list[DrawResult]) -> None:
-        """Logprobs under the filtered distribution each token was drawn from (greedy rows: T = 1)."""
+                  weights: torch.Tensor, draws: Seq[Draw], ids: torch.Tensor) -> Optional[DrawLogprobs]:
+        """Logprobs under the filtered distribution each token was drawn from (greedy rows: T = 1), for
+        the draws that ask for them, computed on the device (None: no draw asks)."""
+        want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
+        if not want:
+            return None
         index = self._to_device(torch.tensor(want, dtype=torch.int64))
         sub = [draws[j] for j in want]
         probs = rast_kernels.rast_probs(
@@ -294,13 +260,9 @@ class ModelRunner:
             **self._row_params(sub, greedy_as_t1=True), vocab_size=self.vocab_size, backend=self.sampler,
         )
         logp = probs.log()
-        k = max(d.params.logprobs for d in sub)
-        top_val, top_ids = logp.topk(min(k, logp.shape[1]), dim=1) if k > 0 else (logp[:, :0], logp[:, :0])
-        chosen = logp.gather(1, torch.tensor([ids[j] for j in want], device=logp.device)[:, None])
-        chosen, top_val, top_ids = chosen[:, 0].tolist(), top_val.tolist(), top_ids.long().tolist()
-        for r, (j, d) in enumerate(zip(want, sub)):
-            entry = {ids[j]: chosen[r]}
-            for tid, val in zip(top_ids[r][:d.params.logprobs], top_val[r][:d.params.logprobs]):
-                if val > float("-inf"):  # filtered-out tokens are not alternatives
-                    entry.setdefault(tid, val)
-            results[j].logprobs = entry
+        counts = [d.params.logprobs for d in sub]
+        k = min(max(counts), logp.shape[1])
+        top_val, top_ids = logp.topk(k, dim=1) if k > 0 else (logp[:, :0], logp[:, :0])
+        # an id of -1 (no admissible token) makes wait() raise; clamped, it never indexes out of bounds
+        chosen = logp.gather(1, ids.index_select(0, index).clamp(min=0)[:, None])[:, 0]
+        return DrawLogprobs(want, counts, chosen, top_val, top_ids.long())

@@ -94,6 +94,9 @@ class Sequence:
 
     def append_token(self, token_id: int, logprobs: Optional[dict[int, float]]) -> None:
         self.token_ids.append(token_id)
+        self._add_logprobs(token_id, logprobs)
+
+    def _add_logprobs(self, token_id: int, logprobs: Optional[dict[int, float]]) -> None:
         if logprobs is not None:
             if self.logprobs is None:
                 self.logprobs = []
@@ -106,12 +109,13 @@ class Sequence:
         self.token_ids.append(PENDING)
         self.num_pending += 1
 
-    def resolve_pending(self, token_id: int) -> None:
-        """The oldest pending token's id has arrived."""
+    def resolve_pending(self, token_id: int, logprobs: Optional[dict[int, float]]) -> None:
+        """The oldest pending token's id (and logprobs) has arrived."""
         if not self.num_pending:
             raise RuntimeError(f"sequence {self.seq_id} has no pending token to resolve")
         self.token_ids[self.num_known] = token_id
         self.num_pending -= 1
+        self._add_logprobs(token_id, logprobs)
 
     def drop_pending(self) -> None:
         """Forget the tokens still on their way: the sequence finished, or is recomputed from its ids."""

@@ -12,7 +12,7 @@ from rast_engine import SamplingParams
 from rast_engine.block_manager import block_hash
 from rast_engine.errors import RastError
 from rast_engine.llm_engine import LLMEngine
-from rast_engine.model_runner import PendingStep
+from rast_engine.pending import PendingStep
 from rast_engine.sequence import PENDING, SequenceStatus
 from test_engine_lifecycle import TEXTS, alone, assert_clean, drain, encode, fail, make_engine, run
 
@@ -115,9 +115,9 @@ def test_admission_and_preemption_fall_back_to_waiting(qwen2_triple: tuple, orac
     assert_clean(tight)
 
 
-def test_logprobs_requests_decode_without_going_ahead(qwen2_triple: tuple, oracle: LLMEngine) -> None:
-    """Logprobs are computed from the step's logits on the host side of the step: such a batch is read
-    synchronously and the next one waits for it; outputs (logprobs included) equal the oracle's."""
+def test_logprobs_are_computed_on_the_device_and_go_ahead(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """Logprobs are computed on the device with the step and read with its ids, so such a batch goes
+    ahead like any other; outputs (logprobs included) equal the synchronous engine's."""
     engine = ahead_engine(qwen2_triple)
     sizes = count_ahead(engine)
     prompt = encode(engine, TEXTS[2])
@@ -130,7 +130,9 @@ def test_logprobs_requests_decode_without_going_ahead(qwen2_triple: tuple, oracl
     ref = None
     while oracle.has_unfinished_requests():
         ref = oracle.step() or ref
-    assert out[0].outputs[0].logprobs == ref[0].outputs[0].logprobs and not sizes
+    assert out[0].outputs[0].logprobs == ref[0].outputs[0].logprobs and len(out[0].outputs[0].logprobs) == 6
+    assert out[0].outputs[0].cumulative_logprob == ref[0].outputs[0].cumulative_logprob
+    assert sizes == [1] * 4  # tokens 3..6
     assert_clean(engine)
 
 

@@ -38,15 +38,17 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(4, 90) for _ in range(rng.randrange(3, 11))] for _ in range(n)]
 
 
-def generate(engine: LLMEngine, batch: list[list[int]], params: SamplingParams) -> list[list[int]]:
+def generate(engine: LLMEngine, batch: list[list[int]], params: SamplingParams, logprobs: bool = False) -> list:
+    """Each prompt's tokens (with ``logprobs``: tokens and per-token logprobs)."""
     ids = [f"g{random.getrandbits(40)}" for _ in batch]
     for rid, p in zip(ids, batch):
         engine.add_request(rid, p, params)
-    done: dict[str, list[int]] = {}
+    done: dict[str, list] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
+                c = out.outputs[0]
+                done[out.request_id] = (c.token_ids, c.logprobs) if logprobs else c.token_ids
     return [done[r] for r in ids]
 
 
@@ -323,6 +325,9 @@ def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool
     batch = prompts(6, seed=51)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=5, stop_token_ids=[7, 11])
     assert generate(async_engine, batch, params) == generate(sync_engine, batch, params)
+    with_logprobs = SamplingParams(temperature=0.8, max_tokens=8, seed=6, logprobs=3, ignore_eos=True)
+    assert (generate(async_engine, batch, with_logprobs, logprobs=True)
+            == generate(sync_engine, batch, with_logprobs, logprobs=True))  # computed on the device, read late
     assert async_engine._in_flight is None and async_engine.block_manager.num_used_blocks == 0
 
 

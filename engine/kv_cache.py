@@ -73,6 +73,21 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
     return int(blocks)
 
 
+def size_kv_cache(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype,
+                  device: torch.device, max_model_len: int) -> tuple[int, int]:
+    """(num_blocks, max_model_len): max_model_len capped at the cache's capacity unless the user set it,
+    in which case a cache too small for one sequence of that length is an error."""
+    num_blocks = num_kv_blocks(config, configs, dtype, device, max_model_len)
+    capacity = num_blocks * config.block_size
+    if capacity >= max_model_len:
+        return num_blocks, max_model_len
+    if config.max_model_len is not None:
+        raise RastError(f"the KV cache holds {capacity} tokens, fewer than max_model_len={max_model_len}; "
+                        "give more kv_cache_blocks / kv_cache_memory or a smaller max_model_len")
+    logger.warning("max_model_len capped at the KV capacity: %d tokens", capacity)
+    return num_blocks, capacity
+
+
 class KVCache:
     def __init__(self, configs: Sequence[ModelConfig], num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, copies: Optional[Sequence[int]] = None) -> None:

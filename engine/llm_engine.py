@@ -9,7 +9,6 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -20,12 +19,12 @@ from rast_engine.config import EngineConfig
 from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
-from rast_engine.kv_cache import KVCache, default_token_budget, num_kv_blocks
+from rast_engine.kv_cache import KVCache, default_token_budget, size_kv_cache
 from rast_engine.model_runner import Draw, ModelRunner
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_engine.models.stacked import forward_units
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
-from rast_engine.pending import DrawResult, PendingStep
+from rast_engine.pending import DrawResult, InFlight
 from rast_engine.requests import checked_request
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
@@ -36,16 +35,6 @@ from rast_engine.triple import load_model_set, resolve_device
 logger = logging.getLogger("rast")
 
 
-@dataclass
-class InFlight:
-    """A launched batch: the scheduler's output, each sequence with its number of draws, the step's ids
-    on their way, and whether its sequences hold pending tokens for them (see sequence.py)."""
-    out: SchedulerOutput
-    owners: list[tuple[Sequence, int]]
-    step: PendingStep
-    holds_pending: bool
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
@@ -53,6 +42,11 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":  # streams, events and Triton launches follow the current device
             torch.cuda.set_device(self.device)
+        self.async_output = self.device.type == "cuda" if config.async_output is None else config.async_output
+        self.async_scheduling = self.async_output if config.async_scheduling is None else config.async_scheduling
+        if self.async_scheduling and not self.async_output:  # before any model is loaded
+            raise RastError("async_scheduling=True needs async_output, which is off on this device by default: "
+                            "give async_output=True too")
         attention = get_attention_backend(config.attention_backend, self.device, config.block_size)
         ms = load_model_set(config, self.device, attention, get_layer_ops(config.layer_ops, self.device))
         self.model_set = ms
@@ -70,14 +64,7 @@ class LLMEngine:
             # count them as used and the KV cache would shrink by the small models' size
             torch.cuda.empty_cache()
         pooled = [u.config for u in units for _ in range(u.copies)]  # one KV per model, not per role
-        num_blocks = num_kv_blocks(config, pooled, dtype, self.device, max_len)
-        capacity = num_blocks * config.block_size
-        if capacity < max_len:
-            if config.max_model_len is not None:
-                raise RastError(f"the KV cache holds {capacity} tokens, fewer than max_model_len={max_len}; "
-                                "give more kv_cache_blocks / kv_cache_memory or a smaller max_model_len")
-            logger.warning("max_model_len capped at the KV capacity: %d tokens", capacity)
-            max_len = capacity
+        num_blocks, max_len = size_kv_cache(config, pooled, dtype, self.device, max_len)
         self.max_model_len = max_len
         # a prompt (or a preempted sequence's recompute) longer than the budget is prefilled in chunks
         budget = config.max_num_batched_tokens or default_token_budget(max_len)
@@ -102,11 +89,6 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._last_step_s = 0.0
-        self.async_output = self.device.type == "cuda" if config.async_output is None else config.async_output
-        self.async_scheduling = self.async_output if config.async_scheduling is None else config.async_scheduling
-        if self.async_scheduling and not self.async_output:
-            raise RastError("async_scheduling=True needs async_output, which is off on this device by default: "
-                            "give async_output=True too")
         self._in_flight: Optional[InFlight] = None
         logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models),
                     ", ".join(ms.roles), self.device, str(dtype).replace("torch.", ""),
@@ -115,11 +97,11 @@ class LLMEngine:
                     num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20,
                     len(self.kv.pools), max_len)
         graphs = self.runner.graphs
-        logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s; small models: %s",
-                    attention.name, self.runner.sampler, "eager" if graphs is None else
+        logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s, async scheduling %s; "
+                    "small models: %s", attention.name, self.runner.sampler, "eager" if graphs is None else
                     f"in CUDA graphs up to batch {graphs.buckets[-1]}" + (
                         ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
-                    "on" if self.runner.streams.concurrent else "off",
+                    "on" if self.runner.streams.concurrent else "off", "on" if self.async_scheduling else "off",
                     " + ".join(f"{u.copies} stacked" if u.copies > 1 else "1" for u in units[1:]) or "none")
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -159,10 +141,11 @@ class LLMEngine:
         host work overlaps the GPU. A sequence stopped by a stop string then is in the next batch: that
         token is computed and discarded. Freeing its blocks meanwhile is safe: the batch writes only
         its unhashed blocks, and any later user of them is queued behind it on the device.
-        With async_scheduling (on with async_output) a decode batch's successor is launched before its
-        ids are waited for, the device feeding each sampled id into the next step, so the GPU runs
+        With async_scheduling (on with async_output) the decode step after a batch is launched before
+        the batch's ids are waited for, the device feeding each sampled id into it, so the GPU runs
         back to back while the host takes one step's tokens and prepares the next. It falls back to
-        the order above whenever the next batch needs the host to know the tokens (scheduler.py).
+        the order above whenever the next batch needs the host to know the tokens: an admission or a
+        preemption (scheduler.py), a prompt still prefilled in chunks, or a first draw forking n > 1.
         If the runner raises (or is interrupted) its batch is undone: no sequence takes a token and the
         batch is requeued for recompute, so stepping on gives the outputs of a run that never failed.
         An error after the runner (detokenising, stop checks) is not undone; the server declares the
@@ -209,7 +192,9 @@ class LLMEngine:
         out = self.scheduler.schedule_ahead()
         if out is None:
             return None
-        row = {seq: i for i, (seq, _) in enumerate(batch.owners)}  # a decode batch: owner i is row i
+        row, k = {}, 0  # each sequence's draw: its row of the batch's sampled ids
+        for seq, count in batch.owners:
+            row[seq], k = k, k + count
         return self._start(out, feed=[row[s] for s in out.seqs])
 
     def _start(self, out: SchedulerOutput, feed: Optional[list[int]] = None) -> InFlight:
@@ -231,13 +216,17 @@ class LLMEngine:
         except BaseException:
             self.scheduler.requeue(out.seqs)
             raise
-        # a lazy decode step has one draw per sequence; a first draw (unforked group) forks at commit
-        holds = (self.async_scheduling and not out.is_prefill and not step.done
-                 and all(s.group.forked for s in out.seqs))
-        if holds:
-            for seq in out.seqs:
-                seq.add_pending()
-        return InFlight(out, owners, step, holds)
+        holding = [False] * len(owners)
+        if self.async_scheduling and not step.done:
+            for i, (seq, count) in enumerate(owners):
+                # one draw of its own: a decode, or a first draw of n = 1 (whose fork makes no sample and
+                # draws with the sequence's own seed and offset 0, so it counts as forked now); a first
+                # draw of n > 1 forks at commit, and a chunk short of the end draws nothing
+                if count == 1 and (seq.group.forked or seq.params.n == 1):
+                    seq.group.forked = True
+                    seq.add_pending()
+                    holding[i] = True
+        return InFlight(out, owners, step, holding)
 
     def _commit(self, batch: InFlight, results: list[DrawResult]
                 ) -> tuple[dict[str, SequenceGroup], list[Sequence]]:
@@ -247,12 +236,12 @@ class LLMEngine:
         progressed: dict[str, SequenceGroup] = {}
         deferred: list[Sequence] = []
         k = 0
-        for seq, count in batch.owners:
+        for (seq, count), holds in zip(batch.owners, batch.holding):
             mine, k = results[k:k + count], k + count
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             g = seq.group
-            if batch.holds_pending:  # computed and counted at launch: only the id was missing
+            if holds:  # computed and counted at launch: only the id was missing
                 seq.resolve_pending(mine[0].token_id, mine[0].logprobs)
                 self.block_manager.register_computed(seq)
                 targets = [seq]

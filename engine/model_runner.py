@@ -242,6 +242,7 @@ class ModelRunner:
             offset=self._to_device(torch.tensor([d.offset for d in draws], dtype=torch.int64)),
             vocab_size=self.vocab_size, backend=self.sampler,
         )
+        self.buffers.store_sampled(ids_dev)  # a decode step launched ahead reads its input ids from them
         return self._ids_later(ids_dev, self._logprobs(logits, deltas, weights, draws, ids_dev))
 
     def _logprobs(self, logits: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],

@@ -1,4 +1,4 @@
-"""A step's draws on their way to the host.
+"""A step's draws on their way to the host, and the engine's record of a launched batch (InFlight).
 
 A launched step returns a PendingStep at once; its sampled ids (and the logprobs some draws asked for)
 are device tensors copied to pinned host memory by non_blocking copies, with one event recorded after
@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from rast_engine.scheduler import SchedulerOutput
+from rast_engine.sequence import Sequence
 
 
 @dataclass
@@ -72,3 +75,17 @@ class PendingStep:
                 self._logprobs.fill(results)
             self._results = results
         return self._results
+
+
+@dataclass
+class InFlight:
+    """A launched batch: the scheduler's output, each sequence with its number of draws, the step's ids
+    on their way, and per sequence whether it holds a pending token for its draw (see sequence.py)."""
+    out: SchedulerOutput
+    owners: list[tuple[Sequence, int]]
+    step: PendingStep
+    holding: list[bool]
+
+    @property
+    def holds_pending(self) -> bool:
+        return any(self.holding)

@@ -85,8 +85,9 @@ def test_ahead_steps_take_their_input_from_the_device(qwen2_triple: tuple, oracl
     assert seq.num_pending == 1 and seq.token_ids[-1] == PENDING and engine._in_flight.holds_pending
     assert int(engine.runner.buffers.host["i64"][0, 0]) == 0  # the input id row of the batch ahead
     assert drain(engine)["r"] == alone(oracle, prompt, params)
-    # token 1 from the prefill, 2 from a decode launched after it; 3..10 ahead; none past max_tokens
-    assert sizes == [1] * 8
+    # token 1 from the prefill; 2..10 from decode steps launched ahead (the first fed by the prefill's
+    # sampled ids); none past max_tokens
+    assert sizes == [1] * 9
     broken = ahead_engine(qwen2_triple)
     monkeypatch.setattr(broken.runner.buffers, "store_sampled", lambda ids: None)
     assert run(broken, {"r": (prompt, params)})["r"] != alone(oracle, prompt, params)
@@ -115,6 +116,31 @@ def test_admission_and_preemption_fall_back_to_waiting(qwen2_triple: tuple, orac
     assert_clean(tight)
 
 
+@pytest.mark.parametrize("budget", [None, 8])
+def test_prefills_with_riders_feed_the_step_ahead(qwen2_triple: tuple, oracle: LLMEngine, budget) -> None:  # noqa: ANN001
+    """A request admitted mid-run is prefilled with the running ones riding along (one token each), and
+    the decode step after that batch goes ahead, fed by its sampled ids in draw order; with a budget of
+    8 tokens the prompt is prefilled in chunks first, and a chunk that samples nothing stops the run
+    ahead until the last one."""
+    engine = ahead_engine(qwen2_triple, max_num_batched_tokens=budget)
+    sizes = count_ahead(engine)
+    ids = [encode(engine, t) for t in TEXTS]
+    requests = {
+        "a": (ids[0], SamplingParams(temperature=0.9, max_tokens=14, seed=1, ignore_eos=True)),
+        "b": (ids[1], SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)),
+    }
+    late = {"late": (ids[2] + ids[3], SamplingParams(temperature=1.1, max_tokens=6, seed=2, ignore_eos=True))}
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    for _ in range(4):
+        engine.step()
+    got = run(engine, late)
+    for rid, (prompt, params) in (requests | late).items():
+        assert got[rid] == alone(oracle, prompt, params), rid
+    assert 3 in sizes  # the admitted request decodes with the others in steps launched ahead
+    assert_clean(engine)
+
+
 def test_logprobs_are_computed_on_the_device_and_go_ahead(qwen2_triple: tuple, oracle: LLMEngine) -> None:
     """Logprobs are computed on the device with the step and read with its ids, so such a batch goes
     ahead like any other; outputs (logprobs included) equal the synchronous engine's."""
@@ -132,7 +158,7 @@ def test_logprobs_are_computed_on_the_device_and_go_ahead(qwen2_triple: tuple, o
         ref = oracle.step() or ref
     assert out[0].outputs[0].logprobs == ref[0].outputs[0].logprobs and len(out[0].outputs[0].logprobs) == 6
     assert out[0].outputs[0].cumulative_logprob == ref[0].outputs[0].cumulative_logprob
-    assert sizes == [1] * 4  # tokens 3..6
+    assert sizes == [1] * 5  # tokens 2..6
     assert_clean(engine)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
@@ -57,6 +57,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise RastError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        # only final outputs are returned: the engine need not build one at every step (output_kind)
+        params = [replace(p, output_kind="final_only") if isinstance(p, SamplingParams) else p for p in params]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params):

@@ -270,7 +270,7 @@ class LLMEngine:
         for seq in deferred:
             if seq.status is not SequenceStatus.FINISHED:
                 self._read_text(seq)
-        outputs = [g.output() for g in progressed.values()]
+        outputs = [g.output() for g in progressed.values() if g.finished or g.params.output_kind == "cumulative"]
         for g in progressed.values():
             if g.finished:
                 self.groups.pop(g.request_id, None)

@@ -34,6 +34,9 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+OUTPUT_KINDS = ("cumulative", "final_only")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -48,6 +51,11 @@ class SamplingParams:
     seed: Optional[int] = None
     lam: Optional[float] = None  # overrides the engine's λ for this request (single small pair)
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob plus the top k
+    # "cumulative": the request's RequestOutput at every step it progresses (for streaming);
+    # "final_only": one, when it finishes. Building a cumulative output copies every token so far, so
+    # at long outputs (reasoning traces of thousands of tokens) it costs the host O(tokens) a step;
+    # LLM.generate and rast eval, which read final outputs only, ask for "final_only"
+    output_kind: str = "cumulative"
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,3 +92,5 @@ class SamplingParams:
             raise bad(f"lam must be a finite number or None, got {self.lam!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise bad(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")

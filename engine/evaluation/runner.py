@@ -162,7 +162,7 @@ def _generate(cfg: EvalConfig, todo: list[tuple[Problem, int]], samples_path: Pa
         done = cfg.n - missing
         params = SamplingParams(n=missing, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 min_p=cfg.min_p, max_tokens=cfg.max_tokens, stop=stop or None,
-                                seed=request_seed(cfg.seed, problem.id, done))
+                                seed=request_seed(cfg.seed, problem.id, done), output_kind="final_only")
         rid = f"eval-{problem.id}-{done}"
         engine.add_request(rid, template.render(problem.problem, tokenizer), params)
         inflight[rid] = (problem, done)

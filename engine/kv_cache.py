@@ -73,6 +73,11 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
     return int(blocks)
 
 
+def every_model(configs: Sequence[ModelConfig], copies: Sequence[int]) -> list[ModelConfig]:
+    """One config per model whose KV is cached: a pool of ``n`` stacked copies counts ``n`` times."""
+    return [c for c, n in zip(configs, copies) for _ in range(n)]
+
+
 def size_kv_cache(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype,
                   device: torch.device, max_model_len: int) -> tuple[int, int]:
     """(num_blocks, max_model_len): max_model_len capped at the cache's capacity unless the user set it,
@@ -104,8 +109,7 @@ class KVCache:
              for _ in range(c.num_layers)]
             for c, n in zip(configs, self.copies)
         ]
-        every_model = [c for c, n in zip(configs, self.copies) for _ in range(n)]
-        self.bytes = num_blocks * bytes_per_block(every_model, block_size, dtype)
+        self.bytes = num_blocks * bytes_per_block(every_model(configs, self.copies), block_size, dtype)
 
     @property
     def capacity_tokens(self) -> int:

@@ -19,7 +19,7 @@ from rast_engine.config import EngineConfig
 from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
-from rast_engine.kv_cache import KVCache, default_token_budget, size_kv_cache
+from rast_engine.kv_cache import KVCache, default_token_budget, every_model, size_kv_cache
 from rast_engine.model_runner import Draw, ModelRunner
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_engine.models.stacked import forward_units
@@ -63,13 +63,12 @@ class LLMEngine:
             # stacking freed the small models' first copies into the allocator's cache; mem_get_info would
             # count them as used and the KV cache would shrink by the small models' size
             torch.cuda.empty_cache()
-        pooled = [u.config for u in units for _ in range(u.copies)]  # one KV per model, not per role
-        num_blocks, max_len = size_kv_cache(config, pooled, dtype, self.device, max_len)
+        configs, copies = [u.config for u in units], [u.copies for u in units]  # one KV per model, not per role
+        num_blocks, max_len = size_kv_cache(config, every_model(configs, copies), dtype, self.device, max_len)
         self.max_model_len = max_len
         # a prompt (or a preempted sequence's recompute) longer than the budget is prefilled in chunks
         budget = config.max_num_batched_tokens or default_token_budget(max_len)
-        self.kv = KVCache([u.config for u in units], num_blocks, config.block_size, dtype, self.device,
-                          copies=[u.copies for u in units])
+        self.kv = KVCache(configs, num_blocks, config.block_size, dtype, self.device, copies=copies)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=budget, max_model_len=max_len,

@@ -219,7 +219,7 @@ class ModelRunner:
         land in the half of ``ids_host`` the previous step's did not use."""
         if not self.pin:
             return PendingStep(ids=ids, logprobs=logprobs)
-        logprobs = None if logprobs is None else logprobs.to_host(pinned=True)
+        logprobs = None if logprobs is None else logprobs.to_host()
         host = self.ids_host[self._ids_half, :ids.shape[0]]
         self._ids_half ^= 1
         host.copy_(ids, non_blocking=True)

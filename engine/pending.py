@@ -30,11 +30,9 @@ class DrawLogprobs:
     top_val: torch.Tensor  # [W, k], k = max(counts), descending
     top_ids: torch.Tensor  # [W, k] int64
 
-    def to_host(self, pinned: bool) -> DrawLogprobs:
-        """The same on the CPU: non_blocking copies into pinned memory when ``pinned`` (the caller records
-        the event that ends them)."""
-        if not pinned:
-            return self
+    def to_host(self) -> DrawLogprobs:
+        """The same on the CPU, by non_blocking copies into pinned memory (the caller records the event
+        that ends them)."""
         chosen, top_val, top_ids = (t.to("cpu", non_blocking=True) for t in (self.chosen, self.top_val, self.top_ids))
         return DrawLogprobs(self.want, self.counts, chosen, top_val, top_ids)
 

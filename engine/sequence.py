@@ -10,9 +10,9 @@ all its tokens); one with exactly one uncomputed token decodes it (the last samp
 prompt token when a chunk stopped one short). A token is sampled only by the step that computes the
 sequence's last token.
 
-Scheduling ahead (LLMEngine, async_scheduling): once a decode step is launched, each of its sequences
-counts the token that step computes as computed, and appends a ``PENDING`` placeholder for the token it
-samples, so the next step can be scheduled and launched before that id reaches the host (the device
+Scheduling ahead (LLMEngine, async_scheduling): once a step is launched, each of its sequences that
+draws one token of its own (a decode, or a first draw of n = 1) counts the tokens the step computes as
+computed, and appends a ``PENDING`` placeholder for the token it samples, so the next step can be scheduled and launched before that id reaches the host (the device
 feeds it in). Placeholders are always the last ``num_pending`` entries of ``token_ids``; the ids before
 them are real. Lengths, offsets and slots count them; text, stop checks, outputs and block hashes use
 only real ids.

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -99,11 +99,15 @@ def time_us(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
     return statistics.median(samples)
 
 
-def quick_args(doc: str, quick_help: str) -> argparse.Namespace:
-    """The flags of a suite that runs its full grid on CUDA and a smoke grid with --quick (or no CUDA)."""
+def quick_args(doc: str, quick_help: str,
+               more: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    """The flags of a suite that runs its full grid on CUDA and a smoke grid with --quick (or no CUDA);
+    ``more`` adds the suite's own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
+    if more is not None:
+        more(parser)
     return parser.parse_args()
 
 

@@ -14,6 +14,9 @@ step is queued first, so only steps that fall back (admissions, preemptions) pay
 only when a whole step's host work (`host_us`) exceeds its device time.
 On a CPU the decode step itself is stubbed out (its compute is not host overhead there); on a GPU the
 replayed graph runs for real and asynchronously, so a launch is its enqueueing only.
+With async scheduling the requests are timed with each output kind (SamplingParams.output_kind): a
+cumulative output copies every token so far, so its `outputs` part grows with the output length
+(``--steps``); "delta" (what the server streams) and "final_only" (LLM.generate, rast eval) do not.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from bench import common  # noqa: E402
 from bench.decode import materialize  # noqa: E402
 
 PARTS = ("launch_ahead", "commit", "launch", "outputs")
+# (async scheduling, output kind): the synchronous baseline, then async scheduling with each kind
+MODES = ((False, "cumulative"), (True, "cumulative"), (True, "delta"), (True, "final_only"))
 
 
 def build(device: torch.device, max_batch: int, max_len: int, ahead: bool) -> Any:
@@ -67,10 +72,11 @@ def timed(spent: dict[str, float], name: str, fn: Callable, idle: Callable[[], b
     return wrapper
 
 
-def measure(engine: Any, sp_cls: Any, batch: int, steps: int) -> dict:
+def measure(engine: Any, sp_cls: Any, batch: int, steps: int, output_kind: str) -> dict:
     for i in range(batch):
-        engine.add_request(f"b{batch}-{i}", [5 + i % 400, 6, 7, 8],
-                           sp_cls(temperature=1.0, top_p=0.95, max_tokens=steps + 3, ignore_eos=True, seed=i))
+        engine.add_request(f"{output_kind}-b{batch}-{i}", [5 + i % 400, 6, 7, 8],
+                           sp_cls(temperature=1.0, top_p=0.95, max_tokens=steps + 3, ignore_eos=True, seed=i,
+                                  output_kind=output_kind))
     for _ in range(3):  # prefill, then a step in flight: the loop below is steady-state decode
         engine.step()
     spent = dict.fromkeys(PARTS + ("critical", "critical_commits", "critical_launchs"), 0.0)
@@ -85,16 +91,18 @@ def measure(engine: Any, sp_cls: Any, batch: int, steps: int) -> dict:
     for name, fn in originals.items():
         setattr(engine, f"_{name}", fn)
     row = {f"{name}_us": spent[name] / n * 1e6 for name in PARTS + ("critical",)}
-    row.update(async_scheduling=engine.async_scheduling, batch=batch, steps=n,
+    row.update(async_scheduling=engine.async_scheduling, output_kind=output_kind, batch=batch, steps=n,
                host_us=sum(row[f"{name}_us"] for name in PARTS),
                idle_steps=int(spent["critical_commits"]))  # steps whose commit found no step queued
     return row
 
 
 def main() -> None:
-    args = common.quick_args(__doc__, "CPU smoke run: batches 1 and 4, 10 steps")
+    args = common.quick_args(__doc__, "CPU smoke run: batches 1 and 4, 10 steps", lambda p: p.add_argument(
+        "--steps", type=int, default=None, help="decode steps timed per request (default 100; 10 with --quick)"))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     batches, steps = ([1, 4], 10) if args.quick else ([1, 8, 32, 128], 100)
+    steps = args.steps or steps
     torch.set_num_threads(1)
     sp_cls = common.import_engine().SamplingParams
     rows = []
@@ -102,10 +110,10 @@ def main() -> None:
         engine = build(device, max(batches), 16 + steps, ahead)
         if device.type == "cpu":
             stub_decode_step(engine)
-        rows += [measure(engine, sp_cls, b, steps) for b in batches]
+        rows += [measure(engine, sp_cls, b, steps, kind) for a, kind in MODES if a == ahead for b in batches]
     print(f"engine host work per decode step | {common.device_name(device)} | commit {common.git_sha()}")
-    print(common.table(rows, ["async_scheduling", "batch", "steps", "launch_ahead_us", "commit_us", "launch_us",
-                              "outputs_us", "host_us", "critical_us", "idle_steps"]))
+    print(common.table(rows, ["async_scheduling", "output_kind", "batch", "steps", "launch_ahead_us", "commit_us",
+                              "launch_us", "outputs_us", "host_us", "critical_us", "idle_steps"]))
     if args.out is not None or device.type == "cuda":
         path = common.write_results("host-path", device, rows, dict(decode_stubbed=device.type == "cpu"), args.out)
         print(f"wrote {path}")

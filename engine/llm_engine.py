@@ -269,9 +269,13 @@ class LLMEngine:
         for seq in deferred:
             if seq.status is not SequenceStatus.FINISHED:
                 self._read_text(seq)
-        outputs = [g.output() for g in progressed.values() if g.finished or g.params.output_kind == "cumulative"]
+        outputs = []
         for g in progressed.values():
-            if g.finished:
+            finished = g.finished
+            out = g.output() if finished or g.params.output_kind != "final_only" else None
+            if out is not None:
+                outputs.append(out)
+            if finished:
                 self.groups.pop(g.request_id, None)
         return outputs
 

@@ -34,7 +34,7 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-OUTPUT_KINDS = ("cumulative", "final_only")
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass
@@ -51,10 +51,13 @@ class SamplingParams:
     seed: Optional[int] = None
     lam: Optional[float] = None  # overrides the engine's λ for this request (single small pair)
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob plus the top k
-    # "cumulative": the request's RequestOutput at every step it progresses (for streaming);
-    # "final_only": one, when it finishes. Building a cumulative output copies every token so far, so
-    # at long outputs (reasoning traces of thousands of tokens) it costs the host O(tokens) a step;
-    # LLM.generate and rast eval, which read final outputs only, ask for "final_only"
+    # "cumulative": the request's RequestOutput, everything so far, at every step it progresses;
+    # "delta": at every such step only what is new (text, token ids, logprobs; a completion appears when
+    # it has something new or has just finished), as vLLM's RequestOutputKind.DELTA;
+    # "final_only": one output, when the request finishes. A cumulative output copies every token so
+    # far, O(tokens) of host time a step at long outputs (reasoning traces of thousands of tokens), so
+    # streaming consumers (the server, rast generate) ask for "delta", and LLM.generate and rast eval,
+    # which read final outputs only, for "final_only"
     output_kind: str = "cumulative"
     stop_list: list[str] = field(init=False, repr=False)
 

@@ -56,6 +56,10 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: Optional[str] = None
     num_pending: int = 0  # trailing PENDING placeholders in token_ids
+    # what this sequence's delta outputs have reported so far (SamplingParams.output_kind == "delta")
+    reported_tokens: int = 0
+    reported_chars: int = 0
+    reported_finish: bool = False
 
     @property
     def params(self) -> SamplingParams:
@@ -74,10 +78,6 @@ class Sequence:
     def num_known(self) -> int:
         """Tokens whose ids the host has: all but the pending ones."""
         return len(self.token_ids) - self.num_pending
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:self.num_known]
 
     @property
     def num_uncomputed(self) -> int:
@@ -132,18 +132,40 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0
 
+    def _shown_chars(self, holdback: int) -> int:
+        """How much of the text an output may show: a stop string may still complete over the last
+        ``holdback`` characters of an unfinished sequence. It never shrinks: a stop string found later
+        ends after the characters already shown, so trimming at it keeps them."""
+        text_len = len(self.output_text)
+        return text_len if self.finished else max(text_len - holdback, 0)
+
     def completion(self, holdback: int) -> CompletionOutput:
-        text = self.output_text
-        if not self.finished and holdback > 0:
-            # a stop string may still complete over the last characters: do not show them yet
-            text = text[:max(len(text) - holdback, 0)]
         want_logprobs = self.params.logprobs is not None
         return CompletionOutput(
-            index=self.index, text=text, token_ids=list(self.output_token_ids),
-            finish_reason=self.finish_reason,
+            index=self.index, text=self.output_text[:self._shown_chars(holdback)],
+            token_ids=self.token_ids[self.num_prompt_tokens:self.num_known], finish_reason=self.finish_reason,
             cumulative_logprob=self.cumulative_logprob if want_logprobs else None,
             logprobs=list(self.logprobs) if want_logprobs and self.logprobs is not None else None,
         )
+
+    def delta_completion(self, holdback: int) -> Optional[CompletionOutput]:
+        """What the last delta output did not report: new text, token ids and logprobs, and the finish
+        reason once (None: nothing new). Each call costs O(new tokens), never O(all tokens)."""
+        shown = max(self._shown_chars(holdback), self.reported_chars)
+        first = self.num_prompt_tokens + self.reported_tokens
+        known = self.num_known
+        if shown == self.reported_chars and known == first and self.reported_finish == self.finished:
+            return None
+        want_logprobs = self.params.logprobs is not None
+        out = CompletionOutput(
+            index=self.index, text=self.output_text[self.reported_chars:shown], token_ids=self.token_ids[first:known],
+            finish_reason=self.finish_reason,
+            cumulative_logprob=self.cumulative_logprob if want_logprobs else None,
+            logprobs=self.logprobs[self.reported_tokens:] if want_logprobs and self.logprobs is not None else None,
+        )
+        self.reported_chars, self.reported_tokens = shown, known - self.num_prompt_tokens
+        self.reported_finish = self.finished
+        return out
 
 
 @dataclass(eq=False)
@@ -157,14 +179,25 @@ class SequenceGroup:
     weights: list[float]  # λ per small pair for this request
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
+    _prompt_out: Optional[list[int]] = field(default=None, init=False, repr=False)  # see output()
 
     @property
     def finished(self) -> bool:
         return self.forked and all(s.finished for s in self.seqs)
 
-    def output(self) -> RequestOutput:
+    def output(self) -> Optional[RequestOutput]:
+        """The request's output of its kind (SamplingParams.output_kind); None for a delta output
+        with nothing new. Every output of a request shares one copy of the prompt ids (a copy per
+        output would cost O(prompt) a step); the engine's own list is never handed out."""
         holdback = max((len(s) for s in self.params.stop_list), default=1) - 1
-        completions = [s.completion(holdback) for s in sorted(self.seqs, key=lambda s: s.index)]
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                             prompt_token_ids=list(self.prompt_token_ids), outputs=completions,
-                             finished=self.finished)
+        seqs = sorted(self.seqs, key=lambda s: s.index)
+        if self.params.output_kind == "delta":
+            completions = [c for c in (s.delta_completion(holdback) for s in seqs) if c is not None]
+            if not completions:
+                return None
+        else:
+            completions = [s.completion(holdback) for s in seqs]
+        if self._prompt_out is None:
+            self._prompt_out = list(self.prompt_token_ids)
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self._prompt_out,
+                             outputs=completions, finished=self.finished)

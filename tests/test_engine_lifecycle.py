@@ -326,33 +326,3 @@ def test_score_between_generation_steps(qwen2_triple: tuple, oracle: LLMEngine) 
     assert engine.block_manager.num_used_blocks == used
     assert drain(engine) == {"g0": alone(oracle, ids[0], params), "g1": alone(oracle, ids[1], params)}
     assert_clean(engine)
-
-
-# ---- output kinds --------------------------------------------------------------------------------------
-def test_final_only_requests_yield_one_output(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A final_only request's one output equals a cumulative twin's last; LLM.generate asks for it, so it
-    builds one output per request instead of one per request and step."""
-    from rast_engine.sequence import SequenceGroup
-
-    engine = make_engine(qwen2_triple)
-    prompt = encode(engine, TEXTS[0])
-    kw = dict(n=2, temperature=1.0, max_tokens=7, seed=4, ignore_eos=True)
-    engine.add_request("cum", prompt, SamplingParams(**kw))
-    engine.add_request("fin", prompt, SamplingParams(**kw, output_kind="final_only"))
-    seen: dict[str, list] = {"cum": [], "fin": []}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            seen[out.request_id].append(out)
-    assert len(seen["cum"]) == 7 and [o.finished for o in seen["fin"]] == [True]
-    assert summary(seen["fin"][0]) == summary(seen["cum"][-1])
-    built = []
-    output = SequenceGroup.output
-    monkeypatch.setattr(SequenceGroup, "output", lambda self: (built.append(self.request_id), output(self))[1])
-    llm = LLM(str(qwen2_triple[0]), str(qwen2_triple[1]), str(qwen2_triple[2]), lam=LAM, block_size=BS,
-              kv_cache_blocks=128, seed=3)
-    outs = llm.generate([prompt, prompt[:5]], SamplingParams(**kw), use_tqdm=False)
-    assert len(built) == 2 and [len(o.outputs) for o in outs] == [2, 2]
-    with pytest.raises(RastError, match="output_kind"):
-        SamplingParams(output_kind="delta")
-    assert_clean(engine)
-

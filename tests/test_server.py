@@ -196,6 +196,11 @@ def test_logprobs(srv: Running, oracle: LLM) -> None:
     lp = res.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx([d[t] for t, d in zip(want.token_ids, want.logprobs)])
     assert all(len(top) == 2 for top in lp.top_logprobs)
+    # streamed: each token's logprobs exactly once, carried by the chunk that shows its text
+    chunks = list(srv.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                                  logprobs=2, stream=True))
+    assert [x for c in chunks for x in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert "".join(c.choices[0].text for c in chunks) == res.choices[0].text
     chat = srv.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs.content

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, max_tokens=args.max_tokens, stop=args.stop,
-                            ignore_eos=args.ignore_eos, seed=args.request_seed)
+                            ignore_eos=args.ignore_eos, seed=args.request_seed, output_kind="delta")
     engine = build_engine(args)
     tok = engine.tokenizer
     if args.chat:
@@ -38,14 +38,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         ids = tok.encode(prompt)
     engine.add_request("generate-0", ids, params)
-    shown = 0
     finish = None
     while engine.has_unfinished_requests():
         for out in engine.step():
             completion = out.outputs[0]
-            sys.stdout.write(completion.text[shown:])
+            sys.stdout.write(completion.text)
             sys.stdout.flush()
-            shown = len(completion.text)
             finish = completion.finish_reason
     sys.stdout.write("\n")
     stats = engine.stats()

@@ -56,7 +56,8 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
             max_tokens=1,  # placeholder: the engine thread sets it once the prompt is tokenised
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            seed=req.seed, lam=req.lam, logprobs=logprobs)
+            seed=req.seed, lam=req.lam, logprobs=logprobs,
+            output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
 
@@ -203,7 +204,7 @@ class OpenAIServer:
             if stream:
                 streaming = True  # the response owns the handle from here and closes it
                 return _SSEResponse(self._events(handle, fmt, first, usage_chunk, arrival), handle)
-            fmt.latest[first.request_id] = first
+            fmt.add(first)
             stayed, _ = await _unless_client_leaves(request, self._drain(handle, fmt))
             if not stayed:
                 return Response(status_code=499)
@@ -216,7 +217,7 @@ class OpenAIServer:
     @staticmethod
     async def _drain(handle: RequestHandle, fmt: Formatter) -> None:
         async for out in handle:
-            fmt.latest[out.request_id] = out
+            fmt.add(out)
 
     async def _events(self, handle: RequestHandle, fmt: Formatter, first: Any, usage_chunk: bool,
                       arrival: float) -> AsyncIterator[str]:

@@ -1,13 +1,30 @@
-"""OpenAI response bodies and stream chunks from the engine's cumulative RequestOutputs.
+"""OpenAI response bodies and stream chunks from the engine's delta RequestOutputs.
 
-The engine's text only ever grows (it holds back a possible stop-string prefix and incomplete UTF-8),
-so a stream chunk is the suffix beyond what this choice has already sent."""
+The server asks for output_kind="delta": an output carries only what is new for each choice, so a step
+costs the engine thread O(new tokens) however long the completion. A stream chunk is a choice's new
+text with the logprobs of the tokens behind it; tokens whose text is still held back (a possible
+stop-string prefix, incomplete UTF-8) ride on the next chunk with text, or on the finishing one. A whole
+response joins the deltas."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
 Kind = Literal["completion", "chat"]
+
+
+@dataclass
+class _Choice:
+    """One choice's deltas so far, and how much of them the stream has sent."""
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[dict[int, float]]] = None  # None: not asked for
+    finish_reason: Optional[str] = None
+    sent_parts: int = 0
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    done: bool = False  # its finishing chunk is sent
 
 
 class Formatter:
@@ -18,17 +35,32 @@ class Formatter:
         self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
         self.tokenizer = tokenizer
         self.logprobs = logprobs
-        self.latest: dict[str, Any] = {}
-        self._sent_chars: dict[int, int] = {}
-        self._sent_tokens: dict[int, int] = {}
-        self._done: set[int] = set()
+        self.prompt_tokens: dict[str, int] = {}
+        self.choices: dict[int, _Choice] = {}
 
     def _index(self, request_id: str, completion_index: int) -> int:
         return self.prompt_index[request_id] * self.n + completion_index
 
+    def add(self, out: Any) -> list[int]:
+        """Fold a delta output in; the indices of the choices it brought something to."""
+        self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+        touched = []
+        for c in out.outputs:
+            i = self._index(out.request_id, c.index)
+            ch = self.choices.setdefault(i, _Choice())
+            ch.text.append(c.text)
+            ch.token_ids.extend(c.token_ids)
+            if c.logprobs is not None:
+                if ch.logprobs is None:
+                    ch.logprobs = []
+                ch.logprobs.extend(c.logprobs)
+            ch.finish_reason = c.finish_reason
+            touched.append(i)
+        return touched
+
     def usage(self) -> dict[str, int]:
-        prompt = sum(len(o.prompt_token_ids) for o in self.latest.values())
-        completion = sum(len(c.token_ids) for o in self.latest.values() for c in o.outputs)
+        prompt = sum(self.prompt_tokens.values())
+        completion = sum(len(ch.token_ids) for ch in self.choices.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
@@ -63,17 +95,15 @@ class Formatter:
     # ---- whole responses ----
     def body(self) -> dict[str, Any]:
         choices = []
-        for rid, out in self.latest.items():
-            for c in out.outputs:
-                lp = self._logprobs(c.token_ids, c.logprobs, 0)
-                choice: dict[str, Any] = {"index": self._index(rid, c.index), "logprobs": lp,
-                                          "finish_reason": c.finish_reason}
-                if self.kind == "chat":
-                    choice["message"] = {"role": "assistant", "content": c.text}
-                else:
-                    choice["text"] = c.text
-                choices.append(choice)
-        choices.sort(key=lambda ch: ch["index"])
+        for i, ch in sorted(self.choices.items()):
+            text = "".join(ch.text)
+            choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(ch.token_ids, ch.logprobs, 0),
+                                      "finish_reason": ch.finish_reason}
+            if self.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
         return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
 
@@ -90,28 +120,26 @@ class Formatter:
                              "logprobs": None, "finish_reason": None} for i in range(total)])
 
     def chunks(self, out: Any) -> list[dict[str, Any]]:
-        """The chunks that bring each choice of `out` from what was sent up to `out`."""
-        self.latest[out.request_id] = out
+        """Fold ``out`` in; the chunks that send each of its choices' new text."""
         chunks = []
-        for c in out.outputs:
-            i = self._index(out.request_id, c.index)
-            if i in self._done:
+        for i in self.add(out):
+            ch = self.choices[i]
+            if ch.done:
                 continue
-            chars, toks = self._sent_chars.get(i, 0), self._sent_tokens.get(i, 0)
-            delta = c.text[chars:]
-            if not delta and c.finish_reason is None:
+            delta = "".join(ch.text[ch.sent_parts:])
+            if not delta and ch.finish_reason is None:
                 continue
-            new_lp = None if c.logprobs is None else c.logprobs[toks:]
-            lp = self._logprobs(c.token_ids[toks:], new_lp, chars)
-            choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": c.finish_reason}
+            new_lp = None if ch.logprobs is None else ch.logprobs[ch.sent_tokens:]
+            lp = self._logprobs(ch.token_ids[ch.sent_tokens:], new_lp, ch.sent_chars)
+            choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": ch.finish_reason}
             if self.kind == "chat":
                 choice["delta"] = {"content": delta} if delta else {}
             else:
                 choice["text"] = delta
             chunks.append(self._chunk([choice]))
-            self._sent_chars[i], self._sent_tokens[i] = len(c.text), len(c.token_ids)
-            if c.finish_reason is not None:
-                self._done.add(i)
+            ch.sent_parts, ch.sent_tokens = len(ch.text), len(ch.token_ids)
+            ch.sent_chars += len(delta)
+            ch.done = ch.finish_reason is not None
         return chunks
 
     def usage_chunk(self) -> dict[str, Any]:

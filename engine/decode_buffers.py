@@ -145,8 +145,11 @@ class DecodeBuffers:
         return self.dev["i64"].view(-1).index_select(0, self._row("i64", I64_ROWS, "token_src")[:rows])
 
     def store_sampled(self, ids: torch.Tensor) -> None:
-        """Keep this step's sampled ids on the device, for the next step's feed."""
-        self.dev["i64"][SAMPLED, :ids.shape[0]].copy_(ids)
+        """Keep this step's sampled ids on the device, for the next step's feed. A -1 (no admissible
+        token) is stored as 0: the step launched ahead reads it before the host sees the -1, and on CUDA
+        an embedding lookup of -1 is a device-side assert, which no later CUDA call survives. The host
+        reads the raw ids, raises, and undoes both steps (LLMEngine.step)."""
+        torch.clamp(ids, min=0, out=self.dev["i64"][SAMPLED, :ids.shape[0]])  # one op, as a copy
 
     def positions(self, rows: int) -> torch.Tensor:
         return self._row("i64", I64_ROWS, "positions")[:rows]

@@ -150,6 +150,10 @@ class LLMEngine:
         An error after the runner (detokenising, stop checks) is not undone; the server declares the
         engine dead on any step error, and LLM.generate aborts its requests."""
         t0 = time.perf_counter()
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            # the server steps on its own thread, whose current device is cuda:0: Triton launches and
+            # the step's events follow the current device, not the tensors'
+            torch.cuda.set_device(self.device)
         if self._in_flight is None:
             self._in_flight = self._launch()
             if self._in_flight is None:

@@ -34,7 +34,7 @@ sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe,
      top-k on: |U| >= k (k tokens of U beat it);
      otherwise: no non-candidate exists, or top-p is on and mass(U) >= top_p * Z_K (its strictly-
      more-probable mass already reaches the limit), or exp(-d(max non-candidate)) < min_p*(1 - 2^-10)
-     (the slack covers tl.exp's last-ulp error, so no monotonicity of exp is assumed).
+     (the slack covers tl.exp's error, see below, so no monotonicity of exp is assumed).
    Then A is a subset of U, tau applied to the whole row gives the same A, and the Gumbel-max draw
    over U is the draw over the row: same d bit for bit (z stored exactly, same div_rn), same RNG
    per token id, max of the same scores, lowest id on ties. Otherwise (decided per row on the
@@ -60,10 +60,18 @@ to 3/4 they are rare (about log_{4/3} of the blocks per chunk on random-order ro
 
 Bit agreement with the reference: z is computed pair by pair without FMA contraction
 (enable_fp_fusion=False) and d with IEEE division (div_rn), so z, d and the keys are the
-reference's bit for bit. Known inexactness: sums of w are float32 in another order than the
-reference (and than the fallback), so a token whose top-p mass sits within rounding of
-top_p * Z_K may be classified differently; tl.exp / tl.log may differ from torch in the last ulp,
-which can flip a near-tie between two Gumbel scores.
+reference's bit for bit. Known inexactness:
+- sums of w are float32 in another order than the reference (and than the fallback), so a token
+  whose top-p mass sits within rounding of top_p * Z_K may be classified differently;
+- natively tl.exp is a multiply by log2(e) and ex2.approx (relative error about d * 2^-24 plus
+  2 ulp) and a plain ``/`` is div.full (2 ulp), so w and probs differ from torch's by about 1e-6
+  relative: that can flip a near-tie between two Gumbel scores, or a token within a few ulp of the
+  min-p bound (MINP_SLACK = 2^-10 stays far above the error for any d of a min-p survivor);
+- on a GPU the launch plan (S, CAP) depends on the batch size, so that it fills the SMs at any B;
+  the float32 order of the mass sums, and with it the rounding-boundary cases above, can then differ
+  between a row sampled alone and in a batch (the interpreter's plan does not depend on B).
+  tests/test_sampler.py checks on a GPU that LM-like rows at V = 152064 draw the same tokens at
+  every batch size from 1 to 256.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from rast_kernels.sampler_triton_common import BIG, _gumbel_score, _row_key, _z
 
-MINP_SLACK = tl.constexpr(1.0 - 2.0**-10)  # >> exp's ulp error: no monotonicity of tl.exp assumed
+MINP_SLACK = tl.constexpr(1.0 - 2.0**-10)  # >> tl.exp's error (sampler_triton): no monotonicity assumed
 
 
 @triton.jit

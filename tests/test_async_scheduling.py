@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rast_kernels
 from rast_engine import SamplingParams
 from rast_engine.block_manager import block_hash
 from rast_engine.errors import RastError
@@ -210,6 +211,45 @@ def test_a_block_the_failed_step_ahead_never_wrote_is_never_reused(qwen2_triple:
     engine.abort_request("r")
     probe, params = known + [7], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     assert run(engine, {"p": (probe, params)})["p"] == alone(oracle, probe, params)
+    assert_clean(engine)
+
+
+def test_an_undrawable_token_is_never_fed_to_the_step_ahead(qwen2_triple: tuple, oracle: LLMEngine,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row with no admissible token samples -1, and the step launched ahead reads its input from the
+    device before the host sees it. On CUDA an embedding lookup of -1 is a device-side assert that kills
+    the process, so the feed must hold a valid id: the step ahead launches (on the CPU a -1 would raise
+    there), wait() raises the sampler's error, both steps are undone, and stepping on recovers."""
+    engine = ahead_engine(qwen2_triple)
+    real, draws = rast_kernels.rast_sample, []
+
+    def undrawable_third(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        ids = real(*args, **kwargs)
+        draws.append(len(draws))
+        return torch.full_like(ids, -1) if len(draws) == 3 else ids
+
+    launched: list = []
+    launch_ahead = engine._launch_ahead
+
+    def recorded(batch):  # noqa: ANN001, ANN202
+        try:
+            launched.append(launch_ahead(batch))
+        except BaseException as e:
+            launched.append(e)
+            raise
+        return launched[-1]
+
+    monkeypatch.setattr(rast_kernels, "rast_sample", undrawable_third)
+    monkeypatch.setattr(engine, "_launch_ahead", recorded)
+    ids = encode(engine, TEXTS[0])
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=4, ignore_eos=True)
+    engine.add_request("r", ids, params)
+    with pytest.raises(RuntimeError, match="admissible"):
+        for _ in range(8):
+            engine.step()
+    assert len(draws) == 4 and launched and not any(isinstance(x, BaseException) for x in launched)
+    monkeypatch.undo()
+    assert drain(engine)["r"] == alone(oracle, ids, params)
     assert_clean(engine)
 
 

@@ -19,21 +19,26 @@ ROW = {"temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr":
        "temp_v": "fp32", "topk_v": "i32", "topp_v": "fp32", "minp_v": "fp32", "seed_v": "i64", "offset_v": "i32"}
 
 
-def _kernels() -> list:
+def _kernels() -> list[tuple]:
+    """(kernel, constexprs, compile options) as sample() and probs() launch them at Qwen2.5's vocabulary
+    on a 132-SM GPU for batches 1, 32 and 256 (each plan its own S and CAP), plus scalar parameters."""
     from rast_kernels import sampler_triton as st
+    from rast_kernels.launch import next_pow2
 
-    return [
-        (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b111111)),  # every parameter a tensor
-        (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b010000)),  # scalars, the seed a tensor
-        # scalar ints equal to 1 reach the kernel as constexprs (the launcher specialises them)
-        (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0, topk_v=1, seed_v=1, offset_v=1)),
-        (st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=4, CAP=1024, DRAW=True)),
-        (st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=256, CAP=16, DRAW=False)),
-        (st._draw, dict(SUM_MASS=False, BLOCK=1024)),
-        (st._draw, dict(SUM_MASS=True, BLOCK=1024)),
-        (st._finish, dict(SP=64)),
-        (st._write_probs, dict(BLOCK=1024, SP=64)),
-    ]
+    # scalar ints equal to 1 reach the kernel as constexprs (the launcher specialises them)
+    ones = dict(topk_v=1, seed_v=1, offset_v=1)
+    out = [(st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b010000), {}),  # scalars, the seed a tensor
+           (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0, **ones), {}),
+           (st._draw, dict(SUM_MASS=False, BLOCK=1024), {}),
+           (st._draw, dict(SUM_MASS=True, BLOCK=1024), {})]
+    for rows in (1, 32, 256):
+        block, _, splits, cap = st.launch_plan(rows, 152064, 132)
+        sp = next_pow2(splits)
+        out.append((st._stats, dict(BLOCK=block, CAP=cap, WIDE=st.WIDE, ROWS=0b111111), {}))  # tensors
+        out += [(st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=draw), {"num_warps": 8})
+                for draw in (True, False)]
+        out += [(st._finish, dict(SP=sp), {}), (st._write_probs, dict(BLOCK=block, SP=sp), {})]
+    return out
 
 
 def _signature(fn, dtype: str, consts: dict) -> dict:
@@ -51,9 +56,9 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
 
 
 def compile_all(dtype: str, pairs: int) -> None:
-    for fn, consts in _kernels():
+    for fn, consts, options in _kernels():
         consts = dict(consts, **({} if fn.__name__ == "_finish" else {"PAIRS": pairs}))
-        compile_util.compile_ptx(fn, _signature(fn, dtype, consts), consts, enable_fp_fusion=False)
+        compile_util.compile_ptx(fn, _signature(fn, dtype, consts), consts, enable_fp_fusion=False, **options)
 
 
 @pytest.mark.parametrize("dtype,pairs", [("*bf16", 1), ("*fp32", 0)])

@@ -71,6 +71,8 @@ def test_rast_decode_step_is_gemms_and_rast_kernels(qwen2_triple: tuple, monkeyp
     # its metadata for 2B sequences (stacked_metadata) and 2T positions: device ops, no host sync
     assert {k: ops.pop(k) for k in ("repeat", "ge", "where", "add", "cat")} == dict(repeat=2, ge=1, where=1, add=3,
                                                                                    cat=3)
-    assert dict(ops) == {"index_select": 1, "copy_": 1, "embedding": 1, "index": 1, "_rms_norm_kernel": 2 * (n + m) + 2,
+    # index_select: the input ids gathered from host-written and fed rows; clamp: the sampled ids stored
+    # for the next step's feed (a -1 clamped: DecodeBuffers.store_sampled)
+    assert dict(ops) == {"index_select": 1, "clamp": 1, "embedding": 1, "index": 1, "_rms_norm_kernel": 2 * (n + m) + 2,
                          "_rotary_kernel": n + m, "_decode_kernel": n + m, "_silu_mul_kernel": n + m,
                          "_stats": 1, "_select": 1, "_draw": 1, "_finish": 1}

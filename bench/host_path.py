@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -72,8 +72,10 @@ def timed(spent: dict[str, float], name: str, fn: Callable, idle: Callable[[], b
     return wrapper
 
 
-def measure(engine: Any, sp_cls: Any, batch: int, steps: int, output_kind: str) -> dict:
-    for i in range(batch):
+def measure(engine: Any, sp_cls: Any, batch: int, steps: int, output_kind: str, requests: Optional[int] = None) -> dict:
+    """``requests`` (default ``batch``) requests through an engine of max_num_seqs = batch or more."""
+    requests = requests or batch
+    for i in range(requests):
         engine.add_request(f"{output_kind}-b{batch}-{i}", [5 + i % 400, 6, 7, 8],
                            sp_cls(temperature=1.0, top_p=0.95, max_tokens=steps + 3, ignore_eos=True, seed=i,
                                   output_kind=output_kind))
@@ -91,7 +93,8 @@ def measure(engine: Any, sp_cls: Any, batch: int, steps: int, output_kind: str) 
     for name, fn in originals.items():
         setattr(engine, f"_{name}", fn)
     row = {f"{name}_us": spent[name] / n * 1e6 for name in PARTS + ("critical",)}
-    row.update(async_scheduling=engine.async_scheduling, output_kind=output_kind, batch=batch, steps=n,
+    row.update(async_scheduling=engine.async_scheduling, output_kind=output_kind, batch=batch, requests=requests,
+               steps=n,
                host_us=sum(row[f"{name}_us"] for name in PARTS),
                idle_steps=int(spent["critical_commits"]))  # steps whose commit found no step queued
     return row
@@ -111,9 +114,17 @@ def main() -> None:
         if device.type == "cpu":
             stub_decode_step(engine)
         rows += [measure(engine, sp_cls, b, steps, kind) for a, kind in MODES if a == ahead for b in batches]
+    # an evaluation run: four times more requests than slots, so some wait through most steps; admitting
+    # one needs its step to wait for the ids (a prefill, which on a CPU is not stubbed out)
+    slots = batches[-2]
+    for ahead in (False, True):
+        engine = build(device, slots, 16 + steps, ahead)
+        if device.type == "cpu":
+            stub_decode_step(engine)
+        rows.append(measure(engine, sp_cls, slots, steps, "final_only", requests=4 * slots))
     print(f"engine host work per decode step | {common.device_name(device)} | commit {common.git_sha()}")
-    print(common.table(rows, ["async_scheduling", "output_kind", "batch", "steps", "launch_ahead_us", "commit_us",
-                              "launch_us", "outputs_us", "host_us", "critical_us", "idle_steps"]))
+    print(common.table(rows, ["async_scheduling", "output_kind", "batch", "requests", "steps", "launch_ahead_us",
+                              "commit_us", "launch_us", "outputs_us", "host_us", "critical_us", "idle_steps"]))
     if args.out is not None or device.type == "cuda":
         path = common.write_results("host-path", device, rows, dict(decode_stubbed=device.type == "cpu"), args.out)
         print(f"wrote {path}")

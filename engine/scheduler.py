@@ -14,8 +14,8 @@ and offset depend only on the sequence, never on the batch).
 
 ``schedule_ahead`` plans the decode step after one still running on the device, whose tokens are
 pending (see sequence.py): only when that step needs nothing the host has yet to learn, i.e. no
-admission and no preemption. Stop checks see known tokens only; a sequence that stops on a pending
-token has one more token computed and discarded.
+admission and no preemption (requests that cannot be admitted yet may wait). Stop checks see known
+tokens only; a sequence that stops on a pending token has one more token computed and discarded.
 """
 from __future__ import annotations
 
@@ -130,9 +130,12 @@ class Scheduler:
 
     def schedule_ahead(self) -> Optional[SchedulerOutput]:
         """The next decode step over the running sequences' pending tokens, or None when it must wait for
-        them: a sequence waits to be admitted or recomputed, a slot would need a preemption, or no
-        sequence may go on. A sequence whose pending token reaches max_tokens or max_model_len stays out."""
-        if self.waiting:
+        them: the head of the queue can be admitted now (the prefill that admits it runs after the
+        ids are known), a slot would need a preemption, or no sequence may go on. Requests that wait
+        for a slot or for blocks do not stop it: with more requests than max_num_seqs (an evaluation
+        run) the queue is never empty. A sequence whose pending token reaches max_tokens or
+        max_model_len stays out."""
+        if self._admits_next():
             return None
         seqs = [s for s in self.running if not self._at_length(s, pending=True)]
         if not seqs or any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
@@ -143,6 +146,14 @@ class Scheduler:
         for seq in seqs:
             seq.num_scheduled_tokens = 1
         return SchedulerOutput(seqs, False, copies)
+
+    def _admits_next(self) -> bool:
+        """Whether a prefill step scheduled now would admit the head of the queue (_schedule_prefill's
+        test for a step's first sequence)."""
+        if not self.waiting:
+            return False
+        seq = self.waiting[0]
+        return sum(s.fanout for s in self.running) + seq.fanout <= self.max_num_seqs and self.bm.can_allocate(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)

@@ -117,6 +117,31 @@ def test_admission_and_preemption_fall_back_to_waiting(qwen2_triple: tuple, orac
     assert_clean(tight)
 
 
+def test_requests_waiting_for_a_slot_do_not_stop_steps_ahead(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """An evaluation run submits more requests than max_num_seqs, so the queue is never empty. While
+    its head cannot be admitted (no free slot) decode steps still go ahead; a freed slot admits it
+    through one step that waits for the ids. Every request equals its run alone."""
+    engine = ahead_engine(qwen2_triple, max_num_seqs=2)
+    waiting_at_ahead: list[int] = []
+    schedule_ahead = engine.scheduler.schedule_ahead
+
+    def recorded():  # noqa: ANN202
+        out = schedule_ahead()
+        if out is not None:
+            waiting_at_ahead.append(len(engine.scheduler.waiting))
+        return out
+
+    engine.scheduler.schedule_ahead = recorded
+    ids = [encode(engine, t) for t in TEXTS]
+    requests = {f"r{i}": (ids[i], SamplingParams(temperature=1.0, max_tokens=6 + 3 * i, seed=i, ignore_eos=True))
+                for i in range(4)}
+    got = run(engine, requests)
+    for rid, (prompt, params) in requests.items():
+        assert got[rid] == alone(oracle, prompt, params), rid
+    assert sum(n > 0 for n in waiting_at_ahead) >= 6  # r0's and r1's decodes, r2 and r3 queued
+    assert_clean(engine)
+
+
 @pytest.mark.parametrize("budget", [None, 8])
 def test_prefills_with_riders_feed_the_step_ahead(qwen2_triple: tuple, oracle: LLMEngine, budget) -> None:  # noqa: ANN001
     """A request admitted mid-run is prefilled with the running ones riding along (one token each), and

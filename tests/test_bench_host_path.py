@@ -10,9 +10,14 @@ def test_quick_run_splits_each_step(tmp_path: Path) -> None:
     result, _, _ = run_bench("host_path.py", tmp_path, "--quick", pattern="host-path-*.json")
     assert result["decode_stubbed"] and result["commit"] and result["device"]
     rows = result["rows"]
-    assert [(r["async_scheduling"], r["output_kind"], r["batch"]) for r in rows] == [
-        (ahead, kind, b) for ahead, kind in ((False, "cumulative"), (True, "cumulative"), (True, "delta"),
-                                             (True, "final_only")) for b in (1, 4)]
+    assert [(r["async_scheduling"], r["output_kind"], r["batch"], r["requests"]) for r in rows] == [
+        (ahead, kind, b, b) for ahead, kind in ((False, "cumulative"), (True, "cumulative"), (True, "delta"),
+                                                (True, "final_only")) for b in (1, 4)] + [
+        (False, "final_only", 1, 4), (True, "final_only", 1, 4)]  # four requests through one slot
+    queued = rows[-2:]
+    rows = rows[:-2]
+    # the queue never stops steps ahead: only the steps that admit a request wait for the ids
+    assert queued[0]["idle_steps"] == queued[0]["steps"] and queued[1]["idle_steps"] == 4
     for r in rows:
         assert r["steps"] == 10  # max_tokens = steps + 3, three steps before timing (one is the prefill)
         assert min(r["commit_us"], r["outputs_us"]) > 0

@@ -73,11 +73,14 @@ def timed(spent: dict[str, float], name: str, fn: Callable, idle: Callable[[], b
 
 
 def measure(engine: Any, sp_cls: Any, batch: int, steps: int, output_kind: str, requests: Optional[int] = None) -> dict:
-    """``requests`` (default ``batch``) requests through an engine of max_num_seqs = batch or more."""
+    """``requests`` (default ``batch``) requests through an engine of max_num_seqs = batch or more; with
+    more requests than that, their output lengths differ by up to 6 tokens, as in an evaluation run,
+    so they do not all finish (and free their slots) at the same step."""
     requests = requests or batch
     for i in range(requests):
+        length = steps + 3 + (i % 7 if requests > batch else 0)
         engine.add_request(f"{output_kind}-b{batch}-{i}", [5 + i % 400, 6, 7, 8],
-                           sp_cls(temperature=1.0, top_p=0.95, max_tokens=steps + 3, ignore_eos=True, seed=i,
+                           sp_cls(temperature=1.0, top_p=0.95, max_tokens=length, ignore_eos=True, seed=i,
                                   output_kind=output_kind))
     for _ in range(3):  # prefill, then a step in flight: the loop below is steady-state decode
         engine.step()
@@ -114,9 +117,9 @@ def main() -> None:
         if device.type == "cpu":
             stub_decode_step(engine)
         rows += [measure(engine, sp_cls, b, steps, kind) for a, kind in MODES if a == ahead for b in batches]
-    # an evaluation run: four times more requests than slots, so some wait through most steps; admitting
-    # one needs its step to wait for the ids (a prefill, which on a CPU is not stubbed out)
-    slots = batches[-2]
+    # an evaluation run: four times more requests than slots, so some wait through most steps; with async
+    # scheduling the prefills that admit them are launched ahead too (on a CPU they are not stubbed out)
+    slots = batches[-1] // 2
     for ahead in (False, True):
         engine = build(device, slots, 16 + steps, ahead)
         if device.type == "cpu":

@@ -151,6 +151,10 @@ class DecodeBuffers:
         reads the raw ids, raises, and undoes both steps (LLMEngine.step)."""
         torch.clamp(ids, min=0, out=self.dev["i64"][SAMPLED, :ids.shape[0]])  # one op, as a copy
 
+    def sampled_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """The last step's sampled ids at ``rows`` (a device index): a prefill step's fed input tokens."""
+        return self.dev["i64"][SAMPLED].index_select(0, rows)
+
     def positions(self, rows: int) -> torch.Tensor:
         return self._row("i64", I64_ROWS, "positions")[:rows]
 

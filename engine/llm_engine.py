@@ -1,28 +1,26 @@
-"""LLMEngine: requests in, one scheduled step at a time, cumulative RequestOutputs out.
+"""LLMEngine: requests in, one scheduled step at a time, RequestOutputs out (of each request's
+output_kind).
 
-The synchronous core that LLM, the server's async loop and the eval tools drive. add_request validates
-everything before it touches any state, so a rejected request leaves the engine exactly as it was.
+The synchronous core that LLM, the server's async loop and the eval tools drive; its parts are built in
+build.py. add_request validates everything before it touches any state, so a rejected request leaves
+the engine exactly as it was.
 """
 from __future__ import annotations
 
 import itertools
-import logging
 import random
 import time
 from typing import Optional, Union
 
 import torch
 
-from rast_engine.attention import get_attention_backend
 from rast_engine.block_manager import BlockManager
+from rast_engine.build import build_parts
 from rast_engine.config import EngineConfig
-from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
-from rast_engine.kv_cache import KVCache, default_token_budget, every_model, size_kv_cache
+from rast_engine.kv_cache import KVCache
 from rast_engine.model_runner import Draw, ModelRunner
-from rast_engine.models.layer_ops import get_layer_ops
-from rast_engine.models.stacked import forward_units
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.pending import DrawResult, InFlight
 from rast_engine.requests import checked_request
@@ -30,9 +28,7 @@ from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
 from rast_engine.scoring import score_sequences
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
-from rast_engine.triple import load_model_set, resolve_device
-
-logger = logging.getLogger("rast")
+from rast_engine.triple import ModelSet, resolve_device
 
 
 class LLMEngine:
@@ -47,41 +43,15 @@ class LLMEngine:
         if self.async_scheduling and not self.async_output:  # before any model is loaded
             raise RastError("async_scheduling=True needs async_output, which is off on this device by default: "
                             "give async_output=True too")
-        attention = get_attention_backend(config.attention_backend, self.device, config.block_size)
-        ms = load_model_set(config, self.device, attention, get_layer_ops(config.layer_ops, self.device))
-        self.model_set = ms
-        self.tokenizer = ms.tokenizer
-        self.vocab_size = ms.vocab_size
-        dtype = ms.models[0].dtype
-        model_max = min(c.max_position_embeddings for c in ms.configs)
-        if config.max_model_len is not None and config.max_model_len > model_max:
-            raise RastError(f"max_model_len={config.max_model_len} exceeds the models' "
-                            f"max_position_embeddings ({model_max})")
-        max_len = config.max_model_len or model_max
-        units, roles = forward_units(ms.models, config.stack_small_models)
-        if self.device.type == "cuda":
-            # stacking freed the small models' first copies into the allocator's cache; mem_get_info would
-            # count them as used and the KV cache would shrink by the small models' size
-            torch.cuda.empty_cache()
-        configs, copies = [u.config for u in units], [u.copies for u in units]  # one KV per model, not per role
-        num_blocks, max_len = size_kv_cache(config, every_model(configs, copies), dtype, self.device, max_len)
-        self.max_model_len = max_len
-        # a prompt (or a preempted sequence's recompute) longer than the budget is prefilled in chunks
-        budget = config.max_num_batched_tokens or default_token_budget(max_len)
-        self.kv = KVCache(configs, num_blocks, config.block_size, dtype, self.device, copies=copies)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=budget, max_model_len=max_len,
-                                   eos_token_ids=ms.eos_token_ids)
-        eager = config.enforce_eager or self.device.type != "cuda"
-        if not eager and attention.name not in CAPTURE_SAFE_ATTENTION:
-            logger.warning("attention backend %r reads lengths on the host and cannot be captured in a CUDA "
-                           "graph; decoding eagerly", attention.name)
-            eager = True
-        self.runner = ModelRunner(units, roles, self.kv, self.vocab_size, config.block_size, self.device,
-                                  enforce_eager=eager, model_streams=config.model_streams,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=max_len,
-                                  graph_max_batch=config.cuda_graph_max_batch)
+        parts = build_parts(config, self.device, self.async_scheduling, t0)
+        self.model_set: ModelSet = parts.model_set
+        self.max_model_len: int = parts.max_model_len
+        self.kv: KVCache = parts.kv
+        self.block_manager: BlockManager = parts.block_manager
+        self.scheduler: Scheduler = parts.scheduler
+        self.runner: ModelRunner = parts.runner
+        self.tokenizer = self.model_set.tokenizer
+        self.vocab_size = self.model_set.vocab_size
         self.groups: dict[str, SequenceGroup] = {}
         self._arrivals = itertools.count()
         self._seed_rng = random.Random(config.seed)
@@ -89,19 +59,6 @@ class LLMEngine:
         self._generation_tokens = 0
         self._last_step_s = 0.0
         self._in_flight: Optional[InFlight] = None
-        logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models),
-                    ", ".join(ms.roles), self.device, str(dtype).replace("torch.", ""),
-                    time.perf_counter() - t0, self.vocab_size)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
-                    num_blocks, config.block_size, self.kv.capacity_tokens, self.kv.bytes / 2**20,
-                    len(self.kv.pools), max_len)
-        graphs = self.runner.graphs
-        logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s, async scheduling %s; "
-                    "small models: %s", attention.name, self.runner.sampler, "eager" if graphs is None else
-                    f"in CUDA graphs up to batch {graphs.buckets[-1]}" + (
-                        ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
-                    "on" if self.runner.streams.concurrent else "off", "on" if self.async_scheduling else "off",
-                    " + ".join(f"{u.copies} stacked" if u.copies > 1 else "1" for u in units[1:]) or "none")
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams) -> None:
@@ -140,11 +97,12 @@ class LLMEngine:
         host work overlaps the GPU. A sequence stopped by a stop string then is in the next batch: that
         token is computed and discarded. Freeing its blocks meanwhile is safe: the batch writes only
         its unhashed blocks, and any later user of them is queued behind it on the device.
-        With async_scheduling (on with async_output) the decode step after a batch is launched before
-        the batch's ids are waited for, the device feeding each sampled id into it, so the GPU runs
-        back to back while the host takes one step's tokens and prepares the next. It falls back to
-        the order above whenever the next batch needs the host to know the tokens: an admission or a
-        preemption (scheduler.py), a prompt still prefilled in chunks, or a first draw forking n > 1.
+        With async_scheduling (on with async_output) the step after a batch (a decode step, or a prefill
+        admitting waiting requests) is launched before the batch's ids are waited for, the device
+        feeding each sampled id into it, so the GPU runs back to back while the host takes one step's
+        tokens and prepares the next. It falls back to the order above whenever the next batch needs
+        the host to know the tokens: a preemption (scheduler.py), a prompt still prefilled in chunks,
+        or a first draw forking n > 1.
         If the runner raises (or is interrupted) its batch is undone: no sequence takes a token and the
         batch is requeued for recompute, so stepping on gives the outputs of a run that never failed.
         An error after the runner (detokenising, stop checks) is not undone; the server declares the
@@ -170,8 +128,12 @@ class LLMEngine:
         try:
             results = batch.step.wait()
         except BaseException:
-            self._in_flight = None  # a batch ahead decodes this batch's sequences: it is undone with them
-            self.scheduler.requeue([s for s in batch.out.seqs if s.status is SequenceStatus.RUNNING])
+            # the batch ahead reads this batch's tokens: it is undone with them (after them in the queue,
+            # the requests it admitted)
+            ahead, self._in_flight = self._in_flight, None
+            mine = set(batch.out.seqs)
+            seqs = batch.out.seqs + ([s for s in ahead.out.seqs if s not in mine] if ahead else [])
+            self.scheduler.requeue([s for s in seqs if s.status is SequenceStatus.RUNNING])
             raise
         progressed, deferred = self._commit(batch, results)
         if self._in_flight is None and self.async_output and launch_error is None:
@@ -191,14 +153,15 @@ class LLMEngine:
         return None if out is None else self._start(out)
 
     def _launch_ahead(self, batch: InFlight) -> Optional[InFlight]:
-        """Schedule and start the decode step after ``batch`` before its ids are known (None: it must wait)."""
+        """Schedule and start the step after ``batch`` before its ids are known (None: it must wait)."""
         out = self.scheduler.schedule_ahead()
         if out is None:
             return None
         row, k = {}, 0  # each sequence's draw: its row of the batch's sampled ids
         for seq, count in batch.owners:
             row[seq], k = k, k + count
-        return self._start(out, feed=[row[s] for s in out.seqs])
+        # -1: a sequence admitted by this step, whose input tokens are all known
+        return self._start(out, feed=[row[s] if s.num_pending else -1 for s in out.seqs])
 
     def _start(self, out: SchedulerOutput, feed: Optional[list[int]] = None) -> InFlight:
         draws: list[Draw] = []

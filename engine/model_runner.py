@@ -86,9 +86,11 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def prepare(self, seqs: Seq[Sequence], is_prefill: bool) -> StepInputs:
+    def prepare(self, seqs: Seq[Sequence], is_prefill: bool, feed: Optional[Seq[int]] = None) -> StepInputs:
         """Prefill: each sequence's next ``num_scheduled_tokens`` uncomputed tokens (a chunk, or all of
-        them); decode: its one uncomputed (last) token. ``last_index``: each sequence's last new token."""
+        them); decode: its one uncomputed (last) token. ``last_index``: each sequence's last new token.
+        ``feed[i]`` >= 0: sequence i's last input token is pending, and the device copies it from that
+        row of the previous step's sampled ids (-1: all its tokens are known)."""
         bs = self.block_size
         starts = [s.num_computed_tokens if is_prefill else len(s.token_ids) - 1 for s in seqs]
         ends = [a + s.num_scheduled_tokens if is_prefill else a + 1 for s, a in zip(seqs, starts)]
@@ -119,11 +121,22 @@ class ModelRunner:
             block_size=bs,
         )
         return StepInputs(
-            input_ids=self._to_device(torch.tensor(ids, dtype=torch.int64)),
+            input_ids=self._fed(torch.tensor(ids, dtype=torch.int64), cu, feed),
             positions=self._to_device(positions),
             meta=meta,
             last_index=self._to_device(cu[1:] - 1),
         )
+
+    def _fed(self, ids: torch.Tensor, cu: torch.Tensor, feed: Optional[Seq[int]]) -> torch.Tensor:
+        """The input ids on the device, the pending ones copied there from the sampled ids they await.
+        A pending id left unfed would reach the embedding as -1: on CUDA a device-side assert."""
+        fed = [] if feed is None else [(int(cu[i + 1]) - 1, r) for i, r in enumerate(feed) if r >= 0]
+        if [at for at, _ in fed] != (ids < 0).nonzero().flatten().tolist():
+            raise RuntimeError("the fed input tokens must be exactly the pending ones (the last of each sequence)")
+        if not fed:
+            return self._to_device(ids)
+        at, rows = (self._to_device(torch.tensor(x, dtype=torch.int64)) for x in zip(*fed))
+        return self._to_device(ids).index_copy_(0, at, self.buffers.sampled_ids(rows))
 
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs, rows: Optional[torch.Tensor],
@@ -145,14 +158,12 @@ class ModelRunner:
     def launch(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
                draws: Seq[Draw], feed: Optional[Seq[int]] = None) -> PendingStep:
         """execute(), except that it returns once the step is queued: its ids (and logprobs) come back,
-        on CUDA by asynchronous copies, when PendingStep.wait() is called. ``feed``: see
-        DecodeBuffers.fill (decode only)."""
+        on CUDA by asynchronous copies, when PendingStep.wait() is called. ``feed``: see prepare (and
+        DecodeBuffers.fill for decode)."""
         self.kv.copy_blocks(copies)
         if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws, feed)
-        if feed is not None:
-            raise RuntimeError("only a decode step with one draw per sequence can take fed input tokens")
-        inputs = self.prepare(seqs, is_prefill)
+        inputs = self.prepare(seqs, is_prefill, feed)
         needed = sorted({d.row for d in draws})
         rows = inputs.last_index
         if needed != list(range(len(seqs))):

@@ -12,10 +12,11 @@ sequence is preempted by recompute: its blocks are freed and it goes back to the
 every token it has (recomputed in chunks like a prompt), so its output is unchanged (the sampler's seed
 and offset depend only on the sequence, never on the batch).
 
-``schedule_ahead`` plans the decode step after one still running on the device, whose tokens are
-pending (see sequence.py): only when that step needs nothing the host has yet to learn, i.e. no
-admission and no preemption (requests that cannot be admitted yet may wait). Stop checks see known
-tokens only; a sequence that stops on a pending token has one more token computed and discarded.
+``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
+(see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
+sequences riding along, whenever it needs nothing the host has yet to learn (no preemption, no chunk
+of a partial prefill, no fork). Stop checks see known tokens only; a sequence that stops on a pending
+token has one more token computed and discarded.
 """
 from __future__ import annotations
 
@@ -63,8 +64,10 @@ class Scheduler:
         out = self._schedule_decode()
         return out if out.seqs else None
 
-    def _schedule_prefill(self) -> SchedulerOutput:
-        decoding = [s for s in self.running if s.num_uncomputed == 1]
+    def _schedule_prefill(self, decoding: Optional[list[Sequence]] = None) -> SchedulerOutput:
+        """``decoding``: the sequences that may ride along (default: every decoding one)."""
+        if decoding is None:
+            decoding = [s for s in self.running if s.num_uncomputed == 1]
         budget = self.max_num_batched_tokens - len(decoding)
         if budget <= 0:  # the decodes alone fill a step: no room to ride along, prefill gets it all
             budget, decoding = self.max_num_batched_tokens, []
@@ -129,18 +132,20 @@ class Scheduler:
         return SchedulerOutput(scheduled, False, copies)
 
     def schedule_ahead(self) -> Optional[SchedulerOutput]:
-        """The next decode step over the running sequences' pending tokens, or None when it must wait for
-        them: the head of the queue can be admitted now (the prefill that admits it runs after the
-        ids are known), a slot would need a preemption, or no sequence may go on. Requests that wait
-        for a slot or for blocks do not stop it: with more requests than max_num_seqs (an evaluation
-        run) the queue is never empty. A sequence whose pending token reaches max_tokens or
+        """The step after one still on the device, over the running sequences' pending tokens (the
+        device feeds them in), or None when it must wait for their ids: a running sequence has no
+        pending token (a prompt prefilled in chunks, a first draw forking n > 1), a slot would need a
+        preemption, or no sequence may go on. When the head of the queue can be admitted it is a
+        prefill step that admits it, the pending sequences riding along; requests that wait for a slot
+        or for blocks do not stop the decode steps (with more requests than max_num_seqs, as in an
+        evaluation run, the queue is never empty). A sequence whose pending token reaches max_tokens or
         max_model_len stays out."""
-        if self._admits_next():
-            return None
         seqs = [s for s in self.running if not self._at_length(s, pending=True)]
-        if not seqs or any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
+        if any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
             return None
-        if not self.bm.can_append_all(seqs):
+        if self._admits_next():
+            return self._schedule_prefill(seqs)
+        if not seqs or not self.bm.can_append_all(seqs):
             return None
         copies = [c for c in map(self.bm.append_slot, seqs) if c is not None]
         for seq in seqs:

@@ -29,14 +29,14 @@ def ahead_engine(triple: tuple, **kw: object) -> LLMEngine:
     return engine
 
 
-def count_ahead(engine: LLMEngine) -> list[int]:
-    """Record the size of every batch scheduled ahead."""
+def count_ahead(engine: LLMEngine, prefills: bool = False) -> list[int]:
+    """Record the size of every batch scheduled ahead (with ``prefills``: of every prefill batch)."""
     sizes: list[int] = []
     schedule_ahead = engine.scheduler.schedule_ahead
 
     def counted():  # noqa: ANN202
         out = schedule_ahead()
-        if out is not None:
+        if out is not None and (out.is_prefill or not prefills):
             sizes.append(len(out.seqs))
         return out
 
@@ -94,11 +94,13 @@ def test_ahead_steps_take_their_input_from_the_device(qwen2_triple: tuple, oracl
     assert run(broken, {"r": (prompt, params)})["r"] != alone(oracle, prompt, params)
 
 
-def test_admission_and_preemption_fall_back_to_waiting(qwen2_triple: tuple, oracle: LLMEngine) -> None:
-    """A request arriving mid-run and a KV cache too small for every slot make the next batch wait for
-    the ids (the host must know them to prefill or recompute); outputs stay the oracle's."""
+def test_preemption_falls_back_to_waiting_and_admission_goes_ahead(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """A KV cache too small for every slot makes the next batch wait for the ids (the host must know them
+    to recompute a preempted sequence); a request arriving mid-run is admitted by a prefill launched
+    ahead, the running sequences riding along. Outputs stay the oracle's."""
     tight = ahead_engine(qwen2_triple, blocks=12)
     sizes = count_ahead(tight)
+    prefills = count_ahead(tight, prefills=True)
     prompts = [encode(tight, t) for t in TEXTS[:3]]
     requests = {
         "greedy": (prompts[0], SamplingParams(n=2, temperature=0.0, max_tokens=14, ignore_eos=True, stop=["zz"])),
@@ -111,7 +113,7 @@ def test_admission_and_preemption_fall_back_to_waiting(qwen2_triple: tuple, orac
     late = (prompts[2], SamplingParams(temperature=0.8, max_tokens=10, seed=4, ignore_eos=True))
     requests["late"] = late
     got = run(tight, {"late": late})  # drains every request: none finished in the first 4 steps
-    assert tight.scheduler.num_preemptions > 0 and sizes
+    assert tight.scheduler.num_preemptions > 0 and sizes and prefills
     for rid, (ids, params) in requests.items():
         assert got[rid] == alone(oracle, ids, params), rid
     assert_clean(tight)
@@ -119,9 +121,10 @@ def test_admission_and_preemption_fall_back_to_waiting(qwen2_triple: tuple, orac
 
 def test_requests_waiting_for_a_slot_do_not_stop_steps_ahead(qwen2_triple: tuple, oracle: LLMEngine) -> None:
     """An evaluation run submits more requests than max_num_seqs, so the queue is never empty. While
-    its head cannot be admitted (no free slot) decode steps still go ahead; a freed slot admits it
-    through one step that waits for the ids. Every request equals its run alone."""
+    its head cannot be admitted (no free slot) decode steps still go ahead; a freed slot admits it by
+    a prefill launched ahead. Every request equals its run alone."""
     engine = ahead_engine(qwen2_triple, max_num_seqs=2)
+    prefills = count_ahead(engine, prefills=True)
     waiting_at_ahead: list[int] = []
     schedule_ahead = engine.scheduler.schedule_ahead
 
@@ -139,17 +142,19 @@ def test_requests_waiting_for_a_slot_do_not_stop_steps_ahead(qwen2_triple: tuple
     for rid, (prompt, params) in requests.items():
         assert got[rid] == alone(oracle, prompt, params), rid
     assert sum(n > 0 for n in waiting_at_ahead) >= 6  # r0's and r1's decodes, r2 and r3 queued
+    assert prefills == [2, 2]  # r2 then r3 admitted, each with the other running sequence riding along
     assert_clean(engine)
 
 
 @pytest.mark.parametrize("budget", [None, 8])
 def test_prefills_with_riders_feed_the_step_ahead(qwen2_triple: tuple, oracle: LLMEngine, budget) -> None:  # noqa: ANN001
-    """A request admitted mid-run is prefilled with the running ones riding along (one token each), and
-    the decode step after that batch goes ahead, fed by its sampled ids in draw order; with a budget of
-    8 tokens the prompt is prefilled in chunks first, and a chunk that samples nothing stops the run
-    ahead until the last one."""
+    """A request admitted mid-run is prefilled, in a step launched ahead, with the running ones riding
+    along (one token each, their input ids fed on the device), and the decode step after that batch
+    goes ahead too, fed by its sampled ids in draw order; with a budget of 8 tokens the prompt is
+    prefilled in chunks, and a chunk that samples nothing stops the run ahead until the last one."""
     engine = ahead_engine(qwen2_triple, max_num_batched_tokens=budget)
     sizes = count_ahead(engine)
+    prefills = count_ahead(engine, prefills=True)
     ids = [encode(engine, t) for t in TEXTS]
     requests = {
         "a": (ids[0], SamplingParams(temperature=0.9, max_tokens=14, seed=1, ignore_eos=True)),
@@ -164,6 +169,9 @@ def test_prefills_with_riders_feed_the_step_ahead(qwen2_triple: tuple, oracle: L
     for rid, (prompt, params) in (requests | late).items():
         assert got[rid] == alone(oracle, prompt, params), rid
     assert 3 in sizes  # the admitted request decodes with the others in steps launched ahead
+    # its prefill (or first chunk) with the two running sequences riding along; with a budget of 8 "b"
+    # waits for the tokens "a"'s chunks leave, and is admitted ahead of a step too, "a" riding along
+    assert prefills == ([3] if budget is None else [2, 3])
     assert_clean(engine)
 
 
@@ -291,30 +299,39 @@ def test_abort_with_two_batches_in_flight(qwen2_triple: tuple, oracle: LLMEngine
     assert_clean(engine)
 
 
-@pytest.mark.parametrize("where", ["ahead launch", "wait"])
+@pytest.mark.parametrize("where", ["ahead launch", "wait", "wait, an admission ahead"])
 def test_a_failing_step_is_undone_with_the_step_ahead(qwen2_triple: tuple, oracle: LLMEngine,
                                                       monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    """The launch of the step ahead fails, or the wait for the batch in flight does: every sequence of
-    both is requeued with its known tokens only, and stepping on gives the run that never failed."""
+    """The launch of the step ahead fails, or the wait for the batch in flight does (with a decode step
+    ahead, or a prefill ahead admitting a request): every sequence of both is requeued with its known
+    tokens only, the admitted request behind them, and stepping on gives the run that never failed."""
     engine = ahead_engine(qwen2_triple)
     ids = encode(engine, TEXTS[1])
     params = SamplingParams(n=2, temperature=1.0, max_tokens=9, seed=3, ignore_eos=True, stop=["@@"])
+    late = (encode(engine, TEXTS[3]), SamplingParams(temperature=0.7, max_tokens=5, seed=8, ignore_eos=True))
     engine.add_request("r", ids, params)
     for _ in range(3):
         engine.step()
     assert engine._in_flight.holds_pending
-    if where == "wait":
+    if where.startswith("wait"):
         fail(monkeypatch, engine._in_flight.step, "wait")
     else:
         fail(monkeypatch, engine.runner, "forward_logits")
+    prefills = count_ahead(engine, prefills=True)
+    if where.endswith("ahead"):
+        engine.add_request("late", *late)
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()
+    assert prefills == ([3] if where.endswith("ahead") else [])  # "late" admitted, r's two samples riding
     monkeypatch.undo()
-    seqs = engine.groups["r"].seqs
+    seqs = [s for g in engine.groups.values() for s in g.seqs]
     assert all(s.status is SequenceStatus.WAITING and not s.num_pending and PENDING not in s.token_ids
                for s in seqs)
-    assert engine._in_flight is None
-    assert drain(engine)["r"] == alone(oracle, ids, params)
+    assert list(engine.scheduler.waiting) == seqs and engine._in_flight is None
+    done = drain(engine)
+    assert done["r"] == alone(oracle, ids, params)
+    if where.endswith("ahead"):
+        assert done["late"] == alone(oracle, *late)
     assert_clean(engine)
 
 

@@ -100,6 +100,39 @@ def test_async_scheduling_replays_graphs_fed_by_the_previous_replay(qwen2_triple
     assert ahead.count(True) == SAMPLED.max_tokens - 1  # every decode step went ahead, the first fed by the prefill
 
 
+def test_a_prefill_ahead_reads_the_ids_a_replay_stored(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request arriving mid-run is admitted by a prefill launched ahead: the running sequences ride
+    along, their input ids copied on the device from the ids the last replay stored. Tokens equal the
+    synchronous eager engine's; the emulator's race checks cover the copy."""
+    reference = triton_engine(qwen2_triple, stack_small_models=False)
+    batch = prompts(4, seed=4)
+    want = generate_all(reference, batch, SAMPLED)
+    engine = triton_engine(qwen2_triple, async_output=True)
+    runner, prefills, done = engine.runner, [], {}
+    schedule_ahead = engine.scheduler.schedule_ahead
+
+    def recorded():  # noqa: ANN202
+        out = schedule_ahead()
+        if out is not None and out.is_prefill:
+            prefills.append(len(out.seqs))
+        return out
+
+    engine.scheduler.schedule_ahead = recorded
+    with emulated_cuda(monkeypatch):
+        runner.streams = ModelStreams(CUDA, True)
+        runner.graphs = DecodeGraphs(runner._decode_step, runner._pad_all, CUDA, max_rows=4)
+        runner.graphs.buckets = [4]
+        runner.graphs.capture_all()
+        for i, p in enumerate(batch):
+            if i == 3:
+                for _ in range(2):  # the prefill, then a replay in flight
+                    engine.step()
+            engine.add_request(f"r{i}", p, SAMPLED)
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: [c.token_ids for c in o.outputs] for o in engine.step() if o.finished})
+    assert [done[f"r{i}"] for i in range(4)] == want and prefills == [4]
+
+
 def test_torch_attention_cannot_be_captured(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """Why CAPTURE_SAFE_ATTENTION excludes the torch backend: its decode path reads lengths on the host."""
     engine = make_engine(qwen2_triple, attention_backend="torch", max_num_seqs=8)

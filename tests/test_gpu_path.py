@@ -318,13 +318,17 @@ def test_gpu_greedy_rast_equals_cpu_float32(arch: str, request: pytest.FixtureRe
 def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool) -> None:
     """Outputs read while the next batch runs (pinned copy + event), and with ``ahead`` each decode step
     launched before the previous step's ids are read (fed on the device, two steps in flight, double
-    staging and pinned ids), equal the synchronous engine's."""
+    staging and pinned ids), equal the synchronous engine's; so do those of requests queued for two
+    slots, admitted by prefills launched ahead with the running sequences' ids copied on the device."""
     kw = dict(dtype="bfloat16", attention_backend="triton")
     sync_engine = make_engine(qwen2_triple, "cuda", async_output=False, **kw)
     async_engine = make_engine(qwen2_triple, "cuda", async_output=True, async_scheduling=ahead, **kw)
     batch = prompts(6, seed=51)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=5, stop_token_ids=[7, 11])
-    assert generate(async_engine, batch, params) == generate(sync_engine, batch, params)
+    want = generate(sync_engine, batch, params)
+    assert generate(async_engine, batch, params) == want
+    queued = make_engine(qwen2_triple, "cuda", async_output=True, async_scheduling=ahead, max_num_seqs=2, **kw)
+    assert generate(queued, batch, params) == want
     with_logprobs = SamplingParams(temperature=0.8, max_tokens=8, seed=6, logprobs=3, ignore_eos=True)
     assert (generate(async_engine, batch, with_logprobs, logprobs=True)
             == generate(sync_engine, batch, with_logprobs, logprobs=True))  # computed on the device, read late

@@ -2,7 +2,8 @@
 
 A request (SequenceGroup) starts as one sequence. Its prompt is prefilled once, in chunks over several
 steps when it exceeds the step's token budget; the first sampling step draws its n first tokens from that
-one row and forks the sequence into n, which share the prompt's blocks (copy-on-write). From then on each sequence is scheduled, preempted and finished on its own.
+one row and forks the sequence into n, which share the prompt's blocks (copy-on-write). From then on
+each sequence is scheduled, preempted and finished on its own.
 
 Invariants: ``num_computed_tokens`` tokens have their K/V in the cache at ``block_table``; a running
 sequence with more than one uncomputed token is being prefilled in chunks (it already holds blocks for
@@ -12,10 +13,11 @@ sequence's last token.
 
 Scheduling ahead (LLMEngine, async_scheduling): once a step is launched, each of its sequences that
 draws one token of its own (a decode, or a first draw of n = 1) counts the tokens the step computes as
-computed, and appends a ``PENDING`` placeholder for the token it samples, so the next step can be scheduled and launched before that id reaches the host (the device
-feeds it in). Placeholders are always the last ``num_pending`` entries of ``token_ids``; the ids before
-them are real. Lengths, offsets and slots count them; text, stop checks, outputs and block hashes use
-only real ids.
+computed, and appends a ``PENDING`` placeholder for the token it samples, so the next step (a decode,
+or a prefill admitting waiting requests with it riding along) can be scheduled and launched before
+that id reaches the host (the device feeds it in). Placeholders are always the last ``num_pending``
+entries of ``token_ids``; the ids before them are real. Lengths, offsets and slots count them; text,
+stop checks, outputs and block hashes use only real ids.
 """
 from __future__ import annotations
 

@@ -209,8 +209,8 @@ def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
 
 class RequestHandle:
     """One HTTP request's engine requests. `async with` admits them (RastError -> 400), iteration
-    yields their RequestOutputs (of the params' output_kind) until all finish, and leaving aborts whatever is unfinished
-    (a client disconnect cancels the handler, which lands here)."""
+    yields their RequestOutputs (of the params' output_kind) until all finish, and leaving aborts
+    whatever is unfinished (a client disconnect cancels the handler, which lands here)."""
 
     def __init__(self, owner: AsyncEngine, request_ids: list[str], prompts: list[str | list[int]],
                  params: Any, max_tokens: int | None, add_special_tokens: bool, param: str) -> None:

@@ -40,6 +40,7 @@ def _records(path: Path) -> list[dict]:
 
 def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path, monkeypatch, capsys) -> None:
     large, rl, base = qwen2_triple
+    monkeypatch.setattr(runner, "PIECE", 1)  # each problem's two samples are two requests
     tok = AutoTokenizer.from_pretrained(str(large))
     vocab = len(tok)
     models = [AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval() for d in qwen2_triple]
@@ -111,6 +112,28 @@ def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path,
     capsys.readouterr()
     assert main([a if a != "2" else "3" for a in argv]) == 2  # --n 3 into a folder sampled with n = 2
     assert "different n" in capsys.readouterr().err
+
+
+def test_samples_are_drawn_in_pieces_and_a_resume_never_repeats_a_seed() -> None:
+    """A request draws at most PIECE samples (a fanout of n would idle up to n - 1 slots while it waits);
+    sample j of the request starting at index f draws with (f, j). Whatever a crash left saved (whole
+    requests, or a prefix of one's records), the requests of a resume draw fresh (f, j) pairs only and
+    cover exactly the missing indices."""
+    import random
+
+    assert runner.pieces(list(range(10))) == [(0, 4), (4, 4), (8, 2)]
+    assert runner.pieces([0, 1, 5, 6, 7, 8, 9]) == [(0, 2), (5, 4), (9, 1)]
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randrange(1, 20)
+        saved: dict[int, tuple[int, int]] = {}  # index -> the (first, j) that drew it
+        for _ in range(rng.randrange(1, 4)):  # a crash, then resumes that crash again
+            missing = [i for i in range(n) if i not in saved]
+            for first, count in runner.pieces(missing):
+                kept = rng.choice([0, count, rng.randrange(count + 1)])  # lost, saved, or torn
+                assert all(first + j not in saved and (first, j) not in saved.values() for j in range(count))
+                saved.update({first + j: (first, j) for j in range(kept)})
+        assert all(c <= runner.PIECE for _, c in runner.pieces([i for i in range(n) if i not in saved]))
 
 
 def _write_metrics(path: Path, dataset: str, acc: float) -> None:

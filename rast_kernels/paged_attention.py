@@ -193,9 +193,12 @@ def _block_d(dim: int) -> int:
 
 def tile_size(dim: int, dtype: torch.dtype) -> int:
     """Keys per tile, and query rows per prefill tile. A stage holds 2 * tile * D * e bytes of K and V,
-    at most 32 KB as the tile halves for fp32 or D > 128: decode's 3 stages, or prefill's 2 beside its
-    q tile, stay well under Hopper's 227 KB. The interpreter's cost grows with the tile, hence 16 there."""
-    if interpreting():
+    at most 32 KB (the tile halves for D > 128), so decode's 3 stages, or prefill's 2 beside its q tile,
+    stay well under Hopper's 227 KB. fp32 takes 16: its exact ("ieee") dots run on the FMA units with
+    the tiles in registers, and prefill at D = 64 with 64-row tiles, or D = 128 with 32, spills
+    0.7-1.1 KB a thread on sm_90 (test_attention_compile checks there are no spills). The interpreter's
+    cost grows with the tile, hence 16 there too."""
+    if interpreting() or dtype == torch.float32:
         return 16
     return 64 if dim * dtype.itemsize <= 256 else 32
 

@@ -7,8 +7,11 @@ process with TRITON_INTERPRET unset (``run_without_interpreter``)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import triton
@@ -23,12 +26,26 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 SM90_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one H100 / H200 block may take
 
 
-def compile_ptx(fn, types: dict[str, str], consts: dict, *, aligned: tuple[str, ...] = (), **options) -> str:
+def spill_bytes(cubin: bytes) -> int | None:
+    """The per-thread stack (register spills) of a cubin, by Triton's bundled cuobjdump (None: absent)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def compile_ptx(fn, types: dict[str, str], consts: dict, *, aligned: tuple[str, ...] = (), no_spills: bool = False,
+                **options) -> str:
     """PTX of ``fn`` for sm_90, compiled through ptxas to a cubin. types maps every runtime argument to
     a Triton type ("*bf16", "i32"); consts gives every constexpr; ``aligned`` arguments are promised
     divisible by 16, as the launcher promises for 16-byte aligned pointers and integers that are
     multiples of 16. A kernel that needs more shared memory than a Hopper block has would compile and
-    then fail at launch ("out of resource"), so that is checked here."""
+    then fail at launch ("out of resource"), so that is checked here; with ``no_spills``, that ptxas
+    spilled no register (a slowdown, not an error, that only the machine code shows)."""
     missing = [n for n in fn.arg_names if n not in types and n not in consts]
     if missing:
         raise ValueError(f"{fn.__name__}: no type or value for {missing}")
@@ -42,6 +59,9 @@ def compile_ptx(fn, types: dict[str, str], consts: dict, *, aligned: tuple[str, 
     assert ".entry" in ptx and compiled.asm.get("cubin"), fn.__name__
     shared = compiled.metadata.shared
     assert shared <= SM90_SHARED_BYTES, f"{fn.__name__} needs {shared} bytes of shared memory per block"
+    if no_spills:
+        spilled = spill_bytes(compiled.asm["cubin"])
+        assert not spilled, f"{fn.__name__} {consts} spills {spilled} bytes a thread"
     return ptx
 
 

@@ -1,7 +1,8 @@
 """Every paged-attention kernel compiles to PTX for sm_90 with the interpreter off, in the
-configurations the engine launches: bf16 and fp16 at head_dim 64 and 128, fp32 at 128, block_size 16.
-Tile sizes come from the wrappers' own ``tile_size``; what the interpreter tests cannot see (compiler
-rejections) is what this catches. Numerical results on a GPU are checked by test_paged_attention."""
+configurations the engine launches: bf16, fp16 and fp32 at head_dim 64 and 128, block_size 16, and
+none spills a register. Tile sizes come from the wrappers' own ``tile_size``; what the interpreter tests
+cannot see (compiler rejections, spills) is what this catches. Numerical results on a GPU are checked
+by test_paged_attention."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ import compile_util
 BLOCK_SIZE = 16
 BLOCK_G = 16  # the Hq / Hkv groups of the supported models (4 to 8) pad to the 16-row dot minimum
 BLOCK_H = 8  # the most KV heads of the supported models
-CONFIGS = [("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp16", 128), ("fp32", 128)]
+CONFIGS = [("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp16", 128), ("fp32", 64), ("fp32", 128)]
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the launcher marks a pointer or an integer divisible by 16 when it is; these always are here:
 # caches and activations are 16-byte aligned and every stride below is a multiple of head_dim
@@ -59,7 +60,8 @@ def compile_all(dtype: str, dim: int) -> None:
     ]
     for fn, consts, options in launches:
         types = {k: v for k, v in _types(fn, dtype).items() if k not in consts}
-        compile_util.compile_ptx(fn, types, consts, aligned=tuple(n for n in ALIGNED if n in types), **options)
+        compile_util.compile_ptx(fn, types, consts, aligned=tuple(n for n in ALIGNED if n in types), no_spills=True,
+                                 **options)
 
 
 @pytest.mark.parametrize("dtype,dim", CONFIGS)

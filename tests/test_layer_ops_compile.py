@@ -12,7 +12,8 @@ import pytest
 import compile_util
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-NO_FMA = dict(enable_fp_fusion=False)  # what rast_kernels.launch.exact_fp_options() gives when compiled
+# what rast_kernels.launch.exact_fp_options() gives when compiled, and no register spills (compile_util)
+NO_FMA = dict(enable_fp_fusion=False, no_spills=True)
 HIDDEN, INTER = 5120, 27648  # Qwen2.5-14B/32B widths: the largest BLOCK the norm takes, the widest MLP
 
 

@@ -59,6 +59,7 @@ class LLMEngine:
         self._generation_tokens = 0
         self._last_step_s = 0.0
         self._in_flight: Optional[InFlight] = None
+        self._undelivered: list[RequestOutput] = []  # built by a step that then raised; see step()
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams) -> None:
@@ -84,7 +85,7 @@ class LLMEngine:
             self.scheduler.abort(group.seqs)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return bool(self.groups or self._undelivered)
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -105,8 +106,24 @@ class LLMEngine:
         or a first draw forking n > 1.
         If the runner raises (or is interrupted) its batch is undone: no sequence takes a token and the
         batch is requeued for recompute, so stepping on gives the outputs of a run that never failed.
-        An error after the runner (detokenising, stop checks) is not undone; the server declares the
-        engine dead on any step error, and LLM.generate aborts its requests."""
+        A step that raises after taking its batch's tokens (the next launch failed) keeps the outputs it
+        built, and the next step returns them first. An error after the runner (detokenising, stop
+        checks) is not undone; the server declares the engine dead on any step error, and LLM.generate
+        aborts its requests."""
+        undelivered, self._undelivered = self._undelivered, []
+        try:
+            outputs, launch_error = self._step()
+        except BaseException:
+            self._undelivered = undelivered
+            raise
+        outputs = undelivered + outputs
+        if launch_error is not None:
+            self._undelivered = outputs  # its tokens stand: a delta output is never built twice
+            raise launch_error
+        return outputs
+
+    def _step(self) -> tuple[list[RequestOutput], Optional[BaseException]]:
+        """step()'s outputs, and the error of a launch that failed after the batch's tokens were taken."""
         t0 = time.perf_counter()
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             # the server steps on its own thread, whose current device is cuda:0: Triton launches and
@@ -117,7 +134,7 @@ class LLMEngine:
             if self._in_flight is None:
                 if self.groups:  # unreachable while capacity >= max_model_len; never spin silently
                     raise RuntimeError("the scheduler cannot make progress: no request fits in the KV cache")
-                return []
+                return [], None
         batch, self._in_flight = self._in_flight, None
         launch_error = None
         if batch.holds_pending:
@@ -143,9 +160,7 @@ class LLMEngine:
                 launch_error = e
         outputs = self._outputs(progressed, deferred)
         self._last_step_s = time.perf_counter() - t0
-        if launch_error is not None:
-            raise launch_error
-        return outputs
+        return outputs, launch_error
 
     def _launch(self) -> Optional[InFlight]:
         """Schedule a batch and start it (None: nothing to run)."""

@@ -7,12 +7,14 @@ the one final output the last cumulative one.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from rast_engine import LLM, SamplingParams
+from rast_engine import LLM, LLMEngine, SamplingParams
 from rast_engine.errors import RastError
 from rast_engine.outputs import CompletionOutput, RequestOutput
-from test_engine_lifecycle import BS, LAM, TEXTS, assert_clean, encode, make_engine, summary
+from test_engine_lifecycle import BS, LAM, TEXTS, alone, assert_clean, encode, fail, make_engine, summary
 
 
 def _joined(deltas: list[CompletionOutput]) -> tuple:
@@ -88,3 +90,47 @@ def test_final_only_requests_yield_one_output(qwen2_triple: tuple, monkeypatch: 
     with pytest.raises(RastError, match="output_kind"):
         SamplingParams(output_kind="streaming")
     assert_clean(engine)
+
+
+@pytest.fixture(scope="module")
+def oracle(qwen2_triple: tuple) -> LLMEngine:
+    return make_engine(qwen2_triple, blocks=256, caching=False, async_output=False)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_outputs_of_a_step_whose_next_launch_fails_come_with_the_next_step(
+        qwen2_triple: tuple, oracle: LLMEngine, monkeypatch: pytest.MonkeyPatch, ahead: bool) -> None:
+    """The step takes its batch's tokens, builds their outputs, then the launch after it fails and it
+    raises: the next step returns those outputs first. Otherwise a delta would be lost (its tokens
+    were reported as sent) and a request finishing in that step never reported finished (with steps
+    ahead: one whose pending token reached max_tokens, so the failed step ahead left it out). The
+    failure comes after each of the first steps in turn."""
+    ids = encode(make_engine(qwen2_triple), TEXTS[1])
+    delta = SamplingParams(temperature=1.0, max_tokens=9, seed=3, ignore_eos=True, output_kind="delta")
+    short = SamplingParams(temperature=1.0, max_tokens=3, seed=4, ignore_eos=True)
+    want_delta = alone(oracle, ids, replace(delta, output_kind="cumulative"))[0][:2]
+    want_short = alone(oracle, ids, short)
+    for before in range(1, 5):
+        engine = make_engine(qwen2_triple, async_output=True, async_scheduling=ahead)
+        engine.add_request("delta", ids, delta)
+        engine.add_request("short", ids, short)
+        deltas, done = [], {}
+
+        def take(outs: list[RequestOutput]) -> None:
+            for o in outs:
+                deltas.extend(c for c in o.outputs if o.request_id == "delta")
+                if o.finished:
+                    assert o.request_id not in done, "reported finished twice"
+                    done[o.request_id] = summary(o)
+
+        for _ in range(before):
+            take(engine.step())
+        fail(monkeypatch, engine.runner, "forward_logits")
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+        monkeypatch.undo()
+        while engine.has_unfinished_requests():
+            take(engine.step())
+        assert ([t for c in deltas for t in c.token_ids], "".join(c.text for c in deltas)) == want_delta, before
+        assert done["short"] == want_short, before
+        assert_clean(engine)

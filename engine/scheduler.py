@@ -81,12 +81,10 @@ class Scheduler:
         slots = sum(s.fanout for s in self.running)  # an unforked request will take n slots
         while self.waiting and tokens < budget:
             seq = self.waiting[0]
-            if slots + seq.fanout > self.max_num_seqs:
-                break
             # only a step's first sequence is split; the full length bounds the uncached part
             if scheduled and tokens + len(seq.token_ids) > budget:
                 break
-            if not self.bm.can_allocate(seq):
+            if not self._fits(seq, slots):
                 break
             self.bm.allocate(seq)
             self.waiting.popleft()
@@ -153,12 +151,14 @@ class Scheduler:
         return SchedulerOutput(seqs, False, copies)
 
     def _admits_next(self) -> bool:
-        """Whether a prefill step scheduled now would admit the head of the queue (_schedule_prefill's
-        test for a step's first sequence)."""
-        if not self.waiting:
-            return False
-        seq = self.waiting[0]
-        return sum(s.fanout for s in self.running) + seq.fanout <= self.max_num_seqs and self.bm.can_allocate(seq)
+        """Whether a prefill step scheduled now would admit the head of the queue (its first sequence is
+        admitted whenever it fits)."""
+        return bool(self.waiting) and self._fits(self.waiting[0], sum(s.fanout for s in self.running))
+
+    def _fits(self, seq: Sequence, slots: int) -> bool:
+        """Whether a waiting sequence can be admitted beside ``slots`` taken slots: its fanout in slots,
+        and blocks for all its tokens."""
+        return slots + seq.fanout <= self.max_num_seqs and self.bm.can_allocate(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)

@@ -141,32 +141,28 @@ class Sequence:
         text_len = len(self.output_text)
         return text_len if self.finished else max(text_len - holdback, 0)
 
-    def completion(self, holdback: int) -> CompletionOutput:
+    def _completion(self, chars: int, tokens: int, shown: int) -> CompletionOutput:
+        """The output from character ``chars`` and generated token ``tokens`` on, its text up to ``shown``."""
         want_logprobs = self.params.logprobs is not None
         return CompletionOutput(
-            index=self.index, text=self.output_text[:self._shown_chars(holdback)],
-            token_ids=self.token_ids[self.num_prompt_tokens:self.num_known], finish_reason=self.finish_reason,
+            index=self.index, text=self.output_text[chars:shown],
+            token_ids=self.token_ids[self.num_prompt_tokens + tokens:self.num_known], finish_reason=self.finish_reason,
             cumulative_logprob=self.cumulative_logprob if want_logprobs else None,
-            logprobs=list(self.logprobs) if want_logprobs and self.logprobs is not None else None,
+            logprobs=self.logprobs[tokens:] if want_logprobs and self.logprobs is not None else None,
         )
+
+    def completion(self, holdback: int) -> CompletionOutput:
+        return self._completion(0, 0, self._shown_chars(holdback))
 
     def delta_completion(self, holdback: int) -> Optional[CompletionOutput]:
         """What the last delta output did not report: new text, token ids and logprobs, and the finish
         reason once (None: nothing new). Each call costs O(new tokens), never O(all tokens)."""
         shown = max(self._shown_chars(holdback), self.reported_chars)
-        first = self.num_prompt_tokens + self.reported_tokens
-        known = self.num_known
-        if shown == self.reported_chars and known == first and self.reported_finish == self.finished:
+        generated = self.num_known - self.num_prompt_tokens
+        if shown == self.reported_chars and generated == self.reported_tokens and self.reported_finish == self.finished:
             return None
-        want_logprobs = self.params.logprobs is not None
-        out = CompletionOutput(
-            index=self.index, text=self.output_text[self.reported_chars:shown], token_ids=self.token_ids[first:known],
-            finish_reason=self.finish_reason,
-            cumulative_logprob=self.cumulative_logprob if want_logprobs else None,
-            logprobs=self.logprobs[self.reported_tokens:] if want_logprobs and self.logprobs is not None else None,
-        )
-        self.reported_chars, self.reported_tokens = shown, known - self.num_prompt_tokens
-        self.reported_finish = self.finished
+        out = self._completion(self.reported_chars, self.reported_tokens, shown)
+        self.reported_chars, self.reported_tokens, self.reported_finish = shown, generated, self.finished
         return out
 
 

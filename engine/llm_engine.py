@@ -169,12 +169,18 @@ class LLMEngine:
 
     def _launch_ahead(self, batch: InFlight) -> Optional[InFlight]:
         """Schedule and start the step after ``batch`` before its ids are known (None: it must wait)."""
-        out = self.scheduler.schedule_ahead()
-        if out is None:
-            return None
         row, k = {}, 0  # each sequence's draw: its row of the batch's sampled ids
         for seq, count in batch.owners:
             row[seq], k = k, k + count
+        # a batch whose forks drew more ids than the device keeps (DecodeBuffers.store_sampled) can only
+        # be followed ahead when the ids to feed are among those kept: a fork's parent normally stops
+        # schedule_ahead anyway, unless it was aborted meanwhile
+        kept = self.runner.buffers.max_rows
+        if any(holds and row[seq] >= kept for (seq, _), holds in zip(batch.owners, batch.holding)):
+            return None
+        out = self.scheduler.schedule_ahead()
+        if out is None:
+            return None
         # -1: a sequence admitted by this step, whose input tokens are all known
         return self._start(out, feed=[row[s] if s.num_pending else -1 for s in out.seqs])
 
@@ -264,8 +270,7 @@ class LLMEngine:
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         child = self._new_sequence(parent.group, index, list(parent.token_ids))
         self.block_manager.fork(parent, child)
-        child.status = SequenceStatus.RUNNING
-        self.scheduler.running.append(child)
+        self.scheduler.add_sample(child)
         parent.group.seqs.append(child)
         return child
 
@@ -284,7 +289,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.parked),
             kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_blocks,
             prompt_tokens_total=self._prompt_tokens, generation_tokens_total=self._generation_tokens,
             last_step_s=self._last_step_s,

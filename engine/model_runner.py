@@ -227,12 +227,16 @@ class ModelRunner:
     def _ids_later(self, ids: torch.Tensor, logprobs: Optional[DrawLogprobs] = None) -> PendingStep:
         """The step's ids (and logprobs), read by PendingStep.wait(): on CUDA through asynchronous copies
         into pinned memory. Two steps may be in flight (the engine schedules ahead), so each step's ids
-        land in the half of ``ids_host`` the previous step's did not use."""
+        land in the half of ``ids_host`` the previous step's did not use. A step forking requests of
+        many samples can draw more ids than it has rows (max_num_seqs); it gets pinned memory of its own."""
         if not self.pin:
             return PendingStep(ids=ids, logprobs=logprobs)
         logprobs = None if logprobs is None else logprobs.to_host()
-        host = self.ids_host[self._ids_half, :ids.shape[0]]
-        self._ids_half ^= 1
+        if ids.shape[0] > self.ids_host.shape[1]:
+            host = torch.empty(ids.shape[0], dtype=torch.int64, pin_memory=True)
+        else:
+            host = self.ids_host[self._ids_half, :ids.shape[0]]
+            self._ids_half ^= 1
         host.copy_(ids, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()

@@ -56,8 +56,6 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     if params.stop_list and engine.tokenizer is None:
         raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
                         "use stop_token_ids")
-    if params.n > engine.config.max_num_seqs:
-        raise RastError(f"n={params.n} exceeds max_num_seqs={engine.config.max_num_seqs}")
     if params.logprobs is not None and params.logprobs > engine.vocab_size:
         raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
     return ids, pair_weights(engine, params)

@@ -3,7 +3,8 @@
 A request (SequenceGroup) starts as one sequence. Its prompt is prefilled once, in chunks over several
 steps when it exceeds the step's token budget; the first sampling step draws its n first tokens from that
 one row and forks the sequence into n, which share the prompt's blocks (copy-on-write). From then on
-each sequence is scheduled, preempted and finished on its own.
+each sequence is scheduled, preempted and finished on its own; samples forked beyond the free slots
+park until slots free (scheduler.py).
 
 Invariants: ``num_computed_tokens`` tokens have their K/V in the cache at ``block_table``; a running
 sequence with more than one uncomputed token is being prefilled in chunks (it already holds blocks for
@@ -37,6 +38,7 @@ PENDING = -1  # a token sampled on the device whose id the host has not read yet
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PARKED = "parked"  # a forked sample holding its first token and blocks, waiting for a slot
     FINISHED = "finished"
 
 
@@ -84,11 +86,6 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def fanout(self) -> int:
-        """Running slots this sequence will take once sampled: n for a request not yet forked."""
-        return self.group.params.n if not self.group.forked else 1
 
     @property
     def finished(self) -> bool:

@@ -115,10 +115,10 @@ def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path,
 
 
 def test_samples_are_drawn_in_pieces_and_a_resume_never_repeats_a_seed() -> None:
-    """A request draws at most PIECE samples (a fanout of n would idle up to n - 1 slots while it waits);
-    sample j of the request starting at index f draws with (f, j). Whatever a crash left saved (whole
-    requests, or a prefix of one's records), the requests of a resume draw fresh (f, j) pairs only and
-    cover exactly the missing indices."""
+    """A request draws at most PIECE samples (a crash loses at most a piece's unsaved samples); sample j
+    of the request starting at index f draws with (f, j). Whatever a crash left saved (whole requests,
+    or a prefix of one's records), the requests of a resume draw fresh (f, j) pairs only and cover
+    exactly the missing indices."""
     import random
 
     assert runner.pieces(list(range(10))) == [(0, 4), (4, 4), (8, 2)]

@@ -38,8 +38,10 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(4, 90) for _ in range(rng.randrange(3, 11))] for _ in range(n)]
 
 
-def generate(engine: LLMEngine, batch: list[list[int]], params: SamplingParams, logprobs: bool = False) -> list:
-    """Each prompt's tokens (with ``logprobs``: tokens and per-token logprobs)."""
+def generate(engine: LLMEngine, batch: list[list[int]], params: SamplingParams, logprobs: bool = False,
+             every: bool = False) -> list:
+    """Each prompt's tokens (with ``logprobs``: tokens and per-token logprobs; with ``every``: every
+    sample's tokens)."""
     ids = [f"g{random.getrandbits(40)}" for _ in batch]
     for rid, p in zip(ids, batch):
         engine.add_request(rid, p, params)
@@ -48,7 +50,8 @@ def generate(engine: LLMEngine, batch: list[list[int]], params: SamplingParams, 
         for out in engine.step():
             if out.finished:
                 c = out.outputs[0]
-                done[out.request_id] = (c.token_ids, c.logprobs) if logprobs else c.token_ids
+                done[out.request_id] = ([x.token_ids for x in out.outputs] if every
+                                        else (c.token_ids, c.logprobs) if logprobs else c.token_ids)
     return [done[r] for r in ids]
 
 
@@ -319,7 +322,9 @@ def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool
     """Outputs read while the next batch runs (pinned copy + event), and with ``ahead`` each decode step
     launched before the previous step's ids are read (fed on the device, two steps in flight, double
     staging and pinned ids), equal the synchronous engine's; so do those of requests queued for two
-    slots, admitted by prefills launched ahead with the running sequences' ids copied on the device."""
+    slots, admitted by prefills launched ahead with the running sequences' ids copied on the device, and
+    requests of more samples than slots (a fork drawing more ids than the pinned rows hold; parked
+    samples joining steps launched ahead)."""
     kw = dict(dtype="bfloat16", attention_backend="triton")
     sync_engine = make_engine(qwen2_triple, "cuda", async_output=False, **kw)
     async_engine = make_engine(qwen2_triple, "cuda", async_output=True, async_scheduling=ahead, **kw)
@@ -329,6 +334,8 @@ def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool
     assert generate(async_engine, batch, params) == want
     queued = make_engine(qwen2_triple, "cuda", async_output=True, async_scheduling=ahead, max_num_seqs=2, **kw)
     assert generate(queued, batch, params) == want
+    wide = SamplingParams(n=5, temperature=1.0, max_tokens=8, seed=9, ignore_eos=True)
+    assert generate(queued, batch[:3], wide, every=True) == generate(sync_engine, batch[:3], wide, every=True)
     with_logprobs = SamplingParams(temperature=0.8, max_tokens=8, seed=6, logprobs=3, ignore_eos=True)
     assert (generate(async_engine, batch, with_logprobs, logprobs=True)
             == generate(sync_engine, batch, with_logprobs, logprobs=True))  # computed on the device, read late

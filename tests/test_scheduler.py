@@ -15,7 +15,7 @@ def make_seq(tokens: list[int], params: SamplingParams | None = None, rid: str =
     params = params or SamplingParams(max_tokens=4)
     group = SequenceGroup(request_id=rid, prompt=None, prompt_token_ids=list(tokens), params=params,
                           request_seed=0, arrival=0, weights=[])
-    group.forked = params.n == 1  # n == 1: nothing to fork, fanout 1
+    group.forked = params.n == 1  # n == 1: nothing to fork
     seq = Sequence(group=group, index=0, token_ids=list(tokens), seed=0)
     group.seqs.append(seq)
     return seq
@@ -78,16 +78,6 @@ def test_token_budget_splits_prefills() -> None:
     out = sched.schedule()
     assert out.is_prefill and [s.group.request_id for s in out.seqs] == ["r0"]
     assert out.num_batched_tokens == 6
-
-
-def test_fanout_counts_against_max_num_seqs() -> None:
-    sched = make_scheduler(num_blocks=64, max_num_seqs=4)
-    wide = make_seq([1, 3, 4], SamplingParams(n=3), rid="wide")
-    wide.group.forked = False
-    sched.add(wide)
-    sched.add(make_seq([1, 3, 4], SamplingParams(n=2), rid="next"))
-    out = sched.schedule()
-    assert [s.group.request_id for s in out.seqs] == ["wide"]
 
 
 def test_preemption_by_recompute_keeps_every_token() -> None:

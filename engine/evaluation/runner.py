@@ -1,8 +1,7 @@
 """`rast eval`: n samples per problem on the engine, saved as they come, graded, scored and plotted.
 
 A problem's samples are drawn by requests of up to PIECE samples each: a request prefills its prompt
-once and its samples share the prompt's KV blocks, and a small fanout keeps slots from idling (see
-PIECE). Requests stream through the engine's step loop (a finished problem makes room for the next)
+once and its samples share the prompt's KV blocks (see PIECE). Requests stream through the engine's step loop (a finished problem makes room for the next)
 and every finished request is appended to samples.jsonl at once; a rerun with the same --out draws the
 sample indices still missing (the settings that shape the samples must match run.json). A request's
 seed is a function of (seed, problem id, its first sample index), so a problem draws the same samples
@@ -30,10 +29,11 @@ _SAMPLE_KEYS = ("model", "small_rl", "small_base", "lam", "template", "n", "temp
                 "min_p", "max_tokens", "stop", "seed")
 
 
-# Samples per engine request. A request of n samples is admitted only when n slots are free, so while
-# it heads the queue the slots its predecessors free one by one idle: about n/2 of max_num_seqs on
-# average (measured on the CPU with the engine: 8.2 of 64 slots at n = 16 with geometric output
-# lengths). Pieces of 4 idle at most 3 slots and still prefill each prompt once per 4 samples.
+# Samples per engine request. A request's samples are saved when its last one finishes, so small
+# requests save sooner and a crash loses less; each prefills the prompt once per PIECE samples (with
+# prefix caching, only the prompt's last partial block is computed again). No slot idles at any size:
+# the engine admits a request of n samples into one slot (scheduler.py). Changing PIECE changes the
+# seeds of new samples and how a resume cuts its requests.
 PIECE = 4
 
 

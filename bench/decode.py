@@ -40,7 +40,7 @@ from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa
 
 CONFIGS = ROOT / "bench" / "configs"
 PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
-            "32b+7b": ("qwen2.5-32b", "qwen2.5-7b")}
+            "32b+7b": ("qwen2.5-32b", "qwen2.5-7b"), "qwen3-8b+1.7b": ("qwen3-8b", "qwen3-1.7b")}
 MODES = ("base", "rast-seq", "rast", "rast-unstacked", "rast-no-ahead", "hf-rast")
 _FAST = dict(enforce_eager=False, model_streams=True, async_output=True, async_scheduling=True)
 # pair: the mode has the small pair; stack: the pair runs as one batched forward (models.stacked)

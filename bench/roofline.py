@@ -15,7 +15,8 @@ def param_counts(cfg: dict) -> tuple[int, int]:
     qwen = cfg["model_type"] == "qwen2"
     bias = (q + 2 * kv) if qwen or cfg.get("attention_bias") else 0
     bias += h if not qwen and cfg.get("attention_bias") else 0
-    layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h + bias
+    qk_norm = 2 * hd if cfg["model_type"] == "qwen3" else 0
+    layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h + bias + qk_norm
     body = layers * layer + h  # + final norm
     tied = cfg.get("tie_word_embeddings", False)
     return body + vocab * h * (1 if tied else 2), body + vocab * h

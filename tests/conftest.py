@@ -53,6 +53,14 @@ def qwen2_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 
 @pytest.fixture(scope="session")
+def qwen3_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(large_dir, rl_dir, base_dir) tiny random Qwen3 models (q/k norms, head_dim of their own)."""
+    from factories import make_triple
+
+    return make_triple(tmp_path_factory.mktemp("qwen3_triple"), "qwen3")
+
+
+@pytest.fixture(scope="session")
 def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """(large_dir, rl_dir, base_dir) tiny random Llama models with llama3 rope scaling."""
     from factories import make_triple

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -100,8 +101,10 @@ def make_model_dir(
     max_shard_size: str | int | None = None,
     max_position_embeddings: int = 512,
     dtype: torch.dtype = torch.float32,
+    head_dim: int | None = None,
 ) -> Path:
-    """Write config.json, safetensors weights (sharded if max_shard_size) and a tokenizer to ``path``."""
+    """Write config.json, safetensors weights (sharded if max_shard_size) and a tokenizer to ``path``.
+    ``head_dim`` (Qwen3 only, which has its own): default hidden / heads."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:
@@ -121,6 +124,11 @@ def make_model_dir(
             raise ValueError("the Qwen2 factory does not take rope_scaling")
         config = Qwen2Config(rope_theta=rope_theta or 1e6, **common)
         cls = Qwen2ForCausalLM
+    elif arch == "qwen3":
+        if rope_scaling is not None:
+            raise ValueError("the Qwen3 factory does not take rope_scaling")
+        config = Qwen3Config(rope_theta=rope_theta or 1e6, head_dim=head_dim or hidden // heads, **common)
+        cls = Qwen3ForCausalLM
     elif arch == "llama":
         # a copy: LlamaConfig writes rope_theta into the dict it is given
         scaling = None if rope_scaling is None else dict(rope_scaling)
@@ -128,6 +136,8 @@ def make_model_dir(
         cls = LlamaForCausalLM
     else:
         raise ValueError(f"unknown arch {arch!r}")
+    if head_dim is not None and arch != "qwen3":
+        raise ValueError(f"head_dim is hidden / heads for {arch}")
     torch.manual_seed(seed)
     model = cls(config).eval()
     _perturb(model, seed)
@@ -141,16 +151,17 @@ def make_model_dir(
 
 
 def make_triple(root: str | Path, arch: str = "qwen2") -> tuple[Path, Path, Path]:
-    """(large_dir, rl_dir, base_dir): large untied at width 128, small tied at width 112, one tokenizer."""
+    """(large_dir, rl_dir, base_dir): large untied at width 128, small tied at width 112, one tokenizer.
+    Qwen3 heads are 32 wide in the large model and 16 in the small ones (not hidden / heads)."""
     root = Path(root)
     tok_dir = make_tokenizer(root / "tokenizer")
     scaling = LLAMA3_SCALING if arch == "llama" else None
     large = make_model_dir(
         root / "large", arch, vocab_width=128, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128,
-        seed=1, tie=False, rope_scaling=scaling, tokenizer_dir=tok_dir,
+        seed=1, tie=False, rope_scaling=scaling, tokenizer_dir=tok_dir, head_dim=32 if arch == "qwen3" else None,
     )
     small = dict(vocab_width=112, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, tie=True,
-                 rope_scaling=scaling, tokenizer_dir=tok_dir)
+                 rope_scaling=scaling, tokenizer_dir=tok_dir, head_dim=16 if arch == "qwen3" else None)
     rl = make_model_dir(root / "rl", arch, seed=2, **small)
     base = make_model_dir(root / "base", arch, seed=3, **small)
     return large, rl, base

@@ -59,7 +59,8 @@ def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
     assert prof["launches_per_step"] >= sum(k["calls_per_step"] for k in prof["kernels"])
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b", "llama-3.1-8b", "tiny-large", "tiny-small"])
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b", "llama-3.1-8b", "qwen3-1.7b", "qwen3-8b", "tiny-large",
+                                  "tiny-small"])
 def test_param_counts_match_transformers(name: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -305,7 +305,7 @@ def test_stacked_small_models_equal_unstacked_on_gpu(qwen2_triple: tuple) -> Non
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
 def test_gpu_greedy_rast_equals_cpu_float32(arch: str, request: pytest.FixtureRequest) -> None:
     triple = request.getfixturevalue(f"{arch}_triple")
     cpu = make_engine(triple, "cpu", dtype="float32")

@@ -55,15 +55,16 @@ def _meta(chunks: list[tuple[int, int]], tables: list[list[int]], is_prefill: bo
     return meta, torch.tensor(positions)
 
 
-CASES = [("qwen2", True, "torch", 2), ("llama", False, "torch", 2), ("qwen2", True, "torch", 3)]
+CASES = [("qwen2", True, "torch", 2), ("llama", False, "torch", 2), ("qwen2", True, "torch", 3),
+         ("qwen3", False, "torch", 3)]
 if interpreting():
-    CASES.append(("qwen2", False, "triton", 3))
+    CASES += [("qwen2", False, "triton", 3), ("qwen3", True, "triton", 2)]
 
 
 @pytest.mark.parametrize("arch,tie,ops,n", CASES)
 def test_stacked_forward_equals_the_models_run_alone(tmp_path: Path, tok_dir: Path, arch: str, tie: bool, ops: str,
                                                      n: int) -> None:
-    models = _models(tmp_path, tok_dir, arch, tie, ops, n)
+    models = _models(tmp_path, tok_dir, arch, tie, ops, n, **({"head_dim": 16} if arch == "qwen3" else {}))
     stacked = StackedCausalLM(models)  # from here the models' weights are views of its
     cfg = models[0].config
     kv = KVCache([cfg] * (n + 1), NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"), copies=[1] * n + [n])

@@ -4,6 +4,9 @@ Reads both config layouts: transformers 4 (``rope_theta`` + ``rope_scaling``, ``
 published checkpoints, and transformers 5 (``rope_parameters``, ``dtype``) as written by save_pretrained.
 Anything the decoder does not implement (sliding window, other rope types, MLP bias, other activations)
 is refused here with a clear message rather than run wrongly.
+
+Architectures: Llama; Qwen2 (Llama + q/k/v bias); Qwen3 dense (Llama + an RMSNorm over each head's query
+and key before the rotary embedding, and a head_dim of its own, not hidden / heads).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 
 from rast_engine.errors import ModelLoadError
 
-ARCHS = {"qwen2": "qwen2", "llama": "llama"}  # model_type -> arch
+ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}  # model_type -> arch
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,9 +39,10 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None  # None (plain rotary) or a llama3 dict with LLAMA3_KEYS
     tie_word_embeddings: bool
     attention_bias: bool  # bias on q/k/v (always for Qwen2)
-    o_proj_bias: bool  # bias on o_proj (Llama's attention_bias covers it too; never for Qwen2)
+    o_proj_bias: bool  # bias on o_proj (Llama's and Qwen3's attention_bias covers it too; never for Qwen2)
     max_position_embeddings: int
     torch_dtype: torch.dtype
+    qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS.values():
@@ -104,6 +108,7 @@ class ModelConfig:
                 o_proj_bias=False if arch == "qwen2" else bias,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
                 torch_dtype=DTYPES[dtype_name],
+                qk_norm=arch == "qwen3",
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the required key {e.args[0]!r}") from None

@@ -1,4 +1,4 @@
-"""One decoder-only causal LM for Qwen2 and Llama (Qwen2 = Llama + q/k/v bias), in plain PyTorch.
+"""One decoder-only causal LM for Llama, Qwen2 (+ q/k/v bias) and Qwen3 (+ q/k norm), in plain PyTorch.
 
 The batch is flat: T tokens of several sequences, described by AttentionMetadata; the attention backend
 owns the paged KV cache. q/k/v and gate/up are fused into one matmul each; `weight_map()` tells the
@@ -41,19 +41,29 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 qkv_proj: Optional[nn.Module] = None, o_proj: Optional[nn.Module] = None) -> None:
-        """The projections default to nn.Linear; models.stacked passes batched ones."""
+                 qkv_proj: Optional[nn.Module] = None, o_proj: Optional[nn.Module] = None,
+                 qk_norms: Optional[tuple[RMSNorm, RMSNorm]] = None) -> None:
+        """The projections default to nn.Linear, and with cfg.qk_norm the q and k norms to RMSNorm over
+        head_dim; models.stacked passes batched ones."""
         super().__init__()
         self.head_dim, self.q_size, self.kv_size = cfg.head_dim, cfg.q_size, cfg.kv_size
         self.qkv_proj = qkv_proj if qkv_proj is not None else nn.Linear(
             cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = o_proj if o_proj is not None else nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        if cfg.qk_norm and qk_norms is None:
+            qk_norms = (RMSNorm(cfg.head_dim, cfg.rms_norm_eps, rotary.ops),
+                        RMSNorm(cfg.head_dim, cfg.rms_norm_eps, rotary.ops))
+        self.q_norm, self.k_norm = qk_norms if qk_norms is not None else (None, None)
         self.rotary, self.backend = rotary, backend
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:  # each head's vector normed on its own: rows of head_dim (two copies
+            # and two launches a layer more than Qwen2; the rotary kernel could fuse them)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         out = rotate_store_attend(q, k, v, positions, meta, kv_cache, self.rotary, self.backend, self.head_dim)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -180,6 +190,9 @@ class CausalLM(nn.Module):
             slots[pre + "input_layernorm.weight"] = (layer.input_layernorm.weight, 0, cfg.hidden_size)
             slots[pre + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, 0,
                                                               cfg.hidden_size)
+            if cfg.qk_norm:
+                slots[pre + "self_attn.q_norm.weight"] = (attn.q_norm.weight, 0, cfg.head_dim)
+                slots[pre + "self_attn.k_norm.weight"] = (attn.k_norm.weight, 0, cfg.head_dim)
             parts = {"q_proj": (0, q), "k_proj": (q, kv), "v_proj": (q + kv, kv)}
             for name, (start, rows) in parts.items():
                 slots[pre + f"self_attn.{name}.weight"] = (attn.qkv_proj.weight, start, rows)

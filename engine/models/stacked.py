@@ -97,10 +97,13 @@ def _stacked_norm(norms: list[RMSNorm]) -> RMSNorm:
 def _stacked_layer(layers: list[DecoderLayer], cfg: ModelConfig) -> DecoderLayer:
     """The models' layers as one DecoderLayer: its forward, unchanged, runs all N."""
     attn, mlp = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
+    # q/k norms: rows of head_dim, each model's T * heads rows one consecutive group
+    qk_norms = None if attn[0].q_norm is None else (_stacked_norm([a.q_norm for a in attn]),
+                                                     _stacked_norm([a.k_norm for a in attn]))
     return DecoderLayer(
         _stacked_norm([layer.input_layernorm for layer in layers]),
         Attention(cfg, attn[0].rotary, attn[0].backend, qkv_proj=StackedLinear([a.qkv_proj for a in attn]),
-                  o_proj=StackedLinear([a.o_proj for a in attn])),
+                  o_proj=StackedLinear([a.o_proj for a in attn]), qk_norms=qk_norms),
         _stacked_norm([layer.post_attention_layernorm for layer in layers]),
         MLP(cfg, mlp[0].ops, gate_up_proj=StackedLinear([m.gate_up_proj for m in mlp]),
             down_proj=StackedLinear([m.down_proj for m in mlp])))

@@ -1,13 +1,13 @@
 """The decoder layer's elementwise work as one Triton kernel each: residual add + RMSNorm, rotary
-embedding of q and k (optionally writing k and v into the paged KV cache in the same launch),
-SiLU-and-multiply.
+embedding of q and k (optionally after Qwen3's RMSNorm of each head, and optionally writing k and v into
+the paged KV cache in the same launch), SiLU-and-multiply.
 
 Why: in plain PyTorch these are about 45 kernels per layer (RMSNorm alone is eight: casts, pow, mean,
 add, rsqrt, two muls). At decode batch 1 each kernel moves a few KB and costs its launch latency, even
 inside a CUDA graph, so on a 28-layer model they add milliseconds to a step whose weight reads take
 about five. Fused, a layer's non-GEMM, non-attention work is four kernels, the KV-cache store included.
 
-Numerics are HF transformers' (Qwen2 / Llama) op by op, not merely close: every intermediate that the
+Numerics are HF transformers' (Qwen2 / Qwen3 / Llama) op by op, not merely close: every intermediate that the
 HF code rounds to the model dtype is rounded here too (``_round``), float32 math stays float32, and
 kernels compile without FMA contraction so a * b + c rounds twice, as two torch ops do. Compiled,
 they also use torch's CUDA formulas where Triton's defaults are approximate (full-precision expf and
@@ -26,12 +26,10 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable
+from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
+from rast_kernels.layer_ops_checks import QKNorm, check_qk_norm, check_rotary, check_rows, check_store
 
 __all__ = ["add_rms_norm", "rms_norm", "rotary_embedding", "rotary_embedding_store_kv", "silu_and_mul"]
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 @triton.jit
 def _round(x, dtype: tl.constexpr):
@@ -70,12 +68,25 @@ def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, w_stride, group_ro
 
 
 @triton.jit
-def _rotate_heads(x_ptr, t, h, d, mask, stride_t, stride_h, cos, sin, dtype: tl.constexpr, HALF: tl.constexpr):
+def _rotate_heads(x_ptr, t, h, d, mask, stride_t, stride_h, cos, sin, w_ptr, eps, inv_d, dtype: tl.constexpr,
+                  HALF: tl.constexpr, QK_NORM: tl.constexpr, COMPILED: tl.constexpr):
     """Rotate-half RoPE of one token's heads h: (x1*cos - x2*sin, x2*cos + x1*sin) in the model dtype, each
-    product and sum rounded as HF's q * cos + rotate_half(q) * sin rounds them."""
+    product and sum rounded as HF's q * cos + rotate_half(q) * sin rounds them. QK_NORM: each head is
+    first RMS-normed over head_dim with the weight at w_ptr, as _rms_norm_kernel norms a row (Qwen3)."""
     src = x_ptr + t * stride_t + h * stride_h + d
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    if QK_NORM:
+        sum_sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if COMPILED:
+            mean_sq = sum_sq * inv_d
+        else:
+            mean_sq = sum_sq / (2 * HALF)
+        inv_rms = tl.math.rsqrt(mean_sq + eps)[:, None]
+        w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+        x1 = _round(w1 * _round(x1 * inv_rms, dtype), dtype)
+        x2 = _round(w2 * _round(x2 * inv_rms, dtype), dtype)
     lo = _round(_round(x1 * cos, dtype) - _round(x2 * sin, dtype), dtype).to(dtype)
     hi = _round(_round(x2 * cos, dtype) + _round(x1 * sin, dtype), dtype).to(dtype)
     return lo, hi
@@ -84,12 +95,14 @@ def _rotate_heads(x_ptr, t, h, d, mask, stride_t, stride_h, cos, sin, dtype: tl.
 @triton.jit
 def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h, pos_ptr, cs_ptr, cs_stride,
                    q_out, k_out, HQ, HK, Q_BLOCKS, v_ptr, v_stride_t, v_stride_h, kc_ptr, vc_ptr, slot_ptr,
-                   c_stride_b, c_stride_r, c_stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_D: tl.constexpr, STORE_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                   c_stride_b, c_stride_r, c_stride_h, qw_ptr, kw_ptr, w_stride, group_tokens, eps, inv_d,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, STORE_KV: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, COMPILED: tl.constexpr):
     """Grid (T, q head blocks + k head blocks): a program rotates BLOCK_H heads of one token, so the
     register tile stays small at 64 heads and a batch-1 step still spreads over several programs.
     STORE_KV: a k program also writes its rotated heads and the same heads of v into the paged caches at
-    the token's slot (-1: not stored), the KV-cache store kernel folded into this one."""
+    the token's slot (-1: not stored), the KV-cache store kernel folded into this one. QK_NORM: heads are
+    normed first, token t's with row t // group_tokens of the q or k weight (w_stride 0: one weight)."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     dtype = q_out.dtype.element_ty
@@ -97,15 +110,18 @@ def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h,
     d = tl.arange(0, BLOCK_D)[None, :]
     cos = tl.load(cs_ptr + pos * cs_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    w_row = (t // group_tokens) * w_stride
     if j < Q_BLOCKS:
         h = j * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
         mask = (h < HQ) & (d < HALF)
-        lo, hi = _rotate_heads(q_ptr, t, h, d, mask, q_stride_t, q_stride_h, cos, sin, dtype, HALF)
+        lo, hi = _rotate_heads(q_ptr, t, h, d, mask, q_stride_t, q_stride_h, cos, sin, qw_ptr + w_row, eps, inv_d,
+                               dtype, HALF, QK_NORM, COMPILED)
         dst = q_out + (t * HQ + h) * (2 * HALF) + d
     else:
         h = (j - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
         mask = (h < HK) & (d < HALF)
-        lo, hi = _rotate_heads(k_ptr, t, h, d, mask, k_stride_t, k_stride_h, cos, sin, dtype, HALF)
+        lo, hi = _rotate_heads(k_ptr, t, h, d, mask, k_stride_t, k_stride_h, cos, sin, kw_ptr + w_row, eps, inv_d,
+                               dtype, HALF, QK_NORM, COMPILED)
         dst = k_out + (t * HK + h) * (2 * HALF) + d
         if STORE_KV:
             slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -143,21 +159,9 @@ def _silu_mul_kernel(x_ptr, x_stride, y_ptr, N, BLOCK: tl.constexpr, COMPILED: t
     tl.store(y_ptr + row * N + offs, _round(act * up, dtype).to(dtype), mask=mask)
 
 
-def _check_rows(name: str, x: torch.Tensor, width: int | None = None) -> None:
-    require_launchable(x, "rast_kernels.layer_ops")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [tokens, features], got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.shape[1] > 1 and x.stride(1) != 1:
-        raise ValueError(f"{name} must be contiguous along its last dimension")
-    if width is not None and x.shape[1] != width:
-        raise ValueError(f"{name} has {x.shape[1]} features, expected {width}")
-
-
 def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _check_rows("x", x)
+    check_rows("x", x)
     n = x.shape[1]
     groups = weight.shape[0] if weight.dim() == 2 else 1
     if (weight.shape[-1:] != (n,) or weight.dim() > 2 or weight.dtype != x.dtype or weight.device != x.device
@@ -168,7 +172,7 @@ def _norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = None
     if residual is not None:
-        _check_rows("residual", residual, n)
+        check_rows("residual", residual, n)
         if residual.shape[0] != x.shape[0] or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError("residual must match x in tokens, dtype and device")
         s = torch.empty_like(y)
@@ -199,47 +203,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return y, s
 
 
-def _check_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> None:
-    require_launchable(q, "rast_kernels.layer_ops")
-    if not (k.device == positions.device == cos_sin.device == q.device):
-        raise ValueError(f"q, k, positions and cos_sin must share one device, got {q.device}, {k.device}, "
-                         f"{positions.device}, {cos_sin.device}")
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must be [T, heads, head_dim] with equal T and head_dim, got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
-    t, dim = q.shape[0], q.shape[2]
-    if dim % 2 or q.stride(2) != 1 or k.stride(2) != 1:
-        raise ValueError("head_dim must be even and contiguous in q and k")
-    if q.dtype != k.dtype or cos_sin.dtype != q.dtype or q.dtype not in _DTYPES:
-        raise TypeError(f"q, k and cos_sin must share one float dtype, got {q.dtype}, {k.dtype}, {cos_sin.dtype}")
-    if cos_sin.dim() != 2 or cos_sin.shape[1] != dim or cos_sin.stride(1) != 1:
-        raise ValueError(f"cos_sin must be [positions, {dim}] contiguous, got {tuple(cos_sin.shape)}")
-    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be int [{t}], got {tuple(positions.shape)} {positions.dtype}")
-
-
-def _check_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-    if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device or v.stride(2) != 1:
-        raise ValueError(f"v must match k in shape, dtype and device, contiguous along head_dim; got "
-                         f"{tuple(v.shape)} {v.dtype} on {v.device} for k {tuple(k.shape)} {k.dtype}")
-    if (k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride()
-            or k_cache.shape[2:] != k.shape[1:] or k_cache.stride(3) != 1):
-        raise ValueError(f"k_cache/v_cache must be equal-strided [num_blocks, block_size, {k.shape[1]}, "
-                         f"{k.shape[2]}] contiguous along head_dim, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    if k_cache.dtype != k.dtype or v_cache.dtype != k.dtype or not (k_cache.device == v_cache.device == k.device):
-        raise TypeError(f"the caches must have k's dtype and device, got {k_cache.dtype} on {k_cache.device} "
-                        f"and {v_cache.dtype} on {v_cache.device}")
-    if (slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64)
-            or slot_mapping.device != k.device):
-        raise ValueError(f"slot_mapping must be int [{k.shape[0]}] on {k.device}, got "
-                         f"{tuple(slot_mapping.shape)} {slot_mapping.dtype} on {slot_mapping.device}")
-
-
 def _rotary_launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
-                   store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                   qk_norm: QKNorm | None) -> tuple[torch.Tensor, torch.Tensor]:
+    check_qk_norm(q, qk_norm)
     t, hq, dim = q.shape
     hk = k.shape[1]
     q_out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device)
@@ -248,40 +215,47 @@ def _rotary_launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
         return q_out, k_out
     v, k_cache, v_cache, slots = store if store is not None else (k_out, k_out, k_out, positions)
     cache_strides = k_cache.stride()[:3] if store is not None else (0, 0, 0)
+    qw, kw, eps = qk_norm if qk_norm is not None else (q_out, k_out, 0.0)
+    w_stride, group_tokens = (qw.stride(0), t // qw.shape[0]) if qk_norm is not None and qw.dim() == 2 else (0, 1)
     half, block_h = dim // 2, min(8, next_pow2(max(hq, hk)))
     q_blocks = cdiv(hq, block_h)
     _rotary_kernel[(t, q_blocks + cdiv(hk, block_h))](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), positions, cos_sin, cos_sin.stride(0), q_out,
         k_out, hq, hk, q_blocks, v, v.stride(0), v.stride(1), k_cache, v_cache, slots, *cache_strides,
+        qw, kw, w_stride, group_tokens, float(eps), 1.0 / dim,
         HALF=half, BLOCK_H=block_h, BLOCK_D=next_pow2(half), STORE_KV=store is not None,
-        BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, num_warps=4, **exact_fp_options())
+        BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, QK_NORM=qk_norm is not None,
+        COMPILED=not interpreting(), num_warps=4, **exact_fp_options())
     return q_out, k_out
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+                     qk_norm: QKNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE. q: [T, Hq, D], k: [T, Hk, D] (heads may be strided views), positions: [T] int,
     cos_sin: [max_positions, D] = [cos | sin] in q's dtype. Returns new contiguous (q, k).
+    ``qk_norm`` (Qwen3): each head of q and k is first RMS-normed over D, as rms_norm norms a row, with
+    weights [D], or [G, D] for G models' tokens stacked in q (G consecutive groups of T / G tokens).
     Every position must be < max_positions: it is read on the device only (checking it on the host
     would sync), and the engine guarantees it by capping max_model_len at the table's length."""
-    _check_rotary(positions, q, k, cos_sin)
-    return _rotary_launch(positions, q, k, cos_sin, None)
+    check_rotary(positions, q, k, cos_sin)
+    return _rotary_launch(positions, q, k, cos_sin, None, qk_norm)
 
 
 def rotary_embedding_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                              slot_mapping: torch.Tensor, qk_norm: QKNorm | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """rotary_embedding, and in the same launch the rotated k and v [T, Hk, D] written into the paged
     caches [num_blocks, block_size, Hk, D] at ``slot_mapping`` [T] (slot -1 is skipped): what
     rotary_embedding followed by paged_attention.store_kv_cache does, one kernel fewer per layer."""
-    _check_rotary(positions, q, k, cos_sin)
-    _check_store(k, v, k_cache, v_cache, slot_mapping)
-    return _rotary_launch(positions, q, k, cos_sin, (v, k_cache, v_cache, slot_mapping))
+    check_rotary(positions, q, k, cos_sin)
+    check_store(k, v, k_cache, v_cache, slot_mapping)
+    return _rotary_launch(positions, q, k, cos_sin, (v, k_cache, v_cache, slot_mapping), qk_norm)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2N] = [gate | up] -> silu(gate) * up, [T, N] (HF's MLP activation, rounded as HF rounds)."""
-    _check_rows("gate_up", gate_up)
+    check_rows("gate_up", gate_up)
     if gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must have an even width [gate | up], got {gate_up.shape[1]}")
     t, n = gate_up.shape[0], gate_up.shape[1] // 2

@@ -1,5 +1,6 @@
 """rast_kernels.layer_ops against HF transformers' own Qwen2 code (the oracle): RMSNorm with and without
-the residual add, apply_rotary_pos_emb over Qwen2RotaryEmbedding's tables, and the MLP's silu(gate) * up.
+the residual add, apply_rotary_pos_emb over Qwen2RotaryEmbedding's tables (after Qwen3's per-head
+RMSNorm, Qwen3RMSNorm, when fused), and the MLP's silu(gate) * up.
 Whole models on these kernels are checked against HF's forward in test_models.py.
 
 The kernels claim to round every intermediate exactly where HF's ops round it, so in bf16 / fp16 the
@@ -14,6 +15,7 @@ import pytest
 import torch
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from factories import make_model_dir
 from rast_engine.attention.triton_backend import TritonAttention
@@ -114,6 +116,58 @@ def test_rotary_matches_hf(device: str, dtype: torch.dtype, tokens: int, hq: int
     assert q_got.is_contiguous() and k_got.is_contiguous()
     assert_hf_equal(q_got, q_want.contiguous(), min_bit_equal=1.0)
     assert_hf_equal(k_got, k_want.contiguous(), min_bit_equal=1.0)
+
+
+def _hf_head_norms(dim: int, groups: int, dtype: torch.dtype, device: str, gen: torch.Generator
+                   ) -> list[tuple[Qwen3RMSNorm, Qwen3RMSNorm]]:
+    """(q_norm, k_norm) per model: HF's Qwen3 modules with weights away from one."""
+    out = []
+    for _ in range(groups):
+        pair = (Qwen3RMSNorm(dim, eps=1e-6), Qwen3RMSNorm(dim, eps=1e-6))
+        for norm in pair:
+            norm.weight.data = (1 + 0.3 * torch.randn(dim, generator=gen)).to(dtype)
+        out.append(tuple(n.to(device) for n in pair))
+    return out
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("tokens,hq,hk,dim,groups,store", [(1, 4, 2, 16, 1, False), (6, 7, 1, 32, 2, True),
+                                                           (4, 8, 4, 128, 1, True), (6, 4, 2, 64, 3, False)])
+def test_rotary_with_qk_norm_matches_hf_qwen3(device: str, dtype: torch.dtype, tokens: int, hq: int, hk: int,
+                                              dim: int, groups: int, store: bool) -> None:
+    """Qwen3's q_norm / k_norm of each head fused before the rotary: HF's Qwen3RMSNorm, then
+    apply_rotary_pos_emb. groups > 1: the tokens are that many models' stacked, normed with [G, D]
+    weights, group g's tokens with row g (stacked small models)."""
+    config = Qwen2Config(hidden_size=hq * dim, num_attention_heads=hq, num_key_value_heads=hk,
+                         max_position_embeddings=300, rope_theta=10000.0)
+    gen = torch.Generator().manual_seed(dim * hq + tokens + groups)
+    qkv = torch.randn(tokens, (hq + 2 * hk) * dim, generator=gen).mul(2).to(dtype).to(device)
+    q, k, v = (x.view(tokens, -1, dim) for x in qkv.split([hq * dim, hk * dim, hk * dim], dim=-1))
+    positions = torch.randint(0, 300, (tokens,), generator=gen).to(device)
+    norms = _hf_head_norms(dim, groups, dtype, device, gen)
+    per = tokens // groups
+    with torch.no_grad():
+        qn = torch.cat([norms[g][0](q[g * per:(g + 1) * per]) for g in range(groups)])
+        kn = torch.cat([norms[g][1](k[g * per:(g + 1) * per]) for g in range(groups)])
+    q_want, k_want, table = hf_rotary(qn, kn, positions, config)
+    weights = [torch.stack([n[i].weight.data for n in norms]) if groups > 1 else norms[0][i].weight.data
+               for i in (0, 1)]
+    qk_norm = (weights[0], weights[1], 1e-6)
+    if store:
+        cache = torch.zeros(tokens + 2, 1, hk, dim, dtype=dtype, device=device)
+        v_cache = torch.zeros_like(cache)
+        slots = torch.arange(tokens, device=device)
+        q_got, k_got = rotary_embedding_store_kv(positions, q, k, v, table, cache, v_cache, slots, qk_norm)
+        assert torch.equal(cache[:tokens, 0], k_got)
+    else:
+        q_got, k_got = rotary_embedding(positions, q, k, table, qk_norm)
+    for got, want in ((q_got, q_want.contiguous()), (k_got, k_want.contiguous())):
+        if dtype == torch.float32:  # the norm's ulp-level sum-order difference, through the rotation's
+            # cancellations: a few ulp of the head's scale rather than of each element
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps * want.abs().max().item())
+        else:
+            assert_hf_equal(got, want)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)

@@ -1,6 +1,7 @@
 """Every layer-ops kernel compiles to PTX and a cubin for sm_90 with the interpreter off, in the
 configurations the engine launches: the compiled branches (COMPILED=True: libdevice expf, IEEE division,
-the mean as sum * 1/N), no FMA contraction, the rotary with and without its KV-cache store, at the
+the mean as sum * 1/N), no FMA contraction, the rotary with and without its KV-cache store and with and
+without Qwen3's per-head norm, at the
 widths of the supported models. The interpreter runs none of these branches' compiled code, so this is
 what catches a compiler rejection before a GPU does. Numerics on a GPU: test_layer_kernels' gpu cases."""
 from __future__ import annotations
@@ -34,11 +35,13 @@ def compile_all(dtype: str) -> None:
     rotary_types.update(pos_ptr="*i64", slot_ptr="*i64")
     rotary_types.update({n: i32 for n in ("q_stride_t", "q_stride_h", "k_stride_t", "k_stride_h", "cs_stride",
                                           "HQ", "HK", "Q_BLOCKS", "v_stride_t", "v_stride_h", "c_stride_b",
-                                          "c_stride_r", "c_stride_h")})
+                                          "c_stride_r", "c_stride_h", "w_stride", "group_tokens")})
+    rotary_types.update(qw_ptr=ptr, kw_ptr=ptr, eps=fp32, inv_d=fp32)
     for store in (False, True):
-        compile_util.compile_ptx(lo._rotary_kernel, rotary_types,
-                                 dict(HALF=64, BLOCK_H=8, BLOCK_D=64, STORE_KV=store, BLOCK_SIZE=16),
-                                 num_warps=4, **NO_FMA)
+        for qk_norm in (False, True):
+            compile_util.compile_ptx(lo._rotary_kernel, rotary_types,
+                                     dict(HALF=64, BLOCK_H=8, BLOCK_D=64, STORE_KV=store, BLOCK_SIZE=16,
+                                          QK_NORM=qk_norm, COMPILED=True), num_warps=4, **NO_FMA)
     compile_util.compile_ptx(lo._silu_mul_kernel, dict(x_ptr=ptr, x_stride=i32, y_ptr=ptr, N=i32),
                              dict(BLOCK=1024, COMPILED=True), num_warps=4, **NO_FMA)
 

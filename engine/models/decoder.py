@@ -17,7 +17,7 @@ from torch import nn
 from rast_engine.attention.base import AttentionBackend
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.models.config import ModelConfig
-from rast_engine.models.layer_ops import LayerOps, TorchLayerOps
+from rast_engine.models.layer_ops import LayerOps, QKNorm, TorchLayerOps
 from rast_engine.models.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -60,26 +60,25 @@ class Attention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:  # each head's vector normed on its own: rows of head_dim (two copies
-            # and two launches a layer more than Qwen2; the rotary kernel could fuse them)
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        out = rotate_store_attend(q, k, v, positions, meta, kv_cache, self.rotary, self.backend, self.head_dim)
+        qk_norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        out = rotate_store_attend(q, k, v, positions, meta, kv_cache, self.rotary, self.backend, self.head_dim,
+                                  qk_norm)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 def rotate_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         meta: AttentionMetadata, kv_cache: KVCache, rotary: RotaryEmbedding,
-                        backend: AttentionBackend, head_dim: int) -> torch.Tensor:
-    """[T, heads * head_dim] projections -> attention output [T, heads, head_dim]: rotary on q and k,
-    this step's k/v into the paged cache, attention over the cached keys."""
+                        backend: AttentionBackend, head_dim: int, qk_norm: Optional[QKNorm] = None) -> torch.Tensor:
+    """[T, heads * head_dim] projections -> attention output [T, heads, head_dim]: the q/k norms of each
+    head when given (Qwen3), rotary on q and k, this step's k/v into the paged cache, attention over the
+    cached keys."""
     q, k, v = (x.unflatten(-1, (-1, head_dim)) for x in (q, k, v))
     scale = head_dim ** -0.5
     if rotary.ops.stores_kv:
         meta.check_cache(kv_cache[0])
-        q, k = rotary.forward_store_kv(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        q, k = rotary.forward_store_kv(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, qk_norm)
         return backend.attend(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
-    q, k = rotary(positions, q, k)
+    q, k = rotary(positions, q, k, qk_norm)
     return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
 
 

@@ -3,7 +3,8 @@ behind one small interface, so the model has a single code path:
 
 - "torch": HF transformers' formulas in plain PyTorch, about 45 small kernels per layer; the CPU default.
 - "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings, the rotary one
-  also writing this step's k/v into the paged cache (``stores_kv``); the CUDA default, where at small
+  also norming each head first (Qwen3) and writing this step's k/v into the paged cache
+  (``stores_kv``); the CUDA default, where at small
   batch the unfused kernels' launch latency would rival the weight reads.
 
 Both return new tensors and never write their inputs (rotary_store_kv writes only the cache slots of
@@ -11,13 +12,15 @@ this step's tokens), so either can run inside a CUDA graph capture.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from rast_engine.config import LAYER_OPS
 from rast_engine.errors import RastError
+
+QKNorm = tuple[torch.Tensor, torch.Tensor, float]  # (q weight, k weight, eps): Qwen3's RMSNorm of each head
 
 
 class LayerOps(Protocol):
@@ -36,9 +39,10 @@ class LayerOps(Protocol):
         """s = residual + x (in x's dtype) -> (rms_norm(s), s)."""
         ...
 
-    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D]; cos_sin is [positions, D] = [cos | sin]."""
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+               qk_norm: Optional[QKNorm] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate-half RoPE of q [T, Hq, D] and k [T, Hk, D]; cos_sin is [positions, D] = [cos | sin].
+        ``qk_norm``: first rms_norm each head (rows of D) with the q or k weight ([D] or [G, D])."""
         ...
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -49,7 +53,8 @@ class LayerOps(Protocol):
 class KVStoringLayerOps(LayerOps, Protocol):
     def rotary_store_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        slot_mapping: torch.Tensor, qk_norm: Optional[QKNorm] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """rotary(q, k), with the rotated k and v written into the paged caches at slot_mapping (-1 skipped)."""
         ...
 
@@ -70,8 +75,12 @@ class TorchLayerOps:
         s = residual + x
         return self.rms_norm(s, weight, eps), s
 
-    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+               qk_norm: Optional[QKNorm] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if qk_norm is not None:
+            wq, wk, eps = qk_norm
+            q = self.rms_norm(q.reshape(-1, q.shape[-1]), wq, eps).view(q.shape)
+            k = self.rms_norm(k.reshape(-1, k.shape[-1]), wk, eps).view(k.shape)
         cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
@@ -101,14 +110,16 @@ class TritonLayerOps:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._k.add_rms_norm(x, residual, weight, eps)
 
-    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._k.rotary_embedding(positions, q, k, cos_sin)
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+               qk_norm: Optional[QKNorm] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k.rotary_embedding(positions, q, k, cos_sin, qk_norm)
 
     def rotary_store_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._k.rotary_embedding_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping)
+                        slot_mapping: torch.Tensor, qk_norm: Optional[QKNorm] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k.rotary_embedding_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping,
+                                                 qk_norm)
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._k.silu_and_mul(gate_up)

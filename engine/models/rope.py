@@ -8,12 +8,12 @@ can also write k and v into the paged KV cache).
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
 
-from rast_engine.models.layer_ops import KVStoringLayerOps, LayerOps
+from rast_engine.models.layer_ops import KVStoringLayerOps, LayerOps, QKNorm
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -61,16 +61,17 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(self.dtype)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, qk_norm: Optional[QKNorm] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k), same shapes and dtype."""
-        return self.ops.rotary(positions, q, k, self.cos_sin)
+        """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k), same shapes and dtype, each head
+        RMS-normed first with ``qk_norm`` (Qwen3)."""
+        return self.ops.rotary(positions, q, k, self.cos_sin, qk_norm)
 
     def forward_store_kv(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-        v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        v_cache: torch.Tensor, slot_mapping: torch.Tensor, qk_norm: Optional[QKNorm] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward, with the rotated k and v written into the paged caches at slot_mapping: only for ops
         whose ``stores_kv`` is True."""
         ops = cast(KVStoringLayerOps, self.ops)
-        return ops.rotary_store_kv(positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping)
+        return ops.rotary_store_kv(positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping, qk_norm)

@@ -1,6 +1,7 @@
 """Layer-ops benchmark: the fused Triton kernels of rast_kernels.layer_ops against the plain torch ops
 they replace (the engine's two LayerOps backends), per op and for one decode layer's sequence
-(add + RMSNorm, rotary + KV-cache store, add + RMSNorm, SiLU-and-multiply), at real model widths. The
+(add + RMSNorm, rotary + KV-cache store, add + RMSNorm, SiLU-and-multiply), at real model widths (Qwen3's
+rotary norms each head of q and k first). The
 torch side stores k/v with rast_kernels' store kernel, as the engine's Triton attention backend does;
 the fused side writes them from its rotary kernel (``rotary_store``).
 
@@ -30,14 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rast_kernels 
 from bench.common import (copy_bandwidth, device_name, graph_time_ms, import_engine, quick_args, table,  # noqa: E402
                           write_results)
 
-# (hidden, q heads, kv heads, head_dim, intermediate), from bench/configs
-SHAPES = {"qwen2.5-7b": (3584, 28, 4, 128, 18944), "qwen2.5-1.5b": (1536, 12, 2, 128, 8960)}
+# (hidden, q heads, kv heads, head_dim, intermediate, per-head q/k norm), from bench/configs
+SHAPES = {"qwen2.5-7b": (3584, 28, 4, 128, 18944, False), "qwen2.5-1.5b": (1536, 12, 2, 128, 8960, False),
+          "qwen3-8b": (4096, 32, 8, 128, 12288, True)}
 OPS = ("add_rms_norm", "rotary", "rotary_store", "silu_and_mul", "layer")
 BLOCK = 16  # KV-cache block size
 
 
 def make_inputs(tokens: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> dict:
-    hidden, hq, hk, dim, inter = shape
+    hidden, hq, hk, dim, inter, qk_norm = shape
     g = torch.Generator().manual_seed(tokens)
 
     def rand(*size: int) -> torch.Tensor:
@@ -50,17 +52,18 @@ def make_inputs(tokens: int, shape: tuple, dtype: torch.dtype, device: torch.dev
                 v=qkv[:, (hq + hk) * dim:].view(tokens, hk, dim),
                 positions=torch.randint(0, 4096, (tokens,), generator=g).to(device), cos_sin=rand(4096, dim),
                 k_cache=rand(blocks, BLOCK, hk, dim), v_cache=rand(blocks, BLOCK, hk, dim),
-                slots=torch.randperm(blocks * BLOCK, generator=g)[:tokens].to(device), gate_up=rand(tokens, 2 * inter))
+                slots=torch.randperm(blocks * BLOCK, generator=g)[:tokens].to(device), gate_up=rand(tokens, 2 * inter),
+                qk_norm=(rand(dim).abs() + 0.5, rand(dim).abs() + 0.5, 1e-6) if qk_norm else None)
 
 
 def rotary_store(ops, t: dict) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """The layer's rotary and KV-cache store: one kernel where the ops store k/v, else two."""
     if ops.stores_kv:
         return ops.rotary_store_kv(t["positions"], t["q"], t["k"], t["v"], t["cos_sin"], t["k_cache"],
-                                   t["v_cache"], t["slots"])
+                                   t["v_cache"], t["slots"], t["qk_norm"])
     from rast_kernels.paged_attention import store_kv_cache
 
-    q, k = ops.rotary(t["positions"], t["q"], t["k"], t["cos_sin"])
+    q, k = ops.rotary(t["positions"], t["q"], t["k"], t["cos_sin"], t["qk_norm"])
     store_kv_cache(k, t["v"], t["k_cache"], t["v_cache"], t["slots"])
     return q, k
 
@@ -70,7 +73,7 @@ def op_call(name: str, ops, t: dict) -> Callable[[], object]:  # noqa: ANN001
     if name == "add_rms_norm":
         return lambda: ops.add_rms_norm(t["x"], t["residual"], t["weight"], eps)
     if name == "rotary":
-        return lambda: ops.rotary(t["positions"], t["q"], t["k"], t["cos_sin"])
+        return lambda: ops.rotary(t["positions"], t["q"], t["k"], t["cos_sin"], t["qk_norm"])
     if name == "rotary_store":
         return lambda: rotary_store(ops, t)
     if name == "silu_and_mul":
@@ -85,9 +88,10 @@ def op_call(name: str, ops, t: dict) -> Callable[[], object]:  # noqa: ANN001
 
 
 def bytes_moved(name: str, tokens: int, shape: tuple, elt: int) -> int:
-    hidden, hq, hk, dim, inter = shape
+    hidden, hq, hk, dim, inter, qk_norm = shape
     norm = (4 * tokens + 1) * hidden * elt  # read x, residual, weight; write y, residual + x
-    rotary = (2 * tokens * (hq + hk) * dim + tokens * dim) * elt  # read and write q, k; read cos | sin
+    # read and write q, k; read cos | sin (and the two norm weights)
+    rotary = (2 * tokens * (hq + hk) * dim + tokens * dim + (2 * dim if qk_norm else 0)) * elt
     store = 3 * tokens * hk * dim * elt + 8 * tokens  # read v, write k and v into the cache; read the slots
     silu = 3 * tokens * inter * elt  # read gate | up, write the product
     return {"add_rms_norm": norm, "rotary": rotary, "rotary_store": rotary + store, "silu_and_mul": silu,
@@ -134,7 +138,7 @@ def main() -> None:
     args = quick_args(__doc__, "CPU interpreter smoke test on tiny shapes")
     if args.quick or not torch.cuda.is_available():
         device, dtype, iters, tokens = torch.device("cpu"), torch.float32, 2, [1, 5]
-        shapes = {"tiny": (64, 4, 2, 16, 96)}
+        shapes = {"tiny": (64, 4, 2, 16, 96, False), "tiny-qk-norm": (64, 4, 2, 16, 96, True)}
         copy_gbs = copy_bandwidth(device) / 1e9
     else:
         device, dtype, iters, tokens, shapes = torch.device("cuda"), torch.bfloat16, 200, [1, 32, 256, 4096], SHAPES

@@ -112,13 +112,10 @@ class BlockManager:
     def can_append(self, seq: Sequence) -> bool:
         return self._append_need(seq) <= self.num_free_blocks
 
-    def append_need(self, seqs: list[Sequence]) -> int:
-        """Free blocks that every sequence taking its next slot needs (forks sharing a block are counted
-        once each, an overestimate: the first copy-on-write leaves the others the block to themselves)."""
-        return sum(self._append_need(s) for s in seqs)
-
     def can_append_all(self, seqs: list[Sequence]) -> bool:
-        return self.append_need(seqs) <= self.num_free_blocks
+        """Whether every sequence can take its next slot (forks sharing a block are counted once each,
+        an overestimate: the first copy-on-write leaves the others the block to themselves)."""
+        return sum(self._append_need(s) for s in seqs) <= self.num_free_blocks
 
     def append_slot(self, seq: Sequence) -> Optional[tuple[int, int]]:
         """Make the last token's slot writable; returns (src, dst) when a block must be copied first."""

@@ -95,18 +95,16 @@ class DecodeBuffers:
              rows: int, feed: Optional[Seq[int]] = None) -> None:
         """Write the batch into rows [0, len(seqs)), pad up to ``rows``, and send rows [0, rows).
         ``feed[i]``: the row of the previous step whose sampled id is row i's input token (its last token
-        is pending), or -1 (all its tokens are known: a parked sample joining); None: every input token
-        is known on the host."""
+        is pending); None: every input token is known on the host."""
         n, bs = len(seqs), self.block_size
         if not 0 < n <= rows <= self.max_rows:
             raise ValueError(f"a decode batch of {n} sequences padded to {rows} rows; at most {self.max_rows}")
         fed = [s.num_pending > 0 for s in seqs]
         if feed is None and any(fed):
             raise RuntimeError("a decode batch has pending input tokens but no feed from the previous step")
-        if feed is not None and (len(feed) != n or any((r >= 0) != f for r, f in zip(feed, fed))
-                                 or not all(r < self.max_rows for r in feed)):
-            raise RuntimeError(f"feed must give each of the {n} rows with a pending input token, and only those, "
-                               f"a row of the previous step in [0, {self.max_rows}) (-1 for the others)")
+        if feed is not None and (len(feed) != n or not all(fed) or not all(0 <= r < self.max_rows for r in feed)):
+            raise RuntimeError(f"feed must give each of the {n} rows, all with a pending input token, a row of "
+                               f"the previous step in [0, {self.max_rows})")
         self._turn = (self._turn + 1) % len(self._hosts)
         tables, owners = self._np["tables"], self._owner_sets[self._turn]
         for i, s in enumerate(seqs):  # per sequence, only when its table changed; never per block
@@ -121,7 +119,7 @@ class DecodeBuffers:
         pos = [len(s.token_ids) - 1 for s in seqs]  # the new token's position; its slot is in the table
         i64, i32, f32 = self._np["i64"], self._np["i32"], self._np["f32"]
         r = self.max_rows
-        src = range(n) if feed is None else [SAMPLED * r + f if f >= 0 else i for i, f in enumerate(feed)]
+        src = range(n) if feed is None else [SAMPLED * r + f for f in feed]
         i64[:len(I64_ROWS), :n] = [[0 if f else s.token_ids[-1] for s, f in zip(seqs, fed)], src, pos,
                                    [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)], seeds, offsets]
         i32[:, :n] = [[p + 1 for p in pos], top_k]

@@ -238,7 +238,9 @@ class LLMEngine:
                 if seq.num_uncomputed:
                     continue
                 if not g.forked:
-                    targets = [seq] + [self._fork(seq, j) for j in range(1, g.params.n)]
+                    targets = [seq] + [self._new_sequence(g, j, list(seq.token_ids)) for j in range(1, g.params.n)]
+                    g.seqs += targets[1:]
+                    self.scheduler.add_samples(seq, targets[1:])
                     g.forked = True
                 else:
                     targets = [seq]
@@ -267,13 +269,6 @@ class LLMEngine:
                 self.groups.pop(g.request_id, None)
         return outputs
 
-    def _fork(self, parent: Sequence, index: int) -> Sequence:
-        child = self._new_sequence(parent.group, index, list(parent.token_ids))
-        self.block_manager.fork(parent, child)
-        self.scheduler.add_sample(child)
-        parent.group.seqs.append(child)
-        return child
-
     def _read_text(self, seq: Sequence) -> None:
         """Detokenise the newest token and apply every stop rule."""
         prev_len = len(seq.output_text)
@@ -289,8 +284,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.parked),
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_blocks,
             prompt_tokens_total=self._prompt_tokens, generation_tokens_total=self._generation_tokens,
             last_step_s=self._last_step_s,

@@ -46,7 +46,7 @@ class ScoreOutput:
 @dataclass
 class EngineStats:
     num_running: int
-    num_waiting: int  # sequences waiting for a slot: queued requests and parked samples
+    num_waiting: int  # sequences waiting for a slot: queued requests and samples that found none
     kv_blocks_used: int
     kv_blocks_total: int
     prompt_tokens_total: int

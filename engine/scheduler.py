@@ -13,17 +13,18 @@ every token it has (recomputed in chunks like a prompt), so its output is unchan
 and offset depend only on the sequence, never on the batch).
 
 A request of n samples is admitted into one slot: its prompt is prefilled once and its first step draws
-all n first tokens (sequence.py). The samples beyond the free slots then *park*: each holds its first
-token and shares the prompt's blocks, and they take slots as they free, ahead of the waiting requests
-(the parked count as taken slots for admission). So a request with a large n never waits for n free
-slots while the ones freed one by one idle, and n may exceed max_num_seqs.
+all n first tokens (sequence.py). The samples that find a free slot run at once, sharing the prompt's
+blocks; the others wait at the front of the queue, holding their first token and no block, and are
+admitted as slots free like a preempted sequence (with prefix caching only the prompt's last partial
+block and the first token are computed again). So a request with a large n never waits for n free
+slots while the ones freed one by one idle, n may exceed max_num_seqs, and a waiting sample never
+holds memory another sequence needs.
 
 ``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
 (see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
 sequences riding along, whenever it needs nothing the host has yet to learn (no preemption, no chunk
-of a partial prefill, no fork). Parked samples unparked into it have all their tokens known. Stop checks
-see known tokens only; a sequence that stops on a pending token has one more token computed and
-discarded.
+of a partial prefill, no fork). Stop checks see known tokens only; a sequence that stops on a pending
+token has one more token computed and discarded.
 """
 from __future__ import annotations
 
@@ -56,45 +57,26 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.parked: deque[Sequence] = deque()  # forked samples waiting for a slot (module docstring)
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def add_sample(self, seq: Sequence) -> None:
-        """A sample forked at its request's first draw, holding its first token and sharing the prompt's
-        blocks: it runs at once when a slot is free, else parks until one frees."""
-        if len(self.running) < self.max_num_seqs and not self.parked:
+    def add_samples(self, parent: Sequence, samples: list[Sequence]) -> None:
+        """The samples forked from ``parent``'s prefilled row at its request's first draw, in index order:
+        those that find a free slot run, sharing the parent's blocks; the rest wait, in order, at the
+        front of the queue, holding no block (module docstring)."""
+        free = self.max_num_seqs - len(self.running)
+        for seq in samples[:free]:
+            self.bm.fork(parent, seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-        else:
-            seq.status = SequenceStatus.PARKED
-            self.parked.append(seq)
+        self.waiting.extendleft(reversed(samples[free:]))
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.parked)
-
-    def _unpark(self) -> list[Sequence]:
-        """Parked samples take the free slots, first forked first, while the free blocks cover their
-        first decode beside every running sequence's next slot (so unparking never forces a
-        preemption); returns them (running now)."""
-        moved: list[Sequence] = []
-        if not self.parked or len(self.running) >= self.max_num_seqs:
-            return moved
-        need = self.bm.append_need(self.running)
-        while self.parked and len(self.running) < self.max_num_seqs:
-            need += self.bm.append_need([self.parked[0]])
-            if need > self.bm.num_free_blocks:
-                break
-            seq = self.parked.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            moved.append(seq)
-        return moved
+        return bool(self.waiting or self.running)
 
     def schedule(self) -> Optional[SchedulerOutput]:
-        self._unpark()
         out = self._schedule_prefill()
         if out.seqs:
             return out
@@ -115,7 +97,7 @@ class Scheduler:
                 seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens)
                 scheduled.append(seq)
                 tokens += seq.num_scheduled_tokens
-        slots = len(self.running) + len(self.parked)
+        slots = len(self.running)
         while self.waiting and tokens < budget:
             seq = self.waiting[0]
             # only a step's first sequence is split; the full length bounds the uncached part
@@ -178,7 +160,6 @@ class Scheduler:
         seqs = [s for s in self.running if not self._at_length(s, pending=True)]
         if any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
             return None
-        seqs += self._unpark()  # their tokens are all known: the device feeds them nothing
         if self._admits_next():
             return self._schedule_prefill(seqs)
         if not seqs or not self.bm.can_append_all(seqs):
@@ -191,7 +172,7 @@ class Scheduler:
     def _admits_next(self) -> bool:
         """Whether a prefill step scheduled now would admit the head of the queue (its first sequence is
         admitted whenever it fits)."""
-        return bool(self.waiting) and self._fits(self.waiting[0], len(self.running) + len(self.parked))
+        return bool(self.waiting) and self._fits(self.waiting[0], len(self.running))
 
     def _fits(self, seq: Sequence, slots: int) -> bool:
         """Whether a waiting sequence can be admitted beside ``slots`` taken slots: a slot, and blocks
@@ -248,14 +229,13 @@ class Scheduler:
         """Take an unfinished sequence out of the list its status names."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.PARKED:
-            self.parked.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Running, parked (by its first token), or waiting after a preemption (a stop string can be read
-        after the step that preempted it was scheduled, see LLMEngine.step)."""
+        """Running, or waiting: after a preemption (a stop string can be read after the step that
+        preempted it was scheduled, see LLMEngine.step), or a sample that found no slot, by its first
+        token."""
         self._leave(seq)
         if seq.block_table:
             self.bm.free(seq)

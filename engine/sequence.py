@@ -4,7 +4,7 @@ A request (SequenceGroup) starts as one sequence. Its prompt is prefilled once, 
 steps when it exceeds the step's token budget; the first sampling step draws its n first tokens from that
 one row and forks the sequence into n, which share the prompt's blocks (copy-on-write). From then on
 each sequence is scheduled, preempted and finished on its own; samples forked beyond the free slots
-park until slots free (scheduler.py).
+wait for one like preempted sequences (scheduler.py).
 
 Invariants: ``num_computed_tokens`` tokens have their K/V in the cache at ``block_table``; a running
 sequence with more than one uncomputed token is being prefilled in chunks (it already holds blocks for
@@ -38,7 +38,6 @@ PENDING = -1  # a token sampled on the device whose id the host has not read yet
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PARKED = "parked"  # a forked sample holding its first token and blocks, waiting for a slot
     FINISHED = "finished"
 
 

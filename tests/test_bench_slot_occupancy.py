@@ -1,5 +1,5 @@
 """bench/slot_occupancy.py end to end on the CPU: requests of several samples leave no slot idle while
-others wait (scheduler.py parks the samples that find no slot)."""
+others wait (scheduler.py: the samples that find no slot wait at the front of the queue)."""
 from __future__ import annotations
 
 from pathlib import Path

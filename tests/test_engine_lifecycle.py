@@ -73,7 +73,7 @@ def alone(oracle: LLMEngine, ids: list[int], params: SamplingParams) -> list:
 
 def assert_clean(engine: LLMEngine) -> None:
     bm, sched = engine.block_manager, engine.scheduler
-    assert not engine.groups and not sched.running and not sched.waiting and not sched.parked
+    assert not engine.groups and not sched.running and not sched.waiting
     assert all(r == 0 for r in bm.ref_counts), "a block is still referenced"
     assert bm.num_free_blocks == bm.num_blocks and len(set(bm.free_list)) == bm.num_blocks
     assert {b: h for h, b in bm.cached.items()} == bm.hash_of, "the prefix cache maps disagree"

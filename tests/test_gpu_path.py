@@ -323,8 +323,8 @@ def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool
     launched before the previous step's ids are read (fed on the device, two steps in flight, double
     staging and pinned ids), equal the synchronous engine's; so do those of requests queued for two
     slots, admitted by prefills launched ahead with the running sequences' ids copied on the device, and
-    requests of more samples than slots (a fork drawing more ids than the pinned rows hold; parked
-    samples joining steps launched ahead)."""
+    requests of more samples than slots (a fork drawing more ids than the pinned rows hold; waiting
+    samples admitted by prefills launched ahead)."""
     kw = dict(dtype="bfloat16", attention_backend="triton")
     sync_engine = make_engine(qwen2_triple, "cuda", async_output=False, **kw)
     async_engine = make_engine(qwen2_triple, "cuda", async_output=True, async_scheduling=ahead, **kw)

@@ -20,7 +20,8 @@ from rast_engine.config import EngineConfig
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache
-from rast_engine.model_runner import Draw, ModelRunner
+from rast_engine.draws import Draw
+from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.pending import DrawResult, InFlight
 from rast_engine.requests import checked_request

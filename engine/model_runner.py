@@ -2,8 +2,9 @@
 
 Prefill: ``prepare`` builds the inputs every model shares (token ids, positions, slot mapping, block
 tables) with tensor ops, not a loop per token; ``forward_logits`` runs the models (large and small on
-two CUDA streams, see model_streams); ``sample`` makes one rast_sample call over per-row parameter
-tensors, whose ids the caller reads later with one device-to-host copy.
+two CUDA streams, see model_streams); ``sample`` makes the step's draws (draws.py: one rast_sample call
+over per-row parameter tensors, one more per request forking n > 1 samples), whose ids the caller reads
+later with one device-to-host copy.
 
 Decode, the hot path: the batch is written into DecodeBuffers (static device tensors fed from pinned
 staging by a few non_blocking copies), then one step function runs forward_logits and rast_sample on
@@ -26,8 +27,8 @@ from rast_engine.decode_buffers import DecodeBuffers
 from rast_engine.kv_cache import KVCache
 from rast_engine.model_streams import ModelStreams
 from rast_engine.models.stacked import ForwardUnit
+from rast_engine.draws import Draw, draw_logprobs, sample_draws
 from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
-from rast_engine.sampling_params import SamplingParams
 from rast_engine.sequence import Sequence
 
 
@@ -37,16 +38,6 @@ class StepInputs:
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
     last_index: Optional[torch.Tensor] = None  # [B] int64: each sequence's last new token (prefill)
-
-
-@dataclass
-class Draw:
-    """One token to draw: from the logits of sequence ``row`` (n > 1 forks draw n times from one row)."""
-    row: int
-    params: SamplingParams
-    weights: list[float]  # λ per pair
-    seed: int
-    offset: int  # tokens the sample has generated so far: draws of one sample never share noise
 
 
 class ModelRunner:
@@ -208,21 +199,9 @@ class ModelRunner:
         ids = ids_dev[:n].clone() if bucket is not None and not self.pin else ids_dev[:n]
         logprobs = None
         if any(d.params.logprobs is not None for d in draws):
-            logits = [t[:n] for t in logits]
-            weights = torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(n, self.pairs)
-            logprobs = self._logprobs(logits, list(zip(logits[1::2], logits[2::2])), weights, draws, ids)
+            logprobs = draw_logprobs([t[:n] for t in logits], draws, ids, self._to_device, self.vocab_size,
+                                     self.sampler)
         return self._ids_later(ids, logprobs)
-
-    def _row_params(self, draws: Seq[Draw], greedy_as_t1: bool = False) -> dict[str, torch.Tensor]:
-        temps = [d.params.temperature for d in draws]
-        if greedy_as_t1:
-            temps = [t if t > 0 else 1.0 for t in temps]
-        return dict(
-            temperature=self._to_device(torch.tensor(temps, dtype=torch.float32)),
-            top_k=self._to_device(torch.tensor([d.params.top_k for d in draws], dtype=torch.int32)),
-            top_p=self._to_device(torch.tensor([d.params.top_p for d in draws], dtype=torch.float32)),
-            min_p=self._to_device(torch.tensor([d.params.min_p for d in draws], dtype=torch.float32)),
-        )
 
     def _ids_later(self, ids: torch.Tensor, logprobs: Optional[DrawLogprobs] = None) -> PendingStep:
         """The step's ids (and logprobs), read by PendingStep.wait(): on CUDA through asynchronous copies
@@ -243,42 +222,8 @@ class ModelRunner:
         return PendingStep(ids=host, event=copied, logprobs=logprobs)
 
     def sample(self, logits: list[torch.Tensor], draws: Seq[Draw]) -> PendingStep:
-        """One rast_sample call for the draws, read later by the caller's wait()."""
-        rows = [d.row for d in draws]
-        if rows != list(range(logits[0].shape[0])):  # n > 1 forks: repeat the parent's row
-            index = self._to_device(torch.tensor(rows, dtype=torch.int64))
-            logits = [t.index_select(0, index) for t in logits]
-        deltas = list(zip(logits[1::2], logits[2::2]))
-        pairs = len(deltas)
-        weights = torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(len(draws), pairs)
-        ids_dev = rast_kernels.rast_sample(
-            logits[0], deltas, weights=self._to_device(weights), **self._row_params(draws),
-            seed=self._to_device(torch.tensor([d.seed for d in draws], dtype=torch.int64)),
-            offset=self._to_device(torch.tensor([d.offset for d in draws], dtype=torch.int64)),
-            vocab_size=self.vocab_size, backend=self.sampler,
-        )
+        """The draws' tokens (draws.py), read later by the caller's wait()."""
+        ids_dev = sample_draws(logits, draws, self._to_device, self.vocab_size, self.sampler)
         self.buffers.store_sampled(ids_dev)  # a decode step launched ahead reads its input ids from them
-        return self._ids_later(ids_dev, self._logprobs(logits, deltas, weights, draws, ids_dev))
-
-    def _logprobs(self, logits: list[torch.Tensor], deltas: list[tuple[torch.Tensor, torch.Tensor]],
-                  weights: torch.Tensor, draws: Seq[Draw], ids: torch.Tensor) -> Optional[DrawLogprobs]:
-        """Logprobs under the filtered distribution each token was drawn from (greedy rows: T = 1), for
-        the draws that ask for them, computed on the device (None: no draw asks)."""
-        want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
-        if not want:
-            return None
-        index = self._to_device(torch.tensor(want, dtype=torch.int64))
-        sub = [draws[j] for j in want]
-        probs = rast_kernels.rast_probs(
-            logits[0].index_select(0, index), [(r.index_select(0, index), b.index_select(0, index))
-                                               for r, b in deltas],
-            weights=self._to_device(weights.index_select(0, torch.tensor(want))),
-            **self._row_params(sub, greedy_as_t1=True), vocab_size=self.vocab_size, backend=self.sampler,
-        )
-        logp = probs.log()
-        counts = [d.params.logprobs for d in sub]
-        k = min(max(counts), logp.shape[1])
-        top_val, top_ids = logp.topk(k, dim=1) if k > 0 else (logp[:, :0], logp[:, :0])
-        # an id of -1 (no admissible token) makes wait() raise; clamped, it never indexes out of bounds
-        chosen = logp.gather(1, ids.index_select(0, index).clamp(min=0)[:, None])[:, 0]
-        return DrawLogprobs(want, counts, chosen, top_val, top_ids.long())
+        return self._ids_later(ids_dev, draw_logprobs(logits, draws, ids_dev, self._to_device, self.vocab_size,
+                                                      self.sampler))

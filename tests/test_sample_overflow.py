@@ -135,3 +135,38 @@ def test_samples_without_a_slot_go_before_waiting_requests() -> None:
     out = sched.schedule()  # the freed slot goes to the next sample: its prompt and first token prefilled
     assert out.is_prefill and out.seqs == [parent, children[1]] and children[1].num_scheduled_tokens == 4
     assert list(sched.waiting) == [children[2], late]
+
+
+def test_a_wide_request_draws_from_one_row_without_a_copy_per_sample(qwen2_triple: tuple, roomy: LLMEngine,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """n = 40 first draws read the parent's row through a stride-0 view and their logprobs come from one
+    rast_probs row, so a step's memory does not grow with n; tokens and logprobs equal the roomy run."""
+    from rast_engine import draws
+
+    calls: list[tuple[str, int, int]] = []
+    for name in ("rast_sample", "rast_probs"):
+        inner = getattr(draws.rast_kernels, name)
+
+        def recorded(logits, *args, _inner=inner, _name=name, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            calls.append((_name, logits.shape[0], logits.stride(0)))
+            return _inner(logits, *args, **kwargs)
+
+        monkeypatch.setattr(draws.rast_kernels, name, recorded)
+    params = SamplingParams(n=40, temperature=1.0, max_tokens=3, seed=12, logprobs=2, ignore_eos=True)
+    ids = encode(roomy, TEXTS[2])
+
+    def outputs(engine: LLMEngine) -> list:
+        engine.add_request("w", ids, params)
+        final = None
+        while engine.has_unfinished_requests():
+            final = next((o for o in engine.step() if o.finished), final)
+        return [(c.token_ids, c.logprobs) for c in final.outputs]
+
+    got = outputs(make_engine(qwen2_triple, blocks=64, max_num_seqs=2))
+    assert ("rast_sample", 40, 0) in calls
+    assert all(rows <= 2 for name, rows, _ in calls if name == "rast_probs")
+    want = outputs(roomy)
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+    for (_, lp_got), (_, lp_want) in zip(got, want):
+        for g, w in zip(lp_got, lp_want):
+            assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-5 for t in g)

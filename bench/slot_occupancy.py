@@ -6,11 +6,12 @@
 A counting benchmark, not a timing one: what it measures is the engine's scheduling (the decode batch
 sizes), the same on any device. The tiny RAST triple of bench/decode.py (random weights) decodes the
 same number of samples at each n, with seeded sampling and stop tokens for output lengths that differ
-(geometric-like); a row's tokens depend on its n and seeds only, never on the scheduling. Per row: the steps to finish, the steps
-scheduled while some sequence waited for a slot (a queued request, or a sample that found no slot at its request's
-first draw, see engine/scheduler.py), and the free slots of those steps on average. A decode step costs about as much
-with a full batch as with a partial one while the weights' reads dominate, so an idle slot while
-others wait is throughput lost, and fewer steps for the same tokens is the gain.
+(geometric-like); a row's tokens depend on its n and seeds only, never on the scheduling. Per row: the
+steps to finish, the steps scheduled while some sequence waited for a slot (a queued request, or a
+sample that found no slot at its request's first draw, see engine/scheduler.py), and the free slots of
+those steps on average. A decode step costs about as much with a full batch as with a partial one while
+the weights' reads dominate, so an idle slot while others wait is throughput lost, and fewer steps for
+the same tokens is the gain.
 """
 from __future__ import annotations
 

@@ -70,6 +70,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     slots, samples, ns = (8, 32, [1, 4, 8]) if args.quick else (64, 768, [1, 4, 16, 64])
     max_tokens = 120
+    torch.set_num_threads(1)  # a count, not a timing: one thread keeps it quick beside other processes
     sp_cls = common.import_engine().SamplingParams
     rows = [measure(build(device, slots, 32 + max_tokens), sp_cls, n, samples, max_tokens) for n in ns]
     print(f"slots idle while requests wait | {common.device_name(device)} | commit {common.git_sha()}")

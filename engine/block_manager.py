@@ -68,6 +68,10 @@ class BlockManager:
             parent = h
         return blocks, hashes
 
+    def uncached_tokens(self, seq: Sequence) -> int:
+        """Tokens of a waiting sequence that allocate() leaves to compute: all but its prefix-cache hits."""
+        return len(seq.token_ids) - len(self._prefix_hits(seq)[0]) * self.block_size
+
     def can_allocate(self, seq: Sequence, use_cache: bool = True) -> bool:
         hits = self._prefix_hits(seq)[0] if use_cache else []
         fresh = self.blocks_needed(len(seq.token_ids)) - len(hits)

@@ -100,8 +100,9 @@ class Scheduler:
         slots = len(self.running)
         while self.waiting and tokens < budget:
             seq = self.waiting[0]
-            # only a step's first sequence is split; the full length bounds the uncached part
-            if scheduled and tokens + len(seq.token_ids) > budget:
+            # only a step's first sequence is split: the others fit whole, their prefix-cache hits aside
+            # (a sample that found no slot at its fork, or a preempted sequence, recomputes little)
+            if scheduled and tokens + self.bm.uncached_tokens(seq) > budget:
                 break
             if not self._fits(seq, slots):
                 break

@@ -170,3 +170,27 @@ def test_a_wide_request_draws_from_one_row_without_a_copy_per_sample(qwen2_tripl
     for (_, lp_got), (_, lp_want) in zip(got, want):
         for g, w in zip(lp_got, lp_want):
             assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-5 for t in g)
+
+
+def test_waiting_samples_count_only_their_uncached_tokens_against_the_budget() -> None:
+    """A waiting sample whose prompt blocks are cached recomputes one token: two are admitted by one step of
+    an 8-token budget (budgeted at their full 13 tokens, one a step)."""
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=8, max_model_len=64,
+                      eos_token_ids=[])
+    prompt = list(range(20, 32))
+    parent = make_seq(prompt, SamplingParams(n=4, max_tokens=5), rid="wide")
+    parent.group.forked = False
+    sched.add(parent)
+    for _ in range(2):  # the 12-token prompt in chunks of 8 and 4
+        for seq in sched.schedule().seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            sched.bm.register_computed(seq)
+    children = [Sequence(group=parent.group, index=j, token_ids=list(prompt), seed=j) for j in range(1, 4)]
+    sched.add_samples(parent, children)
+    for j, seq in enumerate([parent] + children):
+        seq.token_ids.append(40 + j)
+    sched.finish(parent, "stop")
+    sched.finish(children[0], "stop")
+    assert sched.bm.uncached_tokens(children[1]) == 1
+    out = sched.schedule()
+    assert out.is_prefill and out.seqs == children[1:] and [s.num_scheduled_tokens for s in out.seqs] == [1, 1]

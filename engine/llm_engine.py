@@ -223,7 +223,7 @@ class LLMEngine:
         that finished or were aborted while the batch ran drop their draws."""
         progressed: dict[str, SequenceGroup] = {}
         deferred: list[Sequence] = []
-        k = 0
+        k = queued = 0  # queued: samples of this batch's forks that found no slot, in fork order
         for (seq, count), holds in zip(batch.owners, batch.holding):
             mine, k = results[k:k + count], k + count
             if seq.status is not SequenceStatus.RUNNING:
@@ -241,7 +241,7 @@ class LLMEngine:
                 if not g.forked:
                     targets = [seq] + [self._new_sequence(g, j, list(seq.token_ids)) for j in range(1, g.params.n)]
                     g.seqs += targets[1:]
-                    self.scheduler.add_samples(seq, targets[1:])
+                    queued += self.scheduler.add_samples(seq, targets[1:], queued)
                     g.forked = True
                 else:
                     targets = [seq]

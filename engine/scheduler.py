@@ -62,16 +62,19 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def add_samples(self, parent: Sequence, samples: list[Sequence]) -> None:
+    def add_samples(self, parent: Sequence, samples: list[Sequence], at: int = 0) -> int:
         """The samples forked from ``parent``'s prefilled row at its request's first draw, in index order:
         those that find a free slot run, sharing the parent's blocks; the rest wait, in order, at the
-        front of the queue, holding no block (module docstring)."""
-        free = self.max_num_seqs - len(self.running)
+        front of the queue from position ``at`` (behind those an earlier fork of the same step queued),
+        holding no block (module docstring). Returns how many wait."""
+        free = max(self.max_num_seqs - len(self.running), 0)
         for seq in samples[:free]:
             self.bm.fork(parent, seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-        self.waiting.extendleft(reversed(samples[free:]))
+        for i, seq in enumerate(samples[free:]):
+            self.waiting.insert(at + i, seq)
+        return len(samples[free:])
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -194,3 +194,23 @@ def test_waiting_samples_count_only_their_uncached_tokens_against_the_budget() -
     assert sched.bm.uncached_tokens(children[1]) == 1
     out = sched.schedule()
     assert out.is_prefill and out.seqs == children[1:] and [s.num_scheduled_tokens for s in out.seqs] == [1, 1]
+
+
+def test_samples_of_two_forks_in_one_step_wait_in_fork_order() -> None:
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64,
+                      eos_token_ids=[])
+    parents = [make_seq([1 + i, 3, 4], SamplingParams(n=3, max_tokens=5), rid=f"r{i}") for i in range(2)]
+    late = make_seq([5, 5, 5], rid="late")
+    for p in parents:
+        p.group.forked = False
+        sched.add(p)
+    assert sched.schedule().seqs == parents
+    sched.add(late)
+    queued = 0
+    forks = []
+    for p in parents:
+        p.num_computed_tokens = 3
+        children = [Sequence(group=p.group, index=j, token_ids=list(p.token_ids), seed=j) for j in (1, 2)]
+        queued += sched.add_samples(p, children, queued)
+        forks += children
+    assert queued == 4 and list(sched.waiting) == forks + [late]

@@ -62,17 +62,16 @@ def sample_draws(logits: list[torch.Tensor], draws: Seq[Draw], to_device: ToDevi
                  backend: Optional[str]) -> torch.Tensor:
     """int64 [len(draws)] on the device: each draw's token, in draw order (module docstring)."""
     pairs = (len(logits) - 1) // 2
-    counts: dict[int, int] = {}
-    for d in draws:
-        counts[d.row] = counts.get(d.row, 0) + 1
-    once = [j for j, d in enumerate(draws) if counts[d.row] == 1]
+    by_row: dict[int, list[int]] = {}  # row -> its draws' indices, rows in order of their first draw
+    for j, d in enumerate(draws):
+        by_row.setdefault(d.row, []).append(j)
+    once = [idx[0] for idx in by_row.values() if len(idx) == 1]
     parts: list[tuple[list[int], list[torch.Tensor]]] = []  # (draw indices, their logits)
     if once:
         parts.append((once, _rows(logits, [draws[j].row for j in once], to_device)))
-    for row, count in counts.items():
-        if count > 1:
-            parts.append(([j for j, d in enumerate(draws) if d.row == row],
-                          [t[row:row + 1].expand(count, -1) for t in logits]))
+    for row, idx in by_row.items():
+        if len(idx) > 1:
+            parts.append((idx, [t[row:row + 1].expand(len(idx), -1) for t in logits]))
     outs = []
     for idx, rows in parts:
         sub = [draws[j] for j in idx]

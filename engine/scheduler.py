@@ -104,8 +104,9 @@ class Scheduler:
         while self.waiting and tokens < budget:
             seq = self.waiting[0]
             # only a step's first sequence is split: the others fit whole, their prefix-cache hits aside
-            # (a sample that found no slot at its fork, or a preempted sequence, recomputes little)
-            if scheduled and tokens + self.bm.uncached_tokens(seq) > budget:
+            # (a sample that found no slot at its fork, or a preempted sequence, recomputes little); the
+            # hits are looked up only when the whole length would not fit
+            if scheduled and tokens + len(seq.token_ids) > budget and tokens + self.bm.uncached_tokens(seq) > budget:
                 break
             if not self._fits(seq, slots):
                 break

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from rast_engine.config import LAYER_OPS
 from rast_engine.errors import RastError
-
-QKNorm = tuple[torch.Tensor, torch.Tensor, float]  # (q weight, k weight, eps): Qwen3's RMSNorm of each head
+from rast_kernels.layer_ops_checks import QKNorm
 
 
 class LayerOps(Protocol):

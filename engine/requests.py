@@ -29,13 +29,20 @@ def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
 
 
 def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
-    """λ per small pair for this request: the engine's, or the request's ``lam`` for a single pair."""
+    """λ per small pair for this request: the engine's, or the request's ``lam`` (a number for an engine
+    with one pair, else one number per pair in the engine's order)."""
     weights = list(engine.model_set.weights)
     if params.lam is None:
         return weights
-    if len(weights) != 1:
-        raise RastError(f"lam overrides λ of a single small pair; this engine has {len(weights)} pairs")
-    return [float(params.lam)]
+    if not weights:
+        raise RastError("lam weighs the small pairs' deltas, and this engine has none (it decodes the large "
+                        "model alone)")
+    lam = params.lam if isinstance(params.lam, list) else [float(params.lam)]
+    if len(lam) != len(weights):
+        given = f"{len(lam)} values" if isinstance(params.lam, list) else "one number"
+        raise RastError(f"lam gives {given}; this engine has {len(weights)} small pairs, so lam needs one "
+                        "number per pair, in the order of the engine's pairs (the main pair, then experts)")
+    return lam
 
 
 def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[int]],

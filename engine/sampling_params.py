@@ -49,7 +49,9 @@ class SamplingParams:
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
     seed: Optional[int] = None
-    lam: Optional[float] = None  # overrides the engine's λ for this request (single small pair)
+    # overrides the engine's λ for this request: a number (engines with one small pair) or one number per
+    # pair, in the engine's pair order (the main pair first, then `experts`)
+    lam: Optional[Union[float, list[float]]] = None
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob plus the top k
     # "cumulative": the request's RequestOutput, everything so far, at every step it progresses;
     # "delta": at every such step only what is new (text, token ids, logprobs; a completion appears when
@@ -91,8 +93,14 @@ class SamplingParams:
             raise bad(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
-        if self.lam is not None and (not _is_number(self.lam) or not math.isfinite(self.lam)):
-            raise bad(f"lam must be a finite number or None, got {self.lam!r}")
+        if isinstance(self.lam, (list, tuple)):
+            if not self.lam or not all(_is_number(x) and math.isfinite(x) for x in self.lam):
+                raise bad(f"lam must be a finite number, a non-empty list of them (one per small pair) or None, "
+                          f"got {self.lam!r}")
+            self.lam = [float(x) for x in self.lam]
+        elif self.lam is not None and (not _is_number(self.lam) or not math.isfinite(self.lam)):
+            raise bad(f"lam must be a finite number, a non-empty list of them (one per small pair) or None, "
+                      f"got {self.lam!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
         if self.output_kind not in OUTPUT_KINDS:

@@ -6,6 +6,7 @@ seed/offset the engine promises (sample_seed(request seed, index), offset = toke
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 from pathlib import Path
@@ -211,8 +212,10 @@ def test_request_lam_overrides_engine_lam(llm: LLM, qwen2_triple: tuple) -> None
 def test_several_expert_pairs_sum_their_deltas(qwen2_triple: tuple) -> None:
     large, rl, base = map(str, qwen2_triple)
     llm = LLM(large, rl, base, lam=0.5, experts=[(base, rl, 0.2)], kv_cache_blocks=32)
-    with pytest.raises(RastError, match="single small pair"):
-        llm.llm_engine.add_request("x", PROMPTS[0], SamplingParams(lam=1.0))
+    for lam in (1.0, [1.0], [1.0, 2.0, 3.0]):  # one number per pair, in the engine's order
+        with pytest.raises(RastError, match="one number per pair"):
+            llm.llm_engine.add_request("x", PROMPTS[0], SamplingParams(lam=lam))
+    assert not llm.llm_engine.has_unfinished_requests()
     ids = llm.get_tokenizer().encode(PROMPTS[3])
     res = llm.score([ids], output="logits")[0]
     assert len(res.deltas) == 2
@@ -221,6 +224,19 @@ def test_several_expert_pairs_sum_their_deltas(qwen2_triple: tuple) -> None:
                                atol=1e-4, rtol=0)
     out = llm.generate([ids], GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == hf_greedy(qwen2_triple, ids, 0.3, llm.llm_engine.vocab_size, GREEDY.max_tokens)
+    # a request's λ per pair, beside one on the engine's: (rl - base) * 0.2 + (base - rl) * 0.9 = -0.7 (rl - base)
+    per_pair = dataclasses.replace(GREEDY, lam=[0.2, 0.9])
+    mine, engines = llm.generate([ids, ids], [per_pair, GREEDY], use_tqdm=False)
+    assert mine.outputs[0].token_ids == hf_greedy(qwen2_triple, ids, -0.7, llm.llm_engine.vocab_size, GREEDY.max_tokens)
+    assert engines.outputs[0].token_ids == out.outputs[0].token_ids
+    assert mine.outputs[0].token_ids != out.outputs[0].token_ids  # the oracle tells the two apart
+
+
+def test_request_lam_on_an_engine_without_small_models(qwen2_triple: tuple) -> None:
+    llm = LLM(str(qwen2_triple[0]), kv_cache_blocks=16)
+    with pytest.raises(RastError, match="has none"):
+        llm.llm_engine.add_request("x", PROMPTS[0], SamplingParams(lam=0.5))
+    assert not llm.llm_engine.has_unfinished_requests()
 
 
 def test_stop_strings_and_stop_token_ids(llm: LLM) -> None:
@@ -308,7 +324,8 @@ def test_add_request_rejects_bad_input_without_side_effects(llm: LLM) -> None:
     (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"), (dict(min_p=2.0), "min_p"),
     (dict(max_tokens=0), "max_tokens"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
     (dict(seed=1.5), "seed"), (dict(lam=float("nan")), "lam"), (dict(logprobs=-1), "logprobs"),
-    (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(ignore_eos="yes"), "ignore_eos"), (dict(lam=[]), "lam"), (dict(lam=[0.5, float("inf")]), "lam"),
+    (dict(lam=["0.5"]), "lam"), (dict(lam=[True]), "lam"),
 ])
 def test_sampling_params_validation(kwargs: dict, field: str) -> None:
     with pytest.raises(RastError, match=field):

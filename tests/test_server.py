@@ -149,9 +149,10 @@ def test_extra_body_fields(srv: Running, triple: tuple[Path, Path, Path]) -> Non
     # λ = 0 removes the small pair: the large model alone, loaded without it, is the oracle
     alone = LLM(str(triple[0]), device="cpu", dtype="float32", kv_cache_blocks=64)
     want = alone.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
-    res = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0,
-                                    extra_body={"lam": 0.0})
-    assert res.choices[0].text == want.outputs[0].text
+    for lam in (0.0, [0.0]):  # a number, or a list of one per small pair
+        res = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                        extra_body={"lam": lam})
+        assert res.choices[0].text == want.outputs[0].text, lam
 
 
 def test_stop_strings_streamed_and_not(srv: Running, oracle: LLM) -> None:
@@ -245,6 +246,8 @@ def test_bad_chat_and_the_server_keeps_serving(srv: Running) -> None:
         client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", extra_body={"lam": "strong"})
+    with pytest.raises(openai.BadRequestError, match="one number per pair"):  # the engine has one pair
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"lam": [1.0, 2.0]})
     assert httpx.get(f"{srv.url}/v1/nothing").status_code == 404
     res = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0)
     assert res.usage.completion_tokens >= 1

@@ -46,7 +46,7 @@ class _Request(BaseModel):
     # Extensions (vLLM spells them the same way): top-k/min-p filters and the per-request RAST weight.
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    lam: float | None = None
+    lam: float | list[float] | None = None  # one number, or one per small pair
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 

@@ -1,5 +1,6 @@
-"""`rast analyze`: PCR, token KLD and ΔR cosine on a tiny triple, each checked against the same quantity
-computed directly with HF transformers (greedy decoding and teacher forcing done by hand)."""
+"""`rast analyze`: PCR, token KLD, ΔR cosine and draft acceptance on a tiny triple, each checked against
+the same quantity computed directly with HF transformers (greedy decoding and teacher forcing done by
+hand)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rast_engine.analysis.accept import acceptance, expected_tokens, speedup_bound
 from rast_engine.analysis.cosine import CosineConfig, cosine_rows, mean_cosine, run_cosine
 from rast_engine.analysis.kld import KldConfig, run_kld, token_kld
 from rast_engine.analysis.pcr import path_coverage
@@ -146,3 +148,62 @@ def test_cosine_against_hf(setup: dict) -> None:
         means.append(cos.mean().item())
         assert traj["mean_cosine"] == pytest.approx(means[-1], abs=1e-5)
     assert report["mean_cosine"] == pytest.approx(sum(means) / len(means), abs=1e-5)
+
+
+# ---- draft acceptance (speculative decoding) ----------------------------------------------------------
+def test_acceptance_and_expected_tokens_by_hand() -> None:
+    p, q = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([[0.25, 0.25, 0.5], [0.0, 0.0, 1.0]])
+    assert acceptance(p, q).tolist() == [0.5, 0.0]  # 1 - total variation distance
+    assert acceptance(q, q).tolist() == [1.0, 1.0]
+    assert expected_tokens([0.5, 1.0], 2) == pytest.approx(2.0)  # t=0: 1 + .5 + .5; t=1: 1 + 1 (cut at the end)
+    assert expected_tokens([0.5, 0.25], 1) == pytest.approx((1.5 + 1.25) / 2)
+    assert expected_tokens([0.3] * 5, 0) == 1.0
+    a, g = 0.8, 3  # far from the end, a constant α gives the geometric sum (1 - α^(γ+1)) / (1 - α)
+    interior = (1 - a ** (g + 1)) / (1 - a)
+    # the last g - 1 starts have k < g drafts left: 1 + a + ... + a^k
+    tail = sum(1 + sum(a ** j for j in range(1, k + 1)) for k in range(1, g))
+    assert expected_tokens([a] * 100, g) == pytest.approx(((100 - g + 1) * interior + tail) / 100)
+    # 2 tokens a round for M's 10 bytes plus the pair's 2 bytes three times: (10 + 2) * 2 / (10 + 6)
+    assert speedup_bound(2.0, 2, 10, 2) == pytest.approx(1.5)
+
+
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(z / T) with HF's top-p by a full sort: the test's own reading of the spec."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # the mass strictly ahead of each token
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p)
+    probs = torch.where(keep, probs, torch.zeros_like(probs))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def test_accept_against_hf(setup: dict) -> None:
+    d, lam, temperature, top_p = setup["dirs"], 0.7, 0.8, 0.9
+    out = setup["root"] / "accept.json"
+    assert main(["analyze", "accept", "--model", str(d["large"]), "--small-rl", str(d["rl"]), "--small-base",
+                 str(d["base"]), "--lam", str(lam), "--temperature", str(temperature), "--top-p", str(top_p),
+                 "--max-gamma", "3", "--data", str(setup["data"]), "--template", str(setup["template"]),
+                 "--max-tokens", str(MAX_TOKENS), "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    pooled = {"rl": [], "small": []}
+    for prompt, traj in zip(setup["prompts"], report["trajectories"]):
+        path = traj["completion_ids"]  # sampled by the engine; scored here by HF forwards
+        rows = {n: hf_logits(m, prompt + path, setup["vocab"])[len(prompt) - 1:-1] for n, m in setup["hf"].items()}
+        delta = rows["rl"] - rows["base"]
+        target = _filtered_probs(rows["large"] + lam * delta, temperature, top_p)
+        for name, draft in (("rl", rows["rl"]), ("small", rows["base"] + lam * delta)):
+            want = torch.minimum(target, _filtered_probs(draft, temperature, top_p)).sum(-1)
+            assert traj[f"acceptance_{name}"] == pytest.approx(want.tolist(), abs=1e-5)
+            pooled[name].append(traj[f"acceptance_{name}"])
+    sizes = {n: sum(p.numel() * 4 for p in m.parameters()) for n, m in setup["hf"].items()}
+    assert report["weight_bytes"] == {"large": sizes["large"], "pair": sizes["rl"] + sizes["base"]}
+    for name, paths in pooled.items():
+        got = report["drafts"][name]
+        alphas = [a for path in paths for a in path]
+        assert got["mean_acceptance"] == pytest.approx(sum(alphas) / len(alphas))
+        assert 0 < got["mean_acceptance"] < 1
+        for row in got["by_gamma"]:
+            e = sum(expected_tokens(path, row["gamma"]) * len(path) for path in paths) / len(alphas)
+            assert row["tokens_per_round"] == pytest.approx(e)
+            assert row["speedup_bound"] == pytest.approx(speedup_bound(e, row["gamma"], sizes["large"],
+                                                                       sizes["rl"] + sizes["base"]))

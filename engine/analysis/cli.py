@@ -1,4 +1,5 @@
-"""`rast analyze pcr | kld | cosine`: the paper's Sec. 2.1 / 4.1 / 4.2 analyses on the engine."""
+"""`rast analyze pcr | kld | cosine`: the paper's Sec. 2.1 / 4.1 / 4.2 analyses on the engine;
+`rast analyze accept`: whether speculative decoding with the small models as the draft would pay."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("analyze", help="path coverage rate, token KLD, ΔR cosine similarity",
+    p = subparsers.add_parser("analyze", help="path coverage rate, token KLD, ΔR cosine similarity, draft "
+                                              "acceptance",
                               description="Teacher-forced analyses of RAST (see docs/eval.md).")
     sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     sub.required = True
@@ -54,6 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(cos)
     cos.set_defaults(func=run)
 
+    acc = sub.add_parser("accept", help="acceptance of the small models' drafts by M~ (speculative decoding)")
+    acc.add_argument("--model", required=True, help="the large base model M")
+    acc.add_argument("--small-rl", required=True)
+    acc.add_argument("--small-base", required=True)
+    acc.add_argument("--lam", type=float, default=1.0)
+    acc.add_argument("--temperature", type=float, default=1.0, help="of M~'s paths, target and drafts (default 1)")
+    acc.add_argument("--top-p", type=float, default=0.95, help="likewise (default 0.95, the paper's)")
+    acc.add_argument("--max-gamma", type=int, default=8, help="draft lengths 1..MAX_GAMMA (default 8)")
+    _common(acc)
+    acc.set_defaults(func=run)
+
 
 def _summary(args: argparse.Namespace, report: dict[str, Any]) -> str:
     n = f"{report['num_trajectories']} trajectories, {report['num_tokens']} tokens"
@@ -69,6 +82,15 @@ def _summary(args: argparse.Namespace, report: dict[str, Any]) -> str:
                  "| token | count | mean KLD | max KLD |", "|---|---:|---:|---:|"]
         lines += [f"| {json.dumps(r['token'])} | {r['count']} | {r['mean_kld']:.4f} | {r['max_kld']:.4f} |"
                   for r in report["top_tokens"]]
+        return "\n".join(lines)
+    if args.analysis == "accept":
+        lines = [f"draft acceptance by M~ (λ {report['lam']}, T {report['temperature']}, top-p {report['top_p']}; {n}); "
+                 "speed-up: a bound from weight bytes, not a measurement", "",
+                 "| draft | mean α | best γ | tokens / round | speed-up bound |", "|---|---:|---:|---:|---:|"]
+        for name, d in report["drafts"].items():
+            best = d["by_gamma"][d["best_gamma"] - 1]
+            lines.append(f"| {name} | {d['mean_acceptance']:.3f} | {d['best_gamma']} | "
+                         f"{best['tokens_per_round']:.2f} | {best['speedup_bound']:.2f}x |")
         return "\n".join(lines)
     return f"mean cosine similarity of the two ΔR: {report['mean_cosine']:.4f} ({n})"
 
@@ -94,6 +116,14 @@ def run(args: argparse.Namespace) -> int:
         report = run_cosine(CosineConfig(model=args.model, deltas=[tuple(d) for d in args.delta], data=args.data,
                                          template=args.template, max_tokens=args.max_tokens, limit=args.limit,
                                          device=args.device, dtype=args.dtype, seed=args.seed))
+    elif args.analysis == "accept":
+        from rast_engine.analysis.accept import AcceptConfig, run_accept
+
+        report = run_accept(AcceptConfig(model=args.model, small_rl=args.small_rl, small_base=args.small_base,
+                                         data=args.data, lam=args.lam, temperature=args.temperature,
+                                         top_p=args.top_p, max_gamma=args.max_gamma, template=args.template,
+                                         max_tokens=args.max_tokens, limit=args.limit, device=args.device,
+                                         dtype=args.dtype, seed=args.seed))
     else:
         raise RastError(f"unknown analysis {args.analysis!r}")
     if args.out:

@@ -1,6 +1,6 @@
 """Decode throughput and latency of RAST against its floor and its peers (issue 4 item 5).
 
-    python bench/decode.py                      # CUDA: 7B+Δ1.5B, 14B+Δ7B, 32B+Δ7B; batches 1 8 32 128
+    python bench/decode.py                      # CUDA: 7B+Δ1.5B, 14B+Δ7B, 32B+Δ7B, Qwen3-8B+Δ1.7B; batches 1 8 32 128
     python bench/decode.py --pairings 7b+1.5b --batches 1 32 --quick --profile --out $OUT
     python bench/decode.py --tiny               # CPU smoke run on tiny configs (automatic without CUDA)
 

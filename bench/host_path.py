@@ -10,8 +10,8 @@ read), `commit` (take the finished step's tokens), `launch` (schedule, fill the 
 the decode graph after the commit) and `outputs` (build the step's outputs while the next step runs).
 `critical_us` is the part with no step queued on the device: every `launch`, and a `commit` made with
 nothing in flight. Without async scheduling that is commit + launch at every step; with it, the next
-step is queued first, so only steps that fall back (admissions, preemptions) pay it, and the GPU idles
-only when a whole step's host work (`host_us`) exceeds its device time.
+step is queued first, so only steps that fall back (a preemption, a prompt prefilled in chunks, a first
+draw forking n > 1) pay it, and the GPU idles only when a whole step's host work (`host_us`) exceeds its device time.
 On a CPU the decode step itself is stubbed out (its compute is not host overhead there); on a GPU the
 replayed graph runs for real and asynchronously, so a launch is its enqueueing only.
 With async scheduling the requests are timed with each output kind (SamplingParams.output_kind): a

@@ -1,7 +1,7 @@
 """The decoder's elementwise work (RMSNorm with its residual add, rotary embedding, SiLU-and-multiply)
 behind one small interface, so the model has a single code path:
 
-- "torch": HF transformers' formulas in plain PyTorch, about 45 small kernels per layer; the CPU default.
+- "torch": HF transformers' formulas in plain PyTorch, about 35 small kernels per layer; the CPU default.
 - "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings, the rotary one
   also norming each head first (Qwen3) and writing this step's k/v into the paged cache
   (``stores_kv``); the CUDA default, where at small

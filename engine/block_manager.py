@@ -6,7 +6,9 @@ Invariants:
 - only full blocks whose K/V has been computed are hashed; full blocks are never written again, so a
   hashed block may be shared by any number of sequences;
 - a partial block is written only when its ref_count is 1: a shared one is first copied
-  (copy-on-write), which happens after an n > 1 fork.
+  (copy-on-write), which happens after an n > 1 fork;
+- a sequence's table may reach past its last token (a speculative round's lookahead): those blocks are
+  its own, hold K/V of rejected drafts at most, and are overwritten before any read.
 """
 from __future__ import annotations
 
@@ -104,36 +106,40 @@ class BlockManager:
         return block
 
     # ---- decode -------------------------------------------------------------------------------------
-    def _append_need(self, seq: Sequence) -> int:
-        """0 if the slot of the sequence's uncomputed last token is writable in place, else 1."""
-        index = (len(seq.token_ids) - 1) // self.block_size
-        if index == len(seq.block_table):
-            return 1
-        if index > len(seq.block_table):
+    def _append_need(self, seq: Sequence, lookahead: int = 0) -> int:
+        """Free blocks that make the uncomputed last token's slot and the ``lookahead`` slots after it
+        (a speculative round's drafts) writable: new blocks past the table, plus one when the last token's
+        block is shared (copy-on-write). Blocks past that one are never shared: forks share a prompt's
+        blocks, and lookahead blocks are taken fresh."""
+        first = (len(seq.token_ids) - 1) // self.block_size
+        if first > len(seq.block_table):
             raise RuntimeError(f"sequence {seq.seq_id} is more than one block ahead of its block table")
-        return 1 if self.ref_counts[seq.block_table[index]] > 1 else 0
+        new = max((len(seq.token_ids) - 1 + lookahead) // self.block_size + 1 - len(seq.block_table), 0)
+        shared = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
+        return new + shared
 
-    def can_append(self, seq: Sequence) -> bool:
-        return self._append_need(seq) <= self.num_free_blocks
+    def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+        return self._append_need(seq, lookahead) <= self.num_free_blocks
 
     def can_append_all(self, seqs: list[Sequence]) -> bool:
         """Whether every sequence can take its next slot (forks sharing a block are counted once each,
         an overestimate: the first copy-on-write leaves the others the block to themselves)."""
         return sum(self._append_need(s) for s in seqs) <= self.num_free_blocks
 
-    def append_slot(self, seq: Sequence) -> Optional[tuple[int, int]]:
-        """Make the last token's slot writable; returns (src, dst) when a block must be copied first."""
-        index = (len(seq.token_ids) - 1) // self.block_size
-        if index == len(seq.block_table):
+    def append_slot(self, seq: Sequence, lookahead: int = 0) -> Optional[tuple[int, int]]:
+        """Make the last token's slot and the ``lookahead`` after it writable; returns (src, dst) when the
+        last token's block must be copied first."""
+        first = (len(seq.token_ids) - 1) // self.block_size
+        copy = None
+        if first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1:
+            shared = seq.block_table[first]
+            fresh = self._take_free()
+            self.ref_counts[shared] -= 1
+            seq.block_table[first] = fresh
+            copy = (shared, fresh)
+        while len(seq.block_table) <= (len(seq.token_ids) - 1 + lookahead) // self.block_size:
             seq.block_table.append(self._take_free())
-            return None
-        last = seq.block_table[index]
-        if self.ref_counts[last] == 1:
-            return None
-        fresh = self._take_free()
-        self.ref_counts[last] -= 1
-        seq.block_table[index] = fresh
-        return last, fresh
+        return copy
 
     # ---- sharing and release ------------------------------------------------------------------------
     def fork(self, parent: Sequence, child: Sequence) -> None:

@@ -46,6 +46,10 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
         raise RastError(f"max_model_len={config.max_model_len} exceeds the models' "
                         f"max_position_embeddings ({model_max})")
     units, roles = forward_units(ms.models, config.stack_small_models)
+    if config.speculative_tokens and 0 in roles[1:]:
+        raise RastError("speculative decoding drafts with the small models alone, and the large model also "
+                        f"fills a small role ({', '.join(r for r, i in zip(ms.roles[1:], roles[1:]) if i == 0)}): "
+                        "give small models that are not the large one, or speculative_tokens=0")
     if device.type == "cuda":
         # stacking freed the small models' first copies into the allocator's cache; mem_get_info would
         # count them as used and the KV cache would shrink by the small models' size
@@ -58,24 +62,28 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     kv = KVCache(configs, num_blocks, config.block_size, dtype, device, copies=copies)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
-                          max_model_len=max_len, eos_token_ids=ms.eos_token_ids)
-    eager = config.enforce_eager or device.type != "cuda"
+                          max_model_len=max_len, eos_token_ids=ms.eos_token_ids, lookahead=config.speculative_tokens)
+    # speculative rounds run eagerly (speculative/__init__.py): graphs of plain decode steps would go unused
+    eager = config.enforce_eager or device.type != "cuda" or config.speculative_tokens > 0
     if not eager and attention.name not in CAPTURE_SAFE_ATTENTION:
         logger.warning("attention backend %r reads lengths on the host and cannot be captured in a CUDA "
                        "graph; decoding eagerly", attention.name)
         eager = True
     runner = ModelRunner(units, roles, kv, ms.vocab_size, config.block_size, device, enforce_eager=eager,
                          model_streams=config.model_streams, max_num_seqs=config.max_num_seqs,
-                         max_model_len=max_len, graph_max_batch=config.cuda_graph_max_batch)
+                         max_model_len=max_len, graph_max_batch=config.cuda_graph_max_batch,
+                         speculative_draft=config.speculative_draft)
     logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models), ", ".join(ms.roles),
                 device, str(dtype).replace("torch.", ""), time.perf_counter() - t0, ms.vocab_size)
     logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
                 num_blocks, config.block_size, kv.capacity_tokens, kv.bytes / 2**20, len(kv.pools), max_len)
     graphs = runner.graphs
     logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s, async scheduling %s; "
-                "small models: %s", attention.name, runner.sampler, "eager" if graphs is None else
+                "small models: %s%s", attention.name, runner.sampler, "eager" if graphs is None else
                 f"in CUDA graphs up to batch {graphs.buckets[-1]}" + (
                     ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
                 "on" if runner.streams.concurrent else "off", "on" if async_scheduling else "off",
-                " + ".join(f"{u.copies} stacked" if u.copies > 1 else "1" for u in units[1:]) or "none")
+                " + ".join(f"{u.copies} stacked" if u.copies > 1 else "1" for u in units[1:]) or "none",
+                f"; speculative: {config.speculative_tokens} {config.speculative_draft} drafts a round"
+                if config.speculative_tokens else "")
     return EngineParts(ms, max_len, kv, block_manager, scheduler, runner)

@@ -12,6 +12,7 @@ LAYER_OPS = ("auto", "torch", "triton")  # rast_engine.models.layer_ops
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # "auto": safetensors weights; "dummy": seeded random weights of config.json's shapes, made on the device
 LOAD_FORMATS = ("auto", "dummy")
+SPECULATIVE_DRAFTS = ("small", "rl")  # rast_engine.speculative.round
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class EngineConfig:
     # device (None: on when async_output is). A sequence stopped by any rule but length then computes
     # one discarded token.
     async_scheduling: Optional[bool] = None
+    # speculative decoding (engine/speculative): each decode round the small models draft this many tokens
+    # and the large model verifies them in one forward; 0 turns it off. The draft: "small" (S + λ·(R − S),
+    # the request's λ) or "rl" (R alone)
+    speculative_tokens: int = 0
+    speculative_draft: str = "small"
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +114,16 @@ class EngineConfig:
         if self.async_scheduling and self.async_output is False:
             raise RastError("async_scheduling=True needs async_output: a step ahead is launched before the "
                             "previous step's text is read")
+        if not isinstance(self.speculative_tokens, int) or isinstance(self.speculative_tokens, bool) or \
+                self.speculative_tokens < 0:
+            raise RastError(f"speculative_tokens must be an integer >= 0 (0: off), got {self.speculative_tokens!r}")
+        if self.speculative_draft not in SPECULATIVE_DRAFTS:
+            raise RastError(f"speculative_draft must be one of {SPECULATIVE_DRAFTS}, got {self.speculative_draft!r}")
+        if self.speculative_tokens and not pairs:
+            raise RastError("speculative_tokens needs a small pair to draft with (small_rl and small_base)")
+        if self.speculative_tokens and self.async_scheduling:
+            raise RastError("async_scheduling=True cannot be combined with speculative_tokens: a round's "
+                            "accepted length must reach the host before the next round is scheduled")
         if self.kv_cache_blocks is not None and self.kv_cache_memory is not None:
             raise RastError("give kv_cache_blocks or kv_cache_memory, not both")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -29,6 +29,7 @@ from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
 from rast_engine.scoring import score_sequences
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from rast_engine.speculative.round import PendingRound, SpecCounts, commit_round
 from rast_engine.triple import ModelSet, resolve_device
 
 
@@ -40,7 +41,8 @@ class LLMEngine:
         if self.device.type == "cuda":  # streams, events and Triton launches follow the current device
             torch.cuda.set_device(self.device)
         self.async_output = self.device.type == "cuda" if config.async_output is None else config.async_output
-        self.async_scheduling = self.async_output if config.async_scheduling is None else config.async_scheduling
+        ahead = self.async_output and not config.speculative_tokens  # a round's length must reach the host
+        self.async_scheduling = ahead if config.async_scheduling is None else config.async_scheduling
         if self.async_scheduling and not self.async_output:  # before any model is loaded
             raise RastError("async_scheduling=True needs async_output, which is off on this device by default: "
                             "give async_output=True too")
@@ -61,6 +63,7 @@ class LLMEngine:
         self._last_step_s = 0.0
         self._in_flight: Optional[InFlight] = None
         self._undelivered: list[RequestOutput] = []  # built by a step that then raised; see step()
+        self.spec_counts = SpecCounts()
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams) -> None:
@@ -90,26 +93,25 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch to its sampled tokens; the outputs of every request that progressed.
-
-        A prompt longer than the token budget takes several steps; only its last chunk samples, so a
-        step may return no output while it prefills.
+        """Run one batch to its sampled tokens (a speculative round: 1 to γ + 1 tokens a sequence, see
+        speculative/); the outputs of every request that progressed. A prompt longer than the token
+        budget takes several steps; only its last chunk samples, so a step may return no output.
         With async_output (CUDA by default) a step waits for the batch in flight, takes its tokens,
         launches the next batch and only then detokenises, checks stop strings and builds outputs, so
         host work overlaps the GPU. A sequence stopped by a stop string then is in the next batch: that
         token is computed and discarded. Freeing its blocks meanwhile is safe: the batch writes only
         its unhashed blocks, and any later user of them is queued behind it on the device.
-        With async_scheduling (on with async_output) the step after a batch (a decode step, or a prefill
-        admitting waiting requests) is launched before the batch's ids are waited for, the device
-        feeding each sampled id into it, so the GPU runs back to back while the host takes one step's
-        tokens and prepares the next. It falls back to the order above whenever the next batch needs
-        the host to know the tokens: a preemption (scheduler.py), a prompt still prefilled in chunks,
-        or a first draw forking n > 1.
+        With async_scheduling (on with async_output, off when speculating) the step after a batch (a
+        decode step, or a prefill admitting waiting requests) is launched before the batch's ids are
+        waited for, the device feeding each sampled id into it, so the GPU runs back to back while the
+        host takes one step's tokens and prepares the next. It falls back to the order above whenever
+        the next batch needs the host to know the tokens: a preemption (scheduler.py), a prompt still
+        prefilled in chunks, or a first draw forking n > 1.
         If the runner raises (or is interrupted) its batch is undone: no sequence takes a token and the
         batch is requeued for recompute, so stepping on gives the outputs of a run that never failed.
         A step that raises after taking its batch's tokens (the next launch failed) keeps the outputs it
         built, and the next step returns them first. An error after the runner (detokenising, stop
-        checks) is not undone; the server declares the engine dead on any step error, and LLM.generate
+        checks) is not undone; the server declares the engine dead on any step error, LLM.generate
         aborts its requests."""
         undelivered, self._undelivered = self._undelivered, []
         try:
@@ -199,8 +201,9 @@ class LLMEngine:
             else:
                 draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated))
             owners.append((seq, len(draws) - before))
+        lookahead = out.lookahead if all(s.group.forked for s in out.seqs) else 0  # a first draw: plainly
         try:
-            step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed)
+            step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed, lookahead)
         except BaseException:
             self.scheduler.requeue(out.seqs)
             raise
@@ -221,6 +224,8 @@ class LLMEngine:
         """Take a finished batch's tokens. Sequences that stop by token finish now, so the next batch
         leaves them out; the rest wait in ``deferred`` for their text (async_output only). Sequences
         that finished or were aborted while the batch ran drop their draws."""
+        if isinstance(batch.step, PendingRound):
+            return commit_round(self, batch.out.seqs, results, batch.out.lookahead), []
         progressed: dict[str, SequenceGroup] = {}
         deferred: list[Sequence] = []
         k = queued = 0  # queued: samples of this batch's forks that found no slot, in fork order
@@ -288,8 +293,8 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_blocks,
             prompt_tokens_total=self._prompt_tokens, generation_tokens_total=self._generation_tokens,
-            last_step_s=self._last_step_s,
-        )
+            last_step_s=self._last_step_s, spec_draft_tokens_total=self.spec_counts.drafted,
+            spec_accepted_tokens_total=self.spec_counts.accepted)
 
     @property
     def dtype(self) -> torch.dtype:

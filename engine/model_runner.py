@@ -30,6 +30,7 @@ from rast_engine.models.stacked import ForwardUnit
 from rast_engine.draws import Draw, draw_logprobs, sample_draws
 from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
 from rast_engine.sequence import Sequence
+from rast_engine.speculative.round import PendingRound, run_round
 
 
 @dataclass
@@ -44,9 +45,10 @@ class ModelRunner:
     def __init__(self, units: list[ForwardUnit], roles: list[int], kv: KVCache, vocab_size: int, block_size: int,
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
                  max_num_seqs: int = 256, max_model_len: int = 2048,
-                 graph_max_batch: Optional[int] = None) -> None:
+                 graph_max_batch: Optional[int] = None, speculative_draft: str = "small") -> None:
         """units: the large model, then the small models' forwards, each giving ``copies`` models' logits;
-        roles: per role (large, then rl and base per pair) the index of its logits among those."""
+        roles: per role (large, then rl and base per pair) the index of its logits among those;
+        speculative_draft: what drafts a speculative round (speculative.round)."""
         self.units, self.roles = units, roles
         self.kv = kv
         self.vocab_size = vocab_size
@@ -58,6 +60,7 @@ class ModelRunner:
         self.streams = ModelStreams(device, model_streams)
         widths = [(u.config.vocab_size, u.dtype) for u in units for _ in range(u.copies)]  # per model
         self.pairs = (len(roles) - 1) // 2
+        self.speculative_draft = speculative_draft
         self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
         # every decode step's logits, one [max_num_seqs, width_m] buffer per model: graph buckets share
         # them instead of each holding its own outputs in the pool (about 2 GB at 256 rows, 3 x 152k vocab)
@@ -147,11 +150,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, seqs: Seq[Sequence], is_prefill: bool, copies: Seq[tuple[int, int]],
-               draws: Seq[Draw], feed: Optional[Seq[int]] = None) -> PendingStep:
+               draws: Seq[Draw], feed: Optional[Seq[int]] = None, lookahead: int = 0) -> PendingStep | PendingRound:
         """execute(), except that it returns once the step is queued: its ids (and logprobs) come back,
         on CUDA by asynchronous copies, when PendingStep.wait() is called. ``feed``: see prepare (and
-        DecodeBuffers.fill for decode)."""
+        DecodeBuffers.fill for decode). ``lookahead`` > 0: a decode step is a speculative round of that
+        many drafts a sequence, whose PendingRound gives each sequence's tokens."""
         self.kv.copy_blocks(copies)
+        if lookahead:
+            return run_round(self, seqs, draws, lookahead, self.speculative_draft)
         if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws, feed)
         inputs = self.prepare(seqs, is_prefill, feed)

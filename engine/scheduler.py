@@ -20,6 +20,10 @@ block and the first token are computed again). So a request with a large n never
 slots while the ones freed one by one idle, n may exceed max_num_seqs, and a waiting sample never
 holds memory another sequence needs.
 
+With speculative decoding (``lookahead`` γ > 0) a decode step is a round: each sequence's blocks also
+cover the γ positions after its last token, where the small models write their drafts' K/V (as many for
+every sequence, fewer near the context's end); the round's accepted tokens are appended at commit.
+
 ``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
 (see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
 sequences riding along, whenever it needs nothing the host has yet to learn (no preemption, no chunk
@@ -41,6 +45,7 @@ class SchedulerOutput:
     seqs: list[Sequence]
     is_prefill: bool
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) block pairs
+    lookahead: int = 0  # a decode step's speculative drafts a sequence (their slots are writable)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -49,8 +54,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: Iterable[int]) -> None:
+                 max_model_len: int, eos_token_ids: Iterable[int], lookahead: int = 0) -> None:
+        """lookahead: the speculative drafts of a decode step (0: none)."""
         self.bm = block_manager
+        self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -129,6 +136,9 @@ class Scheduler:
         return SchedulerOutput(scheduled, True, copies)
 
     def _schedule_decode(self) -> SchedulerOutput:
+        # a speculative round drafts as many tokens for every sequence, within each one's context
+        lookahead = min((min(self.lookahead, self.max_model_len - len(s.token_ids)) for s in self.running),
+                        default=0) if self.lookahead else 0
         scheduled: list[Sequence] = []
         copies: list[tuple[int, int]] = []
         i = 0
@@ -137,13 +147,13 @@ class Scheduler:
             if seq.num_uncomputed != 1:
                 raise RuntimeError(f"sequence {seq.seq_id} has {seq.num_uncomputed} uncomputed tokens in a "
                                    "decode step; a partial prefill must be finished first")
-            while not self.bm.can_append(seq):
+            while not self.bm.can_append(seq, lookahead):
                 victim = self.running.pop()  # always behind i, or seq itself
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                copy = self.bm.append_slot(seq)
+                copy = self.bm.append_slot(seq, lookahead)
                 if copy is not None:
                     copies.append(copy)
                 seq.num_scheduled_tokens = 1
@@ -151,7 +161,7 @@ class Scheduler:
                 i += 1
                 continue
             break
-        return SchedulerOutput(scheduled, False, copies)
+        return SchedulerOutput(scheduled, False, copies, lookahead)
 
     def schedule_ahead(self) -> Optional[SchedulerOutput]:
         """The step after one still on the device, over the running sequences' pending tokens (the

@@ -115,14 +115,16 @@ def test_serving_flags_reach_the_engine(triple: tuple[str, str, str]) -> None:
         ["serve", large, "--small-rl", rl, "--small-base", base, *ENGINE_FLAGS, "--block-size", "8",
          "--max-num-batched-tokens", "32", "--attention-backend", "torch", "--enforce-eager",
          "--cuda-graph-max-batch", "4", "--no-enable-prefix-caching", "--async-output", "--no-async-scheduling",
-         "--no-model-streams", "--no-stack-small-models"])
+         "--no-model-streams", "--no-stack-small-models", "--speculative-tokens", "3", "--speculative-draft", "rl"])
     engine = build_engine(args)
     cfg = engine.config
     assert (cfg.block_size, cfg.max_num_batched_tokens, cfg.attention_backend, cfg.enforce_eager,
             cfg.cuda_graph_max_batch, cfg.enable_prefix_caching, engine.async_output, cfg.model_streams) == (
         8, 32, "torch", True, 4, False, True, False)
+    assert (engine.scheduler.lookahead, engine.runner.speculative_draft) == (3, "rl")
     assert not cfg.stack_small_models and len(engine.runner.units) == 3  # rl and base as two forwards
     assert not engine.async_scheduling
     defaults = build_parser().parse_args(["serve", large])
     assert (defaults.enable_prefix_caching, defaults.async_output, defaults.async_scheduling, defaults.block_size,
-            defaults.model_streams, defaults.stack_small_models) == (True, None, None, 16, True, True)
+            defaults.model_streams, defaults.stack_small_models, defaults.speculative_tokens) == (
+        True, None, None, 16, True, True, 0)

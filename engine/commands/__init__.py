@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from rast_engine.config import LAYER_OPS
+from rast_engine.config import LAYER_OPS, SPECULATIVE_DRAFTS
 from rast_engine.errors import RastError
 
 
@@ -43,6 +43,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA: the small models on their own stream, beside the large one (default on)")
     p.add_argument("--stack-small-models", action=argparse.BooleanOptionalAction, default=True,
                    help="the small models of one architecture as one batched forward (default on)")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="G",
+                   help="speculative decoding: the small models draft G tokens a round, the large model "
+                        "verifies them in one forward (default 0: off)")
+    p.add_argument("--speculative-draft", default="small", choices=SPECULATIVE_DRAFTS,
+                   help="the draft: small = S + λ·(R − S), rl = R alone (default small)")
 
 
 def _existing_dir(path: str, flag: str) -> str:
@@ -75,7 +80,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         attention_backend=args.attention_backend, layer_ops=args.layer_ops, enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch, enable_prefix_caching=args.enable_prefix_caching,
         async_output=args.async_output, async_scheduling=args.async_scheduling, model_streams=args.model_streams,
-        stack_small_models=args.stack_small_models))
+        stack_small_models=args.stack_small_models, speculative_tokens=args.speculative_tokens,
+        speculative_draft=args.speculative_draft))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from rast_engine.errors import RastError
 
-SUITES = ("sampler", "decode", "attention", "layer_ops", "host_path")
+SUITES = ("sampler", "decode", "attention", "layer_ops", "host_path", "slot_occupancy", "speculative")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "bench", help="run the benchmark suites in bench/ (sampler, decode, attention, layer_ops, host_path)",
+        "bench", help=f"run the benchmark suites in bench/ ({', '.join(SUITES)})",
         description="Run bench/<suite>.py from the source checkout with the current Python; arguments "
                     "after the suite go to the script (e.g. rast bench decode --help).")
     p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"),

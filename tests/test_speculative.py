@@ -1,0 +1,208 @@
+"""Speculative RAST decoding (engine/speculative): the accept/reject step against exact probabilities,
+and the engine's rounds against plain decoding and against HF transformers' forwards; on a GPU (the
+`gpu` marker, run by bench/gpu_session.sh) the rounds natively."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from rast_engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from rast_engine.errors import RastError
+from rast_engine.speculative.accept import accept_drafts
+
+LAM = 0.7
+PROMPTS = ["what is the answer? let us think", "a small model can steer", "one two three four five",
+           "what is the answer? let us think again"]
+
+
+# ---- the accept/reject step -------------------------------------------------------------------------
+def _probs(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.softmax(torch.randn(*shape, generator=gen) * 1.5, dim=-1)
+
+
+def _emitted(accepted: torch.Tensor, nxt: torch.Tensor, drafts: torch.Tensor, j: int) -> torch.Tensor:
+    """The token each row emits at position j (rows whose run is shorter: -1)."""
+    out = torch.where(accepted > j, drafts[:, min(j, drafts.shape[1] - 1)], torch.full_like(nxt, -1))
+    return torch.where(accepted == j, nxt, out)
+
+
+def test_accepted_tokens_follow_the_target_exactly() -> None:
+    """Rows share p (3 positions) and q (2 positions) and differ in seeds: each position's emitted token,
+    given that the run reaches it, has the target's distribution, and the run length has the
+    acceptance probabilities Σ min(p, q) (speculative sampling's theorem; chi-square / binomial)."""
+    from scipy.stats import chisquare  # the dev extra, which the GPU image lacks (its tests are below)
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, g, rows = 6, 2, 60_000
+    p, q = _probs(gen, g + 1, vocab), _probs(gen, g, vocab)
+    drafts = torch.stack([torch.multinomial(q[j], rows, replacement=True, generator=gen) for j in range(g)], dim=1)
+    seeds = torch.arange(rows, dtype=torch.int64) * 7919 + 3
+    accepted, nxt = accept_drafts(p.expand(rows, -1, -1), q.expand(rows, -1, -1), drafts, seeds, seeds ^ 0x55,
+                                  torch.full((rows,), 11, dtype=torch.int64))
+    alpha = torch.minimum(p[:g], q).sum(-1).double()
+    reach = [1.0, alpha[0].item(), (alpha[0] * alpha[1]).item()]
+    for j in range(g + 1):
+        got = (accepted >= j).double().mean().item()
+        assert got == pytest.approx(reach[j], abs=5 * (reach[j] * (1 - reach[j]) / rows) ** 0.5 + 1e-12)
+        tokens = _emitted(accepted, nxt, drafts, j)
+        tokens = tokens[tokens >= 0]
+        counts = torch.bincount(tokens, minlength=vocab).double()
+        expected = p[j].double() / p[j].double().sum() * len(tokens)
+        assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-4, j
+
+
+def test_accept_step_is_greedy_on_one_hot_rows_and_batch_invariant() -> None:
+    one_hot = torch.eye(5)
+    p = torch.stack([one_hot[[2, 3, 1]], one_hot[[2, 4, 0]]])  # [2, 3, 5]
+    q = torch.stack([one_hot[[2, 3]], one_hot[[2, 3]]])
+    drafts = torch.tensor([[2, 3], [2, 3]])
+    zeros = torch.zeros(2, dtype=torch.int64)
+    accepted, nxt = accept_drafts(p, q, drafts, zeros + 5, zeros + 6, zeros)
+    assert accepted.tolist() == [2, 1] and nxt.tolist() == [1, 4]  # all pass then p's mode; else p's mode
+    gen = torch.Generator().manual_seed(1)
+    p, q = _probs(gen, 8, 3, 7), _probs(gen, 8, 2, 7)
+    drafts = torch.multinomial(q.view(-1, 7), 1, generator=gen).view(8, 2)
+    seeds, offset = torch.arange(8, dtype=torch.int64) * 31, torch.arange(8, dtype=torch.int64)
+    whole = accept_drafts(p, q, drafts, seeds, seeds + 1, offset)
+    for i in range(8):
+        alone = accept_drafts(p[i:i + 1], q[i:i + 1], drafts[i:i + 1], seeds[i:i + 1], seeds[i:i + 1] + 1,
+                              offset[i:i + 1])
+        assert (alone[0].item(), alone[1].item()) == (whole[0][i].item(), whole[1][i].item())
+
+
+# ---- the engine ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def near_triple(qwen2_triple: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """(large, rl, base) where the large model is the base with its logits scaled by 1.15: the small
+    pair's drafts are often but not always accepted, so rounds take both branches."""
+    _, rl, base = qwen2_triple
+    near = tmp_path_factory.mktemp("spec") / "near"
+    shutil.copytree(base, near)
+    f = next(Path(near).glob("*.safetensors"))
+    w = load_file(f)
+    w["model.norm.weight"] = w["model.norm.weight"] * 1.15
+    save_file(w, f, metadata={"format": "pt"})
+    return str(near), str(rl), str(base)
+
+
+def _runs(llm: LLM, params: list[SamplingParams]) -> list[list[tuple]]:
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("gamma, draft, blocks", [(1, "small", 128), (3, "small", 14), (4, "rl", 128), (6, "rl", 14)])
+def test_greedy_rounds_give_the_plain_tokens(near_triple: tuple, gamma: int, draft: str, blocks: int) -> None:
+    """Greedy requests through rounds of γ drafts equal plain decoding, with stop tokens and strings that
+    end a run midway, forks of n = 3, the context's end (max_model_len, where rounds shrink to fit) and a
+    KV cache small enough to preempt (blocks=14)."""
+    kw = dict(lam=LAM, block_size=4, max_model_len=40)
+    plain = LLM(*near_triple, kv_cache_blocks=128, **kw)
+    first = plain.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[first.token_ids[7]]),
+              SamplingParams(temperature=0.0, max_tokens=24, stop=[first.text[10:13]]),
+              SamplingParams(temperature=0.0, max_tokens=5, n=3)]
+    spec = LLM(*near_triple, kv_cache_blocks=blocks, speculative_tokens=gamma, speculative_draft=draft, **kw)
+    want, got = _runs(plain, params), _runs(spec, params)
+    assert got == want
+    assert {r[2] for req in got for r in req} == {"length", "stop"}
+    stats = spec.llm_engine.stats()
+    assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total  # both branches taken
+    assert stats.kv_blocks_used == 0 and (blocks == 128 or spec.llm_engine.scheduler.num_preemptions > 0)
+    mine = spec.generate(PROMPTS[:1], params[0], use_tqdm=False)[0].outputs[0].logprobs
+    theirs = plain.generate(PROMPTS[:1], params[0], use_tqdm=False)[0].outputs[0].logprobs
+    assert [sorted(a) for a in mine] == [sorted(b) for b in theirs]
+    assert max(abs(a[k] - b[k]) for a, b in zip(mine, theirs) for k in a) < 1e-5
+
+
+def test_the_two_drafts_are_different_distributions(near_triple: tuple) -> None:
+    """λ != 1: R alone and S + λ(R − S) draft differently, so greedy rounds accept differently (the
+    tokens stay the plain ones)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    counts, tokens = [], []
+    for draft in ("small", "rl"):
+        llm = LLM(*near_triple, lam=LAM, block_size=4, kv_cache_blocks=64, speculative_tokens=3, speculative_draft=draft)
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)])
+        stats = llm.llm_engine.stats()
+        counts.append((stats.spec_draft_tokens_total, stats.spec_accepted_tokens_total))
+    assert tokens[0] == tokens[1] and counts[0] != counts[1]
+
+
+def test_sampled_rounds_follow_rast_from_hf_forwards(near_triple: tuple) -> None:
+    """Second tokens sampled through rounds (draft accepted or replaced), given the most frequent first
+    token, against softmax(top-4 of M + λ(R − S)) from HF forwards (chi-square)."""
+    from scipy.stats import chisquare
+
+    llm = LLM(*near_triple, lam=LAM, block_size=4, kv_cache_blocks=512, max_num_seqs=128, speculative_tokens=3)
+    prompt = llm.get_tokenizer().encode(PROMPTS[1])
+    params = SamplingParams(n=3000, temperature=1.0, top_k=4, max_tokens=2, ignore_eos=True, seed=11)
+    outs = [c.token_ids for c in llm.generate([prompt], params, use_tqdm=False)[0].outputs]
+    stats = llm.llm_engine.stats()
+    assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total
+    first = max(set(o[0] for o in outs), key=[o[0] for o in outs].count)
+    seconds = torch.tensor([o[1] for o in outs if o[0] == first])
+    with torch.no_grad():
+        z = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(torch.tensor([prompt + [first]])).logits[0, -1]
+             for d in near_triple]
+    v = llm.llm_engine.vocab_size
+    combined = (z[0][:v] + LAM * (z[1][:v] - z[2][:v])).double()
+    top = combined.topk(4)
+    expected = torch.softmax(top.values, 0) * len(seconds)  # float64: sums to the count
+    counts = torch.stack([(seconds == t).sum() for t in top.indices]).double()
+    assert counts.sum().item() == len(seconds)  # nothing outside the top 4
+    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-4
+
+
+def test_speculative_config_errors(qwen2_triple: tuple) -> None:
+    large, rl, base = map(str, qwen2_triple)
+    with pytest.raises(RastError, match="needs a small pair"):
+        EngineConfig(large, speculative_tokens=2)
+    with pytest.raises(RastError, match="async_scheduling"):
+        EngineConfig(large, rl, base, speculative_tokens=2, async_output=True, async_scheduling=True)
+    with pytest.raises(RastError, match="speculative_draft"):
+        EngineConfig(large, rl, base, speculative_tokens=2, speculative_draft="large")
+    with pytest.raises(RastError, match="speculative_tokens must be"):
+        EngineConfig(large, rl, base, speculative_tokens=-1)
+    with pytest.raises(RastError, match="also fills a small role"):  # the large model as R: nothing to draft with
+        LLMEngine(EngineConfig(large, large, base, speculative_tokens=2, device="cpu", kv_cache_blocks=16))
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="CPU runs only (Triton interpreter)")
+def test_rounds_in_the_gpu_configuration_under_the_cuda_emulator(near_triple: tuple,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds with the GPU's kernels (Triton attention with the verify's multi-token queries over the
+    paged cache, layer ops and sampler, interpreted) and model streams under tests/cuda_emulator.py
+    (cross-stream accesses must be ordered): the greedy tokens of the plain engine."""
+    from cuda_emulator import emulated_cuda
+    from rast_engine.model_streams import ModelStreams
+
+    kw = dict(lam=LAM, block_size=4, kv_cache_blocks=64, max_num_seqs=4, attention_backend="triton", layer_ops="triton")
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(*near_triple, **kw).generate(PROMPTS[:2], greedy, use_tqdm=False)]
+    spec = LLM(*near_triple, speculative_tokens=2, stack_small_models=False, **kw)
+    spec.llm_engine.runner.sampler = "triton"
+    with emulated_cuda(monkeypatch):
+        spec.llm_engine.runner.streams = ModelStreams(torch.device("cuda"), True)
+        got = [o.outputs[0].token_ids for o in spec.generate(PROMPTS[:2], greedy, use_tqdm=False)]
+    assert got == want and spec.llm_engine.stats().spec_accepted_tokens_total > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft", ["small", "rl"])
+def test_gpu_rounds_give_the_plain_greedy_tokens(near_triple: tuple, draft: str) -> None:
+    """The round natively on a GPU (Triton attention, layer ops and sampler; model streams; tokens read
+    back through pinned copies and an event), float32: the plain engine's greedy tokens, with forks."""
+    kw = dict(lam=LAM, block_size=4, kv_cache_blocks=128, device="cuda", dtype="float32", max_model_len=48)
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0.0, max_tokens=9, n=2)]
+    plain, spec = LLM(*near_triple, **kw), LLM(*near_triple, speculative_tokens=4, speculative_draft=draft, **kw)
+    assert spec.llm_engine.runner.graphs is None and not spec.llm_engine.async_scheduling
+    assert _runs(spec, params * 2) == _runs(plain, params * 2)
+    stats = spec.llm_engine.stats()
+    assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total

@@ -64,6 +64,9 @@ def test_accept_step_is_greedy_on_one_hot_rows_and_batch_invariant() -> None:
     zeros = torch.zeros(2, dtype=torch.int64)
     accepted, nxt = accept_drafts(p, q, drafts, zeros + 5, zeros + 6, zeros)
     assert accepted.tolist() == [2, 1] and nxt.tolist() == [1, 4]  # all pass then p's mode; else p's mode
+    q[0, 0] = 0  # a draft row that admitted nothing (its draw, -1, read as token 2 here): always rejected
+    accepted, nxt = accept_drafts(p, q, drafts, zeros + 5, zeros + 6, zeros)
+    assert accepted.tolist() == [0, 1] and nxt.tolist() == [2, 4]
     gen = torch.Generator().manual_seed(1)
     p, q = _probs(gen, 8, 3, 7), _probs(gen, 8, 2, 7)
     drafts = torch.multinomial(q.view(-1, 7), 1, generator=gen).view(8, 2)

@@ -1,7 +1,7 @@
 """Speculative sampling's accept/reject step for a batch of rounds, exact and counter-based.
 
 For draft token x_j drawn from q_j, accept it iff u_j · q_j(x_j) < p_j(x_j) (u_j uniform in (0, 1): with
-probability min(1, p/q), without dividing by a q that rounding could make 0); the first rejected position
+probability min(1, p/q), without dividing by q) and q_j(x_j) > 0; the first rejected position
 a takes its token from norm(max(0, p_a − q_a)), and a round whose γ drafts all pass takes one more from
 p_γ (as if q_γ = 0). Draws from the residual are Gumbel-max over log r: exact for any weights r >= 0.
 Every uniform is keyed by (seed, offset + position) through rast_kernels.rng, so the outcome of a row
@@ -48,7 +48,8 @@ def accept_drafts(target: torch.Tensor, draft: torch.Tensor, drafts: torch.Tenso
     q_x = draft.gather(2, drafts[..., None])[..., 0]
     keys = row_key(accept_seed[:, None].expand(bsz, g).reshape(-1), (offset[:, None] + pos).reshape(-1))
     u = token_uniform(keys, 1).view(bsz, g)
-    accepted = (u * q_x < p_x).to(torch.int64).cumprod(1).sum(1)
+    # q_x = 0 (a draft its own distribution rules out: a row that admitted nothing) is always rejected
+    accepted = ((u * q_x < p_x) & (q_x > 0)).to(torch.int64).cumprod(1).sum(1)
     rows = torch.arange(bsz, device=target.device)
     q_a = draft[rows, accepted.clamp(max=max(g - 1, 0))] if g else torch.zeros_like(target[:, 0])
     q_a = torch.where((accepted < g)[:, None], q_a, torch.zeros_like(q_a))

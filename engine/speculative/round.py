@@ -103,6 +103,8 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
         logits, deltas, w = (rl[0], (), 1.0) if draft == "rl" else (base[0], list(zip(rl, base)), weights)
         ids = rast_kernels.rast_sample(logits, deltas, weights=w, **params, seed=seeds[DRAFT_SALT],
                                        offset=offset + j, vocab_size=vocab, backend=runner.sampler)
+        # -1 (the draft admits no token) becomes token 0 with q = 0 there: read as an input, then rejected
+        ids = ids.clamp(min=0)
         drafts.append(ids)
     tokens_in = torch.stack([last] + drafts, dim=1)  # [B, γ + 1]: the large model's inputs
     positions, meta = _meta(tables, start, gamma + 1, max(starts), bs, is_prefill=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rast_engine.analysis.trajectories import TrajectorySettings, completion_rows, generate_trajectories, score_each
+from rast_engine.analysis.trajectories import TripleSettings, completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import load_problems
 from rast_engine.evaluation.templates import load_template
@@ -70,11 +70,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 @dataclass(kw_only=True)
-class AcceptConfig(TrajectorySettings):
-    model: str
-    small_rl: str
-    small_base: str
-    lam: float = 1.0
+class AcceptConfig(TripleSettings):
     temperature: float = 1.0
     top_p: float = 0.95
     max_gamma: int = 8

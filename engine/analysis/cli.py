@@ -21,6 +21,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the full report (per trajectory) to this JSON file")
 
 
+def _triple(p: argparse.ArgumentParser) -> None:
+    """The flags of an analysis of M~ = M + λ·(R − S)."""
+    p.add_argument("--model", required=True, help="the large base model M")
+    p.add_argument("--small-rl", required=True)
+    p.add_argument("--small-base", required=True)
+    p.add_argument("--lam", type=float, default=1.0)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("analyze", help="path coverage rate, token KLD, ΔR cosine similarity, draft "
                                               "acceptance",
@@ -39,10 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pcr.set_defaults(func=run)
 
     kld = sub.add_parser("kld", help="per-token KL(M~ ‖ M_base) along M~'s own paths; the top tokens")
-    kld.add_argument("--model", required=True, help="the large base model M")
-    kld.add_argument("--small-rl", required=True)
-    kld.add_argument("--small-base", required=True)
-    kld.add_argument("--lam", type=float, default=1.0)
+    _triple(kld)
     kld.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy paths")
     kld.add_argument("--top", type=int, default=20, help="how many top positions and tokens to list")
     _common(kld)
@@ -57,10 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cos.set_defaults(func=run)
 
     acc = sub.add_parser("accept", help="acceptance of the small models' drafts by M~ (speculative decoding)")
-    acc.add_argument("--model", required=True, help="the large base model M")
-    acc.add_argument("--small-rl", required=True)
-    acc.add_argument("--small-base", required=True)
-    acc.add_argument("--lam", type=float, default=1.0)
+    _triple(acc)
     acc.add_argument("--temperature", type=float, default=1.0, help="of M~'s paths, target and drafts (default 1)")
     acc.add_argument("--top-p", type=float, default=0.95, help="likewise (default 0.95, the paper's)")
     acc.add_argument("--max-gamma", type=int, default=8, help="draft lengths 1..MAX_GAMMA (default 8)")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rast_engine.analysis.trajectories import TrajectorySettings, completion_rows, generate_trajectories, score_each
+from rast_engine.analysis.trajectories import TripleSettings, completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import load_problems
 from rast_engine.evaluation.templates import load_template
@@ -34,11 +34,7 @@ def token_kld(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 64) -
 
 
 @dataclass(kw_only=True)
-class KldConfig(TrajectorySettings):
-    model: str
-    small_rl: str
-    small_base: str
-    lam: float = 1.0
+class KldConfig(TripleSettings):
     temperature: float = 0.0
     top: int = 20
 

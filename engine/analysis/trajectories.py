@@ -33,6 +33,15 @@ class TrajectorySettings:
             raise RastError("--max-tokens must be >= 1")
 
 
+@dataclass(kw_only=True)
+class TripleSettings(TrajectorySettings):
+    """An analysis of M~ = M + λ·(R − S): the triple and λ as well."""
+    model: str
+    small_rl: str
+    small_base: str
+    lam: float = 1.0
+
+
 @dataclass(frozen=True)
 class Trajectory:
     id: str

@@ -8,7 +8,9 @@ Modes: ``base`` the large model alone in our engine; ``rast-seq`` the forks' des
 another, eager, outputs processed between steps); ``rast`` streams + CUDA graphs + async outputs, the
 small pair as one batched forward, each step launched before the previous step's ids are read;
 ``rast-unstacked`` the same with the pair as two forwards (what stacking buys); ``rast-no-ahead`` the
-same without async scheduling (what launching ahead buys); ``hf-rast`` the peer (three HF transformers models, each
+same without async scheduling (what launching ahead buys); ``rast-spec`` speculative rounds of 4 drafts
+(a step is a round; its rows also project tokens/s at trained acceptance rates, see spec_round);
+``hf-rast`` the peer (three HF transformers models, each
 with its own DynamicCache, run one after another, logits combined and sampled in torch). Weights are
 random with the exact shapes of bench/configs/*.json. A step is the host interval between consecutive
 returns of engine.step() (no sync in between, which would undo async outputs), so host overhead counts,
@@ -41,7 +43,7 @@ from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa
 CONFIGS = ROOT / "bench" / "configs"
 PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
             "32b+7b": ("qwen2.5-32b", "qwen2.5-7b"), "qwen3-8b+1.7b": ("qwen3-8b", "qwen3-1.7b")}
-MODES = ("base", "rast-seq", "rast", "rast-unstacked", "rast-no-ahead", "hf-rast")
+MODES = ("base", "rast-seq", "rast", "rast-unstacked", "rast-no-ahead", "rast-spec", "hf-rast")
 _FAST = dict(enforce_eager=False, model_streams=True, async_output=True, async_scheduling=True)
 # pair: the mode has the small pair; stack: the pair runs as one batched forward (models.stacked)
 ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
@@ -49,7 +51,11 @@ ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
                                  pair=True, stack=False),
                 "rast": dict(_FAST, pair=True, stack=True),
                 "rast-unstacked": dict(_FAST, pair=True, stack=False),
-                "rast-no-ahead": dict(_FAST, async_scheduling=False, pair=True, stack=True)}
+                "rast-no-ahead": dict(_FAST, async_scheduling=False, pair=True, stack=True),
+                # speculative rounds (engine/speculative): eager, no async scheduling, γ = SPEC_GAMMA drafts
+                "rast-spec": dict(_FAST, async_scheduling=False, pair=True, stack=True, spec=True)}
+SPEC_GAMMA = 4
+SPEC_ALPHAS = (0.6, 0.7, 0.8, 0.9)  # acceptance rates a round's time is projected at
 _TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
               "hidden_act": "silu", "max_position_embeddings": 1024, "tie_word_embeddings": False,
@@ -111,6 +117,7 @@ class Suite:
             enforce_eager=flags["enforce_eager"], model_streams=flags["model_streams"],
             async_output=flags["async_output"], async_scheduling=flags["async_scheduling"],
             stack_small_models=flags["stack"], block_size=block_size,
+            speculative_tokens=SPEC_GAMMA if flags.get("spec") else 0,
             layer_ops=a.layer_ops,
             kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
             max_num_seqs=max_batch, max_model_len=self.max_len,
@@ -138,6 +145,8 @@ class Suite:
 
     def measure(self, mode: str, pairing: str, dirs: list[Path], cfgs: list[dict], batches: list[int]) -> None:
         a, used = self.args, cfgs if mode != "base" else cfgs[:1]
+        if mode == "rast-spec":  # a round reads M once and the small pair γ + 1 times
+            used = cfgs[:1] + cfgs[1:] * (SPEC_GAMMA + 1)
         t0 = time.perf_counter()
         if mode == "hf-rast":
             models = hf_load(dirs, self.dtype, self.device)
@@ -164,6 +173,8 @@ class Suite:
                 self.skipped.append(dict(mode=mode, pairing=pairing, batch=batch, reason=f"out of memory: {e}"))
                 print(f"[skip] {pairing} {mode} batch {batch} and larger: out of memory", flush=True)
                 break
+            if mode == "rast-spec":
+                res.update(spec_round(res, engine.stats(), batch, a.gen))
             mean_ctx = a.prompt + a.gen / 2  # decode step k (1..gen-1) attends over prompt + k tokens
             row = dict(mode=mode, pairing=pairing, batch=batch, **res, mean_context=mean_ctx,
                        **roofline_ms(used, self.elt, batch, mean_ctx, self.bandwidth), build_s=build_s,
@@ -225,6 +236,20 @@ class Suite:
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
                      **self.compare(), skipped=self.skipped, errors=self.errors, profiles=self.profiles)
         return common.write_results(a.name, self.device, self.rows, extra, Path(a.out), commit=self.commit)
+
+
+def spec_round(res: dict, stats: Any, batch: int, gen: int) -> dict:
+    """A speculative row: its steps are rounds, its roofline a round's bytes (M once, the pair γ + 1
+    times). The measured tokens/s follows the dummy weights' acceptance (``spec_acceptance``: their
+    near-uniform logits pass most drafts), which says nothing about a trained triple; but a round drafts
+    and verifies γ tokens whatever is accepted, so its time gives the throughput at a trained triple's
+    acceptance α: batch x E_γ(α) tokens a round, E_γ(α) = (1 - α^(γ+1)) / (1 - α) for independent
+    acceptances (`rast analyze accept` measures α on the checkpoints)."""
+    round_s, g = res["step_ms"] / 1e3, SPEC_GAMMA
+    drafted = stats.spec_draft_tokens_total
+    return dict(tokens_per_s=batch * (gen - 1) / (round_s * res["decode_steps"]), spec_gamma=g,
+                spec_acceptance=stats.spec_accepted_tokens_total / drafted if drafted else None,
+                projected_tokens_per_s={str(a): batch * (1 - a ** (g + 1)) / (1 - a) / round_s for a in SPEC_ALPHAS})
 
 
 COLUMNS = ["pairing", "mode", "batch", "tokens_per_s", "step_ms", "step_ms_p90", "ttft_ms", "roofline_ms",

@@ -10,9 +10,10 @@
 #                                             for 7b+1.5b: base, rast, hf-rast at batch 1 and 32, profiled:
 #                                             every shape that issues 2 and 4 set a target on
 #   bash bench/gpu_session.sh second  <sha>   (<= 170 s) 14b+7b base and rast at batch 1 and 32, then
-#                                             7b+1.5b rast-no-ahead and rast-unstacked at batch 1 and 32
-#                                             (what async scheduling and the stacked forward of the small
-#                                             models buy, against first's rast rows)
+#                                             7b+1.5b rast-no-ahead, rast-unstacked and rast-spec at batch 1
+#                                             and 32 (what async scheduling and the stacked forward of the
+#                                             small models buy, against first's rast rows; what a
+#                                             speculative round costs, last: a time limit cuts it first)
 #
 # With more device time, the full suites:
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
@@ -69,7 +70,7 @@ case "$stage" in
   second)
     install
     decode $(( $(left) / 2 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
-    decode "$(left)" --pairings 7b+1.5b --modes rast-no-ahead rast-unstacked --batches 1 32 --name decode-ab
+    decode "$(left)" --pairings 7b+1.5b --modes rast-no-ahead rast-unstacked rast-spec --batches 1 32 --name decode-ab
     ;;
   tests)
     install

@@ -40,19 +40,28 @@ def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
         for key in ("tokens_per_s", "step_ms", "step_ms_median", "ttft_ms", "roofline_ms", "weight_bytes_read",
                     "kv_bytes_read"):
             assert r[key] > 0, (key, r)
-        assert r["decode_steps"] == gen - 1  # one prefill step, then one step per further token
+        spec = r["mode"] == "rast-spec"  # a step is a round of 1 to γ + 1 tokens a sequence
+        assert r["decode_steps"] == gen - 1 or spec and 0 < r["decode_steps"] < gen - 1
         flags = decode.ENGINE_MODES.get(r["mode"], dict(pair=True, stack=False))  # hf-rast: three forwards
         assert r["forwards_per_step"] == (1 if not flags["pair"] else 2 if flags["stack"] else 3)
         assert r["async_scheduling"] == flags.get("async_scheduling", False)
-        # tokens/s counts every sequence's token of every decode step over the summed step time
-        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"], rel=1e-9)
+        # tokens/s counts every sequence's decode tokens over the summed step time
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * (gen - 1) * 1e3 / (r["step_ms"] * r["decode_steps"]),
+                                                  rel=1e-9)
         assert r["mean_context"] == prompt + gen / 2
         bw = result["copy_bandwidth_GBps"] * 1e9
         assert r["roofline_ms"] == pytest.approx((r["weight_bytes_read"] + r["kv_bytes_read"]) / bw * 1e3)
+        pair = result["pairings"]["tiny"]
         if r["mode"] != "base":
             base = next(b for b in result["rows"] if b["mode"] == "base" and b["batch"] == r["batch"])
             assert r["time_vs_base"] == pytest.approx(r["step_ms"] / base["step_ms"])
-            assert r["weight_bytes_ratio"] == pytest.approx(result["pairings"]["tiny"]["weight_bytes_ratio"])
+            # a round reads M once and the pair γ + 1 times
+            want = 1 + (decode.SPEC_GAMMA + 1 if spec else 1) * (pair["weight_bytes_ratio"] - 1)
+            assert r["weight_bytes_ratio"] == pytest.approx(want)
+        if spec:
+            g, round_s = decode.SPEC_GAMMA, r["step_ms"] / 1e3
+            assert 0 <= r["spec_acceptance"] <= 1 and r["spec_gamma"] == g
+            assert r["projected_tokens_per_s"]["0.8"] == pytest.approx(r["batch"] * (1 - 0.8 ** (g + 1)) / 0.2 / round_s)
     [prof] = result["profiles"]
     assert prof["mode"] == "rast" and prof["kernels"] and all(k["ms_per_step"] > 0 for k in prof["kernels"])
     # every op of a step counted (CPU: aten ops), at least those the top-kernels table lists

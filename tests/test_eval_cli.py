@@ -72,10 +72,11 @@ def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path,
 
     # A crash mid-run: p1's second sample lost and a torn line left behind. The rerun keeps what was
     # saved, draws p1's missing sample and p2's two (one problem in flight at a time, so p2 enters the
-    # engine only when p1 is done), and leaves the saved lines untouched.
+    # engine only when p1 is done), and leaves the saved lines untouched. It decodes speculatively (not a
+    # sample setting: greedy texts are the same).
     kept = samples.read_text().splitlines(keepends=True)[:3]
     samples.write_text("".join(kept) + '{"id": "p1", "ind')
-    assert main(argv + ["--max-inflight", "1"]) == 0
+    assert main(argv + ["--max-inflight", "1", "--speculative-tokens", "2"]) == 0
     lines = samples.read_text().splitlines(keepends=True)
     assert lines[:3] == kept
     recs = _records(samples)

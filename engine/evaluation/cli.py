@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="only the first LIMIT problems")
     p.add_argument("--name", help="dataset name in metrics.json (default: the data file's stem)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="G",
+                   help="speculative decoding, G drafts a round (default 0: off; needs --small-rl/--small-base)")
     p.add_argument("--out", help="output folder (samples.jsonl, run.json, metrics.json, plots)")
     p.set_defaults(func=run)
 
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                      max_tokens=args.max_tokens, stop=tuple(args.stop), device=args.device, dtype=args.dtype,
                      seed=args.seed, max_inflight=args.max_inflight, limit=args.limit, name=args.name,
-                     plots=not args.no_plots)
+                     plots=not args.no_plots, speculative_tokens=args.speculative_tokens)
     m = run_eval(cfg)
     summary = {k: m[k] for k in ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k",
                                  "mean_response_tokens")}

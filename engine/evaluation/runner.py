@@ -74,6 +74,9 @@ class EvalConfig:
     limit: int | None = None
     name: str | None = None  # the dataset's name in metrics.json; defaults to the data file's stem
     plots: bool = True
+    # speculative decoding's drafts a round (0: off): the same distribution, other tokens for a seed, so
+    # not a sample setting (a resumed run may mix both)
+    speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         if (self.small_rl is None) != (self.small_base is None):
@@ -148,7 +151,7 @@ def _build_llm(cfg: EvalConfig) -> Any:
     from rast_engine import LLM
 
     return LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
-               seed=cfg.seed)
+               seed=cfg.seed, speculative_tokens=cfg.speculative_tokens)
 
 
 def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any]]:

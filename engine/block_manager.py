@@ -7,8 +7,9 @@ Invariants:
   hashed block may be shared by any number of sequences;
 - a partial block is written only when its ref_count is 1: a shared one is first copied
   (copy-on-write), which happens after an n > 1 fork;
-- a sequence's table may reach past its last token (a speculative round's lookahead): those blocks are
-  its own, hold K/V of rejected drafts at most, and are overwritten before any read.
+- a sequence's table may reach past its last token (a speculative round's lookahead): those blocks
+  hold K/V of rejected drafts at most, overwritten before any read; shared by a fork, each sharer
+  takes a fresh one before writing (no copy: nothing in them is computed).
 """
 from __future__ import annotations
 
@@ -106,17 +107,21 @@ class BlockManager:
         return block
 
     # ---- decode -------------------------------------------------------------------------------------
+    def _shared(self, seq: Sequence, lookahead: int) -> list[int]:
+        """Indices of the shared blocks among those that hold the last token and the ``lookahead`` after it."""
+        first = (len(seq.token_ids) - 1) // self.block_size
+        last = min((len(seq.token_ids) - 1 + lookahead) // self.block_size, len(seq.block_table) - 1)
+        return [i for i in range(first, last + 1) if self.ref_counts[seq.block_table[i]] > 1]
+
     def _append_need(self, seq: Sequence, lookahead: int = 0) -> int:
         """Free blocks that make the uncomputed last token's slot and the ``lookahead`` slots after it
-        (a speculative round's drafts) writable: new blocks past the table, plus one when the last token's
-        block is shared (copy-on-write). Blocks past that one are never shared: forks share a prompt's
-        blocks, and lookahead blocks are taken fresh."""
+        (a speculative round's drafts) writable: new blocks past the table, plus one for each shared
+        block among them (copy-on-write)."""
         first = (len(seq.token_ids) - 1) // self.block_size
         if first > len(seq.block_table):
             raise RuntimeError(f"sequence {seq.seq_id} is more than one block ahead of its block table")
         new = max((len(seq.token_ids) - 1 + lookahead) // self.block_size + 1 - len(seq.block_table), 0)
-        shared = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
-        return new + shared
+        return new + len(self._shared(seq, lookahead))
 
     def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
         return self._append_need(seq, lookahead) <= self.num_free_blocks
@@ -128,15 +133,16 @@ class BlockManager:
 
     def append_slot(self, seq: Sequence, lookahead: int = 0) -> Optional[tuple[int, int]]:
         """Make the last token's slot and the ``lookahead`` after it writable; returns (src, dst) when the
-        last token's block must be copied first."""
+        last token's block must be copied first. A shared block past it (a fork after a step that took
+        lookahead blocks) holds no computed token, so it is replaced by a fresh one without a copy."""
         first = (len(seq.token_ids) - 1) // self.block_size
         copy = None
-        if first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1:
-            shared = seq.block_table[first]
-            fresh = self._take_free()
+        for i in self._shared(seq, lookahead):
+            shared, fresh = seq.block_table[i], self._take_free()
             self.ref_counts[shared] -= 1
-            seq.block_table[first] = fresh
-            copy = (shared, fresh)
+            seq.block_table[i] = fresh
+            if i == first:
+                copy = (shared, fresh)
         while len(seq.block_table) <= (len(seq.token_ids) - 1 + lookahead) // self.block_size:
             seq.block_table.append(self._take_free())
         return copy

@@ -201,9 +201,8 @@ class LLMEngine:
             else:
                 draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated))
             owners.append((seq, len(draws) - before))
-        lookahead = out.lookahead if all(s.group.forked for s in out.seqs) else 0  # a first draw: plainly
         try:
-            step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed, lookahead)
+            step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed, out.lookahead)
         except BaseException:
             self.scheduler.requeue(out.seqs)
             raise

@@ -136,9 +136,11 @@ class Scheduler:
         return SchedulerOutput(scheduled, True, copies)
 
     def _schedule_decode(self) -> SchedulerOutput:
-        # a speculative round drafts as many tokens for every sequence, within each one's context
-        lookahead = min((min(self.lookahead, self.max_model_len - len(s.token_ids)) for s in self.running),
-                        default=0) if self.lookahead else 0
+        # a speculative round drafts as many tokens for every sequence, within each one's context; a step
+        # that makes a request's first draw (a prompt whose last chunk stopped one short) decodes plainly
+        lookahead = 0
+        if self.lookahead and self.running and all(s.group.forked for s in self.running):
+            lookahead = min(min(self.lookahead, self.max_model_len - len(s.token_ids)) for s in self.running)
         scheduled: list[Sequence] = []
         copies: list[tuple[int, int]] = []
         i = 0

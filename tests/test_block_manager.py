@@ -147,3 +147,27 @@ def test_prefix_caching_can_be_disabled() -> None:
     second = make_seq(list(range(9)))
     bm.allocate(second)
     assert second.num_computed_tokens == 0 and not set(second.block_table) & set(first.block_table)
+
+
+def test_lookahead_slots_and_a_fork_that_shares_them() -> None:
+    """A speculative round's lookahead: blocks through the last token's position + lookahead, the last
+    token's shared block copied, and shared blocks past it (a fork after a step that took lookahead)
+    replaced by fresh ones without a copy, for each sharer but the last."""
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    parent = make_seq(list(range(6)))  # the last token at position 5: block 1
+    bm.allocate(parent)
+    parent.num_computed_tokens = 5
+    assert bm._append_need(parent, 6) == 1  # positions 5..11: blocks 1 and 2, one new
+    assert bm.append_slot(parent, 6) is None and len(parent.block_table) == 3
+    child = make_seq(list(range(6)))
+    bm.fork(parent, child)
+    last, ahead = parent.block_table[1], parent.block_table[2]
+    assert bm._append_need(child, 6) == 2  # the last token's block and the lookahead block, both shared
+    assert bm.append_slot(child, 6) == (last, child.block_table[1])  # only the first needs its K/V copied
+    assert child.block_table[0] == parent.block_table[0] and ahead not in child.block_table
+    assert bm.ref_counts[last] == bm.ref_counts[ahead] == 1
+    assert bm._append_need(parent, 6) == 0 and bm.append_slot(parent, 6) is None  # its own again
+    assert len({*parent.block_table[1:], *child.block_table[1:]}) == 4
+    bm.free(parent)
+    bm.free(child)
+    assert bm.ref_counts == [0] * 16

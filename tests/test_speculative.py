@@ -124,6 +124,22 @@ def test_greedy_rounds_give_the_plain_tokens(near_triple: tuple, gamma: int, dra
     assert max(abs(a[k] - b[k]) for a, b in zip(mine, theirs) for k in a) < 1e-5
 
 
+def test_a_first_draw_in_a_decode_step_forks_without_sharing_lookahead(near_triple: tuple) -> None:
+    """A prompt whose last chunk stops one token short makes its first draw (n = 2) in a decode step: that
+    step decodes plainly, so the fork shares no lookahead block the samples' rounds would both write (a
+    review helper's reproducer: the second sample's tokens changed). Seeded samples equal a one-step
+    prefill's."""
+    prompt = [5, 17, 33, 42, 8, 61, 29, 77]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, ignore_eos=True, seed=1234)
+    runs = []
+    for budget in (64, 7):
+        llm = LLM(*near_triple, lam=LAM, block_size=2, kv_cache_blocks=64, max_model_len=40, speculative_tokens=4,
+                  max_num_batched_tokens=budget, enable_prefix_caching=False)
+        runs.append([c.token_ids for c in llm.generate([prompt], params, use_tqdm=False)[0].outputs])
+        assert llm.llm_engine.stats().kv_blocks_used == 0
+    assert runs[0] == runs[1]
+
+
 def test_the_two_drafts_are_different_distributions(near_triple: tuple) -> None:
     """λ != 1: R alone and S + λ(R − S) draft differently, so greedy rounds accept differently (the
     tokens stay the plain ones)."""

@@ -9,9 +9,9 @@ Its models are tiny (M 20.6 MB, the pair 6.4 MB in float32): a step costs its la
 its weight reads, so these figures say what a round costs against a plain step where nothing is
 memory-bound, not what a 7B + Δ1.5B triple would gain (`rast analyze accept` bounds that from the
 weight bytes). Per row: the requests' generated tokens over the wall time of LLM.generate (one warm-up
-first), the drafts accepted over those made, and the speed-up over γ = 0 at the same batch. Sampling: the
-toy's evaluation settings (T = 1, λ = 0.5), one seed per request, so every row decodes the same
-distribution (plain and speculative tokens differ, their distribution does not).
+first), the drafts accepted over those made, and the speed-up over γ = 0 at the same batch, for both
+methods (draft "small"). Sampling: the toy's evaluation settings (T = 1, λ = 0.5), one seed per request:
+the coupled rows decode the plain row's very tokens, the rejection rows others from the same distribution.
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def prompts(count: int) -> list[str]:
     return [template.replace("{input}", json.loads(line)["problem"]) for line in lines]
 
 
-def measure(device: torch.device, batch: int, gamma: int, draft: str, texts: list[str], max_tokens: int) -> dict:
+def measure(device: torch.device, batch: int, gamma: int, method: str, texts: list[str], max_tokens: int) -> dict:
     rast = common.import_engine()
     llm = rast.LLM(str(TOY / "large"), str(TOY / "small_rl"), str(TOY / "small"), lam=0.5, device=str(device),
-                   dtype="float32", max_num_seqs=batch, speculative_tokens=gamma, speculative_draft=draft)
+                   dtype="float32", max_num_seqs=batch, speculative_tokens=gamma, speculative_method=method)
     params = [rast.SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=i) for i in range(len(texts))]
     llm.generate(texts[:batch], params[:batch], use_tqdm=False)  # warm-up
     before = llm.llm_engine.stats()
@@ -50,8 +50,8 @@ def measure(device: torch.device, batch: int, gamma: int, draft: str, texts: lis
     drafted = stats.spec_draft_tokens_total - before.spec_draft_tokens_total
     accepted = stats.spec_accepted_tokens_total - before.spec_accepted_tokens_total
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return dict(batch=batch, gamma=gamma, draft=draft if gamma else None, requests=len(texts), tokens=tokens, seconds=seconds,
-                tokens_per_s=tokens / seconds, acceptance=accepted / drafted if drafted else None)
+    return dict(batch=batch, gamma=gamma, method=method if gamma else None, requests=len(texts), tokens=tokens,
+                seconds=seconds, tokens_per_s=tokens / seconds, acceptance=accepted / drafted if drafted else None)
 
 
 def main() -> None:
@@ -65,12 +65,12 @@ def main() -> None:
     for batch, gammas in grid:
         texts = prompts(requests or 4 * batch)
         for gamma in gammas:
-            for draft in (["small"] if gamma == 0 or args.quick else ["small", "rl"]):
-                rows.append(measure(device, batch, gamma, draft, texts, max_tokens))
+            for method in (["coupled"] if gamma == 0 or args.quick else ["coupled", "rejection"]):
+                rows.append(measure(device, batch, gamma, method, texts, max_tokens))
                 base = next(r for r in rows if r["batch"] == batch and r["gamma"] == 0)
                 rows[-1]["speedup"] = rows[-1]["tokens_per_s"] / base["tokens_per_s"]
     print(f"speculative RAST, toy triple | {common.device_name(device)} | commit {common.git_sha()}")
-    print(common.table(rows, ["batch", "gamma", "draft", "tokens", "seconds", "tokens_per_s", "acceptance", "speedup"]))
+    print(common.table(rows, ["batch", "gamma", "method", "tokens", "seconds", "tokens_per_s", "acceptance", "speedup"]))
     if args.out is not None or device.type == "cuda" or not args.quick:
         path = common.write_results("speculative", device, rows, dict(triple="engine/assets/toy", lam=0.5), args.out)
         print(f"wrote {path}")

@@ -72,7 +72,7 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     runner = ModelRunner(units, roles, kv, ms.vocab_size, config.block_size, device, enforce_eager=eager,
                          model_streams=config.model_streams, max_num_seqs=config.max_num_seqs,
                          max_model_len=max_len, graph_max_batch=config.cuda_graph_max_batch,
-                         speculative_draft=config.speculative_draft)
+                         speculative_draft=config.speculative_draft, speculative_method=config.speculative_method)
     logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models), ", ".join(ms.roles),
                 device, str(dtype).replace("torch.", ""), time.perf_counter() - t0, ms.vocab_size)
     logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
@@ -84,6 +84,7 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
                     ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
                 "on" if runner.streams.concurrent else "off", "on" if async_scheduling else "off",
                 " + ".join(f"{u.copies} stacked" if u.copies > 1 else "1" for u in units[1:]) or "none",
-                f"; speculative: {config.speculative_tokens} {config.speculative_draft} drafts a round"
+                f"; speculative: {config.speculative_tokens} {config.speculative_draft} drafts a round, "
+                f"{config.speculative_method}"
                 if config.speculative_tokens else "")
     return EngineParts(ms, max_len, kv, block_manager, scheduler, runner)

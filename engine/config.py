@@ -13,6 +13,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # "auto": safetensors weights; "dummy": seeded random weights of config.json's shapes, made on the device
 LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE_DRAFTS = ("small", "rl")  # rast_engine.speculative.round
+SPECULATIVE_METHODS = ("coupled", "rejection")
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,11 @@ class EngineConfig:
     async_scheduling: Optional[bool] = None
     # speculative decoding (engine/speculative): each decode round the small models draft this many tokens
     # and the large model verifies them in one forward; 0 turns it off. The draft: "small" (S + λ·(R − S),
-    # the request's λ) or "rl" (R alone)
+    # the request's λ) or "rl" (R alone). The method: "coupled" (the plain sampler's tokens, whatever the
+    # rounds) or "rejection" (speculative sampling: more drafts pass, tokens depend on the rounds)
     speculative_tokens: int = 0
     speculative_draft: str = "small"
+    speculative_method: str = "coupled"
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +122,8 @@ class EngineConfig:
             raise RastError(f"speculative_tokens must be an integer >= 0 (0: off), got {self.speculative_tokens!r}")
         if self.speculative_draft not in SPECULATIVE_DRAFTS:
             raise RastError(f"speculative_draft must be one of {SPECULATIVE_DRAFTS}, got {self.speculative_draft!r}")
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise RastError(f"speculative_method must be one of {SPECULATIVE_METHODS}, got {self.speculative_method!r}")
         if self.speculative_tokens and not pairs:
             raise RastError("speculative_tokens needs a small pair to draft with (small_rl and small_base)")
         if self.speculative_tokens and self.async_scheduling:

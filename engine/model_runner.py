@@ -45,10 +45,11 @@ class ModelRunner:
     def __init__(self, units: list[ForwardUnit], roles: list[int], kv: KVCache, vocab_size: int, block_size: int,
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
                  max_num_seqs: int = 256, max_model_len: int = 2048,
-                 graph_max_batch: Optional[int] = None, speculative_draft: str = "small") -> None:
+                 graph_max_batch: Optional[int] = None, speculative_draft: str = "small",
+                 speculative_method: str = "coupled") -> None:
         """units: the large model, then the small models' forwards, each giving ``copies`` models' logits;
         roles: per role (large, then rl and base per pair) the index of its logits among those;
-        speculative_draft: what drafts a speculative round (speculative.round)."""
+        speculative_draft, speculative_method: how a speculative round drafts and accepts (speculative/)."""
         self.units, self.roles = units, roles
         self.kv = kv
         self.vocab_size = vocab_size
@@ -60,7 +61,7 @@ class ModelRunner:
         self.streams = ModelStreams(device, model_streams)
         widths = [(u.config.vocab_size, u.dtype) for u in units for _ in range(u.copies)]  # per model
         self.pairs = (len(roles) - 1) // 2
-        self.speculative_draft = speculative_draft
+        self.speculative_draft, self.speculative_method = speculative_draft, speculative_method
         self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
         # every decode step's logits, one [max_num_seqs, width_m] buffer per model: graph buckets share
         # them instead of each holding its own outputs in the pool (about 2 GB at 256 rows, 3 x 152k vocab)
@@ -157,7 +158,7 @@ class ModelRunner:
         many drafts a sequence, whose PendingRound gives each sequence's tokens."""
         self.kv.copy_blocks(copies)
         if lookahead:
-            return run_round(self, seqs, draws, lookahead, self.speculative_draft)
+            return run_round(self, seqs, draws, lookahead, self.speculative_draft, self.speculative_method)
         if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws, feed)
         inputs = self.prepare(seqs, is_prefill, feed)

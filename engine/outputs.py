@@ -52,6 +52,6 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     last_step_s: float
-    # speculative decoding: drafts made, and drafts the large model accepted (vLLM's acceptance counts)
+    # speculative decoding: drafts made, and drafts the verify accepted (a stop rule may then drop some)
     spec_draft_tokens_total: int = 0
     spec_accepted_tokens_total: int = 0

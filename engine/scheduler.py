@@ -136,11 +136,13 @@ class Scheduler:
         return SchedulerOutput(scheduled, True, copies)
 
     def _schedule_decode(self) -> SchedulerOutput:
-        # a speculative round drafts as many tokens for every sequence, within each one's context; a step
-        # that makes a request's first draw (a prompt whose last chunk stopped one short) decodes plainly
+        # a speculative round drafts as many tokens for every sequence, as many as its context has room for
+        # with the token after them (a round adds up to lookahead + 1); a step that makes a request's first
+        # draw (a prompt whose last chunk stopped one short) decodes plainly
         lookahead = 0
         if self.lookahead and self.running and all(s.group.forked for s in self.running):
-            lookahead = min(min(self.lookahead, self.max_model_len - len(s.token_ids)) for s in self.running)
+            room = min(self.max_model_len - len(s.token_ids) - 1 for s in self.running)
+            lookahead = max(min(self.lookahead, room), 0)
         scheduled: list[Sequence] = []
         copies: list[tuple[int, int]] = []
         i = 0

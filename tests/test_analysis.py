@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rast_engine.analysis.accept import acceptance, expected_tokens, speedup_bound
+from rast_engine.analysis.accept import acceptance, coupled_acceptance, expected_tokens, speedup_bound
 from rast_engine.analysis.cosine import CosineConfig, cosine_rows, mean_cosine, run_cosine
 from rast_engine.analysis.kld import KldConfig, run_kld, token_kld
 from rast_engine.analysis.pcr import path_coverage
@@ -167,6 +167,34 @@ def test_acceptance_and_expected_tokens_by_hand() -> None:
     assert speedup_bound(2.0, 2, 10, 2) == pytest.approx(1.5)
 
 
+def _coupled_by_brute_force(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Σ_i 1 / Σ_j max(p_j / p_i, q_j / q_i) over every token with p_i, q_i > 0, the full [V, V] matrix."""
+    p, q = p.double(), q.double()
+    ok = (p > 0) & (q > 0)
+    ratio = torch.maximum(p[:, None, :] / p[:, :, None], q[:, None, :] / q[:, :, None])  # [n, i, j]
+    return torch.where(ok, 1 / ratio.sum(-1), torch.zeros_like(p)).sum(-1)
+
+
+def test_coupled_acceptance_against_shared_gumbel_draws() -> None:
+    """The closed form against the definition: two Gumbel-max draws from p and q with the same noise agree
+    as often as it says (Monte Carlo, 200,000 noise draws), and it lies between the Gumbel-coupling bound
+    (1 - TV) / (1 + TV) and the optimal 1 - TV; exact on equal or disjoint rows."""
+    gen = torch.Generator().manual_seed(3)
+    p, q = torch.softmax(torch.randn(3, 9, generator=gen) * 2, -1), torch.softmax(torch.randn(3, 9, generator=gen) * 2, -1)
+    value, left_out = coupled_acceptance(p, q, top=4)
+    exact, _ = coupled_acceptance(p, q)
+    assert torch.allclose(exact, _coupled_by_brute_force(p, q), rtol=1e-12)
+    assert torch.all(value <= exact + 1e-12) and torch.all(exact - value <= left_out + 1e-12)
+    g = -torch.log(-torch.log(torch.rand(200_000, 9, generator=gen, dtype=torch.float64)))
+    for r in range(3):
+        agree = ((p[r].double().log() + g).argmax(-1) == (q[r].double().log() + g).argmax(-1)).double().mean()
+        assert agree.item() == pytest.approx(exact[r].item(), abs=4e-3)
+    tv_free = acceptance(p, q)
+    assert torch.all(exact <= tv_free + 1e-12) and torch.all(exact >= (tv_free / (2 - tv_free)) - 1e-12)
+    one_hot = torch.eye(4)
+    assert coupled_acceptance(one_hot[[1, 2]], one_hot[[1, 3]])[0].tolist() == [1.0, 0.0]
+
+
 def _filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """softmax(z / T) with HF's top-p by a full sort: the test's own reading of the spec."""
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -185,16 +213,20 @@ def test_accept_against_hf(setup: dict) -> None:
                  "--max-gamma", "3", "--data", str(setup["data"]), "--template", str(setup["template"]),
                  "--max-tokens", str(MAX_TOKENS), "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    pooled = {"rl": [], "small": []}
+    pooled = {f"{d}/{m}": [] for d in ("rl", "small") for m in ("coupled", "rejection")}
     for prompt, traj in zip(setup["prompts"], report["trajectories"]):
         path = traj["completion_ids"]  # sampled by the engine; scored here by HF forwards
         rows = {n: hf_logits(m, prompt + path, setup["vocab"])[len(prompt) - 1:-1] for n, m in setup["hf"].items()}
         delta = rows["rl"] - rows["base"]
         target = _filtered_probs(rows["large"] + lam * delta, temperature, top_p)
         for name, draft in (("rl", rows["rl"]), ("small", rows["base"] + lam * delta)):
-            want = torch.minimum(target, _filtered_probs(draft, temperature, top_p)).sum(-1)
-            assert traj[f"acceptance_{name}"] == pytest.approx(want.tolist(), abs=1e-5)
-            pooled[name].append(traj[f"acceptance_{name}"])
+            q = _filtered_probs(draft, temperature, top_p)
+            for method, want in (("rejection", torch.minimum(target, q).sum(-1)),
+                                 ("coupled", _coupled_by_brute_force(target, q))):
+                got = traj["acceptance"][f"{name}/{method}"]
+                assert got == pytest.approx(want.tolist(), abs=1e-5 + report["coupled_slack"])
+                pooled[f"{name}/{method}"].append(got)
+    assert report["coupled_slack"] < 1e-3  # top-p leaves fewer tokens than the exact sum takes
     sizes = {n: sum(p.numel() * 4 for p in m.parameters()) for n, m in setup["hf"].items()}
     assert report["weight_bytes"] == {"large": sizes["large"], "pair": sizes["rl"] + sizes["base"]}
     for name, paths in pooled.items():

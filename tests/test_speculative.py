@@ -98,8 +98,10 @@ def _runs(llm: LLM, params: list[SamplingParams]) -> list[list[tuple]]:
     return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs]
 
 
-@pytest.mark.parametrize("gamma, draft, blocks", [(1, "small", 128), (3, "small", 14), (4, "rl", 128), (6, "rl", 14)])
-def test_greedy_rounds_give_the_plain_tokens(near_triple: tuple, gamma: int, draft: str, blocks: int) -> None:
+@pytest.mark.parametrize("gamma, draft, blocks, method", [(1, "small", 128, "rejection"), (3, "small", 14, "rejection"),
+                                                          (4, "rl", 128, "rejection"), (6, "rl", 14, "coupled")])
+def test_greedy_rounds_give_the_plain_tokens(near_triple: tuple, gamma: int, draft: str, blocks: int,
+                                             method: str) -> None:
     """Greedy requests through rounds of γ drafts equal plain decoding, with stop tokens and strings that
     end a run midway, forks of n = 3, the context's end (max_model_len, where rounds shrink to fit) and a
     KV cache small enough to preempt (blocks=14)."""
@@ -111,7 +113,8 @@ def test_greedy_rounds_give_the_plain_tokens(near_triple: tuple, gamma: int, dra
               SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[first.token_ids[7]]),
               SamplingParams(temperature=0.0, max_tokens=24, stop=[first.text[10:13]]),
               SamplingParams(temperature=0.0, max_tokens=5, n=3)]
-    spec = LLM(*near_triple, kv_cache_blocks=blocks, speculative_tokens=gamma, speculative_draft=draft, **kw)
+    spec = LLM(*near_triple, kv_cache_blocks=blocks, speculative_tokens=gamma, speculative_draft=draft,
+               speculative_method=method, **kw)
     want, got = _runs(plain, params), _runs(spec, params)
     assert got == want
     assert {r[2] for req in got for r in req} == {"length", "stop"}
@@ -153,12 +156,37 @@ def test_the_two_drafts_are_different_distributions(near_triple: tuple) -> None:
     assert tokens[0] == tokens[1] and counts[0] != counts[1]
 
 
+@pytest.mark.parametrize("gamma, draft, blocks", [(2, "small", 128), (4, "rl", 14), (6, "small", 128)])
+def test_coupled_rounds_give_the_plain_sampled_tokens(near_triple: tuple, gamma: int, draft: str, blocks: int) -> None:
+    """The coupled method: seeded sampled requests (top-p, top-k, min-p, forks, logprobs) give exactly the
+    plain engine's tokens, with preemptions (blocks=14) and rounds of any length; a seeded request's
+    tokens do not depend on the rounds, so not on its neighbours either (one near max_model_len
+    shortens every round of its batch)."""
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=3, n=3),
+              SamplingParams(temperature=0.8, top_k=5, max_tokens=24, seed=4, logprobs=1),
+              SamplingParams(temperature=1.2, min_p=0.05, max_tokens=24, seed=5, n=2),
+              SamplingParams(temperature=1.0, max_tokens=24, seed=6)]
+    kw = dict(lam=LAM, block_size=4, max_model_len=48)
+    spec = LLM(*near_triple, kv_cache_blocks=blocks, speculative_tokens=gamma, speculative_draft=draft, **kw)
+    want = [[c.token_ids for c in o.outputs] for o in LLM(*near_triple, kv_cache_blocks=128, **kw).generate(
+        PROMPTS, params, use_tqdm=False)]
+    assert [[c.token_ids for c in o.outputs] for o in spec.generate(PROMPTS, params, use_tqdm=False)] == want
+    stats = spec.llm_engine.stats()
+    assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total
+    assert blocks == 128 or spec.llm_engine.scheduler.num_preemptions > 0
+    near_end = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    alone = spec.generate(PROMPTS[3:], params[3], use_tqdm=False)[0].outputs[0].token_ids
+    beside = spec.generate([PROMPTS[3], [9] * 40], [params[3], near_end], use_tqdm=False)[0].outputs[0].token_ids
+    assert alone == beside == want[3][0]
+
+
 def test_sampled_rounds_follow_rast_from_hf_forwards(near_triple: tuple) -> None:
-    """Second tokens sampled through rounds (draft accepted or replaced), given the most frequent first
-    token, against softmax(top-4 of M + λ(R − S)) from HF forwards (chi-square)."""
+    """The rejection method: second tokens sampled through rounds (draft accepted or replaced), given the
+    most frequent first token, against softmax(top-4 of M + λ(R − S)) from HF forwards (chi-square)."""
     from scipy.stats import chisquare
 
-    llm = LLM(*near_triple, lam=LAM, block_size=4, kv_cache_blocks=512, max_num_seqs=128, speculative_tokens=3)
+    llm = LLM(*near_triple, lam=LAM, block_size=4, kv_cache_blocks=512, max_num_seqs=128, speculative_tokens=3,
+              speculative_method="rejection")
     prompt = llm.get_tokenizer().encode(PROMPTS[1])
     params = SamplingParams(n=3000, temperature=1.0, top_k=4, max_tokens=2, ignore_eos=True, seed=11)
     outs = [c.token_ids for c in llm.generate([prompt], params, use_tqdm=False)[0].outputs]
@@ -186,6 +214,8 @@ def test_speculative_config_errors(qwen2_triple: tuple) -> None:
         EngineConfig(large, rl, base, speculative_tokens=2, async_output=True, async_scheduling=True)
     with pytest.raises(RastError, match="speculative_draft"):
         EngineConfig(large, rl, base, speculative_tokens=2, speculative_draft="large")
+    with pytest.raises(RastError, match="speculative_method"):
+        EngineConfig(large, rl, base, speculative_tokens=2, speculative_method="typical")
     with pytest.raises(RastError, match="speculative_tokens must be"):
         EngineConfig(large, rl, base, speculative_tokens=-1)
     with pytest.raises(RastError, match="also fills a small role"):  # the large model as R: nothing to draft with
@@ -213,14 +243,15 @@ def test_rounds_in_the_gpu_configuration_under_the_cuda_emulator(near_triple: tu
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("draft", ["small", "rl"])
-def test_gpu_rounds_give_the_plain_greedy_tokens(near_triple: tuple, draft: str) -> None:
+@pytest.mark.parametrize("draft, method", [("small", "coupled"), ("rl", "rejection")])
+def test_gpu_rounds_give_the_plain_greedy_tokens(near_triple: tuple, draft: str, method: str) -> None:
     """The round natively on a GPU (Triton attention, layer ops and sampler; model streams; tokens read
     back through pinned copies and an event), float32: the plain engine's greedy tokens, with forks."""
     kw = dict(lam=LAM, block_size=4, kv_cache_blocks=128, device="cuda", dtype="float32", max_model_len=48)
     params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1),
               SamplingParams(temperature=0.0, max_tokens=9, n=2)]
-    plain, spec = LLM(*near_triple, **kw), LLM(*near_triple, speculative_tokens=4, speculative_draft=draft, **kw)
+    plain = LLM(*near_triple, **kw)
+    spec = LLM(*near_triple, speculative_tokens=4, speculative_draft=draft, speculative_method=method, **kw)
     assert spec.llm_engine.runner.graphs is None and not spec.llm_engine.async_scheduling
     assert _runs(spec, params * 2) == _runs(plain, params * 2)
     stats = spec.llm_engine.stats()

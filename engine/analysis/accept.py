@@ -1,24 +1,24 @@
-"""Would speculative decoding pay for RAST? Draft acceptance along M̃'s own paths (`rast analyze accept`).
+"""Does speculative decoding pay for RAST? Draft acceptance along M̃'s own paths (`rast analyze accept`).
 
-Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) draws γ tokens from a draft q, runs the
-target once over all of them, accepts draft token x with probability min(1, p(x) / q(x)), replaces the
-first rejected one by a draw from norm(max(0, p - q)) and, when all γ pass, adds a draw from p: the
-output is distributed exactly as p, and a draft token is accepted with probability α = Σ_x min(p, q).
-
-In RAST the small models read every token anyway, so a draft costs no extra model: while R and S draft
-γ tokens they also compute their terms of the target at those positions, and only M is saved, one M
+The engine's speculative rounds (engine/speculative) draft γ tokens with the small models, run M once
+over all of them and keep the drafts up to the first that fails, replaced by the target's token. In RAST
+the small models read every token anyway, so a draft costs no extra model and only M is saved, one M
 forward over γ + 1 positions a round instead of one a token (the reviewers' Q1). Two drafts come free:
 - "rl": q = R's own distribution;
-- "small": q from S + λ·(R − S), RAST's formula with S in M's place (the same as "rl" at λ = 1).
+- "small": q from S + λ·(R − S), RAST's formula with S in M's place (the same as "rl" at λ = 1);
+and the engine's two methods accept a draft from q at a position where the target is p with probability
+- "rejection" (speculative sampling): α = Σ_x min(p, q), the most any method can;
+- "coupled" (the plain sampler's own noise for both draws): α = P(argmax(log p + g) = argmax(log q + g))
+  with shared Gumbel noise g, = Σ_i 1 / Σ_j max(p_j / p_i, q_j / q_i) (coupled_acceptance).
 Target and drafts are read at the same temperature and top-p (rast_probs), along paths that the target
-M̃ sampled with those settings, so α_t is the exact probability that a draft token at position t of the
-path is accepted.
+M̃ sampled with those settings, so α_t is the exact probability that a draft at position t of the path
+passes (the coupled one summed over the TOP likeliest tokens: ``coupled_slack`` bounds what is left out).
 
 A round starting at t yields E_γ(t) = 1 + Σ_{j=1..γ} Π_{i<j} α_{t+i} tokens in expectation (a round
 never runs past the path's end). The report gives their mean over t and the weight-bytes bound on the
 speed-up: E_γ times the bytes of a plain step (M + the pair) over the bytes of a round (M once, the pair
 γ + 1 times). It leaves out KV reads and M's compute over γ + 1 positions (small at decode batch
-sizes, where a step is bound by reading weights): a bound to decide whether to build it, not a measurement.
+sizes, where a step is bound by reading weights): a bound to decide whether it pays, not a measurement.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ from rast_engine.evaluation.data import load_problems
 from rast_engine.evaluation.templates import load_template
 
 DRAFTS = ("rl", "small")
+METHODS = ("coupled", "rejection")  # the engine's speculative_method
 ROWS = 64  # rows of [ROWS, V] float32 probabilities at a time, per distribution
+TOP = 64  # tokens per row whose coupled-acceptance terms are summed exactly (coupled_acceptance)
 
 
 def acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -42,6 +44,24 @@ def acceptance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if p.shape != q.shape:
         raise ValueError(f"shape mismatch {tuple(p.shape)} vs {tuple(q.shape)}")
     return torch.minimum(p.double(), q.double()).sum(dim=-1)
+
+
+def coupled_acceptance(p: torch.Tensor, q: torch.Tensor, top: int = TOP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n] float64 P(argmax(log p + g) = argmax(log q + g)) for shared Gumbel noise g, the coupled
+    method's acceptance, and [n] the most the tokens left out could add. Both draws pick token i iff
+    g_j <= g_i + min(log(p_i / p_j), log(q_i / q_j)) for every j; integrating over g_i gives
+    1 / Σ_j max(p_j / p_i, q_j / q_i), at most min(p_i, q_i). Summed exactly over the ``top`` tokens of
+    largest min(p_i, q_i) (O(top x V) a row); each other token adds at most its min(p_i, q_i)."""
+    p, q = p.double(), q.double()
+    m = torch.minimum(p, q)
+    mins, idx = m.topk(min(top, p.shape[-1]), dim=-1)
+    out = []
+    for r in range(p.shape[0]):
+        keep = idx[r][mins[r] > 0]
+        ratio = torch.maximum(p[r][None, :] / p[r, keep][:, None], q[r][None, :] / q[r, keep][:, None])
+        out.append((1 / ratio.sum(-1)).sum())
+    value = torch.stack(out) if out else m.new_zeros(0)
+    return value, m.sum(-1) - mins.sum(-1)
 
 
 def expected_tokens(alpha: Sequence[float], gamma: int) -> float:
@@ -86,18 +106,23 @@ class AcceptConfig(TripleSettings):
 
 
 def path_acceptance(large: torch.Tensor, rl: torch.Tensor, base: torch.Tensor, lam: float, temperature: float,
-                    top_p: float) -> dict[str, list[float]]:
-    """α_t of each draft for [n, V] logits rows of one path (row t predicts completion token t)."""
+                    top_p: float) -> tuple[dict[str, list[float]], float]:
+    """α_t of each (draft, method), keyed "draft/method", for [n, V] logits rows of one path (row t
+    predicts completion token t); and the most the coupled values could miss at any position."""
     from rast_kernels import rast_probs
 
-    out: dict[str, list[float]] = {d: [] for d in DRAFTS}
+    out: dict[str, list[float]] = {f"{d}/{m}": [] for d in DRAFTS for m in METHODS}
     knobs = dict(temperature=temperature, top_p=top_p)
+    slack = 0.0
     for s in range(0, large.shape[0], ROWS):
         m, r, b = large[s:s + ROWS], rl[s:s + ROWS], base[s:s + ROWS]
         target = rast_probs(m, [(r, b)], weights=lam, **knobs)
-        out["rl"] += acceptance(target, rast_probs(r, **knobs)).tolist()
-        out["small"] += acceptance(target, rast_probs(b, [(r, b)], weights=lam, **knobs)).tolist()
-    return out
+        for d, q in (("rl", rast_probs(r, **knobs)), ("small", rast_probs(b, [(r, b)], weights=lam, **knobs))):
+            out[f"{d}/rejection"] += acceptance(target, q).tolist()
+            coupled, left_out = coupled_acceptance(target, q)
+            out[f"{d}/coupled"] += coupled.tolist()
+            slack = max(slack, float(left_out.max()) if len(left_out) else 0.0)
+    return out, slack
 
 
 def run_accept(cfg: AcceptConfig) -> dict[str, Any]:
@@ -110,26 +135,28 @@ def run_accept(cfg: AcceptConfig) -> dict[str, Any]:
     paths = generate_trajectories(llm, load_problems(cfg.data, cfg.limit), load_template(cfg.template),
                                   cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed, top_p=cfg.top_p)
     per_traj: list[dict[str, Any]] = []
+    slack = 0.0
     for traj, s in score_each(llm, paths):
         rl, base = s.deltas[0]
-        alpha = path_acceptance(*(completion_rows(x, traj) for x in (s.large, rl, base)), cfg.lam,
-                                cfg.temperature, cfg.top_p)
+        alpha, left_out = path_acceptance(*(completion_rows(x, traj) for x in (s.large, rl, base)), cfg.lam,
+                                          cfg.temperature, cfg.top_p)
+        slack = max(slack, left_out)
         per_traj.append({"id": traj.id, "tokens": len(traj.completion_ids), "completion_ids": traj.completion_ids,
-                         **{f"acceptance_{d}": alpha[d] for d in DRAFTS}})
+                         "acceptance": alpha})
     if not per_traj:
         raise RastError("every trajectory came back empty; nothing to score")
     drafts = {}
-    for d in DRAFTS:
-        alphas = [a for t in per_traj for a in t[f"acceptance_{d}"]]
+    for d in per_traj[0]["acceptance"]:
+        alphas = [a for t in per_traj for a in t["acceptance"][d]]
         rows = []
         for gamma in range(1, cfg.max_gamma + 1):
             # rounds run within a path: the mean over paths' positions, weighted by their lengths
-            e = sum(expected_tokens(t[f"acceptance_{d}"], gamma) * t["tokens"] for t in per_traj) / len(alphas)
+            e = sum(expected_tokens(t["acceptance"][d], gamma) * t["tokens"] for t in per_traj) / len(alphas)
             rows.append({"gamma": gamma, "tokens_per_round": e,
                          "speedup_bound": speedup_bound(e, gamma, large_bytes, pair_bytes)})
         drafts[d] = {"mean_acceptance": sum(alphas) / len(alphas), "by_gamma": rows,
                      "best_gamma": max(rows, key=lambda r: r["speedup_bound"])["gamma"]}
     return {"lam": cfg.lam, "temperature": cfg.temperature, "top_p": cfg.top_p,
             "num_trajectories": len(per_traj), "num_tokens": sum(t["tokens"] for t in per_traj),
-            "weight_bytes": {"large": large_bytes, "pair": pair_bytes}, "drafts": drafts,
+            "weight_bytes": {"large": large_bytes, "pair": pair_bytes}, "drafts": drafts, "coupled_slack": slack,
             "trajectories": per_traj}

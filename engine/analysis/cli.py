@@ -61,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(cos)
     cos.set_defaults(func=run)
 
-    acc = sub.add_parser("accept", help="acceptance of the small models' drafts by M~ (speculative decoding)")
+    acc = sub.add_parser("accept", help="acceptance of the small models' drafts by M~ (speculative decoding), "
+                                        "per draft and method")
     _triple(acc)
     acc.add_argument("--temperature", type=float, default=1.0, help="of M~'s paths, target and drafts (default 1)")
     acc.add_argument("--top-p", type=float, default=0.95, help="likewise (default 0.95, the paper's)")
@@ -88,7 +89,7 @@ def _summary(args: argparse.Namespace, report: dict[str, Any]) -> str:
     if args.analysis == "accept":
         lines = [f"draft acceptance by M~ (λ {report['lam']}, T {report['temperature']}, top-p {report['top_p']}; {n}); "
                  "speed-up: a bound from weight bytes, not a measurement", "",
-                 "| draft | mean α | best γ | tokens / round | speed-up bound |", "|---|---:|---:|---:|---:|"]
+                 "| draft / method | mean α | best γ | tokens / round | speed-up bound |", "|---|---:|---:|---:|---:|"]
         for name, d in report["drafts"].items():
             best = d["by_gamma"][d["best_gamma"] - 1]
             lines.append(f"| {name} | {d['mean_acceptance']:.3f} | {d['best_gamma']} | "

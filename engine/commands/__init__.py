@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from rast_engine.config import LAYER_OPS, SPECULATIVE_DRAFTS
+from rast_engine.config import LAYER_OPS, SPECULATIVE_DRAFTS, SPECULATIVE_METHODS
 from rast_engine.errors import RastError
 
 
@@ -48,6 +48,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "verifies them in one forward (default 0: off)")
     p.add_argument("--speculative-draft", default="small", choices=SPECULATIVE_DRAFTS,
                    help="the draft: small = S + λ·(R − S), rl = R alone (default small)")
+    p.add_argument("--speculative-method", default="coupled", choices=SPECULATIVE_METHODS,
+                   help="coupled: the plain sampler's tokens for a seed, whatever the rounds (default); "
+                        "rejection: speculative sampling, more drafts pass")
 
 
 def _existing_dir(path: str, flag: str) -> str:
@@ -81,7 +84,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         cuda_graph_max_batch=args.cuda_graph_max_batch, enable_prefix_caching=args.enable_prefix_caching,
         async_output=args.async_output, async_scheduling=args.async_scheduling, model_streams=args.model_streams,
         stack_small_models=args.stack_small_models, speculative_tokens=args.speculative_tokens,
-        speculative_draft=args.speculative_draft))
+        speculative_draft=args.speculative_draft, speculative_method=args.speculative_method))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -7,18 +7,27 @@ computes its terms of the target at those positions; only the large model M is s
 1. the small models run γ + 1 decode steps: step j reads the last token (j = 0) or draft j and gives
    R's and S's logits at that position; steps j < γ draw draft j + 1 from the draft distribution q_j;
 2. M runs once over the last token and the γ drafts (a prefill of γ + 1 tokens over the paged cache);
-3. the target p_j = RAST's distribution (rast_probs) at each position and q_j the draft's, both with the
-   request's temperature and filters; speculative sampling (accept.py) accepts draft j + 1 with
-   probability min(1, p_j / q_j) until the first rejection, which is replaced by a draw from
-   norm(max(0, p_j − q_j)); when all γ pass, one more token comes from p_γ. The tokens are distributed
-   exactly as RAST's own sampling (Leviathan et al. 2023, Thm. 1), a round yields 1 to γ + 1 of them,
-   and greedy requests get exactly the greedy tokens.
+3. the target p_j = RAST's distribution at each position, with the request's temperature and filters,
+   decides which drafts stand, by one of two methods:
+   - "coupled" (the default): the draft of position j is drawn with the noise the plain sampler would
+     use there (the sequence's seed, offset + j), and so is the target's own token at every position;
+     a draft passes iff it is the target's token, and the first that is not is replaced by it. The
+     tokens are then exactly the plain sampler's for that seed, whatever the rounds: turning
+     speculation on, the batch around a request, preemptions or the context's end change nothing but
+     speed (drafter-invariant speculative decoding, Daliri et al. 2024). A draft passes with probability
+     P(argmax(log q + g) = argmax(log p + g)) (shared Gumbel noise g), at least (1 − TV) / (1 + TV)
+     with TV the total variation between p and q;
+   - "rejection": speculative sampling (accept.py; Leviathan et al. 2023, Thm. 1): draft j passes with
+     probability min(1, p_j / q_j), the first rejected one is replaced by a draw from
+     norm(max(0, p_j − q_j)). The optimal coupling: a draft passes with probability Σ min(p, q) = 1 − TV,
+     and the tokens follow RAST's distribution exactly, but a seeded request's tokens depend on where
+     its rounds start and end (so on its batch: a neighbour near the context's end shortens rounds).
+   Either way a round yields 1 to γ + 1 tokens and greedy requests get exactly the greedy tokens.
 The drafts ("small": S + λ·(R − S) with the request's λ, RAST's formula with S in M's place; "rl": R
 alone) cost no model beyond the triple. `rast analyze accept` measures how often they are accepted.
 
-Randomness is counter-based as in rast_kernels.rng, keyed by the sequence's seed (salted per use) and
-the position of the token drawn, so a seeded request gives the same tokens in any batch; they differ from
-the tokens of the same seed without speculation (another algorithm), not in distribution.
+Randomness is counter-based as in rast_kernels.rng, keyed by the sequence's seed (salted per use by the
+rejection method) and the position of the token drawn, never by the batch.
 
 Limits of this first version: rounds run eagerly (no CUDA graph; the engine captures none when
 speculating) with async scheduling off; the small models' last step and M's verify run one after the

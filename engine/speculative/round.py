@@ -71,10 +71,11 @@ def _meta(tables: torch.Tensor, start: torch.Tensor, q_len: int, max_start: int,
         max_seqlen_q=q_len, max_seqlen_k=max_start + q_len, block_size=block_size)
 
 
-def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma: int, draft: str) -> PendingRound:
+def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma: int, draft: str,
+              method: str = "coupled") -> PendingRound:
     """Draft γ tokens per sequence with the small models, verify them with the large one, accept/reject
     (under the caller's inference mode). Draw i belongs to sequence i."""
-    dev, to_dev, bs, vocab = runner.device, runner._to_device, runner.block_size, runner.vocab_size
+    to_dev, bs, vocab = runner._to_device, runner.block_size, runner.vocab_size
     bsz, pairs = len(seqs), runner.pairs
     width = max(len(s.block_table) for s in seqs)
     tables = to_dev(torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
@@ -85,8 +86,9 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
     params = row_params(draws, to_dev)
     weights = to_dev(torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(bsz, pairs))
     offset = to_dev(torch.tensor([d.offset for d in draws], dtype=torch.int64))
-    seeds = {salt: to_dev(torch.tensor(salted([d.seed for d in draws], salt), dtype=torch.int64))
-             for salt in (DRAFT_SALT, ACCEPT_SALT, RESIDUAL_SALT)}
+    # coupled: the plain sampler's own seed, so a draft and the target's draw share their noise
+    salts = (0,) if method == "coupled" else (DRAFT_SALT, ACCEPT_SALT, RESIDUAL_SALT)
+    seeds = {salt: to_dev(torch.tensor(salted([d.seed for d in draws], salt), dtype=torch.int64)) for salt in salts}
     large_copies = runner.units[0].copies
     small_units, small_pools = runner.units[1:], runner.kv.pools[1:]
     small_roles = [r - large_copies for r in runner.roles[1:]]  # rl, base per pair among the small logits
@@ -101,9 +103,10 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
             break
         rl, base = per_step[-1][0::2], per_step[-1][1::2]
         logits, deltas, w = (rl[0], (), 1.0) if draft == "rl" else (base[0], list(zip(rl, base)), weights)
-        ids = rast_kernels.rast_sample(logits, deltas, weights=w, **params, seed=seeds[DRAFT_SALT],
+        ids = rast_kernels.rast_sample(logits, deltas, weights=w, **params, seed=seeds[salts[0]],
                                        offset=offset + j, vocab_size=vocab, backend=runner.sampler)
-        # -1 (the draft admits no token) becomes token 0 with q = 0 there: read as an input, then rejected
+        # -1 (the draft admits no token) becomes token 0: read as an input, then rejected (q = 0 there, or
+        # no draw of the target's is -1)
         ids = ids.clamp(min=0)
         drafts.append(ids)
     tokens_in = torch.stack([last] + drafts, dim=1)  # [B, γ + 1]: the large model's inputs
@@ -112,31 +115,26 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
                                    None)[0]
     # rows in (sequence, position) order: row b * (γ + 1) + j
     small = [torch.stack([step[r] for step in per_step], dim=1).flatten(0, 1) for r in range(2 * pairs)]
+    drafted = tokens_in[:, 1:]
     rep = {k: v.repeat_interleave(gamma + 1) for k, v in params.items()}
-    logits_rows = [large] + small
-    target = rast_kernels.rast_probs(large, list(zip(small[0::2], small[1::2])),
-                                     weights=weights.repeat_interleave(gamma + 1, dim=0), **rep, vocab_size=vocab,
-                                     backend=runner.sampler).view(bsz, gamma + 1, -1)
-    drafted = torch.stack(drafts, dim=1) if drafts else last.new_empty(bsz, 0)
-    if gamma:
-        rows = [t.view(bsz, gamma + 1, -1)[:, :gamma].flatten(0, 1) for t in small]
-        rep_g = {k: v.repeat_interleave(gamma) for k, v in params.items()}
-        logits, deltas, w = (rows[0], (), 1.0) if draft == "rl" else (
-            rows[1], list(zip(rows[0::2], rows[1::2])), weights.repeat_interleave(gamma, dim=0))
-        q = rast_kernels.rast_probs(logits, deltas, weights=w, **rep_g, vocab_size=vocab,
-                                    backend=runner.sampler).view(bsz, gamma, -1)
+    target = dict(weights=weights.repeat_interleave(gamma + 1, dim=0), **rep, vocab_size=vocab, backend=runner.sampler)
+    pos = torch.arange(gamma + 1, device=runner.device)
+    if method == "coupled":
+        # every position's target draw with the plain sampler's seed and offset: a draft passes iff it is
+        # that draw, so the run is the plain sampler's tokens whatever the rounds
+        drawn = rast_kernels.rast_sample(large, list(zip(small[0::2], small[1::2])), **target,
+                                         seed=seeds[0].repeat_interleave(gamma + 1),
+                                         offset=(offset[:, None] + pos).reshape(-1)).view(bsz, gamma + 1)
+        accepted = (drafted == drawn[:, :gamma]).to(torch.int64).cumprod(1).sum(1)
+        tokens = torch.where(pos <= accepted[:, None], drawn, torch.full_like(drawn, -1))
     else:
-        q = target[:, :0]
-    accepted, nxt = accept_drafts(target, q, drafted, seeds[ACCEPT_SALT], seeds[RESIDUAL_SALT], offset)
-    pos = torch.arange(gamma + 1, device=dev)
-    padded = torch.cat([drafted, nxt[:, None]], dim=1)
-    tokens = torch.where(pos < accepted[:, None], padded, torch.where(pos == accepted[:, None], nxt[:, None], -1))
+        accepted, tokens = _rejection(large, small, target, drafted, params, weights, draft, seeds, offset, gamma)
     logprobs = None
     if any(d.params.logprobs is not None for d in draws):
         # every position's row, its token the one emitted there (-1 past the run: clamped, never read)
         row_draws = [Draw(i * (gamma + 1) + j, d.params, d.weights, d.seed, d.offset + j)
                      for i, d in enumerate(draws) for j in range(gamma + 1)]
-        logprobs = draw_logprobs(logits_rows, row_draws, tokens.reshape(-1).clamp(min=0), to_dev, vocab,
+        logprobs = draw_logprobs([large] + small, row_draws, tokens.reshape(-1).clamp(min=0), to_dev, vocab,
                                  runner.sampler)
     counts, event = accepted + 1, None
     if runner.pin:  # copies queued now, read by wait() after the event
@@ -145,6 +143,26 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
         event = torch.cuda.Event()
         event.record()
     return PendingRound(tokens, counts, logprobs, event)
+
+
+def _rejection(large: torch.Tensor, small: list[torch.Tensor], target: dict, drafted: torch.Tensor, params: dict,
+               weights: torch.Tensor, draft: str, seeds: dict, offset: torch.Tensor, gamma: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling's accept/reject on the full distributions (accept.py): (accepted, tokens)."""
+    bsz = drafted.shape[0]
+    p = rast_kernels.rast_probs(large, list(zip(small[0::2], small[1::2])), **target).view(bsz, gamma + 1, -1)
+    if gamma:
+        rows = [t.view(bsz, gamma + 1, -1)[:, :gamma].flatten(0, 1) for t in small]
+        logits, deltas, w = (rows[0], (), 1.0) if draft == "rl" else (
+            rows[1], list(zip(rows[0::2], rows[1::2])), weights.repeat_interleave(gamma, dim=0))
+        q = rast_kernels.rast_probs(logits, deltas, weights=w, **{k: v.repeat_interleave(gamma) for k, v in params.items()},
+                                    vocab_size=target["vocab_size"], backend=target["backend"]).view(bsz, gamma, -1)
+    else:
+        q = p[:, :0]
+    accepted, nxt = accept_drafts(p, q, drafted, seeds[ACCEPT_SALT], seeds[RESIDUAL_SALT], offset)
+    pos = torch.arange(gamma + 1, device=drafted.device)
+    padded = torch.cat([drafted, nxt[:, None]], dim=1)
+    return accepted, torch.where(pos < accepted[:, None], padded, torch.where(pos == accepted[:, None], nxt[:, None], -1))
 
 
 def commit_round(engine: LLMEngine, seqs: Seq[Sequence], runs: list[list[DrawResult]], gamma: int

@@ -4,7 +4,8 @@
     python bench/speculative.py --quick    # smoke run: batch 1, γ 0 and 2, a few short requests
 
 The toy triple (engine/assets/toy, docs/toy.md) is the one triple here with trained weights, so its drafts
-are accepted as a trained pair's would be on its task (random weights would reject nearly every draft).
+are accepted as a trained pair's would be on its task (random weights say nothing about acceptance: the
+tests' random models reject nearly every draft, the dummy loader's near-uniform logits pass nearly all).
 Its models are tiny (M 20.6 MB, the pair 6.4 MB in float32): a step costs its launches and host work, not
 its weight reads, so these figures say what a round costs against a plain step where nothing is
 memory-bound, not what a 7B + Δ1.5B triple would gain (`rast analyze accept` bounds that from the

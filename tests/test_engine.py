@@ -81,9 +81,9 @@ def test_step_logits_equal_hf_eq3(llm: LLM, qwen2_triple: tuple, monkeypatch: py
     runner, steps = llm.llm_engine.runner, []
     forward, launch = runner.forward_logits, runner.launch
 
-    def capture_launch(seqs, is_prefill, copies, draws, feed=None):  # noqa: ANN001, ANN202
+    def capture_launch(seqs, is_prefill, copies, draws, feed=None, lookahead=0):  # noqa: ANN001, ANN202
         steps.append([list(s.token_ids) for s in seqs])
-        return launch(seqs, is_prefill, copies, draws, feed)
+        return launch(seqs, is_prefill, copies, draws, feed, lookahead)
 
     def capture_forward(inputs, rows, outs=None):  # noqa: ANN001, ANN202
         out = forward(inputs, rows, outs)

@@ -304,8 +304,9 @@ def test_metrics_parse(srv: Running) -> None:
     srv.client().completions.create(model=MODEL, prompt="hi", max_tokens=2)
     fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text)}
     for name in ("rast_requests", "rast_prompt_tokens", "rast_generation_tokens", "rast_kv_blocks_used",
-                 "rast_num_requests_waiting", "rast_step_seconds"):
+                 "rast_num_requests_waiting", "rast_step_seconds", "rast_spec_draft_tokens", "rast_spec_accepted_tokens"):
         assert name in fams, name
+    assert fams["rast_spec_draft_tokens"].samples[0].value == 0  # this server does not speculate
     ok = [s for s in fams["rast_requests"].samples
           if s.name == "rast_requests_total" and s.labels == {"endpoint": "completions", "status": "200"}]
     assert ok and ok[0].value >= 1

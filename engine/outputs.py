@@ -52,6 +52,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     last_step_s: float
-    # speculative decoding: drafts made, and drafts the verify accepted (a stop rule may then drop some)
+    # speculative decoding: drafts made (γ a sequence a round, also past a stop that cuts the run) and
+    # drafts the verify accepted (a stop rule may then drop some)
     spec_draft_tokens_total: int = 0
     spec_accepted_tokens_total: int = 0

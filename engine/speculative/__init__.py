@@ -14,7 +14,9 @@ computes its terms of the target at those positions; only the large model M is s
      a draft passes iff it is the target's token, and the first that is not is replaced by it. The
      tokens are then exactly the plain sampler's for that seed, whatever the rounds: turning
      speculation on, the batch around a request, preemptions or the context's end change nothing but
-     speed (drafter-invariant speculative decoding, Daliri et al. 2024). A draft passes with probability
+     speed (drafter-invariant speculative decoding, Daliri et al. 2024). "Exactly" holds for the same
+     logits: M's verify is a multi-token prefill over the cache, plain decoding a decode step, and in
+     bf16 on a GPU their rounding may differ enough to flip a near-tie. A draft passes with probability
      P(argmax(log q + g) = argmax(log p + g)) (shared Gumbel noise g), at least (1 − TV) / (1 + TV)
      with TV the total variation between p and q;
    - "rejection": speculative sampling (accept.py; Leviathan et al. 2023, Thm. 1): draft j passes with

@@ -19,11 +19,16 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def signed64(x: int) -> int:
+    """An integer taken modulo 2**64, as the signed int64 the sampler takes."""
+    x &= MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
 def sample_seed(request_seed: int, index: int) -> int:
     """The seed of sample ``index`` of a request: a function of (request_seed, index) only, so a seeded
     request draws the same tokens in any batch; returned as a signed int64 for the sampler."""
-    x = _splitmix64((request_seed & MASK64) ^ _splitmix64(index))
-    return x - (1 << 64) if x >= 1 << 63 else x
+    return signed64(_splitmix64((request_seed & MASK64) ^ _splitmix64(index)))
 
 
 def _is_int(x: object) -> bool:

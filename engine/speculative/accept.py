@@ -13,9 +13,9 @@ from typing import Sequence
 
 import torch
 
+from rast_engine.sampling_params import signed64
 from rast_kernels.rng import row_key, token_gumbel, token_uniform
 
-MASK64 = (1 << 64) - 1
 # xor masks that give each use of a sequence's seed its own stream (draft draws, accept tests, residual
 # draws); none is 0, so none reuses the stream of the plain sampler keyed by the seed itself
 DRAFT_SALT = 0x243F6A8885A308D3
@@ -25,11 +25,7 @@ RESIDUAL_SALT = 0xA4093822299F31D0
 
 def salted(seeds: Sequence[int], salt: int) -> list[int]:
     """Each seed xor the salt, as the signed int64 the sampler takes."""
-    out = []
-    for s in seeds:
-        x = (s ^ salt) & MASK64
-        out.append(x - (1 << 64) if x >= 1 << 63 else x)
-    return out
+    return [signed64(s ^ salt) for s in seeds]
 
 
 def accept_drafts(target: torch.Tensor, draft: torch.Tensor, drafts: torch.Tensor, accept_seed: torch.Tensor,

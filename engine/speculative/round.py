@@ -71,6 +71,14 @@ def _meta(tables: torch.Tensor, start: torch.Tensor, q_len: int, max_start: int,
         max_seqlen_q=q_len, max_seqlen_k=max_start + q_len, block_size=block_size)
 
 
+def _draft_inputs(rl: list[torch.Tensor], base: list[torch.Tensor], weights: torch.Tensor, draft: str
+                  ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], object]:
+    """rast_sample / rast_probs's (logits, deltas, weights) of the draft: R alone, or S + λ·(R − S)."""
+    if draft == "rl":
+        return rl[0], [], 1.0
+    return base[0], list(zip(rl, base)), weights
+
+
 def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma: int, draft: str,
               method: str = "coupled") -> PendingRound:
     """Draft γ tokens per sequence with the small models, verify them with the large one, accept/reject
@@ -101,8 +109,7 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
         per_step.append([out[r] for r in small_roles])
         if j == gamma:
             break
-        rl, base = per_step[-1][0::2], per_step[-1][1::2]
-        logits, deltas, w = (rl[0], (), 1.0) if draft == "rl" else (base[0], list(zip(rl, base)), weights)
+        logits, deltas, w = _draft_inputs(per_step[-1][0::2], per_step[-1][1::2], weights, draft)
         ids = rast_kernels.rast_sample(logits, deltas, weights=w, **params, seed=seeds[salts[0]],
                                        offset=offset + j, vocab_size=vocab, backend=runner.sampler)
         # -1 (the draft admits no token) becomes token 0: read as an input, then rejected (q = 0 there, or
@@ -153,8 +160,7 @@ def _rejection(large: torch.Tensor, small: list[torch.Tensor], target: dict, dra
     p = rast_kernels.rast_probs(large, list(zip(small[0::2], small[1::2])), **target).view(bsz, gamma + 1, -1)
     if gamma:
         rows = [t.view(bsz, gamma + 1, -1)[:, :gamma].flatten(0, 1) for t in small]
-        logits, deltas, w = (rows[0], (), 1.0) if draft == "rl" else (
-            rows[1], list(zip(rows[0::2], rows[1::2])), weights.repeat_interleave(gamma, dim=0))
+        logits, deltas, w = _draft_inputs(rows[0::2], rows[1::2], weights.repeat_interleave(gamma, dim=0), draft)
         q = rast_kernels.rast_probs(logits, deltas, weights=w, **{k: v.repeat_interleave(gamma) for k, v in params.items()},
                                     vocab_size=target["vocab_size"], backend=target["backend"]).view(bsz, gamma, -1)
     else:

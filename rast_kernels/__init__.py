@@ -9,6 +9,9 @@ native backends must agree with it.
 
 Paged KV attention kernels for serving stacks live in rast_kernels.paged_attention (store by slot
 mapping, split-K decode with GQA, varlen prefill over a paged cache).
+
+Under torch.compile or torch.export every public kernel is one torch.library custom op
+(torch.ops.rast_kernels.*, registered by rast_kernels.ops), so tracing never breaks the graph.
 """
 from __future__ import annotations
 
@@ -48,23 +51,42 @@ def default_backend(device: torch.device) -> str:
     return "native" if _native_available() else "torch"
 
 
-def _resolve(backend: str | None, batch: SamplingBatch):
+def _backend_name(backend: str | None, batch: SamplingBatch) -> str:
+    """The backend that serves ``batch``, checked against the install and the tensors' device."""
     if backend is None:
-        backend = default_backend(batch.logits.device)
-    if backend == "torch":
-        from rast_kernels import reference as impl
-    elif backend == "triton":
-        from rast_kernels import sampler_triton as impl
-    elif backend == "native":
-        from rast_kernels import native as impl
+        return default_backend(batch.logits.device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    if backend == "native":
+        from rast_kernels import native
 
-        if not impl.is_available():
-            raise RuntimeError(f"backend='native' is not built in this install: {impl.unavailable_reason()}")
+        if not native.is_available():
+            raise RuntimeError(f"backend='native' is not built in this install: {native.unavailable_reason()}")
         if batch.logits.is_cuda:
             raise ValueError("backend='native' runs on CPU tensors only; these logits are on CUDA")
+    return backend
+
+
+def backend_module(name: str):
+    """The module implementing backend ``name`` (its sample(batch) and probs(batch))."""
+    if name == "torch":
+        from rast_kernels import reference as impl
+    elif name == "triton":
+        from rast_kernels import sampler_triton as impl
     else:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
+        from rast_kernels import native as impl
     return impl
+
+
+def _run(kind: str, batch: SamplingBatch, backend: str | None) -> torch.Tensor:
+    name = _backend_name(backend, batch)
+    if torch.compiler.is_compiling():  # one opaque op for torch.compile / torch.export (rast_kernels.ops)
+        from rast_kernels import ops
+
+        op = ops.sample if kind == "sample" else ops.probs
+        return op(batch.logits, batch.rl, batch.base, batch.weights, *ops.flatten_batch(batch), batch.vocab, name)
+    impl = backend_module(name)
+    return impl.sample(batch) if kind == "sample" else impl.probs(batch)
 
 
 def rast_sample(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), *,
@@ -74,7 +96,7 @@ def rast_sample(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch
     """Draw one token id per row (int64 [B]); -1 for a row with no admissible token."""
     batch = normalize(logits, deltas, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, seed=seed, offset=offset, vocab_size=vocab_size)
-    return _resolve(backend, batch).sample(batch)
+    return _run("sample", batch, backend)
 
 
 def rast_probs(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), *,
@@ -84,4 +106,4 @@ def rast_probs(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.
     """The filtered, renormalised distribution (float32 [B, V]) that rast_sample draws from."""
     batch = normalize(logits, deltas, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, vocab_size=vocab_size)
-    return _resolve(backend, batch).probs(batch)
+    return _run("probs", batch, backend)

@@ -191,6 +191,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """[T, N] -> weight * x / rms(x), statistics in float32 and the product in x's dtype (HF's RMSNorm).
     weight is [N], or [G, N] for G models' rows stacked in x: G consecutive groups of T / G rows, group g
     normed with weight[g] (several small models run as one batch)."""
+    if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
+        from rast_kernels import ops
+        return ops.rms_norm(x, weight, eps)
     return _norm_launch(x, weight, eps, None)[0]
 
 
@@ -198,6 +201,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """s = residual + x in x's dtype; returns (rms_norm(s), s): a decoder layer's residual step (weight
     as in rms_norm)."""
+    if torch.compiler.is_compiling():
+        from rast_kernels import ops
+        return ops.add_rms_norm(x, residual, weight, eps)
     y, s = _norm_launch(x, weight, eps, residual)
     assert s is not None
     return y, s
@@ -237,6 +243,9 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     weights [D], or [G, D] for G models' tokens stacked in q (G consecutive groups of T / G tokens).
     Every position must be < max_positions: it is read on the device only (checking it on the host
     would sync), and the engine guarantees it by capping max_model_len at the table's length."""
+    if torch.compiler.is_compiling():
+        from rast_kernels import ops
+        return ops.rotary_embedding(positions, q, k, cos_sin, *ops.split_qk_norm(qk_norm))
     check_rotary(positions, q, k, cos_sin)
     return _rotary_launch(positions, q, k, cos_sin, None, qk_norm)
 
@@ -248,6 +257,10 @@ def rotary_embedding_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch
     """rotary_embedding, and in the same launch the rotated k and v [T, Hk, D] written into the paged
     caches [num_blocks, block_size, Hk, D] at ``slot_mapping`` [T] (slot -1 is skipped): what
     rotary_embedding followed by paged_attention.store_kv_cache does, one kernel fewer per layer."""
+    if torch.compiler.is_compiling():
+        from rast_kernels import ops
+        return ops.rotary_embedding_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping,
+                                             *ops.split_qk_norm(qk_norm))
     check_rotary(positions, q, k, cos_sin)
     check_store(k, v, k_cache, v_cache, slot_mapping)
     return _rotary_launch(positions, q, k, cos_sin, (v, k_cache, v_cache, slot_mapping), qk_norm)
@@ -255,6 +268,9 @@ def rotary_embedding_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2N] = [gate | up] -> silu(gate) * up, [T, N] (HF's MLP activation, rounded as HF rounds)."""
+    if torch.compiler.is_compiling():
+        from rast_kernels import ops
+        return ops.silu_and_mul(gate_up)
     check_rows("gate_up", gate_up)
     if gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must have an even width [gate | up], got {gate_up.shape[1]}")

@@ -214,6 +214,9 @@ def _precision(dtype: torch.dtype) -> str:
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Write k, v [T, Hkv, D] into the paged caches at ``slot_mapping`` [T]; slot -1 is skipped."""
+    if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
+        from rast_kernels import ops
+        return ops.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     _check_cache(k, k_cache, v_cache)
     if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
         raise ValueError(f"k, v must be [T, Hkv, D] matching the cache, got {tuple(k.shape)}, {tuple(v.shape)}")
@@ -237,6 +240,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each sequence's cached keys.
     ``num_splits`` (None: from the shapes) sizes the split-K grid; each sequence fills as many splits
     as its own context allows at >= ``min_tokens_per_split`` tokens apiece (split_k.split_plan)."""
+    if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
+        from rast_kernels import ops
+        return ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
+                                          min_tokens_per_split)
     _check_cache(q, k_cache, v_cache)
     batch, hq, dim = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -280,6 +287,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             max_seqlen_q: int, scale: float) -> torch.Tensor:
     """Causal attention of the new tokens q [T, Hq, D] (varlen by cu_seqlens_q) over the paged cache."""
+    if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
+        from rast_kernels import ops
+        return ops.paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
+                                           max_seqlen_q, scale)
     _check_cache(q, k_cache, v_cache)
     total, hq, dim = q.shape
     _, block_size, hkv, _ = k_cache.shape

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rast_engine.block_manager import BlockManager
 from rast_engine.sampling_params import SamplingParams
@@ -171,3 +172,30 @@ def test_lookahead_slots_and_a_fork_that_shares_them() -> None:
     bm.free(parent)
     bm.free(child)
     assert bm.ref_counts == [0] * 16
+
+
+def test_replacing_shared_blocks_reassigns_the_table_so_static_rows_follow() -> None:
+    """DecodeBuffers caches each row's block table and rewrites it only when the list is new, grew, or
+    its last entry changed. A round's lookahead can replace shared blocks that are not the last entry
+    (here the parent's, forked after a step that took lookahead), so append_slot gives the sequence a new
+    list: its static row must then equal the table, or the round writes into the sibling's blocks."""
+    from rast_engine.decode_buffers import DecodeBuffers
+
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    buffers = DecodeBuffers(max_rows=2, max_blocks=4, pairs=0, block_size=BS, device=torch.device("cpu"))
+    parent = make_seq(list(range(6)))
+    bm.allocate(parent)
+    parent.num_computed_tokens = 5
+    bm.append_slot(parent, 6)
+
+    def fill() -> list[int]:
+        buffers.fill([parent], [0.0], [0], [1.0], [0.0], [0], [0], [[]], rows=1)
+        return buffers.dev["tables"][0, :len(parent.block_table)].tolist()
+
+    assert fill() == parent.block_table
+    child = make_seq(list(range(6)))
+    bm.fork(parent, child)
+    before = parent.block_table
+    assert bm.append_slot(parent, 6) is not None  # the parent first: both its blocks 1 and 2 are shared
+    assert parent.block_table is not before and parent.block_table[1:] != before[1:]
+    assert fill() == parent.block_table

@@ -52,7 +52,7 @@ ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
                 "rast": dict(_FAST, pair=True, stack=True),
                 "rast-unstacked": dict(_FAST, pair=True, stack=False),
                 "rast-no-ahead": dict(_FAST, async_scheduling=False, pair=True, stack=True),
-                # speculative rounds (engine/speculative): eager, no async scheduling, γ = SPEC_GAMMA drafts
+                # speculative rounds (engine/speculative): graphs up to batch 64, no async scheduling, γ = SPEC_GAMMA drafts
                 "rast-spec": dict(_FAST, async_scheduling=False, pair=True, stack=True, spec=True)}
 SPEC_GAMMA = 4
 SPEC_ALPHAS = (0.6, 0.7, 0.8, 0.9)  # acceptance rates a round's time is projected at

@@ -63,8 +63,7 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                           max_model_len=max_len, eos_token_ids=ms.eos_token_ids, lookahead=config.speculative_tokens)
-    # speculative rounds run eagerly (speculative/__init__.py): graphs of plain decode steps would go unused
-    eager = config.enforce_eager or device.type != "cuda" or config.speculative_tokens > 0
+    eager = config.enforce_eager or device.type != "cuda"
     if not eager and attention.name not in CAPTURE_SAFE_ATTENTION:
         logger.warning("attention backend %r reads lengths on the host and cannot be captured in a CUDA "
                        "graph; decoding eagerly", attention.name)
@@ -72,14 +71,16 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     runner = ModelRunner(units, roles, kv, ms.vocab_size, config.block_size, device, enforce_eager=eager,
                          model_streams=config.model_streams, max_num_seqs=config.max_num_seqs,
                          max_model_len=max_len, graph_max_batch=config.cuda_graph_max_batch,
-                         speculative_draft=config.speculative_draft, speculative_method=config.speculative_method)
+                         speculative_tokens=config.speculative_tokens, speculative_draft=config.speculative_draft,
+                         speculative_method=config.speculative_method)
     logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models), ", ".join(ms.roles),
                 device, str(dtype).replace("torch.", ""), time.perf_counter() - t0, ms.vocab_size)
     logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",
                 num_blocks, config.block_size, kv.capacity_tokens, kv.bytes / 2**20, len(kv.pools), max_len)
-    graphs = runner.graphs
-    logger.info("backends: attention=%s sampler=%s; decode %s, model streams %s, async scheduling %s; "
-                "small models: %s%s", attention.name, runner.sampler, "eager" if graphs is None else
+    graphs = runner.graphs or runner.round_graphs
+    logger.info("backends: attention=%s sampler=%s; %s %s, model streams %s, async scheduling %s; "
+                "small models: %s%s", attention.name, runner.sampler,
+                "speculative rounds" if config.speculative_tokens else "decode", "eager" if graphs is None else
                 f"in CUDA graphs up to batch {graphs.buckets[-1]}" + (
                     ", eager above" if graphs.buckets[-1] < config.max_num_seqs else ""),
                 "on" if runner.streams.concurrent else "off", "on" if async_scheduling else "off",

@@ -17,7 +17,8 @@ Invariants:
   consumed before the next replay;
 - the step may fork onto the model-streams side stream; it joins back before the sampler, as capture
   requires.
-Prefill (varlen, data-dependent shapes) is never captured.
+Prefill (varlen, data-dependent shapes) is never captured. A speculating engine captures its rounds the
+same way (ModelRunner.round_graphs: the step is a whole round, engine/speculative/round.py).
 """
 from __future__ import annotations
 

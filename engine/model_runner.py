@@ -30,7 +30,12 @@ from rast_engine.models.stacked import ForwardUnit
 from rast_engine.draws import Draw, draw_logprobs, sample_draws
 from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
 from rast_engine.sequence import Sequence
-from rast_engine.speculative.round import PendingRound, run_round
+from rast_engine.speculative.round import PendingRound, RoundInputs, RoundOutput, round_core, run_round
+
+# a round's graph holds (γ + 1) logits rows per model and row, some twice (about 2 GB at 256 rows, γ = 4,
+# V = 152064; 3.4 GB with the rejection method's probabilities); speculation pays at small batches, so
+# larger ones run eagerly
+ROUND_GRAPH_ROWS = 64
 
 
 @dataclass
@@ -45,11 +50,11 @@ class ModelRunner:
     def __init__(self, units: list[ForwardUnit], roles: list[int], kv: KVCache, vocab_size: int, block_size: int,
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
                  max_num_seqs: int = 256, max_model_len: int = 2048,
-                 graph_max_batch: Optional[int] = None, speculative_draft: str = "small",
+                 graph_max_batch: Optional[int] = None, speculative_tokens: int = 0, speculative_draft: str = "small",
                  speculative_method: str = "coupled") -> None:
         """units: the large model, then the small models' forwards, each giving ``copies`` models' logits;
         roles: per role (large, then rl and base per pair) the index of its logits among those;
-        speculative_draft, speculative_method: how a speculative round drafts and accepts (speculative/)."""
+        speculative_tokens (γ), speculative_draft, speculative_method: speculative rounds (speculative/)."""
         self.units, self.roles = units, roles
         self.kv = kv
         self.vocab_size = vocab_size
@@ -61,17 +66,25 @@ class ModelRunner:
         self.streams = ModelStreams(device, model_streams)
         widths = [(u.config.vocab_size, u.dtype) for u in units for _ in range(u.copies)]  # per model
         self.pairs = (len(roles) - 1) // 2
-        self.speculative_draft, self.speculative_method = speculative_draft, speculative_method
+        self.max_lookahead, self.speculative_draft, self.speculative_method = (speculative_tokens, speculative_draft,
+                                                                            speculative_method)
         self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
         # every decode step's logits, one [max_num_seqs, width_m] buffer per model: graph buckets share
         # them instead of each holding its own outputs in the pool (about 2 GB at 256 rows, 3 x 152k vocab)
         self.step_logits = [torch.empty(max_num_seqs, width, dtype=dtype, device=device) for width, dtype in widths]
-        # CPU is always eager: graphs are a CUDA feature, and the CPU path is the reference
-        self.graphs = (None if enforce_eager or device.type != "cuda" else
-                       DecodeGraphs(self._decode_step, self._pad_all, device,
-                                    min(max_num_seqs, graph_max_batch or max_num_seqs)))
-        if self.graphs is not None:
-            self.graphs.capture_all()  # now, not in the middle of serving
+        # CPU is always eager: graphs are a CUDA feature, and the CPU path is the reference. A speculative
+        # engine captures its rounds of γ drafts; its other decode steps (first draws, the context's end)
+        # are rare and run eagerly
+        graph_rows = min(max_num_seqs, graph_max_batch or max_num_seqs)
+        captured = not enforce_eager and device.type == "cuda"
+        self.graphs = (DecodeGraphs(self._decode_step, self._pad_all, device, graph_rows)
+                       if captured and not speculative_tokens else None)
+        self.round_graphs = (DecodeGraphs(self._round_step, self._pad_all, device,
+                                          min(graph_rows, ROUND_GRAPH_ROWS))
+                             if captured and speculative_tokens else None)
+        for graphs in (self.graphs, self.round_graphs):
+            if graphs is not None:
+                graphs.capture_all()  # now, not in the middle of serving
         # two halves, see _ids_later
         self.ids_host = torch.empty(2, max_num_seqs, dtype=torch.int64, pin_memory=self.pin)
         self._ids_half = 0
@@ -183,6 +196,11 @@ class ModelRunner:
         b.store_sampled(ids)
         return ids, logits
 
+    def _round_step(self, rows: int) -> RoundOutput:
+        """A speculative round of γ drafts on the first ``rows`` static rows (graph-capturable)."""
+        return round_core(self, RoundInputs.from_buffers(self, rows), self.max_lookahead, self.speculative_draft,
+                          self.speculative_method)
+
     def _pad_all(self, rows: int) -> None:
         self.buffers.pad(0, rows)
         self.buffers.send(rows)
@@ -195,11 +213,7 @@ class ModelRunner:
         if bucket is not None:
             self.graphs.ensure(bucket)  # a guard (all were captured at start); before fill: capture pads rows
         rows = n if bucket is None else bucket
-        p = [d.params for d in draws]
-        self.buffers.fill(seqs, temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
-                          top_p=[x.top_p for x in p], min_p=[x.min_p for x in p], seeds=[d.seed for d in draws],
-                          offsets=[d.offset for d in draws], weights=[d.weights for d in draws], rows=rows,
-                          feed=feed)
+        self.fill_buffers(seqs, draws, rows, feed)
         ids_dev, logits = self._decode_step(rows) if bucket is None else self.graphs.replay(bucket)
         # a replay's outputs are overwritten by the next replay: on CUDA the copies queued now read them
         # first; elsewhere (the CUDA emulator) the host reads them later, so it keeps a copy
@@ -209,6 +223,14 @@ class ModelRunner:
             logprobs = draw_logprobs([t[:n] for t in logits], draws, ids, self._to_device, self.vocab_size,
                                      self.sampler)
         return self._ids_later(ids, logprobs)
+
+    def fill_buffers(self, seqs: Seq[Sequence], draws: Seq[Draw], rows: int, feed: Optional[Seq[int]] = None) -> None:
+        """Write a decode batch (draw i samples sequence i) into the static buffers, padded to ``rows``."""
+        p = [d.params for d in draws]
+        self.buffers.fill(seqs, temperature=[x.temperature for x in p], top_k=[x.top_k for x in p],
+                          top_p=[x.top_p for x in p], min_p=[x.min_p for x in p], seeds=[d.seed for d in draws],
+                          offsets=[d.offset for d in draws], weights=[d.weights for d in draws], rows=rows,
+                          feed=feed)
 
     def _ids_later(self, ids: torch.Tensor, logprobs: Optional[DrawLogprobs] = None) -> PendingStep:
         """The step's ids (and logprobs), read by PendingStep.wait(): on CUDA through asynchronous copies

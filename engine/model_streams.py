@@ -23,13 +23,16 @@ before main's sampler of the previous step has read them.
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.kv_cache import KVPool
 from rast_engine.models.stacked import ForwardUnit, StackedCausalLM
+
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 def unit_logits(unit: ForwardUnit, pool: KVPool, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -48,6 +51,7 @@ class ModelStreams:
         # on CPU, or with a single model, there is nothing to overlap: plain sequential forwards
         self.concurrent = enabled and device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.concurrent else None
+        self.device = device
 
     def forward(self, units: Sequence[ForwardUnit], pools: Sequence[KVPool], input_ids: torch.Tensor,
                 positions: torch.Tensor, meta: AttentionMetadata, rows: Optional[torch.Tensor],
@@ -60,11 +64,22 @@ class ModelStreams:
         if self.side is None or len(units) == 1:
             return [t for u, p, o in zip(units, pools, slices) for t in unit_logits(u, p, input_ids, positions,
                                                                                     meta, rows, o)]
-        main = torch.cuda.current_stream(input_ids.device)
-        self.side.wait_stream(main)
-        large = unit_logits(units[0], pools[0], input_ids, positions, meta, rows, slices[0])
-        with torch.cuda.stream(self.side):
-            small = [t for u, p, o in zip(units[1:], pools[1:], slices[1:])
-                     for t in unit_logits(u, p, input_ids, positions, meta, rows, o)]
-        main.wait_stream(self.side)
+        large, small = self.overlap(
+            lambda: unit_logits(units[0], pools[0], input_ids, positions, meta, rows, slices[0]),
+            lambda: [t for u, p, o in zip(units[1:], pools[1:], slices[1:])
+                     for t in unit_logits(u, p, input_ids, positions, meta, rows, o)])
         return large + small
+
+    def overlap(self, on_main: Callable[[], A], on_side: Callable[[], B]) -> tuple[A, B]:
+        """on_main() on the current stream and on_side() on the side stream, concurrently (one after the
+        other without a side stream). The side stream first waits for main, and main for it before
+        returning, so both see what came before and whatever comes after sees both."""
+        if self.side is None:
+            return on_main(), on_side()
+        main = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(main)
+        a = on_main()
+        with torch.cuda.stream(self.side):
+            b = on_side()
+        main.wait_stream(self.side)
+        return a, b

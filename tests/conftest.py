@@ -66,3 +66,22 @@ def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     from factories import make_triple
 
     return make_triple(tmp_path_factory.mktemp("llama_triple"), "llama")
+
+
+@pytest.fixture(scope="session")
+def near_triple(qwen2_triple: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """(large, rl, base) where the large model is the base with its logits scaled by 1.15: the small
+    pair's drafts are often but not always accepted, so speculative rounds take both branches."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    _, rl, base = qwen2_triple
+    near = tmp_path_factory.mktemp("spec") / "near"
+    shutil.copytree(base, near)
+    f = next(Path(near).glob("*.safetensors"))
+    w = load_file(f)
+    w["model.norm.weight"] = w["model.norm.weight"] * 1.15
+    save_file(w, f, metadata={"format": "pt"})
+    return str(near), str(rl), str(base)

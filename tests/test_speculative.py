@@ -1,14 +1,10 @@
 """Speculative RAST decoding (engine/speculative): the accept/reject step against exact probabilities,
-and the engine's rounds against plain decoding and against HF transformers' forwards; on a GPU (the
-`gpu` marker, run by bench/gpu_session.sh) the rounds natively."""
+and the engine's rounds against plain decoding and against HF transformers' forwards. The rounds in the GPU
+configuration (CUDA graphs, streams) are in test_speculative_graphs.py."""
 from __future__ import annotations
-
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from rast_engine import LLM, EngineConfig, LLMEngine, SamplingParams
@@ -79,20 +75,6 @@ def test_accept_step_is_greedy_on_one_hot_rows_and_batch_invariant() -> None:
 
 
 # ---- the engine ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def near_triple(qwen2_triple: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
-    """(large, rl, base) where the large model is the base with its logits scaled by 1.15: the small
-    pair's drafts are often but not always accepted, so rounds take both branches."""
-    _, rl, base = qwen2_triple
-    near = tmp_path_factory.mktemp("spec") / "near"
-    shutil.copytree(base, near)
-    f = next(Path(near).glob("*.safetensors"))
-    w = load_file(f)
-    w["model.norm.weight"] = w["model.norm.weight"] * 1.15
-    save_file(w, f, metadata={"format": "pt"})
-    return str(near), str(rl), str(base)
-
-
 def _runs(llm: LLM, params: list[SamplingParams]) -> list[list[tuple]]:
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs]
@@ -220,39 +202,3 @@ def test_speculative_config_errors(qwen2_triple: tuple) -> None:
         EngineConfig(large, rl, base, speculative_tokens=-1)
     with pytest.raises(RastError, match="also fills a small role"):  # the large model as R: nothing to draft with
         LLMEngine(EngineConfig(large, large, base, speculative_tokens=2, device="cpu", kv_cache_blocks=16))
-
-
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="CPU runs only (Triton interpreter)")
-def test_rounds_in_the_gpu_configuration_under_the_cuda_emulator(near_triple: tuple,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rounds with the GPU's kernels (Triton attention with the verify's multi-token queries over the
-    paged cache, layer ops and sampler, interpreted) and model streams under tests/cuda_emulator.py
-    (cross-stream accesses must be ordered): the greedy tokens of the plain engine."""
-    from cuda_emulator import emulated_cuda
-    from rast_engine.model_streams import ModelStreams
-
-    kw = dict(lam=LAM, block_size=4, kv_cache_blocks=64, max_num_seqs=4, attention_backend="triton", layer_ops="triton")
-    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in LLM(*near_triple, **kw).generate(PROMPTS[:2], greedy, use_tqdm=False)]
-    spec = LLM(*near_triple, speculative_tokens=2, stack_small_models=False, **kw)
-    spec.llm_engine.runner.sampler = "triton"
-    with emulated_cuda(monkeypatch):
-        spec.llm_engine.runner.streams = ModelStreams(torch.device("cuda"), True)
-        got = [o.outputs[0].token_ids for o in spec.generate(PROMPTS[:2], greedy, use_tqdm=False)]
-    assert got == want and spec.llm_engine.stats().spec_accepted_tokens_total > 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("draft, method", [("small", "coupled"), ("rl", "rejection")])
-def test_gpu_rounds_give_the_plain_greedy_tokens(near_triple: tuple, draft: str, method: str) -> None:
-    """The round natively on a GPU (Triton attention, layer ops and sampler; model streams; tokens read
-    back through pinned copies and an event), float32: the plain engine's greedy tokens, with forks."""
-    kw = dict(lam=LAM, block_size=4, kv_cache_blocks=128, device="cuda", dtype="float32", max_model_len=48)
-    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1),
-              SamplingParams(temperature=0.0, max_tokens=9, n=2)]
-    plain = LLM(*near_triple, **kw)
-    spec = LLM(*near_triple, speculative_tokens=4, speculative_draft=draft, speculative_method=method, **kw)
-    assert spec.llm_engine.runner.graphs is None and not spec.llm_engine.async_scheduling
-    assert _runs(spec, params * 2) == _runs(plain, params * 2)
-    stats = spec.llm_engine.stats()
-    assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total

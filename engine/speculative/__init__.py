@@ -31,7 +31,10 @@ alone) cost no model beyond the triple. `rast analyze accept` measures how often
 Randomness is counter-based as in rast_kernels.rng, keyed by the sequence's seed (salted per use by the
 rejection method) and the position of the token drawn, never by the batch.
 
-Limits of this first version: rounds run eagerly (no CUDA graph; the engine captures none when
-speculating) with async scheduling off; the small models' last step and M's verify run one after the
-other (they could overlap on two streams); a round reads its tokens back once.
+On CUDA (without enforce_eager) a round of the full γ is one CUDA graph per batch bucket up to
+ROUND_GRAPH_ROWS rows (ModelRunner.round_graphs, captured at start like the decode graphs, which a
+speculating engine does not capture); a round shrunk near the context's end, a larger batch and the
+plain decode steps of a speculating engine (first draws) run eagerly. The small pair's last step, which
+draws no draft, runs beside M's verify on the side stream. Limits: async scheduling is off (a round's
+length must reach the host before the next round is scheduled), and a round reads its tokens back once.
 """

@@ -9,11 +9,8 @@ depends on nothing else in the batch.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from rast_engine.sampling_params import signed64
 from rast_kernels.rng import row_key, token_gumbel, token_uniform
 
 # xor masks that give each use of a sequence's seed its own stream (draft draws, accept tests, residual
@@ -21,11 +18,6 @@ from rast_kernels.rng import row_key, token_gumbel, token_uniform
 DRAFT_SALT = 0x243F6A8885A308D3
 ACCEPT_SALT = 0x13198A2E03707344
 RESIDUAL_SALT = 0xA4093822299F31D0
-
-
-def salted(seeds: Sequence[int], salt: int) -> list[int]:
-    """Each seed xor the salt, as the signed int64 the sampler takes."""
-    return [signed64(s ^ salt) for s in seeds]
 
 
 def accept_drafts(target: torch.Tensor, draft: torch.Tensor, drafts: torch.Tensor, accept_seed: torch.Tensor,

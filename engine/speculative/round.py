@@ -1,7 +1,10 @@
 """One speculative round over a decode batch, on the model runner's units and pools (see __init__.py).
 
-Inputs are built once on the host (last tokens, positions, block tables); each draft step's and the
-verify's metadata are derived from them on the device, so the round reads nothing back until its tokens.
+Inputs (RoundInputs: last tokens, positions, block tables, sampling parameters) are built once on the
+host, or, for a round of the engine's full γ whose batch fits a graph bucket, written into the runner's
+DecodeBuffers for the captured round to read; each draft step's and the verify's metadata are derived
+from them on the device. ``round_core`` reads nothing back, so it replays from a CUDA graph (padding rows
+inert: slot -1, context 0), and the host reads the round's tokens once.
 Invariant on entry (the scheduler's lookahead): every sequence's blocks cover its last token's position
 P and the γ positions after it, writable; on exit the cache holds valid K/V up to P + accepted, the rest
 is overwritten by later rounds before anything reads it (attention reads keys below context_lens only).
@@ -18,7 +21,8 @@ from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.draws import Draw, draw_logprobs, row_params
 from rast_engine.pending import DrawLogprobs, DrawResult
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
-from rast_engine.speculative.accept import ACCEPT_SALT, DRAFT_SALT, RESIDUAL_SALT, accept_drafts, salted
+from rast_engine.sampling_params import signed64
+from rast_engine.speculative.accept import ACCEPT_SALT, DRAFT_SALT, RESIDUAL_SALT, accept_drafts
 
 if TYPE_CHECKING:
     from rast_engine.llm_engine import LLMEngine
@@ -56,19 +60,63 @@ class PendingRound:
         return self._runs
 
 
-def _meta(tables: torch.Tensor, start: torch.Tensor, q_len: int, max_start: int, block_size: int,
-          is_prefill: bool) -> tuple[torch.Tensor, AttentionMetadata]:
-    """Positions [B * q_len] and metadata for q_len new tokens per sequence at start .. start + q_len - 1."""
-    bsz = tables.shape[0]
-    step = torch.arange(q_len, device=start.device, dtype=torch.int64)
-    positions = (start[:, None] + step).reshape(-1)
-    seq = torch.arange(bsz, device=start.device).repeat_interleave(q_len)
-    slots = tables[seq, positions // block_size].to(torch.int64) * block_size + positions % block_size
-    return positions, AttentionMetadata(
-        is_prefill=is_prefill, slot_mapping=slots, block_tables=tables,
-        context_lens=(start + q_len).to(torch.int32),
-        cu_seqlens_q=(torch.arange(bsz + 1, device=start.device, dtype=torch.int32) * q_len),
-        max_seqlen_q=q_len, max_seqlen_k=max_start + q_len, block_size=block_size)
+@dataclass
+class RoundInputs:
+    """A round's inputs, all on the device: R rows (a graph bucket's rows include inert padding)."""
+    last: torch.Tensor  # [R] int64: each sequence's last token, the small models' first input
+    start: torch.Tensor  # [R] int64: its position
+    tables: torch.Tensor  # [R, W] int32 block tables
+    live: Optional[torch.Tensor]  # [R] bool, False on padding rows (no KV write, empty context); None: all live
+    params: dict[str, torch.Tensor]  # temperature, top_k, top_p, min_p [R]
+    weights: torch.Tensor  # [R, K] λ per pair
+    seed: torch.Tensor  # [R] int64: the plain sampler's seed of each sequence
+    offset: torch.Tensor  # [R] int64: tokens the sequence has generated
+    max_context: int  # >= every start + γ + 1 (attention metadata's max_seqlen_k)
+
+    @classmethod
+    def from_host(cls, runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma: int) -> RoundInputs:
+        to_dev = runner._to_device
+        width = max(len(s.block_table) for s in seqs)
+        starts = [len(s.token_ids) - 1 for s in seqs]
+        return cls(last=to_dev(torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.int64)),
+                   start=to_dev(torch.tensor(starts, dtype=torch.int64)),
+                   tables=to_dev(torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                                              dtype=torch.int32)),
+                   live=None, params=row_params(draws, to_dev),
+                   weights=to_dev(torch.tensor([d.weights for d in draws], dtype=torch.float32)
+                                  .reshape(len(draws), runner.pairs)),
+                   seed=to_dev(torch.tensor([d.seed for d in draws], dtype=torch.int64)),
+                   offset=to_dev(torch.tensor([d.offset for d in draws], dtype=torch.int64)),
+                   max_context=max(starts) + gamma + 1)
+
+    @classmethod
+    def from_buffers(cls, runner: ModelRunner, rows: int) -> RoundInputs:
+        """The first ``rows`` rows of the runner's DecodeBuffers, as DecodeBuffers.fill wrote them (a
+        padding row has context length 0): what a captured round reads."""
+        b = runner.buffers
+        meta, sampling = b.meta(rows, runner.max_model_len), b.sampling(rows)
+        return cls(last=b.input_ids(rows), start=b.positions(rows), tables=meta.block_tables,
+                   live=meta.context_lens > 0,
+                   params={k: sampling[k] for k in ("temperature", "top_k", "top_p", "min_p")},
+                   weights=sampling["weights"], seed=sampling["seed"], offset=sampling["offset"],
+                   max_context=runner.max_model_len)
+
+    def meta(self, start: torch.Tensor, q_len: int, block_size: int, is_prefill: bool
+             ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Positions [R * q_len] and metadata for q_len new tokens a row at start .. start + q_len - 1."""
+        bsz = self.tables.shape[0]
+        step = torch.arange(q_len, device=start.device, dtype=torch.int64)
+        positions = (start[:, None] + step).reshape(-1)
+        seq = torch.arange(bsz, device=start.device).repeat_interleave(q_len)
+        slots = self.tables[seq, positions // block_size].to(torch.int64) * block_size + positions % block_size
+        context = (start + q_len).to(torch.int32)
+        if self.live is not None:
+            slots = torch.where(self.live[seq], slots, -1)
+            context = torch.where(self.live, context, 0)
+        return positions, AttentionMetadata(
+            is_prefill=is_prefill, slot_mapping=slots, block_tables=self.tables, context_lens=context,
+            cu_seqlens_q=(torch.arange(bsz + 1, device=start.device, dtype=torch.int32) * q_len),
+            max_seqlen_q=q_len, max_seqlen_k=self.max_context, block_size=block_size)
 
 
 def _draft_inputs(rl: list[torch.Tensor], base: list[torch.Tensor], weights: torch.Tensor, draft: str
@@ -79,70 +127,93 @@ def _draft_inputs(rl: list[torch.Tensor], base: list[torch.Tensor], weights: tor
     return base[0], list(zip(rl, base)), weights
 
 
-def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma: int, draft: str,
-              method: str = "coupled") -> PendingRound:
-    """Draft γ tokens per sequence with the small models, verify them with the large one, accept/reject
-    (under the caller's inference mode). Draw i belongs to sequence i."""
-    to_dev, bs, vocab = runner._to_device, runner.block_size, runner.vocab_size
-    bsz, pairs = len(seqs), runner.pairs
-    width = max(len(s.block_table) for s in seqs)
-    tables = to_dev(torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                                 dtype=torch.int32))
-    starts = [len(s.token_ids) - 1 for s in seqs]
-    start = to_dev(torch.tensor(starts, dtype=torch.int64))
-    last = to_dev(torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.int64))
-    params = row_params(draws, to_dev)
-    weights = to_dev(torch.tensor([d.weights for d in draws], dtype=torch.float32).reshape(bsz, pairs))
-    offset = to_dev(torch.tensor([d.offset for d in draws], dtype=torch.int64))
+RoundOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]  # tokens, accepted, large, small
+
+
+def round_core(runner: ModelRunner, inp: RoundInputs, gamma: int, draft: str, method: str) -> RoundOutput:
+    """The round on the device, with no host sync (so a CUDA graph can capture it): tokens [R, γ + 1] (-1
+    past each row's run), accepted drafts [R], and the verify's logits (large [R * (γ + 1), V], then the
+    small models' in role order), rows in (sequence, position) order."""
+    bs, vocab, pairs = runner.block_size, runner.vocab_size, runner.pairs
+    params, weights, offset = inp.params, inp.weights, inp.offset
     # coupled: the plain sampler's own seed, so a draft and the target's draw share their noise
-    salts = (0,) if method == "coupled" else (DRAFT_SALT, ACCEPT_SALT, RESIDUAL_SALT)
-    seeds = {salt: to_dev(torch.tensor(salted([d.seed for d in draws], salt), dtype=torch.int64)) for salt in salts}
+    seeds = {0: inp.seed} if method == "coupled" else \
+        {salt: torch.bitwise_xor(inp.seed, signed64(salt)) for salt in (DRAFT_SALT, ACCEPT_SALT, RESIDUAL_SALT)}
+    draft_seed = next(iter(seeds.values()))
     large_copies = runner.units[0].copies
     small_units, small_pools = runner.units[1:], runner.kv.pools[1:]
     small_roles = [r - large_copies for r in runner.roles[1:]]  # rl, base per pair among the small logits
-    per_step: list[list[torch.Tensor]] = []  # [j] -> per small role, logits [B, width]
-    drafts: list[torch.Tensor] = []
-    ids = last
-    for j in range(gamma + 1):
-        positions, meta = _meta(tables, start + j, 1, max(starts) + j, bs, is_prefill=False)
+
+    def small_step(ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> list[torch.Tensor]:
         out = runner.streams.forward(small_units, small_pools, ids, positions, meta, None)
-        per_step.append([out[r] for r in small_roles])
-        if j == gamma:
-            break
+        return [out[r] for r in small_roles]
+
+    per_step: list[list[torch.Tensor]] = []  # [j] -> per small role, logits [R, width]
+    drafts: list[torch.Tensor] = []
+    ids = inp.last
+    for j in range(gamma):
+        per_step.append(small_step(ids, *inp.meta(inp.start + j, 1, bs, is_prefill=False)))
         logits, deltas, w = _draft_inputs(per_step[-1][0::2], per_step[-1][1::2], weights, draft)
-        ids = rast_kernels.rast_sample(logits, deltas, weights=w, **params, seed=seeds[salts[0]],
-                                       offset=offset + j, vocab_size=vocab, backend=runner.sampler)
+        ids = rast_kernels.rast_sample(logits, deltas, weights=w, **params, seed=draft_seed, offset=offset + j,
+                                       vocab_size=vocab, backend=runner.sampler)
         # -1 (the draft admits no token) becomes token 0: read as an input, then rejected (q = 0 there, or
         # no draw of the target's is -1)
         ids = ids.clamp(min=0)
         drafts.append(ids)
-    tokens_in = torch.stack([last] + drafts, dim=1)  # [B, γ + 1]: the large model's inputs
-    positions, meta = _meta(tables, start, gamma + 1, max(starts), bs, is_prefill=True)
-    large = runner.streams.forward(runner.units[:1], runner.kv.pools[:1], tokens_in.reshape(-1), positions, meta,
-                                   None)[0]
-    # rows in (sequence, position) order: row b * (γ + 1) + j
+    tokens_in = torch.stack([inp.last] + drafts, dim=1)  # [R, γ + 1]: the large model's inputs
+
+    # the small pair's last step (the target's terms at the last position) draws no draft, so it runs
+    # beside M's verify, on the side stream. Both steps' inputs are made here, on main, before the side
+    # stream waits for it, and stay referenced until the streams join.
+    verify_in = (tokens_in.reshape(-1), *inp.meta(inp.start, gamma + 1, bs, is_prefill=True))
+    last_in = (ids, *inp.meta(inp.start + gamma, 1, bs, is_prefill=False))
+    large, last_step = runner.streams.overlap(
+        lambda: runner.streams.forward(runner.units[:1], runner.kv.pools[:1], *verify_in, None)[0],
+        lambda: small_step(*last_in))
+    per_step.append(last_step)
     small = [torch.stack([step[r] for step in per_step], dim=1).flatten(0, 1) for r in range(2 * pairs)]
     drafted = tokens_in[:, 1:]
     rep = {k: v.repeat_interleave(gamma + 1) for k, v in params.items()}
     target = dict(weights=weights.repeat_interleave(gamma + 1, dim=0), **rep, vocab_size=vocab, backend=runner.sampler)
-    pos = torch.arange(gamma + 1, device=runner.device)
+    pos = torch.arange(gamma + 1, device=inp.start.device)
     if method == "coupled":
         # every position's target draw with the plain sampler's seed and offset: a draft passes iff it is
         # that draw, so the run is the plain sampler's tokens whatever the rounds
         drawn = rast_kernels.rast_sample(large, list(zip(small[0::2], small[1::2])), **target,
-                                         seed=seeds[0].repeat_interleave(gamma + 1),
-                                         offset=(offset[:, None] + pos).reshape(-1)).view(bsz, gamma + 1)
+                                         seed=inp.seed.repeat_interleave(gamma + 1),
+                                         offset=(offset[:, None] + pos).reshape(-1)).view(-1, gamma + 1)
         accepted = (drafted == drawn[:, :gamma]).to(torch.int64).cumprod(1).sum(1)
         tokens = torch.where(pos <= accepted[:, None], drawn, torch.full_like(drawn, -1))
     else:
         accepted, tokens = _rejection(large, small, target, drafted, params, weights, draft, seeds, offset, gamma)
+    return tokens, accepted, large, small
+
+
+def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma: int, draft: str,
+              method: str = "coupled") -> PendingRound:
+    """Draft γ tokens per sequence with the small models, verify them with the large one, accept/reject
+    (under the caller's inference mode). Draw i belongs to sequence i. A round of the runner's full γ
+    whose batch fits a graph bucket replays that bucket's captured round (ModelRunner.round_graphs)."""
+    n, graphs = len(seqs), runner.round_graphs
+    bucket = graphs.bucket(n) if graphs is not None and gamma == runner.max_lookahead else None
+    if bucket is None:
+        tokens, accepted, large, small = round_core(runner, RoundInputs.from_host(runner, seqs, draws, gamma), gamma,
+                                                    draft, method)
+    else:
+        graphs.ensure(bucket)  # a guard (all were captured at start); before fill: capture pads rows
+        runner.fill_buffers(seqs, draws, bucket)
+        tokens, accepted, large, small = graphs.replay(bucket)
+        # the next replay overwrites these: read before it (the host copies below are queued first; on the
+        # CPU emulator the host reads them later, so it keeps its own)
+        tokens, accepted = (t[:n] if runner.pin else t[:n].clone() for t in (tokens, accepted))
+        large, small = large[:n * (gamma + 1)], [t[:n * (gamma + 1)] for t in small]
     logprobs = None
     if any(d.params.logprobs is not None for d in draws):
         # every position's row, its token the one emitted there (-1 past the run: clamped, never read)
         row_draws = [Draw(i * (gamma + 1) + j, d.params, d.weights, d.seed, d.offset + j)
                      for i, d in enumerate(draws) for j in range(gamma + 1)]
-        logprobs = draw_logprobs([large] + small, row_draws, tokens.reshape(-1).clamp(min=0), to_dev, vocab,
-                                 runner.sampler)
+        logprobs = draw_logprobs([large] + small, row_draws, tokens.reshape(-1).clamp(min=0), runner._to_device,
+                                 runner.vocab_size, runner.sampler)
     counts, event = accepted + 1, None
     if runner.pin:  # copies queued now, read by wait() after the event
         tokens, counts = tokens.to("cpu", non_blocking=True), counts.to("cpu", non_blocking=True)

@@ -14,7 +14,7 @@ import torch
 from rast_engine.attention import get_attention_backend
 from rast_engine.block_manager import BlockManager
 from rast_engine.config import EngineConfig
-from rast_engine.cuda_graph import CAPTURE_SAFE_ATTENTION
+from rast_engine.cuda_graph import capture_safe
 from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, default_token_budget, every_model, size_kv_cache
 from rast_engine.model_runner import ModelRunner
@@ -64,9 +64,11 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     scheduler = Scheduler(block_manager, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                           max_model_len=max_len, eos_token_ids=ms.eos_token_ids, lookahead=config.speculative_tokens)
     eager = config.enforce_eager or device.type != "cuda"
-    if not eager and attention.name not in CAPTURE_SAFE_ATTENTION:
-        logger.warning("attention backend %r reads lengths on the host and cannot be captured in a CUDA "
-                       "graph; decoding eagerly", attention.name)
+    if not eager and not capture_safe(attention.name, config.speculative_tokens > 0):
+        logger.warning("attention backend %r reads lengths on the host in its %s path and cannot be captured "
+                       "in a CUDA graph; %s eagerly", attention.name,
+                       "prefill (a speculative round's verify)" if config.speculative_tokens else "decode",
+                       "speculative rounds run" if config.speculative_tokens else "decoding")
         eager = True
     runner = ModelRunner(units, roles, kv, ms.vocab_size, config.block_size, device, enforce_eager=eager,
                          model_streams=config.model_streams, max_num_seqs=config.max_num_seqs,

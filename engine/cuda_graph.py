@@ -35,7 +35,16 @@ StepOutput = tuple[torch.Tensor, list[torch.Tensor]]  # (sampled ids [rows], log
 SMALL_BUCKETS = (1, 2, 4, 8)
 # attention backends whose decode path has no host sync (TorchAttention reads lengths on the host)
 CAPTURE_SAFE_ATTENTION = ("triton", "flash_attn")
+# ... whose prefill path has none either: a speculative round's verify is a prefill over the cache, and
+# FlashAttention's prefill picks its kernel by comparing lengths on the host
+CAPTURE_SAFE_PREFILL = ("triton",)
 BUCKET_STEP = 16
+
+
+def capture_safe(attention: str, speculative: bool) -> bool:
+    """Whether an engine's graphs can capture attention backend ``attention``: decode steps need its
+    decode path free of host syncs, speculative rounds its prefill path too."""
+    return attention in (CAPTURE_SAFE_PREFILL if speculative else CAPTURE_SAFE_ATTENTION)
 
 
 def batch_buckets(max_rows: int) -> list[int]:

@@ -33,8 +33,9 @@ from rast_engine.sequence import Sequence
 from rast_engine.speculative.round import PendingRound, RoundInputs, RoundOutput, round_core, run_round
 
 # a round's graph holds (γ + 1) logits rows per model and row, some twice (about 2 GB at 256 rows, γ = 4,
-# V = 152064; 3.4 GB with the rejection method's probabilities); speculation pays at small batches, so
-# larger ones run eagerly
+# V = 152064; 3.4 GB with the rejection method's probabilities), and each bucket keeps its outputs (at
+# buckets up to 64, (γ + 1) x 175 rows of every model's logits: 0.8 GB at γ = 4 in bf16, besides the
+# shared pool); speculation pays at small batches, so larger ones run eagerly
 ROUND_GRAPH_ROWS = 64
 
 

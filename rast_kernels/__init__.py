@@ -11,7 +11,7 @@ Paged KV attention kernels for serving stacks live in rast_kernels.paged_attenti
 mapping, split-K decode with GQA, varlen prefill over a paged cache).
 
 Under torch.compile or torch.export every public kernel is one torch.library custom op
-(torch.ops.rast_kernels.*, registered by rast_kernels.ops), so tracing never breaks the graph.
+(torch.ops.rast_kernels.*, registered by rast_kernels.ops on import), so tracing never breaks the graph.
 """
 from __future__ import annotations
 
@@ -107,3 +107,7 @@ def rast_probs(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.
     batch = normalize(logits, deltas, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, vocab_size=vocab_size)
     return _run("probs", batch, backend)
+
+
+# registers torch.ops.rast_kernels.* now, so torch.export.load finds them after `import rast_kernels`
+from rast_kernels import ops  # noqa: E402,F401

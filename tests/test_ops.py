@@ -8,6 +8,9 @@ break allowed) or exported must give the eager results, cache writes included.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -72,7 +75,7 @@ def test_the_sampler_compiles_without_graph_breaks(backend: str, compiler: str) 
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_export_writes_the_sampler_as_one_op() -> None:
+def test_export_writes_the_sampler_as_one_op(tmp_path) -> None:  # noqa: ANN001
     class Step(torch.nn.Module):
         def forward(self, m: torch.Tensor, r: torch.Tensor, s: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
             return rast_kernels.rast_sample(m, [(r, s)], weights=1.0, top_p=0.95, seed=seed, backend="torch")
@@ -82,7 +85,16 @@ def test_export_writes_the_sampler_as_one_op() -> None:
     program = torch.export.export(Step(), (m, r, s, seed))
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert "rast_kernels.sample.default" in targets, targets
-    assert torch.equal(program.module()(m, r, s, seed), Step()(m, r, s, seed))
+    want = Step()(m, r, s, seed)
+    assert torch.equal(program.module()(m, r, s, seed), want)
+    # saved and loaded in a new process that only imports rast_kernels (the ops must be registered then)
+    torch.export.save(program, tmp_path / "step.pt2")
+    torch.save((m, r, s, seed, want), tmp_path / "inputs.pt")
+    code = ("import torch, rast_kernels; p = torch.export.load(r'{0}/step.pt2'); "
+            "m, r, s, seed, want = torch.load(r'{0}/inputs.pt'); "
+            "assert torch.equal(p.module()(m, r, s, seed), want)").format(tmp_path)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def _paged(dtype: torch.dtype = torch.float32) -> dict:

@@ -119,3 +119,32 @@ def test_gpu_rounds_give_the_plain_greedy_tokens(near_triple: tuple, draft: str,
     assert _runs(spec, params * 2) == _runs(plain, params * 2)
     stats = spec.llm_engine.stats()
     assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total
+
+
+@interpreted
+def test_rounds_are_not_captured_over_flash_attention(near_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why a speculating engine captures rounds only over attention whose prefill path is capture-safe
+    (cuda_graph.capture_safe): the round's verify is a prefill, and FlashAttention's prefill compares
+    lengths on the host. Its decode path captures (plain decode graphs keep flash_attn)."""
+    from cuda_emulator import EmulatorError, emulated_cuda
+    from rast_engine.attention.flash_backend import FlashAttention
+    from rast_engine.cuda_graph import DecodeGraphs, capture_safe
+    from rast_engine.models.decoder import Attention
+
+    class NoSyncFlash:  # flash_attn's two entry points, with no host read of their own
+        def flash_attn_with_kvcache(self, q, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            return torch.zeros_like(q)
+
+        def flash_attn_varlen_func(self, q, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            return torch.zeros_like(q)
+
+    runner = _triton_llm(near_triple, speculative_tokens=2).llm_engine.runner
+    flash = FlashAttention(NoSyncFlash())
+    for module in (m for u in runner.units for m in u.modules() if isinstance(m, Attention)):
+        module.backend = flash
+    with emulated_cuda(monkeypatch):
+        DecodeGraphs(runner._decode_step, runner._pad_all, CUDA, max_rows=2).ensure(2)
+        with pytest.raises(EmulatorError, match="during CUDA-graph capture"):
+            DecodeGraphs(runner._round_step, runner._pad_all, CUDA, max_rows=2).ensure(2)
+    assert capture_safe("flash_attn", speculative=False) and not capture_safe("flash_attn", speculative=True)
+    assert capture_safe("triton", speculative=True) and not capture_safe("torch", speculative=False)

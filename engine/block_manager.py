@@ -137,10 +137,10 @@ class BlockManager:
         lookahead blocks) holds no computed token, so it is replaced by a fresh one without a copy."""
         first = (len(seq.token_ids) - 1) // self.block_size
         copy = None
-        shared = self._shared(seq, lookahead)
-        if shared:  # a new list, not entries changed in place: DecodeBuffers rewrites the whole row then
+        replaced = self._shared(seq, lookahead)
+        if replaced:  # a new list, not entries changed in place: DecodeBuffers rewrites the whole row then
             seq.block_table = list(seq.block_table)
-        for i in shared:
+        for i in replaced:
             shared, fresh = seq.block_table[i], self._take_free()
             self.ref_counts[shared] -= 1
             seq.block_table[i] = fresh

@@ -81,8 +81,6 @@ def backend_module(name: str):
 def _run(kind: str, batch: SamplingBatch, backend: str | None) -> torch.Tensor:
     name = _backend_name(backend, batch)
     if torch.compiler.is_compiling():  # one opaque op for torch.compile / torch.export (rast_kernels.ops)
-        from rast_kernels import ops
-
         op = ops.sample if kind == "sample" else ops.probs
         return op(batch.logits, batch.rl, batch.base, batch.weights, *ops.flatten_batch(batch), batch.vocab, name)
     impl = backend_module(name)

@@ -1,6 +1,6 @@
 """The host-side plan of CUDA-graph decoding, which needs no GPU: which buckets exist, which bucket a
 batch replays (or none: eager), the order they are captured in, the config knob that caps them, and
-the runner's dispatch on a stand-in for DecodeGraphs (the real graphs are tested in test_gpu_path)."""
+the runner's dispatch on a stand-in for DecodeGraphs (the real graphs are tested in test_gpu_engine)."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from rast_engine import SamplingParams
 from rast_engine.config import EngineConfig
 from rast_engine.cuda_graph import DecodeGraphs, batch_buckets, pick_bucket
 from rast_engine.errors import RastError
-from test_gpu_path import generate, make_engine, prompts
+from fast_path_util import generate, make_engine, prompts
 
 
 @pytest.mark.parametrize("cap", [1, 3, 8, 20, 64])

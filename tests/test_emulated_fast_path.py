@@ -2,7 +2,7 @@
 CUDA emulator of tests/cuda_emulator.py: captures record the step and replays re-issue it with host
 values frozen, host reads inside a capture fail, and every cross-stream access must be ordered by a wait.
 Kernels are the GPU configuration's (Triton attention, layer ops and sampler, interpreted). The same paths run on
-a real device in test_gpu_path.py's `gpu` tests."""
+a real device in test_gpu_engine.py's `gpu` tests."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ from cuda_emulator import EmulatorError, Stream, emulated_cuda
 from rast_engine import SamplingParams
 from rast_engine.cuda_graph import DecodeGraphs
 from rast_engine.model_streams import ModelStreams
-from test_gpu_path import GREEDY, generate, make_engine, prompts
+from fast_path_util import GREEDY, generate, make_engine, prompts
 
 # the emulator runs Triton kernels in the interpreter on CPU tensors (conftest turns it on without CUDA)
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU runs only (Triton interpreter)")

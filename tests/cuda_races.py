@@ -71,8 +71,16 @@ def tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
+LIFTS = ("aten::lift_fresh", "aten::lift_fresh_copy")
+
+
 def aten_accesses(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[list, list, list]:
-    """(read, written, freshly allocated) tensors of one aten op, from its schema; views access nothing."""
+    """(read, written, freshly allocated) tensors of one aten op, from its schema; views access nothing.
+    lift_fresh is how torch.tensor(data) meets the dispatcher: its schema says view, but its tensor was
+    just allocated and filled by the host, outside any op, so it is fresh (else the bytes would keep
+    the history of whatever tensor held that address before: a race reported between unrelated tensors)."""
+    if func._schema.name in LIFTS:
+        return [], [], tensors(out)
     if is_view(func):
         return [], [], []
     schema, written = func._schema, []

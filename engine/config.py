@@ -1,11 +1,11 @@
 """EngineConfig: everything LLM(...) accepts, validated before any model is loaded."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from rast_engine.errors import RastError
+from rast_engine.sampling_params import MAX_LAM, is_lam
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 LAYER_OPS = ("auto", "torch", "triton")  # rast_engine.models.layer_ops
@@ -79,16 +79,16 @@ class EngineConfig:
         if (self.small_rl is None) != (self.small_base is None):
             raise RastError("small_rl and small_base must be given together (the RL model and its base), "
                             f"got small_rl={self.small_rl!r}, small_base={self.small_base!r}")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
-            raise RastError(f"lam must be a finite number, got {self.lam!r}")
+        if not is_lam(self.lam):
+            raise RastError(f"lam must be a number with |lam| <= {MAX_LAM:g}, got {self.lam!r}")
         pairs = [] if self.small_rl is None else [ExpertPair(str(self.small_rl), str(self.small_base),
                                                              float(self.lam))]
         for i, entry in enumerate(self.experts or ()):
             if not isinstance(entry, (tuple, list)) or len(entry) != 3:
                 raise RastError(f"experts[{i}] must be (rl_path, base_path, weight), got {entry!r}")
             rl, base, weight = entry
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise RastError(f"experts[{i}] weight must be a finite number, got {weight!r}")
+            if not is_lam(weight):
+                raise RastError(f"experts[{i}] weight must be a number with |weight| <= {MAX_LAM:g}, got {weight!r}")
             pairs.append(ExpertPair(str(rl), str(base), float(weight)))
         self.pairs = pairs
         if not isinstance(self.device, str):  # a torch.device is accepted in its string form

@@ -9,3 +9,16 @@ class RastError(ValueError):
 
 class ModelLoadError(RastError):
     """A model directory is missing, incomplete or inconsistent with the other models."""
+
+
+class NoAdmissibleToken(RuntimeError):
+    """A draw found no token to sample: every combined logit of its row was NaN or infinite (non-finite
+    logits from a model, or λ·(R − S) overflowing float32). The step is undone, as for any runner error;
+    ``request_ids`` names the requests whose draws failed, so a caller can abort just those and step on.
+    ``rows`` are the failed rows of the step's results until the engine resolves them to requests."""
+
+    def __init__(self, rows: list[int], request_ids: tuple[str, ...] = ()) -> None:
+        self.rows, self.request_ids = rows, request_ids
+        who = f"requests {list(request_ids)}: " if request_ids else ""
+        super().__init__(f"{who}the sampler found no admissible token (every combined logit is NaN or "
+                         "infinite); the step was undone: abort these requests to serve the others")

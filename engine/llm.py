@@ -46,8 +46,8 @@ class LLM:
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], sampling_params: Params = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt (text, or token ids), not a batch
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -63,7 +63,7 @@ class LLM:
         try:
             for rid, prompt, p in zip(ids, prompts, params):
                 self.llm_engine.add_request(rid, prompt, p)
-        except RastError:
+        except BaseException:  # a rejected prompt (or a tokenizer's error): the batch is admitted whole or not at all
             for rid in ids:
                 self.llm_engine.abort_request(rid)
             raise

@@ -18,7 +18,7 @@ from rast_engine.block_manager import BlockManager
 from rast_engine.build import build_parts
 from rast_engine.config import EngineConfig
 from rast_engine.detokenizer import IncrementalDetokenizer
-from rast_engine.errors import RastError
+from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.kv_cache import KVCache
 from rast_engine.draws import Draw
 from rast_engine.model_runner import ModelRunner
@@ -67,7 +67,7 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams) -> None:
-        ids, weights = checked_request(self, request_id, prompt, params)
+        ids, weights, params = checked_request(self, request_id, prompt, params)
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
@@ -147,13 +147,15 @@ class LLMEngine:
                 launch_error = e
         try:
             results = batch.step.wait()
-        except BaseException:
+        except BaseException as e:
             # the batch ahead reads this batch's tokens: it is undone with them (after them in the queue,
             # the requests it admitted)
             ahead, self._in_flight = self._in_flight, None
             mine = set(batch.out.seqs)
             seqs = batch.out.seqs + ([s for s in ahead.out.seqs if s not in mine] if ahead else [])
             self.scheduler.requeue([s for s in seqs if s.status is SequenceStatus.RUNNING])
+            if isinstance(e, NoAdmissibleToken):
+                raise NoAdmissibleToken(e.rows, self._requests_of(batch, e.rows)) from None
             raise
         progressed, deferred = self._commit(batch, results)
         if self._in_flight is None and self.async_output and launch_error is None:
@@ -164,6 +166,15 @@ class LLMEngine:
         outputs = self._outputs(progressed, deferred)
         self._last_step_s = time.perf_counter() - t0
         return outputs, launch_error
+
+    @staticmethod
+    def _requests_of(batch: InFlight, rows: list[int]) -> tuple[str, ...]:
+        """The requests of a batch's result rows: a round's rows are its sequences, a step's its draws."""
+        if isinstance(batch.step, PendingRound):
+            owner = batch.out.seqs
+        else:
+            owner = [seq for seq, count in batch.owners for _ in range(count)]
+        return tuple(dict.fromkeys(owner[r].group.request_id for r in rows))
 
     def _launch(self) -> Optional[InFlight]:
         """Schedule a batch and start it (None: nothing to run)."""

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from rast_engine.errors import NoAdmissibleToken
 from rast_engine.scheduler import SchedulerOutput
 from rast_engine.sequence import Sequence
 
@@ -67,7 +68,7 @@ class PendingStep:
                 self._event.synchronize()
             ids = self._ids.tolist()
             if any(i < 0 for i in ids):
-                raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")
+                raise NoAdmissibleToken([j for j, i in enumerate(ids) if i < 0])
             results = [DrawResult(i, None) for i in ids]
             if self._logprobs is not None:
                 self._logprobs.fill(results)

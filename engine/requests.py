@@ -2,6 +2,7 @@
 rejected request leaves the engine exactly as it was."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Union
 
 from rast_engine.errors import RastError
@@ -18,7 +19,10 @@ def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
                             "no tokenizer files): give prompts as lists of token ids")
         if not prompt:
             raise RastError("the prompt is empty")
-        return list(engine.tokenizer.encode(prompt))
+        try:
+            return list(engine.tokenizer.encode(prompt))
+        except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: bad input, reported as such
+            raise RastError(f"the tokenizer cannot encode the prompt: {exc}") from None
     if not isinstance(prompt, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise RastError("a prompt must be a string or a list of token ids (ints)")
@@ -46,14 +50,18 @@ def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
 
 
 def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[int]],
-                    params: SamplingParams) -> tuple[list[int], list[float]]:
-    """The prompt's token ids and the request's λ per pair; RastError for anything the engine cannot serve."""
+                    params: SamplingParams) -> tuple[list[int], list[float], SamplingParams]:
+    """The prompt's token ids, the request's λ per pair and its own validated copy of ``params``;
+    RastError for anything the engine cannot serve."""
     if not isinstance(request_id, str) or not request_id:
         raise RastError(f"request_id must be a non-empty string, got {request_id!r}")
     if request_id in engine.groups:
         raise RastError(f"request id {request_id!r} is already in use")
     if not isinstance(params, SamplingParams):
         raise RastError(f"params must be a SamplingParams, got {type(params).__name__}")
+    # validated again, as a copy: fields set after construction (p.n = 0) are caught here, and the
+    # caller changing its object later cannot reach a running request
+    params = replace(params)
     ids = prompt_ids(engine, prompt)
     if not ids:
         raise RastError("the prompt is empty")
@@ -65,4 +73,4 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
                         "use stop_token_ids")
     if params.logprobs is not None and params.logprobs > engine.vocab_size:
         raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
-    return ids, pair_weights(engine, params)
+    return ids, pair_weights(engine, params), params

@@ -40,6 +40,15 @@ def _is_number(x: object) -> bool:
 
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+# |λ| bound: λ·(R − S) must stay finite in float32 for any real logits (a larger λ turns every token's
+# combined logit infinite, so no token can be drawn); useful values are O(1)
+MAX_LAM = 1e6
+TOP_K_OFF_FROM = 1 << 31  # the kernels take int32; any k >= V is off, and every vocabulary is far smaller
+
+
+def is_lam(x: object) -> bool:
+    """A valid λ: a finite number of magnitude at most MAX_LAM."""
+    return _is_number(x) and math.isfinite(x) and abs(x) <= MAX_LAM
 
 
 @dataclass
@@ -80,7 +89,7 @@ class SamplingParams:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise bad(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
-        if self.top_k == -1:
+        if self.top_k == -1 or self.top_k >= TOP_K_OFF_FROM:
             self.top_k = 0
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
@@ -98,14 +107,12 @@ class SamplingParams:
             raise bad(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
+        lam_ok = all(map(is_lam, self.lam)) if isinstance(self.lam, (list, tuple)) and self.lam else is_lam(self.lam)
+        if self.lam is not None and not lam_ok:
+            raise bad(f"lam must be a number with |lam| <= {MAX_LAM:g}, a non-empty list of them (one per small "
+                      f"pair) or None, got {self.lam!r}")
         if isinstance(self.lam, (list, tuple)):
-            if not self.lam or not all(_is_number(x) and math.isfinite(x) for x in self.lam):
-                raise bad(f"lam must be a finite number, a non-empty list of them (one per small pair) or None, "
-                          f"got {self.lam!r}")
             self.lam = [float(x) for x in self.lam]
-        elif self.lam is not None and (not _is_number(self.lam) or not math.isfinite(self.lam)):
-            raise bad(f"lam must be a finite number, a non-empty list of them (one per small pair) or None, "
-                      f"got {self.lam!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
         if self.output_kind not in OUTPUT_KINDS:

@@ -131,6 +131,8 @@ def _row_value(name: str, value: RowParam, batch: int, device: torch.device, voc
             raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got shape {tuple(value.shape)}")
         if spec.integral and value.is_floating_point():
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        if name == "top_k" and value.dtype == torch.int64:  # narrowed to int32 it would wrap (2**32 + 3 -> 3);
+            value = value.clamp(0, vocab)  # k <= 0 and k >= V mean off, as for a scalar
         return RowValue(None, value.to(device=device, dtype=spec.dtype))  # a no-op when both already match
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")

@@ -3,7 +3,8 @@
 Every backend computes the same per-token quantities, in float32, with the same formulas:
 
     z_i   = logits_i + sum_k w_k * (rl_k,i - base_k,i)     (k in order; ids >= V dropped)
-    F     = {i : z_i finite}                                 (a NaN/inf in any input makes z_i non-finite)
+    F     = {i : z_i finite}                                 (a NaN/inf in any input makes z_i non-finite;
+                                                              a NaN temperature, top_p or min_p empties F)
     zmax  = max_{i in F} z_i
     d_i   = (zmax - z_i) / T   >= 0                          ("distance" from the mode, in nats)
     w_i   = exp(-d_i)          in [0, 1]                     (unnormalised probability; w = 1 at the mode)
@@ -50,7 +51,8 @@ def distances(batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
     Greedy rows (T <= 0) get d computed with T = 1; callers treat them separately."""
     z = combine(batch)
-    finite = torch.isfinite(z)
+    nan_param = batch.temperature.isnan() | batch.top_p.isnan() | batch.min_p.isnan()
+    finite = torch.isfinite(z) & ~nan_param[:, None]  # a row with a NaN parameter admits nothing
     zmax = torch.where(finite, z, float("-inf")).amax(dim=1, keepdim=True)
     temp = torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
     d = torch.where(finite, (zmax - z) / temp, float("inf"))

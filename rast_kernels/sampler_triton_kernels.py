@@ -79,8 +79,12 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
     base = out * CAP
     temp = _param(temp_ptr, row, temp_v, ROWS & 1, tl.float32)
     top_k = _param(topk_ptr, row, topk_v, (ROWS >> 1) & 1, tl.int32)
-    top_p = _clamp(_param(topp_ptr, row, topp_v, (ROWS >> 2) & 1, tl.float32), TINY, 1.0)
-    min_p = _clamp(_param(minp_ptr, row, minp_v, (ROWS >> 3) & 1, tl.float32), 0.0, 1.0)
+    top_p = _param(topp_ptr, row, topp_v, (ROWS >> 2) & 1, tl.float32)
+    min_p = _param(minp_ptr, row, minp_v, (ROWS >> 3) & 1, tl.float32)
+    # a NaN parameter empties the row (the spec); tested before clamping, which may map NaN to a bound
+    valid = (temp == temp) & (top_p == top_p) & (min_p == min_p)
+    top_p = _clamp(top_p, TINY, 1.0)
+    min_p = _clamp(min_p, 0.0, 1.0)
     if split == 0:
         rows = tl.num_programs(0)
         tl.store(pf_ptr + row, temp)
@@ -106,6 +110,7 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
         mask = offs < V
         z = _z(row, offs, mask, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s,
                r3, r3s, b3, b3s, w_ptr, PAIRS)
+        z = tl.where(valid, z, float("nan"))
         ok = mask & (tl.abs(z) < float("inf"))  # false for NaN and +-inf
         better = ok & (z > best)  # strict: each lane sees increasing ids, so it keeps the first max
         best_i = tl.where(better, offs, best_i)

@@ -30,7 +30,7 @@ def test_out_of_range_tensors_are_clamped_like_the_reference(backend: str, devic
         pytest.skip("the native backend is CPU only")
     logits, deltas = _inputs(device)
     kw = dict(temperature=torch.tensor([-1.0, 0.7, 2.0, 1.0], device=device),
-              top_k=torch.tensor([2**40, -3, 5, 0], device=device),  # int64: converted, not clamped
+              top_k=torch.tensor([2**40, -3, 5, 0], device=device),  # int64: clamped to [0, V], then int32
               top_p=torch.tensor([1.5, -0.2, 0.8, 0.0], device=device),
               min_p=torch.tensor([-0.5, 0.1, 2.0, 0.05], device=device))
     got = rk.rast_probs(logits, deltas, backend=backend, **kw)
@@ -62,6 +62,33 @@ def test_scalars_and_tensors_mean_the_same(backend: str, device: str) -> None:
     probs = {k: v for k, v in scalars.items() if k not in ("seed", "offset")}
     torch.testing.assert_close(rk.rast_probs(logits, deltas, backend=backend, **probs),
                                rk.rast_probs(logits, deltas, backend="torch", **probs), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN arithmetic, interpreted
+def test_a_nan_parameter_empties_its_row_and_wide_top_k_tensors_do_not_wrap(backend: str, device: str) -> None:
+    """A scalar NaN is refused (ValueError); a tensor cannot be checked without a host sync, so a NaN row
+    admits nothing in every backend (-1, zero probabilities) instead of a backend-dependent guess (the
+    native one used to sample it unfiltered). An int64 top_k of 2**32 + 3 means off, as the scalar does,
+    not top-3 after wrapping to int32."""
+    if backend == "native" and device == "cuda":
+        pytest.skip("the native backend is CPU only")
+    logits, deltas = _inputs(device, seed=4)
+    nan = float("nan")
+    for name in ("temperature", "top_p", "min_p"):
+        values = torch.tensor([nan, 0.5, 0.0 if name == "temperature" else 0.1, nan], device=device)
+        ids = rk.rast_sample(logits, deltas, seed=3, backend=backend, **{name: values})
+        probs = rk.rast_probs(logits, deltas, backend=backend, **{name: values})
+        assert ids[0] == ids[3] == -1 and bool((ids[1:3] >= 0).all()), name
+        assert probs[[0, 3]].abs().sum() == 0 and torch.allclose(probs[1:3].sum(1), torch.ones(2, device=device))
+        with pytest.raises(ValueError, match=name):
+            rk.rast_sample(logits, deltas, backend=backend, **{name: nan})
+    wide = torch.tensor([2**32 + 3, 0, -2**40, 3], device=device)
+    got = rk.rast_probs(logits, deltas, top_k=wide, backend=backend)
+    want = rk.rast_probs(logits, deltas, top_k=torch.tensor([0, 0, 0, 3], dtype=torch.int32, device=device),
+                         backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_scalar_top_k_beyond_the_vocabulary_is_off_and_seeds_must_fit_int64() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,52 +13,14 @@ from typing import Any, Iterator
 import httpx
 import openai
 import pytest
-import uvicorn
 from factories import make_triple
 from prometheus_client.parser import text_string_to_metric_families
 
-from rast_engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from rast_engine import LLM, SamplingParams
 from rast_engine.server.app import OpenAIServer
+from server_util import MODEL, Running, metrics, server_engine
 
-MODEL = "tiny-rast"
 PROMPTS = ["the cat sat on", "what is the answer?", "3 + 5 =", "hello world! this"]
-
-
-class Running:
-    """A uvicorn server in a thread on an ephemeral loopback port; close() always shuts it down."""
-
-    def __init__(self, server: OpenAIServer) -> None:
-        self.server = server
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uv = uvicorn.Server(uvicorn.Config(server.app(), log_level="warning"))
-        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uv.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-
-    def client(self, api_key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
-
-    def close(self) -> None:
-        self.uv.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def _engine(dirs: tuple[Path, Path, Path], **kw: Any) -> LLMEngine:
-    large, rl, base = dirs
-    return LLMEngine(EngineConfig(str(large), str(rl), str(base), lam=1.0, device="cpu", dtype="float32",
-                                  kv_cache_blocks=256, **kw))
-
-
-def _metrics(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics").text
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-            if not s.labels}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +36,7 @@ def oracle(triple: tuple[Path, Path, Path]) -> LLM:
 
 @pytest.fixture(scope="module")
 def srv(triple: tuple[Path, Path, Path]) -> Iterator[Running]:
-    running = Running(OpenAIServer(_engine(triple, max_num_seqs=32), model_name=MODEL))
+    running = Running(OpenAIServer(server_engine(triple, max_num_seqs=32), model_name=MODEL))
     yield running
     running.close()
 
@@ -256,7 +217,7 @@ def test_bad_chat_and_the_server_keeps_serving(srv: Running) -> None:
 def _wait_idle(url: str, timeout: float = 20.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
-        m = _metrics(url)
+        m = metrics(url)
         if m["rast_requests_in_flight"] == 0 and m["rast_num_requests_running"] == 0:
             return m
         if time.monotonic() > deadline:
@@ -271,7 +232,7 @@ def test_disconnect_mid_stream_frees_blocks(srv: Running) -> None:
     with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert _metrics(srv.url)["rast_kv_blocks_used"] > 0
+        assert metrics(srv.url)["rast_kv_blocks_used"] > 0
     after = _wait_idle(srv.url)
     assert after["rast_kv_blocks_used"] == 0
     generated = after["rast_generation_tokens_total"] - before["rast_generation_tokens_total"]
@@ -312,7 +273,7 @@ def test_metrics_parse(srv: Running) -> None:
     assert ok and ok[0].value >= 1
     steps = [s for s in fams["rast_step_seconds"].samples if s.name == "rast_step_seconds_count"]
     assert steps[0].value > 0
-    assert _metrics(srv.url)["rast_kv_blocks_total"] == 256
+    assert metrics(srv.url)["rast_kv_blocks_total"] == 256
 
 
 def test_disconnect_of_a_plain_request_aborts_it(srv: Running) -> None:
@@ -330,7 +291,7 @@ def test_disconnect_of_a_plain_request_aborts_it(srv: Running) -> None:
 
 
 def test_api_key_and_capacity(triple: tuple[Path, Path, Path]) -> None:
-    server = OpenAIServer(_engine(triple, max_num_seqs=1), model_name=MODEL, api_key="sekret",
+    server = OpenAIServer(server_engine(triple, max_num_seqs=1), model_name=MODEL, api_key="sekret",
                           max_waiting=1, queue_timeout=0.5)
     running = Running(server)
     try:
@@ -355,7 +316,7 @@ def test_api_key_and_capacity(triple: tuple[Path, Path, Path]) -> None:
                            json={"model": MODEL, "prompt": "the", "max_tokens": 2})))
             waiter.start()
             deadline = time.monotonic() + 2.0
-            while _metrics(running.url)["rast_requests_in_flight"] < 2 and time.monotonic() < deadline:
+            while metrics(running.url)["rast_requests_in_flight"] < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             with pytest.raises(openai.RateLimitError, match="over capacity"):
                 client.completions.create(model=MODEL, prompt="the", max_tokens=2)
@@ -368,7 +329,7 @@ def test_api_key_and_capacity(triple: tuple[Path, Path, Path]) -> None:
 
 
 def test_engine_failure_is_reported_not_hidden(triple: tuple[Path, Path, Path]) -> None:
-    engine = _engine(triple, max_num_seqs=4)
+    engine = server_engine(triple, max_num_seqs=4)
     running = Running(OpenAIServer(engine, model_name=MODEL))
     try:
         body = {"model": MODEL, "prompt": "the", "max_tokens": 500, "ignore_eos": True, "stream": True}
@@ -385,6 +346,6 @@ def test_engine_failure_is_reported_not_hidden(triple: tuple[Path, Path, Path]) 
         assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
         r2 = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL, "prompt": "the"})
         assert r2.status_code == 503 and r2.json()["error"]["code"] == "engine_dead"
-        assert _metrics(running.url)["rast_engine_healthy"] == 0
+        assert metrics(running.url)["rast_engine_healthy"] == 0
     finally:
         running.close()

@@ -6,10 +6,15 @@ Invariants:
   queue, and it answers through loop.call_soon_threadsafe (handlers use the tokenizer read-only:
   chat-template rendering and decoding single tokens for logprobs);
 - the request-id -> queue table lives on the event loop only, so dispatch needs no lock;
-- a submission is counted in flight from admission until its handle closes; more than
-  max_num_seqs + max_waiting in flight is refused (429) instead of growing an unbounded queue;
+- a submission's prompts (each an engine request) are counted in flight from admission until its
+  handle closes; more than max_num_seqs + max_waiting in flight is refused (429), and a submission of
+  more prompts than that can never fit (400), so one HTTP request cannot grow an unbounded queue;
+- a submission the engine cannot admit (a bad prompt, a tokenizer error) fails alone: its prompts
+  already added are aborted and its handler gets the error, and the engine thread serves on;
 - an exception from step() leaves the engine in an unknown state, so the engine is declared dead:
-  every open request fails and /health turns 503, rather than serving possibly wrong output.
+  every open request fails and /health turns 503, rather than serving possibly wrong output. The
+  exception is NoAdmissibleToken, which names its requests after the engine undid the step: those
+  are aborted and fail (500, code no_admissible_token), and the others go on.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from rast_engine.errors import RastError
+from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.server.protocol import APIError
 
 log = logging.getLogger("rast.server")
@@ -84,9 +89,12 @@ class AsyncEngine:
         if self.error is not None or self._thread is None:
             raise APIError(503, f"the engine is not running: {self.error}", type="server_error",
                            code="engine_dead")
-        if self.in_flight >= self.capacity:
-            raise APIError(429, f"server over capacity: {self.in_flight} requests in flight "
-                                f"(limit {self.capacity}); retry later", type="rate_limit_error",
+        if len(prompts) > self.capacity:
+            raise APIError(400, f"{len(prompts)} prompts in one request; this server holds at most "
+                                f"{self.capacity} in flight", param=param)
+        if self.in_flight + len(prompts) > self.capacity:
+            raise APIError(429, f"server over capacity: {self.in_flight} prompts in flight, {len(prompts)} "
+                                f"more asked for (limit {self.capacity}); retry later", type="rate_limit_error",
                            code="over_capacity")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         return RequestHandle(self, ids, prompts, params, max_tokens, add_special_tokens, param)
@@ -110,6 +118,13 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 _settle(cmd.done, APIError(503, f"the engine is not running: {exc}", type="server_error",
                                            code="engine_dead"))
+
+    def _fail_requests(self, exc: NoAdmissibleToken) -> None:
+        error = APIError(500, str(exc), type="server_error", code="no_admissible_token")
+        for rid in exc.request_ids:
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(error)
 
     # ---- engine thread ----
     def _post(self, fn: Callable, *args: Any) -> None:
@@ -140,7 +155,13 @@ class AsyncEngine:
                 self.stats = self.engine.stats()
                 continue
             t0 = time.perf_counter()
-            outputs = self.engine.step()
+            try:
+                outputs = self.engine.step()
+            except NoAdmissibleToken as exc:  # the step was undone: drop its culprits, serve the others
+                for rid in exc.request_ids:
+                    self.engine.abort_request(rid)
+                self._post(self._fail_requests, exc)
+                continue
             elapsed = time.perf_counter() - t0
             self.stats = self.engine.stats()
             if self.on_step is not None:
@@ -171,17 +192,24 @@ class AsyncEngine:
                 ids = self._tokenize(prompt, cmd.add_special_tokens)
                 self.engine.add_request(rid, ids, self._fit(cmd.params, cmd.max_tokens, len(ids)))
                 added.append(rid)
-        except RastError as exc:
+        except BaseException as exc:  # RastError: a 400; anything else: a 500 for this submission only
             for rid in added:  # all prompts of a submission are admitted, or none
                 self.engine.abort_request(rid)
             self._post(_settle, cmd.done, exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         self._post(_settle, cmd.done, None)
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
-        if isinstance(prompt, str):
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise RastError("this model has no tokenizer (load_format='dummy'): send prompts as token ids")
+        try:
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return prompt
+        except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: the client's input, not the engine
+            raise RastError(f"the tokenizer cannot encode the prompt: {exc}") from None
 
     def _fit(self, params: Any, max_tokens: int | None, prompt_len: int) -> Any:
         """OpenAI semantics: the prompt plus max_tokens must fit the context; no max_tokens means
@@ -228,7 +256,7 @@ class RequestHandle:
 
     async def __aenter__(self) -> RequestHandle:
         owner = self._owner
-        owner.in_flight += 1
+        owner.in_flight += len(self.request_ids)
         for rid in self.request_ids:
             owner._queues[rid] = self._queue
         done = asyncio.get_running_loop().create_future()
@@ -259,7 +287,7 @@ class RequestHandle:
         if self._unfinished:
             owner._commands.put(_Abort(sorted(self._unfinished)))
             self._unfinished.clear()
-        owner.in_flight -= 1
+        owner.in_flight -= len(self.request_ids)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -274,6 +302,8 @@ class RequestHandle:
             raise APIError(503, f"the request waited more than {timeout:g} s without being "
                                 "scheduled; the server is overloaded, retry later",
                            type="server_error", code="queue_timeout") from None
+        if isinstance(item, APIError):  # failed alone; leaving the handle aborts its other prompts
+            raise item
         if isinstance(item, BaseException):
             raise APIError(500, f"the engine failed: {item!r}", type="server_error",
                            code="engine_error")

@@ -34,7 +34,7 @@ class _EngineCollector:
                                 value=s.num_running)
         yield GaugeMetricFamily("rast_num_requests_waiting", "Sequences waiting to be scheduled",
                                 value=s.num_waiting)
-        yield GaugeMetricFamily("rast_requests_in_flight", "HTTP requests admitted and not yet done",
+        yield GaugeMetricFamily("rast_requests_in_flight", "prompts (engine requests) admitted and not yet done",
                                 value=self.engine.in_flight)
         yield GaugeMetricFamily("rast_kv_blocks_used", "KV-cache blocks in use", value=s.kv_blocks_used)
         yield GaugeMetricFamily("rast_kv_blocks_total", "KV-cache blocks in the pool",

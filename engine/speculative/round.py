@@ -19,6 +19,7 @@ import torch
 import rast_kernels
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.draws import Draw, draw_logprobs, row_params
+from rast_engine.errors import NoAdmissibleToken
 from rast_engine.pending import DrawLogprobs, DrawResult
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.sampling_params import signed64
@@ -50,8 +51,9 @@ class PendingRound:
             if self._event is not None:
                 self._event.synchronize()
             tokens, counts = self._tokens.tolist(), self._counts.tolist()
-            if any(row[c - 1] < 0 for row, c in zip(tokens, counts)):
-                raise RuntimeError("the sampler found no admissible token (non-finite logits in every column)")
+            failed = [i for i, (row, c) in enumerate(zip(tokens, counts)) if row[c - 1] < 0]
+            if failed:  # rows are sequences here: the engine reads them as such
+                raise NoAdmissibleToken(failed)
             flat = [DrawResult(t, None) for row in tokens for t in row]
             if self._logprobs is not None:
                 self._logprobs.fill(flat)

@@ -115,7 +115,8 @@ Admissible filter_row(const RowParams& p, int64_t vocab, bool need_w, Scratch& s
   float zmax = -kInf;
 #pragma omp simd reduction(max : zmax)
   for (int64_t i = 0; i < vocab; ++i) zmax = std::max(zmax, std::fabs(d[i]) <= FLT_MAX ? d[i] : -kInf);
-  if (zmax == -kInf) return out;  // no finite token
+  // no finite token, or a NaN parameter (the spec: such a row admits nothing, rather than some guess)
+  if (zmax == -kInf || std::isnan(p.temperature) || std::isnan(p.top_p) || std::isnan(p.min_p)) return out;
   out.empty = false;
   if (!(p.temperature > 0.0f)) {  // greedy: the first finite z equal to the max
     int64_t i = 0;

@@ -64,8 +64,10 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise RastError(f"unknown device {name!r}: {e}") from None
-    if device.type != "cuda":
+    if device.type == "cpu":
         return device
+    if device.type != "cuda":
+        raise RastError(f"device must be 'auto', 'cpu' or 'cuda[:index]', got {name!r}")
     if not torch.cuda.is_available():
         raise RastError(f"device {name!r} requested but CUDA is not available")
     if device.index is None:
@@ -122,6 +124,13 @@ def _id_list(value: Any) -> list[int]:
 def eos_token_ids(path: str, tokenizer: Any) -> set[int]:
     """The tokenizer's eos (config.json's when there is no tokenizer) plus generation_config.json's
     (Llama-3 instruct lists several)."""
+    try:
+        return _eos_token_ids(path, tokenizer)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{path!r}: eos_token_id must be an integer or a list of them ({e})") from None
+
+
+def _eos_token_ids(path: str, tokenizer: Any) -> set[int]:
     if tokenizer is not None:
         ids = set(_id_list(tokenizer.eos_token_id))
     else:

@@ -16,6 +16,7 @@ its own kernels (a scalar would cost a fill kernel, a clamp another one, each a 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence, Union
 
@@ -25,6 +26,7 @@ Scalar = Union[int, float]
 RowParam = Union[Scalar, torch.Tensor]
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TINY = torch.finfo(torch.float32).tiny
+FLOAT32_MAX = torch.finfo(torch.float32).max
 INT64 = (-2**63, 2**63 - 1)
 
 
@@ -145,11 +147,25 @@ def _row_value(name: str, value: RowParam, batch: int, device: torch.device, voc
         if not INT64[0] <= value <= INT64[1]:
             raise ValueError(f"{name} must fit in int64, got {value}")
         return RowValue(value, None)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not abs(value) <= FLOAT32_MAX:  # the kernels take float32: 1e39 would become inf
+        raise ValueError(f"{name} must be finite in float32, got {value}")
     if not spec.lo <= value <= spec.hi:
         raise ValueError(f"{name} must be in [{spec.lo}, {spec.hi}], got {value}")
     return RowValue(float(value), None)
+
+
+def _numbers(value: object) -> list[float] | None:
+    """[value] for a real number, the numbers of an iterable of them (a list, a numpy array), else None
+    (a bool or a string is not a weight, though float() would take it)."""
+    def real(x: object) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    if real(value):
+        return [float(value)]
+    if isinstance(value, (str, bytes, bool)) or not hasattr(value, "__iter__"):
+        return None
+    items = list(value)
+    return [float(x) for x in items] if all(map(real, items)) else None
 
 
 def _weights(weights: Union[Scalar, Sequence[Scalar], torch.Tensor], batch: int, pairs: int,
@@ -163,14 +179,15 @@ def _weights(weights: Union[Scalar, Sequence[Scalar], torch.Tensor], batch: int,
         if w.dim() == 2 and tuple(w.shape) == (batch, pairs):
             return w
         raise ValueError(f"weights tensor must have shape [], [{pairs}] or [{batch}, {pairs}], got {tuple(w.shape)}")
-    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
-        values = [float(weights)] * pairs
-    else:
-        values = [float(x) for x in weights]
-        if len(values) != pairs:
-            raise ValueError(f"got {len(values)} weights for {pairs} delta pairs")
-    if not all(math.isfinite(x) for x in values):
-        raise ValueError(f"weights must be finite, got {values}")
+    values = _numbers(weights)
+    if values is None:
+        raise TypeError(f"weights must be a number, a sequence of numbers or a tensor, got {weights!r}")
+    if isinstance(weights, numbers.Real):
+        values = values * pairs
+    elif len(values) != pairs:
+        raise ValueError(f"got {len(values)} weights for {pairs} delta pairs")
+    if not all(abs(x) <= FLOAT32_MAX for x in values):  # also false for NaN
+        raise ValueError(f"weights must be finite in float32, got {values}")
     # fills, not a copy of host data: a CUDA-graph capture can record them (the values frozen into it)
     out = torch.empty((batch, pairs), dtype=torch.float32, device=device)
     for k, x in enumerate(values):

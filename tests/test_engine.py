@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import rast_kernels
 from rast_engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from rast_engine.errors import ModelLoadError, RastError
+from rast_engine.errors import RastError
 from rast_engine.sampling_params import sample_seed
 
 LAM = 0.7
@@ -336,26 +334,6 @@ def test_sample_seeds_are_distinct_and_stable() -> None:
     seeds = [sample_seed(42, i) for i in range(64)]
     assert len(set(seeds)) == 64 and seeds == [sample_seed(42, i) for i in range(64)]
     assert sample_seed(43, 0) != seeds[0] and all(-(2**63) <= s < 2**63 for s in seeds)
-
-
-def test_load_errors_are_clear(qwen2_triple: tuple, tmp_path: Path) -> None:
-    large, rl, base = qwen2_triple
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        LLM(str(tmp_path / "nowhere"))
-    with pytest.raises(RastError, match="together"):
-        LLM(str(large), str(rl))
-    broken = Path(shutil.copytree(rl, tmp_path / "broken"))
-    weights = load_file(str(broken / "model.safetensors"))
-    del weights["model.norm.weight"]
-    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"small_rl.*model\.norm\.weight"):
-        LLM(str(large), str(broken), str(base))
-    other = Path(shutil.copytree(base, tmp_path / "other_tok"))
-    tok = AutoTokenizer.from_pretrained(str(other))
-    tok.add_tokens(["zzqq"])
-    tok.save_pretrained(str(other))
-    with pytest.raises(ModelLoadError, match=r"small_base.*differs.*zzqq"):
-        LLM(str(large), str(rl), str(other))
 
 
 def test_llm_passes_engine_arguments_through(qwen2_triple: tuple) -> None:

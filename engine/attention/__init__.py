@@ -42,6 +42,11 @@ def get_attention_backend(name: str, device: torch.device | str, block_size: int
 
         return TorchAttention()
     if name == "triton":
+        from rast_kernels.launch import interpreting
+
+        if device.type != "cuda" and not interpreting():
+            raise RastError(f"attention_backend='triton' needs a CUDA device, got {device} (on the CPU use "
+                            "'torch'; TRITON_INTERPRET=1 runs the kernels interpreted, for tests)")
         from rast_engine.attention.triton_backend import TritonAttention
 
         return TritonAttention()

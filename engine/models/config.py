@@ -112,6 +112,8 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the required key {e.args[0]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as e:  # null, a string, zero heads...
+            raise ModelLoadError(f"config.json holds an invalid value: {type(e).__name__}: {e}") from None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -125,6 +127,8 @@ class ModelConfig:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ModelLoadError(f"{str(cfg_path)!r} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"{str(cfg_path)!r} must hold a JSON object, got a {type(cfg).__name__}")
         return cls.from_dict(cfg)
 
     @property

@@ -10,11 +10,13 @@ real checkpoint without reading one. The same seed gives the same weights on the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from rast_engine.attention.base import AttentionBackend
 from rast_engine.errors import ModelLoadError
@@ -57,9 +59,19 @@ def tensor_files(path: Path) -> dict[str, Path]:
         raise ModelLoadError(f"{str(path)!r} has no *.safetensors weights{hint}")
     files: dict[str, Path] = {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
+        with _safetensors(shard) as f:
             files.update({name: shard for name in f.keys()})
     return files
+
+
+@contextlib.contextmanager
+def _safetensors(file: Path) -> Iterator[Any]:
+    """safe_open, with a corrupt or truncated file reported as a ModelLoadError that names it."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ModelLoadError(f"{str(file)!r} is not a readable safetensors file: {e}") from None
 
 
 def _empty_model(cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype,
@@ -115,7 +127,7 @@ def load_model(
     for name in slots:
         by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt") as f:
+        with _safetensors(file) as f:
             for name in names:
                 param, start, rows = slots[name]
                 target = param.narrow(0, start, rows)

@@ -157,6 +157,8 @@ def parse_request(raw: bytes, model_cls: type[_Request]) -> Any:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # a body nested thousands deep: no request is shaped like that
+        raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     try:

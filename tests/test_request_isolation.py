@@ -77,16 +77,17 @@ def test_params_changed_after_construction_are_checked_and_copied(qwen2_triple: 
     assert len(done["a"]) == 3
 
 
-def test_an_undrawable_request_is_named_and_the_others_go_on(qwen2_triple: tuple,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("speculative", [0, 2])  # a speculative round's rows are sequences, not draws
+def test_an_undrawable_request_is_named_and_the_others_go_on(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch,
+                                                             speculative: int) -> None:
     good = SamplingParams(temperature=1.0, seed=1, max_tokens=8, ignore_eos=True)
     bad = SamplingParams(temperature=1.0, seed=POISON, max_tokens=8, ignore_eos=True)
     want: dict[str, list[int]] = {}
-    alone = _engine(qwen2_triple)
+    alone = _engine(qwen2_triple, speculative_tokens=speculative)
     alone.add_request("good", [5, 6, 7], good)
     _finish(alone, want)
     monkeypatch.setattr(rast_kernels, "rast_sample", poisoned(rast_kernels.rast_sample))
-    engine, done = _engine(qwen2_triple), {}
+    engine, done = _engine(qwen2_triple, speculative_tokens=speculative), {}
     engine.add_request("good", [5, 6, 7], good)
     engine.add_request("bad", [9, 10, 11, 12], bad)
     with pytest.raises(NoAdmissibleToken) as failed:

@@ -23,6 +23,7 @@ from rast_engine.kv_cache import KVCache
 from rast_engine.draws import Draw
 from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
+from rast_engine.penalties import history
 from rast_engine.pending import DrawResult, InFlight
 from rast_engine.requests import checked_request
 from rast_engine.sampling_params import SamplingParams, sample_seed
@@ -192,6 +193,8 @@ class LLMEngine:
         kept = self.runner.buffers.max_rows
         if any(holds and row[seq] >= kept for (seq, _), holds in zip(batch.owners, batch.holding)):
             return None
+        if any(seq.params.penalized for seq, _ in batch.owners):  # its next draw counts this one's token
+            return None
         out = self.scheduler.schedule_ahead()
         if out is None:
             return None
@@ -207,10 +210,11 @@ class LLMEngine:
                 continue  # a prefill chunk short of the sequence's end: nothing to sample yet
             g, before = seq.group, len(draws)
             if not g.forked:  # the request's first draw: n samples from its one prefilled row
-                draws += [Draw(row, g.params, g.weights, sample_seed(g.request_seed, j), 0)
+                seen = history(seq, first_draw=True)
+                draws += [Draw(row, g.params, g.weights, sample_seed(g.request_seed, j), 0, seen)
                           for j in range(g.params.n)]
             else:
-                draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated))
+                draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated, history(seq, False)))
             owners.append((seq, len(draws) - before))
         try:
             step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed, out.lookahead)

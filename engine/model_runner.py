@@ -28,6 +28,7 @@ from rast_engine.kv_cache import KVCache
 from rast_engine.model_streams import ModelStreams
 from rast_engine.models.stacked import ForwardUnit
 from rast_engine.draws import Draw, draw_logprobs, sample_draws
+from rast_engine.penalties import with_penalties
 from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
 from rast_engine.sequence import Sequence
 from rast_engine.speculative.round import PendingRound, RoundInputs, RoundOutput, round_core, run_round
@@ -173,7 +174,8 @@ class ModelRunner:
         self.kv.copy_blocks(copies)
         if lookahead:
             return run_round(self, seqs, draws, lookahead, self.speculative_draft, self.speculative_method)
-        if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
+        plain = all(d.history is None for d in draws)  # penalized: eager, with the penalty pair (penalties.py)
+        if not is_prefill and plain and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws, feed)
         inputs = self.prepare(seqs, is_prefill, feed)
         needed = sorted({d.row for d in draws})
@@ -253,6 +255,7 @@ class ModelRunner:
 
     def sample(self, logits: list[torch.Tensor], draws: Seq[Draw]) -> PendingStep:
         """The draws' tokens (draws.py), read later by the caller's wait()."""
+        logits, draws = with_penalties(logits, draws, self._to_device, self.vocab_size)
         ids_dev = sample_draws(logits, draws, self._to_device, self.vocab_size, self.sampler)
         self.buffers.store_sampled(ids_dev)  # a decode step launched ahead reads its input ids from them
         return self._ids_later(ids_dev, draw_logprobs(logits, draws, ids_dev, self._to_device, self.vocab_size,

@@ -71,6 +71,10 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     if params.stop_list and engine.tokenizer is None:
         raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
                         "use stop_token_ids")
+    if params.penalized and engine.config.speculative_tokens:
+        raise RastError("presence, frequency and repetition penalties are not supported with speculative "
+                        "decoding (a round's drafts would need each other's counts); use an engine without "
+                        "speculative_tokens")
     if params.logprobs is not None and params.logprobs > engine.vocab_size:
         raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
     return ids, pair_weights(engine, params), params

@@ -75,6 +75,12 @@ class SamplingParams:
     # streaming consumers (the server, rast generate) ask for "delta", and LLM.generate and rast eval,
     # which read final outputs only, for "final_only"
     output_kind: str = "cumulative"
+    # vLLM's penalties, on the combined logits z = M + Σ λ·(R − S) before temperature and filters
+    # (engine/penalties.py): z / r (z > 0) or z · r (z <= 0) for tokens of the prompt or the output,
+    # then z − frequency · count − presence · [count > 0] for tokens of the output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,5 +121,16 @@ class SamplingParams:
             self.lam = [float(x) for x in self.lam]
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise bad(f"{name} must be in [-2, 2] (0 is off), got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
+            raise bad(f"repetition_penalty must be in (0, 100] (1 is off), got {self.repetition_penalty!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on: such draws depend on the tokens so far (engine/penalties.py)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

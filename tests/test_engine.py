@@ -57,15 +57,6 @@ def hf_sampled(triple: tuple, prompt: list[int], lam: float, vocab: int, steps: 
     return ids[len(prompt):]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
-    """Tiny matmuls gain nothing from threads; on a shared 2-core box the spinning threads cost ~30x CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def llm(qwen2_triple: tuple) -> LLM:
     large, rl, base = qwen2_triple

@@ -116,6 +116,17 @@ def test_extra_body_fields(srv: Running, triple: tuple[Path, Path, Path]) -> Non
         assert res.choices[0].text == want.outputs[0].text, lam
 
 
+def test_penalties_reach_the_engine(srv: Running, oracle: LLM) -> None:
+    penalties = dict(presence_penalty=0.8, frequency_penalty=1.5, repetition_penalty=1.3)
+    want = oracle.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, **penalties), use_tqdm=False)[0]
+    plain = oracle.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    assert want.outputs[0].text != plain.outputs[0].text  # else this test could not tell them apart
+    res = srv.client().completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                          presence_penalty=0.8, frequency_penalty=1.5,
+                                          extra_body={"repetition_penalty": 1.3})
+    assert res.choices[0].text == want.outputs[0].text
+
+
 def test_stop_strings_streamed_and_not(srv: Running, oracle: LLM) -> None:
     full = oracle.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     stop = full.outputs[0].text[4:6]  # a string the greedy text is known to reach
@@ -180,7 +191,7 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "top_k": -2}, 400, "top_k"),
     ({"model": MODEL, "prompt": "hi", "stop": ""}, 400, None),
-    ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, None),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),  # longer than the 512-token context
     ({"model": MODEL, "prompt": [100000]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "prompt"),

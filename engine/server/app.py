@@ -56,7 +56,8 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
             max_tokens=1,  # placeholder: the engine thread sets it once the prompt is tokenised
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            seed=req.seed, lam=req.lam, logprobs=logprobs,
+            seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
             output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py
     except ValueError as exc:
         raise APIError(400, str(exc)) from None

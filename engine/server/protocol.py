@@ -39,22 +39,21 @@ class _Request(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # Extensions (vLLM spells them the same way): top-k/min-p filters and the per-request RAST weight.
+    # Extensions (vLLM spells them the same way): top-k/min-p filters, the per-request RAST weight
+    # and the repetition penalty.
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     lam: float | list[float] | None = None  # one number, or one per small pair
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Request:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise ValueError(f"{name} is not supported by this server; leave it at 0")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported by this server")
         if self.stream_options is not None and not self.stream:

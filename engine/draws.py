@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence as Seq
 import torch
 
 import rast_kernels
-from rast_engine.penalties import History
+from rast_engine.logit_adjust import Adjust
 from rast_engine.pending import DrawLogprobs
 from rast_engine.sampling_params import SamplingParams
 
@@ -32,7 +32,7 @@ class Draw:
     weights: list[float]  # λ per pair
     seed: int
     offset: int  # tokens the sample has generated so far: draws of one sample never share noise
-    history: Optional[History] = None  # what a penalized draw is penalized for (penalties.py)
+    adjust: Optional[Adjust] = None  # an adjusted draw's logit_bias / min_tokens / penalty inputs (logit_adjust.py)
 
 
 def row_params(draws: Seq[Draw], to_device: ToDevice, greedy_as_t1: bool = False) -> dict[str, torch.Tensor]:

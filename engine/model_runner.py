@@ -28,7 +28,7 @@ from rast_engine.kv_cache import KVCache
 from rast_engine.model_streams import ModelStreams
 from rast_engine.models.stacked import ForwardUnit
 from rast_engine.draws import Draw, draw_logprobs, sample_draws
-from rast_engine.penalties import with_penalties
+from rast_engine.logit_adjust import with_adjustments
 from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
 from rast_engine.sequence import Sequence
 from rast_engine.speculative.round import PendingRound, RoundInputs, RoundOutput, round_core, run_round
@@ -174,7 +174,7 @@ class ModelRunner:
         self.kv.copy_blocks(copies)
         if lookahead:
             return run_round(self, seqs, draws, lookahead, self.speculative_draft, self.speculative_method)
-        plain = all(d.history is None for d in draws)  # penalized: eager, with the penalty pair (penalties.py)
+        plain = all(d.adjust is None for d in draws)  # adjusted: eager, with one more pair (logit_adjust.py)
         if not is_prefill and plain and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws, feed)
         inputs = self.prepare(seqs, is_prefill, feed)
@@ -255,7 +255,7 @@ class ModelRunner:
 
     def sample(self, logits: list[torch.Tensor], draws: Seq[Draw]) -> PendingStep:
         """The draws' tokens (draws.py), read later by the caller's wait()."""
-        logits, draws = with_penalties(logits, draws, self._to_device, self.vocab_size)
+        logits, draws = with_adjustments(logits, draws, self._to_device, self.vocab_size)
         ids_dev = sample_draws(logits, draws, self._to_device, self.vocab_size, self.sampler)
         self.buffers.store_sampled(ids_dev)  # a decode step launched ahead reads its input ids from them
         return self._ids_later(ids_dev, draw_logprobs(logits, draws, ids_dev, self._to_device, self.vocab_size,

@@ -71,10 +71,13 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     if params.stop_list and engine.tokenizer is None:
         raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
                         "use stop_token_ids")
-    if params.penalized and engine.config.speculative_tokens:
-        raise RastError("presence, frequency and repetition penalties are not supported with speculative "
-                        "decoding (a round's drafts would need each other's counts); use an engine without "
-                        "speculative_tokens")
+    if params.adjusts_logits and engine.config.speculative_tokens:
+        raise RastError("logit_bias, min_tokens and the presence, frequency and repetition penalties are not "
+                        "supported with speculative decoding (a round's drafts and M's verify sample from "
+                        "unadjusted logits); use an engine without speculative_tokens")
+    outside = [t for t in params.logit_bias or () if t >= engine.vocab_size]
+    if outside:
+        raise RastError(f"logit_bias names token ids {outside[:5]} outside the vocabulary (size {engine.vocab_size})")
     if params.logprobs is not None and params.logprobs > engine.vocab_size:
         raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
     return ids, pair_weights(engine, params), params

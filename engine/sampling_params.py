@@ -43,6 +43,7 @@ OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 # |λ| bound: λ·(R − S) must stay finite in float32 for any real logits (a larger λ turns every token's
 # combined logit infinite, so no token can be drawn); useful values are O(1)
 MAX_LAM = 1e6
+MAX_BIAS = 100.0  # OpenAI's logit_bias range; a token is banned by -100 and all but forced by 100
 TOP_K_OFF_FROM = 1 << 31  # the kernels take int32; any k >= V is off, and every vocabulary is far smaller
 
 
@@ -75,9 +76,13 @@ class SamplingParams:
     # streaming consumers (the server, rast generate) ask for "delta", and LLM.generate and rast eval,
     # which read final outputs only, for "final_only"
     output_kind: str = "cumulative"
-    # vLLM's penalties, on the combined logits z = M + Σ λ·(R − S) before temperature and filters
-    # (engine/penalties.py): z / r (z > 0) or z · r (z <= 0) for tokens of the prompt or the output,
-    # then z − frequency · count − presence · [count > 0] for tokens of the output
+    # Adjustments of the combined logits z = M + Σ λ·(R − S) before temperature and filters, in this
+    # order (engine/logit_adjust.py): z + logit_bias[t] (OpenAI's; ids < the vocabulary, |bias| <= 100);
+    # EOS and stop_token_ids masked until the output holds min_tokens tokens (stop strings are not
+    # matched until then either, as vLLM); vLLM's penalties: z / r (z > 0) or z · r (z <= 0) for tokens
+    # of the prompt or the output, then z − frequency · count − presence · [count > 0] for output tokens
+    logit_bias: Optional[dict[int, float]] = None
+    min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -127,10 +132,23 @@ class SamplingParams:
                 raise bad(f"{name} must be in [-2, 2] (0 is off), got {value!r}")
         if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
             raise bad(f"repetition_penalty must be in (0, 100] (1 is off), got {self.repetition_penalty!r}")
+        bias = {} if self.logit_bias is None else self.logit_bias
+        if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 and _is_number(b) and -MAX_BIAS <= b <= MAX_BIAS
+                                                 for t, b in bias.items()):
+            raise bad(f"logit_bias must map token ids (integers >= 0) to numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                      f"got {self.logit_bias!r}")
+        self.logit_bias = {t: float(b) for t, b in bias.items() if b != 0} or None
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 
     @property
+    def adjusts_logits(self) -> bool:
+        """Whether this request's draws adjust z: logit_bias, min_tokens or a penalty (logit_adjust.py)."""
+        return self.logit_bias is not None or self.min_tokens > 0 or self.penalized
+
+    @property
     def penalized(self) -> bool:
-        """Whether any penalty is on: such draws depend on the tokens so far (engine/penalties.py)."""
+        """Whether any penalty is on: such draws depend on the tokens so far (engine/logit_adjust.py)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -234,7 +234,8 @@ class Scheduler:
         (and what follows it) from ``seq.output_text``. ``prev_text_len`` is the text length before it."""
         if self._stop_token(seq):
             return "stop"
-        stops = seq.params.stop_list
+        # as vLLM, stop strings count only once the output is longer than min_tokens
+        stops = seq.params.stop_list if seq.num_known - seq.num_prompt_tokens > seq.params.min_tokens else []
         if stops:
             longest = max(len(s) for s in stops)
             start = max(prev_text_len - longest + 1, 0)

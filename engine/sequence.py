@@ -29,7 +29,7 @@ from typing import Optional
 
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.outputs import CompletionOutput, RequestOutput
-from rast_engine.penalties import OutputCounts
+from rast_engine.logit_adjust import OutputCounts
 from rast_engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -64,7 +64,7 @@ class Sequence:
     reported_tokens: int = 0
     reported_chars: int = 0
     reported_finish: bool = False
-    output_counts: Optional[OutputCounts] = None  # kept for penalized requests only (penalties.py)
+    output_counts: Optional[OutputCounts] = None  # kept for penalized requests only (logit_adjust.py)
 
     @property
     def params(self) -> SamplingParams:
@@ -175,7 +175,7 @@ class SequenceGroup:
     weights: list[float]  # λ per small pair for this request
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
-    distinct_prompt: Optional[list[int]] = field(default=None, init=False, repr=False)  # penalized requests
+    distinct_prompt: Optional[list[int]] = field(default=None, init=False, repr=False)  # repetition_penalty requests
     _prompt_out: Optional[list[int]] = field(default=None, init=False, repr=False)  # see output()
 
     @property

@@ -41,6 +41,22 @@ def triton_engine(triple: tuple, **kw):  # noqa: ANN201
     return engine
 
 
+def install_fast_path(runner, decode_step=None) -> None:  # noqa: ANN001
+    """Two model streams and one captured graph, bucket 4 (the interpreter is slow; the others are alike).
+    Inside emulated_cuda only."""
+    runner.streams = ModelStreams(CUDA, True)
+    runner.graphs = DecodeGraphs(decode_step or runner._decode_step, runner._pad_all, CUDA, max_rows=4)
+    runner.graphs.buckets = [4]
+    runner.graphs.capture_all()
+
+
+def record_ahead(engine) -> list[bool]:  # noqa: ANN001
+    """Whether each schedule_ahead call scheduled a batch."""
+    ahead, schedule_ahead = [], engine.scheduler.schedule_ahead
+    engine.scheduler.schedule_ahead = lambda: (lambda out: (ahead.append(out is not None), out)[1])(schedule_ahead())
+    return ahead
+
+
 def test_graph_replay_and_model_streams_equal_the_eager_engine(qwen2_triple: tuple,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """One graph, bucket 4, on two streams: a batch of 3 replays it (one padding row), so do two forks of
@@ -65,10 +81,7 @@ def test_graph_replay_and_model_streams_equal_the_eager_engine(qwen2_triple: tup
     copy_blocks = runner.kv.copy_blocks
     runner.kv.copy_blocks = lambda pairs: (copies.extend(pairs), copy_blocks(pairs))
     with emulated_cuda(monkeypatch) as emu:
-        runner.streams = ModelStreams(CUDA, True)
-        runner.graphs = DecodeGraphs(counted, runner._pad_all, CUDA, max_rows=4)
-        runner.graphs.buckets = [4]  # the interpreter is slow: one bucket (the others are alike)
-        runner.graphs.capture_all()
+        install_fast_path(runner, counted)
         assert steps == [4, 4] and set(runner.graphs.graphs) == {4}  # a warm-up, then the capture
         _, logits = runner.graphs.outputs[4]  # the graph's logits are the runner's static buffers
         assert [t.data_ptr() for t in logits] == [t.data_ptr() for t in runner.step_logits]
@@ -87,17 +100,41 @@ def test_async_scheduling_replays_graphs_fed_by_the_previous_replay(qwen2_triple
     batch = prompts(3, seed=3)
     want = generate_all(reference, batch, SAMPLED)
     engine = triton_engine(qwen2_triple, async_output=True)
-    runner, ahead = engine.runner, []
-    schedule_ahead = engine.scheduler.schedule_ahead
-    engine.scheduler.schedule_ahead = lambda: (lambda out: (ahead.append(out is not None), out)[1])(schedule_ahead())
+    runner, ahead = engine.runner, record_ahead(engine)
     with emulated_cuda(monkeypatch) as emu:
-        runner.streams = ModelStreams(CUDA, True)
-        runner.graphs = DecodeGraphs(runner._decode_step, runner._pad_all, CUDA, max_rows=4)
-        runner.graphs.buckets = [4]
-        runner.graphs.capture_all()
+        install_fast_path(runner)
         got = generate_all(engine, batch, SAMPLED)
     assert got == want and emu.replays == SAMPLED.max_tokens - 1
     assert ahead.count(True) == SAMPLED.max_tokens - 1  # every decode step went ahead, the first fed by the prefill
+
+
+def test_adjusted_steps_run_eagerly_ahead_between_replays(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch holding a logit_bias / min_tokens request decodes eagerly with the adjustment pair
+    (engine/logit_adjust.py), launched ahead like the replays around it and fed from the ids they
+    stored; once it finishes, the others replay the graph. Tokens equal the synchronous eager engine's,
+    and the emulator's race checks cover the switches."""
+    adjusted = SamplingParams(temperature=0.9, max_tokens=2, seed=7, min_tokens=2, stop_token_ids=[5],
+                              logit_bias={5: 2.0, 9: -3.0})
+    params = [SAMPLED, adjusted, SAMPLED]
+    batch = prompts(3, seed=6)
+
+    def run(engine) -> list[list[int]]:  # noqa: ANN001
+        for i, (p, sp) in enumerate(zip(batch, params)):
+            engine.add_request(f"r{i}", p, sp)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return [done[f"r{i}"] for i in range(3)]
+
+    want = run(triton_engine(qwen2_triple, stack_small_models=False))
+    engine = triton_engine(qwen2_triple, async_output=True)
+    runner, ahead = engine.runner, record_ahead(engine)
+    with emulated_cuda(monkeypatch) as emu:
+        install_fast_path(runner)
+        got = run(engine)
+    assert got == want and len(got[1]) == 2 and 5 not in got[1]
+    assert emu.replays == SAMPLED.max_tokens - 2  # the first decode step held the adjusted request
+    assert ahead.count(True) == SAMPLED.max_tokens - 1
 
 
 def test_a_prefill_ahead_reads_the_ids_a_replay_stored(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,10 +156,7 @@ def test_a_prefill_ahead_reads_the_ids_a_replay_stored(qwen2_triple: tuple, monk
 
     engine.scheduler.schedule_ahead = recorded
     with emulated_cuda(monkeypatch):
-        runner.streams = ModelStreams(CUDA, True)
-        runner.graphs = DecodeGraphs(runner._decode_step, runner._pad_all, CUDA, max_rows=4)
-        runner.graphs.buckets = [4]
-        runner.graphs.capture_all()
+        install_fast_path(runner)
         for i, p in enumerate(batch):
             if i == 3:
                 for _ in range(2):  # the prefill, then a replay in flight

@@ -169,6 +169,23 @@ def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool
     assert async_engine._in_flight is None and async_engine.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.gpu
+def test_adjusted_requests_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None:
+    """logit_bias, min_tokens and penalties (engine/logit_adjust.py): their steps run eagerly beside
+    graph-replayed plain ones, bias launched ahead and penalties not; greedy tokens equal the CPU's."""
+    cpu = make_engine(qwen2_triple, "cpu", dtype="float32")
+    gpu = make_engine(qwen2_triple, "cuda", dtype="float32", attention_backend="triton", async_output=True,
+                      async_scheduling=True)
+    greedy = dict(temperature=0.0, max_tokens=12)
+    batch = prompts(4, seed=61)
+    for params in (SamplingParams(**greedy, logit_bias={7: 3.0, 11: -100.0}, min_tokens=6, stop_token_ids=[7]),
+                   SamplingParams(**greedy, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.4,
+                                  presence_penalty=0.2)):
+        assert generate(gpu, batch, params) == generate(cpu, batch, params)
+        assert generate(gpu, batch, GREEDY) == generate(cpu, batch, GREEDY)  # graphs again after them
+    assert gpu._in_flight is None and gpu.block_manager.num_used_blocks == 0
+
+
 def _syncs_per_step(engine: LLMEngine, run: Callable[[], None]) -> list[tuple[int, int]]:
     """Per engine step: (syncs the sync debugger reports, CUDA event waits)."""
     counts: list[tuple[int, int]] = []

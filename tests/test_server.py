@@ -127,6 +127,26 @@ def test_penalties_reach_the_engine(srv: Running, oracle: LLM) -> None:
     assert res.choices[0].text == want.outputs[0].text
 
 
+def test_logit_bias_and_min_tokens_reach_the_engine(srv: Running, oracle: LLM) -> None:
+    plain = oracle.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    ban = {plain.token_ids[0]: -100.0, 7: 2.0}
+    want = oracle.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, logit_bias=ban),
+                           use_tqdm=False)[0].outputs[0]
+    assert want.token_ids[0] != plain.token_ids[0]
+    res = srv.client().completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                          logit_bias={str(t): b for t, b in ban.items()})
+    assert res.choices[0].text == want.text
+    # a stop string the greedy text reaches early is not matched before min_tokens (vLLM's rule), so
+    # the output runs on; the stop token it ends with is masked until then
+    full = oracle.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    res = srv.client().completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0,
+                                          stop=[full.text[2:4]], extra_body={"min_tokens": 10})
+    assert (res.choices[0].text, res.choices[0].finish_reason) == (full.text, "length")
+    res = srv.client().completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0,
+                                          extra_body={"min_tokens": 4, "stop_token_ids": [full.token_ids[1]]})
+    assert res.usage.completion_tokens > 4  # 2 without min_tokens
+
+
 def test_stop_strings_streamed_and_not(srv: Running, oracle: LLM) -> None:
     full = oracle.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     stop = full.outputs[0].text[4:6]  # a string the greedy text is known to reach
@@ -192,6 +212,12 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "top_k": -2}, 400, "top_k"),
     ({"model": MODEL, "prompt": "hi", "stop": ""}, 400, None),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"x1": 1.0}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"100000": 1}}, 400, "logit_bias"),  # past the vocabulary
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {str(t): 1 for t in range(1025)}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
     ({"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),  # longer than the 512-token context
     ({"model": MODEL, "prompt": [100000]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "prompt"),

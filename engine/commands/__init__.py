@@ -96,3 +96,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string; repeatable")
     p.add_argument("--request-seed", type=int, default=None, help="seed of this request's sampling")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument("--min-tokens", type=int, default=0, help="tokens before EOS or a stop may end it (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="vLLM's; 1 is off (default)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]; 0 is off (default)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]; 0 is off (default)")

@@ -26,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, max_tokens=args.max_tokens, stop=args.stop,
-                            ignore_eos=args.ignore_eos, seed=args.request_seed, output_kind="delta")
+                            ignore_eos=args.ignore_eos, seed=args.request_seed, min_tokens=args.min_tokens,
+                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, output_kind="delta")
     engine = build_engine(args)
     tok = engine.tokenizer
     if args.chat:

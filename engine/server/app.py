@@ -49,12 +49,20 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None) -> SamplingParams:
+def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None,
+                     max_tokens: int | None, vocab_size: int) -> SamplingParams:
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+    outside = [t for t in req.logit_bias_ids() or () if t >= vocab_size]
+    if outside:
+        raise APIError(400, f"logit_bias names token ids {outside[:5]} outside the vocabulary (size {vocab_size})",
+                       param="logit_bias")
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
-            max_tokens=1,  # placeholder: the engine thread sets it once the prompt is tokenised
+            # placeholder, at least min_tokens: the engine thread sets it once the prompt is tokenised
+            max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=req.logit_bias_ids(),
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
@@ -164,7 +172,7 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
         self._check_model(req.model)
-        params = _sampling_params(req, req.logprobs)
+        params = _sampling_params(req, req.logprobs, req.max_tokens, self.engine.engine.vocab_size)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
@@ -174,7 +182,7 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
         self._check_model(req.model)
-        params = _sampling_params(req, req.logprobs_count())
+        params = _sampling_params(req, req.logprobs_count(), req.max_new_tokens(), self.engine.engine.vocab_size)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         try:

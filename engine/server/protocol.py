@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -27,6 +27,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# A request's logit_bias entries are sent to the device at each of its steps (engine/logit_adjust.py), so
+# their number bounds the host work one request adds to every batch it joins
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
+
 class _Request(BaseModel):
     # extra="forbid": an unrecognised field is a client mistake, answered with a 400 naming it.
     model_config = ConfigDict(extra="forbid")
@@ -41,24 +46,38 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's spelling) -> [-100, 100]
     user: str | None = None
-    # Extensions (vLLM spells them the same way): top-k/min-p filters, the per-request RAST weight
-    # and the repetition penalty.
+    # Extensions (vLLM spells them the same way): top-k/min-p filters, the per-request RAST weight,
+    # the repetition penalty and min_tokens.
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     lam: float | list[float] | None = None  # one number, or one per small pair
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(value)}")
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100], got {bias!r} for token {key}")
+        return value
+
     @model_validator(mode="after")
-    def _unsupported(self) -> _Request:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+    def _consistent(self) -> _Request:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        return {int(key): bias for key, bias in self.logit_bias.items()} if self.logit_bias else None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

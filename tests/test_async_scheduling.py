@@ -345,10 +345,11 @@ def test_async_scheduling_needs_async_output(qwen2_triple: tuple) -> None:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_random_traffic_equals_each_request_run_alone(qwen2_triple: tuple, oracle: LLMEngine, seed: int) -> None:
-    """Random requests (n, temperature, top-k/p, stops, max_tokens, logprobs, λ) arriving at random steps
-    into a 48-slot KV cache (preemptions in most seeds) with a small token budget (chunked prompts), two
-    aborted on the way: every other request gets exactly what it gets alone in the synchronous engine.
-    (300 seeds passed when this was written; CI runs 12.)"""
+    """Random requests (n, temperature, top-k/p, stops, max_tokens, logprobs, λ, logit_bias, min_tokens,
+    penalties) arriving at random steps into a 48-slot KV cache (preemptions in most seeds) with a small
+    token budget (chunked prompts), two aborted on the way: every other request gets exactly what it gets
+    alone in the synchronous engine. (300 seeds passed when this was written, 200 more with the logit
+    adjustments; CI runs 12.)"""
     import random
 
     rng = random.Random(seed)
@@ -356,11 +357,15 @@ def test_random_traffic_equals_each_request_run_alone(qwen2_triple: tuple, oracl
     prompts = [encode(engine, t) for t in TEXTS]
     arrivals: list[tuple[int, str, list[int], SamplingParams]] = []
     for i in range(7):
+        max_tokens = rng.randrange(1, 24)
         params = SamplingParams(
             n=rng.choice([1, 1, 2]), temperature=rng.choice([0.0, 0.7, 1.2]), top_k=rng.choice([0, 20]),
-            top_p=rng.choice([1.0, 0.9]), max_tokens=rng.randrange(1, 24), seed=rng.randrange(100),
+            top_p=rng.choice([1.0, 0.9]), max_tokens=max_tokens, seed=rng.randrange(100),
             stop=rng.choice([None, [" the"], ["a", "."]]), stop_token_ids=rng.choice([[], [rng.randrange(100)]]),
-            logprobs=rng.choice([None, None, 2]), lam=rng.choice([None, 0.3]))
+            logprobs=rng.choice([None, None, 2]), lam=rng.choice([None, 0.3]),
+            logit_bias=rng.choice([None, None, {rng.randrange(100): rng.choice([-100.0, 3.0])}]),
+            min_tokens=min(rng.choice([0, 0, 1, 5]), max_tokens), repetition_penalty=rng.choice([1.0, 1.0, 1.0, 1.4]),
+            presence_penalty=rng.choice([0.0, 0.0, 0.0, 0.5]))
         prompt = rng.choice(prompts)[:rng.randrange(3, 12)]
         arrivals.append((rng.randrange(8), f"q{i}", prompt, params))
     aborted = {rid for _, rid, _, _ in rng.sample(arrivals, 2)}

@@ -6,8 +6,9 @@ step). Other tokenizers, and tokenizers releases without DecodeStream(ids=...), 
 starts a few tokens before the new ones, because decoders (byte-level BPE, Metaspace) render a token
 differently at the start of a string. Either way text is released only once it no longer ends in an
 incomplete UTF-8 sequence, so the emitted text only ever grows, and it equals
-tokenizer.decode(output ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-(tests/test_detokenizer.py checks both paths against it).
+tokenizer.decode(output ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+(tests/test_detokenizer.py checks both paths against it; skip_special_tokens is the request's, True by
+default as in vLLM).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, Optional
 CONTEXT_TOKENS = 5
 
 
-def decode_stream(tokenizer: Any, prompt_ids: list[int]) -> Optional[tuple[Any, Any]]:
+def decode_stream(tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool = True
+                  ) -> Optional[tuple[Any, Any]]:
     """(DecodeStream primed with the prompt, the Rust tokenizer it steps with), or None if unavailable."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -24,21 +26,24 @@ def decode_stream(tokenizer: Any, prompt_ids: list[int]) -> Optional[tuple[Any, 
     try:
         from tokenizers.decoders import DecodeStream
 
-        return DecodeStream(ids=list(prompt_ids), skip_special_tokens=True), backend
+        return DecodeStream(ids=list(prompt_ids), skip_special_tokens=skip_special_tokens), backend
     except (ImportError, TypeError):  # tokenizers < 0.22 has no DecodeStream(ids=...)
         return None
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], stream: bool = True) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stream: bool = True,
+                 skip_special_tokens: bool = True) -> None:
         """``stream=False`` forces the windowed decode (tests compare the two)."""
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.prefix_offset = max(len(prompt_ids) - CONTEXT_TOKENS, 0)
         self.read_offset = len(prompt_ids)
-        self._stream = decode_stream(tokenizer, prompt_ids) if stream else None
+        self._stream = decode_stream(tokenizer, prompt_ids, skip_special_tokens) if stream else None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
 
     def step(self, all_ids: list[int], end: Optional[int] = None) -> str:
         """The new text contributed by ``all_ids[:end]`` since the last call (maybe empty)."""

@@ -82,7 +82,8 @@ class LLMEngine:
         return Sequence(group=group, index=index, token_ids=token_ids,
                         seed=sample_seed(group.request_seed, index),
                         detok=None if self.tokenizer is None
-                        else IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids))
+                        else IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
+                                                    skip_special_tokens=group.params.skip_special_tokens))
 
     def abort_request(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)

@@ -68,6 +68,8 @@ class SamplingParams:
     # pair, in the engine's pair order (the main pair first, then `experts`)
     lam: Optional[Union[float, list[float]]] = None
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob plus the top k
+    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
+    skip_special_tokens: bool = True  # leave special tokens (EOS, chat markers) out of the text
     # "cumulative": the request's RequestOutput, everything so far, at every step it progresses;
     # "delta": at every such step only what is new (text, token ids, logprobs; a completion appears when
     # it has something new or has just finished), as vLLM's RequestOutputKind.DELTA;
@@ -114,8 +116,9 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
             raise bad(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(ids)
-        if not isinstance(self.ignore_eos, bool):
-            raise bad(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
         lam_ok = all(map(is_lam, self.lam)) if isinstance(self.lam, (list, tuple)) and self.lam else is_lam(self.lam)

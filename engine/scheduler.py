@@ -230,8 +230,9 @@ class Scheduler:
         return self._stop_token(seq) or self._at_length(seq)
 
     def check_stop(self, seq: Sequence, prev_text_len: int) -> Optional[str]:
-        """The finish reason after the sequence's newest token, if any; trims a matched stop string
-        (and what follows it) from ``seq.output_text``. ``prev_text_len`` is the text length before it."""
+        """The finish reason after the sequence's newest token, if any; trims what follows a matched
+        stop string from ``seq.output_text``, and the string too unless include_stop_str_in_output.
+        ``prev_text_len`` is the text length before it."""
         if self._stop_token(seq):
             return "stop"
         # as vLLM, stop strings count only once the output is longer than min_tokens
@@ -239,9 +240,10 @@ class Scheduler:
         if stops:
             longest = max(len(s) for s in stops)
             start = max(prev_text_len - longest + 1, 0)
-            hits = [i for i in (seq.output_text.find(s, start) for s in stops) if i >= 0]
+            hits = [(i, -len(s)) for i, s in ((seq.output_text.find(s, start), s) for s in stops) if i >= 0]
             if hits:
-                seq.output_text = seq.output_text[:min(hits)]
+                at, minus_len = min(hits)  # the earliest match, the longest of those starting there
+                seq.output_text = seq.output_text[:at - minus_len if seq.params.include_stop_str_in_output else at]
                 return "stop"
         return "length" if self._at_length(seq) else None
 

@@ -20,8 +20,9 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return AutoTokenizer.from_pretrained(str(make_tokenizer(Path(tmp_path_factory.mktemp("tok")))))
 
 
-def incremental(tokenizer, prompt: list[int], output: list[int], stream: bool, rng: random.Random) -> str:  # noqa: ANN001
-    detok = IncrementalDetokenizer(tokenizer, prompt, stream=stream)
+def incremental(tokenizer, prompt: list[int], output: list[int], stream: bool, rng: random.Random,  # noqa: ANN001
+                skip_special_tokens: bool = True) -> str:
+    detok = IncrementalDetokenizer(tokenizer, prompt, stream=stream, skip_special_tokens=skip_special_tokens)
     ids, text, i = list(prompt), "", 0
     while i < len(output):
         k = rng.choice([1, 1, 1, 2, 3])  # several tokens in one step too (a step after a stall)
@@ -49,3 +50,16 @@ def test_incremental_text_equals_a_full_decode(tokenizer, stream: bool) -> None:
         got = incremental(tokenizer, prompt, output, stream, rng)
         # text is held back only while it ends in an incomplete character
         assert got == want or (want.endswith("\ufffd") and want.startswith(got)), (prompt, output)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_special_tokens_are_shown_when_asked(tokenizer, stream: bool) -> None:  # noqa: ANN001
+    rng = random.Random(3)
+    special = [tokenizer.eos_token_id, tokenizer.bos_token_id]
+    for out_text in TEXTS:
+        output = tokenizer.encode(out_text)
+        output = output[:2] + special + output[2:] + [special[0]]
+        for skip in (True, False):
+            want = tokenizer.decode(output, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            assert incremental(tokenizer, tokenizer.encode("a prompt"), output, stream, rng, skip) == want, out_text
+        assert tokenizer.eos_token in want  # skip_special_tokens=False shows it

@@ -209,6 +209,12 @@ def test_stop_string_spanning_tokens(qwen2_triple: tuple, oracle: LLMEngine) -> 
             final = out
     assert summary(final) == [(tokens[:upto], text[:text.find(stop)], "stop")] * 2
     assert all(stop not in s and final.outputs[0].text.startswith(s) for s in streamed)
+    kept = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=["zzzzzz", stop],
+                          include_stop_str_in_output=True, output_kind="delta")
+    engine.add_request("kept", ids, kept)
+    pieces = [o.outputs[0].text for _ in range(40) if engine.has_unfinished_requests()
+              for o in engine.step() if o.outputs]
+    assert "".join(pieces) == text[:text.find(stop) + len(stop)]
     assert_clean(engine)
 
 

@@ -147,6 +147,23 @@ def test_logit_bias_and_min_tokens_reach_the_engine(srv: Running, oracle: LLM) -
     assert res.usage.completion_tokens > 4  # 2 without min_tokens
 
 
+def test_special_tokens_and_kept_stop_strings_reach_the_engine(srv: Running, oracle: LLM) -> None:
+    tok = oracle.get_tokenizer()
+    forced = {str(tok.eos_token_id): 100.0}  # EOS every step; ignore_eos keeps going
+    client = srv.client()
+    for skip in (True, False):
+        res = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0,
+                                        logit_bias=forced, extra_body={"ignore_eos": True, "skip_special_tokens": skip})
+        assert res.choices[0].text == ("" if skip else tok.eos_token * 3)
+    full = oracle.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    stop = full.text[3:5]
+    for stream in (False, True):
+        res = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0, stop=[stop],
+                                        stream=stream, extra_body={"include_stop_str_in_output": True})
+        text = "".join(c.choices[0].text for c in res) if stream else res.choices[0].text
+        assert text == full.text[:full.text.find(stop) + len(stop)]
+
+
 def test_stop_strings_streamed_and_not(srv: Running, oracle: LLM) -> None:
     full = oracle.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     stop = full.outputs[0].text[4:6]  # a string the greedy text is known to reach

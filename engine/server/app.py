@@ -66,6 +66,7 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
             output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py
     except ValueError as exc:
         raise APIError(400, str(exc)) from None

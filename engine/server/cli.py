@@ -10,9 +10,9 @@ from rast_engine.errors import RastError
 
 _DESCRIPTION = """Serve RAST decoding over the OpenAI API: GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions (stream: true for server-sent events), GET /health, GET /metrics (Prometheus).
-Requests may set OpenAI's presence_penalty, frequency_penalty and logit_bias and the extra fields top_k,
-min_p, repetition_penalty, min_tokens and lam (λ for this request: a number, or a list of one per small
-pair)."""
+Requests may set OpenAI's presence_penalty, frequency_penalty and logit_bias and vLLM's extra fields top_k,
+min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, include_stop_str_in_output and
+skip_special_tokens, and lam (λ for this request: a number, or a list of one per small pair)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,18 +7,22 @@ before temperature and the filters, in vLLM's order (its logits processors, then
                      then z − f · c − p · [c > 0] (c: the token's count in the output; frequency f, presence p)
 
 How: the fused sampler sums the pairs it is given, so an adjustment is one more pair (bias, 0) of weight 1
-with bias = z' − z at each adjusted row's touched tokens and 0 elsewhere; the kernel then samples from
-z + (z' − z), which is z' up to one float32 rounding, and a −inf bias excludes its token exactly (the
-kernels exclude any token with an infinite input). z is gathered at the touched tokens only, in the
-kernels' order (pair by pair), so the device work beyond one [rows, V] float32 bias is O(touched tokens).
+with bias = z' − z where the adjustment changed z and 0 elsewhere; the kernel then samples from
+z + (z' − z), which is z' up to one float32 rounding at the changed tokens and exactly z at the others,
+and a −inf bias excludes its token exactly (the kernels exclude any token with an infinite input). z is
+recombined densely for the adjusted rows only, pair by pair in float32 as the kernels do.
+
+Cost: the host work a step is O(adjusted rows + tokens added since the last step): a request's prompt
+ids and logit_bias go to the device once (RequestTensors), and a penalized sequence keeps its output
+counts as a [V] float32 device tensor (OutputCounts, V·4 bytes a sequence) updated with its new tokens
+only. The device work is a few passes over [adjusted rows, V].
 
 Invariants: a penalized draw needs every earlier token of its sequence on the host (its counts), so the
 engine never launches a step ahead of a batch that holds one (LLMEngine._launch_ahead); logit_bias and
 min_tokens need only the number of tokens so far, which the host always knows, so those steps may be
 launched ahead. Adjusted batches decode eagerly rather than by the CUDA graphs, whose sampler reads a
 fixed set of pairs; speculative decoding refuses adjusted requests. A row without adjustments in an
-adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step. Host cost: O(new tokens)
-to keep a sequence's counts, O(touched tokens) a step to send them.
+adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
 """
 from __future__ import annotations
 
@@ -29,33 +33,60 @@ import torch
 
 if TYPE_CHECKING:
     from rast_engine.draws import Draw
-    from rast_engine.sequence import Sequence
+    from rast_engine.sequence import Sequence, SequenceGroup
 
 ToDevice = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class Adjust:
-    """What a draw's adjustment depends on beyond its params (empty where the params do not ask for it)."""
-    prompt: list[int]  # the prompt's distinct ids (repetition penalty)
-    counts: dict[int, int]  # the output's token counts (penalties)
-    banned: list[int]  # ids masked at this draw (min_tokens not reached)
+class RequestTensors:
+    """A request's prompt ids and logit_bias on the device, sent once: every adjusted step reads them."""
+
+    def __init__(self, group: SequenceGroup) -> None:
+        self.group = group
+        self._prompt: Optional[torch.Tensor] = None
+        self._bias: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def prompt(self, vocab: int, to_device: ToDevice) -> torch.Tensor:
+        """The prompt's ids below ``vocab`` (repeats kept: marking a token twice marks it once)."""
+        if self._prompt is None:
+            self._prompt = to_device(torch.tensor([t for t in self.group.prompt_token_ids if t < vocab],
+                                                  dtype=torch.int64))
+        return self._prompt
+
+    def bias(self, to_device: ToDevice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, biases) of logit_bias; its ids are below the vocabulary (requests.checked_request)."""
+        if self._bias is None:
+            items = self.group.params.logit_bias or {}
+            self._bias = (to_device(torch.tensor(list(items), dtype=torch.int64)),
+                          to_device(torch.tensor(list(items.values()), dtype=torch.float32)))
+        return self._bias
 
 
 class OutputCounts:
-    """A sequence's generated-token counts, updated with just the tokens added since the last call."""
+    """A sequence's output-token counts as a [V] float32 device tensor, updated with just the tokens added
+    since the last call. Only known tokens are counted (penalized steps are never launched ahead), so
+    counts only grow; if tokens were dropped since, they are counted again from the start."""
 
     def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
+        self.counts: Optional[torch.Tensor] = None
         self.upto = 0  # index into token_ids up to which tokens are counted
 
-    def update(self, token_ids: list[int], start: int) -> dict[int, int]:
-        if self.upto < start or self.upto > len(token_ids):  # first call, or tokens were dropped: recount
-            self.counts, self.upto = {}, start
-        for i in range(self.upto, len(token_ids)):
-            self.counts[token_ids[i]] = self.counts.get(token_ids[i], 0) + 1
-        self.upto = len(token_ids)
+    def tensor(self, token_ids: list[int], start: int, vocab: int, to_device: ToDevice) -> torch.Tensor:
+        if self.counts is None or self.upto < start or self.upto > len(token_ids):
+            self.counts, self.upto = to_device(torch.zeros(vocab, dtype=torch.float32)), start
+        if self.upto < len(token_ids):
+            new = to_device(torch.tensor(token_ids[self.upto:], dtype=torch.int64))
+            self.counts.index_add_(0, new, torch.ones_like(new, dtype=torch.float32))
+            self.upto = len(token_ids)
         return self.counts
+
+
+@dataclass
+class Adjust:
+    """What a draw's adjustment reads beyond its params."""
+    request: RequestTensors
+    banned: list[int]  # ids masked at this draw (min_tokens not reached)
+    seq: Optional[Sequence]  # whose output counts penalize this draw (None: penalties off, or no output yet)
 
 
 def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) -> Optional[Adjust]:
@@ -67,32 +98,63 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
     banned = []
     if generated < p.min_tokens:
         banned = list(dict.fromkeys(p.stop_token_ids + ([] if p.ignore_eos else sorted(eos_token_ids))))
-    prompt: list[int] = []
-    counts: dict[int, int] = {}
-    if p.repetition_penalty != 1:
-        group = seq.group
-        if group.distinct_prompt is None:
-            group.distinct_prompt = list(dict.fromkeys(group.prompt_token_ids))
-        prompt = group.distinct_prompt
-    if p.penalized and not first_draw:
-        if seq.output_counts is None:
-            seq.output_counts = OutputCounts()
-        counts = seq.output_counts.update(seq.token_ids, seq.num_prompt_tokens)
-    return Adjust(prompt, counts, banned)
+    group = seq.group
+    if group.adjust_tensors is None:
+        group.adjust_tensors = RequestTensors(group)
+    if p.penalized and not first_draw and seq.output_counts is None:
+        seq.output_counts = OutputCounts()
+    return Adjust(group.adjust_tensors, banned, seq if p.penalized and not first_draw else None)
 
 
-def _touched(d: Draw, vocab: int) -> tuple[list[int], list[list[float]]]:
-    """A draw's touched ids below ``vocab`` and, for each, [bias, banned, repetition, frequency·c, presence·[c>0]]."""
-    a, p = d.adjust, d.params
-    bias = p.logit_bias or {}
-    banned, seen = set(a.banned), set(a.prompt)
-    ids = [t for t in dict.fromkeys(list(bias) + a.banned + a.prompt + list(a.counts)) if t < vocab]
-    rows = []
-    for t in ids:
-        c = a.counts.get(t, 0)
-        rep = p.repetition_penalty if c or t in seen else 1.0
-        rows.append([bias.get(t, 0.0), float(t in banned), rep, p.frequency_penalty * c, p.presence_penalty * (c > 0)])
-    return ids, rows
+def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
+    """Row i repeated sizes[i] times, on the device."""
+    return to_device(torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.int64)))
+
+
+def _bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: ToDevice) -> None:
+    """Steps 1 and 2 on z [rows, V], in place."""
+    biases = [a.request.bias(to_device) for a in adjusts]
+    sizes = [len(ids) for ids, _ in biases]
+    if any(sizes):
+        z.index_put_((_rows_of(sizes, to_device), torch.cat([ids for ids, _ in biases])),
+                     torch.cat([b for _, b in biases]), accumulate=True)
+    banned = [[t for t in a.banned if t < vocab] for a in adjusts]
+    sizes = [len(b) for b in banned]
+    if any(sizes):
+        ids = to_device(torch.tensor([t for b in banned for t in b], dtype=torch.int64))
+        z.index_put_((_rows_of(sizes, to_device), ids), torch.tensor(float("-inf"), device=z.device))
+
+
+def _penalize(z: torch.Tensor, ds: list[Draw], vocab: int, to_device: ToDevice) -> None:
+    """Step 3 on the penalized rows of z [rows, V], in place."""
+    at = [i for i, d in enumerate(ds) if d.params.penalized]
+    if not at:
+        return
+    zero = None
+    counts = []
+    for i in at:
+        seq = ds[i].adjust.seq
+        if seq is None:  # a first draw: no output yet
+            zero = to_device(torch.zeros(vocab, dtype=torch.float32)) if zero is None else zero
+            counts.append(zero)
+        else:
+            counts.append(seq.output_counts.tensor(seq.token_ids, seq.num_prompt_tokens, vocab, to_device))
+    c = torch.stack(counts)  # [P, V]
+    in_output = c > 0
+    seen = in_output.clone()
+    rep_at = [j for j, i in enumerate(at) if ds[i].params.repetition_penalty != 1]
+    if rep_at:
+        prompts = [ds[at[j]].adjust.request.prompt(vocab, to_device) for j in rep_at]
+        rows = to_device(torch.tensor(rep_at, dtype=torch.int64)).index_select(0, _rows_of([len(p) for p in prompts],
+                                                                                            to_device))
+        seen.index_put_((rows, torch.cat(prompts)), torch.tensor(True, device=seen.device))
+    rep, freq, pres = to_device(torch.tensor(
+        [[ds[i].params.repetition_penalty, ds[i].params.frequency_penalty, ds[i].params.presence_penalty]
+         for i in at], dtype=torch.float32)).unsqueeze(2).unbind(1)
+    at_t = to_device(torch.tensor(at, dtype=torch.int64))
+    zp = z.index_select(0, at_t)
+    zp = torch.where(seen, torch.where(zp > 0, zp / rep, zp * rep), zp) - freq * c - pres * in_output.float()
+    z.index_copy_(0, at_t, zp)
 
 
 def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: ToDevice, vocab: int
@@ -105,25 +167,17 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
             firsts.setdefault(d.row, d)
     if not firsts:
         return logits, draws
-    row_at, tokens, terms = [], [], []
-    for i, d in enumerate(firsts.values()):
-        ids, rows = _touched(d, vocab)
-        row_at += [i] * len(ids)
-        tokens += ids
-        terms += rows
-    dev = logits[0].device
-    bias = torch.zeros(logits[0].shape[0], vocab, dtype=torch.float32, device=dev)
-    if tokens:
-        at = to_device(torch.tensor(row_at, dtype=torch.int64))
-        rows_t = to_device(torch.tensor(list(firsts), dtype=torch.int64)).index_select(0, at)
-        tok = to_device(torch.tensor(tokens, dtype=torch.int64))
-        weights = to_device(torch.tensor([d.weights for d in firsts.values()], dtype=torch.float32)
-                            .reshape(len(firsts), -1)).index_select(0, at)
-        z = logits[0][rows_t, tok].float()  # as the sampler combines: pair by pair, in float32
-        for k in range(weights.shape[1]):
-            z = z + weights[:, k] * (logits[1 + 2 * k][rows_t, tok].float() - logits[2 + 2 * k][rows_t, tok].float())
-        add, ban, rep, freq, pres = to_device(torch.tensor(terms, dtype=torch.float32)).unbind(1)
-        z1 = torch.where(ban > 0, torch.full_like(z, float("-inf")), z + add)
-        bias[rows_t, tok] = torch.where(z1 > 0, z1 / rep, z1 * rep) - freq - pres - z
-    zeros = torch.zeros(1, vocab, dtype=torch.float32, device=dev).expand(bias.shape[0], vocab)
+    ds = list(firsts.values())
+    rows = to_device(torch.tensor(list(firsts), dtype=torch.int64))
+    weights = to_device(torch.tensor([d.weights for d in ds], dtype=torch.float32).reshape(len(ds), -1))
+    z = logits[0].index_select(0, rows)[:, :vocab].float()  # as the sampler combines: pair by pair, in float32
+    for k in range(weights.shape[1]):
+        rl, base = (logits[j].index_select(0, rows)[:, :vocab].float() for j in (1 + 2 * k, 2 + 2 * k))
+        z = z + weights[:, k:k + 1] * (rl - base)
+    adjusted = z.clone()
+    _bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device)
+    _penalize(adjusted, ds, vocab, to_device)
+    bias = torch.zeros(logits[0].shape[0], vocab, dtype=torch.float32, device=logits[0].device)
+    bias.index_copy_(0, rows, torch.where(adjusted != z, adjusted - z, torch.zeros_like(z)))
+    zeros = torch.zeros(1, vocab, dtype=torch.float32, device=bias.device).expand(bias.shape[0], vocab)
     return logits + [bias, zeros], [replace(d, weights=list(d.weights) + [1.0]) for d in draws]

@@ -29,7 +29,7 @@ from typing import Optional
 
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.outputs import CompletionOutput, RequestOutput
-from rast_engine.logit_adjust import OutputCounts
+from rast_engine.logit_adjust import OutputCounts, RequestTensors
 from rast_engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -175,7 +175,7 @@ class SequenceGroup:
     weights: list[float]  # λ per small pair for this request
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
-    distinct_prompt: Optional[list[int]] = field(default=None, init=False, repr=False)  # repetition_penalty requests
+    adjust_tensors: Optional[RequestTensors] = field(default=None, init=False, repr=False)  # adjusted requests
     _prompt_out: Optional[list[int]] = field(default=None, init=False, repr=False)  # see output()
 
     @property

@@ -18,7 +18,7 @@
 # With more device time, the full suites:
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
 #   bash bench/gpu_session.sh kernels <sha>            bench/attention.py, layer_ops.py, sampler.py,
-#                                                      sampler_fastpath.py, host_path.py
+#                                                      sampler_fastpath.py, logit_adjust.py, host_path.py
 #   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
 #   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch
 #
@@ -81,6 +81,7 @@ case "$stage" in
     timeout 90 python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"
     timeout $(( $(left) * 2 / 3 )) python3 bench/sampler.py --out "$out" 2>&1 | tee -a "$log"
     timeout $(( $(left) / 2 )) python3 bench/sampler_fastpath.py --out "$out" 2>&1 | tee -a "$log"
+    timeout 60 python3 bench/logit_adjust.py --out "$out" 2>&1 | tee -a "$log"
     timeout "$(left)" python3 bench/host_path.py --out "$out" 2>&1 | tee -a "$log"  # compiles fp32 kernels
     ;;
   decode)

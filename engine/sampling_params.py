@@ -43,6 +43,9 @@ OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 # |λ| bound: λ·(R − S) must stay finite in float32 for any real logits (a larger λ turns every token's
 # combined logit infinite, so no token can be drawn); useful values are O(1)
 MAX_LAM = 1e6
+# z / r must stay finite in float32 (|z| up to 1e36; 1e-39 turned the most favoured tokens infinite, which
+# the sampler excludes: the penalty's effect reversed)
+MIN_REPETITION = 0.01
 MAX_BIAS = 100.0  # OpenAI's logit_bias range; a token is banned by -100 and all but forced by 100
 TOP_K_OFF_FROM = 1 << 31  # the kernels take int32; any k >= V is off, and every vocabulary is far smaller
 
@@ -133,8 +136,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:
                 raise bad(f"{name} must be in [-2, 2] (0 is off), got {value!r}")
-        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
-            raise bad(f"repetition_penalty must be in (0, 100] (1 is off), got {self.repetition_penalty!r}")
+        if not _is_number(self.repetition_penalty) or not MIN_REPETITION <= self.repetition_penalty <= 100.0:
+            raise bad(f"repetition_penalty must be in [{MIN_REPETITION}, 100] (1 is off), "
+                      f"got {self.repetition_penalty!r}")
         bias = {} if self.logit_bias is None else self.logit_bias
         if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 and _is_number(b) and -MAX_BIAS <= b <= MAX_BIAS
                                                  for t, b in bias.items()):

@@ -114,7 +114,7 @@ def test_penalized_tokens_survive_preemption_chunking_and_async_scheduling(qwen2
 
 def test_penalty_values_are_checked_and_speculation_refuses_them(qwen2_triple: tuple) -> None:
     for kw in (dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(repetition_penalty=0.0),
-               dict(repetition_penalty=float("nan"))):
+               dict(repetition_penalty=1e-39), dict(repetition_penalty=float("nan"))):
         with pytest.raises(RastError, match=next(iter(kw))):
             SamplingParams(**kw)
     assert not SamplingParams().penalized and SamplingParams(presence_penalty=0.1).penalized

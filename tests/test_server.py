@@ -232,6 +232,9 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"x1": 1.0}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"100000": 1}}, 400, "logit_bias"),  # past the vocabulary
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"9" * 5000: 1}}, 400, "logit_bias"),  # int() would refuse it
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"1": 1, "01": -1}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "repetition_penalty": 1e-39}, 400, "repetition_penalty"),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {str(t): 1 for t in range(1025)}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
     ({"model": MODEL, "prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
@@ -251,6 +254,12 @@ def test_bad_inputs_get_openai_errors(srv: Running, body: Any, status: int, para
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param
+
+
+def test_min_tokens_beyond_the_context_names_the_room(srv: Running) -> None:
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": [5] * 500, "min_tokens": 20,
+                                                      "max_tokens": None})
+    assert r.status_code == 400 and "at most 12 can be generated" in r.json()["error"]["message"]
 
 
 def test_bad_chat_and_the_server_keeps_serving(srv: Running) -> None:

@@ -220,6 +220,9 @@ class AsyncEngine:
                             f"{self.max_model_len}; shorten the prompt")
         if max_tokens is None:
             max_tokens = room
+            if params.min_tokens > room:
+                raise RastError(f"min_tokens={params.min_tokens}, but the model's context holds {self.max_model_len} "
+                                f"tokens and the prompt has {prompt_len}: at most {room} can be generated")
         elif max_tokens > room:
             raise RastError(f"the model's context holds {self.max_model_len} tokens, but "
                             f"{prompt_len + max_tokens} were requested ({prompt_len} in the "

@@ -53,7 +53,7 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     lam: float | list[float] | None = None  # one number, or one per small pair
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -65,9 +65,14 @@ class _Request(BaseModel):
     def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is not None and len(value) > MAX_LOGIT_BIAS_ENTRIES:
             raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(value)}")
+        ids: set[int] = set()
         for key, bias in (value or {}).items():
-            if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"keys must be token ids (non-negative integers, at most 10 digits), "
+                                 f"got {key[:20]!r}")
+            if int(key) in ids:
+                raise ValueError(f"token {int(key)} is named twice")
+            ids.add(int(key))
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"biases must be in [-100, 100], got {bias!r} for token {key}")
         return value

@@ -85,3 +85,30 @@ def near_triple(qwen2_triple: tuple, tmp_path_factory: pytest.TempPathFactory) -
     w["model.norm.weight"] = w["model.norm.weight"] * 1.15
     save_file(w, f, metadata={"format": "pt"})
     return str(near), str(rl), str(base)
+
+
+# ---- the server tests' (test_server*.py): a tiny random Qwen2 triple with tokenizer and chat template,
+# the offline engine on it as the oracle, and a real server over it (one per test module)
+@pytest.fixture(scope="session")
+def server_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    from factories import make_triple
+
+    return make_triple(tmp_path_factory.mktemp("server-triple"))
+
+
+@pytest.fixture(scope="session")
+def server_oracle(server_triple: tuple):  # noqa: ANN201
+    from rast_engine import LLM
+
+    large, rl, base = server_triple
+    return LLM(str(large), str(rl), str(base), lam=1.0, device="cpu", dtype="float32", kv_cache_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def srv(server_triple: tuple):  # noqa: ANN201
+    from rast_engine.server.app import OpenAIServer
+    from server_util import MODEL, Running, server_engine
+
+    running = Running(OpenAIServer(server_engine(server_triple, max_num_seqs=32), model_name=MODEL))
+    yield running
+    running.close()

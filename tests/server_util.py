@@ -17,6 +17,7 @@ from rast_engine import EngineConfig, LLMEngine
 from rast_engine.server.app import OpenAIServer
 
 MODEL = "tiny-rast"
+PROMPTS = ["the cat sat on", "what is the answer?", "3 + 5 =", "hello world! this"]
 
 
 class Running:

@@ -10,7 +10,7 @@ How: the fused sampler sums the pairs it is given, so an adjustment is one more 
 with bias = z' − z where the adjustment changed z and 0 elsewhere; the kernel then samples from
 z + (z' − z), which is z' up to one float32 rounding at the changed tokens and exactly z at the others,
 and a −inf bias excludes its token exactly (the kernels exclude any token with an infinite input). z is
-recombined densely for the adjusted rows only, pair by pair in float32 as the kernels do.
+recombined densely for the adjusted rows only, by the sampler spec's own combine (rast_kernels/reference.py).
 
 Cost: the host work a step is O(adjusted rows + tokens added since the last step): a request's prompt
 ids and logit_bias go to the device once (RequestTensors), and a penalized sequence keeps its output
@@ -30,6 +30,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Collection, Optional, Sequence as Seq
 
 import torch
+
+from rast_kernels.batch import normalize
+from rast_kernels.reference import combine
 
 if TYPE_CHECKING:
     from rast_engine.draws import Draw
@@ -170,10 +173,8 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
     ds = list(firsts.values())
     rows = to_device(torch.tensor(list(firsts), dtype=torch.int64))
     weights = to_device(torch.tensor([d.weights for d in ds], dtype=torch.float32).reshape(len(ds), -1))
-    z = logits[0].index_select(0, rows)[:, :vocab].float()  # as the sampler combines: pair by pair, in float32
-    for k in range(weights.shape[1]):
-        rl, base = (logits[j].index_select(0, rows)[:, :vocab].float() for j in (1 + 2 * k, 2 + 2 * k))
-        z = z + weights[:, k:k + 1] * (rl - base)
+    picked = [t.index_select(0, rows) for t in logits]
+    z = combine(normalize(picked[0], list(zip(picked[1::2], picked[2::2])), weights=weights, vocab_size=vocab))
     adjusted = z.clone()
     _bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device)
     _penalize(adjusted, ds, vocab, to_device)

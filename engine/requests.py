@@ -3,7 +3,7 @@ rejected request leaves the engine exactly as it was."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from rast_engine.errors import RastError
 from rast_engine.sampling_params import SamplingParams
@@ -49,6 +49,13 @@ def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
     return lam
 
 
+def check_logit_bias(bias: Optional[dict[int, float]], vocab_size: int) -> None:
+    """RastError if logit_bias names ids the sampler never draws (ids >= the vocabulary)."""
+    outside = [t for t in bias or () if t >= vocab_size]
+    if outside:
+        raise RastError(f"logit_bias names token ids {outside[:5]} outside the vocabulary (size {vocab_size})")
+
+
 def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[int]],
                     params: SamplingParams) -> tuple[list[int], list[float], SamplingParams]:
     """The prompt's token ids, the request's λ per pair and its own validated copy of ``params``;
@@ -75,9 +82,7 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
         raise RastError("logit_bias, min_tokens and the presence, frequency and repetition penalties are not "
                         "supported with speculative decoding (a round's drafts and M's verify sample from "
                         "unadjusted logits); use an engine without speculative_tokens")
-    outside = [t for t in params.logit_bias or () if t >= engine.vocab_size]
-    if outside:
-        raise RastError(f"logit_bias names token ids {outside[:5]} outside the vocabulary (size {engine.vocab_size})")
+    check_logit_bias(params.logit_bias, engine.vocab_size)
     if params.logprobs is not None and params.logprobs > engine.vocab_size:
         raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
     return ids, pair_weights(engine, params), params

@@ -92,6 +92,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop_list: list[str] = field(init=False, repr=False)
+    # derived once here (read for every sequence at every step): any penalty is on, so the draws depend on
+    # the tokens so far; any adjustment of z is on (logit_bias, min_tokens or a penalty: logit_adjust.py)
+    penalized: bool = field(init=False, repr=False, compare=False)
+    adjusts_logits: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> RastError:
@@ -149,13 +153,5 @@ class SamplingParams:
             raise bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
-
-    @property
-    def adjusts_logits(self) -> bool:
-        """Whether this request's draws adjust z: logit_bias, min_tokens or a penalty (logit_adjust.py)."""
-        return self.logit_bias is not None or self.min_tokens > 0 or self.penalized
-
-    @property
-    def penalized(self) -> bool:
-        """Whether any penalty is on: such draws depend on the tokens so far (engine/logit_adjust.py)."""
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+        self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+        self.adjusts_logits = self.logit_bias is not None or self.min_tokens > 0 or self.penalized

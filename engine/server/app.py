@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from rast_engine.errors import RastError
+from rast_engine.requests import check_logit_bias
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server.async_engine import AsyncEngine, RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
@@ -53,16 +55,17 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
                      max_tokens: int | None, vocab_size: int) -> SamplingParams:
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
-    outside = [t for t in req.logit_bias_ids() or () if t >= vocab_size]
-    if outside:
-        raise APIError(400, f"logit_bias names token ids {outside[:5]} outside the vocabulary (size {vocab_size})",
-                       param="logit_bias")
+    logit_bias = req.logit_bias_ids()
+    try:
+        check_logit_bias(logit_bias, vocab_size)
+    except RastError as exc:
+        raise APIError(400, str(exc), param="logit_bias") from None
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
             # placeholder, at least min_tokens: the engine thread sets it once the prompt is tokenised
-            max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=req.logit_bias_ids(),
+            max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=logit_bias,
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class RastError(ValueError):
-    """A user-facing error with a clear, actionable message."""
+    """A user-facing error with a clear, actionable message; ``param`` names the request field at fault
+    when it is not the prompt (the server's 400 reports it)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelLoadError(RastError):

@@ -1,6 +1,8 @@
 """Per-request adjustments of what RAST samples from, the combined logits z = M + Σ_k λ_k (R_k − S_k),
-before temperature and the filters, in vLLM's order (its logits processors, then its penalties):
+before temperature and the filters, in vLLM's order (its masks and logits processors, then its penalties):
 
+    0. masks:        −inf at every token outside allowed_token_ids, and at the last token of each bad word
+                     whose other tokens end the output (a one-token bad word: at every draw)
     1. logit_bias:   z + b_t at each biased token t (OpenAI's logit_bias)
     2. min_tokens:   −inf at the EOS and stop_token_ids while the output is shorter than min_tokens
     3. penalties:    z / r if z > 0 else z · r at every token of the prompt or the output (repetition_penalty r),
@@ -12,27 +14,29 @@ z + (z' − z), which is z' up to one float32 rounding at the changed tokens and
 and a −inf bias excludes its token exactly (the kernels exclude any token with an infinite input). z is
 recombined densely for the adjusted rows only, by the sampler spec's own combine (rast_kernels/reference.py).
 
-Cost: the host work a step is O(adjusted rows + tokens added since the last step): a request's prompt
-ids and logit_bias go to the device once (RequestTensors), and a penalized sequence keeps its output
+Cost: the host work a step is O(adjusted rows + tokens added since the last step + bad words' tokens):
+a request's prompt ids, allowed_token_ids and logit_bias go to the device once (RequestTensors), and a penalized sequence keeps its output
 counts as a [V] float32 device tensor (OutputCounts, V·4 bytes a sequence) updated with its new tokens
 only. The device work is a few passes over [adjusted rows, V].
 
-Invariants: a penalized draw needs every earlier token of its sequence on the host (its counts), so the
-engine never launches a step ahead of a batch that holds one (LLMEngine._launch_ahead); logit_bias and
-min_tokens need only the number of tokens so far, which the host always knows, so those steps may be
-launched ahead. Adjusted batches decode eagerly rather than by the CUDA graphs, whose sampler reads a
+Invariants: a penalized draw, or one with a bad word of several tokens, needs every earlier token of its
+sequence on the host (its counts, the output's tail), so the engine never launches a step ahead of a
+batch that holds one (SamplingParams.reads_output, LLMEngine._launch_ahead); the other adjustments need
+only the number of tokens so far, which the host always knows, so those steps may be launched ahead. Adjusted batches decode eagerly rather than by the CUDA graphs, whose sampler reads a
 fixed set of pairs; speculative decoding refuses adjusted requests. A row without adjustments in an
 adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Collection, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence as Seq
 
 import torch
 
 from rast_kernels.batch import normalize
 from rast_kernels.reference import combine
+
+from rast_engine.errors import RastError
 
 if TYPE_CHECKING:
     from rast_engine.draws import Draw
@@ -48,6 +52,7 @@ class RequestTensors:
         self.group = group
         self._prompt: Optional[torch.Tensor] = None
         self._bias: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._allowed: Optional[torch.Tensor] = None
 
     def prompt(self, vocab: int, to_device: ToDevice) -> torch.Tensor:
         """The prompt's ids below ``vocab`` (repeats kept: marking a token twice marks it once)."""
@@ -63,6 +68,52 @@ class RequestTensors:
             self._bias = (to_device(torch.tensor(list(items), dtype=torch.int64)),
                           to_device(torch.tensor(list(items.values()), dtype=torch.float32)))
         return self._bias
+
+    def allowed(self, to_device: ToDevice) -> Optional[torch.Tensor]:
+        """allowed_token_ids (below the vocabulary: requests.checked_request), None if every id is."""
+        ids = self.group.params.allowed_token_ids
+        if ids is not None and self._allowed is None:
+            self._allowed = to_device(torch.tensor(ids, dtype=torch.int64))
+        return self._allowed
+
+
+MAX_BAD_WORD_TOKENS = 1024  # over all of a request's bad words (as vLLM): their tails are matched every draw
+
+
+def tokenize_bad_words(tokenizer: Any, words: list[str], vocab: int) -> list[list[int]]:
+    """Each word's token ids as it starts a text and, where that differs in its first token only, as it
+    follows a space (vLLM's rule: both spellings of a word are masked; a spaced spelling that splits
+    into another number of tokens is left out); RastError for ids outside the vocabulary or too many tokens."""
+    if tokenizer is None:
+        raise RastError("bad_words needs a tokenizer to tokenise the words, and this engine has none", param="bad_words")
+    out: list[list[int]] = []
+    for word in words:
+        bare = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        if bare:  # a word the tokenizer drops entirely cannot be generated
+            out += [bare] + ([spaced] if len(spaced) == len(bare) and spaced[0] != bare[0] else [])
+    outside = sorted({t for w in out for t in w if t >= vocab})
+    if outside:
+        raise RastError(f"bad_words tokenise to ids {outside[:5]} outside the vocabulary (size {vocab})", param="bad_words")
+    total = sum(map(len, out))
+    if total > MAX_BAD_WORD_TOKENS:
+        raise RastError(f"bad_words tokenise to {total} tokens; at most {MAX_BAD_WORD_TOKENS}", param="bad_words")
+    return out
+
+
+def _bad_word_bans(seq: Sequence, generated: int) -> list[int]:
+    """The last token of each bad word whose other tokens end the output (of ``generated`` tokens)."""
+    ids, end = seq.token_ids, len(seq.token_ids)
+    bans = []
+    for w in seq.params.bad_words_token_ids or ():
+        if len(w) == 1:
+            bans.append(w[0])
+        elif len(w) - 1 <= generated:
+            if seq.num_pending:  # reads_output keeps such a draw from being launched ahead
+                raise RuntimeError(f"sequence {seq.seq_id}: a bad word reads an output with pending tokens")
+            if ids[end - len(w) + 1:end] == w[:-1]:
+                bans.append(w[-1])
+    return bans
 
 
 class OutputCounts:
@@ -98,9 +149,10 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
     if not p.adjusts_logits:
         return None
     generated = 0 if first_draw else seq.num_generated
-    banned = []
+    banned = _bad_word_bans(seq, generated) if p.bad_words_token_ids else []
     if generated < p.min_tokens:
-        banned = list(dict.fromkeys(p.stop_token_ids + ([] if p.ignore_eos else sorted(eos_token_ids))))
+        banned += p.stop_token_ids + ([] if p.ignore_eos else sorted(eos_token_ids))
+    banned = list(dict.fromkeys(banned))
     group = seq.group
     if group.adjust_tensors is None:
         group.adjust_tensors = RequestTensors(group)
@@ -115,7 +167,14 @@ def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
 
 
 def _bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: ToDevice) -> None:
-    """Steps 1 and 2 on z [rows, V], in place."""
+    """Steps 0 to 2 on z [rows, V], in place (bans: step 0's bad words and step 2's, which commute)."""
+    allowed = [(j, ids) for j, ids in enumerate(a.request.allowed(to_device) for a in adjusts) if ids is not None]
+    if allowed:
+        keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=z.device)
+        keep.index_put_((_rows_of([len(ids) for _, ids in allowed], to_device), torch.cat([ids for _, ids in allowed])),
+                        torch.tensor(True, device=z.device))
+        at = to_device(torch.tensor([j for j, _ in allowed], dtype=torch.int64))
+        z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
     biases = [a.request.bias(to_device) for a in adjusts]
     sizes = [len(ids) for ids, _ in biases]
     if any(sizes):

@@ -3,9 +3,10 @@ rejected request leaves the engine exactly as it was."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 from rast_engine.errors import RastError
+from rast_engine.logit_adjust import tokenize_bad_words
 from rast_engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -49,11 +50,13 @@ def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
     return lam
 
 
-def check_logit_bias(bias: Optional[dict[int, float]], vocab_size: int) -> None:
-    """RastError if logit_bias names ids the sampler never draws (ids >= the vocabulary)."""
-    outside = [t for t in bias or () if t >= vocab_size]
+def check_token_ids(name: str, ids: Optional[Iterable[int]], vocab_size: int) -> None:
+    """RastError if field ``name`` (logit_bias, allowed_token_ids) names ids the sampler never draws
+    (ids >= the vocabulary)."""
+    outside = [t for t in ids or () if t >= vocab_size]
     if outside:
-        raise RastError(f"logit_bias names token ids {outside[:5]} outside the vocabulary (size {vocab_size})")
+        raise RastError(f"{name} names token ids {outside[:5]} outside the vocabulary (size {vocab_size})",
+                        param=name)
 
 
 def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[int]],
@@ -79,10 +82,13 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
         raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
                         "use stop_token_ids")
     if params.adjusts_logits and engine.config.speculative_tokens:
-        raise RastError("logit_bias, min_tokens and the presence, frequency and repetition penalties are not "
-                        "supported with speculative decoding (a round's drafts and M's verify sample from "
-                        "unadjusted logits); use an engine without speculative_tokens")
-    check_logit_bias(params.logit_bias, engine.vocab_size)
+        raise RastError("logit_bias, allowed_token_ids, bad_words, min_tokens and the presence, frequency and "
+                        "repetition penalties are not supported with speculative decoding (a round's drafts and "
+                        "M's verify sample from unadjusted logits); use an engine without speculative_tokens")
+    check_token_ids("logit_bias", params.logit_bias, engine.vocab_size)
+    check_token_ids("allowed_token_ids", params.allowed_token_ids, engine.vocab_size)
+    if params.bad_words:
+        params.set_bad_words_token_ids(tokenize_bad_words(engine.tokenizer, params.bad_words, engine.vocab_size))
     if params.logprobs is not None and params.logprobs > engine.vocab_size:
         raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
     return ids, pair_weights(engine, params), params

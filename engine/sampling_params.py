@@ -47,6 +47,7 @@ MAX_LAM = 1e6
 # the sampler excludes: the penalty's effect reversed)
 MIN_REPETITION = 0.01
 MAX_BIAS = 100.0  # OpenAI's logit_bias range; a token is banned by -100 and all but forced by 100
+MAX_BAD_WORDS = 128  # vLLM's bound; each is matched against the output's tail at every draw, on the host
 TOP_K_OFF_FROM = 1 << 31  # the kernels take int32; any k >= V is off, and every vocabulary is far smaller
 
 
@@ -82,20 +83,30 @@ class SamplingParams:
     # which read final outputs only, for "final_only"
     output_kind: str = "cumulative"
     # Adjustments of the combined logits z = M + Σ λ·(R − S) before temperature and filters, in this
-    # order (engine/logit_adjust.py): z + logit_bias[t] (OpenAI's; ids < the vocabulary, |bias| <= 100);
-    # EOS and stop_token_ids masked until the output holds min_tokens tokens (stop strings are not
-    # matched until then either, as vLLM); vLLM's penalties: z / r (z > 0) or z · r (z <= 0) for tokens
-    # of the prompt or the output, then z − frequency · count − presence · [count > 0] for output tokens
+    # order (engine/logit_adjust.py): tokens outside allowed_token_ids masked (vLLM's); the last token of
+    # a bad word masked wherever the output ends with the rest of it (vLLM's: each word tokenised as is
+    # and with a leading space, by the engine at intake); z + logit_bias[t] (OpenAI's; ids < the
+    # vocabulary, |bias| <= 100); EOS and stop_token_ids masked until the output holds min_tokens tokens
+    # (stop strings are not matched until then either, as vLLM); vLLM's penalties: z / r (z > 0) or
+    # z · r (z <= 0) for tokens of the prompt or the output, then z − frequency · count − presence ·
+    # [count > 0] for output tokens
     logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
     min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop_list: list[str] = field(init=False, repr=False)
     # derived once here (read for every sequence at every step): any penalty is on, so the draws depend on
-    # the tokens so far; any adjustment of z is on (logit_bias, min_tokens or a penalty: logit_adjust.py)
+    # the tokens so far; any adjustment of z is on (any of the fields above: logit_adjust.py)
     penalized: bool = field(init=False, repr=False, compare=False)
     adjusts_logits: bool = field(init=False, repr=False, compare=False)
+    # set by the engine at intake (set_bad_words_token_ids): the token sequences bad_words masks, and
+    # whether a draw reads the output's tokens (not only their number): a penalty, or a bad word of
+    # several tokens, whose last token is masked after the others only
+    bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
+    reads_output: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> RastError:
@@ -149,9 +160,29 @@ class SamplingParams:
             raise bad(f"logit_bias must map token ids (integers >= 0) to numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
                       f"got {self.logit_bias!r}")
         self.logit_bias = {t: float(b) for t, b in bias.items() if b != 0} or None
+        if self.allowed_token_ids is not None:
+            allowed = self.allowed_token_ids
+            if not isinstance(allowed, (list, tuple)) or not allowed or not all(_is_int(t) and t >= 0 for t in allowed):
+                raise bad(f"allowed_token_ids must be a non-empty list of token ids (integers >= 0) or None, "
+                          f"got {self.allowed_token_ids!r}")
+            self.allowed_token_ids = list(dict.fromkeys(allowed))
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise bad(f"bad_words must be a list of strings with non-space characters, got {self.bad_words!r}")
+            if len(words) > MAX_BAD_WORDS:
+                raise bad(f"bad_words holds {len(words)} words; at most {MAX_BAD_WORDS}")
+            self.bad_words = list(words) or None
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-        self.adjusts_logits = self.logit_bias is not None or self.min_tokens > 0 or self.penalized
+        self.adjusts_logits = (self.logit_bias is not None or self.allowed_token_ids is not None
+                               or self.bad_words is not None or self.min_tokens > 0 or self.penalized)
+        self.reads_output = self.penalized
+
+    def set_bad_words_token_ids(self, words: list[list[int]]) -> None:
+        """bad_words as token sequences (the engine's tokenizer's, logit_adjust.tokenize_bad_words)."""
+        self.bad_words_token_ids = words
+        self.reads_output = self.penalized or any(len(w) > 1 for w in words)

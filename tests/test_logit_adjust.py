@@ -6,78 +6,26 @@ penalties (vLLM's definitions and order). The engine's greedy tokens and its log
 it samples from) must match; rows without adjustments must not notice their neighbours'."""
 from __future__ import annotations
 
-import functools
-from collections import Counter
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
+from logit_adjust_util import PENALTIES, PROMPTS, make_engine, oracle_greedy, oracle_logits, run
 
-from rast_engine import EngineConfig, LLMEngine, SamplingParams
+from rast_engine import SamplingParams
 from rast_engine.errors import RastError
-
-LAM = 0.7
-PROMPTS = [[5, 9, 9, 17, 4, 9], [33, 2, 70, 70]]
-PENALTIES = dict(repetition_penalty=1.4, frequency_penalty=0.5, presence_penalty=-0.3)
-
-
-@functools.lru_cache(maxsize=None)
-def _hf(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def stop_ids(triple: tuple, params: SamplingParams) -> list[int]:
-    """The ids that end a sequence: stop_token_ids, and the model's EOS unless ignore_eos."""
-    eos = AutoConfig.from_pretrained(str(triple[0])).eos_token_id
-    return params.stop_token_ids + ([] if params.ignore_eos else [eos])
-
-
-@torch.no_grad()
-def oracle_logits(triple: tuple, ids: list[int], n_prompt: int, vocab: int, params: SamplingParams) -> torch.Tensor:
-    """[V] adjusted Eq. 3 logits for the token after ``ids``."""
-    x = torch.tensor([ids])
-    large, rl, base = (_hf(p)(x).logits[0, -1, :vocab].float() for p in triple)
-    z = large + LAM * (rl - base)
-    for token, bias in (params.logit_bias or {}).items():
-        z[token] += bias
-    if len(ids) - n_prompt < params.min_tokens:
-        z[stop_ids(triple, params)] = float("-inf")
-    z = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(x, z[None])[0]
-    for token, count in Counter(ids[n_prompt:]).items():
-        z[token] -= params.frequency_penalty * count + params.presence_penalty
-    return z
-
-
-def _engine(triple: tuple, **kw: object) -> LLMEngine:
-    large, rl, base = map(str, triple)
-    kw = {"kv_cache_blocks": 64, "max_model_len": 64, **kw}
-    return LLMEngine(EngineConfig(large, rl, base, lam=LAM, device="cpu", dtype="float32", block_size=4, **kw))
-
-
-def _run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    done: dict[str, list] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs
-    return done
 
 
 def test_greedy_penalized_tokens_equal_the_oracle(qwen2_triple: tuple) -> None:
-    engine = _engine(qwen2_triple)
+    engine = make_engine(qwen2_triple)
     vocab = engine.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, **PENALTIES)
     plain = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    outs = _run(engine, {"p0": (PROMPTS[0], params), "p1": (PROMPTS[1], params), "plain": (PROMPTS[1], plain)})
+    outs = run(engine, {"p0": (PROMPTS[0], params), "p1": (PROMPTS[1], params), "plain": (PROMPTS[1], plain)})
     for prompt, rid in zip(PROMPTS, ("p0", "p1")):
         ids = list(prompt)
         for _ in range(params.max_tokens):
             ids.append(int(oracle_logits(qwen2_triple, ids, len(prompt), vocab, params).argmax()))
         assert outs[rid][0].token_ids == ids[len(prompt):]
-    alone = _run(_engine(qwen2_triple), {"plain": (PROMPTS[1], plain)})
+    alone = run(make_engine(qwen2_triple), {"plain": (PROMPTS[1], plain)})
     assert outs["plain"][0].token_ids == alone["plain"][0].token_ids
     assert outs["p1"][0].token_ids != outs["plain"][0].token_ids  # the penalties did change something
 
@@ -85,9 +33,9 @@ def test_greedy_penalized_tokens_equal_the_oracle(qwen2_triple: tuple) -> None:
 def test_logprobs_are_those_of_the_penalized_distribution(qwen2_triple: tuple) -> None:
     """Sampled, n = 2 (the fork's first draw has no output yet), temperature 0.8: each chosen token's
     logprob is log_softmax(z'' / T) of the oracle's penalized logits at that step."""
-    engine = _engine(qwen2_triple)
+    engine = make_engine(qwen2_triple)
     params = SamplingParams(n=2, temperature=0.8, max_tokens=8, seed=3, logprobs=0, ignore_eos=True, **PENALTIES)
-    outs = _run(engine, {"r": (PROMPTS[0], params)})["r"]
+    outs = run(engine, {"r": (PROMPTS[0], params)})["r"]
     for sample in outs:
         ids = list(PROMPTS[0])
         for token, entry in zip(sample.token_ids, sample.logprobs):
@@ -102,11 +50,11 @@ def test_penalized_tokens_survive_preemption_chunking_and_async_scheduling(qwen2
                                                                            variant: str) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=5, ignore_eos=True, **PENALTIES)
     requests = {f"r{i}": ([7 + i, 9, 9, 30 + i, 4], params) for i in range(4)}
-    want = _run(_engine(qwen2_triple), requests)
+    want = run(make_engine(qwen2_triple), requests)
     kw = {"preemption": dict(kv_cache_blocks=12, max_model_len=32), "chunked prefill": dict(max_num_batched_tokens=3),
           "async scheduling": dict(async_output=True, async_scheduling=True)}[variant]
-    engine = _engine(qwen2_triple, **kw)
-    got = _run(engine, requests)
+    engine = make_engine(qwen2_triple, **kw)
+    got = run(engine, requests)
     assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
@@ -118,25 +66,16 @@ def test_penalty_values_are_checked_and_speculation_refuses_them(qwen2_triple: t
         with pytest.raises(RastError, match=next(iter(kw))):
             SamplingParams(**kw)
     assert not SamplingParams().penalized and SamplingParams(presence_penalty=0.1).penalized
-    engine = _engine(qwen2_triple, speculative_tokens=2)
+    engine = make_engine(qwen2_triple, speculative_tokens=2)
     with pytest.raises(RastError, match="speculative"):
         engine.add_request("x", PROMPTS[0], SamplingParams(repetition_penalty=1.2))
     assert not engine.groups
 
 
-def _oracle_greedy(triple: tuple, prompt: list[int], vocab: int, params: SamplingParams) -> tuple[list[int], str]:
-    ids, stops = list(prompt), set(stop_ids(triple, params))
-    for _ in range(params.max_tokens):
-        ids.append(int(oracle_logits(triple, ids, len(prompt), vocab, params).argmax()))
-        if ids[-1] in stops:
-            return ids[len(prompt):], "stop"
-    return ids[len(prompt):], "length"
-
-
 def test_logit_bias_and_min_tokens_equal_the_oracle(qwen2_triple: tuple) -> None:
-    engine = _engine(qwen2_triple)
+    engine = make_engine(qwen2_triple)
     vocab = engine.vocab_size
-    first = _run(engine, {"p": (PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))})
+    first = run(engine, {"p": (PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))})
     a, b = first["p"][0].token_ids[:2]  # plain greedy's first two tokens
     greedy = dict(temperature=0.0, max_tokens=10)
     cases = {
@@ -148,13 +87,13 @@ def test_logit_bias_and_min_tokens_equal_the_oracle(qwen2_triple: tuple) -> None
     }
     requests = {rid: (PROMPTS[0], p) for rid, p in cases.items()}
     requests["plain"] = (PROMPTS[1], SamplingParams(**greedy, ignore_eos=True))
-    outs = _run(engine, requests)
+    outs = run(engine, requests)
     for rid, params in cases.items():
-        want = _oracle_greedy(qwen2_triple, PROMPTS[0], vocab, params)
+        want = oracle_greedy(qwen2_triple, PROMPTS[0], vocab, params)
         assert (outs[rid][0].token_ids, outs[rid][0].finish_reason) == want, rid
     assert outs["bias"][0].token_ids[0] != a
     assert len(outs["min_tokens"][0].token_ids) >= 6 and b not in outs["min_tokens"][0].token_ids[:6]
-    alone = _run(_engine(qwen2_triple), {"plain": requests["plain"]})
+    alone = run(make_engine(qwen2_triple), {"plain": requests["plain"]})
     assert outs["plain"][0].token_ids == alone["plain"][0].token_ids
 
 
@@ -164,8 +103,8 @@ def test_bias_and_min_tokens_steps_are_launched_ahead(qwen2_triple: tuple) -> No
     params = SamplingParams(temperature=1.0, max_tokens=12, seed=5, min_tokens=8, stop_token_ids=[9],
                             logit_bias={9: 4.0, 4: -2.0})
     requests = {f"r{i}": ([7 + i, 9, 9, 30 + i, 4], params) for i in range(4)}
-    want = _run(_engine(qwen2_triple), requests)
-    engine = _engine(qwen2_triple, async_output=True, async_scheduling=True)
+    want = run(make_engine(qwen2_triple), requests)
+    engine = make_engine(qwen2_triple, async_output=True, async_scheduling=True)
     launched, inner = [], engine._launch_ahead
 
     def counting(batch: object) -> object:
@@ -174,7 +113,7 @@ def test_bias_and_min_tokens_steps_are_launched_ahead(qwen2_triple: tuple) -> No
         return out
 
     engine._launch_ahead = counting
-    got = _run(engine, requests)
+    got = run(engine, requests)
     assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}
     assert sum(launched) > 0
     assert all(9 not in v[0].token_ids[:8] for v in got.values())
@@ -189,10 +128,10 @@ def test_bias_and_min_tokens_are_checked(qwen2_triple: tuple) -> None:
             SamplingParams(**kw)
     assert not SamplingParams(logit_bias={3: 0.0}).adjusts_logits  # a zero bias changes nothing
     assert SamplingParams(logit_bias={3: -0.5}).adjusts_logits and SamplingParams(min_tokens=1).adjusts_logits
-    engine = _engine(qwen2_triple)
+    engine = make_engine(qwen2_triple)
     with pytest.raises(RastError, match="outside the vocabulary"):
         engine.add_request("x", PROMPTS[0], SamplingParams(logit_bias={engine.vocab_size: 1.0}))
-    speculative = _engine(qwen2_triple, speculative_tokens=2)
+    speculative = make_engine(qwen2_triple, speculative_tokens=2)
     for kw in (dict(logit_bias={3: 1.0}), dict(min_tokens=2)):
         with pytest.raises(RastError, match="speculative"):
             speculative.add_request("x", PROMPTS[0], SamplingParams(**kw))

@@ -65,6 +65,15 @@ def test_logit_bias_and_min_tokens_reach_the_engine(srv: Running, server_oracle:
     assert res.usage.completion_tokens > 4  # 2 without min_tokens
 
 
+def test_token_masks_reach_the_engine(srv: Running, server_oracle: LLM) -> None:
+    plain = greedy(server_oracle, PROMPTS[1])
+    masks = {"allowed_token_ids": sorted(set(range(8, 100)) - {plain.token_ids[1]}), "bad_words": [plain.text.split()[0]]}
+    want = greedy(server_oracle, PROMPTS[1], **masks)
+    assert want.token_ids != plain.token_ids
+    res = srv.client().completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0, extra_body=masks)
+    assert res.choices[0].text == want.text
+
+
 def test_special_tokens_and_kept_stop_strings_reach_the_engine(srv: Running, server_oracle: LLM) -> None:
     tok = server_oracle.get_tokenizer()
     forced = {str(tok.eos_token_id): 100.0}  # EOS every step; ignore_eos keeps going
@@ -154,6 +163,10 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"1": 1, "01": -1}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "repetition_penalty": 1e-39}, 400, "repetition_penalty"),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {str(t): 1 for t in range(1025)}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "allowed_token_ids": [3, 100000]}, 400, "allowed_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "bad_words": "the"}, 400, "bad_words"),
+    ({"model": MODEL, "prompt": "hi", "bad_words": ["answer " * 300]}, 400, "bad_words"),  # over 1024 tokens
     ({"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
     ({"model": MODEL, "prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
     ({"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),  # longer than the 512-token context

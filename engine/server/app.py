@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rast_engine.errors import RastError
-from rast_engine.requests import check_logit_bias
+from rast_engine.requests import check_token_ids
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server.async_engine import AsyncEngine, RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
@@ -57,15 +57,17 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
         raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
     logit_bias = req.logit_bias_ids()
     try:
-        check_logit_bias(logit_bias, vocab_size)
+        check_token_ids("logit_bias", logit_bias, vocab_size)
+        check_token_ids("allowed_token_ids", req.allowed_token_ids, vocab_size)
     except RastError as exc:
-        raise APIError(400, str(exc), param="logit_bias") from None
+        raise APIError(400, str(exc), param=exc.param) from None
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
             # placeholder, at least min_tokens: the engine thread sets it once the prompt is tokenised
             max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=logit_bias,
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,

@@ -270,7 +270,7 @@ class RequestHandle:
         except RastError as exc:
             self._unfinished.clear()
             await self.__aexit__(None, None, None)
-            raise APIError(400, str(exc), param=self._param) from None
+            raise APIError(400, str(exc), param=exc.param or self._param) from None
         except BaseException:
             await self.__aexit__(None, None, None)
             raise

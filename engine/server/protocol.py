@@ -49,11 +49,13 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's spelling) -> [-100, 100]
     user: str | None = None
     # Extensions (vLLM spells them the same way): top-k/min-p filters, the per-request RAST weight,
-    # the repetition penalty, min_tokens and how the text is cut and rendered.
+    # the repetition penalty, token masks, min_tokens and how the text is cut and rendered.
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     lam: float | list[float] | None = None  # one number, or one per small pair
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)
+    bad_words: list[str] | None = None
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True

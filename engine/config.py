@@ -71,6 +71,9 @@ class EngineConfig:
     speculative_tokens: int = 0
     speculative_draft: str = "small"
     speculative_method: str = "coupled"
+    # default sampling parameters (engine/generation_config.py, vLLM's --generation-config): "auto" reads
+    # the large model's generation_config.json, a directory reads its file, "vllm" ignores both
+    generation_config: str = "auto"
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +134,8 @@ class EngineConfig:
                             "accepted length must reach the host before the next round is scheduled")
         if self.kv_cache_blocks is not None and self.kv_cache_memory is not None:
             raise RastError("give kv_cache_blocks or kv_cache_memory, not both")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise RastError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RastError(f"seed must be an integer, got {self.seed!r}")
 

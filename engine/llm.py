@@ -41,6 +41,11 @@ class LLM:
         self.llm_engine = LLMEngine(config)
         self._ids = itertools.count()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the generation config's fields (EngineConfig.generation_config), what
+        generate and chat use when given none."""
+        return SamplingParams(**self.llm_engine.sampling_defaults)
+
     def get_tokenizer(self):  # noqa: ANN201 - an HF tokenizer
         return self.llm_engine.tokenizer
 
@@ -50,7 +55,7 @@ class LLM:
             prompts = [prompts]  # one prompt (text, or token ids), not a batch
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:

@@ -19,6 +19,7 @@ from rast_engine.build import build_parts
 from rast_engine.config import EngineConfig
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import NoAdmissibleToken, RastError
+from rast_engine.generation_config import sampling_defaults
 from rast_engine.kv_cache import KVCache
 from rast_engine.draws import Draw
 from rast_engine.model_runner import ModelRunner
@@ -38,6 +39,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
+        # the generation config's sampling fields, read before any model is loaded (generation_config.py)
+        self.sampling_defaults = sampling_defaults(config.generation_config, config.model)
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":  # streams, events and Triton launches follow the current device
             torch.cuda.set_device(self.device)

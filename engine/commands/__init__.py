@@ -51,6 +51,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-method", default="coupled", choices=SPECULATIVE_METHODS,
                    help="coupled: the plain sampler's tokens for a seed, whatever the rounds (default); "
                         "rejection: speculative sampling, more drafts pass")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="default sampling parameters: auto reads MODEL's generation_config.json, DIR reads "
+                        "that directory's, vllm ignores both (default auto)")
 
 
 def _existing_dir(path: str, flag: str) -> str:
@@ -84,19 +87,24 @@ def build_engine(args: argparse.Namespace) -> Any:
         cuda_graph_max_batch=args.cuda_graph_max_batch, enable_prefix_caching=args.enable_prefix_caching,
         async_output=args.async_output, async_scheduling=args.async_scheduling, model_streams=args.model_streams,
         stack_small_models=args.stack_small_models, speculative_tokens=args.speculative_tokens,
-        speculative_draft=args.speculative_draft, speculative_method=args.speculative_method))
+        speculative_draft=args.speculative_draft, speculative_method=args.speculative_method,
+        generation_config=args.generation_config))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 disables it (default)")
-    p.add_argument("--min-p", type=float, default=0.0)
+    # the five filters and max_tokens default to the generation config's values (--generation-config)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens to generate (default: the generation config's max_new_tokens, else 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (default: the generation config's, else 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="(default: the generation config's, else 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="0 disables it (default: the generation config's, else 0)")
+    p.add_argument("--min-p", type=float, default=None, help="(default: the generation config's, else 0.0)")
     p.add_argument("--stop", action="append", default=None, help="a stop string; repeatable")
     p.add_argument("--request-seed", type=int, default=None, help="seed of this request's sampling")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("--min-tokens", type=int, default=0, help="tokens before EOS or a stop may end it (default 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="vLLM's; 1 is off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="vLLM's; 1 is off (default: the generation config's, else 1.0)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]; 0 is off (default)")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]; 0 is off (default)")

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from rast_engine.commands import add_model_args, add_sampling_args, build_engine
 from rast_engine.errors import RastError
+
+DEFAULT_MAX_TOKENS = 256  # without --max-tokens or the generation config's max_new_tokens
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,18 +21,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _params(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
+    """The flags' SamplingParams; an omitted filter or --max-tokens takes the generation config's value."""
+    from rast_engine import SamplingParams
+    from rast_engine.generation_config import fill
+
+    chosen = fill(defaults, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                  repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens)
+    return SamplingParams(**{"max_tokens": DEFAULT_MAX_TOKENS, **chosen}, stop=args.stop, ignore_eos=args.ignore_eos,
+                          seed=args.request_seed, min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, output_kind="delta")
+
+
 def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise RastError("--prompt is empty")
-    from rast_engine import SamplingParams
-
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p, max_tokens=args.max_tokens, stop=args.stop,
-                            ignore_eos=args.ignore_eos, seed=args.request_seed, min_tokens=args.min_tokens,
-                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                            frequency_penalty=args.frequency_penalty, output_kind="delta")
+    _params(args, {"max_tokens": max(DEFAULT_MAX_TOKENS, args.min_tokens)})  # bad flags fail before the models load
     engine = build_engine(args)
+    params = _params(args, engine.sampling_defaults)
     tok = engine.tokenizer
     if args.chat:
         if getattr(tok, "chat_template", None) is None:

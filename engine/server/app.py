@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,12 +19,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rast_engine.errors import RastError
+from rast_engine.generation_config import fill
 from rast_engine.requests import check_token_ids
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server.async_engine import AsyncEngine, RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
 from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from rast_engine.server.responses import Formatter
+
+if TYPE_CHECKING:
+    from rast_engine.llm_engine import LLMEngine
 
 log = logging.getLogger("rast.server")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -52,7 +56,9 @@ def _sse(obj: Any) -> str:
 
 
 def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None,
-                     max_tokens: int | None, vocab_size: int) -> SamplingParams:
+                     max_tokens: int | None, engine: LLMEngine) -> SamplingParams:
+    """The request's SamplingParams; the filters it omits take the generation config's values."""
+    vocab_size = engine.vocab_size
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
     logit_bias = req.logit_bias_ids()
@@ -63,14 +69,14 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
         raise APIError(400, str(exc), param=exc.param) from None
     try:
         return SamplingParams(
-            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
+            n=req.n, **fill(engine.sampling_defaults, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                            min_p=req.min_p, repetition_penalty=req.repetition_penalty),
             # placeholder, at least min_tokens: the engine thread sets it once the prompt is tokenised
             max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=logit_bias,
             allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
             include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
             output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py
     except ValueError as exc:
@@ -178,7 +184,7 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
         self._check_model(req.model)
-        params = _sampling_params(req, req.logprobs, req.max_tokens, self.engine.engine.vocab_size)
+        params = _sampling_params(req, req.logprobs, req.max_tokens, self.engine.engine)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
@@ -188,7 +194,7 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
         self._check_model(req.model)
-        params = _sampling_params(req, req.logprobs_count(), req.max_new_tokens(), self.engine.engine.vocab_size)
+        params = _sampling_params(req, req.logprobs_count(), req.max_new_tokens(), self.engine.engine)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         try:

@@ -213,13 +213,15 @@ class AsyncEngine:
 
     def _fit(self, params: Any, max_tokens: int | None, prompt_len: int) -> Any:
         """OpenAI semantics: the prompt plus max_tokens must fit the context; no max_tokens means
-        'the rest of the context'."""
+        'the rest of the context', or the generation config's max_new_tokens where that is less (but never
+        below the request's min_tokens)."""
         room = self.max_model_len - prompt_len
         if room <= 0:
             raise RastError(f"the prompt has {prompt_len} tokens, but the model's context holds "
                             f"{self.max_model_len}; shorten the prompt")
         if max_tokens is None:
-            max_tokens = room
+            default = self.engine.sampling_defaults.get("max_tokens")
+            max_tokens = room if default is None else min(room, max(default, params.min_tokens))
             if params.min_tokens > room:
                 raise RastError(f"min_tokens={params.min_tokens}, but the model's context holds {self.max_model_len} "
                                 f"tokens and the prompt has {prompt_len}: at most {room} can be generated")

@@ -11,8 +11,9 @@ from rast_engine.errors import RastError
 _DESCRIPTION = """Serve RAST decoding over the OpenAI API: GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions (stream: true for server-sent events), GET /health, GET /metrics (Prometheus).
 Requests may set OpenAI's presence_penalty, frequency_penalty and logit_bias and vLLM's extra fields top_k,
-min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, include_stop_str_in_output and
-skip_special_tokens, and lam (λ for this request: a number, or a list of one per small pair)."""
+min_p, repetition_penalty, allowed_token_ids, bad_words, min_tokens, stop_token_ids, ignore_eos,
+include_stop_str_in_output and skip_special_tokens, and lam (λ for this request: a number, or a list of
+one per small pair). Omitted sampling fields take the generation config's values (--generation-config)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

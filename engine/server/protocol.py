@@ -50,10 +50,12 @@ class _Request(BaseModel):
     user: str | None = None
     # Extensions (vLLM spells them the same way): top-k/min-p filters, the per-request RAST weight,
     # the repetition penalty, token masks, min_tokens and how the text is cut and rendered.
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    # temperature, top_p, top_k, min_p and repetition_penalty: None takes the generation config's value
+    # (rast serve --generation-config), else the neutral one
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     lam: float | list[float] | None = None  # one number, or one per small pair
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
     allowed_token_ids: list[int] | None = Field(None, min_length=1)
     bad_words: list[str] | None = None
     min_tokens: int = Field(0, ge=0)

@@ -12,6 +12,7 @@ _EXPORTS = {
     "LLMEngine": "rast_engine.llm_engine",
     "EngineConfig": "rast_engine.config",
     "SamplingParams": "rast_engine.sampling_params",
+    "StructuredOutputsParams": "rast_engine.structured_params",
     "RequestOutput": "rast_engine.outputs",
     "CompletionOutput": "rast_engine.outputs",
     "EngineStats": "rast_engine.outputs",

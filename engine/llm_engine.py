@@ -31,6 +31,7 @@ from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
 from rast_engine.scoring import score_sequences
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from rast_engine.structured import Grammars
 from rast_engine.speculative.round import PendingRound, SpecCounts, commit_round
 from rast_engine.triple import ModelSet, resolve_device
 
@@ -68,14 +69,15 @@ class LLMEngine:
         self._in_flight: Optional[InFlight] = None
         self._undelivered: list[RequestOutput] = []  # built by a step that then raised; see step()
         self.spec_counts = SpecCounts()
+        self.grammars: Optional[Grammars] = None  # structured outputs' compiler, built by the first such request
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams) -> None:
-        ids, weights, params = checked_request(self, request_id, prompt, params)
+        ids, weights, params, grammar = checked_request(self, request_id, prompt, params)
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
-                              arrival=next(self._arrivals), weights=weights)
+                              arrival=next(self._arrivals), weights=weights, grammar=grammar)
         group.seqs.append(self._new_sequence(group, 0, list(ids)))
         self.groups[request_id] = group
         self.scheduler.add(group.seqs[0])

@@ -1,8 +1,9 @@
 """Per-request adjustments of what RAST samples from, the combined logits z = M + Σ_k λ_k (R_k − S_k),
 before temperature and the filters, in vLLM's order (its masks and logits processors, then its penalties):
 
-    0. masks:        −inf at every token outside allowed_token_ids, and at the last token of each bad word
-                     whose other tokens end the output (a one-token bad word: at every draw)
+    0. masks:        −inf at every token outside allowed_token_ids, at every token the structured output's
+                     grammar refuses next (structured.py), and at the last token of each bad word whose
+                     other tokens end the output (a one-token bad word: at every draw)
     1. logit_bias:   z + b_t at each biased token t (OpenAI's logit_bias)
     2. min_tokens:   −inf at the EOS and stop_token_ids while the output is shorter than min_tokens
     3. penalties:    z / r if z > 0 else z · r at every token of the prompt or the output (repetition_penalty r),
@@ -37,6 +38,7 @@ from rast_kernels.batch import normalize
 from rast_kernels.reference import combine
 
 from rast_engine.errors import RastError
+from rast_engine.structured import grammar_bitmask, unpack
 
 if TYPE_CHECKING:
     from rast_engine.draws import Draw
@@ -141,6 +143,7 @@ class Adjust:
     request: RequestTensors
     banned: list[int]  # ids masked at this draw (min_tokens not reached)
     seq: Optional[Sequence]  # whose output counts penalize this draw (None: penalties off, or no output yet)
+    grammar_mask: Optional[torch.Tensor] = None  # int32 host bitmask of the tokens structured outputs allow
 
 
 def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) -> Optional[Adjust]:
@@ -158,7 +161,8 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
         group.adjust_tensors = RequestTensors(group)
     if p.penalized and not first_draw and seq.output_counts is None:
         seq.output_counts = OutputCounts()
-    return Adjust(group.adjust_tensors, banned, seq if p.penalized and not first_draw else None)
+    return Adjust(group.adjust_tensors, banned, seq if p.penalized and not first_draw else None,
+                  grammar_bitmask(seq, first_draw) if group.grammar is not None else None)
 
 
 def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
@@ -174,6 +178,11 @@ def _bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device:
         keep.index_put_((_rows_of([len(ids) for _, ids in allowed], to_device), torch.cat([ids for _, ids in allowed])),
                         torch.tensor(True, device=z.device))
         at = to_device(torch.tensor([j for j, _ in allowed], dtype=torch.int64))
+        z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
+    grammar = [(j, a.grammar_mask) for j, a in enumerate(adjusts) if a.grammar_mask is not None]
+    if grammar:
+        keep = unpack(to_device(torch.stack([m for _, m in grammar])), vocab)
+        at = to_device(torch.tensor([j for j, _ in grammar], dtype=torch.int64))
         z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
     biases = [a.request.bias(to_device) for a in adjusts]
     sizes = [len(ids) for ids, _ in biases]

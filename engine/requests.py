@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 from rast_engine.errors import RastError
 from rast_engine.logit_adjust import tokenize_bad_words
+from rast_engine.structured import Grammars, RequestGrammar
 from rast_engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -60,9 +61,9 @@ def check_token_ids(name: str, ids: Optional[Iterable[int]], vocab_size: int) ->
 
 
 def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[int]],
-                    params: SamplingParams) -> tuple[list[int], list[float], SamplingParams]:
-    """The prompt's token ids, the request's λ per pair and its own validated copy of ``params``;
-    RastError for anything the engine cannot serve."""
+                    params: SamplingParams) -> tuple[list[int], list[float], SamplingParams, Optional[RequestGrammar]]:
+    """The prompt's token ids, the request's λ per pair, its own validated copy of ``params`` and its
+    compiled structured-output constraint; RastError for anything the engine cannot serve."""
     if not isinstance(request_id, str) or not request_id:
         raise RastError(f"request_id must be a non-empty string, got {request_id!r}")
     if request_id in engine.groups:
@@ -82,8 +83,8 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
         raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
                         "use stop_token_ids")
     if params.adjusts_logits and engine.config.speculative_tokens:
-        raise RastError("logit_bias, allowed_token_ids, bad_words, min_tokens and the presence, frequency and "
-                        "repetition penalties are not supported with speculative decoding (a round's drafts and "
+        raise RastError("logit_bias, allowed_token_ids, bad_words, structured_outputs, min_tokens and the presence, "
+                        "frequency and repetition penalties are not supported with speculative decoding (a round's drafts and "
                         "M's verify sample from unadjusted logits); use an engine without speculative_tokens")
     check_token_ids("logit_bias", params.logit_bias, engine.vocab_size)
     check_token_ids("allowed_token_ids", params.allowed_token_ids, engine.vocab_size)
@@ -91,4 +92,9 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
         params.set_bad_words_token_ids(tokenize_bad_words(engine.tokenizer, params.bad_words, engine.vocab_size))
     if params.logprobs is not None and params.logprobs > engine.vocab_size:
         raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
-    return ids, pair_weights(engine, params), params
+    weights, grammar = pair_weights(engine, params), None
+    if params.structured_outputs is not None:
+        if engine.grammars is None:
+            engine.grammars = Grammars(engine.tokenizer, engine.vocab_size, sorted(engine.scheduler.eos_token_ids))
+        grammar = RequestGrammar(engine.grammars, engine.grammars.compile(params.structured_outputs))
+    return ids, weights, params, grammar

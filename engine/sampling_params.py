@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from rast_engine.errors import RastError
+from rast_engine.structured_params import StructuredOutputsParams
 
 MASK64 = (1 << 64) - 1
 GOLDEN64 = 0x9E3779B97F4A7C15
@@ -93,6 +94,9 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
+    # the output held to a JSON schema, any JSON object, a regex, a choice or a grammar (vLLM's; a dict is
+    # taken as StructuredOutputsParams' fields): tokens that cannot continue it are masked (structured.py)
+    structured_outputs: Optional[StructuredOutputsParams] = None
     min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -103,8 +107,8 @@ class SamplingParams:
     penalized: bool = field(init=False, repr=False, compare=False)
     adjusts_logits: bool = field(init=False, repr=False, compare=False)
     # set by the engine at intake (set_bad_words_token_ids): the token sequences bad_words masks, and
-    # whether a draw reads the output's tokens (not only their number): a penalty, or a bad word of
-    # several tokens, whose last token is masked after the others only
+    # whether a draw reads the output's tokens (not only their number): a penalty, structured outputs,
+    # or a bad word of several tokens, whose last token is masked after the others only
     bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
     reads_output: bool = field(init=False, repr=False, compare=False)
 
@@ -173,16 +177,25 @@ class SamplingParams:
             if len(words) > MAX_BAD_WORDS:
                 raise bad(f"bad_words holds {len(words)} words; at most {MAX_BAD_WORDS}")
             self.bad_words = list(words) or None
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise bad(f"structured_outputs: {exc}") from None
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad(f"structured_outputs must be a StructuredOutputsParams or a dict of its fields, "
+                      f"got {self.structured_outputs!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
         self.adjusts_logits = (self.logit_bias is not None or self.allowed_token_ids is not None
-                               or self.bad_words is not None or self.min_tokens > 0 or self.penalized)
-        self.reads_output = self.penalized
+                               or self.bad_words is not None or self.structured_outputs is not None
+                               or self.min_tokens > 0 or self.penalized)
+        self.reads_output = self.penalized or self.structured_outputs is not None
 
     def set_bad_words_token_ids(self, words: list[list[int]]) -> None:
         """bad_words as token sequences (the engine's tokenizer's, logit_adjust.tokenize_bad_words)."""
         self.bad_words_token_ids = words
-        self.reads_output = self.penalized or any(len(w) > 1 for w in words)
+        self.reads_output = self.reads_output or any(len(w) > 1 for w in words)

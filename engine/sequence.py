@@ -30,6 +30,7 @@ from typing import Optional
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.outputs import CompletionOutput, RequestOutput
 from rast_engine.logit_adjust import OutputCounts, RequestTensors
+from rast_engine.structured import RequestGrammar, SequenceMatcher
 from rast_engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -65,6 +66,7 @@ class Sequence:
     reported_chars: int = 0
     reported_finish: bool = False
     output_counts: Optional[OutputCounts] = None  # kept for penalized requests only (logit_adjust.py)
+    matcher: Optional[SequenceMatcher] = None  # kept for structured outputs only (structured.py)
 
     @property
     def params(self) -> SamplingParams:
@@ -175,6 +177,7 @@ class SequenceGroup:
     weights: list[float]  # λ per small pair for this request
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
+    grammar: Optional[RequestGrammar] = None  # structured outputs' compiled constraint (structured.py)
     adjust_tensors: Optional[RequestTensors] = field(default=None, init=False, repr=False)  # adjusted requests
     _prompt_out: Optional[list[int]] = field(default=None, init=False, repr=False)  # see output()
 

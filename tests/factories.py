@@ -49,7 +49,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def make_tokenizer(path: str | Path) -> Path:
+def make_tokenizer(path: str | Path, extra_corpus: tuple[str, ...] = ()) -> Path:
     """Train a small byte-level BPE in memory and save it HF-style.
 
     Byte-level like the real Qwen2.5 and Llama-3 tokenizers: transformers 5 rebuilds a qwen2 directory's
@@ -63,7 +63,7 @@ def make_tokenizer(path: str | Path) -> Path:
     trainer = trainers.BpeTrainer(
         vocab_size=TOKENIZER_VOCAB, special_tokens=[PAD, BOS, EOS, UNK, *ROLE_TOKENS], show_progress=False
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() + list(extra_corpus), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         additional_special_tokens=ROLE_TOKENS,
@@ -150,11 +150,12 @@ def make_model_dir(
     return path
 
 
-def make_triple(root: str | Path, arch: str = "qwen2") -> tuple[Path, Path, Path]:
-    """(large_dir, rl_dir, base_dir): large untied at width 128, small tied at width 112, one tokenizer.
-    Qwen3 heads are 32 wide in the large model and 16 in the small ones (not hidden / heads)."""
+def make_triple(root: str | Path, arch: str = "qwen2", extra_corpus: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
+    """(large_dir, rl_dir, base_dir): large untied at width 128, small tied at width 112, one tokenizer
+    (trained on extra_corpus too, e.g. for characters the default corpus lacks). Qwen3 heads are 32 wide
+    in the large model and 16 in the small ones (not hidden / heads)."""
     root = Path(root)
-    tok_dir = make_tokenizer(root / "tokenizer")
+    tok_dir = make_tokenizer(root / "tokenizer", extra_corpus)
     scaling = LLAMA3_SCALING if arch == "llama" else None
     large = make_model_dir(
         root / "large", arch, vocab_width=128, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128,

@@ -3,6 +3,8 @@ two streams vs one, triton vs torch attention, stacked vs unstacked small models
 asynchronous vs synchronous outputs, and one device read per decode step."""
 from __future__ import annotations
 
+import importlib.util
+
 import warnings
 from typing import Callable
 
@@ -171,8 +173,9 @@ def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool
 
 @pytest.mark.gpu
 def test_adjusted_requests_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None:
-    """logit_bias, min_tokens and penalties (engine/logit_adjust.py): their steps run eagerly beside
-    graph-replayed plain ones, bias launched ahead and penalties not; greedy tokens equal the CPU's."""
+    """logit_bias, min_tokens, penalties, token masks and structured outputs (engine/logit_adjust.py,
+    engine/structured.py): their steps run eagerly beside graph-replayed plain ones, bias launched ahead
+    and penalties not; greedy tokens equal the CPU's."""
     cpu = make_engine(qwen2_triple, "cpu", dtype="float32")
     gpu = make_engine(qwen2_triple, "cuda", dtype="float32", attention_backend="triton", async_output=True,
                       async_scheduling=True)
@@ -180,7 +183,10 @@ def test_adjusted_requests_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None
     batch = prompts(4, seed=61)
     for params in (SamplingParams(**greedy, logit_bias={7: 3.0, 11: -100.0}, min_tokens=6, stop_token_ids=[7]),
                    SamplingParams(**greedy, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.4,
-                                  presence_penalty=0.2)):
+                                  presence_penalty=0.2),
+                   SamplingParams(**greedy, allowed_token_ids=list(range(3, 90)), bad_words=["the cat", "we"]),
+                   *([SamplingParams(**greedy, structured_outputs={"regex": "(cat|dog)s? [0-9]{2}"})]
+                     if importlib.util.find_spec("xgrammar") else [])):
         assert generate(gpu, batch, params) == generate(cpu, batch, params)
         assert generate(gpu, batch, GREEDY) == generate(cpu, batch, GREEDY)  # graphs again after them
     assert gpu._in_flight is None and gpu.block_manager.num_used_blocks == 0

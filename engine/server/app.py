@@ -73,14 +73,14 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
                             min_p=req.min_p, repetition_penalty=req.repetition_penalty),
             # placeholder, at least min_tokens: the engine thread sets it once the prompt is tokenised
             max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=logit_bias,
-            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=req.structured(),
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
             output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py
     except ValueError as exc:
-        raise APIError(400, str(exc)) from None
+        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
 
 
 async def _client_gone(request: Request) -> None:

@@ -57,6 +57,10 @@ class _Request(BaseModel):
     lam: float | list[float] | None = None  # one number, or one per small pair
     repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
     allowed_token_ids: list[int] | None = Field(None, min_length=1)
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (one of json, json_object,
+    # regex, choice, grammar); at most one of the two
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     bad_words: list[str] | None = None
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
@@ -86,6 +90,22 @@ class _Request(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    def structured(self) -> dict[str, Any] | None:
+        """The StructuredOutputsParams fields the request asks for, or None; APIError(400) for a
+        response_format other than text, json_object or json_schema with a schema."""
+        fmt = self.response_format
+        if fmt is not None and self.structured_outputs is not None:
+            raise APIError(400, "give response_format or structured_outputs, not both", param="response_format")
+        if fmt is None or fmt.get("type") == "text":
+            return self.structured_outputs
+        if fmt.get("type") == "json_object":
+            return {"json_object": True}
+        spec = fmt.get("json_schema")
+        if fmt.get("type") == "json_schema" and isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
+            return {"json": spec["schema"]}
+        raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
+                       "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", param="response_format")
 
     def logit_bias_ids(self) -> dict[int, float] | None:
         return {int(key): bias for key, bias in self.logit_bias.items()} if self.logit_bias else None
@@ -154,7 +174,6 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
@@ -162,8 +181,6 @@ class ChatCompletionRequest(_Request):
     def _chat_checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
         if self.tools:
             raise ValueError("tools are not supported by this server")
         return self

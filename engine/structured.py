@@ -1,0 +1,127 @@
+"""Structured outputs (vLLM's `structured_outputs`, OpenAI's `response_format`): the output is held to a
+JSON schema, any JSON object, a regular expression, a choice of strings or an EBNF grammar by masking,
+at every draw, the tokens that cannot continue it. The grammar engine is xgrammar (the `structured`
+extra), imported only when a request asks for it.
+
+How: a request's constraint is compiled once at intake (xgrammar's compiler caches compiled grammars);
+each sequence keeps its own matcher, brought up to date with the output tokens added since its last draw
+(as logit_adjust.OutputCounts does), and its next-token bitmask masks z with the other adjustments. So a
+draw reads every earlier token of its sequence: such steps are never launched ahead
+(SamplingParams.reads_output). Once the grammar is complete only the stop tokens (the engine's EOS ids)
+remain; a completed grammar with ignore_eos keeps drawing them up to max_tokens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rast_engine.errors import RastError
+from rast_engine.structured_params import StructuredOutputsParams, kind
+
+if TYPE_CHECKING:
+    from rast_engine.sequence import Sequence
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise RastError("structured outputs need xgrammar: pip install xgrammar (or the 'structured' extra)",
+                        param="structured_outputs") from None
+    return xgrammar
+
+
+class Grammars:
+    """An engine's grammar compiler over its tokenizer, vocabulary width and stop tokens; built at the
+    first structured request."""
+
+    def __init__(self, tokenizer: Any, vocab: int, stop_token_ids: list[int]) -> None:
+        if tokenizer is None:
+            raise RastError("structured outputs need the model's tokenizer, and this engine has none",
+                            param="structured_outputs")
+        xgr = _xgrammar()
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=stop_token_ids)
+        self.xgr, self.vocab = xgr, vocab
+        self.compiler = xgr.GrammarCompiler(info)
+
+    def compile(self, p: StructuredOutputsParams) -> Any:
+        """The compiled grammar; RastError naming the constraint when xgrammar refuses it."""
+        try:
+            if p.json is not None:
+                schema = p.json if isinstance(p.json, str) else json.dumps(p.json)
+                return self.compiler.compile_json_schema(schema)
+            if p.json_object:  # OpenAI's json_object: an object, not any JSON value (as vLLM)
+                return self.compiler.compile_json_schema('{"type": "object"}')
+            if p.regex is not None:
+                return self.compiler.compile_regex(p.regex)
+            if p.choice is not None:  # EBNF string literals: JSON's escapes, characters kept as they are
+                return self.compiler.compile_grammar("root ::= " + " | ".join(
+                    json.dumps(c, ensure_ascii=False) for c in p.choice))
+            return self.compiler.compile_grammar(p.grammar)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise RastError(f"structured_outputs.{kind(p)} cannot be compiled: {str(exc).strip()[:500]}",
+                            param="structured_outputs") from None
+
+
+@dataclass
+class RequestGrammar:
+    """A request's compiled constraint, and the engine's grammars it was compiled by."""
+    grammars: Grammars
+    compiled: Any
+
+
+def _stop_only(vocab: int, stop_token_ids: list[int]) -> torch.Tensor:
+    """int32 [ceil(vocab / 32)] with only the stop tokens' bits set."""
+    words = (vocab + 31) // 32
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[[t for t in stop_token_ids if t < vocab]] = 1
+    packed = (bits.view(words, 32) << torch.arange(32)).sum(1)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+
+
+class SequenceMatcher:
+    """A sequence's grammar matcher, fed the output tokens added since its last call; if tokens were
+    dropped since (they never are once drawn), it starts again from the output's start."""
+
+    def __init__(self, grammar: RequestGrammar) -> None:
+        self.grammar = grammar
+        self.matcher = grammar.grammars.xgr.GrammarMatcher(grammar.compiled)
+        self.upto = -1  # index into token_ids up to which tokens are accepted (-1: none yet)
+
+    def bitmask(self, token_ids: list[int], start: int) -> torch.Tensor:
+        """int32 [ceil(V / 32)] on the host: bit t set iff token t may come next."""
+        grammars = self.grammar.grammars
+        if self.upto < start or self.upto > len(token_ids):
+            self.matcher, self.upto = grammars.xgr.GrammarMatcher(self.grammar.compiled), start
+        for t in token_ids[self.upto:]:
+            # a drawn token was allowed, so only a stop token past the grammar's end (ignore_eos) is refused
+            if self.matcher.is_terminated() or not self.matcher.accept_token(t):
+                break
+        self.upto = len(token_ids)
+        if self.matcher.is_terminated():
+            return _stop_only(grammars.vocab, list(self.matcher.stop_token_ids))
+        mask = grammars.xgr.allocate_token_bitmask(1, grammars.vocab)
+        self.matcher.fill_next_token_bitmask(mask)
+        return mask[0]
+
+
+def grammar_bitmask(seq: Sequence, first_draw: bool) -> torch.Tensor:
+    """The next-token bitmask of ``seq``'s draw (a request's first draw: the grammar's start)."""
+    grammar = seq.group.grammar
+    if first_draw:
+        return SequenceMatcher(grammar).bitmask([], 0)
+    if seq.num_pending:  # reads_output keeps such a draw from being launched ahead
+        raise RuntimeError(f"sequence {seq.seq_id}: a structured output reads an output with pending tokens")
+    if seq.matcher is None:
+        seq.matcher = SequenceMatcher(grammar)
+    return seq.matcher.bitmask(seq.token_ids, seq.num_prompt_tokens)
+
+
+def unpack(bitmasks: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [N, vocab] from int32 bitmasks [N, ceil(vocab / 32)] (bit j of word i: token 32 i + j)."""
+    shifts = torch.arange(32, device=bitmasks.device, dtype=torch.int32)
+    bits = (bitmasks.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmasks.shape[0], -1)[:, :vocab].bool()

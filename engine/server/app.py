@@ -26,6 +26,7 @@ from rast_engine.server.async_engine import AsyncEngine, RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
 from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from rast_engine.server.responses import Formatter
+from rast_engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 if TYPE_CHECKING:
     from rast_engine.llm_engine import LLMEngine
@@ -119,6 +120,8 @@ class OpenAIServer:
             Route("/v1/completions", self._wrap("completions", self.completions, auth=True),
                   methods=["POST"]),
             Route("/v1/chat/completions", self._wrap("chat", self.chat, auth=True), methods=["POST"]),
+            Route("/tokenize", self._wrap("tokenize", self.tokenize, auth=True), methods=["POST"]),
+            Route("/detokenize", self._wrap("detokenize", self.detokenize, auth=True), methods=["POST"]),
             Route("/health", self._wrap("health", self.health), methods=["GET"]),
             Route("/metrics", self._wrap("metrics", self.render_metrics), methods=["GET"]),
         ]
@@ -172,6 +175,16 @@ class OpenAIServer:
     async def models(self, request: Request) -> Response:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "rast"}
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def tokenize(self, request: Request) -> Response:
+        req: TokenizeRequest = parse_request(await request.body(), TokenizeRequest)
+        self._check_model(req.model)
+        return JSONResponse(tokenize(self.tokenizer, req, self.engine.max_model_len))
+
+    async def detokenize(self, request: Request) -> Response:
+        req: DetokenizeRequest = parse_request(await request.body(), DetokenizeRequest)
+        self._check_model(req.model)
+        return JSONResponse(detokenize(self.tokenizer, req, self.engine.engine.vocab_size))
 
     async def health(self, request: Request) -> Response:
         if self.engine.error is not None:

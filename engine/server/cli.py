@@ -9,7 +9,8 @@ from rast_engine.commands import add_model_args, build_engine
 from rast_engine.errors import RastError
 
 _DESCRIPTION = """Serve RAST decoding over the OpenAI API: GET /v1/models, POST /v1/completions,
-POST /v1/chat/completions (stream: true for server-sent events), GET /health, GET /metrics (Prometheus).
+POST /v1/chat/completions (stream: true for server-sent events), POST /tokenize and /detokenize (vLLM's),
+GET /health, GET /metrics (Prometheus).
 Requests may set OpenAI's presence_penalty, frequency_penalty and logit_bias and vLLM's extra fields top_k,
 min_p, repetition_penalty, allowed_token_ids, bad_words, min_tokens, stop_token_ids, ignore_eos,
 include_stop_str_in_output and skip_special_tokens, and lam (λ for this request: a number, or a list of

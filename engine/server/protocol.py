@@ -197,7 +197,7 @@ class ChatCompletionRequest(_Request):
                 for m in self.messages]
 
 
-def parse_request(raw: bytes, model_cls: type[_Request]) -> Any:
+def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:
     """Body bytes -> a validated request, or an APIError(400) naming the offending field."""
     try:
         data = json.loads(raw)

@@ -1,0 +1,75 @@
+"""vLLM's /tokenize and /detokenize: the server's own tokenizer and chat template, so a client counts and
+builds prompts exactly as the engine will read them. They never touch the engine's queue."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from rast_engine.server.protocol import APIError, ChatMessage
+
+
+class TokenizeRequest(BaseModel):
+    """A prompt, or chat messages rendered by the chat template (vLLM's two request shapes in one).
+    add_special_tokens defaults to True for a prompt and to False for messages (the template writes them)."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    tokens: list[int]
+
+
+def _require(tokenizer: Any) -> Any:
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer (load_format='dummy')")
+    return tokenizer
+
+
+def tokenize(tokenizer: Any, req: TokenizeRequest, max_model_len: int) -> dict[str, Any]:
+    tok = _require(tokenizer)
+    if req.messages is not None:
+        if getattr(tok, "chat_template", None) is None:
+            raise APIError(400, "this model's tokenizer has no chat template; send a prompt", param="messages")
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages]
+        try:
+            text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error
+            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        special = bool(req.add_special_tokens)
+    else:
+        text, special = req.prompt, req.add_special_tokens is not False
+    try:
+        ids = list(tok.encode(text, add_special_tokens=special))
+    except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: the client's input
+        raise APIError(400, f"the tokenizer cannot encode the input: {exc}",
+                       param="prompt" if req.prompt is not None else "messages") from None
+    return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
+            "token_strs": tok.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+
+
+def detokenize(tokenizer: Any, req: DetokenizeRequest, vocab_size: int) -> dict[str, Any]:
+    tok = _require(tokenizer)
+    outside = [t for t in req.tokens if not 0 <= t < vocab_size]
+    if outside:
+        raise APIError(400, f"token ids {outside[:5]} are outside the vocabulary [0, {vocab_size})", param="tokens")
+    try:
+        return {"prompt": tok.decode(req.tokens)}
+    except Exception as exc:  # noqa: BLE001 - ids the tokenizer has no entry for (vocabulary padding)
+        raise APIError(400, f"the tokenizer cannot decode these ids: {exc}", param="tokens") from None

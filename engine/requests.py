@@ -74,6 +74,8 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     # caller changing its object later cannot reach a running request
     params = replace(params)
     ids = prompt_ids(engine, prompt)
+    if params.truncate_prompt_tokens is not None:
+        ids = ids[-params.truncate_prompt_tokens:]
     if not ids:
         raise RastError("the prompt is empty")
     if len(ids) >= engine.max_model_len:

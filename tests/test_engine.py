@@ -314,7 +314,8 @@ def test_add_request_rejects_bad_input_without_side_effects(llm: LLM) -> None:
     (dict(max_tokens=0), "max_tokens"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
     (dict(seed=1.5), "seed"), (dict(lam=float("nan")), "lam"), (dict(logprobs=-1), "logprobs"),
     (dict(ignore_eos="yes"), "ignore_eos"), (dict(lam=[]), "lam"), (dict(lam=[0.5, float("inf")]), "lam"),
-    (dict(lam=["0.5"]), "lam"), (dict(lam=[True]), "lam"),
+    (dict(lam=["0.5"]), "lam"), (dict(lam=[True]), "lam"), (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    (dict(truncate_prompt_tokens=2.0), "truncate_prompt_tokens"),
 ])
 def test_sampling_params_validation(kwargs: dict, field: str) -> None:
     with pytest.raises(RastError, match=field):

@@ -14,7 +14,7 @@ from rast_engine import LLM, SamplingParams
 from server_util import MODEL, PROMPTS, Running
 
 
-def greedy(oracle: LLM, prompt: str, **params: Any) -> Any:
+def greedy(oracle: LLM, prompt: str | list[int], **params: Any) -> Any:
     """The offline engine's greedy completion of 12 tokens (a CompletionOutput)."""
     return oracle.generate(prompt, SamplingParams(temperature=0, max_tokens=12, **params), use_tqdm=False)[0].outputs[0]
 
@@ -72,6 +72,21 @@ def test_token_masks_reach_the_engine(srv: Running, server_oracle: LLM) -> None:
     assert want.token_ids != plain.token_ids
     res = srv.client().completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0, extra_body=masks)
     assert res.choices[0].text == want.text
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(srv: Running, server_oracle: LLM) -> None:
+    """vLLM's truncate_prompt_tokens: offline, and in the server before its context check, so a prompt
+    longer than the context is served from its last k tokens."""
+    tok = server_oracle.get_tokenizer()
+    ids = tok.encode(" ".join([PROMPTS[0]] * 200))
+    assert len(ids) > srv.server.engine.max_model_len
+    want = greedy(server_oracle, ids[-40:])
+    got = server_oracle.generate(ids, SamplingParams(temperature=0, max_tokens=12, truncate_prompt_tokens=40),
+                                 use_tqdm=False)[0]
+    assert (got.prompt_token_ids, got.outputs[0].text) == (ids[-40:], want.text)
+    res = srv.client().completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
+                                          extra_body={"truncate_prompt_tokens": 40})
+    assert (res.choices[0].text, res.usage.prompt_tokens) == (want.text, 40)
 
 
 def test_special_tokens_and_kept_stop_strings_reach_the_engine(srv: Running, server_oracle: LLM) -> None:
@@ -169,6 +184,7 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "bad_words": ["answer " * 300]}, 400, "bad_words"),  # over 1024 tokens
     ({"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
     ({"model": MODEL, "prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
     ({"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),  # longer than the 512-token context
     ({"model": MODEL, "prompt": [100000]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "prompt"),

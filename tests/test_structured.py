@@ -184,10 +184,15 @@ def test_the_server_takes_response_format_and_structured_outputs(json_triple: tu
         res = client.completions.create(model=MODEL, prompt="the cat", max_tokens=20, temperature=1.0, n=4, seed=1,
                                         extra_body={"structured_outputs": CASES["choice"]})
         assert all(c.text in CASES["choice"]["choice"] for c in res.choices)
+        res = client.completions.create(model=MODEL, prompt="the cat", max_tokens=20, temperature=1.0, n=4, seed=1,
+                                        extra_body={"guided_choice": CASES["choice"]["choice"]})
+        assert all(c.text in CASES["choice"]["choice"] for c in res.choices)  # vLLM's older spelling
         bad = [({"response_format": {"type": "xml"}}, "response_format"),
                ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
                ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format"),
                ({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+               ({"guided_regex": "a", "guided_choice": ["a"]}, "structured_outputs"),
+               ({"guided_regex": "a", "structured_outputs": {"regex": "a"}}, "structured_outputs"),
                ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs")]
         for extra, param in bad:
             r = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL, "prompt": "hi", **extra})

@@ -75,6 +75,7 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
             # placeholder, at least min_tokens: the engine thread sets it once the prompt is tokenised
             max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=logit_bias,
             allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=req.structured(),
+            truncate_prompt_tokens=req.truncate_prompt_tokens,
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,

@@ -61,8 +61,14 @@ class _Request(BaseModel):
     # regex, choice, grammar); at most one of the two
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's older spellings of structured_outputs' json, regex, choice and grammar
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     bad_words: list[str] | None = None
     min_tokens: int = Field(0, ge=0)
+    truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep only the prompt's last k tokens
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     ignore_eos: bool = False
@@ -95,8 +101,15 @@ class _Request(BaseModel):
         """The StructuredOutputsParams fields the request asks for, or None; APIError(400) for a
         response_format other than text, json_object or json_schema with a schema."""
         fmt = self.response_format
-        if fmt is not None and self.structured_outputs is not None:
-            raise APIError(400, "give response_format or structured_outputs, not both", param="response_format")
+        guided = {kind: value for kind in ("json", "regex", "choice", "grammar")
+                  if (value := getattr(self, f"guided_{kind}")) is not None}
+        given = [name for name, value in (("response_format", fmt), ("structured_outputs", self.structured_outputs),
+                                          ("guided_*", guided or None)) if value is not None]
+        if len(given) > 1:
+            raise APIError(400, f"give one of response_format, structured_outputs and guided_*, not {given}",
+                           param=given[0])
+        if guided:
+            return guided
         if fmt is None or fmt.get("type") == "text":
             return self.structured_outputs
         if fmt.get("type") == "json_object":

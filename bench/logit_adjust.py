@@ -19,7 +19,6 @@ import random
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -45,15 +44,16 @@ def make_draws(kind: str, rows: int, vocab: int, prompt: int, output: int, devic
     engine = import_engine()
     from rast_engine.draws import Draw
     from rast_engine.logit_adjust import OutputCounts, adjustment
+    from rast_engine.sequence import Sequence, SequenceGroup
 
     params = engine.SamplingParams(**params_of(kind, vocab))
     rng = random.Random(rows)
     draws = []
     for r in range(rows):
         ids = [rng.randrange(vocab) for _ in range(prompt + output)]
-        group = SimpleNamespace(prompt_token_ids=ids[:prompt], params=params, adjust_tensors=None)
-        seq = SimpleNamespace(params=params, group=group, token_ids=ids, num_prompt_tokens=prompt,
-                              num_generated=output, output_counts=None)
+        group = SequenceGroup(request_id=f"r{r}", prompt=None, prompt_token_ids=ids[:prompt], params=params,
+                              request_seed=r, arrival=r, weights=[0.7])
+        seq = Sequence(group=group, index=0, token_ids=ids, seed=r)
         adjust = adjustment(seq, False, [2])
         assert adjust is not None and (seq.output_counts is None) == (not params.penalized)
         if isinstance(seq.output_counts, OutputCounts):

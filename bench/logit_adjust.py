@@ -1,20 +1,26 @@
-"""Cost of a step's logit adjustments (engine/logit_adjust.py: logit_bias, min_tokens, penalties), the
-work an adjusted batch adds before the fused sampler.
+"""Cost of a step's logit adjustments (engine/logit_adjust.py: logit_bias, min_tokens, penalties, token
+masks, structured outputs), the work an adjusted batch adds before the fused sampler.
 
     python bench/logit_adjust.py            # table, and bench/results/logit-adjust-<device>-<sha>.json
     python bench/logit_adjust.py --quick    # smoke run, small shapes (on the CPU)
 
 Each row decodes ``rows`` adjusted sequences (prompt and output lengths as given, every sequence one new
-token a call, as in decoding) and times with_adjustments on bf16 logits of one small pair:
-`host_us`, the Python time of the call (on CUDA the device work is only enqueued then), and `us`, the
-median wall time with the device work done (CUDA events). The floor is the bytes the dense part must
-move over the measured copy bandwidth: the three models' logits rows read once (bf16), the output counts
-read once (penalties, float32), the [rows, V] bias written once (float32).
+token a step, as in decoding) and times what the engine does for them at each step: adjustment() per
+sequence (host: ban lists, bad-word tails, the grammar matcher's next-token bitmask) and then
+with_adjustments on bf16 logits of one small pair. `host_us` is the Python time of a step (on CUDA the
+device work is only enqueued then), `us` the median wall time with the device work done (CUDA events).
+The floor is the bytes the dense part must move over the measured copy bandwidth: the three models'
+logits rows read once (bf16), the output counts read once (penalties, float32), a [rows, V] mask read
+once (masks and json, bool), the [rows, V] bias written once (float32).
 Kinds: `bias` (300 logit_bias entries and min_tokens masking 2 ids), `penalties` (repetition, frequency
-and presence), `both`.
+and presence), `both`, `masks` (1000 allowed_token_ids and 16 bad words of 1 to 3 tokens), `json` (a JSON
+schema through xgrammar, over a synthetic byte-level vocabulary of V tokens; each sequence's output is a
+random walk the grammar allows, the same for every row, so each matcher does a real step's work; its
+output so far is capped at JSON_OUTPUT tokens to keep the walk's setup short; skipped without xgrammar).
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 import sys
 import time
@@ -26,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (copy_bandwidth, device_name, import_engine, quick_args, sync, table, time_us,  # noqa: E402
                           write_results)
 
-KINDS = ("bias", "penalties", "both")
+KINDS = ("bias", "penalties", "both", "masks", "json")
+SCHEMA = {"type": "object", "properties": {"steps": {"type": "array", "items": {"type": "string"}},
+                                           "answer": {"type": "integer"}}, "required": ["steps", "answer"]}
+EOS = 2
+JSON_OUTPUT = 200
 
 
 def params_of(kind: str, vocab: int) -> dict:
@@ -37,59 +47,115 @@ def params_of(kind: str, vocab: int) -> dict:
                   min_tokens=10**6, max_tokens=10**6, stop_token_ids=[0, 1])
     if kind in ("penalties", "both"):
         kw.update(repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.1)
+    if kind == "masks":
+        kw.update(allowed_token_ids=rng.sample(range(vocab), min(1000, vocab)), bad_words=["placeholder"])
+    if kind == "json":
+        kw.update(structured_outputs={"json": SCHEMA})
     return kw
 
 
-def make_draws(kind: str, rows: int, vocab: int, prompt: int, output: int, device: torch.device) -> list:
+def byte_level_tokenizer(vocab: int) -> object:
+    """An HF fast tokenizer of ``vocab`` byte-level tokens: the 256 bytes, then distinct random pieces of
+    text (letters, digits, JSON punctuation, half of them after a space), EOS at id 2. Only its vocabulary
+    matters here: it is what xgrammar precomputes its token masks over."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    byte = _bytes_to_unicode()
+    pieces = {byte[b]: b for b in range(256)}
+    rng, alphabet = random.Random(0), "abcdefghijklmnopqrstuvwxyz0123456789" + '{}[]":, .-'
+    while len(pieces) < vocab - 1:
+        text = (" " if rng.random() < 0.5 else "") + "".join(rng.choices(alphabet, k=rng.randint(2, 8)))
+        pieces.setdefault("".join(byte[b] for b in text.encode()), len(pieces))
+    pieces["</s>"] = len(pieces)
+    order = sorted(pieces, key=pieces.get)
+    order[EOS], order[-1] = order[-1], order[EOS]  # EOS at id 2, as the engine's eos set below says
+    tok = Tokenizer(models.BPE({piece: i for i, piece in enumerate(order)}, []))
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for 256 + n."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def make_seqs(kind: str, rows: int, vocab: int, prompt: int, output: int, steps: int, device: torch.device
+              ) -> tuple[list, list[list[int]]]:
+    """``rows`` sequences with ``output`` tokens so far, and the ``steps`` tokens each takes next."""
     engine = import_engine()
-    from rast_engine.draws import Draw
-    from rast_engine.logit_adjust import OutputCounts, adjustment
     from rast_engine.sequence import Sequence, SequenceGroup
 
     params = engine.SamplingParams(**params_of(kind, vocab))
+    grammar = None
+    if kind == "masks":
+        params.set_bad_words_token_ids([[(7 * i + j) % vocab for j in range(1 + i % 3)] for i in range(16)])
+    if kind == "json":
+        from rast_engine.structured import Grammars, RequestGrammar
+
+        grammars = Grammars(byte_level_tokenizer(vocab), vocab, [EOS])
+        grammar = RequestGrammar(grammars, grammars.compile(params.structured_outputs))
     rng = random.Random(rows)
-    draws = []
+    shared = grammar_walk(grammar, output + steps, rng) if grammar else None
+    seqs, upcoming = [], []
     for r in range(rows):
-        ids = [rng.randrange(vocab) for _ in range(prompt + output)]
+        walk = shared or [rng.randrange(vocab) for _ in range(output + steps)]
+        ids = [rng.randrange(vocab) for _ in range(prompt)] + walk[:output]
         group = SequenceGroup(request_id=f"r{r}", prompt=None, prompt_token_ids=ids[:prompt], params=params,
-                              request_seed=r, arrival=r, weights=[0.7])
-        seq = Sequence(group=group, index=0, token_ids=ids, seed=r)
-        adjust = adjustment(seq, False, [2])
-        assert adjust is not None and (seq.output_counts is None) == (not params.penalized)
-        if isinstance(seq.output_counts, OutputCounts):
-            seq.output_counts.tensor(seq.token_ids, prompt, vocab, lambda t: t.to(device))
-        draws.append(Draw(r, params, [0.7], r, output, adjust))
-    return draws
+                              request_seed=r, arrival=r, weights=[0.7], grammar=grammar)
+        seqs.append(Sequence(group=group, index=0, token_ids=ids, seed=r))
+        upcoming.append(walk[output:])
+    return seqs, upcoming
+
+
+def grammar_walk(grammar: object, n: int, rng: random.Random) -> list[int]:
+    """``n`` tokens the grammar allows one after another, each drawn uniformly among the allowed ones other
+    than EOS (EOS once nothing else is)."""
+    from rast_engine.structured import SequenceMatcher, unpack
+
+    matcher, ids = SequenceMatcher(grammar), []
+    for _ in range(n):
+        allowed = unpack(matcher.bitmask(ids, 0)[None], grammar.grammars.vocab)[0].nonzero().flatten().tolist()
+        ids.append(rng.choice([t for t in allowed if t != EOS] or allowed))
+    return ids
 
 
 def bytes_moved(kind: str, rows: int, vocab: int) -> int:
     counts = 4 if kind in ("penalties", "both") else 0
-    return rows * vocab * (3 * 2 + counts + 4)
+    mask = 1 if kind in ("masks", "json") else 0
+    return rows * vocab * (3 * 2 + counts + mask + 4)
 
 
 def measure(kind: str, rows: int, vocab: int, prompt: int, output: int, device: torch.device) -> dict:
-    from rast_engine.logit_adjust import with_adjustments
+    from rast_engine.draws import Draw
+    from rast_engine.logit_adjust import adjustment, with_adjustments
 
-    draws = make_draws(kind, rows, vocab, prompt, output, device)
+    host_steps, warmup, iters = 13, 2, 10
+    output = min(output, JSON_OUTPUT) if kind == "json" else output
+    seqs, upcoming = make_seqs(kind, rows, vocab, prompt, output, host_steps + warmup + iters + 1, device)
     g = torch.Generator().manual_seed(rows)
     logits = [(torch.randn(rows, vocab, generator=g) * 3).to(torch.bfloat16).to(device) for _ in range(3)]
     to_device = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    rng = random.Random(1)
+    taken = [0]
 
     def step() -> None:
-        for d in draws:  # one new token each, as a decode step adds
-            if d.adjust.seq is not None:
-                d.adjust.seq.token_ids.append(rng.randrange(vocab))
+        draws = []
+        for r, seq in enumerate(seqs):  # one new token each, as a decode step adds
+            seq.token_ids.append(upcoming[r][taken[0]])
+            draws.append(Draw(r, seq.params, [0.7], r, seq.num_generated, adjustment(seq, False, [EOS])))
+        taken[0] += 1
         with_adjustments(logits, draws, to_device, vocab)
 
     host = []
-    for _ in range(13):
+    for _ in range(host_steps):
         sync(device)
         t0 = time.perf_counter()
         step()
         host.append((time.perf_counter() - t0) * 1e6)
     sync(device)
-    us = time_us(step, device, warmup=2, iters=10)
+    us = time_us(step, device, warmup=warmup, iters=iters)
     return dict(kind=kind, rows=rows, vocab=vocab, prompt=prompt, output=output,
                 host_us=sorted(host[3:])[5], us=us, bytes=bytes_moved(kind, rows, vocab))
 
@@ -103,6 +169,9 @@ def main() -> None:
     rows = []
     for n, vocab, prompt, output in grid:
         for kind in KINDS:
+            if kind == "json" and importlib.util.find_spec("xgrammar") is None:
+                print("json: skipped, xgrammar is not installed")
+                continue
             row = measure(kind, n, vocab, prompt, output, device)
             row["floor_us"] = row["bytes"] / bw * 1e6
             rows.append(row)

@@ -29,6 +29,7 @@ adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence as Seq
 
@@ -143,7 +144,9 @@ class Adjust:
     request: RequestTensors
     banned: list[int]  # ids masked at this draw (min_tokens not reached)
     seq: Optional[Sequence]  # whose output counts penalize this draw (None: penalties off, or no output yet)
-    grammar_mask: Optional[torch.Tensor] = None  # int32 host bitmask of the tokens structured outputs allow
+    # the int32 host bitmask of the tokens structured outputs allow, computed when with_adjustments runs:
+    # after the step's forwards are enqueued, so on CUDA the grammar matcher's host work overlaps them
+    grammar_mask: Optional[Callable[[], torch.Tensor]] = None
 
 
 def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) -> Optional[Adjust]:
@@ -162,7 +165,7 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
     if p.penalized and not first_draw and seq.output_counts is None:
         seq.output_counts = OutputCounts()
     return Adjust(group.adjust_tensors, banned, seq if p.penalized and not first_draw else None,
-                  grammar_bitmask(seq, first_draw) if group.grammar is not None else None)
+                  functools.partial(grammar_bitmask, seq, first_draw) if group.grammar is not None else None)
 
 
 def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
@@ -181,7 +184,7 @@ def _bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device:
         z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
     grammar = [(j, a.grammar_mask) for j, a in enumerate(adjusts) if a.grammar_mask is not None]
     if grammar:
-        keep = unpack(to_device(torch.stack([m for _, m in grammar])), vocab)
+        keep = unpack(to_device(torch.stack([mask() for _, mask in grammar])), vocab)
         at = to_device(torch.tensor([j for j, _ in grammar], dtype=torch.int64))
         z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
     biases = [a.request.bias(to_device) for a in adjusts]

@@ -2,6 +2,7 @@
 reads and writes."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,35 @@ def test_quick_run_writes_every_kind(tmp_path: Path) -> None:
     result, _, out = run_bench("logit_adjust.py", tmp_path, "--quick", pattern="logit-adjust-*.json")
     assert result["commit"] and result["device"] and result["copy_gbs"] > 0
     rows = result["rows"]
-    assert {(r["kind"], r["rows"]) for r in rows} == {(k, n) for k in ("bias", "penalties", "both") for n in (1, 4)}
+    kinds = ["bias", "penalties", "both", "masks"] + (["json"] if importlib.util.find_spec("xgrammar") else [])
+    assert {(r["kind"], r["rows"]) for r in rows} == {(k, n) for k in kinds for n in (1, 4)}
     for r in rows:
         assert r["us"] > 0 and r["host_us"] > 0
         assert r["floor_us"] == pytest.approx(r["bytes"] / (result["copy_gbs"] * 1e3))
     assert "floor_us" in out
 
 
-@pytest.mark.parametrize("kind", ["bias", "penalties", "both"])
+@pytest.mark.parametrize("kind", ["bias", "penalties", "both", "masks", "json"])
 def test_bytes_are_the_dense_pass(kind: str) -> None:
+    """bytes_moved counts the logits read, the output counts read (penalties), the mask read (masks,
+    json) and the bias written; the sequences are adjusted as their kind says, and a json walk is one
+    the grammar accepts."""
+    if kind == "json":
+        pytest.importorskip("xgrammar")
     bench = load_bench("logit_adjust.py")
-    rows, vocab = 3, 50
+    rows, vocab = 3, 300
     logits = 3 * rows * vocab * torch.finfo(torch.bfloat16).bits // 8
-    counts = rows * vocab * 4 if kind != "bias" else 0
-    assert bench.bytes_moved(kind, rows, vocab) == logits + counts + rows * vocab * 4
-    draws = bench.make_draws(kind, rows, vocab, 20, 10, torch.device("cpu"))
-    assert all((d.adjust.seq is not None) == (kind != "bias") for d in draws)
-    assert all(bool(d.adjust.banned) == (kind != "penalties") for d in draws)
+    counts = rows * vocab * 4 if kind in ("penalties", "both") else 0
+    mask = rows * vocab if kind in ("masks", "json") else 0
+    assert bench.bytes_moved(kind, rows, vocab) == logits + counts + mask + rows * vocab * 4
+    seqs, upcoming = bench.make_seqs(kind, rows, vocab, 20, 10, 5, torch.device("cpu"))
+    assert all(len(s.token_ids) == 30 and len(u) == 5 for s, u in zip(seqs, upcoming))
+    params = seqs[0].params
+    assert params.penalized == (kind in ("penalties", "both"))
+    assert (params.logit_bias is not None) == (kind in ("bias", "both"))
+    assert (params.allowed_token_ids is not None) == (kind == "masks")
+    if kind == "json":
+        import xgrammar
+
+        matcher = xgrammar.GrammarMatcher(seqs[0].group.grammar.compiled)
+        assert all(matcher.accept_token(t) for t in seqs[0].token_ids[20:] + upcoming[0])

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 from rast_engine.errors import RastError
 from rast_engine.logit_adjust import tokenize_bad_words
-from rast_engine.structured import Grammars, RequestGrammar
+from rast_engine.structured import RequestGrammar, engine_grammars
 from rast_engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -96,7 +96,6 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
         raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
     weights, grammar = pair_weights(engine, params), None
     if params.structured_outputs is not None:
-        if engine.grammars is None:
-            engine.grammars = Grammars(engine.tokenizer, engine.vocab_size, sorted(engine.scheduler.eos_token_ids))
-        grammar = RequestGrammar(engine.grammars, engine.grammars.compile(params.structured_outputs))
+        grammars = engine_grammars(engine)
+        grammar = RequestGrammar(grammars, grammars.compile(params.structured_outputs))
     return ids, weights, params, grammar

@@ -15,6 +15,7 @@ remain; a completed grammar with ignore_eos keeps drawing them up to max_tokens.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,19 @@ class Grammars:
         except (RuntimeError, ValueError, TypeError) as exc:
             raise RastError(f"structured_outputs.{kind(p)} cannot be compiled: {str(exc).strip()[:500]}",
                             param="structured_outputs") from None
+
+
+_BUILDING = threading.Lock()
+
+
+def engine_grammars(engine: Any) -> Grammars:
+    """The LLMEngine's Grammars, built by the first caller: the server builds them and compiles a request's
+    constraint on a worker thread before admission, so the engine thread's compile is a cache hit and
+    neither (a vocabulary's TokenizerInfo takes seconds) stalls the running batch."""
+    with _BUILDING:
+        if engine.grammars is None:
+            engine.grammars = Grammars(engine.tokenizer, engine.vocab_size, sorted(engine.scheduler.eos_token_ids))
+    return engine.grammars
 
 
 @dataclass

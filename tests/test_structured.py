@@ -160,11 +160,22 @@ def test_constraints_are_checked(json_triple: tuple, tmp_path: Path) -> None:
     assert not engine.groups and not speculative.groups
 
 
-def test_the_server_takes_response_format_and_structured_outputs(json_triple: tuple) -> None:
+def test_the_server_takes_response_format_and_structured_outputs(json_triple: tuple,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
     import httpx
     from server_util import MODEL, Running, server_engine
 
     from rast_engine.server.app import OpenAIServer
+
+    compiled_on, compile_ = [], Grammars.compile
+
+    def recording(self: Grammars, p: StructuredOutputsParams) -> object:
+        compiled_on.append(threading.current_thread().name)
+        return compile_(self, p)
+
+    monkeypatch.setattr(Grammars, "compile", recording)
 
     running = Running(OpenAIServer(server_engine(json_triple), model_name=MODEL))
     oracle = server_engine(json_triple)
@@ -177,6 +188,8 @@ def test_the_server_takes_response_format_and_structured_outputs(json_triple: tu
                                                          structured_outputs={"json": SCHEMA}))})["o"][0]
         assert res.choices[0].text == want.text
         assert want.finish_reason != "stop" or satisfied("json", want.text)
+        # compiled first off the engine thread (a cache hit there after), then by the oracle's add_request
+        assert compiled_on[0] != "rast-engine" and compiled_on[1] == "rast-engine", compiled_on
         res = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the cat"}],
                                              max_tokens=60, temperature=1.0, seed=3,
                                              response_format={"type": "json_object"})

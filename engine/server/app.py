@@ -26,6 +26,7 @@ from rast_engine.server.async_engine import AsyncEngine, RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
 from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from rast_engine.server.responses import Formatter
+from rast_engine.structured import engine_grammars
 from rast_engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 if TYPE_CHECKING:
@@ -199,6 +200,7 @@ class OpenAIServer:
         req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
         self._check_model(req.model)
         params = _sampling_params(req, req.logprobs, req.max_tokens, self.engine.engine)
+        await self._precompile(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
@@ -209,6 +211,7 @@ class OpenAIServer:
         req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
         self._check_model(req.model)
         params = _sampling_params(req, req.logprobs_count(), req.max_new_tokens(), self.engine.engine)
+        await self._precompile(params)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         try:
@@ -223,6 +226,15 @@ class OpenAIServer:
         fmt = Formatter("chat", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs_count())
         return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
+
+    async def _precompile(self, params: SamplingParams) -> None:
+        """Compiles a structured-output constraint on a worker thread (structured.engine_grammars)."""
+        if params.structured_outputs is not None:
+            try:
+                grammars = await asyncio.to_thread(engine_grammars, self.engine.engine)
+                await asyncio.to_thread(grammars.compile, params.structured_outputs)
+            except RastError as exc:
+                raise APIError(400, str(exc), param=exc.param) from None
 
     async def _respond(self, request: Request, handle: RequestHandle, fmt: Formatter, stream: bool,
                        usage_chunk: bool) -> Response:

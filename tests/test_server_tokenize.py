@@ -57,6 +57,18 @@ def test_bad_inputs(srv: Running, path: str, body: dict, status: int, param: str
     assert (r.status_code, r.json()["error"]["param"]) == (status, param), r.text
 
 
+def test_a_remote_tokenizer_works_without_a_model_name(srv: Running, tok) -> None:  # noqa: ANN001
+    """What lm-evaluation-harness' remote tokenizer sends: /tokenizer_info, then /tokenize and /detokenize
+    without a model field."""
+    info = httpx.get(f"{srv.url}/tokenizer_info").json()
+    assert (info["eos_token"], info["bos_token"], info["chat_template"]) == (tok.eos_token, tok.bos_token,
+                                                                           tok.chat_template)
+    assert info["model_max_length"] == srv.server.engine.max_model_len
+    ids = httpx.post(f"{srv.url}/tokenize", json={"prompt": PROMPTS[1], "add_special_tokens": False}).json()["tokens"]
+    assert ids == tok.encode(PROMPTS[1], add_special_tokens=False)
+    assert httpx.post(f"{srv.url}/detokenize", json={"tokens": ids}).json()["prompt"] == PROMPTS[1]
+
+
 def test_another_model_is_a_404(srv: Running) -> None:
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})):
         r = httpx.post(f"{srv.url}{path}", json={"model": "other", **body})

@@ -27,7 +27,7 @@ from rast_engine.server.metrics import CONTENT_TYPE, Metrics
 from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from rast_engine.server.responses import Formatter
 from rast_engine.structured import engine_grammars
-from rast_engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from rast_engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
 
 if TYPE_CHECKING:
     from rast_engine.llm_engine import LLMEngine
@@ -124,6 +124,7 @@ class OpenAIServer:
             Route("/v1/chat/completions", self._wrap("chat", self.chat, auth=True), methods=["POST"]),
             Route("/tokenize", self._wrap("tokenize", self.tokenize, auth=True), methods=["POST"]),
             Route("/detokenize", self._wrap("detokenize", self.detokenize, auth=True), methods=["POST"]),
+            Route("/tokenizer_info", self._wrap("tokenizer_info", self.tokenizer_info, auth=True), methods=["GET"]),
             Route("/health", self._wrap("health", self.health), methods=["GET"]),
             Route("/metrics", self._wrap("metrics", self.render_metrics), methods=["GET"]),
         ]
@@ -180,13 +181,18 @@ class OpenAIServer:
 
     async def tokenize(self, request: Request) -> Response:
         req: TokenizeRequest = parse_request(await request.body(), TokenizeRequest)
-        self._check_model(req.model)
+        if req.model is not None:
+            self._check_model(req.model)
         return JSONResponse(tokenize(self.tokenizer, req, self.engine.max_model_len))
 
     async def detokenize(self, request: Request) -> Response:
         req: DetokenizeRequest = parse_request(await request.body(), DetokenizeRequest)
-        self._check_model(req.model)
+        if req.model is not None:
+            self._check_model(req.model)
         return JSONResponse(detokenize(self.tokenizer, req, self.engine.engine.vocab_size))
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return JSONResponse(tokenizer_info(self.tokenizer, self.engine.max_model_len, self.engine.engine.vocab_size))
 
     async def health(self, request: Request) -> Response:
         if self.engine.error is not None:

@@ -1,5 +1,6 @@
-"""vLLM's /tokenize and /detokenize: the server's own tokenizer and chat template, so a client counts and
-builds prompts exactly as the engine will read them. They never touch the engine's queue."""
+"""vLLM's /tokenize, /detokenize and /tokenizer_info: the server's own tokenizer and chat template, so a
+client (lm-evaluation-harness' remote tokenizer, for one) counts and builds prompts exactly as the engine
+will read them. ``model`` may be left out, as vLLM allows. They never touch the engine's queue."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,7 +15,7 @@ class TokenizeRequest(BaseModel):
     add_special_tokens defaults to True for a prompt and to False for messages (the template writes them)."""
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
@@ -31,7 +32,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str | None = None
     tokens: list[int]
 
 
@@ -62,6 +63,16 @@ def tokenize(tokenizer: Any, req: TokenizeRequest, max_model_len: int) -> dict[s
                        param="prompt" if req.prompt is not None else "messages") from None
     return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
             "token_strs": tok.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+
+
+def tokenizer_info(tokenizer: Any, max_model_len: int, vocab_size: int) -> dict[str, Any]:
+    """The special tokens (as text), the chat template and the sizes a remote tokenizer needs."""
+    tok = _require(tokenizer)
+    special = {name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    template = getattr(tok, "chat_template", None)
+    return {"tokenizer_class": type(tok).__name__, **{k: v if isinstance(v, str) else None for k, v in special.items()},
+            "chat_template": template if isinstance(template, str) else None, "model_max_length": max_model_len,
+            "vocab_size": vocab_size}
 
 
 def detokenize(tokenizer: Any, req: DetokenizeRequest, vocab_size: int) -> dict[str, Any]:

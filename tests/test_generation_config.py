@@ -33,12 +33,13 @@ def params_of(fields: dict, **kw: object) -> SamplingParams:
     return SamplingParams(**{**explicit, **kw})
 
 
-def test_what_is_read(tmp_path: Path, qwen2_triple: tuple) -> None:
+def test_what_is_read(tmp_path: Path, qwen2_triple: tuple, caplog: pytest.LogCaptureFixture) -> None:
     d = config_dir(tmp_path, "gc", SAMPLED)
     want = {("max_tokens" if k == "max_new_tokens" else k): v for k, v in SAMPLED.items()}
     assert sampling_defaults(d, "unused") == want
     assert sampling_defaults("auto", d) == want  # auto: the large model's own directory
     assert sampling_defaults("vllm", d) == {}
+    assert "repetition_penalty=1.3" in caplog.text  # every defaulted request is penalized: said once, loudly
     assert sampling_defaults("auto", str(qwen2_triple[0])) == {}  # token ids only: no sampling fields
     assert sampling_defaults("auto", str(tmp_path)) == {}  # no file: nothing to read
     with pytest.raises(ModelLoadError, match="no generation_config.json"):

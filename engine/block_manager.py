@@ -18,6 +18,7 @@ from array import array
 from collections import OrderedDict
 from typing import Optional
 
+from rast_engine.prompt_logprobs import pending as prompt_logprobs_pending
 from rast_engine.sequence import Sequence
 
 
@@ -52,7 +53,7 @@ class BlockManager:
 
     # ---- prefill ------------------------------------------------------------------------------------
     def _prefix_hits(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or prompt_logprobs_pending(seq.group):  # a hit has no logits
             return [], []
         bs = self.block_size
         # at least one token must be computed to get the last position's logits, and it must not land

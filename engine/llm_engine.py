@@ -77,7 +77,8 @@ class LLMEngine:
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
-                              arrival=next(self._arrivals), weights=weights, grammar=grammar)
+                              arrival=next(self._arrivals), weights=weights, grammar=grammar,
+                              prompt_logprobs=None if params.prompt_logprobs is None else [None])
         group.seqs.append(self._new_sequence(group, 0, list(ids)))
         self.groups[request_id] = group
         self.scheduler.add(group.seqs[0])

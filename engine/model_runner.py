@@ -29,6 +29,7 @@ from rast_engine.model_streams import ModelStreams
 from rast_engine.models.stacked import ForwardUnit
 from rast_engine.draws import Draw, draw_logprobs, sample_draws
 from rast_engine.logit_adjust import with_adjustments
+from rast_engine.prompt_logprobs import PromptLogprobs, prompt_rows
 from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
 from rast_engine.sequence import Sequence
 from rast_engine.speculative.round import PendingRound, RoundInputs, RoundOutput, round_core, run_round
@@ -184,8 +185,18 @@ class ModelRunner:
             rows = rows.index_select(0, self._to_device(torch.tensor(needed, dtype=torch.int64)))
             remap = {r: i for i, r in enumerate(needed)}
             draws = [replace(d, row=remap[d.row]) for d in draws]
+        extra, slices = prompt_rows(seqs) if is_prefill else ([], [])
+        if extra:  # prompt logprobs: more rows of the same forward (prompt_logprobs.py)
+            rows = torch.cat([rows, self._to_device(torch.tensor(extra, dtype=torch.int64))])
         logits = self.forward_logits(inputs, rows)
-        return self.sample(logits, draws) if draws else PendingStep([])
+        prompt = None
+        if extra:
+            n = rows.shape[0] - len(extra)
+            prompt = PromptLogprobs([t[n:] for t in logits], slices, self.vocab_size, self._to_device)
+            logits = [t[:n] for t in logits]
+        step = self.sample(logits, draws) if draws else PendingStep([])
+        step.prompt = prompt
+        return step
 
     # ---- decode: static buffers, optional CUDA graph ----------------------------------------------
     def _decode_step(self, rows: int) -> StepOutput:

@@ -30,6 +30,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # SamplingParams.prompt_logprobs: [None, {token: logprob}, ...], one entry per prompt token; in a delta
+    # output only the first one carries it
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
 
 
 @dataclass

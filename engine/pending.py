@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from rast_engine.errors import NoAdmissibleToken
+from rast_engine.prompt_logprobs import PromptLogprobs
 from rast_engine.scheduler import SchedulerOutput
 from rast_engine.sequence import Sequence
 
@@ -56,6 +57,7 @@ class PendingStep:
         if (results is None) == (ids is None):
             raise ValueError("a PendingStep holds either its results or the ids they come from")
         self._results, self._ids, self._event, self._logprobs = results, ids, event, logprobs
+        self.prompt: Optional[PromptLogprobs] = None  # the step's prompt logprobs, written into their requests by wait()
 
     @property
     def done(self) -> bool:
@@ -73,6 +75,9 @@ class PendingStep:
             if self._logprobs is not None:
                 self._logprobs.fill(results)
             self._results = results
+        if self.prompt is not None:  # after the ids' check: an undone step reports nothing
+            self.prompt.fill()
+            self.prompt = None
         return self._results
 
 

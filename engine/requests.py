@@ -92,8 +92,9 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     check_token_ids("allowed_token_ids", params.allowed_token_ids, engine.vocab_size)
     if params.bad_words:
         params.set_bad_words_token_ids(tokenize_bad_words(engine.tokenizer, params.bad_words, engine.vocab_size))
-    if params.logprobs is not None and params.logprobs > engine.vocab_size:
-        raise RastError(f"logprobs={params.logprobs} exceeds the vocabulary size {engine.vocab_size}")
+    for name in ("logprobs", "prompt_logprobs"):
+        if (getattr(params, name) or 0) > engine.vocab_size:
+            raise RastError(f"{name}={getattr(params, name)} exceeds the vocabulary size {engine.vocab_size}")
     weights, grammar = pair_weights(engine, params), None
     if params.structured_outputs is not None:
         grammars = engine_grammars(engine)

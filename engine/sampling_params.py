@@ -73,6 +73,9 @@ class SamplingParams:
     # pair, in the engine's pair order (the main pair first, then `experts`)
     lam: Optional[Union[float, list[float]]] = None
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob plus the top k
+    # None: none; k >= 0: each prompt token's logprob (after the first) under the combined distribution,
+    # raw (no temperature or filters), plus the top k there (vLLM's; engine/prompt_logprobs.py)
+    prompt_logprobs: Optional[int] = None
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
     skip_special_tokens: bool = True  # leave special tokens (EOS, chat markers) out of the text
     # "cumulative": the request's RequestOutput, everything so far, at every step it progresses;
@@ -150,8 +153,10 @@ class SamplingParams:
                       f"pair) or None, got {self.lam!r}")
         if isinstance(self.lam, (list, tuple)):
             self.lam = [float(x) for x in self.lam]
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise bad(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise bad(f"{name} must be an integer >= 0 or None, got {value!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:

@@ -178,6 +178,9 @@ class SequenceGroup:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     grammar: Optional[RequestGrammar] = None  # structured outputs' compiled constraint (structured.py)
+    # SamplingParams.prompt_logprobs: filled in prompt order by the prefill (prompt_logprobs.py)
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
+    _prompt_logprobs_reported: bool = field(default=False, init=False, repr=False)
     adjust_tensors: Optional[RequestTensors] = field(default=None, init=False, repr=False)  # adjusted requests
     _prompt_out: Optional[list[int]] = field(default=None, init=False, repr=False)  # see output()
 
@@ -199,5 +202,9 @@ class SequenceGroup:
             completions = [s.completion(holdback) for s in seqs]
         if self._prompt_out is None:
             self._prompt_out = list(self.prompt_token_ids)
+        prompt_logprobs = self.prompt_logprobs
+        if self.params.output_kind == "delta":
+            prompt_logprobs, self._prompt_logprobs_reported = (
+                None if self._prompt_logprobs_reported else prompt_logprobs), True
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self._prompt_out,
-                             outputs=completions, finished=self.finished)
+                             outputs=completions, finished=self.finished, prompt_logprobs=prompt_logprobs)

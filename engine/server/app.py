@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -206,11 +207,13 @@ class OpenAIServer:
         req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
         self._check_model(req.model)
         params = _sampling_params(req, req.logprobs, req.max_tokens, self.engine.engine)
+        if req.echo and req.logprobs is not None:  # the prompt's tokens get logprobs too
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         await self._precompile(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs)
+                        req.logprobs, echo=req.prompts() if req.echo else None)
         return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
 
     async def chat(self, request: Request) -> Response:

@@ -142,8 +142,6 @@ class CompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:

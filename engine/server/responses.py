@@ -4,7 +4,8 @@ The server asks for output_kind="delta": an output carries only what is new for 
 costs the engine thread O(new tokens) however long the completion. A stream chunk is a choice's new
 text with the logprobs of the tokens behind it; tokens whose text is still held back (a possible
 stop-string prefix, incomplete UTF-8) ride on the next chunk with text, or on the finishing one. A whole
-response joins the deltas."""
+response joins the deltas. With echo (completions) each choice starts with its prompt, and with logprobs
+with the prompt tokens' entries (the first one null, as OpenAI's), from the engine's prompt_logprobs."""
 from __future__ import annotations
 
 import time
@@ -19,7 +20,8 @@ class _Choice:
     """One choice's deltas so far, and how much of them the stream has sent."""
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    logprobs: Optional[list[dict[int, float]]] = None  # None: not asked for
+    logprobs: Optional[list[Optional[dict[int, float]]]] = None  # None: not asked for; None entries: echo's first
+    echoed: int = 0  # leading prompt tokens (echo), not counted as completion tokens
     finish_reason: Optional[str] = None
     sent_parts: int = 0
     sent_chars: int = 0
@@ -29,7 +31,7 @@ class _Choice:
 
 class Formatter:
     def __init__(self, kind: Kind, response_id: str, model: str, request_ids: list[str], n: int,
-                 tokenizer: Any, logprobs: int | None) -> None:
+                 tokenizer: Any, logprobs: int | None, echo: Optional[list[str | list[int]]] = None) -> None:
         self.kind, self.id, self.model, self.n = kind, response_id, model, n
         self.created = int(time.time())
         self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
@@ -37,6 +39,8 @@ class Formatter:
         self.logprobs = logprobs
         self.prompt_tokens: dict[str, int] = {}
         self.choices: dict[int, _Choice] = {}
+        self.echo = None if echo is None else dict(zip(request_ids, echo))  # request id -> its prompt
+        self.echoed: dict[str, _Choice] = {}  # request id -> the start every choice of it gets
 
     def _index(self, request_id: str, completion_index: int) -> int:
         return self.prompt_index[request_id] * self.n + completion_index
@@ -44,10 +48,17 @@ class Formatter:
     def add(self, out: Any) -> list[int]:
         """Fold a delta output in; the indices of the choices it brought something to."""
         self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+        if self.echo is not None and out.request_id not in self.echoed:  # its first output
+            self.echoed[out.request_id] = self._echo_start(out)
         touched = []
         for c in out.outputs:
             i = self._index(out.request_id, c.index)
-            ch = self.choices.setdefault(i, _Choice())
+            if i not in self.choices:
+                start = self.echoed.get(out.request_id)
+                self.choices[i] = _Choice() if start is None else _Choice(
+                    text=list(start.text), token_ids=list(start.token_ids), echoed=start.echoed,
+                    logprobs=None if start.logprobs is None else list(start.logprobs))
+            ch = self.choices[i]
             ch.text.append(c.text)
             ch.token_ids.extend(c.token_ids)
             if c.logprobs is not None:
@@ -58,9 +69,18 @@ class Formatter:
             touched.append(i)
         return touched
 
+    def _echo_start(self, out: Any) -> _Choice:
+        """What echo puts first in each choice: the prompt as sent (token ids as their text), its tokens,
+        and with logprobs their entries (the engine's prompt_logprobs)."""
+        prompt = self.echo[out.request_id]
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+        ids = list(out.prompt_token_ids)
+        entries = None if self.logprobs is None else list(out.prompt_logprobs or [None] * len(ids))
+        return _Choice(text=[text], token_ids=ids, logprobs=entries, echoed=len(ids))
+
     def usage(self) -> dict[str, int]:
         prompt = sum(self.prompt_tokens.values())
-        completion = sum(len(ch.token_ids) for ch in self.choices.values())
+        completion = sum(len(ch.token_ids) - ch.echoed for ch in self.choices.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
@@ -68,12 +88,12 @@ class Formatter:
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def _logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None,
+    def _logprobs(self, token_ids: list[int], entries: list[Optional[dict[int, float]]] | None,
                   text_offset: int) -> dict[str, Any] | None:
         if self.logprobs is None or entries is None:
             return None
         k = self.logprobs
-        tops = [sorted(e.items(), key=lambda kv: -kv[1])[:k] for e in entries]
+        tops = [None if e is None else sorted(e.items(), key=lambda kv: -kv[1])[:k] for e in entries]
         if self.kind == "chat":
             content = []
             for tid, entry, top in zip(token_ids, entries, tops):
@@ -88,8 +108,8 @@ class Formatter:
         for tok in tokens:
             offsets.append(text_offset)
             text_offset += len(tok)
-        return {"tokens": tokens, "token_logprobs": [e[t] for t, e in zip(token_ids, entries)],
-                "top_logprobs": [{self._token(t): lp for t, lp in top} for top in tops],
+        return {"tokens": tokens, "token_logprobs": [None if e is None else e[t] for t, e in zip(token_ids, entries)],
+                "top_logprobs": [None if top is None else {self._token(t): lp for t, lp in top} for top in tops],
                 "text_offset": offsets}
 
     # ---- whole responses ----

@@ -192,6 +192,28 @@ def test_adjusted_requests_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None
     assert gpu._in_flight is None and gpu.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.gpu
+def test_prompt_logprobs_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None:
+    """prompt_logprobs (engine/prompt_logprobs.py) from CUDA prefills, chunked and launched ahead, equal
+    the CPU's within float32 rounding."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2)
+    batch = prompts(4, seed=71)
+    got = []
+    for engine in (make_engine(qwen2_triple, "cpu", dtype="float32"),
+                   make_engine(qwen2_triple, "cuda", dtype="float32", attention_backend="triton", async_output=True,
+                               async_scheduling=True, max_num_batched_tokens=8)):
+        for i, p in enumerate(batch):
+            engine.add_request(f"p{i}", p, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.prompt_logprobs for o in engine.step() if o.finished})
+        got.append([done[f"p{i}"] for i in range(len(batch))])
+    for cpu, gpu in zip(*got):
+        assert cpu[0] is None and gpu[0] is None and len(cpu) == len(gpu)
+        for a, b in zip(cpu[1:], gpu[1:]):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-3 for t in a)
+
+
 def _syncs_per_step(engine: LLMEngine, run: Callable[[], None]) -> list[tuple[int, int]]:
     """Per engine step: (syncs the sync debugger reports, CUDA event waits)."""
     counts: list[tuple[int, int]] = []

@@ -12,6 +12,10 @@ sequence is preempted by recompute: its blocks are freed and it goes back to the
 every token it has (recomputed in chunks like a prompt), so its output is unchanged (the sampler's seed
 and offset depend only on the sequence, never on the batch).
 
+A sequence whose request wants prompt_logprobs (prompt_logprobs.py) computes at most
+PROMPT_LOGPROBS_TOKENS of its prompt's tokens a step (shared with the others of the step), so the first
+of them may be cut below the budget, and a later one is admitted only whole within that limit.
+
 A request of n samples is admitted into one slot: its prompt is prefilled once and its first step draws
 all n first tokens (sequence.py). The samples that find a free slot run at once, sharing the prompt's
 blocks; the others wait at the front of the queue, holding their first token and no block, and are
@@ -37,7 +41,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from rast_engine.block_manager import BlockManager
+from rast_engine.prompt_logprobs import pending as prompt_logprobs_pending
 from rast_engine.sequence import Sequence, SequenceStatus
+
+# prompt tokens a prefill step may score for prompt_logprobs: each costs its full-vocabulary logits rows
+# (every model's, plus float32 temporaries: ~2 GB at 1024 rows and V = 152064), which the KV cache's
+# activation reserve does not hold for a whole token budget
+PROMPT_LOGPROBS_TOKENS = 1024
 
 
 @dataclass
@@ -65,6 +75,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prompt_logprobs_tokens = PROMPT_LOGPROBS_TOKENS
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -101,12 +112,15 @@ class Scheduler:
         if budget <= 0:  # the decodes alone fill a step: no room to ride along, prefill gets it all
             budget, decoding = self.max_num_batched_tokens, []
         scheduled: list[Sequence] = []
-        tokens = 0
+        tokens = scored = 0  # scored: tokens whose logits prompt_logprobs needs
         for seq in self.running:  # the partially prefilled one: its blocks and slots are already taken
-            if seq.num_uncomputed > 1 and tokens < budget:
-                seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens)
+            scores = prompt_logprobs_pending(seq.group)
+            room = min(budget - tokens, self.prompt_logprobs_tokens - scored if scores else budget)
+            if seq.num_uncomputed > 1 and room > 0:
+                seq.num_scheduled_tokens = min(seq.num_uncomputed, room)
                 scheduled.append(seq)
                 tokens += seq.num_scheduled_tokens
+                scored += seq.num_scheduled_tokens if scores else 0
         slots = len(self.running)
         while self.waiting and tokens < budget:
             seq = self.waiting[0]
@@ -115,6 +129,10 @@ class Scheduler:
             # hits are looked up only when the whole length would not fit
             if scheduled and tokens + len(seq.token_ids) > budget and tokens + self.bm.uncached_tokens(seq) > budget:
                 break
+            scores = prompt_logprobs_pending(seq.group)  # then it takes no cache hits (block_manager.py)
+            cap = self.prompt_logprobs_tokens
+            if scores and (cap <= scored or scheduled and scored + len(seq.token_ids) > cap):
+                break
             if not self._fits(seq, slots):
                 break
             self.bm.allocate(seq)
@@ -122,8 +140,9 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(seq)
-            seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens)
+            seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens, cap - scored if scores else budget)
             tokens += seq.num_scheduled_tokens
+            scored += seq.num_scheduled_tokens if scores else 0
             slots += 1
         copies: list[tuple[int, int]] = []
         if scheduled and decoding and self.bm.can_append_all(decoding):

@@ -10,6 +10,7 @@ from logit_adjust_util import LAM, hf_model, make_engine
 
 from rast_engine import LLM, SamplingParams
 from rast_engine.errors import RastError
+from rast_engine.prompt_logprobs import pending
 
 PROMPT = [5, 9, 9, 17, 4, 9, 33, 2, 70, 70, 12, 40, 41, 8, 9, 9, 17]
 
@@ -63,6 +64,29 @@ def test_prompt_logprobs_equal_the_oracle(qwen2_triple: tuple, variant: str) -> 
     assert out["plain"].prompt_logprobs is None
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
+
+
+def test_a_step_scores_at_most_its_limit_of_prompt_tokens(qwen2_triple: tuple) -> None:
+    """Scoring a prompt token costs a full-vocabulary logits row per model, so a step scores at most
+    Scheduler.prompt_logprobs_tokens of them (4 here): prompts are cut into chunks of that size even
+    though the budget would take them whole, and the entries are unchanged."""
+    engine = make_engine(qwen2_triple)
+    engine.scheduler.prompt_logprobs_tokens = 4
+    launch, scored = engine.runner.launch, []
+
+    def counting(seqs, is_prefill, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if is_prefill:
+            scored.append(sum(s.num_scheduled_tokens for s in seqs if pending(s.group)))
+        return launch(seqs, is_prefill, *args, **kw)
+
+    engine.runner.launch = counting
+    out = finals(engine, {"a": (PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=1)),
+                          "b": (PROMPT[2:], SamplingParams(max_tokens=2, prompt_logprobs=0, lam=0.25)),
+                          "plain": (PROMPT, SamplingParams(max_tokens=2))})
+    # 16 + 14 positions to score (a prompt's last one scores nothing), at most 4 a step
+    assert max(scored) == 4 and sum(scored) >= 30 and len([n for n in scored if n]) >= 8
+    check(out["a"].prompt_logprobs, PROMPT, oracle(qwen2_triple, PROMPT, LAM, engine.vocab_size), 1)
+    check(out["b"].prompt_logprobs, PROMPT[2:], oracle(qwen2_triple, PROMPT[2:], 0.25, engine.vocab_size), 0)
 
 
 def test_prefix_cache_hits_do_not_skip_them(qwen2_triple: tuple) -> None:

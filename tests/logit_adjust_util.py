@@ -58,6 +58,19 @@ def make_engine(triple: tuple, **kw: object) -> LLMEngine:
     return LLMEngine(EngineConfig(large, rl, base, lam=LAM, device="cpu", dtype="float32", block_size=4, **kw))
 
 
+def record_launches(engine: LLMEngine) -> list[bool]:
+    """Whether each of the engine's launch-ahead attempts (async scheduling) launched a step."""
+    launched, inner = [], engine._launch_ahead
+
+    def counting(batch: object) -> object:
+        out = inner(batch)
+        launched.append(out is not None)
+        return out
+
+    engine._launch_ahead = counting
+    return launched
+
+
 def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)

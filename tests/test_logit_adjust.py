@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from logit_adjust_util import PENALTIES, PROMPTS, make_engine, oracle_greedy, oracle_logits, run
+from logit_adjust_util import PENALTIES, PROMPTS, make_engine, oracle_greedy, oracle_logits, record_launches, run
 
 from rast_engine import SamplingParams
 from rast_engine.errors import RastError
@@ -105,14 +105,7 @@ def test_bias_and_min_tokens_steps_are_launched_ahead(qwen2_triple: tuple) -> No
     requests = {f"r{i}": ([7 + i, 9, 9, 30 + i, 4], params) for i in range(4)}
     want = run(make_engine(qwen2_triple), requests)
     engine = make_engine(qwen2_triple, async_output=True, async_scheduling=True)
-    launched, inner = [], engine._launch_ahead
-
-    def counting(batch: object) -> object:
-        out = inner(batch)
-        launched.append(out is not None)
-        return out
-
-    engine._launch_ahead = counting
+    launched = record_launches(engine)
     got = run(engine, requests)
     assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}
     assert sum(launched) > 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from logit_adjust_util import LAM, hf_model, make_engine, run
+from logit_adjust_util import LAM, hf_model, make_engine, record_launches, run
 
 from rast_engine import SamplingParams
 from rast_engine.errors import RastError
@@ -117,14 +117,7 @@ def test_tokens_survive_preemption_and_async_scheduling(json_triple: tuple) -> N
     for variant, kw in (("preemption", dict(kv_cache_blocks=14, max_model_len=40)),
                         ("async", dict(async_output=True, async_scheduling=True))):
         engine = make_engine(json_triple, **kw)
-        launched, inner = [], engine._launch_ahead
-
-        def counting(batch: object) -> object:
-            out = inner(batch)
-            launched.append(out is not None)
-            return out
-
-        engine._launch_ahead = counting
+        launched = record_launches(engine)
         got = run(engine, requests)
         assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}, variant
         assert not any(launched)

@@ -149,7 +149,9 @@ def test_server_echo_serves_a_loglikelihood_request(srv: object, server_oracle: 
     assert res.usage.completion_tokens == 2 and res.usage.prompt_tokens == sum(map(len, prompts))
 
 
-def test_server_echo_streams_the_prompt_first(srv: object) -> None:
+def test_server_echo_streams_the_prompt_first(srv: object, server_triple: tuple) -> None:
+    from transformers import AutoTokenizer
+
     from server_util import MODEL, PROMPTS
 
     client = srv.client()
@@ -159,3 +161,8 @@ def test_server_echo_streams_the_prompt_first(srv: object) -> None:
                                             stream=True))
     assert chunks[0].choices[0].text.startswith(PROMPTS[0])
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    tok = AutoTokenizer.from_pretrained(str(server_triple[0]))
+    cut = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": 2})
+    assert cut.choices[0].text.startswith(tok.decode(tok.encode(PROMPTS[0])[-2:]))  # the prompt the engine read
+    assert cut.usage.prompt_tokens == 2

@@ -87,6 +87,11 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: i
         raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
 
 
+def _echoed(req: CompletionRequest) -> list[str | None]:
+    """Each prompt's text for echo: as sent, or (token ids, a truncated prompt) the text of the ids read."""
+    return [p if isinstance(p, str) and req.truncate_prompt_tokens is None else None for p in req.prompts()]
+
+
 async def _client_gone(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -213,7 +218,7 @@ class OpenAIServer:
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs, echo=req.prompts() if req.echo else None)
+                        req.logprobs, echo=_echoed(req) if req.echo else None)
         return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
 
     async def chat(self, request: Request) -> Response:

@@ -31,7 +31,7 @@ class _Choice:
 
 class Formatter:
     def __init__(self, kind: Kind, response_id: str, model: str, request_ids: list[str], n: int,
-                 tokenizer: Any, logprobs: int | None, echo: Optional[list[str | list[int]]] = None) -> None:
+                 tokenizer: Any, logprobs: int | None, echo: Optional[list[Optional[str]]] = None) -> None:
         self.kind, self.id, self.model, self.n = kind, response_id, model, n
         self.created = int(time.time())
         self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
@@ -39,7 +39,8 @@ class Formatter:
         self.logprobs = logprobs
         self.prompt_tokens: dict[str, int] = {}
         self.choices: dict[int, _Choice] = {}
-        self.echo = None if echo is None else dict(zip(request_ids, echo))  # request id -> its prompt
+        # request id -> its prompt's text as sent (None: the text of the ids the engine read)
+        self.echo = None if echo is None else dict(zip(request_ids, echo))
         self.echoed: dict[str, _Choice] = {}  # request id -> the start every choice of it gets
 
     def _index(self, request_id: str, completion_index: int) -> int:
@@ -70,10 +71,10 @@ class Formatter:
         return touched
 
     def _echo_start(self, out: Any) -> _Choice:
-        """What echo puts first in each choice: the prompt as sent (token ids as their text), its tokens,
-        and with logprobs their entries (the engine's prompt_logprobs)."""
+        """What echo puts first in each choice: the prompt's text, its tokens, and with logprobs their
+        entries (the engine's prompt_logprobs)."""
         prompt = self.echo[out.request_id]
-        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+        text = prompt if prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
         ids = list(out.prompt_token_ids)
         entries = None if self.logprobs is None else list(out.prompt_logprobs or [None] * len(ids))
         return _Choice(text=[text], token_ids=ids, logprobs=entries, echoed=len(ids))

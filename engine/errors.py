@@ -26,4 +26,6 @@ class NoAdmissibleToken(RuntimeError):
         self.rows, self.request_ids = rows, request_ids
         who = f"requests {list(request_ids)}: " if request_ids else ""
         super().__init__(f"{who}the sampler found no admissible token (every combined logit is NaN or "
-                         "infinite); the step was undone: abort these requests to serve the others")
+                         "infinite, or masked by the request's own constraints: allowed_token_ids, bad_words or "
+                         "a structured output finished while min_tokens masks EOS); the step was undone: abort "
+                         "these requests to serve the others")

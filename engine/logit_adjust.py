@@ -91,8 +91,11 @@ def tokenize_bad_words(tokenizer: Any, words: list[str], vocab: int) -> list[lis
         raise RastError("bad_words needs a tokenizer to tokenise the words, and this engine has none", param="bad_words")
     out: list[list[int]] = []
     for word in words:
-        bare = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
-        spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        try:
+            bare = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: the client's input
+            raise RastError(f"the tokenizer cannot encode bad word {word[:40]!r}: {exc}", param="bad_words") from None
         if bare:  # a word the tokenizer drops entirely cannot be generated
             out += [bare] + ([spaced] if len(spaced) == len(bare) and spaced[0] != bare[0] else [])
     outside = sorted({t for w in out for t in w if t >= vocab})

@@ -34,6 +34,14 @@ def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
     return list(prompt)
 
 
+def truncated(ids: list[int], keep: Optional[int], max_model_len: int) -> list[int]:
+    """The prompt's last ``keep`` tokens (truncate_prompt_tokens; -1: all that leave room for one
+    generated token)."""
+    if keep is None:
+        return ids
+    return ids[-(max_model_len - 1 if keep == -1 else keep):]
+
+
 def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
     """λ per small pair for this request: the engine's, or the request's ``lam`` (a number for an engine
     with one pair, else one number per pair in the engine's order)."""
@@ -74,8 +82,7 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     # caller changing its object later cannot reach a running request
     params = replace(params)
     ids = prompt_ids(engine, prompt)
-    if params.truncate_prompt_tokens is not None:
-        ids = ids[-params.truncate_prompt_tokens:]
+    ids = truncated(ids, params.truncate_prompt_tokens, engine.max_model_len)
     if not ids:
         raise RastError("the prompt is empty")
     if len(ids) >= engine.max_model_len:

@@ -101,7 +101,8 @@ class SamplingParams:
     # taken as StructuredOutputsParams' fields): tokens that cannot continue it are masked (structured.py)
     structured_outputs: Optional[StructuredOutputsParams] = None
     min_tokens: int = 0
-    truncate_prompt_tokens: Optional[int] = None  # keep only the prompt's last k tokens (vLLM's; k >= 1)
+    # keep only the prompt's last k tokens (vLLM's; k >= 1, or -1: as many as the context leaves room for)
+    truncate_prompt_tokens: Optional[int] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -194,8 +195,8 @@ class SamplingParams:
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         k = self.truncate_prompt_tokens
-        if k is not None and (not _is_int(k) or k < 1):
-            raise bad(f"truncate_prompt_tokens must be an integer >= 1 or None, got {k!r}")
+        if k is not None and (not _is_int(k) or not (k >= 1 or k == -1)):
+            raise bad(f"truncate_prompt_tokens must be an integer >= 1, -1 (the context's room) or None, got {k!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -48,7 +48,7 @@ class Grammars:
         xgr = _xgrammar()
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=stop_token_ids)
         self.xgr, self.vocab = xgr, vocab
-        self.compiler = xgr.GrammarCompiler(info)
+        self.compiler = xgr.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
 
     def compile(self, p: StructuredOutputsParams) -> Any:
         """The compiled grammar; RastError naming the constraint when xgrammar refuses it."""
@@ -70,6 +70,9 @@ class Grammars:
 
 
 _BUILDING = threading.Lock()
+# compiled grammars kept for reuse (vLLM's default too): every distinct constraint a client sends is
+# compiled once, and an evicted one is compiled again when it comes back
+GRAMMAR_CACHE_BYTES = 512 * 2**20
 
 
 def engine_grammars(engine: Any) -> Grammars:

@@ -87,6 +87,11 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(srv: Running, server_oracl
     res = srv.client().completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
                                           extra_body={"truncate_prompt_tokens": 40})
     assert (res.choices[0].text, res.usage.prompt_tokens) == (want.text, 40)
+    # -1: as many as the context leaves room for (one generated token)
+    got = server_oracle.generate(ids, SamplingParams(temperature=0, max_tokens=1, truncate_prompt_tokens=-1),
+                                 use_tqdm=False)[0]
+    room = server_oracle.llm_engine.max_model_len - 1
+    assert got.prompt_token_ids == ids[-room:] and len(got.outputs[0].token_ids) == 1
 
 
 def test_special_tokens_and_kept_stop_strings_reach_the_engine(srv: Running, server_oracle: LLM) -> None:

@@ -15,7 +15,7 @@ from logit_adjust_util import LAM, hf_model, make_engine, record_launches, run
 
 from rast_engine import SamplingParams
 from rast_engine.errors import RastError
-from rast_engine.structured import Grammars, unpack
+from rast_engine.structured import GRAMMAR_CACHE_BYTES, Grammars, unpack
 from rast_engine.structured_params import StructuredOutputsParams
 
 xgr = pytest.importorskip("xgrammar")
@@ -147,6 +147,7 @@ def test_constraints_are_checked(json_triple: tuple, tmp_path: Path) -> None:
         matcher = xgr.GrammarMatcher(compiled)
         assert all(matcher.accept_token(t) for t in engine.tokenizer.encode(text, add_special_tokens=False)), text
         assert matcher.is_completed() == complete, text
+    assert engine.grammars.compiler.cache_limit_bytes == GRAMMAR_CACHE_BYTES  # clients' constraints: bounded
     speculative = make_engine(json_triple, speculative_tokens=2)
     with pytest.raises(RastError, match="speculative"):
         speculative.add_request("x", PROMPT, SamplingParams(structured_outputs={"regex": "a"}))
@@ -198,6 +199,7 @@ def test_the_server_takes_response_format_and_structured_outputs(json_triple: tu
                ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format"),
                ({"structured_outputs": {"regex": "("}}, "structured_outputs"),
                ({"guided_regex": "a", "guided_choice": ["a"]}, "structured_outputs"),
+               ({"response_format": {"type": "text"}, "guided_regex": "("}, "structured_outputs"),  # text: none
                ({"guided_regex": "a", "structured_outputs": {"regex": "a"}}, "structured_outputs"),
                ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs")]
         for extra, param in bad:

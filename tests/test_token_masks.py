@@ -120,6 +120,9 @@ def test_masks_are_checked(qwen2_triple: tuple) -> None:
         engine.add_request("x", PROMPTS[0], SamplingParams(bad_words=["answer " * 60] * 4))
     with pytest.raises(RastError, match="tokenizer"):
         tokenize_bad_words(None, ["x"], engine.vocab_size)
+    with pytest.raises(RastError, match="cannot encode bad word") as info:  # a lone surrogate: a 400, not a 500
+        engine.add_request("x", PROMPTS[0], SamplingParams(bad_words=["\ud800"]))
+    assert info.value.param == "bad_words"
     with pytest.raises(RastError, match="outside the vocabulary"):
         tokenize_bad_words(engine.tokenizer, ["the"], 10)
     speculative = make_engine(qwen2_triple, speculative_tokens=2)

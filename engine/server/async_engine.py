@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from rast_engine.errors import NoAdmissibleToken, RastError
+from rast_engine.requests import truncated
 from rast_engine.server.protocol import APIError
 
 log = logging.getLogger("rast.server")
@@ -190,8 +191,8 @@ class AsyncEngine:
         try:
             for rid, prompt in zip(cmd.request_ids, cmd.prompts):
                 ids = self._tokenize(prompt, cmd.add_special_tokens)
-                if cmd.params.truncate_prompt_tokens is not None:  # before the context check (_fit)
-                    ids = ids[-cmd.params.truncate_prompt_tokens:]
+                # before the context check (_fit)
+                ids = truncated(ids, cmd.params.truncate_prompt_tokens, self.max_model_len)
                 self.engine.add_request(rid, ids, self._fit(cmd.params, cmd.max_tokens, len(ids)))
                 added.append(rid)
         except BaseException as exc:  # RastError: a 400; anything else: a 500 for this submission only

@@ -68,11 +68,18 @@ class _Request(BaseModel):
     guided_grammar: str | None = None
     bad_words: list[str] | None = None
     min_tokens: int = Field(0, ge=0)
-    truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep only the prompt's last k tokens
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # the prompt's last k tokens (-1: the context's room)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keep(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be >= 1, or -1 (as many as the context leaves room for)")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -103,6 +110,7 @@ class _Request(BaseModel):
         fmt = self.response_format
         guided = {kind: value for kind in ("json", "regex", "choice", "grammar")
                   if (value := getattr(self, f"guided_{kind}")) is not None}
+        fmt = None if fmt is not None and fmt.get("type") == "text" else fmt  # text: no constraint
         given = [name for name, value in (("response_format", fmt), ("structured_outputs", self.structured_outputs),
                                           ("guided_*", guided or None)) if value is not None]
         if len(given) > 1:

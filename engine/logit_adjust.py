@@ -15,16 +15,17 @@ z + (z' − z), which is z' up to one float32 rounding at the changed tokens and
 and a −inf bias excludes its token exactly (the kernels exclude any token with an infinite input). z is
 recombined densely for the adjusted rows only, by the sampler spec's own combine (rast_kernels/reference.py).
 
-Cost: the host work a step is O(adjusted rows + tokens added since the last step + bad words' tokens):
-a request's prompt ids, allowed_token_ids and logit_bias go to the device once (RequestTensors), and a penalized sequence keeps its output
-counts as a [V] float32 device tensor (OutputCounts, V·4 bytes a sequence) updated with its new tokens
-only. The device work is a few passes over [adjusted rows, V].
+Cost: the host work a step is O(adjusted rows + tokens added since the last step + bad words' tokens)
+plus structured outputs' bitmasks: a request's prompt ids, allowed_token_ids and logit_bias go to the
+device once (RequestTensors), and a penalized sequence keeps its output counts as a [V] float32 device
+tensor (OutputCounts, V·4 bytes a sequence) updated with its new tokens only. The device work is a few
+passes over [adjusted rows, V].
 
 Invariants: a penalized draw, or one with a bad word of several tokens, needs every earlier token of its
 sequence on the host (its counts, the output's tail), so the engine never launches a step ahead of a
 batch that holds one (SamplingParams.reads_output, LLMEngine._launch_ahead); the other adjustments need
-only the number of tokens so far, which the host always knows, so those steps may be launched ahead. Adjusted batches decode eagerly rather than by the CUDA graphs, whose sampler reads a
-fixed set of pairs; speculative decoding refuses adjusted requests. A row without adjustments in an
+only the number of tokens so far, which the host always knows, so those steps may be launched ahead.
+Adjusted batches decode eagerly rather than by the CUDA graphs, whose sampler reads a fixed set of pairs; speculative decoding refuses adjusted requests. A row without adjustments in an
 adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
 """
 from __future__ import annotations
@@ -176,6 +177,18 @@ def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
     return to_device(torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.int64)))
 
 
+def _keep_only(z: torch.Tensor, rows: list[int], keep: torch.Tensor, to_device: ToDevice) -> None:
+    """−inf in z's ``rows`` wherever ``keep`` [len(rows), V] is False, in place."""
+    at = to_device(torch.tensor(rows, dtype=torch.int64))
+    z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
+
+
+def combined(logits: list[torch.Tensor], weights: torch.Tensor, vocab: int) -> torch.Tensor:
+    """z [rows, vocab] float32 from the engine's logits [M, R1, S1, ...] and λ [rows, pairs], by the sampler
+    spec's own combine (rast_kernels/reference.py), so it rounds as the kernels do."""
+    return combine(normalize(logits[0], list(zip(logits[1::2], logits[2::2])), weights=weights, vocab_size=vocab))
+
+
 def _bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: ToDevice) -> None:
     """Steps 0 to 2 on z [rows, V], in place (bans: step 0's bad words and step 2's, which commute)."""
     allowed = [(j, ids) for j, ids in enumerate(a.request.allowed(to_device) for a in adjusts) if ids is not None]
@@ -183,13 +196,11 @@ def _bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device:
         keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=z.device)
         keep.index_put_((_rows_of([len(ids) for _, ids in allowed], to_device), torch.cat([ids for _, ids in allowed])),
                         torch.tensor(True, device=z.device))
-        at = to_device(torch.tensor([j for j, _ in allowed], dtype=torch.int64))
-        z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
+        _keep_only(z, [j for j, _ in allowed], keep, to_device)
     grammar = [(j, a.grammar_mask) for j, a in enumerate(adjusts) if a.grammar_mask is not None]
     if grammar:
-        keep = unpack(to_device(torch.stack([mask() for _, mask in grammar])), vocab)
-        at = to_device(torch.tensor([j for j, _ in grammar], dtype=torch.int64))
-        z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
+        _keep_only(z, [j for j, _ in grammar], unpack(to_device(torch.stack([mask() for _, mask in grammar])), vocab),
+                   to_device)
     biases = [a.request.bias(to_device) for a in adjusts]
     sizes = [len(ids) for ids, _ in biases]
     if any(sizes):
@@ -247,8 +258,7 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
     ds = list(firsts.values())
     rows = to_device(torch.tensor(list(firsts), dtype=torch.int64))
     weights = to_device(torch.tensor([d.weights for d in ds], dtype=torch.float32).reshape(len(ds), -1))
-    picked = [t.index_select(0, rows) for t in logits]
-    z = combine(normalize(picked[0], list(zip(picked[1::2], picked[2::2])), weights=weights, vocab_size=vocab))
+    z = combined([t.index_select(0, rows) for t in logits], weights, vocab)
     adjusted = z.clone()
     _bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device)
     _penalize(adjusted, ds, vocab, to_device)

@@ -14,12 +14,11 @@ step) changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Sequence as Seq
 
 import torch
 
-from rast_kernels.batch import normalize
-from rast_kernels.reference import combine
+from rast_engine.logit_adjust import combined
 
 if TYPE_CHECKING:
     from rast_engine.sequence import Sequence, SequenceGroup
@@ -66,8 +65,7 @@ class PromptLogprobs:
         weights = [s.group.weights for s in slices for _ in range(s.count)]
         nxt = [t for s in slices for t in s.group.prompt_token_ids[s.start + 1:s.start + 1 + s.count]]
         w = to_device(torch.tensor(weights, dtype=torch.float32).reshape(len(nxt), -1))
-        z = combine(normalize(logits[0], list(zip(logits[1::2], logits[2::2])), weights=w, vocab_size=vocab))
-        lp = torch.log_softmax(z, dim=-1)
+        lp = torch.log_softmax(combined(logits, w, vocab), dim=-1)
         ids = to_device(torch.tensor(nxt, dtype=torch.int64))
         self.chosen = lp.gather(1, ids[:, None])[:, 0]
         k = max(s.group.params.prompt_logprobs for s in slices)
@@ -86,8 +84,3 @@ class PromptLogprobs:
                     entry[self.next_ids[i]] = chosen[i]
                     out.append(entry)
                 i += 1
-
-
-def make(logits: list[torch.Tensor], slices: list[PromptSlice], vocab: int, to_device: ToDevice
-         ) -> Optional[PromptLogprobs]:
-    return PromptLogprobs(logits, slices, vocab, to_device) if slices else None

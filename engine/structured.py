@@ -9,8 +9,8 @@ each sequence keeps its own matcher, brought up to date with the output tokens a
 bitmask is computed when the sampler's inputs are built, after the step's forwards are enqueued, so on
 CUDA the matcher's host work (about 0.5 ms a row at V = 152064 on this 2-core Xeon, bench/logit_adjust.py)
 overlaps the forwards, as vLLM overlaps it. A draw reads every earlier token of its sequence: such steps
-are never launched ahead (SamplingParams.reads_output). Once the grammar is complete only the stop tokens (the engine's EOS ids)
-remain; a completed grammar with ignore_eos keeps drawing them up to max_tokens.
+are never launched ahead (SamplingParams.reads_output). Once the grammar is complete only the stop tokens
+(the engine's EOS ids) remain; a completed grammar with ignore_eos keeps drawing them up to max_tokens.
 """
 from __future__ import annotations
 

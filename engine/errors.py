@@ -20,10 +20,13 @@ class NoAdmissibleToken(RuntimeError):
     """A draw found no token to sample: every combined logit of its row was NaN or infinite (non-finite
     logits from a model, or λ·(R − S) overflowing float32). The step is undone, as for any runner error;
     ``request_ids`` names the requests whose draws failed, so a caller can abort just those and step on.
-    ``rows`` are the failed rows of the step's results until the engine resolves them to requests."""
+    ``rows`` are the failed rows of the step's results until the engine resolves them to requests;
+    ``self_masked`` are those of ``request_ids`` whose own constraints mask tokens (the likelier cause,
+    so the server answers them 400, the others 500)."""
 
-    def __init__(self, rows: list[int], request_ids: tuple[str, ...] = ()) -> None:
-        self.rows, self.request_ids = rows, request_ids
+    def __init__(self, rows: list[int], request_ids: tuple[str, ...] = (),
+                 self_masked: tuple[str, ...] = ()) -> None:
+        self.rows, self.request_ids, self.self_masked = rows, request_ids, self_masked
         who = f"requests {list(request_ids)}: " if request_ids else ""
         super().__init__(f"{who}the sampler found no admissible token (every combined logit is NaN or "
                          "infinite, or masked by the request's own constraints: allowed_token_ids, bad_words or "

@@ -164,7 +164,8 @@ class LLMEngine:
             seqs = batch.out.seqs + ([s for s in ahead.out.seqs if s not in mine] if ahead else [])
             self.scheduler.requeue([s for s in seqs if s.status is SequenceStatus.RUNNING])
             if isinstance(e, NoAdmissibleToken):
-                raise NoAdmissibleToken(e.rows, self._requests_of(batch, e.rows)) from None
+                ids = self._requests_of(batch, e.rows)
+                raise NoAdmissibleToken(e.rows, ids, tuple(r for r in ids if self.groups[r].params.masks_tokens)) from None
             raise
         progressed, deferred = self._commit(batch, results)
         if self._in_flight is None and self.async_output and launch_error is None:

@@ -68,6 +68,20 @@ def check_token_ids(name: str, ids: Optional[Iterable[int]], vocab_size: int) ->
                         param=name)
 
 
+def check_some_allowed_id_admissible(params: SamplingParams, eos_token_ids: Iterable[int]) -> None:
+    """RastError if allowed_token_ids names only ids the request masks itself at its first draw: bad words
+    of one token and, under min_tokens, the stop and EOS ids (each draw would find no admissible token)."""
+    if params.allowed_token_ids is None:
+        return
+    banned = {w[0] for w in params.bad_words_token_ids or () if len(w) == 1}
+    if params.min_tokens > 0:
+        banned |= set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+    if banned.issuperset(params.allowed_token_ids):
+        why = "bad_words" + (" or, under min_tokens, stop and EOS ids" if params.min_tokens > 0 else "")
+        raise RastError(f"allowed_token_ids leaves no token to draw: each of its ids is masked by {why}",
+                        param="allowed_token_ids")
+
+
 def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[int]],
                     params: SamplingParams) -> tuple[list[int], list[float], SamplingParams, Optional[RequestGrammar]]:
     """The prompt's token ids, the request's λ per pair, its own validated copy of ``params`` and its
@@ -99,6 +113,7 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     check_token_ids("allowed_token_ids", params.allowed_token_ids, engine.vocab_size)
     if params.bad_words:
         params.set_bad_words_token_ids(tokenize_bad_words(engine.tokenizer, params.bad_words, engine.vocab_size))
+    check_some_allowed_id_admissible(params, engine.scheduler.eos_token_ids)
     for name in ("logprobs", "prompt_logprobs"):
         if (getattr(params, name) or 0) > engine.vocab_size:
             raise RastError(f"{name}={getattr(params, name)} exceeds the vocabulary size {engine.vocab_size}")

@@ -116,94 +116,99 @@ class SamplingParams:
     # or a bad word of several tokens, whose last token is masked after the others only
     bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
     reads_output: bool = field(init=False, repr=False, compare=False)
+    masks_tokens: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> RastError:
-            return RastError(f"SamplingParams: {msg}")
+        def bad(param: str, msg: str) -> RastError:
+            return RastError(f"SamplingParams: {msg}", param=param)
 
         if not _is_int(self.n) or self.n < 1:
-            raise bad(f"n must be an integer >= 1, got {self.n!r}")
+            raise bad("n", f"n must be an integer >= 1, got {self.n!r}")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+            raise bad("temperature", f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise bad("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise bad(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
+            raise bad("top_k", f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
         if self.top_k == -1 or self.top_k >= TOP_K_OFF_FROM:
             self.top_k = 0
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+            raise bad("min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise bad("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+            raise bad("stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         self.stop_list = list(stop)
         ids = [] if self.stop_token_ids is None else self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
-            raise bad(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+            raise bad("stop_token_ids", f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(ids)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise bad(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise bad(name, f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
-            raise bad(f"seed must be an integer or None, got {self.seed!r}")
+            raise bad("seed", f"seed must be an integer or None, got {self.seed!r}")
         lam_ok = all(map(is_lam, self.lam)) if isinstance(self.lam, (list, tuple)) and self.lam else is_lam(self.lam)
         if self.lam is not None and not lam_ok:
-            raise bad(f"lam must be a number with |lam| <= {MAX_LAM:g}, a non-empty list of them (one per small "
+            raise bad("lam", f"lam must be a number with |lam| <= {MAX_LAM:g}, a non-empty list of them (one per small "
                       f"pair) or None, got {self.lam!r}")
         if isinstance(self.lam, (list, tuple)):
             self.lam = [float(x) for x in self.lam]
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
-                raise bad(f"{name} must be an integer >= 0 or None, got {value!r}")
+                raise bad(name, f"{name} must be an integer >= 0 or None, got {value!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:
-                raise bad(f"{name} must be in [-2, 2] (0 is off), got {value!r}")
+                raise bad(name, f"{name} must be in [-2, 2] (0 is off), got {value!r}")
         if not _is_number(self.repetition_penalty) or not MIN_REPETITION <= self.repetition_penalty <= 100.0:
-            raise bad(f"repetition_penalty must be in [{MIN_REPETITION}, 100] (1 is off), "
+            raise bad("repetition_penalty", f"repetition_penalty must be in [{MIN_REPETITION}, 100] (1 is off), "
                       f"got {self.repetition_penalty!r}")
         bias = {} if self.logit_bias is None else self.logit_bias
         if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 and _is_number(b) and -MAX_BIAS <= b <= MAX_BIAS
                                                  for t, b in bias.items()):
-            raise bad(f"logit_bias must map token ids (integers >= 0) to numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+            raise bad("logit_bias", f"logit_bias must map token ids (integers >= 0) to numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
                       f"got {self.logit_bias!r}")
         self.logit_bias = {t: float(b) for t, b in bias.items() if b != 0} or None
         if self.allowed_token_ids is not None:
             allowed = self.allowed_token_ids
             if not isinstance(allowed, (list, tuple)) or not allowed or not all(_is_int(t) and t >= 0 for t in allowed):
-                raise bad(f"allowed_token_ids must be a non-empty list of token ids (integers >= 0) or None, "
+                raise bad("allowed_token_ids", f"allowed_token_ids must be a non-empty list of token ids (integers >= 0) or None, "
                           f"got {self.allowed_token_ids!r}")
             self.allowed_token_ids = list(dict.fromkeys(allowed))
         if self.bad_words is not None:
             words = self.bad_words
             if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
-                raise bad(f"bad_words must be a list of strings with non-space characters, got {self.bad_words!r}")
+                raise bad("bad_words", f"bad_words must be a list of strings with non-space characters, got {self.bad_words!r}")
             if len(words) > MAX_BAD_WORDS:
-                raise bad(f"bad_words holds {len(words)} words; at most {MAX_BAD_WORDS}")
+                raise bad("bad_words", f"bad_words holds {len(words)} words; at most {MAX_BAD_WORDS}")
             self.bad_words = list(words) or None
         if isinstance(self.structured_outputs, dict):
             try:
                 self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
             except TypeError as exc:
-                raise bad(f"structured_outputs: {exc}") from None
+                raise bad("structured_outputs", f"structured_outputs: {exc}") from None
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
-            raise bad(f"structured_outputs must be a StructuredOutputsParams or a dict of its fields, "
+            raise bad("structured_outputs", f"structured_outputs must be a StructuredOutputsParams or a dict of its fields, "
                       f"got {self.structured_outputs!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+            raise bad("min_tokens", f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         k = self.truncate_prompt_tokens
         if k is not None and (not _is_int(k) or not (k >= 1 or k == -1)):
-            raise bad(f"truncate_prompt_tokens must be an integer >= 1, -1 (the context's room) or None, got {k!r}")
+            raise bad("truncate_prompt_tokens", f"truncate_prompt_tokens must be an integer >= 1, -1 (the context's room) or None, got {k!r}")
         if self.output_kind not in OUTPUT_KINDS:
-            raise bad(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+            raise bad("output_kind", f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
         self.adjusts_logits = (self.logit_bias is not None or self.allowed_token_ids is not None
                                or self.bad_words is not None or self.structured_outputs is not None
                                or self.min_tokens > 0 or self.penalized)
         self.reads_output = self.penalized or self.structured_outputs is not None
+        # a draw of this request may find every token masked by the request itself (NoAdmissibleToken
+        # is then the request's fault, not the models')
+        self.masks_tokens = (self.allowed_token_ids is not None or self.bad_words is not None
+                             or self.structured_outputs is not None or self.min_tokens > 0)
 
     def set_bad_words_token_ids(self, words: list[list[int]]) -> None:
         """bad_words as token sequences (the engine's tokenizer's, logit_adjust.tokenize_bad_words)."""

@@ -27,7 +27,8 @@ class StructuredOutputsParams:
             raise RastError(f"structured_outputs takes exactly one of {KINDS}, got {given or 'none'}",
                             param="structured_outputs")
         if not isinstance(self.json_object, bool):
-            raise RastError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+            raise RastError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}",
+                            param="structured_outputs")
         for name in ("regex", "grammar"):
             if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
                 raise RastError(f"structured_outputs.{name} must be a non-empty string", param="structured_outputs")

@@ -90,6 +90,19 @@ def test_generate_prints_the_engines_text(capsys: pytest.CaptureFixture[str], tr
     assert capsys.readouterr().out == want + "\n"
 
 
+def test_a_default_max_tokens_grows_to_min_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    from rast_engine.commands.generate import DEFAULT_MAX_TOKENS, _params
+
+    args = build_parser().parse_args(["generate", "m", "--prompt", "p", "--min-tokens", "300"])
+    assert (_params(args, {}).max_tokens, _params(args, {"max_tokens": 100}).max_tokens) == (300, 300)
+    args = build_parser().parse_args(["generate", "m", "--prompt", "p", "--min-tokens", "3"])
+    assert (_params(args, {}).max_tokens, _params(args, {"max_tokens": 100}).max_tokens) == (DEFAULT_MAX_TOKENS, 100)
+    # an explicit --max-tokens is kept, so a contradiction fails before any model loads ("m" is no directory)
+    err = _one_line_error(capsys, ["generate", "m", "--prompt", "p", "--min-tokens", "30", "--max-tokens", "10"],
+                          "generate")
+    assert "min_tokens" in err and "max_tokens=10" in err
+
+
 def test_bench_runs_the_suite_script(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     suite_dir = tmp_path / "bench"

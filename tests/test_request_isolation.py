@@ -165,5 +165,10 @@ def test_a_text_prompt_to_an_engine_without_a_tokenizer_is_a_400(tmp_path: Path)
         r = _post(running.url, {"prompt": "the cat", "max_tokens": 2})
         assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
         assert _post(running.url, {"prompt": [5, 6], "max_tokens": 2}).status_code == 200
+        r = _post(running.url, {"prompt": [5, 6], "max_tokens": 2, "echo": True})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "echo")
+        r = _post(running.url, {"prompt": [5, 6], "max_tokens": 2, "logprobs": 2, "ignore_eos": True})
+        tokens = r.json()["choices"][0]["logprobs"]["tokens"]
+        assert r.status_code == 200 and len(tokens) == 2 and all(t.startswith("token_id:") for t in tokens), r.text
     finally:
         running.close()

@@ -174,7 +174,7 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "top_k": -2}, 400, "top_k"),
-    ({"model": MODEL, "prompt": "hi", "stop": ""}, 400, None),
+    ({"model": MODEL, "prompt": "hi", "stop": ""}, 400, "stop"),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"x1": 1.0}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
@@ -185,6 +185,9 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "logit_bias": {str(t): 1 for t in range(1025)}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "allowed_token_ids": [3, 100000]}, 400, "allowed_token_ids"),
     ({"model": MODEL, "prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "allowed_token_ids": [-1]}, 400, "allowed_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "allowed_token_ids": [2], "min_tokens": 1}, 400, "allowed_token_ids"),  # EOS
+    ({"model": MODEL, "prompt": "hi", "structured_outputs": {"json_object": 1}}, 400, "structured_outputs"),
     ({"model": MODEL, "prompt": "hi", "bad_words": "the"}, 400, "bad_words"),
     ({"model": MODEL, "prompt": "hi", "bad_words": ["answer " * 300]}, 400, "bad_words"),  # over 1024 tokens
     ({"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
@@ -192,7 +195,7 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
     ({"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),  # longer than the 512-token context
     ({"model": MODEL, "prompt": [100000]}, 400, "prompt"),
-    ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": "other", "prompt": "hi"}, 404, "model"),
 ]
 

@@ -154,6 +154,19 @@ def test_constraints_are_checked(json_triple: tuple, tmp_path: Path) -> None:
     assert not engine.groups and not speculative.groups
 
 
+def test_a_constraint_finished_before_min_tokens_names_its_request(json_triple: tuple) -> None:
+    from rast_engine.errors import NoAdmissibleToken
+
+    engine = make_engine(json_triple)
+    engine.add_request("free", PROMPT, SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.add_request("done", PROMPT, SamplingParams(max_tokens=12, min_tokens=8, structured_outputs=CASES["choice"]))
+    with pytest.raises(NoAdmissibleToken) as failed:
+        run(engine, {})
+    assert failed.value.request_ids == failed.value.self_masked == ("done",)
+    engine.abort_request("done")
+    assert len(run(engine, {})["free"][0].token_ids) == 6
+
+
 def test_the_server_takes_response_format_and_structured_outputs(json_triple: tuple,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
@@ -205,5 +218,10 @@ def test_the_server_takes_response_format_and_structured_outputs(json_triple: tu
         for extra, param in bad:
             r = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL, "prompt": "hi", **extra})
             assert (r.status_code, r.json()["error"]["param"]) == (400, param), (extra, r.text)
+        # the request's own constraints leave no token (a finished choice, EOS masked): a 400, served on
+        finished = {"structured_outputs": {"choice": ["we"]}, "min_tokens": 8, "max_tokens": 12}
+        r = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL, "prompt": "hi", **finished})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "no_admissible_token"), r.text
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=3).choices[0].text
     finally:
         running.close()

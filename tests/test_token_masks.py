@@ -125,6 +125,19 @@ def test_masks_are_checked(qwen2_triple: tuple) -> None:
     assert info.value.param == "bad_words"
     with pytest.raises(RastError, match="outside the vocabulary"):
         tokenize_bad_words(engine.tokenizer, ["the"], 10)
+    eos = sorted(engine.scheduler.eos_token_ids)
+    word = word_in(engine.tokenizer, list(range(8, 100)), 1)  # past the special tokens
+    the = [w[0] for w in spellings(engine.tokenizer, word)]  # bad_words=[word] masks these at every draw
+    for kw in (dict(allowed_token_ids=the, bad_words=[word]), dict(allowed_token_ids=eos + [7], stop_token_ids=[7],
+                                                                       min_tokens=1, max_tokens=4)):
+        with pytest.raises(RastError, match="allowed_token_ids leaves no token") as info:  # a 400, not a 500 later
+            engine.add_request("x", PROMPTS[0], SamplingParams(**kw))
+        assert info.value.param == "allowed_token_ids"
+    for kw in (dict(allowed_token_ids=eos + [7], stop_token_ids=[7], max_tokens=4),  # no min_tokens
+               dict(allowed_token_ids=eos, min_tokens=1, max_tokens=4, ignore_eos=True),
+               dict(allowed_token_ids=the + [next(i for i in range(9, 99) if i not in the)], bad_words=[word])):
+        engine.add_request("ok", PROMPTS[0], SamplingParams(**kw))
+        engine.abort_request("ok")
     speculative = make_engine(qwen2_triple, speculative_tokens=2)
     for kw in (dict(allowed_token_ids=[3]), dict(bad_words=["the"])):
         with pytest.raises(RastError, match="speculative"):

@@ -22,13 +22,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _params(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
-    """The flags' SamplingParams; an omitted filter or --max-tokens takes the generation config's value."""
+    """The flags' SamplingParams; an omitted filter or --max-tokens takes the generation config's value
+    (a default max_tokens grows to --min-tokens, as the server's does)."""
     from rast_engine import SamplingParams
     from rast_engine.generation_config import fill
 
     chosen = fill(defaults, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                   repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens)
-    return SamplingParams(**{"max_tokens": DEFAULT_MAX_TOKENS, **chosen}, stop=args.stop, ignore_eos=args.ignore_eos,
+    chosen = {"max_tokens": DEFAULT_MAX_TOKENS, **chosen}
+    if args.max_tokens is None:
+        chosen["max_tokens"] = max(chosen["max_tokens"], args.min_tokens)
+    return SamplingParams(**chosen, stop=args.stop, ignore_eos=args.ignore_eos,
                           seed=args.request_seed, min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, output_kind="delta")
 
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise RastError("--prompt is empty")
-    _params(args, {"max_tokens": max(DEFAULT_MAX_TOKENS, args.min_tokens)})  # bad flags fail before the models load
+    _params(args, {})  # bad flags fail before the models load
     engine = build_engine(args)
     params = _params(args, engine.sampling_defaults)
     tok = engine.tokenizer

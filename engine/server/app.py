@@ -211,6 +211,9 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
         self._check_model(req.model)
+        if req.echo and self.tokenizer is None:
+            raise APIError(400, "echo returns the prompt's text, and this model has no tokenizer "
+                                "(load_format='dummy')", param="echo")
         params = _sampling_params(req, req.logprobs, req.max_tokens, self.engine.engine)
         if req.echo and req.logprobs is not None:  # the prompt's tokens get logprobs too
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)

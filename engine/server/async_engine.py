@@ -14,7 +14,8 @@ Invariants:
 - an exception from step() leaves the engine in an unknown state, so the engine is declared dead:
   every open request fails and /health turns 503, rather than serving possibly wrong output. The
   exception is NoAdmissibleToken, which names its requests after the engine undid the step: those
-  are aborted and fail (500, code no_admissible_token), and the others go on.
+  are aborted and fail (code no_admissible_token: 400 where the request's own masks may be the cause,
+  else 500), and the others go on.
 """
 from __future__ import annotations
 
@@ -121,11 +122,14 @@ class AsyncEngine:
                                            code="engine_dead"))
 
     def _fail_requests(self, exc: NoAdmissibleToken) -> None:
-        error = APIError(500, str(exc), type="server_error", code="no_admissible_token")
+        """A request whose own masks may have emptied its draw is a 400 (retrying it would fail again),
+        any other a 500."""
         for rid in exc.request_ids:
             q = self._queues.get(rid)
             if q is not None:
-                q.put_nowait(error)
+                q.put_nowait(APIError(400, str(exc), type="invalid_request_error", code="no_admissible_token")
+                             if rid in exc.self_masked else
+                             APIError(500, str(exc), type="server_error", code="no_admissible_token"))
 
     # ---- engine thread ----
     def _post(self, fn: Callable, *args: Any) -> None:
@@ -227,11 +231,12 @@ class AsyncEngine:
             max_tokens = room if default is None else min(room, max(default, params.min_tokens))
             if params.min_tokens > room:
                 raise RastError(f"min_tokens={params.min_tokens}, but the model's context holds {self.max_model_len} "
-                                f"tokens and the prompt has {prompt_len}: at most {room} can be generated")
+                                f"tokens and the prompt has {prompt_len}: at most {room} can be generated",
+                                param="min_tokens")
         elif max_tokens > room:
             raise RastError(f"the model's context holds {self.max_model_len} tokens, but "
                             f"{prompt_len + max_tokens} were requested ({prompt_len} in the "
-                            f"prompt, {max_tokens} in max_tokens); lower max_tokens")
+                            f"prompt, {max_tokens} in max_tokens); lower max_tokens", param="max_tokens")
         return dataclasses.replace(params, max_tokens=max_tokens)
 
 

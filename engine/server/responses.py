@@ -87,7 +87,8 @@ class Formatter:
 
     # ---- logprobs ----
     def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        """The token's text; without a tokenizer (load_format='dummy'), vLLM's ``token_id:<id>`` spelling."""
+        return f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def _logprobs(self, token_ids: list[int], entries: list[Optional[dict[int, float]]] | None,
                   text_offset: int) -> dict[str, Any] | None:

@@ -58,7 +58,8 @@ def sampling_defaults(source: str, model: str, speculative: bool = False) -> dic
                        "that do not set their own decode without one", path, defaults.pop("repetition_penalty"))
     if defaults.get("repetition_penalty", 1.0) != 1.0:
         logger.warning("%s sets repetition_penalty=%s for every request that does not set its own: penalized "
-                       "batches decode without CUDA graphs and are not launched ahead (engine/logit_adjust.py); "
+                       "batches sample eagerly (the forward still replays its CUDA graph) and are not launched ahead "
+                       "(engine/logit_adjust.py); "
                        "generation_config='vllm' or a request's repetition_penalty=1 avoids it", path,
                        defaults["repetition_penalty"])
     return defaults

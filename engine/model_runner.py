@@ -7,11 +7,12 @@ over per-row parameter tensors, one more per request forking n > 1 samples), who
 later with one device-to-host copy.
 
 Decode, the hot path: the batch is written into DecodeBuffers (static device tensors fed from pinned
-staging by a few non_blocking copies), then one step function runs forward_logits and rast_sample on
-them. On CUDA without enforce_eager that function is captured as a CUDA graph per batch-size bucket
-(cuda_graph), every bucket when the runner is built, and replayed on the batch padded to its bucket;
-otherwise, and for batches above the largest bucket (``graph_max_batch``), it runs eagerly on the
-batch's rows. Either way the step's only device-to-host read is the sampled ids.
+staging by a few non_blocking copies), then the step runs forward_logits and rast_sample on them. On
+CUDA without enforce_eager the step is captured as CUDA graphs per batch-size bucket (cuda_graph: the
+forward, then the sampler), every bucket when the runner is built, and replayed on the batch padded to
+its bucket; otherwise, and for batches above the largest bucket (``graph_max_batch``), it runs eagerly on
+the batch's rows. A batch with adjusted draws (logit_adjust.py) runs the forward the same way, then
+adjusts and samples eagerly. Either way the step's only device-to-host read is the sampled ids.
 """
 from __future__ import annotations
 
@@ -80,9 +81,9 @@ class ModelRunner:
         # are rare and run eagerly
         graph_rows = min(max_num_seqs, graph_max_batch or max_num_seqs)
         captured = not enforce_eager and device.type == "cuda"
-        self.graphs = (DecodeGraphs(self._decode_step, self._pad_all, device, graph_rows)
+        self.graphs = (DecodeGraphs((self._decode_forward, self._decode_sample), self._pad_all, device, graph_rows)
                        if captured and not speculative_tokens else None)
-        self.round_graphs = (DecodeGraphs(self._round_step, self._pad_all, device,
+        self.round_graphs = (DecodeGraphs((self._round_step,), self._pad_all, device,
                                           min(graph_rows, ROUND_GRAPH_ROWS))
                              if captured and speculative_tokens else None)
         for graphs in (self.graphs, self.round_graphs):
@@ -175,8 +176,7 @@ class ModelRunner:
         self.kv.copy_blocks(copies)
         if lookahead:
             return run_round(self, seqs, draws, lookahead, self.speculative_draft, self.speculative_method)
-        plain = all(d.adjust is None for d in draws)  # adjusted: eager, with one more pair (logit_adjust.py)
-        if not is_prefill and plain and [d.row for d in draws] == list(range(len(seqs))):
+        if not is_prefill and [d.row for d in draws] == list(range(len(seqs))):
             return self.decode(seqs, draws, feed)
         inputs = self.prepare(seqs, is_prefill, feed)
         needed = sorted({d.row for d in draws})
@@ -199,16 +199,28 @@ class ModelRunner:
         return step
 
     # ---- decode: static buffers, optional CUDA graph ----------------------------------------------
-    def _decode_step(self, rows: int) -> StepOutput:
-        """Forward and sample on the first ``rows`` static rows; no host sync (graph-capturable)."""
+    def _decode_forward(self, rows: int) -> list[torch.Tensor]:
+        """Every role's logits on the first ``rows`` static rows, into the static step_logits; no host
+        sync (graph-capturable: the decode graphs' first stage)."""
         b = self.buffers
         inputs = StepInputs(input_ids=b.input_ids(rows), positions=b.positions(rows),
                             meta=b.meta(rows, self.max_model_len))
-        logits = self.forward_logits(inputs, None, [t[:rows] for t in self.step_logits])
+        return self.forward_logits(inputs, None, [t[:rows] for t in self.step_logits])
+
+    def _decode_sample(self, rows: int) -> StepOutput:
+        """rast_sample over the logits _decode_forward left in step_logits, by the static sampling
+        parameters; no host sync (graph-capturable: the second stage)."""
+        b = self.buffers
+        logits = [self.step_logits[i][:rows] for i in self.roles]
         ids = rast_kernels.rast_sample(logits[0], list(zip(logits[1::2], logits[2::2])), **b.sampling(rows),
                                        vocab_size=self.vocab_size, backend=self.sampler)
         b.store_sampled(ids)
         return ids, logits
+
+    def _decode_step(self, rows: int) -> StepOutput:
+        """The decode step, eagerly: both stages."""
+        self._decode_forward(rows)
+        return self._decode_sample(rows)
 
     def _round_step(self, rows: int) -> RoundOutput:
         """A speculative round of γ drafts on the first ``rows`` static rows (graph-capturable)."""
@@ -228,6 +240,10 @@ class ModelRunner:
             self.graphs.ensure(bucket)  # a guard (all were captured at start); before fill: capture pads rows
         rows = n if bucket is None else bucket
         self.fill_buffers(seqs, draws, rows, feed)
+        if any(d.adjust is not None for d in draws):  # the forward's stage, then adjust and sample eagerly
+            logits = self._decode_forward(rows) if bucket is None else self.graphs.replay(bucket, stages=1)
+            # eager reads of the static logits, queued before any later replay can overwrite them
+            return self.sample([t[:n] for t in logits], draws)
         ids_dev, logits = self._decode_step(rows) if bucket is None else self.graphs.replay(bucket)
         # a replay's outputs are overwritten by the next replay: on CUDA the copies queued now read them
         # first; elsewhere (the CUDA emulator) the host reads them later, so it keeps a copy

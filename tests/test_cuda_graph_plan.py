@@ -24,7 +24,7 @@ def test_pick_bucket_is_the_smallest_that_holds_the_batch(cap: int) -> None:
 
 def test_capture_all_takes_every_bucket_once_largest_first() -> None:
     graphs = object.__new__(DecodeGraphs)  # no CUDA here: only the order of the ensure calls is checked
-    graphs.buckets = batch_buckets(40)
+    graphs.buckets, graphs.stages = batch_buckets(40), ()
     order: list[int] = []
     graphs.ensure = order.append
     graphs.capture_all()
@@ -47,7 +47,7 @@ class StepGraphs:
     static rows as they are, which is what the graph does."""
 
     def __init__(self, runner, max_rows: int) -> None:  # noqa: ANN001
-        self.buckets, self.step = batch_buckets(max_rows), runner._decode_step
+        self.buckets, self.step, self.forward = batch_buckets(max_rows), runner._decode_step, runner._decode_forward
         self.ensured: list[int] = []
         self.replayed: list[int] = []
 
@@ -57,9 +57,9 @@ class StepGraphs:
     def ensure(self, rows: int) -> None:
         self.ensured.append(rows)
 
-    def replay(self, rows: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def replay(self, rows: int, stages: int | None = None) -> object:
         self.replayed.append(rows)
-        return self.step(rows)
+        return self.forward(rows) if stages == 1 else self.step(rows)
 
 
 def test_runner_replays_padded_buckets_and_decodes_larger_batches_eagerly(qwen2_triple: tuple) -> None:

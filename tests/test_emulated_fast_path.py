@@ -41,11 +41,11 @@ def triton_engine(triple: tuple, **kw):  # noqa: ANN201
     return engine
 
 
-def install_fast_path(runner, decode_step=None) -> None:  # noqa: ANN001
-    """Two model streams and one captured graph, bucket 4 (the interpreter is slow; the others are alike).
-    Inside emulated_cuda only."""
+def install_fast_path(runner) -> None:  # noqa: ANN001
+    """Two model streams and one bucket's graphs, bucket 4 (the interpreter is slow; the others are alike):
+    the forward's, then the sampler's. Inside emulated_cuda only."""
     runner.streams = ModelStreams(CUDA, True)
-    runner.graphs = DecodeGraphs(decode_step or runner._decode_step, runner._pad_all, CUDA, max_rows=4)
+    runner.graphs = DecodeGraphs((runner._decode_forward, runner._decode_sample), runner._pad_all, CUDA, max_rows=4)
     runner.graphs.buckets = [4]
     runner.graphs.capture_all()
 
@@ -70,24 +70,26 @@ def test_graph_replay_and_model_streams_equal_the_eager_engine(qwen2_triple: tup
     runner = engine.runner
     assert [u.copies for u in runner.units] == [1, 2]  # the large model, then the pair stacked
     steps: list[int] = []
-    step = runner._decode_step
+    forward = runner._decode_forward
 
     def counted(rows: int):  # noqa: ANN202
         steps.append(rows)
-        return step(rows)
+        return forward(rows)
 
-    runner._decode_step = counted  # the eager path calls it too
+    runner._decode_forward = counted  # the eager step calls it too
     copies: list = []
     copy_blocks = runner.kv.copy_blocks
     runner.kv.copy_blocks = lambda pairs: (copies.extend(pairs), copy_blocks(pairs))
     with emulated_cuda(monkeypatch) as emu:
-        install_fast_path(runner, counted)
+        install_fast_path(runner)
         assert steps == [4, 4] and set(runner.graphs.graphs) == {4}  # a warm-up, then the capture
-        _, logits = runner.graphs.outputs[4]  # the graph's logits are the runner's static buffers
-        assert [t.data_ptr() for t in logits] == [t.data_ptr() for t in runner.step_logits]
+        forward_out, (_, logits) = runner.graphs.outputs[4]
+        # the stages meet in the runner's static logits buffers
+        assert [t.data_ptr() for t in logits] == [t.data_ptr() for t in forward_out] == [
+            runner.step_logits[i].data_ptr() for i in runner.roles]
         got = [generate_all(engine, prompts(n, seed=n), p) for n, p in cases]
     assert got == want and copies  # the forks copied a block on main before the side stream read it
-    assert emu.replays == SAMPLED.max_tokens - 1 + FORKED.max_tokens - 1
+    assert emu.replays == 2 * (SAMPLED.max_tokens - 1 + FORKED.max_tokens - 1)  # two stages a step
     assert steps[2:] == [5] * (SHORT_GREEDY.max_tokens - 1)  # only the eager batch ran the Python step
 
 
@@ -104,17 +106,25 @@ def test_async_scheduling_replays_graphs_fed_by_the_previous_replay(qwen2_triple
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(runner)
         got = generate_all(engine, batch, SAMPLED)
-    assert got == want and emu.replays == SAMPLED.max_tokens - 1
+    assert got == want and emu.replays == 2 * (SAMPLED.max_tokens - 1)
     assert ahead.count(True) == SAMPLED.max_tokens - 1  # every decode step went ahead, the first fed by the prefill
 
 
-def test_adjusted_steps_run_eagerly_ahead_between_replays(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch holding a logit_bias / min_tokens request decodes eagerly with the adjustment pair
-    (engine/logit_adjust.py), launched ahead like the replays around it and fed from the ids they
-    stored; once it finishes, the others replay the graph. Tokens equal the synchronous eager engine's,
-    and the emulator's race checks cover the switches."""
-    adjusted = SamplingParams(temperature=0.9, max_tokens=2, seed=7, min_tokens=2, stop_token_ids=[5],
-                              logit_bias={5: 2.0, 9: -3.0})
+ADJUSTED = {"bias": SamplingParams(temperature=0.9, max_tokens=2, seed=7, min_tokens=2, stop_token_ids=[5],
+                                   logit_bias={5: 2.0, 9: -3.0}),
+            "penalty": SamplingParams(temperature=0.9, max_tokens=2, seed=7, repetition_penalty=1.5,
+                                      frequency_penalty=0.8)}
+
+
+@pytest.mark.parametrize("kind", sorted(ADJUSTED))
+def test_adjusted_steps_replay_the_forward_and_sample_eagerly(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch,
+                                                               kind: str) -> None:
+    """A batch holding a logit_bias / min_tokens or a penalized request replays the forward's graph, then
+    adjusts (engine/logit_adjust.py) and samples eagerly from the static logits; bias is launched ahead
+    like the replays around it and fed from the ids they stored, a penalty (it reads the output) is not.
+    Once it finishes, the others replay both stages. Tokens equal the synchronous eager engine's, and
+    the emulator's race checks cover the switches."""
+    adjusted = ADJUSTED[kind]
     params = [SAMPLED, adjusted, SAMPLED]
     batch = prompts(3, seed=6)
 
@@ -132,9 +142,13 @@ def test_adjusted_steps_run_eagerly_ahead_between_replays(qwen2_triple: tuple, m
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(runner)
         got = run(engine)
-    assert got == want and len(got[1]) == 2 and 5 not in got[1]
-    assert emu.replays == SAMPLED.max_tokens - 2  # the first decode step held the adjusted request
-    assert ahead.count(True) == SAMPLED.max_tokens - 1
+    assert got == want and len(got[1]) == 2 and (kind != "bias" or 5 not in got[1])
+    # the first decode step held the adjusted request: its forward's graph alone; then both stages
+    assert emu.replays == 1 + 2 * (SAMPLED.max_tokens - 2)
+    if kind == "bias":
+        assert ahead.count(True) == SAMPLED.max_tokens - 1
+    else:
+        assert False in ahead  # a step that reads the penalized output's last token waits for it
 
 
 def test_a_prefill_ahead_reads_the_ids_a_replay_stored(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,7 +186,7 @@ def test_torch_attention_cannot_be_captured(qwen2_triple: tuple, monkeypatch: py
     engine = make_engine(qwen2_triple, attention_backend="torch", max_num_seqs=8)
     runner = engine.runner
     with emulated_cuda(monkeypatch):
-        graphs = DecodeGraphs(runner._decode_step, runner._pad_all, CUDA, max_rows=2)
+        graphs = DecodeGraphs((runner._decode_forward, runner._decode_sample), runner._pad_all, CUDA, max_rows=2)
         with pytest.raises(EmulatorError, match="during CUDA-graph capture"):
             graphs.ensure(2)
 

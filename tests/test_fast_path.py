@@ -29,7 +29,7 @@ def test_batch_buckets_cover_every_batch() -> None:
             b = min(x for x in buckets if x >= n)
             assert b - n < 16 and (n > 8 or b < 2 * n)  # padding waste stays bounded
     with pytest.raises(ValueError, match="CUDA"):
-        DecodeGraphs(lambda rows: None, lambda rows: None, torch.device("cpu"), 4)
+        DecodeGraphs((lambda rows: None,), lambda rows: None, torch.device("cpu"), 4)
     assert not ModelStreams(torch.device("cpu"), True).concurrent
 
 

@@ -71,7 +71,7 @@ def test_batches_above_the_graph_cap_decode_eagerly(qwen2_triple: tuple) -> None
     assert graphs.buckets == [1, 2, 4] and set(graphs.graphs) == {1, 2, 4}
     replayed: list[int] = []
     replay = graphs.replay
-    graphs.replay = lambda rows: (replayed.append(rows), replay(rows))[1]
+    graphs.replay = lambda rows, **kw: (replayed.append(rows), replay(rows, **kw))[1]
     # 3 rows replay bucket 4 (greedy: padding changes GEMM shapes, hence rounding); above the cap the
     # eager step runs the eager engine's shapes, so sampled tokens match too
     for n, bucket, cases in ((3, 4, (GREEDY,)), (6, None, (GREEDY, SAMPLED)), (16, None, (GREEDY, SAMPLED))):
@@ -174,11 +174,14 @@ def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool
 @pytest.mark.gpu
 def test_adjusted_requests_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None:
     """logit_bias, min_tokens, penalties, token masks and structured outputs (engine/logit_adjust.py,
-    engine/structured.py): their steps run eagerly beside graph-replayed plain ones, bias launched ahead
-    and penalties not; greedy tokens equal the CPU's."""
+    engine/structured.py): their steps replay the forward's graph and adjust and sample eagerly, beside
+    plain steps replaying both stages, bias launched ahead and penalties not; greedy tokens equal the CPU's."""
     cpu = make_engine(qwen2_triple, "cpu", dtype="float32")
     gpu = make_engine(qwen2_triple, "cuda", dtype="float32", attention_backend="triton", async_output=True,
                       async_scheduling=True)
+    stages: list = []
+    replay = gpu.runner.graphs.replay
+    gpu.runner.graphs.replay = lambda rows, **kw: (stages.append(kw.get("stages")), replay(rows, **kw))[1]
     greedy = dict(temperature=0.0, max_tokens=12)
     batch = prompts(4, seed=61)
     for params in (SamplingParams(**greedy, logit_bias={7: 3.0, 11: -100.0}, min_tokens=6, stop_token_ids=[7]),
@@ -189,6 +192,7 @@ def test_adjusted_requests_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None
                      if importlib.util.find_spec("xgrammar") else [])):
         assert generate(gpu, batch, params) == generate(cpu, batch, params)
         assert generate(gpu, batch, GREEDY) == generate(cpu, batch, GREEDY)  # graphs again after them
+    assert 1 in stages and None in stages  # adjusted steps replayed the forward alone, plain ones all
     assert gpu._in_flight is None and gpu.block_manager.num_used_blocks == 0
 
 

@@ -85,7 +85,7 @@ def test_captured_rounds_equal_the_plain_engine_under_the_cuda_emulator(near_tri
     monkeypatch.setattr(round_module, "round_core", lambda *a: (eager.append(a[2]), round_core(*a))[1])
     with emulated_cuda(monkeypatch) as emu:
         runner.streams = ModelStreams(CUDA, True)
-        runner.round_graphs = DecodeGraphs(lambda rows: (steps.append(rows), round_step(rows))[1], runner._pad_all,
+        runner.round_graphs = DecodeGraphs((lambda rows: (steps.append(rows), round_step(rows))[1],), runner._pad_all,
                                            CUDA, max_rows=4)
         runner.round_graphs.buckets = [4]  # the interpreter is slow: one bucket (the others are alike)
         runner.round_graphs.capture_all()
@@ -143,8 +143,8 @@ def test_rounds_are_not_captured_over_flash_attention(near_triple: tuple, monkey
     for module in (m for u in runner.units for m in u.modules() if isinstance(m, Attention)):
         module.backend = flash
     with emulated_cuda(monkeypatch):
-        DecodeGraphs(runner._decode_step, runner._pad_all, CUDA, max_rows=2).ensure(2)
+        DecodeGraphs((runner._decode_forward, runner._decode_sample), runner._pad_all, CUDA, max_rows=2).ensure(2)
         with pytest.raises(EmulatorError, match="during CUDA-graph capture"):
-            DecodeGraphs(runner._round_step, runner._pad_all, CUDA, max_rows=2).ensure(2)
+            DecodeGraphs((runner._round_step,), runner._pad_all, CUDA, max_rows=2).ensure(2)
     assert capture_safe("flash_attn", speculative=False) and not capture_safe("flash_attn", speculative=True)
     assert capture_safe("triton", speculative=True) and not capture_safe("torch", speculative=False)

@@ -4,7 +4,6 @@ the runner's dispatch on a stand-in for DecodeGraphs (the real graphs are tested
 from __future__ import annotations
 
 import pytest
-import torch
 
 from rast_engine import SamplingParams
 from rast_engine.config import EngineConfig

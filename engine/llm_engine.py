@@ -79,7 +79,8 @@ class LLMEngine:
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
                               arrival=next(self._arrivals), weights=weights, grammar=grammar,
-                              prompt_logprobs=None if params.prompt_logprobs is None else [None])
+                              prompt_logprobs=None if params.prompt_logprobs is None else [None],
+                              prompt_logprob_ranks=None if params.prompt_logprobs is None else [None])
         group.seqs.append(self._new_sequence(group, 0, list(ids)))
         self.groups[request_id] = group
         self.scheduler.add(group.seqs[0])

@@ -33,6 +33,9 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: [None, {token: logprob}, ...], one entry per prompt token; in a delta
     # output only the first one carries it
     prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
+    # beside prompt_logprobs: each prompt token's rank in its distribution (vLLM's Logprob.rank: how many
+    # tokens are at least as likely; None for the first)
+    prompt_logprob_ranks: Optional[list[Optional[int]]] = None
 
 
 @dataclass

@@ -6,7 +6,7 @@ reports them), plus the top k tokens there. RequestOutput.prompt_logprobs is [No
 
 How: the request's own prefill computes them. A prefill chunk of such a sequence asks the forward for
 the logits of its positions besides the sampling rows (model_runner.launch); they are combined and
-reduced to the chosen token and top k on the device, and reach the host with the step's ids. So its
+reduced to the chosen token, its rank and top k on the device, and reach the host with the step's ids. So its
 prompt is never served from the prefix cache while they are incomplete (BlockManager._prefix_hits): a
 cached position has no logits. Filling is by position, so a chunk computed again (preemption, an undone
 step) changes nothing.
@@ -68,12 +68,14 @@ class PromptLogprobs:
         lp = torch.log_softmax(combined(logits, w, vocab), dim=-1)
         ids = to_device(torch.tensor(nxt, dtype=torch.int64))
         self.chosen = lp.gather(1, ids[:, None])[:, 0]
+        # vLLM's rank: how many tokens are at least as likely as the prompt's (1: the most likely)
+        self.rank = (lp >= self.chosen[:, None]).sum(-1)
         k = max(s.group.params.prompt_logprobs for s in slices)
         self.top = lp.topk(k, dim=-1) if k else None
         self.slices, self.next_ids = slices, nxt
 
     def fill(self) -> None:
-        chosen = self.chosen.tolist()
+        chosen, rank = self.chosen.tolist(), self.rank.tolist()
         top_v, top_i = (self.top.values.tolist(), self.top.indices.tolist()) if self.top is not None else ([], [])
         i = 0
         for s in self.slices:
@@ -83,4 +85,5 @@ class PromptLogprobs:
                     entry = {top_i[i][j]: top_v[i][j] for j in range(k)} if k else {}
                     entry[self.next_ids[i]] = chosen[i]
                     out.append(entry)
+                    s.group.prompt_logprob_ranks.append(rank[i])
                 i += 1

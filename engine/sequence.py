@@ -180,6 +180,7 @@ class SequenceGroup:
     grammar: Optional[RequestGrammar] = None  # structured outputs' compiled constraint (structured.py)
     # SamplingParams.prompt_logprobs: filled in prompt order by the prefill (prompt_logprobs.py)
     prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
+    prompt_logprob_ranks: Optional[list[Optional[int]]] = None  # beside prompt_logprobs: each token's rank
     _prompt_logprobs_reported: bool = field(default=False, init=False, repr=False)
     adjust_tensors: Optional[RequestTensors] = field(default=None, init=False, repr=False)  # adjusted requests
     _prompt_out: Optional[list[int]] = field(default=None, init=False, repr=False)  # see output()
@@ -202,9 +203,11 @@ class SequenceGroup:
             completions = [s.completion(holdback) for s in seqs]
         if self._prompt_out is None:
             self._prompt_out = list(self.prompt_token_ids)
-        prompt_logprobs = self.prompt_logprobs
+        prompt_logprobs, ranks = self.prompt_logprobs, self.prompt_logprob_ranks
         if self.params.output_kind == "delta":
-            prompt_logprobs, self._prompt_logprobs_reported = (
-                None if self._prompt_logprobs_reported else prompt_logprobs), True
+            if self._prompt_logprobs_reported:
+                prompt_logprobs = ranks = None
+            self._prompt_logprobs_reported = True
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self._prompt_out,
-                             outputs=completions, finished=self.finished, prompt_logprobs=prompt_logprobs)
+                             outputs=completions, finished=self.finished, prompt_logprobs=prompt_logprobs,
+                             prompt_logprob_ranks=ranks)

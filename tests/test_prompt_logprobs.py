@@ -23,10 +23,16 @@ def oracle(triple: tuple, prompt: list[int], lam: float, vocab: int) -> torch.Te
     return torch.log_softmax(large + lam * (rl - base), dim=-1)
 
 
-def check(entries: list, prompt: list[int], lp: torch.Tensor, k: int) -> None:
+def check(entries: list, prompt: list[int], lp: torch.Tensor, k: int, ranks: list | None = None) -> None:
+    """``entries`` (and ``ranks``: vLLM's, how many tokens are at least as likely, checked to the oracle's
+    rounding) against the oracle's rows ``lp``."""
     assert len(entries) == len(prompt) and entries[0] is None
+    assert ranks is None or (len(ranks) == len(prompt) and ranks[0] is None)
     for p in range(1, len(prompt)):
         entry, row = entries[p], lp[p - 1]
+        if ranks is not None:
+            x = row[prompt[p]]
+            assert int((row > x + 2e-4).sum()) + 1 <= ranks[p] <= int((row >= x - 2e-4).sum()), p
         want = {prompt[p]: row[prompt[p]].item()}
         if k:
             top = row.topk(k)
@@ -59,9 +65,10 @@ def test_prompt_logprobs_equal_the_oracle(qwen2_triple: tuple, variant: str) -> 
         requests.update({f"x{i}": (PROMPT[i:], SamplingParams(max_tokens=20, seed=i, ignore_eos=True))
                          for i in range(4)})
     out = finals(engine, requests)
-    check(out["a"].prompt_logprobs, PROMPT, oracle(qwen2_triple, PROMPT, LAM, vocab), 3)
-    check(out["b"].prompt_logprobs, PROMPT[3:], oracle(qwen2_triple, PROMPT[3:], 0.25, vocab), 0)
-    assert out["plain"].prompt_logprobs is None
+    check(out["a"].prompt_logprobs, PROMPT, oracle(qwen2_triple, PROMPT, LAM, vocab), 3, out["a"].prompt_logprob_ranks)
+    check(out["b"].prompt_logprobs, PROMPT[3:], oracle(qwen2_triple, PROMPT[3:], 0.25, vocab), 0,
+          out["b"].prompt_logprob_ranks)
+    assert out["plain"].prompt_logprobs is None and out["plain"].prompt_logprob_ranks is None
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
 
@@ -110,6 +117,8 @@ def test_delta_outputs_carry_them_once_and_generate_returns_them(qwen2_triple: t
         outs += engine.step()
     carried = [o.prompt_logprobs for o in outs if o.prompt_logprobs is not None]
     assert len(carried) == 1 and outs[0].prompt_logprobs is carried[0] and len(carried[0]) == len(PROMPT)
+    ranks = [o.prompt_logprob_ranks for o in outs if o.prompt_logprob_ranks is not None]
+    assert len(ranks) == 1 and outs[0].prompt_logprob_ranks is ranks[0] and len(ranks[0]) == len(PROMPT)
     large, rl, base = map(str, qwen2_triple)
     llm = LLM(large, rl, base, lam=LAM, device="cpu", dtype="float32", kv_cache_blocks=64)
     got = llm.generate(PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=2), use_tqdm=False)[0]
@@ -166,3 +175,47 @@ def test_server_echo_streams_the_prompt_first(srv: object, server_triple: tuple)
                                     extra_body={"truncate_prompt_tokens": 2})
     assert cut.choices[0].text.startswith(tok.decode(tok.encode(PROMPTS[0])[-2:]))  # the prompt the engine read
     assert cut.usage.prompt_tokens == 2
+
+
+def test_server_prompt_logprobs_are_vllms_field(srv: object, server_oracle: LLM) -> None:
+    """vLLM's prompt_logprobs request field: each completion choice carries its prompt's entries, a chat
+    response its one prompt's, as {token id: {logprob, rank, decoded_token}} (the first token null),
+    equal to the offline engine's values and ranks; the top k rank 1 to k. Not with a stream."""
+    import httpx
+    from server_util import MODEL, PROMPTS
+
+    tok = server_oracle.get_tokenizer()
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+
+    def want(ids: list[int], k: int) -> list:
+        out = server_oracle.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=k), use_tqdm=False)[0]
+        entries = [None]
+        for p in range(1, len(ids)):
+            top = sorted(out.prompt_logprobs[p].items(), key=lambda kv: -kv[1])[:k]
+            ranked = [(ids[p], out.prompt_logprobs[p][ids[p]], out.prompt_logprob_ranks[p])]
+            ranked += [(t, lp, j + 1) for j, (t, lp) in enumerate(top)]
+            entries.append({str(t): {"logprob": pytest.approx(lp, abs=1e-5), "rank": r, "decoded_token": tok.decode([t])}
+                            for t, lp, r in ranked})
+        return entries
+
+    url = f"{srv.url}/v1"
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 2, "n": 2, "prompt_logprobs": 2, "echo": True,
+            "logprobs": 1}
+    res = httpx.post(f"{url}/completions", json=body, timeout=60).json()
+    assert len(res["choices"]) == 4
+    for choice in res["choices"]:
+        ids = prompts[choice["index"] // 2]
+        assert choice["prompt_logprobs"] == want(ids, 2)
+        assert all(len(e) == 1 for e in choice["logprobs"]["top_logprobs"][1:len(ids)])  # echo's own k
+    assert any(e["rank"] > 2 for entry in res["choices"][0]["prompt_logprobs"][1:] for e in entry.values())
+    plain = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": prompts[0], "max_tokens": 1}).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2,
+            "prompt_logprobs": 0}
+    res = httpx.post(f"{url}/chat/completions", json=chat, timeout=60).json()
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
+                                             add_generation_prompt=True), add_special_tokens=False)
+    assert res["prompt_logprobs"] == want(ids, 0)
+    for path, streamed in (("completions", {**body, "stream": True}), ("chat/completions", {**chat, "stream": True})):
+        r = httpx.post(f"{url}/{path}", json=streamed, timeout=60)
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt_logprobs"), r.text

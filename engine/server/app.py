@@ -215,19 +215,23 @@ class OpenAIServer:
             raise APIError(400, "echo returns the prompt's text, and this model has no tokenizer "
                                 "(load_format='dummy')", param="echo")
         params = _sampling_params(req, req.logprobs, req.max_tokens, self.engine.engine)
-        if req.echo and req.logprobs is not None:  # the prompt's tokens get logprobs too
-            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+        # echo with logprobs gives the prompt's tokens logprobs too: the engine scores the larger top k
+        asked = [k for k in (req.prompt_logprobs_count(), req.logprobs if req.echo else None) if k is not None]
+        if asked:
+            params = dataclasses.replace(params, prompt_logprobs=max(asked))
         await self._precompile(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs, echo=_echoed(req) if req.echo else None)
+                        req.logprobs, echo=_echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs)
         return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
 
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
         self._check_model(req.model)
         params = _sampling_params(req, req.logprobs_count(), req.max_new_tokens(), self.engine.engine)
+        if req.prompt_logprobs_count() is not None:
+            params = dataclasses.replace(params, prompt_logprobs=req.prompt_logprobs)
         await self._precompile(params)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
@@ -241,7 +245,7 @@ class OpenAIServer:
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
                                     add_special_tokens=False, param="messages")
         fmt = Formatter("chat", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs_count())
+                        req.logprobs_count(), prompt_logprobs=req.prompt_logprobs)
         return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
 
     async def _precompile(self, params: SamplingParams) -> None:

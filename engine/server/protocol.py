@@ -73,6 +73,8 @@ class _Request(BaseModel):
     skip_special_tokens: bool = True
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # vLLM's: each prompt token's logprob under the combined distribution, its rank, and the top k there
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
@@ -127,6 +129,12 @@ class _Request(BaseModel):
             return {"json": spec["schema"]}
         raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
                        "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", param="response_format")
+
+    def prompt_logprobs_count(self) -> int | None:
+        """prompt_logprobs, as vLLM takes it: not with a stream (APIError(400))."""
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs is not available with stream: true", param="prompt_logprobs")
+        return self.prompt_logprobs
 
     def logit_bias_ids(self) -> dict[int, float] | None:
         return {int(key): bias for key, bias in self.logit_bias.items()} if self.logit_bias else None

@@ -5,7 +5,10 @@ costs the engine thread O(new tokens) however long the completion. A stream chun
 text with the logprobs of the tokens behind it; tokens whose text is still held back (a possible
 stop-string prefix, incomplete UTF-8) ride on the next chunk with text, or on the finishing one. A whole
 response joins the deltas. With echo (completions) each choice starts with its prompt, and with logprobs
-with the prompt tokens' entries (the first one null, as OpenAI's), from the engine's prompt_logprobs."""
+with the prompt tokens' entries (the first one null, as OpenAI's), from the engine's prompt_logprobs.
+vLLM's ``prompt_logprobs`` field (not streamed) holds them as vLLM spells them: per prompt token null
+(the first) or {token id: {logprob, rank, decoded_token}} for the token and the top k; a completion's
+choices carry their prompt's, a chat response carries its one prompt's."""
 from __future__ import annotations
 
 import time
@@ -31,9 +34,11 @@ class _Choice:
 
 class Formatter:
     def __init__(self, kind: Kind, response_id: str, model: str, request_ids: list[str], n: int,
-                 tokenizer: Any, logprobs: int | None, echo: Optional[list[Optional[str]]] = None) -> None:
+                 tokenizer: Any, logprobs: int | None, echo: Optional[list[Optional[str]]] = None,
+                 prompt_logprobs: int | None = None) -> None:
         self.kind, self.id, self.model, self.n = kind, response_id, model, n
         self.created = int(time.time())
+        self.request_ids = request_ids
         self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
         self.tokenizer = tokenizer
         self.logprobs = logprobs
@@ -42,6 +47,8 @@ class Formatter:
         # request id -> its prompt's text as sent (None: the text of the ids the engine read)
         self.echo = None if echo is None else dict(zip(request_ids, echo))
         self.echoed: dict[str, _Choice] = {}  # request id -> the start every choice of it gets
+        self.prompt_logprobs = prompt_logprobs  # vLLM's field: its top k, None if not asked for
+        self.prompt_entries: dict[str, list[Optional[dict[str, Any]]]] = {}  # request id -> that field
 
     def _index(self, request_id: str, completion_index: int) -> int:
         return self.prompt_index[request_id] * self.n + completion_index
@@ -49,6 +56,8 @@ class Formatter:
     def add(self, out: Any) -> list[int]:
         """Fold a delta output in; the indices of the choices it brought something to."""
         self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+        if self.prompt_logprobs is not None and out.prompt_logprobs is not None:  # the first output has them
+            self.prompt_entries[out.request_id] = self._vllm_prompt_logprobs(out)
         if self.echo is not None and out.request_id not in self.echoed:  # its first output
             self.echoed[out.request_id] = self._echo_start(out)
         touched = []
@@ -114,6 +123,19 @@ class Formatter:
                 "top_logprobs": [None if top is None else {self._token(t): lp for t, lp in top} for top in tops],
                 "text_offset": offsets}
 
+    def _vllm_prompt_logprobs(self, out: Any) -> list[Optional[dict[str, Any]]]:
+        """vLLM's prompt_logprobs: the prompt token's entry with its rank, then the top k ranked 1 to k (the
+        token among them takes its place there, as in vLLM)."""
+        k, entries = self.prompt_logprobs, []
+        for tid, entry, rank in zip(out.prompt_token_ids, out.prompt_logprobs, out.prompt_logprob_ranks):
+            if entry is None:
+                entries.append(None)
+                continue
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            ranked = [(tid, entry[tid], rank)] + [(t, lp, j + 1) for j, (t, lp) in enumerate(top)]
+            entries.append({str(t): {"logprob": lp, "rank": r, "decoded_token": self._token(t)} for t, lp, r in ranked})
+        return entries
+
     # ---- whole responses ----
     def body(self) -> dict[str, Any]:
         choices = []
@@ -125,9 +147,14 @@ class Formatter:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
+                if self.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self.prompt_entries.get(self.request_ids[i // self.n])
             choices.append(choice)
-        return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+        body = {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
+        if self.kind == "chat" and self.prompt_logprobs is not None:
+            body["prompt_logprobs"] = next(iter(self.prompt_entries.values()), None)
+        return body
 
     # ---- streams ----
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:

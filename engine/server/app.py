@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,18 +19,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rast_engine.errors import RastError
-from rast_engine.generation_config import fill
-from rast_engine.requests import check_token_ids
 from rast_engine.sampling_params import SamplingParams
-from rast_engine.server.async_engine import AsyncEngine, RequestHandle
+from rast_engine.server.async_engine import AsyncEngine
+from rast_engine.server.request_handle import RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
 from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from rast_engine.server.request_params import chat_params, completion_params, echoed
 from rast_engine.server.responses import Formatter
 from rast_engine.structured import engine_grammars
 from rast_engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
-
-if TYPE_CHECKING:
-    from rast_engine.llm_engine import LLMEngine
 
 log = logging.getLogger("rast.server")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -56,40 +52,6 @@ class _SSEResponse(StreamingResponse):
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None,
-                     max_tokens: int | None, engine: LLMEngine) -> SamplingParams:
-    """The request's SamplingParams; the filters it omits take the generation config's values."""
-    vocab_size = engine.vocab_size
-    if max_tokens is not None and req.min_tokens > max_tokens:
-        raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
-    logit_bias = req.logit_bias_ids()
-    try:
-        check_token_ids("logit_bias", logit_bias, vocab_size)
-        check_token_ids("allowed_token_ids", req.allowed_token_ids, vocab_size)
-    except RastError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
-    try:
-        return SamplingParams(
-            n=req.n, **fill(engine.sampling_defaults, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                            min_p=req.min_p, repetition_penalty=req.repetition_penalty),
-            # placeholder, at least min_tokens: the engine thread sets it once the prompt is tokenised
-            max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=logit_bias,
-            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=req.structured(),
-            truncate_prompt_tokens=req.truncate_prompt_tokens,
-            stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
-            output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py
-    except ValueError as exc:
-        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
-
-
-def _echoed(req: CompletionRequest) -> list[str | None]:
-    """Each prompt's text for echo: as sent, or (token ids, a truncated prompt) the text of the ids read."""
-    return [p if isinstance(p, str) and req.truncate_prompt_tokens is None else None for p in req.prompts()]
 
 
 async def _client_gone(request: Request) -> None:
@@ -214,24 +176,18 @@ class OpenAIServer:
         if req.echo and self.tokenizer is None:
             raise APIError(400, "echo returns the prompt's text, and this model has no tokenizer "
                                 "(load_format='dummy')", param="echo")
-        params = _sampling_params(req, req.logprobs, req.max_tokens, self.engine.engine)
-        # echo with logprobs gives the prompt's tokens logprobs too: the engine scores the larger top k
-        asked = [k for k in (req.prompt_logprobs_count(), req.logprobs if req.echo else None) if k is not None]
-        if asked:
-            params = dataclasses.replace(params, prompt_logprobs=max(asked))
+        params = completion_params(req, self.engine.engine)
         await self._precompile(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs, echo=_echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs)
+                        req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs)
         return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
 
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
         self._check_model(req.model)
-        params = _sampling_params(req, req.logprobs_count(), req.max_new_tokens(), self.engine.engine)
-        if req.prompt_logprobs_count() is not None:
-            params = dataclasses.replace(params, prompt_logprobs=req.prompt_logprobs)
+        params = chat_params(req, self.engine.engine)
         await self._precompile(params)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")

@@ -1,0 +1,114 @@
+"""RequestHandle: one HTTP request's engine requests, seen from the event loop, and the commands it
+sends the engine thread (Add, Abort) through AsyncEngine's queue (async_engine.py holds the invariants)."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from rast_engine.errors import RastError
+from rast_engine.server.protocol import APIError
+
+if TYPE_CHECKING:
+    from rast_engine.server.async_engine import AsyncEngine
+
+
+@dataclass
+class Add:
+    request_ids: list[str]
+    prompts: list[str | list[int]]
+    params: Any  # SamplingParams; its max_tokens is replaced per prompt by AsyncEngine._fit
+    max_tokens: int | None  # None: up to the end of the context
+    add_special_tokens: bool
+    done: asyncio.Future
+
+
+@dataclass
+class Abort:
+    request_ids: list[str]
+
+
+def settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if not fut.done():  # the handler may have been cancelled by a disconnect meanwhile
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+class RequestHandle:
+    """One HTTP request's engine requests. `async with` admits them (RastError -> 400), iteration
+    yields their RequestOutputs (of the params' output_kind) until all finish, and leaving aborts
+    whatever is unfinished (a client disconnect cancels the handler, which lands here)."""
+
+    def __init__(self, owner: AsyncEngine, request_ids: list[str], prompts: list[str | list[int]],
+                 params: Any, max_tokens: int | None, add_special_tokens: bool, param: str) -> None:
+        self._owner = owner
+        self._param = param
+        self.request_ids = request_ids
+        self._prompts = prompts
+        self._params = params
+        self._max_tokens = max_tokens
+        self._add_special_tokens = add_special_tokens
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._unfinished = set(request_ids)
+        self._started = False
+        self._closed = False
+
+    async def __aenter__(self) -> RequestHandle:
+        owner = self._owner
+        owner.in_flight += len(self.request_ids)
+        for rid in self.request_ids:
+            owner._queues[rid] = self._queue
+        done = asyncio.get_running_loop().create_future()
+        owner._commands.put(Add(self.request_ids, self._prompts, self._params, self._max_tokens,
+                                 self._add_special_tokens, done))
+        try:
+            await done
+        except RastError as exc:
+            self._unfinished.clear()
+            await self.__aexit__(None, None, None)
+            raise APIError(400, str(exc), param=exc.param or self._param) from None
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    @property
+    def done(self) -> bool:
+        return not self._unfinished
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        owner = self._owner
+        for rid in self.request_ids:
+            owner._queues.pop(rid, None)
+        if self._unfinished:
+            owner._commands.put(Abort(sorted(self._unfinished)))
+            self._unfinished.clear()
+        owner.in_flight -= len(self.request_ids)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        timeout = None if self._started else self._owner.queue_timeout
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"the request waited more than {timeout:g} s without being "
+                                "scheduled; the server is overloaded, retry later",
+                           type="server_error", code="queue_timeout") from None
+        if isinstance(item, APIError):  # failed alone; leaving the handle aborts its other prompts
+            raise item
+        if isinstance(item, BaseException):
+            raise APIError(500, f"the engine failed: {item!r}", type="server_error",
+                           code="engine_error")
+        self._started = True
+        if item.finished:
+            self._unfinished.discard(item.request_id)
+        return item

@@ -1,0 +1,63 @@
+"""A request body's SamplingParams: OpenAI's and vLLM's fields mapped onto the engine's, the fields a
+request omits filled from the generation config, bad values answered with an APIError(400) naming the
+field."""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from rast_engine.errors import RastError
+from rast_engine.generation_config import fill
+from rast_engine.requests import check_token_ids
+from rast_engine.sampling_params import SamplingParams
+from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from rast_engine.llm_engine import LLMEngine
+
+
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None,
+                     max_tokens: int | None, engine: LLMEngine) -> SamplingParams:
+    """The request's SamplingParams; the filters it omits take the generation config's values."""
+    vocab_size = engine.vocab_size
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+    logit_bias = req.logit_bias_ids()
+    try:
+        check_token_ids("logit_bias", logit_bias, vocab_size)
+        check_token_ids("allowed_token_ids", req.allowed_token_ids, vocab_size)
+    except RastError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    try:
+        return SamplingParams(
+            n=req.n, **fill(engine.sampling_defaults, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                            min_p=req.min_p, repetition_penalty=req.repetition_penalty),
+            # placeholder, at least min_tokens: the engine thread sets it once the prompt is tokenised
+            max_tokens=max(1, req.min_tokens), min_tokens=req.min_tokens, logit_bias=logit_bias,
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=req.structured(),
+            truncate_prompt_tokens=req.truncate_prompt_tokens,
+            stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
+            output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
+
+
+def echoed(req: CompletionRequest) -> list[str | None]:
+    """Each prompt's text for echo: as sent, or (token ids, a truncated prompt) the text of the ids read."""
+    return [p if isinstance(p, str) and req.truncate_prompt_tokens is None else None for p in req.prompts()]
+
+
+def completion_params(req: CompletionRequest, engine: LLMEngine) -> SamplingParams:
+    params = sampling_params(req, req.logprobs, req.max_tokens, engine)
+    # echo with logprobs gives the prompt's tokens logprobs too: the engine scores the larger top k
+    asked = [k for k in (req.prompt_logprobs_count(), req.logprobs if req.echo else None) if k is not None]
+    return dataclasses.replace(params, prompt_logprobs=max(asked)) if asked else params
+
+
+def chat_params(req: ChatCompletionRequest, engine: LLMEngine) -> SamplingParams:
+    params = sampling_params(req, req.logprobs_count(), req.max_new_tokens(), engine)
+    k = req.prompt_logprobs_count()
+    return params if k is None else dataclasses.replace(params, prompt_logprobs=k)

@@ -12,14 +12,17 @@ decode step), and one per row drawn n > 1 times; the ids come back in draw order
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Collection, Optional, Sequence as Seq
 
 import torch
 
 import rast_kernels
-from rast_engine.logit_adjust import Adjust
+from rast_engine.logit_adjust import Adjust, adjustment
 from rast_engine.pending import DrawLogprobs
-from rast_engine.sampling_params import SamplingParams
+from rast_engine.sampling_params import SamplingParams, sample_seed
+
+if TYPE_CHECKING:
+    from rast_engine.sequence import Sequence
 
 ToDevice = Callable[[torch.Tensor], torch.Tensor]
 
@@ -33,6 +36,28 @@ class Draw:
     seed: int
     offset: int  # tokens the sample has generated so far: draws of one sample never share noise
     adjust: Optional[Adjust] = None  # an adjusted draw's logit_bias / min_tokens / penalty inputs (logit_adjust.py)
+
+
+def step_draws(seqs: Seq[Sequence], eos_token_ids: Collection[int]) -> tuple[list[Draw], list[tuple[Sequence, int]]]:
+    """The draws of a step over ``seqs`` (row i is sequence i) and each sequence's number of them: a prefill
+    chunk short of its sequence's end draws none, a request's first draw n (one per sample, from its one
+    prefilled row), any other one."""
+    draws: list[Draw] = []
+    owners: list[tuple[Sequence, int]] = []
+    for row, seq in enumerate(seqs):
+        if seq.num_scheduled_tokens < seq.num_uncomputed:
+            owners.append((seq, 0))
+            continue
+        g, before = seq.group, len(draws)
+        if not g.forked:
+            adjust = adjustment(seq, True, eos_token_ids)
+            draws += [Draw(row, g.params, g.weights, sample_seed(g.request_seed, j), 0, adjust)
+                      for j in range(g.params.n)]
+        else:
+            draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated,
+                              adjustment(seq, False, eos_token_ids)))
+        owners.append((seq, len(draws) - before))
+    return draws, owners
 
 
 def row_params(draws: Seq[Draw], to_device: ToDevice, greedy_as_t1: bool = False) -> dict[str, torch.Tensor]:

@@ -21,10 +21,9 @@ from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.generation_config import sampling_defaults
 from rast_engine.kv_cache import KVCache
-from rast_engine.draws import Draw
+from rast_engine.draws import step_draws
 from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
-from rast_engine.logit_adjust import adjustment
 from rast_engine.pending import DrawResult, InFlight
 from rast_engine.requests import checked_request
 from rast_engine.sampling_params import SamplingParams, sample_seed
@@ -212,22 +211,7 @@ class LLMEngine:
         return self._start(out, feed=[row[s] if s.num_pending else -1 for s in out.seqs])
 
     def _start(self, out: SchedulerOutput, feed: Optional[list[int]] = None) -> InFlight:
-        draws: list[Draw] = []
-        owners: list[tuple[Sequence, int]] = []
-        eos = self.scheduler.eos_token_ids
-        for row, seq in enumerate(out.seqs):
-            if seq.num_scheduled_tokens < seq.num_uncomputed:
-                owners.append((seq, 0))
-                continue  # a prefill chunk short of the sequence's end: nothing to sample yet
-            g, before = seq.group, len(draws)
-            if not g.forked:  # the request's first draw: n samples from its one prefilled row
-                adjust = adjustment(seq, True, eos)
-                draws += [Draw(row, g.params, g.weights, sample_seed(g.request_seed, j), 0, adjust)
-                          for j in range(g.params.n)]
-            else:
-                draws.append(Draw(row, g.params, g.weights, seq.seed, seq.num_generated,
-                                  adjustment(seq, False, eos)))
-            owners.append((seq, len(draws) - before))
+        draws, owners = step_draws(out.seqs, self.scheduler.eos_token_ids)
         try:
             step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed, out.lookahead)
         except BaseException:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 import tempfile
@@ -37,12 +36,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.decode_runs import LAM, engine_generate, hf_generate, hf_load, print_profile, profile_engine  # noqa: E402
+from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, hf_generate, hf_load, print_profile,  # noqa: E402
+                               profile_engine, spec_round)
+from bench.decode_configs import CONFIGS, PAIRINGS, TINY, materialize, pairing_models  # noqa: E402, F401
 from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa: E402
 
-CONFIGS = ROOT / "bench" / "configs"
-PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
-            "32b+7b": ("qwen2.5-32b", "qwen2.5-7b"), "qwen3-8b+1.7b": ("qwen3-8b", "qwen3-1.7b")}
 MODES = ("base", "rast-seq", "rast", "rast-unstacked", "rast-no-ahead", "rast-spec", "hf-rast")
 _FAST = dict(enforce_eager=False, model_streams=True, async_output=True, async_scheduling=True)
 # pair: the mode has the small pair; stack: the pair runs as one batched forward (models.stacked)
@@ -54,15 +52,6 @@ ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
                 "rast-no-ahead": dict(_FAST, async_scheduling=False, pair=True, stack=True),
                 # speculative rounds (engine/speculative): graphs up to batch 64, no async scheduling, γ = SPEC_GAMMA drafts
                 "rast-spec": dict(_FAST, async_scheduling=False, pair=True, stack=True, spec=True)}
-SPEC_GAMMA = 4
-SPEC_ALPHAS = (0.6, 0.7, 0.8, 0.9)  # acceptance rates a round's time is projected at
-_TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-              "hidden_act": "silu", "max_position_embeddings": 1024, "tie_word_embeddings": False,
-              "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1}
-# the small pair's vocab is narrower than the large model's, like Qwen2.5-1.5B (151936) vs 7B (152064)
-TINY = {"tiny-large": {**_TINY_BASE, "hidden_size": 128, "intermediate_size": 256, "vocab_size": 512},
-        "tiny-small": {**_TINY_BASE, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 496}}
 GPU_RESERVE_BYTES = 3 << 30  # activations, logits, sampler workspace, CUDA graph pools, allocator slack
 
 
@@ -238,41 +227,8 @@ class Suite:
         return common.write_results(a.name, self.device, self.rows, extra, Path(a.out), commit=self.commit)
 
 
-def spec_round(res: dict, stats: Any, batch: int, gen: int) -> dict:
-    """A speculative row: its steps are rounds, its roofline a round's bytes (M once, the pair γ + 1
-    times). The measured tokens/s follows the dummy weights' acceptance (``spec_acceptance``: their
-    near-uniform logits pass most drafts), which says nothing about a trained triple; but a round drafts
-    and verifies γ tokens whatever is accepted, so its time gives the throughput at a trained triple's
-    acceptance α: batch x E_γ(α) tokens a round, E_γ(α) = (1 - α^(γ+1)) / (1 - α) for independent
-    acceptances (`rast analyze accept` measures α on the checkpoints)."""
-    round_s, g = res["step_ms"] / 1e3, SPEC_GAMMA
-    drafted = stats.spec_draft_tokens_total
-    return dict(tokens_per_s=batch * (gen - 1) / (round_s * res["decode_steps"]), spec_gamma=g,
-                spec_acceptance=stats.spec_accepted_tokens_total / drafted if drafted else None,
-                projected_tokens_per_s={str(a): batch * (1 - a ** (g + 1)) / (1 - a) / round_s for a in SPEC_ALPHAS})
-
-
 COLUMNS = ["pairing", "mode", "batch", "tokens_per_s", "step_ms", "step_ms_p90", "ttft_ms", "roofline_ms",
            "roofline_frac", "time_vs_base", "weight_bytes_ratio", "time_vs_base_over_wb"]
-
-
-def pairing_models(pairing: str) -> tuple[str, str]:
-    """(large, small) config names: bench/configs/<name>.json or TINY."""
-    return ("tiny-large", "tiny-small") if pairing == "tiny" else PAIRINGS[pairing]
-
-
-def materialize(pairing: str, tmp: Path) -> tuple[list[Path], list[dict]]:
-    """config.json of the large model, the RL model and its base (same shapes) in temp dirs."""
-    large, small = pairing_models(pairing)
-    dirs, cfgs = [], []
-    for role, name in (("large", large), ("rl", small), ("base", small)):
-        cfg = TINY[name] if name in TINY else json.loads((CONFIGS / f"{name}.json").read_text())
-        d = tmp / f"{pairing}-{role}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps(cfg))
-        dirs.append(d)
-        cfgs.append(cfg)
-    return dirs, cfgs
 
 
 def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.device]:

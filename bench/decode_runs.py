@@ -1,4 +1,5 @@
-"""One timed generation in each system the decode suite compares, and a profile of a few engine steps.
+"""One timed generation in each system the decode suite compares, a profile of a few engine steps, and a
+speculative row's projection to trained acceptance rates (spec_round).
 
 Our engine is driven through its public API (add_request / step); the peer is three HF transformers models,
 each with its own DynamicCache, run one after another per step with the RAST combination and top-p sampling
@@ -18,6 +19,8 @@ from bench import common
 from bench.common import sync
 
 LAM = 1.0  # λ of the single small pair in every RAST mode
+SPEC_GAMMA = 4
+SPEC_ALPHAS = (0.6, 0.7, 0.8, 0.9)  # acceptance rates a round's time is projected at
 
 
 def summarize(step_s: list[float], first_token_s: float, batch: int, gen: int) -> dict:
@@ -137,3 +140,17 @@ def print_profile(p: dict) -> None:
           f"busy {p['busy_ms_per_step']:.3f} ms/step ({p['time_kind']}), "
           f"{p['launches_per_step']:.0f} kernels (CPU: ops) per step")
     print(common.table(p["kernels"], ["name", "ms_per_step", "share", "calls_per_step"]), flush=True)
+
+
+def spec_round(res: dict, stats: Any, batch: int, gen: int) -> dict:
+    """A speculative row: its steps are rounds, its roofline a round's bytes (M once, the pair γ + 1
+    times). The measured tokens/s follows the dummy weights' acceptance (``spec_acceptance``: their
+    near-uniform logits pass most drafts), which says nothing about a trained triple; but a round drafts
+    and verifies γ tokens whatever is accepted, so its time gives the throughput at a trained triple's
+    acceptance α: batch x E_γ(α) tokens a round, E_γ(α) = (1 - α^(γ+1)) / (1 - α) for independent
+    acceptances (`rast analyze accept` measures α on the checkpoints)."""
+    round_s, g = res["step_ms"] / 1e3, SPEC_GAMMA
+    drafted = stats.spec_draft_tokens_total
+    return dict(tokens_per_s=batch * (gen - 1) / (round_s * res["decode_steps"]), spec_gamma=g,
+                spec_acceptance=stats.spec_accepted_tokens_total / drafted if drafted else None,
+                projected_tokens_per_s={str(a): batch * (1 - a ** (g + 1)) / (1 - a) / round_s for a in SPEC_ALPHAS})

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
-from bench.decode import materialize  # noqa: E402
+from bench.decode_configs import materialize  # noqa: E402
 
 PARTS = ("launch_ahead", "commit", "launch", "outputs")
 # (async scheduling, output kind): the synchronous baseline, then async scheduling with each kind

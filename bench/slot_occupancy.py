@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
-from bench.decode import materialize  # noqa: E402
+from bench.decode_configs import materialize  # noqa: E402
 
 STOP_IDS = list(range(10, 14))  # seeded draws of these end a sample: lengths differ, the total is fixed
 

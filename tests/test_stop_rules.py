@@ -1,0 +1,92 @@
+"""Length limits and stop conditions (a stop string across a token boundary, EOS and stop_token_ids with
+ignore_eos) against the same engine unconstrained, as in test_engine_lifecycle.py; each test also checks
+that the engine ends clean."""
+from __future__ import annotations
+
+import pytest
+
+from rast_engine import LLMEngine, SamplingParams
+from rast_engine.errors import RastError
+from test_engine_lifecycle import TEXTS, alone, assert_clean, encode, make_engine, run, summary
+
+
+@pytest.fixture(scope="module")
+def oracle(qwen2_triple: tuple) -> LLMEngine:
+    return make_engine(qwen2_triple, blocks=256, caching=False)
+
+
+def test_length_limits(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    engine = make_engine(qwen2_triple, blocks=32, max_model_len=24)
+    ids = encode(engine, TEXTS[0])
+    room = 24 - len(ids)
+    with pytest.raises(RastError, match="max_model_len"):
+        engine.add_request("full", [5] * 24, SamplingParams(max_tokens=1))  # exactly at the limit: no room
+    assert_clean(engine)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    long = alone(oracle, ids, SamplingParams(n=2, max_tokens=room, **greedy))
+    got = run(engine, {
+        "over": (ids, SamplingParams(n=2, max_tokens=room + 20, **greedy)),  # prompt + max_tokens > limit
+        "one": (ids, SamplingParams(n=2, max_tokens=1, **greedy)),
+        "edge": ([5] * 23, SamplingParams(max_tokens=5, **greedy)),  # one token of room
+    })
+    assert got["over"] == long and all(r == "length" for _, _, r in got["over"])
+    assert [t for t, _, _ in got["one"]] == [long[0][0][:1]] * 2 and got["one"][0][2] == "length"
+    assert len(got["edge"][0][0]) == 1 and got["edge"][0][2] == "length"
+    assert_clean(engine)
+
+
+def _boundary_stop(engine: LLMEngine, tokens: list[int], text: str) -> tuple[str, int]:
+    """A 4-character stop string first found across a token boundary; the tokens up to its last one."""
+    ends = [len(engine.tokenizer.decode(tokens[:k + 1], skip_special_tokens=True)) for k in range(len(tokens))]
+    for k in range(len(tokens) - 1):
+        b = ends[k]
+        if ends[k] - (ends[k - 1] if k else 0) >= 2 and ends[k + 1] - b >= 2:
+            stop = text[b - 2:b + 2]
+            if text.find(stop) == b - 2 and stop.strip():
+                return stop, k + 2
+    raise AssertionError("no token boundary with a usable stop string")
+
+
+def test_stop_string_spanning_tokens(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    engine = make_engine(qwen2_triple, blocks=64)
+    ids = encode(engine, TEXTS[3])
+    base = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    [(tokens, text, _)] = alone(oracle, ids, base)
+    stop, upto = _boundary_stop(engine, tokens, text)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=16, ignore_eos=True, stop=["zzzzzz", stop])
+    engine.add_request("s", ids, params)
+    streamed = []
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            streamed.append(out.outputs[0].text)
+            final = out
+    assert summary(final) == [(tokens[:upto], text[:text.find(stop)], "stop")] * 2
+    assert all(stop not in s and final.outputs[0].text.startswith(s) for s in streamed)
+    kept = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=["zzzzzz", stop],
+                          include_stop_str_in_output=True, output_kind="delta")
+    engine.add_request("kept", ids, kept)
+    pieces = [o.outputs[0].text for _ in range(40) if engine.has_unfinished_requests()
+              for o in engine.step() if o.outputs]
+    assert "".join(pieces) == text[:text.find(stop) + len(stop)]
+    assert_clean(engine)
+
+
+def test_eos_first_token_and_stop_token_ids_with_ignore_eos(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    engine = make_engine(qwen2_triple, blocks=64)
+    ids = encode(engine, TEXTS[2])
+    [(tokens, _, _)] = alone(oracle, ids, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    # the tiny random model never picks </s> by itself: declare its first greedy token the eos token
+    engine.scheduler.eos_token_ids = frozenset({tokens[0]})
+    got = run(engine, {
+        "eos": (ids, SamplingParams(n=2, temperature=0.0, max_tokens=8)),
+        "ignored": (ids, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
+        "stop_id": (ids, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop_token_ids=[tokens[3]])),
+        "eos_id": (ids, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop_token_ids=[tokens[0]])),
+    })
+    assert [(t, r) for t, _, r in got["eos"]] == [([tokens[0]], "stop")] * 2
+    assert got["ignored"][0][0] == tokens and got["ignored"][0][2] == "length"
+    k = tokens.index(tokens[3])
+    assert got["stop_id"][0][0] == tokens[:k + 1] and got["stop_id"][0][2] == "stop"
+    assert got["eos_id"][0][0] == tokens[:1] and got["eos_id"][0][2] == "stop"
+    assert_clean(engine)

@@ -165,7 +165,8 @@ class LLMEngine:
             self.scheduler.requeue([s for s in seqs if s.status is SequenceStatus.RUNNING])
             if isinstance(e, NoAdmissibleToken):
                 ids = self._requests_of(batch, e.rows)
-                raise NoAdmissibleToken(e.rows, ids, tuple(r for r in ids if self.groups[r].params.masks_tokens)) from None
+                masked = tuple(r for r in ids if self.groups[r].params.masks_tokens)
+                raise NoAdmissibleToken(e.rows, ids, masked) from None
             raise
         progressed, deferred = self._commit(batch, results)
         if self._in_flight is None and self.async_output and launch_error is None:

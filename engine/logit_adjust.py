@@ -26,8 +26,8 @@ sequence on the host (its counts, the output's tail), so the engine never launch
 batch that holds one (SamplingParams.reads_output, LLMEngine._launch_ahead); the other adjustments need
 only the number of tokens so far, which the host always knows, so those steps may be launched ahead.
 An adjusted batch replays only the forward's CUDA graph (cuda_graph.py) and adjusts and samples eagerly:
-the sampler's graph reads a fixed set of pairs. Speculative decoding refuses adjusted requests. A row without adjustments in an
-adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
+the sampler's graph reads a fixed set of pairs. Speculative decoding refuses adjusted requests. A row
+without adjustments in an adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
 """
 from __future__ import annotations
 

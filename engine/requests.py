@@ -50,12 +50,13 @@ def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
         return weights
     if not weights:
         raise RastError("lam weighs the small pairs' deltas, and this engine has none (it decodes the large "
-                        "model alone)")
+                        "model alone)", param="lam")
     lam = params.lam if isinstance(params.lam, list) else [float(params.lam)]
     if len(lam) != len(weights):
         given = f"{len(lam)} values" if isinstance(params.lam, list) else "one number"
         raise RastError(f"lam gives {given}; this engine has {len(weights)} small pairs, so lam needs one "
-                        "number per pair, in the order of the engine's pairs (the main pair, then experts)")
+                        "number per pair, in the order of the engine's pairs (the main pair, then experts)",
+                        param="lam")
     return lam
 
 

@@ -49,6 +49,10 @@ MAX_LAM = 1e6
 MIN_REPETITION = 0.01
 MAX_BIAS = 100.0  # OpenAI's logit_bias range; a token is banned by -100 and all but forced by 100
 MAX_BAD_WORDS = 128  # vLLM's bound; each is matched against the output's tail at every draw, on the host
+# stop strings are searched in the new text and stop ids looked up at every token of the request, on the
+# engine thread, so their numbers bound the work one request adds to every step it joins
+MAX_STOP_STRINGS = 128
+MAX_STOP_TOKEN_IDS = 1024
 TOP_K_OFF_FROM = 1 << 31  # the kernels take int32; any k >= V is off, and every vocabulary is far smaller
 
 
@@ -125,7 +129,8 @@ class SamplingParams:
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", f"n must be an integer >= 1, got {self.n!r}")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+            raise bad("temperature",
+                      f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
@@ -139,10 +144,15 @@ class SamplingParams:
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS}")
         self.stop_list = list(stop)
         ids = [] if self.stop_token_ids is None else self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
-            raise bad("stop_token_ids", f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+            raise bad("stop_token_ids",
+                      f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise bad("stop_token_ids", f"stop_token_ids holds {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
         self.stop_token_ids = list(ids)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -169,8 +179,8 @@ class SamplingParams:
         bias = {} if self.logit_bias is None else self.logit_bias
         if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 and _is_number(b) and -MAX_BIAS <= b <= MAX_BIAS
                                                  for t, b in bias.items()):
-            raise bad("logit_bias", f"logit_bias must map token ids (integers >= 0) to numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
-                      f"got {self.logit_bias!r}")
+            raise bad("logit_bias", "logit_bias must map token ids (integers >= 0) to numbers in "
+                                    f"[-{MAX_BIAS:g}, {MAX_BIAS:g}], got {self.logit_bias!r}")
         self.logit_bias = {t: float(b) for t, b in bias.items() if b != 0} or None
         if self.allowed_token_ids is not None:
             allowed = self.allowed_token_ids

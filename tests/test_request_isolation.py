@@ -150,6 +150,30 @@ def test_the_server_fails_bad_requests_alone_and_serves_on(server: Any, monkeypa
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_prompts_are_encoded_on_the_tokenizer_thread(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encoding a prompt (a huge one takes seconds) and rendering a chat template happen on the tokenizer
+    thread, never on the engine thread (every stream would stall) or the event loop (every route would):
+    each call is recorded with its thread. A prompt too long for the context is still a 400."""
+    import threading
+
+    running, _ = server
+    tok = running.server.engine.tokenizer
+    threads: list[str] = []
+    for name in ("encode", "apply_chat_template"):
+        real = getattr(tok, name)
+        monkeypatch.setattr(tok, name, lambda *a, _real=real, **kw: (
+            threads.append(threading.current_thread().name), _real(*a, **kw))[1])
+    assert _post(running.url, {"prompt": ["the cat", "sat on"], "max_tokens": 2}).status_code == 200
+    r = _post(running.url, {"prompt": "the cat sat on the mat " * 2000, "max_tokens": 2})
+    assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
+    r = httpx.post(f"{running.url}/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200
+    r = httpx.post(f"{running.url}/tokenize", json={"model": MODEL, "prompt": "the cat"}, timeout=60)
+    assert r.status_code == 200
+    assert len(threads) >= 5 and all(t.startswith("rast-tokenizer") for t in threads), threads
+
+
 def test_a_text_prompt_to_an_engine_without_a_tokenizer_is_a_400(tmp_path: Path) -> None:
     import json
 

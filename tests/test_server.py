@@ -170,6 +170,23 @@ def test_disconnect_of_a_plain_request_aborts_it(srv: Running) -> None:
     assert "499" in statuses and "500" not in statuses  # recorded as a client disconnect, not a crash
 
 
+def test_a_non_ascii_api_key_matches_its_utf8_bytes(server_triple: tuple[Path, Path, Path]) -> None:
+    from starlette.requests import Request
+
+    from rast_engine.server.protocol import APIError
+
+    server = OpenAIServer(server_engine(server_triple), model_name=MODEL, api_key="sëcret")
+
+    def request(header: bytes) -> Request:
+        return Request({"type": "http", "headers": [(b"authorization", header)]})
+
+    server._authorize(request("Bearer sëcret".encode()))  # what clients send: UTF-8
+    for wrong in ("Bearer sëcret".encode("latin-1"), b"Bearer secret", b""):
+        with pytest.raises(APIError) as info:
+            server._authorize(request(wrong))
+        assert info.value.status == 401
+
+
 def test_api_key_and_capacity(server_triple: tuple[Path, Path, Path]) -> None:
     server = OpenAIServer(server_engine(server_triple, max_num_seqs=1), model_name=MODEL, api_key="sekret",
                           max_waiting=1, queue_timeout=0.5)

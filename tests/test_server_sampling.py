@@ -193,6 +193,15 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
     ({"model": MODEL, "prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
     ({"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": MODEL, "prompt": "hi", "best_of": 2}, 400, "best_of"),
+    ({"model": MODEL, "prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ({"model": MODEL, "prompt": "hi", "lam": [1.0, 2.0]}, 400, "lam"),  # one pair: one λ
+    ({"model": MODEL, "prompt": [True, False]}, 400, "prompt"),  # not token ids 1 and 0
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": [True]}, 400, "stop_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["s"] * 129}, 400, "stop"),
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": list(range(1025))}, 400, "stop_token_ids"),
+    (('{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL).encode(), 400, "temperature"),
     ({"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),  # longer than the 512-token context
     ({"model": MODEL, "prompt": [100000]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),

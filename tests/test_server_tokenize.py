@@ -45,8 +45,9 @@ def test_detokenize_round_trips(srv: Running, tok) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("path,body,status,param", [
-    ("/tokenize", {"prompt": "hi", "messages": MESSAGES}, 400, None),
-    ("/tokenize", {}, 400, None),
+    ("/tokenize", {"prompt": "hi", "messages": MESSAGES}, 400, "prompt"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/detokenize", {"tokens": [True]}, 400, "tokens"),
     ("/tokenize", {"prompt": "hi", "lamda": 1}, 400, "lamda"),
     ("/detokenize", {"tokens": [1, 100000]}, 400, "tokens"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -132,8 +133,9 @@ class OpenAIServer:
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        # the header's raw bytes (Starlette decodes them as Latin-1) against the key's UTF-8
+        given = request.headers.get("authorization", "").encode("latin-1")
+        if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -151,16 +153,19 @@ class OpenAIServer:
         req: TokenizeRequest = parse_request(await request.body(), TokenizeRequest)
         if req.model is not None:
             self._check_model(req.model)
-        return JSONResponse(tokenize(self.tokenizer, req, self.engine.max_model_len))
+        return JSONResponse(await self.engine.in_tokenizer_thread(tokenize, self.tokenizer, req,
+                                                                  self.engine.max_model_len))
 
     async def detokenize(self, request: Request) -> Response:
         req: DetokenizeRequest = parse_request(await request.body(), DetokenizeRequest)
         if req.model is not None:
             self._check_model(req.model)
-        return JSONResponse(detokenize(self.tokenizer, req, self.engine.engine.vocab_size))
+        return JSONResponse(await self.engine.in_tokenizer_thread(detokenize, self.tokenizer, req,
+                                                                  self.engine.engine.vocab_size))
 
     async def tokenizer_info(self, request: Request) -> Response:
-        return JSONResponse(tokenizer_info(self.tokenizer, self.engine.max_model_len, self.engine.engine.vocab_size))
+        return JSONResponse(await self.engine.in_tokenizer_thread(tokenizer_info, self.tokenizer, self.engine.max_model_len,
+                                                                  self.engine.engine.vocab_size))
 
     async def health(self, request: Request) -> Response:
         if self.engine.error is not None:
@@ -192,8 +197,9 @@ class OpenAIServer:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(req.conversation(), tokenize=False,
-                                                      add_generation_prompt=req.add_generation_prompt)
+            text = await self.engine.in_tokenizer_thread(functools.partial(
+                self.tokenizer.apply_chat_template, req.conversation(), tokenize=False,
+                add_generation_prompt=req.add_generation_prompt))
         except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error
             raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -2,9 +2,12 @@
 continuous batch while HTTP handlers submit requests and read their outputs from per-request queues.
 
 Invariants:
-- only the engine thread touches the engine and tokenises; handlers talk to it through a command
-  queue, and it answers through loop.call_soon_threadsafe (handlers use the tokenizer read-only:
-  chat-template rendering and decoding single tokens for logprobs);
+- only the engine thread touches the engine; handlers talk to it through a command queue, and it
+  answers through loop.call_soon_threadsafe;
+- prompts are encoded, and chat templates rendered, on one tokenizer thread before a submission
+  reaches the engine thread, so a huge prompt delays only the admission of the requests behind it,
+  never a step or the event loop (the tokenizer releases the GIL while it encodes); the event loop
+  and the engine thread use the tokenizer read-only otherwise (decoding tokens);
 - the request-id -> queue table lives on the event loop only, so dispatch needs no lock;
 - a submission's prompts (each an engine request) are counted in flight from admission until its
   handle closes; more than max_num_seqs + max_waiting in flight is refused (429), and a submission of
@@ -25,7 +28,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 
 from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.requests import truncated
@@ -33,6 +37,7 @@ from rast_engine.server.protocol import APIError
 from rast_engine.server.request_handle import Abort, Add, RequestHandle, settle
 
 log = logging.getLogger("rast.server")
+T = TypeVar("T")
 
 
 _STOP = object()
@@ -56,10 +61,12 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
 
     # ---- lifecycle (event loop) ----
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rast-tokenizer")
         self._thread = threading.Thread(target=self._run, name="rast-engine", daemon=True)
         self._thread.start()
 
@@ -68,6 +75,17 @@ class AsyncEngine:
             self._commands.put(_STOP)
             self._thread.join()
             self._thread = None
+        if self._tokenizer_thread is not None:
+            self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+            self._tokenizer_thread = None
+
+    async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the tokenizer thread (see the invariants above)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
+    def encode(self, prompts: list[str | list[int]], add_special_tokens: bool) -> list[list[int]]:
+        """Each prompt's token ids (run on the tokenizer thread); RastError for a prompt it cannot encode."""
+        return [self._tokenize(p, add_special_tokens) for p in prompts]
 
     # ---- requests (event loop) ----
     def submit(self, prompts: list[str | list[int]], params: Any, *, request_id: str,
@@ -178,8 +196,7 @@ class AsyncEngine:
     def _add(self, cmd: Add) -> None:
         added: list[str] = []
         try:
-            for rid, prompt in zip(cmd.request_ids, cmd.prompts):
-                ids = self._tokenize(prompt, cmd.add_special_tokens)
+            for rid, ids in zip(cmd.request_ids, cmd.prompts):
                 # before the context check (_fit)
                 ids = truncated(ids, cmd.params.truncate_prompt_tokens, self.max_model_len)
                 self.engine.add_request(rid, ids, self._fit(cmd.params, cmd.max_tokens, len(ids)))

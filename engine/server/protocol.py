@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -33,8 +33,10 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 class _Request(BaseModel):
-    # extra="forbid": an unrecognised field is a client mistake, answered with a 400 naming it.
-    model_config = ConfigDict(extra="forbid")
+    # extra="forbid": an unrecognised field is a client mistake, answered with a 400 naming it (the model
+    # validators raise APIError naming theirs: pydantic gives their errors no location); NaN and
+    # infinities are no number any field takes.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -56,7 +58,7 @@ class _Request(BaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     lam: float | list[float] | None = None  # one number, or one per small pair
     repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
-    allowed_token_ids: list[int] | None = Field(None, min_length=1)
+    allowed_token_ids: list[StrictInt] | None = Field(None, min_length=1)
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (one of json, json_object,
     # regex, choice, grammar); at most one of the two
     response_format: dict[str, Any] | None = None
@@ -72,7 +74,7 @@ class _Request(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     # vLLM's: each prompt token's logprob under the combined distribution, its rank, and the top k there
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -103,7 +105,7 @@ class _Request(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> _Request:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         return self
 
     def structured(self) -> dict[str, Any] | None:
@@ -149,7 +151,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # strict: true is no token id
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -159,11 +161,11 @@ class CompletionRequest(_Request):
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
         if self.suffix:
-            raise ValueError("suffix is not supported by this server")
+            raise APIError(400, "suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of must equal n (or be omitted)")
+            raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
-            raise ValueError("prompt must not be empty")
+            raise APIError(400, "prompt must not be empty", param="prompt")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -207,9 +209,9 @@ class ChatCompletionRequest(_Request):
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs: true")
+            raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         if self.tools:
-            raise ValueError("tools are not supported by this server")
+            raise APIError(400, "tools are not supported by this server", param="tools")
         return self
 
     def max_new_tokens(self) -> int | None:
@@ -238,8 +240,10 @@ def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = ".".join(str(part) for part in err["loc"]) or None
+        where = ".".join(str(part) for part in err["loc"])  # the path, for the message (prompt.0)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unrecognised request field"
-        raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
+        # param: the request's own field, as OpenAI names it
+        raise APIError(400, f"{where}: {msg}" if where else msg,
+                       param=str(err["loc"][0]) if err["loc"] else None) from None

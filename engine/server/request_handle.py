@@ -16,10 +16,9 @@ if TYPE_CHECKING:
 @dataclass
 class Add:
     request_ids: list[str]
-    prompts: list[str | list[int]]
+    prompts: list[list[int]]  # token ids, encoded on the tokenizer thread
     params: Any  # SamplingParams; its max_tokens is replaced per prompt by AsyncEngine._fit
     max_tokens: int | None  # None: up to the end of the context
-    add_special_tokens: bool
     done: asyncio.Future
 
 
@@ -60,10 +59,13 @@ class RequestHandle:
         owner.in_flight += len(self.request_ids)
         for rid in self.request_ids:
             owner._queues[rid] = self._queue
-        done = asyncio.get_running_loop().create_future()
-        owner._commands.put(Add(self.request_ids, self._prompts, self._params, self._max_tokens,
-                                 self._add_special_tokens, done))
         try:
+            ids = await owner.in_tokenizer_thread(owner.encode, self._prompts, self._add_special_tokens)
+            if owner.error is not None:  # died while this one was encoded: no engine thread will read it
+                raise APIError(503, f"the engine is not running: {owner.error}", type="server_error",
+                               code="engine_dead")
+            done = asyncio.get_running_loop().create_future()
+            owner._commands.put(Add(self.request_ids, ids, self._params, self._max_tokens, done))
             await done
         except RastError as exc:
             self._unfinished.clear()

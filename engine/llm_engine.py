@@ -154,8 +154,12 @@ class LLMEngine:
                 self._in_flight = self._launch_ahead(batch)
             except BaseException as e:  # its sequences are requeued; this batch's other tokens stand
                 launch_error = e
+        owners = self._row_owners(batch)
+        # rows of sequences aborted or finished since the launch: their draws are discarded, so one that
+        # found no token undoes nothing
+        dropped = {r for r, seq in enumerate(owners) if seq.status is not SequenceStatus.RUNNING}
         try:
-            results = batch.step.wait()
+            results = batch.step.wait(dropped)
         except BaseException as e:
             # the batch ahead reads this batch's tokens: it is undone with them (after them in the queue,
             # the requests it admitted)
@@ -164,9 +168,10 @@ class LLMEngine:
             seqs = batch.out.seqs + ([s for s in ahead.out.seqs if s not in mine] if ahead else [])
             self.scheduler.requeue([s for s in seqs if s.status is SequenceStatus.RUNNING])
             if isinstance(e, NoAdmissibleToken):
-                ids = self._requests_of(batch, e.rows)
-                masked = tuple(r for r in ids if self.groups[r].params.masks_tokens)
-                raise NoAdmissibleToken(e.rows, ids, masked) from None
+                # the batch's own sequences: a request may have left self.groups since (aborted, finished)
+                groups = list({owners[r].group.request_id: owners[r].group for r in e.rows}.values())
+                raise NoAdmissibleToken(e.rows, tuple(g.request_id for g in groups),
+                                        tuple(g.request_id for g in groups if g.params.masks_tokens)) from None
             raise
         progressed, deferred = self._commit(batch, results)
         if self._in_flight is None and self.async_output and launch_error is None:
@@ -179,13 +184,11 @@ class LLMEngine:
         return outputs, launch_error
 
     @staticmethod
-    def _requests_of(batch: InFlight, rows: list[int]) -> tuple[str, ...]:
-        """The requests of a batch's result rows: a round's rows are its sequences, a step's its draws."""
+    def _row_owners(batch: InFlight) -> list[Sequence]:
+        """The sequence of each of a batch's result rows: a round's rows are its sequences, a step's its draws."""
         if isinstance(batch.step, PendingRound):
-            owner = batch.out.seqs
-        else:
-            owner = [seq for seq, count in batch.owners for _ in range(count)]
-        return tuple(dict.fromkeys(owner[r].group.request_id for r in rows))
+            return list(batch.out.seqs)
+        return [seq for seq, count in batch.owners for _ in range(count)]
 
     def _launch(self) -> Optional[InFlight]:
         """Schedule a batch and start it (None: nothing to run)."""

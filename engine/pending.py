@@ -7,7 +7,7 @@ the last of them. ``wait()`` waits for that event and reads them: the step's one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 
@@ -64,13 +64,16 @@ class PendingStep:
         """Whether the results are on the host already (a step not in flight)."""
         return self._results is not None
 
-    def wait(self) -> list[DrawResult]:
+    def wait(self, dropped: Collection[int] = ()) -> list[DrawResult]:
+        """The draws' results; NoAdmissibleToken for draws that found no token, except those of the
+        rows in ``dropped`` (whose sequences stopped running since the launch: their ids are discarded)."""
         if self._results is None:
             if self._event is not None:
                 self._event.synchronize()
             ids = self._ids.tolist()
-            if any(i < 0 for i in ids):
-                raise NoAdmissibleToken([j for j, i in enumerate(ids) if i < 0])
+            failed = [j for j, i in enumerate(ids) if i < 0 and j not in dropped]
+            if failed:
+                raise NoAdmissibleToken(failed)
             results = [DrawResult(i, None) for i in ids]
             if self._logprobs is not None:
                 self._logprobs.fill(results)

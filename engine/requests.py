@@ -117,7 +117,8 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     check_some_allowed_id_admissible(params, engine.scheduler.eos_token_ids)
     for name in ("logprobs", "prompt_logprobs"):
         if (getattr(params, name) or 0) > engine.vocab_size:
-            raise RastError(f"{name}={getattr(params, name)} exceeds the vocabulary size {engine.vocab_size}")
+            raise RastError(f"{name}={getattr(params, name)} exceeds the vocabulary size {engine.vocab_size}",
+                            param=name)
     weights, grammar = pair_weights(engine, params), None
     if params.structured_outputs is not None:
         grammars = engine_grammars(engine)

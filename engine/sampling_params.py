@@ -218,7 +218,8 @@ class SamplingParams:
         # a draw of this request may find every token masked by the request itself (NoAdmissibleToken
         # is then the request's fault, not the models')
         self.masks_tokens = (self.allowed_token_ids is not None or self.bad_words is not None
-                             or self.structured_outputs is not None or self.min_tokens > 0)
+                             or self.structured_outputs is not None
+                             or (self.min_tokens > 0 and (bool(self.stop_token_ids) or not self.ignore_eos)))
 
     def set_bad_words_token_ids(self, words: list[list[int]]) -> None:
         """bad_words as token sequences (the engine's tokenizer's, logit_adjust.tokenize_bad_words)."""

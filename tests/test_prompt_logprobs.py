@@ -130,8 +130,9 @@ def test_values_are_checked(qwen2_triple: tuple) -> None:
         with pytest.raises(RastError, match="prompt_logprobs"):
             SamplingParams(prompt_logprobs=bad)
     engine = make_engine(qwen2_triple)
-    with pytest.raises(RastError, match="prompt_logprobs"):
+    with pytest.raises(RastError, match="prompt_logprobs") as info:
         engine.add_request("x", PROMPT, SamplingParams(prompt_logprobs=engine.vocab_size + 1))
+    assert info.value.param == "prompt_logprobs"
     assert not engine.groups
 
 
@@ -219,3 +220,22 @@ def test_server_prompt_logprobs_are_vllms_field(srv: object, server_oracle: LLM)
     for path, streamed in (("completions", {**body, "stream": True}), ("chat/completions", {**chat, "stream": True})):
         r = httpx.post(f"{url}/{path}", json=streamed, timeout=60)
         assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt_logprobs"), r.text
+
+
+def test_vllm_entries_are_json_numbers_and_name_no_token_without_a_tokenizer() -> None:
+    """A model's non-finite logits give -inf log-probabilities, which JSON cannot carry: they read -9999,
+    as in OpenAI's and vLLM's responses; an engine without a tokenizer decodes no token (null)."""
+    import json
+    from types import SimpleNamespace
+
+    from rast_engine.server.responses import UNLIKELY, Formatter
+
+    done = SimpleNamespace(index=0, text="", token_ids=[6], logprobs=None, finish_reason="length")
+    out = SimpleNamespace(request_id="r", prompt_token_ids=[3, 4], prompt_logprobs=[None, {5: -0.1, 4: float("-inf")}],
+                          prompt_logprob_ranks=[None, 2], outputs=[done])
+    fmt = Formatter("completion", "cmpl-1", "m", ["r"], 1, None, None, prompt_logprobs=1)
+    fmt.add(out)
+    body = fmt.body()
+    assert body["choices"][0]["prompt_logprobs"] == [None, {"4": {"logprob": UNLIKELY, "rank": 2, "decoded_token": None},
+                                                          "5": {"logprob": -0.1, "rank": 1, "decoded_token": None}}]
+    json.dumps(body, allow_nan=False)

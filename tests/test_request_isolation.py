@@ -101,6 +101,44 @@ def test_an_undrawable_request_is_named_and_the_others_go_on(qwen2_triple: tuple
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+@pytest.mark.parametrize("gone", ["aborted", "finished"])
+def test_a_failed_draw_of_a_request_gone_since_its_launch_undoes_nothing(qwen2_triple: tuple,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        gone: str) -> None:
+    """With async scheduling the batch after a request's last token may already be in flight when the
+    request is aborted, or finishes on a stop string its text shows only then. That batch's draw for it
+    is discarded, so finding no token there undoes nothing: the step goes on and the others' tokens
+    equal a run without it."""
+    good = SamplingParams(temperature=1.0, seed=1, max_tokens=8, ignore_eos=True)
+    bad = SamplingParams(temperature=1.0, seed=POISON, max_tokens=8, ignore_eos=True)
+    want: dict[str, list[int]] = {}
+    alone = _engine(qwen2_triple, async_output=True)
+    alone.add_request("good", [5, 6, 7], good)
+    alone.add_request("bad", [9, 10, 11], bad)
+    outs = {}
+    while alone.has_unfinished_requests():
+        outs.update({o.request_id: o.outputs[0] for o in alone.step() if o.finished})
+    want["good"] = outs["good"].token_ids
+    if gone == "finished":  # a stop string its second token's text shows (the third draw is poisoned)
+        text = alone.tokenizer.decode(outs["bad"].token_ids[:2])
+        stop = text[len(alone.tokenizer.decode(outs["bad"].token_ids[:1])):]
+        assert stop.strip() and stop not in text[:len(text) - len(stop)], text
+        bad = SamplingParams(temperature=1.0, seed=POISON, max_tokens=8, ignore_eos=True, stop=[stop])
+    monkeypatch.setattr(rast_kernels, "rast_sample", poisoned(rast_kernels.rast_sample))
+    engine, done = _engine(qwen2_triple, async_output=True), {}
+    assert engine.async_scheduling
+    engine.add_request("good", [5, 6, 7], good)
+    engine.add_request("bad", [9, 10, 11], bad)
+    for _ in range(2):  # the prefill's draw, then the first decode: the batch of bad's third draw is in flight
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert engine._in_flight is not None
+    if gone == "aborted":
+        engine.abort_request("bad")
+    _finish(engine, done)
+    assert done["good"] == want["good"] and ("bad" in done) == (gone == "finished")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_generate_admits_a_batch_whole_or_not_at_all(qwen2_triple: tuple) -> None:
     large, rl, base = map(str, qwen2_triple)
     llm = LLM(large, rl, base, device="cpu", dtype="float32", kv_cache_blocks=64, max_model_len=64)

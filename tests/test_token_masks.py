@@ -113,6 +113,10 @@ def test_masks_are_checked(qwen2_triple: tuple) -> None:
             SamplingParams(**kw)
     assert SamplingParams(allowed_token_ids=[4, 3, 4]).allowed_token_ids == [4, 3]
     assert SamplingParams(bad_words=["x"]).adjusts_logits and not SamplingParams(bad_words=[]).adjusts_logits
+    # whose own masks may leave a draw no token (a NoAdmissibleToken of theirs is a 400, not a 500)
+    assert SamplingParams(min_tokens=2, max_tokens=4).masks_tokens
+    assert not SamplingParams(min_tokens=2, max_tokens=4, ignore_eos=True).masks_tokens  # masks nothing
+    assert SamplingParams(min_tokens=2, max_tokens=4, ignore_eos=True, stop_token_ids=[3]).masks_tokens
     engine = make_engine(qwen2_triple)
     with pytest.raises(RastError, match="allowed_token_ids names token ids"):
         engine.add_request("x", PROMPTS[0], SamplingParams(allowed_token_ids=[1, engine.vocab_size]))

@@ -11,11 +11,18 @@ vLLM's ``prompt_logprobs`` field (not streamed) holds them as vLLM spells them: 
 choices carry their prompt's, a chat response carries its one prompt's."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 Kind = Literal["completion", "chat"]
+UNLIKELY = -9999.0  # OpenAI's and vLLM's log-probability for a token that cannot come (JSON has no -inf)
+
+
+def _finite(logprob: float) -> float:
+    """A log-probability as JSON can carry it (a model's non-finite logits give -inf or NaN)."""
+    return logprob if math.isfinite(logprob) else UNLIKELY
 
 
 @dataclass
@@ -109,8 +116,8 @@ class Formatter:
             content = []
             for tid, entry, top in zip(token_ids, entries, tops):
                 tok = self._token(tid)
-                content.append({"token": tok, "logprob": entry[tid], "bytes": list(tok.encode()),
-                                "top_logprobs": [{"token": self._token(t), "logprob": lp,
+                content.append({"token": tok, "logprob": _finite(entry[tid]), "bytes": list(tok.encode()),
+                                "top_logprobs": [{"token": self._token(t), "logprob": _finite(lp),
                                                   "bytes": list(self._token(t).encode())}
                                                  for t, lp in top]})
             return {"content": content}
@@ -119,8 +126,9 @@ class Formatter:
         for tok in tokens:
             offsets.append(text_offset)
             text_offset += len(tok)
-        return {"tokens": tokens, "token_logprobs": [None if e is None else e[t] for t, e in zip(token_ids, entries)],
-                "top_logprobs": [None if top is None else {self._token(t): lp for t, lp in top} for top in tops],
+        return {"tokens": tokens,
+                "token_logprobs": [None if e is None else _finite(e[t]) for t, e in zip(token_ids, entries)],
+                "top_logprobs": [None if top is None else {self._token(t): _finite(lp) for t, lp in top} for top in tops],
                 "text_offset": offsets}
 
     def _vllm_prompt_logprobs(self, out: Any) -> list[Optional[dict[str, Any]]]:
@@ -133,7 +141,9 @@ class Formatter:
                 continue
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
             ranked = [(tid, entry[tid], rank)] + [(t, lp, j + 1) for j, (t, lp) in enumerate(top)]
-            entries.append({str(t): {"logprob": lp, "rank": r, "decoded_token": self._token(t)} for t, lp, r in ranked})
+            entries.append({str(t): {"logprob": _finite(lp), "rank": r,
+                                     "decoded_token": None if self.tokenizer is None else self._token(t)}
+                            for t, lp, r in ranked})
         return entries
 
     # ---- whole responses ----

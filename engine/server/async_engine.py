@@ -33,6 +33,7 @@ from typing import Any, Callable, TypeVar
 
 from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.requests import truncated
+from rast_engine.server.prompt_encoding import encode_prompt
 from rast_engine.server.protocol import APIError
 from rast_engine.server.request_handle import Abort, Add, RequestHandle, settle
 
@@ -83,9 +84,10 @@ class AsyncEngine:
         """fn(*args) on the tokenizer thread (see the invariants above)."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
-    def encode(self, prompts: list[str | list[int]], add_special_tokens: bool) -> list[list[int]]:
-        """Each prompt's token ids (run on the tokenizer thread); RastError for a prompt it cannot encode."""
-        return [self._tokenize(p, add_special_tokens) for p in prompts]
+    def encode(self, prompts: list[str | list[int]], add_special_tokens: bool, whole: bool) -> list[list[int]]:
+        """Each prompt's token ids (run on the tokenizer thread); RastError for a prompt it cannot encode
+        (``whole``: no truncate_prompt_tokens, see prompt_encoding)."""
+        return [encode_prompt(self.tokenizer, p, add_special_tokens, self.max_model_len, whole) for p in prompts]
 
     # ---- requests (event loop) ----
     def submit(self, prompts: list[str | list[int]], params: Any, *, request_id: str,
@@ -209,16 +211,6 @@ class AsyncEngine:
                 raise
             return
         self._post(settle, cmd.done, None)
-
-    def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
-        if not isinstance(prompt, str):
-            return prompt
-        if self.tokenizer is None:
-            raise RastError("this model has no tokenizer (load_format='dummy'): send prompts as token ids")
-        try:
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: the client's input, not the engine
-            raise RastError(f"the tokenizer cannot encode the prompt: {exc}") from None
 
     def _fit(self, params: Any, max_tokens: int | None, prompt_len: int) -> Any:
         """OpenAI semantics: the prompt plus max_tokens must fit the context; no max_tokens means

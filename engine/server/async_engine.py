@@ -33,7 +33,7 @@ from typing import Any, Callable, TypeVar
 
 from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.requests import truncated
-from rast_engine.server.prompt_encoding import encode_prompt
+from rast_engine.server.prompt_encoding import encode_prompt, prefix_refusal_sound
 from rast_engine.server.protocol import APIError
 from rast_engine.server.request_handle import Abort, Add, RequestHandle, settle
 
@@ -51,6 +51,7 @@ class AsyncEngine:
             raise RastError(f"max_waiting must be >= 0, got {max_waiting}")
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self._prefix_refusal = prefix_refusal_sound(self.tokenizer)  # see prompt_encoding
         self.max_model_len: int = engine.max_model_len
         self.capacity: int = engine.config.max_num_seqs + max_waiting
         self.queue_timeout = queue_timeout
@@ -87,7 +88,8 @@ class AsyncEngine:
     def encode(self, prompts: list[str | list[int]], add_special_tokens: bool, whole: bool) -> list[list[int]]:
         """Each prompt's token ids (run on the tokenizer thread); RastError for a prompt it cannot encode
         (``whole``: no truncate_prompt_tokens, see prompt_encoding)."""
-        return [encode_prompt(self.tokenizer, p, add_special_tokens, self.max_model_len, whole) for p in prompts]
+        refuse = whole and self._prefix_refusal
+        return [encode_prompt(self.tokenizer, p, add_special_tokens, self.max_model_len, refuse) for p in prompts]
 
     # ---- requests (event loop) ----
     def submit(self, prompts: list[str | list[int]], params: Any, *, request_id: str,

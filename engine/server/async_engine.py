@@ -83,6 +83,8 @@ class AsyncEngine:
 
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the tokenizer thread (see the invariants above)."""
+        if self._tokenizer_thread is None:  # stopped (or never started): not asyncio's default pool
+            raise APIError(503, "the engine is not running", type="server_error", code="engine_dead")
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
     def encode(self, prompts: list[str | list[int]], add_special_tokens: bool, whole: bool) -> list[list[int]]:

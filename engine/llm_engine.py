@@ -7,6 +7,7 @@ the engine exactly as it was.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import time
@@ -154,12 +155,8 @@ class LLMEngine:
                 self._in_flight = self._launch_ahead(batch)
             except BaseException as e:  # its sequences are requeued; this batch's other tokens stand
                 launch_error = e
-        owners = self._row_owners(batch)
-        # rows of sequences aborted or finished since the launch: their draws are discarded, so one that
-        # found no token undoes nothing
-        dropped = {r for r, seq in enumerate(owners) if seq.status is not SequenceStatus.RUNNING}
         try:
-            results = batch.step.wait(dropped)
+            results = batch.step.wait(functools.partial(self._running_rows, batch))
         except BaseException as e:
             # the batch ahead reads this batch's tokens: it is undone with them (after them in the queue,
             # the requests it admitted)
@@ -169,6 +166,7 @@ class LLMEngine:
             self.scheduler.requeue([s for s in seqs if s.status is SequenceStatus.RUNNING])
             if isinstance(e, NoAdmissibleToken):
                 # the batch's own sequences: a request may have left self.groups since (aborted, finished)
+                owners = self._row_owners(batch)
                 groups = list({owners[r].group.request_id: owners[r].group for r in e.rows}.values())
                 raise NoAdmissibleToken(e.rows, tuple(g.request_id for g in groups),
                                         tuple(g.request_id for g in groups if g.params.masks_tokens)) from None
@@ -182,6 +180,13 @@ class LLMEngine:
         outputs = self._outputs(progressed, deferred)
         self._last_step_s = time.perf_counter() - t0
         return outputs, launch_error
+
+    @classmethod
+    def _running_rows(cls, batch: InFlight, rows: list[int]) -> list[int]:
+        """Those of a batch's failed result ``rows`` whose sequences still run: the draws of sequences
+        aborted or finished since the launch are discarded, so one that found no token undoes nothing."""
+        owners = cls._row_owners(batch)
+        return [r for r in rows if owners[r].status is SequenceStatus.RUNNING]
 
     @staticmethod
     def _row_owners(batch: InFlight) -> list[Sequence]:

@@ -7,7 +7,7 @@ the last of them. ``wait()`` waits for that event and reads them: the step's one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -64,15 +64,16 @@ class PendingStep:
         """Whether the results are on the host already (a step not in flight)."""
         return self._results is not None
 
-    def wait(self, dropped: Collection[int] = ()) -> list[DrawResult]:
-        """The draws' results; NoAdmissibleToken for draws that found no token, except those of the
-        rows in ``dropped`` (whose sequences stopped running since the launch: their ids are discarded)."""
+    def wait(self, counted: Callable[[list[int]], list[int]] = list) -> list[DrawResult]:
+        """The draws' results; NoAdmissibleToken for draws that found no token, those ``counted`` keeps
+        of them (the engine drops the rows of sequences that stopped running since the launch: their ids
+        are discarded). It is called only when some draw failed, so a step pays nothing for it."""
         if self._results is None:
             if self._event is not None:
                 self._event.synchronize()
             ids = self._ids.tolist()
-            failed = [j for j, i in enumerate(ids) if i < 0 and j not in dropped]
-            if failed:
+            failed = [j for j, i in enumerate(ids) if i < 0]
+            if failed and (failed := counted(failed)):
                 raise NoAdmissibleToken(failed)
             results = [DrawResult(i, None) for i in ids]
             if self._logprobs is not None:

@@ -12,7 +12,7 @@ is overwritten by later rounds before anything reads it (attention reads keys be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Collection, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Optional, Sequence as Seq
 
 import torch
 
@@ -46,15 +46,15 @@ class PendingRound:
 
     done = False  # never on the host before wait(): the engine does not schedule ahead of a round
 
-    def wait(self, dropped: Collection[int] = ()) -> list[list[DrawResult]]:
-        """Each sequence's run; NoAdmissibleToken for sequences whose run ends in no token, except the
-        rows in ``dropped`` (sequences that stopped running since the launch)."""
+    def wait(self, counted: Callable[[list[int]], list[int]] = list) -> list[list[DrawResult]]:
+        """Each sequence's run; NoAdmissibleToken for sequences whose run ends in no token, those
+        ``counted`` keeps of them (as PendingStep.wait)."""
         if self._runs is None:
             if self._event is not None:
                 self._event.synchronize()
             tokens, counts = self._tokens.tolist(), self._counts.tolist()
-            failed = [i for i, (row, c) in enumerate(zip(tokens, counts)) if row[c - 1] < 0 and i not in dropped]
-            if failed:  # rows are sequences here: the engine reads them as such
+            failed = [i for i, (row, c) in enumerate(zip(tokens, counts)) if row[c - 1] < 0]
+            if failed and (failed := counted(failed)):  # rows are sequences here: the engine reads them as such
                 raise NoAdmissibleToken(failed)
             flat = [DrawResult(t, None) for row in tokens for t in row]
             if self._logprobs is not None:

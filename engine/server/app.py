@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import json
 import logging
@@ -24,7 +23,7 @@ from rast_engine.sampling_params import SamplingParams
 from rast_engine.server.async_engine import AsyncEngine
 from rast_engine.server.request_handle import RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
-from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request, render_chat
 from rast_engine.server.request_params import chat_params, completion_params, echoed
 from rast_engine.server.responses import Formatter
 from rast_engine.structured import engine_grammars
@@ -164,7 +163,8 @@ class OpenAIServer:
                                                                   self.engine.engine.vocab_size))
 
     async def tokenizer_info(self, request: Request) -> Response:
-        return JSONResponse(await self.engine.in_tokenizer_thread(tokenizer_info, self.tokenizer, self.engine.max_model_len,
+        return JSONResponse(await self.engine.in_tokenizer_thread(tokenizer_info, self.tokenizer,
+                                                                  self.engine.max_model_len,
                                                                   self.engine.engine.vocab_size))
 
     async def health(self, request: Request) -> Response:
@@ -196,12 +196,8 @@ class OpenAIServer:
         await self._precompile(params)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-        try:
-            text = await self.engine.in_tokenizer_thread(functools.partial(
-                self.tokenizer.apply_chat_template, req.conversation(), tokenize=False,
-                add_generation_prompt=req.add_generation_prompt))
-        except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error
-            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        text = await self.engine.in_tokenizer_thread(render_chat, self.tokenizer, req.messages,
+                                                     req.add_generation_prompt)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),

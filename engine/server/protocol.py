@@ -220,10 +220,16 @@ class ChatCompletionRequest(_Request):
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def conversation(self) -> list[dict[str, str]]:
-        # The "developer" role is OpenAI's new name for "system"; chat templates only know the latter.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """The chat template's text of ``messages``; APIError(400) naming them when the template refuses them."""
+    # The "developer" role is OpenAI's new name for "system"; chat templates only know the latter.
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error
+        raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
 
 def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:

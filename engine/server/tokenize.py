@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictInt, model_validator
 
-from rast_engine.server.protocol import APIError, ChatMessage
+from rast_engine.server.protocol import APIError, ChatMessage, render_chat
 
 
 class TokenizeRequest(BaseModel):
@@ -47,12 +47,7 @@ def tokenize(tokenizer: Any, req: TokenizeRequest, max_model_len: int) -> dict[s
     if req.messages is not None:
         if getattr(tok, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; send a prompt", param="messages")
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in req.messages]
-        try:
-            text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=req.add_generation_prompt)
-        except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error
-            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        text = render_chat(tok, req.messages, req.add_generation_prompt)
         special = bool(req.add_special_tokens)
     else:
         text, special = req.prompt, req.add_special_tokens is not False

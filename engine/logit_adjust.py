@@ -45,6 +45,7 @@ from rast_engine.structured import grammar_bitmask, unpack
 
 if TYPE_CHECKING:
     from rast_engine.draws import Draw
+    from rast_engine.sampling_params import SamplingParams
     from rast_engine.sequence import Sequence, SequenceGroup
 
 ToDevice = Callable[[torch.Tensor], torch.Tensor]
@@ -154,6 +155,11 @@ class Adjust:
     grammar_mask: Optional[Callable[[], torch.Tensor]] = None
 
 
+def min_tokens_bans(params: SamplingParams, eos_token_ids: Collection[int]) -> list[int]:
+    """The ids min_tokens masks while the output is shorter: the stop ids, and EOS unless ignore_eos."""
+    return params.stop_token_ids + ([] if params.ignore_eos else sorted(eos_token_ids))
+
+
 def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) -> Optional[Adjust]:
     """The Adjust of ``seq``'s next draw (None without adjustments); a request's first draw has no output."""
     p = seq.params
@@ -162,7 +168,7 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
     generated = 0 if first_draw else seq.num_generated
     banned = _bad_word_bans(seq, generated) if p.bad_words_token_ids else []
     if generated < p.min_tokens:
-        banned += p.stop_token_ids + ([] if p.ignore_eos else sorted(eos_token_ids))
+        banned += min_tokens_bans(p, eos_token_ids)
     banned = list(dict.fromkeys(banned))
     group = seq.group
     if group.adjust_tensors is None:

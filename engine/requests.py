@@ -3,10 +3,10 @@ rejected request leaves the engine exactly as it was."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Collection, Iterable, Optional, Union
 
 from rast_engine.errors import RastError
-from rast_engine.logit_adjust import tokenize_bad_words
+from rast_engine.logit_adjust import min_tokens_bans, tokenize_bad_words
 from rast_engine.structured import RequestGrammar, engine_grammars
 from rast_engine.sampling_params import SamplingParams
 
@@ -69,14 +69,14 @@ def check_token_ids(name: str, ids: Optional[Iterable[int]], vocab_size: int) ->
                         param=name)
 
 
-def check_some_allowed_id_admissible(params: SamplingParams, eos_token_ids: Iterable[int]) -> None:
+def check_some_allowed_id_admissible(params: SamplingParams, eos_token_ids: Collection[int]) -> None:
     """RastError if allowed_token_ids names only ids the request masks itself at its first draw: bad words
     of one token and, under min_tokens, the stop and EOS ids (each draw would find no admissible token)."""
     if params.allowed_token_ids is None:
         return
     banned = {w[0] for w in params.bad_words_token_ids or () if len(w) == 1}
     if params.min_tokens > 0:
-        banned |= set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        banned.update(min_tokens_bans(params, eos_token_ids))
     if banned.issuperset(params.allowed_token_ids):
         why = "bad_words" + (" or, under min_tokens, stop and EOS ids" if params.min_tokens > 0 else "")
         raise RastError(f"allowed_token_ids leaves no token to draw: each of its ids is masked by {why}",

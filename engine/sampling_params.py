@@ -185,13 +185,14 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             allowed = self.allowed_token_ids
             if not isinstance(allowed, (list, tuple)) or not allowed or not all(_is_int(t) and t >= 0 for t in allowed):
-                raise bad("allowed_token_ids", f"allowed_token_ids must be a non-empty list of token ids (integers >= 0) or None, "
-                          f"got {self.allowed_token_ids!r}")
+                raise bad("allowed_token_ids", "allowed_token_ids must be a non-empty list of token ids "
+                                               f"(integers >= 0) or None, got {self.allowed_token_ids!r}")
             self.allowed_token_ids = list(dict.fromkeys(allowed))
         if self.bad_words is not None:
             words = self.bad_words
             if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
-                raise bad("bad_words", f"bad_words must be a list of strings with non-space characters, got {self.bad_words!r}")
+                raise bad("bad_words",
+                          f"bad_words must be a list of strings with non-space characters, got {self.bad_words!r}")
             if len(words) > MAX_BAD_WORDS:
                 raise bad("bad_words", f"bad_words holds {len(words)} words; at most {MAX_BAD_WORDS}")
             self.bad_words = list(words) or None
@@ -201,13 +202,15 @@ class SamplingParams:
             except TypeError as exc:
                 raise bad("structured_outputs", f"structured_outputs: {exc}") from None
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
-            raise bad("structured_outputs", f"structured_outputs must be a StructuredOutputsParams or a dict of its fields, "
-                      f"got {self.structured_outputs!r}")
+            raise bad("structured_outputs", "structured_outputs must be a StructuredOutputsParams or a dict of "
+                                            f"its fields, got {self.structured_outputs!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise bad("min_tokens", f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+            raise bad("min_tokens",
+                      f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         k = self.truncate_prompt_tokens
         if k is not None and (not _is_int(k) or not (k >= 1 or k == -1)):
-            raise bad("truncate_prompt_tokens", f"truncate_prompt_tokens must be an integer >= 1, -1 (the context's room) or None, got {k!r}")
+            raise bad("truncate_prompt_tokens", "truncate_prompt_tokens must be an integer >= 1, -1 (the "
+                                                f"context's room) or None, got {k!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad("output_kind", f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

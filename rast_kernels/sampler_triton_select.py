@@ -16,13 +16,16 @@ MINP_SLACK = tl.constexpr(1.0 - 2.0**-10)  # >> tl.exp's error (sampler_triton):
 def _histogram(row, lo, hi, shift, limit_key, zmax, temp, V,
                l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
                PAIRS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
-    """(count, mass, min key, max key) per bucket (key - lo) >> shift of finite keys in [lo, hi]."""
-    lanes = tl.arange(0, BLOCK)
-    bins = tl.arange(0, NB)
-    cnt = tl.zeros([NB], tl.int32)
-    mass = tl.zeros([NB], tl.float32)
-    kmin = tl.full([NB], BIG, tl.int32)
-    kmax = tl.full([NB], -1, tl.int32)
+    """(count, mass, min key, max key) per bucket (key - lo) >> shift of finite keys in [lo, hi].
+    Each lane accumulates its own [NB] partials across the loop and the lanes are reduced once at the
+    end: a reduction per block and statistic costs block-wide barriers, and this loop runs V / BLOCK
+    times in one program per row."""
+    lanes = tl.arange(0, BLOCK)[:, None]  # [BLOCK, 1]: computed in the tile's own layout, never converted
+    bins = tl.arange(0, NB)[None, :]
+    cnt = tl.zeros([BLOCK, NB], tl.int32)
+    mass = tl.zeros([BLOCK, NB], tl.float32)
+    kmin = tl.full([BLOCK, NB], BIG, tl.int32)
+    kmax = tl.full([BLOCK, NB], -1, tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + lanes
         mask = offs < V
@@ -31,12 +34,12 @@ def _histogram(row, lo, hi, shift, limit_key, zmax, temp, V,
         d = tl.math.div_rn(zmax - z, temp)  # IEEE division, as torch: keys match the reference
         key = d.to(tl.int32, bitcast=True)
         inside = mask & (tl.abs(z) < float("inf")) & (key >= lo) & (key <= hi) & (key <= limit_key)
-        hit = inside[:, None] & (((key - lo) >> shift)[:, None] == bins[None, :])
-        cnt += tl.sum(hit.to(tl.int32), axis=0)
-        mass += tl.sum(tl.where(hit, tl.exp(-d)[:, None], 0.0), axis=0)
-        kmin = tl.minimum(kmin, tl.min(tl.where(hit, key[:, None], BIG), axis=0))
-        kmax = tl.maximum(kmax, tl.max(tl.where(hit, key[:, None], -1), axis=0))
-    return cnt, mass, kmin, kmax
+        hit = inside & (((key - lo) >> shift) == bins)
+        cnt += hit.to(tl.int32)
+        mass += tl.where(hit, tl.exp(-d), 0.0)
+        kmin = tl.minimum(kmin, tl.where(hit, key, BIG))
+        kmax = tl.maximum(kmax, tl.where(hit, key, -1))
+    return tl.sum(cnt, axis=0), tl.sum(mass, axis=0), tl.min(kmin, axis=0), tl.max(kmax, axis=0)
 
 
 @triton.jit

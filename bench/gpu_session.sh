@@ -3,17 +3,20 @@
 # Run from the repository root on the GPU machine; results and logs go to $OUT (bench/results without it).
 #
 # A session has 15 device-minutes, the machine's start (1-2 minutes) included. Run `first`, then at once,
-# while the machine is still warm, `second`; give the machine back after it.
+# while the machine is still warm, `second`; give the machine back after it. On the first H100 run
+# (8759dcb) the old `first` took 163 s (the gpu tests 106 s) and `second` 41 s, so each stage now holds
+# more; every step has its own timeout and the stage budget caps the whole.
 #
-#   bash bench/gpu_session.sh first   <sha>   (<= 540 s) install the checkout (no deps), the gpu-marked tests
-#                                             (<= 170 s), bench/sampler.py --targets, then bench/decode.py
-#                                             for 7b+1.5b: base, rast, hf-rast at batch 1 and 32, profiled:
-#                                             every shape that issues 2 and 4 set a target on
-#   bash bench/gpu_session.sh second  <sha>   (<= 170 s) 14b+7b base and rast at batch 1 and 32, then
-#                                             7b+1.5b rast-no-ahead, rast-unstacked and rast-spec at batch 1
-#                                             and 32 (what async scheduling and the stacked forward of the
-#                                             small models buy, against first's rast rows; what a
-#                                             speculative round costs, last: a time limit cuts it first)
+#   bash bench/gpu_session.sh first   <sha>   (<= 420 s) install the checkout (no deps), the gpu-marked tests
+#                                             (<= 170 s), bench/sampler.py --targets, bench/sampler_plans.py
+#                                             (CAP and warps per batch size), then bench/decode.py for
+#                                             7b+1.5b: base, rast-seq, rast, hf-rast at batch 1, 8, 32 and
+#                                             128, profiled: every shape that issues 2 and 4 set a target on
+#   bash bench/gpu_session.sh second  <sha>   (<= 300 s) 14b+7b base and rast at batch 1 and 32, 7b+1.5b
+#                                             rast-no-ahead, rast-unstacked and rast-spec at batch 1 and 32
+#                                             (against first's rast rows: what async scheduling, the stacked
+#                                             small models and a speculative round cost or buy), then
+#                                             bench/attention.py and bench/layer_ops.py
 #
 # With more device time, the full suites:
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
@@ -33,7 +36,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # rast_kernels and bench even without the install
 log="$out/$stage.log"
-case "$stage" in first) default=540 ;; second) default=170 ;; *) default=570 ;; esac
+case "$stage" in first) default=420 ;; second) default=300 ;; *) default=570 ;; esac
 budget=${STAGE_SECONDS:-$default}  # the whole stage, inside the device's 600 s per command
 deadline=$((SECONDS + budget))
 left() { local l=$((deadline - SECONDS)); echo $((l > 1 ? l : 1)); }  # timeout 0 would mean no limit
@@ -64,13 +67,18 @@ case "$stage" in
   first)
     install
     gpu_tests $(( $(left) < 170 ? $(left) : 170 ))
-    timeout 75 python3 bench/sampler.py --targets --out "$out" 2>&1 | tee -a "$log"
-    decode "$(left)" --pairings 7b+1.5b --modes base rast hf-rast --batches 1 32 --profile --profile-modes rast
+    timeout 60 python3 bench/sampler.py --targets --out "$out" 2>&1 | tee -a "$log"
+    timeout 120 python3 bench/sampler_plans.py --out "$out" 2>&1 | tee -a "$log"
+    decode "$(left)" --pairings 7b+1.5b --modes base rast-seq rast hf-rast --batches 1 8 32 128 --profile \
+      --profile-modes rast
     ;;
   second)
     install
-    decode $(( $(left) / 2 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
-    decode "$(left)" --pairings 7b+1.5b --modes rast-no-ahead rast-unstacked rast-spec --batches 1 32 --name decode-ab
+    decode $(( $(left) / 3 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
+    decode $(( $(left) / 2 )) --pairings 7b+1.5b --modes rast-no-ahead rast-unstacked rast-spec --batches 1 32 \
+      --name decode-ab
+    timeout $(( $(left) * 2 / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(left)" python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"
     ;;
   tests)
     install

@@ -1,4 +1,5 @@
-"""What one round of each loop of the sampler's ``_select`` costs in machine code, on any machine.
+"""What one round of each loop of the sampler's ``_select`` (or ``_stats``) costs in machine code, on
+any machine.
 
 ``_select`` (one program per row) runs up to 31 rounds of each bisection on its candidate tile at
 every sampled step, so at B <= 32 its sequential rounds, not HBM, are likely what limits the fused
@@ -6,9 +7,10 @@ sampler. This script compiles it for sm_90 (no GPU needed: Triton's ptxas and cu
 launch plans an H100 gets at B = 1 and 32, and lists every loop of the SASS with its instructions,
 barriers (BAR: each a block-wide wait), shuffles and warp reductions per round, plus registers and
 spill stack. These are static counts, not timings: they rank variants of a loop before a GPU can time
-them. Writes bench/results/sass-select-<shortsha>.json.
+them. ``--kernel stats`` does the same for ``_stats``, the one read of the inputs, whose loop runs once
+per block of BLOCK tokens. Writes bench/results/sass-<kernel>-<shortsha>.json.
 
-    python bench/sass_loops.py [--sms 132] [--num-warps 8]
+    python bench/sass_loops.py [--kernel select|stats] [--sms 132] [--num-warps 8 (select) | 4 (stats)]
 """
 from __future__ import annotations
 
@@ -45,10 +47,16 @@ def _tool(name: str) -> str:
     return found[0]
 
 
-def cubin_of_select(splits: int, cap: int, num_warps: int, pairs: int = 1) -> bytes:
-    """_select compiled for sm_90 as sampler_triton launches it on a GPU (bf16 inputs, DRAW on)."""
-    fn = sampler_triton._select
-    consts = dict(BLOCK=256, NB=16, LOG2_NB=4, SP=triton.next_power_of_2(splits), CAP=cap, DRAW=True, PAIRS=pairs)
+def cubin_of(kernel: str, splits: int, cap: int, num_warps: int, pairs: int = 1) -> bytes:
+    """_select (DRAW on) or _stats (per-row parameter tensors) compiled for sm_90 as sampler_triton
+    launches them on a GPU, with bf16 inputs."""
+    if kernel == "select":
+        fn = sampler_triton._select
+        consts = dict(BLOCK=256, NB=16, LOG2_NB=4, SP=triton.next_power_of_2(splits), CAP=cap, DRAW=True)
+    else:
+        fn = sampler_triton._stats
+        consts = dict(BLOCK=1024, CAP=cap, WIDE=sampler_triton.WIDE, ROWS=0b111111)
+    consts["PAIRS"] = pairs
     names = list(fn.arg_names)
     src = ASTSource(fn=fn, signature=_signature(fn, "*bf16", consts),
                     constexprs={(names.index(k),): v for k, v in consts.items()})
@@ -72,9 +80,9 @@ def loops(sass: str) -> list[dict]:
     return found
 
 
-def profile(splits: int, cap: int, num_warps: int, workdir: Path) -> dict:
-    cubin = workdir / f"select-{splits}x{cap}.cubin"
-    cubin.write_bytes(cubin_of_select(splits, cap, num_warps))
+def profile(kernel: str, splits: int, cap: int, num_warps: int, workdir: Path) -> dict:
+    cubin = workdir / f"{kernel}-{splits}x{cap}.cubin"
+    cubin.write_bytes(cubin_of(kernel, splits, cap, num_warps))
     usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                            check=True).stdout
     sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
@@ -87,22 +95,24 @@ def profile(splits: int, cap: int, num_warps: int, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", choices=("select", "stats"), default="select")
     ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU whose launch plans are compiled")
-    ap.add_argument("--num-warps", type=int, default=8, help="warps of _select (sampler_triton uses 8)")
+    ap.add_argument("--num-warps", type=int, help="sampler_triton's: 8 for _select, 4 for _stats")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    num_warps = args.num_warps or (8 if args.kernel == "select" else 4)
     plans = []
-    for batch in (1, 32):
+    for batch in (1, 32) if args.kernel == "select" else (1, 32, 256):
         _, _, splits, cap = sampler_triton.launch_plan(batch, 152064, args.sms, block=1024)
         with tempfile.TemporaryDirectory() as workdir:
-            plan = dict(batch=batch, **profile(splits, cap, args.num_warps, Path(workdir)))
+            plan = dict(batch=batch, **profile(args.kernel, splits, cap, num_warps, Path(workdir)))
         plans.append(plan)
         print(f"B={batch}: {splits} chunks x {cap} candidates, {plan['registers']} registers, "
               f"{plan['spill_stack_bytes']} B spill stack, {plan['instructions']} instructions")
         print(table(plan["loops"], ["start", "end", "instructions", "barriers", "shuffles", "warp_reductions"]))
-    path = args.out / f"sass-select-{git_sha()}.json"
-    path.write_text(json.dumps(dict(kernel="_select", target="sm_90", triton=triton.__version__, commit=git_sha(),
+    path = args.out / f"sass-{args.kernel}-{git_sha()}.json"
+    path.write_text(json.dumps(dict(kernel=f"_{args.kernel}", target="sm_90", triton=triton.__version__, commit=git_sha(),
                                     date=now(), plans=plans), indent=1) + "\n")
     print(f"wrote {path}")
 

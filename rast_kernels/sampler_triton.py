@@ -144,8 +144,16 @@ def _raw_params(batch: SamplingBatch) -> tuple[list, int]:
     return args, rows
 
 
+def _warps(warps: int | None, default: int | None) -> dict:
+    """The num_warps launch option: none under the interpreter (it runs one program as whole arrays)."""
+    if warps is not None and (warps < 1 or warps & (warps - 1)):
+        raise ValueError(f"num_warps must be a power of two >= 1, got {warps}")
+    chosen = default if warps is None else warps
+    return {} if interpreting() or chosen is None else {"num_warps": chosen}
+
+
 def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
-                      cap: int | None):
+                      cap: int | None, warps: tuple[int | None, int | None]):
     if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
         nb = 256 if interpreting() else 16
     if nb < 4 or nb & (nb - 1):
@@ -163,27 +171,29 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     raw, rows = _raw_params(batch)
     _stats[(bsz, splits)](*args, *raw, pf, pk, pi, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
                           v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=WIDE, ROWS=rows,
-                          **exact_fp_options())
+                          **_warps(warps[0], None), **exact_fp_options())
     params = dict(temperature=pf[0], top_p=pf[1], min_p=pf[2], top_k=pk, seed=pi[0], offset=pi[1])
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),
                fast=torch.empty(bsz, device=dev, dtype=torch.int64))
     hist_block = min(256, block) if not interpreting() else block
-    extra = {} if interpreting() else {"num_warps": 8}
     _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, params["temperature"],
                     params["top_k"], params["top_p"], params["min_p"], params["seed"], params["offset"],
                     row["zmax"], row["key"], row["greedy"],
                     row["count"], row["fast"], v, splits, PAIRS=pairs, BLOCK=hist_block, NB=nb,
-                    LOG2_NB=nb.bit_length() - 1, SP=next_pow2(splits), CAP=cap, DRAW=draw, **extra, **exact_fp_options())
+                    LOG2_NB=nb.bit_length() - 1, SP=next_pow2(splits), CAP=cap, DRAW=draw, **_warps(warps[1], 8),
+                    **exact_fp_options())
     return args, pairs, block, chunk, splits, row, params
 
 
 def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
-           cap: int | None = None, fast_out: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [B]; block / chunk / nb (histogram buckets) / cap (candidates per chunk) override the
-    launch plan, e.g. in tests. fast_out, an int64 [B] tensor, receives 1 for rows that took the
-    fast path and 0 otherwise (for tests and benchmarks)."""
-    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap)
+           cap: int | None = None, warps: tuple[int | None, int | None] = (None, None),
+           fast_out: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [B]; block / chunk / nb (histogram buckets) / cap (candidates per chunk) / warps (num_warps
+    of _stats and of _select; None: Triton's default and 8) override the launch plan, e.g. in tests and
+    bench/sampler_plans.py. fast_out, an int64 [B] tensor, receives 1 for rows that took the fast path
+    and 0 otherwise (for tests and benchmarks)."""
+    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap, warps)
     bsz, dev = batch.batch, batch.logits.device
     cscore = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
     cidx = torch.empty(bsz, splits, device=dev, dtype=torch.int32)
@@ -202,7 +212,8 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
 def probs(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
           cap: int | None = None) -> torch.Tensor:
     """float32 [B, V]: w / sum_A w on A (one-hot on the mode for greedy rows, zeros for empty rows)."""
-    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, False, block, chunk, nb, cap)
+    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, False, block, chunk, nb, cap,
+                                                                       (None, None))
     bsz, dev = batch.batch, batch.logits.device
     cmass = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
     temp, min_p = params["temperature"], params["min_p"]

@@ -1,0 +1,101 @@
+"""The fused sampler under other launch plans: which candidates per chunk (CAP) and warps per program
+the vocabulary-split kernel and the per-row kernel should get at each batch size.
+
+The first H100 run (bench/results/sampler-nvidia-h100-80gb-hbm3-8759dcb.json) put ``_stats`` at 6x its
+HBM floor at B = 256, where the default plan (CAP = 1024, 4 warps) compiles to 224 registers a thread,
+two programs per SM (bench/sass_loops.py --kernel stats), and ``_select`` at 18-25 µs at every batch
+size. This sweep times each plan in a CUDA graph (as the engine replays the sampler), with the fraction
+of rows that still draw from their candidates alone (a smaller CAP can send rows to the fallback, which
+reads the row again). Rows: bench/sampler.py's LM-like bf16 logits with one RAST pair, T = 1,
+top_p = 0.95. Writes bench/results/sampler-plans-<device>-<shortsha>.json; the fastest plan per batch
+size is printed last.
+
+    python bench/sampler_plans.py [--out DIR]   # CUDA: B 1, 8, 32, 256 at V = 152064 (about a minute)
+    python bench/sampler_plans.py --quick       # interpreted on a CPU: B 1, 4 at V = 4096 (smoke run)
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import (copy_bandwidth, device_name, git_sha, graph_time_ms, quick_args, table,  # noqa: E402
+                          write_results)
+from bench.sampler import TOP_P, lm_logits, rast_pair  # noqa: E402
+from rast_kernels import sampler_triton  # noqa: E402
+from rast_kernels.batch import SamplingBatch, normalize  # noqa: E402
+
+STATS_WARPS = (4, 8)
+SELECT_WARPS = (4, 8, 16)
+
+
+def caps(default: int) -> list[int]:
+    """The default CAP and its neighbours by factors of 2 and 4, within sampler_triton's tile."""
+    return sorted({c for c in (default // 4, default // 2, default, default * 2) if 16 <= c <= sampler_triton.TILE})
+
+
+def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int]]:
+    """(CAP, _stats warps, _select warps): every CAP with each _stats warp count, and _select's warps
+    at the default CAP (each distinct plan compiles its kernels anew). Interpreted, warps change
+    nothing and a plan takes seconds: two plans show that the sweep works."""
+    if quick:
+        return [(cap, 4, 8) for cap in caps(default_cap)[-2:]]
+    return [*itertools.product(caps(default_cap), STATS_WARPS, (8,)),
+            *((default_cap, 4, xw) for xw in SELECT_WARPS if xw != 8)]
+
+
+def measure(batch: SamplingBatch, plan: dict, device: torch.device, iters: int) -> dict:
+    fast = torch.empty(batch.batch, dtype=torch.int64, device=device)
+    sampler_triton.sample(batch, fast_out=fast, **plan)
+    ms = graph_time_ms(lambda: sampler_triton.sample(batch, **plan), device, iters)
+    return dict(us=round(ms * 1e3, 2), fast_fraction=round(float(fast.float().mean()), 4))
+
+
+def main() -> None:
+    args = quick_args(__doc__, "interpreted smoke run (automatic without CUDA)")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    quick = device.type != "cuda"
+    batches, vocab, iters = ([1, 4], 4096, 1) if quick else ([1, 8, 32, 256], 152064, 50)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if not quick else 132
+    bandwidth = copy_bandwidth(device) if not quick else None
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for b in batches:
+        logits = lm_logits(b, vocab, device, gen)
+        pair = rast_pair(b, vocab, device, gen)
+        batch = normalize(logits, [pair], weights=1.0, temperature=1.0, top_k=0, top_p=TOP_P, min_p=0.0,
+                          seed=torch.arange(b, device=device))
+        block, chunk, splits, default_cap = sampler_triton.launch_plan(b, vocab, None if quick else sms)
+        floor_us = 3 * b * vocab * logits.element_size() / bandwidth * 1e6 if bandwidth else None
+        for cap, sw, xw in plans(default_cap, quick):
+            plan = dict(cap=cap, warps=(sw, xw))
+            row = dict(batch=b, vocab=vocab, splits=splits, cap=cap, stats_warps=sw, select_warps=xw,
+                       default=cap == default_cap and (sw, xw) == (4, 8), **measure(batch, plan, device, iters))
+            if floor_us:
+                row.update(floor_us=round(floor_us, 2), time_over_floor=round(row["us"] / floor_us, 2))
+            rows.append(row)
+            print(table([row], list(row)), flush=True)
+    best = [min((r for r in rows if r["batch"] == b and r["fast_fraction"] == 1.0), key=lambda r: r["us"],
+                default=None) for b in batches]
+    print(f"fused sampler launch plans | device: {device_name(device)} | commit: {git_sha()} | V={vocab} K=1 "
+          f"T=1 top_p={TOP_P}{' | interpreted: the times mean nothing' if quick else ''}")
+    print(table(rows, list(rows[0])))
+    print("fastest plan per batch with every row on the fast path, against the default:")
+    for b, r in zip(batches, best):
+        default = next(d for d in rows if d["batch"] == b and d["default"])
+        print(f"  B={b}: " + (f"cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}: {r['us']} µs "
+                              f"(default {default['us']} µs)" if r else "none"))
+    path = write_results("sampler-plans", device, rows, out_dir=args.out,
+                         extra=dict(emulated=quick, top_p=TOP_P, temperature=1.0, sms=sms))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

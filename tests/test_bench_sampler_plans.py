@@ -1,0 +1,36 @@
+"""bench/sampler_plans.py end to end (interpreted on the CPU), and the launch-plan overrides it sweeps:
+another CAP draws the same tokens (each plan is exact), and a num_warps that is no power of two is
+refused before any launch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench_runs import run_bench
+from rast_kernels import sampler_triton
+from rast_kernels.batch import normalize
+
+
+def test_quick_run_writes_one_row_per_plan(tmp_path: Path) -> None:
+    result, _, out = run_bench("sampler_plans.py", tmp_path, "--quick", pattern="sampler-plans-*.json",
+                               env={"TRITON_INTERPRET": "1"})
+    assert result["emulated"] and result["commit"]
+    rows = result["rows"]
+    assert [(r["batch"], r["cap"]) for r in rows] == [(1, 1024), (1, 2048), (4, 1024), (4, 2048)]
+    assert [r["default"] for r in rows] == [True, False, True, False]
+    assert all(r["fast_fraction"] == 1.0 for r in rows), rows
+    assert "B=4: cap" in out
+
+
+def test_plans_draw_the_same_tokens_and_bad_warps_are_refused() -> None:
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 700, generator=g) * 3
+    pair = (torch.randn(3, 700, generator=g), torch.randn(3, 700, generator=g))
+    batch = normalize(logits, [pair], weights=0.5, temperature=1.0, top_k=0, top_p=0.9, min_p=0.0,
+                      seed=torch.arange(3))
+    ids = [sampler_triton.sample(batch, cap=cap, warps=(4, 16)) for cap in (16, 64, 256)]
+    assert all(torch.equal(ids[0], other) for other in ids[1:])
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        sampler_triton.sample(batch, warps=(None, 6))

@@ -11,12 +11,13 @@
 #                                             (<= 170 s), bench/sampler.py --targets, bench/sampler_plans.py
 #                                             (CAP and warps per batch size), then bench/decode.py for
 #                                             7b+1.5b: base, rast-seq, rast, hf-rast at batch 1, 8, 32 and
-#                                             128, profiled: every shape that issues 2 and 4 set a target on
+#                                             128, base and rast profiled: every shape that issues 2 and 4 set
+#                                             a target on
 #   bash bench/gpu_session.sh second  <sha>   (<= 300 s) 14b+7b base and rast at batch 1 and 32, 7b+1.5b
 #                                             rast-no-ahead, rast-unstacked and rast-spec at batch 1 and 32
 #                                             (against first's rast rows: what async scheduling, the stacked
 #                                             small models and a speculative round cost or buy), then
-#                                             bench/attention.py and bench/layer_ops.py
+#                                             bench/gemm.py, bench/attention.py and bench/layer_ops.py
 #
 # With more device time, the full suites:
 #   bash bench/gpu_session.sh tests   <sha>            install the checkout (no deps), every gpu-marked test
@@ -70,13 +71,14 @@ case "$stage" in
     timeout 60 python3 bench/sampler.py --targets --out "$out" 2>&1 | tee -a "$log"
     timeout 120 python3 bench/sampler_plans.py --out "$out" 2>&1 | tee -a "$log"
     decode "$(left)" --pairings 7b+1.5b --modes base rast-seq rast hf-rast --batches 1 8 32 128 --profile \
-      --profile-modes rast
+      --profile-modes base rast
     ;;
   second)
     install
     decode $(( $(left) / 3 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
     decode $(( $(left) / 2 )) --pairings 7b+1.5b --modes rast-no-ahead rast-unstacked rast-spec --batches 1 32 \
       --name decode-ab
+    timeout $(( $(left) / 3 )) python3 bench/gemm.py --out "$out" 2>&1 | tee -a "$log"
     timeout $(( $(left) * 2 / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
     timeout "$(left)" python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"
     ;;

@@ -1,0 +1,90 @@
+"""The decode step's projections alone: each linear layer of a real checkpoint's shape at a few tokens,
+as the engine runs it (F.linear for a model, torch.bmm over stacked weights for the small (rl, base)
+pair), against the floor of reading its weights once.
+
+At decode batch sizes a projection reads its whole weight to make a few rows, so its floor is the weight
+bytes over the measured copy bandwidth. The first H100 run (8759dcb) put the 7B base decode step at
+10.2 ms against a 4.7 ms roofline, 3.8 ms of it in the sampler's fallback; this suite says how much of
+the rest the GEMMs leave on the table, layer by layer. Timed as CUDA-graph replays of one call
+(bench.common.graph_time_ms) with the weights rotated among enough copies to exceed the L2 cache, so
+every replay reads from HBM.
+
+    python bench/gemm.py [--out DIR]    # CUDA: Qwen2.5-7B, 1.5B (stacked pair), 14B at 1, 8, 32, 128 tokens
+    python bench/gemm.py --quick        # CPU smoke run: tiny shapes, the times mean nothing
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import copy_bandwidth, device_name, git_sha, graph_time_ms, quick_args, table, write_results  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+L2_BYTES = 64 * 2**20  # above an H100's 50 MB and an H200's 60 MB: rotated copies never all fit
+
+
+def projections(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each projection of a decoder layer, merged as the engine merges them, and lm_head."""
+    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    dim = cfg.get("head_dim") or hidden // heads
+    return {"qkv": (hidden, (heads + 2 * kv) * dim), "o": (heads * dim, hidden),
+            "gate_up": (hidden, 2 * cfg["intermediate_size"]), "down": (cfg["intermediate_size"], hidden),
+            "lm_head": (hidden, cfg["vocab_size"])}
+
+
+def timed(n_in: int, n_out: int, tokens: int, stacked: int, dtype: torch.dtype, device: torch.device,
+          iters: int) -> float:
+    """Milliseconds per call: F.linear (stacked == 1) or one bmm over ``stacked`` models' weights."""
+    weight_bytes = stacked * n_in * n_out * torch.finfo(dtype).bits // 8
+    copies = max(2, -(-2 * L2_BYTES // weight_bytes)) if device.type == "cuda" else 1
+    g = torch.Generator().manual_seed(n_in * n_out + tokens)
+    weights = [(torch.randn(stacked, n_out, n_in, generator=g) * n_in**-0.5).to(dtype).to(device)
+               for _ in range(copies)]
+    x = torch.randn(stacked, tokens, n_in, generator=g).to(dtype).to(device)
+
+    def call() -> list[torch.Tensor]:  # one captured GEMM per copy: a replay reads each weight once
+        return [F.linear(x[0], w[0]) if stacked == 1 else torch.bmm(x, w.transpose(1, 2)) for w in weights]
+
+    return graph_time_ms(call, device, iters) / copies
+
+
+def main() -> None:
+    args = quick_args(__doc__, "tiny shapes on the CPU (automatic without CUDA)")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    quick = device.type != "cuda"
+    dtype = torch.bfloat16 if not quick else torch.float32
+    if quick:
+        models = {"tiny": ({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "intermediate_size": 128, "vocab_size": 512}, 1)}
+        token_counts, iters = [1, 4], 2
+    else:
+        models = {name: (json.loads((CONFIGS / f"{name}.json").read_text()), stacked)
+                  for name, stacked in (("qwen2.5-7b", 1), ("qwen2.5-1.5b", 2), ("qwen2.5-14b", 1))}
+        token_counts, iters = [1, 8, 32, 128], 20
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for name, (cfg, stacked) in models.items():
+        for proj, (n_in, n_out) in projections(cfg).items():
+            weight_bytes = stacked * n_in * n_out * torch.finfo(dtype).bits // 8
+            for tokens in token_counts:
+                ms = timed(n_in, n_out, tokens, stacked, dtype, device, iters)
+                floor_us = weight_bytes / bandwidth * 1e6
+                rows.append(dict(model=name, stacked=stacked, proj=proj, n_in=n_in, n_out=n_out, tokens=tokens,
+                                 us=round(ms * 1e3, 2), floor_us=round(floor_us, 2),
+                                 gbs=round(weight_bytes / (ms * 1e-3) / 1e9, 1),
+                                 frac_of_copy=round(floor_us / (ms * 1e3), 3)))
+                print(table([rows[-1]], list(rows[-1])), flush=True)
+    print(f"decode projections | device: {device_name(device)} | commit: {git_sha()} | {dtype} | copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s{' | CPU smoke run: the times mean nothing' if quick else ''}")
+    print(table(rows, list(rows[0])))
+    path = write_results("gemm", device, rows, dict(dtype=str(dtype), copy_gbs=round(bandwidth / 1e9, 1)), args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -82,8 +82,10 @@ def main() -> None:
     print(f"decode projections | device: {device_name(device)} | commit: {git_sha()} | {dtype} | copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s{' | CPU smoke run: the times mean nothing' if quick else ''}")
     print(table(rows, list(rows[0])))
-    path = write_results("gemm", device, rows, dict(dtype=str(dtype), copy_gbs=round(bandwidth / 1e9, 1)), args.out)
-    print(f"wrote {path}")
+    if args.out is not None or not quick:
+        path = write_results("gemm", device, rows, dict(dtype=str(dtype), copy_gbs=round(bandwidth / 1e9, 1)),
+                             args.out)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -92,9 +92,10 @@ def main() -> None:
         default = next(d for d in rows if d["batch"] == b and d["default"])
         print(f"  B={b}: " + (f"cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}: {r['us']} µs "
                               f"(default {default['us']} µs)" if r else "none"))
-    path = write_results("sampler-plans", device, rows, out_dir=args.out,
-                         extra=dict(emulated=quick, top_p=TOP_P, temperature=1.0, sms=sms))
-    print(f"wrote {path}")
+    if args.out is not None or not quick:
+        path = write_results("sampler-plans", device, rows, out_dir=args.out,
+                             extra=dict(emulated=quick, top_p=TOP_P, temperature=1.0, sms=sms))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

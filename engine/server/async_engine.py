@@ -12,6 +12,10 @@ Invariants:
 - a submission's prompts (each an engine request) are counted in flight from admission until its
   handle closes; more than max_num_seqs + max_waiting in flight is refused (429), and a submission of
   more prompts than that can never fit (400), so one HTTP request cannot grow an unbounded queue;
+- the tokenizer thread's other work (chat templates rendered before admission, /tokenize, /detokenize)
+  is bounded alike: more than that many such jobs queued or running is refused (429), so a flood of
+  them cannot hold an unbounded backlog of texts in memory; an admitted submission's encode is already
+  counted in flight and never refused here;
 - a submission the engine cannot admit (a bad prompt, a tokenizer error) fails alone: its prompts
   already added are aborted and its handler gets the error, and the engine thread serves on;
 - an exception from step() leaves the engine in an unknown state, so the engine is declared dead:
@@ -59,6 +63,7 @@ class AsyncEngine:
         self.stats = engine.stats()  # snapshot, replaced (never mutated) by the engine thread
         self.error: BaseException | None = None
         self.in_flight = 0
+        self.tokenizer_jobs = 0  # unadmitted jobs queued or running on the tokenizer thread (event loop only)
         self._commands: queue.Queue = queue.Queue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -81,11 +86,23 @@ class AsyncEngine:
             self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
             self._tokenizer_thread = None
 
-    async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) on the tokenizer thread (see the invariants above)."""
+    async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, admitted: bool = False) -> T:
+        """fn(*args) on the tokenizer thread (see the invariants above); ``admitted``: the encode of a
+        submission already counted in flight, which the job bound leaves alone."""
         if self._tokenizer_thread is None:  # stopped (or never started): not asyncio's default pool
             raise APIError(503, "the engine is not running", type="server_error", code="engine_dead")
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+        run = asyncio.get_running_loop().run_in_executor
+        if admitted:
+            return await run(self._tokenizer_thread, fn, *args)
+        if self.tokenizer_jobs >= self.capacity:
+            raise APIError(429, f"server over capacity: {self.tokenizer_jobs} tokenizer jobs queued or running "
+                                f"(limit {self.capacity}); retry later", type="rate_limit_error",
+                           code="over_capacity")
+        self.tokenizer_jobs += 1
+        try:
+            return await run(self._tokenizer_thread, fn, *args)
+        finally:
+            self.tokenizer_jobs -= 1
 
     def encode(self, prompts: list[str | list[int]], add_special_tokens: bool, whole: bool) -> list[list[int]]:
         """Each prompt's token ids (run on the tokenizer thread); RastError for a prompt it cannot encode

@@ -61,7 +61,7 @@ class RequestHandle:
             owner._queues[rid] = self._queue
         try:
             ids = await owner.in_tokenizer_thread(owner.encode, self._prompts, self._add_special_tokens,
-                                                  self._params.truncate_prompt_tokens is None)
+                                                  self._params.truncate_prompt_tokens is None, admitted=True)
             if owner.error is not None:  # died while this one was encoded: no engine thread will read it
                 raise APIError(503, f"the engine is not running: {owner.error}", type="server_error",
                                code="engine_dead")

@@ -31,6 +31,7 @@ def summarize(step_s: list[float], first_token_s: float, batch: int, gen: int) -
     return dict(tokens_per_s=batch * len(step_s) / total, step_ms=1e3 * total / len(step_s),
                 step_ms_median=1e3 * statistics.median(step_s),
                 step_ms_p90=1e3 * sorted(step_s)[int(0.9 * (len(step_s) - 1))], step_ms_max=1e3 * max(step_s),
+                step_max_at=step_s.index(max(step_s)),
                 ttft_ms=1e3 * first_token_s, decode_steps=len(step_s), generated_per_seq=gen)
 
 

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, hf_generate, hf_load, print_profile,  # noqa: E402
-                               profile_engine, spec_round)
+from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, hf_generate, hf_load, peak_logits,  # noqa: E402
+                               print_profile, profile_engine, spec_round)
 from bench.decode_configs import CONFIGS, PAIRINGS, TINY, materialize, pairing_models  # noqa: E402, F401
 from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa: E402
 
@@ -139,6 +139,7 @@ class Suite:
         t0 = time.perf_counter()
         if mode == "hf-rast":
             models = hf_load(dirs, self.dtype, self.device)
+            heads = [m.get_output_embeddings().weight for m in models]
             vocab = min(c["vocab_size"] for c in cfgs)
 
             def run(b: int, g: int, tag: str) -> dict:
@@ -147,6 +148,8 @@ class Suite:
         else:
             rast = common.import_engine()
             engine = self.build(rast, mode, dirs, max(batches))
+            heads = [u.lm_head if isinstance(u.lm_head, torch.Tensor) else u.lm_head.weight
+                     for u in engine.runner.units]  # a stacked pair's head is one [2, V, H] tensor
             vocab = engine.vocab_size
             forwards = len(engine.runner.units)  # model forwards per step: 2 when the pair is batched
             ahead = engine.async_scheduling
@@ -154,6 +157,8 @@ class Suite:
             def run(b: int, g: int, tag: str) -> dict:
                 return engine_generate(engine, rast.SamplingParams, b, a.prompt, g, vocab, tag, self.device)
         build_s = time.perf_counter() - t0
+        if a.logit_std is not None:
+            peak_logits(heads, a.logit_std)
         for batch in batches:
             try:
                 run(batch, a.warmup, f"warm{batch}")  # compiles kernels, captures this batch's graph
@@ -219,7 +224,7 @@ class Suite:
         import triton
 
         a = self.args
-        extra = dict(copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype),
+        extra = dict(copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype), logit_std=a.logit_std,
                      prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
                      modes=a.modes, layer_ops=a.layer_ops, pairings=self.pairings, versions=dict(
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
@@ -244,6 +249,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     ap.add_argument("--warmup", type=int, help="tokens generated untimed per batch first (default 8; tiny 3)")
     ap.add_argument("--layer-ops", default="auto", choices=("auto", "torch", "triton"),
                     help="the engine modes' norms/rotary/activation (auto: fused triton kernels on CUDA)")
+    ap.add_argument("--logit-std", type=float, help="scale every model's output head so random weights give logits "
+                    "of this std (5: 2-4 nats, like an LM's); default: the dummy init's, about 1.2, near uniform")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps")
     ap.add_argument("--profile-modes", nargs="+", choices=list(ENGINE_MODES), default=["rast", "rast-seq"])
     ap.add_argument("--profile-batch", type=int, default=1)

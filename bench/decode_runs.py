@@ -86,6 +86,20 @@ def hf_load(cfg_dirs: list[Path], dtype: torch.dtype, device: torch.device) -> l
     return models
 
 
+def peak_logits(heads: list[torch.Tensor], std: float) -> None:
+    """Scale output-projection weights in place so that random models give logits of standard deviation
+    ``std``. Dummy weights are N(0, DUMMY_STD) behind a final RMSNorm of unit weight (as HF's init), so
+    their logits have std DUMMY_STD * sqrt(hidden), about 1.2 at Qwen2.5's widths: near uniform (about
+    11 nats), where top-p 0.95 keeps two thirds of the vocabulary and the fused sampler must take its
+    full-row fallback every step. At std 5 a row has 2-4 nats, like an LM's. A tied head scales the
+    embedding with it, which the first RMSNorm undoes."""
+    from rast_engine.models.loader import DUMMY_STD
+
+    with torch.no_grad():
+        for w in heads:
+            w.mul_(std / (DUMMY_STD * w.shape[-1] ** 0.5))
+
+
 def hf_combine_sample(logits: list[torch.Tensor], vocab: int, gen: torch.Generator, top_p: float = 0.95,
                       temperature: float = 1.0) -> torch.Tensor:
     """proxy-tuning's step: z_M + λ(z_R − z_S) over the shared vocab, temperature, top-p, one draw."""

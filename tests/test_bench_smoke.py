@@ -108,3 +108,26 @@ def test_peer_sampling_is_the_rast_combination() -> None:
                        for _ in range(4000)]).flatten()
     freq = torch.bincount(draws, minlength=v).float() / draws.numel()
     assert (freq - probs).abs().max() < 0.03
+
+
+def test_peak_logits_gives_logits_of_the_asked_std(tmp_path: Path) -> None:
+    """--logit-std: an HF model's random logits come out with that std, and the engine's output heads,
+    the stacked pair's one [2, V, H] tensor included, are scaled by the same rule."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.decode_configs import materialize
+    from rast_engine import EngineConfig, LLMEngine
+
+    dirs, _ = materialize("tiny", tmp_path)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(dirs[0])), dtype=torch.float32)
+    decode_runs.peak_logits([hf.get_output_embeddings().weight], 5.0)
+    logits = hf(torch.randint(0, 400, (4, 16))).logits
+    assert 4.5 < logits.std().item() < 5.5
+    engine = LLMEngine(EngineConfig(str(dirs[0]), small_rl=str(dirs[1]), small_base=str(dirs[2]),
+                                    load_format="dummy", device="cpu", dtype="float32", kv_cache_blocks=8))
+    heads = [u.lm_head if isinstance(u.lm_head, torch.Tensor) else u.lm_head.weight for u in engine.runner.units]
+    assert [h.dim() for h in heads] == [2, 3]  # the large model's, then the stacked pair's
+    decode_runs.peak_logits(heads, 5.0)
+    for h in heads:
+        assert abs(h.std().item() * h.shape[-1] ** 0.5 - 5.0) < 0.25

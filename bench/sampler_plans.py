@@ -1,5 +1,6 @@
-"""The fused sampler under other launch plans: which candidates per chunk (CAP) and warps per program
-the vocabulary-split kernel and the per-row kernel should get at each batch size.
+"""The fused sampler under other launch plans: which candidates per chunk (CAP), warps per program and
+candidate margin (WIDE, nats) the vocabulary-split kernel and the per-row kernel should get at each
+batch size.
 
 The first H100 run (bench/results/sampler-nvidia-h100-80gb-hbm3-8759dcb.json) put ``_stats`` at 6x its
 HBM floor at B = 256, where the default plan (CAP = 1024, 4 warps) compiles to 224 registers a thread,
@@ -8,7 +9,9 @@ size. This sweep times each plan in a CUDA graph (as the engine replays the samp
 of rows that still draw from their candidates alone (a smaller CAP can send rows to the fallback, which
 reads the row again). Rows: bench/sampler.py's LM-like bf16 logits with one RAST pair, T = 1,
 top_p = 0.95. Writes bench/results/sampler-plans-<device>-<shortsha>.json; the fastest plan per batch
-size is printed last.
+size is printed last. A narrower margin admits fewer candidates, so ``_stats`` evicts less often, but
+below the rows' top-p threshold (4-8.4 nats below the max on these rows) it sends rows to the fallback:
+interpreted under the B = 8 plan, WIDE 6 did so for 2 of 8 rows and WIDE 8 for none.
 
     python bench/sampler_plans.py [--out DIR]   # CUDA: B 1, 8, 32, 256 at V = 152064 (about a minute)
     python bench/sampler_plans.py --quick       # interpreted on a CPU: B 1, 4 at V = 4096 (smoke run)
@@ -34,6 +37,7 @@ from rast_kernels.batch import SamplingBatch, normalize  # noqa: E402
 
 STATS_WARPS = (4, 8)
 SELECT_WARPS = (4, 8, 16)
+WIDES = (8.0, 12.0)  # beside sampler_triton.WIDE (10)
 
 
 def caps(default: int) -> list[int]:
@@ -41,14 +45,16 @@ def caps(default: int) -> list[int]:
     return sorted({c for c in (default // 4, default // 2, default, default * 2) if 16 <= c <= sampler_triton.TILE})
 
 
-def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int]]:
-    """(CAP, _stats warps, _select warps): every CAP with each _stats warp count, and _select's warps
-    at the default CAP (each distinct plan compiles its kernels anew). Interpreted, warps change
-    nothing and a plan takes seconds: two plans show that the sweep works."""
+def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int, float]]:
+    """(CAP, _stats warps, _select warps, WIDE): every CAP with each _stats warp count, then _select's
+    warps and the margin each at the default plan (each distinct plan compiles its kernels anew).
+    Interpreted, warps change nothing and a plan takes seconds: two plans show that the sweep works."""
+    wide = sampler_triton.WIDE
     if quick:
-        return [(cap, 4, 8) for cap in caps(default_cap)[-2:]]
-    return [*itertools.product(caps(default_cap), STATS_WARPS, (8,)),
-            *((default_cap, 4, xw) for xw in SELECT_WARPS if xw != 8)]
+        return [(cap, 4, 8, wide) for cap in caps(default_cap)[-2:]]
+    return [*((cap, sw, 8, wide) for cap, sw in itertools.product(caps(default_cap), STATS_WARPS)),
+            *((default_cap, 4, xw, wide) for xw in SELECT_WARPS if xw != 8),
+            *((default_cap, 4, 8, w) for w in WIDES)]
 
 
 def measure(batch: SamplingBatch, plan: dict, device: torch.device, iters: int) -> dict:
@@ -74,10 +80,11 @@ def main() -> None:
                           seed=torch.arange(b, device=device))
         block, chunk, splits, default_cap = sampler_triton.launch_plan(b, vocab, None if quick else sms)
         floor_us = 3 * b * vocab * logits.element_size() / bandwidth * 1e6 if bandwidth else None
-        for cap, sw, xw in plans(default_cap, quick):
-            plan = dict(cap=cap, warps=(sw, xw))
-            row = dict(batch=b, vocab=vocab, splits=splits, cap=cap, stats_warps=sw, select_warps=xw,
-                       default=cap == default_cap and (sw, xw) == (4, 8), **measure(batch, plan, device, iters))
+        for cap, sw, xw, wide in plans(default_cap, quick):
+            plan = dict(cap=cap, warps=(sw, xw), wide=wide)
+            row = dict(batch=b, vocab=vocab, splits=splits, cap=cap, stats_warps=sw, select_warps=xw, wide=wide,
+                       default=(cap, sw, xw, wide) == (default_cap, 4, 8, sampler_triton.WIDE),
+                       **measure(batch, plan, device, iters))
             if floor_us:
                 row.update(floor_us=round(floor_us, 2), time_over_floor=round(row["us"] / floor_us, 2))
             rows.append(row)
@@ -90,7 +97,8 @@ def main() -> None:
     print("fastest plan per batch with every row on the fast path, against the default:")
     for b, r in zip(batches, best):
         default = next(d for d in rows if d["batch"] == b and d["default"])
-        print(f"  B={b}: " + (f"cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}: {r['us']} µs "
+        print(f"  B={b}: " + (f"cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}, wide {r['wide']}: "
+                              f"{r['us']} µs "
                               f"(default {default['us']} µs)" if r else "none"))
     if args.out is not None or not quick:
         path = write_results("sampler-plans", device, rows, out_dir=args.out,

@@ -153,7 +153,7 @@ def _warps(warps: int | None, default: int | None) -> dict:
 
 
 def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
-                      cap: int | None, warps: tuple[int | None, int | None]):
+                      cap: int | None, warps: tuple[int | None, int | None], wide: float = WIDE):
     if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
         nb = 256 if interpreting() else 16
     if nb < 4 or nb & (nb - 1):
@@ -170,7 +170,7 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     pf, pk, pi = torch.empty(3, bsz, **f32), torch.empty(bsz, **i32), torch.empty(2, bsz, device=dev, dtype=torch.int64)
     raw, rows = _raw_params(batch)
     _stats[(bsz, splits)](*args, *raw, pf, pk, pi, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
-                          v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=WIDE, ROWS=rows,
+                          v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=wide, ROWS=rows,
                           **_warps(warps[0], None), **exact_fp_options())
     params = dict(temperature=pf[0], top_p=pf[1], min_p=pf[2], top_k=pk, seed=pi[0], offset=pi[1])
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
@@ -187,13 +187,14 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
 
 
 def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
-           cap: int | None = None, warps: tuple[int | None, int | None] = (None, None),
+           cap: int | None = None, warps: tuple[int | None, int | None] = (None, None), wide: float = WIDE,
            fast_out: torch.Tensor | None = None) -> torch.Tensor:
     """int64 [B]; block / chunk / nb (histogram buckets) / cap (candidates per chunk) / warps (num_warps
-    of _stats and of _select; None: Triton's default and 8) override the launch plan, e.g. in tests and
-    bench/sampler_plans.py. fast_out, an int64 [B] tensor, receives 1 for rows that took the fast path
-    and 0 otherwise (for tests and benchmarks)."""
-    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap, warps)
+    of _stats and of _select; None: Triton's default and 8) / wide (the candidate margin in nats)
+    override the launch plan, e.g. in tests and bench/sampler_plans.py. fast_out, an int64 [B] tensor,
+    receives 1 for rows that took the fast path and 0 otherwise (for tests and benchmarks)."""
+    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap, warps,
+                                                                       wide)
     bsz, dev = batch.batch, batch.logits.device
     cscore = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
     cidx = torch.empty(bsz, splits, device=dev, dtype=torch.int32)

@@ -179,7 +179,7 @@ class Suite:
             self.flush()
         if a.profile and mode in a.profile_modes and mode != "hf-rast":
             prof = profile_engine(engine, rast.SamplingParams, min(a.profile_batch, max(batches)), a.prompt,
-                                  vocab, self.device)
+                                  vocab, self.device, tokens_per_step=SPEC_GAMMA + 1 if mode == "rast-spec" else 1)
             self.profiles.append(dict(mode=mode, pairing=pairing, **prof))
             print_profile(self.profiles[-1])
 

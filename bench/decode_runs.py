@@ -138,10 +138,13 @@ def hf_generate(models: list[Any], batch: int, prompt: int, gen: int, vocab: int
 
 # ---- where the time goes --------------------------------------------------------------------------
 def profile_engine(engine: Any, sp_cls: Any, batch: int, prompt: int, vocab: int, device: torch.device,
-                   steps: int = 5, top: int = 15) -> dict:
+                   steps: int = 5, top: int = 15, tokens_per_step: int = 1) -> dict:
     """torch.profiler over ``steps`` decode steps (after the prefill and one warm decode step): the top
-    kernels (ops on CPU) by self time per step, next to the step's wall time."""
-    add_requests(engine, sp_cls, batch, prompt, steps + 3, vocab, "profile")
+    kernels (ops on CPU) by self time per step, next to the step's wall time. ``tokens_per_step``: the
+    most one step can yield (a speculative round's γ + 1), so the requests outlast the profiled steps
+    where the context allows."""
+    gen = min((steps + 3) * tokens_per_step, engine.max_model_len - prompt)
+    add_requests(engine, sp_cls, batch, prompt, gen, vocab, "profile")
     engine.step()
     engine.step()
     prof = common.device_profile(engine.step, device, steps, top)

@@ -18,7 +18,8 @@
 #   bash bench/gpu_session.sh second  <sha>   (<= 300 s) 14b+7b base and rast at batch 1 and 32, 7b+1.5b
 #                                             rast-no-ahead, rast-unstacked and rast-spec at batch 1 and 32
 #                                             (against first's rast rows: what async scheduling, the stacked
-#                                             small models and a speculative round cost or buy), then
+#                                             small models and a speculative round cost or buy; a round of
+#                                             35 ms at batch 1 on the H100 at 8759dcb, profiled), then
 #                                             bench/gemm.py, bench/attention.py and bench/layer_ops.py
 #
 # With more device time, the full suites:
@@ -81,7 +82,7 @@ case "$stage" in
     install
     decode $(( $(left) / 3 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
     decode $(( $(left) / 2 )) --pairings 7b+1.5b --modes rast-no-ahead rast-unstacked rast-spec --batches 1 32 \
-      --name decode-ab
+      --name decode-ab --profile --profile-modes rast-spec
     timeout $(( $(left) / 3 )) python3 bench/gemm.py --out "$out" 2>&1 | tee -a "$log"
     timeout $(( $(left) * 2 / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
     timeout "$(left)" python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"

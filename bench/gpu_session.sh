@@ -12,9 +12,10 @@
 #                                             (CAP and warps per batch size), then bench/decode.py for
 #                                             7b+1.5b: base, rast-seq, rast, hf-rast at batch 1, 8, 32 and
 #                                             128, base and rast profiled: every shape that issues 2 and 4 set
-#                                             a target on; then base and rast at batch 1 and 32 again with
-#                                             LM-like logits (--logit-std 5), where the sampler takes its
-#                                             one-read path as with real checkpoints
+#                                             a target on; then base, rast and rast-spec at batch 1 and 32
+#                                             again with LM-like logits (--logit-std 5), where the sampler
+#                                             takes its one-read path as with real checkpoints (a round
+#                                             samples γ + 1 times, so flat logits cost it most)
 #   bash bench/gpu_session.sh second  <sha>   (<= 300 s) 14b+7b base and rast at batch 1 and 32, 7b+1.5b
 #                                             rast-no-ahead, rast-unstacked and rast-spec at batch 1 and 32
 #                                             (against first's rast rows: what async scheduling, the stacked
@@ -75,8 +76,8 @@ case "$stage" in
     timeout 150 python3 bench/sampler_plans.py --out "$out" 2>&1 | tee -a "$log"
     decode $(( $(left) * 3 / 4 )) --pairings 7b+1.5b --modes base rast-seq rast hf-rast --batches 1 8 32 128 \
       --profile --profile-modes base rast
-    decode "$(left)" --pairings 7b+1.5b --modes base rast --batches 1 32 --logit-std 5 --name decode-peaked \
-      --profile --profile-modes rast
+    decode "$(left)" --pairings 7b+1.5b --modes base rast rast-spec --batches 1 32 --logit-std 5 \
+      --name decode-peaked --profile --profile-modes rast
     ;;
   second)
     install

@@ -9,7 +9,10 @@ size. This sweep times each plan in a CUDA graph (as the engine replays the samp
 of rows that still draw from their candidates alone (a smaller CAP can send rows to the fallback, which
 reads the row again). Rows: bench/sampler.py's LM-like bf16 logits with one RAST pair, T = 1,
 top_p = 0.95. Writes bench/results/sampler-plans-<device>-<shortsha>.json; the fastest plan per batch
-size is printed last. A narrower margin admits fewer candidates, so ``_stats`` evicts less often, but
+size is printed last. One more row per batch size times the default plan on flat rows (``rows: flat``:
+N(0, 1.2²) logits for each model, as random-weight models give bench/decode.py), where no row can take
+the fast path: the full-row fallback's own cost, 3.8 ms a decode step on the H100 at 8759dcb.
+A narrower margin admits fewer candidates, so ``_stats`` evicts less often, but
 below the rows' top-p threshold (4-8.4 nats below the max on these rows) it sends rows to the fallback:
 interpreted under the B = 8 plan, WIDE 6 did so for 2 of 8 rows and WIDE 8 for none.
 
@@ -57,6 +60,11 @@ def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int, float]]:
             *((default_cap, 4, 8, w) for w in WIDES)]
 
 
+def flat_logits(batch: int, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """bf16 rows of a random-weight model: N(0, 1.2²), about 11 nats at V = 152064."""
+    return (1.2 * torch.randn(batch, vocab, generator=gen)).to(torch.bfloat16).to(device)
+
+
 def measure(batch: SamplingBatch, plan: dict, device: torch.device, iters: int) -> dict:
     fast = torch.empty(batch.batch, dtype=torch.int64, device=device)
     sampler_triton.sample(batch, fast_out=fast, **plan)
@@ -80,26 +88,32 @@ def main() -> None:
                           seed=torch.arange(b, device=device))
         block, chunk, splits, default_cap = sampler_triton.launch_plan(b, vocab, None if quick else sms)
         floor_us = 3 * b * vocab * logits.element_size() / bandwidth * 1e6 if bandwidth else None
-        for cap, sw, xw, wide in plans(default_cap, quick):
+        flat = normalize(flat_logits(b, vocab, device, gen),
+                         [(flat_logits(b, vocab, device, gen), flat_logits(b, vocab, device, gen))], weights=1.0,
+                         temperature=1.0, top_k=0, top_p=TOP_P, min_p=0.0, seed=torch.arange(b, device=device))
+        sweep = [("lm", batch, p) for p in plans(default_cap, quick)]
+        sweep.append(("flat", flat, (default_cap, 4, 8, sampler_triton.WIDE)))
+        for kind, data, (cap, sw, xw, wide) in sweep:
             plan = dict(cap=cap, warps=(sw, xw), wide=wide)
-            row = dict(batch=b, vocab=vocab, splits=splits, cap=cap, stats_warps=sw, select_warps=xw, wide=wide,
-                       default=(cap, sw, xw, wide) == (default_cap, 4, 8, sampler_triton.WIDE),
-                       **measure(batch, plan, device, iters))
+            row = dict(rows=kind, batch=b, vocab=vocab, splits=splits, cap=cap, stats_warps=sw, select_warps=xw,
+                       wide=wide, default=(cap, sw, xw, wide) == (default_cap, 4, 8, sampler_triton.WIDE),
+                       **measure(data, plan, device, iters))
             if floor_us:
                 row.update(floor_us=round(floor_us, 2), time_over_floor=round(row["us"] / floor_us, 2))
             rows.append(row)
             print(table([row], list(row)), flush=True)
-    best = [min((r for r in rows if r["batch"] == b and r["fast_fraction"] == 1.0), key=lambda r: r["us"],
-                default=None) for b in batches]
+    best = [min((r for r in rows if r["batch"] == b and r["rows"] == "lm" and r["fast_fraction"] == 1.0),
+                key=lambda r: r["us"], default=None) for b in batches]
     print(f"fused sampler launch plans | device: {device_name(device)} | commit: {git_sha()} | V={vocab} K=1 "
           f"T=1 top_p={TOP_P}{' | interpreted: the times mean nothing' if quick else ''}")
     print(table(rows, list(rows[0])))
     print("fastest plan per batch with every row on the fast path, against the default:")
     for b, r in zip(batches, best):
-        default = next(d for d in rows if d["batch"] == b and d["default"])
+        default, flat = (next(d for d in rows if d["batch"] == b and d["default"] and d["rows"] == kind)
+                         for kind in ("lm", "flat"))
         print(f"  B={b}: " + (f"cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}, wide {r['wide']}: "
-                              f"{r['us']} µs "
-                              f"(default {default['us']} µs)" if r else "none"))
+                              f"{r['us']} µs " if r else "none ") +
+              f"(default {default['us']} µs; flat rows, the fallback: {flat['us']} µs)")
     if args.out is not None or not quick:
         path = write_results("sampler-plans", device, rows, out_dir=args.out,
                              extra=dict(emulated=quick, top_p=TOP_P, temperature=1.0, sms=sms))

@@ -102,6 +102,8 @@ def main() -> None:
                 row.update(floor_us=round(floor_us, 2), time_over_floor=round(row["us"] / floor_us, 2))
             rows.append(row)
             print(table([row], list(row)), flush=True)
+        if not quick:  # rewritten after every batch size, so a run cut off by its time limit keeps them
+            write_results("sampler-plans", device, rows, out_dir=args.out, extra=dict(partial=True, sms=sms))
     best = [min((r for r in rows if r["batch"] == b and r["rows"] == "lm" and r["fast_fraction"] == 1.0),
                 key=lambda r: r["us"], default=None) for b in batches]
     print(f"fused sampler launch plans | device: {device_name(device)} | commit: {git_sha()} | V={vocab} K=1 "

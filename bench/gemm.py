@@ -79,6 +79,8 @@ def main() -> None:
                                  gbs=round(weight_bytes / (ms * 1e-3) / 1e9, 1),
                                  frac_of_copy=round(floor_us / (ms * 1e3), 3)))
                 print(table([rows[-1]], list(rows[-1])), flush=True)
+        if not quick:  # rewritten after every model, so a stage's time limit keeps what it measured
+            write_results("gemm", device, rows, dict(partial=True), args.out)
     print(f"decode projections | device: {device_name(device)} | commit: {git_sha()} | {dtype} | copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s{' | CPU smoke run: the times mean nothing' if quick else ''}")
     print(table(rows, list(rows[0])))

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, hf_generate, hf_load, peak_logits,  # noqa: E402
                                print_profile, profile_engine, spec_round)
+from bench.decode_targets import judge  # noqa: E402
 from bench.decode_configs import CONFIGS, PAIRINGS, TINY, materialize, pairing_models  # noqa: E402, F401
 from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa: E402
 
@@ -184,40 +185,6 @@ class Suite:
             print_profile(self.profiles[-1])
 
     # ---- results ----------------------------------------------------------------------------------
-    def compare(self) -> dict:
-        """rast/base per (pairing, batch) and the issue's four targets, where their rows exist."""
-        base = {(r["pairing"], r["batch"]): r for r in self.rows if r["mode"] == "base"}
-        by = {(r["mode"], r["pairing"], r["batch"]): r for r in self.rows}
-        for r in self.rows:
-            r["roofline_frac"] = r["step_ms"] / r["roofline_ms"]
-            b = base.get((r["pairing"], r["batch"]))
-            if b is not None and r["mode"] != "base":
-                r["weight_bytes_ratio"] = r["weight_bytes_read"] / b["weight_bytes_read"]
-                r["time_vs_base"] = r["step_ms"] / b["step_ms"]
-                r["time_vs_base_over_wb"] = r["time_vs_base"] / r["weight_bytes_ratio"]
-        targets = []
-
-        def target(name: str, value: Optional[float], limit: float, at_most: bool,
-                   bound: Optional[float] = None) -> None:
-            """bound: the best value the rooflines allow, where the target is a ratio of two modes."""
-            if value is not None:
-                targets.append(dict(target=name, value=value, limit=limit, roofline_bound=bound,
-                                    met=value <= limit if at_most else value >= limit))
-
-        for p in self.pairings:
-            r1, r32 = by.get(("rast", p, 1)), by.get(("rast", p, 32))
-            b32, h32 = by.get(("base", p, 32)), by.get(("hf-rast", p, 32))
-            target(f"{p} b1 rast step / roofline", r1 and r1["roofline_frac"], 1.15, True)
-            target(f"{p} b1 (rast/base) / weight-bytes ratio", r1 and r1.get("time_vs_base_over_wb"), 1.05, True)
-            if p == "7b+1.5b":
-                # both modes read their weights once per step: at best rast runs at base's roofline
-                # over its own (about 0.71 for 7B + 2 x 1.5B, whatever the kernels)
-                target(f"{p} b32 rast / base tokens/s", r32 and b32 and r32["tokens_per_s"] / b32["tokens_per_s"],
-                       0.8, False, r32 and b32 and b32["roofline_ms"] / r32["roofline_ms"])
-            target(f"{p} b32 rast / hf-rast tokens/s", r32 and h32 and r32["tokens_per_s"] / h32["tokens_per_s"],
-                   10.0, False)
-        return dict(targets=targets)
-
     def flush(self) -> Path:
         """Rewritten after every row, so a run cut off by a time limit keeps what it measured."""
         import transformers
@@ -228,7 +195,7 @@ class Suite:
                      prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
                      modes=a.modes, layer_ops=a.layer_ops, pairings=self.pairings, versions=dict(
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
-                     **self.compare(), skipped=self.skipped, errors=self.errors, profiles=self.profiles)
+                     **judge(self.rows, list(self.pairings)), skipped=self.skipped, errors=self.errors, profiles=self.profiles)
         return common.write_results(a.name, self.device, self.rows, extra, Path(a.out), commit=self.commit)
 
 
@@ -297,7 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n{common.device_name(device)} @ {suite.commit}  "
           f"(copy bandwidth {suite.bandwidth / 1e9:.1f} GB/s)")
     print(common.table(suite.rows, COLUMNS))
-    for t in suite.compare()["targets"]:
+    for t in judge(suite.rows, list(suite.pairings))["targets"]:
         bound = "" if t["roofline_bound"] is None else f", roofline bound {t['roofline_bound']:.3f}"
         print(f"target {t['target']}: {t['value']:.3f} (limit {t['limit']}{bound}) {'met' if t['met'] else 'MISSED'}")
     series: dict[str, list[tuple[float, float]]] = {}

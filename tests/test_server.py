@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rast_engine import LLM, SamplingParams
+from rast_engine.errors import RastError
 from rast_engine.server.app import OpenAIServer
 from server_util import MODEL, PROMPTS, Running, metrics, server_engine
 
@@ -244,5 +245,32 @@ def test_engine_failure_is_reported_not_hidden(server_triple: tuple[Path, Path, 
         r2 = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL, "prompt": "the"})
         assert r2.status_code == 503 and r2.json()["error"]["code"] == "engine_dead"
         assert metrics(running.url)["rast_engine_healthy"] == 0
+    finally:
+        running.close()
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_held(server_triple: tuple[Path, Path, Path]) -> None:
+    """413 for a body over max_request_bytes: declared by Content-Length (refused before it is read) or
+    streamed without one (refused once the bytes read pass the limit); a body within it is served, and
+    the server serves on."""
+    running = Running(OpenAIServer(server_engine(server_triple), model_name=MODEL, max_request_bytes=2000))
+    try:
+        url = f"{running.url}/v1/completions"
+        small = {"model": MODEL, "prompt": "the cat", "max_tokens": 2}
+        big = {"model": MODEL, "prompt": "the cat " * 400, "max_tokens": 2}  # about 3.2 kB
+        r = httpx.post(url, json=big, timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # noqa: ANN202 - no Content-Length: sent chunked
+            for _ in range(8):
+                yield b" " * 500
+        r = httpx.post(url, content=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 413 and "2000 bytes" in r.json()["error"]["message"]
+        r = httpx.post(url, json=small, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        r = httpx.post(f"{running.url}/tokenize", json={"model": MODEL, "prompt": "the cat " * 400}, timeout=60)
+        assert r.status_code == 413
+        with pytest.raises(RastError, match="max_request_bytes"):
+            OpenAIServer(server_engine(server_triple), model_name=MODEL, max_request_bytes=0)
     finally:
         running.close()

@@ -50,6 +50,11 @@ class _SSEResponse(StreamingResponse):
             await self.handle.__aexit__(None, None, None)
 
 
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"request body of {size} bytes or more exceeds this server's limit of {limit} bytes "
+                         "(--max-request-bytes)", code="request_too_large")
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -73,9 +78,16 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> tuple[b
     return (True, task.result()) if stayed else (False, None)
 
 
+MAX_REQUEST_BYTES = 64 << 20  # a body is held in memory whole: a bigger one is refused before it is read
+
+
 class OpenAIServer:
     def __init__(self, engine: Any, *, model_name: str, api_key: str | None = None,
-                 max_waiting: int = 512, queue_timeout: float | None = None) -> None:
+                 max_waiting: int = 512, queue_timeout: float | None = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+        if max_request_bytes < 1:
+            raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+        self.max_request_bytes = max_request_bytes
         self.metrics = Metrics()
         self.engine = AsyncEngine(engine, max_waiting=max_waiting, queue_timeout=queue_timeout,
                                   on_step=self.metrics.step_seconds.observe)
@@ -138,6 +150,21 @@ class OpenAIServer:
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
+    async def _body(self, request: Request) -> bytes:
+        """The request's body, refused (413) once it is known to exceed max_request_bytes: from its
+        Content-Length before anything is read, else while it streams in, so an oversized body never
+        sits in memory whole."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(len(body), limit)
+        return bytes(body)
+
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
@@ -149,14 +176,14 @@ class OpenAIServer:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def tokenize(self, request: Request) -> Response:
-        req: TokenizeRequest = parse_request(await request.body(), TokenizeRequest)
+        req: TokenizeRequest = parse_request(await self._body(request), TokenizeRequest)
         if req.model is not None:
             self._check_model(req.model)
         return JSONResponse(await self.engine.in_tokenizer_thread(tokenize, self.tokenizer, req,
                                                                   self.engine.max_model_len))
 
     async def detokenize(self, request: Request) -> Response:
-        req: DetokenizeRequest = parse_request(await request.body(), DetokenizeRequest)
+        req: DetokenizeRequest = parse_request(await self._body(request), DetokenizeRequest)
         if req.model is not None:
             self._check_model(req.model)
         return JSONResponse(await self.engine.in_tokenizer_thread(detokenize, self.tokenizer, req,
@@ -176,7 +203,7 @@ class OpenAIServer:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def completions(self, request: Request) -> Response:
-        req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
+        req: CompletionRequest = parse_request(await self._body(request), CompletionRequest)
         self._check_model(req.model)
         if req.echo and self.tokenizer is None:
             raise APIError(400, "echo returns the prompt's text, and this model has no tokenizer "
@@ -190,7 +217,7 @@ class OpenAIServer:
         return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
 
     async def chat(self, request: Request) -> Response:
-        req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
+        req: ChatCompletionRequest = parse_request(await self._body(request), ChatCompletionRequest)
         self._check_model(req.model)
         params = chat_params(req, self.engine.engine)
         await self._precompile(params)

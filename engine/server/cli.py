@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="requests allowed to wait beyond --max-num-seqs; more get 429 (default 512)")
     p.add_argument("--queue-timeout", type=float, default=None,
                    help="seconds a request may wait for its first token before a 503 (default: no limit)")
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                   help="largest request body accepted; a larger one gets 413 before it is read (default 64 MiB)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise RastError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if args.queue_timeout is not None and args.queue_timeout <= 0:
         raise RastError(f"--queue-timeout must be > 0, got {args.queue_timeout}")
+    if args.max_request_bytes < 1:
+        raise RastError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = build_engine(args)
     import uvicorn
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
                           api_key=args.api_key, max_waiting=args.max_waiting,
-                          queue_timeout=args.queue_timeout)
+                          queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes)
     try:
         uvicorn.run(server.app(), host=args.host, port=args.port, log_level=args.log_level)
     except OSError as exc:  # port in use, address not available

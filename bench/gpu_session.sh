@@ -31,7 +31,8 @@
 #   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
-# one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back.
+# one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back
+# (first and second write exactly 8: a benchmark added to either needs its files made room for).
 set -uo pipefail
 
 stage=${1:?stage: first | second | tests | kernels | decode | unfused}
@@ -45,6 +46,8 @@ case "$stage" in first) default=450 ;; second) default=300 ;; *) default=570 ;; 
 budget=${STAGE_SECONDS:-$default}  # the whole stage, inside the device's 600 s per command
 deadline=$((SECONDS + budget))
 left() { local l=$((deadline - SECONDS)); echo $((l > 1 ? l : 1)); }  # timeout 0 would mean no limit
+part() { local s=$(( $(left) * $1 / $2 )); echo $((s > 1 ? s : 1)); }  # a share of what is left, >= 1 s
+upto() { local l; l=$(left); echo $((l < $1 ? l : $1)); }  # at most $1 s, and never past the deadline
 
 {
   echo "stage $stage at commit $RAST_COMMIT"
@@ -71,21 +74,21 @@ decode() {  # decode <seconds> <bench/decode.py arguments...>
 case "$stage" in
   first)
     install
-    gpu_tests $(( $(left) < 170 ? $(left) : 170 ))
-    timeout 60 python3 bench/sampler.py --targets --out "$out" 2>&1 | tee -a "$log"
-    timeout 150 python3 bench/sampler_plans.py --out "$out" 2>&1 | tee -a "$log"
-    decode $(( $(left) * 3 / 4 )) --pairings 7b+1.5b --modes base rast-seq rast hf-rast --batches 1 8 32 128 \
+    gpu_tests "$(upto 170)"
+    timeout "$(upto 60)" python3 bench/sampler.py --targets --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(upto 120)" python3 bench/sampler_plans.py --out "$out" 2>&1 | tee -a "$log"
+    decode "$(part 2 3)" --pairings 7b+1.5b --modes base rast-seq rast hf-rast --batches 1 8 32 128 \
       --profile --profile-modes base rast
     decode "$(left)" --pairings 7b+1.5b --modes base rast rast-spec --batches 1 32 --logit-std 5 \
       --name decode-peaked --profile --profile-modes rast
     ;;
   second)
     install
-    decode $(( $(left) / 3 )) --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
-    decode $(( $(left) / 2 )) --pairings 7b+1.5b --modes rast-no-ahead rast-unstacked rast-spec --batches 1 32 \
+    decode "$(part 1 3)" --pairings 14b+7b --modes base rast --batches 1 32 --name decode-14b
+    decode "$(part 1 2)" --pairings 7b+1.5b --modes rast-no-ahead rast-unstacked rast-spec --batches 1 32 \
       --name decode-ab --profile --profile-modes rast-spec
-    timeout $(( $(left) / 3 )) python3 bench/gemm.py --out "$out" 2>&1 | tee -a "$log"
-    timeout $(( $(left) * 2 / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(part 1 3)" python3 bench/gemm.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(part 2 3)" python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
     timeout "$(left)" python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"
     ;;
   tests)
@@ -93,11 +96,11 @@ case "$stage" in
     gpu_tests "$(left)"
     ;;
   kernels)
-    timeout $(( $(left) / 3 )) python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
-    timeout 90 python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"
-    timeout $(( $(left) * 2 / 3 )) python3 bench/sampler.py --out "$out" 2>&1 | tee -a "$log"
-    timeout $(( $(left) / 2 )) python3 bench/sampler_fastpath.py --out "$out" 2>&1 | tee -a "$log"
-    timeout 60 python3 bench/logit_adjust.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(part 1 3)" python3 bench/attention.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(upto 90)" python3 bench/layer_ops.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(part 2 3)" python3 bench/sampler.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(part 1 2)" python3 bench/sampler_fastpath.py --out "$out" 2>&1 | tee -a "$log"
+    timeout "$(upto 60)" python3 bench/logit_adjust.py --out "$out" 2>&1 | tee -a "$log"
     timeout "$(left)" python3 bench/host_path.py --out "$out" 2>&1 | tee -a "$log"  # compiles fp32 kernels
     ;;
   decode)

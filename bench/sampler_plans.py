@@ -44,8 +44,9 @@ WIDES = (8.0, 12.0)  # beside sampler_triton.WIDE (10)
 
 
 def caps(default: int) -> list[int]:
-    """The default CAP and its neighbours by factors of 2 and 4, within sampler_triton's tile."""
-    return sorted({c for c in (default // 4, default // 2, default, default * 2) if 16 <= c <= sampler_triton.TILE})
+    """The default CAP and CAP / 2, CAP / 4 (at least 4): the default already fills _select's tile of
+    sampler_triton.TILE slots, and a larger one would double it (more registers, likely spills)."""
+    return sorted({c for c in (default // 4, default // 2, default) if c >= 4})
 
 
 def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int, float]]:

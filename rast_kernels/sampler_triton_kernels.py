@@ -20,9 +20,8 @@ def _evict(cid_ptr, cz_ptr, base, taken, zk, cand, m_new, safe_t, target, CAP: t
     tl.debug_barrier()  # earlier stores of this program are visible to all its threads
     slot = tl.arange(0, CAP)
     stored = slot < taken
-    sz = tl.load(cz_ptr + base + slot, mask=stored, other=float("-inf"))
-    sid = tl.load(cid_ptr + base + slot, mask=stored, other=0)
-    sk = tl.where(stored, _zkey(sz), 2147483647)
+    # only the keys stay live through the bisection; z and ids are read again for the compaction
+    sk = tl.where(stored, _zkey(tl.load(cz_ptr + base + slot, mask=stored, other=float("-inf"))), 2147483647)
     nk = tl.where(cand, zk, 2147483647)
     lo = tl.minimum(tl.min(sk, axis=0), tl.min(nk, axis=0)).to(tl.int64)  # everything: > target
     sk = tl.where(stored, sk, -2147483648)  # absent entries sit below every real key
@@ -39,6 +38,8 @@ def _evict(cid_ptr, cz_ptr, base, taken, zk, cand, m_new, safe_t, target, CAP: t
     floor = hi.to(tl.int32)
     keep = stored & (sk >= floor)
     gone = stored & (sk < floor)
+    sz = tl.load(cz_ptr + base + slot, mask=stored, other=float("-inf"))
+    sid = tl.load(cid_ptr + base + slot, mask=stored, other=0)
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.debug_barrier()  # every thread has read the list before any slot is overwritten
     tl.store(cid_ptr + base + pos, sid, mask=keep)

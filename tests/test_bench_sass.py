@@ -30,4 +30,8 @@ def test_stats_compiles_for_each_batch_plan(tmp_path: Path) -> None:
     assert result["kernel"] == "_stats"
     assert [(p["batch"], p["splits"], p["cap"], p["num_warps"]) for p in result["plans"]] == \
         [(1, 149, 16, 4), (32, 17, 128, 4), (256, 3, 1024, 4)]
-    assert all(p["spill_stack_bytes"] == 0 and p["loops"] for p in result["plans"])
+    assert all(p["loops"] for p in result["plans"])
+    # B=256's plan (CAP 1024) compiled to 224 registers at 8759dcb: two 128-thread programs per SM. Since
+    # _evict keeps only the keys live through its bisection, 168 (at most 170: three), at the cost of two
+    # loop-invariant scalars spilled and reloaded once a block, never a tile
+    assert all(p["registers"] <= 170 and p["spill_stack_bytes"] <= 16 for p in result["plans"]), result["plans"]

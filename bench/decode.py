@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, hf_generate, hf_load, peak_logits,  # noqa: E402
-                               print_profile, profile_engine, spec_round)
+from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, hf_generate, hf_load, output_heads,  # noqa: E402
+                               peak_logits, print_profile, profile_engine, spec_round)
 from bench.decode_targets import judge  # noqa: E402
 from bench.decode_configs import CONFIGS, PAIRINGS, TINY, materialize, pairing_models  # noqa: E402, F401
 from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa: E402
@@ -149,8 +149,7 @@ class Suite:
         else:
             rast = common.import_engine()
             engine = self.build(rast, mode, dirs, max(batches))
-            heads = [u.lm_head if isinstance(u.lm_head, torch.Tensor) else u.lm_head.weight
-                     for u in engine.runner.units]  # a stacked pair's head is one [2, V, H] tensor
+            heads = output_heads(engine)
             vocab = engine.vocab_size
             forwards = len(engine.runner.units)  # model forwards per step: 2 when the pair is batched
             ahead = engine.async_scheduling
@@ -195,7 +194,8 @@ class Suite:
                      prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
                      modes=a.modes, layer_ops=a.layer_ops, pairings=self.pairings, versions=dict(
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
-                     **judge(self.rows, list(self.pairings)), skipped=self.skipped, errors=self.errors, profiles=self.profiles)
+                     **judge(self.rows, list(self.pairings)), skipped=self.skipped, errors=self.errors,
+                     profiles=self.profiles)
         return common.write_results(a.name, self.device, self.rows, extra, Path(a.out), commit=self.commit)
 
 

@@ -86,6 +86,12 @@ def hf_load(cfg_dirs: list[Path], dtype: torch.dtype, device: torch.device) -> l
     return models
 
 
+def output_heads(engine: Any) -> list[torch.Tensor]:
+    """The output-projection weight of each of the engine's forwards: a model's lm_head weight, or a
+    stacked pair's one [2, V, H] tensor."""
+    return [u.lm_head if isinstance(u.lm_head, torch.Tensor) else u.lm_head.weight for u in engine.runner.units]
+
+
 def peak_logits(heads: list[torch.Tensor], std: float) -> None:
     """Scale output-projection weights in place so that random models give logits of standard deviation
     ``std``. Dummy weights are N(0, DUMMY_STD) behind a final RMSNorm of unit weight (as HF's init), so

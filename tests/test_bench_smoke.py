@@ -126,7 +126,7 @@ def test_peak_logits_gives_logits_of_the_asked_std(tmp_path: Path) -> None:
     assert 4.5 < logits.std().item() < 5.5
     engine = LLMEngine(EngineConfig(str(dirs[0]), small_rl=str(dirs[1]), small_base=str(dirs[2]),
                                     load_format="dummy", device="cpu", dtype="float32", kv_cache_blocks=8))
-    heads = [u.lm_head if isinstance(u.lm_head, torch.Tensor) else u.lm_head.weight for u in engine.runner.units]
+    heads = decode_runs.output_heads(engine)
     assert [h.dim() for h in heads] == [2, 3]  # the large model's, then the stacked pair's
     decode_runs.peak_logits(heads, 5.0)
     for h in heads:

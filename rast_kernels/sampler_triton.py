@@ -153,7 +153,7 @@ def _warps(warps: int | None, default: int | None) -> dict:
 
 
 def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
-                      cap: int | None, warps: tuple[int | None, int | None], wide: float = WIDE):
+                      cap: int | None, warps: tuple[int | None, int | None] = (None, None), wide: float = WIDE):
     if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
         nb = 256 if interpreting() else 16
     if nb < 4 or nb & (nb - 1):
@@ -213,8 +213,7 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
 def probs(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
           cap: int | None = None) -> torch.Tensor:
     """float32 [B, V]: w / sum_A w on A (one-hot on the mode for greedy rows, zeros for empty rows)."""
-    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, False, block, chunk, nb, cap,
-                                                                       (None, None))
+    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, False, block, chunk, nb, cap)
     bsz, dev = batch.batch, batch.logits.device
     cmass = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
     temp, min_p = params["temperature"], params["min_p"]

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import copy_bandwidth, device_name, git_sha, graph_time_ms, quick_args, table, write_results  # noqa: E402
+from bench.common import (copy_bandwidth, device_name, git_sha, graph_time_ms, quick_args, table,  # noqa: E402
+                          write_results)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 L2_BYTES = 64 * 2**20  # above an H100's 50 MB and an H200's 60 MB: rotated copies never all fit

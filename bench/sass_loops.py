@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{plan['spill_stack_bytes']} B spill stack, {plan['instructions']} instructions")
         print(table(plan["loops"], ["start", "end", "instructions", "barriers", "shuffles", "warp_reductions"]))
     path = args.out / f"sass-{args.kernel}-{git_sha()}.json"
-    path.write_text(json.dumps(dict(kernel=f"_{args.kernel}", target="sm_90", triton=triton.__version__, commit=git_sha(),
-                                    date=now(), plans=plans), indent=1) + "\n")
+    path.write_text(json.dumps(dict(kernel=f"_{args.kernel}", target="sm_90", triton=triton.__version__,
+                                    commit=git_sha(), date=now(), plans=plans), indent=1) + "\n")
     print(f"wrote {path}")
 
 

@@ -128,7 +128,8 @@ class Formatter:
             text_offset += len(tok)
         return {"tokens": tokens,
                 "token_logprobs": [None if e is None else _finite(e[t]) for t, e in zip(token_ids, entries)],
-                "top_logprobs": [None if top is None else {self._token(t): _finite(lp) for t, lp in top} for top in tops],
+                "top_logprobs": [None if top is None else {self._token(t): _finite(lp) for t, lp in top}
+                                 for top in tops],
                 "text_offset": offsets}
 
     def _vllm_prompt_logprobs(self, out: Any) -> list[Optional[dict[str, Any]]]:

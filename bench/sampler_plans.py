@@ -9,9 +9,12 @@ size. This sweep times each plan in a CUDA graph (as the engine replays the samp
 of rows that still draw from their candidates alone (a smaller CAP can send rows to the fallback, which
 reads the row again). Rows: bench/sampler.py's LM-like bf16 logits with one RAST pair, T = 1,
 top_p = 0.95. Writes bench/results/sampler-plans-<device>-<shortsha>.json; the fastest plan per batch
-size is printed last. One more row per batch size times the default plan on flat rows (``rows: flat``:
-N(0, 1.2²) logits for each model, as random-weight models give bench/decode.py), where no row can take
-the fast path: the full-row fallback's own cost, 3.8 ms a decode step on the H100 at 8759dcb.
+size is printed last. Two more rows per batch size time the default plan on flat rows (N(0, 1.2²)
+logits for each model, as random-weight models give bench/decode.py), where no row can take the fast
+path: ``rows: flat`` draws over every token and proves the draw lies in the nucleus with one more read
+of the row (``verified_fraction``: the rows where that proof succeeded, rast_kernels.sampler_triton_finish);
+``rows: flat-search`` (verify=False) searches the threshold first, the full-row descent that cost
+3.8 ms a decode step on the H100 at 8759dcb.
 A narrower margin admits fewer candidates, so ``_stats`` evicts less often, but
 below the rows' top-p threshold (4-8.4 nats below the max on these rows) it sends rows to the fallback:
 interpreted under the B = 8 plan, WIDE 6 did so for 2 of 8 rows and WIDE 8 for none.
@@ -68,9 +71,11 @@ def flat_logits(batch: int, vocab: int, device: torch.device, gen: torch.Generat
 
 def measure(batch: SamplingBatch, plan: dict, device: torch.device, iters: int) -> dict:
     fast = torch.empty(batch.batch, dtype=torch.int64, device=device)
-    sampler_triton.sample(batch, fast_out=fast, **plan)
+    path = torch.empty(batch.batch, dtype=torch.int64, device=device)
+    sampler_triton.sample(batch, fast_out=fast, path_out=path, **plan)
     ms = graph_time_ms(lambda: sampler_triton.sample(batch, **plan), device, iters)
-    return dict(us=round(ms * 1e3, 2), fast_fraction=round(float(fast.float().mean()), 4))
+    return dict(us=round(ms * 1e3, 2), fast_fraction=round(float(fast.float().mean()), 4),
+                verified_fraction=round(float((path == 1).float().mean()), 4))
 
 
 def main() -> None:
@@ -93,9 +98,9 @@ def main() -> None:
                          [(flat_logits(b, vocab, device, gen), flat_logits(b, vocab, device, gen))], weights=1.0,
                          temperature=1.0, top_k=0, top_p=TOP_P, min_p=0.0, seed=torch.arange(b, device=device))
         sweep = [("lm", batch, p) for p in plans(default_cap, quick)]
-        sweep.append(("flat", flat, (default_cap, 4, 8, sampler_triton.WIDE)))
+        sweep += [(kind, flat, (default_cap, 4, 8, sampler_triton.WIDE)) for kind in ("flat", "flat-search")]
         for kind, data, (cap, sw, xw, wide) in sweep:
-            plan = dict(cap=cap, warps=(sw, xw), wide=wide)
+            plan = dict(cap=cap, warps=(sw, xw), wide=wide, verify=kind != "flat-search")
             row = dict(rows=kind, batch=b, vocab=vocab, splits=splits, cap=cap, stats_warps=sw, select_warps=xw,
                        wide=wide, default=(cap, sw, xw, wide) == (default_cap, 4, 8, sampler_triton.WIDE),
                        **measure(data, plan, device, iters))
@@ -112,11 +117,12 @@ def main() -> None:
     print(table(rows, list(rows[0])))
     print("fastest plan per batch with every row on the fast path, against the default:")
     for b, r in zip(batches, best):
-        default, flat = (next(d for d in rows if d["batch"] == b and d["default"] and d["rows"] == kind)
-                         for kind in ("lm", "flat"))
+        default, flat, search = (next(d for d in rows if d["batch"] == b and d["default"] and d["rows"] == kind)
+                                 for kind in ("lm", "flat", "flat-search"))
         print(f"  B={b}: " + (f"cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}, wide {r['wide']}: "
                               f"{r['us']} µs " if r else "none ") +
-              f"(default {default['us']} µs; flat rows, the fallback: {flat['us']} µs)")
+              f"(default {default['us']} µs; flat rows: verified draw {flat['us']} µs, "
+              f"threshold search {search['us']} µs)")
     if args.out is not None or not quick:
         path = write_results("sampler-plans", device, rows, out_dir=args.out,
                              extra=dict(emulated=quick, top_p=TOP_P, temperature=1.0, sms=sms))

@@ -8,9 +8,11 @@ launch plans an H100 gets at B = 1 and 32, and lists every loop of the SASS with
 barriers (BAR: each a block-wide wait), shuffles and warp reductions per round, plus registers and
 spill stack. These are static counts, not timings: they rank variants of a loop before a GPU can time
 them. ``--kernel stats`` does the same for ``_stats``, the one read of the inputs, whose loop runs once
-per block of BLOCK tokens. Writes bench/results/sass-<kernel>-<shortsha>.json.
+per block of BLOCK tokens; ``--kernel finish`` for ``_finish``, whose first loop is the one read of a
+flat top-p row that proves its draw (rast_kernels.sampler_triton_finish). Writes
+bench/results/sass-<kernel>-<shortsha>.json.
 
-    python bench/sass_loops.py [--kernel select|stats] [--sms 132] [--num-warps 8 (select) | 4 (stats)]
+    python bench/sass_loops.py [--kernel select|stats|finish] [--sms 132] [--num-warps 8 | 4 (stats)]
 """
 from __future__ import annotations
 
@@ -48,11 +50,15 @@ def _tool(name: str) -> str:
 
 
 def cubin_of(kernel: str, splits: int, cap: int, num_warps: int, pairs: int = 1) -> bytes:
-    """_select (DRAW on) or _stats (per-row parameter tensors) compiled for sm_90 as sampler_triton
-    launches them on a GPU, with bf16 inputs."""
+    """_select (DRAW on), _stats (per-row parameter tensors) or _finish compiled for sm_90 as
+    sampler_triton launches them on a GPU, with bf16 inputs."""
+    sp = triton.next_power_of_2(splits)
     if kernel == "select":
         fn = sampler_triton._select
-        consts = dict(BLOCK=256, NB=16, LOG2_NB=4, SP=triton.next_power_of_2(splits), CAP=cap, DRAW=True)
+        consts = dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=True, VERIFY=True)
+    elif kernel == "finish":
+        fn = sampler_triton._finish
+        consts = dict(SP=sp, M=sampler_triton.DRAWS, BLOCK=1024, HIST_BLOCK=256, NB=16, LOG2_NB=4)
     else:
         fn = sampler_triton._stats
         consts = dict(BLOCK=1024, CAP=cap, WIDE=sampler_triton.WIDE, ROWS=0b111111)
@@ -95,15 +101,15 @@ def profile(kernel: str, splits: int, cap: int, num_warps: int, workdir: Path) -
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", choices=("select", "stats"), default="select")
+    ap.add_argument("--kernel", choices=("select", "stats", "finish"), default="select")
     ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU whose launch plans are compiled")
-    ap.add_argument("--num-warps", type=int, help="sampler_triton's: 8 for _select, 4 for _stats")
+    ap.add_argument("--num-warps", type=int, help="sampler_triton's: 8 for _select and _finish, 4 for _stats")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    num_warps = args.num_warps or (8 if args.kernel == "select" else 4)
+    num_warps = args.num_warps or (4 if args.kernel == "stats" else 8)
     plans = []
-    for batch in (1, 32) if args.kernel == "select" else (1, 32, 256):
+    for batch in (1, 32) if args.kernel != "stats" else (1, 32, 256):
         _, _, splits, cap = sampler_triton.launch_plan(batch, 152064, args.sms, block=1024)
         with tempfile.TemporaryDirectory() as workdir:
             plan = dict(batch=batch, **profile(args.kernel, splits, cap, num_warps, Path(workdir)))

@@ -38,11 +38,22 @@ sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe,
    Then A is a subset of U, tau applied to the whole row gives the same A, and the Gumbel-max draw
    over U is the draw over the row: same d bit for bit (z stored exactly, same div_rn), same RNG
    per token id, max of the same scores, lowest id on ties. Otherwise (decided per row on the
-   device) it runs the exact radix descent over the whole row (``_descent``, the previous algorithm).
-3. ``_draw`` (grid B x S): rows not drawn in step 2 read the row once more and keep per chunk the
-   best Gumbel score g_i - d_i over A; fast rows return at once, reading nothing.
-4. ``_finish`` (grid B): greedy rows take the mode, empty rows -1, fast rows their draw, others the
-   best of the S chunk draws in order.
+   device) it runs the exact radix descent over the whole row (``_descent``: several reads of the
+   row by one program), except for rows filtered by top-p without top-k when sampling
+   (``VERIFY_ROW``): those leave tau at the row's largest key, so A' = {finite, w >= min_p}, for step 4.
+3. ``_draw`` (grid B x S): rows not drawn in step 2 read the row once more; each lane keeps its best
+   Gumbel score g_i - d_i over A (A' for VERIFY_ROW rows) and its second best, and each chunk stores
+   its DRAWS best lane winners plus a bound: no token of the chunk outside them scores above it. Fast
+   rows return at once, reading nothing.
+4. ``_finish`` (grid B): greedy rows take the mode, empty rows -1, fast rows their draw, rows with a
+   searched tau the best of the chunk draws. A VERIFY_ROW row merges the chunk lists into the row's
+   DRAWS best draws over A' and reads the row once: draw x lies in A iff the mass of the tokens with
+   a smaller key is < top_p * Z (tau is the largest such key, and that mass grows with the key). The
+   first draw in A, in score order, whose score beats every bound is the argmax over A of the same
+   scores, so the very token the descent would give: every token scoring above it is among the
+   draws, and those are not in A. For top_p = 0.95 the best draw over A' is in A with probability
+   about 0.95, and all DRAWS of them miss it with about 0.05^8; when no draw is proven (a small top_p,
+   or a tie with a bound) the row runs the descent and a draw over the row in _finish.
 
 Why exact: A = {finite, key <= tau, w >= min_p} as in the spec, and argmax of g_i + log w_i over A
 with i.i.d. Gumbel g_i is distributed as w_i / sum_A w. probs() runs steps 1-2 (same tau as sample),
@@ -50,8 +61,9 @@ then sums w over A and writes w / sum_A w (that output is [B, V] by definition).
 
 HBM traffic of sample(), fast path: the inputs once (B*V*(1 + 2K) elements of the input dtype), plus
 O(B*S) partials, the candidates actually stored (8 bytes each, at most B*S*CAP) and their re-read
-in step 2. The fallback adds the descent's per-row passes (about 4-7 with 16 buckets) and one more
-read in ``_draw``, as before. Expected on an H100 (not measured here): the fast path near the HBM
+in step 2. Off the fast path, a top-p row adds two reads: ``_draw``'s (split over S programs) and
+``_finish``'s proof (one program); other filtered rows add the descent's per-row passes (about 4-7
+with 16 buckets, one program) and ``_draw``'s read. Expected on an H100 (not measured here): the fast path near the HBM
 floor at large B. Whether rows take it depends on the data, WIDE and CAP: sample(batch,
 fast_out=t) reports it per row, and bench/sampler_fastpath.py measures it on LM-like rows under the
 launch plan of any GPU (interpreted on a CPU: the plan, not the hardware, decides). Rows with no
@@ -80,7 +92,8 @@ import torch
 from rast_kernels.batch import PARAMS, SamplingBatch
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
 from rast_kernels.reference import combine
-from rast_kernels.sampler_triton_kernels import _draw, _finish, _stats, _write_probs
+from rast_kernels.sampler_triton_finish import _finish
+from rast_kernels.sampler_triton_kernels import _draw, _stats, _write_probs
 from rast_kernels.sampler_triton_select import _select
 
 __all__ = ["sample", "probs", "launch_plan"]
@@ -88,6 +101,7 @@ __all__ = ["sample", "probs", "launch_plan"]
 MAX_PAIRS = 4  # more pairs are pre-combined in float32 by the reference formula (same rounding)
 WIDE = 10.0  # candidate margin in nats for rows filtered by top-k or top-p (a heuristic, see above)
 TILE = 4096  # candidates per row held in registers by _select (S * CAP <= TILE up to rounding)
+DRAWS = 8  # Gumbel draws per chunk kept for _finish's proof; all 8 fall outside A w.p. ~ (1 - top_p)^8
 
 
 def launch_plan(rows: int, vocab: int, sms: int | None, block: int | None = None, chunk: int | None = None,
@@ -152,12 +166,24 @@ def _warps(warps: int | None, default: int | None) -> dict:
     return {} if interpreting() or chosen is None else {"num_warps": chosen}
 
 
-def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
-                      cap: int | None, warps: tuple[int | None, int | None] = (None, None), wide: float = WIDE):
+def _buckets(nb: int | None) -> int:
     if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
         nb = 256 if interpreting() else 16
     if nb < 4 or nb & (nb - 1):
         raise ValueError(f"nb (histogram buckets) must be a power of two >= 4, got {nb}")
+    return nb
+
+
+def _hist_block(block: int) -> int:
+    """The descent's block: one token per thread of _select's 8 warps keeps its [BLOCK, NB] partials in
+    registers."""
+    return block if interpreting() else min(256, block)
+
+
+def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
+                      cap: int | None, warps: tuple[int | None, int | None] = (None, None), wide: float = WIDE,
+                      verify: bool = False):
+    nb = _buckets(nb)
     bsz, v, dev = batch.batch, batch.vocab, batch.logits.device
     block, chunk, splits, cap = _plan(batch, block, chunk, cap)
     args, pairs = _inputs(batch)
@@ -176,35 +202,43 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),
                fast=torch.empty(bsz, device=dev, dtype=torch.int64))
-    hist_block = min(256, block) if not interpreting() else block
     _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, params["temperature"],
                     params["top_k"], params["top_p"], params["min_p"], params["seed"], params["offset"],
                     row["zmax"], row["key"], row["greedy"],
-                    row["count"], row["fast"], v, splits, PAIRS=pairs, BLOCK=hist_block, NB=nb,
-                    LOG2_NB=nb.bit_length() - 1, SP=next_pow2(splits), CAP=cap, DRAW=draw, **_warps(warps[1], 8),
-                    **exact_fp_options())
+                    row["count"], row["fast"], v, splits, PAIRS=pairs, BLOCK=_hist_block(block), NB=nb,
+                    LOG2_NB=nb.bit_length() - 1, SP=next_pow2(splits), CAP=cap, DRAW=draw, VERIFY=verify,
+                    **_warps(warps[1], 8), **exact_fp_options())
     return args, pairs, block, chunk, splits, row, params
 
 
 def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
            cap: int | None = None, warps: tuple[int | None, int | None] = (None, None), wide: float = WIDE,
-           fast_out: torch.Tensor | None = None) -> torch.Tensor:
+           verify: bool = True, fast_out: torch.Tensor | None = None,
+           path_out: torch.Tensor | None = None) -> torch.Tensor:
     """int64 [B]; block / chunk / nb (histogram buckets) / cap (candidates per chunk) / warps (num_warps
-    of _stats and of _select; None: Triton's default and 8) / wide (the candidate margin in nats)
+    of _stats and of _select; None: Triton's default and 8) / wide (the candidate margin in nats) /
+    verify (False: top-p rows off the fast path search their threshold first, as probs() does)
     override the launch plan, e.g. in tests and bench/sampler_plans.py. fast_out, an int64 [B] tensor,
-    receives 1 for rows that took the fast path and 0 otherwise (for tests and benchmarks)."""
+    receives 1 for rows that took the fast path and 0 otherwise; path_out, likewise, 2 for the fast
+    path, 1 for a verified draw and 0 otherwise (for tests and benchmarks)."""
     args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap, warps,
-                                                                       wide)
+                                                                       wide, verify)
     bsz, dev = batch.batch, batch.logits.device
-    cscore = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
-    cidx = torch.empty(bsz, splits, device=dev, dtype=torch.int32)
+    cscore = torch.empty(bsz, splits, DRAWS, device=dev, dtype=torch.float32)
+    cidx = torch.empty(bsz, splits, DRAWS, device=dev, dtype=torch.int32)
+    cbound = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
     temp = params["temperature"]
     _draw[(bsz, splits)](*args, temp, params["min_p"], params["seed"], params["offset"], row["zmax"], row["key"],
-                         row["count"], row["fast"], cscore, cidx, batch.vocab, chunk, splits,
-                         SUM_MASS=False, PAIRS=pairs, BLOCK=block, **exact_fp_options())
+                         row["count"], row["fast"], cscore, cidx, cbound, batch.vocab, chunk, splits,
+                         SUM_MASS=False, PAIRS=pairs, BLOCK=block, M=DRAWS, **exact_fp_options())
     out = torch.empty(bsz, device=dev, dtype=torch.int64)
-    _finish[(bsz,)](temp, row["greedy"], row["count"], row["fast"], cscore, cidx, out, splits,
-                    SP=next_pow2(splits), **exact_fp_options())
+    path = path_out if path_out is not None else torch.empty(bsz, device=dev, dtype=torch.int64)
+    nb = _buckets(nb)
+    _finish[(bsz,)](*args, temp, params["top_k"], params["top_p"], params["min_p"], params["seed"],
+                    params["offset"], row["zmax"], row["key"], row["greedy"], row["count"], row["fast"], cscore,
+                    cidx, cbound, out, path, batch.vocab, splits, PAIRS=pairs, SP=next_pow2(splits), M=DRAWS,
+                    BLOCK=block, HIST_BLOCK=_hist_block(block), NB=nb, LOG2_NB=nb.bit_length() - 1,
+                    **_warps(None, 8), **exact_fp_options())
     if fast_out is not None:
         fast_out.copy_((row["fast"] >= 0).to(torch.int64))
     return out
@@ -218,8 +252,8 @@ def probs(batch: SamplingBatch, *, block: int | None = None, chunk: int | None =
     cmass = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
     temp, min_p = params["temperature"], params["min_p"]
     _draw[(bsz, splits)](*args, temp, min_p, params["seed"], params["offset"], row["zmax"], row["key"],
-                         row["count"], row["fast"], cmass, cmass, batch.vocab, chunk, splits,
-                         SUM_MASS=True, PAIRS=pairs, BLOCK=block, **exact_fp_options())
+                         row["count"], row["fast"], cmass, cmass, cmass, batch.vocab, chunk, splits,
+                         SUM_MASS=True, PAIRS=pairs, BLOCK=block, M=1, **exact_fp_options())
     out = torch.empty(bsz, batch.vocab, device=dev, dtype=torch.float32)
     _write_probs[(bsz, splits)](*args, temp, min_p, row["zmax"], row["key"], row["greedy"], row["count"], cmass,
                                 out, batch.vocab, chunk, splits, PAIRS=pairs, BLOCK=block,

@@ -1,5 +1,6 @@
 """The vocabulary-split kernels of the Triton sampler: the one read of the inputs (``_stats``, which also
-keeps each chunk's candidates) and the fallback draw (``_draw``, ``_finish``, ``_write_probs``).
+keeps each chunk's candidates) and the fallback draw (``_draw``, ``_write_probs``; the per-row
+``_finish`` is in rast_kernels.sampler_triton_finish).
 The algorithm and its exactness argument are in rast_kernels.sampler_triton; the device functions they
 share, in rast_kernels.sampler_triton_common."""
 from __future__ import annotations
@@ -162,64 +163,84 @@ def _admissible(row, offs, mask, zmax, temp, top, min_p, l_ptr, l_stride,
 
 
 @triton.jit
-def _draw(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
-          temp_ptr, minp_ptr, seed_ptr, offset_ptr, zmax_ptr, key_ptr, cnt_ptr, fast_ptr, cscore_ptr, cidx_ptr,
-          V, CHUNK, S, SUM_MASS: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
-    """Per chunk: the best Gumbel score over A and its id, or (SUM_MASS) the sum of w over A. Rows
-    already drawn from their candidates (fast >= 0) are skipped without reading the row."""
-    row = tl.program_id(0)
-    split = tl.program_id(1)
+def _scan_draw(row, begin, end, zmax, temp, top, min_p, rkey, l_ptr, l_stride,
+               r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+               PAIRS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per lane over tokens [begin, end): the best Gumbel score over A, its id, and the lane's second
+    best score (a tie with the best counts as second best, so the bound it gives stays strict)."""
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
+    second = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK], BIG, tl.int32)
-    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(begin, end, BLOCK):
+        offs = start + lanes
+        mask = offs < end
+        ok, d, w = _admissible(row, offs, mask, zmax, temp, top, min_p, l_ptr, l_stride,
+                               r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s,
+                               w_ptr, PAIRS)
+        score = tl.where(ok, _gumbel_score(offs, rkey, d), float("-inf"))
+        better = score > best  # strict: lanes see increasing ids, so ties keep the lowest
+        second = tl.where(better, best, tl.maximum(second, score))
+        best_i = tl.where(better, offs, best_i)
+        best = tl.where(better, score, best)
+    return best, best_i, second
+
+
+@triton.jit
+def _lane_top(best, best_i, second, out, cscore_ptr, cidx_ptr, cbound_ptr, M: tl.constexpr):
+    """Stores the M best lane winners (score descending, lowest id first on ties) and a bound that
+    no other token of the scan beats: the best remaining lane winner or any lane's second best."""
+    for m in tl.static_range(M):
+        top = tl.max(best, axis=0)
+        i = tl.min(tl.where(best == top, best_i, BIG), axis=0)
+        tl.store(cscore_ptr + out * M + m, top)
+        tl.store(cidx_ptr + out * M + m, i)
+        best = tl.where(best_i == i, float("-inf"), best)  # ids are unique across lanes
+    tl.store(cbound_ptr + out, tl.maximum(tl.max(best, axis=0), tl.max(second, axis=0)))
+
+
+@triton.jit
+def _draw(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
+          temp_ptr, minp_ptr, seed_ptr, offset_ptr, zmax_ptr, key_ptr, cnt_ptr, fast_ptr, cscore_ptr, cidx_ptr,
+          cbound_ptr, V, CHUNK, S, SUM_MASS: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr,
+          M: tl.constexpr):
+    """Per chunk: the M best Gumbel scores over A with their ids and the chunk's bound (_lane_top), or
+    (SUM_MASS) the sum of w over A. Rows already drawn from their candidates (fast >= 0) are skipped
+    without reading the row."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    out = row * S + split
     temp = tl.load(temp_ptr + row)
     todo = (temp > 0) & (tl.load(cnt_ptr + row) > 0)
     if not SUM_MASS:
         todo = todo & (tl.load(fast_ptr + row) < 0)
+    begin = split * CHUNK
+    end = tl.minimum(begin + CHUNK, V)
     if todo:
         zmax = tl.load(zmax_ptr + row)
         top = tl.load(key_ptr + row)
         min_p = tl.load(minp_ptr + row)
-        rkey = _row_key(tl.load(seed_ptr + row), tl.load(offset_ptr + row))
-        for start in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, V), BLOCK):
-            offs = start + lanes
-            mask = offs < V
-            ok, d, w = _admissible(row, offs, mask, zmax, temp, top, min_p, l_ptr, l_stride,
-                                   r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s,
-                                   w_ptr, PAIRS)
-            if SUM_MASS:
+        if SUM_MASS:
+            total = tl.zeros([BLOCK], tl.float32)
+            for start in range(begin, end, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                ok, d, w = _admissible(row, offs, offs < end, zmax, temp, top, min_p, l_ptr, l_stride,
+                                       r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s,
+                                       w_ptr, PAIRS)
                 total += tl.where(ok, w, 0.0)
-            else:
-                score = tl.where(ok, _gumbel_score(offs, rkey, d), float("-inf"))
-                better = score > best  # strict: lanes see increasing ids, so ties keep the lowest
-                best_i = tl.where(better, offs, best_i)
-                best = tl.where(better, score, best)
-    out = row * S + split
-    if SUM_MASS:
-        tl.store(cscore_ptr + out, tl.sum(total, axis=0))
-    else:
-        m = tl.max(best, axis=0)
-        tl.store(cscore_ptr + out, m)
-        tl.store(cidx_ptr + out, tl.min(tl.where(best == m, best_i, BIG), axis=0))
-
-
-@triton.jit
-def _finish(temp_ptr, greedy_ptr, cnt_ptr, fast_ptr, cscore_ptr, cidx_ptr, out_ptr, S, SP: tl.constexpr):
-    """Greedy rows take the mode, empty rows -1, fast rows their candidate draw; the others reduce
-    the S chunk draws in order."""
-    row = tl.program_id(0)
-    parts = tl.arange(0, SP)
-    pmask = parts < S
-    score = tl.load(cscore_ptr + row * S + parts, mask=pmask, other=float("-inf"))
-    m = tl.max(score, axis=0)
-    idx = tl.min(tl.where(pmask & (score == m), tl.load(cidx_ptr + row * S + parts, mask=pmask, other=BIG), BIG),
-                 axis=0)
-    drawn = tl.where(idx == BIG, -1, idx).to(tl.int64)
-    fast = tl.load(fast_ptr + row)
-    drawn = tl.where(fast >= 0, fast, drawn)
-    drawn = tl.where(tl.load(cnt_ptr + row) > 0, drawn, -1)
-    tl.store(out_ptr + row, tl.where(tl.load(temp_ptr + row) > 0, drawn, tl.load(greedy_ptr + row)))
+            tl.store(cscore_ptr + out, tl.sum(total, axis=0))
+        else:
+            rkey = _row_key(tl.load(seed_ptr + row), tl.load(offset_ptr + row))
+            best, best_i, second = _scan_draw(row, begin, end, zmax, temp, top, min_p, rkey, l_ptr, l_stride,
+                                              r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s,
+                                              w_ptr, PAIRS, BLOCK)
+            _lane_top(best, best_i, second, out, cscore_ptr, cidx_ptr, cbound_ptr, M)
+    elif SUM_MASS:
+        tl.store(cscore_ptr + out, 0.0)
+    else:  # nothing to draw: the same empty list a row without admissible tokens leaves
+        tl.store(cscore_ptr + out * M + tl.arange(0, M), tl.full([M], float("-inf"), tl.float32))
+        tl.store(cidx_ptr + out * M + tl.arange(0, M), tl.full([M], BIG, tl.int32))
+        tl.store(cbound_ptr + out, float("-inf"))
 
 
 @triton.jit

@@ -10,6 +10,7 @@ import triton.language as tl
 from rast_kernels.sampler_triton_common import BIG, _gumbel_score, _row_key, _z
 
 MINP_SLACK = tl.constexpr(1.0 - 2.0**-10)  # >> tl.exp's error (sampler_triton): no monotonicity assumed
+VERIFY_ROW = tl.constexpr(-3)  # fast-flag mark: top-p alone, drawn over {finite, w >= min_p}, checked by _finish
 
 
 @triton.jit
@@ -102,7 +103,7 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
             temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, offset_ptr,
             zmax_ptr, key_ptr, greedy_ptr, cnt_ptr, fast_ptr, V, S,
             PAIRS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
-            SP: tl.constexpr, CAP: tl.constexpr, DRAW: tl.constexpr):
+            SP: tl.constexpr, CAP: tl.constexpr, DRAW: tl.constexpr, VERIFY: tl.constexpr):
     row = tl.program_id(0)
     parts = tl.arange(0, SP)
     pmask = parts < S
@@ -180,11 +181,14 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
             drawn = tl.min(tl.where(adm & (score == best), cid, BIG), axis=0)
     top = tl.math.div_rn(zmax - zmin, safe_t).to(tl.int32, bitcast=True)  # the largest key of the row
     tau = tl.where(fast, tau, top)
-    if sampling & (fast == 0) & (k_on | p_on):
+    # Top-p alone, without the fast path: _draw draws over {finite, w >= min_p} and _finish proves the
+    # draw lies in A with one read of the row, instead of a descent of several reads here.
+    verify = sampling & (fast == 0) & (k_on == 0) & p_on & VERIFY
+    if sampling & (fast == 0) & (k_on | p_on) & (verify == 0):
         tau = _descent(row, top, k, p, k_on, zmax, safe_t, V, l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s,
                        r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr, PAIRS, BLOCK, NB, LOG2_NB)
     tl.store(zmax_ptr + row, zmax)
     tl.store(greedy_ptr + row, tl.where(count > 0, greedy, -1).to(tl.int64))
     tl.store(cnt_ptr + row, count)
     tl.store(key_ptr + row, tau)
-    tl.store(fast_ptr + row, tl.where(fast, drawn, -2).to(tl.int64))
+    tl.store(fast_ptr + row, tl.where(fast, drawn, tl.where(verify, VERIFY_ROW, -2)).to(tl.int64))

@@ -19,11 +19,12 @@ def test_quick_run_writes_one_row_per_plan(tmp_path: Path) -> None:
     assert result["emulated"] and result["commit"]
     rows = result["rows"]
     assert [(r["rows"], r["batch"], r["cap"]) for r in rows] == \
-        [(kind, b, cap) for b in (1, 4) for kind, cap in (("lm", 512), ("lm", 1024), ("flat", 1024))]
-    assert [r["default"] for r in rows] == [False, True, True] * 2
+        [(kind, b, cap) for b in (1, 4)
+         for kind, cap in (("lm", 512), ("lm", 1024), ("flat", 1024), ("flat-search", 1024))]
+    assert [r["default"] for r in rows] == [False, True, True, True] * 2
     # (at V = 4096 a chunk's CAP holds every token, so even flat rows draw from candidates here)
     assert all(r["fast_fraction"] == 1.0 for r in rows if r["rows"] == "lm"), rows
-    assert "B=4: cap" in out and "flat rows, the fallback" in out
+    assert "B=4: cap" in out and "flat rows: verified draw" in out and "threshold search" in out
 
 
 def test_plans_draw_the_same_tokens_and_bad_warps_are_refused() -> None:

@@ -1,4 +1,4 @@
-"""bench/sass_loops.py: _select and _stats compiled for sm_90 under an H100's launch plans, with their
+"""bench/sass_loops.py: _select, _stats and _finish compiled for sm_90 under an H100's launch plans, with their
 loops listed. _select's fast-path bisections must not spill: a spilled register tile turns every round's
 elementwise work into local-memory traffic (a 4-ary variant with a [4096, 16] one-hot tile spilled 480
 bytes). The fallback's histogram passes keep per-lane partials, so their inner loops hold no barrier (at
@@ -35,3 +35,13 @@ def test_stats_compiles_for_each_batch_plan(tmp_path: Path) -> None:
     # _evict keeps only the keys live through its bisection, 168 (at most 170: three), at the cost of two
     # loop-invariant scalars spilled and reloaded once a block, never a tile
     assert all(p["registers"] <= 170 and p["spill_stack_bytes"] <= 16 for p in result["plans"]), result["plans"]
+
+
+def test_finish_proof_pass_holds_no_barrier(tmp_path: Path) -> None:
+    """_finish's first loop is the one read that proves a flat top-p row's draw: lane-local partials,
+    so no block-wide wait per block of tokens, and no spill at either plan."""
+    result, _, _ = run_bench("sass_loops.py", tmp_path, "--kernel", "finish", pattern="sass-finish-*.json")
+    assert result["kernel"] == "_finish" and [p["batch"] for p in result["plans"]] == [1, 32]
+    for plan in result["plans"]:
+        assert plan["spill_stack_bytes"] == 0 and plan["num_warps"] == 8, plan
+        assert plan["loops"][0]["barriers"] == 0, plan["loops"]

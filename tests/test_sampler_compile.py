@@ -12,7 +12,7 @@ INPUTS = ["l_ptr", "l_stride"] + [f"{n}{i}{s}" for i in range(4) for n in "rb" f
 ROW = {"temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr": "*fp32", "seed_ptr": "*i64",
        "offset_ptr": "*i64", "zmax_ptr": "*fp32", "key_ptr": "*i32", "greedy_ptr": "*i64", "cnt_ptr": "*i32",
        "smax_ptr": "*fp32", "sidx_ptr": "*i32", "smin_ptr": "*fp32", "scnt_ptr": "*i32", "cscore_ptr": "*fp32",
-       "cidx_ptr": "*i32", "cmass_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "CHUNK": "i32", "S": "i32",
+       "cidx_ptr": "*i32", "cbound_ptr": "*fp32", "path_ptr": "*i64", "cmass_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "CHUNK": "i32", "S": "i32",
        "cid_ptr": "*i32", "cz_ptr": "*fp32", "ccnt_ptr": "*i32", "ncmax_ptr": "*fp32",
        "ncsum_ptr": "*fp32", "fast_ptr": "*i64", "pf_ptr": "*fp32", "pk_ptr": "*i32", "pi_ptr": "*i64",
        # _stats' raw parameters: tensors as the engine passes them, scalars as Python values arrive
@@ -29,15 +29,16 @@ def _kernels() -> list[tuple]:
     ones = dict(topk_v=1, seed_v=1, offset_v=1)
     out = [(st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b010000), {}),  # scalars, the seed a tensor
            (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0, **ones), {}),
-           (st._draw, dict(SUM_MASS=False, BLOCK=1024), {}),
-           (st._draw, dict(SUM_MASS=True, BLOCK=1024), {})]
+           (st._draw, dict(SUM_MASS=False, BLOCK=1024, M=st.DRAWS), {}),
+           (st._draw, dict(SUM_MASS=True, BLOCK=1024, M=1), {})]
     for rows in (1, 32, 256):
         block, _, splits, cap = st.launch_plan(rows, 152064, 132)
         sp = next_pow2(splits)
         out.append((st._stats, dict(BLOCK=block, CAP=cap, WIDE=st.WIDE, ROWS=0b111111), {}))  # tensors
-        out += [(st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=draw), {"num_warps": 8})
-                for draw in (True, False)]
-        out += [(st._finish, dict(SP=sp), {}), (st._write_probs, dict(BLOCK=block, SP=sp), {})]
+        out += [(st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=draw, VERIFY=draw),
+                 {"num_warps": 8}) for draw in (True, False)]
+        out += [(st._finish, dict(SP=sp, M=st.DRAWS, BLOCK=block, HIST_BLOCK=256, NB=16, LOG2_NB=4),
+                 {"num_warps": 8}), (st._write_probs, dict(BLOCK=block, SP=sp), {})]
     return out
 
 
@@ -57,7 +58,7 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
 
 def compile_all(dtype: str, pairs: int) -> None:
     for fn, consts, options in _kernels():
-        consts = dict(consts, **({} if fn.__name__ == "_finish" else {"PAIRS": pairs}))
+        consts = dict(consts, PAIRS=pairs)
         compile_util.compile_ptx(fn, _signature(fn, dtype, consts), consts, enable_fp_fusion=False, **options)
 
 

@@ -5,8 +5,8 @@ any machine.
 every sampled step, so at B <= 32 its sequential rounds, not HBM, are likely what limits the fused
 sampler. This script compiles it for sm_90 (no GPU needed: Triton's ptxas and cuobjdump) under the
 launch plans an H100 gets at B = 1 and 32, and lists every loop of the SASS with its instructions,
-barriers (BAR: each a block-wide wait), shuffles and warp reductions per round, plus registers and
-spill stack. These are static counts, not timings: they rank variants of a loop before a GPU can time
+barriers (BAR: each a block-wide wait), shuffles, warp reductions and local-memory accesses (spill
+traffic: LDL/STL) per round, plus registers and spill stack. These are static counts, not timings: they rank variants of a loop before a GPU can time
 them. ``--kernel stats`` does the same for ``_stats``, the one read of the inputs, whose loop runs once
 per block of BLOCK tokens; ``--kernel finish`` for ``_finish``, whose first loop is the one read of a
 flat top-p row that proves its draw (rast_kernels.sampler_triton_finish). Writes
@@ -82,7 +82,8 @@ def loops(sass: str) -> list[dict]:
             body = [t for _, t in code[index[int(target.group(1), 16)]:i + 1]]
             found.append(dict(start=hex(int(target.group(1), 16)), end=hex(addr), instructions=len(body),
                               barriers=sum("BAR" in t for t in body), shuffles=sum("SHFL" in t for t in body),
-                              warp_reductions=sum("REDUX" in t for t in body)))
+                              warp_reductions=sum("REDUX" in t for t in body),
+                              local_memory=sum(("LDL" in t) or ("STL" in t) for t in body)))
     return found
 
 
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         plans.append(plan)
         print(f"B={batch}: {splits} chunks x {cap} candidates, {plan['registers']} registers, "
               f"{plan['spill_stack_bytes']} B spill stack, {plan['instructions']} instructions")
-        print(table(plan["loops"], ["start", "end", "instructions", "barriers", "shuffles", "warp_reductions"]))
+        print(table(plan["loops"], ["start", "end", "instructions", "barriers", "shuffles", "warp_reductions",
+                                    "local_memory"]))
     path = args.out / f"sass-{args.kernel}-{git_sha()}.json"
     path.write_text(json.dumps(dict(kernel=f"_{args.kernel}", target="sm_90", triton=triton.__version__,
                                     commit=git_sha(), date=now(), plans=plans), indent=1) + "\n")

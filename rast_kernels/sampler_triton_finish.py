@@ -69,21 +69,23 @@ def _finish(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     (rarely: a small top_p, or near-tied scores) the full-row search and a draw over the row here.
     path: 2 candidates, 1 verified draw, 0 anything else."""
     row = tl.program_id(0)
-    slot = tl.arange(0, SP * M)
-    have = slot < S * M  # chunk c's list at c * M, as _draw stores it
-    score = tl.load(cscore_ptr + row * S * M + slot, mask=have, other=float("-inf"))
-    ids = tl.load(cidx_ptr + row * S * M + slot, mask=have, other=BIG)
+    parts = tl.arange(0, SP)
+    at = row * S * M + parts * M  # chunk c's list at c * M, as _draw stores it: its best draw first
+    score = tl.load(cscore_ptr + at, mask=parts < S, other=float("-inf"))
     best = tl.max(score, axis=0)
-    idx = tl.min(tl.where(score == best, ids, BIG), axis=0)
+    idx = tl.min(tl.where(score == best, tl.load(cidx_ptr + at, mask=parts < S, other=BIG), BIG), axis=0)
     drawn = tl.where(idx == BIG, -1, idx)
     fast = tl.load(fast_ptr + row)
     temp = tl.load(temp_ptr + row)
     count = tl.load(cnt_ptr + row)
     path = tl.where(fast >= 0, 2, 0)
     if (fast == VERIFY_ROW) & (temp > 0) & (count > 0):
-        parts = tl.arange(0, SP)
+        slot = tl.arange(0, SP * M)
+        listed = slot < S * M
+        draws = tl.load(cscore_ptr + row * S * M + slot, mask=listed, other=float("-inf"))
+        ids = tl.load(cidx_ptr + row * S * M + slot, mask=listed, other=BIG)
         chunk_bound = tl.max(tl.load(cbound_ptr + row * S + parts, mask=parts < S, other=float("-inf")), axis=0)
-        tops, top_ids, rest = _merged_top(score, ids, M)
+        tops, top_ids, rest = _merged_top(draws, ids, M)
         zmax = tl.load(zmax_ptr + row)
         top_p = tl.load(topp_ptr + row)
         drawn = _verified(row, tops, top_ids, tl.maximum(chunk_bound, rest), zmax, temp, top_p, V, l_ptr, l_stride,

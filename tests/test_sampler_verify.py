@@ -122,16 +122,16 @@ def test_fuzzed_rows_off_the_fast_path_draw_admissible_ids(case: dict) -> None:
 def test_flat_rows_at_a_real_vocabulary_on_the_gpu() -> None:
     """Random-weight logits (N(0, 1.2²) per model, as bench/decode.py's models give) at Qwen2.5's
     vocabulary under each batch size's native plan: every top-p row is drawn by the verified path, and
-    the tokens equal the threshold search's and the float64 reference's."""
+    the tokens equal the threshold search's and the float64 reference's. (With min-p 0.02 such rows
+    keep about 1000 tokens and mostly fit the candidates, so min-p stays off here.)"""
     from bench_runs import load_bench
 
     plans = load_bench("sampler_plans.py")
     gen, dev, vocab = torch.Generator().manual_seed(2), torch.device("cuda"), 152064
     for rows in (1, 8, 32):
         logits, rl, base = (plans.flat_logits(rows, vocab, dev, gen) for _ in range(3))
-        batch = normalize(logits, [(rl, base)], weights=1.0, temperature=1.0, top_p=0.95,
-                          min_p=torch.tensor([0.0, 0.02], device=dev).repeat(rows)[:rows],
-                          seed=torch.arange(rows, device=dev))
+        batch = normalize(logits, [(rl, base)], weights=1.0, top_p=0.95, seed=torch.arange(rows, device=dev),
+                          temperature=torch.tensor([1.0, 0.7, 1.5], device=dev).repeat(rows)[:rows])
         ids, fast, path = _paths(batch)
         assert path.tolist() == [1] * rows and fast.tolist() == [0] * rows
         assert torch.equal(ids, sampler_triton.sample(batch, verify=False))

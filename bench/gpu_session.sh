@@ -15,7 +15,8 @@
 #                                             a target on; then base, rast and rast-spec at batch 1 and 32
 #                                             again with LM-like logits (--logit-std 5), where the sampler
 #                                             takes its one-read path as with real checkpoints (a round
-#                                             samples γ + 1 times, so flat logits cost it most)
+#                                             samples γ + 1 times, so flat logits cost it most), rast
+#                                             profiled at batch 32, where rast / hf-rast has a target
 #   bash bench/gpu_session.sh second  <sha>   (<= 300 s) 14b+7b base and rast at batch 1 and 32, 7b+1.5b
 #                                             rast-no-ahead, rast-unstacked and rast-spec at batch 1 and 32
 #                                             (against first's rast rows: what async scheduling, the stacked
@@ -62,7 +63,8 @@ install() {
 gpu_tests() {  # the decode path first: the benchmarks after it mean nothing if it is wrong
   timeout "$1" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --durations=15 \
     tests/test_gpu_engine.py tests/test_layer_kernels.py tests/test_paged_attention.py tests/test_attention_backends.py \
-    tests/test_sampler_params.py tests/test_sampler.py tests/test_speculative_graphs.py tests/test_ops.py \
+    tests/test_sampler_params.py tests/test_sampler.py tests/test_sampler_verify.py tests/test_speculative_graphs.py \
+    tests/test_ops.py \
     2>&1 | tee -a "$log"
 }
 decode() {  # decode <seconds> <bench/decode.py arguments...>
@@ -80,7 +82,7 @@ case "$stage" in
     decode "$(part 2 3)" --pairings 7b+1.5b --modes base rast-seq rast hf-rast --batches 1 8 32 128 \
       --profile --profile-modes base rast
     decode "$(left)" --pairings 7b+1.5b --modes base rast rast-spec --batches 1 32 --logit-std 5 \
-      --name decode-peaked --profile --profile-modes rast
+      --name decode-peaked --profile --profile-modes rast --profile-batch 32
     ;;
   second)
     install

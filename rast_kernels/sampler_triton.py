@@ -221,9 +221,13 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
     override the launch plan, e.g. in tests and bench/sampler_plans.py. fast_out, an int64 [B] tensor,
     receives 1 for rows that took the fast path and 0 otherwise; path_out, likewise, 2 for the fast
     path, 1 for a verified draw and 0 otherwise (for tests and benchmarks)."""
+    bsz, dev = batch.batch, batch.logits.device
+    for name, t in (("fast_out", fast_out), ("path_out", path_out)):
+        if t is not None and (t.shape != (bsz,) or t.dtype != torch.int64 or t.device != dev or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous int64 [{bsz}] tensor on {dev}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
     args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap, warps,
                                                                        wide, verify)
-    bsz, dev = batch.batch, batch.logits.device
     cscore = torch.empty(bsz, splits, DRAWS, device=dev, dtype=torch.float32)
     cidx = torch.empty(bsz, splits, DRAWS, device=dev, dtype=torch.int32)
     cbound = torch.empty(bsz, splits, device=dev, dtype=torch.float32)

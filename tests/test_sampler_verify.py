@@ -74,6 +74,17 @@ def test_top_k_rows_and_probs_keep_the_search() -> None:
     torch.testing.assert_close(sampler_triton.probs(batch, **NO_FAST), reference.probs(batch), rtol=1e-4, atol=1e-6)
 
 
+def test_path_outputs_of_the_wrong_kind_are_refused() -> None:
+    """path_out is written by the kernel: an int32 or short tensor would be overrun, so it is refused."""
+    batch = normalize(torch.zeros(2, 50, device=DEVICE), (), top_p=0.9)
+    for bad in (torch.empty(2, dtype=torch.int32, device=DEVICE), torch.empty(3, dtype=torch.int64, device=DEVICE),
+                torch.empty(2, 2, dtype=torch.int64, device=DEVICE)[:, 0]):
+        with pytest.raises(ValueError, match="path_out must be a contiguous int64"):
+            sampler_triton.sample(batch, path_out=bad)
+    with pytest.raises(ValueError, match="fast_out must be"):
+        sampler_triton.sample(batch, fast_out=torch.empty(2, dtype=torch.float32, device=DEVICE))
+
+
 def test_verified_rows_are_batch_invariant() -> None:
     gen = torch.Generator().manual_seed(4)
     logits = (torch.randn(5, 600, generator=gen) * 1.2).to(DEVICE)

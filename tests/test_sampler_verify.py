@@ -39,7 +39,7 @@ def test_verified_draws_are_the_reference_tokens() -> None:
     top_p = torch.tensor([0.95, 0.9, 0.8, 0.95, 0.99, 0.9, 0.95, 0.85], device=DEVICE)
     min_p = torch.tensor([0.0, 0.0, 0.0, 0.02, 0.0, 0.05, 0.0, 0.01], device=DEVICE)
     temp = torch.tensor([1.0, 0.7, 1.3, 1.0, 1.0, 0.9, 2.0, 1.0], device=DEVICE)
-    for seed in range(3):
+    for seed in range(2):
         batch = normalize(logits, deltas, weights=0.4, temperature=temp, top_p=top_p, min_p=min_p,
                           seed=torch.arange(b, device=DEVICE) * 11 + seed, offset=seed)
         ids, fast, path = _paths(batch, **NO_FAST)

@@ -8,24 +8,8 @@ import triton
 import triton.language as tl
 
 from rast_kernels.sampler_triton_common import BIG, _row_key, _z
-from rast_kernels.sampler_triton_kernels import _scan_draw
+from rast_kernels.sampler_triton_kernels import _scan_draw, _top_draws
 from rast_kernels.sampler_triton_select import VERIFY_ROW, _descent
-
-
-@triton.jit
-def _merged_top(score, ids, M: tl.constexpr):
-    """The M best (score, id) pairs of the row's chunk lists in draw order (score descending, lowest id
-    first), and the best score left outside them."""
-    order = tl.arange(0, M)
-    tops = tl.full([M], float("-inf"), tl.float32)
-    top_ids = tl.full([M], BIG, tl.int32)
-    for m in tl.static_range(M):
-        best = tl.max(score, axis=0)
-        i = tl.min(tl.where(score == best, ids, BIG), axis=0)
-        tops = tl.where(order == m, best, tops)
-        top_ids = tl.where(order == m, i, top_ids)
-        score = tl.where(ids == i, float("-inf"), score)  # a token sits in one chunk's list at most
-    return tops, top_ids, tl.max(score, axis=0)
 
 
 @triton.jit
@@ -85,7 +69,7 @@ def _finish(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
         draws = tl.load(cscore_ptr + row * S * M + slot, mask=listed, other=float("-inf"))
         ids = tl.load(cidx_ptr + row * S * M + slot, mask=listed, other=BIG)
         chunk_bound = tl.max(tl.load(cbound_ptr + row * S + parts, mask=parts < S, other=float("-inf")), axis=0)
-        tops, top_ids, rest = _merged_top(draws, ids, M)
+        tops, top_ids, rest = _top_draws(draws, ids, M)  # the row's best draws over its chunk lists
         zmax = tl.load(zmax_ptr + row)
         top_p = tl.load(topp_ptr + row)
         drawn = _verified(row, tops, top_ids, tl.maximum(chunk_bound, rest), zmax, temp, top_p, V, l_ptr, l_stride,

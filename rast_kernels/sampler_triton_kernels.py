@@ -187,16 +187,31 @@ def _scan_draw(row, begin, end, zmax, temp, top, min_p, rkey, l_ptr, l_stride,
 
 
 @triton.jit
-def _lane_top(best, best_i, second, out, cscore_ptr, cidx_ptr, cbound_ptr, M: tl.constexpr):
-    """Stores the M best lane winners (score descending, lowest id first on ties) and a bound that
-    no other token of the scan beats: the best remaining lane winner or any lane's second best."""
+def _top_draws(score, ids, M: tl.constexpr):
+    """The M best (score, id) pairs in draw order (score descending, lowest id first on ties), and the
+    best score left outside them. Ids are unique (each token is scored once), so removing a pair by id
+    removes that pair alone."""
+    order = tl.arange(0, M)
+    tops = tl.full([M], float("-inf"), tl.float32)
+    top_ids = tl.full([M], BIG, tl.int32)
     for m in tl.static_range(M):
-        top = tl.max(best, axis=0)
-        i = tl.min(tl.where(best == top, best_i, BIG), axis=0)
-        tl.store(cscore_ptr + out * M + m, top)
-        tl.store(cidx_ptr + out * M + m, i)
-        best = tl.where(best_i == i, float("-inf"), best)  # ids are unique across lanes
-    tl.store(cbound_ptr + out, tl.maximum(tl.max(best, axis=0), tl.max(second, axis=0)))
+        best = tl.max(score, axis=0)
+        i = tl.min(tl.where(score == best, ids, BIG), axis=0)
+        tops = tl.where(order == m, best, tops)
+        top_ids = tl.where(order == m, i, top_ids)
+        score = tl.where(ids == i, float("-inf"), score)
+    return tops, top_ids, tl.max(score, axis=0)
+
+
+@triton.jit
+def _lane_top(best, best_i, second, out, cscore_ptr, cidx_ptr, cbound_ptr, M: tl.constexpr):
+    """Stores the M best lane winners (_top_draws) and a bound that no other token of the scan beats:
+    the best remaining lane winner or any lane's second best."""
+    tops, top_ids, rest = _top_draws(best, best_i, M)
+    slots = out * M + tl.arange(0, M)
+    tl.store(cscore_ptr + slots, tops)
+    tl.store(cidx_ptr + slots, top_ids)
+    tl.store(cbound_ptr + out, tl.maximum(rest, tl.max(second, axis=0)))
 
 
 @triton.jit

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from rast_engine.errors import RastError
 from rast_engine.sampling_params import SamplingParams
+from rast_engine.server import MAX_REQUEST_BYTES
 from rast_engine.server.async_engine import AsyncEngine
 from rast_engine.server.request_handle import RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
@@ -76,9 +77,6 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> tuple[b
         if not stayed:
             task.cancel()
     return (True, task.result()) if stayed else (False, None)
-
-
-MAX_REQUEST_BYTES = 64 << 20  # a body is held in memory whole: a bigger one is refused before it is read
 
 
 class OpenAIServer:

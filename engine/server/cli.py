@@ -7,6 +7,7 @@ import os
 
 from rast_engine.commands import add_model_args, build_engine
 from rast_engine.errors import RastError
+from rast_engine.server import MAX_REQUEST_BYTES
 
 _DESCRIPTION = """Serve RAST decoding over the OpenAI API: GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions (stream: true for server-sent events), POST /tokenize and /detokenize (vLLM's),
@@ -31,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="requests allowed to wait beyond --max-num-seqs; more get 429 (default 512)")
     p.add_argument("--queue-timeout", type=float, default=None,
                    help="seconds a request may wait for its first token before a 503 (default: no limit)")
-    p.add_argument("--max-request-bytes", type=int, default=64 << 20,
-                   help="largest request body accepted; a larger one gets 413 before it is read (default 64 MiB)")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help="largest request body accepted; a larger one gets 413 before it is read "
+                        f"(default {MAX_REQUEST_BYTES >> 20} MiB)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 

@@ -15,7 +15,10 @@ path: ``rows: flat`` draws over every token and proves the draw lies in the nucl
 of the row (``verified_fraction``: the rows where that proof succeeded, rast_kernels.sampler_triton_finish);
 ``rows: flat-search`` (verify=False) searches the threshold first, the full-row descent that cost
 3.8 ms a decode step on the H100 at 8759dcb.
-A narrower margin admits fewer candidates, so ``_stats`` evicts less often, but
+Since then ``_stats``' block loop keeps lane-local lists and reduces nothing across lanes (no barrier
+per block; 127 registers at its default 8 warps, 250 at 4, 64 and 8 spilled bytes at 16), so its warps
+trade occupancy against the width of the chunk-end reductions: the sweep times 4, 8 and 16.
+A narrower margin admits fewer candidates (less for the chunk's floor search to cut), but
 below the rows' top-p threshold (4-8.4 nats below the max on these rows) it sends rows to the fallback:
 interpreted under the B = 8 plan, WIDE 6 did so for 2 of 8 rows and WIDE 8 for none.
 
@@ -41,7 +44,7 @@ from bench.sampler import TOP_P, lm_logits, rast_pair  # noqa: E402
 from rast_kernels import sampler_triton  # noqa: E402
 from rast_kernels.batch import SamplingBatch, normalize  # noqa: E402
 
-STATS_WARPS = (4, 8)
+STATS_WARPS = (4, 8, 16)
 SELECT_WARPS = (4, 8, 16)
 WIDES = (8.0, 12.0)  # beside sampler_triton.WIDE (10)
 
@@ -58,10 +61,10 @@ def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int, float]]:
     Interpreted, warps change nothing and a plan takes seconds: two plans show that the sweep works."""
     wide = sampler_triton.WIDE
     if quick:
-        return [(cap, 4, 8, wide) for cap in caps(default_cap)[-2:]]
+        return [(cap, 8, 8, wide) for cap in caps(default_cap)[-2:]]
     return [*((cap, sw, 8, wide) for cap, sw in itertools.product(caps(default_cap), STATS_WARPS)),
-            *((default_cap, 4, xw, wide) for xw in SELECT_WARPS if xw != 8),
-            *((default_cap, 4, 8, w) for w in WIDES)]
+            *((default_cap, 8, xw, wide) for xw in SELECT_WARPS if xw != 8),
+            *((default_cap, 8, 8, w) for w in WIDES)]
 
 
 def flat_logits(batch: int, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -98,11 +101,11 @@ def main() -> None:
                          [(flat_logits(b, vocab, device, gen), flat_logits(b, vocab, device, gen))], weights=1.0,
                          temperature=1.0, top_k=0, top_p=TOP_P, min_p=0.0, seed=torch.arange(b, device=device))
         sweep = [("lm", batch, p) for p in plans(default_cap, quick)]
-        sweep += [(kind, flat, (default_cap, 4, 8, sampler_triton.WIDE)) for kind in ("flat", "flat-search")]
+        sweep += [(kind, flat, (default_cap, 8, 8, sampler_triton.WIDE)) for kind in ("flat", "flat-search")]
         for kind, data, (cap, sw, xw, wide) in sweep:
             plan = dict(cap=cap, warps=(sw, xw), wide=wide, verify=kind != "flat-search")
             row = dict(rows=kind, batch=b, vocab=vocab, splits=splits, cap=cap, stats_warps=sw, select_warps=xw,
-                       wide=wide, default=(cap, sw, xw, wide) == (default_cap, 4, 8, sampler_triton.WIDE),
+                       wide=wide, default=(cap, sw, xw, wide) == (default_cap, 8, 8, sampler_triton.WIDE),
                        **measure(data, plan, device, iters))
             if floor_us:
                 row.update(floor_us=round(floor_us, 2), time_over_floor=round(row["us"] / floor_us, 2))

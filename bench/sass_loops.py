@@ -12,7 +12,7 @@ per block of BLOCK tokens; ``--kernel finish`` for ``_finish``, whose first loop
 flat top-p row that proves its draw (rast_kernels.sampler_triton_finish). Writes
 bench/results/sass-<kernel>-<shortsha>.json.
 
-    python bench/sass_loops.py [--kernel select|stats|finish] [--sms 132] [--num-warps 8 | 4 (stats)]
+    python bench/sass_loops.py [--kernel select|stats|finish] [--sms 132] [--num-warps 8]
 """
 from __future__ import annotations
 
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=("select", "stats", "finish"), default="select")
     ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU whose launch plans are compiled")
-    ap.add_argument("--num-warps", type=int, help="sampler_triton's: 8 for _select and _finish, 4 for _stats")
+    ap.add_argument("--num-warps", type=int, default=8, help="sampler_triton's default: 8 for each kernel")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    num_warps = args.num_warps or (4 if args.kernel == "stats" else 8)
+    num_warps = args.num_warps
     plans = []
     for batch in (1, 32) if args.kernel != "stats" else (1, 32, 256):
         _, _, splits, cap = sampler_triton.launch_plan(batch, 152064, args.sms, block=1024)

@@ -9,18 +9,17 @@ sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe,
 1. ``_stats`` (grid B x S, the vocabulary split in S chunks so B = 1 still fills the GPU) reads the
    inputs once. It takes the per-row parameters as given (Python scalars as kernel arguments, tensors
    clamped in registers) and writes them once for the kernels after it, so a call issues no device
-   work besides these four kernels (a fill per pair when λ is a Python scalar). Per chunk it keeps the
-   max z (first index), min z, finite count, and up to CAP
-   *candidates*: finite tokens with z >= (the chunk's running max) - margin, stored exactly as
-   (id, z) in a [B, S, CAP] scratch. When a block would overflow the list, ``_evict`` raises the
-   chunk's key floor so that the best 3/4 of the stored and new candidates remain (all CAP in the
-   chunk's last block), compacts the list and moves the rest to the non-candidates: the early, poor
-   tokens that filled the list before the chunk's max was known make room for better ones, so each
-   chunk ends holding its best tokens. Every other finite token is a *non-candidate*, summarised
-   exactly by its max z and approximately by sum exp(-(m - z)/T) (m: chunk max). The margin (d-space,
-   times T) and the floor are heuristics: exactness never depends on them, only on every finite token
-   being either stored or summarised. With min_p > 0 and no top-k the margin is -log(min_p) + 0.5
-   nats, else WIDE nats; rows without any filter store no candidates (they cannot take the fast path).
+   work besides these four kernels (a fill per pair when λ is a Python scalar). Its loop over the
+   chunk's blocks reduces nothing across lanes (rast_kernels.sampler_triton_stats): each lane keeps
+   its LANE_KEEP = 4 best tokens (z, id) and summarises every token they displace by its max z and
+   sum exp((z - lane max)/T). At the chunk's end it writes the max z (first index), min z, finite
+   count, and up to CAP *candidates*, stored exactly as (id, z) in a [B, S, CAP] scratch: the lane
+   entries with z >= (the chunk's max) - margin, cut to the best CAP by a key floor when more remain.
+   Every other finite token is a *non-candidate*, summarised exactly by its max z and approximately by
+   sum exp(-(m - z)/T) (m: chunk max). The margin (d-space, times T), LANE_KEEP and the floor are
+   heuristics: exactness never depends on them, only on every finite token being either stored or
+   summarised. With min_p > 0 and no top-k the margin is -log(min_p) + 0.5 nats, else WIDE nats;
+   rows without any filter store no candidates (they cannot take the fast path).
 2. ``_select`` (grid B) reduces the partials (zmax, greedy id, count), and computes
    kc = key(max non-candidate z): by monotonicity of the rounded d, every non-candidate has key >= kc.
    U = {candidates with key < kc}, so every token outside U has a key larger than every key in U.
@@ -64,11 +63,14 @@ O(B*S) partials, the candidates actually stored (8 bytes each, at most B*S*CAP) 
 in step 2. Off the fast path, a top-p row adds two reads: ``_draw``'s (split over S programs) and
 ``_finish``'s proof (one program); other filtered rows add the descent's per-row passes (about 4-7
 with 16 buckets, one program) and ``_draw``'s read. Expected on an H100 (not measured here): the fast path near the HBM
-floor at large B. Whether rows take it depends on the data, WIDE and CAP: sample(batch,
+floor at large B. Whether rows take it depends on the data, WIDE, CAP and the chunk length: sample(batch,
 fast_out=t) reports it per row, and bench/sampler_fastpath.py measures it on LM-like rows under the
 launch plan of any GPU (interpreted on a CPU: the plan, not the hardware, decides). Rows with no
-filter at all always take the fallback. Evictions cost a short bisection each; with the list refilled
-to 3/4 they are rare (about log_{4/3} of the blocks per chunk on random-order rows).
+filter at all always take the fallback. A token goes to the summary when its lane holds four better
+ones or the chunk's floor cuts it; that raises kc, so a row whose nucleus is wide (1000-2000 tokens)
+can miss the fast path where keeping each chunk's exact best CAP would not, more often the more tokens
+a lane meets (hence LANE_TOKENS). In a NumPy simulation of the GPU plans on bench/sampler.py's rows,
+keeping 2 per lane cost 3% of the fast paths at B = 32 and 256 and keeping 4 cost none.
 
 Bit agreement with the reference: z is computed pair by pair without FMA contraction
 (enable_fp_fusion=False) and d with IEEE division (div_rn), so z, d and the keys are the
@@ -93,8 +95,9 @@ from rast_kernels.batch import PARAMS, SamplingBatch
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
 from rast_kernels.reference import combine
 from rast_kernels.sampler_triton_finish import _finish
-from rast_kernels.sampler_triton_kernels import _draw, _stats, _write_probs
+from rast_kernels.sampler_triton_kernels import _draw, _write_probs
 from rast_kernels.sampler_triton_select import _select
+from rast_kernels.sampler_triton_stats import _stats
 
 __all__ = ["sample", "probs", "launch_plan"]
 
@@ -102,19 +105,27 @@ MAX_PAIRS = 4  # more pairs are pre-combined in float32 by the reference formula
 WIDE = 10.0  # candidate margin in nats for rows filtered by top-k or top-p (a heuristic, see above)
 TILE = 4096  # candidates per row held in registers by _select (S * CAP <= TILE up to rounding)
 DRAWS = 8  # Gumbel draws per chunk kept for _finish's proof; all 8 fall outside A w.p. ~ (1 - top_p)^8
+# The most blocks a chunk spans on a GPU: each lane of _stats then meets at most this many tokens, of which
+# it keeps 4. Simulated on 32 Zipf-like rows whose nucleus holds about 1500 tokens, B = 256's plan at 4
+# programs per SM (50 blocks a chunk) kept the fast path on 18 where each chunk's exact best CAP tokens
+# kept it on 26; at 30 blocks a chunk on 22, at 22 on 25. Interpreted at 22 (7 chunks of 512) on 96 rows
+# with nuclei of about 900-2000 tokens, the kernels kept it on 73 where e9d0a9f's, which kept each
+# chunk's best 1024 of 3 chunks, kept it on 73 too. Peaked rows are unaffected either way.
+LANE_TOKENS = 24
 
 
 def launch_plan(rows: int, vocab: int, sms: int | None, block: int | None = None, chunk: int | None = None,
                 cap: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK, CHUNK, S, CAP) for ``rows`` rows on a GPU with ``sms`` SMs (None: the CPU interpreter):
-    chunks are whole blocks; S chunks per row give about 4 programs per SM; CAP (a power of two,
-    candidates kept per chunk) fills a TILE-sized tile in _select. Any argument given is kept."""
+    chunks are whole blocks; S chunks per row give about 4 programs per SM, and on a GPU at most
+    LANE_TOKENS blocks each; CAP (a power of two, candidates kept per chunk) fills a TILE-sized tile in
+    _select. Any argument given is kept."""
     if block is None:
         block = 128 if interpreting() else 1024
     block = min(block, next_pow2(vocab))
     if chunk is None:
         splits = min(4, cdiv(vocab, block)) if sms is None else \
-            max(1, min(cdiv(4 * sms, rows), cdiv(vocab, block)))
+            max(1, min(cdiv(4 * sms, rows), cdiv(vocab, block)), cdiv(vocab, LANE_TOKENS * block))
         chunk = cdiv(vocab, splits)
     chunk = cdiv(max(chunk, 1), block) * block
     splits = cdiv(vocab, chunk)
@@ -180,10 +191,10 @@ def _hist_block(block: int) -> int:
     return block if interpreting() else min(256, block)
 
 
-def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int | None,
+def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int,
                       cap: int | None, warps: tuple[int | None, int | None] = (None, None), wide: float = WIDE,
                       verify: bool = False):
-    nb = _buckets(nb)
+    """Launches _stats and _select; nb: the descent's histogram buckets, as _buckets resolved them."""
     bsz, v, dev = batch.batch, batch.vocab, batch.logits.device
     block, chunk, splits, cap = _plan(batch, block, chunk, cap)
     args, pairs = _inputs(batch)
@@ -197,7 +208,7 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     raw, rows = _raw_params(batch)
     _stats[(bsz, splits)](*args, *raw, pf, pk, pi, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
                           v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=wide, ROWS=rows,
-                          **_warps(warps[0], None), **exact_fp_options())
+                          **_warps(warps[0], 8), **exact_fp_options())
     params = dict(temperature=pf[0], top_p=pf[1], min_p=pf[2], top_k=pk, seed=pi[0], offset=pi[1])
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),
@@ -216,7 +227,7 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
            verify: bool = True, fast_out: torch.Tensor | None = None,
            path_out: torch.Tensor | None = None) -> torch.Tensor:
     """int64 [B]; block / chunk / nb (histogram buckets) / cap (candidates per chunk) / warps (num_warps
-    of _stats and of _select; None: Triton's default and 8) / wide (the candidate margin in nats) /
+    of _stats and of _select; None: 8 each) / wide (the candidate margin in nats) /
     verify (False: top-p rows off the fast path search their threshold first, as probs() does)
     override the launch plan, e.g. in tests and bench/sampler_plans.py. fast_out, an int64 [B] tensor,
     receives 1 for rows that took the fast path and 0 otherwise; path_out, likewise, 2 for the fast
@@ -226,6 +237,7 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
         if t is not None and (t.shape != (bsz,) or t.dtype != torch.int64 or t.device != dev or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous int64 [{bsz}] tensor on {dev}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
+    nb = _buckets(nb)
     args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap, warps,
                                                                        wide, verify)
     cscore = torch.empty(bsz, splits, DRAWS, device=dev, dtype=torch.float32)
@@ -237,7 +249,6 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
                          SUM_MASS=False, PAIRS=pairs, BLOCK=block, M=DRAWS, **exact_fp_options())
     out = torch.empty(bsz, device=dev, dtype=torch.int64)
     path = path_out if path_out is not None else torch.empty(bsz, device=dev, dtype=torch.int64)
-    nb = _buckets(nb)
     _finish[(bsz,)](*args, temp, params["top_k"], params["top_p"], params["min_p"], params["seed"],
                     params["offset"], row["zmax"], row["key"], row["greedy"], row["count"], row["fast"], cscore,
                     cidx, cbound, out, path, batch.vocab, splits, PAIRS=pairs, SP=next_pow2(splits), M=DRAWS,
@@ -251,7 +262,7 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
 def probs(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
           cap: int | None = None) -> torch.Tensor:
     """float32 [B, V]: w / sum_A w on A (one-hot on the mode for greedy rows, zeros for empty rows)."""
-    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, False, block, chunk, nb, cap)
+    args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, False, block, chunk, _buckets(nb), cap)
     bsz, dev = batch.batch, batch.logits.device
     cmass = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
     temp, min_p = params["temperature"], params["min_p"]

@@ -1,6 +1,6 @@
 """bench/sampler_fastpath.py end to end (interpreted on the CPU): LM-like rows under an H100's launch
-plan, where B = 1 spreads each row over many small chunks of few candidates, take the fast path. Before
-candidate eviction every such row fell back (the first tokens of a chunk filled its list)."""
+plan, where B = 1 spreads each row over many small chunks of few candidates, take the fast path. (When
+a chunk kept the first tokens it met, every such row fell back.)"""
 from __future__ import annotations
 
 from pathlib import Path

@@ -26,15 +26,18 @@ def test_select_compiles_without_spills_and_lists_its_loops(tmp_path: Path) -> N
 
 
 def test_stats_compiles_for_each_batch_plan(tmp_path: Path) -> None:
+    """_stats' loop over a chunk's blocks keeps lane-local lists and sums: no block-wide wait, shuffle or
+    spill traffic per block (at e9d0a9f, before them, it held 25-44 barriers and 1465-1957 instructions
+    per block at 4 warps). At 8 warps the kernel fits 128 registers: two programs per SM (Triton 3.9:
+    127 and no spill; Triton 3.6, the GPU image's: 128 and an 8-byte spill stack, outside the loop)."""
     result, _, _ = run_bench("sass_loops.py", tmp_path, "--kernel", "stats", pattern="sass-stats-*.json")
     assert result["kernel"] == "_stats"
     assert [(p["batch"], p["splits"], p["cap"], p["num_warps"]) for p in result["plans"]] == \
-        [(1, 149, 16, 4), (32, 17, 128, 4), (256, 3, 1024, 4)]
-    assert all(p["loops"] for p in result["plans"])
-    # B=256's plan (CAP 1024) compiled to 224 registers at 8759dcb: two 128-thread programs per SM. Since
-    # _evict keeps only the keys live through its bisection, 168 (at most 170: three), at the cost of two
-    # loop-invariant scalars spilled and reloaded once a block, never a tile
-    assert all(p["registers"] <= 170 and p["spill_stack_bytes"] <= 16 for p in result["plans"]), result["plans"]
+        [(1, 149, 16, 8), (32, 17, 128, 8), (256, 7, 512, 8)]
+    for plan in result["plans"]:
+        assert plan["registers"] <= 128 and plan["spill_stack_bytes"] <= 16, plan
+        blocks = plan["loops"][0]
+        assert blocks["barriers"] == blocks["shuffles"] == blocks["local_memory"] == 0, plan["loops"]
 
 
 def test_finish_proof_pass_holds_no_barrier(tmp_path: Path) -> None:

@@ -27,18 +27,19 @@ def _kernels() -> list[tuple]:
 
     # scalar ints equal to 1 reach the kernel as constexprs (the launcher specialises them)
     ones = dict(topk_v=1, seed_v=1, offset_v=1)
-    out = [(st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b010000), {}),  # scalars, the seed a tensor
-           (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0, **ones), {}),
+    eight = {"num_warps": 8}
+    out = [(st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b010000), eight),  # scalars, the seed a tensor
+           (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0, **ones), eight),
            (st._draw, dict(SUM_MASS=False, BLOCK=1024, M=st.DRAWS), {}),
            (st._draw, dict(SUM_MASS=True, BLOCK=1024, M=1), {})]
     for rows in (1, 32, 256):
         block, _, splits, cap = st.launch_plan(rows, 152064, 132)
         sp = next_pow2(splits)
-        out.append((st._stats, dict(BLOCK=block, CAP=cap, WIDE=st.WIDE, ROWS=0b111111), {}))  # tensors
-        out += [(st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=draw, VERIFY=draw),
-                 {"num_warps": 8}) for draw in (True, False)]
-        out += [(st._finish, dict(SP=sp, M=st.DRAWS, BLOCK=block, HIST_BLOCK=256, NB=16, LOG2_NB=4),
-                 {"num_warps": 8}), (st._write_probs, dict(BLOCK=block, SP=sp), {})]
+        out.append((st._stats, dict(BLOCK=block, CAP=cap, WIDE=st.WIDE, ROWS=0b111111), eight))  # tensors
+        out += [(st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=draw, VERIFY=draw), eight)
+                for draw in (True, False)]
+        out += [(st._finish, dict(SP=sp, M=st.DRAWS, BLOCK=block, HIST_BLOCK=256, NB=16, LOG2_NB=4), eight),
+                (st._write_probs, dict(BLOCK=block, SP=sp), {})]
     return out
 
 

@@ -87,11 +87,11 @@ def test_top_k_larger_than_budget() -> None:
     _check(batch, [0, 1, 0], block=32, chunk=128, cap=8)  # 4 chunks x 8 slots < 40
 
 
-def test_late_winners_evict_early_candidates() -> None:
-    """Ascending logits in one chunk: the budget first fills with early, poor tokens; each overflow
-    raises the chunk's floor and moves them into the non-candidate summary, so the best tokens end up
-    stored and the fast path holds, exactly, in both orders. With top_p = 0.999 the evicted tail
-    carries the missing mass, so only the full-row search can decide."""
+def test_late_winners_replace_early_candidates() -> None:
+    """Ascending logits in one chunk (16 lanes of 16 tokens): each lane's list keeps replacing early, poor
+    tokens with later ones, which move into the non-candidate summary, so the chunk ends holding its 64
+    best tokens and the fast path holds, exactly, in both orders. With top_p = 0.999 the summarised
+    tail carries the missing mass, so only the full-row search can decide."""
     up = torch.linspace(-8.0, 0.0, 256, device=DEVICE)[None, :]
     logits = torch.cat([up, up.flip(1), up]).contiguous()
     top_p = torch.tensor([0.6, 0.6, 0.999], device=DEVICE)
@@ -99,10 +99,10 @@ def test_late_winners_evict_early_candidates() -> None:
     _check(batch, [1, 1, 0], block=16, chunk=256, cap=64)
 
 
-def test_repeated_eviction_on_lm_like_rows() -> None:
-    """Zipf-like rows in random token order, many blocks per chunk and a small budget: the floor rises
-    several times per chunk, and every path (top-k, top-p, min-p, RAST pair) still matches the
-    reference token for token and takes the fast path."""
+def test_lane_lists_and_floor_on_lm_like_rows() -> None:
+    """Zipf-like rows in random token order, 16 tokens per lane and a small budget: the lanes' lists
+    (64 lanes x 4) hold more entries than CAP, so the chunk's floor cuts them, and every path (top-k,
+    top-p, min-p, RAST pair) still matches the reference token for token and takes the fast path."""
     gen = torch.Generator().manual_seed(25)
     b, v = 4, 2048
     rank = torch.arange(1, v + 1, dtype=torch.float32)
@@ -114,6 +114,21 @@ def test_repeated_eviction_on_lm_like_rows() -> None:
                       top_k=torch.tensor([0, 0, 20, 0], dtype=torch.int32, device=DEVICE),
                       min_p=torch.tensor([0.0, 0.0, 0.0, 0.05], device=DEVICE), seed=torch.arange(b, device=DEVICE))
     _check(batch, [1, 1, 1, 1], block=64, chunk=1024, cap=64)
+
+
+def test_tokens_displaced_from_a_lane_bound_the_candidates() -> None:
+    """Six of the best tokens fall in one lane (16 lanes of 16 tokens), in rising order: the lane keeps
+    four and the two it displaced (4.6 and 4.5) enter the summary, so the largest non-candidate is 4.6
+    and a stored 4.55 from another lane lies outside U. The fast path holds where the four kept tokens
+    decide (top_p 0.5, top_k 4) and not where a displaced one is admissible (top_p 0.9, top_k 5);
+    without the displaced tokens' max it would hold there too and draw from too few tokens."""
+    logits = torch.full((4, 256), -5.0, device=DEVICE)
+    logits[:, 0:96:16] = torch.tensor([4.5, 4.6, 4.7, 4.8, 4.9, 5.0], device=DEVICE)
+    logits[:, 1] = 4.55
+    batch = normalize(logits, (), top_p=torch.tensor([0.5, 0.9, 1.0, 1.0], device=DEVICE),
+                      top_k=torch.tensor([0, 0, 5, 4], dtype=torch.int32, device=DEVICE),
+                      seed=torch.arange(4, device=DEVICE) + 7)
+    _check(batch, [1, 0, 0, 1], block=16, chunk=256, cap=64)
 
 
 def test_min_p_alone_and_unfiltered_rows() -> None:

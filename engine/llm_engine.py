@@ -17,6 +17,7 @@ import torch
 
 from rast_engine.block_manager import BlockManager
 from rast_engine.build import build_parts
+from rast_engine.commit import commit_step
 from rast_engine.config import EngineConfig
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import NoAdmissibleToken, RastError
@@ -240,45 +241,10 @@ class LLMEngine:
 
     def _commit(self, batch: InFlight, results: list[DrawResult]
                 ) -> tuple[dict[str, SequenceGroup], list[Sequence]]:
-        """Take a finished batch's tokens. Sequences that stop by token finish now, so the next batch
-        leaves them out; the rest wait in ``deferred`` for their text (async_output only). Sequences
-        that finished or were aborted while the batch ran drop their draws."""
+        """Take a finished batch's tokens (commit.py, or speculative/round.py for a round)."""
         if isinstance(batch.step, PendingRound):
             return commit_round(self, batch.out.seqs, results, batch.out.lookahead), []
-        progressed: dict[str, SequenceGroup] = {}
-        deferred: list[Sequence] = []
-        k = queued = 0  # queued: samples of this batch's forks that found no slot, in fork order
-        for (seq, count), holds in zip(batch.owners, batch.holding):
-            mine, k = results[k:k + count], k + count
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            g = seq.group
-            if holds:  # computed and counted at launch: only the id was missing
-                seq.resolve_pending(mine[0].token_id, mine[0].logprobs)
-                self.block_manager.register_computed(seq)
-                targets = [seq]
-            else:
-                seq.num_computed_tokens += seq.num_scheduled_tokens
-                self.block_manager.register_computed(seq)
-                if seq.num_uncomputed:
-                    continue
-                if not g.forked:
-                    targets = [seq] + [self._new_sequence(g, j, list(seq.token_ids)) for j in range(1, g.params.n)]
-                    g.seqs += targets[1:]
-                    queued += self.scheduler.add_samples(seq, targets[1:], queued)
-                    g.forked = True
-                else:
-                    targets = [seq]
-                for target, result in zip(targets, mine):
-                    target.append_token(result.token_id, result.logprobs)
-            for target in targets:
-                self._generation_tokens += 1
-                if self.async_output and not self.scheduler.ends_by_token(target):
-                    deferred.append(target)
-                else:
-                    self._read_text(target)
-            progressed[g.request_id] = g
-        return progressed, deferred
+        return commit_step(self, batch, results)
 
     def _outputs(self, progressed: dict[str, SequenceGroup], deferred: list[Sequence]) -> list[RequestOutput]:
         for seq in deferred:

@@ -16,7 +16,7 @@ of the row (``verified_fraction``: the rows where that proof succeeded, rast_ker
 ``rows: flat-search`` (verify=False) searches the threshold first, the full-row descent that cost
 3.8 ms a decode step on the H100 at 8759dcb.
 Since then ``_stats``' block loop keeps lane-local lists and reduces nothing across lanes (no barrier
-per block; 127 registers at its default 8 warps, 250 at 4, 64 and 8 spilled bytes at 16), so its warps
+per block; 128 registers, its cap, at its default 8 warps, 252 at 4, 64 and 8 spilled bytes at 16), so its warps
 trade occupancy against the width of the chunk-end reductions: the sweep times 4, 8 and 16.
 A narrower margin admits fewer candidates (less for the chunk's floor search to cut), but
 below the rows' top-p threshold (4-8.4 nats below the max on these rows) it sends rows to the fallback:

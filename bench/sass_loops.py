@@ -9,8 +9,11 @@ barriers (BAR: each a block-wide wait), shuffles, warp reductions and local-memo
 traffic: LDL/STL) per round, plus registers and spill stack. These are static counts, not timings: they rank variants of a loop before a GPU can time
 them. ``--kernel stats`` does the same for ``_stats``, the one read of the inputs, whose loop runs once
 per block of BLOCK tokens; ``--kernel finish`` for ``_finish``, whose first loop is the one read of a
-flat top-p row that proves its draw (rast_kernels.sampler_triton_finish). Writes
-bench/results/sass-<kernel>-<shortsha>.json.
+flat top-p row that proves its draw (rast_kernels.sampler_triton_finish). Each kernel is compiled as
+the launcher specialises it at V = 152064 (aligned tensors; strides, V and CHUNK multiples of 16, so a
+thread's tokens load as one vector), with sampler_triton's launch options (``_stats``' register cap).
+Result files up to sass-stats-1cf2256.json were compiled without that promise (scalar loads, a few more
+instructions a token, other register counts). Writes bench/results/sass-<kernel>-<shortsha>.json.
 
     python bench/sass_loops.py [--kernel select|stats|finish] [--sms 132] [--num-warps 8]
 """
@@ -37,7 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from bench.common import git_sha, now, table  # noqa: E402
 from rast_kernels import sampler_triton  # noqa: E402
-from test_sampler_compile import _signature  # noqa: E402
+from test_sampler_compile import ALIGNED_INTS, _signature  # noqa: E402
 
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
@@ -64,9 +67,15 @@ def cubin_of(kernel: str, splits: int, cap: int, num_warps: int, pairs: int = 1)
         consts = dict(BLOCK=1024, CAP=cap, WIDE=sampler_triton.WIDE, ROWS=0b111111)
     consts["PAIRS"] = pairs
     names = list(fn.arg_names)
-    src = ASTSource(fn=fn, signature=_signature(fn, "*bf16", consts),
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    signature = _signature(fn, "*bf16", consts)
+    # the launcher's specialisation at V = 152064: tensors 16-byte aligned, and every row stride, V and
+    # CHUNK divisible by 16 (so a thread's bf16 tokens load as one vector)
+    aligned = [n for n in names if n not in consts and (signature[n].startswith("*") or n in ALIGNED_INTS)]
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     options = dict(enable_fp_fusion=False, num_warps=num_warps)
+    if kernel == "stats":  # as sampler_triton launches it
+        options["maxnreg"] = sampler_triton.stats_maxnreg(num_warps)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 

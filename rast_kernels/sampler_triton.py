@@ -112,6 +112,7 @@ DRAWS = 8  # Gumbel draws per chunk kept for _finish's proof; all 8 fall outside
 # with nuclei of about 900-2000 tokens, the kernels kept it on 73 where e9d0a9f's, which kept each
 # chunk's best 1024 of 3 chunks, kept it on 73 too. Peaked rows are unaffected either way.
 LANE_TOKENS = 24
+STATS_WARPS = 8  # _stats' default num_warps
 
 
 def launch_plan(rows: int, vocab: int, sms: int | None, block: int | None = None, chunk: int | None = None,
@@ -177,6 +178,19 @@ def _warps(warps: int | None, default: int | None) -> dict:
     return {} if interpreting() or chosen is None else {"num_warps": chosen}
 
 
+def stats_maxnreg(warps: int) -> int:
+    """_stats' register cap: two programs of ``warps`` warps share an SM's 64K registers. Uncapped, ptxas
+    gave it 133 at 8 warps, as the launcher specialises it (aligned rows), which leaves one; capped at
+    128 it spills nothing (bench/sass_loops.py)."""
+    return min(255, 65536 // (2 * 32 * warps))
+
+
+def _stats_options(warps: int | None) -> dict:
+    """_stats' launch options: num_warps and the register cap; none under the interpreter."""
+    options = _warps(warps, STATS_WARPS)
+    return {**options, "maxnreg": stats_maxnreg(options["num_warps"])} if options else {}
+
+
 def _buckets(nb: int | None) -> int:
     if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
         nb = 256 if interpreting() else 16
@@ -208,7 +222,7 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     raw, rows = _raw_params(batch)
     _stats[(bsz, splits)](*args, *raw, pf, pk, pi, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum,
                           v, chunk, splits, PAIRS=pairs, BLOCK=block, CAP=cap, WIDE=wide, ROWS=rows,
-                          **_warps(warps[0], 8), **exact_fp_options())
+                          **_stats_options(warps[0]), **exact_fp_options())
     params = dict(temperature=pf[0], top_p=pf[1], min_p=pf[2], top_k=pk, seed=pi[0], offset=pi[1])
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),

@@ -17,7 +17,10 @@ of the row (``verified_fraction``: the rows where that proof succeeded, rast_ker
 3.8 ms a decode step on the H100 at 8759dcb.
 Since then ``_stats``' block loop keeps lane-local lists and reduces nothing across lanes (no barrier
 per block; 128 registers, its cap, at its default 8 warps, 252 at 4, 64 and 8 spilled bytes at 16), so its warps
-trade occupancy against the width of the chunk-end reductions: the sweep times 4, 8 and 16.
+trade occupancy against the width of the chunk-end reductions: the sweep times 4, 8 and 16. Its lanes
+keep 4 tokens each, so chunks are cut to sampler_triton.LANE_TOKENS blocks (7 chunks of 512 candidates
+at B = 256 where 4 programs per SM gave 3 of 1024): one row per batch size where that cut applies times
+the uncut chunk, whose fast-path rate and time say whether the cut's extra chunk ends pay.
 A narrower margin admits fewer candidates (less for the chunk's floor search to cut), but
 below the rows' top-p threshold (4-8.4 nats below the max on these rows) it sends rows to the fallback:
 interpreted under the B = 8 plan, WIDE 6 did so for 2 of 8 rows and WIDE 8 for none.
@@ -55,16 +58,24 @@ def caps(default: int) -> list[int]:
     return sorted({c for c in (default // 4, default // 2, default) if c >= 4})
 
 
-def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int, float]]:
-    """(CAP, _stats warps, _select warps, WIDE): every CAP with each _stats warp count, then _select's
-    warps and the margin each at the default plan (each distinct plan compiles its kernels anew).
+def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int, float, bool]]:
+    """(CAP, _stats warps, _select warps, WIDE, long chunks): every CAP with each _stats warp count, then
+    _select's warps and the margin each at the default plan (each distinct plan compiles its kernels
+    anew), then the default CAP over chunks not cut to sampler_triton.LANE_TOKENS blocks (run only where
+    that cut changes the plan: B >= 128 at V = 152064 on an H100).
     Interpreted, warps change nothing and a plan takes seconds: two plans show that the sweep works."""
     wide = sampler_triton.WIDE
     if quick:
-        return [(cap, 8, 8, wide) for cap in caps(default_cap)[-2:]]
-    return [*((cap, sw, 8, wide) for cap, sw in itertools.product(caps(default_cap), STATS_WARPS)),
-            *((default_cap, 8, xw, wide) for xw in SELECT_WARPS if xw != 8),
-            *((default_cap, 8, 8, w) for w in WIDES)]
+        return [(cap, 8, 8, wide, False) for cap in caps(default_cap)[-2:]]
+    return [*((cap, sw, 8, wide, False) for cap, sw in itertools.product(caps(default_cap), STATS_WARPS)),
+            *((default_cap, 8, xw, wide, False) for xw in SELECT_WARPS if xw != 8),
+            *((default_cap, 8, 8, w, False) for w in WIDES), (default_cap, 8, 8, wide, True)]
+
+
+def long_chunk(rows: int, vocab: int, sms: int) -> int:
+    """The chunk of about 4 programs per SM that launch_plan cuts to LANE_TOKENS blocks."""
+    block = sampler_triton.launch_plan(rows, vocab, sms)[0]
+    return -(-vocab // max(1, min(-(-4 * sms // rows), -(-vocab // block))))
 
 
 def flat_logits(batch: int, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -101,11 +112,17 @@ def main() -> None:
                          [(flat_logits(b, vocab, device, gen), flat_logits(b, vocab, device, gen))], weights=1.0,
                          temperature=1.0, top_k=0, top_p=TOP_P, min_p=0.0, seed=torch.arange(b, device=device))
         sweep = [("lm", batch, p) for p in plans(default_cap, quick)]
-        sweep += [(kind, flat, (default_cap, 8, 8, sampler_triton.WIDE)) for kind in ("flat", "flat-search")]
-        for kind, data, (cap, sw, xw, wide) in sweep:
-            plan = dict(cap=cap, warps=(sw, xw), wide=wide, verify=kind != "flat-search")
-            row = dict(rows=kind, batch=b, vocab=vocab, splits=splits, cap=cap, stats_warps=sw, select_warps=xw,
-                       wide=wide, default=(cap, sw, xw, wide) == (default_cap, 8, 8, sampler_triton.WIDE),
+        sweep += [(kind, flat, (default_cap, 8, 8, sampler_triton.WIDE, False)) for kind in ("flat", "flat-search")]
+        for kind, data, (cap, sw, xw, wide, long) in sweep:
+            if long and sampler_triton.launch_plan(b, vocab, sms, chunk=long_chunk(b, vocab, sms))[1] == chunk:
+                continue  # the LANE_TOKENS cut left this batch size's plan as it was
+            plan = dict(cap=None if long else cap, chunk=long_chunk(b, vocab, sms) if long else None,
+                        warps=(sw, xw), wide=wide, verify=kind != "flat-search")
+            _, used_chunk, used_splits, used_cap = sampler_triton.launch_plan(b, vocab, None if quick else sms,
+                                                                              chunk=plan["chunk"], cap=plan["cap"])
+            row = dict(rows=kind, batch=b, vocab=vocab, chunk=used_chunk, splits=used_splits, cap=used_cap,
+                       stats_warps=sw, select_warps=xw, wide=wide,
+                       default=(cap, sw, xw, wide, long) == (default_cap, 8, 8, sampler_triton.WIDE, False),
                        **measure(data, plan, device, iters))
             if floor_us:
                 row.update(floor_us=round(floor_us, 2), time_over_floor=round(row["us"] / floor_us, 2))
@@ -122,8 +139,8 @@ def main() -> None:
     for b, r in zip(batches, best):
         default, flat, search = (next(d for d in rows if d["batch"] == b and d["default"] and d["rows"] == kind)
                                  for kind in ("lm", "flat", "flat-search"))
-        print(f"  B={b}: " + (f"cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}, wide {r['wide']}: "
-                              f"{r['us']} µs " if r else "none ") +
+        print(f"  B={b}: " + (f"chunk {r['chunk']}, cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}, "
+                              f"wide {r['wide']}: {r['us']} µs " if r else "none ") +
               f"(default {default['us']} µs; flat rows: verified draw {flat['us']} µs, "
               f"threshold search {search['us']} µs)")
     if args.out is not None or not quick:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench_runs import run_bench
+from bench_runs import load_bench, run_bench
 from rast_kernels import sampler_triton
 from rast_kernels.batch import normalize
 
@@ -24,7 +24,7 @@ def test_quick_run_writes_one_row_per_plan(tmp_path: Path) -> None:
     assert [r["default"] for r in rows] == [False, True, True, True] * 2
     # (at V = 4096 a chunk's CAP holds every token, so even flat rows draw from candidates here)
     assert all(r["fast_fraction"] == 1.0 for r in rows if r["rows"] == "lm"), rows
-    assert "B=4: cap" in out and "flat rows: verified draw" in out and "threshold search" in out
+    assert "B=4: chunk" in out and "flat rows: verified draw" in out and "threshold search" in out
 
 
 def test_plans_draw_the_same_tokens_and_bad_warps_are_refused() -> None:
@@ -37,3 +37,16 @@ def test_plans_draw_the_same_tokens_and_bad_warps_are_refused() -> None:
     assert all(torch.equal(ids[0], other) for other in ids[1:])
     with pytest.raises(ValueError, match="num_warps must be a power of two"):
         sampler_triton.sample(batch, warps=(None, 6))
+
+
+def test_long_chunk_rows_undo_the_lane_cut_only_where_it_applies() -> None:
+    """The sweep's last plan times the chunk that 4 programs per SM give, before launch_plan cuts it to
+    LANE_TOKENS blocks: on an H100 at V = 152064 that differs at B = 256 (3 chunks of 1024 candidates
+    against 7 of 512) and not at B <= 32, where the sweep skips it."""
+    plans = load_bench("sampler_plans.py")
+    assert plans.plans(512, quick=False)[-1] == (512, 8, 8, sampler_triton.WIDE, True)
+    assert not any(p[-1] for p in plans.plans(512, quick=True))
+    for batch, uncut, cut in ((256, (51200, 3, 1024), (22528, 7, 512)), (32, (9216, 17, 128), (9216, 17, 128))):
+        chunk = plans.long_chunk(batch, 152064, 132)
+        assert sampler_triton.launch_plan(batch, 152064, 132, block=1024, chunk=chunk)[1:] == uncut
+        assert sampler_triton.launch_plan(batch, 152064, 132, block=1024)[1:] == cut

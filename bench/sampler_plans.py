@@ -16,7 +16,7 @@ of the row (``verified_fraction``: the rows where that proof succeeded, rast_ker
 ``rows: flat-search`` (verify=False) searches the threshold first, the full-row descent that cost
 3.8 ms a decode step on the H100 at 8759dcb.
 Since then ``_stats``' block loop keeps lane-local lists and reduces nothing across lanes (no barrier
-per block; 128 registers, its cap, at its default 8 warps, 252 at 4, 64 and 8 spilled bytes at 16), so its warps
+per block; 128 registers, its cap, at its default 8 warps, 254 at 4, 64 and 8 spilled bytes at 16), so its warps
 trade occupancy against the width of the chunk-end reductions: the sweep times 4, 8 and 16. Its lanes
 keep 4 tokens each, so chunks are cut to sampler_triton.LANE_TOKENS blocks (7 chunks of 512 candidates
 at B = 256 where 4 programs per SM gave 3 of 1024): one row per batch size where that cut applies times

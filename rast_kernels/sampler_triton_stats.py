@@ -75,17 +75,19 @@ def _floor(k0, k1, k2, k3, CAP: tl.constexpr):
 
 
 @triton.jit
-def _rel(x, ref, inv_t):
-    """exp((x - ref) / T) for x <= ref, ref finite: the difference is clamped to a finite value and inv_t
-    is finite (0 for T = inf), so no product is inf * 0 and nothing is NaN."""
-    return tl.exp(tl.maximum(x - ref, -3.0e38) * inv_t)
+def _rel(x, ref, scale):
+    """exp((x - ref) / T) as exp2((x - ref) * scale), scale = log2(e) / T, for x <= ref, ref finite: the
+    difference is clamped to a finite value and scale is finite (0 for T = inf), so no product is
+    inf * 0 and nothing is NaN. Compiled, exp2 is ex2.approx.ftz: a term under 2**-126 of its reference
+    (the lane's or the chunk's max) flushes to zero, far below float32's rounding of the row's mass."""
+    return tl.math.exp2(tl.maximum(x - ref, -3.0e38) * scale)
 
 
 @triton.jit
-def _gone(t, kept, m, inv_t):
+def _gone(t, kept, m, scale):
     """Per lane: (z, exp((z - m) / T)) of entry t if it is not a candidate, else (-inf, 0)."""
     gone = (t > float("-inf")) & ~kept
-    return tl.where(gone, t, float("-inf")), tl.where(gone, _rel(t, m, inv_t), 0.0)
+    return tl.where(gone, t, float("-inf")), tl.where(gone, _rel(t, m, scale), 0.0)
 
 
 @triton.jit
@@ -122,8 +124,9 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
         tl.store(pk_ptr + row, top_k)
         tl.store(pi_ptr + row, _param(seed_ptr, row, seed_v, (ROWS >> 4) & 1, tl.int64))
         tl.store(pi_ptr + rows + row, _param(offset_ptr, row, offset_v, (ROWS >> 5) & 1, tl.int64))
-    # the summary is approximate by design: no IEEE division; finite for any T > 0 (see _rel)
-    inv_t = tl.minimum(1.0 / tl.where(temp > 0, temp, 1.0), 3.0e38)
+    # the summary is approximate by design: no IEEE division, and log2(e) / T folded into one multiply;
+    # finite for any T > 0 (see _rel)
+    scale = tl.minimum(1.4426950408889634 / tl.where(temp > 0, temp, 1.0), 3.0e38)
     t0 = tl.full([BLOCK], float("-inf"), tl.float32)
     t1 = t0
     t2 = t0
@@ -150,8 +153,8 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
                                                      t0, i0, t1, i1, t2, i2, t3, i3)
         lane_max = tl.maximum(lane_max, gone)
         # the lane's sum follows its max: rescaled when the max rose, then the displaced token added
-        lane_sum = lane_sum * tl.where(was < t0, _rel(was, t0, inv_t), 1.0) + \
-            tl.where(gone > float("-inf"), _rel(gone, t0, inv_t), 0.0)
+        lane_sum = lane_sum * tl.where(was < t0, _rel(was, t0, scale), 1.0) + \
+            tl.where(gone > float("-inf"), _rel(gone, t0, scale), 0.0)
     m = tl.max(t0, axis=0)
     tl.store(smax_ptr + out, m)
     tl.store(sidx_ptr + out, tl.min(tl.where(t0 == m, i0, BIG), axis=0))
@@ -189,10 +192,10 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
     tl.store(cz_ptr + pos, t3, mask=n3 > 0)
     tl.store(ccnt_ptr + out, tl.sum(per_lane, axis=0))
 
-    g0, s0 = _gone(t0, n0 > 0, m, inv_t)
-    g1, s1 = _gone(t1, n1 > 0, m, inv_t)
-    g2, s2 = _gone(t2, n2 > 0, m, inv_t)
-    g3, s3 = _gone(t3, n3 > 0, m, inv_t)
-    lane_sum = tl.where(t0 > float("-inf"), lane_sum * _rel(t0, m, inv_t), 0.0)
+    g0, s0 = _gone(t0, n0 > 0, m, scale)
+    g1, s1 = _gone(t1, n1 > 0, m, scale)
+    g2, s2 = _gone(t2, n2 > 0, m, scale)
+    g3, s3 = _gone(t3, n3 > 0, m, scale)
+    lane_sum = tl.where(t0 > float("-inf"), lane_sum * _rel(t0, m, scale), 0.0)
     tl.store(ncmax_ptr + out, tl.max(tl.maximum(tl.maximum(lane_max, tl.maximum(g0, g1)), tl.maximum(g2, g3)), axis=0))
     tl.store(ncsum_ptr + out, tl.sum(lane_sum + s0 + s1 + s2 + s3, axis=0))

@@ -4,8 +4,8 @@
 validated here, once, into one ``SamplingBatch``, so each backend (torch reference, Triton, native) sees
 the same inputs. Python scalars are validated with clear errors. Per-row tensors are not inspected on
 the host (that would force a device sync and break CUDA graphs); they are clamped to their meaningful
-range instead: temperature <= 0 means greedy, top_k <= 0 or >= V means off, top_p is clamped to
-[tiny, 1], min_p to [0, 1].
+range instead: temperature <= 0 means greedy and inf is float32's max (so d = (zmax - z) / T is never
+inf / inf), top_k <= 0 or >= V means off, top_p is clamped to [tiny, 1], min_p to [0, 1].
 
 Each parameter is kept as given (``RowValue``: the scalar, or the [B] tensor unclamped) and turned
 into a clamped per-row tensor only when a backend asks for it (``SamplingBatch.temperature`` etc.):
@@ -15,7 +15,6 @@ its own kernels (a scalar would cost a fill kernel, a clamp another one, each a 
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence, Union
@@ -38,7 +37,7 @@ class ParamSpec(NamedTuple):
 
 
 PARAMS = {
-    "temperature": ParamSpec(torch.float32, 0.0, math.inf, False),
+    "temperature": ParamSpec(torch.float32, 0.0, FLOAT32_MAX, False),
     "top_k": ParamSpec(torch.int32, 0, 0, True),
     "top_p": ParamSpec(torch.float32, TINY, 1.0, False),
     "min_p": ParamSpec(torch.float32, 0.0, 1.0, False),

@@ -7,6 +7,7 @@ import triton.language as tl
 
 BIG = tl.constexpr(2**31 - 1)  # "no index" and "no key": larger than any id and any finite-or-inf key
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: top_p's lower bound (batch.TINY)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # temperature's upper bound (batch.FLOAT32_MAX)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rast_kernels.sampler_triton_common import BIG, TINY, _clamp, _param, _z, _zkey
+from rast_kernels.sampler_triton_common import BIG, FLOAT32_MAX, TINY, _clamp, _param, _z, _zkey
 
 LANE_KEEP = 4  # tokens each lane keeps (written out in _keep): 2 lost ~3% of LM-like rows' fast paths
 FLOOR_STEPS = tl.constexpr(12)  # bisection steps of the candidate floor (_floor)
@@ -114,6 +114,7 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
     min_p = _param(minp_ptr, row, minp_v, (ROWS >> 3) & 1, tl.float32)
     # a NaN parameter empties the row (the spec); tested before clamping, which may map NaN to a bound
     valid = (temp == temp) & (top_p == top_p) & (min_p == min_p)
+    temp = _clamp(temp, 0.0, FLOAT32_MAX)  # batch.PARAMS' range: inf / inf would make d NaN
     top_p = _clamp(top_p, TINY, 1.0)
     min_p = _clamp(min_p, 0.0, 1.0)
     if split == 0:

@@ -248,6 +248,24 @@ def test_tiny_temperature_is_the_mode(backend: str, device: str, temperature: fl
     assert torch.equal(probs.argmax(dim=1), mode) and bool((probs.amax(dim=1) == 1.0).all())
 
 
+def test_infinite_and_subnormal_temperatures(backend: str, device: str) -> None:
+    """A per-row T = inf (a Python scalar inf is refused) is clamped to float32's max, as in every backend:
+    unclamped, 3e38 - (-3e38) overflows and inf / inf made d NaN, which emptied the torch reference's
+    top-p row but not the Triton one's. A subnormal T overflows 1 / T, and the Triton sampler's candidate
+    summary scales by log2(e) / T: neither may leak a NaN into the filters."""
+    logits = torch.tensor([[3e38, -3e38, 0.0, 1.0, float("-inf"), 2.0],
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]], device=device)
+    for t in (float("inf"), 1e-45):
+        temperature = torch.full((2,), t, device=device)
+        for kw in (dict(top_p=0.5), dict(top_k=3), dict(min_p=0.5), {}):
+            probs = rk.rast_probs(logits, temperature=temperature, backend=backend, **kw)
+            want = rk.rast_probs(logits, temperature=temperature, backend="torch", **kw)
+            torch.testing.assert_close(probs, want, rtol=1e-6, atol=0.0)
+            ids = rk.rast_sample(logits, temperature=temperature, seed=torch.arange(2, device=device),
+                                 backend=backend, **kw)
+            assert bool((want[torch.arange(2, device=device), ids] > 0).all()), (t, kw, ids)
+
+
 def test_top_k_one_and_tiny_top_p(backend: str, device: str) -> None:
     gen = torch.Generator().manual_seed(14)
     logits = _logits(gen, 5, 70).to(device)

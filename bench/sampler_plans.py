@@ -72,12 +72,6 @@ def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int, float, boo
             *((default_cap, 8, 8, w, False) for w in WIDES), (default_cap, 8, 8, wide, True)]
 
 
-def long_chunk(rows: int, vocab: int, sms: int) -> int:
-    """The chunk of about 4 programs per SM that launch_plan cuts to LANE_TOKENS blocks."""
-    block = sampler_triton.launch_plan(rows, vocab, sms)[0]
-    return -(-vocab // max(1, min(-(-4 * sms // rows), -(-vocab // block))))
-
-
 def flat_logits(batch: int, vocab: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
     """bf16 rows of a random-weight model: N(0, 1.2²), about 11 nats at V = 152064."""
     return (1.2 * torch.randn(batch, vocab, generator=gen)).to(torch.bfloat16).to(device)
@@ -114,10 +108,11 @@ def main() -> None:
                          temperature=1.0, top_k=0, top_p=TOP_P, min_p=0.0, seed=torch.arange(b, device=device))
         sweep = [("lm", batch, p) for p in plans(default_cap, quick)]
         sweep += [(kind, flat, (default_cap, 8, 8, sampler_triton.WIDE, False)) for kind in ("flat", "flat-search")]
+        uncut = None if quick else sampler_triton.launch_plan(b, vocab, sms, lane_tokens=None)[1]
         for kind, data, (cap, sw, xw, wide, long) in sweep:
-            if long and sampler_triton.launch_plan(b, vocab, sms, chunk=long_chunk(b, vocab, sms))[1] == chunk:
+            if long and uncut == chunk:
                 continue  # the LANE_TOKENS cut left this batch size's plan as it was
-            plan = dict(cap=None if long else cap, chunk=long_chunk(b, vocab, sms) if long else None,
+            plan = dict(cap=None if long else cap, chunk=uncut if long else None,
                         warps=(sw, xw), wide=wide, verify=kind != "flat-search")
             _, used_chunk, used_splits, used_cap = sampler_triton.launch_plan(b, vocab, None if quick else sms,
                                                                               chunk=plan["chunk"], cap=plan["cap"])

@@ -116,17 +116,21 @@ STATS_WARPS = 8  # _stats' default num_warps
 
 
 def launch_plan(rows: int, vocab: int, sms: int | None, block: int | None = None, chunk: int | None = None,
-                cap: int | None = None) -> tuple[int, int, int, int]:
+                cap: int | None = None, lane_tokens: int | None = LANE_TOKENS) -> tuple[int, int, int, int]:
     """(BLOCK, CHUNK, S, CAP) for ``rows`` rows on a GPU with ``sms`` SMs (None: the CPU interpreter):
     chunks are whole blocks; S chunks per row give about 4 programs per SM, and on a GPU at most
-    LANE_TOKENS blocks each; CAP (a power of two, candidates kept per chunk) fills a TILE-sized tile in
-    _select. Any argument given is kept."""
+    ``lane_tokens`` blocks each (None: no such cut, for bench/sampler_plans.py); CAP (a power of two,
+    candidates kept per chunk) fills a TILE-sized tile in _select. Any argument given is kept."""
     if block is None:
         block = 128 if interpreting() else 1024
     block = min(block, next_pow2(vocab))
     if chunk is None:
-        splits = min(4, cdiv(vocab, block)) if sms is None else \
-            max(1, min(cdiv(4 * sms, rows), cdiv(vocab, block)), cdiv(vocab, LANE_TOKENS * block))
+        if sms is None:
+            splits = min(4, cdiv(vocab, block))
+        else:
+            splits = max(1, min(cdiv(4 * sms, rows), cdiv(vocab, block)))
+            if lane_tokens is not None:
+                splits = max(splits, cdiv(vocab, lane_tokens * block))
         chunk = cdiv(vocab, splits)
     chunk = cdiv(max(chunk, 1), block) * block
     splits = cdiv(vocab, chunk)

@@ -77,8 +77,8 @@ def _floor(k0, k1, k2, k3, CAP: tl.constexpr):
 @triton.jit
 def _rel(x, ref, scale):
     """exp((x - ref) / T) as exp2((x - ref) * scale), scale = log2(e) / T, for x <= ref, ref finite: the
-    difference is clamped to a finite value and scale is finite (0 for T = inf), so no product is
-    inf * 0 and nothing is NaN. Compiled, exp2 is ex2.approx.ftz: a term under 2**-126 of its reference
+    difference is clamped to a finite value and scale is finite (clamped for a subnormal T; near 0, or
+    flushed to it, for T near float32's max), so no product is inf * 0 and nothing is NaN. Compiled, exp2 is ex2.approx.ftz: a term under 2**-126 of its reference
     (the lane's or the chunk's max) flushes to zero, far below float32's rounding of the row's mass."""
     return tl.math.exp2(tl.maximum(x - ref, -3.0e38) * scale)
 

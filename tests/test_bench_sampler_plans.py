@@ -47,6 +47,5 @@ def test_long_chunk_rows_undo_the_lane_cut_only_where_it_applies() -> None:
     assert plans.plans(512, quick=False)[-1] == (512, 8, 8, sampler_triton.WIDE, True)
     assert not any(p[-1] for p in plans.plans(512, quick=True))
     for batch, uncut, cut in ((256, (51200, 3, 1024), (22528, 7, 512)), (32, (9216, 17, 128), (9216, 17, 128))):
-        chunk = plans.long_chunk(batch, 152064, 132)
-        assert sampler_triton.launch_plan(batch, 152064, 132, block=1024, chunk=chunk)[1:] == uncut
+        assert sampler_triton.launch_plan(batch, 152064, 132, block=1024, lane_tokens=None)[1:] == uncut
         assert sampler_triton.launch_plan(batch, 152064, 132, block=1024)[1:] == cut

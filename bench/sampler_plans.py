@@ -14,7 +14,10 @@ logits for each model, as random-weight models give bench/decode.py), where no r
 path: ``rows: flat`` draws over every token and proves the draw lies in the nucleus with one more read
 of the row (``verified_fraction``: the rows where that proof succeeded, rast_kernels.sampler_triton_finish);
 ``rows: flat-search`` (verify=False) searches the threshold first, the full-row descent that cost
-3.8 ms a decode step on the H100 at 8759dcb.
+3.8 ms a decode step on the H100 at 8759dcb. ``rows: lm-search`` (proof_tries=0) times the LM-like rows
+with ``_select`` searching each fast row's top-p threshold among its candidates (up to 31 block-wide
+reductions, about 19 µs at 8759dcb) before it draws, where by default it draws first and proves the
+draw (``proven_fraction``: the rows its first PROOF_TRIES draws settled; rast_kernels.sampler_triton_select).
 Since then ``_stats``' block loop keeps lane-local lists and reduces nothing across lanes (no barrier
 per block; 128 registers, its cap, at its default 8 warps, 254 at 4, 64 and 8 spilled bytes at 16), so its warps
 trade occupancy against the width of the chunk-end reductions: the sweep times 4, 8 and 16. Its lanes
@@ -80,10 +83,12 @@ def flat_logits(batch: int, vocab: int, device: torch.device, gen: torch.Generat
 def measure(batch: SamplingBatch, plan: dict, device: torch.device, iters: int) -> dict:
     fast = torch.empty(batch.batch, dtype=torch.int64, device=device)
     path = torch.empty(batch.batch, dtype=torch.int64, device=device)
-    sampler_triton.sample(batch, fast_out=fast, path_out=path, **plan)
+    tries = torch.empty(batch.batch, dtype=torch.int64, device=device)
+    sampler_triton.sample(batch, fast_out=fast, path_out=path, tries_out=tries, **plan)
     ms = graph_time_ms(lambda: sampler_triton.sample(batch, **plan), device, iters)
     return dict(us=round(ms * 1e3, 2), fast_fraction=round(float(fast.float().mean()), 4),
-                verified_fraction=round(float((path == 1).float().mean()), 4))
+                verified_fraction=round(float((path == 1).float().mean()), 4),
+                proven_fraction=round(float((tries > 0).float().mean()), 4))
 
 
 def main() -> None:
@@ -107,18 +112,21 @@ def main() -> None:
                          [(flat_logits(b, vocab, device, gen), flat_logits(b, vocab, device, gen))], weights=1.0,
                          temperature=1.0, top_k=0, top_p=TOP_P, min_p=0.0, seed=torch.arange(b, device=device))
         sweep = [("lm", batch, p) for p in plans(default_cap, quick)]
-        sweep += [(kind, flat, (default_cap, 8, 8, sampler_triton.WIDE, False)) for kind in ("flat", "flat-search")]
+        default_plan = (default_cap, 8, 8, sampler_triton.WIDE, False)
+        sweep += [("lm-search", batch, default_plan)]
+        sweep += [(kind, flat, default_plan) for kind in ("flat", "flat-search")]
         uncut = None if quick else sampler_triton.launch_plan(b, vocab, sms, lane_tokens=None)[1]
         for kind, data, (cap, sw, xw, wide, long) in sweep:
             if long and uncut == chunk:
                 continue  # the LANE_TOKENS cut left this batch size's plan as it was
             plan = dict(cap=None if long else cap, chunk=uncut if long else None,
-                        warps=(sw, xw), wide=wide, verify=kind != "flat-search")
+                        warps=(sw, xw), wide=wide, verify=kind != "flat-search",
+                        proof_tries=0 if kind == "lm-search" else sampler_triton.PROOF_TRIES)
             _, used_chunk, used_splits, used_cap = sampler_triton.launch_plan(b, vocab, None if quick else sms,
                                                                               chunk=plan["chunk"], cap=plan["cap"])
             row = dict(rows=kind, batch=b, vocab=vocab, chunk=used_chunk, splits=used_splits, cap=used_cap,
                        stats_warps=sw, select_warps=xw, wide=wide,
-                       default=(cap, sw, xw, wide, long) == (default_cap, 8, 8, sampler_triton.WIDE, False),
+                       default=(cap, sw, xw, wide, long) == default_plan,
                        **measure(data, plan, device, iters))
             if floor_us:
                 row.update(floor_us=round(floor_us, 2), time_over_floor=round(row["us"] / floor_us, 2))
@@ -133,11 +141,13 @@ def main() -> None:
     print(table(rows, list(rows[0])))
     print("fastest plan per batch with every row on the fast path, against the default:")
     for b, r in zip(batches, best):
-        default, flat, search = (next(d for d in rows if d["batch"] == b and d["default"] and d["rows"] == kind)
-                                 for kind in ("lm", "flat", "flat-search"))
+        default, lm_search, flat, search = (
+            next(d for d in rows if d["batch"] == b and d["default"] and d["rows"] == kind)
+            for kind in ("lm", "lm-search", "flat", "flat-search"))
         print(f"  B={b}: " + (f"chunk {r['chunk']}, cap {r['cap']}, warps {r['stats_warps']}/{r['select_warps']}, "
                               f"wide {r['wide']}: {r['us']} µs " if r else "none ") +
-              f"(default {default['us']} µs; flat rows: verified draw {flat['us']} µs, "
+              f"(default {default['us']} µs, {lm_search['us']} µs searching the threshold first; "
+              f"flat rows: verified draw {flat['us']} µs, "
               f"threshold search {search['us']} µs)")
     if args.out is not None or not quick:
         path = write_results("sampler-plans", device, rows, out_dir=args.out,

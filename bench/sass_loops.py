@@ -58,7 +58,8 @@ def cubin_of(kernel: str, splits: int, cap: int, num_warps: int, pairs: int = 1)
     sp = triton.next_power_of_2(splits)
     if kernel == "select":
         fn = sampler_triton._select
-        consts = dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=True, VERIFY=True)
+        consts = dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=True, VERIFY=True,
+                      TRIES=sampler_triton.PROOF_TRIES)
     elif kernel == "finish":
         fn = sampler_triton._finish
         consts = dict(SP=sp, M=sampler_triton.DRAWS, BLOCK=1024, HIST_BLOCK=256, NB=16, LOG2_NB=4)

@@ -36,7 +36,13 @@ sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe,
      (the slack covers tl.exp's error, see below, so no monotonicity of exp is assumed).
    Then A is a subset of U, tau applied to the whole row gives the same A, and the Gumbel-max draw
    over U is the draw over the row: same d bit for bit (z stored exactly, same div_rn), same RNG
-   per token id, max of the same scores, lowest id on ties. Otherwise (decided per row on the
+   per token id, max of the same scores, lowest id on ties. When sampling, a fast row does not search
+   a top-p threshold (or a lone top-k one) before it draws: it takes the best score x over U (min-p
+   and a searched top-k applied) and keeps it iff the test that decides tau keeps x's key (top-p:
+   mass(U, key < key_x) < top_p * Z_K, the same sum; top-k: fewer than k keys of U below key_x),
+   else rejects every key >= key_x and tries the next best (``_proven_draw``). The first x kept is
+   the best score over A, so the same token; three block-wide reductions a try instead of up to 31
+   rounds, and after PROOF_TRIES failures the row searches tau as above. Otherwise (decided per row on the
    device) it runs the exact radix descent over the whole row (``_descent``: several reads of the
    row by one program), except for rows filtered by top-p without top-k when sampling
    (``VERIFY_ROW``): those leave tau at the row's largest key, so A' = {finite, w >= min_p}, for step 4.
@@ -104,6 +110,7 @@ __all__ = ["sample", "probs", "launch_plan"]
 MAX_PAIRS = 4  # more pairs are pre-combined in float32 by the reference formula (same rounding)
 WIDE = 10.0  # candidate margin in nats for rows filtered by top-k or top-p (a heuristic, see above)
 TILE = 4096  # candidates per row held in registers by _select (S * CAP <= TILE up to rounding)
+PROOF_TRIES = 8  # candidate draws _select tries to prove before it searches the threshold (_proven_draw)
 DRAWS = 8  # Gumbel draws per chunk kept for _finish's proof; all 8 fall outside A w.p. ~ (1 - top_p)^8
 # The most blocks a chunk spans on a GPU: each lane of _stats then meets at most this many tokens, of which
 # it keeps 4. Simulated on 32 Zipf-like rows whose nucleus holds about 1500 tokens, B = 256's plan at 4
@@ -211,7 +218,7 @@ def _hist_block(block: int) -> int:
 
 def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int,
                       cap: int | None, warps: tuple[int | None, int | None] = (None, None), wide: float = WIDE,
-                      verify: bool = False):
+                      verify: bool = False, tries: int = 0):
     """Launches _stats and _select; nb: the descent's histogram buckets, as _buckets resolved them."""
     bsz, v, dev = batch.batch, batch.vocab, batch.logits.device
     block, chunk, splits, cap = _plan(batch, block, chunk, cap)
@@ -230,34 +237,38 @@ def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk
     params = dict(temperature=pf[0], top_p=pf[1], min_p=pf[2], top_k=pk, seed=pi[0], offset=pi[1])
     row = dict(zmax=torch.empty(bsz, **f32), key=torch.empty(bsz, **i32),
                greedy=torch.empty(bsz, device=dev, dtype=torch.int64), count=torch.empty(bsz, **i32),
-               fast=torch.empty(bsz, device=dev, dtype=torch.int64))
+               fast=torch.empty(bsz, device=dev, dtype=torch.int64), tries=torch.empty(bsz, **i32))
     _select[(bsz,)](*args, smax, sidx, smin, scnt, cid, cz, ccnt, ncmax, ncsum, params["temperature"],
                     params["top_k"], params["top_p"], params["min_p"], params["seed"], params["offset"],
                     row["zmax"], row["key"], row["greedy"],
-                    row["count"], row["fast"], v, splits, PAIRS=pairs, BLOCK=_hist_block(block), NB=nb,
+                    row["count"], row["fast"], row["tries"], v, splits, PAIRS=pairs, BLOCK=_hist_block(block), NB=nb,
                     LOG2_NB=nb.bit_length() - 1, SP=next_pow2(splits), CAP=cap, DRAW=draw, VERIFY=verify,
-                    **_warps(warps[1], 8), **exact_fp_options())
+                    TRIES=tries, **_warps(warps[1], 8), **exact_fp_options())
     return args, pairs, block, chunk, splits, row, params
 
 
 def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None = None, nb: int | None = None,
            cap: int | None = None, warps: tuple[int | None, int | None] = (None, None), wide: float = WIDE,
-           verify: bool = True, fast_out: torch.Tensor | None = None,
-           path_out: torch.Tensor | None = None) -> torch.Tensor:
+           verify: bool = True, proof_tries: int = PROOF_TRIES, fast_out: torch.Tensor | None = None,
+           path_out: torch.Tensor | None = None, tries_out: torch.Tensor | None = None) -> torch.Tensor:
     """int64 [B]; block / chunk / nb (histogram buckets) / cap (candidates per chunk) / warps (num_warps
     of _stats and of _select; None: 8 each) / wide (the candidate margin in nats) /
-    verify (False: top-p rows off the fast path search their threshold first, as probs() does)
-    override the launch plan, e.g. in tests and bench/sampler_plans.py. fast_out, an int64 [B] tensor,
-    receives 1 for rows that took the fast path and 0 otherwise; path_out, likewise, 2 for the fast
-    path, 1 for a verified draw and 0 otherwise (for tests and benchmarks)."""
+    verify (False: top-p rows off the fast path search their threshold first, as probs() does) /
+    proof_tries (0: fast rows search their threshold before they draw, as probs() does) override the
+    launch plan, e.g. in tests and bench/sampler_plans.py. fast_out, an int64 [B] tensor, receives 1
+    for rows that took the fast path and 0 otherwise; path_out, likewise, 2 for the fast path, 1 for a
+    verified draw and 0 otherwise; tries_out, likewise, how many candidate draws a fast row tried
+    before one was proven, 0 where its threshold was searched (for tests and benchmarks)."""
     bsz, dev = batch.batch, batch.logits.device
-    for name, t in (("fast_out", fast_out), ("path_out", path_out)):
+    for name, t in (("fast_out", fast_out), ("path_out", path_out), ("tries_out", tries_out)):
         if t is not None and (t.shape != (bsz,) or t.dtype != torch.int64 or t.device != dev or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous int64 [{bsz}] tensor on {dev}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
     nb = _buckets(nb)
+    if proof_tries < 0:
+        raise ValueError(f"proof_tries must be >= 0, got {proof_tries}")
     args, pairs, block, chunk, splits, row, params = _stats_and_select(batch, True, block, chunk, nb, cap, warps,
-                                                                       wide, verify)
+                                                                       wide, verify, proof_tries)
     cscore = torch.empty(bsz, splits, DRAWS, device=dev, dtype=torch.float32)
     cidx = torch.empty(bsz, splits, DRAWS, device=dev, dtype=torch.int32)
     cbound = torch.empty(bsz, splits, device=dev, dtype=torch.float32)
@@ -274,6 +285,8 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
                     **_warps(None, 8), **exact_fp_options())
     if fast_out is not None:
         fast_out.copy_((row["fast"] >= 0).to(torch.int64))
+    if tries_out is not None:
+        tries_out.copy_(row["tries"])
     return out
 
 

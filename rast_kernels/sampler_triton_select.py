@@ -1,15 +1,17 @@
-"""The per-row kernel of the Triton sampler: ``_select`` reduces the chunk partials, finds the
-admissible threshold from the candidates when they provably contain it (and then draws the token
-from them), and otherwise runs the exact radix descent over the whole row. The algorithm and its
-exactness argument are in rast_kernels.sampler_triton."""
+"""The per-row kernel of the Triton sampler: ``_select`` reduces the chunk partials and, when the
+candidates provably contain the admissible set, draws the token from them, proving the draw against
+the filters (``_proven_draw``) or else finding the threshold among them first; otherwise it runs the
+exact radix descent over the whole row. The algorithm and its exactness argument are in
+rast_kernels.sampler_triton."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from rast_kernels.sampler_triton_common import BIG, _gumbel_score, _row_key, _z
+from rast_kernels.sampler_triton_common import BIG, _gumbel_score, _row_key, _z, _zkey
 
 MINP_SLACK = tl.constexpr(1.0 - 2.0**-10)  # >> tl.exp's error (sampler_triton): no monotonicity assumed
+NO_RANK = tl.constexpr(-(2**63))  # _proven_draw's rank of a slot it cannot draw
 VERIFY_ROW = tl.constexpr(-3)  # fast-flag mark: top-p alone, drawn over {finite, w >= min_p}, checked by _finish
 
 
@@ -98,12 +100,67 @@ def _descent(row, top, k, p, k_on, zmax, temp, V,
 
 
 @triton.jit
+def _kth_key(ck, in_u, k, tau):
+    """The k-th smallest key of U (1 <= k <= |U|; tau: U's largest key), by a bisection that stops once
+    exactly k keys are <= mid."""
+    lo = 0
+    hi = tau
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        below = tl.sum((in_u & (ck <= mid)).to(tl.int32), axis=0)
+        lo = tl.where(below == k, mid, tl.where(below > k, lo, mid + 1))
+        hi = tl.where(below >= k, mid, hi)
+    # k keys <= lo: the k-th is the largest of them (lo itself when the search ran to the end)
+    return tl.max(tl.where(in_u & (ck <= lo), ck, 0), axis=0)
+
+
+@triton.jit
+def _best(score, cid):
+    """The id with the highest score, the lowest id on ties (score -inf off the set drawn from)."""
+    top = tl.max(score, axis=0)
+    return tl.min(tl.where(score == top, cid, BIG), axis=0)
+
+
+@triton.jit
+def _proven_draw(score, cid, ck, w, in_u, k, limit, k_check, p_check, TRIES: tl.constexpr):
+    """(the draw over A, tries) or (-1, 0) when TRIES draws prove nothing. Each try takes the best score x
+    left (-inf off the set: U within top-k's key when it is known, min-p applied) and checks the filter
+    that is left, as its threshold search would decide it, without searching: top-k alone keeps x iff
+    fewer than k keys of U lie below x's (tau is the k-th smallest key); top-p keeps x iff its key is 0 or
+    the mass of U below its key is < limit (the bisection's own sum and test, monotone in the key). A
+    kept x is the best score over A, since A lies within the set. A rejected x rejects every key >= its
+    own, so the next try draws from the rest. With top_p = 0.95 the first try fails with probability
+    about 0.05, where the search takes up to 31 block-wide reductions; a try takes three."""
+    # (score, -id) as one int64, so one max finds the best score and, on ties, the lowest id; scores are
+    # keyed in order, -0.0 as +0.0 (they compare equal); slots off the set rank below every candidate
+    ranked = (_zkey(tl.where(score == 0.0, 0.0, score)).to(tl.int64) << 32) | (BIG - cid.to(tl.int64))
+    ranked = tl.where(score > float("-inf"), ranked, NO_RANK)
+    bound = BIG  # the slots left have keys < bound: a rejected x rejects every key >= its own
+    drawn = -1
+    tries = 0
+    while (drawn < 0) & (tries < TRIES):
+        tries += 1
+        best = tl.max(tl.where(ck < bound, ranked, NO_RANK), axis=0)
+        x = -best.to(tl.int32) + BIG
+        kx = tl.max(tl.where((cid == x) & (ranked > NO_RANK) & (ck < bound), ck, -1), axis=0)
+        before = in_u & (ck < kx)
+        kept = kx >= 0
+        if k_check:
+            kept = kept & (tl.sum(before.to(tl.int32), axis=0) < k)
+        if p_check:
+            kept = kept & ((kx == 0) | (tl.sum(tl.where(before, w, 0.0), axis=0) < limit))
+        drawn = tl.where(kept, x, -1)
+        bound = tl.where(kept, bound, kx)
+    return drawn, tl.where(drawn >= 0, tries, 0)
+
+
+@triton.jit
 def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s, r3, r3s, b3, b3s, w_ptr,
             smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr, ncmax_ptr, ncsum_ptr,
             temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, offset_ptr,
-            zmax_ptr, key_ptr, greedy_ptr, cnt_ptr, fast_ptr, V, S,
+            zmax_ptr, key_ptr, greedy_ptr, cnt_ptr, fast_ptr, tries_ptr, V, S,
             PAIRS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
-            SP: tl.constexpr, CAP: tl.constexpr, DRAW: tl.constexpr, VERIFY: tl.constexpr):
+            SP: tl.constexpr, CAP: tl.constexpr, DRAW: tl.constexpr, VERIFY: tl.constexpr, TRIES: tl.constexpr):
     row = tl.program_id(0)
     parts = tl.arange(0, SP)
     pmask = parts < S
@@ -140,16 +197,9 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     in_u = ck < kc
     n_u = tl.sum(in_u.to(tl.int32), axis=0)
     tau = tl.max(tl.where(in_u, ck, 0), axis=0)
-    if k_on & (n_u >= k):  # the k-th smallest key of the row is the k-th smallest of U
-        lo = 0
-        hi = tau
-        while lo < hi:  # a bisection that stops once exactly k keys are <= mid
-            mid = lo + (hi - lo) // 2
-            below = tl.sum((in_u & (ck <= mid)).to(tl.int32), axis=0)
-            lo = tl.where(below == k, mid, tl.where(below > k, lo, mid + 1))
-            hi = tl.where(below >= k, mid, hi)
-        # k keys <= lo: the k-th is the largest of them (lo itself when the search ran to the end)
-        tau = tl.max(tl.where(in_u & (ck <= lo), ck, 0), axis=0)
+    k_fast = sampling & k_on & (n_u >= k)  # the k-th smallest key of the row is the k-th smallest of U
+    if k_fast & (p_on | (DRAW == 0)):  # the draw below checks top-k alone itself
+        tau = _kth_key(ck, in_u, k, tau)
     mass_u = tl.sum(tl.where(in_u & (ck <= tau), w, 0.0), axis=0)  # U within top-k
     # Z_K: with top-k on (and n_u >= k) K lies inside U; otherwise K is every finite token.
     chunk_scale = tl.exp(-tl.math.div_rn(zmax - pmax, safe_t))
@@ -157,7 +207,22 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
                               tl.load(ncsum_ptr + row * S + parts, mask=pmask, other=0.0) * chunk_scale, 0.0), axis=0)
     z_k = tl.where(k_on, mass_u, tl.sum(w, axis=0) + nc_mass)
     limit = p * z_k
-    if p_on:  # the largest t with mass(U, key < t) < top_p * Z_K; on keys <= kc that is the row's mass
+    # Every token outside U is excluded: by top-k (k keys of U lie below it), by top-p (U's mass
+    # alone reaches the limit), by min-p (w < min_p at the largest non-candidate), or none exists.
+    minp_out = tl.exp(-tl.math.div_rn(zmax - zc, safe_t)) < min_p * MINP_SLACK
+    others_out = (kc == BIG) | (p_on & (mass_u >= limit)) | minp_out
+    fast = k_fast | (sampling & (k_on == 0) & others_out)
+    drawn = -1
+    tries = 0
+    if DRAW:  # the Gumbel-max draw over A; A lies inside U on fast rows, so it is the draw over the row
+        rkey = _row_key(tl.load(seed_ptr + row), tl.load(offset_ptr + row))
+        score = tl.where(in_u & (ck <= tau) & (w >= min_p), _gumbel_score(cid, rkey, d), float("-inf"))
+        if fast:
+            drawn, tries = _proven_draw(score, cid, ck, w, in_u, k, limit, k_on & (p_on == 0), p_on, TRIES)
+    search = fast & (drawn < 0)  # fast rows whose draw no proof settled (every fast row in probs)
+    if search & k_on & (p_on == 0) & DRAW:
+        tau = _kth_key(ck, in_u, k, tau)
+    if search & p_on:  # the largest t with mass(U, key < t) < top_p * Z_K; on keys <= kc that is the row's mass
         lo = 0
         hi = tau
         while lo < hi:
@@ -166,19 +231,9 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
             lo = tl.where(under, mid, lo)
             hi = tl.where(under, hi, mid - 1)
         tau = lo
-    # Every token outside U is excluded: by top-k (k keys of U lie below it), by top-p (U's mass
-    # alone reaches the limit), by min-p (w < min_p at the largest non-candidate), or none exists.
-    minp_out = tl.exp(-tl.math.div_rn(zmax - zc, safe_t)) < min_p * MINP_SLACK
-    others_out = (kc == BIG) | (p_on & (mass_u >= limit)) | minp_out
-    fast = sampling & ((k_on & (n_u >= k)) | ((k_on == 0) & others_out))
-    drawn = -1
     if DRAW:
-        if fast:  # A lies inside U: the draw over U is the draw over the row, token for token
-            adm = in_u & (ck <= tau) & (w >= min_p)
-            rkey = _row_key(tl.load(seed_ptr + row), tl.load(offset_ptr + row))
-            score = tl.where(adm, _gumbel_score(cid, rkey, d), float("-inf"))
-            best = tl.max(score, axis=0)
-            drawn = tl.min(tl.where(adm & (score == best), cid, BIG), axis=0)
+        if search:
+            drawn = _best(tl.where(ck <= tau, score, float("-inf")), cid)
     top = tl.math.div_rn(zmax - zmin, safe_t).to(tl.int32, bitcast=True)  # the largest key of the row
     tau = tl.where(fast, tau, top)
     # Top-p alone, without the fast path: _draw draws over {finite, w >= min_p} and _finish proves the
@@ -192,3 +247,4 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     tl.store(cnt_ptr + row, count)
     tl.store(key_ptr + row, tau)
     tl.store(fast_ptr + row, tl.where(fast, drawn, tl.where(verify, VERIFY_ROW, -2)).to(tl.int64))
+    tl.store(tries_ptr + row, tries)

@@ -20,11 +20,14 @@ def test_quick_run_writes_one_row_per_plan(tmp_path: Path) -> None:
     rows = result["rows"]
     assert [(r["rows"], r["batch"], r["cap"]) for r in rows] == \
         [(kind, b, cap) for b in (1, 4)
-         for kind, cap in (("lm", 512), ("lm", 1024), ("flat", 1024), ("flat-search", 1024))]
-    assert [r["default"] for r in rows] == [False, True, True, True] * 2
+         for kind, cap in (("lm", 512), ("lm", 1024), ("lm-search", 1024), ("flat", 1024), ("flat-search", 1024))]
+    assert [r["default"] for r in rows] == [False, True, True, True, True] * 2
     # (at V = 4096 a chunk's CAP holds every token, so even flat rows draw from candidates here)
-    assert all(r["fast_fraction"] == 1.0 for r in rows if r["rows"] == "lm"), rows
+    assert all(r["fast_fraction"] == 1.0 for r in rows if r["rows"] in ("lm", "lm-search")), rows
+    # LM-like rows at top_p 0.95: the draws settle every row unless the sweep asks for the search
+    assert [r["proven_fraction"] for r in rows if r["rows"].startswith("lm")] == [1.0, 1.0, 0.0] * 2
     assert "B=4: chunk" in out and "flat rows: verified draw" in out and "threshold search" in out
+    assert "searching the threshold first" in out
 
 
 def test_plans_draw_the_same_tokens_and_bad_warps_are_refused() -> None:

@@ -14,7 +14,7 @@ ROW = {"temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr":
        "smax_ptr": "*fp32", "sidx_ptr": "*i32", "smin_ptr": "*fp32", "scnt_ptr": "*i32", "cscore_ptr": "*fp32",
        "cidx_ptr": "*i32", "cbound_ptr": "*fp32", "path_ptr": "*i64", "cmass_ptr": "*fp32", "out_ptr": "*fp32", "V": "i32", "CHUNK": "i32", "S": "i32",
        "cid_ptr": "*i32", "cz_ptr": "*fp32", "ccnt_ptr": "*i32", "ncmax_ptr": "*fp32",
-       "ncsum_ptr": "*fp32", "fast_ptr": "*i64", "pf_ptr": "*fp32", "pk_ptr": "*i32", "pi_ptr": "*i64",
+       "ncsum_ptr": "*fp32", "fast_ptr": "*i64", "tries_ptr": "*i32", "pf_ptr": "*fp32", "pk_ptr": "*i32", "pi_ptr": "*i64",
        # _stats' raw parameters: tensors as the engine passes them, scalars as Python values arrive
        "temp_v": "fp32", "topk_v": "i32", "topp_v": "fp32", "minp_v": "fp32", "seed_v": "i64", "offset_v": "i32"}
 
@@ -37,7 +37,8 @@ def _kernels() -> list[tuple]:
         block, _, splits, cap = st.launch_plan(rows, 152064, 132)
         sp = next_pow2(splits)
         out.append((st._stats, dict(BLOCK=block, CAP=cap, WIDE=st.WIDE, ROWS=0b111111), stats))  # tensors
-        out += [(st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=draw, VERIFY=draw), eight)
+        out += [(st._select, dict(BLOCK=256, NB=16, LOG2_NB=4, SP=sp, CAP=cap, DRAW=draw, VERIFY=draw,
+                                        TRIES=st.PROOF_TRIES), eight)
                 for draw in (True, False)]
         out += [(st._finish, dict(SP=sp, M=st.DRAWS, BLOCK=block, HIST_BLOCK=256, NB=16, LOG2_NB=4), eight),
                 (st._write_probs, dict(BLOCK=block, SP=sp), {})]

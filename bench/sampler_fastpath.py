@@ -6,7 +6,10 @@ never on the hardware: the kernel's arithmetic is the same. So on a CPU this scr
 kernel (TRITON_INTERPRET=1) under the plan the fused sampler would pick on a GPU with ``--sms`` SMs
 (132: an H100 SXM) for each batch size, on ``--rows`` sample rows; on a GPU it runs natively at the
 real batch size. Rows: bench/sampler.py's bf16 Zipf-like logits (entropy 1-4 nats) and RAST pairs.
-Writes bench/results/sampler-fastpath-<device>-<shortsha>.json (fast_fraction per configuration).
+Writes bench/results/sampler-fastpath-<device>-<shortsha>.json: per configuration fast_fraction, and
+of the fast rows, proven_fraction (drawn without searching a threshold: ``_select``'s proven draw) and
+mean_tries / max_tries (candidate draws tried until one was proven; each try is three block-wide
+reductions where the top-p threshold search ran up to 31).
 
     python bench/sampler_fastpath.py            # CPU: B-plans 1, 32, 256 at V=152064 (about 10 min)
     python bench/sampler_fastpath.py --quick    # seconds: a small vocabulary, 2 rows
@@ -44,10 +47,15 @@ def measure(rows: int, plan_batch: int, vocab: int, pairs: int, top_k: int, min_
         block, chunk, splits, cap = sampler_triton.launch_plan(rows, vocab, sms)
     else:
         block, chunk, splits, cap = sampler_triton.launch_plan(plan_batch, vocab, sms, block=GPU_BLOCK)
-    fast = torch.empty(rows, dtype=torch.int64, device=device)
-    sampler_triton.sample(batch, block=block, chunk=chunk, cap=cap, fast_out=fast)
+    fast, tries = (torch.empty(rows, dtype=torch.int64, device=device) for _ in range(2))
+    sampler_triton.sample(batch, block=block, chunk=chunk, cap=cap, fast_out=fast, tries_out=tries)
+    proven = tries[(fast == 1) & (tries > 0)].float()
+    n_fast = max(int(fast.sum()), 1)
     return dict(plan_batch=plan_batch, rows=rows, vocab=vocab, pairs=pairs, top_k=top_k, min_p=min_p,
-                chunk=chunk, splits=splits, cap=cap, fast_fraction=round(float(fast.float().mean()), 4))
+                chunk=chunk, splits=splits, cap=cap, fast_fraction=round(float(fast.float().mean()), 4),
+                proven_fraction=round(proven.numel() / n_fast, 4),
+                mean_tries=round(float(proven.mean()), 3) if proven.numel() else None,
+                max_tries=int(proven.max()) if proven.numel() else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
                                                    grid["min_p"]):
         rows = b if device.type == "cuda" else args.rows
         results.append(measure(rows, b, v, k, top_k, min_p, sms, device, gen))
-        print(f"plan B={b} V={v} K={k} top_k={top_k} min_p={min_p}: fast {results[-1]['fast_fraction']}", flush=True)
+        r = results[-1]
+        print(f"plan B={b} V={v} K={k} top_k={top_k} min_p={min_p}: fast {r['fast_fraction']}, proven "
+              f"{r['proven_fraction']}, tries {r['mean_tries']} (max {r['max_tries']})", flush=True)
     emulated = device.type != "cuda"
     print(f"fused sampler fast path | device: {device_name(device)} | commit: {git_sha()} | plan for {sms} SMs"
           f"{' (emulated: interpreted kernel)' if emulated else ''} | T=1 top_p={TOP_P}")

@@ -146,17 +146,18 @@ def hf_generate(models: list[Any], batch: int, prompt: int, gen: int, vocab: int
 def profile_engine(engine: Any, sp_cls: Any, batch: int, prompt: int, vocab: int, device: torch.device,
                    steps: int = 5, top: int = 15, tokens_per_step: int = 1) -> dict:
     """torch.profiler over ``steps`` decode steps (after the prefill and one warm decode step): the top
-    kernels (ops on CPU) by self time per step, next to the step's wall time. ``tokens_per_step``: the
-    most one step can yield (a speculative round's γ + 1), so the requests outlast the profiled steps
+    kernels (ops on CPU) by self time per step, next to the step's wall time; under ``prefill`` the same
+    for the step that prefills the prompts (the device side of the time to first token). ``tokens_per_step``:
+    the most one step can yield (a speculative round's γ + 1), so the requests outlast the profiled steps
     where the context allows."""
     gen = min((steps + 3) * tokens_per_step, engine.max_model_len - prompt)
     add_requests(engine, sp_cls, batch, prompt, gen, vocab, "profile")
-    engine.step()
+    prefill = common.device_profile(engine.step, device, 1, top)
     engine.step()
     prof = common.device_profile(engine.step, device, steps, top)
     while engine.has_unfinished_requests():
         engine.step()
-    return dict(batch=batch, steps=steps, **prof)
+    return dict(batch=batch, steps=steps, **prof, prefill=prefill)
 
 
 def print_profile(p: dict) -> None:
@@ -164,6 +165,10 @@ def print_profile(p: dict) -> None:
           f"busy {p['busy_ms_per_step']:.3f} ms/step ({p['time_kind']}), "
           f"{p['launches_per_step']:.0f} kernels (CPU: ops) per step")
     print(common.table(p["kernels"], ["name", "ms_per_step", "share", "calls_per_step"]), flush=True)
+    pre = p["prefill"]
+    print(f"the prefill step: wall {pre['wall_ms_per_step']:.3f} ms, busy {pre['busy_ms_per_step']:.3f} ms, "
+          f"{pre['launches_per_step']:.0f} kernels (CPU: ops)")
+    print(common.table(pre["kernels"], ["name", "ms_per_step", "share", "calls_per_step"]), flush=True)
 
 
 def spec_round(res: dict, stats: Any, batch: int, gen: int) -> dict:

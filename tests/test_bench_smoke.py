@@ -66,6 +66,8 @@ def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
     assert prof["mode"] == "rast" and prof["kernels"] and all(k["ms_per_step"] > 0 for k in prof["kernels"])
     # every op of a step counted (CPU: aten ops), at least those the top-kernels table lists
     assert prof["launches_per_step"] >= sum(k["calls_per_step"] for k in prof["kernels"])
+    pre = prof["prefill"]  # the step that prefills the prompts: its projections are among its top ops
+    assert pre["wall_ms_per_step"] > 0 and any(k["name"] in ("aten::mm", "aten::bmm") for k in pre["kernels"]), pre
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b", "llama-3.1-8b", "qwen3-1.7b", "qwen3-8b", "tiny-large",

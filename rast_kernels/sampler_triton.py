@@ -112,12 +112,9 @@ WIDE = 10.0  # candidate margin in nats for rows filtered by top-k or top-p (a h
 TILE = 4096  # candidates per row held in registers by _select (S * CAP <= TILE up to rounding)
 PROOF_TRIES = 8  # candidate draws _select tries to prove before it searches the threshold (_proven_draw)
 DRAWS = 8  # Gumbel draws per chunk kept for _finish's proof; all 8 fall outside A w.p. ~ (1 - top_p)^8
-# The most blocks a chunk spans on a GPU: each lane of _stats then meets at most this many tokens, of which
-# it keeps 4. Simulated on 32 Zipf-like rows whose nucleus holds about 1500 tokens, B = 256's plan at 4
-# programs per SM (50 blocks a chunk) kept the fast path on 18 where each chunk's exact best CAP tokens
-# kept it on 26; at 30 blocks a chunk on 22, at 22 on 25. Interpreted at 22 (7 chunks of 512) on 96 rows
-# with nuclei of about 900-2000 tokens, the kernels kept it on 73 where e9d0a9f's, which kept each
-# chunk's best 1024 of 3 chunks, kept it on 73 too. Peaked rows are unaffected either way.
+# The most blocks a chunk spans on a GPU: each lane of _stats meets at most this many tokens and keeps 4, so
+# longer chunks lose more of a wide nucleus to the summary (simulated and interpreted: docs/benchmarks.md,
+# "_stats, statically"). Peaked rows are unaffected either way.
 LANE_TOKENS = 24
 STATS_WARPS = 8  # _stats' default num_warps
 

@@ -101,15 +101,21 @@ def _descent(row, top, k, p, k_on, zmax, temp, V,
 
 @triton.jit
 def _kth_key(ck, in_u, k, tau):
-    """The k-th smallest key of U (1 <= k <= |U|; tau: U's largest key), by a bisection that stops once
-    exactly k keys are <= mid."""
+    """The k-th smallest key of U (1 <= k <= |U|; tau: U's largest key) by a ternary search: a round
+    counts the keys <= two pivots at once, both counts in one int32 (a count is at most the tile's
+    SP * CAP < 2^16 slots), so it costs one block-wide reduction and cuts [lo, hi] to a third where a
+    bisection round halved it. It stops once exactly k keys are <= a pivot; otherwise lo converges on
+    the smallest t with k keys <= t, which is the k-th smallest key."""
     lo = 0
     hi = tau
     while lo < hi:
-        mid = lo + (hi - lo) // 2
-        below = tl.sum((in_u & (ck <= mid)).to(tl.int32), axis=0)
-        lo = tl.where(below == k, mid, tl.where(below > k, lo, mid + 1))
-        hi = tl.where(below >= k, mid, hi)
+        m1 = lo + (hi - lo) // 3
+        m2 = m1 + (hi - m1) // 2  # lo <= m1 <= m2 < hi: every round narrows [lo, hi]
+        both = tl.sum(tl.where(in_u, (ck <= m1).to(tl.int32) + ((ck <= m2).to(tl.int32) << 16), 0), axis=0)
+        c1 = both & 0xFFFF
+        c2 = both >> 16
+        above_m1 = tl.where(c2 >= k, tl.where(c2 == k, m2, m1 + 1), m2 + 1)
+        lo, hi = tl.where(c1 >= k, tl.where(c1 == k, m1, lo), above_m1), tl.where(c1 >= k, m1, tl.where(c2 >= k, m2, hi))
     # k keys <= lo: the k-th is the largest of them (lo itself when the search ran to the end)
     return tl.max(tl.where(in_u & (ck <= lo), ck, 0), axis=0)
 
@@ -161,6 +167,7 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
             zmax_ptr, key_ptr, greedy_ptr, cnt_ptr, fast_ptr, tries_ptr, V, S,
             PAIRS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
             SP: tl.constexpr, CAP: tl.constexpr, DRAW: tl.constexpr, VERIFY: tl.constexpr, TRIES: tl.constexpr):
+    tl.static_assert(SP * CAP < 65536, "_kth_key packs two counts of the candidate tile into one int32")
     row = tl.program_id(0)
     parts = tl.arange(0, SP)
     pmask = parts < S

@@ -110,3 +110,23 @@ def test_lm_like_rows_at_a_real_vocabulary_on_the_gpu() -> None:
                           top_k=top_k[:size], min_p=min_p[:size], seed=torch.arange(size, device=dev))
         _, tries = _tries(batch, exact=False)
         assert int((tries == 0).sum()) == 0, size
+
+
+def test_kth_key_search_on_consecutive_keys() -> None:
+    """Keys one apart (d = consecutive floats above 1.0 behind a mode at 0): any off-by-one in the
+    ternary top-k search (_kth_key) moves the threshold by one token. probs() always searches it, and so
+    does sample() with top-k and top-p (Z_K is the top-k mass) or with proof_tries=0."""
+    n, ks = 80, [1, 2, 3, 7, 20, 33, 64, 79]
+    d = (torch.arange(n, dtype=torch.int32) + 0x3F800000).view(torch.float32)
+    logits = torch.cat([torch.zeros(1), -d[: n - 1]]).repeat(len(ks), 1).to(DEVICE)
+    top_k = torch.tensor(ks, dtype=torch.int32, device=DEVICE)
+    batch = normalize(logits, (), top_k=top_k, seed=torch.arange(len(ks), device=DEVICE))
+    probs = sampler_triton.probs(batch)
+    assert (probs > 0).sum(dim=1).tolist() == ks
+    torch.testing.assert_close(probs, reference.probs(batch), rtol=1e-5, atol=1e-7)
+    for seed in range(3):
+        kw = dict(top_k=top_k, seed=torch.arange(len(ks), device=DEVICE) + 10 * seed)
+        for batch in (normalize(logits, (), top_p=0.999, **kw), normalize(logits, (), **kw)):
+            fast = torch.empty(len(ks), dtype=torch.int64, device=DEVICE)
+            ids = sampler_triton.sample(batch, proof_tries=0, fast_out=fast)
+            assert torch.equal(ids, reference.sample(batch)) and fast.tolist() == [1] * len(ks)

@@ -23,8 +23,8 @@ sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe,
 2. ``_select`` (grid B) reduces the partials (zmax, greedy id, count), and computes
    kc = key(max non-candidate z): by monotonicity of the rounded d, every non-candidate has key >= kc.
    U = {candidates with key < kc}, so every token outside U has a key larger than every key in U.
-   On U alone (one flat register tile of SP * CAP slots, bisections over the int key, each round one
-   block-wide reduction: a flat tile reduces in one step where an [SP, CAP] one took two):
+   On U alone (one flat register tile of SP * CAP slots, searches over the int key, each round one
+   block-wide reduction: ternary for top-k, bisection for top-p):
      top-k: if |U| >= k, the k-th smallest key of U is the k-th smallest of the row;
      top-p: Z_K = mass of U below that key (top-k on), else mass of all candidates + non-candidate
             mass; tau = the largest t with mass(U, key < t) < top_p * Z_K. For t <= kc that mass is

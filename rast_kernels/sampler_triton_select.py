@@ -114,8 +114,10 @@ def _kth_key(ck, in_u, k, tau):
         both = tl.sum(tl.where(in_u, (ck <= m1).to(tl.int32) + ((ck <= m2).to(tl.int32) << 16), 0), axis=0)
         c1 = both & 0xFFFF
         c2 = both >> 16
+        # the k-th key lies in [lo, m1] if c1 >= k (it is m1's largest if c1 == k), else in (m1, m2] if c2 >= k
         above_m1 = tl.where(c2 >= k, tl.where(c2 == k, m2, m1 + 1), m2 + 1)
-        lo, hi = tl.where(c1 >= k, tl.where(c1 == k, m1, lo), above_m1), tl.where(c1 >= k, m1, tl.where(c2 >= k, m2, hi))
+        lo, hi = (tl.where(c1 >= k, tl.where(c1 == k, m1, lo), above_m1),
+                  tl.where(c1 >= k, m1, tl.where(c2 >= k, m2, hi)))
     # k keys <= lo: the k-th is the largest of them (lo itself when the search ran to the end)
     return tl.max(tl.where(in_u & (ck <= lo), ck, 0), axis=0)
 

@@ -48,7 +48,7 @@ def test_lm_like_rows_are_proven_at_the_first_tries() -> None:
     row is settled by its draws, none searches, and the first try mostly holds."""
     gen = torch.Generator().manual_seed(31)
     logits = (torch.randn(ROWS, 400, generator=gen) * 3.0).to(DEVICE)
-    deltas = [((torch.randn(ROWS, 400, generator=gen) * 3.0).to(DEVICE), (torch.randn(ROWS, 400, generator=gen) * 3.0).to(DEVICE))]
+    deltas = [tuple((torch.randn(ROWS, 400, generator=gen) * 3.0).to(DEVICE) for _ in range(2))]
     third = ROWS // 3
     top_k = torch.tensor([0] * third + [20] * third + [30] * (ROWS - 2 * third), dtype=torch.int32, device=DEVICE)
     top_p = torch.tensor([0.95] * third + [1.0] * third + [0.9] * (ROWS - 2 * third), device=DEVICE)

@@ -15,7 +15,7 @@ import triton.language as tl
 from rast_kernels.sampler_triton_common import BIG, FLOAT32_MAX, TINY, _clamp, _param, _z, _zkey
 
 LANE_KEEP = 4  # tokens each lane keeps (written out in _keep): 2 lost ~3% of LM-like rows' fast paths
-FLOOR_STEPS = tl.constexpr(12)  # bisection steps of the candidate floor (_floor)
+FLOOR_ROUNDS = tl.constexpr(8)  # ternary rounds of the candidate floor (_floor): 3**8 = 6561 parts of the range
 ABSENT = tl.constexpr(-2**31)  # the key of a lane entry that is no candidate: below every z's _zkey
 
 
@@ -56,30 +56,43 @@ def _entry_key(t, edge):
 
 @triton.jit
 def _floor(k0, k1, k2, k3, CAP: tl.constexpr):
-    """A key floor with at most CAP of the keys k0..k3 (ABSENT entries aside) at or above it, by bisection.
-    FLOOR_STEPS halvings leave it within 2**-FLOOR_STEPS of the key range above the lowest such floor,
-    which only moves a few near-floor tokens from the candidates to the summary."""
+    """A key floor with at most CAP of the keys k0..k3 (ABSENT entries aside) at or above it, by a ternary
+    search: a round counts the keys at or above two pivots in one int32 sum (each count is at most
+    4 * BLOCK < 2**16), one block-wide reduction, and keeps a third of the range. FLOOR_ROUNDS rounds
+    leave it within 3**-FLOOR_ROUNDS of the key range above the lowest such floor, which only moves a few
+    near-floor tokens from the candidates to the summary (12 bisection steps took 12 reductions for 2**-12)."""
     least = tl.minimum(tl.minimum(tl.where(k0 > ABSENT, k0, BIG), tl.where(k1 > ABSENT, k1, BIG)),
                        tl.minimum(tl.where(k2 > ABSENT, k2, BIG), tl.where(k3 > ABSENT, k3, BIG)))
     lo = tl.min(least, axis=0).to(tl.int64)
     hi = tl.max(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)), axis=0).to(tl.int64) + 1  # nothing above
-    for _ in range(FLOOR_STEPS):  # invariant: count(key >= hi) <= CAP
-        mid = lo + (hi - lo) // 2
-        above = (k0 >= mid).to(tl.int32) + (k1 >= mid).to(tl.int32) + (k2 >= mid).to(tl.int32) + \
-            (k3 >= mid).to(tl.int32)
-        fits = tl.sum(above, axis=0) <= CAP
+    for _ in range(FLOOR_ROUNDS):  # invariant: count(key >= hi) <= CAP
+        m1 = lo + (hi - lo) // 3
+        m2 = m1 + (hi - m1) // 2  # lo <= m1 <= m2 < hi while lo < hi
+        # the pivots lie within the keys' int32 range; only hi - lo needs int64
+        both = _at_or_above(k0, k1, k2, k3, m1.to(tl.int32)) + (_at_or_above(k0, k1, k2, k3, m2.to(tl.int32)) << 16)
+        both = tl.sum(both, axis=0)
+        fits1 = (both & 0xFFFF) <= CAP
+        fits2 = (both >> 16) <= CAP
         go = lo < hi
-        lo = tl.where(go & ~fits, mid + 1, lo)
-        hi = tl.where(go & fits, mid, hi)
+        lo = tl.where(go & ~fits1, tl.where(fits2, m1 + 1, m2 + 1), lo)
+        hi = tl.where(go, tl.where(fits1, m1, tl.where(fits2, m2, hi)), hi)
     return hi
+
+
+@triton.jit
+def _at_or_above(k0, k1, k2, k3, floor):
+    """How many of a lane's four keys are >= floor."""
+    return (k0 >= floor).to(tl.int32) + (k1 >= floor).to(tl.int32) + (k2 >= floor).to(tl.int32) + \
+        (k3 >= floor).to(tl.int32)
 
 
 @triton.jit
 def _rel(x, ref, scale):
     """exp((x - ref) / T) as exp2((x - ref) * scale), scale = log2(e) / T, for x <= ref, ref finite: the
     difference is clamped to a finite value and scale is finite (clamped for a subnormal T; near 0, or
-    flushed to it, for T near float32's max), so no product is inf * 0 and nothing is NaN. Compiled, exp2 is ex2.approx.ftz: a term under 2**-126 of its reference
-    (the lane's or the chunk's max) flushes to zero, far below float32's rounding of the row's mass."""
+    flushed to it, for T near float32's max), so no product is inf * 0 and nothing is NaN. Compiled, exp2
+    is ex2.approx.ftz: a term under 2**-126 of its reference (the lane's or the chunk's max) flushes to
+    zero, far below float32's rounding of the row's mass."""
     return tl.math.exp2(tl.maximum(x - ref, -3.0e38) * scale)
 
 
@@ -104,6 +117,7 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
     The row's parameters come raw (bit i of ROWS: parameter i is a tensor, else a scalar argument) and
     are clamped here; the chunk-0 program writes them to pf [temperature, top_p, min_p], pk [top_k] and
     pi [seed, offset] (each [3|1|2, B]), where the later kernels read them."""
+    tl.static_assert(4 * BLOCK < 65536, "_floor packs two counts of the lane entries into one int32")
     row = tl.program_id(0)
     split = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)

@@ -123,6 +123,12 @@ def _kth_key(ck, in_u, k, tau):
 
 
 @triton.jit
+def _largest(ck, in_u):
+    """The largest key of U (0 when U is empty): where a search of the threshold starts."""
+    return tl.max(tl.where(in_u, ck, 0), axis=0)
+
+
+@triton.jit
 def _best(score, cid):
     """The id with the highest score, the lowest id on ties (score -inf off the set drawn from)."""
     top = tl.max(score, axis=0)
@@ -175,16 +181,18 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     pmask = parts < S
     pmax = tl.load(smax_ptr + row * S + parts, mask=pmask, other=float("-inf"))
     zmax = tl.max(pmax, axis=0)
-    # Every chunk's index is its own first max; the lowest over chunks holding zmax is the row's.
-    greedy = tl.min(tl.where(pmask & (pmax == zmax), tl.load(sidx_ptr + row * S + parts, mask=pmask, other=BIG),
-                             BIG), axis=0)
-    zmin = tl.min(tl.load(smin_ptr + row * S + parts, mask=pmask, other=float("inf")), axis=0)
     count = tl.sum(tl.load(scnt_ptr + row * S + parts, mask=pmask, other=0), axis=0)
     temp = tl.load(temp_ptr + row)
     k = tl.load(topk_ptr + row)
     p = tl.load(topp_ptr + row)
     min_p = tl.load(minp_ptr + row)
     sampling = (temp > 0) & (count > 0)
+    # Each block-wide reduction below runs only on the rows that read its result (a sampled row on the
+    # fast path skips four): at small batch _select's time is its chain of reductions, not its loads.
+    greedy = -1  # the mode, read only where the row does not sample
+    if sampling == 0:  # every chunk's index is its own first max; the lowest over chunks holding zmax is the row's
+        greedy = tl.min(tl.where(pmask & (pmax == zmax), tl.load(sidx_ptr + row * S + parts, mask=pmask, other=BIG),
+                                 BIG), axis=0)
     safe_t = tl.where(sampling, temp, 1.0)
     k_on = (k > 0) & (k < count)
     p_on = p < 1.0
@@ -204,17 +212,21 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     zc = tl.max(tl.load(ncmax_ptr + row * S + parts, mask=pmask, other=float("-inf")), axis=0)
     kc = tl.where(zc > float("-inf"), tl.math.div_rn(zmax - zc, safe_t).to(tl.int32, bitcast=True), BIG)
     in_u = ck < kc
-    n_u = tl.sum(in_u.to(tl.int32), axis=0)
-    tau = tl.max(tl.where(in_u, ck, 0), axis=0)
+    n_u = 0
+    if k_on:
+        n_u = tl.sum(in_u.to(tl.int32), axis=0)
     k_fast = sampling & k_on & (n_u >= k)  # the k-th smallest key of the row is the k-th smallest of U
+    tau = BIG  # the threshold, BIG until a search sets it (every key of U lies below it)
     if k_fast & (p_on | (DRAW == 0)):  # the draw below checks top-k alone itself
-        tau = _kth_key(ck, in_u, k, tau)
+        tau = _kth_key(ck, in_u, k, _largest(ck, in_u))
     mass_u = tl.sum(tl.where(in_u & (ck <= tau), w, 0.0), axis=0)  # U within top-k
-    # Z_K: with top-k on (and n_u >= k) K lies inside U; otherwise K is every finite token.
-    chunk_scale = tl.exp(-tl.math.div_rn(zmax - pmax, safe_t))
-    nc_mass = tl.sum(tl.where(pmask & (pmax > float("-inf")),
-                              tl.load(ncsum_ptr + row * S + parts, mask=pmask, other=0.0) * chunk_scale, 0.0), axis=0)
-    z_k = tl.where(k_on, mass_u, tl.sum(w, axis=0) + nc_mass)
+    z_k = mass_u  # Z_K, top-p's reference mass: with top-k on (and n_u >= k) K lies inside U
+    if (k_on == 0) & p_on:  # K is every finite token: the candidates and the non-candidates' summaries
+        chunk_scale = tl.exp(-tl.math.div_rn(zmax - pmax, safe_t))
+        nc_mass = tl.sum(tl.where(pmask & (pmax > float("-inf")),
+                                  tl.load(ncsum_ptr + row * S + parts, mask=pmask, other=0.0) * chunk_scale, 0.0),
+                         axis=0)
+        z_k = tl.sum(w, axis=0) + nc_mass
     limit = p * z_k
     # Every token outside U is excluded: by top-k (k keys of U lie below it), by top-p (U's mass
     # alone reaches the limit), by min-p (w < min_p at the largest non-candidate), or none exists.
@@ -230,10 +242,10 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
             drawn, tries = _proven_draw(score, cid, ck, w, in_u, k, limit, k_on & (p_on == 0), p_on, TRIES)
     search = fast & (drawn < 0)  # fast rows whose draw no proof settled (every fast row in probs)
     if search & k_on & (p_on == 0) & DRAW:
-        tau = _kth_key(ck, in_u, k, tau)
+        tau = _kth_key(ck, in_u, k, _largest(ck, in_u))
     if search & p_on:  # the largest t with mass(U, key < t) < top_p * Z_K; on keys <= kc that is the row's mass
         lo = 0
-        hi = tau
+        hi = tl.minimum(tau, _largest(ck, in_u))
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
             under = tl.sum(tl.where(in_u & (ck < mid), w, 0.0), axis=0) < limit
@@ -243,8 +255,11 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     if DRAW:
         if search:
             drawn = _best(tl.where(ck <= tau, score, float("-inf")), cid)
-    top = tl.math.div_rn(zmax - zmin, safe_t).to(tl.int32, bitcast=True)  # the largest key of the row
-    tau = tl.where(fast, tau, top)
+    top = tau
+    if fast == 0:
+        zmin = tl.min(tl.load(smin_ptr + row * S + parts, mask=pmask, other=float("inf")), axis=0)
+        top = tl.math.div_rn(zmax - zmin, safe_t).to(tl.int32, bitcast=True)  # the largest key of the row
+    tau = tl.where(fast, tau, top)  # a fast row's own: BIG where no filter of U needs one (min-p alone)
     # Top-p alone, without the fast path: _draw draws over {finite, w >= min_p} and _finish proves the
     # draw lies in A with one read of the row, instead of a descent of several reads here.
     verify = sampling & (fast == 0) & (k_on == 0) & p_on & VERIFY

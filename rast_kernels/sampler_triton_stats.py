@@ -55,16 +55,16 @@ def _entry_key(t, edge):
 
 
 @triton.jit
-def _floor(k0, k1, k2, k3, CAP: tl.constexpr):
-    """A key floor with at most CAP of the keys k0..k3 (ABSENT entries aside) at or above it, by a ternary
-    search: a round counts the keys at or above two pivots in one int32 sum (each count is at most
-    4 * BLOCK < 2**16), one block-wide reduction, and keeps a third of the range. FLOOR_ROUNDS rounds
-    leave it within 3**-FLOOR_ROUNDS of the key range above the lowest such floor, which only moves a few
-    near-floor tokens from the candidates to the summary (12 bisection steps took 12 reductions for 2**-12)."""
-    least = tl.minimum(tl.minimum(tl.where(k0 > ABSENT, k0, BIG), tl.where(k1 > ABSENT, k1, BIG)),
-                       tl.minimum(tl.where(k2 > ABSENT, k2, BIG), tl.where(k3 > ABSENT, k3, BIG)))
-    lo = tl.min(least, axis=0).to(tl.int64)
-    hi = tl.max(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)), axis=0).to(tl.int64) + 1  # nothing above
+def _floor(k0, k1, k2, k3, lo, hi, CAP: tl.constexpr):
+    """A key floor with at most CAP of the keys k0..k3 (ABSENT entries aside) at or above it, searched in
+    [lo, hi] (lo: at most the least key; hi: above the largest, known from the margin's edge and the
+    chunk max without a reduction) by a ternary search: a round counts the keys at or above two pivots in
+    one int32 sum (each count is at most 4 * BLOCK < 2**16), one block-wide reduction, and keeps a third
+    of the range. FLOOR_ROUNDS rounds leave it within 3**-FLOOR_ROUNDS of the range above the lowest such
+    floor, which only moves a few near-floor tokens from the candidates to the summary (12 bisection steps
+    took 12 reductions for 2**-12)."""
+    lo = lo.to(tl.int64)
+    hi = hi.to(tl.int64)
     for _ in range(FLOOR_ROUNDS):  # invariant: count(key >= hi) <= CAP
         m1 = lo + (hi - lo) // 3
         m2 = m1 + (hi - m1) // 2  # lo <= m1 <= m2 < hi while lo < hi
@@ -172,7 +172,8 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
             tl.where(gone > float("-inf"), _rel(gone, t0, scale), 0.0)
     m = tl.max(t0, axis=0)
     tl.store(smax_ptr + out, m)
-    tl.store(sidx_ptr + out, tl.min(tl.where(t0 == m, i0, BIG), axis=0))
+    if temp <= 0:  # the chunk's first max: only a row that does not sample reads it (as its mode)
+        tl.store(sidx_ptr + out, tl.min(tl.where(t0 == m, i0, BIG), axis=0))
     tl.store(smin_ptr + out, tl.min(low, axis=0))
     tl.store(scnt_ptr + out, tl.sum(cnt, axis=0))
 
@@ -187,7 +188,7 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
     n2 = (k2 > ABSENT).to(tl.int32)
     n3 = (k3 > ABSENT).to(tl.int32)
     if tl.sum(n0 + n1 + n2 + n3, axis=0) > CAP:
-        floor = _floor(k0, k1, k2, k3, CAP)
+        floor = _floor(k0, k1, k2, k3, _zkey(edge), _zkey(m).to(tl.int64) + 1, CAP)
         n0 = tl.where(k0 >= floor, n0, 0)
         n1 = tl.where(k1 >= floor, n1, 0)
         n2 = tl.where(k2 >= floor, n2, 0)

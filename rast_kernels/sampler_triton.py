@@ -12,8 +12,8 @@ sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe,
    work besides these four kernels (a fill per pair when λ is a Python scalar). Its loop over the
    chunk's blocks reduces nothing across lanes (rast_kernels.sampler_triton_stats): each lane keeps
    its LANE_KEEP = 4 best tokens (z, id) and summarises every token they displace by its max z and
-   sum exp((z - lane max)/T). At the chunk's end it writes the max z (first index), min z, finite
-   count, and up to CAP *candidates*, stored exactly as (id, z) in a [B, S, CAP] scratch: the lane
+   sum exp((z - lane max)/T). At the chunk's end it writes the max z (its first index on greedy rows),
+   min z, finite count, and up to CAP *candidates*, stored exactly as (id, z) in a [B, S, CAP] scratch: the lane
    entries with z >= (the chunk's max) - margin, cut to the best CAP by a key floor when more remain.
    Every other finite token is a *non-candidate*, summarised exactly by its max z and approximately by
    sum exp(-(m - z)/T) (m: chunk max). The margin (d-space, times T), LANE_KEEP and the floor are

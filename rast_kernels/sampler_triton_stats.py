@@ -109,8 +109,9 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
            offset_v, pf_ptr, pk_ptr, pi_ptr, smax_ptr, sidx_ptr, smin_ptr, scnt_ptr, cid_ptr, cz_ptr, ccnt_ptr,
            ncmax_ptr, ncsum_ptr, V, CHUNK, S, PAIRS: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
            WIDE: tl.constexpr, ROWS: tl.constexpr):
-    """Per chunk: max z (first index), min z, finite count, and up to CAP candidates stored exactly
-    (id, z): the best lane entries with z >= chunk max - margin, cut to CAP by a key floor (_floor).
+    """Per chunk: max z (its first index where the row does not sample), min z, finite count, and up to
+    CAP candidates stored exactly (id, z): the best lane entries with z >= chunk max - margin, cut to CAP
+    by a key floor (_floor).
     Every other finite token is a non-candidate, summarised by its max z and sum exp((z - m)/T) (m: the
     chunk max). Invariant: each finite token of the chunk is stored or summarised, never both: a lane
     entry is one or the other at the end, and a displaced token enters its lane's summary once.

@@ -65,18 +65,16 @@ with i.i.d. Gumbel g_i is distributed as w_i / sum_A w. probs() runs steps 1-2 (
 then sums w over A and writes w / sum_A w (that output is [B, V] by definition).
 
 HBM traffic of sample(), fast path: the inputs once (B*V*(1 + 2K) elements of the input dtype), plus
-O(B*S) partials, the candidates actually stored (8 bytes each, at most B*S*CAP) and their re-read
-in step 2. Off the fast path, a top-p row adds two reads: ``_draw``'s (split over S programs) and
-``_finish``'s proof (one program); other filtered rows add the descent's per-row passes (about 4-7
-with 16 buckets, one program) and ``_draw``'s read. Expected on an H100 (not measured here): the fast path near the HBM
-floor at large B. Whether rows take it depends on the data, WIDE, CAP and the chunk length: sample(batch,
-fast_out=t) reports it per row, and bench/sampler_fastpath.py measures it on LM-like rows under the
-launch plan of any GPU (interpreted on a CPU: the plan, not the hardware, decides). Rows with no
-filter at all always take the fallback. A token goes to the summary when its lane holds four better
-ones or the chunk's floor cuts it; that raises kc, so a row whose nucleus is wide (1000-2000 tokens)
-can miss the fast path where keeping each chunk's exact best CAP would not, more often the more tokens
-a lane meets (hence LANE_TOKENS). In a NumPy simulation of the GPU plans on bench/sampler.py's rows,
-keeping 2 per lane cost 3% of the fast paths at B = 32 and 256 and keeping 4 cost none.
+O(B*S) partials and the candidates stored (8 bytes each, at most B*S*CAP), read again in step 2. Off
+the fast path a top-p row adds two reads (``_draw``'s, ``_finish``'s proof); other filtered rows the
+descent's per-row passes (about 4-7 with 16 buckets) and ``_draw``'s read. Whether rows take it depends
+on the data, WIDE, CAP and the chunk length: sample(batch, fast_out=t) reports it per row, and
+bench/sampler_fastpath.py measures it on LM-like rows under the launch plan of any GPU (interpreted on
+a CPU: the plan, not the hardware, decides). Rows with no filter at all always take the fallback.
+A token goes to the summary when its lane holds four better ones or the chunk's floor cuts it; that
+raises kc, so a row whose nucleus is wide (1000-2000 tokens) can miss the fast path where keeping each
+chunk's exact best CAP would not, more often the more tokens a lane meets (hence LANE_TOKENS; keeping
+2 a lane instead of 4 cost 3% of the fast paths at B = 32 and 256 in a NumPy simulation).
 
 Bit agreement with the reference: z is computed pair by pair without FMA contraction
 (enable_fp_fusion=False) and d with IEEE division (div_rn), so z, d and the keys are the

@@ -255,11 +255,11 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
     if DRAW:
         if search:
             drawn = _best(tl.where(ck <= tau, score, float("-inf")), cid)
-    top = tau
+    top = tau  # a fast row keeps its own threshold: BIG where no filter of U needs one (min-p alone)
     if fast == 0:
         zmin = tl.min(tl.load(smin_ptr + row * S + parts, mask=pmask, other=float("inf")), axis=0)
         top = tl.math.div_rn(zmax - zmin, safe_t).to(tl.int32, bitcast=True)  # the largest key of the row
-    tau = tl.where(fast, tau, top)  # a fast row's own: BIG where no filter of U needs one (min-p alone)
+        tau = top
     # Top-p alone, without the fast path: _draw draws over {finite, w >= min_p} and _finish proves the
     # draw lies in A with one read of the row, instead of a descent of several reads here.
     verify = sampling & (fast == 0) & (k_on == 0) & p_on & VERIFY

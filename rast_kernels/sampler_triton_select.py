@@ -245,7 +245,9 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
         tau = _kth_key(ck, in_u, k, _largest(ck, in_u))
     if search & p_on:  # the largest t with mass(U, key < t) < top_p * Z_K; on keys <= kc that is the row's mass
         lo = 0
-        hi = tl.minimum(tau, _largest(ck, in_u))
+        hi = tau
+        if hi == BIG:  # no top-k search set it: start from U's largest key
+            hi = _largest(ck, in_u)
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
             under = tl.sum(tl.where(in_u & (ck < mid), w, 0.0), axis=0) < limit

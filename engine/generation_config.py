@@ -28,11 +28,9 @@ FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min
 FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
-def sampling_defaults(source: str, model: str, speculative: bool = False) -> dict[str, Any]:
+def sampling_defaults(source: str, model: str) -> dict[str, Any]:
     """The SamplingParams fields the generation config sets (empty when it sets none, or for "vllm").
-    ModelLoadError for a named directory without the file, or a file whose values SamplingParams refuses.
-    ``speculative``: the engine refuses penalized requests, so a default penalty is dropped (with a warning)
-    rather than refusing every request that leaves it unset."""
+    ModelLoadError for a named directory without the file, or a file whose values SamplingParams refuses."""
     if source == "vllm":
         return {}
     path = Path(model if source == "auto" else source) / "generation_config.json"
@@ -53,9 +51,6 @@ def sampling_defaults(source: str, model: str, speculative: bool = False) -> dic
         raise ModelLoadError(f"{path}: {exc}") from None
     if defaults:
         logger.info("default sampling parameters from %s: %s (generation_config='vllm' ignores them)", path, defaults)
-    if speculative and defaults.get("repetition_penalty", 1.0) != 1.0:
-        logger.warning("%s sets repetition_penalty=%s; speculative decoding takes no penalties, so requests "
-                       "that do not set their own decode without one", path, defaults.pop("repetition_penalty"))
     if defaults.get("repetition_penalty", 1.0) != 1.0:
         logger.warning("%s sets repetition_penalty=%s for every request that does not set its own: penalized "
                        "batches sample eagerly (the forward still replays its CUDA graph) and are not launched ahead "

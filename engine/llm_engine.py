@@ -42,8 +42,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         # the generation config's sampling fields, read before any model is loaded (generation_config.py)
-        self.sampling_defaults = sampling_defaults(config.generation_config, config.model,
-                                                   speculative=bool(config.speculative_tokens))
+        self.sampling_defaults = sampling_defaults(config.generation_config, config.model)
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":  # streams, events and Triton launches follow the current device
             torch.cuda.set_device(self.device)

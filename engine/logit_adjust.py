@@ -26,13 +26,14 @@ sequence on the host (its counts, the output's tail), so the engine never launch
 batch that holds one (SamplingParams.reads_output, LLMEngine._launch_ahead); the other adjustments need
 only the number of tokens so far, which the host always knows, so those steps may be launched ahead.
 An adjusted batch replays only the forward's CUDA graph (cuda_graph.py) and adjusts and samples eagerly:
-the sampler's graph reads a fixed set of pairs. Speculative decoding refuses adjusted requests. A row
+the sampler's graph reads a fixed set of pairs. Speculative rounds adjust each position as if the drafts
+before it were accepted (speculative/adjust.py) and refuse structured outputs. A row
 without adjustments in an adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence as Seq
 
 import torch
@@ -153,6 +154,8 @@ class Adjust:
     # the int32 host bitmask of the tokens structured outputs allow, computed when with_adjustments runs:
     # after the step's forwards are enqueued, so on CUDA the grammar matcher's host work overlaps them
     grammar_mask: Optional[Callable[[], torch.Tensor]] = None
+    # the ids min_tokens masks while the output is short (a speculative round decides it per position)
+    min_tokens_ids: list[int] = field(default_factory=list)
 
 
 def min_tokens_bans(params: SamplingParams, eos_token_ids: Collection[int]) -> list[int]:
@@ -167,8 +170,9 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
         return None
     generated = 0 if first_draw else seq.num_generated
     banned = _bad_word_bans(seq, generated) if p.bad_words_token_ids else []
+    stops = min_tokens_bans(p, eos_token_ids) if p.min_tokens else []
     if generated < p.min_tokens:
-        banned += min_tokens_bans(p, eos_token_ids)
+        banned += stops
     banned = list(dict.fromkeys(banned))
     group = seq.group
     if group.adjust_tensors is None:
@@ -176,7 +180,7 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
     if p.penalized and not first_draw and seq.output_counts is None:
         seq.output_counts = OutputCounts()
     return Adjust(group.adjust_tensors, banned, seq if p.penalized and not first_draw else None,
-                  functools.partial(grammar_bitmask, seq, first_draw) if group.grammar is not None else None)
+                  functools.partial(grammar_bitmask, seq, first_draw) if group.grammar is not None else None, stops)
 
 
 def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
@@ -196,7 +200,7 @@ def combined(logits: list[torch.Tensor], weights: torch.Tensor, vocab: int) -> t
     return combine(normalize(logits[0], list(zip(logits[1::2], logits[2::2])), weights=weights, vocab_size=vocab))
 
 
-def _bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: ToDevice) -> None:
+def bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: ToDevice) -> None:
     """Steps 0 to 2 on z [rows, V], in place (bans: step 0's bad words and step 2's, which commute)."""
     allowed = [(j, ids) for j, ids in enumerate(a.request.allowed(to_device) for a in adjusts) if ids is not None]
     if allowed:
@@ -220,36 +224,48 @@ def _bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device:
         z.index_put_((_rows_of(sizes, to_device), ids), torch.tensor(float("-inf"), device=z.device))
 
 
-def _penalize(z: torch.Tensor, ds: list[Draw], vocab: int, to_device: ToDevice) -> None:
-    """Step 3 on the penalized rows of z [rows, V], in place."""
-    at = [i for i, d in enumerate(ds) if d.params.penalized]
+def draw_counts(ds: Seq[Draw], vocab: int, to_device: ToDevice) -> list[Optional[torch.Tensor]]:
+    """Each draw's output counts [V] (None: not penalized, or a first draw with no output yet)."""
+    out: list[Optional[torch.Tensor]] = []
+    for d in ds:
+        seq = d.adjust.seq if d.params.penalized else None
+        out.append(None if seq is None else seq.output_counts.tensor(seq.token_ids, seq.num_prompt_tokens, vocab,
+                                                                     to_device))
+    return out
+
+
+def penalize(z: torch.Tensor, params: Seq[SamplingParams], requests: Seq[RequestTensors],
+             counts: Seq[Optional[torch.Tensor]], vocab: int, to_device: ToDevice) -> None:
+    """Step 3 on the penalized rows of z [rows, V], in place; row i's output counts are counts[i] (None:
+    no output yet)."""
+    at = [i for i, p in enumerate(params) if p.penalized]
     if not at:
         return
-    zero = None
-    counts = []
-    for i in at:
-        seq = ds[i].adjust.seq
-        if seq is None:  # a first draw: no output yet
-            zero = to_device(torch.zeros(vocab, dtype=torch.float32)) if zero is None else zero
-            counts.append(zero)
-        else:
-            counts.append(seq.output_counts.tensor(seq.token_ids, seq.num_prompt_tokens, vocab, to_device))
-    c = torch.stack(counts)  # [P, V]
+    zero = to_device(torch.zeros(vocab, dtype=torch.float32)) if any(counts[i] is None for i in at) else None
+    c = torch.stack([zero if counts[i] is None else counts[i] for i in at])  # [P, V]
     in_output = c > 0
     seen = in_output.clone()
-    rep_at = [j for j, i in enumerate(at) if ds[i].params.repetition_penalty != 1]
+    rep_at = [j for j, i in enumerate(at) if params[i].repetition_penalty != 1]
     if rep_at:
-        prompts = [ds[at[j]].adjust.request.prompt(vocab, to_device) for j in rep_at]
+        prompts = [requests[at[j]].prompt(vocab, to_device) for j in rep_at]
         rows = to_device(torch.tensor(rep_at, dtype=torch.int64)).index_select(0, _rows_of([len(p) for p in prompts],
                                                                                             to_device))
         seen.index_put_((rows, torch.cat(prompts)), torch.tensor(True, device=seen.device))
     rep, freq, pres = to_device(torch.tensor(
-        [[ds[i].params.repetition_penalty, ds[i].params.frequency_penalty, ds[i].params.presence_penalty]
+        [[params[i].repetition_penalty, params[i].frequency_penalty, params[i].presence_penalty]
          for i in at], dtype=torch.float32)).unsqueeze(2).unbind(1)
     at_t = to_device(torch.tensor(at, dtype=torch.int64))
     zp = z.index_select(0, at_t)
     zp = torch.where(seen, torch.where(zp > 0, zp / rep, zp * rep), zp) - freq * c - pres * in_output.float()
     z.index_copy_(0, at_t, zp)
+
+
+def adjustment_pair(z: torch.Tensor, adjusted: torch.Tensor, rows: torch.Tensor, num_rows: int) -> list[torch.Tensor]:
+    """The pair (bias, 0) whose weight-1 term turns the sampler's z into ``adjusted`` at ``rows``: bias is
+    adjusted − z where they differ (so an unchanged token's z stays exact) and 0 in every other row."""
+    bias = torch.zeros(num_rows, z.shape[1], dtype=torch.float32, device=z.device)
+    bias.index_copy_(0, rows, torch.where(adjusted != z, adjusted - z, torch.zeros_like(z)))
+    return [bias, torch.zeros(1, z.shape[1], dtype=torch.float32, device=z.device).expand(num_rows, -1)]
 
 
 def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: ToDevice, vocab: int
@@ -267,9 +283,8 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
     weights = to_device(torch.tensor([d.weights for d in ds], dtype=torch.float32).reshape(len(ds), -1))
     z = combined([t.index_select(0, rows) for t in logits], weights, vocab)
     adjusted = z.clone()
-    _bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device)
-    _penalize(adjusted, ds, vocab, to_device)
-    bias = torch.zeros(logits[0].shape[0], vocab, dtype=torch.float32, device=logits[0].device)
-    bias.index_copy_(0, rows, torch.where(adjusted != z, adjusted - z, torch.zeros_like(z)))
-    zeros = torch.zeros(1, vocab, dtype=torch.float32, device=bias.device).expand(bias.shape[0], vocab)
-    return logits + [bias, zeros], [replace(d, weights=list(d.weights) + [1.0]) for d in draws]
+    bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device)
+    penalize(adjusted, [d.params for d in ds], [d.adjust.request for d in ds], draw_counts(ds, vocab, to_device),
+             vocab, to_device)
+    return (logits + adjustment_pair(z, adjusted, rows, logits[0].shape[0]),
+            [replace(d, weights=list(d.weights) + [1.0]) for d in draws])

@@ -68,16 +68,15 @@ def test_llm_generate_without_params_uses_the_defaults(tmp_path: Path, qwen2_tri
     assert len(got) == 6 and len(neutral) == 16
 
 
-def test_a_speculative_engine_drops_a_default_penalty(tmp_path: Path, qwen2_triple: tuple,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    """Speculative engines refuse penalized requests; a generation config's repetition_penalty must not
-    make them refuse every request that leaves it unset."""
+def test_a_speculative_engine_keeps_a_default_penalty(tmp_path: Path, qwen2_triple: tuple) -> None:
+    """Speculative rounds adjust the logits as plain steps do (engine/speculative/adjust.py), so a
+    generation config's repetition_penalty applies, with the plain engine's greedy tokens."""
     large, rl, base = map(str, qwen2_triple)
-    llm = LLM(large, rl, base, generation_config=config_dir(tmp_path, "gc", GREEDY), speculative_tokens=2,
-              device="cpu", dtype="float32", kv_cache_blocks=64)
-    assert llm.get_default_sampling_params() == params_of({k: v for k, v in GREEDY.items() if k != "repetition_penalty"})
-    assert "speculative decoding takes no penalties" in caplog.text
-    assert len(llm.generate([5, 9, 9, 17], use_tqdm=False)[0].outputs[0].token_ids) == 6
+    kw = dict(generation_config=config_dir(tmp_path, "gc", GREEDY), device="cpu", dtype="float32", kv_cache_blocks=64)
+    llm = LLM(large, rl, base, speculative_tokens=2, **kw)
+    assert llm.get_default_sampling_params() == params_of(GREEDY)
+    got = llm.generate([5, 9, 9, 17], use_tqdm=False)[0].outputs[0].token_ids
+    assert len(got) == 6 and got == LLM(large, rl, base, **kw).generate([5, 9, 9, 17], use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_the_server_fills_omitted_fields(tmp_path: Path, server_triple: tuple, server_oracle: LLM) -> None:

@@ -106,17 +106,19 @@ def test_captured_rounds_equal_the_plain_engine_under_the_cuda_emulator(near_tri
 def test_gpu_rounds_give_the_plain_greedy_tokens(near_triple: tuple, draft: str, method: str, eager: bool) -> None:
     """The round natively on a GPU (Triton attention, layer ops and sampler; model streams; captured in
     CUDA graphs unless enforce_eager; tokens read back through pinned copies and an event), float32: the
-    plain engine's greedy tokens, with forks."""
+    plain engine's greedy tokens, with forks and a penalized request (its rounds run eagerly)."""
     kw = dict(lam=LAM, block_size=4, kv_cache_blocks=128, device="cuda", dtype="float32", max_model_len=48,
               max_num_seqs=8)
     params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1),
-              SamplingParams(temperature=0.0, max_tokens=9, n=2)]
+              SamplingParams(temperature=0.0, max_tokens=9, n=2),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3,
+                             logit_bias={7: 2.0})]
     plain = LLM(*near_triple, **kw)
     spec = LLM(*near_triple, speculative_tokens=4, speculative_draft=draft, speculative_method=method,
                enforce_eager=eager, **kw)
     runner = spec.llm_engine.runner
     assert runner.graphs is None and (runner.round_graphs is None) == eager and not spec.llm_engine.async_scheduling
-    assert _runs(spec, params * 2) == _runs(plain, params * 2)
+    assert _runs(spec, params + params[:1]) == _runs(plain, params + params[:1])  # one request a prompt
     stats = spec.llm_engine.stats()
     assert 0 < stats.spec_accepted_tokens_total < stats.spec_draft_tokens_total
 
@@ -148,3 +150,33 @@ def test_rounds_are_not_captured_over_flash_attention(near_triple: tuple, monkey
             DecodeGraphs((runner._round_step,), runner._pad_all, CUDA, max_rows=2).ensure(2)
     assert capture_safe("flash_attn", speculative=False) and not capture_safe("flash_attn", speculative=True)
     assert capture_safe("triton", speculative=True) and not capture_safe("torch", speculative=False)
+
+
+@interpreted
+def test_adjusted_rounds_run_eagerly_beside_captured_ones_under_the_cuda_emulator(near_triple: tuple,
+                                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    """A round's graph reads a fixed set of pairs, so a round holding a penalized request runs eagerly with
+    its adjustment pair (speculative/adjust.py); once that request ends, the rounds replay again. Tokens:
+    the plain engine's."""
+    from cuda_emulator import emulated_cuda
+    from rast_engine.cuda_graph import DecodeGraphs
+    from rast_engine.model_streams import ModelStreams
+
+    params = [SamplingParams(temperature=0.9, max_tokens=3, ignore_eos=True, seed=5, repetition_penalty=1.5,
+                             logit_bias={7: 3.0}),
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)]
+    prompts = [[12, 7, 60, 3], [70, 22, 14, 9, 31]]
+    want = _token_runs(_triton_llm(near_triple, max_model_len=24), prompts, params)
+    spec = _triton_llm(near_triple, max_model_len=24, speculative_tokens=2)
+    runner = spec.llm_engine.runner
+    eager: list[int] = []
+    monkeypatch.setattr(round_module, "round_core", lambda *a: (eager.append(a[2]), round_core(*a))[1])
+    with emulated_cuda(monkeypatch) as emu:
+        runner.streams = ModelStreams(CUDA, True)
+        runner.round_graphs = DecodeGraphs((runner._round_step,), runner._pad_all, CUDA, max_rows=4)
+        runner.round_graphs.buckets = [4]
+        runner.round_graphs.capture_all()
+        got = _token_runs(spec, prompts, params)
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    assert 2 in eager and emu.replays > 0

@@ -149,8 +149,9 @@ def test_constraints_are_checked(json_triple: tuple, tmp_path: Path) -> None:
         assert matcher.is_completed() == complete, text
     assert engine.grammars.compiler.cache_limit_bytes == GRAMMAR_CACHE_BYTES  # clients' constraints: bounded
     speculative = make_engine(json_triple, speculative_tokens=2)
-    with pytest.raises(RastError, match="speculative"):
+    with pytest.raises(RastError, match="not supported with speculative decoding") as info:
         speculative.add_request("x", PROMPT, SamplingParams(structured_outputs={"regex": "a"}))
+    assert info.value.param == "structured_outputs"
     assert not engine.groups and not speculative.groups
 
 

@@ -24,6 +24,7 @@ from rast_engine.pending import DrawLogprobs, DrawResult
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.sampling_params import signed64
 from rast_engine.speculative.accept import ACCEPT_SALT, DRAFT_SALT, RESIDUAL_SALT, accept_drafts
+from rast_engine.speculative.adjust import RoundAdjust
 
 if TYPE_CHECKING:
     from rast_engine.llm_engine import LLMEngine
@@ -131,13 +132,20 @@ def _draft_inputs(rl: list[torch.Tensor], base: list[torch.Tensor], weights: tor
     return base[0], list(zip(rl, base)), weights
 
 
+def _stacked(drafts: list[torch.Tensor], last: torch.Tensor) -> torch.Tensor:
+    """[R, j] int64: the drafts so far (j = 0: an empty column)."""
+    return torch.stack(drafts, dim=1) if drafts else last[:, None][:, :0]
+
+
 RoundOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]  # tokens, accepted, large, small
 
 
-def round_core(runner: ModelRunner, inp: RoundInputs, gamma: int, draft: str, method: str) -> RoundOutput:
-    """The round on the device, with no host sync (so a CUDA graph can capture it): tokens [R, γ + 1] (-1
-    past each row's run), accepted drafts [R], and the verify's logits (large [R * (γ + 1), V], then the
-    small models' in role order), rows in (sequence, position) order."""
+def round_core(runner: ModelRunner, inp: RoundInputs, gamma: int, draft: str, method: str,
+               adjust: Optional[RoundAdjust] = None) -> RoundOutput:
+    """The round on the device, with no host sync (so a CUDA graph can capture it unless ``adjust`` is
+    given): tokens [R, γ + 1] (-1 past each row's run), accepted drafts [R], and the verify's logits (large
+    [R * (γ + 1), V], then the small models' in role order, then with ``adjust`` the target's adjustment
+    pair), rows in (sequence, position) order."""
     bs, vocab, pairs = runner.block_size, runner.vocab_size, runner.pairs
     params, weights, offset = inp.params, inp.weights, inp.offset
     # coupled: the plain sampler's own seed, so a draft and the target's draw share their noise
@@ -158,6 +166,8 @@ def round_core(runner: ModelRunner, inp: RoundInputs, gamma: int, draft: str, me
     for j in range(gamma):
         per_step.append(small_step(ids, *inp.meta(inp.start + j, 1, bs, is_prefill=False)))
         logits, deltas, w = _draft_inputs(per_step[-1][0::2], per_step[-1][1::2], weights, draft)
+        if adjust is not None:  # position j, after the drafts so far
+            deltas, w = adjust.extend(logits, deltas, w, j, 1, _stacked(drafts, inp.last), keep=True)
         ids = rast_kernels.rast_sample(logits, deltas, weights=w, **params, seed=draft_seed, offset=offset + j,
                                        vocab_size=vocab, backend=runner.sampler)
         # -1 (the draft admits no token) becomes token 0: read as an input, then rejected (q = 0 there, or
@@ -178,18 +188,23 @@ def round_core(runner: ModelRunner, inp: RoundInputs, gamma: int, draft: str, me
     small = [torch.stack([step[r] for step in per_step], dim=1).flatten(0, 1) for r in range(2 * pairs)]
     drafted = tokens_in[:, 1:]
     rep = {k: v.repeat_interleave(gamma + 1) for k, v in params.items()}
-    target = dict(weights=weights.repeat_interleave(gamma + 1, dim=0), **rep, vocab_size=vocab, backend=runner.sampler)
+    pairs_t, weights_t = list(zip(small[0::2], small[1::2])), weights.repeat_interleave(gamma + 1, dim=0)
+    if adjust is not None:
+        pairs_t, weights_t = adjust.extend(large, pairs_t, weights_t, 0, gamma + 1, drafted)
+        small = small + list(pairs_t[-1])
+    target = dict(weights=weights_t, **rep, vocab_size=vocab, backend=runner.sampler)
     pos = torch.arange(gamma + 1, device=inp.start.device)
     if method == "coupled":
         # every position's target draw with the plain sampler's seed and offset: a draft passes iff it is
         # that draw, so the run is the plain sampler's tokens whatever the rounds
-        drawn = rast_kernels.rast_sample(large, list(zip(small[0::2], small[1::2])), **target,
+        drawn = rast_kernels.rast_sample(large, pairs_t, **target,
                                          seed=inp.seed.repeat_interleave(gamma + 1),
                                          offset=(offset[:, None] + pos).reshape(-1)).view(-1, gamma + 1)
         accepted = (drafted == drawn[:, :gamma]).to(torch.int64).cumprod(1).sum(1)
         tokens = torch.where(pos <= accepted[:, None], drawn, torch.full_like(drawn, -1))
     else:
-        accepted, tokens = _rejection(large, small, target, drafted, params, weights, draft, seeds, offset, gamma)
+        accepted, tokens = _rejection(large, small[:2 * pairs], pairs_t, target, drafted, params, weights, draft, seeds,
+                                      offset, gamma, adjust)
     return tokens, accepted, large, small
 
 
@@ -197,12 +212,14 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
               method: str = "coupled") -> PendingRound:
     """Draft γ tokens per sequence with the small models, verify them with the large one, accept/reject
     (under the caller's inference mode). Draw i belongs to sequence i. A round of the runner's full γ
-    whose batch fits a graph bucket replays that bucket's captured round (ModelRunner.round_graphs)."""
+    whose batch fits a graph bucket replays that bucket's captured round (ModelRunner.round_graphs), unless
+    a draw is adjusted (adjust.py): that round runs eagerly."""
     n, graphs = len(seqs), runner.round_graphs
-    bucket = graphs.bucket(n) if graphs is not None and gamma == runner.max_lookahead else None
+    adjust = RoundAdjust.build(seqs, draws, runner.vocab_size, runner._to_device)
+    bucket = graphs.bucket(n) if graphs is not None and gamma == runner.max_lookahead and adjust is None else None
     if bucket is None:
         tokens, accepted, large, small = round_core(runner, RoundInputs.from_host(runner, seqs, draws, gamma), gamma,
-                                                    draft, method)
+                                                    draft, method, adjust)
     else:
         graphs.ensure(bucket)  # a guard (all were captured at start); before fill: capture pads rows
         runner.fill_buffers(seqs, draws, bucket)
@@ -214,7 +231,8 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
     logprobs = None
     if any(d.params.logprobs is not None for d in draws):
         # every position's row, its token the one emitted there (-1 past the run: clamped, never read)
-        row_draws = [Draw(i * (gamma + 1) + j, d.params, d.weights, d.seed, d.offset + j)
+        extra = [1.0] if adjust is not None else []  # the adjustment pair's weight (small holds the pair)
+        row_draws = [Draw(i * (gamma + 1) + j, d.params, d.weights + extra, d.seed, d.offset + j)
                      for i, d in enumerate(draws) for j in range(gamma + 1)]
         logprobs = draw_logprobs([large] + small, row_draws, tokens.reshape(-1).clamp(min=0), runner._to_device,
                                  runner.vocab_size, runner.sampler)
@@ -227,15 +245,20 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
     return PendingRound(tokens, counts, logprobs, event)
 
 
-def _rejection(large: torch.Tensor, small: list[torch.Tensor], target: dict, drafted: torch.Tensor, params: dict,
-               weights: torch.Tensor, draft: str, seeds: dict, offset: torch.Tensor, gamma: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling's accept/reject on the full distributions (accept.py): (accepted, tokens)."""
+def _rejection(large: torch.Tensor, small: list[torch.Tensor], pairs_t: list, target: dict, drafted: torch.Tensor,
+               params: dict, weights: torch.Tensor, draft: str, seeds: dict, offset: torch.Tensor, gamma: int,
+               adjust: Optional[RoundAdjust]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling's accept/reject on the full distributions (accept.py): (accepted, tokens). q
+    is the distribution each draft was drawn from: with its draft step's adjustment pair."""
     bsz = drafted.shape[0]
-    p = rast_kernels.rast_probs(large, list(zip(small[0::2], small[1::2])), **target).view(bsz, gamma + 1, -1)
+    p = rast_kernels.rast_probs(large, pairs_t, **target).view(bsz, gamma + 1, -1)
     if gamma:
         rows = [t.view(bsz, gamma + 1, -1)[:, :gamma].flatten(0, 1) for t in small]
         logits, deltas, w = _draft_inputs(rows[0::2], rows[1::2], weights.repeat_interleave(gamma, dim=0), draft)
+        if adjust is not None:
+            if not isinstance(w, torch.Tensor):
+                w = torch.full((bsz * gamma, len(deltas)), float(w), dtype=torch.float32, device=logits.device)
+            deltas, w = deltas + [adjust.draft_pair()], torch.cat([w, w.new_ones(w.shape[0], 1)], dim=1)
         q = rast_kernels.rast_probs(logits, deltas, weights=w, **{k: v.repeat_interleave(gamma) for k, v in params.items()},
                                     vocab_size=target["vocab_size"], backend=target["backend"]).view(bsz, gamma, -1)
     else:

@@ -175,6 +175,8 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
             zmax_ptr, key_ptr, greedy_ptr, cnt_ptr, fast_ptr, tries_ptr, V, S,
             PAIRS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, LOG2_NB: tl.constexpr,
             SP: tl.constexpr, CAP: tl.constexpr, DRAW: tl.constexpr, VERIFY: tl.constexpr, TRIES: tl.constexpr):
+    # the high count of _kth_key counts keys <= a pivot below U's largest key, so at most SP * CAP - 1 <= 2^15 - 1:
+    # shifted by 16 it keeps the sign bit clear
     tl.static_assert(SP * CAP < 65536, "_kth_key packs two counts of the candidate tile into one int32")
     row = tl.program_id(0)
     parts = tl.arange(0, SP)

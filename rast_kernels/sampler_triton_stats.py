@@ -118,7 +118,8 @@ def _stats(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2s
     The row's parameters come raw (bit i of ROWS: parameter i is a tensor, else a scalar argument) and
     are clamped here; the chunk-0 program writes them to pf [temperature, top_p, min_p], pk [top_k] and
     pi [seed, offset] (each [3|1|2, B]), where the later kernels read them."""
-    tl.static_assert(4 * BLOCK < 65536, "_floor packs two counts of the lane entries into one int32")
+    # a count reaches 4 * BLOCK (every lane entry): below 2^15, the high one shifted by 16 keeps the sign bit clear
+    tl.static_assert(4 * BLOCK < 32768, "_floor packs two counts of the lane entries into one int32")
     row = tl.program_id(0)
     split = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)

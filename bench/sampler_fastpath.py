@@ -7,9 +7,10 @@ kernel (TRITON_INTERPRET=1) under the plan the fused sampler would pick on a GPU
 (132: an H100 SXM) for each batch size, on ``--rows`` sample rows; on a GPU it runs natively at the
 real batch size. Rows: bench/sampler.py's bf16 Zipf-like logits (entropy 1-4 nats) and RAST pairs.
 Writes bench/results/sampler-fastpath-<device>-<shortsha>.json: per configuration fast_fraction, and
-of the fast rows, proven_fraction (drawn without searching a threshold: ``_select``'s proven draw) and
-mean_tries / max_tries (candidate draws tried until one was proven; each try is three block-wide
-reductions where the top-p threshold search ran up to 31).
+of the fast rows, proven_fraction (drawn by ``_select``'s proven draw, not after searching the top-p
+threshold), k_searched_fraction (top-k with top-p: proven only after the top-k search, the rows Z_K's
+bounds left open) and mean_tries / max_tries (candidate draws tried until one was proven, in the last
+phase; each try is three or four block-wide reductions where the top-p threshold search ran up to 31).
 
     python bench/sampler_fastpath.py            # CPU: B-plans 1, 32, 256 at V=152064 (about 10 min)
     python bench/sampler_fastpath.py --quick    # seconds: a small vocabulary, 2 rows
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import device_name, git_sha, table, write_results  # noqa: E402
 from bench.sampler import TOP_P, lm_logits, rast_pair  # noqa: E402
 from rast_kernels import sampler_triton  # noqa: E402
+from rast_kernels.sampler_triton_select import K_SEARCHED  # noqa: E402
 from rast_kernels.batch import normalize  # noqa: E402
 
 GPU_BLOCK = 1024  # the block the fused sampler uses on a GPU (sampler_triton.launch_plan)
@@ -49,11 +51,13 @@ def measure(rows: int, plan_batch: int, vocab: int, pairs: int, top_k: int, min_
         block, chunk, splits, cap = sampler_triton.launch_plan(plan_batch, vocab, sms, block=GPU_BLOCK)
     fast, tries = (torch.empty(rows, dtype=torch.int64, device=device) for _ in range(2))
     sampler_triton.sample(batch, block=block, chunk=chunk, cap=cap, fast_out=fast, tries_out=tries)
-    proven = tries[tries > 0].float()  # only fast rows try draws
+    proven = tries[tries > 0]  # only fast rows try draws
+    k_searched = int((proven > K_SEARCHED.value).sum())
+    proven = (proven % K_SEARCHED.value).float()
     n_fast = max(int(fast.sum()), 1)
     return dict(plan_batch=plan_batch, rows=rows, vocab=vocab, pairs=pairs, top_k=top_k, min_p=min_p,
                 chunk=chunk, splits=splits, cap=cap, fast_fraction=round(float(fast.float().mean()), 4),
-                proven_fraction=round(proven.numel() / n_fast, 4),
+                proven_fraction=round(proven.numel() / n_fast, 4), k_searched_fraction=round(k_searched / n_fast, 4),
                 mean_tries=round(float(proven.mean()), 3) if proven.numel() else None,
                 max_tries=int(proven.max()) if proven.numel() else None)
 
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(measure(rows, b, v, k, top_k, min_p, sms, device, gen))
         r = results[-1]
         print(f"plan B={b} V={v} K={k} top_k={top_k} min_p={min_p}: fast {r['fast_fraction']}, proven "
-              f"{r['proven_fraction']}, tries {r['mean_tries']} (max {r['max_tries']})", flush=True)
+              f"{r['proven_fraction']} (after the top-k search {r['k_searched_fraction']}), tries {r['mean_tries']} "
+              f"(max {r['max_tries']})", flush=True)
     emulated = device.type != "cuda"
     print(f"fused sampler fast path | device: {device_name(device)} | commit: {git_sha()} | plan for {sms} SMs"
           f"{' (emulated: interpreted kernel)' if emulated else ''} | T=1 top_p={TOP_P}")

@@ -21,7 +21,7 @@ draw (``proven_fraction``: the rows its first PROOF_TRIES draws settled; rast_ke
 Since then ``_stats``' block loop keeps lane-local lists and reduces nothing across lanes (no barrier
 per block; 128 registers, its cap, at its default 8 warps, 254 at 4, 64 and 8 spilled bytes at 16), so its warps
 trade occupancy against the width of the chunk-end reductions: the sweep times 4, 8 and 16. Its lanes
-keep 4 tokens each, so chunks are cut to sampler_triton.LANE_TOKENS blocks (7 chunks of 512 candidates
+keep 4 tokens each, so chunks are cut to sampler_triton_plan.LANE_TOKENS blocks (7 chunks of 512 candidates
 at B = 256 where 4 programs per SM gave 3 of 1024): one row per batch size where that cut applies times
 the uncut chunk, whose fast-path rate and time say whether the cut's extra chunk ends pay.
 A narrower margin admits fewer candidates (less for the chunk's floor search to cut), but
@@ -57,14 +57,14 @@ WIDES = (8.0, 12.0)  # beside sampler_triton.WIDE (10)
 
 def caps(default: int) -> list[int]:
     """The default CAP and CAP / 2, CAP / 4 (at least 4): the default already fills _select's tile of
-    sampler_triton.TILE slots, and a larger one would double it (more registers, likely spills)."""
+    sampler_triton_plan.TILE slots, and a larger one would double it (more registers, likely spills)."""
     return sorted({c for c in (default // 4, default // 2, default) if c >= 4})
 
 
 def plans(default_cap: int, quick: bool) -> list[tuple[int, int, int, float, bool]]:
     """(CAP, _stats warps, _select warps, WIDE, long chunks): every CAP with each _stats warp count, then
     _select's warps and the margin each at the default plan (each distinct plan compiles its kernels
-    anew), then the default CAP over chunks not cut to sampler_triton.LANE_TOKENS blocks (run only where
+    anew), then the default CAP over chunks not cut to sampler_triton_plan.LANE_TOKENS blocks (run only where
     that cut changes the plan: B >= 128 at V = 152064 on an H100).
     Interpreted, warps change nothing and a plan takes seconds: two plans show that the sweep works."""
     wide = sampler_triton.WIDE

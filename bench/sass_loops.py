@@ -39,7 +39,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bench.common import git_sha, now, table  # noqa: E402
-from rast_kernels import sampler_triton  # noqa: E402
+from rast_kernels import sampler_triton, sampler_triton_plan  # noqa: E402
 from test_sampler_compile import ALIGNED_INTS, _signature  # noqa: E402
 
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -76,7 +76,7 @@ def cubin_of(kernel: str, splits: int, cap: int, num_warps: int, pairs: int = 1)
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     options = dict(enable_fp_fusion=False, num_warps=num_warps)
     if kernel == "stats":  # as sampler_triton launches it
-        options["maxnreg"] = sampler_triton.stats_maxnreg(num_warps)
+        options["maxnreg"] = sampler_triton_plan.stats_maxnreg(num_warps)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 

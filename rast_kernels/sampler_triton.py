@@ -36,13 +36,15 @@ sample() launches four kernels, with grids fixed by the shapes (CUDA-graph safe,
      (the slack covers tl.exp's error, see below, so no monotonicity of exp is assumed).
    Then A is a subset of U, tau applied to the whole row gives the same A, and the Gumbel-max draw
    over U is the draw over the row: same d bit for bit (z stored exactly, same div_rn), same RNG
-   per token id, max of the same scores, lowest id on ties. When sampling, a fast row does not search
-   a top-p threshold (or a lone top-k one) before it draws: it takes the best score x over U (min-p
-   and a searched top-k applied) and keeps it iff the test that decides tau keeps x's key (top-p:
-   mass(U, key < key_x) < top_p * Z_K, the same sum; top-k: fewer than k keys of U below key_x),
-   else rejects every key >= key_x and tries the next best (``_proven_draw``). The first x kept is
-   the best score over A, so the same token; three block-wide reductions a try instead of up to 31
-   rounds, and after PROOF_TRIES failures the row searches tau as above. Otherwise (decided per row on the
+   per token id, max of the same scores, lowest id on ties. When sampling, a fast row searches no
+   threshold before it draws: it takes the best score x over U (min-p applied) and keeps it iff the
+   test that decides tau keeps x's key (top-p: mass(U, key < key_x) < top_p * Z_K, the same sum;
+   top-k: fewer than k keys of U below key_x), else rejects every key >= key_x and tries the next
+   best (``_proven_draw``). With both, Z_K is bounded rather than searched (x in top-k puts
+   mass(U, key < key_x) + w_x <= Z_K <= mass(U)), and a draw the bounds leave open makes the row
+   search top-k, then draw as a top-p row. The first x kept is the best score over A, so the same
+   token; three or four block-wide reductions a try instead of up to 31 rounds (and about 9-13 of the
+   top-k search), and after PROOF_TRIES failures the row searches tau as above. Otherwise (decided per row on the
    device) it runs the exact radix descent over the whole row (``_descent``: several reads of the
    row by one program), except for rows filtered by top-p without top-k when sampling
    (``VERIFY_ROW``): those leave tau at the row's largest key, so A' = {finite, w >= min_p}, for step 4.
@@ -96,10 +98,11 @@ from __future__ import annotations
 import torch
 
 from rast_kernels.batch import PARAMS, SamplingBatch
-from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
+from rast_kernels.launch import exact_fp_options, next_pow2
 from rast_kernels.reference import combine
 from rast_kernels.sampler_triton_finish import _finish
 from rast_kernels.sampler_triton_kernels import _draw, _write_probs
+from rast_kernels.sampler_triton_plan import _buckets, _hist_block, _plan, _stats_options, _warps, launch_plan
 from rast_kernels.sampler_triton_select import _select
 from rast_kernels.sampler_triton_stats import _stats
 
@@ -107,46 +110,8 @@ __all__ = ["sample", "probs", "launch_plan"]
 
 MAX_PAIRS = 4  # more pairs are pre-combined in float32 by the reference formula (same rounding)
 WIDE = 10.0  # candidate margin in nats for rows filtered by top-k or top-p (a heuristic, see above)
-TILE = 4096  # candidates per row held in registers by _select (S * CAP <= TILE up to rounding)
 PROOF_TRIES = 8  # candidate draws _select tries to prove before it searches the threshold (_proven_draw)
 DRAWS = 8  # Gumbel draws per chunk kept for _finish's proof; all 8 fall outside A w.p. ~ (1 - top_p)^8
-# The most blocks a chunk spans on a GPU: each lane of _stats meets at most this many tokens and keeps 4, so
-# longer chunks lose more of a wide nucleus to the summary (simulated and interpreted: docs/benchmarks.md,
-# "_stats, statically"). Peaked rows are unaffected either way.
-LANE_TOKENS = 24
-STATS_WARPS = 8  # _stats' default num_warps
-
-
-def launch_plan(rows: int, vocab: int, sms: int | None, block: int | None = None, chunk: int | None = None,
-                cap: int | None = None, lane_tokens: int | None = LANE_TOKENS) -> tuple[int, int, int, int]:
-    """(BLOCK, CHUNK, S, CAP) for ``rows`` rows on a GPU with ``sms`` SMs (None: the CPU interpreter):
-    chunks are whole blocks; S chunks per row give about 4 programs per SM, and on a GPU at most
-    ``lane_tokens`` blocks each (None: no such cut, for bench/sampler_plans.py); CAP (a power of two,
-    candidates kept per chunk) fills a TILE-sized tile in _select. Any argument given is kept."""
-    if block is None:
-        block = 128 if interpreting() else 1024
-    block = min(block, next_pow2(vocab))
-    if chunk is None:
-        if sms is None:
-            splits = min(4, cdiv(vocab, block))
-        else:
-            splits = max(1, min(cdiv(4 * sms, rows), cdiv(vocab, block)))
-            if lane_tokens is not None:
-                splits = max(splits, cdiv(vocab, lane_tokens * block))
-        chunk = cdiv(vocab, splits)
-    chunk = cdiv(max(chunk, 1), block) * block
-    splits = cdiv(vocab, chunk)
-    if cap is None:
-        cap = min(next_pow2(chunk), max(16, TILE // next_pow2(splits)))
-    if cap < 1 or cap & (cap - 1):
-        raise ValueError(f"cap (candidates per chunk) must be a power of two >= 1, got {cap}")
-    return block, chunk, splits, cap
-
-
-def _plan(batch: SamplingBatch, block: int | None, chunk: int | None, cap: int | None) -> tuple[int, int, int, int]:
-    dev = batch.logits.device
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else None
-    return launch_plan(batch.batch, batch.vocab, sms, block, chunk, cap)
 
 
 def _inputs(batch: SamplingBatch) -> tuple[list, int]:
@@ -174,41 +139,6 @@ def _raw_params(batch: SamplingBatch) -> tuple[list, int]:
             args += [value.tensor.contiguous(), 0]
             rows |= 1 << i
     return args, rows
-
-
-def _warps(warps: int | None, default: int | None) -> dict:
-    """The num_warps launch option: none under the interpreter (it runs one program as whole arrays)."""
-    if warps is not None and (warps < 1 or warps & (warps - 1)):
-        raise ValueError(f"num_warps must be a power of two >= 1, got {warps}")
-    chosen = default if warps is None else warps
-    return {} if interpreting() or chosen is None else {"num_warps": chosen}
-
-
-def stats_maxnreg(warps: int) -> int:
-    """_stats' register cap: two programs of ``warps`` warps share an SM's 64K registers. Uncapped, ptxas
-    gave it 133 at 8 warps, as the launcher specialises it (aligned rows), which leaves one; capped at
-    128 it spills nothing (bench/sass_loops.py)."""
-    return min(255, 65536 // (2 * 32 * warps))
-
-
-def _stats_options(warps: int | None) -> dict:
-    """_stats' launch options: num_warps and the register cap; none under the interpreter."""
-    options = _warps(warps, STATS_WARPS)
-    return {**options, "maxnreg": stats_maxnreg(options["num_warps"])} if options else {}
-
-
-def _buckets(nb: int | None) -> int:
-    if nb is None:  # the interpreter pays per operation, not per element: fewer, wider passes
-        nb = 256 if interpreting() else 16
-    if nb < 4 or nb & (nb - 1):
-        raise ValueError(f"nb (histogram buckets) must be a power of two >= 4, got {nb}")
-    return nb
-
-
-def _hist_block(block: int) -> int:
-    """The descent's block: one token per thread of _select's 8 warps keeps its [BLOCK, NB] partials in
-    registers."""
-    return block if interpreting() else min(256, block)
 
 
 def _stats_and_select(batch: SamplingBatch, draw: bool, block: int | None, chunk: int | None, nb: int,
@@ -253,7 +183,8 @@ def sample(batch: SamplingBatch, *, block: int | None = None, chunk: int | None 
     launch plan, e.g. in tests and bench/sampler_plans.py. fast_out, an int64 [B] tensor, receives 1
     for rows that took the fast path and 0 otherwise; path_out, likewise, 2 for the fast path, 1 for a
     verified draw and 0 otherwise; tries_out, likewise, how many candidate draws a fast row tried
-    before one was proven, 0 where its threshold was searched (for tests and benchmarks)."""
+    before one was proven, plus K_SEARCHED (16) where that was after its top-k search, and 0 where its
+    threshold was searched (for tests and benchmarks)."""
     bsz, dev = batch.batch, batch.logits.device
     for name, t in (("fast_out", fast_out), ("path_out", path_out), ("tries_out", tries_out)):
         if t is not None and (t.shape != (bsz,) or t.dtype != torch.int64 or t.device != dev or not t.is_contiguous()):

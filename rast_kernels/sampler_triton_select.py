@@ -11,7 +11,12 @@ import triton.language as tl
 from rast_kernels.sampler_triton_common import BIG, _gumbel_score, _row_key, _z, _zkey
 
 MINP_SLACK = tl.constexpr(1.0 - 2.0**-10)  # >> tl.exp's error (sampler_triton): no monotonicity assumed
+# bounds on a float32 sum of at most SP * CAP positive terms, as another reduction order would round it: its
+# relative error is below 2^-17 or so (a tree of depth <= 16 plus a thread's own terms), far inside 2^-10
+SUM_LOW = tl.constexpr(1.0 - 2.0**-10)
+SUM_HIGH = tl.constexpr(1.0 + 2.0**-10)
 NO_RANK = tl.constexpr(-(2**63))  # _proven_draw's rank of a slot it cannot draw
+K_SEARCHED = tl.constexpr(16)  # added to tries_out where a row's draws were proven only after its top-k search
 VERIFY_ROW = tl.constexpr(-3)  # fast-flag mark: top-p alone, drawn over {finite, w >= min_p}, checked by _finish
 
 
@@ -136,7 +141,7 @@ def _best(score, cid):
 
 
 @triton.jit
-def _proven_draw(score, cid, ck, w, in_u, k, limit, k_check, p_check, TRIES: tl.constexpr):
+def _proven_draw(score, cid, ck, w, in_u, k, limit, k_check, p_check, kp_check, p, mass_u, TRIES: tl.constexpr):
     """(the draw over A, tries) or (-1, 0) when TRIES draws prove nothing. Each try takes the best score x
     left (-inf off the set: U within top-k's key when it is known, min-p applied) and checks the filter
     that is left, as its threshold search would decide it, without searching: top-k alone keeps x iff
@@ -144,7 +149,14 @@ def _proven_draw(score, cid, ck, w, in_u, k, limit, k_check, p_check, TRIES: tl.
     the mass of U below its key is < limit (the bisection's own sum and test, monotone in the key). A
     kept x is the best score over A, since A lies within the set. A rejected x rejects every key >= its
     own, so the next try draws from the rest. With top_p = 0.95 the first try fails with probability
-    about 0.05, where the search takes up to 31 block-wide reductions; a try takes three."""
+    about 0.05, where the search takes up to 31 block-wide reductions; a try takes three.
+
+    kp_check: top-k with top-p before the top-k search, so limit = top_p * Z_K is not known. Z_K is
+    bounded instead: if fewer than k keys lie below x's, every key <= x's is within top-k, so
+    mass(U, key < kx) + w_x <= Z_K; and Z_K <= mass(U) (mass_u: top-k lies within U). x is kept when the
+    mass below it is under top_p times the lower bound, rejected when it is at least top_p times the
+    upper bound or x is outside top-k, each with SUM_LOW / SUM_HIGH's slack for the rounding of Z_K's own
+    sum; in between the draws stop undecided and the row searches top-k. A try then takes four."""
     # (score, -id) as one int64, so one max finds the best score and, on ties, the lowest id; scores are
     # keyed in order, -0.0 as +0.0 (they compare equal); slots off the set rank below every candidate
     ranked = (_zkey(tl.where(score == 0.0, 0.0, score)).to(tl.int64) << 32) | (BIG - cid.to(tl.int64))
@@ -152,17 +164,31 @@ def _proven_draw(score, cid, ck, w, in_u, k, limit, k_check, p_check, TRIES: tl.
     bound = BIG  # the slots left have keys < bound: a rejected x rejects every key >= its own
     drawn = -1
     tries = 0
-    while (drawn < 0) & (tries < TRIES):
+    undecided = tries < 0
+    while (drawn < 0) & (tries < TRIES) & (undecided == 0):
         tries += 1
         best = tl.max(tl.where(ck < bound, ranked, NO_RANK), axis=0)
         x = -best.to(tl.int32) + BIG
         kx = tl.max(tl.where((cid == x) & (ranked > NO_RANK) & (ck < bound), ck, -1), axis=0)
         before = in_u & (ck < kx)
         kept = kx >= 0
+        n_before = 0
+        if k_check | kp_check:
+            n_before = tl.sum(before.to(tl.int32), axis=0)
+        m_before = 0.0
+        if p_check | kp_check:
+            m_before = tl.sum(tl.where(before, w, 0.0), axis=0)
         if k_check:
-            kept = kept & (tl.sum(before.to(tl.int32), axis=0) < k)
+            kept = kept & (n_before < k)
         if p_check:
-            kept = kept & ((kx == 0) | (tl.sum(tl.where(before, w, 0.0), axis=0) < limit))
+            kept = kept & ((kx == 0) | (m_before < limit))
+        if kp_check:
+            w_x = tl.exp(-kx.to(tl.float32, bitcast=True))  # x's own w: the same d, the same exp
+            in_k = n_before < k
+            sure_in = in_k & ((kx == 0) | (m_before < p * ((m_before + w_x) * SUM_LOW)))
+            sure_out = (in_k == 0) | ((kx != 0) & (m_before >= p * (mass_u * SUM_HIGH)))
+            kept = kept & sure_in
+            undecided = (kx >= 0) & (sure_in == 0) & (sure_out == 0)
         drawn = tl.where(kept, x, -1)
         bound = tl.where(kept, bound, kx)
     return drawn, tl.where(drawn >= 0, tries, 0)
@@ -219,7 +245,9 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
         n_u = tl.sum(in_u.to(tl.int32), axis=0)
     k_fast = sampling & k_on & (n_u >= k)  # the k-th smallest key of the row is the k-th smallest of U
     tau = BIG  # the threshold, BIG until a search sets it (every key of U lies below it)
-    if k_fast & (p_on | (DRAW == 0)):  # the draw below checks top-k alone itself
+    # top-k with top-p, drawn: the draws bound Z_K before any top-k search (_proven_draw's kp_check)
+    k_later = k_fast & p_on & (DRAW != 0) & (TRIES > 0)
+    if k_fast & (p_on | (DRAW == 0)) & (k_later == 0):  # the draw below checks top-k alone itself
         tau = _kth_key(ck, in_u, k, _largest(ck, in_u))
     mass_u = tl.sum(tl.where(in_u & (ck <= tau), w, 0.0), axis=0)  # U within top-k
     z_k = mass_u  # Z_K, top-p's reference mass: with top-k on (and n_u >= k) K lies inside U
@@ -241,10 +269,18 @@ def _select(l_ptr, l_stride, r0, r0s, b0, b0s, r1, r1s, b1, b1s, r2, r2s, b2, b2
         rkey = _row_key(tl.load(seed_ptr + row), tl.load(offset_ptr + row))
         score = tl.where(in_u & (ck <= tau) & (w >= min_p), _gumbel_score(cid, rkey, d), float("-inf"))
         if fast:
-            drawn, tries = _proven_draw(score, cid, ck, w, in_u, k, limit, k_on & (p_on == 0), p_on, TRIES)
+            drawn, tries = _proven_draw(score, cid, ck, w, in_u, k, limit, k_on & (p_on == 0), p_on & (k_later == 0),
+                                        k_later, p, mass_u, TRIES)
     search = fast & (drawn < 0)  # fast rows whose draw no proof settled (every fast row in probs)
-    if search & k_on & (p_on == 0) & DRAW:
-        tau = _kth_key(ck, in_u, k, _largest(ck, in_u))
+    if DRAW:
+        if search & k_on & ((p_on == 0) | k_later):  # the top-k search the draws did without
+            tau = _kth_key(ck, in_u, k, _largest(ck, in_u))
+            if k_later:  # Z_K, so top-p's limit, now known: prove draws within top-k as any top-p row does
+                limit = p * tl.sum(tl.where(in_u & (ck <= tau), w, 0.0), axis=0)
+                drawn, tries = _proven_draw(tl.where(ck <= tau, score, float("-inf")), cid, ck, w, in_u, k, limit,
+                                            False, True, False, p, mass_u, TRIES)
+                tries = tl.where(drawn >= 0, tries + K_SEARCHED, 0)
+                search = drawn < 0
     if search & p_on:  # the largest t with mass(U, key < t) < top_p * Z_K; on keys <= kc that is the row's mass
         lo = 0
         hi = tau

@@ -17,5 +17,7 @@ def test_quick_run_writes_fast_fractions(tmp_path: Path) -> None:
     one = [r for r in rows if r["plan_batch"] == 1]
     assert all(r["splits"] == 8 and r["chunk"] == 1024 for r in one)  # 8192 tokens in 1024-token chunks
     assert all(r["fast_fraction"] == 1.0 for r in rows), rows
-    # top_p 0.95 on peaked rows: a draw settles each fast row within PROOF_TRIES tries
+    # top_p 0.95 on peaked rows: a draw settles each fast row within PROOF_TRIES tries; only top-k rows
+    # (with top-p) may need their top-k search first
     assert all(r["proven_fraction"] == 1.0 and 1 <= r["mean_tries"] <= r["max_tries"] <= 8 for r in rows), rows
+    assert all(r["k_searched_fraction"] == 0.0 for r in rows if r["top_k"] == 0), rows

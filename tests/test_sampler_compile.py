@@ -23,12 +23,13 @@ def _kernels() -> list[tuple]:
     """(kernel, constexprs, compile options) as sample() and probs() launch them at Qwen2.5's vocabulary
     on a 132-SM GPU for batches 1, 32 and 256 (each plan its own S and CAP), plus scalar parameters."""
     from rast_kernels import sampler_triton as st
+    from rast_kernels import sampler_triton_plan as plan
     from rast_kernels.launch import next_pow2
 
     # scalar ints equal to 1 reach the kernel as constexprs (the launcher specialises them)
     ones = dict(topk_v=1, seed_v=1, offset_v=1)
     eight = {"num_warps": 8}
-    stats = {"num_warps": st.STATS_WARPS, "maxnreg": st.stats_maxnreg(st.STATS_WARPS)}
+    stats = {"num_warps": plan.STATS_WARPS, "maxnreg": plan.stats_maxnreg(plan.STATS_WARPS)}
     out = [(st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0b010000), stats),  # scalars, the seed a tensor
            (st._stats, dict(BLOCK=1024, CAP=1024, WIDE=st.WIDE, ROWS=0, **ones), stats),
            (st._draw, dict(SUM_MASS=False, BLOCK=1024, M=st.DRAWS), {}),

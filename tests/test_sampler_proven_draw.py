@@ -130,3 +130,33 @@ def test_kth_key_search_on_consecutive_keys() -> None:
             fast = torch.empty(len(ks), dtype=torch.int64, device=DEVICE)
             ids = sampler_triton.sample(batch, proof_tries=0, fast_out=fast)
             assert torch.equal(ids, reference.sample(batch)) and fast.tolist() == [1] * len(ks)
+
+
+def test_top_k_with_top_p_is_proven_by_bounds_or_after_its_search() -> None:
+    """Top-k with top-p before the top-k search: mass(U, key < x) + w_x <= Z_K <= mass(U) decides most
+    draws (tries below K_SEARCHED); the rest search top-k, then prove a draw against the exact limit
+    (tries K_SEARCHED + n). Peaked rows and rows whose k-th key is tied many times over (top-k keeps every
+    tie, so Z_K holds more than k tokens), fp32 and bf16: every token is the reference's."""
+    from rast_kernels.sampler_triton_select import K_SEARCHED
+
+    searched_mark = int(K_SEARCHED.value)
+
+    gen = torch.Generator().manual_seed(33)
+    peaked = torch.randn(ROWS, 400, generator=gen) * 3.0
+    tied = torch.full((ROWS, 400), -30.0)
+    for r in range(ROWS):  # three tokens above twelve tied at 1.0: top_k = 5 keeps all fifteen
+        ids = torch.randperm(400, generator=gen)[:15]
+        tied[r, ids[:3]] = torch.tensor([1.5, 2.0, 2.5])
+        tied[r, ids[3:]] = 1.0
+    top_k = torch.tensor([3, 10, 30, 5] * (ROWS // 4), dtype=torch.int32)
+    top_p = torch.tensor([0.5, 0.8, 0.95, 0.3, 0.9, 0.6, 0.99, 0.7] * (ROWS // 8))
+    bounded = searched = 0
+    for logits, k in ((peaked, top_k), (peaked.to(torch.bfloat16), top_k), (tied, torch.full_like(top_k, 5))):
+        for seed in range(2):
+            batch = normalize(logits.to(DEVICE), (), top_k=k.to(DEVICE), top_p=top_p.to(DEVICE),
+                              seed=torch.arange(ROWS, device=DEVICE) * 5 + 50 * seed)
+            _, tries = _tries(batch)
+            assert int((tries == 0).sum()) == 0
+            bounded += int((tries < searched_mark).sum())
+            searched += int((tries > searched_mark).sum())
+    assert bounded > 2 * searched > 0  # the bounds settle most rows; some still search

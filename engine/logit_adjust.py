@@ -27,7 +27,7 @@ batch that holds one (SamplingParams.reads_output, LLMEngine._launch_ahead); the
 only the number of tokens so far, which the host always knows, so those steps may be launched ahead.
 An adjusted batch replays only the forward's CUDA graph (cuda_graph.py) and adjusts and samples eagerly:
 the sampler's graph reads a fixed set of pairs. Speculative rounds adjust each position as if the drafts
-before it were accepted (speculative/adjust.py) and refuse structured outputs. A row
+before it were accepted (speculative/adjust.py); a batch holding a structured output decodes plainly. A row
 without adjustments in an adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
 """
 from __future__ import annotations

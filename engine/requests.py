@@ -106,10 +106,6 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     if params.stop_list and engine.tokenizer is None:
         raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
                         "use stop_token_ids")
-    if params.structured_outputs is not None and engine.config.speculative_tokens:
-        raise RastError("structured_outputs is not supported with speculative decoding (each draft would need the "
-                        "grammar advanced on the host between draft steps); use an engine without "
-                        "speculative_tokens", param="structured_outputs")
     check_token_ids("logit_bias", params.logit_bias, engine.vocab_size)
     check_token_ids("allowed_token_ids", params.allowed_token_ids, engine.vocab_size)
     if params.bad_words:

@@ -148,11 +148,7 @@ def test_constraints_are_checked(json_triple: tuple, tmp_path: Path) -> None:
         assert all(matcher.accept_token(t) for t in engine.tokenizer.encode(text, add_special_tokens=False)), text
         assert matcher.is_completed() == complete, text
     assert engine.grammars.compiler.cache_limit_bytes == GRAMMAR_CACHE_BYTES  # clients' constraints: bounded
-    speculative = make_engine(json_triple, speculative_tokens=2)
-    with pytest.raises(RastError, match="not supported with speculative decoding") as info:
-        speculative.add_request("x", PROMPT, SamplingParams(structured_outputs={"regex": "a"}))
-    assert info.value.param == "structured_outputs"
-    assert not engine.groups and not speculative.groups
+    assert not engine.groups
 
 
 def test_a_constraint_finished_before_min_tokens_names_its_request(json_triple: tuple) -> None:
@@ -226,3 +222,18 @@ def test_the_server_takes_response_format_and_structured_outputs(json_triple: tu
         assert client.completions.create(model=MODEL, prompt="hi", max_tokens=3).choices[0].text
     finally:
         running.close()
+
+
+def test_a_speculative_engine_decodes_structured_outputs_plainly(json_triple: tuple) -> None:
+    """A batch holding a structured output decodes in plain steps (its grammar would have to follow each
+    draft on the host), so the speculating engine gives the plain engine's tokens for it and for its
+    batch-mates; once it has finished, the others go back to rounds."""
+    structured = SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=CASES["regex"])
+    free = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    requests = {"so": (PROMPT, structured), "free": ([7, 30, 4, 9], free)}
+    want = run(make_engine(json_triple), requests)
+    speculative = make_engine(json_triple, speculative_tokens=2)
+    got = run(speculative, requests)
+    assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}
+    assert satisfied("regex", got["so"][0].text) and len(got["so"][0].token_ids) < 12
+    assert speculative.stats().spec_draft_tokens_total > 0  # rounds ran after the structured output ended

@@ -15,7 +15,7 @@ What depends on the drafts is computed on the device, so a round still reads its
 What does not depend on the drafts is known on the host: logit_bias, allowed_token_ids, one-token bad
 words, and min_tokens' bans, which hold at position j while generated + j < min_tokens.
 Structured outputs would need the grammar matcher advanced over each draft on the host, between the draft
-steps, so speculative engines refuse them (requests.checked_request). An adjusted round runs eagerly
+steps, so a batch holding one decodes in plain steps (Scheduler._schedule_decode). An adjusted round runs eagerly
 (the round's CUDA graph reads a fixed set of pairs), as an adjusted plain step samples eagerly.
 """
 from __future__ import annotations
@@ -40,6 +40,8 @@ class RoundAdjust:
     def __init__(self, seqs: Seq[Sequence], draws: Seq[Draw], vocab: int, to_device: ToDevice) -> None:
         self.rows = [i for i, d in enumerate(draws) if d.adjust is not None]
         ds = [draws[i] for i in self.rows]
+        if any(d.adjust.grammar_mask is not None for d in ds):
+            raise RuntimeError("a structured output in a speculative round: the scheduler decodes those plainly")
         self.num_rows, self.vocab, self.to_device = len(draws), vocab, to_device
         self.params = [d.params for d in ds]
         self.adjusts: list[Adjust] = [d.adjust for d in ds]

@@ -17,6 +17,10 @@ and presence), `both`, `masks` (1000 allowed_token_ids and 16 bad words of 1 to 
 schema through xgrammar, over a synthetic byte-level vocabulary of V tokens; each sequence's output is a
 random walk the grammar allows, the same for every row, so each matcher does a real step's work; its
 output so far is capped at JSON_OUTPUT tokens to keep the walk's setup short; skipped without xgrammar).
+Mode `round` times the same adjustments inside a speculative round of GAMMA drafts (engine/speculative/
+adjust.py: each draft step's pair on the draft's S + λ(R − S), then the verify's over GAMMA + 1 positions
+a row, counts and bad words over the drafts on the device), all but json (speculative engines decode
+structured outputs in plain steps); its floor is those dense passes' bytes.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from bench.common import (copy_bandwidth, device_name, import_engine, quick_args
                           write_results)
 
 KINDS = ("bias", "penalties", "both", "masks", "json")
+GAMMA = 4  # drafts a round in mode `round`
 SCHEMA = {"type": "object", "properties": {"steps": {"type": "array", "items": {"type": "string"}},
                                            "answer": {"type": "integer"}}, "required": ["steps", "answer"]}
 EOS = 2
@@ -122,10 +127,17 @@ def grammar_walk(grammar: object, n: int, rng: random.Random) -> list[int]:
     return ids
 
 
-def bytes_moved(kind: str, rows: int, vocab: int) -> int:
+def bytes_moved(kind: str, rows: int, vocab: int, models: int = 3) -> int:
+    """A dense pass over ``rows`` rows: ``models`` bf16 logits rows read, the counts and the mask read,
+    the bias written."""
     counts = 4 if kind in ("penalties", "both") else 0
     mask = 1 if kind in ("masks", "json") else 0
-    return rows * vocab * (3 * 2 + counts + mask + 4)
+    return rows * vocab * (models * 2 + counts + mask + 4)
+
+
+def round_bytes(kind: str, rows: int, vocab: int, gamma: int) -> int:
+    """A round's dense passes: gamma draft steps over the small pair's logits, then the verify's."""
+    return gamma * bytes_moved(kind, rows, vocab, models=2) + bytes_moved(kind, rows * (gamma + 1), vocab)
 
 
 def measure(kind: str, rows: int, vocab: int, prompt: int, output: int, device: torch.device) -> dict:
@@ -156,8 +168,49 @@ def measure(kind: str, rows: int, vocab: int, prompt: int, output: int, device: 
         host.append((time.perf_counter() - t0) * 1e6)
     sync(device)
     us = time_us(step, device, warmup=warmup, iters=iters)
-    return dict(kind=kind, rows=rows, vocab=vocab, prompt=prompt, output=output,
+    return dict(kind=kind, mode="step", gamma=0, rows=rows, vocab=vocab, prompt=prompt, output=output,
                 host_us=sorted(host[3:])[5], us=us, bytes=bytes_moved(kind, rows, vocab))
+
+
+def measure_round(kind: str, rows: int, vocab: int, prompt: int, output: int, device: torch.device) -> dict:
+    """One speculative round's adjustments (mode `round`), GAMMA + 1 tokens a sequence per round."""
+    from rast_engine.draws import Draw
+    from rast_engine.logit_adjust import adjustment
+    from rast_engine.speculative.adjust import RoundAdjust
+
+    host_steps, warmup, iters = 7, 1, 5
+    seqs, upcoming = make_seqs(kind, rows, vocab, prompt, output, (host_steps + warmup + iters + 1) * (GAMMA + 1),
+                               device)
+    g = torch.Generator().manual_seed(rows)
+    width = rows * (GAMMA + 1)
+    large, rl, base = ((torch.randn(width, vocab, generator=g) * 3).to(torch.bfloat16).to(device) for _ in range(3))
+    weights = torch.full((rows, 1), 0.7, device=device)
+    to_device = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    taken = [0]
+
+    def step() -> None:
+        draws = [Draw(r, seq.params, [0.7], r, seq.num_generated, adjustment(seq, False, [EOS]))
+                 for r, seq in enumerate(seqs)]
+        drafts = to_device(torch.tensor([u[taken[0] + 1:taken[0] + 1 + GAMMA] for u in upcoming]))
+        adjust = RoundAdjust(seqs, draws, vocab, device, to_device)
+        for j in range(GAMMA):  # draft j's rows are the small pair's at position j
+            adjust.extend(base[j::GAMMA + 1], [(rl[j::GAMMA + 1], base[j::GAMMA + 1])], weights, j, 1, drafts[:, :j],
+                          keep=True)
+        adjust.extend(large, [(rl, base)], weights.repeat_interleave(GAMMA + 1, dim=0), 0, GAMMA + 1, drafts)
+        for r, seq in enumerate(seqs):  # every draft accepted, and the token after them
+            seq.token_ids += upcoming[r][taken[0]:taken[0] + GAMMA + 1]
+        taken[0] += GAMMA + 1
+
+    host = []
+    for _ in range(host_steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e6)
+    sync(device)
+    us = time_us(step, device, warmup=warmup, iters=iters)
+    return dict(kind=kind, mode="round", gamma=GAMMA, rows=rows, vocab=vocab, prompt=prompt, output=output,
+                host_us=sorted(host[2:])[2], us=us, bytes=round_bytes(kind, rows, vocab, GAMMA))
 
 
 def main() -> None:
@@ -172,11 +225,12 @@ def main() -> None:
             if kind == "json" and importlib.util.find_spec("xgrammar") is None:
                 print("json: skipped, xgrammar is not installed")
                 continue
-            row = measure(kind, n, vocab, prompt, output, device)
-            row["floor_us"] = row["bytes"] / bw * 1e6
-            rows.append(row)
+            for run in (measure, measure_round) if kind != "json" else (measure,):
+                row = run(kind, n, vocab, prompt, output, device)
+                row["floor_us"] = row["bytes"] / bw * 1e6
+                rows.append(row)
     print(f"device: {device_name(device)}; copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(table(rows, ["kind", "rows", "vocab", "prompt", "output", "host_us", "us", "floor_us"]))
+    print(table(rows, ["kind", "mode", "rows", "vocab", "prompt", "output", "host_us", "us", "floor_us"]))
     path = write_results("logit-adjust", device, rows, {"copy_gbs": bw / 1e9}, args.out)
     print(f"wrote {path}")
 

@@ -17,6 +17,9 @@ def test_quick_run_writes_every_kind(tmp_path: Path) -> None:
     rows = result["rows"]
     kinds = ["bias", "penalties", "both", "masks"] + (["json"] if importlib.util.find_spec("xgrammar") else [])
     assert {(r["kind"], r["rows"]) for r in rows} == {(k, n) for k in kinds for n in (1, 4)}
+    # speculative rounds: every kind but json (a batch holding a structured output decodes plainly)
+    assert {(r["kind"], r["rows"]) for r in rows if r["mode"] == "round"} == {(k, n) for k in kinds if k != "json"
+                                                                          for n in (1, 4)}
     for r in rows:
         assert r["us"] > 0 and r["host_us"] > 0
         assert r["floor_us"] == pytest.approx(r["bytes"] / (result["copy_gbs"] * 1e3))
@@ -36,6 +39,9 @@ def test_bytes_are_the_dense_pass(kind: str) -> None:
     counts = rows * vocab * 4 if kind in ("penalties", "both") else 0
     mask = rows * vocab if kind in ("masks", "json") else 0
     assert bench.bytes_moved(kind, rows, vocab) == logits + counts + mask + rows * vocab * 4
+    # a round: gamma draft passes over the small pair's logits, then the verify's over gamma + 1 positions
+    draft = rows * vocab * 2 * 2 + counts + mask + rows * vocab * 4
+    assert bench.round_bytes(kind, rows, vocab, 4) == 4 * draft + 5 * bench.bytes_moved(kind, rows, vocab)
     seqs, upcoming = bench.make_seqs(kind, rows, vocab, 20, 10, 5, torch.device("cpu"))
     assert all(len(s.token_ids) == 30 and len(u) == 5 for s, u in zip(seqs, upcoming))
     params = seqs[0].params

@@ -136,3 +136,23 @@ def test_rejection_rounds_follow_the_adjusted_distribution(near_triple: tuple) -
     assert counts.sum().item() == len(seconds)
     assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-4
 
+
+
+def test_a_bad_word_whose_prefix_reaches_into_the_prompt_bans_nothing(near_triple: tuple) -> None:
+    """vLLM matches bad words against the output only: a word made of the prompt's last token and the first
+    two generated ones must not ban the second, in a round (whose context starts with the output's tail)
+    as in plain decoding."""
+    plain = LLM(*near_triple, kv_cache_blocks=128, **KW)
+    tok = plain.get_tokenizer()
+    prompt = tok.encode(PROMPTS[0])
+    greedy = dict(temperature=0.0, max_tokens=10, ignore_eos=True)
+    out = plain.generate([prompt], SamplingParams(**greedy), use_tqdm=False)[0].outputs[0].token_ids
+    span = [prompt[-1]] + out[:2]
+    word = tok.decode(span)
+    if tok.encode(word.lstrip(), add_special_tokens=False) != span:
+        pytest.skip(f"{span} does not spell a bad word")
+    params = SamplingParams(**greedy, bad_words=[word])
+    want = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    spec = LLM(*near_triple, kv_cache_blocks=128, speculative_tokens=3, **KW)
+    assert spec.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == want
+    assert want[:2] == out[:2]

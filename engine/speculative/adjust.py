@@ -37,7 +37,8 @@ class RoundAdjust:
     appends the adjustment pair of ``count`` positions a row; the draft steps' pairs are kept, because the
     rejection method's q must be the distribution its drafts were drawn from."""
 
-    def __init__(self, seqs: Seq[Sequence], draws: Seq[Draw], vocab: int, to_device: ToDevice) -> None:
+    def __init__(self, seqs: Seq[Sequence], draws: Seq[Draw], vocab: int, device: torch.device,
+                 to_device: ToDevice) -> None:
         self.rows = [i for i, d in enumerate(draws) if d.adjust is not None]
         ds = [draws[i] for i in self.rows]
         if any(d.adjust.grammar_mask is not None for d in ds):
@@ -46,56 +47,39 @@ class RoundAdjust:
         self.params = [d.params for d in ds]
         self.adjusts: list[Adjust] = [d.adjust for d in ds]
         self.generated = [seqs[i].num_generated for i in self.rows]
-        self.counts = draw_counts(ds, vocab, to_device)  # [V] each, None where not penalized
-        self.words = [self._words(seqs[i]) for i in self.rows]
+        counts = draw_counts(ds, vocab, to_device)  # [V] each, None where not penalized
+        self.penalized = [a for a, c in enumerate(counts) if c is not None]
+        self.base_counts = torch.stack([counts[a] for a in self.penalized]) if self.penalized else None
+        self.penalized_draws = to_device(torch.tensor([self.rows[a] for a in self.penalized], dtype=torch.int64))
+        self.bad_words = _BadWords([seqs[i] for i in self.rows], self.rows, to_device)
+        # what every position of a row shares: -inf outside allowed_token_ids and at one-token bad words,
+        # logit_bias at its tokens, 0 elsewhere
+        self.fixed = torch.zeros(len(self.rows), vocab, dtype=torch.float32, device=device)
+        bias_and_ban(self.fixed, [Adjust(a.request, [w[0] for w in p.bad_words_token_ids or () if len(w) == 1], None)
+                                  for a, p in zip(self.adjusts, self.params)], vocab, to_device)
         self.draft_pairs: list[list[torch.Tensor]] = []
 
     @staticmethod
-    def build(seqs: Seq[Sequence], draws: Seq[Draw], vocab: int, to_device: ToDevice) -> Optional[RoundAdjust]:
-        return RoundAdjust(seqs, draws, vocab, to_device) if any(d.adjust is not None for d in draws) else None
+    def build(seqs: Seq[Sequence], draws: Seq[Draw], vocab: int, device: torch.device, to_device: ToDevice
+              ) -> Optional[RoundAdjust]:
+        return RoundAdjust(seqs, draws, vocab, device, to_device) if any(d.adjust is not None for d in draws) else None
 
-    def _words(self, seq: Sequence) -> Optional[tuple[torch.Tensor, list[list[int]]]]:
-        """A sequence's bad words of several tokens, with its output's last (longest - 1) tokens on the
-        device, -1 where the output is shorter; None without such words."""
-        words = [w for w in seq.params.bad_words_token_ids or () if len(w) > 1]
-        if not words:
-            return None
-        width = max(map(len, words)) - 1
-        output = seq.token_ids[seq.num_prompt_tokens:][-width:]
-        return self.to_device(torch.tensor([-1] * (width - len(output)) + output, dtype=torch.int64)), words
-
-    def _bad_word_bans(self, a: int, first: int, count: int, drafts: torch.Tensor) -> Optional[torch.Tensor]:
-        """[count, V] bool: the last token of each bad word whose other tokens end row a's context at
-        positions first .. first + count - 1 (None: the row has no bad word of several tokens)."""
-        if self.words[a] is None:
-            return None
-        tail, words = self.words[a]
-        ctx = torch.cat([tail, drafts[self.rows[a]]])  # position j's context ends at index len(tail) + j
-        hits = torch.zeros(count, self.vocab, dtype=torch.float32, device=ctx.device)
-        for n in sorted({len(w) for w in words}):
-            group = [w for w in words if len(w) == n]
-            prefixes = self.to_device(torch.tensor([w[:-1] for w in group], dtype=torch.int64))
-            lasts = self.to_device(torch.tensor([w[-1] for w in group], dtype=torch.int64))
-            start = len(tail) - (n - 1) + first
-            windows = ctx.unfold(0, n - 1, 1)[start:start + count]  # [count, n - 1]
-            match = (windows[:, None, :] == prefixes[None]).all(-1)  # [count, words]
-            at = torch.arange(count, device=ctx.device)[:, None].expand_as(match)
-            hits.index_put_((at.reshape(-1), lasts.expand_as(match).reshape(-1)), match.reshape(-1).float(),
-                            accumulate=True)  # two words may share a last token: count, never overwrite
-        return hits > 0
-
-    def _counts(self, a: int, first: int, count: int, drafts: torch.Tensor) -> list[Optional[torch.Tensor]]:
-        """Row a's output counts at each position: its sequence's, plus the drafts before the position."""
-        base = self.counts[a]
-        if base is None:
-            return [None] * count
-        c = base[None].repeat(count, 1)
-        at = [(k, t) for k in range(count) for t in range(first + k)]  # draft t precedes position first + k
-        if at:
-            ks, ts = (self.to_device(torch.tensor(x, dtype=torch.int64)) for x in zip(*at))
-            c.index_put_((ks, drafts[self.rows[a]].index_select(0, ts)), torch.ones_like(ks, dtype=torch.float32),
-                         accumulate=True)
-        return list(c.unbind(0))
+    def _counts(self, first: int, count: int, drafts: torch.Tensor) -> list[Optional[torch.Tensor]]:
+        """Each adjusted row's output counts [V] at each of ``count`` positions, in (row, position) order:
+        its sequence's, plus one for each draft before the position (None where not penalized)."""
+        out: list[Optional[torch.Tensor]] = [None] * (len(self.rows) * count)
+        if self.base_counts is None:
+            return out
+        c = self.base_counts.repeat_interleave(count, dim=0)  # [P * count, V]
+        before = [(k, t) for k in range(count) for t in range(first + k)]  # draft t precedes position first + k
+        if before:
+            ks, ts = (self.to_device(torch.tensor(x, dtype=torch.int64)) for x in zip(*before))
+            at = (torch.arange(len(self.penalized), device=c.device)[:, None] * count + ks).reshape(-1)
+            tokens = drafts.index_select(0, self.penalized_draws).index_select(1, ts).reshape(-1)
+            c.index_put_((at, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+        for j, a in enumerate(self.penalized):
+            out[a * count:(a + 1) * count] = c[j * count:(j + 1) * count].unbind(0)
+        return out
 
     def extend(self, logits: torch.Tensor, deltas: Pairs, weights: Union[torch.Tensor, float], first: int, count: int,
                drafts: torch.Tensor, keep: bool = False) -> tuple[Pairs, torch.Tensor]:
@@ -109,24 +93,28 @@ class RoundAdjust:
         at = self.to_device(torch.tensor(rows, dtype=torch.int64))
         z = combined([t.index_select(0, at) for pair in [(logits,)] + deltas for t in pair],
                      weights.index_select(0, at), self.vocab)
-        adjusted = z.clone()
-        adjusts, params, requests, counts = [], [], [], []
+        # z + (-inf or a bias or 0): the masks and logit_bias as bias_and_ban applies them, in one add
+        adjusted = z + self.fixed.repeat_interleave(count, dim=0)
+        params, requests = [], []
+        short_rows, short_ids = [], []  # min_tokens' bans where generated + position < min_tokens
         for a, adjust in enumerate(self.adjusts):
+            stops = [t for t in adjust.min_tokens_ids if t < self.vocab]  # as bias_and_ban drops the others
             for k in range(count):
-                short = self.generated[a] + first + k < self.params[a].min_tokens
-                fixed = [w[0] for w in self.params[a].bad_words_token_ids or () if len(w) == 1]
-                banned = list(dict.fromkeys(fixed + (adjust.min_tokens_ids if short else [])))
-                adjusts.append(Adjust(adjust.request, banned, None))
+                if self.generated[a] + first + k < self.params[a].min_tokens:
+                    short_rows += [a * count + k] * len(stops)
+                    short_ids += stops
             params += [self.params[a]] * count
             requests += [adjust.request] * count
-            counts += self._counts(a, first, count, drafts)
-        bias_and_ban(adjusted, adjusts, self.vocab, self.to_device)
-        for a in range(len(self.rows)):
-            bans = self._bad_word_bans(a, first, count, drafts)
-            if bans is not None:
-                block = adjusted[a * count:(a + 1) * count]
-                block.masked_fill_(bans, float("-inf"))
-        penalize(adjusted, params, requests, counts, self.vocab, self.to_device)
+        if short_ids:
+            adjusted.index_put_((self.to_device(torch.tensor(short_rows, dtype=torch.int64)),
+                                 self.to_device(torch.tensor(short_ids, dtype=torch.int64))),
+                                torch.tensor(float("-inf"), device=adjusted.device))
+        if self.bad_words.rows is not None:
+            blocks = adjusted.view(len(self.rows), count, self.vocab)  # a view: rows in (row, position) order
+            at_rows = self.bad_words.rows
+            blocks[at_rows] = blocks[at_rows].masked_fill(self.bad_words.bans(first, count, drafts, self.vocab),
+                                                          float("-inf"))
+        penalize(adjusted, params, requests, self._counts(first, count, drafts), self.vocab, self.to_device)
         pair = adjustment_pair(z, adjusted, at, n)
         if keep:
             self.draft_pairs.append(pair)
@@ -137,3 +125,46 @@ class RoundAdjust:
         """The kept draft steps' pairs as one pair over rows in (sequence, draft) order."""
         bias = torch.stack([p[0] for p in self.draft_pairs], dim=1).flatten(0, 1)
         return bias, torch.zeros(1, bias.shape[1], dtype=torch.float32, device=bias.device).expand(bias.shape[0], -1)
+
+
+class _BadWords:
+    """The adjusted rows' bad words of several tokens, batched across rows by word length: per length n,
+    the first n - 1 tokens [E, W, n - 1] and the last [E, W] of each row's words, padded with words that
+    cannot match (a prefix token of -2; a context token is >= -1)."""
+
+    def __init__(self, seqs: Seq[Sequence], draw_rows: list[int], to_device: ToDevice) -> None:
+        words = [[w for w in seq.params.bad_words_token_ids or () if len(w) > 1] for seq in seqs]
+        have = [a for a, ws in enumerate(words) if ws]
+        self.rows: Optional[torch.Tensor] = to_device(torch.tensor(have, dtype=torch.int64)) if have else None
+        if not have:
+            return
+        self.width = max(len(w) for a in have for w in words[a]) - 1
+        tails = []
+        for a in have:  # the output's last width tokens, -1 where it is shorter (a prefix must lie in the output)
+            output = seqs[a].token_ids[seqs[a].num_prompt_tokens:][-self.width:]
+            tails.append([-1] * (self.width - len(output)) + output)
+        self.tails = to_device(torch.tensor(tails, dtype=torch.int64))
+        self.draw_rows = to_device(torch.tensor([draw_rows[a] for a in have], dtype=torch.int64))
+        self.groups = []
+        for n in sorted({len(w) for a in have for w in words[a]}):
+            of_n = [[w for w in words[a] if len(w) == n] for a in have]
+            most = max(map(len, of_n))
+            prefixes = [[w[:-1] for w in ws] + [[-2] * (n - 1)] * (most - len(ws)) for ws in of_n]
+            lasts = [[w[-1] for w in ws] + [0] * (most - len(ws)) for ws in of_n]
+            self.groups.append((n, to_device(torch.tensor(prefixes, dtype=torch.int64)),
+                                to_device(torch.tensor(lasts, dtype=torch.int64))))
+
+    def bans(self, first: int, count: int, drafts: torch.Tensor, vocab: int) -> torch.Tensor:
+        """[E, count, V] bool: the last token of each bad word whose other tokens end the context of
+        positions first .. first + count - 1 (the output's tail, then the drafts before the position)."""
+        ctx = torch.cat([self.tails, drafts.index_select(0, self.draw_rows)], dim=1)  # position j ends at width + j
+        hits = torch.zeros(ctx.shape[0], count, vocab, dtype=torch.float32, device=ctx.device)
+        for n, prefixes, lasts in self.groups:
+            start = self.width - (n - 1) + first
+            windows = ctx.unfold(1, n - 1, 1)[:, start:start + count]  # [E, count, n - 1]
+            match = (windows[:, :, None, :] == prefixes[:, None]).all(-1)  # [E, count, W]
+            e = torch.arange(match.shape[0], device=ctx.device)[:, None, None].expand_as(match)
+            k = torch.arange(count, device=ctx.device)[None, :, None].expand_as(match)
+            hits.index_put_((e.reshape(-1), k.reshape(-1), lasts[:, None, :].expand_as(match).reshape(-1)),
+                            match.reshape(-1).float(), accumulate=True)  # words may share a last token: count them
+        return hits > 0

@@ -215,7 +215,7 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
     whose batch fits a graph bucket replays that bucket's captured round (ModelRunner.round_graphs), unless
     a draw is adjusted (adjust.py): that round runs eagerly."""
     n, graphs = len(seqs), runner.round_graphs
-    adjust = RoundAdjust.build(seqs, draws, runner.vocab_size, runner._to_device)
+    adjust = RoundAdjust.build(seqs, draws, runner.vocab_size, runner.device, runner._to_device)
     bucket = graphs.bucket(n) if graphs is not None and gamma == runner.max_lookahead and adjust is None else None
     if bucket is None:
         tokens, accepted, large, small = round_core(runner, RoundInputs.from_host(runner, seqs, draws, gamma), gamma,

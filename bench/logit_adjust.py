@@ -29,6 +29,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -140,6 +141,21 @@ def round_bytes(kind: str, rows: int, vocab: int, gamma: int) -> int:
     return gamma * bytes_moved(kind, rows, vocab, models=2) + bytes_moved(kind, rows * (gamma + 1), vocab)
 
 
+def _timed(step: Callable[[], None], device: torch.device, host_steps: int, skip: int, warmup: int, iters: int
+           ) -> tuple[float, float]:
+    """(the median Python time of a step after ``skip`` warm ones, the median wall time with the device
+    work done), in microseconds. Every call of ``step`` moves the sequences on."""
+    host = []
+    for _ in range(host_steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e6)
+    sync(device)
+    rest = sorted(host[skip:])
+    return rest[len(rest) // 2], time_us(step, device, warmup=warmup, iters=iters)
+
+
 def measure(kind: str, rows: int, vocab: int, prompt: int, output: int, device: torch.device) -> dict:
     from rast_engine.draws import Draw
     from rast_engine.logit_adjust import adjustment, with_adjustments
@@ -160,16 +176,9 @@ def measure(kind: str, rows: int, vocab: int, prompt: int, output: int, device: 
         taken[0] += 1
         with_adjustments(logits, draws, to_device, vocab)
 
-    host = []
-    for _ in range(host_steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        host.append((time.perf_counter() - t0) * 1e6)
-    sync(device)
-    us = time_us(step, device, warmup=warmup, iters=iters)
+    host_us, us = _timed(step, device, host_steps, 3, warmup, iters)
     return dict(kind=kind, mode="step", gamma=0, rows=rows, vocab=vocab, prompt=prompt, output=output,
-                host_us=sorted(host[3:])[5], us=us, bytes=bytes_moved(kind, rows, vocab))
+                host_us=host_us, us=us, bytes=bytes_moved(kind, rows, vocab))
 
 
 def measure_round(kind: str, rows: int, vocab: int, prompt: int, output: int, device: torch.device) -> dict:
@@ -201,16 +210,9 @@ def measure_round(kind: str, rows: int, vocab: int, prompt: int, output: int, de
             seq.token_ids += upcoming[r][taken[0]:taken[0] + GAMMA + 1]
         taken[0] += GAMMA + 1
 
-    host = []
-    for _ in range(host_steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        host.append((time.perf_counter() - t0) * 1e6)
-    sync(device)
-    us = time_us(step, device, warmup=warmup, iters=iters)
+    host_us, us = _timed(step, device, host_steps, 2, warmup, iters)
     return dict(kind=kind, mode="round", gamma=GAMMA, rows=rows, vocab=vocab, prompt=prompt, output=output,
-                host_us=sorted(host[2:])[2], us=us, bytes=round_bytes(kind, rows, vocab, GAMMA))
+                host_us=host_us, us=us, bytes=round_bytes(kind, rows, vocab, GAMMA))
 
 
 def main() -> None:

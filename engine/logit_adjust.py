@@ -260,12 +260,17 @@ def penalize(z: torch.Tensor, params: Seq[SamplingParams], requests: Seq[Request
     z.index_copy_(0, at_t, zp)
 
 
+def bias_pair(bias: torch.Tensor) -> list[torch.Tensor]:
+    """The sampler pair (bias, 0) that adds ``bias`` [rows, V] to z at weight 1 (the 0 a stride-0 view)."""
+    return [bias, torch.zeros(1, bias.shape[1], dtype=torch.float32, device=bias.device).expand(bias.shape[0], -1)]
+
+
 def adjustment_pair(z: torch.Tensor, adjusted: torch.Tensor, rows: torch.Tensor, num_rows: int) -> list[torch.Tensor]:
     """The pair (bias, 0) whose weight-1 term turns the sampler's z into ``adjusted`` at ``rows``: bias is
     adjusted − z where they differ (so an unchanged token's z stays exact) and 0 in every other row."""
     bias = torch.zeros(num_rows, z.shape[1], dtype=torch.float32, device=z.device)
     bias.index_copy_(0, rows, torch.where(adjusted != z, adjusted - z, torch.zeros_like(z)))
-    return [bias, torch.zeros(1, z.shape[1], dtype=torch.float32, device=z.device).expand(num_rows, -1)]
+    return bias_pair(bias)
 
 
 def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: ToDevice, vocab: int

@@ -59,7 +59,7 @@ def _floor(k0, k1, k2, k3, lo, hi, CAP: tl.constexpr):
     """A key floor with at most CAP of the keys k0..k3 (ABSENT entries aside) at or above it, searched in
     [lo, hi] (lo: at most the least key; hi: above the largest, known from the margin's edge and the
     chunk max without a reduction) by a ternary search: a round counts the keys at or above two pivots in
-    one int32 sum (each count is at most 4 * BLOCK < 2**16), one block-wide reduction, and keeps a third
+    one int32 sum (each count is at most 4 * BLOCK < 2**15, _stats' assert), one block-wide reduction, and keeps a third
     of the range. FLOOR_ROUNDS rounds leave it within 3**-FLOOR_ROUNDS of the range above the lowest such
     floor, which only moves a few near-floor tokens from the candidates to the summary (12 bisection steps
     took 12 reductions for 2**-12)."""

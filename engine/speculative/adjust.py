@@ -25,11 +25,20 @@ from typing import Optional, Sequence as Seq, Union
 import torch
 
 from rast_engine.draws import Draw
-from rast_engine.logit_adjust import (Adjust, ToDevice, adjustment_pair, bias_and_ban, combined, draw_counts,
-                                      penalize)
+from rast_engine.logit_adjust import (Adjust, ToDevice, adjustment_pair, bias_and_ban, bias_pair, combined,
+                                      draw_counts, penalize)
 from rast_engine.sequence import Sequence
 
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def with_pair(deltas: Pairs, weights: Union[torch.Tensor, float], rows: int, pair: list[torch.Tensor],
+              device: torch.device) -> tuple[Pairs, torch.Tensor]:
+    """rast_sample's (deltas, weights [rows, K + 1]) with ``pair`` appended at weight 1 (``weights``: the
+    K pairs' [rows, K], or one λ for all of them)."""
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.full((rows, len(deltas)), float(weights), dtype=torch.float32, device=device)
+    return deltas + [(pair[0], pair[1])], torch.cat([weights, weights.new_ones(rows, 1)], dim=1)
 
 
 class RoundAdjust:
@@ -87,12 +96,11 @@ class RoundAdjust:
         of ``logits`` in (sequence, position) order, ``count`` a sequence; ``drafts`` [sequences, >= first +
         count - 1] int64, each row's drafts so far. ``keep``: remember the pair (a draft step's)."""
         n = self.num_rows * count
-        if not isinstance(weights, torch.Tensor):
-            weights = torch.full((n, len(deltas)), float(weights), dtype=torch.float32, device=logits.device)
         rows = [i * count + k for i in self.rows for k in range(count)]
         at = self.to_device(torch.tensor(rows, dtype=torch.int64))
-        z = combined([t.index_select(0, at) for pair in [(logits,)] + deltas for t in pair],
-                     weights.index_select(0, at), self.vocab)
+        lam = weights.index_select(0, at) if isinstance(weights, torch.Tensor) else \
+            torch.full((len(rows), len(deltas)), float(weights), dtype=torch.float32, device=logits.device)
+        z = combined([t.index_select(0, at) for pair in [(logits,)] + deltas for t in pair], lam, self.vocab)
         # z + (-inf or a bias or 0): the masks and logit_bias as bias_and_ban applies them, in one add
         adjusted = z + self.fixed.repeat_interleave(count, dim=0)
         params, requests = [], []
@@ -118,13 +126,11 @@ class RoundAdjust:
         pair = adjustment_pair(z, adjusted, at, n)
         if keep:
             self.draft_pairs.append(pair)
-        ones = torch.ones(n, 1, dtype=torch.float32, device=weights.device)
-        return deltas + [(pair[0], pair[1])], torch.cat([weights, ones], dim=1)
+        return with_pair(deltas, weights, n, pair, logits.device)
 
-    def draft_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def draft_pair(self) -> list[torch.Tensor]:
         """The kept draft steps' pairs as one pair over rows in (sequence, draft) order."""
-        bias = torch.stack([p[0] for p in self.draft_pairs], dim=1).flatten(0, 1)
-        return bias, torch.zeros(1, bias.shape[1], dtype=torch.float32, device=bias.device).expand(bias.shape[0], -1)
+        return bias_pair(torch.stack([p[0] for p in self.draft_pairs], dim=1).flatten(0, 1))
 
 
 class _BadWords:

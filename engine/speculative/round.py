@@ -24,7 +24,7 @@ from rast_engine.pending import DrawLogprobs, DrawResult
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.sampling_params import signed64
 from rast_engine.speculative.accept import ACCEPT_SALT, DRAFT_SALT, RESIDUAL_SALT, accept_drafts
-from rast_engine.speculative.adjust import RoundAdjust
+from rast_engine.speculative.adjust import RoundAdjust, with_pair
 
 if TYPE_CHECKING:
     from rast_engine.llm_engine import LLMEngine
@@ -256,9 +256,7 @@ def _rejection(large: torch.Tensor, small: list[torch.Tensor], pairs_t: list, ta
         rows = [t.view(bsz, gamma + 1, -1)[:, :gamma].flatten(0, 1) for t in small]
         logits, deltas, w = _draft_inputs(rows[0::2], rows[1::2], weights.repeat_interleave(gamma, dim=0), draft)
         if adjust is not None:
-            if not isinstance(w, torch.Tensor):
-                w = torch.full((bsz * gamma, len(deltas)), float(w), dtype=torch.float32, device=logits.device)
-            deltas, w = deltas + [adjust.draft_pair()], torch.cat([w, w.new_ones(w.shape[0], 1)], dim=1)
+            deltas, w = with_pair(deltas, w, bsz * gamma, adjust.draft_pair(), logits.device)
         q = rast_kernels.rast_probs(logits, deltas, weights=w, **{k: v.repeat_interleave(gamma) for k, v in params.items()},
                                     vocab_size=target["vocab_size"], backend=target["backend"]).view(bsz, gamma, -1)
     else:

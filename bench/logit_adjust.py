@@ -19,8 +19,8 @@ random walk the grammar allows, the same for every row, so each matcher does a r
 output so far is capped at JSON_OUTPUT tokens to keep the walk's setup short; skipped without xgrammar).
 Mode `round` times the same adjustments inside a speculative round of GAMMA drafts (engine/speculative/
 adjust.py: each draft step's pair on the draft's S + λ(R − S), then the verify's over GAMMA + 1 positions
-a row, counts and bad words over the drafts on the device), all but json (speculative engines decode
-structured outputs in plain steps); its floor is those dense passes' bytes.
+a row, counts and bad words over the drafts on the device, json's matchers walked over the drafts on the
+host, engine/speculative/grammar.py); its floor is those dense passes' bytes.
 """
 from __future__ import annotations
 
@@ -188,6 +188,7 @@ def measure_round(kind: str, rows: int, vocab: int, prompt: int, output: int, de
     from rast_engine.speculative.adjust import RoundAdjust
 
     host_steps, warmup, iters = 7, 1, 5
+    output = min(output, JSON_OUTPUT) if kind == "json" else output
     seqs, upcoming = make_seqs(kind, rows, vocab, prompt, output, (host_steps + warmup + iters + 1) * (GAMMA + 1),
                                device)
     g = torch.Generator().manual_seed(rows)
@@ -205,6 +206,7 @@ def measure_round(kind: str, rows: int, vocab: int, prompt: int, output: int, de
         for j in range(GAMMA):  # draft j's rows are the small pair's at position j
             adjust.extend(base[j::GAMMA + 1], [(rl[j::GAMMA + 1], base[j::GAMMA + 1])], weights, j, 1, drafts[:, :j],
                           keep=True)
+            adjust.note_draft(drafts[:, j])  # json: the matchers' walk reads it for position j + 1
         adjust.extend(large, [(rl, base)], weights.repeat_interleave(GAMMA + 1, dim=0), 0, GAMMA + 1, drafts)
         for r, seq in enumerate(seqs):  # every draft accepted, and the token after them
             seq.token_ids += upcoming[r][taken[0]:taken[0] + GAMMA + 1]
@@ -227,7 +229,7 @@ def main() -> None:
             if kind == "json" and importlib.util.find_spec("xgrammar") is None:
                 print("json: skipped, xgrammar is not installed")
                 continue
-            for run in (measure, measure_round) if kind != "json" else (measure,):
+            for run in (measure, measure_round):
                 row = run(kind, n, vocab, prompt, output, device)
                 row["floor_us"] = row["bytes"] / bw * 1e6
                 rows.append(row)

@@ -27,7 +27,7 @@ batch that holds one (SamplingParams.reads_output, LLMEngine._launch_ahead); the
 only the number of tokens so far, which the host always knows, so those steps may be launched ahead.
 An adjusted batch replays only the forward's CUDA graph (cuda_graph.py) and adjusts and samples eagerly:
 the sampler's graph reads a fixed set of pairs. Speculative rounds adjust each position as if the drafts
-before it were accepted (speculative/adjust.py); a batch holding a structured output decodes plainly. A row
+before it were accepted (speculative/adjust.py; structured outputs by speculative/grammar.py). A row
 without adjustments in an adjusted batch gets a bias of 0, so its tokens are those of an unadjusted step.
 """
 from __future__ import annotations
@@ -188,7 +188,7 @@ def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
     return to_device(torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.int64)))
 
 
-def _keep_only(z: torch.Tensor, rows: list[int], keep: torch.Tensor, to_device: ToDevice) -> None:
+def keep_only(z: torch.Tensor, rows: list[int], keep: torch.Tensor, to_device: ToDevice) -> None:
     """−inf in z's ``rows`` wherever ``keep`` [len(rows), V] is False, in place."""
     at = to_device(torch.tensor(rows, dtype=torch.int64))
     z.index_copy_(0, at, z.index_select(0, at).masked_fill(~keep, float("-inf")))
@@ -207,10 +207,10 @@ def bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: 
         keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=z.device)
         keep.index_put_((_rows_of([len(ids) for _, ids in allowed], to_device), torch.cat([ids for _, ids in allowed])),
                         torch.tensor(True, device=z.device))
-        _keep_only(z, [j for j, _ in allowed], keep, to_device)
+        keep_only(z, [j for j, _ in allowed], keep, to_device)
     grammar = [(j, a.grammar_mask) for j, a in enumerate(adjusts) if a.grammar_mask is not None]
     if grammar:
-        _keep_only(z, [j for j, _ in grammar], unpack(to_device(torch.stack([mask() for _, mask in grammar])), vocab),
+        keep_only(z, [j for j, _ in grammar], unpack(to_device(torch.stack([mask() for _, mask in grammar])), vocab),
                    to_device)
     biases = [a.request.bias(to_device) for a in adjusts]
     sizes = [len(ids) for ids, _ in biases]

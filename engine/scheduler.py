@@ -157,10 +157,9 @@ class Scheduler:
     def _schedule_decode(self) -> SchedulerOutput:
         # a speculative round drafts as many tokens for every sequence, as many as its context has room for
         # with the token after them (a round adds up to lookahead + 1); a step that makes a request's first
-        # draw (a prompt whose last chunk stopped one short) decodes plainly, and so does a batch holding a
-        # structured output (its grammar would have to follow each draft on the host, between draft steps)
+        # draw (a prompt whose last chunk stopped one short) decodes plainly
         lookahead = 0
-        if self.lookahead and self.running and all(s.group.forked and s.group.grammar is None for s in self.running):
+        if self.lookahead and self.running and all(s.group.forked for s in self.running):
             room = min(self.max_model_len - len(s.token_ids) - 1 for s in self.running)
             lookahead = max(min(self.lookahead, room), 0)
         scheduled: list[Sequence] = []

@@ -120,11 +120,17 @@ class SequenceMatcher:
             if self.matcher.is_terminated() or not self.matcher.accept_token(t):
                 break
         self.upto = len(token_ids)
-        if self.matcher.is_terminated():
-            return _stop_only(grammars.vocab, list(self.matcher.stop_token_ids))
-        mask = grammars.xgr.allocate_token_bitmask(1, grammars.vocab)
-        self.matcher.fill_next_token_bitmask(mask)
-        return mask[0]
+        return next_bitmask(grammars, self.matcher)
+
+
+def next_bitmask(grammars: Grammars, matcher: Any) -> torch.Tensor:
+    """int32 [ceil(V / 32)] on the host: bit t set iff xgrammar's ``matcher`` takes token t next (once it
+    has terminated, only the stop tokens: what a completed grammar with ignore_eos keeps drawing)."""
+    if matcher.is_terminated():
+        return _stop_only(grammars.vocab, list(matcher.stop_token_ids))
+    mask = grammars.xgr.allocate_token_bitmask(1, grammars.vocab)
+    matcher.fill_next_token_bitmask(mask)
+    return mask[0]
 
 
 def grammar_bitmask(seq: Sequence, first_draw: bool) -> torch.Tensor:

@@ -54,8 +54,8 @@ def oracle_logits(triple: tuple, ids: list[int], n_prompt: int, vocab: int, para
 
 def make_engine(triple: tuple, **kw: object) -> LLMEngine:
     large, rl, base = map(str, triple)
-    kw = {"kv_cache_blocks": 64, "max_model_len": 64, **kw}
-    return LLMEngine(EngineConfig(large, rl, base, lam=LAM, device="cpu", dtype="float32", block_size=4, **kw))
+    kw = {"kv_cache_blocks": 64, "max_model_len": 64, "device": "cpu", **kw}
+    return LLMEngine(EngineConfig(large, rl, base, lam=LAM, dtype="float32", block_size=4, **kw))
 
 
 def record_launches(engine: LLMEngine) -> list[bool]:

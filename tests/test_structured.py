@@ -224,16 +224,47 @@ def test_the_server_takes_response_format_and_structured_outputs(json_triple: tu
         running.close()
 
 
-def test_a_speculative_engine_decodes_structured_outputs_plainly(json_triple: tuple) -> None:
-    """A batch holding a structured output decodes in plain steps (its grammar would have to follow each
-    draft on the host), so the speculating engine gives the plain engine's tokens for it and for its
-    batch-mates; once it has finished, the others go back to rounds."""
-    structured = SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=CASES["regex"])
-    free = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    requests = {"so": (PROMPT, structured), "free": ([7, 30, 4, 9], free)}
-    want = run(make_engine(json_triple), requests)
-    speculative = make_engine(json_triple, speculative_tokens=2)
-    got = run(speculative, requests)
-    assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}
-    assert satisfied("regex", got["so"][0].text) and len(got["so"][0].token_ids) < 12
-    assert speculative.stats().spec_draft_tokens_total > 0  # rounds ran after the structured output ended
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_speculative_rounds_give_structured_outputs_the_plain_tokens(json_triple: tuple, kind: str) -> None:
+    """Rounds walk a fork of each structured row's matcher over its drafts, so the coupled method emits
+    the plain engine's tokens: sampled and greedy, with a batch-mate, past the grammar's end with
+    ignore_eos (stop tokens only), and under preemption. The rejection method keeps every constraint."""
+    so = CASES[kind]
+    requests = {"s": (PROMPT, SamplingParams(temperature=1.0, seed=3, max_tokens=40, structured_outputs=so)),
+                "g": ([7, 30, 4, 9], SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so)),
+                "e": (PROMPT, SamplingParams(temperature=0.7, seed=1, max_tokens=12, ignore_eos=True,
+                                             structured_outputs=CASES["choice"])),
+                "free": ([7, 30, 4, 9], SamplingParams(temperature=0.9, seed=4, max_tokens=40, ignore_eos=True)),
+                "free2": ([9, 9, 30], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))}
+    want = {k: v[0].token_ids for k, v in run(make_engine(json_triple, max_model_len=128, kv_cache_blocks=256),
+                                              requests).items()}
+    eos = make_engine(json_triple).scheduler.eos_token_ids
+    assert len(want["e"]) == 12 and want["e"][-1] in eos  # the grammar ended, then only stop tokens
+    for variant, kw in (("coupled", dict(kv_cache_blocks=256)), ("preemption", dict(kv_cache_blocks=12))):
+        engine = make_engine(json_triple, max_model_len=48, speculative_tokens=3, **kw)
+        got = {k: v[0].token_ids for k, v in run(engine, requests).items()}
+        assert got == want, variant
+        assert engine.stats().spec_accepted_tokens_total > 0, variant
+        assert engine.scheduler.num_preemptions > 0 or variant == "coupled"
+    engine = make_engine(json_triple, max_model_len=128, kv_cache_blocks=256, speculative_tokens=3,
+                         speculative_method="rejection")
+    params = SamplingParams(n=4, temperature=1.0, seed=2, max_tokens=60, structured_outputs=so)
+    outs = run(engine, {"r": (PROMPT, params)})["r"]
+    assert all(satisfied(kind, o.text) for o in outs if o.finish_reason == "stop"), [o.text for o in outs]
+    assert any(o.finish_reason == "stop" for o in outs)
+    assert engine.stats().spec_accepted_tokens_total > 0
+
+
+@pytest.mark.gpu
+def test_gpu_speculative_rounds_give_structured_outputs_the_plain_tokens(json_triple: tuple) -> None:
+    """On a GPU the drafts reach the matchers through pinned copies and events while the next forward
+    runs: the tokens are still the plain engine's (float32, coupled)."""
+    requests = {f"{kind}-{i}": ([7 + i, 30, 4, 9], SamplingParams(temperature=0.8 * i, seed=i, max_tokens=30,
+                                                                   structured_outputs=CASES[kind]))
+                for kind in ("json", "regex") for i in range(2)}
+    requests["free"] = (PROMPT, SamplingParams(temperature=1.0, seed=9, max_tokens=20, ignore_eos=True))
+    kw = dict(device="cuda", max_model_len=64, kv_cache_blocks=128)
+    want = {k: v[0].token_ids for k, v in run(make_engine(json_triple, **kw), requests).items()}
+    engine = make_engine(json_triple, speculative_tokens=3, **kw)
+    assert {k: v[0].token_ids for k, v in run(engine, requests).items()} == want
+    assert engine.stats().spec_accepted_tokens_total > 0

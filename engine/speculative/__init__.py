@@ -31,7 +31,8 @@ alone) cost no model beyond the triple. `rast analyze accept` measures how often
 Logit adjustments (logit_bias, allowed_token_ids, bad words, min_tokens, penalties) apply at every
 position of a round, to the target and the drafts, as plain decoding would apply them had the drafts
 before it been accepted (adjust.py), so the coupled method's tokens stay the plain ones; such a round runs
-eagerly. A batch holding a structured output decodes in plain steps (the scheduler's lookahead is 0).
+eagerly. Structured outputs too: a fork of the sequence's grammar matcher walks the drafts on the host,
+each copied back as it is drawn (grammar.py).
 
 Randomness is counter-based as in rast_kernels.rng, keyed by the sequence's seed (salted per use by the
 rejection method) and the position of the token drawn, never by the batch.

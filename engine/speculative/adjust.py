@@ -14,9 +14,10 @@ What depends on the drafts is computed on the device, so a round still reads its
   (vLLM's rule, as in plain decoding).
 What does not depend on the drafts is known on the host: logit_bias, allowed_token_ids, one-token bad
 words, and min_tokens' bans, which hold at position j while generated + j < min_tokens.
-Structured outputs would need the grammar matcher advanced over each draft on the host, between the draft
-steps, so a batch holding one decodes in plain steps (Scheduler._schedule_decode). An adjusted round runs eagerly
-(the round's CUDA graph reads a fixed set of pairs), as an adjusted plain step samples eagerly.
+Structured outputs' masks are the exception: a grammar matcher lives on the host, so each draft of such a
+row is copied back as it is drawn and the matcher walked over it (grammar.py), while the next forward runs.
+An adjusted round runs eagerly (the round's CUDA graph reads a fixed set of pairs), as an adjusted plain
+step samples eagerly.
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ import torch
 
 from rast_engine.draws import Draw
 from rast_engine.logit_adjust import (Adjust, ToDevice, adjustment_pair, bias_and_ban, bias_pair, combined,
-                                      draw_counts, penalize)
+                                      draw_counts, keep_only, penalize)
 from rast_engine.sequence import Sequence
+from rast_engine.speculative.grammar import RoundGrammars
+from rast_engine.structured import unpack
 
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,8 +53,9 @@ class RoundAdjust:
                  to_device: ToDevice) -> None:
         self.rows = [i for i, d in enumerate(draws) if d.adjust is not None]
         ds = [draws[i] for i in self.rows]
-        if any(d.adjust.grammar_mask is not None for d in ds):
-            raise RuntimeError("a structured output in a speculative round: the scheduler decodes those plainly")
+        structured = [a for a, d in enumerate(ds) if d.adjust.grammar_mask is not None]
+        self.grammars = RoundGrammars(structured, [seqs[self.rows[a]] for a in structured],
+                                      [self.rows[a] for a in structured], to_device) if structured else None
         self.num_rows, self.vocab, self.to_device = len(draws), vocab, to_device
         self.params = [d.params for d in ds]
         self.adjusts: list[Adjust] = [d.adjust for d in ds]
@@ -103,6 +107,10 @@ class RoundAdjust:
         z = combined([t.index_select(0, at) for pair in [(logits,)] + deltas for t in pair], lam, self.vocab)
         # z + (-inf or a bias or 0): the masks and logit_bias as bias_and_ban applies them, in one add
         adjusted = z + self.fixed.repeat_interleave(count, dim=0)
+        if self.grammars is not None:  # host masks: this waits for the drafts before the last position
+            masks = torch.stack([self.grammars.mask(first + k) for k in range(count)], dim=1)  # [G, count, words]
+            keep_only(adjusted, [a * count + k for a in self.grammars.rows for k in range(count)],
+                      unpack(self.to_device(masks.flatten(0, 1)), self.vocab), self.to_device)
         params, requests = [], []
         short_rows, short_ids = [], []  # min_tokens' bans where generated + position < min_tokens
         for a, adjust in enumerate(self.adjusts):
@@ -127,6 +135,11 @@ class RoundAdjust:
         if keep:
             self.draft_pairs.append(pair)
         return with_pair(deltas, weights, n, pair, logits.device)
+
+    def note_draft(self, ids: torch.Tensor) -> None:
+        """A draft step's ids [R], drawn: structured rows read them for the next position's mask."""
+        if self.grammars is not None:
+            self.grammars.note_draft(ids)
 
     def draft_pair(self) -> list[torch.Tensor]:
         """The kept draft steps' pairs as one pair over rows in (sequence, draft) order."""

@@ -174,6 +174,8 @@ def round_core(runner: ModelRunner, inp: RoundInputs, gamma: int, draft: str, me
         # no draw of the target's is -1)
         ids = ids.clamp(min=0)
         drafts.append(ids)
+        if adjust is not None:
+            adjust.note_draft(ids)
     tokens_in = torch.stack([inp.last] + drafts, dim=1)  # [R, γ + 1]: the large model's inputs
 
     # the small pair's last step (the target's terms at the last position) draws no draft, so it runs

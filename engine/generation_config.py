@@ -53,8 +53,7 @@ def sampling_defaults(source: str, model: str) -> dict[str, Any]:
         logger.info("default sampling parameters from %s: %s (generation_config='vllm' ignores them)", path, defaults)
     if defaults.get("repetition_penalty", 1.0) != 1.0:
         logger.warning("%s sets repetition_penalty=%s for every request that does not set its own: penalized "
-                       "batches sample eagerly (the forward still replays its CUDA graph) and are not launched ahead "
-                       "(engine/logit_adjust.py); "
+                       "batches sample eagerly (the forward still replays its CUDA graph; engine/logit_adjust.py); "
                        "generation_config='vllm' or a request's repetition_penalty=1 avoids it", path,
                        defaults["repetition_penalty"])
     return defaults

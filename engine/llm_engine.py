@@ -211,7 +211,7 @@ class LLMEngine:
         kept = self.runner.buffers.max_rows
         if any(holds and row[seq] >= kept for (seq, _), holds in zip(batch.owners, batch.holding)):
             return None
-        if any(seq.params.reads_output for seq, _ in batch.owners):  # its next draw reads this one's token
+        if any(seq.params.reads_output for seq, _ in batch.owners):  # its next draw reads this one's token on the host
             return None
         out = self.scheduler.schedule_ahead()
         if out is None:

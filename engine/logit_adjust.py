@@ -21,10 +21,13 @@ device once (RequestTensors), and a penalized sequence keeps its output counts a
 tensor (OutputCounts, V·4 bytes a sequence) updated with its new tokens only. The device work is a few
 passes over [adjusted rows, V].
 
-Invariants: a penalized draw, or one with a bad word of several tokens, needs every earlier token of its
-sequence on the host (its counts, the output's tail), so the engine never launches a step ahead of a
-batch that holds one (SamplingParams.reads_output, LLMEngine._launch_ahead); the other adjustments need
-only the number of tokens so far, which the host always knows, so those steps may be launched ahead.
+Invariants: a step launched ahead (async scheduling) draws after one pending token a sequence, whose id
+is on the device only: the step's own input there. A penalized draw counts it on the device (its
+counts are the known tokens' plus one at that input), and a bad word of several tokens whose earlier
+tokens end the known output bans its last token where that input is the word's second-to-last (a
+device-side condition, Adjust.pending_bans); the other adjustments need only the number of tokens so
+far. Only structured outputs read every token on the host (the grammar matcher), so the engine never
+launches a step ahead of a batch holding one (SamplingParams.reads_output, LLMEngine._launch_ahead).
 An adjusted batch replays only the forward's CUDA graph (cuda_graph.py) and adjusts and samples eagerly:
 the sampler's graph reads a fixed set of pairs. Speculative rounds adjust each position as if the drafts
 before it were accepted (speculative/adjust.py; structured outputs by speculative/grammar.py). A row
@@ -34,14 +37,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Collection, Optional, Sequence as Seq
 
 import torch
 
 from rast_kernels.batch import normalize
 from rast_kernels.reference import combine
 
-from rast_engine.errors import RastError
+from rast_engine.bad_words import bad_word_bans
 from rast_engine.structured import grammar_bitmask, unpack
 
 if TYPE_CHECKING:
@@ -84,64 +87,23 @@ class RequestTensors:
         return self._allowed
 
 
-MAX_BAD_WORD_TOKENS = 1024  # over all of a request's bad words (as vLLM): their tails are matched every draw
-
-
-def tokenize_bad_words(tokenizer: Any, words: list[str], vocab: int) -> list[list[int]]:
-    """Each word's token ids as it starts a text and, where that differs in its first token only, as it
-    follows a space (vLLM's rule: both spellings of a word are masked; a spaced spelling that splits
-    into another number of tokens is left out); RastError for ids outside the vocabulary or too many tokens."""
-    if tokenizer is None:
-        raise RastError("bad_words needs a tokenizer to tokenise the words, and this engine has none", param="bad_words")
-    out: list[list[int]] = []
-    for word in words:
-        try:
-            bare = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
-            spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
-        except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: the client's input
-            raise RastError(f"the tokenizer cannot encode bad word {word[:40]!r}: {exc}", param="bad_words") from None
-        if bare:  # a word the tokenizer drops entirely cannot be generated
-            out += [bare] + ([spaced] if len(spaced) == len(bare) and spaced[0] != bare[0] else [])
-    outside = sorted({t for w in out for t in w if t >= vocab})
-    if outside:
-        raise RastError(f"bad_words tokenise to ids {outside[:5]} outside the vocabulary (size {vocab})", param="bad_words")
-    total = sum(map(len, out))
-    if total > MAX_BAD_WORD_TOKENS:
-        raise RastError(f"bad_words tokenise to {total} tokens; at most {MAX_BAD_WORD_TOKENS}", param="bad_words")
-    return out
-
-
-def _bad_word_bans(seq: Sequence, generated: int) -> list[int]:
-    """The last token of each bad word whose other tokens end the output (of ``generated`` tokens)."""
-    ids, end = seq.token_ids, len(seq.token_ids)
-    bans = []
-    for w in seq.params.bad_words_token_ids or ():
-        if len(w) == 1:
-            bans.append(w[0])
-        elif len(w) - 1 <= generated:
-            if seq.num_pending:  # reads_output keeps such a draw from being launched ahead
-                raise RuntimeError(f"sequence {seq.seq_id}: a bad word reads an output with pending tokens")
-            if ids[end - len(w) + 1:end] == w[:-1]:
-                bans.append(w[-1])
-    return bans
-
-
 class OutputCounts:
     """A sequence's output-token counts as a [V] float32 device tensor, updated with just the tokens added
-    since the last call. Only known tokens are counted (penalized steps are never launched ahead), so
-    counts only grow; if tokens were dropped since, they are counted again from the start."""
+    since the last call. Only known tokens are counted (a pending one is added to a copy, draw_counts),
+    so counts only grow; if tokens were dropped since, they are counted again from the start."""
 
     def __init__(self) -> None:
         self.counts: Optional[torch.Tensor] = None
         self.upto = 0  # index into token_ids up to which tokens are counted
 
-    def tensor(self, token_ids: list[int], start: int, vocab: int, to_device: ToDevice) -> torch.Tensor:
-        if self.counts is None or self.upto < start or self.upto > len(token_ids):
+    def tensor(self, token_ids: list[int], start: int, end: int, vocab: int, to_device: ToDevice) -> torch.Tensor:
+        """The counts of token_ids[start:end]."""
+        if self.counts is None or self.upto < start or self.upto > end:
             self.counts, self.upto = to_device(torch.zeros(vocab, dtype=torch.float32)), start
-        if self.upto < len(token_ids):
-            new = to_device(torch.tensor(token_ids[self.upto:], dtype=torch.int64))
+        if self.upto < end:
+            new = to_device(torch.tensor(token_ids[self.upto:end], dtype=torch.int64))
             self.counts.index_add_(0, new, torch.ones_like(new, dtype=torch.float32))
-            self.upto = len(token_ids)
+            self.upto = end
         return self.counts
 
 
@@ -156,6 +118,10 @@ class Adjust:
     grammar_mask: Optional[Callable[[], torch.Tensor]] = None
     # the ids min_tokens masks while the output is short (a speculative round decides it per position)
     min_tokens_ids: list[int] = field(default_factory=list)
+    # the sequence's last token is pending (a step launched ahead): its id is the step's input there
+    pending: bool = False
+    # (t, b): b is masked iff the pending last token is t (bad words of several tokens, bad_words.py)
+    pending_bans: list[tuple[int, int]] = field(default_factory=list)
 
 
 def min_tokens_bans(params: SamplingParams, eos_token_ids: Collection[int]) -> list[int]:
@@ -169,7 +135,9 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
     if not p.adjusts_logits:
         return None
     generated = 0 if first_draw else seq.num_generated
-    banned = _bad_word_bans(seq, generated) if p.bad_words_token_ids else []
+    if seq.num_pending > 1:  # a launched step follows the one step in flight
+        raise RuntimeError(f"sequence {seq.seq_id}: a draw after {seq.num_pending} pending tokens")
+    banned, pending_bans = bad_word_bans(seq, generated) if p.bad_words_token_ids else ([], [])
     stops = min_tokens_bans(p, eos_token_ids) if p.min_tokens else []
     if generated < p.min_tokens:
         banned += stops
@@ -180,7 +148,8 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
     if p.penalized and not first_draw and seq.output_counts is None:
         seq.output_counts = OutputCounts()
     return Adjust(group.adjust_tensors, banned, seq if p.penalized and not first_draw else None,
-                  functools.partial(grammar_bitmask, seq, first_draw) if group.grammar is not None else None, stops)
+                  functools.partial(grammar_bitmask, seq, first_draw) if group.grammar is not None else None, stops,
+                  pending=bool(seq.num_pending) and not first_draw, pending_bans=pending_bans)
 
 
 def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
@@ -200,8 +169,10 @@ def combined(logits: list[torch.Tensor], weights: torch.Tensor, vocab: int) -> t
     return combine(normalize(logits[0], list(zip(logits[1::2], logits[2::2])), weights=weights, vocab_size=vocab))
 
 
-def bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: ToDevice) -> None:
-    """Steps 0 to 2 on z [rows, V], in place (bans: step 0's bad words and step 2's, which commute)."""
+def bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: ToDevice,
+                 last: Optional[torch.Tensor] = None) -> None:
+    """Steps 0 to 2 on z [rows, V], in place (bans: step 0's bad words and step 2's, which commute);
+    ``last`` [rows]: each row's input token, the pending one that Adjust.pending_bans test."""
     allowed = [(j, ids) for j, ids in enumerate(a.request.allowed(to_device) for a in adjusts) if ids is not None]
     if allowed:
         keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=z.device)
@@ -222,15 +193,31 @@ def bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: 
     if any(sizes):
         ids = to_device(torch.tensor([t for b in banned for t in b], dtype=torch.int64))
         z.index_put_((_rows_of(sizes, to_device), ids), torch.tensor(float("-inf"), device=z.device))
+    sizes = [len(a.pending_bans) for a in adjusts]
+    if any(sizes):
+        rows = _rows_of(sizes, to_device)
+        after, ids = to_device(torch.tensor([tb for a in adjusts for tb in a.pending_bans], dtype=torch.int64)).unbind(1)
+        hit = last.index_select(0, rows) == after  # -inf where the pending token makes the word, 0 elsewhere
+        z.index_put_((rows, ids), torch.where(hit, float("-inf"), 0.0), accumulate=True)
 
 
-def draw_counts(ds: Seq[Draw], vocab: int, to_device: ToDevice) -> list[Optional[torch.Tensor]]:
-    """Each draw's output counts [V] (None: not penalized, or a first draw with no output yet)."""
+def draw_counts(ds: Seq[Draw], vocab: int, to_device: ToDevice, last: Optional[torch.Tensor] = None
+                ) -> list[Optional[torch.Tensor]]:
+    """Each draw's output counts [V] (None: not penalized, or a first draw with no output yet); a draw
+    after a pending token counts it too, from ``last`` [len(ds)] (each draw's input token), on a copy."""
     out: list[Optional[torch.Tensor]] = []
     for d in ds:
         seq = d.adjust.seq if d.params.penalized else None
-        out.append(None if seq is None else seq.output_counts.tensor(seq.token_ids, seq.num_prompt_tokens, vocab,
-                                                                     to_device))
+        out.append(None if seq is None else seq.output_counts.tensor(seq.token_ids, seq.num_prompt_tokens,
+                                                                     seq.num_known, vocab, to_device))
+    pending = [j for j, (d, c) in enumerate(zip(ds, out)) if c is not None and d.adjust.pending]
+    if pending:
+        at = to_device(torch.tensor(pending, dtype=torch.int64))
+        c = torch.stack([out[j] for j in pending])
+        c.index_put_((torch.arange(len(pending), device=c.device), last.index_select(0, at)),
+                     torch.tensor(1.0, device=c.device), accumulate=True)
+        for j, row in zip(pending, c.unbind(0)):
+            out[j] = row
     return out
 
 
@@ -273,10 +260,11 @@ def adjustment_pair(z: torch.Tensor, adjusted: torch.Tensor, rows: torch.Tensor,
     return bias_pair(bias)
 
 
-def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: ToDevice, vocab: int
-                     ) -> tuple[list[torch.Tensor], Seq[Draw]]:
+def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: ToDevice, vocab: int,
+                     inputs: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], Seq[Draw]]:
     """The sampler's inputs with the adjustment pair appended (and weight 1 for it in every draw), or
-    (logits, draws) unchanged when no draw is adjusted. ``logits``: [M, R1, S1, ...], one row per draw row."""
+    (logits, draws) unchanged when no draw is adjusted. ``logits``: [M, R1, S1, ...], one row per draw row;
+    ``inputs``: each row's input token, needed where a draw follows a pending token (Adjust.pending)."""
     firsts: dict[int, Draw] = {}  # adjusted logits row -> its first draw (draws of a row share params)
     for d in draws:
         if d.adjust is not None:
@@ -287,9 +275,14 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
     rows = to_device(torch.tensor(list(firsts), dtype=torch.int64))
     weights = to_device(torch.tensor([d.weights for d in ds], dtype=torch.float32).reshape(len(ds), -1))
     z = combined([t.index_select(0, rows) for t in logits], weights, vocab)
+    last = None
+    if any(d.adjust.pending for d in ds):
+        if inputs is None:
+            raise RuntimeError("a draw after a pending token needs the step's input ids")
+        last = inputs.index_select(0, rows)
     adjusted = z.clone()
-    bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device)
-    penalize(adjusted, [d.params for d in ds], [d.adjust.request for d in ds], draw_counts(ds, vocab, to_device),
+    bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device, last)
+    penalize(adjusted, [d.params for d in ds], [d.adjust.request for d in ds], draw_counts(ds, vocab, to_device, last),
              vocab, to_device)
     return (logits + adjustment_pair(z, adjusted, rows, logits[0].shape[0]),
             [replace(d, weights=list(d.weights) + [1.0]) for d in draws])

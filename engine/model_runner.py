@@ -185,6 +185,7 @@ class ModelRunner:
             rows = rows.index_select(0, self._to_device(torch.tensor(needed, dtype=torch.int64)))
             remap = {r: i for i, r in enumerate(needed)}
             draws = [replace(d, row=remap[d.row]) for d in draws]
+        last = inputs.input_ids.index_select(0, rows) if _after_pending(draws) else None
         extra, slices = prompt_rows(seqs) if is_prefill else ([], [])
         if extra:  # prompt logprobs: more rows of the same forward (prompt_logprobs.py)
             rows = torch.cat([rows, self._to_device(torch.tensor(extra, dtype=torch.int64))])
@@ -194,7 +195,7 @@ class ModelRunner:
             n = rows.shape[0] - len(extra)
             prompt = PromptLogprobs([t[n:] for t in logits], slices, self.vocab_size, self._to_device)
             logits = [t[:n] for t in logits]
-        step = self.sample(logits, draws) if draws else PendingStep([])
+        step = self.sample(logits, draws, last) if draws else PendingStep([])
         step.prompt = prompt
         return step
 
@@ -243,7 +244,8 @@ class ModelRunner:
         if any(d.adjust is not None for d in draws):  # the forward's stage, then adjust and sample eagerly
             logits = self._decode_forward(rows) if bucket is None else self.graphs.replay(bucket, stages=1)
             # eager reads of the static logits, queued before any later replay can overwrite them
-            return self.sample([t[:n] for t in logits], draws)
+            return self.sample([t[:n] for t in logits], draws,
+                               self.buffers.input_ids(rows)[:n] if _after_pending(draws) else None)
         ids_dev, logits = self._decode_step(rows) if bucket is None else self.graphs.replay(bucket)
         # a replay's outputs are overwritten by the next replay: on CUDA the copies queued now read them
         # first; elsewhere (the CUDA emulator) the host reads them later, so it keeps a copy
@@ -280,10 +282,17 @@ class ModelRunner:
         copied.record()
         return PendingStep(ids=host, event=copied, logprobs=logprobs)
 
-    def sample(self, logits: list[torch.Tensor], draws: Seq[Draw]) -> PendingStep:
-        """The draws' tokens (draws.py), read later by the caller's wait()."""
-        logits, draws = with_adjustments(logits, draws, self._to_device, self.vocab_size)
+    def sample(self, logits: list[torch.Tensor], draws: Seq[Draw], inputs: Optional[torch.Tensor] = None
+               ) -> PendingStep:
+        """The draws' tokens (draws.py), read later by the caller's wait(); ``inputs``: each logits row's input
+        token (with_adjustments)."""
+        logits, draws = with_adjustments(logits, draws, self._to_device, self.vocab_size, inputs)
         ids_dev = sample_draws(logits, draws, self._to_device, self.vocab_size, self.sampler)
         self.buffers.store_sampled(ids_dev)  # a decode step launched ahead reads its input ids from them
         return self._ids_later(ids_dev, draw_logprobs(logits, draws, ids_dev, self._to_device, self.vocab_size,
                                                       self.sampler))
+
+
+def _after_pending(draws: Seq[Draw]) -> bool:
+    """Whether an adjusted draw follows a pending token (its adjustment reads the step's input there)."""
+    return any(d.adjust is not None and d.adjust.pending for d in draws)

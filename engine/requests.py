@@ -6,7 +6,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Collection, Iterable, Optional, Union
 
 from rast_engine.errors import RastError
-from rast_engine.logit_adjust import min_tokens_bans, tokenize_bad_words
+from rast_engine.bad_words import tokenize_bad_words
+from rast_engine.logit_adjust import min_tokens_bans
 from rast_engine.structured import RequestGrammar, engine_grammars
 from rast_engine.sampling_params import SamplingParams
 

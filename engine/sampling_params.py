@@ -115,10 +115,10 @@ class SamplingParams:
     # the tokens so far; any adjustment of z is on (any of the fields above: logit_adjust.py)
     penalized: bool = field(init=False, repr=False, compare=False)
     adjusts_logits: bool = field(init=False, repr=False, compare=False)
-    # set by the engine at intake (set_bad_words_token_ids): the token sequences bad_words masks, and
-    # whether a draw reads the output's tokens (not only their number): a penalty, structured outputs,
-    # or a bad word of several tokens, whose last token is masked after the others only
+    # set by the engine at intake (set_bad_words_token_ids): the token sequences bad_words masks
     bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
+    # whether a draw reads every output token on the host (structured outputs' matcher), so its step is
+    # never launched ahead; penalties and bad words read a pending token on the device (logit_adjust.py)
     reads_output: bool = field(init=False, repr=False, compare=False)
     masks_tokens: bool = field(init=False, repr=False, compare=False)
 
@@ -217,7 +217,7 @@ class SamplingParams:
         self.adjusts_logits = (self.logit_bias is not None or self.allowed_token_ids is not None
                                or self.bad_words is not None or self.structured_outputs is not None
                                or self.min_tokens > 0 or self.penalized)
-        self.reads_output = self.penalized or self.structured_outputs is not None
+        self.reads_output = self.structured_outputs is not None  # the grammar matcher reads each token on the host
         # a draw of this request may find every token masked by the request itself (NoAdmissibleToken
         # is then the request's fault, not the models')
         self.masks_tokens = (self.allowed_token_ids is not None or self.bad_words is not None
@@ -225,6 +225,5 @@ class SamplingParams:
                              or (self.min_tokens > 0 and (bool(self.stop_token_ids) or not self.ignore_eos)))
 
     def set_bad_words_token_ids(self, words: list[list[int]]) -> None:
-        """bad_words as token sequences (the engine's tokenizer's, logit_adjust.tokenize_bad_words)."""
+        """bad_words as token sequences (the engine's tokenizer's, bad_words.tokenize_bad_words)."""
         self.bad_words_token_ids = words
-        self.reads_output = self.reads_output or any(len(w) > 1 for w in words)

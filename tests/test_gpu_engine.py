@@ -187,7 +187,8 @@ def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool
 def test_adjusted_requests_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None:
     """logit_bias, min_tokens, penalties, token masks and structured outputs (engine/logit_adjust.py,
     engine/structured.py): their steps replay the forward's graph and adjust and sample eagerly, beside
-    plain steps replaying both stages, bias launched ahead and penalties not; greedy tokens equal the CPU's."""
+    plain steps replaying both stages, launched ahead but for structured outputs (penalties and bad words
+    read the token on its way on the device); greedy tokens equal the CPU's."""
     cpu = make_engine(qwen2_triple, "cpu", dtype="float32")
     gpu = make_engine(qwen2_triple, "cuda", dtype="float32", attention_backend="triton", async_output=True,
                       async_scheduling=True)

@@ -6,6 +6,8 @@ penalties (vLLM's definitions and order). The engine's greedy tokens and its log
 it samples from) must match; rows without adjustments must not notice their neighbours'."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from logit_adjust_util import PENALTIES, PROMPTS, make_engine, oracle_greedy, oracle_logits, record_launches, run
@@ -14,8 +16,12 @@ from rast_engine import SamplingParams
 from rast_engine.errors import RastError
 
 
-def test_greedy_penalized_tokens_equal_the_oracle(qwen2_triple: tuple) -> None:
-    engine = make_engine(qwen2_triple)
+@pytest.mark.parametrize("ahead", [False, True])
+def test_greedy_penalized_tokens_equal_the_oracle(qwen2_triple: tuple, ahead: bool) -> None:
+    """Also with async scheduling (``ahead``), where each step is launched before the last token reaches
+    the host and its counts take that token on the device."""
+    engine = make_engine(qwen2_triple, **(dict(async_output=True, async_scheduling=True) if ahead else {}))
+    launched = record_launches(engine)
     vocab = engine.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, **PENALTIES)
     plain = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -28,6 +34,7 @@ def test_greedy_penalized_tokens_equal_the_oracle(qwen2_triple: tuple) -> None:
     alone = run(make_engine(qwen2_triple), {"plain": (PROMPTS[1], plain)})
     assert outs["plain"][0].token_ids == alone["plain"][0].token_ids
     assert outs["p1"][0].token_ids != outs["plain"][0].token_ids  # the penalties did change something
+    assert any(launched) == ahead
 
 
 def test_logprobs_are_those_of_the_penalized_distribution(qwen2_triple: tuple) -> None:
@@ -45,19 +52,25 @@ def test_logprobs_are_those_of_the_penalized_distribution(qwen2_triple: tuple) -
             ids.append(token)
 
 
-@pytest.mark.parametrize("variant", ["preemption", "chunked prefill", "async scheduling"])
+@pytest.mark.parametrize("variant", ["preemption", "chunked prefill", "async scheduling", "admitted ahead"])
 def test_penalized_tokens_survive_preemption_chunking_and_async_scheduling(qwen2_triple: tuple,
                                                                            variant: str) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=5, ignore_eos=True, **PENALTIES)
     requests = {f"r{i}": ([7 + i, 9, 9, 30 + i, 4], params) for i in range(4)}
+    if variant == "admitted ahead":  # a prefill launched ahead admits r2 while r0 decodes after a pending token
+        requests = {f"r{i}": ([7 + i, 9, 9, 30 + i, 4], replace(params, max_tokens=m)) for i, m in enumerate((12, 4, 9))}
     want = run(make_engine(qwen2_triple), requests)
     kw = {"preemption": dict(kv_cache_blocks=12, max_model_len=32), "chunked prefill": dict(max_num_batched_tokens=3),
-          "async scheduling": dict(async_output=True, async_scheduling=True)}[variant]
+          "async scheduling": dict(async_output=True, async_scheduling=True),
+          "admitted ahead": dict(async_output=True, async_scheduling=True, max_num_seqs=2)}[variant]
     engine = make_engine(qwen2_triple, **kw)
+    launched = record_launches(engine)
     got = run(engine, requests)
     assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
+    if variant.startswith("a"):  # the counts take each pending token on the device
+        assert len(launched) > 1 and all(launched[:-1])  # the last found nothing to launch
 
 
 def test_penalty_values_are_checked(qwen2_triple: tuple) -> None:
@@ -97,8 +110,8 @@ def test_logit_bias_and_min_tokens_equal_the_oracle(qwen2_triple: tuple) -> None
 
 
 def test_bias_and_min_tokens_steps_are_launched_ahead(qwen2_triple: tuple) -> None:
-    """Unlike penalties, they need no token of the step before: async scheduling launches their steps
-    ahead, and the tokens are those of the synchronous engine (min_tokens counts the pending tokens)."""
+    """They need only the number of tokens so far: async scheduling launches their steps ahead, and the
+    tokens are those of the synchronous engine (min_tokens counts the pending tokens)."""
     params = SamplingParams(temperature=1.0, max_tokens=12, seed=5, min_tokens=8, stop_token_ids=[9],
                             logit_bias={9: 4.0, 4: -2.0})
     requests = {f"r{i}": ([7 + i, 9, 9, 30 + i, 4], params) for i in range(4)}

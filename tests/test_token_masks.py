@@ -11,7 +11,7 @@ from logit_adjust_util import PROMPTS, make_engine, oracle_greedy, oracle_logits
 
 from rast_engine import SamplingParams
 from rast_engine.errors import RastError
-from rast_engine.logit_adjust import tokenize_bad_words
+from rast_engine.bad_words import tokenize_bad_words
 from rast_engine.sampling_params import MAX_BAD_WORDS
 
 GREEDY = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -84,24 +84,27 @@ def test_bad_words_equal_the_oracle(qwen2_triple: tuple, length: int) -> None:
     assert not any(got[i:i + len(w)] == w for w in bad for i in range(len(got)))
 
 
-def test_bad_words_launch_ahead_only_when_they_read_no_output(qwen2_triple: tuple) -> None:
-    """One-token bad words (and allowed_token_ids) need only the step count: async scheduling launches
-    their steps ahead. A bad word of several tokens reads the output's tail: never launched ahead. Either
-    way the tokens are the synchronous engine's."""
+@pytest.mark.parametrize("length", [2, 3])
+def test_bad_words_of_several_tokens_are_launched_ahead(qwen2_triple: tuple, length: int) -> None:
+    """A step launched ahead draws after a pending token, whose id only the device has: a bad word whose
+    earlier tokens end the known output is banned there iff that token is its second-to-last. So async
+    scheduling launches every step, and the tokens equal the oracle's (greedy, a word taken from the plain
+    output, so the ban fires) and the synchronous engine's (sampled, with one-token words and a mask)."""
     tok = make_engine(qwen2_triple).tokenizer
-    one = [w for w in ("the", "cat", "answer", "is", "we") if all(len(s) == 1 for s in spellings(tok, w))]
-    several = ["the cat", "answer"]
-    assert one, "the test tokenizer spells none of the words in one token"
-    for words, ahead in ((one, True), (several, False)):
-        params = SamplingParams(temperature=1.0, max_tokens=10, seed=4, ignore_eos=True, bad_words=words,
-                                allowed_token_ids=list(range(5, 100)))
-        requests = {f"r{i}": ([7 + i, 9, 9, 30 + i, 4], params) for i in range(3)}
-        want = run(make_engine(qwen2_triple), requests)
-        engine = make_engine(qwen2_triple, async_output=True, async_scheduling=True)
-        launched = record_launches(engine)
-        got = run(engine, requests)
-        assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}
-        assert any(launched) == ahead, words
+    plain = run(make_engine(qwen2_triple), {"p": (PROMPTS[0], SamplingParams(**GREEDY))})["p"][0].token_ids
+    word = word_in(tok, plain, length)
+    greedy = SamplingParams(**GREEDY, bad_words=[word])
+    sampled = SamplingParams(temperature=1.0, max_tokens=10, seed=4, ignore_eos=True, allowed_token_ids=list(range(5, 100)),
+                             bad_words=[word, "the", "cat sat"])
+    requests = {"g": (PROMPTS[0], greedy), **{f"s{i}": ([7 + i, 9, 9, 30 + i, 4], sampled) for i in range(3)}}
+    want = run(make_engine(qwen2_triple), requests)
+    engine = make_engine(qwen2_triple, async_output=True, async_scheduling=True)
+    launched = record_launches(engine)
+    got = run(engine, requests)
+    assert {k: v[0].token_ids for k, v in got.items()} == {k: v[0].token_ids for k, v in want.items()}
+    assert len(launched) > 1 and all(launched[:-1])  # the last found nothing to launch
+    assert got["g"][0].token_ids == oracle_greedy(qwen2_triple, PROMPTS[0], engine.vocab_size, greedy,
+                                                  spellings(tok, word))[0] != plain
 
 
 def test_masks_are_checked(qwen2_triple: tuple) -> None:

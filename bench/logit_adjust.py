@@ -119,11 +119,12 @@ def make_seqs(kind: str, rows: int, vocab: int, prompt: int, output: int, steps:
 def grammar_walk(grammar: object, n: int, rng: random.Random) -> list[int]:
     """``n`` tokens the grammar allows one after another, each drawn uniformly among the allowed ones other
     than EOS (EOS once nothing else is)."""
-    from rast_engine.structured import SequenceMatcher, unpack
+    from rast_engine.structured import SequenceMatcher, bitmasks, unpack
 
     matcher, ids = SequenceMatcher(grammar), []
     for _ in range(n):
-        allowed = unpack(matcher.bitmask(ids, 0)[None], grammar.grammars.vocab)[0].nonzero().flatten().tolist()
+        mask = bitmasks(grammar.grammars, [matcher.advance(ids, 0)])
+        allowed = unpack(mask, grammar.grammars.vocab)[0].nonzero().flatten().tolist()
         ids.append(rng.choice([t for t in allowed if t != EOS] or allowed))
     return ids
 

@@ -35,7 +35,6 @@ without adjustments in an adjusted batch gets a bias of 0, so its tokens are tho
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Collection, Optional, Sequence as Seq
 
@@ -45,7 +44,7 @@ from rast_kernels.batch import normalize
 from rast_kernels.reference import combine
 
 from rast_engine.bad_words import bad_word_bans
-from rast_engine.structured import grammar_bitmask, unpack
+from rast_engine.structured import draw_bitmasks, unpack
 
 if TYPE_CHECKING:
     from rast_engine.draws import Draw
@@ -113,9 +112,10 @@ class Adjust:
     request: RequestTensors
     banned: list[int]  # ids masked at this draw (min_tokens not reached)
     seq: Optional[Sequence]  # whose output counts penalize this draw (None: penalties off, or no output yet)
-    # the int32 host bitmask of the tokens structured outputs allow, computed when with_adjustments runs:
-    # after the step's forwards are enqueued, so on CUDA the grammar matcher's host work overlaps them
-    grammar_mask: Optional[Callable[[], torch.Tensor]] = None
+    # (the sequence, whether it is its request's first draw) where a structured output masks the draw; its
+    # bitmask is computed when with_adjustments runs: after the step's forwards are enqueued, so on CUDA the
+    # grammar matcher's host work overlaps them
+    grammar: Optional[tuple[Sequence, bool]] = None
     # the ids min_tokens masks while the output is short (a speculative round decides it per position)
     min_tokens_ids: list[int] = field(default_factory=list)
     # the sequence's last token is pending (a step launched ahead): its id is the step's input there
@@ -148,7 +148,7 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
     if p.penalized and not first_draw and seq.output_counts is None:
         seq.output_counts = OutputCounts()
     return Adjust(group.adjust_tensors, banned, seq if p.penalized and not first_draw else None,
-                  functools.partial(grammar_bitmask, seq, first_draw) if group.grammar is not None else None, stops,
+                  (seq, first_draw) if group.grammar is not None else None, stops,
                   pending=bool(seq.num_pending) and not first_draw, pending_bans=pending_bans)
 
 
@@ -179,10 +179,10 @@ def bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: 
         keep.index_put_((_rows_of([len(ids) for _, ids in allowed], to_device), torch.cat([ids for _, ids in allowed])),
                         torch.tensor(True, device=z.device))
         keep_only(z, [j for j, _ in allowed], keep, to_device)
-    grammar = [(j, a.grammar_mask) for j, a in enumerate(adjusts) if a.grammar_mask is not None]
+    grammar = [(j, a.grammar) for j, a in enumerate(adjusts) if a.grammar is not None]
     if grammar:
-        keep_only(z, [j for j, _ in grammar], unpack(to_device(torch.stack([mask() for _, mask in grammar])), vocab),
-                   to_device)
+        keep_only(z, [j for j, _ in grammar], unpack(to_device(draw_bitmasks([g for _, g in grammar])), vocab),
+                  to_device)
     biases = [a.request.bias(to_device) for a in adjusts]
     sizes = [len(ids) for ids, _ in biases]
     if any(sizes):

@@ -8,13 +8,15 @@ each sequence keeps its own matcher, brought up to date with the output tokens a
 (as logit_adjust.OutputCounts does), and its next-token bitmask masks z with the other adjustments. The
 bitmask is computed when the sampler's inputs are built, after the step's forwards are enqueued, so on
 CUDA the matcher's host work (about 0.5 ms a row at V = 152064 on this 2-core Xeon, bench/logit_adjust.py)
-overlaps the forwards, as vLLM overlaps it. A draw reads every earlier token of its sequence: such steps
+overlaps the forwards, as vLLM overlaps it; a step's rows are filled together on up to MAX_FILL_THREADS
+of xgrammar's threads (BatchGrammarMatcher), which run outside the GIL. A draw reads every earlier token of its sequence: such steps
 are never launched ahead (SamplingParams.reads_output). Once the grammar is complete only the stop tokens
 (the engine's EOS ids) remain; a completed grammar with ignore_eos keeps drawing them up to max_tokens.
 """
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,7 @@ class Grammars:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=stop_token_ids)
         self.xgr, self.vocab = xgr, vocab
         self.compiler = xgr.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
+        self.batch = xgr.BatchGrammarMatcher(max_threads=min(MAX_FILL_THREADS, os.cpu_count() or 1))
 
     def compile(self, p: StructuredOutputsParams) -> Any:
         """The compiled grammar; RastError naming the constraint when xgrammar refuses it."""
@@ -70,6 +73,7 @@ class Grammars:
 
 
 _BUILDING = threading.Lock()
+MAX_FILL_THREADS = 8  # xgrammar threads filling a step's bitmasks (the engine thread waits for them)
 # compiled grammars kept for reuse (vLLM's default too): every distinct constraint a client sends is
 # compiled once, and an evicted one is compiled again when it comes back
 GRAMMAR_CACHE_BYTES = 512 * 2**20
@@ -110,39 +114,47 @@ class SequenceMatcher:
         self.matcher = grammar.grammars.xgr.GrammarMatcher(grammar.compiled)
         self.upto = -1  # index into token_ids up to which tokens are accepted (-1: none yet)
 
-    def bitmask(self, token_ids: list[int], start: int) -> torch.Tensor:
-        """int32 [ceil(V / 32)] on the host: bit t set iff token t may come next."""
-        grammars = self.grammar.grammars
+    def advance(self, token_ids: list[int], start: int) -> Any:
+        """xgrammar's matcher after token_ids[start:]."""
         if self.upto < start or self.upto > len(token_ids):
-            self.matcher, self.upto = grammars.xgr.GrammarMatcher(self.grammar.compiled), start
+            self.matcher, self.upto = self.grammar.grammars.xgr.GrammarMatcher(self.grammar.compiled), start
         for t in token_ids[self.upto:]:
             # a drawn token was allowed, so only a stop token past the grammar's end (ignore_eos) is refused
             if self.matcher.is_terminated() or not self.matcher.accept_token(t):
                 break
         self.upto = len(token_ids)
-        return next_bitmask(grammars, self.matcher)
+        return self.matcher
 
 
-def next_bitmask(grammars: Grammars, matcher: Any) -> torch.Tensor:
-    """int32 [ceil(V / 32)] on the host: bit t set iff xgrammar's ``matcher`` takes token t next (once it
-    has terminated, only the stop tokens: what a completed grammar with ignore_eos keeps drawing)."""
-    if matcher.is_terminated():
-        return _stop_only(grammars.vocab, list(matcher.stop_token_ids))
-    mask = grammars.xgr.allocate_token_bitmask(1, grammars.vocab)
-    matcher.fill_next_token_bitmask(mask)
-    return mask[0]
+def bitmasks(grammars: Grammars, matchers: list[Any]) -> torch.Tensor:
+    """int32 [len(matchers), ceil(V / 32)] on the host: bit t of row i set iff xgrammar's matchers[i] takes
+    token t next (once it has terminated, only the stop tokens: what a completed grammar with ignore_eos
+    keeps drawing). The rows are filled together on xgrammar's threads, outside the GIL."""
+    out = grammars.xgr.allocate_token_bitmask(len(matchers), grammars.vocab)
+    live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+    if live:
+        grammars.batch.batch_fill_next_token_bitmask([matchers[i] for i in live], out, indices=live)
+    for i in sorted(set(range(len(matchers))) - set(live)):
+        out[i] = _stop_only(grammars.vocab, list(matchers[i].stop_token_ids))
+    return out
 
 
-def grammar_bitmask(seq: Sequence, first_draw: bool) -> torch.Tensor:
-    """The next-token bitmask of ``seq``'s draw (a request's first draw: the grammar's start)."""
+def draw_bitmasks(draws: list[tuple[Sequence, bool]]) -> torch.Tensor:
+    """The bitmasks [len(draws), ceil(V / 32)] of (sequence, first draw) pairs of one engine, on the host."""
+    return bitmasks(draws[0][0].group.grammar.grammars, [grammar_matcher(seq, first) for seq, first in draws])
+
+
+def grammar_matcher(seq: Sequence, first_draw: bool) -> Any:
+    """xgrammar's matcher of ``seq``'s draw, up to date with its output (a request's first draw: the
+    grammar's start)."""
     grammar = seq.group.grammar
     if first_draw:
-        return SequenceMatcher(grammar).bitmask([], 0)
+        return SequenceMatcher(grammar).matcher
     if seq.num_pending:  # reads_output keeps such a draw from being launched ahead
         raise RuntimeError(f"sequence {seq.seq_id}: a structured output reads an output with pending tokens")
     if seq.matcher is None:
         seq.matcher = SequenceMatcher(grammar)
-    return seq.matcher.bitmask(seq.token_ids, seq.num_prompt_tokens)
+    return seq.matcher.advance(seq.token_ids, seq.num_prompt_tokens)
 
 
 def unpack(bitmasks: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -53,7 +53,7 @@ class RoundAdjust:
                  to_device: ToDevice) -> None:
         self.rows = [i for i, d in enumerate(draws) if d.adjust is not None]
         ds = [draws[i] for i in self.rows]
-        structured = [a for a, d in enumerate(ds) if d.adjust.grammar_mask is not None]
+        structured = [a for a, d in enumerate(ds) if d.adjust.grammar is not None]
         self.grammars = RoundGrammars(structured, [seqs[self.rows[a]] for a in structured],
                                       [self.rows[a] for a in structured], to_device) if structured else None
         self.num_rows, self.vocab, self.to_device = len(draws), vocab, to_device

@@ -21,7 +21,7 @@ import torch
 
 from rast_engine.logit_adjust import ToDevice
 from rast_engine.sequence import Sequence
-from rast_engine.structured import grammar_bitmask, next_bitmask
+from rast_engine.structured import bitmasks, draw_bitmasks
 
 
 class RoundGrammars:
@@ -53,19 +53,20 @@ class RoundGrammars:
         every draft before it noted."""
         while len(self.masks) <= position:
             if not self.masks:  # the sequences' matchers brought up to date with their outputs, then forked
-                self.masks.append(torch.stack([grammar_bitmask(seq, False) for seq in self.seqs]))
+                self.masks.append(draw_bitmasks([(seq, False) for seq in self.seqs]))
                 self.walks = [seq.matcher.matcher.fork() for seq in self.seqs]
                 self.following = [True] * len(self.walks)
                 continue
             host, event = self.drafts[len(self.masks) - 1]
             if event is not None:
                 event.synchronize()
-            last = self.masks[-1]
-            masks = []
             for g, (walk, token) in enumerate(zip(self.walks, host.tolist())):
                 # a terminated matcher takes no token (plain decoding feeds it none): stop tokens only, again
                 if self.following[g] and not walk.is_terminated():
                     self.following[g] = walk.accept_token(token)
-                masks.append(next_bitmask(self.seqs[g].group.grammar.grammars, walk) if self.following[g] else last[g])
-            self.masks.append(torch.stack(masks))
+            masks = self.masks[-1].clone()  # a row the walk left keeps any mask: nothing of it is emitted
+            on = [g for g, f in enumerate(self.following) if f]
+            if on:
+                masks[on] = bitmasks(self.seqs[0].group.grammar.grammars, [self.walks[g] for g in on])
+            self.masks.append(masks)
         return self.masks[position]

@@ -40,9 +40,9 @@ from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, hf_generate, hf
                                peak_logits, print_profile, profile_engine, spec_round)
 from bench.decode_targets import judge  # noqa: E402
 from bench.decode_configs import CONFIGS, PAIRINGS, TINY, materialize, pairing_models  # noqa: E402, F401
-from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms  # noqa: E402
+from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms, weight_bytes  # noqa: E402
 
-MODES = ("base", "rast-seq", "rast", "rast-unstacked", "rast-no-ahead", "rast-spec", "hf-rast")
+MODES = ("base", "rast-seq", "rast", "rast-unstacked", "rast-no-ahead", "rast-spec", "base-fp8", "rast-fp8", "hf-rast")
 _FAST = dict(enforce_eager=False, model_streams=True, async_output=True, async_scheduling=True)
 # pair: the mode has the small pair; stack: the pair runs as one batched forward (models.stacked)
 ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
@@ -52,7 +52,10 @@ ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
                 "rast-unstacked": dict(_FAST, pair=True, stack=False),
                 "rast-no-ahead": dict(_FAST, async_scheduling=False, pair=True, stack=True),
                 # speculative rounds (engine/speculative): graphs up to batch 64, no async scheduling, γ = SPEC_GAMMA drafts
-                "rast-spec": dict(_FAST, async_scheduling=False, pair=True, stack=True, spec=True)}
+                "rast-spec": dict(_FAST, async_scheduling=False, pair=True, stack=True, spec=True),
+                # the large model's projections in FP8 (quantization="fp8"): half their bytes
+                "base-fp8": dict(_FAST, pair=False, stack=True, fp8=True),
+                "rast-fp8": dict(_FAST, pair=True, stack=True, fp8=True)}
 GPU_RESERVE_BYTES = 3 << 30  # activations, logits, sampler workspace, CUDA graph pools, allocator slack
 
 
@@ -78,7 +81,8 @@ class Suite:
         if self.device.type != "cuda":
             return list(self.args.batches), {}
         free, _ = torch.cuda.mem_get_info(self.device)
-        weights = sum(param_counts(c)[0] for c in cfgs) * self.elt
+        fp8 = ENGINE_MODES.get(mode, {}).get("fp8", False)
+        weights = sum(weight_bytes(c, self.elt, fp8 and i == 0) for i, c in enumerate(cfgs))
         per_seq = (1.5 if mode == "hf-rast" else 1.0) * self.max_len * sum(kv_bytes_per_token(c, self.elt)
                                                                              for c in cfgs)
         fit, why = [], {}
@@ -108,13 +112,14 @@ class Suite:
             async_output=flags["async_output"], async_scheduling=flags["async_scheduling"],
             stack_small_models=flags["stack"], block_size=block_size,
             speculative_tokens=SPEC_GAMMA if flags.get("spec") else 0,
+            quantization="fp8" if flags.get("fp8") else None,
             layer_ops=a.layer_ops,
             kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
             max_num_seqs=max_batch, max_model_len=self.max_len,
             max_num_batched_tokens=max(max_batch * a.prompt, self.max_len), device=str(self.device)))
 
     def run_mode(self, mode: str, pairing: str, dirs: list[Path], cfgs: list[dict]) -> None:
-        batches, why = self.fitting(mode, cfgs if mode != "base" else cfgs[:1])
+        batches, why = self.fitting(mode, cfgs if not mode.startswith("base") else cfgs[:1])
         for batch, reason in why.items():
             self.skipped.append(dict(mode=mode, pairing=pairing, batch=batch, reason=reason))
             print(f"[skip] {pairing} {mode} batch {batch}: {reason}", flush=True)
@@ -134,7 +139,7 @@ class Suite:
             print(f"[warn] {left:.1f} GiB still allocated after releasing {pairing} {mode}", flush=True)
 
     def measure(self, mode: str, pairing: str, dirs: list[Path], cfgs: list[dict], batches: list[int]) -> None:
-        a, used = self.args, cfgs if mode != "base" else cfgs[:1]
+        a, used = self.args, cfgs if not mode.startswith("base") else cfgs[:1]
         if mode == "rast-spec":  # a round reads M once and the small pair γ + 1 times
             used = cfgs[:1] + cfgs[1:] * (SPEC_GAMMA + 1)
         t0 = time.perf_counter()
@@ -173,7 +178,8 @@ class Suite:
                 res.update(spec_round(res, engine.stats(), batch, a.gen))
             mean_ctx = a.prompt + a.gen / 2  # decode step k (1..gen-1) attends over prompt + k tokens
             row = dict(mode=mode, pairing=pairing, batch=batch, **res, mean_context=mean_ctx,
-                       **roofline_ms(used, self.elt, batch, mean_ctx, self.bandwidth), build_s=build_s,
+                       **roofline_ms(used, self.elt, batch, mean_ctx, self.bandwidth,
+                                     fp8_large=ENGINE_MODES.get(mode, {}).get("fp8", False)), build_s=build_s,
                        forwards_per_step=forwards, async_scheduling=ahead)
             self.rows.append(row)
             print(f"  {pairing:>8} {mode:>8} b={batch:<4} {row['tokens_per_s']:10.1f} tok/s "

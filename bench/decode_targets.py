@@ -7,13 +7,14 @@ from typing import Optional
 
 
 def judge(rows: list[dict], pairings: list[str]) -> dict:
-    """rast/base per (pairing, batch) and the issue's four targets, where their rows exist."""
-    base = {(r["pairing"], r["batch"]): r for r in rows if r["mode"] == "base"}
+    """rast/base per (pairing, batch) and the issue's four targets, where their rows exist. An FP8 mode's
+    base is base-fp8."""
     by = {(r["mode"], r["pairing"], r["batch"]): r for r in rows}
     for r in rows:
         r["roofline_frac"] = r["step_ms"] / r["roofline_ms"]
-        b = base.get((r["pairing"], r["batch"]))
-        if b is not None and r["mode"] != "base":
+        base_mode = "base-fp8" if r["mode"].endswith("-fp8") else "base"
+        b = by.get((base_mode, r["pairing"], r["batch"]))
+        if b is not None and r["mode"] != base_mode:
             r["weight_bytes_ratio"] = r["weight_bytes_read"] / b["weight_bytes_read"]
             r["time_vs_base"] = r["step_ms"] / b["step_ms"]
             r["time_vs_base_over_wb"] = r["time_vs_base"] / r["weight_bytes_ratio"]

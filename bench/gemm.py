@@ -7,7 +7,9 @@ bytes over the measured copy bandwidth. The first H100 run (8759dcb) put the 7B 
 10.2 ms against a 4.7 ms roofline, 3.8 ms of it in the sampler's fallback; this suite says how much of
 the rest the GEMMs leave on the table, layer by layer. Timed as CUDA-graph replays of one call
 (bench.common.graph_time_ms) with the weights rotated among enough copies to exceed the L2 cache, so
-every replay reads from HBM.
+every replay reads from HBM. A single model's decoder projections are also timed as the engine runs them
+with quantization="fp8" (impl fp8: rast_kernels.fp8_linear's Triton kernel over FP8 weights, whose
+floor is half the bytes; the torch spec on a CPU smoke run).
 
     python bench/gemm.py [--out DIR]    # CUDA: Qwen2.5-7B, 1.5B (stacked pair), 14B at 1, 8, 32, 128 tokens
     python bench/gemm.py --quick        # CPU smoke run: tiny shapes, the times mean nothing
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (copy_bandwidth, device_name, git_sha, graph_time_ms, quick_args, table,  # noqa: E402
                           write_results)
+from rast_kernels.fp8_linear import fp8_linear, quantize_fp8  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 L2_BYTES = 64 * 2**20  # above an H100's 50 MB and an H200's 60 MB: rotated copies never all fit
@@ -61,6 +64,23 @@ def timed(weights: list[torch.Tensor], tokens: int, iters: int) -> float:
     return graph_time_ms(call, w0.device, iters) / len(weights)
 
 
+def timed_fp8(weights: list[torch.Tensor], tokens: int, iters: int) -> float:
+    """Milliseconds per fp8_linear call over the FP8 quantisation of each copy of one model's weight."""
+    n_in, w0 = weights[0].shape[2], weights[0]
+    quantised = [quantize_fp8(w[0]) for w in weights]
+    x = torch.randn(tokens, n_in, device=w0.device, dtype=w0.dtype)
+    backend = "triton" if w0.is_cuda else "torch"
+
+    def call() -> list[torch.Tensor]:
+        return [fp8_linear(x, w8, scale, backend=backend) for w8, scale in quantised]
+
+    return graph_time_ms(call, w0.device, iters) / len(weights)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
 def main() -> None:
     args = quick_args(__doc__, "tiny shapes on the CPU (automatic without CUDA)")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
@@ -78,16 +98,19 @@ def main() -> None:
     rows = []
     for name, (cfg, stacked) in models.items():
         for proj, (n_in, n_out) in projections(cfg).items():
-            weight_bytes = stacked * n_in * n_out * torch.finfo(dtype).bits // 8
             weights = weights_for(n_in, n_out, stacked, dtype, device)
-            for tokens in token_counts:
-                ms = timed(weights, tokens, iters)
-                floor_us = weight_bytes / bandwidth * 1e6
-                rows.append(dict(model=name, stacked=stacked, proj=proj, n_in=n_in, n_out=n_out, tokens=tokens,
-                                 us=round(ms * 1e3, 2), floor_us=round(floor_us, 2),
-                                 gbs=round(weight_bytes / (ms * 1e-3) / 1e9, 1),
-                                 frac_of_copy=round(floor_us / (ms * 1e3), 3)))
-                print(table([rows[-1]], list(rows[-1])), flush=True)
+            impls = {dtype_name(dtype): (timed, stacked * n_in * n_out * torch.finfo(dtype).bits // 8)}
+            if stacked == 1 and proj != "lm_head":  # what quantization="fp8" swaps in (engine/models/fp8.py)
+                impls["fp8"] = (timed_fp8, n_in * n_out + 4 * n_out)
+            for impl, (timer, weight_bytes) in impls.items():
+                for tokens in token_counts:
+                    ms = timer(weights, tokens, iters)
+                    floor_us = weight_bytes / bandwidth * 1e6
+                    rows.append(dict(model=name, stacked=stacked, proj=proj, impl=impl, n_in=n_in, n_out=n_out,
+                                     tokens=tokens, us=round(ms * 1e3, 2), floor_us=round(floor_us, 2),
+                                     gbs=round(weight_bytes / (ms * 1e-3) / 1e9, 1),
+                                     frac_of_copy=round(floor_us / (ms * 1e3), 3)))
+                    print(table([rows[-1]], list(rows[-1])), flush=True)
             del weights  # before the next projection's: the 14B's lm_head copies alone take 3 GB
         if not quick:  # rewritten after every model, so a stage's time limit keeps what it measured
             write_results("gemm", device, rows, dict(partial=True), args.out)

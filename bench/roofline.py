@@ -22,13 +22,35 @@ def param_counts(cfg: dict) -> tuple[int, int]:
     return body + vocab * h * (1 if tied else 2), body + vocab * h
 
 
+def projection_counts(cfg: dict) -> tuple[int, int]:
+    """(the decoder projections' parameters, their output channels): what quantization="fp8" stores as
+    FP8 weights with one float32 scale per output channel (engine/models/fp8.py)."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    q, kv = heads * hd, kv_heads * hd
+    return layers * (2 * h * q + 2 * h * kv + 3 * h * inter), layers * (q + 2 * kv + h + 2 * inter + h)
+
+
+def weight_bytes(cfg: dict, elt: int, fp8: bool = False, read: bool = False) -> int:
+    """All of a model's weight bytes (``read``: those one decode step reads), its projections in FP8 when
+    ``fp8`` (one byte a weight, plus four per output channel for the scales)."""
+    params = param_counts(cfg)[1 if read else 0]
+    if not fp8:
+        return params * elt
+    proj, channels = projection_counts(cfg)
+    return (params - proj) * elt + proj + 4 * channels
+
+
 def kv_bytes_per_token(cfg: dict, elt: int) -> int:
     heads = cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
     return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * hd * elt
 
 
-def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, bandwidth: float) -> dict:
-    weights = sum(param_counts(c)[1] for c in cfgs) * elt
+def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, bandwidth: float,
+                fp8_large: bool = False) -> dict:
+    """``fp8_large``: cfgs[0], the large model, holds its projections in FP8 (quantization="fp8")."""
+    weights = sum(weight_bytes(c, elt, fp8_large and i == 0, read=True) for i, c in enumerate(cfgs))
     kv = batch * mean_context * sum(kv_bytes_per_token(c, elt) for c in cfgs)
     return dict(weight_bytes_read=weights, kv_bytes_read=int(kv), roofline_ms=(weights + kv) / bandwidth * 1e3)

@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE_DRAFTS = ("small", "rl")  # rast_engine.speculative.round
 SPECULATIVE_METHODS = ("coupled", "rejection")
+QUANTIZATIONS = ("fp8",)  # rast_engine.models.fp8: the large model's projections in FP8
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class EngineConfig:
     # default sampling parameters (engine/generation_config.py, vLLM's --generation-config): "auto" reads
     # the large model's generation_config.json, a directory reads its file, "vllm" ignores both
     generation_config: str = "auto"
+    # "fp8": the large model's decoder projections as FP8 weights with per-channel scales, quantised at
+    # load (half the bytes a decode step reads for them); the small models keep their dtype
+    quantization: Optional[str] = None
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +108,8 @@ class EngineConfig:
             raise RastError(f"layer_ops must be one of {LAYER_OPS}, got {self.layer_ops!r}")
         if self.load_format not in LOAD_FORMATS:
             raise RastError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise RastError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
         for name in ("model_streams", "stack_small_models", "enforce_eager", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise RastError(f"{name} must be True or False, got {getattr(self, name)!r}")

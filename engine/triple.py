@@ -182,15 +182,17 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
                                  f"({paths[0]}): {diff}. All models must share one tokenizer.")
     dtype = resolve_dtype(config.dtype, device, configs[0])
     models: list[CausalLM] = []
-    loaded: dict[Path, CausalLM] = {}  # a directory filling several roles (a base shared by experts) loads once
+    loaded: dict[tuple, CausalLM] = {}  # a directory filling several roles (a base shared by experts) loads once
     for i, (path, role) in enumerate(zip(paths, names)):
-        key = Path(path).resolve()
+        quantization = config.quantization if i == 0 else None  # the large model only (models/fp8.py)
+        key = (Path(path).resolve(), quantization)
         if config.load_format != "dummy" and key in loaded:  # dummy weights differ per role by design
             models.append(loaded[key])
             continue
         try:
             models.append(load_model(path, device=device, dtype=dtype, attention=attention,
-                                     load_format=config.load_format, seed=dummy_seed(config.seed, i), ops=ops))
+                                     load_format=config.load_format, seed=dummy_seed(config.seed, i), ops=ops,
+                                     quantization=quantization))
         except ModelLoadError as e:
             raise ModelLoadError(f"{role}: {e}") from None
         loaded[key] = models[-1]

@@ -6,7 +6,7 @@ Why: traced as Python, a call would break the graph (the native sampler's ctypes
 kernel by kernel with its host-side launch logic; as a custom op it is one node that the compiler
 leaves opaque, with a fake implementation giving output shapes, and torch.export writes it as
 ``torch.ops.rast_kernels.<name>``. Each public function (rast_sample, rast_probs, the attention and
-layer kernels) takes this route only while torch.compile or torch.export traces it
+layer kernels, the FP8 linear layer) takes this route only while torch.compile or torch.export traces it
 (``torch.compiler.is_compiling()``); an eager call goes straight to the kernels, since the dispatcher's
 custom-op path costs microseconds of host time that a decode step at batch 1 cannot spare.
 
@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from rast_kernels import fp8_linear as fp8
 from rast_kernels import layer_ops, paged_attention
 from rast_kernels.batch import PARAMS, RowValue, SamplingBatch
 
@@ -171,3 +172,13 @@ def silu_and_mul(gate_up: Tensor) -> Tensor:
 @silu_and_mul.register_fake
 def _(gate_up):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.custom_op("rast_kernels::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, w8: Tensor, scale: Tensor, bias: OptTensor, backend: str) -> Tensor:
+    return fp8.fp8_linear(x, w8, scale, bias, backend)
+
+
+@fp8_linear.register_fake
+def _(x, w8, scale, bias, backend):
+    return x.new_empty((*x.shape[:-1], w8.shape[0]))

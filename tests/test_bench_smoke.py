@@ -52,11 +52,17 @@ def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
         bw = result["copy_bandwidth_GBps"] * 1e9
         assert r["roofline_ms"] == pytest.approx((r["weight_bytes_read"] + r["kv_bytes_read"]) / bw * 1e3)
         pair = result["pairings"]["tiny"]
-        if r["mode"] != "base":
-            base = next(b for b in result["rows"] if b["mode"] == "base" and b["batch"] == r["batch"])
+        fp8 = r["mode"].endswith("-fp8")  # measured against base-fp8, its large model's projections in FP8
+        base_mode = "base-fp8" if fp8 else "base"
+        if r["mode"] != base_mode:
+            base = next(b for b in result["rows"] if b["mode"] == base_mode and b["batch"] == r["batch"])
             assert r["time_vs_base"] == pytest.approx(r["step_ms"] / base["step_ms"])
             # a round reads M once and the pair γ + 1 times
             want = 1 + (decode.SPEC_GAMMA + 1 if spec else 1) * (pair["weight_bytes_ratio"] - 1)
+            if fp8:
+                cfgs = [decode.TINY[n] for n in ("tiny-large", "tiny-small", "tiny-small")]
+                large = decode.weight_bytes(cfgs[0], 4, fp8=True, read=True)
+                want = sum(decode.weight_bytes(c, 4, read=True) for c in cfgs[1:]) / large + 1
             assert r["weight_bytes_ratio"] == pytest.approx(want)
         if spec:
             g, round_s = decode.SPEC_GAMMA, r["step_ms"] / 1e3
@@ -84,6 +90,27 @@ def test_param_counts_match_transformers(name: str) -> None:
     embed = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embed
     assert read == total - (0 if tied else embed.numel())  # everything but the gathered embedding rows
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-1.7b", "tiny-large"])
+def test_fp8_weight_bytes_match_the_engine_model(name: str) -> None:
+    """weight_bytes(fp8=True) against the bytes of a model the engine builds with quantization="fp8" (on
+    the meta device: no memory), every parameter and buffer but the gathered embedding rows."""
+    from rast_engine.attention.torch_backend import TorchAttention
+    from rast_engine.models.config import ModelConfig
+    from rast_engine.models.decoder import CausalLM
+    from rast_engine.models.fp8 import use_fp8
+
+    cfg = decode.TINY.get(name) or json.loads((decode.CONFIGS / f"{name}.json").read_text())
+    with torch.device("meta"):
+        model = CausalLM(ModelConfig.from_dict(cfg), TorchAttention(), torch.bfloat16)
+        use_fp8(model, "torch")
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.dim() and t is not model.rotary.cos_sin}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    embed = model.embed_tokens.weight
+    read = total - (0 if model.lm_head.weight is embed else embed.numel() * embed.element_size())
+    assert decode.weight_bytes(cfg, 2, fp8=True, read=True) == read
+    assert decode.weight_bytes(cfg, 2, fp8=True) == total
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-14b", "llama-3.1-70b", "tiny-small"])

@@ -129,13 +129,15 @@ def test_bench_without_a_checkout(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_serving_flags_reach_the_engine(triple: tuple[str, str, str]) -> None:
     from rast_engine.commands import build_engine
+    from rast_engine.models.fp8 import Fp8Linear
 
     large, rl, base = triple
     args = build_parser().parse_args(
         ["serve", large, "--small-rl", rl, "--small-base", base, *ENGINE_FLAGS, "--block-size", "8",
          "--max-num-batched-tokens", "32", "--attention-backend", "torch", "--enforce-eager",
          "--cuda-graph-max-batch", "4", "--no-enable-prefix-caching", "--async-output", "--no-async-scheduling",
-         "--no-model-streams", "--no-stack-small-models", "--speculative-tokens", "3", "--speculative-draft", "rl"])
+         "--no-model-streams", "--no-stack-small-models", "--speculative-tokens", "3", "--speculative-draft", "rl",
+         "--quantization", "fp8"])
     engine = build_engine(args)
     cfg = engine.config
     assert (cfg.block_size, cfg.max_num_batched_tokens, cfg.attention_backend, cfg.enforce_eager,
@@ -144,7 +146,8 @@ def test_serving_flags_reach_the_engine(triple: tuple[str, str, str]) -> None:
     assert (engine.scheduler.lookahead, engine.runner.speculative_draft) == (3, "rl")
     assert not cfg.stack_small_models and len(engine.runner.units) == 3  # rl and base as two forwards
     assert not engine.async_scheduling
+    assert cfg.quantization == "fp8" and any(isinstance(m, Fp8Linear) for m in engine.runner.units[0].modules())
     defaults = build_parser().parse_args(["serve", large])
     assert (defaults.enable_prefix_caching, defaults.async_output, defaults.async_scheduling, defaults.block_size,
-            defaults.model_streams, defaults.stack_small_models, defaults.speculative_tokens) == (
-        True, None, None, 16, True, True, 0)
+            defaults.model_streams, defaults.stack_small_models, defaults.speculative_tokens, defaults.quantization) == (
+        True, None, None, 16, True, True, 0, None)

@@ -19,9 +19,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rast_engine.attention.base import AttentionBackend
+from rast_engine.config import QUANTIZATIONS
 from rast_engine.errors import ModelLoadError
 from rast_engine.models.config import DTYPES, ModelConfig
 from rast_engine.models.decoder import CausalLM
+from rast_engine.models.fp8 import QUANTIZE_ROWS, fp8_owners, use_fp8
 from rast_engine.models.layer_ops import LayerOps
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,9 +77,15 @@ def _safetensors(file: Path) -> Iterator[Any]:
 
 
 def _empty_model(cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype,
-                 device: torch.device, ops: LayerOps | None) -> CausalLM:
+                 device: torch.device, ops: LayerOps | None, quantization: str | None) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(cfg, attention, dtype, ops)
+        if quantization == "fp8":  # the FP8 kernel where the layer ops are Triton's (CUDA), else the torch spec
+            use_fp8(model, "triton" if model.ops.name == "triton" else "torch")
+    if quantization == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ModelLoadError(f"quantization='fp8' needs a GPU of compute capability 8.9 or newer (Ada, Hopper), "
+                             f"where Triton converts FP8; {torch.cuda.get_device_name(device)} has "
+                             f"{torch.cuda.get_device_capability(device)}")
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each parameter its own storage; re-tie
         model.lm_head.weight = model.embed_tokens.weight
@@ -97,27 +105,35 @@ def init_dummy_weights(model: CausalLM, seed: int) -> None:
             param.fill_(1.0)
         else:
             param.normal_(0.0, DUMMY_STD, generator=gen)
+    for linear in fp8_owners(model).values():  # FP8 weights are buffers: drawn in the model's dtype, quantised
+        for r in range(0, linear.out_features, QUANTIZE_ROWS):
+            rows = min(QUANTIZE_ROWS, linear.out_features - r)
+            linear.load_rows(r, torch.empty(rows, linear.in_features, dtype=model.dtype, device=device)
+                             .normal_(0.0, DUMMY_STD, generator=gen))
 
 
 @torch.no_grad()
 def load_model(
     path: str | Path, *, device: str | torch.device, dtype: str | torch.dtype, attention: AttentionBackend,
-    load_format: str = "auto", seed: int = 0, ops: LayerOps | None = None,
+    load_format: str = "auto", seed: int = 0, ops: LayerOps | None = None, quantization: str | None = None,
 ) -> CausalLM:
-    """``seed`` only matters for load_format="dummy"; ``ops`` defaults to plain torch."""
+    """``seed`` only matters for load_format="dummy"; ``ops`` defaults to plain torch; ``quantization``:
+    None or "fp8" (models/fp8.py)."""
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {LOAD_FORMATS}")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ModelLoadError(f"unknown quantization {quantization!r}; expected None or one of {QUANTIZATIONS}")
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     torch_dtype = resolve_dtype(dtype, cfg)
     device = torch.device(device)
     if load_format == "dummy":
-        model = _empty_model(cfg, attention, torch_dtype, device, ops)
+        model = _empty_model(cfg, attention, torch_dtype, device, ops, quantization)
         init_dummy_weights(model, seed)
         return model.eval()
     files = tensor_files(path)
-    model = _empty_model(cfg, attention, torch_dtype, device, ops)
-
+    model = _empty_model(cfg, attention, torch_dtype, device, ops, quantization)
+    fp8 = fp8_owners(model)
     slots = model.weight_map()
     missing = [name for name in slots if name not in files]
     if missing:
@@ -137,5 +153,8 @@ def load_model(
                         f"{str(path)!r}: tensor {name} has shape {list(shape)}, "
                         f"expected {list(target.shape)} from config.json"
                     )
-                target.copy_(f.get_tensor(name))
+                if id(param) in fp8:
+                    fp8[id(param)].load_rows(start, f.get_tensor(name))
+                else:
+                    target.copy_(f.get_tensor(name))
     return model.eval()

@@ -113,6 +113,9 @@ def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path,
     capsys.readouterr()
     assert main([a if a != "2" else "3" for a in argv]) == 2  # --n 3 into a folder sampled with n = 2
     assert "different n" in capsys.readouterr().err
+    # FP8 weights for the large model draw other samples: not resumed into this folder
+    assert main(argv + ["--quantization", "fp8"]) == 2
+    assert "different quantization" in capsys.readouterr().err
 
 
 def test_samples_are_drawn_in_pieces_and_a_resume_never_repeats_a_seed() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from rast_engine.config import QUANTIZATIONS
 from rast_engine.errors import RastError
 
 _DESCRIPTION = """Score a model (or RAST: --model plus --small-rl/--small-base) on a JSONL benchmark:
@@ -41,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--speculative-tokens", type=int, default=0, metavar="G",
                    help="speculative decoding, G drafts a round (default 0: off; needs --small-rl/--small-base)")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="fp8: the large model's projections as FP8 weights (default: none)")
     p.add_argument("--out", help="output folder (samples.jsonl, run.json, metrics.json, plots)")
     p.set_defaults(func=run)
 
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                      max_tokens=args.max_tokens, stop=tuple(args.stop), device=args.device, dtype=args.dtype,
                      seed=args.seed, max_inflight=args.max_inflight, limit=args.limit, name=args.name,
-                     plots=not args.no_plots, speculative_tokens=args.speculative_tokens)
+                     plots=not args.no_plots, speculative_tokens=args.speculative_tokens,
+                     quantization=args.quantization)
     m = run_eval(cfg)
     summary = {k: m[k] for k in ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k",
                                  "mean_response_tokens")}

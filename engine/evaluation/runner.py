@@ -26,7 +26,7 @@ from rast_engine.evaluation.templates import load_template
 SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.json"
 # The settings that shape the samples; a resumed run must agree on all of them.
 _SAMPLE_KEYS = ("model", "small_rl", "small_base", "lam", "template", "n", "temperature", "top_p", "top_k",
-                "min_p", "max_tokens", "stop", "seed")
+                "min_p", "max_tokens", "stop", "seed", "quantization")
 
 
 # Samples per engine request. A request's samples are saved when its last one finishes, so small
@@ -77,6 +77,8 @@ class EvalConfig:
     # speculative decoding's drafts a round (0: off): the same distribution, other tokens for a seed, so
     # not a sample setting (a resumed run may mix both)
     speculative_tokens: int = 0
+    # "fp8": the large model's projections in FP8 (engine/models/fp8.py); other weights, other samples
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if (self.small_rl is None) != (self.small_base is None):
@@ -151,7 +153,7 @@ def _build_llm(cfg: EvalConfig) -> Any:
     from rast_engine import LLM
 
     return LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
-               seed=cfg.seed, speculative_tokens=cfg.speculative_tokens)
+               seed=cfg.seed, speculative_tokens=cfg.speculative_tokens, quantization=cfg.quantization)
 
 
 def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any]]:

@@ -119,10 +119,9 @@ def make_model_dir(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if arch == "qwen2":
-        if rope_scaling is not None:
-            raise ValueError("the Qwen2 factory does not take rope_scaling")
-        config = Qwen2Config(rope_theta=rope_theta or 1e6, **common)
+    if arch == "qwen2":  # rope_scaling: a copy, as for Llama below
+        config = Qwen2Config(rope_theta=rope_theta or 1e6, rope_scaling=None if rope_scaling is None else dict(rope_scaling),
+                             **common)
         cls = Qwen2ForCausalLM
     elif arch == "qwen3":
         if rope_scaling is not None:

@@ -21,6 +21,9 @@ from rast_engine.errors import ModelLoadError
 
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}  # model_type -> arch
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# the rope scalings models/rope.py implements, and the keys each needs (yarn without a factor takes
+# max_position_embeddings / original_max_position_embeddings, as HF does)
+ROPE_KEYS = {"llama3": LLAMA3_KEYS, "yarn": ("original_max_position_embeddings",), "linear": ("factor",)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -36,7 +39,7 @@ class ModelConfig:
     vocab_size: int  # the padded width of the embedding and lm_head, not len(tokenizer)
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict[str, Any] | None  # None (plain rotary) or a llama3 dict with LLAMA3_KEYS
+    rope_scaling: dict[str, Any] | None  # None (plain rotary) or a dict with rope_type, one of ROPE_KEYS
     tie_word_embeddings: bool
     attention_bias: bool  # bias on q/k/v (always for Qwen2)
     o_proj_bias: bool  # bias on o_proj (Llama's and Qwen3's attention_bias covers it too; never for Qwen2)
@@ -62,15 +65,18 @@ class ModelConfig:
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ModelLoadError("rms_norm_eps and rope_theta must be positive")
         if self.rope_scaling is not None:
-            if self.rope_scaling.get("rope_type") != "llama3":
-                raise ModelLoadError(
-                    f"unsupported rope_scaling {self.rope_scaling!r}; only rope_type 'llama3' is implemented"
-                )
-            missing = [k for k in LLAMA3_KEYS if k not in self.rope_scaling]
+            kind = self.rope_scaling.get("rope_type")
+            if kind not in ROPE_KEYS:
+                raise ModelLoadError(f"unsupported rope_scaling {self.rope_scaling!r}; rope_type "
+                                     f"{', '.join(map(repr, ROPE_KEYS))} are implemented")
+            missing = [k for k in ROPE_KEYS[kind] if k not in self.rope_scaling]
             if missing:
-                raise ModelLoadError(f"llama3 rope_scaling lacks {missing}")
-            if self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
+                raise ModelLoadError(f"{kind} rope_scaling lacks {missing}")
+            if kind == "llama3" and self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
                 raise ModelLoadError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+            factor = self.rope_scaling.get("factor")
+            if (factor is not None or kind != "yarn") and not (isinstance(factor, (int, float)) and factor > 0):
+                raise ModelLoadError(f"{kind} rope_scaling needs a positive factor, got {factor!r}")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -149,7 +155,7 @@ class ModelConfig:
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, llama3 scaling or None) from either config layout; 'type' is the old key for rope_type."""
+    """(rope_theta, rope scaling or None) from either config layout; 'type' is the old key for rope_type."""
     params = dict(cfg.get("rope_parameters") or {})
     legacy = cfg.get("rope_scaling")
     if legacy:

@@ -1,4 +1,5 @@
-"""Rotary position embedding (rotate-half convention, as the HF Qwen2 and Llama checkpoints expect).
+"""Rotary position embedding (rotate-half convention, as the HF Qwen2 and Llama checkpoints expect), with
+llama3, yarn or linear scaling.
 
 The cos/sin table is computed once in float32 for every position up to max_position_embeddings and then
 stored in the model dtype, so a step only gathers rows by position: no host sync, graph-capturable.
@@ -16,13 +17,21 @@ from torch import nn
 from rast_engine.models.layer_ops import KVStoringLayerOps, LayerOps, QKNorm
 
 
-def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """[head_dim // 2] float32 inverse frequencies, with llama3 scaling applied when given."""
+def frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
+                ) -> tuple[torch.Tensor, float]:
+    """([head_dim // 2] float32 inverse frequencies, the factor cos and sin are scaled by), with the
+    checkpoint's rope scaling (ModelConfig.rope_scaling: llama3, yarn or linear) applied, as HF's
+    modeling_rope_utils computes them."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
-    if scaling is None:
-        return inv_freq
-    return _llama3(inv_freq, scaling)
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind == "llama3":
+        return _llama3(inv_freq, scaling), 1.0
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"]), 1.0
+    if kind == "yarn":
+        return _yarn(inv_freq, head_dim, theta, scaling, max_positions)
+    return inv_freq, 1.0
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -36,6 +45,33 @@ def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     out = torch.where(wavelen > old_ctx / low, inv_freq / factor, blended)
     return torch.where(wavelen < old_ctx / high, inv_freq, out)
+
+
+def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float, s: dict[str, Any], max_positions: int
+          ) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen2.5's long-context recipe): the dimensions that turn fewer than beta_slow times over the
+    original context are interpolated by `factor`, those turning more than beta_fast times are kept,
+    with a linear ramp between; cos and sin are scaled by 0.1 ln(factor) + 1 (attention_factor, or the
+    mscale ratio, when the checkpoint gives one)."""
+    old_ctx = float(s["original_max_position_embeddings"])
+    factor = float(s["factor"]) if s.get("factor") is not None else max_positions / old_ctx
+    mscale = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0  # noqa: E731
+    attention = s.get("attention_factor")
+    if attention is None:
+        attention = mscale(s["mscale"]) / mscale(s["mscale_all_dim"]) if s.get("mscale") and s.get("mscale_all_dim") \
+            else mscale(1.0)
+    fast, slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dimension turning `rotations` times over the old context
+        return head_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+    kept = 1 - ramp  # 1: extrapolated (kept), 0: interpolated
+    return inv_freq / factor * (1 - kept) + inv_freq * kept, float(attention)
 
 
 class RotaryEmbedding(nn.Module):
@@ -55,10 +91,10 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def reset_cache(self) -> None:
         device = self.cos_sin.device
-        inv_freq = inv_frequencies(self.head_dim, self.theta, self.scaling).to(device)
+        inv_freq, attention = frequencies(self.head_dim, self.theta, self.scaling, self.max_positions)
         positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
-        freqs = torch.outer(positions, inv_freq)  # float32, like the HF reference
-        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(self.dtype)
+        freqs = torch.outer(positions, inv_freq.to(device))  # float32, like the HF reference
+        self.cos_sin = (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention).to(self.dtype)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, qk_norm: Optional[QKNorm] = None

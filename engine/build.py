@@ -41,10 +41,10 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     attention = get_attention_backend(config.attention_backend, device, config.block_size)
     ms = load_model_set(config, device, attention, get_layer_ops(config.layer_ops, device))
     dtype = ms.models[0].dtype
-    model_max = min(c.max_position_embeddings for c in ms.configs)
+    model_max = min(c.max_context for c in ms.configs)
     if config.max_model_len is not None and config.max_model_len > model_max:
-        raise RastError(f"max_model_len={config.max_model_len} exceeds the models' "
-                        f"max_position_embeddings ({model_max})")
+        raise RastError(f"max_model_len={config.max_model_len} exceeds the models' context "
+                        f"({model_max}: max_position_embeddings, stretched by a yarn or linear rope scaling)")
     units, roles = forward_units(ms.models, config.stack_small_models)
     if config.speculative_tokens and 0 in roles[1:]:
         raise RastError("speculative decoding drafts with the small models alone, and the large model also "

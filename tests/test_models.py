@@ -164,6 +164,25 @@ def test_rope_scalings_match_hf(tmp_path: Path, tok_dir: Path, name: str) -> Non
             assert (want - hf_logits(plain, seq)).abs().max() > 1e-2
 
 
+def test_yarn_stretches_the_context_past_max_position_embeddings(tmp_path: Path, tok_dir: Path) -> None:
+    """As Qwen2.5's recipe: max_position_embeddings stays, yarn's factor stretches what the model serves
+    (original x factor, as vLLM derives it); positions past max_position_embeddings equal HF's forward."""
+    from rast_engine import LLM
+    from rast_engine.errors import RastError
+
+    path = make_model_dir(tmp_path / "m", "qwen2", rope_theta=1e4, max_position_embeddings=16, tokenizer_dir=tok_dir,
+                          rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    assert ModelConfig.from_dir(path).max_context == 64
+    model = load_model(path, device="cpu", dtype="float32", attention=TorchAttention())
+    seqs = [list(range(3, 43)), list(range(50, 90))]  # 40 positions, 24 past max_position_embeddings
+    for seq, logits in zip(seqs, run_paged(model, seqs, [[20, 10], [20, 10]])):
+        torch.testing.assert_close(logits, hf_logits(path, seq), atol=ATOL, rtol=0)
+    assert LLM(str(path), device="cpu", kv_cache_blocks=32).llm_engine.config.max_model_len is None
+    assert LLM(str(path), device="cpu", kv_cache_blocks=32).llm_engine.scheduler.max_model_len == 64
+    with pytest.raises(RastError, match="exceeds the models' context"):
+        LLM(str(path), device="cpu", max_model_len=65)
+
+
 def test_unsupported_rope_scalings_are_named(tmp_path: Path) -> None:
     for scaling, match in (({"rope_type": "dynamic", "factor": 2.0}, "'dynamic'"),
                            ({"rope_type": "yarn", "factor": 2.0}, "lacks"),

@@ -149,6 +149,18 @@ class ModelConfig:
         """Bytes of K and V over all layers for one token: what one cache slot costs this model."""
         return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
 
+    @property
+    def max_context(self) -> int:
+        """The positions the model serves: max_position_embeddings, stretched by a yarn or linear rope
+        scaling's factor as vLLM derives it (yarn: original_max_position_embeddings x factor; Qwen2.5's
+        recipe keeps max_position_embeddings at 32768 and adds factor 4 for 131072). llama3 configs state
+        their stretched length already."""
+        s = self.rope_scaling
+        if s is None or s["rope_type"] == "llama3" or s.get("factor") is None:
+            return self.max_position_embeddings
+        base = s["original_max_position_embeddings"] if s["rope_type"] == "yarn" else self.max_position_embeddings
+        return max(self.max_position_embeddings, int(base * float(s["factor"])))
+
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         """Shape of one layer's k_cache (and v_cache); see rast_engine.attention.metadata."""
         return (num_blocks, block_size, self.num_kv_heads, self.head_dim)

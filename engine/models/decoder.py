@@ -146,7 +146,7 @@ class CausalLM(nn.Module):
         self.dtype = dtype or cfg.torch_dtype
         self.ops = ops or TorchLayerOps()
         self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, self.dtype, self.ops
+            cfg.head_dim, cfg.max_context, cfg.rope_theta, cfg.rope_scaling, self.dtype, self.ops
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer.build(cfg, self.rotary, attention, self.ops)

@@ -1,8 +1,8 @@
 """Rotary position embedding (rotate-half convention, as the HF Qwen2 and Llama checkpoints expect), with
 llama3, yarn or linear scaling.
 
-The cos/sin table is computed once in float32 for every position up to max_position_embeddings and then
-stored in the model dtype, so a step only gathers rows by position: no host sync, graph-capturable.
+The cos/sin table is computed once in float32 for every position the model serves (ModelConfig.max_context)
+and then stored in the model dtype, so a step only gathers rows by position: no host sync, graph-capturable.
 The rotation itself is the LayerOps backend's (plain torch, or one fused Triton kernel for q and k that
 can also write k and v into the paged KV cache).
 """

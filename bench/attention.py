@@ -11,6 +11,8 @@ CUDA graphs: the table is padded to a long max_model_len (GRAPH_TABLE tokens) ar
 contexts, so the heuristic's split count comes from the padded width and each sequence fills only the
 splits its own context needs; they also run with a lower per-split floor (min=64) to show whether the
 default floor of 256 tokens leaves the GPU underfilled at short contexts.
+Tight rows of the first model also run over a float8_e4m3fn cache (kv fp8, kv_cache_dtype="fp8"): half
+the bytes per element, so the same time would mean half the GB/s.
 Every configuration is first checked against an explicit float32 softmax on two sequences.
 """
 from __future__ import annotations
@@ -66,9 +68,13 @@ def check(q, k_cache, v_cache, table, lens, scale: float, out: torch.Tensor) -> 
 
 def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: int, copy_gbs: float) -> list[dict]:
     rows = []
-    for model, batch, ctx, table_tokens in configs:
+    fp8_model = configs[0][0]
+    for model, batch, ctx, table_tokens, kv in [(*c, kv) for c in configs
+                                                for kv in ("model", "fp8")[:2 if c[0] == fp8_model and not c[3] else 1]]:
         hq, hkv, dim = SHAPES[model] if model in SHAPES else model
         case = make_case(batch, ctx, table_tokens, hq, hkv, dim, BLOCK_SIZE, dtype, device)
+        if kv == "fp8":  # the same values through float8_e4m3fn, as the engine's FP8 cache holds them
+            case = (case[0], case[1].to(torch.float8_e4m3fn), case[2].to(torch.float8_e4m3fn), *case[3:])
         scale = dim ** -0.5
         kv_bytes = 2 * batch * ctx * hkv * dim * case[1].element_size()
         width = case[3].shape[1] * BLOCK_SIZE
@@ -85,10 +91,10 @@ def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: i
                 raise AssertionError(f"{model} b={batch} ctx={ctx} table={width} {kw}: error {err:.3g} > {tol}")
             ms = graph_time_ms(lambda: paged_decode_attention(*case, scale, **kw), device, iters)
             gbs = kv_bytes / ms / 1e6
-            rows.append(dict(model=str(model), batch=batch, context=ctx, table_tokens=width, splits=splits,
+            rows.append(dict(model=str(model), kv=kv, batch=batch, context=ctx, table_tokens=width, splits=splits,
                              min_split_tokens=floor, ms=ms, kv_gbs=gbs, frac_of_copy=gbs / copy_gbs,
                              max_abs_err=err))
-            print(f"{str(model):>14} b={batch:<4} ctx={ctx:<6} table={width:<6} splits={splits:<3} min={floor:<4}"
+            print(f"{str(model):>14} {kv:>5} b={batch:<4} ctx={ctx:<6} table={width:<6} splits={splits:<3} min={floor:<4}"
                   f"{ms * 1e3:9.1f} us {gbs:8.1f} GB/s  {100 * gbs / copy_gbs:5.1f}% of copy", flush=True)
     return rows
 

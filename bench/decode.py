@@ -112,7 +112,7 @@ class Suite:
             async_output=flags["async_output"], async_scheduling=flags["async_scheduling"],
             stack_small_models=flags["stack"], block_size=block_size,
             speculative_tokens=SPEC_GAMMA if flags.get("spec") else 0,
-            quantization="fp8" if flags.get("fp8") else None,
+            quantization="fp8" if flags.get("fp8") else None, kv_cache_dtype=a.kv_cache_dtype,
             layer_ops=a.layer_ops,
             kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
             max_num_seqs=max_batch, max_model_len=self.max_len,
@@ -179,7 +179,9 @@ class Suite:
             mean_ctx = a.prompt + a.gen / 2  # decode step k (1..gen-1) attends over prompt + k tokens
             row = dict(mode=mode, pairing=pairing, batch=batch, **res, mean_context=mean_ctx,
                        **roofline_ms(used, self.elt, batch, mean_ctx, self.bandwidth,
-                                     fp8_large=ENGINE_MODES.get(mode, {}).get("fp8", False)), build_s=build_s,
+                                     fp8_large=ENGINE_MODES.get(mode, {}).get("fp8", False),
+                                     kv_elt=1 if a.kv_cache_dtype == "fp8" and mode != "hf-rast" else None),
+                       build_s=build_s,
                        forwards_per_step=forwards, async_scheduling=ahead)
             self.rows.append(row)
             print(f"  {pairing:>8} {mode:>8} b={batch:<4} {row['tokens_per_s']:10.1f} tok/s "
@@ -200,7 +202,8 @@ class Suite:
         a = self.args
         extra = dict(copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype), logit_std=a.logit_std,
                      prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
-                     modes=a.modes, layer_ops=a.layer_ops, pairings=self.pairings, versions=dict(
+                     modes=a.modes, layer_ops=a.layer_ops, kv_cache_dtype=a.kv_cache_dtype, pairings=self.pairings,
+                     versions=dict(
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
                      **judge(self.rows, list(self.pairings)), skipped=self.skipped, errors=self.errors,
                      profiles=self.profiles)
@@ -224,6 +227,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     ap.add_argument("--warmup", type=int, help="tokens generated untimed per batch first (default 8; tiny 3)")
     ap.add_argument("--layer-ops", default="auto", choices=("auto", "torch", "triton"),
                     help="the engine modes' norms/rotary/activation (auto: fused triton kernels on CUDA)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                    help="the engine modes' KV cache (fp8: float8_e4m3fn, one byte an element in the roofline)")
     ap.add_argument("--logit-std", type=float, help="scale every model's output head so random weights give logits "
                     "of this std (5: 2-4 nats, like an LM's); default: the dummy init's, about 1.2, near uniform")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over a few decode steps")
@@ -236,7 +241,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     name = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     a.tiny = a.tiny or device.type != "cuda"
-    a.name = a.name or ("decode" if a.layer_ops == "auto" else f"decode-layer-ops-{a.layer_ops}")
+    a.name = a.name or ("decode" if a.layer_ops == "auto" else f"decode-layer-ops-{a.layer_ops}") + \
+        ("" if a.kv_cache_dtype == "auto" else f"-kv-{a.kv_cache_dtype}")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: threads only add sync overhead, and CI boxes are shared
     a.pairings = a.pairings or (["tiny"] if a.tiny else list(PAIRINGS))

@@ -49,8 +49,9 @@ def kv_bytes_per_token(cfg: dict, elt: int) -> int:
 
 
 def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, bandwidth: float,
-                fp8_large: bool = False) -> dict:
-    """``fp8_large``: cfgs[0], the large model, holds its projections in FP8 (quantization="fp8")."""
+                fp8_large: bool = False, kv_elt: int | None = None) -> dict:
+    """``fp8_large``: cfgs[0], the large model, holds its projections in FP8 (quantization="fp8");
+    ``kv_elt``: the KV cache's element size when not ``elt`` (1: kv_cache_dtype="fp8")."""
     weights = sum(weight_bytes(c, elt, fp8_large and i == 0, read=True) for i, c in enumerate(cfgs))
-    kv = batch * mean_context * sum(kv_bytes_per_token(c, elt) for c in cfgs)
+    kv = batch * mean_context * sum(kv_bytes_per_token(c, kv_elt or elt) for c in cfgs)
     return dict(weight_bytes_read=weights, kv_bytes_read=int(kv), roofline_ms=(weights + kv) / bandwidth * 1e3)

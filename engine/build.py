@@ -38,7 +38,7 @@ class EngineParts:
 
 def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bool, t0: float) -> EngineParts:
     """``t0``: when the engine started loading (for the log line)."""
-    attention = get_attention_backend(config.attention_backend, device, config.block_size)
+    attention = get_attention_backend(config.attention_backend, device, config.block_size, config.kv_cache_dtype)
     ms = load_model_set(config, device, attention, get_layer_ops(config.layer_ops, device))
     dtype = ms.models[0].dtype
     model_max = min(c.max_context for c in ms.configs)
@@ -55,11 +55,12 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
         # count them as used and the KV cache would shrink by the small models' size
         torch.cuda.empty_cache()
     configs, copies = [u.config for u in units], [u.copies for u in units]  # one KV per model, not per role
-    num_blocks, max_len = size_kv_cache(config, every_model(configs, copies), dtype, device,
+    kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else dtype
+    num_blocks, max_len = size_kv_cache(config, every_model(configs, copies), kv_dtype, dtype, device,
                                         config.max_model_len or model_max)
     # a prompt (or a preempted sequence's recompute) longer than the budget is prefilled in chunks
     budget = config.max_num_batched_tokens or default_token_budget(max_len)
-    kv = KVCache(configs, num_blocks, config.block_size, dtype, device, copies=copies)
+    kv = KVCache(configs, num_blocks, config.block_size, kv_dtype, device, copies=copies)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                           max_model_len=max_len, eos_token_ids=ms.eos_token_ids, lookahead=config.speculative_tokens)

@@ -15,6 +15,7 @@ LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE_DRAFTS = ("small", "rl")  # rast_engine.speculative.round
 SPECULATIVE_METHODS = ("coupled", "rejection")
 QUANTIZATIONS = ("fp8",)  # rast_engine.models.fp8: the large model's projections in FP8
+KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": float8_e4m3fn, as vLLM's kv_cache_dtype
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class EngineConfig:
     # "fp8": the large model's decoder projections as FP8 weights with per-channel scales, quantised at
     # load (half the bytes a decode step reads for them); the small models keep their dtype
     quantization: Optional[str] = None
+    # "fp8": every model's KV cache in float8_e4m3fn (keys and values rounded to nearest even, saturated
+    # at ±448, unscaled, as vLLM's kv_cache_dtype="fp8" without scales): half the bytes a decode step
+    # reads for them and twice the tokens the cache holds
+    kv_cache_dtype: str = "auto"
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +113,8 @@ class EngineConfig:
             raise RastError(f"layer_ops must be one of {LAYER_OPS}, got {self.layer_ops!r}")
         if self.load_format not in LOAD_FORMATS:
             raise RastError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise RastError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise RastError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
         for name in ("model_streams", "stack_small_models", "enforce_eager", "enable_prefix_caching"):

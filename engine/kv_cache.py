@@ -49,11 +49,11 @@ def activation_bytes(configs: Sequence[ModelConfig], tokens: int, dtype: torch.d
     return tokens * per_token * size
 
 
-def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype,
+def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype, act_dtype: torch.dtype,
                   device: torch.device, max_model_len: int) -> int:
     """kv_cache_blocks if given, else kv_cache_memory // bytes per block, else a device default that
     leaves room for the largest prefill the token budget allows (scoring aside: it prefills whole
-    sequences)."""
+    sequences). ``dtype``: the cache's; ``act_dtype``: the models' activations'."""
     if config.kv_cache_blocks is not None:
         return config.kv_cache_blocks
     per_block = bytes_per_block(configs, config.block_size, dtype)
@@ -62,7 +62,7 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = config.max_num_batched_tokens or default_token_budget(max_model_len)
-        memory = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES - activation_bytes(configs, budget, dtype)
+        memory = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES - activation_bytes(configs, budget, act_dtype)
     else:
         tokens = max(4 * max_model_len, CPU_DEFAULT_MIN_TOKENS)
         memory = min(CPU_DEFAULT_BYTES, tokens * per_block // config.block_size)
@@ -78,11 +78,11 @@ def every_model(configs: Sequence[ModelConfig], copies: Sequence[int]) -> list[M
     return [c for c, n in zip(configs, copies) for _ in range(n)]
 
 
-def size_kv_cache(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype,
+def size_kv_cache(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype, act_dtype: torch.dtype,
                   device: torch.device, max_model_len: int) -> tuple[int, int]:
     """(num_blocks, max_model_len): max_model_len capped at the cache's capacity unless the user set it,
-    in which case a cache too small for one sequence of that length is an error."""
-    num_blocks = num_kv_blocks(config, configs, dtype, device, max_model_len)
+    in which case a cache too small for one sequence of that length is an error. ``dtype``: the cache's."""
+    num_blocks = num_kv_blocks(config, configs, dtype, act_dtype, device, max_model_len)
     capacity = num_blocks * config.block_size
     if capacity >= max_model_len:
         return num_blocks, max_model_len
@@ -125,6 +125,6 @@ class KVCache:
         for pool, n in zip(self.pools, self.copies):
             shift = torch.arange(n, device=dev)[:, None] * self.num_blocks  # every model's copy of the block
             src_n, dst_n = (src + shift).flatten(), (dst + shift).flatten()
-            for k_cache, v_cache in pool:
-                k_cache.index_copy_(0, dst_n, k_cache.index_select(0, src_n))
-                v_cache.index_copy_(0, dst_n, v_cache.index_select(0, src_n))
+            for cache in (c for layer in pool for c in layer):
+                raw = cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache  # no CPU fp8 index_copy_
+                raw.index_copy_(0, dst_n, raw.index_select(0, src_n))

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from rast_kernels.fp8_cast import to_e4m3
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
 from rast_kernels.layer_ops_checks import QKNorm, check_qk_norm, check_rotary, check_rows, check_store
 
@@ -97,7 +98,7 @@ def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h,
                    q_out, k_out, HQ, HK, Q_BLOCKS, v_ptr, v_stride_t, v_stride_h, kc_ptr, vc_ptr, slot_ptr,
                    c_stride_b, c_stride_r, c_stride_h, qw_ptr, kw_ptr, w_stride, group_tokens, eps, inv_d,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, STORE_KV: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, COMPILED: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, COMPILED: tl.constexpr, FP8: tl.constexpr):
     """Grid (T, q head blocks + k head blocks): a program rotates BLOCK_H heads of one token, so the
     register tile stays small at 64 heads and a batch-1 step still spreads over several programs.
     STORE_KV: a k program also writes its rotated heads and the same heads of v into the paged caches at
@@ -128,11 +129,18 @@ def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h,
             live = mask & ((tl.zeros([BLOCK_H, BLOCK_D], tl.int64) + slot) >= 0)  # the interpreter wants a tensor
             slot = tl.where(slot >= 0, slot, 0)
             row = (slot // BLOCK_SIZE) * c_stride_b + (slot % BLOCK_SIZE) * c_stride_r + h * c_stride_h + d
-            tl.store(kc_ptr + row, lo, mask=live)
-            tl.store(kc_ptr + row + HALF, hi, mask=live)
             v_src = v_ptr + t * v_stride_t + h * v_stride_h + d
-            tl.store(vc_ptr + row, tl.load(v_src, mask=live), mask=live)
-            tl.store(vc_ptr + row + HALF, tl.load(v_src + HALF, mask=live), mask=live)
+            v_lo, v_hi = tl.load(v_src, mask=live), tl.load(v_src + HALF, mask=live)
+            if FP8:  # an FP8 cache: nearest even, saturating, as torch converts (rast_kernels.fp8_cast)
+                tl.store(kc_ptr + row, to_e4m3(lo), mask=live)
+                tl.store(kc_ptr + row + HALF, to_e4m3(hi), mask=live)
+                tl.store(vc_ptr + row, to_e4m3(v_lo), mask=live)
+                tl.store(vc_ptr + row + HALF, to_e4m3(v_hi), mask=live)
+            else:
+                tl.store(kc_ptr + row, lo, mask=live)
+                tl.store(kc_ptr + row + HALF, hi, mask=live)
+                tl.store(vc_ptr + row, v_lo, mask=live)
+                tl.store(vc_ptr + row + HALF, v_hi, mask=live)
     tl.store(dst, lo, mask=mask)
     tl.store(dst + HALF, hi, mask=mask)
 
@@ -231,6 +239,7 @@ def _rotary_launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
         qw, kw, w_stride, group_tokens, float(eps), 1.0 / dim,
         HALF=half, BLOCK_H=block_h, BLOCK_D=next_pow2(half), STORE_KV=store is not None,
         BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, QK_NORM=qk_norm is not None,
+        FP8=store is not None and k_cache.dtype == torch.float8_e4m3fn,
         COMPILED=not interpreting(), num_warps=4, **exact_fp_options())
     return q_out, k_out
 

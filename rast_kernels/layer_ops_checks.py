@@ -50,9 +50,10 @@ def check_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache
         raise ValueError(f"k_cache/v_cache must be equal-strided [num_blocks, block_size, {k.shape[1]}, "
                          f"{k.shape[2]}] contiguous along head_dim, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
-    if k_cache.dtype != k.dtype or v_cache.dtype != k.dtype or not (k_cache.device == v_cache.device == k.device):
-        raise TypeError(f"the caches must have k's dtype and device, got {k_cache.dtype} on {k_cache.device} "
-                        f"and {v_cache.dtype} on {v_cache.device}")
+    if (k_cache.dtype not in (k.dtype, torch.float8_e4m3fn) or v_cache.dtype != k_cache.dtype
+            or not (k_cache.device == v_cache.device == k.device)):
+        raise TypeError(f"the caches must have k's dtype (or float8_e4m3fn, both) and device, got {k_cache.dtype} on "
+                        f"{k_cache.device} and {v_cache.dtype} on {v_cache.device}")
     if (slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64)
             or slot_mapping.device != k.device):
         raise ValueError(f"slot_mapping must be int [{k.shape[0]}] on {k.device}, got "

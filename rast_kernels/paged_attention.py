@@ -39,10 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
+from rast_kernels.fp8_cast import to_e4m3
 from rast_kernels.launch import cdiv, interpreting, next_pow2, require_launchable
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP8 = torch.float8_e4m3fn  # a cache dtype too (kv_cache_dtype="fp8"): stored by to_e4m3, read as q's dtype
 LOG2E = 1.4426950408889634
 
 
@@ -68,7 +70,7 @@ def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head
     page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     off = page * stride_cb + (n % BLOCK_SIZE) * stride_cr
     k_t = tl.load(k_base + off[None, :] + d[:, None], mask=(d < head_dim)[:, None] & n_mask[None, :],
-                  other=0.0)  # [D, N]
+                  other=0.0).to(q.dtype)  # [D, N]; an FP8 cache's keys become q's dtype (exact)
     s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
     if CAUSAL:
         s = tl.where(n_mask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
@@ -79,14 +81,15 @@ def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + off[:, None] + d[None, :], mask=n_mask[:, None] & (d < head_dim)[None, :], other=0.0)
+    v = tl.load(v_base + off[:, None] + d[None, :], mask=n_mask[:, None] & (d < head_dim)[None, :],
+                other=0.0).to(q.dtype)
     return m_new, l_i, acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
 
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_cr, stride_ch, num_kv_heads, head_dim,
-                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -97,6 +100,9 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_k
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cr + h * stride_ch + d
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:  # an FP8 cache (kv_cache_dtype="fp8"): nearest even, saturating, as torch converts
+        k = to_e4m3(k)
+        v = to_e4m3(v)
     tl.store(kc_ptr + dst, k, mask=mask)
     tl.store(vc_ptr + dst, v, mask=mask)
 
@@ -177,8 +183,9 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError(f"k_cache/v_cache must be equal-strided [num_blocks, block_size, Hkv, D], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q and caches must share one of {DTYPES}; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if q.dtype not in DTYPES or k_cache.dtype not in (q.dtype, FP8) or v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"q must be one of {DTYPES} and the caches q's dtype or {FP8}, both alike; got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("q and the caches must be contiguous along head_dim")
     hq, hkv = q.shape[-2], k_cache.shape[2]
@@ -230,7 +237,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     _store_kv_kernel[(k.shape[0],)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), hkv, dim,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_H=next_pow2(hkv), BLOCK_D=_block_d(dim))
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_H=next_pow2(hkv), BLOCK_D=_block_d(dim), FP8=k_cache.dtype == FP8)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

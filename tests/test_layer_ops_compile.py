@@ -37,11 +37,12 @@ def compile_all(dtype: str) -> None:
                                           "HQ", "HK", "Q_BLOCKS", "v_stride_t", "v_stride_h", "c_stride_b",
                                           "c_stride_r", "c_stride_h", "w_stride", "group_tokens")})
     rotary_types.update(qw_ptr=ptr, kw_ptr=ptr, eps=fp32, inv_d=fp32)
-    for store in (False, True):
+    for store, fp8 in ((False, False), (True, False), (True, True)):  # fp8: a float8_e4m3fn cache
+        types = dict(rotary_types, kc_ptr="*fp8e4nv", vc_ptr="*fp8e4nv") if fp8 else rotary_types
         for qk_norm in (False, True):
-            compile_util.compile_ptx(lo._rotary_kernel, rotary_types,
+            compile_util.compile_ptx(lo._rotary_kernel, types,
                                      dict(HALF=64, BLOCK_H=8, BLOCK_D=64, STORE_KV=store, BLOCK_SIZE=16,
-                                          QK_NORM=qk_norm, COMPILED=True), num_warps=4, **NO_FMA)
+                                          QK_NORM=qk_norm, COMPILED=True, FP8=fp8), num_warps=4, **NO_FMA)
     compile_util.compile_ptx(lo._silu_mul_kernel, dict(x_ptr=ptr, x_stride=i32, y_ptr=ptr, N=i32),
                              dict(BLOCK=1024, COMPILED=True), num_warps=4, **NO_FMA)
 

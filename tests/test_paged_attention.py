@@ -236,7 +236,7 @@ def test_rejects_mismatched_inputs() -> None:
 
     cache = torch.zeros(2, 4, 2, 16)
     table, lens = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
-    with pytest.raises(TypeError, match="share one of"):
+    with pytest.raises(TypeError, match="caches q.s dtype"):
         paged_decode_attention(torch.zeros(1, 4, 16, dtype=torch.float16), cache, cache, table, lens, 1.0)
     with pytest.raises(ValueError, match="KV heads"):
         paged_decode_attention(torch.zeros(1, 3, 16), cache, cache, table, lens, 1.0)

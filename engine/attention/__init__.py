@@ -27,13 +27,18 @@ def _flash_attn_importable() -> bool:
 FLASH_BLOCK_MULTIPLE = 256
 
 
-def get_attention_backend(name: str, device: torch.device | str, block_size: int) -> AttentionBackend:
-    """"auto": flash_attn if it imports on CUDA and the block size suits its paged kernels, else triton
-    on CUDA, else torch."""
+def get_attention_backend(name: str, device: torch.device | str, block_size: int,
+                          kv_cache_dtype: str = "auto") -> AttentionBackend:
+    """"auto": flash_attn if it imports on CUDA, the block size suits its paged kernels and the KV cache
+    is in the model's dtype, else triton on CUDA, else torch."""
     device = torch.device(device)
+    if name == "flash_attn" and kv_cache_dtype != "auto":
+        raise RastError(f"attention_backend='flash_attn' reads a KV cache in the model's dtype only, not "
+                        f"kv_cache_dtype={kv_cache_dtype!r}: use 'triton' (or 'auto')")
     if name == "auto":
         if device.type == "cuda":
-            flash_ok = block_size % FLASH_BLOCK_MULTIPLE == 0 and _flash_attn_importable()
+            flash_ok = (block_size % FLASH_BLOCK_MULTIPLE == 0 and kv_cache_dtype == "auto"
+                        and _flash_attn_importable())
             name = "flash_attn" if flash_ok else "triton"
         else:
             name = "torch"

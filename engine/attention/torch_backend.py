@@ -72,11 +72,14 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write this step's k/v rows at their flat slots; slot -1 (padding) is skipped."""
+    """Write this step's k/v rows at their flat slots; slot -1 (padding) is skipped. An FP8 cache takes
+    them rounded to nearest even and saturated at ±448 (what rast_kernels.fp8_cast computes in the kernels)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    for rows, cache in ((k[keep], k_cache), (v[keep], v_cache)):
+        if cache.dtype == torch.float8_e4m3fn:  # CPU torch has no float8 index_copy_: copy the bytes
+            cache, rows = cache.view(torch.uint8), rows.float().clamp(-448, 448).to(cache.dtype).view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows.to(cache.dtype))
 
 
 def gather_kv(

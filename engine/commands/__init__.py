@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from rast_engine.config import LAYER_OPS, QUANTIZATIONS, SPECULATIVE_DRAFTS, SPECULATIVE_METHODS
+from rast_engine.config import KV_CACHE_DTYPES, LAYER_OPS, QUANTIZATIONS, SPECULATIVE_DRAFTS, SPECULATIVE_METHODS
 from rast_engine.errors import RastError
 
 
@@ -51,6 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-method", default="coupled", choices=SPECULATIVE_METHODS,
                    help="coupled: the plain sampler's tokens for a seed, whatever the rounds (default); "
                         "rejection: speculative sampling, more drafts pass")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="fp8: every model's KV cache in float8_e4m3fn, half the bytes (default auto: the model's)")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="fp8: the large model's projections as FP8 weights, quantised at load (default: none)")
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
@@ -90,7 +92,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         async_output=args.async_output, async_scheduling=args.async_scheduling, model_streams=args.model_streams,
         stack_small_models=args.stack_small_models, speculative_tokens=args.speculative_tokens,
         speculative_draft=args.speculative_draft, speculative_method=args.speculative_method,
-        generation_config=args.generation_config, quantization=args.quantization))
+        generation_config=args.generation_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@
 # more; every step has its own timeout and the stage budget caps the whole.
 #
 #   bash bench/gpu_session.sh first   <sha>   (<= 450 s) install the checkout (no deps), the gpu-marked tests
-#                                             (<= 170 s), bench/sampler.py --targets, bench/sampler_plans.py
+#                                             (<= 230 s), bench/sampler.py --targets, bench/sampler_plans.py
 #                                             (CAP and warps per batch size), then bench/decode.py for
 #                                             7b+1.5b: base, rast-seq, rast, hf-rast at batch 1, 8, 32 and
 #                                             128, base and rast profiled: every shape that issues 2 and 4 set
@@ -80,7 +80,7 @@ decode() {  # decode <seconds> <bench/decode.py arguments...>
 case "$stage" in
   first)
     install
-    gpu_tests "$(upto 170)"
+    gpu_tests "$(upto 230)"
     timeout "$(upto 60)" python3 bench/sampler.py --targets --out "$out" 2>&1 | tee -a "$log"
     timeout "$(upto 120)" python3 bench/sampler_plans.py --out "$out" 2>&1 | tee -a "$log"
     decode "$(part 2 3)" --pairings 7b+1.5b --modes base rast-seq rast hf-rast --batches 1 8 32 128 \

@@ -113,9 +113,16 @@ def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path,
     capsys.readouterr()
     assert main([a if a != "2" else "3" for a in argv]) == 2  # --n 3 into a folder sampled with n = 2
     assert "different n" in capsys.readouterr().err
-    # FP8 weights for the large model draw other samples: not resumed into this folder
+    # FP8 weights or an FP8 KV cache draw other samples: not resumed into this folder
     assert main(argv + ["--quantization", "fp8"]) == 2
     assert "different quantization" in capsys.readouterr().err
+    assert main(argv + ["--kv-cache-dtype", "fp8"]) == 2
+    assert "different kv_cache_dtype" in capsys.readouterr().err
+    # a run.json written before those settings existed resumes with their defaults
+    run_json = out / runner.RUN_FILE
+    settings = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({k: v for k, v in settings.items() if k not in ("quantization", "kv_cache_dtype")}))
+    assert main(argv) == 0
 
 
 def test_samples_are_drawn_in_pieces_and_a_resume_never_repeats_a_seed() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from rast_engine.config import QUANTIZATIONS
+from rast_engine.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from rast_engine.errors import RastError
 
 _DESCRIPTION = """Score a model (or RAST: --model plus --small-rl/--small-base) on a JSONL benchmark:
@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="speculative decoding, G drafts a round (default 0: off; needs --small-rl/--small-base)")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="fp8: the large model's projections as FP8 weights (default: none)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="fp8: every model's KV cache in float8_e4m3fn (default auto: the model's dtype)")
     p.add_argument("--out", help="output folder (samples.jsonl, run.json, metrics.json, plots)")
     p.set_defaults(func=run)
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                      max_tokens=args.max_tokens, stop=tuple(args.stop), device=args.device, dtype=args.dtype,
                      seed=args.seed, max_inflight=args.max_inflight, limit=args.limit, name=args.name,
                      plots=not args.no_plots, speculative_tokens=args.speculative_tokens,
-                     quantization=args.quantization)
+                     quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     m = run_eval(cfg)
     summary = {k: m[k] for k in ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k",
                                  "mean_response_tokens")}

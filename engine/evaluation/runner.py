@@ -26,7 +26,9 @@ from rast_engine.evaluation.templates import load_template
 SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.json"
 # The settings that shape the samples; a resumed run must agree on all of them.
 _SAMPLE_KEYS = ("model", "small_rl", "small_base", "lam", "template", "n", "temperature", "top_p", "top_k",
-                "min_p", "max_tokens", "stop", "seed", "quantization")
+                "min_p", "max_tokens", "stop", "seed", "quantization", "kv_cache_dtype")
+# sample settings added after runs were saved: a run.json without them drew with these values
+_ADDED_KEYS = {"quantization": None, "kv_cache_dtype": "auto"}
 
 
 # Samples per engine request. A request's samples are saved when its last one finishes, so small
@@ -79,6 +81,7 @@ class EvalConfig:
     speculative_tokens: int = 0
     # "fp8": the large model's projections in FP8 (engine/models/fp8.py); other weights, other samples
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # "fp8": every model's KV cache in float8_e4m3fn (a sample setting too)
 
     def __post_init__(self) -> None:
         if (self.small_rl is None) != (self.small_base is None):
@@ -141,7 +144,7 @@ def _check_run_file(out: Path, cfg: EvalConfig, has_samples: bool) -> None:
     settings = cfg.sample_settings()
     if has_samples and run_file.exists():
         before = json.loads(run_file.read_text(encoding="utf-8"))
-        diff = [k for k in _SAMPLE_KEYS if before.get(k) != settings[k]]
+        diff = [k for k in _SAMPLE_KEYS if before.get(k, _ADDED_KEYS.get(k)) != settings[k]]
         if diff:
             raise RastError(f"{out} holds samples drawn with different {', '.join(diff)}; resume with the "
                             "same settings or use a fresh --out")
@@ -153,7 +156,8 @@ def _build_llm(cfg: EvalConfig) -> Any:
     from rast_engine import LLM
 
     return LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
-               seed=cfg.seed, speculative_tokens=cfg.speculative_tokens, quantization=cfg.quantization)
+               seed=cfg.seed, speculative_tokens=cfg.speculative_tokens, quantization=cfg.quantization,
+               kv_cache_dtype=cfg.kv_cache_dtype)
 
 
 def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any]]:

@@ -1,7 +1,9 @@
 """quantization="fp8": the large model's decoder projections (q/k/v, o, gate/up, down) stored as FP8
 weights with one scale per output channel (rast_kernels.fp8_linear), quantised from the checkpoint as
 it loads. Embeddings, norms and lm_head keep the model's dtype, as vLLM's fp8 keeps lm_head; so do the
-small models, whose logit difference R − S is the signal RAST transfers.
+small models, whose logit difference R − S is the signal RAST transfers: RL fine-tuning moves weights
+by far less than e4m3's relative spacing (2^-3), so R and S would mostly round to the same FP8 values
+and their difference to quantisation noise.
 
 The swap happens on the meta device, before any weight exists, so a bf16 copy of the large model is
 never allocated: the loader quantises each checkpoint tensor into its rows of the FP8 weight (fused

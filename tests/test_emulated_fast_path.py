@@ -110,6 +110,22 @@ def test_async_scheduling_replays_graphs_fed_by_the_previous_replay(qwen2_triple
     assert ahead.count(True) == SAMPLED.max_tokens - 1  # every decode step went ahead, the first fed by the prefill
 
 
+def test_fp8_weights_and_kv_cache_replay_in_graphs(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantization="fp8" and kv_cache_dtype="fp8" on the fast path: the FP8 linear kernel, the fused
+    rotary store's float8 conversion and attention over FP8 caches captured in the step's graphs, on two
+    streams, launched ahead. Tokens equal the eager single-stream engine's with the same settings."""
+    fp8 = dict(quantization="fp8", kv_cache_dtype="fp8")
+    batch = prompts(3, seed=8)
+    want = generate_all(triton_engine(qwen2_triple, stack_small_models=False, **fp8), batch, SAMPLED)
+    engine = triton_engine(qwen2_triple, async_output=True, **fp8)
+    runner, ahead = engine.runner, record_ahead(engine)
+    with emulated_cuda(monkeypatch) as emu:
+        install_fast_path(runner)
+        got = generate_all(engine, batch, SAMPLED)
+    assert got == want and emu.replays == 2 * (SAMPLED.max_tokens - 1)
+    assert ahead.count(True) == SAMPLED.max_tokens - 1
+
+
 ADJUSTED = {"bias": SamplingParams(temperature=0.9, max_tokens=2, seed=7, min_tokens=2, stop_token_ids=[5],
                                    logit_bias={5: 2.0, 9: -3.0}),
             "penalty": SamplingParams(temperature=0.9, max_tokens=2, seed=7, repetition_penalty=1.5,
@@ -120,10 +136,10 @@ ADJUSTED = {"bias": SamplingParams(temperature=0.9, max_tokens=2, seed=7, min_to
 def test_adjusted_steps_replay_the_forward_and_sample_eagerly(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch,
                                                                kind: str) -> None:
     """A batch holding a logit_bias / min_tokens or a penalized request replays the forward's graph, then
-    adjusts (engine/logit_adjust.py) and samples eagerly from the static logits; bias is launched ahead
-    like the replays around it and fed from the ids they stored, a penalty (it reads the output) is not.
-    Once it finishes, the others replay both stages. Tokens equal the synchronous eager engine's, and
-    the emulator's race checks cover the switches."""
+    adjusts (engine/logit_adjust.py) and samples eagerly from the static logits; both are launched ahead
+    like the replays around them and fed from the ids they stored (a penalty counts the pending token
+    from the step's input ids on the device). Once it finishes, the others replay both stages. Tokens
+    equal the synchronous eager engine's, and the emulator's race checks cover the switches."""
     adjusted = ADJUSTED[kind]
     params = [SAMPLED, adjusted, SAMPLED]
     batch = prompts(3, seed=6)
@@ -145,10 +161,7 @@ def test_adjusted_steps_replay_the_forward_and_sample_eagerly(qwen2_triple: tupl
     assert got == want and len(got[1]) == 2 and (kind != "bias" or 5 not in got[1])
     # the first decode step held the adjusted request: its forward's graph alone; then both stages
     assert emu.replays == 1 + 2 * (SAMPLED.max_tokens - 2)
-    if kind == "bias":
-        assert ahead.count(True) == SAMPLED.max_tokens - 1
-    else:
-        assert False in ahead  # a step that reads the penalized output's last token waits for it
+    assert ahead.count(True) == SAMPLED.max_tokens - 1  # every decode step went ahead
 
 
 def test_a_prefill_ahead_reads_the_ids_a_replay_stored(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ from rast_engine.llm_engine import LLMEngine
 from rast_engine.outputs import RequestOutput, ScoreOutput
 from rast_engine.sampling_params import SamplingParams
 
-Prompt = Union[str, list[int]]
+Prompt = Union[str, list[int], dict]  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
 Params = Optional[Union[SamplingParams, Sequence[SamplingParams]]]
 
 
@@ -51,8 +51,9 @@ class LLM:
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], sampling_params: Params = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # one prompt (text, or token ids), not a batch
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt (text, token ids or a dict prompt), not a batch
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()

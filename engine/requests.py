@@ -15,6 +15,27 @@ if TYPE_CHECKING:
     from rast_engine.llm_engine import LLMEngine
 
 
+PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
+
+
+def prompt_of(prompt: Union[str, list[int], dict]) -> Union[str, list[int]]:
+    """The text or token ids a prompt holds: vLLM's dict prompts ({"prompt": text}, {"prompt_token_ids":
+    ids}) are taken as what they hold; fields this engine has no use for (multi-modal data) are refused."""
+    if not isinstance(prompt, dict):
+        return prompt
+    extra = sorted(map(str, set(prompt) - set(PROMPT_KEYS)))
+    if extra:
+        raise RastError(f"prompt fields {extra} are not supported: a dict prompt holds 'prompt' (text) or "
+                        "'prompt_token_ids'")
+    given = [k for k in PROMPT_KEYS if k in prompt]
+    if len(given) != 1:
+        raise RastError("a dict prompt holds exactly one of 'prompt' (text) or 'prompt_token_ids'")
+    value = prompt[given[0]]
+    if isinstance(value, str) != (given[0] == "prompt"):  # each key holds its own kind: no text as ids
+        raise RastError("'prompt' holds text and 'prompt_token_ids' a list of token ids (ints)")
+    return value
+
+
 def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
     if isinstance(prompt, str):
         if engine.tokenizer is None:

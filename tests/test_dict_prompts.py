@@ -1,0 +1,30 @@
+"""vLLM's dict prompts (TextPrompt {"prompt": text}, TokensPrompt {"prompt_token_ids": ids}) through
+LLM.generate and LLMEngine.add_request: the same tokens as the text or ids they hold, the text kept on
+the output; any other field refused before the engine changes state."""
+from __future__ import annotations
+
+import pytest
+
+from rast_engine import LLM, SamplingParams
+from rast_engine.errors import RastError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def test_dict_prompts_are_what_they_hold(qwen2_triple: tuple) -> None:
+    llm = LLM(*map(str, qwen2_triple), lam=0.7, device="cpu", dtype="float32", block_size=4, kv_cache_blocks=64)
+    text, ids = "the cat sat", [5, 9, 9, 17, 4]
+    plain = llm.generate([text, ids], GREEDY, use_tqdm=False)
+    dicts = llm.generate([{"prompt": text}, {"prompt_token_ids": ids}], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in dicts] == [o.outputs[0].token_ids for o in plain]
+    assert dicts[0].prompt == text and dicts[1].prompt is None
+    assert dicts[0].prompt_token_ids == plain[0].prompt_token_ids
+    single = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)  # one dict: one prompt
+    assert len(single) == 1 and single[0].outputs[0].token_ids == plain[1].outputs[0].token_ids
+    engine = llm.llm_engine
+    for bad, match in (({"prompt": text, "prompt_token_ids": ids}, "exactly one"), ({}, "exactly one"),
+                       ({"prompt_token_ids": ids, "multi_modal_data": {}}, "multi_modal_data"),
+                       ({"prompt_token_ids": "5 9"}, "token ids"), ({"prompt": ids}, "holds text")):
+        with pytest.raises(RastError, match=match):
+            engine.add_request("bad", bad, GREEDY)
+    assert not engine.has_unfinished_requests() and "bad" not in engine.groups

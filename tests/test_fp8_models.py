@@ -102,12 +102,15 @@ def test_an_fp8_engine_decodes_as_the_dequantised_checkpoint(qwen2_triple: tuple
 @pytest.mark.gpu
 def test_fp8_engine_on_gpu_equals_cpu(qwen2_triple: tuple) -> None:
     """The Triton FP8 kernel compiled for the GPU (float32: exact dots), inside CUDA graphs, async
-    scheduling and the fused layer ops: the CPU spec's greedy tokens."""
+    scheduling and the fused layer ops, or the torch layer ops (the FP8 linear stays Triton's on CUDA):
+    the CPU spec's greedy tokens."""
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     prompts = [[5, 9, 9, 17, 4, 9], [33, 2, 70, 70], [7, 30, 4]]
     runs = []
-    for device in ("cpu", "cuda"):
+    for device, ops in (("cpu", "auto"), ("cuda", "auto"), ("cuda", "torch")):
         llm = LLM(*map(str, qwen2_triple), lam=0.7, device=device, dtype="float32", block_size=4,
-                  kv_cache_blocks=64, quantization="fp8")
+                  kv_cache_blocks=64, quantization="fp8", layer_ops=ops)
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
-    assert runs[0] == runs[1]
+        linears = [m for m in llm.llm_engine.runner.units[0].modules() if isinstance(m, Fp8Linear)]
+        assert linears and all(m.backend == ("triton" if device == "cuda" else "torch") for m in linears)
+    assert runs[0] == runs[1] == runs[2]

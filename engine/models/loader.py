@@ -80,8 +80,9 @@ def _empty_model(cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dty
                  device: torch.device, ops: LayerOps | None, quantization: str | None) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(cfg, attention, dtype, ops)
-        if quantization == "fp8":  # the FP8 kernel where the layer ops are Triton's (CUDA), else the torch spec
-            use_fp8(model, "triton" if model.ops.name == "triton" else "torch")
+        if quantization == "fp8":  # the FP8 kernel on CUDA (whatever the layer ops: the torch spec would
+            # dequantise every weight each step) and under the interpreter's Triton layer ops; else the spec
+            use_fp8(model, "triton" if device.type == "cuda" or model.ops.name == "triton" else "torch")
     if quantization == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ModelLoadError(f"quantization='fp8' needs a GPU of compute capability 8.9 or newer (Ada, Hopper), "
                              f"where Triton converts FP8; {torch.cuda.get_device_name(device)} has "

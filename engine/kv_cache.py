@@ -15,6 +15,7 @@ import torch
 from rast_engine.config import EngineConfig
 from rast_engine.errors import RastError
 from rast_engine.models.config import ModelConfig
+from rast_kernels.fp8_cast import byte_view
 
 logger = logging.getLogger("rast")
 
@@ -126,5 +127,5 @@ class KVCache:
             shift = torch.arange(n, device=dev)[:, None] * self.num_blocks  # every model's copy of the block
             src_n, dst_n = (src + shift).flatten(), (dst + shift).flatten()
             for cache in (c for layer in pool for c in layer):
-                raw = cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache  # no CPU fp8 index_copy_
+                raw = byte_view(cache)
                 raw.index_copy_(0, dst_n, raw.index_select(0, src_n))

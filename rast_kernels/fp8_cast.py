@@ -11,10 +11,13 @@ bound.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-E4M3_MAX = tl.constexpr(448.0)
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3fn's largest finite value (it has no infinity)
+E4M3_MAX = tl.constexpr(FP8_MAX)
 MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6: e4m3's smallest normal
 # 2^14: adding it to |x| < 2^-6 rounds |x| to a multiple of 2^-9 (its float32 ulp), nearest even, and leaves
 # the e4m3 subnormal mantissa (0..8; 8 is the smallest normal's encoding) in the low bits
@@ -36,3 +39,13 @@ def to_e4m3(x):
     code = tl.where(a < MIN_NORMAL, sub, normal) | sign
     code = tl.where(nan, 0x7F, code)
     return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """The spec ``to_e4m3`` equals, in torch: nearest even, saturated at ±448."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as uint8 bytes when it is float8 (CPU torch has no float8 index_copy_), else ``t`` itself."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t

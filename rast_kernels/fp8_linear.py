@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from rast_kernels.fp8_cast import FP8, FP8_MAX, e4m3
 from rast_kernels.launch import cdiv, interpreting, require_launchable
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # e4m3fn's largest finite value
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -43,7 +42,7 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.isfinite(absmax).all():
         raise ValueError("weight holds NaN or inf: it cannot be quantised")
     scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
-    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return e4m3(w / scale[:, None]), scale
 
 
 def dequantize_fp8(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

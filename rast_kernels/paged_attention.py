@@ -39,12 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-from rast_kernels.fp8_cast import to_e4m3
+from rast_kernels.fp8_cast import FP8, to_e4m3
 from rast_kernels.launch import cdiv, interpreting, next_pow2, require_launchable
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-FP8 = torch.float8_e4m3fn  # a cache dtype too (kv_cache_dtype="fp8"): stored by to_e4m3, read as q's dtype
+# FP8 (float8_e4m3fn) is a cache dtype too (kv_cache_dtype="fp8"): stored by to_e4m3, read as q's dtype
 LOG2E = 1.4426950408889634
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from rast_engine.attention.metadata import AttentionMetadata
+from rast_kernels.fp8_cast import byte_view, e4m3
 
 
 class TorchAttention:
@@ -77,9 +78,8 @@ def store_kv(
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     for rows, cache in ((k[keep], k_cache), (v[keep], v_cache)):
-        if cache.dtype == torch.float8_e4m3fn:  # CPU torch has no float8 index_copy_: copy the bytes
-            cache, rows = cache.view(torch.uint8), rows.float().clamp(-448, 448).to(cache.dtype).view(torch.uint8)
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows.to(cache.dtype))
+        rows = e4m3(rows) if cache.dtype == torch.float8_e4m3fn else rows.to(cache.dtype)
+        byte_view(cache).view(-1, *cache.shape[2:]).index_copy_(0, slots, byte_view(rows))
 
 
 def gather_kv(

@@ -30,7 +30,6 @@ from rast_engine.logit_adjust import (Adjust, ToDevice, adjustment_pair, bias_an
                                       draw_counts, keep_only, penalize)
 from rast_engine.sequence import Sequence
 from rast_engine.speculative.grammar import RoundGrammars
-from rast_engine.structured import unpack
 
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,7 +54,7 @@ class RoundAdjust:
         ds = [draws[i] for i in self.rows]
         structured = [a for a, d in enumerate(ds) if d.adjust.grammar is not None]
         self.grammars = RoundGrammars(structured, [seqs[self.rows[a]] for a in structured],
-                                      [self.rows[a] for a in structured], to_device) if structured else None
+                                      [self.rows[a] for a in structured], vocab, to_device) if structured else None
         self.num_rows, self.vocab, self.to_device = len(draws), vocab, to_device
         self.params = [d.params for d in ds]
         self.adjusts: list[Adjust] = [d.adjust for d in ds]
@@ -108,9 +107,9 @@ class RoundAdjust:
         # z + (-inf or a bias or 0): the masks and logit_bias as bias_and_ban applies them, in one add
         adjusted = z + self.fixed.repeat_interleave(count, dim=0)
         if self.grammars is not None:  # host masks: this waits for the drafts before the last position
-            masks = torch.stack([self.grammars.mask(first + k) for k in range(count)], dim=1)  # [G, count, words]
+            allowed = torch.stack([self.grammars.keep(first + k) for k in range(count)], dim=1)  # [G, count, V]
             keep_only(adjusted, [a * count + k for a in self.grammars.rows for k in range(count)],
-                      unpack(self.to_device(masks.flatten(0, 1)), self.vocab), self.to_device)
+                      allowed.flatten(0, 1), self.to_device)
         params, requests = [], []
         short_rows, short_ids = [], []  # min_tokens' bans where generated + position < min_tokens
         for a, adjust in enumerate(self.adjusts):

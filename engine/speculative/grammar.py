@@ -21,17 +21,20 @@ import torch
 
 from rast_engine.logit_adjust import ToDevice
 from rast_engine.sequence import Sequence
-from rast_engine.structured import bitmasks, draw_bitmasks
+from rast_engine.structured import bitmasks, draw_bitmasks, unpack
 
 
 class RoundGrammars:
     """The structured-output rows among a round's adjusted rows: ``rows`` their indices there, ``seqs``
     their sequences, ``draw_rows`` their rows in the round's batch."""
 
-    def __init__(self, rows: list[int], seqs: Seq[Sequence], draw_rows: list[int], to_device: ToDevice) -> None:
-        self.rows, self.seqs = rows, list(seqs)
+    def __init__(self, rows: list[int], seqs: Seq[Sequence], draw_rows: list[int], vocab: int,
+                 to_device: ToDevice) -> None:
+        self.rows, self.seqs, self.vocab, self.to_device = rows, list(seqs), vocab, to_device
         self.draw_rows = to_device(torch.tensor(draw_rows, dtype=torch.int64))
         self.masks: list[torch.Tensor] = []  # position -> int32 host bitmasks [G, words]
+        # position -> bool [G, V] on the device: a draft step's, read again by the verify
+        self.kept: list[torch.Tensor] = []
         self.walks: list[Any] = []  # each row's forked matcher, at the last computed position
         self.following: list[bool] = []  # the walk accepted every draft so far
         self.drafts: list[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = []  # host copies, in flight
@@ -70,3 +73,9 @@ class RoundGrammars:
                 masks[on] = bitmasks(self.seqs[0].group.grammar.grammars, [self.walks[g] for g in on])
             self.masks.append(masks)
         return self.masks[position]
+
+    def keep(self, position: int) -> torch.Tensor:
+        """bool [G, V] on the device: the tokens ``position``'s masks allow (each position sent once)."""
+        while len(self.kept) <= position:
+            self.kept.append(unpack(self.to_device(self.mask(len(self.kept))), self.vocab))
+        return self.kept[position]

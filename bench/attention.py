@@ -11,8 +11,9 @@ CUDA graphs: the table is padded to a long max_model_len (GRAPH_TABLE tokens) ar
 contexts, so the heuristic's split count comes from the padded width and each sequence fills only the
 splits its own context needs; they also run with a lower per-split floor (min=64) to show whether the
 default floor of 256 tokens leaves the GPU underfilled at short contexts.
-Tight rows of the first model also run over a float8_e4m3fn cache (kv fp8, kv_cache_dtype="fp8"): half
-the bytes per element, so the same time would mean half the GB/s.
+Tight rows of the first model also run over an FP8 cache (kv fp8, kv_cache_dtype="fp8": e4m3 values and
+a scale byte a token and KV head, rast_kernels.fp8_kv): about half the bytes, so the same time would
+mean about half the GB/s.
 Every configuration is first checked against an explicit float32 softmax on two sequences.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ if "--quick" in sys.argv or not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # rast_kernels from a bare checkout too
 from bench.common import copy_bandwidth, device_name, graph_time_ms, quick_args, write_results  # noqa: E402
+from rast_kernels.fp8_cast import FP8  # noqa: E402
+from rast_kernels.fp8_kv import block_size_of, cache_rows, read_blocks  # noqa: E402
+from rast_kernels.kv_store import store_kv_cache  # noqa: E402
 from rast_kernels.paged_attention import paged_decode_attention  # noqa: E402
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits  # noqa: E402
 
@@ -52,15 +56,26 @@ def make_case(batch: int, ctx: int, table_tokens: int, hq: int, hkv: int, dim: i
     return q, k_cache, v_cache, table, lens
 
 
+def fp8_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same values stored as the engine's FP8 cache holds them, scales and all."""
+    num_blocks, bs, hkv, dim = k_cache.shape
+    kc, vc = (torch.zeros(num_blocks, cache_rows(bs, dim, FP8), hkv, dim, dtype=FP8, device=k_cache.device)
+              for _ in range(2))
+    slots = torch.arange(num_blocks * bs, device=k_cache.device)
+    store_kv_cache(k_cache.flatten(0, 1), v_cache.flatten(0, 1), kc, vc, slots)
+    return kc, vc
+
+
 def check(q, k_cache, v_cache, table, lens, scale: float, out: torch.Tensor) -> float:
-    """Max abs error of the first two sequences against an explicit float32 softmax."""
-    bs, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    """Max abs error of the first two sequences against an explicit float32 softmax (over the dequantised
+    values of an FP8 cache)."""
+    bs, group = block_size_of(k_cache), q.shape[1] // k_cache.shape[2]
     err = 0.0
     for b in range(min(2, q.shape[0])):
         n = int(lens[b])
         blocks = table[b, : -(-n // bs)].long()
-        k = k_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, 1)
-        v = v_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, 1)
+        k = read_blocks(k_cache, blocks).flatten(0, 1)[:n].float().repeat_interleave(group, 1)
+        v = read_blocks(v_cache, blocks).flatten(0, 1)[:n].float().repeat_interleave(group, 1)
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k) * scale, -1)
         err = max(err, (torch.einsum("hn,nhd->hd", p, v) - out[b].float()).abs().max().item())
     return err
@@ -73,10 +88,11 @@ def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: i
                                                 for kv in ("model", "fp8")[:2 if c[0] == fp8_model and not c[3] else 1]]:
         hq, hkv, dim = SHAPES[model] if model in SHAPES else model
         case = make_case(batch, ctx, table_tokens, hq, hkv, dim, BLOCK_SIZE, dtype, device)
-        if kv == "fp8":  # the same values through float8_e4m3fn, as the engine's FP8 cache holds them
-            case = (case[0], case[1].to(torch.float8_e4m3fn), case[2].to(torch.float8_e4m3fn), *case[3:])
+        if kv == "fp8":
+            case = (case[0], *fp8_caches(case[1], case[2]), *case[3:])
         scale = dim ** -0.5
-        kv_bytes = 2 * batch * ctx * hkv * dim * case[1].element_size()
+        fp8 = case[1].dtype == FP8  # a scale byte a token and head beside its values
+        kv_bytes = 2 * batch * ctx * hkv * (dim * case[1].element_size() + fp8)
         width = case[3].shape[1] * BLOCK_SIZE
         runs = {(s, MIN_TOKENS_PER_SPLIT) for s in (pick_num_splits(batch, hkv, width, device), 1)}
         if device.type == "cpu":

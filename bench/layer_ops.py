@@ -61,7 +61,7 @@ def rotary_store(ops, t: dict) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: AN
     if ops.stores_kv:
         return ops.rotary_store_kv(t["positions"], t["q"], t["k"], t["v"], t["cos_sin"], t["k_cache"],
                                    t["v_cache"], t["slots"], t["qk_norm"])
-    from rast_kernels.paged_attention import store_kv_cache
+    from rast_kernels.kv_store import store_kv_cache
 
     q, k = ops.rotary(t["positions"], t["q"], t["k"], t["cos_sin"], t["qk_norm"])
     store_kv_cache(k, t["v"], t["k_cache"], t["v_cache"], t["slots"])

@@ -43,9 +43,10 @@ def weight_bytes(cfg: dict, elt: int, fp8: bool = False, read: bool = False) -> 
 
 
 def kv_bytes_per_token(cfg: dict, elt: int) -> int:
+    """What attention reads of one cached token; elt 1 is an FP8 cache, with a scale byte a KV head."""
     heads = cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * hd * elt
+    return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * (hd * elt + (elt == 1))
 
 
 def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, bandwidth: float,

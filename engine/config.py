@@ -15,7 +15,7 @@ LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE_DRAFTS = ("small", "rl")  # rast_engine.speculative.round
 SPECULATIVE_METHODS = ("coupled", "rejection")
 QUANTIZATIONS = ("fp8",)  # rast_engine.models.fp8: the large model's projections in FP8
-KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": float8_e4m3fn, as vLLM's kv_cache_dtype
+KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": scaled float8_e4m3fn (vLLM's name)
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,8 @@ class EngineConfig:
     # "fp8": the large model's decoder projections as FP8 weights with per-channel scales, quantised at
     # load (half the bytes a decode step reads for them); the small models keep their dtype
     quantization: Optional[str] = None
-    # "fp8": every model's KV cache in float8_e4m3fn (keys and values rounded to nearest even, saturated
-    # at ±448, unscaled, as vLLM's kv_cache_dtype="fp8" without scales): half the bytes a decode step
-    # reads for them and twice the tokens the cache holds
+    # "fp8": every model's KV cache in float8_e4m3fn with a power-of-two scale per (token, KV head)
+    # (rast_kernels.fp8_kv): about half the bytes a decode step reads for them, and nearly twice the tokens
     kv_cache_dtype: str = "auto"
     pairs: list[ExpertPair] = field(init=False)
 

@@ -30,7 +30,7 @@ KVPool = list[tuple[torch.Tensor, torch.Tensor]]  # one (k_cache, v_cache) per l
 
 
 def bytes_per_block(configs: Sequence[ModelConfig], block_size: int, dtype: torch.dtype) -> int:
-    return block_size * sum(c.kv_bytes_per_token(dtype) for c in configs)
+    return sum(c.kv_bytes_per_block(block_size, dtype) for c in configs)
 
 
 def default_token_budget(max_model_len: int) -> int:
@@ -105,8 +105,8 @@ class KVCache:
             raise ValueError(f"copies must give a positive count per config, got {copies}")
         # zero-filled: slots past a context are masked, but 0 * NaN garbage would still poison a matmul
         self.pools: list[KVPool] = [
-            [(torch.zeros(c.kv_cache_shape(n * num_blocks, block_size), dtype=dtype, device=device),
-              torch.zeros(c.kv_cache_shape(n * num_blocks, block_size), dtype=dtype, device=device))
+            [(torch.zeros(c.kv_cache_shape(n * num_blocks, block_size, dtype), dtype=dtype, device=device),
+              torch.zeros(c.kv_cache_shape(n * num_blocks, block_size, dtype), dtype=dtype, device=device))
              for _ in range(c.num_layers)]
             for c, n in zip(configs, self.copies)
         ]

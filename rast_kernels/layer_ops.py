@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from rast_kernels.fp8_cast import to_e4m3
+from rast_kernels.fp8_kv import block_size_of, exponent_byte, exponent_offset, quantize, row_exponent
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
 from rast_kernels.layer_ops_checks import QKNorm, check_qk_norm, check_rotary, check_rows, check_store
 
@@ -126,17 +126,26 @@ def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h,
         dst = k_out + (t * HK + h) * (2 * HALF) + d
         if STORE_KV:
             slot = tl.load(slot_ptr + t).to(tl.int64)
-            live = mask & ((tl.zeros([BLOCK_H, BLOCK_D], tl.int64) + slot) >= 0)  # the interpreter wants a tensor
+            heads = (j - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+            head_live = (heads < HK) & ((tl.zeros([BLOCK_H], tl.int64) + slot) >= 0)  # the interpreter wants tensors
+            live = mask & head_live[:, None]
             slot = tl.where(slot >= 0, slot, 0)
             row = (slot // BLOCK_SIZE) * c_stride_b + (slot % BLOCK_SIZE) * c_stride_r + h * c_stride_h + d
             v_src = v_ptr + t * v_stride_t + h * v_stride_h + d
-            v_lo, v_hi = tl.load(v_src, mask=live), tl.load(v_src + HALF, mask=live)
-            if FP8:  # an FP8 cache: nearest even, saturating, as torch converts (rast_kernels.fp8_cast)
-                tl.store(kc_ptr + row, to_e4m3(lo), mask=live)
-                tl.store(kc_ptr + row + HALF, to_e4m3(hi), mask=live)
-                tl.store(vc_ptr + row, to_e4m3(v_lo), mask=live)
-                tl.store(vc_ptr + row + HALF, to_e4m3(v_hi), mask=live)
+            if FP8:  # each head's row scaled by its own power of two (rast_kernels.fp8_kv); masked lanes hold 0
+                at = exponent_offset(slot // BLOCK_SIZE, slot % BLOCK_SIZE, c_stride_b, c_stride_r, 2 * HALF,
+                                     BLOCK_SIZE) + heads * c_stride_h
+                k_exp = tl.maximum(row_exponent(lo, 1), row_exponent(hi, 1))  # monotone: the whole row's
+                tl.store(kc_ptr + row, quantize(lo, k_exp[:, None]), mask=live)
+                tl.store(kc_ptr + row + HALF, quantize(hi, k_exp[:, None]), mask=live)
+                tl.store(kc_ptr + at, exponent_byte(k_exp), mask=head_live)
+                v_lo, v_hi = tl.load(v_src, mask=live, other=0.0), tl.load(v_src + HALF, mask=live, other=0.0)
+                v_exp = tl.maximum(row_exponent(v_lo, 1), row_exponent(v_hi, 1))
+                tl.store(vc_ptr + row, quantize(v_lo, v_exp[:, None]), mask=live)
+                tl.store(vc_ptr + row + HALF, quantize(v_hi, v_exp[:, None]), mask=live)
+                tl.store(vc_ptr + at, exponent_byte(v_exp), mask=head_live)
             else:
+                v_lo, v_hi = tl.load(v_src, mask=live), tl.load(v_src + HALF, mask=live)
                 tl.store(kc_ptr + row, lo, mask=live)
                 tl.store(kc_ptr + row + HALF, hi, mask=live)
                 tl.store(vc_ptr + row, v_lo, mask=live)
@@ -238,7 +247,7 @@ def _rotary_launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
         k_out, hq, hk, q_blocks, v, v.stride(0), v.stride(1), k_cache, v_cache, slots, *cache_strides,
         qw, kw, w_stride, group_tokens, float(eps), 1.0 / dim,
         HALF=half, BLOCK_H=block_h, BLOCK_D=next_pow2(half), STORE_KV=store is not None,
-        BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, QK_NORM=qk_norm is not None,
+        BLOCK_SIZE=block_size_of(k_cache) if store is not None else 1, QK_NORM=qk_norm is not None,
         FP8=store is not None and k_cache.dtype == torch.float8_e4m3fn,
         COMPILED=not interpreting(), num_warps=4, **exact_fp_options())
     return q_out, k_out
@@ -265,7 +274,7 @@ def rotary_embedding_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """rotary_embedding, and in the same launch the rotated k and v [T, Hk, D] written into the paged
     caches [num_blocks, block_size, Hk, D] at ``slot_mapping`` [T] (slot -1 is skipped): what
-    rotary_embedding followed by paged_attention.store_kv_cache does, one kernel fewer per layer."""
+    rotary_embedding followed by kv_store.store_kv_cache does, one kernel fewer per layer."""
     if torch.compiler.is_compiling():
         from rast_kernels import ops
         return ops.rotary_embedding_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping,

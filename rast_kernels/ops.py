@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from rast_kernels import fp8_linear as fp8
-from rast_kernels import layer_ops, paged_attention
+from rast_kernels import kv_store, layer_ops, paged_attention
 from rast_kernels.batch import PARAMS, RowValue, SamplingBatch
 
 Tensor = torch.Tensor
@@ -78,7 +78,7 @@ def _(logits, rl, base, weights, tensors, floats, ints, vocab, backend):
 
 @torch.library.custom_op("rast_kernels::store_kv_cache", mutates_args=("k_cache", "v_cache"))
 def store_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    paged_attention.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    kv_store.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 @store_kv_cache.register_fake

@@ -1,4 +1,4 @@
-"""Paged-KV attention in Triton: cache store, decode (GQA, split-K) and varlen causal prefill.
+"""Paged-KV attention in Triton: decode (GQA, split-K) and varlen causal prefill (the store: kv_store).
 
 Layout (see rast_engine.attention.metadata): k_cache, v_cache are [num_blocks, block_size, Hkv, D];
 token j of sequence b lives at block ``block_tables[b, j // block_size]``, row ``j % block_size``.
@@ -9,8 +9,6 @@ may span several cache blocks, so each token's block id is gathered from the blo
 need not divide BLOCK_N, nor be a power of two). Softmax is online (running max ``m``, running sum
 ``l``, accumulator ``acc``), in the log2 domain, always in float32; only the tile products take the
 input dtype (fp32 uses IEEE dot, never TF32).
-- store_kv_cache: one program per new token copies its [Hkv, D] key and value rows to its slot;
-  slot -1 (CUDA-graph padding, or tokens that must not be cached) stores nothing.
 - decode: one program per (sequence, KV head, split). The G = Hq/Hkv query heads sharing a KV head
   form the M side of the tile product, so each KV tile is read once for the whole group. With split-K
   (rast_kernels.split_k) the grid has ``num_splits`` splits, a shape decision; each sequence cuts its
@@ -29,6 +27,7 @@ Bytes moved (e = element size). decode: 2 * e * Hkv * D * sum_b ctx_b for the KV
 floor, plus 4 * Hq * (D + 2) * 2 * sum_b S_b for split-K partials, where S_b <= min(S, cdiv(ctx_b, 256))
 counts the splits sequence b fills (a few percent of its KV; empty splits write nothing). A context is
 never read past its length, however wide the (padded) block table.
+An FP8 cache: e = 1, plus an exponent byte a token and KV head (rast_kernels.fp8_kv).
 prefill: each (query tile, head) reads the keys up to its causal edge, about
 2 * e * Hq * D * sum_b ceil(q_len_b / BLOCK_M) * (prefix_b + q_len_b / 2); the G heads of one KV
 head hit the same lines, which L2 absorbs.
@@ -39,12 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from rast_kernels.fp8_cast import FP8, to_e4m3
-from rast_kernels.launch import cdiv, interpreting, next_pow2, require_launchable
+from rast_kernels.fp8_cast import FP8
+from rast_kernels.fp8_kv import block_size_of, load_scale
+from rast_kernels.kv_store import block_d, check_cache
+from rast_kernels.launch import cdiv, interpreting, next_pow2
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# FP8 (float8_e4m3fn) is a cache dtype too (kv_cache_dtype="fp8"): stored by to_e4m3, read as q's dtype
 LOG2E = 1.4426950408889634
 
 
@@ -61,16 +60,20 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head_dim, stride_cb, stride_cr,
                  scale_log2, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr):
     # Folds keys [n0, n0 + BLOCK_N) ∩ [0, end) into the online softmax (m_i, l_i, acc) of the rows of q;
     # k_base, v_base point at the KV head, bt_row at the sequence's block-table row. CAUSAL: row r sees
     # only keys n <= pos[r] too. A row that sees no key keeps its state (m_safe keeps -inf from NaN).
+    # FP8: a key or value row is its codes times its power-of-two scale, exact in q's dtype.
     n = n0 + tl.arange(0, BLOCK_N)
     n_mask = n < end
     page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     off = page * stride_cb + (n % BLOCK_SIZE) * stride_cr
-    k_t = tl.load(k_base + off[None, :] + d[:, None], mask=(d < head_dim)[:, None] & n_mask[None, :],
-                  other=0.0).to(q.dtype)  # [D, N]; an FP8 cache's keys become q's dtype (exact)
+    k_t = tl.load(k_base + off[None, :] + d[:, None], mask=(d < head_dim)[:, None] & n_mask[None, :], other=0.0)
+    if FP8:
+        scales = load_scale(k_base, page, n % BLOCK_SIZE, stride_cb, stride_cr, head_dim, n_mask, BLOCK_SIZE)
+        k_t = k_t.to(tl.float32) * scales[None, :]
+    k_t = k_t.to(q.dtype)  # [D, N]
     s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
     if CAUSAL:
         s = tl.where(n_mask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
@@ -81,30 +84,12 @@ def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + off[:, None] + d[None, :], mask=n_mask[:, None] & (d < head_dim)[None, :],
-                other=0.0).to(q.dtype)
+    v = tl.load(v_base + off[:, None] + d[None, :], mask=n_mask[:, None] & (d < head_dim)[None, :], other=0.0)
+    if FP8:
+        scales = load_scale(v_base, page, n % BLOCK_SIZE, stride_cb, stride_cr, head_dim, n_mask, BLOCK_SIZE)
+        v = v.to(tl.float32) * scales[:, None]
+    v = v.to(q.dtype)
     return m_new, l_i, acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
-
-
-@triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_cr, stride_ch, num_kv_heads, head_dim,
-                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    live = (tl.zeros([BLOCK_H, BLOCK_D], tl.int64) + slot) >= 0  # a tensor: the interpreter rejects scalar masks
-    mask = (h < num_kv_heads) & (d < head_dim) & live
-    slot = tl.where(slot >= 0, slot, 0)
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cr + h * stride_ch + d
-    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-    if FP8:  # an FP8 cache (kv_cache_dtype="fp8"): nearest even, saturating, as torch converts
-        k = to_e4m3(k)
-        v = to_e4m3(v)
-    tl.store(kc_ptr + dst, k, mask=mask)
-    tl.store(vc_ptr + dst, v, mask=mask)
 
 
 @triton.jit
@@ -112,7 +97,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
                    num_heads, group, head_dim, num_splits, min_tokens,
                    BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   FP8: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -131,7 +117,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
     for n0 in range(start, end, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, m_i, l_i, acc, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
                                      bt_ptr + b * stride_bt, n0, end, end, d, head_dim, stride_cb, stride_cr,
-                                     scale_log2, BLOCK_SIZE, BLOCK_N, False, PRECISION, UPCAST)
+                                     scale_log2, BLOCK_SIZE, BLOCK_N, False, PRECISION, UPCAST, FP8)
     if SPLIT:
         row = (b * num_heads + heads) * num_splits + split
         # the reduce reads the splits holding tokens only; a tensor: the interpreter rejects scalar masks
@@ -149,7 +135,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
                     group, head_dim, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr):
     mb = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -172,30 +158,10 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, sca
     for n0 in range(0, hi, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, m_i, l_i, acc, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
                                      bt_ptr + b * stride_bt, n0, hi, pos, d, head_dim, stride_cb, stride_cr,
-                                     scale_log2, BLOCK_SIZE, BLOCK_N, True, PRECISION, UPCAST)
+                                     scale_log2, BLOCK_SIZE, BLOCK_N, True, PRECISION, UPCAST, FP8)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = out_ptr + rows * stride_ot + h * stride_oh + d[None, :]
     tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=md_mask)
-
-
-def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    require_launchable(q, "Triton attention")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError(f"k_cache/v_cache must be equal-strided [num_blocks, block_size, Hkv, D], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if q.dtype not in DTYPES or k_cache.dtype not in (q.dtype, FP8) or v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"q must be one of {DTYPES} and the caches q's dtype or {FP8}, both alike; got {q.dtype}, "
-                        f"{k_cache.dtype}, {v_cache.dtype}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
-        raise ValueError("q and the caches must be contiguous along head_dim")
-    hq, hkv = q.shape[-2], k_cache.shape[2]
-    if q.shape[-1] != k_cache.shape[3] or hq % hkv != 0:
-        raise ValueError(f"q [.., {hq}, {q.shape[-1]}] does not fit a cache with {hkv} KV heads "
-                         f"of dim {k_cache.shape[3]}")
-
-
-def _block_d(dim: int) -> int:
-    return max(16, next_pow2(dim))  # tl.dot needs every side >= 16
 
 
 def tile_size(dim: int, dtype: torch.dtype) -> int:
@@ -218,28 +184,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
 
 
-def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Write k, v [T, Hkv, D] into the paged caches at ``slot_mapping`` [T]; slot -1 is skipped."""
-    if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
-        from rast_kernels import ops
-        return ops.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
-    _check_cache(k, k_cache, v_cache)
-    if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
-        raise ValueError(f"k, v must be [T, Hkv, D] matching the cache, got {tuple(k.shape)}, {tuple(v.shape)}")
-    if slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping must be [T={k.shape[0]}], got {tuple(slot_mapping.shape)}")
-    if v.stride(-1) != 1:
-        raise ValueError("k and v must be contiguous along head_dim")
-    if k.shape[0] == 0:
-        return
-    hkv, dim = k.shape[1], k.shape[2]
-    _store_kv_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), hkv, dim,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_H=next_pow2(hkv), BLOCK_D=_block_d(dim), FP8=k_cache.dtype == FP8)
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
                            num_splits: int | None = None,
@@ -251,9 +195,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         from rast_kernels import ops
         return ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
                                           min_tokens_per_split)
-    _check_cache(q, k_cache, v_cache)
+    check_cache(q, k_cache, v_cache)
     batch, hq, dim = q.shape
-    _, block_size, hkv, _ = k_cache.shape
+    block_size, hkv = block_size_of(k_cache), k_cache.shape[2]
     if block_tables.shape[0] != batch or context_lens.shape != (batch,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / context_lens "
                          f"{tuple(context_lens.shape)} do not match batch {batch}")
@@ -276,17 +220,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         pacc = torch.empty(batch, hq, num_splits, dim, device=q.device, dtype=torch.float32)
     else:
         pm = pl = pacc = out  # unused when SPLIT is off
-    block_d = _block_d(dim)
+    tile_d = block_d(dim)
     _decode_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, pm, pl, pacc, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), hq, group, dim, num_splits, min_tokens_per_split,
         BLOCK_SIZE=block_size, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
-        BLOCK_D=block_d, SPLIT=split, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4)
+        BLOCK_D=tile_d, SPLIT=split, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        FP8=k_cache.dtype == FP8, num_warps=4)
     if split:
         split_reduce_kernel[(batch, hq)](
             pm, pl, pacc, context_lens, out, out.stride(0), out.stride(1), hq, dim, num_splits,
-            min_tokens_per_split, BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, BLOCK_D=block_d)
+            min_tokens_per_split, BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, BLOCK_D=tile_d)
     return out
 
 
@@ -298,9 +243,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         from rast_kernels import ops
         return ops.paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
                                            max_seqlen_q, scale)
-    _check_cache(q, k_cache, v_cache)
+    check_cache(q, k_cache, v_cache)
     total, hq, dim = q.shape
-    _, block_size, hkv, _ = k_cache.shape
+    block_size, hkv = block_size_of(k_cache), k_cache.shape[2]
     batch = context_lens.shape[0]
     if cu_seqlens_q.shape != (batch + 1,) or block_tables.shape[0] != batch:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} / block_tables "
@@ -314,6 +259,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), hq // hkv, dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=_block_d(dim), PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4,
-        num_stages=2)
+        BLOCK_N=block_n, BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        FP8=k_cache.dtype == FP8, num_warps=4, num_stages=2)
     return out

@@ -50,14 +50,14 @@ def _types(fn, dtype: str, kv: str) -> dict[str, str]:
 
 
 def compile_all(dtype: str, dim: int, kv: str) -> None:
-    from rast_kernels import paged_attention as pa, split_k
+    from rast_kernels import kv_store, paged_attention as pa, split_k
 
     torch_dtype = TORCH_DTYPE[dtype]
-    tile, block_d = pa.tile_size(dim, torch_dtype), pa._block_d(dim)
+    tile, block_d = pa.tile_size(dim, torch_dtype), kv_store.block_d(dim)
     common = dict(BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=tile, BLOCK_D=block_d, PRECISION=pa._precision(torch_dtype),
-                  UPCAST=False)
+                  UPCAST=False, FP8=kv == "fp8")
     launches = [
-        (pa._store_kv_kernel, dict(BLOCK_SIZE=BLOCK_SIZE, BLOCK_H=BLOCK_H, BLOCK_D=block_d, FP8=kv == "fp8"), {}),
+        (kv_store._store_kv_kernel, dict(BLOCK_SIZE=BLOCK_SIZE, BLOCK_H=BLOCK_H, BLOCK_D=block_d, FP8=kv == "fp8"), {}),
         # without split-K the launcher sees num_splits == 1 and makes it a constant
         (pa._decode_kernel, dict(common, BLOCK_G=BLOCK_G, SPLIT=False, num_splits=1), dict(num_warps=4)),
         (pa._decode_kernel, dict(common, BLOCK_G=BLOCK_G, SPLIT=True), dict(num_warps=4)),

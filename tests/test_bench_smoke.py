@@ -118,7 +118,7 @@ def test_kv_bytes_match_the_engine_layout(name: str) -> None:
     from rast_engine.models.config import ModelConfig
 
     cfg = decode.TINY.get(name) or json.loads((decode.CONFIGS / f"{name}.json").read_text())
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32, torch.float8_e4m3fn):
         elt = torch.empty((), dtype=dtype).element_size()
         assert decode.kv_bytes_per_token(cfg, elt) == ModelConfig.from_dict(cfg).kv_bytes_per_token(dtype)
 

@@ -1,8 +1,9 @@
-"""kv_cache_dtype="fp8": K and V stored as float8_e4m3fn (rounded to nearest even, saturated at ±448) and
-read back as the query's dtype. Oracles: torch's own float8 conversion for what the stores write (bit for
-bit), the naive attention of test_paged_attention over the dequantised caches for the kernels, and HF
-transformers' forward with an attention function that rounds its keys and values through float8 for
-whole models in the engine."""
+"""kv_cache_dtype="fp8": K and V stored as float8_e4m3fn with a power-of-two scale per (token, KV head)
+(rast_kernels.fp8_kv), read back as the query's dtype. Oracles: the scale rule and the layout written
+out here in float64 and explicit indexing, with torch's own float8 conversion, for what the stores write
+(bit for bit); the naive attention of test_paged_attention over caches dequantised that way for the
+kernels; and HF transformers' forward with an attention function that passes its keys and values
+through the same quantisation for whole models in the engine."""
 from __future__ import annotations
 
 import pytest
@@ -14,9 +15,11 @@ from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
 from rast_engine import LLM, SamplingParams
 from rast_engine.attention.torch_backend import store_kv
 from rast_engine.errors import RastError
+from rast_kernels.fp8_kv import fake_quantize
+from rast_kernels.kv_store import store_kv_cache
 from rast_kernels.layer_ops import rotary_embedding, rotary_embedding_store_kv
-from rast_kernels.paged_attention import paged_decode_attention, paged_prefill_attention, store_kv_cache
-from test_paged_attention import gather, oracle, paged, rand
+from rast_kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from test_paged_attention import oracle, paged, rand
 
 FP8 = torch.float8_e4m3fn
 HAS_CUDA = torch.cuda.is_available()
@@ -28,74 +31,144 @@ CASES += [pytest.param("cuda", dt, id=f"cuda-{n}", marks=pytest.mark.gpu) for n,
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-def rounded(x: torch.Tensor) -> torch.Tensor:
-    return x.float().clamp(-448, 448).to(FP8)
+def expected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, k) of rows x [..., D]: k = ceil(log2(max |x| / 448)) in float64, codes = torch's e4m3 of x / 2^k."""
+    amax = x.double().abs().amax(-1)
+    k = torch.ceil(torch.log2(amax / 448)).clamp(-126, 126)
+    return (x.double() / torch.exp2(k)[..., None]).float().to(FP8), k.int()
+
+
+def slot_of(cache: torch.Tensor, bs: int, block: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [Hkv, D], k [Hkv]) of one slot, read by the layout's definition: values at row ``row``,
+    exponents (stored + 127) at byte row % D of row bs + row // D."""
+    dim = cache.shape[3]
+    return cache[block, row], cache.view(torch.uint8)[block, bs + row // dim, :, row % dim].int() - 127
+
+
+def gather(cache: torch.Tensor, bs: int, table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """A sequence's first n rows, dequantised: codes * 2^k, [n, Hkv, D] float32."""
+    rows = []
+    for j in range(n):
+        codes, k = slot_of(cache, bs, int(table_row[j // bs]), j % bs)
+        rows.append(torch.ldexp(codes.float(), k[:, None]))
+    return torch.stack(rows)
+
+
+def test_the_cache_rows_follow_the_block() -> None:
+    """A block of 4 tokens at head_dim 32 takes one scale row; 40 tokens at head_dim 16 take three."""
+    from rast_engine.models.config import ModelConfig
+    from rast_kernels.fp8_kv import block_size_of
+
+    cfg = ModelConfig.from_dict(dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3,
+                                     intermediate_size=8, vocab_size=10, model_type="llama"))
+    assert cfg.kv_cache_shape(7, 4, FP8) == (7, 5, 1, 32) and cfg.kv_cache_shape(7, 4) == (7, 4, 1, 32)
+    assert cfg.kv_bytes_per_block(4, FP8) == 2 * 3 * 5 * 32 and cfg.kv_bytes_per_token(FP8) == 2 * 3 * 33
+    for bs in range(1, 80):
+        for dim in (4, 16, 32, 64, 128):
+            rows = bs + -(-bs // dim)
+            assert block_size_of(torch.empty(1, rows, 1, dim, dtype=FP8)) == bs
+            assert block_size_of(torch.empty(1, rows, 1, dim)) == rows
 
 
 @pytest.mark.parametrize("device, dtype", CASES)
-def test_stores_write_torchs_float8_bits(device: str, dtype: torch.dtype) -> None:
-    """store_kv_cache, the fused rotary store and the torch backend's store write the same bytes: torch's
-    conversion of k and v (large values saturate), and nothing at slot -1."""
+def test_stores_write_scaled_codes_and_exponents(device: str, dtype: torch.dtype) -> None:
+    """store_kv_cache, the fused rotary store and the torch backend's store write each (token, head) row
+    as its codes and exponent, rows far past ±448 and far below it alike; nothing at slot -1."""
     g = torch.Generator().manual_seed(0)
     t, hkv, hq, dim, bs = 5, 2, 4, 32, 4
-    k, v = (rand(t, hkv, dim, dtype=dtype, device=device, g=g) * 200 for _ in range(2))  # some past ±448
+    magnitude = torch.tensor([1e-3, 3.0, 448.0, 2e3, 7e4])[:, None, None]  # per token: one scale each
+    k, v = ((torch.randn(t, hkv, dim, generator=g) * magnitude).to(device=device, dtype=dtype) for _ in range(2))
     q = rand(t, hq, dim, dtype=dtype, device=device, g=g)
     slots = torch.tensor([3, -1, 9, 0, 14], device=device)
     positions = torch.arange(t, device=device)
     cos_sin = rand(64, dim, dtype=dtype, device=device, g=g)
-    caches = {}
     for name in ("kernel", "rotary", "torch"):
-        kc, vc = (torch.zeros(4, bs, hkv, dim, dtype=FP8, device=device) for _ in range(2))
+        kc, vc = (torch.zeros(4, bs + 1, hkv, dim, dtype=FP8, device=device) for _ in range(2))
+        keys = k
         if name == "kernel":
             store_kv_cache(k, v, kc, vc, slots)
         elif name == "rotary":
-            _, k_rot = rotary_embedding_store_kv(positions, q, k, v, cos_sin, kc, vc, slots)
+            _, keys = rotary_embedding_store_kv(positions, q, k, v, cos_sin, kc, vc, slots)
+            assert keys.dtype == dtype and torch.equal(keys, rotary_embedding(positions, q, k, cos_sin)[1])
         else:
             store_kv(k.cpu(), v.cpu(), kc := kc.cpu(), vc := vc.cpu(), slots.cpu())
-        caches[name] = (kc.cpu().view(torch.uint8), vc.cpu().view(torch.uint8))
-    flat = lambda c: c.view(-1, hkv, dim)  # noqa: E731
-    for name, (kc, vc) in caches.items():
-        keys = k_rot if name == "rotary" else k
-        assert torch.equal(flat(kc)[slots[slots >= 0].cpu()], rounded(keys[slots >= 0].cpu()).view(torch.uint8)), name
-        assert torch.equal(flat(vc)[slots[slots >= 0].cpu()], rounded(v[slots >= 0].cpu()).view(torch.uint8)), name
-        assert int(flat(kc)[[1, 2]].count_nonzero()) == 0  # untouched slots (slot -1's row stored nowhere)
-    assert k_rot.dtype == dtype  # the rotated k itself keeps the model's dtype
-    assert torch.equal(*(rotary_embedding(positions, q, k, cos_sin)[1], k_rot))
+        for i, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            for cache, rows in ((kc.cpu(), keys), (vc.cpu(), v)):
+                codes, exps = slot_of(cache, bs, slot // bs, slot % bs)
+                want_codes, want_exps = expected(rows[i].cpu())
+                assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)), (name, i)
+                assert torch.equal(exps, want_exps), (name, i)
+        assert int(kc.cpu().view(torch.uint8)[1].count_nonzero()) == 0, name  # block 1 (slots 4-7) holds no token
 
 
 @pytest.mark.parametrize("device, dtype", CASES)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_and_prefill_read_fp8_caches(device: str, dtype: torch.dtype, splits: int) -> None:
+    """The kernels over caches the torch store filled with rows of scales from 2^-12 to 2^12: the naive
+    attention over the dequantised rows."""
     g = torch.Generator().manual_seed(splits)
     hq, hkv, dim, bs = 4, 2, 32, 4
     lens, q_lens = [7, 19, 1], [3, 5, 1]
     table, nb = paged(lens, bs, 2, seed=3)
-    kc, vc = (rounded(torch.randn(nb, bs, hkv, dim, generator=g) * 3).to(device) for _ in range(2))
-    table, ctx = table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
-    keys = [gather(kc.cpu(), table[b].cpu(), n) for b, n in enumerate(lens)]
-    values = [gather(vc.cpu(), table[b].cpu(), n) for b, n in enumerate(lens)]
-    scale = dim ** -0.5
+    kc, vc = (torch.zeros(nb, bs + 1, hkv, dim, dtype=FP8) for _ in range(2))
+    slots = torch.arange(nb * bs)
+    scales = torch.exp2(torch.randint(-12, 13, (nb * bs, hkv, 1), generator=g).float())
+    store_kv(*(torch.randn(nb * bs, hkv, dim, generator=g) * scales for _ in range(2)), kc, vc, slots)
+    keys = [gather(kc, bs, table[b], n) for b, n in enumerate(lens)]
+    values = [gather(vc, bs, table[b], n) for b, n in enumerate(lens)]
+    kc, vc, table = kc.to(device), vc.to(device), table.to(device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    scale = dim ** -0.5 / 64  # keys up to 2^12 * 4: keep the scores finite in every dtype
     q = rand(len(lens), hq, dim, dtype=dtype, device=device, g=g)
     got = paged_decode_attention(q, kc, vc, table, ctx, scale, num_splits=splits, min_tokens_per_split=4)
     want = oracle(q.cpu(), keys, values, [1] * len(lens), scale)
-    torch.testing.assert_close(got.float().cpu(), want, **TOL[dtype])
+    torch.testing.assert_close(got.float().cpu() / want.abs().amax(), want / want.abs().amax(), **TOL[dtype])
     if splits == 1:
         q = rand(sum(q_lens), hq, dim, dtype=dtype, device=device, g=g)
         cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32, device=device)
         got = paged_prefill_attention(q, kc, vc, table, ctx, cu, max(q_lens), scale)
-        torch.testing.assert_close(got.float().cpu(), oracle(q.cpu(), keys, values, q_lens, scale), **TOL[dtype])
+        want = oracle(q.cpu(), keys, values, q_lens, scale)
+        torch.testing.assert_close(got.float().cpu() / want.abs().amax(), want / want.abs().amax(), **TOL[dtype])
     with pytest.raises(TypeError, match="caches"):
         paged_decode_attention(q[:3], kc.view(torch.uint8), vc.view(torch.uint8), table, ctx, scale)
 
 
+def test_scales_keep_what_saturation_loses() -> None:
+    """Why the scales: keys with a channel near 1000 (as Qwen2's k biases make them) and values with one
+    near 2000. Attention over the scaled FP8 rows stays within 3% of exact attention; over an unscaled,
+    saturating cache (vLLM's fp8 without calibrated scales) it is off by more than half."""
+    g = torch.Generator().manual_seed(0)
+    n, dim = 64, 32
+    keys, values = torch.randn(n, 1, dim, generator=g), torch.randn(n, 1, dim, generator=g)
+    keys[..., 3] += 1000 + 50 * torch.randn(n, 1, generator=g)
+    values[..., 5] += 2000
+    q = torch.randn(1, 1, dim, generator=g) * 0.1
+    attend = lambda k, v: oracle(q, [k], [v], [1], dim ** -0.5)  # noqa: E731
+    exact = attend(keys, values)
+    scaled = attend(fake_quantize(keys), fake_quantize(values))
+    saturated = attend(*(t.clamp(-448, 448).to(FP8).float() for t in (keys, values)))
+    error = lambda out: float((out - exact).abs().max() / exact.abs().max())  # noqa: E731
+    assert error(scaled) < 0.03 and error(saturated) > 0.5, (error(scaled), error(saturated))
+
+
 def fp8_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):  # noqa: ANN001, ANN003, ANN201
-    """HF's eager attention over keys and values rounded through float8_e4m3fn, as the engine caches them."""
-    key, value = (rounded(t).to(t.dtype) for t in (key, value))
+    """HF's eager attention over keys and values through the FP8 cache's quantisation, a scale per (token,
+    head) row, as the engine caches them."""
+    key, value = fake_quantize(key), fake_quantize(value)
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
-AttentionInterface.register("fp8_kv_eager", fp8_kv_attention)
-AttentionMaskInterface.register("fp8_kv_eager", eager_mask)  # a custom attention gets no causal mask otherwise
+def saturated_fp8_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    """HF's eager attention over keys and values rounded to float8 unscaled, saturating at ±448."""
+    key, value = (t.float().clamp(-448, 448).to(FP8).to(t.dtype) for t in (key, value))
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+for _name, _attention in (("fp8_kv_eager", fp8_kv_attention), ("saturated_fp8_kv_eager", saturated_fp8_kv_attention)):
+    AttentionInterface.register(_name, _attention)
+    AttentionMaskInterface.register(_name, eager_mask)  # a custom attention gets no causal mask otherwise
 
 
 @torch.no_grad()
@@ -110,9 +183,10 @@ def greedy_oracle(triple: tuple, prompt: list[int], steps: int, vocab: int, lam:
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_an_fp8_kv_engine_decodes_as_hf_over_rounded_keys_and_values(qwen2_triple: tuple, kernels: str) -> None:
+def test_an_fp8_kv_engine_decodes_as_hf_over_quantised_keys_and_values(qwen2_triple: tuple, kernels: str) -> None:
     """Greedy RAST over all three models' FP8 caches (prefill, prefix-cached second request, decode):
-    HF's tokens when its attention rounds K and V the same way; the same memory holds 4x float32's tokens."""
+    HF's tokens when its attention quantises K and V the same way; the same memory holds 3.2x float32's
+    tokens (a block of 4 tokens: 4 value rows and 1 scale row of one byte, against 4 rows of four)."""
     kw = dict(lam=0.7, device="cpu", dtype="float32", block_size=4, kv_cache_memory=1 << 20)
     if kernels == "triton":
         kw.update(attention_backend="triton", layer_ops="triton")
@@ -120,7 +194,8 @@ def test_an_fp8_kv_engine_decodes_as_hf_over_rounded_keys_and_values(qwen2_tripl
     engine = llm.llm_engine
     assert all(c.dtype == FP8 for pool in engine.runner.kv.pools for layer in pool for c in layer)
     plain = LLM(*map(str, qwen2_triple), **kw).llm_engine
-    assert engine.runner.kv.num_blocks // 4 == plain.runner.kv.num_blocks  # float32's 4 bytes -> 1, same memory
+    per_block = [kv.bytes // kv.num_blocks for kv in (engine.runner.kv, plain.runner.kv)]
+    assert per_block[0] * 16 == per_block[1] * 5 and engine.runner.kv.num_blocks == (1 << 20) // per_block[0]
     prompts = [[5, 9, 9, 17, 4, 9, 30, 2], [5, 9, 9, 17, 4, 9, 30, 2, 11]]  # the second hits the first's blocks
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -130,6 +205,48 @@ def test_an_fp8_kv_engine_decodes_as_hf_over_rounded_keys_and_values(qwen2_tripl
         LLM(*map(str, qwen2_triple), device="cpu", kv_cache_dtype="int8")
     with pytest.raises(RastError, match="flash_attn"):
         LLM(*map(str, qwen2_triple), device="cpu", kv_cache_dtype="fp8", attention_backend="flash_attn")
+
+
+@pytest.fixture(scope="module")
+def biased_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Qwen2 whose k_proj and v_proj biases put some key channels near 900 and a value channel
+    near 1200, past e4m3's 448, as Qwen2.5's k biases do (queries and that channel's output columns
+    scaled down so neither swamps the rest)."""
+    from factories import make_model_dir
+
+    path = make_model_dir(tmp_path_factory.mktemp("biased"), "qwen2", vocab_width=128, hidden=64, heads=4,
+                          intermediate=128, seed=7, tie=False)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.bias[::5] += 900.0
+            layer.self_attn.v_proj.bias[1] += 1200.0
+            layer.self_attn.q_proj.weight.mul_(0.05)
+            layer.self_attn.o_proj.weight[:, [1, 17]] *= 1e-3  # the value channel, in query heads 0 and 1
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def test_keys_and_values_past_448_decode_as_hf_over_quantised_ones(biased_model: str) -> None:
+    """The large model alone, keys and values past ±448 in every layer: the engine's greedy tokens are
+    HF's with the same quantisation, and the cache holds scales above 1 (exponent bytes over 127). The
+    first tokens are exact attention's too, where a saturating cache already differs at the first."""
+    llm = LLM(biased_model, device="cpu", dtype="float32", block_size=4, kv_cache_blocks=32, kv_cache_dtype="fp8")
+    prompt = [5, 9, 9, 17, 4, 9, 30, 2, 11]
+    got = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    runs = {}
+    for attention in ("fp8_kv_eager", "eager", "saturated_fp8_kv_eager"):
+        hf = AutoModelForCausalLM.from_pretrained(biased_model, dtype=torch.float32, attn_implementation=attention)
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1, :llm.llm_engine.vocab_size].argmax()))
+        runs[attention] = ids[len(prompt):]
+    assert got == runs["fp8_kv_eager"]
+    assert got[:3] == runs["eager"][:3] and runs["saturated_fp8_kv_eager"][0] != got[0], runs
+    k_cache = llm.llm_engine.runner.kv.pools[0][0][0]
+    assert int(k_cache.view(torch.uint8)[:, 4].max()) > 127  # row 4 of each block: its exponent bytes
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rast_kernels
-from rast_kernels import layer_ops, ops, paged_attention
+from rast_kernels import kv_store, layer_ops, ops, paged_attention
 from rast_kernels.batch import normalize
 
 HAS_CUDA = torch.cuda.is_available()
@@ -135,7 +135,7 @@ def _layer_step(c: dict, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[
     q, k = layer_ops.rotary_embedding_store_kv(c["positions"], c["q"], c["k"], c["v"], c["cos_sin"], k_cache,
                                                v_cache, c["slots"], (c["q_norm"], c["k_norm"], 1e-6))
     attn = paged_attention.paged_decode_attention(q, k_cache, v_cache, c["block_tables"], c["context_lens"], 0.25)
-    paged_attention.store_kv_cache(k * 2, c["v"], k_cache, v_cache, c["slots"])
+    kv_store.store_kv_cache(k * 2, c["v"], k_cache, v_cache, c["slots"])
     again = paged_attention.paged_decode_attention(q, k_cache, v_cache, c["block_tables"], c["context_lens"], 0.25)
     return layer_ops.rms_norm(h, c["w"], 1e-6), s, attn, again, layer_ops.silu_and_mul(c["x"])
 

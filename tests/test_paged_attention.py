@@ -74,7 +74,7 @@ def rand(*shape: int, dtype: torch.dtype, device: str, g: torch.Generator) -> to
 
 @pytest.mark.parametrize("device,dtype", CASES)
 def test_store_kv_cache_skips_minus_one(device: str, dtype: torch.dtype) -> None:
-    from rast_kernels.paged_attention import store_kv_cache
+    from rast_kernels.kv_store import store_kv_cache
 
     g = torch.Generator().manual_seed(0)
     num_blocks, bs, hkv, dim, t = 5, 4, 2, 16, 9
@@ -206,7 +206,8 @@ def test_decode_empty_context_gives_zeros(device: str, dtype: torch.dtype) -> No
 ])
 def test_prefill_matches_oracle(device: str, dtype: torch.dtype, hq: int, hkv: int, dim: int, bs: int,
                                 prefix: list[int], new: list[int]) -> None:
-    from rast_kernels.paged_attention import paged_prefill_attention, store_kv_cache
+    from rast_kernels.kv_store import store_kv_cache
+    from rast_kernels.paged_attention import paged_prefill_attention
 
     g = torch.Generator().manual_seed(sum(new))
     lens = [p + n for p, n in zip(prefix, new)]
@@ -232,7 +233,8 @@ def test_prefill_matches_oracle(device: str, dtype: torch.dtype, hq: int, hkv: i
 
 
 def test_rejects_mismatched_inputs() -> None:
-    from rast_kernels.paged_attention import paged_decode_attention, store_kv_cache
+    from rast_kernels.kv_store import store_kv_cache
+    from rast_kernels.paged_attention import paged_decode_attention
 
     cache = torch.zeros(2, 4, 2, 16)
     table, lens = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)

@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 
 from rast_engine.attention.metadata import AttentionMetadata
-from rast_kernels.paged_attention import store_kv_cache
+from rast_kernels.kv_store import store_kv_cache
 
 
 def _import_flash_attn() -> ModuleType:

@@ -2,6 +2,7 @@
 
 Paged KV layout (every backend, every model): per layer a pair of tensors
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+(an FP8 cache has a few rows of per-token scales after each block's block_size rows: rast_kernels.fp8_kv).
 Token ``j`` of a sequence lives in block ``block_table[j // block_size]`` at row ``j % block_size``;
 its flat slot is ``block * block_size + row``. The block ids are the same for all models because they
 decode the same tokens; only the pools differ (one per model, same ``num_blocks``).
@@ -19,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from rast_kernels.fp8_kv import block_size_of
 
 
 @dataclass
@@ -39,8 +42,8 @@ class AttentionMetadata:
     def check_cache(self, k_cache: torch.Tensor) -> None:
         """Slots index blocks of ``block_size`` rows: a cache of another block size would be written at
         the wrong rows, so whoever stores k/v checks this first."""
-        if k_cache.shape[1] != self.block_size:
-            raise ValueError(f"cache block_size {k_cache.shape[1]} != metadata block_size {self.block_size}")
+        if block_size_of(k_cache) != self.block_size:
+            raise ValueError(f"cache block_size {block_size_of(k_cache)} != metadata block_size {self.block_size}")
 
     def __post_init__(self) -> None:
         if self.cu_seqlens_q.shape[0] != self.context_lens.shape[0] + 1:

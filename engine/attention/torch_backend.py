@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from rast_engine.attention.metadata import AttentionMetadata
-from rast_kernels.fp8_cast import byte_view, e4m3
+from rast_kernels.fp8_kv import read_blocks, write_slots
 
 
 class TorchAttention:
@@ -60,9 +60,9 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     num_kv_heads, bs = k_cache.shape[2], meta.block_size
     lens = meta.context_lens.long()
     width = -(-int(lens.max()) // bs) if b else 0  # blocks of the longest context (a host read, as above)
-    blocks = meta.block_tables[:, :width].long()
-    keys = k_cache[blocks].reshape(b, width * bs, num_kv_heads, dim).float()
-    values = v_cache[blocks].reshape(b, width * bs, num_kv_heads, dim).float()
+    blocks = meta.block_tables[:, :width].long().flatten()
+    keys = read_blocks(k_cache, blocks).reshape(b, width * bs, num_kv_heads, dim).float()
+    values = read_blocks(v_cache, blocks).reshape(b, width * bs, num_kv_heads, dim).float()
     qf = q.float().view(b, num_kv_heads, num_heads // num_kv_heads, dim)  # GQA: query heads grouped per kv head
     scores = torch.einsum("bkgd,bnkd->bkgn", qf, keys) * scale
     past = torch.arange(width * bs, device=q.device)[None, :] >= lens[:, None]  # [B, keys]: beyond the context
@@ -74,12 +74,11 @@ def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write this step's k/v rows at their flat slots; slot -1 (padding) is skipped. An FP8 cache takes
-    them rounded to nearest even and saturated at ±448 (what rast_kernels.fp8_cast computes in the kernels)."""
+    each (token, head) row with its own power-of-two scale (rast_kernels.fp8_kv, as the kernels store)."""
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    for rows, cache in ((k[keep], k_cache), (v[keep], v_cache)):
-        rows = e4m3(rows) if cache.dtype == torch.float8_e4m3fn else rows.to(cache.dtype)
-        byte_view(cache).view(-1, *cache.shape[2:]).index_copy_(0, slots, byte_view(rows))
+    slots = slot_mapping[keep].long()
+    write_slots(k_cache, slots, k[keep])
+    write_slots(v_cache, slots, v[keep])
 
 
 def gather_kv(
@@ -87,6 +86,6 @@ def gather_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's first ctx keys and values, [ctx, Hkv, D] each, read through its block table row."""
     blocks = block_row[: (ctx + block_size - 1) // block_size].long()
-    keys = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:ctx]
-    values = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:ctx]
+    keys = read_blocks(k_cache, blocks).reshape(-1, *k_cache.shape[2:])[:ctx]
+    values = read_blocks(v_cache, blocks).reshape(-1, *v_cache.shape[2:])[:ctx]
     return keys, values

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from rast_engine.attention.metadata import AttentionMetadata
-from rast_kernels.paged_attention import paged_decode_attention, paged_prefill_attention, store_kv_cache
+from rast_kernels.kv_store import store_kv_cache
+from rast_kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 
 
 class TritonAttention:

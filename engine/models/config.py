@@ -11,13 +11,16 @@ and key before the rotary embedding, and a head_dim of its own, not hidden / hea
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from rast_engine.errors import ModelLoadError
+from rast_kernels.fp8_cast import FP8
+from rast_kernels.fp8_kv import cache_rows
 
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}  # model_type -> arch
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -146,8 +149,15 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of K and V over all layers for one token: what one cache slot costs this model."""
-        return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
+        """Bytes of K and V over all layers for one token: what attention reads of a cached token (an FP8
+        cache adds a scale byte a head, rast_kernels.fp8_kv)."""
+        scale = self.num_kv_heads if dtype == FP8 else 0
+        return 2 * self.num_layers * (self.kv_size * torch.empty((), dtype=dtype).element_size() + scale)
+
+    def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block of this model's cache over all layers, K and V (FP8: its scale rows too)."""
+        return 2 * self.num_layers * math.prod(self.kv_cache_shape(1, block_size, dtype)) * \
+            torch.empty((), dtype=dtype).element_size()
 
     @property
     def max_context(self) -> int:
@@ -161,9 +171,11 @@ class ModelConfig:
         base = s["original_max_position_embeddings"] if s["rope_type"] == "yarn" else self.max_position_embeddings
         return max(self.max_position_embeddings, int(base * float(s["factor"])))
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
-        """Shape of one layer's k_cache (and v_cache); see rast_engine.attention.metadata."""
-        return (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+    def kv_cache_shape(self, num_blocks: int, block_size: int, dtype: Optional[torch.dtype] = None
+                       ) -> tuple[int, int, int, int]:
+        """Shape of one layer's k_cache (and v_cache); see rast_engine.attention.metadata. An FP8 cache's
+        blocks hold scale rows after their token rows (rast_kernels.fp8_kv)."""
+        return (num_blocks, cache_rows(block_size, self.head_dim, dtype), self.num_kv_heads, self.head_dim)
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

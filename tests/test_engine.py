@@ -6,7 +6,6 @@ seed/offset the engine promises (sample_seed(request seed, index), offset = toke
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -196,36 +195,6 @@ def test_request_lam_overrides_engine_lam(llm: LLM, qwen2_triple: tuple) -> None
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, lam=-0.5)
     out = llm.generate([PROMPTS[2]], params, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == hf_greedy(qwen2_triple, out.prompt_token_ids, -0.5, llm.llm_engine.vocab_size, 6)
-
-
-def test_several_expert_pairs_sum_their_deltas(qwen2_triple: tuple) -> None:
-    large, rl, base = map(str, qwen2_triple)
-    llm = LLM(large, rl, base, lam=0.5, experts=[(base, rl, 0.2)], kv_cache_blocks=32)
-    for lam in (1.0, [1.0], [1.0, 2.0, 3.0]):  # one number per pair, in the engine's order
-        with pytest.raises(RastError, match="one number per pair"):
-            llm.llm_engine.add_request("x", PROMPTS[0], SamplingParams(lam=lam))
-    assert not llm.llm_engine.has_unfinished_requests()
-    ids = llm.get_tokenizer().encode(PROMPTS[3])
-    res = llm.score([ids], output="logits")[0]
-    assert len(res.deltas) == 2
-    # (rl - base) * 0.5 + (base - rl) * 0.2 = 0.3 (rl - base)
-    torch.testing.assert_close(res.combined, hf_eq3(qwen2_triple, ids, 0.3, llm.llm_engine.vocab_size),
-                               atol=1e-4, rtol=0)
-    out = llm.generate([ids], GREEDY, use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == hf_greedy(qwen2_triple, ids, 0.3, llm.llm_engine.vocab_size, GREEDY.max_tokens)
-    # a request's λ per pair, beside one on the engine's: (rl - base) * 0.2 + (base - rl) * 0.9 = -0.7 (rl - base)
-    per_pair = dataclasses.replace(GREEDY, lam=[0.2, 0.9])
-    mine, engines = llm.generate([ids, ids], [per_pair, GREEDY], use_tqdm=False)
-    assert mine.outputs[0].token_ids == hf_greedy(qwen2_triple, ids, -0.7, llm.llm_engine.vocab_size, GREEDY.max_tokens)
-    assert engines.outputs[0].token_ids == out.outputs[0].token_ids
-    assert mine.outputs[0].token_ids != out.outputs[0].token_ids  # the oracle tells the two apart
-
-
-def test_request_lam_on_an_engine_without_small_models(qwen2_triple: tuple) -> None:
-    llm = LLM(str(qwen2_triple[0]), kv_cache_blocks=16)
-    with pytest.raises(RastError, match="has none"):
-        llm.llm_engine.add_request("x", PROMPTS[0], SamplingParams(lam=0.5))
-    assert not llm.llm_engine.has_unfinished_requests()
 
 
 def test_stop_strings_and_stop_token_ids(llm: LLM) -> None:

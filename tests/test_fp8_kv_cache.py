@@ -70,6 +70,29 @@ def test_the_cache_rows_follow_the_block() -> None:
             assert block_size_of(torch.empty(1, rows, 1, dim)) == rows
 
 
+def test_copy_on_write_moves_the_scales_with_the_block() -> None:
+    """KVCache.copy_blocks (an n > 1 fork of a partial block) copies a block's scale rows with its values,
+    in every model of a stacked pool: the copy reads back the source's rows exactly."""
+    from rast_engine.kv_cache import KVCache
+    from rast_engine.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
+                                     intermediate_size=8, vocab_size=10, model_type="llama"))
+    kv = KVCache([cfg, cfg], 6, 4, FP8, torch.device("cpu"), copies=[1, 2])
+    g = torch.Generator().manual_seed(0)
+    for pool in kv.pools:
+        for k_cache, v_cache in pool:
+            rows = torch.randn(k_cache.shape[0] * 4, 2, 16, generator=g) * 1000
+            store_kv(rows, -rows, k_cache, v_cache, torch.arange(len(rows)))
+    before = [c.view(torch.uint8).clone() for pool in kv.pools for layer in pool for c in layer]
+    kv.copy_blocks([(1, 4)])
+    for old, (pool_i, cache) in zip(before, [(i, c) for i, pool in enumerate(kv.pools) for layer in pool for c in layer]):
+        for copy in range(kv.copies[pool_i]):  # model c of a stack keeps block b at c * num_blocks + b
+            src, dst = copy * 6 + 1, copy * 6 + 4
+            assert torch.equal(cache.view(torch.uint8)[dst], old[src])
+            assert torch.equal(cache.view(torch.uint8)[dst + 1], old[dst + 1])  # its neighbour untouched
+
+
 @pytest.mark.parametrize("device, dtype", CASES)
 def test_stores_write_scaled_codes_and_exponents(device: str, dtype: torch.dtype) -> None:
     """store_kv_cache, the fused rotary store and the torch backend's store write each (token, head) row

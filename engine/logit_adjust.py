@@ -2,8 +2,9 @@
 before temperature and the filters, in vLLM's order (its masks and logits processors, then its penalties):
 
     0. masks:        −inf at every token outside allowed_token_ids, at every token the structured output's
-                     grammar refuses next (structured.py), and at the last token of each bad word whose
-                     other tokens end the output (a one-token bad word: at every draw)
+                     grammar refuses next (structured.py), at the last token of each bad word whose
+                     other tokens end the output (a one-token bad word: at every draw), and at every
+                     token the large model alone finds implausible (plausibility_alpha: plausibility.py)
     1. logit_bias:   z + b_t at each biased token t (OpenAI's logit_bias)
     2. min_tokens:   −inf at the EOS and stop_token_ids while the output is shorter than min_tokens
     3. penalties:    z / r if z > 0 else z · r at every token of the prompt or the output (repetition_penalty r),
@@ -44,6 +45,7 @@ from rast_kernels.batch import normalize
 from rast_kernels.reference import combine
 
 from rast_engine.bad_words import bad_word_bans
+from rast_engine.plausibility import mask_implausible
 from rast_engine.structured import draw_bitmasks, unpack
 
 if TYPE_CHECKING:
@@ -282,6 +284,7 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
         last = inputs.index_select(0, rows)
     adjusted = z.clone()
     bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device, last)
+    mask_implausible(adjusted, logits[0].index_select(0, rows), [d.params for d in ds], vocab, to_device)
     penalize(adjusted, [d.params for d in ds], [d.adjust.request for d in ds], draw_counts(ds, vocab, to_device, last),
              vocab, to_device)
     return (logits + adjustment_pair(z, adjusted, rows, logits[0].shape[0]),

@@ -110,6 +110,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # contrastive decoding's plausibility constraint: mask every token to which the large model alone gives
+    # less than this fraction of its top token's probability (0: off; engine/plausibility.py)
+    plausibility_alpha: float = 0.0
     stop_list: list[str] = field(init=False, repr=False)
     # derived once here (read for every sequence at every step): any penalty is on, so the draws depend on
     # the tokens so far; any adjustment of z is on (any of the fields above: logit_adjust.py)
@@ -211,12 +214,14 @@ class SamplingParams:
         if k is not None and (not _is_int(k) or not (k >= 1 or k == -1)):
             raise bad("truncate_prompt_tokens", "truncate_prompt_tokens must be an integer >= 1, -1 (the "
                                                 f"context's room) or None, got {k!r}")
+        if not _is_number(self.plausibility_alpha) or not 0.0 <= self.plausibility_alpha <= 1.0:
+            raise bad("plausibility_alpha", f"plausibility_alpha must be in [0, 1] (0 is off), got {self.plausibility_alpha!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad("output_kind", f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
         self.adjusts_logits = (self.logit_bias is not None or self.allowed_token_ids is not None
                                or self.bad_words is not None or self.structured_outputs is not None
-                               or self.min_tokens > 0 or self.penalized)
+                               or self.min_tokens > 0 or self.penalized or self.plausibility_alpha > 0)
         self.reads_output = self.structured_outputs is not None  # the grammar matcher reads each token on the host
         # a draw of this request may find every token masked by the request itself (NoAdmissibleToken
         # is then the request's fault, not the models')

@@ -46,6 +46,14 @@ def test_penalties_reach_the_engine(srv: Running, server_oracle: LLM) -> None:
     assert res.choices[0].text == want.text
 
 
+def test_plausibility_alpha_reaches_the_engine(srv: Running, server_oracle: LLM) -> None:
+    want, plain = greedy(server_oracle, PROMPTS[1], plausibility_alpha=0.9), greedy(server_oracle, PROMPTS[1])
+    assert want.text != plain.text  # else this test could not tell them apart
+    res = srv.client().completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                          extra_body={"plausibility_alpha": 0.9})
+    assert res.choices[0].text == want.text
+
+
 def test_logit_bias_and_min_tokens_reach_the_engine(srv: Running, server_oracle: LLM) -> None:
     plain = greedy(server_oracle, PROMPTS[1])
     ban = {plain.token_ids[0]: -100.0, 7: 2.0}
@@ -197,6 +205,7 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "best_of": 2}, 400, "best_of"),
     ({"model": MODEL, "prompt": "hi", "suffix": "x"}, 400, "suffix"),
     ({"model": MODEL, "prompt": "hi", "lam": [1.0, 2.0]}, 400, "lam"),  # one pair: one λ
+    ({"model": MODEL, "prompt": "hi", "plausibility_alpha": 1.5}, 400, "plausibility_alpha"),
     ({"model": MODEL, "prompt": [True, False]}, 400, "prompt"),  # not token ids 1 and 0
     ({"model": MODEL, "prompt": "hi", "stop_token_ids": [True]}, 400, "stop_token_ids"),
     ({"model": MODEL, "prompt": "hi", "stop": ["s"] * 129}, 400, "stop"),

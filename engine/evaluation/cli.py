@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--plausibility-alpha", type=float, default=0.0,
+                   help="mask tokens the large model alone gives under this fraction of its top token's "
+                        "probability (contrastive decoding's constraint; with --small-rl the large model's own "
+                        "directory it is contrastive decoding; default 0: off)")
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     p.add_argument("--device", default="auto")
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
                      max_tokens=args.max_tokens, stop=tuple(args.stop), device=args.device, dtype=args.dtype,
                      seed=args.seed, max_inflight=args.max_inflight, limit=args.limit, name=args.name,
                      plots=not args.no_plots, speculative_tokens=args.speculative_tokens,
-                     quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                     quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                     plausibility_alpha=args.plausibility_alpha)
     m = run_eval(cfg)
     summary = {k: m[k] for k in ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k",
                                  "mean_response_tokens")}

@@ -26,9 +26,9 @@ from rast_engine.evaluation.templates import load_template
 SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.json"
 # The settings that shape the samples; a resumed run must agree on all of them.
 _SAMPLE_KEYS = ("model", "small_rl", "small_base", "lam", "template", "n", "temperature", "top_p", "top_k",
-                "min_p", "max_tokens", "stop", "seed", "quantization", "kv_cache_dtype")
+                "min_p", "max_tokens", "stop", "seed", "quantization", "kv_cache_dtype", "plausibility_alpha")
 # sample settings added after runs were saved: a run.json without them drew with these values
-_ADDED_KEYS = {"quantization": None, "kv_cache_dtype": "auto"}
+_ADDED_KEYS = {"quantization": None, "kv_cache_dtype": "auto", "plausibility_alpha": 0.0}
 
 
 # Samples per engine request. A request's samples are saved when its last one finishes, so small
@@ -82,12 +82,16 @@ class EvalConfig:
     # "fp8": the large model's projections in FP8 (engine/models/fp8.py); other weights, other samples
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # "fp8": every model's KV cache in float8_e4m3fn (a sample setting too)
+    # > 0: contrastive decoding's plausibility mask on the large model's own distribution (plausibility.py)
+    plausibility_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.small_rl is None) != (self.small_base is None):
             raise RastError("--small-rl and --small-base go together (ΔR = R − S needs both)")
         if self.n < 1 or self.max_tokens < 1:
             raise RastError("--n and --max-tokens must be >= 1")
+        if not 0.0 <= self.plausibility_alpha <= 1.0:
+            raise RastError(f"--plausibility-alpha must be in [0, 1], got {self.plausibility_alpha}")
         if self.max_inflight is None:
             # twice the engine's default batch of 256 sequences: a queue that refills it at once
             self.max_inflight = max(4, -(-512 // self.n))
@@ -196,6 +200,7 @@ def _generate(cfg: EvalConfig, todo: list[tuple[Problem, list[tuple[int, int]]]]
         for first, count in parts:
             params = SamplingParams(n=count, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                     min_p=cfg.min_p, max_tokens=cfg.max_tokens, stop=stop or None,
+                                    plausibility_alpha=cfg.plausibility_alpha,
                                     seed=request_seed(cfg.seed, problem.id, first), output_kind="final_only")
             rid = f"eval-{problem.id}-{first}"
             engine.add_request(rid, prompt, params)

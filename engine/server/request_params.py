@@ -37,7 +37,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: in
             allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=req.structured(),
             truncate_prompt_tokens=req.truncate_prompt_tokens,
             stop=req.stop_list() or None, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            seed=req.seed, lam=req.lam, logprobs=logprobs, presence_penalty=req.presence_penalty,
+            seed=req.seed, lam=req.lam, plausibility_alpha=req.plausibility_alpha, logprobs=logprobs,
+            presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
             output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py

@@ -14,6 +14,8 @@ What depends on the drafts is computed on the device, so a round still reads its
   (vLLM's rule, as in plain decoding).
 What does not depend on the drafts is known on the host: logit_bias, allowed_token_ids, one-token bad
 words, and min_tokens' bans, which hold at position j while generated + j < min_tokens.
+plausibility_alpha's mask reads M's logits, so only the verify applies it (drafts are drawn without M):
+a draft M finds implausible has target probability 0 and fails.
 Structured outputs' masks are the exception: a grammar matcher lives on the host, so each draft of such a
 row is copied back as it is drawn and the matcher walked over it (grammar.py), while the next forward runs.
 An adjusted round runs eagerly (the round's CUDA graph reads a fixed set of pairs), as an adjusted plain
@@ -28,6 +30,7 @@ import torch
 from rast_engine.draws import Draw
 from rast_engine.logit_adjust import (Adjust, ToDevice, adjustment_pair, bias_and_ban, bias_pair, combined,
                                       draw_counts, keep_only, penalize)
+from rast_engine.plausibility import mask_implausible
 from rast_engine.sequence import Sequence
 from rast_engine.speculative.grammar import RoundGrammars
 
@@ -129,6 +132,8 @@ class RoundAdjust:
             at_rows = self.bad_words.rows
             blocks[at_rows] = blocks[at_rows].masked_fill(self.bad_words.bans(first, count, drafts, self.vocab),
                                                           float("-inf"))
+        if not keep:  # the verify's: M's own plausibility; drafts are proposals, drawn without M
+            mask_implausible(adjusted, logits.index_select(0, at), params, self.vocab, self.to_device)
         penalize(adjusted, params, requests, self._counts(first, count, drafts), self.vocab, self.to_device)
         pair = adjustment_pair(z, adjusted, at, n)
         if keep:

@@ -81,12 +81,14 @@ def test_generate_prints_the_engines_text(capsys: pytest.CaptureFixture[str], tr
     assert main(["generate", large, "--expert", rl, base, "0.5", "--temperature", "0", "--max-tokens", "10",
                  "--prompt", prompt, *ENGINE_FLAGS]) == 0
     assert capsys.readouterr().out == want + "\n"
-    adjusted = dict(min_tokens=4, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=-0.5)
+    adjusted = dict(min_tokens=4, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=-0.5,
+                    plausibility_alpha=0.5)
     plain, want = want, oracle.generate(prompt, SamplingParams(temperature=0, max_tokens=10, **adjusted),
                                         use_tqdm=False)[0].outputs[0].text
     assert want != plain  # else the flags' effect could not be seen
     assert main(["generate", large, *flags, "--prompt", prompt, "--min-tokens", "4", "--repetition-penalty", "1.5",
-                 "--presence-penalty", "0.5", "--frequency-penalty", "-0.5", *ENGINE_FLAGS]) == 0
+                 "--presence-penalty", "0.5", "--frequency-penalty", "-0.5", "--plausibility-alpha", "0.5",
+                 *ENGINE_FLAGS]) == 0
     assert capsys.readouterr().out == want + "\n"
 
 

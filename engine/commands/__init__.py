@@ -112,3 +112,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="vLLM's; 1 is off (default: the generation config's, else 1.0)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]; 0 is off (default)")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]; 0 is off (default)")
+    p.add_argument("--plausibility-alpha", type=float, default=0.0,
+                   help="contrastive decoding's mask: tokens the large model alone gives under this fraction "
+                        "of its top token's probability (0 is off, the default)")

@@ -34,7 +34,8 @@ def _params(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
         chosen["max_tokens"] = max(chosen["max_tokens"], args.min_tokens)
     return SamplingParams(**chosen, stop=args.stop, ignore_eos=args.ignore_eos,
                           seed=args.request_seed, min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, output_kind="delta")
+                          frequency_penalty=args.frequency_penalty, plausibility_alpha=args.plausibility_alpha,
+                          output_kind="delta")
 
 
 def run(args: argparse.Namespace) -> int:

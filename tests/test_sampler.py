@@ -294,20 +294,3 @@ def test_vocab_size_bounds_ids(backend: str, device: str) -> None:
     ids = rk.rast_sample(logits, vocab_size=10, seed=torch.arange(3, device=device), backend=backend)
     assert bool(((ids >= 0) & (ids < 10)).all())
     assert rk.rast_probs(logits, vocab_size=10, backend=backend).shape == (3, 10)
-
-
-@pytest.mark.parametrize("where", DEVICES)
-def test_triton_vocab_split_and_narrow_histogram(where: str) -> None:
-    """Many chunks per row, tiny blocks and 4 buckets per pass (the most descent passes): the same
-    probabilities as the reference and the same tokens as the default launch plan."""
-    if "triton" not in rk.available_backends():
-        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    from rast_kernels import sampler_triton
-
-    gen = torch.Generator().manual_seed(16)
-    logits, deltas, kw = _case(gen, 2, 150, 2, where, levels=4)
-    batch = normalize(logits, deltas, seed=torch.arange(2, device=where) + 5, offset=9, **kw)
-    want = reference.probs(batch)
-    for plan in (dict(block=16, chunk=48, nb=4), dict(block=32, chunk=32, nb=64)):
-        torch.testing.assert_close(sampler_triton.probs(batch, **plan), want, rtol=1e-4, atol=1e-6)
-        assert torch.equal(sampler_triton.sample(batch, **plan), sampler_triton.sample(batch))

@@ -276,7 +276,8 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
     ds = list(firsts.values())
     rows = to_device(torch.tensor(list(firsts), dtype=torch.int64))
     weights = to_device(torch.tensor([d.weights for d in ds], dtype=torch.float32).reshape(len(ds), -1))
-    z = combined([t.index_select(0, rows) for t in logits], weights, vocab)
+    picked = [t.index_select(0, rows) for t in logits]  # the adjusted rows of every model's logits
+    z = combined(picked, weights, vocab)
     last = None
     if any(d.adjust.pending for d in ds):
         if inputs is None:
@@ -284,7 +285,7 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
         last = inputs.index_select(0, rows)
     adjusted = z.clone()
     bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device, last)
-    mask_implausible(adjusted, logits[0].index_select(0, rows), [d.params for d in ds], vocab, to_device)
+    mask_implausible(adjusted, picked[0], [d.params for d in ds], vocab, to_device)
     penalize(adjusted, [d.params for d in ds], [d.adjust.request for d in ds], draw_counts(ds, vocab, to_device, last),
              vocab, to_device)
     return (logits + adjustment_pair(z, adjusted, rows, logits[0].shape[0]),

@@ -119,14 +119,14 @@ def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h,
                                dtype, HALF, QK_NORM, COMPILED)
         dst = q_out + (t * HQ + h) * (2 * HALF) + d
     else:
-        h = (j - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+        heads = (j - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h = heads[:, None]
         mask = (h < HK) & (d < HALF)
         lo, hi = _rotate_heads(k_ptr, t, h, d, mask, k_stride_t, k_stride_h, cos, sin, kw_ptr + w_row, eps, inv_d,
                                dtype, HALF, QK_NORM, COMPILED)
         dst = k_out + (t * HK + h) * (2 * HALF) + d
         if STORE_KV:
             slot = tl.load(slot_ptr + t).to(tl.int64)
-            heads = (j - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
             head_live = (heads < HK) & ((tl.zeros([BLOCK_H], tl.int64) + slot) >= 0)  # the interpreter wants tensors
             live = mask & head_live[:, None]
             slot = tl.where(slot >= 0, slot, 0)

@@ -106,7 +106,8 @@ class RoundAdjust:
         at = self.to_device(torch.tensor(rows, dtype=torch.int64))
         lam = weights.index_select(0, at) if isinstance(weights, torch.Tensor) else \
             torch.full((len(rows), len(deltas)), float(weights), dtype=torch.float32, device=logits.device)
-        z = combined([t.index_select(0, at) for pair in [(logits,)] + deltas for t in pair], lam, self.vocab)
+        picked = [t.index_select(0, at) for pair in [(logits,)] + deltas for t in pair]  # adjusted rows only
+        z = combined(picked, lam, self.vocab)
         # z + (-inf or a bias or 0): the masks and logit_bias as bias_and_ban applies them, in one add
         adjusted = z + self.fixed.repeat_interleave(count, dim=0)
         if self.grammars is not None:  # host masks: this waits for the drafts before the last position
@@ -133,7 +134,7 @@ class RoundAdjust:
             blocks[at_rows] = blocks[at_rows].masked_fill(self.bad_words.bans(first, count, drafts, self.vocab),
                                                           float("-inf"))
         if not keep:  # the verify's: M's own plausibility; drafts are proposals, drawn without M
-            mask_implausible(adjusted, logits.index_select(0, at), params, self.vocab, self.to_device)
+            mask_implausible(adjusted, picked[0], params, self.vocab, self.to_device)
         penalize(adjusted, params, requests, self._counts(first, count, drafts), self.vocab, self.to_device)
         pair = adjustment_pair(z, adjusted, at, n)
         if keep:

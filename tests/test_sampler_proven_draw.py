@@ -1,4 +1,4 @@
-"""_select's proven draw on the fast path (rast_kernels.sampler_triton_select._proven_draw): instead of
+"""_select's proven draw on the fast path (rast_kernels.sampler_triton_proven._proven_draw): instead of
 searching the top-p (or lone top-k) threshold among the candidates, it takes the best Gumbel score
 left and checks that token against the filter, rejecting every key at least as large when it fails.
 Whether the first try holds, a later one, or the tries run out and the row searches its threshold,

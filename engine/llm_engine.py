@@ -262,9 +262,11 @@ class LLMEngine:
         return outputs
 
     def _read_text(self, seq: Sequence) -> None:
-        """Detokenise the newest token and apply every stop rule."""
+        """Detokenise the newest token and apply every stop rule. As in vLLM, a token that stops the
+        request (EOS, stop_token_ids) adds no text unless include_stop_str_in_output; its id stays."""
         prev_len = len(seq.output_text)
-        if seq.detok is not None:  # without a tokenizer the outputs are token ids only
+        shows_text = seq.params.include_stop_str_in_output or not self.scheduler.stop_token(seq)
+        if seq.detok is not None and shows_text:  # without a tokenizer the outputs are token ids only
             seq.output_text += seq.detok.step(seq.token_ids, seq.num_known)
         reason = self.scheduler.check_stop(seq, prev_len)
         if reason is not None:

@@ -80,7 +80,7 @@ class SamplingParams:
     # None: none; k >= 0: each prompt token's logprob (after the first) under the combined distribution,
     # raw (no temperature or filters), plus the top k there (vLLM's; engine/prompt_logprobs.py)
     prompt_logprobs: Optional[int] = None
-    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
+    include_stop_str_in_output: bool = False  # keep the matched stop string, or the stop token's text, at the end
     skip_special_tokens: bool = True  # leave special tokens (EOS, chat markers) out of the text
     # "cumulative": the request's RequestOutput, everything so far, at every step it progresses;
     # "delta": at every such step only what is new (text, token ids, logprobs; a completion appears when

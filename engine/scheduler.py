@@ -233,7 +233,8 @@ class Scheduler:
             seq.reset_for_recompute()
             self.waiting.appendleft(seq)
 
-    def _stop_token(self, seq: Sequence) -> bool:
+    def stop_token(self, seq: Sequence) -> bool:
+        """Whether the newest known token is an EOS (unless ignore_eos) or one of stop_token_ids."""
         params = seq.params
         token = seq.token_ids[seq.num_known - 1]
         return (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
@@ -246,20 +247,21 @@ class Scheduler:
     def ends_by_token(self, seq: Sequence) -> bool:
         """Whether the sequence stops after its newest token for a reason that needs no text: an EOS or
         stop token, max_tokens or max_model_len (stop strings need the detokenised text)."""
-        return self._stop_token(seq) or self._at_length(seq)
+        return self.stop_token(seq) or self._at_length(seq)
 
     def check_stop(self, seq: Sequence, prev_text_len: int) -> Optional[str]:
         """The finish reason after the sequence's newest token, if any; trims what follows a matched
         stop string from ``seq.output_text``, and the string too unless include_stop_str_in_output.
         ``prev_text_len`` is the text length before it."""
-        if self._stop_token(seq):
+        if self.stop_token(seq):
             return "stop"
         # as vLLM, stop strings count only once the output is longer than min_tokens
         stops = seq.params.stop_list if seq.num_known - seq.num_prompt_tokens > seq.params.min_tokens else []
         if stops:
-            longest = max(len(s) for s in stops)
-            start = max(prev_text_len - longest + 1, 0)
-            hits = [(i, -len(s)) for i, s in ((seq.output_text.find(s, start), s) for s in stops) if i >= 0]
+            # only matches that end in the newest text: one ending earlier was found by an earlier check, or
+            # lies in the text of the first min_tokens tokens, where vLLM matches nothing either
+            hits = [(i, -len(s)) for i, s in ((seq.output_text.find(s, max(prev_text_len - len(s) + 1, 0)), s)
+                                              for s in stops) if i >= 0]
             if hits:
                 at, minus_len = min(hits)  # the earliest match, the longest of those starting there
                 seq.output_text = seq.output_text[:at - minus_len if seq.params.include_stop_str_in_output else at]

@@ -64,6 +64,12 @@ def _backend_name(backend: str | None, batch: SamplingBatch) -> str:
             raise RuntimeError(f"backend='native' is not built in this install: {native.unavailable_reason()}")
         if batch.logits.is_cuda:
             raise ValueError("backend='native' runs on CPU tensors only; these logits are on CUDA")
+    if backend == "triton" and not batch.logits.is_cuda:
+        from rast_kernels.launch import interpreting
+
+        if not interpreting():
+            raise ValueError("backend='triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 "
+                             "(set before triton is imported); these logits are on the CPU")
     return backend
 
 

@@ -101,6 +101,21 @@ def test_scalar_top_k_beyond_the_vocabulary_is_off_and_seeds_must_fit_int64() ->
     assert normalize(logits, deltas, top_k=10**12).params["top_k"].scalar == V
 
 
+def test_backends_refuse_tensors_they_cannot_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clear error before any launch: triton on CPU tensors needs the interpreter (without it Triton
+    itself fails with an unrelated driver error)."""
+    from rast_kernels import launch
+
+    logits, deltas = _inputs("cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        rk.rast_sample(logits, deltas, backend="cuda")
+    monkeypatch.setattr(launch, "_INTERPRETING", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        rk.rast_sample(logits, deltas, backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        rk.rast_probs(logits, deltas, backend="triton")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches (CPU only)")
 def test_a_triton_call_is_its_four_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-row tensors of the engine's dtypes, or scalars with the seed a tensor (the benchmark's call):

@@ -90,3 +90,52 @@ def test_eos_first_token_and_stop_token_ids_with_ignore_eos(qwen2_triple: tuple,
     assert got["stop_id"][0][0] == tokens[:k + 1] and got["stop_id"][0][2] == "stop"
     assert got["eos_id"][0][0] == tokens[:1] and got["eos_id"][0][2] == "stop"
     assert_clean(engine)
+
+
+def _decode(engine: LLMEngine, tokens: list[int], skip: bool = True) -> str:
+    return engine.tokenizer.decode(tokens, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+
+def test_stop_token_text_is_left_out_unless_included(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """vLLM's rule: a stop_token_ids id, or EOS shown by skip_special_tokens=False, ends the token ids but
+    adds no text unless include_stop_str_in_output."""
+    engine = make_engine(qwen2_triple, blocks=64)
+    ids = encode(engine, TEXTS[2])
+    greedy = dict(temperature=0.0, max_tokens=8)
+    [(tokens, _, _)] = alone(oracle, ids, SamplingParams(ignore_eos=True, **greedy))
+    k = next(k for k in range(1, 8) if _decode(engine, tokens[k:k + 1]).strip() and tokens[k] not in tokens[:k])
+    got = run(engine, {
+        "hidden": (ids, SamplingParams(ignore_eos=True, stop_token_ids=[tokens[k]], **greedy)),
+        "shown": (ids, SamplingParams(ignore_eos=True, stop_token_ids=[tokens[k]], include_stop_str_in_output=True,
+                                      **greedy)),
+    })
+    assert got["hidden"] == [(tokens[:k + 1], _decode(engine, tokens[:k]), "stop")]
+    assert got["shown"] == [(tokens[:k + 1], _decode(engine, tokens[:k + 1]), "stop")]
+    engine.scheduler.eos_token_ids = frozenset({tokens[k]})
+    got = run(engine, {"eos": (ids, SamplingParams(skip_special_tokens=False, **greedy))})
+    assert got["eos"] == [(tokens[:k + 1], _decode(engine, tokens[:k], skip=False), "stop")]
+    assert_clean(engine)
+
+
+def test_min_tokens_hides_every_stop_string_in_its_text(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """Stop strings match only text that ends after the first min_tokens tokens, whatever their lengths: a
+    one-character stop string inside that text must not match once a longer stop string widens the search."""
+    engine = make_engine(qwen2_triple, blocks=64)
+    ids = encode(engine, TEXTS[3])
+    n = 12
+    [(tokens, _, _)] = alone(oracle, ids, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    texts = [_decode(engine, tokens[:j]) for j in range(n + 1)]
+
+    def expected(stops: list[str], m: int) -> tuple[list[int], str, str]:
+        for j in range(m + 1, n + 1):  # matches ending in the j-th token's new text, checked from m + 1 on
+            at = [i for s in stops if (i := texts[j].find(s, max(len(texts[j - 1]) - len(s) + 1, 0))) >= 0]
+            if at:
+                return tokens[:j], texts[j][:min(at)], "stop"
+        return tokens, texts[n], "length"
+
+    cases = [(m, [texts[m][-1], "Q" * 10]) for m in range(2, n - 2) if texts[m][-1:].strip()]
+    m, stops = next((m, s) for m, s in cases if len(expected(s, m)[0]) != m + 1)  # the old rule stopped at m + 1
+    got = run(engine, {"m": (ids, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, min_tokens=m,
+                                                 stop=stops))})
+    assert got["m"] == [expected(stops, m)]
+    assert_clean(engine)

@@ -29,6 +29,7 @@ class NoAdmissibleToken(RuntimeError):
         self.rows, self.request_ids, self.self_masked = rows, request_ids, self_masked
         who = f"requests {list(request_ids)}: " if request_ids else ""
         super().__init__(f"{who}the sampler found no admissible token (every combined logit is NaN or "
-                         "infinite, or masked by the request's own constraints: allowed_token_ids, bad_words or "
-                         "a structured output finished while min_tokens masks EOS); the step was undone: abort "
+                         "infinite, or masked by the request's own constraints: allowed_token_ids, bad_words, "
+                         "plausibility_alpha with any of these, or a structured output finished while min_tokens "
+                         "masks EOS); the step was undone: abort "
                          "these requests to serve the others")

@@ -85,6 +85,8 @@ def test_bad_chat_and_the_server_keeps_serving(srv: Running) -> None:
         client.chat.completions.create(model=MODEL, messages=[], max_tokens=4)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):  # OpenAI's rule: tool_choice needs tools
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tool_choice="required")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", extra_body={"lam": "strong"})
     with pytest.raises(openai.BadRequestError, match="one number per pair"):  # the engine has one pair

@@ -213,6 +213,8 @@ class ChatCompletionRequest(_Request):
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported by this server", param="tools")
+        if self.tool_choice not in (None, "none"):  # OpenAI and vLLM: a tool_choice needs tools
+            raise APIError(400, "tool_choice needs tools, which this server does not support", param="tool_choice")
         return self
 
     def max_new_tokens(self) -> int | None:
@@ -226,7 +228,8 @@ class ChatCompletionRequest(_Request):
 def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
     """The chat template's text of ``messages``; APIError(400) naming them when the template refuses them."""
     # The "developer" role is OpenAI's new name for "system"; chat templates only know the latter.
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                     **({} if m.name is None else {"name": m.name})} for m in messages]
     try:
         return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error

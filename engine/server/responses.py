@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from rast_engine.server.token_bytes import token_bytes
+
 Kind = Literal["completion", "chat"]
 UNLIKELY = -9999.0  # OpenAI's and vLLM's log-probability for a token that cannot come (JSON has no -inf)
 
@@ -106,6 +108,10 @@ class Formatter:
         """The token's text; without a tokenizer (load_format='dummy'), vLLM's ``token_id:<id>`` spelling."""
         return f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.decode([token_id])
 
+    def _bytes(self, token_id: int, text: str) -> list[int]:
+        """The token's own bytes (token_bytes), so a character split across tokens joins back."""
+        return list(text.encode()) if self.tokenizer is None else token_bytes(self.tokenizer, token_id)
+
     def _logprobs(self, token_ids: list[int], entries: list[Optional[dict[int, float]]] | None,
                   text_offset: int) -> dict[str, Any] | None:
         if self.logprobs is None or entries is None:
@@ -116,9 +122,9 @@ class Formatter:
             content = []
             for tid, entry, top in zip(token_ids, entries, tops):
                 tok = self._token(tid)
-                content.append({"token": tok, "logprob": _finite(entry[tid]), "bytes": list(tok.encode()),
+                content.append({"token": tok, "logprob": _finite(entry[tid]), "bytes": self._bytes(tid, tok),
                                 "top_logprobs": [{"token": self._token(t), "logprob": _finite(lp),
-                                                  "bytes": list(self._token(t).encode())}
+                                                  "bytes": self._bytes(t, self._token(t))}
                                                  for t, lp in top]})
             return {"content": content}
         tokens = [self._token(t) for t in token_ids]

@@ -1,0 +1,52 @@
+"""Chat details checked without a server: render_chat hands a message's name to the template as HF's
+apply_chat_template does, and a token's logprobs ``bytes`` (token_bytes) are its own bytes, so the
+tokens of a character split across tokens join back to its UTF-8 (OpenAI's meaning of the field), for
+byte-level BPE and for SentencePiece byte fallback. The oracle is the tokenizer's own decode."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from factories import make_tokenizer
+from rast_engine.server.protocol import ChatMessage, render_chat
+from rast_engine.server.token_bytes import token_bytes
+
+NAMED = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m.name is defined %}{{ m.name }}: {% endif %}"
+         "{{ m['content'] }}\n{% endfor %}")
+
+
+def _joined(tok: object, ids: list[int]) -> bytes:
+    return bytes(b for i in ids for b in token_bytes(tok, i))
+
+
+def test_a_message_name_reaches_the_template(tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok"))
+    tok.chat_template = NAMED
+    messages = [{"role": "user", "content": "hi", "name": "alice"}, {"role": "assistant", "content": "yo"}]
+    got = render_chat(tok, [ChatMessage(**m) for m in messages], add_generation_prompt=False)
+    assert got == tok.apply_chat_template(messages, tokenize=False) and "alice: hi" in got
+
+
+def test_byte_level_tokens_give_their_own_bytes(tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok", extra_corpus=("caf\u00e9 na\u00efve",)))
+    text = "the caf\u00e9 is na\u00efve"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "setup: no token holds part of a character"
+    assert _joined(tok, ids) == tok.decode(ids, clean_up_tokenization_spaces=False).encode()
+    assert token_bytes(tok, tok.eos_token_id) == list(tok.eos_token.encode())  # an added token: its text
+
+
+def test_sentencepiece_byte_fallback_tokens_give_their_byte() -> None:
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)},
+             **{c: 258 + n for n, c in enumerate("\u2581caf")}}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", eos_token="</s>")
+    ids = tok.encode("caf\u00e9", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids)[-2:] == ["<0xC3>", "<0xA9>"]
+    assert [token_bytes(tok, i) for i in ids[-2:]] == [[0xC3], [0xA9]]
+    assert _joined(tok, ids) == "caf\u00e9".encode()

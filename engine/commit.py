@@ -20,7 +20,8 @@ def commit_step(engine: LLMEngine, batch: InFlight, results: list[DrawResult]
     """(the groups that progressed by request id, the sequences whose text waits) for a plain step."""
     progressed: dict[str, SequenceGroup] = {}
     deferred: list[Sequence] = []
-    k = queued = 0  # queued: samples of this batch's forks that found no slot, in fork order
+    k = 0
+    forks_queued: list[Sequence] = []  # samples of this batch's forks that found no slot, in fork order
     for (seq, count), holds in zip(batch.owners, batch.holding):
         mine, k = results[k:k + count], k + count
         if seq.status is not SequenceStatus.RUNNING:
@@ -38,7 +39,10 @@ def commit_step(engine: LLMEngine, batch: InFlight, results: list[DrawResult]
             if not g.forked:
                 targets = [seq] + [engine._new_sequence(g, j, list(seq.token_ids)) for j in range(1, g.params.n)]
                 g.seqs += targets[1:]
-                queued += engine.scheduler.add_samples(seq, targets[1:], queued)
+                # behind the earlier forks' samples still waiting: one that ended by its first token has left
+                at = sum(s.status is SequenceStatus.WAITING for s in forks_queued)
+                engine.scheduler.add_samples(seq, targets[1:], at)
+                forks_queued += [s for s in targets[1:] if s.status is SequenceStatus.WAITING]
                 g.forked = True
             else:
                 targets = [seq]

@@ -214,3 +214,18 @@ def test_samples_of_two_forks_in_one_step_wait_in_fork_order() -> None:
         queued += sched.add_samples(p, children, queued)
         forks += children
     assert queued == 4 and list(sched.waiting) == forks + [late]
+
+
+def test_samples_that_end_at_once_leave_the_next_forks_samples_in_front(qwen2_triple: tuple) -> None:
+    """A fork whose queued samples all end by their first token (max_tokens=1) leaves the queue at once;
+    the next fork of the same step still queues its samples ahead of the requests already waiting."""
+    engine = make_engine(qwen2_triple, blocks=64, max_num_seqs=2, async_output=False)
+    ids = [encode(engine, t) for t in TEXTS[:3]]
+    sampled = dict(temperature=1.0, ignore_eos=True)
+    engine.add_request("short", ids[0], SamplingParams(n=3, seed=1, max_tokens=1, **sampled))
+    engine.add_request("long", ids[1], SamplingParams(n=3, seed=2, max_tokens=4, **sampled))
+    engine.add_request("late", ids[2], SamplingParams(seed=3, max_tokens=4, **sampled))
+    engine.step()  # prefills "short" and "long" in the two slots and forks both
+    assert [(s.group.request_id, s.index) for s in engine.scheduler.waiting] == [("long", 2), ("late", 0)]
+    run(engine, {})
+    assert_clean(engine)

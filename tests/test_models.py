@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from factories import LLAMA3_SCALING, make_model_dir, make_tokenizer
 from rast_engine.attention.metadata import AttentionMetadata
@@ -186,6 +186,20 @@ def test_legacy_config_layout() -> None:
     assert cfg.torch_dtype == torch.bfloat16 and cfg.head_dim == 16 and not cfg.attention_bias
     assert cfg.kv_bytes_per_token(torch.bfloat16) == 2 * 2 * 2 * 16 * 2
     assert cfg.kv_cache_shape(10, 16) == (10, 16, 2, 16)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
+    """A config.json with only the required keys reads as transformers' config class reads it (Qwen3's
+    head_dim is 128, not hidden // heads; Llama's context is 2048)."""
+    given = {"model_type": model_type, "hidden_size": 256, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 32, "vocab_size": 64}
+    ours, hf = ModelConfig.from_dict(given), AutoConfig.for_model(**given)
+    assert ours.num_kv_heads == hf.num_key_value_heads
+    assert ours.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert ours.max_position_embeddings == hf.max_position_embeddings
+    assert (ours.rms_norm_eps, ours.tie_word_embeddings) == (hf.rms_norm_eps, hf.tie_word_embeddings)
+    assert ours.rope_theta == (hf.rope_parameters["rope_theta"] if hasattr(hf, "rope_parameters") else hf.rope_theta)
 
 
 # ---- clear load errors ----

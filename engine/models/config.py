@@ -27,6 +27,14 @@ LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 # the rope scalings models/rope.py implements, and the keys each needs (yarn without a factor takes
 # max_position_embeddings / original_max_position_embeddings, as HF does)
 ROPE_KEYS = {"llama3": LLAMA3_KEYS, "yarn": ("original_max_position_embeddings",), "linear": ("factor",)}
+# HF's config classes' defaults for keys a config.json may omit, where they are not derived from others
+# (Llama: KV heads = heads; Llama, Qwen2: head_dim = hidden // heads): Qwen3's head_dim is 128 whatever
+# the hidden size; tests/test_models.py checks every default against transformers' classes
+HF_DEFAULTS: dict[str, dict[str, int]] = {
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768},
+    "llama": {"max_position_embeddings": 2048},
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -93,6 +101,10 @@ class ModelConfig:
             raise ModelLoadError("mlp_bias=true is not supported")
         if cfg.get("use_sliding_window", False):
             raise ModelLoadError("use_sliding_window=true is not supported")
+        def given(key: str, derived: Any = None) -> Any:
+            value = cfg.get(key)
+            return HF_DEFAULTS[model_type].get(key, derived) if value is None else value
+
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             theta, scaling = _rope(cfg)
@@ -106,8 +118,8 @@ class ModelConfig:
                 intermediate_size=int(cfg["intermediate_size"]),
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                num_kv_heads=int(given("num_key_value_heads", heads)),
+                head_dim=int(given("head_dim", hidden // heads)),
                 vocab_size=int(cfg["vocab_size"]),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
@@ -115,7 +127,7 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=True if arch == "qwen2" else bias,
                 o_proj_bias=False if arch == "qwen2" else bias,
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+                max_position_embeddings=int(given("max_position_embeddings")),
                 torch_dtype=DTYPES[dtype_name],
                 qk_norm=arch == "qwen3",
             )

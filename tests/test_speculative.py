@@ -74,6 +74,22 @@ def test_accept_step_is_greedy_on_one_hot_rows_and_batch_invariant() -> None:
         assert (alone[0].item(), alone[1].item()) == (whole[0][i].item(), whole[1][i].item())
 
 
+def test_a_rejection_without_residual_mass_draws_from_the_target() -> None:
+    """p <= q everywhere with p != q (p = q up to rounding): a rejected draft leaves max(0, p - q) all zero,
+    and the next token comes from p instead of no token."""
+    gen = torch.Generator().manual_seed(2)
+    rows = 256
+    q = _probs(gen, 1, 6)
+    p = torch.cat([q.clone(), _probs(gen, 1, 6)])
+    p[0, 0] *= 0.5  # the drafted token: rejected with probability 1/2, nothing above q anywhere
+    drafts = torch.zeros(rows, 1, dtype=torch.int64)
+    seeds = torch.arange(rows, dtype=torch.int64)
+    accepted, nxt = accept_drafts(p.expand(rows, -1, -1), q.expand(rows, -1, -1), drafts, seeds, seeds + 9, seeds)
+    rejected = accepted == 0
+    assert 0.3 < rejected.double().mean().item() < 0.7
+    assert (nxt >= 0).all() and (p[0, nxt[rejected]] > 0).all()
+
+
 # ---- the engine ---------------------------------------------------------------------------------------
 def _runs(llm: LLM, params: list[SamplingParams]) -> list[list[tuple]]:
     outs = llm.generate(PROMPTS, params, use_tqdm=False)

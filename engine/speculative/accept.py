@@ -41,7 +41,11 @@ def accept_drafts(target: torch.Tensor, draft: torch.Tensor, drafts: torch.Tenso
     rows = torch.arange(bsz, device=target.device)
     q_a = draft[rows, accepted.clamp(max=max(g - 1, 0))] if g else torch.zeros_like(target[:, 0])
     q_a = torch.where((accepted < g)[:, None], q_a, torch.zeros_like(q_a))
-    residual = (target[rows, accepted] - q_a).clamp(min=0)
+    p_a = target[rows, accepted]
+    residual = (p_a - q_a).clamp(min=0)
+    # p <= q everywhere, p != q, happens by rounding alone (p = q in exact arithmetic, where no rejection
+    # has any chance): a rejection there draws from p itself, never from nothing
+    residual = torch.where((residual > 0).any(1, keepdim=True), residual, p_a)
     noise = token_gumbel(row_key(residual_seed, offset + accepted), vocab)
     score = torch.where(residual > 0, residual.log() + noise, torch.full_like(residual, float("-inf")))
     best, nxt = score.max(1)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (RastError, FileNotFoundError) as exc:
+    except (RastError, OSError) as exc:  # a missing, unreadable or misplaced file is the user's to fix
         print(f"rast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

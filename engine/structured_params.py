@@ -2,6 +2,7 @@
 apart from the runtime so SamplingParams imports neither torch nor xgrammar."""
 from __future__ import annotations
 
+import json as json_text
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -35,6 +36,12 @@ class StructuredOutputsParams:
         if self.json is not None and not isinstance(self.json, (str, dict)):
             raise RastError("structured_outputs.json must be a JSON schema (a dict or its JSON text)",
                             param="structured_outputs")
+        if isinstance(self.json, str):  # one JSON value: xgrammar alone would compile the first of several
+            try:
+                json_text.loads(self.json)
+            except ValueError as exc:
+                raise RastError(f"structured_outputs.json is not one JSON value: {exc}",
+                                param="structured_outputs") from None
         if self.choice is not None:
             if not isinstance(self.choice, (list, tuple)) or not self.choice or \
                     not all(isinstance(c, str) and c for c in self.choice):

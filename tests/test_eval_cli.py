@@ -177,6 +177,11 @@ def test_eval_usage_errors(tmp_path: Path, capsys) -> None:
     assert "--model" in capsys.readouterr().err
     with pytest.raises(RastError, match="go together"):
         runner.EvalConfig(model="m", data="d", out="o", small_rl="r")
+    data, taken = tmp_path / "d.jsonl", tmp_path / "taken"
+    data.write_text('{"problem": "1+1", "answer": 2}\n')
+    taken.write_text("")
+    assert main(["eval", "--model", "m", "--data", str(data), "--out", str(taken)]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_templates(qwen2_triple, tmp_path: Path) -> None:

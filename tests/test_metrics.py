@@ -116,10 +116,11 @@ def test_shipped_sample_loads_and_grades_itself() -> None:
     ("\n\n", "holds no problems"),
     ('{"problem": "", "answer": 1}\n', "non-empty string"),
     ('[1, 2]\n', "JSON object"),
+    (b'{"problem": "caf\xe9", "answer": 1}\n', "not UTF-8"),
 ])
-def test_data_errors_are_clear(tmp_path: Path, content: str, message: str) -> None:
+def test_data_errors_are_clear(tmp_path: Path, content: str | bytes, message: str) -> None:
     f = tmp_path / "d.jsonl"
-    f.write_text(content)
+    f.write_bytes(content) if isinstance(content, bytes) else f.write_text(content)
     with pytest.raises(RastError, match=message):
         load_problems(f)
 
@@ -131,3 +132,8 @@ def test_data_defaults_and_limit(tmp_path: Path) -> None:
     assert [(p.id, p.problem, p.answer) for p in problems] == [("1", "p0", "0"), ("2", "p1", "1"), ("3", "p2", "2")]
     with pytest.raises(RastError, match="does not exist"):
         load_problems(tmp_path / "missing.jsonl")
+    for bad in (0, -2):
+        with pytest.raises(RastError, match="limit must be >= 1"):
+            load_problems(f, limit=bad)
+    f.write_text(json.dumps({"problem": "a\u2028b", "answer": 1}, ensure_ascii=False) + "\n")  # one line
+    assert [p.problem for p in load_problems(f)] == ["a\u2028b"]

@@ -31,6 +31,8 @@ class TrajectorySettings:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise RastError("--max-tokens must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise RastError("--limit must be >= 1")
 
 
 @dataclass(kw_only=True)

@@ -19,36 +19,41 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
     """Every problem in a JSONL file, in file order. Blank lines are skipped; ids default to the line
     number and must be unique (they key the saved samples when a run resumes)."""
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise RastError(f"limit must be >= 1 (or None for every problem), got {limit}")
     if not path.is_file():
         raise RastError(f"data file {str(path)!r} does not exist")
     problems: list[Problem] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RastError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise RastError(f"{where}: expected a JSON object with 'problem' and 'answer'")
-            missing = [k for k in ("problem", "answer") if k not in row]
-            if missing:
-                raise RastError(f"{where}: missing field(s) {', '.join(missing)} (see docs/eval.md to convert "
-                                "a benchmark file)")
-            if not isinstance(row["problem"], str) or not row["problem"].strip():
-                raise RastError(f"{where}: 'problem' must be a non-empty string")
-            if row["answer"] is None or isinstance(row["answer"], (dict, list)):
-                raise RastError(f"{where}: 'answer' must be a string or a number")
-            pid = str(row.get("id", lineno))
-            if pid in seen:
-                raise RastError(f"{where}: duplicate id {pid!r}")
-            seen.add(pid)
-            problems.append(Problem(pid, row["problem"], str(row["answer"])))
-            if limit is not None and len(problems) >= limit:
-                break
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as exc:
+        raise RastError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RastError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise RastError(f"{where}: expected a JSON object with 'problem' and 'answer'")
+        missing = [k for k in ("problem", "answer") if k not in row]
+        if missing:
+            raise RastError(f"{where}: missing field(s) {', '.join(missing)} (see docs/eval.md to convert "
+                            "a benchmark file)")
+        if not isinstance(row["problem"], str) or not row["problem"].strip():
+            raise RastError(f"{where}: 'problem' must be a non-empty string")
+        if row["answer"] is None or isinstance(row["answer"], (dict, list)):
+            raise RastError(f"{where}: 'answer' must be a string or a number")
+        pid = str(row.get("id", lineno))
+        if pid in seen:
+            raise RastError(f"{where}: duplicate id {pid!r}")
+        seen.add(pid)
+        problems.append(Problem(pid, row["problem"], str(row["answer"])))
+        if limit is not None and len(problems) >= limit:
+            break
     if not problems:
         raise RastError(f"data file {str(path)!r} holds no problems")
     return problems

@@ -4,7 +4,8 @@
 `is_equivalent` tries, cheapest first: normalised string equality, exact numeric equality (ints, decimals,
 fractions, \\frac, percentages, thousands separators), then HF math-verify for symbolic forms. It never
 raises and is time-bounded: math-verify runs under its own SIGALRM timeout in the main thread; elsewhere
-(where signals are unavailable) only inputs short enough to be safe are handed to it.
+(where signals are unavailable and nothing can interrupt sympy) only short inputs without huge powers or
+factorials are handed to it: a 9-character tower 9^{9^{9}} alone makes sympy compute 9^(9^9) exactly.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ _FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
 _FRAC_SHORT_RE = re.compile(r"^(-?)\\[dt]?frac(\d)(\d)$")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+
+# what sympy may evaluate to a number too large to finish, refused where no timeout can stop it: an exponent
+# or factorial of 4+ digits, a factorial of a group, binomials, products, sums, Python's power
+_UNBOUNDED_RE = re.compile(r"\^\s*\{?\s*-?\d{4,}|\d{4,}\s*!|[)}\]]\s*!|\\(?:binom|choose|prod|sum)|\*\*")
 
 _MATH_VERIFY_TIMEOUT_S = 2
 _MAX_SYMBOLIC_CHARS = 300  # longer strings are not worth a sympy parse (and risk unbounded time)
@@ -42,14 +47,14 @@ def _braced(text: str, start: int) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The content of the last complete \\boxed{...} or \\fbox{...}; failing that, the last number."""
+    """The content of the last complete, non-empty \\boxed{...} or \\fbox{...}; failing that, the last number."""
     if not text:
         return None
     for match in reversed(list(_BOX_RE.finditer(text))):
         end = match.end()
         if end < len(text) and text[end] == "{":
             content = _braced(text, end)
-            if content is not None:
+            if content is not None and content.strip():  # an empty box (an echoed instruction) answers nothing
                 return content.strip()
         else:  # "\boxed 5": the argument runs to the next space or dollar sign
             bare = re.match(r"[^\s$]+", text[end:])
@@ -63,7 +68,7 @@ def normalize(answer: str) -> str:
     """A canonical spelling: no math delimiters, spacing, \\left/\\right, \\text wrappers, trailing dots,
     degree signs or thousands separators; \\dfrac/\\tfrac become \\frac."""
     s = answer.strip()
-    s = s.replace("$", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
+    s = s.replace("\\$", "").replace("$", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
     s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("°", "")
     s = _TEXT_RE.sub(r"\1", s)
@@ -104,16 +109,31 @@ def canonical_key(answer: str | None) -> str | None:
     if answer is None:
         return None
     s = normalize(answer)
+    if not s:  # as is_equivalent: an answer that normalises to nothing is no answer
+        return None
     values = _numeric_values(s)
     if values and "%" not in s:
         return f"#{values[0]}"
     return s
 
 
+def _unbounded(s: str) -> bool:
+    """Whether sympy might compute a huge exact number from ``s``: _UNBOUNDED_RE, or a power or factorial
+    inside an exponent (9^{9^{9}} is 9^387420489)."""
+    if _UNBOUNDED_RE.search(s):
+        return True
+    for match in re.finditer(r"\^\s*\{", s):
+        inner = _braced(s, match.end() - 1)
+        if inner is None or "^" in inner or "!" in inner:
+            return True
+    return False
+
+
 def _symbolic_equal(pred: str, truth: str) -> bool:
     """math-verify's comparison; False on any failure, parse error or timeout."""
     in_main = threading.current_thread() is threading.main_thread()
-    if not in_main and max(len(pred), len(truth)) > _MAX_SYMBOLIC_CHARS // 3:
+    if not in_main and (max(len(pred), len(truth)) > _MAX_SYMBOLIC_CHARS // 3 or _unbounded(pred)
+                        or _unbounded(truth)):
         return False
     from math_verify import parse, verify
 

@@ -237,6 +237,8 @@ def run_eval(cfg: EvalConfig, log: Any = sys.stderr) -> dict:
     """Generates what is missing, then writes metrics.json (and plots); returns the metrics."""
     problems = load_problems(cfg.data, cfg.limit)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RastError(f"--out {str(out)!r} is a file; it must name a run directory")
     out.mkdir(parents=True, exist_ok=True)
     samples_path = out / SAMPLES_FILE
     saved = load_saved(samples_path)

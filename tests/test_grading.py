@@ -103,7 +103,8 @@ def test_equivalence_off_the_main_thread() -> None:
 
 def test_canonical_key_merges_equal_numbers() -> None:
     assert canonical_key("0.5") == canonical_key(r"\frac{1}{2}") == canonical_key("$1/2$")
-    assert canonical_key("1,000") == canonical_key("1000")
+    assert canonical_key("1,000") == canonical_key("1000") == canonical_key("1{,}000") == canonical_key("+1000")
+    assert canonical_key("50%") == canonical_key("50\\%") != canonical_key("50")
     assert canonical_key("2") != canonical_key("3")
     assert canonical_key(None) is None and canonical_key("$ $") is None  # nothing left: no answer, no vote
 

@@ -66,13 +66,17 @@ def extract_answer(text: str) -> str | None:
 
 def normalize(answer: str) -> str:
     """A canonical spelling: no math delimiters, spacing, \\left/\\right, \\text wrappers, trailing dots,
-    degree signs or thousands separators; \\dfrac/\\tfrac become \\frac."""
+    degree signs, a number's plus sign or thousands separators (1{,}000 too); \\dfrac/\\tfrac become
+    \\frac and \\% becomes %."""
     s = answer.strip()
-    s = s.replace("\\$", "").replace("$", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
+    s = s.replace("\\$", "").replace("$", "")
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
     s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("°", "")
     s = _TEXT_RE.sub(r"\1", s)
-    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\s+", "", s).rstrip(".").replace("{,}", ",").replace("\\%", "%")
+    if re.match(r"\+[\d.]", s):  # +3 is 3
+        s = s[1:]
     if _THOUSANDS_RE.match(s):
         s = s.replace(",", "")
     return s

@@ -135,5 +135,7 @@ def test_data_defaults_and_limit(tmp_path: Path) -> None:
     for bad in (0, -2):
         with pytest.raises(RastError, match="limit must be >= 1"):
             load_problems(f, limit=bad)
+    f.write_text('{"problem": "p", "answer": 0.00001}\n')
+    assert is_equivalent("0.00001", load_problems(f)[0].answer)  # str(float) would give 1e-05, which never matches
     f.write_text(json.dumps({"problem": "a\u2028b", "answer": 1}, ensure_ascii=False) + "\n")  # one line
     assert [p.problem for p in load_problems(f)] == ["a\u2028b"]

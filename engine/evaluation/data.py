@@ -34,7 +34,7 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
             continue
         where = f"{path}:{lineno}"
         try:
-            row = json.loads(line)
+            row = json.loads(line, parse_float=str)  # an answer keeps its spelling: 0.00001, not 1e-05
         except json.JSONDecodeError as exc:
             raise RastError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):

@@ -125,6 +125,21 @@ def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path,
     assert main(argv) == 0
 
 
+def test_a_resume_refuses_an_edited_template_file(tmp_path: Path) -> None:
+    template, out = tmp_path / "t.txt", tmp_path / "run"
+    template.write_text("Q: {input}\nA:")
+    out.mkdir()
+    cfg = runner.EvalConfig(model="m", data="d", out=str(out), template=str(template))
+    runner._check_run_file(out, cfg, has_samples=False)
+    runner._check_run_file(out, cfg, has_samples=True)
+    template.write_text("Question: {input}\nAnswer:")
+    with pytest.raises(RastError, match="different template_text"):
+        runner._check_run_file(out, cfg, has_samples=True)
+    run_json = out / runner.RUN_FILE  # a run saved before the text was recorded: its template is unknown
+    run_json.write_text(json.dumps({k: v for k, v in json.loads(run_json.read_text()).items() if k != "template_text"}))
+    runner._check_run_file(out, cfg, has_samples=True)
+
+
 def test_samples_are_drawn_in_pieces_and_a_resume_never_repeats_a_seed() -> None:
     """A request draws at most PIECE samples (a crash loses at most a piece's unsaved samples); sample j
     of the request starting at index f draws with (f, j). Whatever a crash left saved (whole requests,

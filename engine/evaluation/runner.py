@@ -26,9 +26,13 @@ from rast_engine.evaluation.templates import load_template
 SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.json"
 # The settings that shape the samples; a resumed run must agree on all of them.
 _SAMPLE_KEYS = ("model", "small_rl", "small_base", "lam", "template", "n", "temperature", "top_p", "top_k",
-                "min_p", "max_tokens", "stop", "seed", "quantization", "kv_cache_dtype", "plausibility_alpha")
+                "min_p", "max_tokens", "stop", "seed", "quantization", "kv_cache_dtype", "plausibility_alpha",
+                "template_text")
 # sample settings added after runs were saved: a run.json without them drew with these values
 _ADDED_KEYS = {"quantization": None, "kv_cache_dtype": "auto", "plausibility_alpha": 0.0}
+# recorded since, and unknown for older runs, so not compared there: the template's own text (an edited
+# template file keeps its path)
+_UNRECORDED = ("template_text",)
 
 
 # Samples per engine request. A request's samples are saved when its last one finishes, so small
@@ -104,7 +108,7 @@ class EvalConfig:
             self.name = Path(self.data).stem
 
     def sample_settings(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {**asdict(self), "template_text": load_template(self.template).text}
         return {k: list(d[k]) if k == "stop" else d[k] for k in _SAMPLE_KEYS}
 
 
@@ -148,7 +152,8 @@ def _check_run_file(out: Path, cfg: EvalConfig, has_samples: bool) -> None:
     settings = cfg.sample_settings()
     if has_samples and run_file.exists():
         before = json.loads(run_file.read_text(encoding="utf-8"))
-        diff = [k for k in _SAMPLE_KEYS if before.get(k, _ADDED_KEYS.get(k)) != settings[k]]
+        diff = [k for k in _SAMPLE_KEYS if (k in before or k not in _UNRECORDED)
+                and before.get(k, _ADDED_KEYS.get(k)) != settings[k]]
         if diff:
             raise RastError(f"{out} holds samples drawn with different {', '.join(diff)}; resume with the "
                             "same settings or use a fresh --out")

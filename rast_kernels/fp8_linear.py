@@ -133,6 +133,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: Opt
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     w8 = w8 if w8.stride(-1) == 1 else w8.contiguous()
+    scale, bias = scale.contiguous(), None if bias is None else bias.contiguous()  # read at unit stride
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:

@@ -63,6 +63,12 @@ def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -
                          f"of dim {k_cache.shape[3]}")
 
 
+def index_rows(block_tables: torch.Tensor) -> torch.Tensor:
+    """The block table as the kernels index it: rows at any stride, entries adjacent. A row-sliced view
+    (the engine's tables are a wider buffer's first columns) passes as it is; only another layout is copied."""
+    return block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+
+
 def block_d(dim: int) -> int:
     return max(16, next_pow2(dim))  # tl.dot needs every side >= 16
 
@@ -85,6 +91,6 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         return
     hkv, dim = k.shape[1], k.shape[2]
     _store_kv_kernel[(k.shape[0],)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k, v, k_cache, v_cache, slot_mapping.contiguous(), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), hkv, dim,
         BLOCK_SIZE=block_size_of(k_cache), BLOCK_H=next_pow2(hkv), BLOCK_D=block_d(dim), FP8=k_cache.dtype == FP8)

@@ -237,6 +237,7 @@ def _rotary_launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
     if not t:
         return q_out, k_out
     v, k_cache, v_cache, slots = store if store is not None else (k_out, k_out, k_out, positions)
+    positions, slots = positions.contiguous(), slots.contiguous()  # the kernel reads both at unit stride
     cache_strides = k_cache.stride()[:3] if store is not None else (0, 0, 0)
     qw, kw, eps = qk_norm if qk_norm is not None else (q_out, k_out, 0.0)
     w_stride, group_tokens = (qw.stride(0), t // qw.shape[0]) if qk_norm is not None and qw.dim() == 2 else (0, 1)

@@ -72,6 +72,7 @@ def check_qk_norm(q: torch.Tensor, qk_norm: QKNorm | None) -> None:
                 or w.stride(-1) != 1 or (w.dim() == 2 and t % w.shape[0])):
             raise ValueError(f"q/k norm weights must be [{dim}] or [G, {dim}] (G dividing the {t} tokens), "
                              f"contiguous, of q's dtype and device; got {tuple(w.shape)} {w.dtype} on {w.device}")
-    if qk_norm[0].shape != qk_norm[1].shape:
-        raise ValueError(f"the q and k norm weights differ in shape: {tuple(qk_norm[0].shape)} and "
-                         f"{tuple(qk_norm[1].shape)}")
+    if qk_norm[0].shape != qk_norm[1].shape or qk_norm[0].stride() != qk_norm[1].stride():
+        raise ValueError(f"the q and k norm weights differ in shape or strides (the kernel reads both with "
+                         f"one row stride): {tuple(qk_norm[0].shape)} {qk_norm[0].stride()} and "
+                         f"{tuple(qk_norm[1].shape)} {qk_norm[1].stride()}")

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from rast_kernels.fp8_cast import FP8
 from rast_kernels.fp8_kv import block_size_of, load_scale
-from rast_kernels.kv_store import block_d, check_cache
+from rast_kernels.kv_store import block_d, check_cache, index_rows
 from rast_kernels.launch import cdiv, interpreting, next_pow2
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
 
@@ -204,6 +204,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    # the kernels read index tensors at unit stride (.contiguous() is the tensor itself when it already is)
+    block_tables, context_lens = index_rows(block_tables), context_lens.contiguous()
     block_n = tile_size(dim, q.dtype)
     max_context = max(block_tables.shape[1] * block_size, 1)
     if min_tokens_per_split < 1:
@@ -253,6 +255,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty_like(q)
     if total == 0 or batch == 0 or max_seqlen_q <= 0:
         return out.zero_()
+    block_tables, context_lens, cu_seqlens_q = index_rows(block_tables), context_lens.contiguous(), \
+        cu_seqlens_q.contiguous()
     block_m = block_n = tile_size(dim, q.dtype)
     grid = (cdiv(max_seqlen_q, block_m), hq, batch)
     _prefill_kernel[grid](

@@ -23,6 +23,7 @@ class TorchAttention:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        meta.check_cache(k_cache)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.attend(q, k, v, k_cache, v_cache, meta, scale)
 
@@ -66,6 +67,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     qf = q.float().view(b, num_kv_heads, num_heads // num_kv_heads, dim)  # GQA: query heads grouped per kv head
     scores = torch.einsum("bkgd,bnkd->bkgn", qf, keys) * scale
     past = torch.arange(width * bs, device=q.device)[None, :] >= lens[:, None]  # [B, keys]: beyond the context
+    # a reused block may hold anything past a context (NaN, inf): probability 0 must meet a finite value
+    values = values.masked_fill(past[:, :, None, None], 0.0)
     probs = scores.masked_fill(past[:, None, None, :], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     return torch.einsum("bkgn,bnkd->bkgd", probs, values).reshape(b, num_heads, dim).to(q.dtype)
 

@@ -122,3 +122,33 @@ def test_flash_backend_glue_on_flash_semantics(prefix: list[int], new: list[int]
     from rast_engine.attention.flash_backend import FlashAttention
 
     _compare_backends(FlashAttention(FlashSemantics()), "cpu", torch.float32, prefix, new)
+
+
+def test_flash_backend_refuses_a_cache_of_another_block_size() -> None:
+    """Slots index blocks of the metadata's block_size, so a store into a cache of another block size
+    lands in the wrong rows: forward refuses it before writing anything, as the other backends do."""
+    from rast_engine.attention.flash_backend import FlashAttention
+
+    meta, num_blocks = _metadata([0], [3], 4, "cpu")
+    k_cache, v_cache = torch.zeros(num_blocks, 8, 1, 16), torch.zeros(num_blocks, 8, 1, 16)
+    q = torch.randn(3, 1, 16)
+    with pytest.raises(ValueError, match="block_size"):
+        FlashAttention(FlashSemantics()).forward(q, q, q, k_cache, v_cache, meta, 0.25)
+    assert not k_cache.any() and not v_cache.any()
+
+
+def test_torch_prefill_ignores_stale_non_finite_rows_past_a_context() -> None:
+    """A prefill reads each sequence's first ctx keys only: a NaN or inf left by an earlier request in
+    the rest of its last block never reaches the output (the decode masks those rows: test_kernel_inputs)."""
+    from rast_engine.attention.torch_backend import TorchAttention
+
+    meta, num_blocks = _metadata([2], [3], 4, "cpu")  # ctx 5: rows 1..3 of the second block are stale
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache = (torch.randn(num_blocks, 4, 1, 16, generator=gen) for _ in range(2))
+    q = torch.randn(3, 2, 16, generator=gen)
+    want = TorchAttention().attend(q, None, None, k_cache, v_cache, meta, 0.25)
+    last = int(meta.block_tables[0, 1])
+    k_cache[last, 1:], v_cache[last, 1:] = float("inf"), float("nan")
+    got = TorchAttention().attend(q, None, None, k_cache, v_cache, meta, 0.25)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)

@@ -12,7 +12,7 @@ from rast_engine.attention.torch_backend import TorchAttention
 from rast_engine.attention.triton_backend import TritonAttention
 from rast_kernels.fp8_linear import fp8_linear, quantize_fp8
 from rast_kernels.kv_store import store_kv_cache
-from rast_kernels.layer_ops import rotary_embedding
+from rast_kernels.layer_ops import rotary_embedding, rotary_embedding_store_kv
 from rast_kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 
 
@@ -33,6 +33,18 @@ def test_strided_slots_and_positions_read_as_contiguous() -> None:
     positions = _column([1, 2, 3])
     for got, want in zip(rotary_embedding(positions, q, kk, cos_sin), rotary_embedding(positions.contiguous(), q, kk,
                                                                                        cos_sin)):
+        assert torch.equal(got, want)
+
+
+def test_fused_store_reads_strided_positions_and_slots_as_contiguous() -> None:
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, h, 16, generator=gen) for h in (2, 1, 1))
+    cos_sin = torch.randn(20, 16, generator=gen)
+    results = []
+    for pos, slot in ((_column([1, 4, 2]), _column([0, 5, 9])), (torch.tensor([1, 4, 2]), torch.tensor([0, 5, 9]))):
+        k_cache, v_cache = torch.zeros(4, 4, 1, 16), torch.zeros(4, 4, 1, 16)
+        results.append((*rotary_embedding_store_kv(pos, q, k, v, cos_sin, k_cache, v_cache, slot), k_cache, v_cache))
+    for got, want in zip(*results):
         assert torch.equal(got, want)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -13,6 +13,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: Optional[str]  # "stop" | "length" | None while running
+    # vLLM's stop_reason: the stop string or the stop_token_ids id that ended the output; None for EOS,
+    # for length, and while running
+    stop_reason: Optional[Union[int, str]] = None
     cumulative_logprob: Optional[float] = None  # set when the request asked for logprobs
     # one dict per generated token: {token_id: logprob} holding the chosen token and the top-k
     # alternatives, under the distribution the token was drawn from (temperature 1 for greedy rows)

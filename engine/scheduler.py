@@ -254,6 +254,9 @@ class Scheduler:
         stop string from ``seq.output_text``, and the string too unless include_stop_str_in_output.
         ``prev_text_len`` is the text length before it."""
         if self.stop_token(seq):
+            token = seq.token_ids[seq.num_known - 1]
+            eos = not seq.params.ignore_eos and token in self.eos_token_ids  # as vLLM: EOS names no reason
+            seq.stop_reason = None if eos else token
             return "stop"
         # as vLLM, stop strings count only once the output is longer than min_tokens
         stops = seq.params.stop_list if seq.num_known - seq.num_prompt_tokens > seq.params.min_tokens else []
@@ -264,6 +267,7 @@ class Scheduler:
                                               for s in stops) if i >= 0]
             if hits:
                 at, minus_len = min(hits)  # the earliest match, the longest of those starting there
+                seq.stop_reason = seq.output_text[at:at - minus_len]
                 seq.output_text = seq.output_text[:at - minus_len if seq.params.include_stop_str_in_output else at]
                 return "stop"
         return "length" if self._at_length(seq) else None

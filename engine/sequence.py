@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.outputs import CompletionOutput, RequestOutput
@@ -60,6 +60,7 @@ class Sequence:
     logprobs: Optional[list[dict[int, float]]] = None
     cumulative_logprob: float = 0.0
     finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None  # CompletionOutput.stop_reason
     num_pending: int = 0  # trailing PENDING placeholders in token_ids
     # what this sequence's delta outputs have reported so far (SamplingParams.output_kind == "delta")
     reported_tokens: int = 0
@@ -147,6 +148,7 @@ class Sequence:
         return CompletionOutput(
             index=self.index, text=self.output_text[chars:shown],
             token_ids=self.token_ids[self.num_prompt_tokens + tokens:self.num_known], finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
             cumulative_logprob=self.cumulative_logprob if want_logprobs else None,
             logprobs=self.logprobs[tokens:] if want_logprobs and self.logprobs is not None else None,
         )

@@ -115,8 +115,11 @@ def test_special_tokens_and_kept_stop_strings_reach_the_engine(srv: Running, ser
     for stream in (False, True):
         res = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0, stop=[stop],
                                         stream=stream, extra_body={"include_stop_str_in_output": True})
-        text = "".join(c.choices[0].text for c in res) if stream else res.choices[0].text
-        assert text == full.text[:full.text.find(stop) + len(stop)]
+        chunks = list(res) if stream else [res]
+        assert "".join(c.choices[0].text for c in chunks) == full.text[:full.text.find(stop) + len(stop)]
+        assert chunks[-1].choices[0].model_extra["stop_reason"] == stop  # vLLM's field: what stopped it
+    res = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert res.choices[0].finish_reason == "length" and res.choices[0].model_extra["stop_reason"] is None
 
 
 def test_stop_strings_streamed_and_not(srv: Running, server_oracle: LLM) -> None:

@@ -117,6 +117,30 @@ def test_stop_token_text_is_left_out_unless_included(qwen2_triple: tuple, oracle
     assert_clean(engine)
 
 
+def test_stop_reason_names_what_stopped(qwen2_triple: tuple, oracle: LLMEngine) -> None:
+    """vLLM's stop_reason: the stop_token_ids id or the matched stop string; None for EOS and length."""
+    engine = make_engine(qwen2_triple, blocks=64)
+    ids = encode(engine, TEXTS[2])
+    greedy = dict(temperature=0.0, max_tokens=8)
+    [(tokens, text, _)] = alone(oracle, ids, SamplingParams(ignore_eos=True, **greedy))
+    k = next(k for k in range(1, 8) if tokens[k] not in tokens[:k] and _decode(engine, tokens[k:k + 1]).strip())
+    stop = _decode(engine, tokens[k:k + 1]).strip()[0]  # a character of token k's text (maybe found earlier)
+    engine.scheduler.eos_token_ids = frozenset({tokens[k]})  # "id" ignores EOS: its id is the stop_token_ids one
+    requests = {"id": SamplingParams(ignore_eos=True, stop_token_ids=[tokens[k]], **greedy),
+                "length": SamplingParams(ignore_eos=True, **greedy), "eos": SamplingParams(**greedy),
+                "string": SamplingParams(ignore_eos=True, stop=["zz" * 8, stop], **greedy)}
+    for rid, params in requests.items():
+        engine.add_request(rid, ids, params)
+    reasons = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                reasons[out.request_id] = (out.outputs[0].finish_reason, out.outputs[0].stop_reason)
+    want = {"id": ("stop", tokens[k]), "length": ("length", None), "string": ("stop", stop), "eos": ("stop", None)}
+    assert reasons == {rid: want[rid] for rid in requests}
+    assert_clean(engine)
+
+
 def test_min_tokens_hides_every_stop_string_in_its_text(qwen2_triple: tuple, oracle: LLMEngine) -> None:
     """Stop strings match only text that ends after the first min_tokens tokens, whatever their lengths: a
     one-character stop string inside that text must not match once a longer stop string widens the search."""

@@ -35,6 +35,7 @@ class _Choice:
     logprobs: Optional[list[Optional[dict[int, float]]]] = None  # None: not asked for; None entries: echo's first
     echoed: int = 0  # leading prompt tokens (echo), not counted as completion tokens
     finish_reason: Optional[str] = None
+    stop_reason: int | str | None = None  # vLLM's field: the stop string or stop token id that ended it
     sent_parts: int = 0
     sent_chars: int = 0
     sent_tokens: int = 0
@@ -84,7 +85,7 @@ class Formatter:
                 if ch.logprobs is None:
                     ch.logprobs = []
                 ch.logprobs.extend(c.logprobs)
-            ch.finish_reason = c.finish_reason
+            ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
             touched.append(i)
         return touched
 
@@ -159,7 +160,7 @@ class Formatter:
         for i, ch in sorted(self.choices.items()):
             text = "".join(ch.text)
             choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(ch.token_ids, ch.logprobs, 0),
-                                      "finish_reason": ch.finish_reason}
+                                      "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason}
             if self.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
             else:
@@ -197,7 +198,8 @@ class Formatter:
                 continue
             new_lp = None if ch.logprobs is None else ch.logprobs[ch.sent_tokens:]
             lp = self._logprobs(ch.token_ids[ch.sent_tokens:], new_lp, ch.sent_chars)
-            choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": ch.finish_reason}
+            choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": ch.finish_reason,
+                                      "stop_reason": ch.stop_reason}
             if self.kind == "chat":
                 choice["delta"] = {"content": delta} if delta else {}
             else:

@@ -92,19 +92,32 @@ class LLM:
         return [done[i] for i in ids]
 
     def chat(self, conversations: Union[list[dict], list[list[dict]]], sampling_params: Params = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template (with the generation prompt) to each conversation."""
+             use_tqdm: bool = True, *, chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Applies the chat template (the tokenizer's, or ``chat_template``) to each conversation, as vLLM's
+        LLM.chat: with the assistant's generation prompt, or continuing the final message; each output's
+        ``prompt`` is the templated text."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         tokenizer = self.get_tokenizer()
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise RastError("the tokenizer has no chat template; use generate() with a formatted prompt")
-        prompts = []
+        if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+            raise RastError("the tokenizer has no chat template; pass chat_template= or use generate() with a "
+                            "formatted prompt")
+        if add_generation_prompt and continue_final_message:
+            raise RastError("continue_final_message continues the last message; it excludes add_generation_prompt")
+        texts = []
         for conv in conversations:
-            text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-            # the template writes any BOS itself, so the text is encoded without adding special tokens
-            prompts.append(list(tokenizer.encode(text, add_special_tokens=False)))
+            try:
+                texts.append(tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
+                                                           add_generation_prompt=add_generation_prompt,
+                                                           continue_final_message=continue_final_message))
+            except Exception as exc:  # noqa: BLE001 - a template refusing a conversation is the caller's to fix
+                raise RastError(f"the chat template rejected a conversation: {exc}") from None
+        # the template writes any BOS itself, so the text is encoded without adding special tokens
+        prompts = [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outputs, texts):
+            out.prompt = text
         return outputs
 
     def score(self, sequences: list[list[int]], *, output: str = "logprobs") -> list[ScoreOutput]:

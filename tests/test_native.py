@@ -147,6 +147,20 @@ def test_chi_square_against_probs(params: dict) -> None:
     assert stats.chisquare(counts, expected).pvalue > 1e-4
 
 
+def test_the_largest_gumbel_noise_can_win() -> None:
+    """The largest uniform, 1 - 2^-24, gives Gumbel noise 16.636: a token 19.2 nats below the mode still
+    wins when the mode's noise is below -2.56, and the native draw must not skip it as hopeless."""
+    from rast_kernels.rng import row_key, token_gumbel, token_uniform
+
+    far, mode = 32176, 575317  # for seed 17: the top uniform, and noise -2.617
+    key = row_key(torch.tensor([17]), torch.tensor([0]))
+    assert token_uniform(key, mode + 1)[0, far] == 1 - 2**-24 and token_gumbel(key, mode + 1)[0, mode] < -2.6
+    logits = torch.full((1, mode + 1), float("-inf"))
+    logits[0, mode], logits[0, far] = 0.0, -19.2
+    assert rk.rast_sample(logits, seed=17, backend="torch").item() == far
+    assert rk.rast_sample(logits, seed=17, backend="native").item() == far
+
+
 def test_batch_invariance_and_thread_count() -> None:
     gen = torch.Generator().manual_seed(11)
     logits, deltas, kw = _case(gen, 9, 700, 2, torch.bfloat16)

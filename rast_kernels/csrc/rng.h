@@ -32,9 +32,10 @@ inline float token_uniform(uint32_t key, uint32_t i) {
 
 inline float token_gumbel(uint32_t key, uint32_t i) { return -std::log(-std::log(token_uniform(key, i))); }
 
-// Bounds on every finite token_gumbel value (they lie in about [-2.852, 15.95]); used to skip tokens that
-// cannot win the Gumbel-max race without evaluating two logarithms for them.
+// Bounds on every token_gumbel value: u runs from 2^-24 to 1 - 2^-24, so g = -log(-log u) lies in about
+// [-2.812, 16.636]; used to skip tokens that cannot win the Gumbel-max race without evaluating two
+// logarithms for them (a bound below the true maximum skipped tokens the spec could draw).
 constexpr float kGumbelLow = -3.0f;
-constexpr float kGumbelHighFinite = 16.0f;
+constexpr float kGumbelHighFinite = 17.0f;
 
 }  // namespace rast

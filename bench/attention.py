@@ -6,7 +6,8 @@ measured copy bandwidth (the roofline: a decode step reads each cached K/V eleme
 
 Each row is one (model shape, batch, context, block-table width) with split-K chosen by the heuristic
 and forced off (splits=1), timed as CUDA-graph replays so launch overhead matches the engine's decode
-step. Tight rows have a table exactly as wide as the context. Graph-mode rows mirror the engine under
+step, each replay calling over enough copies of the caches to exceed the L2 cache twice (a decode step's
+attention reads its KV from HBM: a layer's weights evicted it), so small rows measure HBM, not L2. Tight rows have a table exactly as wide as the context. Graph-mode rows mirror the engine under
 CUDA graphs: the table is padded to a long max_model_len (GRAPH_TABLE tokens) around short live
 contexts, so the heuristic's split count comes from the padded width and each sequence fills only the
 splits its own context needs; they also run with a lower per-split floor (min=64) to show whether the
@@ -38,6 +39,14 @@ from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits  # noqa: 
 SHAPES = {"qwen2.5-7b": (28, 4, 128), "llama-3.1-8b": (32, 8, 128)}  # (Hq, Hkv, head_dim)
 BLOCK_SIZE = 16
 GRAPH_TABLE = 32768  # graph-mode rows: the block table's width in tokens (a long max_model_len)
+L2_BYTES = 64 * 2**20  # as bench/gemm.py: above an H100's 50 MB and an H200's 60 MB L2
+
+
+def rotated(case: tuple, device: torch.device) -> list[tuple]:
+    """The case and copies of its caches, together at least twice L2 on a GPU (one copy on a CPU)."""
+    cache_bytes = 2 * case[1].numel() * case[1].element_size()
+    copies = max(1, -(-2 * L2_BYTES // cache_bytes)) if device.type == "cuda" else 1
+    return [case] + [(case[0], case[1].clone(), case[2].clone(), *case[3:]) for _ in range(copies - 1)]
 
 
 def make_case(batch: int, ctx: int, table_tokens: int, hq: int, hkv: int, dim: int, block_size: int,
@@ -91,6 +100,7 @@ def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: i
         if kv == "fp8":
             case = (case[0], *fp8_caches(case[1], case[2]), *case[3:])
         scale = dim ** -0.5
+        cases = rotated(case, device)
         fp8 = case[1].dtype == FP8  # a scale byte a token and head beside its values
         kv_bytes = 2 * batch * ctx * hkv * (dim * case[1].element_size() + fp8)
         width = case[3].shape[1] * BLOCK_SIZE
@@ -105,7 +115,8 @@ def run(configs: list[tuple], dtype: torch.dtype, device: torch.device, iters: i
             tol = 1e-3 if dtype == torch.float32 else 3e-2
             if err > tol:
                 raise AssertionError(f"{model} b={batch} ctx={ctx} table={width} {kw}: error {err:.3g} > {tol}")
-            ms = graph_time_ms(lambda: paged_decode_attention(*case, scale, **kw), device, iters)
+            ms = graph_time_ms(lambda: [paged_decode_attention(*c, scale, **kw) for c in cases], device,
+                               iters) / len(cases)
             gbs = kv_bytes / ms / 1e6
             rows.append(dict(model=str(model), kv=kv, batch=batch, context=ctx, table_tokens=width, splits=splits,
                              min_split_tokens=floor, ms=ms, kv_gbs=gbs, frac_of_copy=gbs / copy_gbs,

@@ -230,7 +230,8 @@ def test_vllm_entries_are_json_numbers_and_name_no_token_without_a_tokenizer() -
 
     from rast_engine.server.responses import UNLIKELY, Formatter
 
-    done = SimpleNamespace(index=0, text="", token_ids=[6], logprobs=None, finish_reason="length")
+    done = SimpleNamespace(index=0, text="", token_ids=[6], logprobs=None, finish_reason="length",
+                           stop_reason=None)
     out = SimpleNamespace(request_id="r", prompt_token_ids=[3, 4], prompt_logprobs=[None, {5: -0.1, 4: float("-inf")}],
                           prompt_logprob_ranks=[None, 2], outputs=[done])
     fmt = Formatter("completion", "cmpl-1", "m", ["r"], 1, None, None, prompt_logprobs=1)

@@ -253,10 +253,11 @@ class Scheduler:
         """The finish reason after the sequence's newest token, if any; trims what follows a matched
         stop string from ``seq.output_text``, and the string too unless include_stop_str_in_output.
         ``prev_text_len`` is the text length before it."""
-        if self.stop_token(seq):
-            token = seq.token_ids[seq.num_known - 1]
-            eos = not seq.params.ignore_eos and token in self.eos_token_ids  # as vLLM: EOS names no reason
-            seq.stop_reason = None if eos else token
+        token = seq.token_ids[seq.num_known - 1]
+        if not seq.params.ignore_eos and token in self.eos_token_ids:
+            return "stop"  # as vLLM: EOS names no stop_reason
+        if token in seq.params.stop_token_ids:
+            seq.stop_reason = token
             return "stop"
         # as vLLM, stop strings count only once the output is longer than min_tokens
         stops = seq.params.stop_list if seq.num_known - seq.num_prompt_tokens > seq.params.min_tokens else []

@@ -7,7 +7,8 @@ measured copy bandwidth (the roofline: a decode step reads each cached K/V eleme
 Each row is one (model shape, batch, context, block-table width) with split-K chosen by the heuristic
 and forced off (splits=1), timed as CUDA-graph replays so launch overhead matches the engine's decode
 step, each replay calling over enough copies of the caches to exceed the L2 cache twice (a decode step's
-attention reads its KV from HBM: a layer's weights evicted it), so small rows measure HBM, not L2. Tight rows have a table exactly as wide as the context. Graph-mode rows mirror the engine under
+attention reads its KV from HBM: a layer's weights evicted it), so small rows measure HBM, not L2.
+Tight rows have a table exactly as wide as the context. Graph-mode rows mirror the engine under
 CUDA graphs: the table is padded to a long max_model_len (GRAPH_TABLE tokens) around short live
 contexts, so the heuristic's split count comes from the padded width and each sequence fills only the
 splits its own context needs; they also run with a lower per-split floor (min=64) to show whether the

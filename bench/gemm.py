@@ -26,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (copy_bandwidth, device_name, git_sha, graph_time_ms, quick_args, table,  # noqa: E402
                           write_results)
+from rast_engine.models.config import ModelConfig  # noqa: E402
 from rast_kernels.fp8_linear import fp8_linear, quantize_fp8  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -34,11 +35,10 @@ L2_BYTES = 64 * 2**20  # above an H100's 50 MB and an H200's 60 MB: rotated copi
 
 def projections(cfg: dict) -> dict[str, tuple[int, int]]:
     """(in, out) of each projection of a decoder layer, merged as the engine merges them, and lm_head."""
-    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    dim = cfg.get("head_dim") or hidden // heads
-    return {"qkv": (hidden, (heads + 2 * kv) * dim), "o": (heads * dim, hidden),
-            "gate_up": (hidden, 2 * cfg["intermediate_size"]), "down": (cfg["intermediate_size"], hidden),
-            "lm_head": (hidden, cfg["vocab_size"])}
+    m = ModelConfig.from_dict(cfg)
+    hidden, inter = m.hidden_size, m.intermediate_size
+    return {"qkv": (hidden, m.q_size + 2 * m.kv_size), "o": (m.q_size, hidden),
+            "gate_up": (hidden, 2 * inter), "down": (inter, hidden), "lm_head": (hidden, m.vocab_size)}
 
 
 def weights_for(n_in: int, n_out: int, stacked: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -87,8 +87,9 @@ def main() -> None:
     quick = device.type != "cuda"
     dtype = torch.bfloat16 if not quick else torch.float32
     if quick:
-        models = {"tiny": ({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                            "intermediate_size": 128, "vocab_size": 512}, 1)}
+        models = {"tiny": ({"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 128,
+                            "vocab_size": 512}, 1)}
         token_counts, iters = [1, 4], 2
     else:
         models = {name: (json.loads((CONFIGS / f"{name}.json").read_text()), stacked)

@@ -1,35 +1,32 @@
 """The decode step's physical floor: the bytes one step must read (every weight once, the lm_head but
 not the embedding table, and the KV cache of every sequence) over the measured copy bandwidth. Counts
-come from HF config dicts (bench/configs), checked against transformers' own parameter counts in
-tests/test_bench_smoke.py."""
+come from HF config dicts (bench/configs) read as the engine reads them (ModelConfig.from_dict: HF's
+defaults for omitted keys, such as Qwen3's head_dim of 128), checked against transformers' own parameter
+counts in tests/test_bench_smoke.py."""
 from __future__ import annotations
+
+from rast_engine.models.config import ModelConfig
 
 
 def param_counts(cfg: dict) -> tuple[int, int]:
     """(all parameters, parameters one decode step reads). The input embedding is a gather of B rows, so
     only the lm_head counts as read (the same matrix when tied); every other weight is read once."""
-    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or h // heads
-    q, kv = heads * hd, kv_heads * hd
-    qwen = cfg["model_type"] == "qwen2"
-    bias = (q + 2 * kv) if qwen or cfg.get("attention_bias") else 0
-    bias += h if not qwen and cfg.get("attention_bias") else 0
-    qk_norm = 2 * hd if cfg["model_type"] == "qwen3" else 0
-    layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h + bias + qk_norm
-    body = layers * layer + h  # + final norm
-    tied = cfg.get("tie_word_embeddings", False)
-    return body + vocab * h * (1 if tied else 2), body + vocab * h
+    m = ModelConfig.from_dict(cfg)
+    h, q, kv = m.hidden_size, m.q_size, m.kv_size
+    bias = (q + 2 * kv if m.attention_bias else 0) + (h if m.o_proj_bias else 0)
+    qk_norm = 2 * m.head_dim if m.qk_norm else 0
+    layer = h * q + 2 * h * kv + q * h + 3 * h * m.intermediate_size + 2 * h + bias + qk_norm
+    body = m.num_layers * layer + h  # + final norm
+    lm_head = m.vocab_size * h
+    return body + lm_head * (1 if m.tie_word_embeddings else 2), body + lm_head
 
 
 def projection_counts(cfg: dict) -> tuple[int, int]:
     """(the decoder projections' parameters, their output channels): what quantization="fp8" stores as
     FP8 weights with one float32 scale per output channel (engine/models/fp8.py)."""
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or h // heads
-    q, kv = heads * hd, kv_heads * hd
-    return layers * (2 * h * q + 2 * h * kv + 3 * h * inter), layers * (q + 2 * kv + h + 2 * inter + h)
+    m = ModelConfig.from_dict(cfg)
+    h, q, kv, inter = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size
+    return m.num_layers * (2 * h * q + 2 * h * kv + 3 * h * inter), m.num_layers * (q + 2 * kv + h + 2 * inter + h)
 
 
 def weight_bytes(cfg: dict, elt: int, fp8: bool = False, read: bool = False) -> int:
@@ -44,9 +41,8 @@ def weight_bytes(cfg: dict, elt: int, fp8: bool = False, read: bool = False) -> 
 
 def kv_bytes_per_token(cfg: dict, elt: int) -> int:
     """What attention reads of one cached token; elt 1 is an FP8 cache, with a scale byte a KV head."""
-    heads = cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * (hd * elt + (elt == 1))
+    m = ModelConfig.from_dict(cfg)
+    return 2 * m.num_layers * m.num_kv_heads * (m.head_dim * elt + (elt == 1))
 
 
 def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, bandwidth: float,

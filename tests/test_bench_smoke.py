@@ -92,6 +92,21 @@ def test_param_counts_match_transformers(name: str) -> None:
     assert read == total - (0 if tied else embed.numel())  # everything but the gathered embedding rows
 
 
+def test_param_counts_use_hf_defaults_for_omitted_keys() -> None:
+    """A Qwen3 config without head_dim has HF's 128, not hidden // heads (64 here), and one without
+    num_key_value_heads HF's 32 (the counts come from the engine's own reading of the config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = json.loads((decode.CONFIGS / "qwen3-1.7b.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("head_dim", "num_key_value_heads")}
+    cfg.update(hidden_size=1024, num_attention_heads=32, num_hidden_layers=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    assert model.config.head_dim == 128 and model.config.hidden_size // 32 != 128
+    assert decode.param_counts(cfg)[0] == model.num_parameters()
+    assert decode.kv_bytes_per_token(cfg, 2) == 2 * 2 * 32 * 128 * 2
+
+
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen3-1.7b", "tiny-large"])
 def test_fp8_weight_bytes_match_the_engine_model(name: str) -> None:
     """weight_bytes(fp8=True) against the bytes of a model the engine builds with quantization="fp8" (on

@@ -263,11 +263,16 @@ class LLMEngine:
 
     def _read_text(self, seq: Sequence) -> None:
         """Detokenise the newest token and apply every stop rule. As in vLLM, a token that stops the
-        request (EOS, stop_token_ids) adds no text unless include_stop_str_in_output; its id stays."""
+        request (EOS, stop_token_ids) adds no text unless include_stop_str_in_output; its id stays. A
+        sequence ending by its token takes the text the detokenizer still held (an incomplete character),
+        before stop strings are matched in it."""
         prev_len = len(seq.output_text)
         shows_text = seq.params.include_stop_str_in_output or not self.scheduler.stop_token(seq)
-        if seq.detok is not None and shows_text:  # without a tokenizer the outputs are token ids only
-            seq.output_text += seq.detok.step(seq.token_ids, seq.num_known)
+        if seq.detok is not None:  # without a tokenizer the outputs are token ids only
+            end = seq.num_known if shows_text else seq.num_known - 1
+            seq.output_text += seq.detok.step(seq.token_ids, end)
+            if self.scheduler.ends_by_token(seq):
+                seq.output_text += seq.detok.flush(seq.token_ids, end)
         reason = self.scheduler.check_stop(seq, prev_len)
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -79,6 +79,23 @@ def test_completion_stream_wire_format(srv: Running) -> None:
     assert text == full["choices"][0]["text"] and usage == full["usage"]
 
 
+def test_streamed_text_offsets_equal_the_whole_response(srv: Running) -> None:
+    """A stop string holds the text's tail back while the stream sends the tokens; each text_offset still
+    counts the strings of all tokens before it, as the non-streamed response does (it restarted at the
+    characters sent)."""
+    body = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0, "logprobs": 1,
+            "stop": ["zzzzzz"]}
+    full = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    tokens, offsets = [], []
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for chunk in (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")):
+            if chunk["choices"] and chunk["choices"][0]["logprobs"]:
+                tokens += chunk["choices"][0]["logprobs"]["tokens"]
+                offsets += chunk["choices"][0]["logprobs"]["text_offset"]
+    assert tokens == full["tokens"] and len(tokens) == 12
+    assert offsets == full["text_offset"] == [sum(map(len, tokens[:i])) for i in range(12)]
+
+
 def test_bad_chat_and_the_server_keeps_serving(srv: Running) -> None:
     client = srv.client()
     with pytest.raises(openai.BadRequestError):

@@ -37,7 +37,7 @@ class _Choice:
     finish_reason: Optional[str] = None
     stop_reason: int | str | None = None  # vLLM's field: the stop string or stop token id that ended it
     sent_parts: int = 0
-    sent_chars: int = 0
+    sent_offset: int = 0  # text_offset after the tokens sent: the sum of their strings' lengths, as body()'s
     sent_tokens: int = 0
     done: bool = False  # its finishing chunk is sent
 
@@ -197,7 +197,7 @@ class Formatter:
             if not delta and ch.finish_reason is None:
                 continue
             new_lp = None if ch.logprobs is None else ch.logprobs[ch.sent_tokens:]
-            lp = self._logprobs(ch.token_ids[ch.sent_tokens:], new_lp, ch.sent_chars)
+            lp = self._logprobs(ch.token_ids[ch.sent_tokens:], new_lp, ch.sent_offset)
             choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": ch.finish_reason,
                                       "stop_reason": ch.stop_reason}
             if self.kind == "chat":
@@ -206,7 +206,8 @@ class Formatter:
                 choice["text"] = delta
             chunks.append(self._chunk([choice]))
             ch.sent_parts, ch.sent_tokens = len(ch.text), len(ch.token_ids)
-            ch.sent_chars += len(delta)
+            if lp is not None and "tokens" in lp:  # a token's text may ride a later chunk than the token
+                ch.sent_offset += sum(map(len, lp["tokens"]))
             ch.done = ch.finish_reason is not None
         return chunks
 

@@ -5,7 +5,8 @@ are split across tokens. Encoding the token's decoded text cannot do that: a tok
 multi-byte character decodes to U+FFFD. The bytes come from the token's vocabulary entry instead:
 - byte-level BPE (GPT-2's scheme; Qwen2, Llama 3): each character of the entry stands for one byte, by
   GPT-2's printable-byte table, inverted here;
-- SentencePiece byte fallback (Llama 2 style): an entry ``<0xC3>`` is that byte.
+- SentencePiece byte fallback (Llama 2 style): an entry ``<0xC3>`` is that byte, and ``▁`` in an entry is
+  the space it stands for (decoding the token alone strips a word's leading space);
 Added tokens (``<|im_start|>``, ``</s>``) and every other entry keep their decoded text's bytes.
 """
 from __future__ import annotations
@@ -51,4 +52,6 @@ def token_bytes(tokenizer: Any, token_id: int) -> list[int]:
             match = None if byte_level else _BYTE_PIECE.fullmatch(piece)
             if match:
                 return [int(match.group(1), 16)]
+            if not byte_level and "\u2581" in piece:  # SentencePiece's word marker: a lone token's decode drops it
+                return list(piece.replace("\u2581", " ").encode())
     return list(tokenizer.decode([token_id]).encode())

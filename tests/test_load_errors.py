@@ -52,6 +52,8 @@ def _with_config(src: Path, dst: Path, edit: dict | list) -> str:
     ({"hidden_size": None}, "invalid value"),
     ({"intermediate_size": "big"}, "invalid value"),
     ({"eos_token_id": "x"}, "eos_token_id"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "pre-quantized.*'fp8'"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
 ])
 def test_bad_config_values_name_the_problem(qwen2_triple: tuple, tmp_path: Path, edit: dict | list,
                                             match: str) -> None:
@@ -76,3 +78,43 @@ def test_corrupt_weights_bad_devices_and_backends_are_rast_errors(qwen2_triple: 
     monkeypatch.setattr(rast_kernels.launch, "interpreting", lambda: False)  # as on a CPU machine outside tests
     with pytest.raises(RastError, match="'triton' needs a CUDA device"):
         LLM(str(large), device="cpu", attention_backend="triton")
+
+
+def test_bad_shard_indexes_unreadable_configs_and_non_float_weights(qwen2_triple: tuple, tmp_path: Path) -> None:
+    """Each a ModelLoadError naming the file or tensor (they escaped as TypeError, AttributeError,
+    UnicodeDecodeError; an FP8 or integer tensor was cast to the model dtype silently)."""
+    import torch
+
+    large = qwen2_triple[0]
+    for n, index in enumerate(([1, 2], {"weight_map": None}, {"weight_map": ["model.safetensors"]})):
+        bad = Path(shutil.copytree(large, tmp_path / f"index{n}"))
+        (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ModelLoadError, match="not a valid safetensors index"):
+            LLM(str(bad), device="cpu")
+    wrong = Path(shutil.copytree(large, tmp_path / "wrong_shard"))
+    save_file({"x": torch.zeros(1)}, str(wrong / "other.safetensors"), metadata={"format": "pt"})
+    names = load_file(str(wrong / "model.safetensors"))
+    index = {name: "other.safetensors" if name == "model.norm.weight" else "model.safetensors" for name in names}
+    (wrong / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    with pytest.raises(ModelLoadError, match=r"lists tensor model\.norm\.weight in other\.safetensors"):
+        LLM(str(wrong), device="cpu")
+    bad = Path(shutil.copytree(large, tmp_path / "latin1"))
+    (bad / "config.json").write_bytes((bad / "config.json").read_bytes().replace(b'"qwen2"', b'"qw\xe9n2"'))
+    with pytest.raises(ModelLoadError, match="config.json.*not valid JSON"):
+        LLM(str(bad), device="cpu")
+    for dtype in (torch.float8_e4m3fn, torch.int8):
+        bad = Path(shutil.copytree(large, tmp_path / f"w{dtype}"))
+        weights = load_file(str(bad / "model.safetensors"))
+        weights["model.norm.weight"] = weights["model.norm.weight"].to(dtype)
+        save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ModelLoadError, match=r"model\.norm\.weight is (F8_E4M3|I8)"):
+            LLM(str(bad), device="cpu")
+
+
+def test_a_non_finite_weight_under_fp8_names_the_tensor(qwen2_triple: tuple, tmp_path: Path) -> None:
+    bad = Path(shutil.copytree(qwen2_triple[0], tmp_path / "inf"))
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"down_proj\.weight cannot be quantised"):
+        LLM(str(bad), device="cpu", quantization="fp8")

@@ -69,8 +69,30 @@ def test_yarn_stretches_the_context_past_max_position_embeddings(tmp_path: Path,
 def test_unsupported_rope_scalings_are_named(tmp_path: Path) -> None:
     for scaling, match in (({"rope_type": "dynamic", "factor": 2.0}, "'dynamic'"),
                            ({"rope_type": "yarn", "factor": 2.0}, "lacks"),
-                           ({"rope_type": "linear", "factor": 0}, "positive factor")):
+                           ({"rope_type": "linear", "factor": 0}, "positive factor"),
+                           ({"rope_type": "yarn", "original_max_position_embeddings": 0}, "positive original"),
+                           ({"rope_type": "yarn", "original_max_position_embeddings": None}, "positive original"),
+                           ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}, "positive low_freq_factor")):
         with pytest.raises(ModelLoadError, match=match):
             ModelConfig.from_dict({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
                                    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
                                    "vocab_size": 64, "rope_scaling": scaling})
+
+
+def test_a_rope_scaling_added_beside_rope_parameters_applies(tmp_path: Path, tok_dir: Path) -> None:
+    """transformers 5 saves rope_parameters {"rope_type": "default"}; a model card's YaRN block added as
+    rope_scaling replaces it, as in HF (it was merged under rope_parameters, which won: plain rotary)."""
+    import json
+
+    scaling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+    path = make_model_dir(tmp_path / "m", "qwen2", rope_theta=1e4, max_position_embeddings=16, tokenizer_dir=tok_dir)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("rope_theta", None)
+    cfg["rope_parameters"], cfg["rope_scaling"] = {"rope_theta": 1e4, "rope_type": "default"}, scaling
+    (path / "config.json").write_text(json.dumps(cfg))
+    model_cfg = ModelConfig.from_dir(path)
+    assert model_cfg.rope_scaling["rope_type"] == "yarn" and model_cfg.rope_theta == 1e4 and model_cfg.max_context == 32
+    model = load_model(path, device="cpu", dtype="float32", attention=TorchAttention())
+    seq = list(range(3, 23))
+    torch.testing.assert_close(run_paged(model, [seq], [[20]])[0], hf_logits(path, seq), atol=ATOL, rtol=0)

@@ -83,6 +83,10 @@ class ModelConfig:
             missing = [k for k in ROPE_KEYS[kind] if k not in self.rope_scaling]
             if missing:
                 raise ModelLoadError(f"{kind} rope_scaling lacks {missing}")
+            for key in ROPE_KEYS[kind]:  # every required value divides or scales: positive and finite
+                value = self.rope_scaling[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                    raise ModelLoadError(f"{kind} rope_scaling needs a positive {key}, got {value!r}")
             if kind == "llama3" and self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
                 raise ModelLoadError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
             factor = self.rope_scaling.get("factor")
@@ -101,6 +105,11 @@ class ModelConfig:
             raise ModelLoadError("mlp_bias=true is not supported")
         if cfg.get("use_sliding_window", False):
             raise ModelLoadError("use_sliding_window=true is not supported")
+        if cfg.get("quantization_config"):  # its weights are not the values they hold: refuse, never misread
+            method = cfg["quantization_config"].get("quant_method") if isinstance(cfg["quantization_config"], dict) \
+                else cfg["quantization_config"]
+            raise ModelLoadError(f"pre-quantized checkpoints are not supported (quantization_config, quant_method "
+                                 f"{method!r}); load the bf16 checkpoint, with quantization='fp8' to quantise it")
         def given(key: str, derived: Any = None) -> Any:
             value = cfg.get(key)
             return HF_DEFAULTS[model_type].get(key, derived) if value is None else value
@@ -131,6 +140,8 @@ class ModelConfig:
                 torch_dtype=DTYPES[dtype_name],
                 qk_norm=arch == "qwen3",
             )
+        except ModelLoadError:  # __post_init__'s, already specific
+            raise
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the required key {e.args[0]!r}") from None
         except (TypeError, ValueError, ZeroDivisionError) as e:  # null, a string, zero heads...
@@ -145,9 +156,11 @@ class ModelConfig:
         if not cfg_path.is_file():
             raise ModelLoadError(f"{str(path)!r} has no config.json; expected an HF-format model directory")
         try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{str(cfg_path)!r} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ModelLoadError(f"{str(cfg_path)!r} cannot be read: {e}") from None
         if not isinstance(cfg, dict):
             raise ModelLoadError(f"{str(cfg_path)!r} must hold a JSON object, got a {type(cfg).__name__}")
         return cls.from_dict(cfg)
@@ -191,12 +204,17 @@ class ModelConfig:
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope scaling or None) from either config layout; 'type' is the old key for rope_type."""
+    """(rope_theta, rope scaling or None) from either config layout; 'type' is the old key for rope_type.
+    A rope_scaling replaces rope_parameters, as in HF (transformers 5 saves rope_parameters with type
+    "default", and a model card's YaRN block is added as rope_scaling); rope_theta is the first one given."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ModelLoadError(f"config {key} must be an object, got {cfg[key]!r}")
     params = dict(cfg.get("rope_parameters") or {})
     legacy = cfg.get("rope_scaling")
+    theta = next((d["rope_theta"] for d in (legacy or {}, params, cfg) if d.get("rope_theta") is not None), 10000.0)
     if legacy:
-        params = {**legacy, **params}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        params = dict(legacy)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return float(theta), None

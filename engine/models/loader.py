@@ -28,6 +28,7 @@ from rast_engine.models.layer_ops import LayerOps
 
 INDEX_FILE = "model.safetensors.index.json"
 LOAD_FORMATS = ("auto", "dummy")
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors' names of the dtypes a weight is read from
 DUMMY_STD = 0.02  # HF's initializer_range for Qwen2 / Llama: activations stay O(1) through the layers
 
 
@@ -46,8 +47,10 @@ def tensor_files(path: Path) -> dict[str, Path]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to shard file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ModelLoadError(f"{str(index)!r} is not a valid safetensors index: {e}") from None
         files = {name: path / shard for name, shard in weight_map.items()}
         absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
@@ -145,17 +148,28 @@ def load_model(
         by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
         with _safetensors(file) as f:
+            held = set(f.keys())
             for name in names:
+                if name not in held:  # the index points at the wrong shard
+                    raise ModelLoadError(f"{str(path)!r}: {INDEX_FILE} lists tensor {name} in {file.name}, "
+                                         f"which does not hold it")
                 param, start, rows = slots[name]
                 target = param.narrow(0, start, rows)
-                shape = tuple(f.get_slice(name).get_shape())
+                tensor_slice = f.get_slice(name)
+                shape = tuple(tensor_slice.get_shape())
                 if shape != tuple(target.shape):
                     raise ModelLoadError(
                         f"{str(path)!r}: tensor {name} has shape {list(shape)}, "
                         f"expected {list(target.shape)} from config.json"
                     )
+                if tensor_slice.get_dtype() not in FLOAT_DTYPES:  # quantised or integer: never cast silently
+                    raise ModelLoadError(f"{str(path)!r}: tensor {name} is {tensor_slice.get_dtype()}; "
+                                         f"weights must be one of {FLOAT_DTYPES}")
                 if id(param) in fp8:
-                    fp8[id(param)].load_rows(start, f.get_tensor(name))
+                    try:
+                        fp8[id(param)].load_rows(start, f.get_tensor(name))
+                    except ValueError as e:  # a non-finite weight has no FP8 scale
+                        raise ModelLoadError(f"{str(path)!r}: tensor {name} cannot be quantised: {e}") from None
                 else:
                     target.copy_(f.get_tensor(name))
     return model.eval()

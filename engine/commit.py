@@ -50,7 +50,7 @@ def commit_step(engine: LLMEngine, batch: InFlight, results: list[DrawResult]
                 target.append_token(result.token_id, result.logprobs)
         for target in targets:
             engine._generation_tokens += 1
-            if engine.async_output and not engine.scheduler.ends_by_token(target):
+            if engine.async_output and not engine.scheduler.stops.ends_by_token(target):
                 deferred.append(target)
             else:
                 engine._read_text(target)

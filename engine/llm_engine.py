@@ -222,7 +222,7 @@ class LLMEngine:
         return self._start(out, feed=[row[s] if s.num_pending else -1 for s in out.seqs])
 
     def _start(self, out: SchedulerOutput, feed: Optional[list[int]] = None) -> InFlight:
-        draws, owners = step_draws(out.seqs, self.scheduler.eos_token_ids)
+        draws, owners = step_draws(out.seqs, self.scheduler.stops.eos_token_ids)
         try:
             step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed, out.lookahead)
         except BaseException:
@@ -267,13 +267,13 @@ class LLMEngine:
         sequence ending by its token takes the text the detokenizer still held (an incomplete character),
         before stop strings are matched in it."""
         prev_len = len(seq.output_text)
-        shows_text = seq.params.include_stop_str_in_output or not self.scheduler.stop_token(seq)
+        shows_text = seq.params.include_stop_str_in_output or not self.scheduler.stops.stop_token(seq)
         if seq.detok is not None:  # without a tokenizer the outputs are token ids only
             end = seq.num_known if shows_text else seq.num_known - 1
             seq.output_text += seq.detok.step(seq.token_ids, end)
-            if self.scheduler.ends_by_token(seq):
+            if self.scheduler.stops.ends_by_token(seq):
                 seq.output_text += seq.detok.flush(seq.token_ids, end)
-        reason = self.scheduler.check_stop(seq, prev_len)
+        reason = self.scheduler.stops.check(seq, prev_len)
         if reason is not None:
             self.scheduler.finish(seq, reason)
 

@@ -132,7 +132,7 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     check_token_ids("allowed_token_ids", params.allowed_token_ids, engine.vocab_size)
     if params.bad_words:
         params.set_bad_words_token_ids(tokenize_bad_words(engine.tokenizer, params.bad_words, engine.vocab_size))
-    check_some_allowed_id_admissible(params, engine.scheduler.eos_token_ids)
+    check_some_allowed_id_admissible(params, engine.scheduler.stops.eos_token_ids)
     for name in ("logprobs", "prompt_logprobs"):
         if (getattr(params, name) or 0) > engine.vocab_size:
             raise RastError(f"{name}={getattr(params, name)} exceeds the vocabulary size {engine.vocab_size}",

@@ -43,6 +43,7 @@ from typing import Iterable, Optional
 from rast_engine.block_manager import BlockManager
 from rast_engine.prompt_logprobs import pending as prompt_logprobs_pending
 from rast_engine.sequence import Sequence, SequenceStatus
+from rast_engine.stop_rules import StopRules
 
 # prompt tokens a prefill step may score for prompt_logprobs: each costs its full-vocabulary logits rows
 # (every model's, plus float32 temporaries: ~2 GB at 1024 rows and V = 152064), which the KV cache's
@@ -70,8 +71,7 @@ class Scheduler:
         self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.stops = StopRules(max_model_len, frozenset(eos_token_ids))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -160,7 +160,7 @@ class Scheduler:
         # draw (a prompt whose last chunk stopped one short) decodes plainly
         lookahead = 0
         if self.lookahead and self.running and all(s.group.forked for s in self.running):
-            room = min(self.max_model_len - len(s.token_ids) - 1 for s in self.running)
+            room = min(self.stops.max_model_len - len(s.token_ids) - 1 for s in self.running)
             lookahead = max(min(self.lookahead, room), 0)
         scheduled: list[Sequence] = []
         copies: list[tuple[int, int]] = []
@@ -195,7 +195,7 @@ class Scheduler:
         or for blocks do not stop the decode steps (with more requests than max_num_seqs, as in an
         evaluation run, the queue is never empty). A sequence whose pending token reaches max_tokens or
         max_model_len stays out."""
-        seqs = [s for s in self.running if not self._at_length(s, pending=True)]
+        seqs = [s for s in self.running if not self.stops.at_length(s, pending=True)]
         if any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
             return None
         if self._admits_next():
@@ -233,46 +233,6 @@ class Scheduler:
             seq.reset_for_recompute()
             self.waiting.appendleft(seq)
 
-    def stop_token(self, seq: Sequence) -> bool:
-        """Whether the newest known token is an EOS (unless ignore_eos) or one of stop_token_ids."""
-        params = seq.params
-        token = seq.token_ids[seq.num_known - 1]
-        return (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
-
-    def _at_length(self, seq: Sequence, pending: bool = False) -> bool:
-        """Whether the known tokens (with ``pending``: all of them) reach max_tokens or max_model_len."""
-        length = len(seq.token_ids) if pending else seq.num_known
-        return length - seq.num_prompt_tokens >= seq.params.max_tokens or length >= self.max_model_len
-
-    def ends_by_token(self, seq: Sequence) -> bool:
-        """Whether the sequence stops after its newest token for a reason that needs no text: an EOS or
-        stop token, max_tokens or max_model_len (stop strings need the detokenised text)."""
-        return self.stop_token(seq) or self._at_length(seq)
-
-    def check_stop(self, seq: Sequence, prev_text_len: int) -> Optional[str]:
-        """The finish reason after the sequence's newest token, if any; trims what follows a matched
-        stop string from ``seq.output_text``, and the string too unless include_stop_str_in_output.
-        ``prev_text_len`` is the text length before it."""
-        token = seq.token_ids[seq.num_known - 1]
-        if not seq.params.ignore_eos and token in self.eos_token_ids:
-            return "stop"  # as vLLM: EOS names no stop_reason
-        if token in seq.params.stop_token_ids:
-            seq.stop_reason = token
-            return "stop"
-        # as vLLM, stop strings count only once the output is longer than min_tokens
-        stops = seq.params.stop_list if seq.num_known - seq.num_prompt_tokens > seq.params.min_tokens else []
-        if stops:
-            # only matches that end in the newest text: one ending earlier was found by an earlier check, or
-            # lies in the text of the first min_tokens tokens, where vLLM matches nothing either
-            hits = [(i, -len(s)) for i, s in ((seq.output_text.find(s, max(prev_text_len - len(s) + 1, 0)), s)
-                                              for s in stops) if i >= 0]
-            if hits:
-                at, minus_len = min(hits)  # the earliest match, the longest of those starting there
-                seq.stop_reason = seq.output_text[at:at - minus_len]
-                seq.output_text = seq.output_text[:at - minus_len if seq.params.include_stop_str_in_output else at]
-                return "stop"
-        return "length" if self._at_length(seq) else None
-
     def _leave(self, seq: Sequence) -> None:
         """Take an unfinished sequence out of the list its status names."""
         if seq.status is SequenceStatus.RUNNING:
@@ -280,22 +240,25 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Running, or waiting: after a preemption (a stop string can be read after the step that
-        preempted it was scheduled, see LLMEngine.step), or a sample that found no slot, by its first
-        token."""
+    def _retire(self, seq: Sequence) -> None:
+        """Out of its list, its KV blocks freed and its device-side state dropped: a sample's [V] penalty
+        counts too, so a request of n samples holds them for the running ones only, not all n."""
         self._leave(seq)
         if seq.block_table:
             self.bm.free(seq)
         seq.drop_pending()
+        seq.output_counts = None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Running, or waiting: after a preemption (a stop string can be read after the step that
+        preempted it was scheduled, see LLMEngine.step), or a sample that found no slot, by its first
+        token."""
+        self._retire(seq)
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
 
     def abort(self, seqs: Iterable[Sequence]) -> None:
         for seq in seqs:
-            self._leave(seq)
-            if seq.block_table:
-                self.bm.free(seq)
-            seq.drop_pending()
+            self._retire(seq)
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = seq.finish_reason or "abort"

@@ -85,7 +85,7 @@ def engine_grammars(engine: Any) -> Grammars:
     neither (a vocabulary's TokenizerInfo takes seconds) stalls the running batch."""
     with _BUILDING:
         if engine.grammars is None:
-            engine.grammars = Grammars(engine.tokenizer, engine.vocab_size, sorted(engine.scheduler.eos_token_ids))
+            engine.grammars = Grammars(engine.tokenizer, engine.vocab_size, sorted(engine.scheduler.stops.eos_token_ids))
     return engine.grammars
 
 

@@ -137,3 +137,21 @@ def test_bias_and_min_tokens_are_checked(qwen2_triple: tuple) -> None:
     with pytest.raises(RastError, match="outside the vocabulary"):
         engine.add_request("x", PROMPTS[0], SamplingParams(logit_bias={engine.vocab_size: 1.0}))
     assert not engine.groups
+
+
+def test_finished_samples_release_their_penalty_counts(qwen2_triple: tuple) -> None:
+    """A sample's [V] counts live on the device while it runs: with n = 12 through 3 slots at most 3
+    samples hold them at once (every finished one kept them until the request ended: O(n V) memory)."""
+    from rast_engine.sequence import SequenceStatus
+
+    engine = make_engine(qwen2_triple, max_num_seqs=3)
+    params = SamplingParams(n=12, temperature=1.0, max_tokens=4, seed=0, ignore_eos=True, repetition_penalty=1.3)
+    engine.add_request("r", PROMPTS[0], params)
+    most, finished_seen = 0, 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        group = engine.groups.get("r")
+        seqs = group.seqs if group is not None else []
+        most = max(most, sum(s.output_counts is not None for s in seqs))
+        finished_seen = max(finished_seen, sum(s.status is SequenceStatus.FINISHED for s in seqs))
+    assert finished_seen >= 3 and 1 <= most <= 3

@@ -61,7 +61,7 @@ def test_yarn_stretches_the_context_past_max_position_embeddings(tmp_path: Path,
     for seq, logits in zip(seqs, run_paged(model, seqs, [[20, 10], [20, 10]])):
         torch.testing.assert_close(logits, hf_logits(path, seq), atol=ATOL, rtol=0)
     assert LLM(str(path), device="cpu", kv_cache_blocks=32).llm_engine.config.max_model_len is None
-    assert LLM(str(path), device="cpu", kv_cache_blocks=32).llm_engine.scheduler.max_model_len == 64
+    assert LLM(str(path), device="cpu", kv_cache_blocks=32).llm_engine.scheduler.stops.max_model_len == 64
     with pytest.raises(RastError, match="exceeds the models' context"):
         LLM(str(path), device="cpu", max_model_len=65)
 

@@ -42,7 +42,7 @@ def run_step(sched: Scheduler, log: list) -> None:
         seq.num_computed_tokens = len(seq.token_ids)
         sched.bm.register_computed(seq)
         seq.token_ids.append(fake_token(seq))
-        reason = sched.check_stop(seq, 0)
+        reason = sched.stops.check(seq, 0)
         if reason:
             sched.finish(seq, reason)
 
@@ -121,7 +121,7 @@ def test_stop_conditions() -> None:
         seq = make_seq([1, 1], params)
         seq.token_ids.append(token)
         seq.output_text = text
-        return sched.check_stop(seq, prev), seq.output_text
+        return sched.stops.check(seq, prev), seq.output_text
 
     assert stop_after(EOS, SamplingParams())[0] == "stop"
     assert stop_after(EOS, SamplingParams(ignore_eos=True, max_tokens=5))[0] is None
@@ -134,7 +134,7 @@ def test_stop_conditions() -> None:
     assert stop_after(9, SamplingParams(stop="ab"), "zzzaz", prev=4) == (None, "zzzaz")
     long_seq = make_seq(list(range(9)), SamplingParams(max_tokens=100))
     long_seq.token_ids.append(5)
-    assert sched.check_stop(long_seq, 0) == "length"  # max_model_len
+    assert sched.stops.check(long_seq, 0) == "length"  # max_model_len
 
 
 def test_abort_frees_waiting_and_running() -> None:

@@ -77,7 +77,7 @@ def test_eos_first_token_and_stop_token_ids_with_ignore_eos(qwen2_triple: tuple,
     ids = encode(engine, TEXTS[2])
     [(tokens, _, _)] = alone(oracle, ids, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     # the tiny random model never picks </s> by itself: declare its first greedy token the eos token
-    engine.scheduler.eos_token_ids = frozenset({tokens[0]})
+    engine.scheduler.stops.eos_token_ids = frozenset({tokens[0]})
     got = run(engine, {
         "eos": (ids, SamplingParams(n=2, temperature=0.0, max_tokens=8)),
         "ignored": (ids, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
@@ -111,7 +111,7 @@ def test_stop_token_text_is_left_out_unless_included(qwen2_triple: tuple, oracle
     })
     assert got["hidden"] == [(tokens[:k + 1], _decode(engine, tokens[:k]), "stop")]
     assert got["shown"] == [(tokens[:k + 1], _decode(engine, tokens[:k + 1]), "stop")]
-    engine.scheduler.eos_token_ids = frozenset({tokens[k]})
+    engine.scheduler.stops.eos_token_ids = frozenset({tokens[k]})
     got = run(engine, {"eos": (ids, SamplingParams(skip_special_tokens=False, **greedy))})
     assert got["eos"] == [(tokens[:k + 1], _decode(engine, tokens[:k], skip=False), "stop")]
     assert_clean(engine)
@@ -125,7 +125,7 @@ def test_stop_reason_names_what_stopped(qwen2_triple: tuple, oracle: LLMEngine) 
     [(tokens, text, _)] = alone(oracle, ids, SamplingParams(ignore_eos=True, **greedy))
     k = next(k for k in range(1, 8) if tokens[k] not in tokens[:k] and _decode(engine, tokens[k:k + 1]).strip())
     stop = _decode(engine, tokens[k:k + 1]).strip()[0]  # a character of token k's text (maybe found earlier)
-    engine.scheduler.eos_token_ids = frozenset({tokens[k]})  # "id" ignores EOS: its id is the stop_token_ids one
+    engine.scheduler.stops.eos_token_ids = frozenset({tokens[k]})  # "id" ignores EOS: its id is the stop_token_ids one
     requests = {"id": SamplingParams(ignore_eos=True, stop_token_ids=[tokens[k]], **greedy),
                 "length": SamplingParams(ignore_eos=True, **greedy), "eos": SamplingParams(**greedy),
                 "string": SamplingParams(ignore_eos=True, stop=["zz" * 8, stop], **greedy)}

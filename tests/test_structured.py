@@ -64,7 +64,7 @@ def oracle_z(triple: tuple, ids: list[int], vocab: int, matcher: object) -> torc
 
 def oracle_matcher(engine: object, kind: str) -> object:
     info = xgr.TokenizerInfo.from_huggingface(engine.tokenizer, vocab_size=engine.vocab_size,
-                                              stop_token_ids=sorted(engine.scheduler.eos_token_ids))
+                                              stop_token_ids=sorted(engine.scheduler.stops.eos_token_ids))
     compiler, spec = xgr.GrammarCompiler(info), CASES[kind]
     compiled = {"json": lambda: compiler.compile_json_schema(json.dumps(SCHEMA)),
                 "json_object": lambda: compiler.compile_json_schema('{"type": "object"}'),
@@ -88,7 +88,7 @@ def test_outputs_hold_their_constraint(json_triple: tuple, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["json", "regex", "choice"])
 def test_greedy_tokens_and_logprobs_equal_the_oracle(json_triple: tuple, kind: str) -> None:
     engine = make_engine(json_triple, max_model_len=128, kv_cache_blocks=256)
-    vocab, eos = engine.vocab_size, engine.scheduler.eos_token_ids
+    vocab, eos = engine.vocab_size, engine.scheduler.stops.eos_token_ids
     greedy = SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=CASES[kind])
     sampled = SamplingParams(temperature=0.8, seed=5, max_tokens=12, logprobs=0, structured_outputs=CASES[kind])
     outs = run(engine, {"g": (PROMPT, greedy), "s": (PROMPT, sampled)})
@@ -240,7 +240,7 @@ def test_speculative_rounds_give_structured_outputs_the_plain_tokens(json_triple
                 "free2": ([9, 9, 30], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))}
     want = {k: v[0].token_ids for k, v in run(make_engine(json_triple, max_model_len=128, kv_cache_blocks=256),
                                               requests).items()}
-    eos = make_engine(json_triple).scheduler.eos_token_ids
+    eos = make_engine(json_triple).scheduler.stops.eos_token_ids
     assert len(want["e"]) == 12 and want["e"][-1] in eos  # the grammar ended, then only stop tokens
     for variant, kw in (("coupled", dict(kv_cache_blocks=256)), ("preemption", dict(kv_cache_blocks=12))):
         engine = make_engine(json_triple, max_model_len=48, speculative_tokens=3, **kw)

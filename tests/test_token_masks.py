@@ -132,7 +132,7 @@ def test_masks_are_checked(qwen2_triple: tuple) -> None:
     assert info.value.param == "bad_words"
     with pytest.raises(RastError, match="outside the vocabulary"):
         tokenize_bad_words(engine.tokenizer, ["the"], 10)
-    eos = sorted(engine.scheduler.eos_token_ids)
+    eos = sorted(engine.scheduler.stops.eos_token_ids)
     word = word_in(engine.tokenizer, list(range(8, 100)), 1)  # past the special tokens
     the = [w[0] for w in spellings(engine.tokenizer, word)]  # bad_words=[word] masks these at every draw
     for kw in (dict(allowed_token_ids=the, bad_words=[word]), dict(allowed_token_ids=eos + [7], stop_token_ids=[7],

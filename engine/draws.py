@@ -3,7 +3,7 @@
 A draw samples one token from one row of the step's logits: a decode or a prefill's last token draws once
 from its row; a request's first draw of n > 1 samples draws n times from its one prefilled row, with a
 seed per sample. Those n draws read the row through a stride-0 view (``expand``), never a copy per draw,
-and their logprobs come from one rast_probs row: so the memory of a step is O(rows x V) whatever n is
+and their logprobs come from one rast_logprobs row: so the memory of a step is O(rows x V) whatever n is
 (a copy per draw made it O(n x V): at n = 10,000 and V = 152064, 6 GB a model in fp32).
 
 Calls: one rast_sample for the rows drawn once, gathered (none gathered when they are every row, as in a
@@ -118,7 +118,7 @@ def draw_logprobs(logits: list[torch.Tensor], draws: Seq[Draw], ids: torch.Tenso
                   vocab_size: int, backend: Optional[str]) -> Optional[DrawLogprobs]:
     """Logprobs under the filtered distribution each token was drawn from (greedy rows: T = 1), for the
     draws that ask for them, computed on the device (None: no draw asks). Draws of one row share its
-    distribution: one rast_probs row each row, whatever the draws."""
+    distribution: one rast_logprobs row each row, whatever the draws."""
     want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
     if not want:
         return None
@@ -131,10 +131,9 @@ def draw_logprobs(logits: list[torch.Tensor], draws: Seq[Draw], ids: torch.Tenso
             rows.append(draws[j].row)
             first.append(draws[j])
     sub = _rows(logits, rows, to_device)
-    probs = rast_kernels.rast_probs(
+    logp = rast_kernels.rast_logprobs(  # finite however small a token's probability (probs.log() underflowed)
         sub[0], list(zip(sub[1::2], sub[2::2])), weights=to_device(_weights(first, (len(logits) - 1) // 2)),
         **row_params(first, to_device, greedy_as_t1=True), vocab_size=vocab_size, backend=backend)
-    logp = probs.log()
     counts = [draws[j].params.logprobs for j in want]
     k = min(max(counts), logp.shape[1])
     top_val, top_ids = logp.topk(k, dim=1) if k > 0 else (logp[:, :0], logp[:, :0])

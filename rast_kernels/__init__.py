@@ -2,6 +2,7 @@
 
     rast_sample(logits, deltas, ...) -> int64 [B]      one token per row, -1 if no token is admissible
     rast_probs(logits, deltas, ...)  -> float32 [B, V] the exact distribution rast_sample draws from
+    rast_logprobs(logits, deltas, ...) -> float32 [B, V] its logarithm, finite on every admissible token
 
 with z = logits[:, :V] + sum_k w_k * (rl_k[:, :V] - base_k[:, :V]), then temperature, top-k, top-p and
 min-p (HF order). The torch backend (rast_kernels.reference) is the executable spec; the Triton and
@@ -21,7 +22,7 @@ import torch
 
 from rast_kernels.batch import RowParam, Scalar, SamplingBatch, normalize
 
-__all__ = ["rast_sample", "rast_probs", "available_backends", "default_backend", "SamplingBatch"]
+__all__ = ["rast_sample", "rast_probs", "rast_logprobs", "available_backends", "default_backend", "SamplingBatch"]
 
 BACKENDS = ("torch", "triton", "native")
 
@@ -111,6 +112,26 @@ def rast_probs(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.
     batch = normalize(logits, deltas, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, vocab_size=vocab_size)
     return _run("probs", batch, backend)
+
+
+def rast_logprobs(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), *,
+                  weights: Union[Scalar, Sequence[Scalar], torch.Tensor] = 1.0, temperature: RowParam = 1.0,
+                  top_k: RowParam = 0, top_p: RowParam = 1.0, min_p: RowParam = 0.0,
+                  vocab_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """log rast_probs (float32 [B, V]), computed in log space: -d_i - log sum_A w_j on the admissible set
+    A, -inf elsewhere. rast_probs' float32 entries underflow to 0 below about 1e-45 (a logprob below
+    -103: common at low temperature), where this stays finite and exact, as vLLM's processed logprobs
+    do. A is the backend's support plus the spec's admissible tokens (rast_kernels.reference; it sorts,
+    so this costs more than rast_probs); p at the mode, never below 1 / V, gives the normaliser."""
+    from rast_kernels import reference
+
+    batch = normalize(logits, deltas, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, vocab_size=vocab_size)
+    p = _run("probs", batch, backend)
+    _, _, d = reference.distances(batch)  # d = (zmax - z) / T, with T = 1 on greedy rows (one-hot there)
+    allowed, _ = reference.admissible(batch)
+    support = (p > 0) | (allowed & (batch.temperature > 0)[:, None])
+    return torch.where(support, p.amax(dim=1, keepdim=True).log() - d, float("-inf"))
 
 
 # registers torch.ops.rast_kernels.* now, so torch.export.load finds them after `import rast_kernels`

@@ -155,14 +155,27 @@ def test_acceptance_and_expected_tokens_by_hand() -> None:
     p, q = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([[0.25, 0.25, 0.5], [0.0, 0.0, 1.0]])
     assert acceptance(p, q).tolist() == [0.5, 0.0]  # 1 - total variation distance
     assert acceptance(q, q).tolist() == [1.0, 1.0]
-    assert expected_tokens([0.5, 1.0], 2) == pytest.approx(2.0)  # t=0: 1 + .5 + .5; t=1: 1 + 1 (cut at the end)
-    assert expected_tokens([0.5, 0.25], 1) == pytest.approx((1.5 + 1.25) / 2)
+    # a round yields at most the tokens left: t=0 has one draft left (1 + .5), t=1 none (1)
+    assert expected_tokens([0.5, 1.0], 2) == pytest.approx(1.25)
+    assert expected_tokens([0.5, 0.25], 1) == pytest.approx((1.5 + 1.0) / 2)
+    assert expected_tokens([0.9], 8) == 1.0  # a one-token path: one token, whatever γ
     assert expected_tokens([0.3] * 5, 0) == 1.0
     a, g = 0.8, 3  # far from the end, a constant α gives the geometric sum (1 - α^(γ+1)) / (1 - α)
     interior = (1 - a ** (g + 1)) / (1 - a)
-    # the last g - 1 starts have k < g drafts left: 1 + a + ... + a^k
-    tail = sum(1 + sum(a ** j for j in range(1, k + 1)) for k in range(1, g))
-    assert expected_tokens([a] * 100, g) == pytest.approx(((100 - g + 1) * interior + tail) / 100)
+    # the last g starts have k < g drafts left: 1 + a + ... + a^k
+    tail = sum(sum(a ** j for j in range(k + 1)) for k in range(g))
+    assert expected_tokens([a] * 100, g) == pytest.approx(((100 - g) * interior + tail) / 100)
+    # against the round process itself: k of γ drafts accepted with probability Π_{i<k} α (1 - α_k), and a
+    # round from t emits min(k + 1, L - t) tokens (a draft past the path's end is never made)
+    alpha = [0.9, 0.3, 0.7, 1.0, 0.5, 0.8, 0.6]
+    for gamma in range(6):
+        rounds = []
+        for t in range(len(alpha)):
+            # past the path's end any α will do (the cap decides); after γ drafts the round stops
+            drafts = (alpha[t:t + gamma] + [0.5] * gamma)[:gamma] + [0.0]
+            rounds.append(sum(math.prod(drafts[:k]) * (1 - drafts[k]) * min(k + 1, len(alpha) - t)
+                              for k in range(gamma + 1)))
+        assert expected_tokens(alpha, gamma) == pytest.approx(sum(rounds) / len(alpha))
     # 2 tokens a round for M's 10 bytes plus the pair's 2 bytes three times: (10 + 2) * 2 / (10 + 6)
     assert speedup_bound(2.0, 2, 10, 2) == pytest.approx(1.5)
 
@@ -239,3 +252,30 @@ def test_accept_against_hf(setup: dict) -> None:
             assert row["tokens_per_round"] == pytest.approx(e)
             assert row["speedup_bound"] == pytest.approx(speedup_bound(e, row["gamma"], sizes["large"],
                                                                        sizes["rl"] + sizes["base"]))
+
+
+@pytest.mark.parametrize("analysis", ["kld", "accept", "cosine", "pcr"])
+def test_bad_out_and_template_fail_before_any_model_loads(setup: dict, analysis: str, tmp_path,  # noqa: ANN001
+                                                          monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    """An --out that is a directory, or a template file that is not UTF-8, is a one-line error before a
+    model loads (the report was written after hours of decoding and scoring, and lost; the template gave a
+    traceback)."""
+    import rast_engine
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(rast_engine, "LLM", no_model)
+    d = setup["dirs"]
+    models = {"pcr": ["--rl", str(d["rl"]), "--base", str(d["base"])],
+              "cosine": ["--model", str(d["large"]), "--delta", str(d["rl"]), str(d["base"]),
+                         "--delta", str(d["rl"]), str(d["base"])]}.get(
+        analysis, ["--model", str(d["large"]), "--small-rl", str(d["rl"]), "--small-base", str(d["base"])])
+    latin1 = tmp_path / "template.txt"
+    latin1.write_bytes("Problème: {problem}\n".encode("latin-1"))
+    common = ["analyze", analysis, *models, "--data", str(setup["data"]), "--device", "cpu"]
+    assert main([*common, "--template", str(setup["template"]), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main([*common, "--template", str(latin1)]) == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text" in err and "Traceback" not in err

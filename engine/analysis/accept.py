@@ -14,8 +14,8 @@ Target and drafts are read at the same temperature and top-p (rast_probs), along
 M̃ sampled with those settings, so α_t is the exact probability that a draft at position t of the path
 passes (the coupled one summed over the TOP likeliest tokens: ``coupled_slack`` bounds what is left out).
 
-A round starting at t yields E_γ(t) = 1 + Σ_{j=1..γ} Π_{i<j} α_{t+i} tokens in expectation (a round
-never runs past the path's end). The report gives their mean over t and the weight-bytes bound on the
+A round starting at t yields E_γ(t) = 1 + Σ_{j=1..γ'} Π_{i<j} α_{t+i} tokens in expectation, with
+γ' = min(γ, L - 1 - t) on a path of L tokens (a round never yields more than the tokens left). The report gives their mean over t and the weight-bytes bound on the
 speed-up: E_γ times the bytes of a plain step (M + the pair) over the bytes of a round (M once, the pair
 γ + 1 times). It leaves out KV reads and M's compute over γ + 1 positions (small at decode batch
 sizes, where a step is bound by reading weights): a bound to decide whether it pays, not a measurement.
@@ -65,7 +65,9 @@ def coupled_acceptance(p: torch.Tensor, q: torch.Tensor, top: int = TOP) -> tupl
 
 
 def expected_tokens(alpha: Sequence[float], gamma: int) -> float:
-    """The mean over start positions t of E_γ(t) = 1 + Σ_{j=1..γ} Π_{i<j} α_{t+i}, cut at the end."""
+    """The mean over start positions t of E_γ(t) = 1 + Σ_{j=1..γ'} Π_{i<j} α_{t+i}, with γ' = min(γ, L - 1 - t)
+    drafts: a round from t yields at most the L - t tokens left on the path (α_t accepts the draft of
+    position t; the last position has no draft after it)."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if not alpha:
@@ -73,7 +75,7 @@ def expected_tokens(alpha: Sequence[float], gamma: int) -> float:
     total = 0.0
     for t in range(len(alpha)):
         run = e = 1.0
-        for a in alpha[t:t + gamma]:
+        for a in alpha[t:min(t + gamma, len(alpha) - 1)]:
             run *= a
             e += run
         total += e
@@ -128,12 +130,13 @@ def path_acceptance(large: torch.Tensor, rl: torch.Tensor, base: torch.Tensor, l
 def run_accept(cfg: AcceptConfig) -> dict[str, Any]:
     from rast_engine import LLM
 
+    problems, template = load_problems(cfg.data, cfg.limit), load_template(cfg.template)  # before any model
     llm = LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
               seed=cfg.seed)
     models = llm.llm_engine.model_set.models
     large_bytes, pair_bytes = weight_bytes(models[0]), weight_bytes(models[1]) + weight_bytes(models[2])
-    paths = generate_trajectories(llm, load_problems(cfg.data, cfg.limit), load_template(cfg.template),
-                                  cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed, top_p=cfg.top_p)
+    paths = generate_trajectories(llm, problems, template, cfg.max_tokens, temperature=cfg.temperature,
+                                  seed=cfg.seed, top_p=cfg.top_p)
     per_traj: list[dict[str, Any]] = []
     slack = 0.0
     for traj, s in score_each(llm, paths):

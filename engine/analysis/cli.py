@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,19 @@ def _summary(args: argparse.Namespace, report: dict[str, Any]) -> str:
     return f"mean cosine similarity of the two ΔR: {report['mean_cosine']:.4f} ({n})"
 
 
+def _writable(out: str) -> Path:
+    """--out checked before the analysis runs (decoding and scoring may take hours), and its folder made."""
+    path = Path(out)
+    if path.is_dir():
+        raise RastError(f"--out {out!r} is a directory; give a file path for the JSON report")
+    path.parent.mkdir(parents=True, exist_ok=True)  # an OSError (a file in the way) is a one-line error
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise RastError(f"--out {out!r} is not writable")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
+    out = _writable(args.out) if args.out else None
     if args.analysis == "pcr":
         from rast_engine.analysis.pcr import PcrConfig, run_pcr
 
@@ -129,8 +142,7 @@ def run(args: argparse.Namespace) -> int:
                                          dtype=args.dtype, seed=args.seed))
     else:
         raise RastError(f"unknown analysis {args.analysis!r}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(_summary(args, report))
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0

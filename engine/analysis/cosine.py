@@ -54,10 +54,10 @@ class CosineConfig(TrajectorySettings):
 def run_cosine(cfg: CosineConfig) -> dict[str, Any]:
     from rast_engine import LLM
 
+    problems, template = load_problems(cfg.data, cfg.limit), load_template(cfg.template)  # before any model
     experts = [(rl, base, 0.0) for rl, base in cfg.deltas]  # weight 0: decode as the model alone
     llm = LLM(cfg.model, experts=experts, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-    paths = generate_trajectories(llm, load_problems(cfg.data, cfg.limit), load_template(cfg.template),
-                                  cfg.max_tokens, seed=cfg.seed)
+    paths = generate_trajectories(llm, problems, template, cfg.max_tokens, seed=cfg.seed)
     per_traj = []
     for traj, s in score_each(llm, paths):
         (rl1, base1), (rl2, base2) = s.deltas

@@ -47,11 +47,12 @@ class KldConfig(TripleSettings):
 def run_kld(cfg: KldConfig) -> dict[str, Any]:
     from rast_engine import LLM
 
+    problems, template = load_problems(cfg.data, cfg.limit), load_template(cfg.template)  # before any model
     llm = LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
               seed=cfg.seed)
     tokenizer = llm.get_tokenizer()
-    paths = generate_trajectories(llm, load_problems(cfg.data, cfg.limit), load_template(cfg.template),
-                                  cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    paths = generate_trajectories(llm, problems, template, cfg.max_tokens, temperature=cfg.temperature,
+                                  seed=cfg.seed)
     positions: list[dict[str, Any]] = []
     per_traj: list[dict[str, Any]] = []
     by_token: dict[int, list[float]] = defaultdict(list)

@@ -56,9 +56,9 @@ class PcrConfig(TrajectorySettings):
 def _rl_paths(cfg: PcrConfig) -> list[Trajectory]:
     from rast_engine import LLM
 
-    problems = load_problems(cfg.data, cfg.limit)
+    problems, template = load_problems(cfg.data, cfg.limit), load_template(cfg.template)  # before any model
     llm = LLM(cfg.rl, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-    return generate_trajectories(llm, problems, load_template(cfg.template), cfg.max_tokens, seed=cfg.seed)
+    return generate_trajectories(llm, problems, template, cfg.max_tokens, seed=cfg.seed)
 
 
 def run_pcr(cfg: PcrConfig) -> dict[str, Any]:

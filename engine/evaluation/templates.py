@@ -56,5 +56,8 @@ def load_template(spec: str) -> PromptTemplate:
     path = Path(spec)
     if not path.is_file():
         raise RastError(f"--template must be 'a', 'b' or a template file; {spec!r} is neither")
-    return PromptTemplate(str(path), path.read_text(encoding="utf-8"))
+    try:
+        return PromptTemplate(str(path), path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RastError(f"template file {spec!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 

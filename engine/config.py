@@ -92,6 +92,11 @@ class EngineConfig:
                             f"got small_rl={self.small_rl!r}, small_base={self.small_base!r}")
         if not is_lam(self.lam):
             raise RastError(f"lam must be a number with |lam| <= {MAX_LAM:g}, got {self.lam!r}")
+        if self.small_rl is None and self.lam != 1.0:  # 1.0 is the default: any other value would be dropped
+            raise RastError(f"lam={self.lam!r} weighs the (small_rl, small_base) pair, and none is given"
+                            + ("; experts carry their own weights" if self.experts else ""))
+        if self.experts is not None and not isinstance(self.experts, (list, tuple)):
+            raise RastError(f"experts must be a list of (rl_path, base_path, weight), got {self.experts!r}")
         pairs = [] if self.small_rl is None else [ExpertPair(str(self.small_rl), str(self.small_base),
                                                              float(self.lam))]
         for i, entry in enumerate(self.experts or ()):

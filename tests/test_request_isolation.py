@@ -62,6 +62,19 @@ def test_values_the_kernels_cannot_hold_are_refused_or_mean_off() -> None:
     SamplingParams(lam=[1e6, -1e6])
 
 
+def test_engine_arguments_with_nothing_to_act_on_are_refused() -> None:
+    """A λ without a small pair was dropped silently (a request's λ there is refused); experts that are
+    not a list raised a bare TypeError."""
+    with pytest.raises(RastError, match="lam=5.0 weighs the"):
+        EngineConfig("m", lam=5.0)
+    with pytest.raises(RastError, match="experts carry their own weights"):
+        EngineConfig("m", experts=[("r", "b", 1.0)], lam=0.0)
+    for experts in (5, 1.0, "r"):
+        with pytest.raises(RastError, match="experts must be a list"):
+            EngineConfig("m", experts=experts)
+    assert EngineConfig("m", experts=[("r", "b", 0.5)]).pairs[0].weight == 0.5  # the default λ is no choice
+
+
 def test_params_changed_after_construction_are_checked_and_copied(qwen2_triple: tuple) -> None:
     engine, prompt = _engine(qwen2_triple), [5, 6, 7, 8]
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)

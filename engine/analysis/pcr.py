@@ -49,6 +49,8 @@ class PcrConfig(TrajectorySettings):
         super().__post_init__()
         if (self.small_rl is None) != (self.small_base is None):
             raise RastError("--small-rl and --small-base go together")
+        if self.small_rl is None and self.lam != 1.0:  # checked before the RL paths are decoded
+            raise RastError(f"--lam {self.lam:g} weighs --small-rl and --small-base, and none is given")
         if self.top < 0:
             raise RastError("--top must be >= 0")
 

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from rast_engine.errors import RastError
+from rast_engine.errors import NoAdmissibleToken, RastError
 
 # (module, one-line purpose); the module's register() adds the subparser and its defaults(func=...).
 SUBCOMMANDS: tuple[str, ...] = (
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (RastError, OSError) as exc:  # a missing, unreadable or misplaced file is the user's to fix
+    except (RastError, OSError, NoAdmissibleToken) as exc:  # a missing or misplaced file, or a request
+        # whose own settings leave no token (plausibility_alpha 1 with min_tokens masking M's top token)
         print(f"rast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

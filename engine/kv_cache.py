@@ -103,14 +103,18 @@ class KVCache:
         self.copies = list(copies) if copies is not None else [1] * len(configs)
         if len(self.copies) != len(configs) or min(self.copies, default=1) < 1:
             raise ValueError(f"copies must give a positive count per config, got {copies}")
-        # zero-filled: slots past a context are masked, but 0 * NaN garbage would still poison a matmul
-        self.pools: list[KVPool] = [
-            [(torch.zeros(c.kv_cache_shape(n * num_blocks, block_size, dtype), dtype=dtype, device=device),
-              torch.zeros(c.kv_cache_shape(n * num_blocks, block_size, dtype), dtype=dtype, device=device))
-             for _ in range(c.num_layers)]
-            for c, n in zip(configs, self.copies)
-        ]
         self.bytes = num_blocks * bytes_per_block(every_model(configs, self.copies), block_size, dtype)
+        try:  # zero-filled: slots past a context are masked, but 0 * NaN garbage would still poison a matmul
+            self.pools: list[KVPool] = [
+                [(torch.zeros(c.kv_cache_shape(n * num_blocks, block_size, dtype), dtype=dtype, device=device),
+                  torch.zeros(c.kv_cache_shape(n * num_blocks, block_size, dtype), dtype=dtype, device=device))
+                 for _ in range(c.num_layers)]
+                for c, n in zip(configs, self.copies)
+            ]
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # an explicit kv_cache_blocks / kv_cache_memory
+            raise RastError(f"the KV cache ({num_blocks} blocks of {block_size} tokens, {self.bytes / 2**30:.1f} GiB) "
+                            f"cannot be allocated on {device}: {str(e).splitlines()[0]}; give fewer "
+                            "kv_cache_blocks or less kv_cache_memory") from None
 
     @property
     def capacity_tokens(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from factories import make_triple
 
+import rast_engine
 from rast_engine import LLM, SamplingParams
 from rast_engine.cli import SUBCOMMANDS, build_parser, main
 from rast_engine.commands import bench
@@ -57,6 +59,26 @@ def test_user_mistakes_are_one_line(capsys: pytest.CaptureFixture[str], triple: 
     assert "top_p" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--top-p", "2"], "generate")
     assert "--port" in _one_line_error(capsys, ["serve", large, "--port", "0"], "serve")
     assert "one suite" in _one_line_error(capsys, ["bench", "all", "--fast"], "bench")
+    # NaN passed the > 0 check, and its timer then fired at random
+    assert "--queue-timeout" in _one_line_error(capsys, ["serve", "/no/model", "--queue-timeout", "nan"], "serve")
+    with socket.socket() as taken:  # uvicorn logged the bind error and exited 3, after loading every model
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert "cannot listen on" in _one_line_error(capsys, ["serve", "/no/model", "--port", port], "serve")
+    # an explicit KV size past memory: the allocation's RuntimeError was a traceback
+    assert "cannot be allocated" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--device", "cpu",
+                                                             "--kv-cache-blocks", "10000000000"], "generate")
+
+
+def test_a_request_that_masks_every_token_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """--plausibility-alpha 1 keeps M's top token only, and --min-tokens masks it once it is EOS: the
+    engine's NoAdmissibleToken (a RuntimeError) was a traceback."""
+    toy = Path(rast_engine.__file__).parent / "assets" / "toy"
+    argv = ["generate", str(toy / "large"), "--small-rl", str(toy / "small_rl"), "--small-base", str(toy / "small"),
+            "--prompt", "12345+54321=", "--device", "cpu", "--temperature", "0", "--max-tokens", "100",
+            "--min-tokens", "100", "--plausibility-alpha", "1"]
+    assert "no admissible token" in _one_line_error(capsys, argv, "generate")
 
 
 def test_serve_binds_loopback_by_default() -> None:

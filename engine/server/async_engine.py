@@ -27,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import math
 import dataclasses
 import logging
 import queue
@@ -53,6 +54,8 @@ class AsyncEngine:
                  on_step: Callable[[float], None] | None = None) -> None:
         if max_waiting < 0:
             raise RastError(f"max_waiting must be >= 0, got {max_waiting}")
+        if queue_timeout is not None and not 0 < queue_timeout < math.inf:  # NaN too: its timer fires at random
+            raise RastError(f"queue_timeout must be a positive number of seconds, got {queue_timeout}")
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._prefix_refusal = prefix_refusal_sound(self.tokenizer)  # see prompt_encoding

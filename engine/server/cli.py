@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import socket
 
 from rast_engine.commands import add_model_args, build_engine
 from rast_engine.errors import RastError
@@ -44,21 +46,34 @@ def run(args: argparse.Namespace) -> int:
         raise RastError(f"--port must be in 1..65535, got {args.port}")
     if args.max_waiting < 0:
         raise RastError(f"--max-waiting must be >= 0, got {args.max_waiting}")
-    if args.queue_timeout is not None and args.queue_timeout <= 0:
-        raise RastError(f"--queue-timeout must be > 0, got {args.queue_timeout}")
+    if args.queue_timeout is not None and not 0 < args.queue_timeout < math.inf:
+        raise RastError(f"--queue-timeout must be a positive number of seconds, got {args.queue_timeout}")
     if args.max_request_bytes < 1:
         raise RastError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = build_engine(args)
-    import uvicorn
-
-    from rast_engine.server.app import OpenAIServer
-
-    server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
-                          api_key=args.api_key, max_waiting=args.max_waiting,
-                          queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes)
+    # bound before the models load, and by us: uvicorn logs a bind error and exits 3 itself
     try:
-        uvicorn.run(server.app(), host=args.host, port=args.port, log_level=args.log_level)
-    except OSError as exc:  # port in use, address not available
+        sock = socket.create_server((args.host, args.port), family=_family(args.host))
+    except OSError as exc:  # port in use, address not available, unknown host
         raise RastError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    with sock:
+        engine = build_engine(args)
+        import uvicorn
+
+        from rast_engine.server.app import OpenAIServer
+
+        server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
+                              api_key=args.api_key, max_waiting=args.max_waiting,
+                              queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes)
+        uvicorn.Server(uvicorn.Config(server.app(), log_level=args.log_level)).run(sockets=[sock])
     return 0
+
+
+def _family(host: str) -> socket.AddressFamily:
+    """IPv6 for an IPv6 literal or a name that resolves only to IPv6, else IPv4 (as uvicorn picks)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RastError(f"cannot listen on {host}: {exc.strerror or exc}") from None
+    families = {info[0] for info in infos}
+    return socket.AF_INET if socket.AF_INET in families else socket.AF_INET6

@@ -131,9 +131,12 @@ def draw_logprobs(logits: list[torch.Tensor], draws: Seq[Draw], ids: torch.Tenso
             rows.append(draws[j].row)
             first.append(draws[j])
     sub = _rows(logits, rows, to_device)
+    params: dict[str, torch.Tensor | int] = dict(row_params(first, to_device, greedy_as_t1=True))
+    if len({d.params.top_k for d in first}) == 1:  # one k (as a rule): a top-k of k values, not a sort of V
+        params["top_k"] = first[0].params.top_k
     logp = rast_kernels.rast_logprobs(  # finite however small a token's probability (probs.log() underflowed)
         sub[0], list(zip(sub[1::2], sub[2::2])), weights=to_device(_weights(first, (len(logits) - 1) // 2)),
-        **row_params(first, to_device, greedy_as_t1=True), vocab_size=vocab_size, backend=backend)
+        **params, vocab_size=vocab_size, backend=backend)
     counts = [draws[j].params.logprobs for j in want]
     k = min(max(counts), logp.shape[1])
     top_val, top_ids = logp.topk(k, dim=1) if k > 0 else (logp[:, :0], logp[:, :0])

@@ -121,17 +121,35 @@ def rast_logprobs(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, tor
     """log rast_probs (float32 [B, V]), computed in log space: -d_i - log sum_A w_j on the admissible set
     A, -inf elsewhere. rast_probs' float32 entries underflow to 0 below about 1e-45 (a logprob below
     -103: common at low temperature), where this stays finite and exact, as vLLM's processed logprobs
-    do. A is the backend's support plus the spec's admissible tokens (rast_kernels.reference; it sorts,
-    so this costs more than rast_probs); p at the mode, never below 1 / V, gives the normaliser."""
+    do. p at the mode, never below 1 / V, gives the normaliser.
+
+    A is the backend's support plus the admissible tokens whose probability underflowed. Those have
+    w = exp(-d) below float32's smallest normal, so in the spec (rast_kernels.reference) top-p < 1 drops
+    them (the mass above them is the whole mass) and min-p drops them unless min_p <= w; only top-k can
+    keep them, by its k-th smallest d: a top-k of k values for a scalar k, a sort of the rows for a per-row
+    tensor (whose values are not read on the host)."""
     from rast_kernels import reference
 
     batch = normalize(logits, deltas, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, vocab_size=vocab_size)
     p = _run("probs", batch, backend)
-    _, _, d = reference.distances(batch)  # d = (zmax - z) / T, with T = 1 on greedy rows (one-hot there)
-    allowed, _ = reference.admissible(batch)
-    support = (p > 0) | (allowed & (batch.temperature > 0)[:, None])
+    _, finite, d = reference.distances(batch)  # d = (zmax - z) / T, with T = 1 on greedy rows (one-hot there)
+    sampled = (batch.temperature > 0) & (batch.top_p >= 1.0)
+    underflowed = finite & sampled[:, None] & (torch.exp(-d) >= batch.min_p[:, None]) & _kept_by_top_k(batch, d)
+    support = (p > 0) | underflowed
     return torch.where(support, p.amax(dim=1, keepdim=True).log() - d, float("-inf"))
+
+
+def _kept_by_top_k(batch: SamplingBatch, d: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: d within the row's k smallest (ties at the k-th kept), or every token where top-k is off."""
+    v, k = batch.vocab, batch.params["top_k"]
+    if k.tensor is None:
+        if not 0 < int(k.scalar) < v:
+            return torch.ones_like(d, dtype=torch.bool)
+        return d <= torch.topk(d, int(k.scalar), dim=1, largest=False).values[:, -1:]
+    rows = batch.top_k.to(torch.int64)
+    kth = torch.sort(d, dim=1).values.gather(1, (rows.clamp(1, v) - 1)[:, None])
+    return ~((rows > 0) & (rows < v))[:, None] | (d <= kth)
 
 
 # registers torch.ops.rast_kernels.* now, so torch.export.load finds them after `import rast_kernels`

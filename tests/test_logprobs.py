@@ -57,6 +57,15 @@ def test_logprobs_stay_finite_where_probabilities_underflow(backend: str, device
     lost = finite & (probs == 0)
     assert lost[0].sum() > 100 and lost[1].sum() > 10 and want[lost].max() < -103
     torch.testing.assert_close(got.exp(), probs, atol=1e-6, rtol=1e-4)  # the same distribution
+    # one k for every row, as a Python scalar: a top-k of k values instead of a sort (ties at the k-th kept)
+    tied = z.clone()
+    tied[:, 20:24] = tied[:, 19:20]
+    for k in (0, 40, 1, v - 1):
+        got = rk.rast_logprobs(tied, temperature=temperature, top_k=k, top_p=top_p, min_p=min_p, backend=backend)
+        want = oracle(tied.cpu(), temperature.cpu(), torch.full((b,), k), top_p.cpu(), min_p.cpu())
+        assert torch.equal(torch.isfinite(got.cpu()), torch.isfinite(want)), k
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got.cpu()[finite].double(), want[finite], atol=2e-3, rtol=1e-6)
 
 
 def test_rows_without_admissible_tokens_are_all_minus_inf() -> None:

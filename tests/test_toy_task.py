@@ -3,6 +3,7 @@ round-trip through its saved HF files."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,17 @@ def test_shipped_assets_are_consistent() -> None:
     assert widths["small"] >= vocab_size()
     problems = load_problems(root / "problems.jsonl")  # raises on a wrong answer
     assert len(problems) >= 100 and len({p for _, p in problems}) == len(problems)
+
+
+def test_the_documented_example_is_what_the_task_writes() -> None:
+    """The example in the module docstring (and docs/toy.md) had a wrong carry in the thousands column."""
+    import re
+
+    import rast_engine.toy.task as task
+
+    problem = Problem(47256, 38691)
+    assert f'``"{problem.prompt}"``' in task.__doc__
+    assert f'``"{problem.careful()}"``' in task.__doc__ and f'``"{problem.direct()}"``' in task.__doc__
+    doc = Path(task.__file__).parents[2] / "docs" / "toy.md"
+    if doc.is_file():  # a source checkout
+        assert re.search(re.escape(f"`{problem.careful()}`"), doc.read_text())

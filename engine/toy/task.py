@@ -5,7 +5,7 @@ character alone says which (the behaviour RL selects is a single token, like "wa
 
 - direct:  ``"85947"`` — the answer at once, most significant digit first, so every digit needs the
   carry chain from all lower columns resolved in one shot (error-prone for a small model);
-- careful: ``"[6+1+0=07,5+9+0=14,2+6+1=09,7+8+1=16,4+3+1=08]85947"`` — one fixed-width step per
+- careful: ``"[6+1+0=07,5+9+0=14,2+6+1=09,7+8+0=15,4+3+1=08]85947"`` — one fixed-width step per
   column from the units up (digit + digit + carry-in = two-digit sum), then the answer, each answer
   digit being a copy of a units digit already written (accurate, and rarer in pretraining).
 

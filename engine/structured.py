@@ -54,7 +54,18 @@ class Grammars:
         self.batch = xgr.BatchGrammarMatcher(max_threads=min(MAX_FILL_THREADS, os.cpu_count() or 1))
 
     def compile(self, p: StructuredOutputsParams) -> Any:
-        """The compiled grammar; RastError naming the constraint when xgrammar refuses it."""
+        """The compiled grammar; RastError naming the constraint when xgrammar refuses it, or when no token
+        of the vocabulary can begin it (json_object over a vocabulary without "{"), which would otherwise
+        fail only at its first draw."""
+        compiled = self._compile(p)
+        start = self.xgr.allocate_token_bitmask(1, self.vocab)
+        self.xgr.GrammarMatcher(compiled).fill_next_token_bitmask(start)
+        if not bool(start.any()):
+            raise RastError(f"structured_outputs.{kind(p)}: no token of this model's vocabulary can begin it",
+                            param="structured_outputs")
+        return compiled
+
+    def _compile(self, p: StructuredOutputsParams) -> Any:
         try:
             if p.json is not None:
                 schema = p.json if isinstance(p.json, str) else json.dumps(p.json)

@@ -153,6 +153,20 @@ def test_constraints_are_checked(json_triple: tuple, tmp_path: Path) -> None:
     assert not engine.groups
 
 
+def test_a_constraint_no_token_can_begin_is_refused_at_intake(json_triple: tuple) -> None:
+    """A regex whose first character no token spells (the test vocabulary has no "~") was accepted and
+    failed at its first draw as NoAdmissibleToken; it is a RastError naming structured_outputs at intake."""
+    from rast_engine.errors import RastError
+
+    engine = make_engine(json_triple)
+    assert "~" not in "".join(engine.tokenizer.convert_ids_to_tokens(list(range(engine.vocab_size))))
+    with pytest.raises(RastError, match="structured_outputs.regex: no token") as refused:
+        engine.add_request("r", PROMPT, SamplingParams(max_tokens=4, structured_outputs={"regex": "~[0-9]"}))
+    assert refused.value.param == "structured_outputs" and not engine.groups
+    engine.add_request("ok", PROMPT, SamplingParams(max_tokens=4, structured_outputs=CASES["regex"]))
+    assert run(engine, {})["ok"][0].token_ids
+
+
 def test_a_constraint_finished_before_min_tokens_names_its_request(json_triple: tuple) -> None:
     from rast_engine.errors import NoAdmissibleToken
 

@@ -107,6 +107,7 @@ class LLM:
             raise RastError("continue_final_message continues the last message; it excludes add_generation_prompt")
         texts = []
         for conv in conversations:
+            conv = [_text_message(m) for m in conv]
             try:
                 texts.append(tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
                                                            add_generation_prompt=add_generation_prompt,
@@ -123,3 +124,14 @@ class LLM:
     def score(self, sequences: list[list[int]], *, output: str = "logprobs") -> list[ScoreOutput]:
         """Teacher-forced per-position scores; see ScoreOutput."""
         return self.llm_engine.score(sequences, output)
+
+
+def _text_message(message: Any) -> Any:
+    """A message whose content is OpenAI's list of parts gets its text parts joined by newlines, as vLLM
+    gives chat templates that expect a string (the server does the same); other part types are refused."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    parts = message["content"]
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        raise RastError(f"message content parts must be {{'type': 'text', 'text': str}}; got {parts!r}")
+    return {**message, "content": "\n".join(p["text"] for p in parts)}

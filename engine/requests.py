@@ -41,9 +41,7 @@ def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
         if engine.tokenizer is None:
             raise RastError("this engine has no tokenizer (its load_format='dummy' model directories hold "
                             "no tokenizer files): give prompts as lists of token ids")
-        if not prompt:
-            raise RastError("the prompt is empty")
-        try:
+        try:  # "" may encode to [BOS]; an encoding with no token is refused after truncation
             return list(engine.tokenizer.encode(prompt))
         except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: bad input, reported as such
             raise RastError(f"the tokenizer cannot encode the prompt: {exc}") from None

@@ -194,7 +194,7 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM joins a message's text parts
 
 
 class ChatCompletionRequest(_Request):

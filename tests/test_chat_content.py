@@ -1,0 +1,51 @@
+"""Chat messages whose content is OpenAI's list of text parts, offline (LLM.chat) and on the server, and an
+empty text prompt: as vLLM handles them (text parts joined by newlines; "" is whatever the tokenizer makes
+of it)."""
+from __future__ import annotations
+
+import pytest
+from tokenizers import processors
+
+from rast_engine import LLM, SamplingParams
+from rast_engine.errors import RastError
+from rast_engine.server.protocol import ChatMessage
+
+ONE = SamplingParams(temperature=0.0, max_tokens=1)
+
+
+@pytest.fixture(scope="module")
+def llm(qwen2_triple: tuple) -> LLM:
+    return LLM(*map(str, qwen2_triple), lam=0.5, block_size=4, kv_cache_blocks=32, device="cpu", dtype="float32")
+
+
+def test_text_parts_reach_the_template_as_text(llm: LLM) -> None:
+    """LLM.chat passed the list itself to the template: its repr in the prompt, or the template's error."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "the cat"}, {"type": "text", "text": "sat"}]}]
+    joined = [{"role": "user", "content": "the cat\nsat"}]
+    got = llm.chat(parts, ONE, use_tqdm=False)[0]
+    assert got.prompt == llm.chat(joined, ONE, use_tqdm=False)[0].prompt
+    assert "the cat\nsat" in got.prompt and "'type'" not in got.prompt
+    with pytest.raises(RastError, match="content parts"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], ONE,
+                 use_tqdm=False)
+    # the server's messages give the template the same text (it joined parts with "")
+    message = ChatMessage(role="user", content=[{"type": "text", "text": "the cat"}, {"type": "text", "text": "sat"}])
+    assert message.text() == "the cat\nsat"
+
+
+def test_an_empty_prompt_is_what_the_tokenizer_makes_of_it(llm: LLM) -> None:
+    """With a tokenizer that adds BOS, "" is the prompt [BOS], as the server and vLLM take it (it was
+    refused before encoding); a tokenizer that makes nothing of it still gets the refusal."""
+    tok = llm.get_tokenizer()
+    with pytest.raises(RastError, match="the prompt is empty"):
+        llm.generate("", ONE, use_tqdm=False)
+    backend = tok.backend_tokenizer
+    saved = backend.post_processor
+    backend.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                           special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    try:
+        assert tok.encode("") == [tok.bos_token_id]
+        out = llm.generate("", ONE, use_tqdm=False)[0]
+    finally:
+        backend.post_processor = saved
+    assert out.prompt_token_ids == [tok.bos_token_id] and len(out.outputs[0].token_ids) == 1

@@ -49,6 +49,17 @@ def _first_error(log: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+def _cache_source(build_dir: Path) -> str | None:
+    """The source directory an existing CMakeCache.txt in build_dir was configured for (None: no cache)."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.is_file():
+        return None
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:INTERNAL="):
+            return str(Path(line.split("=", 1)[1]).resolve())
+    return None
+
+
 def _build_library(target_dir: Path, build_dir: Path) -> str | None:
     """Configure and build CMakeLists.txt so the library lands in target_dir; None or the failure reason."""
     cmake = _cmake()
@@ -88,7 +99,12 @@ class build_native(Command):
     def run(self) -> None:
         target = ROOT / "rast_kernels" if self.editable_mode else Path(self.build_lib) / "rast_kernels"
         target.mkdir(parents=True, exist_ok=True)
-        error = _build_library(target.resolve(), Path(self.build_temp).resolve() / "rast_native")
+        # a library from an earlier build must not ship when this one fails (it would be loaded, stale)
+        (target / LIBRARY).unlink(missing_ok=True)
+        build_dir = Path(self.build_temp).resolve() / "rast_native"
+        if _cache_source(build_dir) not in (None, str(ROOT.resolve())):  # a moved checkout: cmake refuses it
+            shutil.rmtree(build_dir)
+        error = _build_library(target.resolve(), build_dir)
         if error:
             print(f"rast: native CPU backend absent ({error}); CPU tensors use the torch backend", file=sys.stderr)
             return

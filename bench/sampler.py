@@ -121,6 +121,10 @@ def impls(device: torch.device, only: list[str] | None) -> list[str]:
     names = ["fused", "fused-graph", "torch", "unfused"] if device.type == "cuda" else ["torch", "unfused"]
     if device.type == "cpu" and rk.available_backends().count("native"):
         names.insert(0, "native")
+    elif device.type == "cpu":
+        from rast_kernels import native
+
+        print(f"native backend not measured: {native.unavailable_reason()}", file=sys.stderr)
     return [n for n in names if only is None or n in only]
 
 

@@ -57,7 +57,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     path = _library_path()
     if not path.is_file():
         return None, (f"{path} does not exist: the install could not build it (needs cmake and a C++17 "
-                      f"compiler), or build it with `cmake -S . -B build/native && cmake --build build/native`")
+                      f"compiler); from the source checkout, build it into this package with `cmake -S . -B "
+                      f"build/native -DRAST_NATIVE_OUTPUT_DIR={path.parent} && cmake --build build/native`, "
+                      f"or point RAST_NATIVE_LIB at a built library")
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as err:

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if missing and (args.suite != "all" or len(missing) == len(scripts)):
         raise RastError(f"{root / missing[0]} not found; suites present: "
                         f"{', '.join(sorted(p.stem for p in root.glob('*.py'))) or 'none'}")
+    _warn_if_another_copy(root.parent)
     worst = 0
     for script in scripts:
         if not script.is_file():
@@ -53,3 +54,14 @@ def run(args: argparse.Namespace) -> int:
         code = subprocess.call([sys.executable, str(script), *args.suite_args], cwd=root.parent)
         worst = worst or code
     return worst
+
+
+def _warn_if_another_copy(checkout: Path) -> None:
+    """The suites import the checkout's sources (they put it first on sys.path); say so when the rast this
+    command runs from is another copy, whose built native library the suites then do not use."""
+    import rast_kernels
+
+    installed = Path(rast_kernels.__file__).resolve().parent.parent
+    if installed != checkout.resolve():
+        print(f"rast bench: the suites run {checkout}'s sources, not the installed rast at {installed} (nor its "
+              "native library); `pip install -e .` in the checkout benchmarks one copy", file=sys.stderr)

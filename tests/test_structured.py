@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,29 @@ def test_speculative_rounds_give_structured_outputs_the_plain_tokens(json_triple
     assert all(satisfied(kind, o.text) for o in outs if o.finish_reason == "stop"), [o.text for o in outs]
     assert any(o.finish_reason == "stop" for o in outs)
     assert engine.stats().spec_accepted_tokens_total > 0
+
+
+def test_a_round_past_the_end_of_a_request_does_not_fail_it(json_triple: tuple) -> None:
+    """A round also draws positions after the request's end (max_tokens, here): where none of them admits a
+    token (the finished choice allows only EOS, which allowed_token_ids excludes) the round failed the
+    request and its batch-mate, though plain decoding finishes it by length. A request that does reach
+    such a position still gets NoAdmissibleToken, as in plain decoding."""
+    from rast_engine.errors import NoAdmissibleToken
+
+    ids = make_engine(json_triple).tokenizer.encode("the cat", add_special_tokens=False)
+    fits = SamplingParams(temperature=0.0, max_tokens=len(ids), structured_outputs={"choice": ["the cat"]},
+                          allowed_token_ids=sorted(set(ids)))
+    requests = {"fits": (PROMPT, fits), "mate": ([7, 30, 4, 9], SamplingParams(temperature=0.0, max_tokens=8))}
+    want = {k: (v[0].token_ids, v[0].finish_reason) for k, v in run(make_engine(json_triple), requests).items()}
+    assert want["fits"] == (ids, "length")
+    for gamma in (2, 3):
+        engine = make_engine(json_triple, speculative_tokens=gamma)
+        assert {k: (v[0].token_ids, v[0].finish_reason) for k, v in run(engine, requests).items()} == want
+    beyond = {"beyond": (PROMPT, replace(fits, max_tokens=len(ids) + 2))}
+    for gamma in (0, 3):
+        with pytest.raises(NoAdmissibleToken) as failed:
+            run(make_engine(json_triple, speculative_tokens=gamma), beyond)
+        assert failed.value.request_ids == ("beyond",)
 
 
 @pytest.mark.gpu

@@ -48,20 +48,23 @@ class PendingRound:
     done = False  # never on the host before wait(): the engine does not schedule ahead of a round
 
     def wait(self, counted: Callable[[list[int]], list[int]] = list) -> list[list[DrawResult]]:
-        """Each sequence's run; NoAdmissibleToken for sequences whose run ends in no token, those
-        ``counted`` keeps of them (as PendingStep.wait)."""
+        """Each sequence's run. A run that ends in no token stops before it: the sequence may well stop
+        earlier (max_tokens, a stop string), as plain decoding would without ever drawing there, and if it
+        does not, its next round fails at its first position. NoAdmissibleToken for sequences whose very
+        next token has none, those ``counted`` keeps of them (as PendingStep.wait)."""
         if self._runs is None:
             if self._event is not None:
                 self._event.synchronize()
             tokens, counts = self._tokens.tolist(), self._counts.tolist()
-            failed = [i for i, (row, c) in enumerate(zip(tokens, counts)) if row[c - 1] < 0]
+            failed = [i for i, (row, c) in enumerate(zip(tokens, counts)) if c == 1 and row[0] < 0]
             if failed and (failed := counted(failed)):  # rows are sequences here: the engine reads them as such
                 raise NoAdmissibleToken(failed)
             flat = [DrawResult(t, None) for row in tokens for t in row]
             if self._logprobs is not None:
                 self._logprobs.fill(flat)
             width = len(tokens[0]) if tokens else 0
-            self._runs = [flat[i * width:i * width + c] for i, c in enumerate(counts)]
+            self._runs = [flat[i * width:i * width + c - (row[c - 1] < 0)]
+                          for i, (row, c) in enumerate(zip(tokens, counts))]
         return self._runs
 
 

@@ -89,7 +89,8 @@ def _run(kind: str, batch: SamplingBatch, backend: str | None) -> torch.Tensor:
     name = _backend_name(backend, batch)
     if torch.compiler.is_compiling():  # one opaque op for torch.compile / torch.export (rast_kernels.ops)
         op = ops.sample if kind == "sample" else ops.probs
-        return op(batch.logits, batch.rl, batch.base, batch.weights, *ops.flatten_batch(batch), batch.vocab, name)
+        return ops.traced(op, batch.logits, batch.rl, batch.base, batch.weights, *ops.flatten_batch(batch),
+                          batch.vocab, name)
     impl = backend_module(name)
     return impl.sample(batch) if kind == "sample" else impl.probs(batch)
 

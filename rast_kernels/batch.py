@@ -101,7 +101,7 @@ class SamplingBatch:
 
     @property
     def batch(self) -> int:
-        return int(self.logits.shape[0])
+        return self.logits.shape[0]
 
     @property
     def pairs(self) -> int:
@@ -199,7 +199,7 @@ def normalize(logits: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.T
               top_k: RowParam = 0, top_p: RowParam = 1.0, min_p: RowParam = 0.0, seed: RowParam = 0,
               offset: RowParam = 0, vocab_size: int | None = None) -> SamplingBatch:
     _check_logits("logits", logits, None, None)
-    batch, device = int(logits.shape[0]), logits.device
+    batch, device = logits.shape[0], logits.device  # not int(): torch.export keeps a dynamic batch symbolic
     rl: list[torch.Tensor] = []
     base: list[torch.Tensor] = []
     for k, pair in enumerate(deltas):

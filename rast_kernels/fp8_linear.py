@@ -114,7 +114,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: Opt
     """x [..., K] @ (w8 · scale)ᵀ + bias -> [..., N] in x's dtype; ``backend``: "triton" or "torch"."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
-        return ops.fp8_linear(x, w8, scale, bias, backend)
+        return ops.traced(ops.fp8_linear, x, w8, scale, bias, backend)
     if x.dtype not in DTYPES:
         raise ValueError(f"x must be one of {DTYPES}, got {x.dtype}")
     if w8.dtype != FP8 or w8.dim() != 2 or x.shape[-1] != w8.shape[1]:

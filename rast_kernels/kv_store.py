@@ -79,7 +79,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     cache takes each (token, head) row quantised with its own power-of-two scale (rast_kernels.fp8_kv)."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
-        return ops.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        return ops.traced(ops.store_kv_cache, k, v, k_cache, v_cache, slot_mapping)
     check_cache(k, k_cache, v_cache)
     if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
         raise ValueError(f"k, v must be [T, Hkv, D] matching the cache, got {tuple(k.shape)}, {tuple(v.shape)}")

@@ -210,7 +210,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     normed with weight[g] (several small models run as one batch)."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
-        return ops.rms_norm(x, weight, eps)
+        return ops.traced(ops.rms_norm, x, weight, eps)
     return _norm_launch(x, weight, eps, None)[0]
 
 
@@ -220,7 +220,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     as in rms_norm)."""
     if torch.compiler.is_compiling():
         from rast_kernels import ops
-        return ops.add_rms_norm(x, residual, weight, eps)
+        return ops.traced(ops.add_rms_norm, x, residual, weight, eps)
     y, s = _norm_launch(x, weight, eps, residual)
     assert s is not None
     return y, s
@@ -264,7 +264,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     would sync), and the engine guarantees it by capping max_model_len at the table's length."""
     if torch.compiler.is_compiling():
         from rast_kernels import ops
-        return ops.rotary_embedding(positions, q, k, cos_sin, *ops.split_qk_norm(qk_norm))
+        return ops.traced(ops.rotary_embedding, positions, q, k, cos_sin, *ops.split_qk_norm(qk_norm))
     check_rotary(positions, q, k, cos_sin)
     return _rotary_launch(positions, q, k, cos_sin, None, qk_norm)
 
@@ -278,8 +278,8 @@ def rotary_embedding_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch
     rotary_embedding followed by kv_store.store_kv_cache does, one kernel fewer per layer."""
     if torch.compiler.is_compiling():
         from rast_kernels import ops
-        return ops.rotary_embedding_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping,
-                                             *ops.split_qk_norm(qk_norm))
+        return ops.traced(ops.rotary_embedding_store_kv, positions, q, k, v, cos_sin, k_cache, v_cache,
+                          slot_mapping, *ops.split_qk_norm(qk_norm))
     check_rotary(positions, q, k, cos_sin)
     check_store(k, v, k_cache, v_cache, slot_mapping)
     return _rotary_launch(positions, q, k, cos_sin, (v, k_cache, v_cache, slot_mapping), qk_norm)
@@ -289,7 +289,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2N] = [gate | up] -> silu(gate) * up, [T, N] (HF's MLP activation, rounded as HF rounds)."""
     if torch.compiler.is_compiling():
         from rast_kernels import ops
-        return ops.silu_and_mul(gate_up)
+        return ops.traced(ops.silu_and_mul, gate_up)
     check_rows("gate_up", gate_up)
     if gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must have an even width [gate | up], got {gate_up.shape[1]}")

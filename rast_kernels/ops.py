@@ -42,6 +42,22 @@ def flatten_batch(batch: SamplingBatch) -> tuple[list[OptTensor], list[float], l
     return tensors, floats, ints
 
 
+def traced(op: torch.library.CustomOpDef, *args: object) -> object:
+    """``op(*args)`` as a public function calls it under tracing: with its tensor arguments detached where
+    they require grad. The kernels are not differentiable (an eager call's outputs carry no grad), and a
+    traced op fed a grad-requiring tensor (an nn.Parameter weight, logits outside no_grad) made AOTAutograd
+    look for a backward formula and fail the compile."""
+    return op(*(_detached(a) for a in args))
+
+
+def _detached(a: object) -> object:
+    if isinstance(a, torch.Tensor):
+        return a.detach() if a.requires_grad else a
+    if isinstance(a, (list, tuple)):
+        return type(a)(_detached(x) for x in a)
+    return a
+
+
 def _batch(logits: Tensor, rl: list[Tensor], base: list[Tensor], weights: Tensor, tensors: list[OptTensor],
            floats: list[float], ints: list[int], vocab: int) -> SamplingBatch:
     scalars = dict(zip(FLOATS, floats)) | dict(zip(INTS, ints))

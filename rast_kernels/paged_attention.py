@@ -193,8 +193,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     as its own context allows at >= ``min_tokens_per_split`` tokens apiece (split_k.split_plan)."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
-        return ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
-                                          min_tokens_per_split)
+        return ops.traced(ops.paged_decode_attention, q, k_cache, v_cache, block_tables, context_lens, scale,
+                          num_splits, min_tokens_per_split)
     check_cache(q, k_cache, v_cache)
     batch, hq, dim = q.shape
     block_size, hkv = block_size_of(k_cache), k_cache.shape[2]
@@ -243,8 +243,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """Causal attention of the new tokens q [T, Hq, D] (varlen by cu_seqlens_q) over the paged cache."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
-        return ops.paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                                           max_seqlen_q, scale)
+        return ops.traced(ops.paged_prefill_attention, q, k_cache, v_cache, block_tables, context_lens,
+                          cu_seqlens_q, max_seqlen_q, scale)
     check_cache(q, k_cache, v_cache)
     total, hq, dim = q.shape
     block_size, hkv = block_size_of(k_cache), k_cache.shape[2]

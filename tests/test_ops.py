@@ -158,3 +158,33 @@ def test_the_ops_compile_natively_on_the_gpu() -> None:
     """The same checks with CUDA tensors and compiled Triton kernels (DEV is cuda when CUDA is present)."""
     test_the_sampler_compiles_without_graph_breaks("triton", "aot_eager")
     test_a_layer_of_ops_compiles_and_keeps_cache_writes_in_order("aot_eager")
+
+
+def test_export_keeps_a_dynamic_batch() -> None:
+    """torch.export's default (non-strict) tracing with a dynamic batch: normalize took int() of it and
+    specialised the program to the example's batch."""
+    class Step(torch.nn.Module):
+        def forward(self, m: torch.Tensor, r: torch.Tensor, s: torch.Tensor, seed: torch.Tensor) -> tuple:
+            ids = rast_kernels.rast_sample(m, [(r, s)], temperature=0.8, top_p=0.9, seed=seed, backend="torch")
+            return ids, rast_kernels.rast_logprobs(m, [(r, s)], temperature=0.8, top_p=0.9, backend="torch")
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    prog = torch.export.export(Step(), (*_logits(3), torch.arange(3)), dynamic_shapes=({0: batch},) * 4)
+    args = (*_logits(5, seed=1), torch.arange(5))  # another batch size through the same program
+    for got, want in zip(prog.module()(*args), Step()(*args)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager"])
+def test_grad_requiring_inputs_compile_as_eager(compiler: str) -> None:
+    """An nn.Parameter weight, or logits computed outside no_grad: the traced op made AOTAutograd look for
+    a backward formula and fail the compile; traced calls now see detached inputs, as the kernels do."""
+    weight = torch.nn.Parameter(torch.rand(16, device=DEV) + 0.5)
+    x = torch.randn(4, 16, device=DEV)
+    norm = torch.compile(lambda x: layer_ops.rms_norm(x, weight, 1e-6), backend=compiler, fullgraph=True)
+    torch.testing.assert_close(norm(x), layer_ops.rms_norm(x, weight, 1e-6))
+    head = torch.nn.Linear(16, 61).to(DEV)
+    probs = torch.compile(lambda x: rast_kernels.rast_probs(head(x), top_p=0.9), backend=compiler, fullgraph=True)
+    got = probs(x)
+    torch.testing.assert_close(got, rast_kernels.rast_probs(head(x).detach(), top_p=0.9))
+    assert not got.requires_grad  # as the kernels' eager outputs: they are not differentiable

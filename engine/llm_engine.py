@@ -244,7 +244,7 @@ class LLMEngine:
                 ) -> tuple[dict[str, SequenceGroup], list[Sequence]]:
         """Take a finished batch's tokens (commit.py, or speculative/round.py for a round)."""
         if isinstance(batch.step, PendingRound):
-            return commit_round(self, batch.out.seqs, results, batch.out.lookahead), []
+            return commit_round(self, batch.out.seqs, results, batch.out.lookahead, batch.step.cut), []
         return commit_step(self, batch, results)
 
     def _outputs(self, progressed: dict[str, SequenceGroup], deferred: list[Sequence]) -> list[RequestOutput]:

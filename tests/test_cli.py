@@ -14,6 +14,7 @@ from factories import make_triple
 import rast_engine
 from rast_engine import LLM, SamplingParams
 from rast_engine.cli import SUBCOMMANDS, build_parser, main
+from rast_engine.errors import RastError
 from rast_engine.commands import bench
 
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--kv-cache-blocks", "64"]
@@ -79,6 +80,28 @@ def test_a_request_that_masks_every_token_is_one_line(capsys: pytest.CaptureFixt
             "--prompt", "12345+54321=", "--device", "cpu", "--temperature", "0", "--max-tokens", "100",
             "--min-tokens", "100", "--plausibility-alpha", "1"]
     assert "no admissible token" in _one_line_error(capsys, argv, "generate")
+
+
+def test_serve_listens_where_uvicorn_would() -> None:
+    """rast serve binds its sockets itself: "" is every interface (it was refused as an unknown host), a
+    name gets a socket per address it resolves to, and a port in use is refused."""
+    from rast_engine.server.cli import _listen
+
+    socks = _listen("", 0)
+    try:
+        assert {s.getsockname()[0] for s in socks} >= {"0.0.0.0"}
+    finally:
+        for s in socks:
+            s.close()
+    socks = _listen("localhost", 0)
+    try:
+        names = {s.getsockname()[0] for s in socks}
+        assert names and names <= {"127.0.0.1", "::1"}
+        with pytest.raises(RastError, match="cannot listen on localhost"):
+            _listen("localhost", socks[0].getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_serve_binds_loopback_by_default() -> None:

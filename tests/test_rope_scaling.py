@@ -3,6 +3,7 @@ recipe, and linear interpolation, against HF transformers' forward (the oracle),
 yarn or linear factor stretches (ModelConfig.max_context)."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,21 @@ def test_a_rope_scaling_added_beside_rope_parameters_applies(tmp_path: Path, tok
     model = load_model(path, device="cpu", dtype="float32", attention=TorchAttention())
     seq = list(range(3, 23))
     torch.testing.assert_close(run_paged(model, [seq], [[20]])[0], hf_logits(path, seq), atol=ATOL, rtol=0)
+
+
+def test_rope_theta_is_read_where_hf_reads_it() -> None:
+    """With a rope_scaling beside rope_parameters, a top-level rope_theta wins over the replaced
+    rope_parameters' (as HF's config reads it; the replaced one won before)."""
+    from transformers import AutoConfig
+
+    base = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64}
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+    cases = [dict(rope_theta=1e6, rope_parameters={"rope_theta": 1e4, "rope_type": "default"}, rope_scaling=yarn),
+             dict(rope_parameters={"rope_theta": 5e5, "rope_type": "default"}),
+             dict(rope_theta=2e5)]
+    for case in cases:
+        ours = ModelConfig.from_dict(copy.deepcopy({**base, **case}))
+        hf = AutoConfig.for_model(**copy.deepcopy({**base, **case})).rope_parameters  # HF edits the dicts it gets
+        assert ours.rope_theta == hf["rope_theta"], case
+        assert (ours.rope_scaling or {}).get("rope_type", "default") == hf["rope_type"], case

@@ -288,6 +288,11 @@ def test_a_round_past_the_end_of_a_request_does_not_fail_it(json_triple: tuple) 
     for gamma in (2, 3):
         engine = make_engine(json_triple, speculative_tokens=gamma)
         assert {k: (v[0].token_ids, v[0].finish_reason) for k, v in run(engine, requests).items()} == want
+    # one round drafts every token after the prefill's, and the run stops before the failed position: all
+    # of it drafts accepted (it was counted as if its last token were the target's own)
+    engine = make_engine(json_triple, speculative_tokens=len(ids))
+    assert run(engine, {"fits": requests["fits"]})["fits"][0].token_ids == ids
+    assert engine.stats().spec_accepted_tokens_total == len(ids) - 1
     beyond = {"beyond": (PROMPT, replace(fits, max_tokens=len(ids) + 2))}
     for gamma in (0, 3):
         with pytest.raises(NoAdmissibleToken) as failed:

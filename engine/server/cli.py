@@ -11,6 +11,8 @@ from rast_engine.commands import add_model_args, build_engine
 from rast_engine.errors import RastError
 from rast_engine.server import MAX_REQUEST_BYTES
 
+logger = logging.getLogger(__name__)
+
 _DESCRIPTION = """Serve RAST decoding over the OpenAI API: GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions (stream: true for server-sent events), POST /tokenize and /detokenize (vLLM's),
 GET /health, GET /metrics (Prometheus).
@@ -52,11 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise RastError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bound before the models load, and by us: uvicorn logs a bind error and exits 3 itself
+    socks = _listen(args.host, args.port)
     try:
-        sock = socket.create_server((args.host, args.port), family=_family(args.host))
-    except OSError as exc:  # port in use, address not available, unknown host
-        raise RastError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    with sock:
         engine = build_engine(args)
         import uvicorn
 
@@ -65,15 +64,32 @@ def run(args: argparse.Namespace) -> int:
         server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
                               api_key=args.api_key, max_waiting=args.max_waiting,
                               queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes)
-        uvicorn.Server(uvicorn.Config(server.app(), log_level=args.log_level)).run(sockets=[sock])
+        for sock in socks:  # uvicorn logs no address for sockets it is given
+            host, port = sock.getsockname()[:2]
+            logger.info("rast serve: listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+        uvicorn.Server(uvicorn.Config(server.app(), log_level=args.log_level)).run(sockets=socks)
+    finally:
+        for sock in socks:
+            sock.close()
     return 0
 
 
-def _family(host: str) -> socket.AddressFamily:
-    """IPv6 for an IPv6 literal or a name that resolves only to IPv6, else IPv4 (as uvicorn picks)."""
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """A listening socket on every address ``host`` resolves to ("" or a wildcard: every interface), as
+    asyncio's create_server binds them for uvicorn.run."""
+    socks: list[socket.socket] = []
     try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise RastError(f"cannot listen on {host}: {exc.strerror or exc}") from None
-    families = {info[0] for info in infos}
-    return socket.AF_INET if socket.AF_INET in families else socket.AF_INET6
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a listening port: only TIME_WAIT
+            if family == socket.AF_INET6:  # beside an IPv4 socket on the same port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)
+    except OSError as exc:  # port in use, address not available, unknown host
+        for sock in socks:
+            sock.close()
+        raise RastError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return socks

@@ -44,6 +44,7 @@ class PendingRound:
                  event: Optional[torch.cuda.Event] = None) -> None:
         self._tokens, self._counts, self._logprobs, self._event = tokens, counts, logprobs, event
         self._runs: Optional[list[list[DrawResult]]] = None
+        self.cut: list[bool] = []  # per run, after wait(): it stopped before a position with no token
 
     done = False  # never on the host before wait(): the engine does not schedule ahead of a round
 
@@ -63,8 +64,8 @@ class PendingRound:
             if self._logprobs is not None:
                 self._logprobs.fill(flat)
             width = len(tokens[0]) if tokens else 0
-            self._runs = [flat[i * width:i * width + c - (row[c - 1] < 0)]
-                          for i, (row, c) in enumerate(zip(tokens, counts))]
+            self.cut = [row[c - 1] < 0 for row, c in zip(tokens, counts)]  # every token of a cut run is a draft
+            self._runs = [flat[i * width:i * width + c - cut] for i, (c, cut) in enumerate(zip(counts, self.cut))]
         return self._runs
 
 
@@ -272,17 +273,17 @@ def _rejection(large: torch.Tensor, small: list[torch.Tensor], pairs_t: list, ta
     return accepted, torch.where(pos < accepted[:, None], padded, torch.where(pos == accepted[:, None], nxt[:, None], -1))
 
 
-def commit_round(engine: LLMEngine, seqs: Seq[Sequence], runs: list[list[DrawResult]], gamma: int
-                 ) -> dict[str, SequenceGroup]:
+def commit_round(engine: LLMEngine, seqs: Seq[Sequence], runs: list[list[DrawResult]], gamma: int,
+                 cut: Seq[bool]) -> dict[str, SequenceGroup]:
     """Take a round's tokens: each sequence appends its run one token at a time with every stop rule
     checked after each, so it stops at the token where plain decoding would (the rest of the run is
     dropped). Each appended token makes the one before it computed. Returns the requests that progressed."""
     progressed: dict[str, SequenceGroup] = {}
-    for seq, run in zip(seqs, runs):
+    for seq, run, drafts_only in zip(seqs, runs, cut):
         if seq.status is not SequenceStatus.RUNNING:  # finished or aborted while the round ran
             continue
         engine.spec_counts.drafted += gamma
-        engine.spec_counts.accepted += len(run) - 1
+        engine.spec_counts.accepted += len(run) - (not drafts_only)  # a run ends in the target's own token
         for result in run:
             seq.num_computed_tokens += 1
             seq.append_token(result.token_id, result.logprobs)

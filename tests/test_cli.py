@@ -82,10 +82,26 @@ def test_a_request_that_masks_every_token_is_one_line(capsys: pytest.CaptureFixt
     assert "no admissible token" in _one_line_error(capsys, argv, "generate")
 
 
-def test_serve_listens_where_uvicorn_would() -> None:
+def test_serve_listens_where_uvicorn_would(monkeypatch: pytest.MonkeyPatch) -> None:
     """rast serve binds its sockets itself: "" is every interface (it was refused as an unknown host), a
-    name gets a socket per address it resolves to, and a port in use is refused."""
+    name gets a socket per address it resolves to, a family the kernel lacks is skipped (as asyncio does),
+    and a port in use or a malformed name is refused."""
     from rast_engine.server.cli import _listen
+
+    with pytest.raises(RastError, match="cannot listen on a..b"):  # the idna codec's UnicodeError
+        _listen("a..b", 0)
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(socket, "socket", no_ipv6)
+        socks = _listen("", 0)
+        assert [s.getsockname()[0] for s in socks] == ["0.0.0.0"]
+        socks[0].close()
 
     socks = _listen("", 0)
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -76,20 +77,37 @@ def run(args: argparse.Namespace) -> int:
 
 def _listen(host: str, port: int) -> list[socket.socket]:
     """A listening socket on every address ``host`` resolves to ("" or a wildcard: every interface), as
-    asyncio's create_server binds them for uvicorn.run."""
+    asyncio's create_server binds them for uvicorn.run: an address family the kernel lacks, or an address
+    no interface has (localhost's ::1 on a loopback without IPv6), is skipped; any other failure, or no
+    address bound at all, is an error."""
     socks: list[socket.socket] = []
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        skipped: list[OSError] = []
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # EAFNOSUPPORT: no IPv6 in this kernel
+                skipped.append(exc)
+                continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a listening port: only TIME_WAIT
             if family == socket.AF_INET6:  # beside an IPv4 socket on the same port
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                skipped.append(exc)
+                socks.pop().close()
+                continue
             sock.listen(2048)
-    except OSError as exc:  # port in use, address not available, unknown host
+        if not socks:
+            raise skipped[0] if skipped else OSError(f"{host!r} resolves to no address")
+    except (OSError, UnicodeError) as exc:  # port in use, unknown host, a malformed name (idna)
         for sock in socks:
             sock.close()
-        raise RastError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise RastError(f"cannot listen on {host}:{port}: {reason}") from None
     return socks

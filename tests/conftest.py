@@ -69,6 +69,14 @@ def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 
 @pytest.fixture(scope="session")
+def json_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A tiny Qwen2 triple whose tokenizer knows JSON's characters (structured outputs)."""
+    from factories import JSON_CORPUS, make_triple
+
+    return make_triple(tmp_path_factory.mktemp("json-triple"), extra_corpus=JSON_CORPUS)
+
+
+@pytest.fixture(scope="session")
 def near_triple(qwen2_triple: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
     """(large, rl, base) where the large model is the base with its logits scaled by 1.15: the small
     pair's drafts are often but not always accepted, so speculative rounds take both branches."""

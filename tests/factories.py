@@ -41,6 +41,11 @@ _ENGLISH = [
 ]
 
 
+# a tokenizer corpus with JSON's characters, for structured outputs (tests/conftest.py: json_triple)
+JSON_CORPUS = ('{"name": "cat", "age": 3, "ok": true}', '["a", "b", null, 1.5]', '{"x": [1, 2], "y": {"z": false}}',
+               'a "b\\" é')
+
+
 def _corpus() -> list[str]:
     lines = list(_ENGLISH)
     for a in range(0, 30, 3):

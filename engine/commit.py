@@ -48,6 +48,9 @@ def commit_step(engine: LLMEngine, batch: InFlight, results: list[DrawResult]
                 targets = [seq]
             for target, result in zip(targets, mine):
                 target.append_token(result.token_id, result.logprobs)
+        if not g.prompt_counted:  # prefilled: a prompt refused, aborted or timed out in the queue is never counted
+            g.prompt_counted = True
+            engine._prompt_tokens += len(g.prompt_token_ids)
         for target in targets:
             engine._generation_tokens += 1
             if engine.async_output and not engine.scheduler.stops.ends_by_token(target):

@@ -86,7 +86,6 @@ class LLMEngine:
         group.seqs.append(self._new_sequence(group, 0, list(ids)))
         self.groups[request_id] = group
         self.scheduler.add(group.seqs[0])
-        self._prompt_tokens += len(ids)
 
     def _new_sequence(self, group: SequenceGroup, index: int, token_ids: list[int]) -> Sequence:
         return Sequence(group=group, index=index, token_ids=token_ids,

@@ -179,6 +179,7 @@ class SequenceGroup:
     weights: list[float]  # λ per small pair for this request
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
+    prompt_counted: bool = False  # its prompt is in the engine's prompt-token count: once, at its first token
     grammar: Optional[RequestGrammar] = None  # structured outputs' compiled constraint (structured.py)
     # SamplingParams.prompt_logprobs: filled in prompt order by the prefill (prompt_logprobs.py)
     prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None

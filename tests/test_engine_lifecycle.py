@@ -254,3 +254,21 @@ def test_score_between_generation_steps(qwen2_triple: tuple, oracle: LLMEngine) 
     assert engine.block_manager.num_used_blocks == used
     assert drain(engine) == {"g0": alone(oracle, ids[0], params), "g1": alone(oracle, ids[1], params)}
     assert_clean(engine)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_prompt_tokens_count_prefilled_prompts_once(qwen2_triple: tuple, ahead: bool) -> None:
+    """EngineStats' prompt tokens (the server's rast_prompt_tokens_total) count a prompt when its prefill
+    gives its first token: a request aborted in the queue counted too, and a recompute or n samples must
+    not count it again."""
+    kw = dict(async_output=True, async_scheduling=True) if ahead else {}
+    engine = make_engine(qwen2_triple, blocks=14, caching=False, max_num_seqs=4, **kw)
+    prompts = [list(range(5, 5 + n)) for n in (9, 11, 13)]
+    engine.add_request("never", prompts[0], SamplingParams(max_tokens=4))
+    engine.abort_request("never")
+    assert engine.stats().prompt_tokens_total == 0
+    params = SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=12, ignore_eos=True)
+    run(engine, {"a": (prompts[1], params), "b": (prompts[2], params)})
+    assert engine.scheduler.num_preemptions > 0  # samples recomputed their prompts
+    assert engine.stats().prompt_tokens_total == len(prompts[1]) + len(prompts[2])
+    assert engine.stats().generation_tokens_total == 2 * 2 * 12

@@ -261,6 +261,7 @@ def test_engine_failure_is_reported_not_hidden(server_triple: tuple[Path, Path, 
         assert events[-1] == "data: [DONE]" and "device lost" in events[-2]
         health = httpx.get(f"{running.url}/health")
         assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
+        assert health.json()["error"]["code"] == "engine_dead"  # it had none
         r2 = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL, "prompt": "the"})
         assert r2.status_code == 503 and r2.json()["error"]["code"] == "engine_dead"
         assert metrics(running.url)["rast_engine_healthy"] == 0

@@ -194,7 +194,7 @@ class OpenAIServer:
 
     async def health(self, request: Request) -> Response:
         if self.engine.error is not None:
-            raise APIError(503, f"the engine failed: {self.engine.error!r}", type="server_error")
+            raise APIError(503, f"the engine failed: {self.engine.error!r}", type="server_error", code="engine_dead")
         return JSONResponse({"status": "ok"})
 
     async def render_metrics(self, request: Request) -> Response:

@@ -51,9 +51,11 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(self.read_offset - CONTEXT_TOKENS, 0)
         # the prompt's incomplete last character, as its own decode shows it: the first text released
         # starts with it unless the output's first bytes completed the character
-        window = self._decode(prompt_ids[self.prefix_offset:])
-        clean = self._decode(prompt_ids[self.prefix_offset:self.read_offset])
-        self._prompt_tail = window[len(clean):] if window.startswith(clean) else ""
+        self._prompt_tail = ""
+        if self.read_offset < len(prompt_ids):
+            window = self._decode(prompt_ids[self.prefix_offset:])
+            clean = self._decode(prompt_ids[self.prefix_offset:self.read_offset])
+            self._prompt_tail = window[len(clean):] if window.startswith(clean) else ""
         self._fed = len(prompt_ids)  # ids the stream has stepped
         self._stream = None
         if stream and cut is not None:  # a prompt ending in invalid bytes decodes windowed

@@ -30,8 +30,6 @@ import torch
 
 from rast_engine.analysis.trajectories import TripleSettings, completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
-from rast_engine.evaluation.data import load_problems
-from rast_engine.evaluation.templates import load_template
 
 DRAFTS = ("rl", "small")
 METHODS = ("coupled", "rejection")  # the engine's speculative_method
@@ -130,7 +128,7 @@ def path_acceptance(large: torch.Tensor, rl: torch.Tensor, base: torch.Tensor, l
 def run_accept(cfg: AcceptConfig) -> dict[str, Any]:
     from rast_engine import LLM
 
-    problems, template = load_problems(cfg.data, cfg.limit), load_template(cfg.template)  # before any model
+    problems, template = cfg.inputs()
     llm = LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
               seed=cfg.seed)
     models = llm.llm_engine.model_set.models

@@ -14,8 +14,6 @@ import torch
 
 from rast_engine.analysis.trajectories import TrajectorySettings, completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
-from rast_engine.evaluation.data import load_problems
-from rast_engine.evaluation.templates import load_template
 
 
 def cosine_rows(a: torch.Tensor, b: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -54,7 +52,7 @@ class CosineConfig(TrajectorySettings):
 def run_cosine(cfg: CosineConfig) -> dict[str, Any]:
     from rast_engine import LLM
 
-    problems, template = load_problems(cfg.data, cfg.limit), load_template(cfg.template)  # before any model
+    problems, template = cfg.inputs()
     experts = [(rl, base, 0.0) for rl, base in cfg.deltas]  # weight 0: decode as the model alone
     llm = LLM(cfg.model, experts=experts, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     paths = generate_trajectories(llm, problems, template, cfg.max_tokens, seed=cfg.seed)

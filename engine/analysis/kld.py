@@ -14,8 +14,6 @@ import torch
 
 from rast_engine.analysis.trajectories import TripleSettings, completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
-from rast_engine.evaluation.data import load_problems
-from rast_engine.evaluation.templates import load_template
 
 
 def token_kld(p_logits: torch.Tensor, q_logits: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -47,7 +45,7 @@ class KldConfig(TripleSettings):
 def run_kld(cfg: KldConfig) -> dict[str, Any]:
     from rast_engine import LLM
 
-    problems, template = load_problems(cfg.data, cfg.limit), load_template(cfg.template)  # before any model
+    problems, template = cfg.inputs()
     llm = LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
               seed=cfg.seed)
     tokenizer = llm.get_tokenizer()

@@ -17,8 +17,6 @@ import torch
 from rast_engine.analysis.trajectories import (Trajectory, TrajectorySettings, completion_rows, free_memory,
                                                generate_trajectories, score_each)
 from rast_engine.errors import RastError
-from rast_engine.evaluation.data import load_problems
-from rast_engine.evaluation.templates import load_template
 
 
 def coverage_mask(rows: torch.Tensor, tokens: list[int]) -> torch.Tensor:
@@ -58,7 +56,7 @@ class PcrConfig(TrajectorySettings):
 def _rl_paths(cfg: PcrConfig) -> list[Trajectory]:
     from rast_engine import LLM
 
-    problems, template = load_problems(cfg.data, cfg.limit), load_template(cfg.template)  # before any model
+    problems, template = cfg.inputs()
     llm = LLM(cfg.rl, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     return generate_trajectories(llm, problems, template, cfg.max_tokens, seed=cfg.seed)
 

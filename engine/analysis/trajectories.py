@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from rast_engine.errors import RastError
-from rast_engine.evaluation.data import Problem
-from rast_engine.evaluation.templates import PromptTemplate
+from rast_engine.evaluation.data import Problem, load_problems
+from rast_engine.evaluation.templates import PromptTemplate, load_template
 
 
 @dataclass(kw_only=True)
@@ -33,6 +33,10 @@ class TrajectorySettings:
             raise RastError("--max-tokens must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise RastError("--limit must be >= 1")
+
+    def inputs(self) -> tuple[list[Problem], PromptTemplate]:
+        """The problems and the prompt template, read before any model loads: a bad file fails at once."""
+        return load_problems(self.data, self.limit), load_template(self.template)
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,14 @@ class Problem:
     answer: str
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """The text of a user's file; a RastError naming it (``what``: "data file") when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RastError(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
     """Every problem in a JSONL file, in file order. Blank lines are skipped; ids default to the line
     number and must be unique (they key the saved samples when a run resumes)."""
@@ -25,10 +33,7 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
         raise RastError(f"data file {str(path)!r} does not exist")
     problems: list[Problem] = []
     seen: set[str] = set()
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
-    except UnicodeDecodeError as exc:
-        raise RastError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = read_utf8(path, "data file").split("\n")  # not splitlines: JSON strings may hold U+2028
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue

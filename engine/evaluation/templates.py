@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rast_engine.errors import RastError
+from rast_engine.evaluation.data import read_utf8
 
 PLACEHOLDER = "{input}"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -56,8 +57,5 @@ def load_template(spec: str) -> PromptTemplate:
     path = Path(spec)
     if not path.is_file():
         raise RastError(f"--template must be 'a', 'b' or a template file; {spec!r} is neither")
-    try:
-        return PromptTemplate(str(path), path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise RastError(f"template file {spec!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return PromptTemplate(str(path), read_utf8(path, "template file"))
 

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, hf_generate, hf_load, output_heads,  # noqa: E402
-                               peak_logits, print_profile, profile_engine, spec_round)
+from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, first_token_ms, hf_generate, hf_load,  # noqa: E402
+                               output_heads, peak_logits, print_profile, profile_engine, spec_round)
 from bench.decode_targets import judge  # noqa: E402
 from bench.decode_configs import CONFIGS, PAIRINGS, TINY, materialize, pairing_models  # noqa: E402, F401
 from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms, weight_bytes  # noqa: E402
@@ -176,6 +176,7 @@ class Suite:
                 break
             if mode == "rast-spec":
                 res.update(spec_round(res, engine.stats(), batch, a.gen))
+            res.update(first_token_ms(res["ttft_ms"], lambda i: run(batch, 2, f"ttft{batch}-{i}"), a.ttft_repeats))
             mean_ctx = a.prompt + a.gen / 2  # decode step k (1..gen-1) attends over prompt + k tokens
             row = dict(mode=mode, pairing=pairing, batch=batch, **res, mean_context=mean_ctx,
                        **roofline_ms(used, self.elt, batch, mean_ctx, self.bandwidth,
@@ -201,7 +202,8 @@ class Suite:
 
         a = self.args
         extra = dict(copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype), logit_std=a.logit_std,
-                     prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, batches=a.batches,
+                     prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, ttft_repeats=a.ttft_repeats,
+                     batches=a.batches,
                      modes=a.modes, layer_ops=a.layer_ops, kv_cache_dtype=a.kv_cache_dtype, pairings=self.pairings,
                      versions=dict(
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
@@ -225,6 +227,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     ap.add_argument("--prompt", type=int, help="prompt tokens per request (default 128; tiny 16)")
     ap.add_argument("--gen", type=int, help="generated tokens per request (default 128; tiny 12)")
     ap.add_argument("--warmup", type=int, help="tokens generated untimed per batch first (default 8; tiny 3)")
+    ap.add_argument("--ttft-repeats", type=int, help="prefills of fresh prompts timed after each row's run, "
+                    "ttft_ms being the median with the run's own (default 4; tiny 1)")
     ap.add_argument("--layer-ops", default="auto", choices=("auto", "torch", "triton"),
                     help="the engine modes' norms/rotary/activation (auto: fused triton kernels on CUDA)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
@@ -250,10 +254,11 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     a.prompt = a.prompt or (16 if a.tiny else 128)
     a.gen = a.gen or ((6 if a.quick else 12) if a.tiny else (32 if a.quick else 128))
     a.warmup = a.warmup or (3 if a.tiny else 8)
+    a.ttft_repeats = (1 if a.tiny else 4) if a.ttft_repeats is None else a.ttft_repeats
     if a.tiny != (a.pairings == ["tiny"]):
         ap.error("--tiny runs the pairing 'tiny' only, and 'tiny' needs --tiny")
-    if min(a.batches) < 1 or a.prompt < 1 or a.gen < 2 or a.warmup < 2 or a.warmup > a.gen:
-        ap.error("batches and --prompt must be >= 1, --gen >= 2, 2 <= --warmup <= --gen")
+    if min(a.batches) < 1 or a.prompt < 1 or a.gen < 2 or a.warmup < 2 or a.warmup > a.gen or a.ttft_repeats < 0:
+        ap.error("batches and --prompt must be >= 1, --gen >= 2, 2 <= --warmup <= --gen, --ttft-repeats >= 0")
     return a, device
 
 

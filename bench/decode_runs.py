@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import statistics
 import time
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,8 +37,9 @@ def summarize(step_s: list[float], first_token_s: float, batch: int, gen: int) -
 
 
 def add_requests(engine: Any, sp_cls: Any, batch: int, prompt: int, gen: int, vocab: int, tag: str) -> None:
-    """``batch`` distinct random prompts (no prefix-cache hits), sampled at T=1, top-p 0.95, no early stop."""
-    rng = torch.Generator().manual_seed(batch * 1000 + prompt + gen)
+    """``batch`` random prompts, distinct within the batch and from every other tag's (no prefix-cache
+    hits), sampled at T=1, top-p 0.95, no early stop."""
+    rng = torch.Generator().manual_seed(zlib.crc32(f"{tag}/{batch}/{prompt}/{gen}".encode()))
     params = sp_cls(temperature=1.0, top_p=0.95, ignore_eos=True, max_tokens=gen)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (prompt,), generator=rng).tolist(), params)
@@ -72,6 +74,13 @@ def engine_generate(engine: Any, sp_cls: Any, batch: int, prompt: int, gen: int,
                            f"short ones {dict(list(short.items())[:3])}")
     sync(device)
     return {**summarize(step_s, first_at, batch, gen), "kv_blocks_used_peak": peak}
+
+
+def first_token_ms(first: float, repeat: Callable[[int], dict], repeats: int) -> dict:
+    """TTFT as the median of the timed run's (``first``, ms) and ``repeats`` more prefills of fresh
+    prompts (``repeat(i)``: a run of two tokens): one prefill is one sample, which a stray stall decides."""
+    runs = [first] + [repeat(i)["ttft_ms"] for i in range(repeats)]
+    return dict(ttft_ms=statistics.median(runs), ttft_ms_runs=runs)
 
 
 def hf_load(cfg_dirs: list[Path], dtype: torch.dtype, device: torch.device) -> list[Any]:

@@ -49,6 +49,9 @@ def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * (gen - 1) * 1e3 / (r["step_ms"] * r["decode_steps"]),
                                                   rel=1e-9)
         assert r["mean_context"] == prompt + gen / 2
+        # the timed run's own prefill and --ttft-repeats (tiny: 1) more, each of fresh prompts
+        assert len(r["ttft_ms_runs"]) == 1 + result["ttft_repeats"] == 2 and r["ttft_ms_runs"][0] > 0
+        assert r["ttft_ms"] == pytest.approx(sum(r["ttft_ms_runs"]) / 2)
         bw = result["copy_bandwidth_GBps"] * 1e9
         assert r["roofline_ms"] == pytest.approx((r["weight_bytes_read"] + r["kv_bytes_read"]) / bw * 1e3)
         pair = result["pairings"]["tiny"]

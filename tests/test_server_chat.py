@@ -4,13 +4,15 @@ tokens of a character split across tokens join back to its UTF-8 (OpenAI's meani
 byte-level BPE and for SentencePiece byte fallback. The oracle is the tokenizer's own decode."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from factories import make_tokenizer
-from rast_engine.server.protocol import ChatMessage, render_chat
+from rast_engine.server.protocol import APIError, ChatCompletionRequest, ChatMessage, parse_request, render_chat
 from rast_engine.server.token_bytes import token_bytes
 
 NAMED = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m.name is defined %}{{ m.name }}: {% endif %}"
@@ -53,3 +55,19 @@ def test_sentencepiece_byte_fallback_tokens_give_their_byte() -> None:
     # first space is stripped by the decoder, which an output after its prompt never starts with
     text = tok.decode(ids, clean_up_tokenization_spaces=False)
     assert text == "caf caf\u00e9" and _joined(tok, ids[4:]) == text[3:].encode() == " caf\u00e9".encode()
+
+
+def test_a_replayed_assistant_message_is_accepted_and_tool_calls_refused() -> None:
+    """OpenAI's client's message.model_dump() of a text reply carries refusal, tool_calls, function_call,
+    audio and annotations as null: a history replayed so is valid; a message that uses one is refused."""
+    reply = {"role": "assistant", "content": "yo", "refusal": None, "tool_calls": None, "function_call": None,
+             "audio": None, "annotations": None}
+    req = {"model": "m", "messages": [{"role": "user", "content": "hi"}, reply]}
+    got = parse_request(json.dumps(req).encode(), ChatCompletionRequest)
+    assert [m.text() for m in got.messages] == ["hi", "yo"]
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    for field, value in (("tool_calls", call), ("refusal", "no"), ("audio", {"id": "a"})):
+        bad = {**req, "messages": [req["messages"][0], {**reply, field: value}]}
+        with pytest.raises(APIError, match=field) as err:
+            parse_request(json.dumps(bad).encode(), ChatCompletionRequest)
+        assert (err.value.status, err.value.param) == (400, "messages")

@@ -169,10 +169,51 @@ def test_logprobs(srv: Running, server_oracle: LLM) -> None:
                                                   logprobs=2, stream=True))
     assert [x for c in chunks for x in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
     assert "".join(c.choices[0].text for c in chunks) == res.choices[0].text
+    # sampled: a token outside the top k still heads its position's top_logprobs (OpenAI's legacy API and
+    # vLLM: up to k + 1 entries), and logprobs=0 gives it alone
+    for k in (0, 1):
+        res = srv.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=1.5,
+                                              seed=11, logprobs=k)
+        lp = res.choices[0].logprobs
+        assert all(list(top)[0] == tok and top[tok] == own and len(top) <= k + 1
+                   for tok, own, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+        assert k == 1 and any(len(top) == 2 for top in lp.top_logprobs) or k == 0, "setup: every draw was the top 1"
     chat = srv.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(srv: Running, server_oracle: LLM) -> None:
+    ids = server_oracle.get_tokenizer().encode(PROMPTS[0])
+    body = {"model": MODEL, "prompt": ids, "echo": True, "logprobs": 1, "temperature": 0}
+    scored = httpx.post(f"{srv.url}/v1/completions", json={**body, "max_tokens": 0}).json()
+    longer = httpx.post(f"{srv.url}/v1/completions", json={**body, "max_tokens": 1}).json()
+    [ch], [one] = scored["choices"], longer["choices"]
+    assert ch["text"] == PROMPTS[0] and ch["finish_reason"] == "length"
+    assert ch["logprobs"]["token_logprobs"][0] is None and len(ch["logprobs"]["tokens"]) == len(ids)
+    assert {k: v[:len(ids)] for k, v in one["logprobs"].items()} == ch["logprobs"]
+    assert scored["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    stream = httpx.post(f"{srv.url}/v1/completions", json={**body, "max_tokens": 0, "stream": True}).text
+    chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == PROMPTS[0]
+
+
+def test_null_takes_the_default_where_openai_allows_it(srv: Running) -> None:
+    """OpenAI's client sends a None argument as null: n, stream, echo, logprobs and the penalties take
+    their defaults; max_tokens null is still 'the rest of the context'."""
+    client = srv.client()
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0)
+    nulls = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0, n=None,
+                                      stream=None, echo=None, presence_penalty=None, frequency_penalty=None,
+                                      extra_body={"min_tokens": None, "ignore_eos": None})
+    assert nulls.choices[0].text == plain.choices[0].text and len(nulls.choices) == 1
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=None, n=None)
+    assert chat.choices[0].logprobs is None and chat.usage.completion_tokens <= 3
+    room = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": [5] * 505, "max_tokens": None,
+                                                         "temperature": 0, "ignore_eos": True}).json()
+    assert room["usage"]["completion_tokens"] == 7  # the 512-token context's room
 
 
 BAD = [
@@ -217,6 +258,9 @@ BAD = [
     ({"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),  # longer than the 512-token context
     ({"model": MODEL, "prompt": [100000]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0, "echo": True, "min_tokens": 1}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": None}, 400, "prompt"),  # null is no default of a required field
     ({"model": "other", "prompt": "hi"}, 404, "model"),
 ]
 

@@ -209,9 +209,10 @@ class OpenAIServer:
         params = completion_params(req, self.engine.engine)
         await self._precompile(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_tokens)
+        handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_new_tokens())
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs)
+                        req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
+                        generates=req.max_tokens != 0)
         return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
 
     async def chat(self, request: Request) -> Response:

@@ -4,7 +4,7 @@ falls back to a default."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
@@ -20,6 +20,10 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+
+def _admits_none(annotation: Any) -> bool:
+    return annotation is Any or annotation is None or type(None) in get_args(annotation)
 
 
 class StreamOptions(BaseModel):
@@ -78,6 +82,18 @@ class _Request(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     # vLLM's: each prompt token's logprob under the combined distribution, its rank, and the top k there
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_takes_default(cls, data: Any) -> Any:
+        """OpenAI marks n, stream, echo, logprobs and the penalties "or null", and its client sends a null
+        for an argument left None: null there means the default. A field whose type admits None keeps
+        it (max_tokens: null is "the rest of the context"); a required one fails as missing."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items()
+                if value is not None or key not in cls.model_fields or cls.model_fields[key].is_required()
+                or _admits_none(cls.model_fields[key].annotation)}
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
@@ -153,7 +169,8 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # strict: true is no token id
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 only with echo: the prompt scored, nothing generated (OpenAI's legacy API, vLLM)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
@@ -163,11 +180,18 @@ class CompletionRequest(_Request):
     def _completion_checks(self) -> CompletionRequest:
         if self.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be >= 1; 0 only with echo: true, which returns the prompt "
+                                "(with logprobs: scored) and generates nothing", param="max_tokens")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
             raise APIError(400, "prompt must not be empty", param="prompt")
         return self
+
+    def max_new_tokens(self) -> int | None:
+        """The tokens the engine generates: echo with max_tokens 0 draws one, which the response drops."""
+        return 1 if self.max_tokens == 0 else self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: a string, a list of token ids, or a list of either."""
@@ -190,6 +214,21 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+    # an assistant message as OpenAI's client returns it (message.model_dump()) carries these, null or
+    # empty when the message is text; anything else is a feature this server does not have
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ChatMessage:
+        for name in ("refusal", "tool_calls", "function_call", "audio", "annotations"):
+            if getattr(self, name):
+                raise APIError(400, f"messages: a message's {name} is not supported by this server (only null "
+                                    "or empty); give its text as content", param="messages")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, str):

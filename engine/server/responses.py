@@ -45,8 +45,10 @@ class _Choice:
 class Formatter:
     def __init__(self, kind: Kind, response_id: str, model: str, request_ids: list[str], n: int,
                  tokenizer: Any, logprobs: int | None, echo: Optional[list[Optional[str]]] = None,
-                 prompt_logprobs: int | None = None) -> None:
+                 prompt_logprobs: int | None = None, generates: bool = True) -> None:
         self.kind, self.id, self.model, self.n = kind, response_id, model, n
+        # False: echo with max_tokens 0, whose one drawn token (the engine draws at least one) is dropped
+        self.generates = generates
         self.created = int(time.time())
         self.request_ids = request_ids
         self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
@@ -79,14 +81,16 @@ class Formatter:
                     text=list(start.text), token_ids=list(start.token_ids), echoed=start.echoed,
                     logprobs=None if start.logprobs is None else list(start.logprobs))
             ch = self.choices[i]
+            ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+            touched.append(i)
+            if not self.generates:
+                continue
             ch.text.append(c.text)
             ch.token_ids.extend(c.token_ids)
             if c.logprobs is not None:
                 if ch.logprobs is None:
                     ch.logprobs = []
                 ch.logprobs.extend(c.logprobs)
-            ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
-            touched.append(i)
         return touched
 
     def _echo_start(self, out: Any) -> _Choice:
@@ -133,10 +137,12 @@ class Formatter:
         for tok in tokens:
             offsets.append(text_offset)
             text_offset += len(tok)
+        # as OpenAI's legacy API and vLLM: a position's top_logprobs hold its own token first, then the top
+        # k (up to k + 1 entries; a token among the top k is not repeated)
         return {"tokens": tokens,
                 "token_logprobs": [None if e is None else _finite(e[t]) for t, e in zip(token_ids, entries)],
-                "top_logprobs": [None if top is None else {self._token(t): _finite(lp) for t, lp in top}
-                                 for top in tops],
+                "top_logprobs": [None if top is None else {self._token(t): _finite(lp) for t, lp in [(tid, e[tid])] + top}
+                                 for tid, e, top in zip(token_ids, entries, tops)],
                 "text_offset": offsets}
 
     def _vllm_prompt_logprobs(self, out: Any) -> list[Optional[dict[str, Any]]]:

@@ -41,7 +41,10 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = w.abs().amax(dim=1)
     if not torch.isfinite(absmax).all():
         raise ValueError("weight holds NaN or inf: it cannot be quantised")
-    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    # tested after the division: a float32 row whose largest |w| is below ~6e-43 divides to a scale of 0,
+    # and 0 / 0 would store NaN weights; such a row quantises to zeros with scale 1
+    scale = absmax / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return e4m3(w / scale[:, None]), scale
 
 

@@ -34,6 +34,9 @@ def test_quantize_fp8_is_per_channel_round_to_nearest() -> None:
     assert (err <= w.to(torch.bfloat16).float().abs() * 2 ** -4 + scale[:, None] * 2 ** -9).all()
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize_fp8(torch.tensor([[1.0, float("nan")]]))
+    # a float32 row so small that absmax / 448 underflows to 0 quantises to zeros, not 0 / 0 = NaN
+    w8, scale = quantize_fp8(torch.tensor([[2e-43, 0.0, -1e-44], [1.0, 0.5, 0.0]]))
+    assert scale[0] == 1.0 and (w8[0].float() == 0).all() and torch.isfinite(dequantize_fp8(w8, scale)).all()
 
 
 @pytest.mark.parametrize("device, dtype", CASES)

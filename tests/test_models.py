@@ -202,6 +202,16 @@ def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     assert ours.rope_theta == (hf.rope_parameters["rope_theta"] if hasattr(hf, "rope_parameters") else hf.rope_theta)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_null_kv_heads_read_as_transformers_reads_them(model_type: str) -> None:
+    """An explicit "num_key_value_heads": null is multi-head attention in transformers' classes (the
+    omitted key's default, 32 for Qwen, would refuse a 4-head model or misread a 64-head one)."""
+    given = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": None, "vocab_size": 64}
+    ours, hf = ModelConfig.from_dict(given), AutoConfig.for_model(**given)
+    assert ours.num_kv_heads == hf.num_key_value_heads == 4
+
+
 # ---- clear load errors ----
 
 def test_error_missing_dir(tmp_path: Path) -> None:

@@ -111,8 +111,12 @@ class ModelConfig:
             raise ModelLoadError(f"pre-quantized checkpoints are not supported (quantization_config, quant_method "
                                  f"{method!r}); load the bf16 checkpoint, with quantization='fp8' to quantise it")
         def given(key: str, derived: Any = None) -> Any:
+            """The key's value; omitted, the class default; an explicit null, the derived value, as HF's
+            classes take None for num_key_value_heads (= heads) and Llama's head_dim."""
             value = cfg.get(key)
-            return HF_DEFAULTS[model_type].get(key, derived) if value is None else value
+            if value is not None:
+                return value
+            return derived if key in cfg and derived is not None else HF_DEFAULTS[model_type].get(key, derived)
 
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])

@@ -11,6 +11,7 @@ from rast_engine.config import EngineConfig
 from rast_engine.errors import RastError
 from rast_engine.llm_engine import LLMEngine
 from rast_engine.outputs import RequestOutput, ScoreOutput
+from rast_engine.requests import chat_template_variables
 from rast_engine.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int], dict]  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
@@ -91,15 +92,16 @@ class LLM:
             raise
         return [done[i] for i in ids]
 
-    def chat(self, conversations: Union[list[dict], list[list[dict]]], sampling_params: Params = None,
+    def chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: Params = None,
              use_tqdm: bool = True, *, chat_template: Optional[str] = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False) -> list[RequestOutput]:
-        """Applies the chat template (the tokenizer's, or ``chat_template``) to each conversation, as vLLM's
-        LLM.chat: with the assistant's generation prompt, or continuing the final message; each output's
-        ``prompt`` is the templated text."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
+             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        """Applies the chat template (the tokenizer's, or ``chat_template``, with ``chat_template_kwargs``'
+        variables) to one conversation (``messages``) or a list of them, as vLLM's LLM.chat: with the
+        assistant's generation prompt, or continuing the final message; each output's ``prompt`` is the
+        templated text."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
+        variables = chat_template_variables(tokenizer, chat_template_kwargs)
         if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
             raise RastError("the tokenizer has no chat template; pass chat_template= or use generate() with a "
                             "formatted prompt")
@@ -111,7 +113,8 @@ class LLM:
             try:
                 texts.append(tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
                                                            add_generation_prompt=add_generation_prompt,
-                                                           continue_final_message=continue_final_message))
+                                                           continue_final_message=continue_final_message,
+                                                           **variables))
             except Exception as exc:  # noqa: BLE001 - a template refusing a conversation is the caller's to fix
                 raise RastError(f"the chat template rejected a conversation: {exc}") from None
         # the template writes any BOS itself, so the text is encoded without adding special tokens

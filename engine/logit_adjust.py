@@ -127,8 +127,9 @@ class Adjust:
 
 
 def min_tokens_bans(params: SamplingParams, eos_token_ids: Collection[int]) -> list[int]:
-    """The ids min_tokens masks while the output is shorter: the stop ids, and EOS unless ignore_eos."""
-    return params.stop_token_ids + ([] if params.ignore_eos else sorted(eos_token_ids))
+    """The ids min_tokens masks while the output is shorter: the stop ids and EOS, with ignore_eos too (as
+    vLLM's MinTokens processor and HF's MinNewTokensLength mask EOS whatever ends a request)."""
+    return params.stop_token_ids + sorted(eos_token_ids)
 
 
 def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) -> Optional[Adjust]:

@@ -2,8 +2,9 @@
 rejected request leaves the engine exactly as it was."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
-from typing import TYPE_CHECKING, Collection, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Union
 
 from rast_engine.errors import RastError
 from rast_engine.bad_words import tokenize_bad_words
@@ -80,6 +81,20 @@ def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
     return lam
 
 
+def chat_template_variables(tokenizer: Any, kwargs: Optional[dict]) -> dict:
+    """vLLM's chat_template_kwargs: more variables for the chat template (Qwen3's enable_thinking); a name
+    apply_chat_template takes itself (tokenize, add_generation_prompt, ...) is refused, never overridden."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise RastError(f"chat_template_kwargs must map names to values, got {kwargs!r}", param="chat_template_kwargs")
+    own = sorted(set(inspect.signature(tokenizer.apply_chat_template).parameters) & set(kwargs))
+    if own:
+        raise RastError(f"chat_template_kwargs may not set {own}: they are apply_chat_template's own arguments",
+                        param="chat_template_kwargs")
+    return dict(kwargs)
+
+
 def check_token_ids(name: str, ids: Optional[Iterable[int]], vocab_size: int) -> None:
     """RastError if field ``name`` (logit_bias, allowed_token_ids) names ids the sampler never draws
     (ids >= the vocabulary)."""
@@ -123,6 +138,13 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     if len(ids) >= engine.max_model_len:
         raise RastError(f"the prompt has {len(ids)} tokens; max_model_len is {engine.max_model_len} "
                         "(it must leave room for at least one generated token)")
+    if params.max_tokens is None:  # up to the end of the context, as vLLM
+        room = engine.max_model_len - len(ids)
+        if params.min_tokens > room:
+            raise RastError(f"min_tokens={params.min_tokens}, but the context (max_model_len "
+                            f"{engine.max_model_len}) leaves room for {room} tokens after the prompt",
+                            param="min_tokens")
+        params = replace(params, max_tokens=room)
     if params.stop_list and engine.tokenizer is None:
         raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
                         "use stop_token_ids")

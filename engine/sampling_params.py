@@ -68,7 +68,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
-    max_tokens: int = 16
+    max_tokens: Optional[int] = 16  # None: up to the end of the context (max_model_len), as vLLM
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
@@ -142,8 +142,9 @@ class SamplingParams:
             self.top_k = 0
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", f"max_tokens must be an integer >= 1, or None (up to the end of the context), "
+                                    f"got {self.max_tokens!r}")
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}")
@@ -207,7 +208,8 @@ class SamplingParams:
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise bad("structured_outputs", "structured_outputs must be a StructuredOutputsParams or a dict of "
                                             f"its fields, got {self.structured_outputs!r}")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
             raise bad("min_tokens",
                       f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         k = self.truncate_prompt_tokens
@@ -227,7 +229,7 @@ class SamplingParams:
         # is then the request's fault, not the models')
         self.masks_tokens = (self.allowed_token_ids is not None or self.bad_words is not None
                              or self.structured_outputs is not None
-                             or (self.min_tokens > 0 and (bool(self.stop_token_ids) or not self.ignore_eos)))
+                             or self.min_tokens > 0)  # EOS is masked then, ignore_eos or not
 
     def set_bad_words_token_ids(self, words: list[list[int]]) -> None:
         """bad_words as token sequences (the engine's tokenizer's, bad_words.tokenize_bad_words)."""

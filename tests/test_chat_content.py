@@ -1,6 +1,6 @@
-"""Chat messages whose content is OpenAI's list of text parts, offline (LLM.chat) and on the server, and an
-empty text prompt: as vLLM handles them (text parts joined by newlines; "" is whatever the tokenizer makes
-of it)."""
+"""LLM.chat as vLLM's: the template's options, and messages whose content is OpenAI's list of text parts,
+offline and on the server; and an empty text prompt (text parts joined by newlines; "" is whatever the
+tokenizer makes of it)."""
 from __future__ import annotations
 
 import pytest
@@ -49,3 +49,31 @@ def test_an_empty_prompt_is_what_the_tokenizer_makes_of_it(llm: LLM) -> None:
     finally:
         backend.post_processor = saved
     assert out.prompt_token_ids == [tok.bos_token_id] and len(out.outputs[0].token_ids) == 1
+
+
+def test_chat_uses_the_template(llm: LLM) -> None:
+    conv = [{"role": "user", "content": "hello world"}]
+    out = llm.chat(conv, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)[0]
+    text = llm.get_tokenizer().apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(text, add_special_tokens=False)
+    assert out.prompt_token_ids[-1] == llm.get_tokenizer().convert_tokens_to_ids("<|assistant|>")
+    assert out.prompt == text
+    # vLLM's options: continue the assistant's last message, or another template
+    tok, one = llm.get_tokenizer(), SamplingParams(temperature=0.0, max_tokens=1)
+    started = conv + [{"role": "assistant", "content": "the answer is"}]
+    out = llm.chat(started, one, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt == tok.apply_chat_template(started, tokenize=False, continue_final_message=True)
+    assert out.prompt.endswith("the answer is")
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    out = llm.chat(conv, one, use_tqdm=False, chat_template=plain, add_generation_prompt=False)[0]
+    assert out.prompt == "user: hello world\n"
+    with pytest.raises(RastError, match="excludes"):
+        llm.chat(started, one, use_tqdm=False, continue_final_message=True)
+    # vLLM's keywords: messages, and chat_template_kwargs as the template's variables (Qwen3's enable_thinking)
+    think = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if enable_thinking %}<think>{% endif %}"
+    for flag in (True, False):
+        out = llm.chat(messages=conv, sampling_params=one, use_tqdm=False, chat_template=think,
+                       chat_template_kwargs={"enable_thinking": flag})[0]
+        assert out.prompt == "hello world" + ("<think>" if flag else "")
+    with pytest.raises(RastError, match="apply_chat_template's own"):
+        llm.chat(conv, one, use_tqdm=False, chat_template_kwargs={"tokenize": True})

@@ -252,26 +252,6 @@ def test_score_equals_hf(llm: LLM, qwen2_triple: tuple) -> None:
     assert llm.llm_engine.stats().kv_blocks_used == 0
 
 
-def test_chat_uses_the_template(llm: LLM) -> None:
-    conv = [{"role": "user", "content": "hello world"}]
-    out = llm.chat(conv, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)[0]
-    text = llm.get_tokenizer().apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    assert out.prompt_token_ids == llm.get_tokenizer().encode(text, add_special_tokens=False)
-    assert out.prompt_token_ids[-1] == llm.get_tokenizer().convert_tokens_to_ids("<|assistant|>")
-    assert out.prompt == text
-    # vLLM's options: continue the assistant's last message, or another template
-    tok, one = llm.get_tokenizer(), SamplingParams(temperature=0.0, max_tokens=1)
-    started = conv + [{"role": "assistant", "content": "the answer is"}]
-    out = llm.chat(started, one, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
-    assert out.prompt == tok.apply_chat_template(started, tokenize=False, continue_final_message=True)
-    assert out.prompt.endswith("the answer is")
-    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    out = llm.chat(conv, one, use_tqdm=False, chat_template=plain, add_generation_prompt=False)[0]
-    assert out.prompt == "user: hello world\n"
-    with pytest.raises(RastError, match="excludes"):
-        llm.chat(started, one, use_tqdm=False, continue_final_message=True)
-
-
 def test_add_request_rejects_bad_input_without_side_effects(llm: LLM) -> None:
     engine = llm.llm_engine
     engine.add_request("dup", PROMPTS[0], GREEDY)

@@ -28,8 +28,13 @@ def test_length_limits(qwen2_triple: tuple, oracle: LLMEngine) -> None:
         "over": (ids, SamplingParams(n=2, max_tokens=room + 20, **greedy)),  # prompt + max_tokens > limit
         "one": (ids, SamplingParams(n=2, max_tokens=1, **greedy)),
         "edge": ([5] * 23, SamplingParams(max_tokens=5, **greedy)),  # one token of room
+        "none": (ids, SamplingParams(max_tokens=None, **greedy)),  # vLLM's: up to the end of the context
     })
     assert got["over"] == long and all(r == "length" for _, _, r in got["over"])
+    assert got["none"] == long[:1]
+    with pytest.raises(RastError, match="leaves room for") as info:
+        engine.add_request("many", ids, SamplingParams(max_tokens=None, min_tokens=room + 1))
+    assert info.value.param == "min_tokens"
     assert [t for t, _, _ in got["one"]] == [long[0][0][:1]] * 2 and got["one"][0][2] == "length"
     assert len(got["edge"][0][0]) == 1 and got["edge"][0][2] == "length"
     assert_clean(engine)
@@ -162,4 +167,17 @@ def test_min_tokens_hides_every_stop_string_in_its_text(qwen2_triple: tuple, ora
     got = run(engine, {"m": (ids, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, min_tokens=m,
                                                  stop=stops))})
     assert got["m"] == [expected(stops, m)]
+    assert_clean(engine)
+
+
+def test_min_tokens_masks_eos_with_ignore_eos_too(qwen2_triple: tuple) -> None:
+    """As vLLM's MinTokens processor: EOS is masked until min_tokens whether or not it ends the request."""
+    engine = make_engine(qwen2_triple)
+    eos = sorted(engine.scheduler.stops.eos_token_ids)
+    ids = encode(engine, TEXTS[0])
+    pushed = dict(temperature=0.0, ignore_eos=True, logit_bias={t: 100.0 for t in eos}, max_tokens=6)
+    got = run(engine, {"min": (ids, SamplingParams(min_tokens=4, **pushed)), "free": (ids, SamplingParams(**pushed))})
+    assert all(t in eos for t in got["free"][0][0])  # the bias makes EOS the argmax at every draw
+    tokens = got["min"][0][0]
+    assert len(tokens) == 6 and not set(tokens[:4]) & set(eos) and all(t in eos for t in tokens[4:])
     assert_clean(engine)

@@ -118,8 +118,8 @@ def test_masks_are_checked(qwen2_triple: tuple) -> None:
     assert SamplingParams(bad_words=["x"]).adjusts_logits and not SamplingParams(bad_words=[]).adjusts_logits
     # whose own masks may leave a draw no token (a NoAdmissibleToken of theirs is a 400, not a 500)
     assert SamplingParams(min_tokens=2, max_tokens=4).masks_tokens
-    assert not SamplingParams(min_tokens=2, max_tokens=4, ignore_eos=True).masks_tokens  # masks nothing
-    assert SamplingParams(min_tokens=2, max_tokens=4, ignore_eos=True, stop_token_ids=[3]).masks_tokens
+    assert SamplingParams(min_tokens=2, max_tokens=4, ignore_eos=True).masks_tokens  # EOS, as vLLM
+    assert not SamplingParams(max_tokens=4, ignore_eos=True, stop_token_ids=[3]).masks_tokens
     engine = make_engine(qwen2_triple)
     with pytest.raises(RastError, match="allowed_token_ids names token ids"):
         engine.add_request("x", PROMPTS[0], SamplingParams(allowed_token_ids=[1, engine.vocab_size]))
@@ -136,12 +136,12 @@ def test_masks_are_checked(qwen2_triple: tuple) -> None:
     word = word_in(engine.tokenizer, list(range(8, 100)), 1)  # past the special tokens
     the = [w[0] for w in spellings(engine.tokenizer, word)]  # bad_words=[word] masks these at every draw
     for kw in (dict(allowed_token_ids=the, bad_words=[word]), dict(allowed_token_ids=eos + [7], stop_token_ids=[7],
-                                                                       min_tokens=1, max_tokens=4)):
+                                                                       min_tokens=1, max_tokens=4),
+               dict(allowed_token_ids=eos, min_tokens=1, max_tokens=4, ignore_eos=True)):
         with pytest.raises(RastError, match="allowed_token_ids leaves no token") as info:  # a 400, not a 500 later
             engine.add_request("x", PROMPTS[0], SamplingParams(**kw))
         assert info.value.param == "allowed_token_ids"
     for kw in (dict(allowed_token_ids=eos + [7], stop_token_ids=[7], max_tokens=4),  # no min_tokens
-               dict(allowed_token_ids=eos, min_tokens=1, max_tokens=4, ignore_eos=True),
                dict(allowed_token_ids=the + [next(i for i in range(9, 99) if i not in the)], bad_words=[word])):
         engine.add_request("ok", PROMPTS[0], SamplingParams(**kw))
         engine.abort_request("ok")

@@ -223,7 +223,7 @@ class OpenAIServer:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         text = await self.engine.in_tokenizer_thread(render_chat, self.tokenizer, req.messages,
-                                                     req.add_generation_prompt)
+                                                     req.add_generation_prompt, req.chat_template_kwargs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),

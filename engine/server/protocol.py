@@ -8,6 +8,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from rast_engine.errors import RastError
+from rast_engine.requests import chat_template_variables
+
 
 class APIError(Exception):
     """An error the server reports as an OpenAI-style JSON body with this HTTP status."""
@@ -243,6 +246,7 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (enable_thinking)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
@@ -264,13 +268,20 @@ class ChatCompletionRequest(_Request):
 
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    """The chat template's text of ``messages``; APIError(400) naming them when the template refuses them."""
+def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+                variables: dict[str, Any] | None = None) -> str:
+    """The chat template's text of ``messages`` (``variables``: chat_template_kwargs); APIError(400)
+    naming them when the template refuses them."""
+    try:
+        extra = chat_template_variables(tokenizer, variables)
+    except RastError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
     # The "developer" role is OpenAI's new name for "system"; chat templates only know the latter.
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
                      **({} if m.name is None else {"name": m.name})} for m in messages]
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
     except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 

@@ -58,13 +58,22 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _fits(x, dtype: tl.constexpr):
+    if dtype == tl.float16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+    return x
+
+
+@triton.jit
 def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head_dim, stride_cb, stride_cr,
                  scale_log2, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr):
     # Folds keys [n0, n0 + BLOCK_N) ∩ [0, end) into the online softmax (m_i, l_i, acc) of the rows of q;
     # k_base, v_base point at the KV head, bt_row at the sequence's block-table row. CAUSAL: row r sees
     # only keys n <= pos[r] too. A row that sees no key keeps its state (m_safe keeps -inf from NaN).
-    # FP8: a key or value row is its codes times its power-of-two scale, exact in q's dtype.
+    # FP8: a key or value row is its codes times its power-of-two scale, exact in q's dtype, except that
+    # fp16 clamps to its largest finite value: a stored 65504 rounds to the code 256 · 2^8 = 65536, which
+    # fp16 would hold as inf, and one inf key turns its head's output into NaN.
     n = n0 + tl.arange(0, BLOCK_N)
     n_mask = n < end
     page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -72,7 +81,7 @@ def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head
     k_t = tl.load(k_base + off[None, :] + d[:, None], mask=(d < head_dim)[:, None] & n_mask[None, :], other=0.0)
     if FP8:
         scales = load_scale(k_base, page, n % BLOCK_SIZE, stride_cb, stride_cr, head_dim, n_mask, BLOCK_SIZE)
-        k_t = k_t.to(tl.float32) * scales[None, :]
+        k_t = _fits(k_t.to(tl.float32) * scales[None, :], q.dtype)
     k_t = k_t.to(q.dtype)  # [D, N]
     s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
     if CAUSAL:
@@ -87,7 +96,7 @@ def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head
     v = tl.load(v_base + off[:, None] + d[None, :], mask=n_mask[:, None] & (d < head_dim)[None, :], other=0.0)
     if FP8:
         scales = load_scale(v_base, page, n % BLOCK_SIZE, stride_cb, stride_cr, head_dim, n_mask, BLOCK_SIZE)
-        v = v.to(tl.float32) * scales[:, None]
+        v = _fits(v.to(tl.float32) * scales[:, None], q.dtype)
     v = v.to(q.dtype)
     return m_new, l_i, acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
 

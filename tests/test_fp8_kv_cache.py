@@ -158,6 +158,28 @@ def test_decode_and_prefill_read_fp8_caches(device: str, dtype: torch.dtype, spl
         paged_decode_attention(q[:3], kc.view(torch.uint8), vc.view(torch.uint8), table, ctx, scale)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=_interp), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp16_keys_at_its_largest_value_stay_finite(device: str) -> None:
+    """fp16's 65504 is stored as the code 256 · 2^8 = 65536, past fp16: dequantised in fp16 it was inf, and
+    the head's output NaN. The kernels clamp to 65504; the oracle is the attention in float64."""
+    dim, bs = 16, 4
+    k = torch.zeros(2, 1, dim, dtype=torch.float16)
+    k[0, 0, 0], k[1, 0, 0] = 65504.0, -65504.0
+    v = torch.ones(2, 1, dim, dtype=torch.float16)
+    v[0, 0, 1] = 65504.0
+    kc, vc = (torch.zeros(1, bs + 1, 1, dim, dtype=FP8, device=device) for _ in range(2))
+    store_kv_cache(k.to(device), v.to(device), kc, vc, torch.tensor([0, 1], device=device))
+    q = torch.zeros(1, 1, dim, dtype=torch.float16, device=device)
+    q[0, 0, 1] = 1.0  # q · k = 0 for both keys: equal weights
+    table, ctx = torch.zeros(1, 1, dtype=torch.int32, device=device), torch.tensor([2], dtype=torch.int32, device=device)
+    want = v.double().mean(0)[0]  # [D]; the 65504 of v averages to 32752
+    got = paged_decode_attention(q, kc, vc, table, ctx, 0.25)[0, 0]
+    pre = paged_prefill_attention(q.expand(2, 1, dim).contiguous(), kc, vc, table, ctx,
+                                  torch.tensor([0, 2], dtype=torch.int32, device=device), 2, 0.25)[1, 0]
+    for out in (got, pre):
+        torch.testing.assert_close(out.double().cpu(), want, atol=0, rtol=1e-3)
+
+
 def test_scales_keep_what_saturation_loses() -> None:
     """Why the scales: keys with a channel near 1000 (as Qwen2's k biases make them) and values with one
     near 2000. Attention over the scaled FP8 rows stays within 3% of exact attention; over an unscaled,

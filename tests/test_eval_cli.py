@@ -185,6 +185,27 @@ def test_compare_prints_recovery_rates(tmp_path: Path, capsys) -> None:
 
     assert main(["eval", "compare", str(tmp_path / "nope"), str(tmp_path / "rast"), str(tmp_path / "rl")]) == 2
     assert "neither a metrics file nor a folder" in capsys.readouterr().err
+    # a dataset that names nothing, an accuracy that is none: one line each, no traceback, no 300 % rate
+    for bad in ({"dataset": ["x"], "avg_pass@1": 0.5}, {"dataset": "x", "avg_pass@1": True},
+                {"dataset": "x", "avg_pass@1": float("nan")}, {"dataset": None, "avg_pass@1": 0.5}):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        assert main(["eval", "compare", str(tmp_path / "bad.json"), str(tmp_path / "rast"), str(tmp_path / "rl")]) == 2
+        assert "is not a metrics file written by rast eval" in capsys.readouterr().err
+
+
+def test_a_saved_sample_missing_a_field_is_refused(tmp_path: Path) -> None:
+    """Resuming reads each saved sample's index, text and token count: a record without them is refused
+    when the file is read, where it was a KeyError deep in the resume."""
+    good = {"id": "p", "index": 0, "answer": "2", "truth": "2", "correct": True, "num_tokens": 3,
+            "finish_reason": "stop", "text": "2"}
+    for drop in ("index", "text", "num_tokens"):
+        rec = {k: v for k, v in good.items() if k != drop}
+        f = tmp_path / f"no-{drop}.jsonl"
+        f.write_text(json.dumps(rec) + "\n" + json.dumps(good) + "\n")
+        with pytest.raises(RastError, match="is not a saved sample"):
+            runner.load_saved(f)
+    f.write_text(json.dumps(good) + "\n")
+    assert runner.load_saved(f) == {"p": [good]}
 
 
 def test_eval_usage_errors(tmp_path: Path, capsys) -> None:

@@ -107,6 +107,10 @@ def test_canonical_key_merges_equal_numbers() -> None:
     assert canonical_key("50%") == canonical_key("50\\%") != canonical_key("50")
     assert canonical_key("2") != canonical_key("3")
     assert canonical_key(None) is None and canonical_key("$ $") is None  # nothing left: no answer, no vote
+    # the typeset minus U+2212 is "-": the sign is kept, and both spellings vote together
+    assert canonical_key("\u22125") == canonical_key("-5") != canonical_key("5")
+    assert extract_answer("the result is \u22125.") == "-5" and is_equivalent("\u22125", "-5")
+    assert not is_equivalent(extract_answer("the result is \u22125."), "5")
 
 
 def _brute_pass_at_k(n: int, c: int, k: int) -> Fraction:

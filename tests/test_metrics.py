@@ -115,6 +115,9 @@ def test_shipped_sample_loads_and_grades_itself() -> None:
     ('{"id": 1, "problem": "a", "answer": 1}\n{"id": 1, "problem": "b", "answer": 2}\n', "duplicate id"),
     ("\n\n", "holds no problems"),
     ('{"problem": "", "answer": 1}\n', "non-empty string"),
+    ('{"problem": "1+1", "answer": ""}\n', "'answer' must be a non-empty"),  # no truth: every sample wrong
+    ('{"problem": "1+1", "answer": "  "}\n', "'answer' must be a non-empty"),
+    ('{"problem": "1+1", "answer": true}\n', "'answer' must be a non-empty"),  # not the string "True"
     ('[1, 2]\n', "JSON object"),
     (b'{"problem": "caf\xe9", "answer": 1}\n', "not UTF-8"),
 ])

@@ -28,9 +28,13 @@ def load_runs(spec: str) -> dict[str, dict]:
     for f in files:
         try:
             m = json.loads(f.read_text(encoding="utf-8"))
-            name, _ = m["dataset"], float(m["avg_pass@1"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise RastError(f"{f} is not a metrics file written by rast eval") from None
+            name, acc = m["dataset"], m["avg_pass@1"]
+            ok = isinstance(name, str) and isinstance(acc, (int, float)) and not isinstance(acc, bool) \
+                and 0 <= acc <= 1
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            ok = False
+        if not ok:  # the dataset names a run; avg_pass@1 is an accuracy (NaN fails the range too)
+            raise RastError(f"{f} is not a metrics file written by rast eval")
         if name in runs:
             raise RastError(f"two runs of dataset {name!r} under {spec!r}")
         runs[name] = m

@@ -50,8 +50,9 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
                             "a benchmark file)")
         if not isinstance(row["problem"], str) or not row["problem"].strip():
             raise RastError(f"{where}: 'problem' must be a non-empty string")
-        if row["answer"] is None or isinstance(row["answer"], (dict, list)):
-            raise RastError(f"{where}: 'answer' must be a string or a number")
+        answer = row["answer"]  # a bool is no answer: JSON's true would be graded as the string "True"
+        if not isinstance(answer, (str, int)) or isinstance(answer, bool) or not str(answer).strip():
+            raise RastError(f"{where}: 'answer' must be a non-empty string or a number")
         pid = str(row.get("id", lineno))
         if pid in seen:
             raise RastError(f"{where}: duplicate id {pid!r}")

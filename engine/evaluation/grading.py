@@ -14,6 +14,7 @@ import re
 import threading
 from fractions import Fraction
 
+MINUS = "\u2212"  # the typeset minus sign, which a model may write for "-"
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*")
 # A number as people write it: optional sign, thousands groups or plain digits, optional decimals.
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
@@ -60,15 +61,15 @@ def extract_answer(text: str) -> str | None:
             bare = re.match(r"[^\s$]+", text[end:])
             if bare:
                 return bare.group(0)
-    numbers = _NUMBER_RE.findall(text)
+    numbers = _NUMBER_RE.findall(text.replace(MINUS, "-"))
     return numbers[-1] if numbers else None
 
 
 def normalize(answer: str) -> str:
-    """A canonical spelling: no math delimiters, spacing, \\left/\\right, \\text wrappers, trailing dots,
+    """A canonical spelling: "-" for the minus sign U+2212, no math delimiters, spacing, \\left/\\right, \\text wrappers, trailing dots,
     degree signs, a number's plus sign or thousands separators (1{,}000 too); \\dfrac/\\tfrac become
     \\frac and \\% becomes %."""
-    s = answer.strip()
+    s = answer.strip().replace(MINUS, "-")
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
     s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")

@@ -131,6 +131,9 @@ def load_saved(path: Path) -> dict[str, list[dict]]:
             continue
         try:
             rec = json.loads(line)
+            if not (isinstance(rec["index"], int) and isinstance(rec["text"], str)
+                    and isinstance(rec["num_tokens"], int) and "answer" in rec and "correct" in rec):
+                raise TypeError("not a sample record")  # what resuming reads of it, checked here
             saved.setdefault(str(rec["id"]), []).append(rec)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             if i == len(lines) - 1:

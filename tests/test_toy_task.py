@@ -74,10 +74,17 @@ def test_tokenizer_round_trip(tmp_path) -> None:
 
     from rast_engine.toy.tokenizer import build_tokenizer, vocab_size
 
-    build_tokenizer().save_pretrained(str(tmp_path))
+    from rast_engine.toy.demo import ASSETS
+    from rast_engine.toy.tokenizer import save_tokenizer
+
+    # beside a qwen2 config.json, as in every shipped model folder: no unk token added (a 19th id)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    save_tokenizer(build_tokenizer(), tmp_path)
     assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "tokenizer_config.json").exists()
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
     assert len(tok) == vocab_size()
+    for shipped in ("large", "large_rl", "small", "small_rl"):
+        assert len(AutoTokenizer.from_pretrained(str(ASSETS / shipped))) == vocab_size(), shipped
     assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
     rng = random.Random(1)
     for _ in range(50):

@@ -3,6 +3,7 @@ alphabet follows in a fixed order, so every model in the toy world shares this e
 prefix (the models' embedding widths are padded beyond it, differently for small and large)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -30,6 +31,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
+    # Beside a model's config.json (qwen2), AutoTokenizer loads Qwen2Tokenizer, whose default unk token
+    # <|endoftext|> would be added as a 19th id; this vocabulary has no unknown token, and says so.
+    path = Path(out_dir) / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["unk_token"] = None
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def vocab_size() -> int:

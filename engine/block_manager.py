@@ -76,11 +76,13 @@ class BlockManager:
         """Tokens of a waiting sequence that allocate() leaves to compute: all but its prefix-cache hits."""
         return len(seq.token_ids) - len(self._prefix_hits(seq)[0]) * self.block_size
 
-    def can_allocate(self, seq: Sequence, use_cache: bool = True) -> bool:
+    def can_allocate(self, seq: Sequence, use_cache: bool = True, reserve: int = 0) -> bool:
+        """Whether allocate() finds blocks for ``seq`` and leaves ``reserve`` free ones (for the running
+        sequences' next slots)."""
         hits = self._prefix_hits(seq)[0] if use_cache else []
         fresh = self.blocks_needed(len(seq.token_ids)) - len(hits)
         revived = sum(1 for b in hits if self.ref_counts[b] == 0)  # cached but free: leaves the free list
-        return fresh + revived <= self.num_free_blocks
+        return fresh + revived + reserve <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, use_cache: bool = True) -> None:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
@@ -127,10 +129,13 @@ class BlockManager:
     def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
         return self._append_need(seq, lookahead) <= self.num_free_blocks
 
+    def append_need_all(self, seqs: list[Sequence]) -> int:
+        """Free blocks every sequence taking its next slot needs (forks sharing a block are counted once
+        each, an overestimate: the first copy-on-write leaves the others the block to themselves)."""
+        return sum(self._append_need(s) for s in seqs)
+
     def can_append_all(self, seqs: list[Sequence]) -> bool:
-        """Whether every sequence can take its next slot (forks sharing a block are counted once each,
-        an overestimate: the first copy-on-write leaves the others the block to themselves)."""
-        return sum(self._append_need(s) for s in seqs) <= self.num_free_blocks
+        return self.append_need_all(seqs) <= self.num_free_blocks
 
     def append_slot(self, seq: Sequence, lookahead: int = 0) -> Optional[tuple[int, int]]:
         """Make the last token's slot and the ``lookahead`` after it writable; returns (src, dst) when the

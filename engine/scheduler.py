@@ -8,7 +8,8 @@ for them) when all of them can take a slot, so an arriving prompt does not stall
 attention path reads them as prefills of one token. Only a step's first sequence is cut into chunks, so
 at most one sequence is partially prefilled at a time; it holds blocks for all its tokens from admission on, and it
 samples nothing until its last chunk. When a decode slot cannot be found, the most recently admitted
-sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue with
+sequence is preempted by recompute (in a prefill step too: admissions leave the riding decodes their
+slots, and a prompt prefilled in chunks gives way to them): its blocks are freed and it goes back to the front of the queue with
 every token it has (recomputed in chunks like a prompt), so its output is unchanged (the sampler's seed
 and offset depend only on the sequence, never on the batch).
 
@@ -105,12 +106,18 @@ class Scheduler:
         return out if out.seqs else None
 
     def _schedule_prefill(self, decoding: Optional[list[Sequence]] = None) -> SchedulerOutput:
-        """``decoding``: the sequences that may ride along (default: every decoding one)."""
+        """``decoding``: the sequences that ride along, whose slots are free (schedule_ahead's); by default
+        every decoding one, the newest running sequences preempted until the others' slots are free.
+        Admissions leave those slots free: a prompt never stalls the running sequences, nor is it
+        admitted only to be preempted by the next decode step."""
         if decoding is None:
             decoding = [s for s in self.running if s.num_uncomputed == 1]
+            if len(decoding) < self.max_num_batched_tokens:
+                decoding = self._keep_slots(decoding)
         budget = self.max_num_batched_tokens - len(decoding)
         if budget <= 0:  # the decodes alone fill a step: no room to ride along, prefill gets it all
             budget, decoding = self.max_num_batched_tokens, []
+        reserve = self.bm.append_need_all(decoding)
         scheduled: list[Sequence] = []
         tokens = scored = 0  # scored: tokens whose logits prompt_logprobs needs
         for seq in self.running:  # the partially prefilled one: its blocks and slots are already taken
@@ -133,7 +140,7 @@ class Scheduler:
             cap = self.prompt_logprobs_tokens
             if scores and (cap <= scored or scheduled and scored + len(seq.token_ids) > cap):
                 break
-            if not self._fits(seq, slots):
+            if not self._fits(seq, slots, reserve):
                 break
             self.bm.allocate(seq)
             self.waiting.popleft()
@@ -198,7 +205,7 @@ class Scheduler:
         seqs = [s for s in self.running if not self.stops.at_length(s, pending=True)]
         if any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
             return None
-        if self._admits_next():
+        if self._admits_next(seqs):
             return self._schedule_prefill(seqs)
         if not seqs or not self.bm.can_append_all(seqs):
             return None
@@ -207,15 +214,25 @@ class Scheduler:
             seq.num_scheduled_tokens = 1
         return SchedulerOutput(seqs, False, copies)
 
-    def _admits_next(self) -> bool:
-        """Whether a prefill step scheduled now would admit the head of the queue (its first sequence is
-        admitted whenever it fits)."""
-        return bool(self.waiting) and self._fits(self.waiting[0], len(self.running))
+    def _admits_next(self, decoding: list[Sequence]) -> bool:
+        """Whether a prefill step scheduled now, ``decoding`` riding along, would admit the head of the
+        queue (its first sequence is admitted whenever it fits)."""
+        return bool(self.waiting) and self._fits(self.waiting[0], len(self.running),
+                                                 self.bm.append_need_all(decoding))
 
-    def _fits(self, seq: Sequence, slots: int) -> bool:
+    def _fits(self, seq: Sequence, slots: int, reserve: int) -> bool:
         """Whether a waiting sequence can be admitted beside ``slots`` taken slots: a slot, and blocks
-        for all its tokens."""
-        return slots < self.max_num_seqs and self.bm.can_allocate(seq)
+        for all its tokens beside the ``reserve`` the decoding sequences' next slots need."""
+        return slots < self.max_num_seqs and self.bm.can_allocate(seq, reserve=reserve)
+
+    def _keep_slots(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Those of ``decoding`` left once the most recently admitted sequences (decoding, or a prompt
+        partly prefilled) are preempted until the rest can take their next slots."""
+        while decoding and not self.bm.can_append_all(decoding):
+            victim = self.running.pop()
+            self._preempt(victim)
+            decoding = [s for s in decoding if s is not victim]
+        return decoding
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)

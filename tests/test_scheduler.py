@@ -167,7 +167,7 @@ def run_step_on(sched: Scheduler, seqs: list[Sequence]) -> None:
 
 def test_decodes_ride_along_with_an_arriving_prefill() -> None:
     """A prompt arriving while r0 decodes: one step prefills it and decodes r0 (budget kept for r0's
-    token); with too few free blocks for every decode the step is prefill-only; with no room in the
+    token); a prompt that would take the blocks a decode needs waits; with no room in the
     budget for prefill after the decodes, the decodes keep the whole budget to themselves."""
     sched = make_scheduler(num_blocks=64, budget=10)
     r0 = _decoding(sched, "r0", [3] * 4)
@@ -182,13 +182,38 @@ def test_decodes_ride_along_with_an_arriving_prefill() -> None:
 
     tight = make_scheduler(num_blocks=3, budget=10)
     a = _decoding(tight, "a", [3] * 4)  # its next token starts a new block
-    tight.add(make_seq([5] * 6, rid="b"))  # takes the last two blocks
+    b = make_seq([5] * 6, rid="b")
+    tight.add(b)  # would take the last two blocks: a would stall, and the next decode step preempt b
     out = tight.schedule()
-    assert [s.group.request_id for s in out.seqs] == ["b"] and out.copies == []
-    assert len(a.block_table) == 1  # a got no slot in this step: it waits for a decode step
+    assert not out.is_prefill and out.seqs == [a] and list(tight.waiting) == [b] and tight.num_preemptions == 0
+    assert len(a.block_table) == 2  # a's next token has its slot
 
     small = make_scheduler(num_blocks=64, budget=1)
     c = _decoding(small, "c", [3])
     small.add(make_seq([5] * 3, rid="d"))
     out = small.schedule()
     assert [s.group.request_id for s in out.seqs] == ["d"] and c not in out.seqs
+
+
+def test_decodes_keep_their_slots_beside_a_chunked_prefill() -> None:
+    """a decodes while L is prefilled in chunks; when a's next token needs a block and none is free, L,
+    the newest, gives way at once (preempted, recomputed later), where a used to stall through L's
+    chunks and L be preempted by the decode step after them anyway."""
+    sched = make_scheduler(num_blocks=7, budget=4)
+    a = _decoding(sched, "a", [3] * 3, SamplingParams(max_tokens=12, ignore_eos=True))
+    long = make_seq([5] * 20, SamplingParams(max_tokens=2, ignore_eos=True), rid="L")
+    sched.add(long)
+    steps = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        steps.append([s.group.request_id for s in out.seqs])
+        run_step_on(sched, out.seqs)
+        for seq in out.seqs:
+            reason = sched.stops.check(seq, 0) if seq.num_computed_tokens == len(seq.token_ids) - 1 else None
+            if reason:
+                sched.finish(seq, reason)
+    last = max(i for i, st in enumerate(steps) if "a" in st)
+    assert all("a" in st for st in steps[:last + 1]), steps  # a never stalls
+    assert sched.num_preemptions == 1 and long.num_computed_tokens >= 20
+    assert a.token_ids == expected([3] * 3, 12) and long.token_ids == expected([5] * 20, 2)
+    assert sched.bm.num_used_blocks == 0

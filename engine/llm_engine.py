@@ -11,7 +11,7 @@ import functools
 import itertools
 import random
 import time
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -94,10 +94,17 @@ class LLMEngine:
                         else IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
                                                     skip_special_tokens=group.params.skip_special_tokens))
 
-    def abort_request(self, request_id: str) -> None:
-        group = self.groups.pop(request_id, None)
-        if group is not None:
-            self.scheduler.abort(group.seqs)
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        """Abort one request or several (vLLM's forms); an id not running (finished, unknown) is a no-op.
+        Nothing more is returned for an aborted request, outputs a failed step kept included."""
+        many = isinstance(request_id, Iterable) and not isinstance(request_id, str)
+        ids = list(request_id) if many else [request_id]
+        if not all(isinstance(r, str) for r in ids):
+            raise RastError(f"abort_request takes a request id (str) or an iterable of them, got {request_id!r}")
+        for rid in ids:
+            if (group := self.groups.pop(rid, None)) is not None:
+                self.scheduler.abort(group.seqs)
+        self._undelivered = [o for o in self._undelivered if o.request_id not in ids]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups or self._undelivered)

@@ -13,7 +13,7 @@ from rast_engine.llm_engine import LLMEngine
 from rast_engine.pending import PendingStep
 from rast_engine.sequence import PENDING, SequenceStatus
 from test_async_scheduling import ahead_engine, count_ahead
-from test_engine_lifecycle import TEXTS, alone, assert_clean, drain, encode, fail, make_engine, run
+from test_engine_lifecycle import TEXTS, alone, assert_clean, drain, encode, fail, make_engine, run, summary
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,42 @@ def test_abort_with_two_batches_in_flight(qwen2_triple: tuple, oracle: LLMEngine
     engine.abort_request("x")
     assert run(engine, {"probe": (ids, probe)})["probe"] == alone(oracle, ids, probe)
     assert_clean(engine)
+
+
+def test_an_aborted_request_gets_no_kept_output(qwen2_triple: tuple, oracle: LLMEngine,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step whose next launch failed keeps its outputs for the next step; an abort drops the aborted
+    request's, so the id re-added gets its own outputs only. abort_request takes several ids too."""
+    engine = ahead_engine(qwen2_triple)
+    old, new = encode(engine, TEXTS[0]), encode(engine, TEXTS[1])
+    engine.add_request("x", old, SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=1, ignore_eos=True))
+    real, calls = engine.runner.launch, []
+
+    def launch(*args: object, **kwargs: object) -> object:  # the launch after x's first draw fails once
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine.runner, "launch", launch)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    engine.abort_request("x")
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    engine.add_request("x", new, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert all(o.prompt_token_ids == new for o in outs), "the aborted request's kept output came back"
+    assert summary(outs[-1]) == alone(oracle, new, params)
+    for rid in ("a", "b", "c"):
+        engine.add_request(rid, old, params)
+    engine.abort_request(["a", "b"])
+    engine.abort_request(("c",))
+    assert_clean(engine)
+    with pytest.raises(RastError, match="request id"):
+        engine.abort_request(None)  # type: ignore[arg-type]
+    with pytest.raises(RastError, match="request id"):
+        engine.abort_request(["a", 3])  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize("where", ["ahead launch", "wait", "wait, an admission ahead"])

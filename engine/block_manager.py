@@ -116,23 +116,32 @@ class BlockManager:
         last = min((len(seq.token_ids) - 1 + lookahead) // self.block_size, len(seq.block_table) - 1)
         return [i for i in range(first, last + 1) if self.ref_counts[seq.block_table[i]] > 1]
 
-    def _append_need(self, seq: Sequence, lookahead: int = 0) -> int:
-        """Free blocks that make the uncomputed last token's slot and the ``lookahead`` slots after it
-        (a speculative round's drafts) writable: new blocks past the table, plus one for each shared
-        block among them (copy-on-write)."""
+    def _new_blocks(self, seq: Sequence, lookahead: int) -> int:
+        """Blocks past the table that the uncomputed last token's slot and the ``lookahead`` slots after
+        it (a speculative round's drafts) need."""
         first = (len(seq.token_ids) - 1) // self.block_size
         if first > len(seq.block_table):
             raise RuntimeError(f"sequence {seq.seq_id} is more than one block ahead of its block table")
-        new = max((len(seq.token_ids) - 1 + lookahead) // self.block_size + 1 - len(seq.block_table), 0)
-        return new + len(self._shared(seq, lookahead))
+        return max((len(seq.token_ids) - 1 + lookahead) // self.block_size + 1 - len(seq.block_table), 0)
+
+    def _append_need(self, seq: Sequence, lookahead: int = 0) -> int:
+        """Free blocks that make those slots writable: new blocks, plus one for each shared block among
+        them (copy-on-write)."""
+        return self._new_blocks(seq, lookahead) + len(self._shared(seq, lookahead))
 
     def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
         return self._append_need(seq, lookahead) <= self.num_free_blocks
 
     def append_need_all(self, seqs: list[Sequence]) -> int:
-        """Free blocks every sequence taking its next slot needs (forks sharing a block are counted once
-        each, an overestimate: the first copy-on-write leaves the others the block to themselves)."""
-        return sum(self._append_need(s) for s in seqs)
+        """Free blocks that every sequence taking its next slot needs, in any order: a block that k of
+        them write into and r hold is copied min(k, r - 1) times (the last holder keeps it)."""
+        writers: dict[int, int] = {}
+        new = 0
+        for seq in seqs:
+            new += self._new_blocks(seq, 0)
+            for i in self._shared(seq, 0):
+                writers[seq.block_table[i]] = writers.get(seq.block_table[i], 0) + 1
+        return new + sum(min(k, self.ref_counts[b] - 1) for b, k in writers.items())
 
     def can_append_all(self, seqs: list[Sequence]) -> bool:
         return self.append_need_all(seqs) <= self.num_free_blocks

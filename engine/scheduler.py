@@ -107,12 +107,13 @@ class Scheduler:
 
     def _schedule_prefill(self, decoding: Optional[list[Sequence]] = None) -> SchedulerOutput:
         """``decoding``: the sequences that ride along, whose slots are free (schedule_ahead's); by default
-        every decoding one, the newest running sequences preempted until the others' slots are free.
-        Admissions leave those slots free: a prompt never stalls the running sequences, nor is it
-        admitted only to be preempted by the next decode step."""
+        every decoding one, the newest running sequences preempted until the others' slots are free when
+        there is a prompt to prefill (else the decode step decides). Admissions leave those slots free:
+        a prompt never stalls the running sequences."""
         if decoding is None:
             decoding = [s for s in self.running if s.num_uncomputed == 1]
-            if len(decoding) < self.max_num_batched_tokens:
+            prefills = self.waiting or len(decoding) < len(self.running)
+            if prefills and len(decoding) < self.max_num_batched_tokens:
                 decoding = self._keep_slots(decoding)
         budget = self.max_num_batched_tokens - len(decoding)
         if budget <= 0:  # the decodes alone fill a step: no room to ride along, prefill gets it all

@@ -72,6 +72,13 @@ def test_fork_shares_blocks_and_copy_on_write() -> None:
     assert all(bm.ref_counts[b] == 3 for b in parent.block_table)
     assert bm.num_used_blocks == 2
     full, partial = parent.block_table
+    for seq in [parent, *children]:
+        seq.token_ids.append(0)
+    # the three writers of the shared partial block copy it twice (the last keeps it), in any order; one
+    # writer of a block another holds copies it
+    assert bm.append_need_all([parent, *children]) == 2 and bm.append_need_all([children[0]]) == 1
+    for seq in [parent, *children]:
+        seq.token_ids.pop()
     copies = []
     for i, seq in enumerate([parent, *children]):
         seq.token_ids.append(100 + i)  # position 6 lands in the shared partial block

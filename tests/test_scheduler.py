@@ -217,3 +217,21 @@ def test_decodes_keep_their_slots_beside_a_chunked_prefill() -> None:
     assert sched.num_preemptions == 1 and long.num_computed_tokens >= 20
     assert a.token_ids == expected([3] * 3, 12) and long.token_ids == expected([5] * 20, 2)
     assert sched.bm.num_used_blocks == 0
+
+
+def test_forks_sharing_a_block_decode_without_a_preemption() -> None:
+    """Four samples share their prompt's partial block and three blocks are free: their copy-on-write
+    needs three, so the decode step takes all four (the count was one block per sample, four, and the
+    newest sample was preempted for nothing)."""
+    sched = make_scheduler(num_blocks=4)
+    parent = make_seq([1, 3, 4], SamplingParams(n=4, max_tokens=5, ignore_eos=True), rid="wide")
+    sched.add(parent)
+    run_step_on(sched, sched.schedule().seqs)
+    children = [Sequence(group=parent.group, index=j, token_ids=[1, 3, 4], seed=j) for j in range(1, 4)]
+    parent.group.seqs += children
+    sched.add_samples(parent, children)
+    for j, seq in enumerate(children):
+        seq.num_computed_tokens = 3
+        seq.token_ids.append(20 + j)
+    out = sched.schedule()
+    assert not out.is_prefill and out.seqs == [parent, *children] and sched.num_preemptions == 0

@@ -174,6 +174,13 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
     return 2 * nbytes / (us * 1e-6)
 
 
+def keeps_results(out: Path | None, device: torch.device, quick: bool) -> bool:
+    """Whether a suite that measures on a CPU too writes its result file (docs/benchmarks.md): on a GPU,
+    for a full run, or where --out is given; a --quick smoke run on a CPU writes none, whose file
+    would take the name of a real CPU result at that commit."""
+    return out is not None or device.type == "cuda" or not quick
+
+
 def write_results(name: str, device: torch.device, rows: Sequence[dict], extra: dict | None = None,
                   out_dir: Path | None = None, commit: str | None = None) -> Path:
     """<out_dir or bench/results>/<name>-<device>-<shortsha>.json with device, commit, date, rows

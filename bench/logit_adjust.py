@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (copy_bandwidth, device_name, import_engine, quick_args, sync, table, time_us,  # noqa: E402
-                          write_results)
+                          keeps_results, write_results)
 
 KINDS = ("bias", "penalties", "both", "masks", "json")
 GAMMA = 4  # drafts a round in mode `round`
@@ -236,8 +236,9 @@ def main() -> None:
                 rows.append(row)
     print(f"device: {device_name(device)}; copy bandwidth {bw / 1e9:.0f} GB/s")
     print(table(rows, ["kind", "mode", "rows", "vocab", "prompt", "output", "host_us", "us", "floor_us"]))
-    path = write_results("logit-adjust", device, rows, {"copy_gbs": bw / 1e9}, args.out)
-    print(f"wrote {path}")
+    if keeps_results(args.out, device, args.quick):
+        path = write_results("logit-adjust", device, rows, {"copy_gbs": bw / 1e9}, args.out)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (copy_bandwidth, device_name, device_profile, git_sha, plot, table, time_us,  # noqa: E402
-                          write_results)
+                          keeps_results, write_results)
 import rast_kernels as rk  # noqa: E402
 
 TOP_P, TEMPERATURE, WEIGHT = 0.95, 1.0, 1.0
@@ -130,6 +130,7 @@ def impls(device: torch.device, only: list[str] | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    keep = keeps_results(args.out, device, args.quick)
     if args.quick:
         grid = dict(batch=[1, 4], vocab=[8192], pairs=[1], top_k=[0, 50], min_p=[0.05])
     elif args.cpu_target:
@@ -171,8 +172,9 @@ def run(args: argparse.Namespace) -> None:
                 if name in ("fused", "native"):
                     rows[-1]["kernels_us"] = kernel_breakdown(calls[name], device)
         # rewritten after every shape, so a run cut off by a time limit keeps what it measured
-        write_results(args.name, device, rows, extra=dict(partial=True), out_dir=args.out)
-    report(rows, device, bandwidth, entropies, args.name, args.out)
+        if keep:
+            write_results(args.name, device, rows, extra=dict(partial=True), out_dir=args.out)
+    report(rows, device, bandwidth, entropies, args.name, args.out, keep)
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -197,7 +199,8 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: list[float], name: str,
-           out: Path | None) -> None:
+           out: Path | None, keep: bool) -> None:
+    """Prints the table and targets; with ``keep`` writes the result file and its plot into ``out``."""
     key = lambda r: (r["batch"], r["vocab"], r["pairs"], r["top_k"], r["min_p"])  # noqa: E731
     ours = ("fused", "fused-graph") if device.type == "cuda" else ("native",)
     base = {(key(r), r["impl"]): r["us_median"] for r in rows}
@@ -219,6 +222,8 @@ def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: 
     verdicts = targets(rows)
     for t in verdicts:
         print(f"target {t['target']}: {t['value']:.2f} (limit {t['limit']}) {'met' if t['met'] else 'MISSED'}")
+    if not keep:
+        return
     path = write_results(name, device, rows, extra=dict(bandwidth_gbs=round(bandwidth / 1e9, 2), top_p=TOP_P,
                                                        temperature=TEMPERATURE,
                                                        entropy_nats=[round(min(entropies), 2),

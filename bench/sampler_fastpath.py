@@ -29,7 +29,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import device_name, git_sha, table, write_results  # noqa: E402
+from bench.common import device_name, git_sha, keeps_results, table, write_results  # noqa: E402
 from bench.sampler import TOP_P, lm_logits, rast_pair  # noqa: E402
 from rast_kernels import sampler_triton  # noqa: E402
 from rast_kernels.sampler_triton_select import K_SEARCHED  # noqa: E402
@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fused sampler fast path | device: {device_name(device)} | commit: {git_sha()} | plan for {sms} SMs"
           f"{' (emulated: interpreted kernel)' if emulated else ''} | T=1 top_p={TOP_P}")
     print(table(results, list(results[0])))
-    path = write_results("sampler-fastpath", device, results, out_dir=args.out,
-                         extra=dict(sms=sms, emulated=emulated, top_p=TOP_P, temperature=1.0))
-    print(f"wrote {path}")
+    if keeps_results(args.out, device, args.quick):
+        path = write_results("sampler-fastpath", device, results, out_dir=args.out,
+                             extra=dict(sms=sms, emulated=emulated, top_p=TOP_P, temperature=1.0))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def main() -> None:
     rows = [measure(build(device, slots, 32 + max_tokens), sp_cls, n, samples, max_tokens) for n in ns]
     print(f"slots idle while requests wait | {common.device_name(device)} | commit {common.git_sha()}")
     print(common.table(rows, ["n", "requests", "slots", "steps", "queued_steps", "idle_slots_avg", "tokens"]))
-    if args.out is not None or device.type == "cuda" or not args.quick:
+    if common.keeps_results(args.out, device, args.quick):
         path = common.write_results("slot-occupancy", device, rows, None, args.out)
         print(f"wrote {path}")
 

@@ -72,7 +72,7 @@ def main() -> None:
                 rows[-1]["speedup"] = rows[-1]["tokens_per_s"] / base["tokens_per_s"]
     print(f"speculative RAST, toy triple | {common.device_name(device)} | commit {common.git_sha()}")
     print(common.table(rows, ["batch", "gamma", "method", "tokens", "seconds", "tokens_per_s", "acceptance", "speedup"]))
-    if args.out is not None or device.type == "cuda" or not args.quick:
+    if common.keeps_results(args.out, device, args.quick):
         path = common.write_results("speculative", device, rows, dict(triple="engine/assets/toy", lam=0.5), args.out)
         print(f"wrote {path}")
 

@@ -38,3 +38,17 @@ def test_quick_run_writes_rows_and_no_targets(tmp_path: Path) -> None:
     native = [r for r in result["rows"] if r["impl"] == "native"]
     assert all(r["kernels_us"] and all(us > 0 for us in r["kernels_us"].values()) for r in native)
     assert result["device"] in stdout
+
+
+def test_a_quick_cpu_run_writes_no_result_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --quick smoke run on the CPU keeps no file in bench/results (it would take the name of a real CPU
+    result at the commit, docs/benchmarks.md); --out, a full run or a GPU does."""
+    from bench import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    sampler.main(["--quick", "--cpu", "--impl", "torch"])
+    assert not (tmp_path / "results").exists()
+    cpu, cuda = common.torch.device("cpu"), common.torch.device("cuda")
+    assert common.keeps_results(tmp_path, cpu, True) and common.keeps_results(None, cuda, True)
+    assert common.keeps_results(None, cpu, False) and not common.keeps_results(None, cpu, True)

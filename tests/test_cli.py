@@ -153,6 +153,45 @@ def test_generate_prints_the_engines_text(capsys: pytest.CaptureFixture[str], tr
     assert capsys.readouterr().out == want + "\n"
 
 
+def test_a_chat_template_flag_replaces_the_tokenizers(capsys: pytest.CaptureFixture[str], triple: tuple[str, str, str],
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--chat-template (vLLM's flag; base models often ship no template): a Jinja string or a file, for
+    `generate --chat` and for the server's chat and /tokenize."""
+    import uvicorn
+
+    from rast_engine.server import cli as serve_cli
+
+    large, rl, base = triple
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %} answer:"
+    conv, greedy = [{"role": "user", "content": "what is the answer?"}], SamplingParams(temperature=0, max_tokens=8)
+    oracle = LLM(large, rl, base, lam=0.5, device="cpu", dtype="float32", kv_cache_blocks=64)
+    want = oracle.chat(conv, greedy, use_tqdm=False, chat_template=template)[0].outputs[0].text
+    assert want != oracle.chat(conv, greedy, use_tqdm=False)[0].outputs[0].text  # else the flag could not be seen
+    path = tmp_path / "chat.jinja"
+    path.write_text(template)
+    flags = ["--small-rl", rl, "--small-base", base, "--lam", "0.5", "--temperature", "0", "--max-tokens", "8"]
+    for value in (template, str(path)):
+        assert main(["generate", large, *flags, "--prompt", conv[0]["content"], "--chat", "--chat-template", value,
+                     *ENGINE_FLAGS]) == 0
+        assert capsys.readouterr().out == want + "\n"
+    assert "goes with --chat" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--chat-template",
+                                                          template], "generate")
+    assert "not a Jinja template" in _one_line_error(capsys, ["serve", large, "--chat-template",
+                                                              str(tmp_path / "none.jinja")], "serve")
+    built = []
+
+    def build(args: object) -> object:  # the model flags' engine, kept to look at
+        built.append(LLM(large, device="cpu", dtype="float32", kv_cache_blocks=64).llm_engine)
+        return built[-1]
+    monkeypatch.setattr(serve_cli, "build_engine", build)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    assert main(["serve", large, "--port", port, "--chat-template", str(path)]) == 0
+    assert built[0].tokenizer.chat_template == template
+
+
 def test_a_default_max_tokens_grows_to_min_tokens(capsys: pytest.CaptureFixture[str]) -> None:
     from rast_engine.commands.generate import DEFAULT_MAX_TOKENS, _params
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, Optional
 
 from rast_engine.config import KV_CACHE_DTYPES, LAYER_OPS, QUANTIZATIONS, SPECULATIVE_DRAFTS, SPECULATIVE_METHODS
 from rast_engine.errors import RastError
@@ -64,6 +64,30 @@ def _existing_dir(path: str, flag: str) -> str:
     if not os.path.isdir(path):
         raise RastError(f"{flag}: no such model directory: {path}")
     return path
+
+
+def read_chat_template(value: Optional[str]) -> Optional[str]:
+    """--chat-template as vLLM reads it: the text of a file, or else the Jinja template itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as fh:
+                return fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RastError(f"--chat-template {value}: cannot read it ({exc})") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise RastError(f"--chat-template {value!r}: no such file, and not a Jinja template")
+
+
+def use_chat_template(engine: Any, template: Optional[str]) -> None:
+    """Give the engine's tokenizer ``template`` (None: keep its own)."""
+    if template is None:
+        return
+    if engine.tokenizer is None:
+        raise RastError("--chat-template needs a tokenizer, and these model directories hold none")
+    engine.tokenizer.chat_template = template
 
 
 def build_engine(args: argparse.Namespace) -> Any:

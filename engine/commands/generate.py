@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Any
 
-from rast_engine.commands import add_model_args, add_sampling_args, build_engine
+from rast_engine.commands import add_model_args, add_sampling_args, build_engine, read_chat_template, use_chat_template
 from rast_engine.errors import RastError
 
 DEFAULT_MAX_TOKENS = 256  # without --max-tokens or the generation config's max_new_tokens
@@ -17,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--chat-template", metavar="T", help="with --chat: this Jinja template, or a file holding one, "
+                                                         "instead of the tokenizer's (base models often have none)")
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -43,7 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise RastError("--prompt is empty")
     _params(args, {})  # bad flags fail before the models load
+    if args.chat_template is not None and not args.chat:
+        raise RastError("--chat-template goes with --chat")
+    template = read_chat_template(args.chat_template)
     engine = build_engine(args)
+    use_chat_template(engine, template)
     params = _params(args, engine.sampling_defaults)
     tok = engine.tokenizer
     if args.chat:

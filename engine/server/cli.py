@@ -8,7 +8,7 @@ import math
 import os
 import socket
 
-from rast_engine.commands import add_model_args, build_engine
+from rast_engine.commands import add_model_args, build_engine, read_chat_template, use_chat_template
 from rast_engine.errors import RastError
 from rast_engine.server import MAX_REQUEST_BYTES
 
@@ -40,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help="largest request body accepted; a larger one gets 413 before it is read "
                         f"(default {MAX_REQUEST_BYTES >> 20} MiB)")
+    p.add_argument("--chat-template", metavar="T", help="the chat template of /v1/chat/completions and /tokenize: "
+                   "a Jinja template or a file holding one (default: the tokenizer's; base models often have none)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -55,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
         raise RastError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bound before the models load, and by us: uvicorn logs a bind error and exits 3 itself
+    template = read_chat_template(args.chat_template)
     socks = _listen(args.host, args.port)
     try:
         engine = build_engine(args)
+        use_chat_template(engine, template)
         import uvicorn
 
         from rast_engine.server.app import OpenAIServer

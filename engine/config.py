@@ -46,6 +46,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_blocks: Optional[int] = None
     kv_cache_memory: Optional[int] = None  # bytes
+    # CUDA: the fraction of the device's memory this engine may hold (weights, KV cache, activations), as
+    # vLLM's; None: the KV cache takes 0.9 of the memory free once the weights are loaded
+    gpu_memory_utilization: Optional[float] = None
     attention_backend: str = "auto"
     layer_ops: str = "auto"  # norms, rotary, activation: fused Triton kernels on CUDA, plain torch elsewhere
     enforce_eager: bool = False
@@ -149,8 +152,13 @@ class EngineConfig:
         if self.speculative_tokens and self.async_scheduling:
             raise RastError("async_scheduling=True cannot be combined with speculative_tokens: a round's "
                             "accepted length must reach the host before the next round is scheduled")
-        if self.kv_cache_blocks is not None and self.kv_cache_memory is not None:
-            raise RastError("give kv_cache_blocks or kv_cache_memory, not both")
+        u = self.gpu_memory_utilization
+        if u is not None and (not isinstance(u, (int, float)) or isinstance(u, bool) or not 0 < u <= 1):
+            raise RastError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")
+        sizes = [n for n in ("kv_cache_blocks", "kv_cache_memory", "gpu_memory_utilization")
+                 if getattr(self, n) is not None]
+        if len(sizes) > 1:
+            raise RastError(f"give one of kv_cache_blocks, kv_cache_memory and gpu_memory_utilization, not {sizes}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise RastError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -58,12 +58,18 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
     if config.kv_cache_blocks is not None:
         return config.kv_cache_blocks
     per_block = bytes_per_block(configs, config.block_size, dtype)
+    if config.gpu_memory_utilization is not None and device.type != "cuda":
+        raise RastError("gpu_memory_utilization sizes a CUDA device's KV cache; on a CPU give kv_cache_memory")
     if config.kv_cache_memory is not None:
         memory = config.kv_cache_memory
     elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
         budget = config.max_num_batched_tokens or default_token_budget(max_model_len)
-        memory = int(free * GPU_MEMORY_FRACTION) - GPU_RESERVE_BYTES - activation_bytes(configs, budget, act_dtype)
+        if config.gpu_memory_utilization is None:
+            usable = int(free * GPU_MEMORY_FRACTION)
+        else:  # this process's share so far is the weights (vLLM's per-instance limit); never past what is free
+            usable = min(int(total * config.gpu_memory_utilization) - torch.cuda.memory_reserved(device), free)
+        memory = usable - GPU_RESERVE_BYTES - activation_bytes(configs, budget, act_dtype)
     else:
         tokens = max(4 * max_model_len, CPU_DEFAULT_MIN_TOKENS)
         memory = min(CPU_DEFAULT_BYTES, tokens * per_block // config.block_size)

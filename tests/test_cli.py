@@ -67,6 +67,9 @@ def test_user_mistakes_are_one_line(capsys: pytest.CaptureFixture[str], triple: 
         taken.listen()
         port = str(taken.getsockname()[1])
         assert "cannot listen on" in _one_line_error(capsys, ["serve", "/no/model", "--port", port], "serve")
+    # vLLM's flag reaches the engine, which sizes a CUDA device's cache with it
+    argv = ["generate", large, "--prompt", "hi", "--device", "cpu", "--gpu-memory-utilization", "0.5"]
+    assert "on a CPU give kv_cache_memory" in _one_line_error(capsys, argv, "generate")
     # an explicit KV size past memory: the allocation's RuntimeError was a traceback
     assert "cannot be allocated" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--device", "cpu",
                                                              "--kv-cache-blocks", "10000000000"], "generate")

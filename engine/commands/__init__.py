@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the model's, capped by the KV cache)")
     p.add_argument("--kv-cache-blocks", type=int, default=None, help="force the KV-cache size in blocks")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="CUDA: the fraction of the GPU's memory the engine may hold, weights, KV cache and "
+                        "activations, as vLLM's (default: the KV cache takes 0.9 of what the weights leave free)")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests (default 0)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -110,6 +113,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         model=args.model, small_rl=args.small_rl, small_base=args.small_base, lam=args.lam,
         experts=experts or None, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, kv_cache_blocks=args.kv_cache_blocks, seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
         attention_backend=args.attention_backend, layer_ops=args.layer_ops, enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch, enable_prefix_caching=args.enable_prefix_caching,

@@ -1,0 +1,55 @@
+"""KV-cache sizing on CUDA without a GPU: torch.cuda's memory queries stubbed with a device's numbers.
+gpu_memory_utilization is vLLM's per-instance limit: the engine's whole share of the device (weights
+already held, KV cache, activations), never more than is free; without it the KV cache takes 0.9 of
+what the weights left free."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rast_engine import EngineConfig
+from rast_engine.errors import RastError
+from rast_engine.kv_cache import (GPU_RESERVE_BYTES, activation_bytes, bytes_per_block, default_token_budget,
+                                  num_kv_blocks)
+from rast_engine.models.config import ModelConfig
+
+GIB = 1 << 30
+QWEN_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)
+
+
+def blocks(monkeypatch: pytest.MonkeyPatch, free: int, total: int, held: int, **kw: object) -> tuple[int, int]:
+    """(blocks sized, bytes the KV may take besides reserve and activations: the expectation's base)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: held)
+    configs = [ModelConfig.from_dict(QWEN_7B)]
+    cfg = EngineConfig(model="m", **kw)
+    got = num_kv_blocks(cfg, configs, torch.bfloat16, torch.bfloat16, torch.device("cuda"), 4096)
+    overhead = GPU_RESERVE_BYTES + activation_bytes(configs, default_token_budget(4096), torch.bfloat16)
+    return got, overhead
+
+
+def test_gpu_memory_utilization_is_the_engines_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    per_block = bytes_per_block([ModelConfig.from_dict(QWEN_7B)], 16, torch.bfloat16)
+    # an 80 GiB device, 16 GiB of weights held, 60 GiB free (another process holds 4): half the device
+    # leaves the KV cache 40 - 16 GiB
+    got, overhead = blocks(monkeypatch, free=60 * GIB, total=80 * GIB, held=16 * GIB, gpu_memory_utilization=0.5)
+    assert got == (24 * GIB - overhead) // per_block
+    # never past what is free: 0.95 of the device would be 60 GiB more, only 30 are free
+    got, overhead = blocks(monkeypatch, free=30 * GIB, total=80 * GIB, held=16 * GIB, gpu_memory_utilization=0.95)
+    assert got == (30 * GIB - overhead) // per_block
+    got, overhead = blocks(monkeypatch, free=60 * GIB, total=80 * GIB, held=16 * GIB)  # the default
+    assert got == (int(60 * GIB * 0.9) - overhead) // per_block
+    with pytest.raises(RastError, match="less than one block"):  # the weights alone exceed the share
+        blocks(monkeypatch, free=60 * GIB, total=80 * GIB, held=16 * GIB, gpu_memory_utilization=0.2)
+
+
+def test_gpu_memory_utilization_is_checked() -> None:
+    for bad in (0, 1.5, float("nan"), True, "0.9"):
+        with pytest.raises(RastError, match="gpu_memory_utilization must be"):
+            EngineConfig(model="m", gpu_memory_utilization=bad)
+    with pytest.raises(RastError, match="give one of"):
+        EngineConfig(model="m", gpu_memory_utilization=0.9, kv_cache_blocks=64)
+    cfg = EngineConfig(model="m", gpu_memory_utilization=0.9)
+    with pytest.raises(RastError, match="on a CPU give kv_cache_memory"):
+        num_kv_blocks(cfg, [ModelConfig.from_dict(QWEN_7B)], torch.float32, torch.float32, torch.device("cpu"), 64)

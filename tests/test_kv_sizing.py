@@ -4,10 +4,12 @@ already held, KV cache, activations), never more than is free; without it the KV
 what the weights left free."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
-from rast_engine import EngineConfig
+from rast_engine import LLM, EngineConfig, SamplingParams
 from rast_engine.errors import RastError
 from rast_engine.kv_cache import (GPU_RESERVE_BYTES, activation_bytes, bytes_per_block, default_token_budget,
                                   num_kv_blocks)
@@ -53,3 +55,16 @@ def test_gpu_memory_utilization_is_checked() -> None:
     cfg = EngineConfig(model="m", gpu_memory_utilization=0.9)
     with pytest.raises(RastError, match="on a CPU give kv_cache_memory"):
         num_kv_blocks(cfg, [ModelConfig.from_dict(QWEN_7B)], torch.float32, torch.float32, torch.device("cpu"), 64)
+
+
+@pytest.mark.gpu
+def test_an_engine_keeps_within_its_share_of_a_gpu(qwen2_triple: tuple) -> None:
+    """On a real device: with 0.3 of its memory the engine's reservations stay under 0.3 of it, and the
+    cache takes most of that share (the default would take 0.9 of what is free)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    total, base = torch.cuda.mem_get_info()[1], torch.cuda.memory_reserved()
+    llm = LLM(*map(str, qwen2_triple), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
+    llm.generate("hello world", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    held = torch.cuda.memory_reserved()
+    assert 0.2 * total < held - base and held <= 0.3 * total

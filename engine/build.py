@@ -39,6 +39,7 @@ class EngineParts:
 def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bool, t0: float) -> EngineParts:
     """``t0``: when the engine started loading (for the log line)."""
     attention = get_attention_backend(config.attention_backend, device, config.block_size, config.kv_cache_dtype)
+    held_before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0  # other engines' memory
     ms = load_model_set(config, device, attention, get_layer_ops(config.layer_ops, device))
     dtype = ms.models[0].dtype
     model_max = min(c.max_context for c in ms.configs)
@@ -57,7 +58,7 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     configs, copies = [u.config for u in units], [u.copies for u in units]  # one KV per model, not per role
     kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else dtype
     num_blocks, max_len = size_kv_cache(config, every_model(configs, copies), kv_dtype, dtype, device,
-                                        config.max_model_len or model_max)
+                                        config.max_model_len or model_max, held_before)
     # a prompt (or a preempted sequence's recompute) longer than the budget is prefilled in chunks
     budget = config.max_num_batched_tokens or default_token_budget(max_len)
     kv = KVCache(configs, num_blocks, config.block_size, kv_dtype, device, copies=copies)

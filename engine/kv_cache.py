@@ -51,10 +51,11 @@ def activation_bytes(configs: Sequence[ModelConfig], tokens: int, dtype: torch.d
 
 
 def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype, act_dtype: torch.dtype,
-                  device: torch.device, max_model_len: int) -> int:
+                  device: torch.device, max_model_len: int, held_before: int = 0) -> int:
     """kv_cache_blocks if given, else kv_cache_memory // bytes per block, else a device default that
     leaves room for the largest prefill the token budget allows (scoring aside: it prefills whole
-    sequences). ``dtype``: the cache's; ``act_dtype``: the models' activations'."""
+    sequences). ``dtype``: the cache's; ``act_dtype``: the models' activations'; ``held_before``: what
+    the process had reserved on the device before this engine loaded its models (other engines')."""
     if config.kv_cache_blocks is not None:
         return config.kv_cache_blocks
     per_block = bytes_per_block(configs, config.block_size, dtype)
@@ -67,8 +68,9 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
         budget = config.max_num_batched_tokens or default_token_budget(max_model_len)
         if config.gpu_memory_utilization is None:
             usable = int(free * GPU_MEMORY_FRACTION)
-        else:  # this process's share so far is the weights (vLLM's per-instance limit); never past what is free
-            usable = min(int(total * config.gpu_memory_utilization) - torch.cuda.memory_reserved(device), free)
+        else:  # this engine's share so far is its weights (vLLM's per-instance limit); never past what is free
+            weights = torch.cuda.memory_reserved(device) - held_before
+            usable = min(int(total * config.gpu_memory_utilization) - weights, free)
         memory = usable - GPU_RESERVE_BYTES - activation_bytes(configs, budget, act_dtype)
     else:
         tokens = max(4 * max_model_len, CPU_DEFAULT_MIN_TOKENS)
@@ -76,7 +78,8 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
     blocks = memory // per_block
     if blocks <= 0:
         raise RastError(f"the KV cache gets {max(memory, 0)} bytes, less than one block "
-                        f"({per_block} bytes for {config.block_size} tokens over all models)")
+                        f"({per_block} bytes for {config.block_size} tokens over all models)"
+                        + ("; raise gpu_memory_utilization" if config.gpu_memory_utilization is not None else ""))
     return int(blocks)
 
 
@@ -86,16 +89,18 @@ def every_model(configs: Sequence[ModelConfig], copies: Sequence[int]) -> list[M
 
 
 def size_kv_cache(config: EngineConfig, configs: Sequence[ModelConfig], dtype: torch.dtype, act_dtype: torch.dtype,
-                  device: torch.device, max_model_len: int) -> tuple[int, int]:
+                  device: torch.device, max_model_len: int, held_before: int = 0) -> tuple[int, int]:
     """(num_blocks, max_model_len): max_model_len capped at the cache's capacity unless the user set it,
     in which case a cache too small for one sequence of that length is an error. ``dtype``: the cache's."""
-    num_blocks = num_kv_blocks(config, configs, dtype, act_dtype, device, max_model_len)
+    num_blocks = num_kv_blocks(config, configs, dtype, act_dtype, device, max_model_len, held_before)
     capacity = num_blocks * config.block_size
     if capacity >= max_model_len:
         return num_blocks, max_model_len
     if config.max_model_len is not None:
+        more = "a larger gpu_memory_utilization" if config.gpu_memory_utilization is not None else \
+            "more kv_cache_blocks / kv_cache_memory"
         raise RastError(f"the KV cache holds {capacity} tokens, fewer than max_model_len={max_model_len}; "
-                        "give more kv_cache_blocks / kv_cache_memory or a smaller max_model_len")
+                        f"give {more} or a smaller max_model_len")
     logger.warning("max_model_len capped at the KV capacity: %d tokens", capacity)
     return num_blocks, capacity
 

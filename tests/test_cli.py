@@ -179,6 +179,9 @@ def test_a_chat_template_flag_replaces_the_tokenizers(capsys: pytest.CaptureFixt
         assert capsys.readouterr().out == want + "\n"
     assert "goes with --chat" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--chat-template",
                                                           template], "generate")
+    broken = "{% for m in messages %}{{ m['content'] }"  # a typo: jinja's TemplateSyntaxError was a traceback
+    assert "the chat template rejected the prompt" in _one_line_error(
+        capsys, ["generate", large, "--prompt", "hi", "--chat", "--chat-template", broken, *ENGINE_FLAGS], "generate")
     assert "not a Jinja template" in _one_line_error(capsys, ["serve", large, "--chat-template",
                                                               str(tmp_path / "none.jinja")], "serve")
     built = []

@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         if getattr(tok, "chat_template", None) is None:
             raise RastError(f"{args.model}: the tokenizer has no chat template; drop --chat")
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
+        try:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template that does not render is the user's to fix
+            raise RastError(f"the chat template rejected the prompt: {exc}") from None
         ids = tok.encode(text, add_special_tokens=False)
     else:
         ids = tok.encode(prompt)

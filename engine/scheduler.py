@@ -9,9 +9,9 @@ attention path reads them as prefills of one token. Only a step's first sequence
 at most one sequence is partially prefilled at a time; it holds blocks for all its tokens from admission on, and it
 samples nothing until its last chunk. When a decode slot cannot be found, the most recently admitted
 sequence is preempted by recompute (in a prefill step too: admissions leave the riding decodes their
-slots, and a prompt prefilled in chunks gives way to them): its blocks are freed and it goes back to the front of the queue with
-every token it has (recomputed in chunks like a prompt), so its output is unchanged (the sampler's seed
-and offset depend only on the sequence, never on the batch).
+slots, and a prompt prefilled in chunks gives way to them): its blocks are freed and it goes back to
+the front of the queue with every token it has (recomputed in chunks like a prompt), so its output is
+unchanged (the sampler's seed and offset depend only on the sequence, never on the batch).
 
 A sequence whose request wants prompt_logprobs (prompt_logprobs.py) computes at most
 PROMPT_LOGPROBS_TOKENS of its prompt's tokens a step (shared with the others of the step), so the first

@@ -75,8 +75,10 @@ def test_a_replayed_assistant_message_is_accepted_and_tool_calls_refused() -> No
 
 def test_chat_template_kwargs_reach_the_template(tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok"))
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if enable_thinking %}<think>{% endif %}"
-    req = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": True}}
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking %}<think>{% endif %}")
+    req = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+           "chat_template_kwargs": {"enable_thinking": True}}
     got = parse_request(json.dumps(req).encode(), ChatCompletionRequest)
     assert render_chat(tok, got.messages, True, got.chat_template_kwargs) == "hi<think>"
     assert render_chat(tok, got.messages, True, None) == "hi"

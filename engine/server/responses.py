@@ -141,7 +141,8 @@ class Formatter:
         # k (up to k + 1 entries; a token among the top k is not repeated)
         return {"tokens": tokens,
                 "token_logprobs": [None if e is None else _finite(e[t]) for t, e in zip(token_ids, entries)],
-                "top_logprobs": [None if top is None else {self._token(t): _finite(lp) for t, lp in [(tid, e[tid])] + top}
+                "top_logprobs": [None if top is None else
+                                 {self._token(t): _finite(lp) for t, lp in [(tid, e[tid])] + top}
                                  for tid, e, top in zip(token_ids, entries, tops)],
                 "text_offset": offsets}
 

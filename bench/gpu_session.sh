@@ -56,6 +56,8 @@ upto() { local l; l=$(left); echo $((l < $1 ? l : $1)); }  # at most $1 s, and n
   echo "stage $stage at commit $RAST_COMMIT"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  # pyproject's license table stops building with setuptools after 2027-02-18; its SPDX string needs >= 77 here
+  python3 -c "import setuptools; print('setuptools', setuptools.__version__)"
 } 2>&1 | tee "$log"
 
 install() {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 from rast_engine.config import KV_CACHE_DTYPES, LAYER_OPS, QUANTIZATIONS, SPECULATIVE_DRAFTS, SPECULATIVE_METHODS
@@ -74,11 +75,9 @@ def read_chat_template(value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
     if os.path.isfile(value):
-        try:
-            with open(value, encoding="utf-8") as fh:
-                return fh.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RastError(f"--chat-template {value}: cannot read it ({exc})") from None
+        from rast_engine.evaluation.data import read_utf8
+
+        return read_utf8(Path(value), "--chat-template file")
     if "{{" in value or "{%" in value:
         return value
     raise RastError(f"--chat-template {value!r}: no such file, and not a Jinja template")

@@ -11,7 +11,7 @@ from rast_engine.config import EngineConfig
 from rast_engine.errors import RastError
 from rast_engine.llm_engine import LLMEngine
 from rast_engine.outputs import RequestOutput, ScoreOutput
-from rast_engine.requests import chat_template_variables
+from rast_engine.requests import chat_template_variables, render_conversation
 from rast_engine.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int], dict]  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
@@ -109,14 +109,9 @@ class LLM:
             raise RastError("continue_final_message continues the last message; it excludes add_generation_prompt")
         texts = []
         for conv in conversations:
-            conv = [_text_message(m) for m in conv]
-            try:
-                texts.append(tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
-                                                           add_generation_prompt=add_generation_prompt,
-                                                           continue_final_message=continue_final_message,
-                                                           **variables))
-            except Exception as exc:  # noqa: BLE001 - a template refusing a conversation is the caller's to fix
-                raise RastError(f"the chat template rejected a conversation: {exc}") from None
+            texts.append(render_conversation(tokenizer, [_text_message(m) for m in conv], "a conversation", variables,
+                                             chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message))
         # the template writes any BOS itself, so the text is encoded without adding special tokens
         prompts = [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

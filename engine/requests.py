@@ -95,6 +95,16 @@ def chat_template_variables(tokenizer: Any, kwargs: Optional[dict]) -> dict:
     return dict(kwargs)
 
 
+def render_conversation(tokenizer: Any, conversation: list[dict], what: str, variables: Optional[dict] = None,
+                        **options: Any) -> str:
+    """The chat template's text of one conversation: ``options`` are apply_chat_template's own, ``variables``
+    the checked chat_template_variables; RastError naming ``what`` when the template refuses it."""
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, **options, **(variables or {}))
+    except Exception as exc:  # noqa: BLE001 - a template refusing a conversation is the caller's to fix
+        raise RastError(f"the chat template rejected {what}: {exc}", param="messages") from None
+
+
 def check_token_ids(name: str, ids: Optional[Iterable[int]], vocab_size: int) -> None:
     """RastError if field ``name`` (logit_bias, allowed_token_ids) names ids the sampler never draws
     (ids >= the vocabulary)."""

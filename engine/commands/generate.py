@@ -7,6 +7,7 @@ from typing import Any
 
 from rast_engine.commands import add_model_args, add_sampling_args, build_engine, read_chat_template, use_chat_template
 from rast_engine.errors import RastError
+from rast_engine.requests import render_conversation
 
 DEFAULT_MAX_TOKENS = 256  # without --max-tokens or the generation config's max_new_tokens
 
@@ -55,11 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         if getattr(tok, "chat_template", None) is None:
             raise RastError(f"{args.model}: the tokenizer has no chat template; drop --chat")
-        try:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-        except Exception as exc:  # noqa: BLE001 - a template that does not render is the user's to fix
-            raise RastError(f"the chat template rejected the prompt: {exc}") from None
+        text = render_conversation(tok, [{"role": "user", "content": prompt}], "the prompt", add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
     else:
         ids = tok.encode(prompt)

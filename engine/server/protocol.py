@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from rast_engine.errors import RastError
-from rast_engine.requests import chat_template_variables
+from rast_engine.requests import chat_template_variables, render_conversation
 
 
 class APIError(Exception):
@@ -272,18 +272,15 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                 variables: dict[str, Any] | None = None) -> str:
     """The chat template's text of ``messages`` (``variables``: chat_template_kwargs); APIError(400)
     naming them when the template refuses them."""
-    try:
-        extra = chat_template_variables(tokenizer, variables)
-    except RastError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
     # The "developer" role is OpenAI's new name for "system"; chat templates only know the latter.
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
                      **({} if m.name is None else {"name": m.name})} for m in messages]
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **extra)
-    except Exception as exc:  # noqa: BLE001 - a template rejecting a conversation is a client error
-        raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        extra = chat_template_variables(tokenizer, variables)
+        return render_conversation(tokenizer, conversation, "the messages", extra,
+                                   add_generation_prompt=add_generation_prompt)
+    except RastError as exc:  # a client error: a variable the template may not take, or a template refusing them
+        raise APIError(400, str(exc), param=exc.param) from None
 
 
 def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:

@@ -66,9 +66,9 @@ def extract_answer(text: str) -> str | None:
 
 
 def normalize(answer: str) -> str:
-    """A canonical spelling: "-" for the minus sign U+2212, no math delimiters, spacing, \\left/\\right, \\text wrappers, trailing dots,
-    degree signs, a number's plus sign or thousands separators (1{,}000 too); \\dfrac/\\tfrac become
-    \\frac and \\% becomes %."""
+    """A canonical spelling: "-" for the minus sign U+2212, no math delimiters, spacing, \\left/\\right,
+    \\text wrappers, trailing dots, degree signs, a number's plus sign or thousands separators (1{,}000
+    too); \\dfrac/\\tfrac become \\frac and \\% becomes %."""
     s = answer.strip().replace(MINUS, "-")
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")

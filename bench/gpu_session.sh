@@ -56,11 +56,16 @@ upto() { local l; l=$(left); echo $((l < $1 ? l : $1)); }  # at most $1 s, and n
   echo "stage $stage at commit $RAST_COMMIT"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  # pyproject's license table stops building with setuptools after 2027-02-18; its SPDX string needs >= 77 here
   python3 -c "import setuptools; print('setuptools', setuptools.__version__)"
 } 2>&1 | tee "$log"
 
 install() {
+  # pyproject's SPDX license string needs setuptools >= 77; an older image's builds this throwaway copy with
+  # the license table it used to have (the same metadata), since the device cannot fetch a newer setuptools
+  if ! python3 -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"; then
+    sed -i 's/^license = "\(.*\)"$/license = { text = "\1" }/' pyproject.toml
+    echo "setuptools < 77: built with the license table" | tee -a "$log"
+  fi
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$log"
   python3 -c "import rast_kernels, rast_engine; print('imports: ok')" 2>&1 | tee -a "$log"
 }

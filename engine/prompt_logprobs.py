@@ -9,12 +9,14 @@ the logits of its positions besides the sampling rows (model_runner.launch); the
 reduced to the chosen token, its rank and top k on the device, and reach the host with the step's ids. So its
 prompt is never served from the prefix cache while they are incomplete (BlockManager._prefix_hits): a
 cached position has no logits. Filling is by position, so a chunk computed again (preemption, an undone
-step) changes nothing.
+step) changes nothing. On CUDA the values travel to pinned host memory by copies queued with the step,
+ending in their own event: reading device tensors in fill() would wait for every step queued since
+(async scheduling launches the next one first), so the host could not prepare the one after.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Optional, Sequence as Seq
 
 import torch
 
@@ -67,16 +69,23 @@ class PromptLogprobs:
         w = to_device(torch.tensor(weights, dtype=torch.float32).reshape(len(nxt), -1))
         lp = torch.log_softmax(combined(logits, w, vocab), dim=-1)
         ids = to_device(torch.tensor(nxt, dtype=torch.int64))
-        self.chosen = lp.gather(1, ids[:, None])[:, 0]
+        chosen = lp.gather(1, ids[:, None])[:, 0]
         # vLLM's rank: how many tokens are at least as likely as the prompt's (1: the most likely)
-        self.rank = (lp >= self.chosen[:, None]).sum(-1)
+        rank = (lp >= chosen[:, None]).sum(-1)
         k = max(s.group.params.prompt_logprobs for s in slices)
-        self.top = lp.topk(k, dim=-1) if k else None
+        top_v, top_i = lp.topk(k, dim=-1) if k else (chosen[:0], rank[:0])
+        self._values = [chosen, rank, top_v, top_i]
+        self._copied: Optional[torch.cuda.Event] = None
+        if lp.is_cuda:
+            self._values = [t.to("cpu", non_blocking=True) for t in self._values]
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.slices, self.next_ids = slices, nxt
 
     def fill(self) -> None:
-        chosen, rank = self.chosen.tolist(), self.rank.tolist()
-        top_v, top_i = (self.top.values.tolist(), self.top.indices.tolist()) if self.top is not None else ([], [])
+        if self._copied is not None:
+            self._copied.synchronize()
+        chosen, rank, top_v, top_i = (t.tolist() for t in self._values)
         i = 0
         for s in self.slices:
             k, out = s.group.params.prompt_logprobs, s.group.prompt_logprobs

@@ -74,8 +74,8 @@ def pair_weights(engine: LLMEngine, params: SamplingParams) -> list[float]:
                         "model alone)", param="lam")
     lam = params.lam if isinstance(params.lam, list) else [float(params.lam)]
     if len(lam) != len(weights):
-        given = f"{len(lam)} values" if isinstance(params.lam, list) else "one number"
-        raise RastError(f"lam gives {given}; this engine has {len(weights)} small pairs, so lam needs one "
+        given = _count(len(lam), "value") if isinstance(params.lam, list) else "one number"
+        raise RastError(f"lam gives {given}; this engine has {_count(len(weights), 'small pair')}, so lam needs one "
                         "number per pair, in the order of the engine's pairs (the main pair, then experts)",
                         param="lam")
     return lam
@@ -172,3 +172,7 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
         grammars = engine_grammars(engine)
         grammar = RequestGrammar(grammars, grammars.compile(params.structured_outputs))
     return ids, weights, params, grammar
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -16,8 +16,10 @@ from test_engine import GREEDY, PROMPTS, hf_eq3, hf_greedy
 def test_several_expert_pairs_sum_their_deltas(qwen2_triple: tuple) -> None:
     large, rl, base = map(str, qwen2_triple)
     llm = LLM(large, rl, base, lam=0.5, experts=[(base, rl, 0.2)], kv_cache_blocks=32)
-    for lam in (1.0, [1.0], [1.0, 2.0, 3.0]):  # one number per pair, in the engine's order
-        with pytest.raises(RastError, match="one number per pair"):
+    given = {1.0: "one number;", (1.0,): "1 value;", (1.0, 2.0, 3.0): "3 values;"}
+    for lam, says in given.items():  # one number per pair, in the engine's order
+        lam = list(lam) if isinstance(lam, tuple) else lam
+        with pytest.raises(RastError, match=f"lam gives {says} this engine has 2 small pairs, so lam needs one number per pair"):
             llm.llm_engine.add_request("x", PROMPTS[0], SamplingParams(lam=lam))
     assert not llm.llm_engine.has_unfinished_requests()
     ids = llm.get_tokenizer().encode(PROMPTS[3])

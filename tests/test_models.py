@@ -212,6 +212,22 @@ def test_null_kv_heads_read_as_transformers_reads_them(model_type: str) -> None:
     assert ours.num_kv_heads == hf.num_key_value_heads == 4
 
 
+def test_dual_chunk_attention_checkpoint_serves_one_chunk(caplog: pytest.LogCaptureFixture) -> None:
+    """Qwen2.5-14B-Instruct-1M's config: 1,010,000 positions through dual chunk attention, which the engine
+    does not run; full attention equals it within one chunk, so the context is that chunk, with a warning."""
+    given = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "rope_theta": 1e7,
+             "max_position_embeddings": 1010000, "sliding_window": 131072, "use_sliding_window": False,
+             "dual_chunk_attention_config": {"chunk_size": 262144, "local_size": 8192,
+                                             "original_max_position_embeddings": 262144}}
+    with caplog.at_level("WARNING", logger="rast"):
+        cfg = ModelConfig.from_dict(given)
+    assert cfg.max_context == cfg.max_position_embeddings == 262144
+    assert "dual_chunk_attention_config" in caplog.text and "262144" in caplog.text
+    small = ModelConfig.from_dict({**given, "max_position_embeddings": 32768})  # within a chunk: unchanged
+    assert small.max_context == 32768
+
+
 # ---- clear load errors ----
 
 def test_error_missing_dir(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ and key before the rotary embedding, and a head_dim of its own, not hidden / hea
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from rast_engine.errors import ModelLoadError
 from rast_kernels.fp8_cast import FP8
 from rast_kernels.fp8_kv import cache_rows
+
+logger = logging.getLogger("rast")
 
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}  # model_type -> arch
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -140,7 +143,7 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=True if arch == "qwen2" else bias,
                 o_proj_bias=False if arch == "qwen2" else bias,
-                max_position_embeddings=int(given("max_position_embeddings")),
+                max_position_embeddings=_full_attention_positions(cfg, int(given("max_position_embeddings"))),
                 torch_dtype=DTYPES[dtype_name],
                 qk_norm=arch == "qwen3",
             )
@@ -229,3 +232,19 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
     scaling["rope_type"] = rope_type
     return float(theta), scaling
+
+
+def _full_attention_positions(cfg: dict[str, Any], positions: int) -> int:
+    """max_position_embeddings, capped where the checkpoint relies on dual chunk attention (Qwen2.5-1M),
+    which the engine does not implement: within one chunk it equals full attention, past it vLLM's and
+    SGLang's outputs differ from full attention's, so the engine serves one chunk's positions."""
+    dca = cfg.get("dual_chunk_attention_config")
+    if not isinstance(dca, dict):
+        return positions
+    bounds = [int(dca[k]) for k in ("chunk_size", "original_max_position_embeddings") if dca.get(k)]
+    if not bounds or min(bounds) >= positions:
+        return positions
+    logger.warning("dual_chunk_attention_config: the engine runs full attention, which equals dual chunk "
+                   "attention within one chunk; context capped at %d positions (max_position_embeddings %d)",
+                   min(bounds), positions)
+    return min(bounds)

@@ -76,7 +76,7 @@ def test_another_model_is_a_404(srv: Running) -> None:
         assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
 
 
-def test_tokenizer_jobs_beyond_capacity_are_refused() -> None:
+def test_unadmitted_jobs_beyond_capacity_are_refused() -> None:
     """Chat rendering, /tokenize and /detokenize run on the tokenizer thread before anything counts them
     in flight, so they are bounded on their own: with capacity 3 (max_num_seqs 2 + max_waiting 1) and
     three jobs held on the thread, a fourth is a 429; an admitted submission's encode still runs, and
@@ -98,14 +98,14 @@ def test_tokenizer_jobs_beyond_capacity_are_refused() -> None:
         try:
             held = [asyncio.ensure_future(served.in_tokenizer_thread(gate.wait, 30)) for _ in range(3)]
             await asyncio.sleep(0)  # each held job has counted itself
-            assert served.tokenizer_jobs == 3
+            assert served.unadmitted_jobs == 3
             with pytest.raises(APIError) as refused:
                 await served.in_tokenizer_thread(len, "abc")
             assert (refused.value.status, refused.value.code) == (429, "over_capacity")
             admitted = asyncio.ensure_future(served.in_tokenizer_thread(len, "abc", admitted=True))
             gate.set()
             assert await asyncio.gather(*held) == [True] * 3 and await admitted == 3
-            assert served.tokenizer_jobs == 0 and await served.in_tokenizer_thread(len, "ab") == 2
+            assert served.unadmitted_jobs == 0 and await served.in_tokenizer_thread(len, "ab") == 2
         finally:
             gate.set()
             served.stop()

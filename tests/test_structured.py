@@ -229,3 +229,44 @@ def test_the_server_takes_response_format_and_structured_outputs(json_triple: tu
         assert client.completions.create(model=MODEL, prompt="hi", max_tokens=3).choices[0].text
     finally:
         running.close()
+
+
+def test_grammar_compiles_before_admission_are_bounded(json_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A constraint compiles on a worker thread before its request is admitted, so nothing counts it in
+    flight yet: those compiles are bounded with the tokenizer thread's unadmitted jobs. Capacity 2
+    (max_num_seqs 1 + max_waiting 1), two compiles held: a third structured request is a 429, not one
+    more compile queued; the held two then finish."""
+    import threading
+    import time
+
+    import httpx
+    from server_util import MODEL, Running, server_engine
+
+    from rast_engine.server.app import OpenAIServer
+
+    gate, compile_ = threading.Event(), Grammars.compile
+    monkeypatch.setattr(Grammars, "compile", lambda self, p: gate.wait(30) and compile_(self, p))
+    server = OpenAIServer(server_engine(json_triple, max_num_seqs=1), model_name=MODEL, max_waiting=1)
+    running = Running(server)
+    body = {"model": MODEL, "prompt": "the cat", "max_tokens": 20, "structured_outputs": CASES["choice"]}
+    answers: list[httpx.Response] = []
+    held = [threading.Thread(target=lambda: answers.append(httpx.post(f"{running.url}/v1/completions", json=body,
+                                                                      timeout=60))) for _ in range(2)]
+    try:
+        for t in held:
+            t.start()
+        deadline = time.monotonic() + 10
+        while server.engine.unadmitted_jobs < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.engine.unadmitted_jobs == 2
+        r = httpx.post(f"{running.url}/v1/completions", json=body, timeout=5)  # answered now, not queued
+        assert (r.status_code, r.json()["error"]["code"]) == (429, "over_capacity"), r.text
+        gate.set()
+        for t in held:
+            t.join()
+        assert [a.status_code for a in answers] == [200, 200]
+        assert all(c["text"] in CASES["choice"]["choice"] for a in answers for c in a.json()["choices"])
+        assert server.engine.unadmitted_jobs == 0
+    finally:
+        gate.set()
+        running.close()

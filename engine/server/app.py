@@ -236,8 +236,8 @@ class OpenAIServer:
         """Compiles a structured-output constraint on a worker thread (structured.engine_grammars)."""
         if params.structured_outputs is not None:
             try:
-                grammars = await asyncio.to_thread(engine_grammars, self.engine.engine)
-                await asyncio.to_thread(grammars.compile, params.structured_outputs)
+                await self.engine.in_worker_thread(
+                    lambda: engine_grammars(self.engine.engine).compile(params.structured_outputs))
             except RastError as exc:
                 raise APIError(400, str(exc), param=exc.param) from None
 

@@ -13,9 +13,10 @@ Invariants:
   handle closes; more than max_num_seqs + max_waiting in flight is refused (429), and a submission of
   more prompts than that can never fit (400), so one HTTP request cannot grow an unbounded queue;
 - the tokenizer thread's other work (chat templates rendered before admission, /tokenize, /detokenize)
-  is bounded alike: more than that many such jobs queued or running is refused (429), so a flood of
-  them cannot hold an unbounded backlog of texts in memory; an admitted submission's encode is already
-  counted in flight and never refused here;
+  and the structured outputs' grammar compiles before admission (on worker threads, so a slow schema
+  holds up no encode) are bounded alike: more than that many such jobs queued or running is refused
+  (429), so a flood of them cannot hold an unbounded backlog in memory; an admitted submission's encode
+  is already counted in flight and never refused here;
 - a submission the engine cannot admit (a bad prompt, a tokenizer error) fails alone: its prompts
   already added are aborted and its handler gets the error, and the engine thread serves on;
 - an exception from step() leaves the engine in an unknown state, so the engine is declared dead:
@@ -27,14 +28,15 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import math
+import contextlib
 import dataclasses
+import math
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.requests import truncated
@@ -66,7 +68,7 @@ class AsyncEngine:
         self.stats = engine.stats()  # snapshot, replaced (never mutated) by the engine thread
         self.error: BaseException | None = None
         self.in_flight = 0
-        self.tokenizer_jobs = 0  # unadmitted jobs queued or running on the tokenizer thread (event loop only)
+        self.unadmitted_jobs = 0  # unadmitted jobs queued or running on the threads (event loop only)
         self._commands: queue.Queue = queue.Queue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -97,15 +99,26 @@ class AsyncEngine:
         run = asyncio.get_running_loop().run_in_executor
         if admitted:
             return await run(self._tokenizer_thread, fn, *args)
-        if self.tokenizer_jobs >= self.capacity:
-            raise APIError(429, f"server over capacity: {self.tokenizer_jobs} tokenizer jobs queued or running "
-                                f"(limit {self.capacity}); retry later", type="rate_limit_error",
-                           code="over_capacity")
-        self.tokenizer_jobs += 1
-        try:
+        with self._unadmitted_job():
             return await run(self._tokenizer_thread, fn, *args)
+
+    async def in_worker_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on asyncio's default pool, an unadmitted job like the tokenizer thread's (a structured
+        output's grammar compile: it may take long, and must not hold up encodes)."""
+        with self._unadmitted_job():
+            return await asyncio.to_thread(fn, *args)
+
+    @contextlib.contextmanager
+    def _unadmitted_job(self) -> Iterator[None]:
+        if self.unadmitted_jobs >= self.capacity:
+            raise APIError(429, f"server over capacity: {self.unadmitted_jobs} jobs of requests not yet admitted "
+                                f"queued or running (limit {self.capacity}); retry later", type="rate_limit_error",
+                           code="over_capacity")
+        self.unadmitted_jobs += 1
+        try:
+            yield
         finally:
-            self.tokenizer_jobs -= 1
+            self.unadmitted_jobs -= 1
 
     def encode(self, prompts: list[str | list[int]], add_special_tokens: bool, whole: bool) -> list[list[int]]:
         """Each prompt's token ids (run on the tokenizer thread); RastError for a prompt it cannot encode

@@ -60,7 +60,8 @@ def num_kv_blocks(config: EngineConfig, configs: Sequence[ModelConfig], dtype: t
         return config.kv_cache_blocks
     per_block = bytes_per_block(configs, config.block_size, dtype)
     if config.gpu_memory_utilization is not None and device.type != "cuda":
-        raise RastError("gpu_memory_utilization sizes a CUDA device's KV cache; on a CPU give kv_cache_memory")
+        raise RastError("gpu_memory_utilization sizes a CUDA device's KV cache; on a CPU give kv_cache_memory or "
+                        "kv_cache_blocks (--kv-cache-blocks)")
     if config.kv_cache_memory is not None:
         memory = config.kv_cache_memory
     elif device.type == "cuda":

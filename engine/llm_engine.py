@@ -51,7 +51,7 @@ class LLMEngine:
         self.async_scheduling = ahead if config.async_scheduling is None else config.async_scheduling
         if self.async_scheduling and not self.async_output:  # before any model is loaded
             raise RastError("async_scheduling=True needs async_output, which is off on this device by default: "
-                            "give async_output=True too")
+                            "give async_output=True (--async-output) too")
         parts = build_parts(config, self.device, self.async_scheduling, t0)
         self.model_set: ModelSet = parts.model_set
         self.max_model_len: int = parts.max_model_len

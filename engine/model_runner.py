@@ -29,6 +29,7 @@ from rast_engine.kv_cache import KVCache
 from rast_engine.model_streams import ModelStreams
 from rast_engine.models.stacked import ForwardUnit
 from rast_engine.draws import Draw, draw_logprobs, sample_draws
+from rast_engine.errors import RastError
 from rast_engine.logit_adjust import with_adjustments
 from rast_engine.prompt_logprobs import PromptLogprobs, prompt_rows
 from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
@@ -72,10 +73,14 @@ class ModelRunner:
         self.pairs = (len(roles) - 1) // 2
         self.max_lookahead, self.speculative_draft, self.speculative_method = (speculative_tokens, speculative_draft,
                                                                             speculative_method)
-        self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
-        # every decode step's logits, one [max_num_seqs, width_m] buffer per model: graph buckets share
-        # them instead of each holding its own outputs in the pool (about 2 GB at 256 rows, 3 x 152k vocab)
-        self.step_logits = [torch.empty(max_num_seqs, width, dtype=dtype, device=device) for width, dtype in widths]
+        try:
+            self.buffers = DecodeBuffers(max_num_seqs, -(-max_model_len // block_size), self.pairs, block_size, device)
+            # every decode step's logits, one [max_num_seqs, width_m] buffer per model: graph buckets share
+            # them instead of each holding its own outputs in the pool (about 2 GB at 256 rows, 3 x 152k vocab)
+            self.step_logits = [torch.empty(max_num_seqs, width, dtype=dtype, device=device) for width, dtype in widths]
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            raise RastError(f"max_num_seqs={max_num_seqs}: the decode step's buffers of one row a sequence cannot be "
+                            f"allocated on {device}: {str(e).splitlines()[0]}; give a smaller max_num_seqs") from None
         # CPU is always eager: graphs are a CUDA feature, and the CPU path is the reference. A speculative
         # engine captures its rounds of γ drafts; its other decode steps (first draws, the context's end)
         # are rare and run eagerly

@@ -69,10 +69,15 @@ def test_user_mistakes_are_one_line(capsys: pytest.CaptureFixture[str], triple: 
         assert "cannot listen on" in _one_line_error(capsys, ["serve", "/no/model", "--port", port], "serve")
     # vLLM's flag reaches the engine, which sizes a CUDA device's cache with it
     argv = ["generate", large, "--prompt", "hi", "--device", "cpu", "--gpu-memory-utilization", "0.5"]
-    assert "on a CPU give kv_cache_memory" in _one_line_error(capsys, argv, "generate")
+    assert "on a CPU give kv_cache_memory or kv_cache_blocks (--kv-cache-blocks)" in _one_line_error(capsys, argv,
+                                                                                                  "generate")
     # an explicit KV size past memory: the allocation's RuntimeError was a traceback
     assert "cannot be allocated" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--device", "cpu",
                                                              "--kv-cache-blocks", "10000000000"], "generate")
+    # so were the decode step's per-sequence buffers of a --max-num-seqs past memory
+    assert "give a smaller max_num_seqs" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--device",
+                                                                     "cpu", "--max-num-seqs", "10000000000000"],
+                                                            "generate")
 
 
 def test_a_request_that_masks_every_token_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,6 +126,33 @@ def test_serve_listens_where_uvicorn_would(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         for s in socks:
             s.close()
+
+
+def test_serve_api_key_from_flag_or_environment(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--api-key, else $RAST_API_KEY, else vLLM's $VLLM_API_KEY (a deployment moved from vLLM kept no
+    authentication); an empty variable is unset, and a key no client can send (empty, or with the
+    surrounding whitespace HTTP strips) is refused rather than turning every request away."""
+    from rast_engine.server.cli import _api_key
+
+    for name in ("RAST_API_KEY", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert _api_key(None) is None
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm")
+    assert _api_key(None) == "from-vllm"
+    monkeypatch.setenv("RAST_API_KEY", "")
+    assert _api_key(None) == "from-vllm"
+    monkeypatch.setenv("RAST_API_KEY", "from-rast")
+    assert (_api_key(None), _api_key("flag")) == ("from-rast", "flag")
+    monkeypatch.setenv("RAST_API_KEY", "trailing ")
+    with pytest.raises(RastError, match=r"\$RAST_API_KEY must be a non-empty key"):
+        _api_key(None)
+    assert "--api-key must be a non-empty key" in _one_line_error(capsys, ["serve", "/no/model", "--api-key", ""],
+                                                                   "serve")
+    from rast_engine.server.app import OpenAIServer
+
+    with pytest.raises(RastError, match="api_key must be a non-empty key"):
+        OpenAIServer(None, model_name="m", api_key=" k")
 
 
 def test_serve_binds_loopback_by_default() -> None:

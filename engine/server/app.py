@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from rast_engine.errors import RastError
 from rast_engine.sampling_params import SamplingParams
-from rast_engine.server import MAX_REQUEST_BYTES
+from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
 from rast_engine.server.async_engine import AsyncEngine
 from rast_engine.server.request_handle import RequestHandle
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
@@ -86,12 +86,12 @@ class OpenAIServer:
         if max_request_bytes < 1:
             raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes
+        self.api_key = checked_api_key(api_key)
         self.metrics = Metrics()
         self.engine = AsyncEngine(engine, max_waiting=max_waiting, queue_timeout=queue_timeout,
                                   on_step=self.metrics.step_seconds.observe)
         self.metrics.watch(self.engine)
         self.model_name = model_name
-        self.api_key = api_key
         self.tokenizer = engine.tokenizer
 
     def app(self) -> Starlette:

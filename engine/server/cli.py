@@ -10,7 +10,7 @@ import socket
 
 from rast_engine.commands import add_model_args, build_engine, read_chat_template, use_chat_template
 from rast_engine.errors import RastError
-from rast_engine.server import MAX_REQUEST_BYTES
+from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=os.environ.get("RAST_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RAST_API_KEY)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the /v1 and tokenizer routes (default: "
+                        "$RAST_API_KEY, else vLLM's $VLLM_API_KEY; an empty variable counts as unset)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the MODEL path)")
     p.add_argument("--max-waiting", type=int, default=512,
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise RastError(f"--queue-timeout must be a positive number of seconds, got {args.queue_timeout}")
     if args.max_request_bytes < 1:
         raise RastError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    api_key = _api_key(args.api_key)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bound before the models load, and by us: uvicorn logs a bind error and exits 3 itself
     template = read_chat_template(args.chat_template)
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from rast_engine.server.app import OpenAIServer
 
         server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
-                              api_key=args.api_key, max_waiting=args.max_waiting,
+                              api_key=api_key, max_waiting=args.max_waiting,
                               queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes)
         for sock in socks:  # uvicorn logs no address for sockets it is given
             host, port = sock.getsockname()[:2]
@@ -77,6 +79,17 @@ def run(args: argparse.Namespace) -> int:
         for sock in socks:
             sock.close()
     return 0
+
+
+def _api_key(flag: str | None) -> str | None:
+    """--api-key, else the first of $RAST_API_KEY and $VLLM_API_KEY that is set and not empty (a
+    deployment moved from vLLM keeps its authentication)."""
+    if flag is not None:
+        return checked_api_key(flag, "--api-key")
+    for name in ("RAST_API_KEY", "VLLM_API_KEY"):
+        if os.environ.get(name):
+            return checked_api_key(os.environ[name], f"${name}")
+    return None
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

@@ -45,7 +45,8 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     model_max = min(c.max_context for c in ms.configs)
     if config.max_model_len is not None and config.max_model_len > model_max:
         raise RastError(f"max_model_len={config.max_model_len} exceeds the models' context "
-                        f"({model_max}: max_position_embeddings, stretched by a yarn or linear rope scaling)")
+                        f"({model_max}: max_position_embeddings, stretched by a yarn or linear rope scaling, one "
+                        "chunk where the checkpoint relies on dual chunk attention)")
     units, roles = forward_units(ms.models, config.stack_small_models)
     if config.speculative_tokens and 0 in roles[1:]:
         raise RastError("speculative decoding drafts with the small models alone, and the large model also "

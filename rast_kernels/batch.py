@@ -130,10 +130,12 @@ def _row_value(name: str, value: RowParam, batch: int, device: torch.device, voc
             value = value.reshape(1).expand(batch)
         if value.dim() != 1 or value.shape[0] != batch:
             raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got shape {tuple(value.shape)}")
+        if value.dtype == torch.bool:  # as a Python bool: a mask is not a parameter
+            raise TypeError(f"{name} must be a number tensor, got torch.bool")
         if spec.integral and value.is_floating_point():
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-        if name == "top_k" and value.dtype == torch.int64:  # narrowed to int32 it would wrap (2**32 + 3 -> 3);
-            value = value.clamp(0, vocab)  # k <= 0 and k >= V mean off, as for a scalar
+        if name == "top_k" and value.dtype != torch.int32:  # narrowed to int32 it would wrap (2**32 + 3 -> 3);
+            value = value.to(torch.int64).clamp(0, vocab)  # k <= 0 and k >= V mean off, as for a scalar
         return RowValue(None, value.to(device=device, dtype=spec.dtype))  # a no-op when both already match
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
@@ -170,6 +172,8 @@ def _numbers(value: object) -> list[float] | None:
 def _weights(weights: Union[Scalar, Sequence[Scalar], torch.Tensor], batch: int, pairs: int,
              device: torch.device) -> torch.Tensor:
     if isinstance(weights, torch.Tensor):
+        if weights.dtype == torch.bool:
+            raise TypeError("weights must be a number tensor, got torch.bool")
         w = weights.to(device=device, dtype=torch.float32)
         if w.dim() == 0:
             return w.reshape(1, 1).expand(batch, pairs)

@@ -63,6 +63,14 @@ def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -
                          f"of dim {k_cache.shape[3]}")
 
 
+def check_indices(**tensors: torch.Tensor) -> None:
+    """Slot mappings, block tables, context lengths and offsets are int32 or int64: a float one would be
+    truncated on the device, a bool one read as 0 and 1."""
+    for name, t in tensors.items():
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+
+
 def index_rows(block_tables: torch.Tensor) -> torch.Tensor:
     """The block table as the kernels index it: rows at any stride, entries adjacent. A row-sliced view
     (the engine's tables are a wider buffer's first columns) passes as it is; only another layout is copied."""
@@ -81,6 +89,9 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         from rast_kernels import ops
         return ops.traced(ops.store_kv_cache, k, v, k_cache, v_cache, slot_mapping)
     check_cache(k, k_cache, v_cache)
+    check_indices(slot_mapping=slot_mapping)
+    if v.dtype != k.dtype:  # a wider v would be narrowed into the cache unchecked (float32 -> fp16 inf)
+        raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
     if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
         raise ValueError(f"k, v must be [T, Hkv, D] matching the cache, got {tuple(k.shape)}, {tuple(v.shape)}")
     if slot_mapping.shape != (k.shape[0],):

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from rast_kernels.fp8_cast import FP8
 from rast_kernels.fp8_kv import block_size_of, load_scale
-from rast_kernels.kv_store import block_d, check_cache, index_rows
+from rast_kernels.kv_store import block_d, check_cache, check_indices, index_rows
 from rast_kernels.launch import cdiv, interpreting, next_pow2
 from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
 
@@ -205,6 +205,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return ops.traced(ops.paged_decode_attention, q, k_cache, v_cache, block_tables, context_lens, scale,
                           num_splits, min_tokens_per_split)
     check_cache(q, k_cache, v_cache)
+    check_indices(block_tables=block_tables, context_lens=context_lens)
     batch, hq, dim = q.shape
     block_size, hkv = block_size_of(k_cache), k_cache.shape[2]
     if block_tables.shape[0] != batch or context_lens.shape != (batch,):
@@ -255,6 +256,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return ops.traced(ops.paged_prefill_attention, q, k_cache, v_cache, block_tables, context_lens,
                           cu_seqlens_q, max_seqlen_q, scale)
     check_cache(q, k_cache, v_cache)
+    check_indices(block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_seqlens_q)
     total, hq, dim = q.shape
     block_size, hkv = block_size_of(k_cache), k_cache.shape[2]
     batch = context_lens.shape[0]

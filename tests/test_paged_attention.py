@@ -244,3 +244,14 @@ def test_rejects_mismatched_inputs() -> None:
         paged_decode_attention(torch.zeros(1, 3, 16), cache, cache, table, lens, 1.0)
     with pytest.raises(ValueError, match="slot_mapping"):
         store_kv_cache(torch.zeros(3, 2, 16), torch.zeros(3, 2, 16), cache, cache, torch.zeros(2, dtype=torch.long))
+    # a float32 v was narrowed into an fp16 cache unchecked (inf), a float slot truncated (5.5 -> 5)
+    half = cache.half()
+    with pytest.raises(TypeError, match="v must have k's dtype"):
+        store_kv_cache(torch.zeros(1, 2, 16).half(), torch.full((1, 2, 16), 1e6), half, half,
+                       torch.zeros(1, dtype=torch.long))
+    with pytest.raises(TypeError, match="slot_mapping must be an int32 or int64 tensor"):
+        store_kv_cache(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), cache, cache, torch.tensor([5.5]))
+    with pytest.raises(TypeError, match="block_tables must be an int32 or int64 tensor"):
+        paged_decode_attention(torch.zeros(1, 4, 16), cache, cache, table.float(), lens, 1.0)
+    with pytest.raises(TypeError, match="context_lens must be an int32 or int64 tensor"):
+        paged_decode_attention(torch.zeros(1, 4, 16), cache, cache, table, lens.bool(), 1.0)

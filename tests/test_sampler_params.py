@@ -101,6 +101,24 @@ def test_scalar_top_k_beyond_the_vocabulary_is_off_and_seeds_must_fit_int64() ->
     assert normalize(logits, deltas, top_k=10**12).params["top_k"].scalar == V
 
 
+def test_other_integer_top_k_tensors_do_not_wrap_and_bool_tensors_are_refused() -> None:
+    """A uint64 top_k of 2**32 + 3 is off, as the int64 one, not top-3 narrowed to int32; a bool tensor is
+    refused for every parameter and the weights, as a Python bool is (a do-sample mask passed as
+    temperature made its False rows greedy)."""
+    logits, deltas = _inputs("cpu", seed=5)
+    wide = torch.tensor([2**32 + 3, 0, 3, 2**63 + 7], dtype=torch.uint64)
+    want = rk.rast_probs(logits, deltas, top_k=torch.tensor([0, 0, 3, 0], dtype=torch.int32), backend="torch")
+    for backend in ("torch", *BACKENDS):
+        torch.testing.assert_close(rk.rast_probs(logits, deltas, top_k=wide, backend=backend), want,
+                                   rtol=1e-4, atol=1e-6)
+    mask = torch.tensor([True, False, True, False])
+    for name in ("temperature", "top_k", "top_p", "min_p", "seed", "offset"):
+        with pytest.raises(TypeError, match=f"{name} must be a number tensor, got torch.bool"):
+            rk.rast_sample(logits, deltas, backend="torch", **{name: mask})
+    with pytest.raises(TypeError, match="weights must be a number tensor"):
+        rk.rast_probs(logits, deltas, weights=torch.tensor([True]), backend="torch")
+
+
 def test_backends_refuse_tensors_they_cannot_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """A clear error before any launch: triton on CPU tensors needs the interpreter (without it Triton
     itself fails with an unrelated driver error)."""

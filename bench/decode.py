@@ -283,9 +283,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n{common.device_name(device)} @ {suite.commit}  "
           f"(copy bandwidth {suite.bandwidth / 1e9:.1f} GB/s)")
     print(common.table(suite.rows, COLUMNS))
+    run = path.stem  # a GPU stage runs the suite twice: each target line says which run it judges
     for t in judge(suite.rows, list(suite.pairings))["targets"]:
         bound = "" if t["roofline_bound"] is None else f", roofline bound {t['roofline_bound']:.3f}"
-        print(f"target {t['target']}: {t['value']:.3f} (limit {t['limit']}{bound}) {'met' if t['met'] else 'MISSED'}")
+        print(f"target [{run}] {t['target']}: {t['value']:.3f} (limit {t['limit']}{bound}) "
+              f"{'met' if t['met'] else 'MISSED'}")
     series: dict[str, list[tuple[float, float]]] = {}
     for r in suite.rows:
         series.setdefault(f"{r['pairing']} {r['mode']}", []).append((r["batch"], r["tokens_per_s"]))

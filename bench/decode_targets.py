@@ -12,7 +12,7 @@ def judge(rows: list[dict], pairings: list[str]) -> dict:
     """rast/base per (pairing, batch) and the issue's four targets, where their rows exist. An FP8 mode's
     base is base-fp8."""
     by = {(r["mode"], r["pairing"], r["batch"]): r for r in rows}
-    every = all("roofline_all_weights_ms" in r for r in rows)  # rows before 6eb5937 hold the floor alone
+    every = all("roofline_all_weights_ms" in r for r in rows)  # rows before c09caee hold the floor alone
     for r in rows:
         r["roofline_frac"] = r["step_ms"] / r["roofline_ms"]
         if every:

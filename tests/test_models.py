@@ -226,6 +226,9 @@ def test_dual_chunk_attention_checkpoint_serves_one_chunk(caplog: pytest.LogCapt
     assert "dual_chunk_attention_config" in caplog.text and "262144" in caplog.text
     small = ModelConfig.from_dict({**given, "max_position_embeddings": 32768})  # within a chunk: unchanged
     assert small.max_context == 32768
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}
+    with pytest.raises(ModelLoadError, match="dual_chunk_attention_config with a yarn rope scaling"):
+        ModelConfig.from_dict({**given, "rope_scaling": yarn})  # it would stretch the context past the chunk
 
 
 # ---- clear load errors ----

@@ -143,7 +143,7 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=True if arch == "qwen2" else bias,
                 o_proj_bias=False if arch == "qwen2" else bias,
-                max_position_embeddings=_full_attention_positions(cfg, int(given("max_position_embeddings"))),
+                max_position_embeddings=_full_attention_positions(cfg, int(given("max_position_embeddings")), scaling),
                 torch_dtype=DTYPES[dtype_name],
                 qk_norm=arch == "qwen3",
             )
@@ -234,13 +234,17 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
-def _full_attention_positions(cfg: dict[str, Any], positions: int) -> int:
+def _full_attention_positions(cfg: dict[str, Any], positions: int, scaling: dict[str, Any] | None) -> int:
     """max_position_embeddings, capped where the checkpoint relies on dual chunk attention (Qwen2.5-1M),
     which the engine does not implement: within one chunk it equals full attention, past it vLLM's and
-    SGLang's outputs differ from full attention's, so the engine serves one chunk's positions."""
+    SGLang's outputs differ from full attention's, so the engine serves one chunk's positions (a rope
+    scaling beside it, which would stretch the context past the chunk again, is refused)."""
     dca = cfg.get("dual_chunk_attention_config")
     if not isinstance(dca, dict):
         return positions
+    if scaling is not None:
+        raise ModelLoadError(f"dual_chunk_attention_config with a {scaling['rope_type']} rope scaling is not "
+                             "supported: the engine runs full attention, within one chunk only")
     bounds = [int(dca[k]) for k in ("chunk_size", "original_max_position_embeddings") if dca.get(k)]
     if not bounds or min(bounds) >= positions:
         return positions

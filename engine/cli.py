@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 from rast_engine.errors import NoAdmissibleToken, RastError
 
@@ -20,8 +21,17 @@ SUBCOMMANDS: tuple[str, ...] = (
 )
 
 
+class StrictParser(argparse.ArgumentParser):
+    """No prefix abbreviations: `--model` must never be read as `--model-streams`, and a flag added later must
+    not change what an old command line means. Subparsers inherit the class, so every level is strict."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="rast",
         description="RAST decoding: a large base model steered by small RL-tuned deltas.",
     )

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from factories import make_triple
@@ -291,3 +292,23 @@ def test_serving_flags_reach_the_engine(triple: tuple[str, str, str]) -> None:
     assert (defaults.enable_prefix_caching, defaults.async_output, defaults.async_scheduling, defaults.block_size,
             defaults.model_streams, defaults.stack_small_models, defaults.speculative_tokens, defaults.quantization) == (
         True, None, None, 16, True, True, 0, None)
+
+
+def test_model_as_positional_or_vllms_flag_and_no_abbreviations(capsys: pytest.CaptureFixture[str]) -> None:
+    def parse(argv: list[str]) -> Any:
+        return build_parser().parse_args(argv + (["--prompt", "p"] if argv[0] == "generate" else []))
+
+    for command in ("serve", "generate"):
+        assert parse([command, "m"]).model == parse([command, "--model", "m"]).model == "m"
+        assert parse([command, "--model", "m"]).model_streams  # --model is its own flag, not --model-streams'
+        for argv in ([command, "m", "--model", "n"], [command, "--model", "n", "m"]):
+            with pytest.raises(SystemExit):
+                parse(argv)
+            assert "MODEL given twice" in capsys.readouterr().err
+    # a prefix of a flag is not the flag: with abbreviations on, these set --max-model-len and --model-streams
+    for argv in (["serve", "m", "--max-model", "64"], ["serve", "--mod", "m"], ["generate", "m", "--temp", "0"]):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
+    assert "MODEL is required" in _one_line_error(capsys, ["serve", "--port", "0"], "serve")
+    assert "MODEL is required" in _one_line_error(capsys, ["generate", "--prompt", "hi"], "generate")

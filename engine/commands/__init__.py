@@ -11,8 +11,22 @@ from rast_engine.config import KV_CACHE_DTYPES, LAYER_OPS, QUANTIZATIONS, SPECUL
 from rast_engine.errors import RastError
 
 
+class _OneModel(argparse.Action):
+    """MODEL is given once, as the positional or as vLLM's --model; either may come first."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error("MODEL given twice: as the positional and as --model; give one")
+        setattr(namespace, self.dest, values)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="the large base model M: a local HF-format directory")
+    # the positional's default is SUPPRESS so an absent positional does not overwrite --model's value
+    p.add_argument("model", nargs="?", default=argparse.SUPPRESS, action=_OneModel,
+                   help="the large base model M: a local HF-format directory")
+    p.add_argument("--model", dest="model", metavar="MODEL", default=None, action=_OneModel,
+                   help="the same as the positional MODEL, as vLLM's serve also takes it")
     p.add_argument("--small-rl", metavar="P", help="the small RL-tuned model R (with --small-base)")
     p.add_argument("--small-base", metavar="P", help="R's small base model S (with --small-rl)")
     p.add_argument("--lam", type=float, default=1.0, help="λ, the strength of R − S (default 1.0)")
@@ -92,8 +106,15 @@ def use_chat_template(engine: Any, template: Optional[str]) -> None:
     engine.tokenizer.chat_template = template
 
 
+def require_model(args: argparse.Namespace) -> None:
+    """MODEL was given: add_model_args leaves the positional optional so that vLLM's --model may give it."""
+    if args.model is None:
+        raise RastError("MODEL is required: a local HF-format directory, as the positional or --model")
+
+
 def build_engine(args: argparse.Namespace) -> Any:
     """The LLMEngine the model flags describe; bad paths fail here, before torch is imported."""
+    require_model(args)
     _existing_dir(args.model, "MODEL")
     if args.small_rl is not None:
         _existing_dir(args.small_rl, "--small-rl")

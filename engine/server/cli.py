@@ -8,7 +8,7 @@ import math
 import os
 import socket
 
-from rast_engine.commands import add_model_args, build_engine, read_chat_template, use_chat_template
+from rast_engine.commands import add_model_args, build_engine, read_chat_template, require_model, use_chat_template
 from rast_engine.errors import RastError
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
 
@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_model(args)  # before the port is bound; whether the directory exists is build_engine's
     if not 0 < args.port < 65536:
         raise RastError(f"--port must be in 1..65535, got {args.port}")
     if args.max_waiting < 0:

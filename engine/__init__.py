@@ -5,7 +5,18 @@ Exports resolve lazily so that `rast --help` and the CLI's argument parsing neve
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("rast")
+    except importlib.metadata.PackageNotFoundError:  # a bare checkout on PYTHONPATH, not installed
+        return "unknown"
+
+
+__version__ = _installed_version()
 
 _EXPORTS = {
     "LLM": "rast_engine.llm",

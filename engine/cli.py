@@ -8,6 +8,7 @@ import importlib
 import sys
 from typing import Any
 
+from rast_engine import __version__
 from rast_engine.errors import NoAdmissibleToken, RastError
 
 # (module, one-line purpose); the module's register() adds the subparser and its defaults(func=...).
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rast",
         description="RAST decoding: a large base model steered by small RL-tuned deltas.",
     )
+    parser.add_argument("--version", action="version", version=f"rast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMANDS:

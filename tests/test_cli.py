@@ -2,6 +2,7 @@
 `generate` prints what the offline engine generates, `bench` dispatches to bench/<suite>.py."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import socket
 import subprocess
@@ -42,6 +43,13 @@ def test_help_lists_every_subcommand() -> None:
     assert run.returncode == 0, run.stderr
     for name in choices:
         assert f"    {name} " in run.stdout or f"    {name}\n" in run.stdout, name
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rast {importlib.metadata.version('rast')}"
 
 
 def test_bad_path_on_the_console_is_one_line() -> None:

@@ -4,6 +4,7 @@ whose own correctness against HF transformers is tested in the engine's tests.""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import threading
 import time
@@ -25,6 +26,7 @@ def test_models_health_and_greedy_completion(srv: Running, server_oracle: LLM) -
     client = srv.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{srv.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{srv.url}/version").json() == {"version": importlib.metadata.version("rast")}
     res = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0)
     want = server_oracle.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     assert res.choices[0].text == want.outputs[0].text

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from rast_engine import __version__
 from rast_engine.errors import RastError
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
@@ -104,6 +105,7 @@ class OpenAIServer:
             Route("/detokenize", self._wrap("detokenize", self.detokenize, auth=True), methods=["POST"]),
             Route("/tokenizer_info", self._wrap("tokenizer_info", self.tokenizer_info, auth=True), methods=["GET"]),
             Route("/health", self._wrap("health", self.health), methods=["GET"]),
+            Route("/version", self._wrap("version", self.version), methods=["GET"]),
             Route("/metrics", self._wrap("metrics", self.render_metrics), methods=["GET"]),
         ]
 
@@ -196,6 +198,9 @@ class OpenAIServer:
         if self.engine.error is not None:
             raise APIError(503, f"the engine failed: {self.engine.error!r}", type="server_error", code="engine_dead")
         return JSONResponse({"status": "ok"})
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": __version__})  # vLLM's route and body, with rast's version
 
     async def render_metrics(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)

@@ -55,7 +55,7 @@ upto() { local l; l=$(left); echo $((l < $1 ? l : $1)); }  # at most $1 s, and n
 {
   echo "stage $stage at commit $RAST_COMMIT"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  python3 -c "import torch, triton, transformers, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"
   python3 -c "import setuptools; print('setuptools', setuptools.__version__)"
 } 2>&1 | tee "$log"
 

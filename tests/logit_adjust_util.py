@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, NoBadWordsLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 
 from rast_engine import EngineConfig, LLMEngine, SamplingParams
 
@@ -32,7 +32,10 @@ def stop_ids(triple: tuple, params: SamplingParams) -> list[int]:
 def oracle_logits(triple: tuple, ids: list[int], n_prompt: int, vocab: int, params: SamplingParams,
                   bad_ids: list[list[int]] | None = None) -> torch.Tensor:
     """[V] adjusted Eq. 3 logits for the token after ``ids``; ``bad_ids``: the token sequences of
-    params.bad_words (tokenised by the caller), masked by HF's processor over the output only (vLLM's)."""
+    params.bad_words (tokenised by the caller), masked over the output only (vLLM's): a word's last
+    token wherever the output ends with the rest of it. By hand, not HF's NoBadWordsLogitsProcessor:
+    transformers <= 5.17 (the GPU image's) skips a word longer than the output, so its last token went
+    unbanned right after its prefix was generated."""
     x = torch.tensor([ids])
     large, rl, base = (hf_model(p)(x).logits[0, -1, :vocab].float() for p in triple)
     z = large + LAM * (rl - base)
@@ -40,14 +43,16 @@ def oracle_logits(triple: tuple, ids: list[int], n_prompt: int, vocab: int, para
         outside = torch.ones(vocab, dtype=torch.bool)
         outside[params.allowed_token_ids] = False
         z[outside] = float("-inf")
-    if bad_ids:
-        z = NoBadWordsLogitsProcessor(bad_ids)(torch.tensor([ids[n_prompt:]], dtype=torch.long), z[None])[0]
+    output = ids[n_prompt:]
+    for word in bad_ids or ():
+        if len(word) == 1 or output[1 - len(word):] == word[:-1]:  # a shorter output is never equal
+            z[word[-1]] = float("-inf")
     for token, bias in (params.logit_bias or {}).items():
         z[token] += bias
     if len(ids) - n_prompt < params.min_tokens:
         z[stop_ids(triple, params)] = float("-inf")
     z = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(x, z[None])[0]
-    for token, count in Counter(ids[n_prompt:]).items():
+    for token, count in Counter(output).items():
         z[token] -= params.frequency_penalty * count + params.presence_penalty
     return z
 

@@ -43,9 +43,17 @@ def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
             raise RastError("this engine has no tokenizer (its load_format='dummy' model directories hold "
                             "no tokenizer files): give prompts as lists of token ids")
         try:  # "" may encode to [BOS]; an encoding with no token is refused after truncation
-            return list(engine.tokenizer.encode(prompt))
+            ids = list(engine.tokenizer.encode(prompt))
         except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: bad input, reported as such
             raise RastError(f"the tokenizer cannot encode the prompt: {exc}") from None
+        # V is min(len(tokenizer), every model's width): a model narrower than the tokenizer cannot embed
+        # the tokenizer's last ids, which the models' forward would fail on for the whole batch
+        bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise RastError(f"the prompt encodes to token ids {bad[:5]} outside the vocabulary "
+                            f"[0, {engine.vocab_size}) that every model embeds (a model is narrower than the "
+                            f"tokenizer's {len(engine.tokenizer)} tokens)")
+        return ids
     if not isinstance(prompt, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise RastError("a prompt must be a string or a list of token ids (ints)")

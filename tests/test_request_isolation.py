@@ -247,3 +247,27 @@ def test_a_text_prompt_to_an_engine_without_a_tokenizer_is_a_400(tmp_path: Path)
         assert r.status_code == 200 and len(tokens) == 2 and all(t.startswith("token_id:") for t in tokens), r.text
     finally:
         running.close()
+
+
+def test_a_text_prompt_past_a_narrow_models_vocabulary_is_refused_at_intake(tmp_path: Path) -> None:
+    """V is min(len(tokenizer), every width): a text prompt was encoded without the range check token-id
+    prompts get, so an id a narrow model cannot embed reached its forward, and every later step raised
+    IndexError with the good request stuck beside it."""
+    from transformers import AutoModelForCausalLM
+
+    large, rl, base = make_triple(tmp_path)
+    narrow = AutoModelForCausalLM.from_pretrained(str(rl))
+    narrow.resize_token_embeddings(60)  # below the tokenizer's ids
+    narrow.save_pretrained(str(rl))
+    engine = _engine((large, rl, base))
+    assert engine.vocab_size == 60 < len(engine.tokenizer)
+    text = "the cat sat on the mat"
+    assert max(engine.tokenizer.encode(text)) >= 60, "the test needs a prompt with an id the narrow model lacks"
+    engine.add_request("good", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    before = (engine.stats(), dict(engine.groups), list(engine.scheduler.waiting))
+    with pytest.raises(RastError, match="narrower than the tokenizer"):
+        engine.add_request("bad", text, SamplingParams(max_tokens=3))
+    assert (engine.stats(), dict(engine.groups), list(engine.scheduler.waiting)) == before
+    done: dict[str, list[int]] = {}
+    _finish(engine, done)
+    assert list(done) == ["good"] and len(done["good"]) == 3

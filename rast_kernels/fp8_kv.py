@@ -141,13 +141,19 @@ def write_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) ->
     raw.view(-1).index_copy_(0, _exponent_index(cache, slots).flatten(), (k + _BIAS).to(torch.uint8).flatten())
 
 
-def read_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The values of ``blocks`` [n], [n, block_size, Hkv, D]: as stored, or dequantised (float32) if FP8."""
+def read_blocks(cache: torch.Tensor, blocks: torch.Tensor, into: torch.dtype | None = None) -> torch.Tensor:
+    """The values of ``blocks`` [n], [n, block_size, Hkv, D]: as stored, or dequantised (float32) if FP8.
+    ``into``: the dtype attention reads them in. A float16 model's largest value, 65504, is stored as the
+    code 256 * 2^8 = 65536, which is inf in float16, so FP8 values are clamped to its range there, as
+    the Triton kernels do (paged_attention._fits)."""
     bs = block_size_of(cache)
     picked = cache[blocks]
     if cache.dtype != FP8:
         return picked
     n, _, heads, dim = picked.shape
     raw = picked.view(torch.uint8)[:, bs:].permute(0, 2, 1, 3).reshape(n, heads, -1)[:, :, :bs]
-    return dequantize_rows(picked[:, :bs], raw.transpose(1, 2).int() - _BIAS)
+    values = dequantize_rows(picked[:, :bs], raw.transpose(1, 2).int() - _BIAS)
+    if into == torch.float16:
+        values = values.clamp(-65504.0, 65504.0)
+    return values
 

@@ -13,7 +13,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
 
 from rast_engine import LLM, SamplingParams
-from rast_engine.attention.torch_backend import store_kv
+from rast_engine.attention.metadata import AttentionMetadata
+from rast_engine.attention.torch_backend import TorchAttention, store_kv
 from rast_engine.errors import RastError
 from rast_kernels.fp8_kv import fake_quantize
 from rast_kernels.kv_store import store_kv_cache
@@ -161,22 +162,30 @@ def test_decode_and_prefill_read_fp8_caches(device: str, dtype: torch.dtype, spl
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=_interp), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_fp16_keys_at_its_largest_value_stay_finite(device: str) -> None:
     """fp16's 65504 is stored as the code 256 · 2^8 = 65536, past fp16: dequantised in fp16 it was inf, and
-    the head's output NaN. The kernels clamp to 65504; the oracle is the attention in float64."""
+    the head's output NaN. The kernels and the torch backend clamp to 65504; the oracle is float64 attention."""
     dim, bs = 16, 4
     k = torch.zeros(2, 1, dim, dtype=torch.float16)
     k[0, 0, 0], k[1, 0, 0] = 65504.0, -65504.0
     v = torch.ones(2, 1, dim, dtype=torch.float16)
     v[0, 0, 1] = 65504.0
+    v[:, 0, 2] = 65504.0  # a mean of 65504 itself: 65536 past fp16 unless each value is clamped
     kc, vc = (torch.zeros(1, bs + 1, 1, dim, dtype=FP8, device=device) for _ in range(2))
     store_kv_cache(k.to(device), v.to(device), kc, vc, torch.tensor([0, 1], device=device))
     q = torch.zeros(1, 1, dim, dtype=torch.float16, device=device)
     q[0, 0, 1] = 1.0  # q · k = 0 for both keys: equal weights
     table, ctx = torch.zeros(1, 1, dtype=torch.int32, device=device), torch.tensor([2], dtype=torch.int32, device=device)
-    want = v.double().mean(0)[0]  # [D]; the 65504 of v averages to 32752
+    want = v.double().mean(0)[0]  # [D]; the lone 65504 of v averages to 32752
     got = paged_decode_attention(q, kc, vc, table, ctx, 0.25)[0, 0]
-    pre = paged_prefill_attention(q.expand(2, 1, dim).contiguous(), kc, vc, table, ctx,
-                                  torch.tensor([0, 2], dtype=torch.int32, device=device), 2, 0.25)[1, 0]
-    for out in (got, pre):
+    cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
+    pre = paged_prefill_attention(q.expand(2, 1, dim).contiguous(), kc, vc, table, ctx, cu, 2, 0.25)[1, 0]
+    # the torch backend (the CPU's default) read the caches in float32 unclamped: 65536 · 1/2, cast to fp16
+    meta = dict(slot_mapping=torch.full((1,), -1, device=device), block_tables=table, context_lens=ctx,
+                max_seqlen_k=2, block_size=bs)
+    torch_decode = TorchAttention().attend(q, q, q, kc, vc, AttentionMetadata(
+        is_prefill=False, cu_seqlens_q=cu[:2] // 2, max_seqlen_q=1, **meta), 0.25)[0, 0]
+    torch_prefill = TorchAttention().attend(q.expand(2, 1, dim), q, q, kc, vc, AttentionMetadata(
+        is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=2, **meta), 0.25)[1, 0]
+    for out in (got, pre, torch_decode, torch_prefill):
         torch.testing.assert_close(out.double().cpu(), want, atol=0, rtol=1e-3)
 
 

@@ -40,7 +40,7 @@ class TorchAttention:
             q_len = end - start
             if q_len == 0:
                 continue
-            keys, values = gather_kv(k_cache, v_cache, meta.block_tables[b], ctx, meta.block_size)
+            keys, values = gather_kv(k_cache, v_cache, meta.block_tables[b], ctx, meta.block_size, q.dtype)
             # query i sits at position ctx - q_len + i and sees keys 0..that position
             qf = q[start:end].float().transpose(0, 1)  # [H, q_len, D]
             kf = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, ctx, D]
@@ -62,8 +62,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     lens = meta.context_lens.long()
     width = -(-int(lens.max()) // bs) if b else 0  # blocks of the longest context (a host read, as above)
     blocks = meta.block_tables[:, :width].long().flatten()
-    keys = read_blocks(k_cache, blocks).reshape(b, width * bs, num_kv_heads, dim).float()
-    values = read_blocks(v_cache, blocks).reshape(b, width * bs, num_kv_heads, dim).float()
+    keys = read_blocks(k_cache, blocks, q.dtype).reshape(b, width * bs, num_kv_heads, dim).float()
+    values = read_blocks(v_cache, blocks, q.dtype).reshape(b, width * bs, num_kv_heads, dim).float()
     qf = q.float().view(b, num_kv_heads, num_heads // num_kv_heads, dim)  # GQA: query heads grouped per kv head
     scores = torch.einsum("bkgd,bnkd->bkgn", qf, keys) * scale
     past = torch.arange(width * bs, device=q.device)[None, :] >= lens[:, None]  # [B, keys]: beyond the context
@@ -85,10 +85,12 @@ def store_kv(
 
 
 def gather_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_row: torch.Tensor, ctx: int, block_size: int
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_row: torch.Tensor, ctx: int, block_size: int,
+    into: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sequence's first ctx keys and values, [ctx, Hkv, D] each, read through its block table row."""
+    """A sequence's first ctx keys and values, [ctx, Hkv, D] each, read through its block table row
+    (``into``: the query's dtype, see read_blocks)."""
     blocks = block_row[: (ctx + block_size - 1) // block_size].long()
-    keys = read_blocks(k_cache, blocks).reshape(-1, *k_cache.shape[2:])[:ctx]
-    values = read_blocks(v_cache, blocks).reshape(-1, *v_cache.shape[2:])[:ctx]
+    keys = read_blocks(k_cache, blocks, into).reshape(-1, *k_cache.shape[2:])[:ctx]
+    values = read_blocks(v_cache, blocks, into).reshape(-1, *v_cache.shape[2:])[:ctx]
     return keys, values

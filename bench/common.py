@@ -103,7 +103,7 @@ def quick_args(doc: str, quick_help: str,
                more: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
     """The flags of a suite that runs its full grid on CUDA and a smoke grid with --quick (or no CUDA);
     ``more`` adds the suite's own."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     if more is not None:

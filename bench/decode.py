@@ -217,7 +217,7 @@ COLUMNS = ["pairing", "mode", "batch", "tokens_per_s", "step_ms", "step_ms_p90",
 
 
 def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.device]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random configs (automatic without CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer generated tokens (32; tiny: 6)")
     ap.add_argument("--device", default="auto", help="cuda | cpu | auto")

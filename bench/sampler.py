@@ -242,7 +242,8 @@ def report(rows: list[dict], device: torch.device, bandwidth: float, entropies: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few-second smoke run (CI)")
     mode.add_argument("--cpu-target", action="store_true", help="B=8, V=152064, top_p=0.95: native vs torch")

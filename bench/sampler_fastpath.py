@@ -63,7 +63,8 @@ def measure(rows: int, plan_batch: int, vocab: int, pairs: int, top_k: int, min_
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few-second smoke run")
     ap.add_argument("--sms", type=int, default=None, help="SMs of the emulated GPU (CPU; default 132)")
     ap.add_argument("--rows", type=int, default=8, help="rows interpreted per configuration (CPU)")

@@ -111,7 +111,8 @@ def profile(kernel: str, splits: int, cap: int, num_warps: int, workdir: Path) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=("select", "stats", "finish"), default="select")
     ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU whose launch plans are compiled")
     ap.add_argument("--num-warps", type=int, default=8, help="sampler_triton's default: 8 for each kernel")

@@ -117,7 +117,14 @@ def dequantize_rows(codes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor) -> torch.Tensor:
     """x through the cache and back, in x's dtype: what attention over an FP8 cache reads."""
-    return dequantize_rows(*quantize_rows(x)).to(x.dtype)
+    return _readable(dequantize_rows(*quantize_rows(x)), x.dtype).to(x.dtype)
+
+
+def _readable(values: torch.Tensor, into: torch.dtype | None) -> torch.Tensor:
+    """Dequantised values as attention reads them in ``into``: float16's largest value, 65504, is stored as
+    the code 256 * 2^8 = 65536, which is inf in float16, so they are clamped to its range there, as the
+    Triton kernels do (paged_attention._fits)."""
+    return values.clamp(-65504.0, 65504.0) if into == torch.float16 else values
 
 
 def _exponent_index(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -142,18 +149,13 @@ def write_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) ->
 
 
 def read_blocks(cache: torch.Tensor, blocks: torch.Tensor, into: torch.dtype | None = None) -> torch.Tensor:
-    """The values of ``blocks`` [n], [n, block_size, Hkv, D]: as stored, or dequantised (float32) if FP8.
-    ``into``: the dtype attention reads them in. A float16 model's largest value, 65504, is stored as the
-    code 256 * 2^8 = 65536, which is inf in float16, so FP8 values are clamped to its range there, as
-    the Triton kernels do (paged_attention._fits)."""
+    """The values of ``blocks`` [n], [n, block_size, Hkv, D]: as stored, or dequantised (float32) if FP8,
+    within the range of ``into``, the dtype attention reads them in (see _readable)."""
     bs = block_size_of(cache)
     picked = cache[blocks]
     if cache.dtype != FP8:
         return picked
     n, _, heads, dim = picked.shape
     raw = picked.view(torch.uint8)[:, bs:].permute(0, 2, 1, 3).reshape(n, heads, -1)[:, :, :bs]
-    values = dequantize_rows(picked[:, :bs], raw.transpose(1, 2).int() - _BIAS)
-    if into == torch.float16:
-        values = values.clamp(-65504.0, 65504.0)
-    return values
+    return _readable(dequantize_rows(picked[:, :bs], raw.transpose(1, 2).int() - _BIAS), into)
 

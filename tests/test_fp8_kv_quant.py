@@ -36,6 +36,9 @@ def test_round_trip_is_one_e4m3_rounding() -> None:
     top = x.double().abs().amax(-1) / scale[:, 0]
     assert bool(((top > 224) & (top <= 448)).all()) and bool(codes.float().abs().amax(-1).ge(224).all())
     assert torch.equal(fake_quantize(x), back)
+    # float16's 65504 rounds up to the code 256 * 2^8 = 65536: read back within float16, as the kernels read it
+    top16 = torch.tensor([[65504.0, -65504.0, 1.0]], dtype=torch.float16)
+    assert torch.equal(fake_quantize(top16), torch.tensor([[65504.0, -65504.0, 1.0]], dtype=torch.float16))
 
 
 def test_edge_rows() -> None:

@@ -73,3 +73,20 @@ def test_the_gpu_agendas_benchmark_command_lines_parse(monkeypatch: pytest.Monke
         with pytest.raises(_Parsed):
             suite.main()
         monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
+
+
+def test_benchmark_flags_are_never_abbreviated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the rast CLI's: `rast bench decode --tin` must not run --tiny, nor a flag added later change an
+    old command line."""
+    import sys
+
+    from bench_runs import load_bench
+
+    for argv in (["--tin"], ["--pair", "tiny"]):
+        with pytest.raises(SystemExit):
+            load_bench("decode.py").parse(argv)
+    with pytest.raises(SystemExit):
+        load_bench("sampler.py").main(["--qui"])
+    monkeypatch.setattr(sys, "argv", ["gemm.py", "--qui"])  # the suites that share bench/common.quick_args
+    with pytest.raises(SystemExit):
+        load_bench("gemm.py").main()

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     import json
     from pathlib import Path
 
-    ap = argparse.ArgumentParser(description="Accuracy table of the toy checkpoints (own sampler, not the engine).")
+    ap = argparse.ArgumentParser(allow_abbrev=False,
+                                 description="Accuracy table of the toy checkpoints (own sampler, not the engine).")
     ap.add_argument("--models", default=str(Path(__file__).resolve().parent.parent / "assets" / "toy"))
     ap.add_argument("--n", type=int, default=4, help="samples per problem (temperature 1)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")

@@ -48,7 +48,7 @@ def done(out: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train the toy RAST world (S, M, R = RL(S), RL(M)).")
+    ap = argparse.ArgumentParser(allow_abbrev=False, description="Train the toy RAST world (S, M, R = RL(S), RL(M)).")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="load stages already saved in --out instead of retraining")

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -81,18 +81,22 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> tuple[b
 
 
 class OpenAIServer:
-    def __init__(self, engine: Any, *, model_name: str, api_key: str | None = None,
+    def __init__(self, engine: Any, *, model_name: str | Sequence[str], api_key: str | None = None,
                  max_waiting: int = 512, queue_timeout: float | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1:
             raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes
+        # vLLM's --served-model-name: requests may name any of them, responses carry the first
+        self.model_names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
+        if not self.model_names or not all(isinstance(n, str) and n for n in self.model_names):
+            raise RastError(f"model_name must be a non-empty name or a list of them, got {model_name!r}")
+        self.model_name = self.model_names[0]
         self.api_key = checked_api_key(api_key)
         self.metrics = Metrics()
         self.engine = AsyncEngine(engine, max_waiting=max_waiting, queue_timeout=queue_timeout,
                                   on_step=self.metrics.step_seconds.observe)
         self.metrics.watch(self.engine)
-        self.model_name = model_name
         self.tokenizer = engine.tokenizer
 
     def app(self) -> Starlette:
@@ -166,14 +170,15 @@ class OpenAIServer:
         return bytes(body)
 
     def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise APIError(404, f"model {model!r} does not exist; this server serves "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+        if model not in self.model_names:
+            served = ", ".join(map(repr, self.model_names))
+            raise APIError(404, f"model {model!r} does not exist; this server serves {served}", param="model",
+                           code="model_not_found")
 
     # ---- routes ----
     async def models(self, request: Request) -> Response:
-        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "rast"}
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = [{"id": name, "object": "model", "created": 0, "owned_by": "rast"} for name in self.model_names]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def tokenize(self, request: Request) -> Response:
         req: TokenizeRequest = parse_request(await self._body(request), TokenizeRequest)

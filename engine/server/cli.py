@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on the /v1 and tokenizer routes (default: "
                         "$RAST_API_KEY, else vLLM's $VLLM_API_KEY; an empty variable counts as unset)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model name clients send (default: the MODEL path)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model names clients may send, as vLLM's: responses carry the first (default: "
+                        "the MODEL path)")
     p.add_argument("--max-waiting", type=int, default=512,
                    help="requests allowed to wait beyond --max-num-seqs; more get 429 (default 512)")
     p.add_argument("--queue-timeout", type=float, default=None,

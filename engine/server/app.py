@@ -223,7 +223,7 @@ class OpenAIServer:
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
                         generates=req.max_tokens != 0)
-        return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
+        return await self._respond(request, handle, fmt, req)
 
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await self._body(request), ChatCompletionRequest)
@@ -240,7 +240,7 @@ class OpenAIServer:
                                     add_special_tokens=False, param="messages")
         fmt = Formatter("chat", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs_count(), prompt_logprobs=req.prompt_logprobs)
-        return await self._respond(request, handle, fmt, req.stream, req.include_usage_chunk())
+        return await self._respond(request, handle, fmt, req)
 
     async def _precompile(self, params: SamplingParams) -> None:
         """Compiles a structured-output constraint on a worker thread (structured.engine_grammars)."""
@@ -251,8 +251,8 @@ class OpenAIServer:
             except RastError as exc:
                 raise APIError(400, str(exc), param=exc.param) from None
 
-    async def _respond(self, request: Request, handle: RequestHandle, fmt: Formatter, stream: bool,
-                       usage_chunk: bool) -> Response:
+    async def _respond(self, request: Request, handle: RequestHandle, fmt: Formatter,
+                       req: CompletionRequest | ChatCompletionRequest) -> Response:
         arrival = time.perf_counter()
         await handle.__aenter__()
         streaming = False
@@ -263,9 +263,9 @@ class OpenAIServer:
             if not stayed:
                 return Response(status_code=499)
             self.metrics.ttft_seconds.observe(time.perf_counter() - arrival)
-            if stream:
+            if req.stream:
                 streaming = True  # the response owns the handle from here and closes it
-                return _SSEResponse(self._events(handle, fmt, first, usage_chunk, arrival), handle)
+                return _SSEResponse(self._events(handle, fmt, first, req, arrival), handle)
             fmt.add(first)
             stayed, _ = await _unless_client_leaves(request, self._drain(handle, fmt))
             if not stayed:
@@ -281,14 +281,18 @@ class OpenAIServer:
         async for out in handle:
             fmt.add(out)
 
-    async def _events(self, handle: RequestHandle, fmt: Formatter, first: Any, usage_chunk: bool,
-                      arrival: float) -> AsyncIterator[str]:
+    async def _events(self, handle: RequestHandle, fmt: Formatter, first: Any,
+                      req: CompletionRequest | ChatCompletionRequest, arrival: float) -> AsyncIterator[str]:
+        usage_chunk, usage_each = req.include_usage_chunk(), req.usage_in_every_chunk()
         try:
             if fmt.kind == "chat":
                 yield _sse(fmt.role_chunk())
             out = first
             while True:
                 chunks = fmt.chunks(out)
+                if usage_each:  # the counts once this output is taken, on each of its chunks
+                    for chunk in chunks:
+                        chunk["usage"] = fmt.usage()
                 if handle.done:
                     if usage_chunk:
                         chunks.append(fmt.usage_chunk())

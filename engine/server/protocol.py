@@ -32,6 +32,7 @@ def _admits_none(annotation: Any) -> bool:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 # A request's logit_bias entries are sent to the device at each of its steps (engine/logit_adjust.py), so
@@ -168,6 +169,9 @@ class _Request(BaseModel):
 
     def include_usage_chunk(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def usage_in_every_chunk(self) -> bool:
+        return self.include_usage_chunk() and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(_Request):

@@ -38,6 +38,8 @@ def prompt_of(prompt: Union[str, list[int], dict]) -> Union[str, list[int]]:
 
 
 def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
+    """The prompt's token ids, each one every model embeds: V is min(len(tokenizer), every model's width),
+    so a text's ids are checked as given ids are (a narrow model would fail the whole batch's forward)."""
     if isinstance(prompt, str):
         if engine.tokenizer is None:
             raise RastError("this engine has no tokenizer (its load_format='dummy' model directories hold "
@@ -46,21 +48,18 @@ def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
             ids = list(engine.tokenizer.encode(prompt))
         except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: bad input, reported as such
             raise RastError(f"the tokenizer cannot encode the prompt: {exc}") from None
-        # V is min(len(tokenizer), every model's width): a model narrower than the tokenizer cannot embed
-        # the tokenizer's last ids, which the models' forward would fail on for the whole batch
-        bad = [t for t in ids if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise RastError(f"the prompt encodes to token ids {bad[:5]} outside the vocabulary "
-                            f"[0, {engine.vocab_size}) that every model embeds (a model is narrower than the "
-                            f"tokenizer's {len(engine.tokenizer)} tokens)")
-        return ids
-    if not isinstance(prompt, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+    else:
         raise RastError("a prompt must be a string or a list of token ids (ints)")
-    bad = [t for t in prompt if not 0 <= t < engine.vocab_size]
+    bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+    if bad and isinstance(prompt, str):
+        raise RastError(f"the prompt encodes to token ids {bad[:5]} outside the vocabulary "
+                        f"[0, {engine.vocab_size}) that every model embeds (a model is narrower than the "
+                        f"tokenizer's {len(engine.tokenizer)} tokens)")
     if bad:
         raise RastError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {engine.vocab_size})")
-    return list(prompt)
+    return ids
 
 
 def truncated(ids: list[int], keep: Optional[int], max_model_len: int) -> list[int]:

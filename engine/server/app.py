@@ -291,8 +291,9 @@ class OpenAIServer:
             while True:
                 chunks = fmt.chunks(out)
                 if usage_each:  # the counts once this output is taken, on each of its chunks
+                    usage = fmt.usage()
                     for chunk in chunks:
-                        chunk["usage"] = fmt.usage()
+                        chunk["usage"] = usage
                 if handle.done:
                     if usage_chunk:
                         chunks.append(fmt.usage_chunk())

@@ -8,7 +8,7 @@ from tokenizers import processors
 
 from rast_engine import LLM, SamplingParams
 from rast_engine.errors import RastError
-from rast_engine.server.protocol import ChatMessage
+from rast_engine.server.chat_messages import ChatMessage
 
 ONE = SamplingParams(temperature=0.0, max_tokens=1)
 

@@ -3,89 +3,58 @@ with an OpenAI error body and the server keeps serving; a stream or a request wh
 is aborted in the engine, which frees its KV blocks."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
-
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from rast_engine import __version__
 from rast_engine.errors import RastError
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
 from rast_engine.server.async_engine import AsyncEngine
-from rast_engine.server.request_handle import RequestHandle
+from rast_engine.server.chat_messages import render_chat
+from rast_engine.server.http_io import SSEResponse, sse, too_large, unless_client_leaves
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
-from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request, render_chat
+from rast_engine.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_request,
+)
+from rast_engine.server.reasoning import PARSERS
+from rast_engine.server.request_handle import RequestHandle
 from rast_engine.server.request_params import chat_params, completion_params, echoed
-from rast_engine.server.responses import Formatter
+from rast_engine.server.responses import Formatter, Reasoning
+from rast_engine.server.tokenize import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    tokenize,
+    tokenizer_info,
+)
 from rast_engine.structured import engine_grammars
-from rast_engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 log = logging.getLogger("rast.server")
 Handler = Callable[[Request], Awaitable[Response]]
-T = TypeVar("T")
-
-
-class _SSEResponse(StreamingResponse):
-    """A stream that always closes its handle, even when the client leaves before the first byte
-    (Starlette then cancels the body iterator, which may never have started)."""
-
-    def __init__(self, content: AsyncIterator[str], handle: RequestHandle) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handle = handle
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.handle.__aexit__(None, None, None)
-
-
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"request body of {size} bytes or more exceeds this server's limit of {limit} bytes "
-                         "(--max-request-bytes)", code="request_too_large")
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _client_gone(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
-    """(True, result) of `work`, or (False, None) with `work` cancelled if the client leaves first."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        stayed = task.done()
-        if not stayed:
-            task.cancel()
-    return (True, task.result()) if stayed else (False, None)
 
 
 class OpenAIServer:
     def __init__(self, engine: Any, *, model_name: str | Sequence[str], api_key: str | None = None,
                  max_waiting: int = 512, queue_timeout: float | None = None,
-                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES, reasoning_parser: str | None = None) -> None:
         if max_request_bytes < 1:
             raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+        if reasoning_parser is not None and reasoning_parser not in PARSERS:
+            raise RastError(f"reasoning_parser must be one of {', '.join(PARSERS)} or None, got {reasoning_parser!r}")
+        self.reasoning_parser = reasoning_parser
         self.max_request_bytes = max_request_bytes
         # vLLM's --served-model-name: requests may name any of them, responses carry the first
         self.model_names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
@@ -161,12 +130,12 @@ class OpenAIServer:
         limit = self.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise _too_large(int(declared), limit)
+            raise too_large(int(declared), limit)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise _too_large(len(body), limit)
+                raise too_large(len(body), limit)
         return bytes(body)
 
     def _check_model(self, model: str) -> None:
@@ -238,8 +207,10 @@ class OpenAIServer:
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
                                     add_special_tokens=False, param="messages")
+        reasoning = None if self.reasoning_parser is None else Reasoning.of(self.reasoning_parser, text,
+                                                                             req.include_reasoning)
         fmt = Formatter("chat", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs_count(), prompt_logprobs=req.prompt_logprobs)
+                        req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning)
         return await self._respond(request, handle, fmt, req)
 
     async def _precompile(self, params: SamplingParams) -> None:
@@ -259,15 +230,15 @@ class OpenAIServer:
         try:
             # Wait for the first output before answering, so a queue timeout or an engine failure is
             # still a proper HTTP error rather than a broken stream.
-            stayed, first = await _unless_client_leaves(request, handle.__anext__())
+            stayed, first = await unless_client_leaves(request, handle.__anext__())
             if not stayed:
                 return Response(status_code=499)
             self.metrics.ttft_seconds.observe(time.perf_counter() - arrival)
             if req.stream:
                 streaming = True  # the response owns the handle from here and closes it
-                return _SSEResponse(self._events(handle, fmt, first, req, arrival), handle)
+                return SSEResponse(self._events(handle, fmt, first, req, arrival), handle)
             fmt.add(first)
-            stayed, _ = await _unless_client_leaves(request, self._drain(handle, fmt))
+            stayed, _ = await unless_client_leaves(request, self._drain(handle, fmt))
             if not stayed:
                 return Response(status_code=499)
         finally:
@@ -286,7 +257,7 @@ class OpenAIServer:
         usage_chunk, usage_each = req.include_usage_chunk(), req.usage_in_every_chunk()
         try:
             if fmt.kind == "chat":
-                yield _sse(fmt.role_chunk())
+                yield sse(fmt.role_chunk())
             out = first
             while True:
                 chunks = fmt.chunks(out)
@@ -300,11 +271,11 @@ class OpenAIServer:
                     elif chunks:  # usage rides on the last chunk when no separate one was asked for
                         chunks[-1]["usage"] = fmt.usage()
                 for chunk in chunks:
-                    yield _sse(chunk)
+                    yield sse(chunk)
                 if handle.done:
                     break
                 out = await handle.__anext__()
             self.metrics.e2e_seconds.observe(time.perf_counter() - arrival)
         except APIError as exc:
-            yield _sse(exc.body())
+            yield sse(exc.body())
         yield "data: [DONE]\n\n"

@@ -4,25 +4,12 @@ falls back to a default."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from rast_engine.errors import RastError
-from rast_engine.requests import chat_template_variables, render_conversation
-
-
-class APIError(Exception):
-    """An error the server reports as an OpenAI-style JSON body with this HTTP status."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+from rast_engine.server.api_error import APIError
+from rast_engine.server.chat_messages import ChatMessage
 
 
 def _admits_none(annotation: Any) -> bool:
@@ -210,39 +197,6 @@ class CompletionRequest(_Request):
         return list(p)  # type: ignore[arg-type]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-    # an assistant message as OpenAI's client returns it (message.model_dump()) carries these, null or
-    # empty when the message is text; anything else is a feature this server does not have
-    refusal: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    function_call: dict[str, Any] | None = None
-    audio: dict[str, Any] | None = None
-    annotations: list[dict[str, Any]] | None = None
-
-    @model_validator(mode="after")
-    def _text_only(self) -> ChatMessage:
-        for name in ("refusal", "tool_calls", "function_call", "audio", "annotations"):
-            if getattr(self, name):
-                raise APIError(400, f"messages: a message's {name} is not supported by this server (only null "
-                                    "or empty); give its text as content", param="messages")
-        return self
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)  # as vLLM joins a message's text parts
-
-
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -251,6 +205,7 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (enable_thinking)
+    include_reasoning: bool = True  # vLLM's: False drops a reasoning parser's thinking from the response
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
@@ -270,21 +225,6 @@ class ChatCompletionRequest(_Request):
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-
-
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
-                variables: dict[str, Any] | None = None) -> str:
-    """The chat template's text of ``messages`` (``variables``: chat_template_kwargs); APIError(400)
-    naming them when the template refuses them."""
-    # The "developer" role is OpenAI's new name for "system"; chat templates only know the latter.
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-                     **({} if m.name is None else {"name": m.name})} for m in messages]
-    try:
-        extra = chat_template_variables(tokenizer, variables)
-        return render_conversation(tokenizer, conversation, "the messages", extra,
-                                   add_generation_prompt=add_generation_prompt)
-    except RastError as exc:  # a client error: a variable the template may not take, or a template refusing them
-        raise APIError(400, str(exc), param=exc.param) from None
 
 
 def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:

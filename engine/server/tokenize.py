@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictInt, model_validator
-
-from rast_engine.server.protocol import APIError, ChatMessage, render_chat
+from rast_engine.server.api_error import APIError
+from rast_engine.server.chat_messages import ChatMessage, render_chat
 
 
 class TokenizeRequest(BaseModel):

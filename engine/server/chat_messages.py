@@ -1,0 +1,71 @@
+"""Chat messages as clients send them, and their rendering through the chat template."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+from rast_engine.errors import RastError
+from rast_engine.requests import chat_template_variables, render_conversation
+from rast_engine.server.api_error import APIError
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+    # an assistant message as OpenAI's client returns it (message.model_dump()) carries these, null or
+    # empty when the message is text; anything else is a feature this server does not have
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[dict[str, Any]] | None = None
+    # an assistant message's thinking, as a reasoning parser returned it (vLLM's name and its older one):
+    # it reaches the chat template as reasoning_content, which Qwen3's and DeepSeek-R1's templates read
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ChatMessage:
+        for name in ("refusal", "tool_calls", "function_call", "audio", "annotations"):
+            if getattr(self, name):
+                raise APIError(400, f"messages: a message's {name} is not supported by this server (only null "
+                                    "or empty); give its text as content", param="messages")
+        if self.thinking() is not None and self.role != "assistant":
+            raise APIError(400, f"messages: a {self.role} message has no reasoning; only an assistant's does",
+                           param="messages")
+        if self.reasoning is not None and self.reasoning_content not in (None, self.reasoning):
+            raise APIError(400, "messages: a message's reasoning and reasoning_content differ; give one",
+                           param="messages")
+        return self
+
+    def thinking(self) -> str | None:
+        return self.reasoning if self.reasoning is not None else self.reasoning_content
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)  # as vLLM joins a message's text parts
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+                variables: dict[str, Any] | None = None) -> str:
+    """The chat template's text of ``messages`` (``variables``: chat_template_kwargs); APIError(400)
+    naming them when the template refuses them."""
+    # The "developer" role is OpenAI's new name for "system"; chat templates only know the latter.
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                     **({} if m.name is None else {"name": m.name}),
+                     **({} if m.thinking() is None else {"reasoning_content": m.thinking()})} for m in messages]
+    try:
+        extra = chat_template_variables(tokenizer, variables)
+        return render_conversation(tokenizer, conversation, "the messages", extra,
+                                   add_generation_prompt=add_generation_prompt)
+    except RastError as exc:  # a client error: a variable the template may not take, or a template refusing them
+        raise APIError(400, str(exc), param=exc.param) from None

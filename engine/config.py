@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from rast_engine.errors import RastError
+from rast_engine.reasoning import PARSERS
 from rast_engine.sampling_params import MAX_LAM, is_lam
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
@@ -85,6 +86,9 @@ class EngineConfig:
     # "fp8": every model's KV cache in float8_e4m3fn with a power-of-two scale per (token, KV head)
     # (rast_kernels.fp8_kv): about half the bytes a decode step reads for them, and nearly twice the tokens
     kv_cache_dtype: str = "auto"
+    # vLLM's reasoning parser (rast_engine.reasoning): structured outputs hold the answer after the
+    # thinking's </think>, not the thinking; the server also splits chat responses by it
+    reasoning_parser: Optional[str] = None
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +163,8 @@ class EngineConfig:
                  if getattr(self, n) is not None]
         if len(sizes) > 1:
             raise RastError(f"give one of kv_cache_blocks, kv_cache_memory and gpu_memory_utilization, not {sizes}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in PARSERS:
+            raise RastError(f"reasoning_parser must be one of {', '.join(PARSERS)} or None, got {self.reasoning_parser!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise RastError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

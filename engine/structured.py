@@ -25,6 +25,7 @@ import torch
 
 from rast_engine.errors import RastError
 from rast_engine.structured_params import StructuredOutputsParams, kind
+from rast_engine.structured_thinking import ThinkingMatcher, ThinkingTags
 
 if TYPE_CHECKING:
     from rast_engine.sequence import Sequence
@@ -40,10 +41,12 @@ def _xgrammar() -> Any:
 
 
 class Grammars:
-    """An engine's grammar compiler over its tokenizer, vocabulary width and stop tokens; built at the
-    first structured request."""
+    """An engine's grammar compiler over its tokenizer, vocabulary width and stop tokens, and with a
+    reasoning parser the thinking its constraints start after (structured_thinking); built at the first
+    structured request."""
 
-    def __init__(self, tokenizer: Any, vocab: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab: int, stop_token_ids: list[int],
+                 reasoning_parser: Any = None) -> None:
         if tokenizer is None:
             raise RastError("structured outputs need the model's tokenizer, and this engine has none",
                             param="structured_outputs")
@@ -52,11 +55,23 @@ class Grammars:
         self.xgr, self.vocab = xgr, vocab
         self.compiler = xgr.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
         self.batch = xgr.BatchGrammarMatcher(max_threads=min(MAX_FILL_THREADS, os.cpu_count() or 1))
+        self.tokenizer = tokenizer
+        self.thinking = None if reasoning_parser is None else ThinkingTags.of(reasoning_parser, tokenizer, vocab)
+
+    def matcher(self, compiled: Any, prompt_ids: list[int]) -> Any:
+        """A fresh matcher of ``compiled`` for an output after ``prompt_ids``."""
+        inner = self.xgr.GrammarMatcher(compiled)
+        if self.thinking is None:
+            return inner
+        blank = lambda t: not self.tokenizer.decode([t]).strip()  # noqa: E731
+        return ThinkingMatcher(inner, self.thinking, self.thinking.first_phase(prompt_ids, blank))
 
     def compile(self, p: StructuredOutputsParams) -> Any:
         """The compiled grammar; RastError naming the constraint when xgrammar refuses it, or when no token
         of the vocabulary can begin it (json_object over a vocabulary without "{"), which would otherwise
         fail only at its first draw."""
+        if self.thinking is not None:
+            self.thinking.check()
         compiled = self._compile(p)
         start = self.xgr.allocate_token_bitmask(1, self.vocab)
         self.xgr.GrammarMatcher(compiled).fill_next_token_bitmask(start)
@@ -96,7 +111,8 @@ def engine_grammars(engine: Any) -> Grammars:
     neither (a vocabulary's TokenizerInfo takes seconds) stalls the running batch."""
     with _BUILDING:
         if engine.grammars is None:
-            engine.grammars = Grammars(engine.tokenizer, engine.vocab_size, sorted(engine.scheduler.stops.eos_token_ids))
+            engine.grammars = Grammars(engine.tokenizer, engine.vocab_size, sorted(engine.scheduler.stops.eos_token_ids),
+                                       engine.config.reasoning_parser)
     return engine.grammars
 
 
@@ -120,15 +136,15 @@ class SequenceMatcher:
     """A sequence's grammar matcher, fed the output tokens added since its last call; if tokens were
     dropped since (they never are once drawn), it starts again from the output's start."""
 
-    def __init__(self, grammar: RequestGrammar) -> None:
+    def __init__(self, grammar: RequestGrammar, prompt_ids: list[int]) -> None:
         self.grammar = grammar
-        self.matcher = grammar.grammars.xgr.GrammarMatcher(grammar.compiled)
+        self.matcher = grammar.grammars.matcher(grammar.compiled, prompt_ids)
         self.upto = -1  # index into token_ids up to which tokens are accepted (-1: none yet)
 
     def advance(self, token_ids: list[int], start: int) -> Any:
-        """xgrammar's matcher after token_ids[start:]."""
+        """The matcher after token_ids[start:] (token_ids[:start]: the prompt)."""
         if self.upto < start or self.upto > len(token_ids):
-            self.matcher, self.upto = self.grammar.grammars.xgr.GrammarMatcher(self.grammar.compiled), start
+            self.matcher, self.upto = self.grammar.grammars.matcher(self.grammar.compiled, token_ids[:start]), start
         for t in token_ids[self.upto:]:
             # a drawn token was allowed, so only a stop token past the grammar's end (ignore_eos) is refused
             if self.matcher.is_terminated() or not self.matcher.accept_token(t):
@@ -138,14 +154,22 @@ class SequenceMatcher:
 
 
 def bitmasks(grammars: Grammars, matchers: list[Any]) -> torch.Tensor:
-    """int32 [len(matchers), ceil(V / 32)] on the host: bit t of row i set iff xgrammar's matchers[i] takes
-    token t next (once it has terminated, only the stop tokens: what a completed grammar with ignore_eos
-    keeps drawing). The rows are filled together on xgrammar's threads, outside the GIL."""
+    """int32 [len(matchers), ceil(V / 32)] on the host: bit t of row i set iff matchers[i] takes token t
+    next (once it has terminated, only the stop tokens: what a completed grammar with ignore_eos keeps
+    drawing; inside a reasoning model's thinking, every token; before it is decided, the grammar's and
+    <think>). The rows are filled together on xgrammar's threads, outside the GIL."""
     out = grammars.xgr.allocate_token_bitmask(len(matchers), grammars.vocab)
-    live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+    phases = [getattr(m, "phase", "grammar") for m in matchers]
+    free = [i for i, phase in enumerate(phases) if phase == "thinking"]
+    out[free] = -1
+    live = [i for i, m in enumerate(matchers) if phases[i] != "thinking" and not m.is_terminated()]
     if live:
-        grammars.batch.batch_fill_next_token_bitmask([matchers[i] for i in live], out, indices=live)
-    for i in sorted(set(range(len(matchers))) - set(live)):
+        grammars.batch.batch_fill_next_token_bitmask([getattr(matchers[i], "inner", matchers[i]) for i in live],
+                                                     out, indices=live)
+    for i in (i for i, phase in enumerate(phases) if phase == "undecided"):
+        word, bit = divmod(grammars.thinking.open_id, 32)
+        out[i, word] |= (1 << bit) - (1 << 32 if bit == 31 else 0)
+    for i in sorted(set(range(len(matchers))) - set(live) - set(free)):
         out[i] = _stop_only(grammars.vocab, list(matchers[i].stop_token_ids))
     return out
 
@@ -160,11 +184,11 @@ def grammar_matcher(seq: Sequence, first_draw: bool) -> Any:
     grammar's start)."""
     grammar = seq.group.grammar
     if first_draw:
-        return SequenceMatcher(grammar).matcher
+        return SequenceMatcher(grammar, seq.token_ids[:seq.num_prompt_tokens]).matcher
     if seq.num_pending:  # reads_output keeps such a draw from being launched ahead
         raise RuntimeError(f"sequence {seq.seq_id}: a structured output reads an output with pending tokens")
     if seq.matcher is None:
-        seq.matcher = SequenceMatcher(grammar)
+        seq.matcher = SequenceMatcher(grammar, seq.token_ids[:seq.num_prompt_tokens])
     return seq.matcher.advance(seq.token_ids, seq.num_prompt_tokens)
 
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM)
 
@@ -54,8 +54,9 @@ def _corpus() -> list[str]:
     return lines
 
 
-def make_tokenizer(path: str | Path, extra_corpus: tuple[str, ...] = ()) -> Path:
-    """Train a small byte-level BPE in memory and save it HF-style.
+def make_tokenizer(path: str | Path, extra_corpus: tuple[str, ...] = (), added_tokens: tuple[str, ...] = ()) -> Path:
+    """Train a small byte-level BPE in memory and save it HF-style; ``added_tokens`` become single tokens
+    that decode to their text (not special: as Qwen3's <think> and </think>).
 
     Byte-level like the real Qwen2.5 and Llama-3 tokenizers: transformers 5 rebuilds a qwen2 directory's
     tokenizer as Qwen2Tokenizer (byte-level, from vocab and merges) whatever tokenizer.json says, so any
@@ -73,6 +74,7 @@ def make_tokenizer(path: str | Path, extra_corpus: tuple[str, ...] = ()) -> Path
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         additional_special_tokens=ROLE_TOKENS,
     )
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in added_tokens])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(path))
     return path
@@ -154,12 +156,13 @@ def make_model_dir(
     return path
 
 
-def make_triple(root: str | Path, arch: str = "qwen2", extra_corpus: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
+def make_triple(root: str | Path, arch: str = "qwen2", extra_corpus: tuple[str, ...] = (),
+                added_tokens: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
     """(large_dir, rl_dir, base_dir): large untied at width 128, small tied at width 112, one tokenizer
     (trained on extra_corpus too, e.g. for characters the default corpus lacks). Qwen3 heads are 32 wide
     in the large model and 16 in the small ones (not hidden / heads)."""
     root = Path(root)
-    tok_dir = make_tokenizer(root / "tokenizer", extra_corpus)
+    tok_dir = make_tokenizer(root / "tokenizer", extra_corpus, added_tokens)
     scaling = LLAMA3_SCALING if arch == "llama" else None
     large = make_model_dir(
         root / "large", arch, vocab_width=128, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128,

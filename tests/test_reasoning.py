@@ -6,22 +6,22 @@ message fields and joined stream deltas must equal the oracle's split of the tex
 from /v1/completions, its chat prompt given as ids from /tokenize."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
 import pytest
-from factories import make_triple
+from factories import CHAT_TEMPLATE, make_triple
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rast_engine.errors import RastError
-from rast_engine.server.api_error import APIError
-from rast_engine.server.chat_messages import ChatMessage, render_chat
-from rast_engine.server.reasoning import (
+from rast_engine.reasoning import (
     PARSERS,
     ReasoningSplitter,
     opens_thinking,
     split_reasoning,
 )
+from rast_engine.server.api_error import APIError
+from rast_engine.server.chat_messages import ChatMessage, render_chat
 
 
 def oracle(parser: str, prompt: str, text: str) -> tuple[str, str]:
@@ -91,15 +91,8 @@ def test_replayed_reasoning_reaches_the_template_and_bad_placements_are_refused(
         ChatMessage(role="user", content="4", reasoning="a")
 
 
-def test_an_unknown_parser_is_refused_before_serving(server_triple: tuple) -> None:
-    from rast_engine.server.app import OpenAIServer
-    from server_util import MODEL, server_engine
-
-    with pytest.raises(RastError, match="reasoning_parser must be one of deepseek_r1, qwen3"):
-        OpenAIServer(server_engine(server_triple), model_name=MODEL, reasoning_parser="r1")
-
-
-THINKING = "<think> ?[a-z ]{4,16}</think>\n?[a-z ]{2,10}"  # forces a thought, then an answer
+ANSWER = "(cat|dog)s? [0-9]{2}"  # structured outputs hold the answer after the thinking
+SEED = 2  # each of its 3 choices thinks, then answers
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +101,12 @@ def think_srv(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from rast_engine.server.app import OpenAIServer
     from server_util import MODEL, Running, server_engine
 
-    triple = make_triple(tmp_path_factory.mktemp("think"), extra_corpus=("<think> we add </think>\nthe sum",))
-    running = Running(OpenAIServer(server_engine(triple), model_name=MODEL, reasoning_parser="qwen3"))
+    triple = make_triple(tmp_path_factory.mktemp("think"), added_tokens=("<think>", "</think>"))
+    engine = server_engine(triple, reasoning_parser="qwen3")
+    # a generation prompt that opens the thinking, as Qwen3-Thinking-2507's and DeepSeek-R1's templates do
+    engine.tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|><think>{% endif %}")
+    running = Running(OpenAIServer(engine, model_name=MODEL))
+    running.close_id = engine.tokenizer.convert_tokens_to_ids("</think>")
     yield running
     running.close()
 
@@ -125,19 +122,18 @@ def _completion_texts(url: str, messages: list[dict], **body: object) -> tuple[s
 
 def test_the_server_splits_messages_and_streams_alike(think_srv) -> None:  # noqa: ANN001
     messages = [{"role": "user", "content": "the sum"}]
-    body = {"max_tokens": 60, "temperature": 1.0, "seed": 5, "n": 3, "structured_outputs": {"regex": THINKING}}
-    prompt, raws = _completion_texts(think_srv.url, messages, **body)
+    extra = {"logit_bias": {str(think_srv.close_id): 3.0}, "structured_outputs": {"regex": ANSWER}}
+    prompt, raws = _completion_texts(think_srv.url, messages, max_tokens=40, temperature=1.0, seed=SEED, n=3, **extra)
     wants = [oracle("qwen3", prompt, raw) for raw in raws]
-    assert all(r and c for r, c in wants), wants  # the constraint made each choice think, then answer
+    assert all(r and re.fullmatch(ANSWER, c) for r, c in wants), wants  # each thought, then answered
     client = think_srv.client()
-    res = client.chat.completions.create(model="tiny-rast", messages=messages, max_tokens=60, temperature=1.0,
-                                         seed=5, n=3, extra_body={"structured_outputs": {"regex": THINKING}})
+    res = client.chat.completions.create(model="tiny-rast", messages=messages, max_tokens=40, temperature=1.0,
+                                         seed=SEED, n=3, extra_body=extra)
     got = [(c.message.reasoning, c.message.content) for c in res.choices]
     assert got == wants and [c.message.reasoning_content for c in res.choices] == [r for r, _ in wants]
 
-    stream = client.chat.completions.create(model="tiny-rast", messages=messages, max_tokens=60, temperature=1.0,
-                                            seed=5, n=3, logprobs=True, stream=True,
-                                            extra_body={"structured_outputs": {"regex": THINKING}})
+    stream = client.chat.completions.create(model="tiny-rast", messages=messages, max_tokens=40, temperature=1.0,
+                                            seed=SEED, n=3, logprobs=True, stream=True, extra_body=extra)
     parts: dict[int, list[str]] = {i: ["", ""] for i in range(3)}
     logprobs = dict.fromkeys(range(3), 0)
     for chunk in stream:
@@ -152,7 +148,7 @@ def test_the_server_splits_messages_and_streams_alike(think_srv) -> None:  # noq
 
 def test_include_reasoning_false_drops_the_thinking(think_srv) -> None:  # noqa: ANN001
     messages = [{"role": "user", "content": "the sum"}]
-    body = {"max_tokens": 60, "temperature": 0, "structured_outputs": {"regex": THINKING}}
+    body = {"max_tokens": 40, "temperature": 1.0, "seed": 5, "logit_bias": {str(think_srv.close_id): 3.0}}
     prompt, (raw,) = _completion_texts(think_srv.url, messages, **body)
     r = httpx.post(f"{think_srv.url}/v1/chat/completions",
                    json={"model": "tiny-rast", "messages": messages, "include_reasoning": False, **body}, timeout=120)

@@ -140,7 +140,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         async_output=args.async_output, async_scheduling=args.async_scheduling, model_streams=args.model_streams,
         stack_small_models=args.stack_small_models, speculative_tokens=args.speculative_tokens,
         speculative_draft=args.speculative_draft, speculative_method=args.speculative_method,
-        generation_config=args.generation_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype))
+        generation_config=args.generation_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        reasoning_parser=getattr(args, "reasoning_parser", None)))  # serve's flag
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,6 @@ from rast_engine.server.protocol import (
     CompletionRequest,
     parse_request,
 )
-from rast_engine.server.reasoning import PARSERS
 from rast_engine.server.request_handle import RequestHandle
 from rast_engine.server.request_params import chat_params, completion_params, echoed
 from rast_engine.server.responses import Formatter, Reasoning
@@ -49,12 +48,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 class OpenAIServer:
     def __init__(self, engine: Any, *, model_name: str | Sequence[str], api_key: str | None = None,
                  max_waiting: int = 512, queue_timeout: float | None = None,
-                 max_request_bytes: int = MAX_REQUEST_BYTES, reasoning_parser: str | None = None) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         if max_request_bytes < 1:
             raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
-        if reasoning_parser is not None and reasoning_parser not in PARSERS:
-            raise RastError(f"reasoning_parser must be one of {', '.join(PARSERS)} or None, got {reasoning_parser!r}")
-        self.reasoning_parser = reasoning_parser
         self.max_request_bytes = max_request_bytes
         # vLLM's --served-model-name: requests may name any of them, responses carry the first
         self.model_names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
@@ -67,6 +63,7 @@ class OpenAIServer:
                                   on_step=self.metrics.step_seconds.observe)
         self.metrics.watch(self.engine)
         self.tokenizer = engine.tokenizer
+        self.reasoning_parser = engine.config.reasoning_parser  # chat responses split by it
 
     def app(self) -> Starlette:
         routes = [

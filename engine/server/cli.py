@@ -11,7 +11,7 @@ import socket
 from rast_engine.commands import add_model_args, build_engine, read_chat_template, require_model, use_chat_template
 from rast_engine.errors import RastError
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
-from rast_engine.server.reasoning import PARSERS
+from rast_engine.reasoning import PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "a Jinja template or a file holding one (default: the tokenizer's; base models often have none)")
     p.add_argument("--reasoning-parser", choices=PARSERS, default=None,
                    help="as vLLM's: chat responses give the <think>...</think> text as message.reasoning and the "
-                        "answer as content; deepseek_r1 (DeepSeek-R1, its distills, QwQ) or qwen3 (default: none)")
+                        "answer as content, and structured outputs hold the answer only; deepseek_r1 "
+                        "(DeepSeek-R1, its distills, QwQ) or qwen3 (default: none)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -76,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
         server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
                               api_key=api_key, max_waiting=args.max_waiting,
-                              queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes,
-                              reasoning_parser=args.reasoning_parser)
+                              queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes)
         for sock in socks:  # uvicorn logs no address for sockets it is given
             host, port = sock.getsockname()[:2]
             logger.info("rast serve: listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)

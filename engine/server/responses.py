@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from rast_engine.server.reasoning import Parser, ReasoningSplitter, opens_thinking
+from rast_engine.reasoning import Parser, ReasoningSplitter, opens_thinking
 from rast_engine.server.token_bytes import token_bytes
 
 Kind = Literal["completion", "chat"]
@@ -46,7 +46,7 @@ class _Choice:
 
 @dataclass(frozen=True)
 class Reasoning:
-    """How a chat response splits its choices' text (rast_engine.server.reasoning)."""
+    """How a chat response splits its choices' text (rast_engine.reasoning)."""
     opened: bool  # the rendered prompt leaves the output inside the thinking (opens_thinking)
     include: bool = True  # vLLM's include_reasoning: False drops the reasoning from the response
 

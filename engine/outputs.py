@@ -13,8 +13,8 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: Optional[str]  # "stop" | "length" | None while running
-    # vLLM's stop_reason: the stop string or the stop_token_ids id that ended the output; None for EOS,
-    # for length, and while running
+    # vLLM's stop_reason: the stop string or the stop_token_ids id that ended the output (a generation
+    # config's eos ids count as those); None for the model's EOS, for length, and while running
     stop_reason: Optional[Union[int, str]] = None
     cumulative_logprob: Optional[float] = None  # set when the request asked for logprobs
     # one dict per generated token: {token_id: logprob} holding the chosen token and the top-k

@@ -66,13 +66,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: Iterable[int], lookahead: int = 0) -> None:
-        """lookahead: the speculative drafts of a decode step (0: none)."""
+                 max_model_len: int, eos_token_ids: Iterable[int], named_eos_ids: Iterable[int] = (),
+                 lookahead: int = 0) -> None:
+        """lookahead: the speculative drafts of a decode step (0: none); named_eos_ids: StopRules'."""
         self.bm = block_manager
         self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.stops = StopRules(max_model_len, frozenset(eos_token_ids))
+        self.stops = StopRules(max_model_len, frozenset(eos_token_ids), frozenset(named_eos_ids))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0

@@ -13,6 +13,9 @@ from rast_engine.sequence import Sequence
 class StopRules:
     max_model_len: int
     eos_token_ids: frozenset[int]
+    # the generation config's eos ids other than the model's EOS: vLLM makes them stop_token_ids, so an
+    # output they end names them as its stop_reason
+    named_eos_ids: frozenset[int] = frozenset()
 
     def stop_token(self, seq: Sequence) -> bool:
         """Whether the newest known token is an EOS (unless ignore_eos) or one of stop_token_ids."""
@@ -36,7 +39,9 @@ class StopRules:
         ``prev_text_len`` is the text length before it."""
         token = seq.token_ids[seq.num_known - 1]
         if not seq.params.ignore_eos and token in self.eos_token_ids:
-            return "stop"  # as vLLM: EOS names no stop_reason
+            if token in self.named_eos_ids:
+                seq.stop_reason = token
+            return "stop"  # as vLLM: the model's EOS names no stop_reason
         if token in seq.params.stop_token_ids:
             seq.stop_reason = token
             return "stop"

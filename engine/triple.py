@@ -42,7 +42,8 @@ class ModelSet:
     roles: list[str]
     tokenizer: Any  # None: a dummy model set without tokenizer files (token-id prompts only)
     vocab_size: int
-    eos_token_ids: set[int]
+    eos_token_ids: set[int]  # every id that ends a sequence (unless ignore_eos)
+    named_eos_ids: set[int]  # those of them that are its stop_reason: the generation config's, not the model's
     weights: list[float]  # the engine's λ per pair
 
 
@@ -121,24 +122,28 @@ def _id_list(value: Any) -> list[int]:
     return [] if value is None else [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def eos_token_ids(path: str, tokenizer: Any) -> set[int]:
-    """The tokenizer's eos (config.json's when there is no tokenizer) plus generation_config.json's
-    (Llama-3 instruct lists several)."""
+def eos_token_ids(path: str, tokenizer: Any, generation_config: str = "auto") -> tuple[set[int], set[int]]:
+    """(the ids that end a sequence, those of them that name themselves its stop_reason), as vLLM's: the
+    model's EOS (the tokenizer's; config.json's without one) ends it with no stop_reason; the generation
+    config's other eos ids (Llama-3 instruct lists several) end it as stop_token_ids do. The generation
+    config is ``generation_config``'s directory's file ("auto" and "vllm": the model's), else that
+    directory's config.json, as HF and vLLM fall back to the model config."""
     try:
-        return _eos_token_ids(path, tokenizer)
+        return _eos_token_ids(path, tokenizer, generation_config)
     except (TypeError, ValueError, AttributeError) as e:
         raise ModelLoadError(f"{path!r}: eos_token_id must be an integer or a list of them ({e})") from None
 
 
-def _eos_token_ids(path: str, tokenizer: Any) -> set[int]:
+def _eos_token_ids(path: str, tokenizer: Any, generation_config: str) -> tuple[set[int], set[int]]:
     if tokenizer is not None:
-        ids = set(_id_list(tokenizer.eos_token_id))
+        model_eos = set(_id_list(tokenizer.eos_token_id))
     else:
-        ids = set(_id_list(json.loads((Path(path) / "config.json").read_text()).get("eos_token_id")))
-    gen = Path(path) / "generation_config.json"
-    if gen.is_file():
-        ids.update(_id_list(json.loads(gen.read_text()).get("eos_token_id")))
-    return ids
+        model_eos = set(_id_list(json.loads((Path(path) / "config.json").read_text()).get("eos_token_id")))
+    where = Path(path if generation_config in ("auto", "vllm") else generation_config)
+    listed = next((_id_list(json.loads((where / name).read_text()).get("eos_token_id"))
+                   for name in ("generation_config.json", "config.json") if (where / name).is_file()), [])
+    named = set(listed) - model_eos
+    return model_eos | named, named
 
 
 def has_tokenizer_files(path: str) -> bool:
@@ -198,5 +203,6 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
         loaded[key] = models[-1]
     tokenizer = tokenizers[0]
     vocab = min(([] if tokenizer is None else [len(tokenizer)]) + [c.vocab_size for c in configs])
+    eos, named = eos_token_ids(paths[0], tokenizer, config.generation_config)
     return ModelSet(models=models, configs=configs, roles=names, tokenizer=tokenizer, vocab_size=vocab,
-                    eos_token_ids=eos_token_ids(paths[0], tokenizer), weights=[p.weight for p in config.pairs])
+                    eos_token_ids=eos, named_eos_ids=named, weights=[p.weight for p in config.pairs])

@@ -111,3 +111,22 @@ def test_unadmitted_jobs_beyond_capacity_are_refused() -> None:
             served.stop()
 
     asyncio.run(main())
+
+
+def test_continue_final_message_continues_the_assistants_text(srv: Running, tok) -> None:  # noqa: ANN001
+    """vLLM's continue_final_message: the output continues the last message (HF's rendering the oracle, and
+    /v1/completions on its ids the output's); with add_generation_prompt it is a 400. /ping answers as
+    /health does (vLLM's probe)."""
+    messages = MESSAGES + [{"role": "assistant", "content": "3 + 5 ="}]
+    text = tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    assert post(srv, "/tokenize", {"messages": messages, **flags}).json()["tokens"] == ids
+    want = post(srv, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0}).json()
+    got = post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0, **flags})
+    assert got.json()["choices"][0]["message"]["content"] == want["choices"][0]["text"]
+    assert got.json()["usage"]["prompt_tokens"] == len(ids) and text.endswith("3 + 5 =")
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = post(srv, path, {"messages": messages, "continue_final_message": True})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "continue_final_message"), path
+    assert httpx.get(f"{srv.url}/ping").status_code == httpx.post(f"{srv.url}/ping").status_code == 200

@@ -75,6 +75,7 @@ class OpenAIServer:
             Route("/detokenize", self._wrap("detokenize", self.detokenize, auth=True), methods=["POST"]),
             Route("/tokenizer_info", self._wrap("tokenizer_info", self.tokenizer_info, auth=True), methods=["GET"]),
             Route("/health", self._wrap("health", self.health), methods=["GET"]),
+            Route("/ping", self._wrap("ping", self.health), methods=["GET", "POST"]),  # vLLM's (SageMaker's) probe
             Route("/version", self._wrap("version", self.version), methods=["GET"]),
             Route("/metrics", self._wrap("metrics", self.render_metrics), methods=["GET"]),
         ]
@@ -199,7 +200,8 @@ class OpenAIServer:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         text = await self.engine.in_tokenizer_thread(render_chat, self.tokenizer, req.messages,
-                                                     req.add_generation_prompt, req.chat_template_kwargs)
+                                                     req.add_generation_prompt, req.chat_template_kwargs,
+                                                     req.continue_final_message)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),

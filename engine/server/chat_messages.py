@@ -56,9 +56,13 @@ class ChatMessage(BaseModel):
 
 
 def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
-                variables: dict[str, Any] | None = None) -> str:
-    """The chat template's text of ``messages`` (``variables``: chat_template_kwargs); APIError(400)
-    naming them when the template refuses them."""
+                variables: dict[str, Any] | None = None, continue_final_message: bool = False) -> str:
+    """The chat template's text of ``messages`` (``variables``: chat_template_kwargs; continue_final_message:
+    the last message left open for the output to continue, as vLLM's and HF's); APIError(400) naming them
+    when the template refuses them."""
+    if add_generation_prompt and continue_final_message:  # vLLM's rule: the two would open two messages
+        raise APIError(400, "continue_final_message continues the last message and excludes add_generation_prompt "
+                            "(send add_generation_prompt: false)", param="continue_final_message")
     # The "developer" role is OpenAI's new name for "system"; chat templates only know the latter.
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
                      **({} if m.name is None else {"name": m.name}),
@@ -66,6 +70,7 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     try:
         extra = chat_template_variables(tokenizer, variables)
         return render_conversation(tokenizer, conversation, "the messages", extra,
-                                   add_generation_prompt=add_generation_prompt)
+                                   add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message)
     except RastError as exc:  # a client error: a variable the template may not take, or a template refusing them
         raise APIError(400, str(exc), param=exc.param) from None

@@ -204,6 +204,7 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the output continues the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (enable_thinking)
     include_reasoning: bool = True  # vLLM's: False drops a reasoning parser's thinking from the response
     tools: list[dict[str, Any]] | None = None

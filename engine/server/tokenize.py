@@ -20,6 +20,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
@@ -48,7 +49,8 @@ def tokenize(tokenizer: Any, req: TokenizeRequest, max_model_len: int) -> dict[s
     if req.messages is not None:
         if getattr(tok, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; send a prompt", param="messages")
-        text = render_chat(tok, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        text = render_chat(tok, req.messages, req.add_generation_prompt, req.chat_template_kwargs,
+                           req.continue_final_message)
         special = bool(req.add_special_tokens)
     else:
         text, special = req.prompt, req.add_special_tokens is not False

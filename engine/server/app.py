@@ -37,7 +37,7 @@ from rast_engine.server.tokenize import (
 from rast_engine.structured import engine_grammars
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -104,6 +104,8 @@ class OpenAIServer:
                 response = await fn(request)
             except APIError as exc:
                 response = JSONResponse(exc.body(), status_code=exc.status)
+            except ClientDisconnect:  # gone while its body was read: nobody to answer, nothing failed
+                response = Response(status_code=499)
             except Exception as exc:  # noqa: BLE001 - a bug answers 500, the server keeps serving
                 log.exception("internal error in %s", name)
                 err = APIError(500, f"internal server error: {exc!r}", type="server_error")

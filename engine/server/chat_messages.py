@@ -18,7 +18,8 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    # null only for an assistant's (a reasoning parser's reply that was all thinking, replayed)
+    content: str | list[TextPart] | None = None
     name: str | None = None
     # an assistant message as OpenAI's client returns it (message.model_dump()) carries these, null or
     # empty when the message is text; anything else is a feature this server does not have
@@ -38,6 +39,9 @@ class ChatMessage(BaseModel):
             if getattr(self, name):
                 raise APIError(400, f"messages: a message's {name} is not supported by this server (only null "
                                     "or empty); give its text as content", param="messages")
+        if self.content is None and self.role != "assistant":
+            raise APIError(400, f"messages: a {self.role} message needs content (only an assistant's may be null)",
+                           param="messages")
         if self.thinking() is not None and self.role != "assistant":
             raise APIError(400, f"messages: a {self.role} message has no reasoning; only an assistant's does",
                            param="messages")
@@ -50,6 +54,8 @@ class ChatMessage(BaseModel):
         return self.reasoning if self.reasoning is not None else self.reasoning_content
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)  # as vLLM joins a message's text parts

@@ -232,7 +232,7 @@ def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:
     """Body bytes -> a validated request, or an APIError(400) naming the offending field."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: JSONDecodeError, or an integer of >4300 digits
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
     except RecursionError:  # a body nested thousands deep: no request is shaped like that
         raise APIError(400, "request body is nested too deeply") from None

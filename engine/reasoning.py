@@ -8,8 +8,10 @@ the server returns the thinking in the message's ``reasoning`` (and vLLM's older
   ``<think>`` in the chat template, or the model writes it first); all text up to ``</think>`` is
   reasoning, and an output cut before ``</think>`` is reasoning alone.
 - ``qwen3``: the output is thinking when it opens with ``<think>`` (Qwen3's thinking mode) or when the
-  rendered prompt ends inside an open ``<think>`` (Qwen3-Thinking-2507's template); otherwise, as with
-  ``enable_thinking: false``, it is all answer.
+  rendered prompt ends inside an open ``<think>`` (Qwen3-Thinking-2507's template); otherwise it is all
+  answer.
+Under either, a prompt that ends with ``</think>`` (the template closed the thinking: Qwen3's with
+``enable_thinking: false``) leaves an output that is all answer, as vLLM's parsers read such a prompt.
 
 Invariant: a choice's text is split by one state machine whether it arrives whole or in stream deltas,
 and the split does not depend on where the deltas fall, so a stream's reasoning and content deltas join
@@ -26,6 +28,8 @@ OPEN, CLOSE = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "qwen3")
 Parser = Literal["deepseek_r1", "qwen3"]
 _State = Literal["start", "reasoning", "content"]
+# where an output starts: in the thinking, after it, or (qwen3) where its first text says
+Start = Literal["thinking", "undecided", "answer"]
 
 
 def _tag_prefix_len(text: str, tag: str) -> int:
@@ -36,15 +40,24 @@ def _tag_prefix_len(text: str, tag: str) -> int:
     return 0
 
 
-def opens_thinking(parser: Parser, prompt: str) -> bool:
-    """Whether a choice's output starts inside the thinking before its first token is read."""
-    return parser == "deepseek_r1" or prompt.rstrip().endswith(OPEN)
+def output_start(parser: Parser, ends_open: bool, ends_closed: bool) -> Start:
+    """Where an output starts, from how its prompt ends: inside an open <think>, after a </think>, or
+    neither."""
+    if ends_closed:
+        return "answer"
+    return "thinking" if ends_open or parser == "deepseek_r1" else "undecided"
+
+
+def prompt_start(parser: Parser, prompt: str) -> Start:
+    """output_start of the rendered prompt's text."""
+    tail = prompt.rstrip()
+    return output_start(parser, tail.endswith(OPEN), tail.endswith(CLOSE))
 
 
 @dataclass
 class ReasoningSplitter:
     """One choice's text, fed in order, split into (new reasoning, new content) per feed."""
-    opened: bool  # the output starts inside the thinking (opens_thinking)
+    start: Start  # prompt_start
     state: _State = "start"
     held: str = ""  # text read but not yet given to either part
     leading: bool = True  # no text given to the current part yet: its leading whitespace is dropped
@@ -52,6 +65,8 @@ class ReasoningSplitter:
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         self.held += text
         reasoning, content = "", ""
+        if self.state == "start" and self.start == "answer":
+            self.state = "content"
         if self.state == "start":
             head = self.held.lstrip()
             if head.startswith(OPEN):
@@ -59,7 +74,7 @@ class ReasoningSplitter:
             elif OPEN.startswith(head) and not final:
                 return "", ""  # may still become "<think>": wait for the next text
             else:
-                self.state = "reasoning" if self.opened else "content"
+                self.state = "reasoning" if self.start == "thinking" else "content"
         if self.state == "reasoning":
             end = self.held.find(CLOSE)
             if end < 0:
@@ -84,4 +99,4 @@ class ReasoningSplitter:
 
 def split_reasoning(parser: Parser, prompt: str, text: str) -> tuple[str, str]:
     """A whole output's (reasoning, content)."""
-    return ReasoningSplitter(opens_thinking(parser, prompt)).feed(text, final=True)
+    return ReasoningSplitter(prompt_start(parser, prompt)).feed(text, final=True)

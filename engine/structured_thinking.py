@@ -2,14 +2,14 @@
 
 As in vLLM, the constraint holds the answer, not the thinking: tokens pass unmasked until the thinking
 ends with the ``</think>`` token, and the grammar starts from its beginning at the next token. Where the
-thinking starts follows rast_engine.reasoning's parsers, on tokens instead of text:
-- ``thinking``: the output starts inside it (deepseek_r1; qwen3 when the prompt's last non-blank token
-  is ``<think>``);
+thinking starts follows rast_engine.reasoning's parsers (output_start), on the prompt's last non-blank
+token instead of its text:
+- ``thinking``: the output starts inside it (deepseek_r1; qwen3 when that token is ``<think>``);
 - ``undecided`` (qwen3 otherwise): the first token is the grammar's or ``<think>``; ``<think>`` opens the
-  thinking, any other token is the grammar's first. So a model that does not think (Qwen3 with
-  enable_thinking false) is held to the grammar from its first token, and one that does is not held
-  inside its thinking;
-- ``grammar``: the constraint, as without a reasoning parser.
+  thinking, any other token is the grammar's first. So a model that does not think is held to the
+  grammar from its first token, and one that does is not held inside its thinking;
+- ``grammar``: the constraint, as without a reasoning parser: after ``</think>``, or from the start when
+  the prompt ends with it (Qwen3's template with enable_thinking false closes the thinking itself).
 
 ThinkingMatcher wraps xgrammar's matcher with the few calls the engine makes of one (accept_token,
 is_terminated, fork, stop_token_ids), so the sequences' matchers and the speculative rounds' forked
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from rast_engine.errors import RastError
-from rast_engine.reasoning import CLOSE, OPEN, Parser
+from rast_engine.reasoning import CLOSE, OPEN, Parser, output_start
 
 Phase = Literal["thinking", "undecided", "grammar"]
 
@@ -52,10 +52,9 @@ class ThinkingTags:
 
     def first_phase(self, prompt_ids: list[int], blank: Any) -> Phase:
         """The phase of a sequence's first output token; ``blank(id)``: the token's text is whitespace."""
-        if self.parser == "deepseek_r1":
-            return "thinking"
         last = next((t for t in reversed(prompt_ids) if not blank(t)), None)
-        return "thinking" if last == self.open_id else "undecided"
+        start = output_start(self.parser, last == self.open_id, last == self.close_id)
+        return "grammar" if start == "answer" else start
 
 
 class ThinkingMatcher:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from rast_engine.reasoning import (
     PARSERS,
     ReasoningSplitter,
-    opens_thinking,
+    prompt_start,
     split_reasoning,
 )
 from rast_engine.server.api_error import APIError
@@ -25,6 +25,8 @@ from rast_engine.server.chat_messages import ChatMessage, render_chat
 
 
 def oracle(parser: str, prompt: str, text: str) -> tuple[str, str]:
+    if prompt.rstrip().endswith("</think>"):  # the template closed the thinking: all answer
+        return "", text.lstrip()
     head = text.lstrip()
     if head.startswith("<think>"):
         inside, rest = True, head[len("<think>"):]
@@ -37,7 +39,7 @@ def oracle(parser: str, prompt: str, text: str) -> tuple[str, str]:
 
 
 def streamed(parser: str, prompt: str, pieces: list[str]) -> tuple[str, str]:
-    splitter = ReasoningSplitter(opens_thinking(parser, prompt))  # type: ignore[arg-type]
+    splitter = ReasoningSplitter(prompt_start(parser, prompt))  # type: ignore[arg-type]
     parts = [splitter.feed(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces)]
     return "".join(r for r, _ in parts), "".join(c for _, c in parts)
 
@@ -47,7 +49,7 @@ FRAGMENTS = ["<think>", "</think>", "<thi", "nk>", "</th", "<", ">", "/", "\n", 
 
 @settings(max_examples=400, deadline=None)
 @given(pieces=st.lists(st.sampled_from(FRAGMENTS), max_size=14), cuts=st.lists(st.integers(0, 60), max_size=6),
-       parser=st.sampled_from(PARSERS), prompt=st.sampled_from(["<|assistant|>", "<|assistant|><think>\n"]))
+       parser=st.sampled_from(PARSERS), prompt=st.sampled_from(["<|assistant|>", "<|assistant|><think>\n", "<|assistant|><think>\n\n</think>\n\n"]))
 def test_the_split_equals_the_oracle_however_the_text_is_cut(pieces: list[str], cuts: list[int], parser: str,
                                                               prompt: str) -> None:
     text = "".join(pieces)
@@ -67,6 +69,8 @@ def test_the_split_equals_the_oracle_however_the_text_is_cut(pieces: list[str], 
     ("deepseek_r1", "<|assistant|>", "cut by max_tokens ", ("cut by max_tokens", "")),
     ("qwen3", "<|assistant|>", "<think>cut", ("cut", "")),
     ("qwen3", "<|assistant|>", "a </think> b", ("", "a </think> b")),  # not thinking: the tag is text
+    ("deepseek_r1", "<think>\n\n</think>\n\n", "4 </think> 5", ("", "4 </think> 5")),  # closed by the prompt
+    ("qwen3", "<think>\n\n</think>\n\n", "<think>4", ("", "<think>4")),
 ])
 def test_what_each_parser_reads_as_thinking(parser: str, prompt: str, text: str, want: tuple[str, str]) -> None:
     assert split_reasoning(parser, prompt, text) == want  # type: ignore[arg-type]

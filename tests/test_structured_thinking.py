@@ -86,6 +86,12 @@ def test_qwen3_holds_an_output_that_does_not_open_thinking_from_its_first_token(
     b = run(engine, {"x": (open_prompt, _params(1, logit_bias={close_id: 3.0}, structured_outputs=held))})["x"][0]
     k = a.index(close_id)
     assert b.token_ids[:k + 1] == a[:k + 1] and k > 0
+    # a prompt that closes the thinking (Qwen3's enable_thinking false): held from the first token, under
+    # either parser, as by an engine without one
+    closed = PROMPT + [open_id, close_id]
+    want = run(plain, {"c": (closed, _params(2, structured_outputs=held))})["c"][0].token_ids
+    for parser_engine in (engine, make_engine(think_triple, reasoning_parser="deepseek_r1")):
+        assert run(parser_engine, {"c": (closed, _params(2, structured_outputs=held))})["c"][0].token_ids == want
 
 
 def test_speculative_rounds_walk_the_thinking_as_plain_decoding(think_triple: tuple) -> None:

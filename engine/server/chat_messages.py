@@ -29,7 +29,7 @@ class ChatMessage(BaseModel):
     audio: dict[str, Any] | None = None
     annotations: list[dict[str, Any]] | None = None
     # an assistant message's thinking, as a reasoning parser returned it (vLLM's name and its older one):
-    # it reaches the chat template as reasoning_content, which Qwen3's and DeepSeek-R1's templates read
+    # it reaches the chat template as reasoning_content, which Qwen3's template reads
     reasoning: str | None = None
     reasoning_content: str | None = None
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from rast_engine.reasoning import Parser, ReasoningSplitter, opens_thinking
+from rast_engine.reasoning import Parser, ReasoningSplitter, Start, prompt_start
 from rast_engine.server.token_bytes import token_bytes
 
 Kind = Literal["completion", "chat"]
@@ -47,12 +47,12 @@ class _Choice:
 @dataclass(frozen=True)
 class Reasoning:
     """How a chat response splits its choices' text (rast_engine.reasoning)."""
-    opened: bool  # the rendered prompt leaves the output inside the thinking (opens_thinking)
+    start: Start  # where the rendered prompt leaves the output (prompt_start)
     include: bool = True  # vLLM's include_reasoning: False drops the reasoning from the response
 
     @classmethod
     def of(cls, parser: Parser, prompt: str, include: bool) -> Reasoning:
-        return cls(opens_thinking(parser, prompt), include)
+        return cls(prompt_start(parser, prompt), include)
 
     def fields(self, reasoning: str) -> dict[str, Any]:
         """The reasoning's message or delta fields: vLLM's name and its older one, which clients still read."""
@@ -206,7 +206,7 @@ class Formatter:
     def _message(self, text: str) -> dict[str, Any]:
         if self.reasoning is None:
             return {"role": "assistant", "content": text}
-        reasoning, content = ReasoningSplitter(self.reasoning.opened).feed(text, final=True)
+        reasoning, content = ReasoningSplitter(self.reasoning.start).feed(text, final=True)
         # as vLLM: a message that is all thinking (cut by max_tokens, say) has no content
         return {"role": "assistant", "content": content if content or not reasoning else None,
                 **self.reasoning.fields(reasoning)}
@@ -216,7 +216,7 @@ class Formatter:
         if self.reasoning is None:
             return {"content": text} if text else {}
         if ch.splitter is None:
-            ch.splitter = ReasoningSplitter(self.reasoning.opened)
+            ch.splitter = ReasoningSplitter(self.reasoning.start)
         reasoning, content = ch.splitter.feed(text, final=ch.finish_reason is not None)
         return {**(self.reasoning.fields(reasoning) if reasoning else {}), **({"content": content} if content else {})}
 

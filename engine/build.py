@@ -66,7 +66,7 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                           max_model_len=max_len, eos_token_ids=ms.eos_token_ids, named_eos_ids=ms.named_eos_ids,
-                          lookahead=config.speculative_tokens)
+                          lookahead=config.speculative_tokens, policy=config.scheduling_policy)
     eager = config.enforce_eager or device.type != "cuda"
     if not eager and not capture_safe(attention.name, config.speculative_tokens > 0):
         logger.warning("attention backend %r reads lengths on the host in its %s path and cannot be captured "

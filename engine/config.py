@@ -17,6 +17,7 @@ SPECULATIVE_DRAFTS = ("small", "rl")  # rast_engine.speculative.round
 SPECULATIVE_METHODS = ("coupled", "rejection")
 QUANTIZATIONS = ("fp8",)  # rast_engine.models.fp8: the large model's projections in FP8
 KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": scaled float8_e4m3fn (vLLM's name)
+SCHEDULING_POLICIES = ("fcfs", "priority")  # rast_engine.scheduler
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class EngineConfig:
     # vLLM's reasoning parser (rast_engine.reasoning): structured outputs hold the answer after the
     # thinking's </think>, not the thinking; the server also splits chat responses by it
     reasoning_parser: Optional[str] = None
+    # vLLM's scheduling policy: "fcfs", or "priority" (requests' priority, lower first, then arrival; the
+    # running request last in that order is preempted first; engine/scheduler.py)
+    scheduling_policy: str = "fcfs"
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +169,8 @@ class EngineConfig:
             raise RastError(f"give one of kv_cache_blocks, kv_cache_memory and gpu_memory_utilization, not {sizes}")
         if self.reasoning_parser is not None and self.reasoning_parser not in PARSERS:
             raise RastError(f"reasoning_parser must be one of {', '.join(PARSERS)} or None, got {self.reasoning_parser!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise RastError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise RastError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -51,7 +51,8 @@ class LLM:
         return self.llm_engine.tokenizer
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], sampling_params: Params = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
+        """``priority``: vLLM's, one per prompt (lower first), with scheduling_policy="priority"."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt (text, token ids or a dict prompt), not a batch
@@ -64,12 +65,15 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise RastError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise RastError(f"got {len(priorities)} priorities for {len(prompts)} prompts", param="priority")
         # only final outputs are returned: the engine need not build one at every step (output_kind)
         params = [replace(p, output_kind="final_only") if isinstance(p, SamplingParams) else p for p in params]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                self.llm_engine.add_request(rid, prompt, p)
+            for rid, prompt, p, rank in zip(ids, prompts, params, priorities):
+                self.llm_engine.add_request(rid, prompt, p, priority=rank)
         except BaseException:  # a rejected prompt (or a tokenizer's error): the batch is admitted whole or not at all
             for rid in ids:
                 self.llm_engine.abort_request(rid)

@@ -27,7 +27,7 @@ from rast_engine.draws import step_draws
 from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.pending import DrawResult, InFlight
-from rast_engine.requests import checked_request, prompt_of
+from rast_engine.requests import check_priority, checked_request, prompt_of
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
 from rast_engine.scoring import score_sequences
@@ -73,14 +73,17 @@ class LLMEngine:
         self.grammars: Optional[Grammars] = None  # structured outputs' compiler, built by the first such request
 
     # ---- requests ----------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: Union[str, list[int], dict], params: SamplingParams) -> None:
-        """``prompt``: text, token ids, or vLLM's dict prompt of either (requests.prompt_of)."""
+    def add_request(self, request_id: str, prompt: Union[str, list[int], dict], params: SamplingParams,
+                    priority: int = 0) -> None:
+        """``prompt``: text, token ids, or vLLM's dict prompt of either (requests.prompt_of); ``priority``:
+        vLLM's, lower first, with scheduling_policy="priority" only."""
+        check_priority(priority, self.config.scheduling_policy)
         prompt = prompt_of(prompt)
         ids, weights, params, grammar = checked_request(self, request_id, prompt, params)
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
-                              arrival=next(self._arrivals), weights=weights, grammar=grammar,
+                              arrival=next(self._arrivals), weights=weights, grammar=grammar, priority=priority,
                               prompt_logprobs=None if params.prompt_logprobs is None else [None],
                               prompt_logprob_ranks=None if params.prompt_logprobs is None else [None])
         group.seqs.append(self._new_sequence(group, 0, list(ids)))

@@ -112,6 +112,16 @@ def render_conversation(tokenizer: Any, conversation: list[dict], what: str, var
         raise RastError(f"the chat template rejected {what}: {exc}", param="messages") from None
 
 
+def check_priority(priority: object, policy: str) -> None:
+    """RastError unless ``priority`` is an int the engine's scheduling policy can honour (vLLM refuses a
+    priority under FCFS rather than ignore it)."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise RastError(f"priority must be an integer, got {priority!r}", param="priority")
+    if priority != 0 and policy != "priority":
+        raise RastError(f"priority={priority} needs scheduling_policy='priority' (--scheduling-policy priority); "
+                        f"this engine schedules {policy!r}", param="priority")
+
+
 def check_token_ids(name: str, ids: Optional[Iterable[int]], vocab_size: int) -> None:
     """RastError if field ``name`` (logit_bias, allowed_token_ids) names ids the sampler never draws
     (ids >= the vocabulary)."""

@@ -29,6 +29,11 @@ With speculative decoding (``lookahead`` γ > 0) a decode step is a round: each 
 cover the γ positions after its last token, where the small models write their drafts' K/V (as many for
 every sequence, fewer near the context's end); the round's accepted tokens are appended at commit.
 
+With ``policy="priority"`` (vLLM's scheduling policy) the queue is ordered by (request priority, arrival;
+lower first) instead of arrival alone, preempted and waiting samples included, and the running sequence
+preempted for a slot is the one last in that order (vLLM's victim), not the most recently admitted:
+``running`` is kept in that order, so the victim is always its last sequence under either policy.
+
 ``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
 (see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
 sequences riding along, whenever it needs nothing the host has yet to learn (no preemption, no chunk
@@ -37,6 +42,7 @@ token has one more token computed and discarded.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -50,6 +56,11 @@ from rast_engine.stop_rules import StopRules
 # (every model's, plus float32 temporaries: ~2 GB at 1024 rows and V = 152064), which the KV cache's
 # activation reserve does not hold for a whole token budget
 PROMPT_LOGPROBS_TOKENS = 1024
+POLICIES = ("fcfs", "priority")
+
+
+def priority_key(seq: Sequence) -> tuple[int, int, int]:
+    return seq.group.priority, seq.group.arrival, seq.index
 
 
 @dataclass
@@ -67,8 +78,12 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: Iterable[int], named_eos_ids: Iterable[int] = (),
-                 lookahead: int = 0) -> None:
-        """lookahead: the speculative drafts of a decode step (0: none); named_eos_ids: StopRules'."""
+                 lookahead: int = 0, policy: str = "fcfs") -> None:
+        """lookahead: the speculative drafts of a decode step (0: none); named_eos_ids: StopRules';
+        policy: "fcfs" or "priority" (module docstring)."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.by_priority = policy == "priority"
         self.bm = block_manager
         self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
@@ -80,7 +95,25 @@ class Scheduler:
         self.prompt_logprobs_tokens = PROMPT_LOGPROBS_TOKENS
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._wait(seq, front=False)
+
+    def _wait(self, seq: Sequence, front: bool, at: int = 0) -> None:
+        """Queue ``seq``: FCFS at the back, or at position ``at`` from the front (preempted, requeued and
+        waiting samples); by priority, in its place in priority order."""
+        if self.by_priority:
+            self.waiting.insert(bisect.bisect_right(self.waiting, priority_key(seq), key=priority_key), seq)
+        elif front:
+            self.waiting.insert(at, seq)
+        else:
+            self.waiting.append(seq)
+
+    def _run(self, seq: Sequence) -> None:
+        """``seq`` joins the running ones: last (FCFS), or in its place in priority order."""
+        seq.status = SequenceStatus.RUNNING
+        if self.by_priority:
+            self.running.insert(bisect.bisect_right(self.running, priority_key(seq), key=priority_key), seq)
+        else:
+            self.running.append(seq)
 
     def add_samples(self, parent: Sequence, samples: list[Sequence], at: int = 0) -> int:
         """The samples forked from ``parent``'s prefilled row at its request's first draw, in index order:
@@ -90,10 +123,9 @@ class Scheduler:
         free = max(self.max_num_seqs - len(self.running), 0)
         for seq in samples[:free]:
             self.bm.fork(parent, seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._run(seq)
         for i, seq in enumerate(samples[free:]):
-            self.waiting.insert(at + i, seq)
+            self._wait(seq, front=True, at=at + i)
         return len(samples[free:])
 
     def has_unfinished(self) -> bool:
@@ -146,8 +178,7 @@ class Scheduler:
                 break
             self.bm.allocate(seq)
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._run(seq)
             scheduled.append(seq)
             seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens, cap - scored if scores else budget)
             tokens += seq.num_scheduled_tokens
@@ -239,7 +270,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        self._wait(seq, front=True)
         self.num_preemptions += 1
 
     def requeue(self, seqs: list[Sequence]) -> None:
@@ -250,7 +281,7 @@ class Scheduler:
             self.running.remove(seq)
             self.bm.free(seq)
             seq.reset_for_recompute()
-            self.waiting.appendleft(seq)
+            self._wait(seq, front=True)
 
     def _leave(self, seq: Sequence) -> None:
         """Take an unfinished sequence out of the list its status names."""

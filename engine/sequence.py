@@ -177,6 +177,7 @@ class SequenceGroup:
     request_seed: int
     arrival: int
     weights: list[float]  # λ per small pair for this request
+    priority: int = 0  # vLLM's: with scheduling_policy="priority", lower values are scheduled first
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     prompt_counted: bool = False  # its prompt is in the engine's prompt-token count: once, at its first token

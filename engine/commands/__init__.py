@@ -141,7 +141,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         stack_small_models=args.stack_small_models, speculative_tokens=args.speculative_tokens,
         speculative_draft=args.speculative_draft, speculative_method=args.speculative_method,
         generation_config=args.generation_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-        reasoning_parser=getattr(args, "reasoning_parser", None)))  # serve's flag
+        # serve's flags
+        reasoning_parser=getattr(args, "reasoning_parser", None), scheduling_policy=getattr(args, "scheduling_policy", "fcfs")))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -188,7 +188,8 @@ class OpenAIServer:
         params = completion_params(req, self.engine.engine)
         await self._precompile(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_new_tokens())
+        handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_new_tokens(),
+                                    priority=req.priority)
         fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
                         generates=req.max_tokens != 0)
@@ -207,7 +208,7 @@ class OpenAIServer:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
-                                    add_special_tokens=False, param="messages")
+                                    add_special_tokens=False, param="messages", priority=req.priority)
         reasoning = None if self.reasoning_parser is None else Reasoning.of(self.reasoning_parser, text,
                                                                              req.include_reasoning)
         fmt = Formatter("chat", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,

@@ -11,6 +11,7 @@ import socket
 from rast_engine.commands import add_model_args, build_engine, read_chat_template, require_model, use_chat_template
 from rast_engine.errors import RastError
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
+from rast_engine.config import SCHEDULING_POLICIES
 from rast_engine.reasoning import PARSERS
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="as vLLM's: chat responses give the <think>...</think> text as message.reasoning and the "
                         "answer as content, and structured outputs hold the answer only; deepseek_r1 "
                         "(DeepSeek-R1, its distills, QwQ) or qwen3 (default: none)")
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
+                   help="as vLLM's: fcfs, or priority (a request's priority field, lower first; the running "
+                        "request last in that order is preempted first) (default fcfs)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 

@@ -19,6 +19,7 @@ class Add:
     prompts: list[list[int]]  # token ids, encoded on the tokenizer thread
     params: Any  # SamplingParams; its max_tokens is replaced per prompt by AsyncEngine._fit
     max_tokens: int | None  # None: up to the end of the context
+    priority: int  # vLLM's request priority (scheduling_policy "priority")
     done: asyncio.Future
 
 
@@ -41,13 +42,14 @@ class RequestHandle:
     whatever is unfinished (a client disconnect cancels the handler, which lands here)."""
 
     def __init__(self, owner: AsyncEngine, request_ids: list[str], prompts: list[str | list[int]],
-                 params: Any, max_tokens: int | None, add_special_tokens: bool, param: str) -> None:
+                 params: Any, max_tokens: int | None, add_special_tokens: bool, param: str, priority: int = 0) -> None:
         self._owner = owner
         self._param = param
         self.request_ids = request_ids
         self._prompts = prompts
         self._params = params
         self._max_tokens = max_tokens
+        self._priority = priority
         self._add_special_tokens = add_special_tokens
         self._queue: asyncio.Queue = asyncio.Queue()
         self._unfinished = set(request_ids)
@@ -66,7 +68,7 @@ class RequestHandle:
                 raise APIError(503, f"the engine is not running: {owner.error}", type="server_error",
                                code="engine_dead")
             done = asyncio.get_running_loop().create_future()
-            owner._commands.put(Add(self.request_ids, ids, self._params, self._max_tokens, done))
+            owner._commands.put(Add(self.request_ids, ids, self._params, self._max_tokens, self._priority, done))
             await done
         except RastError as exc:
             self._unfinished.clear()

@@ -4,15 +4,9 @@
     python bench/decode.py --pairings 7b+1.5b --batches 1 32 --quick --profile --out $OUT
     python bench/decode.py --tiny               # CPU smoke run on tiny configs (automatic without CUDA)
 
-Modes: ``base`` the large model alone in our engine; ``rast-seq`` the forks' design (models one after
-another, eager, outputs processed between steps); ``rast`` streams + CUDA graphs + async outputs, the
-small pair as one batched forward, each step launched before the previous step's ids are read;
-``rast-unstacked`` the same with the pair as two forwards (what stacking buys); ``rast-no-ahead`` the
-same without async scheduling (what launching ahead buys); ``rast-spec`` speculative rounds of 4 drafts
-(a step is a round; its rows also project tokens/s at trained acceptance rates, see spec_round);
-``hf-rast`` the peer (three HF transformers models, each
-with its own DynamicCache, run one after another, logits combined and sampled in torch). Weights are
-random with the exact shapes of bench/configs/*.json. A step is the host interval between consecutive
+Modes (bench/decode_modes.py): our engine from the large model alone (``base``) to RAST with every fast
+path (``rast``), and ``hf-rast`` the peer (three HF transformers models run one after another). Weights
+are random with the exact shapes of bench/configs/*.json. A step is the host interval between consecutive
 returns of engine.step() (no sync in between, which would undo async outputs), so host overhead counts,
 as a user sees it. The roofline is the bytes a decode step must
 read (all weights once, every model's KV at the mean context) over the measured copy bandwidth.
@@ -38,24 +32,11 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, first_token_ms, hf_generate, hf_load,  # noqa: E402
                                output_heads, peak_logits, print_profile, profile_engine, spec_round)
+from bench.decode_modes import ENGINE_MODES, MODES  # noqa: E402
 from bench.decode_targets import judge  # noqa: E402
 from bench.decode_configs import CONFIGS, PAIRINGS, TINY, materialize, pairing_models  # noqa: E402, F401
 from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms, weight_bytes  # noqa: E402
 
-MODES = ("base", "rast-seq", "rast", "rast-unstacked", "rast-no-ahead", "rast-spec", "base-fp8", "rast-fp8", "hf-rast")
-_FAST = dict(enforce_eager=False, model_streams=True, async_output=True, async_scheduling=True)
-# pair: the mode has the small pair; stack: the pair runs as one batched forward (models.stacked)
-ENGINE_MODES = {"base": dict(_FAST, pair=False, stack=True),
-                "rast-seq": dict(enforce_eager=True, model_streams=False, async_output=False, async_scheduling=False,
-                                 pair=True, stack=False),
-                "rast": dict(_FAST, pair=True, stack=True),
-                "rast-unstacked": dict(_FAST, pair=True, stack=False),
-                "rast-no-ahead": dict(_FAST, async_scheduling=False, pair=True, stack=True),
-                # speculative rounds (engine/speculative): graphs up to batch 64, no async scheduling, γ = SPEC_GAMMA drafts
-                "rast-spec": dict(_FAST, async_scheduling=False, pair=True, stack=True, spec=True),
-                # the large model's projections in FP8 (quantization="fp8"): half their bytes
-                "base-fp8": dict(_FAST, pair=False, stack=True, fp8=True),
-                "rast-fp8": dict(_FAST, pair=True, stack=True, fp8=True)}
 GPU_RESERVE_BYTES = 3 << 30  # activations, logits, sampler workspace, CUDA graph pools, allocator slack
 
 

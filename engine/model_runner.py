@@ -1,10 +1,10 @@
 """One step on device: shared input preparation, every model's forward, one fused RAST sample.
 
 Prefill: ``prepare`` builds the inputs every model shares (token ids, positions, slot mapping, block
-tables) with tensor ops, not a loop per token; ``forward_logits`` runs the models (large and small on
-two CUDA streams, see model_streams); ``sample`` makes the step's draws (draws.py: one rast_sample call
-over per-row parameter tensors, one more per request forking n > 1 samples), whose ids the caller reads
-later with one device-to-host copy.
+tables: step_inputs.py) with tensor ops, not a loop per token; ``forward_logits`` runs the models (large
+and small on two CUDA streams, see model_streams); ``sample`` makes the step's draws (draws.py: one
+rast_sample call over per-row parameter tensors, one more per request forking n > 1 samples), whose ids
+the caller reads later with one device-to-host copy.
 
 Decode, the hot path: the batch is written into DecodeBuffers (static device tensors fed from pinned
 staging by a few non_blocking copies), then the step runs forward_logits and rast_sample on them. On
@@ -16,13 +16,12 @@ adjusts and samples eagerly. Either way the step's only device-to-host read is t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional, Sequence as Seq
 
 import torch
 
 import rast_kernels
-from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.cuda_graph import DecodeGraphs, StepOutput
 from rast_engine.decode_buffers import DecodeBuffers
 from rast_engine.kv_cache import KVCache
@@ -34,6 +33,7 @@ from rast_engine.logit_adjust import with_adjustments
 from rast_engine.prompt_logprobs import PromptLogprobs, prompt_rows
 from rast_engine.pending import DrawLogprobs, DrawResult, PendingStep
 from rast_engine.sequence import Sequence
+from rast_engine.step_inputs import StepInputs, prepare_inputs
 from rast_engine.speculative.round import PendingRound, RoundInputs, RoundOutput, round_core, run_round
 
 # a round's graph holds (γ + 1) logits rows per model and row, some twice (about 2 GB at 256 rows, γ = 4,
@@ -41,14 +41,6 @@ from rast_engine.speculative.round import PendingRound, RoundInputs, RoundOutput
 # buckets up to 64, (γ + 1) x 175 rows of every model's logits: 0.8 GB at γ = 4 in bf16, besides the
 # shared pool); speculation pays at small batches, so larger ones run eagerly
 ROUND_GRAPH_ROWS = 64
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    meta: AttentionMetadata
-    last_index: Optional[torch.Tensor] = None  # [B] int64: each sequence's last new token (prefill)
 
 
 class ModelRunner:
@@ -104,56 +96,9 @@ class ModelRunner:
         return t.to(self.device)
 
     def prepare(self, seqs: Seq[Sequence], is_prefill: bool, feed: Optional[Seq[int]] = None) -> StepInputs:
-        """Prefill: each sequence's next ``num_scheduled_tokens`` uncomputed tokens (a chunk, or all of
-        them); decode: its one uncomputed (last) token. ``last_index``: each sequence's last new token.
-        ``feed[i]`` >= 0: sequence i's last input token is pending, and the device copies it from that
-        row of the previous step's sampled ids (-1: all its tokens are known)."""
-        bs = self.block_size
-        starts = [s.num_computed_tokens if is_prefill else len(s.token_ids) - 1 for s in seqs]
-        ends = [a + s.num_scheduled_tokens if is_prefill else a + 1 for s, a in zip(seqs, starts)]
-        bad = [s.seq_id for s, a, e in zip(seqs, starts, ends) if not a < e <= len(s.token_ids)]
-        if bad:
-            raise RuntimeError(f"sequences {bad} are scheduled outside their uncomputed tokens")
-        ids: list[int] = []
-        for s, a, e in zip(seqs, starts, ends):
-            ids.extend(s.token_ids[a:e])
-        q_lens = torch.tensor([e - a for a, e in zip(starts, ends)], dtype=torch.int64)
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
-        torch.cumsum(q_lens, 0, out=cu[1:])
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), q_lens)
-        positions = torch.tensor(starts, dtype=torch.int64)[seq_of_token] + (
-            torch.arange(int(cu[-1])) - cu[:-1][seq_of_token])
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                              dtype=torch.int32)
-        slots = tables[seq_of_token, positions // bs].to(torch.int64) * bs + positions % bs
-        meta = AttentionMetadata(
-            is_prefill=is_prefill,
-            slot_mapping=self._to_device(slots),
-            block_tables=self._to_device(tables),
-            context_lens=self._to_device(torch.tensor(ends, dtype=torch.int32)),
-            cu_seqlens_q=self._to_device(cu.to(torch.int32)),
-            max_seqlen_q=int(q_lens.max()),
-            max_seqlen_k=max(ends),
-            block_size=bs,
-        )
-        return StepInputs(
-            input_ids=self._fed(torch.tensor(ids, dtype=torch.int64), cu, feed),
-            positions=self._to_device(positions),
-            meta=meta,
-            last_index=self._to_device(cu[1:] - 1),
-        )
-
-    def _fed(self, ids: torch.Tensor, cu: torch.Tensor, feed: Optional[Seq[int]]) -> torch.Tensor:
-        """The input ids on the device, the pending ones copied there from the sampled ids they await.
-        A pending id left unfed would reach the embedding as -1: on CUDA a device-side assert."""
-        fed = [] if feed is None else [(int(cu[i + 1]) - 1, r) for i, r in enumerate(feed) if r >= 0]
-        if [at for at, _ in fed] != (ids < 0).nonzero().flatten().tolist():
-            raise RuntimeError("the fed input tokens must be exactly the pending ones (the last of each sequence)")
-        if not fed:
-            return self._to_device(ids)
-        at, rows = (self._to_device(torch.tensor(x, dtype=torch.int64)) for x in zip(*fed))
-        return self._to_device(ids).index_copy_(0, at, self.buffers.sampled_ids(rows))
+        """The step's inputs on the device (step_inputs.prepare_inputs); ``feed``'s pending ids come from
+        the previous step's sampled ids in the decode buffers."""
+        return prepare_inputs(seqs, is_prefill, self.block_size, self._to_device, self.buffers.sampled_ids, feed)
 
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs, rows: Optional[torch.Tensor],

@@ -8,8 +8,8 @@ and costs its launch latency, even inside a CUDA graph, so on a 28-layer model t
 about five. Fused, a layer's non-GEMM, non-attention work is four kernels, the KV-cache store included.
 
 Numerics are HF transformers' (Qwen2 / Qwen3 / Llama) op by op, not merely close: every intermediate that the
-HF code rounds to the model dtype is rounded here too (``_round``), float32 math stays float32, and
-kernels compile without FMA contraction so a * b + c rounds twice, as two torch ops do. Compiled,
+HF code rounds to the model dtype is rounded here too (``_round``, from layer_ops_numerics), float32 math
+stays float32, and kernels compile without FMA contraction so a * b + c rounds twice, as two torch ops do. Compiled,
 they also use torch's CUDA formulas where Triton's defaults are approximate (full-precision expf and
 IEEE division in SiLU, the mean as sum * fp32(1/N)); interpreted, the CPU ones. What can still differ
 is the RMSNorm sum's reduction order and rsqrt's last ulp, which may flip the rounding of an element
@@ -24,26 +24,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from rast_kernels.fp8_kv import block_size_of, exponent_byte, exponent_offset, quantize, row_exponent
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
 from rast_kernels.layer_ops_checks import QKNorm, check_qk_norm, check_rotary, check_rows, check_store
+from rast_kernels.layer_ops_numerics import _round, _silu
 
 __all__ = ["add_rms_norm", "rms_norm", "rotary_embedding", "rotary_embedding_store_kv", "silu_and_mul"]
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    """float32 x rounded to nearest-even in the model dtype, kept in float32: what a torch op on ``dtype``
-    tensors stores. bfloat16 rounds on the bits because the Triton interpreter truncates fp32 -> bf16
-    (compiled code rounds to nearest-even); the result is exact in bf16, so the final cast is exact too."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    else:
-        return x.to(dtype).to(tl.float32)
-
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, w_stride, group_rows, y_ptr, s_ptr, N, inv_n, eps,
@@ -152,16 +139,6 @@ def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h,
                 tl.store(vc_ptr + row + HALF, v_hi, mask=live)
     tl.store(dst, lo, mask=mask)
     tl.store(dst + HALF, hi, mask=mask)
-
-
-@triton.jit
-def _silu(x, COMPILED: tl.constexpr):
-    """x / (1 + exp(-x)) as torch's CUDA SiLU computes it (full-precision expf, IEEE division); tl.exp
-    and "/" would compile to ex2.approx and div.full, several ulp off. The interpreter (numpy) is exact."""
-    if COMPILED:
-        return tl.math.div_rn(x, 1.0 + libdevice.exp(-x))
-    else:
-        return x / (1.0 + tl.exp(-x))
 
 
 @triton.jit

@@ -99,44 +99,6 @@ def test_a_request_that_masks_every_token_is_one_line(capsys: pytest.CaptureFixt
     assert "no admissible token" in _one_line_error(capsys, argv, "generate")
 
 
-def test_serve_listens_where_uvicorn_would(monkeypatch: pytest.MonkeyPatch) -> None:
-    """rast serve binds its sockets itself: "" is every interface (it was refused as an unknown host), a
-    name gets a socket per address it resolves to, a family the kernel lacks is skipped (as asyncio does),
-    and a port in use or a malformed name is refused."""
-    from rast_engine.server.cli import _listen
-
-    with pytest.raises(RastError, match="cannot listen on a..b"):  # the idna codec's UnicodeError
-        _listen("a..b", 0)
-    real = socket.socket
-
-    def no_ipv6(family: int = socket.AF_INET, *args: object) -> socket.socket:
-        if family == socket.AF_INET6:
-            raise OSError(97, "Address family not supported by protocol")
-        return real(family, *args)
-
-    with monkeypatch.context() as m:
-        m.setattr(socket, "socket", no_ipv6)
-        socks = _listen("", 0)
-        assert [s.getsockname()[0] for s in socks] == ["0.0.0.0"]
-        socks[0].close()
-
-    socks = _listen("", 0)
-    try:
-        assert {s.getsockname()[0] for s in socks} >= {"0.0.0.0"}
-    finally:
-        for s in socks:
-            s.close()
-    socks = _listen("localhost", 0)
-    try:
-        names = {s.getsockname()[0] for s in socks}
-        assert names and names <= {"127.0.0.1", "::1"}
-        with pytest.raises(RastError, match="cannot listen on localhost"):
-            _listen("localhost", socks[0].getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_serve_api_key_from_flag_or_environment(capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """--api-key, else $RAST_API_KEY, else vLLM's $VLLM_API_KEY (a deployment moved from vLLM kept no
@@ -162,12 +124,6 @@ def test_serve_api_key_from_flag_or_environment(capsys: pytest.CaptureFixture[st
 
     with pytest.raises(RastError, match="api_key must be a non-empty key"):
         OpenAIServer(None, model_name="m", api_key=" k")
-
-
-def test_serve_binds_loopback_by_default() -> None:
-    args = build_parser().parse_args(["serve", "m", "--expert", "r1", "b1", "0.5", "--expert", "r2", "b2", "-1"])
-    assert (args.host, args.port) == ("127.0.0.1", 8000)
-    assert args.expert == [["r1", "b1", "0.5"], ["r2", "b2", "-1"]]
 
 
 def test_generate_prints_the_engines_text(capsys: pytest.CaptureFixture[str], triple: tuple[str, str, str]) -> None:

@@ -32,7 +32,7 @@ LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 ROPE_KEYS = {"llama3": LLAMA3_KEYS, "yarn": ("original_max_position_embeddings",), "linear": ("factor",)}
 # HF's config classes' defaults for keys a config.json may omit, where they are not derived from others
 # (Llama: KV heads = heads; Llama, Qwen2: head_dim = hidden // heads): Qwen3's head_dim is 128 whatever
-# the hidden size; tests/test_models.py checks every default against transformers' classes
+# the hidden size; tests/test_model_config.py checks every default against transformers' classes
 HF_DEFAULTS: dict[str, dict[str, int]] = {
     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
     "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768},

@@ -1,0 +1,31 @@
+"""How rast_kernels.layer_ops' kernels compute as torch does, bit for bit: a float32 value rounded to the
+model dtype as a torch op on that dtype stores it, and SiLU by torch's CUDA formula (the interpreter's
+numpy is exact already). Shared by the kernels as Triton device functions."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """float32 x rounded to nearest-even in the model dtype, kept in float32: what a torch op on ``dtype``
+    tensors stores. bfloat16 rounds on the bits because the Triton interpreter truncates fp32 -> bf16
+    (compiled code rounds to nearest-even); the result is exact in bf16, so the final cast is exact too."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _silu(x, COMPILED: tl.constexpr):
+    """x / (1 + exp(-x)) as torch's CUDA SiLU computes it (full-precision expf, IEEE division); tl.exp
+    and "/" would compile to ex2.approx and div.full, several ulp off. The interpreter (numpy) is exact."""
+    if COMPILED:
+        return tl.math.div_rn(x, 1.0 + libdevice.exp(-x))
+    else:
+        return x / (1.0 + tl.exp(-x))

@@ -121,7 +121,7 @@ def grammar_walk(grammar: object, n: int, rng: random.Random) -> list[int]:
     than EOS (EOS once nothing else is)."""
     from rast_engine.structured import SequenceMatcher, bitmasks, unpack
 
-    matcher, ids = SequenceMatcher(grammar), []
+    matcher, ids = SequenceMatcher(grammar, []), []  # no prompt: the walk is the whole output
     for _ in range(n):
         mask = bitmasks(grammar.grammars, [matcher.advance(ids, 0)])
         allowed = unpack(mask, grammar.grammars.vocab)[0].nonzero().flatten().tolist()

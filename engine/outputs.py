@@ -65,3 +65,4 @@ class EngineStats:
     # drafts the verify accepted (a stop rule may then drop some)
     spec_draft_tokens_total: int = 0
     spec_accepted_tokens_total: int = 0
+    num_preemptions_total: int = 0  # sequences preempted by recompute

@@ -58,7 +58,7 @@ class OpenAIServer:
             raise RastError(f"model_name must be a non-empty name or a list of them, got {model_name!r}")
         self.model_name = self.model_names[0]
         self.api_key = checked_api_key(api_key)
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.model_name)
         self.engine = AsyncEngine(engine, max_waiting=max_waiting, queue_timeout=queue_timeout,
                                   on_step=self.metrics.step_seconds.observe)
         self.metrics.watch(self.engine)
@@ -235,7 +235,7 @@ class OpenAIServer:
             stayed, first = await unless_client_leaves(request, handle.__anext__())
             if not stayed:
                 return Response(status_code=499)
-            self.metrics.ttft_seconds.observe(time.perf_counter() - arrival)
+            self.metrics.first_token(time.perf_counter() - arrival)
             if req.stream:
                 streaming = True  # the response owns the handle from here and closes it
                 return SSEResponse(self._events(handle, fmt, first, req, arrival), handle)
@@ -246,7 +246,7 @@ class OpenAIServer:
         finally:
             if not streaming:  # aborts whatever is unfinished, e.g. after a disconnect
                 await handle.__aexit__(None, None, None)
-        self.metrics.e2e_seconds.observe(time.perf_counter() - arrival)
+        self.metrics.finished(time.perf_counter() - arrival, fmt.finish_reasons())
         return JSONResponse(fmt.body())
 
     @staticmethod
@@ -277,7 +277,7 @@ class OpenAIServer:
                 if handle.done:
                     break
                 out = await handle.__anext__()
-            self.metrics.e2e_seconds.observe(time.perf_counter() - arrival)
+            self.metrics.finished(time.perf_counter() - arrival, fmt.finish_reasons())
         except APIError as exc:
             yield sse(exc.body())
         yield "data: [DONE]\n\n"

@@ -1,10 +1,16 @@
 """Prometheus metrics. Engine-side figures (tokens, queue depth, KV blocks) are read from the engine
 thread's latest stats snapshot at scrape time, so they cannot drift from the engine's own counts;
 request-side figures are counted by the handlers. Each server owns its registry, so several servers in
-one process (the tests) do not collide."""
+one process (the tests) do not collide.
+
+Beside rast's own names, the figures vLLM's dashboards read are exported under vLLM's names and
+``model_name`` label (``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``,
+``vllm:time_to_first_token_seconds``, ...), so a Grafana board built for vLLM reads a rast server. As
+rast's, the running and waiting counts are sequences (a request of n samples counts n once forked), and
+``vllm:request_success_total`` counts finished choices by finish reason."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,9 +22,17 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+VLLM = "vllm:"
+
+
+def _labelled(family: CounterMetricFamily | GaugeMetricFamily, model: str, value: float) -> Metric:
+    family.add_metric([model], value)
+    return family
+
+
 class _EngineCollector:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
 
     def collect(self) -> Iterator[Metric]:
         s = self.engine.stats
@@ -41,10 +55,29 @@ class _EngineCollector:
                                 value=s.kv_blocks_total)
         yield GaugeMetricFamily("rast_engine_healthy", "1 while the engine loop runs",
                                 value=0 if self.engine.error is not None else 1)
+        yield from self._vllm_names(s)
+
+    def _vllm_names(self, s: Any) -> Iterator[Metric]:
+        m, label = self.model_name, ["model_name"]
+        yield _labelled(GaugeMetricFamily(VLLM + "num_requests_running", "Sequences in the running batch",
+                                          labels=label), m, s.num_running)
+        yield _labelled(GaugeMetricFamily(VLLM + "num_requests_waiting", "Sequences waiting to be scheduled",
+                                          labels=label), m, s.num_waiting)
+        usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
+        yield _labelled(GaugeMetricFamily(VLLM + "kv_cache_usage_perc", "KV-cache usage, 1 means full",
+                                          labels=label), m, usage)
+        for name, doc, value in (("prompt_tokens", "Prompt tokens prefilled", s.prompt_tokens_total),
+                                 ("generation_tokens", "Tokens generated", s.generation_tokens_total),
+                                 ("num_preemptions", "Sequences preempted", s.num_preemptions_total),
+                                 ("spec_decode_num_draft_tokens", "Speculative drafts", s.spec_draft_tokens_total),
+                                 ("spec_decode_num_accepted_tokens", "Speculative drafts accepted",
+                                  s.spec_accepted_tokens_total)):
+            yield _labelled(CounterMetricFamily(VLLM + name, doc, labels=label), m, value)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
         self.registry = CollectorRegistry()
         self.requests = Counter("rast_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=self.registry)
@@ -55,9 +88,27 @@ class Metrics:
                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.e2e_seconds = Histogram("rast_request_seconds", "Arrival to last output of a request",
                                      buckets=_LATENCY_BUCKETS, registry=self.registry)
+        label = ["model_name"]
+        self.vllm_ttft = Histogram(VLLM + "time_to_first_token_seconds", "Arrival to first output of a request",
+                                   label, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model_name)
+        self.vllm_e2e = Histogram(VLLM + "e2e_request_latency_seconds", "Arrival to last output of a request",
+                                  label, buckets=_LATENCY_BUCKETS, registry=self.registry).labels(model_name)
+        self.vllm_success = Counter(VLLM + "request_success", "Finished choices by finish reason",
+                                    label + ["finished_reason"], registry=self.registry)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft_seconds.observe(seconds)
+        self.vllm_ttft.observe(seconds)
+
+    def finished(self, seconds: float, reasons: Iterable[str | None]) -> None:
+        """A request answered whole: its time and its choices' finish reasons."""
+        self.e2e_seconds.observe(seconds)
+        self.vllm_e2e.observe(seconds)
+        for reason in reasons:
+            self.vllm_success.labels(self.model_name, reason or "abort").inc()
 
     def watch(self, engine: AsyncEngine) -> None:
-        self.registry.register(_EngineCollector(engine))
+        self.registry.register(_EngineCollector(engine, self.model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

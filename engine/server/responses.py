@@ -124,6 +124,9 @@ class Formatter:
         entries = None if self.logprobs is None else list(out.prompt_logprobs or [None] * len(ids))
         return _Choice(text=[text], token_ids=ids, logprobs=entries, echoed=len(ids))
 
+    def finish_reasons(self) -> list[Optional[str]]:
+        return [ch.finish_reason for ch in self.choices.values()]
+
     def usage(self) -> dict[str, int]:
         prompt = sum(self.prompt_tokens.values())
         completion = sum(len(ch.token_ids) - ch.echoed for ch in self.choices.values())

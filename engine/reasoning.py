@@ -32,7 +32,7 @@ _State = Literal["start", "reasoning", "content"]
 Start = Literal["thinking", "undecided", "answer"]
 
 
-def _tag_prefix_len(text: str, tag: str) -> int:
+def tag_prefix_len(text: str, tag: str) -> int:
     """The length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):
@@ -78,7 +78,7 @@ class ReasoningSplitter:
         if self.state == "reasoning":
             end = self.held.find(CLOSE)
             if end < 0:
-                keep = len(self.held) if final else len(self.held) - _tag_prefix_len(self.held, CLOSE)
+                keep = len(self.held) if final else len(self.held) - tag_prefix_len(self.held, CLOSE)
                 # trailing whitespace waits: if "</think>" follows it, it is not part of the reasoning
                 sure = self.held[:keep].rstrip()
                 reasoning, self.held = self._give(sure), self.held[len(sure):]

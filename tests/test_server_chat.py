@@ -58,16 +58,17 @@ def test_sentencepiece_byte_fallback_tokens_give_their_byte() -> None:
     assert text == "caf caf\u00e9" and _joined(tok, ids[4:]) == text[3:].encode() == " caf\u00e9".encode()
 
 
-def test_a_replayed_assistant_message_is_accepted_and_tool_calls_refused() -> None:
+def test_a_replayed_assistant_message_is_accepted_and_unsupported_parts_refused() -> None:
     """OpenAI's client's message.model_dump() of a text reply carries refusal, tool_calls, function_call,
-    audio and annotations as null: a history replayed so is valid; a message that uses one is refused."""
+    audio and annotations as null: a history replayed so is valid; a message that uses one this server
+    lacks is refused (tool_calls are served: tests/test_server_tools.py)."""
     reply = {"role": "assistant", "content": "yo", "refusal": None, "tool_calls": None, "function_call": None,
              "audio": None, "annotations": None}
     req = {"model": "m", "messages": [{"role": "user", "content": "hi"}, reply]}
     got = parse_request(json.dumps(req).encode(), ChatCompletionRequest)
     assert [m.text() for m in got.messages] == ["hi", "yo"]
-    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
-    for field, value in (("tool_calls", call), ("refusal", "no"), ("audio", {"id": "a"})):
+    for field, value in (("function_call", {"name": "f", "arguments": "{}"}), ("refusal", "no"),
+                         ("audio", {"id": "a"})):
         bad = {**req, "messages": [req["messages"][0], {**reply, field: value}]}
         with pytest.raises(APIError, match=field) as err:
             parse_request(json.dumps(bad).encode(), ChatCompletionRequest)

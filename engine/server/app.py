@@ -25,8 +25,10 @@ from rast_engine.server.protocol import (
     parse_request,
 )
 from rast_engine.server.request_handle import RequestHandle
+from rast_engine.server.tools import PARSERS as TOOL_PARSERS
 from rast_engine.server.request_params import chat_params, completion_params, echoed
-from rast_engine.server.responses import Formatter, Reasoning
+from rast_engine.server.chat_output import Reasoning
+from rast_engine.server.responses import Formatter
 from rast_engine.server.tokenize import (
     DetokenizeRequest,
     TokenizeRequest,
@@ -48,10 +50,13 @@ Handler = Callable[[Request], Awaitable[Response]]
 class OpenAIServer:
     def __init__(self, engine: Any, *, model_name: str | Sequence[str], api_key: str | None = None,
                  max_waiting: int = 512, queue_timeout: float | None = None,
-                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES, tool_call_parser: str | None = None) -> None:
         if max_request_bytes < 1:
             raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes
+        if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+            raise RastError(f"tool_call_parser must be one of {TOOL_PARSERS} or None, got {tool_call_parser!r}")
+        self.tool_call_parser = tool_call_parser  # None: "auto" tool choice is off, as vLLM's default
         # vLLM's --served-model-name: requests may name any of them, responses carry the first
         self.model_names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
         if not self.model_names or not all(isinstance(n, str) and n for n in self.model_names):
@@ -198,13 +203,18 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await self._body(request), ChatCompletionRequest)
         self._check_model(req.model)
+        tools = req.tool_mode()
+        if tools is not None and tools.kind == "auto" and self.tool_call_parser is None:
+            raise APIError(400, '"auto" tool choice (the default with tools) needs rast serve --enable-auto-tool-choice '
+                                '--tool-call-parser hermes; or send tool_choice "none", "required" or a named function',
+                           param="tool_choice")
         params = chat_params(req, self.engine.engine)
         await self._precompile(params)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         text = await self.engine.in_tokenizer_thread(render_chat, self.tokenizer, req.messages,
                                                      req.add_generation_prompt, req.chat_template_kwargs,
-                                                     req.continue_final_message)
+                                                     req.continue_final_message, req.tools)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
@@ -212,7 +222,7 @@ class OpenAIServer:
         reasoning = None if self.reasoning_parser is None else Reasoning.of(self.reasoning_parser, text,
                                                                              req.include_reasoning)
         fmt = Formatter("chat", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning)
+                        req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning, tools=tools)
         return await self._respond(request, handle, fmt, req)
 
     async def _precompile(self, params: SamplingParams) -> None:

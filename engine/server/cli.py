@@ -13,6 +13,7 @@ from rast_engine.errors import RastError
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
 from rast_engine.config import SCHEDULING_POLICIES
 from rast_engine.reasoning import PARSERS
+from rast_engine.server.tools import PARSERS as TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="as vLLM's: fcfs, or priority (a request's priority field, lower first; the running "
                         "request last in that order is preempted first) (default fcfs)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="as vLLM's: chat requests with tools may let the model choose its calls (tool_choice "
+                        "\"auto\", the default with tools); needs --tool-call-parser")
+    p.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
+                   help="how calls are read from the output for \"auto\": hermes (<tool_call> JSON blocks, the "
+                        "format of Qwen2.5's and Qwen3's templates)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -67,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise RastError(f"--queue-timeout must be a positive number of seconds, got {args.queue_timeout}")
     if args.max_request_bytes < 1:
         raise RastError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:  # vLLM's rule
+        raise RastError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
     api_key = _api_key(args.api_key)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bound before the models load, and by us: uvicorn logs a bind error and exits 3 itself
@@ -81,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
         server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
                               api_key=api_key, max_waiting=args.max_waiting,
-                              queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes)
+                              queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes,
+                              tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
         for sock in socks:  # uvicorn logs no address for sockets it is given
             host, port = sock.getsockname()[:2]
             logger.info("rast serve: listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)

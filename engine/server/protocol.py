@@ -4,12 +4,13 @@ falls back to a default."""
 from __future__ import annotations
 
 import json
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from rast_engine.server.api_error import APIError
 from rast_engine.server.chat_messages import ChatMessage
+from rast_engine.server.tools import NamedToolChoice, Tool, ToolMode, required_schema
 
 
 def _admits_none(annotation: Any) -> bool:
@@ -208,18 +209,53 @@ class ChatCompletionRequest(_Request):
     continue_final_message: bool = False  # vLLM's: the output continues the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (enable_thinking)
     include_reasoning: bool = True  # vLLM's: False drops a reasoning parser's thinking from the response
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    # tools (engine/server/tools.py): tool_choice "none", "auto" (the default with tools, as vLLM's),
+    # "required" or a named function
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        if self.tool_choice not in (None, "none"):  # OpenAI and vLLM: a tool_choice needs tools
-            raise APIError(400, "tool_choice needs tools, which this server does not support", param="tool_choice")
+        if self.tool_choice is None:
+            self.tool_choice = "auto" if self.tools else "none"
+        if self.tool_choice != "none" and not self.tools:  # OpenAI and vLLM: a tool_choice needs tools
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in self.tool_names():
+            raise APIError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools "
+                                f"({', '.join(self.tool_names())})", param="tool_choice")
+        if len(set(self.tool_names())) != len(self.tool_names()):
+            raise APIError(400, "tools name a function twice", param="tools")
         return self
+
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or ()]
+
+    def tool_mode(self) -> ToolMode | None:
+        """How the response reads calls from the output (None: tool_choice "none")."""
+        choice = self.tool_choice
+        if choice in (None, "none"):
+            return None
+        if isinstance(choice, NamedToolChoice):
+            return ToolMode("named", choice.function.name)
+        return ToolMode(choice, single=not self.parallel_tool_calls)  # type: ignore[arg-type]
+
+    def structured(self) -> dict[str, Any] | None:
+        """A named or required tool_choice holds the output to its calls' JSON, and excludes another
+        constraint."""
+        own = super().structured()
+        choice = self.tool_choice
+        if choice != "required" and not isinstance(choice, NamedToolChoice):
+            return own
+        if own is not None:
+            raise APIError(400, "a named or required tool_choice constrains the output itself; it excludes "
+                                "response_format and structured_outputs", param="tool_choice")
+        if choice == "required":
+            return {"json": required_schema(self.tools or [], not self.parallel_tool_calls)}
+        spec = next(t.function for t in self.tools or () if t.function.name == choice.function.name)
+        return {"json": spec.parameters or {"type": "object"}}
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

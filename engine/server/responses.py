@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from rast_engine.reasoning import Parser, ReasoningSplitter, Start, prompt_start
+from rast_engine.server.chat_output import ChatParts, Reasoning
+from rast_engine.server.tools import ToolMode
 from rast_engine.server.token_bytes import token_bytes
 
 Kind = Literal["completion", "chat"]
@@ -41,34 +42,17 @@ class _Choice:
     sent_offset: int = 0  # text_offset after the tokens sent: the sum of their strings' lengths, as body()'s
     sent_tokens: int = 0
     done: bool = False  # its finishing chunk is sent
-    splitter: Optional[ReasoningSplitter] = None  # a chat stream's reasoning parser, fed what was sent
-
-
-@dataclass(frozen=True)
-class Reasoning:
-    """How a chat response splits its choices' text (rast_engine.reasoning)."""
-    start: Start  # where the rendered prompt leaves the output (prompt_start)
-    include: bool = True  # vLLM's include_reasoning: False drops the reasoning from the response
-
-    @classmethod
-    def of(cls, parser: Parser, prompt: str, include: bool) -> Reasoning:
-        return cls(prompt_start(parser, prompt), include)
-
-    def fields(self, reasoning: str) -> dict[str, Any]:
-        """The reasoning's message or delta fields: vLLM's name and its older one, which clients still read."""
-        if not self.include:
-            return {}
-        value = reasoning or None
-        return {"reasoning": value, "reasoning_content": value}
+    parts: Optional[ChatParts] = None  # a chat choice's parsers: the stream's, or the message's
 
 
 class Formatter:
     def __init__(self, kind: Kind, response_id: str, model: str, request_ids: list[str], n: int,
                  tokenizer: Any, logprobs: int | None, echo: Optional[list[Optional[str]]] = None,
                  prompt_logprobs: int | None = None, generates: bool = True,
-                 reasoning: Reasoning | None = None) -> None:
+                 reasoning: Reasoning | None = None, tools: ToolMode | None = None) -> None:
         self.kind, self.id, self.model, self.n = kind, response_id, model, n
-        self.reasoning = reasoning  # chat only: split each choice's thinking from its answer
+        # chat only: split each choice's thinking from its answer, and read tool calls from the answer
+        self.reasoning, self.tools = reasoning, tools
         # False: echo with max_tokens 0, whose one drawn token (the engine draws at least one) is dropped
         self.generates = generates
         self.created = int(time.time())
@@ -194,7 +178,9 @@ class Formatter:
             choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(ch.token_ids, ch.logprobs, 0),
                                       "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason}
             if self.kind == "chat":
-                choice["message"] = self._message(text)
+                ch.parts = ChatParts(self.reasoning, self.tools)
+                choice["message"] = ch.parts.message(text)
+                choice["finish_reason"] = ch.parts.finish_reason(ch.finish_reason)
             else:
                 choice["text"] = text
                 if self.prompt_logprobs is not None:
@@ -206,22 +192,10 @@ class Formatter:
             body["prompt_logprobs"] = next(iter(self.prompt_entries.values()), None)
         return body
 
-    def _message(self, text: str) -> dict[str, Any]:
-        if self.reasoning is None:
-            return {"role": "assistant", "content": text}
-        reasoning, content = ReasoningSplitter(self.reasoning.start).feed(text, final=True)
-        # as vLLM: a message that is all thinking (cut by max_tokens, say) has no content
-        return {"role": "assistant", "content": content if content or not reasoning else None,
-                **self.reasoning.fields(reasoning)}
-
     def _delta(self, ch: _Choice, text: str) -> dict[str, Any]:
-        """A chat chunk's delta for a choice's new text; empty while a reasoning parser holds it back."""
-        if self.reasoning is None:
-            return {"content": text} if text else {}
-        if ch.splitter is None:
-            ch.splitter = ReasoningSplitter(self.reasoning.start)
-        reasoning, content = ch.splitter.feed(text, final=ch.finish_reason is not None)
-        return {**(self.reasoning.fields(reasoning) if reasoning else {}), **({"content": content} if content else {})}
+        if ch.parts is None:
+            ch.parts = ChatParts(self.reasoning, self.tools)
+        return ch.parts.delta(text, final=ch.finish_reason is not None)
 
     # ---- streams ----
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -249,7 +223,8 @@ class Formatter:
                 continue  # its tokens' logprobs ride on the next chunk with text
             new_lp = None if ch.logprobs is None else ch.logprobs[ch.sent_tokens:]
             lp = self._logprobs(ch.token_ids[ch.sent_tokens:], new_lp, ch.sent_offset)
-            choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": ch.finish_reason,
+            finish = ch.finish_reason if ch.parts is None else ch.parts.finish_reason(ch.finish_reason)
+            choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": finish,
                                       "stop_reason": ch.stop_reason}
             choice["delta" if self.kind == "chat" else "text"] = delta
             chunks.append(self._chunk([choice]))

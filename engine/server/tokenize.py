@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, StrictInt, model_validator
 from rast_engine.server.api_error import APIError
 from rast_engine.server.chat_messages import ChatMessage, render_chat
+from rast_engine.server.tools import Tool
 
 
 class TokenizeRequest(BaseModel):
@@ -21,6 +22,7 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[Tool] | None = None  # vLLM's: the functions the chat template lists
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
@@ -50,7 +52,7 @@ def tokenize(tokenizer: Any, req: TokenizeRequest, max_model_len: int) -> dict[s
         if getattr(tok, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template; send a prompt", param="messages")
         text = render_chat(tok, req.messages, req.add_generation_prompt, req.chat_template_kwargs,
-                           req.continue_final_message)
+                           req.continue_final_message, req.tools)
         special = bool(req.add_special_tokens)
     else:
         text, special = req.prompt, req.add_special_tokens is not False

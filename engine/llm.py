@@ -98,11 +98,12 @@ class LLM:
 
     def chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: Params = None,
              use_tqdm: bool = True, *, chat_template: Optional[str] = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None,
+             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
         """Applies the chat template (the tokenizer's, or ``chat_template``, with ``chat_template_kwargs``'
-        variables) to one conversation (``messages``) or a list of them, as vLLM's LLM.chat: with the
-        assistant's generation prompt, or continuing the final message; each output's ``prompt`` is the
-        templated text."""
+        variables and ``tools``, OpenAI's function specs, for the template to list) to one conversation
+        (``messages``) or a list of them, as vLLM's LLM.chat: with the assistant's generation prompt, or
+        continuing the final message; each output's ``prompt`` is the templated text."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
         variables = chat_template_variables(tokenizer, chat_template_kwargs)
@@ -115,7 +116,7 @@ class LLM:
         for conv in conversations:
             texts.append(render_conversation(tokenizer, [_text_message(m) for m in conv], "a conversation", variables,
                                              chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message))
+                                             continue_final_message=continue_final_message, tools=tools))
         # the template writes any BOS itself, so the text is encoded without adding special tokens
         prompts = [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

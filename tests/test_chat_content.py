@@ -77,3 +77,8 @@ def test_chat_uses_the_template(llm: LLM) -> None:
         assert out.prompt == "hello world" + ("<think>" if flag else "")
     with pytest.raises(RastError, match="apply_chat_template's own"):
         llm.chat(conv, one, use_tqdm=False, chat_template_kwargs={"tokenize": True})
+    # vLLM's tools: the function specs reach the template
+    listed = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{{ messages[0]['content'] }}"
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    out = llm.chat(conv, one, use_tqdm=False, chat_template=listed, add_generation_prompt=False, tools=tools)[0]
+    assert out.prompt == "[get_weather]hello world"

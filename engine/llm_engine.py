@@ -77,7 +77,7 @@ class LLMEngine:
                     priority: int = 0) -> None:
         """``prompt``: text, token ids, or vLLM's dict prompt of either (requests.prompt_of); ``priority``:
         vLLM's, lower first, with scheduling_policy="priority" only."""
-        check_priority(priority, self.config.scheduling_policy)
+        priority = check_priority(priority, self.config.scheduling_policy)
         prompt = prompt_of(prompt)
         ids, weights, params, grammar = checked_request(self, request_id, prompt, params)
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)

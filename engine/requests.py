@@ -3,6 +3,7 @@ rejected request leaves the engine exactly as it was."""
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Union
 
@@ -112,14 +113,19 @@ def render_conversation(tokenizer: Any, conversation: list[dict], what: str, var
         raise RastError(f"the chat template rejected {what}: {exc}", param="messages") from None
 
 
-def check_priority(priority: object, policy: str) -> None:
-    """RastError unless ``priority`` is an int the engine's scheduling policy can honour (vLLM refuses a
-    priority under FCFS rather than ignore it)."""
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise RastError(f"priority must be an integer, got {priority!r}", param="priority")
+def check_priority(priority: object, policy: str) -> int:
+    """``priority`` as an int; RastError unless it is an integer the engine's scheduling policy can honour
+    (vLLM refuses a priority under FCFS rather than ignore it)."""
+    try:
+        if isinstance(priority, bool):
+            raise TypeError
+        priority = operator.index(priority)  # any integer, numpy's too, as vLLM takes them; not a bool or float
+    except TypeError:
+        raise RastError(f"priority must be an integer, got {priority!r}", param="priority") from None
     if priority != 0 and policy != "priority":
         raise RastError(f"priority={priority} needs scheduling_policy='priority' (--scheduling-policy priority); "
                         f"this engine schedules {policy!r}", param="priority")
+    return priority
 
 
 def check_token_ids(name: str, ids: Optional[Iterable[int]], vocab_size: int) -> None:

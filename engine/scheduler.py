@@ -121,6 +121,8 @@ class Scheduler:
         front of the queue from position ``at`` (behind those an earlier fork of the same step queued),
         holding no block (module docstring). Returns how many wait."""
         free = max(self.max_num_seqs - len(self.running), 0)
+        if samples and self.by_priority and self.waiting and priority_key(self.waiting[0]) < priority_key(samples[0]):
+            free = 0  # a more urgent request waits: the samples queue behind it, not take the slots first
         for seq in samples[:free]:
             self.bm.fork(parent, seq)
             self._run(seq)

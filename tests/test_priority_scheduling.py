@@ -141,3 +141,25 @@ def test_priorities_under_preemption_leave_every_output_its_own(qwen2_triple: tu
         assert {k: [o.token_ids for o in v] for k, v in done.items()} == alone, kw
         assert engine.scheduler.num_preemptions > 0 or "speculative_tokens" in kw, kw
         assert engine.scheduler.bm.num_free_blocks == engine.scheduler.bm.num_blocks
+
+
+def test_a_forking_request_does_not_take_slots_ahead_of_a_more_urgent_one(qwen2_triple: tuple) -> None:
+    """A low-priority request of n = 2 forks while an urgent one waits (it arrived during the low one's
+    chunked prefill): the samples queue behind it instead of taking the free slot. Found by a review.
+    numpy integers are priorities too, as vLLM takes them."""
+    import numpy as np
+    from logit_adjust_util import make_engine
+
+    engine = make_engine(qwen2_triple, scheduling_policy="priority", max_num_seqs=2, max_num_batched_tokens=8)
+    engine.add_request("low", list(range(10, 22)), SamplingParams(temperature=0.9, seed=1, max_tokens=20, n=2,
+                                                                  ignore_eos=True), priority=np.int64(5))
+    finished, step = [], 0
+    while engine.has_unfinished_requests():
+        if step == 1:
+            engine.add_request("urgent", [40, 41, 42, 43, 44, 45], SamplingParams(max_tokens=3, ignore_eos=True),
+                               priority=0)
+        finished += [o.request_id for o in engine.step() if o.finished]
+        step += 1
+    assert finished == ["urgent", "low"]
+    with pytest.raises(RastError, match="priority must be an integer"):
+        engine.add_request("x", [5, 9], SamplingParams(max_tokens=1), priority=True)

@@ -144,7 +144,7 @@ def test_a_named_function_is_called_with_the_schemas_json(tool_srv) -> None:  # 
         (call,) = c["message"]["tool_calls"]
         assert (call["function"]["name"], call["function"]["arguments"]) == ("get_weather", w["text"])
         assert c["message"]["content"] is None
-        assert c["finish_reason"] == ("tool_calls" if w["finish_reason"] == "stop" else "length")
+        assert c["finish_reason"] == w["finish_reason"]  # a forced call: "stop", as OpenAI's and vLLM's
         assert [(s["function"]["name"], s["function"]["arguments"]) for s in streamed[i]["calls"]] == \
             [("get_weather", w["text"])] and streamed[i]["content"] == "" and streamed[i]["finish"] == c["finish_reason"]
         if w["finish_reason"] == "stop":
@@ -231,3 +231,41 @@ def test_calls_are_read_from_the_answer_after_the_thinking() -> None:
         joined["calls"] += delta.get("tool_calls") or []
     assert (joined["reasoning"], joined["content"]) == (message["reasoning"], message["content"])
     assert _stripped(joined["calls"]) == _stripped(message["tool_calls"]) and parts.finish_reason("stop") == "tool_calls"
+
+
+def test_review_edges_of_calls_and_replays() -> None:
+    """Found by a review: "required" over tools whose parameters use $defs (pydantic's nested models) keeps
+    the references resolvable; a lone surrogate escape in a call's arguments stays JSON a UTF-8 body can
+    carry; JSON nested past Python's recursion limit is no call (model output) or a 400 (a request); the
+    openai client's stream helper's extra fields (index, parsed_arguments, parsed) replay."""
+    city = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    nested = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "$defs": {"City": city}}}}
+    schema = required_schema([Tool(**nested), Tool(**WEATHER)], single=False)
+    assert schema["$defs"] == {"City": city} and "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    other = {"type": "function", "function": {"name": "g", "parameters": {"$defs": {"City": {"type": "string"}}}}}
+    with pytest.raises(APIError, match="differently"):
+        required_schema([Tool(**nested), Tool(**other)], single=False)
+    _, calls = extract_calls(ToolMode("auto"), '<tool_call>{"name": "f", "arguments": {"x": "\\ud800"}}</tool_call>')
+    calls[0]["function"]["arguments"].encode("utf-8")
+    assert json.loads(calls[0]["function"]["arguments"]) == {"x": "\ud800"}
+    deep = "[" * 5000 + "]" * 5000
+    assert extract_calls(ToolMode("required"), deep) == (deep, [])
+    assert extract_calls(ToolMode("auto"), f"<tool_call>{deep}</tool_call>")[1] == []
+    with pytest.raises(APIError, match="not JSON"):
+        ChatMessage(role="assistant", tool_calls=[{"type": "function", "function": {"name": "f", "arguments": deep}}]
+                    ).for_template()
+    helper = ChatMessage(role="assistant", content=None, parsed=None, tool_calls=[
+        {"id": "c", "index": 0, "type": "function",
+         "function": {"name": "f", "arguments": "{}", "parsed_arguments": None}}])
+    assert helper.for_template()["tool_calls"] == [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}]
+
+
+def test_required_resolves_pydantic_refs_on_the_server(tool_srv) -> None:  # noqa: ANN001
+    city = {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"],
+            "additionalProperties": False}
+    nested = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"c": {"$ref": "#/$defs/C"}}, "required": ["c"], "additionalProperties": False,
+        "$defs": {"C": city}}}}
+    r = _chat(tool_srv.url, tools=[nested], tool_choice="required", parallel_tool_calls=False)
+    assert r.status_code == 200, r.text

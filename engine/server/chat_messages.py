@@ -27,6 +27,7 @@ class ChatMessage(BaseModel):
     # an assistant message as OpenAI's client returns it (message.model_dump()) carries these, null or
     # empty when the message is text; anything else is a feature this server does not have
     refusal: str | None = None
+    parsed: Any = None  # the openai client's parse helpers add it; content says the same
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     annotations: list[dict[str, Any]] | None = None

@@ -35,10 +35,13 @@ class ChatParts:
         self.reasoning, self.tools = reasoning, tools
         self.splitter = None if reasoning is None else ReasoningSplitter(reasoning.start)
         self.calls = None if tools is None else ToolStream(tools)
-        self.called = False  # tool calls were made: a choice that stopped finishes with "tool_calls"
+        # calls the model chose were made: a choice that stopped finishes with "tool_calls" (a named
+        # function's forced call keeps "stop", as OpenAI's and vLLM's)
+        self.called = False
 
     def finish_reason(self, reason: Optional[str]) -> Optional[str]:
-        return "tool_calls" if self.called and reason == "stop" else reason
+        chose = self.tools is not None and self.tools.kind != "named"
+        return "tool_calls" if self.called and chose and reason == "stop" else reason
 
     def _parts(self, text: str, final: bool) -> tuple[str, str, list[dict[str, Any]]]:
         reasoning, content = ("", text) if self.splitter is None else self.splitter.feed(text, final)

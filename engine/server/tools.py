@@ -63,6 +63,7 @@ class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     arguments: str  # JSON text, as OpenAI sends it
+    parsed_arguments: Any = None  # the openai client's stream helper adds it; arguments say the same
 
 
 class ToolCall(BaseModel):
@@ -70,12 +71,13 @@ class ToolCall(BaseModel):
     id: Optional[str] = None
     type: Literal["function"] = "function"
     function: FunctionCall
+    index: Optional[int] = None  # a streamed call's position, which the openai client's helper keeps
 
     def for_template(self) -> dict[str, Any]:
         """As chat templates read a call: its arguments as an object (vLLM hands them over the same way)."""
         try:
             arguments = json.loads(self.function.arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise APIError(400, f"messages: tool call {self.function.name!r} has arguments that are not JSON",
                            param="messages") from None
         return {**({} if self.id is None else {"id": self.id}), "type": "function",
@@ -91,11 +93,32 @@ class ToolMode:
 
 
 def required_schema(tools: list[Tool], single: bool) -> dict[str, Any]:
-    """The JSON schema of "required": an array of {"name", "parameters"} calls over the tools."""
-    calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                               "parameters": t.function.parameters or {"type": "object"}},
-              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    return {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": calls}}
+    """The JSON schema of "required": an array of {"name", "parameters"} calls over the tools. Each tool's
+    $defs move to the root, where its "#/$defs/..." references (pydantic's, for nested models) still
+    resolve; two tools defining one name differently are a 400, as in vLLM."""
+    defs: dict[str, Any] = {}
+    calls = []
+    for t in tools:
+        params = dict(t.function.parameters or {"type": "object"})
+        for name, schema in params.pop("$defs", {}).items():
+            if defs.setdefault(name, schema) != schema:
+                raise APIError(400, f"tools define $defs {name!r} differently; rename one", param="tools")
+        calls.append({"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
+                                                       "parameters": params},
+                      "required": ["name", "parameters"], "additionalProperties": False})
+    return {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": calls},
+            **({"$defs": defs} if defs else {})}
+
+
+def _dumps(value: Any) -> str:
+    """JSON text of a call's arguments: characters as they are, escaped where JSON's text held a lone
+    surrogate (no UTF-8 body could carry it)."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
 
 
 def _call(name: str, arguments: str) -> dict[str, Any]:
@@ -110,12 +133,12 @@ def _hermes(text: str) -> Optional[list[dict[str, Any]]]:
     for block in _BLOCK.findall(text):
         try:
             value = json.loads(block)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not (isinstance(value, dict) and isinstance(value.get("name"), str)
                 and isinstance(value.get("arguments", {}), dict)):
             return None
-        calls.append(_call(value["name"], json.dumps(value.get("arguments", {}), ensure_ascii=False)))
+        calls.append(_call(value["name"], _dumps(value.get("arguments", {}))))
     return calls
 
 
@@ -126,12 +149,12 @@ def extract_calls(mode: ToolMode, content: str) -> tuple[Optional[str], list[dic
     if mode.kind == "required":
         try:
             value = json.loads(content)
-        except ValueError:  # cut by max_tokens: no call to make of it
+        except (ValueError, RecursionError):  # cut by max_tokens: no call to make of it
             return content, []
         if not (isinstance(value, list) and all(isinstance(c, dict) and isinstance(c.get("name"), str)
                                                 and "parameters" in c for c in value)):
             return content, []
-        return None, [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+        return None, [_call(c["name"], _dumps(c["parameters"])) for c in value]
     start = content.find(OPEN)
     calls = None if start < 0 else _hermes(content[start:])
     if not calls:

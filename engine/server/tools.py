@@ -96,18 +96,19 @@ def required_schema(tools: list[Tool], single: bool) -> dict[str, Any]:
     """The JSON schema of "required": an array of {"name", "parameters"} calls over the tools. Each tool's
     $defs move to the root, where its "#/$defs/..." references (pydantic's, for nested models) still
     resolve; two tools defining one name differently are a 400, as in vLLM."""
-    defs: dict[str, Any] = {}
+    defs: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}  # the older draft's name too
     calls = []
     for t in tools:
         params = dict(t.function.parameters or {"type": "object"})
-        for name, schema in params.pop("$defs", {}).items():
-            if defs.setdefault(name, schema) != schema:
-                raise APIError(400, f"tools define $defs {name!r} differently; rename one", param="tools")
+        for key, found in defs.items():
+            for name, schema in (params.pop(key, None) or {}).items():
+                if found.setdefault(name, schema) != schema:
+                    raise APIError(400, f"tools define {key} {name!r} differently; rename one", param="tools")
         calls.append({"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
                                                        "parameters": params},
                       "required": ["name", "parameters"], "additionalProperties": False})
     return {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": calls},
-            **({"$defs": defs} if defs else {})}
+            **{key: found for key, found in defs.items() if found}}
 
 
 def _dumps(value: Any) -> str:

@@ -71,6 +71,8 @@ def test_user_mistakes_are_one_line(capsys: pytest.CaptureFixture[str], triple: 
     assert "one suite" in _one_line_error(capsys, ["bench", "all", "--fast"], "bench")
     # NaN passed the > 0 check, and its timer then fired at random
     assert "--queue-timeout" in _one_line_error(capsys, ["serve", "/no/model", "--queue-timeout", "nan"], "serve")
+    assert "needs --tool-call-parser" in _one_line_error(capsys, ["serve", "/no/model", "--enable-auto-tool-choice"],
+                                                         "serve")  # vLLM's rule, before any model loads
     with socket.socket() as taken:  # uvicorn logged the bind error and exited 3, after loading every model
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -269,3 +269,10 @@ def test_required_resolves_pydantic_refs_on_the_server(tool_srv) -> None:  # noq
         "$defs": {"C": city}}}}
     r = _chat(tool_srv.url, tools=[nested], tool_choice="required", parallel_tool_calls=False)
     assert r.status_code == 200, r.text
+
+
+def test_a_named_choice_without_an_answer_makes_no_call() -> None:
+    """Found by a soak: an output that ended (EOS) inside the thinking leaves the named choice no answer;
+    it is no call with empty arguments, as "required" is none."""
+    assert extract_calls(ToolMode("named", "f"), "") == ("", [])
+    assert extract_calls(ToolMode("named", "f"), '{"x": 1}')[1][0]["function"]["arguments"] == '{"x": 1}'

@@ -54,7 +54,7 @@ class _Request(BaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     lam: float | list[float] | None = None  # one number, or one per small pair
     plausibility_alpha: float = Field(0.0, ge=0.0, le=1.0)  # contrastive decoding's mask (rast's own field)
-    priority: int = Field(0, ge=-2**63, le=2**63 - 1)  # vLLM's: lower first, with --scheduling-policy priority
+    priority: StrictInt = Field(0, ge=-2**63, le=2**63 - 1)  # vLLM's: lower first, with --scheduling-policy priority
     repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
     allowed_token_ids: list[StrictInt] | None = Field(None, min_length=1)
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (one of json, json_object,

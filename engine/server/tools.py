@@ -145,8 +145,8 @@ def _hermes(text: str) -> Optional[list[dict[str, Any]]]:
 
 def extract_calls(mode: ToolMode, content: str) -> tuple[Optional[str], list[dict[str, Any]]]:
     """A whole choice's (content, calls)."""
-    if mode.kind == "named":
-        return None, [_call(mode.name or "", content)]
+    if mode.kind == "named":  # no answer (an EOS inside the thinking, where nothing is masked): no call
+        return (None, [_call(mode.name or "", content)]) if content.strip() else (content, [])
     if mode.kind == "required":
         try:
             value = json.loads(content)

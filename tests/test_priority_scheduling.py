@@ -110,8 +110,6 @@ def test_the_server_takes_vllms_priority_field(srv, server_triple: tuple) -> Non
     r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)  # the default fcfs server
     assert (r.status_code, r.json()["error"]["param"]) == (400, "priority"), r.text
     assert httpx.post(f"{srv.url}/v1/completions", json={**body, "priority": 0}, timeout=60).status_code == 200
-    r = httpx.post(f"{srv.url}/v1/completions", json={**body, "priority": True}, timeout=60)  # not read as 1
-    assert (r.status_code, r.json()["error"]["param"]) == (400, "priority"), r.text
     running = Running(OpenAIServer(server_engine(server_triple, scheduling_policy="priority"), model_name=MODEL))
     try:
         seen: list[int] = []
@@ -121,6 +119,8 @@ def test_the_server_takes_vllms_priority_field(srv, server_triple: tuple) -> Non
         assert httpx.post(f"{running.url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
         assert httpx.post(f"{running.url}/v1/completions", json=body, timeout=60).status_code == 200
         assert seen == [-3, 1]
+        r = httpx.post(f"{running.url}/v1/completions", json={**body, "priority": True}, timeout=60)  # not read as 1
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "priority"), r.text
     finally:
         running.close()
 

@@ -181,14 +181,15 @@ def keeps_results(out: Path | None, device: torch.device, quick: bool) -> bool:
     return out is not None or device.type == "cuda" or not quick
 
 
-def write_results(name: str, device: torch.device, rows: Sequence[dict], extra: dict | None = None,
+def write_results(name: str, device: torch.device | str, rows: Sequence[dict], extra: dict | None = None,
                   out_dir: Path | None = None, commit: str | None = None) -> Path:
     """<out_dir or bench/results>/<name>-<device>-<shortsha>.json with device, commit, date, rows
     (+ extra fields). A long run passes the commit it read at its start, so a commit made while it runs
-    does not rename its file between rewrites."""
+    does not rename its file between rewrites. ``device``: this machine's, or the name of the one that
+    was measured (a remote server's)."""
     out_dir = RESULTS if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev, sha = device_name(device), commit or git_sha()
+    dev, sha = device if isinstance(device, str) else device_name(device), commit or git_sha()
     path = out_dir / f"{name}-{slug(dev)}-{slug(sha)}.json"
     payload = {"device": dev, "commit": sha, "date": now(), **(extra or {}), "rows": list(rows)}
     path.write_text(json.dumps(payload, indent=2) + "\n")

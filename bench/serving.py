@@ -11,7 +11,8 @@ model, for a side-by-side on one machine). Each request is a streamed /v1/comple
 prompt of --input-len words, ``ignore_eos`` and ``max_tokens`` = --output-len, so every request makes
 exactly that many tokens (checked against the server's usage). Arrivals are Poisson at --rate (seeded; inf
 sends them all at once), at most --concurrency in flight. Per row: the medians and p99 of TTFT (arrival to
-the first token's chunk), TPOT ((E2E - TTFT) / (tokens - 1)) and ITL (gaps between chunks), and the
+the first token's chunk; arrival is when the request is sent, once one of the --concurrency slots
+is free), TPOT ((E2E - TTFT) / (tokens - 1)) and ITL (gaps between chunks), and the
 output tokens per second over the run's wall time.
 
 The floor a decode step can reach is bench/decode.py's roofline for the same pairing at a batch of about

@@ -1,6 +1,7 @@
 """EngineConfig: everything LLM(...) accepts, validated before any model is loaded."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -171,6 +172,8 @@ class EngineConfig:
             raise RastError(f"reasoning_parser must be one of {', '.join(PARSERS)} or None, got {self.reasoning_parser!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise RastError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
+        if isinstance(self.generation_config, os.PathLike):  # a directory given as a Path, as the model paths may be
+            self.generation_config = os.fspath(self.generation_config)
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise RastError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

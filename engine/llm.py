@@ -71,12 +71,14 @@ class LLM:
         # only final outputs are returned: the engine need not build one at every step (output_kind)
         params = [replace(p, output_kind="final_only") if isinstance(p, SamplingParams) else p for p in params]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        seeds = self.llm_engine.seed_rng.getstate()
         try:
             for rid, prompt, p, rank in zip(ids, prompts, params, priorities):
                 self.llm_engine.add_request(rid, prompt, p, priority=rank)
-        except BaseException:  # a rejected prompt (or a tokenizer's error): the batch is admitted whole or not at all
-            for rid in ids:
+        except BaseException:  # a rejected prompt (or a tokenizer's error): the batch is admitted whole or not at all,
+            for rid in ids:     # and the seeds its admitted requests drew are drawn again by the next call
                 self.llm_engine.abort_request(rid)
+            self.llm_engine.seed_rng.setstate(seeds)
             raise
         return self._run(ids, use_tqdm)
 

@@ -63,7 +63,8 @@ class LLMEngine:
         self.vocab_size = self.model_set.vocab_size
         self.groups: dict[str, SequenceGroup] = {}
         self._arrivals = itertools.count()
-        self._seed_rng = random.Random(config.seed)
+        # draws the seed of each request that sets none; a rejected batch rewinds it (LLM.generate)
+        self.seed_rng = random.Random(config.seed)
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._last_step_s = 0.0
@@ -80,7 +81,7 @@ class LLMEngine:
         priority = check_priority(priority, self.config.scheduling_policy)
         prompt = prompt_of(prompt)
         ids, weights, params, grammar = checked_request(self, request_id, prompt, params)
-        request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        request_seed = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
                               arrival=next(self._arrivals), weights=weights, grammar=grammar, priority=priority,

@@ -9,6 +9,8 @@ the engine ends clean: no request, every block free at reference count 0, the pr
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -234,6 +236,23 @@ def test_generate_interrupted_leaves_no_request_behind(qwen2_triple: tuple, monk
     again = llm.generate(TEXTS[:2], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in want]
     assert_clean(engine)
+
+
+def test_a_rejected_batch_leaves_the_next_outputs_as_they_were(qwen2_triple: tuple, tmp_path: Path) -> None:
+    """A batch whose last prompt is refused is admitted not at all, and the seeds its first requests drew
+    are drawn again: the next unseeded outputs equal a fresh LLM's (found by a review). A generation
+    config directory may be given as a Path, as the model paths may."""
+    kw = dict(lam=LAM, block_size=BS, kv_cache_blocks=64)
+    params = SamplingParams(temperature=1.0, max_tokens=6)
+    want = LLM(*map(str, qwen2_triple), **kw).generate(TEXTS[:2], params, use_tqdm=False)
+    llm = LLM(*map(str, qwen2_triple), **kw)
+    with pytest.raises(RastError):
+        llm.generate([*TEXTS[:2], [5] * 5000], params, use_tqdm=False)  # past max_model_len
+    assert_clean(llm.llm_engine)
+    got = llm.generate(TEXTS[:2], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert LLM(*map(str, qwen2_triple), generation_config=Path(qwen2_triple[0]), **kw).llm_engine.config.generation_config \
+        == str(qwen2_triple[0])
 
 
 # ---- scoring between generation steps ------------------------------------------------------------------

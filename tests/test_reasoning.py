@@ -11,15 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings, strategies as st
+
 from factories import CHAT_TEMPLATE, make_triple
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from rast_engine.reasoning import (
-    PARSERS,
-    ReasoningSplitter,
-    prompt_start,
-    split_reasoning,
-)
+from rast_engine.reasoning import PARSERS, ReasoningSplitter, prompt_start, split_reasoning
 from rast_engine.server.api_error import APIError
 from rast_engine.server.chat_messages import ChatMessage, render_chat
 

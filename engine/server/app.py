@@ -10,38 +10,28 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from rast_engine import __version__
 from rast_engine.errors import RastError
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
 from rast_engine.server.async_engine import AsyncEngine
 from rast_engine.server.chat_messages import render_chat
+from rast_engine.server.chat_output import Reasoning
 from rast_engine.server.http_io import SSEResponse, sse, too_large, unless_client_leaves
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
-from rast_engine.server.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    parse_request,
-)
+from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from rast_engine.server.request_handle import RequestHandle
-from rast_engine.server.tools import PARSERS as TOOL_PARSERS
 from rast_engine.server.request_params import chat_params, completion_params, echoed
-from rast_engine.server.chat_output import Reasoning
 from rast_engine.server.responses import Formatter
-from rast_engine.server.tokenize import (
-    DetokenizeRequest,
-    TokenizeRequest,
-    detokenize,
-    tokenize,
-    tokenizer_info,
-)
+from rast_engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
+from rast_engine.server.tools import PARSERS as TOOL_PARSERS
 from rast_engine.structured import engine_grammars
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 log = logging.getLogger("rast.server")
 Handler = Callable[[Request], Awaitable[Response]]

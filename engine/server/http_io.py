@@ -6,10 +6,11 @@ import asyncio
 import json
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
-from rast_engine.server.protocol import APIError
-from rast_engine.server.request_handle import RequestHandle
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+
+from rast_engine.server.api_error import APIError
+from rast_engine.server.request_handle import RequestHandle
 
 T = TypeVar("T")
 

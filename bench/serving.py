@@ -74,23 +74,25 @@ async def _load(url: str, model: str, requests: int, rate: float, concurrency: i
     import httpx
 
     rng = random.Random(seed)
+    # every request's prompt and arrival drawn before the load starts: the seed alone fixes them, whatever
+    # order the event loop runs the sends in
+    bodies, delays, t = [], [], 0.0
+    for i in range(requests):
+        bodies.append({"model": model, "prompt": _prompt(rng, input_len), "max_tokens": output_len, "stream": True,
+                       "ignore_eos": True, "temperature": 1.0, "seed": seed + i,
+                       "stream_options": {"include_usage": True}})
+        delays.append(t)
+        t += 0.0 if math.isinf(rate) else rng.expovariate(rate)
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits) as client:
-        async def send(i: int, delay: float) -> dict:
+        async def send(body: dict, delay: float) -> dict:
             await asyncio.sleep(delay)
             async with gate:
-                body = {"model": model, "prompt": _prompt(rng, input_len), "max_tokens": output_len, "stream": True,
-                        "ignore_eos": True, "temperature": 1.0, "seed": seed + i,
-                        "stream_options": {"include_usage": True}}
                 return await _one(client, url, body, time.perf_counter())
 
-        delays, t = [], 0.0
-        for _ in range(requests):
-            delays.append(t)
-            t += 0.0 if math.isinf(rate) else rng.expovariate(rate)
         start = time.perf_counter()
-        done = await asyncio.gather(*(send(i, d) for i, d in enumerate(delays)))
+        done = await asyncio.gather(*(send(b, d) for b, d in zip(bodies, delays)))
         return list(done), time.perf_counter() - start
 
 

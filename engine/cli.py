@@ -15,6 +15,7 @@ from rast_engine.errors import NoAdmissibleToken, RastError
 SUBCOMMANDS: tuple[str, ...] = (
     "rast_engine.commands.generate",
     "rast_engine.server.cli",
+    "rast_engine.server.batch_cli",
     "rast_engine.commands.bench",
     "rast_engine.evaluation.cli",
     "rast_engine.analysis.cli",

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import socket
+from typing import Any
 
 from rast_engine.commands import add_model_args, build_engine, read_chat_template, require_model, use_chat_template
 from rast_engine.errors import RastError
@@ -35,16 +36,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on the /v1 and tokenizer routes (default: "
                         "$RAST_API_KEY, else vLLM's $VLLM_API_KEY; an empty variable counts as unset)")
-    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="the model names clients may send, as vLLM's: responses carry the first (default: "
-                        "the MODEL path)")
-    p.add_argument("--max-waiting", type=int, default=512,
-                   help="requests allowed to wait beyond --max-num-seqs; more get 429 (default 512)")
     p.add_argument("--queue-timeout", type=float, default=None,
                    help="seconds a request may wait for its first token before a 503 (default: no limit)")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help="largest request body accepted; a larger one gets 413 before it is read "
                         f"(default {MAX_REQUEST_BYTES >> 20} MiB)")
+    add_engine_server_args(p)
+    p.set_defaults(func=run)
+
+
+def add_engine_server_args(p: argparse.ArgumentParser) -> None:
+    """The flags of what serves requests, shared by `rast serve` and `rast run-batch`."""
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model names clients may send, as vLLM's: responses carry the first (default: "
+                        "the MODEL path)")
+    p.add_argument("--max-waiting", type=int, default=512,
+                   help="requests allowed to wait beyond --max-num-seqs; more get 429 (run-batch sends no "
+                        "more) (default 512)")
     p.add_argument("--chat-template", metavar="T", help="the chat template of /v1/chat/completions and /tokenize: "
                    "a Jinja template or a file holding one (default: the tokenizer's; base models often have none)")
     p.add_argument("--reasoning-parser", choices=PARSERS, default=None,
@@ -61,23 +69,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how calls are read from the output for \"auto\": hermes (<tool_call> JSON blocks, the "
                         "format of Qwen2.5's and Qwen3's templates)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     require_model(args)  # before the port is bound; whether the directory exists is build_engine's
     if not 0 < args.port < 65536:
         raise RastError(f"--port must be in 1..65535, got {args.port}")
-    if args.max_waiting < 0:
-        raise RastError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if args.queue_timeout is not None and not 0 < args.queue_timeout < math.inf:
         raise RastError(f"--queue-timeout must be a positive number of seconds, got {args.queue_timeout}")
     if args.max_request_bytes < 1:
         raise RastError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
-    if args.enable_auto_tool_choice and args.tool_call_parser is None:  # vLLM's rule
-        raise RastError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
+    check_engine_server_args(args)
     api_key = _api_key(args.api_key)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args)
     # bound before the models load, and by us: uvicorn logs a bind error and exits 3 itself
     template = read_chat_template(args.chat_template)
     socks = _listen(args.host, args.port)
@@ -86,12 +90,8 @@ def run(args: argparse.Namespace) -> int:
         use_chat_template(engine, template)
         import uvicorn
 
-        from rast_engine.server.app import OpenAIServer
-
-        server = OpenAIServer(engine, model_name=args.served_model_name or args.model,
-                              api_key=api_key, max_waiting=args.max_waiting,
-                              queue_timeout=args.queue_timeout, max_request_bytes=args.max_request_bytes,
-                              tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
+        server = build_server(args, engine, api_key=api_key, queue_timeout=args.queue_timeout,
+                              max_request_bytes=args.max_request_bytes)
         for sock in socks:  # uvicorn logs no address for sockets it is given
             host, port = sock.getsockname()[:2]
             logger.info("rast serve: listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
@@ -100,6 +100,25 @@ def run(args: argparse.Namespace) -> int:
         for sock in socks:
             sock.close()
     return 0
+
+
+def check_engine_server_args(args: argparse.Namespace) -> None:
+    if args.max_waiting < 0:
+        raise RastError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:  # vLLM's rule
+        raise RastError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def build_server(args: argparse.Namespace, engine: Any, **kw: Any) -> Any:
+    """The OpenAIServer over ``engine`` that add_engine_server_args' flags describe."""
+    from rast_engine.server.app import OpenAIServer
+
+    return OpenAIServer(engine, model_name=args.served_model_name or args.model, max_waiting=args.max_waiting,
+                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None, **kw)
 
 
 def _api_key(flag: str | None) -> str | None:

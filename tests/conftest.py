@@ -61,6 +61,14 @@ def qwen3_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 
 @pytest.fixture(scope="session")
+def olmo2_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(large_dir, rl_dir, base_dir) tiny random OLMo 2 models (q/k norms over all heads, post-norm layers)."""
+    from factories import make_triple
+
+    return make_triple(tmp_path_factory.mktemp("olmo2_triple"), "olmo2")
+
+
+@pytest.fixture(scope="session")
 def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """(large_dir, rl_dir, base_dir) tiny random Llama models with llama3 rope scaling."""
     from factories import make_triple

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -140,6 +140,11 @@ def make_model_dir(
         scaling = None if rope_scaling is None else dict(rope_scaling)
         config = LlamaConfig(rope_theta=rope_theta or 5e5, rope_scaling=scaling, **common)
         cls = LlamaForCausalLM
+    elif arch == "olmo2":
+        if rope_scaling is not None:
+            raise ValueError("the OLMo 2 factory does not take rope_scaling")
+        config = Olmo2Config(rope_theta=rope_theta or 5e5, **common)
+        cls = Olmo2ForCausalLM
     else:
         raise ValueError(f"unknown arch {arch!r}")
     if head_dim is not None and arch != "qwen3":

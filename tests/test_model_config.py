@@ -26,7 +26,7 @@ def test_legacy_config_layout() -> None:
     assert cfg.kv_cache_shape(10, 16) == (10, 16, 2, 16)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "olmo2"])
 def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     """A config.json with only the required keys reads as transformers' config class reads it (Qwen3's
     head_dim is 128, not hidden // heads; Llama's context is 2048)."""
@@ -40,7 +40,7 @@ def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     assert ours.rope_theta == (hf.rope_parameters["rope_theta"] if hasattr(hf, "rope_parameters") else hf.rope_theta)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "olmo2"])
 def test_null_kv_heads_read_as_transformers_reads_them(model_type: str) -> None:
     """An explicit "num_key_value_heads": null is multi-head attention in transformers' classes (the
     omitted key's default, 32 for Qwen, would refuse a 4-head model or misread a 64-head one)."""

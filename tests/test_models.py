@@ -37,6 +37,8 @@ MODEL_CASES = {
     "llama_llama3": dict(arch="llama", tie=False, hidden=64, rope_scaling=LLAMA3_SCALING),
     # a head_dim of its own (16, not 32 / 4) and kv heads shared by two query heads
     "qwen3": dict(arch="qwen3", tie=False, head_dim=16),
+    # q/k norms over all heads, post-norm sublayers; kv heads shared by two query heads
+    "olmo2": dict(arch="olmo2", tie=False),
 }
 
 
@@ -232,7 +234,7 @@ def test_error_unsupported_config(copy_dir: Path) -> None:
         ModelConfig.from_dir(copy_dir)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2"])
 def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     """The shared triples: one tokenizer, large width != small width, both >= len(tokenizer)."""
     from transformers import AutoTokenizer
@@ -246,7 +248,7 @@ def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     assert min(c.vocab_size for c in cfgs) >= n
     assert not cfgs[0].tie_word_embeddings and cfgs[1].tie_word_embeddings
     assert all((c.rope_scaling is not None) == (arch == "llama") for c in cfgs)
-    assert all(c.qk_norm == (arch == "qwen3") for c in cfgs)
+    assert all(c.qk_norm == (arch == "qwen3") and c.qk_norm_full == c.post_norm == (arch == "olmo2") for c in cfgs)
     if arch == "qwen3":  # head widths of their own, so a model reading hidden / heads fails
         assert [c.head_dim for c in cfgs] == [32, 16, 16] and cfgs[0].hidden_size // cfgs[0].num_heads == 16
     text = "what is 12 + 7? the answer is 19."

@@ -6,7 +6,9 @@ Anything the decoder does not implement (sliding window, other rope types, MLP b
 is refused here with a clear message rather than run wrongly.
 
 Architectures: Llama; Qwen2 (Llama + q/k/v bias); Qwen3 dense (Llama + an RMSNorm over each head's query
-and key before the rotary embedding, and a head_dim of its own, not hidden / heads).
+and key before the rotary embedding, and a head_dim of its own, not hidden / heads); OLMo 2 (Llama with
+its norms moved: an RMSNorm over the whole query and key projections, and each sublayer's output normed
+before it joins the residual stream, with no norm on the sublayer's input).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from rast_kernels.fp8_kv import cache_rows
 
 logger = logging.getLogger("rast")
 
-ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}  # model_type -> arch
+ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "olmo2": "olmo2"}  # model_type -> arch
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # the rope scalings models/rope.py implements, and the keys each needs (yarn without a factor takes
 # max_position_embeddings / original_max_position_embeddings, as HF does)
@@ -33,10 +35,11 @@ ROPE_KEYS = {"llama3": LLAMA3_KEYS, "yarn": ("original_max_position_embeddings",
 # HF's config classes' defaults for keys a config.json may omit, where they are not derived from others
 # (Llama: KV heads = heads; Llama, Qwen2: head_dim = hidden // heads): Qwen3's head_dim is 128 whatever
 # the hidden size; tests/test_model_config.py checks every default against transformers' classes
-HF_DEFAULTS: dict[str, dict[str, int]] = {
-    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
-    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768},
-    "llama": {"max_position_embeddings": 2048},
+HF_DEFAULTS: dict[str, dict[str, float]] = {
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+    "olmo2": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,6 +63,10 @@ class ModelConfig:
     max_position_embeddings: int
     torch_dtype: torch.dtype
     qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3)
+    # OLMo 2: an RMSNorm over all heads' q (and all heads' k) before rotary, and post-norm sublayers
+    # (h + norm(attn(h)), then h + norm(mlp(h))) in place of pre-norm ones
+    qk_norm_full: bool = False
+    post_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS.values():
@@ -74,6 +81,8 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+        if self.qk_norm and self.qk_norm_full:
+            raise ModelLoadError("qk_norm (per head) and qk_norm_full (over all heads) exclude each other")
         if self.head_dim % 2:
             raise ModelLoadError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
@@ -137,7 +146,7 @@ class ModelConfig:
                 num_kv_heads=int(given("num_key_value_heads", heads)),
                 head_dim=int(given("head_dim", hidden // heads)),
                 vocab_size=int(cfg["vocab_size"]),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rms_norm_eps=float(given("rms_norm_eps")),
                 rope_theta=theta,
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -146,6 +155,8 @@ class ModelConfig:
                 max_position_embeddings=_full_attention_positions(cfg, int(given("max_position_embeddings")), scaling),
                 torch_dtype=DTYPES[dtype_name],
                 qk_norm=arch == "qwen3",
+                qk_norm_full=arch == "olmo2",
+                post_norm=arch == "olmo2",
             )
         except ModelLoadError:  # __post_init__'s, already specific
             raise

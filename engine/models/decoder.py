@@ -1,4 +1,5 @@
-"""One decoder-only causal LM for Llama, Qwen2 (+ q/k/v bias) and Qwen3 (+ q/k norm), in plain PyTorch.
+"""One decoder-only causal LM for Llama, Qwen2 (+ q/k/v bias), Qwen3 (+ q/k norm per head) and OLMo 2
+(q/k norm over all heads, post-norm sublayers), in plain PyTorch.
 
 The batch is flat: T tokens of several sequences, described by AttentionMetadata; the attention backend
 owns the paged KV cache. q/k/v and gate/up are fused into one matmul each; `weight_map()` tells the
@@ -44,23 +45,28 @@ class Attention(nn.Module):
                  qkv_proj: Optional[nn.Module] = None, o_proj: Optional[nn.Module] = None,
                  qk_norms: Optional[tuple[RMSNorm, RMSNorm]] = None) -> None:
         """The projections default to nn.Linear, and with cfg.qk_norm the q and k norms to RMSNorm over
-        head_dim; models.stacked passes batched ones."""
+        head_dim (cfg.qk_norm_full: over all heads' q, and all heads' k); models.stacked passes batched ones."""
         super().__init__()
         self.head_dim, self.q_size, self.kv_size = cfg.head_dim, cfg.q_size, cfg.kv_size
         self.qkv_proj = qkv_proj if qkv_proj is not None else nn.Linear(
             cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = o_proj if o_proj is not None else nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
-        if cfg.qk_norm and qk_norms is None:
-            qk_norms = (RMSNorm(cfg.head_dim, cfg.rms_norm_eps, rotary.ops),
-                        RMSNorm(cfg.head_dim, cfg.rms_norm_eps, rotary.ops))
+        if (cfg.qk_norm or cfg.qk_norm_full) and qk_norms is None:
+            q_width, k_width = (cfg.q_size, cfg.kv_size) if cfg.qk_norm_full else (cfg.head_dim, cfg.head_dim)
+            qk_norms = (RMSNorm(q_width, cfg.rms_norm_eps, rotary.ops), RMSNorm(k_width, cfg.rms_norm_eps, rotary.ops))
         self.q_norm, self.k_norm = qk_norms if qk_norms is not None else (None, None)
+        self.norm_heads = cfg.qk_norm  # per head, inside the rotary kernel; else over the whole projection
         self.rotary, self.backend = rotary, backend
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        qk_norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        qk_norm = None
+        if self.q_norm is not None and self.norm_heads:
+            qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        elif self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = rotate_store_attend(q, k, v, positions, meta, kv_cache, self.rotary, self.backend, self.head_dim,
                                   qk_norm)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -124,6 +130,32 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+class PostNormDecoderLayer(nn.Module):
+    """OLMo 2's layer: h + norm(attn(h)), then h + norm(mlp(h)), with no norm on a sublayer's input. It
+    carries the residual stream as DecoderLayer does, so forward_layers runs either."""
+
+    def __init__(self, self_attn: Attention, post_attention_layernorm: RMSNorm, mlp: MLP,
+                 post_feedforward_layernorm: RMSNorm) -> None:
+        super().__init__()
+        self.self_attn, self.post_attention_layernorm = self_attn, post_attention_layernorm
+        self.mlp, self.post_feedforward_layernorm = mlp, post_feedforward_layernorm
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+              ops: LayerOps) -> PostNormDecoderLayer:
+        return cls(Attention(cfg, rotary, backend), RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops), MLP(cfg, ops),
+                   RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops))
+
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
+        meta: AttentionMetadata, kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As DecoderLayer.forward: returns norm(mlp(h)) and the stream h it joins in the next layer."""
+        h = x if residual is None else residual + x
+        h = h + self.post_attention_layernorm(self.self_attn(h, positions, meta, kv_cache))
+        return self.post_feedforward_layernorm(self.mlp(h)), h
+
+
 def forward_layers(layers: nn.ModuleList, norm: RMSNorm, x: torch.Tensor, positions: torch.Tensor,
                    meta: AttentionMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
     """Embeddings [T, hidden] through every layer and the final norm, each residual add fused into the
@@ -149,8 +181,8 @@ class CausalLM(nn.Module):
             cfg.head_dim, cfg.max_context, cfg.rope_theta, cfg.rope_scaling, self.dtype, self.ops
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer.build(cfg, self.rotary, attention, self.ops)
-                                    for _ in range(cfg.num_layers))
+        layer = PostNormDecoderLayer if cfg.post_norm else DecoderLayer
+        self.layers = nn.ModuleList(layer.build(cfg, self.rotary, attention, self.ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -186,12 +218,13 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             pre = f"model.layers.{i}."
             attn, mlp = layer.self_attn, layer.mlp
-            slots[pre + "input_layernorm.weight"] = (layer.input_layernorm.weight, 0, cfg.hidden_size)
-            slots[pre + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, 0,
-                                                              cfg.hidden_size)
-            if cfg.qk_norm:
-                slots[pre + "self_attn.q_norm.weight"] = (attn.q_norm.weight, 0, cfg.head_dim)
-                slots[pre + "self_attn.k_norm.weight"] = (attn.k_norm.weight, 0, cfg.head_dim)
+            norms = ("post_attention_layernorm", "post_feedforward_layernorm") if cfg.post_norm else \
+                ("input_layernorm", "post_attention_layernorm")
+            for norm in norms:
+                slots[pre + f"{norm}.weight"] = (getattr(layer, norm).weight, 0, cfg.hidden_size)
+            if attn.q_norm is not None:
+                slots[pre + "self_attn.q_norm.weight"] = (attn.q_norm.weight, 0, attn.q_norm.weight.shape[-1])
+                slots[pre + "self_attn.k_norm.weight"] = (attn.k_norm.weight, 0, attn.k_norm.weight.shape[-1])
             parts = {"q_proj": (0, q), "k_proj": (q, kv), "v_proj": (q + kv, kv)}
             for name, (start, rows) in parts.items():
                 slots[pre + f"self_attn.{name}.weight"] = (attn.qkv_proj.weight, start, rows)

@@ -29,7 +29,8 @@ from torch import nn
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.kv_cache import KVPool
 from rast_engine.models.config import ModelConfig
-from rast_engine.models.decoder import MLP, Attention, CausalLM, DecoderLayer, RMSNorm, forward_layers
+from rast_engine.models.decoder import (MLP, Attention, CausalLM, DecoderLayer, PostNormDecoderLayer, RMSNorm,
+                                        forward_layers)
 
 logger = logging.getLogger("rast")
 
@@ -94,19 +95,25 @@ def _stacked_norm(norms: list[RMSNorm]) -> RMSNorm:
     return RMSNorm(norms[0].weight.shape[-1], norms[0].eps, norms[0].ops, weight=_stack([n.weight for n in norms]))
 
 
-def _stacked_layer(layers: list[DecoderLayer], cfg: ModelConfig) -> DecoderLayer:
-    """The models' layers as one DecoderLayer: its forward, unchanged, runs all N."""
+def _stacked_layer(layers: list[DecoderLayer | PostNormDecoderLayer], cfg: ModelConfig
+                   ) -> DecoderLayer | PostNormDecoderLayer:
+    """The models' layers as one layer of their class: its forward, unchanged, runs all N."""
     attn, mlp = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
-    # q/k norms: rows of head_dim, each model's T * heads rows one consecutive group
+    # q/k norms: rows of head_dim (each model's T * heads rows one consecutive group), or of all heads
+    # (cfg.qk_norm_full: each model's T rows a group)
     qk_norms = None if attn[0].q_norm is None else (_stacked_norm([a.q_norm for a in attn]),
                                                      _stacked_norm([a.k_norm for a in attn]))
-    return DecoderLayer(
-        _stacked_norm([layer.input_layernorm for layer in layers]),
-        Attention(cfg, attn[0].rotary, attn[0].backend, qkv_proj=StackedLinear([a.qkv_proj for a in attn]),
-                  o_proj=StackedLinear([a.o_proj for a in attn]), qk_norms=qk_norms),
-        _stacked_norm([layer.post_attention_layernorm for layer in layers]),
-        MLP(cfg, mlp[0].ops, gate_up_proj=StackedLinear([m.gate_up_proj for m in mlp]),
-            down_proj=StackedLinear([m.down_proj for m in mlp])))
+    attention = Attention(cfg, attn[0].rotary, attn[0].backend, qkv_proj=StackedLinear([a.qkv_proj for a in attn]),
+                          o_proj=StackedLinear([a.o_proj for a in attn]), qk_norms=qk_norms)
+    feed_forward = MLP(cfg, mlp[0].ops, gate_up_proj=StackedLinear([m.gate_up_proj for m in mlp]),
+                       down_proj=StackedLinear([m.down_proj for m in mlp]))
+
+    def norm(name: str) -> RMSNorm:
+        return _stacked_norm([getattr(layer, name) for layer in layers])
+    if cfg.post_norm:
+        return PostNormDecoderLayer(attention, norm("post_attention_layernorm"), feed_forward,
+                                    norm("post_feedforward_layernorm"))
+    return DecoderLayer(norm("input_layernorm"), attention, norm("post_attention_layernorm"), feed_forward)
 
 
 class StackedCausalLM(nn.Module):

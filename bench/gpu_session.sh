@@ -77,7 +77,7 @@ gpu_tests() {  # the decode path first: the benchmarks after it mean nothing if 
     tests/test_speculative_graphs.py tests/test_structured.py tests/test_structured_speculative.py \
     tests/test_fp8_linear.py tests/test_fp8_models.py \
     tests/test_fp8_cast.py tests/test_fp8_kv_cache.py tests/test_fp8_kv_models.py tests/test_kv_sizing.py \
-    tests/test_ops.py \
+    tests/test_ops.py tests/test_sliding_window.py \
     2>&1 | tee -a "$log"
 }
 decode() {  # decode <seconds> <bench/decode.py arguments...>

@@ -19,6 +19,9 @@ input dtype (fp32 uses IEEE dot, never TF32).
   sequence's last q_len positions, so token i sits at position ``ctx - q_len + i`` and sees keys
   [0, that position]: a cached prefix and chunked prefill need no special case. The kernel reads
   keys from the cache, so the step's K/V must be stored first (the backends do so).
+- a sliding ``window`` (HF's: the token at position p sees keys p - window < j <= p): decode starts
+  its key range at ctx - window and split-K cuts that span; prefill starts each tile's loop at its first
+  row's window and masks per row, so keys before every window are never read.
 
 Invariants: no host sync anywhere (grids depend on shapes only, so CUDA graphs capture it);
 a sequence with context length 0 (batch padding) yields zeros, never NaN; outputs take q's dtype.
@@ -42,7 +45,8 @@ from rast_kernels.fp8_cast import FP8
 from rast_kernels.fp8_kv import block_size_of, load_scale
 from rast_kernels.kv_store import block_d, check_cache, check_indices, index_rows
 from rast_kernels.launch import cdiv, interpreting, next_pow2
-from rast_kernels.split_k import MIN_TOKENS_PER_SPLIT, pick_num_splits, split_plan, split_reduce_kernel
+from rast_kernels.split_k import (MIN_TOKENS_PER_SPLIT, check_window, pick_num_splits, split_plan,
+                                  split_reduce_kernel, window_start)
 
 LOG2E = 1.4426950408889634
 
@@ -66,11 +70,12 @@ def _fits(x, dtype: tl.constexpr):
 
 @triton.jit
 def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head_dim, stride_cb, stride_cr,
-                 scale_log2, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr):
+                 scale_log2, window, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 SLIDING: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr):
     # Folds keys [n0, n0 + BLOCK_N) ∩ [0, end) into the online softmax (m_i, l_i, acc) of the rows of q;
     # k_base, v_base point at the KV head, bt_row at the sequence's block-table row. CAUSAL: row r sees
-    # only keys n <= pos[r] too. A row that sees no key keeps its state (m_safe keeps -inf from NaN).
+    # only keys n <= pos[r] too, and with SLIDING only keys n > pos[r] - window (HF's sliding window: the
+    # window counts the row's own key). A row that sees no key keeps its state (m_safe keeps -inf from NaN).
     # FP8: a key or value row is its codes times its power-of-two scale, exact in q's dtype, except that
     # fp16 clamps to its largest finite value: a stored 65504 rounds to the code 256 · 2^8 = 65536, which
     # fp16 would hold as inf, and one inf key turns its head's output into NaN.
@@ -85,7 +90,10 @@ def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head
     k_t = k_t.to(q.dtype)  # [D, N]
     s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
     if CAUSAL:
-        s = tl.where(n_mask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        seen = n_mask[None, :] & (n[None, :] <= pos[:, None])
+        if SLIDING:
+            seen = seen & (n[None, :] > pos[:, None] - window)
+        s = tl.where(seen, s, float("-inf"))
     else:
         s = tl.where(n_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -104,16 +112,17 @@ def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, scale_log2,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
-                   num_heads, group, head_dim, num_splits, min_tokens,
+                   num_heads, group, head_dim, num_splits, min_tokens, window,
                    BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   FP8: tl.constexpr):
+                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr, FP8: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
-    tokens_per_split, used = split_plan(ctx, num_splits, min_tokens, BLOCK_N)
-    start = split * tokens_per_split
+    lo = window_start(ctx, window, SLIDING)  # the query (position ctx - 1) sees keys [lo, ctx)
+    tokens_per_split, used = split_plan(ctx - lo, num_splits, min_tokens, BLOCK_N)
+    start = lo + split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, ctx)  # an empty split (split >= used) runs no tile
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -126,7 +135,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
     for n0 in range(start, end, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, m_i, l_i, acc, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
                                      bt_ptr + b * stride_bt, n0, end, end, d, head_dim, stride_cb, stride_cr,
-                                     scale_log2, BLOCK_SIZE, BLOCK_N, False, PRECISION, UPCAST, FP8)
+                                     scale_log2, window, BLOCK_SIZE, BLOCK_N, False, False, PRECISION, UPCAST, FP8)
     if SPLIT:
         row = (b * num_heads + heads) * num_splits + split
         # the reduce reads the splits holding tokens only; a tensor: the interpreter rejects scalar masks
@@ -143,8 +152,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
-                    group, head_dim, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr):
+                    group, head_dim, window, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, FP8: tl.constexpr):
     mb = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -161,13 +171,16 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, sca
     q = tl.load(q_ptr + rows * stride_qt + h * stride_qh + d[None, :], mask=md_mask, other=0.0)
     # keys past the tile's last row are causally invisible; a tile wholly past q_len does nothing
     hi = tl.where(mb * BLOCK_M < q_len, tl.minimum(ctx, prefix + (mb + 1) * BLOCK_M), 0)
+    # and keys before the tile's first row's window are invisible to all its rows
+    lo = window_start(prefix + mb * BLOCK_M + 1, window, SLIDING)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, m_i, l_i, acc, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
                                      bt_ptr + b * stride_bt, n0, hi, pos, d, head_dim, stride_cb, stride_cr,
-                                     scale_log2, BLOCK_SIZE, BLOCK_N, True, PRECISION, UPCAST, FP8)
+                                     scale_log2, window, BLOCK_SIZE, BLOCK_N, True, SLIDING, PRECISION, UPCAST,
+                                     FP8)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = out_ptr + rows * stride_ot + h * stride_oh + d[None, :]
     tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=md_mask)
@@ -195,15 +208,17 @@ def _precision(dtype: torch.dtype) -> str:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
-                           num_splits: int | None = None,
-                           min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT) -> torch.Tensor:
-    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each sequence's cached keys.
-    ``num_splits`` (None: from the shapes) sizes the split-K grid; each sequence fills as many splits
-    as its own context allows at >= ``min_tokens_per_split`` tokens apiece (split_k.split_plan)."""
+                           num_splits: int | None = None, min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
+                           window: int | None = None) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each sequence's cached keys (with a
+    sliding ``window``, its last ``window`` keys). ``num_splits`` (None: from the shapes) sizes the
+    split-K grid; each sequence fills as many splits as its own context allows at >=
+    ``min_tokens_per_split`` tokens apiece (split_k.split_plan)."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
         return ops.traced(ops.paged_decode_attention, q, k_cache, v_cache, block_tables, context_lens, scale,
-                          num_splits, min_tokens_per_split)
+                          num_splits, min_tokens_per_split, window)
+    check_window(window)
     check_cache(q, k_cache, v_cache)
     check_indices(block_tables=block_tables, context_lens=context_lens)
     batch, hq, dim = q.shape
@@ -220,6 +235,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_context = max(block_tables.shape[1] * block_size, 1)
     if min_tokens_per_split < 1:
         raise ValueError(f"min_tokens_per_split must be >= 1, got {min_tokens_per_split}")
+    if window is not None:  # a sequence reads at most its window
+        max_context = min(max_context, window)
     if num_splits is None:  # the table width bounds every context, padded or not: a shape, never a value
         num_splits = pick_num_splits(batch, hkv, max_context, q.device, min_tokens_per_split)
     if num_splits < 1:
@@ -236,25 +253,28 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, pm, pl, pacc, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), block_tables.stride(0), hq, group, dim, num_splits, min_tokens_per_split,
+        k_cache.stride(2), block_tables.stride(0), hq, group, dim, num_splits, min_tokens_per_split, window or 0,
         BLOCK_SIZE=block_size, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
-        BLOCK_D=tile_d, SPLIT=split, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        FP8=k_cache.dtype == FP8, num_warps=4)
+        BLOCK_D=tile_d, SPLIT=split, SLIDING=window is not None, PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype), FP8=k_cache.dtype == FP8, num_warps=4)
     if split:
         split_reduce_kernel[(batch, hq)](
             pm, pl, pacc, context_lens, out, out.stride(0), out.stride(1), hq, dim, num_splits,
-            min_tokens_per_split, BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, BLOCK_D=tile_d)
+            min_tokens_per_split, window or 0, BLOCK_S=next_pow2(num_splits), BLOCK_N=block_n, BLOCK_D=tile_d,
+            SLIDING=window is not None)
     return out
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            max_seqlen_q: int, scale: float) -> torch.Tensor:
-    """Causal attention of the new tokens q [T, Hq, D] (varlen by cu_seqlens_q) over the paged cache."""
+                            max_seqlen_q: int, scale: float, *, window: int | None = None) -> torch.Tensor:
+    """Causal attention of the new tokens q [T, Hq, D] (varlen by cu_seqlens_q) over the paged cache; with a
+    sliding ``window``, each token over its last ``window`` keys, its own included."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
         return ops.traced(ops.paged_prefill_attention, q, k_cache, v_cache, block_tables, context_lens,
-                          cu_seqlens_q, max_seqlen_q, scale)
+                          cu_seqlens_q, max_seqlen_q, scale, window)
+    check_window(window)
     check_cache(q, k_cache, v_cache)
     check_indices(block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_seqlens_q)
     total, hq, dim = q.shape
@@ -273,7 +293,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), block_tables.stride(0), hq // hkv, dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d(dim), PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        FP8=k_cache.dtype == FP8, num_warps=4, num_stages=2)
+        k_cache.stride(2), block_tables.stride(0), hq // hkv, dim, window or 0, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(dim), SLIDING=window is not None,
+        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), FP8=k_cache.dtype == FP8, num_warps=4,
+        num_stages=2)
     return out

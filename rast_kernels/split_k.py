@@ -19,7 +19,8 @@ cost: its q load and the G * (D + 2) float32 partial it writes and the reduce re
 of the K/V bytes of 256 tokens (G = 4 to 8 query heads per KV head, D = 128, 16-bit).
 
 Empty splits write nothing: the reduce recomputes the same plan from ctx and reads only the splits
-that hold tokens, so a context of 0 (CUDA-graph padding) reads none and yields zeros.
+that hold tokens, so a context of 0 (CUDA-graph padding) reads none and yields zeros. A sliding window
+cuts the keys a query sees to [max(ctx - window, 0), ctx), and the plan cuts that span instead.
 """
 from __future__ import annotations
 
@@ -43,13 +44,27 @@ def split_plan(ctx, num_splits, min_tokens, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def window_start(ctx, window, SLIDING: tl.constexpr):
+    """The first key a query at position ctx - 1 sees: 0, or with a sliding window ctx - window."""
+    if SLIDING:
+        return tl.maximum(ctx - window, 0)
+    return ctx * 0
+
+
+def check_window(window: int | None) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+
+
+@triton.jit
 def split_reduce_kernel(pm_ptr, pl_ptr, pacc_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, num_heads, head_dim,
-                        num_splits, min_tokens, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        num_splits, min_tokens, window, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, SLIDING: tl.constexpr):
     # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits holding tokens, M = max m_s
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    _, used = split_plan(tl.load(ctx_ptr + b), num_splits, min_tokens, BLOCK_N)
+    ctx = tl.load(ctx_ptr + b)
+    _, used = split_plan(ctx - window_start(ctx, window, SLIDING), num_splits, min_tokens, BLOCK_N)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     s_mask = s < used

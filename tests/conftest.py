@@ -69,6 +69,14 @@ def olmo2_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 
 @pytest.fixture(scope="session")
+def olmo3_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(large_dir, rl_dir, base_dir) tiny random OLMo 3 models (a 4-token sliding window in every other layer)."""
+    from factories import make_triple
+
+    return make_triple(tmp_path_factory.mktemp("olmo3_triple"), "olmo3")
+
+
+@pytest.fixture(scope="session")
 def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """(large_dir, rl_dir, base_dir) tiny random Llama models with llama3 rope scaling."""
     from factories import make_triple

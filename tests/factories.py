@@ -13,10 +13,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config,
+                          Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+OLMO3_WINDOW = 4
+# YaRN on OLMo 3's full-attention layers, as its long-context checkpoints have it
+OLMO3_YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256, "beta_fast": 32,
+              "beta_slow": 1, "attention_factor": 1.2}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 TOKENIZER_VOCAB = 100  # trained size incl. special tokens; must stay below every model's vocab width
 CHAT_TEMPLATE = (
@@ -109,6 +114,7 @@ def make_model_dir(
     max_position_embeddings: int = 512,
     dtype: torch.dtype = torch.float32,
     head_dim: int | None = None,
+    sliding_window: int | None = None,
 ) -> Path:
     """Write config.json, safetensors weights (sharded if max_shard_size) and a tokenizer to ``path``.
     ``head_dim`` (Qwen3 only, which has its own): default hidden / heads."""
@@ -127,14 +133,19 @@ def make_model_dir(
         pad_token_id=tokenizer.pad_token_id,
     )
     if arch == "qwen2":  # rope_scaling: a copy, as for Llama below
-        config = Qwen2Config(rope_theta=rope_theta or 1e6, rope_scaling=None if rope_scaling is None else dict(rope_scaling),
-                             **common)
+        sliding = {} if sliding_window is None else dict(use_sliding_window=True, sliding_window=sliding_window,
+                                                         max_window_layers=1)  # layers 1.. slide
+        config = Qwen2Config(rope_theta=rope_theta or 1e6,
+                             rope_scaling=None if rope_scaling is None else dict(rope_scaling), **sliding, **common)
         cls = Qwen2ForCausalLM
     elif arch == "qwen3":
         if rope_scaling is not None:
             raise ValueError("the Qwen3 factory does not take rope_scaling")
         config = Qwen3Config(rope_theta=rope_theta or 1e6, head_dim=head_dim or hidden // heads, **common)
         cls = Qwen3ForCausalLM
+    elif arch == "mistral":  # a 5-token window in every layer
+        config = MistralConfig(rope_theta=rope_theta or 1e6, sliding_window=5, **common)
+        cls = MistralForCausalLM
     elif arch == "llama":
         # a copy: LlamaConfig writes rope_theta into the dict it is given
         scaling = None if rope_scaling is None else dict(rope_scaling)
@@ -145,8 +156,15 @@ def make_model_dir(
             raise ValueError("the OLMo 2 factory does not take rope_scaling")
         config = Olmo2Config(rope_theta=rope_theta or 5e5, **common)
         cls = Olmo2ForCausalLM
+    elif arch == "olmo3":  # a 4-token window in every other layer, the first sliding; rope_scaling: full layers'
+        kinds = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        config = Olmo3Config(rope_theta=rope_theta or 5e5, sliding_window=OLMO3_WINDOW, layer_types=kinds,
+                             rope_scaling=None if rope_scaling is None else dict(rope_scaling), **common)
+        cls = Olmo3ForCausalLM
     else:
         raise ValueError(f"unknown arch {arch!r}")
+    if sliding_window is not None and arch != "qwen2":
+        raise ValueError("sliding_window is the Qwen2 factory's (OLMo 3 has its own)")
     if head_dim is not None and arch != "qwen3":
         raise ValueError(f"head_dim is hidden / heads for {arch}")
     torch.manual_seed(seed)

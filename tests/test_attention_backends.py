@@ -26,7 +26,7 @@ def _metadata(prefix: list[int], new: list[int], bs: int, device: str):
 
 
 def _compare_backends(backend, device: str, dtype: torch.dtype, prefix: list[int], new: list[int],
-                      bs: int = 4) -> None:
+                      bs: int = 4, window: int | None = None) -> None:
     from rast_engine.attention.torch_backend import TorchAttention
 
     hq, hkv, dim = 4, 2, 16
@@ -36,8 +36,8 @@ def _compare_backends(backend, device: str, dtype: torch.dtype, prefix: list[int
     t = sum(new)
     q, k, v = (rand(t, h, dim, dtype=dtype, device=device, g=g) for h in (hq, hkv, hkv))
     got_k, got_v = caches[0].clone(), caches[1].clone()
-    got = backend.forward(q, k, v, got_k, got_v, meta, 0.25)
-    want = TorchAttention().forward(q, k, v, caches[0], caches[1], meta, 0.25)
+    got = backend.forward(q, k, v, got_k, got_v, meta, 0.25, window)
+    want = TorchAttention().forward(q, k, v, caches[0], caches[1], meta, 0.25, window)
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
     torch.testing.assert_close(got_k, caches[0], atol=0, rtol=0)
     torch.testing.assert_close(got_v, caches[1], atol=0, rtol=0)
@@ -91,37 +91,46 @@ def test_flash_backend_equals_torch_backend(prefix: list[int], new: list[int]) -
 
 class FlashSemantics:
     """flash_attn's two entry points as documented, in plain torch: the causal mask is aligned to the
-    bottom-right corner (query row j of Lq sees keys up to j + Lk - Lq); rows that see nothing give 0."""
+    bottom-right corner (query row j of Lq sees keys up to j + Lk - Lq), and window_size (left, right)
+    with left >= 0 hides keys before j + Lk - Lq - left; rows that see nothing give 0."""
 
     @staticmethod
-    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                window_size: tuple[int, int]) -> torch.Tensor:
         lq, lk, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
         k, v = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
         s = torch.einsum("lhd,nhd->hln", q.float(), k) * scale
-        s = s.masked_fill(torch.arange(lk)[None, :] > torch.arange(lq)[:, None] + lk - lq, float("-inf"))
+        key, edge = torch.arange(lk)[None, :], torch.arange(lq)[:, None] + lk - lq
+        hidden = key > edge
+        if window_size[0] >= 0:
+            hidden |= key < edge - window_size[0]
+        s = s.masked_fill(hidden, float("-inf"))
         p = torch.nan_to_num(torch.softmax(s, -1))
         return torch.einsum("hln,nhd->lhd", p, v).to(q.dtype)
 
-    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
-        assert causal
+    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size=(-1, -1)):
+        assert causal and window_size[1] in (-1, 0)
         cq, ck = cu_q.tolist(), cu_k.tolist()
-        return torch.cat([self._attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale)
-                          for b in range(len(cq) - 1)])
+        return torch.cat([self._attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
+                                       window_size) for b in range(len(cq) - 1)])
 
-    def flash_attn_with_kvcache(self, q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal):
-        assert causal
+    def flash_attn_with_kvcache(self, q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
+                                window_size=(-1, -1)):
+        assert causal and window_size[1] in (-1, 0)
         out = [self._attend(q[b], gather(k_cache, block_table[b], n), gather(v_cache, block_table[b], n),
-                            softmax_scale) for b, n in enumerate(cache_seqlens.tolist())]
+                            softmax_scale, window_size) for b, n in enumerate(cache_seqlens.tolist())]
         return torch.stack(out)
 
 
+@pytest.mark.parametrize("window", [None, 1, 5])
 @pytest.mark.parametrize("prefix,new", [([0, 0], [7, 12]), ([9, 0, 3], [4, 6, 1]), ([13, 30], [1, 1])])
-def test_flash_backend_glue_on_flash_semantics(prefix: list[int], new: list[int]) -> None:
-    """The right-aligned padding for prefix prefill and the decode/varlen dispatch, without flash_attn."""
+def test_flash_backend_glue_on_flash_semantics(prefix: list[int], new: list[int], window: int | None) -> None:
+    """The right-aligned padding for prefix prefill, the decode/varlen dispatch and the sliding window's
+    translation into flash_attn's window_size, without flash_attn."""
     pytest.importorskip("rast_engine.attention.torch_backend")
     from rast_engine.attention.flash_backend import FlashAttention
 
-    _compare_backends(FlashAttention(FlashSemantics()), "cpu", torch.float32, prefix, new)
+    _compare_backends(FlashAttention(FlashSemantics()), "cpu", torch.float32, prefix, new, window=window)
 
 
 def test_flash_backend_refuses_a_cache_of_another_block_size() -> None:

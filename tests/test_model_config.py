@@ -26,7 +26,7 @@ def test_legacy_config_layout() -> None:
     assert cfg.kv_cache_shape(10, 16) == (10, 16, 2, 16)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "olmo2"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "mistral", "olmo2", "olmo3"])
 def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     """A config.json with only the required keys reads as transformers' config class reads it (Qwen3's
     head_dim is 128, not hidden // heads; Llama's context is 2048)."""
@@ -37,10 +37,67 @@ def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     assert ours.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
     assert ours.max_position_embeddings == hf.max_position_embeddings
     assert (ours.rms_norm_eps, ours.tie_word_embeddings) == (hf.rms_norm_eps, hf.tie_word_embeddings)
-    assert ours.rope_theta == (hf.rope_parameters["rope_theta"] if hasattr(hf, "rope_parameters") else hf.rope_theta)
+    rope = hf.rope_parameters if hasattr(hf, "rope_parameters") else {"rope_theta": hf.rope_theta}
+    if "full_attention" in rope:  # per layer type (OLMo 3)
+        assert ours.sliding_rope == (rope["sliding_attention"]["rope_theta"], None)
+        rope = rope["full_attention"]
+    assert ours.rope_theta == rope["rope_theta"]
+    assert ours.layer_windows == hf_windows(hf)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "olmo2"])
+def hf_windows(hf: object) -> tuple:
+    """Per layer, the window transformers' attention uses (None: full), or () where none slides."""
+    window = getattr(hf, "sliding_window", None)
+    # MistralModel has no layer_types: its one mask slides in every layer when a window is set
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    return windows if window is not None and any(windows) else ()
+
+
+@pytest.mark.parametrize("given", [
+    {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
+    {"use_sliding_window": True, "max_window_layers": 1},  # the class's window, 4096
+    {"use_sliding_window": False, "sliding_window": 8},  # a window stated but off
+    {"use_sliding_window": True, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2},
+], ids=["derived", "default-window", "off", "stated-types"])
+def test_qwen2_sliding_windows_read_as_transformers_reads_them(given: dict) -> None:
+    cfg = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, **given}
+    ours, hf = ModelConfig.from_dict(cfg), AutoConfig.for_model(**cfg)
+    assert ours.layer_windows == hf_windows(hf)
+    assert ours.layer_windows or given["use_sliding_window"] is False
+
+
+def test_olmo3_published_layout_reads_as_transformers_reads_it() -> None:
+    """OLMo 3's published config.json (transformers 4 keys): one rope_theta and a YaRN rope_scaling, which
+    transformers applies to the full-attention layers only, and a window in three layers of four."""
+    cfg = {"model_type": "olmo3", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 8,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 64, "rope_theta": 5e5,
+           "sliding_window": 4096, "max_position_embeddings": 65536,
+           "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+                            "attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1}}
+    ours, hf = ModelConfig.from_dict(cfg), AutoConfig.for_model(**cfg)
+    assert ours.layer_windows == hf_windows(hf) == (4096, 4096, 4096, None) * 2
+    full, sliding = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+    assert ours.rope_theta == full["rope_theta"] and ours.rope_scaling == {k: v for k, v in full.items()
+                                                                            if k != "rope_theta"}
+    assert ours.sliding_rope == (sliding["rope_theta"], None) and sliding["rope_type"] == "default"
+    # the layout transformers 5 writes back reads the same
+    assert ModelConfig.from_dict(hf.to_dict()) == ours
+
+
+@pytest.mark.parametrize("bad, match", [({"layer_types": ["full_attention"]}, "layer_types"),
+                                        ({"layer_types": ["local"] * 2}, "layer_types"),
+                                        ({"sliding_window": 0}, "sliding_window"),
+                                        ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, "lacks")])
+def test_bad_layer_kinds_are_refused(bad: dict, match: str) -> None:
+    cfg = {"model_type": "olmo3", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 64, **bad}
+    with pytest.raises(ModelLoadError, match=match):
+        ModelConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "olmo2", "olmo3"])  # MistralConfig refuses a null
 def test_null_kv_heads_read_as_transformers_reads_them(model_type: str) -> None:
     """An explicit "num_key_value_heads": null is multi-head attention in transformers' classes (the
     omitted key's default, 32 for Qwen, would refuse a 4-head model or misread a 64-head one)."""

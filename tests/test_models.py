@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from factories import LLAMA3_SCALING, make_model_dir, make_tokenizer
+from factories import LLAMA3_SCALING, OLMO3_YARN, make_model_dir, make_tokenizer
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.attention.torch_backend import TorchAttention, store_kv
 from rast_engine.errors import ModelLoadError
@@ -39,6 +39,11 @@ MODEL_CASES = {
     "qwen3": dict(arch="qwen3", tie=False, head_dim=16),
     # q/k norms over all heads, post-norm sublayers; kv heads shared by two query heads
     "olmo2": dict(arch="olmo2", tie=False),
+    # a 4-token sliding window in layers 0 and 2 (shorter than every test sequence), yarn on layer 1 only
+    "olmo3": dict(arch="olmo3", tie=False, layers=3, rope_scaling=OLMO3_YARN),
+    # use_sliding_window: layers from max_window_layers (1) on see 5 tokens
+    "qwen2_sliding": dict(arch="qwen2", tie=True, layers=3, sliding_window=5),
+    "mistral": dict(arch="mistral", tie=False),
 }
 
 
@@ -234,7 +239,7 @@ def test_error_unsupported_config(copy_dir: Path) -> None:
         ModelConfig.from_dir(copy_dir)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3"])
 def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     """The shared triples: one tokenizer, large width != small width, both >= len(tokenizer)."""
     from transformers import AutoTokenizer
@@ -248,7 +253,9 @@ def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     assert min(c.vocab_size for c in cfgs) >= n
     assert not cfgs[0].tie_word_embeddings and cfgs[1].tie_word_embeddings
     assert all((c.rope_scaling is not None) == (arch == "llama") for c in cfgs)
-    assert all(c.qk_norm == (arch == "qwen3") and c.qk_norm_full == c.post_norm == (arch == "olmo2") for c in cfgs)
+    assert all(c.qk_norm == (arch == "qwen3") and c.qk_norm_full == c.post_norm == arch.startswith("olmo")
+               for c in cfgs)
+    assert all(bool(c.layer_windows) == (arch == "olmo3") for c in cfgs)
     if arch == "qwen3":  # head widths of their own, so a model reading hidden / heads fails
         assert [c.head_dim for c in cfgs] == [32, 16, 16] and cfgs[0].hidden_size // cfgs[0].num_heads == 16
     text = "what is 12 + 7? the answer is 19."

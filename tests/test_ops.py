@@ -119,6 +119,10 @@ def test_attention_and_layer_ops_pass_opcheck() -> None:
     cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV)
     torch.library.opcheck(ops.paged_prefill_attention, (c["q"], c["k_cache"], c["v_cache"], c["block_tables"],
                                                         c["context_lens"], cu, 1, 0.25))
+    torch.library.opcheck(ops.paged_decode_attention, (c["q"], c["k_cache"], c["v_cache"], c["block_tables"],
+                                                       c["context_lens"], 0.25, 2, 4, 3))  # a sliding window
+    torch.library.opcheck(ops.paged_prefill_attention, (c["q"], c["k_cache"], c["v_cache"], c["block_tables"],
+                                                        c["context_lens"], cu, 1, 0.25, 3))
     torch.library.opcheck(ops.rms_norm, (c["x"], c["w"], 1e-6))
     torch.library.opcheck(ops.add_rms_norm, (c["x"], c["x"] * 0.5, c["w"], 1e-6))
     torch.library.opcheck(ops.silu_and_mul, (c["x"],))

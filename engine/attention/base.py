@@ -27,14 +27,16 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Write k/v at meta.slot_mapping (skipping -1), then ``attend``."""
         ...
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        meta: AttentionMetadata, scale: float,
+        meta: AttentionMetadata, scale: float, window: int | None = None,
     ) -> torch.Tensor:
         """Causal attention of q over the cache, which already holds this step's k/v at meta.slot_mapping
-        (a fused rotary + KV-store kernel wrote them); k/v are there for backends that read them directly."""
+        (a fused rotary + KV-store kernel wrote them); k/v are there for backends that read them directly.
+        ``window``: a sliding window, as HF's: the token at position p sees keys p - window < j <= p."""
         ...

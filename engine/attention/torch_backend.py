@@ -22,15 +22,17 @@ class TorchAttention:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         meta.check_cache(k_cache)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k, v, k_cache, v_cache, meta, scale)
+        return self.attend(q, k, v, k_cache, v_cache, meta, scale, window)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None
+               ) -> torch.Tensor:
         if not meta.is_prefill:
-            return _decode(q, k_cache, v_cache, meta, scale)
+            return _decode(q, k_cache, v_cache, meta, scale, window)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         out = torch.empty_like(q)
@@ -41,20 +43,24 @@ class TorchAttention:
             if q_len == 0:
                 continue
             keys, values = gather_kv(k_cache, v_cache, meta.block_tables[b], ctx, meta.block_size, q.dtype)
-            # query i sits at position ctx - q_len + i and sees keys 0..that position
+            # query i sits at position ctx - q_len + i and sees keys 0..that position (with a window: the
+            # last ``window`` of them)
             qf = q[start:end].float().transpose(0, 1)  # [H, q_len, D]
             kf = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, ctx, D]
             vf = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
             scores = (qf @ kf.transpose(1, 2)) * scale  # [H, q_len, ctx]
             q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
             k_pos = torch.arange(ctx, device=q.device)[None, :]
-            scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+            hidden = k_pos > q_pos
+            if window is not None:
+                hidden |= k_pos <= q_pos - window
+            scores = scores.masked_fill(hidden, float("-inf"))
             out[start:end] = (scores.softmax(dim=-1) @ vf).transpose(0, 1).to(q.dtype)
         return out
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float) -> torch.Tensor:
+            scale: float, window: int | None) -> torch.Tensor:
     """q [B, H, D], one query per sequence at its last position: every sequence in one batch. A sequence
     of context 0 (a padding row) attends to nothing and gets zeros."""
     b, num_heads, dim = q.shape
@@ -66,7 +72,10 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     values = read_blocks(v_cache, blocks, q.dtype).reshape(b, width * bs, num_kv_heads, dim).float()
     qf = q.float().view(b, num_kv_heads, num_heads // num_kv_heads, dim)  # GQA: query heads grouped per kv head
     scores = torch.einsum("bkgd,bnkd->bkgn", qf, keys) * scale
-    past = torch.arange(width * bs, device=q.device)[None, :] >= lens[:, None]  # [B, keys]: beyond the context
+    key_pos = torch.arange(width * bs, device=q.device)[None, :]
+    past = key_pos >= lens[:, None]  # [B, keys]: beyond the context
+    if window is not None:
+        past |= key_pos < lens[:, None] - window  # before the window: hidden alike
     # a reused block may hold anything past a context (NaN, inf): probability 0 must meet a finite value
     values = values.masked_fill(past[:, :, None, None], 0.0)
     probs = scores.masked_fill(past[:, None, None, :], float("-inf")).softmax(dim=-1).nan_to_num(0.0)

@@ -2,13 +2,21 @@
 
 Reads both config layouts: transformers 4 (``rope_theta`` + ``rope_scaling``, ``torch_dtype``) as in the
 published checkpoints, and transformers 5 (``rope_parameters``, ``dtype``) as written by save_pretrained.
-Anything the decoder does not implement (sliding window, other rope types, MLP bias, other activations)
-is refused here with a clear message rather than run wrongly.
+Anything the decoder does not implement (other rope types, MLP bias, other activations) is refused here
+with a clear message rather than run wrongly.
 
-Architectures: Llama; Qwen2 (Llama + q/k/v bias); Qwen3 dense (Llama + an RMSNorm over each head's query
-and key before the rotary embedding, and a head_dim of its own, not hidden / heads); OLMo 2 (Llama with
-its norms moved: an RMSNorm over the whole query and key projections, and each sublayer's output normed
-before it joins the residual stream, with no norm on the sublayer's input).
+Architectures:
+- Llama;
+- Qwen2: Llama + q/k/v bias;
+- Qwen3 dense: Llama + an RMSNorm over each head's query and key before the rotary embedding, and a
+  head_dim of its own, not hidden / heads;
+- Mistral: Llama with a sliding window in every layer when the config gives one (4096 tokens in v0.1,
+  none since);
+- OLMo 2: Llama with its norms moved: an RMSNorm over the whole query and key projections, and each
+  sublayer's output normed before it joins the residual stream, with no norm on the sublayer's input;
+- OLMo 3: OLMo 2 with sliding window attention in three layers of four, those layers with a rotary
+  embedding of their own.
+Sliding windows (Qwen's ``use_sliding_window`` too) and per-layer-type ropes are read in layer_kinds.
 """
 from __future__ import annotations
 
@@ -22,12 +30,15 @@ from typing import Any, Optional
 import torch
 
 from rast_engine.errors import ModelLoadError
+from rast_engine.models.layer_kinds import layer_windows, per_kind_rope
 from rast_kernels.fp8_cast import FP8
 from rast_kernels.fp8_kv import cache_rows
 
 logger = logging.getLogger("rast")
 
-ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "olmo2": "olmo2"}  # model_type -> arch
+# model_type -> arch
+ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "mistral", "olmo2": "olmo2", "olmo3": "olmo3"}
+OLMO = ("olmo2", "olmo3")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # the rope scalings models/rope.py implements, and the keys each needs (yarn without a factor takes
 # max_position_embeddings / original_max_position_embeddings, as HF does)
@@ -39,7 +50,9 @@ HF_DEFAULTS: dict[str, dict[str, float]] = {
     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
     "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
     "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6},
     "olmo2": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
+    "olmo3": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,6 +80,9 @@ class ModelConfig:
     # (h + norm(attn(h)), then h + norm(mlp(h))) in place of pre-norm ones
     qk_norm_full: bool = False
     post_norm: bool = False
+    layer_windows: tuple[Optional[int], ...] = ()  # per layer: its sliding window, None for full attention
+    # the sliding layers' (rope_theta, rope_scaling), where they differ from the full layers' (OLMo 3)
+    sliding_rope: Optional[tuple[float, Optional[dict[str, Any]]]] = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS.values():
@@ -81,29 +97,21 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+        if self.layer_windows and (len(self.layer_windows) != self.num_layers or
+                                   any(w is not None and w < 1 for w in self.layer_windows)):
+            raise ModelLoadError(f"layer_windows must give each of {self.num_layers} layers a window >= 1 or "
+                                 f"None, got {self.layer_windows!r}")
         if self.qk_norm and self.qk_norm_full:
             raise ModelLoadError("qk_norm (per head) and qk_norm_full (over all heads) exclude each other")
         if self.head_dim % 2:
             raise ModelLoadError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ModelLoadError("rms_norm_eps and rope_theta must be positive")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type")
-            if kind not in ROPE_KEYS:
-                raise ModelLoadError(f"unsupported rope_scaling {self.rope_scaling!r}; rope_type "
-                                     f"{', '.join(map(repr, ROPE_KEYS))} are implemented")
-            missing = [k for k in ROPE_KEYS[kind] if k not in self.rope_scaling]
-            if missing:
-                raise ModelLoadError(f"{kind} rope_scaling lacks {missing}")
-            for key in ROPE_KEYS[kind]:  # every required value divides or scales: positive and finite
-                value = self.rope_scaling[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                    raise ModelLoadError(f"{kind} rope_scaling needs a positive {key}, got {value!r}")
-            if kind == "llama3" and self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
-                raise ModelLoadError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
-            factor = self.rope_scaling.get("factor")
-            if (factor is not None or kind != "yarn") and not (isinstance(factor, (int, float)) and factor > 0):
-                raise ModelLoadError(f"{kind} rope_scaling needs a positive factor, got {factor!r}")
+        _check_scaling(self.rope_scaling)
+        if self.sliding_rope is not None:
+            if self.sliding_rope[0] <= 0:
+                raise ModelLoadError("the sliding layers' rope_theta must be positive")
+            _check_scaling(self.sliding_rope[1])
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -115,8 +123,6 @@ class ModelConfig:
             raise ModelLoadError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' is implemented")
         if cfg.get("mlp_bias", False):
             raise ModelLoadError("mlp_bias=true is not supported")
-        if cfg.get("use_sliding_window", False):
-            raise ModelLoadError("use_sliding_window=true is not supported")
         if cfg.get("quantization_config"):  # its weights are not the values they hold: refuse, never misread
             method = cfg["quantization_config"].get("quant_method") if isinstance(cfg["quantization_config"], dict) \
                 else cfg["quantization_config"]
@@ -132,7 +138,9 @@ class ModelConfig:
 
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            theta, scaling = _rope(cfg)
+            layers = int(cfg["num_hidden_layers"])
+            kinds = per_kind_rope(cfg)
+            theta, scaling = _rope(cfg if kinds is None else kinds[0])
             dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
             if dtype_name not in DTYPES:
                 raise ModelLoadError(f"unsupported dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
@@ -141,7 +149,7 @@ class ModelConfig:
                 arch=arch,
                 hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
+                num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(given("num_key_value_heads", heads)),
                 head_dim=int(given("head_dim", hidden // heads)),
@@ -155,8 +163,10 @@ class ModelConfig:
                 max_position_embeddings=_full_attention_positions(cfg, int(given("max_position_embeddings")), scaling),
                 torch_dtype=DTYPES[dtype_name],
                 qk_norm=arch == "qwen3",
-                qk_norm_full=arch == "olmo2",
-                post_norm=arch == "olmo2",
+                qk_norm_full=arch in OLMO,
+                post_norm=arch in OLMO,
+                layer_windows=layer_windows(cfg, model_type, layers),
+                sliding_rope=None if kinds is None else _rope(kinds[1]),
             )
         except ModelLoadError:  # __post_init__'s, already specific
             raise
@@ -220,6 +230,27 @@ class ModelConfig:
         blocks hold scale rows after their token rows (rast_kernels.fp8_kv)."""
         return (num_blocks, cache_rows(block_size, self.head_dim, dtype), self.num_kv_heads, self.head_dim)
 
+
+def _check_scaling(scaling: dict[str, Any] | None) -> None:
+    """A rope scaling models/rope.py implements, with every value it needs (None: plain rotary)."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_KEYS:
+        raise ModelLoadError(f"unsupported rope_scaling {scaling!r}; rope_type "
+                             f"{', '.join(map(repr, ROPE_KEYS))} are implemented")
+    missing = [k for k in ROPE_KEYS[kind] if k not in scaling]
+    if missing:
+        raise ModelLoadError(f"{kind} rope_scaling lacks {missing}")
+    for key in ROPE_KEYS[kind]:  # every required value divides or scales: positive and finite
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ModelLoadError(f"{kind} rope_scaling needs a positive {key}, got {value!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ModelLoadError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+    factor = scaling.get("factor")
+    if (factor is not None or kind != "yarn") and not (isinstance(factor, (int, float)) and factor > 0):
+        raise ModelLoadError(f"{kind} rope_scaling needs a positive factor, got {factor!r}")
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope scaling or None) from either config layout; 'type' is the old key for rope_type.

@@ -43,8 +43,9 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
                  qkv_proj: Optional[nn.Module] = None, o_proj: Optional[nn.Module] = None,
-                 qk_norms: Optional[tuple[RMSNorm, RMSNorm]] = None) -> None:
-        """The projections default to nn.Linear, and with cfg.qk_norm the q and k norms to RMSNorm over
+                 qk_norms: Optional[tuple[RMSNorm, RMSNorm]] = None, window: Optional[int] = None
+                 ) -> None:
+        """``window``: this layer's sliding window (None: full attention). The projections default to nn.Linear, and with cfg.qk_norm the q and k norms to RMSNorm over
         head_dim (cfg.qk_norm_full: over all heads' q, and all heads' k); models.stacked passes batched ones."""
         super().__init__()
         self.head_dim, self.q_size, self.kv_size = cfg.head_dim, cfg.q_size, cfg.kv_size
@@ -56,7 +57,7 @@ class Attention(nn.Module):
             qk_norms = (RMSNorm(q_width, cfg.rms_norm_eps, rotary.ops), RMSNorm(k_width, cfg.rms_norm_eps, rotary.ops))
         self.q_norm, self.k_norm = qk_norms if qk_norms is not None else (None, None)
         self.norm_heads = cfg.qk_norm  # per head, inside the rotary kernel; else over the whole projection
-        self.rotary, self.backend = rotary, backend
+        self.rotary, self.backend, self.window = rotary, backend, window
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
@@ -68,24 +69,25 @@ class Attention(nn.Module):
         elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = rotate_store_attend(q, k, v, positions, meta, kv_cache, self.rotary, self.backend, self.head_dim,
-                                  qk_norm)
+                                  qk_norm, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 def rotate_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         meta: AttentionMetadata, kv_cache: KVCache, rotary: RotaryEmbedding,
-                        backend: AttentionBackend, head_dim: int, qk_norm: Optional[QKNorm] = None) -> torch.Tensor:
+                        backend: AttentionBackend, head_dim: int, qk_norm: Optional[QKNorm] = None,
+                        window: Optional[int] = None) -> torch.Tensor:
     """[T, heads * head_dim] projections -> attention output [T, heads, head_dim]: the q/k norms of each
     head when given (Qwen3), rotary on q and k, this step's k/v into the paged cache, attention over the
-    cached keys."""
+    cached keys (the last ``window`` of them, with a sliding window)."""
     q, k, v = (x.unflatten(-1, (-1, head_dim)) for x in (q, k, v))
     scale = head_dim ** -0.5
     if rotary.ops.stores_kv:
         meta.check_cache(kv_cache[0])
         q, k = rotary.forward_store_kv(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, qk_norm)
-        return backend.attend(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
+        return backend.attend(q, k, v, kv_cache[0], kv_cache[1], meta, scale, window)
     q, k = rotary(positions, q, k, qk_norm)
-    return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
+    return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, scale, window)
 
 
 class MLP(nn.Module):
@@ -111,8 +113,9 @@ class DecoderLayer(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-              ops: LayerOps) -> DecoderLayer:
-        return cls(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops), Attention(cfg, rotary, backend),
+              ops: LayerOps, window: Optional[int] = None) -> DecoderLayer:
+        return cls(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops),
+                   Attention(cfg, rotary, backend, window=window),
                    RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops), MLP(cfg, ops))
 
     def forward(
@@ -142,9 +145,9 @@ class PostNormDecoderLayer(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-              ops: LayerOps) -> PostNormDecoderLayer:
-        return cls(Attention(cfg, rotary, backend), RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops), MLP(cfg, ops),
-                   RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops))
+              ops: LayerOps, window: Optional[int] = None) -> PostNormDecoderLayer:
+        return cls(Attention(cfg, rotary, backend, window=window), RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops),
+                   MLP(cfg, ops), RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops))
 
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
@@ -181,8 +184,14 @@ class CausalLM(nn.Module):
             cfg.head_dim, cfg.max_context, cfg.rope_theta, cfg.rope_scaling, self.dtype, self.ops
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # sliding-window layers may rotate with parameters of their own (OLMo 3)
+        self.sliding_rotary = self.rotary if cfg.sliding_rope is None else RotaryEmbedding(
+            cfg.head_dim, cfg.max_context, *cfg.sliding_rope, self.dtype, self.ops)
+        windows = cfg.layer_windows or (None,) * cfg.num_layers
         layer = PostNormDecoderLayer if cfg.post_norm else DecoderLayer
-        self.layers = nn.ModuleList(layer.build(cfg, self.rotary, attention, self.ops) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            layer.build(cfg, self.rotary if window is None else self.sliding_rotary, attention, self.ops, window)
+            for window in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

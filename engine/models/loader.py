@@ -94,6 +94,8 @@ def _empty_model(cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dty
     if cfg.tie_word_embeddings:  # to_empty gives each parameter its own storage; re-tie
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_cache()
+    if model.sliding_rotary is not model.rotary:
+        model.sliding_rotary.reset_cache()
     return model
 
 

@@ -104,7 +104,7 @@ def _stacked_layer(layers: list[DecoderLayer | PostNormDecoderLayer], cfg: Model
     qk_norms = None if attn[0].q_norm is None else (_stacked_norm([a.q_norm for a in attn]),
                                                      _stacked_norm([a.k_norm for a in attn]))
     attention = Attention(cfg, attn[0].rotary, attn[0].backend, qkv_proj=StackedLinear([a.qkv_proj for a in attn]),
-                          o_proj=StackedLinear([a.o_proj for a in attn]), qk_norms=qk_norms)
+                          o_proj=StackedLinear([a.o_proj for a in attn]), qk_norms=qk_norms, window=attn[0].window)
     feed_forward = MLP(cfg, mlp[0].ops, gate_up_proj=StackedLinear([m.gate_up_proj for m in mlp]),
                        down_proj=StackedLinear([m.down_proj for m in mlp]))
 

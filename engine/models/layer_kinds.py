@@ -1,0 +1,70 @@
+"""Which layers attend through a sliding window, and the rotary embedding of such layers, read from an HF
+config.json as transformers' config classes read it.
+
+- ``layer_types`` (``"full_attention"`` / ``"sliding_attention"`` per layer) when the config states them;
+  otherwise each class's rule: OLMo 3 slides in three layers of four (every fourth is full), Qwen2 and
+  Qwen3 slide from ``max_window_layers`` on when ``use_sliding_window`` is set, Mistral in every layer
+  when its ``sliding_window`` is not null, Llama and OLMo 2 never.
+- The window: ``sliding_window`` (Qwen's only under ``use_sliding_window``), in HF's sense: a token sees
+  itself and the window - 1 tokens before it.
+- OLMo 3 gives the two kinds their own rotary parameters: transformers 5 writes ``rope_parameters`` per
+  layer type; a transformers-4 config (the published checkpoints) has one ``rope_theta`` and a
+  ``rope_scaling`` that, as transformers reads it, stretches the full-attention layers only.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rast_engine.errors import ModelLoadError
+
+KINDS = ("full_attention", "sliding_attention")
+# the class defaults of the keys a config may omit
+DEFAULT_WINDOW = {"qwen2": 4096, "qwen3": 4096, "olmo3": 4096, "mistral": 4096}
+DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2's and Qwen3's
+OLMO3_ROPE_THETA = 500000.0
+
+
+def layer_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[Optional[int], ...]:
+    """Per layer, its sliding window, or None for full attention; () when no layer slides."""
+    if model_type in ("qwen2", "qwen3"):
+        window = cfg.get("sliding_window", DEFAULT_WINDOW[model_type]) if cfg.get("use_sliding_window") else None
+    else:
+        window = cfg.get("sliding_window", DEFAULT_WINDOW.get(model_type)) if model_type in DEFAULT_WINDOW else None
+    types = cfg.get("layer_types")
+    if types is None:
+        types = _default_types(cfg, model_type, num_layers, window)
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in KINDS for t in types):
+        raise ModelLoadError(f"config layer_types must list {num_layers} of {KINDS}, got {types!r}")
+    if window is None or "sliding_attention" not in types:
+        return ()
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ModelLoadError(f"config sliding_window must be a positive integer, got {window!r}")
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _default_types(cfg: dict[str, Any], model_type: str, num_layers: int, window: Optional[int]) -> list[str]:
+    if model_type == "olmo3":
+        return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(num_layers)]
+    if model_type in ("qwen2", "qwen3") and window is not None:
+        first = cfg.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS)
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if model_type == "mistral":
+        return ["sliding_attention"] * num_layers
+    return ["full_attention"] * num_layers
+
+
+def per_kind_rope(cfg: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+    """(the full layers' rope config, the sliding layers') as two flat configs that config._rope reads,
+    where the kinds differ (OLMo 3); None where every layer shares the config's one rope."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and set(params) & set(KINDS):
+        missing = [k for k in KINDS if not isinstance(params.get(k), dict)]
+        if missing:
+            raise ModelLoadError(f"config rope_parameters per layer type lacks {missing}")
+        return ({"rope_parameters": params["full_attention"]}, {"rope_parameters": params["sliding_attention"]})
+    if cfg.get("model_type") == "olmo3":
+        flat = dict(params or {})
+        theta = flat.get("rope_theta", cfg.get("rope_theta", OLMO3_ROPE_THETA))
+        full = {"rope_theta": theta, "rope_parameters": flat or None, "rope_scaling": cfg.get("rope_scaling")}
+        return full, {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    return None

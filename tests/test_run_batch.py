@@ -10,8 +10,9 @@ import asyncio
 import io
 import json
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -154,3 +155,48 @@ def test_a_dead_engine_still_answers_every_line(server_triple: tuple) -> None:
     assert [g["custom_id"] for g in got] == [json.loads(line)["custom_id"] for line in lines]
     assert "device lost" in repr(summary.engine_error) and summary.failed == len(lines) - summary.succeeded > 0
     assert {g["response"]["status_code"] for g in got} <= {200, 500, 503}
+
+
+def test_odd_lines_answer_as_the_server_does(srv: Running, small_engine: LLMEngine) -> None:
+    """Nesting deeper than Python's recursion limit is that line's 400, never the batch's crash; a stream
+    flag the server reads as false ("false", 0) is no stream."""
+    deep = '{"custom_id": "deep", "url": "/v1/completions", "body": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    quiet = {"prompt": "the cat sat on", "max_tokens": 3, "seed": 2}
+    lines = [deep, _line("off", "/v1/completions", {**quiet, "stream": "false"}),
+             _line("zero", "/v1/completions", {**quiet, "stream": 0}),
+             _line("on", "/v1/completions", {**quiet, "stream": "on"})]
+    got = _batch(small_engine, lines)
+    assert [g["response"]["status_code"] for g in got] == [400, 200, 200, 400]
+    assert "nested too deeply" in got[0]["error"]["message"]
+    live = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, **quiet, "stream": "false"}, timeout=60)
+    assert _stable(got[1]["response"]["body"]) == _stable(live.json())
+
+
+def test_a_line_is_answered_before_the_next_arrives(small_engine: LLMEngine) -> None:
+    """Input from a pipe whose writer waits for an answer before it writes on (a co-process): reading the
+    next line must not hold up the requests already read."""
+    answered, out, in_time = threading.Event(), [], []
+
+    def lines() -> Iterator[str]:
+        yield _line("first", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "seed": 1})
+        in_time.append(answered.wait(timeout=20))  # a stalled loop answers only after this gives up
+        yield _line("second", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "seed": 1})
+
+    def write(line: str) -> None:
+        out.append(line)
+        answered.set()
+    asyncio.run(run_batch(OpenAIServer(small_engine, model_name=MODEL, max_waiting=1), lines(), write))
+    assert in_time == [True] and [json.loads(o)["custom_id"] for o in out] == ["first", "second"]
+    assert json.loads(out[0])["response"]["status_code"] == 200
+
+
+def test_the_output_may_not_be_the_input_under_another_name(server_triple: tuple, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "in.jsonl"
+    text = _requests()[0] + "\n"
+    src.write_text(text, encoding="utf-8")
+    (tmp_path / "link.jsonl").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    for output in ("./in.jsonl", str(src.resolve()), "link.jsonl"):
+        assert main(["run-batch", "-i", "in.jsonl", "-o", output, str(server_triple[0])]) == 2
+    assert src.read_text(encoding="utf-8") == text

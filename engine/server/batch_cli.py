@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from typing import IO, Any, Iterator
 
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     require_model(args)
     check_engine_server_args(args)
-    if args.input_file != "-" and args.input_file == args.output_file:
+    if _same_file(args.input_file, args.output_file):
         raise RastError("--output-file must differ from --input-file: it is written while the input is read")
     configure_logging(args)
     template = read_chat_template(args.chat_template)
@@ -56,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
     if summary.engine_error is not None:
         raise RastError(f"the engine failed during the batch: {summary.engine_error!r}")
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether the two paths name one file, however spelled (a link, ./, an absolute path)."""
+    if a == "-" or b == "-":
+        return False
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import uuid
 from typing import Any, Callable, Iterable
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
 from rast_engine.server.app import OpenAIServer
 from rast_engine.server.protocol import APIError
@@ -33,6 +34,7 @@ from rast_engine.server.protocol import APIError
 log = logging.getLogger("rast.run_batch")
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 PROGRESS_SECONDS = 10.0
+_BOOL = TypeAdapter(bool)
 
 
 @dataclasses.dataclass
@@ -61,6 +63,8 @@ def parse_line(raw: str | bytes, number: int) -> _Line:
         item = json.loads(raw)
     except ValueError as exc:  # not JSON or not UTF-8, or an integer past Python's 4300-digit limit
         return _Line(None, error=APIError(400, f"line {number} is not JSON: {exc}"))
+    except RecursionError:  # as the server answers such a body
+        return _Line(None, error=APIError(400, f"line {number} is nested too deeply"))
     if not isinstance(item, dict):
         return _Line(None, error=APIError(400, f"line {number} is not a JSON object"))
     custom_id = item.get("custom_id")
@@ -75,12 +79,24 @@ def parse_line(raw: str | bytes, number: int) -> _Line:
                                                     f"send {' or '.join(ENDPOINTS)}", param="url"))
     if not isinstance(body, dict):
         return _Line(custom_id, error=APIError(400, f"line {number}: body must be a JSON object", param="body"))
-    if body.get("stream"):
+    if _streams(body.get("stream")):
         return _Line(custom_id, error=APIError(400, f"line {number}: a batch request cannot stream", param="stream"))
     prompt = body.get("prompt") if url == "/v1/completions" else None
     # the completions route takes a list of prompts (strings or token-id lists) as as many requests
     prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
-    return _Line(custom_id, url, json.dumps(body).encode(), prompts)
+    try:
+        return _Line(custom_id, url, json.dumps(body).encode(), prompts)
+    except RecursionError:
+        return _Line(custom_id, error=APIError(400, f"line {number}: body is nested too deeply", param="body"))
+
+
+def _streams(value: Any) -> bool:
+    """Whether the server would read ``stream`` as true (pydantic's lax bool: "true", "on", 1 too); a value
+    it would refuse is left for its own error."""
+    try:
+        return _BOOL.validate_python(value) if value is not None else False
+    except ValidationError:
+        return False
 
 
 def _output(line: _Line, status: int, body: dict[str, Any]) -> str:
@@ -158,8 +174,11 @@ async def run_batch(server: OpenAIServer, lines: Iterable[str | bytes], write: C
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://rast-batch", timeout=None) as client:
             tasks: set[asyncio.Task[None]] = set()
-            last_log = started
-            for number, raw in enumerate(lines, 1):
+            last_log, source, number = started, iter(lines), 0
+            # each line is read on a worker thread: a pipe that waits for its writer must not stall the
+            # requests already read (their answers may be what the writer waits for)
+            while (raw := await asyncio.to_thread(next, source, None)) is not None:
+                number += 1
                 if not raw.strip():
                     continue  # as vLLM's reader: blank lines are no requests
                 line, seq = parse_line(raw, number), len(numbers)

@@ -45,12 +45,21 @@ def kv_bytes_per_token(cfg: dict, elt: int) -> int:
     return 2 * m.num_layers * m.num_kv_heads * (m.head_dim * elt + (elt == 1))
 
 
+def kv_bytes_read(cfg: dict, elt: int, context: float) -> float:
+    """What one decode step's attention reads of a sequence's cache at ``context`` tokens: every layer's
+    keys and values, a sliding-window layer's last ``window`` only (the cache still holds them all)."""
+    m = ModelConfig.from_dict(cfg)
+    per_layer = kv_bytes_per_token(cfg, elt) / m.num_layers
+    windows = m.layer_windows or (None,) * m.num_layers
+    return per_layer * sum(context if w is None else min(context, w) for w in windows)
+
+
 def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, bandwidth: float,
                 fp8_large: bool = False, kv_elt: int | None = None) -> dict:
     """``fp8_large``: cfgs[0], the large model, holds its projections in FP8 (quantization="fp8");
     ``kv_elt``: the KV cache's element size when not ``elt`` (1: kv_cache_dtype="fp8")."""
     weights = sum(weight_bytes(c, elt, fp8_large and i == 0, read=True) for i, c in enumerate(cfgs))
-    kv = batch * mean_context * sum(kv_bytes_per_token(c, kv_elt or elt) for c in cfgs)
+    kv = batch * sum(kv_bytes_read(c, kv_elt or elt, mean_context) for c in cfgs)
     # issue 4 words its roofline as every weight's bytes, the input embedding tables too: kept beside
     # the floor above, the stricter one, so each target is judged by both
     every = sum(weight_bytes(c, elt, fp8_large and i == 0) for i, c in enumerate(cfgs))

@@ -208,3 +208,15 @@ def test_batch_1_targets_are_judged_against_both_rooflines() -> None:
     old = [{k: v for k, v in row(*a).items() if k not in ("weight_bytes_all", "roofline_all_weights_ms")}
            for a in (("base", 5.0, 100, 110, 4.0, 4.4), ("rast", 9.0, 140, 160, 7.6, 8.4))]
     assert len(judge(old, ["7b+1.5b"])["targets"]) == 2
+
+
+def test_sliding_layers_read_only_their_window() -> None:
+    """OLMo 3's pattern, counted by hand: three layers of four read at most 4096 keys, the fourth all."""
+    from bench.roofline import kv_bytes_read
+
+    cfg = {"model_type": "olmo3", "hidden_size": 256, "intermediate_size": 64, "num_hidden_layers": 8,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "sliding_window": 4096}
+    per_layer_token = 2 * 2 * 64 * 2  # K and V, 2 heads of 64, bf16
+    assert kv_bytes_read(cfg, 2, 1000) == 8 * 1000 * per_layer_token
+    assert kv_bytes_read(cfg, 2, 10_000) == (6 * 4096 + 2 * 10_000) * per_layer_token
+    assert kv_bytes_read({**cfg, "model_type": "olmo2"}, 2, 10_000) == 8 * 10_000 * per_layer_token

@@ -9,7 +9,10 @@ config.json as transformers' config classes read it.
   itself and the window - 1 tokens before it.
 - OLMo 3 gives the two kinds their own rotary parameters: transformers 5 writes ``rope_parameters`` per
   layer type; a transformers-4 config (the published checkpoints) has one ``rope_theta`` and a
-  ``rope_scaling`` that, as transformers reads it, stretches the full-attention layers only.
+  ``rope_scaling`` that, as transformers reads it, stretches the full-attention layers only. A flat
+  ``rope_parameters`` (written by a transformers 5 pre-release) is read as that ``rope_scaling``; the
+  transformers release of 2026-12 reads a flat YaRN block in an OLMo 3 config as no scaling at all, which
+  would drop the long-context recipe the checkpoint was trained with.
 """
 from __future__ import annotations
 

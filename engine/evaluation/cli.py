@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fp8: the large model's projections as FP8 weights (default: none)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="fp8: every model's KV cache in float8_e4m3fn (default auto: the model's dtype)")
+    p.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                   help="N engines in processes of their own, worker r on GPU r (--device cpu: all on the CPU), "
+                        "problems handed to whichever has room; the samples are the same for any N (default 1)")
     p.add_argument("--out", help="output folder (samples.jsonl, run.json, metrics.json, plots)")
     p.set_defaults(func=run)
 
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                      seed=args.seed, max_inflight=args.max_inflight, limit=args.limit, name=args.name,
                      plots=not args.no_plots, speculative_tokens=args.speculative_tokens,
                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                     plausibility_alpha=args.plausibility_alpha)
+                     plausibility_alpha=args.plausibility_alpha, data_parallel_size=args.data_parallel_size)
     m = run_eval(cfg)
     summary = {k: m[k] for k in ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k",
                                  "mean_response_tokens")}

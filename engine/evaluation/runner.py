@@ -14,7 +14,7 @@ import sys
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import Problem, load_problems
@@ -88,6 +88,9 @@ class EvalConfig:
     kv_cache_dtype: str = "auto"  # "fp8": every model's KV cache in float8_e4m3fn (a sample setting too)
     # > 0: contrastive decoding's plausibility mask on the large model's own distribution (plausibility.py)
     plausibility_alpha: float = 0.0
+    # engines in processes of their own (one a GPU), problems handed to whichever has room; a sample's
+    # seed does not depend on where it is drawn, so not a sample setting
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if (self.small_rl is None) != (self.small_base is None):
@@ -103,6 +106,9 @@ class EvalConfig:
             raise RastError("--max-inflight must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise RastError("--limit must be >= 1")
+        if isinstance(self.data_parallel_size, bool) or not isinstance(self.data_parallel_size, int) \
+                or self.data_parallel_size < 1:
+            raise RastError(f"--data-parallel-size must be an integer >= 1, got {self.data_parallel_size!r}")
         self.stop = tuple(self.stop)
         if self.name is None:
             self.name = Path(self.data).stem
@@ -182,12 +188,14 @@ def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any
     return recs
 
 
-def _generate(cfg: EvalConfig, todo: list[tuple[Problem, list[tuple[int, int]]]], samples_path: Path,
-              log: Any) -> None:
-    """Keeps up to max_inflight problems in the engine and saves each one the moment it finishes, so a
-    long straggler neither idles the batch nor holds back the saving of the others."""
-    from tqdm import tqdm
+Item = tuple[Problem, list[tuple[int, int]]]  # a problem and the requests (first index, count) it needs
 
+
+def sample(cfg: EvalConfig, next_item: Callable[[], Item | None], emit: Callable[[list[dict[str, Any]]], None]
+           ) -> None:
+    """Keeps up to max_inflight problems in one engine, taking each from ``next_item`` (None: no more) and
+    handing each request's records to ``emit`` the moment it finishes, so a long straggler neither idles
+    the batch nor holds back the saving of the others."""
     from rast_engine import SamplingParams
 
     template = load_template(cfg.template)
@@ -195,12 +203,11 @@ def _generate(cfg: EvalConfig, todo: list[tuple[Problem, list[tuple[int, int]]]]
     llm = _build_llm(cfg)
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
-    queue = iter(todo)
     inflight: dict[str, tuple[Problem, int]] = {}
     open_requests: dict[str, int] = {}  # per problem in flight
 
     def submit() -> None:
-        item = next(queue, None)
+        item = next_item()
         if item is None:
             return
         problem, parts = item
@@ -215,23 +222,39 @@ def _generate(cfg: EvalConfig, todo: list[tuple[Problem, list[tuple[int, int]]]]
             inflight[rid] = (problem, first)
         open_requests[problem.id] = len(parts)
 
+    for _ in range(cfg.max_inflight):
+        submit()
+    while inflight:
+        for out in engine.step():
+            if not out.finished or out.request_id not in inflight:
+                continue
+            problem, first = inflight.pop(out.request_id)
+            emit(_records(problem, first, out))
+            open_requests[problem.id] -= 1
+            if not open_requests[problem.id]:  # the problem is done: the next one enters
+                del open_requests[problem.id]
+                submit()
+
+
+def _generate(cfg: EvalConfig, todo: list[Item], samples_path: Path, log: Any) -> None:
+    """Samples ``todo`` into samples.jsonl: in this process, or across data_parallel_size engines."""
+    from tqdm import tqdm
+
     bar = tqdm(total=sum(c for _, parts in todo for _, c in parts), desc=f"eval {cfg.name}", unit="sample",
                file=log)
     with samples_path.open("a", encoding="utf-8") as fh:
-        for _ in range(cfg.max_inflight):
-            submit()
-        while inflight:
-            for out in engine.step():
-                if not out.finished or out.request_id not in inflight:
-                    continue
-                problem, first = inflight.pop(out.request_id)
-                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(problem, first, out)))
-                fh.flush()
-                bar.update(len(out.outputs))
-                open_requests[problem.id] -= 1
-                if not open_requests[problem.id]:  # the problem is done: the next one enters
-                    del open_requests[problem.id]
-                    submit()
+        def save(records: list[dict[str, Any]]) -> None:
+            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            fh.flush()
+            bar.update(len(records))
+
+        if cfg.data_parallel_size == 1:
+            queue = iter(todo)
+            sample(cfg, lambda: next(queue, None), save)
+        else:
+            from rast_engine.evaluation.parallel import sample_in_parallel
+
+            sample_in_parallel(cfg, todo, save)
     bar.close()
 
 

@@ -3,6 +3,7 @@
 attention served as one chunk."""
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 from transformers import AutoConfig
@@ -124,3 +125,17 @@ def test_dual_chunk_attention_checkpoint_serves_one_chunk(caplog: pytest.LogCapt
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144}
     with pytest.raises(ModelLoadError, match="dual_chunk_attention_config with a yarn rope scaling"):
         ModelConfig.from_dict({**given, "rope_scaling": yarn})  # it would stretch the context past the chunk
+
+
+def test_olmo3_rope_scaling_beside_per_kind_parameters_stretches_the_full_layers() -> None:
+    """transformers 5 writes OLMo 3's rope_parameters per layer type; a model card's YaRN block added beside
+    them as rope_scaling stretches the full-attention layers, and kinds without a theta take OLMo 3's."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = {"model_type": "olmo3", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "vocab_size": 64, "rope_scaling": yarn,
+           "rope_parameters": {"full_attention": {"rope_type": "default"},
+                               "sliding_attention": {"rope_type": "default"}}}
+    ours, hf = ModelConfig.from_dict(copy.deepcopy(cfg)), AutoConfig.for_model(**copy.deepcopy(cfg))
+    full = hf.rope_parameters["full_attention"]
+    assert full["rope_type"] == "yarn" and ours.rope_scaling == {k: v for k, v in full.items() if k != "rope_theta"}
+    assert ours.rope_theta == full["rope_theta"] == 500000 and ours.sliding_rope == (500000, None)

@@ -12,7 +12,8 @@ config.json as transformers' config classes read it.
   ``rope_scaling`` that, as transformers reads it, stretches the full-attention layers only. A flat
   ``rope_parameters`` (written by a transformers 5 pre-release) is read as that ``rope_scaling``; the
   transformers release of 2026-12 reads a flat YaRN block in an OLMo 3 config as no scaling at all, which
-  would drop the long-context recipe the checkpoint was trained with.
+  would drop the long-context recipe the checkpoint was trained with. A ``rope_scaling`` beside per-kind
+  ``rope_parameters`` stretches the full layers, as transformers merges it.
 """
 from __future__ import annotations
 
@@ -64,7 +65,11 @@ def per_kind_rope(cfg: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[st
         missing = [k for k in KINDS if not isinstance(params.get(k), dict)]
         if missing:
             raise ModelLoadError(f"config rope_parameters per layer type lacks {missing}")
-        return ({"rope_parameters": params["full_attention"]}, {"rope_parameters": params["sliding_attention"]})
+        # as transformers merges them: a kind without its own theta takes the config's (OLMo 3's default
+        # without), and a rope_scaling beside them (a model card's YaRN block) stretches the full layers
+        theta = cfg.get("rope_theta", OLMO3_ROPE_THETA if cfg.get("model_type") == "olmo3" else None)
+        full, sliding = ({"rope_theta": theta, **params[k]} if theta is not None else dict(params[k]) for k in KINDS)
+        return {"rope_parameters": full, "rope_scaling": cfg.get("rope_scaling")}, {"rope_parameters": sliding}
     if cfg.get("model_type") == "olmo3":
         flat = dict(params or {})
         theta = flat.get("rope_theta", cfg.get("rope_theta", OLMO3_ROPE_THETA))

@@ -56,6 +56,18 @@ def _stable(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in VOLATILE}
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, log-probabilities within 1e-4: the same request batched with others draws the same tokens,
+    but its float32 logits may differ in the last bits."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 @pytest.fixture(scope="module")
 def small_engine(server_triple: tuple) -> LLMEngine:
     """Two slots: a batch of 13 lines (17 prompts) must queue behind its gate."""
@@ -70,7 +82,7 @@ def test_each_line_is_what_the_server_answers(srv: Running, small_engine: LLMEng
         item = json.loads(line)
         live = httpx.post(f"{srv.url}{item['url']}", json=item["body"], timeout=60)
         assert live.status_code == 200 and result["response"]["status_code"] == 200 and result["error"] is None
-        assert _stable(result["response"]["body"]) == _stable(live.json()), item["custom_id"]
+        assert _same(_stable(result["response"]["body"]), _stable(live.json())), item["custom_id"]
     assert len({g["id"] for g in got}) == len({g["response"]["request_id"] for g in got}) == len(got)
     stats = small_engine.stats()
     assert stats.num_running == stats.num_waiting == 0 and stats.kv_blocks_used == 0
@@ -104,14 +116,14 @@ def test_a_bad_line_fails_alone(srv: Running, small_engine: LLMEngine) -> None:
     assert got[7]["error"]["message"] == live["error"]["message"]
     assert "stream" in got[6]["error"]["message"] and "/v1/embeddings" in got[5]["error"]["message"]
     assert "at most 3 in flight" in got[10]["error"]["message"]
-    assert _stable(got[3]["response"]["body"])["choices"] == _stable(got[11]["response"]["body"])["choices"]
+    assert _same(got[3]["response"]["body"]["choices"], got[11]["response"]["body"]["choices"])
 
 
 def test_a_small_window_keeps_order_and_finishes(small_engine: LLMEngine) -> None:
     lines = _requests()
     whole = _batch(small_engine, lines)
     narrow = _batch(small_engine, lines, window=1)  # one line at a time
-    assert [_stable(g["response"]["body"]) for g in narrow] == [_stable(g["response"]["body"]) for g in whole]
+    assert _same([_stable(g["response"]["body"]) for g in narrow], [_stable(g["response"]["body"]) for g in whole])
 
 
 def test_the_command_writes_a_line_for_each_request(server_triple: tuple, tmp_path: Path,
@@ -135,7 +147,7 @@ def test_the_command_writes_a_line_for_each_request(server_triple: tuple, tmp_pa
         mp.setattr(sys, "stdin", stdin)
         assert main(["run-batch", "-i", "-", "-o", "-", *flags]) == 0
     piped = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [_stable(g["response"]["body"]) for g in piped] == [_stable(g["response"]["body"]) for g in got]
+    assert _same([_stable(g["response"]["body"]) for g in piped], [_stable(g["response"]["body"]) for g in got])
 
 
 def test_a_dead_engine_still_answers_every_line(server_triple: tuple) -> None:
@@ -169,7 +181,7 @@ def test_odd_lines_answer_as_the_server_does(srv: Running, small_engine: LLMEngi
     assert [g["response"]["status_code"] for g in got] == [400, 200, 200, 400]
     assert "nested too deeply" in got[0]["error"]["message"]
     live = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, **quiet, "stream": "false"}, timeout=60)
-    assert _stable(got[1]["response"]["body"]) == _stable(live.json())
+    assert _same(_stable(got[1]["response"]["body"]), _stable(live.json()))
 
 
 def test_a_line_is_answered_before_the_next_arrives(small_engine: LLMEngine) -> None:

@@ -38,7 +38,7 @@
 # (first and second write exactly 8: a benchmark added to either needs its files made room for).
 set -uo pipefail
 
-stage=${1:?stage: first | second | tests | kernels | decode | unfused}
+stage=${1:?stage: first | second | tests | kernels | decode | unfused | throughput}
 export RAST_COMMIT=${2:?the commit being measured}
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -126,13 +126,17 @@ case "$stage" in
     timeout "$(left)" python3 bench/decode.py --pairings "$pairing" --profile --commit "$RAST_COMMIT" \
       --out "$out" 2>&1 | tee -a "$log"
     ;;
+  throughput)  # offline throughput, base vs rast, 200 requests of 512 + 512 tokens (a third session's stage)
+    install
+    timeout "$(left)" python3 bench/throughput.py --quick --range-ratio 0.5 --commit "$RAST_COMMIT" --out "$out" 2>&1 | tee -a "$log"
+    ;;
   unfused)
     pairing=${3:?pairing, e.g. 7b+1.5b}
     timeout "$(left)" python3 bench/decode.py --pairings "$pairing" --modes base rast --batches 1 32 \
       --layer-ops torch --profile --profile-modes rast --commit "$RAST_COMMIT" --out "$out" 2>&1 | tee -a "$log"
     ;;
   *)
-    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused)" | tee -a "$log"
+    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused | throughput)" | tee -a "$log"
     exit 2
     ;;
 esac

@@ -11,7 +11,7 @@ from rast_engine.config import EngineConfig
 from rast_engine.errors import RastError
 from rast_engine.llm_engine import LLMEngine
 from rast_engine.outputs import RequestOutput, ScoreOutput
-from rast_engine.requests import chat_template_variables, render_conversation
+from rast_engine.requests import chat_template_variables, is_one_prompt_of_ids, render_conversation
 from rast_engine.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int], dict]  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
@@ -53,8 +53,7 @@ class LLM:
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], sampling_params: Params = None,
                  use_tqdm: bool = True, priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
         """``priority``: vLLM's, one per prompt (lower first), with scheduling_policy="priority"."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or is_one_prompt_of_ids(prompts):
             prompts = [prompts]  # one prompt (text, token ids or a dict prompt), not a batch
         prompts = list(prompts)
         if sampling_params is None:

@@ -49,10 +49,8 @@ def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
             ids = list(engine.tokenizer.encode(prompt))
         except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: bad input, reported as such
             raise RastError(f"the tokenizer cannot encode the prompt: {exc}") from None
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
     else:
-        raise RastError("a prompt must be a string or a list of token ids (ints)")
+        ids = token_id_list(prompt)
     bad = [t for t in ids if not 0 <= t < engine.vocab_size]
     if bad and isinstance(prompt, str):
         raise RastError(f"the prompt encodes to token ids {bad[:5]} outside the vocabulary "
@@ -61,6 +59,34 @@ def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:
     if bad:
         raise RastError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {engine.vocab_size})")
     return ids
+
+
+_INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def _integer(t: object) -> bool:
+    return hasattr(t, "__index__") and not isinstance(t, bool) and type(t).__name__ != "bool_"
+
+
+def _int_vector(x: object) -> bool:
+    return hasattr(x, "tolist") and getattr(x, "ndim", None) == 1 and str(getattr(x, "dtype", "")).split(".")[-1] \
+        in _INT_DTYPES
+
+
+def is_one_prompt_of_ids(x: object) -> bool:
+    """Whether ``x`` is one prompt of token ids (its first id an integer, or a 1-D integer array), not a
+    batch of prompts."""
+    return _int_vector(x) or (isinstance(x, (list, tuple)) and bool(x) and _integer(x[0]))
+
+
+def token_id_list(prompt: object) -> list[int]:
+    """Token ids as Python ints: a list or tuple of integers (numpy's too), or a 1-D integer numpy array or
+    torch tensor (a tokenizer's return_tensors output, one row); never bools or floats."""
+    if _int_vector(prompt):
+        return [int(t) for t in prompt.tolist()]  # type: ignore[attr-defined]
+    if isinstance(prompt, (list, tuple)) and all(_integer(t) for t in prompt):
+        return [operator.index(t) for t in prompt]
+    raise RastError("a prompt must be a string or a list of token ids (ints)")
 
 
 def truncated(ids: list[int], keep: Optional[int], max_model_len: int) -> list[int]:

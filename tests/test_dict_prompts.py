@@ -28,3 +28,24 @@ def test_dict_prompts_are_what_they_hold(qwen2_triple: tuple) -> None:
         with pytest.raises(RastError, match=match):
             engine.add_request("bad", bad, GREEDY)
     assert not engine.has_unfinished_requests() and "bad" not in engine.groups
+
+
+def test_token_ids_may_come_as_numpy_or_torch(qwen2_triple: tuple) -> None:
+    """A tokenizer's return_tensors row (numpy or torch, one dimension) or numpy integers in a list are the
+    same prompt as the Python ints; bools, floats and 2-D arrays are refused before the engine changes."""
+    np = pytest.importorskip("numpy")
+    import torch
+
+    llm = LLM(*map(str, qwen2_triple), lam=0.7, device="cpu", dtype="float32", block_size=4, kv_cache_blocks=64)
+    ids = [5, 9, 9, 17, 4]
+    want = llm.generate(ids, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    for given in (np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids], np.array(ids, dtype=np.int32)):
+        (one,) = llm.generate(given, GREEDY, use_tqdm=False)  # one prompt, not a batch of single ids
+        assert one.outputs[0].token_ids == want and one.prompt_token_ids == ids
+        assert all(type(t) is int for t in one.prompt_token_ids)
+        assert llm.generate({"prompt_token_ids": given}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want
+    engine = llm.llm_engine
+    for bad in ([True, 5], [5.0, 9.0], np.array(ids, dtype=np.float32), torch.tensor([ids]), [np.bool_(True)]):
+        with pytest.raises(RastError, match="token ids"):
+            engine.add_request("bad", bad, GREEDY)
+    assert not engine.has_unfinished_requests() and "bad" not in engine.groups

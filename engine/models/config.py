@@ -31,6 +31,7 @@ import torch
 
 from rast_engine.errors import ModelLoadError
 from rast_engine.models.layer_kinds import layer_windows, per_kind_rope
+from rast_engine.models.rope_config import check_scaling, full_attention_positions, rope_of
 from rast_kernels.fp8_cast import FP8
 from rast_kernels.fp8_kv import cache_rows
 
@@ -39,10 +40,6 @@ logger = logging.getLogger("rast")
 # model_type -> arch
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "mistral", "olmo2": "olmo2", "olmo3": "olmo3"}
 OLMO = ("olmo2", "olmo3")
-LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-# the rope scalings models/rope.py implements, and the keys each needs (yarn without a factor takes
-# max_position_embeddings / original_max_position_embeddings, as HF does)
-ROPE_KEYS = {"llama3": LLAMA3_KEYS, "yarn": ("original_max_position_embeddings",), "linear": ("factor",)}
 # HF's config classes' defaults for keys a config.json may omit, where they are not derived from others
 # (Llama: KV heads = heads; Llama, Qwen2: head_dim = hidden // heads): Qwen3's head_dim is 128 whatever
 # the hidden size; tests/test_model_config.py checks every default against transformers' classes
@@ -107,11 +104,11 @@ class ModelConfig:
             raise ModelLoadError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ModelLoadError("rms_norm_eps and rope_theta must be positive")
-        _check_scaling(self.rope_scaling)
+        check_scaling(self.rope_scaling)
         if self.sliding_rope is not None:
             if self.sliding_rope[0] <= 0:
                 raise ModelLoadError("the sliding layers' rope_theta must be positive")
-            _check_scaling(self.sliding_rope[1])
+            check_scaling(self.sliding_rope[1])
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -140,7 +137,7 @@ class ModelConfig:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             layers = int(cfg["num_hidden_layers"])
             kinds = per_kind_rope(cfg)
-            theta, scaling = _rope(cfg if kinds is None else kinds[0])
+            theta, scaling = rope_of(cfg if kinds is None else kinds[0])
             dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
             if dtype_name not in DTYPES:
                 raise ModelLoadError(f"unsupported dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
@@ -160,13 +157,13 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=True if arch == "qwen2" else bias,
                 o_proj_bias=False if arch == "qwen2" else bias,
-                max_position_embeddings=_full_attention_positions(cfg, int(given("max_position_embeddings")), scaling),
+                max_position_embeddings=full_attention_positions(cfg, int(given("max_position_embeddings")), scaling),
                 torch_dtype=DTYPES[dtype_name],
                 qk_norm=arch == "qwen3",
                 qk_norm_full=arch in OLMO,
                 post_norm=arch in OLMO,
                 layer_windows=layer_windows(cfg, model_type, layers),
-                sliding_rope=None if kinds is None else _rope(kinds[1]),
+                sliding_rope=None if kinds is None else rope_of(kinds[1]),
             )
         except ModelLoadError:  # __post_init__'s, already specific
             raise
@@ -230,67 +227,3 @@ class ModelConfig:
         blocks hold scale rows after their token rows (rast_kernels.fp8_kv)."""
         return (num_blocks, cache_rows(block_size, self.head_dim, dtype), self.num_kv_heads, self.head_dim)
 
-
-def _check_scaling(scaling: dict[str, Any] | None) -> None:
-    """A rope scaling models/rope.py implements, with every value it needs (None: plain rotary)."""
-    if scaling is None:
-        return
-    kind = scaling.get("rope_type")
-    if kind not in ROPE_KEYS:
-        raise ModelLoadError(f"unsupported rope_scaling {scaling!r}; rope_type "
-                             f"{', '.join(map(repr, ROPE_KEYS))} are implemented")
-    missing = [k for k in ROPE_KEYS[kind] if k not in scaling]
-    if missing:
-        raise ModelLoadError(f"{kind} rope_scaling lacks {missing}")
-    for key in ROPE_KEYS[kind]:  # every required value divides or scales: positive and finite
-        value = scaling[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ModelLoadError(f"{kind} rope_scaling needs a positive {key}, got {value!r}")
-    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise ModelLoadError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
-    factor = scaling.get("factor")
-    if (factor is not None or kind != "yarn") and not (isinstance(factor, (int, float)) and factor > 0):
-        raise ModelLoadError(f"{kind} rope_scaling needs a positive factor, got {factor!r}")
-
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope scaling or None) from either config layout; 'type' is the old key for rope_type.
-    A rope_scaling replaces rope_parameters, as in HF (transformers 5 saves rope_parameters with type
-    "default", and a model card's YaRN block is added as rope_scaling). rope_theta: rope_parameters' then
-    the top level's, as HF reads them; with a rope_scaling, its own, the top level's, then the replaced
-    rope_parameters' (where HF falls back to its class default instead: the checkpoint's theta is the
-    one it was trained with)."""
-    for key in ("rope_parameters", "rope_scaling"):
-        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
-            raise ModelLoadError(f"config {key} must be an object, got {cfg[key]!r}")
-    params = dict(cfg.get("rope_parameters") or {})
-    legacy = cfg.get("rope_scaling")
-    order = (legacy, cfg, params) if legacy else (params, cfg)
-    theta = next((d["rope_theta"] for d in order if d.get("rope_theta") is not None), 10000.0)
-    if legacy:
-        params = dict(legacy)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return float(theta), None
-    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
-    scaling["rope_type"] = rope_type
-    return float(theta), scaling
-
-
-def _full_attention_positions(cfg: dict[str, Any], positions: int, scaling: dict[str, Any] | None) -> int:
-    """max_position_embeddings, capped where the checkpoint relies on dual chunk attention (Qwen2.5-1M),
-    which the engine does not implement: within one chunk it equals full attention, past it vLLM's and
-    SGLang's outputs differ from full attention's, so the engine serves one chunk's positions (a rope
-    scaling beside it, which would stretch the context past the chunk again, is refused)."""
-    dca = cfg.get("dual_chunk_attention_config")
-    if not isinstance(dca, dict):
-        return positions
-    if scaling is not None:
-        raise ModelLoadError(f"dual_chunk_attention_config with a {scaling['rope_type']} rope scaling is not "
-                             "supported: the engine runs full attention, within one chunk only")
-    bounds = [int(dca[k]) for k in ("chunk_size", "original_max_position_embeddings") if dca.get(k)]
-    if not bounds or min(bounds) >= positions:
-        return positions
-    logger.warning("dual_chunk_attention_config: the engine runs full attention, which equals dual chunk "
-                   "attention within one chunk; context capped at %d positions (max_position_embeddings %d)",
-                   min(bounds), positions)
-    return min(bounds)

@@ -58,7 +58,7 @@ def _default_types(cfg: dict[str, Any], model_type: str, num_layers: int, window
 
 
 def per_kind_rope(cfg: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
-    """(the full layers' rope config, the sliding layers') as two flat configs that config._rope reads,
+    """(the full layers' rope config, the sliding layers') as two flat configs that rope_config.rope_of reads,
     where the kinds differ (OLMo 3); None where every layer shares the config's one rope."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and set(params) & set(KINDS):

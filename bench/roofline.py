@@ -15,7 +15,8 @@ def param_counts(cfg: dict) -> tuple[int, int]:
     h, q, kv = m.hidden_size, m.q_size, m.kv_size
     bias = (q + 2 * kv if m.attention_bias else 0) + (h if m.o_proj_bias else 0)
     qk_norm = 2 * m.head_dim if m.qk_norm else (q + kv if m.qk_norm_full else 0)
-    layer = h * q + 2 * h * kv + q * h + 3 * h * m.intermediate_size + 2 * h + bias + qk_norm
+    norms = (4 if m.sandwich_norm else 2) * h
+    layer = h * q + 2 * h * kv + q * h + 3 * h * m.intermediate_size + norms + bias + qk_norm
     body = m.num_layers * layer + h  # + final norm
     lm_head = m.vocab_size * h
     return body + lm_head * (1 if m.tie_word_embeddings else 2), body + lm_head

@@ -1,6 +1,6 @@
 """The decoder layer's elementwise work as one Triton kernel each: residual add + RMSNorm, rotary
 embedding of q and k (optionally after Qwen3's RMSNorm of each head, and optionally writing k and v into
-the paged KV cache in the same launch), SiLU-and-multiply.
+the paged KV cache in the same launch), SiLU-and-multiply (or Gemma's GELU-tanh-and-multiply).
 
 Why: in plain PyTorch these are about 35 kernels per layer (a Qwen2 decode layer, counted; RMSNorm
 alone is eight: casts, pow, mean, add, rsqrt, two muls). At decode batch 1 each kernel moves a few KB
@@ -28,9 +28,10 @@ import triton.language as tl
 from rast_kernels.fp8_kv import block_size_of, exponent_byte, exponent_offset, quantize, row_exponent
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2
 from rast_kernels.layer_ops_checks import QKNorm, check_qk_norm, check_rotary, check_rows, check_store
-from rast_kernels.layer_ops_numerics import _round, _silu
+from rast_kernels.layer_ops_numerics import _gelu_tanh, _round, _silu
 
-__all__ = ["add_rms_norm", "rms_norm", "rotary_embedding", "rotary_embedding_store_kv", "silu_and_mul"]
+__all__ = ["add_rms_norm", "gelu_tanh_and_mul", "rms_norm", "rotary_embedding", "rotary_embedding_store_kv",
+           "silu_and_mul"]
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, w_ptr, w_stride, group_rows, y_ptr, s_ptr, N, inv_n, eps,
@@ -142,14 +143,17 @@ def _rotary_kernel(q_ptr, q_stride_t, q_stride_h, k_ptr, k_stride_t, k_stride_h,
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, x_stride, y_ptr, N, BLOCK: tl.constexpr, COMPILED: tl.constexpr):
+def _act_mul_kernel(x_ptr, x_stride, y_ptr, N, BLOCK: tl.constexpr, COMPILED: tl.constexpr, GELU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     dtype = y_ptr.dtype.element_ty
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     gate = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + N + offs, mask=mask, other=0.0).to(tl.float32)
-    act = _round(_silu(gate, COMPILED), dtype)  # HF: act_fn(gate) * up, two roundings
+    if GELU:
+        act = _round(_gelu_tanh(gate, COMPILED), dtype)
+    else:
+        act = _round(_silu(gate, COMPILED), dtype)  # HF: act_fn(gate) * up, two roundings
     tl.store(y_ptr + row * N + offs, _round(act * up, dtype).to(dtype), mask=mask)
 
 
@@ -267,6 +271,18 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         from rast_kernels import ops
         return ops.traced(ops.silu_and_mul, gate_up)
+    return _act_mul(gate_up, gelu=False)
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2N] = [gate | up] -> gelu_tanh(gate) * up, [T, N] (Gemma's MLP activation, rounded as HF rounds)."""
+    if torch.compiler.is_compiling():
+        from rast_kernels import ops
+        return ops.traced(ops.gelu_tanh_and_mul, gate_up)
+    return _act_mul(gate_up, gelu=True)
+
+
+def _act_mul(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     check_rows("gate_up", gate_up)
     if gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must have an even width [gate | up], got {gate_up.shape[1]}")
@@ -274,6 +290,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     y = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     if t and n:
         block = min(1024, next_pow2(n))
-        _silu_mul_kernel[(t, cdiv(n, block))](gate_up, gate_up.stride(0), y, n, BLOCK=block,
-                                              COMPILED=not interpreting(), num_warps=4, **exact_fp_options())
+        _act_mul_kernel[(t, cdiv(n, block))](gate_up, gate_up.stride(0), y, n, BLOCK=block,
+                                             COMPILED=not interpreting(), GELU=gelu, num_warps=4, **exact_fp_options())
     return y

@@ -1,6 +1,7 @@
 """How rast_kernels.layer_ops' kernels compute as torch does, bit for bit: a float32 value rounded to the
 model dtype as a torch op on that dtype stores it, and SiLU by torch's CUDA formula (the interpreter's
-numpy is exact already). Shared by the kernels as Triton device functions."""
+numpy is exact already); GELU's tanh form by torch's formula, within an ulp of it (tanh's implementations
+differ). Shared by the kernels as Triton device functions."""
 from __future__ import annotations
 
 import triton
@@ -29,3 +30,14 @@ def _silu(x, COMPILED: tl.constexpr):
         return tl.math.div_rn(x, 1.0 + libdevice.exp(-x))
     else:
         return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _gelu_tanh(x, COMPILED: tl.constexpr):
+    """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): torch's gelu(approximate="tanh"), Gemma's MLP."""
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    if COMPILED:
+        t = libdevice.tanh(inner)
+    else:  # the interpreter has no libdevice: tanh from exp, exact in numpy's float32 to an ulp
+        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+    return 0.5 * x * (1.0 + t)

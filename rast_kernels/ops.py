@@ -192,6 +192,16 @@ def _(gate_up):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
+@torch.library.custom_op("rast_kernels::gelu_tanh_and_mul", mutates_args=())
+def gelu_tanh_and_mul(gate_up: Tensor) -> Tensor:
+    return layer_ops.gelu_tanh_and_mul(gate_up)
+
+
+@gelu_tanh_and_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
 @torch.library.custom_op("rast_kernels::fp8_linear", mutates_args=())
 def fp8_linear(x: Tensor, w8: Tensor, scale: Tensor, bias: OptTensor, backend: str) -> Tensor:
     return fp8.fp8_linear(x, w8, scale, bias, backend)

@@ -77,6 +77,14 @@ def olmo3_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 
 @pytest.fixture(scope="session")
+def gemma3_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(large_dir, rl_dir, base_dir) tiny random Gemma 3 text models (sandwich norms, GELU, 4-token windows)."""
+    from factories import make_triple
+
+    return make_triple(tmp_path_factory.mktemp("gemma3_triple"), "gemma3")
+
+
+@pytest.fixture(scope="session")
 def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """(large_dir, rl_dir, base_dir) tiny random Llama models with llama3 rope scaling."""
     from factories import make_triple

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config,
-                          Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 OLMO3_WINDOW = 4
@@ -146,6 +146,12 @@ def make_model_dir(
     elif arch == "mistral":  # a 5-token window in every layer
         config = MistralConfig(rope_theta=rope_theta or 1e6, sliding_window=5, **common)
         cls = MistralForCausalLM
+    elif arch == "gemma3":  # windows of 4 in every other layer (the first full), linear rope scaling on the full
+        kinds = ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)]
+        config = Gemma3TextConfig(rope_theta=rope_theta or 1e6, rope_local_base_freq=1e4, head_dim=16,
+                                  rope_scaling={"rope_type": "linear", "factor": 2.0}, sliding_window=4,
+                                  layer_types=kinds, query_pre_attn_scalar=24, **common)
+        cls = Gemma3ForCausalLM
     elif arch == "llama":
         # a copy: LlamaConfig writes rope_theta into the dict it is given
         scaling = None if rope_scaling is None else dict(rope_scaling)
@@ -166,7 +172,7 @@ def make_model_dir(
     if sliding_window is not None and arch != "qwen2":
         raise ValueError("sliding_window is the Qwen2 factory's (OLMo 3 has its own)")
     if head_dim is not None and arch != "qwen3":
-        raise ValueError(f"head_dim is hidden / heads for {arch}")
+        raise ValueError(f"head_dim is hidden / heads for {arch} (16 for gemma3)")
     torch.manual_seed(seed)
     model = cls(config).eval()
     _perturb(model, seed)

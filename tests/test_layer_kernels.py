@@ -1,6 +1,6 @@
 """rast_kernels.layer_ops against HF transformers' own Qwen2 code (the oracle): RMSNorm with and without
 the residual add, apply_rotary_pos_emb over Qwen2RotaryEmbedding's tables (after Qwen3's per-head
-RMSNorm, Qwen3RMSNorm, when fused), and the MLP's silu(gate) * up.
+RMSNorm, Qwen3RMSNorm, when fused), and the MLP's silu(gate) * up (Gemma's gelu_tanh(gate) * up).
 Whole models on these kernels are checked against HF's forward in test_models.py.
 
 The kernels claim to round every intermediate exactly where HF's ops round it, so in bf16 / fp16 the
@@ -23,7 +23,8 @@ from rast_engine.errors import RastError
 from rast_engine.models import load_model
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_kernels import launch
-from rast_kernels.layer_ops import add_rms_norm, rms_norm, rotary_embedding, rotary_embedding_store_kv, silu_and_mul
+from rast_kernels.layer_ops import (add_rms_norm, gelu_tanh_and_mul, rms_norm, rotary_embedding,
+                                   rotary_embedding_store_kv, silu_and_mul)
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -223,6 +224,22 @@ def test_silu_and_mul_matches_hf(device: str, dtype: torch.dtype, tokens: int, i
     gate, up = gate_up.chunk(2, dim=-1)
     want = torch.nn.SiLU()(gate) * up  # Qwen2MLP: act_fn(gate_proj(x)) * up_proj(x)
     assert_hf_equal(silu_and_mul(gate_up), want)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("tokens,inter", [(1, 64), (4, 1500)])
+def test_gelu_tanh_and_mul_matches_hf(device: str, dtype: torch.dtype, tokens: int, inter: int) -> None:
+    gen = torch.Generator().manual_seed(inter + 1)
+    gate_up = _strided_rows(tokens, 2 * inter, dtype, device, gen) * 3  # into tanh's curved range
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.GELU(approximate="tanh")(gate) * up  # Gemma3MLP: act_fn(gate_proj(x)) * up_proj(x)
+    got = gelu_tanh_and_mul(gate_up)
+    # tanh's implementations differ by an ulp, which 1 + tanh(..) near -1 magnifies in tiny outputs: within
+    # a unit of the dtype, or 1e-5 absolute, of torch's; in 16 bits most elements round to the same value
+    g, w = got.float(), want.float()
+    unit = torch.finfo(dtype).eps * w.abs()
+    assert got.dtype == want.dtype and ((g - w).abs() <= unit + 1e-5).all(), (g - w).abs().max()
+    assert dtype == torch.float32 or (got == want).float().mean().item() >= 0.9
 
 
 def test_empty_batches_launch_nothing() -> None:

@@ -43,8 +43,9 @@ def compile_all(dtype: str) -> None:
             compile_util.compile_ptx(lo._rotary_kernel, types,
                                      dict(HALF=64, BLOCK_H=8, BLOCK_D=64, STORE_KV=store, BLOCK_SIZE=16,
                                           QK_NORM=qk_norm, COMPILED=True, FP8=fp8), num_warps=4, **NO_FMA)
-    compile_util.compile_ptx(lo._silu_mul_kernel, dict(x_ptr=ptr, x_stride=i32, y_ptr=ptr, N=i32),
-                             dict(BLOCK=1024, COMPILED=True), num_warps=4, **NO_FMA)
+    for gelu in (False, True):  # Gemma's GELU-tanh: libdevice's tanh
+        compile_util.compile_ptx(lo._act_mul_kernel, dict(x_ptr=ptr, x_stride=i32, y_ptr=ptr, N=i32),
+                                 dict(BLOCK=1024, COMPILED=True, GELU=gelu), num_warps=4, **NO_FMA)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

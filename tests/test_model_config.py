@@ -4,6 +4,7 @@ attention served as one chunk."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pytest
 import torch
 from transformers import AutoConfig
@@ -27,7 +28,7 @@ def test_legacy_config_layout() -> None:
     assert cfg.kv_cache_shape(10, 16) == (10, 16, 2, 16)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "mistral", "olmo2", "olmo3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "mistral", "olmo2", "olmo3", "gemma3_text"])
 def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     """A config.json with only the required keys reads as transformers' config class reads it (Qwen3's
     head_dim is 128, not hidden // heads; Llama's context is 2048)."""
@@ -98,7 +99,7 @@ def test_bad_layer_kinds_are_refused(bad: dict, match: str) -> None:
         ModelConfig.from_dict(cfg)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "olmo2", "olmo3"])  # MistralConfig refuses a null
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "olmo2", "olmo3"])  # Mistral and Gemma refuse it
 def test_null_kv_heads_read_as_transformers_reads_them(model_type: str) -> None:
     """An explicit "num_key_value_heads": null is multi-head attention in transformers' classes (the
     omitted key's default, 32 for Qwen, would refuse a 4-head model or misread a 64-head one)."""
@@ -139,3 +140,26 @@ def test_olmo3_rope_scaling_beside_per_kind_parameters_stretches_the_full_layers
     full = hf.rope_parameters["full_attention"]
     assert full["rope_type"] == "yarn" and ours.rope_scaling == {k: v for k, v in full.items() if k != "rope_theta"}
     assert ours.rope_theta == full["rope_theta"] == 500000 and ours.sliding_rope == (500000, None)
+
+
+def test_gemma3_published_layout_reads_as_transformers_reads_it() -> None:
+    """Gemma 3's multimodal checkpoints (gemma-3-4b-pt and larger) hold the language model's config as
+    text_config in transformers 4 keys: a local rope base, a linear scaling of the global layers, GELU."""
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 12, "num_attention_heads": 8,
+            "num_key_value_heads": 4, "head_dim": 256, "sliding_window": 1024, "rope_theta": 1e6,
+            "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "query_pre_attn_scalar": 256, "model_type": "gemma3_text"}
+    ours = ModelConfig.from_dict({"model_type": "gemma3", "text_config": copy.deepcopy(text),
+                                  "torch_dtype": "bfloat16"})
+    hf = AutoConfig.for_model(**copy.deepcopy(text))
+    assert ours.layer_windows == hf_windows(hf) == (1024,) * 5 + (None,) + (1024,) * 5 + (None,)
+    full, local = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+    assert (ours.rope_theta, ours.rope_scaling) == (full["rope_theta"], {"rope_type": "linear", "factor": 8.0})
+    assert ours.sliding_rope == (local["rope_theta"], None) and ours.torch_dtype == torch.bfloat16
+    assert (ours.activation, ours.attn_scale, ours.embed_scale) == ("gelu_tanh", 1 / 16, 2560 ** 0.5)
+    assert ours.tie_word_embeddings and ours.vocab_size == hf.vocab_size and ours.norm_offset == 1.0
+    assert ModelConfig.from_dict(hf.to_dict()) == dataclasses.replace(ours, torch_dtype=ModelConfig.from_dict(
+        hf.to_dict()).torch_dtype)
+    for key, value in (("final_logit_softcapping", 30.0), ("use_bidirectional_attention", True)):
+        with pytest.raises(ModelLoadError, match=key):
+            ModelConfig.from_dict({**text, key: value})

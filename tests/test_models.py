@@ -44,6 +44,8 @@ MODEL_CASES = {
     # use_sliding_window: layers from max_window_layers (1) on see 5 tokens
     "qwen2_sliding": dict(arch="qwen2", tie=True, layers=3, sliding_window=5),
     "mistral": dict(arch="mistral", tie=False),
+    # sandwich norms scaling by 1 + weight, GELU, scaled embeddings and attention, windows with their own rope
+    "gemma3": dict(arch="gemma3", tie=True, layers=3),
 }
 
 
@@ -239,7 +241,7 @@ def test_error_unsupported_config(copy_dir: Path) -> None:
         ModelConfig.from_dir(copy_dir)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3"])
 def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     """The shared triples: one tokenizer, large width != small width, both >= len(tokenizer)."""
     from transformers import AutoTokenizer
@@ -252,11 +254,35 @@ def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     assert cfgs[0].vocab_size != cfgs[1].vocab_size == cfgs[2].vocab_size
     assert min(c.vocab_size for c in cfgs) >= n
     assert not cfgs[0].tie_word_embeddings and cfgs[1].tie_word_embeddings
-    assert all((c.rope_scaling is not None) == (arch == "llama") for c in cfgs)
-    assert all(c.qk_norm == (arch == "qwen3") and c.qk_norm_full == c.post_norm == arch.startswith("olmo")
+    assert all((c.rope_scaling is not None) == (arch in ("llama", "gemma3")) for c in cfgs)  # gemma: its own linear
+    assert all(c.qk_norm == (arch in ("qwen3", "gemma3")) and c.qk_norm_full == c.post_norm == arch.startswith("olmo")
                for c in cfgs)
-    assert all(bool(c.layer_windows) == (arch == "olmo3") for c in cfgs)
+    assert all(bool(c.layer_windows) == (arch in ("olmo3", "gemma3")) and c.sandwich_norm == (arch == "gemma3")
+               for c in cfgs)
     if arch == "qwen3":  # head widths of their own, so a model reading hidden / heads fails
         assert [c.head_dim for c in cfgs] == [32, 16, 16] and cfgs[0].hidden_size // cfgs[0].num_heads == 16
     text = "what is 12 + 7? the answer is 19."
     assert tokenizers[0].decode(tokenizers[0](text)["input_ids"]) == text
+
+
+def test_a_multimodal_gemma3_checkpoint_loads_its_language_model(tmp_path: Path, tok_dir: Path) -> None:
+    """gemma-3-4b-pt and larger: config text_config, tensors under language_model.model. (transformers 4)
+    or model.language_model. (5), beside a vision tower's, which is not read; the language model must give
+    the text-only checkpoint's logits."""
+    from safetensors.torch import load_file, save_file
+
+    text = make_model_dir(tmp_path / "text", seed=9, tokenizer_dir=tok_dir, **MODEL_CASES["gemma3"])
+    tokens = [3, 17, 8, 40, 2, 11, 5, 29, 7]
+    want = run_paged(load_model(text, device="cpu", dtype="float32", attention=TorchAttention()), [tokens], [[9]])
+    tensors = load_file(str(text / "model.safetensors"))
+    for prefix in ("language_model.model.", "model.language_model."):
+        multi = tmp_path / prefix.replace(".", "_")
+        multi.mkdir()
+        renamed = {prefix + k.removeprefix("model."): v for k, v in tensors.items()}
+        renamed["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)
+        save_file(renamed, str(multi / "model.safetensors"))
+        cfg = json.loads((text / "config.json").read_text())
+        (multi / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": cfg,
+                                                       "vision_config": {"model_type": "siglip_vision_model"}}))
+        got = run_paged(load_model(multi, device="cpu", dtype="float32", attention=TorchAttention()), [tokens], [[9]])
+        torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)

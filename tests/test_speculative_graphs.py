@@ -131,7 +131,7 @@ def test_rounds_are_not_captured_over_flash_attention(near_triple: tuple, monkey
     from cuda_emulator import EmulatorError, emulated_cuda
     from rast_engine.attention.flash_backend import FlashAttention
     from rast_engine.cuda_graph import DecodeGraphs, capture_safe
-    from rast_engine.models.decoder import Attention
+    from rast_engine.models.blocks import Attention
 
     class NoSyncFlash:  # flash_attn's two entry points, with no host read of their own
         def flash_attn_with_kvcache(self, q, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202

@@ -42,7 +42,7 @@ def test_fused_decode_layer_launches_nine_kernels(tmp_path: Path, monkeypatch: p
         with count_device_ops(monkeypatch) as ops:
             model.layers[1](h, residual, positions, meta, caches[1])
     assert _gemms(ops) == 4
-    assert dict(ops) == {"_rms_norm_kernel": 2, "_rotary_kernel": 1, "_decode_kernel": 1, "_silu_mul_kernel": 1}
+    assert dict(ops) == {"_rms_norm_kernel": 2, "_rotary_kernel": 1, "_decode_kernel": 1, "_act_mul_kernel": 1}
     wrong = torch.zeros(4, BLOCK * 2, *shape[2:], dtype=torch.bfloat16)  # slots would index other blocks
     with torch.no_grad(), pytest.raises(ValueError, match="block_size"):
         model.layers[1](h, residual, positions, meta, (wrong, wrong.clone()))
@@ -74,5 +74,5 @@ def test_rast_decode_step_is_gemms_and_rast_kernels(qwen2_triple: tuple, monkeyp
     # index_select: the input ids gathered from host-written and fed rows; clamp: the sampled ids stored
     # for the next step's feed (a -1 clamped: DecodeBuffers.store_sampled)
     assert dict(ops) == {"index_select": 1, "clamp": 1, "embedding": 1, "index": 1, "_rms_norm_kernel": 2 * (n + m) + 2,
-                         "_rotary_kernel": n + m, "_decode_kernel": n + m, "_silu_mul_kernel": n + m,
+                         "_rotary_kernel": n + m, "_decode_kernel": n + m, "_act_mul_kernel": n + m,
                          "_stats": 1, "_select": 1, "_draw": 1, "_finish": 1}

@@ -15,7 +15,11 @@ Architectures:
 - OLMo 2: Llama with its norms moved: an RMSNorm over the whole query and key projections, and each
   sublayer's output normed before it joins the residual stream, with no norm on the sublayer's input;
 - OLMo 3: OLMo 2 with sliding window attention in three layers of four, those layers with a rotary
-  embedding of their own.
+  embedding of their own;
+- Gemma 3 (text; a multimodal checkpoint's language model too): per-head q/k norms, a norm before and
+  after each sublayer, norms that scale by 1 + weight, embeddings times sqrt(hidden), GELU (tanh) in the
+  MLP, attention scaled by query_pre_attn_scalar, and sliding windows in five layers of six with their
+  own rope base.
 Sliding windows (Qwen's ``use_sliding_window`` too) and per-layer-type ropes are read in layer_kinds.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from rast_engine.errors import ModelLoadError
-from rast_engine.models.layer_kinds import layer_windows, per_kind_rope
+from rast_engine.models.layer_kinds import language_model_config, layer_windows, per_kind_rope
 from rast_engine.models.rope_config import check_scaling, full_attention_positions, rope_of
 from rast_kernels.fp8_cast import FP8
 from rast_kernels.fp8_kv import cache_rows
@@ -38,7 +42,9 @@ from rast_kernels.fp8_kv import cache_rows
 logger = logging.getLogger("rast")
 
 # model_type -> arch
-ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "mistral", "olmo2": "olmo2", "olmo3": "olmo3"}
+ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "mistral", "olmo2": "olmo2", "olmo3": "olmo3",
+         "gemma3_text": "gemma3"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's hidden_act names -> the MLP's
 OLMO = ("olmo2", "olmo3")
 # HF's config classes' defaults for keys a config.json may omit, where they are not derived from others
 # (Llama: KV heads = heads; Llama, Qwen2: head_dim = hidden // heads): Qwen3's head_dim is 128 whatever
@@ -50,6 +56,8 @@ HF_DEFAULTS: dict[str, dict[str, float]] = {
     "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6},
     "olmo2": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
     "olmo3": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
+    "gemma3_text": {"num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+                    "vocab_size": 262208, "query_pre_attn_scalar": 256},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,6 +88,13 @@ class ModelConfig:
     layer_windows: tuple[Optional[int], ...] = ()  # per layer: its sliding window, None for full attention
     # the sliding layers' (rope_theta, rope_scaling), where they differ from the full layers' (OLMo 3)
     sliding_rope: Optional[tuple[float, Optional[dict[str, Any]]]] = None
+    activation: str = "silu"  # the MLP's: "silu", or "gelu_tanh" (Gemma)
+    # Gemma: the attention scale (None: head_dim ** -0.5), the embeddings' factor, a norm's weight offset
+    # (its scale is offset + weight: the loader folds it in), and a norm after each sublayer as well
+    attn_scale: Optional[float] = None
+    embed_scale: Optional[float] = None
+    norm_offset: float = 0.0
+    sandwich_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS.values():
@@ -98,6 +113,8 @@ class ModelConfig:
                                    any(w is not None and w < 1 for w in self.layer_windows)):
             raise ModelLoadError(f"layer_windows must give each of {self.num_layers} layers a window >= 1 or "
                                  f"None, got {self.layer_windows!r}")
+        if self.activation not in ACTIVATIONS.values():
+            raise ModelLoadError(f"unsupported activation {self.activation!r}")
         if self.qk_norm and self.qk_norm_full:
             raise ModelLoadError("qk_norm (per head) and qk_norm_full (over all heads) exclude each other")
         if self.head_dim % 2:
@@ -112,12 +129,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        cfg = language_model_config(cfg)
         model_type = cfg.get("model_type")
         if model_type not in ARCHS:
             raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {sorted(ARCHS)}")
         arch = ARCHS[model_type]
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ModelLoadError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' is implemented")
+        gemma = model_type == "gemma3_text"  # whose class defaults differ: GELU, tied embeddings
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(f"unsupported hidden_act {act!r}; implemented: {sorted(ACTIVATIONS)}")
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):  # Gemma 2's
+            if cfg.get(key) is not None:
+                raise ModelLoadError(f"{key} is not supported")
+        if cfg.get("use_bidirectional_attention"):
+            raise ModelLoadError("use_bidirectional_attention=true is not supported (the engine decodes causally)")
         if cfg.get("mlp_bias", False):
             raise ModelLoadError("mlp_bias=true is not supported")
         if cfg.get("quantization_config"):  # its weights are not the values they hold: refuse, never misread
@@ -150,20 +175,25 @@ class ModelConfig:
                 num_heads=heads,
                 num_kv_heads=int(given("num_key_value_heads", heads)),
                 head_dim=int(given("head_dim", hidden // heads)),
-                vocab_size=int(cfg["vocab_size"]),
+                vocab_size=int(given("vocab_size") if "vocab_size" in HF_DEFAULTS[model_type] else cfg["vocab_size"]),
                 rms_norm_eps=float(given("rms_norm_eps")),
                 rope_theta=theta,
                 rope_scaling=scaling,
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
                 attention_bias=True if arch == "qwen2" else bias,
                 o_proj_bias=False if arch == "qwen2" else bias,
                 max_position_embeddings=full_attention_positions(cfg, int(given("max_position_embeddings")), scaling),
                 torch_dtype=DTYPES[dtype_name],
-                qk_norm=arch == "qwen3",
+                qk_norm=arch in ("qwen3", "gemma3"),
                 qk_norm_full=arch in OLMO,
                 post_norm=arch in OLMO,
                 layer_windows=layer_windows(cfg, model_type, layers),
                 sliding_rope=None if kinds is None else rope_of(kinds[1]),
+                activation=ACTIVATIONS[act],
+                attn_scale=float(given("query_pre_attn_scalar")) ** -0.5 if arch == "gemma3" else None,
+                embed_scale=hidden ** 0.5 if arch == "gemma3" else None,
+                norm_offset=1.0 if arch == "gemma3" else 0.0,
+                sandwich_norm=arch == "gemma3",
             )
         except ModelLoadError:  # __post_init__'s, already specific
             raise

@@ -23,7 +23,9 @@ from rast_engine.errors import ModelLoadError
 
 KINDS = ("full_attention", "sliding_attention")
 # the class defaults of the keys a config may omit
-DEFAULT_WINDOW = {"qwen2": 4096, "qwen3": 4096, "olmo3": 4096, "mistral": 4096}
+DEFAULT_WINDOW = {"qwen2": 4096, "qwen3": 4096, "olmo3": 4096, "mistral": 4096, "gemma3_text": 4096}
+GEMMA3_PATTERN = 6  # Gemma 3: every sixth layer attends fully
+GEMMA3_ROPE = (1e6, 10000.0)  # the full layers' rope_theta and the sliding layers' (rope_local_base_freq)
 DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2's and Qwen3's
 OLMO3_ROPE_THETA = 500000.0
 
@@ -54,7 +56,22 @@ def _default_types(cfg: dict[str, Any], model_type: str, num_layers: int, window
         return ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     if model_type == "mistral":
         return ["sliding_attention"] * num_layers
+    if model_type == "gemma3_text":
+        pattern = cfg.get("sliding_window_pattern") or GEMMA3_PATTERN
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     return ["full_attention"] * num_layers
+
+
+def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal Gemma 3 checkpoint's config (model_type gemma3) as its language model's: text_config,
+    with the checkpoint's dtype where it gives none (the loader finds its weights under their prefix)."""
+    if cfg.get("model_type") != "gemma3":
+        return cfg
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ModelLoadError("a gemma3 config needs a text_config object")
+    inherited = {k: cfg[k] for k in ("dtype", "torch_dtype", "tie_word_embeddings") if k in cfg and k not in text}
+    return {**inherited, **text, "model_type": "gemma3_text"}
 
 
 def per_kind_rope(cfg: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
@@ -70,6 +87,12 @@ def per_kind_rope(cfg: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[st
         theta = cfg.get("rope_theta", OLMO3_ROPE_THETA if cfg.get("model_type") == "olmo3" else None)
         full, sliding = ({"rope_theta": theta, **params[k]} if theta is not None else dict(params[k]) for k in KINDS)
         return {"rope_parameters": full, "rope_scaling": cfg.get("rope_scaling")}, {"rope_parameters": sliding}
+    if cfg.get("model_type") == "gemma3_text":  # transformers 4's keys: the local layers' own base
+        flat = dict(params or {})
+        full = {"rope_theta": flat.get("rope_theta", cfg.get("rope_theta", GEMMA3_ROPE[0])),
+                "rope_parameters": flat or None, "rope_scaling": cfg.get("rope_scaling")}
+        return full, {"rope_parameters": {"rope_type": "default",
+                                          "rope_theta": cfg.get("rope_local_base_freq", GEMMA3_ROPE[1])}}
     if cfg.get("model_type") == "olmo3":
         flat = dict(params or {})
         theta = flat.get("rope_theta", cfg.get("rope_theta", OLMO3_ROPE_THETA))

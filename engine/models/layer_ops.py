@@ -48,6 +48,10 @@ class LayerOps(Protocol):
         """[T, 2N] = [gate | up] -> silu(gate) * up."""
         ...
 
+    def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2N] = [gate | up] -> gelu(gate, approximate="tanh") * up (Gemma)."""
+        ...
+
 
 class KVStoringLayerOps(LayerOps, Protocol):
     def rotary_store_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -87,6 +91,10 @@ class TorchLayerOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -122,6 +130,9 @@ class TritonLayerOps:
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._k.silu_and_mul(gate_up)
+
+    def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._k.gelu_tanh_and_mul(gate_up)
 
 
 def get_layer_ops(name: str, device: torch.device | str) -> LayerOps:

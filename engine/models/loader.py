@@ -118,6 +118,21 @@ def init_dummy_weights(model: CausalLM, seed: int) -> None:
                              .normal_(0.0, DUMMY_STD, generator=gen))
 
 
+# where a multimodal checkpoint keeps its language model's tensors (Gemma 3: transformers 4, then 5's layout)
+LANGUAGE_MODEL_PREFIXES = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                           ("model.", "model.language_model."))
+
+
+def _stored_name(name: str, files: dict[str, Path]) -> str:
+    """The checkpoint's name for the model's tensor ``name``: itself, or under a language model's prefix."""
+    if name in files:
+        return name
+    for ours, theirs in LANGUAGE_MODEL_PREFIXES:
+        if name.startswith(ours) and theirs + name[len(ours):] in files:
+            return theirs + name[len(ours):]
+    return name
+
+
 @torch.no_grad()
 def load_model(
     path: str | Path, *, device: str | torch.device, dtype: str | torch.dtype, attention: AttentionBackend,
@@ -140,7 +155,7 @@ def load_model(
     files = tensor_files(path)
     model = _empty_model(cfg, attention, torch_dtype, device, ops, quantization)
     fp8 = fp8_owners(model)
-    slots = model.weight_map()
+    slots = {_stored_name(name, files): slot for name, slot in model.weight_map().items()}
     missing = [name for name in slots if name not in files]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -174,4 +189,8 @@ def load_model(
                         raise ModelLoadError(f"{str(path)!r}: tensor {name} cannot be quantised: {e}") from None
                 else:
                     target.copy_(f.get_tensor(name))
+    if cfg.norm_offset:  # Gemma's norms scale by 1 + weight: folded in once, so every kernel reads a plain scale
+        for name, (param, _, _) in slots.items():
+            if name.endswith("norm.weight"):
+                param.add_(cfg.norm_offset)
     return model.eval()

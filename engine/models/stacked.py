@@ -29,8 +29,9 @@ from torch import nn
 from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.kv_cache import KVPool
 from rast_engine.models.config import ModelConfig
-from rast_engine.models.decoder import (MLP, Attention, CausalLM, DecoderLayer, PostNormDecoderLayer, RMSNorm,
-                                        forward_layers)
+from rast_engine.models.blocks import MLP, Attention, RMSNorm
+from rast_engine.models.decoder import CausalLM
+from rast_engine.models.layers import DecoderLayer, PostNormDecoderLayer, SandwichDecoderLayer, forward_layers
 
 logger = logging.getLogger("rast")
 
@@ -95,8 +96,10 @@ def _stacked_norm(norms: list[RMSNorm]) -> RMSNorm:
     return RMSNorm(norms[0].weight.shape[-1], norms[0].eps, norms[0].ops, weight=_stack([n.weight for n in norms]))
 
 
-def _stacked_layer(layers: list[DecoderLayer | PostNormDecoderLayer], cfg: ModelConfig
-                   ) -> DecoderLayer | PostNormDecoderLayer:
+Layer = DecoderLayer | PostNormDecoderLayer | SandwichDecoderLayer
+
+
+def _stacked_layer(layers: list[Layer], cfg: ModelConfig) -> Layer:
     """The models' layers as one layer of their class: its forward, unchanged, runs all N."""
     attn, mlp = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
     # q/k norms: rows of head_dim (each model's T * heads rows one consecutive group), or of all heads
@@ -110,6 +113,9 @@ def _stacked_layer(layers: list[DecoderLayer | PostNormDecoderLayer], cfg: Model
 
     def norm(name: str) -> RMSNorm:
         return _stacked_norm([getattr(layer, name) for layer in layers])
+    if cfg.sandwich_norm:
+        return SandwichDecoderLayer(norm("input_layernorm"), attention, norm("post_attention_layernorm"),
+                                    norm("pre_feedforward_layernorm"), feed_forward, norm("post_feedforward_layernorm"))
     if cfg.post_norm:
         return PostNormDecoderLayer(attention, norm("post_attention_layernorm"), feed_forward,
                                     norm("post_feedforward_layernorm"))
@@ -131,7 +137,7 @@ class StackedCausalLM(nn.Module):
                 raise ValueError(f"cannot stack these models: {reason}")
         first = models[0]
         self.copies = len(models)  # models per KV pool: the pool holds copies x num_blocks blocks
-        self.config, self.dtype, self.ops = first.config, first.dtype, first.ops
+        self.config, self.dtype, self.ops, self.embed_scale = first.config, first.dtype, first.ops, first.embed_scale
         self.embed = _stack([m.embed_tokens.weight for m in models])
         # tied lm_head: the same Parameter as the embedding, already a view of self.embed
         self.lm_head = self.embed if first.config.tie_word_embeddings else _stack([m.lm_head.weight for m in models])
@@ -145,6 +151,8 @@ class StackedCausalLM(nn.Module):
         meta = stacked_metadata(meta, kv_caches[0][0].shape[0] // self.copies, self.copies)
         positions = positions.repeat(self.copies)
         x = self.embed[:, input_ids].view(-1, self.config.hidden_size)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         hidden = forward_layers(self.layers, self.norm, x, positions, meta, kv_caches)
         return hidden.view(self.copies, -1, self.config.hidden_size)
 

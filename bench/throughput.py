@@ -103,9 +103,12 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     a.pairings = a.pairings or (["tiny"] if a.tiny else ["7b+1.5b"])
     if a.tiny != (a.pairings == ["tiny"]):
         ap.error("--tiny runs the pairing 'tiny' only, and 'tiny' needs --tiny")
-    a.num_prompts = a.num_prompts or ((8 if a.quick else 16) if a.tiny else (200 if a.quick else 1000))
-    a.input_len = a.input_len or (16 if a.tiny else 512)
-    a.output_len = a.output_len or (8 if a.tiny else 512)
+    if a.num_prompts is None:
+        a.num_prompts = (8 if a.quick else 16) if a.tiny else (200 if a.quick else 1000)
+    if a.input_len is None:
+        a.input_len = 16 if a.tiny else 512
+    if a.output_len is None:
+        a.output_len = 8 if a.tiny else 512
     if min(a.num_prompts, a.input_len, a.output_len, a.max_num_seqs) < 1 or not 0 <= a.range_ratio < 1:
         ap.error("--num-prompts, --input-len, --output-len, --max-num-seqs must be >= 1 and 0 <= --range-ratio < 1")
     if device.type == "cpu":

@@ -31,3 +31,12 @@ def test_quick_run_counts_every_token_and_its_floor(tmp_path: Path) -> None:
         kv = sum(ModelConfig.from_dict(c).kv_bytes_per_token(torch.float32) for c in cfgs)
         by_hand = row["steps"] * weights + kv * sum(len(p) + k for p, g in reqs for k in range(1, g + 1))
         assert abs(row["floor_s"] * doc["copy_bandwidth_GBps"] * 1e9 - by_hand) <= 1e-6 * by_hand
+
+
+def test_zero_lengths_are_refused_not_replaced() -> None:
+    import pytest
+
+    bench = load_bench("throughput.py")
+    for flag in ("--num-prompts", "--input-len", "--output-len"):
+        with pytest.raises(SystemExit):
+            bench.parse([flag, "0"])

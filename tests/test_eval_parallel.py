@@ -59,3 +59,51 @@ def test_workers_take_one_gpu_each_or_share_the_cpu() -> None:
         worker_devices("cuda:1", 2)
     with pytest.raises(RastError, match="data-parallel-size"):
         runner.EvalConfig(model="m", data="d", out="o", data_parallel_size=0)
+
+
+def test_a_failed_run_exits_though_problems_were_left_queued(tmp_path: Path) -> None:
+    """Problems no worker took (here: all of a MATH500-sized list, the workers failing at once) must not
+    keep the process from exiting with the error."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "problem": "x" * 300, "answer": "1"}) + "\n"
+                            for i in range(500)))
+    argv = ["eval", "--model", "/no/such/model", "--data", str(data), "--out", str(tmp_path / "run"), "--n", "1",
+            "--device", "cpu", "--data-parallel-size", "2", "--no-plots"]
+    code = f"import sys; from rast_engine.cli import main; sys.exit(main({argv!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "/no/such/model" in done.stderr
+
+
+def test_a_short_list_is_shared_by_every_worker(monkeypatch: pytest.MonkeyPatch, data: Path, tmp_path: Path) -> None:
+    """Each worker keeps at most its share of the problems in flight, so the first one loaded cannot take
+    a short list whole (the default max_inflight is sized for one engine)."""
+    from rast_engine.evaluation import parallel
+
+    started: list[runner.EvalConfig] = []
+
+    class Recorded:
+        def __init__(self, target: object, args: tuple, daemon: bool) -> None:
+            started.append(args[1])
+
+        def start(self) -> None:
+            raise RuntimeError("recorded")
+
+        def is_alive(self) -> bool:
+            return False
+
+        def join(self) -> None:
+            pass
+
+    class Context:
+        Queue = staticmethod(__import__("queue").Queue)
+        Process = Recorded
+
+    monkeypatch.setattr(parallel.mp, "get_context", lambda method: Context())
+    cfg = runner.EvalConfig(model="m", data=str(data), out=str(tmp_path), device="cpu", data_parallel_size=2)
+    todo = [(runner.Problem(id=f"p{i}", problem="q", answer="1"), [(0, 4)]) for i in range(5)]
+    with pytest.raises(RuntimeError, match="recorded"):
+        parallel.sample_in_parallel(cfg, todo, lambda records: None)
+    assert cfg.max_inflight == 16 and started[0].max_inflight == 3  # 5 problems, 2 workers

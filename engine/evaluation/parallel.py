@@ -69,6 +69,8 @@ def sample_in_parallel(cfg: EvalConfig, todo: list[Item], save: Callable[[list[d
         tasks.put(item)
     for _ in range(n):
         tasks.put(None)  # one end mark a worker
+    # room for a fair share at most: the first worker to load must not take every problem of a short list
+    cfg = dataclasses.replace(cfg, max_inflight=min(cfg.max_inflight, -(-len(todo) // n)))
     procs = [ctx.Process(target=_worker, args=(r, cfg, devices[r], tasks, results), daemon=True) for r in range(n)]
     for p in procs:
         p.start()
@@ -102,6 +104,7 @@ def sample_in_parallel(cfg: EvalConfig, todo: list[Item], save: Callable[[list[d
                 raise RastError(f"data-parallel worker {gone[0]} ({devices[gone[0]]}) died with exit code "
                                 f"{procs[gone[0]].exitcode}; the samples saved so far stay, and a rerun resumes")
     finally:
+        tasks.cancel_join_thread()  # problems no worker took must not hold this process's exit
         for p in procs:
             if p.is_alive():
                 p.terminate()

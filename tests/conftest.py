@@ -3,6 +3,7 @@ must be set before any module decorates a kernel, hence here, before the tests i
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -44,52 +45,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(scope="session")
-def qwen2_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """(large_dir, rl_dir, base_dir) tiny random Qwen2 models: large width 128 untied, small 112 tied."""
-    from factories import make_triple
+def _arch_triple(arch: str, what: str) -> Any:
+    """A session fixture: (large_dir, rl_dir, base_dir) tiny random models of ``arch`` (``what`` they
+    exercise), the large one untied at width 128, the small ones tied at width 112, one tokenizer."""
+    @pytest.fixture(scope="session")
+    def triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+        from factories import make_triple
 
-    return make_triple(tmp_path_factory.mktemp("qwen2_triple"), "qwen2")
-
-
-@pytest.fixture(scope="session")
-def qwen3_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """(large_dir, rl_dir, base_dir) tiny random Qwen3 models (q/k norms, head_dim of their own)."""
-    from factories import make_triple
-
-    return make_triple(tmp_path_factory.mktemp("qwen3_triple"), "qwen3")
+        return make_triple(tmp_path_factory.mktemp(f"{arch}_triple"), arch)
+    triple.__doc__ = f"tiny random {arch} models: {what}"
+    return triple
 
 
-@pytest.fixture(scope="session")
-def olmo2_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """(large_dir, rl_dir, base_dir) tiny random OLMo 2 models (q/k norms over all heads, post-norm layers)."""
-    from factories import make_triple
-
-    return make_triple(tmp_path_factory.mktemp("olmo2_triple"), "olmo2")
-
-
-@pytest.fixture(scope="session")
-def olmo3_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """(large_dir, rl_dir, base_dir) tiny random OLMo 3 models (a 4-token sliding window in every other layer)."""
-    from factories import make_triple
-
-    return make_triple(tmp_path_factory.mktemp("olmo3_triple"), "olmo3")
-
-
-@pytest.fixture(scope="session")
-def gemma3_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """(large_dir, rl_dir, base_dir) tiny random Gemma 3 text models (sandwich norms, GELU, 4-token windows)."""
-    from factories import make_triple
-
-    return make_triple(tmp_path_factory.mktemp("gemma3_triple"), "gemma3")
-
-
-@pytest.fixture(scope="session")
-def llama_triple(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """(large_dir, rl_dir, base_dir) tiny random Llama models with llama3 rope scaling."""
-    from factories import make_triple
-
-    return make_triple(tmp_path_factory.mktemp("llama_triple"), "llama")
+qwen2_triple = _arch_triple("qwen2", "q/k/v bias")
+qwen3_triple = _arch_triple("qwen3", "q/k norms per head, a head_dim of their own")
+llama_triple = _arch_triple("llama", "llama3 rope scaling")
+olmo2_triple = _arch_triple("olmo2", "q/k norms over all heads, post-norm layers")
+olmo3_triple = _arch_triple("olmo3", "a 4-token sliding window in every other layer")
+gemma3_triple = _arch_triple("gemma3", "sandwich norms, GELU, scaled embeddings, 4-token windows")
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,19 @@ def test_gemma3_published_layout_reads_as_transformers_reads_it() -> None:
     for key, value in (("final_logit_softcapping", 30.0), ("use_bidirectional_attention", True)):
         with pytest.raises(ModelLoadError, match=key):
             ModelConfig.from_dict({**text, key: value})
+
+
+def test_gemma3_4b_text_config_leaves_its_class_defaults_out() -> None:
+    """gemma-3-4b-pt's text_config states only what differs from Gemma3TextConfig (no heads, KV heads or
+    head_dim); its 128K context is stretched already, so the linear factor of 8 does not stretch it again
+    (as vLLM takes it); a pre-quantized checkpoint's top-level quantization_config is refused by name."""
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "sliding_window": 1024,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "model_type": "gemma3_text"}
+    ours = ModelConfig.from_dict({"model_type": "gemma3", "text_config": copy.deepcopy(text)})
+    hf = AutoConfig.for_model(**copy.deepcopy(text))
+    assert (ours.num_heads, ours.num_kv_heads, ours.head_dim) == (hf.num_attention_heads, hf.num_key_value_heads,
+                                                                  hf.head_dim) == (8, 4, 256)
+    assert ours.max_context == ours.max_position_embeddings == hf.max_position_embeddings == 131072
+    with pytest.raises(ModelLoadError, match="pre-quantized"):
+        ModelConfig.from_dict({"model_type": "gemma3", "text_config": text,
+                               "quantization_config": {"quant_method": "fp8"}})

@@ -244,9 +244,10 @@ class ModelConfig:
         """The positions the model serves: max_position_embeddings, stretched by a yarn or linear rope
         scaling's factor as vLLM derives it (yarn: original_max_position_embeddings x factor; Qwen2.5's
         recipe keeps max_position_embeddings at 32768 and adds factor 4 for 131072). llama3 configs state
-        their stretched length already."""
+        their stretched length already, and so do Gemma 3's (128K with a linear factor of 8), as vLLM
+        takes them."""
         s = self.rope_scaling
-        if s is None or s["rope_type"] == "llama3" or s.get("factor") is None:
+        if s is None or s["rope_type"] == "llama3" or s.get("factor") is None or self.arch == "gemma3":
             return self.max_position_embeddings
         base = s["original_max_position_embeddings"] if s["rope_type"] == "yarn" else self.max_position_embeddings
         return max(self.max_position_embeddings, int(base * float(s["factor"])))

@@ -126,6 +126,7 @@ def test_attention_and_layer_ops_pass_opcheck() -> None:
     torch.library.opcheck(ops.rms_norm, (c["x"], c["w"], 1e-6))
     torch.library.opcheck(ops.add_rms_norm, (c["x"], c["x"] * 0.5, c["w"], 1e-6))
     torch.library.opcheck(ops.silu_and_mul, (c["x"],))
+    torch.library.opcheck(ops.gelu_tanh_and_mul, (c["x"],))
     torch.library.opcheck(ops.rotary_embedding, (c["positions"], c["q"], c["k"], c["cos_sin"], c["q_norm"],
                                                  c["k_norm"], 1e-6))
     torch.library.opcheck(ops.rotary_embedding_store_kv, (c["positions"], c["q"], c["k"], c["v"], c["cos_sin"],

@@ -32,6 +32,7 @@
 #                                                      sampler_fastpath.py, logit_adjust.py, host_path.py
 #   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
 #   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch
+#   bash bench/gpu_session.sh throughput <sha>         bench/throughput.py --quick: 200 requests of 512 + 512 tokens
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back

@@ -85,7 +85,7 @@ def run(engine: Any, sp_cls: Any, reqs: list[tuple[list[int], int]], cfgs: list[
 def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.device]:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random configs (automatic without CUDA)")
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter requests")
+    ap.add_argument("--quick", action="store_true", help="fewer requests (200; tiny 8)")
     ap.add_argument("--device", default="auto", help="cuda | cpu | auto")
     ap.add_argument("--pairings", nargs="+", choices=[*PAIRINGS, "tiny"], help="default 7b+1.5b (tiny: tiny)")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))

@@ -5,7 +5,8 @@ the paged KV cache in the same launch), SiLU-and-multiply (or Gemma's GELU-tanh-
 Why: in plain PyTorch these are about 35 kernels per layer (a Qwen2 decode layer, counted; RMSNorm
 alone is eight: casts, pow, mean, add, rsqrt, two muls). At decode batch 1 each kernel moves a few KB
 and costs its launch latency, even inside a CUDA graph, so on a 28-layer model they add milliseconds to a step whose weight reads take
-about five. Fused, a layer's non-GEMM, non-attention work is four kernels, the KV-cache store included.
+about five. Fused, a layer's non-GEMM, non-attention work is four kernels, the KV-cache store included
+(six with OLMo's q/k norms over all heads or Gemma's norms after each sublayer).
 
 Numerics are HF transformers' (Qwen2 / Qwen3 / Llama) op by op, not merely close: every intermediate that the
 HF code rounds to the model dtype is rounded here too (``_round``, from layer_ops_numerics), float32 math

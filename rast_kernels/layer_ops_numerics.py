@@ -33,11 +33,14 @@ def _silu(x, COMPILED: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x, COMPILED: tl.constexpr):
+    if COMPILED:
+        return libdevice.tanh(x)
+    else:  # the interpreter has no libdevice: tanh from exp, exact in numpy's float32 to an ulp
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
 def _gelu_tanh(x, COMPILED: tl.constexpr):
     """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): torch's gelu(approximate="tanh"), Gemma's MLP."""
-    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    if COMPILED:
-        t = libdevice.tanh(inner)
-    else:  # the interpreter has no libdevice: tanh from exp, exact in numpy's float32 to an ulp
-        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
-    return 0.5 * x * (1.0 + t)
+    return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x), COMPILED))

@@ -105,27 +105,29 @@ def _(k, v, k_cache, v_cache, slot_mapping):
 @torch.library.custom_op("rast_kernels::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            context_lens: Tensor, scale: float, num_splits: Optional[int],
-                           min_tokens_per_split: int, window: Optional[int] = None) -> Tensor:
+                           min_tokens_per_split: int, window: Optional[int] = None,
+                           softcap: Optional[float] = None) -> Tensor:
     return paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                                   num_splits=num_splits, min_tokens_per_split=min_tokens_per_split,
-                                                  window=window)
+                                                  window=window, softcap=softcap)
 
 
 @paged_decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, min_tokens_per_split, window=None):
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, min_tokens_per_split, window=None,
+      softcap=None):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("rast_kernels::paged_prefill_attention", mutates_args=())
 def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                             context_lens: Tensor, cu_seqlens_q: Tensor, max_seqlen_q: int, scale: float,
-                            window: Optional[int] = None) -> Tensor:
+                            window: Optional[int] = None, softcap: Optional[float] = None) -> Tensor:
     return paged_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                                                   max_seqlen_q, scale, window=window)
+                                                   max_seqlen_q, scale, window=window, softcap=softcap)
 
 
 @paged_prefill_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale, window=None):
+def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale, window=None, softcap=None):
     return torch.empty_like(q)
 
 

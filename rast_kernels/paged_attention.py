@@ -26,10 +26,11 @@ input dtype (fp32 uses IEEE dot, never TF32).
 Invariants: no host sync anywhere (grids depend on shapes only, so CUDA graphs capture it);
 a sequence with context length 0 (batch padding) yields zeros, never NaN; outputs take q's dtype.
 
-Bytes moved (e = element size). decode: 2 * e * Hkv * D * sum_b ctx_b for the KV, which is the
-floor, plus 4 * Hq * (D + 2) * 2 * sum_b S_b for split-K partials, where S_b <= min(S, cdiv(ctx_b, 256))
-counts the splits sequence b fills (a few percent of its KV; empty splits write nothing). A context is
-never read past its length, however wide the (padded) block table.
+Bytes moved (e = element size). decode: 2 * e * Hkv * D * sum_b n_b for the KV, which is the floor,
+n_b = ctx_b (with a sliding window, min(ctx_b, window)), plus 4 * Hq * (D + 2) * 2 * sum_b S_b for split-K
+partials, where S_b <= min(S, cdiv(n_b, 256)) counts the splits sequence b fills (a few percent of its
+KV; empty splits write nothing). A context is never read past its length, however wide the (padded)
+block table.
 An FP8 cache: e = 1, plus an exponent byte a token and KV head (rast_kernels.fp8_kv).
 prefill: each (query tile, head) reads the keys up to its causal edge, about
 2 * e * Hq * D * sum_b ceil(q_len_b / BLOCK_M) * (prefix_b + q_len_b / 2); the G heads of one KV
@@ -42,7 +43,8 @@ import triton
 import triton.language as tl
 
 from rast_kernels.fp8_cast import FP8
-from rast_kernels.fp8_kv import block_size_of, load_scale
+from rast_kernels.attention_tile import _tile_update
+from rast_kernels.fp8_kv import block_size_of
 from rast_kernels.kv_store import block_d, check_cache, check_indices, index_rows
 from rast_kernels.launch import cdiv, interpreting, next_pow2
 from rast_kernels.split_k import (MIN_TOKENS_PER_SPLIT, check_window, pick_num_splits, split_plan,
@@ -52,70 +54,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # the interpreter's tl.dot gets bfloat16 wrong (it has no numpy bf16), so it sees float32 there
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision=PRECISION)
-    return out
-
-
-@triton.jit
-def _fits(x, dtype: tl.constexpr):
-    if dtype == tl.float16:
-        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
-    return x
-
-
-@triton.jit
-def _tile_update(q, m_i, l_i, acc, k_base, v_base, bt_row, n0, end, pos, d, head_dim, stride_cb, stride_cr,
-                 scale_log2, window, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 SLIDING: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr):
-    # Folds keys [n0, n0 + BLOCK_N) ∩ [0, end) into the online softmax (m_i, l_i, acc) of the rows of q;
-    # k_base, v_base point at the KV head, bt_row at the sequence's block-table row. CAUSAL: row r sees
-    # only keys n <= pos[r] too, and with SLIDING only keys n > pos[r] - window (HF's sliding window: the
-    # window counts the row's own key). A row that sees no key keeps its state (m_safe keeps -inf from NaN).
-    # FP8: a key or value row is its codes times its power-of-two scale, exact in q's dtype, except that
-    # fp16 clamps to its largest finite value: a stored 65504 rounds to the code 256 · 2^8 = 65536, which
-    # fp16 would hold as inf, and one inf key turns its head's output into NaN.
-    n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = n < end
-    page = tl.load(bt_row + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-    off = page * stride_cb + (n % BLOCK_SIZE) * stride_cr
-    k_t = tl.load(k_base + off[None, :] + d[:, None], mask=(d < head_dim)[:, None] & n_mask[None, :], other=0.0)
-    if FP8:
-        scales = load_scale(k_base, page, n % BLOCK_SIZE, stride_cb, stride_cr, head_dim, n_mask, BLOCK_SIZE)
-        k_t = _fits(k_t.to(tl.float32) * scales[None, :], q.dtype)
-    k_t = k_t.to(q.dtype)  # [D, N]
-    s = _mm(q, k_t, PRECISION, UPCAST) * scale_log2
-    if CAUSAL:
-        seen = n_mask[None, :] & (n[None, :] <= pos[:, None])
-        if SLIDING:
-            seen = seen & (n[None, :] > pos[:, None] - window)
-        s = tl.where(seen, s, float("-inf"))
-    else:
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + off[:, None] + d[None, :], mask=n_mask[:, None] & (d < head_dim)[None, :], other=0.0)
-    if FP8:
-        scales = load_scale(v_base, page, n % BLOCK_SIZE, stride_cb, stride_cr, head_dim, n_mask, BLOCK_SIZE)
-        v = _fits(v.to(tl.float32) * scales[:, None], q.dtype)
-    v = v.to(q.dtype)
-    return m_new, l_i, acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
-
-
-@triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, scale_log2,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
-                   num_heads, group, head_dim, num_splits, min_tokens, window,
+                   num_heads, group, head_dim, num_splits, min_tokens, window, softcap_log2,
                    BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr, FP8: tl.constexpr):
+                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, COMPILED: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -135,7 +79,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
     for n0 in range(start, end, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, m_i, l_i, acc, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
                                      bt_ptr + b * stride_bt, n0, end, end, d, head_dim, stride_cb, stride_cr,
-                                     scale_log2, window, BLOCK_SIZE, BLOCK_N, False, False, PRECISION, UPCAST, FP8)
+                                     scale_log2, window, softcap_log2, BLOCK_SIZE, BLOCK_N, False, False, SOFTCAP,
+                                     PRECISION, UPCAST, FP8, COMPILED)
     if SPLIT:
         row = (b * num_heads + heads) * num_splits + split
         # the reduce reads the splits holding tokens only; a tensor: the interpreter rejects scalar masks
@@ -152,9 +97,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, pm_ptr, pl_p
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cr, stride_ch, stride_bt,
-                    group, head_dim, window, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SLIDING: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr, FP8: tl.constexpr):
+                    group, head_dim, window, softcap_log2, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, COMPILED: tl.constexpr):
     mb = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -179,8 +124,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr, sca
     for n0 in range(lo, hi, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, m_i, l_i, acc, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
                                      bt_ptr + b * stride_bt, n0, hi, pos, d, head_dim, stride_cb, stride_cr,
-                                     scale_log2, window, BLOCK_SIZE, BLOCK_N, True, SLIDING, PRECISION, UPCAST,
-                                     FP8)
+                                     scale_log2, window, softcap_log2, BLOCK_SIZE, BLOCK_N, True, SLIDING, SOFTCAP,
+                                     PRECISION, UPCAST, FP8, COMPILED)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = out_ptr + rows * stride_ot + h * stride_oh + d[None, :]
     tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=md_mask)
@@ -209,7 +154,7 @@ def _precision(dtype: torch.dtype) -> str:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
                            num_splits: int | None = None, min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
-                           window: int | None = None) -> torch.Tensor:
+                           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] over each sequence's cached keys (with a
     sliding ``window``, its last ``window`` keys). ``num_splits`` (None: from the shapes) sizes the
     split-K grid; each sequence fills as many splits as its own context allows at >=
@@ -217,8 +162,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
         return ops.traced(ops.paged_decode_attention, q, k_cache, v_cache, block_tables, context_lens, scale,
-                          num_splits, min_tokens_per_split, window)
-    check_window(window)
+                          num_splits, min_tokens_per_split, window, softcap)
+    check_window(window, softcap)
     check_cache(q, k_cache, v_cache)
     check_indices(block_tables=block_tables, context_lens=context_lens)
     batch, hq, dim = q.shape
@@ -254,9 +199,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, out, pm, pl, pacc, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), hq, group, dim, num_splits, min_tokens_per_split, window or 0,
-        BLOCK_SIZE=block_size, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
-        BLOCK_D=tile_d, SPLIT=split, SLIDING=window is not None, PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q.dtype), FP8=k_cache.dtype == FP8, num_warps=4)
+        (softcap or 1.0) * LOG2E, BLOCK_SIZE=block_size, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
+        BLOCK_D=tile_d, SPLIT=split, SLIDING=window is not None, SOFTCAP=softcap is not None,
+        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), FP8=k_cache.dtype == FP8, COMPILED=not interpreting(),
+        num_warps=4)
     if split:
         split_reduce_kernel[(batch, hq)](
             pm, pl, pacc, context_lens, out, out.stride(0), out.stride(1), hq, dim, num_splits,
@@ -267,14 +213,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            max_seqlen_q: int, scale: float, *, window: int | None = None) -> torch.Tensor:
+                            max_seqlen_q: int, scale: float, *, window: int | None = None,
+                            softcap: float | None = None) -> torch.Tensor:
     """Causal attention of the new tokens q [T, Hq, D] (varlen by cu_seqlens_q) over the paged cache; with a
     sliding ``window``, each token over its last ``window`` keys, its own included."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
         return ops.traced(ops.paged_prefill_attention, q, k_cache, v_cache, block_tables, context_lens,
-                          cu_seqlens_q, max_seqlen_q, scale, window)
-    check_window(window)
+                          cu_seqlens_q, max_seqlen_q, scale, window, softcap)
+    check_window(window, softcap)
     check_cache(q, k_cache, v_cache)
     check_indices(block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_seqlens_q)
     total, hq, dim = q.shape
@@ -293,8 +240,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), block_tables.stride(0), hq // hkv, dim, window or 0, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(dim), SLIDING=window is not None,
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), FP8=k_cache.dtype == FP8, num_warps=4,
-        num_stages=2)
+        k_cache.stride(2), block_tables.stride(0), hq // hkv, dim, window or 0, (softcap or 1.0) * LOG2E,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(dim), SLIDING=window is not None,
+        SOFTCAP=softcap is not None, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        FP8=k_cache.dtype == FP8, COMPILED=not interpreting(), num_warps=4, num_stages=2)
     return out

@@ -51,9 +51,13 @@ def window_start(ctx, window, SLIDING: tl.constexpr):
     return ctx * 0
 
 
-def check_window(window: int | None) -> None:
+def check_window(window: int | None, softcap: float | None = None) -> None:
+    """A sliding window's and a score cap's values (None: none)."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or
+                                not 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
 
 
 @triton.jit

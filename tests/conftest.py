@@ -63,6 +63,7 @@ llama_triple = _arch_triple("llama", "llama3 rope scaling")
 olmo2_triple = _arch_triple("olmo2", "q/k norms over all heads, post-norm layers")
 olmo3_triple = _arch_triple("olmo3", "a 4-token sliding window in every other layer")
 gemma3_triple = _arch_triple("gemma3", "sandwich norms, GELU, scaled embeddings, 4-token windows")
+gemma2_triple = _arch_triple("gemma2", "capped attention scores and logits, windows in every other layer")
 
 
 @pytest.fixture(scope="session")

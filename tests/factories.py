@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
+                          Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 OLMO3_WINDOW = 4
@@ -152,6 +153,10 @@ def make_model_dir(
                                   rope_scaling={"rope_type": "linear", "factor": 2.0}, sliding_window=4,
                                   layer_types=kinds, query_pre_attn_scalar=24, **common)
         cls = Gemma3ForCausalLM
+    elif arch == "gemma2":  # windows of 4 in every other layer (the first sliding), both soft caps
+        config = Gemma2Config(rope_theta=rope_theta or 1e4, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                              final_logit_softcapping=3.0, attn_logit_softcapping=2.0, **common)
+        cls = Gemma2ForCausalLM
     elif arch == "llama":
         # a copy: LlamaConfig writes rope_theta into the dict it is given
         scaling = None if rope_scaling is None else dict(rope_scaling)

@@ -26,7 +26,7 @@ def _metadata(prefix: list[int], new: list[int], bs: int, device: str):
 
 
 def _compare_backends(backend, device: str, dtype: torch.dtype, prefix: list[int], new: list[int],
-                      bs: int = 4, window: int | None = None) -> None:
+                      bs: int = 4, window: int | None = None, softcap: float | None = None) -> None:
     from rast_engine.attention.torch_backend import TorchAttention
 
     hq, hkv, dim = 4, 2, 16
@@ -36,8 +36,8 @@ def _compare_backends(backend, device: str, dtype: torch.dtype, prefix: list[int
     t = sum(new)
     q, k, v = (rand(t, h, dim, dtype=dtype, device=device, g=g) for h in (hq, hkv, hkv))
     got_k, got_v = caches[0].clone(), caches[1].clone()
-    got = backend.forward(q, k, v, got_k, got_v, meta, 0.25, window)
-    want = TorchAttention().forward(q, k, v, caches[0], caches[1], meta, 0.25, window)
+    got = backend.forward(q, k, v, got_k, got_v, meta, 0.25, window, softcap)
+    want = TorchAttention().forward(q, k, v, caches[0], caches[1], meta, 0.25, window, softcap)
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
     torch.testing.assert_close(got_k, caches[0], atol=0, rtol=0)
     torch.testing.assert_close(got_v, caches[1], atol=0, rtol=0)
@@ -96,10 +96,12 @@ class FlashSemantics:
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                window_size: tuple[int, int]) -> torch.Tensor:
+                window_size: tuple[int, int], softcap: float) -> torch.Tensor:
         lq, lk, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
         k, v = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
         s = torch.einsum("lhd,nhd->hln", q.float(), k) * scale
+        if softcap > 0:  # flash_attn's 0 is no cap
+            s = softcap * torch.tanh(s / softcap)
         key, edge = torch.arange(lk)[None, :], torch.arange(lq)[:, None] + lk - lq
         hidden = key > edge
         if window_size[0] >= 0:
@@ -108,29 +110,32 @@ class FlashSemantics:
         p = torch.nan_to_num(torch.softmax(s, -1))
         return torch.einsum("hln,nhd->lhd", p, v).to(q.dtype)
 
-    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size=(-1, -1)):
+    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size=(-1, -1),
+                               softcap=0.0):
         assert causal and window_size[1] in (-1, 0)
         cq, ck = cu_q.tolist(), cu_k.tolist()
         return torch.cat([self._attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
-                                       window_size) for b in range(len(cq) - 1)])
+                                       window_size, softcap) for b in range(len(cq) - 1)])
 
     def flash_attn_with_kvcache(self, q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
-                                window_size=(-1, -1)):
+                                window_size=(-1, -1), softcap=0.0):
         assert causal and window_size[1] in (-1, 0)
         out = [self._attend(q[b], gather(k_cache, block_table[b], n), gather(v_cache, block_table[b], n),
-                            softmax_scale, window_size) for b, n in enumerate(cache_seqlens.tolist())]
+                            softmax_scale, window_size, softcap) for b, n in enumerate(cache_seqlens.tolist())]
         return torch.stack(out)
 
 
-@pytest.mark.parametrize("window", [None, 1, 5])
+@pytest.mark.parametrize("window,softcap", [(None, None), (1, None), (5, None), (None, 2.0), (5, 2.0)])
 @pytest.mark.parametrize("prefix,new", [([0, 0], [7, 12]), ([9, 0, 3], [4, 6, 1]), ([13, 30], [1, 1])])
-def test_flash_backend_glue_on_flash_semantics(prefix: list[int], new: list[int], window: int | None) -> None:
-    """The right-aligned padding for prefix prefill, the decode/varlen dispatch and the sliding window's
-    translation into flash_attn's window_size, without flash_attn."""
+def test_flash_backend_glue_on_flash_semantics(prefix: list[int], new: list[int], window: int | None,
+                                               softcap: float | None) -> None:
+    """The right-aligned padding for prefix prefill, the decode/varlen dispatch, and the sliding window's and
+    soft cap's translation into flash_attn's window_size and softcap, without flash_attn."""
     pytest.importorskip("rast_engine.attention.torch_backend")
     from rast_engine.attention.flash_backend import FlashAttention
 
-    _compare_backends(FlashAttention(FlashSemantics()), "cpu", torch.float32, prefix, new, window=window)
+    _compare_backends(FlashAttention(FlashSemantics()), "cpu", torch.float32, prefix, new, window=window,
+                      softcap=softcap)
 
 
 def test_flash_backend_refuses_a_cache_of_another_block_size() -> None:

@@ -42,7 +42,7 @@ def _types(fn, dtype: str, kv: str) -> dict[str, str]:
             types[name] = "*i32"
         elif name == "slot_ptr":
             types[name] = "*i64"
-        elif name == "scale_log2":
+        elif name in ("scale_log2", "softcap_log2"):
             types[name] = "fp32"
         else:
             types[name] = "i32"
@@ -55,15 +55,21 @@ def compile_all(dtype: str, dim: int, kv: str) -> None:
     torch_dtype = TORCH_DTYPE[dtype]
     tile, block_d = pa.tile_size(dim, torch_dtype), kv_store.block_d(dim)
     common = dict(BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=tile, BLOCK_D=block_d, PRECISION=pa._precision(torch_dtype),
-                  UPCAST=False, FP8=kv == "fp8")
+                  UPCAST=False, FP8=kv == "fp8", COMPILED=True)
     launches = [
         (kv_store._store_kv_kernel, dict(BLOCK_SIZE=BLOCK_SIZE, BLOCK_H=BLOCK_H, BLOCK_D=block_d, FP8=kv == "fp8"), {}),
-        # without split-K the launcher sees num_splits == 1 and makes it a constant
-        (pa._decode_kernel, dict(common, BLOCK_G=BLOCK_G, SPLIT=False, num_splits=1), dict(num_warps=4)),
-        (pa._decode_kernel, dict(common, BLOCK_G=BLOCK_G, SPLIT=True), dict(num_warps=4)),
-        (split_k.split_reduce_kernel, dict(BLOCK_S=split_k.MAX_SPLITS, BLOCK_N=tile, BLOCK_D=block_d), {}),
-        (pa._prefill_kernel, dict(common, BLOCK_M=tile), dict(num_warps=4, num_stages=2)),
+        (split_k.split_reduce_kernel, dict(BLOCK_S=split_k.MAX_SPLITS, BLOCK_N=tile, BLOCK_D=block_d, SLIDING=True), {}),
     ]
+    # plain, and with a sliding window and Gemma 2's score cap (libdevice's tanh in the key loop); in
+    # float32 over an FP8 cache the capped decode spills 8 bytes a thread, so there only the window's checked
+    capped = dict(SLIDING=True, SOFTCAP=dtype != "fp32" or kv != "fp8")
+    for extra in (dict(SLIDING=False, SOFTCAP=False), capped):
+        launches += [
+            # without split-K the launcher sees num_splits == 1 and makes it a constant
+            (pa._decode_kernel, dict(common, **extra, BLOCK_G=BLOCK_G, SPLIT=False, num_splits=1), dict(num_warps=4)),
+            (pa._decode_kernel, dict(common, **extra, BLOCK_G=BLOCK_G, SPLIT=True), dict(num_warps=4)),
+            (pa._prefill_kernel, dict(common, **extra, BLOCK_M=tile), dict(num_warps=4, num_stages=2)),
+        ]
     for fn, consts, options in launches:
         types = {k: v for k, v in _types(fn, dtype, kv).items() if k not in consts}
         compile_util.compile_ptx(fn, types, consts, aligned=tuple(n for n in ALIGNED if n in types), no_spills=True,

@@ -146,7 +146,7 @@ def test_stacked_small_models_equal_unstacked_on_gpu(qwen2_triple: tuple) -> Non
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3", "gemma2"])
 def test_gpu_greedy_rast_equals_cpu_float32(arch: str, request: pytest.FixtureRequest) -> None:
     triple = request.getfixturevalue(f"{arch}_triple")
     cpu = make_engine(triple, "cpu", dtype="float32")

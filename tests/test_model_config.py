@@ -28,7 +28,8 @@ def test_legacy_config_layout() -> None:
     assert cfg.kv_cache_shape(10, 16) == (10, 16, 2, 16)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "mistral", "olmo2", "olmo3", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "mistral", "olmo2", "olmo3", "gemma2",
+                                        "gemma3_text"])
 def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     """A config.json with only the required keys reads as transformers' config class reads it (Qwen3's
     head_dim is 128, not hidden // heads; Llama's context is 2048)."""
@@ -45,6 +46,8 @@ def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
         rope = rope["full_attention"]
     assert ours.rope_theta == rope["rope_theta"]
     assert ours.layer_windows == hf_windows(hf)
+    assert (ours.attn_softcap, ours.logit_softcap) == (getattr(hf, "attn_logit_softcapping", None),
+                                                       getattr(hf, "final_logit_softcapping", None))
 
 
 def hf_windows(hf: object) -> tuple:
@@ -179,3 +182,16 @@ def test_gemma3_4b_text_config_leaves_its_class_defaults_out() -> None:
     with pytest.raises(ModelLoadError, match="pre-quantized"):
         ModelConfig.from_dict({"model_type": "gemma3", "text_config": text,
                                "quantization_config": {"quant_method": "fp8"}})
+
+
+def test_gemma2_caps_are_read_or_refused() -> None:
+    """Gemma 2 caps its attention scores and logits (explicit null: no cap, as transformers reads it); no
+    other family may ask for a cap the engine would not apply."""
+    cfg = {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 64}
+    assert ModelConfig.from_dict({**cfg, "attn_logit_softcapping": None}).attn_softcap is None
+    assert ModelConfig.from_dict({**cfg, "final_logit_softcapping": 20.0}).logit_softcap == 20.0
+    with pytest.raises(ModelLoadError, match="positive"):
+        ModelConfig.from_dict({**cfg, "final_logit_softcapping": 0.0})
+    with pytest.raises(ModelLoadError, match="attn_logit_softcapping"):
+        ModelConfig.from_dict({**cfg, "model_type": "llama", "attn_logit_softcapping": 50.0})

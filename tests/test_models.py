@@ -46,6 +46,8 @@ MODEL_CASES = {
     "mistral": dict(arch="mistral", tie=False),
     # sandwich norms scaling by 1 + weight, GELU, scaled embeddings and attention, windows with their own rope
     "gemma3": dict(arch="gemma3", tie=True, layers=3),
+    # caps small enough to bend the scores and logits of these random weights
+    "gemma2": dict(arch="gemma2", tie=False, layers=3),
 }
 
 
@@ -241,7 +243,7 @@ def test_error_unsupported_config(copy_dir: Path) -> None:
         ModelConfig.from_dir(copy_dir)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3", "gemma2"])
 def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     """The shared triples: one tokenizer, large width != small width, both >= len(tokenizer)."""
     from transformers import AutoTokenizer
@@ -257,7 +259,8 @@ def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     assert all((c.rope_scaling is not None) == (arch in ("llama", "gemma3")) for c in cfgs)  # gemma: its own linear
     assert all(c.qk_norm == (arch in ("qwen3", "gemma3")) and c.qk_norm_full == c.post_norm == arch.startswith("olmo")
                for c in cfgs)
-    assert all(bool(c.layer_windows) == (arch in ("olmo3", "gemma3")) and c.sandwich_norm == (arch == "gemma3")
+    assert all(bool(c.layer_windows) == (arch in ("olmo3", "gemma3", "gemma2")) and
+               c.sandwich_norm == arch.startswith("gemma") and (c.logit_softcap is not None) == (arch == "gemma2")
                for c in cfgs)
     if arch == "qwen3":  # head widths of their own, so a model reading hidden / heads fails
         assert [c.head_dim for c in cfgs] == [32, 16, 16] and cfgs[0].hidden_size // cfgs[0].num_heads == 16

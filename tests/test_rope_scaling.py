@@ -115,7 +115,7 @@ def test_rope_theta_is_read_where_hf_reads_it() -> None:
         hf = AutoConfig.for_model(**copy.deepcopy({**base, **case})).rope_parameters  # HF edits the dicts it gets
         assert ours.rope_theta == hf["rope_theta"], case
         assert (ours.rope_scaling or {}).get("rope_type", "default") == hf["rope_type"], case
-    # the one departure (config._rope): with no top-level theta, the replaced rope_parameters' theta is the
+    # the one departure (rope_config.rope_of): with no top-level theta, the replaced rope_parameters' theta is the
     # checkpoint's, trained with, where HF's config falls back to its class default (1e4)
     kept = ModelConfig.from_dict({**base, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
                                   "rope_scaling": yarn})

@@ -1,6 +1,7 @@
-"""Sliding-window attention: the paged kernels and the backends against an oracle written here, which
-attends each query row over an explicit slice of its keys (HF's window: the token at position p sees
-positions p - window + 1 .. p), one row at a time; the Triton kernels run interpreted without CUDA."""
+"""Sliding-window attention, and Gemma 2's capped scores: the paged kernels and the backends against an
+oracle written here, which attends each query row over an explicit slice of its keys (HF's window: the
+token at position p sees positions p - window + 1 .. p), one row at a time, capping each score as
+cap * tanh(s / cap); the Triton kernels run interpreted without CUDA."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,7 @@ from test_paged_attention import CASES, TOL, gather, paged, rand
 
 
 def windowed_oracle(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], q_lens: list[int],
-                    scale: float, window: int | None) -> torch.Tensor:
+                    scale: float, window: int | None, softcap: float | None = None) -> torch.Tensor:
     """q [T, Hq, D]; keys[b], values[b] [n_b, Hkv, D]; each sequence's last q_lens[b] positions attend."""
     rows, at = [], 0
     for k, v, m in zip(keys, values, q_lens):
@@ -21,7 +22,8 @@ def windowed_oracle(q: torch.Tensor, keys: list[torch.Tensor], values: list[torc
             first = 0 if window is None else max(0, pos - window + 1)
             ks = k[first:pos + 1].repeat_interleave(group, dim=1)  # [keys, Hq, D]
             vs = v[first:pos + 1].repeat_interleave(group, dim=1)
-            p = torch.softmax(torch.einsum("hd,nhd->hn", q[at + i].float(), ks) * scale, dim=-1)
+            scores = torch.einsum("hd,nhd->hn", q[at + i].float(), ks) * scale
+            p = torch.softmax(scores if softcap is None else softcap * torch.tanh(scores / softcap), dim=-1)
             rows.append(torch.einsum("hn,nhd->hd", p, vs))
         at += m
     return torch.stack(rows)
@@ -111,3 +113,39 @@ def test_a_window_must_be_a_positive_int(window: object) -> None:
     with pytest.raises(ValueError, match="window"):
         paged_prefill_attention(torch.zeros(3, 1, 16), cache, cache, table, lens, torch.tensor([0, 3]), 3, 1.0,
                                 window=window)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("window", [None, 6])
+def test_capped_scores_in_decode_and_prefill(device: str, dtype: torch.dtype, window: int | None) -> None:
+    """Gemma 2's attention: scores of about +-4 capped at 1.5 (so the cap changes every softmax), split-K on."""
+    from rast_kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+
+    lens, new, bs, hq, hkv, dim = [37, 20], [19, 20], 4, 4, 2, 16
+    g = torch.Generator().manual_seed(13)
+    table, num_blocks = paged(lens, bs, spare=2, seed=6)
+    k_cache, v_cache = (rand(num_blocks, bs, hkv, dim, dtype=dtype, device=device, g=g) for _ in range(2))
+    keys = [gather(k_cache.cpu(), table[b], n) for b, n in enumerate(lens)]
+    values = [gather(v_cache.cpu(), table[b], n) for b, n in enumerate(lens)]
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = rand(len(lens), hq, dim, dtype=dtype, device=device, g=g)
+    out = paged_decode_attention(q, k_cache, v_cache, table.to(device), ctx, 1.0, num_splits=3,
+                                 min_tokens_per_split=4, window=window, softcap=1.5)
+    want = windowed_oracle(q.cpu(), keys, values, [1, 1], 1.0, window, softcap=1.5)
+    torch.testing.assert_close(out.float().cpu(), want, **TOL[dtype])
+    uncapped = windowed_oracle(q.cpu(), keys, values, [1, 1], 1.0, window)
+    assert (uncapped - want).abs().max() > 0.05  # the cap is in play
+    qp = rand(sum(new), hq, dim, dtype=dtype, device=device, g=g)
+    cu = torch.tensor([0] + new).cumsum(0).to(torch.int32).to(device)
+    out = paged_prefill_attention(qp, k_cache, v_cache, table.to(device), ctx, cu, max(new), 1.0, window=window,
+                                  softcap=1.5)
+    want = windowed_oracle(qp.cpu(), keys, values, new, 1.0, window, softcap=1.5)
+    torch.testing.assert_close(out.float().cpu(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_torch_and_triton_backends_cap_alike(softcap: float | None) -> None:
+    from rast_engine.attention.triton_backend import TritonAttention
+
+    _compare_backends(TritonAttention(num_splits=2), "cpu", torch.float32, [13, 30], [1, 1], window=5, softcap=softcap)
+    _compare_backends(TritonAttention(), "cpu", torch.float32, [9, 0], [4, 6], softcap=softcap)

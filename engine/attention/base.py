@@ -28,15 +28,17 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Write k/v at meta.slot_mapping (skipping -1), then ``attend``."""
         ...
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        meta: AttentionMetadata, scale: float, window: int | None = None,
+        meta: AttentionMetadata, scale: float, window: int | None = None, softcap: float | None = None,
     ) -> torch.Tensor:
         """Causal attention of q over the cache, which already holds this step's k/v at meta.slot_mapping
         (a fused rotary + KV-store kernel wrote them); k/v are there for backends that read them directly.
-        ``window``: a sliding window, as HF's: the token at position p sees keys p - window < j <= p."""
+        ``window``: a sliding window, as HF's: the token at position p sees keys p - window < j <= p.
+        ``softcap``: Gemma 2's cap, each score s becoming softcap * tanh(s / softcap) before the softmax."""
         ...

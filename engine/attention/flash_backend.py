@@ -14,6 +14,7 @@ multiple of 256); it raises its own error when the cache does not fit.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -42,32 +43,35 @@ class FlashAttention:
         self._fa = flash_attn_module
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None
-                ) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         meta.check_cache(k_cache)
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k, v, k_cache, v_cache, meta, scale, window)
+        return self.attend(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None
-               ) -> torch.Tensor:
-        # flash_attn's window counts the keys left of the query's own: HF's window less one
-        sides = (-1, -1) if window is None else (window - 1, 0)
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
+        # flash_attn's window counts the keys left of the query's own: HF's window less one; its softcap
+        # (flash-attn >= 2.6) is Gemma 2's
+        extra = {"window_size": (-1, -1) if window is None else (window - 1, 0)}
+        if softcap is not None:
+            extra["softcap"] = softcap
         if not meta.is_prefill:
             out = self._fa.flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
                                                    block_table=meta.block_tables, softmax_scale=scale, causal=True,
-                                                   window_size=sides)
+                                                   **extra)
             return out.squeeze(1)
         cu = meta.cu_seqlens_q
         q_lens = cu[1:] - cu[:-1]
         if torch.equal(q_lens, meta.context_lens):
             return self._fa.flash_attn_varlen_func(q, k, v, cu, cu, meta.max_seqlen_q, meta.max_seqlen_q,
-                                                   softmax_scale=scale, causal=True, window_size=sides)
-        return self._prefill_with_prefix(q, k_cache, v_cache, meta, q_lens, scale, sides)
+                                                   softmax_scale=scale, causal=True, **extra)
+        return self._prefill_with_prefix(q, k_cache, v_cache, meta, q_lens, scale, extra)
 
     def _prefill_with_prefix(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              meta: AttentionMetadata, q_lens: torch.Tensor, scale: float,
-                             sides: tuple[int, int]) -> torch.Tensor:
+                             extra: dict[str, Any]) -> torch.Tensor:
         total, heads, dim = q.shape
         batch, max_q = meta.num_seqs, meta.max_seqlen_q
         seq = torch.repeat_interleave(torch.arange(batch, device=q.device), q_lens, output_size=total)
@@ -77,5 +81,5 @@ class FlashAttention:
         padded[rows] = q
         out = self._fa.flash_attn_with_kvcache(padded.view(batch, max_q, heads, dim), k_cache, v_cache,
                                                cache_seqlens=meta.context_lens, block_table=meta.block_tables,
-                                               softmax_scale=scale, causal=True, window_size=sides)
+                                               softmax_scale=scale, causal=True, **extra)
         return out.reshape(batch * max_q, heads, dim)[rows]

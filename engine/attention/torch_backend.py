@@ -23,16 +23,17 @@ class TorchAttention:
         meta: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         meta.check_cache(k_cache)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k, v, k_cache, v_cache, meta, scale, window)
+        return self.attend(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None
-               ) -> torch.Tensor:
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         if not meta.is_prefill:
-            return _decode(q, k_cache, v_cache, meta, scale, window)
+            return _decode(q, k_cache, v_cache, meta, scale, window, softcap)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         out = torch.empty_like(q)
@@ -48,7 +49,7 @@ class TorchAttention:
             qf = q[start:end].float().transpose(0, 1)  # [H, q_len, D]
             kf = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, ctx, D]
             vf = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
-            scores = (qf @ kf.transpose(1, 2)) * scale  # [H, q_len, ctx]
+            scores = capped((qf @ kf.transpose(1, 2)) * scale, softcap)  # [H, q_len, ctx]
             q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
             k_pos = torch.arange(ctx, device=q.device)[None, :]
             hidden = k_pos > q_pos
@@ -60,7 +61,7 @@ class TorchAttention:
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float, window: int | None) -> torch.Tensor:
+            scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
     """q [B, H, D], one query per sequence at its last position: every sequence in one batch. A sequence
     of context 0 (a padding row) attends to nothing and gets zeros."""
     b, num_heads, dim = q.shape
@@ -71,7 +72,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     keys = read_blocks(k_cache, blocks, q.dtype).reshape(b, width * bs, num_kv_heads, dim).float()
     values = read_blocks(v_cache, blocks, q.dtype).reshape(b, width * bs, num_kv_heads, dim).float()
     qf = q.float().view(b, num_kv_heads, num_heads // num_kv_heads, dim)  # GQA: query heads grouped per kv head
-    scores = torch.einsum("bkgd,bnkd->bkgn", qf, keys) * scale
+    scores = capped(torch.einsum("bkgd,bnkd->bkgn", qf, keys) * scale, softcap)
     key_pos = torch.arange(width * bs, device=q.device)[None, :]
     past = key_pos >= lens[:, None]  # [B, keys]: beyond the context
     if window is not None:
@@ -80,6 +81,11 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     values = values.masked_fill(past[:, :, None, None], 0.0)
     probs = scores.masked_fill(past[:, None, None, :], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     return torch.einsum("bkgn,bnkd->bkgd", probs, values).reshape(b, num_heads, dim).to(q.dtype)
+
+
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """softcap * tanh(scores / softcap) (Gemma 2's attention), or the scores as they are."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
 def store_kv(

@@ -22,21 +22,21 @@ class TritonAttention:
         self.num_splits = num_splits
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None
-                ) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         meta.check_cache(k_cache)
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k, v, k_cache, v_cache, meta, scale, window)
+        return self.attend(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None
-               ) -> torch.Tensor:
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         meta.check_cache(k_cache)
         if meta.is_prefill:
             return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                           meta.cu_seqlens_q, meta.max_seqlen_q, scale, window=window)
+                                           meta.cu_seqlens_q, meta.max_seqlen_q, scale, window=window, softcap=softcap)
         if q.shape[0] != meta.num_seqs:
             raise ValueError(f"a decode step has one token per sequence: got {q.shape[0]} tokens "
                              f"for {meta.num_seqs} sequences")
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                      num_splits=self.num_splits, window=window)
+                                      num_splits=self.num_splits, window=window, softcap=softcap)

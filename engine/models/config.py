@@ -19,7 +19,9 @@ Architectures:
 - Gemma 3 (text; a multimodal checkpoint's language model too): per-head q/k norms, a norm before and
   after each sublayer, norms that scale by 1 + weight, embeddings times sqrt(hidden), GELU (tanh) in the
   MLP, attention scaled by query_pre_attn_scalar, and sliding windows in five layers of six with their
-  own rope base.
+  own rope base;
+- Gemma 2: Gemma 3's layout without q/k norms, windows in every other layer, and soft-capped attention
+  scores (cap * tanh(s / cap)) and output logits.
 Sliding windows (Qwen's ``use_sliding_window`` too) and per-layer-type ropes are read in layer_kinds.
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ logger = logging.getLogger("rast")
 
 # model_type -> arch
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "mistral", "olmo2": "olmo2", "olmo3": "olmo3",
-         "gemma3_text": "gemma3"}
+         "gemma3_text": "gemma3", "gemma2": "gemma2"}
+GEMMA = ("gemma2", "gemma3")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's hidden_act names -> the MLP's
 OLMO = ("olmo2", "olmo3")
 # HF's config classes' defaults for keys a config.json may omit, where they are not derived from others
@@ -56,6 +59,9 @@ HF_DEFAULTS: dict[str, dict[str, float]] = {
     "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6},
     "olmo2": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
     "olmo3": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
+    "gemma2": {"num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+               "vocab_size": 256000, "query_pre_attn_scalar": 256, "final_logit_softcapping": 30.0,
+               "attn_logit_softcapping": 50.0},
     "gemma3_text": {"num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
                     "vocab_size": 262208, "query_pre_attn_scalar": 256},
 }
@@ -74,7 +80,7 @@ class ModelConfig:
     vocab_size: int  # the padded width of the embedding and lm_head, not len(tokenizer)
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict[str, Any] | None  # None (plain rotary) or a dict with rope_type, one of ROPE_KEYS
+    rope_scaling: dict[str, Any] | None  # None (plain rotary) or a dict with rope_type, one of rope_config.ROPE_KEYS
     tie_word_embeddings: bool
     attention_bias: bool  # bias on q/k/v (always for Qwen2)
     o_proj_bias: bool  # bias on o_proj (Llama's and Qwen3's attention_bias covers it too; never for Qwen2)
@@ -95,6 +101,9 @@ class ModelConfig:
     embed_scale: Optional[float] = None
     norm_offset: float = 0.0
     sandwich_norm: bool = False
+    # Gemma 2's soft caps (None: none): attention scores and output logits become cap * tanh(x / cap)
+    attn_softcap: Optional[float] = None
+    logit_softcap: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS.values():
@@ -134,13 +143,13 @@ class ModelConfig:
         if model_type not in ARCHS:
             raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {sorted(ARCHS)}")
         arch = ARCHS[model_type]
-        gemma = model_type == "gemma3_text"  # whose class defaults differ: GELU, tied embeddings
+        gemma = arch in GEMMA  # whose class defaults differ: GELU, tied embeddings
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
         if act not in ACTIVATIONS:
             raise ModelLoadError(f"unsupported hidden_act {act!r}; implemented: {sorted(ACTIVATIONS)}")
-        for key in ("final_logit_softcapping", "attn_logit_softcapping"):  # Gemma 2's
-            if cfg.get(key) is not None:
-                raise ModelLoadError(f"{key} is not supported")
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):  # Gemma 2's only
+            if cfg.get(key) is not None and arch != "gemma2":
+                raise ModelLoadError(f"{key} is not supported for model_type {model_type!r}")
         if cfg.get("use_bidirectional_attention"):
             raise ModelLoadError("use_bidirectional_attention=true is not supported (the engine decodes causally)")
         if cfg.get("mlp_bias", False):
@@ -157,6 +166,15 @@ class ModelConfig:
             if value is not None:
                 return value
             return derived if key in cfg and derived is not None else HF_DEFAULTS[model_type].get(key, derived)
+
+        def softcap(key: str) -> Optional[float]:
+            """Gemma 2's cap (its class default when omitted, none when null)."""
+            if arch != "gemma2" or (key in cfg and cfg[key] is None):
+                return None
+            value = float(given(key))
+            if not 0 < value < math.inf:
+                raise ModelLoadError(f"{key} must be positive and finite, got {value!r}")
+            return value
 
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -190,10 +208,12 @@ class ModelConfig:
                 layer_windows=layer_windows(cfg, model_type, layers),
                 sliding_rope=None if kinds is None else rope_of(kinds[1]),
                 activation=ACTIVATIONS[act],
-                attn_scale=float(given("query_pre_attn_scalar")) ** -0.5 if arch == "gemma3" else None,
-                embed_scale=hidden ** 0.5 if arch == "gemma3" else None,
-                norm_offset=1.0 if arch == "gemma3" else 0.0,
-                sandwich_norm=arch == "gemma3",
+                attn_scale=float(given("query_pre_attn_scalar")) ** -0.5 if gemma else None,
+                embed_scale=hidden ** 0.5 if gemma else None,
+                norm_offset=1.0 if gemma else 0.0,
+                sandwich_norm=gemma,
+                attn_softcap=softcap("attn_logit_softcapping"),
+                logit_softcap=softcap("final_logit_softcapping"),
             )
         except ModelLoadError:  # __post_init__'s, already specific
             raise

@@ -27,6 +27,11 @@ from rast_engine.models.rope import RotaryEmbedding
 WeightSlot = tuple[torch.Tensor, int, int]  # (parameter, first row, rows) an HF tensor fills
 
 
+def soft_capped_(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """cap * tanh(logits / cap) in place, each op rounding in the logits' dtype as HF's three do."""
+    return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
+
+
 def rounded_scale(scale: float, dtype: torch.dtype) -> float:
     """``scale`` as a value of ``dtype``: a tensor times it then rounds once, as a product of two ``dtype``
     tensors does."""
@@ -77,10 +82,10 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[N, hidden] -> [N, vocab_size] in the model dtype (the padded width; callers slice to V),
-        written into ``out`` when given (the decode step's static logits, so no [N, V] is allocated)."""
-        if out is None:
-            return self.lm_head(hidden)
-        return torch.mm(hidden, self.lm_head.weight.t(), out=out)
+        written into ``out`` when given (the decode step's static logits, so no [N, V] is allocated);
+        Gemma 2's soft cap applied as HF applies it."""
+        logits = self.lm_head(hidden) if out is None else torch.mm(hidden, self.lm_head.weight.t(), out=out)
+        return soft_capped_(logits, self.config.logit_softcap)
 
     def weight_map(self) -> dict[str, WeightSlot]:
         """HF tensor name -> where it goes. Tied lm_head is absent: it is the embedding."""

@@ -4,7 +4,8 @@ config.json as transformers' config classes read it.
 - ``layer_types`` (``"full_attention"`` / ``"sliding_attention"`` per layer) when the config states them;
   otherwise each class's rule: OLMo 3 slides in three layers of four (every fourth is full), Qwen2 and
   Qwen3 slide from ``max_window_layers`` on when ``use_sliding_window`` is set, Mistral in every layer
-  when its ``sliding_window`` is not null, Llama and OLMo 2 never.
+  when its ``sliding_window`` is not null, Gemma 2 every other layer and Gemma 3 five of six, Llama and
+  OLMo 2 never.
 - The window: ``sliding_window`` (Qwen's only under ``use_sliding_window``), in HF's sense: a token sees
   itself and the window - 1 tokens before it.
 - OLMo 3 gives the two kinds their own rotary parameters: transformers 5 writes ``rope_parameters`` per
@@ -23,7 +24,7 @@ from rast_engine.errors import ModelLoadError
 
 KINDS = ("full_attention", "sliding_attention")
 # the class defaults of the keys a config may omit
-DEFAULT_WINDOW = {"qwen2": 4096, "qwen3": 4096, "olmo3": 4096, "mistral": 4096, "gemma3_text": 4096}
+DEFAULT_WINDOW = {"qwen2": 4096, "qwen3": 4096, "olmo3": 4096, "mistral": 4096, "gemma3_text": 4096, "gemma2": 4096}
 GEMMA3_PATTERN = 6  # Gemma 3: every sixth layer attends fully
 GEMMA3_ROPE = (1e6, 10000.0)  # the full layers' rope_theta and the sliding layers' (rope_local_base_freq)
 # Gemma3TextConfig's defaults of the keys other classes require: the 4B's text_config leaves them out
@@ -58,6 +59,8 @@ def _default_types(cfg: dict[str, Any], model_type: str, num_layers: int, window
         return ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     if model_type == "mistral":
         return ["sliding_attention"] * num_layers
+    if model_type == "gemma2":  # every other layer, the first sliding
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     if model_type == "gemma3_text":
         pattern = cfg.get("sliding_window_pattern") or GEMMA3_PATTERN
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]

@@ -1,8 +1,9 @@
-"""The decoder's elementwise work (RMSNorm with its residual add, rotary embedding, SiLU-and-multiply)
-behind one small interface, so the model has a single code path:
+"""The decoder's elementwise work (RMSNorm with its residual add, rotary embedding, SiLU-and-multiply or
+Gemma's GELU-tanh-and-multiply) behind one small interface, so the model has a single code path:
 
 - "torch": HF transformers' formulas in plain PyTorch, about 35 small kernels per layer; the CPU default.
-- "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings, the rotary one
+- "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings (six where OLMo
+  norms q and k over all heads or Gemma norms each sublayer's output too), the rotary one
   also norming each head first (Qwen3) and writing this step's k/v into the paged cache
   (``stores_kv``); the CUDA default, where at small
   batch the unfused kernels' launch latency would rival the weight reads.

@@ -2,10 +2,10 @@
 
 Every model of a RAST step reads the same tokens, so the small models' step is one computation on N sets
 of weights: an (rl, base) pair (N = 2), or the distinct models of several pairs (experts sharing their
-base: N = 3 for two pairs). Run separately, every kernel launches N times (a fused decoder layer is 9
-launches). Stacked:
+base: N = 3 for two pairs). Run separately, every kernel launches N times (a fused Llama-layout decoder
+layer is 9 launches). Stacked:
 - every projection is one batched GEMM over [N, T, ...] (torch.bmm on the stacked weights); the layers
-  are the decoder's own DecoderLayer with StackedLinear projections and [N, hidden] norm weights, so the
+  are the model's own layer class (models/layers.py) with StackedLinear projections and [N, hidden] norm weights, so the
   stacked forward is the single model's forward, not a copy of it;
 - every norm, rotary and activation kernel is one launch over N*T rows (norms take [N, hidden] weights);
 - attention is one call over N*B sequences. Copy c's sequences are the given ones with their blocks at
@@ -30,7 +30,7 @@ from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.kv_cache import KVPool
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.blocks import MLP, Attention, RMSNorm
-from rast_engine.models.decoder import CausalLM
+from rast_engine.models.decoder import CausalLM, soft_capped_
 from rast_engine.models.layers import DecoderLayer, PostNormDecoderLayer, SandwichDecoderLayer, forward_layers
 
 logger = logging.getLogger("rast")
@@ -161,7 +161,7 @@ class StackedCausalLM(nn.Module):
         """[N, T, hidden] -> N logits [T, vocab_size] in the model dtype, each written into its ``outs``
         entry when given (one GEMM per model: the decode step's static logits are separate buffers)."""
         outs = outs or [None] * self.copies
-        return [torch.mm(h, w.t()) if o is None else torch.mm(h, w.t(), out=o)
+        return [soft_capped_(torch.mm(h, w.t()) if o is None else torch.mm(h, w.t(), out=o), self.config.logit_softcap)
                 for h, w, o in zip(hidden, self.lm_head, outs)]
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rast_engine.cli import main
 from rast_engine.errors import RastError
 from rast_engine.evaluation import extract_answer, pass_at_k
-from rast_engine.evaluation import runner
+from rast_engine.evaluation import runner, sampling
 from rast_engine.evaluation.templates import BOXED_INSTRUCTION, TEMPLATE_B, load_template
 
 LAM = 0.5
@@ -101,7 +101,7 @@ def test_eval_end_to_end_resume_and_settings_guard(qwen2_triple, tmp_path: Path,
     def no_engine(cfg: runner.EvalConfig) -> None:
         raise AssertionError("a complete run must not build an engine")
 
-    monkeypatch.setattr(runner, "_build_llm", no_engine)
+    monkeypatch.setattr(sampling, "_build_llm", no_engine)
     (out / runner.METRICS_FILE).unlink()
     assert main(argv) == 0
     assert json.loads((out / runner.METRICS_FILE).read_text())["avg_pass@1"] == pytest.approx(1 / 3)

@@ -68,7 +68,7 @@ def generate_trajectories(llm: Any, problems: list[Problem], template: PromptTem
     """One path per problem: greedy by default (the paper's setting, free of sampling noise); `params`
     go to SamplingParams (e.g. lam=0.0 to decode with the large model alone)."""
     from rast_engine import SamplingParams
-    from rast_engine.evaluation.runner import request_seed
+    from rast_engine.evaluation.sampling import request_seed
 
     tokenizer = llm.get_tokenizer()
     prompts = [template.render(p.problem, tokenizer) for p in problems]

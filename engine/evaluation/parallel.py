@@ -2,7 +2,7 @@
 problems from one shared queue, so whichever worker has room takes the next and a slow problem holds
 up no other worker. The parent alone writes samples.jsonl.
 
-A sample's seed is a function of (seed, problem id, sample index) only (runner.request_seed), so the
+A sample's seed is a function of (seed, problem id, sample index) only (sampling.request_seed), so the
 samples are those one engine draws, whichever worker draws them, and a resume may use another N.
 A worker that fails stops the run with its traceback; what the others saved stays, and a rerun resumes.
 """
@@ -17,7 +17,8 @@ import traceback
 from typing import Any, Callable
 
 from rast_engine.errors import RastError
-from rast_engine.evaluation.runner import EvalConfig, Item, sample
+from rast_engine.evaluation.runner import EvalConfig
+from rast_engine.evaluation.sampling import Item, sample
 
 POLL_SECONDS = 1.0
 DRAIN_SECONDS = 5.0  # how long a worker found dead may still have its last messages in the pipe

@@ -2,25 +2,26 @@
 
 A problem's samples are drawn by requests of up to PIECE samples each: a request prefills its prompt
 once and its samples share the prompt's KV blocks (see PIECE). Requests stream through the engine's step loop (a finished problem makes room for the next)
-and every finished request is appended to samples.jsonl at once; a rerun with the same --out draws the
-sample indices still missing (the settings that shape the samples must match run.json). A request's
-seed is a function of (seed, problem id, its first sample index), so a problem draws the same samples
-whatever batch or resume it lands in, and a resumed run never repeats a saved sample's seed.
+and every finished request is appended to samples.jsonl at once (the engine loop: sampling.py; several
+engines: parallel.py); a rerun with the same --out draws the sample indices still missing (the settings
+that shape the samples must match run.json). A request's seed is a function of (seed, problem id, its
+first sample index), so a problem draws the same samples whatever batch or resume it lands in, and a
+resumed run never repeats a saved sample's seed.
 """
 from __future__ import annotations
 
 import json
 import sys
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rast_engine.errors import RastError
 from rast_engine.evaluation.data import Problem, load_problems
-from rast_engine.evaluation.grading import extract_answer, is_equivalent
+from rast_engine.evaluation.grading import is_equivalent
 from rast_engine.evaluation.metrics import GradedSample, compute_metrics
 from rast_engine.evaluation.plots import draw_plots
+from rast_engine.evaluation.sampling import Item, sample
 from rast_engine.evaluation.templates import load_template
 
 SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.json"
@@ -118,10 +119,6 @@ class EvalConfig:
         return {k: list(d[k]) if k == "stop" else d[k] for k in _SAMPLE_KEYS}
 
 
-def request_seed(seed: int, problem_id: str, done: int) -> int:
-    return (seed * 1_000_003 + zlib.crc32(problem_id.encode()) * 131 + done) % (1 << 62)
-
-
 def load_saved(path: Path) -> dict[str, list[dict]]:
     """Saved samples by problem id. A torn last line (a crash mid-write) is cut off the file; a broken
     line elsewhere means the file is not ours to guess about."""
@@ -168,72 +165,6 @@ def _check_run_file(out: Path, cfg: EvalConfig, has_samples: bool) -> None:
                             "same settings or use a fresh --out")
     else:
         run_file.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-
-
-def _build_llm(cfg: EvalConfig) -> Any:
-    from rast_engine import LLM
-
-    return LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
-               seed=cfg.seed, speculative_tokens=cfg.speculative_tokens, quantization=cfg.quantization,
-               kv_cache_dtype=cfg.kv_cache_dtype)
-
-
-def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any]]:
-    recs = []
-    for j, comp in enumerate(out.outputs):
-        answer = extract_answer(comp.text)
-        recs.append({"id": problem.id, "index": first_index + j, "answer": answer, "truth": problem.answer,
-                     "correct": is_equivalent(answer, problem.answer), "num_tokens": len(comp.token_ids),
-                     "finish_reason": comp.finish_reason, "text": comp.text})
-    return recs
-
-
-Item = tuple[Problem, list[tuple[int, int]]]  # a problem and the requests (first index, count) it needs
-
-
-def sample(cfg: EvalConfig, next_item: Callable[[], Item | None], emit: Callable[[list[dict[str, Any]]], None]
-           ) -> None:
-    """Keeps up to max_inflight problems in one engine, taking each from ``next_item`` (None: no more) and
-    handing each request's records to ``emit`` the moment it finishes, so a long straggler neither idles
-    the batch nor holds back the saving of the others."""
-    from rast_engine import SamplingParams
-
-    template = load_template(cfg.template)
-    stop = list(template.stop) + list(cfg.stop)
-    llm = _build_llm(cfg)
-    engine = llm.llm_engine
-    tokenizer = llm.get_tokenizer()
-    inflight: dict[str, tuple[Problem, int]] = {}
-    open_requests: dict[str, int] = {}  # per problem in flight
-
-    def submit() -> None:
-        item = next_item()
-        if item is None:
-            return
-        problem, parts = item
-        prompt = template.render(problem.problem, tokenizer)
-        for first, count in parts:
-            params = SamplingParams(n=count, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                    min_p=cfg.min_p, max_tokens=cfg.max_tokens, stop=stop or None,
-                                    plausibility_alpha=cfg.plausibility_alpha,
-                                    seed=request_seed(cfg.seed, problem.id, first), output_kind="final_only")
-            rid = f"eval-{problem.id}-{first}"
-            engine.add_request(rid, prompt, params)
-            inflight[rid] = (problem, first)
-        open_requests[problem.id] = len(parts)
-
-    for _ in range(cfg.max_inflight):
-        submit()
-    while inflight:
-        for out in engine.step():
-            if not out.finished or out.request_id not in inflight:
-                continue
-            problem, first = inflight.pop(out.request_id)
-            emit(_records(problem, first, out))
-            open_requests[problem.id] -= 1
-            if not open_requests[problem.id]:  # the problem is done: the next one enters
-                del open_requests[problem.id]
-                submit()
 
 
 def _generate(cfg: EvalConfig, todo: list[Item], samples_path: Path, log: Any) -> None:

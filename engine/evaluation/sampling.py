@@ -1,0 +1,84 @@
+"""One engine drawing a run's samples (`rast eval`): up to max_inflight problems in flight, each request's
+samples handed on the moment it finishes. A request's seed is a function of (seed, problem id, its first
+sample index), so a problem draws the same samples whatever engine, batch or resume it lands in."""
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING, Any, Callable
+
+from rast_engine.evaluation.data import Problem
+from rast_engine.evaluation.grading import extract_answer, is_equivalent
+from rast_engine.evaluation.templates import load_template
+
+if TYPE_CHECKING:
+    from rast_engine.evaluation.runner import EvalConfig
+
+
+def request_seed(seed: int, problem_id: str, done: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(problem_id.encode()) * 131 + done) % (1 << 62)
+
+
+def _build_llm(cfg: "EvalConfig") -> Any:
+    from rast_engine import LLM
+
+    return LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
+               seed=cfg.seed, speculative_tokens=cfg.speculative_tokens, quantization=cfg.quantization,
+               kv_cache_dtype=cfg.kv_cache_dtype)
+
+
+def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any]]:
+    recs = []
+    for j, comp in enumerate(out.outputs):
+        answer = extract_answer(comp.text)
+        recs.append({"id": problem.id, "index": first_index + j, "answer": answer, "truth": problem.answer,
+                     "correct": is_equivalent(answer, problem.answer), "num_tokens": len(comp.token_ids),
+                     "finish_reason": comp.finish_reason, "text": comp.text})
+    return recs
+
+
+Item = tuple[Problem, list[tuple[int, int]]]  # a problem and the requests (first index, count) it needs
+
+
+def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None], emit: Callable[[list[dict[str, Any]]], None]
+           ) -> None:
+    """Keeps up to max_inflight problems in one engine, taking each from ``next_item`` (None: no more) and
+    handing each request's records to ``emit`` the moment it finishes, so a long straggler neither idles
+    the batch nor holds back the saving of the others."""
+    from rast_engine import SamplingParams
+
+    template = load_template(cfg.template)
+    stop = list(template.stop) + list(cfg.stop)
+    llm = _build_llm(cfg)
+    engine = llm.llm_engine
+    tokenizer = llm.get_tokenizer()
+    inflight: dict[str, tuple[Problem, int]] = {}
+    open_requests: dict[str, int] = {}  # per problem in flight
+
+    def submit() -> None:
+        item = next_item()
+        if item is None:
+            return
+        problem, parts = item
+        prompt = template.render(problem.problem, tokenizer)
+        for first, count in parts:
+            params = SamplingParams(n=count, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                    min_p=cfg.min_p, max_tokens=cfg.max_tokens, stop=stop or None,
+                                    plausibility_alpha=cfg.plausibility_alpha,
+                                    seed=request_seed(cfg.seed, problem.id, first), output_kind="final_only")
+            rid = f"eval-{problem.id}-{first}"
+            engine.add_request(rid, prompt, params)
+            inflight[rid] = (problem, first)
+        open_requests[problem.id] = len(parts)
+
+    for _ in range(cfg.max_inflight):
+        submit()
+    while inflight:
+        for out in engine.step():
+            if not out.finished or out.request_id not in inflight:
+                continue
+            problem, first = inflight.pop(out.request_id)
+            emit(_records(problem, first, out))
+            open_requests[problem.id] -= 1
+            if not open_requests[problem.id]:  # the problem is done: the next one enters
+                del open_requests[problem.id]
+                submit()

@@ -2,7 +2,7 @@
 
 - DecoderLayer (Llama, Qwen, Mistral): a norm before each sublayer;
 - PostNormDecoderLayer (OLMo 2 and 3): a norm after each sublayer, none before;
-- SandwichDecoderLayer (Gemma 3): a norm before and one after each sublayer.
+- SandwichDecoderLayer (Gemma 2 and 3): a norm before and one after each sublayer.
 
 Each carries the residual stream the same way, returning its MLP's (normed) output and the stream it has
 not been added to yet, so forward_layers runs any of them and the next layer fuses that add into its first
@@ -89,8 +89,8 @@ def forward_layers(layers: nn.ModuleList, norm: RMSNorm, x: torch.Tensor, positi
 
 
 class SandwichDecoderLayer(nn.Module):
-    """Gemma 3's layer: h + post_norm(attn(pre_norm(h))), then h + post_ff_norm(mlp(pre_ff_norm(h))). The
-    residual adds fuse into the next pre-norm, as DecoderLayer's do."""
+    """Gemma 2's and 3's layer: h + post_norm(attn(pre_norm(h))), then h + post_ff_norm(mlp(pre_ff_norm(h))).
+    The residual adds fuse into the next pre-norm, as DecoderLayer's do."""
 
     def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
                  pre_feedforward_layernorm: RMSNorm, mlp: MLP, post_feedforward_layernorm: RMSNorm) -> None:

@@ -220,3 +220,19 @@ def test_sliding_layers_read_only_their_window() -> None:
     assert kv_bytes_read(cfg, 2, 1000) == 8 * 1000 * per_layer_token
     assert kv_bytes_read(cfg, 2, 10_000) == (6 * 4096 + 2 * 10_000) * per_layer_token
     assert kv_bytes_read({**cfg, "model_type": "olmo2"}, 2, 10_000) == 8 * 10_000 * per_layer_token
+
+
+@pytest.mark.parametrize("model_type", ["olmo2", "olmo3", "mistral", "gemma2", "gemma3_text"])
+def test_param_counts_of_the_other_layouts_match_transformers(model_type: str) -> None:
+    """The roofline's weight counts for OLMo's q/k norms over all heads and Gemma's four norms a layer
+    (and its per-head q/k norms), against transformers' own models of those classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "head_dim": 16}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    total, read = decode.param_counts(cfg)
+    assert total == model.num_parameters()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert read == total - (0 if tied else model.get_input_embeddings().weight.numel())

@@ -47,7 +47,7 @@ from rast_kernels.attention_tile import _tile_update
 from rast_kernels.fp8_kv import block_size_of
 from rast_kernels.kv_store import block_d, check_cache, check_indices, index_rows
 from rast_kernels.launch import cdiv, interpreting, next_pow2
-from rast_kernels.split_k import (MIN_TOKENS_PER_SPLIT, check_window, pick_num_splits, split_plan,
+from rast_kernels.split_k import (MIN_TOKENS_PER_SPLIT, check_attention_options, pick_num_splits, split_plan,
                                   split_reduce_kernel, window_start)
 
 LOG2E = 1.4426950408889634
@@ -163,7 +163,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         from rast_kernels import ops
         return ops.traced(ops.paged_decode_attention, q, k_cache, v_cache, block_tables, context_lens, scale,
                           num_splits, min_tokens_per_split, window, softcap)
-    check_window(window, softcap)
+    check_attention_options(window, softcap)
     check_cache(q, k_cache, v_cache)
     check_indices(block_tables=block_tables, context_lens=context_lens)
     batch, hq, dim = q.shape
@@ -221,7 +221,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         from rast_kernels import ops
         return ops.traced(ops.paged_prefill_attention, q, k_cache, v_cache, block_tables, context_lens,
                           cu_seqlens_q, max_seqlen_q, scale, window, softcap)
-    check_window(window, softcap)
+    check_attention_options(window, softcap)
     check_cache(q, k_cache, v_cache)
     check_indices(block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=cu_seqlens_q)
     total, hq, dim = q.shape

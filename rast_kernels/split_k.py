@@ -51,7 +51,7 @@ def window_start(ctx, window, SLIDING: tl.constexpr):
     return ctx * 0
 
 
-def check_window(window: int | None, softcap: float | None = None) -> None:
+def check_attention_options(window: int | None, softcap: float | None) -> None:
     """A sliding window's and a score cap's values (None: none)."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")

@@ -64,20 +64,18 @@ class Attention(nn.Module):
         elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = rotate_store_attend(q, k, v, positions, meta, kv_cache, self.rotary, self.backend, self.head_dim,
-                                  qk_norm, self.window, self.scale, self.softcap)
+                                  self.scale, qk_norm, self.window, self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 def rotate_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         meta: AttentionMetadata, kv_cache: KVCache, rotary: RotaryEmbedding,
-                        backend: AttentionBackend, head_dim: int, qk_norm: Optional[QKNorm] = None,
-                        window: Optional[int] = None, scale: Optional[float] = None,
-                        softcap: Optional[float] = None) -> torch.Tensor:
+                        backend: AttentionBackend, head_dim: int, scale: float, qk_norm: Optional[QKNorm] = None,
+                        window: Optional[int] = None, softcap: Optional[float] = None) -> torch.Tensor:
     """[T, heads * head_dim] projections -> attention output [T, heads, head_dim]: the q/k norms of each
     head when given (Qwen3), rotary on q and k, this step's k/v into the paged cache, attention over the
     cached keys (the last ``window`` of them, with a sliding window)."""
     q, k, v = (x.unflatten(-1, (-1, head_dim)) for x in (q, k, v))
-    scale = head_dim ** -0.5 if scale is None else scale
     if rotary.ops.stores_kv:
         meta.check_cache(kv_cache[0])
         q, k = rotary.forward_store_kv(positions, q, k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, qk_norm)

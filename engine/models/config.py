@@ -62,7 +62,8 @@ HF_DEFAULTS: dict[str, dict[str, float]] = {
     "gemma2": {"num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
                "vocab_size": 256000, "query_pre_attn_scalar": 256, "final_logit_softcapping": 30.0,
                "attn_logit_softcapping": 50.0},
-    "gemma3_text": {"num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+    "gemma3_text": {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+                    "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
                     "vocab_size": 262208, "query_pre_attn_scalar": 256},
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -167,6 +168,10 @@ class ModelConfig:
                 return value
             return derived if key in cfg and derived is not None else HF_DEFAULTS[model_type].get(key, derived)
 
+        def required(key: str) -> Any:
+            """A key every config must give, unless its class has a default for it (Gemma's shape keys)."""
+            return cfg[key] if key in cfg or key not in HF_DEFAULTS[model_type] else HF_DEFAULTS[model_type][key]
+
         def softcap(key: str) -> Optional[float]:
             """Gemma 2's cap (its class default when omitted, none when null)."""
             if arch != "gemma2" or (key in cfg and cfg[key] is None):
@@ -177,8 +182,8 @@ class ModelConfig:
             return value
 
         try:
-            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            layers = int(cfg["num_hidden_layers"])
+            hidden, heads = int(required("hidden_size")), int(required("num_attention_heads"))
+            layers = int(required("num_hidden_layers"))
             kinds = per_kind_rope(cfg)
             theta, scaling = rope_of(cfg if kinds is None else kinds[0])
             dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
@@ -188,12 +193,12 @@ class ModelConfig:
             return cls(
                 arch=arch,
                 hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
+                intermediate_size=int(required("intermediate_size")),
                 num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(given("num_key_value_heads", heads)),
                 head_dim=int(given("head_dim", hidden // heads)),
-                vocab_size=int(given("vocab_size") if "vocab_size" in HF_DEFAULTS[model_type] else cfg["vocab_size"]),
+                vocab_size=int(required("vocab_size")),
                 rms_norm_eps=float(given("rms_norm_eps")),
                 rope_theta=theta,
                 rope_scaling=scaling,

@@ -27,8 +27,6 @@ KINDS = ("full_attention", "sliding_attention")
 DEFAULT_WINDOW = {"qwen2": 4096, "qwen3": 4096, "olmo3": 4096, "mistral": 4096, "gemma3_text": 4096, "gemma2": 4096}
 GEMMA3_PATTERN = 6  # Gemma 3: every sixth layer attends fully
 GEMMA3_ROPE = (1e6, 10000.0)  # the full layers' rope_theta and the sliding layers' (rope_local_base_freq)
-# Gemma3TextConfig's defaults of the keys other classes require: the 4B's text_config leaves them out
-GEMMA3_SHAPE = {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8}
 DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2's and Qwen3's
 OLMO3_ROPE_THETA = 500000.0
 
@@ -70,9 +68,7 @@ def _default_types(cfg: dict[str, Any], model_type: str, num_layers: int, window
 def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config of the language model to serve: a multimodal Gemma 3 checkpoint's (model_type gemma3)
     text_config, with the checkpoint's dtype where it gives none (the loader finds its weights under
-    their prefix); a Gemma 3 text config with its class defaults for the keys it leaves out."""
-    if cfg.get("model_type") == "gemma3_text":
-        return {**GEMMA3_SHAPE, **cfg}
+    their prefix)."""
     if cfg.get("model_type") != "gemma3":
         return cfg
     text = cfg.get("text_config")
@@ -80,7 +76,7 @@ def language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ModelLoadError("a gemma3 config needs a text_config object")
     inherited = {k: cfg[k] for k in ("dtype", "torch_dtype", "tie_word_embeddings", "quantization_config")
                  if k in cfg and k not in text}  # a pre-quantized checkpoint's, so it is refused by name
-    return {**GEMMA3_SHAPE, **inherited, **text, "model_type": "gemma3_text"}
+    return {**inherited, **text, "model_type": "gemma3_text"}
 
 
 def per_kind_rope(cfg: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:

@@ -137,7 +137,6 @@ async def run_batch(server: OpenAIServer, lines: Iterable[str | bytes], write: C
     capacity = server.engine.capacity
     gate = _Gate(capacity, window if window is not None else 8 * capacity)
     summary, answered, written, started = BatchSummary(), {}, 0, time.monotonic()
-    numbers: list[int] = []  # sequence number -> input line number, for the log
     app = server.app()
 
     def flush() -> None:
@@ -146,7 +145,8 @@ async def run_batch(server: OpenAIServer, lines: Iterable[str | bytes], write: C
             write(answered.pop(written))
             written += 1
 
-    async def answer(seq: int, line: _Line, client: httpx.AsyncClient) -> None:
+    async def answer(seq: int, number: int, line: _Line, client: httpx.AsyncClient) -> None:
+        """The answer to input line ``number``, written as output line ``seq``."""
         try:
             if line.error is not None:
                 status, body = line.error.status, line.error.body()
@@ -155,7 +155,7 @@ async def run_batch(server: OpenAIServer, lines: Iterable[str | bytes], write: C
                                              headers={"content-type": "application/json"})
                 status, body = response.status_code, response.json()
         except Exception as exc:  # noqa: BLE001 - one line's failure is that line's answer, never the batch's
-            log.exception("line %d failed", numbers[seq])
+            log.exception("line %d failed", number)
             status, body = 500, APIError(500, f"internal error: {exc!r}", type="server_error").body()
         try:
             if status == 200:
@@ -174,25 +174,25 @@ async def run_batch(server: OpenAIServer, lines: Iterable[str | bytes], write: C
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://rast-batch", timeout=None) as client:
             tasks: set[asyncio.Task[None]] = set()
-            last_log, source, number = started, iter(lines), 0
+            last_log, source, number, seq = started, iter(lines), 0, 0
             # each line is read on a worker thread: a pipe that waits for its writer must not stall the
             # requests already read (their answers may be what the writer waits for)
             while (raw := await asyncio.to_thread(next, source, None)) is not None:
                 number += 1
                 if not raw.strip():
                     continue  # as vLLM's reader: blank lines are no requests
-                line, seq = parse_line(raw, number), len(numbers)
-                numbers.append(number)
+                line = parse_line(raw, number)
                 prompts = min(line.prompts, capacity) if line.error is None else 0
                 await gate.enter(prompts, lambda: seq - written)
                 line.prompts = prompts
-                task = asyncio.create_task(answer(seq, line, client))
+                task = asyncio.create_task(answer(seq, number, line, client))
+                seq += 1
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 if time.monotonic() - last_log > PROGRESS_SECONDS:
                     last_log = time.monotonic()
-                    log.info("run-batch: %d lines answered, %d read", written, len(numbers))
+                    log.info("run-batch: %d lines answered, %d read", written, seq)
             await asyncio.gather(*tasks)
         summary.engine_error = server.engine.error  # before the lifespan's end stops the engine (and sets it)
-    summary.lines, summary.seconds = len(numbers), time.monotonic() - started
+    summary.lines, summary.seconds = seq, time.monotonic() - started
     return summary

@@ -31,7 +31,7 @@ from rast_engine.kv_cache import KVPool
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.blocks import MLP, Attention, RMSNorm
 from rast_engine.models.decoder import CausalLM, soft_capped_
-from rast_engine.models.layers import DecoderLayer, PostNormDecoderLayer, SandwichDecoderLayer, forward_layers
+from rast_engine.models.layers import NORMS, DecoderLayer, PostNormDecoderLayer, SandwichDecoderLayer, forward_layers
 
 logger = logging.getLogger("rast")
 
@@ -110,16 +110,9 @@ def _stacked_layer(layers: list[Layer], cfg: ModelConfig) -> Layer:
                           o_proj=StackedLinear([a.o_proj for a in attn]), qk_norms=qk_norms, window=attn[0].window)
     feed_forward = MLP(cfg, mlp[0].ops, gate_up_proj=StackedLinear([m.gate_up_proj for m in mlp]),
                        down_proj=StackedLinear([m.down_proj for m in mlp]))
-
-    def norm(name: str) -> RMSNorm:
-        return _stacked_norm([getattr(layer, name) for layer in layers])
-    if cfg.sandwich_norm:
-        return SandwichDecoderLayer(norm("input_layernorm"), attention, norm("post_attention_layernorm"),
-                                    norm("pre_feedforward_layernorm"), feed_forward, norm("post_feedforward_layernorm"))
-    if cfg.post_norm:
-        return PostNormDecoderLayer(attention, norm("post_attention_layernorm"), feed_forward,
-                                    norm("post_feedforward_layernorm"))
-    return DecoderLayer(norm("input_layernorm"), attention, norm("post_attention_layernorm"), feed_forward)
+    layout = type(layers[0])  # each layout's constructor names its norms as NORMS does (HF's names)
+    norms = {name: _stacked_norm([getattr(layer, name) for layer in layers]) for name in NORMS[layout]}
+    return layout(self_attn=attention, mlp=feed_forward, **norms)
 
 
 class StackedCausalLM(nn.Module):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PAIRINGS = {"7b+1.5b": ("qwen2.5-7b", "qwen2.5-1.5b"), "14b+7b": ("qwen2.5-14b", "qwen2.5-7b"),
-            "32b+7b": ("qwen2.5-32b", "qwen2.5-7b"), "qwen3-8b+1.7b": ("qwen3-8b", "qwen3-1.7b")}
+            "32b+7b": ("qwen2.5-32b", "qwen2.5-7b"), "qwen3-8b+1.7b": ("qwen3-8b", "qwen3-1.7b"),
+            "qwen3-30b-a3b+1.7b": ("qwen3-30b-a3b", "qwen3-1.7b")}
 _TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
               "hidden_act": "silu", "max_position_embeddings": 1024, "tie_word_embeddings": False,

@@ -33,13 +33,16 @@
 #   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
 #   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch
 #   bash bench/gpu_session.sh throughput <sha>         bench/throughput.py --quick: 200 requests of 512 + 512 tokens
+#   bash bench/gpu_session.sh moe     <sha>            the MoE tests (kernels, engine), bench/moe.py, then
+#                                                      bench/decode.py for qwen3-30b-a3b+1.7b (Qwen3-30B-A3B
+#                                                      steered by a Qwen3-1.7B pair): base and rast, batch 1, 32
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back
 # (first and second write exactly 8: a benchmark added to either needs its files made room for).
 set -uo pipefail
 
-stage=${1:?stage: first | second | tests | kernels | decode | unfused | throughput}
+stage=${1:?stage: first | second | tests | kernels | decode | unfused | throughput | moe}
 export RAST_COMMIT=${2:?the commit being measured}
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -78,7 +81,7 @@ gpu_tests() {  # the decode path first: the benchmarks after it mean nothing if 
     tests/test_speculative_graphs.py tests/test_structured.py tests/test_structured_speculative.py \
     tests/test_fp8_linear.py tests/test_fp8_models.py \
     tests/test_fp8_cast.py tests/test_fp8_kv_cache.py tests/test_fp8_kv_models.py tests/test_kv_sizing.py \
-    tests/test_ops.py tests/test_sliding_window.py \
+    tests/test_ops.py tests/test_sliding_window.py tests/test_moe_kernel.py \
     2>&1 | tee -a "$log"
 }
 decode() {  # decode <seconds> <bench/decode.py arguments...>
@@ -131,13 +134,21 @@ case "$stage" in
     install
     timeout "$(left)" python3 bench/throughput.py --quick --range-ratio 0.5 --commit "$RAST_COMMIT" --out "$out" 2>&1 | tee -a "$log"
     ;;
+  moe)  # a mixture of experts as the large model (a later session's stage)
+    install
+    timeout "$(upto 120)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_kernel.py \
+      tests/test_gpu_engine.py -k "moe or mixtral" 2>&1 | tee -a "$log"
+    timeout "$(upto 90)" python3 bench/moe.py --out "$out" 2>&1 | tee -a "$log"
+    decode "$(left)" --pairings qwen3-30b-a3b+1.7b --modes base rast --batches 1 32 --name decode-moe \
+      --profile --profile-modes rast
+    ;;
   unfused)
     pairing=${3:?pairing, e.g. 7b+1.5b}
     timeout "$(left)" python3 bench/decode.py --pairings "$pairing" --modes base rast --batches 1 32 \
       --layer-ops torch --profile --profile-modes rast --commit "$RAST_COMMIT" --out "$out" 2>&1 | tee -a "$log"
     ;;
   *)
-    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused | throughput)" | tee -a "$log"
+    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused | throughput | moe)" | tee -a "$log"
     exit 2
     ;;
 esac

@@ -2,38 +2,59 @@
 not the embedding table, and the KV cache of every sequence) over the measured copy bandwidth. Counts
 come from HF config dicts (bench/configs) read as the engine reads them (ModelConfig.from_dict: HF's
 defaults for omitted keys, such as Qwen3's head_dim of 128), checked against transformers' own parameter
-counts in tests/test_bench_smoke.py."""
+counts in tests/test_bench_smoke.py.
+
+A mixture of experts reads, in each sparse layer, the router and the experts its tokens route to: for
+``tokens`` tokens each routed to k of E experts uniformly at random, E·(1 − (1 − k/E)^tokens) of them in
+expectation (k at one token, nearly all at prefill sizes). Trained routers are skewed, so fewer distinct
+experts, and a lower floor: this is the floor at uniform routing, which random-weight benchmarks
+approximate."""
 from __future__ import annotations
 
 from rast_engine.models.config import ModelConfig
 
 
-def param_counts(cfg: dict) -> tuple[int, int]:
-    """(all parameters, parameters one decode step reads). The input embedding is a gather of B rows, so
-    only the lm_head counts as read (the same matrix when tied); every other weight is read once."""
+def expected_experts(m: ModelConfig, tokens: int) -> float:
+    """Distinct experts one sparse layer reads for ``tokens`` tokens at uniform routing."""
+    return m.num_experts * (1 - (1 - m.experts_per_token / m.num_experts) ** tokens)
+
+
+def param_counts(cfg: dict, tokens: int = 1) -> tuple[int, int]:
+    """(all parameters, parameters a decode step of ``tokens`` tokens reads). The input embedding is a
+    gather of B rows, so only the lm_head counts as read (the same matrix when tied); every other weight
+    is read once, an expert's only where tokens route to it (expected_experts)."""
     m = ModelConfig.from_dict(cfg)
     h, q, kv = m.hidden_size, m.q_size, m.kv_size
     bias = (q + 2 * kv if m.attention_bias else 0) + (h if m.o_proj_bias else 0)
     qk_norm = 2 * m.head_dim if m.qk_norm else (q + kv if m.qk_norm_full else 0)
     norms = (4 if m.sandwich_norm else 2) * h
-    layer = h * q + 2 * h * kv + q * h + 3 * h * m.intermediate_size + norms + bias + qk_norm
-    body = m.num_layers * layer + h  # + final norm
+    attention = h * q + 2 * h * kv + q * h + norms + bias + qk_norm
+    sparse = sum(m.moe_layers) if m.num_experts else 0
+    dense = (m.num_layers - sparse) * 3 * h * m.intermediate_size
+    expert = 3 * h * m.moe_intermediate_size
+    shared = 3 * h * m.shared_expert_intermediate_size + (h if m.shared_expert_intermediate_size else 0)
+    per_sparse = h * m.num_experts + shared  # the router and the shared expert, read at any batch
+    experts_read = round(sparse * expected_experts(m, tokens) * expert) if sparse else 0
+    body = m.num_layers * attention + dense + sparse * per_sparse + h  # + final norm
     lm_head = m.vocab_size * h
-    return body + lm_head * (1 if m.tie_word_embeddings else 2), body + lm_head
+    total = body + sparse * m.num_experts * expert + lm_head * (1 if m.tie_word_embeddings else 2)
+    return total, body + experts_read + lm_head
 
 
 def projection_counts(cfg: dict) -> tuple[int, int]:
     """(the decoder projections' parameters, their output channels): what quantization="fp8" stores as
     FP8 weights with one float32 scale per output channel (engine/models/fp8.py)."""
     m = ModelConfig.from_dict(cfg)
+    if m.num_experts:
+        raise ValueError("quantization='fp8' is not implemented for mixture-of-experts models")
     h, q, kv, inter = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size
     return m.num_layers * (2 * h * q + 2 * h * kv + 3 * h * inter), m.num_layers * (q + 2 * kv + h + 2 * inter + h)
 
 
-def weight_bytes(cfg: dict, elt: int, fp8: bool = False, read: bool = False) -> int:
-    """All of a model's weight bytes (``read``: those one decode step reads), its projections in FP8 when
-    ``fp8`` (one byte a weight, plus four per output channel for the scales)."""
-    params = param_counts(cfg)[1 if read else 0]
+def weight_bytes(cfg: dict, elt: int, fp8: bool = False, read: bool = False, tokens: int = 1) -> int:
+    """All of a model's weight bytes (``read``: those a decode step of ``tokens`` tokens reads), its
+    projections in FP8 when ``fp8`` (one byte a weight, plus four per output channel for the scales)."""
+    params = param_counts(cfg, tokens)[1 if read else 0]
     if not fp8:
         return params * elt
     proj, channels = projection_counts(cfg)
@@ -59,7 +80,7 @@ def roofline_ms(cfgs: list[dict], elt: int, batch: int, mean_context: float, ban
                 fp8_large: bool = False, kv_elt: int | None = None) -> dict:
     """``fp8_large``: cfgs[0], the large model, holds its projections in FP8 (quantization="fp8");
     ``kv_elt``: the KV cache's element size when not ``elt`` (1: kv_cache_dtype="fp8")."""
-    weights = sum(weight_bytes(c, elt, fp8_large and i == 0, read=True) for i, c in enumerate(cfgs))
+    weights = sum(weight_bytes(c, elt, fp8_large and i == 0, read=True, tokens=batch) for i, c in enumerate(cfgs))
     kv = batch * sum(kv_bytes_read(c, kv_elt or elt, mean_context) for c in cfgs)
     # issue 4 words its roofline as every weight's bytes, the input embedding tables too: kept beside
     # the floor above, the stricter one, so each target is judged by both

@@ -12,7 +12,8 @@ Each request is a random token-id prompt of --input-len tokens with ``ignore_eos
 All requests are added at once, as `vllm bench throughput` hands them to LLM.generate. Weights are random
 with the shapes of bench/configs (bench/decode_configs.py), sampled at T = 1, top-p 0.95.
 
-The floor: every engine step reads every weight of the models it runs once, and every running sequence's
+The floor: every engine step reads every weight of the models it runs once (a mixture of experts: the
+experts its answered sequences route to, at uniform routing), and every running sequence's
 KV cache up to its context (bench/roofline.py); the sum of those bytes over the run's steps, over the
 measured copy bandwidth, is the time no schedule of these steps can beat. Prefill compute is not in it,
 so at long prompts the floor is loose. ``floor_frac`` = wall time / floor.
@@ -55,7 +56,9 @@ def run(engine: Any, sp_cls: Any, reqs: list[tuple[list[int], int]], cfgs: list[
     from the sequences it ran (each decode step: all weights, each running sequence's KV to its context)."""
     for i, (prompt, gen) in enumerate(reqs):
         engine.add_request(f"r{i}", prompt, sp_cls(temperature=1.0, top_p=0.95, ignore_eos=True, max_tokens=gen))
-    weights = sum(param_counts(c)[1] * elt for c in cfgs)
+    def weights(tokens: int) -> int:  # a mixture of experts reads more experts for more tokens
+        return sum(param_counts(c, max(1, tokens))[1] * elt for c in cfgs)
+
     made = {f"r{i}": 0 for i in range(len(reqs))}
     steps, floor_bytes = 0, 0.0
     common.sync(device)
@@ -63,7 +66,7 @@ def run(engine: Any, sp_cls: Any, reqs: list[tuple[list[int], int]], cfgs: list[
     while engine.has_unfinished_requests():
         outs = engine.step()
         steps += 1
-        floor_bytes += weights
+        floor_bytes += weights(len(outs))
         for out in outs:
             produced = sum(len(c.token_ids) for c in out.outputs)  # cumulative outputs
             i = int(out.request_id[1:])

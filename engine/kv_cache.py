@@ -43,9 +43,10 @@ def default_token_budget(max_model_len: int) -> int:
 def activation_bytes(configs: Sequence[ModelConfig], tokens: int, dtype: torch.dtype) -> int:
     """Peak live activations of a prefill of ``tokens`` tokens with every model running at once (they
     may share the GPU on separate streams): residual, normed input, q/k/v, attention output and the
-    MLP's gate/up/activation per layer in flight. An upper estimate, kept out of the KV budget."""
+    feed-forward block's peak (ModelConfig.mlp_activation_width) per layer in flight. An upper estimate,
+    kept out of the KV budget."""
     size = torch.empty((), dtype=dtype).element_size()
-    per_token = sum(4 * c.hidden_size + 3 * c.intermediate_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    per_token = sum(4 * c.hidden_size + c.mlp_activation_width + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
                     for c in configs)
     return tokens * per_token * size
 

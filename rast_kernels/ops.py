@@ -6,9 +6,10 @@ Why: traced as Python, a call would break the graph (the native sampler's ctypes
 kernel by kernel with its host-side launch logic; as a custom op it is one node that the compiler
 leaves opaque, with a fake implementation giving output shapes, and torch.export writes it as
 ``torch.ops.rast_kernels.<name>``. Each public function (rast_sample, rast_probs, the attention and
-layer kernels, the FP8 linear layer) takes this route only while torch.compile or torch.export traces it
-(``torch.compiler.is_compiling()``); an eager call goes straight to the kernels, since the dispatcher's
-custom-op path costs microseconds of host time that a decode step at batch 1 cannot spare.
+layer kernels, the FP8 linear layer, the fused MoE) takes this route only while torch.compile or
+torch.export traces it (``torch.compiler.is_compiling()``); an eager call goes straight to the kernels,
+since the dispatcher's custom-op path costs microseconds of host time that a decode step at batch 1
+cannot spare.
 
 Invariants: an op's real implementation is the public function's eager path, so traced and eager
 calls run the same kernels; outputs are fresh tensors (no op returns a view of an input); the ops that
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 
 from rast_kernels import fp8_linear as fp8
-from rast_kernels import kv_store, layer_ops, paged_attention
+from rast_kernels import kv_store, layer_ops, moe, paged_attention
 from rast_kernels.batch import PARAMS, RowValue, SamplingBatch
 
 Tensor = torch.Tensor
@@ -212,3 +213,14 @@ def fp8_linear(x: Tensor, w8: Tensor, scale: Tensor, bias: OptTensor, backend: s
 @fp8_linear.register_fake
 def _(x, w8, scale, bias, backend):
     return x.new_empty((*x.shape[:-1], w8.shape[0]))
+
+
+@torch.library.custom_op("rast_kernels::fused_moe", mutates_args=())
+def fused_moe(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+              backend: str) -> Tensor:
+    return moe.fused_moe(x, gate_up, down, topk_ids, topk_weights, backend)
+
+
+@fused_moe.register_fake
+def _(x, gate_up, down, topk_ids, topk_weights, backend):
+    return torch.empty_like(x)

@@ -64,6 +64,8 @@ olmo2_triple = _arch_triple("olmo2", "q/k norms over all heads, post-norm layers
 olmo3_triple = _arch_triple("olmo3", "a 4-token sliding window in every other layer")
 gemma3_triple = _arch_triple("gemma3", "sandwich norms, GELU, scaled embeddings, 4-token windows")
 gemma2_triple = _arch_triple("gemma2", "capped attention scores and logits, windows in every other layer")
+qwen3_moe_triple = _arch_triple("qwen3_moe", "four experts, two a token, renormalised; a dense layer in the large")
+mixtral_triple = _arch_triple("mixtral", "four experts, two a token, float32 router weights")
 
 
 @pytest.fixture(scope="session")

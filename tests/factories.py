@@ -14,11 +14,19 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
-                          Olmo3Config, Olmo3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+# mixtures of experts: (config class, model class, their own keys); the key naming the expert count
+MOE = {"qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(norm_topk_prob=True)),
+       "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(shared_expert_intermediate_size=48)),
+       "mixtral": (MixtralConfig, MixtralForCausalLM, {}),
+       "olmoe": (OlmoeConfig, OlmoeForCausalLM, {})}
+MOE_COUNT = {"qwen3_moe": "num_experts", "qwen2_moe": "num_experts", "mixtral": "num_local_experts",
+             "olmoe": "num_experts"}
 OLMO3_WINDOW = 4
 # YaRN on OLMo 3's full-attention layers, as its long-context checkpoints have it
 OLMO3_YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256, "beta_fast": 32,
@@ -94,6 +102,8 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("gate.weight") and p.shape[0] > 1:  # a router (HF's starts at zero): no ties
+                p.copy_(torch.randn(p.shape, generator=gen))
 
 
 def make_model_dir(
@@ -172,6 +182,12 @@ def make_model_dir(
         config = Olmo3Config(rope_theta=rope_theta or 5e5, sliding_window=OLMO3_WINDOW, layer_types=kinds,
                              rope_scaling=None if rope_scaling is None else dict(rope_scaling), **common)
         cls = Olmo3ForCausalLM
+    elif arch in MOE:
+        config_class, cls, extra = MOE[arch]
+        # four experts, two a token; Qwen's second layer dense, so both block kinds run
+        dense = dict(mlp_only_layers=[1], moe_intermediate_size=intermediate // 2) if arch.startswith("qwen") else {}
+        config = config_class(rope_theta=rope_theta or 1e6, num_experts_per_tok=2, **{MOE_COUNT[arch]: 4},
+                              **dense, **extra, **common)
     else:
         raise ValueError(f"unknown arch {arch!r}")
     if sliding_window is not None and arch != "qwen2":

@@ -88,7 +88,7 @@ def test_rows_are_consistent(smoke: tuple[dict, Path, str]) -> None:
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b", "llama-3.1-8b", "qwen3-1.7b", "qwen3-8b", "tiny-large",
-                                  "tiny-small"])
+                                  "tiny-small", "qwen3-30b-a3b"])
 def test_param_counts_match_transformers(name: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -100,7 +100,16 @@ def test_param_counts_match_transformers(name: str) -> None:
     assert total == model.num_parameters()
     embed = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embed
-    assert read == total - (0 if tied else embed.numel())  # everything but the gathered embedding rows
+    assert read == total - (0 if tied else embed.numel()) - unrouted(model)  # all but the gathered embedding rows
+
+
+def unrouted(model: torch.nn.Module) -> int:
+    """The expert weights one token's step leaves unread: all but k of E experts in each sparse layer."""
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    if not experts:
+        return 0
+    c = model.config
+    return round(experts * (1 - c.num_experts_per_tok / (getattr(c, "num_experts", None) or c.num_local_experts)))
 
 
 def test_param_counts_use_hf_defaults_for_omitted_keys() -> None:
@@ -222,10 +231,29 @@ def test_sliding_layers_read_only_their_window() -> None:
     assert kv_bytes_read({**cfg, "model_type": "olmo2"}, 2, 10_000) == 8 * 10_000 * per_layer_token
 
 
-@pytest.mark.parametrize("model_type", ["olmo2", "olmo3", "mistral", "gemma2", "gemma3_text"])
+def test_moe_weights_read_grow_with_the_tokens_routed() -> None:
+    """Uniform routing: one token reads k experts a sparse layer, B tokens E(1 - (1 - k/E)^B); a dense
+    layer (mlp_only_layers) and the router are read at any batch; a shared expert too (Qwen2-MoE)."""
+    h, i, e, k = 64, 32, 8, 2
+    cfg = {"model_type": "qwen2_moe", "hidden_size": h, "intermediate_size": 96, "moe_intermediate_size": i,
+           "num_experts": e, "num_experts_per_tok": k, "shared_expert_intermediate_size": 48, "num_hidden_layers": 3,
+           "mlp_only_layers": [1], "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
+    expert = 3 * h * i
+    total, one = decode.param_counts(cfg, 1)
+    assert total - one == 2 * (e - k) * expert + 128 * h  # two sparse layers' unrouted experts; the embedding
+    for tokens in (3, 40):
+        assert decode.param_counts(cfg, tokens)[1] - one == round(2 * (e * (1 - (1 - k / e) ** tokens) - k) * expert)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        assert total == AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).num_parameters()
+
+
+@pytest.mark.parametrize("model_type", ["olmo2", "olmo3", "mistral", "gemma2", "gemma3_text", "mixtral", "olmoe"])
 def test_param_counts_of_the_other_layouts_match_transformers(model_type: str) -> None:
-    """The roofline's weight counts for OLMo's q/k norms over all heads and Gemma's four norms a layer
-    (and its per-head q/k norms), against transformers' own models of those classes."""
+    """The roofline's weight counts for OLMo's q/k norms over all heads, Gemma's four norms a layer (and
+    its per-head q/k norms) and the experts and routers of Mixtral and OLMoE, against transformers' own
+    models of those classes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
@@ -235,4 +263,4 @@ def test_param_counts_of_the_other_layouts_match_transformers(model_type: str) -
     total, read = decode.param_counts(cfg)
     assert total == model.num_parameters()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    assert read == total - (0 if tied else model.get_input_embeddings().weight.numel())
+    assert read == total - (0 if tied else model.get_input_embeddings().weight.numel()) - unrouted(model)

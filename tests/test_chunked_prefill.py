@@ -51,7 +51,8 @@ def whole(qwen2_triple: tuple) -> LLMEngine:
     return make_engine(qwen2_triple, budget=None, blocks=256, caching=False)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "olmo3"])  # olmo3: chunks longer than its 4-token window
+# olmo3: chunks longer than its 4-token window; qwen3_moe: experts over chunks of several tokens
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "olmo3", "qwen3_moe"])
 def test_chunked_greedy_equals_unchunked_and_hf(arch: str, request: pytest.FixtureRequest) -> None:
     triple = request.getfixturevalue(f"{arch}_triple")
     chunked, unchunked = make_engine(triple), make_engine(triple, budget=None)

@@ -89,7 +89,8 @@ def test_step_logits_equal_hf_eq3(llm: LLM, qwen2_triple: tuple, monkeypatch: py
             torch.testing.assert_close(combined[b], hf_eq3(qwen2_triple, ids, LAM, V)[-1], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3", "gemma2", "qwen3_moe",
+                                  "mixtral"])
 def test_greedy_equals_hf_reference_loop(arch: str, request: pytest.FixtureRequest) -> None:
     triple = request.getfixturevalue(f"{arch}_triple")
     llm = LLM(*map(str, triple), lam=LAM, block_size=4, kv_cache_blocks=64)

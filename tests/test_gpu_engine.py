@@ -146,7 +146,8 @@ def test_stacked_small_models_equal_unstacked_on_gpu(qwen2_triple: tuple) -> Non
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3", "gemma2", "qwen3_moe",
+                                  "mixtral"])
 def test_gpu_greedy_rast_equals_cpu_float32(arch: str, request: pytest.FixtureRequest) -> None:
     triple = request.getfixturevalue(f"{arch}_triple")
     cpu = make_engine(triple, "cpu", dtype="float32")

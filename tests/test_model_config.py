@@ -29,7 +29,7 @@ def test_legacy_config_layout() -> None:
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama", "mistral", "olmo2", "olmo3", "gemma2",
-                                        "gemma3_text"])
+                                        "gemma3_text", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
 def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     """A config.json with only the required keys reads as transformers' config class reads it (Qwen3's
     head_dim is 128, not hidden // heads; Llama's context is 2048)."""
@@ -48,6 +48,13 @@ def test_omitted_keys_take_transformers_defaults(model_type: str) -> None:
     assert ours.layer_windows == hf_windows(hf)
     assert (ours.attn_softcap, ours.logit_softcap) == (getattr(hf, "attn_logit_softcapping", None),
                                                        getattr(hf, "final_logit_softcapping", None))
+    experts = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None) or 0
+    assert (ours.num_experts, ours.experts_per_token) == (experts, getattr(hf, "num_experts_per_tok", 0))
+    if experts:
+        assert ours.moe_intermediate_size == (getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size)
+        assert ours.norm_topk_prob == getattr(hf, "norm_topk_prob", True)  # Mixtral always renormalises
+        assert ours.shared_expert_intermediate_size == (getattr(hf, "shared_expert_intermediate_size", None) or 0)
+        assert ours.attention_bias == bool(getattr(hf, "qkv_bias", None) or getattr(hf, "attention_bias", False))
 
 
 def hf_windows(hf: object) -> tuple:

@@ -48,6 +48,12 @@ MODEL_CASES = {
     "gemma3": dict(arch="gemma3", tie=True, layers=3),
     # caps small enough to bend the scores and logits of these random weights
     "gemma2": dict(arch="gemma2", tie=False, layers=3),
+    # mixtures of four experts, two a token (tests/factories.py MOE): Qwen3's renormalised top-k, with a
+    # dense second layer; Qwen2's shared expert; Mixtral's float32 router weights; OLMoE's q/k norms
+    "qwen3_moe": dict(arch="qwen3_moe", tie=False, layers=3),
+    "qwen2_moe": dict(arch="qwen2_moe", tie=False, layers=3),
+    "mixtral": dict(arch="mixtral", tie=False),
+    "olmoe": dict(arch="olmoe", tie=True),
 }
 
 
@@ -217,8 +223,11 @@ def _rewrite(path: Path, edit) -> None:
 
 
 def test_error_missing_tensor_is_named(copy_dir: Path) -> None:
-    _rewrite(copy_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    """A dense layer's up projection, or an expert's (Mixtral's w3)."""
+    names = load_file(str(copy_dir / "model.safetensors")).keys()
+    name = max(n for n in names if n.startswith("model.layers.1.") and ("up_proj" in n or ".w3." in n))
+    _rewrite(copy_dir, lambda t: t.pop(name))
+    with pytest.raises(ModelLoadError, match=name.replace(".", r"\.")):
         load_model(copy_dir, device="cpu", dtype="auto", attention=TorchAttention())
 
 
@@ -243,7 +252,8 @@ def test_error_unsupported_config(copy_dir: Path) -> None:
         ModelConfig.from_dir(copy_dir)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "olmo2", "olmo3", "gemma3", "gemma2", "qwen3_moe",
+                                  "mixtral"])
 def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     """The shared triples: one tokenizer, large width != small width, both >= len(tokenizer)."""
     from transformers import AutoTokenizer
@@ -257,7 +267,9 @@ def test_factory_triples(arch: str, request: pytest.FixtureRequest) -> None:
     assert min(c.vocab_size for c in cfgs) >= n
     assert not cfgs[0].tie_word_embeddings and cfgs[1].tie_word_embeddings
     assert all((c.rope_scaling is not None) == (arch in ("llama", "gemma3")) for c in cfgs)  # gemma: its own linear
-    assert all(c.qk_norm == (arch in ("qwen3", "gemma3")) and c.qk_norm_full == c.post_norm == arch.startswith("olmo")
+    assert all(c.qk_norm == (arch in ("qwen3", "gemma3", "qwen3_moe")) and
+               c.qk_norm_full == c.post_norm == arch.startswith("olmo") for c in cfgs)
+    assert all((c.num_experts, c.experts_per_token) == ((4, 2) if arch in ("qwen3_moe", "mixtral") else (0, 0))
                for c in cfgs)
     assert all(bool(c.layer_windows) == (arch in ("olmo3", "gemma3", "gemma2")) and
                c.sandwich_norm == arch.startswith("gemma") and (c.logit_softcap is not None) == (arch == "gemma2")

@@ -127,6 +127,11 @@ def test_attention_and_layer_ops_pass_opcheck() -> None:
     torch.library.opcheck(ops.add_rms_norm, (c["x"], c["x"] * 0.5, c["w"], 1e-6))
     torch.library.opcheck(ops.silu_and_mul, (c["x"],))
     torch.library.opcheck(ops.gelu_tanh_and_mul, (c["x"],))
+    g = torch.Generator().manual_seed(0)
+    experts = (torch.randn(5, 16, 8, generator=g).to(DEV), torch.randn(5, 8, 8, generator=g).to(DEV))
+    ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(3)]).to(DEV)
+    torch.library.opcheck(ops.fused_moe, (c["x"][:3, :8].contiguous(), *experts, ids, torch.rand(3, 2, device=DEV),
+                                          "triton"))
     torch.library.opcheck(ops.rotary_embedding, (c["positions"], c["q"], c["k"], c["cos_sin"], c["q_norm"],
                                                  c["k_norm"], 1e-6))
     torch.library.opcheck(ops.rotary_embedding_store_kv, (c["positions"], c["q"], c["k"], c["v"], c["cos_sin"],

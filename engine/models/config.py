@@ -22,6 +22,8 @@ Architectures:
   own rope base;
 - Gemma 2: Gemma 3's layout without q/k norms, windows in every other layer, and soft-capped attention
   scores (cap * tanh(s / cap)) and output logits.
+- mixture of experts (moe_config): Qwen3-MoE (Qwen3's attention), Qwen2-MoE (Qwen2's, plus a shared
+  expert), Mixtral (Mistral's) and OLMoE (Llama's with OLMo's q/k norms over all heads).
 Sliding windows (Qwen's ``use_sliding_window`` too) and per-layer-type ropes are read in layer_kinds.
 """
 from __future__ import annotations
@@ -37,6 +39,8 @@ import torch
 
 from rast_engine.errors import ModelLoadError
 from rast_engine.models.layer_kinds import language_model_config, layer_windows, per_kind_rope
+from rast_engine.models.hf_defaults import HF_DEFAULTS
+from rast_engine.models.moe_config import moe_fields
 from rast_engine.models.rope_config import check_scaling, full_attention_positions, rope_of
 from rast_kernels.fp8_cast import FP8
 from rast_kernels.fp8_kv import cache_rows
@@ -45,27 +49,11 @@ logger = logging.getLogger("rast")
 
 # model_type -> arch
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "mistral", "olmo2": "olmo2", "olmo3": "olmo3",
-         "gemma3_text": "gemma3", "gemma2": "gemma2"}
+         "gemma3_text": "gemma3", "gemma2": "gemma2", "qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "mixtral": "mistral",
+         "olmoe": "olmoe"}  # a mixture of experts maps to its attention's family
 GEMMA = ("gemma2", "gemma3")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF's hidden_act names -> the MLP's
 OLMO = ("olmo2", "olmo3")
-# HF's config classes' defaults for keys a config.json may omit, where they are not derived from others
-# (Llama: KV heads = heads; Llama, Qwen2: head_dim = hidden // heads): Qwen3's head_dim is 128 whatever
-# the hidden size; tests/test_model_config.py checks every default against transformers' classes
-HF_DEFAULTS: dict[str, dict[str, float]] = {
-    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
-    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
-    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
-    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6},
-    "olmo2": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
-    "olmo3": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5},
-    "gemma2": {"num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
-               "vocab_size": 256000, "query_pre_attn_scalar": 256, "final_logit_softcapping": 30.0,
-               "attn_logit_softcapping": 50.0},
-    "gemma3_text": {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
-                    "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
-                    "vocab_size": 262208, "query_pre_attn_scalar": 256},
-}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -105,6 +93,15 @@ class ModelConfig:
     # Gemma 2's soft caps (None: none): attention scores and output logits become cap * tanh(x / cap)
     attn_softcap: Optional[float] = None
     logit_softcap: Optional[float] = None
+    # a mixture of experts (models/moe.py; 0 experts: dense): per token the router's top experts_per_token
+    # of num_experts gated MLPs of moe_intermediate_size, in the layers moe_layers marks (the others dense)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    router_fp32: bool = False  # they reach the experts in float32 (Mixtral), else in the model dtype
+    moe_layers: tuple[bool, ...] = ()
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert, behind a sigmoid gate (0: none)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS.values():
@@ -125,6 +122,11 @@ class ModelConfig:
                                  f"None, got {self.layer_windows!r}")
         if self.activation not in ACTIVATIONS.values():
             raise ModelLoadError(f"unsupported activation {self.activation!r}")
+        if self.num_experts and not (0 < self.experts_per_token <= self.num_experts and self.moe_intermediate_size > 0
+                                     and len(self.moe_layers) == self.num_layers and self.activation == "silu"):
+            raise ModelLoadError(f"a mixture of experts needs 1 <= num_experts_per_tok ({self.experts_per_token}) "
+                                 f"<= num_experts ({self.num_experts}), a positive moe_intermediate_size, a flag "
+                                 f"per layer and the silu activation")
         if self.qk_norm and self.qk_norm_full:
             raise ModelLoadError("qk_norm (per head) and qk_norm_full (over all heads) exclude each other")
         if self.head_dim % 2:
@@ -185,11 +187,12 @@ class ModelConfig:
             hidden, heads = int(required("hidden_size")), int(required("num_attention_heads"))
             layers = int(required("num_hidden_layers"))
             kinds = per_kind_rope(cfg)
-            theta, scaling = rope_of(cfg if kinds is None else kinds[0])
+            theta, scaling = rope_of(cfg if kinds is None else kinds[0], given("rope_theta", 10000.0))
             dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
             if dtype_name not in DTYPES:
                 raise ModelLoadError(f"unsupported dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
             bias = bool(cfg.get("attention_bias", False))
+            moe = moe_fields(cfg, model_type, layers, int(required("intermediate_size")))
             return cls(
                 arch=arch,
                 hidden_size=hidden,
@@ -203,12 +206,12 @@ class ModelConfig:
                 rope_theta=theta,
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
-                attention_bias=True if arch == "qwen2" else bias,
+                attention_bias=bool(cfg.get("qkv_bias", True)) if arch == "qwen2" else bias,
                 o_proj_bias=False if arch == "qwen2" else bias,
                 max_position_embeddings=full_attention_positions(cfg, int(given("max_position_embeddings")), scaling),
                 torch_dtype=DTYPES[dtype_name],
                 qk_norm=arch in ("qwen3", "gemma3"),
-                qk_norm_full=arch in OLMO,
+                qk_norm_full=arch in (*OLMO, "olmoe"),
                 post_norm=arch in OLMO,
                 layer_windows=layer_windows(cfg, model_type, layers),
                 sliding_rope=None if kinds is None else rope_of(kinds[1]),
@@ -219,6 +222,7 @@ class ModelConfig:
                 sandwich_norm=gemma,
                 attn_softcap=softcap("attn_logit_softcapping"),
                 logit_softcap=softcap("final_logit_softcapping"),
+                **moe,
             )
         except ModelLoadError:  # __post_init__'s, already specific
             raise
@@ -252,6 +256,15 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_activation_width(self) -> int:
+        """Values a token holds at a feed-forward block's peak: gate, up and activation (3·I) in a dense
+        block; a sparse one's router logits, k rows of I and k of H (rast_kernels.moe) and a shared expert's."""
+        dense = 3 * self.intermediate_size if not all(self.moe_layers or (False,)) else 0
+        sparse = self.num_experts + self.experts_per_token * (self.moe_intermediate_size + self.hidden_size) + \
+            3 * self.shared_expert_intermediate_size
+        return max(dense, sparse if self.num_experts else 0)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes of K and V over all layers for one token: what attention reads of a cached token (an FP8

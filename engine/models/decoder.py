@@ -1,7 +1,7 @@
 """CausalLM: one decoder-only causal LM for Llama, Qwen2 (+ q/k/v bias), Qwen3 (+ q/k norm per head),
-Mistral, OLMo 2 and 3 (q/k norm over all heads, post-norm sublayers) and Gemma 3 (sandwich norms), in plain
-PyTorch: embeddings, the layers of models/layers.py (built from models/blocks.py), the final norm and
-the output head.
+Mistral, OLMo 2 and 3 (q/k norm over all heads, post-norm sublayers), Gemma 2 and 3 (sandwich norms) and
+the mixtures of experts of models/moe.py, in plain PyTorch: embeddings, the layers of models/layers.py
+(built from models/blocks.py), the final norm and the output head.
 
 The batch is flat: T tokens of several sequences, described by AttentionMetadata; the attention backend
 owns the paged KV cache. q/k/v and gate/up are fused into one matmul each; `weight_map()` tells the
@@ -22,6 +22,7 @@ from rast_engine.models.blocks import KVCache, RMSNorm
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.layer_ops import LayerOps, TorchLayerOps
 from rast_engine.models.layers import NORMS, forward_layers, layer_class
+from rast_engine.models.moe import SparseMoE
 from rast_engine.models.rope import RotaryEmbedding
 
 WeightSlot = tuple[torch.Tensor, int, int]  # (parameter, first row, rows) an HF tensor fills
@@ -59,8 +60,8 @@ class CausalLM(nn.Module):
         windows = cfg.layer_windows or (None,) * cfg.num_layers
         layer = layer_class(cfg)
         self.layers = nn.ModuleList(
-            layer.build(cfg, self.rotary if window is None else self.sliding_rotary, attention, self.ops, window)
-            for window in windows)
+            layer.build(cfg, self.rotary if window is None else self.sliding_rotary, attention, self.ops, window, i)
+            for i, window in enumerate(windows))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -113,6 +114,9 @@ class CausalLM(nn.Module):
             slots[pre + "self_attn.o_proj.weight"] = (attn.o_proj.weight, 0, cfg.hidden_size)
             if cfg.o_proj_bias:
                 slots[pre + "self_attn.o_proj.bias"] = (attn.o_proj.bias, 0, cfg.hidden_size)
+            if isinstance(mlp, SparseMoE):
+                slots.update(mlp.weight_slots(pre))
+                continue
             slots[pre + "mlp.gate_proj.weight"] = (mlp.gate_up_proj.weight, 0, inter)
             slots[pre + "mlp.up_proj.weight"] = (mlp.gate_up_proj.weight, inter, inter)
             slots[pre + "mlp.down_proj.weight"] = (mlp.down_proj.weight, 0, cfg.hidden_size)

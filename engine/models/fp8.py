@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rast_engine.errors import ModelLoadError
 from rast_kernels.fp8_linear import FP8, fp8_linear, quantize_fp8
 
 QUANTIZE_ROWS = 4096  # rows quantised at a time: bounds the float32 temporary of a large projection
@@ -44,6 +45,8 @@ class Fp8Linear(nn.Module):
 
 def use_fp8(model: nn.Module, backend: str) -> None:
     """Swap every decoder layer's projections for Fp8Linear, in place (the model is on the meta device)."""
+    if model.config.num_experts:  # the experts' weights are most of the bytes, and the MoE kernel reads no FP8
+        raise ModelLoadError("quantization='fp8' is not implemented for mixture-of-experts models")
     for layer in model.layers:
         for owner, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):

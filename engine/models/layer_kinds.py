@@ -3,8 +3,8 @@ config.json as transformers' config classes read it.
 
 - ``layer_types`` (``"full_attention"`` / ``"sliding_attention"`` per layer) when the config states them;
   otherwise each class's rule: OLMo 3 slides in three layers of four (every fourth is full), Qwen2 and
-  Qwen3 slide from ``max_window_layers`` on when ``use_sliding_window`` is set, Mistral in every layer
-  when its ``sliding_window`` is not null, Gemma 2 every other layer and Gemma 3 five of six, Llama and
+  Qwen3 slide from ``max_window_layers`` on when ``use_sliding_window`` is set, Mistral and Mixtral in every
+  layer when their ``sliding_window`` is not null, Gemma 2 every other layer and Gemma 3 five of six, Llama and
   OLMo 2 never.
 - The window: ``sliding_window`` (Qwen's only under ``use_sliding_window``), in HF's sense: a token sees
   itself and the window - 1 tokens before it.
@@ -24,7 +24,8 @@ from rast_engine.errors import ModelLoadError
 
 KINDS = ("full_attention", "sliding_attention")
 # the class defaults of the keys a config may omit
-DEFAULT_WINDOW = {"qwen2": 4096, "qwen3": 4096, "olmo3": 4096, "mistral": 4096, "gemma3_text": 4096, "gemma2": 4096}
+DEFAULT_WINDOW = {"qwen2": 4096, "qwen3": 4096, "olmo3": 4096, "mistral": 4096, "gemma3_text": 4096, "gemma2": 4096,
+                  "mixtral": None}
 GEMMA3_PATTERN = 6  # Gemma 3: every sixth layer attends fully
 GEMMA3_ROPE = (1e6, 10000.0)  # the full layers' rope_theta and the sliding layers' (rope_local_base_freq)
 DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2's and Qwen3's
@@ -55,7 +56,7 @@ def _default_types(cfg: dict[str, Any], model_type: str, num_layers: int, window
     if model_type in ("qwen2", "qwen3") and window is not None:
         first = cfg.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return ["sliding_attention"] * num_layers
     if model_type == "gemma2":  # every other layer, the first sliding
         return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]

@@ -2,10 +2,11 @@
 Gemma's GELU-tanh-and-multiply) behind one small interface, so the model has a single code path:
 
 - "torch": HF transformers' formulas in plain PyTorch, about 35 small kernels per layer; the CPU default.
+  A mixture of experts loops over the experts as HF's does (over every expert on CUDA, so no host sync).
 - "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings (six where OLMo
   norms q and k over all heads or Gemma norms each sublayer's output too), the rotary one
   also norming each head first (Qwen3) and writing this step's k/v into the paged cache
-  (``stores_kv``); the CUDA default, where at small
+  (``stores_kv``), and a mixture of experts' three (rast_kernels.moe); the CUDA default, where at small
   batch the unfused kernels' launch latency would rival the weight reads.
 
 Both return new tensors and never write their inputs (rotary_store_kv writes only the cache slots of
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from rast_engine.config import LAYER_OPS
 from rast_engine.errors import RastError
 from rast_kernels.layer_ops_checks import QKNorm
+from rast_kernels.moe import fused_moe, fused_moe_torch
 
 
 class LayerOps(Protocol):
@@ -51,6 +53,12 @@ class LayerOps(Protocol):
 
     def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2N] = [gate | up] -> gelu(gate, approximate="tanh") * up (Gemma)."""
+        ...
+
+    def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H] through each token's routed experts (gate_up [E, 2I, H], down [E, H, I]), weighted and
+        summed: rast_kernels.moe."""
         ...
 
 
@@ -96,6 +104,10 @@ class TorchLayerOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
 
+    def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+        return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -134,6 +146,10 @@ class TritonLayerOps:
 
     def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._k.gelu_tanh_and_mul(gate_up)
+
+    def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, gate_up, down, topk_ids, topk_weights)
 
 
 def get_layer_ops(name: str, device: torch.device | str) -> LayerOps:

@@ -20,22 +20,23 @@ from rast_engine.attention.metadata import AttentionMetadata
 from rast_engine.models.blocks import MLP, Attention, KVCache, RMSNorm
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.layer_ops import LayerOps
+from rast_engine.models.moe import SparseMoE, feed_forward
 from rast_engine.models.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
-                 mlp: MLP) -> None:
+                 mlp: MLP | SparseMoE) -> None:
         super().__init__()
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
 
     @classmethod
     def build(cls, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-              ops: LayerOps, window: Optional[int] = None) -> DecoderLayer:
+              ops: LayerOps, window: Optional[int] = None, layer: int = 0) -> DecoderLayer:
         return cls(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops),
                    Attention(cfg, rotary, backend, window=window),
-                   RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops), MLP(cfg, ops))
+                   RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops), feed_forward(cfg, ops, layer))
 
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
@@ -56,7 +57,7 @@ class PostNormDecoderLayer(nn.Module):
     """OLMo 2's layer: h + norm(attn(h)), then h + norm(mlp(h)), with no norm on a sublayer's input. It
     carries the residual stream as DecoderLayer does, so forward_layers runs either."""
 
-    def __init__(self, self_attn: Attention, post_attention_layernorm: RMSNorm, mlp: MLP,
+    def __init__(self, self_attn: Attention, post_attention_layernorm: RMSNorm, mlp: MLP | SparseMoE,
                  post_feedforward_layernorm: RMSNorm) -> None:
         super().__init__()
         self.self_attn, self.post_attention_layernorm = self_attn, post_attention_layernorm
@@ -64,9 +65,9 @@ class PostNormDecoderLayer(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-              ops: LayerOps, window: Optional[int] = None) -> PostNormDecoderLayer:
+              ops: LayerOps, window: Optional[int] = None, layer: int = 0) -> PostNormDecoderLayer:
         return cls(Attention(cfg, rotary, backend, window=window), RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops),
-                   MLP(cfg, ops), RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops))
+                   feed_forward(cfg, ops, layer), RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops))
 
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
@@ -93,7 +94,7 @@ class SandwichDecoderLayer(nn.Module):
     The residual adds fuse into the next pre-norm, as DecoderLayer's do."""
 
     def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
-                 pre_feedforward_layernorm: RMSNorm, mlp: MLP, post_feedforward_layernorm: RMSNorm) -> None:
+                 pre_feedforward_layernorm: RMSNorm, mlp: MLP | SparseMoE, post_feedforward_layernorm: RMSNorm) -> None:
         super().__init__()
         self.input_layernorm, self.self_attn, self.post_attention_layernorm = (
             input_layernorm, self_attn, post_attention_layernorm)
@@ -102,10 +103,11 @@ class SandwichDecoderLayer(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-              ops: LayerOps, window: Optional[int] = None) -> SandwichDecoderLayer:
+              ops: LayerOps, window: Optional[int] = None, layer: int = 0) -> SandwichDecoderLayer:
         def norm() -> RMSNorm:
             return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        return cls(norm(), Attention(cfg, rotary, backend, window=window), norm(), norm(), MLP(cfg, ops), norm())
+        return cls(norm(), Attention(cfg, rotary, backend, window=window), norm(), norm(),
+                   feed_forward(cfg, ops, layer), norm())
 
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,

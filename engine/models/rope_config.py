@@ -38,20 +38,20 @@ def check_scaling(scaling: dict[str, Any] | None) -> None:
     if (factor is not None or kind != "yarn") and not (isinstance(factor, (int, float)) and factor > 0):
         raise ModelLoadError(f"{kind} rope_scaling needs a positive factor, got {factor!r}")
 
-def rope_of(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def rope_of(cfg: dict[str, Any], default_theta: float = 10000.0) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope scaling or None) from either config layout; 'type' is the old key for rope_type.
     A rope_scaling replaces rope_parameters, as in HF (transformers 5 saves rope_parameters with type
     "default", and a model card's YaRN block is added as rope_scaling). rope_theta: rope_parameters' then
     the top level's, as HF reads them; with a rope_scaling, its own, the top level's, then the replaced
     rope_parameters' (where HF falls back to its class default instead: the checkpoint's theta is the
-    one it was trained with)."""
+    one it was trained with); none given, the class's ``default_theta``."""
     for key in ("rope_parameters", "rope_scaling"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise ModelLoadError(f"config {key} must be an object, got {cfg[key]!r}")
     params = dict(cfg.get("rope_parameters") or {})
     legacy = cfg.get("rope_scaling")
     order = (legacy, cfg, params) if legacy else (params, cfg)
-    theta = next((d["rope_theta"] for d in order if d.get("rope_theta") is not None), 10000.0)
+    theta = next((d["rope_theta"] for d in order if d.get("rope_theta") is not None), default_theta)
     if legacy:
         params = dict(legacy)
     rope_type = params.get("rope_type", params.get("type", "default"))

@@ -39,6 +39,8 @@ logger = logging.getLogger("rast")
 def stacking_obstacle(a: CausalLM, b: CausalLM) -> Optional[str]:
     """Why the two cannot run as one batched forward (None: they can): any difference of shape,
     numerics (eps, rotary) or backends."""
+    if a.config.num_experts:
+        return "mixture-of-experts models are not stacked"
     ca, cb = dataclasses.asdict(a.config), dataclasses.asdict(b.config)
     diff = sorted(k for k in ca if k != "torch_dtype" and ca[k] != cb[k])
     if diff:

@@ -1,0 +1,99 @@
+"""One sparse layer's experts (rast_kernels.moe) at decode and prefill token counts, against the floor of
+reading the experts its tokens route to once.
+
+A mixture of experts at decode reads only the experts its tokens route to: Qwen3-30B-A3B's layer holds
+128 experts of 3 · 2048 · 768 weights and one token reads 8 of them (19 MB of 1.2 GB in bf16). The floor of
+a call is the bytes of the distinct experts its routing names (counted from the ids, not estimated) over
+the measured copy bandwidth. Routing: a random router's softmax, top-k, renormalised (Qwen3's), so near
+uniform. Impls, side by side:
+- fused: the Triton kernels, timed as CUDA-graph replays;
+- torch-routed: HF's loop over the routed experts (reads the ids on the host each call);
+- torch-all: the sync-free loop the torch layer ops run on CUDA (every expert, every token).
+Two layers' weights alternate in each timed call, so replays never find the experts in L2.
+
+    python bench/moe.py [--out DIR]     # CUDA: Qwen3-30B-A3B's experts at 1, 8, 32, 128, 512 tokens
+    python bench/moe.py --quick         # CPU smoke run: tiny shapes, the Triton path interpreted if
+                                        # TRITON_INTERPRET=1, the times mean nothing
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import (copy_bandwidth, device_name, git_sha, graph_time_ms, keeps_results, quick_args,  # noqa: E402
+                          table, time_us, write_results)
+from rast_engine.models.config import ModelConfig  # noqa: E402
+from rast_kernels.launch import interpreting  # noqa: E402
+from rast_kernels.moe import fused_moe, fused_moe_torch  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+TINY = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}
+
+
+def layer_weights(m: ModelConfig, dtype: torch.dtype, device: torch.device, layers: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(gate_up [E, 2I, H], down [E, H, I]) of ``layers`` layers, drawn on the device (never zeros)."""
+    e, h, i = m.num_experts, m.hidden_size, m.moe_intermediate_size
+    g = torch.Generator(device=device).manual_seed(e * h * i)
+    return [(torch.randn(e, 2 * i, h, generator=g, device=device, dtype=dtype).mul_(h ** -0.5),
+             torch.randn(e, h, i, generator=g, device=device, dtype=dtype).mul_(i ** -0.5)) for _ in range(layers)]
+
+
+def routing(m: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(tokens)
+    probs = torch.randn(tokens, m.num_experts, generator=g, device=device).softmax(-1)
+    weights, ids = torch.topk(probs, m.experts_per_token)
+    return (weights / weights.sum(-1, keepdim=True)).to(dtype), ids
+
+
+def main() -> None:
+    args = quick_args(__doc__, "tiny shapes on the CPU (automatic without CUDA)")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    quick = device.type != "cuda"
+    name, cfg = ("tiny", TINY) if quick else ("qwen3-30b-a3b",
+                                              json.loads((CONFIGS / "qwen3-30b-a3b.json").read_text()))
+    m = ModelConfig.from_dict(cfg)
+    dtype = torch.float32 if quick else torch.bfloat16
+    token_counts, iters = ([1, 4], 2) if quick else ([1, 8, 32, 128, 512], 20)
+    layers = layer_weights(m, dtype, device, 1 if quick else 2)
+    expert_bytes = 3 * m.hidden_size * m.moe_intermediate_size * torch.finfo(dtype).bits // 8
+    impls = ["torch-routed", "torch-all"] + (["fused"] if device.type == "cuda" or interpreting() else [])
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for tokens in token_counts:
+        weights, ids = routing(m, tokens, dtype, device)
+        x = torch.randn(tokens, m.hidden_size, device=device, dtype=dtype)
+        floor_bytes = ids.unique().numel() * expert_bytes * len(layers)
+        for impl in impls:
+            if impl == "fused":
+                ms = graph_time_ms(lambda: [fused_moe(x, gu, dn, ids, weights) for gu, dn in layers], device, iters)
+            else:
+                every = impl == "torch-all"
+                ms = time_us(lambda: [fused_moe_torch(x, gu, dn, ids, weights, sync_free=every) for gu, dn in layers],
+                             device, warmup=1, iters=iters) / 1e3
+            us = ms * 1e3 / len(layers)
+            floor_us = floor_bytes / len(layers) / bandwidth * 1e6
+            rows.append(dict(model=name, impl=impl, tokens=tokens, experts_read=ids.unique().numel(),
+                             us=round(us, 2), floor_us=round(floor_us, 2),
+                             gbs=round(floor_bytes / len(layers) / (us * 1e-6) / 1e9, 1),
+                             frac_of_copy=round(floor_us / us, 3)))
+            print(table([rows[-1]], list(rows[-1])), flush=True)
+    print(f"moe experts | device: {device_name(device)} | commit: {git_sha()} | {dtype} | copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s{' | CPU smoke run: the times mean nothing' if quick else ''}")
+    print(table(rows, list(rows[0])))
+    if keeps_results(args.out, device, quick):
+        path = write_results("moe", device, rows, dict(dtype=str(dtype), copy_gbs=round(bandwidth / 1e9, 1),
+                                                       experts=m.num_experts, experts_per_token=m.experts_per_token),
+                             args.out)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

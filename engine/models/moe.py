@@ -1,0 +1,83 @@
+"""A decoder layer's feed-forward block: the dense gated MLP, or a sparse mixture of experts (Qwen3-MoE,
+Qwen2-MoE, Mixtral, OLMoE) as HF's sparse MoE blocks compute it:
+
+- the router: logits = gate(x) in the model dtype, softmax in float32, the top-k experts, their
+  probabilities renormalised to sum to 1 where the config says so, then passed to the experts in the
+  model dtype (Mixtral: in float32);
+- the experts: LayerOps.fused_moe (rast_kernels.moe: Triton on CUDA, HF's loop in torch on the CPU);
+- Qwen2-MoE's shared expert, a dense MLP scaled by sigmoid(shared_expert_gate(x)), added last.
+
+The experts' weights are two 2-D parameters, gate_up [E·2I, H] (expert e's gate rows, then its up rows)
+and down [E·H, I], so the loader fills each checkpoint tensor into a run of rows as it fills the fused
+dense projections; forward views them as [E, 2I, H] and [E, H, I]. No host sync, so it captures into a
+CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rast_engine.models.blocks import MLP
+from rast_engine.models.config import ModelConfig
+from rast_engine.models.layer_ops import LayerOps
+
+WeightSlot = tuple[torch.Tensor, int, int]  # (parameter, first row, rows) an HF tensor fills
+# the checkpoint's names: (block, router, expert gate, up, down)
+MOE_NAMES = {"mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2"),
+             "qwen": ("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts, self.hidden, self.inter, self.top_k = e, h, i, cfg.experts_per_token
+        self.norm_topk_prob, self.router_fp32, self.ops = cfg.norm_topk_prob, cfg.router_fp32, ops
+        self.names = MOE_NAMES["mixtral" if cfg.arch == "mistral" else "qwen"]
+        self.gate = nn.Linear(h, e, bias=False)
+        self.experts_gate_up = nn.Parameter(torch.empty(e * 2 * i, h))
+        self.experts_down = nn.Parameter(torch.empty(e * h, i))
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_expert = MLP(cfg, ops, nn.Linear(h, 2 * shared, bias=False),
+                                 nn.Linear(shared, h, bias=False)) if shared else None
+        self.shared_expert_gate = nn.Linear(h, 1, bias=False) if shared else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] as HF passes them to the experts, expert ids [T, k])."""
+        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights if self.router_fp32 else weights.to(x.dtype)), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        out = self.ops.fused_moe(x, self.experts_gate_up.view(self.num_experts, 2 * self.inter, self.hidden),
+                                 self.experts_down.view(self.num_experts, self.hidden, self.inter), ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def weight_slots(self, prefix: str) -> dict[str, WeightSlot]:
+        """HF tensor name -> where it goes, for the block of the layer whose names start with ``prefix``."""
+        block, router, gate, up, down = self.names
+        h, i = self.hidden, self.inter
+        pre = f"{prefix}{block}."
+        slots = {pre + f"{router}.weight": (self.gate.weight, 0, self.num_experts)}
+        for e in range(self.num_experts):
+            expert = pre + f"experts.{e}."
+            slots[expert + f"{gate}.weight"] = (self.experts_gate_up, 2 * i * e, i)
+            slots[expert + f"{up}.weight"] = (self.experts_gate_up, 2 * i * e + i, i)
+            slots[expert + f"{down}.weight"] = (self.experts_down, h * e, h)
+        if self.shared_expert is not None:
+            shared = self.shared_expert.down_proj.in_features
+            slots[pre + "shared_expert.gate_proj.weight"] = (self.shared_expert.gate_up_proj.weight, 0, shared)
+            slots[pre + "shared_expert.up_proj.weight"] = (self.shared_expert.gate_up_proj.weight, shared, shared)
+            slots[pre + "shared_expert.down_proj.weight"] = (self.shared_expert.down_proj.weight, 0, h)
+            slots[pre + "shared_expert_gate.weight"] = (self.shared_expert_gate.weight, 0, 1)
+        return slots
+
+
+def feed_forward(cfg: ModelConfig, ops: LayerOps, layer: int) -> MLP | SparseMoE:
+    """Layer ``layer``'s block: sparse where cfg.moe_layers marks it, else the dense MLP."""
+    return SparseMoE(cfg, ops) if cfg.num_experts and cfg.moe_layers[layer] else MLP(cfg, ops)

@@ -1,0 +1,243 @@
+"""Fused mixture-of-experts MLP (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE): each token's k routed experts'
+gated MLPs, weighted by the router and summed,
+
+    out[t] = Σ_j w[t, j] · down_e(silu(gate_e · x_t) · up_e · x_t),   e = ids[t, j].
+
+Weights in HF's fused layout: gate_up [E, 2I, H] (expert e's gate rows, then its up rows), down [E, H, I].
+
+Algorithm (device ops only, no host sync, so a decode step with it captures into a CUDA graph):
+1. ``align``: the P = T·k (token, slot) pairs are sorted by expert (stable), and each expert's run is
+   padded to a multiple of BLOCK_M, in a buffer sized for the worst case (P + min(E, P)·(BLOCK_M − 1)
+   slots). Every BLOCK_M tile then belongs to one expert, ``tile_expert`` (E past the last run: such a
+   program returns at once).
+2. gate/up kernel: a program per (tile, BLOCK_N intermediate columns) multiplies the tile's token rows by
+   its expert's gate and up columns and writes silu(gate) · up to h [P, I].
+3. down kernel: a program per (tile, BLOCK_N hidden columns) multiplies h's rows by the expert's down
+   projection and the router weight, writing y [P, H].
+4. sum kernel: a program per (token, BLOCK hidden columns) adds the token's k rows of y.
+
+Roundings are HF's, so a float32 model is exact to summation order and a bf16 one rounds where HF does:
+gate and up outputs, the activation and the product round to the dtype; the down output rounds, then
+its product with the router weight (in the dtype for Qwen and OLMoE, float32 for Mixtral: passed as
+HF's router gives it) rounds; the k rows are added in ascending expert order, rounding after each add,
+as HF's loop over experts with ``index_add_`` does.
+
+Bytes: each routed expert's weights are read once per tile that holds it (at decode a tile a routed
+expert, so B·k tokens read at most min(E, B·k) experts' 3·I·H weights), and the activations a few times
+over from L2. ``fused_moe_torch`` is the executable spec.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from rast_kernels.launch import cdiv, exact_fp_options, interpreting, require_launchable
+from rast_kernels.layer_ops_numerics import _round, _silu
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+           weights: torch.Tensor) -> None:
+    if x.dtype not in DTYPES or x.dim() != 2:
+        raise ValueError(f"x must be [T, H] of one of {DTYPES}, got {x.dtype} {tuple(x.shape)}")
+    t, h = x.shape
+    if gate_up.dim() != 3 or gate_up.shape[2] != h or gate_up.shape[1] % 2 or gate_up.dtype != x.dtype:
+        raise ValueError(f"gate_up must be [E, 2I, {h}] of x's dtype, got {gate_up.dtype} {tuple(gate_up.shape)}")
+    e, i = gate_up.shape[0], gate_up.shape[1] // 2
+    if down.shape != (e, h, i) or down.dtype != x.dtype:
+        raise ValueError(f"down must be [{e}, {h}, {i}] of x's dtype, got {down.dtype} {tuple(down.shape)}")
+    if ids.dim() != 2 or ids.shape[0] != t or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32 or int64 [{t}, k], got {ids.dtype} {tuple(ids.shape)}")
+    if weights.shape != ids.shape or not weights.is_floating_point():
+        raise ValueError(f"topk_weights must be floating [{t}, {ids.shape[1]}], got {weights.dtype} "
+                         f"{tuple(weights.shape)}")
+    if len({x.device, gate_up.device, down.device, ids.device, weights.device}) != 1:
+        raise ValueError("x, gate_up, down, topk_ids and topk_weights must be on one device")
+
+
+def fused_moe_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+                    topk_weights: torch.Tensor, sync_free: Optional[bool] = None) -> torch.Tensor:
+    """The spec, HF's loop over experts in plain torch. ``sync_free`` (default: off the CPU) runs every
+    expert over every token, an unrouted token's term an exact zero, so no host sync; else only the
+    routed experts run (their ids read on the host). Both give the same values."""
+    _check(x, gate_up, down, topk_ids, topk_weights)
+    out = torch.zeros_like(x)
+    sync_free = x.device.type != "cpu" if sync_free is None else sync_free
+    experts = range(gate_up.shape[0]) if sync_free else topk_ids.unique().tolist()
+    for e in experts:
+        chosen = topk_ids == e  # a token routes to an expert at most once
+        gate, up = torch.nn.functional.linear(x, gate_up[e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down[e])
+        y = y * (topk_weights * chosen).sum(-1, keepdim=True)  # one term non-zero: exact, in HF's dtype
+        out = out + torch.where(chosen.any(-1, keepdim=True), y.to(x.dtype), 0)
+    return out
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairs [slots] int32: the pair indices t·k + j sorted by expert, each expert's run padded with P to
+    a multiple of block_m; tile_expert [slots / block_m] int32: each tile's expert, num_experts past the
+    runs). Sizes come from shapes only, never from the ids' values."""
+    flat = topk_ids.reshape(-1).long()
+    p = flat.numel()
+    slots = cdiv(p + min(num_experts, p) * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    sorted_expert = flat[order]
+    rank = torch.arange(p, device=flat.device) - (counts.cumsum(0) - counts)[sorted_expert]
+    pairs = torch.full((slots,), p, dtype=torch.int32, device=flat.device)
+    pairs[(padded_end - padded)[sorted_expert] + rank] = order.int()
+    tile_start = torch.arange(0, slots, block_m, device=flat.device)
+    tile_expert = torch.searchsorted(padded_end, tile_start, right=True).int()
+    return pairs, tile_expert
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # the interpreter's tl.dot gets bfloat16 wrong (no numpy bf16): it sees float32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, pairs_ptr, tile_expert_ptr, h_ptr, P, E, I, H, stride_x, stride_we,
+                    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    COMPILED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert >= E:
+        return
+    pair = tl.load(pairs_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pair < P
+    token = (pair // TOPK).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < I
+    rk = tl.arange(0, BLOCK_K)
+    w = w_ptr + expert.to(tl.int64) * stride_we
+    gate_rows = rn.to(tl.int64)[None, :] * H
+    up_rows = (rn + I).to(tl.int64)[None, :] * H
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = (k0 + rk) < H
+        a = tl.load(x_ptr + token[:, None] * stride_x + (k0 + rk)[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w_ok = n_ok[None, :] & k_ok[:, None]
+        acc_gate += _dot(a, tl.load(w + gate_rows + (k0 + rk)[:, None], mask=w_ok, other=0.0), UPCAST, PRECISION)
+        acc_up += _dot(a, tl.load(w + up_rows + (k0 + rk)[:, None], mask=w_ok, other=0.0), UPCAST, PRECISION)
+    dtype = h_ptr.dtype.element_ty
+    act = _round(_silu(_round(acc_gate, dtype), COMPILED), dtype)  # HF: silu(gate) * up, each op rounding
+    h = _round(act * _round(acc_up, dtype), dtype)
+    tl.store(h_ptr + pair.to(tl.int64)[:, None] * I + rn[None, :], h.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, pairs_ptr, tile_expert_ptr, weights_ptr, y_ptr, P, E, I, H, stride_we,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert >= E:
+        return
+    pair = tl.load(pairs_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pair < P
+    rows = pair.to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < H
+    rk = tl.arange(0, BLOCK_K)
+    w = w_ptr + expert.to(tl.int64) * stride_we + rn.to(tl.int64)[None, :] * I
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = (k0 + rk) < I
+        a = tl.load(h_ptr + rows[:, None] * I + (k0 + rk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += _dot(a, tl.load(w + (k0 + rk)[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0),
+                    UPCAST, PRECISION)
+    dtype = y_ptr.dtype.element_ty
+    weight = tl.load(weights_ptr + rows, mask=row_ok, other=0.0)
+    y = _round(_round(acc, dtype) * weight[:, None], dtype)
+    tl.store(y_ptr + rows[:, None] * H + rn[None, :], y.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_kernel(y_ptr, order_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < H
+    dtype = out_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(TOPK):  # the token's slots in ascending expert order: HF's loop order
+        row = token * TOPK + tl.load(order_ptr + token * TOPK + j).to(tl.int64)
+        acc = _round(acc + tl.load(y_ptr + row * H + offs, mask=ok, other=0.0).to(tl.float32), dtype)
+    tl.store(out_ptr + token * H + offs, acc.to(dtype), mask=ok)
+
+
+def plan(pairs: int, experts: int, n: int, dtype: torch.dtype, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a GEMM of ``n`` output columns. Decode (few pairs an
+    expert) takes tl.dot's fewest rows and narrows the column strip until the tiles that can hold pairs
+    (at most min(E, P)) make two programs an SM, so the expert weights stream on every SM; prefill takes
+    square tiles. fp32 (tests) and the interpreter take small tiles. Untuned: bench/moe.py times it."""
+    if interpreting() or dtype == torch.float32:
+        return 16, 32, 32, 4
+    if pairs > 4 * experts:
+        return 64, 128, 64, 8
+    bn, tiles = 128, min(experts, pairs)
+    while bn > 32 and tiles * cdiv(n, bn) < 2 * sms:
+        bn //= 2
+    return 16, bn, 128, 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+    """x [T, H], gate_up [E, 2I, H], down [E, H, I], topk_ids [T, k] (distinct experts in [0, E) a row, as
+    torch.topk gives them), topk_weights [T, k] -> [T, H] in x's dtype. ``backend``: "triton" or "torch"."""
+    if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
+        from rast_kernels import ops
+        return ops.traced(ops.fused_moe, x, gate_up, down, topk_ids, topk_weights, backend)
+    if backend == "torch":
+        return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    _check(x, gate_up, down, topk_ids, topk_weights)
+    require_launchable(x, "x")
+    t, h = x.shape
+    e, i, k = gate_up.shape[0], gate_up.shape[1] // 2, topk_ids.shape[1]
+    out = torch.empty_like(x)
+    if t == 0 or k == 0:
+        return out.zero_()
+    x, gate_up, down = (a if a.stride(-1) == 1 else a.contiguous() for a in (x, gate_up, down))
+    if gate_up.stride(1) != h or down.stride(1) != i:
+        gate_up, down = gate_up.contiguous(), down.contiguous()
+    p = t * k
+    sms = _sm_count(x.device)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    upcast = interpreting() and x.dtype == torch.bfloat16
+    bm, bn, bk, warps = plan(p, e, i, x.dtype, sms)
+    pairs, tile_expert = align(topk_ids, e, bm)
+    hidden = torch.empty(p, i, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(tile_expert.numel(), cdiv(i, bn))](
+        x, gate_up, pairs, tile_expert, hidden, p, e, i, h, x.stride(0), gate_up.stride(0), TOPK=k,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPILED=not interpreting(), UPCAST=upcast, PRECISION=precision,
+        num_warps=warps, num_stages=3, **exact_fp_options())
+    _, bn, bk, warps = plan(p, e, h, x.dtype, sms)  # the same BLOCK_M: the tiles of one alignment
+    y = torch.empty(p, h, dtype=x.dtype, device=x.device)
+    _down_kernel[(tile_expert.numel(), cdiv(h, bn))](
+        hidden, down, pairs, tile_expert, topk_weights.reshape(-1).float(), y, p, e, i, h, down.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=3,
+        **exact_fp_options())
+    block = min(1024, triton.next_power_of_2(h))
+    _sum_kernel[(t, cdiv(h, block))](y, torch.argsort(topk_ids, dim=1).int(), out, h, TOPK=k, BLOCK=block,
+                                     num_warps=4, **exact_fp_options())
+    return out

@@ -1,0 +1,91 @@
+"""Mixtures of experts through the engine, against HF transformers: the pairing RAST is used with (a
+sparse large base, Qwen3-30B-A3B's shape, steered by a dense small Qwen3 pair sharing its tokenizer),
+the fused Triton MoE kernels in a whole engine, small MoE models run unstacked, and what is refused."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from factories import make_model_dir, make_tokenizer
+from rast_engine import LLM, SamplingParams
+from rast_engine.errors import ModelLoadError
+from rast_engine.attention.torch_backend import TorchAttention
+from rast_engine.models import ModelConfig, load_model
+from rast_engine.models.moe import SparseMoE
+from rast_engine.sampling_params import sample_seed
+from test_engine import LAM, PROMPTS, hf_greedy, hf_sampled
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def sparse_large_dense_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("moe_mixed")
+    tok = make_tokenizer(root / "tok")
+    large = make_model_dir(root / "large", "qwen3_moe", vocab_width=128, hidden=64, layers=3, intermediate=128,
+                           seed=1, tie=False, tokenizer_dir=tok)
+    small = dict(vocab_width=112, hidden=32, layers=2, intermediate=64, tie=True, tokenizer_dir=tok, head_dim=16)
+    return (large, make_model_dir(root / "rl", "qwen3", seed=2, **small),
+            make_model_dir(root / "base", "qwen3", seed=3, **small))
+
+
+@pytest.mark.parametrize("layer_ops", ["torch", "triton"])
+def test_sparse_large_dense_small_greedy_equals_hf(sparse_large_dense_small: tuple, layer_ops: str) -> None:
+    """The fused kernels (interpreted) and the torch loop both give HF's greedy RAST tokens."""
+    llm = LLM(*map(str, sparse_large_dense_small), lam=LAM, block_size=4, kv_cache_blocks=64, layer_ops=layer_ops)
+    assert ModelConfig.from_dir(sparse_large_dense_small[0]).num_experts == 4
+    for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False):
+        assert out.outputs[0].token_ids == hf_greedy(sparse_large_dense_small, out.prompt_token_ids, LAM,
+                                                     llm.llm_engine.vocab_size, GREEDY.max_tokens)
+
+
+def test_sampled_tokens_follow_the_moe_triples_distribution(sparse_large_dense_small: tuple) -> None:
+    llm = LLM(*map(str, sparse_large_dense_small), lam=LAM, block_size=4, kv_cache_blocks=64)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=6, seed=11, ignore_eos=True)
+    for o in llm.generate(PROMPTS[:2], params, use_tqdm=False):
+        want = hf_sampled(sparse_large_dense_small, o.prompt_token_ids, LAM, llm.llm_engine.vocab_size, 6,
+                          sample_seed(11, 0), params)
+        assert o.outputs[0].token_ids == want
+
+
+def test_small_moe_models_run_unstacked(mixtral_triple: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    """Stacking batches dense projections only: a sparse pair runs as two forwards, and says why."""
+    with caplog.at_level("INFO", logger="rast"):
+        llm = LLM(*map(str, mixtral_triple), lam=LAM, block_size=4, kv_cache_blocks=64, stack_small_models=True)
+    assert len(llm.llm_engine.runner.units) == 3
+    assert "mixture-of-experts models are not stacked" in caplog.text
+    out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(mixtral_triple, out.prompt_token_ids, LAM,
+                                                 llm.llm_engine.vocab_size, GREEDY.max_tokens)
+
+
+def test_fp8_quantization_of_experts_is_refused(qwen3_moe_triple: tuple) -> None:
+    with pytest.raises(ModelLoadError, match="mixture-of-experts"):
+        load_model(qwen3_moe_triple[0], device="cpu", dtype="float32", attention=TorchAttention(),
+                   quantization="fp8")
+
+
+def test_dummy_weights_route_and_decode(qwen3_moe_triple: tuple) -> None:
+    """load_format="dummy" (the benchmarks') fills the experts too: finite logits, tokens in range."""
+    model = load_model(qwen3_moe_triple[0], device="cpu", dtype="float32", attention=TorchAttention(),
+                       load_format="dummy", seed=3)
+    sparse = [layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoE)]
+    assert len(sparse) == 2 and all(torch.isfinite(m.experts_gate_up).all() and m.experts_gate_up.std() > 0
+                                    for m in sparse)
+    llm = LLM(str(qwen3_moe_triple[0]), load_format="dummy", block_size=4, kv_cache_blocks=32)
+    out = llm.generate(["the cat"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(out) == GREEDY.max_tokens and all(0 <= t < llm.llm_engine.vocab_size for t in out)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
+    ({"hidden_act": "gelu_pytorch_tanh"}, "silu"),
+])
+def test_unsupported_moe_configs_are_refused(qwen3_moe_triple: tuple, edit: dict, match: str) -> None:
+    cfg = {**json.loads((qwen3_moe_triple[0] / "config.json").read_text()), **edit}
+    with pytest.raises(ModelLoadError, match=match):
+        ModelConfig.from_dict(cfg)

@@ -1,0 +1,130 @@
+"""rast_kernels.moe: the fused mixture-of-experts MLP. Oracle: each token's routed experts computed one
+by one in float64 and summed with their weights; the Triton kernels (interpreted on the CPU, native
+under the gpu marker) and the torch spec must match it to the dtype's rounding, and each other."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rast_kernels.moe import align, fused_moe, fused_moe_torch
+
+HAS_CUDA = torch.cuda.is_available()
+_interp = pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels compile natively instead")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = [pytest.param("cpu", marks=_interp, id="interp"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+# (tokens, experts, k, hidden, intermediate): decode-sized, prefill-sized with several tiles an expert,
+# every expert a token, one expert, widths no tile divides
+SHAPES = [(1, 8, 2, 64, 32), (40, 4, 2, 48, 40), (7, 6, 6, 32, 16), (5, 1, 1, 32, 24), (3, 16, 4, 80, 48)]
+
+
+def problem(t: int, e: int, k: int, h: int, i: int, dtype: torch.dtype, device: str, seed: int = 0,
+            fp32_weights: bool = False) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g)
+    gate_up, down = torch.randn(e, 2 * i, h, generator=g) * h ** -0.5, torch.randn(e, h, i, generator=g) * i ** -0.5
+    probs = torch.randn(t, e, generator=g).softmax(-1)
+    weights, ids = torch.topk(probs, k)
+    weights = weights if fp32_weights else weights.to(dtype)
+    return tuple(a.to(device) for a in (x.to(dtype), gate_up.to(dtype), down.to(dtype), ids, weights))
+
+
+def oracle(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+           weights: torch.Tensor) -> torch.Tensor:
+    """float64, token by token, from the inputs as stored."""
+    x, gate_up, down, weights = (a.double().cpu() for a in (x, gate_up, down, weights))
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(ids[t].tolist()):
+            gate, up = (gate_up[e] @ x[t]).chunk(2)
+            out[t] += weights[t, j] * (down[e] @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """float32: accumulation error; 16-bit: the roundings of h, the expert outputs and the running sum."""
+    scale = ref.abs().max().item() + 1.0
+    return {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype] * scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_moe_matches_float64_oracle_and_the_spec(shape: tuple, dtype: torch.dtype, device: str) -> None:
+    args = problem(*shape, dtype, device)
+    want = oracle(*args)
+    got = fused_moe(*args)
+    spec = fused_moe_torch(*args)
+    assert got.dtype == dtype and got.shape == args[0].shape
+    tol = tolerance(dtype, want)
+    assert (got.double().cpu() - want).abs().max().item() <= tol
+    assert (spec.double().cpu() - want).abs().max().item() <= tol
+    # both round where HF does: equal up to float32 accumulation order before each rounding
+    assert (got.float() - spec.float()).abs().max().item() <= (2e-5 if dtype == torch.float32 else tol / 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_router_weights_as_mixtral_passes_them(device: str) -> None:
+    """Weights in float32 multiply the rounded expert output before it rounds again: no bf16 weight."""
+    args = problem(6, 4, 2, 32, 16, torch.bfloat16, device, seed=3, fp32_weights=True)
+    assert args[4].dtype == torch.float32
+    want = oracle(*args)
+    got, spec = fused_moe(*args), fused_moe_torch(*args)
+    assert (got.double().cpu() - want).abs().max().item() <= tolerance(torch.bfloat16, want)
+    assert (got.float() - spec.float()).abs().max().item() <= tolerance(torch.bfloat16, want) / 4
+
+
+def test_spec_sync_free_loop_equals_the_routed_loop() -> None:
+    """The loop over every expert (CUDA's, no host sync) gives the routed-only loop's values exactly."""
+    for dtype in DTYPES.values():
+        args = problem(9, 8, 2, 32, 16, dtype, "cpu", seed=5)
+        assert torch.equal(fused_moe_torch(*args, sync_free=True), fused_moe_torch(*args, sync_free=False))
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_align_gives_each_tile_one_expert_and_each_pair_one_slot(block_m: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    t, e, k = 23, 9, 3
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[:10, 0] = 4  # one expert with more pairs than a tile holds
+    pairs, tile_expert = align(ids, e, block_m)
+    p = t * k
+    assert pairs.numel() == tile_expert.numel() * block_m >= p
+    assert pairs.numel() <= p + min(e, p) * (block_m - 1) + block_m  # the shape-only bound, rounded to tiles
+    real = pairs[pairs < p]
+    assert sorted(real.tolist()) == list(range(p))  # every pair once
+    flat = ids.reshape(-1)
+    for tile, expert in enumerate(tile_expert.tolist()):
+        rows = pairs[tile * block_m:(tile + 1) * block_m]
+        rows = rows[rows < p]
+        if expert == e:
+            assert rows.numel() == 0  # past the runs: nothing to compute
+        else:
+            assert rows.numel() > 0 and (flat[rows.long()] == expert).all()
+            assert rows.tolist() == sorted(rows.tolist())  # stable: a token's rows in token order
+    assert set(tile_expert.tolist()) - {e} == set(flat.tolist())  # an unrouted expert has no tile
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_tokens_and_rows_routed_to_one_expert(device: str) -> None:
+    x, gate_up, down, ids, weights = problem(0, 4, 2, 32, 16, torch.float32, device)
+    assert fused_moe(x, gate_up, down, ids, weights).shape == (0, 32)
+    x, gate_up, down, ids, weights = problem(37, 4, 2, 32, 16, torch.float32, device, seed=2)
+    ids = torch.stack([torch.full_like(ids[:, 0], 3), torch.full_like(ids[:, 0], 1)], dim=1)  # 37 rows each
+    got = fused_moe(x, gate_up, down, ids, weights)
+    assert (got.double().cpu() - oracle(x, gate_up, down, ids, weights)).abs().max() <= 2e-5 * got.abs().max()
+
+
+def test_bad_inputs_are_refused_by_name() -> None:
+    x, gate_up, down, ids, weights = problem(3, 4, 2, 32, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="gate_up"):
+        fused_moe(x, gate_up[:, :-1], down, ids, weights)
+    with pytest.raises(ValueError, match="down"):
+        fused_moe(x, gate_up, down.transpose(1, 2), ids, weights)
+    with pytest.raises(ValueError, match="topk_ids"):
+        fused_moe(x, gate_up, down, ids.float(), weights)
+    with pytest.raises(ValueError, match="topk_weights"):
+        fused_moe(x, gate_up, down, ids, weights[:, :1])
+    with pytest.raises(ValueError, match="x must be"):
+        fused_moe(x.double(), gate_up, down, ids, weights)
+    with pytest.raises(ValueError, match="backend"):
+        fused_moe(x, gate_up, down, ids, weights, backend="cuda")

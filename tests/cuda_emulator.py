@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from cuda_races import AccessLog, EmulatorError, aten_accesses, is_view, same_bytes, tensors
+from cuda_races import AccessLog, EmulatorError, aliases, aten_accesses, is_view, same_bytes, tensors
 
 # ops whose result the host must read (a sync on a GPU), or that copy host data to the device
 # (under inference_mode, int(t) and t.item() dispatch aten::item itself, not _local_scalar_dense)
@@ -247,7 +247,7 @@ class CudaEmulator(TorchDispatchMode):
                     self._track_triton(*op[1:], stream)
                     continue
                 _, func, args, kwargs, out = op
-                if is_view(func):
+                if is_view(func) and aliases(args, kwargs, out):
                     continue
                 new = func(*args, **kwargs)
                 if not func._schema.is_mutable:

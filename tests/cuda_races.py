@@ -82,7 +82,7 @@ def aten_accesses(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[list,
     if func._schema.name in LIFTS:
         return [], [], tensors(out)
     if is_view(func):
-        return [], [], []
+        return ([], [], []) if aliases(args, kwargs, out) else (tensors((args, kwargs)), [], tensors(out))
     schema, written = func._schema, []
     named = dict(zip((a.name for a in schema.arguments), args), **kwargs)
     for a in schema.arguments:
@@ -100,7 +100,16 @@ def _extent(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def is_view(func: Any) -> bool:
+    """The schema says the result may alias an input (a view, or aten::to, which copies when it converts)."""
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+def aliases(args: tuple, kwargs: dict, out: Any) -> bool:
+    """Whether a may-alias op's results all share an input's storage. One that does not copied (t.int()
+    of an int64 t is aten::to.dtype): its result is a fresh tensor computed from its inputs, which a
+    replay must compute again, and whose bytes keep no history of what held that address before."""
+    storages = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+    return all(t.untyped_storage().data_ptr() in storages for t in tensors(out))
 
 
 def same_bytes(t: torch.Tensor, before: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cuda_emulator import CudaEmulator, EmulatorError, emulated_cuda
+from cuda_races import aten_accesses
 
 # the emulator runs Triton kernels in the interpreter on CPU tensors (conftest turns it on without CUDA)
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU runs only (Triton interpreter)")
@@ -48,6 +49,21 @@ def test_replay_does_not_run_the_python_that_captured(emu: CudaEmulator) -> None
     for _ in range(3):
         graph.replay()
     assert len(calls) == 1 and out.tolist() == [4.0, 4.0]  # capture executed once here, then 3 replays
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_converting_to_is_replayed_and_its_result_fresh(emu: CudaEmulator, inference: bool) -> None:
+    """aten::to's schema says its result may alias the input; one that converts copies. A replay must
+    compute that copy again (it once kept the capture's values), and its bytes start with no history."""
+    x, out = torch.arange(4), torch.zeros(4, dtype=torch.int32)
+    with torch.inference_mode(inference):
+        graph = _capture(lambda: out.copy_(x.int() * 2))
+        x.fill_(5)
+        graph.replay()
+    assert out.tolist() == [10] * 4
+    y = x.int()
+    assert aten_accesses(torch.ops.aten.to.dtype, (x, torch.int32), {}, y) == ([x], [], [y])
+    assert aten_accesses(torch.ops.aten.to.dtype, (x, torch.int64), {}, x) == ([], [], [])  # no conversion: x
 
 
 @pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: t.tolist(), lambda t: int(t[0]),

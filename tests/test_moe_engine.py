@@ -1,6 +1,7 @@
 """Mixtures of experts through the engine, against HF transformers: the pairing RAST is used with (a
 sparse large base, Qwen3-30B-A3B's shape, steered by a dense small Qwen3 pair sharing its tokenizer),
-the fused Triton MoE kernels in a whole engine, small MoE models run unstacked, and what is refused."""
+the fused Triton MoE kernels in a whole engine and in a captured decode step, small MoE models stacked
+into one forward, and what is refused."""
 from __future__ import annotations
 
 import json
@@ -52,15 +53,19 @@ def test_sampled_tokens_follow_the_moe_triples_distribution(sparse_large_dense_s
         assert o.outputs[0].token_ids == want
 
 
-def test_small_moe_models_run_unstacked(mixtral_triple: tuple, caplog: pytest.LogCaptureFixture) -> None:
-    """Stacking batches dense projections only: a sparse pair runs as two forwards, and says why."""
-    with caplog.at_level("INFO", logger="rast"):
-        llm = LLM(*map(str, mixtral_triple), lam=LAM, block_size=4, kv_cache_blocks=64, stack_small_models=True)
-    assert len(llm.llm_engine.runner.units) == 3
-    assert "mixture-of-experts models are not stacked" in caplog.text
-    out = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == hf_greedy(mixtral_triple, out.prompt_token_ids, LAM,
-                                                 llm.llm_engine.vocab_size, GREEDY.max_tokens)
+def test_small_moe_models_stacked_equal_them_unstacked_and_hf(mixtral_triple: tuple) -> None:
+    """A sparse pair stacked into one forward (one router GEMM, one fused call over both models' experts)
+    decodes as the two models run alone, and as HF's greedy loop."""
+    outs = []
+    for stack in (True, False):
+        llm = LLM(*map(str, mixtral_triple), lam=LAM, block_size=4, kv_cache_blocks=64, stack_small_models=stack)
+        assert len(llm.llm_engine.runner.units) == (2 if stack else 3)
+        results = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        outs.append([o.outputs[0].token_ids for o in results])
+    prompt_ids = [o.prompt_token_ids for o in results]
+    assert outs[0] == outs[1]
+    for ids, got in zip(prompt_ids, outs[0]):
+        assert got == hf_greedy(mixtral_triple, ids, LAM, llm.llm_engine.vocab_size, GREEDY.max_tokens)
 
 
 def test_fp8_quantization_of_experts_is_refused(qwen3_moe_triple: tuple) -> None:
@@ -97,13 +102,13 @@ def test_moe_decode_step_captures_and_replays_as_a_graph(qwen3_moe_triple: tuple
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Under the CUDA emulator (tests/cuda_emulator.py): the fused MoE's routing sort and kernels run in a
     captured decode step with no host read, on two model streams, and the replays give the eager engine's
-    tokens (the small MoE pair runs unstacked)."""
+    tokens (the small MoE pair stacked)."""
     from cuda_emulator import emulated_cuda
     from test_emulated_fast_path import SAMPLED, generate_all, install_fast_path, prompts, triton_engine
 
     want = generate_all(triton_engine(qwen3_moe_triple), prompts(3, seed=3), SAMPLED)
     engine = triton_engine(qwen3_moe_triple)
-    assert [u.copies for u in engine.runner.units] == [1, 1, 1]
+    assert [u.copies for u in engine.runner.units] == [1, 2]
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(engine.runner)
         got = generate_all(engine, prompts(3, seed=3), SAMPLED)

@@ -57,10 +57,12 @@ def _meta(chunks: list[tuple[int, int]], tables: list[list[int]], is_prefill: bo
 
 CASES = [("qwen2", True, "torch", 2), ("llama", False, "torch", 2), ("qwen2", True, "torch", 3),
          ("qwen3", False, "torch", 3), ("olmo2", True, "torch", 2), ("olmo3", True, "torch", 2),
-         ("gemma3", True, "torch", 2), ("gemma2", False, "torch", 2)]
+         ("gemma3", True, "torch", 2), ("gemma2", False, "torch", 2), ("qwen3_moe", False, "torch", 3),
+         ("qwen2_moe", True, "torch", 2), ("mixtral", False, "torch", 2), ("olmoe", True, "torch", 2)]
 if interpreting():
     CASES += [("qwen2", False, "triton", 3), ("qwen3", True, "triton", 2), ("olmo2", False, "triton", 3),
-              ("olmo3", False, "triton", 2), ("gemma3", True, "triton", 2), ("gemma2", True, "triton", 2)]
+              ("olmo3", False, "triton", 2), ("gemma3", True, "triton", 2), ("gemma2", True, "triton", 2),
+              ("qwen3_moe", True, "triton", 3), ("qwen2_moe", False, "triton", 2)]
 
 
 @pytest.mark.parametrize("arch,tie,ops,n", CASES)

@@ -9,10 +9,13 @@ Qwen2-MoE, Mixtral, OLMoE) as HF's sparse MoE blocks compute it:
 
 The experts' weights are two 2-D parameters, gate_up [E·2I, H] (expert e's gate rows, then its up rows)
 and down [E·H, I], so the loader fills each checkpoint tensor into a run of rows as it fills the fused
-dense projections; forward views them as [E, 2I, H] and [E, H, I]. No host sync, so it captures into a
-CUDA graph.
+dense projections; forward views them as [E, 2I, H] and [E, H, I]. Stacked small models (models.stacked)
+are one SparseMoE over all their experts, each model's rows routed among its own. No host sync, so it
+captures into a CUDA graph.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -28,19 +31,27 @@ MOE_NAMES = {"mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2"),
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps, gate: Optional[nn.Module] = None,
+                 experts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 shared: Optional[tuple[MLP, nn.Module]] = None, copies: int = 1) -> None:
+        """The router ``gate`` defaults to nn.Linear, the ``experts`` (gate_up, down) to new parameters and
+        Qwen2-MoE's ``shared`` (expert, gate) to an MLP and nn.Linear; models.stacked passes stacked ones
+        for ``copies`` models, whose rows come in ``copies`` equal groups, group g routed among its own
+        model's experts (g·E .. g·E + E − 1 of the stacked ones)."""
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts, self.hidden, self.inter, self.top_k = e, h, i, cfg.experts_per_token
-        self.norm_topk_prob, self.router_fp32, self.ops = cfg.norm_topk_prob, cfg.router_fp32, ops
+        self.norm_topk_prob, self.router_fp32, self.ops, self.copies = cfg.norm_topk_prob, cfg.router_fp32, ops, copies
         self.names = MOE_NAMES["mixtral" if cfg.arch == "mistral" else "qwen"]
-        self.gate = nn.Linear(h, e, bias=False)
-        self.experts_gate_up = nn.Parameter(torch.empty(e * 2 * i, h))
-        self.experts_down = nn.Parameter(torch.empty(e * h, i))
-        shared = cfg.shared_expert_intermediate_size
-        self.shared_expert = MLP(cfg, ops, nn.Linear(h, 2 * shared, bias=False),
-                                 nn.Linear(shared, h, bias=False)) if shared else None
-        self.shared_expert_gate = nn.Linear(h, 1, bias=False) if shared else None
+        self.gate = gate if gate is not None else nn.Linear(h, e, bias=False)
+        if experts is None:
+            experts = nn.Parameter(torch.empty(e * 2 * i, h)), nn.Parameter(torch.empty(e * h, i))
+        self.experts_gate_up, self.experts_down = experts
+        size = cfg.shared_expert_intermediate_size
+        if size and shared is None:
+            shared = (MLP(cfg, ops, nn.Linear(h, 2 * size, bias=False), nn.Linear(size, h, bias=False)),
+                      nn.Linear(h, 1, bias=False))
+        self.shared_expert, self.shared_expert_gate = shared if shared is not None else (None, None)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] as HF passes them to the experts, expert ids [T, k])."""
@@ -52,8 +63,12 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        out = self.ops.fused_moe(x, self.experts_gate_up.view(self.num_experts, 2 * self.inter, self.hidden),
-                                 self.experts_down.view(self.num_experts, self.hidden, self.inter), ids, weights)
+        if self.copies > 1:  # group g's rows route among the stacked experts of model g
+            offsets = torch.arange(self.copies, device=x.device) * self.num_experts
+            ids = ids + offsets.repeat_interleave(x.shape[0] // self.copies)[:, None]
+        experts = self.copies * self.num_experts
+        out = self.ops.fused_moe(x, self.experts_gate_up.view(experts, 2 * self.inter, self.hidden),
+                                 self.experts_down.view(experts, self.hidden, self.inter), ids, weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -4,7 +4,8 @@ Every model of a RAST step reads the same tokens, so the small models' step is o
 of weights: an (rl, base) pair (N = 2), or the distinct models of several pairs (experts sharing their
 base: N = 3 for two pairs). Run separately, every kernel launches N times (a fused Llama-layout decoder
 layer is 9 launches). Stacked:
-- every projection is one batched GEMM over [N, T, ...] (torch.bmm on the stacked weights); the layers
+- every projection is one batched GEMM over [N, T, ...] (torch.bmm on the stacked weights), and a
+  mixture of experts' routers one more, its experts one fused call over all N·E; the layers
   are the model's own layer class (models/layers.py) with StackedLinear projections and [N, hidden] norm weights, so the
   stacked forward is the single model's forward, not a copy of it;
 - every norm, rotary and activation kernel is one launch over N*T rows (norms take [N, hidden] weights);
@@ -32,6 +33,7 @@ from rast_engine.models.config import ModelConfig
 from rast_engine.models.blocks import MLP, Attention, RMSNorm
 from rast_engine.models.decoder import CausalLM, soft_capped_
 from rast_engine.models.layers import NORMS, DecoderLayer, PostNormDecoderLayer, SandwichDecoderLayer, forward_layers
+from rast_engine.models.moe import SparseMoE
 
 logger = logging.getLogger("rast")
 
@@ -39,8 +41,6 @@ logger = logging.getLogger("rast")
 def stacking_obstacle(a: CausalLM, b: CausalLM) -> Optional[str]:
     """Why the two cannot run as one batched forward (None: they can): any difference of shape,
     numerics (eps, rotary) or backends."""
-    if a.config.num_experts:
-        return "mixture-of-experts models are not stacked"
     ca, cb = dataclasses.asdict(a.config), dataclasses.asdict(b.config)
     diff = sorted(k for k in ca if k != "torch_dtype" and ca[k] != cb[k])
     if diff:
@@ -98,6 +98,21 @@ def _stacked_norm(norms: list[RMSNorm]) -> RMSNorm:
     return RMSNorm(norms[0].weight.shape[-1], norms[0].eps, norms[0].ops, weight=_stack([n.weight for n in norms]))
 
 
+def _stacked_mlp(mlps: list[MLP], cfg: ModelConfig) -> MLP:
+    return MLP(cfg, mlps[0].ops, gate_up_proj=StackedLinear([m.gate_up_proj for m in mlps]),
+               down_proj=StackedLinear([m.down_proj for m in mlps]))
+
+
+def _stacked_moe(moes: list[SparseMoE], cfg: ModelConfig) -> SparseMoE:
+    """One sparse block over N models' experts: the routers as one batched GEMM, the experts as one
+    fused call over N·E experts (model m's at m·E ..)."""
+    shared = None if moes[0].shared_expert is None else (
+        _stacked_mlp([m.shared_expert for m in moes], cfg), StackedLinear([m.shared_expert_gate for m in moes]))
+    return SparseMoE(cfg, moes[0].ops, gate=StackedLinear([m.gate for m in moes]),
+                     experts=(_stack([m.experts_gate_up for m in moes]), _stack([m.experts_down for m in moes])),
+                     shared=shared, copies=len(moes))
+
+
 Layer = DecoderLayer | PostNormDecoderLayer | SandwichDecoderLayer
 
 
@@ -110,8 +125,7 @@ def _stacked_layer(layers: list[Layer], cfg: ModelConfig) -> Layer:
                                                      _stacked_norm([a.k_norm for a in attn]))
     attention = Attention(cfg, attn[0].rotary, attn[0].backend, qkv_proj=StackedLinear([a.qkv_proj for a in attn]),
                           o_proj=StackedLinear([a.o_proj for a in attn]), qk_norms=qk_norms, window=attn[0].window)
-    feed_forward = MLP(cfg, mlp[0].ops, gate_up_proj=StackedLinear([m.gate_up_proj for m in mlp]),
-                       down_proj=StackedLinear([m.down_proj for m in mlp]))
+    feed_forward = _stacked_moe(mlp, cfg) if isinstance(mlp[0], SparseMoE) else _stacked_mlp(mlp, cfg)
     layout = type(layers[0])  # each layout's constructor names its norms as NORMS does (HF's names)
     norms = {name: _stacked_norm([getattr(layer, name) for layer in layers]) for name in NORMS[layout]}
     return layout(self_attn=attention, mlp=feed_forward, **norms)

@@ -1,7 +1,7 @@
 """Loading the model set (the large model plus one (rl, base) pair per expert) and checking it is one
 decodable whole: every model must read the same token ids, so every tokenizer must be identical. A
 directory that fills several roles (one base shared by several RL experts) is loaded once and runs once
-per step.
+per step. An RL model may be a LoRA adapter over its pair's base (models/lora.py), merged at load.
 
 V, the engine's vocabulary, is min(len(tokenizer), every model's vocab width): padded logit columns
 beyond the tokenizer (Qwen2.5's 151936 vs 152064) are never sampled or scored.
@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -27,6 +27,7 @@ from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.decoder import CausalLM
 from rast_engine.models.loader import load_model
+from rast_engine.models.lora import LoraAdapter, is_adapter
 from rast_engine.sampling_params import sample_seed
 
 logger = logging.getLogger("rast")
@@ -168,18 +169,42 @@ def dummy_seed(engine_seed: int, index: int) -> int:
     return sample_seed(engine_seed, index) & ((1 << 63) - 1)
 
 
+def weight_sources(paths: list[str], names: list[str]) -> tuple[list[str], list[Optional[LoraAdapter]]]:
+    """Per role, the directory its config and weights come from, and its LoRA adapter where the role's
+    directory is one (an RL model over its pair's base, the next role: models/lora.py)."""
+    sources: list[str] = []
+    adapters: list[Optional[LoraAdapter]] = []
+    for i, (path, role) in enumerate(zip(paths, names)):
+        if not Path(path).is_dir():
+            raise ModelLoadError(f"{role}: model directory {path!r} does not exist")
+        if not is_adapter(path):
+            sources.append(path)
+            adapters.append(None)
+            continue
+        if i % 2 == 0:  # the large model and every base: roles 0, 2, 4, ...
+            raise ModelLoadError(f"{role} ({path}) is a LoRA adapter; only an RL model may be one, over its pair's "
+                                 "base model")
+        try:
+            adapters.append(LoraAdapter.from_dir(path))
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{role}: {e}") from None
+        adapters[-1].check_base(paths[i + 1])
+        sources.append(paths[i + 1])
+    return sources, adapters
+
+
 def load_model_set(config: EngineConfig, device: torch.device, attention: AttentionBackend,
                    ops: LayerOps) -> ModelSet:
     paths, names = config.model_paths, roles(config)
+    sources, adapters = weight_sources(paths, names)
     configs: list[ModelConfig] = []
-    for path, role in zip(paths, names):  # every config first: cheap errors before any weight is read
-        if not Path(path).is_dir():
-            raise ModelLoadError(f"{role}: model directory {path!r} does not exist")
+    for source, role in zip(sources, names):  # every config first: cheap errors before any weight is read
         try:
-            configs.append(ModelConfig.from_dir(path))
+            configs.append(ModelConfig.from_dir(source))
         except ModelLoadError as e:
             raise ModelLoadError(f"{role}: {e}") from None
-    tokenizers = load_tokenizers(config, paths, names)
+    # an adapter's tokenizer where it saved one, else its base's
+    tokenizers = load_tokenizers(config, [p if has_tokenizer_files(p) else s for p, s in zip(paths, sources)], names)
     for path, role, tok in zip(paths[1:], names[1:], tokenizers[1:]):
         diff = None if tok is None else tokenizer_difference(tokenizers[0], tok)
         if diff is not None:
@@ -195,9 +220,11 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
             models.append(loaded[key])
             continue
         try:
-            models.append(load_model(path, device=device, dtype=dtype, attention=attention,
+            models.append(load_model(sources[i], device=device, dtype=dtype, attention=attention,
                                      load_format=config.load_format, seed=dummy_seed(config.seed, i), ops=ops,
                                      quantization=quantization))
+            if adapters[i] is not None and config.load_format != "dummy":
+                adapters[i].merge_into(models[-1])
         except ModelLoadError as e:
             raise ModelLoadError(f"{role}: {e}") from None
         loaded[key] = models[-1]

@@ -27,7 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the large base model M: a local HF-format directory")
     p.add_argument("--model", dest="model", metavar="MODEL", default=None, action=_OneModel,
                    help="the same as the positional MODEL, as vLLM's serve also takes it")
-    p.add_argument("--small-rl", metavar="P", help="the small RL-tuned model R (with --small-base)")
+    p.add_argument("--small-rl", metavar="P", help="the small RL-tuned model R (with --small-base): a model "
+                   "directory, or a PEFT LoRA adapter over --small-base")
     p.add_argument("--small-base", metavar="P", help="R's small base model S (with --small-rl)")
     p.add_argument("--lam", type=float, default=1.0, help="λ, the strength of R − S (default 1.0)")
     p.add_argument("--expert", nargs=3, action="append", metavar=("RL", "BASE", "W"), default=None,

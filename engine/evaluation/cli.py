@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score a model or RAST on a math benchmark (pass@k, maj@k)",
                               description=_DESCRIPTION)
     p.add_argument("--model", help="the large base model M (or any single model)")
-    p.add_argument("--small-rl", help="the small RL-tuned model R")
+    p.add_argument("--small-rl", help="the small RL-tuned model R (a directory, or a LoRA adapter over --small-base)")
     p.add_argument("--small-base", help="R's small base model S")
     p.add_argument("--lam", type=float, default=1.0, help="λ, the strength of ΔR = R − S (default 1.0)")
     p.add_argument("--data", help="JSONL file with fields problem, answer and optional id")

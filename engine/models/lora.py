@@ -1,0 +1,120 @@
+"""An RL model given as a PEFT LoRA adapter over its base: ``small_rl`` (or an expert's rl) may be an
+adapter directory (adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes
+them) whose base is the pair's ``small_base``. RL fine-tuning with LoRA is common, and R − S is then
+exactly the adapter's contribution.
+
+The adapter is merged into a copy of the base's weights at load: W_R = W_S + s · B A for each adapted
+projection, s = lora_alpha / r (lora_alpha / √r with use_rslora; per module through rank_pattern and
+alpha_pattern, as PEFT matches them), in float32 and then rounded once to the model dtype. R is then a
+dense model like any other (stacked with S, captured in CUDA graphs), and its merged bf16 weights are what
+a fully fine-tuned R saved in bf16 would hold. PEFT computes x Wᵀ + s · (x Aᵀ) Bᵀ unmerged instead: equal
+in float32 to accumulation order (tests/test_lora.py checks the engine against transformers' own loading
+of the adapter).
+
+Anything in adapter_config.json that would change the forward beyond plain LoRA on linear layers (DoRA,
+biases, modules_to_save, trainable tokens, activated LoRA, layer replication, ...) is refused by name, as
+is an adapter tensor with no projection of the base to land in.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rast_engine.errors import ModelLoadError
+from rast_engine.models.decoder import CausalLM
+
+logger = logging.getLogger("rast")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PEFT's name for the wrapped model in saved tensor names
+# keys that do not change a merged plain-LoRA forward (training, initialisation, bookkeeping); any other
+# key must be unset (None, False, empty) or be one this module reads
+HARMLESS = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
+            "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_lora_weights",
+            "auto_mapping", "peft_version", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+            "corda_config", "lora_ga_config", "ensure_weight_tying", "qalora_group_size"}
+READ = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias"}
+
+
+def is_adapter(path: str | Path) -> bool:
+    """A PEFT adapter directory: adapter_config.json and no config.json of a model of its own."""
+    return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
+
+
+@dataclass
+class LoraAdapter:
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> LoraAdapter:
+        path = Path(path)
+        try:
+            config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{str(path / ADAPTER_CONFIG)!r} cannot be read as JSON: {e}") from None
+        if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+            raise ModelLoadError(f"{str(path)!r}: only LoRA adapters are supported (peft_type "
+                                 f"{config.get('peft_type') if isinstance(config, dict) else None!r})")
+        unsupported = sorted(k for k, v in config.items() if k not in HARMLESS | READ and v not in (None, False, {}, []))
+        if config.get("bias", "none") != "none":
+            unsupported.append(f"bias={config['bias']!r}")
+        if unsupported:
+            raise ModelLoadError(f"{str(path)!r}: adapter_config.json sets {', '.join(unsupported)}, which rast "
+                                 "does not implement (plain LoRA on linear layers is merged into the weights)")
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise ModelLoadError(f"{str(path)!r} has no {ADAPTER_WEIGHTS} (pickled adapter weights are never read)")
+        if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
+            raise ModelLoadError(f"{str(path)!r}: use_rslora with rank_pattern or alpha_pattern (PEFT refuses it)")
+        return cls(path, config)
+
+    def check_base(self, base: str | Path) -> None:
+        """Warn when the base the adapter was trained over is a directory here, and not ``base``."""
+        named = self.config.get("base_model_name_or_path")
+        if isinstance(named, str) and Path(named).is_dir() and Path(named).resolve() != Path(base).resolve():
+            logger.warning("the LoRA adapter %s was trained over %s, and is merged into %s", self.path, named, base)
+
+    def rank_and_scale(self, module: str) -> tuple[int, float]:
+        """(r, s) of one adapted module (its name in the base model), as PEFT resolves the patterns."""
+        def lookup(pattern_key: str, default: Any) -> Any:
+            patterns = self.config.get(pattern_key) or {}
+            key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+            return default if key is None else patterns[key]
+
+        r, alpha = int(lookup("rank_pattern", self.config["r"])), float(lookup("alpha_pattern",
+                                                                               self.config["lora_alpha"]))
+        return r, alpha / (math.sqrt(r) if self.config.get("use_rslora") else r)
+
+    @torch.no_grad()
+    def merge_into(self, model: CausalLM) -> None:
+        """Add s · B A to every adapted projection's rows of ``model`` (the base's weights, loaded)."""
+        from rast_engine.models.loader import _safetensors
+
+        slots = model.weight_map()
+        with _safetensors(self.path / ADAPTER_WEIGHTS) as f:
+            names = set(f.keys())
+            modules = sorted({n[len(PREFIX):].rsplit(".lora_", 1)[0] for n in names if ".lora_" in n})
+            stray = sorted(n for n in names if not n.startswith(PREFIX) or ".lora_A." not in n and ".lora_B." not in n)
+            if stray:
+                raise ModelLoadError(f"{str(self.path)!r}: adapter tensors other than LoRA's A and B: {stray[:3]}")
+            for module in modules:
+                a_name, b_name = (f"{PREFIX}{module}.lora_{x}.weight" for x in "AB")
+                if a_name not in names or b_name not in names or module + ".weight" not in slots:
+                    raise ModelLoadError(f"{str(self.path)!r}: adapter module {module!r} has no A and B pair or no "
+                                         "projection of the base model to merge into")
+                param, start, rows = slots[module + ".weight"]
+                target = param.narrow(0, start, rows)
+                a, b = f.get_tensor(a_name).float(), f.get_tensor(b_name).float()
+                r, scale = self.rank_and_scale(module)
+                if a.shape != (r, target.shape[1]) or b.shape != (target.shape[0], r):
+                    raise ModelLoadError(f"{str(self.path)!r}: {module}: lora_A {list(a.shape)} and lora_B "
+                                         f"{list(b.shape)} do not fit the base's {list(target.shape)} at rank {r}")
+                delta = (b.to(target.device) @ a.to(target.device)) * scale
+                target.copy_((target.float() + delta).to(target.dtype))

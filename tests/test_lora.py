@@ -1,0 +1,108 @@
+"""An RL model given as a PEFT LoRA adapter over its base (engine/models/lora.py). Oracle: transformers'
+own loading of the adapter directory (PEFT's unmerged LoRA layers over the base), through the same HF
+greedy RAST loop as every other triple; and what is refused."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rast_engine import LLM, SamplingParams
+from rast_engine.errors import ModelLoadError
+from rast_engine.models.lora import LoraAdapter
+from test_engine import LAM, PROMPTS, hf_greedy
+
+peft = pytest.importorskip("peft")  # the dev extra's
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base: Path, out: Path, seed: int, **lora: object) -> Path:
+    """A LoRA adapter over ``base`` with random A and B (PEFT starts B at zero: no delta), saved by PEFT."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **lora})
+    wrapped = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    wrapped.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_triple(qwen2_triple: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(large, an adapter over the small base, the small base)."""
+    large, _, base = qwen2_triple
+    return large, make_adapter(base, tmp_path_factory.mktemp("lora") / "adapter", seed=5), base
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_an_adapter_as_the_rl_model_decodes_as_hf_loads_it(lora_triple: tuple, stack: bool) -> None:
+    llm = LLM(*map(str, lora_triple), lam=LAM, block_size=4, kv_cache_blocks=64, stack_small_models=stack)
+    for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False):
+        assert out.outputs[0].token_ids == hf_greedy(lora_triple, out.prompt_token_ids, LAM,
+                                                     llm.llm_engine.vocab_size, GREEDY.max_tokens)
+    rl, base = llm.llm_engine.runner.units[1:] if not stack else (None, None)
+    if not stack:  # R is its own dense model: the base's weights moved by the adapter, the base's untouched
+        assert not torch.equal(rl.layers[0].self_attn.qkv_proj.weight, base.layers[0].self_attn.qkv_proj.weight)
+        assert torch.equal(rl.embed_tokens.weight, base.embed_tokens.weight)
+
+
+def test_rslora_and_per_module_patterns_scale_as_peft(qwen2_triple: tuple, tmp_path: Path) -> None:
+    """rank_pattern / alpha_pattern give some modules their own rank and alpha; use_rslora divides by √r."""
+    large, _, base = qwen2_triple
+    patterned = make_adapter(base, tmp_path / "patterned", seed=6, rank_pattern={"down_proj": 2},
+                             alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3.0})
+    rs = make_adapter(base, tmp_path / "rs", seed=7, use_rslora=True, r=8)
+    adapter = LoraAdapter.from_dir(patterned)
+    assert adapter.rank_and_scale("model.layers.0.mlp.down_proj") == (2, 4.0)
+    assert adapter.rank_and_scale("model.layers.1.self_attn.q_proj") == (4, 0.75)
+    assert adapter.rank_and_scale("model.layers.0.self_attn.q_proj") == (4, 2.0)
+    assert LoraAdapter.from_dir(rs).rank_and_scale("model.layers.0.mlp.up_proj") == (8, 8 / 8 ** 0.5)
+    for adapter_dir in (patterned, rs):
+        triple = (large, adapter_dir, base)
+        llm = LLM(*map(str, triple), lam=LAM, block_size=4, kv_cache_blocks=64)
+        out = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+        for o in out:
+            assert o.outputs[0].token_ids == hf_greedy(triple, o.prompt_token_ids, LAM, llm.llm_engine.vocab_size,
+                                                       GREEDY.max_tokens)
+
+
+def _edited(adapter: Path, tmp_path: Path, **changes: object) -> Path:
+    copy = Path(shutil.copytree(adapter, tmp_path / "edited"))
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    return copy
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"use_dora": True}, "use_dora"),
+    ({"bias": "lora_only"}, "bias"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"peft_type": "IA3"}, "only LoRA"),
+    ({"r": 5}, "do not fit"),
+])
+def test_adapters_beyond_plain_lora_are_refused_by_name(lora_triple: tuple, tmp_path: Path, changes: dict,
+                                                        match: str) -> None:
+    large, adapter, base = lora_triple
+    with pytest.raises(ModelLoadError, match=match):
+        LLM(str(large), str(_edited(adapter, tmp_path, **changes)), str(base), kv_cache_blocks=16)
+
+
+def test_an_adapter_in_a_base_role_or_over_another_shape_is_refused(lora_triple: tuple,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    large, adapter, base = lora_triple
+    with pytest.raises(ModelLoadError, match="only an RL model"):
+        LLM(str(large), str(base), str(adapter), kv_cache_blocks=16)
+    with pytest.raises(ModelLoadError, match="small_rl: .*do not fit"):  # over the large model: 64 wide, not 32
+        LLM(str(large), str(adapter), str(large), kv_cache_blocks=16)
+    assert "trained over" in caplog.text  # its adapter_config.json names the small base

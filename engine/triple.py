@@ -215,7 +215,7 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
     loaded: dict[tuple, CausalLM] = {}  # a directory filling several roles (a base shared by experts) loads once
     for i, (path, role) in enumerate(zip(paths, names)):
         quantization = config.quantization if i == 0 else None  # the large model only (models/fp8.py)
-        key = (Path(path).resolve(), quantization)
+        key = (Path(path).resolve(), Path(sources[i]).resolve(), quantization)  # an adapter: over its base
         if config.load_format != "dummy" and key in loaded:  # dummy weights differ per role by design
             models.append(loaded[key])
             continue

@@ -106,3 +106,16 @@ def test_an_adapter_in_a_base_role_or_over_another_shape_is_refused(lora_triple:
     with pytest.raises(ModelLoadError, match="small_rl: .*do not fit"):  # over the large model: 64 wide, not 32
         LLM(str(large), str(adapter), str(large), kv_cache_blocks=16)
     assert "trained over" in caplog.text  # its adapter_config.json names the small base
+
+
+def test_one_adapter_over_two_bases_is_two_models(lora_triple: tuple, qwen2_triple: tuple) -> None:
+    """Experts sharing an adapter directory over different bases (of one shape) get the adapter merged into
+    each base: the same delta on two weights, not the first merge reused."""
+    large, adapter, base = lora_triple
+    other = qwen2_triple[1]
+    llm = LLM(str(large), experts=[(str(adapter), str(base), 0.5), (str(adapter), str(other), 0.5)],
+              block_size=4, kv_cache_blocks=32, stack_small_models=False)
+    _, r1, s1, r2, s2 = llm.llm_engine.runner.units
+    w = [m.layers[0].self_attn.qkv_proj.weight for m in (r1, s1, r2, s2)]
+    assert not torch.equal(w[0], w[2])
+    torch.testing.assert_close(w[0] - w[1], w[2] - w[3], atol=1e-6, rtol=0)

@@ -53,6 +53,21 @@ def test_sampled_tokens_follow_the_moe_triples_distribution(sparse_large_dense_s
         assert o.outputs[0].token_ids == want
 
 
+@pytest.mark.parametrize("method", ["coupled", "rejection"])
+def test_speculative_rounds_verified_by_a_sparse_large_model_give_the_plain_tokens(sparse_large_dense_small: tuple,
+                                                                                    method: str) -> None:
+    """M verifies γ + 1 positions a round through its experts (a multi-token MoE step in decode): greedy
+    requests give plain decoding's tokens either way, seeded sampled ones with the coupled method."""
+    kw = dict(lam=LAM, block_size=4, kv_cache_blocks=64)
+    params = [GREEDY, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=3, ignore_eos=True)]
+    plain = LLM(*map(str, sparse_large_dense_small), **kw)
+    spec = LLM(*map(str, sparse_large_dense_small), speculative_tokens=3, speculative_method=method, **kw)
+    for p in params[:2 if method == "coupled" else 1]:
+        want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, p, use_tqdm=False)]
+        assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, p, use_tqdm=False)] == want
+    assert spec.llm_engine.stats().spec_draft_tokens_total > 0
+
+
 def test_small_moe_models_stacked_equal_them_unstacked_and_hf(mixtral_triple: tuple) -> None:
     """A sparse pair stacked into one forward (one router GEMM, one fused call over both models' experts)
     decodes as the two models run alone, and as HF's greedy loop."""

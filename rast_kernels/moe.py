@@ -214,7 +214,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
     require_launchable(x, "x")
     t, h = x.shape
     e, i, k = gate_up.shape[0], gate_up.shape[1] // 2, topk_ids.shape[1]
-    out = torch.empty_like(x)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)  # row-major whatever x's strides
     if t == 0 or k == 0:
         return out.zero_()
     x, gate_up, down = (a if a.stride(-1) == 1 else a.contiguous() for a in (x, gate_up, down))

@@ -202,3 +202,13 @@ def test_gemma2_caps_are_read_or_refused() -> None:
         ModelConfig.from_dict({**cfg, "final_logit_softcapping": 0.0})
     with pytest.raises(ModelLoadError, match="attn_logit_softcapping"):
         ModelConfig.from_dict({**cfg, "model_type": "llama", "attn_logit_softcapping": 50.0})
+
+
+def test_qkv_bias_is_qwen2_moes_key_only() -> None:
+    """Dense Qwen2 always has q/k/v biases (transformers ignores a qkv_bias key there); Qwen2-MoE's config
+    may turn them off."""
+    given = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 64, "qkv_bias": False}
+    assert ModelConfig.from_dict({**given, "model_type": "qwen2"}).attention_bias
+    assert not ModelConfig.from_dict({**given, "model_type": "qwen2_moe"}).attention_bias
+    assert ModelConfig.from_dict({**given, "model_type": "qwen2_moe", "qkv_bias": True}).attention_bias

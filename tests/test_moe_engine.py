@@ -105,6 +105,8 @@ def test_dummy_weights_route_and_decode(qwen3_moe_triple: tuple) -> None:
     ({"use_sliding_window": True}, "use_sliding_window"),
     ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
     ({"hidden_act": "gelu_pytorch_tanh"}, "silu"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step"),  # transformers divides by it
+    ({"decoder_sparse_step": None}, "decoder_sparse_step"),
 ])
 def test_unsupported_moe_configs_are_refused(qwen3_moe_triple: tuple, edit: dict, match: str) -> None:
     cfg = {**json.loads((qwen3_moe_triple[0] / "config.json").read_text()), **edit}

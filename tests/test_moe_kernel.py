@@ -128,3 +128,14 @@ def test_bad_inputs_are_refused_by_name() -> None:
         fused_moe(x.double(), gate_up, down, ids, weights)
     with pytest.raises(ValueError, match="backend"):
         fused_moe(x, gate_up, down, ids, weights, backend="cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_give_a_row_major_output(device: str) -> None:
+    """A transposed x (column-major [T, H]) and strided weights: the output is [T, H] row-major either way."""
+    x, gate_up, down, ids, weights = problem(5, 4, 2, 32, 16, torch.float32, device, seed=4)
+    want = fused_moe_torch(x, gate_up, down, ids, weights)
+    x_t = x.t().contiguous().t()  # the same values, strides (1, T)
+    got = fused_moe(x_t, gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, ids, weights)
+    assert got.stride() == (32, 1)
+    assert (got - want).abs().max().item() <= 2e-5 * (want.abs().max().item() + 1)

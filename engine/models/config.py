@@ -206,7 +206,8 @@ class ModelConfig:
                 rope_theta=theta,
                 rope_scaling=scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
-                attention_bias=bool(cfg.get("qkv_bias", True)) if arch == "qwen2" else bias,
+                # Qwen2 always has q/k/v biases; only Qwen2-MoE's config may turn them off
+            attention_bias=bool(cfg.get("qkv_bias", True)) if model_type == "qwen2_moe" else arch == "qwen2" or bias,
                 o_proj_bias=False if arch == "qwen2" else bias,
                 max_position_embeddings=full_attention_positions(cfg, int(given("max_position_embeddings")), scaling),
                 torch_dtype=DTYPES[dtype_name],

@@ -43,8 +43,8 @@ def moe_fields(cfg: dict[str, Any], model_type: str, num_layers: int, intermedia
     if model_type == "olmoe" and cfg.get("clip_qkv") is not None:
         raise ModelLoadError("OLMoE's clip_qkv is not supported")
     qwen = model_type in ("qwen3_moe", "qwen2_moe")
-    step, dense = (int(cfg.get("decoder_sparse_step") or 1), cfg.get("mlp_only_layers") or []) if qwen else (1, [])
-    if step < 1 or not isinstance(dense, list):
+    step, dense = (cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []) if qwen else (1, [])
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or not isinstance(dense, list):
         raise ModelLoadError(f"decoder_sparse_step must be >= 1 and mlp_only_layers a list, got {step!r}, {dense!r}")
     return {
         "num_experts": int(get("num_experts", "num_local_experts")),

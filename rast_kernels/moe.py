@@ -6,15 +6,16 @@ gated MLPs, weighted by the router and summed,
 Weights in HF's fused layout: gate_up [E, 2I, H] (expert e's gate rows, then its up rows), down [E, H, I].
 
 Algorithm (device ops only, no host sync, so a decode step with it captures into a CUDA graph):
-1. ``align``: the P = T·k (token, slot) pairs are sorted by expert (stable), and each expert's run is
-   padded to a multiple of BLOCK_M, in a buffer sized for the worst case (P + min(E, P)·(BLOCK_M − 1)
-   slots). Every BLOCK_M tile then belongs to one expert, ``tile_expert`` (E past the last run: such a
-   program returns at once).
+1. ``align`` (rast_kernels.moe_routing, one program): the P = T·k (token, slot) pairs are grouped by
+   expert, and each expert's run is padded to a multiple of BLOCK_M, in a buffer sized for the worst case
+   (P + min(E, P)·(BLOCK_M − 1) slots). Every BLOCK_M tile then belongs to one expert, ``tile_expert``
+   (E past the last run: such a program returns at once).
 2. gate/up kernel: a program per (tile, BLOCK_N intermediate columns) multiplies the tile's token rows by
    its expert's gate and up columns and writes silu(gate) · up to h [P, I].
 3. down kernel: a program per (tile, BLOCK_N hidden columns) multiplies h's rows by the expert's down
    projection and the router weight, writing y [P, H].
-4. sum kernel: a program per (token, BLOCK hidden columns) adds the token's k rows of y.
+4. sum kernel: a program per (token, BLOCK hidden columns) adds the token's k rows of y, in ascending
+   expert order whatever the order of its ids.
 
 Roundings are HF's, so a float32 model is exact to summation order and a bf16 one rounds where HF does:
 gate and up outputs, the activation and the product round to the dtype; the down output rounds, then
@@ -35,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rast_kernels.launch import cdiv, exact_fp_options, interpreting, require_launchable
+from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable
 from rast_kernels.layer_ops_numerics import _round, _silu
+from rast_kernels.moe_routing import align
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -76,27 +78,6 @@ def fused_moe_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
         y = y * (topk_weights * chosen).sum(-1, keepdim=True)  # one term non-zero: exact, in HF's dtype
         out = out + torch.where(chosen.any(-1, keepdim=True), y.to(x.dtype), 0)
     return out
-
-
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pairs [slots] int32: the pair indices t·k + j sorted by expert, each expert's run padded with P to
-    a multiple of block_m; tile_expert [slots / block_m] int32: each tile's expert, num_experts past the
-    runs). Sizes come from shapes only, never from the ids' values."""
-    flat = topk_ids.reshape(-1).long()
-    p = flat.numel()
-    slots = cdiv(p + min(num_experts, p) * (block_m - 1), block_m) * block_m
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(
-        0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    sorted_expert = flat[order]
-    rank = torch.arange(p, device=flat.device) - (counts.cumsum(0) - counts)[sorted_expert]
-    pairs = torch.full((slots,), p, dtype=torch.int32, device=flat.device)
-    pairs[(padded_end - padded)[sorted_expert] + rank] = order.int()
-    tile_start = torch.arange(0, slots, block_m, device=flat.device)
-    tile_expert = torch.searchsorted(padded_end, tile_start, right=True).int()
-    return pairs, tile_expert
 
 
 @triton.jit
@@ -161,21 +142,27 @@ def _down_kernel(h_ptr, w_ptr, pairs_ptr, tile_expert_ptr, weights_ptr, y_ptr, P
         acc += _dot(a, tl.load(w + (k0 + rk)[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0),
                     UPCAST, PRECISION)
     dtype = y_ptr.dtype.element_ty
-    weight = tl.load(weights_ptr + rows, mask=row_ok, other=0.0)
+    weight = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = _round(_round(acc, dtype) * weight[:, None], dtype)
     tl.store(y_ptr + rows[:, None] * H + rn[None, :], y.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _sum_kernel(y_ptr, order_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_kernel(y_ptr, ids_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < H
     dtype = out_ptr.dtype.element_ty
+    j = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_ptr + token * TOPK + j, mask=j < TOPK, other=2**30).to(tl.int32)
     acc = tl.zeros([BLOCK], tl.float32)
-    for j in tl.static_range(TOPK):  # the token's slots in ascending expert order: HF's loop order
-        row = token * TOPK + tl.load(order_ptr + token * TOPK + j).to(tl.int64)
+    last = -1
+    for _ in tl.static_range(TOPK):  # the token's slots in ascending expert order: HF's loop order
+        expert = tl.min(tl.where(ids > last, ids, 2**30), axis=0)
+        slot = tl.min(tl.where(ids == expert, j, BLOCK_K), axis=0)
+        row = token * TOPK + slot
         acc = _round(acc + tl.load(y_ptr + row * H + offs, mask=ok, other=0.0).to(tl.float32), dtype)
+        last = expert
     tl.store(out_ptr + token * H + offs, acc.to(dtype), mask=ok)
 
 
@@ -225,6 +212,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     upcast = interpreting() and x.dtype == torch.bfloat16
     bm, bn, bk, warps = plan(p, e, i, x.dtype, sms)
+    topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
     pairs, tile_expert = align(topk_ids, e, bm)
     hidden = torch.empty(p, i, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(tile_expert.numel(), cdiv(i, bn))](
@@ -234,10 +222,10 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
     _, bn, bk, warps = plan(p, e, h, x.dtype, sms)  # the same BLOCK_M: the tiles of one alignment
     y = torch.empty(p, h, dtype=x.dtype, device=x.device)
     _down_kernel[(tile_expert.numel(), cdiv(h, bn))](
-        hidden, down, pairs, tile_expert, topk_weights.reshape(-1).float(), y, p, e, i, h, down.stride(0),
+        hidden, down, pairs, tile_expert, topk_weights, y, p, e, i, h, down.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=3,
         **exact_fp_options())
-    block = min(1024, triton.next_power_of_2(h))
-    _sum_kernel[(t, cdiv(h, block))](y, torch.argsort(topk_ids, dim=1).int(), out, h, TOPK=k, BLOCK=block,
+    block = min(1024, next_pow2(h))
+    _sum_kernel[(t, cdiv(h, block))](y, topk_ids, out, h, TOPK=k, BLOCK_K=next_pow2(k), BLOCK=block,
                                      num_warps=4, **exact_fp_options())
     return out

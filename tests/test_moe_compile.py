@@ -1,4 +1,4 @@
-"""The fused MoE kernels compile to PTX and a cubin for sm_90 with the interpreter off, without register
+"""The fused MoE kernels (routing, alignment, the expert GEMMs, the sum) compile to PTX and a cubin for sm_90 with the interpreter off, without register
 spills and within a Hopper block's shared memory, for every tile plan the launcher picks on a 132-SM GPU
 at the expert shapes of Qwen3-30B-A3B, Qwen1.5-MoE-A2.7B, OLMoE-1B-7B and Mixtral-8x7B (decode and
 prefill token counts), in each activation dtype. The interpreter runs none of the compiled code paths
@@ -20,13 +20,14 @@ def compile_all(dtype: str) -> None:
     import torch
 
     from rast_kernels import moe
+    from rast_kernels import moe_routing as routing
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     common = dict(pairs_ptr="*i32", tile_expert_ptr="*i32", P="i32", E="i32", I="i32", H="i32")
     gate_up_types = dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", h_ptr=f"*{dtype}", stride_x="i32", stride_we="i32",
                          **common)
-    down_types = dict(h_ptr=f"*{dtype}", w_ptr=f"*{dtype}", weights_ptr="*fp32", y_ptr=f"*{dtype}", stride_we="i32",
-                      **common)
+    down_types = dict(h_ptr=f"*{dtype}", w_ptr=f"*{dtype}", weights_ptr=f"*{dtype}", y_ptr=f"*{dtype}",
+                      stride_we="i32", **common)
     precision = "ieee" if dtype == "fp32" else "tf32"
     seen = set()
     for e, k, h, i in SHAPES:
@@ -47,11 +48,21 @@ def compile_all(dtype: str) -> None:
                                          dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PRECISION=precision),
                                          aligned=("h_ptr", "w_ptr", "y_ptr", "H", "I", "stride_we"),
                                          num_warps=warps, num_stages=3, no_spills=True, enable_fp_fusion=False)
-    for k in sorted({k for _, k, _, _ in SHAPES}):
-        compile_util.compile_ptx(moe._sum_kernel, dict(y_ptr=f"*{dtype}", order_ptr="*i32", out_ptr=f"*{dtype}",
+    for e, k, _, _ in SHAPES:
+        block_e = 1 << (e - 1).bit_length()
+        compile_util.compile_ptx(moe._sum_kernel, dict(y_ptr=f"*{dtype}", ids_ptr="*i32", out_ptr=f"*{dtype}",
                                                        H="i32"),
-                                 dict(TOPK=k, BLOCK=1024), aligned=("y_ptr", "out_ptr", "H"), num_warps=4,
+                                 dict(TOPK=k, BLOCK_K=1 << (k - 1).bit_length(), BLOCK=1024),
+                                 aligned=("y_ptr", "out_ptr", "H"), num_warps=4, no_spills=True,
+                                 enable_fp_fusion=False)
+        compile_util.compile_ptx(routing._route_kernel, dict(logits_ptr=f"*{dtype}", stride_l="i32", ids_ptr="*i32",
+                                                             weights_ptr=f"*{dtype}", E="i32"),
+                                 dict(TOPK=k, BLOCK_E=block_e, RENORMALIZE=True, COMPILED=True), num_warps=4,
                                  no_spills=True, enable_fp_fusion=False)
+        compile_util.compile_ptx(routing._align_kernel, dict(ids_ptr="*i32", scratch_ptr="*i32", pairs_ptr="*i32",
+                                                             tile_expert_ptr="*i32", P="i32", E="i32", SLOTS="i32"),
+                                 dict(BLOCK_M=16, BLOCK_E=block_e, SEARCH_STEPS=block_e.bit_length() + 1, CHUNK=128),
+                                 num_warps=4, no_spills=True)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rast_kernels.moe import align, fused_moe, fused_moe_torch
+from rast_kernels.moe import fused_moe, fused_moe_torch
+from rast_kernels.moe_routing import align, align_torch, moe_route, moe_route_torch
 
 HAS_CUDA = torch.cuda.is_available()
 _interp = pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels compile natively instead")
@@ -80,19 +81,14 @@ def test_spec_sync_free_loop_equals_the_routed_loop() -> None:
         assert torch.equal(fused_moe_torch(*args, sync_free=True), fused_moe_torch(*args, sync_free=False))
 
 
-@pytest.mark.parametrize("block_m", [1, 4, 16])
-def test_align_gives_each_tile_one_expert_and_each_pair_one_slot(block_m: int) -> None:
-    g = torch.Generator().manual_seed(1)
-    t, e, k = 23, 9, 3
-    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
-    ids[:10, 0] = 4  # one expert with more pairs than a tile holds
-    pairs, tile_expert = align(ids, e, block_m)
-    p = t * k
+def check_layout(ids: torch.Tensor, e: int, block_m: int, pairs: torch.Tensor, tile_expert: torch.Tensor) -> None:
+    """Every pair in one slot of its expert's run; each tile one expert's; tiles past the runs empty."""
+    p = ids.numel()
     assert pairs.numel() == tile_expert.numel() * block_m >= p
     assert pairs.numel() <= p + min(e, p) * (block_m - 1) + block_m  # the shape-only bound, rounded to tiles
     real = pairs[pairs < p]
     assert sorted(real.tolist()) == list(range(p))  # every pair once
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).long()
     for tile, expert in enumerate(tile_expert.tolist()):
         rows = pairs[tile * block_m:(tile + 1) * block_m]
         rows = rows[rows < p]
@@ -100,8 +96,60 @@ def test_align_gives_each_tile_one_expert_and_each_pair_one_slot(block_m: int) -
             assert rows.numel() == 0  # past the runs: nothing to compute
         else:
             assert rows.numel() > 0 and (flat[rows.long()] == expert).all()
-            assert rows.tolist() == sorted(rows.tolist())  # stable: a token's rows in token order
     assert set(tile_expert.tolist()) - {e} == set(flat.tolist())  # an unrouted expert has no tile
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_align_gives_each_tile_one_expert_and_each_pair_one_slot(block_m: int, device: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    for t, e, k in ((23, 9, 3), (300, 64, 8), (5, 300, 2)):  # several CHUNKs of pairs; E past 256
+        perms = [torch.randperm(e, generator=g) for _ in range(t)]
+        # expert 4 first in ten rows: more pairs than a tile holds
+        ids = torch.stack([(torch.cat([torch.tensor([4]), q[q != 4]]) if r < 10 else q)[:k]
+                           for r, q in enumerate(perms)]).to(device)
+        spec = align_torch(ids, e, block_m)
+        check_layout(ids.cpu(), e, block_m, *(a.cpu() for a in spec))
+        got = align(ids, e, block_m)
+        check_layout(ids.cpu(), e, block_m, *(a.cpu() for a in got))
+        assert torch.equal(got[1], spec[1])  # the same tiles; only the order inside a run may differ
+        for tile in range(spec[1].numel()):
+            run = slice(tile * block_m, (tile + 1) * block_m)
+            assert sorted(got[0][run].tolist()) == sorted(spec[0][run].tolist())
+        real = spec[0][spec[0] < ids.numel()].long().cpu()
+        assert torch.equal(real, ids.reshape(-1).cpu().argsort(stable=True))  # the spec: a stable sort
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_route_is_hfs_router_in_ascending_expert_order(renormalize: bool, dtype: torch.dtype, device: str) -> None:
+    """The same experts as softmax + topk (+ renormalise), listed by id, with their weights in the asked
+    dtype (float32 too: Mixtral's), within float32 rounding of torch's."""
+    g = torch.Generator().manual_seed(2)
+    for t, e, k in ((9, 8, 2), (3, 60, 4), (4, 128, 8), (2, 5, 5)):
+        logits = (torch.randn(t, e, generator=g) * 3).to(dtype).to(device)
+        for out in (dtype, torch.float32):
+            ids, weights = moe_route(logits, k, renormalize, out)
+            want_ids, want_w = moe_route_torch(logits, k, renormalize, out)
+            order = want_ids.argsort(dim=1)
+            assert ids.dtype == torch.int32 and weights.dtype == out
+            assert torch.equal(ids.long(), want_ids.gather(1, order))
+            torch.testing.assert_close(weights.float(), want_w.gather(1, order).float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_ties_and_non_finite_logits(device: str) -> None:
+    """Equal logits go to the lower expert id; a NaN row still names k distinct experts (its weights NaN,
+    as HF's would be); no tokens gives empty outputs."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [float("nan")] * 5], device=device)
+    ids, weights = moe_route(logits, 2, True, torch.float32)
+    assert ids[0].tolist() == [1, 2] and torch.allclose(weights[0].cpu(), torch.tensor([0.5, 0.5]))
+    assert len(set(ids[1].tolist())) == 2 and weights[1].isnan().all()
+    ids, weights = moe_route(logits[:0], 2, True, torch.float32)
+    assert ids.shape == weights.shape == (0, 2)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(logits, 6, True, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,7 +6,8 @@ Gemma's GELU-tanh-and-multiply) behind one small interface, so the model has a s
 - "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings (six where OLMo
   norms q and k over all heads or Gemma norms each sublayer's output too), the rotary one
   also norming each head first (Qwen3) and writing this step's k/v into the paged cache
-  (``stores_kv``), and a mixture of experts' three (rast_kernels.moe); the CUDA default, where at small
+  (``stores_kv``), and a mixture of experts' routing in two and its experts in three (rast_kernels.moe);
+  the CUDA default, where at small
   batch the unfused kernels' launch latency would rival the weight reads.
 
 Both return new tensors and never write their inputs (rotary_store_kv writes only the cache slots of
@@ -23,6 +24,7 @@ from rast_engine.config import LAYER_OPS
 from rast_engine.errors import RastError
 from rast_kernels.layer_ops_checks import QKNorm
 from rast_kernels.moe import fused_moe, fused_moe_torch
+from rast_kernels.moe_routing import moe_route, moe_route_torch
 
 
 class LayerOps(Protocol):
@@ -53,6 +55,12 @@ class LayerOps(Protocol):
 
     def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2N] = [gate | up] -> gelu(gate, approximate="tanh") * up (Gemma)."""
+        ...
+
+    def moe_route(self, logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] -> (expert ids [T, k], their weights [T, k] in ``dtype``), as HF's routers
+        give them: rast_kernels.moe_routing."""
         ...
 
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
@@ -104,6 +112,10 @@ class TorchLayerOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
 
+    def moe_route(self, logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        return moe_route_torch(logits, top_k, renormalize, dtype)
+
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor) -> torch.Tensor:
         return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights)
@@ -146,6 +158,10 @@ class TritonLayerOps:
 
     def gelu_tanh_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._k.gelu_tanh_and_mul(gate_up)
+
+    def moe_route(self, logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        return moe_route(logits, top_k, renormalize, dtype)
 
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor) -> torch.Tensor:

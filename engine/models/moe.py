@@ -3,7 +3,8 @@ Qwen2-MoE, Mixtral, OLMoE) as HF's sparse MoE blocks compute it:
 
 - the router: logits = gate(x) in the model dtype, softmax in float32, the top-k experts, their
   probabilities renormalised to sum to 1 where the config says so, then passed to the experts in the
-  model dtype (Mixtral: in float32);
+  model dtype (Mixtral: in float32) (LayerOps.moe_route: rast_kernels.moe_routing's one kernel on CUDA,
+  HF's ops in torch on the CPU);
 - the experts: LayerOps.fused_moe (rast_kernels.moe: Triton on CUDA, HF's loop in torch on the CPU);
 - Qwen2-MoE's shared expert, a dense MLP scaled by sigmoid(shared_expert_gate(x)), added last.
 
@@ -53,16 +54,9 @@ class SparseMoE(nn.Module):
                       nn.Linear(h, 1, bias=False))
         self.shared_expert, self.shared_expert_gate = shared if shared is not None else (None, None)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] as HF passes them to the experts, expert ids [T, k])."""
-        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return (weights if self.router_fp32 else weights.to(x.dtype)), ids
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(x)
+        ids, weights = self.ops.moe_route(self.gate(x), self.top_k, self.norm_topk_prob,
+                                          torch.float32 if self.router_fp32 else x.dtype)
         if self.copies > 1:  # group g's rows route among the stacked experts of model g
             offsets = torch.arange(self.copies, device=x.device) * self.num_experts
             ids = ids + offsets.repeat_interleave(x.shape[0] // self.copies)[:, None]

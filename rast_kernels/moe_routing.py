@@ -74,6 +74,9 @@ def _route_kernel(logits_ptr, stride_l, ids_ptr, weights_ptr, E, TOPK: tl.conste
 def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [T, k] int32 in ascending order, weights [T, k] in ``dtype``) of router logits [T, E]."""
+    if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
+        from rast_kernels import ops
+        return ops.traced(ops.moe_route, logits, top_k, renormalize, dtype)
     if logits.dim() != 2 or not logits.is_floating_point() or not 1 <= top_k <= logits.shape[1]:
         raise ValueError(f"logits must be floating [T, E] with 1 <= top_k <= E, got {logits.dtype} "
                          f"{tuple(logits.shape)} and top_k={top_k}")

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from rast_kernels import fp8_linear as fp8
-from rast_kernels import kv_store, layer_ops, moe, paged_attention
+from rast_kernels import kv_store, layer_ops, moe, moe_routing, paged_attention
 from rast_kernels.batch import PARAMS, RowValue, SamplingBatch
 
 Tensor = torch.Tensor
@@ -224,3 +224,14 @@ def fused_moe(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_w
 @fused_moe.register_fake
 def _(x, gate_up, down, topk_ids, topk_weights, backend):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("rast_kernels::moe_route", mutates_args=())
+def moe_route(logits: Tensor, top_k: int, renormalize: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return moe_routing.moe_route(logits, top_k, renormalize, dtype)
+
+
+@moe_route.register_fake
+def _(logits, top_k, renormalize, dtype):
+    return (logits.new_empty((logits.shape[0], top_k), dtype=torch.int32),
+            logits.new_empty((logits.shape[0], top_k), dtype=dtype))

@@ -132,6 +132,7 @@ def test_attention_and_layer_ops_pass_opcheck() -> None:
     ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(3)]).to(DEV)
     torch.library.opcheck(ops.fused_moe, (c["x"][:3, :8].contiguous(), *experts, ids, torch.rand(3, 2, device=DEV),
                                           "triton"))
+    torch.library.opcheck(ops.moe_route, (c["x"][:3, :5].contiguous(), 2, True, torch.float32))
     torch.library.opcheck(ops.rotary_embedding, (c["positions"], c["q"], c["k"], c["cos_sin"], c["q_norm"],
                                                  c["k_norm"], 1e-6))
     torch.library.opcheck(ops.rotary_embedding_store_kv, (c["positions"], c["q"], c["k"], c["v"], c["cos_sin"],

@@ -1,14 +1,15 @@
-"""One sparse layer's experts (rast_kernels.moe) at decode and prefill token counts, against the floor of
-reading the experts its tokens route to once.
+"""One sparse layer's routing and experts (rast_kernels.moe_routing, rast_kernels.moe) from its router
+logits, at decode and prefill token counts, against the floor of reading the experts its tokens route to
+once.
 
 A mixture of experts at decode reads only the experts its tokens route to: Qwen3-30B-A3B's layer holds
 128 experts of 3 · 2048 · 768 weights and one token reads 8 of them (19 MB of 1.2 GB in bf16). The floor of
 a call is the bytes of the distinct experts its routing names (counted from the ids, not estimated) over
 the measured copy bandwidth. Routing: a random router's softmax, top-k, renormalised (Qwen3's), so near
-uniform. Impls, side by side:
-- fused: the Triton kernels, timed as CUDA-graph replays;
-- torch-routed: HF's loop over the routed experts (reads the ids on the host each call);
-- torch-all: the sync-free loop the torch layer ops run on CUDA (every expert, every token).
+uniform. Impls, side by side, each from the router logits (the router's GEMM is not timed):
+- fused: moe_route, align and the three expert kernels (five launches), timed as CUDA-graph replays;
+- torch-routed: HF's router and its loop over the routed experts (reads the ids on the host each call);
+- torch-all: HF's router and the sync-free loop the torch layer ops run on CUDA (every expert, every token).
 Two layers' weights alternate in each timed call, so replays never find the experts in L2.
 
     python bench/moe.py [--out DIR]     # CUDA: Qwen3-30B-A3B's experts at 1, 8, 32, 128, 512 tokens
@@ -29,6 +30,7 @@ from bench.common import (copy_bandwidth, device_name, git_sha, graph_time_ms, k
 from rast_engine.models.config import ModelConfig  # noqa: E402
 from rast_kernels.launch import interpreting  # noqa: E402
 from rast_kernels.moe import fused_moe, fused_moe_torch  # noqa: E402
+from rast_kernels.moe_routing import moe_route, moe_route_torch  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TINY = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
@@ -45,12 +47,9 @@ def layer_weights(m: ModelConfig, dtype: torch.dtype, device: torch.device, laye
              torch.randn(e, h, i, generator=g, device=device, dtype=dtype).mul_(i ** -0.5)) for _ in range(layers)]
 
 
-def routing(m: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def router_logits(m: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(tokens)
-    probs = torch.randn(tokens, m.num_experts, generator=g, device=device).softmax(-1)
-    weights, ids = torch.topk(probs, m.experts_per_token)
-    return (weights / weights.sum(-1, keepdim=True)).to(dtype), ids
+    return torch.randn(tokens, m.num_experts, generator=g, device=device).to(dtype)
 
 
 def main() -> None:
@@ -67,17 +66,25 @@ def main() -> None:
     impls = ["torch-routed", "torch-all"] + (["fused"] if device.type == "cuda" or interpreting() else [])
     bandwidth = copy_bandwidth(device)
     rows = []
+    k, renorm = m.experts_per_token, m.norm_topk_prob
     for tokens in token_counts:
-        weights, ids = routing(m, tokens, dtype, device)
+        logits = router_logits(m, tokens, dtype, device)
+        ids = moe_route_torch(logits, k, renorm, dtype)[0]
         x = torch.randn(tokens, m.hidden_size, device=device, dtype=dtype)
         floor_bytes = ids.unique().numel() * expert_bytes * len(layers)
+
+        def fused() -> list[torch.Tensor]:  # each layer routes its own tokens
+            return [fused_moe(x, gu, dn, *moe_route(logits, k, renorm, dtype)) for gu, dn in layers]
+
+        def torch_loop(every: bool) -> list[torch.Tensor]:
+            return [fused_moe_torch(x, gu, dn, *moe_route_torch(logits, k, renorm, dtype), sync_free=every)
+                    for gu, dn in layers]
+
         for impl in impls:
             if impl == "fused":
-                ms = graph_time_ms(lambda: [fused_moe(x, gu, dn, ids, weights) for gu, dn in layers], device, iters)
+                ms = graph_time_ms(fused, device, iters)
             else:
-                every = impl == "torch-all"
-                ms = time_us(lambda: [fused_moe_torch(x, gu, dn, ids, weights, sync_free=every) for gu, dn in layers],
-                             device, warmup=1, iters=iters) / 1e3
+                ms = time_us(lambda: torch_loop(impl == "torch-all"), device, warmup=1, iters=iters) / 1e3
             us = ms * 1e3 / len(layers)
             floor_us = floor_bytes / len(layers) / bandwidth * 1e6
             rows.append(dict(model=name, impl=impl, tokens=tokens, experts_read=ids.unique().numel(),

@@ -35,7 +35,8 @@
 #   bash bench/gpu_session.sh throughput <sha>         bench/throughput.py --quick: 200 requests of 512 + 512 tokens
 #   bash bench/gpu_session.sh moe     <sha>            the MoE tests (kernels, engine), bench/moe.py, then
 #                                                      bench/decode.py for qwen3-30b-a3b+1.7b (Qwen3-30B-A3B
-#                                                      steered by a Qwen3-1.7B pair): base and rast, batch 1, 32
+#                                                      steered by a Qwen3-1.7B pair): base and rast, its
+#                                                      experts in bf16 and in FP8, batch 1 and 32
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back
@@ -139,8 +140,8 @@ case "$stage" in
     timeout "$(upto 120)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_kernel.py \
       tests/test_gpu_engine.py -k "moe or mixtral" 2>&1 | tee -a "$log"
     timeout "$(upto 90)" python3 bench/moe.py --out "$out" 2>&1 | tee -a "$log"
-    decode "$(left)" --pairings qwen3-30b-a3b+1.7b --modes base rast --batches 1 32 --name decode-moe \
-      --profile --profile-modes rast
+    decode "$(left)" --pairings qwen3-30b-a3b+1.7b --modes base rast base-fp8 rast-fp8 --batches 1 32 \
+      --name decode-moe --profile --profile-modes rast
     ;;
   unfused)
     pairing=${3:?pairing, e.g. 7b+1.5b}

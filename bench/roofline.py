@@ -41,14 +41,21 @@ def param_counts(cfg: dict, tokens: int = 1) -> tuple[int, int]:
     return total, body + experts_read + lm_head
 
 
-def projection_counts(cfg: dict) -> tuple[int, int]:
+def projection_counts(cfg: dict, tokens: int = 1, read: bool = False) -> tuple[int, int]:
     """(the decoder projections' parameters, their output channels): what quantization="fp8" stores as
-    FP8 weights with one float32 scale per output channel (engine/models/fp8.py)."""
+    FP8 weights with one float32 scale per output channel (engine/models/fp8.py), a sparse layer's experts
+    included (``read``: only the experts a step of ``tokens`` tokens reaches, expected_experts)."""
     m = ModelConfig.from_dict(cfg)
-    if m.num_experts:
-        raise ValueError("quantization='fp8' is not implemented for mixture-of-experts models")
     h, q, kv, inter = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size
-    return m.num_layers * (2 * h * q + 2 * h * kv + 3 * h * inter), m.num_layers * (q + 2 * kv + h + 2 * inter + h)
+    sparse = sum(m.moe_layers) if m.num_experts else 0
+    params = m.num_layers * (2 * h * q + 2 * h * kv) + (m.num_layers - sparse) * 3 * h * inter
+    channels = m.num_layers * (q + 2 * kv + h) + (m.num_layers - sparse) * (2 * inter + h)
+    if sparse:
+        experts = expected_experts(m, tokens) if read else m.num_experts
+        shared = m.shared_expert_intermediate_size
+        params += sparse * 3 * h * shared + round(sparse * experts * 3 * h * m.moe_intermediate_size)
+        channels += sparse * (2 * shared + h if shared else 0) + round(sparse * experts * (2 * m.moe_intermediate_size + h))
+    return params, channels
 
 
 def weight_bytes(cfg: dict, elt: int, fp8: bool = False, read: bool = False, tokens: int = 1) -> int:
@@ -57,7 +64,7 @@ def weight_bytes(cfg: dict, elt: int, fp8: bool = False, read: bool = False, tok
     params = param_counts(cfg, tokens)[1 if read else 0]
     if not fp8:
         return params * elt
-    proj, channels = projection_counts(cfg)
+    proj, channels = projection_counts(cfg, tokens, read)
     return (params - proj) * elt + proj + 4 * channels
 
 

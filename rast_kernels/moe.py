@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rast_kernels.fp8_cast import FP8
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable
 from rast_kernels.layer_ops_numerics import _round, _silu
 from rast_kernels.moe_routing import align
@@ -43,38 +44,55 @@ from rast_kernels.moe_routing import align
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-           weights: torch.Tensor) -> None:
+def _check(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+           gate_up_scale: Optional[torch.Tensor], down_scale: Optional[torch.Tensor]) -> None:
     if x.dtype not in DTYPES or x.dim() != 2:
         raise ValueError(f"x must be [T, H] of one of {DTYPES}, got {x.dtype} {tuple(x.shape)}")
     t, h = x.shape
-    if gate_up.dim() != 3 or gate_up.shape[2] != h or gate_up.shape[1] % 2 or gate_up.dtype != x.dtype:
-        raise ValueError(f"gate_up must be [E, 2I, {h}] of x's dtype, got {gate_up.dtype} {tuple(gate_up.shape)}")
+    if gate_up.dim() != 3 or gate_up.shape[2] != h or gate_up.shape[1] % 2 or \
+            gate_up.dtype != (x.dtype if gate_up_scale is None else FP8):
+        raise ValueError(f"gate_up must be [E, 2I, {h}] of x's dtype (float8_e4m3fn with gate_up_scale), got "
+                         f"{gate_up.dtype} {tuple(gate_up.shape)}")
     e, i = gate_up.shape[0], gate_up.shape[1] // 2
-    if down.shape != (e, h, i) or down.dtype != x.dtype:
-        raise ValueError(f"down must be [{e}, {h}, {i}] of x's dtype, got {down.dtype} {tuple(down.shape)}")
+    if down.shape != (e, h, i) or down.dtype != (x.dtype if down_scale is None else FP8):
+        raise ValueError(f"down must be [{e}, {h}, {i}] of x's dtype (float8_e4m3fn with down_scale), got "
+                         f"{down.dtype} {tuple(down.shape)}")
+    for scale, shape in ((gate_up_scale, (e, 2 * i)), (down_scale, (e, h))):
+        if scale is not None and (scale.shape != shape or scale.dtype != torch.float32):
+            raise ValueError(f"an FP8 expert weight's scale must be float32 {list(shape)} (one per output channel), "
+                             f"got {scale.dtype} {tuple(scale.shape)}")
     if ids.dim() != 2 or ids.shape[0] != t or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be int32 or int64 [{t}, k], got {ids.dtype} {tuple(ids.shape)}")
     if weights.shape != ids.shape or not weights.is_floating_point():
         raise ValueError(f"topk_weights must be floating [{t}, {ids.shape[1]}], got {weights.dtype} "
                          f"{tuple(weights.shape)}")
-    if len({x.device, gate_up.device, down.device, ids.device, weights.device}) != 1:
+    if len({x.device, gate_up.device, down.device, ids.device, weights.device} |
+           {a.device for a in (gate_up_scale, down_scale) if a is not None}) != 1:
         raise ValueError("x, gate_up, down, topk_ids and topk_weights must be on one device")
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ wᵀ in x's dtype; an FP8 w as fp8_linear computes it: (x @ w8ᵀ in float32) · scale, rounded once."""
+    if scale is None:
+        return torch.nn.functional.linear(x, w)
+    return (torch.nn.functional.linear(x.float(), w.float()) * scale).to(x.dtype)
+
+
 def fused_moe_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                    topk_weights: torch.Tensor, sync_free: Optional[bool] = None) -> torch.Tensor:
+                    topk_weights: torch.Tensor, sync_free: Optional[bool] = None,
+                    gate_up_scale: Optional[torch.Tensor] = None, down_scale: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
     """The spec, HF's loop over experts in plain torch. ``sync_free`` (default: off the CPU) runs every
     expert over every token, an unrouted token's term an exact zero, so no host sync; else only the
     routed experts run (their ids read on the host). Both give the same values."""
-    _check(x, gate_up, down, topk_ids, topk_weights)
+    _check(x, gate_up, down, topk_ids, topk_weights, gate_up_scale, down_scale)
     out = torch.zeros_like(x)
     sync_free = x.device.type != "cpu" if sync_free is None else sync_free
     experts = range(gate_up.shape[0]) if sync_free else topk_ids.unique().tolist()
     for e in experts:
         chosen = topk_ids == e  # a token routes to an expert at most once
-        gate, up = torch.nn.functional.linear(x, gate_up[e]).chunk(2, dim=-1)
-        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down[e])
+        gate, up = _linear(x, gate_up[e], None if gate_up_scale is None else gate_up_scale[e]).chunk(2, dim=-1)
+        y = _linear(torch.nn.functional.silu(gate) * up, down[e], None if down_scale is None else down_scale[e])
         y = y * (topk_weights * chosen).sum(-1, keepdim=True)  # one term non-zero: exact, in HF's dtype
         out = out + torch.where(chosen.any(-1, keepdim=True), y.to(x.dtype), 0)
     return out
@@ -89,9 +107,10 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, pairs_ptr, tile_expert_ptr, h_ptr, P, E, I, H, stride_x, stride_we,
+def _gate_up_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, tile_expert_ptr, h_ptr, P, E, I, H, stride_x, stride_we,
                     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    COMPILED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    FP8_WEIGHTS: tl.constexpr, COMPILED: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
     if expert >= E:
@@ -112,8 +131,16 @@ def _gate_up_kernel(x_ptr, w_ptr, pairs_ptr, tile_expert_ptr, h_ptr, P, E, I, H,
         a = tl.load(x_ptr + token[:, None] * stride_x + (k0 + rk)[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         w_ok = n_ok[None, :] & k_ok[:, None]
-        acc_gate += _dot(a, tl.load(w + gate_rows + (k0 + rk)[:, None], mask=w_ok, other=0.0), UPCAST, PRECISION)
-        acc_up += _dot(a, tl.load(w + up_rows + (k0 + rk)[:, None], mask=w_ok, other=0.0), UPCAST, PRECISION)
+        w_gate = tl.load(w + gate_rows + (k0 + rk)[:, None], mask=w_ok, other=0.0)
+        w_up = tl.load(w + up_rows + (k0 + rk)[:, None], mask=w_ok, other=0.0)
+        if FP8_WEIGHTS:  # e4m3 is exact in every activation dtype
+            w_gate, w_up = w_gate.to(a.dtype), w_up.to(a.dtype)
+        acc_gate += _dot(a, w_gate, UPCAST, PRECISION)
+        acc_up += _dot(a, w_up, UPCAST, PRECISION)
+    if FP8_WEIGHTS:  # one scale per output channel, applied once: fp8_linear's rounding
+        scales = s_ptr + expert.to(tl.int64) * 2 * I + rn
+        acc_gate *= tl.load(scales, mask=n_ok, other=0.0)[None, :]
+        acc_up *= tl.load(scales + I, mask=n_ok, other=0.0)[None, :]
     dtype = h_ptr.dtype.element_ty
     act = _round(_silu(_round(acc_gate, dtype), COMPILED), dtype)  # HF: silu(gate) * up, each op rounding
     h = _round(act * _round(acc_up, dtype), dtype)
@@ -121,8 +148,8 @@ def _gate_up_kernel(x_ptr, w_ptr, pairs_ptr, tile_expert_ptr, h_ptr, P, E, I, H,
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, pairs_ptr, tile_expert_ptr, weights_ptr, y_ptr, P, E, I, H, stride_we,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _down_kernel(h_ptr, w_ptr, s_ptr, pairs_ptr, tile_expert_ptr, weights_ptr, y_ptr, P, E, I, H, stride_we,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_WEIGHTS: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
@@ -139,8 +166,12 @@ def _down_kernel(h_ptr, w_ptr, pairs_ptr, tile_expert_ptr, weights_ptr, y_ptr, P
     for k0 in range(0, I, BLOCK_K):
         k_ok = (k0 + rk) < I
         a = tl.load(h_ptr + rows[:, None] * I + (k0 + rk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += _dot(a, tl.load(w + (k0 + rk)[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0),
-                    UPCAST, PRECISION)
+        w_down = tl.load(w + (k0 + rk)[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if FP8_WEIGHTS:
+            w_down = w_down.to(a.dtype)
+        acc += _dot(a, w_down, UPCAST, PRECISION)
+    if FP8_WEIGHTS:
+        acc *= tl.load(s_ptr + expert.to(tl.int64) * H + rn, mask=n_ok, other=0.0)[None, :]
     dtype = y_ptr.dtype.element_ty
     weight = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = _round(_round(acc, dtype) * weight[:, None], dtype)
@@ -187,17 +218,21 @@ def _sm_count(device: torch.device) -> int:
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+              topk_weights: torch.Tensor, backend: str = "triton", gate_up_scale: Optional[torch.Tensor] = None,
+              down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, H], gate_up [E, 2I, H], down [E, H, I], topk_ids [T, k] (distinct experts in [0, E) a row, as
-    torch.topk gives them), topk_weights [T, k] -> [T, H] in x's dtype. ``backend``: "triton" or "torch"."""
+    torch.topk gives them), topk_weights [T, k] -> [T, H] in x's dtype. ``backend``: "triton" or "torch".
+    FP8 experts (quantization="fp8"): gate_up and down in float8_e4m3fn with float32 scales per output
+    channel, gate_up_scale [E, 2I] and down_scale [E, H], applied as rast_kernels.fp8_linear applies them."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
         from rast_kernels import ops
-        return ops.traced(ops.fused_moe, x, gate_up, down, topk_ids, topk_weights, backend)
+        return ops.traced(ops.fused_moe, x, gate_up, down, topk_ids, topk_weights, backend, gate_up_scale,
+                          down_scale)
     if backend == "torch":
-        return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights)
+        return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights, None, gate_up_scale, down_scale)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
-    _check(x, gate_up, down, topk_ids, topk_weights)
+    _check(x, gate_up, down, topk_ids, topk_weights, gate_up_scale, down_scale)
     require_launchable(x, "x")
     t, h = x.shape
     e, i, k = gate_up.shape[0], gate_up.shape[1] // 2, topk_ids.shape[1]
@@ -215,16 +250,17 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
     topk_ids, topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
     pairs, tile_expert = align(topk_ids, e, bm)
     hidden = torch.empty(p, i, dtype=x.dtype, device=x.device)
+    fp8 = gate_up_scale is not None
     _gate_up_kernel[(tile_expert.numel(), cdiv(i, bn))](
-        x, gate_up, pairs, tile_expert, hidden, p, e, i, h, x.stride(0), gate_up.stride(0), TOPK=k,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPILED=not interpreting(), UPCAST=upcast, PRECISION=precision,
-        num_warps=warps, num_stages=3, **exact_fp_options())
+        x, gate_up, gate_up_scale.contiguous() if fp8 else x, pairs, tile_expert, hidden, p, e, i, h, x.stride(0),
+        gate_up.stride(0), TOPK=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FP8_WEIGHTS=fp8, COMPILED=not interpreting(),
+        UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=3, **exact_fp_options())
     _, bn, bk, warps = plan(p, e, h, x.dtype, sms)  # the same BLOCK_M: the tiles of one alignment
     y = torch.empty(p, h, dtype=x.dtype, device=x.device)
     _down_kernel[(tile_expert.numel(), cdiv(h, bn))](
-        hidden, down, pairs, tile_expert, topk_weights, y, p, e, i, h, down.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=3,
-        **exact_fp_options())
+        hidden, down, down_scale.contiguous() if down_scale is not None else x, pairs, tile_expert, topk_weights, y,
+        p, e, i, h, down.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FP8_WEIGHTS=down_scale is not None,
+        UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=3, **exact_fp_options())
     block = min(1024, next_pow2(h))
     _sum_kernel[(t, cdiv(h, block))](y, topk_ids, out, h, TOPK=k, BLOCK_K=next_pow2(k), BLOCK=block,
                                      num_warps=4, **exact_fp_options())

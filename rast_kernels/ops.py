@@ -217,12 +217,12 @@ def _(x, w8, scale, bias, backend):
 
 @torch.library.custom_op("rast_kernels::fused_moe", mutates_args=())
 def fused_moe(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-              backend: str) -> Tensor:
-    return moe.fused_moe(x, gate_up, down, topk_ids, topk_weights, backend)
+              backend: str, gate_up_scale: OptTensor, down_scale: OptTensor) -> Tensor:
+    return moe.fused_moe(x, gate_up, down, topk_ids, topk_weights, backend, gate_up_scale, down_scale)
 
 
 @fused_moe.register_fake
-def _(x, gate_up, down, topk_ids, topk_weights, backend):
+def _(x, gate_up, down, topk_ids, topk_weights, backend, gate_up_scale, down_scale):
     return x.new_empty(x.shape)
 
 

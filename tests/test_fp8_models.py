@@ -12,21 +12,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from factories import MOE, make_model_dir, make_tokenizer
+from factories import make_model_dir, make_tokenizer
 from rast_engine import LLM, SamplingParams
 from rast_engine.attention.torch_backend import TorchAttention
 from rast_engine.errors import ModelLoadError, RastError
-from rast_engine.models import load_model
+from rast_engine.models import ModelConfig, load_model
 from rast_engine.models.fp8 import Fp8Linear
 from rast_engine.models.layer_ops import get_layer_ops
 from rast_kernels.fp8_linear import FP8, dequantize_fp8, quantize_fp8
 from test_models import ATOL, MODEL_CASES, run_paged
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Mixtral's experts: w1 (gate), w3 (up), w2 (down); a router ("gate") keeps the model dtype
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
-# quantization="fp8" is refused for mixtures of experts (tests/test_moe_engine.py)
-@pytest.fixture(scope="module", params=sorted(c for c in MODEL_CASES if c not in MOE))
+def fp8_storages(cfg: ModelConfig) -> int:
+    """Fp8Linear modules a quantised model holds: q/k/v and o a layer, gate/up and down of a dense MLP, of a
+    sparse block's experts (stored as one each) and of its shared expert."""
+    sparse = sum(cfg.moe_layers) if cfg.num_experts else 0
+    return cfg.num_layers * 4 + sparse * (2 if cfg.shared_expert_intermediate_size else 0)
+
+
+@pytest.fixture(scope="module", params=sorted(MODEL_CASES))
 def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
     return make_model_dir(tmp_path_factory.mktemp(request.param), seed=7, tokenizer_dir=tok, **MODEL_CASES[request.param])
@@ -49,7 +56,7 @@ def test_fp8_model_equals_hf_on_the_dequantised_weights(model_dir: Path, tmp_pat
     model = load_model(model_dir, device="cpu", dtype="float32", attention=TorchAttention(),
                        ops=get_layer_ops(ops, "cpu"), quantization="fp8")
     linears = [m for m in model.modules() if isinstance(m, Fp8Linear)]
-    assert len(linears) == 4 * model.config.num_layers and all(m.weight.dtype == FP8 for m in linears)
+    assert len(linears) == fp8_storages(model.config) and all(m.weight.dtype == FP8 for m in linears)
     assert all(m.backend == ops for m in linears)
     oracle = dequantised_copy(model_dir, tmp_path / "dequantised")
     hf = AutoModelForCausalLM.from_pretrained(str(oracle), dtype=torch.float32, attn_implementation="eager")
@@ -67,7 +74,7 @@ def test_fp8_weights_take_half_the_bytes_and_load_like_dummy_ones(model_dir: Pat
     kw = dict(device="cpu", dtype="bfloat16", attention=TorchAttention())
     plain, fp8 = (load_model(model_dir, **kw, quantization=q) for q in (None, "fp8"))
     proj = lambda m: sum(t.numel() * t.element_size() for n, t in m.state_dict().items()  # noqa: E731
-                         if "proj.weight" in n)
+                         if "proj.weight" in n or "experts" in n and not n.endswith("scale"))
     assert proj(fp8) * 2 == proj(plain)
     dummy = load_model(model_dir, **kw, quantization="fp8", load_format="dummy", seed=3)
     for m in (x for x in dummy.modules() if isinstance(x, Fp8Linear)):

@@ -1,7 +1,7 @@
 """Mixtures of experts through the engine, against HF transformers: the pairing RAST is used with (a
 sparse large base, Qwen3-30B-A3B's shape, steered by a dense small Qwen3 pair sharing its tokenizer),
-the fused Triton MoE kernels in a whole engine and in a captured decode step, small MoE models stacked
-into one forward, and what is refused."""
+the fused Triton MoE kernels in a whole engine and in a captured decode step, FP8 experts, small MoE
+models stacked into one forward, and what is refused."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,7 @@ from rast_engine.models import ModelConfig, load_model
 from rast_engine.models.moe import SparseMoE
 from rast_engine.sampling_params import sample_seed
 from test_engine import LAM, PROMPTS, hf_greedy, hf_sampled
+from test_fp8_models import dequantised_copy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -83,10 +84,23 @@ def test_small_moe_models_stacked_equal_them_unstacked_and_hf(mixtral_triple: tu
         assert got == hf_greedy(mixtral_triple, ids, LAM, llm.llm_engine.vocab_size, GREEDY.max_tokens)
 
 
-def test_fp8_quantization_of_experts_is_refused(qwen3_moe_triple: tuple) -> None:
-    with pytest.raises(ModelLoadError, match="mixture-of-experts"):
-        load_model(qwen3_moe_triple[0], device="cpu", dtype="float32", attention=TorchAttention(),
-                   quantization="fp8")
+def test_fp8_experts_decode_as_the_dequantised_checkpoint(sparse_large_dense_small: tuple, tmp_path: Path) -> None:
+    """quantization="fp8" stores a sparse large model's experts (and attention) in FP8, its router in the
+    model dtype: greedy tokens and logprobs are those of the dequantised checkpoint run plainly (the FP8
+    kernels: tests/test_moe_kernel.py, and the model with Triton layer ops: tests/test_fp8_models.py)."""
+    large, rl, base = map(str, sparse_large_dense_small)
+    oracle = dequantised_copy(Path(large), tmp_path / "dequantised")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    runs = []
+    for m, quantization in ((large, "fp8"), (str(oracle), None)):
+        llm = LLM(m, rl, base, lam=LAM, dtype="float32", block_size=4, kv_cache_blocks=64, quantization=quantization)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, params,
+                                                                                          use_tqdm=False)])
+    sparse = [layer.mlp for layer in llm.llm_engine.runner.units[0].layers if isinstance(layer.mlp, SparseMoE)]
+    assert sparse and all(m.fp8_experts is None for m in sparse)  # the oracle's, unquantised
+    for (ids, lps), (want_ids, want_lps) in zip(*runs):
+        assert ids == want_ids
+        assert all(abs(a[t] - b[t]) < 1e-4 for a, b in zip(lps, want_lps) for t in a)
 
 
 def test_dummy_weights_route_and_decode(qwen3_moe_triple: tuple) -> None:

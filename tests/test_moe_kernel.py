@@ -187,3 +187,26 @@ def test_strided_inputs_give_a_row_major_output(device: str) -> None:
     got = fused_moe(x_t, gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, ids, weights)
     assert got.stride() == (32, 1)
     assert (got - want).abs().max().item() <= 2e-5 * (want.abs().max().item() + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_fp8_experts_match_the_oracle_on_their_dequantised_weights(dtype: torch.dtype, device: str) -> None:
+    """FP8 experts with a float32 scale per output channel: the kernels and the spec compute what the
+    float64 oracle computes from the dequantised weights, to the dtype's rounding."""
+    from rast_kernels.fp8_linear import dequantize_fp8, quantize_fp8
+
+    x, gate_up, down, ids, weights = problem(9, 6, 2, 48, 40, dtype, device, seed=8)
+    (gu8, gus), (dn8, dns) = ([torch.stack(t) for t in zip(*(quantize_fp8(w.float()) for w in ws))]
+                              for ws in (gate_up, down))
+    want = oracle(x, torch.stack([dequantize_fp8(w, s) for w, s in zip(gu8, gus)]),
+                  torch.stack([dequantize_fp8(w, s) for w, s in zip(dn8, dns)]), ids, weights)
+    got = fused_moe(x, gu8, dn8, ids, weights, gate_up_scale=gus, down_scale=dns)
+    spec = fused_moe_torch(x, gu8, dn8, ids, weights, gate_up_scale=gus, down_scale=dns)
+    tol = tolerance(dtype, want)
+    assert (got.double().cpu() - want).abs().max().item() <= tol
+    assert (got.float() - spec.float()).abs().max().item() <= (2e-5 if dtype == torch.float32 else tol / 4)
+    with pytest.raises(ValueError, match="gate_up"):
+        fused_moe(x, gu8, dn8, ids, weights, down_scale=dns)  # FP8 weights need their scales
+    with pytest.raises(ValueError, match="scale"):
+        fused_moe(x, gu8, dn8, ids, weights, gate_up_scale=gus[:, :-1], down_scale=dns)

@@ -131,7 +131,7 @@ def test_attention_and_layer_ops_pass_opcheck() -> None:
     experts = (torch.randn(5, 16, 8, generator=g).to(DEV), torch.randn(5, 8, 8, generator=g).to(DEV))
     ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(3)]).to(DEV)
     torch.library.opcheck(ops.fused_moe, (c["x"][:3, :8].contiguous(), *experts, ids, torch.rand(3, 2, device=DEV),
-                                          "triton"))
+                                          "triton", None, None))
     torch.library.opcheck(ops.moe_route, (c["x"][:3, :5].contiguous(), 2, True, torch.float32))
     torch.library.opcheck(ops.rotary_embedding, (c["positions"], c["q"], c["k"], c["cos_sin"], c["q_norm"],
                                                  c["k_norm"], 1e-6))

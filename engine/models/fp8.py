@@ -1,6 +1,7 @@
 """quantization="fp8": the large model's decoder projections (q/k/v, o, gate/up, down) stored as FP8
 weights with one scale per output channel (rast_kernels.fp8_linear), quantised from the checkpoint as
-it loads. Embeddings, norms and lm_head keep the model's dtype, as vLLM's fp8 keeps lm_head; so do the
+it loads; in a mixture of experts, every expert's too (rast_kernels.moe reads them), while its router keeps
+the model's dtype. Embeddings, norms and lm_head keep the model's dtype, as vLLM's fp8 keeps lm_head; so do the
 small models, whose logit difference R − S is the signal RAST transfers: RL fine-tuning moves weights
 by far less than e4m3's relative spacing (2^-3), so R and S would mostly round to the same FP8 values
 and their difference to quantisation noise.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rast_engine.errors import ModelLoadError
+from rast_engine.models.moe import SparseMoE
 from rast_kernels.fp8_linear import FP8, fp8_linear, quantize_fp8
 
 QUANTIZE_ROWS = 4096  # rows quantised at a time: bounds the float32 temporary of a large projection
@@ -45,11 +46,14 @@ class Fp8Linear(nn.Module):
 
 def use_fp8(model: nn.Module, backend: str) -> None:
     """Swap every decoder layer's projections for Fp8Linear, in place (the model is on the meta device)."""
-    if model.config.num_experts:  # the experts' weights are most of the bytes, and the MoE kernel reads no FP8
-        raise ModelLoadError("quantization='fp8' is not implemented for mixture-of-experts models")
     for layer in model.layers:
-        for owner, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                            (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+        mlp = layer.mlp
+        if isinstance(mlp, SparseMoE):  # its experts; the router keeps the model dtype, a shared expert is an MLP
+            dtype = mlp.gate.weight.dtype
+            mlp.use_fp8_experts(lambda n_in, n_out: Fp8Linear(n_in, n_out, False, dtype, backend))
+            mlp = mlp.shared_expert
+        owned = ((mlp, "gate_up_proj"), (mlp, "down_proj")) if mlp is not None else ()
+        for owner, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"), *owned):
             linear: nn.Linear = getattr(owner, name)
             setattr(owner, name, Fp8Linear(linear.in_features, linear.out_features, linear.bias is not None,
                                            linear.weight.dtype, backend))

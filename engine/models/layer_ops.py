@@ -64,9 +64,10 @@ class LayerOps(Protocol):
         ...
 
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H] through each token's routed experts (gate_up [E, 2I, H], down [E, H, I]), weighted and
-        summed: rast_kernels.moe."""
+                  topk_weights: torch.Tensor, gate_up_scale: Optional[torch.Tensor] = None,
+                  down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, H] through each token's routed experts (gate_up [E, 2I, H], down [E, H, I]; FP8 with their
+        scales), weighted and summed: rast_kernels.moe."""
         ...
 
 
@@ -117,8 +118,9 @@ class TorchLayerOps:
         return moe_route_torch(logits, top_k, renormalize, dtype)
 
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor) -> torch.Tensor:
-        return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights)
+                  topk_weights: torch.Tensor, gate_up_scale: Optional[torch.Tensor] = None,
+                  down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights, None, gate_up_scale, down_scale)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -164,8 +166,9 @@ class TritonLayerOps:
         return moe_route(logits, top_k, renormalize, dtype)
 
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor) -> torch.Tensor:
-        return fused_moe(x, gate_up, down, topk_ids, topk_weights)
+                  topk_weights: torch.Tensor, gate_up_scale: Optional[torch.Tensor] = None,
+                  down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return fused_moe(x, gate_up, down, topk_ids, topk_weights, "triton", gate_up_scale, down_scale)
 
 
 def get_layer_ops(name: str, device: torch.device | str) -> LayerOps:

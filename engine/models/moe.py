@@ -16,7 +16,7 @@ captures into a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -53,6 +53,20 @@ class SparseMoE(nn.Module):
             shared = (MLP(cfg, ops, nn.Linear(h, 2 * size, bias=False), nn.Linear(size, h, bias=False)),
                       nn.Linear(h, 1, bias=False))
         self.shared_expert, self.shared_expert_gate = shared if shared is not None else (None, None)
+        self.fp8_experts: Optional[nn.ModuleList] = None  # (gate_up, down) storage of quantization="fp8"
+
+    def use_fp8_experts(self, storage: Callable[[int, int], nn.Module]) -> None:
+        """Keep the experts in FP8: ``storage(in, out)`` gives a module with an FP8 ``weight`` [out, in], float32
+        ``scale`` [out] and ``load_rows`` (models/fp8.Fp8Linear, used as storage only); on the meta device."""
+        e, h, i = self.num_experts, self.hidden, self.inter
+        del self.experts_gate_up, self.experts_down
+        self.fp8_experts = nn.ModuleList([storage(h, e * 2 * i), storage(i, e * h)])
+
+    def _stores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors the loader fills: the experts' gate_up [E·2I, H] and down [E·H, I] rows."""
+        if self.fp8_experts is None:
+            return self.experts_gate_up, self.experts_down
+        return self.fp8_experts[0].weight, self.fp8_experts[1].weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.ops.moe_route(self.gate(x), self.top_k, self.norm_topk_prob,
@@ -60,9 +74,12 @@ class SparseMoE(nn.Module):
         if self.copies > 1:  # group g's rows route among the stacked experts of model g
             offsets = torch.arange(self.copies, device=x.device) * self.num_experts
             ids = ids + offsets.repeat_interleave(x.shape[0] // self.copies)[:, None]
-        experts = self.copies * self.num_experts
-        out = self.ops.fused_moe(x, self.experts_gate_up.view(experts, 2 * self.inter, self.hidden),
-                                 self.experts_down.view(experts, self.hidden, self.inter), ids, weights)
+        n = self.copies * self.num_experts
+        gate_up, down = self._stores()
+        scales = (None, None) if self.fp8_experts is None else (self.fp8_experts[0].scale.view(n, 2 * self.inter),
+                                                                self.fp8_experts[1].scale.view(n, self.hidden))
+        out = self.ops.fused_moe(x, gate_up.view(n, 2 * self.inter, self.hidden), down.view(n, self.hidden, self.inter),
+                                 ids, weights, *scales)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
@@ -73,11 +90,12 @@ class SparseMoE(nn.Module):
         h, i = self.hidden, self.inter
         pre = f"{prefix}{block}."
         slots = {pre + f"{router}.weight": (self.gate.weight, 0, self.num_experts)}
+        gate_up, down_rows = self._stores()
         for e in range(self.num_experts):
             expert = pre + f"experts.{e}."
-            slots[expert + f"{gate}.weight"] = (self.experts_gate_up, 2 * i * e, i)
-            slots[expert + f"{up}.weight"] = (self.experts_gate_up, 2 * i * e + i, i)
-            slots[expert + f"{down}.weight"] = (self.experts_down, h * e, h)
+            slots[expert + f"{gate}.weight"] = (gate_up, 2 * i * e, i)
+            slots[expert + f"{up}.weight"] = (gate_up, 2 * i * e + i, i)
+            slots[expert + f"{down}.weight"] = (down_rows, h * e, h)
         if self.shared_expert is not None:
             shared = self.shared_expert.down_proj.in_features
             slots[pre + "shared_expert.gate_proj.weight"] = (self.shared_expert.gate_up_proj.weight, 0, shared)

@@ -8,6 +8,7 @@ a call is the bytes of the distinct experts its routing names (counted from the 
 the measured copy bandwidth. Routing: a random router's softmax, top-k, renormalised (Qwen3's), so near
 uniform. Impls, side by side, each from the router logits (the router's GEMM is not timed):
 - fused: moe_route, align and the three expert kernels (five launches), timed as CUDA-graph replays;
+- fused-fp8: the same over FP8 experts (quantization="fp8"), whose floor is about half the bytes;
 - torch-routed: HF's router and its loop over the routed experts (reads the ids on the host each call);
 - torch-all: HF's router and the sync-free loop the torch layer ops run on CUDA (every expert, every token).
 Two layers' weights alternate in each timed call, so replays never find the experts in L2.
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (copy_bandwidth, device_name, git_sha, graph_time_ms, keeps_results, quick_args,  # noqa: E402
                           table, time_us, write_results)
 from rast_engine.models.config import ModelConfig  # noqa: E402
+from rast_kernels.fp8_linear import quantize_fp8  # noqa: E402
 from rast_kernels.launch import interpreting  # noqa: E402
 from rast_kernels.moe import fused_moe, fused_moe_torch  # noqa: E402
 from rast_kernels.moe_routing import moe_route, moe_route_torch  # noqa: E402
@@ -47,6 +49,12 @@ def layer_weights(m: ModelConfig, dtype: torch.dtype, device: torch.device, laye
              torch.randn(e, h, i, generator=g, device=device, dtype=dtype).mul_(i ** -0.5)) for _ in range(layers)]
 
 
+def quantized(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts [E, out, in] -> (FP8 weights, float32 scales [E, out]), as quantization="fp8" stores them."""
+    parts = [quantize_fp8(e) for e in w]
+    return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
+
+
 def router_logits(m: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(tokens)
     return torch.randn(tokens, m.num_experts, generator=g, device=device).to(dtype)
@@ -62,8 +70,11 @@ def main() -> None:
     dtype = torch.float32 if quick else torch.bfloat16
     token_counts, iters = ([1, 4], 2) if quick else ([1, 8, 32, 128, 512], 20)
     layers = layer_weights(m, dtype, device, 1 if quick else 2)
-    expert_bytes = 3 * m.hidden_size * m.moe_intermediate_size * torch.finfo(dtype).bits // 8
-    impls = ["torch-routed", "torch-all"] + (["fused"] if device.type == "cuda" or interpreting() else [])
+    h, i = m.hidden_size, m.moe_intermediate_size
+    # an expert's bytes: its weights in the dtype, or FP8 weights and a float32 scale per output channel
+    expert_bytes = {"fp": 3 * h * i * torch.finfo(dtype).bits // 8, "fp8": 3 * h * i + 4 * (2 * i + h)}
+    fp8_layers = [tuple(quantized(w) for w in layer) for layer in layers]
+    impls = ["torch-routed", "torch-all"] + (["fused", "fused-fp8"] if device.type == "cuda" or interpreting() else [])
     bandwidth = copy_bandwidth(device)
     rows = []
     k, renorm = m.experts_per_token, m.norm_topk_prob
@@ -71,18 +82,21 @@ def main() -> None:
         logits = router_logits(m, tokens, dtype, device)
         ids = moe_route_torch(logits, k, renorm, dtype)[0]
         x = torch.randn(tokens, m.hidden_size, device=device, dtype=dtype)
-        floor_bytes = ids.unique().numel() * expert_bytes * len(layers)
-
         def fused() -> list[torch.Tensor]:  # each layer routes its own tokens
             return [fused_moe(x, gu, dn, *moe_route(logits, k, renorm, dtype)) for gu, dn in layers]
+
+        def fused_fp8() -> list[torch.Tensor]:
+            return [fused_moe(x, gu[0], dn[0], *moe_route(logits, k, renorm, dtype), gate_up_scale=gu[1],
+                              down_scale=dn[1]) for gu, dn in fp8_layers]
 
         def torch_loop(every: bool) -> list[torch.Tensor]:
             return [fused_moe_torch(x, gu, dn, *moe_route_torch(logits, k, renorm, dtype), sync_free=every)
                     for gu, dn in layers]
 
         for impl in impls:
-            if impl == "fused":
-                ms = graph_time_ms(fused, device, iters)
+            floor_bytes = ids.unique().numel() * expert_bytes["fp8" if impl == "fused-fp8" else "fp"] * len(layers)
+            if impl.startswith("fused"):
+                ms = graph_time_ms(fused if impl == "fused" else fused_fp8, device, iters)
             else:
                 ms = time_us(lambda: torch_loop(impl == "torch-all"), device, warmup=1, iters=iters) / 1e3
             us = ms * 1e3 / len(layers)

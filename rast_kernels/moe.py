@@ -179,21 +179,26 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, pairs_ptr, tile_expert_ptr, weights_ptr, y
 
 
 @triton.jit
-def _sum_kernel(y_ptr, ids_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_kernel(y_ptr, ids_ptr, out_ptr, E, H, TOPK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < H
     dtype = out_ptr.dtype.element_ty
     j = tl.arange(0, BLOCK_K)
-    ids = tl.load(ids_ptr + token * TOPK + j, mask=j < TOPK, other=2**30).to(tl.int32)
+    ids = tl.load(ids_ptr + token * TOPK + j, mask=j < TOPK, other=-1).to(tl.int32)
+    # (expert, slot) keys: each pass takes the next, so the slots go in ascending expert order (HF's loop
+    # order) and each is read once; a slot past k, or an id outside [0, E) (align computed no row for it),
+    # adds nothing
+    keys = tl.where((j < TOPK) & (ids >= 0) & (ids < E), ids * BLOCK_K + j, 2**30)
     acc = tl.zeros([BLOCK], tl.float32)
     last = -1
-    for _ in tl.static_range(TOPK):  # the token's slots in ascending expert order: HF's loop order
-        expert = tl.min(tl.where(ids > last, ids, 2**30), axis=0)
-        slot = tl.min(tl.where(ids == expert, j, BLOCK_K), axis=0)
-        row = token * TOPK + slot
-        acc = _round(acc + tl.load(y_ptr + row * H + offs, mask=ok, other=0.0).to(tl.float32), dtype)
-        last = expert
+    for _ in tl.static_range(TOPK):
+        key = tl.min(tl.where(keys > last, keys, 2**30), axis=0)
+        row = token * TOPK + key % BLOCK_K
+        real = (offs * 0 + key) < 2**30  # a vector: the interpreter takes no scalar in a mask
+        y = tl.load(y_ptr + row * H + offs, mask=ok & real, other=0.0).to(tl.float32)
+        acc = tl.where(real, _round(acc + y, dtype), acc)
+        last = key
     tl.store(out_ptr + token * H + offs, acc.to(dtype), mask=ok)
 
 
@@ -220,8 +225,9 @@ def _sm_count(device: torch.device) -> int:
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor, backend: str = "triton", gate_up_scale: Optional[torch.Tensor] = None,
               down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [T, H], gate_up [E, 2I, H], down [E, H, I], topk_ids [T, k] (distinct experts in [0, E) a row, as
-    torch.topk gives them), topk_weights [T, k] -> [T, H] in x's dtype. ``backend``: "triton" or "torch".
+    """x [T, H], gate_up [E, 2I, H], down [E, H, I], topk_ids [T, k] (experts in [0, E), distinct in a row as
+    torch.topk gives them; the kernels add a repeat twice, as the spec does, and skip an id out of range,
+    where the spec raises), topk_weights [T, k] -> [T, H] in x's dtype. ``backend``: "triton" or "torch".
     FP8 experts (quantization="fp8"): gate_up and down in float8_e4m3fn with float32 scales per output
     channel, gate_up_scale [E, 2I] and down_scale [E, H], applied as rast_kernels.fp8_linear applies them."""
     if torch.compiler.is_compiling():  # one opaque op when traced (rast_kernels.ops)
@@ -262,6 +268,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
         p, e, i, h, down.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FP8_WEIGHTS=down_scale is not None,
         UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=3, **exact_fp_options())
     block = min(1024, next_pow2(h))
-    _sum_kernel[(t, cdiv(h, block))](y, topk_ids, out, h, TOPK=k, BLOCK_K=next_pow2(k), BLOCK=block,
+    _sum_kernel[(t, cdiv(h, block))](y, topk_ids, out, e, h, TOPK=k, BLOCK_K=next_pow2(k), BLOCK=block,
                                      num_warps=4, **exact_fp_options())
     return out

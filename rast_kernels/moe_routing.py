@@ -54,7 +54,10 @@ def _route_kernel(logits_ptr, stride_l, ids_ptr, weights_ptr, E, TOPK: tl.conste
         exps = tl.where(ok, libdevice.exp(logits - top), 0.0)
     else:
         exps = tl.where(ok, tl.exp(logits - top), 0.0)
-    probs = exps / tl.sum(exps, axis=0)
+    if COMPILED:  # IEEE division, as torch's (Triton's "/" compiles to div.full, 2 ulp)
+        probs = tl.math.div_rn(exps, tl.zeros_like(exps) + tl.sum(exps, axis=0))
+    else:
+        probs = exps / tl.sum(exps, axis=0)
     chosen = e < 0
     for _ in tl.static_range(TOPK):
         free = ok & (chosen == 0)
@@ -63,7 +66,9 @@ def _route_kernel(logits_ptr, stride_l, ids_ptr, weights_ptr, E, TOPK: tl.conste
         pick = tl.where(pick < BLOCK_E, pick, tl.min(tl.where(free, e, BLOCK_E), axis=0))  # NaN logits: any free
         chosen = chosen | (e == pick)
     weights = tl.where(chosen, probs, 0.0)
-    if RENORMALIZE:
+    if RENORMALIZE and COMPILED:
+        weights = tl.math.div_rn(weights, tl.zeros_like(weights) + tl.sum(weights, axis=0))
+    elif RENORMALIZE:
         weights = weights / tl.sum(weights, axis=0)
     slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1  # ascending expert ids
     dtype = weights_ptr.dtype.element_ty
@@ -116,9 +121,10 @@ def _align_kernel(ids_ptr, scratch_ptr, pairs_ptr, tile_expert_ptr, P, E, SLOTS,
     counts_ptr, cursor_ptr, end_ptr = scratch_ptr, scratch_ptr + BLOCK_E, scratch_ptr + 2 * BLOCK_E
     tl.store(counts_ptr + e, tl.zeros([BLOCK_E], tl.int32))
     tl.debug_barrier()
-    for start in range(0, P, CHUNK):
+    for start in range(0, P, CHUNK):  # an id outside [0, E) is no expert's: never counted nor written
         i = start + tl.arange(0, CHUNK)
-        tl.atomic_add(counts_ptr + tl.load(ids_ptr + i, mask=i < P, other=0), 1, mask=i < P)
+        ids = tl.load(ids_ptr + i, mask=i < P, other=0)
+        tl.atomic_add(counts_ptr + ids, 1, mask=(i < P) & (ids >= 0) & (ids < E))
     tl.debug_barrier()
     counts = tl.load(counts_ptr + e)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -142,8 +148,10 @@ def _align_kernel(ids_ptr, scratch_ptr, pairs_ptr, tile_expert_ptr, P, E, SLOTS,
     tl.debug_barrier()
     for start in range(0, P, CHUNK):
         i = start + tl.arange(0, CHUNK)
-        slot = tl.atomic_add(cursor_ptr + tl.load(ids_ptr + i, mask=i < P, other=0), 1, mask=i < P)
-        tl.store(pairs_ptr + slot, i, mask=i < P)
+        ids = tl.load(ids_ptr + i, mask=i < P, other=0)
+        expert = (i < P) & (ids >= 0) & (ids < E)
+        slot = tl.atomic_add(cursor_ptr + ids, 1, mask=expert)
+        tl.store(pairs_ptr + slot, i, mask=expert)
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapter(base: Path, out: Path, seed: int, **lora: object) -> Path:
+def make_adapter(base: Path, out: Path, seed: int, save_embedding_layers: object = "auto", **lora: object) -> Path:
     """A LoRA adapter over ``base`` with random A and B (PEFT starts B at zero: no delta), saved by PEFT."""
     from transformers import AutoModelForCausalLM
 
@@ -33,7 +33,7 @@ def make_adapter(base: Path, out: Path, seed: int, **lora: object) -> Path:
         for name, p in wrapped.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    wrapped.save_pretrained(str(out))
+    wrapped.save_pretrained(str(out), save_embedding_layers=save_embedding_layers)
     return out
 
 
@@ -61,12 +61,13 @@ def test_rslora_and_per_module_patterns_scale_as_peft(qwen2_triple: tuple, tmp_p
     large, _, base = qwen2_triple
     patterned = make_adapter(base, tmp_path / "patterned", seed=6, rank_pattern={"down_proj": 2},
                              alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3.0})
-    rs = make_adapter(base, tmp_path / "rs", seed=7, use_rslora=True, r=8)
+    rs = make_adapter(base, tmp_path / "rs", seed=7, use_rslora=True, r=8, rank_pattern={"o_proj": 2})
     adapter = LoraAdapter.from_dir(patterned)
     assert adapter.rank_and_scale("model.layers.0.mlp.down_proj") == (2, 4.0)
     assert adapter.rank_and_scale("model.layers.1.self_attn.q_proj") == (4, 0.75)
     assert adapter.rank_and_scale("model.layers.0.self_attn.q_proj") == (4, 2.0)
     assert LoraAdapter.from_dir(rs).rank_and_scale("model.layers.0.mlp.up_proj") == (8, 8 / 8 ** 0.5)
+    assert LoraAdapter.from_dir(rs).rank_and_scale("model.layers.1.self_attn.o_proj") == (2, 8 / 2 ** 0.5)
     for adapter_dir in (patterned, rs):
         triple = (large, adapter_dir, base)
         llm = LLM(*map(str, triple), lam=LAM, block_size=4, kv_cache_blocks=64)
@@ -86,6 +87,9 @@ def _edited(adapter: Path, tmp_path: Path, **changes: object) -> Path:
 
 @pytest.mark.parametrize("changes, match", [
     ({"use_dora": True}, "use_dora"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights"),  # PEFT rewrites the base's weight as it loads it
+    ({"init_lora_weights": "olora"}, "init_lora_weights"),
+    ({"r": "4"}, "positive number"),
     ({"bias": "lora_only"}, "bias"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"peft_type": "IA3"}, "only LoRA"),
@@ -119,3 +123,25 @@ def test_one_adapter_over_two_bases_is_two_models(lora_triple: tuple, qwen2_trip
     w = [m.layers[0].self_attn.qkv_proj.weight for m in (r1, s1, r2, s2)]
     assert not torch.equal(w[0], w[2])
     torch.testing.assert_close(w[0] - w[1], w[2] - w[3], atol=1e-6, rtol=0)
+
+
+def test_an_lm_head_lora_merges_into_an_untied_head_and_is_refused_over_a_tied_one(lora_triple: tuple,
+                                                                                  tmp_path: Path) -> None:
+    """PEFT saves a copy of an adapted head's own weight beside its A and B (save_embedding_layers): read as
+    the base's. Over the large model (untied) as its own base, the engine decodes as HF loads the adapter;
+    over a tied small base the adapter would untie the head, and is refused."""
+    large, _, base = lora_triple
+    head = make_adapter(large, tmp_path / "head", seed=8, target_modules=["q_proj", "lm_head"])
+    from safetensors import safe_open
+
+    with safe_open(str(head / "adapter_model.safetensors"), "pt") as f:
+        assert "base_model.model.lm_head.base_layer.weight" in f.keys()
+    triple = (large, head, large)
+    llm = LLM(*map(str, triple), lam=LAM, block_size=4, kv_cache_blocks=64)
+    for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False):
+        assert o.outputs[0].token_ids == hf_greedy(triple, o.prompt_token_ids, LAM, llm.llm_engine.vocab_size,
+                                                   GREEDY.max_tokens)
+    tied = make_adapter(base, tmp_path / "tied", seed=9, target_modules=["q_proj", "lm_head"],
+                        save_embedding_layers=False)
+    with pytest.raises(ModelLoadError, match="tied embeddings"):
+        LLM(str(large), str(tied), str(base), kv_cache_blocks=16)

@@ -53,7 +53,7 @@ def compile_all(dtype: str) -> None:
     for e, k, _, _ in SHAPES:
         block_e = 1 << (e - 1).bit_length()
         compile_util.compile_ptx(moe._sum_kernel, dict(y_ptr=f"*{dtype}", ids_ptr="*i32", out_ptr=f"*{dtype}",
-                                                       H="i32"),
+                                                       E="i32", H="i32"),
                                  dict(TOPK=k, BLOCK_K=1 << (k - 1).bit_length(), BLOCK=1024),
                                  aligned=("y_ptr", "out_ptr", "H"), num_warps=4, no_spills=True,
                                  enable_fp_fusion=False)

@@ -210,3 +210,18 @@ def test_fp8_experts_match_the_oracle_on_their_dequantised_weights(dtype: torch.
         fused_moe(x, gu8, dn8, ids, weights, down_scale=dns)  # FP8 weights need their scales
     with pytest.raises(ValueError, match="scale"):
         fused_moe(x, gu8, dn8, ids, weights, gate_up_scale=gus[:, :-1], down_scale=dns)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_and_out_of_range_ids(device: str) -> None:
+    """Outside the contract (distinct ids in [0, E) a row), nothing is read or written out of bounds: a
+    repeated expert is added twice, as the spec adds it, and an id out of range adds nothing."""
+    x, gate_up, down, ids, weights = problem(4, 5, 3, 32, 16, torch.float32, device, seed=9)
+    ids[1, 2] = ids[1, 0]
+    torch.testing.assert_close(fused_moe(x, gate_up, down, ids, weights),
+                               fused_moe_torch(x, gate_up, down, ids, weights), atol=2e-5, rtol=0)
+    ids[2, 1], ids[3, 0] = 5, -1
+    got = fused_moe(x, gate_up, down, ids, weights)
+    keep = (ids >= 0) & (ids < 5)
+    want = fused_moe_torch(x, gate_up, down, torch.where(keep, ids, 0), torch.where(keep, weights, 0))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)

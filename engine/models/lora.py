@@ -37,10 +37,16 @@ PREFIX = "base_model.model."  # PEFT's name for the wrapped model in saved tenso
 # keys that do not change a merged plain-LoRA forward (training, initialisation, bookkeeping); any other
 # key must be unset (None, False, empty) or be one this module reads
 HARMLESS = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "lora_dropout",
-            "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_lora_weights",
-            "auto_mapping", "peft_version", "megatron_config", "megatron_core", "loftq_config", "eva_config",
-            "corda_config", "lora_ga_config", "ensure_weight_tying", "qalora_group_size"}
-READ = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias"}
+            "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "auto_mapping",
+            "peft_version", "megatron_config", "megatron_core", "eva_config", "ensure_weight_tying",
+            "qalora_group_size"}
+READ = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "init_lora_weights"}
+# initialisations that set only A and B; the others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) rewrite the base's
+# weight as PEFT loads the adapter, so W + s·BA would be the wrong R
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
+# a multimodal checkpoint's modules that never touch text (Gemma 3's vision tower and projector)
+NOT_TEXT = ("vision_tower", "multi_modal_projector")
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -66,13 +72,18 @@ class LoraAdapter:
         unsupported = sorted(k for k, v in config.items() if k not in HARMLESS | READ and v not in (None, False, {}, []))
         if config.get("bias", "none") != "none":
             unsupported.append(f"bias={config['bias']!r}")
+        if config.get("init_lora_weights", True) not in PLAIN_INITS:
+            unsupported.append(f"init_lora_weights={config['init_lora_weights']!r}")
+        for key, default in PEFT_DEFAULTS.items():
+            config[key] = config.get(key, default)
+            if isinstance(config[key], bool) or not isinstance(config[key], (int, float)) or config[key] <= 0:
+                raise ModelLoadError(f"{str(path)!r}: adapter_config.json {key} must be a positive number, "
+                                     f"got {config[key]!r}")
         if unsupported:
             raise ModelLoadError(f"{str(path)!r}: adapter_config.json sets {', '.join(unsupported)}, which rast "
                                  "does not implement (plain LoRA on linear layers is merged into the weights)")
         if not (path / ADAPTER_WEIGHTS).is_file():
             raise ModelLoadError(f"{str(path)!r} has no {ADAPTER_WEIGHTS} (pickled adapter weights are never read)")
-        if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
-            raise ModelLoadError(f"{str(path)!r}: use_rslora with rank_pattern or alpha_pattern (PEFT refuses it)")
         return cls(path, config)
 
     def check_base(self, base: str | Path) -> None:
@@ -100,21 +111,50 @@ class LoraAdapter:
         slots = model.weight_map()
         with _safetensors(self.path / ADAPTER_WEIGHTS) as f:
             names = set(f.keys())
-            modules = sorted({n[len(PREFIX):].rsplit(".lora_", 1)[0] for n in names if ".lora_" in n})
-            stray = sorted(n for n in names if not n.startswith(PREFIX) or ".lora_A." not in n and ".lora_B." not in n)
-            if stray:
-                raise ModelLoadError(f"{str(self.path)!r}: adapter tensors other than LoRA's A and B: {stray[:3]}")
-            for module in modules:
-                a_name, b_name = (f"{PREFIX}{module}.lora_{x}.weight" for x in "AB")
-                if a_name not in names or b_name not in names or module + ".weight" not in slots:
-                    raise ModelLoadError(f"{str(self.path)!r}: adapter module {module!r} has no A and B pair or no "
-                                         "projection of the base model to merge into")
-                param, start, rows = slots[module + ".weight"]
-                target = param.narrow(0, start, rows)
-                a, b = f.get_tensor(a_name).float(), f.get_tensor(b_name).float()
-                r, scale = self.rank_and_scale(module)
-                if a.shape != (r, target.shape[1]) or b.shape != (target.shape[0], r):
-                    raise ModelLoadError(f"{str(self.path)!r}: {module}: lora_A {list(a.shape)} and lora_B "
-                                         f"{list(b.shape)} do not fit the base's {list(target.shape)} at rank {r}")
-                delta = (b.to(target.device) @ a.to(target.device)) * scale
-                target.copy_((target.float() + delta).to(target.dtype))
+            for name in sorted(names):
+                if not name.startswith(PREFIX):
+                    raise ModelLoadError(f"{str(self.path)!r}: adapter tensor {name!r} is not PEFT's")
+                if ".lora_A." in name or ".lora_B." in name:
+                    continue
+                # PEFT's save_embedding_layers: a copy of an adapted head's or embedding's own weight
+                ours = _our_name(name[len(PREFIX):].replace(".base_layer.", "."))
+                if ours not in slots or not torch.equal(f.get_tensor(name).to(slots[ours][0].dtype),
+                                                        slots[ours][0].narrow(0, slots[ours][1], slots[ours][2])):
+                    raise ModelLoadError(f"{str(self.path)!r}: adapter tensor {name!r} is neither LoRA's A nor B, "
+                                         "nor a copy of the base's weight")
+            for module in sorted({n[len(PREFIX):].rsplit(".lora_", 1)[0] for n in names if ".lora_" in n}):
+                self._merge_module(f, names, module, slots, model.config.tie_word_embeddings)
+
+    def _merge_module(self, f: Any, names: set[str], module: str, slots: dict, tied: bool) -> None:
+        """``module``: PEFT's name (rank_pattern and alpha_pattern match it); its slot: the engine's name."""
+        ours = _our_name(module)
+        if ours + ".weight" not in slots and any(part in module for part in NOT_TEXT):
+            logger.warning("LoRA adapter %s: %s does not touch text and is not read", self.path, module)
+            return
+        a_name, b_name = (f"{PREFIX}{module}.lora_{x}.weight" for x in "AB")
+        if ours == "lm_head" and tied:
+            raise ModelLoadError(f"{str(self.path)!r}: an lm_head LoRA over a base with tied embeddings would untie "
+                                 "them; not supported")
+        if a_name not in names or b_name not in names or ours + ".weight" not in slots:
+            raise ModelLoadError(f"{str(self.path)!r}: adapter module {module!r} has no A and B pair or no "
+                                 "projection of the base model to merge into")
+        param, start, rows = slots[ours + ".weight"]
+        target = param.narrow(0, start, rows)
+        a, b = f.get_tensor(a_name).float(), f.get_tensor(b_name).float()
+        r, scale = self.rank_and_scale(module)
+        if a.shape != (r, target.shape[1]) or b.shape != (target.shape[0], r):
+            raise ModelLoadError(f"{str(self.path)!r}: {module}: lora_A {list(a.shape)} and lora_B "
+                                 f"{list(b.shape)} do not fit the base's {list(target.shape)} at rank {r}")
+        delta = (b.to(target.device) @ a.to(target.device)) * scale
+        target.copy_((target.float() + delta).to(target.dtype))
+
+
+def _our_name(module: str) -> str:
+    """A module's name in the engine's model: a multimodal checkpoint's language model loses its prefix, as
+    the loader reads its tensors (loader.LANGUAGE_MODEL_PREFIXES)."""
+    from rast_engine.models.loader import LANGUAGE_MODEL_PREFIXES
+
+    for ours, theirs in LANGUAGE_MODEL_PREFIXES:
+        if module.startswith(theirs):
+            return ours + module[len(theirs):]
+    return module

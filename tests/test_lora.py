@@ -145,3 +145,31 @@ def test_an_lm_head_lora_merges_into_an_untied_head_and_is_refused_over_a_tied_o
                         save_embedding_layers=False)
     with pytest.raises(ModelLoadError, match="tied embeddings"):
         LLM(str(large), str(tied), str(base), kv_cache_blocks=16)
+
+
+def test_an_adapter_over_a_multimodal_gemma3_base(gemma3_triple: tuple, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """PEFT names a multimodal Gemma 3 base's language model model.language_model.*: those modules merge into
+    the language model the engine serves; the vision tower's adapted q/v are skipped with a warning. Greedy
+    RAST equals HF loading the adapter over the multimodal model."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig
+
+    large, _, small = gemma3_triple
+    text = {k: v for k, v in json.loads((small / "config.json").read_text()).items()
+            if k not in ("architectures", "model_type", "transformers_version")}
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=Gemma3TextConfig(**text), vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=99, boi_token_index=98, eoi_token_index=97)
+    torch.manual_seed(0)
+    multimodal = tmp_path / "multimodal"
+    Gemma3ForConditionalGeneration(config).eval().save_pretrained(str(multimodal))
+    AutoTokenizer.from_pretrained(str(small)).save_pretrained(str(multimodal))
+    adapter = make_adapter(multimodal, tmp_path / "adapter", seed=10, target_modules=["q_proj", "v_proj", "down_proj"])
+    triple = (large, adapter, multimodal)
+    with caplog.at_level("WARNING", logger="rast"):
+        llm = LLM(*map(str, triple), lam=LAM, block_size=4, kv_cache_blocks=64)
+    assert "vision_tower" in caplog.text and "not read" in caplog.text
+    for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False):
+        assert o.outputs[0].token_ids == hf_greedy(triple, o.prompt_token_ids, LAM, llm.llm_engine.vocab_size,
+                                                   GREEDY.max_tokens)

@@ -34,7 +34,7 @@ from bench.decode_runs import (LAM, SPEC_GAMMA, engine_generate, first_token_ms,
                                output_heads, peak_logits, print_profile, profile_engine, spec_round)
 from bench.decode_modes import ENGINE_MODES, MODES  # noqa: E402
 from bench.decode_targets import judge  # noqa: E402
-from bench.decode_configs import CONFIGS, PAIRINGS, TINY, materialize, pairing_models  # noqa: E402, F401
+from bench.decode_configs import CONFIGS, PAIRINGS, TINY, TINY_PAIRINGS, materialize, pairing_models  # noqa: E402, F401
 from bench.roofline import kv_bytes_per_token, param_counts, roofline_ms, weight_bytes  # noqa: E402
 
 GPU_RESERVE_BYTES = 3 << 30  # activations, logits, sampler workspace, CUDA graph pools, allocator slack
@@ -202,7 +202,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     ap.add_argument("--tiny", action="store_true", help="tiny random configs (automatic without CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer generated tokens (32; tiny: 6)")
     ap.add_argument("--device", default="auto", help="cuda | cpu | auto")
-    ap.add_argument("--pairings", nargs="+", choices=[*PAIRINGS, "tiny"], help="default: all (tiny: tiny)")
+    ap.add_argument("--pairings", nargs="+", choices=[*PAIRINGS, *TINY_PAIRINGS],
+                    help="default: all (tiny: tiny; tiny-moe: a tiny mixture of experts as the large model)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--batches", nargs="+", type=int, help="default 1 8 32 128 (tiny: 1 4)")
     ap.add_argument("--prompt", type=int, help="prompt tokens per request (default 128; tiny 16)")
@@ -236,8 +237,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     a.gen = a.gen or ((6 if a.quick else 12) if a.tiny else (32 if a.quick else 128))
     a.warmup = a.warmup or (3 if a.tiny else 8)
     a.ttft_repeats = (1 if a.tiny else 4) if a.ttft_repeats is None else a.ttft_repeats
-    if a.tiny != (a.pairings == ["tiny"]):
-        ap.error("--tiny runs the pairing 'tiny' only, and 'tiny' needs --tiny")
+    if a.tiny != all(p in TINY_PAIRINGS for p in a.pairings):
+        ap.error(f"--tiny runs the pairings {sorted(TINY_PAIRINGS)} only, and they need --tiny")
     if min(a.batches) < 1 or a.prompt < 1 or a.gen < 2 or a.warmup < 2 or a.warmup > a.gen or a.ttft_repeats < 0:
         ap.error("batches and --prompt must be >= 1, --gen >= 2, 2 <= --warmup <= --gen, --ttft-repeats >= 0")
     return a, device

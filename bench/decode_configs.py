@@ -16,12 +16,18 @@ _TINY_BASE = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num
               "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1}
 # the small pair's vocab is narrower than the large model's, like Qwen2.5-1.5B (151936) vs 7B (152064)
 TINY = {"tiny-large": {**_TINY_BASE, "hidden_size": 128, "intermediate_size": 256, "vocab_size": 512},
-        "tiny-small": {**_TINY_BASE, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 496}}
+        "tiny-small": {**_TINY_BASE, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 496},
+        # a mixture of experts as the large model (as qwen3-30b-a3b+1.7b): eight experts, two a token
+        "tiny-moe-large": {**_TINY_BASE, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+                           "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
+                           "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "head_dim": 32,
+                           "vocab_size": 512}}
+TINY_PAIRINGS = {"tiny": ("tiny-large", "tiny-small"), "tiny-moe": ("tiny-moe-large", "tiny-small")}
 
 
 def pairing_models(pairing: str) -> tuple[str, str]:
     """(large, small) config names: bench/configs/<name>.json or TINY."""
-    return ("tiny-large", "tiny-small") if pairing == "tiny" else PAIRINGS[pairing]
+    return TINY_PAIRINGS[pairing] if pairing in TINY_PAIRINGS else PAIRINGS[pairing]
 
 
 def materialize(pairing: str, tmp: Path) -> tuple[list[Path], list[dict]]:

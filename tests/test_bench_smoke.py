@@ -268,3 +268,19 @@ def test_param_counts_of_the_other_layouts_match_transformers(model_type: str) -
     assert total == model.num_parameters()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert read == total - (0 if tied else model.get_input_embeddings().weight.numel()) - unrouted(model)
+
+
+def test_a_moe_pairing_runs_every_mode_with_a_roofline_of_the_experts_it_reaches(tmp_path: Path) -> None:
+    """The tiny mixture-of-experts pairing (qwen3-30b-a3b+1.7b's shape of run): every mode, the HF peer's
+    Qwen3-MoE and the FP8 experts included, and a roofline whose weight bytes grow with the experts a
+    batch reaches (float32: four bytes a weight)."""
+    result, _, _ = run_bench("decode.py", tmp_path, "--tiny", "--quick", "--device", "cpu", "--pairings", "tiny-moe",
+                             "--commit", "moesmoke", pattern="decode-*-moesmoke.json", env={"HF_HUB_OFFLINE": "1"},
+                             timeout=240)
+    assert result["errors"] == [] and {r["mode"] for r in result["rows"]} == set(decode.MODES)
+    large = decode.TINY["tiny-moe-large"]
+    for r in result["rows"]:
+        if r["mode"] == "base":
+            assert r["weight_bytes_read"] == decode.param_counts(large, r["batch"])[1] * 4
+    base = {r["batch"]: r["weight_bytes_read"] for r in result["rows"] if r["mode"] == "base"}
+    assert base[4] > base[1]

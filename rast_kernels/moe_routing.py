@@ -7,11 +7,11 @@ has 48 sparse layers, and the torch ops these replace were about 20 launches a l
   stored in the model dtype (Mixtral: float32). One program a token. The experts are chosen by logit
   (softmax is monotonic, so they are the k most probable) and a tie goes to the lower id; each row lists
   its experts in ascending id order, the order HF adds their outputs in.
-- ``align``: ids -> (pairs, tile_expert) for the expert GEMMs, in one program: count each expert's
-  pairs, pad each run to a multiple of BLOCK_M, and give every pair a slot in its expert's run by an
-  atomic cursor. A run's order varies from launch to launch; the results do not, since each row of a
-  tile is computed on its own and written by pair index. The layout bound is from shapes alone
-  (``slots``), so no host sync.
+- ``align``: ids -> (pairs, tile_expert) for the expert GEMMs, in one program at decode sizes (a stable
+  sort in torch ops past them): count each expert's pairs, pad each run to a multiple of BLOCK_M, and
+  give every pair a slot in its expert's run by an atomic cursor. A run's order varies from launch to
+  launch; the results do not, since each row of a tile is computed on its own and written by pair index.
+  The layout bound is from shapes alone (``slots``), so no host sync.
 
 ``moe_route_torch`` and ``align_torch`` are the executable specs (the latter sorts the pairs stably).
 """
@@ -24,6 +24,9 @@ from triton.language.extra import libdevice
 
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable
 from rast_kernels.layer_ops_numerics import _round
+
+
+ONE_PROGRAM_PAIRS = 4096  # align's one program takes a decode batch's pairs (256 tokens x k = 16) in 32 rounds
 
 
 def slots(pairs: int, experts: int, block_m: int) -> int:
@@ -155,10 +158,14 @@ def _align_kernel(ids_ptr, scratch_ptr, pairs_ptr, tile_expert_ptr, P, E, SLOTS,
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """align_torch's layout in one launch (each run's order may differ; see the module docstring)."""
+    """align_torch's layout in one launch (each run's order may differ; see the module docstring). Past
+    ONE_PROGRAM_PAIRS (prefill), align_torch's sort, whose dozen launches each use the whole GPU, where one
+    program would loop over the pairs for milliseconds a layer."""
     require_launchable(topk_ids, "topk_ids")
     flat = topk_ids.reshape(-1)
     p, n = flat.numel(), slots(flat.numel(), num_experts, block_m)
+    if p > ONE_PROGRAM_PAIRS:
+        return align_torch(topk_ids, num_experts, block_m)
     block_e = next_pow2(num_experts)
     scratch = torch.empty(3 * block_e, dtype=torch.int32, device=flat.device)
     pairs = torch.empty(n, dtype=torch.int32, device=flat.device)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.decode_configs import PAIRINGS, materialize  # noqa: E402
+from bench.decode_configs import PAIRINGS, TINY_PAIRINGS, materialize  # noqa: E402
 from bench.roofline import kv_bytes_read, param_counts  # noqa: E402
 
 MODES = {"base": False, "rast": True}  # the large model alone, or with the small pair (every fast path on)
@@ -90,7 +90,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     ap.add_argument("--tiny", action="store_true", help="tiny random configs (automatic without CUDA)")
     ap.add_argument("--quick", action="store_true", help="fewer requests (200; tiny 8)")
     ap.add_argument("--device", default="auto", help="cuda | cpu | auto")
-    ap.add_argument("--pairings", nargs="+", choices=[*PAIRINGS, "tiny"], help="default 7b+1.5b (tiny: tiny)")
+    ap.add_argument("--pairings", nargs="+", choices=[*PAIRINGS, *TINY_PAIRINGS],
+                    help="default 7b+1.5b (tiny: tiny; tiny-moe: a tiny mixture of experts as the large model)")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--num-prompts", type=int, help="requests (default 1000; tiny 16; quick 200 / 8)")
     ap.add_argument("--input-len", type=int, help="prompt tokens (default 512; tiny 16)")
@@ -104,8 +105,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     a.tiny = a.tiny or device.type != "cuda"
     a.pairings = a.pairings or (["tiny"] if a.tiny else ["7b+1.5b"])
-    if a.tiny != (a.pairings == ["tiny"]):
-        ap.error("--tiny runs the pairing 'tiny' only, and 'tiny' needs --tiny")
+    if a.tiny != all(p in TINY_PAIRINGS for p in a.pairings):
+        ap.error(f"--tiny runs the pairings {sorted(TINY_PAIRINGS)} only, and they need --tiny")
     if a.num_prompts is None:
         a.num_prompts = (8 if a.quick else 16) if a.tiny else (200 if a.quick else 1000)
     if a.input_len is None:

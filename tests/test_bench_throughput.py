@@ -40,3 +40,12 @@ def test_zero_lengths_are_refused_not_replaced() -> None:
     for flag in ("--num-prompts", "--input-len", "--output-len"):
         with pytest.raises(SystemExit):
             bench.parse([flag, "0"])
+
+
+def test_the_moe_pairing_runs_on_the_cpu(tmp_path) -> None:  # noqa: ANN001
+    """tiny-moe (a tiny Qwen3-MoE as the large model): every request made whole, a positive floor."""
+    bench = load_bench("throughput.py")
+    assert bench.main(["--quick", "--pairings", "tiny-moe", "--num-prompts", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("throughput-*.json")).read_text())["rows"]
+    assert {(r["pairing"], r["mode"]) for r in rows} == {("tiny-moe", "base"), ("tiny-moe", "rast")}
+    assert all(r["output_tokens"] > 0 and r["floor_s"] > 0 for r in rows)

@@ -137,8 +137,8 @@ case "$stage" in
     ;;
   moe)  # a mixture of experts as the large model (a later session's stage)
     install
-    timeout "$(upto 120)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_kernel.py \
-      tests/test_gpu_engine.py -k "moe or mixtral" 2>&1 | tee -a "$log"
+    timeout "$(upto 150)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_kernel.py \
+      tests/test_moe_engine.py tests/test_gpu_engine.py -k "moe or mixtral" 2>&1 | tee -a "$log"
     timeout "$(upto 90)" python3 bench/moe.py --out "$out" 2>&1 | tee -a "$log"
     decode "$(left)" --pairings qwen3-30b-a3b+1.7b --modes base rast base-fp8 rast-fp8 --batches 1 32 \
       --name decode-moe --profile --profile-modes rast

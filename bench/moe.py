@@ -3,7 +3,7 @@ logits, at decode and prefill token counts, against the floor of reading the exp
 once.
 
 A mixture of experts at decode reads only the experts its tokens route to: Qwen3-30B-A3B's layer holds
-128 experts of 3 · 2048 · 768 weights and one token reads 8 of them (19 MB of 1.2 GB in bf16). The floor of
+128 experts of 3 · 2048 · 768 weights and one token reads 8 of them (75 MB of 1.2 GB in bf16). The floor of
 a call is the bytes of the distinct experts its routing names (counted from the ids, not estimated) over
 the measured copy bandwidth. Routing: a random router's softmax, top-k, renormalised (Qwen3's), so near
 uniform. Impls, side by side, each from the router logits (the router's GEMM is not timed):

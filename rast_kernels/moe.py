@@ -3,7 +3,9 @@ gated MLPs, weighted by the router and summed,
 
     out[t] = Σ_j w[t, j] · down_e(silu(gate_e · x_t) · up_e · x_t),   e = ids[t, j].
 
-Weights in HF's fused layout: gate_up [E, 2I, H] (expert e's gate rows, then its up rows), down [E, H, I].
+Weights in HF's fused layout: gate_up [E, 2I, H] (expert e's gate rows, then its up rows), down [E, H, I],
+in the activations' dtype or in FP8 (float8_e4m3fn with a float32 scale per output channel, converted
+exactly in registers and scaled once after the dot, as rast_kernels.fp8_linear does).
 
 Algorithm (device ops only, no host sync, so a decode step with it captures into a CUDA graph):
 1. ``align`` (rast_kernels.moe_routing, one program): the P = T·k (token, slot) pairs are grouped by

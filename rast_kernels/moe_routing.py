@@ -37,7 +37,7 @@ def slots(pairs: int, experts: int, block_m: int) -> int:
 
 def moe_route_torch(logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's router (Qwen3-MoE's, OLMoE's, Mixtral's): (weights in ``dtype``, ids), most probable first."""
+    """HF's router (Qwen3-MoE's, OLMoE's, Mixtral's): (ids, weights in ``dtype``), most probable first."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:

@@ -144,3 +144,17 @@ def test_moe_decode_step_captures_and_replays_as_a_graph(qwen3_moe_triple: tuple
         install_fast_path(engine.runner)
         got = generate_all(engine, prompts(3, seed=3), SAMPLED)
     assert got == want and emu.replays == 2 * (SAMPLED.max_tokens - 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_gpu_moe_engine_equals_cpu(sparse_large_dense_small: tuple, quantization: object) -> None:
+    """A sparse large model on the GPU (Triton routing and expert kernels, in CUDA graphs; its experts in
+    FP8 too, against the CPU's spec over the same FP8 weights): the CPU's greedy tokens, float32."""
+    kw = dict(lam=LAM, dtype="float32", block_size=4, kv_cache_blocks=64, quantization=quantization)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    cpu = LLM(*map(str, sparse_large_dense_small), device="cpu", **kw)
+    gpu = LLM(*map(str, sparse_large_dense_small), device="cuda", attention_backend="triton", **kw)
+    assert gpu.llm_engine.runner.graphs is not None
+    assert ([o.outputs[0].token_ids for o in gpu.generate(PROMPTS, params, use_tqdm=False)] ==
+            [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, params, use_tqdm=False)])

@@ -2,7 +2,8 @@
 Gemma's GELU-tanh-and-multiply) behind one small interface, so the model has a single code path:
 
 - "torch": HF transformers' formulas in plain PyTorch, about 35 small kernels per layer; the CPU default.
-  A mixture of experts loops over the experts as HF's does (over every expert on CUDA, so no host sync).
+  A mixture of experts loops over the experts as HF's does (over every expert on CUDA, so no host sync;
+  FP8 experts there take rast_kernels.moe's kernels, as FP8 linears take fp8_linear's).
 - "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings (six where OLMo
   norms q and k over all heads or Gemma norms each sublayer's output too), the rotary one
   also norming each head first (Qwen3) and writing this step's k/v into the paged cache
@@ -120,6 +121,8 @@ class TorchLayerOps:
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor, gate_up_scale: Optional[torch.Tensor] = None,
                   down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.is_cuda and gate_up_scale is not None:  # as FP8 linears: the spec would dequantise every expert a step
+            return fused_moe(x, gate_up, down, topk_ids, topk_weights, "triton", gate_up_scale, down_scale)
         return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights, None, gate_up_scale, down_scale)
 
 

@@ -12,8 +12,11 @@ in float32 to accumulation order (tests/test_lora.py checks the engine against t
 of the adapter).
 
 Anything in adapter_config.json that would change the forward beyond plain LoRA on linear layers (DoRA,
-biases, modules_to_save, trainable tokens, activated LoRA, layer replication, ...) is refused by name, as
-is an adapter tensor with no projection of the base to land in.
+biases, modules_to_save, trainable tokens, activated LoRA, layer replication, an initialisation that
+rewrites the base as PEFT loads the adapter: PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) is refused by name, as
+are an lm_head LoRA over tied embeddings and an adapter tensor with no projection of the base to land in;
+over a multimodal base, the modules of its vision tower and projector are skipped with a warning (they
+never touch text). PEFT's copy of an adapted head's own weight must equal the base's.
 """
 from __future__ import annotations
 

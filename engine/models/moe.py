@@ -10,7 +10,9 @@ Qwen2-MoE, Mixtral, OLMoE) as HF's sparse MoE blocks compute it:
 
 The experts' weights are two 2-D parameters, gate_up [E·2I, H] (expert e's gate rows, then its up rows)
 and down [E·H, I], so the loader fills each checkpoint tensor into a run of rows as it fills the fused
-dense projections; forward views them as [E, 2I, H] and [E, H, I]. Stacked small models (models.stacked)
+dense projections; forward views them as [E, 2I, H] and [E, H, I]. With quantization="fp8" they are FP8
+buffers with a float32 scale per output channel instead (``use_fp8_experts``, models/fp8.py), which the
+kernels read as rast_kernels.fp8_linear reads its weights. Stacked small models (models.stacked)
 are one SparseMoE over all their experts, each model's rows routed among its own. No host sync, so it
 captures into a CUDA graph.
 """

@@ -211,25 +211,40 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
             raise ModelLoadError(f"the tokenizer of {role} ({path}) differs from the tokenizer of model "
                                  f"({paths[0]}): {diff}. All models must share one tokenizer.")
     dtype = resolve_dtype(config.dtype, device, configs[0])
-    models: list[CausalLM] = []
+    models: dict[int, CausalLM] = {}
     loaded: dict[tuple, CausalLM] = {}  # a directory filling several roles (a base shared by experts) loads once
-    for i, (path, role) in enumerate(zip(paths, names)):
+    for i in [0] + [j for rl in range(1, len(paths), 2) for j in (rl + 1, rl)]:  # a pair's base before its rl
+        path, role = paths[i], names[i]
         quantization = config.quantization if i == 0 else None  # the large model only (models/fp8.py)
         key = (Path(path).resolve(), Path(sources[i]).resolve(), quantization)  # an adapter: over its base
         if config.load_format != "dummy" and key in loaded:  # dummy weights differ per role by design
-            models.append(loaded[key])
+            models[i] = loaded[key]
             continue
         try:
-            models.append(load_model(sources[i], device=device, dtype=dtype, attention=attention,
-                                     load_format=config.load_format, seed=dummy_seed(config.seed, i), ops=ops,
-                                     quantization=quantization))
-            if adapters[i] is not None and config.load_format != "dummy":
-                adapters[i].merge_into(models[-1])
+            models[i] = _load_role(config, i, sources[i], adapters[i], models.get(i + 1), device, dtype, attention,
+                                   ops, quantization)
         except ModelLoadError as e:
             raise ModelLoadError(f"{role}: {e}") from None
-        loaded[key] = models[-1]
+        loaded[key] = models[i]
     tokenizer = tokenizers[0]
     vocab = min(([] if tokenizer is None else [len(tokenizer)]) + [c.vocab_size for c in configs])
     eos, named = eos_token_ids(paths[0], tokenizer, config.generation_config)
-    return ModelSet(models=models, configs=configs, roles=names, tokenizer=tokenizer, vocab_size=vocab,
-                    eos_token_ids=eos, named_eos_ids=named, weights=[p.weight for p in config.pairs])
+    return ModelSet(models=[models[i] for i in range(len(paths))], configs=configs, roles=names,
+                    tokenizer=tokenizer, vocab_size=vocab, eos_token_ids=eos, named_eos_ids=named,
+                    weights=[p.weight for p in config.pairs])
+
+
+def _load_role(config: EngineConfig, i: int, source: str, adapter: Optional[LoraAdapter], base: Optional[CausalLM],
+               device: torch.device, dtype: torch.dtype, attention: AttentionBackend, ops: LayerOps,
+               quantization: Optional[str]) -> CausalLM:
+    """Role i's model: loaded from ``source``; an adapter's, a view of its pair's loaded ``base`` (no
+    weight copied: models/lora.py), or the adapter merged into a copy where a view cannot hold it."""
+    if adapter is not None and config.load_format != "dummy":
+        view = adapter.view_of(base)
+        if view is not None:
+            return view
+    model = load_model(source, device=device, dtype=dtype, attention=attention, load_format=config.load_format,
+                       seed=dummy_seed(config.seed, i), ops=ops, quantization=quantization)
+    if adapter is not None and config.load_format != "dummy":
+        adapter.merge_into(model)
+    return model

@@ -12,7 +12,7 @@ import torch
 
 from rast_engine import LLM, SamplingParams
 from rast_engine.errors import ModelLoadError
-from rast_engine.models.lora import LoraAdapter
+from rast_engine.models.lora import LoraAdapter, LoraLinear
 from test_engine import LAM, PROMPTS, hf_greedy
 
 peft = pytest.importorskip("peft")  # the dev extra's
@@ -50,10 +50,14 @@ def test_an_adapter_as_the_rl_model_decodes_as_hf_loads_it(lora_triple: tuple, s
     for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False):
         assert out.outputs[0].token_ids == hf_greedy(lora_triple, out.prompt_token_ids, LAM,
                                                      llm.llm_engine.vocab_size, GREEDY.max_tokens)
-    rl, base = llm.llm_engine.runner.units[1:] if not stack else (None, None)
-    if not stack:  # R is its own dense model: the base's weights moved by the adapter, the base's untouched
-        assert not torch.equal(rl.layers[0].self_attn.qkv_proj.weight, base.layers[0].self_attn.qkv_proj.weight)
-        assert torch.equal(rl.embed_tokens.weight, base.embed_tokens.weight)
+    units = llm.llm_engine.runner.units
+    if stack:  # one stacked unit whose projections read the shared weight once, R's rows given their LoRA
+        qkv = units[1].layers[0].self_attn.qkv_proj
+        assert len(units) == 2 and qkv.shared is not None and [lora is not None for lora in qkv.loras] == [True, False]
+    else:  # R is the base's own tensors (no copy) plus LoRA projections
+        rl, base = units[1:]
+        assert rl.layers[0].self_attn.qkv_proj.weight is base.layers[0].self_attn.qkv_proj.weight
+        assert isinstance(rl.layers[0].self_attn.qkv_proj, LoraLinear) and rl.embed_tokens.weight is base.embed_tokens.weight
 
 
 def test_rslora_and_per_module_patterns_scale_as_peft(qwen2_triple: tuple, tmp_path: Path) -> None:
@@ -120,9 +124,9 @@ def test_one_adapter_over_two_bases_is_two_models(lora_triple: tuple, qwen2_trip
     llm = LLM(str(large), experts=[(str(adapter), str(base), 0.5), (str(adapter), str(other), 0.5)],
               block_size=4, kv_cache_blocks=32, stack_small_models=False)
     _, r1, s1, r2, s2 = llm.llm_engine.runner.units
-    w = [m.layers[0].self_attn.qkv_proj.weight for m in (r1, s1, r2, s2)]
-    assert not torch.equal(w[0], w[2])
-    torch.testing.assert_close(w[0] - w[1], w[2] - w[3], atol=1e-6, rtol=0)
+    assert r1.layers[0].mlp.down_proj.weight is s1.layers[0].mlp.down_proj.weight
+    assert r2.layers[0].mlp.down_proj.weight is s2.layers[0].mlp.down_proj.weight
+    assert s1.layers[0].mlp.down_proj.weight is not s2.layers[0].mlp.down_proj.weight
 
 
 def test_an_lm_head_lora_merges_into_an_untied_head_and_is_refused_over_a_tied_one(lora_triple: tuple,
@@ -173,3 +177,39 @@ def test_an_adapter_over_a_multimodal_gemma3_base(gemma3_triple: tuple, tmp_path
     for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False):
         assert o.outputs[0].token_ids == hf_greedy(triple, o.prompt_token_ids, LAM, llm.llm_engine.vocab_size,
                                                    GREEDY.max_tokens)
+
+
+def test_the_fused_kernels_and_a_captured_step_read_the_shared_weights(lora_triple: tuple,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton layer ops and attention (interpreted) give HF's greedy tokens with the adapter's model stacked
+    on its base; and under the CUDA emulator (tests/cuda_emulator.py) the stacked step with its LoRA rows
+    captures and replays as the eager engine decodes."""
+    import os
+
+    llm = LLM(*map(str, lora_triple), lam=LAM, block_size=4, kv_cache_blocks=64, layer_ops="triton",
+              attention_backend="triton")
+    for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False):
+        assert o.outputs[0].token_ids == hf_greedy(lora_triple, o.prompt_token_ids, LAM, llm.llm_engine.vocab_size,
+                                                   GREEDY.max_tokens)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from cuda_emulator import emulated_cuda
+    from test_emulated_fast_path import SAMPLED, generate_all, install_fast_path, prompts, triton_engine
+
+    want = generate_all(triton_engine(lora_triple), prompts(3, seed=3), SAMPLED)
+    engine = triton_engine(lora_triple)
+    assert [u.copies for u in engine.runner.units] == [1, 2]
+    with emulated_cuda(monkeypatch) as emu:
+        install_fast_path(engine.runner)
+        got = generate_all(engine, prompts(3, seed=3), SAMPLED)
+    assert got == want and emu.replays == 2 * (SAMPLED.max_tokens - 1)
+
+
+def test_speculative_rounds_drafted_by_the_shared_pair_give_the_plain_tokens(lora_triple: tuple) -> None:
+    kw = dict(lam=LAM, block_size=4, kv_cache_blocks=64)
+    plain = LLM(*map(str, lora_triple), **kw)
+    spec = LLM(*map(str, lora_triple), speculative_tokens=3, **kw)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=4, ignore_eos=True)
+    for p in (GREEDY, params):
+        assert ([o.outputs[0].token_ids for o in spec.generate(PROMPTS, p, use_tqdm=False)] ==
+                [o.outputs[0].token_ids for o in plain.generate(PROMPTS, p, use_tqdm=False)])

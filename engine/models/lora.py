@@ -3,13 +3,14 @@ adapter directory (adapter_config.json + adapter_model.safetensors, as PEFT's sa
 them) whose base is the pair's ``small_base``. RL fine-tuning with LoRA is common, and R − S is then
 exactly the adapter's contribution.
 
-The adapter is merged into a copy of the base's weights at load: W_R = W_S + s · B A for each adapted
-projection, s = lora_alpha / r (lora_alpha / √r with use_rslora; per module through rank_pattern and
-alpha_pattern, as PEFT matches them), in float32 and then rounded once to the model dtype. R is then a
-dense model like any other (stacked with S, captured in CUDA graphs), and its merged bf16 weights are what
-a fully fine-tuned R saved in bf16 would hold. PEFT computes x Wᵀ + s · (x Aᵀ) Bᵀ unmerged instead: equal
-in float32 to accumulation order (tests/test_lora.py checks the engine against transformers' own loading
-of the adapter).
+R is a view of the loaded base (``view_of``): a model whose every tensor is the base's own, with each
+adapted projection a LoraLinear computing x Wᵀ + (x Aᵀ)(s·B)ᵀ unmerged, as PEFT does, s = lora_alpha / r
+(lora_alpha / √r with use_rslora; per module through rank_pattern and alpha_pattern, as PEFT matches them).
+R costs no weight memory, and models.stacked runs R and S as one forward that reads each shared weight
+once for both. Where the adapter adapts more than a dense model's decoder projections (an untied lm_head,
+a mixture of experts' experts), it is merged instead into a copy of the base's weights: W_R = W_S + s · B A
+in float32, rounded once to the model dtype (what a fully fine-tuned R saved in that dtype would hold).
+tests/test_lora.py checks both against transformers' own loading of the adapter.
 
 Anything in adapter_config.json that would change the forward beyond plain LoRA on linear layers (DoRA,
 biases, modules_to_save, trainable tokens, activated LoRA, layer replication, an initialisation that
@@ -20,15 +21,17 @@ never touch text). PEFT's copy of an adapted head's own weight must equal the ba
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from rast_engine.errors import ModelLoadError
 from rast_engine.models.decoder import CausalLM
@@ -109,9 +112,41 @@ class LoraAdapter:
     @torch.no_grad()
     def merge_into(self, model: CausalLM) -> None:
         """Add s · B A to every adapted projection's rows of ``model`` (the base's weights, loaded)."""
+        for (param, start, rows), a, b, scale in self._deltas(model):
+            target = param.narrow(0, start, rows)
+            delta = (b.to(target.device) @ a.to(target.device)) * scale
+            target.copy_((target.float() + delta).to(target.dtype))
+
+    @torch.no_grad()
+    def view_of(self, base: CausalLM) -> Optional[CausalLM]:
+        """R as ``base`` itself plus the adapter, unmerged: every weight is the base's own tensor (no copy),
+        and each adapted projection a LoraLinear over the base's. None where the adapter adapts anything
+        but a dense decoder layer's linear projections (then merge_into a copy of the base)."""
+        if base.config.num_experts:
+            return None
+        shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
+        for obj in (base.ops, *(layer.self_attn.backend for layer in base.layers)):
+            shared[id(obj)] = obj
+        view = copy.deepcopy(base, shared)
+        owners = {id(m.weight): (parent, name, m) for parent in view.layers.modules()
+                  for name, m in parent.named_children() if isinstance(m, nn.Linear)}
+        parts: dict[int, list] = {}
+        for (param, start, rows), a, b, scale in self._deltas(view):
+            if id(param) not in owners:
+                return None
+            parts.setdefault(id(param), []).append((start, rows, a, b, scale))
+        for key, linear_parts in parts.items():
+            parent, name, linear = owners[key]
+            setattr(parent, name, LoraLinear(linear, linear_parts))
+        return view
+
+    def _deltas(self, model: CausalLM) -> list[tuple[tuple[torch.Tensor, int, int], torch.Tensor, torch.Tensor,
+                                                       float]]:
+        """(the slot of ``model`` each adapted module lands in, A, B, s), checked against the adapter file."""
         from rast_engine.models.loader import _safetensors
 
         slots = model.weight_map()
+        out = []
         with _safetensors(self.path / ADAPTER_WEIGHTS) as f:
             names = set(f.keys())
             for name in sorted(names):
@@ -126,14 +161,17 @@ class LoraAdapter:
                     raise ModelLoadError(f"{str(self.path)!r}: adapter tensor {name!r} is neither LoRA's A nor B, "
                                          "nor a copy of the base's weight")
             for module in sorted({n[len(PREFIX):].rsplit(".lora_", 1)[0] for n in names if ".lora_" in n}):
-                self._merge_module(f, names, module, slots, model.config.tie_word_embeddings)
+                delta = self._module_delta(f, names, module, slots, model.config.tie_word_embeddings)
+                if delta is not None:
+                    out.append(delta)
+        return out
 
-    def _merge_module(self, f: Any, names: set[str], module: str, slots: dict, tied: bool) -> None:
+    def _module_delta(self, f: Any, names: set[str], module: str, slots: dict, tied: bool) -> Optional[tuple]:
         """``module``: PEFT's name (rank_pattern and alpha_pattern match it); its slot: the engine's name."""
         ours = _our_name(module)
         if ours + ".weight" not in slots and any(part in module for part in NOT_TEXT):
             logger.warning("LoRA adapter %s: %s does not touch text and is not read", self.path, module)
-            return
+            return None
         a_name, b_name = (f"{PREFIX}{module}.lora_{x}.weight" for x in "AB")
         if ours == "lm_head" and tied:
             raise ModelLoadError(f"{str(self.path)!r}: an lm_head LoRA over a base with tied embeddings would untie "
@@ -142,14 +180,48 @@ class LoraAdapter:
             raise ModelLoadError(f"{str(self.path)!r}: adapter module {module!r} has no A and B pair or no "
                                  "projection of the base model to merge into")
         param, start, rows = slots[ours + ".weight"]
-        target = param.narrow(0, start, rows)
         a, b = f.get_tensor(a_name).float(), f.get_tensor(b_name).float()
         r, scale = self.rank_and_scale(module)
-        if a.shape != (r, target.shape[1]) or b.shape != (target.shape[0], r):
+        if a.shape != (r, param.shape[1]) or b.shape != (rows, r):
             raise ModelLoadError(f"{str(self.path)!r}: {module}: lora_A {list(a.shape)} and lora_B "
-                                 f"{list(b.shape)} do not fit the base's {list(target.shape)} at rank {r}")
-        delta = (b.to(target.device) @ a.to(target.device)) * scale
-        target.copy_((target.float() + delta).to(target.dtype))
+                                 f"{list(b.shape)} do not fit the base's {[rows, param.shape[1]]} at rank {r}")
+        return (param, start, rows), a, b, scale
+
+
+class LoraLinear(nn.Module):
+    """A base model's nn.Linear (its own tensors) plus LoRA: y = base(x) + (x Aᵀ) Bᵀ, one delta for all the
+    adapted parts of a fused projection (q/k/v, gate/up): A is their A's stacked, B block-diagonal with
+    each part's scale folded in, so two small GEMMs a projection. ``weight`` and ``bias`` are the base's, so
+    models.stacked sees the pair's shared weight and reads it once for both models."""
+
+    def __init__(self, base: nn.Linear, parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float]]) -> None:
+        super().__init__()
+        self.base = base
+        total = sum(a.shape[0] for _, _, a, _, _ in parts)
+        lora_b = torch.zeros(base.out_features, total, device=base.weight.device)
+        col = 0
+        for start, rows, a, b, scale in parts:
+            lora_b[start:start + rows, col:col + a.shape[0]] = b.to(lora_b.device) * scale
+            col += a.shape[0]
+        lora_a = torch.cat([a for _, _, a, _, _ in parts]).to(base.weight.device)
+        self.lora_a = nn.Parameter(lora_a.to(base.weight.dtype), requires_grad=False)
+        self.lora_b = nn.Parameter(lora_b.to(base.weight.dtype), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_added_(self.base(x), x, self.lora_a, self.lora_b)
+
+
+def lora_added_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """y += (x Aᵀ) Bᵀ in place (y is the fresh output of the base projection), rounding once."""
+    return y.addmm_(x @ lora_a.t(), lora_b.t())
 
 
 def _our_name(module: str) -> str:

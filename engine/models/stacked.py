@@ -16,7 +16,10 @@ So 1/N of the launches for the same bytes read: at batch 1, where each small ker
 rather than on memory, that is most of the small models' cost.
 
 The stacked tensors are the models' own storage: stacking turns each CausalLM's parameters into views of
-them, so nothing is duplicated, and every model still runs alone (tests compare against that).
+them, so nothing is duplicated, and every model still runs alone (tests compare against that). An RL model
+given as a LoRA adapter shares its base's tensors (models/lora.py): stacked with that base, each
+projection is one GEMM over both models' rows, reading the weight once, plus the adapter's rows' LoRA, and
+the shared lm_head one GEMM too.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from rast_engine.models.config import ModelConfig
 from rast_engine.models.blocks import MLP, Attention, RMSNorm
 from rast_engine.models.decoder import CausalLM, soft_capped_
 from rast_engine.models.layers import NORMS, DecoderLayer, PostNormDecoderLayer, SandwichDecoderLayer, forward_layers
+from rast_engine.models.lora import LoraLinear, lora_added_
 from rast_engine.models.moe import SparseMoE
 
 logger = logging.getLogger("rast")
@@ -49,11 +53,21 @@ def stacking_obstacle(a: CausalLM, b: CausalLM) -> Optional[str]:
         return "their dtypes or layer ops differ"
     if a.layers[0].self_attn.backend is not b.layers[0].self_attn.backend:
         return "their attention backends differ"
+    if (is_lora_view(a) or is_lora_view(b)) and a.embed_tokens.weight is not b.embed_tokens.weight:
+        return "a LoRA adapter's model stacks only with its base, whose weights it shares"
     return None
 
 
+def is_lora_view(model: CausalLM) -> bool:
+    """Whether ``model`` is an RL model given as a LoRA adapter over its base's own tensors (models/lora.py)."""
+    return any(isinstance(m, LoraLinear) for m in model.modules())
+
+
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """[N, ...] of the tensors, which become views of it (their old storage is freed: one transient)."""
+    """[N, ...] of the tensors, which become views of it (their old storage is freed: one transient). One
+    tensor N times (a LoRA adapter's model and its base share it) is expanded, not copied."""
+    if all(t is tensors[0] for t in tensors):
+        return tensors[0].data.expand(len(tensors), *tensors[0].shape)
     stacked = torch.stack([t.data for t in tensors])
     for i, t in enumerate(tensors):
         t.data = stacked[i]
@@ -80,14 +94,30 @@ def stacked_metadata(meta: AttentionMetadata, num_blocks: int, copies: int) -> A
 
 class StackedLinear(nn.Module):
     """N nn.Linear of one shape as one: [N*T, in] rows of N models -> [N*T, out], model m's rows through
-    its weight, by one batched GEMM (bias included)."""
+    its weight, by one batched GEMM (bias included). Where the N share one weight (a LoRA adapter's model
+    and its base), one GEMM over all rows reads it once, and each adapted model's rows get their LoRA."""
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
+    def __init__(self, linears: list[nn.Linear | LoraLinear]) -> None:
         super().__init__()
+        self.copies = len(linears)
+        self.loras = [(m.lora_a, m.lora_b) if isinstance(m, LoraLinear) else None for m in linears]
+        if all(m.weight is linears[0].weight for m in linears):
+            self.shared: Optional[nn.Linear] = linears[0].base if isinstance(linears[0], LoraLinear) else linears[0]
+            return
+        if any(self.loras):
+            raise ValueError("a LoRA projection stacks only with the base projection it shares")
+        self.shared = None
         self.weight = _stack([lin.weight for lin in linears])  # [N, out, in]
         self.bias = None if linears[0].bias is None else _stack([lin.bias for lin in linears])[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            y = self.shared(x)
+            rows = x.shape[0] // self.copies
+            for c, lora in enumerate(self.loras):
+                if lora is not None:
+                    lora_added_(y[c * rows:(c + 1) * rows], x[c * rows:(c + 1) * rows], *lora)
+            return y
         x, w = x.view(self.weight.shape[0], -1, x.shape[-1]), self.weight.transpose(1, 2)
         y = torch.bmm(x, w) if self.bias is None else torch.baddbmm(self.bias, x, w)
         return y.view(-1, y.shape[-1])
@@ -170,6 +200,9 @@ class StackedCausalLM(nn.Module):
         """[N, T, hidden] -> N logits [T, vocab_size] in the model dtype, each written into its ``outs``
         entry when given (one GEMM per model: the decode step's static logits are separate buffers)."""
         outs = outs or [None] * self.copies
+        if self.lm_head.stride(0) == 0:  # one head shared (a LoRA adapter's model and its base): read it once
+            logits = soft_capped_(torch.mm(hidden.flatten(0, 1), self.lm_head[0].t()), self.config.logit_softcap)
+            return [part if o is None else o.copy_(part) for part, o in zip(logits.chunk(self.copies), outs)]
         return [soft_capped_(torch.mm(h, w.t()) if o is None else torch.mm(h, w.t(), out=o), self.config.logit_softcap)
                 for h, w, o in zip(hidden, self.lm_head, outs)]
 
@@ -188,7 +221,7 @@ def forward_units(models: list[CausalLM], stack: bool) -> tuple[list[ForwardUnit
             small.append(m)
     groups: list[list[CausalLM]] = []
     for m in small:
-        group = next((g for g in groups if stack and stacking_obstacle(g[0], m) is None), None)
+        group = next((g for g in groups if stack and all(stacking_obstacle(x, m) is None for x in g)), None)
         if group is None:
             groups.append([m])
         else:

@@ -50,6 +50,18 @@ def install_fast_path(runner) -> None:  # noqa: ANN001
     runner.graphs.capture_all()
 
 
+def assert_replays_equal_eager(triple: tuple, monkeypatch: pytest.MonkeyPatch, copies: list[int]) -> None:
+    """One bucket captured on two streams: a sampled batch of 3 decodes as the eager engine does, whose
+    forward units hold ``copies`` models each (the small ones stacked)."""
+    want = generate_all(triton_engine(triple), prompts(3, seed=3), SAMPLED)
+    engine = triton_engine(triple)
+    assert [u.copies for u in engine.runner.units] == copies
+    with emulated_cuda(monkeypatch) as emu:
+        install_fast_path(engine.runner)
+        got = generate_all(engine, prompts(3, seed=3), SAMPLED)
+    assert got == want and emu.replays == 2 * (SAMPLED.max_tokens - 1)
+
+
 def record_ahead(engine) -> list[bool]:  # noqa: ANN001
     """Whether each schedule_ahead call scheduled a batch."""
     ahead, schedule_ahead = [], engine.scheduler.schedule_ahead

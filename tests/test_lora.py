@@ -193,16 +193,9 @@ def test_the_fused_kernels_and_a_captured_step_read_the_shared_weights(lora_trip
                                                    GREEDY.max_tokens)
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
-    from cuda_emulator import emulated_cuda
-    from test_emulated_fast_path import SAMPLED, generate_all, install_fast_path, prompts, triton_engine
+    from test_emulated_fast_path import assert_replays_equal_eager
 
-    want = generate_all(triton_engine(lora_triple), prompts(3, seed=3), SAMPLED)
-    engine = triton_engine(lora_triple)
-    assert [u.copies for u in engine.runner.units] == [1, 2]
-    with emulated_cuda(monkeypatch) as emu:
-        install_fast_path(engine.runner)
-        got = generate_all(engine, prompts(3, seed=3), SAMPLED)
-    assert got == want and emu.replays == 2 * (SAMPLED.max_tokens - 1)
+    assert_replays_equal_eager(lora_triple, monkeypatch, [1, 2])
 
 
 def test_speculative_rounds_drafted_by_the_shared_pair_give_the_plain_tokens(lora_triple: tuple) -> None:

@@ -134,16 +134,9 @@ def test_moe_decode_step_captures_and_replays_as_a_graph(qwen3_moe_triple: tuple
     """Under the CUDA emulator (tests/cuda_emulator.py): the fused MoE's routing sort and kernels run in a
     captured decode step with no host read, on two model streams, and the replays give the eager engine's
     tokens (the small MoE pair stacked)."""
-    from cuda_emulator import emulated_cuda
-    from test_emulated_fast_path import SAMPLED, generate_all, install_fast_path, prompts, triton_engine
+    from test_emulated_fast_path import assert_replays_equal_eager
 
-    want = generate_all(triton_engine(qwen3_moe_triple), prompts(3, seed=3), SAMPLED)
-    engine = triton_engine(qwen3_moe_triple)
-    assert [u.copies for u in engine.runner.units] == [1, 2]
-    with emulated_cuda(monkeypatch) as emu:
-        install_fast_path(engine.runner)
-        got = generate_all(engine, prompts(3, seed=3), SAMPLED)
-    assert got == want and emu.replays == 2 * (SAMPLED.max_tokens - 1)
+    assert_replays_equal_eager(qwen3_moe_triple, monkeypatch, [1, 2])
 
 
 @pytest.mark.gpu

@@ -206,3 +206,19 @@ def test_speculative_rounds_drafted_by_the_shared_pair_give_the_plain_tokens(lor
     for p in (GREEDY, params):
         assert ([o.outputs[0].token_ids for o in spec.generate(PROMPTS, p, use_tqdm=False)] ==
                 [o.outputs[0].token_ids for o in plain.generate(PROMPTS, p, use_tqdm=False)])
+
+
+def test_the_pairs_weight_bytes_count_the_shared_base_once(lora_triple: tuple) -> None:
+    """rast analyze accept's bytes of the pair (its speed-up bound): S's weights once plus the adapter's, and
+    nothing of a base that is the large model."""
+    from rast_engine.analysis.accept import weight_bytes
+
+    large, adapter, base = map(str, lora_triple)
+    m, r, s = LLM(large, adapter, base, kv_cache_blocks=16).llm_engine.model_set.models
+    own = lambda model: sum(p.numel() * p.element_size() for p in model.parameters())  # noqa: E731
+    lora = sum(t.numel() * t.element_size() for n, t in r.named_parameters() if "lora_" in n)
+    assert lora > 0 and weight_bytes(r, s, besides=m) == own(s) + lora
+    over_m = make_adapter(Path(large), Path(adapter).parent / "over_large", seed=11)
+    m, r, s = LLM(large, str(over_m), large, kv_cache_blocks=16).llm_engine.model_set.models
+    assert s is m and weight_bytes(r, s, besides=m) == sum(t.numel() * t.element_size()
+                                                           for n, t in r.named_parameters() if "lora_" in n)

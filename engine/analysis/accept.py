@@ -85,8 +85,12 @@ def speedup_bound(tokens_per_round: float, gamma: int, large_bytes: int, pair_by
     return tokens_per_round * (large_bytes + pair_bytes) / (large_bytes + (gamma + 1) * pair_bytes)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(*models: torch.nn.Module, besides: torch.nn.Module | None = None) -> int:
+    """Bytes of the distinct weight storages of ``models`` (a LoRA RL model shares its base's: read once),
+    leaving out those ``besides`` holds (a base that is the large model)."""
+    held = {} if besides is None else {p.untyped_storage().data_ptr() for p in besides.parameters()}
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in models for p in m.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in held)
 
 
 @dataclass(kw_only=True)
@@ -132,7 +136,7 @@ def run_accept(cfg: AcceptConfig) -> dict[str, Any]:
     llm = LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
               seed=cfg.seed)
     models = llm.llm_engine.model_set.models
-    large_bytes, pair_bytes = weight_bytes(models[0]), weight_bytes(models[1]) + weight_bytes(models[2])
+    large_bytes, pair_bytes = weight_bytes(models[0]), weight_bytes(models[1], models[2], besides=models[0])
     paths = generate_trajectories(llm, problems, template, cfg.max_tokens, temperature=cfg.temperature,
                                   seed=cfg.seed, top_p=cfg.top_p)
     per_traj: list[dict[str, Any]] = []

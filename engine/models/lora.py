@@ -107,6 +107,8 @@ class LoraAdapter:
 
         r, alpha = int(lookup("rank_pattern", self.config["r"])), float(lookup("alpha_pattern",
                                                                                self.config["lora_alpha"]))
+        if r <= 0:
+            raise ModelLoadError(f"{str(self.path)!r}: {module} has rank {r} (rank_pattern); a rank must be positive")
         return r, alpha / (math.sqrt(r) if self.config.get("use_rslora") else r)
 
     @torch.no_grad()

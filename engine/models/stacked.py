@@ -228,7 +228,8 @@ def forward_units(models: list[CausalLM], stack: bool) -> tuple[list[ForwardUnit
             group.append(m)
     if stack:
         for g in groups[1:]:
-            logger.info("small models run as %d forwards: %s", len(groups), stacking_obstacle(groups[0][0], g[0]))
+            reason = next(r for x in groups[0] if (r := stacking_obstacle(x, g[0])) is not None)
+            logger.info("small models run as %d forwards: %s", len(groups), reason)
     units: list[ForwardUnit] = [models[0]] + [g[0] if len(g) == 1 else StackedCausalLM(g) for g in groups]
     order = [models[0]] + [m for g in groups for m in g]
     return units, [next(i for i, m in enumerate(order) if m is role) for role in models]

@@ -22,12 +22,19 @@ TINY = {"tiny-large": {**_TINY_BASE, "hidden_size": 128, "intermediate_size": 25
                            "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
                            "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "head_dim": 32,
                            "vocab_size": 512}}
-TINY_PAIRINGS = {"tiny": ("tiny-large", "tiny-small"), "tiny-moe": ("tiny-moe-large", "tiny-small")}
+TINY_PAIRINGS = {"tiny": ("tiny-large", "tiny-small"), "tiny-moe": ("tiny-moe-large", "tiny-small"),
+                 "tiny-lora": ("tiny-large", "tiny-small")}
+# the RL model as a LoRA adapter over its base (engine/models/lora.py), of this rank on every projection:
+# stacked with the base, the pair reads the base's weights once
+LORA_PAIRINGS = {"7b+1.5b-lora": ("7b+1.5b", 64), "tiny-lora": ("tiny", 8)}
+LORA_TARGETS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
 def pairing_models(pairing: str) -> tuple[str, str]:
     """(large, small) config names: bench/configs/<name>.json or TINY."""
-    return TINY_PAIRINGS[pairing] if pairing in TINY_PAIRINGS else PAIRINGS[pairing]
+    if pairing in TINY_PAIRINGS:
+        return TINY_PAIRINGS[pairing]
+    return PAIRINGS[LORA_PAIRINGS[pairing][0]] if pairing in LORA_PAIRINGS else PAIRINGS[pairing]
 
 
 def materialize(pairing: str, tmp: Path) -> tuple[list[Path], list[dict]]:
@@ -41,4 +48,36 @@ def materialize(pairing: str, tmp: Path) -> tuple[list[Path], list[dict]]:
         (d / "config.json").write_text(json.dumps(cfg))
         dirs.append(d)
         cfgs.append(cfg)
+    if pairing in LORA_PAIRINGS:
+        rank = LORA_PAIRINGS[pairing][1]
+        (dirs[1] / "config.json").unlink()
+        write_adapter(dirs[1], dirs[2], cfgs[2], rank)
+        cfgs[1] = {**cfgs[2], "lora_rank": rank}  # bench/roofline.py counts the adapter's weights alone
     return dirs, cfgs
+
+
+def write_adapter(path: Path, base: Path, cfg: dict, rank: int) -> None:
+    """A PEFT LoRA adapter directory over ``base``: random A and B of ``rank`` on every projection."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rast_engine.models.config import ModelConfig
+
+    m = ModelConfig.from_dict(cfg)
+    shapes = {"q_proj": (m.hidden_size, m.q_size), "k_proj": (m.hidden_size, m.kv_size),
+              "v_proj": (m.hidden_size, m.kv_size), "o_proj": (m.q_size, m.hidden_size),
+              "gate_proj": (m.hidden_size, m.intermediate_size), "up_proj": (m.hidden_size, m.intermediate_size),
+              "down_proj": (m.intermediate_size, m.hidden_size)}
+    g = torch.Generator().manual_seed(rank)
+    tensors = {}
+    for layer in range(m.num_layers):
+        for block, names in LORA_TARGETS.items():
+            for name in names:
+                n_in, n_out = shapes[name]
+                pre = f"base_model.model.model.layers.{layer}.{block}.{name}."
+                tensors[pre + "lora_A.weight"] = torch.randn(rank, n_in, generator=g).mul_(n_in ** -0.5).bfloat16()
+                tensors[pre + "lora_B.weight"] = torch.randn(n_out, rank, generator=g).mul_(0.01).bfloat16()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "base_model_name_or_path": str(base),
+         "target_modules": [n for names in LORA_TARGETS.values() for n in names]}))

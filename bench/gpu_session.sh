@@ -37,13 +37,16 @@
 #                                                      bench/decode.py for qwen3-30b-a3b+1.7b (Qwen3-30B-A3B
 #                                                      steered by a Qwen3-1.7B pair): base and rast, its
 #                                                      experts in bf16 and in FP8, batch 1 and 32
+#   bash bench/gpu_session.sh lora    <sha>            bench/decode.py: 7b+1.5b against 7b+1.5b-lora (the RL
+#                                                      model a rank-64 LoRA adapter sharing its base's weights),
+#                                                      rast and rast-unstacked at batch 1 and 32, base once
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back
 # (first and second write exactly 8: a benchmark added to either needs its files made room for).
 set -uo pipefail
 
-stage=${1:?stage: first | second | tests | kernels | decode | unfused | throughput | moe}
+stage=${1:?stage: first | second | tests | kernels | decode | unfused | throughput | moe | lora}
 export RAST_COMMIT=${2:?the commit being measured}
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -143,13 +146,19 @@ case "$stage" in
     decode "$(left)" --pairings qwen3-30b-a3b+1.7b --modes base rast base-fp8 rast-fp8 --batches 1 32 \
       --name decode-moe --profile --profile-modes rast
     ;;
+  lora)  # what sharing the base's weights buys a LoRA RL model (a later session's stage)
+    install
+    decode "$(part 1 2)" --pairings 7b+1.5b --modes base rast rast-unstacked --batches 1 32 --name decode-lora-full
+    decode "$(left)" --pairings 7b+1.5b-lora --modes rast rast-unstacked --batches 1 32 --name decode-lora \
+      --profile --profile-modes rast
+    ;;
   unfused)
     pairing=${3:?pairing, e.g. 7b+1.5b}
     timeout "$(left)" python3 bench/decode.py --pairings "$pairing" --modes base rast --batches 1 32 \
       --layer-ops torch --profile --profile-modes rast --commit "$RAST_COMMIT" --out "$out" 2>&1 | tee -a "$log"
     ;;
   *)
-    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused | throughput | moe)" | tee -a "$log"
+    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused | throughput | moe | lora)" | tee -a "$log"
     exit 2
     ;;
 esac

@@ -22,8 +22,18 @@ def expected_experts(m: ModelConfig, tokens: int) -> float:
 def param_counts(cfg: dict, tokens: int = 1) -> tuple[int, int]:
     """(all parameters, parameters a decode step of ``tokens`` tokens reads). The input embedding is a
     gather of B rows, so only the lm_head counts as read (the same matrix when tied); every other weight
-    is read once, an expert's only where tokens route to it (expected_experts)."""
+    is read once, an expert's only where tokens route to it (expected_experts). A config with "lora_rank"
+    is an RL model given as a LoRA adapter of that rank on every projection over the model it describes
+    (bench/decode_configs.py): stacked with that base it reads only its adapter's A and B."""
     m = ModelConfig.from_dict(cfg)
+    if cfg.get("lora_rank"):
+        per_layer = sum(n_in + n_out for n_in, n_out in ((m.hidden_size, m.q_size), (m.hidden_size, m.kv_size),
+                                                          (m.hidden_size, m.kv_size), (m.q_size, m.hidden_size),
+                                                          (m.hidden_size, m.intermediate_size),
+                                                          (m.hidden_size, m.intermediate_size),
+                                                          (m.intermediate_size, m.hidden_size)))
+        adapter = m.num_layers * cfg["lora_rank"] * per_layer
+        return adapter, adapter
     h, q, kv = m.hidden_size, m.q_size, m.kv_size
     bias = (q + 2 * kv if m.attention_bias else 0) + (h if m.o_proj_bias else 0)
     qk_norm = 2 * m.head_dim if m.qk_norm else (q + kv if m.qk_norm_full else 0)

@@ -238,8 +238,9 @@ def _load_role(config: EngineConfig, i: int, source: str, adapter: Optional[Lora
                device: torch.device, dtype: torch.dtype, attention: AttentionBackend, ops: LayerOps,
                quantization: Optional[str]) -> CausalLM:
     """Role i's model: loaded from ``source``; an adapter's, a view of its pair's loaded ``base`` (no
-    weight copied: models/lora.py), or the adapter merged into a copy where a view cannot hold it."""
-    if adapter is not None and config.load_format != "dummy":
+    weight copied: models/lora.py; over dummy weights too, so a benchmark's R is its base plus a real
+    adapter), or the adapter merged into a copy where a view cannot hold it (ignored with dummy weights)."""
+    if adapter is not None:  # with dummy weights too: the adapter's own A and B over the dummy base
         view = adapter.view_of(base)
         if view is not None:
             return view

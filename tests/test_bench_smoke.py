@@ -284,3 +284,20 @@ def test_a_moe_pairing_runs_every_mode_with_a_roofline_of_the_experts_it_reaches
             assert r["weight_bytes_read"] == decode.param_counts(large, r["batch"])[1] * 4
     base = {r["batch"]: r["weight_bytes_read"] for r in result["rows"] if r["mode"] == "base"}
     assert base[4] > base[1]
+
+
+def test_a_lora_pairing_reads_the_shared_base_once_in_its_roofline(tmp_path: Path) -> None:
+    """tiny-lora: the RL model a LoRA adapter (rank 8, every projection) over the small base, written as PEFT
+    writes one. Its rast rows count M, S and the adapter (S once); the HF peer, which would need peft, is
+    skipped by name."""
+    result, _, _ = run_bench("decode.py", tmp_path, "--tiny", "--quick", "--device", "cpu", "--pairings", "tiny-lora",
+                             "--modes", "base", "rast", "hf-rast", "--commit", "lorasmoke",
+                             pattern="decode-*-lorasmoke.json", env={"HF_HUB_OFFLINE": "1"}, timeout=240)
+    assert result["errors"] == [] and [s["mode"] for s in result["skipped"]] == ["hf-rast"]
+    large, small = decode.TINY["tiny-large"], decode.TINY["tiny-small"]
+    h, i, layers = small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]
+    kv = small["num_key_value_heads"] * h // small["num_attention_heads"]
+    adapter = layers * 8 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+    for r in result["rows"]:
+        want = decode.param_counts(large)[1] + (decode.param_counts(small)[1] + adapter if r["mode"] == "rast" else 0)
+        assert r["weight_bytes_read"] == want * 4  # float32 on the CPU

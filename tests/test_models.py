@@ -50,10 +50,8 @@ MODEL_CASES = {
     "gemma2": dict(arch="gemma2", tie=False, layers=3),
     # mixtures of four experts, two a token (tests/factories.py MOE): Qwen3's renormalised top-k, with a
     # dense second layer; Qwen2's shared expert; Mixtral's float32 router weights; OLMoE's q/k norms
-    "qwen3_moe": dict(arch="qwen3_moe", tie=False, layers=3),
-    "qwen2_moe": dict(arch="qwen2_moe", tie=False, layers=3),
-    "mixtral": dict(arch="mixtral", tie=False),
-    "olmoe": dict(arch="olmoe", tie=True),
+    "qwen3_moe": dict(arch="qwen3_moe", tie=False, layers=3), "qwen2_moe": dict(arch="qwen2_moe", tie=False, layers=3),
+    "mixtral": dict(arch="mixtral", tie=False), "olmoe": dict(arch="olmoe", tie=True),
 }
 
 
@@ -222,10 +220,9 @@ def _rewrite(path: Path, edit) -> None:
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
-def test_error_missing_tensor_is_named(copy_dir: Path) -> None:
-    """A dense layer's up projection, or an expert's (Mixtral's w3)."""
-    names = load_file(str(copy_dir / "model.safetensors")).keys()
-    name = max(n for n in names if n.startswith("model.layers.1.") and ("up_proj" in n or ".w3." in n))
+def test_error_missing_tensor_is_named(copy_dir: Path) -> None:  # a dense layer's up projection, or an expert's
+    name = max(n for n in load_file(str(copy_dir / "model.safetensors"))
+               if n.startswith("model.layers.1.") and ("up_proj" in n or ".w3." in n))  # Mixtral's up: w3
     _rewrite(copy_dir, lambda t: t.pop(name))
     with pytest.raises(ModelLoadError, match=name.replace(".", r"\.")):
         load_model(copy_dir, device="cpu", dtype="auto", attention=TorchAttention())

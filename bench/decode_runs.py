@@ -96,9 +96,15 @@ def hf_load(cfg_dirs: list[Path], dtype: torch.dtype, device: torch.device) -> l
 
 
 def output_heads(engine: Any) -> list[torch.Tensor]:
-    """The output-projection weight of each of the engine's forwards: a model's lm_head weight, or a
-    stacked pair's one [2, V, H] tensor."""
-    return [u.lm_head if isinstance(u.lm_head, torch.Tensor) else u.lm_head.weight for u in engine.runner.units]
+    """The output-projection weights of the engine's forwards, each storage once: a model's lm_head weight,
+    a stacked pair's one [2, V, H] tensor, or the one head a LoRA adapter's model shares with its base
+    (stacked, an expanded view of it)."""
+    heads: dict[int, torch.Tensor] = {}
+    for u in engine.runner.units:
+        w = u.lm_head if isinstance(u.lm_head, torch.Tensor) else u.lm_head.weight
+        w = w[0] if w.dim() == 3 and w.stride(0) == 0 else w
+        heads.setdefault(w.untyped_storage().data_ptr(), w)
+    return list(heads.values())
 
 
 def peak_logits(heads: list[torch.Tensor], std: float) -> None:

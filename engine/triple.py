@@ -1,7 +1,8 @@
 """Loading the model set (the large model plus one (rl, base) pair per expert) and checking it is one
 decodable whole: every model must read the same token ids, so every tokenizer must be identical. A
 directory that fills several roles (one base shared by several RL experts) is loaded once and runs once
-per step. An RL model may be a LoRA adapter over its pair's base (models/lora.py), merged at load.
+per step. An RL model may be a LoRA adapter over its pair's base (models/lora.py): a view of the loaded
+base with the adapter applied unmerged, or merged into a copy where a view cannot hold it.
 
 V, the engine's vocabulary, is min(len(tokenizer), every model's vocab width): padded logit columns
 beyond the tokenizer (Qwen2.5's 151936 vs 152064) are never sampled or scored.

@@ -301,3 +301,20 @@ def test_a_lora_pairing_reads_the_shared_base_once_in_its_roofline(tmp_path: Pat
     for r in result["rows"]:
         want = decode.param_counts(large)[1] + (decode.param_counts(small)[1] + adapter if r["mode"] == "rast" else 0)
         assert r["weight_bytes_read"] == want * 4  # float32 on the CPU
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_output_heads_give_a_shared_head_once(tmp_path: Path, stack: bool) -> None:
+    """--logit-std scales each output head in place: a LoRA adapter's model shares its base's head, so the
+    head is listed (and scaled) once, stacked (an expanded view) or not."""
+    from bench.decode_configs import materialize
+    from rast_engine import EngineConfig, LLMEngine
+
+    dirs, _ = materialize("tiny-lora", tmp_path)
+    engine = LLMEngine(EngineConfig(model=str(dirs[0]), small_rl=str(dirs[1]), small_base=str(dirs[2]),
+                                    load_format="dummy", kv_cache_blocks=16, stack_small_models=stack))
+    heads = decode_runs.output_heads(engine)
+    assert len(heads) == 2 and len({h.untyped_storage().data_ptr() for h in heads}) == 2
+    before = [h.clone() for h in heads]
+    decode_runs.peak_logits(heads, 5.0)  # in place, each once: no error on an expanded view
+    assert all(torch.allclose(h, b * (5.0 / (0.02 * h.shape[-1] ** 0.5))) for h, b in zip(heads, before))

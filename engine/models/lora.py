@@ -87,7 +87,7 @@ class LoraAdapter:
                                      f"got {config[key]!r}")
         if unsupported:
             raise ModelLoadError(f"{str(path)!r}: adapter_config.json sets {', '.join(unsupported)}, which rast "
-                                 "does not implement (plain LoRA on linear layers is merged into the weights)")
+                                 "does not implement (only plain LoRA on linear layers)")
         if not (path / ADAPTER_WEIGHTS).is_file():
             raise ModelLoadError(f"{str(path)!r} has no {ADAPTER_WEIGHTS} (pickled adapter weights are never read)")
         return cls(path, config)
@@ -96,7 +96,7 @@ class LoraAdapter:
         """Warn when the base the adapter was trained over is a directory here, and not ``base``."""
         named = self.config.get("base_model_name_or_path")
         if isinstance(named, str) and Path(named).is_dir() and Path(named).resolve() != Path(base).resolve():
-            logger.warning("the LoRA adapter %s was trained over %s, and is merged into %s", self.path, named, base)
+            logger.warning("the LoRA adapter %s was trained over %s, and is applied over %s", self.path, named, base)
 
     def rank_and_scale(self, module: str) -> tuple[int, float]:
         """(r, s) of one adapted module (its name in the base model), as PEFT resolves the patterns."""

@@ -20,7 +20,6 @@ dtype; the torch backend (``fp8_linear_torch``) is the executable spec.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -28,7 +27,7 @@ import triton
 import triton.language as tl
 
 from rast_kernels.fp8_cast import FP8, FP8_MAX, e4m3
-from rast_kernels.launch import cdiv, interpreting, require_launchable
+from rast_kernels.launch import cdiv, interpreting, require_launchable, sm_count
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -107,11 +106,6 @@ def plan(m: int, n: int, dtype: torch.dtype, sms: int) -> tuple[int, int, int, i
     return bm, bn, 256 if bn <= 32 else 128, 4
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
                backend: str = "triton") -> torch.Tensor:
     """x [..., K] @ (w8 · scale)ᵀ + bias -> [..., N] in x's dtype; ``backend``: "triton" or "torch"."""
@@ -141,7 +135,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: Opt
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
-    bm, bn, bk, warps = plan(m, n, x.dtype, _sm_count(x.device))
+    bm, bn, bk, warps = plan(m, n, x.dtype, sm_count(x.device))
     _fp8_linear_kernel[(cdiv(m, bm), cdiv(n, bn))](
         x2, w8, scale, bias if bias is not None else scale, out, m, n, k, x2.stride(0), w8.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,

@@ -2,6 +2,7 @@
 (TRITON_INTERPRET=1, as in CI), and which compile options make float math round as torch's ops do."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,3 +37,10 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1), without triton.next_power_of_2's host cost."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors (1 off CUDA), which the launch plans size their grids by;
+    cached, as a device-properties query costs host time every launch."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

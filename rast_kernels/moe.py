@@ -31,7 +31,6 @@ over from L2. ``fused_moe_torch`` is the executable spec.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -39,7 +38,7 @@ import triton
 import triton.language as tl
 
 from rast_kernels.fp8_cast import FP8
-from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable
+from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable, sm_count
 from rast_kernels.layer_ops_numerics import _round, _silu
 from rast_kernels.moe_routing import align
 
@@ -219,11 +218,6 @@ def plan(pairs: int, experts: int, n: int, dtype: torch.dtype, sms: int) -> tupl
     return 16, bn, 128, 4
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor, backend: str = "triton", gate_up_scale: Optional[torch.Tensor] = None,
               down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -251,7 +245,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
     if gate_up.stride(1) != h or down.stride(1) != i:
         gate_up, down = gate_up.contiguous(), down.contiguous()
     p = t * k
-    sms = _sm_count(x.device)
+    sms = sm_count(x.device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     upcast = interpreting() and x.dtype == torch.bfloat16
     bm, bn, bk, warps = plan(p, e, i, x.dtype, sms)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rast_kernels.launch import cdiv
+from rast_kernels.launch import cdiv, sm_count
 
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
 MAX_SPLITS = 64
@@ -84,16 +84,10 @@ def split_reduce_kernel(pm_ptr, pl_ptr, pacc_ptr, ctx_ptr, out_ptr, stride_ob, s
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
                     min_tokens: int = MIN_TOKENS_PER_SPLIT) -> int:
     """Splits so that batch * Hkv * splits fills about two waves of SMs when every sequence is as long
     as ``max_context`` (the table width); each sequence then uses as many as its own length allows."""
     programs = max(batch * num_kv_heads, 1)
-    want = cdiv(2 * _num_sms(device), programs)
+    want = cdiv(2 * sm_count(device), programs)
     return max(1, min(want, cdiv(max_context, min_tokens), MAX_SPLITS))

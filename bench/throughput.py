@@ -56,26 +56,26 @@ def run(engine: Any, sp_cls: Any, reqs: list[tuple[list[int], int]], cfgs: list[
     from the sequences it ran (each decode step: all weights, each running sequence's KV to its context)."""
     for i, (prompt, gen) in enumerate(reqs):
         engine.add_request(f"r{i}", prompt, sp_cls(temperature=1.0, top_p=0.95, ignore_eos=True, max_tokens=gen))
-    def weights(tokens: int) -> int:  # a mixture of experts reads more experts for more tokens
-        return sum(param_counts(c, max(1, tokens))[1] * elt for c in cfgs)
-
     made = {f"r{i}": 0 for i in range(len(reqs))}
-    steps, floor_bytes = 0, 0.0
+    stepped, contexts = [], []  # per step its answered sequences, per new token its context: counted after
     common.sync(device)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         outs = engine.step()
-        steps += 1
-        floor_bytes += weights(len(outs))
+        stepped.append(len(outs))
         for out in outs:
             produced = sum(len(c.token_ids) for c in out.outputs)  # cumulative outputs
-            i = int(out.request_id[1:])
             if produced > made[out.request_id]:
-                context = len(reqs[i][0]) + produced
-                floor_bytes += sum(kv_bytes_read(c, elt, context) for c in cfgs)
+                contexts.append(len(reqs[int(out.request_id[1:])][0]) + produced)
                 made[out.request_id] = produced
     common.sync(device)
     wall = time.perf_counter() - start
+    # the floor's bytes, outside the timed loop (each count parses the configs): a mixture of experts reads
+    # more experts for more tokens, so a step's weights depend on how many sequences it answered
+    weights = {n: sum(param_counts(c, max(1, n))[1] * elt for c in cfgs) for n in set(stepped)}
+    kv = {n: sum(kv_bytes_read(c, elt, n) for c in cfgs) for n in set(contexts)}
+    floor_bytes = float(sum(weights[n] for n in stepped) + sum(kv[n] for n in contexts))
+    steps = len(stepped)
     out_tokens = sum(made.values())
     if out_tokens != sum(gen for _, gen in reqs):
         raise RuntimeError(f"the engine made {out_tokens} tokens where {sum(g for _, g in reqs)} were asked for")

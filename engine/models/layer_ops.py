@@ -2,8 +2,7 @@
 Gemma's GELU-tanh-and-multiply) behind one small interface, so the model has a single code path:
 
 - "torch": HF transformers' formulas in plain PyTorch, about 35 small kernels per layer; the CPU default.
-  A mixture of experts loops over the experts as HF's does (over every expert on CUDA, so no host sync;
-  FP8 experts there take rast_kernels.moe's kernels, as FP8 linears take fp8_linear's).
+  A mixture of experts loops over the experts as HF's does (over every expert on CUDA, so no host sync).
 - "triton": rast_kernels.layer_ops, four fused kernels per layer with HF's roundings (six where OLMo
   norms q and k over all heads or Gemma norms each sublayer's output too), the rotary one
   also norming each head first (Qwen3) and writing this step's k/v into the paged cache
@@ -65,10 +64,9 @@ class LayerOps(Protocol):
         ...
 
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, gate_up_scale: Optional[torch.Tensor] = None,
-                  down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [T, H] through each token's routed experts (gate_up [E, 2I, H], down [E, H, I]; FP8 with their
-        scales), weighted and summed: rast_kernels.moe."""
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H] through each token's routed experts (gate_up [E, 2I, H], down [E, H, I]), weighted and
+        summed: rast_kernels.moe (FP8 experts take the backend the loader chose for FP8 weights instead)."""
         ...
 
 
@@ -119,11 +117,8 @@ class TorchLayerOps:
         return moe_route_torch(logits, top_k, renormalize, dtype)
 
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, gate_up_scale: Optional[torch.Tensor] = None,
-                  down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.is_cuda and gate_up_scale is not None:  # as FP8 linears: the spec would dequantise every expert a step
-            return fused_moe(x, gate_up, down, topk_ids, topk_weights, "triton", gate_up_scale, down_scale)
-        return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights, None, gate_up_scale, down_scale)
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+        return fused_moe_torch(x, gate_up, down, topk_ids, topk_weights)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -169,9 +164,8 @@ class TritonLayerOps:
         return moe_route(logits, top_k, renormalize, dtype)
 
     def fused_moe(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, gate_up_scale: Optional[torch.Tensor] = None,
-                  down_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return fused_moe(x, gate_up, down, topk_ids, topk_weights, "triton", gate_up_scale, down_scale)
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, gate_up, down, topk_ids, topk_weights)
 
 
 def get_layer_ops(name: str, device: torch.device | str) -> LayerOps:

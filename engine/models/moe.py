@@ -26,6 +26,7 @@ from torch import nn
 from rast_engine.models.blocks import MLP
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.layer_ops import LayerOps
+from rast_kernels.moe import fused_moe
 
 WeightSlot = tuple[torch.Tensor, int, int]  # (parameter, first row, rows) an HF tensor fills
 # the checkpoint's names: (block, router, expert gate, up, down)
@@ -78,10 +79,13 @@ class SparseMoE(nn.Module):
             ids = ids + offsets.repeat_interleave(x.shape[0] // self.copies)[:, None]
         n = self.copies * self.num_experts
         gate_up, down = self._stores()
-        scales = (None, None) if self.fp8_experts is None else (self.fp8_experts[0].scale.view(n, 2 * self.inter),
-                                                                self.fp8_experts[1].scale.view(n, self.hidden))
-        out = self.ops.fused_moe(x, gate_up.view(n, 2 * self.inter, self.hidden), down.view(n, self.hidden, self.inter),
-                                 ids, weights, *scales)
+        gate_up, down = gate_up.view(n, 2 * self.inter, self.hidden), down.view(n, self.hidden, self.inter)
+        if self.fp8_experts is None:
+            out = self.ops.fused_moe(x, gate_up, down, ids, weights)
+        else:  # on the backend the loader chose for FP8 weights (models/fp8.py), as an Fp8Linear runs
+            fp8_gate_up, fp8_down = self.fp8_experts
+            out = fused_moe(x, gate_up, down, ids, weights, fp8_gate_up.backend, fp8_gate_up.scale.view(n, -1),
+                            fp8_down.scale.view(n, -1))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

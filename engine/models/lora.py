@@ -35,6 +35,7 @@ from torch import nn
 
 from rast_engine.errors import ModelLoadError
 from rast_engine.models.decoder import CausalLM
+from rast_engine.models.loader import LANGUAGE_MODEL_PREFIXES, _safetensors
 
 logger = logging.getLogger("rast")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -145,8 +146,6 @@ class LoraAdapter:
     def _deltas(self, model: CausalLM) -> list[tuple[tuple[torch.Tensor, int, int], torch.Tensor, torch.Tensor,
                                                        float]]:
         """(the slot of ``model`` each adapted module lands in, A, B, s), checked against the adapter file."""
-        from rast_engine.models.loader import _safetensors
-
         slots = model.weight_map()
         out = []
         with _safetensors(self.path / ADAPTER_WEIGHTS) as f:
@@ -229,8 +228,6 @@ def lora_added_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
 def _our_name(module: str) -> str:
     """A module's name in the engine's model: a multimodal checkpoint's language model loses its prefix, as
     the loader reads its tensors (loader.LANGUAGE_MODEL_PREFIXES)."""
-    from rast_engine.models.loader import LANGUAGE_MODEL_PREFIXES
-
     for ours, theirs in LANGUAGE_MODEL_PREFIXES:
         if module.startswith(theirs):
             return ours + module[len(theirs):]

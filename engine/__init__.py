@@ -28,6 +28,7 @@ _EXPORTS = {
     "CompletionOutput": "rast_engine.outputs",
     "EngineStats": "rast_engine.outputs",
     "ScoreOutput": "rast_engine.outputs",
+    "LoRARequest": "rast_engine.lora_modules",
 }
 __all__ = list(_EXPORTS)
 

@@ -61,7 +61,7 @@ class BlockManager:
         max_blocks = (len(seq.token_ids) - 1) // bs
         blocks: list[int] = []
         hashes: list[bytes] = []
-        parent = b""
+        parent = seq.group.cache_root
         for i in range(max_blocks):
             h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
             block = self.cached.get(h)
@@ -192,7 +192,7 @@ class BlockManager:
             return
         bs = self.block_size
         for i in range(len(seq.block_hashes), (seq.num_computed_tokens - seq.num_pending) // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.group.cache_root
             h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)
             block = seq.block_table[i]

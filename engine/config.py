@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from rast_engine.errors import RastError
+from rast_engine.lora_modules import checked_lora_modules
 from rast_engine.reasoning import PARSERS
 from rast_engine.sampling_params import MAX_LAM, is_lam
 
@@ -94,23 +95,32 @@ class EngineConfig:
     # vLLM's scheduling policy: "fcfs", or "priority" (requests' priority, lower first, then arrival; the
     # running request last in that order is preempted first; engine/scheduler.py)
     scheduling_policy: str = "fcfs"
+    # {name: LoRA adapter directory}: RL models over small_base, chosen per request (engine/lora_modules.py)
+    lora_modules: Optional[dict[str, str]] = None
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise RastError(f"model must be a local model directory, got {self.model!r}")
-        if (self.small_rl is None) != (self.small_base is None):
+        if self.lora_modules is not None:
+            self.lora_modules = checked_lora_modules(self.lora_modules)
+            if self.small_base is None or self.small_rl is not None or self.experts:
+                raise RastError("lora_modules are RL models over small_base, one chosen per request: give "
+                                "small_base, and neither small_rl nor experts")
+        elif (self.small_rl is None) != (self.small_base is None):
             raise RastError("small_rl and small_base must be given together (the RL model and its base), "
                             f"got small_rl={self.small_rl!r}, small_base={self.small_base!r}")
         if not is_lam(self.lam):
             raise RastError(f"lam must be a number with |lam| <= {MAX_LAM:g}, got {self.lam!r}")
-        if self.small_rl is None and self.lam != 1.0:  # 1.0 is the default: any other value would be dropped
+        # 1.0 is the default: any other value would be dropped
+        if self.small_rl is None and self.lora_modules is None and self.lam != 1.0:
             raise RastError(f"lam={self.lam!r} weighs the (small_rl, small_base) pair, and none is given"
                             + ("; experts carry their own weights" if self.experts else ""))
         if self.experts is not None and not isinstance(self.experts, (list, tuple)):
             raise RastError(f"experts must be a list of (rl_path, base_path, weight), got {self.experts!r}")
-        pairs = [] if self.small_rl is None else [ExpertPair(str(self.small_rl), str(self.small_base),
-                                                             float(self.lam))]
+        # with lora_modules the pair's rl is the first adapter, the others loaded beside it into one model
+        rl = self.small_rl if self.lora_modules is None else next(iter(self.lora_modules.values()))
+        pairs = [] if rl is None else [ExpertPair(str(rl), str(self.small_base), float(self.lam))]
         for i, entry in enumerate(self.experts or ()):
             if not isinstance(entry, (tuple, list)) or len(entry) != 3:
                 raise RastError(f"experts[{i}] must be (rl_path, base_path, weight), got {entry!r}")

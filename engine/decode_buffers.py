@@ -39,9 +39,9 @@ from rast_engine.sequence import Sequence
 
 I64_ROWS = ("input_ids", "token_src", "positions", "slot_mapping", "seed", "offset")  # host-written
 SAMPLED = len(I64_ROWS)  # the i64 group's extra, device-written row: the last step's sampled ids
-I32_ROWS = ("context_lens", "top_k")
+I32_ROWS = ("context_lens", "top_k", "lora_slot")  # lora_slot: AttentionMetadata.lora_slots
 F32_ROWS = ("temperature", "top_p", "min_p")
-PAD_VALUES = {"slot_mapping": -1, "top_p": 1.0}  # every other field pads with 0
+PAD_VALUES = {"slot_mapping": -1, "top_p": 1.0, "lora_slot": -1}  # every other field pads with 0
 
 
 class DecodeBuffers:
@@ -122,7 +122,7 @@ class DecodeBuffers:
         src = range(n) if feed is None else [SAMPLED * r + f for f in feed]
         i64[:len(I64_ROWS), :n] = [[0 if f else s.token_ids[-1] for s, f in zip(seqs, fed)], src, pos,
                                    [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)], seeds, offsets]
-        i32[:, :n] = [[p + 1 for p in pos], top_k]
+        i32[:, :n] = [[p + 1 for p in pos], top_k, [s.group.lora_slot for s in seqs]]
         f32[:, :n] = [temperature, top_p, min_p]
         if self.pairs:
             self._np["weights"][:n, :self.pairs] = weights
@@ -167,7 +167,7 @@ class DecodeBuffers:
             is_prefill=False, slot_mapping=self._row("i64", I64_ROWS, "slot_mapping")[:rows],
             block_tables=self.dev["tables"][:rows], context_lens=self._row("i32", I32_ROWS, "context_lens")[:rows],
             cu_seqlens_q=self.cu_seqlens[:rows + 1], max_seqlen_q=1, max_seqlen_k=max_seqlen_k,
-            block_size=self.block_size)
+            block_size=self.block_size, lora_slots=self._row("i32", I32_ROWS, "lora_slot")[:rows])
 
     def sampling(self, rows: int) -> dict[str, torch.Tensor]:
         """rast_sample keyword arguments: per-row parameter tensors."""

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from rast_engine.config import EngineConfig
 from rast_engine.errors import RastError
 from rast_engine.llm_engine import LLMEngine
+from rast_engine.lora_modules import LoraChoice
 from rast_engine.outputs import RequestOutput, ScoreOutput
 from rast_engine.requests import chat_template_variables, is_one_prompt_of_ids, render_conversation
 from rast_engine.sampling_params import SamplingParams
@@ -51,8 +52,11 @@ class LLM:
         return self.llm_engine.tokenizer
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], sampling_params: Params = None,
-                 use_tqdm: bool = True, priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
-        """``priority``: vLLM's, one per prompt (lower first), with scheduling_policy="priority"."""
+                 use_tqdm: bool = True, priority: Optional[Sequence[int]] = None,
+                 lora_request: Union[LoraChoice, Sequence[LoraChoice]] = None) -> list[RequestOutput]:
+        """``priority``: vLLM's, one per prompt (lower first), with scheduling_policy="priority";
+        ``lora_request``: vLLM's, one for all prompts or one per prompt: the RL model's adapter among the
+        engine's lora_modules (a LoRARequest or its name; None: M alone)."""
         if isinstance(prompts, (str, dict)) or is_one_prompt_of_ids(prompts):
             prompts = [prompts]  # one prompt (text, token ids or a dict prompt), not a batch
         prompts = list(prompts)
@@ -67,13 +71,16 @@ class LLM:
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
             raise RastError(f"got {len(priorities)} priorities for {len(prompts)} prompts", param="priority")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise RastError(f"got {len(loras)} lora_requests for {len(prompts)} prompts", param="lora_request")
         # only final outputs are returned: the engine need not build one at every step (output_kind)
         params = [replace(p, output_kind="final_only") if isinstance(p, SamplingParams) else p for p in params]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         seeds = self.llm_engine.seed_rng.getstate()
         try:
-            for rid, prompt, p, rank in zip(ids, prompts, params, priorities):
-                self.llm_engine.add_request(rid, prompt, p, priority=rank)
+            for rid, prompt, p, rank, lora in zip(ids, prompts, params, priorities, loras):
+                self.llm_engine.add_request(rid, prompt, p, priority=rank, lora_request=lora)
         except BaseException:  # a rejected prompt (or a tokenizer's error): the batch is admitted whole or not at all,
             for rid in ids:     # and the seeds its admitted requests drew are drawn again by the next call
                 self.llm_engine.abort_request(rid)
@@ -100,7 +107,8 @@ class LLM:
     def chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: Params = None,
              use_tqdm: bool = True, *, chat_template: Optional[str] = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None,
-             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
+             tools: Optional[list[dict]] = None,
+             lora_request: Union[LoraChoice, Sequence[LoraChoice]] = None) -> list[RequestOutput]:
         """Applies the chat template (the tokenizer's, or ``chat_template``, with ``chat_template_kwargs``'
         variables and ``tools``, OpenAI's function specs, for the template to list) to one conversation
         (``messages``) or a list of them, as vLLM's LLM.chat: with the assistant's generation prompt, or
@@ -120,14 +128,16 @@ class LLM:
                                              continue_final_message=continue_final_message, tools=tools))
         # the template writes any BOS itself, so the text is encoded without adding special tokens
         prompts = [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
-        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
         for out, text in zip(outputs, texts):
             out.prompt = text
         return outputs
 
-    def score(self, sequences: list[list[int]], *, output: str = "logprobs") -> list[ScoreOutput]:
-        """Teacher-forced per-position scores; see ScoreOutput."""
-        return self.llm_engine.score(sequences, output)
+    def score(self, sequences: list[list[int]], *, output: str = "logprobs",
+              lora_request: LoraChoice = None) -> list[ScoreOutput]:
+        """Teacher-forced per-position scores; see ScoreOutput. ``lora_request``: as generate's, for
+        every sequence."""
+        return self.llm_engine.score(sequences, output, lora_request)
 
 
 def _text_message(message: Any) -> Any:

@@ -27,6 +27,7 @@ from rast_engine.draws import step_draws
 from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.pending import DrawResult, InFlight
+from rast_engine.lora_modules import LoraChoice, lora_choice
 from rast_engine.requests import check_priority, checked_request, prompt_of
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
@@ -75,10 +76,12 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int], dict], params: SamplingParams,
-                    priority: int = 0) -> None:
+                    priority: int = 0, lora_request: LoraChoice = None) -> None:
         """``prompt``: text, token ids, or vLLM's dict prompt of either (requests.prompt_of); ``priority``:
-        vLLM's, lower first, with scheduling_policy="priority" only."""
+        vLLM's, lower first, with scheduling_policy="priority" only; ``lora_request``: the RL model's
+        adapter among the engine's lora_modules (a LoRARequest or its name; None: M alone)."""
         priority = check_priority(priority, self.config.scheduling_policy)
+        lora_slot, cache_root = lora_choice(self.config.lora_modules, lora_request)
         prompt = prompt_of(prompt)
         ids, weights, params, grammar = checked_request(self, request_id, prompt, params)
         request_seed = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
@@ -86,7 +89,8 @@ class LLMEngine:
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
                               arrival=next(self._arrivals), weights=weights, grammar=grammar, priority=priority,
                               prompt_logprobs=None if params.prompt_logprobs is None else [None],
-                              prompt_logprob_ranks=None if params.prompt_logprobs is None else [None])
+                              prompt_logprob_ranks=None if params.prompt_logprobs is None else [None],
+                              lora_slot=lora_slot, cache_root=cache_root)
         group.seqs.append(self._new_sequence(group, 0, list(ids)))
         self.groups[request_id] = group
         self.scheduler.add(group.seqs[0])
@@ -288,8 +292,9 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
 
     # ---- scoring and stats -------------------------------------------------------------------------
-    def score(self, sequences: list[list[int]], output: str = "logprobs") -> list[ScoreOutput]:
-        return score_sequences(self, sequences, output)
+    def score(self, sequences: list[list[int]], output: str = "logprobs",
+              lora_request: LoraChoice = None) -> list[ScoreOutput]:
+        return score_sequences(self, sequences, output, lora_request)
 
     def stats(self) -> EngineStats:
         return EngineStats(

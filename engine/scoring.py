@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rast_engine.errors import RastError
+from rast_engine.lora_modules import LoraChoice, lora_choice
 from rast_engine.outputs import ScoreOutput
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.sequence import Sequence, SequenceGroup
@@ -50,15 +51,18 @@ def _finish(per_model: list[torch.Tensor], weights: list[float], vocab: int, out
     return ScoreOutput(large=logits[0], deltas=list(zip(logits[1::2], logits[2::2])), combined=combined)
 
 
-def score_sequences(engine: LLMEngine, sequences: list[list[int]], output: str) -> list[ScoreOutput]:
+def score_sequences(engine: LLMEngine, sequences: list[list[int]], output: str,
+                    lora_request: LoraChoice = None) -> list[ScoreOutput]:
     _validate(engine, sequences, output)
+    lora_slot, cache_root = lora_choice(engine.config.lora_modules, lora_request)
     bm, runner = engine.block_manager, engine.runner
     budget = engine.scheduler.max_num_batched_tokens
     params = SamplingParams()
     seqs = []
     for i, ids in enumerate(sequences):
         group = SequenceGroup(request_id=f"score-{i}", prompt=None, prompt_token_ids=list(ids), params=params,
-                              request_seed=0, arrival=-1, weights=list(engine.model_set.weights))
+                              request_seed=0, arrival=-1, weights=list(engine.model_set.weights),
+                              lora_slot=lora_slot, cache_root=cache_root)
         seqs.append(Sequence(group=group, index=0, token_ids=list(ids), seed=0))
     results: list[ScoreOutput] = []
     pos = 0

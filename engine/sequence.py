@@ -178,6 +178,10 @@ class SequenceGroup:
     arrival: int
     weights: list[float]  # λ per small pair for this request
     priority: int = 0  # vLLM's: with scheduling_policy="priority", lower values are scheduled first
+    # its RL model's LoRA adapter among the engine's lora_modules (engine/lora_modules.py), -1: none; its
+    # name roots the prefix cache's block hashes, since R's keys and values depend on it
+    lora_slot: int = -1
+    cache_root: bytes = b""
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     prompt_counted: bool = False  # its prompt is in the engine's prompt-token count: once, at its first token

@@ -54,6 +54,7 @@ def prepare_inputs(seqs: Seq[Sequence], is_prefill: bool, bs: int, to_device: Ca
         max_seqlen_q=int(q_lens.max()),
         max_seqlen_k=max(ends),
         block_size=bs,
+        lora_slots=lora_slots(seqs, to_device, seq_of_token),
     )
     return StepInputs(
         input_ids=_fed(torch.tensor(ids, dtype=torch.int64), cu, feed, to_device, sampled_ids),
@@ -61,6 +62,17 @@ def prepare_inputs(seqs: Seq[Sequence], is_prefill: bool, bs: int, to_device: Ca
         meta=meta,
         last_index=to_device(cu[1:] - 1),
     )
+
+
+def lora_slots(seqs: Seq[Sequence], to_device: Callable[[torch.Tensor], torch.Tensor],
+               index: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Each sequence's LoRA adapter slot (-1: none), or each token's with ``index`` (its sequence), as an
+    int32 tensor on the device; None when no sequence has an adapter."""
+    slots = [s.group.lora_slot for s in seqs]
+    if max(slots) < 0:
+        return None
+    out = torch.tensor(slots, dtype=torch.int32)
+    return to_device(out if index is None else out[index])
 
 
 def _fed(ids: torch.Tensor, cu: torch.Tensor, feed: Optional[Seq[int]],

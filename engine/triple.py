@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +28,8 @@ from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.decoder import CausalLM
 from rast_engine.models.loader import load_model
-from rast_engine.models.lora import LoraAdapter, is_adapter
+from rast_engine.lora_modules import load_adapters
+from rast_engine.models.lora import AdapterRows, LoraAdapter, is_adapter, lora_view
 from rast_engine.sampling_params import sample_seed
 
 logger = logging.getLogger("rast")
@@ -52,7 +53,9 @@ class ModelSet:
 def roles(config: EngineConfig) -> list[str]:
     out = ["model"]
     for i, _ in enumerate(config.pairs):
-        if i == 0 and config.small_rl is not None:
+        if config.lora_modules is not None:
+            out += ["lora_modules", "small_base"]
+        elif i == 0 and config.small_rl is not None:
             out += ["small_rl", "small_base"]
         else:
             k = i - (1 if config.small_rl is not None else 0)
@@ -211,6 +214,12 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
         if diff is not None:
             raise ModelLoadError(f"the tokenizer of {role} ({path}) differs from the tokenizer of model "
                                  f"({paths[0]}): {diff}. All models must share one tokenizer.")
+    for name, path in (config.lora_modules or {}).items():  # the first is role 1's, checked above
+        if tokenizers[0] is not None and has_tokenizer_files(path):
+            diff = tokenizer_difference(tokenizers[0], load_tokenizer(path, f"lora_modules[{name!r}]"))
+            if diff is not None:
+                raise ModelLoadError(f"the tokenizer of lora_modules[{name!r}] ({path}) differs from the model's: "
+                                     f"{diff}")
     dtype = resolve_dtype(config.dtype, device, configs[0])
     models: dict[int, CausalLM] = {}
     loaded: dict[tuple, CausalLM] = {}  # a directory filling several roles (a base shared by experts) loads once
@@ -240,13 +249,24 @@ def _load_role(config: EngineConfig, i: int, source: str, adapter: Optional[Lora
                quantization: Optional[str]) -> CausalLM:
     """Role i's model: loaded from ``source``; an adapter's, a view of its pair's loaded ``base`` (no
     weight copied: models/lora.py; over dummy weights too, so a benchmark's R is its base plus a real
-    adapter), or the adapter merged into a copy where a view cannot hold it (ignored with dummy weights)."""
+    adapter), or the adapter merged into a copy where a view cannot hold it (ignored with dummy weights);
+    with lora_modules, role 1 is one view holding every adapter (engine/lora_modules.py)."""
+    dummy = config.load_format == "dummy"
+    if i == 1 and config.lora_modules is not None:
+        adapters = [replace(a, check_copies=not dummy) for a in load_adapters(config.lora_modules, config.small_base)]
+        view = lora_view(base, adapters, AdapterRows())
+        if view is None:
+            raise ModelLoadError("an adapter adapts more than a dense model's decoder projections (an lm_head, "
+                                 "a mixture of experts' experts), which lora_modules cannot share per request; "
+                                 "give it as small_rl")
+        return view
     if adapter is not None:  # with dummy weights too: the adapter's own A and B over the dummy base
+        adapter = replace(adapter, check_copies=not dummy)
         view = adapter.view_of(base)
         if view is not None:
             return view
     model = load_model(source, device=device, dtype=dtype, attention=attention, load_format=config.load_format,
                        seed=dummy_seed(config.seed, i), ops=ops, quantization=quantization)
-    if adapter is not None and config.load_format != "dummy":
+    if adapter is not None and not dummy:
         adapter.merge_into(model)
     return model

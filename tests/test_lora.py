@@ -145,10 +145,26 @@ def test_an_lm_head_lora_merges_into_an_untied_head_and_is_refused_over_a_tied_o
     for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False):
         assert o.outputs[0].token_ids == hf_greedy(triple, o.prompt_token_ids, LAM, llm.llm_engine.vocab_size,
                                                    GREEDY.max_tokens)
-    tied = make_adapter(base, tmp_path / "tied", seed=9, target_modules=["q_proj", "lm_head"],
-                        save_embedding_layers=False)
-    with pytest.raises(ModelLoadError, match="tied embeddings"):
-        LLM(str(large), str(tied), str(base), kv_cache_blocks=16)
+    LLM(*map(str, triple), load_format="dummy", kv_cache_blocks=16)  # no saved copy equals dummy weights
+    for saved in (False, "auto"):  # PEFT's default saves the tied head's copy too: the embedding's
+        tied = make_adapter(base, tmp_path / f"tied-{saved}", seed=9, target_modules=["q_proj", "lm_head"],
+                            save_embedding_layers=saved)
+        with pytest.raises(ModelLoadError, match="tied embeddings"):
+            LLM(str(large), str(tied), str(base), kv_cache_blocks=16)
+
+
+def test_an_adapter_saved_with_copies_of_tied_embeddings_decodes_as_hf_loads_it(lora_triple: tuple,
+                                                                                 tmp_path: Path) -> None:
+    """save_embedding_layers=True over a tied small base (Qwen2.5-1.5B, Llama-3.2-1B) saves the embedding
+    and the head, one matrix: both copies are the base's."""
+    large, _, base = lora_triple
+    adapter = make_adapter(base, tmp_path / "copies", seed=10, target_modules=["q_proj", "v_proj"],
+                           save_embedding_layers=True)
+    triple = (large, adapter, base)
+    llm = LLM(*map(str, triple), lam=LAM, block_size=4, kv_cache_blocks=64)
+    for o in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False):
+        assert o.outputs[0].token_ids == hf_greedy(triple, o.prompt_token_ids, LAM, llm.llm_engine.vocab_size,
+                                                   GREEDY.max_tokens)
 
 
 def test_an_adapter_over_a_multimodal_gemma3_base(gemma3_triple: tuple, tmp_path: Path,

@@ -18,6 +18,7 @@ Invariants the runner guarantees:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -34,6 +35,9 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     block_size: int
+    # each new token's LoRA adapter slot, -1 for none (models/lora.py, engine/lora_modules.py); None: no
+    # token has one. The attention backends never read it; copies of a stacked forward share it
+    lora_slots: Optional[torch.Tensor] = None  # [T] int32
 
     @property
     def num_seqs(self) -> int:

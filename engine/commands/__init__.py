@@ -3,6 +3,7 @@ imported at module level, so `rast --help` stays fast."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -143,7 +144,31 @@ def build_engine(args: argparse.Namespace) -> Any:
         speculative_draft=args.speculative_draft, speculative_method=args.speculative_method,
         generation_config=args.generation_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         # serve's flags
-        reasoning_parser=getattr(args, "reasoning_parser", None), scheduling_policy=getattr(args, "scheduling_policy", "fcfs")))
+        reasoning_parser=getattr(args, "reasoning_parser", None),
+        scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
+        lora_modules=lora_modules_arg(getattr(args, "lora_modules", None))))
+
+
+def lora_modules_arg(values: list[str] | None) -> dict[str, str] | None:
+    """--lora-modules as EngineConfig.lora_modules: NAME=PATH or vLLM's JSON objects, each name once."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for value in values:
+        if value.lstrip().startswith("{"):
+            try:
+                entry = json.loads(value)
+                name, path = entry["name"], entry["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise RastError(f"--lora-modules {value!r}: a JSON module needs \"name\" and \"path\"") from None
+        else:
+            name, sep, path = value.partition("=")
+            if not sep:
+                raise RastError(f"--lora-modules {value!r}: give NAME=PATH")
+        if not isinstance(name, str) or not name or name in out:
+            raise RastError(f"--lora-modules {value!r}: each module needs a name of its own")
+        out[name] = path
+    return out
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from tensors, so it can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from rast_engine.models.layer_ops import LayerOps, TorchLayerOps
 from rast_engine.models.layers import NORMS, forward_layers, layer_class
 from rast_engine.models.moe import SparseMoE
 from rast_engine.models.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from rast_engine.models.lora import AdapterRows
 
 WeightSlot = tuple[torch.Tensor, int, int]  # (parameter, first row, rows) an HF tensor fills
 
@@ -41,6 +44,7 @@ def rounded_scale(scale: float, dtype: torch.dtype) -> float:
 
 class CausalLM(nn.Module):
     copies = 1  # models' logits per forward (a StackedCausalLM computes one per model)
+    adapter_rows: Optional[AdapterRows] = None  # a view of several LoRA adapters (models/lora.py): its tokens' slots
 
     def __init__(
         self, cfg: ModelConfig, attention: AttentionBackend, dtype: torch.dtype | None = None,
@@ -77,6 +81,8 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[KVCache],  # one (k_cache, v_cache) per layer
     ) -> torch.Tensor:  # [T, hidden], after the final norm
+        if self.adapter_rows is not None:
+            self.adapter_rows.ids = meta.lora_slots
         x = self.embed_tokens(input_ids)
         return forward_layers(self.layers, self.norm, x if self.embed_scale is None else x * self.embed_scale,
                               positions, meta, kv_caches)

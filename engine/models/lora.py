@@ -65,6 +65,9 @@ def is_adapter(path: str | Path) -> bool:
 class LoraAdapter:
     path: Path
     config: dict[str, Any]
+    # PEFT's saved copies of an adapted head's or embedding's weight must equal the base's; not over dummy
+    # weights, which no copy equals
+    check_copies: bool = True
 
     @classmethod
     def from_dir(cls, path: str | Path) -> LoraAdapter:
@@ -120,28 +123,11 @@ class LoraAdapter:
             delta = (b.to(target.device) @ a.to(target.device)) * scale
             target.copy_((target.float() + delta).to(target.dtype))
 
-    @torch.no_grad()
     def view_of(self, base: CausalLM) -> Optional[CausalLM]:
         """R as ``base`` itself plus the adapter, unmerged: every weight is the base's own tensor (no copy),
         and each adapted projection a LoraLinear over the base's. None where the adapter adapts anything
         but a dense decoder layer's linear projections (then merge_into a copy of the base)."""
-        if base.config.num_experts:
-            return None
-        shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
-        for obj in (base.ops, *(layer.self_attn.backend for layer in base.layers)):
-            shared[id(obj)] = obj
-        view = copy.deepcopy(base, shared)
-        owners = {id(m.weight): (parent, name, m) for parent in view.layers.modules()
-                  for name, m in parent.named_children() if isinstance(m, nn.Linear)}
-        parts: dict[int, list] = {}
-        for (param, start, rows), a, b, scale in self._deltas(view):
-            if id(param) not in owners:
-                return None
-            parts.setdefault(id(param), []).append((start, rows, a, b, scale))
-        for key, linear_parts in parts.items():
-            parent, name, linear = owners[key]
-            setattr(parent, name, LoraLinear(linear, linear_parts))
-        return view
+        return lora_view(base, [self])
 
     def _deltas(self, model: CausalLM) -> list[tuple[tuple[torch.Tensor, int, int], torch.Tensor, torch.Tensor,
                                                        float]]:
@@ -155,10 +141,14 @@ class LoraAdapter:
                     raise ModelLoadError(f"{str(self.path)!r}: adapter tensor {name!r} is not PEFT's")
                 if ".lora_A." in name or ".lora_B." in name:
                     continue
-                # PEFT's save_embedding_layers: a copy of an adapted head's or embedding's own weight
+                # PEFT's save_embedding_layers: a copy of an adapted head's or embedding's own weight (a tied
+                # head's is the embedding, which weight_map lists alone)
                 ours = _our_name(name[len(PREFIX):].replace(".base_layer.", "."))
-                if ours not in slots or not torch.equal(f.get_tensor(name).to(slots[ours][0].dtype),
-                                                        slots[ours][0].narrow(0, slots[ours][1], slots[ours][2])):
+                if ours == "lm_head.weight" and model.config.tie_word_embeddings:
+                    ours = "model.embed_tokens.weight"
+                if ours not in slots or self.check_copies and not torch.equal(
+                        f.get_tensor(name).to(slots[ours][0].dtype),
+                        slots[ours][0].narrow(0, slots[ours][1], slots[ours][2])):
                     raise ModelLoadError(f"{str(self.path)!r}: adapter tensor {name!r} is neither LoRA's A nor B, "
                                          "nor a copy of the base's weight")
             for module in sorted({n[len(PREFIX):].rsplit(".lora_", 1)[0] for n in names if ".lora_" in n}):
@@ -189,24 +179,64 @@ class LoraAdapter:
         return (param, start, rows), a, b, scale
 
 
+class AdapterRows:
+    """The adapter slot of each token of the step a multi-adapter view runs (AttentionMetadata.lora_slots,
+    -1: none; None: no token has one), set by the model's forward for its LoraLinear layers to read."""
+    ids: Optional[torch.Tensor] = None
+
+
+@torch.no_grad()
+def lora_view(base: CausalLM, adapters: list[LoraAdapter], rows: Optional[AdapterRows] = None) -> Optional[CausalLM]:
+    """``base`` plus the adapters, unmerged, sharing every tensor of ``base``: with one adapter and no
+    ``rows``, that adapter's model; with ``rows``, each token gets the adapter of its slot (adapter i is
+    slot i; engine/lora_modules.py). None where an adapter adapts anything but a dense decoder layer's
+    linear projections."""
+    if base.config.num_experts:
+        return None
+    shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    for obj in (base.ops, *(layer.self_attn.backend for layer in base.layers)):
+        shared[id(obj)] = obj
+    view = copy.deepcopy(base, shared)
+    owners = {id(m.weight): (parent, name, m) for parent in view.layers.modules()
+              for name, m in parent.named_children() if isinstance(m, nn.Linear)}
+    parts: dict[int, list] = {}
+    for slot, adapter in enumerate(adapters):
+        for (param, start, n), a, b, scale in adapter._deltas(view):
+            if id(param) not in owners:
+                return None
+            parts.setdefault(id(param), []).append((start, n, a, b, scale, slot))
+    for key, linear_parts in parts.items():
+        parent, name, linear = owners[key]
+        setattr(parent, name, LoraLinear(linear, linear_parts, rows))
+    view.adapter_rows = rows
+    return view
+
+
 class LoraLinear(nn.Module):
     """A base model's nn.Linear (its own tensors) plus LoRA: y = base(x) + (x Aᵀ) Bᵀ, one delta for all the
     adapted parts of a fused projection (q/k/v, gate/up): A is their A's stacked, B block-diagonal with
     each part's scale folded in, so two small GEMMs a projection. ``weight`` and ``bias`` are the base's, so
-    models.stacked sees the pair's shared weight and reads it once for both models."""
+    models.stacked sees the pair's shared weight and reads it once for both models.
 
-    def __init__(self, base: nn.Linear, parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float]]) -> None:
+    With ``rows`` the parts belong to several adapters (each part's last field, its slot), and a token's
+    row of x Aᵀ keeps only the columns of its own slot (``rows.ids``): its delta is exactly its adapter's,
+    zero for a token of no adapter. A where, not a product with a 0/1 mask: another adapter's inf stays out."""
+
+    def __init__(self, base: nn.Linear, parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float, int]],
+                 rows: Optional[AdapterRows] = None) -> None:
         super().__init__()
-        self.base = base
-        total = sum(a.shape[0] for _, _, a, _, _ in parts)
+        self.base, self.rows = base, rows
+        total = sum(a.shape[0] for _, _, a, _, _, _ in parts)
         lora_b = torch.zeros(base.out_features, total, device=base.weight.device)
         col = 0
-        for start, rows, a, b, scale in parts:
-            lora_b[start:start + rows, col:col + a.shape[0]] = b.to(lora_b.device) * scale
+        for start, n, a, b, scale, _ in parts:
+            lora_b[start:start + n, col:col + a.shape[0]] = b.to(lora_b.device) * scale
             col += a.shape[0]
-        lora_a = torch.cat([a for _, _, a, _, _ in parts]).to(base.weight.device)
+        lora_a = torch.cat([a for _, _, a, _, _, _ in parts]).to(base.weight.device)
         self.lora_a = nn.Parameter(lora_a.to(base.weight.dtype), requires_grad=False)
         self.lora_b = nn.Parameter(lora_b.to(base.weight.dtype), requires_grad=False)
+        slots = [slot for _, _, a, _, _, slot in parts for _ in range(a.shape[0])]
+        self.register_buffer("column_slot", torch.tensor(slots, dtype=torch.int32, device=base.weight.device))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -217,12 +247,20 @@ class LoraLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_added_(self.base(x), x, self.lora_a, self.lora_b)
+        return self.add_to_(self.base(x), x)
 
-
-def lora_added_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """y += (x Aᵀ) Bᵀ in place (y is the fresh output of the base projection), rounding once."""
-    return y.addmm_(x @ lora_a.t(), lora_b.t())
+    def add_to_(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y += this adapter's delta of x, in place (y is the fresh output of the base projection over x's
+        rows), rounding once."""
+        xa = x @ self.lora_a.t()
+        if self.rows is not None:
+            ids = self.rows.ids
+            if ids is None:
+                return y
+            if ids.shape[0] != x.shape[0]:
+                raise RuntimeError(f"{ids.shape[0]} adapter slots for {x.shape[0]} tokens")
+            xa = torch.where(ids[:, None] == self.column_slot, xa, 0)
+        return y.addmm_(xa, self.lora_b.t())
 
 
 def _our_name(module: str) -> str:

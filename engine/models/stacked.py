@@ -36,7 +36,7 @@ from rast_engine.models.config import ModelConfig
 from rast_engine.models.blocks import MLP, Attention, RMSNorm
 from rast_engine.models.decoder import CausalLM, soft_capped_
 from rast_engine.models.layers import NORMS, DecoderLayer, PostNormDecoderLayer, SandwichDecoderLayer, forward_layers
-from rast_engine.models.lora import LoraLinear, lora_added_
+from rast_engine.models.lora import LoraLinear
 from rast_engine.models.moe import SparseMoE
 
 logger = logging.getLogger("rast")
@@ -100,7 +100,7 @@ class StackedLinear(nn.Module):
     def __init__(self, linears: list[nn.Linear | LoraLinear]) -> None:
         super().__init__()
         self.copies = len(linears)
-        self.loras = [(m.lora_a, m.lora_b) if isinstance(m, LoraLinear) else None for m in linears]
+        self.loras = [m if isinstance(m, LoraLinear) else None for m in linears]
         if all(m.weight is linears[0].weight for m in linears):
             self.shared: Optional[nn.Linear] = linears[0].base if isinstance(linears[0], LoraLinear) else linears[0]
             return
@@ -116,7 +116,7 @@ class StackedLinear(nn.Module):
             rows = x.shape[0] // self.copies
             for c, lora in enumerate(self.loras):
                 if lora is not None:
-                    lora_added_(y[c * rows:(c + 1) * rows], x[c * rows:(c + 1) * rows], *lora)
+                    lora.add_to_(y[c * rows:(c + 1) * rows], x[c * rows:(c + 1) * rows])
             return y
         x, w = x.view(self.weight.shape[0], -1, x.shape[-1]), self.weight.transpose(1, 2)
         y = torch.bmm(x, w) if self.bias is None else torch.baddbmm(self.bias, x, w)
@@ -183,10 +183,13 @@ class StackedCausalLM(nn.Module):
         self.layers = nn.ModuleList(_stacked_layer(list(group), first.config)
                                     for group in zip(*(m.layers for m in models)))
         self.norm = _stacked_norm([m.norm for m in models])
+        self.adapter_rows = [m.adapter_rows for m in models if m.adapter_rows is not None]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: KVPool) -> torch.Tensor:
         """Every model's final hidden states [N, T, hidden], on the pool of N x num_blocks blocks."""
+        for rows in self.adapter_rows:  # each copy's T rows are the step's tokens in order
+            rows.ids = meta.lora_slots
         meta = stacked_metadata(meta, kv_caches[0][0].shape[0] // self.copies, self.copies)
         positions = positions.repeat(self.copies)
         x = self.embed[:, input_ids].view(-1, self.config.hidden_size)

@@ -52,6 +52,11 @@ class OpenAIServer:
         if not self.model_names or not all(isinstance(n, str) and n for n in self.model_names):
             raise RastError(f"model_name must be a non-empty name or a list of them, got {model_name!r}")
         self.model_name = self.model_names[0]
+        # vLLM's --lora-modules: a request naming an adapter decodes with it as its RL model
+        self.lora_modules = dict(engine.config.lora_modules or {})
+        clash = sorted(set(self.lora_modules) & set(self.model_names))
+        if clash:
+            raise RastError(f"the LoRA module name(s) {clash} are also served model names; rename one")
         self.api_key = checked_api_key(api_key)
         self.metrics = Metrics(self.model_name)
         self.engine = AsyncEngine(engine, max_waiting=max_waiting, queue_timeout=queue_timeout,
@@ -133,15 +138,20 @@ class OpenAIServer:
                 raise too_large(len(body), limit)
         return bytes(body)
 
-    def _check_model(self, model: str) -> None:
+    def _check_model(self, model: str) -> str | None:
+        """The request's LoRA adapter (None: a served model name, M alone); a 404 for an unknown name."""
+        if model in self.lora_modules:
+            return model
         if model not in self.model_names:
-            served = ", ".join(map(repr, self.model_names))
+            served = ", ".join(map(repr, (*self.model_names, *self.lora_modules)))
             raise APIError(404, f"model {model!r} does not exist; this server serves {served}", param="model",
                            code="model_not_found")
 
     # ---- routes ----
     async def models(self, request: Request) -> Response:
         cards = [{"id": name, "object": "model", "created": 0, "owned_by": "rast"} for name in self.model_names]
+        cards += [{"id": name, "object": "model", "created": 0, "owned_by": "rast", "root": path,
+                   "parent": self.model_name} for name, path in self.lora_modules.items()]  # as vLLM lists them
         return JSONResponse({"object": "list", "data": cards})
 
     async def tokenize(self, request: Request) -> Response:
@@ -176,7 +186,7 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         req: CompletionRequest = parse_request(await self._body(request), CompletionRequest)
-        self._check_model(req.model)
+        lora = self._check_model(req.model)
         if req.echo and self.tokenizer is None:
             raise APIError(400, "echo returns the prompt's text, and this model has no tokenizer "
                                 "(load_format='dummy')", param="echo")
@@ -184,15 +194,15 @@ class OpenAIServer:
         await self._precompile(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_new_tokens(),
-                                    priority=req.priority)
-        fmt = Formatter("completion", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
+                                    priority=req.priority, lora=lora)
+        fmt = Formatter("completion", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
                         generates=req.max_tokens != 0)
         return await self._respond(request, handle, fmt, req)
 
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await self._body(request), ChatCompletionRequest)
-        self._check_model(req.model)
+        lora = self._check_model(req.model)
         tools = req.tool_mode()
         if tools is not None and tools.kind == "auto" and self.tool_call_parser is None:
             raise APIError(400, '"auto" tool choice (the default with tools) needs rast serve --enable-auto-tool-choice '
@@ -208,10 +218,10 @@ class OpenAIServer:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
-                                    add_special_tokens=False, param="messages", priority=req.priority)
+                                    add_special_tokens=False, param="messages", priority=req.priority, lora=lora)
         reasoning = None if self.reasoning_parser is None else Reasoning.of(self.reasoning_parser, text,
                                                                              req.include_reasoning)
-        fmt = Formatter("chat", rid, self.model_name, handle.request_ids, req.n, self.tokenizer,
+        fmt = Formatter("chat", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning, tools=tools)
         return await self._respond(request, handle, fmt, req)
 

@@ -129,7 +129,7 @@ class AsyncEngine:
     # ---- requests (event loop) ----
     def submit(self, prompts: list[str | list[int]], params: Any, *, request_id: str,
                max_tokens: int | None, add_special_tokens: bool = True,
-               param: str = "prompt", priority: int = 0) -> RequestHandle:
+               param: str = "prompt", priority: int = 0, lora: str | None = None) -> RequestHandle:
         if self.error is not None or self._thread is None:
             raise APIError(503, f"the engine is not running: {self.error}", type="server_error",
                            code="engine_dead")
@@ -141,7 +141,7 @@ class AsyncEngine:
                                 f"more asked for (limit {self.capacity}); retry later", type="rate_limit_error",
                            code="over_capacity")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        return RequestHandle(self, ids, prompts, params, max_tokens, add_special_tokens, param, priority)
+        return RequestHandle(self, ids, prompts, params, max_tokens, add_special_tokens, param, priority, lora)
 
     def _dispatch(self, outputs: list[Any]) -> None:
         for out in outputs:
@@ -238,7 +238,8 @@ class AsyncEngine:
             for rid, ids in zip(cmd.request_ids, cmd.prompts):
                 # before the context check (_fit)
                 ids = truncated(ids, cmd.params.truncate_prompt_tokens, self.max_model_len)
-                self.engine.add_request(rid, ids, self._fit(cmd.params, cmd.max_tokens, len(ids)), priority=cmd.priority)
+                self.engine.add_request(rid, ids, self._fit(cmd.params, cmd.max_tokens, len(ids)),
+                                        priority=cmd.priority, lora_request=cmd.lora)
                 added.append(rid)
         except BaseException as exc:  # RastError: a 400; anything else: a 500 for this submission only
             for rid in added:  # all prompts of a submission are admitted, or none

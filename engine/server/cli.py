@@ -62,6 +62,10 @@ def add_engine_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="as vLLM's: fcfs, or priority (a request's priority field, lower first; the running "
                         "request last in that order is preempted first) (default fcfs)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="as vLLM's: LoRA adapters over --small-base, each an RL model a request picks by naming "
+                        "it as its model (NAME=PATH, or vLLM's JSON {\"name\": ..., \"path\": ...}); give "
+                        "--small-base and no --small-rl (default: none)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="as vLLM's: chat requests with tools may let the model choose its calls (tool_choice "
                         "\"auto\", the default with tools); needs --tool-call-parser")

@@ -21,6 +21,7 @@ class Add:
     max_tokens: int | None  # None: up to the end of the context
     priority: int  # vLLM's request priority (scheduling_policy "priority")
     done: asyncio.Future
+    lora: str | None = None  # the RL model's adapter (EngineConfig.lora_modules), from the request's model name
 
 
 @dataclass
@@ -42,14 +43,15 @@ class RequestHandle:
     whatever is unfinished (a client disconnect cancels the handler, which lands here)."""
 
     def __init__(self, owner: AsyncEngine, request_ids: list[str], prompts: list[str | list[int]],
-                 params: Any, max_tokens: int | None, add_special_tokens: bool, param: str, priority: int = 0) -> None:
+                 params: Any, max_tokens: int | None, add_special_tokens: bool, param: str, priority: int = 0,
+                 lora: str | None = None) -> None:
         self._owner = owner
         self._param = param
         self.request_ids = request_ids
         self._prompts = prompts
         self._params = params
         self._max_tokens = max_tokens
-        self._priority = priority
+        self._priority, self._lora = priority, lora
         self._add_special_tokens = add_special_tokens
         self._queue: asyncio.Queue = asyncio.Queue()
         self._unfinished = set(request_ids)
@@ -68,7 +70,8 @@ class RequestHandle:
                 raise APIError(503, f"the engine is not running: {owner.error}", type="server_error",
                                code="engine_dead")
             done = asyncio.get_running_loop().create_future()
-            owner._commands.put(Add(self.request_ids, ids, self._params, self._max_tokens, self._priority, done))
+            owner._commands.put(Add(self.request_ids, ids, self._params, self._max_tokens, self._priority, done,
+                                    self._lora))
             await done
         except RastError as exc:
             self._unfinished.clear()

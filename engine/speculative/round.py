@@ -25,6 +25,7 @@ from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.sampling_params import signed64
 from rast_engine.speculative.accept import ACCEPT_SALT, DRAFT_SALT, RESIDUAL_SALT, accept_drafts
 from rast_engine.speculative.adjust import RoundAdjust, with_pair
+from rast_engine.step_inputs import lora_slots
 
 if TYPE_CHECKING:
     from rast_engine.llm_engine import LLMEngine
@@ -81,6 +82,7 @@ class RoundInputs:
     seed: torch.Tensor  # [R] int64: the plain sampler's seed of each sequence
     offset: torch.Tensor  # [R] int64: tokens the sequence has generated
     max_context: int  # >= every start + γ + 1 (attention metadata's max_seqlen_k)
+    lora_slots: Optional[torch.Tensor] = None  # [R] int32: each row's LoRA adapter slot (AttentionMetadata's)
 
     @classmethod
     def from_host(cls, runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma: int) -> RoundInputs:
@@ -96,7 +98,7 @@ class RoundInputs:
                                   .reshape(len(draws), runner.pairs)),
                    seed=to_dev(torch.tensor([d.seed for d in draws], dtype=torch.int64)),
                    offset=to_dev(torch.tensor([d.offset for d in draws], dtype=torch.int64)),
-                   max_context=max(starts) + gamma + 1)
+                   max_context=max(starts) + gamma + 1, lora_slots=lora_slots(seqs, to_dev))
 
     @classmethod
     def from_buffers(cls, runner: ModelRunner, rows: int) -> RoundInputs:
@@ -108,7 +110,7 @@ class RoundInputs:
                    live=meta.context_lens > 0,
                    params={k: sampling[k] for k in ("temperature", "top_k", "top_p", "min_p")},
                    weights=sampling["weights"], seed=sampling["seed"], offset=sampling["offset"],
-                   max_context=runner.max_model_len)
+                   max_context=runner.max_model_len, lora_slots=meta.lora_slots)
 
     def meta(self, start: torch.Tensor, q_len: int, block_size: int, is_prefill: bool
              ) -> tuple[torch.Tensor, AttentionMetadata]:
@@ -125,7 +127,8 @@ class RoundInputs:
         return positions, AttentionMetadata(
             is_prefill=is_prefill, slot_mapping=slots, block_tables=self.tables, context_lens=context,
             cu_seqlens_q=(torch.arange(bsz + 1, device=start.device, dtype=torch.int32) * q_len),
-            max_seqlen_q=q_len, max_seqlen_k=self.max_context, block_size=block_size)
+            max_seqlen_q=q_len, max_seqlen_k=self.max_context, block_size=block_size,
+            lora_slots=None if self.lora_slots is None else self.lora_slots[seq])
 
 
 def _draft_inputs(rl: list[torch.Tensor], base: list[torch.Tensor], weights: torch.Tensor, draft: str

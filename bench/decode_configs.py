@@ -56,7 +56,7 @@ def materialize(pairing: str, tmp: Path) -> tuple[list[Path], list[dict]]:
     return dirs, cfgs
 
 
-def write_adapter(path: Path, base: Path, cfg: dict, rank: int) -> None:
+def write_adapter(path: Path, base: Path, cfg: dict, rank: int, seed: int = 0) -> None:
     """A PEFT LoRA adapter directory over ``base``: random A and B of ``rank`` on every projection."""
     import torch
     from safetensors.torch import save_file
@@ -68,7 +68,7 @@ def write_adapter(path: Path, base: Path, cfg: dict, rank: int) -> None:
               "v_proj": (m.hidden_size, m.kv_size), "o_proj": (m.q_size, m.hidden_size),
               "gate_proj": (m.hidden_size, m.intermediate_size), "up_proj": (m.hidden_size, m.intermediate_size),
               "down_proj": (m.intermediate_size, m.hidden_size)}
-    g = torch.Generator().manual_seed(rank)
+    g = torch.Generator().manual_seed(rank + 1000 * seed)
     tensors = {}
     for layer in range(m.num_layers):
         for block, names in LORA_TARGETS.items():

@@ -12,7 +12,7 @@ import statistics
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -36,20 +36,22 @@ def summarize(step_s: list[float], first_token_s: float, batch: int, gen: int) -
                 ttft_ms=1e3 * first_token_s, decode_steps=len(step_s), generated_per_seq=gen)
 
 
-def add_requests(engine: Any, sp_cls: Any, batch: int, prompt: int, gen: int, vocab: int, tag: str) -> None:
+def add_requests(engine: Any, sp_cls: Any, batch: int, prompt: int, gen: int, vocab: int, tag: str,
+                 loras: Sequence[Optional[str]] = (None,)) -> None:
     """``batch`` random prompts, distinct within the batch and from every other tag's (no prefix-cache
-    hits), sampled at T=1, top-p 0.95, no early stop."""
+    hits), sampled at T=1, top-p 0.95, no early stop; request i with adapter loras[i % len(loras)]."""
     rng = torch.Generator().manual_seed(zlib.crc32(f"{tag}/{batch}/{prompt}/{gen}".encode()))
     params = sp_cls(temperature=1.0, top_p=0.95, ignore_eos=True, max_tokens=gen)
     for i in range(batch):
-        engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (prompt,), generator=rng).tolist(), params)
+        engine.add_request(f"{tag}-{i}", torch.randint(0, vocab, (prompt,), generator=rng).tolist(), params,
+                           lora_request=loras[i % len(loras)])
 
 
 def engine_generate(engine: Any, sp_cls: Any, batch: int, prompt: int, gen: int, vocab: int, tag: str,
-                    device: torch.device) -> dict:
+                    device: torch.device, loras: Sequence[Optional[str]] = (None,)) -> dict:
     """Add ``batch`` random prompts at once and step the engine to the end; the step that hands every
     request its first token is the prefill (TTFT), the rest are decode steps."""
-    add_requests(engine, sp_cls, batch, prompt, gen, vocab, tag)
+    add_requests(engine, sp_cls, batch, prompt, gen, vocab, tag, loras)
     sync(device)
     start, have_first, first_at, step_s, made, peak = time.perf_counter(), set(), 0.0, [], {}, 0
     t1 = start

@@ -39,7 +39,8 @@
 #                                                      experts in bf16 and in FP8, batch 1 and 32
 #   bash bench/gpu_session.sh lora    <sha>            bench/decode.py: 7b+1.5b against 7b+1.5b-lora (the RL
 #                                                      model a rank-64 LoRA adapter sharing its base's weights),
-#                                                      rast and rast-unstacked at batch 1 and 32, base once
+#                                                      rast and rast-unstacked at batch 1 and 32, base once;
+#                                                      bench/lora_modules.py: 1-8 adapters chosen per request
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back
@@ -148,9 +149,10 @@ case "$stage" in
     ;;
   lora)  # what sharing the base's weights buys a LoRA RL model (a later session's stage)
     install
-    decode "$(part 1 2)" --pairings 7b+1.5b --modes base rast rast-unstacked --batches 1 32 --name decode-lora-full
-    decode "$(left)" --pairings 7b+1.5b-lora --modes rast rast-unstacked --batches 1 32 --name decode-lora \
+    decode "$(part 1 3)" --pairings 7b+1.5b --modes base rast rast-unstacked --batches 1 32 --name decode-lora-full
+    decode "$(part 1 2)" --pairings 7b+1.5b-lora --modes rast rast-unstacked --batches 1 32 --name decode-lora \
       --profile --profile-modes rast
+    timeout "$(left)" python3 bench/lora_modules.py --out "$out" 2>&1 | tee -a "$log"  # adapters chosen per request
     ;;
   unfused)
     pairing=${3:?pairing, e.g. 7b+1.5b}

@@ -62,3 +62,20 @@ def test_output_heads_give_a_shared_head_once(tmp_path: Path, stack: bool) -> No
     before = [h.clone() for h in heads]
     decode_runs.peak_logits(heads, 5.0)  # in place, each once: no error on an expanded view
     assert all(torch.allclose(h, b * (5.0 / (0.02 * h.shape[-1] ** 0.5))) for h, b in zip(heads, before))
+
+
+def test_adapters_per_request_count_every_served_adapter_in_the_floor(tmp_path: Path) -> None:
+    """bench/lora_modules.py --quick: the single adapter as small_rl, then 1 and 2 adapters served; each
+    served adapter adds its A and B (rank 8, every projection) to the bytes a step reads."""
+    result, _, _ = run_bench("lora_modules.py", tmp_path, "--quick", pattern="lora-modules-*.json",
+                             env={"RAST_COMMIT": "lmsmoke"}, timeout=240)
+    rows = {(r["mode"], r["adapters"]): r for r in result["rows"]}
+    assert sorted(rows) == [("lora_modules", 1), ("lora_modules", 2), ("small_rl", 1)]
+    small = decode.TINY["tiny-small"]
+    h, i, layers = small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]
+    kv = small["num_key_value_heads"] * h // small["num_attention_heads"]
+    adapter = layers * 8 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+    one, two = rows[("lora_modules", 1)], rows[("lora_modules", 2)]
+    assert rows[("small_rl", 1)]["weight_bytes_read"] == one["weight_bytes_read"]
+    assert two["weight_bytes_read"] - one["weight_bytes_read"] == adapter * 4  # float32 on the CPU
+    assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in result["rows"])

@@ -52,12 +52,12 @@ class OpenAIServer:
         if not self.model_names or not all(isinstance(n, str) and n for n in self.model_names):
             raise RastError(f"model_name must be a non-empty name or a list of them, got {model_name!r}")
         self.model_name = self.model_names[0]
+        self.api_key = checked_api_key(api_key)
         # vLLM's --lora-modules: a request naming an adapter decodes with it as its RL model
         self.lora_modules = dict(engine.config.lora_modules or {})
         clash = sorted(set(self.lora_modules) & set(self.model_names))
         if clash:
             raise RastError(f"the LoRA module name(s) {clash} are also served model names; rename one")
-        self.api_key = checked_api_key(api_key)
         self.metrics = Metrics(self.model_name)
         self.engine = AsyncEngine(engine, max_waiting=max_waiting, queue_timeout=queue_timeout,
                                   on_step=self.metrics.step_seconds.observe)

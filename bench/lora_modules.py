@@ -1,0 +1,87 @@
+"""Several LoRA RL models over one small base, one per request (engine/lora_modules.py): what a decode step
+costs as the adapters served grow, beside the same adapter served alone as small_rl.
+
+    python bench/lora_modules.py            # CUDA: 7B + Δ1.5B, rank 64; 1, 2, 4, 8 adapters; batch 1, 8, 32
+    python bench/lora_modules.py --quick    # smoke run (CPU): tiny shapes, rank 8, 1 and 2 adapters, batch 2
+
+Rows: mode "small_rl" (one adapter as the pair's RL model: its model one LoRA view of S) and
+"lora_modules" with N adapters, the batch's requests spread over them in turn. Weights are dummy (random,
+bench/decode_configs.py's shapes), the adapters random too: timing only. Each row gives the decode step
+time and tokens/s (bench/decode_runs.engine_generate: whole engine steps through the public API) and its
+floor, the bytes a step must read over measured copy bandwidth: M's and S's weights, every served
+adapter's A and B (each step reads them all: the selection is a mask on the rank columns), and the three
+models' KV at the mean context (R's cache is one whatever N).
+Writes bench/results/lora-modules-<device>-<sha>.json.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
+from bench.decode_configs import materialize, write_adapter  # noqa: E402
+from bench.decode_runs import LAM, engine_generate  # noqa: E402
+from bench.roofline import roofline_ms  # noqa: E402
+
+PROMPT, GEN, WARMUP = 128, 64, 4
+
+
+def build(rast: object, dirs: list[Path], adapters: dict[str, str] | None, batch: int, dtype: str,
+          device: torch.device) -> object:
+    pair = (dict(small_rl=str(dirs[1]), small_base=str(dirs[2])) if adapters is None
+            else dict(small_base=str(dirs[2]), lora_modules=adapters))
+    length = PROMPT + GEN
+    return rast.LLMEngine(rast.EngineConfig(
+        model=str(dirs[0]), lam=LAM, **pair, load_format="dummy", dtype=dtype, device=str(device),
+        kv_cache_blocks=batch * math.ceil(length / 16) + 1, max_num_seqs=batch, max_model_len=length,
+        max_num_batched_tokens=max(batch * PROMPT, length)))
+
+
+def main() -> None:
+    args = common.quick_args(__doc__, "smoke run: tiny shapes, 1 and 2 adapters, batch 2")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(2)
+    quick = device.type == "cpu"
+    pairing, counts, batches = ("tiny-lora", [1, 2], [2]) if quick else ("7b+1.5b-lora", [1, 2, 4, 8], [1, 8, 32])
+    dtype = torch.float32 if quick else torch.bfloat16
+    elt, bandwidth = torch.empty((), dtype=dtype).element_size(), common.copy_bandwidth(device)
+    rast, rows = common.import_engine(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs, cfgs = materialize(pairing, Path(tmp))
+        rank = cfgs[1]["lora_rank"]
+        adapters = {f"a{i}": str(dirs[1]) if i == 0 else str(Path(tmp) / f"a{i}") for i in range(max(counts))}
+        for i in range(1, max(counts)):
+            Path(adapters[f"a{i}"]).mkdir()
+            write_adapter(Path(adapters[f"a{i}"]), dirs[2], cfgs[2], rank, seed=i)
+        for mode, n in [("small_rl", 1)] + [("lora_modules", n) for n in counts]:
+            served = None if mode == "small_rl" else dict(list(adapters.items())[:n])
+            engine = build(rast, dirs, served, max(batches), str(dtype).replace("torch.", ""), device)
+            loras = [None] if served is None else list(served)
+            for batch in batches:
+                run = lambda gen, tag: engine_generate(engine, rast.SamplingParams, batch, PROMPT, gen,  # noqa: E731
+                                                       engine.vocab_size, tag, device, loras)
+                run(WARMUP, f"warm-{mode}{n}-{batch}")
+                res = run(GEN, f"run-{mode}{n}-{batch}")
+                used = cfgs[:1] + [{**cfgs[1], "lora_rank": rank * n}] + cfgs[2:]  # N adapters' A and B
+                rows.append(dict(mode=mode, adapters=n, batch=batch, rank=rank, **res,
+                                 **roofline_ms(used, elt, batch, PROMPT + GEN / 2, bandwidth)))
+                print(f"  {mode:>12} N={n} b={batch:<3} {res['tokens_per_s']:9.1f} tok/s {res['step_ms']:8.3f} "
+                      f"ms/step (floor {rows[-1]['roofline_ms']:.3f})", flush=True)
+            del engine
+    print(f"LoRA adapters per request, {pairing} | {common.device_name(device)} | commit {common.git_sha()}")
+    print(common.table(rows, ["mode", "adapters", "batch", "tokens_per_s", "step_ms", "roofline_ms"]))
+    if common.keeps_results(args.out, device, args.quick):
+        path = common.write_results("lora-modules", device, rows, dict(pairing=pairing, rank=rank, prompt=PROMPT,
+                                                                      gen=GEN, bandwidth_bytes_per_s=bandwidth),
+                                    args.out)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

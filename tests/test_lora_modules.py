@@ -152,3 +152,32 @@ def test_a_captured_decode_step_replays_each_rows_adapter(adapters: tuple, monke
         install_fast_path(fast.runner)
         assert [run(fast, choices) for choices in cases] == want
         assert emu.replays == 2 * 2 * (EMULATED.max_tokens - 1)
+
+
+def test_captured_speculative_rounds_replay_each_rows_adapter(adapters: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds replayed from a captured graph (bucket 4, one padding row), whose drafts and R terms read
+    each row's slot from the decode buffers: the plain engine's tokens (coupled method), adapters mixed."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU runs only (Triton interpreter)")
+    from cuda_emulator import emulated_cuda
+    from rast_engine.cuda_graph import DecodeGraphs
+    from test_emulated_fast_path import CUDA
+
+    large, base, modules = adapters
+    kw = dict(small_base=str(base), lora_modules=modules, max_num_seqs=4, attention_backend="triton",
+              layer_ops="triton", **KW)
+    params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=5, ignore_eos=True, seed=17)
+    prompts, choices = [[5, 17, 33, 9, 41, 8], [12, 7, 60, 3], [70, 22, 14, 9, 31]], ["code", None, "math"]
+    want = [o.outputs[0].token_ids for o in LLM(str(large), **kw).generate(prompts, params, use_tqdm=False,
+                                                                           lora_request=choices)]
+    spec = LLM(str(large), speculative_tokens=2, **kw)
+    runner = spec.llm_engine.runner
+    runner.sampler = "triton"
+    with emulated_cuda(monkeypatch) as emu:
+        runner.round_graphs = DecodeGraphs((runner._round_step,), runner._pad_all, CUDA, max_rows=4)
+        runner.round_graphs.buckets = [4]
+        runner.round_graphs.capture_all()
+        got = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False, lora_request=choices)]
+    assert got == want and emu.replays > 0

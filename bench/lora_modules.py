@@ -64,16 +64,15 @@ def main() -> None:
             engine = build(rast, dirs, served, max(batches), str(dtype).replace("torch.", ""), device)
             loras = [None] if served is None else list(served)
             for batch in batches:
-                run = lambda gen, tag: engine_generate(engine, rast.SamplingParams, batch, PROMPT, gen,  # noqa: E731
-                                                       engine.vocab_size, tag, device, loras)
-                run(WARMUP, f"warm-{mode}{n}-{batch}")
-                res = run(GEN, f"run-{mode}{n}-{batch}")
+                for gen, tag in ((WARMUP, "warm"), (GEN, "run")):
+                    res = engine_generate(engine, rast.SamplingParams, batch, PROMPT, gen, engine.vocab_size,
+                                          f"{tag}-{mode}{n}-{batch}", device, loras)
                 used = cfgs[:1] + [{**cfgs[1], "lora_rank": rank * n}] + cfgs[2:]  # N adapters' A and B
                 rows.append(dict(mode=mode, adapters=n, batch=batch, rank=rank, **res,
                                  **roofline_ms(used, elt, batch, PROMPT + GEN / 2, bandwidth)))
                 print(f"  {mode:>12} N={n} b={batch:<3} {res['tokens_per_s']:9.1f} tok/s {res['step_ms']:8.3f} "
                       f"ms/step (floor {rows[-1]['roofline_ms']:.3f})", flush=True)
-            del engine
+            del engine  # before the next one is built: two engines' weights need not fit
     print(f"LoRA adapters per request, {pairing} | {common.device_name(device)} | commit {common.git_sha()}")
     print(common.table(rows, ["mode", "adapters", "batch", "tokens_per_s", "step_ms", "roofline_ms"]))
     if common.keeps_results(args.out, device, args.quick):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from rast_engine.commands import lora_modules_arg
 from rast_engine.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from rast_engine.errors import RastError
 
@@ -20,6 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--small-rl", help="the small RL-tuned model R (a directory, or a LoRA adapter over --small-base)")
     p.add_argument("--small-base", help="R's small base model S")
     p.add_argument("--lam", type=float, default=1.0, help="λ, the strength of ΔR = R − S (default 1.0)")
+    p.add_argument("--lams", type=float, nargs="+", default=None, metavar="LAM",
+                   help="a λ sweep in one engine: each λ a run of its own in OUT/lam<λ>/ (with --lora-modules, "
+                        "OUT/<name>-lam<λ>/), saved as a single run with that --lam saves it")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="RL models as LoRA adapters over --small-base (no --small-rl), evaluated in one engine: "
+                        "each a run of its own in OUT/<name>/, saved as a single run with --small-rl PATH saves it")
     p.add_argument("--data", help="JSONL file with fields problem, answer and optional id")
     p.add_argument("--template", default="a",
                    help="a: the chat template + boxed instruction; b: 'Question: ... Answer: Let's think step "
@@ -79,11 +86,14 @@ def run(args: argparse.Namespace) -> int:
                      seed=args.seed, max_inflight=args.max_inflight, limit=args.limit, name=args.name,
                      plots=not args.no_plots, speculative_tokens=args.speculative_tokens,
                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                     plausibility_alpha=args.plausibility_alpha, data_parallel_size=args.data_parallel_size)
+                     plausibility_alpha=args.plausibility_alpha, data_parallel_size=args.data_parallel_size,
+                     lams=None if args.lams is None else tuple(args.lams),
+                     lora_modules=lora_modules_arg(args.lora_modules))
     m = run_eval(cfg)
-    summary = {k: m[k] for k in ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k",
-                                 "mean_response_tokens")}
-    print(json.dumps(summary, indent=2))
+    keys = ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k", "mean_response_tokens")
+    runs = {None: m} if "dataset" in m else m
+    summary = {name: {k: r[k] for k in keys} for name, r in runs.items()}
+    print(json.dumps(summary[None] if None in summary else summary, indent=2))
     return 0
 
 

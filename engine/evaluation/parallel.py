@@ -55,13 +55,13 @@ def _worker(rank: int, cfg: EvalConfig, device: str, tasks: Any, results: Any) -
             item = None if ended else tasks.get()
             ended = item is None
             return item
-        sample(one, next_item, lambda records: results.put(("records", records)))
+        sample(one, next_item, lambda v, records: results.put(("records", v, records)))
         results.put(("done", rank))
     except BaseException:  # noqa: BLE001 - reported to the parent, which stops the run
         results.put(("error", rank, traceback.format_exc()))
 
 
-def sample_in_parallel(cfg: EvalConfig, todo: list[Item], save: Callable[[list[dict[str, Any]]], None]) -> None:
+def sample_in_parallel(cfg: EvalConfig, todo: list[Item], save: Callable[[int, list[dict[str, Any]]], None]) -> None:
     n = cfg.data_parallel_size
     devices = worker_devices(cfg.device, n)
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
@@ -79,7 +79,7 @@ def sample_in_parallel(cfg: EvalConfig, todo: list[Item], save: Callable[[list[d
 
     def handle(msg: tuple) -> None:
         if msg[0] == "records":
-            save(msg[1])
+            save(msg[1], msg[2])
         elif msg[0] == "done":
             running.discard(msg[1])
         else:

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from rast_engine.errors import RastError
+from rast_engine.lora_modules import checked_lora_modules
+from rast_engine.sampling_params import MAX_LAM, is_lam
 from rast_engine.evaluation.data import Problem, load_problems
 from rast_engine.evaluation.grading import is_equivalent
 from rast_engine.evaluation.metrics import GradedSample, compute_metrics
 from rast_engine.evaluation.plots import draw_plots
 from rast_engine.evaluation.sampling import Item, sample
 from rast_engine.evaluation.templates import load_template
+from rast_engine.evaluation.variants import variant_config, variants
 
 SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.json"
 # The settings that shape the samples; a resumed run must agree on all of them.
@@ -92,10 +95,25 @@ class EvalConfig:
     # engines in processes of their own (one a GPU), problems handed to whichever has room; a sample's
     # seed does not depend on where it is drawn, so not a sample setting
     data_parallel_size: int = 1
+    # several variants in one engine (variants.py), each saved in OUT/<variant>/ as its single run: a λ
+    # sweep, and RL adapters over small_base chosen per request ({name: adapter directory})
+    lams: tuple[float, ...] | None = None
+    lora_modules: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        if (self.small_rl is None) != (self.small_base is None):
+        if self.lora_modules is not None:
+            self.lora_modules = checked_lora_modules(self.lora_modules)
+            if self.small_base is None or self.small_rl is not None:
+                raise RastError("--lora-modules are RL adapters over --small-base, one run each: give --small-base "
+                                "and no --small-rl")
+        elif (self.small_rl is None) != (self.small_base is None):
             raise RastError("--small-rl and --small-base go together (ΔR = R − S needs both)")
+        if self.lams is not None:
+            self.lams = tuple(self.lams)
+            if self.small_base is None:
+                raise RastError("--lams sweeps λ, the strength of ΔR = R − S: give --small-rl and --small-base")
+            if not self.lams or not all(map(is_lam, self.lams)) or len({f"{x:g}" for x in self.lams}) != len(self.lams):
+                raise RastError(f"--lams must be distinct numbers with |λ| <= {MAX_LAM:g}, got {list(self.lams)}")
         if self.n < 1 or self.max_tokens < 1:
             raise RastError("--n and --max-tokens must be >= 1")
         if not 0.0 <= self.plausibility_alpha <= 1.0:
@@ -167,16 +185,21 @@ def _check_run_file(out: Path, cfg: EvalConfig, has_samples: bool) -> None:
         run_file.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
-def _generate(cfg: EvalConfig, todo: list[Item], samples_path: Path, log: Any) -> None:
-    """Samples ``todo`` into samples.jsonl: in this process, or across data_parallel_size engines."""
+def _generate(cfg: EvalConfig, todo: list[Item], samples_paths: list[Path], log: Any) -> None:
+    """Samples ``todo`` into each variant's samples.jsonl: in this process, or across data_parallel_size
+    engines."""
+    from contextlib import ExitStack
+
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(c for _, parts in todo for _, c in parts), desc=f"eval {cfg.name}", unit="sample",
+    bar = tqdm(total=sum(c for _, parts, _ in todo for _, c in parts), desc=f"eval {cfg.name}", unit="sample",
                file=log)
-    with samples_path.open("a", encoding="utf-8") as fh:
-        def save(records: list[dict[str, Any]]) -> None:
-            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            fh.flush()
+    with ExitStack() as stack:
+        files = [stack.enter_context(path.open("a", encoding="utf-8")) for path in samples_paths]
+
+        def save(v: int, records: list[dict[str, Any]]) -> None:
+            files[v].write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            files[v].flush()
             bar.update(len(records))
 
         if cfg.data_parallel_size == 1:
@@ -196,29 +219,45 @@ def _still_correct(rec: dict, problem: Problem) -> bool:
 
 
 def run_eval(cfg: EvalConfig, log: Any = sys.stderr) -> dict:
-    """Generates what is missing, then writes metrics.json (and plots); returns the metrics."""
+    """Generates what is missing, then writes metrics.json (and plots); returns the metrics (with several
+    variants: each variant's, by its name)."""
     problems = load_problems(cfg.data, cfg.limit)
+    runs = variants(cfg)
+    cfgs = [cfg] if runs is None else [variant_config(cfg, v) for v in runs]
+    plans = [_plan(c, problems) for c in cfgs]
+    # a problem's variants side by side: its λ variants share the prompt's prefix cache
+    todo = [(p, parts[p.id], v) for p in problems for v, (_, parts) in enumerate(plans) if p.id in parts]
+    if todo:
+        done = len(problems) * len(plans) - len(todo)
+        print(f"rast eval: {len(problems)} problems x {len(plans)} run(s), {done} already complete, sampling "
+              f"{len(todo)}", file=log)
+        _generate(cfg, todo, [Path(c.out) / SAMPLES_FILE for c in cfgs], log)
+    else:
+        print(f"rast eval: all {len(problems)} problems already sampled; scoring", file=log)
+    metrics = [_score(c, problems, load_saved(Path(c.out) / SAMPLES_FILE), log) for c in cfgs]
+    return metrics[0] if runs is None else {v.name: m for v, m in zip(runs, metrics)}
+
+
+def _plan(cfg: EvalConfig, problems: list[Problem]) -> tuple[Path, dict[str, list[tuple[int, int]]]]:
+    """A run's folder, made and checked against its saved settings, and the requests each problem still
+    needs."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise RastError(f"--out {str(out)!r} is a file; it must name a run directory")
     out.mkdir(parents=True, exist_ok=True)
-    samples_path = out / SAMPLES_FILE
-    saved = load_saved(samples_path)
+    saved = load_saved(out / SAMPLES_FILE)
     _check_run_file(out, cfg, bool(saved))
-    todo = []
+    todo = {}
     for p in problems:
         have = {int(r["index"]) for r in saved.get(p.id, [])}
         missing = [i for i in range(cfg.n) if i not in have]
         if missing:
-            todo.append((p, pieces(missing)))
-    if todo:
-        done = len(problems) - len(todo)
-        print(f"rast eval: {len(problems)} problems, {done} already complete, sampling {len(todo)}", file=log)
-        _generate(cfg, todo, samples_path, log)
-        saved = load_saved(samples_path)
-    else:
-        print(f"rast eval: all {len(problems)} problems already sampled; scoring", file=log)
+            todo[p.id] = pieces(missing)
+    return out, todo
 
+
+def _score(cfg: EvalConfig, problems: list[Problem], saved: dict[str, list[dict]], log: Any) -> dict:
+    out = Path(cfg.out)
     graded = []
     for p in problems:
         recs = sorted(saved[p.id], key=lambda r: r["index"])[:cfg.n]

@@ -23,7 +23,7 @@ def _build_llm(cfg: "EvalConfig") -> Any:
 
     return LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
                seed=cfg.seed, speculative_tokens=cfg.speculative_tokens, quantization=cfg.quantization,
-               kv_cache_dtype=cfg.kv_cache_dtype)
+               kv_cache_dtype=cfg.kv_cache_dtype, lora_modules=cfg.lora_modules)
 
 
 def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any]]:
@@ -36,39 +36,46 @@ def _records(problem: Problem, first_index: int, out: Any) -> list[dict[str, Any
     return recs
 
 
-Item = tuple[Problem, list[tuple[int, int]]]  # a problem and the requests (first index, count) it needs
+# a problem, the requests (first index, count) it needs, and the run's variant they are for (variants.py;
+# 0 in a single run)
+Item = tuple[Problem, list[tuple[int, int]], int]
 
 
-def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None], emit: Callable[[list[dict[str, Any]]], None]
-           ) -> None:
+def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None],
+           emit: Callable[[int, list[dict[str, Any]]], None]) -> None:
     """Keeps up to max_inflight problems in one engine, taking each from ``next_item`` (None: no more) and
-    handing each request's records to ``emit`` the moment it finishes, so a long straggler neither idles
-    the batch nor holds back the saving of the others."""
+    handing each request's records to ``emit`` (with its variant) the moment it finishes, so a long
+    straggler neither idles the batch nor holds back the saving of the others."""
     from rast_engine import SamplingParams
+    from rast_engine.evaluation.variants import variants
+
+    # per variant, its requests' λ (None: the engine's) and adapter
+    runs = [(v.lam, v.lora) for v in variants(cfg) or []] or [(None, None)]
 
     template = load_template(cfg.template)
     stop = list(template.stop) + list(cfg.stop)
     llm = _build_llm(cfg)
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
-    inflight: dict[str, tuple[Problem, int]] = {}
-    open_requests: dict[str, int] = {}  # per problem in flight
+    inflight: dict[str, tuple[Problem, int, int]] = {}
+    open_requests: dict[tuple[int, str], int] = {}  # per (variant, problem) in flight
 
     def submit() -> None:
         item = next_item()
         if item is None:
             return
-        problem, parts = item
+        problem, parts, v = item
         prompt = template.render(problem.problem, tokenizer)
+        lam, lora = runs[v]
         for first, count in parts:
             params = SamplingParams(n=count, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                     min_p=cfg.min_p, max_tokens=cfg.max_tokens, stop=stop or None,
-                                    plausibility_alpha=cfg.plausibility_alpha,
+                                    plausibility_alpha=cfg.plausibility_alpha, lam=lam,
                                     seed=request_seed(cfg.seed, problem.id, first), output_kind="final_only")
-            rid = f"eval-{problem.id}-{first}"
-            engine.add_request(rid, prompt, params)
-            inflight[rid] = (problem, first)
-        open_requests[problem.id] = len(parts)
+            rid = f"eval-{v}-{problem.id}-{first}"
+            engine.add_request(rid, prompt, params, lora_request=lora)
+            inflight[rid] = (problem, first, v)
+        open_requests[v, problem.id] = len(parts)
 
     for _ in range(cfg.max_inflight):
         submit()
@@ -76,9 +83,9 @@ def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None], emit: Callab
         for out in engine.step():
             if not out.finished or out.request_id not in inflight:
                 continue
-            problem, first = inflight.pop(out.request_id)
-            emit(_records(problem, first, out))
-            open_requests[problem.id] -= 1
-            if not open_requests[problem.id]:  # the problem is done: the next one enters
-                del open_requests[problem.id]
+            problem, first, v = inflight.pop(out.request_id)
+            emit(v, _records(problem, first, out))
+            open_requests[v, problem.id] -= 1
+            if not open_requests[v, problem.id]:  # the problem is done: the next one enters
+                del open_requests[v, problem.id]
                 submit()

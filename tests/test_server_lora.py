@@ -3,8 +3,6 @@ as its RL model, one naming the served model decodes M alone; /v1/models lists t
 parent. Oracle: the offline engine whose small_rl is that adapter (test_lora.py checks it against PEFT)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import openai
 import pytest
 
@@ -64,4 +62,8 @@ def test_the_flag_parses_and_names_must_not_clash(server_triple: tuple, modules:
     engine = LLMEngine(EngineConfig(large, small_base=base, lora_modules=modules, **KW))
     with pytest.raises(RastError, match="also served model names"):
         OpenAIServer(engine, model_name=["rast", "math"])
-    assert Path(modules["math"]).is_dir()
+    from rast_engine.commands import build_engine
+
+    missing = build_parser().parse_args(["serve", large, "--small-base", base, "--lora-modules", "a=/no/such/dir"])
+    with pytest.raises(RastError, match="--lora-modules a: no such model directory"):
+        build_engine(missing)  # before any model is loaded

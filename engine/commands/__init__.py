@@ -122,6 +122,9 @@ def build_engine(args: argparse.Namespace) -> Any:
         _existing_dir(args.small_rl, "--small-rl")
     if args.small_base is not None:
         _existing_dir(args.small_base, "--small-base")
+    lora_modules = lora_modules_arg(getattr(args, "lora_modules", None))
+    for name, path in (lora_modules or {}).items():
+        _existing_dir(path, f"--lora-modules {name}")
     experts = []
     for rl, base, weight in args.expert or ():
         try:
@@ -146,7 +149,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         # serve's flags
         reasoning_parser=getattr(args, "reasoning_parser", None),
         scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
-        lora_modules=lora_modules_arg(getattr(args, "lora_modules", None))))
+        lora_modules=lora_modules))
 
 
 def lora_modules_arg(values: list[str] | None) -> dict[str, str] | None:

@@ -1,0 +1,132 @@
+"""The engine under random interleavings of add_request, bad requests, abort_request and step (hypothesis'
+stateful testing), in a KV cache small enough to preempt, with chunked prefill, prefix caching, forks of
+n > 1, steps launched ahead, speculative rounds and per-request LoRA adapters. Oracles are the engine's
+promises, checked after every operation:
+- every KV block's reference count equals the number of live sequences whose table holds it, and a block
+  is on the free list iff that count is 0 (nothing leaked, nothing freed twice);
+- a refused request (RastError) changes nothing: the same requests, the same free blocks;
+- a finished request has its n samples of exactly max_tokens tokens (ignore_eos), reported once, and an
+  aborted one is never reported again;
+- once drained, every block is free.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from rast_engine import EngineConfig, LLMEngine, SamplingParams
+from rast_engine.errors import RastError
+from test_lora import make_adapter
+
+peft = pytest.importorskip("peft")
+BLOCKS, BS, MAX_LEN = 12, 4, 40
+CONFIGS = {
+    "ahead": dict(async_output=True, async_scheduling=True, max_num_batched_tokens=12),
+    "speculative": dict(speculative_tokens=2, max_num_batched_tokens=16),
+}
+
+
+def check_blocks(engine: LLMEngine) -> None:
+    bm = engine.block_manager
+    held = Counter(b for g in engine.groups.values() for s in g.seqs for b in s.block_table)
+    assert [bm.ref_counts[b] for b in range(bm.num_blocks)] == [held[b] for b in range(bm.num_blocks)]
+    assert set(bm.free_list) == {b for b in range(bm.num_blocks) if held[b] == 0}
+
+
+class EngineMachine(RuleBasedStateMachine):
+    engine: LLMEngine  # set per configuration below; drained at each run's end, so runs may share it
+    loras: tuple = (None,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected: dict[str, SamplingParams] = {}  # live request -> its params
+        self.ended: set[str] = set()  # finished or aborted: never reported again
+        self.count = 0
+
+    def _step(self) -> None:
+        for out in self.engine.step():
+            assert out.request_id not in self.ended, f"{out.request_id} reported after it ended"
+            if out.finished:
+                params = self.expected.pop(out.request_id)
+                assert len(out.outputs) == params.n
+                assert all(len(c.token_ids) == params.max_tokens and c.finish_reason == "length"
+                           for c in out.outputs)
+                self.ended.add(out.request_id)
+
+    @rule(length=st.integers(1, 20), n=st.integers(1, 3), max_tokens=st.integers(1, 12),
+          greedy=st.booleans(), seed=st.integers(0, 2**31), lora=st.integers(0, 2), logprobs=st.booleans())
+    def add(self, length: int, n: int, max_tokens: int, greedy: bool, seed: int, lora: int, logprobs: bool) -> None:
+        rid = f"r{self.count}"
+        self.count += 1
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, seed=seed,
+                                ignore_eos=True, prompt_logprobs=1 if logprobs else None, output_kind="final_only")
+        prompt = [(seed + 7 * i) % 90 + 4 for i in range(length)]
+        self.engine.add_request(rid, prompt, params, lora_request=self.loras[lora % len(self.loras)])
+        self.expected[rid] = params
+
+    @rule(kind=st.sampled_from(["too_long", "unknown_lora", "logprobs", "duplicate_id", "token_range"]))
+    def add_bad(self, kind: str) -> None:
+        before = (dict(self.engine.groups), self.engine.block_manager.num_free_blocks)
+        prompt, params, rid, lora = [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True), f"bad{self.count}", None
+        if kind == "too_long":
+            prompt = list(range(4, 4 + MAX_LEN))
+        elif kind == "unknown_lora":
+            lora = "law"
+        elif kind == "logprobs":
+            params = SamplingParams(max_tokens=2, logprobs=10**6)
+        elif kind == "duplicate_id" and self.expected:
+            rid = next(iter(self.expected))
+        else:
+            prompt = [5, 10**7]
+        with pytest.raises(RastError):
+            self.engine.add_request(rid, prompt, params, lora_request=lora)
+        assert (dict(self.engine.groups), self.engine.block_manager.num_free_blocks) == before
+
+    @rule(pick=st.integers(0, 10**6))
+    def abort(self, pick: int) -> None:
+        if self.expected:
+            rid = sorted(self.expected)[pick % len(self.expected)]
+            self.engine.abort_request(rid)
+            del self.expected[rid]
+            self.ended.add(rid)
+
+    @rule(steps=st.integers(1, 4))
+    def step(self, steps: int) -> None:
+        for _ in range(steps):
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    @invariant()
+    def blocks_are_accounted(self) -> None:
+        check_blocks(self.engine)
+
+    def teardown(self) -> None:
+        for _ in range(500):
+            if not self.engine.has_unfinished_requests():
+                break
+            self._step()
+            check_blocks(self.engine)
+        assert not self.expected and not self.engine.has_unfinished_requests(), sorted(self.expected)
+        assert self.engine.block_manager.num_free_blocks == BLOCKS
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_random_interleavings_keep_the_engine_consistent(qwen2_triple: tuple, name: str,
+                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    large, _, base = qwen2_triple
+    root = tmp_path_factory.mktemp("fuzz-lora")
+    modules = {"a": str(make_adapter(base, root / "a", seed=51)),
+               "b": str(make_adapter(base, root / "b", seed=52, r=2, target_modules=["q_proj", "down_proj"]))}
+    engine = LLMEngine(EngineConfig(str(large), small_base=str(base), lora_modules=modules, lam=0.7, device="cpu",
+                                    dtype="float32", block_size=BS, kv_cache_blocks=BLOCKS, max_num_seqs=4,
+                                    max_model_len=MAX_LEN, seed=3, **CONFIGS[name]))
+    machine = type(f"Machine_{name}", (EngineMachine,), dict(engine=engine, loras=(None, "a", "b")))
+    machine.TestCase.settings = settings(max_examples=12, stateful_step_count=30, deadline=None,
+                                         suppress_health_check=list(HealthCheck))
+    machine.TestCase().runTest()
+    stats = engine.stats()  # the runs reached what they are here for
+    assert stats.num_preemptions_total > 0 and engine.block_manager.prefix_hits > 0, stats
+    assert name != "speculative" or stats.spec_draft_tokens_total > 0

@@ -69,11 +69,7 @@ def load_adapters(modules: dict[str, str], base: str) -> list[LoraAdapter]:
         if not Path(path).is_dir() or not is_adapter(path):
             raise ModelLoadError(f"lora_modules[{name!r}] ({path}) is not a PEFT LoRA adapter directory "
                                  "(adapter_config.json, and no config.json of a model)")
-        try:
-            adapters.append(LoraAdapter.from_dir(path))
-        except ModelLoadError as e:
-            raise ModelLoadError(f"lora_modules[{name!r}]: {e}") from None
-        adapters[-1].check_base(base)
+        adapters.append(LoraAdapter.of_role(path, f"lora_modules[{name!r}]", base))
     return adapters
 
 

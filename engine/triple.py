@@ -188,11 +188,7 @@ def weight_sources(paths: list[str], names: list[str]) -> tuple[list[str], list[
         if i % 2 == 0:  # the large model and every base: roles 0, 2, 4, ...
             raise ModelLoadError(f"{role} ({path}) is a LoRA adapter; only an RL model may be one, over its pair's "
                                  "base model")
-        try:
-            adapters.append(LoraAdapter.from_dir(path))
-        except ModelLoadError as e:
-            raise ModelLoadError(f"{role}: {e}") from None
-        adapters[-1].check_base(paths[i + 1])
+        adapters.append(LoraAdapter.of_role(path, role, paths[i + 1]))
         sources.append(paths[i + 1])
     return sources, adapters
 

@@ -96,6 +96,16 @@ class LoraAdapter:
             raise ModelLoadError(f"{str(path)!r} has no {ADAPTER_WEIGHTS} (pickled adapter weights are never read)")
         return cls(path, config)
 
+    @classmethod
+    def of_role(cls, path: str | Path, role: str, base: str | Path) -> LoraAdapter:
+        """from_dir, its errors naming ``role``; warned of when trained over another base than ``base``."""
+        try:
+            adapter = cls.from_dir(path)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{role}: {e}") from None
+        adapter.check_base(base)
+        return adapter
+
     def check_base(self, base: str | Path) -> None:
         """Warn when the base the adapter was trained over is a directory here, and not ``base``."""
         named = self.config.get("base_model_name_or_path")

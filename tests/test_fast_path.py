@@ -41,8 +41,8 @@ def test_decode_buffers_follow_block_tables_through_every_change() -> None:
     rng = random.Random(0)
     max_rows, width, pairs = 6, 12, 2
     buf = DecodeBuffers(max_rows, width, pairs, BS, torch.device("cpu"), staging=True)
-    seqs = [SimpleNamespace(token_ids=[1] * rng.randrange(1, 9), block_table=[], num_pending=0)
-            for _ in range(max_rows)]
+    seqs = [SimpleNamespace(token_ids=[1] * rng.randrange(1, 9), block_table=[], num_pending=0,
+                            group=SimpleNamespace(lora_slot=rng.randrange(-1, 3))) for _ in range(max_rows)]
     for s in seqs:
         s.block_table = [rng.randrange(100) for _ in range(-(-len(s.token_ids) // BS))]
     for _ in range(60):
@@ -81,13 +81,15 @@ def test_decode_buffers_follow_block_tables_through_every_change() -> None:
             assert int(meta.context_lens[i]) == len(s.token_ids)
             assert int(buf.positions(rows)[i]) == pos and int(buf.input_ids(rows)[i]) == s.token_ids[-1]
         assert (meta.slot_mapping[n:] == -1).all() and (meta.context_lens[n:] == 0).all()
+        assert meta.lora_slots.tolist() == [s.group.lora_slot for s in batch] + [-1] * (rows - n)
         assert meta.cu_seqlens_q.tolist() == list(range(rows + 1))
         samp = buf.sampling(rows)
         torch.testing.assert_close(samp["temperature"][:n], torch.tensor(temps))
         assert (samp["temperature"][n:] == 0).all() and (samp["top_p"][n:] == 1).all()
         torch.testing.assert_close(samp["weights"][:n], torch.tensor(weights))
         assert (samp["weights"][n:] == 0).all() and samp["weights"].is_contiguous()
-    pending = [SimpleNamespace(token_ids=[PENDING], block_table=[0], num_pending=1)]
+    pending = [SimpleNamespace(token_ids=[PENDING], block_table=[0], num_pending=1,
+                               group=SimpleNamespace(lora_slot=-1))]
     with pytest.raises(RuntimeError, match="no feed"):  # never a placeholder id read as a token
         buf.fill(pending, temperature=[1.0], top_k=[0], top_p=[1.0], min_p=[0.0], seeds=[0], offsets=[0],
                  weights=[[1.0, 1.0]], rows=1)

@@ -97,13 +97,23 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     # {name: LoRA adapter directory}: RL models over small_base, chosen per request (engine/lora_modules.py)
     lora_modules: Optional[dict[str, str]] = None
+    # their slots (vLLM's names): adapters held at once, their loads at run time included (None: as many as
+    # lora_modules), and the largest rank a slot takes (None: lora_modules' largest, else 16)
+    max_loras: Optional[int] = None
+    max_lora_rank: Optional[int] = None
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise RastError(f"model must be a local model directory, got {self.model!r}")
+        _positive_int("max_loras", self.max_loras, allow_none=True)
+        _positive_int("max_lora_rank", self.max_lora_rank, allow_none=True)
+        if (self.max_loras is not None or self.max_lora_rank is not None) and self.lora_modules is None:
+            self.lora_modules = {}  # adapters loaded while serving only
         if self.lora_modules is not None:
-            self.lora_modules = checked_lora_modules(self.lora_modules)
+            self.lora_modules = checked_lora_modules(self.lora_modules, allow_empty=self.max_loras is not None)
+            if self.max_loras is not None and len(self.lora_modules) > self.max_loras:
+                raise RastError(f"{len(self.lora_modules)} lora_modules do not fit max_loras={self.max_loras}")
             if self.small_base is None or self.small_rl is not None or self.experts:
                 raise RastError("lora_modules are RL models over small_base, one chosen per request: give "
                                 "small_base, and neither small_rl nor experts")
@@ -118,8 +128,8 @@ class EngineConfig:
                             + ("; experts carry their own weights" if self.experts else ""))
         if self.experts is not None and not isinstance(self.experts, (list, tuple)):
             raise RastError(f"experts must be a list of (rl_path, base_path, weight), got {self.experts!r}")
-        # with lora_modules the pair's rl is the first adapter, the others loaded beside it into one model
-        rl = self.small_rl if self.lora_modules is None else next(iter(self.lora_modules.values()))
+        # with lora_modules the pair's rl is a view of its base holding the adapters (engine/lora_registry.py)
+        rl = self.small_rl if self.lora_modules is None else self.small_base
         pairs = [] if rl is None else [ExpertPair(str(rl), str(self.small_base), float(self.lam))]
         for i, entry in enumerate(self.experts or ()):
             if not isinstance(entry, (tuple, list)) or len(entry) != 3:

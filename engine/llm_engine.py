@@ -27,7 +27,8 @@ from rast_engine.draws import step_draws
 from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.pending import DrawResult, InFlight
-from rast_engine.lora_modules import LoraChoice, lora_choice
+from rast_engine.lora_modules import LoraChoice
+from rast_engine.lora_registry import LoraAdapters
 from rast_engine.requests import check_priority, checked_request, prompt_of
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
@@ -38,7 +39,7 @@ from rast_engine.speculative.round import PendingRound, SpecCounts, commit_round
 from rast_engine.triple import ModelSet, resolve_device
 
 
-class LLMEngine:
+class LLMEngine(LoraAdapters):
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
@@ -81,9 +82,9 @@ class LLMEngine:
         vLLM's, lower first, with scheduling_policy="priority" only; ``lora_request``: the RL model's
         adapter among the engine's lora_modules (a LoRARequest or its name; None: M alone)."""
         priority = check_priority(priority, self.config.scheduling_policy)
-        lora_slot, cache_root = lora_choice(self.config.lora_modules, lora_request)
         prompt = prompt_of(prompt)
         ids, weights, params, grammar = checked_request(self, request_id, prompt, params)
+        lora_slot, cache_root = self.lora_choice(lora_request)  # last: it may load an adapter
         request_seed = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,

@@ -1,29 +1,26 @@
 """Several RL models as LoRA adapters over one small base, chosen per request: ``LLM(M, small_base=S,
 lora_modules={"math": dir, "code": dir})`` (``rast serve --lora-modules math=dir``, vLLM's flag), and a
 request names its adapter with vLLM's ``lora_request`` (a LoRARequest, or the adapter's name), or the
-server's ``model`` field.
+server's ``model`` field. With ``max_loras`` above their number (vLLM's name), more load while the engine
+serves: LLMEngine.load_lora_adapter, the server's /v1/load_lora_adapter, or a LoRARequest's path.
 
 A request with adapter a decodes M + λ·(R_a − S), R_a being S plus adapter a; a request with none
-decodes M alone (its R is S, so R − S is exactly zero). Every adapter is loaded at start into one view
-of S (models/lora.py: each adapted projection holds every adapter's A and B, and each token keeps only
-its own adapter's columns), so R is one forward for all requests, stacked with S as a single adapter's
-R is: one KV cache for R, whatever the number of adapters. Each step reads every adapter's A and B
-(Σ r·(in + out) a projection), small against S's weights at the usual ranks and counts.
+decodes M alone (its R is S, so R − S is exactly zero). R is one view of S with max_loras slots in every
+decoder projection (models/lora_slots.py: a token keeps only its own slot's columns), so R is one forward
+for all requests, stacked with S as a single adapter's R is: one KV cache for R, whatever the number of
+adapters. Each step reads every slot's A and B (max_loras · max_lora_rank · (in + out) a projection part),
+small against S's weights at the usual ranks and counts. Which slot holds which adapter, and the prefix-
+cache root of each (R's keys and values depend on the adapter): engine/lora_registry.py.
 
-R's keys and values depend on the adapter, so the prefix cache roots a request's block hashes in its
-adapter's name: a prompt reuses only blocks computed under the same adapter (vLLM keys them by LoRA id).
+This module is what the configuration and the CLI read, without torch.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
-from rast_engine.errors import ModelLoadError, RastError
-
-if TYPE_CHECKING:
-    from rast_engine.models.lora import LoraAdapter
+from rast_engine.errors import RastError
 
 
 @dataclass(frozen=True)
@@ -47,9 +44,9 @@ class LoRARequest:
 LoraChoice = Union[LoRARequest, str, None]
 
 
-def checked_lora_modules(modules: object) -> dict[str, str]:
+def checked_lora_modules(modules: object, allow_empty: bool = False) -> dict[str, str]:
     """EngineConfig.lora_modules as {name: directory}; a RastError for any other shape."""
-    if not isinstance(modules, dict) or not modules:
+    if not isinstance(modules, dict) or not (modules or allow_empty):
         raise RastError(f"lora_modules must be a non-empty dict of {{name: adapter directory}}, got {modules!r}")
     out: dict[str, str] = {}
     for name, path in modules.items():
@@ -59,37 +56,3 @@ def checked_lora_modules(modules: object) -> dict[str, str]:
             raise RastError(f"lora_modules[{name!r}] must be an adapter directory, got {path!r}")
         out[name] = os.fspath(path)
     return out
-
-
-def load_adapters(modules: dict[str, str], base: str) -> list[LoraAdapter]:
-    """Every module's adapter, in slot order (the dict's), each checked as a plain LoRA over ``base``."""
-    from rast_engine.models.lora import LoraAdapter, is_adapter  # torch: not at import (the CLI's parsing)
-    adapters = []
-    for name, path in modules.items():
-        if not Path(path).is_dir() or not is_adapter(path):
-            raise ModelLoadError(f"lora_modules[{name!r}] ({path}) is not a PEFT LoRA adapter directory "
-                                 "(adapter_config.json, and no config.json of a model)")
-        adapters.append(LoraAdapter.of_role(path, f"lora_modules[{name!r}]", base))
-    return adapters
-
-
-def lora_choice(modules: Optional[dict[str, str]], choice: LoraChoice) -> tuple[int, bytes]:
-    """A request's (adapter slot, prefix-cache root): (-1, b"") for none; a RastError for an adapter
-    the engine has not loaded."""
-    if choice is None:
-        return -1, b""
-    if isinstance(choice, str):
-        choice = LoRARequest(choice)
-    if not isinstance(choice, LoRARequest):
-        raise RastError(f"lora_request must be a LoRARequest, an adapter name or None, got {choice!r}")
-    if not modules:
-        raise RastError(f"lora_request {choice.lora_name!r}: this engine serves no LoRA adapters (start it "
-                        "with small_base and lora_modules)", param="lora_request")
-    if choice.lora_name not in modules:
-        raise RastError(f"lora_request {choice.lora_name!r} is not one of the engine's lora_modules "
-                        f"{sorted(modules)}; rast loads adapters at start only", param="lora_request")
-    loaded = modules[choice.lora_name]
-    if choice.lora_path is not None and Path(choice.lora_path).resolve() != Path(loaded).resolve():
-        raise RastError(f"lora_request {choice.lora_name!r} names {os.fspath(choice.lora_path)!r}, but that name "
-                        f"was loaded from {loaded!r}", param="lora_request")
-    return list(modules).index(choice.lora_name), b"lora:" + choice.lora_name.encode()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rast_engine.errors import RastError
-from rast_engine.lora_modules import LoraChoice, lora_choice
+from rast_engine.lora_modules import LoraChoice
 from rast_engine.outputs import ScoreOutput
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.sequence import Sequence, SequenceGroup
@@ -54,7 +54,7 @@ def _finish(per_model: list[torch.Tensor], weights: list[float], vocab: int, out
 def score_sequences(engine: LLMEngine, sequences: list[list[int]], output: str,
                     lora_request: LoraChoice = None) -> list[ScoreOutput]:
     _validate(engine, sequences, output)
-    lora_slot, cache_root = lora_choice(engine.config.lora_modules, lora_request)
+    lora_slot, cache_root = engine.lora_choice(lora_request)
     bm, runner = engine.block_manager, engine.runner
     budget = engine.scheduler.max_num_batched_tokens
     params = SamplingParams()

@@ -28,8 +28,9 @@ from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.decoder import CausalLM
 from rast_engine.models.loader import load_model
-from rast_engine.lora_modules import load_adapters
-from rast_engine.models.lora import AdapterRows, LoraAdapter, is_adapter, lora_view
+from rast_engine.lora_registry import DEFAULT_MAX_RANK, LoraRegistry, adapter_rank, read_adapter
+from rast_engine.models.lora import LoraAdapter, is_adapter
+from rast_engine.models.lora_slots import slot_view
 from rast_engine.sampling_params import sample_seed
 
 logger = logging.getLogger("rast")
@@ -48,6 +49,7 @@ class ModelSet:
     eos_token_ids: set[int]  # every id that ends a sequence (unless ignore_eos)
     named_eos_ids: set[int]  # those of them that are its stop_reason: the generation config's, not the model's
     weights: list[float]  # the engine's λ per pair
+    lora: Optional[LoraRegistry] = None  # with lora_modules: the adapters R's slots hold
 
 
 def roles(config: EngineConfig) -> list[str]:
@@ -210,7 +212,7 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
         if diff is not None:
             raise ModelLoadError(f"the tokenizer of {role} ({path}) differs from the tokenizer of model "
                                  f"({paths[0]}): {diff}. All models must share one tokenizer.")
-    for name, path in (config.lora_modules or {}).items():  # the first is role 1's, checked above
+    for name, path in (config.lora_modules or {}).items():
         if tokenizers[0] is not None and has_tokenizer_files(path):
             diff = tokenizer_difference(tokenizers[0], load_tokenizer(path, f"lora_modules[{name!r}]"))
             if diff is not None:
@@ -219,8 +221,13 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
     dtype = resolve_dtype(config.dtype, device, configs[0])
     models: dict[int, CausalLM] = {}
     loaded: dict[tuple, CausalLM] = {}  # a directory filling several roles (a base shared by experts) loads once
+    lora = None
     for i in [0] + [j for rl in range(1, len(paths), 2) for j in (rl + 1, rl)]:  # a pair's base before its rl
         path, role = paths[i], names[i]
+        if i == 1 and config.lora_modules is not None:  # R: slots over the base for adapters chosen per request
+            lora = lora_registry(config, models[2])
+            models[1] = lora.view
+            continue
         quantization = config.quantization if i == 0 else None  # the large model only (models/fp8.py)
         key = (Path(path).resolve(), Path(sources[i]).resolve(), quantization)  # an adapter: over its base
         if config.load_format != "dummy" and key in loaded:  # dummy weights differ per role by design
@@ -237,7 +244,20 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
     eos, named = eos_token_ids(paths[0], tokenizer, config.generation_config)
     return ModelSet(models=[models[i] for i in range(len(paths))], configs=configs, roles=names,
                     tokenizer=tokenizer, vocab_size=vocab, eos_token_ids=eos, named_eos_ids=named,
-                    weights=[p.weight for p in config.pairs])
+                    weights=[p.weight for p in config.pairs], lora=lora)
+
+
+def lora_registry(config: EngineConfig, base: CausalLM) -> LoraRegistry:
+    """R's view of ``base`` with config.max_loras slots of config.max_lora_rank, lora_modules loaded in
+    order (engine/lora_registry.py)."""
+    check = config.load_format != "dummy"
+    adapters = {n: read_adapter(n, p, config.small_base, check) for n, p in config.lora_modules.items()}
+    rank = config.max_lora_rank or max(map(adapter_rank, adapters.values()), default=DEFAULT_MAX_RANK)
+    registry = LoraRegistry(slot_view(base, config.max_loras or len(adapters), rank), config.small_base,
+                            config.max_loras or len(adapters), rank, check)
+    for name, path in config.lora_modules.items():
+        registry.load(name, path, in_use=lambda: set())  # noqa: PIE807 - nothing runs yet
+    return registry
 
 
 def _load_role(config: EngineConfig, i: int, source: str, adapter: Optional[LoraAdapter], base: Optional[CausalLM],
@@ -246,16 +266,8 @@ def _load_role(config: EngineConfig, i: int, source: str, adapter: Optional[Lora
     """Role i's model: loaded from ``source``; an adapter's, a view of its pair's loaded ``base`` (no
     weight copied: models/lora.py; over dummy weights too, so a benchmark's R is its base plus a real
     adapter), or the adapter merged into a copy where a view cannot hold it (ignored with dummy weights);
-    with lora_modules, role 1 is one view holding every adapter (engine/lora_modules.py)."""
+    """
     dummy = config.load_format == "dummy"
-    if i == 1 and config.lora_modules is not None:
-        adapters = [replace(a, check_copies=not dummy) for a in load_adapters(config.lora_modules, config.small_base)]
-        view = lora_view(base, adapters, AdapterRows())
-        if view is None:
-            raise ModelLoadError("an adapter adapts more than a dense model's decoder projections (an lm_head, "
-                                 "a mixture of experts' experts), which lora_modules cannot share per request; "
-                                 "give it as small_rl")
-        return view
     if adapter is not None:  # with dummy weights too: the adapter's own A and B over the dummy base
         adapter = replace(adapter, check_copies=not dummy)
         view = adapter.view_of(base)

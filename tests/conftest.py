@@ -120,3 +120,17 @@ def srv(server_triple: tuple):  # noqa: ANN201
     running = Running(OpenAIServer(server_engine(server_triple, max_num_seqs=32), model_name=MODEL))
     yield running
     running.close()
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(qwen2_triple: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(large, small base, {name: adapter}): two adapters of other ranks and targets, one with a
+    rank_pattern."""
+    from test_lora import make_adapter
+
+    large, _, base = qwen2_triple
+    root = tmp_path_factory.mktemp("lora_modules")
+    math = make_adapter(base, root / "math", seed=21, r=4)
+    code = make_adapter(base, root / "code", seed=22, r=2, target_modules=["q_proj", "v_proj", "down_proj"],
+                        rank_pattern={"down_proj": 3})
+    return large, base, {"math": str(math), "code": str(code)}

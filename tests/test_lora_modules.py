@@ -12,7 +12,6 @@ import torch
 from rast_engine import LLM, LoRARequest, SamplingParams
 from rast_engine.errors import ModelLoadError, RastError
 from test_engine import LAM, PROMPTS, hf_greedy
-from test_lora import make_adapter
 
 pytest.importorskip("peft")
 
@@ -21,26 +20,14 @@ SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, ignore_eos=Tr
 KW = dict(lam=LAM, block_size=4, kv_cache_blocks=96)
 
 
-@pytest.fixture(scope="module")
-def adapters(qwen2_triple: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
-    """(large, small base, {name: adapter}): two adapters of other ranks and targets, one with a
-    rank_pattern."""
-    large, _, base = qwen2_triple
-    root = tmp_path_factory.mktemp("lora_modules")
-    math = make_adapter(base, root / "math", seed=21, r=4)
-    code = make_adapter(base, root / "code", seed=22, r=2, target_modules=["q_proj", "v_proj", "down_proj"],
-                        rank_pattern={"down_proj": 3})
-    return large, base, {"math": str(math), "code": str(code)}
-
-
-def _multi(adapters: tuple, **kw: object) -> LLM:
-    large, base, modules = adapters
+def _multi(lora_adapters: tuple, **kw: object) -> LLM:
+    large, base, modules = lora_adapters
     return LLM(str(large), small_base=str(base), lora_modules=modules, **{**KW, **kw})
 
 
-def _single(adapters: tuple, name: str | None) -> list[list[int]]:
+def _single(lora_adapters: tuple, name: str | None) -> list[list[int]]:
     """Each prompt's tokens from the engine whose RL model is that one adapter (None: M alone)."""
-    large, base, modules = adapters
+    large, base, modules = lora_adapters
     llm = (LLM(str(large), block_size=4, kv_cache_blocks=96) if name is None
            else LLM(str(large), modules[name], str(base), **KW))
     return [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
@@ -48,10 +35,10 @@ def _single(adapters: tuple, name: str | None) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("stack", [True, False])
-def test_each_request_decodes_with_its_own_adapter_in_one_batch(adapters: tuple, stack: bool) -> None:
-    llm = _multi(adapters, stack_small_models=stack)
-    choices = ["math", LoRARequest("code", 2, adapters[2]["code"]), None]
-    want = {name: _single(adapters, name) for name in ("math", "code", None)}
+def test_each_request_decodes_with_its_own_adapter_in_one_batch(lora_adapters: tuple, stack: bool) -> None:
+    llm = _multi(lora_adapters, stack_small_models=stack)
+    choices = ["math", LoRARequest("code", 2, lora_adapters[2]["code"]), None]
+    want = {name: _single(lora_adapters, name) for name in ("math", "code", None)}
     assert len({str(w) for w in want.values()}) == 3  # the choice shows in the tokens
     for k, params in enumerate((GREEDY, SAMPLED)):
         prompts = [p for p in PROMPTS for _ in choices]  # every prompt under every choice, in one batch
@@ -61,21 +48,21 @@ def test_each_request_decodes_with_its_own_adapter_in_one_batch(adapters: tuple,
             assert out.outputs[0].token_ids == want[name][k][i // len(choices)], (name, params.temperature)
 
 
-def test_a_mixed_batch_matches_hf_greedy_over_peft(adapters: tuple) -> None:
-    large, base, modules = adapters
-    llm = _multi(adapters)
+def test_a_mixed_batch_matches_hf_greedy_over_peft(lora_adapters: tuple) -> None:
+    large, base, modules = lora_adapters
+    llm = _multi(lora_adapters)
     outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False, lora_request=["code", "math"])
     for out, name in zip(outs, ("code", "math")):
         assert out.outputs[0].token_ids == hf_greedy((large, Path(modules[name]), base), out.prompt_token_ids, LAM,
                                                      llm.llm_engine.vocab_size, GREEDY.max_tokens)
 
 
-def test_the_prefix_cache_never_shares_r_across_adapters(adapters: tuple) -> None:
+def test_the_prefix_cache_never_shares_r_across_adapters(lora_adapters: tuple) -> None:
     """One long prompt under each adapter in turn: a hit computed under another adapter would give R
     that adapter's keys and values."""
-    llm = _multi(adapters, enable_prefix_caching=True)
+    llm = _multi(lora_adapters, enable_prefix_caching=True)
     prompt = list(range(3, 40))
-    alone = {n: LLM(str(adapters[0]), adapters[2][n], str(adapters[1]), **KW).generate(
+    alone = {n: LLM(str(lora_adapters[0]), lora_adapters[2][n], str(lora_adapters[1]), **KW).generate(
         [prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for n in ("math", "code")}
     for name in ("math", "code", "math", "code"):
         assert llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=name)[0].outputs[0].token_ids == alone[name]
@@ -83,24 +70,24 @@ def test_the_prefix_cache_never_shares_r_across_adapters(adapters: tuple) -> Non
     assert len(roots) >= 2 * ((len(prompt) - 1) // 4)  # each adapter's prompt blocks cached under its own root
 
 
-def test_speculative_rounds_and_scores_use_the_requests_adapter(adapters: tuple) -> None:
-    plain = _multi(adapters)
-    spec = _multi(adapters, speculative_tokens=3)
+def test_speculative_rounds_and_scores_use_the_requests_adapter(lora_adapters: tuple) -> None:
+    plain = _multi(lora_adapters)
+    spec = _multi(lora_adapters, speculative_tokens=3)
     for name in ("math", "code", None):
         want = plain.generate(PROMPTS, SAMPLED, use_tqdm=False, lora_request=name)
         got = spec.generate(PROMPTS, SAMPLED, use_tqdm=False, lora_request=name)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want], name
     seq = [list(range(5, 17))]
-    single = LLM(str(adapters[0]), adapters[2]["code"], str(adapters[1]), **KW)
+    single = LLM(str(lora_adapters[0]), lora_adapters[2]["code"], str(lora_adapters[1]), **KW)
     torch.testing.assert_close(plain.score(seq, lora_request="code")[0].combined,
                                single.score(seq)[0].combined, rtol=0, atol=1e-5)
 
 
-def test_bad_adapter_choices_and_configs_are_refused(adapters: tuple, tmp_path: Path) -> None:
-    large, base, modules = adapters
-    llm = _multi(adapters)
+def test_bad_adapter_choices_and_configs_are_refused(lora_adapters: tuple, tmp_path: Path) -> None:
+    large, base, modules = lora_adapters
+    llm = _multi(lora_adapters)
     engine = llm.llm_engine
-    for bad, match in (("law", "not one of the engine's lora_modules"), (LoRARequest("math", 1, modules["code"]),
+    for bad, match in (("law", "not a loaded LoRA adapter"), (LoRARequest("math", 1, modules["code"]),
                                                                           "was loaded from"), (3, "LoRARequest")):
         with pytest.raises(RastError, match=match):
             engine.add_request("r", PROMPTS[0], GREEDY, lora_request=bad)
@@ -120,7 +107,8 @@ def test_bad_adapter_choices_and_configs_are_refused(adapters: tuple, tmp_path: 
         LoRARequest("math", 0)
 
 
-def test_a_captured_decode_step_replays_each_rows_adapter(adapters: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_captured_decode_step_replays_each_rows_adapter(lora_adapters: tuple,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Under the CUDA emulator (tests/cuda_emulator.py) the stacked step, whose R rows read their slots
     from the decode buffers, captures and replays as the eager engine decodes, a padding row included."""
     import os
@@ -131,7 +119,7 @@ def test_a_captured_decode_step_replays_each_rows_adapter(adapters: tuple, monke
     from fast_path_util import prompts
     from test_emulated_fast_path import SAMPLED as EMULATED, install_fast_path, triton_engine
 
-    large, base, modules = adapters
+    large, base, modules = lora_adapters
 
     def run(engine, choices: list) -> list[list[int]]:  # noqa: ANN001
         for i, (p, lora) in enumerate(zip(prompts(3, seed=3), choices)):
@@ -154,7 +142,8 @@ def test_a_captured_decode_step_replays_each_rows_adapter(adapters: tuple, monke
         assert emu.replays == 2 * 2 * (EMULATED.max_tokens - 1)
 
 
-def test_captured_speculative_rounds_replay_each_rows_adapter(adapters: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_captured_speculative_rounds_replay_each_rows_adapter(lora_adapters: tuple,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds replayed from a captured graph (bucket 4, one padding row), whose drafts and R terms read
     each row's slot from the decode buffers: the plain engine's tokens (coupled method), adapters mixed."""
     import os
@@ -165,7 +154,7 @@ def test_captured_speculative_rounds_replay_each_rows_adapter(adapters: tuple, m
     from rast_engine.cuda_graph import DecodeGraphs
     from test_emulated_fast_path import CUDA
 
-    large, base, modules = adapters
+    large, base, modules = lora_adapters
     kw = dict(small_base=str(base), lora_modules=modules, max_num_seqs=4, attention_backend="triton",
               layer_ops="triton", **KW)
     params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=5, ignore_eos=True, seed=17)

@@ -67,3 +67,46 @@ def test_the_flag_parses_and_names_must_not_clash(server_triple: tuple, modules:
     missing = build_parser().parse_args(["serve", large, "--small-base", base, "--lora-modules", "a=/no/such/dir"])
     with pytest.raises(RastError, match="--lora-modules a: no such model directory"):
         build_engine(missing)  # before any model is loaded
+
+
+def test_adapters_load_and_unload_while_serving_when_allowed(server_triple: tuple, modules: dict[str, str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, present only with
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING set (as vLLM's)."""
+    import httpx
+
+    large, _, base = map(str, server_triple)
+
+    def server() -> Running:
+        config = EngineConfig(large, small_base=base, lora_modules={"math": modules["math"]}, max_loras=2, **KW)
+        return Running(OpenAIServer(LLMEngine(config), model_name="rast"))
+
+    closed = server()
+    try:
+        r = httpx.post(f"{closed.url}/v1/load_lora_adapter", json={"lora_name": "code", "lora_path": modules["code"]})
+        assert r.status_code == 404
+    finally:
+        closed.close()
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    running = server()
+    try:
+        client, url = running.client(), running.url
+        for body, status, text in (({"lora_name": "code", "lora_path": modules["code"]}, 200, "added successfully"),
+                                   ({"lora_name": "code", "lora_path": modules["code"]}, 400, "already loaded"),
+                                   ({"lora_name": "rast", "lora_path": modules["code"]}, 400, "served model name"),
+                                   ({"lora_name": "x", "lora_path": "/no/such"}, 400, "not a PEFT LoRA adapter")):
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=60)
+            assert r.status_code == status and text in r.text, r.text
+        assert [m.id for m in client.models.list().data] == ["rast", "math", "code"]
+        want = LLM(large, modules["code"], base, **KW).generate(
+            [PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)[0].outputs[0].text
+        assert client.completions.create(model="code", prompt=PROMPTS[0], max_tokens=6, temperature=0).choices[
+            0].text == want
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "code"}, timeout=60)
+        assert r.status_code == 200 and "removed successfully" in r.text
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="code", prompt=PROMPTS[0], max_tokens=2)
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "code"}, timeout=60)
+        assert r.status_code == 400 and "no LoRA adapter named 'code'" in r.text
+    finally:
+        running.close()

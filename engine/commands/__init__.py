@@ -149,7 +149,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         # serve's flags
         reasoning_parser=getattr(args, "reasoning_parser", None),
         scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
-        lora_modules=lora_modules))
+        lora_modules=lora_modules, max_loras=getattr(args, "max_loras", None),
+        max_lora_rank=getattr(args, "max_lora_rank", None)))
 
 
 def lora_modules_arg(values: list[str] | None) -> dict[str, str] | None:

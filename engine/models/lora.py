@@ -137,7 +137,7 @@ class LoraAdapter:
         """R as ``base`` itself plus the adapter, unmerged: every weight is the base's own tensor (no copy),
         and each adapted projection a LoraLinear over the base's. None where the adapter adapts anything
         but a dense decoder layer's linear projections (then merge_into a copy of the base)."""
-        return lora_view(base, [self])
+        return lora_view(base, self)
 
     def _deltas(self, model: CausalLM) -> list[tuple[tuple[torch.Tensor, int, int], torch.Tensor, torch.Tensor,
                                                        float]]:
@@ -195,30 +195,37 @@ class AdapterRows:
     ids: Optional[torch.Tensor] = None
 
 
-@torch.no_grad()
-def lora_view(base: CausalLM, adapters: list[LoraAdapter], rows: Optional[AdapterRows] = None) -> Optional[CausalLM]:
-    """``base`` plus the adapters, unmerged, sharing every tensor of ``base``: with one adapter and no
-    ``rows``, that adapter's model; with ``rows``, each token gets the adapter of its slot (adapter i is
-    slot i; engine/lora_modules.py). None where an adapter adapts anything but a dense decoder layer's
-    linear projections."""
-    if base.config.num_experts:
-        return None
+def shared_copy(base: CausalLM) -> CausalLM:
+    """A copy of ``base`` whose every parameter, buffer, layer-ops and attention backend is base's own."""
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
     for obj in (base.ops, *(layer.self_attn.backend for layer in base.layers)):
         shared[id(obj)] = obj
-    view = copy.deepcopy(base, shared)
+    return copy.deepcopy(base, shared)
+
+
+@torch.no_grad()
+def lora_view(base: CausalLM, adapter: LoraAdapter) -> Optional[CausalLM]:
+    """``base`` plus the adapter, unmerged, sharing every tensor of ``base``; None where the adapter adapts
+    anything but a dense decoder layer's linear projections."""
+    if base.config.num_experts:
+        return None
+    view = shared_copy(base)
     owners = {id(m.weight): (parent, name, m) for parent in view.layers.modules()
               for name, m in parent.named_children() if isinstance(m, nn.Linear)}
     parts: dict[int, list] = {}
-    for slot, adapter in enumerate(adapters):
-        for (param, start, n), a, b, scale in adapter._deltas(view):
-            if id(param) not in owners:
-                return None
-            parts.setdefault(id(param), []).append((start, n, a, b, scale, slot))
+    for (param, start, n), a, b, scale in adapter._deltas(view):
+        if id(param) not in owners:
+            return None
+        parts.setdefault(id(param), []).append((start, n, a, b * scale))
     for key, linear_parts in parts.items():
         parent, name, linear = owners[key]
-        setattr(parent, name, LoraLinear(linear, linear_parts, rows))
-    view.adapter_rows = rows
+        total = sum(a.shape[0] for _, _, a, _ in linear_parts)
+        lora_b = torch.zeros(linear.out_features, total)
+        col = 0
+        for start, n, a, b in linear_parts:  # each part's B in its rows, its own columns: block-diagonal
+            lora_b[start:start + n, col:col + a.shape[0]] = b
+            col += a.shape[0]
+        setattr(parent, name, LoraLinear(linear, torch.cat([a for _, _, a, _ in linear_parts]), lora_b))
     return view
 
 
@@ -228,25 +235,20 @@ class LoraLinear(nn.Module):
     each part's scale folded in, so two small GEMMs a projection. ``weight`` and ``bias`` are the base's, so
     models.stacked sees the pair's shared weight and reads it once for both models.
 
-    With ``rows`` the parts belong to several adapters (each part's last field, its slot), and a token's
-    row of x Aᵀ keeps only the columns of its own slot (``rows.ids``): its delta is exactly its adapter's,
-    zero for a token of no adapter. A where, not a product with a 0/1 mask: another adapter's inf stays out."""
+    With ``rows`` (several adapters, models/lora_slots.py) each column of the rank dimension belongs to an
+    adapter slot (``column_slot``), and a token's row of x Aᵀ keeps only its own slot's columns
+    (``rows.ids``): its delta is exactly its adapter's, zero for a token of no adapter. A where, not a
+    product with a 0/1 mask: another adapter's inf stays out."""
 
-    def __init__(self, base: nn.Linear, parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float, int]],
-                 rows: Optional[AdapterRows] = None) -> None:
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 column_slot: Optional[torch.Tensor] = None, rows: Optional[AdapterRows] = None) -> None:
         super().__init__()
         self.base, self.rows = base, rows
-        total = sum(a.shape[0] for _, _, a, _, _, _ in parts)
-        lora_b = torch.zeros(base.out_features, total, device=base.weight.device)
-        col = 0
-        for start, n, a, b, scale, _ in parts:
-            lora_b[start:start + n, col:col + a.shape[0]] = b.to(lora_b.device) * scale
-            col += a.shape[0]
-        lora_a = torch.cat([a for _, _, a, _, _, _ in parts]).to(base.weight.device)
-        self.lora_a = nn.Parameter(lora_a.to(base.weight.dtype), requires_grad=False)
-        self.lora_b = nn.Parameter(lora_b.to(base.weight.dtype), requires_grad=False)
-        slots = [slot for _, _, a, _, _, slot in parts for _ in range(a.shape[0])]
-        self.register_buffer("column_slot", torch.tensor(slots, dtype=torch.int32, device=base.weight.device))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_a = nn.Parameter(lora_a.to(device=device, dtype=dtype), requires_grad=False)
+        self.lora_b = nn.Parameter(lora_b.to(device=device, dtype=dtype), requires_grad=False)
+        if rows is not None:
+            self.register_buffer("column_slot", column_slot.to(device=device, dtype=torch.int32))
 
     @property
     def weight(self) -> torch.Tensor:

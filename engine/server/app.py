@@ -24,6 +24,7 @@ from rast_engine.server.async_engine import AsyncEngine
 from rast_engine.server.chat_messages import render_chat
 from rast_engine.server.chat_output import Reasoning
 from rast_engine.server.http_io import SSEResponse, sse, too_large, unless_client_leaves
+from rast_engine.server.lora_routes import lora_routes
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
 from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from rast_engine.server.request_handle import RequestHandle
@@ -54,8 +55,7 @@ class OpenAIServer:
         self.model_name = self.model_names[0]
         self.api_key = checked_api_key(api_key)
         # vLLM's --lora-modules: a request naming an adapter decodes with it as its RL model
-        self.lora_modules = dict(engine.config.lora_modules or {})
-        clash = sorted(set(self.lora_modules) & set(self.model_names))
+        clash = sorted(set(engine.lora_adapters()) & set(self.model_names))
         if clash:
             raise RastError(f"the LoRA module name(s) {clash} are also served model names; rename one")
         self.metrics = Metrics(self.model_name)
@@ -78,6 +78,7 @@ class OpenAIServer:
             Route("/ping", self._wrap("ping", self.health), methods=["GET", "POST"]),  # vLLM's (SageMaker's) probe
             Route("/version", self._wrap("version", self.version), methods=["GET"]),
             Route("/metrics", self._wrap("metrics", self.render_metrics), methods=["GET"]),
+            *lora_routes(self),
         ]
 
         @contextlib.asynccontextmanager
@@ -140,10 +141,11 @@ class OpenAIServer:
 
     def _check_model(self, model: str) -> str | None:
         """The request's LoRA adapter (None: a served model name, M alone); a 404 for an unknown name."""
-        if model in self.lora_modules:
+        adapters = self.engine.engine.lora_adapters()  # live: adapters load and unload while serving
+        if model in adapters:
             return model
         if model not in self.model_names:
-            served = ", ".join(map(repr, (*self.model_names, *self.lora_modules)))
+            served = ", ".join(map(repr, (*self.model_names, *adapters)))
             raise APIError(404, f"model {model!r} does not exist; this server serves {served}", param="model",
                            code="model_not_found")
 
@@ -151,7 +153,7 @@ class OpenAIServer:
     async def models(self, request: Request) -> Response:
         cards = [{"id": name, "object": "model", "created": 0, "owned_by": "rast"} for name in self.model_names]
         cards += [{"id": name, "object": "model", "created": 0, "owned_by": "rast", "root": path,
-                   "parent": self.model_name} for name, path in self.lora_modules.items()]  # as vLLM lists them
+                   "parent": self.model_name} for name, path in self.engine.engine.lora_adapters().items()]
         return JSONResponse({"object": "list", "data": cards})
 
     async def tokenize(self, request: Request) -> Response:

@@ -42,7 +42,7 @@ from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.requests import truncated
 from rast_engine.server.prompt_encoding import encode_prompt, prefix_refusal_sound
 from rast_engine.server.protocol import APIError
-from rast_engine.server.request_handle import Abort, Add, RequestHandle, settle
+from rast_engine.server.request_handle import Abort, Add, Call, RequestHandle, settle
 
 log = logging.getLogger("rast.server")
 T = TypeVar("T")
@@ -127,6 +127,14 @@ class AsyncEngine:
         return [encode_prompt(self.tokenizer, p, add_special_tokens, self.max_model_len, refuse) for p in prompts]
 
     # ---- requests (event loop) ----
+    async def on_engine_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the engine thread between two steps and wait for it (its exception re-raised)."""
+        if self.error is not None or self._thread is None:
+            raise APIError(503, f"the engine is not running: {self.error}", type="server_error", code="engine_dead")
+        done = asyncio.get_running_loop().create_future()
+        self._commands.put(Call(fn, done))
+        await done
+
     def submit(self, prompts: list[str | list[int]], params: Any, *, request_id: str,
                max_tokens: int | None, add_special_tokens: bool = True,
                param: str = "prompt", priority: int = 0, lora: str | None = None) -> RequestHandle:
@@ -159,7 +167,7 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(cmd, Add):
+            if isinstance(cmd, (Add, Call)):
                 settle(cmd.done, APIError(503, f"the engine is not running: {exc}", type="server_error",
                                            code="engine_dead"))
 
@@ -229,6 +237,13 @@ class AsyncEngine:
             if isinstance(cmd, Abort):
                 for rid in cmd.request_ids:
                     self.engine.abort_request(rid)
+            elif isinstance(cmd, Call):
+                try:
+                    cmd.fn()
+                except Exception as exc:  # a RastError is the caller's 400; nothing else stops the engine
+                    self._post(settle, cmd.done, exc)
+                else:
+                    self._post(settle, cmd.done, None)
             else:
                 self._add(cmd)
 

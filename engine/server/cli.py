@@ -66,6 +66,13 @@ def add_engine_server_args(p: argparse.ArgumentParser) -> None:
                    help="as vLLM's: LoRA adapters over --small-base, each an RL model a request picks by naming "
                         "it as its model (NAME=PATH, or vLLM's JSON {\"name\": ..., \"path\": ...}); give "
                         "--small-base and no --small-rl (default: none)")
+    p.add_argument("--max-loras", type=int, default=None, metavar="N",
+                   help="as vLLM's: LoRA slots, adapters held at once; above the --lora-modules count, more load "
+                        "while serving (/v1/load_lora_adapter with $VLLM_ALLOW_RUNTIME_LORA_UPDATING=true) "
+                        "(default: the --lora-modules count)")
+    p.add_argument("--max-lora-rank", type=int, default=None, metavar="R",
+                   help="as vLLM's: the largest adapter rank a slot holds (default: the --lora-modules' largest, "
+                        "else 16)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="as vLLM's: chat requests with tools may let the model choose its calls (tool_choice "
                         "\"auto\", the default with tools); needs --tool-call-parser")

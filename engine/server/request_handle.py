@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from rast_engine.errors import RastError
 from rast_engine.server.protocol import APIError
@@ -27,6 +27,13 @@ class Add:
 @dataclass
 class Abort:
     request_ids: list[str]
+
+
+@dataclass
+class Call:
+    """Run ``fn`` on the engine thread, between steps (an admin operation such as loading an adapter)."""
+    fn: Callable[[], None]
+    done: asyncio.Future
 
 
 def settle(fut: asyncio.Future, exc: BaseException | None) -> None:

@@ -1,0 +1,116 @@
+"""LoRA adapters loaded while the engine serves (engine/lora_registry.py): LLMEngine.load_lora_adapter /
+unload_lora_adapter and a LoRARequest's path, into max_loras fixed slots. Oracle: the engine whose small_rl
+is that adapter alone (test_lora.py checks it against PEFT), as in test_lora_modules.py."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rast_engine import LLM, LoRARequest, SamplingParams
+from rast_engine.errors import RastError
+from test_engine import PROMPTS
+from test_lora import make_adapter
+from test_lora_modules import GREEDY, KW, SAMPLED
+
+pytest.importorskip("peft")
+
+
+def _alone(lora_adapters: tuple, name: str, params: SamplingParams, prompts: list = PROMPTS) -> list[list[int]]:
+    large, base, modules = lora_adapters
+    llm = LLM(str(large), modules[name], str(base), **KW)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _tokens(llm: LLM, params: SamplingParams, lora: object, prompts: list = PROMPTS) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False, lora_request=lora)]
+
+
+def test_adapters_loaded_while_serving_decode_as_if_loaded_at_start(lora_adapters: tuple) -> None:
+    large, base, modules = lora_adapters
+    llm = LLM(str(large), small_base=str(base), lora_modules={"math": modules["math"]}, max_loras=2, max_lora_rank=4,
+              **KW)
+    engine = llm.llm_engine
+    assert _tokens(llm, SAMPLED, "math") == _alone(lora_adapters, "math", SAMPLED)
+    engine.load_lora_adapter("code", modules["code"])
+    assert engine.lora_adapters() == modules
+    for name in ("math", "code"):
+        assert _tokens(llm, GREEDY, name) == _alone(lora_adapters, name, GREEDY)
+    engine.add_request("busy", PROMPTS[0], GREEDY, lora_request="code")
+    with pytest.raises(RastError, match="used by running requests"):
+        engine.unload_lora_adapter("code")
+    engine.abort_request("busy")
+    engine.unload_lora_adapter("code")
+    assert engine.lora_adapters() == {"math": modules["math"]}
+    with pytest.raises(RastError, match="not a loaded LoRA adapter"):
+        engine.add_request("gone", PROMPTS[0], GREEDY, lora_request="code")
+    # the name again, now math's weights: nothing code computed (its prefix-cache blocks) is reused
+    engine.load_lora_adapter("code", modules["math"])
+    assert _tokens(llm, GREEDY, "code") == _alone(lora_adapters, "math", GREEDY)
+
+
+def test_a_lora_request_with_a_path_loads_it_and_evicts_an_idle_one(lora_adapters: tuple) -> None:
+    large, base, modules = lora_adapters
+    llm = LLM(str(large), small_base=str(base), max_loras=1, max_lora_rank=4, **KW)
+    engine = llm.llm_engine
+    math, code = LoRARequest("m", 1, modules["math"]), LoRARequest("c", 2, modules["code"])
+    assert _tokens(llm, SAMPLED, math) == _alone(lora_adapters, "math", SAMPLED)
+    engine.add_request("busy", PROMPTS[0], GREEDY, lora_request=math)
+    with pytest.raises(RastError, match="in use or loaded explicitly"):  # m runs: c finds no slot
+        engine.add_request("c0", PROMPTS[0], GREEDY, lora_request=code)
+    assert list(engine.groups) == ["busy"] and engine.lora_adapters() == {"m": modules["math"]}
+    engine.abort_request("busy")
+    assert _tokens(llm, GREEDY, code) == _alone(lora_adapters, "code", GREEDY)  # m was evicted for it
+    assert engine.lora_adapters() == {"c": modules["code"]}
+
+
+def test_what_does_not_fit_the_slots_is_refused_and_changes_nothing(lora_adapters: tuple, tmp_path: Path) -> None:
+    large, base, modules = lora_adapters
+    llm = LLM(str(large), small_base=str(base), max_loras=2, max_lora_rank=3, **KW)
+    engine = llm.llm_engine
+    with pytest.raises(RastError, match="rank 4 over max_lora_rank 3"):
+        engine.load_lora_adapter("math", modules["math"])
+    head = make_adapter(base, tmp_path / "head", seed=9, r=2, target_modules=["q_proj", "lm_head"],
+                        save_embedding_layers=False)
+    with pytest.raises(RastError, match="tied embeddings|more than the decoder's linear projections"):
+        engine.load_lora_adapter("head", str(head))
+    with pytest.raises(RastError, match="not a PEFT LoRA adapter"):
+        engine.load_lora_adapter("base", str(base))
+    engine.load_lora_adapter("code", modules["code"])
+    with pytest.raises(RastError, match="already loaded"):
+        engine.load_lora_adapter("code", modules["code"])
+    assert engine.lora_adapters() == {"code": modules["code"]}
+    assert _tokens(llm, GREEDY, "code") == _alone(lora_adapters, "code", GREEDY)
+    with pytest.raises(RastError, match="no LoRA slots"):
+        plain = LLM(str(large), **{k: v for k, v in KW.items() if k != "lam"})
+        plain.llm_engine.load_lora_adapter("x", modules["code"])
+
+
+def test_a_captured_step_reads_adapters_loaded_after_the_capture(lora_adapters: tuple,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slots are written in place: graphs captured before a load replay it (CUDA emulator)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU runs only (Triton interpreter)")
+    from cuda_emulator import emulated_cuda
+    from fast_path_util import prompts
+    from test_emulated_fast_path import SAMPLED as EMULATED, install_fast_path, triton_engine
+
+    large, base, modules = lora_adapters
+
+    def run(engine, choices: list) -> list[list[int]]:  # noqa: ANN001
+        for i, (p, lora) in enumerate(zip(prompts(3, seed=3), choices)):
+            engine.add_request(f"r{i}", p, EMULATED, lora_request=lora)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return [done[f"r{i}"] for i in range(3)]
+
+    choices = ["code", None, "math"]
+    want = run(triton_engine((large, None, base), small_rl=None, lora_modules=modules), choices)
+    fast = triton_engine((large, None, base), small_rl=None, max_loras=2, max_lora_rank=4)
+    with emulated_cuda(monkeypatch) as emu:
+        install_fast_path(fast.runner)
+        for name, path in modules.items():
+            fast.load_lora_adapter(name, path)
+        assert run(fast, choices) == want and emu.replays == 2 * (EMULATED.max_tokens - 1)

@@ -32,18 +32,28 @@ def adapter_rank(adapter: LoraAdapter) -> int:
     return max([int(adapter.config["r"]), *map(int, (adapter.config.get("rank_pattern") or {}).values())])
 
 
-def read_adapter(name: str, path: str, base: str, check_copies: bool) -> LoraAdapter:
+def read_adapter(name: str, path: str, base: str, check_copies: bool, tokenizer: Any = None) -> LoraAdapter:
+    """The adapter at ``path``, checked as a plain LoRA over ``base`` whose tokenizer, where it saved one,
+    is ``tokenizer`` (the engine's)."""
+    from rast_engine.triple import has_tokenizer_files, load_tokenizer, tokenizer_difference  # triple imports this
+
     if not Path(path).is_dir() or not is_adapter(path):
         raise ModelLoadError(f"LoRA adapter {name!r} ({path}) is not a PEFT LoRA adapter directory "
                              "(adapter_config.json, and no config.json of a model)")
     adapter = LoraAdapter.of_role(path, f"LoRA adapter {name!r}", base)
     adapter.check_copies = check_copies
+    if tokenizer is not None and has_tokenizer_files(path):
+        diff = tokenizer_difference(tokenizer, load_tokenizer(path, f"LoRA adapter {name!r}"))
+        if diff is not None:
+            raise ModelLoadError(f"the tokenizer of LoRA adapter {name!r} ({path}) differs from the model's: {diff}")
     return adapter
 
 
 class LoraRegistry:
-    def __init__(self, view: CausalLM, base: str, max_loras: int, max_rank: int, check_copies: bool) -> None:
+    def __init__(self, view: CausalLM, base: str, max_loras: int, max_rank: int, check_copies: bool,
+                 tokenizer: Any = None) -> None:
         self.view, self.base, self.max_rank, self.check_copies = view, base, max_rank, check_copies
+        self.tokenizer = tokenizer  # the engine's: an adapter that saved another is refused
         self.slots: list[Optional[str]] = [None] * max_loras  # the name each slot holds
         self.paths: dict[str, str] = {}  # name -> its directory
         self.roots: dict[str, bytes] = {}  # name -> the prefix-cache root of its blocks
@@ -64,7 +74,8 @@ class LoraRegistry:
         if name in self.paths:
             raise RastError(f"a LoRA adapter named {name!r} is already loaded (from {self.paths[name]}); unload it "
                             "first", param="lora_name")
-        deltas = slot_deltas(self.view, read_adapter(name, path, self.base, self.check_copies), self.max_rank)
+        adapter = read_adapter(name, path, self.base, self.check_copies, self.tokenizer)
+        deltas = slot_deltas(self.view, adapter, self.max_rank)
         slot = self._free_slot(in_use())
         write_slot(self.view, slot, deltas)
         if self.view.lm_head.weight.is_cuda:  # steps in flight read other slots only; the next one sees it all

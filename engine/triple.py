@@ -212,12 +212,6 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
         if diff is not None:
             raise ModelLoadError(f"the tokenizer of {role} ({path}) differs from the tokenizer of model "
                                  f"({paths[0]}): {diff}. All models must share one tokenizer.")
-    for name, path in (config.lora_modules or {}).items():
-        if tokenizers[0] is not None and has_tokenizer_files(path):
-            diff = tokenizer_difference(tokenizers[0], load_tokenizer(path, f"lora_modules[{name!r}]"))
-            if diff is not None:
-                raise ModelLoadError(f"the tokenizer of lora_modules[{name!r}] ({path}) differs from the model's: "
-                                     f"{diff}")
     dtype = resolve_dtype(config.dtype, device, configs[0])
     models: dict[int, CausalLM] = {}
     loaded: dict[tuple, CausalLM] = {}  # a directory filling several roles (a base shared by experts) loads once
@@ -225,7 +219,7 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
     for i in [0] + [j for rl in range(1, len(paths), 2) for j in (rl + 1, rl)]:  # a pair's base before its rl
         path, role = paths[i], names[i]
         if i == 1 and config.lora_modules is not None:  # R: slots over the base for adapters chosen per request
-            lora = lora_registry(config, models[2])
+            lora = lora_registry(config, models[2], tokenizers[0])
             models[1] = lora.view
             continue
         quantization = config.quantization if i == 0 else None  # the large model only (models/fp8.py)
@@ -247,14 +241,14 @@ def load_model_set(config: EngineConfig, device: torch.device, attention: Attent
                     weights=[p.weight for p in config.pairs], lora=lora)
 
 
-def lora_registry(config: EngineConfig, base: CausalLM) -> LoraRegistry:
+def lora_registry(config: EngineConfig, base: CausalLM, tokenizer: Any) -> LoraRegistry:
     """R's view of ``base`` with config.max_loras slots of config.max_lora_rank, lora_modules loaded in
     order (engine/lora_registry.py)."""
     check = config.load_format != "dummy"
     adapters = {n: read_adapter(n, p, config.small_base, check) for n, p in config.lora_modules.items()}
     rank = config.max_lora_rank or max(map(adapter_rank, adapters.values()), default=DEFAULT_MAX_RANK)
     registry = LoraRegistry(slot_view(base, config.max_loras or len(adapters), rank), config.small_base,
-                            config.max_loras or len(adapters), rank, check)
+                            config.max_loras or len(adapters), rank, check, tokenizer)
     for name, path in config.lora_modules.items():
         registry.load(name, path, in_use=lambda: set())  # noqa: PIE807 - nothing runs yet
     return registry

@@ -114,3 +114,39 @@ def test_a_captured_step_reads_adapters_loaded_after_the_capture(lora_adapters: 
         for name, path in modules.items():
             fast.load_lora_adapter(name, path)
         assert run(fast, choices) == want and emu.replays == 2 * (EMULATED.max_tokens - 1)
+
+
+def test_adapters_that_would_poison_other_requests_are_refused(lora_adapters: tuple, tmp_path: Path) -> None:
+    """A lora_B with an inf (a diverged run) would reach every token as 0 · inf = NaN, adapter-less ones
+    included; an adapter with another tokenizer, or patterns that are no regex or number, is refused at run
+    time as at start. Refusals leave the engine serving as before."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    large, base, modules = lora_adapters
+    llm = LLM(str(large), small_base=str(base), lora_modules={"math": modules["math"]}, max_loras=2, **KW)
+    engine, before = llm.llm_engine, _tokens(llm, GREEDY, [None, "math", None, "math"])
+    inf = shutil.copytree(modules["code"], tmp_path / "inf")
+    tensors = load_file(str(inf / "adapter_model.safetensors"))
+    next(t for k, t in sorted(tensors.items()) if "lora_B" in k)[0, 0] = float("inf")
+    save_file(tensors, str(inf / "adapter_model.safetensors"))
+    other_tok = shutil.copytree(modules["code"], tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(large))
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    tok.save_pretrained(str(other_tok))
+    cases = [(inf, "NaN or infinite")] + [(other_tok, "tokenizer")]
+    for key, value in (("rank_pattern", {"q_proj(": 2}), ("alpha_pattern", {"q_proj": "four"})):
+        bad = shutil.copytree(modules["code"], tmp_path / key)
+        config = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        cases.append((bad, "regex" if key == "rank_pattern" else "positive number"))
+    for path, match in cases:
+        with pytest.raises(RastError, match=match):
+            engine.load_lora_adapter("bad", str(path))
+        with pytest.raises(RastError, match=match):
+            engine.add_request("r", PROMPTS[0], GREEDY, lora_request=LoRARequest("bad", 1, str(path)))
+    assert engine.lora_adapters() == {"math": modules["math"]} and not engine.groups
+    assert _tokens(llm, GREEDY, [None, "math", None, "math"]) == before

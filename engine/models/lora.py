@@ -92,6 +92,8 @@ class LoraAdapter:
         if unsupported:
             raise ModelLoadError(f"{str(path)!r}: adapter_config.json sets {', '.join(unsupported)}, which rast "
                                  "does not implement (only plain LoRA on linear layers)")
+        for key in ("rank_pattern", "alpha_pattern"):  # module-name regexes to positive numbers, as PEFT reads them
+            _check_patterns(path, key, config.get(key))
         if not (path / ADAPTER_WEIGHTS).is_file():
             raise ModelLoadError(f"{str(path)!r} has no {ADAPTER_WEIGHTS} (pickled adapter weights are never read)")
         return cls(path, config)
@@ -186,6 +188,8 @@ class LoraAdapter:
         if a.shape != (r, param.shape[1]) or b.shape != (rows, r):
             raise ModelLoadError(f"{str(self.path)!r}: {module}: lora_A {list(a.shape)} and lora_B "
                                  f"{list(b.shape)} do not fit the base's {[rows, param.shape[1]]} at rank {r}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # a diverged run's: 0 · inf is NaN anywhere
+            raise ModelLoadError(f"{str(self.path)!r}: {module}: lora_A or lora_B holds NaN or infinite values")
         return (param, start, rows), a, b, scale
 
 
@@ -273,6 +277,21 @@ class LoraLinear(nn.Module):
                 raise RuntimeError(f"{ids.shape[0]} adapter slots for {x.shape[0]} tokens")
             xa = torch.where(ids[:, None] == self.column_slot, xa, 0)
         return y.addmm_(xa, self.lora_b.t())
+
+
+def _check_patterns(path: Path, key: str, patterns: object) -> None:
+    if patterns in (None, {}):
+        return
+    if not isinstance(patterns, dict):
+        raise ModelLoadError(f"{str(path)!r}: adapter_config.json {key} must map module names to numbers")
+    for name, value in patterns.items():
+        try:
+            re.compile(name)
+        except (re.error, TypeError):
+            raise ModelLoadError(f"{str(path)!r}: adapter_config.json {key} key {name!r} is not a regex") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ModelLoadError(f"{str(path)!r}: adapter_config.json {key}[{name!r}] must be a positive number, "
+                                 f"got {value!r}")
 
 
 def _our_name(module: str) -> str:

@@ -241,8 +241,8 @@ class LoraLinear(nn.Module):
 
     With ``rows`` (several adapters, models/lora_slots.py) each column of the rank dimension belongs to an
     adapter slot (``column_slot``), and a token's row of x Aᵀ keeps only its own slot's columns
-    (``rows.ids``): its delta is exactly its adapter's, zero for a token of no adapter. A where, not a
-    product with a 0/1 mask: another adapter's inf stays out."""
+    (``rows.ids``): its delta is exactly its adapter's, zero for a token of no adapter. That holds for
+    finite A and B only (0 · inf is NaN), which the loaders check."""
 
     def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor,
                  column_slot: Optional[torch.Tensor] = None, rows: Optional[AdapterRows] = None) -> None:

@@ -303,7 +303,8 @@ class LLMEngine(LoraAdapters):
             kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_blocks,
             prompt_tokens_total=self._prompt_tokens, generation_tokens_total=self._generation_tokens,
             last_step_s=self._last_step_s, spec_draft_tokens_total=self.spec_counts.drafted,
-            spec_accepted_tokens_total=self.spec_counts.accepted, num_preemptions_total=self.scheduler.num_preemptions)
+            spec_accepted_tokens_total=self.spec_counts.accepted, num_preemptions_total=self.scheduler.num_preemptions,
+            **self.lora_stats())
 
     @property
     def dtype(self) -> torch.dtype:

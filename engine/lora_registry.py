@@ -149,6 +149,7 @@ class LoraAdapters:
     """LLMEngine's LoRA API: its model_set.lora registry and the slots its live requests (groups) hold."""
     model_set: Any
     groups: dict
+    scheduler: Any
 
     def lora_choice(self, lora_request: LoraChoice) -> tuple[int, bytes]:
         """A request's adapter slot and prefix-cache root; a LoRARequest with a path loads its adapter."""
@@ -179,6 +180,15 @@ class LoraAdapters:
     def lora_adapters(self) -> dict[str, str]:
         """The adapters loaded now, {name: directory}, in slot order."""
         return {} if self.model_set.lora is None else self.model_set.lora.modules
+
+    def lora_stats(self) -> dict[str, Any]:
+        """EngineStats' LoRA fields: the slots, and the adapters of running and of waiting sequences."""
+        lora = self.model_set.lora
+        if lora is None:
+            return {}
+        running = {lora.slots[s.group.lora_slot] for s in self.scheduler.running if s.group.lora_slot >= 0}
+        waiting = {lora.slots[s.group.lora_slot] for s in self.scheduler.waiting if s.group.lora_slot >= 0}
+        return dict(max_loras=len(lora.slots), lora_running=tuple(sorted(running)), lora_waiting=tuple(sorted(waiting)))
 
     def _lora_slots_in_use(self) -> set[int]:
         return {g.lora_slot for g in self.groups.values() if g.lora_slot >= 0}

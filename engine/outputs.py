@@ -66,3 +66,8 @@ class EngineStats:
     spec_draft_tokens_total: int = 0
     spec_accepted_tokens_total: int = 0
     num_preemptions_total: int = 0  # sequences preempted by recompute
+    # LoRA adapters chosen per request (engine/lora_registry.py): the slots, and the adapters of the running
+    # and of the waiting sequences (vLLM's lora_requests_info)
+    max_loras: int = 0
+    lora_running: tuple[str, ...] = ()
+    lora_waiting: tuple[str, ...] = ()

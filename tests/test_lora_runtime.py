@@ -38,6 +38,10 @@ def test_adapters_loaded_while_serving_decode_as_if_loaded_at_start(lora_adapter
     for name in ("math", "code"):
         assert _tokens(llm, GREEDY, name) == _alone(lora_adapters, name, GREEDY)
     engine.add_request("busy", PROMPTS[0], GREEDY, lora_request="code")
+    stats = engine.stats()
+    assert (stats.max_loras, stats.lora_running, stats.lora_waiting) == (2, (), ("code",))
+    engine.step()
+    assert (engine.stats().lora_running, engine.stats().lora_waiting) == (("code",), ())
     with pytest.raises(RastError, match="used by running requests"):
         engine.unload_lora_adapter("code")
     engine.abort_request("busy")

@@ -3,6 +3,7 @@ as its RL model, one naming the served model decodes M alone; /v1/models lists t
 parent. Oracle: the offline engine whose small_rl is that adapter (test_lora.py checks it against PEFT)."""
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -50,6 +51,8 @@ def test_a_request_naming_an_adapter_decodes_with_it(server_triple: tuple, modul
         assert chat.model == "code" and chat.choices[0].message.content is not None
         with pytest.raises(openai.NotFoundError, match="'rast', 'math', 'code'"):
             client.completions.create(model="law", prompt=PROMPTS[0], max_tokens=2)
+        metrics = httpx.get(f"{running.url}/metrics", timeout=60).text  # vLLM's gauge, nothing running now
+        assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
     finally:
         running.close()
 
@@ -73,8 +76,6 @@ def test_adapters_load_and_unload_while_serving_when_allowed(server_triple: tupl
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, present only with
     VLLM_ALLOW_RUNTIME_LORA_UPDATING set (as vLLM's)."""
-    import httpx
-
     large, _, base = map(str, server_triple)
 
     def server() -> Running:

@@ -10,6 +10,7 @@ rast's, the running and waiting counts are sequences (a request of n samples cou
 ``vllm:request_success_total`` counts finished choices by finish reason."""
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -73,6 +74,11 @@ class _EngineCollector:
                                  ("spec_decode_num_accepted_tokens", "Speculative drafts accepted",
                                   s.spec_accepted_tokens_total)):
             yield _labelled(CounterMetricFamily(VLLM + name, doc, labels=label), m, value)
+        if s.max_loras:  # vLLM's: the adapters in use as labels, the time of the reading as the value
+            info = GaugeMetricFamily(VLLM + "lora_requests_info", "Running stats on LoRA requests",
+                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            info.add_metric([str(s.max_loras), ",".join(s.lora_running), ",".join(s.lora_waiting)], time.time())
+            yield info
 
 
 class Metrics:

@@ -82,7 +82,7 @@ class CausalLM(nn.Module):
         kv_caches: list[KVCache],  # one (k_cache, v_cache) per layer
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         if self.adapter_rows is not None:
-            self.adapter_rows.ids = meta.lora_slots
+            self.adapter_rows.set(meta.lora_slots)
         x = self.embed_tokens(input_ids)
         return forward_layers(self.layers, self.norm, x if self.embed_scale is None else x * self.embed_scale,
                               positions, meta, kv_caches)

@@ -195,8 +195,24 @@ class LoraAdapter:
 
 class AdapterRows:
     """The adapter slot of each token of the step a multi-adapter view runs (AttentionMetadata.lora_slots,
-    -1: none; None: no token has one), set by the model's forward for its LoraLinear layers to read."""
-    ids: Optional[torch.Tensor] = None
+    -1: none; None: no token has one), set by the model's forward for its LoraLinear layers to read, and
+    each token's column mask, made once a step per slot layout (projections of one width share it)."""
+
+    def __init__(self) -> None:
+        self.ids: Optional[torch.Tensor] = None
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def set(self, ids: Optional[torch.Tensor]) -> None:
+        self.ids, self._masks = ids, {}
+
+    def mask(self, column_slot: torch.Tensor) -> Optional[torch.Tensor]:
+        """[T, columns] bool: whether each column is the token's own slot's (None: no token has one)."""
+        if self.ids is None:
+            return None
+        key = column_slot.shape[0]
+        if key not in self._masks:
+            self._masks[key] = self.ids[:, None] == column_slot
+        return self._masks[key]
 
 
 def shared_copy(base: CausalLM) -> CausalLM:
@@ -268,15 +284,15 @@ class LoraLinear(nn.Module):
     def add_to_(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y += this adapter's delta of x, in place (y is the fresh output of the base projection over x's
         rows), rounding once."""
-        xa = x @ self.lora_a.t()
-        if self.rows is not None:
-            ids = self.rows.ids
-            if ids is None:
-                return y
-            if ids.shape[0] != x.shape[0]:
-                raise RuntimeError(f"{ids.shape[0]} adapter slots for {x.shape[0]} tokens")
-            xa = torch.where(ids[:, None] == self.column_slot, xa, 0)
-        return y.addmm_(xa, self.lora_b.t())
+        if self.rows is None:
+            return y.addmm_(x @ self.lora_a.t(), self.lora_b.t())
+        mask = self.rows.mask(self.column_slot)
+        if mask is None:
+            return y
+        if mask.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{mask.shape[0]} adapter slots for {x.shape[0]} tokens")
+        # a where, not a product with the mask: another slot's x·Aᵀ may overflow (fp16), and 0 · inf is NaN
+        return y.addmm_(torch.where(mask, x @ self.lora_a.t(), 0), self.lora_b.t())
 
 
 def _check_patterns(path: Path, key: str, patterns: object) -> None:

@@ -189,7 +189,7 @@ class StackedCausalLM(nn.Module):
                 kv_caches: KVPool) -> torch.Tensor:
         """Every model's final hidden states [N, T, hidden], on the pool of N x num_blocks blocks."""
         for rows in self.adapter_rows:  # each copy's T rows are the step's tokens in order
-            rows.ids = meta.lora_slots
+            rows.set(meta.lora_slots)
         meta = stacked_metadata(meta, kv_caches[0][0].shape[0] // self.copies, self.copies)
         positions = positions.repeat(self.copies)
         x = self.embed[:, input_ids].view(-1, self.config.hidden_size)

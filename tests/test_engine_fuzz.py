@@ -1,12 +1,14 @@
-"""The engine under random interleavings of add_request, bad requests, abort_request and step (hypothesis'
-stateful testing), in a KV cache small enough to preempt, with chunked prefill, prefix caching, forks of
-n > 1, steps launched ahead, speculative rounds and per-request LoRA adapters. Oracles are the engine's
+"""The engine under random interleavings of add_request, bad requests, abort_request, LoRA unloads and step
+(hypothesis' stateful testing), in a KV cache small enough to preempt, with chunked prefill, prefix caching,
+forks of n > 1, steps launched ahead, speculative rounds and per-request LoRA adapters (two loaded at start,
+two more by path into the one slot left, each evicting the other when idle). Oracles are the engine's
 promises, checked after every operation:
 - every KV block's reference count equals the number of live sequences whose table holds it, and a block
   is on the free list iff that count is 0 (nothing leaked, nothing freed twice);
 - a refused request (RastError) changes nothing: the same requests, the same free blocks;
 - a finished request has its n samples of exactly max_tokens tokens (ignore_eos), reported once, and an
   aborted one is never reported again;
+- a live request's slot holds the adapter it asked for (loads, unloads and evictions never touch it);
 - once drained, every block is free.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from rast_engine import EngineConfig, LLMEngine, SamplingParams
+from rast_engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from rast_engine.errors import RastError
 from test_lora import make_adapter
 
@@ -39,10 +41,12 @@ def check_blocks(engine: LLMEngine) -> None:
 class EngineMachine(RuleBasedStateMachine):
     engine: LLMEngine  # set per configuration below; drained at each run's end, so runs may share it
     loras: tuple = (None,)
+    seen: set  # the adapters requests were admitted with, across the runs
 
     def __init__(self) -> None:
         super().__init__()
         self.expected: dict[str, SamplingParams] = {}  # live request -> its params
+        self.chosen: dict[str, str | None] = {}  # live request -> the adapter it asked for
         self.ended: set[str] = set()  # finished or aborted: never reported again
         self.count = 0
 
@@ -55,17 +59,27 @@ class EngineMachine(RuleBasedStateMachine):
                 assert all(len(c.token_ids) == params.max_tokens and c.finish_reason == "length"
                            for c in out.outputs)
                 self.ended.add(out.request_id)
+                self.chosen.pop(out.request_id)
 
     @rule(length=st.integers(1, 20), n=st.integers(1, 3), max_tokens=st.integers(1, 12),
-          greedy=st.booleans(), seed=st.integers(0, 2**31), lora=st.integers(0, 2), logprobs=st.booleans())
+          greedy=st.booleans(), seed=st.integers(0, 2**31), lora=st.integers(0, 4), logprobs=st.booleans())
     def add(self, length: int, n: int, max_tokens: int, greedy: bool, seed: int, lora: int, logprobs: bool) -> None:
         rid = f"r{self.count}"
         self.count += 1
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, seed=seed,
                                 ignore_eos=True, prompt_logprobs=1 if logprobs else None, output_kind="final_only")
         prompt = [(seed + 7 * i) % 90 + 4 for i in range(length)]
-        self.engine.add_request(rid, prompt, params, lora_request=self.loras[lora % len(self.loras)])
+        choice = self.loras[lora % len(self.loras)]
+        before = (dict(self.engine.groups), self.engine.block_manager.num_free_blocks)
+        try:
+            self.engine.add_request(rid, prompt, params, lora_request=choice)
+        except RastError as e:  # a path adapter finding every slot in use: refused, nothing changed
+            assert "LoRA slots" in str(e) and (dict(self.engine.groups), self.engine.block_manager.num_free_blocks) \
+                == before, str(e)
+            return
         self.expected[rid] = params
+        self.chosen[rid] = getattr(choice, "lora_name", choice)
+        self.seen.add(self.chosen[rid])
 
     @rule(kind=st.sampled_from(["too_long", "unknown_lora", "logprobs", "duplicate_id", "token_range"]))
     def add_bad(self, kind: str) -> None:
@@ -90,7 +104,7 @@ class EngineMachine(RuleBasedStateMachine):
         if self.expected:
             rid = sorted(self.expected)[pick % len(self.expected)]
             self.engine.abort_request(rid)
-            del self.expected[rid]
+            del self.expected[rid], self.chosen[rid]
             self.ended.add(rid)
 
     @rule(steps=st.integers(1, 4))
@@ -99,9 +113,27 @@ class EngineMachine(RuleBasedStateMachine):
             if self.engine.has_unfinished_requests():
                 self._step()
 
+    @rule(name=st.sampled_from(["c", "d"]))
+    def unload(self, name: str) -> None:
+        held = set(self.chosen.values())
+        try:
+            self.engine.unload_lora_adapter(name)
+        except RastError as e:  # not loaded now, or held by a live request
+            assert ("no LoRA adapter" in str(e)) if name not in held else ("used by running requests" in str(e))
+        else:
+            assert name not in held
+
     @invariant()
     def blocks_are_accounted(self) -> None:
         check_blocks(self.engine)
+
+    @invariant()
+    def requests_keep_their_adapters(self) -> None:
+        """Loads, unloads and evictions never move or clear a slot a live request reads."""
+        slots = self.engine.model_set.lora.slots
+        for rid, name in self.chosen.items():
+            slot = self.engine.groups[rid].lora_slot
+            assert (slot == -1) if name is None else (slots[slot] == name), (rid, name, slots)
 
     def teardown(self) -> None:
         for _ in range(500):
@@ -120,13 +152,18 @@ def test_random_interleavings_keep_the_engine_consistent(qwen2_triple: tuple, na
     root = tmp_path_factory.mktemp("fuzz-lora")
     modules = {"a": str(make_adapter(base, root / "a", seed=51)),
                "b": str(make_adapter(base, root / "b", seed=52, r=2, target_modules=["q_proj", "down_proj"]))}
-    engine = LLMEngine(EngineConfig(str(large), small_base=str(base), lora_modules=modules, lam=0.7, device="cpu",
-                                    dtype="float32", block_size=BS, kv_cache_blocks=BLOCKS, max_num_seqs=4,
-                                    max_model_len=MAX_LEN, seed=3, **CONFIGS[name]))
-    machine = type(f"Machine_{name}", (EngineMachine,), dict(engine=engine, loras=(None, "a", "b")))
-    machine.TestCase.settings = settings(max_examples=12, stateful_step_count=30, deadline=None,
+    # loaded by path on first use, into the one slot left: each evicts the other when it is idle
+    by_path = tuple(LoRARequest(n, i + 3, str(make_adapter(base, root / n, seed=53 + i, r=3)))
+                    for i, n in enumerate("cd"))
+    engine = LLMEngine(EngineConfig(str(large), small_base=str(base), lora_modules=modules, max_loras=3, lam=0.7,
+                                    device="cpu", dtype="float32", block_size=BS, kv_cache_blocks=BLOCKS,
+                                    max_num_seqs=4, max_model_len=MAX_LEN, seed=3, **CONFIGS[name]))
+    machine = type(f"Machine_{name}", (EngineMachine,), dict(engine=engine, loras=(None, "a", "b", *by_path),
+                                                                 seen=set()))
+    machine.TestCase.settings = settings(max_examples=20, stateful_step_count=30, deadline=None,
                                          suppress_health_check=list(HealthCheck))
     machine.TestCase().runTest()
     stats = engine.stats()  # the runs reached what they are here for
     assert stats.num_preemptions_total > 0 and engine.block_manager.prefix_hits > 0, stats
     assert name != "speculative" or stats.spec_draft_tokens_total > 0
+    assert machine.seen == {None, "a", "b", "c", "d"}

@@ -93,7 +93,8 @@ def test_bad_variant_options_are_refused(setup: tuple, tmp_path: Path) -> None:
     (large, rl, base), data, adapters = setup
     for kw, match in ((dict(lams=(0.5, 0.5)), "distinct"), (dict(lams=()), "distinct"),
                       (dict(lams=(1e9,)), "distinct numbers"), (dict(lora_modules={}), "non-empty dict"),
-                      (dict(lora_modules=adapters, small_rl=rl), "no --small-rl")):
+                      (dict(lora_modules=adapters, small_rl=rl), "no --small-rl"),
+                      (dict(lora_modules={"../up": adapters["math"]}), "cannot name a run folder")):
         with pytest.raises(RastError, match=match):
             _config(setup, tmp_path / "x", **kw)
     with pytest.raises(RastError, match="give --small-rl and --small-base"):

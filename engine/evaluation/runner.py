@@ -106,6 +106,9 @@ class EvalConfig:
             if self.small_base is None or self.small_rl is not None:
                 raise RastError("--lora-modules are RL adapters over --small-base, one run each: give --small-base "
                                 "and no --small-rl")
+            bad = [n for n in self.lora_modules if n in (".", "..") or "/" in n or "\\" in n]
+            if bad:  # each names a folder of OUT
+                raise RastError(f"--lora-modules names {bad} cannot name a run folder (no '/', '\\', '.' or '..')")
         elif (self.small_rl is None) != (self.small_base is None):
             raise RastError("--small-rl and --small-base go together (ΔR = R − S needs both)")
         if self.lams is not None:

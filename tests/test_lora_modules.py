@@ -20,6 +20,20 @@ SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, ignore_eos=Tr
 KW = dict(lam=LAM, block_size=4, kv_cache_blocks=96)
 
 
+def decode_three(engine, choices: list) -> list[list[int]]:  # noqa: ANN001 - an LLMEngine
+    """Three short token prompts (request i with adapter choices[i]) through LLMEngine.step, sampled as the
+    emulated fast path's tests sample: each request's tokens."""
+    from fast_path_util import prompts
+    from test_emulated_fast_path import SAMPLED as EMULATED
+
+    for i, (p, lora) in enumerate(zip(prompts(3, seed=3), choices)):
+        engine.add_request(f"r{i}", p, EMULATED, lora_request=lora)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    return [done[f"r{i}"] for i in range(3)]
+
+
 def _multi(lora_adapters: tuple, **kw: object) -> LLM:
     large, base, modules = lora_adapters
     return LLM(str(large), small_base=str(base), lora_modules=modules, **{**KW, **kw})
@@ -116,29 +130,20 @@ def test_a_captured_decode_step_replays_each_rows_adapter(lora_adapters: tuple,
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU runs only (Triton interpreter)")
     from cuda_emulator import emulated_cuda
-    from fast_path_util import prompts
     from test_emulated_fast_path import SAMPLED as EMULATED, install_fast_path, triton_engine
 
     large, base, modules = lora_adapters
-
-    def run(engine, choices: list) -> list[list[int]]:  # noqa: ANN001
-        for i, (p, lora) in enumerate(zip(prompts(3, seed=3), choices)):
-            engine.add_request(f"r{i}", p, EMULATED, lora_request=lora)
-        done = {}
-        while engine.has_unfinished_requests():
-            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-        return [done[f"r{i}"] for i in range(3)]
 
     def engine():  # noqa: ANN202
         return triton_engine((large, None, base), small_rl=None, lora_modules=modules)
 
     cases = (["code", None, "math"], ["math", "math", "code"])  # one capture replayed with other slots
     reference = engine()
-    want = [run(reference, choices) for choices in cases]
+    want = [decode_three(reference, choices) for choices in cases]
     fast = engine()
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(fast.runner)
-        assert [run(fast, choices) for choices in cases] == want
+        assert [decode_three(fast, choices) for choices in cases] == want
         assert emu.replays == 2 * 2 * (EMULATED.max_tokens - 1)
 
 

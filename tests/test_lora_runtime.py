@@ -12,7 +12,7 @@ from rast_engine import LLM, LoRARequest, SamplingParams
 from rast_engine.errors import RastError
 from test_engine import PROMPTS
 from test_lora import make_adapter
-from test_lora_modules import GREEDY, KW, SAMPLED
+from test_lora_modules import GREEDY, KW, SAMPLED, decode_three
 
 pytest.importorskip("peft")
 
@@ -97,27 +97,17 @@ def test_a_captured_step_reads_adapters_loaded_after_the_capture(lora_adapters: 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU runs only (Triton interpreter)")
     from cuda_emulator import emulated_cuda
-    from fast_path_util import prompts
     from test_emulated_fast_path import SAMPLED as EMULATED, install_fast_path, triton_engine
 
     large, base, modules = lora_adapters
-
-    def run(engine, choices: list) -> list[list[int]]:  # noqa: ANN001
-        for i, (p, lora) in enumerate(zip(prompts(3, seed=3), choices)):
-            engine.add_request(f"r{i}", p, EMULATED, lora_request=lora)
-        done = {}
-        while engine.has_unfinished_requests():
-            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-        return [done[f"r{i}"] for i in range(3)]
-
     choices = ["code", None, "math"]
-    want = run(triton_engine((large, None, base), small_rl=None, lora_modules=modules), choices)
+    want = decode_three(triton_engine((large, None, base), small_rl=None, lora_modules=modules), choices)
     fast = triton_engine((large, None, base), small_rl=None, max_loras=2, max_lora_rank=4)
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(fast.runner)
         for name, path in modules.items():
             fast.load_lora_adapter(name, path)
-        assert run(fast, choices) == want and emu.replays == 2 * (EMULATED.max_tokens - 1)
+        assert decode_three(fast, choices) == want and emu.replays == 2 * (EMULATED.max_tokens - 1)
 
 
 def test_adapters_that_would_poison_other_requests_are_refused(lora_adapters: tuple, tmp_path: Path) -> None:

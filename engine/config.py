@@ -101,6 +101,7 @@ class EngineConfig:
     # lora_modules), and the largest rank a slot takes (None: lora_modules' largest, else 16)
     max_loras: Optional[int] = None
     max_lora_rank: Optional[int] = None
+    enable_lora: bool = False  # vLLM's: slots with no lora_modules (max_loras 1 unless given), for loads later
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +109,10 @@ class EngineConfig:
             raise RastError(f"model must be a local model directory, got {self.model!r}")
         _positive_int("max_loras", self.max_loras, allow_none=True)
         _positive_int("max_lora_rank", self.max_lora_rank, allow_none=True)
+        if not isinstance(self.enable_lora, bool):
+            raise RastError(f"enable_lora must be True or False, got {self.enable_lora!r}")
+        if self.enable_lora and self.lora_modules is None and self.max_loras is None:
+            self.max_loras = 1  # vLLM's default
         if (self.max_loras is not None or self.max_lora_rank is not None) and self.lora_modules is None:
             self.lora_modules = {}  # adapters loaded while serving only
         if self.lora_modules is not None:

@@ -150,6 +150,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         reasoning_parser=getattr(args, "reasoning_parser", None),
         scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
         lora_modules=lora_modules, max_loras=getattr(args, "max_loras", None),
+        enable_lora=getattr(args, "enable_lora", False),
         max_lora_rank=getattr(args, "max_lora_rank", None)))
 
 

@@ -66,6 +66,9 @@ def add_engine_server_args(p: argparse.ArgumentParser) -> None:
                    help="as vLLM's: LoRA adapters over --small-base, each an RL model a request picks by naming "
                         "it as its model (NAME=PATH, or vLLM's JSON {\"name\": ..., \"path\": ...}); give "
                         "--small-base and no --small-rl (default: none)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="as vLLM's: LoRA slots over --small-base even without --lora-modules (--max-loras, default "
+                        "1), for adapters loaded while serving")
     p.add_argument("--max-loras", type=int, default=None, metavar="N",
                    help="as vLLM's: LoRA slots, adapters held at once; above the --lora-modules count, more load "
                         "while serving (/v1/load_lora_adapter with $VLLM_ALLOW_RUNTIME_LORA_UPDATING=true) "

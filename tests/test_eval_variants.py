@@ -93,9 +93,21 @@ def test_bad_variant_options_are_refused(setup: tuple, tmp_path: Path) -> None:
     (large, rl, base), data, adapters = setup
     for kw, match in ((dict(lams=(0.5, 0.5)), "distinct"), (dict(lams=()), "distinct"),
                       (dict(lams=(1e9,)), "distinct numbers"), (dict(lora_modules={}), "non-empty dict"),
+                      (dict(lams=(0.0, -0.0)), "distinct"), (dict(lams=(0.1234567, 0.1234568)), "share run folders"),
                       (dict(lora_modules=adapters, small_rl=rl), "no --small-rl"),
                       (dict(lora_modules={"../up": adapters["math"]}), "cannot name a run folder")):
         with pytest.raises(RastError, match=match):
             _config(setup, tmp_path / "x", **kw)
     with pytest.raises(RastError, match="give --small-rl and --small-base"):
         runner.EvalConfig(model=large, data=str(data), out=str(tmp_path / "y"), lams=(0.5, 1.0))
+
+
+def test_the_summary_names_each_run_whatever_its_name(setup: tuple, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """An adapter named like a metrics key ("dataset") is still one run of the summary."""
+    (large, _, base), data, adapters = setup
+    assert main(["eval", "--model", large, "--small-base", base, "--lora-modules", f"dataset={adapters['math']}",
+                 "--data", str(data), "--template", "b", "--n", "1", "--limit", "1", "--max-tokens", "3",
+                 "--device", "cpu", "--dtype", "float32", "--no-plots", "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary) == ["dataset"] and summary["dataset"]["num_problems"] == 1

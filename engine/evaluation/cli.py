@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise RastError(f"rast eval needs {', '.join(missing)} (or: rast eval compare BASE RAST RL)")
     from rast_engine.evaluation.runner import EvalConfig, run_eval
+    from rast_engine.evaluation.variants import variants
 
     cfg = EvalConfig(model=args.model, data=args.data, out=args.out, small_rl=args.small_rl,
                      small_base=args.small_base, lam=args.lam, template=args.template, n=args.n,
@@ -91,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
                      lora_modules=lora_modules_arg(args.lora_modules))
     m = run_eval(cfg)
     keys = ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k", "mean_response_tokens")
-    runs = {None: m} if "dataset" in m else m
-    summary = {name: {k: r[k] for k in keys} for name, r in runs.items()}
-    print(json.dumps(summary[None] if None in summary else summary, indent=2))
+    if variants(cfg) is None:
+        print(json.dumps({k: m[k] for k in keys}, indent=2))
+    else:
+        print(json.dumps({name: {k: r[k] for k in keys} for name, r in m.items()}, indent=2))
     return 0
 
 

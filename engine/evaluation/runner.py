@@ -115,8 +115,10 @@ class EvalConfig:
             self.lams = tuple(self.lams)
             if self.small_base is None:
                 raise RastError("--lams sweeps λ, the strength of ΔR = R − S: give --small-rl and --small-base")
-            if not self.lams or not all(map(is_lam, self.lams)) or len({f"{x:g}" for x in self.lams}) != len(self.lams):
+            if not self.lams or not all(map(is_lam, self.lams)) or len(set(map(float, self.lams))) != len(self.lams):
                 raise RastError(f"--lams must be distinct numbers with |λ| <= {MAX_LAM:g}, got {list(self.lams)}")
+            if len({f"{x:g}" for x in self.lams}) != len(self.lams):  # the folders lam<λ:g>
+                raise RastError(f"--lams {list(self.lams)} would share run folders (lam<λ> to 6 significant digits)")
         if self.n < 1 or self.max_tokens < 1:
             raise RastError("--n and --max-tokens must be >= 1")
         if not 0.0 <= self.plausibility_alpha <= 1.0:

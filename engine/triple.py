@@ -2,7 +2,9 @@
 decodable whole: every model must read the same token ids, so every tokenizer must be identical. A
 directory that fills several roles (one base shared by several RL experts) is loaded once and runs once
 per step. An RL model may be a LoRA adapter over its pair's base (models/lora.py): a view of the loaded
-base with the adapter applied unmerged, or merged into a copy where a view cannot hold it.
+base with the adapter applied unmerged, or merged into a copy where a view cannot hold it. With
+lora_modules (or max_loras), R is a view of its base with slots for adapters chosen per request, which a
+LoraRegistry fills (engine/lora_registry.py).
 
 V, the engine's vocabulary, is min(len(tokenizer), every model's vocab width): padded logit columns
 beyond the tokenizer (Qwen2.5's 151936 vs 152064) are never sampled or scored.

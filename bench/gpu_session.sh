@@ -86,7 +86,7 @@ gpu_tests() {  # the decode path first: the benchmarks after it mean nothing if 
     tests/test_speculative_graphs.py tests/test_structured.py tests/test_structured_speculative.py \
     tests/test_fp8_linear.py tests/test_fp8_models.py \
     tests/test_fp8_cast.py tests/test_fp8_kv_cache.py tests/test_fp8_kv_models.py tests/test_kv_sizing.py \
-    tests/test_ops.py tests/test_sliding_window.py tests/test_moe_kernel.py \
+    tests/test_ops.py tests/test_sliding_window.py tests/test_moe_kernel.py tests/test_gpu_lora.py \
     2>&1 | tee -a "$log"
 }
 decode() {  # decode <seconds> <bench/decode.py arguments...>
@@ -152,6 +152,7 @@ case "$stage" in
     decode "$(part 1 3)" --pairings 7b+1.5b --modes base rast rast-unstacked --batches 1 32 --name decode-lora-full
     decode "$(part 1 2)" --pairings 7b+1.5b-lora --modes rast rast-unstacked --batches 1 32 --name decode-lora \
       --profile --profile-modes rast
+    timeout "$(upto 90)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_lora.py 2>&1 | tee -a "$log"
     timeout "$(left)" python3 bench/lora_modules.py --out "$out" 2>&1 | tee -a "$log"  # adapters chosen per request
     ;;
   unfused)

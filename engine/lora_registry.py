@@ -76,7 +76,7 @@ class LoraRegistry:
                             "first", param="lora_name")
         adapter = read_adapter(name, path, self.base, self.check_copies, self.tokenizer)
         deltas = slot_deltas(self.view, adapter, self.max_rank)
-        slot = self._free_slot(in_use())
+        slot = self._free_slot(in_use)
         write_slot(self.view, slot, deltas)
         if self.view.lm_head.weight.is_cuda:  # steps in flight read other slots only; the next one sees it all
             torch.cuda.synchronize(self.view.lm_head.weight.device)
@@ -123,9 +123,10 @@ class LoraRegistry:
         self.last_chosen[name] = next(self._choices)
         return self.slots.index(name), self.roots[name]
 
-    def _free_slot(self, used: set[int]) -> int:
+    def _free_slot(self, in_use: Callable[[], set[int]]) -> int:
         if None in self.slots:
             return self.slots.index(None)
+        used = in_use()  # O(live requests): only when a slot must be freed
         idle = [(self.last_chosen.get(n, -1), s) for s, n in enumerate(self.slots)
                 if s not in used and n not in self.pinned]
         if not idle:

@@ -67,7 +67,7 @@ def main() -> None:
                 for gen, tag in ((WARMUP, "warm"), (GEN, "run")):
                     res = engine_generate(engine, rast.SamplingParams, batch, PROMPT, gen, engine.vocab_size,
                                           f"{tag}-{mode}{n}-{batch}", device, loras)
-                used = cfgs[:1] + [{**cfgs[1], "lora_rank": rank * n}] + cfgs[2:]  # N adapters' A and B
+                used = cfgs[:1] + [{**cfgs[1], "lora_rank": rank * n}] + cfgs[2:]  # N slots' A and B
                 rows.append(dict(mode=mode, adapters=n, batch=batch, rank=rank, **res,
                                  **roofline_ms(used, elt, batch, PROMPT + GEN / 2, bandwidth)))
                 print(f"  {mode:>12} N={n} b={batch:<3} {res['tokens_per_s']:9.1f} tok/s {res['step_ms']:8.3f} "

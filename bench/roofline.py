@@ -24,14 +24,14 @@ def param_counts(cfg: dict, tokens: int = 1) -> tuple[int, int]:
     gather of B rows, so only the lm_head counts as read (the same matrix when tied); every other weight
     is read once, an expert's only where tokens route to it (expected_experts). A config with "lora_rank"
     is an RL model given as a LoRA adapter of that rank on every projection over the model it describes
-    (bench/decode_configs.py): stacked with that base it reads only its adapter's A and B."""
+    (bench/decode_configs.py): stacked with that base it reads only its adapter's A and B (or the slots'
+    of bench/lora_modules.py: "lora_rank" times their number)."""
     m = ModelConfig.from_dict(cfg)
     if cfg.get("lora_rank"):
-        per_layer = sum(n_in + n_out for n_in, n_out in ((m.hidden_size, m.q_size), (m.hidden_size, m.kv_size),
-                                                          (m.hidden_size, m.kv_size), (m.q_size, m.hidden_size),
-                                                          (m.hidden_size, m.intermediate_size),
-                                                          (m.hidden_size, m.intermediate_size),
-                                                          (m.intermediate_size, m.hidden_size)))
+        h, q, kv, i = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size
+        # a fused projection's B spans all its rows for each part's columns (block-diagonal in
+        # models/lora.py, a slot of models/lora_slots.py): zeros included, a GEMM reads them
+        per_layer = 3 * (h + q + 2 * kv) + (q + h) + 2 * (h + 2 * i) + (i + h)
         adapter = m.num_layers * cfg["lora_rank"] * per_layer
         return adapter, adapter
     h, q, kv = m.hidden_size, m.q_size, m.kv_size

@@ -113,8 +113,10 @@ class EngineConfig:
             raise RastError(f"enable_lora must be True or False, got {self.enable_lora!r}")
         if self.enable_lora and self.lora_modules is None and self.max_loras is None:
             self.max_loras = 1  # vLLM's default
-        if (self.max_loras is not None or self.max_lora_rank is not None) and self.lora_modules is None:
+        if self.max_loras is not None and self.lora_modules is None:
             self.lora_modules = {}  # adapters loaded while serving only
+        if self.max_lora_rank is not None and self.lora_modules is None:
+            raise RastError("max_lora_rank sizes LoRA slots: give lora_modules, max_loras or enable_lora=True too")
         if self.lora_modules is not None:
             self.lora_modules = checked_lora_modules(self.lora_modules, allow_empty=self.max_loras is not None)
             if self.max_loras is not None and len(self.lora_modules) > self.max_loras:

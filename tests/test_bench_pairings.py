@@ -41,7 +41,8 @@ def test_a_lora_pairing_reads_the_shared_base_once_in_its_roofline(tmp_path: Pat
     large, small = decode.TINY["tiny-large"], decode.TINY["tiny-small"]
     h, i, layers = small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]
     kv = small["num_key_value_heads"] * h // small["num_attention_heads"]
-    adapter = layers * 8 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+    # a fused projection's B spans its rows for every part (block-diagonal: zeros a GEMM reads too)
+    adapter = layers * 8 * (3 * (h + h + 2 * kv) + (h + h) + 2 * (h + 2 * i) + (i + h))
     for r in result["rows"]:
         want = decode.param_counts(large)[1] + (decode.param_counts(small)[1] + adapter if r["mode"] == "rast" else 0)
         assert r["weight_bytes_read"] == want * 4  # float32 on the CPU
@@ -74,8 +75,27 @@ def test_adapters_per_request_count_every_served_adapter_in_the_floor(tmp_path: 
     small = decode.TINY["tiny-small"]
     h, i, layers = small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]
     kv = small["num_key_value_heads"] * h // small["num_attention_heads"]
-    adapter = layers * 8 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+    # a fused projection's B spans its rows for every part (block-diagonal: zeros a GEMM reads too)
+    adapter = layers * 8 * (3 * (h + h + 2 * kv) + (h + h) + 2 * (h + 2 * i) + (i + h))
     one, two = rows[("lora_modules", 1)], rows[("lora_modules", 2)]
     assert rows[("small_rl", 1)]["weight_bytes_read"] == one["weight_bytes_read"]
     assert two["weight_bytes_read"] - one["weight_bytes_read"] == adapter * 4  # float32 on the CPU
     assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in result["rows"])
+
+
+@pytest.mark.parametrize("slots", [0, 2])
+def test_the_adapter_bytes_counted_are_the_engines_lora_tensors(tmp_path: Path, slots: int) -> None:
+    """bench/roofline.py's count of an adapter (and of N slots) equals the elements of every LoraLinear's A
+    and B in the engine's R: one adapter as small_rl (block-diagonal B), or lora_modules' slots."""
+    from bench.decode_configs import materialize
+    from rast_engine import EngineConfig, LLMEngine
+    from rast_engine.models.lora import LoraLinear
+
+    dirs, cfgs = materialize("tiny-lora", tmp_path)
+    pair = (dict(small_rl=str(dirs[1])) if not slots else
+            dict(lora_modules={"a": str(dirs[1])}, max_loras=slots))
+    engine = LLMEngine(EngineConfig(model=str(dirs[0]), small_base=str(dirs[2]), load_format="dummy",
+                                    kv_cache_blocks=16, stack_small_models=False, **pair))
+    rl = engine.model_set.models[1]
+    held = sum(m.lora_a.numel() + m.lora_b.numel() for m in rl.modules() if isinstance(m, LoraLinear))
+    assert held == decode.param_counts({**cfgs[1], "lora_rank": cfgs[1]["lora_rank"] * max(slots, 1)})[1]

@@ -65,16 +65,18 @@ class LoraRegistry:
     def modules(self) -> dict[str, str]:
         return {n: self.paths[n] for n in self.slots if n is not None}
 
-    def load(self, name: str, path: str | os.PathLike, in_use: Callable[[], set[int]], pinned: bool = True) -> int:
-        """Read, check and write adapter ``name`` into a free slot (evicting an unused path-loaded one);
-        its slot. Nothing changes on an error."""
+    def load(self, name: str, path: str | os.PathLike, in_use: Callable[[], set[int]], pinned: bool = True,
+             adapter: Optional[LoraAdapter] = None) -> int:
+        """Read (unless ``adapter`` is the one read_adapter gave for ``path``), check and write adapter
+        ``name`` into a free slot (evicting an unused path-loaded one); its slot. Nothing changes on an error."""
         path = os.fspath(path)
         if not isinstance(name, str) or not name:
             raise RastError(f"a LoRA adapter's name must be a non-empty string, got {name!r}")
         if name in self.paths:
             raise RastError(f"a LoRA adapter named {name!r} is already loaded (from {self.paths[name]}); unload it "
                             "first", param="lora_name")
-        adapter = read_adapter(name, path, self.base, self.check_copies, self.tokenizer)
+        if adapter is None:
+            adapter = read_adapter(name, path, self.base, self.check_copies, self.tokenizer)
         deltas = slot_deltas(self.view, adapter, self.max_rank)
         slot = self._free_slot(in_use)
         write_slot(self.view, slot, deltas)

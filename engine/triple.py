@@ -247,12 +247,12 @@ def lora_registry(config: EngineConfig, base: CausalLM, tokenizer: Any) -> LoraR
     """R's view of ``base`` with config.max_loras slots of config.max_lora_rank, lora_modules loaded in
     order (engine/lora_registry.py)."""
     check = config.load_format != "dummy"
-    adapters = {n: read_adapter(n, p, config.small_base, check) for n, p in config.lora_modules.items()}
+    adapters = {n: read_adapter(n, p, config.small_base, check, tokenizer) for n, p in config.lora_modules.items()}
     rank = config.max_lora_rank or max(map(adapter_rank, adapters.values()), default=DEFAULT_MAX_RANK)
-    registry = LoraRegistry(slot_view(base, config.max_loras or len(adapters), rank), config.small_base,
-                            config.max_loras or len(adapters), rank, check, tokenizer)
-    for name, path in config.lora_modules.items():
-        registry.load(name, path, in_use=lambda: set())  # noqa: PIE807 - nothing runs yet
+    slots = config.max_loras or len(adapters)
+    registry = LoraRegistry(slot_view(base, slots, rank), config.small_base, slots, rank, check, tokenizer)
+    for name, path in config.lora_modules.items():  # each read once, above
+        registry.load(name, path, in_use=lambda: set(), adapter=adapters[name])  # noqa: PIE807 - nothing runs yet
     return registry
 
 

@@ -75,10 +75,10 @@ def slot_deltas(view: CausalLM, adapter: LoraAdapter, max_rank: int) -> list[Slo
                                  "small_rl")
         if a.shape[0] > max_rank:
             raise ModelLoadError(f"{str(adapter.path)!r} has rank {a.shape[0]} over max_lora_rank {max_rank}")
-        dtype = owners[id(param)].lora_b.dtype
-        if not (torch.isfinite(a.to(dtype)).all() and torch.isfinite((b * scale).to(dtype)).all()):
+        dtype, scaled = owners[id(param)].lora_b.dtype, b * scale
+        if not (torch.isfinite(a.to(dtype)).all() and torch.isfinite(scaled.to(dtype)).all()):
             raise ModelLoadError(f"{str(adapter.path)!r}: its lora_A or scaled lora_B overflows {dtype}")
-        out.append(SlotDelta(owners[id(param)], parts[id(param)].index(start) * max_rank, start, a, b * scale))
+        out.append(SlotDelta(owners[id(param)], parts[id(param)].index(start) * max_rank, start, a, scaled))
     return out
 
 

@@ -8,9 +8,11 @@ Rows: mode "small_rl" (one adapter as the pair's RL model: its model one LoRA vi
 "lora_modules" with N adapters, the batch's requests spread over them in turn. Weights are dummy (random,
 bench/decode_configs.py's shapes), the adapters random too: timing only. Each row gives the decode step
 time and tokens/s (bench/decode_runs.engine_generate: whole engine steps through the public API) and its
-floor, the bytes a step must read over measured copy bandwidth: M's and S's weights, every served
-adapter's A and B (each step reads them all: the selection is a mask on the rank columns), and the three
-models' KV at the mean context (R's cache is one whatever N).
+floor, the bytes a step must read over measured copy bandwidth: M's and S's weights, the adapters' A and
+B, and the three models' KV at the mean context (R's cache is one whatever N). On CUDA the layer ops add
+the deltas with rast_kernels.lora_slots, which reads the A and the diagonal blocks of B of only the
+min(N, batch) adapters the batch uses; the CPU's torch ops read every slot's A and whole B (a mask on the
+rank columns), so --quick's floor counts those.
 Writes bench/results/lora-modules-<device>-<sha>.json.
 """
 from __future__ import annotations
@@ -67,7 +69,9 @@ def main() -> None:
                 for gen, tag in ((WARMUP, "warm"), (GEN, "run")):
                     res = engine_generate(engine, rast.SamplingParams, batch, PROMPT, gen, engine.vocab_size,
                                           f"{tag}-{mode}{n}-{batch}", device, loras)
-                used = cfgs[:1] + [{**cfgs[1], "lora_rank": rank * n}] + cfgs[2:]  # N slots' A and B
+                gathered = device.type == "cuda" and mode == "lora_modules"
+                slots = min(n, batch) if gathered else n
+                used = cfgs[:1] + [{**cfgs[1], "lora_rank": rank * slots, "lora_gathered": gathered}] + cfgs[2:]
                 rows.append(dict(mode=mode, adapters=n, batch=batch, rank=rank, **res,
                                  **roofline_ms(used, elt, batch, PROMPT + GEN / 2, bandwidth)))
                 print(f"  {mode:>12} N={n} b={batch:<3} {res['tokens_per_s']:9.1f} tok/s {res['step_ms']:8.3f} "

@@ -25,14 +25,16 @@ def param_counts(cfg: dict, tokens: int = 1) -> tuple[int, int]:
     is read once, an expert's only where tokens route to it (expected_experts). A config with "lora_rank"
     is an RL model given as a LoRA adapter of that rank on every projection over the model it describes
     (bench/decode_configs.py): stacked with that base it reads only its adapter's A and B (or the slots'
-    of bench/lora_modules.py: "lora_rank" times their number)."""
+    of bench/lora_modules.py: "lora_rank" times their number). A fused projection's B spans all its rows
+    for each part's columns (block-diagonal in models/lora.py and a slot of models/lora_slots.py): a GEMM
+    reads the zeros too; with "lora_gathered" (rast_kernels.lora_slots, the CUDA layer ops) only the
+    diagonal blocks are read."""
     m = ModelConfig.from_dict(cfg)
     if cfg.get("lora_rank"):
         h, q, kv, i = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size
-        # a fused projection's B spans all its rows for each part's columns (block-diagonal in
-        # models/lora.py, a slot of models/lora_slots.py): zeros included, a GEMM reads them
-        per_layer = 3 * (h + q + 2 * kv) + (q + h) + 2 * (h + 2 * i) + (i + h)
-        adapter = m.num_layers * cfg["lora_rank"] * per_layer
+        a = 3 * h + q + 2 * h + i  # q/k/v, o, gate/up, down: a part's R rows of A each
+        b = (q + 2 * kv) + h + 2 * i + h if cfg.get("lora_gathered") else 3 * (q + 2 * kv) + h + 2 * (2 * i) + h
+        adapter = m.num_layers * cfg["lora_rank"] * (a + b)
         return adapter, adapter
     h, q, kv = m.hidden_size, m.q_size, m.kv_size
     bias = (q + 2 * kv if m.attention_bias else 0) + (h if m.o_proj_bias else 0)

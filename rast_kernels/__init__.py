@@ -9,7 +9,8 @@ min-p (HF order). The torch backend (rast_kernels.reference) is the executable s
 native backends must agree with it.
 
 Paged KV attention kernels for serving stacks live in rast_kernels.paged_attention (store by slot
-mapping, split-K decode with GQA, varlen prefill over a paged cache).
+mapping, split-K decode with GQA, varlen prefill over a paged cache); LoRA deltas of adapters chosen per
+token, reading only the adapters in use, in rast_kernels.lora_slots.
 
 Under torch.compile or torch.export every public kernel is one torch.library custom op
 (torch.ops.rast_kernels.*, registered by rast_kernels.ops on import), so tracing never breaks the graph.

@@ -1,7 +1,8 @@
 """How rast_kernels.layer_ops' kernels compute as torch does, bit for bit: a float32 value rounded to the
 model dtype as a torch op on that dtype stores it, and SiLU by torch's CUDA formula (the interpreter's
 numpy is exact already); GELU's tanh form by torch's formula, within an ulp of it (tanh's implementations
-differ). Shared by the kernels as Triton device functions."""
+differ); tl.dot with bfloat16 inputs upcast where the interpreter would get them wrong. Shared by the kernels
+as Triton device functions."""
 from __future__ import annotations
 
 import triton
@@ -44,3 +45,11 @@ def _tanh(x, COMPILED: tl.constexpr):
 def _gelu_tanh(x, COMPILED: tl.constexpr):
     """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): torch's gelu(approximate="tanh"), Gemma's MLP."""
     return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x), COMPILED))
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # the interpreter's tl.dot gets bfloat16 wrong (no numpy bf16): it sees float32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)

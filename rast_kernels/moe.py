@@ -39,7 +39,7 @@ import triton.language as tl
 
 from rast_kernels.fp8_cast import FP8
 from rast_kernels.launch import cdiv, exact_fp_options, interpreting, next_pow2, require_launchable, sm_count
-from rast_kernels.layer_ops_numerics import _round, _silu
+from rast_kernels.layer_ops_numerics import _dot, _round, _silu
 from rast_kernels.moe_routing import align
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -97,14 +97,6 @@ def fused_moe_torch(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
         y = y * (topk_weights * chosen).sum(-1, keepdim=True)  # one term non-zero: exact, in HF's dtype
         out = out + torch.where(chosen.any(-1, keepdim=True), y.to(x.dtype), 0)
     return out
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    if UPCAST:  # the interpreter's tl.dot gets bfloat16 wrong (no numpy bf16): it sees float32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit

@@ -6,15 +6,16 @@ Why: traced as Python, a call would break the graph (the native sampler's ctypes
 kernel by kernel with its host-side launch logic; as a custom op it is one node that the compiler
 leaves opaque, with a fake implementation giving output shapes, and torch.export writes it as
 ``torch.ops.rast_kernels.<name>``. Each public function (rast_sample, rast_probs, the attention and
-layer kernels, the FP8 linear layer, the fused MoE) takes this route only while torch.compile or
-torch.export traces it (``torch.compiler.is_compiling()``); an eager call goes straight to the kernels,
-since the dispatcher's custom-op path costs microseconds of host time that a decode step at batch 1
-cannot spare.
+layer kernels, the FP8 linear layer, the fused MoE, the LoRA slot deltas) takes this route only while
+torch.compile or torch.export traces it (``torch.compiler.is_compiling()``); an eager call goes straight
+to the kernels, since the dispatcher's custom-op path costs microseconds of host time that a decode step
+at batch 1 cannot spare.
 
 Invariants: an op's real implementation is the public function's eager path, so traced and eager
 calls run the same kernels; outputs are fresh tensors (no op returns a view of an input); the ops that
-write into the paged KV caches declare exactly those writes (``mutates_args``), so a compiler never
-reorders a cache read around them. tests/test_ops.py checks every op with torch.library.opcheck.
+write into the paged KV caches, or add LoRA deltas into a projection's output, declare exactly those writes
+(``mutates_args``), so a compiler never reorders a read around them. tests/test_ops.py checks every op
+with torch.library.opcheck.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 
 from rast_kernels import fp8_linear as fp8
-from rast_kernels import kv_store, layer_ops, moe, moe_routing, paged_attention
+from rast_kernels import kv_store, layer_ops, lora_slots, moe, moe_routing, paged_attention
 from rast_kernels.batch import PARAMS, RowValue, SamplingBatch
 
 Tensor = torch.Tensor
@@ -235,3 +236,14 @@ def moe_route(logits: Tensor, top_k: int, renormalize: bool, dtype: torch.dtype)
 def _(logits, top_k, renormalize, dtype):
     return (logits.new_empty((logits.shape[0], top_k), dtype=torch.int32),
             logits.new_empty((logits.shape[0], top_k), dtype=dtype))
+
+
+@torch.library.custom_op("rast_kernels::lora_slots_add", mutates_args=("y",))
+def lora_slots_add(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, slots: Tensor, max_loras: int,
+                   part_starts: list[int], backend: str) -> None:
+    lora_slots.lora_slots_add_(y, x, lora_a, lora_b, slots, max_loras, part_starts, backend)
+
+
+@lora_slots_add.register_fake
+def _(y, x, lora_a, lora_b, slots, max_loras, part_starts, backend):
+    return None

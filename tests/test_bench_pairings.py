@@ -99,3 +99,8 @@ def test_the_adapter_bytes_counted_are_the_engines_lora_tensors(tmp_path: Path, 
     rl = engine.model_set.models[1]
     held = sum(m.lora_a.numel() + m.lora_b.numel() for m in rl.modules() if isinstance(m, LoraLinear))
     assert held == decode.param_counts({**cfgs[1], "lora_rank": cfgs[1]["lora_rank"] * max(slots, 1)})[1]
+    if slots:  # rast_kernels.lora_slots reads a used slot's A and the diagonal blocks of its B
+        diagonal = sum(m.lora_a.numel() + m.lora_b.shape[0] * m.max_loras * m.slot_width // len(m.part_starts)
+                       for m in rl.modules() if isinstance(m, LoraLinear))
+        cfg = {**cfgs[1], "lora_rank": cfgs[1]["lora_rank"] * slots, "lora_gathered": True}
+        assert diagonal == decode.param_counts(cfg)[1] < held

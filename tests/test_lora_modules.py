@@ -62,6 +62,23 @@ def test_each_request_decodes_with_its_own_adapter_in_one_batch(lora_adapters: t
             assert out.outputs[0].token_ids == want[name][k][i // len(choices)], (name, params.temperature)
 
 
+def test_triton_layer_ops_read_each_tokens_slot(lora_adapters: tuple) -> None:
+    """The CUDA default's layer ops (interpreted here) add the deltas with rast_kernels.lora_slots, which reads
+    only the slots the step's tokens use: each request still decodes as its adapter alone (torch ops)."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreted on the CPU only; tests/test_gpu_lora.py runs the kernels on a GPU")
+    llm = _multi(lora_adapters, layer_ops="triton")
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=4, ignore_eos=True, seed=11)
+    choices = ["code", None, "math", "code"]
+    outs = llm.generate([PROMPTS[0]] * 4, params, use_tqdm=False, lora_request=choices)
+    large, base, modules = lora_adapters
+    for choice, out in zip(choices, outs):
+        single = (LLM(str(large), block_size=4, kv_cache_blocks=96) if choice is None
+                  else LLM(str(large), modules[choice], str(base), **KW))
+        assert out.outputs[0].token_ids == single.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 3  # the choice shows in the tokens
+
+
 def test_a_mixed_batch_matches_hf_greedy_over_peft(lora_adapters: tuple) -> None:
     large, base, modules = lora_adapters
     llm = _multi(lora_adapters)

@@ -137,6 +137,10 @@ def test_attention_and_layer_ops_pass_opcheck() -> None:
                                                  c["k_norm"], 1e-6))
     torch.library.opcheck(ops.rotary_embedding_store_kv, (c["positions"], c["q"], c["k"], c["v"], c["cos_sin"],
                                                           *cache, c["slots"], None, None, 0.0))
+    a, b = torch.randn(2 * 16, 8, generator=g).to(DEV), torch.randn(12, 2 * 16, generator=g).to(DEV)
+    slots = torch.tensor([1, -1, 0], dtype=torch.int32, device=DEV)
+    torch.library.opcheck(ops.lora_slots_add, (c["x"][:3, 20:32].contiguous(), c["x"][:3, :8].contiguous(), a, b,
+                                               slots, 2, [0, 4], "triton"))
 
 
 def _layer_step(c: dict, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -78,12 +78,12 @@ def test_rast_decode_step_is_gemms_and_rast_kernels(qwen2_triple: tuple, monkeyp
                          "_stats": 1, "_select": 1, "_draw": 1, "_finish": 1}
 
 
-def test_a_step_of_adapters_chosen_per_request_adds_four_ops_a_projection(lora_adapters: tuple,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_step_of_adapters_chosen_per_request_adds_two_kernels_a_projection(lora_adapters: tuple,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """R with LoRA slots stacked on S (engine/lora_registry.py): the pair's projections are one GEMM over both
-    models' rows each, and R's rows add x·Aᵀ, the where keeping each token's own slot, and the B GEMM; the
-    token-by-column masks are made once a step per slot width (q/k/v, gate/up, and o with down), not per
-    projection; the shared lm_head is one GEMM whose two halves are copied out."""
+    models' rows each, and R's rows add rast_kernels.lora_slots' shrink and expand kernels (each reading
+    only the slots the step's tokens use), with no mask or other op per projection; the shared lm_head is
+    one GEMM whose two halves are copied out."""
     large, base, modules = lora_adapters
     engine = LLMEngine(EngineConfig(model=str(large), small_base=str(base), lora_modules=modules, lam=0.6,
                                     device="cpu", attention_backend="triton", layer_ops="triton", enforce_eager=True,
@@ -98,8 +98,8 @@ def test_a_step_of_adapters_chosen_per_request_adds_four_ops_a_projection(lora_a
         engine.step()
     n, m = (len(u.layers) for u in engine.runner.units)
     assert (ops.pop("linear"), ops.pop("mm")) == (4 * n + 4 * m, 2)  # every projection once; the two lm_heads
-    assert (ops.pop("matmul"), ops.pop("where"), ops.pop("addmm_")) == (4 * m, 4 * m + 1, 4 * m)  # + metadata's
-    assert (ops.pop("eq"), ops.pop("copy_")) == (3, 2)
+    assert (ops.pop("_shrink_kernel"), ops.pop("_expand_kernel")) == (4 * m, 4 * m)
+    assert (ops.pop("where"), ops.pop("copy_")) == (1, 2)  # the metadata's; the lm_head halves
     assert {k: ops.pop(k) for k in ("repeat", "ge", "add", "cat")} == dict(repeat=2, ge=1, add=3, cat=3)
     assert dict(ops) == {"index_select": 1, "clamp": 1, "embedding": 1, "index": 1, "_rms_norm_kernel": 2 * (n + m) + 2,
                          "_rotary_kernel": n + m, "_decode_kernel": n + m, "_act_mul_kernel": n + m,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rast_engine.errors import RastError
 
-SUITES = ("sampler", "decode", "throughput", "attention", "layer_ops", "gemm", "moe", "lora_modules", "host_path",
-          "logit_adjust", "slot_occupancy", "speculative", "serving")
+SUITES = ("sampler", "decode", "throughput", "attention", "layer_ops", "gemm", "moe", "lora_kernel", "lora_modules",
+          "host_path", "logit_adjust", "slot_occupancy", "speculative", "serving")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -26,7 +26,7 @@ from rast_engine.models.moe import SparseMoE
 from rast_engine.models.rope import RotaryEmbedding
 
 if TYPE_CHECKING:
-    from rast_engine.models.lora import AdapterRows
+    from rast_engine.models.lora_slots import AdapterRows
 
 WeightSlot = tuple[torch.Tensor, int, int]  # (parameter, first row, rows) an HF tensor fills
 

@@ -193,28 +193,6 @@ class LoraAdapter:
         return (param, start, rows), a, b, scale
 
 
-class AdapterRows:
-    """The adapter slot of each token of the step a multi-adapter view runs (AttentionMetadata.lora_slots,
-    -1: none; None: no token has one), set by the model's forward for its LoraLinear layers to read, and
-    each token's column mask, made once a step per slot layout (projections of one width share it)."""
-
-    def __init__(self) -> None:
-        self.ids: Optional[torch.Tensor] = None
-        self._masks: dict[int, torch.Tensor] = {}
-
-    def set(self, ids: Optional[torch.Tensor]) -> None:
-        self.ids, self._masks = ids, {}
-
-    def mask(self, column_slot: torch.Tensor) -> Optional[torch.Tensor]:
-        """[T, columns] bool: whether each column is the token's own slot's (None: no token has one)."""
-        if self.ids is None:
-            return None
-        key = column_slot.shape[0]
-        if key not in self._masks:
-            self._masks[key] = self.ids[:, None] == column_slot
-        return self._masks[key]
-
-
 def shared_copy(base: CausalLM) -> CausalLM:
     """A copy of ``base`` whose every parameter, buffer, layer-ops and attention backend is base's own."""
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
@@ -253,22 +231,15 @@ class LoraLinear(nn.Module):
     """A base model's nn.Linear (its own tensors) plus LoRA: y = base(x) + (x Aᵀ) Bᵀ, one delta for all the
     adapted parts of a fused projection (q/k/v, gate/up): A is their A's stacked, B block-diagonal with
     each part's scale folded in, so two small GEMMs a projection. ``weight`` and ``bias`` are the base's, so
-    models.stacked sees the pair's shared weight and reads it once for both models.
+    models.stacked sees the pair's shared weight and reads it once for both models. (Several adapters, one
+    per token: models/lora_slots.py's SlotLoraLinear.)"""
 
-    With ``rows`` (several adapters, models/lora_slots.py) each column of the rank dimension belongs to an
-    adapter slot (``column_slot``), and a token's row of x Aᵀ keeps only its own slot's columns
-    (``rows.ids``): its delta is exactly its adapter's, zero for a token of no adapter. That holds for
-    finite A and B only (0 · inf is NaN), which the loaders check."""
-
-    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 column_slot: Optional[torch.Tensor] = None, rows: Optional[AdapterRows] = None) -> None:
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         super().__init__()
-        self.base, self.rows = base, rows
+        self.base = base
         device, dtype = base.weight.device, base.weight.dtype
         self.lora_a = nn.Parameter(lora_a.to(device=device, dtype=dtype), requires_grad=False)
         self.lora_b = nn.Parameter(lora_b.to(device=device, dtype=dtype), requires_grad=False)
-        if rows is not None:
-            self.register_buffer("column_slot", column_slot.to(device=device, dtype=torch.int32))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -284,15 +255,7 @@ class LoraLinear(nn.Module):
     def add_to_(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y += this adapter's delta of x, in place (y is the fresh output of the base projection over x's
         rows), rounding once."""
-        if self.rows is None:
-            return y.addmm_(x @ self.lora_a.t(), self.lora_b.t())
-        mask = self.rows.mask(self.column_slot)
-        if mask is None:
-            return y
-        if mask.shape[0] != x.shape[0]:
-            raise RuntimeError(f"{mask.shape[0]} adapter slots for {x.shape[0]} tokens")
-        # a where, not a product with the mask: another slot's x·Aᵀ may overflow (fp16), and 0 · inf is NaN
-        return y.addmm_(torch.where(mask, x @ self.lora_a.t(), 0), self.lora_b.t())
+        return y.addmm_(x @ self.lora_a.t(), self.lora_b.t())
 
 
 def _check_patterns(path: Path, key: str, patterns: object) -> None:

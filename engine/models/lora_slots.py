@@ -1,34 +1,89 @@
 """A small base model with room for several LoRA adapters, one chosen per token (engine/lora_modules.py).
 
-``slot_view`` makes R a view of S (every tensor S's own) whose every decoder projection is a LoraLinear
+``slot_view`` makes R a view of S (every tensor S's own) whose every decoder projection is a SlotLoraLinear
 with ``max_loras`` slots of fixed width: a projection fused from P parts (q/k/v: 3, gate/up: 2) gives each
 slot P · max_rank columns of A and B, part p at [p · max_rank, p · max_rank + r). Slot s holds adapter
 s's A rows and its B (scale folded in) there, zeros elsewhere, so a token of slot s gets exactly its
 adapter's delta and a token of none (-1) gets S's output. The layout never changes after it is built:
 loading an adapter writes its slot's columns in place, so captured CUDA graphs stay valid, and clearing
-a slot zeroes them. Every step reads every slot's A and B (max_loras · P · max_rank · (in + out) a
-projection), loaded or not.
+a slot zeroes them.
+
+Two ways to add the deltas, by the model's layer ops: "triton" (CUDA) runs rast_kernels.lora_slots, which
+reads only the slots the step's tokens use and only B's diagonal blocks (W·in + out·max_rank a used slot);
+"torch" multiplies by every slot and keeps each token's own columns (a ``where``), reading
+max_loras · W · (in + out) a projection whatever the batch uses.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from rast_engine.errors import ModelLoadError
 from rast_engine.models.decoder import CausalLM
-from rast_engine.models.lora import AdapterRows, LoraAdapter, LoraLinear, shared_copy
+from rast_engine.models.lora import LoraAdapter, LoraLinear, shared_copy
+from rast_kernels.lora_slots import lora_slots_add_
 
 
 @dataclass
 class SlotDelta:
     """One adapted part of an adapter, ready to be written into a slot."""
-    linear: LoraLinear
+    linear: SlotLoraLinear
     column: int  # its first column within a slot
     start: int  # its first output row
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [rows, r], the scale folded in
+
+
+class AdapterRows:
+    """The adapter slot of each token of the step a multi-adapter view runs (AttentionMetadata.lora_slots,
+    -1: none; None: no token has one), set by the model's forward for its SlotLoraLinear layers to read, and
+    each token's column mask, made once a step per slot layout (projections of one width share it)."""
+
+    def __init__(self) -> None:
+        self.ids: Optional[torch.Tensor] = None
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def set(self, ids: Optional[torch.Tensor]) -> None:
+        self.ids, self._masks = ids, {}
+
+    def mask(self, column_slot: torch.Tensor) -> Optional[torch.Tensor]:
+        """[T, columns] bool: whether each column is the token's own slot's (None: no token has one)."""
+        if self.ids is None:
+            return None
+        key = column_slot.shape[0]
+        if key not in self._masks:
+            self._masks[key] = self.ids[:, None] == column_slot
+        return self._masks[key]
+
+
+class SlotLoraLinear(LoraLinear):
+    """A projection of S with ``max_loras`` adapter slots (module docstring); a token's delta is its own
+    slot's (``rows.ids``), zero for a token of none. That holds for finite A and B only on the torch path
+    (0 · inf is NaN), which the loaders check."""
+
+    def __init__(self, base: nn.Linear, max_loras: int, max_rank: int, part_starts: list[int], rows: AdapterRows,
+                 gathered: bool) -> None:
+        width = len(part_starts) * max_rank
+        columns = max_loras * width
+        super().__init__(base, torch.zeros(columns, base.in_features), torch.zeros(base.out_features, columns))
+        self.rows, self.max_loras, self.slot_width, self.part_starts = rows, max_loras, width, part_starts
+        self.gathered = gathered
+        if not gathered:
+            self.register_buffer("column_slot", (torch.arange(columns) // width).to(base.weight.device, torch.int32))
+
+    def add_to_(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ids = self.rows.ids
+        if ids is None:
+            return y
+        if ids.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{ids.shape[0]} adapter slots for {x.shape[0]} tokens")
+        if self.gathered:
+            return lora_slots_add_(y, x, self.lora_a, self.lora_b, ids, self.max_loras, self.part_starts)
+        # a where, not a product with the mask: another slot's x·Aᵀ may overflow (fp16), and 0 · inf is NaN
+        return y.addmm_(torch.where(self.rows.mask(self.column_slot), x @ self.lora_a.t(), 0), self.lora_b.t())
 
 
 def parts_of(model: CausalLM) -> dict[int, list[int]]:
@@ -48,16 +103,12 @@ def slot_view(base: CausalLM, max_loras: int, max_rank: int) -> CausalLM:
         raise ModelLoadError("LoRA adapters chosen per request need a dense small base; a mixture of experts' "
                              "experts hold no slots")
     view, rows = shared_copy(base), AdapterRows()
-    parts = parts_of(view)
+    parts, gathered = parts_of(view), view.ops.name == "triton"
     for parent in list(view.layers.modules()):
         for name, linear in list(parent.named_children()):
             if isinstance(linear, nn.Linear) and id(linear.weight) in parts:
-                width = len(parts[id(linear.weight)]) * max_rank
-                columns = max_loras * width
-                lora = LoraLinear(linear, torch.zeros(columns, linear.in_features),
-                                  torch.zeros(linear.out_features, columns), torch.arange(columns) // width, rows)
-                lora.slot_width = width
-                setattr(parent, name, lora)
+                setattr(parent, name, SlotLoraLinear(linear, max_loras, max_rank, parts[id(linear.weight)], rows,
+                                                     gathered))
     view.adapter_rows = rows
     return view
 
@@ -66,7 +117,7 @@ def slot_deltas(view: CausalLM, adapter: LoraAdapter, max_rank: int) -> list[Slo
     """Where each of the adapter's parts goes in a slot of ``view``; ModelLoadError for an adapter that
     does not fit (a rank above max_rank, a module with no slot), before any slot is written."""
     parts = parts_of(view)
-    owners = {id(m.weight): m for m in view.modules() if isinstance(m, LoraLinear)}
+    owners = {id(m.weight): m for m in view.modules() if isinstance(m, SlotLoraLinear)}
     out = []
     for (param, start, _), a, b, scale in adapter._deltas(view):
         if id(param) not in owners:
@@ -95,7 +146,7 @@ def write_slot(view: CausalLM, slot: int, deltas: list[SlotDelta]) -> None:
 @torch.no_grad()
 def clear_slot(view: CausalLM, slot: int) -> None:
     for m in view.modules():
-        if isinstance(m, LoraLinear):
+        if isinstance(m, SlotLoraLinear):
             width = m.slot_width
             m.lora_a[slot * width:(slot + 1) * width] = 0
             m.lora_b[:, slot * width:(slot + 1) * width] = 0

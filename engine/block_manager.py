@@ -27,6 +27,13 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+def _check_root(seq: Sequence) -> None:
+    """A request waiting for its LoRA adapter's load has no prefix-cache root yet (nor a slot): it is never
+    given blocks nor hashed before the load, which would root its R's blocks at another adapter's."""
+    if seq.group.lora_pending is not None:
+        raise RuntimeError(f"request {seq.group.request_id} waits for its LoRA adapter's slot: no blocks yet")
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks <= 0 or block_size <= 0:
@@ -53,6 +60,7 @@ class BlockManager:
 
     # ---- prefill ------------------------------------------------------------------------------------
     def _prefix_hits(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
+        _check_root(seq)
         if not self.enable_prefix_caching or prompt_logprobs_pending(seq.group):  # a hit has no logits
             return [], []
         bs = self.block_size
@@ -190,6 +198,7 @@ class BlockManager:
         left out: that step may yet fail, and its block must not be found by a prompt then."""
         if not self.enable_prefix_caching:
             return
+        _check_root(seq)
         bs = self.block_size
         for i in range(len(seq.block_hashes), (seq.num_computed_tokens - seq.num_pending) // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else seq.group.cache_root

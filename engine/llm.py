@@ -56,7 +56,8 @@ class LLM:
                  lora_request: Union[LoraChoice, Sequence[LoraChoice]] = None) -> list[RequestOutput]:
         """``priority``: vLLM's, one per prompt (lower first), with scheduling_policy="priority";
         ``lora_request``: vLLM's, one for all prompts or one per prompt: the RL model's adapter among the
-        engine's lora_modules (a LoRARequest or its name; None: M alone)."""
+        engine's lora_modules (a LoRARequest or its name; None: M alone). Requests for more path adapters
+        than max_loras wait for slots as the others end (docs/lora.md)."""
         if isinstance(prompts, (str, dict)) or is_one_prompt_of_ids(prompts):
             prompts = [prompts]  # one prompt (text, token ids or a dict prompt), not a batch
         prompts = list(prompts)

@@ -28,7 +28,8 @@ from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.pending import DrawResult, InFlight
 from rast_engine.lora_modules import LoraChoice
-from rast_engine.lora_registry import LoraAdapters
+from rast_engine.lora_adapters import LoraAdapters
+from rast_engine.lora_registry import PendingLora
 from rast_engine.requests import check_priority, checked_request, prompt_of
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
@@ -74,17 +75,22 @@ class LLMEngine(LoraAdapters):
         self._undelivered: list[RequestOutput] = []  # built by a step that then raised; see step()
         self.spec_counts = SpecCounts()
         self.grammars: Optional[Grammars] = None  # structured outputs' compiler, built by the first such request
+        if self.model_set.lora is not None:  # adapters that requests wait for load as the scheduler admits them
+            self.scheduler.load_lora = self.load_waiting_lora
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int], dict], params: SamplingParams,
                     priority: int = 0, lora_request: LoraChoice = None) -> None:
         """``prompt``: text, token ids, or vLLM's dict prompt of either (requests.prompt_of); ``priority``:
         vLLM's, lower first, with scheduling_policy="priority" only; ``lora_request``: the RL model's
-        adapter among the engine's lora_modules (a LoRARequest or its name; None: M alone)."""
+        adapter among the engine's lora_modules (a LoRARequest or its name; None: M alone). A LoRARequest
+        whose adapter finds no free slot is read and checked now, and waits in the queue for a slot."""
         priority = check_priority(priority, self.config.scheduling_policy)
         prompt = prompt_of(prompt)
         ids, weights, params, grammar = checked_request(self, request_id, prompt, params)
-        lora_slot, cache_root = self.lora_choice(lora_request)  # last: it may load an adapter
+        lora = self.lora_choice(lora_request, wait=True)  # last: it may load an adapter
+        pending = lora if isinstance(lora, PendingLora) else None
+        lora_slot, cache_root = (-1, b"") if pending is not None else lora
         request_seed = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
         group = SequenceGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                               prompt_token_ids=ids, params=params, request_seed=request_seed,
@@ -93,6 +99,7 @@ class LLMEngine(LoraAdapters):
                               prompt_logprob_ranks=None if params.prompt_logprobs is None else [None],
                               lora_slot=lora_slot, cache_root=cache_root)
         group.seqs.append(self._new_sequence(group, 0, list(ids)))
+        self.wait_for_lora(group, pending)
         self.groups[request_id] = group
         self.scheduler.add(group.seqs[0])
 
@@ -113,6 +120,7 @@ class LLMEngine(LoraAdapters):
         for rid in ids:
             if (group := self.groups.pop(rid, None)) is not None:
                 self.scheduler.abort(group.seqs)
+                self.forget_lora(group)
         self._undelivered = [o for o in self._undelivered if o.request_id not in ids]
 
     def has_unfinished_requests(self) -> bool:

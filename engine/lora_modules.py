@@ -26,9 +26,9 @@ from rast_engine.errors import RastError
 @dataclass(frozen=True)
 class LoRARequest:
     """vLLM's LoRARequest: the adapter a request's RL model uses, by name. A name the engine has not
-    loaded is loaded from ``lora_path`` into a free slot (engine/lora_registry.py); for a loaded name the
-    path, when given, must be the one it was loaded from. ``lora_int_id`` is accepted for vLLM's signature
-    and not read: adapters are known by name."""
+    loaded is loaded from ``lora_path`` into a free slot, or the request waits for one
+    (engine/lora_registry.py); for a loaded name the path, when given, must be the one it was loaded from.
+    ``lora_int_id`` is accepted for vLLM's signature and not read: adapters are known by name."""
     lora_name: str
     lora_int_id: int = 1
     lora_path: Optional[str] = None

@@ -6,6 +6,11 @@ valid. A slot is cleared only when no live request uses it: an unload of an adap
 and an adapter loaded by a LoRARequest's path is evicted, least recently chosen first, only when a slot
 is needed and no request uses it (explicitly loaded ones stay until unloaded).
 
+A request whose path adapter finds no slot now, every slot being held by live requests or pinned, waits
+as in vLLM: its adapter, read and checked when it is added, is a PendingLora, loaded by the scheduler between
+steps once a slot can be freed; the requests behind it that need no new slot go first. It is refused when
+no slot can ever be freed (every slot pinned); while loads wait, an explicit load may not pin the last slot.
+
 Each load gets its own prefix-cache root, so blocks computed under an adapter are never reused under
 another, nor under a later adapter of the same name.
 """
@@ -13,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -22,7 +28,10 @@ from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.lora_modules import LoraChoice, LoRARequest
 from rast_engine.models.decoder import CausalLM
 from rast_engine.models.lora import LoraAdapter, is_adapter
-from rast_engine.models.lora_slots import clear_slot, slot_deltas, write_slot
+from rast_engine.models.lora_slots import SlotDelta, clear_slot, slot_deltas, write_slot
+
+if TYPE_CHECKING:
+    from rast_engine.sequence import SequenceGroup
 
 DEFAULT_MAX_RANK = 16  # vLLM's max_lora_rank
 
@@ -49,6 +58,17 @@ def read_adapter(name: str, path: str, base: str, check_copies: bool, tokenizer:
     return adapter
 
 
+@dataclass(eq=False)
+class PendingLora:
+    """An adapter a LoRARequest's path names that waits for a slot: read and checked when its first request
+    was added (its deltas are what the load writes: the files are not read again), with the waiting requests
+    that share its one load."""
+    name: str
+    path: str
+    deltas: list[SlotDelta]
+    groups: list[SequenceGroup] = field(default_factory=list)
+
+
 class LoraRegistry:
     def __init__(self, view: CausalLM, base: str, max_loras: int, max_rank: int, check_copies: bool,
                  tokenizer: Any = None) -> None:
@@ -59,6 +79,9 @@ class LoraRegistry:
         self.roots: dict[str, bytes] = {}  # name -> the prefix-cache root of its blocks
         self.pinned: set[str] = set()  # loaded explicitly: never evicted
         self.last_chosen: dict[str, int] = {}
+        # name -> its load that live requests wait on, in the order of their first request; never a loaded
+        # name, and while any waits some slot is not pinned (else they would wait forever)
+        self.pending: dict[str, PendingLora] = {}
         self._loads, self._choices = itertools.count(), itertools.count()
 
     @property
@@ -75,23 +98,23 @@ class LoraRegistry:
         if name in self.paths:
             raise RastError(f"a LoRA adapter named {name!r} is already loaded (from {self.paths[name]}); unload it "
                             "first", param="lora_name")
-        if adapter is None:
-            adapter = read_adapter(name, path, self.base, self.check_copies, self.tokenizer)
-        deltas = slot_deltas(self.view, adapter, self.max_rank)
+        if name in self.pending:
+            raise RastError(f"requests wait for a slot for LoRA adapter {name!r} (from {self.pending[name].path}); "
+                            "it loads when one is free", param="lora_name")
+        if pinned and self.pending and sum(n in self.pinned for n in self.slots) + 1 >= len(self.slots):
+            raise RastError(f"requests wait for a LoRA slot for {sorted(self.pending)}: loading {name!r} "
+                            "explicitly would leave no slot they could ever take", param="lora_name")
+        deltas = self._deltas(name, path, adapter)
         slot = self._free_slot(in_use)
-        write_slot(self.view, slot, deltas)
-        if self.view.lm_head.weight.is_cuda:  # steps in flight read other slots only; the next one sees it all
-            torch.cuda.synchronize(self.view.lm_head.weight.device)
-        # in this order, and the reverse in _drop: the server reads `modules` from another thread
-        self.paths[name], self.roots[name] = path, f"lora:{next(self._loads)}:{name}".encode()
-        self.slots[slot] = name
-        if pinned:
-            self.pinned.add(name)
+        if slot is None:
+            raise self._no_slot()
+        self._write(name, path, deltas, slot, pinned)
         return slot
 
     def unload(self, name: str, in_use: Callable[[], set[int]]) -> None:
         if name not in self.paths:
-            raise RastError(f"no LoRA adapter named {name!r} is loaded (loaded: {sorted(self.paths)})",
+            waits = "; requests wait for a slot for it: abort them to drop it" if name in self.pending else ""
+            raise RastError(f"no LoRA adapter named {name!r} is loaded (loaded: {sorted(self.paths)}){waits}",
                             param="lora_name")
         slot = self.slots.index(name)
         if slot in in_use():
@@ -99,9 +122,13 @@ class LoraRegistry:
                             param="lora_name")
         self._drop(slot)
 
-    def choose(self, choice: LoraChoice, in_use: Callable[[], set[int]]) -> tuple[int, bytes]:
+    def choose(self, choice: LoraChoice, in_use: Callable[[], set[int]],
+               wait: bool = False) -> Union[tuple[int, bytes], PendingLora]:
         """A request's (slot, prefix-cache root): (-1, b"") for no adapter. A LoRARequest naming an adapter
-        not loaded, with a path, loads it (evictable); a RastError for anything else unknown."""
+        not loaded, with a path, loads it (evictable). With ``wait``, an adapter that finds no slot now (or
+        that loads queued before it wait for) is a PendingLora, read and checked, for the request to wait on
+        (wait_for). A RastError for anything else unknown, and when no slot can be freed (with ``wait``:
+        ever, every slot being pinned)."""
         if choice is None:
             return -1, b""
         if isinstance(choice, str):
@@ -110,34 +137,92 @@ class LoraRegistry:
             raise RastError(f"lora_request must be a LoRARequest, an adapter name or None, got {choice!r}")
         name = choice.lora_name
         if name in self.paths:
-            loaded = self.paths[name]
-            if choice.lora_path is not None and Path(choice.lora_path).resolve() != Path(loaded).resolve():
-                raise RastError(f"lora_request {name!r} names {os.fspath(choice.lora_path)!r}, but that name was "
-                                f"loaded from {loaded!r}", param="lora_request")
+            _same_path(choice, self.paths[name], "was loaded")
+        elif name in self.pending:
+            pending = self.pending[name]
+            _same_path(choice, pending.path, "waits to be loaded")
+            if wait:
+                return pending
+            if not self.load_pending(pending, in_use):
+                raise self._no_slot()
         elif choice.lora_path is None:
             raise RastError(f"lora_request {name!r} is not a loaded LoRA adapter ({sorted(self.paths)}); give its "
                             "lora_path to load it", param="lora_request")
         else:
+            path = os.fspath(choice.lora_path)
             try:
-                self.load(name, choice.lora_path, in_use, pinned=False)
+                deltas = self._deltas(name, path)
             except ModelLoadError as e:
                 raise RastError(f"lora_request {name!r}: {e}", param="lora_request") from None
+            # loads already waiting take freed slots first (FCFS among them: the scheduler loads them in order)
+            slot = None if wait and self.pending else self._free_slot(in_use)
+            if slot is None:
+                if not wait or all(n in self.pinned for n in self.slots):
+                    raise self._no_slot()
+                return PendingLora(name, path, deltas)
+            self._write(name, path, deltas, slot, pinned=False)
         self.last_chosen[name] = next(self._choices)
         return self.slots.index(name), self.roots[name]
 
-    def _free_slot(self, in_use: Callable[[], set[int]]) -> int:
+    def wait_for(self, pending: PendingLora, group: SequenceGroup) -> None:
+        """``group`` (a new request, lora_slot -1) waits on ``pending``, which choose gave it."""
+        if self.pending.setdefault(pending.name, pending) is not pending:
+            raise RuntimeError(f"two waiting loads of LoRA adapter {pending.name!r}")
+        pending.groups.append(group)
+        group.lora_pending = pending
+
+    def forget(self, group: SequenceGroup) -> None:
+        """A waiting group leaves (aborted): its adapter's load is dropped with the last group waiting on it."""
+        pending, group.lora_pending = group.lora_pending, None
+        pending.groups.remove(group)
+        if not pending.groups:
+            del self.pending[pending.name]
+
+    def load_pending(self, pending: PendingLora, in_use: Callable[[], set[int]]) -> bool:
+        """Load a waiting adapter if a slot can be freed now; every group waiting on it then holds the slot
+        and roots its prefix-cache blocks at this load. False (nothing changed) when none can."""
+        slot = self._free_slot(in_use)
+        if slot is None:
+            return False
+        self._write(pending.name, pending.path, pending.deltas, slot, pinned=False)
+        del self.pending[pending.name]
+        self.last_chosen[pending.name] = next(self._choices)
+        for group in pending.groups:
+            group.lora_slot, group.cache_root, group.lora_pending = slot, self.roots[pending.name], None
+        return True
+
+    def _deltas(self, name: str, path: str, adapter: Optional[LoraAdapter] = None) -> list[SlotDelta]:
+        """The adapter at ``path`` read (unless given) and checked against the slots: what a load writes."""
+        if adapter is None:
+            adapter = read_adapter(name, path, self.base, self.check_copies, self.tokenizer)
+        return slot_deltas(self.view, adapter, self.max_rank)
+
+    def _write(self, name: str, path: str, deltas: list[SlotDelta], slot: int, pinned: bool) -> None:
+        write_slot(self.view, slot, deltas)
+        if self.view.lm_head.weight.is_cuda:  # steps in flight read other slots only; the next one sees it all
+            torch.cuda.synchronize(self.view.lm_head.weight.device)
+        # in this order, and the reverse in _drop: the server reads `modules` from another thread
+        self.paths[name], self.roots[name] = path, f"lora:{next(self._loads)}:{name}".encode()
+        self.slots[slot] = name
+        if pinned:
+            self.pinned.add(name)
+
+    def _free_slot(self, in_use: Callable[[], set[int]]) -> Optional[int]:
+        """An empty slot, or the least recently chosen idle path-loaded adapter's, emptied; None if none."""
         if None in self.slots:
             return self.slots.index(None)
         used = in_use()  # O(live requests): only when a slot must be freed
         idle = [(self.last_chosen.get(n, -1), s) for s, n in enumerate(self.slots)
                 if s not in used and n not in self.pinned]
         if not idle:
-            raise RastError(f"all {len(self.slots)} LoRA slots (max_loras) hold adapters that are in use or loaded "
-                            "explicitly; unload one, or start the engine with a larger max_loras",
-                            param="lora_request")
+            return None
         slot = min(idle)[1]
         self._drop(slot)
         return slot
+
+    def _no_slot(self) -> RastError:
+        return RastError(f"all {len(self.slots)} LoRA slots (max_loras) hold adapters that are in use or loaded "
+                         "explicitly; unload one, or start the engine with a larger max_loras", param="lora_request")
 
     def _drop(self, slot: int) -> None:
         name = self.slots[slot]
@@ -148,50 +233,8 @@ class LoraRegistry:
         self.pinned.discard(name)
 
 
-class LoraAdapters:
-    """LLMEngine's LoRA API: its model_set.lora registry and the slots its live requests (groups) hold."""
-    model_set: Any
-    groups: dict
-    scheduler: Any
-
-    def lora_choice(self, lora_request: LoraChoice) -> tuple[int, bytes]:
-        """A request's adapter slot and prefix-cache root; a LoRARequest with a path loads its adapter."""
-        if self.model_set.lora is None:
-            if lora_request is None:
-                return -1, b""
-            raise RastError(f"lora_request {lora_request!r}: this engine serves no LoRA adapters (start it with "
-                            "small_base and lora_modules, or max_loras)", param="lora_request")
-        return self.model_set.lora.choose(lora_request, self._lora_slots_in_use)
-
-    def load_lora_adapter(self, name: str, path: str) -> None:
-        """Load a PEFT LoRA adapter over small_base into a free slot, for requests to name (vLLM's
-        /v1/load_lora_adapter); RastError when none is free or it does not fit (max_lora_rank)."""
-        if self.model_set.lora is None:
-            raise RastError("this engine holds no LoRA slots: start it with small_base and lora_modules or "
-                            "max_loras", param="lora_name")
-        try:
-            self.model_set.lora.load(name, path, self._lora_slots_in_use)
-        except ModelLoadError as e:
-            raise RastError(str(e), param="lora_path") from None
-
-    def unload_lora_adapter(self, name: str) -> None:
-        """Free an adapter's slot (vLLM's /v1/unload_lora_adapter); refused while a request uses it."""
-        if self.model_set.lora is None:
-            raise RastError("this engine holds no LoRA slots", param="lora_name")
-        self.model_set.lora.unload(name, self._lora_slots_in_use)
-
-    def lora_adapters(self) -> dict[str, str]:
-        """The adapters loaded now, {name: directory}, in slot order."""
-        return {} if self.model_set.lora is None else self.model_set.lora.modules
-
-    def lora_stats(self) -> dict[str, Any]:
-        """EngineStats' LoRA fields: the slots, and the adapters of running and of waiting sequences."""
-        lora = self.model_set.lora
-        if lora is None:
-            return {}
-        running = {lora.slots[s.group.lora_slot] for s in self.scheduler.running if s.group.lora_slot >= 0}
-        waiting = {lora.slots[s.group.lora_slot] for s in self.scheduler.waiting if s.group.lora_slot >= 0}
-        return dict(max_loras=len(lora.slots), lora_running=tuple(sorted(running)), lora_waiting=tuple(sorted(waiting)))
-
-    def _lora_slots_in_use(self) -> set[int]:
-        return {g.lora_slot for g in self.groups.values() if g.lora_slot >= 0}
+def _same_path(choice: LoRARequest, path: str, state: str) -> None:
+    """A LoRARequest naming a known adapter may give its path only as the one it is known by."""
+    if choice.lora_path is not None and Path(choice.lora_path).resolve() != Path(path).resolve():
+        raise RastError(f"lora_request {choice.lora_name!r} names {os.fspath(choice.lora_path)!r}, but that name "
+                        f"{state} from {path!r}", param="lora_request")

@@ -67,7 +67,7 @@ class EngineStats:
     spec_accepted_tokens_total: int = 0
     num_preemptions_total: int = 0  # sequences preempted by recompute
     # LoRA adapters chosen per request (engine/lora_registry.py): the slots, and the adapters of the running
-    # and of the waiting sequences (vLLM's lora_requests_info)
+    # and of the waiting sequences, those waiting for their adapter's slot included (vLLM's lora_requests_info)
     max_loras: int = 0
     lora_running: tuple[str, ...] = ()
     lora_waiting: tuple[str, ...] = ()

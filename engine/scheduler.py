@@ -34,6 +34,12 @@ lower first) instead of arrival alone, preempted and waiting samples included, a
 preempted for a slot is the one last in that order (vLLM's victim), not the most recently admitted:
 ``running`` is kept in that order, so the victim is always its last sequence under either policy.
 
+A request whose LoRA adapter waits for a slot (engine/lora_registry.py: every slot held by live requests
+when it was added) is admitted once ``load_lora`` can load its adapter, freeing an idle slot; until then
+it is passed over and the requests behind it are admitted FCFS as ever (vLLM's behaviour): those of
+loaded adapters are not held up by it. Its blocks are looked up and hashed only once it has its slot,
+under its adapter load's prefix-cache root.
+
 ``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
 (see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
 sequences riding along, whenever it needs nothing the host has yet to learn (no preemption, no chunk
@@ -45,18 +51,25 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from rast_engine.block_manager import BlockManager
 from rast_engine.prompt_logprobs import pending as prompt_logprobs_pending
 from rast_engine.sequence import Sequence, SequenceStatus
 from rast_engine.stop_rules import StopRules
 
+if TYPE_CHECKING:
+    from rast_engine.lora_registry import PendingLora
+
 # prompt tokens a prefill step may score for prompt_logprobs: each costs its full-vocabulary logits rows
 # (every model's, plus float32 temporaries: ~2 GB at 1024 rows and V = 152064), which the KV cache's
 # activation reserve does not hold for a whole token budget
 PROMPT_LOGPROBS_TOKENS = 1024
 POLICIES = ("fcfs", "priority")
+
+
+def _no_lora_loads(pending: PendingLora) -> bool:  # Scheduler.load_lora of an engine without LoRA slots
+    raise RuntimeError(f"a request waits for LoRA adapter {pending.name!r}, and no registry loads adapters")
 
 
 def priority_key(seq: Sequence) -> tuple[int, int, int]:
@@ -93,6 +106,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prompt_logprobs_tokens = PROMPT_LOGPROBS_TOKENS
+        # loads an adapter waiting requests need if a slot can be freed now; the engine's (LoraAdapters)
+        self.load_lora: Callable[[PendingLora], bool] = _no_lora_loads
 
     def add(self, seq: Sequence) -> None:
         self._wait(seq, front=False)
@@ -165,8 +180,9 @@ class Scheduler:
                 tokens += seq.num_scheduled_tokens
                 scored += seq.num_scheduled_tokens if scores else 0
         slots = len(self.running)
-        while self.waiting and tokens < budget:
-            seq = self.waiting[0]
+        i = 0  # the waiting sequences before i wait for their adapter's slot
+        while tokens < budget and (i := self._with_lora_slot(i)) >= 0:
+            seq = self.waiting[i]
             # only a step's first sequence is split: the others fit whole, their prefix-cache hits aside
             # (a sample that found no slot at its fork, or a preempted sequence, recomputes little); the
             # hits are looked up only when the whole length would not fit
@@ -179,7 +195,7 @@ class Scheduler:
             if not self._fits(seq, slots, reserve):
                 break
             self.bm.allocate(seq)
-            self.waiting.popleft()
+            del self.waiting[i]
             self._run(seq)
             scheduled.append(seq)
             seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens, cap - scored if scores else budget)
@@ -251,9 +267,21 @@ class Scheduler:
 
     def _admits_next(self, decoding: list[Sequence]) -> bool:
         """Whether a prefill step scheduled now, ``decoding`` riding along, would admit the head of the
-        queue (its first sequence is admitted whenever it fits)."""
-        return bool(self.waiting) and self._fits(self.waiting[0], len(self.running),
-                                                 self.bm.append_need_all(decoding))
+        queue, those waiting for their adapter's slot aside (its first sequence is admitted whenever it fits)."""
+        i = self._with_lora_slot(0)
+        return i >= 0 and self._fits(self.waiting[i], len(self.running), self.bm.append_need_all(decoding))
+
+    def _with_lora_slot(self, start: int) -> int:
+        """The index, from ``start`` on, of the first waiting sequence whose LoRA adapter has a slot (-1:
+        none). An adapter waiting for one is loaded when a slot can be freed; the sequences of one that
+        cannot are passed over, and so are those of every other waiting adapter (a step frees no slot)."""
+        full = False
+        for i in range(start, len(self.waiting)):
+            pending = self.waiting[i].group.lora_pending
+            if pending is None or not full and self.load_lora(pending):
+                return i
+            full = True
+        return -1
 
     def _fits(self, seq: Sequence, slots: int, reserve: int) -> bool:
         """Whether a waiting sequence can be admitted beside ``slots`` taken slots: a slot, and blocks

@@ -25,13 +25,16 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.outputs import CompletionOutput, RequestOutput
 from rast_engine.logit_adjust import OutputCounts, RequestTensors
 from rast_engine.structured import RequestGrammar, SequenceMatcher
 from rast_engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from rast_engine.lora_registry import PendingLora
 
 _seq_ids = itertools.count()
 PENDING = -1  # a token sampled on the device whose id the host has not read yet
@@ -179,9 +182,12 @@ class SequenceGroup:
     weights: list[float]  # λ per small pair for this request
     priority: int = 0  # vLLM's: with scheduling_policy="priority", lower values are scheduled first
     # its RL model's LoRA adapter among the engine's lora_modules (engine/lora_modules.py), -1: none; its
-    # name roots the prefix cache's block hashes, since R's keys and values depend on it
+    # load roots the prefix cache's block hashes, since R's keys and values depend on it
     lora_slot: int = -1
     cache_root: bytes = b""
+    # the adapter load it waits for, no slot being free when it was added (lora_slot -1 and no root until
+    # then): it is neither admitted nor hashed before the scheduler loads it (engine/lora_registry.py)
+    lora_pending: Optional[PendingLora] = None
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     prompt_counted: bool = False  # its prompt is in the engine's prompt-token count: once, at its first token

@@ -1,14 +1,16 @@
 """The engine under random interleavings of add_request, bad requests, abort_request, LoRA unloads and step
 (hypothesis' stateful testing), in a KV cache small enough to preempt, with chunked prefill, prefix caching,
 forks of n > 1, steps launched ahead, speculative rounds and per-request LoRA adapters (two loaded at start,
-two more by path into the one slot left, each evicting the other when idle). Oracles are the engine's
-promises, checked after every operation:
+two more by path into the one slot left, each evicting the other when idle, or waiting in the queue while the
+other's requests live). Oracles are the engine's promises, checked after every operation:
 - every KV block's reference count equals the number of live sequences whose table holds it, and a block
   is on the free list iff that count is 0 (nothing leaked, nothing freed twice);
 - a refused request (RastError) changes nothing: the same requests, the same free blocks;
 - a finished request has its n samples of exactly max_tokens tokens (ignore_eos), reported once, and an
   aborted one is never reported again;
-- a live request's slot holds the adapter it asked for (loads, unloads and evictions never touch it);
+- a live request's slot holds the adapter it asked for (loads, unloads and evictions never touch it), or it
+  waits for that adapter's one load, which the requests waiting for it, and only they, share;
+- a path adapter's request is never refused for want of a slot: one slot is never pinned, so it waits;
 - once drained, every block is free.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ class EngineMachine(RuleBasedStateMachine):
     engine: LLMEngine  # set per configuration below; drained at each run's end, so runs may share it
     loras: tuple = (None,)
     seen: set  # the adapters requests were admitted with, across the runs
+    waited: set  # the adapters requests waited for a slot for, across the runs
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,16 +73,12 @@ class EngineMachine(RuleBasedStateMachine):
                                 ignore_eos=True, prompt_logprobs=1 if logprobs else None, output_kind="final_only")
         prompt = [(seed + 7 * i) % 90 + 4 for i in range(length)]
         choice = self.loras[lora % len(self.loras)]
-        before = (dict(self.engine.groups), self.engine.block_manager.num_free_blocks)
-        try:
-            self.engine.add_request(rid, prompt, params, lora_request=choice)
-        except RastError as e:  # a path adapter finding every slot in use: refused, nothing changed
-            assert "LoRA slots" in str(e) and (dict(self.engine.groups), self.engine.block_manager.num_free_blocks) \
-                == before, str(e)
-            return
+        self.engine.add_request(rid, prompt, params, lora_request=choice)  # a path adapter with no slot waits
         self.expected[rid] = params
         self.chosen[rid] = getattr(choice, "lora_name", choice)
         self.seen.add(self.chosen[rid])
+        if self.engine.groups[rid].lora_pending is not None:
+            self.waited.add(self.chosen[rid])
 
     @rule(kind=st.sampled_from(["too_long", "unknown_lora", "logprobs", "duplicate_id", "token_range"]))
     def add_bad(self, kind: str) -> None:
@@ -115,7 +114,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(["c", "d"]))
     def unload(self, name: str) -> None:
-        held = set(self.chosen.values())
+        held = {n for r, n in self.chosen.items() if self.engine.groups[r].lora_pending is None}  # in a slot
         try:
             self.engine.unload_lora_adapter(name)
         except RastError as e:  # not loaded now, or held by a live request
@@ -130,10 +129,18 @@ class EngineMachine(RuleBasedStateMachine):
     @invariant()
     def requests_keep_their_adapters(self) -> None:
         """Loads, unloads and evictions never move or clear a slot a live request reads."""
-        slots = self.engine.model_set.lora.slots
+        lora = self.engine.model_set.lora
         for rid, name in self.chosen.items():
-            slot = self.engine.groups[rid].lora_slot
-            assert (slot == -1) if name is None else (slots[slot] == name), (rid, name, slots)
+            group = self.engine.groups[rid]
+            if group.lora_pending is not None:  # waits for its adapter's load: no slot, no blocks yet
+                assert group.lora_slot == -1 and not group.seqs[0].block_table, rid
+                assert lora.pending[name] is group.lora_pending and name not in lora.paths, (rid, lora.pending)
+            else:
+                slot = group.lora_slot
+                assert (slot == -1) if name is None else (lora.slots[slot] == name), (rid, name, lora.slots)
+        waiting = [g for p in lora.pending.values() for g in p.groups]
+        assert sorted(g.request_id for g in waiting) == sorted(
+            r for r, g in self.engine.groups.items() if g.lora_pending is not None)
 
     def teardown(self) -> None:
         for _ in range(500):
@@ -142,7 +149,7 @@ class EngineMachine(RuleBasedStateMachine):
             self._step()
             check_blocks(self.engine)
         assert not self.expected and not self.engine.has_unfinished_requests(), sorted(self.expected)
-        assert self.engine.block_manager.num_free_blocks == BLOCKS
+        assert self.engine.block_manager.num_free_blocks == BLOCKS and not self.engine.model_set.lora.pending
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -159,11 +166,11 @@ def test_random_interleavings_keep_the_engine_consistent(qwen2_triple: tuple, na
                                     device="cpu", dtype="float32", block_size=BS, kv_cache_blocks=BLOCKS,
                                     max_num_seqs=4, max_model_len=MAX_LEN, seed=3, **CONFIGS[name]))
     machine = type(f"Machine_{name}", (EngineMachine,), dict(engine=engine, loras=(None, "a", "b", *by_path),
-                                                                 seen=set()))
+                                                                 seen=set(), waited=set()))
     machine.TestCase.settings = settings(max_examples=20, stateful_step_count=30, deadline=None,
                                          suppress_health_check=list(HealthCheck))
     machine.TestCase().runTest()
     stats = engine.stats()  # the runs reached what they are here for
     assert stats.num_preemptions_total > 0 and engine.block_manager.prefix_hits > 0, stats
     assert name != "speculative" or stats.spec_draft_tokens_total > 0
-    assert machine.seen == {None, "a", "b", "c", "d"}
+    assert machine.seen == {None, "a", "b", "c", "d"} and machine.waited, machine.waited

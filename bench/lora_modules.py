@@ -69,9 +69,9 @@ def main() -> None:
                 for gen, tag in ((WARMUP, "warm"), (GEN, "run")):
                     res = engine_generate(engine, rast.SamplingParams, batch, PROMPT, gen, engine.vocab_size,
                                           f"{tag}-{mode}{n}-{batch}", device, loras)
-                gathered = device.type == "cuda" and mode == "lora_modules"
-                slots = min(n, batch) if gathered else n
-                used = cfgs[:1] + [{**cfgs[1], "lora_rank": rank * slots, "lora_gathered": gathered}] + cfgs[2:]
+                gathered = device.type == "cuda" and mode == "lora_modules"  # n slots held, min(n, batch) read
+                slots = dict(lora_rank=rank * n, lora_gathered=gathered, lora_read_rank=rank * min(n, batch))
+                used = cfgs[:1] + [{**cfgs[1], **slots}] + cfgs[2:]
                 rows.append(dict(mode=mode, adapters=n, batch=batch, rank=rank, **res,
                                  **roofline_ms(used, elt, batch, PROMPT + GEN / 2, bandwidth)))
                 print(f"  {mode:>12} N={n} b={batch:<3} {res['tokens_per_s']:9.1f} tok/s {res['step_ms']:8.3f} "

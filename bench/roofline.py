@@ -27,15 +27,17 @@ def param_counts(cfg: dict, tokens: int = 1) -> tuple[int, int]:
     (bench/decode_configs.py): stacked with that base it reads only its adapter's A and B (or the slots'
     of bench/lora_modules.py: "lora_rank" times their number). A fused projection's B spans all its rows
     for each part's columns (block-diagonal in models/lora.py and a slot of models/lora_slots.py): a GEMM
-    reads the zeros too; with "lora_gathered" (rast_kernels.lora_slots, the CUDA layer ops) only the
-    diagonal blocks are read."""
+    reads the zeros too. With "lora_gathered" (rast_kernels.lora_slots, the CUDA layer ops) a step reads
+    only the diagonal blocks, and only of the slots its tokens use: "lora_read_rank" (default: all)."""
     m = ModelConfig.from_dict(cfg)
     if cfg.get("lora_rank"):
         h, q, kv, i = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size
         a = 3 * h + q + 2 * h + i  # q/k/v, o, gate/up, down: a part's R rows of A each
-        b = (q + 2 * kv) + h + 2 * i + h if cfg.get("lora_gathered") else 3 * (q + 2 * kv) + h + 2 * (2 * i) + h
-        adapter = m.num_layers * cfg["lora_rank"] * (a + b)
-        return adapter, adapter
+        b, diagonal = 3 * (q + 2 * kv) + h + 2 * (2 * i) + h, (q + 2 * kv) + h + 2 * i + h
+        held = m.num_layers * cfg["lora_rank"] * (a + b)
+        if not cfg.get("lora_gathered"):
+            return held, held
+        return held, m.num_layers * cfg.get("lora_read_rank", cfg["lora_rank"]) * (a + diagonal)
     h, q, kv = m.hidden_size, m.q_size, m.kv_size
     bias = (q + 2 * kv if m.attention_bias else 0) + (h if m.o_proj_bias else 0)
     qk_norm = 2 * m.head_dim if m.qk_norm else (q + kv if m.qk_norm_full else 0)

@@ -21,7 +21,9 @@ buffer):
    slot's diagonal block of B and writes y + delta rounded once; rows of no slot are left untouched.
 
 A token's delta depends only on its own row, its slot and the tile shapes (batch size), never on the other
-tokens' slots. ``lora_slots_add_torch`` is the executable spec.
+tokens' slots. Each tile of BLOCK_T (at most 64) tokens reads its used slots' weights itself: a decode batch
+is one tile, and a prefill's tiles read a shared adapter again, from L2 where it fits.
+``lora_slots_add_torch`` is the executable spec.
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ def _shape(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
                          f"{list(part_starts)}")
     if width % parts or width == 0:
         raise ValueError(f"a slot's {width} columns do not split into {parts} parts of one rank")
-    if lora_a.shape[1] != k or lora_b.shape != (n, lora_a.shape[0]) or {lora_a.dtype, lora_b.dtype} != {x.dtype}:
+    if k == 0 or lora_a.shape[1] != k or lora_b.shape != (n, lora_a.shape[0]) \
+            or {lora_a.dtype, lora_b.dtype} != {x.dtype}:
         raise ValueError(f"lora_a must be [S·W, {k}] and lora_b [{n}, S·W] in {x.dtype}; got {lora_a.dtype} "
                          f"{tuple(lora_a.shape)} and {lora_b.dtype} {tuple(lora_b.shape)}")
     if slots.shape != (t,) or slots.dtype not in (torch.int32, torch.int64):
@@ -119,7 +122,6 @@ def _expand_kernel(h_ptr, b_ptr, slots_ptr, y_ptr, T, N, W, R, S, SPLIT, START1,
     rr = tl.arange(0, BLOCK_R)
     t_ok = rt < T
     n_ok = rn < N
-    r_ok = rr < R
     slot = tl.load(slots_ptr + rt, mask=t_ok, other=-1)
     part = (rn >= START1).to(tl.int32) + (rn >= START2).to(tl.int32)
     acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
@@ -129,15 +131,17 @@ def _expand_kernel(h_ptr, b_ptr, slots_ptr, y_ptr, T, N, W, R, S, SPLIT, START1,
             for p in tl.static_range(PARTS):
                 rows = n_ok & (part == p)
                 if tl.max(rows.to(tl.int32), axis=0) > 0:
-                    h_at = h_ptr + rt.to(tl.int64)[:, None] * W + (p * R + rr)[None, :]
-                    h_ok = mine[:, None] & r_ok[None, :]
-                    h = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
-                    for sp in range(0, SPLIT):  # a fixed order: the same sum on every run
-                        h += tl.load(h_at + sp * T * W, mask=h_ok, other=0.0)
-                    h = _round(h, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
-                    b = tl.load(b_ptr + rn.to(tl.int64)[None, :] * stride_b + (s * W + p * R + rr)[:, None],
-                                mask=rows[None, :] & r_ok[:, None], other=0.0)  # [BLOCK_R, BLOCK_N]: Bᵀ's block
-                    acc += _dot(h, b, UPCAST, PRECISION)
+                    for r0 in range(0, R, BLOCK_R):  # rank in chunks: a rank-256 slot spills no registers
+                        r_ok = (r0 + rr) < R
+                        h_at = h_ptr + rt.to(tl.int64)[:, None] * W + (p * R + r0 + rr)[None, :]
+                        h_ok = mine[:, None] & r_ok[None, :]
+                        h = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+                        for sp in range(0, SPLIT):  # a fixed order: the same sum on every run
+                            h += tl.load(h_at + sp * T * W, mask=h_ok, other=0.0)
+                        h = _round(h, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
+                        b = tl.load(b_ptr + rn.to(tl.int64)[None, :] * stride_b + (s * W + p * R + r0 + rr)[:, None],
+                                    mask=rows[None, :] & r_ok[:, None], other=0.0)  # [BLOCK_R, BLOCK_N]: Bᵀ's block
+                        acc += _dot(h, b, UPCAST, PRECISION)
     at = y_ptr + rt.to(tl.int64)[:, None] * stride_y + rn[None, :]
     ok = (t_ok & (slot >= 0) & (slot < S))[:, None] & n_ok[None, :]  # rows of no slot keep their bits
     y = tl.load(at, mask=ok, other=0.0).to(tl.float32)
@@ -145,19 +149,21 @@ def _expand_kernel(h_ptr, b_ptr, slots_ptr, y_ptr, T, N, W, R, S, SPLIT, START1,
 
 
 def plan(tokens: int, width: int, rank: int, k: int, dtype: torch.dtype, sms: int
-         ) -> tuple[int, int, int, int, int]:
-    """(BLOCK_T, BLOCK_J, BLOCK_K, K_SPLIT, BLOCK_N): the fewest token rows tl.dot takes at decode; K split
-    until the shrink's programs cover each SM twice (a split at least two K steps long). The interpreter
-    and float32 (tests) take small tiles. Untuned: bench/lora_kernel.py times it."""
+         ) -> tuple[int, int, int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_J, BLOCK_K, K_SPLIT, BLOCK_N, BLOCK_R, shrink warps): the fewest token rows tl.dot
+    takes at decode; K split until the shrink's programs cover each SM twice (a split at least two K steps
+    long); the rank in chunks of at most 64. Tiles are the largest that ptxas compiles for sm_90 without
+    spilling registers (tests/test_lora_slots_compile.py). The interpreter and float32 (tests) take small
+    tiles. Untuned: bench/lora_kernel.py times it."""
     small = interpreting() or dtype == torch.float32
     bt = 16 if tokens <= 16 or small else 32 if tokens <= 32 else 64
     bj = min(32 if small else 64, max(16, next_pow2(width)))
-    bk = 32 if small else 128
+    bk = 32 if small else 128 if bt == 16 else 64
     tiles = cdiv(tokens, bt) * cdiv(width, bj)
     splits = max(1, min(cdiv(2 * sms, tiles), cdiv(k, 2 * bk)))
     k_split = cdiv(cdiv(k, splits), bk) * bk
-    bn = 16 if small else 32 if rank >= 256 else 64
-    return bt, bj, bk, k_split, bn
+    bn, br = (16, 16) if small else (64, min(64, max(16, next_pow2(rank))))
+    return bt, bj, bk, k_split, bn, br, 8 if bt == 64 else 4
 
 
 def lora_slots_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -180,19 +186,21 @@ def lora_slots_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora
         return y
     if y.stride(1) != 1:
         raise ValueError("y must have unit stride along its last dimension (it is written in place)")
+    slots = slots if slots.stride(0) == 1 else slots.contiguous()  # the kernels read it at unit stride
     x = x if x.stride(1) == 1 else x.contiguous()
     lora_a = lora_a if lora_a.stride(1) == 1 else lora_a.contiguous()
     lora_b = lora_b if lora_b.stride(1) == 1 else lora_b.contiguous()
-    bt, bj, bk, k_split, bn = plan(t, width, rank, k, x.dtype, sm_count(x.device))
+    bt, bj, bk, k_split, bn, br, warps = plan(t, width, rank, k, x.dtype, sm_count(x.device))
     splits = cdiv(k, k_split)
     h = torch.empty(splits, t, width, dtype=torch.float32, device=x.device)
     upcast, precision = interpreting() and x.dtype == torch.bfloat16, "ieee" if x.dtype == torch.float32 else "tf32"
     _shrink_kernel[(cdiv(t, bt), cdiv(width, bj), splits)](
         x, lora_a, slots, h, t, k, width, max_loras, k_split, x.stride(0), lora_a.stride(0),
-        BLOCK_T=bt, BLOCK_J=bj, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, **exact_fp_options())
+        BLOCK_T=bt, BLOCK_J=bj, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, num_warps=warps,
+        **exact_fp_options())
     starts = [*part_starts[1:], n, n]
     _expand_kernel[(cdiv(t, bt), cdiv(n, bn))](
         h, lora_b, slots, y, t, n, width, rank, max_loras, splits, starts[0], starts[1], lora_b.stride(0), y.stride(0),
-        PARTS=len(part_starts), BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=max(16, next_pow2(rank)), UPCAST=upcast,
-        PRECISION=precision, **exact_fp_options())
+        PARTS=len(part_starts), BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, UPCAST=upcast, PRECISION=precision,
+        num_warps=4, **exact_fp_options())
     return y

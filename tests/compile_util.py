@@ -39,13 +39,14 @@ def spill_bytes(cubin: bytes) -> int | None:
 
 
 def compile_ptx(fn, types: dict[str, str], consts: dict, *, aligned: tuple[str, ...] = (), no_spills: bool = False,
-                **options) -> str:
+                max_spill_bytes: int | None = None, **options) -> str:
     """PTX of ``fn`` for sm_90, compiled through ptxas to a cubin. types maps every runtime argument to
     a Triton type ("*bf16", "i32"); consts gives every constexpr; ``aligned`` arguments are promised
     divisible by 16, as the launcher promises for 16-byte aligned pointers and integers that are
     multiples of 16. A kernel that needs more shared memory than a Hopper block has would compile and
     then fail at launch ("out of resource"), so that is checked here; with ``no_spills``, that ptxas
-    spilled no register (a slowdown, not an error, that only the machine code shows)."""
+    spilled no register (a slowdown, not an error, that only the machine code shows), with
+    ``max_spill_bytes`` at most that many bytes a thread."""
     missing = [n for n in fn.arg_names if n not in types and n not in consts]
     if missing:
         raise ValueError(f"{fn.__name__}: no type or value for {missing}")
@@ -59,9 +60,9 @@ def compile_ptx(fn, types: dict[str, str], consts: dict, *, aligned: tuple[str, 
     assert ".entry" in ptx and compiled.asm.get("cubin"), fn.__name__
     shared = compiled.metadata.shared
     assert shared <= SM90_SHARED_BYTES, f"{fn.__name__} needs {shared} bytes of shared memory per block"
-    if no_spills:
-        spilled = spill_bytes(compiled.asm["cubin"])
-        assert not spilled, f"{fn.__name__} {consts} spills {spilled} bytes a thread"
+    if no_spills or max_spill_bytes is not None:
+        spilled, limit = spill_bytes(compiled.asm["cubin"]), 0 if no_spills else max_spill_bytes
+        assert not spilled or spilled <= limit, f"{fn.__name__} {consts} spills {spilled} bytes a thread"
     return ptx
 
 

@@ -103,4 +103,6 @@ def test_the_adapter_bytes_counted_are_the_engines_lora_tensors(tmp_path: Path, 
         diagonal = sum(m.lora_a.numel() + m.lora_b.shape[0] * m.max_loras * m.slot_width // len(m.part_starts)
                        for m in rl.modules() if isinstance(m, LoraLinear))
         cfg = {**cfgs[1], "lora_rank": cfgs[1]["lora_rank"] * slots, "lora_gathered": True}
-        assert diagonal == decode.param_counts(cfg)[1] < held
+        assert decode.param_counts(cfg) == (held, diagonal) and diagonal < held
+        one = decode.param_counts({**cfg, "lora_read_rank": cfgs[1]["lora_rank"]})  # a batch using one slot
+        assert one == (held, diagonal // slots)

@@ -129,6 +129,17 @@ def test_writes_only_its_rows_of_a_larger_output(device: str, backend: str) -> N
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_strided_slots_read_as_their_values(device: str, backend: str) -> None:
+    """A column of a [T, 2] table of slots (stride 2) is read by value, not at unit stride."""
+    t, k, starts, n, slots = 4, 48, [0, 16], 32, [0, 1, -1, 0]
+    lay, x, y, args = _case(device, torch.float32, t, k, starts, n, 2, 8, slots, seed=9)
+    table = torch.stack([args[2], args[2].flip(0)], dim=1)
+    want = lay.expected(y.cpu(), x.cpu(), slots)
+    lora_slots_add_(y, x, args[0], args[1], table[:, 0], max_loras=2, part_starts=starts, backend=backend)
+    torch.testing.assert_close(y.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_refuses_what_does_not_fit_the_layout() -> None:
     x, y, slots = torch.zeros(2, 8), torch.zeros(2, 12), torch.zeros(2, dtype=torch.int32)
     a, b = torch.zeros(2 * 6, 8), torch.zeros(12, 2 * 6)
@@ -144,6 +155,8 @@ def test_refuses_what_does_not_fit_the_layout() -> None:
         lora_slots_add_(y, x, a, b, slots[:1], max_loras=2, part_starts=[0])
     with pytest.raises(ValueError, match="share one of"):
         lora_slots_add_(y.double(), x, a, b, slots, max_loras=2, part_starts=[0])
+    with pytest.raises(ValueError, match="lora_a must be"):  # K = 0
+        lora_slots_add_(y, x[:, :0], a[:, :0], b, slots, max_loras=2, part_starts=[0])
     with pytest.raises(ValueError, match="backend"):
         lora_slots_add_(y, x, a, b, slots, max_loras=2, part_starts=[0], backend="cuda")
 

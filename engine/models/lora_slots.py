@@ -33,8 +33,8 @@ class SlotDelta:
     linear: SlotLoraLinear
     column: int  # its first column within a slot
     start: int  # its first output row
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [rows, r], the scale folded in
+    a: torch.Tensor  # [r, in], in the slot's dtype
+    b: torch.Tensor  # [rows, r], the scale folded in, in the slot's dtype
 
 
 class AdapterRows:
@@ -126,8 +126,9 @@ def slot_deltas(view: CausalLM, adapter: LoraAdapter, max_rank: int) -> list[Slo
                                  "small_rl")
         if a.shape[0] > max_rank:
             raise ModelLoadError(f"{str(adapter.path)!r} has rank {a.shape[0]} over max_lora_rank {max_rank}")
-        dtype, scaled = owners[id(param)].lora_b.dtype, b * scale
-        if not (torch.isfinite(a.to(dtype)).all() and torch.isfinite(scaled.to(dtype)).all()):
+        dtype = owners[id(param)].lora_b.dtype
+        a, scaled = a.to(dtype), (b * scale).to(dtype)  # what the slot holds: a waiting load keeps only this
+        if not (torch.isfinite(a).all() and torch.isfinite(scaled).all()):
             raise ModelLoadError(f"{str(adapter.path)!r}: its lora_A or scaled lora_B overflows {dtype}")
         out.append(SlotDelta(owners[id(param)], parts[id(param)].index(start) * max_rank, start, a, scaled))
     return out
@@ -139,8 +140,8 @@ def write_slot(view: CausalLM, slot: int, deltas: list[SlotDelta]) -> None:
     clear_slot(view, slot)
     for d in deltas:
         col, r = slot * d.linear.slot_width + d.column, d.a.shape[0]
-        d.linear.lora_a[col:col + r] = d.a.to(d.linear.lora_a.dtype)
-        d.linear.lora_b[d.start:d.start + d.b.shape[0], col:col + r] = d.b.to(d.linear.lora_b.dtype)
+        d.linear.lora_a[col:col + r] = d.a
+        d.linear.lora_b[d.start:d.start + d.b.shape[0], col:col + r] = d.b
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ class LoraAdapters:
     def load_waiting_lora(self, pending: PendingLora) -> bool:
         """The scheduler's: load an adapter waiting requests need into a slot, if one can be freed now
         (between steps, on the engine's thread); whether it did."""
-        return self.model_set.lora.load_pending(pending, self._lora_slots_in_use)
+        return self.model_set.lora.load_pending(pending, self._lora_slots_held)
 
     def load_lora_adapter(self, name: str, path: str) -> None:
         """Load a PEFT LoRA adapter over small_base into a free slot, for requests to name (vLLM's
@@ -76,6 +76,17 @@ class LoraAdapters:
         return dict(max_loras=len(lora.slots), lora_running=tuple(sorted(running)), lora_waiting=tuple(sorted(waiting)))
 
     def _lora_slots_in_use(self) -> set[int]:
-        """The slots live requests hold: running, or waiting with their slot (preempted, queued); a request
-        waiting for its adapter's load holds none (lora_slot -1)."""
+        """The slots live requests use: admitted (running, preempted) or queued with their slot; a request
+        waiting for its adapter's load uses none (lora_slot -1). Unloads and the loads of a request being
+        added (or scored) take none of them: a new request never jumps the queue."""
         return {g.lora_slot for g in self.groups.values() if g.lora_slot >= 0}
+
+    def _lora_slots_held(self) -> set[int]:
+        """The slots admitted requests hold, which the scheduler's loads may not evict: it loads in queue
+        order, so the requests queued with another slot are behind the load, and go back to waiting."""
+        return {g.lora_slot for g in self.groups.values() if g.lora_slot >= 0 and g.admitted}
+
+    def _lora_queued(self, slot: int) -> list[SequenceGroup]:
+        """The live requests queued with ``slot`` that no step admitted yet, in arrival order."""
+        return sorted((g for g in self.groups.values() if g.lora_slot == slot and not g.admitted),
+                      key=lambda g: g.arrival)

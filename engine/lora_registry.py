@@ -82,6 +82,10 @@ class LoraRegistry:
         # name -> its load that live requests wait on, in the order of their first request; never a loaded
         # name, and while any waits some slot is not pinned (else they would wait forever)
         self.pending: dict[str, PendingLora] = {}
+        # the live requests queued with a slot that no step admitted yet (the engine's): an eviction sends
+        # them back to waiting for their adapter, whose deltas `kept` holds while it is loaded by path
+        self.queued: Callable[[int], list[SequenceGroup]] = lambda slot: []
+        self.kept: dict[str, list[SlotDelta]] = {}
         self._loads, self._choices = itertools.count(), itertools.count()
 
     @property
@@ -118,8 +122,8 @@ class LoraRegistry:
                             param="lora_name")
         slot = self.slots.index(name)
         if slot in in_use():
-            raise RastError(f"LoRA adapter {name!r} is used by running requests; unload it once they end",
-                            param="lora_name")
+            raise RastError(f"LoRA adapter {name!r} is used by live requests (running or queued); unload it once "
+                            "they end", param="lora_name")
         self._drop(slot)
 
     def choose(self, choice: LoraChoice, in_use: Callable[[], set[int]],
@@ -206,9 +210,12 @@ class LoraRegistry:
         self.slots[slot] = name
         if pinned:
             self.pinned.add(name)
+        else:
+            self.kept[name] = deltas
 
     def _free_slot(self, in_use: Callable[[], set[int]]) -> Optional[int]:
-        """An empty slot, or the least recently chosen idle path-loaded adapter's, emptied; None if none."""
+        """An empty slot, or the slot of the least recently chosen path-loaded adapter no admitted request
+        holds (``in_use``), emptied; None if none. The requests queued with it wait for its reload."""
         if None in self.slots:
             return self.slots.index(None)
         used = in_use()  # O(live requests): only when a slot must be freed
@@ -217,7 +224,12 @@ class LoraRegistry:
         if not idle:
             return None
         slot = min(idle)[1]
+        name, queued = self.slots[slot], self.queued(slot)
+        reload = PendingLora(name, self.paths[name], self.kept[name]) if queued else None
         self._drop(slot)
+        for group in queued:
+            group.lora_slot, group.cache_root = -1, b""
+            self.wait_for(reload, group)
         return slot
 
     def _no_slot(self) -> RastError:
@@ -228,7 +240,7 @@ class LoraRegistry:
         name = self.slots[slot]
         clear_slot(self.view, slot)
         self.slots[slot] = None
-        for table in (self.paths, self.roots, self.last_chosen):
+        for table in (self.paths, self.roots, self.last_chosen, self.kept):
             table.pop(name, None)
         self.pinned.discard(name)
 

@@ -34,11 +34,13 @@ lower first) instead of arrival alone, preempted and waiting samples included, a
 preempted for a slot is the one last in that order (vLLM's victim), not the most recently admitted:
 ``running`` is kept in that order, so the victim is always its last sequence under either policy.
 
-A request whose LoRA adapter waits for a slot (engine/lora_registry.py: every slot held by live requests
-when it was added) is admitted once ``load_lora`` can load its adapter, freeing an idle slot; until then
-it is passed over and the requests behind it are admitted FCFS as ever (vLLM's behaviour): those of
-loaded adapters are not held up by it. Its blocks are looked up and hashed only once it has its slot,
-under its adapter load's prefix-cache root.
+A request whose LoRA adapter waits for a slot (engine/lora_registry.py: every slot held by admitted
+requests) is admitted once ``load_lora`` can load its adapter, freeing a slot no admitted request holds;
+until then it is passed over and the requests behind it are admitted FCFS as ever (vLLM's behaviour):
+those of loaded adapters are not held up by it. A load that evicts an adapter sends that adapter's
+queued, not yet admitted requests back to waiting for its reload, so they never keep a slot from a load
+queued before them. Blocks are looked up and hashed only once a request has its slot, under its adapter
+load's prefix-cache root.
 
 ``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
 (see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
@@ -136,8 +138,11 @@ class Scheduler:
         front of the queue from position ``at`` (behind those an earlier fork of the same step queued),
         holding no block (module docstring). Returns how many wait."""
         free = max(self.max_num_seqs - len(self.running), 0)
-        if samples and self.by_priority and self.waiting and priority_key(self.waiting[0]) < priority_key(samples[0]):
-            free = 0  # a more urgent request waits: the samples queue behind it, not take the slots first
+        # a more urgent request waits: the samples queue behind it, not take the slots first (one that waits
+        # for its adapter's slot could not take them)
+        head = next((s for s in self.waiting if s.group.lora_pending is None), None) if self.by_priority else None
+        if samples and head is not None and priority_key(head) < priority_key(samples[0]):
+            free = 0
         for seq in samples[:free]:
             self.bm.fork(parent, seq)
             self._run(seq)
@@ -195,6 +200,7 @@ class Scheduler:
             if not self._fits(seq, slots, reserve):
                 break
             self.bm.allocate(seq)
+            seq.group.admitted = True
             del self.waiting[i]
             self._run(seq)
             scheduled.append(seq)

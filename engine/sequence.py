@@ -185,9 +185,14 @@ class SequenceGroup:
     # load roots the prefix cache's block hashes, since R's keys and values depend on it
     lora_slot: int = -1
     cache_root: bytes = b""
-    # the adapter load it waits for, no slot being free when it was added (lora_slot -1 and no root until
-    # then): it is neither admitted nor hashed before the scheduler loads it (engine/lora_registry.py)
+    # the adapter load it waits for, no slot being free when it was added or its adapter evicted before it
+    # was admitted (lora_slot -1 and no root until then): it is neither admitted nor hashed before the
+    # scheduler loads it (engine/lora_registry.py)
     lora_pending: Optional[PendingLora] = None
+    # a sequence of it was admitted: from then on its LoRA slot is held (never evicted) until it ends; before,
+    # an eviction sends it back to waiting for its adapter's reload, so queued requests keep no slot from
+    # the loads queued before them (vLLM counts only scheduled requests' adapters)
+    admitted: bool = False
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     prompt_counted: bool = False  # its prompt is in the engine's prompt-token count: once, at its first token

@@ -118,7 +118,7 @@ class EngineMachine(RuleBasedStateMachine):
         try:
             self.engine.unload_lora_adapter(name)
         except RastError as e:  # not loaded now, or held by a live request
-            assert ("no LoRA adapter" in str(e)) if name not in held else ("used by running requests" in str(e))
+            assert ("no LoRA adapter" in str(e)) if name not in held else ("used by live requests" in str(e))
         else:
             assert name not in held
 

@@ -42,7 +42,7 @@ def test_adapters_loaded_while_serving_decode_as_if_loaded_at_start(lora_adapter
     assert (stats.max_loras, stats.lora_running, stats.lora_waiting) == (2, (), ("code",))
     engine.step()
     assert (engine.stats().lora_running, engine.stats().lora_waiting) == (("code",), ())
-    with pytest.raises(RastError, match="used by running requests"):
+    with pytest.raises(RastError, match="used by live requests"):
         engine.unload_lora_adapter("code")
     engine.abort_request("busy")
     engine.unload_lora_adapter("code")

@@ -1,0 +1,85 @@
+"""Requests that wait for a LoRA slot keep their place in the queue (engine/lora_registry.py): a slot is held
+only by admitted requests, so requests for a loaded adapter that arrive after a waiting one never keep its
+slot from it, as vLLM counts only scheduled requests' adapters. Oracles: the admission order FCFS allows,
+and each request's tokens as its adapter alone decodes them (test_lora_queue._want)."""
+from __future__ import annotations
+
+import pytest
+
+from rast_engine import SamplingParams
+from test_engine import PROMPTS
+from test_lora_modules import GREEDY
+from test_lora_queue import _one_slot, _requests, _want
+
+pytest.importorskip("peft")
+
+
+def _admissions(engine) -> list[str]:  # noqa: ANN001 - an LLMEngine
+    """Step to the end; the request ids in the order their first sequence ran."""
+    order: list[str] = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        order += [s.group.request_id for s in engine.scheduler.running if s.group.request_id not in order]
+    return order
+
+
+def test_later_requests_of_a_loaded_adapter_go_after_a_waiting_one(lora_adapters: tuple) -> None:
+    """max_loras=1, one sequence at a time: m runs, c waits for the slot, then three more m requests by name.
+    FCFS admits c before them; they wait for m's reload (their slot taken back before any ran)."""
+    engine = _one_slot(lora_adapters, max_num_seqs=1).llm_engine
+    req = _requests(lora_adapters)
+    engine.add_request("m0", PROMPTS[0], GREEDY, lora_request=req["math"])
+    engine.add_request("c", PROMPTS[1], GREEDY, lora_request=req["code"])
+    for k in range(3):
+        engine.add_request(f"m{k + 1}", PROMPTS[2 + k % 2], GREEDY, lora_request="m")
+    outs = {}
+    order: list[str] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out.outputs[0].token_ids
+        order += [s.group.request_id for s in engine.scheduler.running if s.group.request_id not in order]
+    assert order == ["m0", "c", "m1", "m2", "m3"]
+    assert outs["c"] == _want(lora_adapters, "code", GREEDY, PROMPTS[1])
+    for k in range(3):
+        assert outs[f"m{k + 1}"] == _want(lora_adapters, "math", GREEDY, PROMPTS[2 + k % 2])
+
+
+def test_a_waiting_adapter_is_loaded_between_requests_of_another(lora_adapters: tuple) -> None:
+    """m requests one at a time, each added when the last ended: the slot is free of admitted requests
+    between them, and the waiting c takes it then, not after the m traffic stops."""
+    engine = _one_slot(lora_adapters).llm_engine
+    req = _requests(lora_adapters)
+    engine.add_request("m0", PROMPTS[0], GREEDY, lora_request=req["math"])
+    engine.add_request("c", PROMPTS[1], GREEDY, lora_request=req["code"])
+    added = 1
+    for _ in range(3 * GREEDY.max_tokens):
+        if not any(r.startswith("m") for r in engine.groups):
+            engine.add_request(f"m{added}", PROMPTS[added % 4], GREEDY, lora_request="m")
+            added += 1
+        engine.step()
+        if engine.groups["c"].lora_pending is None:
+            break
+    assert engine.groups["c"].lora_pending is None and engine.groups["c"].lora_slot == 0 and added == 2
+    assert _admissions(engine)[:1] == ["c"]  # then the m request, reloaded
+
+
+def test_a_waiting_urgent_request_does_not_queue_anothers_samples(lora_adapters: tuple) -> None:
+    """scheduling_policy="priority": samples forked at their first draw queue behind a more urgent waiting
+    request, but not behind one that waits for its adapter's slot (it could not take theirs)."""
+    n3 = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, seed=5, n=3)
+
+    def queued_at_fork(urgent: bool) -> int:
+        engine = _one_slot(lora_adapters, scheduling_policy="priority").llm_engine
+        req = _requests(lora_adapters)
+        engine.add_request("busy", PROMPTS[0], GREEDY, priority=1, lora_request=req["math"])
+        engine.step()  # busy runs: m's slot is held until it ends
+        if urgent:
+            engine.add_request("urgent", PROMPTS[1], GREEDY, priority=0, lora_request=req["code"])
+        engine.add_request("s", PROMPTS[2], n3, priority=1, lora_request="m")
+        while not engine.groups["s"].forked:
+            engine.step()
+        assert not urgent or engine.groups["urgent"].lora_pending is not None  # it still waits for m's slot
+        return sum(s in engine.scheduler.waiting for s in engine.groups["s"].seqs)
+
+    assert queued_at_fork(urgent=True) == queued_at_fork(urgent=False) == 0

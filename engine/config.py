@@ -102,6 +102,9 @@ class EngineConfig:
     max_loras: Optional[int] = None
     max_lora_rank: Optional[int] = None
     enable_lora: bool = False  # vLLM's: slots with no lora_modules (max_loras 1 unless given), for loads later
+    # vLLM's: adapters read by a LoRARequest's path kept in host memory, the least recently read dropped
+    # first, so one evicted from its slot reloads without reading its files again (None: max_loras)
+    max_cpu_loras: Optional[int] = None
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,18 +112,24 @@ class EngineConfig:
             raise RastError(f"model must be a local model directory, got {self.model!r}")
         _positive_int("max_loras", self.max_loras, allow_none=True)
         _positive_int("max_lora_rank", self.max_lora_rank, allow_none=True)
+        _positive_int("max_cpu_loras", self.max_cpu_loras, allow_none=True)
         if not isinstance(self.enable_lora, bool):
             raise RastError(f"enable_lora must be True or False, got {self.enable_lora!r}")
         if self.enable_lora and self.lora_modules is None and self.max_loras is None:
             self.max_loras = 1  # vLLM's default
         if self.max_loras is not None and self.lora_modules is None:
             self.lora_modules = {}  # adapters loaded while serving only
-        if self.max_lora_rank is not None and self.lora_modules is None:
-            raise RastError("max_lora_rank sizes LoRA slots: give lora_modules, max_loras or enable_lora=True too")
+        for name in ("max_lora_rank", "max_cpu_loras"):
+            if getattr(self, name) is not None and self.lora_modules is None:
+                raise RastError(f"{name} is about LoRA slots: give lora_modules, max_loras or enable_lora=True too")
         if self.lora_modules is not None:
             self.lora_modules = checked_lora_modules(self.lora_modules, allow_empty=self.max_loras is not None)
             if self.max_loras is not None and len(self.lora_modules) > self.max_loras:
                 raise RastError(f"{len(self.lora_modules)} lora_modules do not fit max_loras={self.max_loras}")
+            slots = self.max_loras or len(self.lora_modules)
+            if self.max_cpu_loras is not None and self.max_cpu_loras < slots:
+                raise RastError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({slots}), as "
+                                "vLLM's")
             if self.small_base is None or self.small_rl is not None or self.experts:
                 raise RastError("lora_modules are RL models over small_base, one chosen per request: give "
                                 "small_base, and neither small_rl nor experts")

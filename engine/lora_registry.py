@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -69,9 +70,16 @@ class PendingLora:
     groups: list[SequenceGroup] = field(default_factory=list)
 
 
+def files_stamp(path: str) -> tuple:
+    """The names, sizes and modification times of a directory's files: a host copy of an adapter read from
+    it is reused only while they are unchanged (a retrained adapter saved over it is read again)."""
+    with os.scandir(path) as entries:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()))
+
+
 class LoraRegistry:
     def __init__(self, view: CausalLM, base: str, max_loras: int, max_rank: int, check_copies: bool,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, host_copies: int = 0) -> None:
         self.view, self.base, self.max_rank, self.check_copies = view, base, max_rank, check_copies
         self.tokenizer = tokenizer  # the engine's: an adapter that saved another is refused
         self.slots: list[Optional[str]] = [None] * max_loras  # the name each slot holds
@@ -86,6 +94,10 @@ class LoraRegistry:
         # them back to waiting for their adapter, whose deltas `kept` holds while it is loaded by path
         self.queued: Callable[[int], list[SequenceGroup]] = lambda slot: []
         self.kept: dict[str, list[SlotDelta]] = {}
+        # max_cpu_loras: adapters read by path, by resolved directory, least recently read first; an entry
+        # holds the files' stamp when read, and is used only while the files still have it
+        self.host: OrderedDict[str, tuple[tuple, list[SlotDelta]]] = OrderedDict()
+        self.host_copies = host_copies
         self._loads, self._choices = itertools.count(), itertools.count()
 
     @property
@@ -196,10 +208,22 @@ class LoraRegistry:
         return True
 
     def _deltas(self, name: str, path: str, adapter: Optional[LoraAdapter] = None) -> list[SlotDelta]:
-        """The adapter at ``path`` read (unless given) and checked against the slots: what a load writes."""
-        if adapter is None:
-            adapter = read_adapter(name, path, self.base, self.check_copies, self.tokenizer)
-        return slot_deltas(self.view, adapter, self.max_rank)
+        """The adapter at ``path`` read (unless given, or its host copy is fresh) and checked against the
+        slots: what a load writes."""
+        if adapter is not None:
+            return slot_deltas(self.view, adapter, self.max_rank)
+        key = str(Path(path).resolve())
+        stamp = files_stamp(path) if Path(path).is_dir() else ()
+        if key in self.host and self.host[key][0] == stamp:
+            self.host.move_to_end(key)
+            return self.host[key][1]
+        deltas = slot_deltas(self.view, read_adapter(name, path, self.base, self.check_copies, self.tokenizer),
+                             self.max_rank)
+        self.host[key] = (stamp, deltas)
+        self.host.move_to_end(key)
+        while len(self.host) > self.host_copies:
+            self.host.popitem(last=False)
+        return deltas
 
     def _write(self, name: str, path: str, deltas: list[SlotDelta], slot: int, pinned: bool) -> None:
         write_slot(self.view, slot, deltas)

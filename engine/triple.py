@@ -250,7 +250,8 @@ def lora_registry(config: EngineConfig, base: CausalLM, tokenizer: Any) -> LoraR
     adapters = {n: read_adapter(n, p, config.small_base, check, tokenizer) for n, p in config.lora_modules.items()}
     rank = config.max_lora_rank or max(map(adapter_rank, adapters.values()), default=DEFAULT_MAX_RANK)
     slots = config.max_loras or len(adapters)
-    registry = LoraRegistry(slot_view(base, slots, rank), config.small_base, slots, rank, check, tokenizer)
+    registry = LoraRegistry(slot_view(base, slots, rank), config.small_base, slots, rank, check, tokenizer,
+                            host_copies=config.max_cpu_loras or slots)
     for name, path in config.lora_modules.items():  # each read once, above
         registry.load(name, path, in_use=lambda: set(), adapter=adapters[name])  # noqa: PIE807 - nothing runs yet
     return registry

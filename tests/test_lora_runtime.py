@@ -86,7 +86,7 @@ def test_what_does_not_fit_the_slots_is_refused_and_changes_nothing(lora_adapter
     assert engine.lora_adapters() == {"code": modules["code"]}
     assert _tokens(llm, GREEDY, "code") == _alone(lora_adapters, "code", GREEDY)
     assert LLM(str(large), small_base=str(base), enable_lora=True, **KW).llm_engine.model_set.lora.slots == [None]
-    with pytest.raises(RastError, match="max_lora_rank sizes LoRA slots"):
+    with pytest.raises(RastError, match="max_lora_rank is about LoRA slots"):
         LLM(str(large), small_base=str(base), max_lora_rank=4, **KW)
     with pytest.raises(RastError, match="no LoRA slots"):
         plain = LLM(str(large), **{k: v for k, v in KW.items() if k != "lam"})

@@ -71,8 +71,10 @@ def test_the_flag_parses_and_names_must_not_clash(server_triple: tuple, modules:
     with pytest.raises(RastError, match="--lora-modules a: no such model directory"):
         build_engine(missing)  # before any model is loaded
     empty = build_engine(build_parser().parse_args(["serve", large, "--small-base", base, "--enable-lora",
-                                                     "--max-lora-rank", "8", "--device", "cpu"]))
+                                                     "--max-lora-rank", "8", "--max-cpu-loras", "3", "--device",
+                                                     "cpu"]))
     assert empty.model_set.lora.slots == [None] and empty.model_set.lora.max_rank == 8
+    assert empty.model_set.lora.host_copies == 3
 
 
 def test_adapters_load_and_unload_while_serving_when_allowed(server_triple: tuple, modules: dict[str, str],

@@ -151,7 +151,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
         lora_modules=lora_modules, max_loras=getattr(args, "max_loras", None),
         enable_lora=getattr(args, "enable_lora", False),
-        max_lora_rank=getattr(args, "max_lora_rank", None)))
+        max_lora_rank=getattr(args, "max_lora_rank", None), max_cpu_loras=getattr(args, "max_cpu_loras", None)))
 
 
 def lora_modules_arg(values: list[str] | None) -> dict[str, str] | None:

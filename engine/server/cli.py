@@ -76,6 +76,9 @@ def add_engine_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=None, metavar="R",
                    help="as vLLM's: the largest adapter rank a slot holds (default: the --lora-modules' largest, "
                         "else 16)")
+    p.add_argument("--max-cpu-loras", type=int, default=None, metavar="N",
+                   help="as vLLM's: adapters kept in host memory once read, so an evicted one reloads without "
+                        "reading its files (default: --max-loras)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="as vLLM's: chat requests with tools may let the model choose its calls (tool_choice "
                         "\"auto\", the default with tools); needs --tool-call-parser")

@@ -186,7 +186,8 @@ class Scheduler:
                 scored += seq.num_scheduled_tokens if scores else 0
         slots = len(self.running)
         i = 0  # the waiting sequences before i wait for their adapter's slot
-        while tokens < budget and (i := self._with_lora_slot(i)) >= 0:
+        # a full batch admits no one: no adapter is loaded (and another evicted) for a request that cannot run
+        while tokens < budget and slots < self.max_num_seqs and (i := self._with_lora_slot(i)) >= 0:
             seq = self.waiting[i]
             # only a step's first sequence is split: the others fit whole, their prefix-cache hits aside
             # (a sample that found no slot at its fork, or a preempted sequence, recomputes little); the
@@ -274,6 +275,8 @@ class Scheduler:
     def _admits_next(self, decoding: list[Sequence]) -> bool:
         """Whether a prefill step scheduled now, ``decoding`` riding along, would admit the head of the
         queue, those waiting for their adapter's slot aside (its first sequence is admitted whenever it fits)."""
+        if len(self.running) >= self.max_num_seqs:
+            return False
         i = self._with_lora_slot(0)
         return i >= 0 and self._fits(self.waiting[i], len(self.running), self.bm.append_need_all(decoding))
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from rast_engine import SamplingParams
+from rast_engine import LLM, SamplingParams
 from test_engine import PROMPTS
-from test_lora_modules import GREEDY
+from test_lora_modules import GREEDY, KW
 from test_lora_queue import _one_slot, _requests, _want
 
 pytest.importorskip("peft")
@@ -83,3 +83,22 @@ def test_a_waiting_urgent_request_does_not_queue_anothers_samples(lora_adapters:
         return sum(s in engine.scheduler.waiting for s in engine.groups["s"].seqs)
 
     assert queued_at_fork(urgent=True) == queued_at_fork(urgent=False) == 0
+
+
+def test_no_adapter_is_evicted_for_a_request_that_cannot_run_yet(lora_adapters: tuple) -> None:
+    """Priority policy, max_num_seqs=1, two slots: while m runs, the urgent c waits ahead of x1, whose x is
+    loaded; x stays loaded (with its prefix-cache root) until a sequence slot frees for c to run in."""
+    from rast_engine import LoRARequest
+
+    large, base, modules = lora_adapters
+    engine = LLM(str(large), small_base=str(base), max_loras=2, max_lora_rank=4, max_num_seqs=1,
+                 scheduling_policy="priority", **KW).llm_engine
+    registry, req = engine.model_set.lora, _requests(lora_adapters)
+    engine.add_request("m0", PROMPTS[0], GREEDY, priority=0, lora_request=req["math"])
+    engine.step()  # m0 runs in the only sequence slot
+    engine.add_request("x1", PROMPTS[3], GREEDY, priority=5, lora_request=LoRARequest("x", 3, modules["math"]))
+    engine.add_request("c", PROMPTS[1], GREEDY, priority=1, lora_request=req["code"])  # both slots used: waits
+    assert registry.slots == ["m", "x"] and engine.groups["c"].lora_pending is not None
+    engine.step()
+    assert registry.slots == ["m", "x"] and engine.groups["c"].lora_pending is not None
+    assert _admissions(engine) == ["m0", "c", "x1"]

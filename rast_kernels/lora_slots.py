@@ -18,7 +18,8 @@ buffer):
    partial sums go to h [SPLIT, T, W]. Split-K keeps B = 1 from running on three programs.
 2. expand: a program per (BLOCK_T tokens, BLOCK_N output rows) sums the splits in a fixed order, rounds h to
    the model dtype (what PEFT's lora_B(lora_A(x)) and the engine's torch path round), multiplies each used
-   slot's diagonal block of B and writes y + delta rounded once; rows of no slot are left untouched.
+   slot's diagonal block of B (the rank in chunks of at most 64, which keeps a rank-256 slot in registers)
+   and writes y + delta rounded once; rows of no slot are left untouched.
 
 A token's delta depends only on its own row, its slot and the tile shapes (batch size), never on the other
 tokens' slots. Each tile of BLOCK_T (at most 64) tokens reads its used slots' weights itself: a decode batch
@@ -152,9 +153,9 @@ def plan(tokens: int, width: int, rank: int, k: int, dtype: torch.dtype, sms: in
          ) -> tuple[int, int, int, int, int, int, int]:
     """(BLOCK_T, BLOCK_J, BLOCK_K, K_SPLIT, BLOCK_N, BLOCK_R, shrink warps): the fewest token rows tl.dot
     takes at decode; K split until the shrink's programs cover each SM twice (a split at least two K steps
-    long); the rank in chunks of at most 64. Tiles are the largest that ptxas compiles for sm_90 without
-    spilling registers (tests/test_lora_slots_compile.py). The interpreter and float32 (tests) take small
-    tiles. Untuned: bench/lora_kernel.py times it."""
+    long); the rank in chunks of at most 64. The shrink's tiles compile for sm_90 without register spills,
+    the expand's with a few bytes at most under some shapes (tests/test_lora_slots_compile.py). The
+    interpreter and float32 (tests) take small tiles. Untuned: bench/lora_kernel.py times it."""
     small = interpreting() or dtype == torch.float32
     bt = 16 if tokens <= 16 or small else 32 if tokens <= 32 else 64
     bj = min(32 if small else 64, max(16, next_pow2(width)))

@@ -116,7 +116,6 @@ def slot_view(base: CausalLM, max_loras: int, max_rank: int) -> CausalLM:
 def slot_deltas(view: CausalLM, adapter: LoraAdapter, max_rank: int) -> list[SlotDelta]:
     """Where each of the adapter's parts goes in a slot of ``view``; ModelLoadError for an adapter that
     does not fit (a rank above max_rank, a module with no slot), before any slot is written."""
-    parts = parts_of(view)
     owners = {id(m.weight): m for m in view.modules() if isinstance(m, SlotLoraLinear)}
     out = []
     for (param, start, _), a, b, scale in adapter._deltas(view):
@@ -126,11 +125,12 @@ def slot_deltas(view: CausalLM, adapter: LoraAdapter, max_rank: int) -> list[Slo
                                  "small_rl")
         if a.shape[0] > max_rank:
             raise ModelLoadError(f"{str(adapter.path)!r} has rank {a.shape[0]} over max_lora_rank {max_rank}")
-        dtype = owners[id(param)].lora_b.dtype
+        owner = owners[id(param)]
+        dtype = owner.lora_b.dtype
         a, scaled = a.to(dtype), (b * scale).to(dtype)  # what the slot holds: a waiting load keeps only this
         if not (torch.isfinite(a).all() and torch.isfinite(scaled).all()):
             raise ModelLoadError(f"{str(adapter.path)!r}: its lora_A or scaled lora_B overflows {dtype}")
-        out.append(SlotDelta(owners[id(param)], parts[id(param)].index(start) * max_rank, start, a, scaled))
+        out.append(SlotDelta(owner, owner.part_starts.index(start) * max_rank, start, a, scaled))
     return out
 
 

@@ -231,7 +231,7 @@ def run_eval(cfg: EvalConfig, log: Any = sys.stderr) -> dict:
     cfgs = [cfg] if runs is None else [variant_config(cfg, v) for v in runs]
     plans = [_plan(c, problems) for c in cfgs]
     # a problem's variants side by side: its λ variants share the prompt's prefix cache
-    todo = [(p, parts[p.id], v) for p in problems for v, (_, parts) in enumerate(plans) if p.id in parts]
+    todo = [(p, parts[p.id], v) for p in problems for v, parts in enumerate(plans) if p.id in parts]
     if todo:
         done = len(problems) * len(plans) - len(todo)
         print(f"rast eval: {len(problems)} problems x {len(plans)} run(s), {done} already complete, sampling "
@@ -243,9 +243,9 @@ def run_eval(cfg: EvalConfig, log: Any = sys.stderr) -> dict:
     return metrics[0] if runs is None else {v.name: m for v, m in zip(runs, metrics)}
 
 
-def _plan(cfg: EvalConfig, problems: list[Problem]) -> tuple[Path, dict[str, list[tuple[int, int]]]]:
-    """A run's folder, made and checked against its saved settings, and the requests each problem still
-    needs."""
+def _plan(cfg: EvalConfig, problems: list[Problem]) -> dict[str, list[tuple[int, int]]]:
+    """The requests each problem of a run still needs, its folder made and checked against its saved
+    settings first."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise RastError(f"--out {str(out)!r} is a file; it must name a run directory")
@@ -258,7 +258,7 @@ def _plan(cfg: EvalConfig, problems: list[Problem]) -> tuple[Path, dict[str, lis
         missing = [i for i in range(cfg.n) if i not in have]
         if missing:
             todo[p.id] = pieces(missing)
-    return out, todo
+    return todo
 
 
 def _score(cfg: EvalConfig, problems: list[Problem], saved: dict[str, list[dict]], log: Any) -> dict:

@@ -6,11 +6,11 @@ serves: LLMEngine.load_lora_adapter, the server's /v1/load_lora_adapter, or a Lo
 
 A request with adapter a decodes M + λ·(R_a − S), R_a being S plus adapter a; a request with none
 decodes M alone (its R is S, so R − S is exactly zero). R is one view of S with max_loras slots in every
-decoder projection (models/lora_slots.py: a token keeps only its own slot's columns), so R is one forward
+decoder projection (models/lora_slots.py: a token gets only its own slot's delta), so R is one forward
 for all requests, stacked with S as a single adapter's R is: one KV cache for R, whatever the number of
-adapters. Each step reads every slot's A and B (max_loras · max_lora_rank · (in + the fused out) a part),
-small against S's weights at the usual ranks and counts. Which slot holds which adapter, and the prefix-
-cache root of each (R's keys and values depend on the adapter): engine/lora_registry.py.
+adapters. On CUDA a step reads only the slots its tokens use (rast_kernels.lora_slots); the torch layer
+ops read every slot's A and B. Which slot holds which adapter, the requests that wait for one, and the
+prefix-cache root of each load (R's keys and values depend on the adapter): engine/lora_registry.py.
 
 This module is what the configuration and the CLI read, without torch.
 """

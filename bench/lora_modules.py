@@ -13,6 +13,12 @@ B, and the three models' KV at the mean context (R's cache is one whatever N). O
 the deltas with rast_kernels.lora_slots, which reads the A and the diagonal blocks of B of only the
 min(N, batch) adapters the batch uses; the CPU's torch ops read every slot's A and whole B (a mask on the
 rank columns), so --quick's floor counts those.
+
+Then what loading one adapter into a slot costs (``loads`` in the JSON), with the largest engine: the host
+time of LLMEngine.load_lora_adapter, cold (its files read) and warm (the host copy max_cpu_loras keeps),
+and on CUDA the device time of the slot's writes, queued behind a spinning kernel so that only the copies
+are timed (while the host issues them within the spin, about a second), against its bytes over measured
+pinned host-to-device bandwidth (the load itself never waits for the device: models/lora_slots.write_slot).
 Writes bench/results/lora-modules-<device>-<sha>.json.
 """
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +49,34 @@ def build(rast: object, dirs: list[Path], adapters: dict[str, str] | None, batch
         model=str(dirs[0]), lam=LAM, **pair, load_format="dummy", dtype=dtype, device=str(device),
         kv_cache_blocks=batch * math.ceil(length / 16) + 1, max_num_seqs=batch, max_model_len=length,
         max_num_batched_tokens=max(batch * PROMPT, length)))
+
+
+def time_loads(engine: object, name: str, path: str, device: torch.device) -> dict:
+    """Adapter ``name`` unloaded and loaded again from ``path``, cold then warm (module docstring)."""
+    out: dict = {}
+    for tag in ("cold", "warm"):
+        engine.unload_lora_adapter(name)
+        common.sync(device)
+        if device.type == "cuda":
+            torch.cuda._sleep(2_000_000_000)  # about a second: the copies queue behind it, then run back to back
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        engine.load_lora_adapter(name, path)
+        out[f"{tag}_host_ms"] = (time.perf_counter() - t0) * 1e3
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            out[f"{tag}_device_ms"] = start.elapsed_time(end)
+    registry = engine.model_set.lora
+    deltas = registry.host[str(Path(path).resolve())][1]
+    out["bytes"] = sum(d.a.nbytes + d.b.nbytes for d in deltas)
+    if device.type == "cuda":
+        host = torch.empty(256 * 2**20, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty_like(host, device=device)
+        bandwidth = 256 * 2**20 / (common.time_us(lambda: dst.copy_(host, non_blocking=True), device) * 1e-6)
+        out.update(h2d_bytes_per_s=bandwidth, floor_ms=out["bytes"] / bandwidth * 1e3)
+    return out
 
 
 def main() -> None:
@@ -76,12 +111,16 @@ def main() -> None:
                                  **roofline_ms(used, elt, batch, PROMPT + GEN / 2, bandwidth)))
                 print(f"  {mode:>12} N={n} b={batch:<3} {res['tokens_per_s']:9.1f} tok/s {res['step_ms']:8.3f} "
                       f"ms/step (floor {rows[-1]['roofline_ms']:.3f})", flush=True)
+            if mode == "lora_modules" and n == max(counts):
+                last = f"a{n - 1}"
+                loads = time_loads(engine, last, adapters[last], device)
+                print(f"  load of {last}: {loads}", flush=True)
             del engine  # before the next one is built: two engines' weights need not fit
     print(f"LoRA adapters per request, {pairing} | {common.device_name(device)} | commit {common.git_sha()}")
     print(common.table(rows, ["mode", "adapters", "batch", "tokens_per_s", "step_ms", "roofline_ms"]))
     if common.keeps_results(args.out, device, args.quick):
         path = common.write_results("lora-modules", device, rows, dict(pairing=pairing, rank=rank, prompt=PROMPT,
-                                                                      gen=GEN, bandwidth_bytes_per_s=bandwidth),
+                                                                      gen=GEN, bandwidth_bytes_per_s=bandwidth, loads=loads),
                                     args.out)
         print(f"wrote {path}")
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-import torch
 
 from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.lora_modules import LoraChoice, LoRARequest
@@ -226,9 +225,7 @@ class LoraRegistry:
         return deltas
 
     def _write(self, name: str, path: str, deltas: list[SlotDelta], slot: int, pinned: bool) -> None:
-        write_slot(self.view, slot, deltas)
-        if self.view.lm_head.weight.is_cuda:  # steps in flight read other slots only; the next one sees it all
-            torch.cuda.synchronize(self.view.lm_head.weight.device)
+        write_slot(self.view, slot, deltas)  # queued behind the steps in flight, no host sync (see there)
         # in this order, and the reverse in _drop: the server reads `modules` from another thread
         self.paths[name], self.roots[name] = path, f"lora:{next(self._loads)}:{name}".encode()
         self.slots[slot] = name

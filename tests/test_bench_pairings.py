@@ -81,6 +81,10 @@ def test_adapters_per_request_count_every_served_adapter_in_the_floor(tmp_path: 
     assert rows[("small_rl", 1)]["weight_bytes_read"] == one["weight_bytes_read"]
     assert two["weight_bytes_read"] - one["weight_bytes_read"] == adapter * 4  # float32 on the CPU
     assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in result["rows"])
+    # the reload of the second adapter: its A and B, each part's own rows of B only, written into one slot
+    delta = layers * 8 * (3 * h + (h + 2 * kv) + h + h + 2 * h + 2 * i + i + h)
+    loads = result["loads"]
+    assert loads["bytes"] == delta * 4 and loads["cold_host_ms"] > 0 and loads["warm_host_ms"] > 0
 
 
 @pytest.mark.parametrize("slots", [0, 2])

@@ -54,3 +54,41 @@ def test_gpu_adapters_per_request_equal_cpu_float32(qwen2_triple: tuple, adapter
         for name, path in adapters.items():
             gpu.load_lora_adapter(name, path)
     assert _decode(gpu, CHOICES) == _decode(cpu, CHOICES)
+
+
+@pytest.mark.gpu
+def test_gpu_adapter_load_queues_behind_the_device_without_a_host_sync(qwen2_triple: tuple,
+                                                                      adapters: dict[str, str]) -> None:
+    """A load while the device is busy returns before the device's work is done (its copies are queued on
+    the stream, from page-locked deltas), and the next steps read the adapter it wrote."""
+    import torch
+
+    large, _, base = qwen2_triple
+    triple = (large, None, base)
+    cpu = make_engine(triple, "cpu", dtype="float32", small_rl=None, lora_modules=adapters)
+    gpu = make_engine(triple, "cuda", dtype="float32", attention_backend="triton", small_rl=None, lora_modules={},
+                      max_loras=2, max_lora_rank=4)
+    for name, path in adapters.items():
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second of a spinning kernel ahead of the load's copies
+        busy = torch.cuda.Event()
+        busy.record()
+        gpu.load_lora_adapter(name, path)
+        assert not busy.query(), "the load waited for the device"
+    assert _decode(gpu, CHOICES) == _decode(cpu, CHOICES)
+
+
+@pytest.mark.gpu
+def test_gpu_waiting_adapter_loads_between_steps_as_each_alone(qwen2_triple: tuple, adapters: dict[str, str]) -> None:
+    """One slot and both adapters by path: b's requests wait, and the scheduler loads b while a step runs
+    ahead (async scheduling), with no host sync; every request's tokens equal the CPU float32 engine's."""
+    from rast_engine import LoRARequest
+
+    large, _, base = qwen2_triple
+    triple = (large, None, base)
+    requests = {n: LoRARequest(n, i + 1, p) for i, (n, p) in enumerate(adapters.items())}
+    choices = [requests[c] if c else None for c in CHOICES]
+    cpu = make_engine(triple, "cpu", dtype="float32", small_rl=None, lora_modules=adapters)
+    gpu = make_engine(triple, "cuda", dtype="float32", attention_backend="triton", small_rl=None, lora_modules={},
+                      max_loras=1, max_lora_rank=4)
+    assert _decode(gpu, choices) == _decode(cpu, CHOICES)

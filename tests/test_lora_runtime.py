@@ -112,6 +112,51 @@ def test_a_captured_step_reads_adapters_loaded_after_the_capture(lora_adapters: 
         assert decode_three(fast, choices) == want and emu.replays == 2 * (EMULATED.max_tokens - 1)
 
 
+def test_a_waiting_adapter_loads_behind_a_captured_step_in_flight(lora_adapters: tuple,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One slot, steps launched ahead and replayed from graphs on two streams (CUDA emulator): "math" waits
+    for "code"'s request to end, then loads while the unadapted request's next step is already queued. The
+    slot's writes, queued with no host sync (models/lora_slots.write_slot), race no step, and every request
+    decodes as with both adapters loaded from the start."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU runs only (Triton interpreter)")
+    from cuda_emulator import emulated_cuda
+    from test_emulated_fast_path import install_fast_path, triton_engine
+
+    large, base, modules = lora_adapters
+    lengths = {"code": 2, None: 6, "math": 3}  # None outlives code, so math loads while it decodes ahead
+    paths = {"code": LoRARequest("code", 1, modules["code"]), "math": LoRARequest("math", 2, modules["math"])}
+
+    def decode(engine, by_path: bool) -> dict[str, list[int]]:  # noqa: ANN001 - an LLMEngine
+        for i, (name, n) in enumerate(lengths.items()):
+            params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=n, ignore_eos=True, seed=7 + i)
+            lora = paths.get(name) if by_path else name
+            engine.add_request(f"r{i}", PROMPTS[i], params, lora_request=lora)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return done
+
+    want = decode(triton_engine((large, None, base), small_rl=None, lora_modules=modules), by_path=False)
+    fast = triton_engine((large, None, base), small_rl=None, max_loras=1, max_lora_rank=4, async_output=True)
+    scheduler, ahead, loads = fast.scheduler, [False], []  # ahead: inside schedule_ahead (a step in flight)
+    plan_ahead, load = scheduler.schedule_ahead, scheduler.load_lora
+
+    def planned_ahead():  # noqa: ANN202
+        ahead[0] = True
+        try:
+            return plan_ahead()
+        finally:
+            ahead[0] = False
+
+    scheduler.schedule_ahead = planned_ahead
+    scheduler.load_lora = lambda pending: (lambda ok: (loads.append((pending.name, ok, ahead[0])), ok)[1])(load(pending))
+    with emulated_cuda(monkeypatch) as emu:
+        install_fast_path(fast.runner)
+        assert decode(fast, by_path=True) == want
+    assert emu.replays > 0 and ("math", True, True) in loads
+
+
 def test_adapters_that_would_poison_other_requests_are_refused(lora_adapters: tuple, tmp_path: Path) -> None:
     """A lora_B with an inf (a diverged run) would reach every token as 0 · inf = NaN, adapter-less ones
     included; an adapter with another tokenizer, or patterns that are no regex or number, is refused at run

@@ -130,18 +130,26 @@ def slot_deltas(view: CausalLM, adapter: LoraAdapter, max_rank: int) -> list[Slo
         a, scaled = a.to(dtype), (b * scale).to(dtype)  # what the slot holds: a waiting load keeps only this
         if not (torch.isfinite(a).all() and torch.isfinite(scaled).all()):
             raise ModelLoadError(f"{str(adapter.path)!r}: its lora_A or scaled lora_B overflows {dtype}")
+        if owner.lora_b.is_cuda:  # page-locked: write_slot's copies then never stall the host (see there)
+            a, scaled = a.pin_memory(), scaled.pin_memory()
         out.append(SlotDelta(owner, owner.part_starts.index(start) * max_rank, start, a, scaled))
     return out
 
 
 @torch.no_grad()
 def write_slot(view: CausalLM, slot: int, deltas: list[SlotDelta]) -> None:
-    """Slot ``slot`` of every projection of ``view`` holds ``deltas`` (zeros where they adapt nothing)."""
+    """Slot ``slot`` of every projection of ``view`` holds ``deltas`` (zeros where they adapt nothing).
+
+    On CUDA every write is queued on the current stream without a host sync (the deltas are page-locked,
+    slot_deltas): it runs after every step already queued, whose side-stream work that stream joined
+    (ModelStreams.overlap), and before every step queued after it. So a step in flight, even one still
+    reading this slot for a sequence that has just finished, sees the old adapter, and the next step the
+    new one. torch keeps a page-locked source alive until its copy has run."""
     clear_slot(view, slot)
     for d in deltas:
         col, r = slot * d.linear.slot_width + d.column, d.a.shape[0]
-        d.linear.lora_a[col:col + r] = d.a
-        d.linear.lora_b[d.start:d.start + d.b.shape[0], col:col + r] = d.b
+        d.linear.lora_a[col:col + r].copy_(d.a, non_blocking=True)
+        d.linear.lora_b[d.start:d.start + d.b.shape[0], col:col + r].copy_(d.b, non_blocking=True)
 
 
 @torch.no_grad()

@@ -92,3 +92,27 @@ def test_gpu_waiting_adapter_loads_between_steps_as_each_alone(qwen2_triple: tup
     gpu = make_engine(triple, "cuda", dtype="float32", attention_backend="triton", small_rl=None, lora_modules={},
                       max_loras=1, max_lora_rank=4)
     assert _decode(gpu, choices) == _decode(cpu, CHOICES)
+
+
+@pytest.mark.gpu
+def test_gpu_adapter_saved_with_the_embedding_copy_peft_writes(qwen2_triple: tuple, adapters: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """An adapter holding a copy of the base's embedding (PEFT's save_embedding_layers) is checked against
+    the weight on the GPU and decodes as without it (the check compared a CPU tensor with a CUDA one)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    large, _, base = qwen2_triple
+    copy = tmp_path / "a"
+    shutil.copytree(adapters["a"], copy)
+    weights = load_file(str(copy / "adapter_model.safetensors"))
+    embedding = load_file(str(next(Path(base).glob("*.safetensors"))))["model.embed_tokens.weight"]
+    weights["base_model.model.model.embed_tokens.weight"] = embedding
+    save_file(weights, str(copy / "adapter_model.safetensors"))
+    triple = (large, None, base)
+    cpu = make_engine(triple, "cpu", dtype="float32", small_rl=None, lora_modules={"a": adapters["a"]})
+    gpu = make_engine(triple, "cuda", dtype="float32", attention_backend="triton", small_rl=None,
+                      lora_modules={"a": str(copy)})
+    choices = ["a", None, "a"]
+    assert _decode(gpu, choices) == _decode(cpu, choices)

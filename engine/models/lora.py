@@ -159,7 +159,7 @@ class LoraAdapter:
                 if ours == "lm_head.weight" and model.config.tie_word_embeddings:
                     ours = "model.embed_tokens.weight"
                 if ours not in slots or self.check_copies and not torch.equal(
-                        f.get_tensor(name).to(slots[ours][0].dtype),
+                        f.get_tensor(name).to(slots[ours][0].device, slots[ours][0].dtype),
                         slots[ours][0].narrow(0, slots[ours][1], slots[ours][2])):
                     raise ModelLoadError(f"{str(self.path)!r}: adapter tensor {name!r} is neither LoRA's A nor B, "
                                          "nor a copy of the base's weight")

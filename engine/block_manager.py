@@ -192,6 +192,15 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's reset_prefix_cache: after the weights change, none may be
+        reused); False, with nothing changed, while any block is held by a sequence."""
+        if any(self.ref_counts):
+            return False
+        self.cached.clear()
+        self.hash_of.clear()
+        return True
+
     def register_computed(self, seq: Sequence) -> None:
         """Hash the sequence's blocks that became full and computed, so later prompts can reuse them.
         Tokens counted as computed by a step still in flight (one per pending token, see sequence.py) are

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import fields, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
+import torch
 from tqdm.auto import tqdm
 
 from rast_engine.config import EngineConfig
@@ -139,6 +140,16 @@ class LLM:
         """Teacher-forced per-position scores; see ScoreOutput. ``lora_request``: as generate's, for
         every sequence."""
         return self.llm_engine.score(sequences, output, lora_request)
+
+    def load_weights(self, weights: Optional[Iterable[tuple[str, torch.Tensor]]] = None, *,
+                     path: Optional[str] = None, role: str = "small_rl") -> int:
+        """Replace a loaded model's weights in place, M staying loaded: LLMEngine.load_weights
+        (engine/weight_updates.py); how many tensors were written."""
+        return self.llm_engine.load_weights(weights, path=path, role=role)
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget the prefix cache's blocks; False while requests hold blocks."""
+        return self.llm_engine.reset_prefix_cache()
 
 
 def _text_message(message: Any) -> Any:

@@ -38,9 +38,10 @@ from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.structured import Grammars
 from rast_engine.speculative.round import PendingRound, SpecCounts, commit_round
 from rast_engine.triple import ModelSet, resolve_device
+from rast_engine.weight_updates import WeightUpdates
 
 
-class LLMEngine(LoraAdapters):
+class LLMEngine(LoraAdapters, WeightUpdates):
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
         self.config = config

@@ -22,7 +22,7 @@ from rast_engine.attention.base import AttentionBackend
 from rast_engine.config import QUANTIZATIONS
 from rast_engine.errors import ModelLoadError
 from rast_engine.models.config import DTYPES, ModelConfig
-from rast_engine.models.decoder import CausalLM
+from rast_engine.models.decoder import CausalLM, WeightSlot
 from rast_engine.models.fp8 import QUANTIZE_ROWS, fp8_owners, use_fp8
 from rast_engine.models.layer_ops import LayerOps
 
@@ -152,45 +152,59 @@ def load_model(
         model = _empty_model(cfg, attention, torch_dtype, device, ops, quantization)
         init_dummy_weights(model, seed)
         return model.eval()
-    files = tensor_files(path)
     model = _empty_model(cfg, attention, torch_dtype, device, ops, quantization)
     fp8 = fp8_owners(model)
+    for file, items in checkpoint_slots(path, model).items():
+        with _safetensors(file) as f:
+            for name, slot in items:
+                write_weight(slot, f.get_tensor(name), name, fp8, cfg.norm_offset, repr(str(path)))
+    return model.eval()
+
+
+def checkpoint_slots(path: Path, model: CausalLM) -> dict[Path, list[tuple[str, WeightSlot]]]:
+    """Every tensor ``model`` needs from the checkpoint at ``path``, by file, with its slot: each name,
+    shard, shape and dtype checked (ModelLoadError), no tensor read."""
+    files = tensor_files(path)
     slots = {_stored_name(name, files): slot for name, slot in model.weight_map().items()}
     missing = [name for name in slots if name not in files]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"{str(path)!r} lacks tensor(s) {shown}")
-    by_file: dict[Path, list[str]] = {}
-    for name in slots:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
+    by_file: dict[Path, list[tuple[str, WeightSlot]]] = {}
+    for name, slot in slots.items():
+        by_file.setdefault(files[name], []).append((name, slot))
+    for file, items in by_file.items():
         with _safetensors(file) as f:
             held = set(f.keys())
-            for name in names:
+            for name, (param, start, rows) in items:
                 if name not in held:  # the index points at the wrong shard
                     raise ModelLoadError(f"{str(path)!r}: {INDEX_FILE} lists tensor {name} in {file.name}, "
                                          f"which does not hold it")
-                param, start, rows = slots[name]
-                target = param.narrow(0, start, rows)
                 tensor_slice = f.get_slice(name)
-                shape = tuple(tensor_slice.get_shape())
-                if shape != tuple(target.shape):
-                    raise ModelLoadError(
-                        f"{str(path)!r}: tensor {name} has shape {list(shape)}, "
-                        f"expected {list(target.shape)} from config.json"
-                    )
+                shape, want = tuple(tensor_slice.get_shape()), (rows, *param.shape[1:])
+                if shape != want:
+                    raise ModelLoadError(f"{str(path)!r}: tensor {name} has shape {list(shape)}, "
+                                         f"expected {list(want)} from config.json")
                 if tensor_slice.get_dtype() not in FLOAT_DTYPES:  # quantised or integer: never cast silently
                     raise ModelLoadError(f"{str(path)!r}: tensor {name} is {tensor_slice.get_dtype()}; "
                                          f"weights must be one of {FLOAT_DTYPES}")
-                if id(param) in fp8:
-                    try:
-                        fp8[id(param)].load_rows(start, f.get_tensor(name))
-                    except ValueError as e:  # a non-finite weight has no FP8 scale
-                        raise ModelLoadError(f"{str(path)!r}: tensor {name} cannot be quantised: {e}") from None
-                else:
-                    target.copy_(f.get_tensor(name))
-    if cfg.norm_offset:  # Gemma's norms scale by 1 + weight: folded in once, so every kernel reads a plain scale
-        for name, (param, _, _) in slots.items():
-            if name.endswith("norm.weight"):
-                param.add_(cfg.norm_offset)
-    return model.eval()
+    return by_file
+
+
+@torch.no_grad()
+def write_weight(slot: WeightSlot, tensor: torch.Tensor, name: str, fp8: dict[int, Any], norm_offset: float,
+                 where: str) -> None:
+    """HF tensor ``name`` (its shape checked) into its slot of the model: quantised where the parameter is
+    FP8 (``fp8``: fp8_owners'), and a norm weight with the model's ``norm_offset`` added (Gemma's norms
+    scale by 1 + weight: folded in once, so every kernel reads a plain scale)."""
+    param, start, rows = slot
+    if id(param) in fp8:
+        try:
+            fp8[id(param)].load_rows(start, tensor)
+        except ValueError as e:  # a non-finite weight has no FP8 scale
+            raise ModelLoadError(f"{where}: tensor {name} cannot be quantised: {e}") from None
+        return
+    target = param.narrow(0, start, rows)
+    target.copy_(tensor)
+    if norm_offset and name.endswith("norm.weight"):
+        target.add_(norm_offset)

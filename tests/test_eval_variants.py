@@ -89,13 +89,46 @@ def test_variants_across_two_workers_save_what_one_engine_saves(setup: tuple, tm
         assert _saved(tmp_path / "two" / lam) == _saved(tmp_path / "one" / lam)
 
 
+def test_rl_checkpoints_save_each_checkpoints_single_run(setup: tuple, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two full checkpoints of R and two λ: one engine, R's weights replaced once (after the first
+    checkpoint's problems), each (checkpoint, λ) saving its single run's samples and run.json; two workers
+    save the same."""
+    from rast_engine import LLM
+    from test_weight_updates import another_rl
+
+    (large, rl, base), data, _ = setup
+    rl2 = str(another_rl((large, rl, base), "qwen2", tmp_path))
+    loads, load = [], LLM.load_weights
+    monkeypatch.setattr(LLM, "load_weights", lambda self, *a, **kw: (loads.append(kw["path"]), load(self, *a, **kw))[1])
+    sweep = dict(small_rl=None, rl_checkpoints=(rl, rl2), lams=(0.5, 1.5))
+    metrics = runner.run_eval(_config(setup, tmp_path / "ckpts", **sweep))
+    assert loads == [rl2]
+    names = {f"{Path(c).name}-lam{lam:g}": (c, lam) for c in (rl, rl2) for lam in (0.5, 1.5)}
+    assert sorted(metrics) == sorted(names)
+    for name, (ckpt, lam) in names.items():
+        single = tmp_path / name
+        runner.run_eval(_config(setup, single, small_rl=ckpt, lam=lam))
+        got = tmp_path / "ckpts" / name
+        assert _saved(got) == _saved(single) and len(_saved(got)) == 3 * len(PROBLEMS)
+        assert json.loads((got / runner.RUN_FILE).read_text()) == json.loads((single / runner.RUN_FILE).read_text())
+    assert _saved(tmp_path / "ckpts" / "rl-lam0.5") != _saved(tmp_path / "ckpts" / "rl2-qwen2-lam0.5")
+    runner.run_eval(_config(setup, tmp_path / "two", data_parallel_size=2, **sweep))
+    for name in names:
+        assert _saved(tmp_path / "two" / name) == _saved(tmp_path / "ckpts" / name)
+
+
 def test_bad_variant_options_are_refused(setup: tuple, tmp_path: Path) -> None:
     (large, rl, base), data, adapters = setup
     for kw, match in ((dict(lams=(0.5, 0.5)), "distinct"), (dict(lams=()), "distinct"),
                       (dict(lams=(1e9,)), "distinct numbers"), (dict(lora_modules={}), "non-empty dict"),
                       (dict(lams=(0.0, -0.0)), "distinct"), (dict(lams=(0.1234567, 0.1234568)), "share run folders"),
                       (dict(lora_modules=adapters, small_rl=rl), "no --small-rl"),
-                      (dict(lora_modules={"../up": adapters["math"]}), "cannot name a run folder")):
+                      (dict(lora_modules={"../up": adapters["math"]}), "cannot name a run folder"),
+                      (dict(rl_checkpoints=(rl, base)), "neither --small-rl"),
+                      (dict(small_rl=None, rl_checkpoints=(rl, rl)), "distinct names"),
+                      (dict(small_rl=None, rl_checkpoints=()), "distinct names"),
+                      (dict(lora_modules=adapters, rl_checkpoints=(rl,)), "neither --small-rl")):
         with pytest.raises(RastError, match=match):
             _config(setup, tmp_path / "x", **kw)
     with pytest.raises(RastError, match="give --small-rl and --small-base"):

@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="RL models as LoRA adapters over --small-base (no --small-rl), evaluated in one engine: "
                         "each a run of its own in OUT/<name>/, saved as a single run with --small-rl PATH saves it")
+    p.add_argument("--rl-checkpoints", nargs="+", default=None, metavar="DIR",
+                   help="full checkpoints of R over --small-base (no --small-rl), evaluated one after another in "
+                        "one engine that loads --model once: each a run of its own in OUT/<directory name>/, saved "
+                        "as a single run with --small-rl DIR saves it")
     p.add_argument("--data", help="JSONL file with fields problem, answer and optional id")
     p.add_argument("--template", default="a",
                    help="a: the chat template + boxed instruction; b: 'Question: ... Answer: Let's think step "
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                      plausibility_alpha=args.plausibility_alpha, data_parallel_size=args.data_parallel_size,
                      lams=None if args.lams is None else tuple(args.lams),
-                     lora_modules=lora_modules_arg(args.lora_modules))
+                     lora_modules=lora_modules_arg(args.lora_modules),
+                     rl_checkpoints=None if args.rl_checkpoints is None else tuple(args.rl_checkpoints))
     m = run_eval(cfg)
     keys = ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k", "mean_response_tokens")
     if variants(cfg) is None:

@@ -99,9 +99,22 @@ class EvalConfig:
     # sweep, and RL adapters over small_base chosen per request ({name: adapter directory})
     lams: tuple[float, ...] | None = None
     lora_modules: dict[str, str] | None = None
+    # several full checkpoints of R (directories of one architecture) over small_base, one after another in
+    # one engine that loads M once and replaces R's weights between them (LLMEngine.load_weights); each a
+    # variant saved in OUT/<directory name>/ as the single run with that small_rl
+    rl_checkpoints: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.lora_modules is not None:
+        if self.rl_checkpoints is not None:
+            self.rl_checkpoints = tuple(map(str, self.rl_checkpoints))
+            if self.small_base is None or self.small_rl is not None or self.lora_modules is not None:
+                raise RastError("--rl-checkpoints are checkpoints of R over --small-base, one run each: give "
+                                "--small-base, and neither --small-rl nor --lora-modules")
+            names = [Path(c).name for c in self.rl_checkpoints]
+            if not names or len(set(names)) != len(names) or not all(n and n not in (".", "..") for n in names):
+                raise RastError(f"--rl-checkpoints must be directories of distinct names (each names a run folder), "
+                                f"got {list(self.rl_checkpoints)}")
+        elif self.lora_modules is not None:
             self.lora_modules = checked_lora_modules(self.lora_modules)
             if self.small_base is None or self.small_rl is not None:
                 raise RastError("--lora-modules are RL adapters over --small-base, one run each: give --small-base "
@@ -232,6 +245,8 @@ def run_eval(cfg: EvalConfig, log: Any = sys.stderr) -> dict:
     plans = [_plan(c, problems) for c in cfgs]
     # a problem's variants side by side: its λ variants share the prompt's prefix cache
     todo = [(p, parts[p.id], v) for p in problems for v, parts in enumerate(plans) if p.id in parts]
+    if cfg.rl_checkpoints:  # one checkpoint's problems after another: the engine replaces R once each
+        todo.sort(key=lambda item: cfg.rl_checkpoints.index(runs[item[2]].small_rl))
     if todo:
         done = len(problems) * len(plans) - len(todo)
         print(f"rast eval: {len(problems)} problems x {len(plans)} run(s), {done} already complete, sampling "

@@ -21,7 +21,8 @@ def request_seed(seed: int, problem_id: str, done: int) -> int:
 def _build_llm(cfg: "EvalConfig") -> Any:
     from rast_engine import LLM
 
-    return LLM(cfg.model, cfg.small_rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
+    rl = cfg.rl_checkpoints[0] if cfg.rl_checkpoints else cfg.small_rl  # a sweep's others replace its weights
+    return LLM(cfg.model, rl, cfg.small_base, lam=cfg.lam, device=cfg.device, dtype=cfg.dtype,
                seed=cfg.seed, speculative_tokens=cfg.speculative_tokens, quantization=cfg.quantization,
                kv_cache_dtype=cfg.kv_cache_dtype, lora_modules=cfg.lora_modules)
 
@@ -45,12 +46,16 @@ def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None],
            emit: Callable[[int, list[dict[str, Any]]], None]) -> None:
     """Keeps up to max_inflight problems in one engine, taking each from ``next_item`` (None: no more) and
     handing each request's records to ``emit`` (with its variant) the moment it finishes, so a long
-    straggler neither idles the batch nor holds back the saving of the others."""
+    straggler neither idles the batch nor holds back the saving of the others. With rl_checkpoints, an item
+    of another checkpoint than R's loaded one waits until the engine has drained, then R's weights are
+    replaced (the items come one checkpoint's after another: runner.run_eval)."""
     from rast_engine import SamplingParams
     from rast_engine.evaluation.variants import variants
 
-    # per variant, its requests' λ (None: the engine's) and adapter
-    runs = [(v.lam, v.lora) for v in variants(cfg) or []] or [(None, None)]
+    # per variant, its requests' λ (None: the engine's), adapter and RL directory
+    runs = [(v.lam, v.lora, v.small_rl) for v in variants(cfg) or []] or [(None, None, cfg.small_rl)]
+    loaded = cfg.rl_checkpoints[0] if cfg.rl_checkpoints else cfg.small_rl
+    held: list[Item] = []  # at most one: the item that waits for the engine to drain before its R loads
 
     template = load_template(cfg.template)
     stop = list(template.stop) + list(cfg.stop)
@@ -61,12 +66,19 @@ def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None],
     open_requests: dict[tuple[int, str], int] = {}  # per (variant, problem) in flight
 
     def submit() -> None:
-        item = next_item()
+        nonlocal loaded
+        item = held.pop() if held else next_item()
         if item is None:
             return
         problem, parts, v = item
+        lam, lora, rl = runs[v]
+        if cfg.rl_checkpoints and rl != loaded:
+            if inflight:
+                held.append(item)
+                return
+            llm.load_weights(path=rl)
+            loaded = rl
         prompt = template.render(problem.problem, tokenizer)
-        lam, lora = runs[v]
         for first, count in parts:
             params = SamplingParams(n=count, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                     min_p=cfg.min_p, max_tokens=cfg.max_tokens, stop=stop or None,
@@ -77,9 +89,12 @@ def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None],
             inflight[rid] = (problem, first, v)
         open_requests[v, problem.id] = len(parts)
 
-    for _ in range(cfg.max_inflight):
-        submit()
-    while inflight:
+    while True:
+        if not inflight:  # at the start, and when a checkpoint's last problem ended with the next one's held
+            for _ in range(cfg.max_inflight):
+                submit()
+            if not inflight:
+                return
         for out in engine.step():
             if not out.finished or out.request_id not in inflight:
                 continue

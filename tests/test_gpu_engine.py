@@ -159,6 +159,24 @@ def test_gpu_greedy_rast_equals_cpu_float32(arch: str, request: pytest.FixtureRe
 
 
 @pytest.mark.gpu
+def test_gpu_weights_replaced_after_capture_equal_cpu_float32(qwen2_triple: tuple, tmp_path) -> None:  # noqa: ANN001
+    """R's weights replaced in place (load_weights) after the graphs were captured and the engine served:
+    greedy tokens equal the CPU float32 engine built on the new R."""
+    from test_weight_updates import another_rl
+
+    large, _, base = qwen2_triple
+    rl2 = another_rl(qwen2_triple, "qwen2", tmp_path)
+    gpu = make_engine(qwen2_triple, "cuda", dtype="float32", attention_backend="triton")
+    assert gpu.runner.graphs is not None and gpu.runner.streams.concurrent
+    batch = prompts(6, seed=33)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    before = generate(gpu, batch, params)
+    gpu.load_weights(path=str(rl2))
+    want = generate(make_engine((large, rl2, base), "cpu", dtype="float32"), batch, params)
+    assert generate(gpu, batch, params) == want != before
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("ahead", [False, True])
 def test_async_output_equals_synchronous_on_gpu(qwen2_triple: tuple, ahead: bool) -> None:
     """Outputs read while the next batch runs (pinned copy + event), and with ``ahead`` each decode step

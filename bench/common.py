@@ -3,6 +3,7 @@ copies memory (the floor every memory-bound kernel is measured against), timing,
 files bench/results/<name>-<device>-<shortsha>.json (+ .png when matplotlib is installed)."""
 from __future__ import annotations
 
+import gc
 import argparse
 import datetime
 import importlib.util
@@ -161,6 +162,15 @@ def device_profile(run: Callable[[], object], device: torch.device, calls: int, 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """A dropped engine's device memory back before the next one is built: its runner and CUDA graphs hold
+    each other (bound methods), so ``del engine`` alone frees nothing until the garbage collector runs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:

@@ -15,7 +15,6 @@ docs/benchmarks.md explains every field.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 import tempfile
@@ -78,12 +77,8 @@ class Suite:
         return fit, why
 
     def release(self) -> float:
-        gc.collect()
-        if self.device.type != "cuda":
-            return 0.0
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        return torch.cuda.memory_allocated(self.device) / 2**30
+        common.release(self.device)
+        return torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
 
     def build(self, rast: Any, mode: str, dirs: list[Path], max_batch: int, block_size: int = 16) -> Any:
         flags, a = ENGINE_MODES[mode], self.args

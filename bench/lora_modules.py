@@ -116,6 +116,7 @@ def main() -> None:
                 loads = time_loads(engine, last, adapters[last], device)
                 print(f"  load of {last}: {loads}", flush=True)
             del engine  # before the next one is built: two engines' weights need not fit
+            common.release(device)
     print(f"LoRA adapters per request, {pairing} | {common.device_name(device)} | commit {common.git_sha()}")
     print(common.table(rows, ["mode", "adapters", "batch", "tokens_per_s", "step_ms", "roofline_ms"]))
     if common.keeps_results(args.out, device, args.quick):

@@ -161,8 +161,8 @@ def _more(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=None, help="requests a load (default 8 x concurrency)")
     p.add_argument("--rate", type=float, nargs="+", default=[math.inf], help="requests per second (inf: all at once)")
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="most requests in flight")
-    p.add_argument("--input-len", type=int, default=None, help="prompt words (default 256, quick 8)")
-    p.add_argument("--output-len", type=int, default=None, help="tokens a request (default 256, quick 8)")
+    p.add_argument("--input-len", type=int, default=None, help="prompt words (default 256, toy 16, quick 8)")
+    p.add_argument("--output-len", type=int, default=None, help="tokens a request (default 256, toy 64, quick 8)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -173,7 +173,9 @@ def main() -> None:
     args.toy = args.url is None
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     concurrency = args.concurrency or ([1, 4] if args.quick else [1, 8, 32, 128])
-    input_len, output_len = args.input_len or (8 if args.quick else 256), args.output_len or (8 if args.quick else 256)
+    # the toy's context holds 128 tokens: its defaults fit it (256 + 256 would make every request a 400)
+    input_len = args.input_len or (8 if args.quick else 16 if args.toy else 256)
+    output_len = args.output_len or (8 if args.quick else 64 if args.toy else 256)
     rows, target = _run(args, device, concurrency, input_len, output_len)
     server = args.device_name or "remote" if args.url else common.device_name(device)
     print(f"serving | {target} | server {server} | commit {common.git_sha()}")

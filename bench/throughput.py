@@ -150,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"  {pairing:>8} {mode:>5} {res['requests_per_s']:8.2f} req/s {res['output_tokens_per_s']:10.1f} "
                       f"out tok/s  wall {res['wall_s']:.2f} s (floor {floor_s:.2f} s, {res['steps']} steps)", flush=True)
                 del engine
+                common.release(device)  # before the next engine's weights and KV cache
     extra_fields = dict(copy_bandwidth_GBps=bandwidth / 1e9, dtype=str(dtype), max_num_seqs=a.max_num_seqs, seed=a.seed)
     path = common.write_results("throughput", device, rows, extra_fields, Path(a.out), commit=commit)
     print(common.table(rows, ["pairing", "mode", "requests_per_s", "output_tokens_per_s", "total_tokens_per_s",

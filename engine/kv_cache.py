@@ -138,8 +138,10 @@ class KVCache:
         if not copies:
             return
         dev = device or self.pools[0][0][0].device
-        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=dev)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=dev)
+        pairs = torch.tensor(copies, dtype=torch.int64)
+        if dev.type == "cuda":  # pinned and queued: torch.tensor(..., device=cuda) would sync the stream
+            pairs = pairs.pin_memory()
+        src, dst = pairs.to(dev, non_blocking=True).unbind(1)
         for pool, n in zip(self.pools, self.copies):
             shift = torch.arange(n, device=dev)[:, None] * self.num_blocks  # every model's copy of the block
             src_n, dst_n = (src + shift).flatten(), (dst + shift).flatten()

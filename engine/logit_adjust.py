@@ -180,7 +180,7 @@ def bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: 
     if allowed:
         keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=z.device)
         keep.index_put_((_rows_of([len(ids) for _, ids in allowed], to_device), torch.cat([ids for _, ids in allowed])),
-                        torch.tensor(True, device=z.device))
+                        torch.ones((), dtype=torch.bool, device=z.device))
         keep_only(z, [j for j, _ in allowed], keep, to_device)
     grammar = [(j, a.grammar) for j, a in enumerate(adjusts) if a.grammar is not None]
     if grammar:
@@ -195,7 +195,7 @@ def bias_and_ban(z: torch.Tensor, adjusts: list[Adjust], vocab: int, to_device: 
     sizes = [len(b) for b in banned]
     if any(sizes):
         ids = to_device(torch.tensor([t for b in banned for t in b], dtype=torch.int64))
-        z.index_put_((_rows_of(sizes, to_device), ids), torch.tensor(float("-inf"), device=z.device))
+        z.index_put_((_rows_of(sizes, to_device), ids), torch.full((), float("-inf"), device=z.device))
     sizes = [len(a.pending_bans) for a in adjusts]
     if any(sizes):
         rows = _rows_of(sizes, to_device)
@@ -218,7 +218,7 @@ def draw_counts(ds: Seq[Draw], vocab: int, to_device: ToDevice, last: Optional[t
         at = to_device(torch.tensor(pending, dtype=torch.int64))
         c = torch.stack([out[j] for j in pending])
         c.index_put_((torch.arange(len(pending), device=c.device), last.index_select(0, at)),
-                     torch.tensor(1.0, device=c.device), accumulate=True)
+                     torch.ones((), dtype=c.dtype, device=c.device), accumulate=True)
         for j, row in zip(pending, c.unbind(0)):
             out[j] = row
     return out
@@ -240,7 +240,7 @@ def penalize(z: torch.Tensor, params: Seq[SamplingParams], requests: Seq[Request
         prompts = [requests[at[j]].prompt(vocab, to_device) for j in rep_at]
         rows = to_device(torch.tensor(rep_at, dtype=torch.int64)).index_select(0, _rows_of([len(p) for p in prompts],
                                                                                             to_device))
-        seen.index_put_((rows, torch.cat(prompts)), torch.tensor(True, device=seen.device))
+        seen.index_put_((rows, torch.cat(prompts)), torch.ones((), dtype=torch.bool, device=seen.device))
     rep, freq, pres = to_device(torch.tensor(
         [[params[i].repetition_penalty, params[i].frequency_penalty, params[i].presence_penalty]
          for i in at], dtype=torch.float32)).unsqueeze(2).unbind(1)

@@ -294,6 +294,22 @@ def test_decode_step_reads_the_device_once(qwen2_triple: tuple, enforce_eager: b
     assert all(waits == 1 and syncs <= 1 for syncs, waits in counts[1:]), counts
 
 
+ADJUSTED = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=8, ignore_eos=True, repetition_penalty=1.2,
+                          presence_penalty=0.5, frequency_penalty=0.3, min_tokens=4,
+                          allowed_token_ids=list(range(4, 90)))
+
+
+@pytest.mark.gpu
+def test_adjusted_and_forked_steps_add_no_host_sync(qwen2_triple: tuple) -> None:
+    """Penalties, min_tokens' bans and allowed ids (applied eagerly) and n = 2 forks (copy-on-write of the
+    prompt's last block) queue their small index tensors without a stream sync: a step syncs at most once."""
+    engine = make_engine(qwen2_triple, "cuda", dtype="bfloat16", attention_backend="triton", async_output=True)
+    batch = prompts(3, seed=43)
+    generate(engine, batch, ADJUSTED)  # compiles the eager path's kernels
+    counts = _syncs_per_step(engine, lambda: generate(engine, batch, ADJUSTED))
+    assert all(syncs <= 1 for syncs, _ in counts[1:]), counts
+
+
 @pytest.mark.gpu
 def test_dummy_bf16_engine_with_graphs_and_streams(tmp_path) -> None:  # noqa: ANN001
     """The benchmark's configuration: dummy weights, token-id prompts, batches across several buckets."""

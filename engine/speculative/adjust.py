@@ -127,7 +127,7 @@ class RoundAdjust:
         if short_ids:
             adjusted.index_put_((self.to_device(torch.tensor(short_rows, dtype=torch.int64)),
                                  self.to_device(torch.tensor(short_ids, dtype=torch.int64))),
-                                torch.tensor(float("-inf"), device=adjusted.device))
+                                torch.full((), float("-inf"), device=adjusted.device))
         if self.bad_words.rows is not None:
             blocks = adjusted.view(len(self.rows), count, self.vocab)  # a view: rows in (row, position) order
             at_rows = self.bad_words.rows

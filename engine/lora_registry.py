@@ -28,7 +28,7 @@ from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.lora_modules import LoraChoice, LoRARequest
 from rast_engine.models.decoder import CausalLM
 from rast_engine.models.lora import LoraAdapter, is_adapter
-from rast_engine.models.lora_slots import SlotDelta, clear_slot, slot_deltas, write_slot
+from rast_engine.models.lora_slots import SlotDelta, clear_slot, page_locked, slot_deltas, write_slot
 
 if TYPE_CHECKING:
     from rast_engine.sequence import SequenceGroup
@@ -225,14 +225,18 @@ class LoraRegistry:
         return deltas
 
     def _write(self, name: str, path: str, deltas: list[SlotDelta], slot: int, pinned: bool) -> None:
-        write_slot(self.view, slot, deltas)  # queued behind the steps in flight, no host sync (see there)
+        locked = page_locked(deltas)  # the copies kept for reloads below are locked once, at their first load
+        write_slot(self.view, slot, locked)  # queued behind the steps in flight, no host sync (see there)
+        key = str(Path(path).resolve())
+        if key in self.host and self.host[key][1] is deltas:
+            self.host[key] = (self.host[key][0], locked)
         # in this order, and the reverse in _drop: the server reads `modules` from another thread
         self.paths[name], self.roots[name] = path, f"lora:{next(self._loads)}:{name}".encode()
         self.slots[slot] = name
         if pinned:
             self.pinned.add(name)
         else:
-            self.kept[name] = deltas
+            self.kept[name] = locked
 
     def _free_slot(self, in_use: Callable[[], set[int]]) -> Optional[int]:
         """An empty slot, or the slot of the least recently chosen path-loaded adapter no admitted request

@@ -75,6 +75,8 @@ def test_gpu_adapter_load_queues_behind_the_device_without_a_host_sync(qwen2_tri
         busy.record()
         gpu.load_lora_adapter(name, path)
         assert not busy.query(), "the load waited for the device"
+        kept = gpu.model_set.lora.host[str(Path(path).resolve())][1]  # the host copy a reload reads: locked
+        assert all(d.a.is_pinned() and d.b.is_pinned() for d in kept)
     assert _decode(gpu, CHOICES) == _decode(cpu, CHOICES)
 
 

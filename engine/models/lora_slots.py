@@ -15,6 +15,7 @@ max_loras · W · (in + out) a projection whatever the batch uses.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -130,18 +131,25 @@ def slot_deltas(view: CausalLM, adapter: LoraAdapter, max_rank: int) -> list[Slo
         a, scaled = a.to(dtype), (b * scale).to(dtype)  # what the slot holds: a waiting load keeps only this
         if not (torch.isfinite(a).all() and torch.isfinite(scaled).all()):
             raise ModelLoadError(f"{str(adapter.path)!r}: its lora_A or scaled lora_B overflows {dtype}")
-        if owner.lora_b.is_cuda:  # page-locked: write_slot's copies then never stall the host (see there)
-            a, scaled = a.pin_memory(), scaled.pin_memory()
         out.append(SlotDelta(owner, owner.part_starts.index(start) * max_rank, start, a, scaled))
     return out
+
+
+def page_locked(deltas: list[SlotDelta]) -> list[SlotDelta]:
+    """``deltas`` with their A and B in page-locked host memory (itself if they are, or if the slots are not
+    on CUDA), so write_slot's copies are queued without a host stall. Only the copies a registry keeps for
+    reloads are locked, which max_loras and max_cpu_loras bound; those of waiting loads stay pageable."""
+    if not deltas or not deltas[0].linear.lora_b.is_cuda or deltas[0].a.is_pinned():
+        return deltas
+    return [dataclasses.replace(d, a=d.a.pin_memory(), b=d.b.pin_memory()) for d in deltas]
 
 
 @torch.no_grad()
 def write_slot(view: CausalLM, slot: int, deltas: list[SlotDelta]) -> None:
     """Slot ``slot`` of every projection of ``view`` holds ``deltas`` (zeros where they adapt nothing).
 
-    On CUDA every write is queued on the current stream without a host sync (the deltas are page-locked,
-    slot_deltas): it runs after every step already queued, whose side-stream work that stream joined
+    On CUDA every write is queued on the current stream without a host sync (from page-locked deltas,
+    page_locked; pageable ones are staged by the driver first): it runs after every step already queued, whose side-stream work that stream joined
     (ModelStreams.overlap), and before every step queued after it. So a step in flight, even one still
     reading this slot for a sequence that has just finished, sees the old adapter, and the next step the
     new one. torch keeps a page-locked source alive until its copy has run."""

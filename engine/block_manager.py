@@ -69,7 +69,7 @@ class BlockManager:
         max_blocks = (len(seq.token_ids) - 1) // bs
         blocks: list[int] = []
         hashes: list[bytes] = []
-        parent = seq.group.cache_root
+        parent = seq.group.hash_root
         for i in range(max_blocks):
             h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
             block = self.cached.get(h)
@@ -210,7 +210,7 @@ class BlockManager:
         _check_root(seq)
         bs = self.block_size
         for i in range(len(seq.block_hashes), (seq.num_computed_tokens - seq.num_pending) // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else seq.group.cache_root
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.group.hash_root
             h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)
             block = seq.block_table[i]

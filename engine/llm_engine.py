@@ -30,7 +30,7 @@ from rast_engine.pending import DrawResult, InFlight
 from rast_engine.lora_modules import LoraChoice
 from rast_engine.lora_adapters import LoraAdapters
 from rast_engine.lora_registry import PendingLora
-from rast_engine.requests import check_priority, checked_request, prompt_of
+from rast_engine.requests import check_priority, checked_request, prompt_of, prompt_salt
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler, SchedulerOutput
 from rast_engine.scoring import score_sequences
@@ -88,7 +88,7 @@ class LLMEngine(LoraAdapters, WeightUpdates):
         adapter among the engine's lora_modules (a LoRARequest or its name; None: M alone). A LoRARequest
         whose adapter finds no free slot is read and checked now, and waits in the queue for a slot."""
         priority = check_priority(priority, self.config.scheduling_policy)
-        prompt = prompt_of(prompt)
+        salt, prompt = prompt_salt(prompt), prompt_of(prompt)
         ids, weights, params, grammar = checked_request(self, request_id, prompt, params)
         lora = self.lora_choice(lora_request, wait=True)  # last: it may load an adapter
         pending = lora if isinstance(lora, PendingLora) else None
@@ -99,7 +99,7 @@ class LLMEngine(LoraAdapters, WeightUpdates):
                               arrival=next(self._arrivals), weights=weights, grammar=grammar, priority=priority,
                               prompt_logprobs=None if params.prompt_logprobs is None else [None],
                               prompt_logprob_ranks=None if params.prompt_logprobs is None else [None],
-                              lora_slot=lora_slot, cache_root=cache_root)
+                              lora_slot=lora_slot, cache_root=cache_root, cache_salt=salt)
         group.seqs.append(self._new_sequence(group, 0, list(ids)))
         self.wait_for_lora(group, pending)
         self.groups[request_id] = group

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 
 PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
+SALT_KEY = "cache_salt"  # vLLM's: either may carry one (prompt_salt)
 
 
 def prompt_of(prompt: Union[str, list[int], dict]) -> Union[str, list[int]]:
@@ -25,10 +26,10 @@ def prompt_of(prompt: Union[str, list[int], dict]) -> Union[str, list[int]]:
     ids}) are taken as what they hold; fields this engine has no use for (multi-modal data) are refused."""
     if not isinstance(prompt, dict):
         return prompt
-    extra = sorted(map(str, set(prompt) - set(PROMPT_KEYS)))
+    extra = sorted(map(str, set(prompt) - {*PROMPT_KEYS, SALT_KEY}))
     if extra:
         raise RastError(f"prompt fields {extra} are not supported: a dict prompt holds 'prompt' (text) or "
-                        "'prompt_token_ids'")
+                        "'prompt_token_ids', and optionally 'cache_salt'")
     given = [k for k in PROMPT_KEYS if k in prompt]
     if len(given) != 1:
         raise RastError("a dict prompt holds exactly one of 'prompt' (text) or 'prompt_token_ids'")
@@ -36,6 +37,16 @@ def prompt_of(prompt: Union[str, list[int], dict]) -> Union[str, list[int]]:
     if isinstance(value, str) != (given[0] == "prompt"):  # each key holds its own kind: no text as ids
         raise RastError("'prompt' holds text and 'prompt_token_ids' a list of token ids (ints)")
     return value
+
+
+def prompt_salt(prompt: Union[str, list[int], dict]) -> Optional[str]:
+    """A dict prompt's cache_salt (vLLM's): a request's prompt reuses only the prefix-cache blocks of
+    requests with the same salt, so tenants that do not share it cannot probe each other's prompts
+    through the cache's timing. None: no salt (a non-empty string otherwise)."""
+    salt = prompt.get(SALT_KEY) if isinstance(prompt, dict) else None
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise RastError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return salt
 
 
 def prompt_ids(engine: LLMEngine, prompt: Union[str, list[int]]) -> list[int]:

@@ -23,6 +23,7 @@ stop checks, outputs and block hashes use only real ids.
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Union
@@ -185,6 +186,7 @@ class SequenceGroup:
     # load roots the prefix cache's block hashes, since R's keys and values depend on it
     lora_slot: int = -1
     cache_root: bytes = b""
+    cache_salt: Optional[str] = None  # vLLM's: its blocks are shared only with requests of the same salt
     # the adapter load it waits for, no slot being free when it was added or its adapter evicted before it
     # was admitted (lora_slot -1 and no root until then): it is neither admitted nor hashed before the
     # scheduler loads it (engine/lora_registry.py)
@@ -203,6 +205,14 @@ class SequenceGroup:
     _prompt_logprobs_reported: bool = field(default=False, init=False, repr=False)
     adjust_tensors: Optional[RequestTensors] = field(default=None, init=False, repr=False)  # adjusted requests
     _prompt_out: Optional[list[int]] = field(default=None, init=False, repr=False)  # see output()
+
+    @property
+    def hash_root(self) -> bytes:
+        """What the prefix cache's block hashes of this request start from: its adapter load's root, and
+        its cache_salt where it has one (one salt, one cache; no salt, the shared one)."""
+        if self.cache_salt is None:
+            return self.cache_root
+        return self.cache_root + b"\0salt:" + hashlib.blake2b(self.cache_salt.encode(), digest_size=16).digest()
 
     @property
     def finished(self) -> bool:

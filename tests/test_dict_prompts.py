@@ -1,6 +1,7 @@
 """vLLM's dict prompts (TextPrompt {"prompt": text}, TokensPrompt {"prompt_token_ids": ids}) through
 LLM.generate and LLMEngine.add_request: the same tokens as the text or ids they hold, the text kept on
-the output; any other field refused before the engine changes state."""
+the output; a cache_salt keeps the prompt's prefix-cache blocks to its own salt; any other field refused
+before the engine changes state."""
 from __future__ import annotations
 
 import pytest
@@ -49,3 +50,25 @@ def test_token_ids_may_come_as_numpy_or_torch(qwen2_triple: tuple) -> None:
         with pytest.raises(RastError, match="token ids"):
             engine.add_request("bad", bad, GREEDY)
     assert not engine.has_unfinished_requests() and "bad" not in engine.groups
+
+
+def test_a_cache_salt_shares_prefix_blocks_only_within_its_salt(qwen2_triple: tuple) -> None:
+    """vLLM's cache_salt: the same prompt under another salt (or none) computes its blocks again, under the
+    same salt it reuses them; the tokens are the same either way. A salt that is no non-empty string is
+    refused."""
+    llm = LLM(*map(str, qwen2_triple), lam=0.7, device="cpu", dtype="float32", block_size=4, kv_cache_blocks=64)
+    bm, ids = llm.llm_engine.scheduler.bm, list(range(5, 37))
+
+    def hits(prompt: object) -> tuple[list[int], int]:
+        before = bm.prefix_hits
+        return llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids, bm.prefix_hits - before
+
+    want, _ = hits(ids)
+    assert hits(ids) == (want, 7)  # the last block holds the token the prefill must compute
+    for salt in ("a", "b"):
+        assert hits({"prompt_token_ids": ids, "cache_salt": salt}) == (want, 0)
+        assert hits({"prompt_token_ids": ids, "cache_salt": salt}) == (want, 7)
+    for bad in ("", 5):
+        with pytest.raises(RastError, match="cache_salt"):
+            llm.llm_engine.add_request("bad", {"prompt_token_ids": ids, "cache_salt": bad}, GREEDY)
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -196,10 +196,10 @@ class OpenAIServer:
         await self._precompile(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_new_tokens(),
-                                    priority=req.priority, lora=lora)
+                                    priority=req.priority, lora=lora, cache_salt=req.cache_salt)
         fmt = Formatter("completion", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
-                        generates=req.max_tokens != 0)
+                        generates=req.max_tokens != 0, token_ids_as_text=req.return_tokens_as_token_ids)
         return await self._respond(request, handle, fmt, req)
 
     async def chat(self, request: Request) -> Response:
@@ -220,11 +220,13 @@ class OpenAIServer:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
-                                    add_special_tokens=False, param="messages", priority=req.priority, lora=lora)
+                                    add_special_tokens=False, param="messages", priority=req.priority, lora=lora,
+                                    cache_salt=req.cache_salt)
         reasoning = None if self.reasoning_parser is None else Reasoning.of(self.reasoning_parser, text,
                                                                              req.include_reasoning)
         fmt = Formatter("chat", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning, tools=tools)
+                        req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning, tools=tools,
+                        token_ids_as_text=req.return_tokens_as_token_ids)
         return await self._respond(request, handle, fmt, req)
 
     async def _precompile(self, params: SamplingParams) -> None:

@@ -137,7 +137,8 @@ class AsyncEngine:
 
     def submit(self, prompts: list[str | list[int]], params: Any, *, request_id: str,
                max_tokens: int | None, add_special_tokens: bool = True,
-               param: str = "prompt", priority: int = 0, lora: str | None = None) -> RequestHandle:
+               param: str = "prompt", priority: int = 0, lora: str | None = None,
+               cache_salt: str | None = None) -> RequestHandle:
         if self.error is not None or self._thread is None:
             raise APIError(503, f"the engine is not running: {self.error}", type="server_error",
                            code="engine_dead")
@@ -149,7 +150,8 @@ class AsyncEngine:
                                 f"more asked for (limit {self.capacity}); retry later", type="rate_limit_error",
                            code="over_capacity")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        return RequestHandle(self, ids, prompts, params, max_tokens, add_special_tokens, param, priority, lora)
+        return RequestHandle(self, ids, prompts, params, max_tokens, add_special_tokens, param, priority, lora,
+                             cache_salt)
 
     def _dispatch(self, outputs: list[Any]) -> None:
         for out in outputs:
@@ -253,7 +255,8 @@ class AsyncEngine:
             for rid, ids in zip(cmd.request_ids, cmd.prompts):
                 # before the context check (_fit)
                 ids = truncated(ids, cmd.params.truncate_prompt_tokens, self.max_model_len)
-                self.engine.add_request(rid, ids, self._fit(cmd.params, cmd.max_tokens, len(ids)),
+                prompt = ids if cmd.cache_salt is None else {"prompt_token_ids": ids, "cache_salt": cmd.cache_salt}
+                self.engine.add_request(rid, prompt, self._fit(cmd.params, cmd.max_tokens, len(ids)),
                                         priority=cmd.priority, lora_request=cmd.lora)
                 added.append(rid)
         except BaseException as exc:  # RastError: a 400; anything else: a 500 for this submission only

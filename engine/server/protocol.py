@@ -75,6 +75,12 @@ class _Request(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     # vLLM's: each prompt token's logprob under the combined distribution, its rank, and the top k there
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's: logprobs name tokens "token_id:<id>" (RL frameworks read the ids back; a token's text may
+    # not be valid UTF-8 on its own)
+    return_tokens_as_token_ids: bool = False
+    # vLLM's: the prompt shares prefix-cache blocks only with requests of the same salt (multi-tenant
+    # servers: no probing of another tenant's prompts through the cache's timing)
+    cache_salt: str | None = Field(None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod

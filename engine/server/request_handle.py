@@ -22,6 +22,7 @@ class Add:
     priority: int  # vLLM's request priority (scheduling_policy "priority")
     done: asyncio.Future
     lora: str | None = None  # the RL model's adapter (EngineConfig.lora_modules), from the request's model name
+    cache_salt: str | None = None  # vLLM's: the prompts' prefix-cache salt
 
 
 @dataclass
@@ -51,14 +52,14 @@ class RequestHandle:
 
     def __init__(self, owner: AsyncEngine, request_ids: list[str], prompts: list[str | list[int]],
                  params: Any, max_tokens: int | None, add_special_tokens: bool, param: str, priority: int = 0,
-                 lora: str | None = None) -> None:
+                 lora: str | None = None, cache_salt: str | None = None) -> None:
         self._owner = owner
         self._param = param
         self.request_ids = request_ids
         self._prompts = prompts
         self._params = params
         self._max_tokens = max_tokens
-        self._priority, self._lora = priority, lora
+        self._priority, self._lora, self._cache_salt = priority, lora, cache_salt
         self._add_special_tokens = add_special_tokens
         self._queue: asyncio.Queue = asyncio.Queue()
         self._unfinished = set(request_ids)
@@ -78,7 +79,7 @@ class RequestHandle:
                                code="engine_dead")
             done = asyncio.get_running_loop().create_future()
             owner._commands.put(Add(self.request_ids, ids, self._params, self._max_tokens, self._priority, done,
-                                    self._lora))
+                                    self._lora, self._cache_salt))
             await done
         except RastError as exc:
             self._unfinished.clear()

@@ -49,7 +49,8 @@ class Formatter:
     def __init__(self, kind: Kind, response_id: str, model: str, request_ids: list[str], n: int,
                  tokenizer: Any, logprobs: int | None, echo: Optional[list[Optional[str]]] = None,
                  prompt_logprobs: int | None = None, generates: bool = True,
-                 reasoning: Reasoning | None = None, tools: ToolMode | None = None) -> None:
+                 reasoning: Reasoning | None = None, tools: ToolMode | None = None,
+                 token_ids_as_text: bool = False) -> None:
         self.kind, self.id, self.model, self.n = kind, response_id, model, n
         # chat only: split each choice's thinking from its answer, and read tool calls from the answer
         self.reasoning, self.tools = reasoning, tools
@@ -60,6 +61,7 @@ class Formatter:
         self.prompt_index = {rid: i for i, rid in enumerate(request_ids)}
         self.tokenizer = tokenizer
         self.logprobs = logprobs
+        self.token_ids_as_text = token_ids_as_text  # return_tokens_as_token_ids
         self.prompt_tokens: dict[str, int] = {}
         self.choices: dict[int, _Choice] = {}
         # request id -> its prompt's text as sent (None: the text of the ids the engine read)
@@ -119,12 +121,18 @@ class Formatter:
 
     # ---- logprobs ----
     def _token(self, token_id: int) -> str:
-        """The token's text; without a tokenizer (load_format='dummy'), vLLM's ``token_id:<id>`` spelling."""
-        return f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.decode([token_id])
+        """The token's text; with return_tokens_as_token_ids, or without a tokenizer (load_format='dummy'),
+        vLLM's ``token_id:<id>`` spelling."""
+        if self.token_ids_as_text or self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
 
     def _bytes(self, token_id: int, text: str) -> list[int]:
-        """The token's own bytes (token_bytes), so a character split across tokens joins back."""
-        return list(text.encode()) if self.tokenizer is None else token_bytes(self.tokenizer, token_id)
+        """The token's own bytes (token_bytes), so a character split across tokens joins back; those of its
+        ``token_id:<id>`` spelling where it is given so (as vLLM)."""
+        if self.token_ids_as_text or self.tokenizer is None:
+            return list(text.encode())
+        return token_bytes(self.tokenizer, token_id)
 
     def _logprobs(self, token_ids: list[int], entries: list[Optional[dict[int, float]]] | None,
                   text_offset: int) -> dict[str, Any] | None:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-
 from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.lora_modules import LoraChoice, LoRARequest
 from rast_engine.models.decoder import CausalLM

@@ -76,7 +76,7 @@ class LLMEngine(LoraAdapters):
         self.spec_counts = SpecCounts()
         self.grammars: Optional[Grammars] = None  # structured outputs' compiler, built by the first such request
         if self.model_set.lora is not None:  # adapters that requests wait for load as the scheduler admits them
-            self.scheduler.load_lora = self.load_waiting_lora
+            self.scheduler.can_load_lora, self.scheduler.load_lora = self.can_load_waiting_lora, self.load_waiting_lora
             self.model_set.lora.queued = self._lora_queued
 
     # ---- requests ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """LLMEngine's LoRA API over its model_set.lora registry (engine/lora_registry.py): each request's adapter
 slot, loads and unloads while serving, the stats, and the adapters requests wait for (a LoRARequest's
 path finding no slot: the request waits, as in vLLM, and the scheduler loads its adapter between steps
-once a slot can be freed, through load_waiting_lora)."""
+once a slot can be freed and the request is admitted, through can_load_waiting_lora and load_waiting_lora)."""
 from __future__ import annotations
 
 from typing import Any, Optional, Union
@@ -37,6 +37,10 @@ class LoraAdapters:
         """A request leaves (aborted) before its adapter loaded: nothing of its wait stays."""
         if group.lora_pending is not None:
             self.model_set.lora.forget(group)
+
+    def can_load_waiting_lora(self) -> bool:
+        """The scheduler's: whether load_waiting_lora would find a slot now (nothing is loaded or evicted)."""
+        return self.model_set.lora.slot_to_free(self._lora_slots_held) is not None
 
     def load_waiting_lora(self, pending: PendingLora) -> bool:
         """The scheduler's: load an adapter waiting requests need into a slot, if one can be freed now

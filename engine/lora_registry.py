@@ -237,17 +237,21 @@ class LoraRegistry:
         else:
             self.kept[name] = deltas
 
-    def _free_slot(self, in_use: Callable[[], set[int]]) -> Optional[int]:
-        """An empty slot, or the slot of the least recently chosen path-loaded adapter no admitted request
-        holds (``in_use``), emptied; None if none. The requests queued with it wait for its reload."""
+    def slot_to_free(self, in_use: Callable[[], set[int]]) -> Optional[int]:
+        """The slot _free_slot would take, nothing changed: an empty one, or that of the least recently chosen
+        path-loaded adapter no request of ``in_use`` holds; None if none."""
         if None in self.slots:
             return self.slots.index(None)
         used = in_use()  # O(live requests): only when a slot must be freed
         idle = [(self.last_chosen.get(n, -1), s) for s, n in enumerate(self.slots)
                 if s not in used and n not in self.pinned]
-        if not idle:
-            return None
-        slot = min(idle)[1]
+        return min(idle)[1] if idle else None
+
+    def _free_slot(self, in_use: Callable[[], set[int]]) -> Optional[int]:
+        """slot_to_free's slot, emptied; None if none. The requests queued with its adapter wait for its reload."""
+        slot = self.slot_to_free(in_use)
+        if slot is None or self.slots[slot] is None:
+            return slot
         name, queued = self.slots[slot], self.queued(slot)
         reload = PendingLora(name, self.paths[name], self.kept[name]) if queued else None
         self._drop(slot)

@@ -37,10 +37,13 @@ preempted for a slot is the one last in that order (vLLM's victim), not the most
 A request whose LoRA adapter waits for a slot (engine/lora_registry.py: every slot held by admitted
 requests) is admitted once ``load_lora`` can load its adapter, freeing a slot no admitted request holds;
 until then it is passed over and the requests behind it are admitted FCFS as ever (vLLM's behaviour):
-those of loaded adapters are not held up by it. A load that evicts an adapter sends that adapter's
-queued, not yet admitted requests back to waiting for its reload, so they never keep a slot from a load
-queued before them. Blocks are looked up and hashed only once a request has its slot, under its adapter
-load's prefix-cache root.
+those of loaded adapters are not held up by it. The load is made only for a request admitted in the same
+step, its sequence slot, token budget and blocks checked first: an idle adapter (and the prefix-cache
+root of its blocks) is never evicted for a request that then waits for blocks. Its need is exact: the load
+gives it a new prefix-cache root, where nothing is cached. A load that evicts an adapter sends that
+adapter's queued, not yet admitted requests back to waiting for its reload, so they never keep a slot from
+a load queued before them. Blocks are looked up and hashed only once a request has its slot, under its
+adapter load's prefix-cache root.
 
 ``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
 (see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
@@ -70,8 +73,8 @@ PROMPT_LOGPROBS_TOKENS = 1024
 POLICIES = ("fcfs", "priority")
 
 
-def _no_lora_loads(pending: PendingLora) -> bool:  # Scheduler.load_lora of an engine without LoRA slots
-    raise RuntimeError(f"a request waits for LoRA adapter {pending.name!r}, and no registry loads adapters")
+def _no_lora_loads(pending: Optional[PendingLora] = None) -> bool:  # Scheduler's LoRA calls without LoRA slots
+    raise RuntimeError("a request waits for a LoRA adapter's load, and no registry loads adapters")
 
 
 def priority_key(seq: Sequence) -> tuple[int, int, int]:
@@ -108,7 +111,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prompt_logprobs_tokens = PROMPT_LOGPROBS_TOKENS
-        # loads an adapter waiting requests need if a slot can be freed now; the engine's (LoraAdapters)
+        # the engine's (LoraAdapters): whether a slot can be freed now for an adapter waiting requests need,
+        # and its load into that slot (evicting an idle adapter), made only for a request admitted at once
+        self.can_load_lora: Callable[[], bool] = _no_lora_loads
         self.load_lora: Callable[[PendingLora], bool] = _no_lora_loads
 
     def add(self, seq: Sequence) -> None:
@@ -192,7 +197,7 @@ class Scheduler:
             # only a step's first sequence is split: the others fit whole, their prefix-cache hits aside
             # (a sample that found no slot at its fork, or a preempted sequence, recomputes little); the
             # hits are looked up only when the whole length would not fit
-            if scheduled and tokens + len(seq.token_ids) > budget and tokens + self.bm.uncached_tokens(seq) > budget:
+            if scheduled and tokens + len(seq.token_ids) > budget and tokens + self._uncached(seq) > budget:
                 break
             scores = prompt_logprobs_pending(seq.group)  # then it takes no cache hits (block_manager.py)
             cap = self.prompt_logprobs_tokens
@@ -200,6 +205,8 @@ class Scheduler:
                 break
             if not self._fits(seq, slots, reserve):
                 break
+            if seq.group.lora_pending is not None:  # admitted now: only now may its load evict an idle adapter
+                self._load_lora(seq.group.lora_pending)
             self.bm.allocate(seq)
             seq.group.admitted = True
             del self.waiting[i]
@@ -274,28 +281,45 @@ class Scheduler:
 
     def _admits_next(self, decoding: list[Sequence]) -> bool:
         """Whether a prefill step scheduled now, ``decoding`` riding along, would admit the head of the
-        queue, those waiting for their adapter's slot aside (its first sequence is admitted whenever it fits)."""
+        queue, those waiting for a slot for their adapter aside (its first sequence is admitted whenever it
+        fits). Nothing is loaded: the prefill step loads the adapter of a sequence it admits."""
         if len(self.running) >= self.max_num_seqs:
             return False
         i = self._with_lora_slot(0)
         return i >= 0 and self._fits(self.waiting[i], len(self.running), self.bm.append_need_all(decoding))
 
     def _with_lora_slot(self, start: int) -> int:
-        """The index, from ``start`` on, of the first waiting sequence whose LoRA adapter has a slot (-1:
-        none). An adapter waiting for one is loaded when a slot can be freed; the sequences of one that
-        cannot are passed over, and so are those of every other waiting adapter (a step frees no slot)."""
+        """The index, from ``start`` on, of the first waiting sequence whose LoRA adapter has a slot, or
+        waits for one that can be freed now (-1: none); nothing is loaded here (_load_lora, on admission).
+        While no slot can be freed, the sequences of every waiting adapter are passed over (a step frees no
+        slot)."""
         full = False
         for i in range(start, len(self.waiting)):
-            pending = self.waiting[i].group.lora_pending
-            if pending is None or not full and self.load_lora(pending):
+            if self.waiting[i].group.lora_pending is None:
+                return i
+            if not full and self.can_load_lora():
                 return i
             full = True
         return -1
 
+    def _load_lora(self, pending: PendingLora) -> None:
+        """Load the adapter of a sequence being admitted, whose slot _with_lora_slot found (nothing freed or
+        loaded a slot since)."""
+        if not self.load_lora(pending):
+            raise RuntimeError(f"LoRA adapter {pending.name!r} found no slot, though one could be freed")
+
+    def _uncached(self, seq: Sequence) -> int:
+        """The tokens a waiting sequence computes once admitted: all but its prefix-cache hits. One whose
+        adapter waits for its load has no hit (the load gives it a new prefix-cache root), and is not
+        looked up before it (block_manager._check_root)."""
+        return len(seq.token_ids) if seq.group.lora_pending is not None else self.bm.uncached_tokens(seq)
+
     def _fits(self, seq: Sequence, slots: int, reserve: int) -> bool:
         """Whether a waiting sequence can be admitted beside ``slots`` taken slots: a slot, and blocks
-        for all its tokens beside the ``reserve`` the decoding sequences' next slots need."""
-        return slots < self.max_num_seqs and self.bm.can_allocate(seq, reserve=reserve)
+        for all its tokens beside the ``reserve`` the decoding sequences' next slots need (for all of them,
+        no hit counted, when its adapter waits for its load: see _uncached)."""
+        cached = seq.group.lora_pending is None
+        return slots < self.max_num_seqs and self.bm.can_allocate(seq, use_cache=cached, reserve=reserve)
 
     def _keep_slots(self, decoding: list[Sequence]) -> list[Sequence]:
         """Those of ``decoding`` left once the most recently admitted sequences (decoding, or a prompt

@@ -77,7 +77,7 @@ class LLMEngine(LoraAdapters):
         self.grammars: Optional[Grammars] = None  # structured outputs' compiler, built by the first such request
         if self.model_set.lora is not None:  # adapters that requests wait for load as the scheduler admits them
             self.scheduler.can_load_lora, self.scheduler.load_lora = self.can_load_waiting_lora, self.load_waiting_lora
-            self.model_set.lora.queued = self._lora_queued
+            self.model_set.lora.queued, self.model_set.lora.loaded = self._lora_queued, self.scheduler.lora_loaded
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int], dict], params: SamplingParams,

@@ -87,7 +87,14 @@ class LoraAdapters:
 
     def _lora_slots_held(self) -> set[int]:
         """The slots admitted requests hold, which the scheduler's loads may not evict: it loads in queue
-        order, so the requests queued with another slot are behind the load, and go back to waiting."""
+        order, so the requests queued with another slot are behind the load, and go back to waiting. When
+        every slot holds an adapter pinned or run by a running sequence (the usual case while requests wait
+        for a load, asked once a scheduling pass), the running sequences' slots alone: they leave no slot to
+        free either, and cost O(running) instead of O(live requests)."""
+        lora = self.model_set.lora
+        held = {s.group.lora_slot for s in self.scheduler.running if s.group.lora_slot >= 0}
+        if all(slot in held or name in lora.pinned for slot, name in enumerate(lora.slots)):  # no empty slot
+            return held
         return {g.lora_slot for g in self.groups.values() if g.lora_slot >= 0 and g.admitted}
 
     def _lora_queued(self, slot: int) -> list[SequenceGroup]:

@@ -93,6 +93,9 @@ class LoraRegistry:
         # the live requests queued with a slot that no step admitted yet (the engine's): an eviction sends
         # them back to waiting for their adapter, whose deltas `kept` holds while it is loaded by path
         self.queued: Callable[[int], list[SequenceGroup]] = lambda slot: []
+        # told after a waiting load is loaded, by the scheduler or a score call: its groups stop waiting (the
+        # engine's scheduler, whose queue scans skip the requests that wait: Scheduler.lora_loaded)
+        self.loaded: Callable[[], None] = lambda: None
         self.kept: dict[str, list[SlotDelta]] = {}
         # max_cpu_loras: adapters read by path, by resolved directory, least recently read first; an entry
         # holds the files' stamp when read, and is used only while the files still have it
@@ -205,6 +208,7 @@ class LoraRegistry:
         self.last_chosen[pending.name] = next(self._choices)
         for group in pending.groups:
             group.lora_slot, group.cache_root, group.lora_pending = slot, self.roots[pending.name], None
+        self.loaded()
         return True
 
     def _deltas(self, name: str, path: str, adapter: Optional[LoraAdapter] = None) -> list[SlotDelta]:

@@ -43,7 +43,10 @@ root of its blocks) is never evicted for a request that then waits for blocks. I
 gives it a new prefix-cache root, where nothing is cached. A load that evicts an adapter sends that
 adapter's queued, not yet admitted requests back to waiting for its reload, so they never keep a slot from
 a load queued before them. Blocks are looked up and hashed only once a request has its slot, under its
-adapter load's prefix-cache root.
+adapter load's prefix-cache root. The requests that wait add no host time a step that grows with their
+number: whether a slot can be freed is asked once a scheduling pass (of the running sequences' slots, as a
+rule: LoraAdapters._lora_slots_held), and the run of them at the head of the queue is walked once
+(``_lead``), not at every step, and again only after a load.
 
 ``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
 (see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
@@ -54,6 +57,7 @@ token has one more token computed and discarded.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
@@ -115,6 +119,14 @@ class Scheduler:
         # and its load into that slot (evicting an idle adapter), made only for a request admitted at once
         self.can_load_lora: Callable[[], bool] = _no_lora_loads
         self.load_lora: Callable[[PendingLora], bool] = _no_lora_loads
+        # waiting[:_lead] all wait for their adapter's load: the scans for the first that does not start
+        # there, so a run of them at the head is walked once, not at every step; kept by every insertion
+        # and removal, and reset by any load (lora_loaded), whose requests may be anywhere in the queue
+        self._lead = 0
+        # set once no slot can be freed for a waiting load in this scheduling pass (schedule, schedule_ahead):
+        # admissions and loads only take slots, so it holds until the pass ends and can_load_lora is not
+        # asked again
+        self._full = False
 
     def add(self, seq: Sequence) -> None:
         self._wait(seq, front=False)
@@ -123,11 +135,12 @@ class Scheduler:
         """Queue ``seq``: FCFS at the back, or at position ``at`` from the front (preempted, requeued and
         waiting samples); by priority, in its place in priority order."""
         if self.by_priority:
-            self.waiting.insert(bisect.bisect_right(self.waiting, priority_key(seq), key=priority_key), seq)
-        elif front:
-            self.waiting.insert(at, seq)
-        else:
-            self.waiting.append(seq)
+            at = bisect.bisect_right(self.waiting, priority_key(seq), key=priority_key)
+        elif not front:
+            at = len(self.waiting)
+        self.waiting.insert(at, seq)
+        if at <= self._lead:
+            self._lead = self._lead + 1 if seq.group.lora_pending is not None else at
 
     def _run(self, seq: Sequence) -> None:
         """``seq`` joins the running ones: last (FCFS), or in its place in priority order."""
@@ -145,7 +158,8 @@ class Scheduler:
         free = max(self.max_num_seqs - len(self.running), 0)
         # a more urgent request waits: the samples queue behind it, not take the slots first (one that waits
         # for its adapter's slot could not take them)
-        head = next((s for s in self.waiting if s.group.lora_pending is None), None) if self.by_priority else None
+        i = self._next_ready(0) if self.by_priority else -1
+        head = self.waiting[i] if i >= 0 else None
         if samples and head is not None and priority_key(head) < priority_key(samples[0]):
             free = 0
         for seq in samples[:free]:
@@ -159,6 +173,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Optional[SchedulerOutput]:
+        self._full = False
         out = self._schedule_prefill()
         if out.seqs:
             return out
@@ -209,7 +224,7 @@ class Scheduler:
                 self._load_lora(seq.group.lora_pending)
             self.bm.allocate(seq)
             seq.group.admitted = True
-            del self.waiting[i]
+            del self.waiting[i]  # i >= _lead: the sequences before _lead wait (or its load reset _lead to 0)
             self._run(seq)
             scheduled.append(seq)
             seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens, cap - scored if scores else budget)
@@ -267,6 +282,7 @@ class Scheduler:
         or for blocks do not stop the decode steps (with more requests than max_num_seqs, as in an
         evaluation run, the queue is never empty). A sequence whose pending token reaches max_tokens or
         max_model_len stays out."""
+        self._full = False
         seqs = [s for s in self.running if not self.stops.at_length(s, pending=True)]
         if any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
             return None
@@ -292,15 +308,31 @@ class Scheduler:
         """The index, from ``start`` on, of the first waiting sequence whose LoRA adapter has a slot, or
         waits for one that can be freed now (-1: none); nothing is loaded here (_load_lora, on admission).
         While no slot can be freed, the sequences of every waiting adapter are passed over (a step frees no
-        slot)."""
-        full = False
-        for i in range(start, len(self.waiting)):
-            if self.waiting[i].group.lora_pending is None:
-                return i
-            if not full and self.can_load_lora():
-                return i
-            full = True
-        return -1
+        slot). ``waiting[:start]`` were passed over."""
+        if start >= len(self.waiting):
+            return -1
+        if self.waiting[start].group.lora_pending is None:
+            return start
+        if not self._full and not self.can_load_lora():
+            self._full = True
+        return self._next_ready(start) if self._full else start
+
+    def _next_ready(self, start: int) -> int:
+        """The index, from ``start`` on, of the first waiting sequence that does not wait for its adapter's
+        load (-1: none); ``waiting[:start]`` all do. With none waiting it is the first one looked at."""
+        # the sequences from the head to _lead were walked over before (and to start by the caller)
+        i = max(start, self._lead)
+        for seq in itertools.islice(self.waiting, i, None):
+            if seq.group.lora_pending is None:
+                break
+            i += 1
+        self._lead = i
+        return i if i < len(self.waiting) else -1
+
+    def lora_loaded(self) -> None:
+        """A waiting adapter was loaded (here, or by a score call): its requests stop waiting for it, in any
+        place of the queue (LoraRegistry.loaded)."""
+        self._lead = 0
 
     def _load_lora(self, pending: PendingLora) -> None:
         """Load the adapter of a sequence being admitted, whose slot _with_lora_slot found (nothing freed or
@@ -352,6 +384,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+            # waiting[:_lead] wait for their adapter: one that does not was behind them, and of one that does
+            # (an aborted request's, before LoraRegistry.forget) _lead - 1 still lead
+            if self._lead and seq.group.lora_pending is not None:
+                self._lead -= 1
 
     def _retire(self, seq: Sequence) -> None:
         """Out of its list, its KV blocks freed and its device-side state dropped: a sample's [V] penalty

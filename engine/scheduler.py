@@ -34,41 +34,24 @@ lower first) instead of arrival alone, preempted and waiting samples included, a
 preempted for a slot is the one last in that order (vLLM's victim), not the most recently admitted:
 ``running`` is kept in that order, so the victim is always its last sequence under either policy.
 
-A request whose LoRA adapter waits for a slot (engine/lora_registry.py: every slot held by admitted
-requests) is admitted once ``load_lora`` can load its adapter, freeing a slot no admitted request holds;
-until then it is passed over and the requests behind it are admitted FCFS as ever (vLLM's behaviour):
-those of loaded adapters are not held up by it. The load is made only for a request admitted in the same
-step, its sequence slot, token budget and blocks checked first: an idle adapter (and the prefix-cache
-root of its blocks) is never evicted for a request that then waits for blocks. Its need is exact: the load
-gives it a new prefix-cache root, where nothing is cached. A load that evicts an adapter sends that
-adapter's queued, not yet admitted requests back to waiting for its reload, so they never keep a slot from
-a load queued before them. Blocks are looked up and hashed only once a request has its slot, under its
-adapter load's prefix-cache root. The requests that wait add no host time a step that grows with their
-number: whether a slot can be freed is asked once a scheduling pass (of the running sequences' slots, as a
-rule: LoraAdapters._lora_slots_held), and the run of them at the head of the queue is walked once
-(``_lead``), not at every step, and again only after a load.
+A request whose LoRA adapter waits for a slot is passed over until its adapter can be loaded, the requests
+behind it admitted FCFS as ever (engine/lora_admission.py).
 
-``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
-(see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
-sequences riding along, whenever it needs nothing the host has yet to learn (no preemption, no chunk
-of a partial prefill, no fork). Stop checks see known tokens only; a sequence that stops on a pending
-token has one more token computed and discarded.
+``schedule_ahead`` plans the step after one still running on the device (engine/schedule_ahead.py).
 """
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from rast_engine.block_manager import BlockManager
+from rast_engine.lora_admission import LoraAdmission
 from rast_engine.prompt_logprobs import pending as prompt_logprobs_pending
+from rast_engine.schedule_ahead import ScheduleAhead
+from rast_engine.scheduler_output import SchedulerOutput
 from rast_engine.sequence import Sequence, SequenceStatus
 from rast_engine.stop_rules import StopRules
-
-if TYPE_CHECKING:
-    from rast_engine.lora_registry import PendingLora
 
 # prompt tokens a prefill step may score for prompt_logprobs: each costs its full-vocabulary logits rows
 # (every model's, plus float32 temporaries: ~2 GB at 1024 rows and V = 152064), which the KV cache's
@@ -77,27 +60,11 @@ PROMPT_LOGPROBS_TOKENS = 1024
 POLICIES = ("fcfs", "priority")
 
 
-def _no_lora_loads(pending: Optional[PendingLora] = None) -> bool:  # Scheduler's LoRA calls without LoRA slots
-    raise RuntimeError("a request waits for a LoRA adapter's load, and no registry loads adapters")
-
-
 def priority_key(seq: Sequence) -> tuple[int, int, int]:
     return seq.group.priority, seq.group.arrival, seq.index
 
 
-@dataclass
-class SchedulerOutput:
-    seqs: list[Sequence]
-    is_prefill: bool
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) block pairs
-    lookahead: int = 0  # a decode step's speculative drafts a sequence (their slots are writable)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_scheduled_tokens for s in self.seqs)
-
-
-class Scheduler:
+class Scheduler(LoraAdmission, ScheduleAhead):
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: Iterable[int], named_eos_ids: Iterable[int] = (),
                  lookahead: int = 0, policy: str = "fcfs") -> None:
@@ -115,18 +82,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prompt_logprobs_tokens = PROMPT_LOGPROBS_TOKENS
-        # the engine's (LoraAdapters): whether a slot can be freed now for an adapter waiting requests need,
-        # and its load into that slot (evicting an idle adapter), made only for a request admitted at once
-        self.can_load_lora: Callable[[], bool] = _no_lora_loads
-        self.load_lora: Callable[[PendingLora], bool] = _no_lora_loads
-        # waiting[:_lead] all wait for their adapter's load: the scans for the first that does not start
-        # there, so a run of them at the head is walked once, not at every step; kept by every insertion
-        # and removal, and reset by any load (lora_loaded), whose requests may be anywhere in the queue
-        self._lead = 0
-        # set once no slot can be freed for a waiting load in this scheduling pass (schedule, schedule_ahead):
-        # admissions and loads only take slots, so it holds until the pass ends and can_load_lora is not
-        # asked again
-        self._full = False
+        super().__init__()
 
     def add(self, seq: Sequence) -> None:
         self._wait(seq, front=False)
@@ -139,8 +95,7 @@ class Scheduler:
         elif not front:
             at = len(self.waiting)
         self.waiting.insert(at, seq)
-        if at <= self._lead:
-            self._lead = self._lead + 1 if seq.group.lora_pending is not None else at
+        self._lead_after_insert(at, seq)
 
     def _run(self, seq: Sequence) -> None:
         """``seq`` joins the running ones: last (FCFS), or in its place in priority order."""
@@ -173,7 +128,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Optional[SchedulerOutput]:
-        self._full = False
+        self._lora_pass()
         out = self._schedule_prefill()
         if out.seqs:
             return out
@@ -224,7 +179,7 @@ class Scheduler:
                 self._load_lora(seq.group.lora_pending)
             self.bm.allocate(seq)
             seq.group.admitted = True
-            del self.waiting[i]  # i >= _lead: the sequences before _lead wait (or its load reset _lead to 0)
+            del self.waiting[i]  # i >= _lead: no _lead update (LoraAdmission._lead_after_removal)
             self._run(seq)
             scheduled.append(seq)
             seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens, cap - scored if scores else budget)
@@ -273,83 +228,10 @@ class Scheduler:
             break
         return SchedulerOutput(scheduled, False, copies, lookahead)
 
-    def schedule_ahead(self) -> Optional[SchedulerOutput]:
-        """The step after one still on the device, over the running sequences' pending tokens (the
-        device feeds them in), or None when it must wait for their ids: a running sequence has no
-        pending token (a prompt prefilled in chunks, a first draw forking n > 1), a slot would need a
-        preemption, or no sequence may go on. When the head of the queue can be admitted it is a
-        prefill step that admits it, the pending sequences riding along; requests that wait for a slot
-        or for blocks do not stop the decode steps (with more requests than max_num_seqs, as in an
-        evaluation run, the queue is never empty). A sequence whose pending token reaches max_tokens or
-        max_model_len stays out."""
-        self._full = False
-        seqs = [s for s in self.running if not self.stops.at_length(s, pending=True)]
-        if any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
-            return None
-        if self._admits_next(seqs):
-            return self._schedule_prefill(seqs)
-        if not seqs or not self.bm.can_append_all(seqs):
-            return None
-        copies = [c for c in map(self.bm.append_slot, seqs) if c is not None]
-        for seq in seqs:
-            seq.num_scheduled_tokens = 1
-        return SchedulerOutput(seqs, False, copies)
-
-    def _admits_next(self, decoding: list[Sequence]) -> bool:
-        """Whether a prefill step scheduled now, ``decoding`` riding along, would admit the head of the
-        queue, those waiting for a slot for their adapter aside (its first sequence is admitted whenever it
-        fits). Nothing is loaded: the prefill step loads the adapter of a sequence it admits."""
-        if len(self.running) >= self.max_num_seqs:
-            return False
-        i = self._with_lora_slot(0)
-        return i >= 0 and self._fits(self.waiting[i], len(self.running), self.bm.append_need_all(decoding))
-
-    def _with_lora_slot(self, start: int) -> int:
-        """The index, from ``start`` on, of the first waiting sequence whose LoRA adapter has a slot, or
-        waits for one that can be freed now (-1: none); nothing is loaded here (_load_lora, on admission).
-        While no slot can be freed, the sequences of every waiting adapter are passed over (a step frees no
-        slot). ``waiting[:start]`` were passed over."""
-        if start >= len(self.waiting):
-            return -1
-        if self.waiting[start].group.lora_pending is None:
-            return start
-        if not self._full and not self.can_load_lora():
-            self._full = True
-        return self._next_ready(start) if self._full else start
-
-    def _next_ready(self, start: int) -> int:
-        """The index, from ``start`` on, of the first waiting sequence that does not wait for its adapter's
-        load (-1: none); ``waiting[:start]`` all do. With none waiting it is the first one looked at."""
-        # the sequences from the head to _lead were walked over before (and to start by the caller)
-        i = max(start, self._lead)
-        for seq in itertools.islice(self.waiting, i, None):
-            if seq.group.lora_pending is None:
-                break
-            i += 1
-        self._lead = i
-        return i if i < len(self.waiting) else -1
-
-    def lora_loaded(self) -> None:
-        """A waiting adapter was loaded (here, or by a score call): its requests stop waiting for it, in any
-        place of the queue (LoraRegistry.loaded)."""
-        self._lead = 0
-
-    def _load_lora(self, pending: PendingLora) -> None:
-        """Load the adapter of a sequence being admitted, whose slot _with_lora_slot found (nothing freed or
-        loaded a slot since)."""
-        if not self.load_lora(pending):
-            raise RuntimeError(f"LoRA adapter {pending.name!r} found no slot, though one could be freed")
-
-    def _uncached(self, seq: Sequence) -> int:
-        """The tokens a waiting sequence computes once admitted: all but its prefix-cache hits. One whose
-        adapter waits for its load has no hit (the load gives it a new prefix-cache root), and is not
-        looked up before it (block_manager._check_root)."""
-        return len(seq.token_ids) if seq.group.lora_pending is not None else self.bm.uncached_tokens(seq)
-
     def _fits(self, seq: Sequence, slots: int, reserve: int) -> bool:
         """Whether a waiting sequence can be admitted beside ``slots`` taken slots: a slot, and blocks
         for all its tokens beside the ``reserve`` the decoding sequences' next slots need (for all of them,
-        no hit counted, when its adapter waits for its load: see _uncached)."""
+        no hit counted, when its adapter waits for its load: see LoraAdmission._uncached)."""
         cached = seq.group.lora_pending is None
         return slots < self.max_num_seqs and self.bm.can_allocate(seq, use_cache=cached, reserve=reserve)
 
@@ -384,10 +266,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-            # waiting[:_lead] wait for their adapter: one that does not was behind them, and of one that does
-            # (an aborted request's, before LoraRegistry.forget) _lead - 1 still lead
-            if self._lead and seq.group.lora_pending is not None:
-                self._lead -= 1
+            self._lead_after_removal(seq)
 
     def _retire(self, seq: Sequence) -> None:
         """Out of its list, its KV blocks freed and its device-side state dropped: a sample's [V] penalty

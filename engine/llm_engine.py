@@ -2,8 +2,8 @@
 output_kind).
 
 The synchronous core that LLM, the server's async loop and the eval tools drive; its parts are built in
-build.py. add_request validates everything before it touches any state, so a rejected request leaves
-the engine exactly as it was.
+build.py, its batches launched by launcher.py. add_request validates everything before it touches any
+state, so a rejected request leaves the engine exactly as it was.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from rast_engine.detokenizer import IncrementalDetokenizer
 from rast_engine.errors import NoAdmissibleToken, RastError
 from rast_engine.generation_config import sampling_defaults
 from rast_engine.kv_cache import KVCache
-from rast_engine.draws import step_draws
+from rast_engine.launcher import Launcher
 from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
 from rast_engine.pending import DrawResult, InFlight
@@ -32,7 +32,7 @@ from rast_engine.lora_adapters import LoraAdapters
 from rast_engine.lora_registry import PendingLora
 from rast_engine.requests import check_priority, checked_request, prompt_of, prompt_salt
 from rast_engine.sampling_params import SamplingParams, sample_seed
-from rast_engine.scheduler import Scheduler, SchedulerOutput
+from rast_engine.scheduler import Scheduler
 from rast_engine.scoring import score_sequences
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.structured import Grammars
@@ -41,7 +41,7 @@ from rast_engine.triple import ModelSet, resolve_device
 from rast_engine.weight_updates import WeightUpdates
 
 
-class LLMEngine(LoraAdapters, WeightUpdates):
+class LLMEngine(LoraAdapters, Launcher, WeightUpdates):
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
@@ -77,8 +77,8 @@ class LLMEngine(LoraAdapters, WeightUpdates):
         self.spec_counts = SpecCounts()
         self.grammars: Optional[Grammars] = None  # structured outputs' compiler, built by the first such request
         if self.model_set.lora is not None:  # adapters that requests wait for load as the scheduler admits them
-            self.scheduler.load_lora = self.load_waiting_lora
-            self.model_set.lora.queued = self._lora_queued
+            self.scheduler.can_load_lora, self.scheduler.load_lora = self.can_load_waiting_lora, self.load_waiting_lora
+            self.model_set.lora.queued, self.model_set.lora.loaded = self._lora_queued, self.scheduler.lora_loaded
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int], dict], params: SamplingParams,
@@ -207,63 +207,6 @@ class LLMEngine(LoraAdapters, WeightUpdates):
         outputs = self._outputs(progressed, deferred)
         self._last_step_s = time.perf_counter() - t0
         return outputs, launch_error
-
-    @classmethod
-    def _running_rows(cls, batch: InFlight, rows: list[int]) -> list[int]:
-        """Those of a batch's failed result ``rows`` whose sequences still run: the draws of sequences
-        aborted or finished since the launch are discarded, so one that found no token undoes nothing."""
-        owners = cls._row_owners(batch)
-        return [r for r in rows if owners[r].status is SequenceStatus.RUNNING]
-
-    @staticmethod
-    def _row_owners(batch: InFlight) -> list[Sequence]:
-        """The sequence of each of a batch's result rows: a round's rows are its sequences, a step's its draws."""
-        if isinstance(batch.step, PendingRound):
-            return list(batch.out.seqs)
-        return [seq for seq, count in batch.owners for _ in range(count)]
-
-    def _launch(self) -> Optional[InFlight]:
-        """Schedule a batch and start it (None: nothing to run)."""
-        out = self.scheduler.schedule()
-        return None if out is None else self._start(out)
-
-    def _launch_ahead(self, batch: InFlight) -> Optional[InFlight]:
-        """Schedule and start the step after ``batch`` before its ids are known (None: it must wait)."""
-        row, k = {}, 0  # each sequence's draw: its row of the batch's sampled ids
-        for seq, count in batch.owners:
-            row[seq], k = k, k + count
-        # a batch whose forks drew more ids than the device keeps (DecodeBuffers.store_sampled) can only
-        # be followed ahead when the ids to feed are among those kept: a fork's parent normally stops
-        # schedule_ahead anyway, unless it was aborted meanwhile
-        kept = self.runner.buffers.max_rows
-        if any(holds and row[seq] >= kept for (seq, _), holds in zip(batch.owners, batch.holding)):
-            return None
-        if any(seq.params.reads_output for seq, _ in batch.owners):  # its next draw reads this one's token on the host
-            return None
-        out = self.scheduler.schedule_ahead()
-        if out is None:
-            return None
-        # -1: a sequence admitted by this step, whose input tokens are all known
-        return self._start(out, feed=[row[s] if s.num_pending else -1 for s in out.seqs])
-
-    def _start(self, out: SchedulerOutput, feed: Optional[list[int]] = None) -> InFlight:
-        draws, owners = step_draws(out.seqs, self.scheduler.stops.eos_token_ids)
-        try:
-            step = self.runner.launch(out.seqs, out.is_prefill, out.copies, draws, feed, out.lookahead)
-        except BaseException:
-            self.scheduler.requeue(out.seqs)
-            raise
-        holding = [False] * len(owners)
-        if self.async_scheduling and not step.done:
-            for i, (seq, count) in enumerate(owners):
-                # one draw of its own: a decode, or a first draw of n = 1 (whose fork makes no sample and
-                # draws with the sequence's own seed and offset 0, so it counts as forked now); a first
-                # draw of n > 1 forks at commit, and a chunk short of the end draws nothing
-                if count == 1 and (seq.group.forked or seq.params.n == 1):
-                    seq.group.forked = True
-                    seq.add_pending()
-                    holding[i] = True
-        return InFlight(out, owners, step, holding)
 
     def _commit(self, batch: InFlight, results: list[DrawResult]
                 ) -> tuple[dict[str, SequenceGroup], list[Sequence]]:

@@ -1,7 +1,7 @@
 """LLMEngine's LoRA API over its model_set.lora registry (engine/lora_registry.py): each request's adapter
 slot, loads and unloads while serving, the stats, and the adapters requests wait for (a LoRARequest's
 path finding no slot: the request waits, as in vLLM, and the scheduler loads its adapter between steps
-once a slot can be freed, through load_waiting_lora)."""
+once a slot can be freed and the request is admitted, through can_load_waiting_lora and load_waiting_lora)."""
 from __future__ import annotations
 
 from typing import Any, Optional, Union
@@ -37,6 +37,10 @@ class LoraAdapters:
         """A request leaves (aborted) before its adapter loaded: nothing of its wait stays."""
         if group.lora_pending is not None:
             self.model_set.lora.forget(group)
+
+    def can_load_waiting_lora(self) -> bool:
+        """The scheduler's: whether load_waiting_lora would find a slot now (nothing is loaded or evicted)."""
+        return self.model_set.lora.slot_to_free(self._lora_slots_held) is not None
 
     def load_waiting_lora(self, pending: PendingLora) -> bool:
         """The scheduler's: load an adapter waiting requests need into a slot, if one can be freed now
@@ -83,7 +87,14 @@ class LoraAdapters:
 
     def _lora_slots_held(self) -> set[int]:
         """The slots admitted requests hold, which the scheduler's loads may not evict: it loads in queue
-        order, so the requests queued with another slot are behind the load, and go back to waiting."""
+        order, so the requests queued with another slot are behind the load, and go back to waiting. When
+        every slot holds an adapter pinned or run by a running sequence (the usual case while requests wait
+        for a load, asked once a scheduling pass), the running sequences' slots alone: they leave no slot to
+        free either, and cost O(running) instead of O(live requests)."""
+        lora = self.model_set.lora
+        held = {s.group.lora_slot for s in self.scheduler.running if s.group.lora_slot >= 0}
+        if all(slot in held or name in lora.pinned for slot, name in enumerate(lora.slots)):  # no empty slot
+            return held
         return {g.lora_slot for g in self.groups.values() if g.lora_slot >= 0 and g.admitted}
 
     def _lora_queued(self, slot: int) -> list[SequenceGroup]:

@@ -9,7 +9,9 @@ is needed and no request uses it (explicitly loaded ones stay until unloaded).
 A request whose path adapter finds no slot now, every slot being held by live requests or pinned, waits
 as in vLLM: its adapter, read and checked when it is added, is a PendingLora, loaded by the scheduler between
 steps once a slot can be freed; the requests behind it that need no new slot go first. It is refused when
-no slot can ever be freed (every slot pinned); while loads wait, an explicit load may not pin the last slot.
+no slot can ever be freed (every slot pinned). While loads wait, an explicit load goes first but may not pin
+the last slot they could take, and a score call, which cannot wait, loads an adapter only into a slot left
+over once each waiting load has one (else it is refused): neither takes the queue's slots for good.
 
 Each load gets its own prefix-cache root, so blocks computed under an adapter are never reused under
 another, nor under a later adapter of the same name.
@@ -91,6 +93,9 @@ class LoraRegistry:
         # the live requests queued with a slot that no step admitted yet (the engine's): an eviction sends
         # them back to waiting for their adapter, whose deltas `kept` holds while it is loaded by path
         self.queued: Callable[[int], list[SequenceGroup]] = lambda slot: []
+        # told after a waiting load is loaded, by the scheduler or a score call: its groups stop waiting (the
+        # engine's scheduler, whose queue scans skip the requests that wait: Scheduler.lora_loaded)
+        self.loaded: Callable[[], None] = lambda: None
         self.kept: dict[str, list[SlotDelta]] = {}
         # max_cpu_loras: adapters read by path, by resolved directory, least recently read first; an entry
         # holds the files' stamp when read, and is used only while the files still have it
@@ -105,7 +110,10 @@ class LoraRegistry:
     def load(self, name: str, path: str | os.PathLike, in_use: Callable[[], set[int]], pinned: bool = True,
              adapter: Optional[LoraAdapter] = None) -> int:
         """Read (unless ``adapter`` is the one read_adapter gave for ``path``), check and write adapter
-        ``name`` into a free slot (evicting an unused path-loaded one); its slot. Nothing changes on an error."""
+        ``name`` into a free slot (evicting an unused path-loaded one); its slot. Nothing changes on an error.
+        An explicit load (``pinned``: an administrator's, vLLM's /v1/load_lora_adapter) goes ahead of the
+        loads requests wait for, since it is usable once it returns; but it never pins the last slot they
+        could take, so they are never starved: at worst they wait for that slot's admitted requests to end."""
         path = os.fspath(path)
         if not isinstance(name, str) or not name:
             raise RastError(f"a LoRA adapter's name must be a non-empty string, got {name!r}")
@@ -142,7 +150,9 @@ class LoraRegistry:
         not loaded, with a path, loads it (evictable). With ``wait``, an adapter that finds no slot now (or
         that loads queued before it wait for) is a PendingLora, read and checked, for the request to wait on
         (wait_for). A RastError for anything else unknown, and when no slot can be freed (with ``wait``:
-        ever, every slot being pinned)."""
+        ever, every slot being pinned). Without ``wait`` (scoring, which runs at once) a load, of a new adapter
+        or of one requests wait for, leaves a slot for each other waiting load or is refused: it never takes
+        a slot from the queue (_room_beside_queue)."""
         if choice is None:
             return -1, b""
         if isinstance(choice, str):
@@ -157,6 +167,7 @@ class LoraRegistry:
             _same_path(choice, pending.path, "waits to be loaded")
             if wait:
                 return pending
+            self._room_beside_queue(name, in_use)
             if not self.load_pending(pending, in_use):
                 raise self._no_slot()
         elif choice.lora_path is None:
@@ -169,6 +180,8 @@ class LoraRegistry:
             except ModelLoadError as e:
                 raise RastError(f"lora_request {name!r}: {e}", param="lora_request") from None
             # loads already waiting take freed slots first (FCFS among them: the scheduler loads them in order)
+            if not wait:
+                self._room_beside_queue(name, in_use)
             slot = None if wait and self.pending else self._free_slot(in_use)
             if slot is None:
                 if not wait or all(n in self.pinned for n in self.slots):
@@ -203,6 +216,7 @@ class LoraRegistry:
         self.last_chosen[pending.name] = next(self._choices)
         for group in pending.groups:
             group.lora_slot, group.cache_root, group.lora_pending = slot, self.roots[pending.name], None
+        self.loaded()
         return True
 
     def _deltas(self, name: str, path: str, adapter: Optional[LoraAdapter] = None) -> list[SlotDelta]:
@@ -237,17 +251,21 @@ class LoraRegistry:
         else:
             self.kept[name] = locked
 
-    def _free_slot(self, in_use: Callable[[], set[int]]) -> Optional[int]:
-        """An empty slot, or the slot of the least recently chosen path-loaded adapter no admitted request
-        holds (``in_use``), emptied; None if none. The requests queued with it wait for its reload."""
+    def slot_to_free(self, in_use: Callable[[], set[int]]) -> Optional[int]:
+        """The slot _free_slot would take, nothing changed: an empty one, or that of the least recently chosen
+        path-loaded adapter no request of ``in_use`` holds; None if none."""
         if None in self.slots:
             return self.slots.index(None)
         used = in_use()  # O(live requests): only when a slot must be freed
         idle = [(self.last_chosen.get(n, -1), s) for s, n in enumerate(self.slots)
                 if s not in used and n not in self.pinned]
-        if not idle:
-            return None
-        slot = min(idle)[1]
+        return min(idle)[1] if idle else None
+
+    def _free_slot(self, in_use: Callable[[], set[int]]) -> Optional[int]:
+        """slot_to_free's slot, emptied; None if none. The requests queued with its adapter wait for its reload."""
+        slot = self.slot_to_free(in_use)
+        if slot is None or self.slots[slot] is None:
+            return slot
         name, queued = self.slots[slot], self.queued(slot)
         reload = PendingLora(name, self.paths[name], self.kept[name]) if queued else None
         self._drop(slot)
@@ -255,6 +273,22 @@ class LoraRegistry:
             group.lora_slot, group.cache_root = -1, b""
             self.wait_for(reload, group)
         return slot
+
+    def _room_beside_queue(self, name: str, in_use: Callable[[], set[int]]) -> None:
+        """A load that cannot wait (a score call's) of adapter ``name`` while requests wait for other loads:
+        RastError unless the slots it could take (empty, or holding an adapter no live request uses nor
+        pinned) outnumber those loads, so it leaves one for each. Its own waiting load, if any, it makes."""
+        others = sorted(n for n in self.pending if n != name)
+        if not others:
+            return
+        used = in_use()  # O(live requests): only while loads wait
+        free = sum(n is None or s not in used and n not in self.pinned for s, n in enumerate(self.slots))
+        if free == 0:
+            raise self._no_slot()
+        if free <= len(others):
+            raise RastError(f"requests wait for LoRA slots for {others}, which load first: loading {name!r} now "
+                            "would take a slot they need, and scoring cannot wait; retry once they are loaded, or "
+                            "start the engine with a larger max_loras", param="lora_request")
 
     def _no_slot(self) -> RastError:
         return RastError(f"all {len(self.slots)} LoRA slots (max_loras) hold adapters that are in use or loaded "

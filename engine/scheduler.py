@@ -34,34 +34,24 @@ lower first) instead of arrival alone, preempted and waiting samples included, a
 preempted for a slot is the one last in that order (vLLM's victim), not the most recently admitted:
 ``running`` is kept in that order, so the victim is always its last sequence under either policy.
 
-A request whose LoRA adapter waits for a slot (engine/lora_registry.py: every slot held by admitted
-requests) is admitted once ``load_lora`` can load its adapter, freeing a slot no admitted request holds;
-until then it is passed over and the requests behind it are admitted FCFS as ever (vLLM's behaviour):
-those of loaded adapters are not held up by it. A load that evicts an adapter sends that adapter's
-queued, not yet admitted requests back to waiting for its reload, so they never keep a slot from a load
-queued before them. Blocks are looked up and hashed only once a request has its slot, under its adapter
-load's prefix-cache root.
+A request whose LoRA adapter waits for a slot is passed over until its adapter can be loaded, the requests
+behind it admitted FCFS as ever (engine/lora_admission.py).
 
-``schedule_ahead`` plans the step after one still running on the device, whose tokens are pending
-(see sequence.py): a decode step, or a prefill step admitting waiting requests with the pending
-sequences riding along, whenever it needs nothing the host has yet to learn (no preemption, no chunk
-of a partial prefill, no fork). Stop checks see known tokens only; a sequence that stops on a pending
-token has one more token computed and discarded.
+``schedule_ahead`` plans the step after one still running on the device (engine/schedule_ahead.py).
 """
 from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from rast_engine.block_manager import BlockManager
+from rast_engine.lora_admission import LoraAdmission
 from rast_engine.prompt_logprobs import pending as prompt_logprobs_pending
+from rast_engine.schedule_ahead import ScheduleAhead
+from rast_engine.scheduler_output import SchedulerOutput
 from rast_engine.sequence import Sequence, SequenceStatus
 from rast_engine.stop_rules import StopRules
-
-if TYPE_CHECKING:
-    from rast_engine.lora_registry import PendingLora
 
 # prompt tokens a prefill step may score for prompt_logprobs: each costs its full-vocabulary logits rows
 # (every model's, plus float32 temporaries: ~2 GB at 1024 rows and V = 152064), which the KV cache's
@@ -70,27 +60,11 @@ PROMPT_LOGPROBS_TOKENS = 1024
 POLICIES = ("fcfs", "priority")
 
 
-def _no_lora_loads(pending: PendingLora) -> bool:  # Scheduler.load_lora of an engine without LoRA slots
-    raise RuntimeError(f"a request waits for LoRA adapter {pending.name!r}, and no registry loads adapters")
-
-
 def priority_key(seq: Sequence) -> tuple[int, int, int]:
     return seq.group.priority, seq.group.arrival, seq.index
 
 
-@dataclass
-class SchedulerOutput:
-    seqs: list[Sequence]
-    is_prefill: bool
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) block pairs
-    lookahead: int = 0  # a decode step's speculative drafts a sequence (their slots are writable)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_scheduled_tokens for s in self.seqs)
-
-
-class Scheduler:
+class Scheduler(LoraAdmission, ScheduleAhead):
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: Iterable[int], named_eos_ids: Iterable[int] = (),
                  lookahead: int = 0, policy: str = "fcfs") -> None:
@@ -108,8 +82,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prompt_logprobs_tokens = PROMPT_LOGPROBS_TOKENS
-        # loads an adapter waiting requests need if a slot can be freed now; the engine's (LoraAdapters)
-        self.load_lora: Callable[[PendingLora], bool] = _no_lora_loads
+        super().__init__()
 
     def add(self, seq: Sequence) -> None:
         self._wait(seq, front=False)
@@ -118,11 +91,11 @@ class Scheduler:
         """Queue ``seq``: FCFS at the back, or at position ``at`` from the front (preempted, requeued and
         waiting samples); by priority, in its place in priority order."""
         if self.by_priority:
-            self.waiting.insert(bisect.bisect_right(self.waiting, priority_key(seq), key=priority_key), seq)
-        elif front:
-            self.waiting.insert(at, seq)
-        else:
-            self.waiting.append(seq)
+            at = bisect.bisect_right(self.waiting, priority_key(seq), key=priority_key)
+        elif not front:
+            at = len(self.waiting)
+        self.waiting.insert(at, seq)
+        self._lead_after_insert(at, seq)
 
     def _run(self, seq: Sequence) -> None:
         """``seq`` joins the running ones: last (FCFS), or in its place in priority order."""
@@ -140,7 +113,8 @@ class Scheduler:
         free = max(self.max_num_seqs - len(self.running), 0)
         # a more urgent request waits: the samples queue behind it, not take the slots first (one that waits
         # for its adapter's slot could not take them)
-        head = next((s for s in self.waiting if s.group.lora_pending is None), None) if self.by_priority else None
+        i = self._next_ready(0) if self.by_priority else -1
+        head = self.waiting[i] if i >= 0 else None
         if samples and head is not None and priority_key(head) < priority_key(samples[0]):
             free = 0
         for seq in samples[:free]:
@@ -154,6 +128,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Optional[SchedulerOutput]:
+        self._lora_pass()
         out = self._schedule_prefill()
         if out.seqs:
             return out
@@ -192,7 +167,7 @@ class Scheduler:
             # only a step's first sequence is split: the others fit whole, their prefix-cache hits aside
             # (a sample that found no slot at its fork, or a preempted sequence, recomputes little); the
             # hits are looked up only when the whole length would not fit
-            if scheduled and tokens + len(seq.token_ids) > budget and tokens + self.bm.uncached_tokens(seq) > budget:
+            if scheduled and tokens + len(seq.token_ids) > budget and tokens + self._uncached(seq) > budget:
                 break
             scores = prompt_logprobs_pending(seq.group)  # then it takes no cache hits (block_manager.py)
             cap = self.prompt_logprobs_tokens
@@ -200,9 +175,11 @@ class Scheduler:
                 break
             if not self._fits(seq, slots, reserve):
                 break
+            if seq.group.lora_pending is not None:  # admitted now: only now may its load evict an idle adapter
+                self._load_lora(seq.group.lora_pending)
             self.bm.allocate(seq)
             seq.group.admitted = True
-            del self.waiting[i]
+            del self.waiting[i]  # i >= _lead: no _lead update (LoraAdmission._lead_after_removal)
             self._run(seq)
             scheduled.append(seq)
             seq.num_scheduled_tokens = min(seq.num_uncomputed, budget - tokens, cap - scored if scores else budget)
@@ -251,51 +228,12 @@ class Scheduler:
             break
         return SchedulerOutput(scheduled, False, copies, lookahead)
 
-    def schedule_ahead(self) -> Optional[SchedulerOutput]:
-        """The step after one still on the device, over the running sequences' pending tokens (the
-        device feeds them in), or None when it must wait for their ids: a running sequence has no
-        pending token (a prompt prefilled in chunks, a first draw forking n > 1), a slot would need a
-        preemption, or no sequence may go on. When the head of the queue can be admitted it is a
-        prefill step that admits it, the pending sequences riding along; requests that wait for a slot
-        or for blocks do not stop the decode steps (with more requests than max_num_seqs, as in an
-        evaluation run, the queue is never empty). A sequence whose pending token reaches max_tokens or
-        max_model_len stays out."""
-        seqs = [s for s in self.running if not self.stops.at_length(s, pending=True)]
-        if any(s.num_uncomputed != 1 or not s.num_pending for s in seqs):
-            return None
-        if self._admits_next(seqs):
-            return self._schedule_prefill(seqs)
-        if not seqs or not self.bm.can_append_all(seqs):
-            return None
-        copies = [c for c in map(self.bm.append_slot, seqs) if c is not None]
-        for seq in seqs:
-            seq.num_scheduled_tokens = 1
-        return SchedulerOutput(seqs, False, copies)
-
-    def _admits_next(self, decoding: list[Sequence]) -> bool:
-        """Whether a prefill step scheduled now, ``decoding`` riding along, would admit the head of the
-        queue, those waiting for their adapter's slot aside (its first sequence is admitted whenever it fits)."""
-        if len(self.running) >= self.max_num_seqs:
-            return False
-        i = self._with_lora_slot(0)
-        return i >= 0 and self._fits(self.waiting[i], len(self.running), self.bm.append_need_all(decoding))
-
-    def _with_lora_slot(self, start: int) -> int:
-        """The index, from ``start`` on, of the first waiting sequence whose LoRA adapter has a slot (-1:
-        none). An adapter waiting for one is loaded when a slot can be freed; the sequences of one that
-        cannot are passed over, and so are those of every other waiting adapter (a step frees no slot)."""
-        full = False
-        for i in range(start, len(self.waiting)):
-            pending = self.waiting[i].group.lora_pending
-            if pending is None or not full and self.load_lora(pending):
-                return i
-            full = True
-        return -1
-
     def _fits(self, seq: Sequence, slots: int, reserve: int) -> bool:
         """Whether a waiting sequence can be admitted beside ``slots`` taken slots: a slot, and blocks
-        for all its tokens beside the ``reserve`` the decoding sequences' next slots need."""
-        return slots < self.max_num_seqs and self.bm.can_allocate(seq, reserve=reserve)
+        for all its tokens beside the ``reserve`` the decoding sequences' next slots need (for all of them,
+        no hit counted, when its adapter waits for its load: see LoraAdmission._uncached)."""
+        cached = seq.group.lora_pending is None
+        return slots < self.max_num_seqs and self.bm.can_allocate(seq, use_cache=cached, reserve=reserve)
 
     def _keep_slots(self, decoding: list[Sequence]) -> list[Sequence]:
         """Those of ``decoding`` left once the most recently admitted sequences (decoding, or a prompt
@@ -328,6 +266,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+            self._lead_after_removal(seq)
 
     def _retire(self, seq: Sequence) -> None:
         """Out of its list, its KV blocks freed and its device-side state dropped: a sample's [V] penalty

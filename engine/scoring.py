@@ -54,7 +54,8 @@ def _finish(per_model: list[torch.Tensor], weights: list[float], vocab: int, out
 def score_sequences(engine: LLMEngine, sequences: list[list[int]], output: str,
                     lora_request: LoraChoice = None) -> list[ScoreOutput]:
     _validate(engine, sequences, output)
-    # scoring runs now, outside the steps: an adapter that finds no slot is refused, it cannot wait
+    # scoring runs now, outside the steps: an adapter that finds no slot is refused, it cannot wait, and so is
+    # one that would take a slot the requests waiting for adapter loads need (LoraRegistry.choose)
     lora_slot, cache_root = engine.lora_choice(lora_request)
     bm, runner = engine.block_manager, engine.runner
     budget = engine.scheduler.max_num_batched_tokens

@@ -11,10 +11,13 @@ other's requests live). Oracles are the engine's promises, checked after every o
 - a live request's slot holds the adapter it asked for (loads, unloads and evictions never touch it), or it
   waits for that adapter's one load, which the requests waiting for it, and only they, share;
 - a path adapter's request is never refused for want of a slot: one slot is never pinned, so it waits;
+- the scheduler's scans skip only requests that wait for their adapter's load, and its loads see the slots
+  admitted requests hold;
 - once drained, every block is free.
 """
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
@@ -141,6 +144,19 @@ class EngineMachine(RuleBasedStateMachine):
         waiting = [g for p in lora.pending.values() for g in p.groups]
         assert sorted(g.request_id for g in waiting) == sorted(
             r for r, g in self.engine.groups.items() if g.lora_pending is not None)
+
+    @invariant()
+    def queue_scans_pass_over_only_waiting_loads(self) -> None:
+        """The scheduler's scans for a request to admit start at its _lead: every sequence before it waits for
+        its adapter's load. The slots a load may evict are those no admitted request holds, though
+        _lora_slots_held reads only the running sequences when they hold every slot that could be evicted."""
+        sched, lora = self.engine.scheduler, self.engine.model_set.lora
+        assert all(s.group.lora_pending is not None for s in itertools.islice(sched.waiting, sched._lead))
+        held = {g.lora_slot for g in self.engine.groups.values() if g.lora_slot >= 0 and g.admitted}
+
+        def evictable(held: set[int]) -> set[int]:
+            return {s for s, n in enumerate(lora.slots) if n is not None and n not in lora.pinned and s not in held}
+        assert evictable(self.engine._lora_slots_held()) == evictable(held)
 
     def teardown(self) -> None:
         for _ in range(500):

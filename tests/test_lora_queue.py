@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from rast_engine import LLM, LoRARequest, SamplingParams
 from rast_engine.errors import RastError
@@ -182,3 +183,66 @@ def test_an_adapter_that_can_never_get_a_slot_is_refused(lora_adapters: tuple) -
     assert engine.lora_adapters() == {"math": modules["math"], "c": modules["code"]}
     assert _drain(engine) == ["busy", "w"]
     assert engine.done["w"] == _want(lora_adapters, "code", GREEDY, PROMPTS[1])
+
+
+def _c_waits_beside_idle(lora_adapters: tuple, max_loras: int) -> LLM:
+    """m0 runs in the only sequence slot; c1 waits for its adapter, which found every LoRA slot taken (m0's, and
+    those of requests queued then aborted): now all but m's slot hold idle adapters, and c1 waits for m0's
+    sequence slot, its load with it."""
+    large, base, modules = lora_adapters
+    llm = LLM(str(large), small_base=str(base), max_loras=max_loras, max_lora_rank=4, max_num_seqs=1, **KW)
+    engine, reqs = llm.llm_engine, _requests(lora_adapters)
+    engine.add_request("m0", PROMPTS[0], GREEDY, lora_request=reqs["math"])
+    engine.step()
+    idle = [f"x{k}" for k in range(max_loras - 1)]
+    for k, rid in enumerate(idle):
+        engine.add_request(rid, PROMPTS[1], GREEDY, lora_request=LoRARequest(rid, 3 + k, modules["math"]))
+    engine.add_request("c1", PROMPTS[1], GREEDY, lora_request=reqs["code"])
+    engine.abort_request(idle)
+    assert engine.model_set.lora.slots == ["m", *idle] and list(engine.model_set.lora.pending) == ["c"]
+    return llm
+
+
+def test_a_score_call_takes_no_slot_the_waiting_loads_need(lora_adapters: tuple) -> None:
+    """Scoring cannot wait: with c's load waiting and one idle slot, a new adapter is refused (it would take
+    the slot c needs) and nothing changes, and so is d, whose load waits behind c's; c itself may load (no
+    other load waits), scores as c alone, and its waiting request then decodes as c alone. With two idle
+    slots the new adapter loads into one."""
+    large, base, modules = lora_adapters
+    llm = _c_waits_beside_idle(lora_adapters, max_loras=2)
+    engine, registry = llm.llm_engine, llm.llm_engine.model_set.lora
+    seq = [[5, 6, 7, 8, 9]]
+    with pytest.raises(RastError, match=r"wait for LoRA slots for \['c'\], which load first"):
+        engine.score(seq, lora_request=LoRARequest("s", 9, modules["code"]))
+    assert registry.slots == ["m", "x0"] and list(registry.pending) == ["c"] and "s" not in registry.roots
+    engine.add_request("d1", PROMPTS[2], GREEDY, lora_request=LoRARequest("d", 8, modules["math"]))
+    with pytest.raises(RastError, match=r"wait for LoRA slots for \['c'\]"):  # d's load, behind c's, may not go first
+        engine.score(seq, lora_request="d")
+    engine.abort_request("d1")
+    alone = _alone(str(large), str(base), modules["code"]).llm_engine.score(seq)[0].combined
+    torch.testing.assert_close(engine.score(seq, lora_request="c")[0].combined, alone, rtol=0, atol=1e-5)
+    assert registry.slots == ["m", "c"] and not registry.pending and engine.groups["c1"].lora_slot == 1
+    assert _drain(engine) == ["m0", "c1"]
+    assert engine.done["c1"] == _want(lora_adapters, "code", GREEDY, PROMPTS[1])
+    roomy = _c_waits_beside_idle(lora_adapters, max_loras=3).llm_engine
+    torch.testing.assert_close(roomy.score(seq, lora_request=LoRARequest("s", 9, modules["code"]))[0].combined,
+                               alone, rtol=0, atol=1e-5)
+    assert roomy.model_set.lora.slots == ["m", "s", "x1"] and list(roomy.model_set.lora.pending) == ["c"]
+    assert _drain(roomy) == ["m0", "c1"]
+    assert roomy.done["c1"] == _want(lora_adapters, "code", GREEDY, PROMPTS[1])
+
+
+def test_an_explicit_load_goes_first_but_leaves_the_queue_a_slot(lora_adapters: tuple) -> None:
+    """An administrator's load takes the idle slot while c's load waits (usable at once, like vLLM's route);
+    a second would pin the last slot c could take and is refused. c then loads into m's slot once m0 ends,
+    ahead of a later request for the explicit adapter, and each decodes as its adapter alone."""
+    large, base, modules = lora_adapters
+    engine = _c_waits_beside_idle(lora_adapters, max_loras=2).llm_engine
+    engine.load_lora_adapter("p", modules["math"])
+    with pytest.raises(RastError, match="would leave no slot they could ever take"):
+        engine.load_lora_adapter("q", modules["math"])
+    assert engine.lora_adapters() == {"m": modules["math"], "p": modules["math"]}
+    engine.add_request("p1", PROMPTS[2], GREEDY, lora_request="p")
+    assert _drain(engine) == ["m0", "c1", "p1"] and engine.model_set.lora.slots == ["c", "p"]
+    assert engine.done["c1"] == _want(lora_adapters, "code", GREEDY, PROMPTS[1])
+    assert engine.done["p1"] == _want(lora_adapters, "math", GREEDY, PROMPTS[2])

@@ -9,7 +9,7 @@ import pytest
 from rast_engine import LLM, SamplingParams
 from test_engine import PROMPTS
 from test_lora_modules import GREEDY, KW
-from test_lora_queue import _one_slot, _requests, _want
+from test_lora_queue import LONG, _one_slot, _requests, _want
 
 pytest.importorskip("peft")
 
@@ -102,3 +102,46 @@ def test_no_adapter_is_evicted_for_a_request_that_cannot_run_yet(lora_adapters: 
     engine.step()
     assert registry.slots == ["m", "x"] and engine.groups["c"].lora_pending is not None
     assert _admissions(engine) == ["m0", "c", "x1"]
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async_scheduling"])
+def test_no_adapter_is_evicted_for_a_request_the_kv_cache_cannot_take(lora_adapters: tuple, ahead: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Priority policy, max_loras=1, 24 KV blocks: c (21 blocks) waits for m's slot while m0 runs, then for
+    blocks while an adapter-less request holds some. m, idle, stays loaded with its prefix-cache root the
+    whole time: m1 by name only is admitted at once and reuses m0's prompt blocks; c is loaded once, after
+    both end. With async_scheduling the steps scheduled ahead (Scheduler.schedule_ahead) do the same.
+    Oracle: each request's tokens as its adapter alone decodes them."""
+    import rast_engine.lora_registry as registry_module
+
+    writes: list[int] = []
+    write = registry_module.write_slot
+    monkeypatch.setattr(registry_module, "write_slot", lambda view, slot, deltas: writes.append(slot)
+                        or write(view, slot, deltas))
+    engine = _one_slot(lora_adapters, scheduling_policy="priority", kv_cache_blocks=24,
+                       async_output=ahead).llm_engine
+    assert engine.async_scheduling == ahead
+    registry, bm, req = engine.model_set.lora, engine.block_manager, _requests(lora_adapters)
+    free = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    longer = list(range(3, 87))  # 84 tokens: 21 blocks of 4
+    engine.add_request("m0", LONG, GREEDY, priority=0, lora_request=req["math"])
+    engine.add_request("free", PROMPTS[0], free, priority=0)
+    engine.step()
+    engine.add_request("c", longer, GREEDY, priority=1, lora_request=req["code"])
+    root, done = registry.roots["m"], {}
+    while "m0" in engine.groups:
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    engine.step()  # m is idle: c could take its slot, but not the blocks it needs
+    assert "free" in engine.groups and engine.groups["c"].lora_pending is not None
+    assert registry.slots == ["m"] and registry.roots["m"] == root
+    hits = bm.prefix_hits
+    engine.add_request("m1", LONG, GREEDY, priority=0, lora_request="m")
+    engine.step()
+    assert engine.groups["m1"].admitted and bm.prefix_hits - hits == (len(LONG) - 1) // 4
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert writes == [0, 0]  # m's one load, then c's: m was never evicted and reloaded
+    want = {"m0": ("math", LONG), "m1": ("math", LONG), "c": ("code", longer), "free": (None, PROMPTS[0])}
+    for rid, (name, prompt) in want.items():
+        params = free if rid == "free" else GREEDY
+        assert done[rid] == _want(lora_adapters, name, params, prompt), rid

@@ -30,7 +30,8 @@ from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.decoder import CausalLM
 from rast_engine.models.loader import load_model
-from rast_engine.lora_registry import DEFAULT_MAX_RANK, LoraRegistry, adapter_rank, read_adapter
+from rast_engine.lora_files import adapter_rank, read_adapter
+from rast_engine.lora_registry import DEFAULT_MAX_RANK, LoraRegistry
 from rast_engine.models.lora import LoraAdapter, is_adapter
 from rast_engine.models.lora_slots import slot_view
 from rast_engine.sampling_params import sample_seed

@@ -25,6 +25,7 @@ from rast_engine.server.chat_messages import render_chat
 from rast_engine.server.chat_output import Reasoning
 from rast_engine.server.http_io import SSEResponse, sse, too_large, unless_client_leaves
 from rast_engine.server.lora_routes import lora_routes
+from rast_engine.server.weight_routes import weight_routes
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
 from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from rast_engine.server.request_handle import RequestHandle
@@ -79,6 +80,7 @@ class OpenAIServer:
             Route("/version", self._wrap("version", self.version), methods=["GET"]),
             Route("/metrics", self._wrap("metrics", self.render_metrics), methods=["GET"]),
             *lora_routes(self),
+            *weight_routes(self),
         ]
 
         @contextlib.asynccontextmanager

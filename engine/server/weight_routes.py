@@ -1,0 +1,84 @@
+"""Routes that change what a running server's models hold, off unless the operator turns them on, since
+anyone who may call the API could otherwise make the server read files from its disk or slow every
+prompt down:
+
+- POST /v1/load_weights {"path", "role"} (rast's; $RAST_ALLOW_RUNTIME_WEIGHT_UPDATING): another checkpoint
+  of one model written in place (LLMEngine.load_weights, engine/weight_updates.py), e.g. a new RL
+  checkpoint of R while M stays loaded. Refused (409) while requests are in flight, whose KV came from
+  the old weights: drain the server first (stop sending, wait for the open requests).
+- POST /reset_prefix_cache (vLLM's dev-mode route; $VLLM_SERVER_DEV_MODE or $RAST_SERVER_DEV_MODE): the
+  prefix cache forgotten, as benchmarks do between runs; 409 while requests hold blocks.
+Both run on the engine thread between two steps.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rast_engine.errors import RastError
+from rast_engine.server.protocol import APIError, parse_request
+
+if TYPE_CHECKING:
+    from rast_engine.server.app import OpenAIServer
+
+WEIGHT_FLAGS = ("RAST_ALLOW_RUNTIME_WEIGHT_UPDATING",)
+DEV_FLAGS = ("RAST_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")
+
+
+class LoadWeightsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1)
+    role: str = "small_rl"
+
+
+def _on(flags: tuple[str, ...]) -> bool:
+    return any(os.environ.get(f, "").strip().lower() in ("1", "true") for f in flags)
+
+
+def weight_routes(server: OpenAIServer) -> list[Route]:
+    """The routes the environment turns on (module docstring)."""
+    engine = server.engine
+
+    async def load_weights(request: Request) -> Response:
+        req: LoadWeightsRequest = parse_request(await server._body(request), LoadWeightsRequest)
+        written: list[int] = []
+
+        def load() -> None:
+            if engine.engine.has_unfinished_requests():
+                raise APIError(409, f"{len(engine.engine.groups)} requests are in flight; their KV came from the "
+                                    "old weights: stop sending and let them finish, then load", code="busy")
+            written.append(engine.engine.load_weights(path=req.path, role=req.role))
+
+        await _on_engine(server, load, "path")
+        return JSONResponse({"path": req.path, "role": req.role, "tensors": written[0]})
+
+    async def reset_prefix_cache(_: Request) -> Response:
+        def reset() -> None:
+            if not engine.engine.reset_prefix_cache():
+                raise APIError(409, "requests in flight hold prefix-cache blocks; reset once they finish",
+                               code="busy")
+
+        await _on_engine(server, reset, None)
+        return Response(status_code=200)
+
+    routes = []
+    if _on(WEIGHT_FLAGS):
+        routes.append(Route("/v1/load_weights", server._wrap("load_weights", load_weights, auth=True),
+                            methods=["POST"]))
+    if _on(DEV_FLAGS):
+        routes.append(Route("/reset_prefix_cache", server._wrap("reset_prefix_cache", reset_prefix_cache, auth=True),
+                            methods=["POST"]))
+    return routes
+
+
+async def _on_engine(server: OpenAIServer, fn: Callable[[], None], param: str | None) -> None:
+    """``fn`` on the engine thread; its RastError is the caller's 400."""
+    try:
+        await server.engine.on_engine_thread(fn)
+    except RastError as exc:
+        raise APIError(400, str(exc), param=exc.param or param) from None

@@ -19,17 +19,16 @@ def adapter_rank(adapter: LoraAdapter) -> int:
 def read_adapter(name: str, path: str, base: str, check_copies: bool, tokenizer: Any = None) -> LoraAdapter:
     """The adapter at ``path``, checked as a plain LoRA over ``base`` whose tokenizer, where it saved one,
     is ``tokenizer`` (the engine's)."""
-    from rast_engine.triple import has_tokenizer_files, load_tokenizer, tokenizer_difference  # triple imports this
+    from rast_engine.triple import saved_tokenizer_difference  # triple imports this
 
     if not Path(path).is_dir() or not is_adapter(path):
         raise ModelLoadError(f"LoRA adapter {name!r} ({path}) is not a PEFT LoRA adapter directory "
                              "(adapter_config.json, and no config.json of a model)")
     adapter = LoraAdapter.of_role(path, f"LoRA adapter {name!r}", base)
     adapter.check_copies = check_copies
-    if tokenizer is not None and has_tokenizer_files(path):
-        diff = tokenizer_difference(tokenizer, load_tokenizer(path, f"LoRA adapter {name!r}"))
-        if diff is not None:
-            raise ModelLoadError(f"the tokenizer of LoRA adapter {name!r} ({path}) differs from the model's: {diff}")
+    diff = saved_tokenizer_difference(tokenizer, path, f"LoRA adapter {name!r}")
+    if diff is not None:
+        raise ModelLoadError(f"the tokenizer of LoRA adapter {name!r} ({path}) differs from the model's: {diff}")
     return adapter
 
 

@@ -196,7 +196,7 @@ class LoraRegistry:
         slots: what a load writes."""
         if adapter is not None:
             return slot_deltas(self.view, adapter, self.max_rank)
-        key = str(Path(path).resolve())
+        key = _host_key(path)
         stamp = files_stamp(path) if Path(path).is_dir() else ()
         if key in self.host and self.host[key][0] == stamp:
             self.host.move_to_end(key)
@@ -212,7 +212,7 @@ class LoraRegistry:
     def _write(self, name: str, path: str, deltas: list[SlotDelta], slot: int, pinned: bool) -> None:
         locked = page_locked(deltas)  # the copies kept for reloads below are locked once, at their first load
         write_slot(self.view, slot, locked)  # queued behind the steps in flight, no host sync (see there)
-        key = str(Path(path).resolve())
+        key = _host_key(path)
         if key in self.host and self.host[key][1] is deltas:
             self.host[key] = (self.host[key][0], locked)
         # in this order, and the reverse in _drop: the server reads `modules` from another thread
@@ -228,10 +228,8 @@ class LoraRegistry:
         path-loaded adapter no request of ``in_use`` holds; None if none."""
         if None in self.slots:
             return self.slots.index(None)
-        used = in_use()  # O(live requests): only when a slot must be freed
-        idle = [(self.last_chosen.get(n, -1), s) for s, n in enumerate(self.slots)
-                if s not in used and n not in self.pinned]
-        return min(idle)[1] if idle else None
+        idle = self._takeable(in_use())  # O(live requests): only when a slot must be freed
+        return min(idle, key=lambda s: self.last_chosen.get(self.slots[s], -1)) if idle else None
 
     def _free_slot(self, in_use: Callable[[], set[int]]) -> Optional[int]:
         """slot_to_free's slot, emptied; None if none. The requests queued with its adapter wait for its reload."""
@@ -253,14 +251,18 @@ class LoraRegistry:
         others = sorted(n for n in self.pending if n != name)
         if not others:
             return
-        used = in_use()  # O(live requests): only while loads wait
-        free = sum(n is None or s not in used and n not in self.pinned for s, n in enumerate(self.slots))
+        free = len(self._takeable(in_use()))  # O(live requests): only while loads wait
         if free == 0:
             raise self._no_slot()
         if free <= len(others):
             raise RastError(f"requests wait for LoRA slots for {others}, which load first: loading {name!r} now "
                             "would take a slot they need, and scoring cannot wait; retry once they are loaded, or "
                             "start the engine with a larger max_loras", param="lora_request")
+
+    def _takeable(self, used: set[int]) -> list[int]:
+        """The slots a load may take, in order: empty, or holding a path-loaded adapter that no request of
+        ``used`` holds."""
+        return [s for s, n in enumerate(self.slots) if n is None or s not in used and n not in self.pinned]
 
     def _no_slot(self) -> RastError:
         return RastError(f"all {len(self.slots)} LoRA slots (max_loras) hold adapters that are in use or loaded "
@@ -273,6 +275,11 @@ class LoraRegistry:
         for table in (self.paths, self.roots, self.last_chosen, self.kept):
             table.pop(name, None)
         self.pinned.discard(name)
+
+
+def _host_key(path: str) -> str:
+    """An adapter directory's key among the host copies: its resolved path."""
+    return str(Path(path).resolve())
 
 
 def _same_path(choice: LoRARequest, path: str, state: str) -> None:

@@ -160,6 +160,14 @@ def has_tokenizer_files(path: str) -> bool:
     return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 
+def saved_tokenizer_difference(tokenizer: Any, path: str, role: str) -> str | None:
+    """How the tokenizer a directory saved differs from ``tokenizer`` (the engine's); None when they are
+    identical, or when either is absent (a directory with no tokenizer files reads the engine's ids)."""
+    if tokenizer is None or not has_tokenizer_files(path):
+        return None
+    return tokenizer_difference(tokenizer, load_tokenizer(path, role))
+
+
 def load_tokenizers(config: EngineConfig, paths: list[str], names: list[str]) -> list[Any]:
     """One tokenizer per model; all None for a dummy set whose directories hold no tokenizer at all."""
     if config.load_format == "dummy":

@@ -15,7 +15,6 @@ Invariants:
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -26,7 +25,7 @@ from rast_engine.errors import ModelLoadError, RastError
 from rast_engine.models.config import ModelConfig
 from rast_engine.models.decoder import CausalLM
 from rast_engine.models.fp8 import fp8_owners
-from rast_engine.models.loader import _safetensors, checkpoint_slots, write_weight
+from rast_engine.models.loader import _safetensors, checkpoint_slots, slot_shape, write_file, write_weight
 
 Named = Iterable[tuple[str, torch.Tensor]]
 
@@ -103,8 +102,7 @@ def _from_named(model: CausalLM, weights: Named, role: str) -> tuple[list[Callab
             continue
         if name not in slots:
             raise ModelLoadError(f"the {role} model has no tensor {name} (HF names, as in its checkpoint)")
-        param, start, rows = slots[name]
-        want = (rows, *param.shape[1:])
+        param, want = slots[name][0], slot_shape(slots[name])
         if tuple(tensor.shape) != want or not tensor.is_floating_point():
             raise ModelLoadError(f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, expected a floating "
                                  f"tensor of shape {list(want)}")
@@ -117,16 +115,14 @@ def _from_named(model: CausalLM, weights: Named, role: str) -> tuple[list[Callab
 def _from_checkpoint(model: CausalLM, path: Path, tokenizer: Any) -> tuple[list[Callable[[], None]], int]:
     """The checked writes of the checkpoint at ``path`` into ``model`` (a file's tensors are read when it is
     written), and how many tensors they write."""
-    from rast_engine.triple import has_tokenizer_files, load_tokenizer, tokenizer_difference  # triple imports us
+    from rast_engine.triple import saved_tokenizer_difference  # triple imports us
 
-    ours, theirs = dataclasses.asdict(model.config), dataclasses.asdict(ModelConfig.from_dir(path))
-    diff = sorted(k for k in ours if k != "torch_dtype" and ours[k] != theirs[k])
+    diff = model.config.differences(ModelConfig.from_dir(path))
     if diff:
         raise ModelLoadError(f"{str(path)!r} is another architecture: its config.json differs in {diff}")
-    if tokenizer is not None and has_tokenizer_files(str(path)):
-        other = tokenizer_difference(tokenizer, load_tokenizer(str(path), str(path)))
-        if other is not None:
-            raise ModelLoadError(f"the tokenizer at {str(path)!r} differs from the engine's: {other}")
+    other = saved_tokenizer_difference(tokenizer, str(path), str(path))
+    if other is not None:
+        raise ModelLoadError(f"the tokenizer at {str(path)!r} differs from the engine's: {other}")
     fp8, offset, where = fp8_owners(model), model.config.norm_offset, repr(str(path))
     by_file = checkpoint_slots(path, model)
     for file, items in by_file.items():  # an FP8 weight needs finite values: read them once more to check
@@ -134,11 +130,5 @@ def _from_checkpoint(model: CausalLM, path: Path, tokenizer: Any) -> tuple[list[
             for name, (param, _, _) in items:
                 if id(param) in fp8 and not bool(torch.isfinite(f.get_tensor(name)).all()):
                     raise ModelLoadError(f"{where}: tensor {name} is not finite, and its weight is stored in FP8")
-
-    def write_file(file: Path, items: list) -> None:
-        with _safetensors(file) as f:
-            for name, slot in items:
-                write_weight(slot, f.get_tensor(name), name, fp8, offset, where)
-
-    return ([lambda file=file, items=items: write_file(file, items) for file, items in by_file.items()],
-            sum(map(len, by_file.values())))
+    return ([lambda file=file, items=items: write_file(file, items, fp8, offset, where)
+             for file, items in by_file.items()], sum(map(len, by_file.values())))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,6 +102,11 @@ class ModelConfig:
     router_fp32: bool = False  # they reach the experts in float32 (Mixtral), else in the model dtype
     moe_layers: tuple[bool, ...] = ()
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert, behind a sigmoid gate (0: none)
+
+    def differences(self, other: ModelConfig) -> list[str]:
+        """The fields, the dtype aside, whose values differ from ``other``'s (another architecture or shape)."""
+        ours, theirs = asdict(self), asdict(other)
+        return sorted(k for k in ours if k != "torch_dtype" and ours[k] != theirs[k])
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS.values():

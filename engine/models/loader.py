@@ -155,9 +155,7 @@ def load_model(
     model = _empty_model(cfg, attention, torch_dtype, device, ops, quantization)
     fp8 = fp8_owners(model)
     for file, items in checkpoint_slots(path, model).items():
-        with _safetensors(file) as f:
-            for name, slot in items:
-                write_weight(slot, f.get_tensor(name), name, fp8, cfg.norm_offset, repr(str(path)))
+        write_file(file, items, fp8, cfg.norm_offset, repr(str(path)))
     return model.eval()
 
 
@@ -176,12 +174,12 @@ def checkpoint_slots(path: Path, model: CausalLM) -> dict[Path, list[tuple[str, 
     for file, items in by_file.items():
         with _safetensors(file) as f:
             held = set(f.keys())
-            for name, (param, start, rows) in items:
+            for name, slot in items:
                 if name not in held:  # the index points at the wrong shard
                     raise ModelLoadError(f"{str(path)!r}: {INDEX_FILE} lists tensor {name} in {file.name}, "
                                          f"which does not hold it")
                 tensor_slice = f.get_slice(name)
-                shape, want = tuple(tensor_slice.get_shape()), (rows, *param.shape[1:])
+                shape, want = tuple(tensor_slice.get_shape()), slot_shape(slot)
                 if shape != want:
                     raise ModelLoadError(f"{str(path)!r}: tensor {name} has shape {list(shape)}, "
                                          f"expected {list(want)} from config.json")
@@ -189,6 +187,20 @@ def checkpoint_slots(path: Path, model: CausalLM) -> dict[Path, list[tuple[str, 
                     raise ModelLoadError(f"{str(path)!r}: tensor {name} is {tensor_slice.get_dtype()}; "
                                          f"weights must be one of {FLOAT_DTYPES}")
     return by_file
+
+
+def slot_shape(slot: WeightSlot) -> tuple[int, ...]:
+    """The shape of the HF tensor that fills ``slot``."""
+    param, _, rows = slot
+    return (rows, *param.shape[1:])
+
+
+def write_file(file: Path, items: list[tuple[str, WeightSlot]], fp8: dict[int, Any], norm_offset: float,
+               where: str) -> None:
+    """A checkpoint file's tensors (checkpoint_slots' items for it) read and written into their slots."""
+    with _safetensors(file) as f:
+        for name, slot in items:
+            write_weight(slot, f.get_tensor(name), name, fp8, norm_offset, where)
 
 
 @torch.no_grad()

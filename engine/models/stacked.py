@@ -45,8 +45,7 @@ logger = logging.getLogger("rast")
 def stacking_obstacle(a: CausalLM, b: CausalLM) -> Optional[str]:
     """Why the two cannot run as one batched forward (None: they can): any difference of shape,
     numerics (eps, rotary) or backends."""
-    ca, cb = dataclasses.asdict(a.config), dataclasses.asdict(b.config)
-    diff = sorted(k for k in ca if k != "torch_dtype" and ca[k] != cb[k])
+    diff = a.config.differences(b.config)
     if diff:
         return "their configs differ in " + ", ".join(diff)
     if a.dtype != b.dtype or a.ops.name != b.ops.name:

@@ -26,6 +26,7 @@ from rast_engine.kv_cache import KVCache
 from rast_engine.launcher import Launcher
 from rast_engine.model_runner import ModelRunner
 from rast_engine.outputs import EngineStats, RequestOutput, ScoreOutput
+from rast_engine.pausing import Pausing
 from rast_engine.pending import DrawResult, InFlight
 from rast_engine.lora_modules import LoraChoice
 from rast_engine.lora_adapters import LoraAdapters
@@ -41,7 +42,7 @@ from rast_engine.triple import ModelSet, resolve_device
 from rast_engine.weight_updates import WeightUpdates
 
 
-class LLMEngine(LoraAdapters, Launcher, WeightUpdates):
+class LLMEngine(LoraAdapters, Launcher, WeightUpdates, Pausing):
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
@@ -99,7 +100,8 @@ class LLMEngine(LoraAdapters, Launcher, WeightUpdates):
                               arrival=next(self._arrivals), weights=weights, grammar=grammar, priority=priority,
                               prompt_logprobs=None if params.prompt_logprobs is None else [None],
                               prompt_logprob_ranks=None if params.prompt_logprobs is None else [None],
-                              lora_slot=lora_slot, cache_root=cache_root, cache_salt=salt)
+                              lora_slot=lora_slot, cache_root=cache_root, cache_salt=salt,
+                              weights_root=self.weights_root)
         group.seqs.append(self._new_sequence(group, 0, list(ids)))
         self.wait_for_lora(group, pending)
         self.groups[request_id] = group
@@ -149,7 +151,9 @@ class LLMEngine(LoraAdapters, Launcher, WeightUpdates):
         A step that raises after taking its batch's tokens (the next launch failed) keeps the outputs it
         built, and the next step returns them first. An error after the runner (detokenising, stop
         checks) is not undone; the server declares the engine dead on any step error, LLM.generate
-        aborts its requests."""
+        aborts its requests. While paused (pausing.py) a step lands the batch on the device and launches
+        nothing; with none there, it raises."""
+        self._refuse_paused_step()
         undelivered, self._undelivered = self._undelivered, []
         try:
             outputs, launch_error = self._step()
@@ -177,7 +181,7 @@ class LLMEngine(LoraAdapters, Launcher, WeightUpdates):
                 return [], None
         batch, self._in_flight = self._in_flight, None
         launch_error = None
-        if batch.holds_pending:
+        if batch.holds_pending and not self._paused:
             try:
                 self._in_flight = self._launch_ahead(batch)
             except BaseException as e:  # its sequences are requeued; this batch's other tokens stand
@@ -199,7 +203,7 @@ class LLMEngine(LoraAdapters, Launcher, WeightUpdates):
                                         tuple(g.request_id for g in groups if g.params.masks_tokens)) from None
             raise
         progressed, deferred = self._commit(batch, results)
-        if self._in_flight is None and self.async_output and launch_error is None:
+        if self._in_flight is None and self.async_output and launch_error is None and not self._paused:
             try:
                 self._in_flight = self._launch()
             except BaseException as e:  # the batch is requeued; this step's tokens stand

@@ -64,7 +64,7 @@ def score_sequences(engine: LLMEngine, sequences: list[list[int]], output: str,
     for i, ids in enumerate(sequences):
         group = SequenceGroup(request_id=f"score-{i}", prompt=None, prompt_token_ids=list(ids), params=params,
                               request_seed=0, arrival=-1, weights=list(engine.model_set.weights),
-                              lora_slot=lora_slot, cache_root=cache_root)
+                              lora_slot=lora_slot, cache_root=cache_root, weights_root=engine.weights_root)
         seqs.append(Sequence(group=group, index=0, token_ids=list(ids), seed=0))
     results: list[ScoreOutput] = []
     pos = 0

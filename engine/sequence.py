@@ -186,6 +186,7 @@ class SequenceGroup:
     # load roots the prefix cache's block hashes, since R's keys and values depend on it
     lora_slot: int = -1
     cache_root: bytes = b""
+    weights_root: bytes = b""  # the weights loaded when it was added (weight_updates.py): roots its hashes too
     cache_salt: Optional[str] = None  # vLLM's: its blocks are shared only with requests of the same salt
     # the adapter load it waits for, no slot being free when it was added or its adapter evicted before it
     # was admitted (lora_slot -1 and no root until then): it is neither admitted nor hashed before the
@@ -208,11 +209,12 @@ class SequenceGroup:
 
     @property
     def hash_root(self) -> bytes:
-        """What the prefix cache's block hashes of this request start from: its adapter load's root, and
-        its cache_salt where it has one (one salt, one cache; no salt, the shared one)."""
+        """What the prefix cache's block hashes of this request start from: the weights loaded, its adapter
+        load's root, and its cache_salt where it has one (one salt, one cache; no salt, the shared one)."""
+        root = self.weights_root + self.cache_root
         if self.cache_salt is None:
-            return self.cache_root
-        return self.cache_root + b"\0salt:" + hashlib.blake2b(self.cache_salt.encode(), digest_size=16).digest()
+            return root
+        return root + b"\0salt:" + hashlib.blake2b(self.cache_salt.encode(), digest_size=16).digest()
 
     @property
     def finished(self) -> bool:

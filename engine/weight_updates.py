@@ -7,8 +7,10 @@ tensors and the KV cache stay valid; on CUDA the copies run on the current strea
 Invariants:
 - all or nothing: every name, shape and dtype (and, where a weight is stored in FP8, finiteness: it needs
   a scale) is checked before the first tensor is written;
-- only while no request is unfinished (its KV came from the old weights); the prefix cache is emptied
-  after, so no block computed before is reused;
+- only while no request is unfinished (its KV came from the old weights), or while paused
+  (pausing.py: the requests kept go on with the new weights over their old KV, as in vLLM); each load
+  starts a new prefix-cache root for the requests added after it and for those holding no block yet, so
+  no block computed before is offered to them, and empties the prefix cache where no request holds it;
 - a model whose tensors another role reads too is refused, since writing it would change the other: one
   directory given for two roles (one object), an RL model given as a LoRA adapter over its base, and
   lora_modules' slot view over small_base (adapters load through load_lora_adapter).
@@ -34,6 +36,9 @@ class WeightUpdates:
     """Mixed into LLMEngine: its model_set's models, replaced in place between steps."""
     model_set: Any
     scheduler: Any
+    groups: dict[str, Any]
+    weights_root: bytes = b""  # what every new request's prefix-cache root starts with (module docstring)
+    weight_loads: int = 0
 
     def load_weights(self, weights: Optional[Named] = None, *, path: Optional[str | os.PathLike] = None,
                      role: str = "small_rl") -> int:
@@ -42,13 +47,14 @@ class WeightUpdates:
         the same architecture, the same tokenizer where it has one), into the model of ``role`` (the
         engine's roles: "model", "small_rl", "small_base", "experts[k] rl", ...). How many tensors were
         written. RastError, with nothing written, for anything that does not fit, and while requests are
-        unfinished (module docstring)."""
+        unfinished unless the engine is paused (module docstring)."""
         if (weights is None) == (path is None):
             raise RastError("load_weights takes the weights or a checkpoint path, exactly one of them")
         model = self._updatable(role)
-        if self.has_unfinished_requests():
+        if self.has_unfinished_requests() and not self.is_paused():
             raise RastError(f"load_weights while {len(self.groups)} requests are unfinished: their KV came from "
-                            "the old weights; let them finish or abort them first")
+                            "the old weights; let them finish, or pause_generation first (mode 'keep' to go on "
+                            "with them after the load)")
         try:
             writes, count = _from_checkpoint(model, Path(path), self.model_set.tokenizer) if path is not None \
                 else _from_named(model, weights, role)
@@ -56,9 +62,18 @@ class WeightUpdates:
             raise RastError(str(e), param="path" if path is not None else "weights") from None
         for write in writes:
             write()
-        if not self.reset_prefix_cache():
-            raise RuntimeError("the prefix cache holds blocks of live sequences with no request unfinished")
+        self._new_weights_root()
         return count
+
+    def _new_weights_root(self) -> None:
+        """Blocks computed before are found by no request that holds none yet (module docstring)."""
+        self.weight_loads += 1
+        self.weights_root = b"\0weights:%d" % self.weight_loads
+        for group in self.groups.values():
+            if not any(s.block_table for s in group.seqs):
+                group.weights_root = self.weights_root
+        if not self.reset_prefix_cache() and not self.is_paused():
+            raise RuntimeError("the prefix cache holds blocks of live sequences with no request unfinished")
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget every block the prefix cache keeps, so later prompts recompute them (after a

@@ -243,7 +243,9 @@ class OpenAIServer:
     async def _respond(self, request: Request, handle: RequestHandle, fmt: Formatter,
                        req: CompletionRequest | ChatCompletionRequest) -> Response:
         arrival = time.perf_counter()
-        await handle.__aenter__()
+        stayed, _ = await unless_client_leaves(request, handle.__aenter__())  # held while the server is paused
+        if not stayed:  # its admission was cancelled, which aborted it
+            return Response(status_code=499)
         streaming = False
         try:
             # Wait for the first output before answering, so a queue timeout or an engine failure is

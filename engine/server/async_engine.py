@@ -19,6 +19,8 @@ Invariants:
   is already counted in flight and never refused here;
 - a submission the engine cannot admit (a bad prompt, a tokenizer error) fails alone: its prompts
   already added are aborted and its handler gets the error, and the engine thread serves on;
+- from a /pause to its /resume (pause_control.py) submissions are held, not admitted, and nothing steps
+  except to drain a mode "wait" pause;
 - an exception from step() leaves the engine in an unknown state, so the engine is declared dead:
   every open request fails and /health turns 503, rather than serving possibly wrong output. The
   exception is NoAdmissibleToken, which names its requests after the engine undid the step: those
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import math
 import logging
 import queue
@@ -39,10 +40,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, TypeVar
 
 from rast_engine.errors import NoAdmissibleToken, RastError
+from rast_engine.pausing import PAUSE_MODES
 from rast_engine.requests import truncated
 from rast_engine.server.prompt_encoding import encode_prompt, prefix_refusal_sound
+from rast_engine.server.pause_control import Pause, PauseControl, Resume
 from rast_engine.server.protocol import APIError
 from rast_engine.server.request_handle import Abort, Add, Call, RequestHandle, settle
+from rast_engine.server.request_params import fit_to_context
 
 log = logging.getLogger("rast.server")
 T = TypeVar("T")
@@ -74,6 +78,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tokenizer_thread: ThreadPoolExecutor | None = None
+        self.pausing = PauseControl(self)  # vLLM's /pause and /resume (pause_control.py)
 
     # ---- lifecycle (event loop) ----
     def start(self) -> None:
@@ -129,10 +134,26 @@ class AsyncEngine:
     # ---- requests (event loop) ----
     async def on_engine_thread(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the engine thread between two steps and wait for it (its exception re-raised)."""
+        await self._send(lambda done: Call(fn, done))
+
+    async def pause_generation(self, *, mode: str = "abort", clear_cache: bool = True) -> None:
+        """vLLM's EngineClient.pause_generation (pause_control.py): returns once paused, in mode "wait" once
+        no request is left."""
+        if mode not in PAUSE_MODES:
+            raise APIError(400, f"mode must be one of {PAUSE_MODES}, got {mode!r}", param="mode")
+        await self._send(lambda done: Pause(mode, clear_cache, done))
+
+    async def resume_generation(self) -> None:
+        await self._send(Resume)
+
+    def is_paused(self) -> bool:
+        return self.pausing.paused
+
+    async def _send(self, command: Callable[[asyncio.Future], Any]) -> None:
         if self.error is not None or self._thread is None:
             raise APIError(503, f"the engine is not running: {self.error}", type="server_error", code="engine_dead")
         done = asyncio.get_running_loop().create_future()
-        self._commands.put(Call(fn, done))
+        self._commands.put(command(done))
         await done
 
     def submit(self, prompts: list[str | list[int]], params: Any, *, request_id: str,
@@ -164,14 +185,15 @@ class AsyncEngine:
         (runs on the event loop, after `error` is set, so no later submit can slip in)."""
         for q in self._queues.values():
             q.put_nowait(exc)
+        dead = APIError(503, f"the engine is not running: {exc}", type="server_error", code="engine_dead")
+        self.pausing.fail(dead)
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(cmd, (Add, Call)):
-                settle(cmd.done, APIError(503, f"the engine is not running: {exc}", type="server_error",
-                                           code="engine_dead"))
+            if isinstance(cmd, (Add, Call, Pause, Resume)):
+                settle(cmd.done, dead)
 
     def _fail_requests(self, exc: NoAdmissibleToken) -> None:
         """A request whose own masks may have emptied its draw is a 400 (retrying it would fail again),
@@ -201,23 +223,24 @@ class AsyncEngine:
         self.error = failure
         self._post(self._fail_all, failure)
 
+    def _runnable(self) -> bool:
+        return self.engine.has_unfinished_requests() and not self.engine.is_paused()
+
     def _serve(self) -> None:
         while True:
-            busy = self.engine.has_unfinished_requests()
-            # Idle: sleep until a command arrives. Busy: apply whatever is queued and step at once (a
-            # step always makes progress; a prefill chunk may just have no output to show yet).
-            if not self._drain(block=not busy):
+            self.pausing.settle_drained()
+            # Idle (or paused): sleep until a command arrives. Busy: apply whatever is queued and step at
+            # once (a step always makes progress; a prefill chunk may just have no output to show yet).
+            if not self._drain(block=not self._runnable()):
                 return
-            if not self.engine.has_unfinished_requests():
+            if not self._runnable():
                 self.stats = self.engine.stats()
                 continue
             t0 = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except NoAdmissibleToken as exc:  # the step was undone: drop its culprits, serve the others
-                for rid in exc.request_ids:
-                    self.engine.abort_request(rid)
-                self._post(self._fail_requests, exc)
+                self.drop_failed(exc)
                 continue
             elapsed = time.perf_counter() - t0
             self.stats = self.engine.stats()
@@ -225,6 +248,11 @@ class AsyncEngine:
                 self.on_step(elapsed)
             if outputs:
                 self._post(self._dispatch, outputs)
+
+    def drop_failed(self, exc: NoAdmissibleToken) -> None:
+        for rid in exc.request_ids:
+            self.engine.abort_request(rid)
+        self._post(self._fail_requests, exc)
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands (waiting for the first one if ``block``); False once asked to stop."""
@@ -237,8 +265,13 @@ class AsyncEngine:
             if cmd is _STOP:
                 return False
             if isinstance(cmd, Abort):
+                self.pausing.drop(cmd.request_ids)
                 for rid in cmd.request_ids:
                     self.engine.abort_request(rid)
+            elif isinstance(cmd, Pause):
+                self.pausing.pause(cmd)
+            elif isinstance(cmd, Resume):
+                self.pausing.resume(cmd)
             elif isinstance(cmd, Call):
                 try:
                     cmd.fn()
@@ -246,6 +279,8 @@ class AsyncEngine:
                     self._post(settle, cmd.done, exc)
                 else:
                     self._post(settle, cmd.done, None)
+            elif self.pausing.paused:
+                self.pausing.hold(cmd)
             else:
                 self._add(cmd)
 
@@ -253,11 +288,12 @@ class AsyncEngine:
         added: list[str] = []
         try:
             for rid, ids in zip(cmd.request_ids, cmd.prompts):
-                # before the context check (_fit)
+                # before the context check (fit_to_context)
                 ids = truncated(ids, cmd.params.truncate_prompt_tokens, self.max_model_len)
                 prompt = ids if cmd.cache_salt is None else {"prompt_token_ids": ids, "cache_salt": cmd.cache_salt}
-                self.engine.add_request(rid, prompt, self._fit(cmd.params, cmd.max_tokens, len(ids)),
-                                        priority=cmd.priority, lora_request=cmd.lora)
+                params = fit_to_context(cmd.params, cmd.max_tokens, len(ids), self.max_model_len,
+                                        self.engine.sampling_defaults.get("max_tokens"))
+                self.engine.add_request(rid, prompt, params, priority=cmd.priority, lora_request=cmd.lora)
                 added.append(rid)
         except BaseException as exc:  # RastError: a 400; anything else: a 500 for this submission only
             for rid in added:  # all prompts of a submission are admitted, or none
@@ -267,24 +303,3 @@ class AsyncEngine:
                 raise
             return
         self._post(settle, cmd.done, None)
-
-    def _fit(self, params: Any, max_tokens: int | None, prompt_len: int) -> Any:
-        """OpenAI semantics: the prompt plus max_tokens must fit the context; no max_tokens means
-        'the rest of the context', or the generation config's max_new_tokens where that is less (but never
-        below the request's min_tokens)."""
-        room = self.max_model_len - prompt_len
-        if room <= 0:
-            raise RastError(f"the prompt has {prompt_len} tokens, but the model's context holds "
-                            f"{self.max_model_len}; shorten the prompt")
-        if max_tokens is None:
-            default = self.engine.sampling_defaults.get("max_tokens")
-            max_tokens = room if default is None else min(room, max(default, params.min_tokens))
-            if params.min_tokens > room:
-                raise RastError(f"min_tokens={params.min_tokens}, but the model's context holds {self.max_model_len} "
-                                f"tokens and the prompt has {prompt_len}: at most {room} can be generated",
-                                param="min_tokens")
-        elif max_tokens > room:
-            raise RastError(f"the model's context holds {self.max_model_len} tokens, but "
-                            f"{prompt_len + max_tokens} were requested ({prompt_len} in the "
-                            f"prompt, {max_tokens} in max_tokens); lower max_tokens", param="max_tokens")
-        return dataclasses.replace(params, max_tokens=max_tokens)

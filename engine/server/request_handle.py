@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class Add:
     request_ids: list[str]
     prompts: list[list[int]]  # token ids, encoded on the tokenizer thread
-    params: Any  # SamplingParams; its max_tokens is replaced per prompt by AsyncEngine._fit
+    params: Any  # SamplingParams; its max_tokens is replaced per prompt (request_params.fit_to_context)
     max_tokens: int | None  # None: up to the end of the context
     priority: int  # vLLM's request priority (scheduling_policy "priority")
     done: asyncio.Future

@@ -62,3 +62,25 @@ def chat_params(req: ChatCompletionRequest, engine: LLMEngine) -> SamplingParams
     params = sampling_params(req, req.logprobs_count(), req.max_new_tokens(), engine)
     k = req.prompt_logprobs_count()
     return params if k is None else dataclasses.replace(params, prompt_logprobs=k)
+
+
+def fit_to_context(params: SamplingParams, max_tokens: int | None, prompt_len: int, max_model_len: int,
+                   default: int | None) -> SamplingParams:
+    """OpenAI semantics: the prompt plus max_tokens must fit the context; no max_tokens means
+    'the rest of the context', or ``default`` (the generation config's max_new_tokens) where that is less
+    (but never below the request's min_tokens)."""
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise RastError(f"the prompt has {prompt_len} tokens, but the model's context holds "
+                        f"{max_model_len}; shorten the prompt")
+    if max_tokens is None:
+        max_tokens = room if default is None else min(room, max(default, params.min_tokens))
+        if params.min_tokens > room:
+            raise RastError(f"min_tokens={params.min_tokens}, but the model's context holds {max_model_len} "
+                            f"tokens and the prompt has {prompt_len}: at most {room} can be generated",
+                            param="min_tokens")
+    elif max_tokens > room:
+        raise RastError(f"the model's context holds {max_model_len} tokens, but "
+                        f"{prompt_len + max_tokens} were requested ({prompt_len} in the "
+                        f"prompt, {max_tokens} in max_tokens); lower max_tokens", param="max_tokens")
+    return dataclasses.replace(params, max_tokens=max_tokens)

@@ -8,12 +8,16 @@ prompt down:
   the old weights: drain the server first (stop sending, wait for the open requests).
 - POST /reset_prefix_cache (vLLM's dev-mode route; $VLLM_SERVER_DEV_MODE or $RAST_SERVER_DEV_MODE): the
   prefix cache forgotten, as benchmarks do between runs; 409 while requests hold blocks.
-Both run on the engine thread between two steps.
+- POST /pause?mode=abort|wait|keep&clear_cache=true, POST /resume, GET /is_paused (vLLM's dev-mode routes;
+  on with either variable above): the fence around a load while requests are in flight (pause_control.py,
+  engine/pausing.py); paused, /v1/load_weights is allowed, and requests kept ("keep") go on with the new
+  weights after /resume.
+All run on the engine thread between two steps.
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -49,9 +53,10 @@ def weight_routes(server: OpenAIServer) -> list[Route]:
         written: list[int] = []
 
         def load() -> None:
-            if engine.engine.has_unfinished_requests():
+            if engine.engine.has_unfinished_requests() and not engine.engine.is_paused():
                 raise APIError(409, f"{len(engine.engine.groups)} requests are in flight; their KV came from the "
-                                    "old weights: stop sending and let them finish, then load", code="busy")
+                                    "old weights: POST /pause first (mode=keep to go on with them after the load)",
+                               code="busy")
             written.append(engine.engine.load_weights(path=req.path, role=req.role))
 
         await _on_engine(server, load, "path")
@@ -66,7 +71,24 @@ def weight_routes(server: OpenAIServer) -> list[Route]:
         await _on_engine(server, reset, None)
         return Response(status_code=200)
 
+    async def pause(request: Request) -> Response:
+        query = request.query_params
+        mode = query.get("mode", "wait" if _flag(query, "wait_for_inflight_requests", False) else "abort")
+        await engine.pause_generation(mode=mode, clear_cache=_flag(query, "clear_cache", True))
+        return JSONResponse({"status": "paused"})
+
+    async def resume(_: Request) -> Response:
+        await engine.resume_generation()
+        return JSONResponse({"status": "resumed"})
+
+    async def is_paused(_: Request) -> Response:
+        return JSONResponse({"is_paused": engine.is_paused()})
+
     routes = []
+    if _on(WEIGHT_FLAGS) or _on(DEV_FLAGS):
+        routes += [Route("/pause", server._wrap("pause", pause, auth=True), methods=["POST"]),
+                   Route("/resume", server._wrap("resume", resume, auth=True), methods=["POST"]),
+                   Route("/is_paused", server._wrap("is_paused", is_paused, auth=True), methods=["GET"])]
     if _on(WEIGHT_FLAGS):
         routes.append(Route("/v1/load_weights", server._wrap("load_weights", load_weights, auth=True),
                             methods=["POST"]))
@@ -74,6 +96,18 @@ def weight_routes(server: OpenAIServer) -> list[Route]:
         routes.append(Route("/reset_prefix_cache", server._wrap("reset_prefix_cache", reset_prefix_cache, auth=True),
                             methods=["POST"]))
     return routes
+
+
+def _flag(query: Any, name: str, default: bool) -> bool:
+    """A boolean query parameter, as FastAPI reads one (vLLM's routes)."""
+    value = query.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise APIError(400, f"{name} must be true or false, got {value!r}", param=name)
 
 
 async def _on_engine(server: OpenAIServer, fn: Callable[[], None], param: str | None) -> None:

@@ -1,0 +1,154 @@
+"""vLLM's /pause, /resume and /is_paused (engine/server/pause_control.py) around /v1/load_weights while
+requests are in flight. Oracle: the offline engine, on the old or the new checkpoint (test_pausing.py
+checks the kept request's tokens against HF transformers)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rast_engine import LLM, SamplingParams
+from server_util import MODEL, PROMPTS
+from test_server_weights import _server
+from test_weight_updates import another_rl
+
+LONG = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+
+
+def offline(triple: tuple, rl: str | None = None, max_tokens: int = 60) -> list[str]:
+    large, old, base = map(str, triple)
+    llm = LLM(large, rl or old, base, lam=1.0, device="cpu", dtype="float32", kv_cache_blocks=256)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [o.outputs[0].text for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)]
+
+
+class Stream:
+    """A streamed completion read on its own thread: its text and finish reason once it ends."""
+
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
+        self.text, self.finish, self.chunks = "", None, 0
+        self.started = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(url, body), daemon=True)
+        self._thread.start()
+        assert self.started.wait(60)
+
+    def _read(self, url: str, body: dict[str, Any]) -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as s:
+            for line in s.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                self.text += choice["text"]
+                self.finish = choice["finish_reason"] or self.finish
+                self.chunks += 1
+                self.started.set()
+
+    def join(self) -> "Stream":
+        self._thread.join(120)
+        assert not self._thread.is_alive()
+        return self
+
+
+@pytest.fixture
+def dev(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAST_ALLOW_RUNTIME_WEIGHT_UPDATING", "1")
+
+
+def test_the_routes_are_off_unless_turned_on(server_triple: tuple) -> None:
+    running = _server(server_triple)
+    try:
+        for method, route in (("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused")):
+            assert httpx.request(method, f"{running.url}{route}").status_code == 404
+    finally:
+        running.close()
+
+
+def test_abort_ends_the_streams_and_holds_new_requests_until_resume(server_triple: tuple, dev: None) -> None:
+    want = offline(server_triple)
+    running = _server(server_triple, step_seconds=0.02)
+    url = running.url
+    try:
+        assert httpx.get(f"{url}/is_paused").json() == {"is_paused": False}
+        stream = Stream(url, LONG)
+        r = httpx.post(f"{url}/pause", timeout=60)
+        assert r.status_code == 200 and r.json() == {"status": "paused"}
+        stream.join()
+        assert stream.finish == "abort" and want[1].startswith(stream.text) and stream.text != want[1]
+        assert httpx.get(f"{url}/is_paused").json() == {"is_paused": True}
+        held: list[httpx.Response] = []
+        late = threading.Thread(target=lambda: held.append(httpx.post(f"{url}/v1/completions", json=LONG,
+                                                                      timeout=60)))
+        late.start()
+        time.sleep(0.5)
+        assert not held and not running.server.engine.engine.has_unfinished_requests()
+        assert httpx.post(f"{url}/resume", timeout=60).json() == {"status": "resumed"}
+        late.join(60)
+        assert held[0].json()["choices"][0]["text"] == want[1]
+        assert httpx.post(f"{url}/pause", params={"mode": "drain"}, timeout=60).status_code == 400
+        assert httpx.post(f"{url}/pause", params={"clear_cache": "maybe"}, timeout=60).status_code == 400
+    finally:
+        running.close()
+
+
+def test_wait_answers_once_the_streams_finish(server_triple: tuple, dev: None) -> None:
+    want = offline(server_triple)
+    running = _server(server_triple, step_seconds=0.02)
+    try:
+        stream = Stream(running.url, LONG)
+        r = httpx.post(f"{running.url}/pause", params={"mode": "wait"}, timeout=60)
+        assert r.status_code == 200 and stream.finish == "length" and stream.text == want[1]
+        stream.join()
+    finally:
+        running.close()
+
+
+def test_a_resume_during_wait_answers_that_pause_409(server_triple: tuple, dev: None) -> None:
+    running = _server(server_triple, step_seconds=0.02)
+    try:
+        stream = Stream(running.url, LONG)
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{running.url}/pause", params={"wait_for_inflight_requests": "true"}, timeout=60)))
+        waiting.start()
+        time.sleep(0.3)
+        assert httpx.post(f"{running.url}/resume", timeout=60).status_code == 200
+        waiting.join(60)
+        assert answers[0].status_code == 409 and stream.join().finish == "length"
+    finally:
+        running.close()
+
+
+def test_a_load_under_keep_goes_on_after_resume(server_triple: tuple, tmp_path: Path, dev: None) -> None:
+    """The kept stream's text begins as the old R's and ends on the new one's weights; a held request
+    whose client left is dropped; a request after the load decodes as the offline engine on the new R."""
+    rl2 = str(another_rl(server_triple, "qwen2", tmp_path))
+    old, new = offline(server_triple), offline(server_triple, rl2)
+    running = _server(server_triple, step_seconds=0.02)
+    url = running.url
+    try:
+        stream = Stream(url, LONG)
+        assert httpx.post(f"{url}/v1/load_weights", json={"path": rl2}, timeout=60).status_code == 409
+        assert httpx.post(f"{url}/pause", params={"mode": "keep"}, timeout=60).status_code == 200
+        before = stream.text
+        with pytest.raises(httpx.ReadTimeout):  # held while paused; the client leaves
+            httpx.post(f"{url}/v1/completions", json=LONG, timeout=0.5)
+        pausing, deadline = running.server.engine.pausing, time.monotonic() + 30
+        while pausing.held:  # dropped once the server sees the disconnect
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.post(f"{url}/v1/load_weights", json={"path": rl2}, timeout=60)
+        assert r.status_code == 200 and stream.text == before and stream.finish is None
+        assert httpx.post(f"{url}/resume", timeout=60).status_code == 200
+        stream.join()
+        assert stream.finish == "length" and old[1].startswith(before) and stream.text.startswith(before)
+        assert stream.text not in (old[1], new[1])
+        after = httpx.post(f"{url}/v1/completions", json=LONG, timeout=60).json()["choices"][0]["text"]
+        assert after == new[1]
+        assert not running.server.engine.engine.has_unfinished_requests()
+    finally:
+        running.close()

@@ -36,6 +36,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from rast_engine.weak_callback import weak_method
+
 logger = logging.getLogger("rast")
 
 StepOutput = tuple[torch.Tensor, list[torch.Tensor]]  # (sampled ids [rows], logits of every model [rows, V_m])
@@ -81,7 +83,8 @@ class DecodeGraphs:
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         if not stages:
             raise ValueError("a step needs at least one stage")
-        self.stages, self.pad_all, self.device = tuple(stages), pad_all, device
+        # the runner holds its graphs: its stages are held weakly (weak_callback.py)
+        self.stages, self.pad_all, self.device = tuple(map(weak_method, stages)), weak_method(pad_all), device
         self.buckets = batch_buckets(max_rows)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.outputs: dict[int, list[Any]] = {}  # per bucket, each stage's output

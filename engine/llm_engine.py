@@ -39,6 +39,7 @@ from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.structured import Grammars
 from rast_engine.speculative.round import PendingRound, SpecCounts, commit_round
 from rast_engine.triple import ModelSet, resolve_device
+from rast_engine.weak_callback import weak_method
 from rast_engine.weight_updates import WeightUpdates
 
 
@@ -78,8 +79,11 @@ class LLMEngine(LoraAdapters, Launcher, WeightUpdates, Pausing):
         self.spec_counts = SpecCounts()
         self.grammars: Optional[Grammars] = None  # structured outputs' compiler, built by the first such request
         if self.model_set.lora is not None:  # adapters that requests wait for load as the scheduler admits them
-            self.scheduler.can_load_lora, self.scheduler.load_lora = self.can_load_waiting_lora, self.load_waiting_lora
-            self.model_set.lora.queued, self.model_set.lora.loaded = self._lora_queued, self.scheduler.lora_loaded
+            # held weakly: the engine holds both (weak_callback.py)
+            self.scheduler.can_load_lora = weak_method(self.can_load_waiting_lora)
+            self.scheduler.load_lora = weak_method(self.load_waiting_lora)
+            self.model_set.lora.queued = weak_method(self._lora_queued)
+            self.model_set.lora.loaded = weak_method(self.scheduler.lora_loaded)
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int], dict], params: SamplingParams,

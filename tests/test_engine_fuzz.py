@@ -1,13 +1,16 @@
-"""The engine under random interleavings of add_request, bad requests, abort_request, LoRA unloads and step
-(hypothesis' stateful testing), in a KV cache small enough to preempt, with chunked prefill, prefix caching,
-forks of n > 1, steps launched ahead, speculative rounds and per-request LoRA adapters (two loaded at start,
-two more by path into the one slot left, each evicting the other when idle, or waiting in the queue while the
-other's requests live). Oracles are the engine's promises, checked after every operation:
+"""The engine under random interleavings of add_request, bad requests, abort_request, LoRA unloads, pauses of
+each mode, M's weights written again (while paused), resumes and step (hypothesis' stateful testing), in a KV
+cache small enough to preempt, with chunked prefill, prefix caching, forks of n > 1, steps launched ahead,
+speculative rounds and per-request LoRA adapters (two loaded at start, two more by path into the one slot
+left, each evicting the other when idle, or waiting in the queue while the other's requests live). Oracles
+are the engine's promises, checked after every operation:
 - every KV block's reference count equals the number of live sequences whose table holds it, and a block
   is on the free list iff that count is 0 (nothing leaked, nothing freed twice);
 - a refused request (RastError) changes nothing: the same requests, the same free blocks;
 - a finished request has its n samples of exactly max_tokens tokens (ignore_eos), reported once, and an
-  aborted one is never reported again;
+  aborted one is never reported again; a pause in mode "abort" ends every request (each reported once,
+  with at most max_tokens tokens), "wait" runs every one to its end, and nothing is left on the device;
+- a load is refused only while requests are unfinished and the engine is not paused;
 - a live request's slot holds the adapter it asked for (loads, unloads and evictions never touch it), or it
   waits for that adapter's one load, which the requests waiting for it, and only they, share;
 - a path adapter's request is never refused for want of a slot: one slot is never pinned, so it waits;
@@ -57,13 +60,23 @@ class EngineMachine(RuleBasedStateMachine):
         self.count = 0
 
     def _step(self) -> None:
-        for out in self.engine.step():
+        self._take(self.engine.step())
+
+    def _take(self, outputs: list, aborted: bool = False) -> None:
+        """``aborted``: pause_generation(mode="abort")'s, where a request may end early (an n > 1 request
+        not forked yet reports its one sample)."""
+        for out in outputs:
             assert out.request_id not in self.ended, f"{out.request_id} reported after it ended"
             if out.finished:
                 params = self.expected.pop(out.request_id)
-                assert len(out.outputs) == params.n
-                assert all(len(c.token_ids) == params.max_tokens and c.finish_reason == "length"
-                           for c in out.outputs)
+                if aborted:
+                    assert len(out.outputs) in (1, params.n) and all(
+                        len(c.token_ids) <= params.max_tokens and c.finish_reason in ("length", "abort")
+                        for c in out.outputs)
+                else:
+                    assert len(out.outputs) == params.n
+                    assert all(len(c.token_ids) == params.max_tokens and c.finish_reason == "length"
+                               for c in out.outputs)
                 self.ended.add(out.request_id)
                 self.chosen.pop(out.request_id)
 
@@ -112,8 +125,29 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(steps=st.integers(1, 4))
     def step(self, steps: int) -> None:
         for _ in range(steps):
-            if self.engine.has_unfinished_requests():
+            if self.engine.has_unfinished_requests() and not self.engine.is_paused():
                 self._step()
+
+    @rule(mode=st.sampled_from(["abort", "wait", "keep"]), clear_cache=st.booleans())
+    def pause(self, mode: str, clear_cache: bool) -> None:
+        """Pausing a paused engine does nothing; otherwise abort and wait end every request."""
+        was_paused = self.engine.is_paused()
+        self._take(self.engine.pause_generation(mode=mode, clear_cache=clear_cache), aborted=mode == "abort")
+        assert self.engine.is_paused() and self.engine._in_flight is None
+        assert was_paused or mode == "keep" or not self.expected, sorted(self.expected)
+
+    @rule()
+    def reload_model(self) -> None:
+        """M's own checkpoint written again: refused unless paused or idle, and changing nothing that the
+        other oracles see (the requests kept go on, the prefix cache starts a new root)."""
+        try:
+            self.engine.load_weights(path=self.engine.config.model, role="model")
+        except RastError as e:
+            assert self.engine.has_unfinished_requests() and not self.engine.is_paused(), e
+
+    @rule()
+    def resume(self) -> None:
+        self.engine.resume_generation()
 
     @rule(name=st.sampled_from(["c", "d"]))
     def unload(self, name: str) -> None:
@@ -159,6 +193,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert evictable(self.engine._lora_slots_held()) == evictable(held)
 
     def teardown(self) -> None:
+        self.engine.resume_generation()
         for _ in range(500):
             if not self.engine.has_unfinished_requests():
                 break

@@ -89,7 +89,7 @@ gpu_tests() {  # the decode path first: the benchmarks after it mean nothing if 
     tests/test_fp8_linear.py tests/test_fp8_models.py \
     tests/test_fp8_cast.py tests/test_fp8_kv_cache.py tests/test_fp8_kv_models.py tests/test_kv_sizing.py \
     tests/test_ops.py tests/test_sliding_window.py tests/test_moe_kernel.py tests/test_gpu_lora.py \
-    tests/test_lora_slots_kernel.py 2>&1 | tee -a "$log"
+    tests/test_lora_slots_kernel.py tests/test_engine_release.py tests/test_sleep_mode.py 2>&1 | tee -a "$log"
 }
 decode() {  # decode <seconds> <bench/decode.py arguments...>
   local seconds=$1
@@ -155,7 +155,7 @@ case "$stage" in
     decode "$(part 1 2)" --pairings 7b+1.5b-lora --modes rast rast-unstacked --batches 1 32 --name decode-lora \
       --profile --profile-modes rast
     timeout "$(upto 90)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_lora.py \
-      tests/test_lora_slots_kernel.py 2>&1 | tee -a "$log"
+      tests/test_lora_slots_kernel.py tests/test_engine_release.py tests/test_sleep_mode.py 2>&1 | tee -a "$log"
     timeout "$(upto 60)" python3 bench/lora_kernel.py --out "$out" 2>&1 | tee -a "$log"  # slot deltas alone
     timeout "$(left)" python3 bench/lora_modules.py --out "$out" 2>&1 | tee -a "$log"  # adapters chosen per request
     ;;

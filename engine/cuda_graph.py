@@ -102,6 +102,13 @@ class DecodeGraphs:
         logger.info("captured %d decode graphs (batch buckets %d..%d, %d stages) in %.2f s", len(self.buckets),
                     self.buckets[0], self.buckets[-1], len(self.stages), time.perf_counter() - t0)
 
+    def release(self) -> None:
+        """Drop every bucket's graphs and their pool (the engine's sleep: the tensors they read move);
+        capture_all() captures them again."""
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+
     def ensure(self, rows: int) -> None:
         """Capture the graphs of bucket ``rows`` if they do not exist yet (overwrites the static inputs)."""
         if rows in self.graphs:

@@ -151,6 +151,15 @@ class LLM:
         """vLLM's: forget the prefix cache's blocks; False while requests hold blocks."""
         return self.llm_engine.reset_prefix_cache()
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's: give the device memory of the weights (level 1: kept in host memory; level 2: discarded)
+        and of the KV cache back (engine/sleep_mode.py)."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """vLLM's: take it again, "weights" and "kv_cache" (None: both)."""
+        self.llm_engine.wake_up(tags)
+
 
 def _text_message(message: Any) -> Any:
     """A message whose content is OpenAI's list of parts gets its text parts joined by newlines, as vLLM

@@ -35,6 +35,7 @@ from rast_engine.requests import check_priority, checked_request, prompt_of, pro
 from rast_engine.sampling_params import SamplingParams, sample_seed
 from rast_engine.scheduler import Scheduler
 from rast_engine.scoring import score_sequences
+from rast_engine.sleep_mode import SleepMode
 from rast_engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from rast_engine.structured import Grammars
 from rast_engine.speculative.round import PendingRound, SpecCounts, commit_round
@@ -43,7 +44,7 @@ from rast_engine.weak_callback import weak_method
 from rast_engine.weight_updates import WeightUpdates
 
 
-class LLMEngine(LoraAdapters, Launcher, WeightUpdates, Pausing):
+class LLMEngine(LoraAdapters, Launcher, WeightUpdates, Pausing, SleepMode):
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
@@ -134,6 +135,10 @@ class LLMEngine(LoraAdapters, Launcher, WeightUpdates, Pausing):
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups or self._undelivered)
 
+    def step_refusal(self) -> Optional[str]:
+        """Why step() would raise now (paused, asleep), or None."""
+        return self._paused_refusal() or self._asleep_refusal()
+
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch to its sampled tokens (a speculative round: 1 to γ + 1 tokens a sequence, see
@@ -156,8 +161,10 @@ class LLMEngine(LoraAdapters, Launcher, WeightUpdates, Pausing):
         built, and the next step returns them first. An error after the runner (detokenising, stop
         checks) is not undone; the server declares the engine dead on any step error, LLM.generate
         aborts its requests. While paused (pausing.py) a step lands the batch on the device and launches
-        nothing; with none there, it raises."""
-        self._refuse_paused_step()
+        nothing; with none there, it raises, as it does while the engine sleeps (sleep_mode.py)."""
+        refusal = self.step_refusal()
+        if refusal is not None:
+            raise RastError(refusal)
         undelivered, self._undelivered = self._undelivered, []
         try:
             outputs, launch_error = self._step()

@@ -18,7 +18,7 @@ Invariants while paused:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from rast_engine.errors import RastError
 from rast_engine.outputs import RequestOutput
@@ -82,6 +82,7 @@ class Pausing:
             self.forget_lora(group)
         return outputs
 
-    def _refuse_paused_step(self) -> None:
+    def _paused_refusal(self) -> Optional[str]:
         if self._paused and self._in_flight is None:
-            raise RastError("the engine is paused (pause_generation): call resume_generation() to run requests")
+            return "the engine is paused (pause_generation): call resume_generation() to run requests"
+        return None

@@ -37,6 +37,7 @@ class WeightUpdates:
     model_set: Any
     scheduler: Any
     groups: dict[str, Any]
+    _asleep: Any
     weights_root: bytes = b""  # what every new request's prefix-cache root starts with (module docstring)
     weight_loads: int = 0
 
@@ -50,20 +51,23 @@ class WeightUpdates:
         unfinished unless the engine is paused (module docstring)."""
         if (weights is None) == (path is None):
             raise RastError("load_weights takes the weights or a checkpoint path, exactly one of them")
+        if self._asleep is not None and "weights" in self._asleep.tags:
+            raise RastError("the weights sleep (sleep_mode.py): wake_up(['weights']) before load_weights")
         model = self._updatable(role)
         if self.has_unfinished_requests() and not self.is_paused():
             raise RastError(f"load_weights while {len(self.groups)} requests are unfinished: their KV came from "
                             "the old weights; let them finish, or pause_generation first (mode 'keep' to go on "
                             "with them after the load)")
         try:
-            writes, count = _from_checkpoint(model, Path(path), self.model_set.tokenizer) if path is not None \
+            writes, names = _from_checkpoint(model, Path(path), self.model_set.tokenizer) if path is not None \
                 else _from_named(model, weights, role)
         except ModelLoadError as e:
             raise RastError(str(e), param="path" if path is not None else "weights") from None
         for write in writes:
             write()
+        self._written(role, names)
         self._new_weights_root()
-        return count
+        return len(names)
 
     def _new_weights_root(self) -> None:
         """Blocks computed before are found by no request that holds none yet (module docstring)."""
@@ -101,10 +105,10 @@ class WeightUpdates:
         return model
 
 
-def _from_named(model: CausalLM, weights: Named, role: str) -> tuple[list[Callable[[], None]], int]:
-    """The checked writes of (name, tensor) pairs into ``model``, and how many tensors they write."""
+def _from_named(model: CausalLM, weights: Named, role: str) -> tuple[list[Callable[[], None]], list[str]]:
+    """The checked writes of (name, tensor) pairs into ``model``, and the names they write."""
     slots, fp8, cfg = model.weight_map(), fp8_owners(model), model.config
-    writes, seen = [], set()
+    writes, written, seen = [], [], set()
     for entry in weights:
         if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], torch.Tensor)):
@@ -124,12 +128,13 @@ def _from_named(model: CausalLM, weights: Named, role: str) -> tuple[list[Callab
         if id(param) in fp8 and not bool(torch.isfinite(tensor).all()):
             raise ModelLoadError(f"tensor {name} is not finite, and its weight is stored in FP8 (scaled)")
         writes.append(lambda s=slots[name], t=tensor, n=name: write_weight(s, t, n, fp8, cfg.norm_offset, role))
-    return writes, len(writes)
+        written.append(name)
+    return writes, written
 
 
-def _from_checkpoint(model: CausalLM, path: Path, tokenizer: Any) -> tuple[list[Callable[[], None]], int]:
+def _from_checkpoint(model: CausalLM, path: Path, tokenizer: Any) -> tuple[list[Callable[[], None]], list[str]]:
     """The checked writes of the checkpoint at ``path`` into ``model`` (a file's tensors are read when it is
-    written), and how many tensors they write."""
+    written), and the names they write."""
     from rast_engine.triple import saved_tokenizer_difference  # triple imports us
 
     diff = model.config.differences(ModelConfig.from_dir(path))
@@ -146,4 +151,4 @@ def _from_checkpoint(model: CausalLM, path: Path, tokenizer: Any) -> tuple[list[
                 if id(param) in fp8 and not bool(torch.isfinite(f.get_tensor(name)).all()):
                     raise ModelLoadError(f"{where}: tensor {name} is not finite, and its weight is stored in FP8")
     return ([lambda file=file, items=items: write_file(file, items, fp8, offset, where)
-             for file, items in by_file.items()], sum(map(len, by_file.values())))
+             for file, items in by_file.items()], [name for items in by_file.values() for name, _ in items])

@@ -1,6 +1,6 @@
 """vLLM's /pause, /resume and /is_paused (engine/server/pause_control.py) around /v1/load_weights while
-requests are in flight. Oracle: the offline engine, on the old or the new checkpoint (test_pausing.py
-checks the kept request's tokens against HF transformers)."""
+requests are in flight, and its /sleep, /wake_up and /is_sleeping. Oracle: the offline engine, on the old or
+the new checkpoint (test_pausing.py checks the kept request's tokens against HF transformers)."""
 from __future__ import annotations
 
 import json
@@ -62,7 +62,8 @@ def dev(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_routes_are_off_unless_turned_on(server_triple: tuple) -> None:
     running = _server(server_triple)
     try:
-        for method, route in (("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused")):
+        for method, route in (("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused"), ("POST", "/sleep"),
+                              ("POST", "/wake_up"), ("GET", "/is_sleeping")):
             assert httpx.request(method, f"{running.url}{route}").status_code == 404
     finally:
         running.close()
@@ -150,5 +151,33 @@ def test_a_load_under_keep_goes_on_after_resume(server_triple: tuple, tmp_path: 
         after = httpx.post(f"{url}/v1/completions", json=LONG, timeout=60).json()["choices"][0]["text"]
         assert after == new[1]
         assert not running.server.engine.engine.has_unfinished_requests()
+    finally:
+        running.close()
+
+
+def test_sleep_refuses_while_requests_run_and_holds_later_ones_until_awake(server_triple: tuple, dev: None) -> None:
+    want = offline(server_triple)
+    running = _server(server_triple, step_seconds=0.02)
+    url = running.url
+    try:
+        stream = Stream(url, LONG)
+        busy = httpx.post(f"{url}/sleep", timeout=60)
+        assert busy.status_code == 409 and "in flight" in busy.text
+        stream.join()
+        assert httpx.post(f"{url}/sleep", params={"level": "3"}, timeout=60).status_code == 400
+        assert httpx.post(f"{url}/sleep", params={"level": "1"}, timeout=60).status_code == 200
+        assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": True}
+        late: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: late.append(httpx.post(f"{url}/v1/completions", json=LONG,
+                                                                        timeout=60)))
+        sender.start()
+        assert httpx.post(f"{url}/wake_up", params={"tags": "weight"}, timeout=60).status_code == 400
+        assert httpx.post(f"{url}/wake_up", params={"tags": "weights"}, timeout=60).status_code == 200
+        time.sleep(0.5)
+        assert not late and httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": True}
+        assert httpx.post(f"{url}/wake_up", params={"tags": "kv_cache"}, timeout=60).status_code == 200
+        sender.join(60)
+        assert late[0].json()["choices"][0]["text"] == want[1]
+        assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": False}
     finally:
         running.close()

@@ -224,7 +224,8 @@ class AsyncEngine:
         self._post(self._fail_all, failure)
 
     def _runnable(self) -> bool:
-        return self.engine.has_unfinished_requests() and not self.engine.is_paused()
+        """Requests to step, and no pause or sleep in the way (they wait for /resume, /wake_up or loads)."""
+        return self.engine.has_unfinished_requests() and self.engine.step_refusal() is None
 
     def _serve(self) -> None:
         while True:

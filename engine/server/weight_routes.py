@@ -12,6 +12,9 @@ prompt down:
   on with either variable above): the fence around a load while requests are in flight (pause_control.py,
   engine/pausing.py); paused, /v1/load_weights is allowed, and requests kept ("keep") go on with the new
   weights after /resume.
+- POST /sleep?level=1|2, POST /wake_up?tags=weights&tags=kv_cache, GET /is_sleeping (vLLM's dev-mode
+  routes, on as /pause): the device memory of the weights and KV cache given back and taken again
+  (engine/sleep_mode.py); 409 while requests are in flight. Requests sent meanwhile wait for the wake.
 All run on the engine thread between two steps.
 """
 from __future__ import annotations
@@ -84,8 +87,33 @@ def weight_routes(server: OpenAIServer) -> list[Route]:
     async def is_paused(_: Request) -> Response:
         return JSONResponse({"is_paused": engine.is_paused()})
 
+    async def sleep(request: Request) -> Response:
+        level = request.query_params.get("level", "1")
+        if level not in ("1", "2"):
+            raise APIError(400, f"level must be 1 or 2, got {level!r}", param="level")
+
+        def go() -> None:
+            if engine.engine.has_unfinished_requests():
+                raise APIError(409, f"{len(engine.engine.groups)} requests are in flight and sleep discards their "
+                                    "KV cache: POST /pause (mode=abort or wait) first", code="busy")
+            engine.engine.sleep(int(level))
+
+        await _on_engine(server, go, "level")
+        return Response(status_code=200)
+
+    async def wake_up(request: Request) -> Response:
+        tags = request.query_params.getlist("tags") or None
+        await _on_engine(server, lambda: engine.engine.wake_up(tags), "tags")
+        return Response(status_code=200)
+
+    async def is_sleeping(_: Request) -> Response:
+        return JSONResponse({"is_sleeping": engine.engine.is_sleeping()})
+
     routes = []
     if _on(WEIGHT_FLAGS) or _on(DEV_FLAGS):
+        routes += [Route("/sleep", server._wrap("sleep", sleep, auth=True), methods=["POST"]),
+                   Route("/wake_up", server._wrap("wake_up", wake_up, auth=True), methods=["POST"]),
+                   Route("/is_sleeping", server._wrap("is_sleeping", is_sleeping, auth=True), methods=["GET"])]
         routes += [Route("/pause", server._wrap("pause", pause, auth=True), methods=["POST"]),
                    Route("/resume", server._wrap("resume", resume, auth=True), methods=["POST"]),
                    Route("/is_paused", server._wrap("is_paused", is_paused, auth=True), methods=["GET"])]

@@ -165,8 +165,8 @@ def sync(device: torch.device) -> None:
 
 
 def release(device: torch.device) -> None:
-    """A dropped engine's device memory back before the next one is built: its runner and CUDA graphs hold
-    each other (bound methods), so ``del engine`` alone frees nothing until the garbage collector runs."""
+    """A dropped engine's device memory back to the driver before the next one is built (``del engine``
+    frees it into torch's cache: engine/weak_callback.py; the collector runs for any cycle outside it)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,6 +182,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 * 2**20) -> float:
     dst = torch.empty_like(src)
     us = time_us(lambda: dst.copy_(src), device, warmup=2, iters=10)
     return 2 * nbytes / (us * 1e-6)
+
+
+def pinned_bandwidth(device: torch.device, to_device: bool, nbytes: int = 256 * 2**20) -> float:
+    """Measured copy bandwidth between pinned host memory and the (CUDA) device, one way, in bytes/s."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device=device)
+    copy = (lambda: dev.copy_(host, non_blocking=True)) if to_device else (lambda: host.copy_(dev, non_blocking=True))
+    return nbytes / (time_us(copy, device) * 1e-6)
 
 
 def keeps_results(out: Path | None, device: torch.device, quick: bool) -> bool:

@@ -41,8 +41,10 @@
 #                                                      model a rank-64 LoRA adapter sharing its base's weights),
 #                                                      rast and rast-unstacked at batch 1 and 32, base once;
 #                                                      bench/lora_kernel.py: the slot deltas alone, gathered
-#                                                      against the torch path; bench/lora_modules.py: 1-8
-#                                                      adapters chosen per request
+#                                                      against the torch path; bench/weight_sync.py: R's
+#                                                      load_weights, sleep and wake_up against their copy
+#                                                      floors; bench/lora_modules.py: 1-8 adapters chosen
+#                                                      per request
 #
 # <sha> is the commit being measured (the copy of the tree there has no git metadata). Each stage writes
 # one log, <stage>.log, plus the JSON/PNG of its benchmarks: at most 8 files, the most that come back
@@ -89,7 +91,8 @@ gpu_tests() {  # the decode path first: the benchmarks after it mean nothing if 
     tests/test_fp8_linear.py tests/test_fp8_models.py \
     tests/test_fp8_cast.py tests/test_fp8_kv_cache.py tests/test_fp8_kv_models.py tests/test_kv_sizing.py \
     tests/test_ops.py tests/test_sliding_window.py tests/test_moe_kernel.py tests/test_gpu_lora.py \
-    tests/test_lora_slots_kernel.py tests/test_engine_release.py tests/test_sleep_mode.py 2>&1 | tee -a "$log"
+    tests/test_lora_slots_kernel.py tests/test_engine_release.py tests/test_sleep_mode.py \
+    tests/test_weight_updates.py 2>&1 | tee -a "$log"
 }
 decode() {  # decode <seconds> <bench/decode.py arguments...>
   local seconds=$1
@@ -155,8 +158,9 @@ case "$stage" in
     decode "$(part 1 2)" --pairings 7b+1.5b-lora --modes rast rast-unstacked --batches 1 32 --name decode-lora \
       --profile --profile-modes rast
     timeout "$(upto 90)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_lora.py \
-      tests/test_lora_slots_kernel.py tests/test_engine_release.py tests/test_sleep_mode.py 2>&1 | tee -a "$log"
+      tests/test_lora_slots_kernel.py 2>&1 | tee -a "$log"
     timeout "$(upto 60)" python3 bench/lora_kernel.py --out "$out" 2>&1 | tee -a "$log"  # slot deltas alone
+    timeout "$(upto 90)" python3 bench/weight_sync.py --out "$out" 2>&1 | tee -a "$log"  # an RL loop's syncs
     timeout "$(left)" python3 bench/lora_modules.py --out "$out" 2>&1 | tee -a "$log"  # adapters chosen per request
     ;;
   unfused)

@@ -72,9 +72,7 @@ def time_loads(engine: object, name: str, path: str, device: torch.device) -> di
     deltas = registry.host[str(Path(path).resolve())][1]
     out["bytes"] = sum(d.a.nbytes + d.b.nbytes for d in deltas)
     if device.type == "cuda":
-        host = torch.empty(256 * 2**20, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty_like(host, device=device)
-        bandwidth = 256 * 2**20 / (common.time_us(lambda: dst.copy_(host, non_blocking=True), device) * 1e-6)
+        bandwidth = common.pinned_bandwidth(device, to_device=True)
         out.update(h2d_bytes_per_s=bandwidth, floor_ms=out["bytes"] / bandwidth * 1e3)
     return out
 

@@ -38,6 +38,7 @@ class WeightUpdates:
     scheduler: Any
     groups: dict[str, Any]
     _asleep: Any
+    device: torch.device
     weights_root: bytes = b""  # what every new request's prefix-cache root starts with (module docstring)
     weight_loads: int = 0
 
@@ -65,6 +66,8 @@ class WeightUpdates:
             raise RastError(str(e), param="path" if path is not None else "weights") from None
         for write in writes:
             write()
+        if self.device.type == "cuda":  # copies from pinned tensors are queued: the caller may reuse them after
+            torch.cuda.current_stream(self.device).synchronize()
         self._written(role, names)
         self._new_weights_root()
         return len(names)

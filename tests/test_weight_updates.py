@@ -197,3 +197,22 @@ def test_captured_graphs_replay_the_new_weights(qwen2_triple: tuple, tmp_path: P
         fast.load_weights(path=str(rl2))
         got = generate_all(fast, batch, EMULATED)
     assert got == want != before and emu.replays == 4 * (EMULATED.max_tokens - 1)
+
+
+@pytest.mark.gpu
+def test_pinned_sources_are_copied_before_load_weights_returns(qwen2_triple: tuple, tmp_path: Path) -> None:
+    """Copies from pinned host tensors are queued, not waited for one by one; the load waits once at its
+    end, so a caller that overwrites its tensors right after does not change the weights."""
+    from transformers import AutoModelForCausalLM
+
+    large, rl, base = map(str, qwen2_triple)
+    rl2 = another_rl(qwen2_triple, "qwen2", tmp_path)
+    gpu = dict(device="cuda", dtype="float32", max_num_seqs=8, **KW)
+    want = tokens(LLM(large, str(rl2), base, **gpu))
+    llm = LLM(large, rl, base, **gpu)
+    pinned = [(n, t.pin_memory()) for n, t in
+              AutoModelForCausalLM.from_pretrained(str(rl2), dtype=torch.float32).state_dict().items()]
+    llm.load_weights(pinned)
+    for _, t in pinned:
+        t.fill_(float("nan"))
+    assert tokens(llm) == want

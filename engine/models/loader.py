@@ -217,6 +217,7 @@ def write_weight(slot: WeightSlot, tensor: torch.Tensor, name: str, fp8: dict[in
             raise ModelLoadError(f"{where}: tensor {name} cannot be quantised: {e}") from None
         return
     target = param.narrow(0, start, rows)
-    target.copy_(tensor)
+    # from pinned memory the copy is queued, not waited for (LLMEngine.load_weights waits once, at its end)
+    target.copy_(tensor, non_blocking=tensor.device.type == "cpu" and tensor.is_pinned())
     if norm_offset and name.endswith("norm.weight"):
         target.add_(norm_offset)

@@ -263,6 +263,9 @@ class LLMEngine(LoraAdapters, Launcher, WeightUpdates, Pausing, SleepMode):
     # ---- scoring and stats -------------------------------------------------------------------------
     def score(self, sequences: list[list[int]], output: str = "logprobs",
               lora_request: LoraChoice = None) -> list[ScoreOutput]:
+        refusal = self._asleep_refusal()  # scoring runs the models now
+        if refusal is not None:
+            raise RastError(refusal)
         return score_sequences(self, sequences, output, lora_request)
 
     def stats(self) -> EngineStats:

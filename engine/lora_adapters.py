@@ -17,6 +17,7 @@ class LoraAdapters:
     model_set: Any
     groups: dict[str, SequenceGroup]
     scheduler: Any
+    refuse_while_weights_sleep: Any  # sleep_mode.py's
 
     def lora_choice(self, lora_request: LoraChoice, wait: bool = False) -> Union[tuple[int, bytes], PendingLora]:
         """A request's adapter slot and prefix-cache root; a LoRARequest with a path loads its adapter. With
@@ -26,7 +27,11 @@ class LoraAdapters:
                 return -1, b""
             raise RastError(f"lora_request {lora_request!r}: this engine serves no LoRA adapters (start it with "
                             "small_base and lora_modules, or max_loras)", param="lora_request")
-        return self.model_set.lora.choose(lora_request, self._lora_slots_in_use, wait)
+        registry = self.model_set.lora
+        name = getattr(lora_request, "lora_name", lora_request)
+        if isinstance(name, str) and name not in registry.paths:  # it would be written into a slot
+            self.refuse_while_weights_sleep(f"LoRA adapter {name!r}, not loaded,")
+        return registry.choose(lora_request, self._lora_slots_in_use, wait)
 
     def wait_for_lora(self, group: SequenceGroup, pending: Optional[PendingLora]) -> None:
         """A new request's group waits on the adapter load lora_choice gave it (None: it has its slot)."""
@@ -53,6 +58,7 @@ class LoraAdapters:
         if self.model_set.lora is None:
             raise RastError("this engine holds no LoRA slots: start it with small_base and lora_modules or "
                             "max_loras", param="lora_name")
+        self.refuse_while_weights_sleep("load_lora_adapter")
         try:
             self.model_set.lora.load(name, path, self._lora_slots_in_use)
         except ModelLoadError as e:
@@ -62,6 +68,7 @@ class LoraAdapters:
         """Free an adapter's slot (vLLM's /v1/unload_lora_adapter); refused while a request uses it."""
         if self.model_set.lora is None:
             raise RastError("this engine holds no LoRA slots", param="lora_name")
+        self.refuse_while_weights_sleep("unload_lora_adapter")  # it clears the slot
         self.model_set.lora.unload(name, self._lora_slots_in_use)
 
     def lora_adapters(self) -> dict[str, str]:

@@ -119,6 +119,11 @@ class SleepMode:
     def is_sleeping(self) -> bool:
         return self._asleep is not None
 
+    def refuse_while_weights_sleep(self, what: str) -> None:
+        """RastError for what would read or write the weights (a load, a forward) while they sleep."""
+        if self._asleep is not None and "weights" in self._asleep.tags:
+            raise RastError(f"{what} while the weights sleep (sleep_mode.py): wake_up(['weights']) first")
+
     def _asleep_refusal(self) -> Optional[str]:
         if self._asleep is not None:
             return f"the engine sleeps ({sorted(self._asleep.tags)} released): call wake_up() first"

@@ -37,7 +37,7 @@ class WeightUpdates:
     model_set: Any
     scheduler: Any
     groups: dict[str, Any]
-    _asleep: Any
+    refuse_while_weights_sleep: Any  # sleep_mode.py's
     device: torch.device
     weights_root: bytes = b""  # what every new request's prefix-cache root starts with (module docstring)
     weight_loads: int = 0
@@ -52,8 +52,7 @@ class WeightUpdates:
         unfinished unless the engine is paused (module docstring)."""
         if (weights is None) == (path is None):
             raise RastError("load_weights takes the weights or a checkpoint path, exactly one of them")
-        if self._asleep is not None and "weights" in self._asleep.tags:
-            raise RastError("the weights sleep (sleep_mode.py): wake_up(['weights']) before load_weights")
+        self.refuse_while_weights_sleep("load_weights")
         model = self._updatable(role)
         if self.has_unfinished_requests() and not self.is_paused():
             raise RastError(f"load_weights while {len(self.groups)} requests are unfinished: their KV came from "

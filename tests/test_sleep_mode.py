@@ -93,6 +93,34 @@ def test_what_cannot_sleep_is_refused_and_changes_nothing(paths: list[str], lora
     assert not lora.llm_engine.is_sleeping()
 
 
+def test_nothing_touches_sleeping_weights(lora_adapters: tuple) -> None:
+    """Adapter loads and unloads write slots, scoring runs the models: refused while the weights sleep; a
+    request naming a loaded adapter waits, and runs as before once awake."""
+    from rast_engine import LoRARequest
+
+    large, base, modules = lora_adapters
+    llm = LLM(str(large), small_base=str(base), lora_modules={"math": modules["math"]}, max_loras=2,
+              max_lora_rank=4, **KW)
+    engine = llm.llm_engine
+    want = llm.generate([PROMPTS[0]], GREEDY, lora_request="math", use_tqdm=False)[0].outputs[0].token_ids
+    llm.sleep()
+    refused = [lambda: engine.load_lora_adapter("code", modules["code"]),
+               lambda: engine.unload_lora_adapter("math"),
+               lambda: engine.add_request("new", PROMPTS[0], GREEDY,
+                                          lora_request=LoRARequest("code", 2, modules["code"])),
+               lambda: engine.score([PROMPTS[0]])]
+    for call in refused:
+        with pytest.raises(RastError, match="sleep"):
+            call()
+    assert engine.lora_adapters() == {"math": modules["math"]} and not engine.groups
+    engine.add_request("queued", PROMPTS[0], GREEDY, lora_request="math")
+    llm.wake_up()
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert outs[-1].outputs[0].token_ids == want
+
+
 def test_graphs_are_captured_again_on_waking(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tensors move while the engine sleeps: its graphs are dropped and captured again (CUDA emulator),
     and replaying them decodes as before."""

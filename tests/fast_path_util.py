@@ -18,6 +18,15 @@ def make_engine(triple: tuple, device: str = "cpu", **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(**cfg))
 
 
+def capturable_engine(triple: tuple, **kw) -> LLMEngine:
+    """The cheapest engine whose decode step the CUDA emulator can capture, for tests of what happens around
+    graphs rather than in their kernels: Triton attention (the torch backend reads lengths on the host),
+    torch layer ops and sampler (the interpreter would take most of the time)."""
+    engine = make_engine(triple, **{"max_num_seqs": 8, "attention_backend": "triton", "layer_ops": "torch", **kw})
+    engine.runner.sampler = "torch"
+    return engine
+
+
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(4, 90) for _ in range(rng.randrange(3, 11))] for _ in range(n)]

@@ -59,9 +59,10 @@ def test_captured_graphs_do_not_hold_their_runner(qwen2_triple: tuple, monkeypat
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU runs only (Triton interpreter)")
     from cuda_emulator import emulated_cuda
-    from test_emulated_fast_path import install_fast_path, triton_engine
+    from fast_path_util import capturable_engine
+    from test_emulated_fast_path import install_fast_path
 
-    engine = triton_engine(qwen2_triple)
+    engine = capturable_engine(qwen2_triple)
     with emulated_cuda(monkeypatch):
         install_fast_path(engine.runner)
         engine.add_request("r", [5, 17, 33, 9], PARAMS)

@@ -127,10 +127,10 @@ def test_graphs_are_captured_again_on_waking(qwen2_triple: tuple, monkeypatch: p
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU runs only (Triton interpreter)")
     from cuda_emulator import emulated_cuda
-    from fast_path_util import prompts
-    from test_emulated_fast_path import SAMPLED as EMULATED, generate_all, install_fast_path, triton_engine
+    from fast_path_util import capturable_engine, prompts
+    from test_emulated_fast_path import SAMPLED as EMULATED, generate_all, install_fast_path
 
-    engine = triton_engine(qwen2_triple)
+    engine = capturable_engine(qwen2_triple)
     batch = prompts(3, seed=3)
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(engine.runner)

@@ -2,7 +2,9 @@
 multi-token queries over the paged cache, layer ops, sampler), model streams (the pair's last step beside
 M's verify) and rounds captured in CUDA graphs, on the CPU under tests/cuda_emulator.py (captures record,
 replays re-issue with host values frozen, host reads inside a capture fail, cross-stream accesses must be
-ordered); natively on a GPU under the `gpu` marker (bench/gpu_session.sh)."""
+ordered); natively on a GPU under the `gpu` marker (bench/gpu_session.sh). The emulated captures run Triton
+attention with torch layer ops and sampler: what they test is the capture and replay, and the interpreted
+kernels are tested eagerly in the first test."""
 from __future__ import annotations
 
 import os
@@ -24,6 +26,15 @@ GPU_KERNELS = dict(lam=LAM, block_size=4, kv_cache_blocks=64, max_num_seqs=4, at
 def _triton_llm(triple: tuple, **kw) -> LLM:
     llm = LLM(*triple, **GPU_KERNELS, **kw)
     llm.llm_engine.runner.sampler = "triton"
+    return llm
+
+
+def _capturable_llm(triple: tuple, **kw) -> LLM:
+    """For what happens around the captured rounds rather than in their kernels: Triton attention (the torch
+    backend reads lengths on the host), torch layer ops and sampler (the interpreter would take most of the
+    time)."""
+    llm = LLM(*triple, **{**GPU_KERNELS, "layer_ops": "torch"}, **kw)
+    llm.llm_engine.runner.sampler = "torch"
     return llm
 
 
@@ -75,8 +86,8 @@ def test_captured_rounds_equal_the_plain_engine_under_the_cuda_emulator(near_tri
         if method == "coupled" else greedy
     params = [SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2), greedy, third]
     prompts = [[5, 17, 33, 9, 41, 8], [12, 7, 60, 3], [70, 22, 14, 9, 31]]  # the first ends at max_model_len
-    want = _token_runs(_triton_llm(near_triple, max_model_len=12), prompts, params)
-    spec = _triton_llm(near_triple, max_model_len=12, speculative_tokens=2, speculative_method=method)
+    want = _token_runs(_capturable_llm(near_triple, max_model_len=12), prompts, params)
+    spec = _capturable_llm(near_triple, max_model_len=12, speculative_tokens=2, speculative_method=method)
     runner = spec.llm_engine.runner
     assert runner.round_graphs is None  # CPU: eager unless the emulator captures them below
     steps: list[int] = []
@@ -167,8 +178,8 @@ def test_adjusted_rounds_run_eagerly_beside_captured_ones_under_the_cuda_emulato
                              logit_bias={7: 3.0}),
               SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)]
     prompts = [[12, 7, 60, 3], [70, 22, 14, 9, 31]]
-    want = _token_runs(_triton_llm(near_triple, max_model_len=24), prompts, params)
-    spec = _triton_llm(near_triple, max_model_len=24, speculative_tokens=2)
+    want = _token_runs(_capturable_llm(near_triple, max_model_len=24), prompts, params)
+    spec = _capturable_llm(near_triple, max_model_len=24, speculative_tokens=2)
     runner = spec.llm_engine.runner
     eager: list[int] = []
     monkeypatch.setattr(round_module, "round_core", lambda *a: (eager.append(a[2]), round_core(*a))[1])

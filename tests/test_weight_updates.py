@@ -182,14 +182,14 @@ def test_captured_graphs_replay_the_new_weights(qwen2_triple: tuple, tmp_path: P
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU runs only (Triton interpreter)")
     from cuda_emulator import emulated_cuda
-    from fast_path_util import prompts
-    from test_emulated_fast_path import SAMPLED as EMULATED, generate_all, install_fast_path, triton_engine
+    from fast_path_util import capturable_engine, prompts
+    from test_emulated_fast_path import SAMPLED as EMULATED, generate_all, install_fast_path
 
     large, _, base = qwen2_triple
     rl2 = another_rl(qwen2_triple, "qwen2", tmp_path)
     batch = prompts(3, seed=3)
-    want = generate_all(triton_engine((large, rl2, base), stack_small_models=False), batch, EMULATED)
-    fast = triton_engine(qwen2_triple)
+    want = generate_all(capturable_engine((large, rl2, base), stack_small_models=False), batch, EMULATED)
+    fast = capturable_engine(qwen2_triple)
     assert [u.copies for u in fast.runner.units] == [1, 2]
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(fast.runner)

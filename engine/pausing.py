@@ -42,14 +42,15 @@ class Pausing:
         if self._paused:
             return []
         outputs: list[RequestOutput] = []
-        if mode == "wait":
-            while self.has_unfinished_requests():
-                outputs += self.step()
-        self._paused = True
         try:
+            if mode == "wait":
+                while self.has_unfinished_requests():
+                    outputs += self.step()
+            self._paused = True
             outputs += self._land_no_launch()
-        except BaseException:  # that batch was undone (LLMEngine.step): nothing is paused
-            self._paused = False
+        except BaseException:  # the failed step was undone (LLMEngine.step): nothing is paused, and the
+            self._paused = False  # outputs of the steps before it are delivered by the next step
+            self._undelivered = outputs + self._undelivered
             raise
         if mode == "abort":
             outputs += self._abort_all()

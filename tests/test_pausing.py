@@ -36,6 +36,16 @@ def finals(llm: LLM, params: SamplingParams) -> dict[str, list[list[int]]]:
             for i, o in enumerate(llm.generate(PROMPTS, params, use_tqdm=False))}
 
 
+def gathered(outputs: list, delta: bool) -> dict[str, list[list[int]]]:
+    """Each request's samples' tokens from its outputs: the last cumulative ones, or every delta joined."""
+    got: dict[str, list[list[int]]] = {}
+    for o in outputs:
+        for c in o.outputs:
+            seqs = got.setdefault(o.request_id, [[] for _ in range(SAMPLED.n)])
+            seqs[c.index] = seqs[c.index] + c.token_ids if delta else c.token_ids
+    return got
+
+
 @pytest.fixture(scope="module")
 def paths(qwen2_triple: tuple) -> list[str]:
     return list(map(str, qwen2_triple))
@@ -48,11 +58,7 @@ def test_abort_ends_every_request_with_the_tokens_it_had(paths: list[str], ahead
     llm = LLM(*paths, **KW, max_num_seqs=2, **AHEAD[ahead])
     engine = llm.llm_engine
     outs = started(llm, SAMPLED, 4, kind) + engine.pause_generation(mode="abort", clear_cache=False)
-    got: dict[str, list[list[int]]] = {}
-    for o in outs:
-        for c in o.outputs:
-            seqs = got.setdefault(o.request_id, [[] for _ in range(SAMPLED.n)])
-            seqs[c.index] = seqs[c.index] + c.token_ids if kind == "delta" else c.token_ids
+    got = gathered(outs, delta=kind == "delta")
     last = {o.request_id: o for o in outs}
     assert set(last) == set(want) and all(o.finished for o in last.values())
     assert all(c.finish_reason == "abort" for o in last.values() for c in o.outputs)
@@ -153,3 +159,26 @@ def test_a_load_under_keep_goes_on_with_the_new_weights_over_the_old_kv(paths: l
     assert last["kept"] == want[len(LONG):]
     assert last["after"] == last["queued"] == finals(LLM(paths[0], rl2, paths[2], **KW), GREEDY)["r1"][0]
     assert last["kept"] != last["after"]
+
+
+def test_a_step_failing_inside_wait_loses_no_output(paths: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delta outputs: the steps before the failure are delivered by the next call, the failed one is undone,
+    and the tokens are those of a run that never failed."""
+    want = finals(LLM(*paths, **KW, max_num_seqs=2), SAMPLED)
+    llm = LLM(*paths, **KW, max_num_seqs=2)
+    engine = llm.llm_engine
+    outs = started(llm, SAMPLED, 2, "delta")
+    launch, calls = engine.runner.launch, []
+
+    def failing_once(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected")
+        return launch(*args, **kw)
+
+    monkeypatch.setattr(engine.runner, "launch", failing_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.pause_generation(mode="wait")
+    assert not engine.is_paused()
+    outs += engine.pause_generation(mode="wait")
+    assert gathered(outs, delta=True) == want and engine.is_paused()

@@ -95,8 +95,7 @@ class SleepMode:
             return
         if "weights" in wanted & asleep.tags:
             for stored in asleep.weights:
-                stored.storage.resize_(stored.nbytes)
-                target = torch.empty(0, dtype=torch.uint8, device=self.device).set_(stored.storage)
+                target = _refill(stored, "weights", asleep.weights)
                 if stored.host is None:
                     target.zero_()
                 else:
@@ -106,8 +105,7 @@ class SleepMode:
             asleep.tags.discard("weights")
         if "kv_cache" in wanted & asleep.tags:
             for stored in asleep.kv:
-                stored.storage.resize_(stored.nbytes)
-                torch.empty(0, dtype=torch.uint8, device=self.device).set_(stored.storage).zero_()
+                _refill(stored, "KV cache", asleep.kv).zero_()
             asleep.tags.discard("kv_cache")
         self._sync()  # the host copies are read before they are freed
         if not asleep.tags:
@@ -161,6 +159,18 @@ def _storages(tensors: Any) -> list[torch.UntypedStorage]:
         if s.nbytes() and s.data_ptr() not in seen:
             seen[s.data_ptr()] = s
     return list(seen.values())
+
+
+def _refill(stored: _Stored, what: str, every: list[_Stored]) -> torch.Tensor:
+    """The storage's memory taken again, as bytes. A device without room yet is a RastError; waking again
+    later is safe (refilling a refilled storage allocates nothing, and its bytes are written again)."""
+    try:
+        stored.storage.resize_(stored.nbytes)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        total = sum(s.nbytes for s in every) / 2**30
+        raise RastError(f"no device memory for the {what} ({total:.2f} GiB) yet: {str(e).splitlines()[0]}; free "
+                        "some (the trainer's) and call wake_up again") from None
+    return torch.empty(0, dtype=torch.uint8, device=stored.storage.device).set_(stored.storage)
 
 
 def _host_copy(storage: torch.UntypedStorage) -> torch.Tensor:

@@ -42,6 +42,26 @@ def test_level_1_gives_the_memory_back_and_wakes_to_the_same_tokens(paths: list[
     assert [tokens(llm, p) for p in (GREEDY, SAMPLED)] == before
 
 
+def test_a_wake_without_room_is_refused_and_can_be_retried(paths: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = LLM(*paths, **KW)
+    before = tokens(llm, SAMPLED)
+    llm.sleep()
+    resize, refusals = torch.UntypedStorage.resize_, []
+
+    def full_device(storage: torch.UntypedStorage, nbytes: int) -> torch.UntypedStorage:
+        if nbytes and len(refusals) < 1:
+            refusals.append(nbytes)
+            raise torch.OutOfMemoryError("no room (injected)")
+        return resize(storage, nbytes)
+
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", full_device)
+    with pytest.raises(RastError, match="no device memory for the weights"):
+        llm.wake_up()
+    assert llm.llm_engine.is_sleeping() and refusals
+    llm.wake_up()
+    assert tokens(llm, SAMPLED) == before
+
+
 def test_weights_first_then_a_load_then_the_kv_cache(paths: list[str], qwen2_triple: tuple, tmp_path: Path) -> None:
     """vLLM's order for a trainer short of memory: the weights wake, a new R is written, then the KV cache."""
     rl2 = str(another_rl(qwen2_triple, "qwen2", tmp_path))

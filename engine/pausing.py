@@ -30,7 +30,6 @@ class Pausing:
     """Mixed into LLMEngine."""
     _paused: bool = False
     groups: dict[str, Any]
-    scheduler: Any
     _in_flight: Any
     _undelivered: list[RequestOutput]
 
@@ -75,12 +74,10 @@ class Pausing:
     def _abort_all(self) -> list[RequestOutput]:
         outputs = []
         for group in list(self.groups.values()):
-            self.scheduler.abort(group.seqs)
+            self.abort_request(group.request_id)
             out = group.output()  # never None: each sequence reports its finish
             out.finished = True  # also where an n > 1 request had not forked yet (its one sample reports)
             outputs.append(out)
-            self.groups.pop(group.request_id)
-            self.forget_lora(group)
         return outputs
 
     def _paused_refusal(self) -> Optional[str]:

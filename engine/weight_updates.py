@@ -39,7 +39,6 @@ class WeightUpdates:
     groups: dict[str, Any]
     refuse_while_weights_sleep: Any  # sleep_mode.py's
     device: torch.device
-    weights_root: bytes = b""  # what every new request's prefix-cache root starts with (module docstring)
     weight_loads: int = 0
 
     def load_weights(self, weights: Optional[Named] = None, *, path: Optional[str | os.PathLike] = None,
@@ -71,10 +70,14 @@ class WeightUpdates:
         self._new_weights_root()
         return len(names)
 
+    @property
+    def weights_root(self) -> bytes:
+        """What every new request's prefix-cache root starts with (module docstring)."""
+        return b"\0weights:%d" % self.weight_loads if self.weight_loads else b""
+
     def _new_weights_root(self) -> None:
         """Blocks computed before are found by no request that holds none yet (module docstring)."""
         self.weight_loads += 1
-        self.weights_root = b"\0weights:%d" % self.weight_loads
         for group in self.groups.values():
             if not any(s.block_table for s in group.seqs):
                 group.weights_root = self.weights_root

@@ -108,6 +108,8 @@ class BlockManager:
         seq.block_table = hits + fresh
         seq.block_hashes = hashes
         seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.group.num_cached_tokens is None:
+            seq.group.num_cached_tokens = seq.num_computed_tokens
 
     def _take_free(self) -> int:
         block, _ = self.free_list.popitem(last=False)

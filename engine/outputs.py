@@ -39,6 +39,7 @@ class RequestOutput:
     # beside prompt_logprobs: each prompt token's rank in its distribution (vLLM's Logprob.rank: how many
     # tokens are at least as likely; None for the first)
     prompt_logprob_ranks: Optional[list[Optional[int]]] = None
+    num_cached_tokens: Optional[int] = None  # vLLM's: prompt tokens read from the prefix cache, not computed
 
 
 @dataclass

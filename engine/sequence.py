@@ -203,6 +203,9 @@ class SequenceGroup:
     # SamplingParams.prompt_logprobs: filled in prompt order by the prefill (prompt_logprobs.py)
     prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
     prompt_logprob_ranks: Optional[list[Optional[int]]] = None  # beside prompt_logprobs: each token's rank
+    # vLLM's RequestOutput.num_cached_tokens: the prompt tokens its first admission found in the prefix cache
+    # (block_manager.allocate); a later recompute after preemption does not change it
+    num_cached_tokens: Optional[int] = None
     _prompt_logprobs_reported: bool = field(default=False, init=False, repr=False)
     adjust_tensors: Optional[RequestTensors] = field(default=None, init=False, repr=False)  # adjusted requests
     _prompt_out: Optional[list[int]] = field(default=None, init=False, repr=False)  # see output()
@@ -241,4 +244,4 @@ class SequenceGroup:
             self._prompt_logprobs_reported = True
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self._prompt_out,
                              outputs=completions, finished=self.finished, prompt_logprobs=prompt_logprobs,
-                             prompt_logprob_ranks=ranks)
+                             prompt_logprob_ranks=ranks, num_cached_tokens=self.num_cached_tokens)

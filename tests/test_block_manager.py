@@ -105,6 +105,12 @@ def test_prefix_cache_hits_reuse_computed_blocks() -> None:
     assert second.block_table[:2] == first.block_table[:2]
     assert second.block_table[2] != first.block_table[2]
     assert second.num_computed_tokens == 8 and bm.prefix_hits == 2
+    assert (first.group.num_cached_tokens, second.group.num_cached_tokens) == (0, 8)
+    # preempted and admitted again, it reads its own computed blocks: the request's figure is its first
+    computed(bm, first)
+    bm.free(first)
+    bm.allocate(first)
+    assert first.num_computed_tokens == 8 and first.group.num_cached_tokens == 0
     assert bm.ref_counts[first.block_table[0]] == 2
     # a different first block breaks the chain even if later blocks match
     third = make_seq([99, 1, 2, 3] + list(range(4, 8)) + [7])

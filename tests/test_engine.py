@@ -177,17 +177,22 @@ def test_prefix_cache_hits_keep_outputs(qwen2_triple: tuple) -> None:
     prompt = engine.tokenizer.encode(PROMPTS[1])
     longer = prompt + engine.tokenizer.encode(" step by step")
 
+    cached: dict[str, set] = {}
+
     def run(rid: str, ids: list[int]) -> list[int]:
         engine.add_request(rid, ids, GREEDY)
         out = None
         while engine.has_unfinished_requests():
-            out = (engine.step() or [out])[-1]
+            for out in engine.step():
+                cached.setdefault(rid, set()).add(out.num_cached_tokens)
         return out.outputs[0].token_ids
 
     run("a", prompt)
     hits = engine.block_manager.prefix_hits
     second = run("b", longer)
     assert engine.block_manager.prefix_hits - hits == len(prompt) // 4
+    # vLLM's num_cached_tokens: the full blocks of the first prompt, which the second one starts with
+    assert cached == {"a": {0}, "b": {len(prompt) // 4 * 4}} and len(prompt) >= 4
     assert second == hf_greedy(qwen2_triple, longer, LAM, engine.vocab_size, GREEDY.max_tokens)
     assert engine.stats().kv_blocks_used == 0
 

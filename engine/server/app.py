@@ -31,7 +31,9 @@ from rast_engine.server.protocol import APIError, ChatCompletionRequest, Complet
 from rast_engine.server.request_handle import RequestHandle
 from rast_engine.server.request_params import chat_params, completion_params, echoed
 from rast_engine.server.responses import Formatter
-from rast_engine.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
+from rast_engine.server.responses_api.routes import responses_routes
+from rast_engine.server.responses_api.store import ResponseStore
+from rast_engine.server.tokenizer_routes import tokenizer_routes
 from rast_engine.server.tools import PARSERS as TOOL_PARSERS
 from rast_engine.structured import engine_grammars
 
@@ -42,7 +44,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 class OpenAIServer:
     def __init__(self, engine: Any, *, model_name: str | Sequence[str], api_key: str | None = None,
                  max_waiting: int = 512, queue_timeout: float | None = None,
-                 max_request_bytes: int = MAX_REQUEST_BYTES, tool_call_parser: str | None = None) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES, tool_call_parser: str | None = None,
+                 responses_store_size: int = 1000) -> None:
         if max_request_bytes < 1:
             raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes
@@ -65,6 +68,7 @@ class OpenAIServer:
         self.metrics.watch(self.engine)
         self.tokenizer = engine.tokenizer
         self.reasoning_parser = engine.config.reasoning_parser  # chat responses split by it
+        self.responses = ResponseStore(responses_store_size)  # /v1/responses with store: true
 
     def app(self) -> Starlette:
         routes = [
@@ -72,13 +76,12 @@ class OpenAIServer:
             Route("/v1/completions", self._wrap("completions", self.completions, auth=True),
                   methods=["POST"]),
             Route("/v1/chat/completions", self._wrap("chat", self.chat, auth=True), methods=["POST"]),
-            Route("/tokenize", self._wrap("tokenize", self.tokenize, auth=True), methods=["POST"]),
-            Route("/detokenize", self._wrap("detokenize", self.detokenize, auth=True), methods=["POST"]),
-            Route("/tokenizer_info", self._wrap("tokenizer_info", self.tokenizer_info, auth=True), methods=["GET"]),
+            *tokenizer_routes(self),
             Route("/health", self._wrap("health", self.health), methods=["GET"]),
             Route("/ping", self._wrap("ping", self.health), methods=["GET", "POST"]),  # vLLM's (SageMaker's) probe
             Route("/version", self._wrap("version", self.version), methods=["GET"]),
             Route("/metrics", self._wrap("metrics", self.render_metrics), methods=["GET"]),
+            *responses_routes(self),
             *lora_routes(self),
             *weight_routes(self),
         ]
@@ -158,25 +161,6 @@ class OpenAIServer:
                    "parent": self.model_name} for name, path in self.engine.engine.lora_adapters().items()]
         return JSONResponse({"object": "list", "data": cards})
 
-    async def tokenize(self, request: Request) -> Response:
-        req: TokenizeRequest = parse_request(await self._body(request), TokenizeRequest)
-        if req.model is not None:
-            self._check_model(req.model)
-        return JSONResponse(await self.engine.in_tokenizer_thread(tokenize, self.tokenizer, req,
-                                                                  self.engine.max_model_len))
-
-    async def detokenize(self, request: Request) -> Response:
-        req: DetokenizeRequest = parse_request(await self._body(request), DetokenizeRequest)
-        if req.model is not None:
-            self._check_model(req.model)
-        return JSONResponse(await self.engine.in_tokenizer_thread(detokenize, self.tokenizer, req,
-                                                                  self.engine.engine.vocab_size))
-
-    async def tokenizer_info(self, request: Request) -> Response:
-        return JSONResponse(await self.engine.in_tokenizer_thread(tokenizer_info, self.tokenizer,
-                                                                  self.engine.max_model_len,
-                                                                  self.engine.engine.vocab_size))
-
     async def health(self, request: Request) -> Response:
         if self.engine.error is not None:
             raise APIError(503, f"the engine failed: {self.engine.error!r}", type="server_error", code="engine_dead")
@@ -202,11 +186,21 @@ class OpenAIServer:
         fmt = Formatter("completion", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
                         generates=req.max_tokens != 0, token_ids_as_text=req.return_tokens_as_token_ids)
-        return await self._respond(request, handle, fmt, req)
+        return await self._respond(request, handle, fmt, req.stream,
+                                   lambda first, arrival: self._events(handle, fmt, first, req, arrival))
 
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await self._body(request), ChatCompletionRequest)
-        lora = self._check_model(req.model)
+        handle, fmt = await self.start_chat(req, self._check_model(req.model), f"chatcmpl-{uuid.uuid4().hex}",
+                                            "messages")
+        return await self._respond(request, handle, fmt, req.stream,
+                                   lambda first, arrival: self._events(handle, fmt, first, req, arrival))
+
+    async def start_chat(self, req: ChatCompletionRequest, lora: str | None, rid: str,
+                         param: str) -> tuple[RequestHandle, Formatter]:
+        """The chat request's engine request, submitted (admitted on entering the handle), and the Formatter
+        of its outputs; shared by /v1/chat/completions and /v1/responses (``param``: the field the prompt
+        came from)."""
         tools = req.tool_mode()
         if tools is not None and tools.kind == "auto" and self.tool_call_parser is None:
             raise APIError(400, '"auto" tool choice (the default with tools) needs rast serve --enable-auto-tool-choice '
@@ -219,17 +213,15 @@ class OpenAIServer:
         text = await self.engine.in_tokenizer_thread(render_chat, self.tokenizer, req.messages,
                                                      req.add_generation_prompt, req.chat_template_kwargs,
                                                      req.continue_final_message, req.tools)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
-                                    add_special_tokens=False, param="messages", priority=req.priority, lora=lora,
+                                    add_special_tokens=False, param=param, priority=req.priority, lora=lora,
                                     cache_salt=req.cache_salt)
         reasoning = None if self.reasoning_parser is None else Reasoning.of(self.reasoning_parser, text,
                                                                              req.include_reasoning)
-        fmt = Formatter("chat", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
-                        req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning, tools=tools,
-                        token_ids_as_text=req.return_tokens_as_token_ids)
-        return await self._respond(request, handle, fmt, req)
+        return handle, Formatter("chat", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
+                                 req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning,
+                                 tools=tools, token_ids_as_text=req.return_tokens_as_token_ids)
 
     async def _precompile(self, params: SamplingParams) -> None:
         """Compiles a structured-output constraint on a worker thread (structured.engine_grammars)."""
@@ -240,8 +232,10 @@ class OpenAIServer:
             except RastError as exc:
                 raise APIError(400, str(exc), param=exc.param) from None
 
-    async def _respond(self, request: Request, handle: RequestHandle, fmt: Formatter,
-                       req: CompletionRequest | ChatCompletionRequest) -> Response:
+    async def _respond(self, request: Request, handle: RequestHandle, fmt: Any, stream: bool,
+                       events: Callable[[Any, float], AsyncIterator[str]]) -> Response:
+        """Admits the handle's requests, then answers with ``fmt.body()`` once all finished, or with the
+        stream ``events(first output, arrival time)``; ``fmt`` folds outputs in (``add``)."""
         arrival = time.perf_counter()
         stayed, _ = await unless_client_leaves(request, handle.__aenter__())  # held while the server is paused
         if not stayed:  # its admission was cancelled, which aborted it
@@ -254,9 +248,9 @@ class OpenAIServer:
             if not stayed:
                 return Response(status_code=499)
             self.metrics.first_token(time.perf_counter() - arrival)
-            if req.stream:
+            if stream:
                 streaming = True  # the response owns the handle from here and closes it
-                return SSEResponse(self._events(handle, fmt, first, req, arrival), handle)
+                return SSEResponse(events(first, arrival), handle)
             fmt.add(first)
             stayed, _ = await unless_client_leaves(request, self._drain(handle, fmt))
             if not stayed:
@@ -268,7 +262,7 @@ class OpenAIServer:
         return JSONResponse(fmt.body())
 
     @staticmethod
-    async def _drain(handle: RequestHandle, fmt: Formatter) -> None:
+    async def _drain(handle: RequestHandle, fmt: Any) -> None:
         async for out in handle:
             fmt.add(out)
 

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help="largest request body accepted; a larger one gets 413 before it is read "
                         f"(default {MAX_REQUEST_BYTES >> 20} MiB)")
+    p.add_argument("--responses-store-size", type=int, default=1000, metavar="N",
+                   help="responses of /v1/responses kept in memory for previous_response_id and GET, the least "
+                        "recently used forgotten first; 0 stores none (default 1000)")
     add_engine_server_args(p)
     p.set_defaults(func=run)
 
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         server = build_server(args, engine, api_key=api_key, queue_timeout=args.queue_timeout,
-                              max_request_bytes=args.max_request_bytes)
+                              max_request_bytes=args.max_request_bytes, responses_store_size=args.responses_store_size)
         for sock in socks:  # uvicorn logs no address for sockets it is given
             host, port = sock.getsockname()[:2]
             logger.info("rast serve: listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)

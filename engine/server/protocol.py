@@ -17,6 +17,18 @@ def _admits_none(annotation: Any) -> bool:
     return annotation is Any or annotation is None or type(None) in get_args(annotation)
 
 
+def nulls_to_defaults(model: type[BaseModel], data: Any) -> Any:
+    """OpenAI marks n, stream, echo, logprobs and the penalties "or null", and its client sends a null
+    for an argument left None: null there means the default. A field whose type admits None keeps
+    it (max_tokens: null is "the rest of the context"); a required one fails as missing."""
+    if not isinstance(data, dict):
+        return data
+    fields = model.model_fields
+    return {key: value for key, value in data.items()
+            if value is not None or key not in fields or fields[key].is_required()
+            or _admits_none(fields[key].annotation)}
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -85,14 +97,7 @@ class _Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_takes_default(cls, data: Any) -> Any:
-        """OpenAI marks n, stream, echo, logprobs and the penalties "or null", and its client sends a null
-        for an argument left None: null there means the default. A field whose type admits None keeps
-        it (max_tokens: null is "the rest of the context"); a required one fails as missing."""
-        if not isinstance(data, dict):
-            return data
-        return {key: value for key, value in data.items()
-                if value is not None or key not in cls.model_fields or cls.model_fields[key].is_required()
-                or _admits_none(cls.model_fields[key].annotation)}
+        return nulls_to_defaults(cls, data)
 
     @field_validator("truncate_prompt_tokens")
     @classmethod

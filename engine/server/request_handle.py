@@ -57,7 +57,7 @@ class RequestHandle:
         self._param = param
         self.request_ids = request_ids
         self._prompts = prompts
-        self._params = params
+        self.params = params  # SamplingParams, max_tokens aside (fit_to_context sets it per prompt)
         self._max_tokens = max_tokens
         self._priority, self._lora, self._cache_salt = priority, lora, cache_salt
         self._add_special_tokens = add_special_tokens
@@ -73,12 +73,12 @@ class RequestHandle:
             owner._queues[rid] = self._queue
         try:
             ids = await owner.in_tokenizer_thread(owner.encode, self._prompts, self._add_special_tokens,
-                                                  self._params.truncate_prompt_tokens is None, admitted=True)
+                                                  self.params.truncate_prompt_tokens is None, admitted=True)
             if owner.error is not None:  # died while this one was encoded: no engine thread will read it
                 raise APIError(503, f"the engine is not running: {owner.error}", type="server_error",
                                code="engine_dead")
             done = asyncio.get_running_loop().create_future()
-            owner._commands.put(Add(self.request_ids, ids, self._params, self._max_tokens, self._priority, done,
+            owner._commands.put(Add(self.request_ids, ids, self.params, self._max_tokens, self._priority, done,
                                     self._lora, self._cache_salt))
             await done
         except RastError as exc:

@@ -29,6 +29,8 @@ _EXPORTS = {
     "EngineStats": "rast_engine.outputs",
     "ScoreOutput": "rast_engine.outputs",
     "LoRARequest": "rast_engine.lora_modules",
+    "BeamSearchParams": "rast_engine.beam_search",
+    "BeamSearchOutput": "rast_engine.beam_search",
 }
 __all__ = list(_EXPORTS)
 

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from rast_engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from rast_engine.config import EngineConfig
 from rast_engine.errors import RastError
 from rast_engine.llm_engine import LLMEngine
@@ -134,6 +135,18 @@ class LLM:
         for out, text in zip(outputs, texts):
             out.prompt = text
         return outputs
+
+    def beam_search(self, prompts: Union[Prompt, Sequence[Prompt]], params: BeamSearchParams,
+                    lora_request: LoraChoice = None) -> list[BeamSearchOutput]:
+        """vLLM's: the beam_width best continuations of each prompt under the combined distribution
+        (engine/beam_search.py has the rule); ``lora_request``: as generate's, for every prompt."""
+        if isinstance(prompts, (str, dict)) or is_one_prompt_of_ids(prompts):
+            prompts = [prompts]
+        engine = self.llm_engine
+        tokenizer = engine.tokenizer
+        return beam_search(lambda batch, step: self.generate(batch, step, use_tqdm=False, lora_request=lora_request),
+                           list(prompts), params, engine.scheduler.stops.eos_token_ids, engine.max_model_len,
+                           None if tokenizer is None else tokenizer.decode)
 
     def score(self, sequences: list[list[int]], *, output: str = "logprobs",
               lora_request: LoraChoice = None) -> list[ScoreOutput]:

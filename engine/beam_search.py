@@ -1,0 +1,119 @@
+"""Beam search over RAST's combined distribution: vLLM's ``LLM.beam_search`` (BeamSearchParams,
+BeamSearchOutput), with λ per search.
+
+Each step asks the engine for one token of every live beam with logprobs, so it is driven through
+``LLM.generate`` and its prefix cache: a beam's prompt is its parent's plus one token, so only the tokens
+after its last full cached block are computed again.
+
+Per prompt and step, as vLLM's: every live beam offers its 2·beam_width most likely next tokens (log
+probabilities of softmax(z / T), z the combined logits; T = 1 for temperature 0; ties to the lower id);
+a candidate ending in an EOS id (unless ignore_eos) is complete, and the beam_width best of the others
+by cumulative log probability live on. A beam that fills the context is complete too. At the end the
+complete and live beams are ranked by vLLM's score, cum_logprob / len(tokens) ** length_penalty with
+len counting the prompt's tokens and not a final EOS, and the best beam_width are returned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+from rast_engine.errors import RastError
+from rast_engine.outputs import RequestOutput
+from rast_engine.sampling_params import SamplingParams
+
+
+@dataclass
+class BeamSearchParams:
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    lam: Optional[Union[float, list[float]]] = None  # rast's: λ for this search (None: the engine's)
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RastError(f"{name} must be an integer >= 1, got {value!r}", param=name)
+        if not isinstance(self.length_penalty, (int, float)) or self.length_penalty != self.length_penalty:
+            raise RastError(f"length_penalty must be a number, got {self.length_penalty!r}", param="length_penalty")
+        self.step_params()  # temperature and lam, checked as SamplingParams checks them
+
+    def step_params(self) -> SamplingParams:
+        """One step of every live beam: one token, with the logprobs of its 2·beam_width best."""
+        return SamplingParams(temperature=self.temperature, max_tokens=1, logprobs=2 * self.beam_width, lam=self.lam,
+                              ignore_eos=True)
+
+
+@dataclass
+class BeamSearchSequence:
+    tokens: list[int]  # the prompt's ids, then the beam's
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # per generated token: its step's top 2·width
+    cum_logprob: float = 0.0
+    text: Optional[str] = None  # the tokens' text, prompt included (as vLLM's); None without a tokenizer
+    finish_reason: Optional[str] = None  # "stop" (an EOS), "length" (max_tokens or the context)
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first
+
+
+def beam_score(beam: BeamSearchSequence, eos_ids: frozenset[int], length_penalty: float) -> float:
+    length = len(beam.tokens) - (1 if beam.finish_reason == "stop" and beam.tokens[-1] in eos_ids else 0)
+    return beam.cum_logprob / length ** length_penalty
+
+
+@dataclass
+class _Search:
+    prompt: list[int]
+    live: list[BeamSearchSequence]
+    done: list[BeamSearchSequence] = field(default_factory=list)
+    children: list[BeamSearchSequence] = field(default_factory=list)
+
+
+def beam_search(generate: Callable[[list, SamplingParams], list[RequestOutput]], prompts: Sequence,
+                params: BeamSearchParams, eos_ids: frozenset[int], max_model_len: int,
+                decode: Optional[Callable[[list[int]], str]] = None) -> list[BeamSearchOutput]:
+    """``generate(prompts, sampling_params)``: LLM.generate for the engine searched."""
+    width = params.beam_width
+    step = params.step_params()
+    searches: list[_Search] = []
+    todo: list[tuple[_Search, BeamSearchSequence]] = []
+    outs = generate(list(prompts), step)  # the first step also reads the prompts as ids
+    for out in outs:
+        root = BeamSearchSequence(list(out.prompt_token_ids))
+        searches.append(_Search(root.tokens, [root]))
+        todo.append((searches[-1], root))
+    for t in range(params.max_tokens):
+        for (search, beam), out in zip(todo, outs):
+            (entry,) = out.outputs[0].logprobs
+            for token, logprob in sorted(entry.items(), key=lambda kv: (-kv[1], kv[0]))[:2 * width]:
+                search.children.append(BeamSearchSequence(beam.tokens + [token], beam.logprobs + [entry],
+                                                          beam.cum_logprob + logprob))
+        for search in searches:
+            search.live = []
+            for child in sorted(search.children, key=lambda b: -b.cum_logprob):
+                if not params.ignore_eos and child.tokens[-1] in eos_ids:
+                    child.finish_reason = "stop"
+                    search.done.append(child)
+                elif len(search.live) < width:
+                    search.live.append(child)
+            search.children = []
+            if t + 1 == params.max_tokens or len(search.prompt) + t + 1 >= max_model_len:
+                for beam in search.live:
+                    beam.finish_reason = "length"
+                search.done += search.live
+                search.live = []
+        todo = [(search, beam) for search in searches for beam in search.live]
+        if not todo:
+            break
+        outs = generate([beam.tokens for _, beam in todo], step)
+    results = []
+    for search in searches:
+        best = sorted(search.done, key=lambda b: -beam_score(b, eos_ids, params.length_penalty))[:width]
+        for beam in best:
+            beam.text = None if decode is None else decode(beam.tokens)
+        results.append(BeamSearchOutput(best))
+    return results

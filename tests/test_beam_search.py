@@ -1,0 +1,115 @@
+"""LLM.beam_search (engine/beam_search.py).
+
+Oracles: HF transformers' own beam search (GenerationMixin, num_beams) over M with a logits processor
+that turns M's log-probabilities into RAST's (log_softmax(log_softmax(M) + λ(R − S)) = log_softmax(M +
+λ(R − S)), R and S run by HF on each beam's tokens); and, for what HF ranks otherwise (EOS, the length
+penalty), a table of log-probabilities whose best beams are worked out by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from rast_engine import LLM, BeamSearchParams, RequestOutput
+from rast_engine.beam_search import beam_search
+from rast_engine.errors import RastError
+from rast_engine.outputs import CompletionOutput
+from test_engine import LAM, PROMPTS, hf_model
+
+
+class RastDelta(LogitsProcessor):
+    def __init__(self, triple: tuple, lam: float, vocab: int) -> None:
+        self.rl, self.base, self.lam, self.vocab = hf_model(triple[1]), hf_model(triple[2]), lam, vocab
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        v = self.vocab
+        delta = self.rl(input_ids).logits[:, -1, :v].float() - self.base(input_ids).logits[:, -1, :v].float()
+        out = torch.full_like(scores, -math.inf)
+        out[:, :v] = torch.log_softmax(scores[:, :v] + self.lam * delta, dim=-1)
+        return out
+
+
+@pytest.fixture(scope="module")
+def llm(qwen2_triple: tuple) -> LLM:
+    large, rl, base = qwen2_triple
+    return LLM(str(large), str(rl), str(base), lam=LAM, block_size=4, kv_cache_blocks=256, seed=3)
+
+
+@pytest.mark.parametrize("lam", [None, 0.0])
+def test_beams_are_hf_transformers_beam_search_of_the_combined_model(llm: LLM, qwen2_triple: tuple,
+                                                                     lam: float | None) -> None:
+    width, steps = 3, 5
+    tok = llm.get_tokenizer()
+    prompts = [list(tok.encode(p)) for p in PROMPTS[:2]]
+    hits = llm.llm_engine.block_manager.prefix_hits
+    got = llm.beam_search(prompts, BeamSearchParams(beam_width=width, max_tokens=steps, ignore_eos=True, lam=lam))
+    assert llm.llm_engine.block_manager.prefix_hits > hits  # each step reads its parents' blocks from the cache
+    large = hf_model(qwen2_triple[0])
+    for prompt, out in zip(prompts, got):
+        ref = large.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width, do_sample=False,
+                             max_new_tokens=steps, min_new_tokens=steps, length_penalty=0.0, eos_token_id=None,
+                             pad_token_id=0, return_dict_in_generate=True, output_scores=True,
+                             logits_processor=LogitsProcessorList([RastDelta(qwen2_triple, LAM if lam is None else lam,
+                                                                             llm.llm_engine.vocab_size)]))
+        assert [s.tokens for s in out.sequences] == ref.sequences.tolist()
+        assert [s.cum_logprob for s in out.sequences] == pytest.approx(ref.sequences_scores.tolist(), abs=1e-4)
+        for s in out.sequences:
+            assert len(s.logprobs) == steps and s.finish_reason == "length" and s.text == tok.decode(s.tokens)
+            assert sum(entry[t] for entry, t in zip(s.logprobs, s.tokens[len(prompt):])) == \
+                pytest.approx(s.cum_logprob, abs=1e-5)
+
+
+EOS = 9
+
+
+def _table_generate(table: dict[tuple, dict[int, float]]):  # noqa: ANN202
+    """A stand-in for LLM.generate: each prompt's next-token logprobs looked up by its tokens."""
+    calls = []
+
+    def generate(prompts: list, params) -> list[RequestOutput]:  # noqa: ANN001
+        calls.append(len(prompts))
+        return [RequestOutput(str(i), None, list(p), [CompletionOutput(0, "", [0], "length",
+                                                                       logprobs=[dict(table[tuple(p)])])])
+                for i, p in enumerate(prompts)]
+    return generate, calls
+
+
+@pytest.mark.parametrize("length_penalty, best", [(0.0, [(1, 2, 4), (1, EOS)]), (1.0, [(1, 2, 4), (1, 3, 5)]),
+                                                  (-1.0, [(1, EOS), (1, 2, 4)])])
+def test_eos_completes_a_beam_and_the_length_penalty_ranks_them(length_penalty: float, best: list) -> None:
+    lp = math.log
+    table = {(1,): {2: lp(0.5), EOS: lp(0.3), 3: lp(0.2)},
+             (1, 2): {4: lp(0.9), EOS: lp(0.1)}, (1, 3): {5: lp(0.6), EOS: lp(0.4)},
+             (1, 2, 4): {6: lp(0.5), EOS: lp(0.5)}, (1, 3, 5): {6: lp(1.0)}}
+    generate, calls = _table_generate(table)
+    out, = beam_search(generate, [[1]], BeamSearchParams(beam_width=2, max_tokens=2, length_penalty=length_penalty),
+                       frozenset({EOS}), max_model_len=100)
+    # step 1: EOS (0.3) completes; 2 (0.5) and 3 (0.2) live on. Step 2: (1,2,4) 0.45, (1,3,5) 0.12 live,
+    # (1,2,EOS) 0.05 and (1,3,EOS) 0.08 complete. Scores: cum / len ** penalty, len without the EOS: at
+    # penalty -1, (1,EOS) scores ln 0.3 = -1.20 (-2.41 were its EOS counted) and (1,2,4) 3 ln 0.45 = -2.40.
+    assert [tuple(s.tokens) for s in out.sequences] == best and calls == [1, 2]
+    want = {(1, 2, 4): (lp(0.45), "length"), (1, EOS): (lp(0.3), "stop"), (1, 3, 5): (lp(0.12), "length")}
+    assert [(s.cum_logprob, s.finish_reason) for s in out.sequences] == \
+        [(pytest.approx(want[b][0]), want[b][1]) for b in best]
+    assert all(s.text is None for s in out.sequences)  # no tokenizer given
+
+
+def test_a_beam_that_fills_the_context_is_complete() -> None:
+    lp = math.log
+    generate, calls = _table_generate({(1,): {2: lp(0.7), 3: lp(0.3)}, (1, 2): {4: lp(1.0)}, (1, 3): {4: lp(1.0)}})
+    out, = beam_search(generate, [[1]], BeamSearchParams(beam_width=2, max_tokens=5), frozenset({EOS}),
+                       max_model_len=2)
+    assert [s.tokens for s in out.sequences] == [[1, 2], [1, 3]] and calls == [1]
+    assert [s.finish_reason for s in out.sequences] == ["length", "length"]
+
+
+@pytest.mark.parametrize("kw, param", [({"beam_width": 0}, "beam_width"), ({"max_tokens": True}, "max_tokens"),
+                                       ({"temperature": -1.0}, "temperature"), ({"lam": "x"}, "lam"),
+                                       ({"length_penalty": float("nan")}, "length_penalty")])
+def test_bad_params_are_refused_naming_the_field(kw: dict, param: str) -> None:
+    with pytest.raises(RastError) as err:
+        BeamSearchParams(**{"beam_width": 2, "max_tokens": 3, **kw})
+    assert err.value.param == param

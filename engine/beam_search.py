@@ -73,47 +73,69 @@ class _Search:
     children: list[BeamSearchSequence] = field(default_factory=list)
 
 
-def beam_search(generate: Callable[[list, SamplingParams], list[RequestOutput]], prompts: Sequence,
-                params: BeamSearchParams, eos_ids: frozenset[int], max_model_len: int,
-                decode: Optional[Callable[[list[int]], str]] = None) -> list[BeamSearchOutput]:
-    """``generate(prompts, sampling_params)``: LLM.generate for the engine searched."""
-    width = params.beam_width
-    step = params.step_params()
-    searches: list[_Search] = []
-    todo: list[tuple[_Search, BeamSearchSequence]] = []
-    outs = generate(list(prompts), step)  # the first step also reads the prompts as ids
-    for out in outs:
-        root = BeamSearchSequence(list(out.prompt_token_ids))
-        searches.append(_Search(root.tokens, [root]))
-        todo.append((searches[-1], root))
-    for t in range(params.max_tokens):
-        for (search, beam), out in zip(todo, outs):
+class BeamSearch:
+    """One search over a batch of prompts, driven by whoever runs the engine (LLM.beam_search here, the
+    server's event loop there): ``prompts()`` are the next step's (every live beam's tokens; the prompts as
+    given first), ``take(outputs)`` folds that step's RequestOutputs in, in the same order, until
+    ``prompts()`` is empty; then ``results()``."""
+
+    def __init__(self, prompts: Sequence, params: BeamSearchParams, eos_ids: frozenset[int],
+                 max_model_len: int) -> None:
+        self.params, self.eos_ids, self.max_model_len = params, eos_ids, max_model_len
+        self.first: Optional[list] = list(prompts)  # the first step reads them as ids: outputs carry those
+        self.searches: list[_Search] = []
+        self.todo: list[tuple[_Search, BeamSearchSequence]] = []
+        self.steps = 0
+
+    def prompts(self) -> list:
+        return self.first if self.first is not None else [beam.tokens for _, beam in self.todo]
+
+    def take(self, outs: Sequence[RequestOutput]) -> None:
+        if self.first is not None:
+            self.first = None
+            for out in outs:
+                root = BeamSearchSequence(list(out.prompt_token_ids))
+                self.searches.append(_Search(root.tokens, [root]))
+                self.todo.append((self.searches[-1], root))
+        width = self.params.beam_width
+        for (search, beam), out in zip(self.todo, outs):
             (entry,) = out.outputs[0].logprobs
             for token, logprob in sorted(entry.items(), key=lambda kv: (-kv[1], kv[0]))[:2 * width]:
                 search.children.append(BeamSearchSequence(beam.tokens + [token], beam.logprobs + [entry],
                                                           beam.cum_logprob + logprob))
-        for search in searches:
+        self.steps += 1
+        for search in self.searches:
             search.live = []
             for child in sorted(search.children, key=lambda b: -b.cum_logprob):
-                if not params.ignore_eos and child.tokens[-1] in eos_ids:
+                if not self.params.ignore_eos and child.tokens[-1] in self.eos_ids:
                     child.finish_reason = "stop"
                     search.done.append(child)
                 elif len(search.live) < width:
                     search.live.append(child)
             search.children = []
-            if t + 1 == params.max_tokens or len(search.prompt) + t + 1 >= max_model_len:
+            if self.steps == self.params.max_tokens or len(search.prompt) + self.steps >= self.max_model_len:
                 for beam in search.live:
                     beam.finish_reason = "length"
                 search.done += search.live
                 search.live = []
-        todo = [(search, beam) for search in searches for beam in search.live]
-        if not todo:
-            break
-        outs = generate([beam.tokens for _, beam in todo], step)
-    results = []
-    for search in searches:
-        best = sorted(search.done, key=lambda b: -beam_score(b, eos_ids, params.length_penalty))[:width]
-        for beam in best:
-            beam.text = None if decode is None else decode(beam.tokens)
-        results.append(BeamSearchOutput(best))
-    return results
+        self.todo = [(search, beam) for search in self.searches for beam in search.live]
+
+    def results(self, decode: Optional[Callable[[list[int]], str]] = None) -> list[BeamSearchOutput]:
+        """Each prompt's best beams; ``decode`` gives each its text (None: no text)."""
+        results = []
+        for search in self.searches:
+            best = sorted(search.done, key=lambda b: -beam_score(b, self.eos_ids, self.params.length_penalty))
+            for beam in best[:self.params.beam_width]:
+                beam.text = None if decode is None else decode(beam.tokens)
+            results.append(BeamSearchOutput(best[:self.params.beam_width]))
+        return results
+
+
+def beam_search(generate: Callable[[list, SamplingParams], list[RequestOutput]], prompts: Sequence,
+                params: BeamSearchParams, eos_ids: frozenset[int], max_model_len: int,
+                decode: Optional[Callable[[list[int]], str]] = None) -> list[BeamSearchOutput]:
+    """The search run to its end; ``generate(prompts, sampling_params)``: LLM.generate for the engine searched."""
+    search = BeamSearch(prompts, params, eos_ids, max_model_len)
+    while batch := search.prompts():
+        search.take(generate(batch, params.step_params()))
+    return search.results(decode)

@@ -113,3 +113,44 @@ def test_bad_params_are_refused_naming_the_field(kw: dict, param: str) -> None:
     with pytest.raises(RastError) as err:
         BeamSearchParams(**{"beam_width": 2, "max_tokens": 3, **kw})
     assert err.value.param == param
+
+
+# ---- the server's use_beam_search (engine/server/beam_route.py), against LLM.beam_search ----
+def test_the_server_returns_the_beams_as_choices(srv, server_oracle: LLM) -> None:  # noqa: ANN001
+    import httpx
+
+    tok = server_oracle.get_tokenizer()
+    prompts = ["the cat sat on", "3 + 5 ="]
+    r = httpx.post(f"{srv.url}/v1/completions", timeout=120, json={
+        "model": "tiny-rast", "prompt": prompts, "n": 3, "max_tokens": 4, "use_beam_search": True,
+        "length_penalty": 0.5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    want = server_oracle.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=4, length_penalty=0.5))
+    choices = r.json()["choices"]
+    for i, out in enumerate(want):
+        start = len(out.sequences[0].tokens) - len(out.sequences[0].logprobs)
+        assert [(c["text"], c["finish_reason"]) for c in choices[3 * i:3 * i + 3]] == \
+            [(tok.decode(s.tokens[start:], skip_special_tokens=True), s.finish_reason) for s in out.sequences]
+    assert r.json()["usage"]["completion_tokens"] == sum(len(s.logprobs) for o in want for s in o.sequences)
+
+    messages = [{"role": "user", "content": "the cat"}]
+    chat = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-rast", "messages": messages, "n": 2, "max_tokens": 3, "use_beam_search": True})
+    assert chat.status_code == 200, chat.text
+    (want_chat,) = server_oracle.beam_search([server_oracle.chat(messages, use_tqdm=False)[0].prompt_token_ids],
+                                             BeamSearchParams(beam_width=2, max_tokens=3))
+    got = [c["message"]["content"] for c in chat.json()["choices"]]
+    start = len(want_chat.sequences[0].tokens) - 3
+    assert got == [tok.decode(s.tokens[start:], skip_special_tokens=True) for s in want_chat.sequences]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"top_p": 0.5}, "top_p"), ({"logprobs": 2}, "logprobs"), ({"stream": True}, "stream"),
+    ({"stop": ["x"]}, "stop"), ({"max_tokens": None}, "max_tokens"), ({"use_beam_search": False}, "length_penalty"),
+])
+def test_beam_search_refuses_what_it_would_not_honour(srv, body: dict, param: str) -> None:  # noqa: ANN001
+    import httpx
+
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": "tiny-rast", "prompt": "x", "n": 2, "max_tokens": 3,
+                                                       "use_beam_search": True, "length_penalty": 1.0, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -21,9 +21,11 @@ from rast_engine.errors import RastError
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
 from rast_engine.server.async_engine import AsyncEngine
+from rast_engine.server.beam_route import beam_search_response
+from rast_engine.server.chunk_stream import chunk_stream
 from rast_engine.server.chat_messages import render_chat
 from rast_engine.server.chat_output import Reasoning
-from rast_engine.server.http_io import SSEResponse, sse, too_large, unless_client_leaves
+from rast_engine.server.http_io import SSEResponse, too_large, unless_client_leaves
 from rast_engine.server.lora_routes import lora_routes
 from rast_engine.server.weight_routes import weight_routes
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
@@ -178,23 +180,52 @@ class OpenAIServer:
         if req.echo and self.tokenizer is None:
             raise APIError(400, "echo returns the prompt's text, and this model has no tokenizer "
                                 "(load_format='dummy')", param="echo")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        beams = req.beam_search(req.max_tokens)
+        if beams is not None:
+            prompts = req.prompts()
+            fmt = Formatter("completion", rid, lora or self.model_name, [f"{rid}-{i}" for i in range(len(prompts))],
+                            req.n, self.tokenizer, None)
+            return await beam_search_response(self, request, fmt, prompts, beams, add_special_tokens=True,
+                                              param="prompt", priority=req.priority, lora=lora,
+                                              cache_salt=req.cache_salt)
         params = completion_params(req, self.engine.engine)
         await self._precompile(params)
-        rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_new_tokens(),
                                     priority=req.priority, lora=lora, cache_salt=req.cache_salt)
         fmt = Formatter("completion", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
                         generates=req.max_tokens != 0, token_ids_as_text=req.return_tokens_as_token_ids)
         return await self._respond(request, handle, fmt, req.stream,
-                                   lambda first, arrival: self._events(handle, fmt, first, req, arrival))
+                                   lambda first, arrival: chunk_stream(handle, fmt, first, req, arrival, self.metrics))
 
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await self._body(request), ChatCompletionRequest)
-        handle, fmt = await self.start_chat(req, self._check_model(req.model), f"chatcmpl-{uuid.uuid4().hex}",
-                                            "messages")
+        lora, rid = self._check_model(req.model), f"chatcmpl-{uuid.uuid4().hex}"
+        beams = req.beam_search(req.max_new_tokens())
+        if beams is not None:
+            text = await self.render(req)
+            return await beam_search_response(self, request, self.chat_formatter(req, rid, lora, [rid], text), [text],
+                                              beams, add_special_tokens=False, param="messages",
+                                              priority=req.priority, lora=lora, cache_salt=req.cache_salt)
+        handle, fmt = await self.start_chat(req, lora, rid, "messages")
         return await self._respond(request, handle, fmt, req.stream,
-                                   lambda first, arrival: self._events(handle, fmt, first, req, arrival))
+                                   lambda first, arrival: chunk_stream(handle, fmt, first, req, arrival, self.metrics))
+
+    async def render(self, req: ChatCompletionRequest) -> str:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+        return await self.engine.in_tokenizer_thread(render_chat, self.tokenizer, req.messages,
+                                                     req.add_generation_prompt, req.chat_template_kwargs,
+                                                     req.continue_final_message, req.tools)
+
+    def chat_formatter(self, req: ChatCompletionRequest, rid: str, lora: str | None, request_ids: list[str],
+                       text: str) -> Formatter:
+        reasoning = None if self.reasoning_parser is None else Reasoning.of(self.reasoning_parser, text,
+                                                                             req.include_reasoning)
+        return Formatter("chat", rid, lora or self.model_name, request_ids, req.n, self.tokenizer,
+                         req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning,
+                         tools=req.tool_mode(), token_ids_as_text=req.return_tokens_as_token_ids)
 
     async def start_chat(self, req: ChatCompletionRequest, lora: str | None, rid: str,
                          param: str) -> tuple[RequestHandle, Formatter]:
@@ -208,20 +239,12 @@ class OpenAIServer:
                            param="tool_choice")
         params = chat_params(req, self.engine.engine)
         await self._precompile(params)
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-        text = await self.engine.in_tokenizer_thread(render_chat, self.tokenizer, req.messages,
-                                                     req.add_generation_prompt, req.chat_template_kwargs,
-                                                     req.continue_final_message, req.tools)
+        text = await self.render(req)
         # The template already holds the special tokens (BOS etc.); do not add them a second time.
         handle = self.engine.submit([text], params, request_id=rid, max_tokens=req.max_new_tokens(),
                                     add_special_tokens=False, param=param, priority=req.priority, lora=lora,
                                     cache_salt=req.cache_salt)
-        reasoning = None if self.reasoning_parser is None else Reasoning.of(self.reasoning_parser, text,
-                                                                             req.include_reasoning)
-        return handle, Formatter("chat", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
-                                 req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning,
-                                 tools=tools, token_ids_as_text=req.return_tokens_as_token_ids)
+        return handle, self.chat_formatter(req, rid, lora, handle.request_ids, text)
 
     async def _precompile(self, params: SamplingParams) -> None:
         """Compiles a structured-output constraint on a worker thread (structured.engine_grammars)."""
@@ -265,31 +288,3 @@ class OpenAIServer:
     async def _drain(handle: RequestHandle, fmt: Any) -> None:
         async for out in handle:
             fmt.add(out)
-
-    async def _events(self, handle: RequestHandle, fmt: Formatter, first: Any,
-                      req: CompletionRequest | ChatCompletionRequest, arrival: float) -> AsyncIterator[str]:
-        usage_chunk, usage_each = req.include_usage_chunk(), req.usage_in_every_chunk()
-        try:
-            if fmt.kind == "chat":
-                yield sse(fmt.role_chunk())
-            out = first
-            while True:
-                chunks = fmt.chunks(out)
-                if usage_each:  # the counts once this output is taken, on each of its chunks
-                    usage = fmt.usage()
-                    for chunk in chunks:
-                        chunk["usage"] = usage
-                if handle.done:
-                    if usage_chunk:
-                        chunks.append(fmt.usage_chunk())
-                    elif chunks:  # usage rides on the last chunk when no separate one was asked for
-                        chunks[-1]["usage"] = fmt.usage()
-                for chunk in chunks:
-                    yield sse(chunk)
-                if handle.done:
-                    break
-                out = await handle.__anext__()
-            self.metrics.finished(time.perf_counter() - arrival, fmt.finish_reasons())
-        except APIError as exc:
-            yield sse(exc.body())
-        yield "data: [DONE]\n\n"

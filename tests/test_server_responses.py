@@ -338,3 +338,33 @@ def test_reasoning_tokens_are_those_read_until_the_thinking_closed(pieces: list,
     assert texts == [t for t in (("reasoning", reasoning), ("message", content)) if t[1]]
     assert body["usage"]["output_tokens_details"]["reasoning_tokens"] == thinking_tokens
     assert body["usage"]["output_tokens"] == len(pieces) and body["status"] == "completed"
+
+
+def test_prompt_tokens_details_count_the_cache_hits_where_asked(server_triple: tuple, srv) -> None:  # noqa: ANN001
+    from rast_engine.server.app import OpenAIServer
+    from server_util import Running, server_engine
+
+    running = Running(OpenAIServer(server_engine(server_triple), model_name=MODEL, enable_prompt_tokens_details=True))
+    try:
+        text = "details: " + " ".join(f"item{i}" for i in range(40))
+        body = {"model": MODEL, "prompt": [text, text + " more"], "max_tokens": 2}
+        first = httpx.post(f"{running.url}/v1/completions", json=body).json()["usage"]
+        again = httpx.post(f"{running.url}/v1/completions", json=body).json()["usage"]
+        block = running.server.engine.engine.config.block_size
+        prompt = len(running.server.tokenizer.encode(text))
+        # the second prompt extends the first: in the first request it may hit the blocks the first
+        # computed, or not, as the two are scheduled; asked again, each reads its full blocks but the one
+        # holding its last token
+        assert again["prompt_tokens_details"]["cached_tokens"] == (prompt - 1) // block * block + \
+            (again["prompt_tokens"] - prompt - 1) // block * block
+        assert first["prompt_tokens_details"]["cached_tokens"] <= prompt // block * block
+        stream = httpx.post(f"{running.url}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}).text
+        usage = json.loads(stream.split("data: ")[-2])["usage"]
+        assert set(usage["prompt_tokens_details"]) == {"cached_tokens"}
+    finally:
+        running.close()
+    plain = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "the cat", "max_tokens": 1}).json()
+    assert "usage" in plain, plain
+    assert "prompt_tokens_details" not in plain["usage"]  # vLLM's default: not given

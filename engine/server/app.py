@@ -47,7 +47,7 @@ class OpenAIServer:
     def __init__(self, engine: Any, *, model_name: str | Sequence[str], api_key: str | None = None,
                  max_waiting: int = 512, queue_timeout: float | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES, tool_call_parser: str | None = None,
-                 responses_store_size: int = 1000) -> None:
+                 responses_store_size: int = 1000, enable_prompt_tokens_details: bool = False) -> None:
         if max_request_bytes < 1:
             raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes
@@ -71,6 +71,7 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.reasoning_parser = engine.config.reasoning_parser  # chat responses split by it
         self.responses = ResponseStore(responses_store_size)  # /v1/responses with store: true
+        self.prompt_details = enable_prompt_tokens_details  # vLLM's: usage.prompt_tokens_details.cached_tokens
 
     def app(self) -> Starlette:
         routes = [
@@ -195,7 +196,8 @@ class OpenAIServer:
                                     priority=req.priority, lora=lora, cache_salt=req.cache_salt)
         fmt = Formatter("completion", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
-                        generates=req.max_tokens != 0, token_ids_as_text=req.return_tokens_as_token_ids)
+                        generates=req.max_tokens != 0, token_ids_as_text=req.return_tokens_as_token_ids,
+                        prompt_details=self.prompt_details)
         return await self._respond(request, handle, fmt, req.stream,
                                    lambda first, arrival: chunk_stream(handle, fmt, first, req, arrival, self.metrics))
 
@@ -225,7 +227,8 @@ class OpenAIServer:
                                                                              req.include_reasoning)
         return Formatter("chat", rid, lora or self.model_name, request_ids, req.n, self.tokenizer,
                          req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning,
-                         tools=req.tool_mode(), token_ids_as_text=req.return_tokens_as_token_ids)
+                         tools=req.tool_mode(), token_ids_as_text=req.return_tokens_as_token_ids,
+                         prompt_details=self.prompt_details)
 
     async def start_chat(self, req: ChatCompletionRequest, lora: str | None, rid: str,
                          param: str) -> tuple[RequestHandle, Formatter]:

@@ -53,6 +53,9 @@ def add_engine_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the model names clients may send, as vLLM's: responses carry the first (default: "
                         "the MODEL path)")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="as vLLM's: usage gives prompt_tokens_details.cached_tokens, the prompt tokens read from "
+                        "the prefix cache (/v1/responses always gives them)")
     p.add_argument("--max-waiting", type=int, default=512,
                    help="requests allowed to wait beyond --max-num-seqs; more get 429 (run-batch sends no "
                         "more) (default 512)")
@@ -138,7 +141,8 @@ def build_server(args: argparse.Namespace, engine: Any, **kw: Any) -> Any:
     from rast_engine.server.app import OpenAIServer
 
     return OpenAIServer(engine, model_name=args.served_model_name or args.model, max_waiting=args.max_waiting,
-                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None, **kw)
+                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                        enable_prompt_tokens_details=args.enable_prompt_tokens_details, **kw)
 
 
 def _api_key(flag: str | None) -> str | None:

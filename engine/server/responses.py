@@ -50,8 +50,12 @@ class Formatter:
                  tokenizer: Any, logprobs: int | None, echo: Optional[list[Optional[str]]] = None,
                  prompt_logprobs: int | None = None, generates: bool = True,
                  reasoning: Reasoning | None = None, tools: ToolMode | None = None,
-                 token_ids_as_text: bool = False) -> None:
+                 token_ids_as_text: bool = False, prompt_details: bool = False) -> None:
         self.kind, self.id, self.model, self.n = kind, response_id, model, n
+        # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens, the prompts' tokens
+        # read from the prefix cache (RequestOutput.num_cached_tokens)
+        self.prompt_details = prompt_details
+        self.cached_tokens: dict[str, int] = {}
         # chat only: split each choice's thinking from its answer, and read tool calls from the answer
         self.reasoning, self.tools = reasoning, tools
         # False: echo with max_tokens 0, whose one drawn token (the engine draws at least one) is dropped
@@ -76,6 +80,8 @@ class Formatter:
     def add(self, out: Any) -> list[int]:
         """Fold a delta output in; the indices of the choices it brought something to."""
         self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+        if out.num_cached_tokens is not None:
+            self.cached_tokens[out.request_id] = out.num_cached_tokens
         if self.prompt_logprobs is not None and out.prompt_logprobs is not None:  # the first output has them
             self.prompt_entries[out.request_id] = self._vllm_prompt_logprobs(out)
         if self.echo is not None and out.request_id not in self.echoed:  # its first output
@@ -113,11 +119,14 @@ class Formatter:
     def finish_reasons(self) -> list[Optional[str]]:
         return [ch.finish_reason for ch in self.choices.values()]
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt = sum(self.prompt_tokens.values())
         completion = sum(len(ch.token_ids) - ch.echoed for ch in self.choices.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}
+        if self.prompt_details:
+            usage["prompt_tokens_details"] = {"cached_tokens": sum(self.cached_tokens.values())}
+        return usage
 
     # ---- logprobs ----
     def _token(self, token_id: int) -> str:

@@ -45,7 +45,6 @@ class ResponseOutput:
         self.open: Optional[_Open] = None
         self.reasoning_tokens = 0
         self.undecided = 0  # tokens read while the splitter could not yet tell thinking from answer
-        self.cached_tokens = 0
         self.sequence = 0  # the stream's sequence_number of the next event
 
     # ---- folding engine outputs ----
@@ -56,7 +55,6 @@ class ResponseOutput:
 
     def add(self, out: Any) -> list[dict[str, Any]]:
         """Fold a delta output in; the events it brings."""
-        self.cached_tokens = out.num_cached_tokens or self.cached_tokens
         tokens = sum(len(c.token_ids) for c in out.outputs)
         before = self._state()
         chunks = self.chat.chunks(out)
@@ -166,7 +164,7 @@ class ResponseOutput:
                 "output": [dict(item) for item in self.items] if status != "in_progress" else [],
                 "usage": None if status == "in_progress" else {
                     "input_tokens": usage["prompt_tokens"],
-                    "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                    "input_tokens_details": {"cached_tokens": sum(self.chat.cached_tokens.values())},
                     "output_tokens": usage["completion_tokens"],
                     "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                     "total_tokens": usage["total_tokens"]}}

@@ -11,10 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
 from factories import CHAT_TEMPLATE, JSON_CORPUS, make_triple
+from rast_engine.server.api_error import APIError
 from rast_engine.server.chat_messages import ChatMessage
 from rast_engine.server.responses_api.input_items import input_messages
 from rast_engine.server.responses_api.store import ResponseStore, StoredResponse
@@ -368,3 +371,51 @@ def test_prompt_tokens_details_count_the_cache_hits_where_asked(server_triple: t
     plain = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "the cat", "max_tokens": 1}).json()
     assert "usage" in plain, plain
     assert "prompt_tokens_details" not in plain["usage"]  # vLLM's default: not given
+
+
+LEAF = st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(["", "x", "text", "function", "message",
+                                                                        "user", "json_schema", "input_text"])
+JSON = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+    st.sampled_from(["type", "text", "name", "role"]), inner, max_size=2), max_leaves=6)
+RICH = {"model": MODEL, "instructions": "be brief", "input": [
+    {"role": "user", "content": [{"type": "input_text", "text": "q"}]},
+    {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a", "annotations": []}]},
+    {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "c1", "output": "2"}],
+    "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}], "tool_choice": "none",
+    "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}},
+    "reasoning": {"effort": None}, "include": ["message.output_text.logprobs"], "top_logprobs": 2,
+    "metadata": {"k": "v"}, "stream_options": {"include_obfuscation": False}, "max_output_tokens": 4}
+
+
+def _paths(value: object, path: tuple = ()) -> list[tuple]:
+    kids = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [path] + [p for key, child in kids for p in _paths(child, path + (key,))]
+
+
+def _replaced(value: object, path: tuple, new: object) -> object:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(copy[path[0]], path[1:], new)
+    return copy
+
+
+PATHS = _paths(RICH)[1:]
+
+
+@settings(max_examples=600, deadline=None)
+@given(where=st.sampled_from(PATHS), new=JSON, then=st.none() | st.tuples(st.sampled_from(PATHS), JSON))
+def test_any_request_body_is_a_chat_request_or_a_400(where: tuple, new: object, then: tuple | None) -> None:
+    """A valid body with one or two of its values (at any depth) replaced by any JSON value."""
+    from rast_engine.server.protocol import parse_request
+    from rast_engine.server.responses_api.protocol import ResponsesRequest
+
+    body = _replaced(RICH, where, new)
+    if then is not None and then[0] in _paths(body):  # the first replacement may have taken it away
+        body = _replaced(body, *then)
+    try:
+        parse_request(json.dumps(body).encode(), ResponsesRequest).to_chat([])
+    except APIError as exc:
+        assert exc.status == 400 and exc.param, exc.message

@@ -76,7 +76,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
         for i, item in enumerate(items):
             where = f"input[{i}]"
             kind = item.get("type", "message")
-            if kind not in _KEYS:
+            if not isinstance(kind, str) or kind not in _KEYS:
                 raise _fail(where, f"items of type {kind!r} are not supported (only {', '.join(_KEYS)})")
             extra = set(item) - _KEYS[kind]
             if extra:
@@ -101,7 +101,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
                                             content=_text(item.get("output"), where)))
             else:
                 role = item.get("role")
-                if role not in _ROLES:
+                if not isinstance(role, str) or role not in _ROLES:
                     raise _fail(where, f"role must be one of {', '.join(_ROLES)}, not {role!r}")
                 if role == "assistant":
                     messages.append(ChatMessage(role=role, content=_text(item.get("content"), where),

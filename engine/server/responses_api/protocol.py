@@ -119,9 +119,9 @@ class _Fields(BaseModel):
         fmt = (self.text or {}).get("format")
         if self.text is not None and (set(self.text) - {"format", "verbosity"} or self.text.get("verbosity")):
             raise APIError(400, "text may hold format only (verbosity is not supported)", param="text")
-        if fmt is None or fmt.get("type") in ("text", "json_object"):
+        if fmt is None or (isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object") and len(fmt) == 1):
             return fmt
-        if fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
             return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "response"),
                                                            "schema": fmt["schema"]}}
         raise APIError(400, "text.format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "

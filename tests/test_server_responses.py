@@ -7,6 +7,7 @@ prefix cache's block arithmetic for cached tokens; and the token ids for the rea
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -170,6 +171,53 @@ def test_previous_response_id_continues_the_conversation(srv) -> None:  # noqa: 
     assert unstored["store"] is False and httpx.get(f"{srv.url}/v1/responses/{unstored['id']}").status_code == 404
 
 
+def _polled(url: str, response_id: str, until: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        body = httpx.get(f"{url}/v1/responses/{response_id}").json()
+        if until(body) or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+def test_a_background_response_is_polled_and_can_be_cancelled(srv) -> None:  # noqa: ANN001
+    body = {"input": "the cat", "max_output_tokens": 6, **SAMPLING}
+    started = _create(srv.url, background=True, **body)
+    assert started["background"] is True and started["status"] == "in_progress" and started["output"] == []
+    ended = _polled(srv.url, started["id"], lambda b: b["status"] != "in_progress")
+    _validates(RESPONSE, ended)
+    want = _create(srv.url, **body)
+    assert (_text(ended), ended["status"], ended["usage"]["output_tokens"]) == \
+        (_text(want), want["status"], want["usage"]["output_tokens"])
+    again = httpx.post(f"{srv.url}/v1/responses/{started['id']}/cancel")
+    assert again.status_code == 400 and "incomplete" in again.json()["error"]["message"]
+
+    running = _create(srv.url, background=True, input="the cat", ignore_eos=True)  # to the end of the context
+    assert _polled(srv.url, running["id"], lambda b: True)["status"] == "in_progress"
+    refused = httpx.post(f"{srv.url}/v1/responses", json={"model": MODEL, "input": "x",
+                                                          "previous_response_id": running["id"]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "previous_response_id"
+    engine = srv.server.engine.engine
+
+    def aborted(since: int) -> bool:
+        """The engine went idle without running on to the end of the context, some 500 tokens on (the abort
+        reaches the engine thread between two of its steps)."""
+        deadline = time.monotonic() + 30
+        while engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not engine.has_unfinished_requests() and engine.stats().generation_tokens_total - since < 100
+
+    tokens = engine.stats().generation_tokens_total
+    cancelled = httpx.post(f"{srv.url}/v1/responses/{running['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and _polled(srv.url, running["id"], lambda b: True) == cancelled
+    assert aborted(tokens)
+    assert httpx.post(f"{srv.url}/v1/responses/resp_nope/cancel").status_code == 404
+    deleted = _create(srv.url, background=True, input="the cat", ignore_eos=True)["id"]
+    tokens = engine.stats().generation_tokens_total
+    assert httpx.delete(f"{srv.url}/v1/responses/{deleted}").json()["deleted"]  # and cancelled, not left running
+    assert aborted(tokens) and httpx.get(f"{srv.url}/v1/responses/{deleted}").status_code == 404
+
+
 def test_cached_tokens_are_the_prefix_cache_hits(srv) -> None:  # noqa: ANN001
     block = srv.server.engine.engine.config.block_size
     text = "the cached prompt: " + " ".join(f"word{i}" for i in range(40))
@@ -203,7 +251,8 @@ def test_logprobs_are_the_chat_logprobs(srv) -> None:  # noqa: ANN001
     ({"input": [{"role": "tool", "content": "x"}]}, "input"),
     ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "abc"}]}, "input"),
     ({"input": []}, "input"),
-    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "background": True, "store": False}, "background"),
+    ({"input": "x", "background": True, "stream": True}, "background"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
     ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
     ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include"),

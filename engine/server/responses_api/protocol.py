@@ -72,7 +72,8 @@ class _Fields(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Fields:
-        refusals = [("background", self.background, "background responses are not supported; send background: false"),
+        refusals = [("background", self.background and (self.stream or not self.store),
+                     "a background response is stored and polled: it takes store: true and no stream"),
                     ("truncation", self.truncation == "auto", 'truncation "auto" is not supported; a prompt longer '
                                                               "than the context is a 400 (truncation: \"disabled\")"),
                     ("reasoning", any(v is not None for v in (self.reasoning or {}).values()),

@@ -13,6 +13,7 @@ from starlette.routing import Route
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server.api_error import APIError
 from rast_engine.server.protocol import ChatCompletionRequest, parse_request
+from rast_engine.server.responses_api.background import BackgroundResponses
 from rast_engine.server.responses_api.input_items import input_messages
 from rast_engine.server.responses_api.output import ResponseOutput
 from rast_engine.server.responses_api.protocol import ResponsesRequest, as_responses_error
@@ -34,11 +35,12 @@ def _head(req: Any, chat: ChatCompletionRequest, params: SamplingParams, respons
             "store": stored, "temperature": params.temperature, "top_p": params.top_p,
             "text": {"format": (req.text or {}).get("format") or {"type": "text"}}, "tool_choice": choice,
             "tools": req.tools or [], "top_logprobs": req.top_logprobs or 0, "truncation": "disabled",
-            "user": req.user, "background": False, "service_tier": "default"}
+            "user": req.user, "background": req.background, "service_tier": "default"}
 
 
 def responses_routes(server: OpenAIServer) -> list[Route]:
     store = server.responses
+    background = BackgroundResponses(server.metrics)
 
     def conversation(req: Any) -> list[dict[str, Any]]:
         """The stored input items that previous_response_id continues (404 where none is kept)."""
@@ -49,6 +51,9 @@ def responses_routes(server: OpenAIServer) -> list[Route]:
             raise APIError(404, f"previous response {req.previous_response_id!r} was not found: it was not stored, "
                                 f"was deleted, or was forgotten (this server keeps the last {store.capacity})",
                            param="previous_response_id", code="response_not_found")
+        if previous.body["status"] in ("queued", "in_progress"):
+            raise APIError(400, f"previous response {req.previous_response_id!r} is still in progress; continue it "
+                                "once it has ended", param="previous_response_id")
         return previous.conversation
 
     async def create(request: Request) -> Response:
@@ -60,6 +65,9 @@ def responses_routes(server: OpenAIServer) -> list[Route]:
             raise APIError(400, "logprobs come on the one message of a response; with a reasoning parser or tools "
                                 "the output's tokens would be split between items, which this server does not do",
                            param="include")
+        if req.background and store.capacity == 0:
+            raise APIError(400, "background responses are polled from the store, which this server keeps none in "
+                                "(--responses-store-size 0)", param="background")
         response_id = f"resp_{uuid.uuid4().hex}"
         try:
             handle, fmt = await server.start_chat(chat, lora, response_id, "input")
@@ -69,10 +77,15 @@ def responses_routes(server: OpenAIServer) -> list[Route]:
         out = ResponseOutput(fmt, _head(req, chat, handle.params, response_id, lora or server.model_name, stored))
         given = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
 
-        def keep() -> None:
+        def keep(**change: Any) -> dict[str, Any]:
+            """Stores the response as it stands (``change``: fields an ending sets itself)."""
+            body = {**out.body(), **change}
             if stored:
-                body = out.body()
                 store.put(response_id, StoredResponse(body, before + given + body["output"]))
+            return body
+
+        if req.background:
+            return JSONResponse(await background.start(response_id, handle, out, keep))
 
         async def events(first: Any, arrival: float) -> AsyncIterator[str]:
             yield out.sse(out.opening())
@@ -106,8 +119,16 @@ def responses_routes(server: OpenAIServer) -> list[Route]:
     async def retrieve(request: Request) -> Response:
         return JSONResponse(stored_response(request)[1].body)
 
+    async def cancel(request: Request) -> Response:
+        response_id, found = stored_response(request)
+        if not await background.cancel(response_id):
+            raise APIError(400, f"response {response_id!r} is {found.body['status']}; only a background response in "
+                                "progress can be cancelled", param="response_id")
+        return JSONResponse(stored_response(request)[1].body)
+
     async def delete(request: Request) -> Response:
         response_id, _ = stored_response(request)
+        await background.cancel(response_id)  # one in progress would store itself again at its end
         store.delete(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
@@ -115,5 +136,7 @@ def responses_routes(server: OpenAIServer) -> list[Route]:
             Route("/v1/responses/{response_id}", server._wrap("retrieve_response", retrieve, auth=True),
                   methods=["GET"]),
             Route("/v1/responses/{response_id}", server._wrap("delete_response", delete, auth=True),
-                  methods=["DELETE"])]
+                  methods=["DELETE"]),
+            Route("/v1/responses/{response_id}/cancel", server._wrap("cancel_response", cancel, auth=True),
+                  methods=["POST"])]
 

@@ -23,7 +23,7 @@ from rast_engine.server.app import OpenAIServer
 from rast_engine.server.run_batch import run_batch
 from server_util import MODEL, Running, server_engine
 
-VOLATILE = ("id", "created")
+VOLATILE = ("id", "created", "created_at")
 
 
 def _line(custom_id: str, url: str, body: dict[str, Any]) -> str:
@@ -37,6 +37,9 @@ def _requests() -> list[str]:
                                                          "max_tokens": 4 + i, "seed": i, "temperature": 1.0}))
         lines.append(_line(f"m{i}", "/v1/chat/completions", {
             "messages": [{"role": "user", "content": f"hello {i}"}], "max_tokens": 5, "seed": 10 + i, "n": 1 + i % 2}))
+    for i in range(2):
+        lines.append(_line(f"r{i}", "/v1/responses", {"input": f"hello {i}", "max_output_tokens": 4, "seed": 20 + i,
+                                                       "temperature": 1.0, "store": False}))
     lines.append(_line("list", "/v1/completions", {"prompt": ["hello world! this", "what is"], "max_tokens": 3,
                                                    "seed": 7, "logprobs": 2}))
     return lines
@@ -53,7 +56,11 @@ def _batch(engine: LLMEngine, lines: list[str | bytes], **kw: Any) -> list[dict[
 
 
 def _stable(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k not in VOLATILE}
+    """The body without what differs from one answer to the next: ids, times (a response's items' ids too)."""
+    stable = {k: v for k, v in body.items() if k not in VOLATILE}
+    if "output" in stable:
+        stable["output"] = [{k: v for k, v in item.items() if k != "id"} for item in stable["output"]]
+    return stable
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -70,7 +77,7 @@ def _same(a: Any, b: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def small_engine(server_triple: tuple) -> LLMEngine:
-    """Two slots: a batch of 13 lines (17 prompts) must queue behind its gate."""
+    """Two slots: a batch of 15 lines (19 prompts) must queue behind its gate."""
     return server_engine(server_triple, max_num_seqs=2)
 
 
@@ -96,6 +103,7 @@ def test_a_bad_line_fails_alone(srv: Running, small_engine: LLMEngine) -> None:
         json.dumps({"custom_id": "get", "method": "GET", "url": "/v1/completions", "body": {}}),
         _line("emb", "/v1/embeddings", {"input": "x"}), "   ",
         _line("stream", "/v1/completions", {"prompt": "hi", "stream": True}),
+        _line("bg", "/v1/responses", {"input": "hi", "background": True}),
         json.dumps({"custom_id": "neg", "method": "POST", "url": "/v1/completions", "body": bad_body}),
         json.dumps({"custom_id": "who", "url": "/v1/chat/completions",
                     "body": {"model": "other", "messages": [{"role": "user", "content": "hi"}]}}),
@@ -104,19 +112,20 @@ def test_a_bad_line_fails_alone(srv: Running, small_engine: LLMEngine) -> None:
         good.replace('"ok"', '"ok2"'),
     ]
     got = _batch(small_engine, lines)
-    assert [g["custom_id"] for g in got] == [None, None, None, "ok", "get", "emb", "stream", "neg", "who", None,
+    assert [g["custom_id"] for g in got] == [None, None, None, "ok", "get", "emb", "stream", "bg", "neg", "who", None,
                                              "many", "ok2"]
     status = [g["response"]["status_code"] for g in got]
-    assert status == [400] * 3 + [200] + [400] * 4 + [404, 400, 400, 200]
+    assert status == [400] * 3 + [200] + [400] * 5 + [404, 400, 400, 200]
     for g in got:
         assert (g["error"] is None) == (g["response"]["status_code"] == 200)
         if g["error"] is not None:
             assert g["error"] == g["response"]["body"]["error"] and g["error"]["message"]
     live = httpx.post(f"{srv.url}/v1/completions", json=bad_body, timeout=60).json()
-    assert got[7]["error"]["message"] == live["error"]["message"]
+    assert got[8]["error"]["message"] == live["error"]["message"]
     assert "stream" in got[6]["error"]["message"] and "/v1/embeddings" in got[5]["error"]["message"]
-    assert "at most 3 in flight" in got[10]["error"]["message"]
-    assert _same(got[3]["response"]["body"]["choices"], got[11]["response"]["body"]["choices"])
+    assert "background" in got[7]["error"]["message"]
+    assert "at most 3 in flight" in got[11]["error"]["message"]
+    assert _same(got[3]["response"]["body"]["choices"], got[12]["response"]["body"]["choices"])
 
 
 def test_a_small_window_keeps_order_and_finishes(small_engine: LLMEngine) -> None:

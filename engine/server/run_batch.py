@@ -1,8 +1,8 @@
 """Offline batches in the OpenAI Batch API's file format, answered by the same handlers `rast serve` runs,
 in process, as vLLM's `run-batch` does.
 
-Each input line is ``{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions" or
-"/v1/completions", "body": {...}}``; each output line is ``{"id", "custom_id", "response": {"status_code",
+Each input line is ``{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions",
+"/v1/completions" or "/v1/responses", "body": {...}}``; each output line is ``{"id", "custom_id", "response": {"status_code",
 "request_id", "body"}, "error"}``, with the server's response as ``body`` and, when it failed, its error
 object as ``error`` too (null on success), so both OpenAI's and vLLM's readers of batch output find it.
 
@@ -32,7 +32,7 @@ from rast_engine.server.app import OpenAIServer
 from rast_engine.server.protocol import APIError
 
 log = logging.getLogger("rast.run_batch")
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 PROGRESS_SECONDS = 10.0
 _BOOL = TypeAdapter(bool)
 
@@ -81,6 +81,9 @@ def parse_line(raw: str | bytes, number: int) -> _Line:
         return _Line(custom_id, error=APIError(400, f"line {number}: body must be a JSON object", param="body"))
     if _streams(body.get("stream")):
         return _Line(custom_id, error=APIError(400, f"line {number}: a batch request cannot stream", param="stream"))
+    if url == "/v1/responses" and _streams(body.get("background")):  # its line would hold an unfinished response
+        return _Line(custom_id, error=APIError(400, f"line {number}: a batch request cannot run in the background",
+                                               param="background"))
     prompt = body.get("prompt") if url == "/v1/completions" else None
     # the completions route takes a list of prompts (strings or token-id lists) as as many requests
     prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
@@ -161,8 +164,8 @@ async def run_batch(server: OpenAIServer, lines: Iterable[str | bytes], write: C
             if status == 200:
                 summary.succeeded += 1
                 usage = body.get("usage") or {}
-                summary.prompt_tokens += usage.get("prompt_tokens", 0)
-                summary.completion_tokens += usage.get("completion_tokens", 0)
+                summary.prompt_tokens += usage.get("prompt_tokens", usage.get("input_tokens", 0))  # the Responses
+                summary.completion_tokens += usage.get("completion_tokens", usage.get("output_tokens", 0))  # API's
             else:
                 summary.failed += 1
             answered[seq] = _output(line, status, body)

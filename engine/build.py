@@ -78,7 +78,8 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
                          model_streams=config.model_streams, max_num_seqs=config.max_num_seqs,
                          max_model_len=max_len, graph_max_batch=config.cuda_graph_max_batch,
                          speculative_tokens=config.speculative_tokens, speculative_draft=config.speculative_draft,
-                         speculative_method=config.speculative_method)
+                         speculative_method=config.speculative_method,
+                         raw_logprobs=config.logprobs_mode == "raw_logprobs")
     logger.info("loaded %d model(s) (%s) on %s in %s in %.2f s; vocab V=%d", len(ms.models), ", ".join(ms.roles),
                 device, str(dtype).replace("torch.", ""), time.perf_counter() - t0, ms.vocab_size)
     logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB over %d pools); max_model_len %d",

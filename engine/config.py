@@ -17,6 +17,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE_DRAFTS = ("small", "rl")  # rast_engine.speculative.round
 SPECULATIVE_METHODS = ("coupled", "rejection")
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 QUANTIZATIONS = ("fp8",)  # rast_engine.models.fp8: the large model's projections in FP8
 KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": scaled float8_e4m3fn (vLLM's name)
 SCHEDULING_POLICIES = ("fcfs", "priority")  # rast_engine.scheduler
@@ -105,6 +106,10 @@ class EngineConfig:
     # vLLM's: adapters read by a LoRARequest's path kept in host memory, the least recently read dropped
     # first, so one evicted from its slot reloads without reading its files again (None: max_loras)
     max_cpu_loras: Optional[int] = None
+    # vLLM's logprobs_mode: what a sampled token's logprobs are. "processed_logprobs": under the distribution
+    # it was drawn from (temperature, top-k/top-p/min-p, logit_bias, penalties, masks; T = 1 for greedy);
+    # "raw_logprobs": log-softmax of the combined logits with the request's λ, before any of those
+    logprobs_mode: str = "processed_logprobs"
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -190,6 +195,9 @@ class EngineConfig:
             raise RastError(f"speculative_tokens must be an integer >= 0 (0: off), got {self.speculative_tokens!r}")
         if self.speculative_draft not in SPECULATIVE_DRAFTS:
             raise RastError(f"speculative_draft must be one of {SPECULATIVE_DRAFTS}, got {self.speculative_draft!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise RastError(f"logprobs_mode must be one of {LOGPROBS_MODES} (vLLM's raw_logits and processed_logits "
+                            f"are not served), got {self.logprobs_mode!r}", param="logprobs_mode")
         if self.speculative_method not in SPECULATIVE_METHODS:
             raise RastError(f"speculative_method must be one of {SPECULATIVE_METHODS}, got {self.speculative_method!r}")
         if self.speculative_tokens and not pairs:

@@ -115,10 +115,11 @@ def sample_draws(logits: list[torch.Tensor], draws: Seq[Draw], to_device: ToDevi
 
 
 def draw_logprobs(logits: list[torch.Tensor], draws: Seq[Draw], ids: torch.Tensor, to_device: ToDevice,
-                  vocab_size: int, backend: Optional[str]) -> Optional[DrawLogprobs]:
-    """Logprobs under the filtered distribution each token was drawn from (greedy rows: T = 1), for the
-    draws that ask for them, computed on the device (None: no draw asks). Draws of one row share its
-    distribution: one rast_logprobs row each row, whatever the draws."""
+                  vocab_size: int, backend: Optional[str], raw: bool = False) -> Optional[DrawLogprobs]:
+    """Logprobs under the filtered distribution each token was drawn from (greedy rows: T = 1), or with
+    ``raw`` (logprobs_mode "raw_logprobs") of the combination alone at T = 1, for the draws that ask for
+    them, computed on the device (None: no draw asks). Draws of one row share its distribution: one
+    rast_logprobs row each row, whatever the draws."""
     want = [j for j, d in enumerate(draws) if d.params.logprobs is not None]
     if not want:
         return None
@@ -131,8 +132,9 @@ def draw_logprobs(logits: list[torch.Tensor], draws: Seq[Draw], ids: torch.Tenso
             rows.append(draws[j].row)
             first.append(draws[j])
     sub = _rows(logits, rows, to_device)
-    params: dict[str, torch.Tensor | int] = dict(row_params(first, to_device, greedy_as_t1=True))
-    if len({d.params.top_k for d in first}) == 1:  # one k (as a rule): a top-k of k values, not a sort of V
+    # raw: rast_logprobs' defaults, T = 1 and no filter
+    params: dict[str, torch.Tensor | int] = {} if raw else dict(row_params(first, to_device, greedy_as_t1=True))
+    if not raw and len({d.params.top_k for d in first}) == 1:  # one k (as a rule): a top-k of k values, not a sort
         params["top_k"] = first[0].params.top_k
     logp = rast_kernels.rast_logprobs(  # finite however small a token's probability (probs.log() underflowed)
         sub[0], list(zip(sub[1::2], sub[2::2])), weights=to_device(_weights(first, (len(logits) - 1) // 2)),

@@ -48,11 +48,13 @@ class ModelRunner:
                  device: torch.device, enforce_eager: bool = True, model_streams: bool = True,
                  max_num_seqs: int = 256, max_model_len: int = 2048,
                  graph_max_batch: Optional[int] = None, speculative_tokens: int = 0, speculative_draft: str = "small",
-                 speculative_method: str = "coupled") -> None:
+                 speculative_method: str = "coupled", raw_logprobs: bool = False) -> None:
         """units: the large model, then the small models' forwards, each giving ``copies`` models' logits;
         roles: per role (large, then rl and base per pair) the index of its logits among those;
-        speculative_tokens (γ), speculative_draft, speculative_method: speculative rounds (speculative/)."""
+        speculative_tokens (γ), speculative_draft, speculative_method: speculative rounds (speculative/);
+        raw_logprobs: logprobs_mode "raw_logprobs" (draws.draw_logprobs)."""
         self.units, self.roles = units, roles
+        self.raw_logprobs = raw_logprobs
         self.kv = kv
         self.vocab_size = vocab_size
         self.block_size = block_size
@@ -203,7 +205,7 @@ class ModelRunner:
         logprobs = None
         if any(d.params.logprobs is not None for d in draws):
             logprobs = draw_logprobs([t[:n] for t in logits], draws, ids, self._to_device, self.vocab_size,
-                                     self.sampler)
+                                     self.sampler, self.raw_logprobs)
         return self._ids_later(ids, logprobs)
 
     def fill_buffers(self, seqs: Seq[Sequence], draws: Seq[Draw], rows: int, feed: Optional[Seq[int]] = None) -> None:
@@ -236,11 +238,13 @@ class ModelRunner:
                ) -> PendingStep:
         """The draws' tokens (draws.py), read later by the caller's wait(); ``inputs``: each logits row's input
         token (with_adjustments)."""
-        logits, draws = with_adjustments(logits, draws, self._to_device, self.vocab_size, inputs)
-        ids_dev = sample_draws(logits, draws, self._to_device, self.vocab_size, self.sampler)
+        adjusted, adjusted_draws = with_adjustments(logits, draws, self._to_device, self.vocab_size, inputs)
+        ids_dev = sample_draws(adjusted, adjusted_draws, self._to_device, self.vocab_size, self.sampler)
         self.buffers.store_sampled(ids_dev)  # a decode step launched ahead reads its input ids from them
+        if not self.raw_logprobs:  # raw: the combination before the adjustments
+            logits, draws = adjusted, adjusted_draws
         return self._ids_later(ids_dev, draw_logprobs(logits, draws, ids_dev, self._to_device, self.vocab_size,
-                                                      self.sampler))
+                                                      self.sampler, self.raw_logprobs))
 
 
 def _after_pending(draws: Seq[Draw]) -> bool:

@@ -95,3 +95,34 @@ def test_engine_logprobs_at_low_temperature_equal_hf(qwen2_triple: tuple) -> Non
         deepest = min(deepest, float(top.values[-1]))
         ids.append(tok)
     assert deepest < -103.9  # the run reached the underflow
+
+
+@pytest.mark.parametrize("speculative, adjusted", [(0, True), (2, True), (0, False)])
+def test_raw_logprobs_are_the_combination_before_temperature_filters_and_adjustments(qwen2_triple: tuple,
+                                                                                    speculative: int,
+                                                                                    adjusted: bool) -> None:
+    """logprobs_mode="raw_logprobs" (vLLM's): log_softmax of HF's Eq. 3 logits at T = 1, whatever the request's
+    temperature, top-k/top-p, logit_bias and penalty, in plain steps and in speculative rounds; the default
+    ("processed_logprobs") gives the filtered distribution the tokens were drawn from instead."""
+    from test_engine import LAM, PROMPTS, hf_eq3
+
+    from rast_engine import LLM, SamplingParams
+
+    adjustments = {"logit_bias": {7: 5.0}, "repetition_penalty": 1.3} if adjusted else {}  # eager steps, or not
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, max_tokens=4, seed=3, logprobs=3, ignore_eos=True,
+                            **adjustments)
+    outs = {}
+    for mode in ("raw_logprobs", "processed_logprobs"):
+        llm = LLM(*map(str, qwen2_triple), lam=LAM, block_size=4, kv_cache_blocks=64, device="cpu", dtype="float32",
+                  logprobs_mode=mode, speculative_tokens=speculative)
+        outs[mode] = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0]
+    raw, processed, vocab = outs["raw_logprobs"], outs["processed_logprobs"], llm.llm_engine.vocab_size
+    assert raw.outputs[0].token_ids == processed.outputs[0].token_ids  # the mode changes the logprobs alone
+    ids = list(raw.prompt_token_ids)
+    for tok, entry, filtered in zip(raw.outputs[0].token_ids, raw.outputs[0].logprobs, processed.outputs[0].logprobs):
+        want = torch.log_softmax(hf_eq3(qwen2_triple, ids, LAM, vocab)[-1].double(), -1)
+        assert set(entry) == set(want.topk(3).indices.tolist()) | {tok}
+        for t, value in entry.items():
+            assert value == pytest.approx(float(want[t]), abs=1e-4)
+        assert filtered[tok] > entry[tok] + 1e-3  # the filtered distribution renormalised over fewer tokens
+        ids.append(tok)

@@ -240,11 +240,14 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
     logprobs = None
     if any(d.params.logprobs is not None for d in draws):
         # every position's row, its token the one emitted there (-1 past the run: clamped, never read)
-        extra = [1.0] if adjust is not None else []  # the adjustment pair's weight (small holds the pair)
+        # small holds the adjustment pair last: the raw logprobs are the combination's without it
+        raw = adjust is not None and runner.raw_logprobs
+        extra = [1.0] if adjust is not None and not raw else []
+        small = small[:-2] if raw else small
         row_draws = [Draw(i * (gamma + 1) + j, d.params, d.weights + extra, d.seed, d.offset + j)
                      for i, d in enumerate(draws) for j in range(gamma + 1)]
         logprobs = draw_logprobs([large] + small, row_draws, tokens.reshape(-1).clamp(min=0), runner._to_device,
-                                 runner.vocab_size, runner.sampler)
+                                 runner.vocab_size, runner.sampler, runner.raw_logprobs)
     counts, event = accepted + 1, None
     if runner.pin:  # copies queued now, read by wait() after the event
         tokens, counts = tokens.to("cpu", non_blocking=True), counts.to("cpu", non_blocking=True)

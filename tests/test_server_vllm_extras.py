@@ -52,3 +52,35 @@ def test_a_cache_salt_shares_blocks_only_with_its_own_salt(srv: Running, server_
     for bad in ("", 3):
         res = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "cache_salt": bad})
         assert res.status_code == 400 and "cache_salt" in res.text
+
+
+def test_return_token_ids_gives_the_sampled_ids(srv: Running, server_oracle: LLM) -> None:
+    """vLLM's return_token_ids: the offline engine's prompt and output ids for the same seeded request, whole
+    and streamed (the prompt's in the first chunk, each chunk's own new ids, joining to the whole)."""
+    import json
+
+    tok = server_oracle.get_tokenizer()
+    body = {"model": MODEL, "max_tokens": 6, "temperature": 1.0, "seed": 5, "return_token_ids": True}
+    prompts = PROMPTS[:2]
+    res = httpx.post(f"{srv.url}/v1/completions", json={**body, "prompt": prompts, "n": 2}).json()
+    for i, choice in enumerate(res["choices"]):
+        want = server_oracle.generate(prompts[i // 2], SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=6),
+                                      use_tqdm=False)[0]
+        assert choice["prompt_token_ids"] == want.prompt_token_ids == tok.encode(prompts[i // 2])
+        assert choice["token_ids"] == want.outputs[i % 2].token_ids
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "messages": messages}).json()
+    want = server_oracle.chat(messages, SamplingParams(temperature=1.0, seed=5, max_tokens=6), use_tqdm=False)[0]
+    assert chat["prompt_token_ids"] == want.prompt_token_ids
+    assert chat["choices"][0]["token_ids"] == want.outputs[0].token_ids
+    for url, extra in (("/v1/chat/completions", {"messages": messages}), ("/v1/completions", {"prompt": prompts[0]})):
+        text = httpx.post(f"{srv.url}{url}", json={**body, **extra, "stream": True}).text
+        chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        prompt_ids = [c.get("prompt_token_ids") or c["choices"][0].get("prompt_token_ids") for c in chunks
+                      if c.get("prompt_token_ids") or (c["choices"] and c["choices"][0].get("prompt_token_ids"))]
+        whole = chat if url == "/v1/chat/completions" else None
+        assert len(prompt_ids) == 1 and prompt_ids[0] == (whole["prompt_token_ids"] if whole else tok.encode(prompts[0]))
+        streamed = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids", [])]
+        assert streamed == (whole["choices"][0]["token_ids"] if whole else res["choices"][0]["token_ids"])
+    assert "token_ids" not in httpx.post(f"{srv.url}/v1/completions", json={
+        "model": MODEL, "prompt": prompts[0], "max_tokens": 2}).json()["choices"][0]

@@ -186,7 +186,7 @@ class OpenAIServer:
         if beams is not None:
             prompts = req.prompts()
             fmt = Formatter("completion", rid, lora or self.model_name, [f"{rid}-{i}" for i in range(len(prompts))],
-                            req.n, self.tokenizer, None)
+                            req.n, self.tokenizer, None, return_token_ids=req.return_token_ids)
             return await beam_search_response(self, request, fmt, prompts, beams, add_special_tokens=True,
                                               param="prompt", priority=req.priority, lora=lora,
                                               cache_salt=req.cache_salt)
@@ -197,7 +197,7 @@ class OpenAIServer:
         fmt = Formatter("completion", rid, lora or self.model_name, handle.request_ids, req.n, self.tokenizer,
                         req.logprobs, echo=echoed(req) if req.echo else None, prompt_logprobs=req.prompt_logprobs,
                         generates=req.max_tokens != 0, token_ids_as_text=req.return_tokens_as_token_ids,
-                        prompt_details=self.prompt_details)
+                        prompt_details=self.prompt_details, return_token_ids=req.return_token_ids)
         return await self._respond(request, handle, fmt, req.stream,
                                    lambda first, arrival: chunk_stream(handle, fmt, first, req, arrival, self.metrics))
 
@@ -228,7 +228,7 @@ class OpenAIServer:
         return Formatter("chat", rid, lora or self.model_name, request_ids, req.n, self.tokenizer,
                          req.logprobs_count(), prompt_logprobs=req.prompt_logprobs, reasoning=reasoning,
                          tools=req.tool_mode(), token_ids_as_text=req.return_tokens_as_token_ids,
-                         prompt_details=self.prompt_details)
+                         prompt_details=self.prompt_details, return_token_ids=req.return_token_ids)
 
     async def start_chat(self, req: ChatCompletionRequest, lora: str | None, rid: str,
                          param: str) -> tuple[RequestHandle, Formatter]:

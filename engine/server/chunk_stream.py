@@ -19,7 +19,7 @@ async def chunk_stream(handle: RequestHandle, fmt: Formatter, first: Any,
     usage_chunk, usage_each = req.include_usage_chunk(), req.usage_in_every_chunk()
     try:
         if fmt.kind == "chat":
-            yield sse(fmt.role_chunk())
+            yield sse(fmt.role_chunk(first))
         out = first
         while True:
             chunks = fmt.chunks(out)

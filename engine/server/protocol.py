@@ -41,7 +41,8 @@ class StreamOptions(BaseModel):
 BEAM_FIELDS = frozenset({
     "model", "prompt", "messages", "n", "best_of", "max_tokens", "max_completion_tokens", "stream", "temperature",
     "ignore_eos", "lam", "seed", "priority", "cache_salt", "user", "use_beam_search", "length_penalty",
-    "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "include_reasoning", "tool_choice"})
+    "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "include_reasoning", "tool_choice",
+    "return_token_ids"})
 # A request's logit_bias entries are sent to the device at each of its steps (engine/logit_adjust.py), so
 # their number bounds the host work one request adds to every batch it joins
 MAX_LOGIT_BIAS_ENTRIES = 1024
@@ -97,6 +98,9 @@ class _Request(BaseModel):
     # vLLM's: logprobs name tokens "token_id:<id>" (RL frameworks read the ids back; a token's text may
     # not be valid UTF-8 on its own)
     return_tokens_as_token_ids: bool = False
+    # vLLM's: the prompt's token ids and each choice's generated ids beside the text (RL frameworks train on
+    # exactly the ids that were sampled, never a re-tokenisation of the text)
+    return_token_ids: bool = False
     # vLLM's: the prompt shares prefix-cache blocks only with requests of the same salt (multi-tenant
     # servers: no probing of another tenant's prompts through the cache's timing)
     cache_salt: str | None = Field(None, min_length=1)

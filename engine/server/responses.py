@@ -50,12 +50,17 @@ class Formatter:
                  tokenizer: Any, logprobs: int | None, echo: Optional[list[Optional[str]]] = None,
                  prompt_logprobs: int | None = None, generates: bool = True,
                  reasoning: Reasoning | None = None, tools: ToolMode | None = None,
-                 token_ids_as_text: bool = False, prompt_details: bool = False) -> None:
+                 token_ids_as_text: bool = False, prompt_details: bool = False,
+                 return_token_ids: bool = False) -> None:
         self.kind, self.id, self.model, self.n = kind, response_id, model, n
         # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens, the prompts' tokens
         # read from the prefix cache (RequestOutput.num_cached_tokens)
         self.prompt_details = prompt_details
         self.cached_tokens: dict[str, int] = {}
+        # vLLM's return_token_ids: the prompt's ids and each choice's generated ids beside the text (a stream:
+        # the prompt's in a choice's first chunk, chat's in its first chunk, each chunk's own new ids)
+        self.return_token_ids = return_token_ids
+        self.prompt_ids: dict[str, list[int]] = {}
         # chat only: split each choice's thinking from its answer, and read tool calls from the answer
         self.reasoning, self.tools = reasoning, tools
         # False: echo with max_tokens 0, whose one drawn token (the engine draws at least one) is dropped
@@ -80,6 +85,7 @@ class Formatter:
     def add(self, out: Any) -> list[int]:
         """Fold a delta output in; the indices of the choices it brought something to."""
         self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+        self.prompt_ids[out.request_id] = out.prompt_token_ids
         if out.num_cached_tokens is not None:
             self.cached_tokens[out.request_id] = out.num_cached_tokens
         if self.prompt_logprobs is not None and out.prompt_logprobs is not None:  # the first output has them
@@ -202,11 +208,17 @@ class Formatter:
                 choice["text"] = text
                 if self.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = self.prompt_entries.get(self.request_ids[i // self.n])
+                if self.return_token_ids:
+                    choice["prompt_token_ids"] = list(self.prompt_ids[self.request_ids[i // self.n]])
+            if self.return_token_ids:
+                choice["token_ids"] = ch.token_ids[ch.echoed:]
             choices.append(choice)
         body = {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
         if self.kind == "chat" and self.prompt_logprobs is not None:
             body["prompt_logprobs"] = next(iter(self.prompt_entries.values()), None)
+        if self.kind == "chat" and self.return_token_ids:
+            body["prompt_token_ids"] = list(next(iter(self.prompt_ids.values()), []))
         return body
 
     def _delta(self, ch: _Choice, text: str) -> dict[str, Any]:
@@ -220,11 +232,15 @@ class Formatter:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}
 
-    def role_chunk(self) -> dict[str, Any]:
-        """Chat streams open every choice with the assistant role, as OpenAI does."""
+    def role_chunk(self, first: Any) -> dict[str, Any]:
+        """Chat streams open every choice with the assistant role, as OpenAI does (``first``: the request's
+        first output, whose prompt ids return_token_ids sends here)."""
         total = len(self.prompt_index) * self.n
-        return self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                             "logprobs": None, "finish_reason": None} for i in range(total)])
+        chunk = self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None} for i in range(total)])
+        if self.return_token_ids:
+            chunk["prompt_token_ids"] = list(first.prompt_token_ids)
+        return chunk
 
     def chunks(self, out: Any) -> list[dict[str, Any]]:
         """Fold ``out`` in; the chunks that send each of its choices' new text."""
@@ -244,6 +260,10 @@ class Formatter:
             choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": finish,
                                       "stop_reason": ch.stop_reason}
             choice["delta" if self.kind == "chat" else "text"] = delta
+            if self.return_token_ids:
+                if self.kind == "completion" and ch.sent_tokens == 0:  # the choice's first chunk
+                    choice["prompt_token_ids"] = list(self.prompt_ids[self.request_ids[i // self.n]])
+                choice["token_ids"] = ch.token_ids[max(ch.sent_tokens, ch.echoed):]
             chunks.append(self._chunk([choice]))
             ch.sent_tokens = len(ch.token_ids)
             if lp is not None and "tokens" in lp:  # a token's text may ride a later chunk than the token

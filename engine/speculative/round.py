@@ -240,10 +240,9 @@ def run_round(runner: ModelRunner, seqs: Seq[Sequence], draws: Seq[Draw], gamma:
     logprobs = None
     if any(d.params.logprobs is not None for d in draws):
         # every position's row, its token the one emitted there (-1 past the run: clamped, never read)
-        # small holds the adjustment pair last: the raw logprobs are the combination's without it
-        raw = adjust is not None and runner.raw_logprobs
-        extra = [1.0] if adjust is not None and not raw else []
-        small = small[:-2] if raw else small
+        # small holds the adjustment pair last (weight 1): the raw logprobs are the combination's without it
+        adjusted = adjust is not None and not runner.raw_logprobs
+        extra, small = ([1.0], small) if adjusted else ([], small[:-2] if adjust is not None else small)
         row_draws = [Draw(i * (gamma + 1) + j, d.params, d.weights + extra, d.seed, d.offset + j)
                      for i, d in enumerate(draws) for j in range(gamma + 1)]
         logprobs = draw_logprobs([large] + small, row_draws, tokens.reshape(-1).clamp(min=0), runner._to_device,

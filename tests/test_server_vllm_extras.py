@@ -79,7 +79,8 @@ def test_return_token_ids_gives_the_sampled_ids(srv: Running, server_oracle: LLM
         prompt_ids = [c.get("prompt_token_ids") or c["choices"][0].get("prompt_token_ids") for c in chunks
                       if c.get("prompt_token_ids") or (c["choices"] and c["choices"][0].get("prompt_token_ids"))]
         whole = chat if url == "/v1/chat/completions" else None
-        assert len(prompt_ids) == 1 and prompt_ids[0] == (whole["prompt_token_ids"] if whole else tok.encode(prompts[0]))
+        want_prompt = whole["prompt_token_ids"] if whole else tok.encode(prompts[0])
+        assert len(prompt_ids) == 1 and prompt_ids[0] == want_prompt
         streamed = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids", [])]
         assert streamed == (whole["choices"][0]["token_ids"] if whole else res["choices"][0]["token_ids"])
     assert "token_ids" not in httpx.post(f"{srv.url}/v1/completions", json={

@@ -3,7 +3,7 @@
 Every field a client may send is declared: OpenAI's, and the sampling extensions the chat route takes
 (top_k, min_p, lam, seed, stop, ...; the same names, types and bounds, copied from ChatCompletionRequest
 so the two routes cannot drift). A field whose feature this server does not have is accepted only at its
-neutral value. The chat request is validated by ChatCompletionRequest itself, and an error it raises is
+neutral value (reasoning, truncation, service_tier). The chat request is validated by ChatCompletionRequest itself, and an error it raises is
 renamed to the Responses field the client sent (messages -> input, max_completion_tokens ->
 max_output_tokens, ...).
 """
@@ -27,7 +27,7 @@ EXTENSIONS = ("top_k", "min_p", "lam", "plausibility_alpha", "priority", "repeti
               "cache_salt", "structured_outputs", "chat_template_kwargs", "return_tokens_as_token_ids")
 # a chat field's error, named as the Responses request spells it
 _RENAMED = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text",
-            "logprobs": "include", "tools": "tools", "tool_choice": "tool_choice"}
+            "logprobs": "include"}
 
 
 class FunctionTool(FunctionSpec):
@@ -58,10 +58,10 @@ class _Fields(BaseModel):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     metadata: Optional[dict[str, str]] = Field(None, max_length=16)
     user: Optional[str] = None
+    background: bool = False  # background.py
     # accepted at the value that asks for nothing this server lacks
     reasoning: Optional[dict[str, Any]] = None  # {"effort": null, "summary": null}
     truncation: Optional[Literal["disabled", "auto"]] = None
-    background: bool = False
     service_tier: Optional[Literal["auto", "default"]] = None
     stream_options: Optional[dict[str, bool]] = None  # {"include_obfuscation": ...}: nothing is obfuscated here
 

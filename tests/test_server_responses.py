@@ -95,7 +95,8 @@ def _without_ids(response: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("body, messages", [
-    ({"input": "the cat"}, [{"role": "user", "content": "the cat"}]),
+    ({"input": "the cat", "prompt_cache_key": "k", "safety_identifier": "u1"},
+     [{"role": "user", "content": "the cat"}]),
     ({"instructions": "be brief", "input": [
         {"role": "developer", "content": "count"},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "3 +"},
@@ -123,6 +124,8 @@ def test_a_response_is_the_chat_completion_of_its_input(srv, body: dict, message
         (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])
     assert got["usage"]["output_tokens_details"] == {"reasoning_tokens": 0}  # no reasoning parser
     assert (got["temperature"], got["instructions"], got["store"]) == (1.0, body.get("instructions"), True)
+    assert (got["prompt_cache_key"], got["safety_identifier"]) == (body.get("prompt_cache_key"),
+                                                                   body.get("safety_identifier"))
 
 
 def test_a_stream_rebuilds_the_response(srv) -> None:  # noqa: ANN001

@@ -3,9 +3,9 @@
 Every field a client may send is declared: OpenAI's, and the sampling extensions the chat route takes
 (top_k, min_p, lam, seed, stop, ...; the same names, types and bounds, copied from ChatCompletionRequest
 so the two routes cannot drift). A field whose feature this server does not have is accepted only at its
-neutral value (reasoning, truncation, service_tier). The chat request is validated by ChatCompletionRequest itself, and an error it raises is
-renamed to the Responses field the client sent (messages -> input, max_completion_tokens ->
-max_output_tokens, ...).
+neutral value (reasoning, truncation, service_tier). The chat request is validated by ChatCompletionRequest
+itself, and an error it raises is renamed to the Responses field the client sent (messages -> input,
+max_completion_tokens -> max_output_tokens, ...).
 """
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ class _Fields(BaseModel):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     metadata: Optional[dict[str, str]] = Field(None, max_length=16)
     user: Optional[str] = None
+    # OpenAI's routing and abuse-tracing keys: echoed; the prefix cache needs no key to find a shared prefix
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
     background: bool = False  # background.py
     # accepted at the value that asks for nothing this server lacks
     reasoning: Optional[dict[str, Any]] = None  # {"effort": null, "summary": null}

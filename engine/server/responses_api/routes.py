@@ -35,7 +35,8 @@ def _head(req: Any, chat: ChatCompletionRequest, params: SamplingParams, respons
             "store": stored, "temperature": params.temperature, "top_p": params.top_p,
             "text": {"format": (req.text or {}).get("format") or {"type": "text"}}, "tool_choice": choice,
             "tools": req.tools or [], "top_logprobs": req.top_logprobs or 0, "truncation": "disabled",
-            "user": req.user, "background": req.background, "service_tier": "default"}
+            "user": req.user, "background": req.background, "service_tier": "default",
+            "prompt_cache_key": req.prompt_cache_key, "safety_identifier": req.safety_identifier}
 
 
 def responses_routes(server: OpenAIServer) -> list[Route]:

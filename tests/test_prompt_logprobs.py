@@ -230,14 +230,13 @@ def test_vllm_entries_are_json_numbers_and_name_no_token_without_a_tokenizer() -
     """A model's non-finite logits give -inf log-probabilities, which JSON cannot carry: they read -9999,
     as in OpenAI's and vLLM's responses; an engine without a tokenizer decodes no token (null)."""
     import json
-    from types import SimpleNamespace
 
+    from rast_engine.outputs import CompletionOutput, RequestOutput
     from rast_engine.server.responses import UNLIKELY, Formatter
 
-    done = SimpleNamespace(index=0, text="", token_ids=[6], logprobs=None, finish_reason="length",
-                           stop_reason=None)
-    out = SimpleNamespace(request_id="r", prompt_token_ids=[3, 4], prompt_logprobs=[None, {5: -0.1, 4: float("-inf")}],
-                          prompt_logprob_ranks=[None, 2], outputs=[done])
+    done = CompletionOutput(index=0, text="", token_ids=[6], logprobs=None, finish_reason="length")
+    out = RequestOutput(request_id="r", prompt=None, prompt_token_ids=[3, 4], outputs=[done], finished=True,
+                        prompt_logprobs=[None, {5: -0.1, 4: float("-inf")}], prompt_logprob_ranks=[None, 2])
     fmt = Formatter("completion", "cmpl-1", "m", ["r"], 1, None, None, prompt_logprobs=1)
     fmt.add(out)
     body = fmt.body()

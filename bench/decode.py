@@ -90,7 +90,7 @@ class Suite:
             stack_small_models=flags["stack"], block_size=block_size,
             speculative_tokens=SPEC_GAMMA if flags.get("spec") else 0,
             quantization="fp8" if flags.get("fp8") else None, kv_cache_dtype=a.kv_cache_dtype,
-            layer_ops=a.layer_ops,
+            layer_ops=a.layer_ops, decode_linear=a.decode_linear,
             kv_cache_blocks=max_batch * math.ceil(self.max_len / block_size) + 1,
             max_num_seqs=max_batch, max_model_len=self.max_len,
             max_num_batched_tokens=max(max_batch * a.prompt, self.max_len), device=str(self.device)))
@@ -183,8 +183,8 @@ class Suite:
         a = self.args
         extra = dict(copy_bandwidth_GBps=self.bandwidth / 1e9, dtype=str(self.dtype), logit_std=a.logit_std,
                      prompt_len=a.prompt, gen_len=a.gen, warmup_tokens=a.warmup, ttft_repeats=a.ttft_repeats,
-                     batches=a.batches,
-                     modes=a.modes, layer_ops=a.layer_ops, kv_cache_dtype=a.kv_cache_dtype, pairings=self.pairings,
+                     batches=a.batches, modes=a.modes, layer_ops=a.layer_ops, decode_linear=a.decode_linear,
+                     kv_cache_dtype=a.kv_cache_dtype, pairings=self.pairings,
                      versions=dict(
                          torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__),
                      **judge(self.rows, list(self.pairings)), skipped=self.skipped, errors=self.errors,
@@ -213,6 +213,9 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
                     "ttft_ms being the median with the run's own (default 4; tiny 1)")
     ap.add_argument("--layer-ops", default="auto", choices=("auto", "torch", "triton"),
                     help="the engine modes' norms/rotary/activation (auto: fused triton kernels on CUDA)")
+    ap.add_argument("--decode-linear", default="torch", choices=("torch", "skinny"),
+                    help="the engine modes' large-model linear layers at batch 1 to 4 (skinny: "
+                         "rast_kernels.skinny_linear)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                     help="the engine modes' KV cache (fp8: float8_e4m3fn, one byte an element in the roofline)")
     ap.add_argument("--logit-std", type=float, help="scale every model's output head so random weights give logits "
@@ -228,7 +231,8 @@ def parse(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, torch.d
     device = torch.device(name)
     a.tiny = a.tiny or device.type != "cuda"
     a.name = a.name or ("decode" if a.layer_ops == "auto" else f"decode-layer-ops-{a.layer_ops}") + \
-        ("" if a.kv_cache_dtype == "auto" else f"-kv-{a.kv_cache_dtype}")
+        ("" if a.kv_cache_dtype == "auto" else f"-kv-{a.kv_cache_dtype}") + \
+        ("" if a.decode_linear == "torch" else f"-linear-{a.decode_linear}")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: threads only add sync overhead, and CI boxes are shared
     a.pairings = a.pairings or (["tiny"] if a.tiny else list(PAIRINGS))

@@ -9,7 +9,8 @@ the rest the GEMMs leave on the table, layer by layer. Timed as CUDA-graph repla
 (bench.common.graph_time_ms) with the weights rotated among enough copies to exceed the L2 cache, so
 every replay reads from HBM. A single model's decoder projections are also timed as the engine runs them
 with quantization="fp8" (impl fp8: rast_kernels.fp8_linear's Triton kernel over FP8 weights, whose
-floor is half the bytes; the torch spec on a CPU smoke run).
+floor is half the bytes; the torch spec on a CPU smoke run), and at up to four tokens as
+decode_linear="skinny" runs them (impl skinny: rast_kernels.skinny_linear, interpreted on a CPU smoke run).
 
     python bench/gemm.py [--out DIR]    # CUDA: Qwen2.5-7B, 1.5B (stacked pair), 14B at 1, 8, 32, 128 tokens
     python bench/gemm.py --quick        # CPU smoke run: tiny shapes, the times mean nothing
@@ -28,6 +29,8 @@ from bench.common import (copy_bandwidth, device_name, git_sha, graph_time_ms, q
                           write_results)
 from rast_engine.models.config import ModelConfig  # noqa: E402
 from rast_kernels.fp8_linear import fp8_linear, quantize_fp8  # noqa: E402
+from rast_kernels.launch import interpreting  # noqa: E402
+from rast_kernels.skinny_linear import MAX_ROWS, skinny_linear  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 L2_BYTES = 64 * 2**20  # above an H100's 50 MB and an H200's 60 MB: rotated copies never all fit
@@ -77,6 +80,17 @@ def timed_fp8(weights: list[torch.Tensor], tokens: int, iters: int) -> float:
     return graph_time_ms(call, w0.device, iters) / len(weights)
 
 
+def timed_skinny(weights: list[torch.Tensor], tokens: int, iters: int) -> float:
+    """Milliseconds per rast_kernels.skinny_linear call (a few rows) over each copy of one model's weight."""
+    n_in, w0 = weights[0].shape[2], weights[0]
+    x = torch.randn(tokens, n_in, device=w0.device, dtype=w0.dtype)
+
+    def call() -> list[torch.Tensor]:
+        return [skinny_linear(x, w[0]) for w in weights]
+
+    return graph_time_ms(call, w0.device, iters) / len(weights)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
@@ -103,8 +117,12 @@ def main() -> None:
             impls = {dtype_name(dtype): (timed, stacked * n_in * n_out * torch.finfo(dtype).bits // 8)}
             if stacked == 1 and proj != "lm_head":  # what quantization="fp8" swaps in (engine/models/fp8.py)
                 impls["fp8"] = (timed_fp8, n_in * n_out + 4 * n_out)
+            if stacked == 1 and (device.type == "cuda" or interpreting()):  # decode_linear="skinny"'s kernel
+                impls["skinny"] = (timed_skinny, impls[dtype_name(dtype)][1])
             for impl, (timer, weight_bytes) in impls.items():
                 for tokens in token_counts:
+                    if impl == "skinny" and tokens > MAX_ROWS:
+                        continue
                     ms = timer(weights, tokens, iters)
                     floor_us = weight_bytes / bandwidth * 1e6
                     rows.append(dict(model=name, stacked=stacked, proj=proj, impl=impl, n_in=n_in, n_out=n_out,

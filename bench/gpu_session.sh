@@ -32,6 +32,9 @@
 #                                                      sampler_fastpath.py, logit_adjust.py, host_path.py
 #   bash bench/gpu_session.sh decode  <sha> <pairing>  bench/decode.py --profile for one pairing (7b+1.5b, ...)
 #   bash bench/gpu_session.sh unfused <sha> <pairing>  base and rast at batch 1 and 32 with --layer-ops torch
+#   bash bench/gpu_session.sh skinny  <sha>            decode_linear="skinny" (rast_kernels.skinny_linear) against
+#                                                      cuBLAS: its gpu tests, bench/gemm.py (impl skinny rows),
+#                                                      7b+1.5b base and rast at batch 1 and 4 both ways
 #   bash bench/gpu_session.sh throughput <sha>         bench/throughput.py --quick: 200 requests of 512 + 512 tokens
 #   bash bench/gpu_session.sh moe     <sha>            the MoE tests (kernels, engine), bench/moe.py, then
 #                                                      bench/decode.py for qwen3-30b-a3b+1.7b (Qwen3-30B-A3B
@@ -51,7 +54,7 @@
 # (first and second write exactly 8: a benchmark added to either needs its files made room for).
 set -uo pipefail
 
-stage=${1:?stage: first | second | tests | kernels | decode | unfused | throughput | moe | lora}
+stage=${1:?stage: first | second | tests | kernels | decode | unfused | skinny | throughput | moe | lora}
 export RAST_COMMIT=${2:?the commit being measured}
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -163,13 +166,23 @@ case "$stage" in
     timeout "$(upto 90)" python3 bench/weight_sync.py --out "$out" 2>&1 | tee -a "$log"  # an RL loop's syncs
     timeout "$(left)" python3 bench/lora_modules.py --out "$out" 2>&1 | tee -a "$log"  # adapters chosen per request
     ;;
+  skinny)  # decode_linear="skinny" against cuBLAS: the kernel's numerics, the projections alone, then decode
+    install
+    timeout "$(upto 60)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_skinny_linear.py 2>&1 \
+      | tee -a "$log"
+    timeout "$(upto 150)" python3 bench/gemm.py --out "$out" 2>&1 | tee -a "$log"
+    decode "$(part 1 2)" --pairings 7b+1.5b --modes base rast --batches 1 4 --logit-std 5 --name decode-linear-torch
+    decode "$(left)" --pairings 7b+1.5b --modes base rast --batches 1 4 --logit-std 5 --decode-linear skinny \
+      --profile --profile-modes rast
+    ;;
   unfused)
     pairing=${3:?pairing, e.g. 7b+1.5b}
     timeout "$(left)" python3 bench/decode.py --pairings "$pairing" --modes base rast --batches 1 32 \
       --layer-ops torch --profile --profile-modes rast --commit "$RAST_COMMIT" --out "$out" 2>&1 | tee -a "$log"
     ;;
   *)
-    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused | throughput | moe | lora)" | tee -a "$log"
+    echo "unknown stage $stage (first | second | tests | kernels | decode | unfused | skinny | throughput | moe |" \
+      "lora)" | tee -a "$log"
     exit 2
     ;;
 esac

@@ -19,6 +19,7 @@ from rast_engine.errors import RastError
 from rast_engine.kv_cache import KVCache, default_token_budget, every_model, size_kv_cache
 from rast_engine.model_runner import ModelRunner
 from rast_engine.models.layer_ops import get_layer_ops
+from rast_engine.models.skinny import use_skinny_linears
 from rast_engine.models.stacked import forward_units
 from rast_engine.scheduler import Scheduler
 from rast_engine.triple import ModelSet, load_model_set
@@ -48,6 +49,8 @@ def build_parts(config: EngineConfig, device: torch.device, async_scheduling: bo
                         f"({model_max}: max_position_embeddings, stretched by a yarn or linear rope scaling, one "
                         "chunk where the checkpoint relies on dual chunk attention)")
     units, roles = forward_units(ms.models, config.stack_small_models)
+    if config.decode_linear == "skinny":
+        use_skinny_linears(units[0])
     if config.speculative_tokens and 0 in roles[1:]:
         raise RastError("speculative decoding drafts with the small models alone, and the large model also "
                         f"fills a small role ({', '.join(r for r, i in zip(ms.roles[1:], roles[1:]) if i == 0)}): "

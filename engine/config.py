@@ -18,6 +18,7 @@ LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE_DRAFTS = ("small", "rl")  # rast_engine.speculative.round
 SPECULATIVE_METHODS = ("coupled", "rejection")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+DECODE_LINEARS = ("torch", "skinny")
 QUANTIZATIONS = ("fp8",)  # rast_engine.models.fp8: the large model's projections in FP8
 KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": scaled float8_e4m3fn (vLLM's name)
 SCHEDULING_POLICIES = ("fcfs", "priority")  # rast_engine.scheduler
@@ -110,6 +111,9 @@ class EngineConfig:
     # it was drawn from (temperature, top-k/top-p/min-p, logit_bias, penalties, masks; T = 1 for greedy);
     # "raw_logprobs": log-softmax of the combined logits with the request's λ, before any of those
     logprobs_mode: str = "processed_logprobs"
+    # the large model's plain linear layers at decode batches of 1 to 4: "torch" (F.linear, cuBLAS on CUDA) or
+    # "skinny" (rast_kernels.skinny_linear: a strip of output channels a program; engine/models/skinny.py)
+    decode_linear: str = "torch"
     pairs: list[ExpertPair] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -195,6 +199,9 @@ class EngineConfig:
             raise RastError(f"speculative_tokens must be an integer >= 0 (0: off), got {self.speculative_tokens!r}")
         if self.speculative_draft not in SPECULATIVE_DRAFTS:
             raise RastError(f"speculative_draft must be one of {SPECULATIVE_DRAFTS}, got {self.speculative_draft!r}")
+        if self.decode_linear not in DECODE_LINEARS:
+            raise RastError(f"decode_linear must be one of {DECODE_LINEARS}, got {self.decode_linear!r}",
+                            param="decode_linear")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise RastError(f"logprobs_mode must be one of {LOGPROBS_MODES} (vLLM's raw_logits and processed_logits "
                             f"are not served), got {self.logprobs_mode!r}", param="logprobs_mode")

@@ -12,9 +12,10 @@ from bench_runs import load_bench, run_bench
 def test_quick_run_writes_a_row_per_projection(tmp_path: Path) -> None:
     result, _, out = run_bench("gemm.py", tmp_path, "--quick", pattern="gemm-*.json")
     rows = result["rows"]
-    # each projection in the model's dtype, and in FP8 but lm_head (quantization="fp8" keeps it)
+    # each projection in the model's dtype, in FP8 but lm_head (quantization="fp8" keeps it), and by the
+    # skinny kernel (interpreted: conftest runs the tests, and so the bench, with TRITON_INTERPRET=1)
     want = [(p, i, t) for p in ("qkv", "o", "gate_up", "down", "lm_head")
-            for i in (("fp32", "fp8") if p != "lm_head" else ("fp32",)) for t in (1, 4)]
+            for i in (("fp32", "fp8", "skinny") if p != "lm_head" else ("fp32", "skinny")) for t in (1, 4)]
     assert [(r["proj"], r["impl"], r["tokens"]) for r in rows] == want
     qkv = rows[0]
     assert (qkv["n_in"], qkv["n_out"]) == (64, 128)  # 4 q heads and 2 + 2 kv heads of 16

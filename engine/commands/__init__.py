@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from rast_engine.config import (KV_CACHE_DTYPES, LAYER_OPS, LOGPROBS_MODES, QUANTIZATIONS, SPECULATIVE_DRAFTS,
-                                SPECULATIVE_METHODS)
+from rast_engine.config import (DECODE_LINEARS, KV_CACHE_DTYPES, LAYER_OPS, LOGPROBS_MODES, QUANTIZATIONS,
+                                SPECULATIVE_DRAFTS, SPECULATIVE_METHODS)
 from rast_engine.errors import RastError
 
 
@@ -72,6 +72,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-method", default="coupled", choices=SPECULATIVE_METHODS,
                    help="coupled: the plain sampler's tokens for a seed, whatever the rounds (default); "
                         "rejection: speculative sampling, more drafts pass")
+    p.add_argument("--decode-linear", default="torch", choices=DECODE_LINEARS,
+                   help="the large model's linear layers at decode batches of 1 to 4: torch (cuBLAS on CUDA, default) "
+                        "or skinny (rast_kernels.skinny_linear)")
     p.add_argument("--logprobs-mode", default="processed_logprobs", choices=LOGPROBS_MODES,
                    help="as vLLM's: a sampled token's logprobs under the distribution it was drawn from (default), "
                         "or raw: the combined logits' log-softmax before temperature, filters and adjustments")
@@ -149,7 +152,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         async_output=args.async_output, async_scheduling=args.async_scheduling, model_streams=args.model_streams,
         stack_small_models=args.stack_small_models, speculative_tokens=args.speculative_tokens,
         speculative_draft=args.speculative_draft, speculative_method=args.speculative_method,
-        logprobs_mode=args.logprobs_mode,
+        logprobs_mode=args.logprobs_mode, decode_linear=args.decode_linear,
         generation_config=args.generation_config, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         # serve's flags
         reasoning_parser=getattr(args, "reasoning_parser", None),

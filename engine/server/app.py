@@ -21,7 +21,7 @@ from rast_engine.errors import RastError
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server import MAX_REQUEST_BYTES, checked_api_key
 from rast_engine.server.async_engine import AsyncEngine
-from rast_engine.server.beam_route import beam_search_response
+from rast_engine.server.beam_route import beam_params, beam_search_response
 from rast_engine.server.chunk_stream import chunk_stream
 from rast_engine.server.chat_messages import render_chat
 from rast_engine.server.chat_output import Reasoning
@@ -182,7 +182,7 @@ class OpenAIServer:
             raise APIError(400, "echo returns the prompt's text, and this model has no tokenizer "
                                 "(load_format='dummy')", param="echo")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        beams = req.beam_search(req.max_tokens)
+        beams = beam_params(req, req.max_tokens)
         if beams is not None:
             prompts = req.prompts()
             fmt = Formatter("completion", rid, lora or self.model_name, [f"{rid}-{i}" for i in range(len(prompts))],
@@ -204,7 +204,7 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = parse_request(await self._body(request), ChatCompletionRequest)
         lora, rid = self._check_model(req.model), f"chatcmpl-{uuid.uuid4().hex}"
-        beams = req.beam_search(req.max_new_tokens())
+        beams = beam_params(req, req.max_new_tokens())
         if beams is not None:
             text = await self.render(req)
             return await beam_search_response(self, request, self.chat_formatter(req, rid, lora, [rid], text), [text],

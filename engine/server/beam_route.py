@@ -15,12 +15,46 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rast_engine.beam_search import BeamSearch, BeamSearchParams
+from rast_engine.errors import RastError
 from rast_engine.outputs import CompletionOutput, RequestOutput
+from rast_engine.server.api_error import APIError
 from rast_engine.server.http_io import unless_client_leaves
+from rast_engine.server.protocol import ChatCompletionRequest, CompletionRequest
 from rast_engine.server.responses import Formatter
 
 if TYPE_CHECKING:
     from rast_engine.server.app import OpenAIServer
+
+
+# what a beam search request may set (engine/beam_search.py reads nothing else)
+BEAM_FIELDS = frozenset({
+    "model", "prompt", "messages", "n", "best_of", "max_tokens", "max_completion_tokens", "stream", "temperature",
+    "ignore_eos", "lam", "seed", "priority", "cache_salt", "user", "use_beam_search", "length_penalty",
+    "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "include_reasoning", "tool_choice",
+    "return_token_ids"})
+
+
+def beam_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> BeamSearchParams | None:
+    """use_beam_search's parameters (None: sampling). A field beam search would not honour is a 400, not
+    ignored: a search ranks beams by the combined distribution's log-probabilities and nothing else."""
+    if not req.use_beam_search:
+        if "length_penalty" in req.model_fields_set:
+            raise APIError(400, "length_penalty needs use_beam_search: true", param="length_penalty")
+        return None
+    fields = type(req).model_fields
+    extra = sorted(f for f in req.model_fields_set - BEAM_FIELDS if getattr(req, f) != fields[f].default)
+    if extra or req.stream:
+        raise APIError(400, f"use_beam_search takes only {', '.join(sorted(BEAM_FIELDS - {'stream'}))} "
+                            f"(and no stream); got {', '.join(extra) or 'stream: true'}",
+                       param=extra[0] if extra else "stream")
+    if max_tokens is None:
+        raise APIError(400, "use_beam_search needs max_tokens", param="max_tokens")
+    try:
+        return BeamSearchParams(beam_width=req.n, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
+                                temperature=0.0 if req.temperature is None else req.temperature,
+                                length_penalty=req.length_penalty, lam=req.lam)
+    except RastError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
 
 
 async def beam_search_response(server: OpenAIServer, request: Request, fmt: Formatter, prompts: list,

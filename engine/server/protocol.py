@@ -8,8 +8,6 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from rast_engine.beam_search import BeamSearchParams
-from rast_engine.errors import RastError
 from rast_engine.server.api_error import APIError
 from rast_engine.server.chat_messages import ChatMessage
 from rast_engine.server.tools import NamedToolChoice, Tool, ToolMode, required_schema
@@ -37,12 +35,6 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
-# what a beam search request may set (engine/beam_search.py reads nothing else)
-BEAM_FIELDS = frozenset({
-    "model", "prompt", "messages", "n", "best_of", "max_tokens", "max_completion_tokens", "stream", "temperature",
-    "ignore_eos", "lam", "seed", "priority", "cache_salt", "user", "use_beam_search", "length_penalty",
-    "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "include_reasoning", "tool_choice",
-    "return_token_ids"})
 # A request's logit_bias entries are sent to the device at each of its steps (engine/logit_adjust.py), so
 # their number bounds the host work one request adds to every batch it joins
 MAX_LOGIT_BIAS_ENTRIES = 1024
@@ -180,28 +172,6 @@ class _Request(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    def beam_search(self, max_tokens: int | None) -> BeamSearchParams | None:
-        """use_beam_search's parameters (None: sampling). A field beam search would not honour is a 400, not
-        ignored: a search ranks beams by the combined distribution's log-probabilities and nothing else."""
-        if not self.use_beam_search:
-            if "length_penalty" in self.model_fields_set:
-                raise APIError(400, "length_penalty needs use_beam_search: true", param="length_penalty")
-            return None
-        fields = type(self).model_fields
-        extra = sorted(f for f in self.model_fields_set - BEAM_FIELDS if getattr(self, f) != fields[f].default)
-        if extra or self.stream:
-            raise APIError(400, f"use_beam_search takes only {', '.join(sorted(BEAM_FIELDS - {'stream'}))} "
-                                f"(and no stream); got {', '.join(extra) or 'stream: true'}",
-                           param=extra[0] if extra else "stream")
-        if max_tokens is None:
-            raise APIError(400, "use_beam_search needs max_tokens", param="max_tokens")
-        try:
-            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
-                                    temperature=0.0 if self.temperature is None else self.temperature,
-                                    length_penalty=self.length_penalty, lam=self.lam)
-        except RastError as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
 
     def include_usage_chunk(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage

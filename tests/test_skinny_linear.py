@@ -77,3 +77,23 @@ def test_decode_linear_skinny_decodes_as_hf(qwen2_triple: tuple, monkeypatch: py
         assert out.outputs[0].token_ids == hf_greedy(qwen2_triple, out.prompt_token_ids, LAM,
                                                      llm.llm_engine.vocab_size, 3)
     assert calls and set(calls) <= {1, 2}  # decode steps of the two sequences; the prefills ran F.linear
+
+
+@_interp
+def test_decode_linear_skinny_replays_in_graphs(qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the CUDA emulator (captures re-issue their kernels with host values frozen; a host read inside
+    a capture fails): a batch of 2 padded to bucket 4 replays the skinny kernel in the step's graph, on two
+    streams, and draws the eager engine's tokens."""
+    from cuda_emulator import emulated_cuda
+    from fast_path_util import capturable_engine, prompts
+    from test_emulated_fast_path import generate_all, install_fast_path
+
+    from rast_engine import SamplingParams
+
+    params, batch = SamplingParams(temperature=0.9, top_k=20, max_tokens=3, ignore_eos=True, seed=11), prompts(2, 5)
+    want = generate_all(capturable_engine(qwen2_triple, decode_linear="skinny"), batch, params)
+    engine = capturable_engine(qwen2_triple, decode_linear="skinny")
+    with emulated_cuda(monkeypatch) as emu:
+        install_fast_path(engine.runner)
+        got = generate_all(engine, batch, params)
+    assert got == want and emu.replays == 2 * (params.max_tokens - 1)

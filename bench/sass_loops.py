@@ -15,7 +15,10 @@ thread's tokens load as one vector), with sampler_triton's launch options (``_st
 Result files up to sass-stats-1cf2256.json were compiled without that promise (scalar loads, a few more
 instructions a token, other register counts). Writes bench/results/sass-<kernel>-<shortsha>.json.
 
-    python bench/sass_loops.py [--kernel select|stats|finish] [--sms 132] [--num-warps 8]
+``--kernel skinny`` compiles rast_kernels.skinny_linear (decode_linear="skinny") under the plans an H100
+gets at Qwen2.5-7B's projections, at 1 and 4 rows.
+
+    python bench/sass_loops.py [--kernel select|stats|finish|skinny] [--sms 132] [--num-warps 8]
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bench.common import git_sha, now, table  # noqa: E402
-from rast_kernels import sampler_triton, sampler_triton_plan  # noqa: E402
+from rast_kernels import sampler_triton, sampler_triton_plan, skinny_linear  # noqa: E402
 from test_sampler_compile import ALIGNED_INTS, _signature  # noqa: E402
 
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -80,6 +83,19 @@ def cubin_of(kernel: str, splits: int, cap: int, num_warps: int, pairs: int = 1)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
+def skinny_cubin(rows: int, block_n: int, block_k: int, num_warps: int) -> bytes:
+    """rast_kernels.skinny_linear's kernel for sm_90 as its launcher specialises it for bf16 projections
+    (pointers, K and the row strides divisible by 16)."""
+    fn = skinny_linear._skinny_linear_kernel
+    consts = dict(M=rows, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k)
+    names = list(fn.arg_names)
+    signature = {n: "constexpr" if n in consts else ("*bf16" if n.endswith("_ptr") else "i32") for n in names}
+    aligned = ("x_ptr", "w_ptr", "y_ptr", "K", "stride_xm", "stride_wn", "stride_ym")
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)).asm["cubin"]
+
+
 def loops(sass: str) -> list[dict]:
     """Every backward branch's body: [start, end] and its instruction mix (inner loops also count in
     the loops around them)."""
@@ -97,23 +113,44 @@ def loops(sass: str) -> list[dict]:
     return found
 
 
-def profile(kernel: str, splits: int, cap: int, num_warps: int, workdir: Path) -> dict:
-    cubin = workdir / f"{kernel}-{splits}x{cap}.cubin"
-    cubin.write_bytes(cubin_of(kernel, splits, cap, num_warps))
+def machine_code(cubin_bytes: bytes, workdir: Path) -> dict:
+    """Registers, spill stack, instructions and loops of a cubin."""
+    cubin = workdir / "kernel.cubin"
+    cubin.write_bytes(cubin_bytes)
     usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                            check=True).stdout
     sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
     regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    return dict(splits=splits, cap=cap, num_warps=num_warps, registers=regs, spill_stack_bytes=stack,
+    return dict(registers=regs, spill_stack_bytes=stack,
                 instructions=len([line for line in sass.splitlines() if INSTRUCTION.match(line)]),
                 loops=loops(sass))
+
+
+def profile(kernel: str, splits: int, cap: int, num_warps: int, workdir: Path) -> dict:
+    return dict(splits=splits, cap=cap, num_warps=num_warps,
+                **machine_code(cubin_of(kernel, splits, cap, num_warps), workdir))
+
+
+def skinny_plans(sms: int) -> list[dict]:
+    """skinny_linear at 1 and 4 rows under the plans an sm_90 GPU with ``sms`` SMs gets at Qwen2.5-7B's
+    projections (K, N): qkv, o, gate_up, down, lm_head."""
+    plans = []
+    for proj, (k, n) in {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584),
+                         "lm_head": (3584, 152064)}.items():
+        block_n, block_k, warps = skinny_linear.plan(n, k, sms)
+        for rows in (1, 4):
+            with tempfile.TemporaryDirectory() as workdir:
+                code = machine_code(skinny_cubin(rows, block_n, block_k, warps), Path(workdir))
+            plans.append(dict(proj=proj, rows=rows, block_n=block_n, block_k=block_k, num_warps=warps,
+                              weights_a_thread_a_loop=2 * block_n * block_k // (32 * warps), **code))
+    return plans
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", choices=("select", "stats", "finish"), default="select")
+    ap.add_argument("--kernel", choices=("select", "stats", "finish", "skinny"), default="select")
     ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU whose launch plans are compiled")
     ap.add_argument("--num-warps", type=int, default=8, help="sampler_triton's default: 8 for each kernel")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
@@ -121,7 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     num_warps = args.num_warps
     plans = []
-    for batch in (1, 32) if args.kernel != "stats" else (1, 32, 256):
+    if args.kernel == "skinny":
+        plans = skinny_plans(args.sms)
+        print(table(plans, ["proj", "rows", "block_n", "block_k", "registers", "spill_stack_bytes",
+                            "weights_a_thread_a_loop"]))
+        print(table([dict(proj=p["proj"], rows=p["rows"], **loop) for p in plans for loop in p["loops"]],
+                    ["proj", "rows", "instructions", "barriers", "shuffles", "local_memory"]))
+    for batch in () if args.kernel == "skinny" else (1, 32) if args.kernel != "stats" else (1, 32, 256):
         _, _, splits, cap = sampler_triton.launch_plan(batch, 152064, args.sms, block=1024)
         with tempfile.TemporaryDirectory() as workdir:
             plan = dict(batch=batch, **profile(args.kernel, splits, cap, num_warps, Path(workdir)))

@@ -50,3 +50,16 @@ def test_finish_proof_pass_holds_no_barrier(tmp_path: Path) -> None:
     for plan in result["plans"]:
         assert plan["spill_stack_bytes"] <= 64 and plan["num_warps"] == 8, plan
         assert plan["loops"][0]["barriers"] == 0 and plan["loops"][0]["local_memory"] == 0, plan["loops"]
+
+
+def test_skinny_linear_streams_its_weights_without_a_barrier(tmp_path: Path) -> None:
+    """rast_kernels.skinny_linear under an H100's plans at Qwen2.5-7B's projections: one loop over K, with no
+    block-wide wait, shuffle or spill traffic in it, and no spill at 1 or 4 rows."""
+    result, _, _ = run_bench("sass_loops.py", tmp_path, "--kernel", "skinny", pattern="sass-skinny-*.json")
+    assert result["kernel"] == "_skinny"
+    assert [(p["proj"], p["rows"]) for p in result["plans"]] == \
+        [(proj, rows) for proj in ("qkv", "o", "gate_up", "down", "lm_head") for rows in (1, 4)]
+    for plan in result["plans"]:
+        assert plan["spill_stack_bytes"] == 0 and plan["registers"] <= 255, plan
+        (loop,) = plan["loops"]
+        assert loop["barriers"] == loop["shuffles"] == loop["local_memory"] == 0, plan

@@ -1,5 +1,5 @@
-"""The Responses API's routes: create (``POST /v1/responses``, whole or streamed), retrieve and delete a
-stored response."""
+"""The Responses API's routes: create (``POST /v1/responses``, whole, streamed or in the background),
+retrieve, delete and cancel a stored response."""
 from __future__ import annotations
 
 import time
@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server.api_error import APIError
-from rast_engine.server.protocol import ChatCompletionRequest, parse_request
+from rast_engine.server.protocol import parse_request
 from rast_engine.server.responses_api.background import BackgroundResponses
 from rast_engine.server.responses_api.input_items import input_messages
 from rast_engine.server.responses_api.output import ResponseOutput
@@ -23,8 +23,7 @@ if TYPE_CHECKING:
     from rast_engine.server.app import OpenAIServer
 
 
-def _head(req: Any, chat: ChatCompletionRequest, params: SamplingParams, response_id: str, model: str,
-          stored: bool) -> dict[str, Any]:
+def _head(req: Any, params: SamplingParams, response_id: str, model: str, stored: bool) -> dict[str, Any]:
     """The response's fields that do not change while it runs: the request's settings as they apply (the
     temperature and top_p used, the generation config's where the request gave none)."""
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
@@ -75,7 +74,7 @@ def responses_routes(server: OpenAIServer) -> list[Route]:
         except APIError as exc:
             raise as_responses_error(exc) from None
         stored = req.store and store.capacity > 0
-        out = ResponseOutput(fmt, _head(req, chat, handle.params, response_id, lora or server.model_name, stored))
+        out = ResponseOutput(fmt, _head(req, handle.params, response_id, lora or server.model_name, stored))
         given = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
 
         def keep(**change: Any) -> dict[str, Any]:

@@ -6,8 +6,9 @@ Each step asks the engine for one token of every live beam with logprobs, so it 
 after its last full cached block are computed again.
 
 Per prompt and step, as vLLM's: every live beam offers its 2·beam_width most likely next tokens (log
-probabilities of softmax(z / T), z the combined logits; T = 1 for temperature 0; ties to the lower id);
-a candidate ending in an EOS id (unless ignore_eos) is complete, and the beam_width best of the others
+probabilities of softmax(z / T), z the combined logits; T = 1 for temperature 0; ties to the lower id) and
+the token the step drew, which at temperature > 0 may lie outside them (vLLM's candidates are its logprobs
+entry, which holds the drawn token beside the top ones); a candidate ending in an EOS id (unless ignore_eos) is complete, and the beam_width best of the others
 by cumulative log probability live on. A beam that fills the context is complete too. At the end the
 complete and live beams are ranked by vLLM's score, cum_logprob / len(tokens) ** length_penalty with
 len counting the prompt's tokens and not a final EOS, and the best beam_width are returned.
@@ -30,6 +31,9 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     lam: Optional[Union[float, list[float]]] = None  # rast's: λ for this search (None: the engine's)
+    # rast's: each step's logprobs entry keeps at least this many top tokens (the server's logprobs field);
+    # the candidates stay the top 2·beam_width and the drawn token
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens"):
@@ -38,18 +42,22 @@ class BeamSearchParams:
                 raise RastError(f"{name} must be an integer >= 1, got {value!r}", param=name)
         if not isinstance(self.length_penalty, (int, float)) or self.length_penalty != self.length_penalty:
             raise RastError(f"length_penalty must be a number, got {self.length_penalty!r}", param="length_penalty")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or self.logprobs < 0):
+            raise RastError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}", param="logprobs")
         self.step_params()  # temperature and lam, checked as SamplingParams checks them
 
     def step_params(self) -> SamplingParams:
-        """One step of every live beam: one token, with the logprobs of its 2·beam_width best."""
-        return SamplingParams(temperature=self.temperature, max_tokens=1, logprobs=2 * self.beam_width, lam=self.lam,
-                              ignore_eos=True)
+        """One step of every live beam: one token, with the logprobs of its 2·beam_width best (or more)."""
+        return SamplingParams(temperature=self.temperature, max_tokens=1, logprobs=max(2 * self.beam_width,
+                              self.logprobs or 0), lam=self.lam, ignore_eos=True)
 
 
 @dataclass
 class BeamSearchSequence:
     tokens: list[int]  # the prompt's ids, then the beam's
-    logprobs: list[dict[int, float]] = field(default_factory=list)  # per generated token: its step's top 2·width
+    # per generated token: its step's entry (the top 2·width or more, and the drawn token)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
     cum_logprob: float = 0.0
     text: Optional[str] = None  # the tokens' text, prompt included (as vLLM's); None without a tokenizer
     finish_reason: Optional[str] = None  # "stop" (an EOS), "length" (max_tokens or the context)
@@ -100,7 +108,10 @@ class BeamSearch:
         width = self.params.beam_width
         for (search, beam), out in zip(self.todo, outs):
             (entry,) = out.outputs[0].logprobs
-            for token, logprob in sorted(entry.items(), key=lambda kv: (-kv[1], kv[0]))[:2 * width]:
+            offered = dict(sorted(entry.items(), key=lambda kv: (-kv[1], kv[0]))[:2 * width])
+            drawn = out.outputs[0].token_ids[0]
+            offered[drawn] = entry[drawn]
+            for token, logprob in offered.items():
                 search.children.append(BeamSearchSequence(beam.tokens + [token], beam.logprobs + [entry],
                                                           beam.cum_logprob + logprob))
         self.steps += 1

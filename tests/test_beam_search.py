@@ -65,15 +65,20 @@ def test_beams_are_hf_transformers_beam_search_of_the_combined_model(llm: LLM, q
 EOS = 9
 
 
-def _table_generate(table: dict[tuple, dict[int, float]]):  # noqa: ANN202
-    """A stand-in for LLM.generate: each prompt's next-token logprobs looked up by its tokens."""
+def _table_generate(table: dict[tuple, dict[int, float]], drawn: dict[tuple, int] | None = None):  # noqa: ANN202
+    """A stand-in for LLM.generate: each prompt's next-token logprobs looked up by its tokens; the token
+    drawn is ``drawn``'s, else the likeliest."""
     calls = []
 
     def generate(prompts: list, params) -> list[RequestOutput]:  # noqa: ANN001
         calls.append(len(prompts))
-        return [RequestOutput(str(i), None, list(p), [CompletionOutput(0, "", [0], "length",
-                                                                       logprobs=[dict(table[tuple(p)])])])
-                for i, p in enumerate(prompts)]
+        outs = []
+        for i, p in enumerate(prompts):
+            entry = table[tuple(p)]
+            token = (drawn or {}).get(tuple(p), max(entry, key=entry.get))
+            outs.append(RequestOutput(str(i), None, list(p), [CompletionOutput(0, "", [token], "length",
+                                                                               logprobs=[dict(entry)])]))
+        return outs
     return generate, calls
 
 
@@ -106,9 +111,22 @@ def test_a_beam_that_fills_the_context_is_complete() -> None:
     assert [s.finish_reason for s in out.sequences] == ["length", "length"]
 
 
+def test_the_drawn_token_is_a_candidate_beside_the_top_two_width() -> None:
+    lp = math.log
+    table = {(1,): {2: lp(0.5), 3: lp(0.3), EOS: lp(0.2)}, (1, 2): {4: lp(0.01), 5: lp(0.01)}}
+    # width 1 offers the top 2 (2 and 3) and the drawn EOS, which completes (1, EOS): ln 0.2 / 1 = -1.61
+    # beats (1, 2, 4) at ln 0.005 / 3 = -1.77; without the drawn candidate only (1, 2, 4) would be found
+    generate, _ = _table_generate(table, drawn={(1,): EOS})
+    out, = beam_search(generate, [[1]], BeamSearchParams(beam_width=1, max_tokens=2, temperature=1.0),
+                       frozenset({EOS}), max_model_len=100)
+    assert [tuple(s.tokens) for s in out.sequences] == [(1, EOS)]
+    assert out.sequences[0].cum_logprob == pytest.approx(lp(0.2))
+
+
 @pytest.mark.parametrize("kw, param", [({"beam_width": 0}, "beam_width"), ({"max_tokens": True}, "max_tokens"),
                                        ({"temperature": -1.0}, "temperature"), ({"lam": "x"}, "lam"),
-                                       ({"length_penalty": float("nan")}, "length_penalty")])
+                                       ({"length_penalty": float("nan")}, "length_penalty"),
+                                       ({"logprobs": -1}, "logprobs"), ({"logprobs": True}, "logprobs")])
 def test_bad_params_are_refused_naming_the_field(kw: dict, param: str) -> None:
     with pytest.raises(RastError) as err:
         BeamSearchParams(**{"beam_width": 2, "max_tokens": 3, **kw})
@@ -144,8 +162,41 @@ def test_the_server_returns_the_beams_as_choices(srv, server_oracle: LLM) -> Non
     assert got == [tok.decode(s.tokens[start:], skip_special_tokens=True) for s in want_chat.sequences]
 
 
+def test_the_server_gives_each_beam_token_the_entry_it_was_ranked_by(srv, server_oracle: LLM) -> None:  # noqa: ANN001
+    import httpx
+
+    r = httpx.post(f"{srv.url}/v1/completions", timeout=120, json={
+        "model": "tiny-rast", "prompt": "the cat sat on", "n": 2, "max_tokens": 3, "use_beam_search": True,
+        "logprobs": 3, "return_tokens_as_token_ids": True})
+    assert r.status_code == 200, r.text
+    (want,) = server_oracle.beam_search(["the cat sat on"], BeamSearchParams(beam_width=2, max_tokens=3))
+    for choice, beam in zip(r.json()["choices"], want.sequences):
+        ids = beam.tokens[len(beam.tokens) - len(beam.logprobs):]
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [f"token_id:{t}" for t in ids]
+        assert lp["token_logprobs"] == [pytest.approx(e[t], abs=1e-6) for e, t in zip(beam.logprobs, ids)]
+        for top, entry, t in zip(lp["top_logprobs"], beam.logprobs, ids):  # its own token, then the best 3
+            best = sorted(entry.items(), key=lambda kv: -kv[1])[:3]
+            assert top == {f"token_id:{k}": pytest.approx(v, abs=1e-6) for k, v in [(t, entry[t])] + best}
+
+    # top_logprobs past the 2·n candidates widens each step's entry, not the candidates: the same beams
+    messages = [{"role": "user", "content": "the cat"}]
+    chat = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-rast", "messages": messages, "n": 1, "max_tokens": 3, "use_beam_search": True,
+        "logprobs": True, "top_logprobs": 5})
+    assert chat.status_code == 200, chat.text
+    prompt = server_oracle.chat(messages, use_tqdm=False)[0].prompt_token_ids
+    (narrow,) = server_oracle.beam_search([prompt], BeamSearchParams(beam_width=1, max_tokens=3))
+    (wide,) = server_oracle.beam_search([prompt], BeamSearchParams(beam_width=1, max_tokens=3, logprobs=5))
+    assert wide.sequences[0].tokens == narrow.sequences[0].tokens
+    content = chat.json()["choices"][0]["logprobs"]["content"]
+    assert [len(c["top_logprobs"]) for c in content] == [5] * len(wide.sequences[0].logprobs)
+    assert [c["logprob"] for c in content] == \
+        [pytest.approx(e[t], abs=1e-6) for e, t in zip(wide.sequences[0].logprobs, wide.sequences[0].tokens[len(prompt):])]
+
+
 @pytest.mark.parametrize("body, param", [
-    ({"top_p": 0.5}, "top_p"), ({"logprobs": 2}, "logprobs"), ({"stream": True}, "stream"),
+    ({"top_p": 0.5}, "top_p"), ({"presence_penalty": 0.5}, "presence_penalty"), ({"stream": True}, "stream"),
     ({"stop": ["x"]}, "stop"), ({"max_tokens": None}, "max_tokens"), ({"use_beam_search": False}, "length_penalty"),
 ])
 def test_beam_search_refuses_what_it_would_not_honour(srv, body: dict, param: str) -> None:  # noqa: ANN001

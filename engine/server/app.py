@@ -186,7 +186,8 @@ class OpenAIServer:
         if beams is not None:
             prompts = req.prompts()
             fmt = Formatter("completion", rid, lora or self.model_name, [f"{rid}-{i}" for i in range(len(prompts))],
-                            req.n, self.tokenizer, None, return_token_ids=req.return_token_ids)
+                            req.n, self.tokenizer, beams.logprobs, return_token_ids=req.return_token_ids,
+                            token_ids_as_text=req.return_tokens_as_token_ids)
             return await beam_search_response(self, request, fmt, prompts, beams, add_special_tokens=True,
                                               param="prompt", priority=req.priority, lora=lora,
                                               cache_salt=req.cache_salt)

@@ -3,7 +3,8 @@
 
 The search runs on the event loop, one engine submission per step (every live beam of every prompt, one
 token each with logprobs), so other requests keep being served between and beside its steps; the client
-leaving aborts the step in flight and ends the search. Its choices are whole: no stream, no logprobs.
+leaving aborts the step in flight and ends the search. Its choices are whole (no stream); with logprobs,
+each token's entry is the one its step ranked the candidates by (vLLM's).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ BEAM_FIELDS = frozenset({
     "model", "prompt", "messages", "n", "best_of", "max_tokens", "max_completion_tokens", "stream", "temperature",
     "ignore_eos", "lam", "seed", "priority", "cache_salt", "user", "use_beam_search", "length_penalty",
     "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "include_reasoning", "tool_choice",
-    "return_token_ids"})
+    "return_token_ids", "logprobs", "top_logprobs", "return_tokens_as_token_ids"})
 
 
 def beam_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> BeamSearchParams | None:
@@ -49,10 +50,11 @@ def beam_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int 
                        param=extra[0] if extra else "stream")
     if max_tokens is None:
         raise APIError(400, "use_beam_search needs max_tokens", param="max_tokens")
+    logprobs = req.logprobs_count() if isinstance(req, ChatCompletionRequest) else req.logprobs
     try:
         return BeamSearchParams(beam_width=req.n, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
                                 temperature=0.0 if req.temperature is None else req.temperature,
-                                length_penalty=req.length_penalty, lam=req.lam)
+                                length_penalty=req.length_penalty, lam=req.lam, logprobs=logprobs)
     except RastError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
 
@@ -89,7 +91,9 @@ async def beam_search_response(server: OpenAIServer, request: Request, fmt: Form
         start = len(search_of.prompt)
         fmt.add(RequestOutput(rid, None, search_of.prompt, [
             CompletionOutput(i, decode(beam.tokens[start:]), beam.tokens[start:], beam.finish_reason,
-                             cumulative_logprob=beam.cum_logprob) for i, beam in enumerate(result.sequences)],
+                             cumulative_logprob=beam.cum_logprob,
+                             logprobs=None if params.logprobs is None else beam.logprobs)
+            for i, beam in enumerate(result.sequences)],
             finished=True))
     server.metrics.finished(time.perf_counter() - arrival, fmt.finish_reasons())
     return JSONResponse(fmt.body())

@@ -191,8 +191,9 @@ def test_the_server_gives_each_beam_token_the_entry_it_was_ranked_by(srv, server
     assert wide.sequences[0].tokens == narrow.sequences[0].tokens
     content = chat.json()["choices"][0]["logprobs"]["content"]
     assert [len(c["top_logprobs"]) for c in content] == [5] * len(wide.sequences[0].logprobs)
+    beam = wide.sequences[0]
     assert [c["logprob"] for c in content] == \
-        [pytest.approx(e[t], abs=1e-6) for e, t in zip(wide.sequences[0].logprobs, wide.sequences[0].tokens[len(prompt):])]
+        [pytest.approx(e[t], abs=1e-6) for e, t in zip(beam.logprobs, beam.tokens[len(prompt):])]
 
 
 @pytest.mark.parametrize("body, param", [

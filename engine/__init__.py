@@ -31,6 +31,7 @@ _EXPORTS = {
     "LoRARequest": "rast_engine.lora_modules",
     "BeamSearchParams": "rast_engine.beam_search",
     "BeamSearchOutput": "rast_engine.beam_search",
+    "RastParts": "rast_engine.logits_processors",
 }
 __all__ = list(_EXPORTS)
 

@@ -7,7 +7,8 @@ before temperature and the filters, in vLLM's order (its masks and logits proces
                      token the large model alone finds implausible (plausibility_alpha: plausibility.py)
     1. logit_bias:   z + b_t at each biased token t (OpenAI's logit_bias)
     2. min_tokens:   −inf at the EOS and stop_token_ids while the output is shorter than min_tokens
-    3. penalties:    z / r if z > 0 else z · r at every token of the prompt or the output (repetition_penalty r),
+    3. processors:   each of the request's logits_processors in turn, z' = fn(..., z) (logits_processors.py)
+    4. penalties:    z / r if z > 0 else z · r at every token of the prompt or the output (repetition_penalty r),
                      then z − f · c − p · [c > 0] (c: the token's count in the output; frequency f, presence p)
 
 How: the fused sampler sums the pairs it is given, so an adjustment is one more pair (bias, 0) of weight 1
@@ -45,6 +46,7 @@ from rast_kernels.batch import normalize
 from rast_kernels.reference import combine
 
 from rast_engine.bad_words import bad_word_bans
+from rast_engine.logits_processors import process_rows
 from rast_engine.plausibility import mask_implausible
 from rast_engine.structured import draw_bitmasks, unpack
 
@@ -124,6 +126,8 @@ class Adjust:
     pending: bool = False
     # (t, b): b is masked iff the pending last token is t (bad words of several tokens, bad_words.py)
     pending_bans: list[tuple[int, int]] = field(default_factory=list)
+    # (prompt ids, output ids so far) for logits_processors (logits_processors.py); None without them
+    token_ids: Optional[tuple[list[int], list[int]]] = None
 
 
 def min_tokens_bans(params: SamplingParams, eos_token_ids: Collection[int]) -> list[int]:
@@ -150,9 +154,13 @@ def adjustment(seq: Sequence, first_draw: bool, eos_token_ids: Collection[int]) 
         group.adjust_tensors = RequestTensors(group)
     if p.penalized and not first_draw and seq.output_counts is None:
         seq.output_counts = OutputCounts()
+    token_ids = None
+    if p.processors is not None:  # never after a pending token: SamplingParams.reads_output
+        start = seq.num_prompt_tokens
+        token_ids = (seq.token_ids[:start], seq.token_ids[start:start + generated])
     return Adjust(group.adjust_tensors, banned, seq if p.penalized and not first_draw else None,
                   (seq, first_draw) if group.grammar is not None else None, stops,
-                  pending=bool(seq.num_pending) and not first_draw, pending_bans=pending_bans)
+                  pending=bool(seq.num_pending) and not first_draw, pending_bans=pending_bans, token_ids=token_ids)
 
 
 def _rows_of(sizes: list[int], to_device: ToDevice) -> torch.Tensor:
@@ -226,7 +234,7 @@ def draw_counts(ds: Seq[Draw], vocab: int, to_device: ToDevice, last: Optional[t
 
 def penalize(z: torch.Tensor, params: Seq[SamplingParams], requests: Seq[RequestTensors],
              counts: Seq[Optional[torch.Tensor]], vocab: int, to_device: ToDevice) -> None:
-    """Step 3 on the penalized rows of z [rows, V], in place; row i's output counts are counts[i] (None:
+    """Step 4 on the penalized rows of z [rows, V], in place; row i's output counts are counts[i] (None:
     no output yet)."""
     at = [i for i, p in enumerate(params) if p.penalized]
     if not at:
@@ -287,6 +295,7 @@ def with_adjustments(logits: list[torch.Tensor], draws: Seq[Draw], to_device: To
     adjusted = z.clone()
     bias_and_ban(adjusted, [d.adjust for d in ds], vocab, to_device, last)
     mask_implausible(adjusted, picked[0], [d.params for d in ds], vocab, to_device)
+    process_rows(adjusted, ds, picked, vocab)
     penalize(adjusted, [d.params for d in ds], [d.adjust.request for d in ds], draw_counts(ds, vocab, to_device, last),
              vocab, to_device)
     return (logits + adjustment_pair(z, adjusted, rows, logits[0].shape[0]),

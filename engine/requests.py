@@ -218,6 +218,9 @@ def checked_request(engine: LLMEngine, request_id: str, prompt: Union[str, list[
     if params.stop_list and engine.tokenizer is None:
         raise RastError("stop strings need a tokenizer to read the text, and this engine has none; "
                         "use stop_token_ids")
+    if params.processors is not None and engine.config.speculative_tokens:
+        raise RastError("logits_processors cannot run in speculative rounds: a round's drafts stay on the device, "
+                        "and a processor reads the output on the host", param="logits_processors")
     check_token_ids("logit_bias", params.logit_bias, engine.vocab_size)
     check_token_ids("allowed_token_ids", params.allowed_token_ids, engine.vocab_size)
     if params.bad_words:

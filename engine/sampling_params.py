@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from rast_engine.errors import RastError
+from rast_engine.logits_processors import Processor, as_processors
 from rast_engine.structured_params import StructuredOutputsParams
 
 MASK64 = (1 << 64) - 1
@@ -113,7 +114,12 @@ class SamplingParams:
     # contrastive decoding's plausibility constraint: mask every token to which the large model alone gives
     # less than this fraction of its top token's probability (0: off; engine/plausibility.py)
     plausibility_alpha: float = 0.0
+    # vLLM V0's: callables fn(output_ids, logits) or fn(prompt_ids, output_ids, logits) -> logits over z,
+    # after logit_bias and min_tokens' bans, before the penalties; one with a ``parts`` keyword also gets
+    # the models' own logits (engine/logits_processors.py). Offline only
+    logits_processors: Optional[list[Callable[..., Any]]] = None
     stop_list: list[str] = field(init=False, repr=False)
+    processors: Optional[list[Processor]] = field(init=False, repr=False, compare=False)  # logits_processors, checked
     # derived once here (read for every sequence at every step): any penalty is on, so the draws depend on
     # the tokens so far; any adjustment of z is on (any of the fields above: logit_adjust.py)
     penalized: bool = field(init=False, repr=False, compare=False)
@@ -220,11 +226,14 @@ class SamplingParams:
             raise bad("plausibility_alpha", f"plausibility_alpha must be in [0, 1] (0 is off), got {self.plausibility_alpha!r}")
         if self.output_kind not in OUTPUT_KINDS:
             raise bad("output_kind", f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        self.processors = as_processors(self.logits_processors)
         self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
         self.adjusts_logits = (self.logit_bias is not None or self.allowed_token_ids is not None
                                or self.bad_words is not None or self.structured_outputs is not None
-                               or self.min_tokens > 0 or self.penalized or self.plausibility_alpha > 0)
-        self.reads_output = self.structured_outputs is not None  # the grammar matcher reads each token on the host
+                               or self.min_tokens > 0 or self.penalized or self.plausibility_alpha > 0
+                               or self.processors is not None)
+        # the grammar matcher and logits processors read each token on the host
+        self.reads_output = self.structured_outputs is not None or self.processors is not None
         # a draw of this request may find every token masked by the request itself (NoAdmissibleToken
         # is then the request's fault, not the models')
         self.masks_tokens = (self.allowed_token_ids is not None or self.bad_words is not None

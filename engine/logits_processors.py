@@ -16,8 +16,9 @@ Invariants: processors run on the host, one call a row, where the adjusted rows 
 read every output token on the host, so their request's steps are never launched ahead
 (SamplingParams.reads_output). The draws of a request's n samples from its one prefilled row share one
 call (their outputs are all empty). A processor may be called again for a position whose step was undone
-(a failed launch, a preemption's recompute), so it should be a function of its arguments. Offline only
-(a callable does not travel in JSON), and refused in speculative rounds, whose drafts live on the device.
+(a failed launch, a preemption's recompute), so it should be a function of its arguments. A server
+request names them (server/processor_names.py). Speculative rounds refuse them: their drafts live on the
+device.
 """
 from __future__ import annotations
 

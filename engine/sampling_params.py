@@ -116,7 +116,7 @@ class SamplingParams:
     plausibility_alpha: float = 0.0
     # vLLM V0's: callables fn(output_ids, logits) or fn(prompt_ids, output_ids, logits) -> logits over z,
     # after logit_bias and min_tokens' bans, before the penalties; one with a ``parts`` keyword also gets
-    # the models' own logits (engine/logits_processors.py). Offline only
+    # the models' own logits (engine/logits_processors.py); the server loads them by name
     logits_processors: Optional[list[Callable[..., Any]]] = None
     stop_list: list[str] = field(init=False, repr=False)
     processors: Optional[list[Processor]] = field(init=False, repr=False, compare=False)  # logits_processors, checked

@@ -126,7 +126,8 @@ def test_bad_processors_are_refused_naming_the_field(fns: object, says: str) -> 
     (lambda o, z: z[:-1], RastError, r"logits_processors\[0\] must return a floating tensor of shape"),
     (lambda o, z: z.long(), RastError, "torch.int64"),
     (lambda o, z: 1 / 0, ZeroDivisionError, "division by zero")])
-def test_a_failing_processor_raises_and_leaves_the_engine_serving(llm: LLM, fn, error: type, says: str) -> None:  # noqa: ANN001
+def test_a_failing_processor_raises_and_leaves_the_engine_serving(llm: LLM, fn, error: type,  # noqa: ANN001
+                                                                  says: str) -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     before = llm.generate(PROMPTS[:2], greedy, use_tqdm=False)
     with pytest.raises(error, match=says):

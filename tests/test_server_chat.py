@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from factories import make_tokenizer
 from rast_engine.server.chat_messages import ChatMessage, render_chat
-from rast_engine.server.protocol import APIError, ChatCompletionRequest, parse_request
+from rast_engine.server.protocol import APIError, ChatCompletionRequest
+from rast_engine.server.request_json import parse_request
 from rast_engine.server.token_bytes import token_bytes
 
 NAMED = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m.name is defined %}{{ m.name }}: {% endif %}"

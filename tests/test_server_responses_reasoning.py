@@ -144,7 +144,7 @@ PATHS = _paths(RICH)[1:]
 @given(where=st.sampled_from(PATHS), new=JSON, then=st.none() | st.tuples(st.sampled_from(PATHS), JSON))
 def test_any_request_body_is_a_chat_request_or_a_400(where: tuple, new: object, then: tuple | None) -> None:
     """A valid body with one or two of its values (at any depth) replaced by any JSON value."""
-    from rast_engine.server.protocol import parse_request
+    from rast_engine.server.request_json import parse_request
     from rast_engine.server.responses_api.protocol import ResponsesRequest
 
     body = _replaced(RICH, where, new)

@@ -29,7 +29,9 @@ from rast_engine.server.http_io import SSEResponse, too_large, unless_client_lea
 from rast_engine.server.lora_routes import lora_routes
 from rast_engine.server.weight_routes import weight_routes
 from rast_engine.server.metrics import CONTENT_TYPE, Metrics
-from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from rast_engine.server.processor_names import compiled_pattern
+from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from rast_engine.server.request_json import parse_request
 from rast_engine.server.request_handle import RequestHandle
 from rast_engine.server.request_params import chat_params, completion_params, echoed
 from rast_engine.server.responses import Formatter
@@ -47,7 +49,8 @@ class OpenAIServer:
     def __init__(self, engine: Any, *, model_name: str | Sequence[str], api_key: str | None = None,
                  max_waiting: int = 512, queue_timeout: float | None = None,
                  max_request_bytes: int = MAX_REQUEST_BYTES, tool_call_parser: str | None = None,
-                 responses_store_size: int = 1000, enable_prompt_tokens_details: bool = False) -> None:
+                 responses_store_size: int = 1000, enable_prompt_tokens_details: bool = False,
+                 logits_processor_pattern: str | None = None) -> None:
         if max_request_bytes < 1:
             raise RastError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes
@@ -72,6 +75,7 @@ class OpenAIServer:
         self.reasoning_parser = engine.config.reasoning_parser  # chat responses split by it
         self.responses = ResponseStore(responses_store_size)  # /v1/responses with store: true
         self.prompt_details = enable_prompt_tokens_details  # vLLM's: usage.prompt_tokens_details.cached_tokens
+        self.processor_pattern = compiled_pattern(logits_processor_pattern)  # vLLM V0's: names requests may load
 
     def app(self) -> Starlette:
         routes = [
@@ -191,7 +195,7 @@ class OpenAIServer:
             return await beam_search_response(self, request, fmt, prompts, beams, add_special_tokens=True,
                                               param="prompt", priority=req.priority, lora=lora,
                                               cache_salt=req.cache_salt)
-        params = completion_params(req, self.engine.engine)
+        params = completion_params(req, self.engine.engine, self.processor_pattern)
         await self._precompile(params)
         handle = self.engine.submit(req.prompts(), params, request_id=rid, max_tokens=req.max_new_tokens(),
                                     priority=req.priority, lora=lora, cache_salt=req.cache_salt)
@@ -241,7 +245,7 @@ class OpenAIServer:
             raise APIError(400, '"auto" tool choice (the default with tools) needs rast serve --enable-auto-tool-choice '
                                 '--tool-call-parser hermes; or send tool_choice "none", "required" or a named function',
                            param="tool_choice")
-        params = chat_params(req, self.engine.engine)
+        params = chat_params(req, self.engine.engine, self.processor_pattern)
         await self._precompile(params)
         text = await self.render(req)
         # The template already holds the special tokens (BOS etc.); do not add them a second time.

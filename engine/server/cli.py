@@ -56,6 +56,9 @@ def add_engine_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="as vLLM's: usage gives prompt_tokens_details.cached_tokens, the prompt tokens read from "
                         "the prefix cache (/v1/responses always gives them)")
+    p.add_argument("--logits-processor-pattern", metavar="REGEX", default=None,
+                   help="as vLLM V0's: a request's logits_processors may name (qualified module.attribute "
+                        "names) only what the whole of REGEX matches; without it the field is refused")
     p.add_argument("--max-waiting", type=int, default=512,
                    help="requests allowed to wait beyond --max-num-seqs; more get 429 (run-batch sends no "
                         "more) (default 512)")
@@ -142,7 +145,8 @@ def build_server(args: argparse.Namespace, engine: Any, **kw: Any) -> Any:
 
     return OpenAIServer(engine, model_name=args.served_model_name or args.model, max_waiting=args.max_waiting,
                         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                        enable_prompt_tokens_details=args.enable_prompt_tokens_details, **kw)
+                        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+                        logits_processor_pattern=args.logits_processor_pattern, **kw)
 
 
 def _api_key(flag: str | None) -> str | None:

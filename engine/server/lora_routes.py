@@ -16,7 +16,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from rast_engine.errors import RastError
-from rast_engine.server.protocol import APIError, parse_request
+from rast_engine.server.protocol import APIError
+from rast_engine.server.request_json import parse_request
 
 if TYPE_CHECKING:
     from rast_engine.server.app import OpenAIServer

@@ -3,30 +3,15 @@ and unsupported features are rejected with a 400 naming the field, so a typo ("l
 falls back to a default."""
 from __future__ import annotations
 
-import json
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from rast_engine.server.api_error import APIError
 from rast_engine.server.chat_messages import ChatMessage
+from rast_engine.server.processor_names import ProcessorConstructor
+from rast_engine.server.request_json import nulls_to_defaults
 from rast_engine.server.tools import NamedToolChoice, Tool, ToolMode, required_schema
-
-
-def _admits_none(annotation: Any) -> bool:
-    return annotation is Any or annotation is None or type(None) in get_args(annotation)
-
-
-def nulls_to_defaults(model: type[BaseModel], data: Any) -> Any:
-    """OpenAI marks n, stream, echo, logprobs and the penalties "or null", and its client sends a null
-    for an argument left None: null there means the default. A field whose type admits None keeps
-    it (max_tokens: null is "the rest of the context"); a required one fails as missing."""
-    if not isinstance(data, dict):
-        return data
-    fields = model.model_fields
-    return {key: value for key, value in data.items()
-            if value is not None or key not in fields or fields[key].is_required()
-            or _admits_none(fields[key].annotation)}
 
 
 class StreamOptions(BaseModel):
@@ -96,6 +81,9 @@ class _Request(BaseModel):
     # vLLM's: the prompt shares prefix-cache blocks only with requests of the same salt (multi-tenant
     # servers: no probing of another tenant's prompts through the cache's timing)
     cache_salt: str | None = Field(None, min_length=1)
+    # vLLM V0's: processors by qualified name, or factories {qualname, args, kwargs}, that rast serve
+    # --logits-processor-pattern allows (server/processor_names.py)
+    logits_processors: list[str | ProcessorConstructor] | None = Field(None, min_length=1)
     # vLLM's beam search: the n best beams under the combined distribution (engine/beam_search.py)
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -279,27 +267,3 @@ class ChatCompletionRequest(_Request):
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-
-
-def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:
-    """Body bytes -> a validated request, or an APIError(400) naming the offending field."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: JSONDecodeError, or an integer of >4300 digits
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    except RecursionError:  # a body nested thousands deep: no request is shaped like that
-        raise APIError(400, "request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(part) for part in err["loc"])  # the path, for the message (prompt.0)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unrecognised request field"
-        # param: the request's own field, as OpenAI names it
-        raise APIError(400, f"{where}: {msg}" if where else msg,
-                       param=str(err["loc"][0]) if err["loc"] else None) from None

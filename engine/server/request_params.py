@@ -4,12 +4,14 @@ field."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Optional
 
 from rast_engine.errors import RastError
 from rast_engine.generation_config import fill
 from rast_engine.requests import check_token_ids
 from rast_engine.sampling_params import SamplingParams
+from rast_engine.server.processor_names import resolve
 from rast_engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
@@ -17,8 +19,10 @@ if TYPE_CHECKING:
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: int | None,
-                     max_tokens: int | None, engine: LLMEngine) -> SamplingParams:
-    """The request's SamplingParams; the filters it omits take the generation config's values."""
+                    max_tokens: int | None, engine: LLMEngine, pattern: Optional[re.Pattern[str]] = None
+                    ) -> SamplingParams:
+    """The request's SamplingParams; the filters it omits take the generation config's values. ``pattern``:
+    the logits processor names the server allows (processor_names.py)."""
     vocab_size = engine.vocab_size
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
@@ -41,6 +45,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, logprobs: in
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
+            logits_processors=resolve(req.logits_processors, pattern),
             output_kind="delta")  # O(new tokens) a step for the engine thread, see responses.py
     except ValueError as exc:
         raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
@@ -51,15 +56,17 @@ def echoed(req: CompletionRequest) -> list[str | None]:
     return [p if isinstance(p, str) and req.truncate_prompt_tokens is None else None for p in req.prompts()]
 
 
-def completion_params(req: CompletionRequest, engine: LLMEngine) -> SamplingParams:
-    params = sampling_params(req, req.logprobs, req.max_tokens, engine)
+def completion_params(req: CompletionRequest, engine: LLMEngine, pattern: Optional[re.Pattern[str]] = None
+                      ) -> SamplingParams:
+    params = sampling_params(req, req.logprobs, req.max_tokens, engine, pattern)
     # echo with logprobs gives the prompt's tokens logprobs too: the engine scores the larger top k
     asked = [k for k in (req.prompt_logprobs_count(), req.logprobs if req.echo else None) if k is not None]
     return dataclasses.replace(params, prompt_logprobs=max(asked)) if asked else params
 
 
-def chat_params(req: ChatCompletionRequest, engine: LLMEngine) -> SamplingParams:
-    params = sampling_params(req, req.logprobs_count(), req.max_new_tokens(), engine)
+def chat_params(req: ChatCompletionRequest, engine: LLMEngine, pattern: Optional[re.Pattern[str]] = None
+                ) -> SamplingParams:
+    params = sampling_params(req, req.logprobs_count(), req.max_new_tokens(), engine, pattern)
     k = req.prompt_logprobs_count()
     return params if k is None else dataclasses.replace(params, prompt_logprobs=k)
 

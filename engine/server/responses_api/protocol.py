@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from rast_engine.server.api_error import APIError
 from rast_engine.server.chat_messages import ChatMessage
-from rast_engine.server.protocol import ChatCompletionRequest, nulls_to_defaults
+from rast_engine.server.protocol import ChatCompletionRequest
+from rast_engine.server.request_json import nulls_to_defaults
 from rast_engine.server.responses_api.input_items import input_messages
 from rast_engine.server.tools import FunctionSpec, NamedToolChoice, Tool
 
@@ -24,7 +25,8 @@ LOGPROBS = "message.output_text.logprobs"  # the one ``include`` entry this serv
 EXTENSIONS = ("top_k", "min_p", "lam", "plausibility_alpha", "priority", "repetition_penalty", "seed", "stop",
               "presence_penalty", "frequency_penalty", "logit_bias", "allowed_token_ids", "bad_words",
               "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
-              "cache_salt", "structured_outputs", "chat_template_kwargs", "return_tokens_as_token_ids")
+              "cache_salt", "structured_outputs", "chat_template_kwargs", "return_tokens_as_token_ids",
+              "logits_processors")
 # a chat field's error, named as the Responses request spells it
 _RENAMED = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text",
             "logprobs": "include"}

@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from rast_engine.sampling_params import SamplingParams
 from rast_engine.server.api_error import APIError
-from rast_engine.server.protocol import parse_request
+from rast_engine.server.request_json import parse_request
 from rast_engine.server.responses_api.background import BackgroundResponses
 from rast_engine.server.responses_api.input_items import input_messages
 from rast_engine.server.responses_api.output import ResponseOutput

@@ -17,11 +17,12 @@ read every output token on the host, so their request's steps are never launched
 (SamplingParams.reads_output). The draws of a request's n samples from its one prefilled row share one
 call (their outputs are all empty). A processor may be called again for a position whose step was undone
 (a failed launch, a preemption's recompute), so it should be a function of its arguments. A server
-request names them (server/processor_names.py). Speculative rounds refuse them: their drafts live on the
-device.
+request, `rast eval` and `rast generate` name them (server/processor_names.py, load_processor). Speculative
+rounds refuse them: their drafts live on the device.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence as Seq
@@ -67,6 +68,17 @@ def as_processor(fn: object, index: int) -> Processor:
                         f"got {len(required)} required positional parameters", param=PARAM)
     with_parts = any(p.name == "parts" and p.kind is not p.POSITIONAL_ONLY for p in params)
     return Processor(fn, len(required) == 3, with_parts)
+
+
+def load_processor(qualname: str) -> Callable[..., torch.Tensor]:
+    """The object a qualified name ("pkg.module.fn") names, imported (RastError naming the field if none)."""
+    module, _, attr = qualname.rpartition(".")
+    if not module or not attr:
+        raise RastError(f"logits processor {qualname!r} is not a qualified name (module.attribute)", param=PARAM)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RastError(f"logits processor {qualname!r} cannot be loaded: {exc}", param=PARAM) from None
 
 
 def as_processors(fns: object) -> Optional[list[Processor]]:

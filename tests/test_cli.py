@@ -18,6 +18,7 @@ from rast_engine import LLM, SamplingParams
 from rast_engine.cli import SUBCOMMANDS, build_parser, main
 from rast_engine.errors import RastError
 from rast_engine.commands import bench
+from test_logits_processors import no_repeat
 
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--kv-cache-blocks", "64"]
 
@@ -153,6 +154,14 @@ def test_generate_prints_the_engines_text(capsys: pytest.CaptureFixture[str], tr
                  "--presence-penalty", "0.5", "--frequency-penalty", "-0.5", "--plausibility-alpha", "0.5",
                  *ENGINE_FLAGS]) == 0
     assert capsys.readouterr().out == want + "\n"
+    want = oracle.generate(prompt, SamplingParams(temperature=0, max_tokens=10, logits_processors=[no_repeat]),
+                           use_tqdm=False)[0].outputs[0].text
+    assert want != plain  # the processor's effect can be seen
+    assert main(["generate", large, *flags, "--prompt", prompt, "--logits-processors",
+                 "test_logits_processors.no_repeat", *ENGINE_FLAGS]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert "cannot be loaded" in _one_line_error(capsys, ["generate", large, "--prompt", "hi", "--logits-processors",
+                                                          "nosuch_module_xyz.fn"], "generate")
 
 
 def test_a_chat_template_flag_replaces_the_tokenizers(capsys: pytest.CaptureFixture[str], triple: tuple[str, str, str],

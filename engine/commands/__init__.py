@@ -204,3 +204,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plausibility-alpha", type=float, default=0.0,
                    help="contrastive decoding's mask: tokens the large model alone gives under this fraction "
                         "of its top token's probability (0 is off, the default)")
+    p.add_argument("--logits-processors", nargs="+", default=None, metavar="NAME",
+                   help="qualified names (pkg.module.fn) of logits processors run in order over the combined "
+                        "logits (README: SamplingParams.logits_processors)")

@@ -29,6 +29,7 @@ def _params(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
     (a default max_tokens grows to --min-tokens, as the server's does)."""
     from rast_engine import SamplingParams
     from rast_engine.generation_config import fill
+    from rast_engine.logits_processors import load_processor
 
     chosen = fill(defaults, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                   repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens)
@@ -38,7 +39,8 @@ def _params(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
     return SamplingParams(**chosen, stop=args.stop, ignore_eos=args.ignore_eos,
                           seed=args.request_seed, min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, plausibility_alpha=args.plausibility_alpha,
-                          output_kind="delta")
+                          logits_processors=None if args.logits_processors is None else
+                          [load_processor(name) for name in args.logits_processors], output_kind="delta")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="mask tokens the large model alone gives under this fraction of its top token's "
                         "probability (contrastive decoding's constraint; with --small-rl the large model's own "
                         "directory it is contrastive decoding; default 0: off)")
+    p.add_argument("--logits-processors", nargs="+", default=None, metavar="NAME",
+                   help="qualified names (pkg.module.fn) of logits processors run in order over each draw's "
+                        "combined logits: fn(output_ids, logits) or fn(prompt_ids, output_ids, logits), and a "
+                        "keyword `parts` for each model's logits (README; a sample setting)")
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     p.add_argument("--device", default="auto")
@@ -92,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                      plots=not args.no_plots, speculative_tokens=args.speculative_tokens,
                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                      plausibility_alpha=args.plausibility_alpha, data_parallel_size=args.data_parallel_size,
+                     logits_processors=None if args.logits_processors is None else tuple(args.logits_processors),
                      lams=None if args.lams is None else tuple(args.lams),
                      lora_modules=lora_modules_arg(args.lora_modules),
                      rl_checkpoints=None if args.rl_checkpoints is None else tuple(args.rl_checkpoints))

@@ -18,7 +18,8 @@ from typing import Any
 
 from rast_engine.errors import RastError
 from rast_engine.lora_modules import checked_lora_modules
-from rast_engine.sampling_params import MAX_LAM, is_lam
+from rast_engine.logits_processors import load_processor
+from rast_engine.sampling_params import MAX_LAM, SamplingParams, is_lam
 from rast_engine.evaluation.data import Problem, load_problems
 from rast_engine.evaluation.grading import is_equivalent
 from rast_engine.evaluation.metrics import GradedSample, compute_metrics
@@ -31,9 +32,9 @@ SAMPLES_FILE, RUN_FILE, METRICS_FILE = "samples.jsonl", "run.json", "metrics.jso
 # The settings that shape the samples; a resumed run must agree on all of them.
 _SAMPLE_KEYS = ("model", "small_rl", "small_base", "lam", "template", "n", "temperature", "top_p", "top_k",
                 "min_p", "max_tokens", "stop", "seed", "quantization", "kv_cache_dtype", "plausibility_alpha",
-                "template_text")
+                "logits_processors", "template_text")
 # sample settings added after runs were saved: a run.json without them drew with these values
-_ADDED_KEYS = {"quantization": None, "kv_cache_dtype": "auto", "plausibility_alpha": 0.0}
+_ADDED_KEYS = {"quantization": None, "kv_cache_dtype": "auto", "plausibility_alpha": 0.0, "logits_processors": None}
 # recorded since, and unknown for older runs, so not compared there: the template's own text (an edited
 # template file keeps its path)
 _UNRECORDED = ("template_text",)
@@ -92,6 +93,7 @@ class EvalConfig:
     kv_cache_dtype: str = "auto"  # "fp8": every model's KV cache in float8_e4m3fn (a sample setting too)
     # > 0: contrastive decoding's plausibility mask on the large model's own distribution (plausibility.py)
     plausibility_alpha: float = 0.0
+    logits_processors: tuple[str, ...] | None = None  # qualified names (logits_processors.py), loaded per process
     # engines in processes of their own (one a GPU), problems handed to whichever has room; a sample's
     # seed does not depend on where it is drawn, so not a sample setting
     data_parallel_size: int = 1
@@ -136,6 +138,11 @@ class EvalConfig:
             raise RastError("--n and --max-tokens must be >= 1")
         if not 0.0 <= self.plausibility_alpha <= 1.0:
             raise RastError(f"--plausibility-alpha must be in [0, 1], got {self.plausibility_alpha}")
+        if self.logits_processors is not None:  # a bad name fails before the models load
+            if self.speculative_tokens:
+                raise RastError("--logits-processors cannot run in speculative rounds: drop --speculative-tokens")
+            self.logits_processors = tuple(self.logits_processors)
+            SamplingParams(logits_processors=[load_processor(name) for name in self.logits_processors])
         if self.max_inflight is None:
             # twice the engine's default batch of 256 sequences: a queue that refills it at once
             self.max_inflight = max(4, -(-512 // self.n))
@@ -152,7 +159,8 @@ class EvalConfig:
 
     def sample_settings(self) -> dict[str, Any]:
         d = {**asdict(self), "template_text": load_template(self.template).text}
-        return {k: list(d[k]) if k == "stop" else d[k] for k in _SAMPLE_KEYS}
+        return {k: list(d[k]) if k in ("stop", "logits_processors") and d[k] is not None else d[k]
+                for k in _SAMPLE_KEYS}
 
 
 def load_saved(path: Path) -> dict[str, list[dict]]:

@@ -51,6 +51,7 @@ def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None],
     replaced (the items come one checkpoint's after another: runner.run_eval)."""
     from rast_engine import SamplingParams
     from rast_engine.evaluation.variants import variants
+    from rast_engine.logits_processors import load_processor
 
     # per variant, its requests' λ (None: the engine's), adapter and RL directory
     runs = [(v.lam, v.lora, v.small_rl) for v in variants(cfg) or []] or [(None, None, cfg.small_rl)]
@@ -59,6 +60,7 @@ def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None],
 
     template = load_template(cfg.template)
     stop = list(template.stop) + list(cfg.stop)
+    processors = None if cfg.logits_processors is None else [load_processor(n) for n in cfg.logits_processors]
     llm = _build_llm(cfg)
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
@@ -82,7 +84,7 @@ def sample(cfg: "EvalConfig", next_item: Callable[[], Item | None],
         for first, count in parts:
             params = SamplingParams(n=count, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                     min_p=cfg.min_p, max_tokens=cfg.max_tokens, stop=stop or None,
-                                    plausibility_alpha=cfg.plausibility_alpha, lam=lam,
+                                    plausibility_alpha=cfg.plausibility_alpha, lam=lam, logits_processors=processors,
                                     seed=request_seed(cfg.seed, problem.id, first), output_kind="final_only")
             rid = f"eval-{v}-{problem.id}-{first}"
             engine.add_request(rid, prompt, params, lora_request=lora)

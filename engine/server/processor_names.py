@@ -10,16 +10,14 @@ of the wrong signature) is a 400 naming the field; nothing of the request reache
 """
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
 from rast_engine.errors import RastError
+from rast_engine.logits_processors import PARAM, load_processor
 from rast_engine.server.api_error import APIError
-
-PARAM = "logits_processors"
 
 
 class ProcessorConstructor(BaseModel):
@@ -39,16 +37,6 @@ def compiled_pattern(pattern: Optional[str]) -> Optional[re.Pattern[str]]:
         raise RastError(f"--logits-processor-pattern {pattern!r} is not a regular expression: {exc}") from None
 
 
-def _load(qualname: str) -> Any:
-    module, _, attr = qualname.rpartition(".")
-    if not module or not attr:
-        raise APIError(400, f"logits processor {qualname!r} is not a qualified name (module.attribute)", param=PARAM)
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise APIError(400, f"logits processor {qualname!r} cannot be loaded: {exc}", param=PARAM) from None
-
-
 def resolve(specs: Optional[list[str | ProcessorConstructor]], pattern: Optional[re.Pattern[str]]
             ) -> Optional[list[Callable[..., Any]]]:
     """The request's processors, loaded (and constructed) if the server allows their names."""
@@ -63,7 +51,10 @@ def resolve(specs: Optional[list[str | ProcessorConstructor]], pattern: Optional
         if not pattern.fullmatch(name):
             raise APIError(400, f"logits processor {name!r} is not allowed by this server's "
                                 "--logits-processor-pattern", param=PARAM)
-        obj = _load(name)
+        try:
+            obj = load_processor(name)
+        except RastError as exc:
+            raise APIError(400, str(exc), param=PARAM) from None
         if isinstance(spec, ProcessorConstructor):
             try:
                 obj = obj(*(spec.args or []), **(spec.kwargs or {}))

@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _triple(kld)
     kld.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy paths")
     kld.add_argument("--top", type=int, default=20, help="how many top positions and tokens to list")
+    kld.add_argument("--html", metavar="FILE", help="also write the paper's Fig. 5 view: each path's text, every "
+                                                    "token shaded by its KLD")
     _common(kld)
     kld.set_defaults(func=run)
 
@@ -99,19 +101,20 @@ def _summary(args: argparse.Namespace, report: dict[str, Any]) -> str:
     return f"mean cosine similarity of the two ΔR: {report['mean_cosine']:.4f} ({n})"
 
 
-def _writable(out: str) -> Path:
-    """--out checked before the analysis runs (decoding and scoring may take hours), and its folder made."""
+def _writable(out: str, flag: str = "--out") -> Path:
+    """An output file checked before the analysis runs (decoding and scoring may take hours), its folder made."""
     path = Path(out)
     if path.is_dir():
-        raise RastError(f"--out {out!r} is a directory; give a file path for the JSON report")
+        raise RastError(f"{flag} {out!r} is a directory; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)  # an OSError (a file in the way) is a one-line error
     if not os.access(path if path.exists() else path.parent, os.W_OK):
-        raise RastError(f"--out {out!r} is not writable")
+        raise RastError(f"{flag} {out!r} is not writable")
     return path
 
 
 def run(args: argparse.Namespace) -> int:
     out = _writable(args.out) if args.out else None
+    page = _writable(args.html, "--html") if getattr(args, "html", None) else None
     if args.analysis == "pcr":
         from rast_engine.analysis.pcr import PcrConfig, run_pcr
 
@@ -145,4 +148,8 @@ def run(args: argparse.Namespace) -> int:
     print(_summary(args, report))
     if out is not None:
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if page is not None:
+        from rast_engine.analysis.kld_html import write_kld_html
+
+        write_kld_html(report, page)
     return 0

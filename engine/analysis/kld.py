@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from rast_engine.analysis.kld_html import token_pieces
 from rast_engine.analysis.trajectories import TripleSettings, completion_rows, generate_trajectories, score_each
 from rast_engine.errors import RastError
 
@@ -57,7 +58,8 @@ def run_kld(cfg: KldConfig) -> dict[str, Any]:
     for traj, s in score_each(llm, paths):
         kld = token_kld(completion_rows(s.combined, traj), completion_rows(s.large, traj)).tolist()
         per_traj.append({"id": traj.id, "tokens": len(kld), "mean_kld": sum(kld) / len(kld), "kld": kld,
-                         "completion_ids": traj.completion_ids})
+                         "completion_ids": traj.completion_ids,
+                         "pieces": token_pieces(tokenizer.decode, traj.completion_ids)})
         for i, (tok, value) in enumerate(zip(traj.completion_ids, kld)):
             by_token[tok].append(value)
             positions.append({"id": traj.id, "position": i, "token_id": tok, "kld": value})

@@ -7,6 +7,8 @@ are the engine's promises, checked after every operation:
 - every KV block's reference count equals the number of live sequences whose table holds it, and a block
   is on the free list iff that count is 0 (nothing leaked, nothing freed twice);
 - a refused request (RastError) changes nothing: the same requests, the same free blocks;
+- a request's logits processor sees every draw of every sample with that sample's output so far, and
+  nothing else (speculative rounds refuse processors, changing nothing);
 - a finished request has its n samples of exactly max_tokens tokens (ignore_eos), reported once, and an
   aborted one is never reported again; a pause in mode "abort" ends every request (each reported once,
   with at most max_tokens tokens), "wait" runs every one to its end, and nothing is left on the device;
@@ -20,10 +22,13 @@ are the engine's promises, checked after every operation:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 from collections import Counter
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -37,6 +42,11 @@ CONFIGS = {
     "ahead": dict(async_output=True, async_scheduling=True, max_num_batched_tokens=12),
     "speculative": dict(speculative_tokens=2, max_num_batched_tokens=16),
 }
+
+
+def _record(calls: list[list[int]], output_ids: list[int], z: torch.Tensor) -> torch.Tensor:
+    calls.append(list(output_ids))
+    return z
 
 
 def check_blocks(engine: LLMEngine) -> None:
@@ -56,6 +66,7 @@ class EngineMachine(RuleBasedStateMachine):
         super().__init__()
         self.expected: dict[str, SamplingParams] = {}  # live request -> its params
         self.chosen: dict[str, str | None] = {}  # live request -> the adapter it asked for
+        self.calls: dict[str, list[list[int]]] = {}  # live request -> its logits processor's calls
         self.ended: set[str] = set()  # finished or aborted: never reported again
         self.count = 0
 
@@ -77,20 +88,37 @@ class EngineMachine(RuleBasedStateMachine):
                     assert len(out.outputs) == params.n
                     assert all(len(c.token_ids) == params.max_tokens and c.finish_reason == "length"
                                for c in out.outputs)
+                    # the processor saw every draw of every sample with that sample's output so far, and
+                    # nothing else (a recomputed draw may be seen twice)
+                    seen = {tuple(ids) for ids in self.calls[out.request_id]}
+                    drawn = {tuple(c.token_ids[:t]) for c in out.outputs for t in range(params.max_tokens)}
+                    assert not params.logits_processors or seen == drawn, (seen, drawn)
+                self.calls.pop(out.request_id)
                 self.ended.add(out.request_id)
                 self.chosen.pop(out.request_id)
 
     @rule(length=st.integers(1, 20), n=st.integers(1, 3), max_tokens=st.integers(1, 12),
-          greedy=st.booleans(), seed=st.integers(0, 2**31), lora=st.integers(0, 4), logprobs=st.booleans())
-    def add(self, length: int, n: int, max_tokens: int, greedy: bool, seed: int, lora: int, logprobs: bool) -> None:
+          greedy=st.booleans(), seed=st.integers(0, 2**31), lora=st.integers(0, 4), logprobs=st.booleans(),
+          processed=st.booleans())
+    def add(self, length: int, n: int, max_tokens: int, greedy: bool, seed: int, lora: int, logprobs: bool,
+            processed: bool) -> None:
         rid = f"r{self.count}"
         self.count += 1
+        calls: list[list[int]] = []  # the output ids each logits processor call saw
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, seed=seed,
-                                ignore_eos=True, prompt_logprobs=1 if logprobs else None, output_kind="final_only")
+                                ignore_eos=True, prompt_logprobs=1 if logprobs else None, output_kind="final_only",
+                                logits_processors=[functools.partial(_record, calls)] if processed else None)
         prompt = [(seed + 7 * i) % 90 + 4 for i in range(length)]
         choice = self.loras[lora % len(self.loras)]
+        if processed and self.engine.config.speculative_tokens:
+            before = (dict(self.engine.groups), self.engine.block_manager.num_free_blocks)
+            with pytest.raises(RastError, match="speculative"):
+                self.engine.add_request(rid, prompt, params, lora_request=choice)
+            assert (dict(self.engine.groups), self.engine.block_manager.num_free_blocks) == before
+            params = dataclasses.replace(params, logits_processors=None)  # refused: added without them
         self.engine.add_request(rid, prompt, params, lora_request=choice)  # a path adapter with no slot waits
         self.expected[rid] = params
+        self.calls[rid] = calls
         self.chosen[rid] = getattr(choice, "lora_name", choice)
         self.seen.add(self.chosen[rid])
         if self.engine.groups[rid].lora_pending is not None:
@@ -119,7 +147,7 @@ class EngineMachine(RuleBasedStateMachine):
         if self.expected:
             rid = sorted(self.expected)[pick % len(self.expected)]
             self.engine.abort_request(rid)
-            del self.expected[rid], self.chosen[rid]
+            del self.expected[rid], self.chosen[rid], self.calls[rid]
             self.ended.add(rid)
 
     @rule(steps=st.integers(1, 4))

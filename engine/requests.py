@@ -76,7 +76,8 @@ _INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "
 
 
 def _integer(t: object) -> bool:
-    return hasattr(t, "__index__") and not isinstance(t, bool) and type(t).__name__ != "bool_"
+    """An integer, never a bool: Python's, numpy's (np.bool_ has __index__ before numpy 2.3) or torch's."""
+    return hasattr(t, "__index__") and not isinstance(t, bool) and not str(getattr(t, "dtype", "")).endswith("bool")
 
 
 def _int_vector(x: object) -> bool:

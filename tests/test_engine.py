@@ -24,7 +24,9 @@ PROMPTS = ["the cat sat on", "what is the answer? let us think", "3 + 5 =", "a s
 
 @functools.lru_cache(maxsize=None)
 def hf_model(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    """HF's eager attention, the reference: transformers 5.17 (the GPU image's) gave Gemma 2 SDPA by
+    default, which leaves out its attention soft cap; newer versions refuse SDPA for it."""
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
 
 
 @torch.no_grad()

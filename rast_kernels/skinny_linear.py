@@ -29,7 +29,10 @@ from rast_kernels.launch import cdiv, interpreting, require_launchable, sm_count
 
 MAX_ROWS = 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TILE = 2048  # elements of a weight tile: 16 float32 accumulators a thread and row at 4 warps
+# bytes of a weight tile: 16 bf16 weights a thread at 4 warps (2048 elements), 16 float32 accumulators a
+# thread and row. float32 tiles are held to 2048 bytes and a K step of 128: at four rows, 2048 float32
+# weights and a 256-wide step of x spilled 8-16 bytes a thread under Triton 3.6 (the GPU image's)
+TILE_BYTES = 4096
 
 
 @triton.jit
@@ -81,15 +84,18 @@ def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn
         tl.store(y_ptr + 3 * stride_ym + rn, (tl.sum(acc3, axis=1) + bias).to(out_ty), mask=n_ok)
 
 
-def plan(n: int, k: int, sms: int) -> tuple[int, int, int]:
+def plan(n: int, k: int, sms: int, elt: int = 2) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps): the widest strip (up to 16 channels) that still makes at least four
-    programs per SM, its K step filling a TILE-element tile. The interpreter takes small tiles."""
+    programs per SM, its K step filling a TILE_BYTES tile of ``elt``-byte weights (float32: see TILE_BYTES).
+    The interpreter takes small tiles."""
     if interpreting():  # few programs: the interpreter's cost is per program
         return 16, 64, 4
     bn = 16
     while bn > 2 and cdiv(n, bn) < 4 * sms:
         bn //= 2
-    return bn, max(64, min(TILE // bn, triton.next_power_of_2(k))), 4
+    if elt > 2:  # float32: see TILE_BYTES
+        return bn, max(64, min(TILE_BYTES // 2 // (bn * elt), 128, triton.next_power_of_2(k))), 4
+    return bn, max(64, min(TILE_BYTES // (bn * elt), triton.next_power_of_2(k))), 4
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -108,7 +114,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    bn, bk, warps = plan(n, k, sm_count(x.device))
+    bn, bk, warps = plan(n, k, sm_count(x.device), x.element_size())
     _skinny_linear_kernel[(cdiv(n, bn),)](
         x, weight, bias if bias is not None else weight, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
         M=x.shape[0], HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)

@@ -18,7 +18,7 @@ def compile_all(dtype: str) -> None:
 
     types = dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}", N="i32", K="i32",
                  stride_xm="i32", stride_wn="i32", stride_ym="i32")
-    plans = sorted({s.plan(n, k, 132) for k, n in SHAPES})
+    plans = sorted({s.plan(n, k, 132, 4 if dtype == "fp32" else 2) for k, n in SHAPES})
     assert {bn for bn, _, _ in plans} >= {4, 16}, plans  # narrow strips for narrow projections, wide for wide
     for bn, bk, warps in plans:
         for m in range(1, s.MAX_ROWS + 1):

@@ -33,3 +33,14 @@ class NoAdmissibleToken(RuntimeError):
                          "plausibility_alpha with any of these, or a structured output finished while min_tokens "
                          "masks EOS); the step was undone: abort "
                          "these requests to serve the others")
+
+
+class RequestFailed(RastError):
+    """A request's own code failed inside a step: one of its logits processors raised, or returned what is no
+    logits row (engine/logits_processors.py; the original error is the ``__cause__``). The step is undone, as
+    for any runner error; ``request_ids`` names the request, so a caller can abort it and step on (the
+    server does, answering that request 500 and serving the others)."""
+
+    def __init__(self, message: str, request_ids: tuple[str, ...], *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.request_ids = request_ids

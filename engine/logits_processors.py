@@ -16,7 +16,8 @@ Invariants: processors run on the host, one call a row, where the adjusted rows 
 read every output token on the host, so their request's steps are never launched ahead
 (SamplingParams.reads_output). The draws of a request's n samples from its one prefilled row share one
 call (their outputs are all empty). A processor may be called again for a position whose step was undone
-(a failed launch, a preemption's recompute), so it should be a function of its arguments. A server
+(a failed launch, a preemption's recompute), so it should be a function of its arguments. A processor
+that raises, or returns no logits row, fails its request alone (errors.RequestFailed). A server
 request, `rast eval` and `rast generate` name them (server/processor_names.py, load_processor). Speculative
 rounds refuse them: their drafts live on the device.
 """
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence as Seq
 
 import torch
 
-from rast_engine.errors import RastError
+from rast_engine.errors import RastError, RequestFailed
 
 if TYPE_CHECKING:
     from rast_engine.draws import Draw
@@ -118,4 +119,9 @@ def process_rows(z: torch.Tensor, draws: Seq[Draw], picked: Seq[torch.Tensor], v
                 rows = [t[j, :vocab].float() for t in picked]
                 made.append(RastParts(rows[0], list(zip(rows[1::2], rows[2::2])), list(d.weights)))
             return made[0]
-        z[j] = run_row(d.params.processors, z[j], prompt_ids, output_ids, parts)
+        try:
+            z[j] = run_row(d.params.processors, z[j], prompt_ids, output_ids, parts)
+        except Exception as exc:  # the request's own code: it fails that request, not the engine
+            rid = d.adjust.request.group.request_id
+            raise RequestFailed(f"request {rid!r}: {exc if isinstance(exc, RastError) else repr(exc)}", (rid,),
+                                param=PARAM) from exc

@@ -44,12 +44,18 @@ def broken(*args: object) -> None:
     raise RuntimeError("no such mode")
 
 
+def fails_later(output_ids: list[int], z: torch.Tensor) -> torch.Tensor:
+    if len(output_ids) == 2:
+        raise KeyError("the third token")
+    return z
+
+
 @pytest.fixture(scope="module")
 def psrv(server_triple: tuple):  # noqa: ANN201
     from rast_engine.server.app import OpenAIServer
 
-    running = Running(OpenAIServer(server_engine(server_triple), model_name=MODEL,
-                                   logits_processor_pattern=rf"{HERE}\.(no_repeat|one_arg|Boost|broken|missing)"))
+    allowed = rf"{HERE}\.(no_repeat|one_arg|Boost|broken|missing|fails_later)"
+    running = Running(OpenAIServer(server_engine(server_triple), model_name=MODEL, logits_processor_pattern=allowed))
     yield running
     running.close()
 
@@ -113,3 +119,14 @@ def test_the_responses_api_takes_them_as_chat_does(psrv: Running) -> None:
     body["max_output_tokens"] = body.pop("max_tokens")
     got = httpx.post(f"{psrv.url}/v1/responses", timeout=60, json={**body, "input": "the cat"}).json()
     assert got["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"], got
+
+
+def test_a_processor_that_fails_mid_request_fails_that_request_alone(psrv: Running) -> None:
+    body = {"model": MODEL, "prompt": "the cat sat on", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{psrv.url}/v1/completions", timeout=60,
+                   json={**body, "logits_processors": [f"{HERE}.fails_later"]})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "logits_processor_error", r.text
+    assert "KeyError" in r.json()["error"]["message"]
+    assert httpx.get(f"{psrv.url}/health").status_code == 200  # the engine serves on
+    again = httpx.post(f"{psrv.url}/v1/completions", timeout=60, json=body)
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 6

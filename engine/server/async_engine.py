@@ -23,9 +23,9 @@ Invariants:
   except to drain a mode "wait" pause;
 - an exception from step() leaves the engine in an unknown state, so the engine is declared dead:
   every open request fails and /health turns 503, rather than serving possibly wrong output. The
-  exception is NoAdmissibleToken, which names its requests after the engine undid the step: those
-  are aborted and fail (code no_admissible_token: 400 where the request's own masks may be the cause,
-  else 500), and the others go on.
+  exceptions are NoAdmissibleToken and RequestFailed (a logits processor failed), which name their
+  requests after the engine undid the step: those are aborted and fail (api_error.step_failure), and
+  the others go on.
 """
 from __future__ import annotations
 
@@ -39,12 +39,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, TypeVar
 
-from rast_engine.errors import NoAdmissibleToken, RastError
+from rast_engine.errors import NoAdmissibleToken, RastError, RequestFailed
 from rast_engine.pausing import PAUSE_MODES
 from rast_engine.requests import truncated
 from rast_engine.server.prompt_encoding import encode_prompt, prefix_refusal_sound
 from rast_engine.server.pause_control import Pause, PauseControl, Resume
-from rast_engine.server.protocol import APIError
+from rast_engine.server.api_error import APIError, step_failure
 from rast_engine.server.request_handle import Abort, Add, Call, RequestHandle, settle
 from rast_engine.server.request_params import fit_to_context
 
@@ -195,15 +195,11 @@ class AsyncEngine:
             if isinstance(cmd, (Add, Call, Pause, Resume)):
                 settle(cmd.done, dead)
 
-    def _fail_requests(self, exc: NoAdmissibleToken) -> None:
-        """A request whose own masks may have emptied its draw is a 400 (retrying it would fail again),
-        any other a 500."""
+    def _fail_requests(self, exc: NoAdmissibleToken | RequestFailed) -> None:
         for rid in exc.request_ids:
             q = self._queues.get(rid)
             if q is not None:
-                q.put_nowait(APIError(400, str(exc), type="invalid_request_error", code="no_admissible_token")
-                             if rid in exc.self_masked else
-                             APIError(500, str(exc), type="server_error", code="no_admissible_token"))
+                q.put_nowait(step_failure(exc, rid))
 
     # ---- engine thread ----
     def _post(self, fn: Callable, *args: Any) -> None:
@@ -240,7 +236,7 @@ class AsyncEngine:
             t0 = time.perf_counter()
             try:
                 outputs = self.engine.step()
-            except NoAdmissibleToken as exc:  # the step was undone: drop its culprits, serve the others
+            except (NoAdmissibleToken, RequestFailed) as exc:  # the step was undone: drop its culprits, serve on
                 self.drop_failed(exc)
                 continue
             elapsed = time.perf_counter() - t0
@@ -250,7 +246,7 @@ class AsyncEngine:
             if outputs:
                 self._post(self._dispatch, outputs)
 
-    def drop_failed(self, exc: NoAdmissibleToken) -> None:
+    def drop_failed(self, exc: NoAdmissibleToken | RequestFailed) -> None:
         for rid in exc.request_ids:
             self.engine.abort_request(rid)
         self._post(self._fail_requests, exc)

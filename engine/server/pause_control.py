@@ -16,7 +16,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rast_engine.errors import NoAdmissibleToken
+from rast_engine.errors import NoAdmissibleToken, RequestFailed
 from rast_engine.server.protocol import APIError
 from rast_engine.server.request_handle import Add, settle
 
@@ -92,7 +92,7 @@ class PauseControl:
         owner = self._owner
         try:
             outputs = owner.engine.pause_generation(mode=mode, clear_cache=clear_cache)
-        except NoAdmissibleToken as exc:  # the landing batch was undone: drop its culprits, land nothing
+        except (NoAdmissibleToken, RequestFailed) as exc:  # the landing batch was undone: drop its culprits
             owner.drop_failed(exc)
             outputs = owner.engine.pause_generation(mode=mode, clear_cache=clear_cache)
         if outputs:

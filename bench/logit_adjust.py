@@ -16,8 +16,11 @@ Kinds: `bias` (300 logit_bias entries and min_tokens masking 2 ids), `penalties`
 and presence), `both`, `masks` (1000 allowed_token_ids and 16 bad words of 1 to 3 tokens), `json` (a JSON
 schema through xgrammar, over a synthetic byte-level vocabulary of V tokens; each sequence's output is a
 random walk the grammar allows, the same for every row, so each matcher does a real step's work; its
-output so far is capped at JSON_OUTPUT tokens to keep the walk's setup short; skipped without xgrammar).
-Mode `round` times the same adjustments inside a speculative round of GAMMA drafts (engine/speculative/
+output so far is capped at JSON_OUTPUT tokens to keep the walk's setup short; skipped without xgrammar),
+`processor` (a logits processor reading every model's logits, README's entropy gate: a Python call a row,
+the parts copied to float32; its floor adds those copies written and read, and z read and written once).
+Mode `round` (every kind but `processor`, which speculative rounds refuse) times the same adjustments inside a
+speculative round of GAMMA drafts (engine/speculative/
 adjust.py: each draft step's pair on the draft's S + λ(R − S), then the verify's over GAMMA + 1 positions
 a row, counts and bad words over the drafts on the device, json's matchers walked over the drafts on the
 host, engine/speculative/grammar.py); its floor is those dense passes' bytes.
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (copy_bandwidth, device_name, import_engine, quick_args, sync, table, time_us,  # noqa: E402
                           keeps_results, write_results)
 
-KINDS = ("bias", "penalties", "both", "masks", "json")
+KINDS = ("bias", "penalties", "both", "masks", "json", "processor")
 GAMMA = 4  # drafts a round in mode `round`
 SCHEMA = {"type": "object", "properties": {"steps": {"type": "array", "items": {"type": "string"}},
                                            "answer": {"type": "integer"}}, "required": ["steps", "answer"]}
@@ -57,7 +60,15 @@ def params_of(kind: str, vocab: int) -> dict:
         kw.update(allowed_token_ids=rng.sample(range(vocab), min(1000, vocab)), bad_words=["placeholder"])
     if kind == "json":
         kw.update(structured_outputs={"json": SCHEMA})
+    if kind == "processor":
+        kw.update(logits_processors=[entropy_gate])
     return kw
+
+
+def entropy_gate(output_ids: list[int], z: torch.Tensor, *, parts: object) -> torch.Tensor:
+    """README's example processor: ΔR where the large model is unsure, the large model alone elsewhere."""
+    logp = parts.large.log_softmax(-1)
+    return z if -(logp.exp() * logp).nansum() > 2.0 else parts.large
 
 
 def byte_level_tokenizer(vocab: int) -> object:
@@ -134,7 +145,8 @@ def bytes_moved(kind: str, rows: int, vocab: int, models: int = 3) -> int:
     the bias written."""
     counts = 4 if kind in ("penalties", "both") else 0
     mask = 1 if kind in ("masks", "json") else 0
-    return rows * vocab * (models * 2 + counts + mask + 4)
+    parts = models * 4 * 2 + 4 * 2 if kind == "processor" else 0
+    return rows * vocab * (models * 2 + counts + mask + parts + 4)
 
 
 def round_bytes(kind: str, rows: int, vocab: int, gamma: int) -> int:
@@ -230,7 +242,7 @@ def main() -> None:
             if kind == "json" and importlib.util.find_spec("xgrammar") is None:
                 print("json: skipped, xgrammar is not installed")
                 continue
-            for run in (measure, measure_round):
+            for run in (measure, measure_round) if kind != "processor" else (measure,):
                 row = run(kind, n, vocab, prompt, output, device)
                 row["floor_us"] = row["bytes"] / bw * 1e6
                 rows.append(row)

@@ -126,6 +126,7 @@ def test_kld_against_hf(setup: dict) -> None:
         logq = torch.log_softmax(rows["large"], -1)
         expected = (logp.exp() * (logp - logq)).sum(-1)
         assert traj["kld"] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)
+        assert traj["large_argmax"] == rows["large"].argmax(-1).tolist()  # where M alone would have gone
         everything += list(zip(expected.tolist(), path))
     everything.sort(reverse=True)
     assert [p["token_id"] for p in report["top_positions"]] == [t for _, t in everything[:3]]

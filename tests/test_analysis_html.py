@@ -24,7 +24,7 @@ class _Spans(HTMLParser):
         if tag == "section":
             self.paths.append([])
         elif tag == "span":
-            self.open = ["", float(dict(attrs)["data-kld"])]
+            self.open = ["", float(dict(attrs)["data-kld"]), dict(attrs)["title"]]
             self.paths[-1].append(self.open)
 
     def handle_endtag(self, tag: str) -> None:
@@ -47,9 +47,15 @@ def test_kld_html_shades_each_token_of_the_decoded_paths(setup: dict, capsys) ->
     page = _Spans()
     page.feed((root / "kld.html").read_text(encoding="utf-8"))
     assert len(page.paths) == len(report["trajectories"]) == len(PROBLEMS)
+    tok, named = setup["tok"], 0
     for spans, traj in zip(page.paths, report["trajectories"]):
-        assert "".join(text for text, _ in spans) == setup["tok"].decode(traj["completion_ids"])
-        assert [k for _, k in spans] == traj["kld"]  # every token, its exact value, in order
+        assert "".join(text for text, _, _ in spans) == tok.decode(traj["completion_ids"])
+        assert [k for _, k, _ in spans] == traj["kld"]  # every token, its exact value, in order
+        for (_, _, title), chosen, alone in zip(spans, traj["completion_ids"], traj["large_argmax"]):
+            # the large model's own choice is named where it differs from the path's token
+            assert title.endswith(f"; M alone: {tok.decode([alone])!r}") == (alone != chosen), title
+            named += alone != chosen
+    assert named  # the tiny triple's delta does move some choices
 
 
 def test_token_pieces_hold_a_split_character_until_it_is_whole() -> None:

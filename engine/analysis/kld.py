@@ -56,10 +56,14 @@ def run_kld(cfg: KldConfig) -> dict[str, Any]:
     per_traj: list[dict[str, Any]] = []
     by_token: dict[int, list[float]] = defaultdict(list)
     for traj, s in score_each(llm, paths):
-        kld = token_kld(completion_rows(s.combined, traj), completion_rows(s.large, traj)).tolist()
+        large = completion_rows(s.large, traj)
+        kld = token_kld(completion_rows(s.combined, traj), large).tolist()
         per_traj.append({"id": traj.id, "tokens": len(kld), "mean_kld": sum(kld) / len(kld), "kld": kld,
                          "completion_ids": traj.completion_ids,
-                         "pieces": token_pieces(tokenizer.decode, traj.completion_ids)})
+                         "pieces": token_pieces(tokenizer.decode, traj.completion_ids),
+                         # what the large model alone would have chosen there (its argmax), and its text
+                         "large_argmax": (choice := large.argmax(-1).tolist()),
+                         "large_choice": [tokenizer.decode([t]) for t in choice]})
         for i, (tok, value) in enumerate(zip(traj.completion_ids, kld)):
             by_token[tok].append(value)
             positions.append({"id": traj.id, "position": i, "token_id": tok, "kld": value})

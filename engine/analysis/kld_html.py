@@ -3,8 +3,9 @@ token shaded by its KL(M̃ ‖ M_base), so the places where ΔR moved the large 
 
 Shading: opacity log(1 + kld) / log(1 + the report's largest finite kld), so one outlier ("check" at 837 in
 the paper) does not wash out the rest; an infinite KLD is fully shaded. Each token's exact value is its
-``title`` (shown on hover) and ``data-kld``. A token's text is what it adds to the decoded trajectory
-(token_pieces), so the page reads as the decoded text, characters split across tokens included.
+``title`` (shown on hover) and ``data-kld``, with the large model's own choice where it would have taken
+another token. A token's text is what it adds to the decoded trajectory (token_pieces), so the page reads
+as the decoded text, characters split across tokens included.
 """
 from __future__ import annotations
 
@@ -42,19 +43,22 @@ def token_pieces(decode: Callable[[list[int]], str], ids: list[int]) -> list[str
     return pieces
 
 
-def _span(piece: str, kld: float, scale: float) -> str:
+def _span(piece: str, kld: float, scale: float, instead: str | None) -> str:
     alpha = 1.0 if math.isinf(kld) else 0.0 if scale == 0 else min(1.0, math.log1p(kld) / scale)
-    return (f'<span style="background: rgba(0, 160, 0, {alpha:.3f})" title="KLD {kld:.4g}" '
+    title = f"KLD {kld:.4g}" + ("" if instead is None else f"; M alone: {instead!r}")
+    return (f'<span style="background: rgba(0, 160, 0, {alpha:.3f})" title="{html.escape(title)}" '
             f'data-kld="{kld!r}">{html.escape(piece)}</span>')
 
 
 def write_kld_html(report: dict[str, Any], path: Path) -> None:
-    """The page of a run_kld report (its trajectories carry ``pieces``)."""
+    """The page of a run_kld report; a token the large model alone would not have chosen (its argmax there
+    differs) names that choice."""
     finite = [k for t in report["trajectories"] for k in t["kld"] if not math.isinf(k)]
     scale = math.log1p(max(finite, default=0.0))
     sections = []
     for t in report["trajectories"]:
-        spans = "".join(_span(p, k, scale) for p, k in zip(t["pieces"], t["kld"]))
+        spans = "".join(_span(p, k, scale, None if m == tok else text) for p, k, tok, m, text in
+                        zip(t["pieces"], t["kld"], t["completion_ids"], t["large_argmax"], t["large_choice"]))
         sections.append(f'<section><h2>{html.escape(str(t["id"]))}</h2>'
                         f'<p>{t["tokens"]} tokens, mean KLD {t["mean_kld"]:.4f}</p>'
                         f'<div class="path">{spans}</div></section>')

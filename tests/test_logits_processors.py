@@ -7,6 +7,7 @@ of the large model alone for a processor that returns it; exact probabilities fo
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -169,3 +170,54 @@ def test_the_readme_gate_steers_where_the_large_model_is_unsure(llm: LLM, qwen2_
         ids.append(int((hf_eq3(qwen2_triple, ids, LAM, vocab)[-1] if steered[-1] else large).argmax()))
     assert out.outputs[0].token_ids == ids[len(out.prompt_token_ids):]
     assert any(steered) and not all(steered), steered  # both branches taken
+
+
+def test_processed_steps_replay_the_forward_and_sample_eagerly_under_the_cuda_emulator(
+        qwen2_triple: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path on the CPU (tests/cuda_emulator.py): a batch holding a processed request replays the
+    forward's graph on two streams, then runs the processors and samples eagerly, and is not launched
+    ahead (its processors read the output on the host, which a capture or a step ahead could not give
+    them). Tokens equal the synchronous eager engine's; the emulator's race and host-sync checks pass."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU runs only (Triton interpreter)")
+    from cuda_emulator import emulated_cuda
+    from fast_path_util import prompts
+    from test_emulated_fast_path import SAMPLED, install_fast_path, record_ahead, triton_engine
+
+    processed = SamplingParams(temperature=0.9, max_tokens=3, seed=7, ignore_eos=True,
+                               logits_processors=[no_repeat, delta_where_uncertain(3.95)])
+    batch, params = prompts(3, seed=6), [SAMPLED, processed, SAMPLED]
+
+    def run(engine) -> list[list[int]]:  # noqa: ANN001
+        for i, (p, sp) in enumerate(zip(batch, params)):
+            engine.add_request(f"r{i}", p, sp)
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return [done[f"r{i}"] for i in range(3)]
+
+    want = run(triton_engine(qwen2_triple, stack_small_models=False))
+    engine = triton_engine(qwen2_triple, async_output=True)
+    ahead = record_ahead(engine)
+    with emulated_cuda(monkeypatch) as emu:
+        install_fast_path(engine.runner)
+        got = run(engine)
+    assert got == want
+    # two decode steps held the processed request (its forward's graph alone), the last one neither
+    assert emu.replays == 2 * 1 + 2 * (SAMPLED.max_tokens - 1 - 2)
+    assert True not in ahead  # no step was launched ahead of a batch holding it
+
+
+@pytest.mark.gpu
+def test_processors_on_gpu_equal_cpu_float32(qwen2_triple: tuple) -> None:
+    """Processors over CUDA logits (graphs, two streams, async output): greedy tokens equal the CPU's."""
+    from fast_path_util import generate, make_engine, prompts
+
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
+                            logits_processors=[no_repeat, favour_prompt, delta_where_uncertain(3.95)])
+    cpu = make_engine(qwen2_triple, "cpu", dtype="float32")
+    gpu = make_engine(qwen2_triple, "cuda", dtype="float32", attention_backend="triton", async_output=True,
+                      async_scheduling=True)
+    batch = prompts(4, seed=62)
+    assert generate(gpu, batch, params) == generate(cpu, batch, params)
+    assert gpu._in_flight is None and gpu.block_manager.num_used_blocks == 0

@@ -162,9 +162,9 @@ def test_samples_are_drawn_in_pieces_and_a_resume_never_repeats_a_seed() -> None
         assert all(c <= runner.PIECE for _, c in runner.pieces([i for i in range(n) if i not in saved]))
 
 
-def _write_metrics(path: Path, dataset: str, acc: float) -> None:
+def _write_metrics(path: Path, dataset: str, acc: float, **more: object) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    (path / runner.METRICS_FILE).write_text(json.dumps({"dataset": dataset, "avg_pass@1": acc}))
+    (path / runner.METRICS_FILE).write_text(json.dumps({"dataset": dataset, "avg_pass@1": acc, **more}))
 
 
 def test_compare_prints_recovery_rates(tmp_path: Path, capsys) -> None:
@@ -182,6 +182,20 @@ def test_compare_prints_recovery_rates(tmp_path: Path, capsys) -> None:
     assert rows["gsm8k"][3] == "n/a"                               # RL does not beat the base
     assert rows["**Average**"] == ["26.7", "38.3", "46.7", "37.5"]  # mean RR of the defined rates
     assert "minerva" in table.split("Skipped")[1]
+    cells = [line.split("|")[6].strip() for line in table.splitlines()
+             if line.startswith("| ") and "Dataset" not in line and "Average" not in line]
+    assert cells == ["n/a"] * 3  # metrics without per-problem counts: nothing to pair
+
+    # paired by problem: differences 0.5, 0 and 0.25 (of n = 4 each), mean 25 points, s.e. 0.25 / sqrt(3)
+    _write_metrics(tmp_path / "pb" / "m", "m", 0.25, n=4, correct_by_problem={"a": 1, "b": 2, "c": 0})
+    _write_metrics(tmp_path / "pr" / "m", "m", 0.5, n=4, correct_by_problem={"a": 3, "b": 2, "c": 1})
+    _write_metrics(tmp_path / "pl" / "m", "m", 0.75)
+    assert main(["eval", "compare", str(tmp_path / "pb"), str(tmp_path / "pr"), str(tmp_path / "pl")]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| m ")]
+    assert row.split("|")[6].strip() == "+25.0 ± 14.4"
+    _write_metrics(tmp_path / "pr" / "m", "m", 0.5, n=4, correct_by_problem={"a": 3, "b": 2, "z": 1})
+    assert main(["eval", "compare", str(tmp_path / "pb"), str(tmp_path / "pr"), str(tmp_path / "pl")]) == 0
+    assert "| n/a |" in capsys.readouterr().out  # other problems: nothing to pair
 
     assert main(["eval", "compare", str(tmp_path / "nope"), str(tmp_path / "rast"), str(tmp_path / "rl")]) == 2
     assert "neither a metrics file nor a folder" in capsys.readouterr().err

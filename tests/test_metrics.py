@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import statistics
 import json
 from fractions import Fraction
 from pathlib import Path
@@ -70,6 +71,15 @@ def test_compute_metrics_against_direct_counting() -> None:
     assert m["maj@k"]["1"] == pytest.approx(2 / 4)  # first samples: 2 ok, 1 wrong, 1/3 ok, 9 wrong
     assert m["mean_response_tokens"] == pytest.approx((10 + 20 + 30 + 40) / 4)
     assert m["no_answer_rate"] == pytest.approx(1 / 16)
+    # the spread, by the statistics module: over problems (standard error), and over runs (run j holds
+    # every problem's j-th sample: 2, 2, 0 and 2 correct of 4)
+    assert m["avg_pass@1_stderr"] == pytest.approx(statistics.stdev([c / n for c in correct]) / 2)
+    assert m["pass@1_std_over_runs"] == pytest.approx(statistics.stdev([0.5, 0.5, 0.0, 0.5])) == 0.25
+    assert "correct_by_problem" not in m
+    ids = compute_metrics(problems, ["a", "b", "c", "d"])["correct_by_problem"]
+    assert ids == dict(zip("abcd", correct))
+    one = compute_metrics(problems[:1])
+    assert one["avg_pass@1_stderr"] == 0.0  # one problem: no spread to estimate
 
 
 def test_compute_metrics_rejects_ragged_samples() -> None:

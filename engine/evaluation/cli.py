@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                      lora_modules=lora_modules_arg(args.lora_modules),
                      rl_checkpoints=None if args.rl_checkpoints is None else tuple(args.rl_checkpoints))
     m = run_eval(cfg)
-    keys = ("dataset", "num_problems", "n", "avg_pass@1", "pass@k", "maj@k", "mean_response_tokens")
+    keys = ("dataset", "num_problems", "n", "avg_pass@1", "avg_pass@1_stderr", "pass@k", "maj@k",
+            "mean_response_tokens")
     if variants(cfg) is None:
         print(json.dumps({k: m[k] for k in keys}, indent=2))
     else:

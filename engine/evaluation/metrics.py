@@ -3,10 +3,14 @@
 - avg pass@1: the mean over problems of c/n (the paper's "Accuracy", averaged over its 32 runs);
 - pass@k: the unbiased estimator 1 - C(n-c, k)/C(n, k), averaged over problems;
 - maj@k: whether the most frequent answer among a problem's first k samples is correct;
-- mean response length in tokens, and the Fig. 9 reasoning-word frequencies per trajectory.
+- mean response length in tokens, and the Fig. 9 reasoning-word frequencies per trajectory;
+- the spread of avg pass@1: its standard error over problems (how far another draw of problems could move
+  it), and the standard deviation over the n runs (run j: every problem's j-th sample), the paper's Fig. 6
+  circles. Both use the n − 1 (N − 1) denominator and are 0 for a single run (problem).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,8 +63,17 @@ def majority_correct(samples: Sequence[GradedSample], k: int) -> bool:
     return best_key is not None and first[best_key].correct
 
 
-def compute_metrics(problems: Sequence[Sequence[GradedSample]]) -> dict:
-    """All metrics for a dataset; every problem must have the same number n of samples."""
+def sample_std(xs: Sequence[float]) -> float:
+    """The standard deviation with the n − 1 denominator (0 for fewer than two values)."""
+    if len(xs) < 2:
+        return 0.0
+    mean = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def compute_metrics(problems: Sequence[Sequence[GradedSample]], ids: Sequence[str] | None = None) -> dict:
+    """All metrics for a dataset; every problem must have the same number n of samples. With the problems'
+    ``ids``, also each one's count of correct samples (`rast eval compare` pairs runs problem by problem)."""
     if not problems:
         raise ValueError("no problems to score")
     n = len(problems[0])
@@ -75,9 +88,12 @@ def compute_metrics(problems: Sequence[Sequence[GradedSample]]) -> dict:
         "num_problems": num,
         "n": n,
         "avg_pass@1": sum(c / n for c in correct) / num,
+        "avg_pass@1_stderr": sample_std([c / n for c in correct]) / math.sqrt(num),
+        "pass@1_std_over_runs": sample_std([sum(p[j].correct for p in problems) / num for j in range(n)]),
         "pass@k": {str(k): sum(pass_at_k(n, c, k) for c in correct) / num for k in ks},
         "maj@k": {str(k): sum(majority_correct(p, k) for p in problems) / num for k in ks},
         "mean_response_tokens": sum(s.num_tokens for s in samples) / len(samples),
         "no_answer_rate": sum(s.answer is None for s in samples) / len(samples),
         "reasoning_words": word_frequencies(s.text for s in samples),
+        **({} if ids is None else {"correct_by_problem": dict(zip(ids, correct))}),
     }

@@ -292,7 +292,7 @@ def _score(cfg: EvalConfig, problems: list[Problem], saved: dict[str, list[dict]
         # a sample saved against another reference answer (the data file was fixed since) is regraded
         graded.append([GradedSample(r["text"], r["answer"], _still_correct(r, p), int(r["num_tokens"]))
                        for r in recs])
-    metrics = {"dataset": cfg.name, **compute_metrics(graded), "data": str(cfg.data),
+    metrics = {"dataset": cfg.name, **compute_metrics(graded, [p.id for p in problems]), "data": str(cfg.data),
                "settings": cfg.sample_settings()}
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     if cfg.plots:

@@ -121,7 +121,8 @@ RICH = {"model": MODEL, "instructions": "be brief", "input": [
     "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}], "tool_choice": "none",
     "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}},
     "reasoning": {"effort": None}, "include": ["message.output_text.logprobs"], "top_logprobs": 2,
-    "metadata": {"k": "v"}, "stream_options": {"include_obfuscation": False}, "max_output_tokens": 4}
+    "metadata": {"k": "v"}, "stream_options": {"include_obfuscation": False}, "max_output_tokens": 4,
+    "logits_processors": ["m.f", {"qualname": "m.g", "args": [1], "kwargs": {"k": 2}}]}
 
 
 def _paths(value: object, path: tuple = ()) -> list[tuple]:

@@ -9,9 +9,10 @@ Per prompt and step, as vLLM's: every live beam offers its 2·beam_width most li
 probabilities of softmax(z / T), z the combined logits; T = 1 for temperature 0; ties to the lower id) and
 the token the step drew, which at temperature > 0 may lie outside them (vLLM's candidates are its logprobs
 entry, which holds the drawn token beside the top ones); a candidate ending in an EOS id (unless
-ignore_eos) is complete, and the beam_width best of the others by cumulative log probability live on. A beam that fills the context is complete too. At the end the
-complete and live beams are ranked by vLLM's score, cum_logprob / len(tokens) ** length_penalty with
-len counting the prompt's tokens and not a final EOS, and the best beam_width are returned.
+ignore_eos) is complete, and the beam_width best of the others by cumulative log probability live on. A
+beam that fills the context is complete too. At the end the complete and live beams are ranked by vLLM's
+score, cum_logprob / len(tokens) ** length_penalty with len counting the prompt's tokens and not a final
+EOS, and the best beam_width are returned.
 """
 from __future__ import annotations
 

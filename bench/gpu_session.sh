@@ -89,7 +89,7 @@ gpu_tests() {  # the decode path first: the benchmarks after it mean nothing if 
   timeout "$1" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --durations=15 \
     tests/test_gpu_engine.py tests/test_layer_kernels.py tests/test_paged_attention.py tests/test_attention_backends.py \
     tests/test_sampler_params.py tests/test_sampler.py tests/test_sampler_triton_plans.py tests/test_sampler_verify.py \
-    tests/test_sampler_proven_draw.py tests/test_logprobs.py \
+    tests/test_sampler_proven_draw.py tests/test_logprobs.py tests/test_logits_processors.py \
     tests/test_speculative_graphs.py tests/test_structured.py tests/test_structured_speculative.py \
     tests/test_fp8_linear.py tests/test_fp8_models.py \
     tests/test_fp8_cast.py tests/test_fp8_kv_cache.py tests/test_fp8_kv_models.py tests/test_kv_sizing.py \

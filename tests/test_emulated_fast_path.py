@@ -62,6 +62,16 @@ def assert_replays_equal_eager(triple: tuple, monkeypatch: pytest.MonkeyPatch, c
     assert got == want and emu.replays == 2 * (SAMPLED.max_tokens - 1)
 
 
+def first_samples(engine, batch: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:  # noqa: ANN001
+    """Each request's first sample's tokens, prompt i decoded under params[i]."""
+    for i, (p, sp) in enumerate(zip(batch, params)):
+        engine.add_request(f"r{i}", p, sp)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    return [done[f"r{i}"] for i in range(len(batch))]
+
+
 def record_ahead(engine) -> list[bool]:  # noqa: ANN001
     """Whether each schedule_ahead call scheduled a batch."""
     ahead, schedule_ahead = [], engine.scheduler.schedule_ahead
@@ -152,24 +162,14 @@ def test_adjusted_steps_replay_the_forward_and_sample_eagerly(qwen2_triple: tupl
     like the replays around them and fed from the ids they stored (a penalty counts the pending token
     from the step's input ids on the device). Once it finishes, the others replay both stages. Tokens
     equal the synchronous eager engine's, and the emulator's race checks cover the switches."""
-    adjusted = ADJUSTED[kind]
-    params = [SAMPLED, adjusted, SAMPLED]
+    params = [SAMPLED, ADJUSTED[kind], SAMPLED]
     batch = prompts(3, seed=6)
-
-    def run(engine) -> list[list[int]]:  # noqa: ANN001
-        for i, (p, sp) in enumerate(zip(batch, params)):
-            engine.add_request(f"r{i}", p, sp)
-        done = {}
-        while engine.has_unfinished_requests():
-            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-        return [done[f"r{i}"] for i in range(3)]
-
-    want = run(triton_engine(qwen2_triple, stack_small_models=False))
+    want = first_samples(triton_engine(qwen2_triple, stack_small_models=False), batch, params)
     engine = triton_engine(qwen2_triple, async_output=True)
     runner, ahead = engine.runner, record_ahead(engine)
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(runner)
-        got = run(engine)
+        got = first_samples(engine, batch, params)
     assert got == want and len(got[1]) == 2 and (kind != "bias" or 5 not in got[1])
     # the first decode step held the adjusted request: its forward's graph alone; then both stages
     assert emu.replays == 1 + 2 * (SAMPLED.max_tokens - 2)

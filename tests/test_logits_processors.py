@@ -182,26 +182,17 @@ def test_processed_steps_replay_the_forward_and_sample_eagerly_under_the_cuda_em
         pytest.skip("CPU runs only (Triton interpreter)")
     from cuda_emulator import emulated_cuda
     from fast_path_util import prompts
-    from test_emulated_fast_path import SAMPLED, install_fast_path, record_ahead, triton_engine
+    from test_emulated_fast_path import SAMPLED, first_samples, install_fast_path, record_ahead, triton_engine
 
     processed = SamplingParams(temperature=0.9, max_tokens=3, seed=7, ignore_eos=True,
                                logits_processors=[no_repeat, delta_where_uncertain(3.95)])
     batch, params = prompts(3, seed=6), [SAMPLED, processed, SAMPLED]
-
-    def run(engine) -> list[list[int]]:  # noqa: ANN001
-        for i, (p, sp) in enumerate(zip(batch, params)):
-            engine.add_request(f"r{i}", p, sp)
-        done = {}
-        while engine.has_unfinished_requests():
-            done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-        return [done[f"r{i}"] for i in range(3)]
-
-    want = run(triton_engine(qwen2_triple, stack_small_models=False))
+    want = first_samples(triton_engine(qwen2_triple, stack_small_models=False), batch, params)
     engine = triton_engine(qwen2_triple, async_output=True)
     ahead = record_ahead(engine)
     with emulated_cuda(monkeypatch) as emu:
         install_fast_path(engine.runner)
-        got = run(engine)
+        got = first_samples(engine, batch, params)
     assert got == want
     # two decode steps held the processed request (its forward's graph alone), the last one neither
     assert emu.replays == 2 * 1 + 2 * (SAMPLED.max_tokens - 1 - 2)

@@ -23,6 +23,7 @@ rounds refuse them: their drafts live on the device.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass
@@ -112,13 +113,11 @@ def process_rows(z: torch.Tensor, draws: Seq[Draw], picked: Seq[torch.Tensor], v
         if d.params.processors is None:
             continue
         prompt_ids, output_ids = d.adjust.token_ids
-        made: list[RastParts] = []
 
-        def parts(j: int = j, d: Draw = d) -> RastParts:  # built once a row, and only if a processor asks
-            if not made:
-                rows = [t[j, :vocab].float() for t in picked]
-                made.append(RastParts(rows[0], list(zip(rows[1::2], rows[2::2])), list(d.weights)))
-            return made[0]
+        @functools.cache
+        def parts() -> RastParts:  # built once a row, and only if a processor asks (within this iteration)
+            rows = [t[j, :vocab].float() for t in picked]
+            return RastParts(rows[0], list(zip(rows[1::2], rows[2::2])), list(d.weights))
         try:
             z[j] = run_row(d.params.processors, z[j], prompt_ids, output_ids, parts)
         except Exception as exc:  # the request's own code: it fails that request, not the engine
